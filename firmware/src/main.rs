@@ -1,1 +1,40 @@
-fn main() {}
+//! The Keel firmware image: a `no_std` unikernel for the Arm cores of a DPU.
+//!
+//! Boot (in `keel-hal`) → platform from the device tree ([`platform`]) → services →
+//! the poll loop ([`poll`]). Built for `aarch64-unknown-none`; on any other target this crate
+//! is an empty program that says how to build it.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+mod fatal;
+#[cfg(target_os = "none")]
+mod platform;
+#[cfg(target_os = "none")]
+mod poll;
+#[cfg(all(target_os = "none", feature = "test-build"))]
+mod testhooks;
+
+#[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
+keel_hal::entry!(main);
+
+#[cfg(target_os = "none")]
+fn main(info: keel_hal::arch::boot::BootInfo) -> ! {
+    let platform = match platform::bring_up(&info) {
+        Ok(p) => p,
+        Err(e) => fatal::boot_failed(e),
+    };
+    poll::run(platform)
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!(
+        "keel-firmware is a bare-metal image: build it with \
+         `cargo build --release -p keel-firmware --target aarch64-unknown-none`, \
+         or boot it in QEMU with `qemu/run`."
+    );
+    std::process::exit(2);
+}

@@ -1,1 +1,21 @@
+//! Keel's hardware abstraction layer: the only code (with `keel-board`) that touches hardware.
+//!
+//! - [`arch`] (bare-metal aarch64 only): entry from any arm64 Linux-style loader or from flash,
+//!   exception vectors with crash reports, MMU, generic timer, PSCI power control.
+//! - [`console`]: PL011 console behind the `log` facade plus an emergency writer.
+//! - [`gic`]: interrupt controller bring-up.
+//! - [`pcie`]: ECAM enumeration and BAR assignment (portable logic, tested on the host).
+//!
+//! Generic code above this crate sees typed drivers and traits, never addresses: addresses
+//! come from the device tree through `keel-board`.
 #![cfg_attr(not(test), no_std)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod arch;
+pub mod console;
+#[cfg(target_arch = "aarch64")]
+pub mod gic;
+pub mod pcie;
+pub mod pl011;

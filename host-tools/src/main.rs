@@ -1,1 +1,56 @@
-fn main() {}
+//! keelctl: the host side of Keel.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use keel_host_tools::image;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "keelctl", version, about = "Keel host tools")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Firmware images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Raw arm64 Image from the firmware ELF (what -kernel and U-Boot booti start).
+    Raw {
+        /// The firmware ELF.
+        elf: PathBuf,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Pad to a QEMU virt flash bank (64 MiB) to boot from pflash.
+        #[arg(long)]
+        flash: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Image { cmd: ImageCmd::Raw { elf, output, flash } } => {
+            let raw = image::raw_from_elf_file(&elf)?;
+            let bytes = if flash { image::flash_image(&raw, image::VIRT_FLASH_SIZE)? } else { raw.bytes.clone() };
+            std::fs::write(&output, &bytes)?;
+            eprintln!(
+                "{}: {} bytes, load address {:#x}, needs {} KiB of RAM",
+                output.display(),
+                raw.bytes.len(),
+                raw.load_address,
+                raw.memory_size >> 10
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! The platform description read from a device tree.
+
+use core::fmt;
+use fdt::{Fdt, node::FdtNode};
+use heapless::{String, Vec};
+
+/// A physical address range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// First byte.
+    pub base: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl Region {
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.base.saturating_add(self.size)
+    }
+
+    /// Whether `addr` lies inside.
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.base && addr < self.end()
+    }
+}
+
+/// The interrupt controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gic {
+    /// GICv2: distributor and CPU interface.
+    V2 {
+        /// Distributor.
+        dist: Region,
+        /// CPU interface.
+        cpu: Region,
+    },
+    /// GICv3: distributor and redistributors.
+    V3 {
+        /// Distributor.
+        dist: Region,
+        /// Redistributor frames, one per core.
+        redist: Region,
+    },
+}
+
+/// The PSCI conduit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciMethod {
+    /// `hvc`.
+    Hvc,
+    /// `smc`.
+    Smc,
+}
+
+/// What a PCI host bridge window decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PciSpace {
+    /// I/O.
+    Io,
+    /// 32-bit memory.
+    Mem32,
+    /// 64-bit memory.
+    Mem64,
+}
+
+/// One entry of a PCI host bridge's `ranges`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciWindow {
+    /// What it decodes.
+    pub space: PciSpace,
+    /// Prefetchable memory.
+    pub prefetchable: bool,
+    /// PCI bus address.
+    pub pci_base: u64,
+    /// CPU address.
+    pub cpu_base: u64,
+    /// Size.
+    pub size: u64,
+}
+
+/// A generic ECAM PCIe host bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PcieHost {
+    /// ECAM configuration space.
+    pub ecam: Region,
+    /// First bus number.
+    pub bus_start: u8,
+    /// Last bus number.
+    pub bus_end: u8,
+    /// Address windows.
+    pub windows: Vec<PciWindow, 8>,
+}
+
+/// Everything the firmware needs to know about the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    /// The root `model`.
+    pub model: String<64>,
+    /// RAM regions.
+    pub memory: Vec<Region, 8>,
+    /// Reserved ranges (`/memreserve/` and `/reserved-memory`).
+    pub reserved: Vec<Region, 8>,
+    /// The console UART (PL011).
+    pub uart: Option<Region>,
+    /// The interrupt controller.
+    pub gic: Option<Gic>,
+    /// Generic timer frequency, when the device tree overrides CNTFRQ.
+    pub timer_frequency: Option<u32>,
+    /// The PCIe host bridge.
+    pub pcie: Option<PcieHost>,
+    /// The PSCI conduit.
+    pub psci: Option<PsciMethod>,
+    /// Number of CPU cores.
+    pub cpus: usize,
+    /// Flash banks (`cfi-flash`).
+    pub flash: Vec<Region, 4>,
+    /// `/chosen/bootargs`.
+    pub bootargs: String<256>,
+}
+
+/// Why a device tree could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlatformError {
+    /// Not a flattened device tree (bad magic, size or structure).
+    BadDeviceTree,
+    /// No `device_type = "memory"` node.
+    NoMemory,
+    /// More regions of one kind than this build can hold.
+    TooMany(&'static str),
+}
+
+impl fmt::Display for PlatformError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadDeviceTree => f.write_str("not a valid flattened device tree"),
+            Self::NoMemory => f.write_str("the device tree describes no memory"),
+            Self::TooMany(what) => write!(f, "too many {what} regions in the device tree"),
+        }
+    }
+}
+
+fn regions<'b, 'a>(node: FdtNode<'b, 'a>) -> impl Iterator<Item = Region> + 'a {
+    node.reg().into_iter().flatten().map(|r| Region {
+        base: r.starting_address as usize as u64,
+        size: r.size.unwrap_or(0) as u64,
+    })
+}
+
+fn first_region(node: FdtNode<'_, '_>) -> Option<Region> {
+    regions(node).next()
+}
+
+fn compatible_with(node: FdtNode<'_, '_>, names: &[&str]) -> bool {
+    node.compatible().is_some_and(|c| c.all().any(|s| names.contains(&s)))
+}
+
+fn be_u32(b: &[u8], i: usize) -> Option<u32> {
+    let bytes = b.get(i * 4..i * 4 + 4)?;
+    Some(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+fn cells(b: &[u8], at: usize, n: usize) -> Option<u64> {
+    (0..n).try_fold(0u64, |acc, k| Some((acc << 32) | u64::from(be_u32(b, at + k)?)))
+}
+
+fn parse_pcie(node: FdtNode<'_, '_>, parent_addr_cells: usize) -> Option<PcieHost> {
+    let ecam = first_region(node)?;
+    let (mut bus_start, mut bus_end) = (0u8, ((ecam.size >> 20).saturating_sub(1)).min(255) as u8);
+    if let Some(p) = node.property("bus-range") {
+        if let (Some(a), Some(b)) = (be_u32(p.value, 0), be_u32(p.value, 1)) {
+            bus_start = a.min(255) as u8;
+            bus_end = b.min(255) as u8;
+        }
+    }
+    let mut windows = Vec::new();
+    if let Some(p) = node.property("ranges") {
+        let size_cells = node.cell_sizes().size_cells;
+        let entry = 3 + parent_addr_cells + size_cells;
+        let count = p.value.len() / 4 / entry;
+        for i in 0..count {
+            let at = i * entry;
+            let hi = be_u32(p.value, at)?;
+            let pci_base = cells(p.value, at + 1, 2)?;
+            let cpu_base = cells(p.value, at + 3, parent_addr_cells)?;
+            let size = cells(p.value, at + 3 + parent_addr_cells, size_cells)?;
+            let space = match (hi >> 24) & 3 {
+                1 => PciSpace::Io,
+                2 => PciSpace::Mem32,
+                3 => PciSpace::Mem64,
+                _ => continue,
+            };
+            let w = PciWindow { space, prefetchable: hi & (1 << 30) != 0, pci_base, cpu_base, size };
+            if windows.push(w).is_err() {
+                break;
+            }
+        }
+    }
+    Some(PcieHost { ecam, bus_start, bus_end, windows })
+}
+
+fn copy_str<const N: usize>(s: &str) -> String<N> {
+    let mut out = String::new();
+    for c in s.chars() {
+        if out.push(c).is_err() {
+            break;
+        }
+    }
+    out
+}
+
+impl Platform {
+    /// Reads the platform from a flattened device tree.
+    pub fn from_fdt(dtb: &[u8]) -> Result<Self, PlatformError> {
+        let fdt = Fdt::new(dtb).map_err(|_| PlatformError::BadDeviceTree)?;
+        let root = fdt.root();
+        let root_addr_cells = root.cell_sizes().address_cells;
+
+        let mut memory = Vec::new();
+        for node in fdt.all_nodes() {
+            let is_memory = node
+                .property("device_type")
+                .and_then(|p| p.as_str())
+                .is_some_and(|t| t == "memory");
+            if is_memory {
+                for r in regions(node).filter(|r| r.size > 0) {
+                    memory.push(r).map_err(|_| PlatformError::TooMany("memory"))?;
+                }
+            }
+        }
+        if memory.is_empty() {
+            return Err(PlatformError::NoMemory);
+        }
+
+        let mut reserved = Vec::new();
+        for r in fdt.memory_reservations() {
+            let r = Region { base: r.address() as usize as u64, size: r.size() as u64 };
+            reserved.push(r).map_err(|_| PlatformError::TooMany("reserved"))?;
+        }
+        if let Some(rm) = fdt.find_node("/reserved-memory") {
+            for child in rm.children() {
+                for r in regions(child) {
+                    reserved.push(r).map_err(|_| PlatformError::TooMany("reserved"))?;
+                }
+            }
+        }
+
+        let uart = fdt
+            .chosen()
+            .stdout()
+            .filter(|n| compatible_with(*n, &["arm,pl011"]))
+            .or_else(|| fdt.find_compatible(&["arm,pl011"]))
+            .and_then(first_region);
+
+        let gic = fdt.all_nodes().find_map(|n| {
+            let mut r = regions(n);
+            if compatible_with(n, &["arm,gic-v3"]) {
+                Some(Gic::V3 { dist: r.next()?, redist: r.next()? })
+            } else if compatible_with(
+                n,
+                &["arm,cortex-a15-gic", "arm,gic-400", "arm,cortex-a9-gic", "arm,cortex-a7-gic"],
+            ) {
+                Some(Gic::V2 { dist: r.next()?, cpu: r.next()? })
+            } else {
+                None
+            }
+        });
+
+        let timer_frequency = fdt
+            .find_compatible(&["arm,armv8-timer", "arm,armv7-timer"])
+            .and_then(|n| n.property("clock-frequency"))
+            .and_then(|p| be_u32(p.value, 0));
+
+        let pcie = fdt
+            .find_compatible(&["pci-host-ecam-generic"])
+            .and_then(|n| parse_pcie(n, root_addr_cells));
+
+        let psci = fdt
+            .find_node("/psci")
+            .or_else(|| fdt.find_compatible(&["arm,psci-1.0", "arm,psci-0.2", "arm,psci"]))
+            .and_then(|n| n.property("method"))
+            .and_then(|p| p.as_str())
+            .and_then(|m| match m {
+                "hvc" => Some(PsciMethod::Hvc),
+                "smc" => Some(PsciMethod::Smc),
+                _ => None,
+            });
+
+        let mut flash = Vec::new();
+        for node in fdt.all_nodes().filter(|n| compatible_with(*n, &["cfi-flash"])) {
+            for r in regions(node) {
+                flash.push(r).map_err(|_| PlatformError::TooMany("flash"))?;
+            }
+        }
+
+        Ok(Platform {
+            model: copy_str(root.model()),
+            memory,
+            reserved,
+            uart,
+            gic,
+            timer_frequency,
+            pcie,
+            psci,
+            cpus: fdt.cpus().count(),
+            flash,
+            bootargs: copy_str(fdt.chosen().bootargs().unwrap_or("")),
+        })
+    }
+
+    /// The RAM region containing `addr`.
+    pub fn memory_containing(&self, addr: u64) -> Option<Region> {
+        self.memory.iter().copied().find(|r| r.contains(addr))
+    }
+
+    /// Total RAM in bytes.
+    pub fn total_memory(&self) -> u64 {
+        self.memory.iter().map(|r| r.size).sum()
+    }
+}
+
+/// Reads the `totalsize` field of a flattened device tree header (big-endian, offset 4)
+/// after checking its magic, so a caller knows how many bytes to hand to
+/// [`Platform::from_fdt`].
+pub fn fdt_total_size(header: &[u8]) -> Option<usize> {
+    const FDT_MAGIC: u32 = 0xd00d_feed;
+    if be_u32(header, 0)? != FDT_MAGIC {
+        return None;
+    }
+    Some(be_u32(header, 1)? as usize)
+}
