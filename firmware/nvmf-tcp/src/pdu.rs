@@ -5,7 +5,7 @@
 //! accessors cannot panic. Field offsets live in [`field`]. Encoders (`*Repr::emit`) write into a
 //! caller-provided buffer and return the number of bytes written, including the header digest
 //! when one was negotiated; data, padding and data digest of data PDUs are produced by the
-//! connection's transmit path (or by [`encode_data_pdu`] for tools and tests).
+//! connection's transmit path (or by [`encode_pdu`] for tools and tests).
 
 use crate::crc32c::{Crc32c, crc32c};
 use core::fmt;
@@ -615,11 +615,12 @@ impl Repr {
                 if dg.data { DIGEST_LEN } else { 0 },
             )
         } else {
+            // TermReq: the error data follows the header directly; PDO is 0 (as SPDK sends).
             (hl + hd, 0)
         };
         Layout {
             header_len: hl + hd,
-            pdo,
+            pdo: if ty.carries_data() { pdo } else { 0 },
             pad: pdo - hl - hd,
             data_len,
             ddgst_len,
@@ -820,11 +821,7 @@ pub fn encode_pdu(
         return Err(Error::BufferTooSmall);
     }
     repr.emit(out, dg, pda)?;
-    let start = if lay.data_len > 0 {
-        lay.pdo
-    } else {
-        lay.header_len
-    };
+    let start = lay.header_len + lay.pad;
     out[lay.header_len..start].fill(0);
     let mut st = Crc32c::new();
     crate::crc32c::copy_and_crc(&mut out[start..start + data.len()], data, &mut st);
@@ -833,15 +830,4 @@ pub fn encode_pdu(
         out[e..e + 4].copy_from_slice(&st.finish().to_le_bytes());
     }
     Ok(lay.plen)
-}
-
-/// Alias of [`encode_pdu`] for data PDUs.
-pub fn encode_data_pdu(
-    out: &mut [u8],
-    repr: &Repr,
-    dg: Digests,
-    pda: u8,
-    data: &[u8],
-) -> Result<usize, Error> {
-    encode_pdu(out, repr, dg, pda, data)
 }
