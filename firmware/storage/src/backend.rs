@@ -1,0 +1,259 @@
+//! The non-blocking block backend interface.
+
+use crate::buf::IoBuf;
+use core::fmt;
+
+/// Size of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Logical block size in bytes (512 or 4096).
+    pub block_size: u32,
+    /// Number of logical blocks.
+    pub blocks: u64,
+}
+
+impl Geometry {
+    /// Capacity in bytes.
+    pub const fn bytes(&self) -> u128 {
+        self.block_size as u128 * self.blocks as u128
+    }
+
+    /// log2 of the block size (LBADS).
+    pub const fn lbads(&self) -> u8 {
+        self.block_size.trailing_zeros() as u8
+    }
+
+    /// True when `[lba, lba + blocks)` lies inside the backend.
+    pub const fn contains(&self, lba: u64, blocks: u64) -> bool {
+        match lba.checked_add(blocks) {
+            Some(end) => end <= self.blocks,
+            None => false,
+        }
+    }
+}
+
+/// What a backend can do beyond Read and Write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// Has a volatile write cache (Flush is meaningful).
+    pub volatile_write_cache: bool,
+    /// Supports [`BlockOp::Flush`] (always accepted when true; a no-op without cache).
+    pub flush: bool,
+    /// Honours FUA on writes.
+    pub fua: bool,
+    /// Supports [`BlockOp::WriteZeroes`].
+    pub write_zeroes: bool,
+    /// Supports [`BlockOp::Deallocate`].
+    pub deallocate: bool,
+    /// Deallocated blocks read back as zeroes.
+    pub deallocate_reads_zero: bool,
+    /// Supports [`BlockOp::Compare`].
+    pub compare: bool,
+}
+
+/// Operation of a [`BlockRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    /// Read `blocks` blocks at `lba` into the buffer.
+    Read,
+    /// Write `blocks` blocks at `lba` from the buffer.
+    Write {
+        /// Force Unit Access: durable before completion.
+        fua: bool,
+    },
+    /// Compare `blocks` blocks at `lba` with the buffer; mismatch fails with
+    /// [`BlockError::CompareMismatch`].
+    Compare,
+    /// Make completed writes durable. `lba`/`blocks` ignored, no buffer.
+    Flush,
+    /// Zero `blocks` blocks at `lba`. No buffer.
+    WriteZeroes {
+        /// The blocks may be deallocated instead of written.
+        deallocate: bool,
+        /// Force Unit Access.
+        fua: bool,
+    },
+    /// Deallocate (trim) `blocks` blocks at `lba`. No buffer.
+    Deallocate,
+}
+
+impl BlockOp {
+    /// True for operations that move data through a buffer.
+    pub const fn has_data(&self) -> bool {
+        matches!(
+            self,
+            BlockOp::Read | BlockOp::Write { .. } | BlockOp::Compare
+        )
+    }
+}
+
+/// A request to a backend.
+#[derive(Debug)]
+pub struct BlockRequest {
+    /// Caller's tag, returned in the completion.
+    pub tag: u64,
+    /// Operation.
+    pub op: BlockOp,
+    /// First logical block.
+    pub lba: u64,
+    /// Number of blocks (not 0's based).
+    pub blocks: u32,
+    /// Data buffer for Read / Write / Compare.
+    pub buf: Option<IoBuf>,
+    /// Byte offset of the data inside `buf`.
+    pub buf_offset: usize,
+}
+
+impl BlockRequest {
+    /// Number of data bytes the request moves for a given block size (0 without data).
+    pub fn data_bytes(&self, block_size: u32) -> u64 {
+        if self.op.has_data() {
+            self.blocks as u64 * block_size as u64
+        } else {
+            0
+        }
+    }
+
+    /// Checks a request against a geometry and capabilities; on success returns the byte
+    /// range of the data inside the buffer (empty without data).
+    pub fn validate(
+        &self,
+        g: Geometry,
+        caps: Capabilities,
+    ) -> Result<core::ops::Range<usize>, BlockError> {
+        match self.op {
+            BlockOp::Flush => {
+                return if caps.flush {
+                    Ok(0..0)
+                } else {
+                    Err(BlockError::Unsupported)
+                };
+            }
+            BlockOp::WriteZeroes { .. } if !caps.write_zeroes => {
+                return Err(BlockError::Unsupported);
+            }
+            BlockOp::Deallocate if !caps.deallocate => return Err(BlockError::Unsupported),
+            BlockOp::Compare if !caps.compare => return Err(BlockError::Unsupported),
+            _ => {}
+        }
+        if self.blocks == 0 || !g.contains(self.lba, self.blocks as u64) {
+            return Err(BlockError::OutOfRange);
+        }
+        if !self.op.has_data() {
+            return Ok(0..0);
+        }
+        let len = usize::try_from(self.data_bytes(g.block_size))
+            .map_err(|_| BlockError::BufferTooSmall)?;
+        let end = self
+            .buf_offset
+            .checked_add(len)
+            .ok_or(BlockError::BufferTooSmall)?;
+        match &self.buf {
+            Some(b) if b.capacity() >= end => Ok(self.buf_offset..end),
+            _ => Err(BlockError::BufferTooSmall),
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockError {
+    /// The block range is empty or extends beyond the backend.
+    OutOfRange,
+    /// The buffer is missing or smaller than the data.
+    BufferTooSmall,
+    /// The operation is not supported.
+    Unsupported,
+    /// The tag cannot be carried (e.g. reserved bits used by a shared backend).
+    InvalidTag,
+    /// Compare found different data.
+    CompareMismatch,
+    /// The medium failed to write.
+    WriteFault,
+    /// The medium failed to read.
+    ReadError,
+    /// Any other failure.
+    Internal,
+}
+
+impl fmt::Display for BlockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BlockError::OutOfRange => "block range outside the backend",
+            BlockError::BufferTooSmall => "buffer missing or too small",
+            BlockError::Unsupported => "operation not supported",
+            BlockError::InvalidTag => "tag not usable with this backend",
+            BlockError::CompareMismatch => "compare mismatch",
+            BlockError::WriteFault => "write fault",
+            BlockError::ReadError => "unrecovered read error",
+            BlockError::Internal => "internal backend error",
+        })
+    }
+}
+
+/// Why `submit` refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// No room right now: retry after a `poll`.
+    Busy,
+    /// The request is invalid and will never succeed.
+    Invalid(BlockError),
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RejectReason::Busy => f.write_str("backend busy"),
+            RejectReason::Invalid(e) => write!(f, "invalid request: {e}"),
+        }
+    }
+}
+
+/// A refused request, handed back whole so nothing (in particular the buffer) is lost.
+#[derive(Debug)]
+pub struct Rejected {
+    /// Why.
+    pub reason: RejectReason,
+    /// The request.
+    pub req: BlockRequest,
+}
+
+/// A finished request. The buffer always comes back.
+#[derive(Debug)]
+pub struct BlockCompletion {
+    /// The request's tag.
+    pub tag: u64,
+    /// Outcome.
+    pub result: Result<(), BlockError>,
+    /// The request's buffer.
+    pub buf: Option<IoBuf>,
+}
+
+/// A block device. Implementations never block: `submit` queues (or refuses) and `poll`
+/// reports what finished.
+pub trait BlockBackend {
+    /// Block size and count.
+    fn geometry(&self) -> Geometry;
+    /// Optional features.
+    fn capabilities(&self) -> Capabilities;
+    /// Queues a request. Invalid requests are refused with [`RejectReason::Invalid`]; a full
+    /// queue with [`RejectReason::Busy`]. Accepted requests complete in a later `poll`.
+    fn submit(&mut self, req: BlockRequest) -> Result<(), Rejected>;
+    /// Reports finished requests through `done`; returns how many.
+    fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize;
+}
+
+impl<B: BlockBackend + ?Sized> BlockBackend for alloc::boxed::Box<B> {
+    fn geometry(&self) -> Geometry {
+        (**self).geometry()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn submit(&mut self, req: BlockRequest) -> Result<(), Rejected> {
+        (**self).submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {
+        (**self).poll(done)
+    }
+}

@@ -1,0 +1,259 @@
+//! DMA-capable data buffers.
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+/// A data buffer that moves by value between transport, controller and backend.
+///
+/// It wraps a `&'static mut [u8]` (so it can be held across polls by an asynchronous backend),
+/// the address a device would DMA to (`dma_addr`, supplied by whoever created the memory) and a
+/// valid length `len <= capacity`.
+pub struct IoBuf {
+    mem: &'static mut [u8],
+    dma_addr: u64,
+    len: usize,
+    pool: u32,
+}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("dma_addr", &self.dma_addr)
+            .field("len", &self.len)
+            .field("capacity", &self.mem.len())
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+impl IoBuf {
+    /// A buffer over `mem` whose first byte a device reaches at `dma_addr`. Valid length =
+    /// capacity. Not owned by any pool.
+    pub fn new(mem: &'static mut [u8], dma_addr: u64) -> Self {
+        let len = mem.len();
+        Self {
+            mem,
+            dma_addr,
+            len,
+            pool: 0,
+        }
+    }
+
+    /// A zeroed heap buffer of `len` bytes, leaked so it lives forever (configuration time and
+    /// tests only; DMA address = 0).
+    pub fn leak_zeroed(len: usize) -> Self {
+        let mem = alloc::vec![0u8; len].leak();
+        Self::new(mem, 0)
+    }
+
+    /// Total size of the memory.
+    pub fn capacity(&self) -> usize {
+        self.mem.len()
+    }
+
+    /// Number of valid bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no byte is valid.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets the valid length, clamped to the capacity; returns the new length.
+    pub fn set_len(&mut self, len: usize) -> usize {
+        self.len = len.min(self.mem.len());
+        self.len
+    }
+
+    /// Device address of the first byte.
+    pub fn dma_addr(&self) -> u64 {
+        self.dma_addr
+    }
+
+    /// The valid bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.mem.get(..self.len).unwrap_or(&[])
+    }
+
+    /// The valid bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len;
+        self.mem.get_mut(..len).unwrap_or(&mut [])
+    }
+
+    /// The whole memory regardless of the valid length (to receive data).
+    pub fn capacity_mut(&mut self) -> &mut [u8] {
+        self.mem
+    }
+
+    /// Identifier of the pool this buffer belongs to (0 = none).
+    pub fn pool_id(&self) -> u32 {
+        self.pool
+    }
+}
+
+/// Errors of [`BufPool`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolError {
+    /// The buffer size is zero.
+    ZeroSize,
+    /// The region is smaller than one buffer.
+    RegionTooSmall,
+    /// The buffer was not carved by this pool.
+    ForeignBuffer,
+}
+
+impl fmt::Display for PoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolError::ZeroSize => "buffer size is zero",
+            PoolError::RegionTooSmall => "region smaller than one buffer",
+            PoolError::ForeignBuffer => "buffer does not belong to this pool",
+        })
+    }
+}
+
+static NEXT_POOL_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A fixed set of equally sized buffers carved from one region at init. `get`/`put` are O(1)
+/// and never allocate (the free list's capacity is reserved at construction).
+#[derive(Debug)]
+pub struct BufPool {
+    id: u32,
+    buf_size: usize,
+    count: usize,
+    free: Vec<IoBuf>,
+}
+
+impl BufPool {
+    /// Carves `region` (device address `dma_base`) into `region.len() / buf_size` buffers;
+    /// any tail smaller than a buffer is unused.
+    pub fn new(
+        region: &'static mut [u8],
+        dma_base: u64,
+        buf_size: usize,
+    ) -> Result<Self, PoolError> {
+        if buf_size == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        let count = region.len() / buf_size;
+        if count == 0 {
+            return Err(PoolError::RegionTooSmall);
+        }
+        let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed).max(1);
+        let mut free = Vec::with_capacity(count);
+        let mut rest: &'static mut [u8] = region;
+        let mut addr = dma_base;
+        for _ in 0..count {
+            let (chunk, tail) = core::mem::take(&mut rest).split_at_mut(buf_size);
+            rest = tail;
+            let mut b = IoBuf::new(chunk, addr);
+            b.pool = id;
+            free.push(b);
+            addr = addr.wrapping_add(buf_size as u64);
+        }
+        // Hand out low addresses first.
+        free.reverse();
+        Ok(Self {
+            id,
+            buf_size,
+            count,
+            free,
+        })
+    }
+
+    /// A pool over leaked, zeroed heap memory (configuration time and tests).
+    pub fn from_heap(count: usize, buf_size: usize, dma_base: u64) -> Result<Self, PoolError> {
+        let len = count
+            .checked_mul(buf_size)
+            .ok_or(PoolError::RegionTooSmall)?;
+        Self::new(alloc::vec![0u8; len].leak(), dma_base, buf_size)
+    }
+
+    /// Takes a buffer, valid length set to the full buffer size.
+    pub fn get(&mut self) -> Option<IoBuf> {
+        let mut b = self.free.pop()?;
+        b.len = b.mem.len();
+        Some(b)
+    }
+
+    /// Returns a buffer. A buffer from another pool is handed back in the error.
+    pub fn put(&mut self, buf: IoBuf) -> Result<(), (PoolError, IoBuf)> {
+        if buf.pool != self.id || self.free.len() >= self.count {
+            return Err((PoolError::ForeignBuffer, buf));
+        }
+        self.free.push(buf);
+        Ok(())
+    }
+
+    /// Size of each buffer.
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+
+    /// Total number of buffers.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Buffers currently free.
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carve_get_put() {
+        let mut p = BufPool::from_heap(4, 4096, 0x8000_0000).unwrap();
+        assert_eq!((p.count(), p.available(), p.buf_size()), (4, 4, 4096));
+        let a = p.get().unwrap();
+        let b = p.get().unwrap();
+        assert_eq!(a.dma_addr(), 0x8000_0000);
+        assert_eq!(b.dma_addr(), 0x8000_1000);
+        assert_eq!(a.len(), 4096);
+        let c = p.get().unwrap();
+        let d = p.get().unwrap();
+        assert!(p.get().is_none());
+        for x in [a, b, c, d] {
+            p.put(x).unwrap();
+        }
+        assert_eq!(p.available(), 4);
+        let foreign = IoBuf::leak_zeroed(16);
+        let (e, _back) = p.put(foreign).unwrap_err();
+        assert_eq!(e, PoolError::ForeignBuffer);
+        let mut q = BufPool::from_heap(1, 8, 0).unwrap();
+        let x = q.get().unwrap();
+        assert!(p.put(x).is_err());
+    }
+
+    #[test]
+    fn buffers_are_disjoint_and_len_clamped() {
+        let mut p = BufPool::from_heap(3, 10, 0).unwrap();
+        let mut v: Vec<IoBuf> = (0..3).map(|_| p.get().unwrap()).collect();
+        for (i, b) in v.iter_mut().enumerate() {
+            b.as_mut_slice().fill(i as u8 + 1);
+        }
+        for (i, b) in v.iter().enumerate() {
+            assert!(b.as_slice().iter().all(|&x| x == i as u8 + 1));
+        }
+        assert_eq!(v[0].set_len(100), 10);
+        assert_eq!(v[0].set_len(3), 3);
+        assert_eq!(v[0].as_slice().len(), 3);
+        assert_eq!(v[0].capacity_mut().len(), 10);
+        assert_eq!(
+            BufPool::from_heap(0, 10, 0).unwrap_err(),
+            PoolError::RegionTooSmall
+        );
+        assert_eq!(
+            BufPool::from_heap(1, 0, 0).unwrap_err(),
+            PoolError::ZeroSize
+        );
+    }
+}
