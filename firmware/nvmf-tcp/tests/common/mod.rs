@@ -104,7 +104,9 @@ impl App {
                     let off = u32::from_le_bytes(sqe[40..44].try_into().unwrap()) as usize;
                     self.log.push(format!(
                         "cmd op={op:#x} cid={cid} len={data_len} data_crc={:#x}",
-                        buf.as_ref().map(|b| crc32c(&b[..data_len as usize])).unwrap_or(0)
+                        buf.as_ref()
+                            .map(|b| crc32c(&b[..data_len as usize]))
+                            .unwrap_or(0)
                     ));
                     match capsule::direction(&sqe) {
                         capsule::Direction::HostToController if op != 0x7F => {
@@ -128,7 +130,8 @@ impl App {
                 Event::CommandFailed { sqe, status, .. } => {
                     let cid = capsule::cid(&sqe);
                     self.log.push(format!("failed cid={cid} status={status:?}"));
-                    t.complete(cqe(cid, status.to_field()), None, false).unwrap();
+                    t.complete(cqe(cid, status.to_field()), None, false)
+                        .unwrap();
                 }
                 Event::BufferReleased { cid, .. } => self.log.push(format!("released cid={cid}")),
                 Event::Closed { reason } => {
