@@ -40,6 +40,7 @@ pub fn after_ready(platform: &Platform) {
 }
 
 #[inline(never)]
+#[allow(unconditional_recursion, reason = "the point: overflow the stack")]
 fn recurse(n: u64) -> u64 {
     let buf = core::hint::black_box([n; 64]);
     recurse(buf[3] + 1) + buf[7]

@@ -1,1 +1,235 @@
-#![cfg_attr(not(test), no_std)]
+//! Harness for the in-QEMU integration tests: builds the firmware images (in their own target
+//! directory, so it works inside `cargo test`), boots them through `qemu/run`, reads the
+//! console and kills its own QEMU by PID when a test ends or times out.
+#![warn(missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Which firmware build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// What users run.
+    Release,
+    /// With `keel.test=` hooks and QEMU exit codes.
+    Test,
+}
+
+fn build_elf(build: Build) -> PathBuf {
+    static RELEASE: OnceLock<PathBuf> = OnceLock::new();
+    static TEST: OnceLock<PathBuf> = OnceLock::new();
+    let cell = if build == Build::Release { &RELEASE } else { &TEST };
+    cell.get_or_init(|| {
+        let target_dir = root().join("target/qemu-tests");
+        let (profile, features): (&str, &[&str]) = match build {
+            Build::Release => ("release", &[]),
+            Build::Test => ("fw-test", &["--features", "test-build"]),
+        };
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "-q", "--profile", profile, "-p", "keel-firmware"])
+            .args(["--target", "aarch64-unknown-none", "--target-dir"])
+            .arg(&target_dir)
+            .args(features)
+            .status()
+            .expect("running cargo to build the firmware");
+        assert!(status.success(), "building the firmware ({build:?}) failed");
+        target_dir.join("aarch64-unknown-none").join(profile).join("keel-firmware")
+    })
+    .clone()
+}
+
+fn write_once(cell: &'static OnceLock<PathBuf>, build: Build, ext: &str, flash: bool) -> PathBuf {
+    cell.get_or_init(|| {
+        let elf = build_elf(build);
+        let raw = keel_host_tools::image::raw_from_elf_file(&elf).expect("converting the ELF");
+        let bytes = if flash {
+            keel_host_tools::image::flash_image(&raw, keel_host_tools::image::VIRT_FLASH_SIZE)
+                .expect("making the flash image")
+        } else {
+            raw.bytes
+        };
+        // Written under a private name, then renamed: test processes may run side by side.
+        let out = elf.with_extension(ext);
+        let tmp = elf.with_extension(format!("{ext}.{}", std::process::id()));
+        std::fs::write(&tmp, bytes).expect("writing the image");
+        std::fs::rename(&tmp, &out).expect("renaming the image");
+        out
+    })
+    .clone()
+}
+
+/// Builds (once per test process) and returns the raw image of a build.
+pub fn image(build: Build) -> PathBuf {
+    static RELEASE: OnceLock<PathBuf> = OnceLock::new();
+    static TEST: OnceLock<PathBuf> = OnceLock::new();
+    write_once(if build == Build::Release { &RELEASE } else { &TEST }, build, "img", false)
+}
+
+/// Builds and returns a 64 MiB pflash image of a build.
+pub fn flash_image(build: Build) -> PathBuf {
+    static RELEASE: OnceLock<PathBuf> = OnceLock::new();
+    static TEST: OnceLock<PathBuf> = OnceLock::new();
+    write_once(if build == Build::Release { &RELEASE } else { &TEST }, build, "flash", true)
+}
+
+/// A running QEMU with the firmware.
+pub struct Qemu {
+    child: Child,
+    lines: Receiver<String>,
+    console: Arc<Mutex<String>>,
+    started: Instant,
+    exit: Option<i32>,
+}
+
+impl std::fmt::Debug for Qemu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qemu").field("pid", &self.child.id()).finish()
+    }
+}
+
+impl Qemu {
+    /// Starts `qemu/run` with these arguments (an image option must be among them).
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Qemu {
+        let mut child = Command::new(root().join("qemu/run"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting qemu/run");
+        let (tx, rx) = channel();
+        let console = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            let console = console.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let line = line.trim_end_matches('\r').to_string();
+                    if let Ok(mut c) = console.lock() {
+                        c.push_str(&line);
+                        c.push('\n');
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Qemu { child, lines: rx, console, started: Instant::now(), exit: None }
+    }
+
+    /// Boots an image with `-kernel`, plus extra `qemu/run` arguments.
+    pub fn boot(build: Build, extra: &[&str]) -> Qemu {
+        let img = image(build);
+        let mut args: Vec<String> = vec!["--image".into(), img.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Qemu::start(&args)
+    }
+
+    /// The PID of QEMU (`qemu/run` execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything printed so far.
+    pub fn console(&self) -> String {
+        self.console.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Waits for a console line containing `needle`; returns it and the time since start.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<(String, Duration), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok((line, self.started.elapsed())),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("no line with {needle:?} within {timeout:?}; console:\n{}", self.console()));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(format!("QEMU ended before printing {needle:?}; console:\n{}", self.console()));
+                }
+            }
+        }
+    }
+
+    /// Waits for QEMU to exit by itself; kills it and fails after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
+                let code = status.code().unwrap_or(-1);
+                self.exit = Some(code);
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return Ok(code);
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!("QEMU did not exit within {timeout:?}; console:\n{}", self.console()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills QEMU.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; QEMU binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A scratch file of `size` bytes under the target directory, removed on drop.
+#[derive(Debug)]
+pub struct ScratchFile(pub PathBuf);
+
+impl ScratchFile {
+    /// Creates it, filled with zeros.
+    pub fn new(name: &str, size: u64) -> Self {
+        let dir = root().join("target/qemu-tests/scratch");
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join(format!("{}-{name}", std::process::id()));
+        let f = std::fs::File::create(&path).expect("scratch file");
+        f.set_len(size).expect("sizing scratch file");
+        ScratchFile(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Time budget for one boot under TCG on a loaded 2-core machine.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);

@@ -82,8 +82,9 @@ fn in_range(addr: u64, range: (usize, usize)) -> bool {
 }
 
 /// Walks frame records (x29 chain) while they stay inside a known stack.
-fn backtrace(w: &mut Emergency, mut fp: u64, layout: &ImageLayout) {
+fn backtrace(w: &mut Emergency, pc: u64, mut fp: u64, layout: &ImageLayout) {
     let _ = writeln!(w, "backtrace (frame pointers; resolve with addr2line -e <ELF>):");
+    let _ = writeln!(w, "  #pc {pc:#018x}");
     for depth in 0..32 {
         if fp == 0 || fp % 16 != 0 || !(in_range(fp, layout.stack) || in_range(fp, layout.exc_stack))
         {
@@ -140,8 +141,7 @@ extern "C" fn keel_exception(frame: &ExceptionFrame, kind: u64) {
         }
     }
     let layout = ImageLayout::get();
-    let _ = writeln!(w, "  #pc {:#018x}", frame.elr);
-    backtrace(&mut w, frame.x[29], &layout);
+    backtrace(&mut w, frame.elr, frame.x[29], &layout);
     let _ = writeln!(w, "*** end of crash report ***");
     power::fatal(EXIT_EXCEPTION);
 }

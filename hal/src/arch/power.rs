@@ -88,7 +88,14 @@ pub fn set_fatal_ending(e: Ending) {
 }
 
 /// Ends the firmware after a fatal error; `code` becomes QEMU's exit status in test builds.
+///
+/// A fault while ending (for example semihosting without a debugger) parks the core instead
+/// of looping through the crash report.
 pub fn fatal(code: u32) -> ! {
+    static ENDING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    if ENDING.swap(true, Ordering::AcqRel) {
+        park();
+    }
     match ON_FATAL.load(Ordering::Relaxed) {
         x if x == Ending::Reset as u8 => system_reset(),
         x if x == Ending::QemuExit as u8 => semihosting_exit(code),

@@ -1,0 +1,199 @@
+//! HostConnection and TargetConnection talking through byte pipes with random segmentation:
+//! in-capsule writes, R2T-driven writes (multi-R2T), multi-C2HData reads, with and without
+//! digests, HPDA padding and the SUCCESS optimisation.
+
+mod common;
+use common::*;
+use keel_nvmf_tcp::host::HostState;
+use keel_nvmf_tcp::pdu::Digests;
+use keel_nvmf_tcp::{HostConfig, HostConnection, HostEvent, TargetConfig, TargetState};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo + 1) as u64) as usize
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Params {
+    seed: u64,
+    digests: Digests,
+    hpda: u8,
+    maxr2t: u32,
+    fc_disabled: bool,
+    in_capsule_limit: u32,
+    max_c2h: u32,
+}
+
+const SIZES: [u32; 9] = [1, 512, 4096, 8192, 8193, 12000, 20000, 70000, 3];
+
+fn run(p: Params) {
+    let mut rng = Rng(p.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut t = target(TargetConfig {
+        maxh2cdata: 4096,
+        max_c2h_data: p.max_c2h,
+        max_r2t: 4,
+        ..TargetConfig::default()
+    });
+    let mut app = App::new();
+    app.fc_disabled = p.fc_disabled;
+    let mut h: HostConnection<Buf> = HostConnection::new(HostConfig {
+        hpda: p.hpda,
+        digests: p.digests,
+        maxr2t: p.maxr2t,
+        slots: 32,
+        in_capsule_limit: p.in_capsule_limit,
+    })
+    .unwrap();
+    let mut h2t: Vec<u8> = Vec::new();
+    let mut t2h: Vec<u8> = Vec::new();
+    let mut offsets = Vec::new();
+    let mut off = 0u32;
+    for &s in &SIZES {
+        offsets.push((off, s));
+        off += s + 100;
+    }
+    let pattern = |o: u32, i: usize| ((o as usize + i) * 7 + p.seed as usize) as u8;
+    let mut phase = 0; // 0 connect, 1 writes, 2 reads, 3 done
+    let mut outstanding = 0;
+    let mut steps = 0;
+    while phase < 3 {
+        steps += 1;
+        assert!(
+            steps < 200_000,
+            "no progress: phase {phase} outstanding {outstanding}"
+        );
+        // host -> target
+        let mut out = vec![0u8; rng.range(1, 3000)];
+        let k = h.transmit(&mut out);
+        h2t.extend_from_slice(&out[..k]);
+        while !h2t.is_empty() {
+            let piece = rng.range(1, 2500).min(h2t.len());
+            let c = t.recv(0, &h2t[..piece]);
+            h2t.drain(..c);
+            app.service(&mut t);
+            if c < piece {
+                let c2 = t.recv(0, &h2t[..piece - c]);
+                h2t.drain(..c2);
+                app.service(&mut t);
+                if c2 == 0 {
+                    break;
+                }
+            }
+        }
+        // target -> host
+        let mut out = vec![0u8; rng.range(1, 3000)];
+        let k = t.transmit(&mut out);
+        t2h.extend_from_slice(&out[..k]);
+        app.service(&mut t);
+        while !t2h.is_empty() {
+            let piece = rng.range(1, 2500).min(t2h.len());
+            let c = h.recv(0, &t2h[..piece]);
+            assert_eq!(c, piece);
+            t2h.drain(..c);
+        }
+        while let Some(ev) = h.poll_event() {
+            match ev {
+                HostEvent::Connected {
+                    maxh2cdata,
+                    digests,
+                } => {
+                    assert_eq!(maxh2cdata, 4096);
+                    assert_eq!(digests, p.digests);
+                    // Fabrics Connect with 1 KiB in-capsule data.
+                    let mut s = sqe(0x7F, 0, 0, 0, 0);
+                    s[4] = 0x01;
+                    h.submit(s, Some((vec![0xC0; 1024], 1024))).unwrap();
+                    outstanding = 1;
+                }
+                HostEvent::Completion { cqe, buf, cid } => {
+                    assert_eq!(&cqe[14..16], &[0, 0], "status of cid {cid}");
+                    assert_eq!(u16::from_le_bytes([cqe[12], cqe[13]]), cid);
+                    outstanding -= 1;
+                    if phase == 2 {
+                        let b = buf.unwrap();
+                        let o = u32::from_le_bytes(b[b.len() - 4..].try_into().unwrap());
+                        let len = b.len() - 4;
+                        for (i, &v) in b[..len].iter().enumerate() {
+                            assert_eq!(v, pattern(o, i), "read data at {o}+{i}");
+                        }
+                    }
+                }
+                HostEvent::Closed { reason } => panic!("host closed: {reason}"),
+                HostEvent::Aborted { cid, .. } => panic!("aborted {cid}"),
+            }
+        }
+        if outstanding == 0 && h.state() == HostState::Ready {
+            phase += 1;
+            if phase == 1 {
+                for &(o, len) in &offsets {
+                    let data: Vec<u8> = (0..len as usize).map(|i| pattern(o, i)).collect();
+                    h.submit(sqe(0x01, 0, 0, 0, o), Some((data, len))).unwrap();
+                    outstanding += 1;
+                }
+            } else if phase == 2 {
+                for &(o, len) in &offsets {
+                    // Extra 4 bytes at the end remember the offset for checking.
+                    let mut b = vec![0u8; len as usize + 4];
+                    b[len as usize..].copy_from_slice(&o.to_le_bytes());
+                    h.submit(sqe(0x02, 0, 0, 0, o), Some((b, len))).unwrap();
+                    outstanding += 1;
+                }
+            }
+        }
+        assert!(
+            matches!(t.state(), TargetState::Ready | TargetState::AwaitIcReq),
+            "target log: {:?}",
+            app.log
+        );
+    }
+    assert!(!app.log.iter().any(|l| l.starts_with("failed")));
+    // Writes above the in-capsule limit went through R2T, others in-capsule.
+    let needs = app.log.iter().filter(|l| l.starts_with("need")).count();
+    assert_eq!(needs, 1 + SIZES.len());
+}
+
+#[test]
+fn host_and_target_random_segmentation() {
+    let mut n = 0;
+    for seed in 0..12u64 {
+        for (header, data) in [(false, false), (true, true), (true, false), (false, true)] {
+            n += 1;
+            run(Params {
+                seed,
+                digests: Digests { header, data },
+                hpda: (seed % 4) as u8 * 3,
+                maxr2t: (seed % 3) as u32,
+                fc_disabled: seed % 2 == 1,
+                in_capsule_limit: if seed % 5 == 0 { 0 } else { 8192 },
+                max_c2h: [512, 1000, 4096, 65536][(seed % 4) as usize],
+            });
+        }
+    }
+    assert_eq!(n, 48);
+}
+
+#[test]
+fn host_rejects_bad_icresp_and_terminates() {
+    let mut h: HostConnection<Buf> = HostConnection::new(HostConfig::default()).unwrap();
+    let mut out = [0u8; 256];
+    assert_eq!(h.transmit(&mut out), 128);
+    // ICResp with MAXH2CDATA 1000 (< 4096): invalid field at byte 12.
+    let mut r = vec![0x01, 0x00, 0x80, 0x00, 0x80, 0x00, 0x00, 0x00];
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(&1000u32.to_le_bytes());
+    r.resize(128, 0);
+    h.recv(0, &r);
+    let n = h.transmit(&mut out);
+    let mut want = term_req(1, 12, &r);
+    want[0] = 0x02; // H2CTermReq
+    assert_eq!(&out[..n], &want[..]);
+    assert_eq!(h.state(), HostState::Closed);
+}
