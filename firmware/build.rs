@@ -12,8 +12,14 @@ fn main() {
         let board_ld = "qemu-virt.ld";
         println!("cargo:rustc-link-search={}", linker_dir.display());
         println!("cargo:rustc-link-arg=-T{board_ld}");
-        println!("cargo:rerun-if-changed={}", linker_dir.join(board_ld).display());
-        println!("cargo:rerun-if-changed={}", linker_dir.join("image.ld").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            linker_dir.join(board_ld).display()
+        );
+        println!(
+            "cargo:rerun-if-changed={}",
+            linker_dir.join("image.ld").display()
+        );
     }
     let git = |args: &[&str]| {
         Command::new("git")
@@ -25,9 +31,12 @@ fn main() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     let hash = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
-    println!("cargo:rustc-env=KEEL_GIT_HASH={hash}{}", if dirty { "-dirty" } else { "" });
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    println!(
+        "cargo:rustc-env=KEEL_GIT_HASH={hash}{}",
+        if dirty { "-dirty" } else { "" }
+    );
     if let Some(head) = git(&["rev-parse", "--git-path", "HEAD"]) {
         println!("cargo:rerun-if-changed={}", root.join(head).display());
     }

@@ -16,8 +16,7 @@ mod platform;
 pub mod qemu_virt;
 
 pub use platform::{
-    Gic, PciSpace, PciWindow, PcieHost, Platform, PlatformError, PsciMethod, Region,
-    fdt_total_size,
+    Gic, PciSpace, PciWindow, PcieHost, Platform, PlatformError, PsciMethod, Region, fdt_total_size,
 };
 
 /// What a board must know before it has a device tree.

@@ -152,7 +152,8 @@ fn first_region(node: FdtNode<'_, '_>) -> Option<Region> {
 }
 
 fn compatible_with(node: FdtNode<'_, '_>, names: &[&str]) -> bool {
-    node.compatible().is_some_and(|c| c.all().any(|s| names.contains(&s)))
+    node.compatible()
+        .is_some_and(|c| c.all().any(|s| names.contains(&s)))
 }
 
 fn be_u32(b: &[u8], i: usize) -> Option<u32> {
@@ -161,17 +162,19 @@ fn be_u32(b: &[u8], i: usize) -> Option<u32> {
 }
 
 fn cells(b: &[u8], at: usize, n: usize) -> Option<u64> {
-    (0..n).try_fold(0u64, |acc, k| Some((acc << 32) | u64::from(be_u32(b, at + k)?)))
+    (0..n).try_fold(0u64, |acc, k| {
+        Some((acc << 32) | u64::from(be_u32(b, at + k)?))
+    })
 }
 
 fn parse_pcie(node: FdtNode<'_, '_>, parent_addr_cells: usize) -> Option<PcieHost> {
     let ecam = first_region(node)?;
     let (mut bus_start, mut bus_end) = (0u8, ((ecam.size >> 20).saturating_sub(1)).min(255) as u8);
-    if let Some(p) = node.property("bus-range") {
-        if let (Some(a), Some(b)) = (be_u32(p.value, 0), be_u32(p.value, 1)) {
-            bus_start = a.min(255) as u8;
-            bus_end = b.min(255) as u8;
-        }
+    if let Some(p) = node.property("bus-range")
+        && let (Some(a), Some(b)) = (be_u32(p.value, 0), be_u32(p.value, 1))
+    {
+        bus_start = a.min(255) as u8;
+        bus_end = b.min(255) as u8;
     }
     let mut windows = Vec::new();
     if let Some(p) = node.property("ranges") {
@@ -190,13 +193,24 @@ fn parse_pcie(node: FdtNode<'_, '_>, parent_addr_cells: usize) -> Option<PcieHos
                 3 => PciSpace::Mem64,
                 _ => continue,
             };
-            let w = PciWindow { space, prefetchable: hi & (1 << 30) != 0, pci_base, cpu_base, size };
+            let w = PciWindow {
+                space,
+                prefetchable: hi & (1 << 30) != 0,
+                pci_base,
+                cpu_base,
+                size,
+            };
             if windows.push(w).is_err() {
                 break;
             }
         }
     }
-    Some(PcieHost { ecam, bus_start, bus_end, windows })
+    Some(PcieHost {
+        ecam,
+        bus_start,
+        bus_end,
+        windows,
+    })
 }
 
 fn copy_str<const N: usize>(s: &str) -> String<N> {
@@ -224,7 +238,9 @@ impl Platform {
                 .is_some_and(|t| t == "memory");
             if is_memory {
                 for r in regions(node).filter(|r| r.size > 0) {
-                    memory.push(r).map_err(|_| PlatformError::TooMany("memory"))?;
+                    memory
+                        .push(r)
+                        .map_err(|_| PlatformError::TooMany("memory"))?;
                 }
             }
         }
@@ -234,13 +250,20 @@ impl Platform {
 
         let mut reserved = Vec::new();
         for r in fdt.memory_reservations() {
-            let r = Region { base: r.address() as usize as u64, size: r.size() as u64 };
-            reserved.push(r).map_err(|_| PlatformError::TooMany("reserved"))?;
+            let r = Region {
+                base: r.address() as usize as u64,
+                size: r.size() as u64,
+            };
+            reserved
+                .push(r)
+                .map_err(|_| PlatformError::TooMany("reserved"))?;
         }
         if let Some(rm) = fdt.find_node("/reserved-memory") {
             for child in rm.children() {
                 for r in regions(child) {
-                    reserved.push(r).map_err(|_| PlatformError::TooMany("reserved"))?;
+                    reserved
+                        .push(r)
+                        .map_err(|_| PlatformError::TooMany("reserved"))?;
                 }
             }
         }
@@ -255,12 +278,23 @@ impl Platform {
         let gic = fdt.all_nodes().find_map(|n| {
             let mut r = regions(n);
             if compatible_with(n, &["arm,gic-v3"]) {
-                Some(Gic::V3 { dist: r.next()?, redist: r.next()? })
+                Some(Gic::V3 {
+                    dist: r.next()?,
+                    redist: r.next()?,
+                })
             } else if compatible_with(
                 n,
-                &["arm,cortex-a15-gic", "arm,gic-400", "arm,cortex-a9-gic", "arm,cortex-a7-gic"],
+                &[
+                    "arm,cortex-a15-gic",
+                    "arm,gic-400",
+                    "arm,cortex-a9-gic",
+                    "arm,cortex-a7-gic",
+                ],
             ) {
-                Some(Gic::V2 { dist: r.next()?, cpu: r.next()? })
+                Some(Gic::V2 {
+                    dist: r.next()?,
+                    cpu: r.next()?,
+                })
             } else {
                 None
             }
@@ -287,7 +321,10 @@ impl Platform {
             });
 
         let mut flash = Vec::new();
-        for node in fdt.all_nodes().filter(|n| compatible_with(*n, &["cfi-flash"])) {
+        for node in fdt
+            .all_nodes()
+            .filter(|n| compatible_with(*n, &["cfi-flash"]))
+        {
             for r in regions(node) {
                 flash.push(r).map_err(|_| PlatformError::TooMany("flash"))?;
             }

@@ -5,22 +5,50 @@ use keel_board::{Gic, PciSpace, Platform, PlatformError, PsciMethod, Region};
 #[test]
 fn gicv2_machine_with_1g() {
     let p = Platform::from_fdt(include_bytes!("data/qemu-virt-gicv2.dtb")).unwrap();
-    assert_eq!(p.memory.as_slice(), &[Region { base: 0x4000_0000, size: 0x4000_0000 }]);
-    assert_eq!(p.uart, Some(Region { base: 0x0900_0000, size: 0x1000 }));
+    assert_eq!(
+        p.memory.as_slice(),
+        &[Region {
+            base: 0x4000_0000,
+            size: 0x4000_0000
+        }]
+    );
+    assert_eq!(
+        p.uart,
+        Some(Region {
+            base: 0x0900_0000,
+            size: 0x1000
+        })
+    );
     assert_eq!(
         p.gic,
         Some(Gic::V2 {
-            dist: Region { base: 0x0800_0000, size: 0x1_0000 },
-            cpu: Region { base: 0x0801_0000, size: 0x1_0000 }
+            dist: Region {
+                base: 0x0800_0000,
+                size: 0x1_0000
+            },
+            cpu: Region {
+                base: 0x0801_0000,
+                size: 0x1_0000
+            }
         })
     );
     assert_eq!(p.psci, Some(PsciMethod::Hvc));
     assert_eq!(p.cpus, 1);
     assert_eq!(p.timer_frequency, None);
     let pcie = p.pcie.as_ref().unwrap();
-    assert_eq!(pcie.ecam, Region { base: 0x40_1000_0000, size: 0x1000_0000 });
+    assert_eq!(
+        pcie.ecam,
+        Region {
+            base: 0x40_1000_0000,
+            size: 0x1000_0000
+        }
+    );
     assert_eq!((pcie.bus_start, pcie.bus_end), (0, 255));
-    let spaces: Vec<_> = pcie.windows.iter().map(|w| (w.space, w.cpu_base, w.size)).collect();
+    let spaces: Vec<_> = pcie
+        .windows
+        .iter()
+        .map(|w| (w.space, w.cpu_base, w.size))
+        .collect();
     assert_eq!(
         spaces,
         [
@@ -30,7 +58,13 @@ fn gicv2_machine_with_1g() {
         ]
     );
     assert_eq!(p.flash.len(), 2);
-    assert_eq!(p.flash[0], Region { base: 0, size: 0x400_0000 });
+    assert_eq!(
+        p.flash[0],
+        Region {
+            base: 0,
+            size: 0x400_0000
+        }
+    );
 }
 
 #[test]
@@ -45,7 +79,10 @@ fn gicv3_machine_with_el2_and_two_cores() {
 
 #[test]
 fn rejects_garbage() {
-    assert_eq!(Platform::from_fdt(&[0u8; 64]), Err(PlatformError::BadDeviceTree));
+    assert_eq!(
+        Platform::from_fdt(&[0u8; 64]),
+        Err(PlatformError::BadDeviceTree)
+    );
     let dtb = include_bytes!("data/qemu-virt-gicv2.dtb");
     assert_eq!(keel_board::fdt_total_size(dtb), Some(dtb.len()));
     assert_eq!(keel_board::fdt_total_size(&[0u8; 8]), None);

@@ -51,7 +51,11 @@ impl fmt::Display for BootError {
 
 /// Reports a boot failure (if there is a console yet) and stops.
 pub fn boot_failed(e: BootError) -> ! {
-    let _ = writeln!(Emergency::get(), "keel: boot failed: {e} (code {})", e.code());
+    let _ = writeln!(
+        Emergency::get(),
+        "keel: boot failed: {e} (code {})",
+        e.code()
+    );
     power::fatal(e.code())
 }
 
@@ -60,7 +64,13 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     let mut w = Emergency::get();
     match info.location() {
         Some(l) => {
-            let _ = write!(w, "\n*** keel: panic at {}:{}:{}: ", l.file(), l.line(), l.column());
+            let _ = write!(
+                w,
+                "\n*** keel: panic at {}:{}:{}: ",
+                l.file(),
+                l.line(),
+                l.column()
+            );
         }
         None => {
             let _ = write!(w, "\n*** keel: panic: ");

@@ -44,19 +44,26 @@ const MAX_DTB: usize = 2 << 20;
 fn page_align(r: Region) -> Region {
     let base = r.base.next_multiple_of(4096);
     let end = r.end() & !4095;
-    Region { base, size: end.saturating_sub(base) }
+    Region {
+        base,
+        size: end.saturating_sub(base),
+    }
 }
 
 /// Brings the platform up; prints the banner and the PCI table.
 pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     let layout = info.layout;
-    let dtb_addr = if info.dtb != 0 { info.dtb } else { BOARD.dtb_fallback };
+    let dtb_addr = if info.dtb != 0 {
+        info.dtb
+    } else {
+        BOARD.dtb_fallback
+    };
 
     // SAFETY: the loader (or the board profile) says a device tree lies here; its first 8
     // bytes are in RAM, mapped by the boot map. We only read.
     let header = unsafe { core::slice::from_raw_parts(dtb_addr as *const u8, 8) };
     let dtb_len = keel_board::fdt_total_size(header)
-        .filter(|&n| n >= 40 && n <= MAX_DTB)
+        .filter(|n| (40..=MAX_DTB).contains(n))
         .ok_or(BootError::NoDeviceTree(dtb_addr))?;
     // SAFETY: as above, for the length the header states (bounded by MAX_DTB). The device
     // tree stays untouched: its range is excluded from the heap.
@@ -83,15 +90,25 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     });
 
     // Heap: the largest free part of the RAM that holds the image.
-    let image = Region { base: layout.start as u64, size: (layout.end - layout.start) as u64 };
+    let image = Region {
+        base: layout.start as u64,
+        size: (layout.end - layout.start) as u64,
+    };
     let ram = dt.memory_containing(image.base).ok_or(BootError::NoHeap)?;
-    let dtb_region = Region { base: dtb_addr as u64, size: dtb_len as u64 };
+    let dtb_region = Region {
+        base: dtb_addr as u64,
+        size: dtb_len as u64,
+    };
     let mut taken = heapless::Vec::<Region, 16>::new();
     for r in [image, dtb_region].iter().chain(dt.reserved.iter()) {
         let _ = taken.push(*r);
     }
     let free = free_ranges(ram, &taken);
-    let heap = free.first().copied().map(page_align).ok_or(BootError::NoHeap)?;
+    let heap = free
+        .first()
+        .copied()
+        .map(page_align)
+        .ok_or(BootError::NoHeap)?;
     // The boot map only covers the image's gigabyte as normal memory: start with the part of
     // the heap inside it, extend once the final map is active.
     let early_end = heap.end().min((image.base / GIB + 1) * GIB);
@@ -100,7 +117,10 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     }
     // SAFETY: `heap` is free RAM (not the image, the device tree or a reserved range), and
     // normal memory in the boot map up to `early_end`.
-    unsafe { HEAP.lock().init(heap.base as *mut u8, (early_end - heap.base) as usize) };
+    unsafe {
+        HEAP.lock()
+            .init(heap.base as *mut u8, (early_end - heap.base) as usize)
+    };
     let spare_ram: Vec<Region> = free.iter().skip(1).copied().map(page_align).collect();
 
     // Final page table: RAM normal (the image by section, guard pages unmapped), devices as
@@ -125,8 +145,15 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     }
     if let Some(p) = &dt.pcie {
         let _ = devices.push(p.ecam);
-        for w in p.windows.iter().filter(|w| w.space != PciSpace::Io || w.size > 0) {
-            let _ = devices.push(Region { base: w.cpu_base, size: w.size });
+        for w in p
+            .windows
+            .iter()
+            .filter(|w| w.space != PciSpace::Io || w.size > 0)
+        {
+            let _ = devices.push(Region {
+                base: w.cpu_base,
+                size: w.size,
+            });
         }
     }
     for f in dt.flash.iter() {
@@ -148,11 +175,17 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     // SAFETY: the GIC frames come from the device tree, are mapped as device memory and only
     // this driver uses them.
     let gic = match dt.gic {
-        Some(GicDesc::V2 { dist, cpu }) => Some(unsafe { Gic::v2(dist.base as usize, cpu.base as usize) }),
-        // SAFETY: as above.
-        Some(GicDesc::V3 { dist, redist }) => unsafe { Gic::v3(dist.base as usize, redist.base as usize, dt.cpus) }
-            .map_err(|e| log::warn!("GIC: {e}"))
-            .ok(),
+        Some(GicDesc::V2 { dist, cpu }) => {
+            // SAFETY: the GIC frames come from the device tree, are mapped as device memory
+            // and only this driver uses them.
+            Some(unsafe { Gic::v2(dist.base as usize, cpu.base as usize) })
+        }
+        Some(GicDesc::V3 { dist, redist }) => {
+            // SAFETY: as above.
+            unsafe { Gic::v3(dist.base as usize, redist.base as usize, dt.cpus) }
+                .map_err(|e| log::warn!("GIC: {e}"))
+                .ok()
+        }
         None => None,
     };
 
@@ -177,8 +210,16 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
                 .collect();
             // SAFETY: the ECAM region comes from the device tree, is mapped as device memory
             // and enumeration is its only user.
-            match unsafe { Ecam::new(host.ecam.base as usize, host.ecam.size as usize, host.bus_start) } {
-                Some(mut ecam) => pcie::enumerate(&mut ecam, host.bus_start..=host.bus_end, &windows),
+            match unsafe {
+                Ecam::new(
+                    host.ecam.base as usize,
+                    host.ecam.size as usize,
+                    host.bus_start,
+                )
+            } {
+                Some(mut ecam) => {
+                    pcie::enumerate(&mut ecam, host.bus_start..=host.bus_end, &windows)
+                }
                 None => Vec::new(),
             }
         }
@@ -186,7 +227,14 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     };
     print_pci_table(&pci);
 
-    Ok(Platform { dt, pci, gic, spare_ram, heap, counter_at_start: info.counter_at_start })
+    Ok(Platform {
+        dt,
+        pci,
+        gic,
+        spare_ram,
+        heap,
+        counter_at_start: info.counter_at_start,
+    })
 }
 
 /// Free ranges (at least 2 MiB) of `mem` once `taken` are cut out, largest first.
@@ -201,22 +249,36 @@ fn free_ranges(mem: Region, taken: &[Region]) -> heapless::Vec<Region, 16> {
                 continue;
             }
             if t.base > f.base {
-                let _ = next.push(Region { base: f.base, size: t.base - f.base });
+                let _ = next.push(Region {
+                    base: f.base,
+                    size: t.base - f.base,
+                });
             }
             if t.end() < f.end() {
-                let _ = next.push(Region { base: t.end(), size: f.end() - t.end() });
+                let _ = next.push(Region {
+                    base: t.end(),
+                    size: f.end() - t.end(),
+                });
             }
         }
         free = next;
     }
-    free.sort_unstable_by(|a, b| b.size.cmp(&a.size));
+    free.sort_unstable_by_key(|r| core::cmp::Reverse(r.size));
     free
 }
 
-fn map_ram_around_image(space: &mut AddressSpace, m: Region, l: &ImageLayout) -> Result<(), BootError> {
+fn map_ram_around_image(
+    space: &mut AddressSpace,
+    m: Region,
+    l: &ImageLayout,
+) -> Result<(), BootError> {
     let (start, end) = (m.base as usize, m.end() as usize);
     let map = |s: &mut AddressSpace, a: usize, b: usize| {
-        if a < b { s.map(a, b, Kind::ReadWrite).map_err(BootError::Map) } else { Ok(()) }
+        if a < b {
+            s.map(a, b, Kind::ReadWrite).map_err(BootError::Map)
+        } else {
+            Ok(())
+        }
     };
     if l.end <= start || l.start >= end {
         return map(space, start, end);
@@ -232,7 +294,11 @@ fn banner(info: &BootInfo, dt: &Dt, freq: u64, heap: Region, gic: &Option<Gic>) 
         "Keel {} (git {}) {} build",
         env!("CARGO_PKG_VERSION"),
         env!("KEEL_GIT_HASH"),
-        if cfg!(feature = "test-build") { "test" } else { "release" }
+        if cfg!(feature = "test-build") {
+            "test"
+        } else {
+            "release"
+        }
     );
     println!("board: {} ({})", BOARD.name, dt.model.as_str());
     println!(
@@ -246,7 +312,12 @@ fn banner(info: &BootInfo, dt: &Dt, freq: u64, heap: Region, gic: &Option<Gic>) 
     );
     println!("cpu features: {}", cpu::Features::read());
     for m in dt.memory.iter() {
-        println!("memory: {:#x}..{:#x} ({} MiB)", m.base, m.end(), m.size >> 20);
+        println!(
+            "memory: {:#x}..{:#x} ({} MiB)",
+            m.base,
+            m.end(),
+            m.size >> 20
+        );
     }
     println!(
         "image: {:#x}..{:#x} ({} KiB), heap: {:#x}..{:#x} ({} MiB)",
@@ -287,7 +358,10 @@ fn class_name(class: (u8, u8, u8)) -> &'static str {
 
 fn print_pci_table(pci: &[Function]) {
     println!("pci: {} function(s)", pci.len());
-    println!("  {:<8} {:<9} {:<8} {:<20} BARs", "bdf", "id", "class", "kind");
+    println!(
+        "  {:<8} {:<9} {:<8} {:<20} BARs",
+        "bdf", "id", "class", "kind"
+    );
     for f in pci {
         let mut bars = alloc::string::String::new();
         for b in &f.bars {

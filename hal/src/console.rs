@@ -19,7 +19,9 @@ struct Logger {
     clock: spin::Once<Clock>,
 }
 
-static LOGGER: Logger = Logger { clock: spin::Once::new() };
+static LOGGER: Logger = Logger {
+    clock: spin::Once::new(),
+};
 
 impl log::Log for Logger {
     fn enabled(&self, _: &log::Metadata<'_>) -> bool {

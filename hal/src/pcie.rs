@@ -55,12 +55,19 @@ impl Ecam<'_> {
         let ptr = NonNull::new(base as *mut ReadWrite<u32>)?;
         let slice = NonNull::slice_from_raw_parts(ptr, size / 4);
         // SAFETY: guaranteed by the caller.
-        Some(Self { regs: unsafe { UniqueMmioPointer::new(slice) }, first_bus })
+        let regs = unsafe { UniqueMmioPointer::new(slice) };
+        Some(Self { regs, first_bus })
     }
 
     fn index(&self, bdf: Bdf, offset: u16) -> Option<usize> {
         let bus = bdf.bus.checked_sub(self.first_bus)? as usize;
-        Some(((bus << 20) | ((bdf.dev as usize) << 15) | ((bdf.func as usize) << 12) | (offset as usize & 0xffc)) / 4)
+        Some(
+            ((bus << 20)
+                | ((bdf.dev as usize) << 15)
+                | ((bdf.func as usize) << 12)
+                | (offset as usize & 0xffc))
+                / 4,
+        )
     }
 }
 
@@ -170,8 +177,16 @@ impl Allocator {
         let order: &[(Space, Option<bool>)] = match (space, prefetchable) {
             (Space::Io, _) => &[(Space::Io, None)],
             (Space::Mem32, _) => &[(Space::Mem32, None)],
-            (Space::Mem64, true) => &[(Space::Mem64, Some(true)), (Space::Mem64, None), (Space::Mem32, None)],
-            (Space::Mem64, false) => &[(Space::Mem64, Some(false)), (Space::Mem64, None), (Space::Mem32, None)],
+            (Space::Mem64, true) => &[
+                (Space::Mem64, Some(true)),
+                (Space::Mem64, None),
+                (Space::Mem32, None),
+            ],
+            (Space::Mem64, false) => &[
+                (Space::Mem64, Some(false)),
+                (Space::Mem64, None),
+                (Space::Mem32, None),
+            ],
         };
         for (want, pref) in order {
             for (w, next) in self.windows.iter_mut() {
@@ -227,7 +242,14 @@ fn size_bars(cfg: &mut impl ConfigSpace, bdf: Bdf, alloc: &mut Allocator, f: &mu
                 if space == Space::Mem64 {
                     cfg.write32(bdf, off + 4, (pci >> 32) as u32);
                 }
-                f.bars.push(Bar { index: i, space, prefetchable, pci_addr: pci, cpu_addr: cpu, size });
+                f.bars.push(Bar {
+                    index: i,
+                    space,
+                    prefetchable,
+                    pci_addr: pci,
+                    cpu_addr: cpu,
+                    size,
+                });
             }
             None => f.unassigned.push((i, size)),
         }
@@ -242,11 +264,18 @@ pub fn enumerate(
     buses: core::ops::RangeInclusive<u8>,
     windows: &[Window],
 ) -> Vec<Function> {
-    let mut alloc = Allocator { windows: windows.iter().map(|w| (*w, w.pci_base)).collect() };
+    let mut alloc = Allocator {
+        windows: windows.iter().map(|w| (*w, w.pci_base)).collect(),
+    };
     // Keep address 0 out of the I/O and memory spaces (a BAR of 0 reads as unassigned).
     for (w, next) in alloc.windows.iter_mut() {
         if w.pci_base == 0 {
-            *next = if w.space == Space::Io { 0x1000 } else { 0x10_0000 }.min(w.size);
+            *next = if w.space == Space::Io {
+                0x1000
+            } else {
+                0x10_0000
+            }
+            .min(w.size);
         }
     }
     let mut found = Vec::new();
@@ -315,30 +344,34 @@ mod tests {
 
     impl ConfigSpace for FakeCfg {
         fn read32(&mut self, b: Bdf, off: u16) -> u32 {
-            let Some(d) = self.0.get(&(b.bus, b.dev, b.func)) else { return u32::MAX };
+            let Some(d) = self.0.get(&(b.bus, b.dev, b.func)) else {
+                return u32::MAX;
+            };
             match off {
                 reg::ID => d.id,
                 reg::CLASS => d.class,
                 reg::HEADER => d.header << 16,
                 0x10..=0x24 => {
                     let i = usize::from((off - 0x10) / 4);
-                    let v = d.regs.get(&off).copied().unwrap_or(d.bar_flags[i]);
-                    v
+                    d.regs.get(&off).copied().unwrap_or(d.bar_flags[i])
                 }
                 _ => d.regs.get(&off).copied().unwrap_or(0),
             }
         }
 
         fn write32(&mut self, b: Bdf, off: u16, v: u32) {
-            let Some(d) = self.0.get_mut(&(b.bus, b.dev, b.func)) else { return };
+            let Some(d) = self.0.get_mut(&(b.bus, b.dev, b.func)) else {
+                return;
+            };
             if (0x10..=0x24).contains(&off) {
                 let i = usize::from((off - 0x10) / 4);
                 // Upper half of a 64-bit BAR: the size mask lives in the previous BAR's size.
-                let (size, flags, upper) = if d.bar_sizes[i] == 0 && i > 0 && d.bar_flags[i - 1] & 6 == 4 {
-                    (d.bar_sizes[i - 1], 0, true)
-                } else {
-                    (d.bar_sizes[i], d.bar_flags[i], false)
-                };
+                let (size, flags, upper) =
+                    if d.bar_sizes[i] == 0 && i > 0 && d.bar_flags[i - 1] & 6 == 4 {
+                        (d.bar_sizes[i - 1], 0, true)
+                    } else {
+                        (d.bar_sizes[i], d.bar_flags[i], false)
+                    };
                 let mask = (!(size.wrapping_sub(1))) & if flags & 1 == 1 { !3 } else { !0xf };
                 let stored = if size == 0 {
                     0
@@ -355,14 +388,39 @@ mod tests {
     }
 
     fn dev(id: u32, class: u32, flags: [u32; 6], sizes: [u64; 6]) -> FakeDev {
-        FakeDev { id, class, header: 0, bar_flags: flags, bar_sizes: sizes, regs: BTreeMap::new() }
+        FakeDev {
+            id,
+            class,
+            header: 0,
+            bar_flags: flags,
+            bar_sizes: sizes,
+            regs: BTreeMap::new(),
+        }
     }
 
     fn windows() -> Vec<Window> {
         vec![
-            Window { space: Space::Io, prefetchable: false, pci_base: 0, cpu_base: 0x3eff_0000, size: 0x1_0000 },
-            Window { space: Space::Mem32, prefetchable: false, pci_base: 0x1000_0000, cpu_base: 0x1000_0000, size: 0x2eff_0000 },
-            Window { space: Space::Mem64, prefetchable: true, pci_base: 0x80_0000_0000, cpu_base: 0x80_0000_0000, size: 0x80_0000_0000 },
+            Window {
+                space: Space::Io,
+                prefetchable: false,
+                pci_base: 0,
+                cpu_base: 0x3eff_0000,
+                size: 0x1_0000,
+            },
+            Window {
+                space: Space::Mem32,
+                prefetchable: false,
+                pci_base: 0x1000_0000,
+                cpu_base: 0x1000_0000,
+                size: 0x2eff_0000,
+            },
+            Window {
+                space: Space::Mem64,
+                prefetchable: true,
+                pci_base: 0x80_0000_0000,
+                cpu_base: 0x80_0000_0000,
+                size: 0x80_0000_0000,
+            },
         ]
     }
 
@@ -370,9 +428,25 @@ mod tests {
     fn assigns_bars_from_matching_windows_and_enables_decoding() {
         let mut cfg = FakeCfg(BTreeMap::new());
         // An NVMe-like function: BAR0 64-bit non-prefetchable 16 KiB.
-        cfg.0.insert((0, 1, 0), dev(0x0010_1b36, 0x0108_0200, [4, 0, 0, 0, 0, 0], [0x4000, 0, 0, 0, 0, 0]));
+        cfg.0.insert(
+            (0, 1, 0),
+            dev(
+                0x0010_1b36,
+                0x0108_0200,
+                [4, 0, 0, 0, 0, 0],
+                [0x4000, 0, 0, 0, 0, 0],
+            ),
+        );
         // A virtio-like function: BAR0 I/O 32 bytes, BAR1 mem32 4 KiB, BAR4 64-bit pref 16 KiB.
-        cfg.0.insert((0, 2, 0), dev(0x1000_1af4, 0x0200_0000, [1, 0, 0, 0, 0xc, 0], [32, 0x1000, 0, 0, 0x4000, 0]));
+        cfg.0.insert(
+            (0, 2, 0),
+            dev(
+                0x1000_1af4,
+                0x0200_0000,
+                [1, 0, 0, 0, 0xc, 0],
+                [32, 0x1000, 0, 0, 0x4000, 0],
+            ),
+        );
         let found = enumerate(&mut cfg, 0..=0, &windows());
         assert_eq!(found.len(), 2);
         let nvme = &found[0];
@@ -393,10 +467,31 @@ mod tests {
         assert_eq!(pref.space, Space::Mem64);
         assert!(pref.cpu_addr >= 0x80_0000_0000);
         // The BAR registers hold the assigned addresses.
-        let lo = cfg.read32(Bdf { bus: 0, dev: 2, func: 0 }, 0x20);
-        let hi = cfg.read32(Bdf { bus: 0, dev: 2, func: 0 }, 0x24);
+        let lo = cfg.read32(
+            Bdf {
+                bus: 0,
+                dev: 2,
+                func: 0,
+            },
+            0x20,
+        );
+        let hi = cfg.read32(
+            Bdf {
+                bus: 0,
+                dev: 2,
+                func: 0,
+            },
+            0x24,
+        );
         assert_eq!((u64::from(hi) << 32) | u64::from(lo & !0xf), pref.pci_addr);
-        let cmd = cfg.read32(Bdf { bus: 0, dev: 2, func: 0 }, reg::COMMAND);
+        let cmd = cfg.read32(
+            Bdf {
+                bus: 0,
+                dev: 2,
+                func: 0,
+            },
+            reg::COMMAND,
+        );
         assert_eq!(cmd & 7, reg::CMD_IO | reg::CMD_MEM | reg::CMD_MASTER);
         // BARs never overlap.
         let all: Vec<_> = found.iter().flat_map(|f| f.bars.iter().copied()).collect();
@@ -412,8 +507,22 @@ mod tests {
     #[test]
     fn reports_bars_that_do_not_fit() {
         let mut cfg = FakeCfg(BTreeMap::new());
-        cfg.0.insert((0, 0, 0), dev(0x0008_1b36, 0x0600_0000, [0; 6], [0x10_0000_0000, 0, 0, 0, 0, 0]));
-        let w = [Window { space: Space::Mem32, prefetchable: false, pci_base: 0x1000_0000, cpu_base: 0x1000_0000, size: 0x1000_0000 }];
+        cfg.0.insert(
+            (0, 0, 0),
+            dev(
+                0x0008_1b36,
+                0x0600_0000,
+                [0; 6],
+                [0x10_0000_0000, 0, 0, 0, 0, 0],
+            ),
+        );
+        let w = [Window {
+            space: Space::Mem32,
+            prefetchable: false,
+            pci_base: 0x1000_0000,
+            cpu_base: 0x1000_0000,
+            size: 0x1000_0000,
+        }];
         let found = enumerate(&mut cfg, 0..=0, &w);
         assert!(found[0].bars.is_empty());
         assert_eq!(found[0].unassigned, vec![(0, 0x10_0000_0000)]);
@@ -425,7 +534,8 @@ mod tests {
         let mut d = dev(0x1111_2222, 0x0c03_0000, [0; 6], [0; 6]);
         d.header = 0x80;
         cfg.0.insert((0, 3, 0), d);
-        cfg.0.insert((0, 3, 5), dev(0x1111_3333, 0x0c03_0000, [0; 6], [0; 6]));
+        cfg.0
+            .insert((0, 3, 5), dev(0x1111_3333, 0x0c03_0000, [0; 6], [0; 6]));
         let found = enumerate(&mut cfg, 0..=0, &windows());
         let bdfs: Vec<_> = found.iter().map(|f| f.bdf.to_string()).collect();
         assert_eq!(bdfs, ["00:03.0", "00:03.5"]);

@@ -27,7 +27,10 @@ pub struct RawImage {
 /// Extracts the loadable segments of a firmware ELF into a flat image.
 pub fn raw_from_elf(elf: &[u8]) -> Result<RawImage> {
     let file = object::File::parse(elf).context("not an ELF file")?;
-    ensure!(file.architecture() == object::Architecture::Aarch64, "not an AArch64 ELF");
+    ensure!(
+        file.architecture() == object::Architecture::Aarch64,
+        "not an AArch64 ELF"
+    );
     let mut segs: Vec<(u64, &[u8])> = Vec::new();
     for seg in file.segments() {
         let data = seg.data().context("reading a segment")?;
@@ -38,8 +41,16 @@ pub fn raw_from_elf(elf: &[u8]) -> Result<RawImage> {
     ensure!(!segs.is_empty(), "the ELF has no loadable data");
     segs.sort_by_key(|s| s.0);
     let base = segs[0].0;
-    let end = segs.iter().map(|(a, d)| a + d.len() as u64).max().unwrap_or(base);
-    ensure!(end - base < 256 << 20, "segments span {} bytes: not a firmware image", end - base);
+    let end = segs
+        .iter()
+        .map(|(a, d)| a + d.len() as u64)
+        .max()
+        .unwrap_or(base);
+    ensure!(
+        end - base < 256 << 20,
+        "segments span {} bytes: not a firmware image",
+        end - base
+    );
     let mut bytes = vec![0u8; (end - base) as usize];
     for (addr, data) in segs {
         let off = (addr - base) as usize;
@@ -56,7 +67,12 @@ pub fn parse_header(bytes: Vec<u8>, load_address: u64) -> Result<RawImage> {
     let le = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
     let text_offset = le(8);
     let memory_size = le(16);
-    Ok(RawImage { text_offset, memory_size, load_address, bytes })
+    Ok(RawImage {
+        text_offset,
+        memory_size,
+        load_address,
+        bytes,
+    })
 }
 
 /// Reads a firmware ELF file and makes its raw image.
@@ -68,7 +84,11 @@ pub fn raw_from_elf_file(path: &Path) -> Result<RawImage> {
 /// Pads a raw image to a flash bank: the image executes in place from address 0 and copies
 /// itself to RAM.
 pub fn flash_image(raw: &RawImage, bank_size: usize) -> Result<Vec<u8>> {
-    ensure!(raw.bytes.len() <= bank_size, "image ({} bytes) larger than the flash bank", raw.bytes.len());
+    ensure!(
+        raw.bytes.len() <= bank_size,
+        "image ({} bytes) larger than the flash bank",
+        raw.bytes.len()
+    );
     let mut out = raw.bytes.clone();
     out.resize(bank_size, 0xff);
     Ok(out)

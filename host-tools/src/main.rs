@@ -39,9 +39,15 @@ enum ImageCmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Image { cmd: ImageCmd::Raw { elf, output, flash } } => {
+        Cmd::Image {
+            cmd: ImageCmd::Raw { elf, output, flash },
+        } => {
             let raw = image::raw_from_elf_file(&elf)?;
-            let bytes = if flash { image::flash_image(&raw, image::VIRT_FLASH_SIZE)? } else { raw.bytes.clone() };
+            let bytes = if flash {
+                image::flash_image(&raw, image::VIRT_FLASH_SIZE)?
+            } else {
+                raw.bytes.clone()
+            };
             std::fs::write(&output, &bytes)?;
             eprintln!(
                 "{}: {} bytes, load address {:#x}, needs {} KiB of RAM",

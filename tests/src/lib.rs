@@ -27,7 +27,11 @@ pub enum Build {
 fn build_elf(build: Build) -> PathBuf {
     static RELEASE: OnceLock<PathBuf> = OnceLock::new();
     static TEST: OnceLock<PathBuf> = OnceLock::new();
-    let cell = if build == Build::Release { &RELEASE } else { &TEST };
+    let cell = if build == Build::Release {
+        &RELEASE
+    } else {
+        &TEST
+    };
     cell.get_or_init(|| {
         let target_dir = root().join("target/qemu-tests");
         let (profile, features): (&str, &[&str]) = match build {
@@ -43,7 +47,10 @@ fn build_elf(build: Build) -> PathBuf {
             .status()
             .expect("running cargo to build the firmware");
         assert!(status.success(), "building the firmware ({build:?}) failed");
-        target_dir.join("aarch64-unknown-none").join(profile).join("keel-firmware")
+        target_dir
+            .join("aarch64-unknown-none")
+            .join(profile)
+            .join("keel-firmware")
     })
     .clone()
 }
@@ -72,14 +79,32 @@ fn write_once(cell: &'static OnceLock<PathBuf>, build: Build, ext: &str, flash: 
 pub fn image(build: Build) -> PathBuf {
     static RELEASE: OnceLock<PathBuf> = OnceLock::new();
     static TEST: OnceLock<PathBuf> = OnceLock::new();
-    write_once(if build == Build::Release { &RELEASE } else { &TEST }, build, "img", false)
+    write_once(
+        if build == Build::Release {
+            &RELEASE
+        } else {
+            &TEST
+        },
+        build,
+        "img",
+        false,
+    )
 }
 
 /// Builds and returns a 64 MiB pflash image of a build.
 pub fn flash_image(build: Build) -> PathBuf {
     static RELEASE: OnceLock<PathBuf> = OnceLock::new();
     static TEST: OnceLock<PathBuf> = OnceLock::new();
-    write_once(if build == Build::Release { &RELEASE } else { &TEST }, build, "flash", true)
+    write_once(
+        if build == Build::Release {
+            &RELEASE
+        } else {
+            &TEST
+        },
+        build,
+        "flash",
+        true,
+    )
 }
 
 /// A running QEMU with the firmware.
@@ -93,7 +118,9 @@ pub struct Qemu {
 
 impl std::fmt::Debug for Qemu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qemu").field("pid", &self.child.id()).finish()
+        f.debug_struct("Qemu")
+            .field("pid", &self.child.id())
+            .finish()
     }
 }
 
@@ -126,7 +153,13 @@ impl Qemu {
                 }
             });
         }
-        Qemu { child, lines: rx, console, started: Instant::now(), exit: None }
+        Qemu {
+            child,
+            lines: rx,
+            console,
+            started: Instant::now(),
+            exit: None,
+        }
     }
 
     /// Boots an image with `-kernel`, plus extra `qemu/run` arguments.
@@ -148,7 +181,11 @@ impl Qemu {
     }
 
     /// Waits for a console line containing `needle`; returns it and the time since start.
-    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<(String, Duration), String> {
+    pub fn wait_for(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(String, Duration), String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -156,10 +193,16 @@ impl Qemu {
                 Ok(line) if line.contains(needle) => return Ok((line, self.started.elapsed())),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!("no line with {needle:?} within {timeout:?}; console:\n{}", self.console()));
+                    return Err(format!(
+                        "no line with {needle:?} within {timeout:?}; console:\n{}",
+                        self.console()
+                    ));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(format!("QEMU ended before printing {needle:?}; console:\n{}", self.console()));
+                    return Err(format!(
+                        "QEMU ended before printing {needle:?}; console:\n{}",
+                        self.console()
+                    ));
                 }
             }
         }
@@ -178,7 +221,10 @@ impl Qemu {
             }
             if Instant::now() > deadline {
                 self.kill();
-                return Err(format!("QEMU did not exit within {timeout:?}; console:\n{}", self.console()));
+                return Err(format!(
+                    "QEMU did not exit within {timeout:?}; console:\n{}",
+                    self.console()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -201,7 +247,10 @@ impl Drop for Qemu {
 
 /// A free TCP port on 127.0.0.1 (bound and released; QEMU binds it right after).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A scratch file of `size` bytes under the target directory, removed on drop.

@@ -4,7 +4,9 @@ use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, flash_image};
 use std::process::Command;
 
 fn ready(q: &mut Qemu) -> String {
-    q.wait_for("keel: ready", BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}")).0
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .0
 }
 
 #[test]
@@ -16,7 +18,10 @@ fn release_image_boots_to_ready_with_kernel_option() {
     assert!(c.contains("release build"), "{c}");
     assert!(c.contains("board: qemu-virt"), "{c}");
     assert!(c.contains("running at EL1 (entered at EL1)"), "{c}");
-    assert!(c.contains("memory: 0x40000000..0x80000000 (1024 MiB)"), "{c}");
+    assert!(
+        c.contains("memory: 0x40000000..0x80000000 (1024 MiB)"),
+        "{c}"
+    );
     // -cpu max has the crypto and CRC extensions the data path will use.
     assert!(c.contains("cpu features: aes pmull"), "{c}");
     assert!(c.contains("crc32"), "{c}");
@@ -37,14 +42,33 @@ fn release_image_boots_from_pflash() {
 
 #[test]
 fn enters_at_el2_with_gicv3_two_cores_and_2g() {
-    let mut q = Qemu::boot(Build::Test, &["--el2", "--gic", "3", "--smp", "2", "--mem", "2G", "--append", "keel.test=exit"]);
+    let mut q = Qemu::boot(
+        Build::Test,
+        &[
+            "--el2",
+            "--gic",
+            "3",
+            "--smp",
+            "2",
+            "--mem",
+            "2G",
+            "--append",
+            "keel.test=exit",
+        ],
+    );
     ready(&mut q);
     assert_eq!(q.wait_exit(BOOT_TIMEOUT), Ok(0));
     let c = q.console();
-    assert!(c.contains("2 core(s), running at EL1 (entered at EL2)"), "{c}");
+    assert!(
+        c.contains("2 core(s), running at EL1 (entered at EL2)"),
+        "{c}"
+    );
     assert!(c.contains("interrupt controller: Some(GICv3)"), "{c}");
     assert!(c.contains("psci: Some(Smc)"), "{c}");
-    assert!(c.contains("memory: 0x40000000..0xc0000000 (2048 MiB)"), "{c}");
+    assert!(
+        c.contains("memory: 0x40000000..0xc0000000 (2048 MiB)"),
+        "{c}"
+    );
     // The heap spans the gigabyte above the boot map's first one.
     assert!(c.contains("heap: 0x48100000..0xc0000000"), "{c}");
 }
@@ -52,18 +76,43 @@ fn enters_at_el2_with_gicv3_two_cores_and_2g() {
 #[test]
 fn pci_table_lists_the_devices_passed() {
     let disk = ScratchFile::new("pci-table.img", 16 << 20);
-    let mut q = Qemu::boot(Build::Test, &["--disk", disk.path().to_str().unwrap(), "--append", "keel.test=exit"]);
+    let mut q = Qemu::boot(
+        Build::Test,
+        &[
+            "--disk",
+            disk.path().to_str().unwrap(),
+            "--append",
+            "keel.test=exit",
+        ],
+    );
     ready(&mut q);
     assert_eq!(q.wait_exit(BOOT_TIMEOUT), Ok(0));
     let c = q.console();
     let table: Vec<&str> = c.lines().filter(|l| l.starts_with("  00:")).collect();
-    assert!(table.iter().any(|l| l.contains("1b36:0008") && l.contains("host bridge")), "{c}");
-    let nvme = table.iter().find(|l| l.contains("1b36:0010")).unwrap_or_else(|| panic!("no NVMe row:\n{c}"));
-    assert!(nvme.contains("010802") && nvme.contains("NVMe controller"), "{nvme}");
+    assert!(
+        table
+            .iter()
+            .any(|l| l.contains("1b36:0008") && l.contains("host bridge")),
+        "{c}"
+    );
+    let nvme = table
+        .iter()
+        .find(|l| l.contains("1b36:0010"))
+        .unwrap_or_else(|| panic!("no NVMe row:\n{c}"));
+    assert!(
+        nvme.contains("010802") && nvme.contains("NVMe controller"),
+        "{nvme}"
+    );
     // NVMe BAR0 is a 64-bit BAR placed in a host bridge window.
     assert!(nvme.contains("0m64:0x"), "{nvme}");
-    let net = table.iter().find(|l| l.contains("1af4:1041")).unwrap_or_else(|| panic!("no virtio-net row:\n{c}"));
-    assert!(net.contains("Ethernet controller") && net.contains("4m64:0x8000000000"), "{net}");
+    let net = table
+        .iter()
+        .find(|l| l.contains("1af4:1041"))
+        .unwrap_or_else(|| panic!("no virtio-net row:\n{c}"));
+    assert!(
+        net.contains("Ethernet controller") && net.contains("4m64:0x8000000000"),
+        "{net}"
+    );
 }
 
 #[test]
@@ -99,7 +148,10 @@ fn panic_prints_location_and_exits_with_failure() {
     let mut q = Qemu::boot(Build::Test, &["--append", "keel.test=panic"]);
     assert_eq!(q.wait_exit(BOOT_TIMEOUT), Ok(2));
     let c = q.console();
-    assert!(c.contains("*** keel: panic at firmware/src/testhooks.rs:"), "{c}");
+    assert!(
+        c.contains("*** keel: panic at firmware/src/testhooks.rs:"),
+        "{c}"
+    );
     assert!(c.contains("deliberate test panic"), "{c}");
 }
 
@@ -109,10 +161,16 @@ fn qemu_run_rejects_unknown_options_and_missing_files() {
     let out = Command::new(&run).arg("--bogus").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option: --bogus"));
-    let out = Command::new(&run).args(["--disk", "/nonexistent/disk.img"]).output().unwrap();
+    let out = Command::new(&run)
+        .args(["--disk", "/nonexistent/disk.img"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file: /nonexistent/disk.img"));
-    let out = Command::new(&run).args(["--nvmf-port", "http"]).output().unwrap();
+    let out = Command::new(&run)
+        .args(["--nvmf-port", "http"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a TCP port"));
 }
@@ -123,15 +181,38 @@ fn qemu_run_forwards_ports_disks_and_extra_arguments() {
     let img = keel_tests::image(Build::Release);
     let disk = ScratchFile::new("dry-run.img", 1 << 20);
     let out = Command::new(&run)
-        .args(["--image", img.to_str().unwrap(), "--nvmf-port", "14420", "--discovery-port", "18009"])
-        .args(["--disk", disk.path().to_str().unwrap(), "--smp", "2", "--dry-run", "--", "-d", "guest_errors"])
+        .args([
+            "--image",
+            img.to_str().unwrap(),
+            "--nvmf-port",
+            "14420",
+            "--discovery-port",
+            "18009",
+        ])
+        .args([
+            "--disk",
+            disk.path().to_str().unwrap(),
+            "--smp",
+            "2",
+            "--dry-run",
+            "--",
+            "-d",
+            "guest_errors",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cmd = String::from_utf8_lossy(&out.stdout);
     assert!(cmd.contains("hostfwd=tcp:127.0.0.1:14420-:4420"), "{cmd}");
     assert!(cmd.contains("hostfwd=tcp:127.0.0.1:18009-:8009"), "{cmd}");
-    assert!(cmd.contains("-device nvme,serial=keel-disk0,drive=nvme0"), "{cmd}");
+    assert!(
+        cmd.contains("-device nvme,serial=keel-disk0,drive=nvme0"),
+        "{cmd}"
+    );
     assert!(cmd.contains("-smp 2"), "{cmd}");
     assert!(cmd.trim_end().ends_with("-d guest_errors"), "{cmd}");
 }

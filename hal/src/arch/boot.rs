@@ -43,7 +43,12 @@ extern "C" fn keel_hal_boot(dtb: usize, entry_el: u64) -> ! {
     // SAFETY: this runs once, first, on the boot core with the MMU off; the boot map covers
     // the image (normal memory) with identical addresses, so nothing the program uses moves.
     unsafe { mmu::enable_boot_map(&layout) };
-    let info = BootInfo { dtb, entry_el: entry_el as u8, layout, counter_at_start };
+    let info = BootInfo {
+        dtb,
+        entry_el: entry_el as u8,
+        layout,
+        counter_at_start,
+    };
     // SAFETY: `__keel_main` is defined by the `entry!` macro with exactly this signature.
     unsafe { __keel_main(info) }
 }

@@ -83,10 +83,15 @@ fn in_range(addr: u64, range: (usize, usize)) -> bool {
 
 /// Walks frame records (x29 chain) while they stay inside a known stack.
 fn backtrace(w: &mut Emergency, pc: u64, mut fp: u64, layout: &ImageLayout) {
-    let _ = writeln!(w, "backtrace (frame pointers; resolve with addr2line -e <ELF>):");
+    let _ = writeln!(
+        w,
+        "backtrace (frame pointers; resolve with addr2line -e <ELF>):"
+    );
     let _ = writeln!(w, "  #pc {pc:#018x}");
     for depth in 0..32 {
-        if fp == 0 || fp % 16 != 0 || !(in_range(fp, layout.stack) || in_range(fp, layout.exc_stack))
+        if fp == 0
+            || !fp.is_multiple_of(16)
+            || !(in_range(fp, layout.stack) || in_range(fp, layout.exc_stack))
         {
             break;
         }
@@ -124,15 +129,30 @@ extern "C" fn keel_exception(frame: &ExceptionFrame, kind: u64) {
             w,
             "fault: {} on {}",
             fault_status(iss),
-            if ec >= 0x24 { if write { "write" } else { "read" } } else { "fetch" }
+            if ec >= 0x24 {
+                if write { "write" } else { "read" }
+            } else {
+                "fetch"
+            }
         );
     }
     let _ = writeln!(w, "ELR: {:#018x}  FAR: {:#018x}", frame.elr, frame.far);
-    let _ = writeln!(w, "SPSR: {:#018x}  SP_EL0: {:#018x}", frame.spsr, frame.sp_el0);
+    let _ = writeln!(
+        w,
+        "SPSR: {:#018x}  SP_EL0: {:#018x}",
+        frame.spsr, frame.sp_el0
+    );
     for (i, pair) in frame.x.chunks(2).enumerate() {
         match pair {
             [a, b] => {
-                let _ = writeln!(w, "x{:<2} {:#018x}  x{:<2} {:#018x}", i * 2, a, i * 2 + 1, b);
+                let _ = writeln!(
+                    w,
+                    "x{:<2} {:#018x}  x{:<2} {:#018x}",
+                    i * 2,
+                    a,
+                    i * 2 + 1,
+                    b
+                );
             }
             [a] => {
                 let _ = writeln!(w, "x{:<2} {:#018x}", i * 2, a);

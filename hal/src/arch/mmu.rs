@@ -12,8 +12,8 @@ use aarch64_cpu::{
     registers::{ID_AA64MMFR0_EL1, MAIR_EL1, Readable, SCTLR_EL1, TCR_EL1, TTBR0_EL1, Writeable},
 };
 use aarch64_paging::{
-    idmap::IdMap,
     descriptor::El1Attributes,
+    idmap::IdMap,
     paging::{El1And0, MemoryRegion},
 };
 use core::cell::UnsafeCell;
@@ -142,7 +142,11 @@ pub struct MapError {
 
 impl fmt::Display for MapError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot map {:#x}..{:#x}: {}", self.start, self.end, self.cause)
+        write!(
+            f,
+            "cannot map {:#x}..{:#x}: {}",
+            self.start, self.end, self.cause
+        )
     }
 }
 
@@ -160,7 +164,9 @@ impl fmt::Debug for AddressSpace {
 impl AddressSpace {
     /// An empty map (48-bit, root at level 0, ASID 1).
     pub fn new() -> Self {
-        Self { map: IdMap::with_asid(1, 0, El1And0) }
+        Self {
+            map: IdMap::with_asid(1, 0, El1And0),
+        }
     }
 
     /// Identity-maps `start..end` (rounded out to pages).
