@@ -31,7 +31,7 @@ pub struct TargetConfig {
     /// Largest data transfer (SGL length) of a host-to-controller command we ask a buffer for;
     /// longer ones are failed with Data SGL Length Invalid. Should match MDTS.
     pub max_transfer: u32,
-    /// Our cap on outstanding R2Ts per command (the host's MAXR2T+1 may lower it).
+    /// Our cap on outstanding R2Ts per command, 1..=32 (the host's MAXR2T+1 may lower it).
     pub max_r2t: u32,
     /// Command slots allocated at setup: the largest queue depth this connection can carry.
     pub slots: u16,
@@ -67,7 +67,7 @@ pub enum ConfigError {
     MaxC2HData,
     /// Slots zero or above [`MAX_SLOTS`], or initial depth zero.
     Slots,
-    /// Zero R2T limit.
+    /// R2T limit zero or above 32 (TTAGs carry a 6-bit R2T sequence number).
     MaxR2T,
 }
 
@@ -78,7 +78,7 @@ impl fmt::Display for ConfigError {
             Self::InCapsuleData => "in-capsule data size must be >= 8192",
             Self::MaxC2HData => "C2HData size must be > 0",
             Self::Slots => "slots must be 1..=1024 and the initial queue depth > 0",
-            Self::MaxR2T => "R2T limit must be > 0",
+            Self::MaxR2T => "R2T limit must be 1..=32",
         })
     }
 }
@@ -98,7 +98,7 @@ impl TargetConfig {
         if self.slots == 0 || self.slots > MAX_SLOTS || self.initial_queue_depth == 0 {
             return Err(ConfigError::Slots);
         }
-        if self.max_r2t == 0 {
+        if self.max_r2t == 0 || self.max_r2t > 32 {
             return Err(ConfigError::MaxR2T);
         }
         Ok(())

@@ -197,3 +197,133 @@ fn host_rejects_bad_icresp_and_terminates() {
     assert_eq!(&out[..n], &want[..]);
     assert_eq!(h.state(), HostState::Closed);
 }
+
+fn host_ready(dg: Digests, maxh2cdata: u32) -> HostConnection<Buf> {
+    use keel_nvmf_tcp::pdu::Repr;
+    let mut h: HostConnection<Buf> = HostConnection::new(HostConfig {
+        digests: dg,
+        in_capsule_limit: 0,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let mut out = [0u8; 256];
+    assert_eq!(h.transmit(&mut out), 128);
+    let r = pdu(
+        &Repr::IcResp {
+            pfv: 0,
+            cpda: 0,
+            digests: dg,
+            maxh2cdata,
+        },
+        Digests::default(),
+        &[],
+    );
+    assert_eq!(h.recv(0, &r), 128);
+    assert!(matches!(h.poll_event(), Some(HostEvent::Connected { .. })));
+    h
+}
+
+#[test]
+fn host_splits_h2c_data_at_maxh2cdata() {
+    use keel_nvmf_tcp::pdu::Repr;
+    let dg = Digests {
+        header: true,
+        data: true,
+    };
+    let mut h = host_ready(dg, 4096);
+    let data: Vec<u8> = (0..10000u32).map(|i| i as u8).collect();
+    let cid = h
+        .submit(sqe(0x01, 0, 0, 0, 0), Some((data.clone(), 10000)))
+        .unwrap();
+    let mut out = vec![0u8; 20000];
+    let n = h.transmit(&mut out);
+    assert_eq!(n, 72 + 4, "capsule without in-capsule data");
+    assert_eq!(out[8 + 39], 0x5A, "transport SGL");
+    let r2t = pdu(
+        &Repr::R2T {
+            cccid: cid,
+            ttag: 0x77,
+            offset: 0,
+            len: 10000,
+        },
+        dg,
+        &[],
+    );
+    h.recv(0, &r2t);
+    let n = h.transmit(&mut out);
+    let mut want = Vec::new();
+    for (off, len) in [(0u32, 4096u32), (4096, 4096), (8192, 1808)] {
+        want.extend(pdu(
+            &Repr::H2CData {
+                cccid: cid,
+                ttag: 0x77,
+                offset: off,
+                len,
+                last: off == 8192,
+            },
+            dg,
+            &data[off as usize..(off + len) as usize],
+        ));
+    }
+    assert_eq!(&out[..n], &want[..]);
+}
+
+#[test]
+fn host_c2h_data_digest_error_reports_transient_error() {
+    use keel_nvmf_tcp::pdu::Repr;
+    let dg = Digests {
+        header: false,
+        data: true,
+    };
+    let mut h = host_ready(dg, 4096);
+    let cid = h
+        .submit(sqe(0x02, 0, 0, 0, 0), Some((vec![0; 64], 64)))
+        .unwrap();
+    let mut out = [0u8; 256];
+    h.transmit(&mut out);
+    let mut d = pdu(
+        &Repr::C2HData {
+            cccid: cid,
+            offset: 0,
+            len: 64,
+            last: true,
+            success: false,
+        },
+        dg,
+        &[1; 64],
+    );
+    let n = d.len();
+    d[n - 1] ^= 1;
+    h.recv(0, &d);
+    h.recv(0, &pdu(&Repr::CapsuleResp { cqe: cqe(cid, 0) }, dg, &[]));
+    match h.poll_event() {
+        Some(HostEvent::Completion { cqe, .. }) => {
+            assert_eq!(u16::from_le_bytes([cqe[14], cqe[15]]), 0x22 << 1);
+        }
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(h.state(), HostState::Ready);
+}
+
+#[test]
+fn host_rejects_unsolicited_c2h_data() {
+    use keel_nvmf_tcp::pdu::Repr;
+    let mut h = host_ready(Digests::default(), 4096);
+    let d = pdu(
+        &Repr::C2HData {
+            cccid: 3,
+            offset: 0,
+            len: 4,
+            last: true,
+            success: false,
+        },
+        Digests::default(),
+        &[1; 4],
+    );
+    h.recv(0, &d);
+    let mut out = [0u8; 256];
+    let n = h.transmit(&mut out);
+    let mut want = term_req(1, 8, &d[..24]);
+    want[0] = 0x02;
+    assert_eq!(&out[..n], &want[..]);
+}
