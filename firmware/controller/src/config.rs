@@ -39,13 +39,13 @@ impl Instant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QueueId {
     pub(crate) index: u16,
-    pub(crate) gen: u16,
+    pub(crate) generation: u16,
 }
 
 impl QueueId {
     /// A stable integer form, for logging or maps in transports.
     pub const fn as_u32(&self) -> u32 {
-        ((self.index as u32) << 16) | self.gen as u32
+        ((self.index as u32) << 16) | self.generation as u32
     }
 }
 
@@ -317,7 +317,9 @@ impl fmt::Display for TargetError {
             TargetError::TooManyControllers => f.write_str("too many controllers"),
             TargetError::UnknownSubsystem => f.write_str("unknown subsystem"),
             TargetError::UnknownNamespace => f.write_str("unknown namespace"),
-            TargetError::NotLocalAdminQueue => f.write_str("not the admin queue of a local controller"),
+            TargetError::NotLocalAdminQueue => {
+                f.write_str("not the admin queue of a local controller")
+            }
             TargetError::Config(e) => write!(f, "configuration: {e}"),
         }
     }

@@ -127,7 +127,7 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    const fn free() -> Self {
+    pub(crate) const fn free_slot() -> Self {
         Self {
             state: SlotState::Free,
             cid: 0,
@@ -144,7 +144,7 @@ impl Slot {
 }
 
 pub(crate) struct Queue {
-    pub gen: u16,
+    pub generation: u16,
     pub state: QState,
     pub ctrl: usize,
     pub cntlid: u16,
@@ -161,7 +161,11 @@ impl Queue {
         Cqe {
             dw0,
             dw1: 0,
-            sqhd: if self.sqflow_disabled { 0xFFFF } else { self.sqhd },
+            sqhd: if self.sqflow_disabled {
+                0xFFFF
+            } else {
+                self.sqhd
+            },
             sqid: self.qid,
             cid,
             phase: false,
@@ -204,7 +208,10 @@ pub(crate) fn validate_nqn(nqn: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-pub(crate) fn make_namespace(ns: NamespaceConfig, limits: &Limits) -> Result<Namespace, ConfigError> {
+pub(crate) fn make_namespace(
+    ns: NamespaceConfig,
+    limits: &Limits,
+) -> Result<Namespace, ConfigError> {
     if ns.nsid == 0 || ns.nsid > limits.max_nsid || ns.nsid == keel_nvme::NSID_ALL {
         return Err(ConfigError::BadNsid(ns.nsid));
     }
@@ -226,12 +233,16 @@ pub(crate) fn make_namespace(ns: NamespaceConfig, limits: &Limits) -> Result<Nam
     })
 }
 
-pub(crate) fn tag(qi: usize, gen: u16, slot: usize) -> u64 {
-    ((qi as u64 & 0xFFFF) << 32) | ((gen as u64) << 16) | (slot as u64 & 0xFFFF)
+pub(crate) fn tag(qi: usize, generation: u16, slot: usize) -> u64 {
+    ((qi as u64 & 0xFFFF) << 32) | ((generation as u64) << 16) | (slot as u64 & 0xFFFF)
 }
 
 pub(crate) fn untag(t: u64) -> (usize, u16, usize) {
-    (((t >> 32) & 0xFFFF) as usize, (t >> 16) as u16, (t & 0xFFFF) as usize)
+    (
+        ((t >> 32) & 0xFFFF) as usize,
+        (t >> 16) as u16,
+        (t & 0xFFFF) as usize,
+    )
 }
 
 pub(crate) fn block_status(e: BlockError) -> Status {
@@ -333,7 +344,8 @@ impl Target {
             let fire = match &mut self.ctrls[ci] {
                 Some(c)
                     if c.subsys == DISCOVERY
-                        && c.aec & keel_nvme::opcode::async_event::AEC_DISCOVERY_LOG_CHANGE != 0
+                        && c.aec & keel_nvme::opcode::async_event::AEC_DISCOVERY_LOG_CHANGE
+                            != 0
                         && !c.disc_notice_masked =>
                 {
                     c.disc_notice_masked = true;
@@ -350,11 +362,17 @@ impl Target {
     /// Adds a namespace to a subsystem; connected controllers get a Namespace Attribute
     /// Changed event and see the NSID in the Changed Namespace List log.
     pub fn add_namespace(&mut self, subnqn: &str, ns: NamespaceConfig) -> Result<(), TargetError> {
-        let si = self.subsys_index(subnqn).ok_or(TargetError::UnknownSubsystem)?;
+        let si = self
+            .subsys_index(subnqn)
+            .ok_or(TargetError::UnknownSubsystem)?;
         let ns = make_namespace(ns, &self.limits)?;
         let nsid = ns.nsid;
         let s = &mut self.subsystems[si];
-        if s.namespaces.iter().flatten().any(|n| n.nsid == nsid && n.active) {
+        if s.namespaces
+            .iter()
+            .flatten()
+            .any(|n| n.nsid == nsid && n.active)
+        {
             return Err(ConfigError::BadNsid(nsid).into());
         }
         match s.namespaces.iter_mut().find(|n| n.is_none()) {
@@ -368,7 +386,9 @@ impl Target {
     /// Removes a namespace. New commands see Invalid Namespace; commands already at the
     /// backend complete normally, and the backend is dropped once it has drained.
     pub fn remove_namespace(&mut self, subnqn: &str, nsid: u32) -> Result<(), TargetError> {
-        let si = self.subsys_index(subnqn).ok_or(TargetError::UnknownSubsystem)?;
+        let si = self
+            .subsys_index(subnqn)
+            .ok_or(TargetError::UnknownSubsystem)?;
         let s = &mut self.subsystems[si];
         let ni = s.find_ns(nsid).ok_or(TargetError::UnknownNamespace)?;
         if let Some(slot) = s.namespaces.get_mut(ni) {
@@ -470,7 +490,10 @@ impl Target {
 
     /// Number of queues currently open (any state but closed).
     pub fn open_queue_count(&self) -> usize {
-        self.queues.iter().filter(|q| q.state != QState::Free).count()
+        self.queues
+            .iter()
+            .filter(|q| q.state != QState::Free)
+            .count()
     }
 
     /// Statistics of a namespace.
@@ -483,7 +506,7 @@ impl Target {
     pub(crate) fn queue_index(&self, q: QueueId) -> Option<usize> {
         let i = q.index as usize;
         match self.queues.get(i) {
-            Some(x) if x.gen == q.gen && x.state != QState::Free => Some(i),
+            Some(x) if x.generation == q.generation && x.state != QState::Free => Some(i),
             _ => None,
         }
     }
@@ -529,14 +552,14 @@ impl Target {
             q.sqhd = 0;
             return Ok(QueueId {
                 index: i as u16,
-                gen: q.gen,
+                generation: q.generation,
             });
         }
         if self.queues.len() >= self.limits.max_queues {
             return Err(TargetError::TooManyQueues);
         }
         self.queues.push(Queue {
-            gen: 0,
+            generation: 0,
             state: QState::Open,
             ctrl: 0,
             cntlid: 0,
@@ -549,7 +572,7 @@ impl Target {
         });
         Ok(QueueId {
             index: (self.queues.len() - 1) as u16,
-            gen: 0,
+            generation: 0,
         })
     }
 
@@ -582,7 +605,7 @@ impl Target {
         self.release_queue(qi);
         let queue = &mut self.queues[qi];
         queue.state = QState::Free;
-        queue.gen = queue.gen.wrapping_add(1);
+        queue.generation = queue.generation.wrapping_add(1);
         queue.slots = Vec::new();
         Ok(())
     }
@@ -655,14 +678,14 @@ impl Target {
         };
         queue.state = QState::Terminated;
         // New generation for in-flight tags: their completions must not match a slot.
-        // The QueueId handed out keeps working for close_queue because we keep `gen` and
+        // The QueueId handed out keeps working for close_queue because we keep `generation` and
         // re-key slots instead.
         for s in queue.slots.iter_mut() {
-            *s = Slot::free();
+            *s = Slot::free_slot();
         }
         let id = QueueId {
             index: qi as u16,
-            gen: queue.gen,
+            generation: queue.generation,
         };
         self.pending.push_back(Event::QueueTerminated(id));
     }
@@ -848,11 +871,16 @@ impl Target {
                 };
                 let (sub, ni) = (slot.ns.0 as usize, slot.ns.1 as usize);
                 self.deferred = self.deferred.saturating_sub(1);
-                let Some(Some(ns)) = self.subsystems.get_mut(sub).and_then(|s| s.namespaces.get_mut(ni))
+                let Some(Some(ns)) = self
+                    .subsystems
+                    .get_mut(sub)
+                    .and_then(|s| s.namespaces.get_mut(ni))
                 else {
                     // Namespace gone (cannot happen while deferred work exists): fail.
                     let mut r = req;
-                    if let Some(resp) = self.finish_slot(qi, si, Status::INTERNAL_ERROR, r.buf.take(), now) {
+                    if let Some(resp) =
+                        self.finish_slot(qi, si, Status::INTERNAL_ERROR, r.buf.take(), now)
+                    {
                         f(resp);
                         n += 1;
                     }
@@ -871,7 +899,9 @@ impl Target {
                         }
                         RejectReason::Invalid(e) => {
                             let mut req = r.req;
-                            if let Some(ev) = self.finish_slot(qi, si, block_status(e), req.buf.take(), now) {
+                            if let Some(ev) =
+                                self.finish_slot(qi, si, block_status(e), req.buf.take(), now)
+                            {
                                 f(ev);
                                 n += 1;
                             }
@@ -906,12 +936,20 @@ impl Target {
         }
         slot.state = SlotState::Free;
         let (sub, ni) = (slot.ns.0 as usize, slot.ns.1 as usize);
-        if let Some(Some(ns)) = subsystems.get_mut(sub).and_then(|s| s.namespaces.get_mut(ni)) {
-            ns.stats
-                .record(slot.kind, slot.bytes, status.is_success(), slot.start.as_nanos(), now.as_nanos());
+        if let Some(Some(ns)) = subsystems
+            .get_mut(sub)
+            .and_then(|s| s.namespaces.get_mut(ni))
+        {
+            ns.stats.record(
+                slot.kind,
+                slot.bytes,
+                status.is_success(),
+                slot.start.as_nanos(),
+                now.as_nanos(),
+            );
         }
-        let cqe = queue.cqe(slot.cid, status, 0);
-        let cookie = slot.cookie;
+        let (cid, cookie) = (slot.cid, slot.cookie);
+        let cqe = queue.cqe(cid, status, 0);
         if let Some(Some(c)) = ctrls.get_mut(queue.ctrl) {
             if c.cntlid == queue.cntlid {
                 c.outstanding = c.outstanding.saturating_sub(1);
@@ -920,7 +958,7 @@ impl Target {
         }
         let id = QueueId {
             index: qi as u16,
-            gen: queue.gen,
+            generation: queue.generation,
         };
         Some(Event::Completion(
             id,
@@ -956,9 +994,9 @@ fn complete_io(
     c: keel_storage::BlockCompletion,
     f: &mut dyn FnMut(Event),
 ) -> usize {
-    let (qi, gen, si) = untag(c.tag);
+    let (qi, generation, si) = untag(c.tag);
     let queue = match queues.get_mut(qi) {
-        Some(q) if q.gen == gen && q.state == QState::Connected => q,
+        Some(q) if q.generation == generation && q.state == QState::Connected => q,
         _ => {
             if let Some(b) = c.buf {
                 f(Event::BufferReleased(b));
@@ -967,7 +1005,11 @@ fn complete_io(
             return 0;
         }
     };
-    let Some(slot) = queue.slots.get_mut(si).filter(|s| s.state == SlotState::InFlight) else {
+    let Some(slot) = queue
+        .slots
+        .get_mut(si)
+        .filter(|s| s.state == SlotState::InFlight)
+    else {
         if let Some(b) = c.buf {
             f(Event::BufferReleased(b));
             return 1;
@@ -1006,7 +1048,11 @@ fn complete_io(
     if let Some(d) = slot.dsm.take() {
         buf = Some(d.buf);
     }
-    let data_len = if status.is_success() { slot.read_len } else { 0 };
+    let data_len = if status.is_success() {
+        slot.read_len
+    } else {
+        0
+    };
     if let Some(b) = buf.as_mut() {
         if data_len > 0 {
             b.set_len(data_len as usize);
@@ -1021,8 +1067,8 @@ fn complete_io(
         now.as_nanos(),
     );
     slot.state = SlotState::Free;
-    let cqe = queue.cqe(slot.cid, status, 0);
-    let cookie = slot.cookie;
+    let (cid, cookie) = (slot.cid, slot.cookie);
+    let cqe = queue.cqe(cid, status, 0);
     if let Some(Some(ctrl)) = ctrls.get_mut(queue.ctrl) {
         if ctrl.cntlid == queue.cntlid {
             ctrl.outstanding = ctrl.outstanding.saturating_sub(1);
@@ -1032,7 +1078,7 @@ fn complete_io(
     f(Event::Completion(
         QueueId {
             index: qi as u16,
-            gen,
+            generation,
         },
         Response {
             cqe,

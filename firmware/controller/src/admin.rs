@@ -1,0 +1,650 @@
+//! Admin commands (NVMe base 2.0 §5): Identify, Get Log Page, Set/Get Features, Keep Alive,
+//! Asynchronous Event Request, Abort.
+
+use crate::config::*;
+use crate::fabrics::VERSION;
+use crate::target::*;
+use keel_nvme::identify::{
+    self, IdentifyCommand, IdentifyController, IdentifyNamespace, NsIdentifiers, cns,
+};
+use keel_nvme::io::{AbortCommand, FeaturesCommand};
+use keel_nvme::log::{self, GetLogPageCommand, discovery, effects};
+use keel_nvme::opcode::async_event;
+use keel_nvme::{AdminOpcode, FeatureId, IoOpcode, LogPageId, Status};
+
+/// KAS: keep-alive granularity in 100 ms units (1 s).
+const KAS: u16 = 10;
+
+impl Target {
+    pub(crate) fn admin(
+        &mut self,
+        now: Instant,
+        qi: usize,
+        ci: usize,
+        req: Request,
+    ) -> Option<Response> {
+        if sqe_is_fabrics(&req.sqe) {
+            return Some(self.fabrics_admin(now, qi, ci, req));
+        }
+        let (ready, discovery) = match self.ctrls.get(ci) {
+            Some(Some(c)) => (c.cc.en() && c.csts.rdy(), c.subsys == DISCOVERY),
+            _ => return Some(self.respond(qi, req, Status::INTERNAL_ERROR, 0)),
+        };
+        if !ready {
+            return Some(self.respond(qi, req, Status::COMMAND_SEQUENCE_ERROR, 0));
+        }
+        if req.sqe.fuse() != 0 {
+            return Some(self.respond(qi, req, Status::INVALID_FIELD, 0));
+        }
+        let op = AdminOpcode::from_u8(req.sqe.opcode);
+        let r = match op {
+            Some(AdminOpcode::Identify) => self.identify(qi, ci, req),
+            Some(AdminOpcode::GetLogPage) => self.get_log_page(qi, ci, req),
+            Some(AdminOpcode::SetFeatures) => self.set_features(qi, ci, req),
+            Some(AdminOpcode::GetFeatures) => self.get_features(qi, ci, req),
+            Some(AdminOpcode::KeepAlive) => self.respond(qi, req, Status::SUCCESS, 0),
+            Some(AdminOpcode::AsyncEventRequest) => return self.aer(qi, ci, req),
+            Some(AdminOpcode::Abort) if !discovery => self.abort(now, qi, ci, req),
+            _ => self.respond(qi, req, Status::INVALID_OPCODE, 0),
+        };
+        Some(r)
+    }
+
+    /// Copies `data` (which sits at byte `data_off` of a structure of `total` bytes) into
+    /// the window `[win_off, win_off + len)` of the host buffer.
+    fn put_data(
+        buf: &mut Option<keel_storage::IoBuf>,
+        win_off: u64,
+        len: u32,
+        data: &[u8],
+        data_off: u64,
+    ) {
+        if let Some(b) = buf.as_mut() {
+            let n = (len as usize).min(b.capacity());
+            if let Some(out) = b.capacity_mut().get_mut(..n) {
+                log::copy_window(out, win_off, data, data_off);
+            }
+        }
+    }
+
+    /// Prepares the host buffer for `len` bytes of returned data: checks it exists and holds
+    /// `len` bytes, zeroes it.
+    fn data_in(req: &mut Request, len: u32) -> Result<(), Status> {
+        if len == 0 || req.data_len < len {
+            return Err(Status::DATA_SGL_LENGTH_INVALID);
+        }
+        match req.buf.as_mut() {
+            Some(b) if b.capacity() >= len as usize => {
+                b.set_len(len as usize);
+                b.as_mut_slice().fill(0);
+                Ok(())
+            }
+            _ => Err(Status::DATA_SGL_LENGTH_INVALID),
+        }
+    }
+
+    fn data_response(&self, qi: usize, req: Request, len: u32) -> Response {
+        let mut r = self.respond(qi, req, Status::SUCCESS, 0);
+        r.data_len = len;
+        r
+    }
+
+    pub(crate) fn identify_controller(&self, ci: usize) -> IdentifyController {
+        let Some(Some(c)) = self.ctrls.get(ci) else {
+            return IdentifyController::default();
+        };
+        let s = self.subsystems.get(c.subsys);
+        let discovery = c.subsys == DISCOVERY;
+        let mut oncs = identify::oncs::COMPARE | identify::oncs::DSM | identify::oncs::WRITE_ZEROES;
+        let mut vwc = 0;
+        if let Some(s) = s {
+            for n in s.namespaces.iter().flatten().filter(|n| n.active) {
+                if !n.caps.compare {
+                    oncs &= !identify::oncs::COMPARE;
+                }
+                if !n.caps.write_zeroes {
+                    oncs &= !identify::oncs::WRITE_ZEROES;
+                }
+                if n.caps.volatile_write_cache {
+                    // Present; Flush with NSID FFFFFFFFh not supported (bits 2:1 = 10b).
+                    vwc = 0x1 | 0x4;
+                }
+            }
+        }
+        let (sn, mn, nqn) = match s {
+            Some(s) => (s.serial.as_str(), s.model.as_str(), s.nqn.as_str()),
+            None => ("", "", ""),
+        };
+        IdentifyController {
+            vid: self.identity.vid,
+            ssvid: self.identity.ssvid,
+            sn: identify::ascii_field(sn),
+            mn: identify::ascii_field(mn),
+            fr: identify::ascii_field(&self.identity.firmware),
+            rab: 6,
+            ieee: self.identity.ieee,
+            cmic: if discovery { 0 } else { 0x03 },
+            mdts: self.limits.mdts,
+            cntlid: c.cntlid,
+            ver: VERSION.0,
+            oaes: if discovery {
+                async_event::AEC_DISCOVERY_LOG_CHANGE
+            } else {
+                async_event::AEC_NS_ATTRIBUTE
+            },
+            // 128-bit host identifier, traffic based keep alive.
+            ctratt: 1 | (1 << 6),
+            cntrltype: if discovery {
+                identify::cntrltype::DISCOVERY
+            } else {
+                identify::cntrltype::IO
+            },
+            oacs: 0,
+            acl: 3,
+            aerl: self.limits.aerl,
+            frmw: 0x03,
+            lpa: 0x06,
+            elpe: 0,
+            npss: 0,
+            kas: KAS,
+            sqes: if discovery { 0 } else { 0x66 },
+            cqes: if discovery { 0 } else { 0x44 },
+            maxcmd: self.limits.max_queue_depth,
+            nn: if discovery { 0 } else { self.limits.max_nsid },
+            oncs: if discovery { 0 } else { oncs },
+            fuses: 0,
+            fna: 0,
+            vwc,
+            awun: 0,
+            awupf: 0,
+            sgls: self.transport.sgls,
+            subnqn: identify::nqn_field(nqn),
+            ioccsz: (64 + self.transport.in_capsule_data) / 16,
+            iorcsz: 1,
+            icdoff: 0,
+            fcatt: 0,
+            msdbd: self.transport.msdbd,
+        }
+    }
+
+    fn identify(&mut self, qi: usize, ci: usize, mut req: Request) -> Response {
+        let cmd = IdentifyCommand::from_sqe(&req.sqe);
+        let len = req.data_len.min(identify::IDENTIFY_LEN as u32);
+        let Some(Some(c)) = self.ctrls.get(ci) else {
+            return self.respond(qi, req, Status::INTERNAL_ERROR, 0);
+        };
+        let si = c.subsys;
+        let discovery = si == DISCOVERY;
+        let mut page = [0u8; identify::IDENTIFY_LEN];
+        let result: Result<(), Status> = match cmd.cns {
+            cns::CONTROLLER => {
+                self.identify_controller(ci).encode(&mut page);
+                Ok(())
+            }
+            _ if discovery => Err(Status::INVALID_FIELD),
+            cns::NAMESPACE => self.identify_ns(si, cmd.nsid, &mut page),
+            cns::ACTIVE_NS_LIST => {
+                if cmd.nsid >= 0xFFFF_FFFE {
+                    Err(Status::INVALID_NAMESPACE_OR_FORMAT)
+                } else {
+                    let mut last = cmd.nsid;
+                    let mut off = 0usize;
+                    if let Some(s) = self.subsystems.get(si) {
+                        while off + 4 <= page.len() {
+                            match s.active_nsids().filter(|&n| n > last).min() {
+                                Some(n) => {
+                                    keel_nvme::le::put_u32(&mut page, off, n);
+                                    off += 4;
+                                    last = n;
+                                }
+                                None => break,
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+            }
+            cns::NS_DESCRIPTOR_LIST => {
+                match self
+                    .subsystems
+                    .get(si)
+                    .and_then(|s| s.find_ns(cmd.nsid).and_then(|i| s.namespaces.get(i)))
+                {
+                    Some(Some(ns)) => {
+                        NsIdentifiers {
+                            eui64: ns.eui64,
+                            nguid: ns.nguid,
+                            uuid: ns.uuid,
+                            csi: 0,
+                        }
+                        .encode(&mut page);
+                        Ok(())
+                    }
+                    _ => Err(Status::INVALID_NAMESPACE_OR_FORMAT),
+                }
+            }
+            _ => Err(Status::INVALID_FIELD),
+        };
+        if let Err(st) = result {
+            return self.respond(qi, req, st, 0);
+        }
+        if let Err(st) = Self::data_in(&mut req, len) {
+            return self.respond(qi, req, st, 0);
+        }
+        Self::put_data(&mut req.buf, 0, len, &page, 0);
+        self.data_response(qi, req, len)
+    }
+
+    fn identify_ns(
+        &self,
+        si: usize,
+        nsid: u32,
+        page: &mut [u8; identify::IDENTIFY_LEN],
+    ) -> Result<(), Status> {
+        if nsid == 0 || nsid > self.limits.max_nsid {
+            return Err(Status::INVALID_NAMESPACE_OR_FORMAT);
+        }
+        let s = self.subsystems.get(si).ok_or(Status::INTERNAL_ERROR)?;
+        let Some(Some(ns)) = s.find_ns(nsid).and_then(|i| s.namespaces.get(i)) else {
+            // An inactive NSID in range: zero-filled structure.
+            page.fill(0);
+            return Ok(());
+        };
+        let mut lbaf = [identify::LbaFormat::default(); 16];
+        lbaf[0].lbads = ns.geometry.lbads();
+        let mut dlfeat = 0;
+        if ns.caps.deallocate && ns.caps.deallocate_reads_zero {
+            dlfeat |= 0x01;
+            if ns.caps.write_zeroes {
+                dlfeat |= 0x08;
+            }
+        }
+        IdentifyNamespace {
+            nsze: ns.geometry.blocks,
+            ncap: ns.geometry.blocks,
+            nuse: ns.geometry.blocks,
+            nsfeat: 0,
+            nlbaf: 0,
+            flbas: 0,
+            nmic: 1,
+            dlfeat,
+            nguid: ns.nguid,
+            eui64: ns.eui64,
+            lbaf,
+        }
+        .encode(page);
+        Ok(())
+    }
+
+    fn get_log_page(&mut self, qi: usize, ci: usize, mut req: Request) -> Response {
+        let cmd = GetLogPageCommand::from_sqe(&req.sqe);
+        let len64 = cmd.len_bytes();
+        let Ok(len) = u32::try_from(len64) else {
+            return self.respond(qi, req, Status::DATA_SGL_LENGTH_INVALID, 0);
+        };
+        if cmd.offset % 4 != 0 {
+            return self.respond(qi, req, Status::INVALID_FIELD, 0);
+        }
+        let Some(Some(c)) = self.ctrls.get(ci) else {
+            return self.respond(qi, req, Status::INTERNAL_ERROR, 0);
+        };
+        let si = c.subsys;
+        let discovery = si == DISCOVERY;
+        let lid = LogPageId::from_u8(cmd.lid);
+        let size: u64 = match lid {
+            Some(LogPageId::Discovery) if discovery => {
+                (1 + self.discovery_records(ci) as u64) * 1024
+            }
+            Some(LogPageId::ErrorInformation) => 64,
+            Some(LogPageId::SmartHealth) | Some(LogPageId::FirmwareSlot) if !discovery => 512,
+            Some(LogPageId::ChangedNamespaceList)
+            | Some(LogPageId::CommandsSupportedAndEffects)
+                if !discovery =>
+            {
+                4096
+            }
+            _ => return self.respond(qi, req, Status::INVALID_LOG_PAGE, 0),
+        };
+        if cmd.offset >= size {
+            return self.respond(qi, req, Status::INVALID_FIELD, 0);
+        }
+        if let Err(st) = Self::data_in(&mut req, len) {
+            return self.respond(qi, req, st, 0);
+        }
+        let off = cmd.offset;
+        match lid {
+            Some(LogPageId::Discovery) => self.write_discovery_log(ci, &mut req.buf, off, len),
+            Some(LogPageId::ErrorInformation) => {}
+            Some(LogPageId::SmartHealth) => {
+                let mut p = [0u8; 512];
+                self.smart_log(si).encode(&mut p);
+                Self::put_data(&mut req.buf, off, len, &p, 0);
+            }
+            Some(LogPageId::FirmwareSlot) => {
+                let mut p = [0u8; 512];
+                log::encode_firmware_slot(
+                    1,
+                    &[identify::ascii_field(&self.identity.firmware)],
+                    &mut p,
+                );
+                Self::put_data(&mut req.buf, off, len, &p, 0);
+            }
+            Some(LogPageId::ChangedNamespaceList) => {
+                let mut p = [0u8; 4096];
+                if let Some(Some(c)) = self.ctrls.get_mut(ci) {
+                    log::encode_changed_ns_list(&c.changed_ns, c.changed_overflow, &mut p);
+                    if !cmd.rae {
+                        c.changed_ns.clear();
+                        c.changed_overflow = false;
+                        c.ns_notice_masked = false;
+                    }
+                }
+                Self::put_data(&mut req.buf, off, len, &p, 0);
+            }
+            Some(LogPageId::CommandsSupportedAndEffects) => {
+                let mut p = [0u8; 4096];
+                let sup = effects::CSUPP;
+                let lb = effects::CSUPP | effects::LBCC;
+                log::encode_effects(
+                    &[
+                        (AdminOpcode::GetLogPage as u8, sup),
+                        (AdminOpcode::Identify as u8, sup),
+                        (AdminOpcode::Abort as u8, sup),
+                        (AdminOpcode::SetFeatures as u8, sup),
+                        (AdminOpcode::GetFeatures as u8, sup),
+                        (AdminOpcode::AsyncEventRequest as u8, sup),
+                        (AdminOpcode::KeepAlive as u8, sup),
+                    ],
+                    &[
+                        (IoOpcode::Flush as u8, sup),
+                        (IoOpcode::Write as u8, lb),
+                        (IoOpcode::Read as u8, sup),
+                        (IoOpcode::Compare as u8, sup),
+                        (IoOpcode::WriteZeroes as u8, lb),
+                        (IoOpcode::DatasetManagement as u8, lb),
+                    ],
+                    &mut p,
+                );
+                Self::put_data(&mut req.buf, off, len, &p, 0);
+            }
+            _ => {}
+        }
+        if lid == Some(LogPageId::Discovery) && !cmd.rae {
+            if let Some(Some(c)) = self.ctrls.get_mut(ci) {
+                c.disc_notice_masked = false;
+            }
+        }
+        self.data_response(qi, req, len)
+    }
+
+    fn smart_log(&self, si: usize) -> log::SmartLog {
+        let mut s = log::SmartLog {
+            composite_temperature: 298,
+            available_spare: 100,
+            available_spare_threshold: 10,
+            ..Default::default()
+        };
+        let mut rb = 0u64;
+        let mut wb = 0u64;
+        if let Some(sub) = self.subsystems.get(si) {
+            for n in sub.namespaces.iter().flatten() {
+                rb = rb.saturating_add(n.stats.read_bytes);
+                wb = wb.saturating_add(n.stats.write_bytes);
+                s.host_read_commands += n.stats.reads as u128;
+                s.host_write_commands += n.stats.writes as u128;
+                s.media_errors += n.stats.errors as u128;
+            }
+        }
+        s.data_units_read = log::SmartLog::data_units(rb);
+        s.data_units_written = log::SmartLog::data_units(wb);
+        s
+    }
+
+    /// Subsystems the discovery controller's host may see.
+    fn visible_subsystems(&self, ci: usize) -> impl Iterator<Item = usize> + '_ {
+        let host = match self.ctrls.get(ci) {
+            Some(Some(c)) => c.hostnqn.as_str(),
+            _ => "",
+        };
+        self.subsystems
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| !s.discovery && s.host_allowed(host))
+            .map(|(i, _)| i)
+    }
+
+    fn discovery_records(&self, ci: usize) -> usize {
+        self.visible_subsystems(ci).count() * self.ports.len()
+    }
+
+    fn write_discovery_log(
+        &self,
+        ci: usize,
+        buf: &mut Option<keel_storage::IoBuf>,
+        off: u64,
+        len: u32,
+    ) {
+        let mut rec = [0u8; discovery::RECORD_LEN];
+        discovery::Header {
+            genctr: self.genctr,
+            numrec: self.discovery_records(ci) as u64,
+            recfmt: 0,
+        }
+        .encode(&mut rec);
+        Self::put_data(buf, off, len, &rec, 0);
+        let mut pos = 1u64;
+        let end = off.saturating_add(len as u64);
+        for si in self.visible_subsystems(ci) {
+            for p in &self.ports {
+                let at = pos * 1024;
+                pos += 1;
+                if at >= end || at + 1024 <= off {
+                    continue;
+                }
+                let mut trsvcid = [0u8; 32];
+                keel_nvme::le::put_str(&mut trsvcid, 0, 32, &p.trsvcid, 0);
+                let mut traddr = [0u8; 256];
+                keel_nvme::le::put_str(&mut traddr, 0, 256, &p.traddr, 0);
+                discovery::Entry {
+                    trtype: p.trtype,
+                    adrfam: p.adrfam,
+                    subtype: discovery::SUBTYPE_NVM,
+                    treq: p.treq,
+                    portid: p.portid,
+                    cntlid: keel_nvme::fabrics::CNTLID_DYNAMIC,
+                    asqsz: self.limits.admin_queue_depth,
+                    trsvcid,
+                    traddr,
+                    subnqn: identify::nqn_field(
+                        self.subsystems
+                            .get(si)
+                            .map(|s| s.nqn.as_str())
+                            .unwrap_or(""),
+                    ),
+                    tsas: [0; 256],
+                }
+                .encode(&mut rec);
+                Self::put_data(buf, off, len, &rec, at);
+            }
+        }
+    }
+
+    fn set_features(&mut self, qi: usize, ci: usize, req: Request) -> Response {
+        let f = FeaturesCommand::from_sqe(&req.sqe);
+        let Some(Some(c)) = self.ctrls.get(ci) else {
+            return self.respond(qi, req, Status::INTERNAL_ERROR, 0);
+        };
+        let discovery = c.subsys == DISCOVERY;
+        let fid = FeatureId::from_u8(f.fid);
+        let known = matches!(
+            fid,
+            Some(FeatureId::KeepAliveTimer) | Some(FeatureId::AsyncEventConfig)
+        ) || (!discovery
+            && matches!(
+                fid,
+                Some(FeatureId::Arbitration)
+                    | Some(FeatureId::VolatileWriteCache)
+                    | Some(FeatureId::NumberOfQueues)
+            ));
+        if !known {
+            return self.respond(qi, req, Status::INVALID_FIELD, 0);
+        }
+        if f.save {
+            return self.respond(qi, req, Status::FEATURE_NOT_SAVEABLE, 0);
+        }
+        let vwc_present = self.subsystem_has_vwc(c.subsys);
+        let max_q = self.limits.max_io_queues;
+        let Some(Some(c)) = self.ctrls.get_mut(ci) else {
+            return self.respond(qi, req, Status::INTERNAL_ERROR, 0);
+        };
+        let mut dw0 = 0;
+        match fid {
+            Some(FeatureId::KeepAliveTimer) => c.kato_ms = f.cdw11,
+            Some(FeatureId::AsyncEventConfig) => {
+                c.aec = f.cdw11
+                    & (async_event::AEC_NS_ATTRIBUTE | async_event::AEC_DISCOVERY_LOG_CHANGE)
+            }
+            Some(FeatureId::Arbitration) => c.arbitration = f.cdw11,
+            Some(FeatureId::VolatileWriteCache) => {
+                if !vwc_present {
+                    return self.respond(qi, req, Status::INVALID_FIELD, 0);
+                }
+                c.vwc = f.cdw11 & 1 != 0;
+            }
+            Some(FeatureId::NumberOfQueues) => {
+                let nsqr = f.cdw11 as u16;
+                let ncqr = (f.cdw11 >> 16) as u16;
+                if nsqr == 0xFFFF || ncqr == 0xFFFF {
+                    return self.respond(qi, req, Status::INVALID_FIELD, 0);
+                }
+                if c.io_qs.iter().any(|q| q.is_some()) {
+                    return self.respond(qi, req, Status::COMMAND_SEQUENCE_ERROR, 0);
+                }
+                let nsqa = (nsqr + 1).min(max_q);
+                let ncqa = (ncqr + 1).min(max_q);
+                c.nr_io_queues = nsqa.min(ncqa);
+                dw0 = keel_nvme::io::number_of_queues(nsqa - 1, ncqa - 1);
+            }
+            _ => return self.respond(qi, req, Status::INVALID_FIELD, 0),
+        }
+        self.respond(qi, req, Status::SUCCESS, dw0)
+    }
+
+    fn get_features(&mut self, qi: usize, ci: usize, req: Request) -> Response {
+        let f = FeaturesCommand::from_sqe(&req.sqe);
+        let Some(Some(c)) = self.ctrls.get(ci) else {
+            return self.respond(qi, req, Status::INTERNAL_ERROR, 0);
+        };
+        let discovery = c.subsys == DISCOVERY;
+        let fid = FeatureId::from_u8(f.fid);
+        let max_q = self.limits.max_io_queues.saturating_sub(1);
+        let current = f.sel == FeaturesCommand::SEL_CURRENT;
+        let value = match fid {
+            Some(FeatureId::KeepAliveTimer) => Some(if current { c.kato_ms } else { 0 }),
+            Some(FeatureId::AsyncEventConfig) => Some(if current { c.aec } else { 0 }),
+            Some(FeatureId::Arbitration) if !discovery => {
+                Some(if current { c.arbitration } else { 0 })
+            }
+            Some(FeatureId::VolatileWriteCache) if !discovery => Some(if current {
+                c.vwc as u32
+            } else {
+                self.subsystem_has_vwc(c.subsys) as u32
+            }),
+            Some(FeatureId::NumberOfQueues) if !discovery => {
+                let n = if current {
+                    c.nr_io_queues.saturating_sub(1)
+                } else {
+                    max_q
+                };
+                Some(keel_nvme::io::number_of_queues(n, n))
+            }
+            _ => None,
+        };
+        match (value, f.sel) {
+            (None, _) => self.respond(qi, req, Status::INVALID_FIELD, 0),
+            // Supported capabilities: changeable, not saveable, not namespace specific.
+            (Some(_), FeaturesCommand::SEL_CAPABILITIES) => {
+                self.respond(qi, req, Status::SUCCESS, 0b100)
+            }
+            (Some(_), s) if s > FeaturesCommand::SEL_CAPABILITIES => {
+                self.respond(qi, req, Status::INVALID_FIELD, 0)
+            }
+            (Some(v), _) => self.respond(qi, req, Status::SUCCESS, v),
+        }
+    }
+
+    fn aer(&mut self, qi: usize, ci: usize, req: Request) -> Option<Response> {
+        let limit = self.limits.aerl as usize + 1;
+        let Some(Some(c)) = self.ctrls.get_mut(ci) else {
+            return Some(self.respond(qi, req, Status::INTERNAL_ERROR, 0));
+        };
+        if c.aers.iter().any(|(cid, _)| *cid == req.sqe.cid) {
+            return Some(self.respond(qi, req, Status::COMMAND_ID_CONFLICT, 0));
+        }
+        if !c.aen_pending.is_empty() {
+            let dw0 = c.aen_pending.remove(0);
+            return Some(self.respond(qi, req, Status::SUCCESS, dw0));
+        }
+        if c.aers.len() >= limit {
+            return Some(self.respond(qi, req, Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED, 0));
+        }
+        c.aers.push((req.sqe.cid, req.cookie));
+        // An AER carries no data; a buffer would be lost while it waits.
+        if let Some(b) = req.buf {
+            self.pending.push_back(Event::BufferReleased(b));
+        }
+        None
+    }
+
+    fn abort(&mut self, now: Instant, qi: usize, ci: usize, req: Request) -> Response {
+        let a = AbortCommand::from_sqe(&req.sqe);
+        let Some(Some(c)) = self.ctrls.get_mut(ci) else {
+            return self.respond(qi, req, Status::INTERNAL_ERROR, 0);
+        };
+        if a.sqid == 0 {
+            if let Some(pos) = c.aers.iter().position(|(cid, _)| *cid == a.cid) {
+                let (cid, cookie) = c.aers.remove(pos);
+                let aq = c.admin_q;
+                if let Some(q) = self.queue(aq) {
+                    let cqe = q.cqe(cid, Status::ABORT_REQUESTED, 0);
+                    self.pending.push_back(Event::Completion(
+                        aq,
+                        Response {
+                            cqe,
+                            buf: None,
+                            data_len: 0,
+                            cookie,
+                        },
+                    ));
+                }
+                return self.respond(qi, req, Status::SUCCESS, 0);
+            }
+            return self.respond(qi, req, Status::SUCCESS, AbortCommand::NOT_ABORTED);
+        }
+        let target = (a.sqid as usize)
+            .checked_sub(1)
+            .and_then(|i| c.io_qs.get(i))
+            .copied()
+            .flatten();
+        let Some(tqi) = target.and_then(|q| self.queue_index(q)) else {
+            return self.respond(qi, req, Status::SUCCESS, AbortCommand::NOT_ABORTED);
+        };
+        let found = self.queues[tqi]
+            .slots
+            .iter()
+            .position(|s| s.state == SlotState::Deferred && s.cid == a.cid);
+        // Only commands not yet handed to a backend can be aborted.
+        if let Some(si) = found {
+            let buf = self.queues[tqi].slots[si]
+                .deferred
+                .take()
+                .and_then(|r| r.buf);
+            self.deferred = self.deferred.saturating_sub(1);
+            if let Some(ev) = self.finish_slot(tqi, si, Status::ABORT_REQUESTED, buf, now) {
+                self.pending.push_back(ev);
+            }
+            return self.respond(qi, req, Status::SUCCESS, 0);
+        }
+        self.respond(qi, req, Status::SUCCESS, AbortCommand::NOT_ABORTED)
+    }
+}
