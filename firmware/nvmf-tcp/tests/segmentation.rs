@@ -192,3 +192,24 @@ proptest! {
         prop_assert_eq!(r.1, tx);
     }
 }
+
+/// `KEEL_FUZZ_SEEDS=1 cargo test -p keel-nvmf-tcp --test segmentation -- --ignored` writes
+/// valid streams into fuzz/corpus/target_recv as seeds (mode byte 0x00: no ICReq prefix).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    if std::env::var_os("KEEL_FUZZ_SEEDS").is_none() {
+        return;
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/target_recv");
+    std::fs::create_dir_all(dir).unwrap();
+    let f1 = flight1();
+    let (_, _, f2) = run(&[], &[], &f1, None);
+    let mut all = vec![0u8];
+    all.extend_from_slice(&f1);
+    all.extend_from_slice(&f2);
+    std::fs::write(format!("{dir}/seed-flights"), &all).unwrap();
+    let mut one = vec![0u8];
+    one.extend_from_slice(&f1);
+    std::fs::write(format!("{dir}/seed-flight1"), &one).unwrap();
+}
