@@ -282,7 +282,7 @@ impl Target {
         let Ok(len) = u32::try_from(len64) else {
             return self.respond(qi, req, Status::DATA_SGL_LENGTH_INVALID, 0);
         };
-        if cmd.offset % 4 != 0 {
+        if !cmd.offset.is_multiple_of(4) {
             return self.respond(qi, req, Status::INVALID_FIELD, 0);
         }
         let Some(Some(c)) = self.ctrls.get(ci) else {
@@ -369,10 +369,11 @@ impl Target {
             }
             _ => {}
         }
-        if lid == Some(LogPageId::Discovery) && !cmd.rae {
-            if let Some(Some(c)) = self.ctrls.get_mut(ci) {
-                c.disc_notice_masked = false;
-            }
+        if lid == Some(LogPageId::Discovery)
+            && !cmd.rae
+            && let Some(Some(c)) = self.ctrls.get_mut(ci)
+        {
+            c.disc_notice_masked = false;
         }
         self.data_response(qi, req, len)
     }

@@ -294,10 +294,10 @@ impl Target {
             Some(FabricsType::Disconnect) => {
                 let r = self.respond(qi, req, Status::SUCCESS, 0);
                 let qid = self.queues[qi].qid as usize;
-                if let Some(Some(c)) = self.ctrls.get_mut(ci) {
-                    if let Some(x) = qid.checked_sub(1).and_then(|i| c.io_qs.get_mut(i)) {
-                        *x = None;
-                    }
+                if let Some(Some(c)) = self.ctrls.get_mut(ci)
+                    && let Some(x) = qid.checked_sub(1).and_then(|i| c.io_qs.get_mut(i))
+                {
+                    *x = None;
                 }
                 self.queues[qi].disconnected = true;
                 self.terminate_queue(qi);
@@ -389,10 +389,10 @@ impl Target {
         c.aen_pending.clear();
         let aq = c.admin_q;
         for q in qs {
-            if let Some(qi) = self.queue_index(q) {
-                if self.queues[qi].state == QState::Connected {
-                    self.terminate_queue(qi);
-                }
+            if let Some(qi) = self.queue_index(q)
+                && self.queues[qi].state == QState::Connected
+            {
+                self.terminate_queue(qi);
             }
         }
         for (cid, cookie) in aers {

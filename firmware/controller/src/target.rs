@@ -399,12 +399,11 @@ impl Target {
                 }
                 None => false,
             };
-            if drained {
-                if let Some(s) = self.subsystems.get_mut(si) {
-                    if let Some(x) = s.namespaces.get_mut(ni) {
-                        *x = None;
-                    }
-                }
+            if drained
+                && let Some(s) = self.subsystems.get_mut(si)
+                && let Some(x) = s.namespaces.get_mut(ni)
+            {
+                *x = None;
             }
         }
         self.namespace_changed(si, nsid);
@@ -638,10 +637,10 @@ impl Target {
         }
         // In-flight requests keep their tag; the generation bump in close_queue (or the
         // Terminated state) makes their completion release the buffer.
-        if let Some(Some(c)) = self.ctrls.get_mut(ci) {
-            if c.cntlid == cntlid {
-                c.outstanding = c.outstanding.saturating_sub(dropped);
-            }
+        if let Some(Some(c)) = self.ctrls.get_mut(ci)
+            && c.cntlid == cntlid
+        {
+            c.outstanding = c.outstanding.saturating_sub(dropped);
         }
     }
 
@@ -771,6 +770,9 @@ impl Target {
             f(e);
             n += 1;
         }
+        // Keep-alive first: a host silent for KATO is not rescued by a completion that
+        // happens to arrive in this pass.
+        self.check_keep_alive(now);
         if self.deferred > 0 {
             n += self.retry_deferred(now, f);
         }
@@ -778,7 +780,6 @@ impl Target {
         if self.deferred > 0 {
             n += self.retry_deferred(now, f);
         }
-        self.check_keep_alive(now);
         self.finish_shutdowns();
         self.reap_namespaces();
         while let Some(e) = self.pending.pop_front() {
@@ -950,11 +951,11 @@ impl Target {
         }
         let (cid, cookie) = (slot.cid, slot.cookie);
         let cqe = queue.cqe(cid, status, 0);
-        if let Some(Some(c)) = ctrls.get_mut(queue.ctrl) {
-            if c.cntlid == queue.cntlid {
-                c.outstanding = c.outstanding.saturating_sub(1);
-                c.last_activity = now;
-            }
+        if let Some(Some(c)) = ctrls.get_mut(queue.ctrl)
+            && c.cntlid == queue.cntlid
+        {
+            c.outstanding = c.outstanding.saturating_sub(1);
+            c.last_activity = now;
         }
         let id = QueueId {
             index: qi as u16,
@@ -1017,26 +1018,26 @@ fn complete_io(
         return 0;
     };
     // Dataset Management: chain the next range.
-    if let Some(d) = slot.dsm.as_mut() {
-        if c.result.is_ok() {
-            while d.next < d.count {
-                let i = d.next as usize;
-                d.next += 1;
-                if let Some(r) = keel_nvme::io::DsmRange::read(d.buf.as_slice(), i) {
-                    if r.nlb > 0 {
-                        slot.deferred = Some(BlockRequest {
-                            tag: c.tag,
-                            op: keel_storage::BlockOp::Deallocate,
-                            lba: r.slba,
-                            blocks: r.nlb,
-                            buf: None,
-                            buf_offset: 0,
-                        });
-                        slot.state = SlotState::Deferred;
-                        *deferred += 1;
-                        return 0;
-                    }
-                }
+    if let Some(d) = slot.dsm.as_mut()
+        && c.result.is_ok()
+    {
+        while d.next < d.count {
+            let i = d.next as usize;
+            d.next += 1;
+            if let Some(r) = keel_nvme::io::DsmRange::read(d.buf.as_slice(), i)
+                && r.nlb > 0
+            {
+                slot.deferred = Some(BlockRequest {
+                    tag: c.tag,
+                    op: keel_storage::BlockOp::Deallocate,
+                    lba: r.slba,
+                    blocks: r.nlb,
+                    buf: None,
+                    buf_offset: 0,
+                });
+                slot.state = SlotState::Deferred;
+                *deferred += 1;
+                return 0;
             }
         }
     }
@@ -1053,10 +1054,10 @@ fn complete_io(
     } else {
         0
     };
-    if let Some(b) = buf.as_mut() {
-        if data_len > 0 {
-            b.set_len(data_len as usize);
-        }
+    if let Some(b) = buf.as_mut()
+        && data_len > 0
+    {
+        b.set_len(data_len as usize);
     }
     let _ = block_size;
     stats.record(
@@ -1069,11 +1070,11 @@ fn complete_io(
     slot.state = SlotState::Free;
     let (cid, cookie) = (slot.cid, slot.cookie);
     let cqe = queue.cqe(cid, status, 0);
-    if let Some(Some(ctrl)) = ctrls.get_mut(queue.ctrl) {
-        if ctrl.cntlid == queue.cntlid {
-            ctrl.outstanding = ctrl.outstanding.saturating_sub(1);
-            ctrl.last_activity = now;
-        }
+    if let Some(Some(ctrl)) = ctrls.get_mut(queue.ctrl)
+        && ctrl.cntlid == queue.cntlid
+    {
+        ctrl.outstanding = ctrl.outstanding.saturating_sub(1);
+        ctrl.last_activity = now;
     }
     f(Event::Completion(
         QueueId {
