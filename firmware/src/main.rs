@@ -8,6 +8,8 @@
 #[cfg(target_os = "none")]
 mod fatal;
 #[cfg(target_os = "none")]
+mod net;
+#[cfg(target_os = "none")]
 mod platform;
 #[cfg(target_os = "none")]
 mod poll;

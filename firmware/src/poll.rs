@@ -1,33 +1,83 @@
-//! The poll loop: one pass polls every service and runs each ready request to completion.
-//! No interrupts, no locks and no allocation on the data path.
+//! The poll loop: one pass polls the NIC and every service and runs each ready request to
+//! completion. No interrupts, no locks and no allocation on the data path.
 
+use crate::net::{Addressing, NetStack};
 use crate::platform::Platform;
-use keel_hal::{arch::timer, println};
+use keel_hal::{arch::timer, println, virtio_net::VirtioNet};
 
-/// A service the poll loop drives.
-pub trait Service {
-    /// Does whatever is ready at `now_ns`; returns whether it did any work.
-    fn poll(&mut self, now_ns: u64) -> bool;
+/// NVMe/TCP port (NVMe/TCP transport spec 1.0 §7.4.4, IANA).
+pub const NVMF_PORT: u16 = 4420;
+/// NVMe discovery port.
+pub const DISCOVERY_PORT: u16 = 8009;
+
+/// How long boot waits for a DHCP lease before declaring itself ready anyway.
+const DHCP_WAIT_NS: u64 = 3_000_000_000;
+
+fn bring_up_net(platform: &Platform) -> Option<NetStack> {
+    let host = platform.dt.pcie.as_ref()?;
+    let f = platform
+        .pci
+        .iter()
+        .find(|f| f.vendor == 0x1af4 && (f.device == 0x1041 || f.device == 0x1000) && f.class.0 == 0x02)?;
+    // SAFETY: the ECAM region is mapped as device memory; the virtio-net function's BARs were
+    // assigned by enumeration and lie in the mapped windows; nothing else drives it.
+    let nic = unsafe { VirtioNet::new(host.ecam.base as usize, f.bdf.bus, f.bdf.dev, f.bdf.func) };
+    match nic {
+        Ok(nic) => {
+            let mac = nic.mac();
+            log::info!(
+                "net: virtio-net at {} MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+            );
+            let addressing = Addressing::from_bootargs(platform.dt.bootargs.as_str());
+            Some(NetStack::new(nic, addressing, timer::now_ns(), timer::counter()))
+        }
+        Err(e) => {
+            log::error!("net: {e}; serving nothing over the network");
+            None
+        }
+    }
 }
 
-/// Prints `keel: ready` and polls services forever.
+/// Brings the services up, prints `keel: ready` and polls forever.
 pub fn run(platform: Platform) -> ! {
-    let mut services: alloc::vec::Vec<alloc::boxed::Box<dyn Service>> = alloc::vec::Vec::new();
+    let mut net = bring_up_net(&platform);
+    if let Some(net) = net.as_mut() {
+        net.listen(NVMF_PORT);
+        net.listen(DISCOVERY_PORT);
+        let start = timer::now_ns();
+        while net.address().is_none() && timer::now_ns() - start < DHCP_WAIT_NS {
+            net.poll(timer::now_ns());
+        }
+    }
     let ready_ns = timer::now_ns();
-    println!(
-        "keel: ready in {}.{:03} ms (reset to poll loop; {} service(s))",
-        ready_ns / 1_000_000,
-        (ready_ns / 1_000) % 1_000,
-        services.len()
-    );
+    let addr = net.as_ref().and_then(NetStack::address);
+    match (&net, addr) {
+        (Some(_), Some(a)) => println!(
+            "keel: ready in {}.{:03} ms (reset to poll loop); nvme/tcp {}:{} discovery {}:{}",
+            ready_ns / 1_000_000,
+            (ready_ns / 1_000) % 1_000,
+            a.address(),
+            NVMF_PORT,
+            a.address(),
+            DISCOVERY_PORT
+        ),
+        _ => println!(
+            "keel: ready in {}.{:03} ms (reset to poll loop); no network address{}",
+            ready_ns / 1_000_000,
+            (ready_ns / 1_000) % 1_000,
+            if net.is_some() { " yet (DHCP pending)" } else { " (no NIC)" }
+        ),
+    }
     #[cfg(feature = "test-build")]
     crate::testhooks::after_ready(&platform);
     let _ = &platform;
     loop {
         let now = timer::now_ns();
         let mut busy = false;
-        for s in services.iter_mut() {
-            busy |= s.poll(now);
+        if let Some(net) = net.as_mut() {
+            busy |= net.poll(now);
+            for _conn in net.take_accepted() {}
         }
         if !busy {
             core::hint::spin_loop();

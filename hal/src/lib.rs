@@ -19,3 +19,5 @@ pub mod console;
 pub mod gic;
 pub mod pcie;
 pub mod pl011;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod virtio_net;

@@ -1,0 +1,237 @@
+//! The network stack: virtio-net, smoltcp (IPv4, ARP, ICMP echo, TCP, DHCPv4), and a pool of
+//! TCP sockets with listeners that are re-armed as soon as a connection takes one.
+//!
+//! Addressing: DHCPv4 by default (QEMU user networking answers it); `keel.ip=A.B.C.D/N` and
+//! `keel.gw=A.B.C.D` in the boot arguments set a static address instead.
+//!
+//! TCP is tuned for storage: 256 KiB send and receive buffers per connection (window scaling is
+//! negotiated from the buffer size), Nagle off and no delayed ACK so responses leave at once,
+//! keep-alive probes so half-open connections are found and freed.
+
+use alloc::vec::Vec;
+use keel_hal::virtio_net::VirtioNet;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet, SocketStorage};
+use smoltcp::socket::{dhcpv4, tcp};
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+
+/// TCP buffer size per direction per connection.
+pub const TCP_BUFFER: usize = 256 * 1024;
+/// Sockets in the pool: connections plus armed listeners.
+pub const MAX_SOCKETS: usize = 72;
+/// Listening sockets kept armed per port, so bursts of connections are not refused.
+const LISTENERS_PER_PORT: usize = 4;
+
+/// How the interface gets its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Addressing {
+    /// DHCPv4.
+    Dhcp,
+    /// A fixed address and optional gateway.
+    Static(Ipv4Cidr, Option<Ipv4Address>),
+}
+
+impl Addressing {
+    /// Reads `keel.ip=`/`keel.gw=` from boot arguments; DHCP when absent.
+    pub fn from_bootargs(args: &str) -> Self {
+        let get = |key: &str| args.split_whitespace().find_map(|a| a.strip_prefix(key));
+        let cidr = get("keel.ip=").and_then(|s| s.parse::<Ipv4Cidr>().ok());
+        let gw = get("keel.gw=").and_then(|s| s.parse::<Ipv4Address>().ok());
+        match cidr {
+            Some(c) => Addressing::Static(c, gw),
+            None => Addressing::Dhcp,
+        }
+    }
+}
+
+/// A connection a listener accepted, for a service to claim.
+#[derive(Clone, Copy, Debug)]
+pub struct Accepted {
+    /// The socket.
+    pub handle: SocketHandle,
+    /// The local port it was accepted on.
+    pub port: u16,
+}
+
+/// The interface, its device and its sockets.
+pub struct NetStack {
+    /// The NIC.
+    pub device: VirtioNet,
+    /// smoltcp's interface.
+    pub iface: Interface,
+    /// Every socket.
+    pub sockets: SocketSet<'static>,
+    dhcp: Option<SocketHandle>,
+    free: Vec<SocketHandle>,
+    draining: Vec<SocketHandle>,
+    listening: Vec<(SocketHandle, u16)>,
+    ports: Vec<u16>,
+    accepted: Vec<Accepted>,
+    /// Connections refused because the pool was exhausted.
+    pub refused: u64,
+}
+
+impl core::fmt::Debug for NetStack {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NetStack").field("addr", &self.address()).finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds for smoltcp from nanoseconds since reset.
+pub fn instant(now_ns: u64) -> Instant {
+    Instant::from_micros((now_ns / 1_000) as i64)
+}
+
+impl NetStack {
+    /// Builds the stack on a NIC.
+    pub fn new(mut device: VirtioNet, addressing: Addressing, now_ns: u64, seed: u64) -> Self {
+        let mac = EthernetAddress(device.mac());
+        let mut config = Config::new(HardwareAddress::Ethernet(mac));
+        config.random_seed = seed;
+        let mut iface = Interface::new(config, &mut device, instant(now_ns));
+        let storage: Vec<SocketStorage<'static>> = (0..MAX_SOCKETS + 1).map(|_| SocketStorage::EMPTY).collect();
+        let mut sockets = SocketSet::new(storage);
+        let dhcp = match addressing {
+            Addressing::Dhcp => Some(sockets.add(dhcpv4::Socket::new())),
+            Addressing::Static(cidr, gw) => {
+                iface.update_ip_addrs(|a| {
+                    let _ = a.push(IpCidr::Ipv4(cidr));
+                });
+                if let Some(gw) = gw {
+                    let _ = iface.routes_mut().add_default_ipv4_route(gw);
+                }
+                None
+            }
+        };
+        let free = (0..MAX_SOCKETS)
+            .map(|_| {
+                let rx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
+                let tx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
+                sockets.add(tcp::Socket::new(rx, tx))
+            })
+            .collect();
+        Self {
+            device,
+            iface,
+            sockets,
+            dhcp,
+            free,
+            draining: Vec::with_capacity(MAX_SOCKETS),
+            listening: Vec::new(),
+            ports: Vec::new(),
+            accepted: Vec::with_capacity(MAX_SOCKETS),
+            refused: 0,
+        }
+    }
+
+    /// The interface's IPv4 address, once it has one.
+    pub fn address(&self) -> Option<Ipv4Cidr> {
+        self.iface.ip_addrs().iter().find_map(|a| match a {
+            IpCidr::Ipv4(c) => Some(*c),
+        })
+    }
+
+    /// Starts listening on `port`.
+    pub fn listen(&mut self, port: u16) {
+        if !self.ports.contains(&port) {
+            self.ports.push(port);
+        }
+        self.arm();
+    }
+
+    fn arm(&mut self) {
+        for &port in &self.ports {
+            let armed = self.listening.iter().filter(|(_, p)| *p == port).count();
+            for _ in armed..LISTENERS_PER_PORT {
+                let Some(h) = self.free.pop() else { return };
+                let s = self.sockets.get_mut::<tcp::Socket>(h);
+                s.set_nagle_enabled(false);
+                s.set_ack_delay(None);
+                s.set_keep_alive(Some(Duration::from_secs(10)));
+                s.set_timeout(Some(Duration::from_secs(60)));
+                if s.listen(port).is_ok() {
+                    self.listening.push((h, port));
+                } else {
+                    self.free.push(h);
+                }
+            }
+        }
+    }
+
+    /// Whether every port has an armed listener.
+    pub fn listening_on_all(&self) -> bool {
+        self.ports.iter().all(|p| self.listening.iter().any(|(_, q)| q == p))
+    }
+
+    /// Runs the interface: receive, process, send. Returns whether anything changed.
+    pub fn poll(&mut self, now_ns: u64) -> bool {
+        let now = instant(now_ns);
+        let changed = self.iface.poll(now, &mut self.device, &mut self.sockets)
+            != smoltcp::iface::PollResult::None;
+        if let Some(h) = self.dhcp {
+            match self.sockets.get_mut::<dhcpv4::Socket>(h).poll() {
+                Some(dhcpv4::Event::Configured(cfg)) => {
+                    self.iface.update_ip_addrs(|a| {
+                        a.clear();
+                        let _ = a.push(IpCidr::Ipv4(cfg.address));
+                    });
+                    if let Some(r) = cfg.router {
+                        let _ = self.iface.routes_mut().add_default_ipv4_route(r);
+                    }
+                    log::info!("net: DHCP address {} router {:?}", cfg.address, cfg.router);
+                }
+                Some(dhcpv4::Event::Deconfigured) if self.address().is_some() => {
+                    self.iface.update_ip_addrs(|a| a.clear());
+                    self.iface.routes_mut().remove_default_ipv4_route();
+                    log::warn!("net: DHCP lease lost");
+                }
+                Some(dhcpv4::Event::Deconfigured) | None => {}
+            }
+        }
+        // Listeners that took a connection become accepted connections; re-arm at once.
+        let mut i = 0;
+        while i < self.listening.len() {
+            let (h, port) = self.listening[i];
+            if self.sockets.get::<tcp::Socket>(h).state() != tcp::State::Listen {
+                self.listening.swap_remove(i);
+                self.accepted.push(Accepted { handle: h, port });
+            } else {
+                i += 1;
+            }
+        }
+        let sockets = &self.sockets;
+        let free = &mut self.free;
+        self.draining.retain(|&h| {
+            let closed = sockets.get::<tcp::Socket>(h).state() == tcp::State::Closed;
+            if closed {
+                free.push(h);
+            }
+            !closed
+        });
+        if self.free.is_empty() && !self.listening_on_all() {
+            self.refused += 1;
+        }
+        self.arm();
+        changed
+    }
+
+    /// Hands out connections accepted since the last call.
+    pub fn take_accepted(&mut self) -> impl Iterator<Item = Accepted> + '_ {
+        self.accepted.drain(..)
+    }
+
+    /// Returns a finished connection's socket to the pool: aborted (RST) if still open, and
+    /// reused once smoltcp has sent what it had to send and the socket is closed.
+    pub fn release(&mut self, h: SocketHandle) {
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        if s.state() != tcp::State::Closed {
+            s.abort();
+        }
+        self.draining.push(h);
+    }
+
+    /// When smoltcp next needs attention.
+    pub fn poll_delay(&mut self, now_ns: u64) -> Option<Duration> {
+        self.iface.poll_delay(instant(now_ns), &self.sockets)
+    }
+}
