@@ -162,7 +162,7 @@ pub struct SubsystemConfig {
 /// Limits of the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Live controllers at most (discovery controllers included).
+    /// Live controllers at most (discovery controllers included; 1..=65519).
     pub max_controllers: usize,
     /// I/O queues per controller (>= 1).
     pub max_io_queues: u16,
@@ -170,7 +170,7 @@ pub struct Limits {
     pub max_queue_depth: u16,
     /// Admin queue entries advertised in the discovery log (ASQSZ).
     pub admin_queue_depth: u16,
-    /// Maximum Data Transfer Size as a power of two of 4 KiB pages (0 = no limit).
+    /// Maximum Data Transfer Size as a power of two of 4 KiB pages (0 = no limit, at most 20).
     pub mdts: u8,
     /// Asynchronous Event Request Limit, 0's based (AERL).
     pub aerl: u8,

@@ -262,6 +262,8 @@ impl Target {
     pub fn new(cfg: TargetConfig) -> Result<Self, ConfigError> {
         let l = cfg.limits;
         if l.max_controllers == 0
+            || l.max_controllers > keel_nvme::fabrics::CNTLID_MAX as usize
+            || l.mdts > 20
             || l.max_io_queues == 0
             || l.max_io_queues > 0xFFFE
             || l.max_queue_depth < 2
@@ -676,9 +678,8 @@ impl Target {
             return;
         };
         queue.state = QState::Terminated;
-        // New generation for in-flight tags: their completions must not match a slot.
-        // The QueueId handed out keeps working for close_queue because we keep `generation` and
-        // re-key slots instead.
+        // Commands still at a backend find the queue Terminated (or, after close_queue, a
+        // new generation) when they complete, and only their buffers are handed back.
         for s in queue.slots.iter_mut() {
             *s = Slot::free_slot();
         }

@@ -1069,28 +1069,132 @@ fn config_validation() {
     assert_eq!(Target::new(cfg).unwrap_err(), ConfigError::BadLimits);
 }
 
+#[test]
+fn raw_linux_connect_bytes_and_sq_flow_control() {
+    // The admin Connect exactly as Linux nvme-tcp puts it on the wire, with CATTR bit 2.
+    let mut raw = [0u8; 64];
+    raw[0] = 0x7f;
+    raw[1] = 0x40;
+    raw[4] = 0x01;
+    raw[33] = 0x04;
+    raw[39] = 0x01;
+    raw[44] = 31;
+    raw[46] = 0x04;
+    raw[48] = 0x88;
+    raw[49] = 0x13;
+    let mut h = H::new();
+    let q = h.t.open_queue().unwrap();
+    let mut b = IoBuf::leak_zeroed(1024);
+    ConnectData::new(HOSTID, CNTLID_DYNAMIC, SUB, HOST).write(b.as_mut_slice());
+    let r = h.exec(q, Sqe::from_bytes(&raw), Some(b), 1024);
+    assert_eq!(r.cqe.status, Status::SUCCESS);
+    assert_eq!(
+        r.cqe.sqhd, 0xFFFF,
+        "SQ flow control disabled: SQHD reserved as FFFFh"
+    );
+    let info = h.t.queue_info(q).unwrap();
+    assert!(info.sq_flow_control_disabled);
+    assert_eq!((info.qid, info.sqsize), (0, 31));
+    // KATO 5000 ms was recorded: expiry after 5 s + grace.
+    h.now = Instant::from_millis(h.now.as_millis() + 5_900);
+    h.poll();
+    assert_eq!(h.t.controller_count(), 1);
+    h.now = Instant::from_millis(h.now.as_millis() + 200);
+    h.poll();
+    assert_eq!(h.t.controller_count(), 0);
+}
+
+#[test]
+fn tenant_volumes_cut_from_one_drive() {
+    use keel_storage::{SharedBackend, SliceBackend};
+    let drive = SharedBackend::new(RamBackend::new(512, 1024, 64).unwrap(), 64);
+    let vol = |start| -> Box<dyn BlockBackend> {
+        Box::new(SliceBackend::new(drive.handle().unwrap(), start, 512).unwrap())
+    };
+    let mut cfg = config(8);
+    cfg.subsystems[0].namespaces = vec![
+        NamespaceConfig {
+            nsid: 1,
+            backend: vol(0),
+            nguid: [1; 16],
+            uuid: [0; 16],
+            eui64: [0; 8],
+        },
+        NamespaceConfig {
+            nsid: 2,
+            backend: vol(512),
+            nguid: [2; 16],
+            uuid: [0; 16],
+            eui64: [0; 8],
+        },
+    ];
+    let mut h = H::with(cfg);
+    let (_a, c) = h.admin(SUB, HOST, 0);
+    let io = h.io_queue(1, c);
+    assert_eq!(
+        h.write(io, 1, 1, 511, &[1u8; 512]).cqe.status,
+        Status::SUCCESS
+    );
+    assert_eq!(
+        h.write(io, 2, 2, 0, &[2u8; 512]).cqe.status,
+        Status::SUCCESS
+    );
+    assert_eq!(
+        h.read(io, 3, 1, 511, 2).cqe.status,
+        Status::LBA_OUT_OF_RANGE
+    );
+    assert_eq!(
+        h.read(io, 4, 1, 511, 1).buf.unwrap().as_slice(),
+        &[1u8; 512]
+    );
+    assert_eq!(h.read(io, 5, 2, 0, 1).buf.unwrap().as_slice(), &[2u8; 512]);
+}
+
 mod prop {
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashMap;
 
+    /// Mostly plausible commands (known opcodes, NSID 1, small LBAs, matching transfer
+    /// lengths) so the success paths run, mixed with arbitrary bytes.
     fn sqe_strategy() -> impl Strategy<Value = (u8, u8, u16, u32, [u32; 6], u32, bool)> {
+        let known = proptest::sample::select(vec![
+            0x00u8, 0x01, 0x02, 0x05, 0x08, 0x09, 0x06, 0x02, 0x09, 0x0A, 0x0C, 0x08, 0x18, 0x7F,
+        ]);
         (
-            prop_oneof![0u8..0x20, Just(0x7Fu8), any::<u8>()],
-            any::<u8>(),
+            prop_oneof![3 => known, 1 => any::<u8>()],
+            prop_oneof![3 => Just(0u8), 1 => any::<u8>()],
             0u16..8,
-            prop_oneof![Just(1u32), Just(0), Just(0xFFFF_FFFF), any::<u32>()],
+            prop_oneof![4 => Just(1u32), 1 => Just(0), 1 => Just(0xFFFF_FFFF), 1 => any::<u32>()],
             prop_oneof![
-                any::<[u32; 6]>(),
-                (0u32..4096, 0u32..8).prop_map(|(a, b)| [a, 0, b, 0, 0, 0]),
+                1 => any::<[u32; 6]>(),
+                3 => (prop_oneof![0u32..4, 0u32..2100], 0u32..4, any::<u32>())
+                    .prop_map(|(a, b, x)| [a, x & 0x3, b, x >> 28, 0, 0]),
             ],
-            prop_oneof![Just(0u32), Just(512), Just(1024), Just(4096), 0u32..9000],
+            prop_oneof![3 => Just(u32::MAX), 1 => Just(0u32), 1 => 0u32..9000],
             any::<bool>(),
         )
     }
 
+    /// The transfer length a well-behaved host would send for `sqe` (`u32::MAX` = "right").
+    fn plausible_len(sqe: &Sqe, on_admin: bool) -> u32 {
+        if on_admin {
+            return match sqe.opcode {
+                0x06 => 4096,
+                0x02 => ((sqe.cdw[0] >> 16) + 1).min(2048) * 4,
+                0x7F => 1024,
+                _ => 0,
+            };
+        }
+        match sqe.opcode {
+            0x01 | 0x02 | 0x05 => ((sqe.cdw[2] & 0xFFFF) + 1) * 512,
+            0x09 => ((sqe.cdw[0] & 0xFF) + 1) * 16,
+            _ => 0,
+        }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(128))]
         /// Hostile commands on admin and I/O queues never panic; every command gets at most
         /// one completion, exactly one unless its queue was terminated or it is a waiting AER;
         /// every buffer handed in comes back exactly once.
@@ -1119,6 +1223,7 @@ mod prop {
                 let mut sqe = Sqe::new(op, cid).with_nsid(nsid);
                 sqe.flags = flags & 0xC1;
                 sqe.cdw = cdw;
+                let len = if len == u32::MAX { plausible_len(&sqe, on_admin) } else { len };
                 let buf = if len > 0 {
                     let mem = vec![0xA5u8; len as usize].leak();
                     next_addr += 0x10000;
