@@ -482,11 +482,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> HostConnection<B> {
                 let Some(s) = self.slots.get_mut(cccid as usize) else {
                     return Err(FatalError::field(field::DATA_CCCID.start));
                 };
-                if !matches!(s.st, St::Sent | St::Queued)
-                    || s.dir != Direction::HostToController
-                    || s.in_capsule
-                    || s.st == St::Queued
-                {
+                if s.st != St::Sent || s.dir != Direction::HostToController || s.in_capsule {
                     return Err(FatalError::field(field::DATA_CCCID.start));
                 }
                 if len == 0 {

@@ -904,6 +904,33 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
         Ok(())
     }
 
+    /// Refuse the buffer asked for by a `NeedBuffer` event (e.g. the request can never be
+    /// satisfied): the command is failed with `status` and reported as `CommandFailed`. Any
+    /// in-capsule data is then read and discarded.
+    pub fn refuse_buffer(&mut self, cid: u16, status: Status) -> Result<(), RejectReason> {
+        let Some(idx) = self
+            .slots
+            .iter()
+            .position(|s| s.st == St::AwaitBuf && s.cid == cid)
+        else {
+            return Err(RejectReason::NotAwaitingBuffer);
+        };
+        if !self.running() {
+            return Err(RejectReason::Closed);
+        }
+        let receiving_now = self.sink == Sink::Slot(idx as u16);
+        let slot = &mut self.slots[idx];
+        slot.st = St::Failed;
+        slot.status = Some(status);
+        if slot.in_capsule && receiving_now {
+            // The capsule's data is in the receive path: drop it; the event follows the PDU.
+            self.sink = Sink::Discard;
+        } else {
+            self.push_event(idx);
+        }
+        Ok(())
+    }
+
     /// Complete a command that was handed out by a `Command` or `CommandFailed` event.
     /// `data` is `(buffer, length)` of controller-to-host data (at most the command's data
     /// length). `sq_flow_control_disabled` allows the C2HData SUCCESS optimisation (used only

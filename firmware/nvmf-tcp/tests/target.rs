@@ -814,3 +814,67 @@ fn fatal_error_returns_held_buffers() {
         }))
     );
 }
+
+#[test]
+fn refused_buffers_fail_the_command_and_skip_in_capsule_data() {
+    use keel_nvmf_tcp::{Event, Status};
+    let (mut t, mut app) = ready(NONE);
+    let cmd = pdu(
+        &Repr::CapsuleCmd {
+            sqe: write_sqe(4, 64, true),
+            data_len: 64,
+        },
+        NONE,
+        &[9; 64],
+    );
+    let n = t.recv(0, &cmd);
+    assert!(matches!(
+        t.poll_event(),
+        Some(Event::NeedBuffer { cid: 4, .. })
+    ));
+    t.refuse_buffer(4, Status::INVALID_FIELD).unwrap();
+    assert_eq!(t.recv(0, &cmd[n..]), 64);
+    let r2t_cmd = pdu(
+        &Repr::CapsuleCmd {
+            sqe: write_sqe(5, 100, false),
+            data_len: 0,
+        },
+        NONE,
+        &[],
+    );
+    assert_eq!(t.recv(0, &r2t_cmd), r2t_cmd.len());
+    assert!(matches!(
+        t.poll_event(),
+        Some(Event::CommandFailed {
+            status: Status::INVALID_FIELD,
+            ..
+        })
+    ));
+    t.complete(cqe(4, Status::INVALID_FIELD.to_field()), None, false)
+        .unwrap();
+    assert!(matches!(
+        t.poll_event(),
+        Some(Event::NeedBuffer { cid: 5, .. })
+    ));
+    t.refuse_buffer(5, Status::DATA_SGL_LENGTH_INVALID).unwrap();
+    app.hold_buffers = true;
+    app.service(&mut t);
+    app.drain(&mut t);
+    let mut want = pdu(
+        &Repr::CapsuleResp {
+            cqe: cqe(4, 0x02 << 1 | 1 << 15),
+        },
+        NONE,
+        &[],
+    );
+    want.extend(pdu(
+        &Repr::CapsuleResp {
+            cqe: cqe(5, 0x0F << 1 | 1 << 15),
+        },
+        NONE,
+        &[],
+    ));
+    assert_eq!(app.tx, want);
+    assert_eq!(t.state(), TargetState::Ready);
+    assert!(t.refuse_buffer(5, Status::INVALID_FIELD).is_err());
+}
