@@ -1150,6 +1150,28 @@ fn tenant_volumes_cut_from_one_drive() {
     assert_eq!(h.read(io, 5, 2, 0, 1).buf.unwrap().as_slice(), &[2u8; 512]);
 }
 
+#[test]
+fn changed_namespace_list_overflow() {
+    let (mut h, a, _io, _) = H::setup();
+    for nsid in 2..=300 {
+        let small = NamespaceConfig {
+            backend: Box::new(RamBackend::new(512, 8, 1).unwrap()),
+            ..ns(nsid, 1)
+        };
+        h.t.add_namespace(SUB, small).unwrap();
+    }
+    let r = h.log(a, 0x04, 0, 4096);
+    assert_eq!(&page(&r)[..8], &[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]);
+    let r = h.identify(a, 2, 250);
+    let p = page(&r);
+    assert_eq!(&p[..8], &[251, 0, 0, 0, 252, 0, 0, 0]);
+    assert_eq!(&p[200..204], &[0, 0, 0, 0]);
+    assert_eq!(
+        h.identify(a, 2, 0xFFFF_FFFE).cqe.status,
+        Status::INVALID_NAMESPACE_OR_FORMAT
+    );
+}
+
 mod prop {
     use super::*;
     use proptest::prelude::*;
@@ -1190,6 +1212,49 @@ mod prop {
             0x01 | 0x02 | 0x05 => ((sqe.cdw[2] & 0xFFFF) + 1) * 512,
             0x09 => ((sqe.cdw[0] & 0xFF) + 1) * 16,
             _ => 0,
+        }
+    }
+
+    proptest! {
+        /// Hostile Connect commands and Connect data on fresh queues never panic and always
+        /// get exactly one immediate answer; successes yield a valid CNTLID.
+        #[test]
+        fn hostile_connects(cases in proptest::collection::vec(
+            (any::<[u32; 4]>(), proptest::collection::vec(any::<u8>(), 0..1100), 0u8..4, any::<u16>(), 0u32..1200),
+            1..12))
+        {
+            let mut h = H::new();
+            let (_a, real) = h.admin(SUB, HOST, 0);
+            for (cdw, mut data, mode, cntlid, len) in cases {
+                let q = h.t.open_queue().unwrap();
+                let mut sqe = Sqe::fabrics(1, 7);
+                sqe.cdw[..4].copy_from_slice(&cdw);
+                if mode > 0 {
+                    // Keep it close to valid so deeper checks run.
+                    sqe.cdw[0] &= if mode == 1 { 0x0000_0000 } else { 0x000F_0000 };
+                    sqe.cdw[1] &= 0x0004_00FF;
+                    data.resize(1024, 0);
+                    let c = if mode == 3 { real } else { cntlid };
+                    let host = if mode == 2 { OK_HOST } else { HOST };
+                    ConnectData::new(HOSTID, c, if cntlid % 3 == 0 { PRIV } else { SUB }, host)
+                        .write(&mut data);
+                }
+                let n = data.len();
+                let mut b = IoBuf::leak_zeroed(n.max(1));
+                b.capacity_mut()[..n].copy_from_slice(&data);
+                b.set_len(n);
+                h.cookie += 1;
+                let r = h.t.submit(h.now, q, Request { sqe, buf: Some(b), data_len: len, cookie: h.cookie });
+                let r = r.expect("Connect is always answered at once");
+                prop_assert_eq!(r.cookie, h.cookie);
+                prop_assert!(r.buf.is_some());
+                if r.cqe.status.is_success() {
+                    let id = r.cqe.dw0 as u16;
+                    prop_assert!((1..=0xFFEF).contains(&id));
+                    prop_assert!(h.t.queue_info(q).is_some());
+                }
+                h.t.close_queue(q).unwrap();
+            }
         }
     }
 
