@@ -10,6 +10,8 @@ mod fatal;
 #[cfg(target_os = "none")]
 mod net;
 #[cfg(target_os = "none")]
+mod nvmf;
+#[cfg(target_os = "none")]
 mod platform;
 #[cfg(target_os = "none")]
 mod poll;

@@ -73,7 +73,9 @@ pub struct NetStack {
 
 impl core::fmt::Debug for NetStack {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("NetStack").field("addr", &self.address()).finish_non_exhaustive()
+        f.debug_struct("NetStack")
+            .field("addr", &self.address())
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,7 +91,8 @@ impl NetStack {
         let mut config = Config::new(HardwareAddress::Ethernet(mac));
         config.random_seed = seed;
         let mut iface = Interface::new(config, &mut device, instant(now_ns));
-        let storage: Vec<SocketStorage<'static>> = (0..MAX_SOCKETS + 1).map(|_| SocketStorage::EMPTY).collect();
+        let storage: Vec<SocketStorage<'static>> =
+            (0..MAX_SOCKETS + 1).map(|_| SocketStorage::EMPTY).collect();
         let mut sockets = SocketSet::new(storage);
         let dhcp = match addressing {
             Addressing::Dhcp => Some(sockets.add(dhcpv4::Socket::new())),
@@ -160,7 +163,9 @@ impl NetStack {
 
     /// Whether every port has an armed listener.
     pub fn listening_on_all(&self) -> bool {
-        self.ports.iter().all(|p| self.listening.iter().any(|(_, q)| q == p))
+        self.ports
+            .iter()
+            .all(|p| self.listening.iter().any(|(_, q)| q == p))
     }
 
     /// Runs the interface: receive, process, send. Returns whether anything changed.
@@ -169,6 +174,7 @@ impl NetStack {
         let changed = self.iface.poll(now, &mut self.device, &mut self.sockets)
             != smoltcp::iface::PollResult::None;
         if let Some(h) = self.dhcp {
+            let had_address = self.address().is_some();
             match self.sockets.get_mut::<dhcpv4::Socket>(h).poll() {
                 Some(dhcpv4::Event::Configured(cfg)) => {
                     self.iface.update_ip_addrs(|a| {
@@ -180,7 +186,7 @@ impl NetStack {
                     }
                     log::info!("net: DHCP address {} router {:?}", cfg.address, cfg.router);
                 }
-                Some(dhcpv4::Event::Deconfigured) if self.address().is_some() => {
+                Some(dhcpv4::Event::Deconfigured) if had_address => {
                     self.iface.update_ip_addrs(|a| a.clear());
                     self.iface.routes_mut().remove_default_ipv4_route();
                     log::warn!("net: DHCP lease lost");

@@ -2,6 +2,7 @@
 //! completion. No interrupts, no locks and no allocation on the data path.
 
 use crate::net::{Addressing, NetStack};
+use crate::nvmf::{Defaults, NvmfService};
 use crate::platform::Platform;
 use keel_hal::{arch::timer, println, virtio_net::VirtioNet};
 
@@ -15,10 +16,9 @@ const DHCP_WAIT_NS: u64 = 3_000_000_000;
 
 fn bring_up_net(platform: &Platform) -> Option<NetStack> {
     let host = platform.dt.pcie.as_ref()?;
-    let f = platform
-        .pci
-        .iter()
-        .find(|f| f.vendor == 0x1af4 && (f.device == 0x1041 || f.device == 0x1000) && f.class.0 == 0x02)?;
+    let f = platform.pci.iter().find(|f| {
+        f.vendor == 0x1af4 && (f.device == 0x1041 || f.device == 0x1000) && f.class.0 == 0x02
+    })?;
     // SAFETY: the ECAM region is mapped as device memory; the virtio-net function's BARs were
     // assigned by enumeration and lie in the mapped windows; nothing else drives it.
     let nic = unsafe { VirtioNet::new(host.ecam.base as usize, f.bdf.bus, f.bdf.dev, f.bdf.func) };
@@ -27,10 +27,21 @@ fn bring_up_net(platform: &Platform) -> Option<NetStack> {
             let mac = nic.mac();
             log::info!(
                 "net: virtio-net at {} MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                f.bdf, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+                f.bdf,
+                mac[0],
+                mac[1],
+                mac[2],
+                mac[3],
+                mac[4],
+                mac[5]
             );
             let addressing = Addressing::from_bootargs(platform.dt.bootargs.as_str());
-            Some(NetStack::new(nic, addressing, timer::now_ns(), timer::counter()))
+            Some(NetStack::new(
+                nic,
+                addressing,
+                timer::now_ns(),
+                timer::counter(),
+            ))
         }
         Err(e) => {
             log::error!("net: {e}; serving nothing over the network");
@@ -42,7 +53,22 @@ fn bring_up_net(platform: &Platform) -> Option<NetStack> {
 /// Brings the services up, prints `keel: ready` and polls forever.
 pub fn run(platform: Platform) -> ! {
     let mut net = bring_up_net(&platform);
+    let mut nvmf = None;
     if let Some(net) = net.as_mut() {
+        let defaults = Defaults::from_bootargs(platform.dt.bootargs.as_str(), net.device.mac());
+        match NvmfService::new(&defaults) {
+            Ok(s) => {
+                log::info!(
+                    "nvmf: subsystem {} serial {}: namespace 1 = RAM {} MiB, {}-byte blocks",
+                    defaults.nqn,
+                    defaults.serial,
+                    defaults.ram_bytes >> 20,
+                    defaults.block_size
+                );
+                nvmf = Some(s);
+            }
+            Err(e) => log::error!("nvmf: {e}"),
+        }
         net.listen(NVMF_PORT);
         net.listen(DISCOVERY_PORT);
         let start = timer::now_ns();
@@ -66,7 +92,11 @@ pub fn run(platform: Platform) -> ! {
             "keel: ready in {}.{:03} ms (reset to poll loop); no network address{}",
             ready_ns / 1_000_000,
             (ready_ns / 1_000) % 1_000,
-            if net.is_some() { " yet (DHCP pending)" } else { " (no NIC)" }
+            if net.is_some() {
+                " yet (DHCP pending)"
+            } else {
+                " (no NIC)"
+            }
         ),
     }
     #[cfg(feature = "test-build")]
@@ -77,7 +107,16 @@ pub fn run(platform: Platform) -> ! {
         let mut busy = false;
         if let Some(net) = net.as_mut() {
             busy |= net.poll(now);
-            for _conn in net.take_accepted() {}
+            if let Some(s) = nvmf.as_mut() {
+                if s.poll(now, net) {
+                    busy = true;
+                    net.poll(now);
+                }
+            } else {
+                for a in net.take_accepted().collect::<alloc::vec::Vec<_>>() {
+                    net.release(a.handle);
+                }
+            }
         }
         if !busy {
             core::hint::spin_loop();

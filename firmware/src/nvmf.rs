@@ -1,0 +1,523 @@
+//! The NVMe/TCP service: TCP connections from the network stack, the sans-IO NVMe/TCP
+//! transport (`keel-nvmf-tcp`) per connection, and the controller core (`keel-controller`)
+//! behind all of them. Port 4420 serves the NVM subsystems and the discovery subsystem; port
+//! 8009 serves the same target for discovery.
+//!
+//! Data path per command, all in one poll pass where possible: bytes from the socket are fed to
+//! the connection (command capsules, in-capsule and R2T-solicited data land directly in a pool
+//! buffer), the command goes to the controller, its completion comes back (at once or from
+//! `Target::poll`) and the connection turns it into C2HData/CapsuleResp PDUs written straight
+//! into the socket's transmit buffer. Buffers come from one pre-allocated pool; a command that
+//! finds the pool empty waits in a per-connection queue without stalling other connections.
+
+use crate::net::{Accepted, NetStack};
+use alloc::{collections::VecDeque, format, string::String, vec::Vec};
+use keel_controller::{
+    Event as CoreEvent, Instant, NamespaceConfig, PortEntry, QueueId, Request, Response,
+    SubsystemConfig, Target, TargetConfig,
+};
+use keel_nvme::{Cqe, Sqe, Status};
+use keel_nvmf_tcp::{Event as TcpEvent, TargetConfig as TcpConfig, TargetConnection, TargetState};
+use keel_storage::{BufPool, IoBuf, RamBackend};
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+
+/// Largest transfer per command (MDTS 5 with 4 KiB pages = 128 KiB).
+const MAX_TRANSFER: usize = 128 * 1024;
+/// Data buffers shared by every connection.
+const POOL_BUFFERS: usize = 256;
+/// Command slots per connection (the largest queue depth a host can get).
+const SLOTS: u16 = 128;
+
+/// An [`IoBuf`] as the transport sees it: its valid bytes.
+#[derive(Debug)]
+pub struct NetBuf(IoBuf);
+
+impl AsRef<[u8]> for NetBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
+impl AsMut<[u8]> for NetBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.0.as_mut_slice()
+    }
+}
+
+/// Work a connection could not start because the buffer pool was empty.
+#[derive(Debug)]
+enum Waiting {
+    /// Host-to-controller data needs a buffer.
+    Buffer { cid: u16, len: u32 },
+    /// A command that returns data needs a buffer.
+    Command { sqe: [u8; 64], data_len: u32 },
+}
+
+struct Conn {
+    socket: SocketHandle,
+    tcp: TargetConnection<NetBuf>,
+    queue: QueueId,
+    depth_set: bool,
+    /// The host disabled SQ flow control at Connect (C2HData SUCCESS may end a read).
+    fc_disabled: bool,
+    waiting: VecDeque<Waiting>,
+    closing: bool,
+}
+
+/// What the default configuration serves.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Serial number.
+    pub serial: String,
+    /// RAM namespace size in bytes.
+    pub ram_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// The NIC's MAC address (makes identifiers unique per device).
+    pub mac: [u8; 6],
+}
+
+impl Defaults {
+    /// The development configuration: one subsystem with one RAM namespace, open to any host.
+    /// `keel.ram=<MiB>` in the boot arguments sets the namespace size.
+    pub fn from_bootargs(args: &str, mac: [u8; 6]) -> Self {
+        let hex: String = mac.iter().map(|b| format!("{b:02X}")).collect();
+        let mib = args
+            .split_whitespace()
+            .find_map(|a| a.strip_prefix("keel.ram="))
+            .and_then(|s| {
+                s.trim_end_matches("M")
+                    .trim_end_matches("MiB")
+                    .parse::<u64>()
+                    .ok()
+            })
+            .filter(|&m| (1..=65536).contains(&m))
+            .unwrap_or(256);
+        Self {
+            nqn: String::from("nqn.2026-11.dev.keel:default"),
+            serial: format!("KEEL{hex}"),
+            mac,
+            ram_bytes: mib << 20,
+            block_size: 512,
+        }
+    }
+}
+
+/// The NVMe/TCP target service.
+pub struct NvmfService {
+    target: Target,
+    pool: BufPool,
+    conns: Vec<Option<Conn>>,
+    tcp_cfg: TcpConfig,
+    ports_set_for: Option<smoltcp::wire::Ipv4Address>,
+    /// Connections refused because no queue could be opened.
+    pub refused: u64,
+}
+
+impl core::fmt::Debug for NvmfService {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NvmfService")
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug)]
+pub enum NvmfError {
+    /// The RAM namespace could not be made.
+    Ram(keel_storage::ram::RamError),
+    /// The controller configuration was refused.
+    Config(keel_controller::ConfigError),
+    /// The buffer pool could not be made.
+    Pool(keel_storage::PoolError),
+}
+
+impl core::fmt::Display for NvmfError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Ram(e) => write!(f, "RAM namespace: {e}"),
+            Self::Config(e) => write!(f, "target configuration: {e}"),
+            Self::Pool(e) => write!(f, "buffer pool: {e}"),
+        }
+    }
+}
+
+fn ms(now_ns: u64) -> u64 {
+    now_ns / 1_000_000
+}
+
+impl NvmfService {
+    /// Builds the target from the development defaults.
+    pub fn new(d: &Defaults) -> Result<Self, NvmfError> {
+        let blocks = d.ram_bytes / u64::from(d.block_size);
+        let ram = RamBackend::new(d.block_size, blocks, 4096).map_err(NvmfError::Ram)?;
+        // NGUID: "KEEL", the MAC, the NSID: unique per device and namespace, stable across
+        // boots.
+        let mut nguid = [0u8; 16];
+        nguid[..4].copy_from_slice(b"KEEL");
+        nguid[4..10].copy_from_slice(&d.mac);
+        nguid[12..].copy_from_slice(&1u32.to_be_bytes());
+        let ns = NamespaceConfig {
+            nsid: 1,
+            backend: alloc::boxed::Box::new(ram),
+            nguid,
+            uuid: [0; 16],
+            eui64: [0; 8],
+        };
+        let cfg = TargetConfig {
+            subsystems: alloc::vec![SubsystemConfig {
+                nqn: d.nqn.clone(),
+                serial: d.serial.clone(),
+                model: String::from("Keel NVMe/TCP target"),
+                allowed_hosts: Vec::new(),
+                namespaces: alloc::vec![ns],
+            }],
+            ..Default::default()
+        };
+        let target = Target::new(cfg).map_err(NvmfError::Config)?;
+        let region = alloc::vec![0u8; POOL_BUFFERS * MAX_TRANSFER].leak();
+        let dma = region.as_ptr() as u64;
+        let pool = BufPool::new(region, dma, MAX_TRANSFER).map_err(NvmfError::Pool)?;
+        let tcp_cfg = TcpConfig {
+            slots: SLOTS,
+            max_transfer: MAX_TRANSFER as u32,
+            ..Default::default()
+        };
+        Ok(Self {
+            target,
+            pool,
+            conns: Vec::new(),
+            tcp_cfg,
+            ports_set_for: None,
+            refused: 0,
+        })
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.iter().flatten().count()
+    }
+
+    fn adopt(&mut self, a: Accepted, now_ns: u64, net: &mut NetStack) {
+        let (tcp, queue) = match (
+            TargetConnection::new(self.tcp_cfg, ms(now_ns)),
+            self.target.open_queue(),
+        ) {
+            (Ok(t), Ok(q)) => (t, q),
+            (_, Ok(q)) => {
+                let _ = self.target.close_queue(q);
+                self.refused += 1;
+                net.release(a.handle);
+                return;
+            }
+            _ => {
+                self.refused += 1;
+                net.release(a.handle);
+                return;
+            }
+        };
+        let conn = Conn {
+            socket: a.handle,
+            tcp,
+            queue,
+            depth_set: false,
+            fc_disabled: false,
+            waiting: VecDeque::new(),
+            closing: false,
+        };
+        match self.conns.iter().position(Option::is_none) {
+            Some(i) => self.conns[i] = Some(conn),
+            None => self.conns.push(Some(conn)),
+        }
+    }
+
+    /// One pass: adopt new connections, move bytes and commands, deliver completions.
+    /// Returns whether anything happened.
+    pub fn poll(&mut self, now_ns: u64, net: &mut NetStack) -> bool {
+        let mut busy = false;
+        self.update_ports(net);
+        let accepted: Vec<Accepted> = net.take_accepted().collect();
+        for a in accepted {
+            busy = true;
+            self.adopt(a, now_ns, net);
+        }
+        let now = Instant::from_nanos(now_ns);
+        for i in 0..self.conns.len() {
+            busy |= self.poll_conn(i, now, net);
+        }
+        // Completions of commands that went pending.
+        let Self {
+            target,
+            conns,
+            pool,
+            ..
+        } = self;
+        busy |= target.poll(now, &mut |ev| match ev {
+            CoreEvent::Completion(_, resp) => {
+                let idx = resp.cookie as usize;
+                match conns.get_mut(idx).and_then(Option::as_mut) {
+                    Some(c) => {
+                        let fc = c.fc_disabled;
+                        deliver(c, pool, resp, fc)
+                    }
+                    None => recycle(pool, resp.buf),
+                }
+            }
+            CoreEvent::QueueTerminated(q) => {
+                if let Some(c) = conns.iter_mut().flatten().find(|c| c.queue == q) {
+                    c.tcp.close();
+                    c.closing = true;
+                }
+            }
+            CoreEvent::BufferReleased(b) => recycle(pool, Some(b)),
+        }) > 0;
+        // Flush what the completions produced.
+        for c in self.conns.iter_mut().flatten() {
+            flush(c, net);
+        }
+        busy
+    }
+
+    fn update_ports(&mut self, net: &NetStack) {
+        let Some(addr) = net.address().map(|c| c.address()) else {
+            return;
+        };
+        if self.ports_set_for == Some(addr) {
+            return;
+        }
+        self.ports_set_for = Some(addr);
+        let a = format!("{addr}");
+        self.target
+            .set_ports(alloc::vec![PortEntry::tcp_ipv4(&a, "4420", 1)]);
+    }
+
+    fn poll_conn(&mut self, i: usize, now: Instant, net: &mut NetStack) -> bool {
+        let Some(c) = self.conns[i].as_mut() else {
+            return false;
+        };
+        let now_ms = now.as_millis();
+        let mut busy = false;
+        let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
+        // Receive: feed the transport until it stops taking bytes (it stops early when it
+        // needs a buffer from us).
+        while sock.can_recv() && !c.closing {
+            let taken = sock.recv(|bytes| {
+                let n = c.tcp.recv(now_ms, bytes);
+                (n, n)
+            });
+            match taken {
+                Ok(0) | Err(_) => break,
+                Ok(_) => busy = true,
+            }
+            if handle_events(c, i, &mut self.target, &mut self.pool, now) {
+                busy = true;
+            }
+        }
+        busy |= handle_events(c, i, &mut self.target, &mut self.pool, now);
+        busy |= retry_waiting(c, i, &mut self.target, &mut self.pool, now);
+        c.tcp.poll_timers(now_ms);
+        flush(c, net);
+        let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
+        // The peer is gone once the socket closed, or it sent FIN and we consumed everything
+        // (a half-closed host sends no more commands).
+        let peer_gone = match sock.state() {
+            tcp::State::Closed | tcp::State::TimeWait => true,
+            tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing => !sock.can_recv(),
+            _ => false,
+        };
+        let transport_done = c.tcp.state() == TargetState::Closed && sock.send_queue() == 0;
+        if peer_gone || transport_done {
+            let c = self.conns[i].take().expect("checked above");
+            let _ = self.target.close_queue(c.queue);
+            drain_buffers(c.tcp, &mut self.pool);
+            net.release(c.socket);
+            busy = true;
+        }
+        busy
+    }
+}
+
+fn recycle(pool: &mut BufPool, buf: Option<IoBuf>) {
+    if let Some(b) = buf {
+        let _ = pool.put(b);
+    }
+}
+
+fn drain_buffers(mut tcp: TargetConnection<NetBuf>, pool: &mut BufPool) {
+    tcp.close();
+    while let Some(ev) = tcp.poll_event() {
+        match ev {
+            TcpEvent::Command { buf, .. } | TcpEvent::CommandFailed { buf, .. } => {
+                recycle(pool, buf.map(|b| b.0))
+            }
+            TcpEvent::BufferReleased { buf, .. } => recycle(pool, Some(buf.0)),
+            _ => {}
+        }
+    }
+}
+
+/// Hands a controller response to the connection.
+fn deliver(c: &mut Conn, pool: &mut BufPool, resp: Response, fc_disabled: bool) {
+    let cqe = resp.cqe.to_bytes();
+    let data = match resp.buf {
+        Some(b) if resp.data_len > 0 => Some((NetBuf(b), resp.data_len)),
+        other => {
+            recycle(pool, other);
+            None
+        }
+    };
+    if let Err(rejected) = c.tcp.complete(cqe, data, fc_disabled) {
+        recycle(pool, rejected.buf.map(|b| b.0));
+    }
+}
+
+fn submit(
+    c: &mut Conn,
+    idx: usize,
+    target: &mut Target,
+    pool: &mut BufPool,
+    now: Instant,
+    sqe: [u8; 64],
+    buf: Option<IoBuf>,
+    data_len: u32,
+) {
+    let req = Request {
+        sqe: Sqe::from_bytes(&sqe),
+        buf,
+        data_len,
+        cookie: idx as u32,
+    };
+    let resp = target.submit(now, c.queue, req);
+    // After a successful Connect the queue's depth and flow-control mode are known.
+    if !c.depth_set
+        && let Some(info) = target.queue_info(c.queue)
+    {
+        c.tcp.set_queue_depth(info.sqsize.saturating_add(1));
+        c.fc_disabled = info.sq_flow_control_disabled;
+        c.depth_set = true;
+    }
+    if let Some(resp) = resp {
+        let fc = c.fc_disabled;
+        deliver(c, pool, resp, fc);
+    }
+}
+
+/// Fails a command the transport rejected, with the status it chose.
+fn fail(c: &mut Conn, pool: &mut BufPool, sqe: &[u8; 64], status: keel_nvmf_tcp::Status) {
+    let sqe = Sqe::from_bytes(sqe);
+    let mut st = Status::new(status.sct, status.sc);
+    st.dnr = status.dnr;
+    let cqe = Cqe::new(sqe.cid, st);
+    deliver(
+        c,
+        pool,
+        Response {
+            cqe,
+            buf: None,
+            data_len: 0,
+            cookie: 0,
+        },
+        false,
+    );
+}
+
+/// Acts on the transport's events; returns whether there were any.
+fn handle_events(
+    c: &mut Conn,
+    idx: usize,
+    target: &mut Target,
+    pool: &mut BufPool,
+    now: Instant,
+) -> bool {
+    let mut any = false;
+    while let Some(ev) = c.tcp.poll_event() {
+        any = true;
+        match ev {
+            TcpEvent::Connected { .. } => {}
+            TcpEvent::NeedBuffer { cid, len } => give_buffer(c, pool, cid, len),
+            TcpEvent::Command { sqe, buf, data_len } => match buf {
+                Some(b) => submit(c, idx, target, pool, now, sqe, Some(b.0), data_len),
+                None if data_len == 0 => submit(c, idx, target, pool, now, sqe, None, 0),
+                None => match take(pool, data_len) {
+                    Some(b) => submit(c, idx, target, pool, now, sqe, Some(b), data_len),
+                    None => c.waiting.push_back(Waiting::Command { sqe, data_len }),
+                },
+            },
+            TcpEvent::CommandFailed { sqe, buf, status } => {
+                recycle(pool, buf.map(|b| b.0));
+                fail(c, pool, &sqe, status);
+            }
+            TcpEvent::BufferReleased { buf, .. } => recycle(pool, Some(buf.0)),
+            TcpEvent::Closed { .. } => c.closing = true,
+        }
+    }
+    any
+}
+
+fn take(pool: &mut BufPool, len: u32) -> Option<IoBuf> {
+    let mut b = pool.get()?;
+    if (len as usize) > b.capacity() {
+        let _ = pool.put(b);
+        return None;
+    }
+    b.set_len(len as usize);
+    Some(b)
+}
+
+fn give_buffer(c: &mut Conn, pool: &mut BufPool, cid: u16, len: u32) {
+    match take(pool, len) {
+        Some(b) => {
+            if let Err(r) = c.tcp.provide_buffer(cid, NetBuf(b)) {
+                recycle(pool, r.buf.map(|b| b.0));
+            }
+        }
+        None => c.waiting.push_back(Waiting::Buffer { cid, len }),
+    }
+}
+
+fn retry_waiting(
+    c: &mut Conn,
+    idx: usize,
+    target: &mut Target,
+    pool: &mut BufPool,
+    now: Instant,
+) -> bool {
+    let mut any = false;
+    while let Some(w) = c.waiting.front() {
+        let len = match w {
+            Waiting::Buffer { len, .. } | Waiting::Command { data_len: len, .. } => *len,
+        };
+        let Some(b) = take(pool, len) else { break };
+        any = true;
+        match c.waiting.pop_front() {
+            Some(Waiting::Buffer { cid, .. }) => {
+                if let Err(r) = c.tcp.provide_buffer(cid, NetBuf(b)) {
+                    recycle(pool, r.buf.map(|b| b.0));
+                }
+            }
+            Some(Waiting::Command { sqe, data_len }) => {
+                submit(c, idx, target, pool, now, sqe, Some(b), data_len)
+            }
+            None => recycle(pool, Some(b)),
+        }
+    }
+    any
+}
+
+/// Moves the connection's pending PDUs into the socket's transmit buffer.
+fn flush(c: &mut Conn, net: &mut NetStack) {
+    let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
+    while c.tcp.wants_transmit() && sock.can_send() {
+        let sent = sock.send(|out| {
+            let n = c.tcp.transmit(out);
+            (n, n)
+        });
+        if !matches!(sent, Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
