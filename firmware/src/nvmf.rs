@@ -16,7 +16,7 @@ use keel_controller::{
     Event as CoreEvent, Instant, NamespaceConfig, PortEntry, QueueId, Request, Response,
     SubsystemConfig, Target, TargetConfig,
 };
-use keel_nvme::{Cqe, Sqe, Status};
+use keel_nvme::{Sqe, Status};
 use keel_nvmf_tcp::{Event as TcpEvent, TargetConfig as TcpConfig, TargetConnection, TargetState};
 use keel_storage::{BufPool, IoBuf, RamBackend};
 use smoltcp::iface::SocketHandle;
@@ -406,23 +406,27 @@ fn submit(
     }
 }
 
-/// Fails a command the transport rejected, with the status it chose.
-fn fail(c: &mut Conn, pool: &mut BufPool, sqe: &[u8; 64], status: keel_nvmf_tcp::Status) {
-    let sqe = Sqe::from_bytes(sqe);
+/// Fails a command the transport rejected, with the status it chose; the controller core
+/// accounts its submission queue slot.
+fn fail(
+    c: &mut Conn,
+    target: &mut Target,
+    pool: &mut BufPool,
+    now: Instant,
+    sqe: &[u8; 64],
+    status: keel_nvmf_tcp::Status,
+) {
     let mut st = Status::new(status.sct, status.sc);
     st.dnr = status.dnr;
-    let cqe = Cqe::new(sqe.cid, st);
-    deliver(
-        c,
-        pool,
-        Response {
-            cqe,
-            buf: None,
-            data_len: 0,
-            cookie: 0,
-        },
-        false,
-    );
+    let req = Request {
+        sqe: Sqe::from_bytes(sqe),
+        buf: None,
+        data_len: 0,
+        cookie: 0,
+    };
+    let resp = target.reject(now, c.queue, req, st);
+    let fc = c.fc_disabled;
+    deliver(c, pool, resp, fc);
 }
 
 /// Acts on the transport's events; returns whether there were any.
@@ -449,7 +453,7 @@ fn handle_events(
             },
             TcpEvent::CommandFailed { sqe, buf, status } => {
                 recycle(pool, buf.map(|b| b.0));
-                fail(c, pool, &sqe, status);
+                fail(c, target, pool, now, &sqe, status);
             }
             TcpEvent::BufferReleased { buf, .. } => recycle(pool, Some(buf.0)),
             TcpEvent::Closed { .. } => c.closing = true,

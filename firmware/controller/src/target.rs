@@ -738,6 +738,24 @@ impl Target {
         }
     }
 
+    /// Completes a command the transport itself rejected (a bad SGL, a data digest error...)
+    /// with `status`, consuming its submission queue slot like any other command so SQHD and
+    /// flow control stay right. The command never reaches admin or I/O handling.
+    pub fn reject(&mut self, now: Instant, q: QueueId, req: Request, status: Status) -> Response {
+        let Some(qi) = self.queue_index(q) else {
+            return bare_response(req, status);
+        };
+        if self.queues[qi].state == QState::Connected {
+            let queue = &mut self.queues[qi];
+            let entries = queue.sqsize as u32 + 1;
+            queue.sqhd = ((queue.sqhd as u32 + 1) % entries) as u16;
+            if let Some(Some(c)) = self.ctrl_of(qi).and_then(|ci| self.ctrls.get_mut(ci)) {
+                c.last_activity = now;
+            }
+        }
+        self.respond(qi, req, status, 0)
+    }
+
     /// A response on queue `qi` handing back the request's buffer.
     pub(crate) fn respond(&self, qi: usize, req: Request, status: Status, dw0: u32) -> Response {
         let cqe = match self.queues.get(qi) {

@@ -1344,3 +1344,41 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn transport_rejections_consume_a_queue_slot() {
+    let mut h = H::new();
+    let q = h.t.open_queue().unwrap();
+    let r = h.connect_raw(q, 0, 31, 0, SUB, HOST, CNTLID_DYNAMIC);
+    assert_eq!(r.cqe.sqhd, 1);
+    // A command the transport refused (e.g. a data digest error) still advances SQHD and
+    // carries the transport's status, with the buffer handed back.
+    let sqe = Sqe::new(AdminOpcode::Identify as u8, 7);
+    let req = Request {
+        sqe,
+        buf: Some(IoBuf::leak_zeroed(64)),
+        data_len: 64,
+        cookie: 9,
+    };
+    let r =
+        h.t.reject(Instant::from_millis(1), q, req, Status::new(0, 0x22));
+    assert_eq!(r.cqe.sqhd, 2);
+    assert_eq!(r.cqe.cid, 7);
+    assert_eq!((r.cqe.status.sct, r.cqe.status.sc), (0, 0x22));
+    assert_eq!(r.cookie, 9);
+    assert!(r.buf.is_some());
+    // On a queue that never connected the status is still reported.
+    let fresh = h.t.open_queue().unwrap();
+    let r = h.t.reject(
+        Instant::from_millis(1),
+        fresh,
+        Request {
+            sqe,
+            buf: None,
+            data_len: 0,
+            cookie: 0,
+        },
+        Status::new(0, 0x0F),
+    );
+    assert_eq!(r.cqe.status.sc, 0x0F);
+}
