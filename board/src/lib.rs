@@ -16,7 +16,8 @@ mod platform;
 pub mod qemu_virt;
 
 pub use platform::{
-    Gic, PciSpace, PciWindow, PcieHost, Platform, PlatformError, PsciMethod, Region, fdt_total_size,
+    Gic, IntxRoute, PciSpace, PciWindow, PcieHost, Platform, PlatformError, PsciMethod, Region,
+    fdt_total_size,
 };
 
 /// What a board must know before it has a device tree.

@@ -90,6 +90,33 @@ pub struct PcieHost {
     pub bus_end: u8,
     /// Address windows.
     pub windows: Vec<PciWindow, 8>,
+    /// Legacy INTx routing from `interrupt-map`.
+    pub intx: Vec<IntxRoute, 32>,
+    /// `interrupt-map-mask` for the child unit address high cell and the pin.
+    pub intx_mask: (u32, u32),
+}
+
+/// One `interrupt-map` entry of a PCI host bridge: INTx of a device to a GIC interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IntxRoute {
+    /// Child unit address high cell (bus/device/function bits), before masking.
+    pub child_hi: u32,
+    /// Pin: 1 = INTA .. 4 = INTD.
+    pub pin: u32,
+    /// The GIC interrupt ID (SPI n = 32 + n).
+    pub intid: u32,
+}
+
+impl PcieHost {
+    /// The GIC interrupt of INTx `pin` (1..=4) of device `dev` on `bus`.
+    pub fn intx_intid(&self, bus: u8, dev: u8, func: u8, pin: u8) -> Option<u32> {
+        let hi = (u32::from(bus) << 16) | (u32::from(dev) << 11) | (u32::from(func) << 8);
+        let (mhi, mpin) = self.intx_mask;
+        self.intx
+            .iter()
+            .find(|r| r.child_hi & mhi == hi & mhi && r.pin & mpin == u32::from(pin) & mpin)
+            .map(|r| r.intid)
+    }
 }
 
 /// Everything the firmware needs to know about the machine.
@@ -107,6 +134,8 @@ pub struct Platform {
     pub gic: Option<Gic>,
     /// Generic timer frequency, when the device tree overrides CNTFRQ.
     pub timer_frequency: Option<u32>,
+    /// Interrupt ID of the EL1 physical timer (non-secure), from the timer's `interrupts`.
+    pub timer_intid: Option<u32>,
     /// The PCIe host bridge.
     pub pcie: Option<PcieHost>,
     /// The PSCI conduit.
@@ -167,7 +196,63 @@ fn cells(b: &[u8], at: usize, n: usize) -> Option<u64> {
     })
 }
 
-fn parse_pcie(node: FdtNode<'_, '_>, parent_addr_cells: usize) -> Option<PcieHost> {
+/// GIC interrupt specifier (type, number) to an interrupt ID: SPI n = 32 + n, PPI n = 16 + n.
+fn gic_intid(kind: u32, num: u32) -> Option<u32> {
+    match kind {
+        0 => Some(32 + num),
+        1 => Some(16 + num),
+        _ => None,
+    }
+}
+
+fn parse_intx(fdt: &Fdt<'_>, node: FdtNode<'_, '_>) -> (Vec<IntxRoute, 32>, (u32, u32)) {
+    let mut routes = Vec::new();
+    let mask = node
+        .property("interrupt-map-mask")
+        .and_then(|p| Some((be_u32(p.value, 0)?, be_u32(p.value, 3)?)))
+        .unwrap_or((0xffff_ffff, 7));
+    let Some(map) = node.property("interrupt-map") else {
+        return (routes, mask);
+    };
+    let v = map.value;
+    let mut i = 0usize;
+    let words = v.len() / 4;
+    while i + 5 <= words {
+        let (Some(child_hi), Some(pin), Some(phandle)) =
+            (be_u32(v, i), be_u32(v, i + 3), be_u32(v, i + 4))
+        else {
+            break;
+        };
+        let Some(parent) = fdt.find_phandle(phandle) else {
+            break;
+        };
+        let pac = parent
+            .property("#address-cells")
+            .and_then(|p| be_u32(p.value, 0))
+            .unwrap_or(0) as usize;
+        let pic = parent.interrupt_cells().unwrap_or(3);
+        let spec = i + 5 + pac;
+        if spec + pic > words || pic < 2 {
+            break;
+        }
+        if let (Some(kind), Some(num)) = (be_u32(v, spec), be_u32(v, spec + 1))
+            && let Some(intid) = gic_intid(kind, num)
+            && routes
+                .push(IntxRoute {
+                    child_hi,
+                    pin,
+                    intid,
+                })
+                .is_err()
+        {
+            break;
+        }
+        i = spec + pic;
+    }
+    (routes, mask)
+}
+
+fn parse_pcie(fdt: &Fdt<'_>, node: FdtNode<'_, '_>, parent_addr_cells: usize) -> Option<PcieHost> {
     let ecam = first_region(node)?;
     let (mut bus_start, mut bus_end) = (0u8, ((ecam.size >> 20).saturating_sub(1)).min(255) as u8);
     if let Some(p) = node.property("bus-range")
@@ -205,11 +290,14 @@ fn parse_pcie(node: FdtNode<'_, '_>, parent_addr_cells: usize) -> Option<PcieHos
             }
         }
     }
+    let (intx, intx_mask) = parse_intx(fdt, node);
     Some(PcieHost {
         ecam,
         bus_start,
         bus_end,
         windows,
+        intx,
+        intx_mask,
     })
 }
 
@@ -305,9 +393,15 @@ impl Platform {
             .and_then(|n| n.property("clock-frequency"))
             .and_then(|p| be_u32(p.value, 0));
 
+        // The timer's second interrupt is the non-secure EL1 physical timer (PPI).
+        let timer_intid = fdt
+            .find_compatible(&["arm,armv8-timer", "arm,armv7-timer"])
+            .and_then(|n| n.property("interrupts"))
+            .and_then(|p| gic_intid(be_u32(p.value, 3)?, be_u32(p.value, 4)?));
+
         let pcie = fdt
             .find_compatible(&["pci-host-ecam-generic"])
-            .and_then(|n| parse_pcie(n, root_addr_cells));
+            .and_then(|n| parse_pcie(&fdt, n, root_addr_cells));
 
         let psci = fdt
             .find_node("/psci")
@@ -337,6 +431,7 @@ impl Platform {
             uart,
             gic,
             timer_frequency,
+            timer_intid,
             pcie,
             psci,
             cpus: fdt.cpus().count(),

@@ -57,6 +57,12 @@ fn gicv2_machine_with_1g() {
             (PciSpace::Mem64, 0x80_0000_0000, 0x80_0000_0000)
         ]
     );
+    // INTA of the device in slot 1 is SPI 4 (QEMU swizzles INTx by slot), the timer PPI 14.
+    assert_eq!(pcie.intx.len(), 16);
+    assert_eq!(pcie.intx_intid(0, 1, 0, 1), Some(32 + 4));
+    assert_eq!(pcie.intx_intid(0, 0, 0, 1), Some(32 + 3));
+    assert_eq!(pcie.intx_intid(0, 4, 0, 2), Some(32 + 4));
+    assert_eq!(p.timer_intid, Some(30));
     assert_eq!(p.flash.len(), 2);
     assert_eq!(
         p.flash[0],

@@ -49,8 +49,6 @@ impl Addressing {
 pub struct Accepted {
     /// The socket.
     pub handle: SocketHandle,
-    /// The local port it was accepted on.
-    pub port: u16,
 }
 
 /// The interface, its device and its sockets.
@@ -197,10 +195,10 @@ impl NetStack {
         // Listeners that took a connection become accepted connections; re-arm at once.
         let mut i = 0;
         while i < self.listening.len() {
-            let (h, port) = self.listening[i];
+            let (h, _) = self.listening[i];
             if self.sockets.get::<tcp::Socket>(h).state() != tcp::State::Listen {
                 self.listening.swap_remove(i);
-                self.accepted.push(Accepted { handle: h, port });
+                self.accepted.push(Accepted { handle: h });
             } else {
                 i += 1;
             }

@@ -101,25 +101,91 @@ pub fn run(platform: Platform) -> ! {
     }
     #[cfg(feature = "test-build")]
     crate::testhooks::after_ready(&platform);
-    let _ = &platform;
+    let mut platform = platform;
+    let sleeps = net
+        .as_mut()
+        .is_some_and(|n| enable_wakeups(&mut platform, n));
+    let mut last_busy = timer::now_ns();
     loop {
         let now = timer::now_ns();
-        let mut busy = false;
-        if let Some(net) = net.as_mut() {
-            busy |= net.poll(now);
-            if let Some(s) = nvmf.as_mut() {
-                if s.poll(now, net) {
-                    busy = true;
-                    net.poll(now);
-                }
-            } else {
-                for a in net.take_accepted().collect::<alloc::vec::Vec<_>>() {
-                    net.release(a.handle);
-                }
+        let Some(net) = net.as_mut() else {
+            timer::wait_for_interrupt();
+            continue;
+        };
+        if pass(now, net, &mut nvmf) {
+            last_busy = now;
+            continue;
+        }
+        if !sleeps || now - last_busy < IDLE_SPIN_NS {
+            core::hint::spin_loop();
+            continue;
+        }
+        // Idle: clear the NIC's interrupt, look once more (a frame may have arrived before
+        // the clear), then sleep until a frame arrives or smoltcp's next timer is due.
+        net.device.ack_wakeup();
+        if pass(now, net, &mut nvmf) {
+            last_busy = now;
+            continue;
+        }
+        let delay_ns = net
+            .poll_delay(now)
+            .map_or(MAX_SLEEP_NS, |d| d.total_micros().saturating_mul(1_000))
+            .min(MAX_SLEEP_NS);
+        timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(delay_ns)));
+        timer::wait_for_interrupt();
+        timer::disarm_wakeup();
+    }
+}
+
+/// How long the loop keeps spinning after its last piece of work before it may sleep.
+const IDLE_SPIN_NS: u64 = 200_000;
+/// The longest sleep (timers inside the services, such as keep-alive, need no finer grain).
+const MAX_SLEEP_NS: u64 = 5_000_000;
+
+/// One pass over the NIC and the services; returns whether anything happened.
+fn pass(now: u64, net: &mut NetStack, nvmf: &mut Option<NvmfService>) -> bool {
+    let mut busy = net.poll(now);
+    match nvmf.as_mut() {
+        Some(s) => {
+            if s.poll(now, net) {
+                busy = true;
+                net.poll(now);
             }
         }
-        if !busy {
-            core::hint::spin_loop();
+        None => {
+            for a in net.take_accepted().collect::<alloc::vec::Vec<_>>() {
+                net.release(a.handle);
+            }
         }
     }
+    busy
+}
+
+/// Makes the NIC's interrupt and the timer's wake the core from WFI (interrupts stay masked:
+/// nothing is taken). Returns false, and the loop busy-polls, if any part is missing.
+fn enable_wakeups(platform: &mut Platform, net: &mut NetStack) -> bool {
+    let nic_intid = platform
+        .pci
+        .iter()
+        .find(|f| f.class.0 == 0x02 && f.vendor == 0x1af4)
+        .and_then(|f| {
+            platform
+                .dt
+                .pcie
+                .as_ref()?
+                .intx_intid(f.bdf.bus, f.bdf.dev, f.bdf.func, f.irq_pin)
+        });
+    let (Some(gic), Some(timer_intid), Some(nic_intid)) =
+        (platform.gic.as_mut(), platform.dt.timer_intid, nic_intid)
+    else {
+        log::warn!("poll: no interrupt routing for wake-ups; the poll loop never sleeps");
+        return false;
+    };
+    if gic.enable_wakeup(timer_intid, true).is_err() || gic.enable_wakeup(nic_intid, true).is_err()
+    {
+        log::warn!("poll: could not enable wake-up interrupts; the poll loop never sleeps");
+        return false;
+    }
+    net.device.enable_wakeups();
+    true
 }

@@ -3,7 +3,7 @@
 //! in a known state so later work (timer wake-ups, doorbell interrupts) starts from it.
 
 use arm_gic::{
-    UniqueMmioPointer,
+    IntId, Trigger, UniqueMmioPointer,
     gicv2::{
         GicV2,
         registers::{Gicc, Gicd as GicdV2},
@@ -68,6 +68,38 @@ impl Gic {
         let mut gic = unsafe { GicV3::new(UniqueMmioPointer::new(gicd), gicr, cpus) }
             .map_err(|_| GicError)?;
         gic.setup(0);
+        arm_gic::gicv3::GicCpuInterface::set_priority_mask(0xff);
         Ok(Gic::V3(gic))
+    }
+
+    /// Enables interrupt `intid` as a wake-up source for WFI. The firmware keeps interrupts
+    /// masked at the CPU (PSTATE.I), so nothing is taken: a pending, enabled interrupt only
+    /// ends a WFI, and the driver that owns the source clears it.
+    pub fn enable_wakeup(&mut self, intid: u32, level: bool) -> Result<(), GicError> {
+        let id = if intid >= 32 {
+            IntId::spi(intid - 32)
+        } else if intid >= 16 {
+            IntId::ppi(intid - 16)
+        } else {
+            return Err(GicError);
+        };
+        let trigger = if level { Trigger::Level } else { Trigger::Edge };
+        match self {
+            Gic::V2(g) => {
+                g.set_interrupt_priority(id, 0x80);
+                if intid >= 32 {
+                    g.set_trigger(id, trigger);
+                }
+                g.enable_interrupt(id, true).map_err(|_| GicError)
+            }
+            Gic::V3(g) => {
+                g.set_interrupt_priority(id, Some(0), 0x80)
+                    .map_err(|_| GicError)?;
+                if intid >= 32 {
+                    g.set_trigger(id, Some(0), trigger).map_err(|_| GicError)?;
+                }
+                g.enable_interrupt(id, Some(0), true).map_err(|_| GicError)
+            }
+        }
     }
 }

@@ -142,6 +142,8 @@ pub struct Function {
     pub class: (u8, u8, u8),
     /// Header type (0 endpoint, 1 bridge), without the multi-function bit.
     pub header_type: u8,
+    /// Legacy interrupt pin (1 = INTA .. 4 = INTD, 0 = none).
+    pub irq_pin: u8,
     /// Assigned BARs.
     pub bars: Vec<Bar>,
     /// BARs that could not be placed in any window (index, size).
@@ -162,6 +164,7 @@ mod reg {
     pub const CLASS: u16 = 0x08;
     pub const HEADER: u16 = 0x0c;
     pub const BAR0: u16 = 0x10;
+    pub const INTERRUPT: u16 = 0x3c;
     pub const CMD_IO: u32 = 1 << 0;
     pub const CMD_MEM: u32 = 1 << 1;
     pub const CMD_MASTER: u32 = 1 << 2;
@@ -299,6 +302,7 @@ pub fn enumerate(
                     device: (id >> 16) as u16,
                     class: ((class >> 24) as u8, (class >> 16) as u8, (class >> 8) as u8),
                     header_type: header & 0x7f,
+                    irq_pin: (cfg.read32(bdf, reg::INTERRUPT) >> 8) as u8,
                     bars: Vec::new(),
                     unassigned: Vec::new(),
                 };

@@ -120,7 +120,9 @@ pub struct VirtioNet {
 
 impl core::fmt::Debug for VirtioNet {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("VirtioNet").field("stats", &self.stats).finish_non_exhaustive()
+        f.debug_struct("VirtioNet")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 
@@ -135,11 +137,18 @@ impl VirtioNet {
         // SAFETY: guaranteed by the caller.
         let cam = unsafe { MmioCam::new(ecam_base as *mut u8, Cam::Ecam) };
         let mut root = PciRoot::new(cam);
-        let df = DeviceFunction { bus, device: dev, function: func };
-        let transport = PciTransport::new::<VirtioHal, _>(&mut root, df).map_err(NetError::Transport)?;
+        let df = DeviceFunction {
+            bus,
+            device: dev,
+            function: func,
+        };
+        let transport =
+            PciTransport::new::<VirtioHal, _>(&mut root, df).map_err(NetError::Transport)?;
         let mut raw = VirtIONetRaw::new(transport).map_err(NetError::Device)?;
         raw.disable_interrupts();
-        let mut rx_bufs: Vec<Box<[u8]>> = (0..RX_BUFFERS).map(|_| alloc::vec![0u8; BUF_LEN].into_boxed_slice()).collect();
+        let mut rx_bufs: Vec<Box<[u8]>> = (0..RX_BUFFERS)
+            .map(|_| alloc::vec![0u8; BUF_LEN].into_boxed_slice())
+            .collect();
         let mut rx_by_token = alloc::vec![None; QUEUE_SIZE];
         for (i, buf) in rx_bufs.iter_mut().enumerate() {
             // SAFETY: the buffer is a stable heap allocation owned by this driver and is not
@@ -147,7 +156,9 @@ impl VirtioNet {
             let token = unsafe { raw.receive_begin(buf) }.map_err(NetError::Device)?;
             rx_by_token[usize::from(token)] = Some(i as u16);
         }
-        let tx_bufs: Vec<Box<[u8]>> = (0..TX_BUFFERS).map(|_| alloc::vec![0u8; BUF_LEN].into_boxed_slice()).collect();
+        let tx_bufs: Vec<Box<[u8]>> = (0..TX_BUFFERS)
+            .map(|_| alloc::vec![0u8; BUF_LEN].into_boxed_slice())
+            .collect();
         Ok(Self {
             raw,
             rx_bufs,
@@ -158,6 +169,17 @@ impl VirtioNet {
             tx_by_token: alloc::vec![None; QUEUE_SIZE],
             stats: NetStats::default(),
         })
+    }
+
+    /// Lets the device interrupt when frames arrive or sends complete, so an idle poll loop
+    /// can sleep in WFI (the interrupt only wakes the core; it is never taken).
+    pub fn enable_wakeups(&mut self) {
+        self.raw.enable_interrupts();
+    }
+
+    /// Clears the device's interrupt (reads the ISR status), dropping the INTx line.
+    pub fn ack_wakeup(&mut self) {
+        let _ = self.raw.ack_interrupt();
     }
 
     /// The MAC address.
@@ -178,11 +200,18 @@ impl VirtioNet {
 
     fn reclaim_tx(&mut self) {
         while let Some(token) = self.raw.poll_transmit() {
-            let Some(i) = self.tx_by_token.get_mut(usize::from(token)).and_then(Option::take) else {
+            let Some(i) = self
+                .tx_by_token
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+            else {
                 break;
             };
             // SAFETY: the same buffer that was passed to `transmit_begin` for this token.
-            let _ = unsafe { self.raw.transmit_complete(token, &self.tx_bufs[usize::from(i)]) };
+            let _ = unsafe {
+                self.raw
+                    .transmit_complete(token, &self.tx_bufs[usize::from(i)])
+            };
             self.tx_free.push(i);
         }
     }
@@ -211,13 +240,18 @@ pub struct TxToken<'a> {
 
 impl core::fmt::Debug for TxToken<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("TxToken").field("free", &self.free.len()).finish()
+        f.debug_struct("TxToken")
+            .field("free", &self.free.len())
+            .finish()
     }
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let i = self.free.pop().expect("a TxToken is only made with a free buffer");
+        let i = self
+            .free
+            .pop()
+            .expect("a TxToken is only made with a free buffer");
         let buf = &mut self.bufs[usize::from(i)];
         let hdr = self.raw.fill_buffer_header(buf).unwrap_or(0);
         let len = len.min(buf.len() - hdr);
@@ -247,7 +281,10 @@ impl phy::Device for VirtioNet {
             return None;
         }
         let token = self.raw.poll_receive()?;
-        let i = self.rx_by_token.get_mut(usize::from(token)).and_then(Option::take)?;
+        let i = self
+            .rx_by_token
+            .get_mut(usize::from(token))
+            .and_then(Option::take)?;
         let buf = &mut self.rx_bufs[usize::from(i)];
         // SAFETY: the same buffer that was passed to `receive_begin` for this token.
         let (hdr, len) = match unsafe { self.raw.receive_complete(token, buf) } {
@@ -260,9 +297,26 @@ impl phy::Device for VirtioNet {
         };
         self.rx_repost = Some(i);
         self.stats.rx_frames += 1;
-        let Self { raw, rx_bufs, tx_bufs, tx_free, tx_by_token, stats, .. } = self;
+        let Self {
+            raw,
+            rx_bufs,
+            tx_bufs,
+            tx_free,
+            tx_by_token,
+            stats,
+            ..
+        } = self;
         let frame = &rx_bufs[usize::from(i)][hdr..hdr + len];
-        Some((RxToken { frame }, TxToken { raw, bufs: tx_bufs, free: tx_free, by_token: tx_by_token, stats }))
+        Some((
+            RxToken { frame },
+            TxToken {
+                raw,
+                bufs: tx_bufs,
+                free: tx_free,
+                by_token: tx_by_token,
+                stats,
+            },
+        ))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
@@ -271,8 +325,21 @@ impl phy::Device for VirtioNet {
             self.stats.tx_full += 1;
             return None;
         }
-        let Self { raw, tx_bufs, tx_free, tx_by_token, stats, .. } = self;
-        Some(TxToken { raw, bufs: tx_bufs, free: tx_free, by_token: tx_by_token, stats })
+        let Self {
+            raw,
+            tx_bufs,
+            tx_free,
+            tx_by_token,
+            stats,
+            ..
+        } = self;
+        Some(TxToken {
+            raw,
+            bufs: tx_bufs,
+            free: tx_free,
+            by_token: tx_by_token,
+            stats,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

@@ -1,7 +1,9 @@
 //! Generic timer (Arm ARM D11): the monotonic clock of the poll loop and an embedded-hal
 //! `DelayNs`.
 
-use aarch64_cpu::registers::{CNTFRQ_EL0, CNTPCT_EL0, Readable};
+use aarch64_cpu::registers::{
+    CNTFRQ_EL0, CNTP_CTL_EL0, CNTP_CVAL_EL0, CNTPCT_EL0, Readable, Writeable,
+};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 static FREQ_HZ: AtomicU64 = AtomicU64::new(0);
@@ -61,4 +63,23 @@ impl embedded_hal::delay::DelayNs for Delay {
             core::hint::spin_loop();
         }
     }
+}
+
+/// Arms the EL1 physical timer to fire (raise its interrupt) at counter value `deadline`.
+/// Used only to end a WFI: the interrupt stays masked at the CPU.
+pub fn arm_wakeup(deadline: u64) {
+    CNTP_CVAL_EL0.set(deadline);
+    CNTP_CTL_EL0.write(CNTP_CTL_EL0::ENABLE::SET + CNTP_CTL_EL0::IMASK::CLEAR);
+}
+
+/// Stops the wake-up timer (its interrupt line drops).
+pub fn disarm_wakeup() {
+    CNTP_CTL_EL0.write(CNTP_CTL_EL0::ENABLE::CLEAR + CNTP_CTL_EL0::IMASK::SET);
+}
+
+/// Waits for an interrupt (or any wake-up event). Interrupts stay masked; a pending one ends
+/// the wait without being taken.
+pub fn wait_for_interrupt() {
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
+    aarch64_cpu::asm::wfi();
 }
