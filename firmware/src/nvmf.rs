@@ -65,43 +65,72 @@ struct Conn {
     closing: bool,
 }
 
-/// What the default configuration serves.
+/// What the development configuration serves, from the boot arguments (the signed
+/// configuration bundle replaces this on provisioned devices).
+///
+/// - `keel.nqn=NQN`: the subsystem NQN (default `nqn.2026-11.dev.keel:default`);
+/// - `keel.ram=256[,64...]`: one RAM namespace per size in MiB (default one of 256 MiB);
+/// - `keel.bs=512|4096`: logical block size (default 512);
+/// - `keel.allow=NQN[,NQN...]`: host NQNs allowed to connect (default: any host).
 #[derive(Debug, Clone)]
 pub struct Defaults {
     /// Subsystem NQN.
     pub nqn: String,
     /// Serial number.
     pub serial: String,
-    /// RAM namespace size in bytes.
-    pub ram_bytes: u64,
+    /// Size in bytes of each RAM namespace (NSID 1, 2, ...).
+    pub namespaces: Vec<u64>,
     /// Logical block size.
     pub block_size: u32,
+    /// Allowed host NQNs; empty means any host.
+    pub allowed_hosts: Vec<String>,
     /// The NIC's MAC address (makes identifiers unique per device).
     pub mac: [u8; 6],
 }
 
 impl Defaults {
-    /// The development configuration: one subsystem with one RAM namespace, open to any host.
-    /// `keel.ram=<MiB>` in the boot arguments sets the namespace size.
+    /// Reads the boot arguments; anything malformed falls back to the default.
     pub fn from_bootargs(args: &str, mac: [u8; 6]) -> Self {
+        let get = |key: &str| args.split_whitespace().find_map(|a| a.strip_prefix(key));
         let hex: String = mac.iter().map(|b| format!("{b:02X}")).collect();
-        let mib = args
-            .split_whitespace()
-            .find_map(|a| a.strip_prefix("keel.ram="))
-            .and_then(|s| {
-                s.trim_end_matches("M")
-                    .trim_end_matches("MiB")
-                    .parse::<u64>()
-                    .ok()
+        let mut namespaces: Vec<u64> = get("keel.ram=")
+            .map(|list| {
+                list.split(',')
+                    .filter_map(|s| {
+                        s.trim_end_matches("MiB")
+                            .trim_end_matches('M')
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .filter(|m| (1..=65536).contains(m))
+                    .map(|m| m << 20)
+                    .take(16)
+                    .collect()
             })
-            .filter(|&m| (1..=65536).contains(&m))
-            .unwrap_or(256);
+            .unwrap_or_default();
+        if namespaces.is_empty() {
+            namespaces.push(256 << 20);
+        }
         Self {
-            nqn: String::from("nqn.2026-11.dev.keel:default"),
+            nqn: get("keel.nqn=")
+                .filter(|n| n.starts_with("nqn.") && n.len() <= 223)
+                .unwrap_or("nqn.2026-11.dev.keel:default")
+                .into(),
             serial: format!("KEEL{hex}"),
+            namespaces,
+            block_size: match get("keel.bs=") {
+                Some("4096") => 4096,
+                _ => 512,
+            },
+            allowed_hosts: get("keel.allow=")
+                .map(|l| {
+                    l.split(',')
+                        .filter(|n| !n.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
             mac,
-            ram_bytes: mib << 20,
-            block_size: 512,
         }
     }
 }
@@ -153,28 +182,32 @@ fn ms(now_ns: u64) -> u64 {
 impl NvmfService {
     /// Builds the target from the development defaults.
     pub fn new(d: &Defaults) -> Result<Self, NvmfError> {
-        let blocks = d.ram_bytes / u64::from(d.block_size);
-        let ram = RamBackend::new(d.block_size, blocks, 4096).map_err(NvmfError::Ram)?;
-        // NGUID: "KEEL", the MAC, the NSID: unique per device and namespace, stable across
-        // boots.
-        let mut nguid = [0u8; 16];
-        nguid[..4].copy_from_slice(b"KEEL");
-        nguid[4..10].copy_from_slice(&d.mac);
-        nguid[12..].copy_from_slice(&1u32.to_be_bytes());
-        let ns = NamespaceConfig {
-            nsid: 1,
-            backend: alloc::boxed::Box::new(ram),
-            nguid,
-            uuid: [0; 16],
-            eui64: [0; 8],
-        };
+        let mut namespaces = Vec::new();
+        for (i, bytes) in d.namespaces.iter().enumerate() {
+            let nsid = i as u32 + 1;
+            let blocks = bytes / u64::from(d.block_size);
+            let ram = RamBackend::new(d.block_size, blocks, 4096).map_err(NvmfError::Ram)?;
+            // NGUID: "KEEL", the MAC, the NSID: unique per device and namespace, stable
+            // across boots.
+            let mut nguid = [0u8; 16];
+            nguid[..4].copy_from_slice(b"KEEL");
+            nguid[4..10].copy_from_slice(&d.mac);
+            nguid[12..].copy_from_slice(&nsid.to_be_bytes());
+            namespaces.push(NamespaceConfig {
+                nsid,
+                backend: alloc::boxed::Box::new(ram),
+                nguid,
+                uuid: [0; 16],
+                eui64: [0; 8],
+            });
+        }
         let cfg = TargetConfig {
             subsystems: alloc::vec![SubsystemConfig {
                 nqn: d.nqn.clone(),
                 serial: d.serial.clone(),
                 model: String::from("Keel NVMe/TCP target"),
-                allowed_hosts: Vec::new(),
-                namespaces: alloc::vec![ns],
+                allowed_hosts: d.allowed_hosts.clone(),
+                namespaces,
             }],
             ..Default::default()
         };

@@ -59,12 +59,22 @@ pub fn run(platform: Platform) -> ! {
         match NvmfService::new(&defaults) {
             Ok(s) => {
                 log::info!(
-                    "nvmf: subsystem {} serial {}: namespace 1 = RAM {} MiB, {}-byte blocks",
+                    "nvmf: subsystem {} serial {}",
                     defaults.nqn,
-                    defaults.serial,
-                    defaults.ram_bytes >> 20,
-                    defaults.block_size
+                    defaults.serial
                 );
+                for (i, bytes) in defaults.namespaces.iter().enumerate() {
+                    log::info!(
+                        "nvmf: namespace {} = RAM {} MiB, {}-byte blocks",
+                        i + 1,
+                        bytes >> 20,
+                        defaults.block_size
+                    );
+                }
+                match defaults.allowed_hosts.len() {
+                    0 => log::info!("nvmf: any host may connect (development configuration)"),
+                    n => log::info!("nvmf: {n} allowed host(s): {:?}", defaults.allowed_hosts),
+                }
                 nvmf = Some(s);
             }
             Err(e) => log::error!("nvmf: {e}"),
