@@ -71,7 +71,10 @@ struct Conn {
 /// - `keel.nqn=NQN`: the subsystem NQN (default `nqn.2026-11.dev.keel:default`);
 /// - `keel.ram=256[,64...]`: one RAM namespace per size in MiB (default one of 256 MiB);
 /// - `keel.bs=512|4096`: logical block size (default 512);
-/// - `keel.allow=NQN[,NQN...]`: host NQNs allowed to connect (default: any host).
+/// - `keel.allow=NQN[,NQN...]`: host NQNs allowed to connect (default: any host);
+/// - `keel.advertise=ADDR:PORT`: the NVMe/TCP address the discovery log page reports
+///   (default: the interface's own address and port 4420). `qemu/run` sets it to the
+///   forwarded host port so hosts that follow discovery entries reach the target.
 #[derive(Debug, Clone)]
 pub struct Defaults {
     /// Subsystem NQN.
@@ -86,6 +89,8 @@ pub struct Defaults {
     pub allowed_hosts: Vec<String>,
     /// The NIC's MAC address (makes identifiers unique per device).
     pub mac: [u8; 6],
+    /// Address and port to advertise in the discovery log instead of the interface's own.
+    pub advertise: Option<(String, String)>,
 }
 
 impl Defaults {
@@ -131,6 +136,11 @@ impl Defaults {
                 })
                 .unwrap_or_default(),
             mac,
+            advertise: get("keel.advertise=").and_then(|a| {
+                let (addr, port) = a.rsplit_once(':')?;
+                (addr.parse::<smoltcp::wire::Ipv4Address>().is_ok() && port.parse::<u16>().is_ok())
+                    .then(|| (String::from(addr), String::from(port)))
+            }),
         }
     }
 }
@@ -142,6 +152,7 @@ pub struct NvmfService {
     conns: Vec<Option<Conn>>,
     tcp_cfg: TcpConfig,
     ports_set_for: Option<smoltcp::wire::Ipv4Address>,
+    advertise: Option<(String, String)>,
     /// Connections refused because no queue could be opened.
     pub refused: u64,
 }
@@ -226,6 +237,7 @@ impl NvmfService {
             conns: Vec::new(),
             tcp_cfg,
             ports_set_for: None,
+            advertise: d.advertise.clone(),
             refused: 0,
         })
     }
@@ -323,9 +335,11 @@ impl NvmfService {
             return;
         }
         self.ports_set_for = Some(addr);
-        let a = format!("{addr}");
-        self.target
-            .set_ports(alloc::vec![PortEntry::tcp_ipv4(&a, "4420", 1)]);
+        let entry = match &self.advertise {
+            Some((a, p)) => PortEntry::tcp_ipv4(a, p, 1),
+            None => PortEntry::tcp_ipv4(&format!("{addr}"), "4420", 1),
+        };
+        self.target.set_ports(alloc::vec![entry]);
     }
 
     fn poll_conn(&mut self, i: usize, now: Instant, net: &mut NetStack) -> bool {

@@ -129,6 +129,8 @@ impl Qemu {
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Qemu {
         let mut child = Command::new(root().join("qemu/run"))
             .args(args)
+            // Tests run side by side: forward only the ports a test asks for.
+            .env("KEEL_QEMU_DEFAULT_PORTS", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
