@@ -2,6 +2,8 @@
 //!
 //! - [`image`]: turns the firmware ELF into the raw image loaders boot (`-kernel`, booti) and
 //!   into a flash image for QEMU `virt`'s pflash.
+//! - [`nvme`]: the NVMe/TCP initiator (discovery, identify, read/write, verify, bench).
 #![warn(missing_docs)]
 
 pub mod image;
+pub mod nvme;

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use keel_host_tools::image;
+use keel_host_tools::{image, nvme};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -18,6 +18,11 @@ enum Cmd {
     Image {
         #[command(subcommand)]
         cmd: ImageCmd,
+    },
+    /// NVMe/TCP initiator: discover, identify, read, write, verify, bench.
+    Nvme {
+        #[command(subcommand)]
+        cmd: nvme::cli::NvmeCmd,
     },
 }
 
@@ -39,6 +44,12 @@ enum ImageCmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Nvme { cmd } => {
+            let code = nvme::cli::run(cmd, &mut std::io::stdout().lock())?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
         Cmd::Image {
             cmd: ImageCmd::Raw { elf, output, flash },
         } => {

@@ -1,0 +1,1158 @@
+//! `keelctl nvme ...`: the subcommands, their arguments and their output.
+//!
+//! Everything prints to the `out` writer it is given (stdout in `keelctl`), diagnostics to
+//! stderr; [`run`] returns the process exit code (0 success, 1 verify mismatch) or an error.
+
+use super::bench::{self, BenchConfig, BenchResult, Latency, Progress, Stop};
+use super::ctrl::{Controller, Params};
+use super::error::NvmeError;
+use super::pattern::{fill, human_bytes, mismatches, parse_size};
+use super::{DEFAULT_SUBNQN, default_host_identity, format_uuid, hostid_for, parse_uuid};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use keel_nvme::DISCOVERY_NQN;
+use keel_nvme::identify::{IdentifyController, IdentifyNamespace, NsIdentifiers, cntrltype};
+use keel_nvme::log::discovery::{self as disc, Entry, Header};
+use keel_nvmf_tcp::Digests;
+use serde_json::{Value, json};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Digests to negotiate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DigestArg {
+    /// No digests.
+    None,
+    /// Header digest only.
+    Header,
+    /// Data digest only.
+    Data,
+    /// Header and data digests.
+    Both,
+}
+
+impl DigestArg {
+    /// As the transport's flags.
+    pub fn digests(self) -> Digests {
+        Digests {
+            header: matches!(self, Self::Header | Self::Both),
+            data: matches!(self, Self::Data | Self::Both),
+        }
+    }
+}
+
+/// Where the controller is and who we are.
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// Controller address, HOST:PORT [default: 127.0.0.1:4420; discover: 127.0.0.1:8009].
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Subsystem NQN [default: the Keel default subsystem; discover: the discovery NQN].
+    #[arg(long)]
+    pub nqn: Option<String>,
+    /// Host NQN [default: a stable NQN derived from this machine's id].
+    #[arg(long)]
+    pub hostnqn: Option<String>,
+    /// Host ID (UUID) [default: from the host NQN].
+    #[arg(long)]
+    pub hostid: Option<String>,
+    /// Digests to negotiate.
+    #[arg(long, value_enum, default_value_t = DigestArg::None)]
+    pub digests: DigestArg,
+    /// Keep Alive Timeout to request, seconds (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub kato: u32,
+    /// Bound on every wait (connect, each command), seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+}
+
+impl TargetArgs {
+    /// Connection parameters, with the defaults for a discovery or an I/O controller.
+    pub fn params(&self, discovery: bool) -> Result<Params> {
+        let (def_addr, def_nqn) = if discovery {
+            ("127.0.0.1:8009", DISCOVERY_NQN)
+        } else {
+            ("127.0.0.1:4420", DEFAULT_SUBNQN)
+        };
+        let (hostnqn, mut hostid) = match &self.hostnqn {
+            Some(n) => (n.clone(), hostid_for(n)),
+            None => default_host_identity(),
+        };
+        if let Some(h) = &self.hostid {
+            hostid = parse_uuid(h).with_context(|| format!("--hostid {h:?} is not a UUID"))?;
+        }
+        if hostnqn.is_empty() || hostnqn.len() > keel_nvme::NQN_MAX_LEN {
+            bail!("--hostnqn must be 1 to 223 bytes");
+        }
+        if !(self.timeout > 0.0 && self.timeout < 1e6) {
+            bail!("--timeout must be positive");
+        }
+        Ok(Params {
+            addr: self.addr.clone().unwrap_or_else(|| def_addr.into()),
+            subnqn: self.nqn.clone().unwrap_or_else(|| def_nqn.into()),
+            hostnqn,
+            hostid,
+            digests: self.digests.digests(),
+            kato: Duration::from_secs(self.kato as u64),
+            timeout: Duration::from_secs_f64(self.timeout),
+        })
+    }
+}
+
+/// Bench access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PatternArg {
+    /// Random.
+    Rand,
+    /// Sequential.
+    Seq,
+}
+
+/// Bench read/write mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RwArg {
+    /// Reads.
+    Read,
+    /// Writes.
+    Write,
+    /// Both (--mix-read percent reads).
+    Mix,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+fn seed_arg(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?}: not a number (decimal or 0x hex)"))
+}
+
+/// `keelctl nvme` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NvmeCmd {
+    /// Read the discovery log page of a discovery controller.
+    Discover {
+        /// Controller and host.
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Identify the controller and its namespaces.
+    Identify {
+        /// Controller and host.
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Only this namespace.
+        #[arg(long)]
+        nsid: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read blocks into a file.
+    Read {
+        /// Controller and host.
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Namespace.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
+        /// First block.
+        #[arg(long)]
+        lba: u64,
+        /// Number of blocks.
+        #[arg(long)]
+        count: u64,
+        /// Output file ("-": stdout).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Commands in flight.
+        #[arg(long, default_value_t = 16)]
+        qd: u16,
+    },
+    /// Write a file to blocks (its size must be a multiple of the block size).
+    Write {
+        /// Controller and host.
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Namespace.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
+        /// First block.
+        #[arg(long)]
+        lba: u64,
+        /// Input file.
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Commands in flight.
+        #[arg(long, default_value_t = 16)]
+        qd: u16,
+    },
+    /// Write a deterministic pattern over a range, read it back and compare.
+    Verify {
+        /// Controller and host.
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Namespace.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
+        /// First block.
+        #[arg(long)]
+        lba: u64,
+        /// Number of blocks.
+        #[arg(long)]
+        count: u64,
+        /// Pattern seed (decimal or 0x hex).
+        #[arg(long, value_parser = seed_arg, default_value = "0x6b65656c")]
+        pattern: u64,
+        /// Commands in flight.
+        #[arg(long, default_value_t = 16)]
+        qd: u16,
+        /// Only read and compare (the pattern was written before).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Measure IOPS, throughput and latency.
+    Bench {
+        /// Controller and host.
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Namespace.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
+        /// Access pattern.
+        #[arg(long, value_enum, default_value_t = PatternArg::Rand)]
+        pattern: PatternArg,
+        /// Reads, writes or both.
+        #[arg(long, value_enum, default_value_t = RwArg::Read)]
+        rw: RwArg,
+        /// Percent reads with --rw mix.
+        #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
+        mix_read: u8,
+        /// Bytes per command (512, 4k, 128k...).
+        #[arg(long, value_parser = size_arg, default_value = "4k")]
+        bs: u64,
+        /// Commands in flight per connection.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        qd: u16,
+        /// I/O queues, each its own TCP connection and thread.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        connections: u16,
+        /// Run this many seconds [default: 10 unless --ios].
+        #[arg(long, conflicts_with = "ios")]
+        duration: Option<f64>,
+        /// Run this many commands in total.
+        #[arg(long)]
+        ios: Option<u64>,
+        /// Touch only the first MiB of the namespace.
+        #[arg(long)]
+        range_mib: Option<u64>,
+        /// PRNG seed.
+        #[arg(long, value_parser = seed_arg, default_value = "1")]
+        seed: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a subcommand; returns the exit code.
+pub fn run(cmd: NvmeCmd, out: &mut dyn Write) -> Result<i32> {
+    match cmd {
+        NvmeCmd::Discover { target, json } => discover(&target, json, out),
+        NvmeCmd::Identify { target, nsid, json } => identify(&target, nsid, json, out),
+        NvmeCmd::Read {
+            target,
+            nsid,
+            lba,
+            count,
+            output,
+            qd,
+        } => read(&target, nsid, lba, count, &output, qd, out),
+        NvmeCmd::Write {
+            target,
+            nsid,
+            lba,
+            input,
+            qd,
+        } => write(&target, nsid, lba, &input, qd),
+        NvmeCmd::Verify {
+            target,
+            nsid,
+            lba,
+            count,
+            pattern,
+            qd,
+            read_only,
+        } => verify(&target, nsid, lba, count, pattern, qd, read_only, out),
+        NvmeCmd::Bench {
+            target,
+            nsid,
+            pattern,
+            rw,
+            mix_read,
+            bs,
+            qd,
+            connections,
+            duration,
+            ios,
+            range_mib,
+            seed,
+            json,
+        } => {
+            let stop = match (duration, ios) {
+                (_, Some(0)) => bail!("--ios must be at least 1"),
+                (_, Some(n)) => Stop::Ios(n),
+                (Some(d), None) if d > 0.0 && d < 1e7 => Stop::Duration(Duration::from_secs_f64(d)),
+                (Some(_), None) => bail!("--duration must be positive"),
+                (None, None) => Stop::Duration(Duration::from_secs(10)),
+            };
+            let bs = u32::try_from(bs).context("--bs too large")?;
+            let cfg = BenchConfig {
+                nsid,
+                pattern: match pattern {
+                    PatternArg::Rand => bench::Pattern::Rand,
+                    PatternArg::Seq => bench::Pattern::Seq,
+                },
+                rw: match rw {
+                    RwArg::Read => bench::Rw::Read,
+                    RwArg::Write => bench::Rw::Write,
+                    RwArg::Mix => bench::Rw::Mix,
+                },
+                mix_read,
+                bs,
+                qd,
+                connections,
+                stop,
+                range: range_mib.map(|m| m << 20),
+                seed,
+            };
+            run_bench(&target, &cfg, json, out)
+        }
+    }
+}
+
+fn connect(target: &TargetArgs, discovery: bool) -> Result<Controller> {
+    let p = target.params(discovery)?;
+    let what = format!("connecting to {} at {}", p.subnqn, p.addr);
+    Controller::connect(p).context(what)
+}
+
+fn trim(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .trim_end_matches(['\0', ' '])
+        .to_string()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn trtype_name(t: u8) -> String {
+    match t {
+        disc::TRTYPE_RDMA => "rdma".into(),
+        disc::TRTYPE_FC => "fc".into(),
+        disc::TRTYPE_TCP => "tcp".into(),
+        disc::TRTYPE_LOOP => "loop".into(),
+        x => format!("unknown ({x})"),
+    }
+}
+
+fn adrfam_name(a: u8) -> String {
+    match a {
+        disc::ADRFAM_IPV4 => "ipv4".into(),
+        disc::ADRFAM_IPV6 => "ipv6".into(),
+        x => format!("unknown ({x})"),
+    }
+}
+
+fn subtype_name(s: u8) -> String {
+    match s {
+        disc::SUBTYPE_DISCOVERY_REFERRAL => "discovery subsystem referral".into(),
+        disc::SUBTYPE_NVM => "nvme subsystem".into(),
+        disc::SUBTYPE_CURRENT_DISCOVERY => "current discovery subsystem".into(),
+        x => format!("unknown ({x})"),
+    }
+}
+
+fn treq_name(t: u8) -> String {
+    let base = match t & 3 {
+        disc::TREQ_NOT_SPECIFIED => "not specified",
+        disc::TREQ_REQUIRED => "required",
+        disc::TREQ_NOT_REQUIRED => "not required",
+        _ => "reserved",
+    };
+    if t & disc::TREQ_DISABLE_SQFLOW != 0 {
+        format!("{base}, sq flow control disable supported")
+    } else {
+        base.into()
+    }
+}
+
+fn sectype_name(tsas: &[u8; 256]) -> String {
+    match tsas[0] {
+        0 => "none".into(),
+        1 => "tls 1.2".into(),
+        2 => "tls 1.3".into(),
+        x => format!("unknown ({x})"),
+    }
+}
+
+/// JSON of one discovery log entry.
+pub fn entry_json(e: &Entry) -> Value {
+    json!({
+        "trtype": trtype_name(e.trtype),
+        "adrfam": adrfam_name(e.adrfam),
+        "subtype": subtype_name(e.subtype),
+        "treq": treq_name(e.treq),
+        "portid": e.portid,
+        "trsvcid": trim(&e.trsvcid),
+        "traddr": trim(&e.traddr),
+        "subnqn": trim(&e.subnqn),
+        "cntlid": e.cntlid,
+        "asqsz": e.asqsz,
+        "sectype": sectype_name(&e.tsas),
+    })
+}
+
+/// Human form of the discovery log.
+pub fn format_discovery(h: &Header, entries: &[Entry]) -> String {
+    let mut s = format!(
+        "Discovery Log: {} record(s), generation {}\n",
+        h.numrec, h.genctr
+    );
+    for (i, e) in entries.iter().enumerate() {
+        s += &format!("===== Discovery Log Entry {i} =====\n");
+        s += &format!("trtype:  {}\n", trtype_name(e.trtype));
+        s += &format!("adrfam:  {}\n", adrfam_name(e.adrfam));
+        s += &format!("subtype: {}\n", subtype_name(e.subtype));
+        s += &format!("treq:    {}\n", treq_name(e.treq));
+        s += &format!("portid:  {}\n", e.portid);
+        s += &format!("trsvcid: {}\n", trim(&e.trsvcid));
+        s += &format!("subnqn:  {}\n", trim(&e.subnqn));
+        s += &format!("traddr:  {}\n", trim(&e.traddr));
+        s += &format!("cntlid:  {:#06x}\n", e.cntlid);
+        s += &format!("asqsz:   {}\n", e.asqsz);
+        s += &format!("sectype: {}\n", sectype_name(&e.tsas));
+    }
+    s
+}
+
+fn discover(target: &TargetArgs, json: bool, out: &mut dyn Write) -> Result<i32> {
+    let c = connect(target, true)?;
+    let (h, entries) = c
+        .discovery_log()
+        .context("reading the discovery log page")?;
+    if let Err(e) = c.close() {
+        eprintln!("keelctl: warning: closing the discovery controller: {e}");
+    }
+    if json {
+        let v = json!({
+            "genctr": h.genctr,
+            "numrec": h.numrec,
+            "recfmt": h.recfmt,
+            "records": entries.iter().map(entry_json).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        out.write_all(format_discovery(&h, &entries).as_bytes())?;
+    }
+    Ok(0)
+}
+
+fn version(v: u32) -> String {
+    format!("{}.{}.{}", v >> 16, (v >> 8) & 0xFF, v & 0xFF)
+}
+
+fn cntrltype_name(t: u8) -> &'static str {
+    match t {
+        cntrltype::IO => "io",
+        cntrltype::DISCOVERY => "discovery",
+        cntrltype::ADMIN => "admin",
+        _ => "not reported",
+    }
+}
+
+/// What `identify` reports about one namespace.
+#[derive(Debug, Clone)]
+pub struct NsReport {
+    /// NSID.
+    pub nsid: u32,
+    /// Identify Namespace.
+    pub id: IdentifyNamespace,
+    /// Descriptor list (when the controller has one).
+    pub ids: Option<NsIdentifiers>,
+}
+
+/// JSON of Identify Controller.
+pub fn controller_json(id: &IdentifyController, max_transfer: u32) -> Value {
+    json!({
+        "vid": id.vid,
+        "ssvid": id.ssvid,
+        "sn": trim(&id.sn),
+        "mn": trim(&id.mn),
+        "fr": trim(&id.fr),
+        "ver": version(id.ver),
+        "cntlid": id.cntlid,
+        "cntrltype": cntrltype_name(id.cntrltype),
+        "mdts": id.mdts,
+        "max_transfer_bytes": max_transfer,
+        "maxcmd": id.maxcmd,
+        "kas": id.kas,
+        "nn": id.nn,
+        "oncs": id.oncs,
+        "vwc": id.vwc,
+        "sgls": id.sgls,
+        "subnqn": trim(&id.subnqn),
+        "ioccsz": id.ioccsz,
+        "iorcsz": id.iorcsz,
+        "icdoff": id.icdoff,
+        "fcatt": id.fcatt,
+        "msdbd": id.msdbd,
+    })
+}
+
+/// JSON of one namespace.
+pub fn namespace_json(n: &NsReport) -> Value {
+    let bs = n.id.block_size();
+    let opt = |b: &[u8]| {
+        if b.iter().all(|&x| x == 0) {
+            Value::Null
+        } else {
+            Value::String(hex(b))
+        }
+    };
+    let ids = n.ids.unwrap_or_default();
+    let nguid = if n.id.nguid != [0; 16] {
+        n.id.nguid
+    } else {
+        ids.nguid
+    };
+    let eui64 = if n.id.eui64 != [0; 8] {
+        n.id.eui64
+    } else {
+        ids.eui64
+    };
+    json!({
+        "nsid": n.nsid,
+        "nsze": n.id.nsze,
+        "ncap": n.id.ncap,
+        "nuse": n.id.nuse,
+        "block_size": bs,
+        "size_bytes": n.id.nsze.saturating_mul(bs as u64),
+        "flbas": n.id.flbas,
+        "nguid": opt(&nguid),
+        "eui64": opt(&eui64),
+        "uuid": if ids.uuid == [0; 16] { Value::Null } else { Value::String(format_uuid(&ids.uuid)) },
+    })
+}
+
+/// Human form of Identify Controller and namespaces.
+pub fn format_identify(
+    id: &IdentifyController,
+    max_transfer: u32,
+    vs: u32,
+    nss: &[NsReport],
+) -> String {
+    let mut s = String::new();
+    let mut kv = |k: &str, v: String| s += &format!("  {k:<9} {v}\n");
+    kv("vid", format!("{:#06x}", id.vid));
+    kv("ssvid", format!("{:#06x}", id.ssvid));
+    kv("sn", trim(&id.sn));
+    kv("mn", trim(&id.mn));
+    kv("fr", trim(&id.fr));
+    kv("ver", format!("{} (VS {})", version(id.ver), version(vs)));
+    kv("cntlid", format!("{:#06x}", id.cntlid));
+    kv("cntrltype", cntrltype_name(id.cntrltype).into());
+    kv(
+        "mdts",
+        format!(
+            "{} ({} per command)",
+            id.mdts,
+            human_bytes(max_transfer as u64)
+        ),
+    );
+    kv("maxcmd", id.maxcmd.to_string());
+    kv("kas", format!("{} ({} ms)", id.kas, id.kas as u32 * 100));
+    kv("nn", id.nn.to_string());
+    kv("oncs", format!("{:#06x}", id.oncs));
+    kv("vwc", format!("{:#04x}", id.vwc));
+    kv("sgls", format!("{:#010x}", id.sgls));
+    kv("subnqn", trim(&id.subnqn));
+    kv(
+        "ioccsz",
+        format!(
+            "{} ({} bytes in-capsule data)",
+            id.ioccsz,
+            (id.ioccsz * 16).saturating_sub(64)
+        ),
+    );
+    kv("iorcsz", id.iorcsz.to_string());
+    kv("icdoff", id.icdoff.to_string());
+    kv("fcatt", format!("{:#04x}", id.fcatt));
+    kv("msdbd", id.msdbd.to_string());
+    let mut text = format!("Controller {} ({})\n", id.cntlid, trim(&id.subnqn)) + &s;
+    for n in nss {
+        let v = namespace_json(n);
+        let bs = n.id.block_size();
+        let size = n.id.nsze.saturating_mul(bs as u64);
+        text += &format!("Namespace {}\n", n.nsid);
+        let mut line = |k: &str, v: String| text += &format!("  {k:<10} {v}\n");
+        line(
+            "nsze",
+            format!("{} blocks ({})", n.id.nsze, human_bytes(size)),
+        );
+        line("ncap", n.id.ncap.to_string());
+        line("nuse", n.id.nuse.to_string());
+        line(
+            "block size",
+            format!("{bs} (LBA format {})", n.id.flbas & 0xF),
+        );
+        for k in ["nguid", "eui64", "uuid"] {
+            line(k, v[k].as_str().unwrap_or("-").to_string());
+        }
+    }
+    text
+}
+
+fn identify(
+    target: &TargetArgs,
+    only: Option<u32>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<i32> {
+    let c = connect(target, false)?;
+    let nsids = match only {
+        Some(n) => vec![n],
+        None => c.active_namespaces().context("listing active namespaces")?,
+    };
+    let mut nss = Vec::new();
+    for nsid in nsids {
+        let id = c
+            .identify_namespace(nsid)
+            .with_context(|| format!("Identify Namespace {nsid}"))?;
+        let ids = c.namespace_ids(nsid).ok();
+        nss.push(NsReport { nsid, id, ids });
+    }
+    let mt = c.max_transfer();
+    let (id, vs) = (c.id, c.vs);
+    if let Err(e) = c.close() {
+        eprintln!("keelctl: warning: closing the controller: {e}");
+    }
+    if json {
+        let v = json!({
+            "controller": controller_json(&id, mt),
+            "namespaces": nss.iter().map(namespace_json).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        out.write_all(format_identify(&id, mt, vs, &nss).as_bytes())?;
+    }
+    Ok(0)
+}
+
+/// Block size and size in blocks of an active namespace.
+fn geometry(c: &Controller, nsid: u32) -> Result<(u32, u64)> {
+    let id = c
+        .identify_namespace(nsid)
+        .with_context(|| format!("Identify Namespace {nsid}"))?;
+    let bs = id.block_size();
+    if id.nsze == 0 || bs == 0 {
+        bail!("namespace {nsid} is not active on this controller");
+    }
+    Ok((bs, id.nsze))
+}
+
+/// Opens the admin queue and I/O queue 1.
+fn io_session(target: &TargetArgs, qd: u16) -> Result<(Controller, super::IoQueue)> {
+    let c = connect(target, false)?;
+    c.set_io_queues(1)
+        .context("Set Features (Number of Queues)")?;
+    let q = c.io_queue(1, qd).context("connecting I/O queue 1")?;
+    Ok((c, q))
+}
+
+fn finish(c: Controller, q: super::IoQueue) {
+    if let Err(e) = q.close() {
+        eprintln!("keelctl: warning: disconnecting the I/O queue: {e}");
+    }
+    if let Err(e) = c.close() {
+        eprintln!("keelctl: warning: closing the controller: {e}");
+    }
+}
+
+fn check_range(nsid: u32, lba: u64, count: u64, nsze: u64) -> Result<()> {
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    // The controller answers LBA Out of Range itself; we only refuse what cannot be sent.
+    if lba.checked_add(count).is_none() {
+        bail!("NSID {nsid}: LBA {lba} + {count} blocks overflows");
+    }
+    let _ = nsze;
+    Ok(())
+}
+
+fn rate(bytes: u64, t: Duration) -> String {
+    format!("{:.1} MB/s", bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read(
+    target: &TargetArgs,
+    nsid: u32,
+    lba: u64,
+    count: u64,
+    output: &PathBuf,
+    qd: u16,
+    out: &mut dyn Write,
+) -> Result<i32> {
+    let (c, mut q) = io_session(target, qd)?;
+    let (bs, nsze) = geometry(&c, nsid)?;
+    check_range(nsid, lba, count, nsze)?;
+    let t0 = Instant::now();
+    let data = q.read(nsid, lba, count, bs)?;
+    let t = t0.elapsed();
+    finish(c, q);
+    if output.as_os_str() == "-" {
+        out.write_all(&data)?;
+    } else {
+        std::fs::write(output, &data).with_context(|| format!("writing {}", output.display()))?;
+    }
+    eprintln!(
+        "read {count} block(s) ({}) from NSID {nsid} LBA {lba} in {:.1} ms ({})",
+        human_bytes(data.len() as u64),
+        t.as_secs_f64() * 1e3,
+        rate(data.len() as u64, t)
+    );
+    Ok(0)
+}
+
+fn write(target: &TargetArgs, nsid: u32, lba: u64, input: &PathBuf, qd: u16) -> Result<i32> {
+    let data = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let (c, mut q) = io_session(target, qd)?;
+    let (bs, nsze) = geometry(&c, nsid)?;
+    if data.is_empty() || !data.len().is_multiple_of(bs as usize) {
+        bail!(
+            "{}: {} bytes is not a positive multiple of the block size {bs}",
+            input.display(),
+            data.len()
+        );
+    }
+    let count = (data.len() / bs as usize) as u64;
+    check_range(nsid, lba, count, nsze)?;
+    let t0 = Instant::now();
+    q.write(nsid, lba, &data, bs)?;
+    let t = t0.elapsed();
+    finish(c, q);
+    eprintln!(
+        "wrote {count} block(s) ({}) to NSID {nsid} LBA {lba} in {:.1} ms ({})",
+        human_bytes(data.len() as u64),
+        t.as_secs_f64() * 1e3,
+        rate(data.len() as u64, t)
+    );
+    Ok(0)
+}
+
+/// Verify works through the range in windows of this many bytes.
+const VERIFY_WINDOW: u64 = 8 << 20;
+/// Mismatching offsets listed at most.
+const VERIFY_LIST: usize = 16;
+
+#[allow(clippy::too_many_arguments)]
+fn verify(
+    target: &TargetArgs,
+    nsid: u32,
+    lba: u64,
+    count: u64,
+    seed: u64,
+    qd: u16,
+    read_only: bool,
+    out: &mut dyn Write,
+) -> Result<i32> {
+    let (c, mut q) = io_session(target, qd)?;
+    let (bs, nsze) = geometry(&c, nsid)?;
+    check_range(nsid, lba, count, nsze)?;
+    let bs64 = bs as u64;
+    let window = (VERIFY_WINDOW / bs64).max(1);
+    let mut total_bad = 0u64;
+    let mut listed: Vec<u64> = Vec::new();
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    while done < count {
+        let n = window.min(count - done);
+        let first = lba + done;
+        let mut want = vec![0u8; (n * bs64) as usize];
+        fill(&mut want, seed, first * bs64);
+        if !read_only {
+            q.write(nsid, first, &want, bs)?;
+        }
+        let got = q.read(nsid, first, n, bs)?;
+        let (bad, offs) = mismatches(&got, &want, VERIFY_LIST - listed.len().min(VERIFY_LIST));
+        total_bad += bad;
+        listed.extend(offs.into_iter().map(|o| done * bs64 + o as u64));
+        done += n;
+    }
+    let t = t0.elapsed();
+    finish(c, q);
+    let bytes = count * bs64;
+    writeln!(
+        out,
+        "verify NSID {nsid} LBA {lba}..{} ({}), pattern seed {seed:#x}: {} in {:.1} ms",
+        lba + count,
+        human_bytes(bytes),
+        if total_bad == 0 { "OK" } else { "MISMATCH" },
+        t.as_secs_f64() * 1e3
+    )?;
+    if total_bad == 0 {
+        return Ok(0);
+    }
+    writeln!(
+        out,
+        "{total_bad} byte(s) differ; first offsets from the start of the range:"
+    )?;
+    for o in &listed {
+        writeln!(
+            out,
+            "  byte {o} (LBA {}, byte {} of the block)",
+            lba + o / bs64,
+            o % bs64
+        )?;
+    }
+    Ok(1)
+}
+
+fn latency_json(l: &Latency) -> Value {
+    json!({
+        "count": l.count,
+        "mean_us": l.mean_us,
+        "p50_us": l.p50_us,
+        "p99_us": l.p99_us,
+        "p99_9_us": l.p999_us,
+        "max_us": l.max_us,
+    })
+}
+
+/// JSON of a benchmark result.
+pub fn bench_json(cfg: &BenchConfig, r: &BenchResult) -> Value {
+    json!({
+        "config": {
+            "nsid": cfg.nsid,
+            "pattern": format!("{:?}", cfg.pattern).to_lowercase(),
+            "rw": format!("{:?}", cfg.rw).to_lowercase(),
+            "mix_read": cfg.mix_read,
+            "bs": cfg.bs,
+            "qd": cfg.qd,
+            "connections": cfg.connections,
+        },
+        "ios": r.ios,
+        "reads": r.reads,
+        "writes": r.writes,
+        "bytes": r.bytes,
+        "elapsed_s": r.elapsed.as_secs_f64(),
+        "iops": r.iops(),
+        "mb_per_s": r.mb_per_s(),
+        "mib_per_s": r.mib_per_s(),
+        "latency": latency_json(&r.latency),
+        "read_latency": latency_json(&r.read_latency),
+        "write_latency": latency_json(&r.write_latency),
+    })
+}
+
+fn latency_line(name: &str, l: &Latency) -> String {
+    format!(
+        "{name:<6} lat (us): mean {:.1}, p50 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1} ({} ios)\n",
+        l.mean_us, l.p50_us, l.p99_us, l.p999_us, l.max_us, l.count
+    )
+}
+
+/// Human form of a benchmark result.
+pub fn format_bench(cfg: &BenchConfig, r: &BenchResult) -> String {
+    let mut s = format!(
+        "{} {} bs={} qd={} connections={}: {} ios in {:.2} s\n",
+        format!("{:?}", cfg.pattern).to_lowercase(),
+        format!("{:?}", cfg.rw).to_lowercase(),
+        human_bytes(cfg.bs as u64),
+        cfg.qd,
+        cfg.connections,
+        r.ios,
+        r.elapsed.as_secs_f64()
+    );
+    s += &format!(
+        "IOPS {:.0}, {:.2} MB/s ({:.2} MiB/s)\n",
+        r.iops(),
+        r.mb_per_s(),
+        r.mib_per_s()
+    );
+    s += &latency_line("all", &r.latency);
+    if r.reads > 0 && r.writes > 0 {
+        s += &latency_line("read", &r.read_latency);
+        s += &latency_line("write", &r.write_latency);
+    }
+    s
+}
+
+fn run_bench(
+    target: &TargetArgs,
+    cfg: &BenchConfig,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<i32> {
+    let c = connect(target, false)?;
+    let (bs, nsze) = geometry(&c, cfg.nsid)?;
+    let progress = Progress::default();
+    let live = !json && std::io::stdout().is_terminal();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        let bar = live.then(|| {
+            let p = &progress;
+            let done = &done;
+            let stop = cfg.stop;
+            s.spawn(move || show_progress(p, done, stop))
+        });
+        let r = bench::run(&c, cfg, bs, nsze, &progress);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = bar {
+            let _ = h.join();
+        }
+        r
+    });
+    let result = result.map_err(|e: NvmeError| anyhow::Error::new(e).context("benchmark"));
+    if let Err(e) = c.close() {
+        eprintln!("keelctl: warning: closing the controller: {e}");
+    }
+    let r = result?;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&bench_json(cfg, &r))?
+        )?;
+    } else {
+        out.write_all(format_bench(cfg, &r).as_bytes())?;
+    }
+    Ok(0)
+}
+
+fn show_progress(p: &Progress, done: &std::sync::atomic::AtomicBool, stop: Stop) {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use std::sync::atomic::Ordering;
+    let (len, style) = match stop {
+        Stop::Ios(n) => (n, "{bar:40} {pos}/{len} ios  {msg}"),
+        Stop::Duration(d) => (d.as_millis() as u64, "{bar:40} {elapsed}  {msg}"),
+    };
+    let bar = ProgressBar::new(len);
+    if let Ok(st) = ProgressStyle::with_template(style) {
+        bar.set_style(st);
+    }
+    let t0 = Instant::now();
+    let mut last = (t0, 0u64);
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        let ios = p.ios.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let iops = (ios - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-6);
+        last = (now, ios);
+        bar.set_position(match stop {
+            Stop::Ios(_) => ios,
+            Stop::Duration(_) => t0.elapsed().as_millis() as u64,
+        });
+        bar.set_message(format!("{iops:.0} IOPS"));
+    }
+    bar.finish_and_clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct T {
+        #[command(subcommand)]
+        cmd: NvmeCmd,
+    }
+
+    fn parse(args: &[&str]) -> Result<NvmeCmd, clap::Error> {
+        T::try_parse_from(std::iter::once("nvme").chain(args.iter().copied())).map(|t| t.cmd)
+    }
+
+    #[test]
+    fn bench_args() {
+        let NvmeCmd::Bench {
+            target,
+            bs,
+            qd,
+            rw,
+            mix_read,
+            ios,
+            duration,
+            pattern,
+            ..
+        } = parse(&[
+            "bench",
+            "--addr",
+            "h:1",
+            "--bs",
+            "8k",
+            "--qd",
+            "32",
+            "--rw",
+            "mix",
+            "--mix-read",
+            "50",
+            "--ios",
+            "2000",
+            "--pattern",
+            "seq",
+            "--digests",
+            "both",
+        ])
+        .unwrap()
+        else {
+            panic!("not bench")
+        };
+        assert_eq!(
+            (bs, qd, rw, mix_read, ios, duration),
+            (8192, 32, RwArg::Mix, 50, Some(2000), None)
+        );
+        assert_eq!(pattern, PatternArg::Seq);
+        let p = target.params(false).unwrap();
+        assert_eq!(p.addr, "h:1");
+        assert_eq!(p.subnqn, DEFAULT_SUBNQN);
+        assert_eq!(
+            p.digests,
+            Digests {
+                header: true,
+                data: true
+            }
+        );
+        assert!(parse(&["bench", "--ios", "1", "--duration", "2"]).is_err());
+        assert!(parse(&["bench", "--mix-read", "101"]).is_err());
+        assert!(parse(&["bench", "--qd", "0"]).is_err());
+        assert!(parse(&["bench", "--bs", "4q"]).is_err());
+        assert!(parse(&["bench", "--pattern", "zigzag"]).is_err());
+    }
+
+    #[test]
+    fn defaults_per_command() {
+        let NvmeCmd::Discover { target, json } = parse(&["discover", "--json"]).unwrap() else {
+            panic!()
+        };
+        assert!(json);
+        let p = target.params(true).unwrap();
+        assert_eq!(p.addr, "127.0.0.1:8009");
+        assert_eq!(p.subnqn, DISCOVERY_NQN);
+        assert_eq!(p.digests, Digests::default());
+        assert_eq!(p.kato, Duration::from_secs(10));
+        let (nqn, id) = default_host_identity();
+        assert_eq!((p.hostnqn, p.hostid), (nqn, id));
+        let NvmeCmd::Read { target, nsid, .. } = parse(&[
+            "read",
+            "--lba",
+            "0",
+            "--count",
+            "8",
+            "-o",
+            "x",
+            "--hostnqn",
+            "nqn.h",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(nsid, 1);
+        let p = target.params(false).unwrap();
+        assert_eq!(p.addr, "127.0.0.1:4420");
+        assert_eq!(p.hostnqn, "nqn.h");
+        assert_eq!(p.hostid, hostid_for("nqn.h"));
+        assert!(
+            parse(&["read", "--lba", "0", "-o", "x"]).is_err(),
+            "count required"
+        );
+        let NvmeCmd::Verify { pattern, .. } =
+            parse(&["verify", "--lba", "0", "--count", "1", "--pattern", "0x10"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(pattern, 16);
+        let NvmeCmd::Identify { target, .. } =
+            parse(&["identify", "--hostid", "not-a-uuid"]).unwrap()
+        else {
+            panic!()
+        };
+        assert!(target.params(false).is_err());
+    }
+
+    #[test]
+    fn discovery_format() {
+        let mut e = Entry {
+            trtype: disc::TRTYPE_TCP,
+            adrfam: disc::ADRFAM_IPV4,
+            subtype: disc::SUBTYPE_NVM,
+            treq: 0,
+            portid: 1,
+            cntlid: 0xFFFF,
+            asqsz: 32,
+            trsvcid: [0; 32],
+            traddr: [0; 256],
+            subnqn: [0; 256],
+            tsas: [0; 256],
+        };
+        e.trsvcid[..4].copy_from_slice(b"4420");
+        e.traddr[..9].copy_from_slice(b"10.0.2.15");
+        e.subnqn[..DEFAULT_SUBNQN.len()].copy_from_slice(DEFAULT_SUBNQN.as_bytes());
+        let h = Header {
+            genctr: 3,
+            numrec: 1,
+            recfmt: 0,
+        };
+        let s = format_discovery(&h, &[e]);
+        assert!(s.contains("trtype:  tcp\n"), "{s}");
+        assert!(s.contains("traddr:  10.0.2.15\n"), "{s}");
+        assert!(s.contains("trsvcid: 4420\n"), "{s}");
+        assert!(s.contains(&format!("subnqn:  {DEFAULT_SUBNQN}\n")), "{s}");
+        let j = entry_json(&e);
+        assert_eq!(j["traddr"], "10.0.2.15");
+        assert_eq!(j["subtype"], "nvme subsystem");
+    }
+
+    #[test]
+    fn identify_format() {
+        let mut id = IdentifyController {
+            mdts: 5,
+            cntlid: 1,
+            nn: 1024,
+            ioccsz: 516,
+            ..Default::default()
+        };
+        id.subnqn[..4].copy_from_slice(b"nqn.");
+        let mut ns = IdentifyNamespace::decode(&[0; 4096]);
+        ns.nsze = 524288;
+        ns.lbaf[0].lbads = 9;
+        let r = NsReport {
+            nsid: 1,
+            id: ns,
+            ids: None,
+        };
+        let s = format_identify(&id, 128 << 10, 0x10400, std::slice::from_ref(&r));
+        assert!(s.contains("nsze       524288 blocks (256 MiB)"), "{s}");
+        assert!(s.contains("mdts      5 (128 KiB per command)"), "{s}");
+        assert!(
+            s.contains("ioccsz    516 (8192 bytes in-capsule data)"),
+            "{s}"
+        );
+        let j = namespace_json(&r);
+        assert_eq!(j["size_bytes"], 256u64 << 20);
+        assert_eq!(j["block_size"], 512);
+        assert_eq!(j["nguid"], Value::Null);
+    }
+}
