@@ -127,9 +127,11 @@ impl NetStack {
 
     /// The interface's IPv4 address, once it has one.
     pub fn address(&self) -> Option<Ipv4Cidr> {
-        self.iface.ip_addrs().iter().find_map(|a| match a {
-            IpCidr::Ipv4(c) => Some(*c),
-        })
+        self.iface
+            .ip_addrs()
+            .iter()
+            .map(|IpCidr::Ipv4(c)| *c)
+            .next()
     }
 
     /// Starts listening on `port`.

@@ -54,7 +54,17 @@ enum Waiting {
     Command { sqe: [u8; 64], data_len: u32 },
 }
 
+impl Waiting {
+    fn len(&self) -> u32 {
+        match self {
+            Waiting::Buffer { len, .. } | Waiting::Command { data_len: len, .. } => *len,
+        }
+    }
+}
+
 struct Conn {
+    /// Index in `NvmfService::conns`, the cookie of its requests.
+    slot: u32,
     socket: SocketHandle,
     tcp: TargetConnection<NetBuf>,
     queue: QueueId,
@@ -265,7 +275,13 @@ impl NvmfService {
                 return;
             }
         };
+        let slot = self
+            .conns
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.conns.len());
         let conn = Conn {
+            slot: slot as u32,
             socket: a.handle,
             tcp,
             queue,
@@ -274,8 +290,8 @@ impl NvmfService {
             waiting: VecDeque::new(),
             closing: false,
         };
-        match self.conns.iter().position(Option::is_none) {
-            Some(i) => self.conns[i] = Some(conn),
+        match self.conns.get_mut(slot) {
+            Some(free) => *free = Some(conn),
             None => self.conns.push(Some(conn)),
         }
     }
@@ -305,10 +321,7 @@ impl NvmfService {
             CoreEvent::Completion(_, resp) => {
                 let idx = resp.cookie as usize;
                 match conns.get_mut(idx).and_then(Option::as_mut) {
-                    Some(c) => {
-                        let fc = c.fc_disabled;
-                        deliver(c, pool, resp, fc)
-                    }
+                    Some(c) => c.deliver(pool, resp),
                     None => recycle(pool, resp.buf),
                 }
             }
@@ -322,7 +335,7 @@ impl NvmfService {
         }) > 0;
         // Flush what the completions produced.
         for c in self.conns.iter_mut().flatten() {
-            flush(c, net);
+            c.flush(net);
         }
         busy
     }
@@ -348,6 +361,11 @@ impl NvmfService {
         };
         let now_ms = now.as_millis();
         let mut busy = false;
+        let mut cx = Ctx {
+            target: &mut self.target,
+            pool: &mut self.pool,
+            now,
+        };
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // Receive: feed the transport until it stops taking bytes (it stops early when it
         // needs a buffer from us).
@@ -360,14 +378,12 @@ impl NvmfService {
                 Ok(0) | Err(_) => break,
                 Ok(_) => busy = true,
             }
-            if handle_events(c, i, &mut self.target, &mut self.pool, now) {
-                busy = true;
-            }
+            busy |= c.handle_events(&mut cx);
         }
-        busy |= handle_events(c, i, &mut self.target, &mut self.pool, now);
-        busy |= retry_waiting(c, i, &mut self.target, &mut self.pool, now);
+        busy |= c.handle_events(&mut cx);
+        busy |= c.retry_waiting(&mut cx);
         c.tcp.poll_timers(now_ms);
-        flush(c, net);
+        c.flush(net);
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // The peer is gone once the socket closed, or it sent FIN and we consumed everything
         // (a half-closed host sends no more commands).
@@ -407,108 +423,7 @@ fn drain_buffers(mut tcp: TargetConnection<NetBuf>, pool: &mut BufPool) {
     }
 }
 
-/// Hands a controller response to the connection.
-fn deliver(c: &mut Conn, pool: &mut BufPool, resp: Response, fc_disabled: bool) {
-    let cqe = resp.cqe.to_bytes();
-    let data = match resp.buf {
-        Some(b) if resp.data_len > 0 => Some((NetBuf(b), resp.data_len)),
-        other => {
-            recycle(pool, other);
-            None
-        }
-    };
-    if let Err(rejected) = c.tcp.complete(cqe, data, fc_disabled) {
-        recycle(pool, rejected.buf.map(|b| b.0));
-    }
-}
-
-fn submit(
-    c: &mut Conn,
-    idx: usize,
-    target: &mut Target,
-    pool: &mut BufPool,
-    now: Instant,
-    sqe: [u8; 64],
-    buf: Option<IoBuf>,
-    data_len: u32,
-) {
-    let req = Request {
-        sqe: Sqe::from_bytes(&sqe),
-        buf,
-        data_len,
-        cookie: idx as u32,
-    };
-    let resp = target.submit(now, c.queue, req);
-    // After a successful Connect the queue's depth and flow-control mode are known.
-    if !c.depth_set
-        && let Some(info) = target.queue_info(c.queue)
-    {
-        c.tcp.set_queue_depth(info.sqsize.saturating_add(1));
-        c.fc_disabled = info.sq_flow_control_disabled;
-        c.depth_set = true;
-    }
-    if let Some(resp) = resp {
-        let fc = c.fc_disabled;
-        deliver(c, pool, resp, fc);
-    }
-}
-
-/// Fails a command the transport rejected, with the status it chose; the controller core
-/// accounts its submission queue slot.
-fn fail(
-    c: &mut Conn,
-    target: &mut Target,
-    pool: &mut BufPool,
-    now: Instant,
-    sqe: &[u8; 64],
-    status: keel_nvmf_tcp::Status,
-) {
-    let mut st = Status::new(status.sct, status.sc);
-    st.dnr = status.dnr;
-    let req = Request {
-        sqe: Sqe::from_bytes(sqe),
-        buf: None,
-        data_len: 0,
-        cookie: 0,
-    };
-    let resp = target.reject(now, c.queue, req, st);
-    let fc = c.fc_disabled;
-    deliver(c, pool, resp, fc);
-}
-
-/// Acts on the transport's events; returns whether there were any.
-fn handle_events(
-    c: &mut Conn,
-    idx: usize,
-    target: &mut Target,
-    pool: &mut BufPool,
-    now: Instant,
-) -> bool {
-    let mut any = false;
-    while let Some(ev) = c.tcp.poll_event() {
-        any = true;
-        match ev {
-            TcpEvent::Connected { .. } => {}
-            TcpEvent::NeedBuffer { cid, len } => give_buffer(c, pool, cid, len),
-            TcpEvent::Command { sqe, buf, data_len } => match buf {
-                Some(b) => submit(c, idx, target, pool, now, sqe, Some(b.0), data_len),
-                None if data_len == 0 => submit(c, idx, target, pool, now, sqe, None, 0),
-                None => match take(pool, data_len) {
-                    Some(b) => submit(c, idx, target, pool, now, sqe, Some(b), data_len),
-                    None => c.waiting.push_back(Waiting::Command { sqe, data_len }),
-                },
-            },
-            TcpEvent::CommandFailed { sqe, buf, status } => {
-                recycle(pool, buf.map(|b| b.0));
-                fail(c, target, pool, now, &sqe, status);
-            }
-            TcpEvent::BufferReleased { buf, .. } => recycle(pool, Some(buf.0)),
-            TcpEvent::Closed { .. } => c.closing = true,
-        }
-    }
-    any
-}
-
+/// A pool buffer with `len` valid bytes, if the pool has one.
 fn take(pool: &mut BufPool, len: u32) -> Option<IoBuf> {
     let mut b = pool.get()?;
     if (len as usize) > b.capacity() {
@@ -519,56 +434,150 @@ fn take(pool: &mut BufPool, len: u32) -> Option<IoBuf> {
     Some(b)
 }
 
-fn give_buffer(c: &mut Conn, pool: &mut BufPool, cid: u16, len: u32) {
-    match take(pool, len) {
-        Some(b) => {
-            if let Err(r) = c.tcp.provide_buffer(cid, NetBuf(b)) {
-                recycle(pool, r.buf.map(|b| b.0));
-            }
-        }
-        None => c.waiting.push_back(Waiting::Buffer { cid, len }),
-    }
+/// What a connection's command handling needs besides the connection itself.
+struct Ctx<'a> {
+    target: &'a mut Target,
+    pool: &'a mut BufPool,
+    now: Instant,
 }
 
-fn retry_waiting(
-    c: &mut Conn,
-    idx: usize,
-    target: &mut Target,
-    pool: &mut BufPool,
-    now: Instant,
-) -> bool {
-    let mut any = false;
-    while let Some(w) = c.waiting.front() {
-        let len = match w {
-            Waiting::Buffer { len, .. } | Waiting::Command { data_len: len, .. } => *len,
+impl Conn {
+    /// Hands a controller response to the transport.
+    fn deliver(&mut self, pool: &mut BufPool, resp: Response) {
+        let cqe = resp.cqe.to_bytes();
+        let data = match resp.buf {
+            Some(b) if resp.data_len > 0 => Some((NetBuf(b), resp.data_len)),
+            other => {
+                recycle(pool, other);
+                None
+            }
         };
-        let Some(b) = take(pool, len) else { break };
-        any = true;
-        match c.waiting.pop_front() {
-            Some(Waiting::Buffer { cid, .. }) => {
-                if let Err(r) = c.tcp.provide_buffer(cid, NetBuf(b)) {
-                    recycle(pool, r.buf.map(|b| b.0));
+        if let Err(rejected) = self.tcp.complete(cqe, data, self.fc_disabled) {
+            recycle(pool, rejected.buf.map(|b| b.0));
+        }
+    }
+
+    fn submit(&mut self, cx: &mut Ctx<'_>, sqe: [u8; 64], buf: Option<IoBuf>, data_len: u32) {
+        let req = Request {
+            sqe: Sqe::from_bytes(&sqe),
+            buf,
+            data_len,
+            cookie: self.slot,
+        };
+        let resp = cx.target.submit(cx.now, self.queue, req);
+        // After a successful Connect the queue's depth and flow-control mode are known.
+        if !self.depth_set
+            && let Some(info) = cx.target.queue_info(self.queue)
+        {
+            self.tcp.set_queue_depth(info.sqsize.saturating_add(1));
+            self.fc_disabled = info.sq_flow_control_disabled;
+            self.depth_set = true;
+        }
+        if let Some(resp) = resp {
+            self.deliver(cx.pool, resp);
+        }
+    }
+
+    /// Fails a command the transport rejected, with the status it chose; the controller core
+    /// accounts its submission queue slot.
+    fn fail(&mut self, cx: &mut Ctx<'_>, sqe: &[u8; 64], status: keel_nvmf_tcp::Status) {
+        let mut st = Status::new(status.sct, status.sc);
+        st.dnr = status.dnr;
+        let req = Request {
+            sqe: Sqe::from_bytes(sqe),
+            buf: None,
+            data_len: 0,
+            cookie: self.slot,
+        };
+        let resp = cx.target.reject(cx.now, self.queue, req, st);
+        self.deliver(cx.pool, resp);
+    }
+
+    /// Starts work that needs a buffer, or queues it until the pool has one. Work already
+    /// waiting goes first, so commands keep their order.
+    fn start(&mut self, cx: &mut Ctx<'_>, w: Waiting) {
+        let buf = if self.waiting.is_empty() {
+            take(cx.pool, w.len())
+        } else {
+            None
+        };
+        match buf {
+            Some(b) => self.begin(cx, w, b),
+            None => self.waiting.push_back(w),
+        }
+    }
+
+    fn begin(&mut self, cx: &mut Ctx<'_>, w: Waiting, b: IoBuf) {
+        match w {
+            Waiting::Buffer { cid, .. } => {
+                if let Err(r) = self.tcp.provide_buffer(cid, NetBuf(b)) {
+                    recycle(cx.pool, r.buf.map(|b| b.0));
                 }
             }
-            Some(Waiting::Command { sqe, data_len }) => {
-                submit(c, idx, target, pool, now, sqe, Some(b), data_len)
-            }
-            None => recycle(pool, Some(b)),
+            Waiting::Command { sqe, data_len } => self.submit(cx, sqe, Some(b), data_len),
         }
     }
-    any
-}
 
-/// Moves the connection's pending PDUs into the socket's transmit buffer.
-fn flush(c: &mut Conn, net: &mut NetStack) {
-    let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
-    while c.tcp.wants_transmit() && sock.can_send() {
-        let sent = sock.send(|out| {
-            let n = c.tcp.transmit(out);
-            (n, n)
-        });
-        if !matches!(sent, Ok(n) if n > 0) {
-            break;
+    /// Starts waiting work, oldest first, while the pool has buffers; returns whether any
+    /// started.
+    fn retry_waiting(&mut self, cx: &mut Ctx<'_>) -> bool {
+        let mut any = false;
+        while let Some(len) = self.waiting.front().map(Waiting::len) {
+            let Some(b) = take(cx.pool, len) else { break };
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            any = true;
+            self.begin(cx, w, b);
+        }
+        any
+    }
+
+    /// Acts on the transport's events; returns whether there were any.
+    fn handle_events(&mut self, cx: &mut Ctx<'_>) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.tcp.poll_event() {
+            any = true;
+            match ev {
+                TcpEvent::Connected { .. } => {}
+                TcpEvent::NeedBuffer { cid, len } => self.start(cx, Waiting::Buffer { cid, len }),
+                TcpEvent::Command {
+                    sqe,
+                    buf: Some(b),
+                    data_len,
+                } => self.submit(cx, sqe, Some(b.0), data_len),
+                TcpEvent::Command {
+                    sqe,
+                    buf: None,
+                    data_len: 0,
+                } => self.submit(cx, sqe, None, 0),
+                TcpEvent::Command {
+                    sqe,
+                    buf: None,
+                    data_len,
+                } => self.start(cx, Waiting::Command { sqe, data_len }),
+                TcpEvent::CommandFailed { sqe, buf, status } => {
+                    recycle(cx.pool, buf.map(|b| b.0));
+                    self.fail(cx, &sqe, status);
+                }
+                TcpEvent::BufferReleased { buf, .. } => recycle(cx.pool, Some(buf.0)),
+                TcpEvent::Closed { .. } => self.closing = true,
+            }
+        }
+        any
+    }
+
+    /// Moves the connection's pending PDUs into the socket's transmit buffer.
+    fn flush(&mut self, net: &mut NetStack) {
+        let sock = net.sockets.get_mut::<tcp::Socket>(self.socket);
+        while self.tcp.wants_transmit() && sock.can_send() {
+            let sent = sock.send(|out| {
+                let n = self.tcp.transmit(out);
+                (n, n)
+            });
+            if !matches!(sent, Ok(n) if n > 0) {
+                break;
+            }
         }
     }
 }
