@@ -55,56 +55,39 @@ fn build_elf(build: Build) -> PathBuf {
     .clone()
 }
 
-fn write_once(cell: &'static OnceLock<PathBuf>, build: Build, ext: &str, flash: bool) -> PathBuf {
-    cell.get_or_init(|| {
-        let elf = build_elf(build);
-        let raw = keel_host_tools::image::raw_from_elf_file(&elf).expect("converting the ELF");
-        let bytes = if flash {
-            keel_host_tools::image::flash_image(&raw, keel_host_tools::image::VIRT_FLASH_SIZE)
-                .expect("making the flash image")
-        } else {
-            raw.bytes
-        };
-        // Written under a private name, then renamed: test processes may run side by side.
-        let out = elf.with_extension(ext);
-        let tmp = elf.with_extension(format!("{ext}.{}", std::process::id()));
-        std::fs::write(&tmp, bytes).expect("writing the image");
-        std::fs::rename(&tmp, &out).expect("renaming the image");
-        out
-    })
-    .clone()
+/// Builds (once per test process) and returns an image of a build: the raw arm64 Image, or a
+/// 64 MiB pflash image.
+fn artifact(build: Build, flash: bool) -> PathBuf {
+    static CELLS: [OnceLock<PathBuf>; 4] = [const { OnceLock::new() }; 4];
+    CELLS[(build == Build::Test) as usize * 2 + flash as usize]
+        .get_or_init(|| {
+            let elf = build_elf(build);
+            let raw = keel_host_tools::image::raw_from_elf_file(&elf).expect("converting the ELF");
+            let bytes = if flash {
+                keel_host_tools::image::flash_image(&raw, keel_host_tools::image::VIRT_FLASH_SIZE)
+                    .expect("making the flash image")
+            } else {
+                raw.bytes
+            };
+            // Written under a private name, then renamed: test processes may run side by side.
+            let ext = if flash { "flash" } else { "img" };
+            let out = elf.with_extension(ext);
+            let tmp = elf.with_extension(format!("{ext}.{}", std::process::id()));
+            std::fs::write(&tmp, bytes).expect("writing the image");
+            std::fs::rename(&tmp, &out).expect("renaming the image");
+            out
+        })
+        .clone()
 }
 
 /// Builds (once per test process) and returns the raw image of a build.
 pub fn image(build: Build) -> PathBuf {
-    static RELEASE: OnceLock<PathBuf> = OnceLock::new();
-    static TEST: OnceLock<PathBuf> = OnceLock::new();
-    write_once(
-        if build == Build::Release {
-            &RELEASE
-        } else {
-            &TEST
-        },
-        build,
-        "img",
-        false,
-    )
+    artifact(build, false)
 }
 
 /// Builds and returns a 64 MiB pflash image of a build.
 pub fn flash_image(build: Build) -> PathBuf {
-    static RELEASE: OnceLock<PathBuf> = OnceLock::new();
-    static TEST: OnceLock<PathBuf> = OnceLock::new();
-    write_once(
-        if build == Build::Release {
-            &RELEASE
-        } else {
-            &TEST
-        },
-        build,
-        "flash",
-        true,
-    )
+    artifact(build, true)
 }
 
 /// A running QEMU with the firmware.
