@@ -689,6 +689,18 @@ fn finish(c: Controller, q: super::IoQueue) {
     }
 }
 
+/// Runs `f` on an I/O session and closes it cleanly whether `f` succeeded or not.
+fn with_io<T>(
+    target: &TargetArgs,
+    qd: u16,
+    f: impl FnOnce(&Controller, &mut super::IoQueue) -> Result<T>,
+) -> Result<T> {
+    let (c, mut q) = io_session(target, qd)?;
+    let r = f(&c, &mut q);
+    finish(c, q);
+    r
+}
+
 fn check_range(nsid: u32, lba: u64, count: u64, nsze: u64) -> Result<()> {
     if count == 0 {
         bail!("--count must be at least 1");
@@ -715,13 +727,13 @@ fn read(
     qd: u16,
     out: &mut dyn Write,
 ) -> Result<i32> {
-    let (c, mut q) = io_session(target, qd)?;
-    let (bs, nsze) = geometry(&c, nsid)?;
-    check_range(nsid, lba, count, nsze)?;
-    let t0 = Instant::now();
-    let data = q.read(nsid, lba, count, bs)?;
-    let t = t0.elapsed();
-    finish(c, q);
+    let (data, t) = with_io(target, qd, |c, q| {
+        let (bs, nsze) = geometry(c, nsid)?;
+        check_range(nsid, lba, count, nsze)?;
+        let t0 = Instant::now();
+        let data = q.read(nsid, lba, count, bs)?;
+        Ok((data, t0.elapsed()))
+    })?;
     if output.as_os_str() == "-" {
         out.write_all(&data)?;
     } else {
@@ -738,21 +750,21 @@ fn read(
 
 fn write(target: &TargetArgs, nsid: u32, lba: u64, input: &PathBuf, qd: u16) -> Result<i32> {
     let data = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    let (c, mut q) = io_session(target, qd)?;
-    let (bs, nsze) = geometry(&c, nsid)?;
-    if data.is_empty() || !data.len().is_multiple_of(bs as usize) {
-        bail!(
-            "{}: {} bytes is not a positive multiple of the block size {bs}",
-            input.display(),
-            data.len()
-        );
-    }
-    let count = (data.len() / bs as usize) as u64;
-    check_range(nsid, lba, count, nsze)?;
-    let t0 = Instant::now();
-    q.write(nsid, lba, &data, bs)?;
-    let t = t0.elapsed();
-    finish(c, q);
+    let (count, t) = with_io(target, qd, |c, q| {
+        let (bs, nsze) = geometry(c, nsid)?;
+        if data.is_empty() || !data.len().is_multiple_of(bs as usize) {
+            bail!(
+                "{}: {} bytes is not a positive multiple of the block size {bs}",
+                input.display(),
+                data.len()
+            );
+        }
+        let count = (data.len() / bs as usize) as u64;
+        check_range(nsid, lba, count, nsze)?;
+        let t0 = Instant::now();
+        q.write(nsid, lba, &data, bs)?;
+        Ok((count, t0.elapsed()))
+    })?;
     eprintln!(
         "wrote {count} block(s) ({}) to NSID {nsid} LBA {lba} in {:.1} ms ({})",
         human_bytes(data.len() as u64),
@@ -778,31 +790,32 @@ fn verify(
     read_only: bool,
     out: &mut dyn Write,
 ) -> Result<i32> {
-    let (c, mut q) = io_session(target, qd)?;
-    let (bs, nsze) = geometry(&c, nsid)?;
-    check_range(nsid, lba, count, nsze)?;
-    let bs64 = bs as u64;
-    let window = (VERIFY_WINDOW / bs64).max(1);
-    let mut total_bad = 0u64;
-    let mut listed: Vec<u64> = Vec::new();
-    let t0 = Instant::now();
-    let mut done = 0u64;
-    while done < count {
-        let n = window.min(count - done);
-        let first = lba + done;
-        let mut want = vec![0u8; (n * bs64) as usize];
-        fill(&mut want, seed, first * bs64);
-        if !read_only {
-            q.write(nsid, first, &want, bs)?;
+    let (bs64, total_bad, listed, t) = with_io(target, qd, |c, q| {
+        let (bs, nsze) = geometry(c, nsid)?;
+        check_range(nsid, lba, count, nsze)?;
+        let bs64 = bs as u64;
+        let window = (VERIFY_WINDOW / bs64).max(1);
+        let mut total_bad = 0u64;
+        let mut listed: Vec<u64> = Vec::new();
+        let t0 = Instant::now();
+        let mut done = 0u64;
+        while done < count {
+            let n = window.min(count - done);
+            let first = lba + done;
+            let mut want = vec![0u8; (n * bs64) as usize];
+            fill(&mut want, seed, first * bs64);
+            if !read_only {
+                q.write(nsid, first, &want, bs)?;
+            }
+            let got = q.read(nsid, first, n, bs)?;
+            let keep = VERIFY_LIST - listed.len().min(VERIFY_LIST);
+            let (bad, offs) = mismatches(&got, &want, keep);
+            total_bad += bad;
+            listed.extend(offs.into_iter().map(|o| done * bs64 + o as u64));
+            done += n;
         }
-        let got = q.read(nsid, first, n, bs)?;
-        let (bad, offs) = mismatches(&got, &want, VERIFY_LIST - listed.len().min(VERIFY_LIST));
-        total_bad += bad;
-        listed.extend(offs.into_iter().map(|o| done * bs64 + o as u64));
-        done += n;
-    }
-    let t = t0.elapsed();
-    finish(c, q);
+        Ok((bs64, total_bad, listed, t0.elapsed()))
+    })?;
     let bytes = count * bs64;
     writeln!(
         out,

@@ -5,7 +5,7 @@
 use super::error::NvmeError;
 use keel_nvme::Cqe;
 use keel_nvmf_tcp::{Digests, HostConfig, HostConnection, HostEvent};
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -38,9 +38,10 @@ pub struct Connection {
     tx_start: usize,
     tx_end: usize,
     rx: Vec<u8>,
-    finished: HashMap<u16, Finished>,
-    /// CIDs in completion order (for `next_completion`).
-    order: std::collections::VecDeque<u16>,
+    /// Completions taken from the transport while waiting for another CID. Events are pulled
+    /// from the transport only when the caller asks for a completion: the transport frees a
+    /// command slot (and may reuse its CID) as soon as its event is taken.
+    stash: VecDeque<(u16, Finished)>,
     closed: Option<String>,
     epoch: Instant,
     peer: SocketAddr,
@@ -74,8 +75,7 @@ impl Connection {
             tx_start: 0,
             tx_end: 0,
             rx: vec![0; STAGE],
-            finished: HashMap::new(),
-            order: Default::default(),
+            stash: VecDeque::new(),
             closed: None,
             epoch: Instant::now(),
             peer: addr,
@@ -83,6 +83,10 @@ impl Connection {
             digests: Digests::default(),
         };
         while c.maxh2cdata == 0 {
+            let _ = c.next_event();
+            if c.maxh2cdata != 0 {
+                break;
+            }
             if let Some(r) = &c.closed {
                 return Err(NvmeError::Closed {
                     reason: format!("during the ICReq/ICResp exchange with {addr}: {r}"),
@@ -143,16 +147,25 @@ impl Connection {
         Ok(cid)
     }
 
-    /// Waits for the completion of `cid`.
+    /// Waits for the completion of `cid`. Other completions seen meanwhile are kept for
+    /// [`Connection::next_completion`].
     pub fn wait(&mut self, cid: u16, timeout: Duration, what: &str) -> Result<Done, NvmeError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(f) = self.finished.remove(&cid) {
-                self.order.retain(|&c| c != cid);
-                return match f {
-                    Finished::Done(d) => Ok(d),
-                    Finished::Aborted => Err(self.closed_error(what)),
-                };
+            let found = match self.stash.iter().position(|(c, _)| *c == cid) {
+                Some(i) => self.stash.remove(i).map(|(_, f)| f),
+                None => loop {
+                    match self.next_event() {
+                        Some((c, f)) if c == cid => break Some(f),
+                        Some(other) => self.stash.push_back(other),
+                        None => break None,
+                    }
+                },
+            };
+            match found {
+                Some(Finished::Done(d)) => return Ok(d),
+                Some(Finished::Aborted) => return Err(self.closed_error(what)),
+                None => {}
             }
             if self.closed.is_some() {
                 return Err(self.closed_error(what));
@@ -168,7 +181,7 @@ impl Connection {
         }
     }
 
-    /// Waits for any completion (in the order they arrived).
+    /// Waits for any completion, in the order they arrived.
     pub fn next_completion(
         &mut self,
         timeout: Duration,
@@ -176,12 +189,10 @@ impl Connection {
     ) -> Result<(u16, Done), NvmeError> {
         let deadline = Instant::now() + timeout;
         loop {
-            while let Some(cid) = self.order.pop_front() {
-                match self.finished.remove(&cid) {
-                    Some(Finished::Done(d)) => return Ok((cid, d)),
-                    Some(Finished::Aborted) => return Err(self.closed_error(what)),
-                    None => {}
-                }
+            match self.stash.pop_front().or_else(|| self.next_event()) {
+                Some((cid, Finished::Done(d))) => return Ok((cid, d)),
+                Some((_, Finished::Aborted)) => return Err(self.closed_error(what)),
+                None => {}
             }
             if self.closed.is_some() {
                 return Err(self.closed_error(what));
@@ -260,7 +271,6 @@ impl Connection {
         if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
             self.receive()?;
         }
-        self.collect_events();
         self.flush()?;
         Ok(())
     }
@@ -277,7 +287,6 @@ impl Connection {
                 Ok(n) => {
                     let now = self.epoch.elapsed().as_millis() as u64;
                     self.host.recv(now, &self.rx[..n]);
-                    self.collect_events();
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -295,7 +304,8 @@ impl Connection {
         self.closed.get_or_insert(reason);
     }
 
-    fn collect_events(&mut self) {
+    /// The next command event from the transport; connection events are absorbed.
+    fn next_event(&mut self) -> Option<(u16, Finished)> {
         while let Some(ev) = self.host.poll_event() {
             match ev {
                 HostEvent::Connected {
@@ -306,22 +316,17 @@ impl Connection {
                     self.digests = digests;
                 }
                 HostEvent::Completion { cid, cqe, buf } => {
-                    self.finished.insert(
-                        cid,
-                        Finished::Done(Done {
-                            cqe: Cqe::from_bytes(&cqe),
-                            buf,
-                        }),
-                    );
-                    self.order.push_back(cid);
+                    let d = Done {
+                        cqe: Cqe::from_bytes(&cqe),
+                        buf,
+                    };
+                    return Some((cid, Finished::Done(d)));
                 }
-                HostEvent::Aborted { cid, .. } => {
-                    self.finished.insert(cid, Finished::Aborted);
-                    self.order.push_back(cid);
-                }
+                HostEvent::Aborted { cid, .. } => return Some((cid, Finished::Aborted)),
                 HostEvent::Closed { reason } => self.mark_closed(reason.to_string()),
             }
         }
+        None
     }
 
     /// Sends what is queued (best effort, bounded by `timeout`) and shuts the socket down.
