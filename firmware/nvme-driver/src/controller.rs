@@ -1,0 +1,1312 @@
+//! The controller: bring-up (NVMe base 2.0 §3.5.1), admin commands, the I/O path with PRPs
+//! (§4.1.1) and splitting at MDTS, command timeouts → Abort (§5.1) → controller reset, and
+//! recovery from CSTS.CFS (§10.1), all driven by [`Controller::poll`] with the time passed in.
+//!
+//! Recovery is a state machine advanced by `poll`, so a drive that resets never stalls the
+//! poll loop: disable (CC.EN = 0, wait CSTS.RDY = 0 bounded by CAP.TO), fail every outstanding
+//! request back with an error, enable again, re-create the I/O queues, serve again.
+
+use crate::dma::{Dma, DmaRegion};
+use crate::queue::QueuePair;
+use crate::{Registers, backend::DriveBackend};
+use alloc::collections::VecDeque;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::fmt;
+use keel_nvme::cqe::{generic, media, sct};
+use keel_nvme::identify::{
+    IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, cns, oncs,
+};
+use keel_nvme::io::{AbortCommand, DsmCommand, DsmRange, FeaturesCommand, RwCommand};
+use keel_nvme::regs::{Cap, Cc, Csts, Vs, offset};
+use keel_nvme::{AdminOpcode, Cqe, FeatureId, IoOpcode, Sqe, Status};
+use keel_storage::{
+    BlockCompletion, BlockError, BlockOp, BlockRequest, Capabilities, Geometry, RejectReason,
+    Rejected,
+};
+
+/// Driver configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// I/O queue pairs to ask for (the controller may grant fewer).
+    pub io_queues: u16,
+    /// Entries per I/O queue (capped at CAP.MQES + 1); one entry stays free, so depth - 1
+    /// commands can be outstanding per queue.
+    pub queue_depth: u16,
+    /// Entries of the admin queues (2..=4096, capped at CAP.MQES + 1).
+    pub admin_depth: u16,
+    /// A command not completed after this long is aborted.
+    pub io_timeout_ns: u64,
+    /// An aborted command not completed after this much longer causes a controller reset.
+    pub abort_timeout_ns: u64,
+    /// Admin commands during bring-up and recovery fail after this long.
+    pub admin_timeout_ns: u64,
+    /// CSTS is read for CFS at most this often while the controller is online.
+    pub health_check_ns: u64,
+    /// Outstanding commands are checked for timeouts at most this often.
+    pub timeout_scan_ns: u64,
+    /// Largest data transfer per command in bytes (further capped by MDTS and by one PRP
+    /// list page per command).
+    pub max_transfer: u32,
+    /// Size of the zero buffer used to emulate Write Zeroes on drives without it.
+    pub zero_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            io_queues: 4,
+            queue_depth: 128,
+            admin_depth: 32,
+            io_timeout_ns: 10_000_000_000,
+            abort_timeout_ns: 2_000_000_000,
+            admin_timeout_ns: 5_000_000_000,
+            health_check_ns: 100_000_000,
+            timeout_scan_ns: 1_000_000,
+            max_transfer: 1 << 20,
+            zero_buffer: 128 << 10,
+        }
+    }
+}
+
+/// Why a controller could not be brought up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitError {
+    /// DMA memory could not be allocated.
+    NoMemory,
+    /// CAP.CSS does not offer the NVM command set.
+    NoNvmCommandSet,
+    /// CAP.MPSMIN asks for pages larger than the driver supports (64 KiB).
+    PageSize(u32),
+    /// CSTS.RDY stayed 1 after CC.EN was cleared, for CAP.TO.
+    DisableTimeout,
+    /// CSTS.RDY stayed 0 after CC.EN was set, for CAP.TO.
+    EnableTimeout,
+    /// CSTS.CFS was set while enabling.
+    Fatal,
+    /// An admin command did not complete in time.
+    AdminTimeout(u8),
+    /// An admin command failed.
+    AdminFailed(u8, Status),
+    /// The controller granted no I/O queue, or none could be created.
+    NoQueues,
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoMemory => f.write_str("out of DMA memory"),
+            Self::NoNvmCommandSet => f.write_str("controller does not support the NVM command set"),
+            Self::PageSize(p) => write!(f, "minimum memory page size {p} is not supported"),
+            Self::DisableTimeout => {
+                f.write_str("controller did not become idle (CSTS.RDY stayed 1)")
+            }
+            Self::EnableTimeout => {
+                f.write_str("controller did not become ready (CSTS.RDY stayed 0)")
+            }
+            Self::Fatal => f.write_str("controller fatal status (CSTS.CFS) while enabling"),
+            Self::AdminTimeout(op) => write!(f, "admin command {op:#04x} timed out"),
+            Self::AdminFailed(op, s) => write!(f, "admin command {op:#04x} failed: {s}"),
+            Self::NoQueues => f.write_str("no I/O queue could be created"),
+        }
+    }
+}
+
+/// What Identify Controller and the registers said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerInfo {
+    /// PCI vendor ID (VID).
+    pub vid: u16,
+    /// Model number, trimmed.
+    pub model: String,
+    /// Serial number, trimmed.
+    pub serial: String,
+    /// Firmware revision, trimmed.
+    pub firmware: String,
+    /// Version register.
+    pub version: Vs,
+    /// Capabilities register.
+    pub cap: Cap,
+    /// Memory page size in bytes (CC.MPS).
+    pub page_size: u32,
+    /// MDTS in bytes (0 = no limit).
+    pub mdts_bytes: u64,
+    /// Largest transfer per command the driver uses, in bytes.
+    pub max_transfer: u32,
+    /// ONCS.
+    pub oncs: u16,
+    /// VWC.
+    pub vwc: u8,
+    /// SGLS (SGLs are not used; PRPs always are).
+    pub sgls: u32,
+    /// Abort Command Limit (1's based).
+    pub abort_limit: u16,
+    /// I/O queue pairs in use.
+    pub io_queues: u16,
+    /// Entries per I/O queue.
+    pub queue_depth: u16,
+}
+
+/// An active namespace the driver serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Namespace {
+    /// Namespace identifier.
+    pub nsid: u32,
+    /// Block size and count.
+    pub geometry: Geometry,
+    /// What the backend offers.
+    pub caps: Capabilities,
+    /// Write Zeroes is passed through (else emulated with writes of zeroes).
+    pub native_write_zeroes: bool,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DriveStats {
+    /// Commands submitted to I/O queues.
+    pub commands: u64,
+    /// Requests completed (successfully or not).
+    pub requests_done: u64,
+    /// Commands that completed with an error status.
+    pub errors: u64,
+    /// Commands that timed out.
+    pub timeouts: u64,
+    /// Abort commands sent.
+    pub aborts: u64,
+    /// Controller resets started after the controller came up.
+    pub resets: u64,
+    /// Requests failed back because of a reset.
+    pub failed_by_reset: u64,
+    /// Completions for no outstanding command (ignored).
+    pub spurious: u64,
+    /// SQ tail doorbell writes on I/O queues.
+    pub sq_doorbells: u64,
+    /// CQ head doorbell writes on I/O queues.
+    pub cq_doorbells: u64,
+    /// The last error status a command completed with.
+    pub last_error: Option<Status>,
+}
+
+/// Where the controller is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Serving I/O.
+    Online,
+    /// Being reset; requests are refused as busy.
+    Resetting,
+    /// Given up on; requests are refused as invalid (internal error).
+    Dead,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Online,
+    Disabling {
+        deadline: u64,
+    },
+    Enabling {
+        deadline: u64,
+    },
+    /// Enabled, waiting for bring-up's Identify commands.
+    Enabled,
+    Configuring {
+        step: u16,
+        deadline: u64,
+    },
+    Dead,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AdminUse {
+    Free,
+    /// Waited for by bring-up (result stored in `done`).
+    Sync,
+    /// A recovery script step.
+    Script,
+    /// An Abort.
+    Abort,
+}
+
+#[derive(Debug)]
+struct AdminSlot {
+    used: AdminUse,
+    done: Option<Cqe>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    busy: bool,
+    parent: u16,
+    deadline: u64,
+    abort_deadline: Option<u64>,
+    /// This command's PRP list page (also holds a Dataset Management range).
+    prp: DmaRegion,
+}
+
+#[derive(Debug)]
+struct IoQueue {
+    qp: QueuePair,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+}
+
+#[derive(Debug, Default)]
+struct Parent {
+    req: Option<BlockRequest>,
+    ns: u16,
+    remaining: u16,
+    error: Option<BlockError>,
+    /// CPU range of read data to sync for the CPU when done.
+    read_sync: Option<(usize, usize)>,
+}
+
+/// Maps an NVMe completion status onto a block error.
+pub fn block_error(s: Status) -> BlockError {
+    match (s.sct, s.sc) {
+        (sct::GENERIC, generic::LBA_OUT_OF_RANGE) => BlockError::OutOfRange,
+        (sct::GENERIC, generic::INVALID_OPCODE) => BlockError::Unsupported,
+        (sct::MEDIA, media::WRITE_FAULT) => BlockError::WriteFault,
+        (sct::MEDIA, media::UNRECOVERED_READ_ERROR) => BlockError::ReadError,
+        (sct::MEDIA, media::COMPARE_FAILURE) => BlockError::CompareMismatch,
+        _ => BlockError::Internal,
+    }
+}
+
+fn trim(b: &[u8]) -> String {
+    let s = core::str::from_utf8(b).unwrap_or("?");
+    String::from(s.trim_matches(|c: char| c == ' ' || c == '\0'))
+}
+
+fn reject(req: BlockRequest, reason: RejectReason) -> Result<(), Rejected> {
+    Err(Rejected { reason, req })
+}
+
+/// Largest PRP list entries in one list page.
+const PRP_ENTRIES_PER_PAGE: usize = 512;
+
+/// An NVMe controller driven through `R` and `D`.
+pub struct Controller<R: Registers, D: Dma> {
+    regs: R,
+    dma: D,
+    config: Config,
+    cap: Cap,
+    page: usize,
+    cc: Cc,
+    to_ns: u64,
+    phase: Phase,
+    admin: QueuePair,
+    admin_slots: Vec<AdminSlot>,
+    scratch: DmaRegion,
+    info: Option<ControllerInfo>,
+    namespaces: Vec<Namespace>,
+    io: Vec<IoQueue>,
+    io_depth: u16,
+    wanted_queues: u16,
+    parents: Vec<Parent>,
+    parent_free: Vec<u16>,
+    stash: Vec<VecDeque<BlockCompletion>>,
+    in_flight: Vec<usize>,
+    stash_cap: usize,
+    zero: Option<DmaRegion>,
+    next_queue: usize,
+    now: u64,
+    next_health: u64,
+    next_scan: u64,
+    stats: DriveStats,
+}
+
+impl<R: Registers, D: Dma> fmt::Debug for Controller<R, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Controller")
+            .field("phase", &self.phase)
+            .field("info", &self.info)
+            .field("namespaces", &self.namespaces)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Registers, D: Dma> Controller<R, D> {
+    /// Brings a controller up: reset, admin queues, enable, Identify (controller, active
+    /// namespaces, each namespace), Number of Queues, I/O queue pairs. `clock` returns the
+    /// current time in nanoseconds and bounds every wait (CAP.TO, admin timeouts); it is used
+    /// only here.
+    pub fn init(
+        mut regs: R,
+        mut dma: D,
+        config: Config,
+        clock: &mut dyn FnMut() -> u64,
+    ) -> Result<Self, InitError> {
+        let cap = Cap(regs.read64(offset::CAP as usize));
+        if cap.css() & 1 == 0 {
+            return Err(InitError::NoNvmCommandSet);
+        }
+        let page = 4096usize << cap.mpsmin();
+        if cap.mpsmin() > 4 {
+            return Err(InitError::PageSize(page as u32));
+        }
+        let mqes = cap.mqes() as u32 + 1;
+        let admin_depth = (config.admin_depth.clamp(2, 4096) as u32).min(mqes) as u16;
+        let admin = QueuePair::new(&mut dma, 0, admin_depth, page, cap.dstrd())
+            .ok_or(InitError::NoMemory)?;
+        let scratch = dma.alloc(page, page).ok_or(InitError::NoMemory)?;
+        let to_ns = (cap.to().max(1) as u64) * 500_000_000;
+        let cc = Cc::new(false, 0, cap.mpsmin(), 0, Cc::SHN_NONE, 6, 4);
+        let mut c = Self {
+            regs,
+            dma,
+            config,
+            cap,
+            page,
+            cc,
+            to_ns,
+            phase: Phase::Dead,
+            admin,
+            admin_slots: (0..admin_depth - 1)
+                .map(|_| AdminSlot {
+                    used: AdminUse::Free,
+                    done: None,
+                })
+                .collect(),
+            scratch,
+            info: None,
+            namespaces: Vec::new(),
+            io: Vec::new(),
+            io_depth: (config.queue_depth.max(2) as u32).min(mqes) as u16,
+            wanted_queues: config.io_queues.max(1),
+            parents: Vec::new(),
+            parent_free: Vec::new(),
+            stash: Vec::new(),
+            in_flight: Vec::new(),
+            stash_cap: 0,
+            zero: None,
+            next_queue: 0,
+            now: clock(),
+            next_health: 0,
+            next_scan: 0,
+            stats: DriveStats::default(),
+        };
+        // §3.5.1 steps 1-5: disable, wait, admin queues, CC, enable, wait.
+        c.start_disable(c.now);
+        loop {
+            let now = clock();
+            c.step(now);
+            match c.phase {
+                Phase::Enabled => break,
+                Phase::Dead => return Err(c.dead_reason(now)),
+                _ => {}
+            }
+        }
+        c.identify(clock)?;
+        let deadline = clock().saturating_add(c.config.admin_timeout_ns);
+        c.start_script(0, deadline);
+        loop {
+            let now = clock();
+            c.step(now);
+            match c.phase {
+                Phase::Online => break,
+                Phase::Dead => return Err(InitError::NoQueues),
+                _ => {}
+            }
+        }
+        c.now = clock();
+        Ok(c)
+    }
+
+    fn dead_reason(&mut self, _now: u64) -> InitError {
+        let csts = Csts(self.regs.read32(offset::CSTS as usize));
+        if csts.cfs() {
+            InitError::Fatal
+        } else if Cc(self.regs.read32(offset::CC as usize)).en() {
+            InitError::EnableTimeout
+        } else {
+            InitError::DisableTimeout
+        }
+    }
+
+    fn admin_sync(&mut self, sqe: Sqe, clock: &mut dyn FnMut() -> u64) -> Result<Cqe, InitError> {
+        let op = sqe.opcode;
+        let cid = self
+            .admin_submit(sqe, AdminUse::Sync)
+            .ok_or(InitError::AdminTimeout(op))?;
+        let deadline = clock().saturating_add(self.config.admin_timeout_ns.max(self.to_ns));
+        loop {
+            self.reap_admin();
+            if let Some(slot) = self.admin_slots.get_mut(cid as usize)
+                && let Some(cqe) = slot.done.take()
+            {
+                slot.used = AdminUse::Free;
+                return if cqe.status.is_success() {
+                    Ok(cqe)
+                } else {
+                    Err(InitError::AdminFailed(op, cqe.status))
+                };
+            }
+            if Csts(self.regs.read32(offset::CSTS as usize)).cfs() {
+                return Err(InitError::Fatal);
+            }
+            if clock() >= deadline {
+                return Err(InitError::AdminTimeout(op));
+            }
+        }
+    }
+
+    fn read_scratch(&mut self) -> [u8; IDENTIFY_LEN] {
+        self.dma.sync_for_cpu(self.scratch.cpu_addr(), IDENTIFY_LEN);
+        let mut b = [0u8; IDENTIFY_LEN];
+        self.scratch.read_bytes(0, &mut b);
+        b
+    }
+
+    fn identify_sqe(&mut self, cns: u8, nsid: u32) -> Sqe {
+        self.scratch.zero();
+        self.dma
+            .sync_for_device(self.scratch.cpu_addr(), self.scratch.len());
+        IdentifyCommand {
+            cns,
+            cntid: 0,
+            csi: 0,
+            nsid,
+        }
+        .to_sqe(0)
+        .with_prps(self.scratch.dev_addr(), 0)
+    }
+
+    fn identify(&mut self, clock: &mut dyn FnMut() -> u64) -> Result<(), InitError> {
+        let sqe = self.identify_sqe(cns::CONTROLLER, 0);
+        self.admin_sync(sqe, clock)?;
+        let id = IdentifyController::decode(&self.read_scratch());
+        let mdts_bytes = if id.mdts == 0 {
+            0
+        } else {
+            (self.page as u64) << id.mdts.min(40)
+        };
+        let mut max_transfer = (self.config.max_transfer as u64)
+            .min((PRP_ENTRIES_PER_PAGE * self.page) as u64)
+            .max(self.page as u64);
+        if mdts_bytes != 0 {
+            max_transfer = max_transfer.min(mdts_bytes);
+        }
+        // Active namespaces (CNS 02h, NVMe 1.1+); older controllers: 1..=NN.
+        let mut nsids = Vec::new();
+        let sqe = self.identify_sqe(cns::ACTIVE_NS_LIST, 0);
+        match self.admin_sync(sqe, clock) {
+            Ok(_) => {
+                let b = self.read_scratch();
+                for c in b.chunks_exact(4) {
+                    let n = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    if n == 0 {
+                        break;
+                    }
+                    nsids.push(n);
+                }
+            }
+            Err(InitError::AdminFailed(..)) => nsids.extend(1..=id.nn.min(1024)),
+            Err(e) => return Err(e),
+        }
+        let vwc = id.vwc & 1 != 0;
+        for nsid in nsids {
+            let sqe = self.identify_sqe(cns::NAMESPACE, nsid);
+            if let Err(e) = self.admin_sync(sqe, clock) {
+                log::warn!("nvme: Identify Namespace {nsid}: {e}; namespace skipped");
+                continue;
+            }
+            let ns = IdentifyNamespace::decode(&self.read_scratch());
+            let bs = ns.block_size();
+            let fmt = ns.lbaf[(ns.flbas & 0xF) as usize];
+            if ns.nsze == 0 {
+                continue;
+            }
+            if bs == 0 || fmt.ms != 0 {
+                log::warn!(
+                    "nvme: namespace {nsid}: LBA format with {} metadata bytes / LBADS {} not supported; skipped",
+                    fmt.ms,
+                    fmt.lbads
+                );
+                continue;
+            }
+            let dsm = id.oncs & oncs::DSM != 0;
+            self.namespaces.push(Namespace {
+                nsid,
+                geometry: Geometry {
+                    block_size: bs,
+                    blocks: ns.nsze,
+                },
+                caps: Capabilities {
+                    volatile_write_cache: vwc,
+                    flush: true,
+                    fua: true,
+                    write_zeroes: true,
+                    deallocate: dsm,
+                    deallocate_reads_zero: dsm && ns.dlfeat & 7 == 1,
+                    compare: id.oncs & oncs::COMPARE != 0,
+                },
+                native_write_zeroes: id.oncs & oncs::WRITE_ZEROES != 0,
+            });
+        }
+        if self.namespaces.iter().any(|n| !n.native_write_zeroes) {
+            let len = self
+                .config
+                .zero_buffer
+                .max(self.page)
+                .next_multiple_of(self.page);
+            self.zero = Some(self.dma.alloc(len, self.page).ok_or(InitError::NoMemory)?);
+        }
+        self.info = Some(ControllerInfo {
+            vid: id.vid,
+            model: trim(&id.mn),
+            serial: trim(&id.sn),
+            firmware: trim(&id.fr),
+            version: Vs(self.regs.read32(offset::VS as usize)),
+            cap: self.cap,
+            page_size: self.page as u32,
+            mdts_bytes,
+            max_transfer: max_transfer as u32,
+            oncs: id.oncs,
+            vwc: id.vwc,
+            sgls: id.sgls,
+            abort_limit: id.acl as u16 + 1,
+            io_queues: 0,
+            queue_depth: self.io_depth,
+        });
+        Ok(())
+    }
+
+    /// Allocates the I/O queues, slots and request table once the queue count is known.
+    fn allocate_io(&mut self, queues: u16) -> bool {
+        let depth = self.io_depth;
+        for qid in 1..=queues {
+            let Some(qp) = QueuePair::new(&mut self.dma, qid, depth, self.page, self.cap.dstrd())
+            else {
+                break;
+            };
+            let mut slots = Vec::with_capacity(depth as usize - 1);
+            for _ in 0..depth - 1 {
+                let Some(prp) = self.dma.alloc(self.page, self.page) else {
+                    return !self.io.is_empty();
+                };
+                slots.push(Slot {
+                    busy: false,
+                    parent: 0,
+                    deadline: 0,
+                    abort_deadline: None,
+                    prp,
+                });
+            }
+            let free = (0..depth - 1).rev().collect();
+            self.io.push(IoQueue { qp, slots, free });
+        }
+        let total: usize = self.io.iter().map(|q| q.slots.len()).sum();
+        self.parents = (0..total).map(|_| Parent::default()).collect();
+        self.parent_free = (0..total as u16).rev().collect();
+        self.stash_cap = total + 32;
+        self.stash = self
+            .namespaces
+            .iter()
+            .map(|_| VecDeque::with_capacity(self.stash_cap))
+            .collect();
+        self.in_flight = alloc::vec![0; self.namespaces.len()];
+        if let Some(i) = self.info.as_mut() {
+            i.io_queues = self.io.len() as u16;
+        }
+        !self.io.is_empty()
+    }
+
+    // ---- state machine ----------------------------------------------------------------
+
+    fn start_disable(&mut self, now: u64) {
+        let cc = Cc(self.regs.read32(offset::CC as usize));
+        self.regs.write32(offset::CC as usize, cc.0 & !1);
+        self.phase = Phase::Disabling {
+            deadline: now.saturating_add(self.to_ns),
+        };
+    }
+
+    /// Starts a controller reset (a command timed out after Abort, or CSTS.CFS).
+    fn begin_reset(&mut self, now: u64, why: &str) {
+        if matches!(self.phase, Phase::Dead) {
+            return;
+        }
+        log::warn!("nvme: {why}; resetting the controller");
+        self.stats.resets += 1;
+        self.start_disable(now);
+    }
+
+    fn enable(&mut self, now: u64) {
+        self.admin.reset(&mut self.dma);
+        for s in self.admin_slots.iter_mut() {
+            s.used = AdminUse::Free;
+            s.done = None;
+        }
+        let d = self.admin.depth as u32 - 1;
+        self.regs.write32(offset::AQA as usize, d | (d << 16));
+        self.regs
+            .write64(offset::ASQ as usize, self.admin.sq_addr());
+        self.regs
+            .write64(offset::ACQ as usize, self.admin.cq_addr());
+        // CC.MPS, CSS, AMS, IOSQES and IOCQES are set in the same write as EN (§3.5.1 step 6).
+        self.regs.write32(offset::CC as usize, self.cc.0 | 1);
+        self.phase = Phase::Enabling {
+            deadline: now.saturating_add(self.to_ns),
+        };
+    }
+
+    fn start_script(&mut self, step: u16, deadline: u64) {
+        let sqe = match self.script_sqe(step) {
+            Some(s) => s,
+            None => {
+                self.phase = Phase::Online;
+                return;
+            }
+        };
+        if self.admin_submit(sqe, AdminUse::Script).is_none() {
+            self.phase = Phase::Dead;
+            return;
+        }
+        self.admin.ring(&mut self.regs);
+        self.phase = Phase::Configuring { step, deadline };
+    }
+
+    /// The admin command of a configuration step: 0 = Set Features Number of Queues, then
+    /// Create I/O CQ and Create I/O SQ for each queue; `None` after the last.
+    fn script_sqe(&self, step: u16) -> Option<Sqe> {
+        if step == 0 {
+            let n = self.wanted_queues - 1;
+            return Some(FeaturesCommand::set_sqe(
+                0,
+                FeatureId::NumberOfQueues as u8,
+                keel_nvme::io::number_of_queues(n, n),
+            ));
+        }
+        let q = self.io.get(((step - 1) / 2) as usize)?;
+        let qsize = (q.qp.depth as u32 - 1) << 16;
+        let qid = q.qp.qid as u32;
+        Some(if step % 2 == 1 {
+            // Create I/O Completion Queue: physically contiguous (PC), interrupts off (IEN 0).
+            Sqe::new(AdminOpcode::CreateIoCq as u8, 0)
+                .with_cdw(10, qsize | qid)
+                .with_cdw(11, 1)
+                .with_prps(q.qp.cq_addr(), 0)
+        } else {
+            // Create I/O Submission Queue bound to the CQ of the same id, PC, priority 0.
+            Sqe::new(AdminOpcode::CreateIoSq as u8, 0)
+                .with_cdw(10, qsize | qid)
+                .with_cdw(11, (qid << 16) | 1)
+                .with_prps(q.qp.sq_addr(), 0)
+        })
+    }
+
+    fn script_done(&mut self, step: u16, cqe: Cqe, now: u64) {
+        if !cqe.status.is_success() {
+            log::error!(
+                "nvme: configuration step {step} failed: {}; giving up on the controller",
+                cqe.status
+            );
+            self.go_dead();
+            return;
+        }
+        if step == 0 {
+            let granted = ((cqe.dw0 & 0xFFFF).min(cqe.dw0 >> 16) + 1) as u16;
+            let n = granted.min(self.wanted_queues);
+            if self.io.is_empty() {
+                if !self.allocate_io(n) {
+                    self.go_dead();
+                    return;
+                }
+            } else if (n as usize) < self.io.len() {
+                log::error!("nvme: controller now grants {n} queue(s), fewer than before");
+                self.go_dead();
+                return;
+            }
+        }
+        let deadline = now.saturating_add(self.config.admin_timeout_ns);
+        self.start_script(step + 1, deadline);
+        if self.phase == Phase::Online {
+            self.next_health = now.saturating_add(self.config.health_check_ns);
+        }
+    }
+
+    fn go_dead(&mut self) {
+        self.phase = Phase::Dead;
+        self.fail_all();
+    }
+
+    /// Advances the state machine (not the I/O path).
+    fn step(&mut self, now: u64) {
+        match self.phase {
+            Phase::Online | Phase::Enabled | Phase::Dead => {}
+            Phase::Disabling { deadline } => {
+                let csts = Csts(self.regs.read32(offset::CSTS as usize));
+                if !csts.rdy() {
+                    // The controller is idle: nothing it was given will be touched again.
+                    self.fail_all();
+                    for q in self.io.iter_mut() {
+                        q.qp.reset(&mut self.dma);
+                    }
+                    self.enable(now);
+                } else if now >= deadline {
+                    log::error!("nvme: controller did not become idle; giving up on it");
+                    self.go_dead();
+                }
+            }
+            Phase::Enabling { deadline } => {
+                let csts = Csts(self.regs.read32(offset::CSTS as usize));
+                if csts.cfs() {
+                    log::error!("nvme: controller fatal status while enabling; giving up on it");
+                    self.go_dead();
+                } else if csts.rdy() {
+                    if self.info.is_none() {
+                        self.phase = Phase::Enabled;
+                    } else {
+                        self.start_script(0, now.saturating_add(self.config.admin_timeout_ns));
+                    }
+                } else if now >= deadline {
+                    log::error!("nvme: controller did not become ready; giving up on it");
+                    self.go_dead();
+                }
+            }
+            Phase::Configuring { step, deadline } => {
+                self.reap_admin();
+                let done = self
+                    .admin_slots
+                    .iter_mut()
+                    .find(|s| s.used == AdminUse::Script && s.done.is_some());
+                if let Some(s) = done {
+                    let cqe = s.done.take().unwrap_or_default();
+                    s.used = AdminUse::Free;
+                    self.script_done(step, cqe, now);
+                } else if now >= deadline || Csts(self.regs.read32(offset::CSTS as usize)).cfs() {
+                    log::error!("nvme: configuration step {step} did not complete; giving up");
+                    self.go_dead();
+                }
+            }
+        }
+    }
+
+    // ---- admin queue -------------------------------------------------------------------
+
+    fn admin_submit(&mut self, mut sqe: Sqe, used: AdminUse) -> Option<u16> {
+        let cid = self
+            .admin_slots
+            .iter()
+            .position(|s| s.used == AdminUse::Free)? as u16;
+        sqe.cid = cid;
+        if !self.admin.push(&mut self.dma, &sqe) {
+            return None;
+        }
+        let slot = &mut self.admin_slots[cid as usize];
+        slot.used = used;
+        slot.done = None;
+        if used == AdminUse::Sync {
+            self.admin.ring(&mut self.regs);
+        }
+        Some(cid)
+    }
+
+    fn reap_admin(&mut self) {
+        while let Some(cqe) = self.admin.pop(&mut self.dma) {
+            match self.admin_slots.get_mut(cqe.cid as usize) {
+                Some(s) if s.used == AdminUse::Abort => s.used = AdminUse::Free,
+                Some(s) if s.used != AdminUse::Free => s.done = Some(cqe),
+                _ => self.stats.spurious += 1,
+            }
+        }
+        self.admin.ack(&mut self.regs);
+    }
+
+    // ---- I/O path ----------------------------------------------------------------------
+
+    /// Builds PRP1/PRP2 for `len` bytes at device address `addr` (§4.1.1), writing a PRP list
+    /// into `list` when the transfer spans more than two memory pages.
+    fn prps(dma: &mut D, page: usize, list: &mut DmaRegion, addr: u64, len: usize) -> (u64, u64) {
+        let off = (addr % page as u64) as usize;
+        let first = len.min(page - off);
+        if len <= first {
+            return (addr, 0);
+        }
+        let second = addr - off as u64 + page as u64;
+        let rest = len - first;
+        if rest <= page {
+            return (addr, second);
+        }
+        let n = rest.div_ceil(page);
+        for i in 0..n {
+            list.write_u64(i * 8, second + (i * page) as u64);
+        }
+        dma.sync_for_device(list.cpu_addr(), n * 8);
+        (addr, list.dev_addr())
+    }
+
+    /// Queues a request for namespace index `ns`. The SQ tail doorbell is written by the next
+    /// [`Controller::ring`] / poll, once for every request queued meanwhile.
+    pub fn submit(&mut self, ns: usize, mut req: BlockRequest) -> Result<(), Rejected> {
+        match self.phase {
+            Phase::Online => {}
+            Phase::Dead => return reject(req, RejectReason::Invalid(BlockError::Internal)),
+            _ => return reject(req, RejectReason::Busy),
+        }
+        let Some(n) = self.namespaces.get(ns).copied() else {
+            return reject(req, RejectReason::Invalid(BlockError::Internal));
+        };
+        let range = match req.validate(n.geometry, n.caps) {
+            Ok(r) => r,
+            Err(e) => return reject(req, RejectReason::Invalid(e)),
+        };
+        if self.stash[ns].len() + self.in_flight[ns] >= self.stash_cap {
+            return reject(req, RejectReason::Busy);
+        }
+        let bs = n.geometry.block_size as u64;
+        let max_blocks =
+            (self.info.as_ref().map_or(0, |i| i.max_transfer) as u64 / bs).clamp(1, 65536) as u32;
+        // (opcode, blocks per command, data source)
+        enum Data {
+            None,
+            Buf(u64),
+            Zero,
+        }
+        let (opcode, per_cmd, data) = match req.op {
+            BlockOp::Flush if !n.caps.volatile_write_cache => {
+                // No volatile write cache: every completed write is already durable.
+                self.stash[ns].push_back(BlockCompletion {
+                    tag: req.tag,
+                    result: Ok(()),
+                    buf: req.buf.take(),
+                });
+                return Ok(());
+            }
+            BlockOp::Flush => (IoOpcode::Flush, u32::MAX, Data::None),
+            BlockOp::Deallocate => (IoOpcode::DatasetManagement, u32::MAX, Data::None),
+            BlockOp::WriteZeroes { .. } if n.native_write_zeroes => {
+                (IoOpcode::WriteZeroes, 65536, Data::None)
+            }
+            BlockOp::WriteZeroes { .. } => {
+                let zl = self.zero.as_ref().map_or(0, |z| z.len()) as u64;
+                let blocks = (zl / bs).clamp(1, max_blocks as u64) as u32;
+                if zl < bs {
+                    return reject(req, RejectReason::Invalid(BlockError::Unsupported));
+                }
+                (IoOpcode::Write, blocks, Data::Zero)
+            }
+            BlockOp::Read | BlockOp::Write { .. } | BlockOp::Compare => {
+                let op = match req.op {
+                    BlockOp::Read => IoOpcode::Read,
+                    BlockOp::Compare => IoOpcode::Compare,
+                    _ => IoOpcode::Write,
+                };
+                let base = req.buf.as_ref().map_or(0, |b| b.dma_addr()) + range.start as u64;
+                if !base.is_multiple_of(4) {
+                    // PRP entries must be dword aligned (§4.1.1).
+                    return reject(req, RejectReason::Invalid(BlockError::BufferTooSmall));
+                }
+                (op, max_blocks, Data::Buf(base))
+            }
+        };
+        let count = if per_cmd == u32::MAX {
+            1
+        } else {
+            req.blocks.div_ceil(per_cmd) as usize
+        };
+        if count > self.io.first().map_or(0, |q| q.slots.len()) {
+            return reject(req, RejectReason::Invalid(BlockError::Unsupported));
+        }
+        let nq = self.io.len();
+        let Some(qi) = (0..nq)
+            .map(|i| (self.next_queue + i) % nq)
+            .find(|&i| self.io[i].free.len() >= count && !self.io[i].qp.is_full())
+        else {
+            return reject(req, RejectReason::Busy);
+        };
+        let Some(pi) = self.parent_free.pop() else {
+            return reject(req, RejectReason::Busy);
+        };
+        self.next_queue = (qi + 1) % nq;
+        let fua = match req.op {
+            BlockOp::Write { fua } | BlockOp::WriteZeroes { fua, .. } => fua,
+            _ => false,
+        };
+        let deac = matches!(
+            req.op,
+            BlockOp::WriteZeroes {
+                deallocate: true,
+                ..
+            }
+        );
+        // Data buffer: visible to the device before any command referencing it is.
+        let mut read_sync = None;
+        if let (Data::Buf(_), Some(b)) = (&data, req.buf.as_mut()) {
+            let cpu = b.capacity_mut().as_mut_ptr() as usize + range.start;
+            self.dma.sync_for_device(cpu, range.len());
+            if req.op == BlockOp::Read {
+                read_sync = Some((cpu, range.len()));
+            }
+        }
+        let deadline = self.now.saturating_add(self.config.io_timeout_ns);
+        let q = &mut self.io[qi];
+        for i in 0..count {
+            let Some(cid) = q.free.pop() else { break };
+            let slot = &mut q.slots[cid as usize];
+            let lba = req.lba + i as u64 * per_cmd as u64;
+            let blocks = if per_cmd == u32::MAX {
+                req.blocks
+            } else {
+                per_cmd.min(req.blocks - i as u32 * per_cmd)
+            };
+            let rw = RwCommand {
+                slba: lba,
+                nlb: blocks.saturating_sub(1) as u16,
+                deac,
+                fua,
+                lr: false,
+                prinfo: 0,
+            };
+            let sqe = match (&data, req.op) {
+                (_, BlockOp::Flush) => Sqe::new(opcode as u8, cid).with_nsid(n.nsid),
+                (_, BlockOp::Deallocate) => {
+                    let r = DsmRange {
+                        cattr: 0,
+                        nlb: blocks,
+                        slba: lba,
+                    };
+                    slot.prp.write_bytes(0, &r.to_bytes());
+                    self.dma
+                        .sync_for_device(slot.prp.cpu_addr(), DsmRange::SIZE);
+                    DsmCommand {
+                        nr: 0,
+                        idr: false,
+                        idw: false,
+                        ad: true,
+                    }
+                    .to_sqe(cid, n.nsid)
+                    .with_prps(slot.prp.dev_addr(), 0)
+                }
+                (Data::None, _) => rw.to_sqe(opcode as u8, cid, n.nsid),
+                (Data::Buf(base), _) => {
+                    let addr = base + (i as u64 * per_cmd as u64 * bs);
+                    let (p1, p2) = Self::prps(
+                        &mut self.dma,
+                        self.page,
+                        &mut slot.prp,
+                        addr,
+                        blocks as usize * bs as usize,
+                    );
+                    rw.to_sqe(opcode as u8, cid, n.nsid).with_prps(p1, p2)
+                }
+                (Data::Zero, _) => {
+                    let addr = self.zero.as_ref().map_or(0, |z| z.dev_addr());
+                    let (p1, p2) = Self::prps(
+                        &mut self.dma,
+                        self.page,
+                        &mut slot.prp,
+                        addr,
+                        blocks as usize * bs as usize,
+                    );
+                    rw.to_sqe(opcode as u8, cid, n.nsid).with_prps(p1, p2)
+                }
+            };
+            slot.busy = true;
+            slot.parent = pi;
+            slot.deadline = deadline;
+            slot.abort_deadline = None;
+            q.qp.push(&mut self.dma, &sqe);
+            self.stats.commands += 1;
+        }
+        self.parents[pi as usize] = Parent {
+            req: Some(req),
+            ns: ns as u16,
+            remaining: count as u16,
+            error: None,
+            read_sync,
+        };
+        self.in_flight[ns] += 1;
+        Ok(())
+    }
+
+    /// Writes the SQ tail doorbell of every queue with new entries (once per batch).
+    pub fn ring(&mut self) {
+        for q in self.io.iter_mut() {
+            if q.qp.ring(&mut self.regs) {
+                self.stats.sq_doorbells += 1;
+            }
+        }
+    }
+
+    fn finish(&mut self, pi: u16) {
+        let Some(p) = self.parents.get_mut(pi as usize) else {
+            return;
+        };
+        let Some(req) = p.req.take() else { return };
+        let result = match p.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        if let (Ok(()), Some((cpu, len))) = (result, p.read_sync.take()) {
+            self.dma.sync_for_cpu(cpu, len);
+        }
+        let ns = p.ns as usize;
+        self.in_flight[ns] -= 1;
+        self.stash[ns].push_back(BlockCompletion {
+            tag: req.tag,
+            result,
+            buf: req.buf,
+        });
+        self.parent_free.push(pi);
+        self.stats.requests_done += 1;
+    }
+
+    fn reap_io(&mut self) -> usize {
+        let mut n = 0;
+        for qi in 0..self.io.len() {
+            while let Some(cqe) = self.io[qi].qp.pop(&mut self.dma) {
+                n += 1;
+                let q = &mut self.io[qi];
+                let Some(slot) = q.slots.get_mut(cqe.cid as usize).filter(|s| s.busy) else {
+                    self.stats.spurious += 1;
+                    continue;
+                };
+                slot.busy = false;
+                let pi = slot.parent;
+                q.free.push(cqe.cid);
+                let p = &mut self.parents[pi as usize];
+                if !cqe.status.is_success() {
+                    p.error.get_or_insert(block_error(cqe.status));
+                    self.stats.errors += 1;
+                    self.stats.last_error = Some(cqe.status);
+                }
+                p.remaining = p.remaining.saturating_sub(1);
+                if p.remaining == 0 {
+                    self.finish(pi);
+                }
+            }
+            if self.io[qi].qp.ack(&mut self.regs) {
+                self.stats.cq_doorbells += 1;
+            }
+        }
+        n
+    }
+
+    /// Fails every outstanding request with an internal error (after the controller stopped,
+    /// or when giving up on it).
+    fn fail_all(&mut self) {
+        for q in self.io.iter_mut() {
+            for (cid, s) in q.slots.iter_mut().enumerate() {
+                if s.busy {
+                    s.busy = false;
+                    q.free.push(cid as u16);
+                }
+            }
+        }
+        for pi in 0..self.parents.len() {
+            if self.parents[pi].req.is_some() {
+                let p = &mut self.parents[pi];
+                p.error.get_or_insert(BlockError::Internal);
+                p.read_sync = None;
+                self.stats.failed_by_reset += 1;
+                self.finish(pi as u16);
+            }
+        }
+        for s in self.admin_slots.iter_mut() {
+            if s.used == AdminUse::Abort {
+                s.used = AdminUse::Free;
+            }
+        }
+    }
+
+    fn check_timeouts(&mut self, now: u64) {
+        let mut reset = false;
+        for qi in 0..self.io.len() {
+            let qid = self.io[qi].qp.qid;
+            for cid in 0..self.io[qi].slots.len() {
+                let s = &self.io[qi].slots[cid];
+                if !s.busy {
+                    continue;
+                }
+                match s.abort_deadline {
+                    None if now >= s.deadline => {
+                        self.stats.timeouts += 1;
+                        let abort = AbortCommand {
+                            sqid: qid,
+                            cid: cid as u16,
+                        }
+                        .to_sqe(0);
+                        let outstanding = self
+                            .admin_slots
+                            .iter()
+                            .filter(|a| a.used == AdminUse::Abort)
+                            .count();
+                        let limit = self.info.as_ref().map_or(1, |i| i.abort_limit) as usize;
+                        if outstanding < limit
+                            && self.admin_submit(abort, AdminUse::Abort).is_some()
+                        {
+                            self.stats.aborts += 1;
+                            log::warn!("nvme: command {cid} on queue {qid} timed out; aborting it");
+                        }
+                        self.io[qi].slots[cid].abort_deadline =
+                            Some(now.saturating_add(self.config.abort_timeout_ns));
+                    }
+                    Some(d) if now >= d => reset = true,
+                    _ => {}
+                }
+            }
+        }
+        self.admin.ring(&mut self.regs);
+        if reset {
+            self.begin_reset(now, "an aborted command did not complete");
+        }
+    }
+
+    /// One pass: rings doorbells, reaps completions, checks timeouts and controller health,
+    /// advances a reset. Completions are parked per namespace for the namespaces'
+    /// [`DriveBackend`]s. Returns whether anything happened.
+    pub fn poll(&mut self, now: u64) -> bool {
+        self.now = now;
+        if self.phase != Phase::Online {
+            let before = self.phase;
+            self.step(now);
+            return before != self.phase;
+        }
+        self.ring();
+        let n = self.reap_io();
+        self.reap_admin();
+        if now >= self.next_scan {
+            self.next_scan = now.saturating_add(self.config.timeout_scan_ns);
+            self.check_timeouts(now);
+        }
+        if self.phase == Phase::Online && now >= self.next_health {
+            self.next_health = now.saturating_add(self.config.health_check_ns);
+            let csts = Csts(self.regs.read32(offset::CSTS as usize));
+            if csts.cfs() {
+                self.begin_reset(now, "controller fatal status (CSTS.CFS)");
+            } else if !csts.rdy() {
+                self.begin_reset(now, "controller no longer ready");
+            }
+        }
+        n > 0
+    }
+
+    /// Rings doorbells and reaps completions without advancing time (what a namespace
+    /// backend's `poll` does).
+    pub fn service(&mut self) -> usize {
+        if self.phase != Phase::Online {
+            return 0;
+        }
+        self.ring();
+        self.reap_io()
+    }
+
+    /// The next parked completion of namespace index `ns`.
+    pub fn take_completion(&mut self, ns: usize) -> Option<BlockCompletion> {
+        self.stash.get_mut(ns)?.pop_front()
+    }
+
+    /// Where the controller is.
+    pub fn state(&self) -> State {
+        match self.phase {
+            Phase::Online => State::Online,
+            Phase::Dead => State::Dead,
+            _ => State::Resetting,
+        }
+    }
+
+    /// Identify Controller summary.
+    pub fn info(&self) -> Option<&ControllerInfo> {
+        self.info.as_ref()
+    }
+
+    /// Active namespaces served.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DriveStats {
+        let mut s = self.stats;
+        s.sq_doorbells = self.io.iter().map(|q| q.qp.doorbells.0).sum();
+        s.cq_doorbells = self.io.iter().map(|q| q.qp.doorbells.1).sum();
+        s
+    }
+
+    /// The time of the last poll (or of the end of bring-up).
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Commands outstanding on the I/O queues.
+    pub fn outstanding(&self) -> usize {
+        self.io.iter().map(|q| q.slots.len() - q.free.len()).sum()
+    }
+
+    /// The register seam (tests inspect the fake through it).
+    pub fn regs(&mut self) -> &mut R {
+        &mut self.regs
+    }
+}
+
+/// A controller shared by its namespaces' backends; what the poll loop keeps and polls.
+pub struct Drive<R: Registers, D: Dma> {
+    ctrl: Rc<RefCell<Controller<R, D>>>,
+}
+
+impl<R: Registers, D: Dma> fmt::Debug for Drive<R, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Drive")
+    }
+}
+
+impl<R: Registers, D: Dma> Drive<R, D> {
+    /// Brings the controller up (see [`Controller::init`]).
+    pub fn init(
+        regs: R,
+        dma: D,
+        config: Config,
+        clock: &mut dyn FnMut() -> u64,
+    ) -> Result<Self, InitError> {
+        Ok(Self {
+            ctrl: Rc::new(RefCell::new(Controller::init(regs, dma, config, clock)?)),
+        })
+    }
+
+    /// One pass of the controller (see [`Controller::poll`]); call it from the poll loop with
+    /// the current time. Returns whether anything happened.
+    pub fn poll(&self, now: u64) -> bool {
+        self.ctrl.try_borrow_mut().is_ok_and(|mut c| c.poll(now))
+    }
+
+    /// A block backend for namespace index `i` of [`Drive::namespaces`].
+    pub fn backend(&self, i: usize) -> Option<DriveBackend<R, D>> {
+        let c = self.ctrl.try_borrow().ok()?;
+        let ns = *c.namespaces().get(i)?;
+        Some(DriveBackend::new(self.ctrl.clone(), i, ns))
+    }
+
+    /// Active namespaces.
+    pub fn namespaces(&self) -> Vec<Namespace> {
+        self.ctrl
+            .try_borrow()
+            .map(|c| c.namespaces().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Identify Controller summary.
+    pub fn info(&self) -> Option<ControllerInfo> {
+        self.ctrl.try_borrow().ok()?.info().cloned()
+    }
+
+    /// Where the controller is.
+    pub fn state(&self) -> State {
+        self.ctrl.try_borrow().map_or(State::Online, |c| c.state())
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DriveStats {
+        self.ctrl
+            .try_borrow()
+            .map(|c| c.stats())
+            .unwrap_or_default()
+    }
+
+    /// Runs `f` on the controller (tests, diagnostics).
+    pub fn with<T>(&self, f: impl FnOnce(&mut Controller<R, D>) -> T) -> Option<T> {
+        Some(f(&mut *self.ctrl.try_borrow_mut().ok()?))
+    }
+}
