@@ -457,9 +457,10 @@ fn linux_initiator_writes_and_reads_back_with_digests_off_and_on() {
     for what in ["discovery", "digests=none", "digests=data", "digests=both"] {
         assert!(
             passed(&out, what),
-            "{what}: {}\nguest evidence:\n{evidence}\nfirmware console:\n{}",
+            "{what}: {}\nguest evidence:\n{evidence}\nfirmware console:\n{}\ncapture kept: {}",
             marker(&out, what).unwrap_or("no result line (guest hung or crashed?)"),
-            fw.qemu.console()
+            fw.qemu.console(),
+            fw.pcap.display()
         );
     }
     // The orderly disconnects are checked by linux_initiator_disconnects_cleanly; here they are
@@ -520,9 +521,10 @@ fn linux_initiator_disconnects_cleanly() {
     );
     assert!(
         passed(&out, "digests=none disconnect"),
-        "{}\nguest evidence:\n{}",
+        "{}\nguest evidence:\n{}\ncapture kept: {}",
         marker(&out, "digests=none disconnect").unwrap_or("no disconnect result line"),
-        guest_evidence(&out)
+        guest_evidence(&out),
+        fw.pcap.display()
     );
     assert!(
         alive(fw.qemu.pid()),
