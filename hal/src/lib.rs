@@ -20,4 +20,6 @@ pub mod gic;
 pub mod pcie;
 pub mod pl011;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod nvme;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod virtio_net;

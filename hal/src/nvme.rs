@@ -1,0 +1,111 @@
+//! NVMe drives over PCIe: the register and DMA seams of `keel-nvme-driver` for the firmware.
+//!
+//! - [`Bar0`]: the controller's registers (NVMe base 2.0 §3.1) in BAR0, through `safe-mmio`
+//!   (no references to device memory). Every write is preceded by `dmb oshst`, so queue
+//!   entries written to RAM are visible to the device before the doorbell that announces
+//!   them (what Linux's `writel` does).
+//! - [`HeapDma`]: DMA memory from the heap, which the firmware identity-maps (device address =
+//!   CPU address) as normal cacheable memory. QEMU's devices are cache coherent, so cache
+//!   maintenance is empty; a non-coherent board must clean (`dc cvac`, or `dc civac` before
+//!   the device writes) every line of the range in `sync_for_device` and invalidate
+//!   (`dc ivac`) in `sync_for_cpu`, each followed by `dsb sy`, and must give the driver
+//!   cache-line aligned buffers.
+
+extern crate alloc;
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+pub use keel_nvme_driver as driver;
+use keel_nvme_driver::{Dma, DmaRegion, Registers};
+use safe_mmio::{UniqueMmioPointer, fields::ReadWrite};
+
+/// A drive as the poll loop keeps it.
+pub type NvmeDrive = keel_nvme_driver::Drive<Bar0, HeapDma>;
+/// One namespace of a drive as a block backend.
+pub type NvmeBackend = keel_nvme_driver::DriveBackend<Bar0, HeapDma>;
+
+/// BAR0 of an NVMe function.
+#[derive(Debug)]
+pub struct Bar0 {
+    regs: UniqueMmioPointer<'static, [ReadWrite<u32>]>,
+}
+
+impl Bar0 {
+    /// Wraps BAR0 at `base` (CPU address) of `size` bytes. `None` for a null base or a BAR
+    /// too small to hold the registers and the admin doorbells.
+    ///
+    /// # Safety
+    /// `base..base + size` must be the assigned BAR0 of an NVMe controller, mapped as device
+    /// memory for the rest of the program, and driven by nothing else.
+    pub unsafe fn new(base: usize, size: usize) -> Option<Self> {
+        if size < 0x1008 {
+            return None;
+        }
+        let ptr = NonNull::new(base as *mut ReadWrite<u32>)?;
+        let slice = NonNull::slice_from_raw_parts(ptr, size / 4);
+        // SAFETY: guaranteed by the caller.
+        let regs = unsafe { UniqueMmioPointer::new(slice) };
+        Some(Self { regs })
+    }
+}
+
+impl Registers for Bar0 {
+    fn read32(&mut self, offset: usize) -> u32 {
+        if !offset.is_multiple_of(4) {
+            return u32::MAX;
+        }
+        match self.regs.get(offset / 4) {
+            Some(mut r) => r.read(),
+            None => u32::MAX,
+        }
+    }
+
+    fn write32(&mut self, offset: usize, value: u32) {
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        // Order earlier stores to DMA memory (queue entries, PRP lists) before the register
+        // write that makes the device read them.
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a barrier instruction: no memory access, no stack, no flags.
+        unsafe {
+            core::arch::asm!("dmb oshst", options(nostack, preserves_flags))
+        };
+        if let Some(mut r) = self.regs.get(offset / 4) {
+            r.write(value);
+        }
+    }
+}
+
+/// Identity-mapped, coherent DMA memory from the heap.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeapDma;
+
+// SAFETY: `alloc` returns zeroed memory from the global allocator, aligned as asked, leaked
+// (never freed, so valid forever) and owned by nothing else; the firmware identity-maps RAM,
+// so the device reaches byte i at `address + i`.
+unsafe impl Dma for HeapDma {
+    fn alloc(&mut self, size: usize, align: usize) -> Option<DmaRegion> {
+        let layout = Layout::from_size_align(size.max(1).next_multiple_of(align), align).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
+        // SAFETY: freshly allocated and never freed, used only through this region and by the
+        // device, at its identity-mapped physical address.
+        Some(unsafe { DmaRegion::new(ptr, ptr.as_ptr() as u64, size) })
+    }
+
+    fn sync_for_device(&mut self, _cpu_addr: usize, _len: usize) {
+        // Coherent (QEMU virt): nothing to clean. The store ordering before the doorbell is
+        // in `Bar0::write32`.
+    }
+
+    fn sync_for_cpu(&mut self, _cpu_addr: usize, _len: usize) {
+        // Coherent: no invalidation, but later loads must not pass the load that saw the
+        // completion (Linux's dma_rmb).
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a barrier instruction: no memory access, no stack, no flags.
+        unsafe {
+            core::arch::asm!("dmb oshld", options(nostack, preserves_flags))
+        };
+    }
+}
