@@ -1,0 +1,1345 @@
+//! [`PcieFunction`]: the NVMe PCIe controller emulation of one function.
+
+use crate::endpoint::EndpointFunction;
+use crate::layout::{self, PAGE_SIZE};
+use crate::prp;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use keel_controller::{Event, Instant, PropertySize, QueueId, Request, Response, Target};
+use keel_nvme::cqe::command_specific as cs;
+use keel_nvme::identify::{IDENTIFY_LEN, IdentifyNamespace, cns, ctrl_field};
+use keel_nvme::regs::{Cc, Csts, offset};
+use keel_nvme::sqe::Psdt;
+use keel_nvme::{AdminOpcode, Cqe, FeatureId, IoOpcode, NSID_ALL, Sqe, Status};
+use keel_storage::{BufPool, IoBuf};
+
+/// Completion Queue Invalid (DNR).
+pub const COMPLETION_QUEUE_INVALID: Status =
+    Status::command_specific(cs::COMPLETION_QUEUE_INVALID).with_dnr();
+/// Invalid Queue Deletion (DNR).
+pub const INVALID_QUEUE_DELETION: Status =
+    Status::command_specific(cs::INVALID_QUEUE_DELETION).with_dnr();
+/// Invalid Interrupt Vector (DNR).
+pub const INVALID_INTERRUPT_VECTOR: Status =
+    Status::command_specific(cs::INVALID_INTERRUPT_VECTOR).with_dnr();
+
+/// Cookie bit of commands the function itself sends to the core.
+const INTERNAL: u32 = 0x8000_0000;
+/// Cookie of the shutdown Flush commands.
+const FLUSH_COOKIE: u32 = INTERNAL | 1;
+/// CID of internal commands.
+const INTERNAL_CID: u16 = 0xFFFF;
+/// Namespaces whose LBA size is remembered.
+const LBADS_CACHE: usize = 32;
+
+/// Configuration of one function.
+#[derive(Debug, Clone)]
+pub struct FunctionConfig {
+    /// NQN of the subsystem (of the shared [`Target`]) this function exposes. Each function
+    /// gets its own subsystem, so functions cannot reach each other's namespaces.
+    pub subnqn: String,
+    /// I/O queue pairs (SQ and CQ ids `1..=max_io_queues`); keep it equal to the target's
+    /// `Limits::max_io_queues` (the core refuses SQ ids above that anyway).
+    pub max_io_queues: u16,
+    /// Commands fetched from one SQ per poll (fairness between queues).
+    pub fetch_burst: u16,
+}
+
+impl FunctionConfig {
+    /// 8 queue pairs, bursts of 32.
+    pub fn new(subnqn: &str) -> Self {
+        Self {
+            subnqn: subnqn.into(),
+            max_io_queues: 8,
+            fetch_burst: 32,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `max_io_queues` is 0 or beyond what the doorbell page serves.
+    BadQueueCount,
+    /// Pool buffers smaller than a 4 KiB page (Identify needs one).
+    BufferTooSmall,
+    /// `fetch_burst` is 0.
+    BadBurst,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConfigError::BadQueueCount => "I/O queue count must be 1..=511",
+            ConfigError::BufferTooSmall => "pool buffers must hold at least 4 KiB",
+            ConfigError::BadBurst => "fetch burst must be at least 1",
+        })
+    }
+}
+
+/// State of the function as the host sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FunctionState {
+    /// CC.EN = 0 (or never enabled).
+    Disabled,
+    /// CSTS.RDY = 1, serving commands.
+    Ready,
+    /// CC.SHN written: draining, flushing, then CSTS.SHST = complete.
+    ShuttingDown,
+    /// CSTS.CFS = 1; nothing is processed until CC.EN goes to 0.
+    Fatal,
+}
+
+/// Why the function set CSTS.CFS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FatalReason {
+    /// Enabled with an invalid AQA, ASQ or ACQ (sizes < 2, not page aligned, outside host
+    /// memory).
+    BadAdminQueue,
+    /// The controller core refused the controller or its CC value (CSS, MPS, AMS, IOSQES/IOCQES).
+    CoreRefused,
+    /// An SQ tail doorbell beyond the queue (Invalid Doorbell Write Value).
+    SqTailDoorbell {
+        /// Queue.
+        qid: u16,
+        /// Value written.
+        value: u32,
+    },
+    /// A CQ head doorbell beyond the queue or past the entries posted.
+    CqHeadDoorbell {
+        /// Queue.
+        qid: u16,
+        /// Value written.
+        value: u32,
+    },
+    /// A submission queue entry could not be read.
+    SqFetch,
+    /// A completion queue entry could not be written.
+    CqPost,
+    /// The core ended one of the function's queues.
+    QueueTerminated,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FunctionStats {
+    /// Commands fetched.
+    pub commands: u64,
+    /// Completion entries posted.
+    pub completions: u64,
+    /// Interrupts raised.
+    pub interrupts: u64,
+    /// Commands that failed a PRP check or transfer.
+    pub prp_errors: u64,
+    /// Controller enables.
+    pub enables: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Kind {
+    #[default]
+    Plain,
+    IdentifyController,
+    NumberOfQueues,
+    Aer,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    busy: bool,
+    cid: u16,
+    prp1: u64,
+    prp2: u64,
+    data_len: u32,
+    to_host: bool,
+    kind: Kind,
+}
+
+#[derive(Debug, Default)]
+struct Sq {
+    live: bool,
+    base: u64,
+    entries: u16,
+    head: u16,
+    cqid: u16,
+    core: Option<QueueId>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+}
+
+impl Sq {
+    fn open(base: u64, entries: u16, cqid: u16, core: QueueId) -> Self {
+        let n = entries.saturating_sub(1);
+        let mut slots = Vec::with_capacity(n as usize);
+        slots.resize(n as usize, Slot::default());
+        Self {
+            live: true,
+            base,
+            entries,
+            head: 0,
+            cqid,
+            core: Some(core),
+            slots,
+            free: (0..n).rev().collect(),
+        }
+    }
+
+    fn outstanding(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Cq {
+    live: bool,
+    base: u64,
+    entries: u16,
+    head: u16,
+    tail: u16,
+    phase: bool,
+    ien: bool,
+    iv: u16,
+    sqs: u16,
+    backlog: VecDeque<Cqe>,
+    irq: bool,
+}
+
+impl Cq {
+    fn open(base: u64, entries: u16, ien: bool, iv: u16) -> Self {
+        Self {
+            live: true,
+            base,
+            entries,
+            head: 0,
+            tail: 0,
+            phase: true,
+            ien,
+            iv,
+            sqs: 0,
+            backlog: VecDeque::new(),
+            irq: false,
+        }
+    }
+
+    fn full(&self) -> bool {
+        (self.tail as u32 + 1) % self.entries as u32 == self.head as u32
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shutdown {
+    None,
+    /// Waiting for outstanding I/O.
+    Draining,
+    /// Flushing namespace `next` of the list.
+    Flushing {
+        next: usize,
+        pending: bool,
+    },
+    /// CC.SHN handed to the core; it reports SHST.
+    Forwarded,
+}
+
+/// What to do with a fetched command.
+enum Plan {
+    /// Answered by the transport with this status.
+    Local(Status),
+    CreateCq,
+    CreateSq,
+    DeleteCq,
+    DeleteSq,
+    /// Forwarded to the core with `data_len` bytes of data.
+    Core {
+        data_len: u32,
+        to_host: bool,
+        kind: Kind,
+    },
+    /// Cannot start now (no buffer): leave it in the SQ.
+    Wait,
+}
+
+/// The emulated NVMe controller of one PCIe function (NVMe base 2.0 §3 PCIe register
+/// interface, §3.5/§3.6 initialization, reset and shutdown, §5.3-5.6 queue management;
+/// everything else is the controller core's). Sans-IO: it touches the host only through an
+/// [`EndpointFunction`] and reads no clock. See the crate documentation for the calling
+/// protocol.
+pub struct PcieFunction {
+    cfg: FunctionConfig,
+    pool: BufPool,
+    max_transfer: usize,
+    state: FunctionState,
+    fatal: Option<FatalReason>,
+    initialized: bool,
+    cc: Cc,
+    csts: Csts,
+    admin: Option<QueueId>,
+    sqs: Vec<Sq>,
+    cqs: Vec<Cq>,
+    ncq: u16,
+    lbads: Vec<(u32, u8)>,
+    rr: usize,
+    terminated: bool,
+    shutdown: Shutdown,
+    flush_nsids: Vec<u32>,
+    flush_queue: Option<(QueueId, bool)>,
+    stats: FunctionStats,
+}
+
+impl fmt::Debug for PcieFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PcieFunction")
+            .field("subnqn", &self.cfg.subnqn)
+            .field("state", &self.state)
+            .field("fatal", &self.fatal)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+fn in_area(area: &core::ops::Range<u64>, addr: u64, len: u64) -> bool {
+    match addr.checked_add(len) {
+        Some(end) => addr >= area.start && end <= area.end,
+        None => false,
+    }
+}
+
+impl PcieFunction {
+    /// A function exposing subsystem `cfg.subnqn`, moving data through `pool` (its buffers
+    /// bound the largest transfer: make them at least 4 KiB << the target's MDTS).
+    pub fn new(cfg: FunctionConfig, pool: BufPool) -> Result<Self, ConfigError> {
+        if cfg.max_io_queues == 0 || cfg.max_io_queues > layout::MAX_QID {
+            return Err(ConfigError::BadQueueCount);
+        }
+        if pool.buf_size() < IDENTIFY_LEN {
+            return Err(ConfigError::BufferTooSmall);
+        }
+        if cfg.fetch_burst == 0 {
+            return Err(ConfigError::BadBurst);
+        }
+        let n = cfg.max_io_queues as usize + 1;
+        let mut sqs = Vec::with_capacity(n);
+        sqs.resize_with(n, Sq::default);
+        let mut cqs = Vec::with_capacity(n);
+        cqs.resize_with(n, Cq::default);
+        Ok(Self {
+            max_transfer: pool.buf_size(),
+            ncq: cfg.max_io_queues,
+            cfg,
+            pool,
+            state: FunctionState::Disabled,
+            fatal: None,
+            initialized: false,
+            cc: Cc(0),
+            csts: Csts(0),
+            admin: None,
+            sqs,
+            cqs,
+            lbads: Vec::with_capacity(LBADS_CACHE),
+            rr: 0,
+            terminated: false,
+            shutdown: Shutdown::None,
+            flush_nsids: Vec::new(),
+            flush_queue: None,
+            stats: FunctionStats::default(),
+        })
+    }
+
+    /// Current state.
+    pub fn state(&self) -> FunctionState {
+        self.state
+    }
+
+    /// Why CSTS.CFS was set, while it is.
+    pub fn fatal_reason(&self) -> Option<FatalReason> {
+        self.fatal
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> FunctionStats {
+        self.stats
+    }
+
+    /// Pool buffers currently free (all of them once idle: buffers always come back).
+    pub fn buffers_available(&self) -> usize {
+        self.pool.available()
+    }
+
+    /// Size of the data buffer pool.
+    pub fn buffers_total(&self) -> usize {
+        self.pool.count()
+    }
+
+    /// Largest transfer per command in bytes.
+    pub fn max_transfer(&self) -> usize {
+        self.max_transfer
+    }
+
+    /// True when `q` is one of this function's core queues (route [`Event`]s by this).
+    pub fn owns(&self, q: QueueId) -> bool {
+        self.admin == Some(q)
+            || self.sqs.iter().any(|s| s.live && s.core == Some(q))
+            || matches!(self.flush_queue, Some((f, _)) if f == q)
+    }
+
+    /// One pass: CC changes, CQ head doorbells, pending completions, SQ tail doorbells and
+    /// command fetch, shutdown progress, CSTS. Returns whether anything happened.
+    pub fn poll<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+    ) -> bool {
+        if !self.initialized {
+            self.initialized = true;
+            ep.write_reg64(offset::CAP, target.cap().0);
+            ep.write_reg(offset::VS, keel_controller::VERSION.0);
+            ep.write_reg(offset::CSTS, 0);
+        }
+        let mut busy = false;
+        let cc = Cc(ep.read_reg(offset::CC));
+        if cc != self.cc {
+            busy = true;
+            self.cc_changed(now, target, ep, cc);
+        }
+        if self.terminated
+            && matches!(
+                self.state,
+                FunctionState::Ready | FunctionState::ShuttingDown
+            )
+        {
+            self.set_fatal(FatalReason::QueueTerminated);
+        }
+        if matches!(
+            self.state,
+            FunctionState::Ready | FunctionState::ShuttingDown
+        ) {
+            busy |= self.cq_doorbells(ep);
+            busy |= self.post_backlogs(ep);
+            if self.state == FunctionState::Ready {
+                busy |= self.fetch(now, target, ep);
+            } else {
+                busy |= self.advance_shutdown(now, target);
+            }
+            self.interrupts(ep);
+        }
+        self.update_csts(target, ep);
+        busy
+    }
+
+    /// Takes an event of the controller core. Events of this function's queues (and buffers of
+    /// its pool) are consumed (`None`); anything else is handed back for another transport.
+    /// Must not be called with a target borrowed elsewhere: it needs none.
+    pub fn handle_event<E: EndpointFunction + ?Sized>(
+        &mut self,
+        ev: Event,
+        ep: &mut E,
+    ) -> Option<Event> {
+        match ev {
+            Event::Completion(q, resp) => {
+                if !self.owns(q) {
+                    return match resp.buf {
+                        Some(b) => match self.pool.put(b) {
+                            Ok(()) => None,
+                            Err((_, b)) => Some(Event::Completion(
+                                q,
+                                Response {
+                                    buf: Some(b),
+                                    ..resp
+                                },
+                            )),
+                        },
+                        None => Some(Event::Completion(q, resp)),
+                    };
+                }
+                if resp.cookie == FLUSH_COOKIE {
+                    if let Shutdown::Flushing { next, .. } = self.shutdown {
+                        self.shutdown = Shutdown::Flushing {
+                            next,
+                            pending: false,
+                        };
+                    }
+                    self.recycle(resp.buf);
+                    return None;
+                }
+                let qid = (resp.cookie >> 16) as usize;
+                let slot = (resp.cookie & 0xFFFF) as usize;
+                let valid = self.sqs.get(qid).is_some_and(|s| {
+                    s.live && s.core == Some(q) && s.slots.get(slot).is_some_and(|x| x.busy)
+                });
+                if valid && self.state != FunctionState::Fatal {
+                    self.complete(ep, qid, slot, resp);
+                    self.post_backlogs(ep);
+                    self.interrupts(ep);
+                } else {
+                    self.recycle(resp.buf);
+                }
+                None
+            }
+            Event::QueueTerminated(q) => {
+                if self.owns(q) {
+                    self.terminated = true;
+                    None
+                } else {
+                    Some(Event::QueueTerminated(q))
+                }
+            }
+            Event::BufferReleased(b) => match self.pool.put(b) {
+                Ok(()) => None,
+                Err((_, b)) => Some(Event::BufferReleased(b)),
+            },
+        }
+    }
+
+    /// [`PcieFunction::poll`] then [`Target::poll`] with every event given to this function:
+    /// for a target that serves only this function.
+    pub fn poll_with_target<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+    ) -> bool {
+        let mut busy = self.poll(now, target, ep);
+        busy |= target.poll(now, &mut |ev| {
+            let _ = self.handle_event(ev, ep);
+        }) > 0;
+        busy
+    }
+
+    fn recycle(&mut self, buf: Option<IoBuf>) {
+        if let Some(b) = buf {
+            // A foreign buffer cannot be ours to keep; it is dropped (its memory stays leaked).
+            let _ = self.pool.put(b);
+        }
+    }
+
+    fn set_fatal(&mut self, why: FatalReason) {
+        self.state = FunctionState::Fatal;
+        self.fatal = Some(why);
+    }
+
+    fn cc_changed<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+        new: Cc,
+    ) {
+        let old = self.cc;
+        self.cc = new;
+        if !old.en() && new.en() {
+            if self.state == FunctionState::Disabled {
+                self.enable(now, target, ep, new);
+            }
+            return;
+        }
+        if old.en() && !new.en() {
+            self.reset(target, ep);
+            return;
+        }
+        if !new.en() || self.state != FunctionState::Ready {
+            return;
+        }
+        if old.shn() == Cc::SHN_NONE && new.shn() != Cc::SHN_NONE {
+            self.state = FunctionState::ShuttingDown;
+            self.shutdown = Shutdown::Draining;
+        } else if let Some(a) = self.admin {
+            let _ = target.property_set(now, a, offset::CC, PropertySize::Four, new.0 as u64);
+        }
+    }
+
+    fn enable<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+        cc: Cc,
+    ) {
+        let aqa = ep.read_reg(offset::AQA);
+        let asqs = (aqa & 0xFFF) as u16 + 1;
+        let acqs = ((aqa >> 16) & 0xFFF) as u16 + 1;
+        let asq = ep.read_reg64(offset::ASQ);
+        let acq = ep.read_reg64(offset::ACQ);
+        let area = ep.host_area();
+        let ps = PAGE_SIZE as u64;
+        let ok = asqs >= 2
+            && acqs >= 2
+            && asq.is_multiple_of(ps)
+            && acq.is_multiple_of(ps)
+            && in_area(&area, asq, asqs as u64 * 64)
+            && in_area(&area, acq, acqs as u64 * 16);
+        if !ok {
+            return self.set_fatal(FatalReason::BadAdminQueue);
+        }
+        let Ok(admin) = target.create_local_controller(now, &self.cfg.subnqn) else {
+            return self.set_fatal(FatalReason::CoreRefused);
+        };
+        let _ = target.property_set(now, admin, offset::CC, PropertySize::Four, cc.0 as u64);
+        let csts = target
+            .property_get(admin, offset::CSTS, PropertySize::Four)
+            .map(|v| Csts(v as u32))
+            .unwrap_or(Csts(2));
+        if csts.cfs() || !csts.rdy() {
+            let _ = target.close_queue(admin);
+            return self.set_fatal(FatalReason::CoreRefused);
+        }
+        self.admin = Some(admin);
+        self.sqs[0] = Sq::open(asq, asqs, 0, admin);
+        self.cqs[0] = Cq::open(acq, acqs, true, 0);
+        self.cqs[0].sqs = 1;
+        self.cqs[0].backlog.reserve(asqs as usize);
+        self.ncq = self.cfg.max_io_queues;
+        self.state = FunctionState::Ready;
+        self.stats.enables += 1;
+    }
+
+    /// Controller reset (CC.EN 1 → 0): every queue and outstanding command goes away (their
+    /// buffers come back through [`Event::BufferReleased`]), doorbells read 0, CSTS = 0.
+    fn reset<E: EndpointFunction + ?Sized>(&mut self, target: &mut Target, ep: &mut E) {
+        for sq in self.sqs.iter_mut().skip(1) {
+            if sq.live
+                && let Some(q) = sq.core
+            {
+                let _ = target.close_queue(q);
+            }
+            *sq = Sq::default();
+        }
+        self.sqs[0] = Sq::default();
+        if let Some((q, true)) = self.flush_queue.take() {
+            let _ = target.close_queue(q);
+        }
+        if let Some(a) = self.admin.take() {
+            let _ = target.close_queue(a);
+        }
+        for cq in self.cqs.iter_mut() {
+            *cq = Cq::default();
+        }
+        for qid in 0..=self.cfg.max_io_queues {
+            ep.write_doorbell(layout::sq_tail_doorbell(qid), 0);
+            ep.write_doorbell(layout::cq_head_doorbell(qid), 0);
+        }
+        self.lbads.clear();
+        self.terminated = false;
+        self.shutdown = Shutdown::None;
+        self.flush_nsids = Vec::new();
+        self.fatal = None;
+        self.state = FunctionState::Disabled;
+    }
+
+    fn update_csts<E: EndpointFunction + ?Sized>(&mut self, target: &Target, ep: &mut E) {
+        let c = match self.state {
+            FunctionState::Disabled => Csts(0),
+            FunctionState::Fatal => {
+                let mut c = self.csts;
+                c.set_cfs(true);
+                c
+            }
+            FunctionState::Ready | FunctionState::ShuttingDown => {
+                let mut c = self
+                    .admin
+                    .and_then(|a| {
+                        target
+                            .property_get(a, offset::CSTS, PropertySize::Four)
+                            .ok()
+                    })
+                    .map(|v| Csts(v as u32))
+                    .unwrap_or(self.csts);
+                if matches!(
+                    self.shutdown,
+                    Shutdown::Draining | Shutdown::Flushing { .. }
+                ) {
+                    c.set_shst(Csts::SHST_OCCURRING);
+                }
+                c
+            }
+        };
+        if c != self.csts {
+            self.csts = c;
+            ep.write_reg(offset::CSTS, c.0);
+        }
+    }
+
+    fn cq_doorbells<E: EndpointFunction + ?Sized>(&mut self, ep: &mut E) -> bool {
+        let mut busy = false;
+        for qid in 0..self.cqs.len() {
+            let cq = &mut self.cqs[qid];
+            if !cq.live {
+                continue;
+            }
+            let v = ep.read_doorbell(layout::cq_head_doorbell(qid as u16));
+            if v == cq.head as u32 {
+                continue;
+            }
+            let n = cq.entries as u32;
+            let used = (cq.tail as u32 + n - cq.head as u32) % n;
+            let adv = (v.wrapping_add(n) - cq.head as u32) % n;
+            if v >= n || adv > used {
+                self.set_fatal(FatalReason::CqHeadDoorbell {
+                    qid: qid as u16,
+                    value: v,
+                });
+                return true;
+            }
+            cq.head = v as u16;
+            busy = true;
+        }
+        busy
+    }
+
+    fn post_backlogs<E: EndpointFunction + ?Sized>(&mut self, ep: &mut E) -> bool {
+        let mut busy = false;
+        for qid in 0..self.cqs.len() {
+            while self.cqs[qid].live && !self.cqs[qid].full() {
+                let Some(cqe) = self.cqs[qid].backlog.pop_front() else {
+                    break;
+                };
+                busy = true;
+                if !self.post(ep, qid, cqe) {
+                    return true;
+                }
+            }
+        }
+        busy
+    }
+
+    /// Writes one completion entry: dwords 0-2 first, then dword 3 with the phase tag.
+    fn post<E: EndpointFunction + ?Sized>(&mut self, ep: &mut E, qid: usize, mut cqe: Cqe) -> bool {
+        let cq = &mut self.cqs[qid];
+        cqe.phase = cq.phase;
+        let b = cqe.to_bytes();
+        let addr = cq.base + cq.tail as u64 * 16;
+        if ep.dma_write(addr, &b[..12]).is_err() || ep.dma_write(addr + 12, &b[12..]).is_err() {
+            self.set_fatal(FatalReason::CqPost);
+            return false;
+        }
+        cq.tail += 1;
+        if cq.tail == cq.entries {
+            cq.tail = 0;
+            cq.phase = !cq.phase;
+        }
+        cq.irq = true;
+        self.stats.completions += 1;
+        true
+    }
+
+    fn interrupts<E: EndpointFunction + ?Sized>(&mut self, ep: &mut E) {
+        for cq in self.cqs.iter_mut() {
+            if cq.irq {
+                cq.irq = false;
+                if cq.live && cq.ien {
+                    ep.raise_interrupt(cq.iv);
+                    self.stats.interrupts += 1;
+                }
+            }
+        }
+    }
+
+    /// Queues the completion of slot `slot` of SQ `qid` and frees the slot.
+    fn finish(&mut self, qid: usize, slot: usize, status: Status, dw0: u32, dw1: u32) {
+        let sq = &mut self.sqs[qid];
+        let Some(s) = sq.slots.get_mut(slot) else {
+            return;
+        };
+        if !s.busy {
+            return;
+        }
+        s.busy = false;
+        let cid = s.cid;
+        sq.free.push(slot as u16);
+        let cqe = Cqe {
+            dw0,
+            dw1,
+            sqhd: sq.head,
+            sqid: qid as u16,
+            cid,
+            phase: false,
+            status,
+        };
+        let cqid = sq.cqid as usize;
+        if let Some(cq) = self.cqs.get_mut(cqid).filter(|c| c.live) {
+            cq.backlog.push_back(cqe);
+        }
+    }
+
+    /// A core response for slot `slot` of SQ `qid`: data to the host, buffer back to the pool,
+    /// completion queued.
+    fn complete<E: EndpointFunction + ?Sized>(
+        &mut self,
+        ep: &mut E,
+        qid: usize,
+        slot: usize,
+        resp: Response,
+    ) {
+        let Some(s) = self.sqs[qid].slots.get(slot).copied() else {
+            self.recycle(resp.buf);
+            return;
+        };
+        let mut status = resp.cqe.status;
+        if let Some(mut b) = resp.buf {
+            let n = (resp.data_len as usize)
+                .min(s.data_len as usize)
+                .min(b.len());
+            if status.is_success() && s.to_host && n > 0 {
+                if s.kind == Kind::IdentifyController {
+                    patch_identify_controller(b.as_mut_slice());
+                }
+                let data = b.as_slice().get(..n).unwrap_or(&[]);
+                if let Err(st) = prp::scatter(ep, s.prp1, s.prp2, data) {
+                    status = st;
+                    self.stats.prp_errors += 1;
+                }
+            }
+            self.recycle(Some(b));
+        }
+        if status.is_success() {
+            match s.kind {
+                Kind::NumberOfQueues => {
+                    let ncqa = (resp.cqe.dw0 >> 16) as u16;
+                    self.ncq = ncqa.saturating_add(1).min(self.cfg.max_io_queues);
+                }
+                Kind::Aer => self.lbads.clear(),
+                _ => {}
+            }
+        }
+        self.finish(qid, slot, status, resp.cqe.dw0, resp.cqe.dw1);
+    }
+
+    fn fetch<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+    ) -> bool {
+        let mut busy = self.fetch_sq(now, target, ep, 0);
+        let n = self.cfg.max_io_queues as usize;
+        for k in 0..n {
+            if self.state != FunctionState::Ready {
+                break;
+            }
+            let qid = 1 + (self.rr + k) % n;
+            busy |= self.fetch_sq(now, target, ep, qid);
+        }
+        self.rr = (self.rr + 1) % n;
+        busy
+    }
+
+    fn fetch_sq<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+        qid: usize,
+    ) -> bool {
+        if !self.sqs[qid].live || self.state != FunctionState::Ready {
+            return false;
+        }
+        let tail = ep.read_doorbell(layout::sq_tail_doorbell(qid as u16));
+        if tail >= self.sqs[qid].entries as u32 {
+            self.set_fatal(FatalReason::SqTailDoorbell {
+                qid: qid as u16,
+                value: tail,
+            });
+            return true;
+        }
+        let mut n = 0;
+        let mut busy = false;
+        while n < self.cfg.fetch_burst && self.state == FunctionState::Ready {
+            let sq = &self.sqs[qid];
+            if !sq.live || sq.head as u32 == tail || sq.free.is_empty() {
+                break;
+            }
+            // A full completion queue with a backlog: stop taking work for it.
+            if !self.cqs[sq.cqid as usize].backlog.is_empty() {
+                break;
+            }
+            let mut raw = [0u8; 64];
+            if ep
+                .dma_read(sq.base + sq.head as u64 * 64, &mut raw)
+                .is_err()
+            {
+                self.set_fatal(FatalReason::SqFetch);
+                return true;
+            }
+            let sqe = Sqe::from_bytes(&raw);
+            if !self.start(now, target, ep, qid, sqe) {
+                break;
+            }
+            busy = true;
+            n += 1;
+        }
+        busy
+    }
+
+    /// Starts one command; false when it must stay in the SQ for now.
+    fn start<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+        qid: usize,
+        sqe: Sqe,
+    ) -> bool {
+        let plan = if qid == 0 {
+            self.admin_plan(&sqe)
+        } else {
+            self.io_plan(now, target, &sqe)
+        };
+        let plan = match plan {
+            Plan::Wait => return false,
+            Plan::Core { data_len, .. } if data_len > 0 && self.pool.available() == 0 => {
+                return false;
+            }
+            p => p,
+        };
+        self.stats.commands += 1;
+        let sq = &mut self.sqs[qid];
+        sq.head = ((sq.head as u32 + 1) % sq.entries as u32) as u16;
+        let Some(slot) = sq.free.pop() else {
+            return false;
+        };
+        let slot = slot as usize;
+        let (data_len, to_host, kind) = match plan {
+            Plan::Core {
+                data_len,
+                to_host,
+                kind,
+            } => (data_len, to_host, kind),
+            _ => (0, false, Kind::Plain),
+        };
+        sq.slots[slot] = Slot {
+            busy: true,
+            cid: sqe.cid,
+            prp1: sqe.prp1(),
+            prp2: sqe.prp2(),
+            data_len,
+            to_host,
+            kind,
+        };
+        match plan {
+            Plan::Local(st) => self.finish(qid, slot, st, 0, 0),
+            Plan::CreateCq => {
+                let st = self.create_cq(target, ep, &sqe);
+                self.finish(qid, slot, st, 0, 0);
+            }
+            Plan::CreateSq => {
+                let st = self.create_sq(target, ep, &sqe);
+                self.finish(qid, slot, st, 0, 0);
+            }
+            Plan::DeleteCq => {
+                let st = self.delete_cq(&sqe);
+                self.finish(qid, slot, st, 0, 0);
+            }
+            Plan::DeleteSq => {
+                let st = self.delete_sq(target, &sqe);
+                self.finish(qid, slot, st, 0, 0);
+            }
+            Plan::Core { .. } => self.submit(now, target, ep, qid, slot, sqe),
+            Plan::Wait => {}
+        }
+        true
+    }
+
+    fn submit<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+        qid: usize,
+        slot: usize,
+        sqe: Sqe,
+    ) {
+        let s = self.sqs[qid].slots[slot];
+        let Some(core) = self.sqs[qid].core else {
+            return self.finish(qid, slot, Status::INTERNAL_ERROR, 0, 0);
+        };
+        let mut buf = None;
+        if s.data_len > 0 {
+            let Some(mut b) = self.pool.get() else {
+                return self.finish(qid, slot, Status::INTERNAL_ERROR, 0, 0);
+            };
+            b.set_len(s.data_len as usize);
+            let r = if s.to_host {
+                prp::check(ep, s.prp1, s.prp2, s.data_len as usize)
+            } else {
+                prp::gather(ep, s.prp1, s.prp2, b.as_mut_slice())
+            };
+            if let Err(st) = r {
+                self.stats.prp_errors += 1;
+                self.recycle(Some(b));
+                return self.finish(qid, slot, st, 0, 0);
+            }
+            buf = Some(b);
+        }
+        let req = Request {
+            sqe,
+            buf,
+            data_len: s.data_len,
+            cookie: ((qid as u32) << 16) | slot as u32,
+        };
+        if let Some(resp) = target.submit(now, core, req) {
+            self.complete(ep, qid, slot, resp);
+        }
+    }
+
+    fn admin_plan(&self, sqe: &Sqe) -> Plan {
+        if sqe.psdt() != Psdt::Prp {
+            return Plan::Local(Status::INVALID_FIELD);
+        }
+        let core = |data_len: u32, to_host: bool, kind: Kind| Plan::Core {
+            data_len,
+            to_host,
+            kind,
+        };
+        match AdminOpcode::from_u8(sqe.opcode) {
+            Some(AdminOpcode::CreateIoCq) => Plan::CreateCq,
+            Some(AdminOpcode::CreateIoSq) => Plan::CreateSq,
+            Some(AdminOpcode::DeleteIoCq) => Plan::DeleteCq,
+            Some(AdminOpcode::DeleteIoSq) => Plan::DeleteSq,
+            // Fabrics commands do not exist on PCIe.
+            Some(AdminOpcode::Fabrics) => Plan::Local(Status::INVALID_OPCODE),
+            Some(AdminOpcode::Identify) => {
+                let kind = if sqe.cdw(10) as u8 == cns::CONTROLLER {
+                    Kind::IdentifyController
+                } else {
+                    Kind::Plain
+                };
+                core(IDENTIFY_LEN as u32, true, kind)
+            }
+            Some(AdminOpcode::GetLogPage) => {
+                let numd = (((sqe.cdw(11) & 0xFFFF) as u64) << 16 | (sqe.cdw(10) >> 16) as u64) + 1;
+                let bytes = numd * 4;
+                if bytes > self.max_transfer as u64 {
+                    Plan::Local(Status::INVALID_FIELD)
+                } else {
+                    core(bytes as u32, true, Kind::Plain)
+                }
+            }
+            Some(AdminOpcode::SetFeatures) => match FeatureId::from_u8(sqe.cdw(10) as u8) {
+                // Keep alive is a fabrics mechanism here: a PCIe host has no keep-alive duty.
+                Some(FeatureId::KeepAliveTimer) => Plan::Local(Status::INVALID_FIELD),
+                Some(FeatureId::NumberOfQueues) => core(0, false, Kind::NumberOfQueues),
+                _ => core(0, false, Kind::Plain),
+            },
+            Some(AdminOpcode::AsyncEventRequest) => core(0, false, Kind::Aer),
+            _ => core(0, false, Kind::Plain),
+        }
+    }
+
+    fn io_plan(&mut self, now: Instant, target: &mut Target, sqe: &Sqe) -> Plan {
+        if sqe.psdt() != Psdt::Prp {
+            return Plan::Local(Status::INVALID_FIELD);
+        }
+        let plain = |data_len: u32, to_host: bool| Plan::Core {
+            data_len,
+            to_host,
+            kind: Kind::Plain,
+        };
+        match IoOpcode::from_u8(sqe.opcode) {
+            Some(op @ (IoOpcode::Read | IoOpcode::Write | IoOpcode::Compare)) => {
+                let lbads = match self.lbads_of(now, target, sqe.nsid) {
+                    Lookup::Wait => return Plan::Wait,
+                    // The core answers Invalid Namespace or Format.
+                    Lookup::Inactive => return plain(0, false),
+                    Lookup::Lbads(l) => l,
+                };
+                let blocks = (sqe.cdw(12) & 0xFFFF) as u64 + 1;
+                let bytes = blocks << lbads;
+                if bytes > self.max_transfer as u64 {
+                    return Plan::Local(Status::INVALID_FIELD);
+                }
+                plain(bytes as u32, op == IoOpcode::Read)
+            }
+            Some(IoOpcode::DatasetManagement) => {
+                let nr = (sqe.cdw(10) & 0xFF) + 1;
+                plain(nr * 16, false)
+            }
+            _ => plain(0, false),
+        }
+    }
+
+    /// The LBA data size of namespace `nsid` (Identify Namespace through the core, cached
+    /// until an asynchronous event or a reset).
+    fn lbads_of(&mut self, now: Instant, target: &mut Target, nsid: u32) -> Lookup {
+        if let Some(&(_, l)) = self.lbads.iter().find(|(n, _)| *n == nsid) {
+            return Lookup::Lbads(l);
+        }
+        if nsid == 0 || nsid == NSID_ALL {
+            return Lookup::Inactive;
+        }
+        let Some(admin) = self.admin else {
+            return Lookup::Inactive;
+        };
+        let Some(mut b) = self.pool.get() else {
+            return Lookup::Wait;
+        };
+        b.set_len(IDENTIFY_LEN);
+        let sqe = Sqe::new(AdminOpcode::Identify as u8, INTERNAL_CID)
+            .with_nsid(nsid)
+            .with_cdw(10, cns::NAMESPACE as u32);
+        let req = Request {
+            sqe,
+            buf: Some(b),
+            data_len: IDENTIFY_LEN as u32,
+            cookie: INTERNAL,
+        };
+        let Some(resp) = target.submit(now, admin, req) else {
+            return Lookup::Inactive;
+        };
+        let mut out = Lookup::Inactive;
+        if let Some(b) = resp.buf.as_ref()
+            && resp.cqe.status.is_success()
+            && let Ok(page) = <&[u8; IDENTIFY_LEN]>::try_from(b.as_slice())
+        {
+            let id = IdentifyNamespace::decode(page);
+            let lbads = id
+                .lbaf
+                .get((id.flbas & 0xF) as usize)
+                .map(|f| f.lbads)
+                .unwrap_or(0);
+            if id.nsze > 0 && (9..=16).contains(&lbads) {
+                if self.lbads.len() >= LBADS_CACHE {
+                    self.lbads.clear();
+                }
+                self.lbads.push((nsid, lbads));
+                out = Lookup::Lbads(lbads);
+            }
+        }
+        self.recycle(resp.buf);
+        out
+    }
+
+    fn create_cq<E: EndpointFunction + ?Sized>(
+        &mut self,
+        target: &Target,
+        ep: &mut E,
+        sqe: &Sqe,
+    ) -> Status {
+        let qid = sqe.cdw(10) as u16;
+        let qsize = (sqe.cdw(10) >> 16) as u16;
+        let pc = sqe.cdw(11) & 1 != 0;
+        let ien = sqe.cdw(11) & 2 != 0;
+        let iv = (sqe.cdw(11) >> 16) as u16;
+        let base = sqe.prp1();
+        if qid == 0 || qid > self.ncq || self.cqs[qid as usize].live {
+            return Status::INVALID_QUEUE_IDENTIFIER;
+        }
+        if qsize == 0 || qsize > target.cap().mqes() {
+            return Status::INVALID_QUEUE_SIZE;
+        }
+        if !base.is_multiple_of(PAGE_SIZE as u64) {
+            return Status::INVALID_PRP_OFFSET;
+        }
+        if iv >= ep.vectors() {
+            return INVALID_INTERRUPT_VECTOR;
+        }
+        let entries = qsize + 1;
+        if !pc || !in_area(&ep.host_area(), base, entries as u64 * 16) {
+            return Status::INVALID_FIELD;
+        }
+        self.cqs[qid as usize] = Cq::open(base, entries, ien, iv);
+        ep.write_doorbell(layout::cq_head_doorbell(qid), 0);
+        Status::SUCCESS
+    }
+
+    fn create_sq<E: EndpointFunction + ?Sized>(
+        &mut self,
+        target: &mut Target,
+        ep: &mut E,
+        sqe: &Sqe,
+    ) -> Status {
+        let qid = sqe.cdw(10) as u16;
+        let qsize = (sqe.cdw(10) >> 16) as u16;
+        let pc = sqe.cdw(11) & 1 != 0;
+        let cqid = (sqe.cdw(11) >> 16) as u16;
+        let base = sqe.prp1();
+        if cqid == 0 || !self.cqs.get(cqid as usize).is_some_and(|c| c.live) {
+            return COMPLETION_QUEUE_INVALID;
+        }
+        if qid == 0 || qid > self.cfg.max_io_queues || self.sqs[qid as usize].live {
+            return Status::INVALID_QUEUE_IDENTIFIER;
+        }
+        if qsize == 0 || qsize > target.cap().mqes() {
+            return Status::INVALID_QUEUE_SIZE;
+        }
+        if !base.is_multiple_of(PAGE_SIZE as u64) {
+            return Status::INVALID_PRP_OFFSET;
+        }
+        let entries = qsize + 1;
+        if !pc || !in_area(&ep.host_area(), base, entries as u64 * 64) {
+            return Status::INVALID_FIELD;
+        }
+        let Some(admin) = self.admin else {
+            return Status::COMMAND_SEQUENCE_ERROR;
+        };
+        let core = match target.attach_local_io_queue(admin, qid, qsize) {
+            Ok(q) => q,
+            Err(st) => return st,
+        };
+        self.sqs[qid as usize] = Sq::open(base, entries, cqid, core);
+        let cq = &mut self.cqs[cqid as usize];
+        cq.sqs += 1;
+        cq.backlog.reserve(entries as usize);
+        ep.write_doorbell(layout::sq_tail_doorbell(qid), 0);
+        Status::SUCCESS
+    }
+
+    fn delete_sq(&mut self, target: &mut Target, sqe: &Sqe) -> Status {
+        let qid = sqe.cdw(10) as u16 as usize;
+        if qid == 0 || qid >= self.sqs.len() || !self.sqs[qid].live {
+            return Status::INVALID_QUEUE_IDENTIFIER;
+        }
+        if let Some(q) = self.sqs[qid].core.take() {
+            let _ = target.close_queue(q);
+        }
+        // Commands still outstanding are completed as aborted (their buffers come back from
+        // the core as BufferReleased).
+        for slot in 0..self.sqs[qid].slots.len() {
+            self.finish(qid, slot, Status::ABORTED_SQ_DELETION, 0, 0);
+        }
+        let cqid = self.sqs[qid].cqid as usize;
+        if let Some(cq) = self.cqs.get_mut(cqid) {
+            cq.sqs = cq.sqs.saturating_sub(1);
+        }
+        self.sqs[qid] = Sq::default();
+        Status::SUCCESS
+    }
+
+    fn delete_cq(&mut self, sqe: &Sqe) -> Status {
+        let qid = sqe.cdw(10) as u16 as usize;
+        if qid == 0 || qid >= self.cqs.len() || !self.cqs[qid].live {
+            return Status::INVALID_QUEUE_IDENTIFIER;
+        }
+        if self.cqs[qid].sqs > 0 {
+            return INVALID_QUEUE_DELETION;
+        }
+        self.cqs[qid] = Cq::default();
+        Status::SUCCESS
+    }
+
+    fn io_outstanding(&self) -> usize {
+        self.sqs.iter().skip(1).map(Sq::outstanding).sum()
+    }
+
+    /// Shutdown: outstanding I/O completes, every namespace is flushed through the core, then
+    /// CC.SHN goes to the core, which reports SHST complete.
+    fn advance_shutdown(&mut self, now: Instant, target: &mut Target) -> bool {
+        match self.shutdown {
+            Shutdown::None | Shutdown::Forwarded => false,
+            Shutdown::Draining => {
+                if self.io_outstanding() > 0 {
+                    return false;
+                }
+                let Some(admin) = self.admin else {
+                    self.shutdown = Shutdown::Forwarded;
+                    return true;
+                };
+                // The active namespace list.
+                let Some(mut b) = self.pool.get() else {
+                    return false;
+                };
+                b.set_len(IDENTIFY_LEN);
+                let sqe = Sqe::new(AdminOpcode::Identify as u8, INTERNAL_CID)
+                    .with_cdw(10, cns::ACTIVE_NS_LIST as u32);
+                let req = Request {
+                    sqe,
+                    buf: Some(b),
+                    data_len: IDENTIFY_LEN as u32,
+                    cookie: INTERNAL,
+                };
+                let mut nsids = Vec::new();
+                if let Some(resp) = target.submit(now, admin, req) {
+                    if let Some(b) = resp.buf.as_ref()
+                        && resp.cqe.status.is_success()
+                    {
+                        nsids = b
+                            .as_slice()
+                            .chunks_exact(4)
+                            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .take_while(|&n| n != 0)
+                            .collect();
+                    }
+                    self.recycle(resp.buf);
+                }
+                self.flush_nsids = nsids;
+                // A queue to send Flush on: a live I/O queue, else a temporary one.
+                self.flush_queue = self
+                    .sqs
+                    .iter()
+                    .skip(1)
+                    .find_map(|s| s.core.filter(|_| s.live))
+                    .map(|q| (q, false));
+                if self.flush_queue.is_none() {
+                    for qid in 1..=self.cfg.max_io_queues {
+                        if let Ok(q) = target.attach_local_io_queue(admin, qid, 1) {
+                            self.flush_queue = Some((q, true));
+                            break;
+                        }
+                    }
+                }
+                self.shutdown = Shutdown::Flushing {
+                    next: 0,
+                    pending: false,
+                };
+                true
+            }
+            Shutdown::Flushing { pending: true, .. } => false,
+            Shutdown::Flushing { next, .. } => {
+                match (self.flush_nsids.get(next).copied(), self.flush_queue) {
+                    (Some(nsid), Some((q, _))) => {
+                        let sqe = Sqe::new(IoOpcode::Flush as u8, INTERNAL_CID).with_nsid(nsid);
+                        let req = Request {
+                            sqe,
+                            buf: None,
+                            data_len: 0,
+                            cookie: FLUSH_COOKIE,
+                        };
+                        let pending = match target.submit(now, q, req) {
+                            Some(resp) => {
+                                self.recycle(resp.buf);
+                                false
+                            }
+                            None => true,
+                        };
+                        self.shutdown = Shutdown::Flushing {
+                            next: next + 1,
+                            pending,
+                        };
+                    }
+                    _ => {
+                        if let Some((q, true)) = self.flush_queue {
+                            let _ = target.close_queue(q);
+                        }
+                        self.flush_queue = None;
+                        if let Some(a) = self.admin {
+                            let cc = self.cc.0 as u64;
+                            let _ = target.property_set(now, a, offset::CC, PropertySize::Four, cc);
+                        }
+                        self.shutdown = Shutdown::Forwarded;
+                    }
+                }
+                true
+            }
+        }
+    }
+}
+
+enum Lookup {
+    Wait,
+    Inactive,
+    Lbads(u8),
+}
+
+/// Identify Controller as a PCIe controller reports it: the fabrics-only fields (SGLS, KAS,
+/// IOCCSZ..MSDBD, NVMe base 2.0 Figure 275 bytes 1792-2047) are zero; PRPs only.
+fn patch_identify_controller(b: &mut [u8]) {
+    if let Some(x) = b.get_mut(ctrl_field::SGLS..ctrl_field::SGLS + 4) {
+        x.fill(0);
+    }
+    if let Some(x) = b.get_mut(ctrl_field::KAS..ctrl_field::KAS + 2) {
+        x.fill(0);
+    }
+    if let Some(x) = b.get_mut(ctrl_field::IOCCSZ..ctrl_field::PSD0) {
+        x.fill(0);
+    }
+}
