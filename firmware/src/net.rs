@@ -19,6 +19,8 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4C
 pub const TCP_BUFFER: usize = 256 * 1024;
 /// Sockets in the pool: connections plus armed listeners.
 pub const MAX_SOCKETS: usize = 72;
+/// How long a closing connection may take to finish its close before it is reset.
+pub const CLOSE_GRACE_NS: u64 = 2_000_000_000;
 /// Listening sockets kept armed per port, so bursts of connections are not refused.
 const LISTENERS_PER_PORT: usize = 4;
 
@@ -61,7 +63,8 @@ pub struct NetStack {
     pub sockets: SocketSet<'static>,
     dhcp: Option<SocketHandle>,
     free: Vec<SocketHandle>,
-    draining: Vec<SocketHandle>,
+    /// Sockets closing, with the time (ns) after which they are reset.
+    draining: Vec<(SocketHandle, u64)>,
     listening: Vec<(SocketHandle, u16)>,
     ports: Vec<u16>,
     accepted: Vec<Accepted>,
@@ -205,14 +208,27 @@ impl NetStack {
                 i += 1;
             }
         }
-        let sockets = &self.sockets;
+        let sockets = &mut self.sockets;
         let free = &mut self.free;
-        self.draining.retain(|&h| {
-            let closed = sockets.get::<tcp::Socket>(h).state() == tcp::State::Closed;
-            if closed {
+        self.draining.retain(|&(h, deadline)| {
+            let s = sockets.get_mut::<tcp::Socket>(h);
+            let done = match s.state() {
+                tcp::State::Closed => true,
+                // Both sides closed: nothing more will be sent; skip TIME-WAIT's hold.
+                tcp::State::TimeWait => {
+                    s.abort();
+                    true
+                }
+                _ if now_ns >= deadline => {
+                    s.abort();
+                    true
+                }
+                _ => false,
+            };
+            if done {
                 free.push(h);
             }
-            !closed
+            !done
         });
         if self.free.is_empty() && !self.listening_on_all() {
             self.refused += 1;
@@ -226,14 +242,19 @@ impl NetStack {
         self.accepted.drain(..)
     }
 
-    /// Returns a finished connection's socket to the pool: aborted (RST) if still open, and
-    /// reused once smoltcp has sent what it had to send and the socket is closed.
-    pub fn release(&mut self, h: SocketHandle) {
+    /// Returns a finished connection's socket to the pool. `graceful`: what was queued is
+    /// sent and the connection closed with a FIN (a peer that does not finish the close within
+    /// [`CLOSE_GRACE_NS`] is reset); otherwise it is reset at once. The socket is reused once
+    /// closed.
+    pub fn release(&mut self, h: SocketHandle, graceful: bool, now_ns: u64) {
         let s = self.sockets.get_mut::<tcp::Socket>(h);
-        if s.state() != tcp::State::Closed {
+        if graceful {
+            s.close();
+        } else if s.state() != tcp::State::Closed {
             s.abort();
         }
-        self.draining.push(h);
+        self.draining
+            .push((h, now_ns.saturating_add(CLOSE_GRACE_NS)));
     }
 
     /// When smoltcp next needs attention.

@@ -13,7 +13,7 @@
 use crate::net::{Accepted, NetStack};
 use alloc::{collections::VecDeque, format, string::String, vec::Vec};
 use keel_controller::{
-    Event as CoreEvent, Instant, NamespaceConfig, PortEntry, QueueId, Request, Response,
+    Event as CoreEvent, Instant, NamespaceConfig, PortEntry, QueueId, QueueLoss, Request, Response,
     SubsystemConfig, Target, TargetConfig,
 };
 use keel_nvme::{Sqe, Status};
@@ -266,12 +266,12 @@ impl NvmfService {
             (_, Ok(q)) => {
                 let _ = self.target.close_queue(q);
                 self.refused += 1;
-                net.release(a.handle);
+                net.release(a.handle, false, now_ns);
                 return;
             }
             _ => {
                 self.refused += 1;
-                net.release(a.handle);
+                net.release(a.handle, false, now_ns);
                 return;
             }
         };
@@ -385,19 +385,30 @@ impl NvmfService {
         c.tcp.poll_timers(now_ms);
         c.flush(net);
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
-        // The peer is gone once the socket closed, or it sent FIN and we consumed everything
-        // (a half-closed host sends no more commands).
-        let peer_gone = match sock.state() {
-            tcp::State::Closed | tcp::State::TimeWait => true,
-            tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing => !sock.can_recv(),
-            _ => false,
+        // The peer is gone once it reset the connection (or it timed out), or once it closed
+        // its side and we have consumed everything (a half-closed host sends no more
+        // commands): the first is an abrupt loss, the second an orderly close (Linux closes
+        // its I/O queues with a FIN before shutting the controller down on the admin queue).
+        let loss = match sock.state() {
+            tcp::State::Closed => Some(QueueLoss::Abrupt),
+            tcp::State::TimeWait => Some(QueueLoss::Orderly),
+            tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing
+                if !sock.can_recv() =>
+            {
+                Some(QueueLoss::Orderly)
+            }
+            // The transport ended the connection (fatal error, ICReq timeout) and its last
+            // PDU (a C2HTermReq) has left.
+            _ if c.tcp.state() == TargetState::Closed && sock.send_queue() == 0 => {
+                Some(QueueLoss::Abrupt)
+            }
+            _ => None,
         };
-        let transport_done = c.tcp.state() == TargetState::Closed && sock.send_queue() == 0;
-        if peer_gone || transport_done {
+        if let Some(how) = loss {
             let c = self.conns[i].take().expect("checked above");
-            let _ = self.target.close_queue(c.queue);
+            let _ = self.target.close_queue_after(c.queue, how);
             drain_buffers(c.tcp, &mut self.pool);
-            net.release(c.socket);
+            net.release(c.socket, true, now.as_nanos());
             busy = true;
         }
         busy

@@ -164,7 +164,7 @@ fn pass(now: u64, net: &mut NetStack, nvmf: &mut Option<NvmfService>) -> bool {
         }
         None => {
             for a in net.take_accepted().collect::<alloc::vec::Vec<_>>() {
-                net.release(a.handle);
+                net.release(a.handle, false, now);
             }
         }
     }

@@ -90,6 +90,15 @@ pub enum Event {
     BufferReleased(IoBuf),
 }
 
+/// How a transport queue went away (see [`crate::Target::close_queue_after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueLoss {
+    /// The host closed the connection in order (TCP FIN) or sent Disconnect.
+    Orderly,
+    /// Reset, timeout or a transport error.
+    Abrupt,
+}
+
 /// A listen port advertised in the discovery log page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortEntry {

@@ -73,7 +73,7 @@ mod tests;
 
 pub use config::{
     ConfigError, Event, Identity, Instant, Limits, NamespaceConfig, PortEntry, QueueId, QueueInfo,
-    Request, Response, SubsystemConfig, TargetConfig, TargetError, TransportParams,
+    QueueLoss, Request, Response, SubsystemConfig, TargetConfig, TargetError, TransportParams,
 };
 pub use fabrics::VERSION;
 pub use keel_nvme::fabrics::PropertySize;

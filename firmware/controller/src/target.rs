@@ -583,6 +583,15 @@ impl Target {
     /// target. Commands still at a backend are dropped; their buffers come back as
     /// [`Event::BufferReleased`].
     pub fn close_queue(&mut self, q: QueueId) -> Result<(), TargetError> {
+        self.close_queue_after(q, QueueLoss::Abrupt)
+    }
+
+    /// Like [`Target::close_queue`], saying how the connection ended. An I/O queue whose host
+    /// closed it in order (a TCP FIN: Linux closes its I/O queues this way before it shuts the
+    /// controller down over the admin queue) only loses that queue; an abrupt loss (reset,
+    /// timeout, transport error) ends the association, as Linux's target does. Losing the admin
+    /// queue always ends the controller.
+    pub fn close_queue_after(&mut self, q: QueueId, how: QueueLoss) -> Result<(), TargetError> {
         let qi = self.queue_index(q).ok_or(TargetError::UnknownQueue)?;
         if let Some(ci) = self.ctrl_of(qi) {
             let (is_admin, graceful, local) = {
@@ -590,7 +599,7 @@ impl Target {
                 let c = self.ctrls[ci].as_ref();
                 (
                     queue.qid == 0,
-                    queue.disconnected,
+                    queue.disconnected || how == QueueLoss::Orderly,
                     c.map(|c| c.local).unwrap_or(false),
                 )
             };

@@ -725,6 +725,16 @@ fn closing_admin_queue_ends_controller() {
     assert_eq!(h.t.controller_count(), 0);
     h.poll();
     assert_eq!(h.terminated(), vec![a]);
+    // A host that closes an I/O queue in order (FIN, as Linux does before shutting the
+    // controller down) loses only that queue: the admin queue still answers.
+    let (mut h, a, io, _) = H::setup();
+    h.t.close_queue_after(io, crate::QueueLoss::Orderly)
+        .unwrap();
+    assert_eq!(h.t.controller_count(), 1);
+    h.poll();
+    assert!(h.terminated().is_empty());
+    let r = h.identify(a, 1, 0);
+    assert_eq!(r.cqe.status, Status::SUCCESS);
 }
 
 #[test]

@@ -1,0 +1,176 @@
+//! Local NVMe drives: every PCI function of class 01:08:02 (NVM Express, NVMe I/O controller)
+//! found by enumeration is brought up with the poll-mode driver (`keel-nvme-driver` through
+//! `keel_hal::nvme`), and each active namespace becomes a block backend.
+//!
+//! A drive that fails (BAR0 missing, controller that will not enable, …) is reported on the
+//! console and skipped; the rest of the firmware carries on.
+//!
+//! Wiring: keep every [`LocalDrive`] and call [`LocalDrive::poll`] with the current time once
+//! per poll-loop pass (timeouts, Abort, controller reset and CSTS.CFS recovery advance there);
+//! hand each [`DriveNamespace::backend`] to a namespace (boxed with
+//! [`DriveNamespace::boxed`], or shared and cut into slices with `keel_storage::SharedBackend`
+//! and `SliceBackend`). Data buffers must carry their real DMA address (`IoBuf::dma_addr()` =
+//! physical address; the heap is identity-mapped).
+
+use crate::platform::Platform;
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use keel_hal::arch::timer;
+use keel_hal::nvme::driver::{Config, Drive, Namespace};
+use keel_hal::nvme::{Bar0, HeapDma, NvmeBackend, NvmeDrive};
+use keel_hal::pcie::{Function, Space};
+use keel_storage::{BlockBackend, Geometry};
+
+/// PCI class of an NVMe I/O controller: mass storage, non-volatile memory, NVMe.
+const NVME_CLASS: (u8, u8, u8) = (0x01, 0x08, 0x02);
+
+/// A namespace of a local drive.
+#[derive(Debug)]
+#[allow(dead_code, reason = "read by the namespace wiring in nvmf/poll")]
+pub struct DriveNamespace {
+    /// Namespace identifier on the drive.
+    pub nsid: u32,
+    /// Block size and count.
+    pub geometry: Geometry,
+    /// The backend (one per namespace; share it to cut it into slices).
+    pub backend: NvmeBackend,
+}
+
+#[allow(dead_code, reason = "read by the namespace wiring in nvmf/poll")]
+impl DriveNamespace {
+    /// The backend as a trait object.
+    pub fn boxed(self) -> Box<dyn BlockBackend> {
+        Box::new(self.backend)
+    }
+}
+
+/// A drive that came up.
+#[derive(Debug)]
+#[allow(dead_code, reason = "read by the namespace wiring in nvmf/poll")]
+pub struct LocalDrive {
+    /// PCI address, e.g. `00:02.0`.
+    pub bdf: String,
+    /// Model number.
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
+    /// The controller, to poll.
+    pub drive: NvmeDrive,
+    /// Active namespaces.
+    pub namespaces: Vec<DriveNamespace>,
+}
+
+impl LocalDrive {
+    /// One pass of the controller: doorbells, completions, timeouts, recovery.
+    pub fn poll(&self, now_ns: u64) -> bool {
+        self.drive.poll(now_ns)
+    }
+}
+
+/// Why a drive was skipped.
+#[derive(Debug)]
+enum DriveError {
+    NoBar,
+    Init(keel_hal::nvme::driver::InitError),
+}
+
+impl core::fmt::Display for DriveError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoBar => f.write_str("BAR0 is not an assigned memory BAR"),
+            Self::Init(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn size(bytes: u128) -> String {
+    const GIB: u128 = 1 << 30;
+    const MIB: u128 = 1 << 20;
+    if bytes >= GIB && bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes >= MIB {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{} KiB", bytes / 1024)
+    }
+}
+
+fn bring_up_one(f: &Function) -> Result<NvmeDrive, DriveError> {
+    let bar = f
+        .bar(0)
+        .filter(|b| b.space != Space::Io && b.cpu_addr != 0)
+        .ok_or(DriveError::NoBar)?;
+    // SAFETY: BAR0 was assigned by enumeration inside a host bridge window that the final
+    // page table maps as device memory; this function is driven by nothing else (each NVMe
+    // function is brought up once, here).
+    let regs =
+        unsafe { Bar0::new(bar.cpu_addr as usize, bar.size as usize) }.ok_or(DriveError::NoBar)?;
+    let mut clock = timer::now_ns;
+    Drive::init(regs, HeapDma, Config::default(), &mut clock).map_err(DriveError::Init)
+}
+
+/// Brings up every NVMe drive the PCI enumeration found; logs one line per drive and per
+/// namespace, or the reason a drive is skipped.
+pub fn bring_up(platform: &Platform) -> Vec<LocalDrive> {
+    let mut out = Vec::new();
+    if platform.dt.pcie.is_none() {
+        return out;
+    }
+    for f in platform.pci.iter().filter(|f| f.class == NVME_CLASS) {
+        let drive = match bring_up_one(f) {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("nvme: {}: {e}; drive not used", f.bdf);
+                continue;
+            }
+        };
+        let Some(info) = drive.info() else { continue };
+        log::info!(
+            "nvme: {} {} serial {} fw {}, NVMe {}.{}, {} I/O queue(s) x {}, max transfer {} KiB, ONCS {:#x}, volatile write cache {}",
+            f.bdf,
+            info.model,
+            info.serial,
+            info.firmware,
+            info.version.major(),
+            info.version.minor(),
+            info.io_queues,
+            info.queue_depth,
+            info.max_transfer / 1024,
+            info.oncs,
+            if info.vwc & 1 != 0 { "yes" } else { "no" },
+        );
+        let namespaces: Vec<Namespace> = drive.namespaces();
+        if namespaces.is_empty() {
+            log::warn!("nvme: {}: no usable namespace", f.bdf);
+        }
+        let mut nss = Vec::new();
+        for (i, ns) in namespaces.iter().enumerate() {
+            let g = ns.geometry;
+            log::info!(
+                "nvme: {} namespace {}: {} ({} blocks of {} bytes)",
+                f.bdf,
+                ns.nsid,
+                size(g.bytes()),
+                g.blocks,
+                g.block_size
+            );
+            if let Some(backend) = drive.backend(i) {
+                nss.push(DriveNamespace {
+                    nsid: ns.nsid,
+                    geometry: g,
+                    backend,
+                });
+            }
+        }
+        out.push(LocalDrive {
+            bdf: format!("{}", f.bdf),
+            model: info.model,
+            serial: info.serial,
+            drive,
+            namespaces: nss,
+        });
+    }
+    out
+}
