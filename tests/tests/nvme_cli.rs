@@ -446,3 +446,44 @@ fn nvme_bench_completes() {
     assert!(r.stdout.contains("read   lat (us)"), "{}", r.stdout);
     assert!(r.stdout.contains("write  lat (us)"), "{}", r.stdout);
 }
+
+/// Two hosts at once, each with eight I/O queues of depth 128 full of commands: every I/O
+/// completes on both (the target's concurrency limits, not a speed figure).
+#[test]
+fn nvme_two_hosts_with_eight_queues_of_depth_128() {
+    let (_q, addr) = boot_nvmf();
+    let run = |host: &'static str, addr: String| {
+        std::thread::spawn(move || {
+            nvme(&[
+                "bench",
+                "--addr",
+                &addr,
+                "--hostnqn",
+                host,
+                "--connections",
+                "8",
+                "--qd",
+                "128",
+                "--ios",
+                "16384",
+                "--rw",
+                "mix",
+                "--mix-read",
+                "50",
+                "--json",
+            ])
+        })
+    };
+    let a = run(
+        "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-0000-0000-000000000001",
+        addr.clone(),
+    );
+    let b = run(
+        "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-0000-0000-000000000002",
+        addr,
+    );
+    for r in [a.join().unwrap(), b.join().unwrap()] {
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("\"ios\": 16384,"), "{}", r.stdout);
+    }
+}
