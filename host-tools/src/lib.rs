@@ -3,7 +3,9 @@
 //! - [`image`]: turns the firmware ELF into the raw image loaders boot (`-kernel`, booti) and
 //!   into a flash image for QEMU `virt`'s pflash.
 //! - [`nvme`]: the NVMe/TCP initiator (discovery, identify, read/write, verify, bench).
+//! - [`host`]: the emulated PCIe function's host side (window, NVMe driver, NBD export).
 #![warn(missing_docs)]
 
+pub mod host;
 pub mod image;
 pub mod nvme;

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use keel_host_tools::{image, nvme};
+use keel_host_tools::{host, image, nvme};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -23,6 +23,14 @@ enum Cmd {
     Nvme {
         #[command(subcommand)]
         cmd: nvme::cli::NvmeCmd,
+    },
+    /// Emulated NVMe PCIe function from the server's side: --window FILE identify, read,
+    /// write, verify, bench, nbd (NBD export), emulate (in-process function).
+    Host {
+        #[command(flatten)]
+        window: host::cli::WindowArgs,
+        #[command(subcommand)]
+        cmd: host::cli::HostCmd,
     },
 }
 
@@ -53,6 +61,12 @@ fn run() -> Result<()> {
     match cli.cmd {
         Cmd::Nvme { cmd } => {
             let code = nvme::cli::run(cmd, &mut std::io::stdout().lock())?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Cmd::Host { window, cmd } => {
+            let code = host::cli::run(&window, cmd, &mut std::io::stdout().lock())?;
             if code != 0 {
                 std::process::exit(code);
             }
