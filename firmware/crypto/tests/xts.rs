@@ -233,7 +233,7 @@ proptest! {
     fn behaves_like_a_plain_disk(ops in proptest::collection::vec((0u64..60, 1usize..4, any::<u8>(), any::<bool>()), 1..40)) {
         let mut enc = EncryptedBackend::new(RamBackend::new(512, 64, 8).unwrap(), &key(), 8);
         let mut model = vec![0u8; 64 * 512];
-        let mut written = vec![false; 64];
+        let mut written = [false; 64];
         for (lba, n, fill, write) in ops {
             let n = n.min(64 - lba as usize);
             let range = lba as usize * 512..(lba as usize + n) * 512;
