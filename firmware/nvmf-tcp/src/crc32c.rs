@@ -80,9 +80,10 @@ mod hw {
         let mut chunks = data.chunks_exact(8);
         for c in &mut chunks {
             let v = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            // SAFETY: this module is only compiled when the `crc` target feature is enabled for
-            // the whole crate (cfg above), so the instruction exists on every CPU the image
-            // runs on; the intrinsic takes values, not pointers.
+            // SAFETY: this module is only compiled when the `crc` target feature is enabled
+            // (cfg above) and only called while `HARDWARE` is true: the firmware clears it at
+            // boot on a CPU whose ID_AA64ISAR0_EL1 lacks CRC32, so the instruction exists
+            // whenever it runs; the intrinsic takes values, not pointers.
             crc = unsafe { __crc32cd(crc, v) };
         }
         for &b in chunks.remainder() {
@@ -93,17 +94,37 @@ mod hw {
     }
 }
 
-/// Update the raw register with the fastest implementation compiled in.
-#[inline]
-pub fn update_raw(crc: u32, data: &[u8]) -> u32 {
+#[cfg(all(target_arch = "aarch64", target_feature = "crc"))]
+static HARDWARE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(true);
+
+/// Chooses the implementation at run time: the firmware passes whether the CPU has the
+/// CRC32 instructions (ID_AA64ISAR0_EL1.CRC32). Without them compiled in, this does nothing.
+pub fn set_hardware(available: bool) {
+    #[cfg(all(target_arch = "aarch64", target_feature = "crc"))]
+    HARDWARE.store(available, core::sync::atomic::Ordering::Relaxed);
+    let _ = available;
+}
+
+/// Whether the CRC32C instructions are in use.
+pub fn hardware() -> bool {
     #[cfg(all(target_arch = "aarch64", target_feature = "crc"))]
     {
-        hw::update(crc, data)
+        HARDWARE.load(core::sync::atomic::Ordering::Relaxed)
     }
     #[cfg(not(all(target_arch = "aarch64", target_feature = "crc")))]
     {
-        update_sw(crc, data)
+        false
     }
+}
+
+/// Update the raw register with the fastest implementation available.
+#[inline]
+pub fn update_raw(crc: u32, data: &[u8]) -> u32 {
+    #[cfg(all(target_arch = "aarch64", target_feature = "crc"))]
+    if HARDWARE.load(core::sync::atomic::Ordering::Relaxed) {
+        return hw::update(crc, data);
+    }
+    update_sw(crc, data)
 }
 
 /// Streaming CRC32C state.
