@@ -67,6 +67,11 @@ impl LocalDrive {
     pub fn poll(&self, now_ns: u64) -> bool {
         self.drive.poll(now_ns)
     }
+
+    /// Commands submitted to the drive and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.drive.with(|c| c.outstanding()).unwrap_or(0)
+    }
 }
 
 /// Why a drive was skipped.

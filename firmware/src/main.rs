@@ -6,6 +6,10 @@
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
+mod config;
+#[cfg(target_os = "none")]
+mod drives;
+#[cfg(target_os = "none")]
 mod fatal;
 #[cfg(target_os = "none")]
 mod net;
@@ -15,6 +19,8 @@ mod nvmf;
 mod platform;
 #[cfg(target_os = "none")]
 mod poll;
+#[cfg(target_os = "none")]
+mod services;
 #[cfg(all(target_os = "none", feature = "test-build"))]
 mod testhooks;
 

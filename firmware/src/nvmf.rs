@@ -13,12 +13,11 @@
 use crate::net::{Accepted, NetStack};
 use alloc::{collections::VecDeque, format, string::String, vec::Vec};
 use keel_controller::{
-    Event as CoreEvent, Instant, NamespaceConfig, PortEntry, QueueId, QueueLoss, Request, Response,
-    SubsystemConfig, Target, TargetConfig,
+    Event as CoreEvent, Instant, PortEntry, QueueId, QueueLoss, Request, Response, Target,
 };
 use keel_nvme::{Sqe, Status};
 use keel_nvmf_tcp::{Event as TcpEvent, TargetConfig as TcpConfig, TargetConnection, TargetState};
-use keel_storage::{BufPool, IoBuf, RamBackend};
+use keel_storage::{BufPool, IoBuf};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 
@@ -27,7 +26,7 @@ const MAX_TRANSFER: usize = 128 * 1024;
 /// Data buffers shared by every connection.
 const POOL_BUFFERS: usize = 256;
 /// Command slots per connection (the largest queue depth a host can get).
-const SLOTS: u16 = 128;
+const SLOTS: u16 = 256;
 
 /// An [`IoBuf`] as the transport sees it: its valid bytes.
 #[derive(Debug)]
@@ -75,89 +74,8 @@ struct Conn {
     closing: bool,
 }
 
-/// What the development configuration serves, from the boot arguments (the signed
-/// configuration bundle replaces this on provisioned devices).
-///
-/// - `keel.nqn=NQN`: the subsystem NQN (default `nqn.2026-11.dev.keel:default`);
-/// - `keel.ram=256[,64...]`: one RAM namespace per size in MiB (default one of 256 MiB);
-/// - `keel.bs=512|4096`: logical block size (default 512);
-/// - `keel.allow=NQN[,NQN...]`: host NQNs allowed to connect (default: any host);
-/// - `keel.advertise=ADDR:PORT`: the NVMe/TCP address the discovery log page reports
-///   (default: the interface's own address and port 4420). `qemu/run` sets it to the
-///   forwarded host port so hosts that follow discovery entries reach the target.
-#[derive(Debug, Clone)]
-pub struct Defaults {
-    /// Subsystem NQN.
-    pub nqn: String,
-    /// Serial number.
-    pub serial: String,
-    /// Size in bytes of each RAM namespace (NSID 1, 2, ...).
-    pub namespaces: Vec<u64>,
-    /// Logical block size.
-    pub block_size: u32,
-    /// Allowed host NQNs; empty means any host.
-    pub allowed_hosts: Vec<String>,
-    /// The NIC's MAC address (makes identifiers unique per device).
-    pub mac: [u8; 6],
-    /// Address and port to advertise in the discovery log instead of the interface's own.
-    pub advertise: Option<(String, String)>,
-}
-
-impl Defaults {
-    /// Reads the boot arguments; anything malformed falls back to the default.
-    pub fn from_bootargs(args: &str, mac: [u8; 6]) -> Self {
-        let get = |key: &str| args.split_whitespace().find_map(|a| a.strip_prefix(key));
-        let hex: String = mac.iter().map(|b| format!("{b:02X}")).collect();
-        let mut namespaces: Vec<u64> = get("keel.ram=")
-            .map(|list| {
-                list.split(',')
-                    .filter_map(|s| {
-                        s.trim_end_matches("MiB")
-                            .trim_end_matches('M')
-                            .parse::<u64>()
-                            .ok()
-                    })
-                    .filter(|m| (1..=65536).contains(m))
-                    .map(|m| m << 20)
-                    .take(16)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if namespaces.is_empty() {
-            namespaces.push(256 << 20);
-        }
-        Self {
-            nqn: get("keel.nqn=")
-                .filter(|n| n.starts_with("nqn.") && n.len() <= 223)
-                .unwrap_or("nqn.2026-11.dev.keel:default")
-                .into(),
-            serial: format!("KEEL{hex}"),
-            namespaces,
-            block_size: match get("keel.bs=") {
-                Some("4096") => 4096,
-                _ => 512,
-            },
-            allowed_hosts: get("keel.allow=")
-                .map(|l| {
-                    l.split(',')
-                        .filter(|n| !n.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            mac,
-            advertise: get("keel.advertise=").and_then(|a| {
-                let (addr, port) = a.rsplit_once(':')?;
-                (addr.parse::<smoltcp::wire::Ipv4Address>().is_ok() && port.parse::<u16>().is_ok())
-                    .then(|| (String::from(addr), String::from(port)))
-            }),
-        }
-    }
-}
-
 /// The NVMe/TCP target service.
 pub struct NvmfService {
-    target: Target,
     pool: BufPool,
     conns: Vec<Option<Conn>>,
     tcp_cfg: TcpConfig,
@@ -175,79 +93,28 @@ impl core::fmt::Debug for NvmfService {
     }
 }
 
-/// Why the service could not start.
-#[derive(Debug)]
-pub enum NvmfError {
-    /// The RAM namespace could not be made.
-    Ram(keel_storage::ram::RamError),
-    /// The controller configuration was refused.
-    Config(keel_controller::ConfigError),
-    /// The buffer pool could not be made.
-    Pool(keel_storage::PoolError),
-}
-
-impl core::fmt::Display for NvmfError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Ram(e) => write!(f, "RAM namespace: {e}"),
-            Self::Config(e) => write!(f, "target configuration: {e}"),
-            Self::Pool(e) => write!(f, "buffer pool: {e}"),
-        }
-    }
-}
-
 fn ms(now_ns: u64) -> u64 {
     now_ns / 1_000_000
 }
 
 impl NvmfService {
-    /// Builds the target from the development defaults.
-    pub fn new(d: &Defaults) -> Result<Self, NvmfError> {
-        let mut namespaces = Vec::new();
-        for (i, bytes) in d.namespaces.iter().enumerate() {
-            let nsid = i as u32 + 1;
-            let blocks = bytes / u64::from(d.block_size);
-            let ram = RamBackend::new(d.block_size, blocks, 4096).map_err(NvmfError::Ram)?;
-            // NGUID: "KEEL", the MAC, the NSID: unique per device and namespace, stable
-            // across boots.
-            let mut nguid = [0u8; 16];
-            nguid[..4].copy_from_slice(b"KEEL");
-            nguid[4..10].copy_from_slice(&d.mac);
-            nguid[12..].copy_from_slice(&nsid.to_be_bytes());
-            namespaces.push(NamespaceConfig {
-                nsid,
-                backend: alloc::boxed::Box::new(ram),
-                nguid,
-                uuid: [0; 16],
-                eui64: [0; 8],
-            });
-        }
-        let cfg = TargetConfig {
-            subsystems: alloc::vec![SubsystemConfig {
-                nqn: d.nqn.clone(),
-                serial: d.serial.clone(),
-                model: String::from("Keel NVMe/TCP target"),
-                allowed_hosts: d.allowed_hosts.clone(),
-                namespaces,
-            }],
-            ..Default::default()
-        };
-        let target = Target::new(cfg).map_err(NvmfError::Config)?;
+    /// The service, with its data buffers; `advertise` replaces the interface's own address
+    /// in the discovery log.
+    pub fn new(advertise: Option<(String, String)>) -> Result<Self, keel_storage::PoolError> {
         let region = alloc::vec![0u8; POOL_BUFFERS * MAX_TRANSFER].leak();
         let dma = region.as_ptr() as u64;
-        let pool = BufPool::new(region, dma, MAX_TRANSFER).map_err(NvmfError::Pool)?;
+        let pool = BufPool::new(region, dma, MAX_TRANSFER)?;
         let tcp_cfg = TcpConfig {
             slots: SLOTS,
             max_transfer: MAX_TRANSFER as u32,
             ..Default::default()
         };
         Ok(Self {
-            target,
             pool,
             conns: Vec::new(),
             tcp_cfg,
             ports_set_for: None,
-            advertise: d.advertise.clone(),
+            advertise,
             refused: 0,
         })
     }
@@ -257,14 +124,14 @@ impl NvmfService {
         self.conns.iter().flatten().count()
     }
 
-    fn adopt(&mut self, a: Accepted, now_ns: u64, net: &mut NetStack) {
+    fn adopt(&mut self, a: Accepted, now_ns: u64, net: &mut NetStack, target: &mut Target) {
         let (tcp, queue) = match (
             TargetConnection::new(self.tcp_cfg, ms(now_ns)),
-            self.target.open_queue(),
+            target.open_queue(),
         ) {
             (Ok(t), Ok(q)) => (t, q),
             (_, Ok(q)) => {
-                let _ = self.target.close_queue(q);
+                let _ = target.close_queue(q);
                 self.refused += 1;
                 net.release(a.handle, false, now_ns);
                 return;
@@ -296,33 +163,36 @@ impl NvmfService {
         }
     }
 
-    /// One pass: adopt new connections, move bytes and commands, deliver completions.
+    /// One pass over the connections: adopt new ones, move bytes, hand commands to the
+    /// controller core. Completions that went pending come back through
+    /// [`NvmfService::on_event`]; [`NvmfService::flush`] then sends what they produced.
     /// Returns whether anything happened.
-    pub fn poll(&mut self, now_ns: u64, net: &mut NetStack) -> bool {
+    pub fn poll(&mut self, now_ns: u64, net: &mut NetStack, target: &mut Target) -> bool {
         let mut busy = false;
-        self.update_ports(net);
+        self.update_ports(net, target);
         let accepted: Vec<Accepted> = net.take_accepted().collect();
         for a in accepted {
             busy = true;
-            self.adopt(a, now_ns, net);
+            self.adopt(a, now_ns, net, target);
         }
         let now = Instant::from_nanos(now_ns);
         for i in 0..self.conns.len() {
-            busy |= self.poll_conn(i, now, net);
+            busy |= self.poll_conn(i, now, net, target);
         }
-        // Completions of commands that went pending.
-        let Self {
-            target,
-            conns,
-            pool,
-            ..
-        } = self;
-        busy |= target.poll(now, &mut |ev| match ev {
-            CoreEvent::Completion(_, resp) => {
-                let idx = resp.cookie as usize;
-                match conns.get_mut(idx).and_then(Option::as_mut) {
-                    Some(c) => c.deliver(pool, resp),
-                    None => recycle(pool, resp.buf),
+        busy
+    }
+
+    /// An event of the controller core that belongs to this service (the caller routes the
+    /// emulated functions' events elsewhere first).
+    pub fn on_event(&mut self, ev: CoreEvent) {
+        let Self { conns, pool, .. } = self;
+        match ev {
+            CoreEvent::Completion(q, resp) => {
+                match conns.get_mut(resp.cookie as usize).and_then(Option::as_mut) {
+                    // The cookie names the connection; the queue check drops a stale completion
+                    // of a connection whose slot was reused.
+                    Some(c) if c.queue == q => c.deliver(pool, resp),
+                    _ => recycle(pool, resp.buf),
                 }
             }
             CoreEvent::QueueTerminated(q) => {
@@ -332,15 +202,17 @@ impl NvmfService {
                 }
             }
             CoreEvent::BufferReleased(b) => recycle(pool, Some(b)),
-        }) > 0;
-        // Flush what the completions produced.
+        }
+    }
+
+    /// Moves every connection's pending PDUs into its socket.
+    pub fn flush(&mut self, net: &mut NetStack) {
         for c in self.conns.iter_mut().flatten() {
             c.flush(net);
         }
-        busy
     }
 
-    fn update_ports(&mut self, net: &NetStack) {
+    fn update_ports(&mut self, net: &NetStack, target: &mut Target) {
         let Some(addr) = net.address().map(|c| c.address()) else {
             return;
         };
@@ -352,17 +224,23 @@ impl NvmfService {
             Some((a, p)) => PortEntry::tcp_ipv4(a, p, 1),
             None => PortEntry::tcp_ipv4(&format!("{addr}"), "4420", 1),
         };
-        self.target.set_ports(alloc::vec![entry]);
+        target.set_ports(alloc::vec![entry]);
     }
 
-    fn poll_conn(&mut self, i: usize, now: Instant, net: &mut NetStack) -> bool {
+    fn poll_conn(
+        &mut self,
+        i: usize,
+        now: Instant,
+        net: &mut NetStack,
+        target: &mut Target,
+    ) -> bool {
         let Some(c) = self.conns[i].as_mut() else {
             return false;
         };
         let now_ms = now.as_millis();
         let mut busy = false;
         let mut cx = Ctx {
-            target: &mut self.target,
+            target,
             pool: &mut self.pool,
             now,
         };
@@ -406,7 +284,7 @@ impl NvmfService {
         };
         if let Some(how) = loss {
             let c = self.conns[i].take().expect("checked above");
-            let _ = self.target.close_queue_after(c.queue, how);
+            let _ = cx.target.close_queue_after(c.queue, how);
             drain_buffers(c.tcp, &mut self.pool);
             net.release(c.socket, true, now.as_nanos());
             busy = true;

@@ -123,8 +123,12 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     };
     let spare_ram: Vec<Region> = free.iter().skip(1).copied().map(page_align).collect();
 
+    // PCI enumeration before the final map: it only touches ECAM (device memory in the boot
+    // map) and lets the map treat BARs that are memory, not registers, as normal memory.
+    let pci = enumerate_pci(&dt);
+
     // Final page table: RAM normal (the image by section, guard pages unmapped), devices as
-    // device memory.
+    // device memory, shared-memory BARs (ivshmem) as normal memory.
     let mut space = AddressSpace::new();
     for m in dt.memory.iter() {
         map_ram_around_image(&mut space, *m, &layout)?;
@@ -164,6 +168,11 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
             .map(d.base as usize, d.end() as usize, Kind::Device)
             .map_err(BootError::Map)?;
     }
+    for bar in shared_memory_bars(&pci) {
+        space
+            .map(bar.base as usize, bar.end() as usize, Kind::ReadWrite)
+            .map_err(BootError::Map)?;
+    }
     // SAFETY: the map covers the image, stacks, all RAM (heap included) and every device the
     // firmware drives from here on.
     unsafe { space.activate() };
@@ -172,8 +181,6 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
         unsafe { HEAP.lock().extend((heap.end() - early_end) as usize) };
     }
 
-    // SAFETY: the GIC frames come from the device tree, are mapped as device memory and only
-    // this driver uses them.
     let gic = match dt.gic {
         Some(GicDesc::V2 { dist, cpu }) => {
             // SAFETY: the GIC frames come from the device tree, are mapped as device memory
@@ -191,7 +198,21 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
 
     banner(info, &dt, freq, heap, &gic);
 
-    let pci = match &dt.pcie {
+    print_pci_table(&pci);
+
+    Ok(Platform {
+        dt,
+        pci,
+        gic,
+        spare_ram,
+        heap,
+        counter_at_start: info.counter_at_start,
+    })
+}
+
+/// Enumerates the PCIe host bridge the device tree describes and assigns BARs.
+fn enumerate_pci(dt: &Dt) -> Vec<Function> {
+    match &dt.pcie {
         Some(host) => {
             let windows: Vec<pcie::Window> = host
                 .windows
@@ -224,17 +245,19 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
             }
         }
         None => Vec::new(),
-    };
-    print_pci_table(&pci);
+    }
+}
 
-    Ok(Platform {
-        dt,
-        pci,
-        gic,
-        spare_ram,
-        heap,
-        counter_at_start: info.counter_at_start,
-    })
+/// BARs that are memory shared with another agent rather than registers: the ivshmem
+/// windows of emulated functions (BAR2 of 1af4:1110).
+pub fn shared_memory_bars(pci: &[Function]) -> impl Iterator<Item = Region> + '_ {
+    pci.iter()
+        .filter(|f| (f.vendor, f.device) == keel_hal::ivshmem::IVSHMEM_ID)
+        .filter_map(|f| f.bar(2))
+        .map(|b| Region {
+            base: b.cpu_addr,
+            size: b.size,
+        })
 }
 
 /// Free ranges (at least 2 MiB) of `mem` once `taken` are cut out, largest first.
@@ -335,7 +358,10 @@ fn banner(info: &BootInfo, dt: &Dt, freq: u64, heap: Region, gic: &Option<Gic>) 
         dt.psci
     );
     if !dt.bootargs.is_empty() {
-        println!("bootargs: {}", dt.bootargs.as_str());
+        println!(
+            "bootargs: {}",
+            crate::config::redacted(dt.bootargs.as_str())
+        );
     }
 }
 

@@ -1,9 +1,10 @@
 //! The poll loop: one pass polls the NIC and every service and runs each ready request to
 //! completion. No interrupts, no locks and no allocation on the data path.
 
+use crate::config::DevConfig;
 use crate::net::{Addressing, NetStack};
-use crate::nvmf::{Defaults, NvmfService};
 use crate::platform::Platform;
+use crate::services::Services;
 use keel_hal::{arch::timer, println, virtio_net::VirtioNet};
 
 /// NVMe/TCP port (NVMe/TCP transport spec 1.0 §7.4.4, IANA).
@@ -51,33 +52,21 @@ fn bring_up_net(platform: &Platform) -> Option<NetStack> {
 }
 
 /// Brings the services up, prints `keel: ready` and polls forever.
-pub fn run(platform: Platform) -> ! {
+pub fn run(mut platform: Platform) -> ! {
+    let features = keel_hal::arch::cpu::Features::read();
+    keel_nvmf_tcp::crc32c::set_hardware(features.crc32);
+    if !features.crc32 {
+        log::warn!("cpu: no CRC32 instructions: NVMe/TCP digests use the table-driven CRC32C");
+    }
     let mut net = bring_up_net(&platform);
-    let mut nvmf = None;
+    let mac = net.as_ref().map_or([0; 6], |n| n.device.mac());
+    let cfg = DevConfig::from_bootargs(platform.dt.bootargs.as_str(), mac);
+    let mut services = Services::build(&mut platform, &cfg, net.is_some());
     if let Some(net) = net.as_mut() {
-        let defaults = Defaults::from_bootargs(platform.dt.bootargs.as_str(), net.device.mac());
-        match NvmfService::new(&defaults) {
-            Ok(s) => {
-                log::info!(
-                    "nvmf: subsystem {} serial {}",
-                    defaults.nqn,
-                    defaults.serial
-                );
-                for (i, bytes) in defaults.namespaces.iter().enumerate() {
-                    log::info!(
-                        "nvmf: namespace {} = RAM {} MiB, {}-byte blocks",
-                        i + 1,
-                        bytes >> 20,
-                        defaults.block_size
-                    );
-                }
-                match defaults.allowed_hosts.len() {
-                    0 => log::info!("nvmf: any host may connect (development configuration)"),
-                    n => log::info!("nvmf: {n} allowed host(s): {:?}", defaults.allowed_hosts),
-                }
-                nvmf = Some(s);
-            }
-            Err(e) => log::error!("nvmf: {e}"),
+        log::info!("nvmf: subsystem {} serial {}", cfg.nqn, cfg.serial);
+        match cfg.allowed_hosts.len() {
+            0 => log::info!("nvmf: any host may connect (development configuration)"),
+            n => log::info!("nvmf: {n} allowed host(s): {:?}", cfg.allowed_hosts),
         }
         net.listen(NVMF_PORT);
         net.listen(DISCOVERY_PORT);
@@ -88,57 +77,60 @@ pub fn run(platform: Platform) -> ! {
     }
     let ready_ns = timer::now_ns();
     let addr = net.as_ref().and_then(NetStack::address);
+    let functions = match services.functions() {
+        0 => alloc::string::String::new(),
+        n => alloc::format!("; {n} emulated NVMe function(s)"),
+    };
     match (&net, addr) {
         (Some(_), Some(a)) => println!(
-            "keel: ready in {}.{:03} ms (reset to poll loop); nvme/tcp {}:{} discovery {}:{}",
+            "keel: ready in {}.{:03} ms (reset to poll loop); nvme/tcp {}:{} discovery {}:{}{}",
             ready_ns / 1_000_000,
             (ready_ns / 1_000) % 1_000,
             a.address(),
             NVMF_PORT,
             a.address(),
-            DISCOVERY_PORT
+            DISCOVERY_PORT,
+            functions
         ),
         _ => println!(
-            "keel: ready in {}.{:03} ms (reset to poll loop); no network address{}",
+            "keel: ready in {}.{:03} ms (reset to poll loop); no network address{}{}",
             ready_ns / 1_000_000,
             (ready_ns / 1_000) % 1_000,
             if net.is_some() {
                 " yet (DHCP pending)"
             } else {
                 " (no NIC)"
-            }
+            },
+            functions
         ),
     }
     #[cfg(feature = "test-build")]
     crate::testhooks::after_ready(&platform);
-    let mut platform = platform;
     let sleeps = net
         .as_mut()
         .is_some_and(|n| enable_wakeups(&mut platform, n));
     let mut last_busy = timer::now_ns();
     loop {
         let now = timer::now_ns();
-        let Some(net) = net.as_mut() else {
-            timer::wait_for_interrupt();
-            continue;
-        };
-        if pass(now, net, &mut nvmf) {
+        if pass(now, net.as_mut(), &mut services) {
             last_busy = now;
             continue;
         }
-        if !sleeps || now - last_busy < IDLE_SPIN_NS {
+        if !sleeps || !services.may_sleep() || now - last_busy < IDLE_SPIN_NS {
             core::hint::spin_loop();
             continue;
         }
         // Idle: clear the NIC's interrupt, look once more (a frame may have arrived before
-        // the clear), then sleep until a frame arrives or smoltcp's next timer is due.
-        net.device.ack_wakeup();
-        if pass(now, net, &mut nvmf) {
+        // the clear), then sleep until a frame arrives or the next timer is due.
+        let Some(n) = net.as_mut() else { continue };
+        n.device.ack_wakeup();
+        if pass(now, net.as_mut(), &mut services) {
             last_busy = now;
             continue;
         }
         let delay_ns = net
-            .poll_delay(now)
+            .as_mut()
+            .and_then(|n| n.poll_delay(now))
             .map_or(MAX_SLEEP_NS, |d| d.total_micros().saturating_mul(1_000))
             .min(MAX_SLEEP_NS);
         timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(delay_ns)));
@@ -153,19 +145,20 @@ const IDLE_SPIN_NS: u64 = 200_000;
 const MAX_SLEEP_NS: u64 = 5_000_000;
 
 /// One pass over the NIC and the services; returns whether anything happened.
-fn pass(now: u64, net: &mut NetStack, nvmf: &mut Option<NvmfService>) -> bool {
-    let mut busy = net.poll(now);
-    match nvmf.as_mut() {
-        Some(s) => {
-            if s.poll(now, net) {
-                busy = true;
-                net.poll(now);
+fn pass(now: u64, mut net: Option<&mut NetStack>, services: &mut Services) -> bool {
+    let mut busy = false;
+    if let Some(n) = net.as_deref_mut() {
+        busy |= n.poll(now);
+        if !services.serves_tcp() {
+            for a in n.take_accepted().collect::<alloc::vec::Vec<_>>() {
+                n.release(a.handle, false, now);
             }
         }
-        None => {
-            for a in net.take_accepted().collect::<alloc::vec::Vec<_>>() {
-                net.release(a.handle, false, now);
-            }
+    }
+    if services.poll(now, net.as_deref_mut()) {
+        busy = true;
+        if let Some(n) = net {
+            n.poll(now);
         }
     }
     busy

@@ -17,9 +17,11 @@ pub mod arch;
 pub mod console;
 #[cfg(target_arch = "aarch64")]
 pub mod gic;
-pub mod pcie;
-pub mod pl011;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod ivshmem;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod nvme;
+pub mod pcie;
+pub mod pl011;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod virtio_net;

@@ -1,0 +1,241 @@
+//! The development configuration, read from the boot arguments (`/chosen/bootargs`, set with
+//! `qemu/run --append "..."`). A provisioned device gets its configuration from a signed
+//! bundle instead; this is what a developer's QEMU runs.
+//!
+//! | argument | meaning | default |
+//! |---|---|---|
+//! | `keel.nqn=NQN` | the NVMe/TCP subsystem's NQN | `nqn.2026-11.dev.keel:default` |
+//! | `keel.ns=SPEC[,SPEC...]` | the NVMe/TCP namespaces (NSID 1, 2, ...): `ram:MiB`, `drive:D[:NSID]` (a whole drive namespace), `drive:D:NSID:OFF+LEN` (a slice, MiB; `OFF+` to the end) | see below |
+//! | `keel.ram=256[,64...]` | one RAM namespace per size in MiB | `256` without drives; without `keel.ns` and `keel.ram`, every drive namespace is served whole |
+//! | `keel.bs=512\|4096` | logical block size of RAM namespaces | `512` |
+//! | `keel.allow=NQN[,NQN...]` | host NQNs allowed to connect | any host |
+//! | `keel.xts=NSID:HEX` | encrypt namespace NSID with AES-XTS; 64 hex digits = XTS-AES-128, 128 = XTS-AES-256 (repeatable) | none |
+//! | `keel.fn.ram=MiB` | size of each emulated PCIe function's RAM namespace | `64` |
+//! | `keel.advertise=ADDR:PORT` | the NVMe/TCP address in the discovery log | the interface's |
+//! | `keel.ip=A.B.C.D/N`, `keel.gw=A.B.C.D` | static address instead of DHCPv4 | DHCP |
+//!
+//! Keys given here are development keys: the boot arguments are readable by anything that can
+//! read the device tree, and the banner prints them redacted.
+
+use alloc::{format, string::String, vec::Vec};
+
+/// The default NVMe/TCP subsystem NQN.
+pub const DEFAULT_NQN: &str = "nqn.2026-11.dev.keel:default";
+
+/// Where a namespace's data lives (`keel.ns=` entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NsSpec {
+    /// A RAM disk of this many bytes.
+    Ram(u64),
+    /// A local drive's namespace, whole or a slice (byte offset, byte length or the rest).
+    Drive {
+        /// Drive index, in PCI order.
+        drive: usize,
+        /// Namespace on the drive.
+        nsid: u32,
+        /// A slice of it.
+        slice: Option<(u64, Option<u64>)>,
+    },
+}
+
+impl core::fmt::Display for NsSpec {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            NsSpec::Ram(b) => write!(f, "RAM {} MiB", b >> 20),
+            NsSpec::Drive {
+                drive,
+                nsid,
+                slice: None,
+            } => write!(f, "drive {drive} namespace {nsid}"),
+            NsSpec::Drive {
+                drive,
+                nsid,
+                slice: Some((off, len)),
+            } => {
+                write!(f, "drive {drive} namespace {nsid} from {} MiB", off >> 20)?;
+                match len {
+                    Some(l) => write!(f, ", {} MiB", l >> 20),
+                    None => f.write_str(" to the end"),
+                }
+            }
+        }
+    }
+}
+
+impl NsSpec {
+    /// Parses `ram:MiB`, `drive:D`, `drive:D:NSID` or `drive:D:NSID:OFF+LEN` (MiB; LEN empty
+    /// = to the end of the namespace).
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.split(':');
+        match parts.next()? {
+            "ram" => {
+                let mib: u64 = parts.next()?.parse().ok()?;
+                (1..=65536).contains(&mib).then_some(NsSpec::Ram(mib << 20))
+            }
+            "drive" => {
+                let drive = parts.next()?.parse().ok()?;
+                let nsid = parts.next().map_or(Some(1), |n| n.parse().ok())?;
+                let slice = match parts.next() {
+                    None => None,
+                    Some(range) => {
+                        let (off, len) = range.split_once('+')?;
+                        let off: u64 = off.parse().ok()?;
+                        let len = if len.is_empty() {
+                            None
+                        } else {
+                            Some(len.parse::<u64>().ok()? << 20)
+                        };
+                        Some((off << 20, len))
+                    }
+                };
+                parts
+                    .next()
+                    .is_none()
+                    .then_some(NsSpec::Drive { drive, nsid, slice })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A namespace encryption key from the boot arguments (hex digits, parsed later into a
+/// zeroizing key; the string itself lives in the device tree anyway).
+#[derive(Clone, Debug)]
+pub struct KeyArg {
+    /// Namespace id.
+    pub nsid: u32,
+    /// Hex digits.
+    pub hex: String,
+}
+
+/// The development configuration.
+#[derive(Clone, Debug)]
+pub struct DevConfig {
+    /// NVMe/TCP subsystem NQN.
+    pub nqn: String,
+    /// Serial number base (`KEEL` + MAC).
+    pub serial: String,
+    /// Namespaces of the NVMe/TCP subsystem, if set explicitly (`keel.ns=`).
+    pub namespaces: Option<Vec<NsSpec>>,
+    /// Sizes in bytes of the RAM namespaces, if set explicitly.
+    pub ram: Option<Vec<u64>>,
+    /// Logical block size of RAM namespaces.
+    pub block_size: u32,
+    /// Allowed host NQNs; empty means any host.
+    pub allowed_hosts: Vec<String>,
+    /// Encrypted namespaces.
+    pub keys: Vec<KeyArg>,
+    /// RAM namespace size of each emulated function, in bytes.
+    pub function_ram: u64,
+    /// Address and port to advertise in the discovery log.
+    pub advertise: Option<(String, String)>,
+    /// The NIC's MAC (identifiers unique per device).
+    pub mac: [u8; 6],
+}
+
+fn mib_list(s: &str) -> Vec<u64> {
+    s.split(',')
+        .filter_map(|s| {
+            s.trim_end_matches("MiB")
+                .trim_end_matches('M')
+                .parse::<u64>()
+                .ok()
+        })
+        .filter(|m| (1..=65536).contains(m))
+        .map(|m| m << 20)
+        .take(16)
+        .collect()
+}
+
+impl DevConfig {
+    /// Reads the boot arguments; anything malformed falls back to the default.
+    pub fn from_bootargs(args: &str, mac: [u8; 6]) -> Self {
+        let get = |key: &str| args.split_whitespace().find_map(|a| a.strip_prefix(key));
+        let hex: String = mac.iter().map(|b| format!("{b:02X}")).collect();
+        let keys = args
+            .split_whitespace()
+            .filter_map(|a| a.strip_prefix("keel.xts="))
+            .filter_map(|a| {
+                let (nsid, hex) = a.split_once(':')?;
+                Some(KeyArg {
+                    nsid: nsid.parse().ok()?,
+                    hex: hex.into(),
+                })
+            })
+            .collect();
+        Self {
+            nqn: get("keel.nqn=")
+                .filter(|n| n.starts_with("nqn.") && n.len() <= 223)
+                .unwrap_or(DEFAULT_NQN)
+                .into(),
+            serial: format!("KEEL{hex}"),
+            namespaces: get("keel.ns=")
+                .map(|l| {
+                    l.split(',')
+                        .filter_map(NsSpec::parse)
+                        .take(16)
+                        .collect::<Vec<_>>()
+                })
+                .filter(|l| !l.is_empty()),
+            ram: get("keel.ram=").map(mib_list).filter(|l| !l.is_empty()),
+            block_size: match get("keel.bs=") {
+                Some("4096") => 4096,
+                _ => 512,
+            },
+            allowed_hosts: get("keel.allow=")
+                .map(|l| {
+                    l.split(',')
+                        .filter(|n| !n.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            keys,
+            function_ram: get("keel.fn.ram=")
+                .map(mib_list)
+                .and_then(|l| l.first().copied())
+                .unwrap_or(64 << 20),
+            advertise: get("keel.advertise=").and_then(|a| {
+                let (addr, port) = a.rsplit_once(':')?;
+                (addr.parse::<smoltcp::wire::Ipv4Address>().is_ok() && port.parse::<u16>().is_ok())
+                    .then(|| (String::from(addr), String::from(port)))
+            }),
+            mac,
+        }
+    }
+
+    /// The key for namespace `nsid`, if it is encrypted.
+    pub fn key_for(&self, nsid: u32) -> Option<&KeyArg> {
+        self.keys.iter().find(|k| k.nsid == nsid)
+    }
+
+    /// NGUID of namespace `nsid` of subsystem number `subsystem`: "KEEL", the MAC, the
+    /// subsystem and the NSID; unique per device and stable across boots.
+    pub fn nguid(&self, subsystem: u16, nsid: u32) -> [u8; 16] {
+        let mut g = [0u8; 16];
+        g[..4].copy_from_slice(b"KEEL");
+        g[4..10].copy_from_slice(&self.mac);
+        g[10..12].copy_from_slice(&subsystem.to_be_bytes());
+        g[12..].copy_from_slice(&nsid.to_be_bytes());
+        g
+    }
+}
+
+/// The boot arguments with key material replaced by `<redacted>`, for printing.
+pub fn redacted(args: &str) -> String {
+    let mut out = String::new();
+    for (i, a) in args.split_whitespace().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        match a.strip_prefix("keel.xts=").and_then(|v| v.split_once(':')) {
+            Some((nsid, _)) => {
+                out.push_str("keel.xts=");
+                out.push_str(nsid);
+                out.push_str(":<redacted>");
+            }
+            None => out.push_str(a),
+        }
+    }
+    out
+}
