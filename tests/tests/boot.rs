@@ -173,6 +173,14 @@ fn qemu_run_rejects_unknown_options_and_missing_files() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a TCP port"));
+    // ivshmem needs a power-of-two window.
+    let odd = keel_tests::ScratchFile::new("odd-window.img", 3_000_000);
+    let out = Command::new(&run)
+        .args(["--window", odd.path().to_str().unwrap(), "--dry-run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a power of two"));
 }
 
 #[test]
