@@ -1,10 +1,6 @@
 //! Local NVMe drives: the firmware brings up QEMU's NVMe controllers (`-device nvme`,
 //! `-device nvme-ns`) with its poll-mode driver and reports each drive and namespace.
-//! (Data-path tests follow once drive namespaces are served over NVMe/TCP.)
-//!
-//! Ignored until `drives::bring_up` is called from `poll::run` (and `mod drives;` is declared
-//! in `main.rs`): they pass with that wiring (checked in a scratch worktree); remove the
-//! `#[ignore]`s in the commit that wires it.
+//! The data path over NVMe/TCP is in `drive_data.rs`.
 
 use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile};
 
@@ -22,7 +18,6 @@ fn line<'a>(c: &'a str, needle: &str) -> &'a str {
 }
 
 #[test]
-#[ignore = "needs drives::bring_up wired into poll::run"]
 fn drive_from_qemu_run_disk_is_initialised() {
     let disk = ScratchFile::new("drive-one.img", 64 << 20);
     let c = boot(&["--disk", disk.path().to_str().unwrap()]);
@@ -38,7 +33,6 @@ fn drive_from_qemu_run_disk_is_initialised() {
 }
 
 #[test]
-#[ignore = "needs drives::bring_up wired into poll::run"]
 fn several_namespaces_with_different_block_sizes() {
     let a = ScratchFile::new("drive-ns1.img", 32 << 20);
     let b = ScratchFile::new("drive-ns3.img", 48 << 20);
@@ -79,7 +73,6 @@ fn several_namespaces_with_different_block_sizes() {
 }
 
 #[test]
-#[ignore = "needs drives::bring_up wired into poll::run"]
 fn two_drives_and_one_without_namespaces() {
     let a = ScratchFile::new("drive-a.img", 16 << 20);
     let b = ScratchFile::new("drive-b.img", 8 << 20);
@@ -111,7 +104,6 @@ fn two_drives_and_one_without_namespaces() {
 }
 
 #[test]
-#[ignore = "needs drives::bring_up wired into poll::run"]
 fn namespace_with_metadata_is_skipped_and_the_firmware_carries_on() {
     let a = ScratchFile::new("drive-md.img", 16 << 20);
     let b = ScratchFile::new("drive-plain.img", 16 << 20);
