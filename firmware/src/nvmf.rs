@@ -101,7 +101,7 @@ impl NvmfService {
     /// The service, with its data buffers; `advertise` replaces the interface's own address
     /// in the discovery log.
     pub fn new(advertise: Option<(String, String)>) -> Result<Self, keel_storage::PoolError> {
-        let region = alloc::vec![0u8; POOL_BUFFERS * MAX_TRANSFER].leak();
+        let region = crate::services::dma_region(POOL_BUFFERS * MAX_TRANSFER);
         let dma = region.as_ptr() as u64;
         let pool = BufPool::new(region, dma, MAX_TRANSFER)?;
         let tcp_cfg = TcpConfig {

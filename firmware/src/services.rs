@@ -54,6 +54,15 @@ impl core::fmt::Debug for Services {
     }
 }
 
+/// A zeroed, page-aligned region for data buffers that devices reach by DMA (the heap is
+/// identity-mapped: the address is also the DMA address). Lives for the rest of the run.
+pub fn dma_region(len: usize) -> &'static mut [u8] {
+    const PAGE: usize = 4096;
+    let raw = alloc::vec![0u8; len + PAGE].leak();
+    let skip = raw.as_ptr().align_offset(PAGE).min(PAGE);
+    &mut raw[skip..skip + len]
+}
+
 fn ram(bytes: u64, block_size: u32) -> Option<Box<dyn BlockBackend>> {
     match RamBackend::new(block_size, bytes / u64::from(block_size), BACKEND_DEPTH) {
         Ok(r) => Some(Box::new(r)),
@@ -292,7 +301,7 @@ impl Services {
                     continue;
                 }
             };
-            let region = alloc::vec![0u8; FUNCTION_BUFFERS * FUNCTION_BUFFER_SIZE].leak();
+            let region = dma_region(FUNCTION_BUFFERS * FUNCTION_BUFFER_SIZE);
             let dma = region.as_ptr() as u64;
             let f = BufPool::new(region, dma, FUNCTION_BUFFER_SIZE)
                 .map_err(|e| log::error!("pcie-fn{i}: buffers: {e}"))
