@@ -1,0 +1,910 @@
+//! The emulated NVMe function end to end: the release firmware in QEMU serves an NVMe
+//! controller on each `ivshmem` window (`qemu/run --window FILE`), and the host side is the
+//! real `keelctl host --window FILE` binary (identify, read, write, verify, bench, nbd) or its
+//! driver library where a test needs to act between two register writes (reset and shutdown
+//! with commands in flight). The NBD export is checked with real clients from Debian
+//! (`qemu-io`/`qemu-img` from qemu-utils, `nbdinfo`/`nbdcopy` from libnbd-bin).
+//!
+//! Every QEMU, `keelctl` and client run is bounded in time; the tests of this file take turns
+//! (one QEMU at a time) because the firmware polls a live function without sleeping.
+
+use keel_host_tools::host::{HostController, IoOp, IoQueue, Window};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, root};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Bound on one `keelctl` or client run (TCG on a loaded 2-core machine).
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+/// Bound on one wait of the driver library.
+const WAIT: Duration = Duration::from_secs(30);
+/// Window files: 64 MiB (a power of two, as ivshmem requires).
+const WINDOW: u64 = 64 << 20;
+/// Registers (NVMe base 2.0 §3.1.3) and window layout (`keel_nvme_pcie::layout`).
+const CAP: usize = 0x00;
+const CC: usize = 0x14;
+const CSTS: usize = 0x1C;
+const DOORBELLS: usize = 0x1000;
+const INTERRUPTS: usize = 0x2000;
+
+/// One QEMU at a time in this test process.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Builds `keelctl` once per test process, in the harness's target directory.
+fn keelctl() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = root().join("target/qemu-tests");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "-q", "-p", "keel-host-tools", "--bin", "keelctl"])
+            .arg("--target-dir")
+            .arg(&dir)
+            .status()
+            .expect("running cargo to build keelctl");
+        assert!(status.success(), "building keelctl failed");
+        dir.join("debug/keelctl")
+    })
+    .clone()
+}
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    /// Raw standard output (`read -o -` writes blocks there).
+    out: Vec<u8>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a command to its end, killing it after `timeout`.
+fn bounded(cmd: &mut Command, timeout: Duration) -> Run {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ]
+    .into_iter()
+    .map(|mut r| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            s
+        })
+    })
+    .collect();
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for a child") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = readers.into_iter().map(|h| h.join().unwrap_or_default());
+    let stdout = out.next().unwrap_or_default();
+    let stderr = out.next().unwrap_or_default();
+    let r = Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        out: stdout,
+    };
+    let shown = |s: &str| s.chars().take(4000).collect::<String>();
+    eprintln!(
+        "$ {what}\n[exit {}]\n{}{}",
+        r.code,
+        shown(&r.stdout),
+        shown(&r.stderr)
+    );
+    r
+}
+
+/// `keelctl host --window WINDOW ARGS`.
+fn host(window: &Path, args: &[&str]) -> Run {
+    bounded(
+        Command::new(keelctl())
+            .arg("host")
+            .arg("--window")
+            .arg(window)
+            .args(args),
+        RUN_TIMEOUT,
+    )
+}
+
+/// `keelctl host` that must succeed and shut the controller down cleanly.
+fn ok(window: &Path, args: &[&str]) -> Run {
+    let r = host(window, args);
+    assert_eq!(r.code, 0, "keelctl host {args:?} failed: {}", r.stderr);
+    assert!(
+        !r.stderr.contains("warning"),
+        "keelctl host {args:?}: {}",
+        r.stderr
+    );
+    r
+}
+
+/// Deterministic bytes that are not a simple pattern.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A booted firmware with its windows.
+struct Rig {
+    qemu: Qemu,
+    windows: Vec<ScratchFile>,
+    nvmf: String,
+    dir: PathBuf,
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Rig {
+    /// Boots the release firmware with `n` windows (and the NVMe/TCP port forwarded), waits
+    /// for `keel: ready` and for every function to publish CAP.
+    fn boot(name: &str, n: usize, append: Option<&str>) -> Rig {
+        let turn = serial();
+        keelctl();
+        let windows: Vec<ScratchFile> = (0..n)
+            .map(|i| ScratchFile::new(&format!("{name}-win{i}"), WINDOW))
+            .collect();
+        let port = free_port();
+        let mut args: Vec<String> = vec!["--nvmf-port".into(), port.to_string()];
+        for w in &windows {
+            args.push("--window".into());
+            args.push(w.path().display().to_string());
+        }
+        if let Some(a) = append {
+            args.push("--append".into());
+            args.push(a.into());
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut qemu = Qemu::boot(Build::Release, &argv);
+        qemu.wait_for("keel: ready", BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The firmware publishes a window's header before the function's first poll writes
+        // CAP; a host that starts right after `keel: ready` can see CAP = 0 (reported).
+        for w in &windows {
+            let win = Window::open(w.path()).expect("mapping a window");
+            let t0 = Instant::now();
+            while win.load64(CAP) & 0xFFFF == 0 {
+                assert!(
+                    t0.elapsed() < WAIT,
+                    "CAP never set on {}",
+                    w.path().display()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let dir = root().join(format!(
+            "target/qemu-tests/scratch/{}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Rig {
+            qemu,
+            windows,
+            nvmf: format!("127.0.0.1:{port}"),
+            dir,
+            _turn: turn,
+        }
+    }
+
+    fn window(&self, i: usize) -> &Path {
+        self.windows[i].path()
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// No crash report on the console, and NVMe/TCP on the same firmware still serves.
+    fn assert_healthy(&self) {
+        let console = self.qemu.console();
+        for bad in ["*** keel", "panic", "exception", "boot failed"] {
+            assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
+        }
+        let r = bounded(
+            Command::new(keelctl()).args(["nvme", "identify", "--addr", &self.nvmf]),
+            RUN_TIMEOUT,
+        );
+        assert_eq!(r.code, 0, "NVMe/TCP identify: {}", r.stderr);
+        assert!(r.stdout.contains("subnqn    nqn.2026-11.dev.keel:default"));
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn identify_read_write_verify_bench_through_the_emulated_function() {
+    let rig = Rig::boot("cli", 1, None);
+    let w = rig.window(0);
+
+    let r = ok(w, &["identify"]);
+    for line in [
+        "subnqn    nqn.2026-11.dev.keel:fn0",
+        "mn        Keel emulated NVMe",
+        "cntrltype io",
+        "mdts      5 (128 KiB per command)",
+        "Namespace 1",
+        "nsze       131072 blocks (64 MiB)",
+        "block size 512",
+    ] {
+        assert!(r.stdout.contains(line), "{line:?} missing:\n{}", r.stdout);
+    }
+    let r = ok(w, &["identify", "--json", "--nsid", "1"]);
+    for field in [
+        "\"subnqn\": \"nqn.2026-11.dev.keel:fn0\"",
+        "\"nsze\": 131072",
+        "\"block_size\": 512",
+        "\"size_bytes\": 67108864",
+    ] {
+        assert!(r.stdout.contains(field), "{field} missing:\n{}", r.stdout);
+    }
+
+    // Write and read back: a 3 MiB + 512 B file (split at MDTS, PRP lists, a short tail),
+    // at QD 1 and QD 32, and the last block of the namespace.
+    let data = noise((3 << 20) + 512, 1);
+    let input = rig.file("in.bin");
+    std::fs::write(&input, &data).unwrap();
+    let blocks = (data.len() / 512).to_string();
+    for (lba, qd) in [("1000", "1"), ("50001", "32")] {
+        ok(
+            w,
+            &[
+                "write",
+                "--lba",
+                lba,
+                "-i",
+                input.to_str().unwrap(),
+                "--qd",
+                qd,
+            ],
+        );
+        let out = rig.file("out.bin");
+        ok(
+            w,
+            &[
+                "read",
+                "--lba",
+                lba,
+                "--count",
+                &blocks,
+                "-o",
+                out.to_str().unwrap(),
+                "--qd",
+                qd,
+            ],
+        );
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "read back differs (LBA {lba}, QD {qd})"
+        );
+    }
+    let last = noise(512, 2);
+    std::fs::write(&input, &last).unwrap();
+    ok(
+        w,
+        &["write", "--lba", "131071", "-i", input.to_str().unwrap()],
+    );
+    let r = ok(w, &["read", "--lba", "131071", "--count", "1", "-o", "-"]);
+    assert!(r.out == last, "the last block");
+    // Reads past the end and of a namespace that does not exist fail with the NVMe status.
+    let r = host(w, &["read", "--lba", "131071", "--count", "2", "-o", "-"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("LBA Out of Range"), "{}", r.stderr);
+    let r = host(
+        w,
+        &[
+            "read", "--nsid", "2", "--lba", "0", "--count", "1", "-o", "-",
+        ],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("not active") || r.stderr.contains("Invalid Namespace"));
+    // A file that is not whole blocks is refused before any I/O.
+    std::fs::write(&input, [1u8; 700]).unwrap();
+    let r = host(w, &["write", "--lba", "0", "-i", input.to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("multiple of the block size"),
+        "{}",
+        r.stderr
+    );
+
+    // verify: the manual check, then read-only with the right and a wrong seed.
+    let r = ok(w, &["verify", "--lba", "0", "--count", "20000"]);
+    assert!(r.stdout.contains(": OK in"), "{}", r.stdout);
+    let r = ok(
+        w,
+        &[
+            "verify",
+            "--lba",
+            "0",
+            "--count",
+            "20000",
+            "--read-only",
+            "--qd",
+            "64",
+        ],
+    );
+    assert!(r.stdout.contains(": OK in"), "{}", r.stdout);
+    let r = host(
+        w,
+        &[
+            "verify",
+            "--lba",
+            "0",
+            "--count",
+            "64",
+            "--read-only",
+            "--pattern",
+            "7",
+        ],
+    );
+    assert_eq!(r.code, 1, "verify mismatch exit code");
+    assert!(r.stdout.contains("MISMATCH"), "{}", r.stdout);
+
+    // bench with --ios: the counts, never the timing.
+    for (args, ios, reads, writes) in [
+        (vec!["--rw", "read", "--qd", "32"], 2000, 2000, 0),
+        (
+            vec!["--rw", "write", "--qd", "16", "--queues", "2"],
+            3000,
+            0,
+            3000,
+        ),
+        (
+            vec![
+                "--rw",
+                "mix",
+                "--mix-read",
+                "100",
+                "--pattern",
+                "seq",
+                "--bs",
+                "128k",
+            ],
+            300,
+            300,
+            0,
+        ),
+    ] {
+        let n = ios.to_string();
+        let mut a = vec!["bench", "--ios", &n, "--json"];
+        a.extend(args.iter());
+        let r = ok(w, &a);
+        for field in [
+            format!("\"ios\": {ios}"),
+            format!("\"reads\": {reads}"),
+            format!("\"writes\": {writes}"),
+        ] {
+            assert!(r.stdout.contains(&field), "{field} missing:\n{}", r.stdout);
+        }
+    }
+    let r = ok(w, &["bench", "--ios", "500", "--rw", "mix", "--qd", "8"]);
+    assert!(r.stdout.contains("500 ios in"), "{}", r.stdout);
+    // Still consistent after the benchmarks.
+    let r = ok(w, &["verify", "--lba", "0", "--count", "20000"]);
+    assert!(r.stdout.contains(": OK in"), "{}", r.stdout);
+    rig.assert_healthy();
+}
+
+#[test]
+fn two_windows_are_two_functions_with_their_own_data() {
+    let rig = Rig::boot("two", 2, Some("keel.fn.ram=32"));
+    let (w0, w1) = (rig.window(0), rig.window(1));
+    let mut serials = Vec::new();
+    for (i, w) in [w0, w1].into_iter().enumerate() {
+        let r = ok(w, &["identify", "--json"]);
+        for field in [
+            format!("\"subnqn\": \"nqn.2026-11.dev.keel:fn{i}\""),
+            "\"nsze\": 65536".to_string(),
+            "\"size_bytes\": 33554432".to_string(),
+        ] {
+            assert!(
+                r.stdout.contains(&field),
+                "fn{i}: {field} missing:\n{}",
+                r.stdout
+            );
+        }
+        let sn = r
+            .stdout
+            .lines()
+            .find(|l| l.contains("\"sn\""))
+            .unwrap_or_default()
+            .to_string();
+        assert!(sn.ends_with(&format!("F{i}\",")), "fn{i} serial: {sn}");
+        serials.push(sn);
+    }
+    assert_ne!(serials[0], serials[1]);
+
+    // The same LBAs through both functions, different data.
+    let a = noise(1 << 20, 10);
+    let b = noise(1 << 20, 11);
+    let (fa, fb) = (rig.file("a.bin"), rig.file("b.bin"));
+    std::fs::write(&fa, &a).unwrap();
+    std::fs::write(&fb, &b).unwrap();
+    ok(w0, &["write", "--lba", "0", "-i", fa.to_str().unwrap()]);
+    ok(w1, &["write", "--lba", "0", "-i", fb.to_str().unwrap()]);
+    // Only function 0 writes here: function 1 reads zeros.
+    ok(w0, &["write", "--lba", "30000", "-i", fa.to_str().unwrap()]);
+    let count = (a.len() / 512).to_string();
+    let read = |w: &Path, lba: &str| {
+        let out = rig.file("back.bin");
+        ok(
+            w,
+            &[
+                "read",
+                "--lba",
+                lba,
+                "--count",
+                &count,
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        );
+        std::fs::read(&out).unwrap()
+    };
+    assert!(read(w0, "0") == a, "function 0 lost its data");
+    assert!(read(w1, "0") == b, "function 1 lost its data");
+    assert!(read(w0, "30000") == a);
+    assert!(
+        read(w1, "30000").iter().all(|&x| x == 0),
+        "function 0's write is visible through function 1"
+    );
+
+    // Both at once, each its own pattern over the same whole namespace, then each checked
+    // again alone: the other function's traffic never reached it.
+    let (p0, p1) = (w0.to_path_buf(), w1.to_path_buf());
+    let t0 = std::thread::spawn(move || {
+        host(
+            &p0,
+            &[
+                "verify",
+                "--lba",
+                "0",
+                "--count",
+                "65536",
+                "--pattern",
+                "0xa0",
+            ],
+        )
+    });
+    let t1 = std::thread::spawn(move || {
+        host(
+            &p1,
+            &[
+                "verify",
+                "--lba",
+                "0",
+                "--count",
+                "65536",
+                "--pattern",
+                "0xb1",
+            ],
+        )
+    });
+    for (i, t) in [t0, t1].into_iter().enumerate() {
+        let r = t.join().expect("verify thread");
+        assert_eq!(
+            r.code, 0,
+            "fn{i} concurrent verify: {}{}",
+            r.stdout, r.stderr
+        );
+        assert!(r.stdout.contains(": OK in"), "{}", r.stdout);
+    }
+    for (w, own, other) in [(w0, "0xa0", "0xb1"), (w1, "0xb1", "0xa0")] {
+        let r = ok(
+            w,
+            &[
+                "verify",
+                "--lba",
+                "0",
+                "--count",
+                "65536",
+                "--read-only",
+                "--pattern",
+                own,
+            ],
+        );
+        assert!(r.stdout.contains(": OK in"), "{}", r.stdout);
+        let r = host(
+            w,
+            &[
+                "verify",
+                "--lba",
+                "0",
+                "--count",
+                "16",
+                "--read-only",
+                "--pattern",
+                other,
+            ],
+        );
+        assert_eq!(r.code, 1, "the other function's pattern must not match");
+    }
+    // 32 MiB namespaces: the last block, and one past it.
+    ok(w1, &["read", "--lba", "65535", "--count", "1", "-o", "-"]);
+    let r = host(w1, &["read", "--lba", "65536", "--count", "1", "-o", "-"]);
+    assert!(r.stderr.contains("LBA Out of Range"), "{}", r.stderr);
+    rig.assert_healthy();
+}
+
+/// Submits up to each queue's depth of 128 KiB writes (odd queues) or reads (even queues)
+/// at `lba` and above, without waiting; returns how many.
+fn flood(qs: &mut [IoQueue], lba: u64, data: &[u8]) -> usize {
+    let blocks = (data.len() / 512) as u32;
+    let mut n = 0;
+    for q in qs.iter_mut() {
+        let op = if q.qid() % 2 == 1 {
+            IoOp::Write(false)
+        } else {
+            IoOp::Read
+        };
+        while q.inflight() < q.depth() as usize {
+            let at = lba + (n as u64 % 64) * blocks as u64;
+            q.submit(op, 1, at, blocks, 512, Some(data))
+                .expect("submitting");
+            n += 1;
+        }
+    }
+    n
+}
+
+fn interrupt_counters(win: &Window) -> Vec<u32> {
+    (0..16).map(|v| win.load32(INTERRUPTS + 4 * v)).collect()
+}
+
+#[test]
+fn controller_reset_mid_io_and_shutdown_with_writes_outstanding() {
+    let rig = Rig::boot("reset", 1, None);
+    let win = Arc::new(Window::open(rig.window(0)).unwrap());
+    let golden = noise(1 << 20, 20);
+    let chunk = noise(128 << 10, 21);
+    let mut c = HostController::open(win.clone(), WAIT).expect("open");
+    assert_eq!(c.set_io_queues(4).unwrap(), 4);
+    let mut q = c.create_io_queue(1, 32, 128 << 10).unwrap();
+    q.write(1, 0, &golden, 512).unwrap();
+    c.delete_io_queue(q).unwrap();
+
+    for round in 0..4 {
+        assert_eq!(c.set_io_queues(4).unwrap(), 4);
+        let mut qs: Vec<IoQueue> = (1..=4)
+            .map(|qid| c.create_io_queue(qid, 32, 128 << 10).unwrap())
+            .collect();
+        let n = flood(&mut qs, 4096, &chunk);
+        // Let a few complete so that the reset lands with commands at every stage.
+        if round % 2 == 1 {
+            let _ = qs[0].wait().expect("a first completion");
+        }
+        // CC.EN 1 -> 0 with commands in flight.
+        win.store32(CC, 0);
+        let t0 = Instant::now();
+        while win.load32(CSTS) & 1 != 0 {
+            assert!(t0.elapsed() < WAIT, "CSTS.RDY stuck at 1 after CC.EN = 0");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let csts = win.load32(CSTS);
+        assert_eq!(
+            csts, 0,
+            "round {round}: CSTS after reset with {n} commands in flight"
+        );
+        for i in 0..10 {
+            assert_eq!(win.load32(DOORBELLS + 4 * i), 0, "doorbell {i} after reset");
+        }
+        // Nothing is posted for the dropped commands after the reset.
+        let irq = interrupt_counters(&win);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            interrupt_counters(&win),
+            irq,
+            "round {round}: interrupts after the reset"
+        );
+        drop(qs);
+        // A fresh enable; the data written before is intact.
+        c = HostController::open(win.clone(), WAIT).expect("open after reset");
+        assert_eq!(c.set_io_queues(4).unwrap(), 4);
+        let mut q = c.create_io_queue(1, 16, 128 << 10).unwrap();
+        assert!(
+            q.read(1, 0, 2048, 512).unwrap() == golden,
+            "round {round}: data before the reset"
+        );
+        c.delete_io_queue(q).unwrap();
+    }
+
+    // Shutdown with writes in flight: CC.SHN -> CSTS.SHST complete; every write the
+    // controller took completes (successfully) and is there after the next enable.
+    let mut q = c.create_io_queue(1, 32, 128 << 10).unwrap();
+    let mut cids = Vec::new();
+    let datas: Vec<Vec<u8>> = (0..32).map(|i| noise(128 << 10, 100 + i)).collect();
+    for (i, d) in datas.iter().enumerate() {
+        let lba = 20000 + i as u64 * 256;
+        cids.push(
+            q.submit(IoOp::Write(false), 1, lba, 256, 512, Some(d))
+                .unwrap(),
+        );
+    }
+    // The first completion: the controller is working through the queue.
+    let mut done = vec![q.wait().expect("first write")];
+    c.shutdown().expect("CC.SHN: CSTS.SHST complete");
+    let csts = win.load32(CSTS);
+    assert_eq!((csts >> 2) & 3, 2, "CSTS.SHST {csts:#x}");
+    assert_eq!(
+        csts & 3,
+        1,
+        "RDY stays 1 and no CFS after shutdown: {csts:#x}"
+    );
+    let t0 = Instant::now();
+    while done.len() < cids.len() && t0.elapsed() < Duration::from_secs(2) {
+        match q.queue().poll() {
+            Some(x) => done.push(x),
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    for x in &done {
+        assert!(
+            x.cqe.status.is_success(),
+            "a write completed with {:?} during shutdown",
+            x.cqe.status
+        );
+    }
+    eprintln!(
+        "{} of {} writes completed around the shutdown",
+        done.len(),
+        cids.len()
+    );
+    assert_eq!(
+        done.len(),
+        cids.len(),
+        "writes submitted before CC.SHN did not all complete"
+    );
+    // After shutdown and a new enable, every completed write is there.
+    let mut c = HostController::open(win.clone(), WAIT).expect("open after shutdown");
+    assert_eq!(c.set_io_queues(1).unwrap(), 1);
+    let mut q = c.create_io_queue(1, 16, 128 << 10).unwrap();
+    for x in &done {
+        let i = cids
+            .iter()
+            .position(|&cid| cid == x.cqe.cid)
+            .expect("known CID");
+        let lba = 20000 + i as u64 * 256;
+        assert!(
+            q.read(1, lba, 256, 512).unwrap() == datas[i],
+            "write {i} lost across the shutdown"
+        );
+    }
+    c.delete_io_queue(q).unwrap();
+    c.shutdown().unwrap();
+    // The CLI shuts down at the end of every run and says so when it does not complete.
+    ok(rig.window(0), &["identify"]);
+    rig.assert_healthy();
+}
+
+/// Makes sure `tool` (from Debian package `package`) is installed: installs it with apt-get
+/// when running as root, otherwise fails with the command to run.
+fn ensure_tool(tool: &str, package: &str) {
+    let have = || {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if have() {
+        return;
+    }
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    assert!(
+        root_user,
+        "{tool} is not installed: run `sudo apt-get install -y {package}` (Debian package \
+         {package}) and run the tests again"
+    );
+    let install = || {
+        bounded(
+            Command::new("apt-get")
+                .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", package])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            Duration::from_secs(900),
+        )
+    };
+    if install().code != 0 {
+        bounded(
+            Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update"]),
+            Duration::from_secs(900),
+        );
+        let r = install();
+        assert_eq!(r.code, 0, "apt-get install {package} failed: {}", r.stderr);
+    }
+    assert!(have(), "{tool} still missing after installing {package}");
+}
+
+/// `keelctl host nbd` running in the background; killed (by its own PID) on drop.
+struct NbdExport {
+    child: Child,
+    url: String,
+}
+
+impl NbdExport {
+    fn start(window: &Path) -> NbdExport {
+        let port = free_port();
+        let mut child = Command::new(keelctl())
+            .arg("host")
+            .arg("--window")
+            .arg(window)
+            .args(["nbd", "--listen", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting keelctl host nbd");
+        let (tx, rx) = channel();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[nbd] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let mut export = NbdExport {
+            child,
+            url: format!("nbd://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains("keelctl host nbd:") => break,
+                Ok(_) => {}
+                Err(e) => {
+                    export.stop();
+                    panic!("keelctl host nbd did not start: {e}");
+                }
+            }
+        }
+        export
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NbdExport {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn client(cmd: &mut Command) -> String {
+    let r = bounded(cmd, RUN_TIMEOUT);
+    assert_eq!(r.code, 0, "client failed: {}{}", r.stdout, r.stderr);
+    r.stdout
+}
+
+#[test]
+fn nbd_export_of_the_emulated_namespace_with_debian_clients() {
+    ensure_tool("qemu-io", "qemu-utils");
+    ensure_tool("nbdcopy", "libnbd-bin");
+    ensure_tool("nbdinfo", "libnbd-bin");
+    let rig = Rig::boot("nbd", 1, None);
+    let mut nbd = NbdExport::start(rig.window(0));
+    let url = nbd.url.clone();
+
+    let out = client(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &url,
+        "-c",
+        "write -P 0x5a 0 1M",
+        "-c",
+        "read -P 0x5a 0 1M",
+        "-c",
+        "write -P 0xa5 4096 512",
+        "-c",
+        "read -P 0xa5 4096 512",
+        "-c",
+        "read -P 0x5a 0 4096",
+        "-c",
+        "flush",
+        "-c",
+        "write -P 0x11 63M 1M",
+        "-c",
+        "read -P 0x11 63M 1M",
+        "-c",
+        "write -z 2M 256k",
+        "-c",
+        "read -P 0 2M 256k",
+        "-c",
+        "write -P 0x22 3M 64k",
+        "-c",
+        "discard 3M 64k",
+        "-c",
+        "read -P 0 3M 64k",
+        "-c",
+        "aio_write -P 0x33 8M 128k",
+        "-c",
+        "aio_write -P 0x44 9M 128k",
+        "-c",
+        "aio_flush",
+        "-c",
+        "read -P 0x33 8M 128k",
+        "-c",
+        "read -P 0x44 9M 128k",
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.contains("failed"), "{out}");
+    // A second client sees the first one's data.
+    let out =
+        client(Command::new("qemu-io").args(["-f", "raw", &url, "-c", "read -P 0x5a 8192 8192"]));
+    assert!(!out.contains("failed"), "{out}");
+    let info = client(Command::new("qemu-img").args(["info", "--output=json", &url]));
+    assert!(info.contains("\"virtual-size\": 67108864"), "{info}");
+
+    let out = client(Command::new("nbdinfo").arg(&url));
+    assert!(out.contains("67108864"), "{out}");
+    let out = client(Command::new("nbdinfo").args(["--size", &url]));
+    assert_eq!(out.trim(), "67108864");
+
+    // nbdcopy a file in and the whole disk out; compare.
+    let src = rig.file("src.raw");
+    let data = noise(16 << 20, 30);
+    std::fs::write(&src, &data).unwrap();
+    client(Command::new("nbdcopy").args([src.to_str().unwrap(), &url]));
+    let back = rig.file("back.raw");
+    client(Command::new("nbdcopy").args([&url, back.to_str().unwrap()]));
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), 64 << 20);
+    assert!(got[..data.len()] == data[..], "nbdcopy round trip differs");
+    assert!(got[63 << 20..].iter().all(|&b| b == 0x11), "the last MiB");
+    // And with several connections and requests in flight.
+    client(Command::new("nbdcopy").args([
+        "--connections=2",
+        "--requests=16",
+        &url,
+        back.to_str().unwrap(),
+    ]));
+    assert!(std::fs::read(&back).unwrap() == got);
+
+    // The export gone (killed with its I/O queues live), the function resets cleanly and the
+    // NBD clients' data is there through the plain CLI.
+    nbd.stop();
+    let r = ok(
+        rig.window(0),
+        &["read", "--lba", "0", "--count", "2048", "-o", "-"],
+    );
+    assert!(
+        r.out == data[..1 << 20],
+        "NBD clients' data through the CLI"
+    );
+    rig.assert_healthy();
+}
