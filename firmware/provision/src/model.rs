@@ -1,0 +1,511 @@
+//! The device description: what a provisioned device serves and how it is reached.
+//!
+//! These are the canonical, already-parsed types (sizes in bytes, addresses as octets) that
+//! travel in a bundle (postcard) and that the firmware applies. The TOML form with sizes such
+//! as `"256MiB"` is parsed into them by [`crate::parse_toml`] (feature `std`); [`validate`]
+//! checks the rules that no type can express, on the host before building a bundle and on the
+//! device after opening one.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use serde::{Deserialize, Serialize};
+
+/// A whole device description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// How the device gets its address.
+    pub network: Network,
+    /// The NVM subsystems it serves.
+    pub subsystems: Vec<Subsystem>,
+    /// The namespaces, each in one subsystem.
+    pub namespaces: Vec<Namespace>,
+    /// The management endpoint, if any.
+    pub management: Option<Management>,
+}
+
+/// How the device gets its IPv4 address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Network {
+    /// DHCPv4.
+    Dhcp,
+    /// A static address.
+    Static {
+        /// The address.
+        address: [u8; 4],
+        /// The prefix length (1..=32).
+        prefix_len: u8,
+        /// The default gateway, if any.
+        gateway: Option<[u8; 4]>,
+    },
+}
+
+/// One NVM subsystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subsystem {
+    /// Its NQN.
+    pub nqn: String,
+    /// Serial number reported by Identify Controller (up to 20 ASCII characters); the
+    /// firmware makes one up when absent.
+    pub serial: Option<String>,
+    /// Model number reported by Identify Controller (up to 40 ASCII characters).
+    pub model: Option<String>,
+    /// Host NQNs allowed to connect; empty: any host.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// One namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespace {
+    /// The NQN of the subsystem that serves it.
+    pub subsystem: String,
+    /// Its namespace ID in that subsystem (1..=0xFFFF_FFFE).
+    pub nsid: u32,
+    /// Where its blocks live.
+    pub backend: Backend,
+    /// Encryption at rest.
+    pub encryption: Encryption,
+    /// The emulated PCIe function that also exports it, if any.
+    pub function: Option<u16>,
+}
+
+/// Where a namespace's blocks live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backend {
+    /// A RAM disk.
+    Ram {
+        /// Size in bytes (a multiple of the block size).
+        size: u64,
+        /// Logical block size: 512 or 4096.
+        block_size: u32,
+    },
+    /// A local NVMe drive's namespace, whole or a slice of it.
+    Drive {
+        /// The drive's index (in PCI order).
+        drive: u16,
+        /// The namespace of that drive.
+        nsid: u32,
+        /// Byte offset of the slice (a multiple of 4 KiB).
+        offset: u64,
+        /// Length in bytes (a multiple of 4 KiB), or `None`: to the end of the namespace.
+        length: Option<u64>,
+    },
+}
+
+/// Encryption at rest of a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encryption {
+    /// Blocks stored as written.
+    None,
+    /// XTS-AES-128 (a 32-byte key: two AES-128 keys).
+    Aes128Xts,
+    /// XTS-AES-256 (a 64-byte key: two AES-256 keys).
+    Aes256Xts,
+}
+
+impl Encryption {
+    /// The data key length in bytes (0 for none).
+    pub fn key_len(self) -> usize {
+        match self {
+            Encryption::None => 0,
+            Encryption::Aes128Xts => 32,
+            Encryption::Aes256Xts => 64,
+        }
+    }
+
+    /// The name used in the TOML description.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encryption::None => "none",
+            Encryption::Aes128Xts => "aes-128-xts",
+            Encryption::Aes256Xts => "aes-256-xts",
+        }
+    }
+
+    /// Parses a TOML name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [
+            Encryption::None,
+            Encryption::Aes128Xts,
+            Encryption::Aes256Xts,
+        ]
+        .into_iter()
+        .find(|e| e.name() == s)
+    }
+}
+
+/// The management endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Management {
+    /// Its TCP port.
+    pub port: u16,
+    /// The Ed25519 public key whose signatures it accepts.
+    pub authorized_key: [u8; 32],
+}
+
+/// The default management port.
+pub const DEFAULT_MGMT_PORT: u16 = 9000;
+/// At most this many subsystems in one description.
+pub const MAX_SUBSYSTEMS: usize = 64;
+/// At most this many namespaces in one description.
+pub const MAX_NAMESPACES: usize = 256;
+/// At most this many allowed hosts per subsystem.
+pub const MAX_ALLOWED_HOSTS: usize = 64;
+/// Largest RAM namespace accepted (1 TiB).
+pub const MAX_RAM: u64 = 1 << 40;
+/// Alignment of drive slices.
+pub const SLICE_ALIGN: u64 = 4096;
+/// Largest NQN in bytes (NVMe base specification 2.0, 4.5).
+pub const MAX_NQN: usize = 223;
+
+/// A rule of [`validate`] that a description breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    /// Which field, as a path: `namespace[2].backend.offset`, `subsystem[0].nqn`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+fn err<T>(path: String, message: String) -> Result<T, ValidationError> {
+    Err(ValidationError { path, message })
+}
+
+/// Checks an NQN: `nqn.YYYY-MM.reverse.domain[:anything]` (or the `nqn.2014-08.org.nvmexpress:uuid:`
+/// form, which has the same prefix), at most 223 bytes, printable ASCII.
+pub fn check_nqn(nqn: &str) -> Result<(), String> {
+    if nqn.len() > MAX_NQN {
+        return Err(format!("NQN is {} bytes, at most {MAX_NQN}", nqn.len()));
+    }
+    if !nqn.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("NQN must be printable ASCII without spaces".into());
+    }
+    let b = nqn.as_bytes();
+    let digits =
+        |r: core::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    let ok = nqn.starts_with("nqn.")
+        && digits(4..8)
+        && b.get(8) == Some(&b'-')
+        && digits(9..11)
+        && b.get(11) == Some(&b'.')
+        && matches!(b.get(9..11), Some([m1, m2]) if (1..=12).contains(&((m1 - b'0') * 10 + (m2 - b'0'))));
+    if !ok {
+        return Err(format!(
+            "`{nqn}` is not an NQN (nqn.YYYY-MM.reverse.domain:name, e.g. nqn.2026-11.dev.keel:vol0)"
+        ));
+    }
+    let domain = nqn[12..].split(':').next().unwrap_or("");
+    if domain.is_empty()
+        || domain
+            .split('.')
+            .any(|l| l.is_empty() || !l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'))
+    {
+        return Err(format!(
+            "`{nqn}`: the part after the date must be a reverse domain name (e.g. dev.keel)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_ascii_field(s: &str, max: usize, what: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > max {
+        return Err(format!(
+            "{what} must be 1 to {max} characters, not {}",
+            s.len()
+        ));
+    }
+    if !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!("{what} must be printable ASCII"));
+    }
+    Ok(())
+}
+
+/// Checks the rules of a description that its types cannot express: at least one subsystem,
+/// NQN syntax, no duplicate NQNs or host NQNs, every namespace in a known subsystem, unique
+/// NSIDs per subsystem, sizes in range and aligned, no overlapping slices of one drive
+/// namespace, a usable management key.
+pub fn validate(d: &Device) -> Result<(), ValidationError> {
+    if let Network::Static {
+        address,
+        prefix_len,
+        gateway,
+    } = &d.network
+    {
+        if !(1..=32).contains(prefix_len) {
+            return err(
+                "network.address".into(),
+                format!("prefix length /{prefix_len} is not 1..=32"),
+            );
+        }
+        if address == &[0; 4] || address[0] >= 224 {
+            return err("network.address".into(), "not a unicast address".into());
+        }
+        if let Some(gw) = gateway {
+            let mask = u32::MAX << (32 - u32::from(*prefix_len));
+            if u32::from_be_bytes(*gw) & mask != u32::from_be_bytes(*address) & mask {
+                return err(
+                    "network.gateway".into(),
+                    "the gateway is outside the address's subnet".into(),
+                );
+            }
+        }
+    }
+    if d.subsystems.is_empty() {
+        return err(
+            "subsystem".into(),
+            "at least one [[subsystem]] is needed".into(),
+        );
+    }
+    if d.subsystems.len() > MAX_SUBSYSTEMS {
+        return err(
+            "subsystem".into(),
+            format!("at most {MAX_SUBSYSTEMS} subsystems"),
+        );
+    }
+    if d.namespaces.len() > MAX_NAMESPACES {
+        return err(
+            "namespace".into(),
+            format!("at most {MAX_NAMESPACES} namespaces"),
+        );
+    }
+    for (i, s) in d.subsystems.iter().enumerate() {
+        check_nqn(&s.nqn).or_else(|m| err(format!("subsystem[{i}].nqn"), m))?;
+        if s.nqn == "nqn.2014-08.org.nvmexpress.discovery" {
+            return err(
+                format!("subsystem[{i}].nqn"),
+                "the discovery NQN cannot be served as a subsystem".into(),
+            );
+        }
+        if let Some(j) = d.subsystems[..i].iter().position(|o| o.nqn == s.nqn) {
+            return err(
+                format!("subsystem[{i}].nqn"),
+                format!("duplicate NQN `{}` (also subsystem[{j}])", s.nqn),
+            );
+        }
+        if let Some(serial) = &s.serial {
+            check_ascii_field(serial, 20, "serial")
+                .or_else(|m| err(format!("subsystem[{i}].serial"), m))?;
+        }
+        if let Some(model) = &s.model {
+            check_ascii_field(model, 40, "model")
+                .or_else(|m| err(format!("subsystem[{i}].model"), m))?;
+        }
+        if s.allowed_hosts.len() > MAX_ALLOWED_HOSTS {
+            return err(
+                format!("subsystem[{i}].allowed_hosts"),
+                format!("at most {MAX_ALLOWED_HOSTS} hosts"),
+            );
+        }
+        for (h, host) in s.allowed_hosts.iter().enumerate() {
+            let path = format!("subsystem[{i}].allowed_hosts[{h}]");
+            check_nqn(host).or_else(|m| err(path.clone(), m))?;
+            if s.allowed_hosts[..h].contains(host) {
+                return err(path, format!("duplicate host NQN `{host}`"));
+            }
+        }
+    }
+    for (i, ns) in d.namespaces.iter().enumerate() {
+        let p = |f: &str| format!("namespace[{i}].{f}");
+        if !d.subsystems.iter().any(|s| s.nqn == ns.subsystem) {
+            return err(
+                p("subsystem"),
+                format!("no [[subsystem]] has the NQN `{}`", ns.subsystem),
+            );
+        }
+        if ns.nsid == 0 || ns.nsid == u32::MAX {
+            return err(
+                p("nsid"),
+                format!("NSID {} is reserved (1..=4294967294)", ns.nsid),
+            );
+        }
+        if let Some(j) = d.namespaces[..i]
+            .iter()
+            .position(|o| o.subsystem == ns.subsystem && o.nsid == ns.nsid)
+        {
+            return err(
+                p("nsid"),
+                format!(
+                    "duplicate NSID {} in `{}` (also namespace[{j}])",
+                    ns.nsid, ns.subsystem
+                ),
+            );
+        }
+        if let Some(f) = ns.function
+            && f > 31
+        {
+            return err(
+                p("function"),
+                format!("emulated function {f} is not 0..=31"),
+            );
+        }
+        match ns.backend {
+            Backend::Ram { size, block_size } => {
+                if block_size != 512 && block_size != 4096 {
+                    return err(
+                        p("block_size"),
+                        format!("block size {block_size} is not 512 or 4096"),
+                    );
+                }
+                if size == 0 || size > MAX_RAM || !size.is_multiple_of(u64::from(block_size)) {
+                    return err(
+                        p("backend.ram"),
+                        format!(
+                            "RAM size {size} must be 1 block to 1 TiB, a multiple of {block_size} bytes"
+                        ),
+                    );
+                }
+            }
+            Backend::Drive {
+                drive,
+                nsid,
+                offset,
+                length,
+            } => {
+                if nsid == 0 || nsid == u32::MAX {
+                    return err(p("backend.nsid"), format!("drive NSID {nsid} is reserved"));
+                }
+                if !offset.is_multiple_of(SLICE_ALIGN) {
+                    return err(
+                        p("backend.offset"),
+                        format!("offset {offset} is not a multiple of 4 KiB"),
+                    );
+                }
+                if let Some(len) = length {
+                    if len == 0 || !len.is_multiple_of(SLICE_ALIGN) {
+                        return err(
+                            p("backend.length"),
+                            format!("length {len} must be a nonzero multiple of 4 KiB"),
+                        );
+                    }
+                    if offset.checked_add(len).is_none() {
+                        return err(p("backend.length"), "offset + length overflows".into());
+                    }
+                }
+                for (j, o) in d.namespaces[..i].iter().enumerate() {
+                    if let Backend::Drive {
+                        drive: od,
+                        nsid: on,
+                        offset: oo,
+                        length: ol,
+                    } = o.backend
+                        && od == drive
+                        && on == nsid
+                        && overlaps(offset, length, oo, ol)
+                    {
+                        return err(
+                            p("backend"),
+                            format!("overlaps namespace[{j}] on drive {drive} namespace {nsid}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if let Some(m) = &d.management {
+        if m.port == 0 {
+            return err("management.port".into(), "port 0 is not a port".into());
+        }
+        if m.port == 4420 || m.port == 8009 {
+            return err(
+                "management.port".into(),
+                format!("port {} is taken by NVMe/TCP", m.port),
+            );
+        }
+        if ed25519_dalek::VerifyingKey::from_bytes(&m.authorized_key).is_err()
+            || m.authorized_key == [0; 32]
+        {
+            return err(
+                "management.authorized_key".into(),
+                "not an Ed25519 public key".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether two byte ranges `[o, o + l)` (`None`: to the end) overlap.
+fn overlaps(a: u64, al: Option<u64>, b: u64, bl: Option<u64>) -> bool {
+    let a_end = al.map_or(u64::MAX, |l| a.saturating_add(l));
+    let b_end = bl.map_or(u64::MAX, |l| b.saturating_add(l));
+    a < b_end && b < a_end
+}
+
+/// Parses a size: a byte count (`"4096"`) or a number with a binary unit (`"256MiB"`,
+/// `"4 KiB"`, `"1GiB"`; `K`, `M`, `G`, `T` mean the same). Decimal units (`MB`) are refused to
+/// avoid guessing.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err(format!("`{s}` is not a size (e.g. \"256MiB\", \"4096\")"));
+    }
+    let n: u64 = t[..digits]
+        .parse()
+        .map_err(|_| format!("`{s}` is too large"))?;
+    let shift = match t[digits..].trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        u @ ("KB" | "MB" | "GB" | "TB" | "k" | "kB") => {
+            return Err(format!(
+                "`{s}`: unit {u} is ambiguous; use KiB, MiB, GiB or TiB"
+            ));
+        }
+        u => return Err(format!("`{s}`: unknown unit `{u}` (B, KiB, MiB, GiB, TiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nqns() {
+        assert!(check_nqn("nqn.2026-11.dev.keel:vol0").is_ok());
+        assert!(
+            check_nqn("nqn.2014-08.org.nvmexpress:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6")
+                .is_ok()
+        );
+        for bad in [
+            "",
+            "nqn.26-11.dev.keel:x",
+            "nqn.2026-13.dev.keel:x",
+            "iqn.2026-11.dev:x",
+            "nqn.2026-11.:x",
+            "nqn.2026-11.dev keel:x",
+        ] {
+            assert!(check_nqn(bad).is_err(), "{bad}");
+        }
+        let long = format!("nqn.2026-11.dev.keel:{}", "x".repeat(210));
+        assert!(check_nqn(&long).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("4 KiB"), Ok(4096));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("1MB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn overlap() {
+        assert!(overlaps(0, None, 4096, Some(4096)));
+        assert!(!overlaps(0, Some(4096), 4096, None));
+        assert!(overlaps(4096, Some(8192), 8191, Some(4096)));
+    }
+}

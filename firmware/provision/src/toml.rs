@@ -1,0 +1,653 @@
+//! The TOML device description (feature `std`): parsing into [`Device`] with errors that name
+//! the line and the field.
+//!
+//! ```toml
+//! [network]
+//! dhcp = true                       # or: address = "10.0.2.15/24", gateway = "10.0.2.2"
+//!
+//! [[subsystem]]
+//! nqn = "nqn.2026-11.dev.keel:vol0"
+//! serial = "KEEL0001"               # optional, up to 20 ASCII characters
+//! model = "Keel volume"             # optional, up to 40 ASCII characters
+//! allowed_hosts = []                # empty: any host
+//!
+//! [[namespace]]
+//! subsystem = "nqn.2026-11.dev.keel:vol0"
+//! nsid = 1                          # optional: the lowest free NSID of the subsystem
+//! backend = { drive = 0, nsid = 1, offset = "0", length = "all" }  # or { ram = "256MiB", block_size = 512 }
+//! encryption = "aes-256-xts"        # "none" (default), "aes-128-xts", "aes-256-xts"
+//! function = 0                      # optional: the emulated PCIe function that also exports it
+//!
+//! [management]
+//! port = 9000                       # default 9000
+//! authorized_key = "<64 hex digits: an Ed25519 public key, the content of KEY.pub>"
+//! ```
+//!
+//! Sizes are byte counts or strings with a binary unit (`"4096"`, `"256MiB"`, `"1GiB"`).
+
+use crate::model::{self, Backend, Device, Encryption, Management, Namespace, Network, Subsystem};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use toml::{Spanned, Value};
+
+/// A description that does not parse or breaks a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    /// 1-based line (0 when the text gives no place, e.g. a rule about the whole file).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// The field: `namespace[1].backend.offset`, `subsystem[0].nqn`, or a key name.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "line {}: {}: {}", self.line, self.field, self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    network: Option<Spanned<RawNetwork>>,
+    #[serde(default)]
+    subsystem: Vec<Spanned<RawSubsystem>>,
+    #[serde(default)]
+    namespace: Vec<Spanned<RawNamespace>>,
+    management: Option<Spanned<RawManagement>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    dhcp: Option<Spanned<bool>>,
+    address: Option<Spanned<String>>,
+    gateway: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubsystem {
+    nqn: Spanned<String>,
+    serial: Option<Spanned<String>>,
+    model: Option<Spanned<String>>,
+    #[serde(default)]
+    allowed_hosts: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    subsystem: Spanned<String>,
+    nsid: Option<Spanned<u32>>,
+    backend: Spanned<RawBackend>,
+    encryption: Option<Spanned<String>>,
+    function: Option<Spanned<u16>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    ram: Option<Spanned<Value>>,
+    block_size: Option<Spanned<u32>>,
+    drive: Option<Spanned<u16>>,
+    nsid: Option<Spanned<u32>>,
+    offset: Option<Spanned<Value>>,
+    length: Option<Spanned<Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManagement {
+    port: Option<Spanned<u16>>,
+    authorized_key: Spanned<String>,
+}
+
+/// Turns byte offsets into lines and remembers where each field is.
+struct Ctx<'a> {
+    text: &'a str,
+    spans: HashMap<String, Range<usize>>,
+}
+
+impl Ctx<'_> {
+    fn at(
+        &self,
+        span: &Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Error {
+        let (line, column) = line_col(self.text, span.start);
+        Error {
+            line,
+            column,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn note<T>(&mut self, path: &str, v: &Spanned<T>) {
+        self.spans.insert(path.to_string(), v.span());
+    }
+
+    /// The error for a rule broken at `path` (or its nearest parent that has a place).
+    fn rule(&self, path: &str, message: String) -> Error {
+        let mut p = path;
+        loop {
+            if let Some(span) = self.spans.get(p) {
+                return self.at(span, path, message);
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p = &p[..i],
+                None => break,
+            }
+        }
+        Error {
+            line: 0,
+            column: 0,
+            field: path.to_string(),
+            message,
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Best guess at the field a TOML or type error is about: a key named in the message, the
+/// key left of the error on its line, or the table header above it.
+fn field_of(text: &str, offset: usize, message: &str) -> String {
+    if let Some(start) = message.find('`')
+        && let Some(len) = message[start + 1..].find('`')
+        && message.contains("field")
+    {
+        return message[start + 1..start + 1 + len].to_string();
+    }
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let prefix = &text[line_start..offset];
+    if let Some(eq) = prefix.rfind('=') {
+        let key: String = prefix[..eq]
+            .trim_end()
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if !key.is_empty() {
+            return key;
+        }
+    }
+    text[..line_start]
+        .lines()
+        .rev()
+        .chain(text[line_start..].lines().take(1))
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(['[', ']']).to_string())
+        .unwrap_or_else(|| "(document)".to_string())
+}
+
+fn size(
+    ctx: &Ctx<'_>,
+    v: &Spanned<Value>,
+    field: &str,
+    allow_all: bool,
+) -> Result<Option<u64>, Error> {
+    match v.get_ref() {
+        Value::Integer(n) if *n >= 0 => Ok(Some(*n as u64)),
+        Value::String(s) if allow_all && s == "all" => Ok(None),
+        Value::String(s) => model::parse_size(s)
+            .map(Some)
+            .map_err(|m| ctx.at(&v.span(), field, m)),
+        _ => Err(ctx.at(
+            &v.span(),
+            field,
+            if allow_all {
+                "expected a size (\"256MiB\", 4096) or \"all\""
+            } else {
+                "expected a size (\"256MiB\", 4096)"
+            },
+        )),
+    }
+}
+
+fn ipv4(
+    ctx: &Ctx<'_>,
+    v: &Spanned<String>,
+    field: &str,
+    with_prefix: bool,
+) -> Result<([u8; 4], u8), Error> {
+    let s = v.get_ref().trim();
+    let bad = || {
+        ctx.at(
+            &v.span(),
+            field,
+            if with_prefix {
+                format!("`{s}` is not an IPv4 address with prefix length (10.0.2.15/24)")
+            } else {
+                format!("`{s}` is not an IPv4 address (10.0.2.2)")
+            },
+        )
+    };
+    let (addr, prefix) = match (with_prefix, s.split_once('/')) {
+        (true, Some((a, p))) => (a, p.parse::<u8>().map_err(|_| bad())?),
+        (false, None) => (s, 32),
+        _ => return Err(bad()),
+    };
+    let a: std::net::Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    Ok((a.octets(), prefix))
+}
+
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Parses a TOML device description and checks it with [`model::validate`].
+pub fn parse_toml(text: &str) -> Result<Device, Error> {
+    let raw: RawDevice = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let (line, column) = line_col(text, span.start);
+        Error {
+            line,
+            column,
+            field: field_of(text, span.start, e.message()),
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    let mut ctx = Ctx {
+        text,
+        spans: HashMap::new(),
+    };
+    let network = match &raw.network {
+        None => Network::Dhcp,
+        Some(n) => {
+            ctx.note("network", n);
+            let n = n.get_ref();
+            let dhcp = n.dhcp.as_ref().map(|d| *d.get_ref());
+            match (dhcp, &n.address) {
+                (Some(true), Some(a)) => {
+                    return Err(ctx.at(
+                        &a.span(),
+                        "network.address",
+                        "a static address with dhcp = true",
+                    ));
+                }
+                (Some(true) | None, None) => {
+                    if let Some(g) = &n.gateway {
+                        return Err(ctx.at(
+                            &g.span(),
+                            "network.gateway",
+                            "a gateway needs a static address",
+                        ));
+                    }
+                    Network::Dhcp
+                }
+                (Some(false), None) => {
+                    let d = n.dhcp.as_ref().map(Spanned::span).unwrap_or(0..0);
+                    return Err(ctx.at(
+                        &d,
+                        "network.dhcp",
+                        "dhcp = false needs address = \"A.B.C.D/N\"",
+                    ));
+                }
+                (_, Some(a)) => {
+                    ctx.note("network.address", a);
+                    let (address, prefix_len) = ipv4(&ctx, a, "network.address", true)?;
+                    let gateway = match &n.gateway {
+                        Some(g) => {
+                            ctx.note("network.gateway", g);
+                            Some(ipv4(&ctx, g, "network.gateway", false)?.0)
+                        }
+                        None => None,
+                    };
+                    Network::Static {
+                        address,
+                        prefix_len,
+                        gateway,
+                    }
+                }
+            }
+        }
+    };
+    let mut subsystems = Vec::new();
+    for (i, s) in raw.subsystem.iter().enumerate() {
+        let p = format!("subsystem[{i}]");
+        ctx.note(&p, s);
+        let s = s.get_ref();
+        ctx.note(&format!("{p}.nqn"), &s.nqn);
+        if let Some(v) = &s.serial {
+            ctx.note(&format!("{p}.serial"), v);
+        }
+        if let Some(v) = &s.model {
+            ctx.note(&format!("{p}.model"), v);
+        }
+        for (h, host) in s.allowed_hosts.iter().enumerate() {
+            ctx.note(&format!("{p}.allowed_hosts[{h}]"), host);
+        }
+        subsystems.push(Subsystem {
+            nqn: s.nqn.get_ref().clone(),
+            serial: s.serial.as_ref().map(|v| v.get_ref().clone()),
+            model: s.model.as_ref().map(|v| v.get_ref().clone()),
+            allowed_hosts: s
+                .allowed_hosts
+                .iter()
+                .map(|h| h.get_ref().clone())
+                .collect(),
+        });
+    }
+    // Explicit NSIDs first, so automatic ones take the lowest free numbers.
+    let mut used: HashMap<&str, Vec<u32>> = HashMap::new();
+    for n in &raw.namespace {
+        let n = n.get_ref();
+        if let Some(id) = &n.nsid {
+            used.entry(n.subsystem.get_ref())
+                .or_default()
+                .push(*id.get_ref());
+        }
+    }
+    let mut namespaces = Vec::new();
+    for (i, n) in raw.namespace.iter().enumerate() {
+        let p = format!("namespace[{i}]");
+        ctx.note(&p, n);
+        let n = n.get_ref();
+        ctx.note(&format!("{p}.subsystem"), &n.subsystem);
+        let nsid = match &n.nsid {
+            Some(id) => {
+                ctx.note(&format!("{p}.nsid"), id);
+                *id.get_ref()
+            }
+            None => {
+                ctx.note(&format!("{p}.nsid"), &n.backend);
+                let taken = used.entry(n.subsystem.get_ref()).or_default();
+                let id = (1..).find(|c| !taken.contains(c)).unwrap_or(1);
+                taken.push(id);
+                id
+            }
+        };
+        let b = n.backend.get_ref();
+        let bp = format!("{p}.backend");
+        ctx.note(&bp, &n.backend);
+        let backend = match (&b.ram, &b.drive) {
+            (Some(ram), None) => {
+                for (name, set) in [
+                    ("nsid", b.nsid.is_some()),
+                    ("offset", b.offset.is_some()),
+                    ("length", b.length.is_some()),
+                ] {
+                    if set {
+                        return Err(ctx.at(
+                            &n.backend.span(),
+                            format!("{bp}.{name}"),
+                            "only a drive backend has this field",
+                        ));
+                    }
+                }
+                ctx.note(&format!("{bp}.ram"), ram);
+                let size = size(&ctx, ram, &format!("{bp}.ram"), false)?.unwrap_or(0);
+                let block_size = match &b.block_size {
+                    Some(bs) => {
+                        ctx.note(&format!("{p}.block_size"), bs);
+                        *bs.get_ref()
+                    }
+                    None => 512,
+                };
+                Backend::Ram { size, block_size }
+            }
+            (None, Some(drive)) => {
+                if let Some(bs) = &b.block_size {
+                    return Err(ctx.at(
+                        &bs.span(),
+                        format!("{bp}.block_size"),
+                        "a drive backend has its drive's block size",
+                    ));
+                }
+                ctx.note(&format!("{bp}.drive"), drive);
+                let dnsid = match &b.nsid {
+                    Some(v) => {
+                        ctx.note(&format!("{bp}.nsid"), v);
+                        *v.get_ref()
+                    }
+                    None => 1,
+                };
+                let offset = match &b.offset {
+                    Some(v) => {
+                        ctx.note(&format!("{bp}.offset"), v);
+                        size(&ctx, v, &format!("{bp}.offset"), false)?.unwrap_or(0)
+                    }
+                    None => 0,
+                };
+                let length = match &b.length {
+                    Some(v) => {
+                        ctx.note(&format!("{bp}.length"), v);
+                        size(&ctx, v, &format!("{bp}.length"), true)?
+                    }
+                    None => None,
+                };
+                Backend::Drive {
+                    drive: *drive.get_ref(),
+                    nsid: dnsid,
+                    offset,
+                    length,
+                }
+            }
+            _ => {
+                return Err(ctx.at(
+                    &n.backend.span(),
+                    bp,
+                    "a backend is either { ram = SIZE } or { drive = N, nsid, offset, length }",
+                ));
+            }
+        };
+        let encryption = match &n.encryption {
+            None => Encryption::None,
+            Some(e) => {
+                ctx.note(&format!("{p}.encryption"), e);
+                Encryption::from_name(e.get_ref()).ok_or_else(|| {
+                    ctx.at(
+                        &e.span(),
+                        format!("{p}.encryption"),
+                        format!(
+                            "`{}` is not \"none\", \"aes-128-xts\" or \"aes-256-xts\"",
+                            e.get_ref()
+                        ),
+                    )
+                })?
+            }
+        };
+        if let Some(f) = &n.function {
+            ctx.note(&format!("{p}.function"), f);
+        }
+        namespaces.push(Namespace {
+            subsystem: n.subsystem.get_ref().clone(),
+            nsid,
+            backend,
+            encryption,
+            function: n.function.as_ref().map(|f| *f.get_ref()),
+        });
+    }
+    let management = match &raw.management {
+        None => None,
+        Some(m) => {
+            ctx.note("management", m);
+            let m = m.get_ref();
+            ctx.note("management.authorized_key", &m.authorized_key);
+            if let Some(p) = &m.port {
+                ctx.note("management.port", p);
+            }
+            let key = hex32(m.authorized_key.get_ref()).ok_or_else(|| {
+                ctx.at(
+                    &m.authorized_key.span(),
+                    "management.authorized_key",
+                    "expected 64 hex digits (a 32-byte Ed25519 public key, the content of KEY.pub)",
+                )
+            })?;
+            Some(Management {
+                port: m
+                    .port
+                    .as_ref()
+                    .map_or(model::DEFAULT_MGMT_PORT, |p| *p.get_ref()),
+                authorized_key: key,
+            })
+        }
+    };
+    let device = Device {
+        network,
+        subsystems,
+        namespaces,
+        management,
+    };
+    model::validate(&device).map_err(|e| ctx.rule(&e.path, e.message))?;
+    Ok(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[network]
+address = "10.0.2.15/24"
+gateway = "10.0.2.2"
+
+[[subsystem]]
+nqn = "nqn.2026-11.dev.keel:vol0"
+serial = "KEEL0001"
+allowed_hosts = ["nqn.2014-08.org.nvmexpress:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6"]
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:vol0"
+backend = { drive = 0, nsid = 1, offset = "0", length = "512MiB" }
+encryption = "aes-256-xts"
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:vol0"
+backend = { drive = 0, offset = "512MiB", length = "all" }
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:vol0"
+nsid = 7
+backend = { ram = "256MiB", block_size = 4096 }
+function = 0
+"#;
+
+    #[test]
+    fn parses_a_full_description() {
+        let d = parse_toml(GOOD).unwrap();
+        assert_eq!(
+            d.network,
+            Network::Static {
+                address: [10, 0, 2, 15],
+                prefix_len: 24,
+                gateway: Some([10, 0, 2, 2])
+            }
+        );
+        assert_eq!(
+            d.namespaces.iter().map(|n| n.nsid).collect::<Vec<_>>(),
+            [1, 2, 7]
+        );
+        assert_eq!(d.namespaces[0].encryption, Encryption::Aes256Xts);
+        assert_eq!(
+            d.namespaces[1].backend,
+            Backend::Drive {
+                drive: 0,
+                nsid: 1,
+                offset: 512 << 20,
+                length: None
+            }
+        );
+        assert_eq!(
+            d.namespaces[2].backend,
+            Backend::Ram {
+                size: 256 << 20,
+                block_size: 4096
+            }
+        );
+    }
+
+    fn err(text: &str) -> Error {
+        parse_toml(text).expect_err("should be refused")
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let e = err(&GOOD.replace("length = \"512MiB\"", "length = \"600MiB\""));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (18, "namespace[1].backend"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("length = \"all\" }", "length = \"all\" }\nnsid = 7"));
+        assert_eq!((e.line, e.field.as_str()), (23, "namespace[2].nsid"), "{e}");
+        let e = err(&GOOD.replace("encryption = \"aes-256-xts\"", "encryption = \"rot13\""));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (14, "namespace[0].encryption"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("serial = \"KEEL0001\"", "serail = \"KEEL0001\""));
+        assert_eq!((e.line, e.field.as_str()), (8, "serail"), "{e}");
+        let e = err(&GOOD.replace("nsid = 7", "nsid = \"seven\""));
+        assert_eq!((e.line, e.field.as_str()), (22, "nsid"), "{e}");
+        let e = err(&GOOD.replace(
+            "subsystem = \"nqn.2026-11.dev.keel:vol0\"\nnsid",
+            "subsystem = \"nqn.2026-11.dev.keel:vol1\"\nnsid",
+        ));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (21, "namespace[2].subsystem"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("gateway = \"10.0.2.2\"", "gateway = \"10.0.3.2\""));
+        assert_eq!((e.line, e.field.as_str()), (4, "network.gateway"), "{e}");
+        let e = err(&GOOD.replace("offset = \"512MiB\"", "offset = \"512MB\""));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (18, "namespace[1].backend.offset"),
+            "{e}"
+        );
+        let e = err(
+            "[[subsystem]]\nnqn = \"nqn.2026-11.dev.keel:a\"\n[[subsystem]]\nnqn = \"nqn.2026-11.dev.keel:a\"\n",
+        );
+        assert_eq!((e.line, e.field.as_str()), (4, "subsystem[1].nqn"), "{e}");
+        let e = err("[[subsystem]]\nnqn = \"keel:a\"\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "subsystem[0].nqn"), "{e}");
+        let e = err("[network]\ndhcp = true\n");
+        assert_eq!(e.field, "subsystem", "{e}");
+        assert!(e.to_string().contains("at least one"), "{e}");
+        let e = err(
+            "[[subsystem]]\nnqn = \"nqn.2026-11.dev.keel:a\"\n[management]\nauthorized_key = \"abcd\"\n",
+        );
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (4, "management.authorized_key"),
+            "{e}"
+        );
+        let e = err("[[subsystem]\n");
+        assert_eq!(e.line, 1, "{e}");
+    }
+}
