@@ -11,6 +11,7 @@
 //! | `keel.allow=NQN[,NQN...]` | host NQNs allowed to connect | any host |
 //! | `keel.xts=NSID:HEX` | encrypt namespace NSID with AES-XTS; 64 hex digits = XTS-AES-128, 128 = XTS-AES-256 (repeatable) | none |
 //! | `keel.fn.ram=MiB` | size of each emulated PCIe function's RAM namespace | `64` |
+//! | `keel.fn.xts=FN:HEX` | encrypt emulated function FN's namespace (repeatable) | none |
 //! | `keel.advertise=ADDR:PORT` | the NVMe/TCP address in the discovery log | the interface's |
 //! | `keel.ip=A.B.C.D/N`, `keel.gw=A.B.C.D` | static address instead of DHCPv4 | DHCP |
 //!
@@ -123,8 +124,10 @@ pub struct DevConfig {
     pub block_size: u32,
     /// Allowed host NQNs; empty means any host.
     pub allowed_hosts: Vec<String>,
-    /// Encrypted namespaces.
+    /// Encrypted namespaces of the NVMe/TCP subsystem.
     pub keys: Vec<KeyArg>,
+    /// Encrypted namespaces of emulated functions (`nsid` holds the function index).
+    pub function_keys: Vec<KeyArg>,
     /// RAM namespace size of each emulated function, in bytes.
     pub function_ram: u64,
     /// Address and port to advertise in the discovery log.
@@ -152,17 +155,20 @@ impl DevConfig {
     pub fn from_bootargs(args: &str, mac: [u8; 6]) -> Self {
         let get = |key: &str| args.split_whitespace().find_map(|a| a.strip_prefix(key));
         let hex: String = mac.iter().map(|b| format!("{b:02X}")).collect();
-        let keys = args
-            .split_whitespace()
-            .filter_map(|a| a.strip_prefix("keel.xts="))
-            .filter_map(|a| {
-                let (nsid, hex) = a.split_once(':')?;
-                Some(KeyArg {
-                    nsid: nsid.parse().ok()?,
-                    hex: hex.into(),
+        let keys_for = |prefix: &str| -> Vec<KeyArg> {
+            args.split_whitespace()
+                .filter_map(|a| a.strip_prefix(prefix))
+                .filter_map(|a| {
+                    let (nsid, hex) = a.split_once(':')?;
+                    Some(KeyArg {
+                        nsid: nsid.parse().ok()?,
+                        hex: hex.into(),
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
+        let keys = keys_for("keel.xts=");
+        let function_keys = keys_for("keel.fn.xts=");
         Self {
             nqn: get("keel.nqn=")
                 .filter(|n| n.starts_with("nqn.") && n.len() <= 223)
@@ -191,6 +197,7 @@ impl DevConfig {
                 })
                 .unwrap_or_default(),
             keys,
+            function_keys,
             function_ram: get("keel.fn.ram=")
                 .map(mib_list)
                 .and_then(|l| l.first().copied())
@@ -228,9 +235,14 @@ pub fn redacted(args: &str) -> String {
         if i > 0 {
             out.push(' ');
         }
-        match a.strip_prefix("keel.xts=").and_then(|v| v.split_once(':')) {
-            Some((nsid, _)) => {
-                out.push_str("keel.xts=");
+        let key = ["keel.xts=", "keel.fn.xts="].iter().find_map(|p| {
+            a.strip_prefix(p)
+                .and_then(|v| v.split_once(':'))
+                .map(|(n, _)| (p, n))
+        });
+        match key {
+            Some((prefix, nsid)) => {
+                out.push_str(prefix);
                 out.push_str(nsid);
                 out.push_str(":<redacted>");
             }

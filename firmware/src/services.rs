@@ -13,7 +13,7 @@
 //! their doorbells and reap completions, the core delivers completions (routed by queue to the
 //! emulated function that owns it, the rest to NVMe/TCP), and NVMe/TCP flushes its sockets.
 
-use crate::config::{DevConfig, NsSpec};
+use crate::config::{DevConfig, KeyArg, NsSpec};
 use crate::drives::{self, LocalDrive};
 use crate::net::NetStack;
 use crate::nvmf::NvmfService;
@@ -179,18 +179,19 @@ fn tcp_backends(
     out
 }
 
+/// Wraps `backend` in AES-XTS when `key` is given; `what` names the namespace in messages.
 fn encrypt(
-    nsid: u32,
+    what: &str,
+    key: Option<&KeyArg>,
     backend: Box<dyn BlockBackend>,
-    cfg: &DevConfig,
 ) -> Option<Box<dyn BlockBackend>> {
-    let Some(k) = cfg.key_for(nsid) else {
+    let Some(k) = key else {
         return Some(backend);
     };
     let features = cpu::Features::read();
     if !(features.aes && features.pmull) {
         log::error!(
-            "crypto: namespace {nsid} is configured encrypted but this CPU has no AES/PMULL \
+            "crypto: {what} is configured encrypted but this CPU has no AES/PMULL \
              instructions (ID_AA64ISAR0_EL1.AES < 2): the namespace is not served"
         );
         return None;
@@ -198,7 +199,7 @@ fn encrypt(
     match XtsKey::from_hex(&k.hex) {
         Ok(key) => {
             log::info!(
-                "crypto: namespace {nsid} encrypted with {} (key from boot arguments)",
+                "crypto: {what} encrypted with {} (key from boot arguments)",
                 key.cipher().name()
             );
             Some(Box::new(EncryptedBackend::new(
@@ -208,7 +209,7 @@ fn encrypt(
             )))
         }
         Err(e) => {
-            log::error!("crypto: namespace {nsid}: {e}: the namespace is not served");
+            log::error!("crypto: {what}: {e}: the namespace is not served");
             None
         }
     }
@@ -224,7 +225,8 @@ impl Services {
         for (i, (what, backend)) in tcp_backends(cfg, &mut drives).into_iter().enumerate() {
             let nsid = i as u32 + 1;
             let encrypted = cfg.key_for(nsid).is_some();
-            let Some(backend) = encrypt(nsid, backend, cfg) else {
+            let Some(backend) = encrypt(&format!("namespace {nsid}"), cfg.key_for(nsid), backend)
+            else {
                 continue;
             };
             let g = backend.geometry();
@@ -255,7 +257,10 @@ impl Services {
         let mut fn_nqns = Vec::new();
         for (i, _) in windows.iter().enumerate() {
             let nqn = format!("nqn.2026-11.dev.keel:fn{i}");
-            let ns = ram(cfg.function_ram, 512).map(|backend| NamespaceConfig {
+            let key = cfg.function_keys.iter().find(|k| k.nsid == i as u32);
+            let backend = ram(cfg.function_ram, 512)
+                .and_then(|b| encrypt(&format!("function {i} namespace 1"), key, b));
+            let ns = backend.map(|backend| NamespaceConfig {
                 nsid: 1,
                 backend,
                 nguid: cfg.nguid(i as u16 + 1, 1),
