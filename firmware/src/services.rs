@@ -316,9 +316,17 @@ impl Services {
                         .map_err(|e| log::error!("pcie-fn{i}: {e:?}"))
                         .ok()
                 });
-            if let Some(f) = f {
+            if let Some(mut f) = f {
                 let mut ep = ep;
-                ep.reset(i as u16);
+                // Registers first (the function's first poll writes CAP and VS), then the
+                // header a host waits for.
+                ep.clear();
+                f.poll(
+                    Instant::from_nanos(keel_hal::arch::timer::now_ns()),
+                    &mut target,
+                    &mut ep,
+                );
+                ep.publish(i as u16);
                 log::info!(
                     "pcie-fn{i}: emulated NVMe function on window {:#x}+{} MiB, subsystem {nqn}, {} MiB RAM namespace",
                     bar.base,
@@ -336,7 +344,6 @@ impl Services {
         } else {
             None
         };
-        let _ = &mut target;
         Services {
             target,
             nvmf,

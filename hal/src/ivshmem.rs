@@ -91,14 +91,20 @@ impl IvshmemWindow {
         Some(unsafe { &*(self.base.add(offset) as *const AtomicU32) })
     }
 
-    /// Resets the register, doorbell and interrupt pages and publishes the header, so a host
-    /// sees a fresh function (CC = 0, CSTS = 0).
-    pub fn reset(&mut self, function: u16) {
+    /// Clears the register, doorbell, interrupt and header pages: no host may use the window
+    /// until [`IvshmemWindow::publish`] (CC = 0, CSTS = 0).
+    pub fn clear(&mut self) {
         for off in (0..layout::HOST_AREA_OFFSET).step_by(4) {
             if let Some(w) = self.word(off) {
                 w.store(0, Ordering::Relaxed);
             }
         }
+        fence(Ordering::Release);
+    }
+
+    /// Publishes the header (with its magic): a host waiting for it may start. Call it once the
+    /// function has written CAP and VS.
+    pub fn publish(&mut self, function: u16) {
         let header = layout::Header::new(self.len as u64, function).encode();
         for (i, chunk) in header.chunks(4).enumerate() {
             let mut b = [0u8; 4];
