@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use keel_host_tools::{host, image, nvme};
+use keel_host_tools::{host, image, nvme, provision};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -14,6 +14,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Make an Ed25519 provisioning key pair (KEY 0600, KEY.pub) and a device key.
+    Keygen(provision::KeygenArgs),
+    /// Device descriptions and bundles: check, build, verify.
+    Provision {
+        #[command(subcommand)]
+        cmd: provision::ProvisionCmd,
+    },
+    /// Write a flash image (into a slot) or a bundle (into the configuration area) to a flash
+    /// file or device, read back and verify.
+    Flash(provision::flash::FlashArgs),
     /// Firmware images.
     Image {
         #[command(subcommand)]
@@ -47,6 +57,11 @@ enum ImageCmd {
         #[arg(long)]
         flash: bool,
     },
+    /// Signed 64 MiB flash image: slot A with the raw image and its header, slot B and the
+    /// configuration area empty.
+    Pack(image::PackArgs),
+    /// Describe a flash image: slots, signatures, configuration copies.
+    Info(image::InfoArgs),
 }
 
 fn main() {
@@ -67,6 +82,20 @@ fn run() -> Result<()> {
         }
         Cmd::Host { window, cmd } => {
             let code = host::cli::run(&window, cmd, &mut std::io::stdout().lock())?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Cmd::Keygen(a) => provision::keygen_cmd(&a, &mut std::io::stdout().lock())?,
+        Cmd::Provision { cmd } => provision::run(&cmd, &mut std::io::stdout().lock())?,
+        Cmd::Flash(a) => provision::flash::run(&a, &mut std::io::stdout().lock())?,
+        Cmd::Image {
+            cmd: ImageCmd::Pack(a),
+        } => image::pack_cmd(&a)?,
+        Cmd::Image {
+            cmd: ImageCmd::Info(a),
+        } => {
+            let code = image::info_cmd(&a, &mut std::io::stdout().lock())?;
             if code != 0 {
                 std::process::exit(code);
             }

@@ -28,7 +28,8 @@ pub struct ImageHeader {
     pub board: String,
     /// Where the image runs (its link address).
     pub load_address: u64,
-    /// Flash offset of the payload (the slot base).
+    /// Offset of the payload from the slot base (0 today). Relative, so one signed header
+    /// is valid in either slot.
     pub payload_offset: u64,
     /// Bytes of payload (the raw image).
     pub payload_size: u64,

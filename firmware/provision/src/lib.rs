@@ -72,7 +72,7 @@
 //! | 48 | 32 | build id, UTF-8, NUL padded |
 //! | 80 | 32 | board name, UTF-8, NUL padded (`qemu-virt`) |
 //! | 112 | 8 | load address |
-//! | 120 | 8 | payload flash offset (the slot base) |
+//! | 120 | 8 | payload offset from the slot base (0; relative, so a signed header is valid in either slot) |
 //! | 128 | 8 | payload size |
 //! | 136 | 8 | memory size (arm64 header image_size) |
 //! | 144 | 32 | SHA-256 of the payload |

@@ -1,0 +1,200 @@
+//! Provisioning from the host: key files, `keelctl keygen`, `keelctl provision check|build|
+//! verify`, `keelctl flash`. The formats live in the portable crate `keel_provision`
+//! (re-exported here), which the firmware shares.
+
+pub mod flash;
+pub mod keys;
+
+pub use keel_provision;
+
+use anyhow::{Context, Result};
+use keel_provision::Device;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// `keelctl keygen`.
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// The signing key file to write (mode 0600); its public key goes to KEY.pub.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Where to write a new device key (mode 0600); default KEY.device.
+    #[arg(long)]
+    pub device_key: Option<PathBuf>,
+    /// Make no device key.
+    #[arg(long, conflicts_with = "device_key")]
+    pub no_device_key: bool,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `keelctl provision`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ProvisionCmd {
+    /// Check a TOML device description (errors name the line and the field).
+    Check {
+        /// The description.
+        file: PathBuf,
+    },
+    /// Build a signed bundle from a TOML device description.
+    Build {
+        /// The description.
+        file: PathBuf,
+        /// The signing key (keelctl keygen).
+        #[arg(long)]
+        key: PathBuf,
+        /// The device's key, under which the namespace data keys are wrapped.
+        #[arg(long)]
+        device_key: PathBuf,
+        /// Generation number (default: the current time in seconds, so it only increases).
+        #[arg(long)]
+        generation: Option<u64>,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Verify and open a bundle as the device would, and summarise it.
+    Verify {
+        /// The bundle.
+        bundle: PathBuf,
+        /// The trusted public key (KEY.pub).
+        #[arg(long = "pub")]
+        public: PathBuf,
+        /// The device key.
+        #[arg(long)]
+        device_key: PathBuf,
+        /// The generation in force on the device (bundles not above it are refused).
+        #[arg(long, default_value_t = 0)]
+        current_generation: u64,
+    },
+}
+
+/// `KEY.device` beside `KEY`.
+fn default_device_key_path(key: &Path) -> PathBuf {
+    let mut p = key.as_os_str().to_owned();
+    p.push(".device");
+    PathBuf::from(p)
+}
+
+/// Runs `keelctl keygen`.
+pub fn keygen_cmd(a: &KeygenArgs, out: &mut dyn Write) -> Result<()> {
+    let dk = if a.no_device_key {
+        None
+    } else {
+        Some(
+            a.device_key
+                .clone()
+                .unwrap_or_else(|| default_device_key_path(&a.output)),
+        )
+    };
+    let g = keys::keygen(&a.output, dk.as_deref(), a.force)?;
+    writeln!(out, "signing key: {} (keep it secret)", g.key.display())?;
+    writeln!(
+        out,
+        "public key:  {} ({})",
+        g.public_file.display(),
+        keys::hex(g.public.as_bytes())
+    )?;
+    if let Some(d) = g.device_key {
+        writeln!(
+            out,
+            "device key:  {} (one per device; keep it secret)",
+            d.display()
+        )?;
+    }
+    Ok(())
+}
+
+/// Reads and checks a TOML description; errors start with the file name and the line.
+pub fn load_description(path: &Path) -> Result<Device> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    keel_provision::parse_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn summary(d: &Device) -> String {
+    let enc = d
+        .namespaces
+        .iter()
+        .filter(|n| n.encryption != keel_provision::Encryption::None)
+        .count();
+    format!(
+        "{} subsystem(s), {} namespace(s) ({enc} encrypted), network {}, management {}",
+        d.subsystems.len(),
+        d.namespaces.len(),
+        match d.network {
+            keel_provision::Network::Dhcp => "DHCP".to_string(),
+            keel_provision::Network::Static {
+                address: [a, b, c, e],
+                prefix_len,
+                ..
+            } => format!("{a}.{b}.{c}.{e}/{prefix_len}"),
+        },
+        match &d.management {
+            Some(m) => format!("port {}", m.port),
+            None => "off".into(),
+        }
+    )
+}
+
+/// The default generation: seconds since the Unix epoch.
+pub fn default_generation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs())
+}
+
+/// Runs `keelctl provision`.
+pub fn run(cmd: &ProvisionCmd, out: &mut dyn Write) -> Result<()> {
+    match cmd {
+        ProvisionCmd::Check { file } => {
+            let d = load_description(file)?;
+            writeln!(out, "{}: ok: {}", file.display(), summary(&d))?;
+        }
+        ProvisionCmd::Build {
+            file,
+            key,
+            device_key,
+            generation,
+            output,
+        } => {
+            let d = load_description(file)?;
+            let signing = keys::read_signing_key(key)?;
+            let dk = keys::read_device_key(device_key)?;
+            let generation = generation.unwrap_or_else(default_generation);
+            let bytes = keel_provision::build(&d, generation, &signing, &dk, &mut keys::os_random)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            std::fs::write(output, &bytes)
+                .with_context(|| format!("writing {}", output.display()))?;
+            writeln!(
+                out,
+                "{}: bundle generation {generation}, {} bytes: {}",
+                output.display(),
+                bytes.len(),
+                summary(&d)
+            )?;
+        }
+        ProvisionCmd::Verify {
+            bundle,
+            public,
+            device_key,
+            current_generation,
+        } => {
+            let bytes =
+                std::fs::read(bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            let pk = keys::read_public_key(public)?;
+            let dk = keys::read_device_key(device_key)?;
+            let c = keel_provision::verify_and_open(&bytes, &pk, &dk, *current_generation)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+            writeln!(
+                out,
+                "{}: valid, generation {}: {}",
+                bundle.display(),
+                c.generation,
+                summary(&c.device)
+            )?;
+        }
+    }
+    Ok(())
+}
