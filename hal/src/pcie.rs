@@ -176,20 +176,20 @@ struct Allocator {
 
 impl Allocator {
     fn alloc(&mut self, space: Space, prefetchable: bool, size: u64) -> Option<(u64, u64)> {
-        // Preference: the exact kind of window, then wider-or-equal fallbacks.
+        // A prefetchable BAR may live in any window of its width (prefetchable first); a
+        // non-prefetchable one only in non-prefetchable windows (PCI-to-PCI Bridge 1.2 §3.2.5.8).
+        // A 64-bit BAR may fall back to the 32-bit window.
         let order: &[(Space, Option<bool>)] = match (space, prefetchable) {
             (Space::Io, _) => &[(Space::Io, None)],
-            (Space::Mem32, _) => &[(Space::Mem32, None)],
+            (Space::Mem32, true) => &[(Space::Mem32, Some(true)), (Space::Mem32, Some(false))],
+            (Space::Mem32, false) => &[(Space::Mem32, Some(false))],
             (Space::Mem64, true) => &[
                 (Space::Mem64, Some(true)),
-                (Space::Mem64, None),
-                (Space::Mem32, None),
-            ],
-            (Space::Mem64, false) => &[
                 (Space::Mem64, Some(false)),
-                (Space::Mem64, None),
-                (Space::Mem32, None),
+                (Space::Mem32, Some(true)),
+                (Space::Mem32, Some(false)),
             ],
+            (Space::Mem64, false) => &[(Space::Mem64, Some(false)), (Space::Mem32, Some(false))],
         };
         for (want, pref) in order {
             for (w, next) in self.windows.iter_mut() {
@@ -511,12 +511,13 @@ mod tests {
     #[test]
     fn reports_bars_that_do_not_fit() {
         let mut cfg = FakeCfg(BTreeMap::new());
+        // A 64-bit BAR of 64 GiB and only a 256 MiB 32-bit window.
         cfg.0.insert(
             (0, 0, 0),
             dev(
                 0x0008_1b36,
                 0x0600_0000,
-                [0; 6],
+                [4, 0, 0, 0, 0, 0],
                 [0x10_0000_0000, 0, 0, 0, 0, 0],
             ),
         );
