@@ -163,6 +163,9 @@ struct Sq {
     base: u64,
     entries: u16,
     head: u16,
+    /// During a shutdown: the tail the host had rung when it wrote CC.SHN. Commands up to it
+    /// were submitted before the notification and are still fetched and completed.
+    drain_to: Option<u32>,
     cqid: u16,
     core: Option<QueueId>,
     slots: Vec<Slot>,
@@ -179,6 +182,7 @@ impl Sq {
             base,
             entries,
             head: 0,
+            drain_to: None,
             cqid,
             core: Some(core),
             slots,
@@ -420,6 +424,7 @@ impl PcieFunction {
             if self.state == FunctionState::Ready {
                 busy |= self.fetch(now, target, ep);
             } else {
+                busy |= self.fetch_before_shutdown(now, target, ep);
                 busy |= self.advance_shutdown(now, target);
             }
             self.interrupts(ep);
@@ -544,6 +549,13 @@ impl PcieFunction {
         if old.shn() == Cc::SHN_NONE && new.shn() != Cc::SHN_NONE {
             self.state = FunctionState::ShuttingDown;
             self.shutdown = Shutdown::Draining;
+            // I/O the host submitted before the notification is still executed.
+            for qid in 1..self.sqs.len() {
+                if self.sqs[qid].live {
+                    let tail = ep.read_doorbell(layout::sq_tail_doorbell(qid as u16));
+                    self.sqs[qid].drain_to = (tail < self.sqs[qid].entries as u32).then_some(tail);
+                }
+            }
         } else if let Some(a) = self.admin {
             let _ = target.property_set(now, a, offset::CC, PropertySize::Four, new.0 as u64);
         }
@@ -824,6 +836,25 @@ impl PcieFunction {
         busy
     }
 
+    /// During a shutdown: fetches the I/O commands submitted before CC.SHN.
+    fn fetch_before_shutdown<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+    ) -> bool {
+        let mut busy = false;
+        for qid in 1..self.sqs.len() {
+            if let Some(limit) = self.sqs[qid].drain_to {
+                busy |= self.fetch_sq_to(now, target, ep, qid, limit, FunctionState::ShuttingDown);
+                if self.sqs[qid].head as u32 == limit {
+                    self.sqs[qid].drain_to = None;
+                }
+            }
+        }
+        busy
+    }
+
     fn fetch_sq<E: EndpointFunction + ?Sized>(
         &mut self,
         now: Instant,
@@ -835,6 +866,22 @@ impl PcieFunction {
             return false;
         }
         let tail = ep.read_doorbell(layout::sq_tail_doorbell(qid as u16));
+        self.fetch_sq_to(now, target, ep, qid, tail, FunctionState::Ready)
+    }
+
+    /// Fetches commands of SQ `qid` up to `tail` while the function stays in `state`.
+    fn fetch_sq_to<E: EndpointFunction + ?Sized>(
+        &mut self,
+        now: Instant,
+        target: &mut Target,
+        ep: &mut E,
+        qid: usize,
+        tail: u32,
+        state: FunctionState,
+    ) -> bool {
+        if !self.sqs[qid].live || self.state != state {
+            return false;
+        }
         if tail >= self.sqs[qid].entries as u32 {
             self.set_fatal(FatalReason::SqTailDoorbell {
                 qid: qid as u16,
@@ -844,7 +891,7 @@ impl PcieFunction {
         }
         let mut n = 0;
         let mut busy = false;
-        while n < self.cfg.fetch_burst && self.state == FunctionState::Ready {
+        while n < self.cfg.fetch_burst && self.state == state {
             let sq = &self.sqs[qid];
             if !sq.live || sq.head as u32 == tail || sq.free.is_empty() {
                 break;
@@ -1227,7 +1274,7 @@ impl PcieFunction {
         match self.shutdown {
             Shutdown::None | Shutdown::Forwarded => false,
             Shutdown::Draining => {
-                if self.io_outstanding() > 0 {
+                if self.io_outstanding() > 0 || self.sqs.iter().any(|q| q.drain_to.is_some()) {
                     return false;
                 }
                 let Some(admin) = self.admin else {

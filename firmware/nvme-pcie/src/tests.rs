@@ -726,6 +726,36 @@ fn shutdown_completes_writes_then_reports_complete() {
 }
 
 #[test]
+fn shutdown_executes_commands_submitted_but_not_yet_fetched() {
+    // 48 writes rung, then CC.SHN before the function ever polled: every one of them was
+    // submitted before the notification, so each executes and completes before SHST = complete
+    // (the fetch burst is 32, so a whole burst is still in the SQ at the notification).
+    let mut r = Rig::new();
+    r.enable();
+    let mut q = r.io_queue(1, 64);
+    let buf = r.alloc(48 * 4096);
+    r.w.host_write(buf, &[0x5A; 48 * 4096]);
+    for k in 0..48u16 {
+        let sqe = Sqe::new(0x01, k)
+            .with_nsid(1)
+            .with_cdw(10, k as u32 * 8)
+            .with_cdw(12, 7)
+            .with_prps(buf + k as u64 * 4096, 0);
+        r.push(&mut q, &sqe);
+    }
+    r.cc(Cc::new(true, 0, 0, 0, Cc::SHN_NORMAL, 6, 4).0);
+    let c = r.wait_csts(|c| c.shst() == Csts::SHST_COMPLETE);
+    assert!(c.rdy() && !c.cfs());
+    let mut n = 0;
+    while let Some(c) = r.reap(&mut q) {
+        assert_eq!(c.status, Status::SUCCESS);
+        n += 1;
+    }
+    assert_eq!(n, 48, "every write submitted before CC.SHN completed");
+    assert_eq!(r.f.buffers_available(), r.f.buffers_total());
+}
+
+#[test]
 fn two_functions_are_isolated_on_one_target() {
     let mut t = target(vec![subsystem(NQN_A), subsystem(NQN_B)]);
     let mut a = Rig::with(function(NQN_A, 16), target(vec![subsystem("nqn.x:unused")]));
