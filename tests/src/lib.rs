@@ -247,7 +247,10 @@ impl ScratchFile {
     pub fn new(name: &str, size: u64) -> Self {
         let dir = root().join("target/qemu-tests/scratch");
         std::fs::create_dir_all(&dir).expect("scratch dir");
-        let path = dir.join(format!("{}-{name}", std::process::id()));
+        // Unique per call: tests of one process run in parallel and may use the same name.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{}-{n}-{name}", std::process::id()));
         let f = std::fs::File::create(&path).expect("scratch file");
         f.set_len(size).expect("sizing scratch file");
         ScratchFile(path)
