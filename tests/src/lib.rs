@@ -90,6 +90,25 @@ pub fn flash_image(build: Build) -> PathBuf {
     artifact(build, true)
 }
 
+/// Builds `keelctl` once per test process, in the harness's own target directory (a
+/// `cargo test` of this crate does not build other crates' binaries).
+pub fn keelctl() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = root().join("target/qemu-tests");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "-q", "-p", "keel-host-tools", "--bin", "keelctl"])
+            .arg("--target-dir")
+            .arg(&dir)
+            .status()
+            .expect("running cargo to build keelctl");
+        assert!(status.success(), "building keelctl failed");
+        dir.join("debug/keelctl")
+    })
+    .clone()
+}
+
 /// A running QEMU with the firmware.
 pub struct Qemu {
     child: Child,

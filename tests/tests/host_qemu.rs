@@ -9,12 +9,12 @@
 //! (one QEMU at a time) because the firmware polls a live function without sleeping.
 
 use keel_host_tools::host::{HostController, IoOp, IoQueue, Window};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, root};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, root};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Bound on one `keelctl` or client run (TCG on a loaded 2-core machine).
@@ -34,24 +34,6 @@ const INTERRUPTS: usize = 0x2000;
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Builds `keelctl` once per test process, in the harness's target directory.
-fn keelctl() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = root().join("target/qemu-tests");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            .args(["build", "-q", "-p", "keel-host-tools", "--bin", "keelctl"])
-            .arg("--target-dir")
-            .arg(&dir)
-            .status()
-            .expect("running cargo to build keelctl");
-        assert!(status.success(), "building keelctl failed");
-        dir.join("debug/keelctl")
-    })
-    .clone()
 }
 
 #[derive(Debug)]

@@ -3,11 +3,9 @@
 //! needs the exact NVMe status. Every QEMU and every `keelctl` run is bounded in time.
 
 use keel_host_tools::nvme::{Controller, IoKind, NvmeError, Params, default_host_identity};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, root};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl};
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const SUBNQN: &str = "nqn.2026-11.dev.keel:default";
@@ -16,25 +14,6 @@ const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 const NSZE: u64 = (256 << 20) / 512;
 /// Bound on one `keelctl` run (TCG on a loaded 2-core machine).
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Builds `keelctl` once per test process, in the harness's own target directory (a
-/// `cargo test` of this crate does not build other crates' binaries).
-fn keelctl() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = root().join("target/qemu-tests");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            .args(["build", "-q", "-p", "keel-host-tools", "--bin", "keelctl"])
-            .arg("--target-dir")
-            .arg(&dir)
-            .status()
-            .expect("running cargo to build keelctl");
-        assert!(status.success(), "building keelctl failed");
-        dir.join("debug/keelctl")
-    })
-    .clone()
-}
 
 struct Run {
     code: i32,

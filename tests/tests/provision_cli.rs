@@ -4,34 +4,15 @@
 
 use keel_host_tools::provision::keel_provision::{self as kp, BundleError, flash};
 use keel_host_tools::provision::keys;
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, root};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, keelctl, root};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Bound on one `keelctl` run.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Builds `keelctl` once per test process, in the harness's own target directory.
-fn keelctl() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = root().join("target/qemu-tests");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            .args(["build", "-q", "-p", "keel-host-tools", "--bin", "keelctl"])
-            .arg("--target-dir")
-            .arg(&dir)
-            .status()
-            .expect("running cargo to build keelctl");
-        assert!(status.success(), "building keelctl failed");
-        dir.join("debug/keelctl")
-    })
-    .clone()
-}
 
 /// The release firmware ELF (built once per test process by the harness).
 fn firmware_elf() -> PathBuf {
