@@ -4,6 +4,7 @@
 //! - `exit`: power off cleanly (QEMU exits 0);
 //! - `fault`: read an unmapped address (a data abort and its crash report, exit 3);
 //! - `panic`: panic (exit 2);
+//! - `reset`: PSCI SYSTEM_RESET (QEMU restarts the machine unless run with -no-reboot);
 //! - `overflow`: unbounded recursion into the stack guard page (crash report, exit 3);
 //! - `selftest`: the inline-crypto known-answer tests on this CPU, through the code the
 //!   firmware uses (`keel_crypto::Xts`, `keel_nvmf_tcp::crc32c`): IEEE 1619 XTS-AES vectors 2,
@@ -39,6 +40,10 @@ pub fn after_ready(platform: &Platform) {
             println!("unreachable: read {v}");
         }
         Some("panic") => panic!("deliberate test panic"),
+        Some("reset") => {
+            println!("keel: test reset");
+            power::system_reset()
+        }
         Some("overflow") => {
             println!("keel: test stack overflow");
             println!("unreachable: {}", recurse(1));

@@ -224,3 +224,26 @@ fn qemu_run_forwards_ports_disks_and_extra_arguments() {
     assert!(cmd.contains("-smp 2"), "{cmd}");
     assert!(cmd.trim_end().ends_with("-d guest_errors"), "{cmd}");
 }
+
+#[test]
+fn psci_system_reset_restarts_the_machine() {
+    // `-action reboot=reset` overrides qemu/run's -no-reboot: a SYSTEM_RESET that works makes
+    // the machine boot the firmware again (which resets again: the test stops it).
+    let mut q = Qemu::boot(
+        Build::Test,
+        &[
+            "--append",
+            "keel.test=reset",
+            "--",
+            "-action",
+            "reboot=reset",
+        ],
+    );
+    q.wait_for("keel: test reset", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    q.wait_for("keel: test reset", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("no second boot after SYSTEM_RESET: {e}"));
+    let c = q.console();
+    assert!(c.matches("Keel 0.1.0").count() >= 2, "{c}");
+    assert!(!c.contains("CPU exception"), "{c}");
+}
