@@ -202,6 +202,19 @@ fn selftest() -> bool {
         },
     );
 
+    // The embedded-hal delay on the generic timer waits at least what it is asked (a lower
+    // bound only: the host may always make it longer).
+    {
+        use embedded_hal::delay::DelayNs;
+        let start = timer::counter();
+        timer::Delay.delay_ms(2);
+        let waited = timer::ticks_to_ns(timer::counter() - start);
+        r.check(
+            format_args!("DelayNs::delay_ms(2) waited {waited} ns"),
+            waited >= 2_000_000,
+        );
+    }
+
     // XTS-AES: the firmware serves encrypted namespaces only with the AES instructions.
     if aes_hw {
         xts_vector(

@@ -65,7 +65,7 @@ fn assert_checks(c: &str) {
         "{c}"
     );
     assert!(c.contains("digests use the instruction path"), "{c}");
-    assert!(c.contains("selftest: 23 check(s), 0 failed"), "{c}");
+    assert!(c.contains("selftest: 24 check(s), 0 failed"), "{c}");
 }
 
 #[test]
