@@ -2,17 +2,53 @@
 //! Prometheus text exposition of the device's counters.
 //!
 //! Portable and sans-IO (`no_std` + `alloc`): the firmware feeds the bytes of one TCP
-//! connection to a [`Session`](crate) and sends back what it produces; `keelctl` uses the same
-//! types as the client. The firmware side asks the device for what it needs through
+//! connection to a [`Session`] and sends back what it produces; `keelctl` uses the same
+//! types as the client ([`wire`]). The firmware side asks the device for what it needs through
 //! [`Device`].
 //!
-//! (Skeleton: the wire format, session state machine and metrics renderer are filled in by
-//! the management work; the types and the [`Device`] trait below are the contract the
-//! firmware services implement.)
+//! # Protocol
+//!
+//! One TCP port (7000 by default) carries both the signed binary protocol and a read-only
+//! HTTP endpoint. The client speaks first; its first four bytes pick the protocol.
+//!
+//! | step | direction | bytes |
+//! |---|---|---|
+//! | 1 | client → device | `KMG1` (binary protocol), or an HTTP/1.x request head starting `GET ` |
+//! | 2 (HTTP) | device → client | `GET /metrics` → `200` with [`metrics::render`] (`Content-Type: text/plain; version=0.0.4`); another path `404`; another method `405`; a bad request line `400`; a head above 4 KiB `431`; then the device closes. Unauthenticated, read-only. |
+//! | 2 | device → client | frame: [`wire::Hello`] `{ protocol: u16 = 1, device: String, challenge: [u8; 32] }` |
+//! | 3 | client → device | frame: [`wire::SignedRequest`] `{ request: Request, signature: [u8; 64] }`, `Request` = `Status` \| `Push(bundle bytes)` \| `Reboot` |
+//! | 4 | device → client | frame: [`wire::Response`] `{ challenge: [u8; 32], reply: Reply }`, `Reply` = `Status(Snapshot)` \| `Pushed(PushReport)` \| `PushRefused(message)` \| `Rebooting` \| `Error { code, message, closing }` |
+//! | … | | steps 3 and 4 repeat; each request is signed over the challenge of the previous frame |
+//!
+//! - **Frames**: `u32` little-endian payload length, then the payload, a postcard message.
+//!   A length of 0 or above [`wire::MAX_FRAME`] (2 MiB + 4 KiB, so a 2 MiB bundle fits) is
+//!   answered with `Error { TooLarge }` and the connection is closed.
+//! - **Signature**: Ed25519 over [`wire::DOMAIN`] (`keel/v1/mgmt-request`) ‖ the current
+//!   32-byte challenge ‖ the postcard encoding of `request` exactly as sent, by the key
+//!   [`Device::authorized_key`] names, checked with strict verification
+//!   (`verify_strict`: no small-order points, canonical `S`).
+//! - **Replay**: the challenge comes from [`Device::fresh_challenge`] (never repeated, also
+//!   across reboots) and is replaced after every request frame, good or bad; every response
+//!   carries the next one. A captured request is signed over a challenge the device no longer
+//!   holds, so it fails verification like a forged one. Nothing runs unless the signature
+//!   verifies.
+//! - **Failures**: a malformed frame or bad signature gets `Error` and nothing is executed;
+//!   after [`session::MAX_FAILURES`] failures the device closes the connection.
+//! - **Reboot**: the device replies `Rebooting`, closes, and calls [`Device::reboot`] only
+//!   once the transport reports the reply sent ([`Session::transport_drained`]).
+//! - **Back-pressure**: the session takes no input while a response is waiting to be sent,
+//!   so per-connection memory is bounded by one frame and one response.
 
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
+
+pub mod metrics;
+pub mod session;
+pub mod wire;
+
+pub use ed25519_dalek;
+pub use session::Session;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -173,4 +209,16 @@ pub trait Device {
     /// challenges. From a hardware RNG where there is one, mixed with the counter and a
     /// per-boot secret otherwise.
     fn fresh_challenge(&mut self) -> [u8; 32];
+    /// Who the device is, for the Hello frame (`Keel 0.1.0 (git ...) on qemu-virt`).
+    fn identity(&self) -> String {
+        let s = self.snapshot();
+        if s.build_id.is_empty() {
+            alloc::format!("Keel {} on {}", s.version, s.board)
+        } else {
+            alloc::format!("Keel {} ({}) on {}", s.version, s.build_id, s.board)
+        }
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,784 @@
+//! Host tests: framing under every segmentation, signatures and replay, HTTP routing, the
+//! metrics grammar (and `promtool check metrics` when it is installed).
+
+use super::*;
+use crate::session::{HttpOutcome, MAX_FAILURES, route_http};
+use crate::wire::*;
+use ed25519_dalek::SigningKey;
+use proptest::prelude::*;
+
+struct Fake {
+    key: SigningKey,
+    counter: u64,
+    pushes: Vec<Vec<u8>>,
+    reboots: u32,
+    snapshots: core::cell::Cell<u32>,
+}
+
+impl Fake {
+    fn new() -> Self {
+        Fake {
+            key: SigningKey::from_bytes(&[7; 32]),
+            counter: 0,
+            pushes: Vec::new(),
+            reboots: 0,
+            snapshots: core::cell::Cell::new(0),
+        }
+    }
+}
+
+fn snapshot() -> Snapshot {
+    Snapshot {
+        version: "0.1.0".into(),
+        build_id: "git 1a2b3c".into(),
+        board: "qemu-virt".into(),
+        uptime_ns: 12_345_678_901,
+        generation: 3,
+        config_source: "flash copy A".into(),
+        subsystems: vec![SubsystemInfo {
+            nqn: "nqn.2026-11.dev.keel:vol0".into(),
+            allowed_hosts: vec![],
+        }],
+        namespaces: vec![
+            NamespaceInfo {
+                subsystem: "nqn.2026-11.dev.keel:vol0".into(),
+                nsid: 1,
+                backend: "ram 256 MiB".into(),
+                size_bytes: 256 << 20,
+                block_size: 512,
+                encryption: "none".into(),
+                exports: vec!["tcp".into()],
+                stats: NsCounters {
+                    reads: 10,
+                    writes: 20,
+                    others: 1,
+                    read_bytes: 40960,
+                    write_bytes: 81920,
+                    errors: 2,
+                    read_latency: Latency {
+                        count: 10,
+                        sum_ns: 1_000_000,
+                        p50_ns: 65536,
+                        p99_ns: 262_144,
+                        p999_ns: 262_144,
+                        max_ns: 262_144,
+                    },
+                    write_latency: Latency::default(),
+                },
+            },
+            NamespaceInfo {
+                subsystem: "nqn.weird\"name\\with\nnewline".into(),
+                nsid: 2,
+                backend: "drive 0 ns 1".into(),
+                size_bytes: 1 << 30,
+                block_size: 4096,
+                encryption: "aes-256-xts".into(),
+                exports: vec!["tcp".into(), "pcie-fn0".into()],
+                stats: NsCounters::default(),
+            },
+        ],
+        controllers: vec![ControllerInfo {
+            cntlid: 1,
+            subsystem: "nqn.2026-11.dev.keel:vol0".into(),
+            hostnqn: "nqn.2014-08.org.nvmexpress:uuid:1234".into(),
+            transport: "tcp".into(),
+            io_queues: 4,
+        }],
+        tcp_connections: 5,
+        functions: vec![FunctionInfo {
+            index: 0,
+            subsystem: "nqn.2026-11.dev.keel:fn0".into(),
+            enabled: true,
+        }],
+    }
+}
+
+impl Device for Fake {
+    fn snapshot(&self) -> Snapshot {
+        self.snapshots.set(self.snapshots.get() + 1);
+        snapshot()
+    }
+    fn push(&mut self, bundle: &[u8]) -> Result<PushReport, String> {
+        if bundle.starts_with(b"bad") {
+            return Err("bundle signature does not verify".into());
+        }
+        self.pushes.push(bundle.to_vec());
+        Ok(PushReport {
+            generation: 4,
+            added: vec![("nqn.2026-11.dev.keel:vol0".into(), 2)],
+            removed: vec![],
+            needs_reboot: vec![],
+            persisted: true,
+        })
+    }
+    fn reboot(&mut self) {
+        self.reboots += 1;
+    }
+    fn authorized_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+    fn fresh_challenge(&mut self) -> [u8; 32] {
+        self.counter += 1;
+        let mut c = [0u8; 32];
+        c[..8].copy_from_slice(&self.counter.to_le_bytes());
+        c[31] = 0xc4;
+        c
+    }
+}
+
+/// Takes every complete frame out of the session's output.
+fn drain_frames(s: &mut Session) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    loop {
+        let out = s.output();
+        if out.len() < 4 {
+            assert!(out.is_empty(), "partial frame in the output");
+            return frames;
+        }
+        let n = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;
+        assert!(out.len() >= 4 + n);
+        frames.push(out[4..4 + n].to_vec());
+        s.advance_output(4 + n);
+    }
+}
+
+fn response(s: &mut Session) -> Response {
+    let f = drain_frames(s);
+    assert_eq!(f.len(), 1, "one response expected");
+    postcard::from_bytes(&f[0]).expect("a response")
+}
+
+/// A session past the hello; returns it and the challenge.
+fn open(dev: &mut Fake) -> (Session, [u8; 32]) {
+    let mut s = Session::new();
+    assert_eq!(s.feed(b"KMG1", dev), 4);
+    let f = drain_frames(&mut s);
+    assert_eq!(f.len(), 1);
+    let hello: Hello = postcard::from_bytes(&f[0]).unwrap();
+    assert_eq!(hello.protocol, PROTOCOL_VERSION);
+    assert_eq!(hello.device, "Keel 0.1.0 (git 1a2b3c) on qemu-virt");
+    (s, hello.challenge)
+}
+
+fn feed_all(s: &mut Session, mut bytes: &[u8], dev: &mut Fake) {
+    while !bytes.is_empty() {
+        let n = s.feed(bytes, dev);
+        assert!(n > 0, "session stalled with {} bytes left", bytes.len());
+        bytes = &bytes[n..];
+    }
+}
+
+#[test]
+fn status_then_next_challenge() {
+    let mut dev = Fake::new();
+    let (mut s, c) = open(&mut dev);
+    feed_all(
+        &mut s,
+        &sign_request(&dev.key.clone(), &c, &Request::Status),
+        &mut dev,
+    );
+    let r = response(&mut s);
+    assert_eq!(r.reply, Reply::Status(snapshot()));
+    assert_ne!(r.challenge, c);
+    // The next request over the new challenge works too.
+    feed_all(
+        &mut s,
+        &sign_request(&dev.key.clone(), &r.challenge, &Request::Status),
+        &mut dev,
+    );
+    assert!(matches!(response(&mut s).reply, Reply::Status(_)));
+    assert_eq!(s.requests(), 2);
+    assert!(!s.wants_close());
+}
+
+#[test]
+fn replayed_request_is_refused_and_not_executed() {
+    let mut dev = Fake::new();
+    let key = dev.key.clone();
+    let (mut s, c) = open(&mut dev);
+    let push = sign_request(&key, &c, &Request::Push(Bytes(b"bundle-1".to_vec())));
+    feed_all(&mut s, &push, &mut dev);
+    assert!(matches!(response(&mut s).reply, Reply::Pushed(_)));
+    // Same frame again on the same connection.
+    feed_all(&mut s, &push, &mut dev);
+    let r = response(&mut s);
+    assert!(
+        matches!(
+            r.reply,
+            Reply::Error {
+                code: ErrorCode::BadSignature,
+                closing: false,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // And on a new connection (new challenge).
+    let (mut s2, _) = open(&mut dev);
+    feed_all(&mut s2, &push, &mut dev);
+    assert!(matches!(
+        response(&mut s2).reply,
+        Reply::Error {
+            code: ErrorCode::BadSignature,
+            ..
+        }
+    ));
+    assert_eq!(dev.pushes.len(), 1, "the replay ran");
+}
+
+#[test]
+fn other_key_and_tampered_requests_are_refused() {
+    let mut dev = Fake::new();
+    let (mut s, c) = open(&mut dev);
+    let other = SigningKey::from_bytes(&[9; 32]);
+    feed_all(
+        &mut s,
+        &sign_request(&other, &c, &Request::Reboot),
+        &mut dev,
+    );
+    let r = response(&mut s);
+    assert!(matches!(
+        r.reply,
+        Reply::Error {
+            code: ErrorCode::BadSignature,
+            ..
+        }
+    ));
+    // Right key, but one bit of the request flipped after signing.
+    let mut f = sign_request(
+        &dev.key.clone(),
+        &r.challenge,
+        &Request::Push(Bytes(vec![1; 40])),
+    );
+    f[10] ^= 1;
+    feed_all(&mut s, &f, &mut dev);
+    assert!(matches!(
+        response(&mut s).reply,
+        Reply::Error {
+            code: ErrorCode::BadSignature,
+            ..
+        }
+    ));
+    assert_eq!(dev.reboots, 0);
+    assert!(dev.pushes.is_empty());
+}
+
+#[test]
+fn a_failed_attempt_burns_the_challenge() {
+    let mut dev = Fake::new();
+    let key = dev.key.clone();
+    let (mut s, c) = open(&mut dev);
+    feed_all(&mut s, &frame(b"\x05garbage"), &mut dev);
+    let r = response(&mut s);
+    assert!(matches!(
+        r.reply,
+        Reply::Error {
+            code: ErrorCode::Malformed,
+            ..
+        }
+    ));
+    assert_ne!(r.challenge, c);
+    // Signed over the hello's challenge: no longer valid.
+    feed_all(&mut s, &sign_request(&key, &c, &Request::Status), &mut dev);
+    assert!(matches!(response(&mut s).reply, Reply::Error { .. }));
+}
+
+#[test]
+fn connection_closes_after_a_few_failures() {
+    let mut dev = Fake::new();
+    let (mut s, _) = open(&mut dev);
+    for i in 1..=MAX_FAILURES {
+        assert!(!s.wants_close());
+        feed_all(&mut s, &frame(&[0xff; 16]), &mut dev);
+        let r = response(&mut s);
+        match r.reply {
+            Reply::Error { closing, .. } => assert_eq!(closing, i == MAX_FAILURES),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(s.wants_close());
+    assert_eq!(s.failures(), MAX_FAILURES);
+    // Input after that is discarded, nothing answered.
+    let c = [0; 32];
+    feed_all(
+        &mut s,
+        &sign_request(&dev.key.clone(), &c, &Request::Status),
+        &mut dev,
+    );
+    assert!(s.output().is_empty());
+}
+
+#[test]
+fn oversized_and_zero_lengths_close() {
+    for len in [0u32, (MAX_FRAME + 1) as u32, u32::MAX] {
+        let mut dev = Fake::new();
+        let (mut s, _) = open(&mut dev);
+        feed_all(&mut s, &len.to_le_bytes(), &mut dev);
+        let r = response(&mut s);
+        assert!(
+            matches!(
+                r.reply,
+                Reply::Error {
+                    code: ErrorCode::TooLarge,
+                    closing: true,
+                    ..
+                }
+            ),
+            "{len}: {r:?}"
+        );
+        assert!(s.wants_close());
+    }
+}
+
+#[test]
+fn largest_push_fits() {
+    let mut dev = Fake::new();
+    let key = dev.key.clone();
+    let (mut s, c) = open(&mut dev);
+    let bundle = vec![0x5a; MAX_BUNDLE];
+    let f = sign_request(&key, &c, &Request::Push(Bytes(bundle.clone())));
+    assert!(f.len() - 4 <= MAX_FRAME);
+    feed_all(&mut s, &f, &mut dev);
+    assert!(matches!(response(&mut s).reply, Reply::Pushed(_)));
+    assert_eq!(dev.pushes, vec![bundle]);
+}
+
+#[test]
+fn refused_push_reports_the_device_message() {
+    let mut dev = Fake::new();
+    let key = dev.key.clone();
+    let (mut s, c) = open(&mut dev);
+    feed_all(
+        &mut s,
+        &sign_request(&key, &c, &Request::Push(Bytes(b"bad".to_vec()))),
+        &mut dev,
+    );
+    assert_eq!(
+        response(&mut s).reply,
+        Reply::PushRefused("bundle signature does not verify".into())
+    );
+}
+
+#[test]
+fn reboot_waits_for_the_transport() {
+    let mut dev = Fake::new();
+    let key = dev.key.clone();
+    let (mut s, c) = open(&mut dev);
+    feed_all(&mut s, &sign_request(&key, &c, &Request::Reboot), &mut dev);
+    assert!(s.reboot_pending());
+    // Not yet handed over: nothing happens.
+    s.transport_drained(&mut dev);
+    assert_eq!(dev.reboots, 0);
+    assert_eq!(response(&mut s).reply, Reply::Rebooting);
+    assert!(s.wants_close());
+    assert_eq!(dev.reboots, 0);
+    s.transport_drained(&mut dev);
+    s.transport_drained(&mut dev);
+    assert_eq!(dev.reboots, 1);
+    assert!(!s.reboot_pending());
+}
+
+#[test]
+fn input_waits_while_a_response_is_pending() {
+    let mut dev = Fake::new();
+    let key = dev.key.clone();
+    let mut s = Session::new();
+    // The client does not wait for the hello: only the magic is taken.
+    assert_eq!(s.feed(b"KMG1\x01\x00\x00\x00", &mut dev), 4);
+    let f = drain_frames(&mut s);
+    let hello: Hello = postcard::from_bytes(&f[0]).unwrap();
+    let req = sign_request(&key, &hello.challenge, &Request::Status);
+    let mut two = req.clone();
+    two.extend_from_slice(&req);
+    assert_eq!(s.feed(&two, &mut dev), req.len());
+    assert!(matches!(response(&mut s).reply, Reply::Status(_)));
+}
+
+#[test]
+fn garbage_first_bytes_close_silently() {
+    for first in [&b"\x00\x01\x02\x03"[..], b"KMG2", b"get ", b"G\x00ET"] {
+        let mut dev = Fake::new();
+        let mut s = Session::new();
+        feed_all(&mut s, first, &mut dev);
+        assert!(s.output().is_empty(), "{first:?}");
+        assert!(s.wants_close(), "{first:?}");
+    }
+}
+
+fn http(req: &[u8], chunk: usize) -> (String, Fake) {
+    let mut dev = Fake::new();
+    let mut s = Session::new();
+    for c in req.chunks(chunk.max(1)) {
+        feed_all(&mut s, c, &mut dev);
+    }
+    let out = String::from_utf8(s.output().to_vec()).unwrap();
+    let n = s.output().len();
+    s.advance_output(n);
+    assert!(s.wants_close(), "HTTP must close after answering: {out}");
+    (out, dev)
+}
+
+#[test]
+fn http_metrics_and_errors() {
+    for chunk in [1, 3, 1000] {
+        let (r, dev) = http(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+            chunk,
+        );
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{r}"
+        );
+        assert!(body.contains("keel_up 1\n"));
+        assert_eq!(dev.snapshots.get(), 1);
+    }
+    assert!(
+        http(b"GET /metrics?x=1 HTTP/1.0\n\n", 5)
+            .0
+            .starts_with("HTTP/1.1 200")
+    );
+    let (r, dev) = http(b"GET / HTTP/1.1\r\n\r\n", 4);
+    assert!(r.starts_with("HTTP/1.1 404 Not Found"), "{r}");
+    assert_eq!(dev.snapshots.get(), 0);
+    let (r, _) = http(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 7);
+    assert!(
+        r.starts_with("HTTP/1.1 405") && r.contains("Allow: GET, HEAD"),
+        "{r}"
+    );
+    let (r, _) = http(b"HEAD /metrics HTTP/1.1\r\n\r\n", 9);
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("\r\n\r\n"),
+        "{r}"
+    );
+    assert!(
+        http(b"GET  HTTP/1.1\r\n\r\n", 2)
+            .0
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        http(b"GET /metrics SPDY/3\r\n\r\n", 2)
+            .0
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        http(b"GET /metrics HTTP/1.1 x\r\n\r\n", 2)
+            .0
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        http(b"GET /\xff\xfe HTTP/1.1\r\n\r\n", 2)
+            .0
+            .starts_with("HTTP/1.1 400")
+    );
+    let mut long = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    long.extend(core::iter::repeat_n(b'a', 5000));
+    let (r, dev) = http(&long, 700);
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    assert_eq!(dev.snapshots.get(), 0);
+}
+
+#[test]
+fn http_routing_table() {
+    assert_eq!(
+        route_http(b"GET /metrics HTTP/1.1\r\n"),
+        (HttpOutcome::Metrics, false)
+    );
+    assert_eq!(
+        route_http(b"HEAD /metrics HTTP/1.0\r\n"),
+        (HttpOutcome::Metrics, true)
+    );
+    assert_eq!(
+        route_http(b"GET /metricsx HTTP/1.1\r\n").0,
+        HttpOutcome::Status(404)
+    );
+    assert_eq!(
+        route_http(b"DELETE /metrics HTTP/1.1\r\n").0,
+        HttpOutcome::Status(405)
+    );
+    assert_eq!(
+        route_http(b"GET metrics HTTP/1.1\r\n").0,
+        HttpOutcome::Status(400)
+    );
+    assert_eq!(route_http(b"").0, HttpOutcome::Status(400));
+}
+
+/// Checks the text exposition grammar (0.0.4) and the family rules promtool enforces.
+fn check_exposition(text: &str) -> Result<(), String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let name_ok = |n: &str| {
+        let mut b = n.bytes();
+        b.next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_' || c == b':')
+            && b.all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b':')
+    };
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut helped = BTreeSet::new();
+    let mut finished: BTreeSet<String> = BTreeSet::new();
+    let mut current: Option<String> = None;
+    let mut series = BTreeSet::new();
+    if !text.ends_with('\n') {
+        return Err("no final newline".into());
+    }
+    for (i, line) in text.lines().enumerate() {
+        let err = |m: &str| Err(format!("line {}: {m}: {line:?}", i + 1));
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut p = rest.splitn(3, ' ');
+            let (kw, name) = (p.next().unwrap_or(""), p.next().unwrap_or(""));
+            let rest = p.next().unwrap_or("");
+            if !name_ok(name) {
+                return err("bad metric name");
+            }
+            if current.as_deref() != Some(name) {
+                if let Some(c) = current.take() {
+                    finished.insert(c);
+                }
+                if finished.contains(name) {
+                    return err("family appears twice");
+                }
+                current = Some(name.to_string());
+            }
+            match kw {
+                "HELP" => {
+                    if rest.is_empty() || !helped.insert(name.to_string()) {
+                        return err("empty or second HELP");
+                    }
+                }
+                "TYPE" => {
+                    if !["counter", "gauge", "summary", "histogram", "untyped"].contains(&rest) {
+                        return err("bad type");
+                    }
+                    if types.insert(name.to_string(), rest.to_string()).is_some() {
+                        return err("second TYPE");
+                    }
+                    if rest == "counter" && !name.ends_with("_total") {
+                        return err("counter without _total");
+                    }
+                }
+                _ => return err("unknown comment"),
+            }
+            continue;
+        }
+        let (series_part, value) = line.rsplit_once(' ').ok_or("no value")?;
+        if value.parse::<f64>().is_err() {
+            return err("bad value");
+        }
+        let (name, labels) = match series_part.split_once('{') {
+            Some((n, l)) => (n, l.strip_suffix('}').ok_or("no closing brace")?),
+            None => (series_part, ""),
+        };
+        if !name_ok(name) {
+            return err("bad sample name");
+        }
+        let family = current.clone().ok_or("sample before TYPE")?;
+        let kind = types.get(&family).ok_or("sample without TYPE")?;
+        let allowed = if kind == "summary" {
+            name == family || name == format!("{family}_sum") || name == format!("{family}_count")
+        } else {
+            name == family
+        };
+        if !allowed {
+            return err("sample outside its family");
+        }
+        // Labels: name="escaped value" separated by commas.
+        let mut rest = labels;
+        let mut seen = BTreeSet::new();
+        while !rest.is_empty() {
+            let (lname, after) = rest.split_once("=\"").ok_or("label without =\"")?;
+            if !name_ok(lname) || lname.starts_with("__") || !seen.insert(lname) {
+                return err("bad or repeated label name");
+            }
+            let mut chars = after.char_indices();
+            let mut end = None;
+            while let Some((j, c)) = chars.next() {
+                match c {
+                    '\\' => match chars.next() {
+                        Some((_, '\\' | '"' | 'n')) => {}
+                        _ => return err("bad escape"),
+                    },
+                    '"' => {
+                        end = Some(j);
+                        break;
+                    }
+                    '\n' => return err("raw newline"),
+                    _ => {}
+                }
+            }
+            let end = end.ok_or("unterminated label value")?;
+            rest = &after[end + 1..];
+            rest = match rest.strip_prefix(',') {
+                Some(r) if !r.is_empty() => r,
+                Some(_) => return err("trailing comma"),
+                None if rest.is_empty() => rest,
+                None => return err("junk after label"),
+            };
+        }
+        if kind == "summary" && name == family && !seen.contains("quantile") {
+            return err("summary sample without quantile");
+        }
+        if !series.insert(series_part.to_string()) {
+            return err("duplicate series");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn metrics_follow_the_exposition_grammar() {
+    let text = metrics::render(&snapshot());
+    check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    for want in [
+        "keel_info{version=\"0.1.0\",build=\"git 1a2b3c\",board=\"qemu-virt\"} 1\n",
+        "keel_uptime_seconds 12.345678901\n",
+        "keel_config_generation{source=\"flash copy A\"} 3\n",
+        "keel_namespace_reads_total{subsystem=\"nqn.2026-11.dev.keel:vol0\",namespace=\"1\",transport=\"tcp\"} 10\n",
+        "keel_namespace_read_latency_seconds{subsystem=\"nqn.2026-11.dev.keel:vol0\",namespace=\"1\",transport=\"tcp\",quantile=\"0.99\"} 0.000262144\n",
+        "keel_namespace_read_latency_seconds_count{subsystem=\"nqn.2026-11.dev.keel:vol0\",namespace=\"1\",transport=\"tcp\"} 10\n",
+        "keel_namespace_errors_total{subsystem=\"nqn.weird\\\"name\\\\with\\nnewline\",namespace=\"2\",transport=\"tcp,pcie-fn0\"} 0\n",
+        "keel_tcp_connections{transport=\"tcp\"} 5\n",
+        "keel_controller_io_queues{controller=\"1\",subsystem=\"nqn.2026-11.dev.keel:vol0\",transport=\"tcp\",host=\"nqn.2014-08.org.nvmexpress:uuid:1234\"} 4\n",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    // The checker itself catches what it must.
+    assert!(check_exposition("# TYPE a_total counter\na_total{x=\"1\\q\"} 1\n").is_err());
+    assert!(check_exposition("# TYPE a counter\na 1\n").is_err());
+    assert!(check_exposition("# TYPE a gauge\nb 1\n").is_err());
+    assert!(check_exposition("# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\n# HELP a x\n").is_err());
+    assert!(check_exposition("# TYPE a gauge\na{x=\"1\",} 1\n").is_err());
+}
+
+#[test]
+fn empty_snapshot_renders_validly() {
+    check_exposition(&metrics::render(&Snapshot::default())).unwrap();
+}
+
+#[test]
+fn promtool_accepts_the_metrics() {
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!(
+            "promtool not installed (apt-get install prometheus): grammar checked in Rust only"
+        );
+        return;
+    };
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics::render(&snapshot()).as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn request_strategy() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        Just(Request::Status),
+        Just(Request::Reboot),
+        proptest::collection::vec(any::<u8>(), 0..300).prop_map(|v| Request::Push(Bytes(v))),
+    ]
+}
+
+proptest! {
+    /// Arbitrary bytes in arbitrary pieces: no panic, bounded output, nothing executed.
+    #[test]
+    fn garbage_never_executes(
+        prefix in prop_oneof![Just(b"KMG1".to_vec()), Just(b"GET ".to_vec()), Just(vec![])],
+        body in proptest::collection::vec(any::<u8>(), 0..2000),
+        cuts in proptest::collection::vec(1usize..64, 1..50),
+    ) {
+        let mut dev = Fake::new();
+        let mut s = Session::new();
+        let mut bytes = prefix;
+        bytes.extend_from_slice(&body);
+        let mut rest = &bytes[..];
+        let mut i = 0;
+        while !rest.is_empty() && !s.wants_close() {
+            let n = cuts[i % cuts.len()].min(rest.len());
+            i += 1;
+            let taken = s.feed(&rest[..n], &mut dev);
+            rest = &rest[taken..];
+            prop_assert!(s.output().len() < 64 * 1024);
+            let out = s.output().len();
+            s.advance_output(out);
+        }
+        prop_assert!(dev.pushes.is_empty());
+        prop_assert_eq!(dev.reboots, 0);
+        prop_assert_eq!(s.requests(), 0);
+    }
+
+    /// A valid request split anywhere gives the same answer as in one piece.
+    #[test]
+    fn any_segmentation_of_a_valid_request(
+        req in request_strategy(),
+        cuts in proptest::collection::vec(1usize..40, 1..20),
+    ) {
+        let mut dev = Fake::new();
+        let key = dev.key.clone();
+        let (mut s, c) = open(&mut dev);
+        let f = sign_request(&key, &c, &req);
+        let mut rest = &f[..];
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = cuts[i % cuts.len()].min(rest.len());
+            i += 1;
+            let taken = s.feed(&rest[..n], &mut dev);
+            prop_assert_eq!(taken, n);
+            rest = &rest[taken..];
+        }
+        let r = response(&mut s);
+        let ok = matches!(
+            (&req, &r.reply),
+            (Request::Status, Reply::Status(_))
+                | (Request::Push(_), Reply::Pushed(_))
+                | (Request::Reboot, Reply::Rebooting)
+        );
+        prop_assert!(ok, "{:?} -> {:?}", req, r.reply);
+    }
+
+    /// Any single-byte change to a signed frame's payload is refused.
+    #[test]
+    fn tampering_is_refused(
+        req in request_strategy(),
+        at in any::<prop::sample::Index>(),
+        xor in 1u8..=255,
+    ) {
+        let mut dev = Fake::new();
+        let key = dev.key.clone();
+        let (mut s, c) = open(&mut dev);
+        let mut f = sign_request(&key, &c, &req);
+        let i = 4 + at.index(f.len() - 4);
+        f[i] ^= xor;
+        let mut rest = &f[..];
+        while !rest.is_empty() {
+            let n = s.feed(rest, &mut dev);
+            prop_assert!(n > 0);
+            rest = &rest[n..];
+        }
+        // The frame may now be shorter or longer than its payload: one error at most.
+        let frames = drain_frames(&mut s);
+        prop_assert!(frames.len() <= 1);
+        for fr in frames {
+            let r: Response = postcard::from_bytes(&fr).unwrap();
+            let is_err = matches!(r.reply, Reply::Error { .. });
+            prop_assert!(is_err, "{:?}", r.reply);
+        }
+        prop_assert!(dev.pushes.is_empty());
+        prop_assert_eq!(dev.reboots, 0);
+        prop_assert_eq!(s.requests(), 0);
+    }
+}
