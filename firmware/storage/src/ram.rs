@@ -1,9 +1,12 @@
 //! A RAM disk.
 
 use crate::backend::*;
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::fmt;
+use core::mem::MaybeUninit;
+use core::ops::Range;
 
 /// Errors constructing a [`RamBackend`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,22 +29,51 @@ impl fmt::Display for RamError {
     }
 }
 
+/// Bytes per lazily zeroed chunk of a [`RamBackend`].
+pub const CHUNK: usize = 4096;
+
 /// A backend over heap memory sized at construction. Requests complete in [`poll`], never in
 /// [`submit`], so callers exercise the asynchronous path. Deallocated blocks read as zeroes.
 ///
+/// The memory is allocated uninitialised and zeroed lazily, [`CHUNK`] bytes at a time, so a
+/// large namespace costs nothing at boot: a bitmap records which chunks hold data; reading a
+/// chunk that was never written returns zeroes without touching it; the first write into a
+/// chunk zeroes the rest of that chunk first; deallocating or zeroing a whole chunk just clears
+/// its bit. Invariant: every byte of a chunk whose bit is set is initialised; the bytes of
+/// other chunks are never read.
+///
 /// [`poll`]: BlockBackend::poll
 /// [`submit`]: BlockBackend::submit
-#[derive(Debug)]
 pub struct RamBackend {
-    data: Vec<u8>,
+    mem: Box<[MaybeUninit<u8>]>,
+    /// Bit `c` set: chunk `c` is initialised (and holds the disk's data); clear: reads as zeroes.
+    written: Vec<u64>,
     geometry: Geometry,
     queue: VecDeque<BlockRequest>,
     depth: usize,
 }
 
+impl fmt::Debug for RamBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RamBackend")
+            .field("geometry", &self.geometry)
+            .field("chunks_written", &self.chunks_written())
+            .field("queued", &self.queue.len())
+            .field("depth", &self.depth)
+            .finish()
+    }
+}
+
+/// Writes zeroes over possibly uninitialised bytes.
+fn zero(s: &mut [MaybeUninit<u8>]) {
+    for b in s {
+        *b = MaybeUninit::new(0);
+    }
+}
+
 impl RamBackend {
-    /// A zeroed disk of `blocks` blocks of `block_size` bytes that holds up to `queue_depth`
-    /// requests between polls.
+    /// A disk of `blocks` blocks of `block_size` bytes that reads as zeroes and holds up to
+    /// `queue_depth` requests between polls. The memory is allocated but not touched.
     pub fn new(block_size: u32, blocks: u64, queue_depth: usize) -> Result<Self, RamError> {
         if block_size != 512 && block_size != 4096 {
             return Err(RamError::BadBlockSize);
@@ -52,19 +84,121 @@ impl RamBackend {
         let len = (block_size as u64)
             .checked_mul(blocks)
             .and_then(|l| usize::try_from(l).ok())
-            .filter(|&l| l > 0)
+            .filter(|&l| l > 0 && l <= isize::MAX as usize)
             .ok_or(RamError::BadSize)?;
         Ok(Self {
-            data: alloc::vec![0u8; len],
+            mem: Box::new_uninit_slice(len),
+            written: alloc::vec![0u64; len.div_ceil(CHUNK).div_ceil(64)],
             geometry: Geometry { block_size, blocks },
             queue: VecDeque::with_capacity(queue_depth),
             depth: queue_depth,
         })
     }
 
-    /// Direct view of the medium (tests, diagnostics).
-    pub fn contents(&self) -> &[u8] {
-        &self.data
+    /// A copy of the whole medium (tests, diagnostics): allocates its size.
+    pub fn contents(&self) -> Vec<u8> {
+        let mut out = alloc::vec![0u8; self.mem.len()];
+        self.read_into(0, &mut out);
+        out
+    }
+
+    /// How many chunks hold written data (the rest read as zeroes without being stored).
+    pub fn chunks_written(&self) -> usize {
+        self.written.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    fn is_written(&self, chunk: usize) -> bool {
+        self.written[chunk / 64] & (1 << (chunk % 64)) != 0
+    }
+
+    fn set_written(&mut self, chunk: usize, on: bool) {
+        let bit = 1u64 << (chunk % 64);
+        if on {
+            self.written[chunk / 64] |= bit;
+        } else {
+            self.written[chunk / 64] &= !bit;
+        }
+    }
+
+    /// Calls `f(chunk, range inside the medium)` for each chunk that `[start, start + len)`
+    /// overlaps, with the part of the range inside that chunk.
+    fn for_each_chunk(start: usize, len: usize, mut f: impl FnMut(usize, Range<usize>)) {
+        let end = start + len;
+        let mut pos = start;
+        while pos < end {
+            let chunk = pos / CHUNK;
+            let stop = end.min((chunk + 1) * CHUNK);
+            f(chunk, pos..stop);
+            pos = stop;
+        }
+    }
+
+    /// The bytes of chunk `chunk` (the last chunk may be short).
+    fn chunk_range(&self, chunk: usize) -> Range<usize> {
+        chunk * CHUNK..((chunk + 1) * CHUNK).min(self.mem.len())
+    }
+
+    /// Copies the medium at `start` into `dst` (zeroes for chunks never written).
+    /// `start + dst.len()` must lie inside the medium.
+    fn read_into(&self, start: usize, dst: &mut [u8]) {
+        Self::for_each_chunk(start, dst.len(), |chunk, r| {
+            let d = &mut dst[r.start - start..r.end - start];
+            if self.is_written(chunk) {
+                let src = &self.mem[r];
+                // SAFETY: the chunk's bit is set, so every byte of the chunk, `src` included,
+                // has been initialised (the invariant of the type).
+                d.copy_from_slice(unsafe { src.assume_init_ref() });
+            } else {
+                d.fill(0);
+            }
+        });
+    }
+
+    /// Copies `src` onto the medium at `start`; `start + src.len()` must lie inside it.
+    fn write_from(&mut self, start: usize, src: &[u8]) {
+        Self::for_each_chunk(start, src.len(), |chunk, r| {
+            let s = &src[r.start - start..r.end - start];
+            if !self.is_written(chunk) {
+                // First write into the chunk: zero the rest of it so the whole chunk is
+                // initialised before its bit is set.
+                let whole = self.chunk_range(chunk);
+                zero(&mut self.mem[whole.start..r.start]);
+                zero(&mut self.mem[r.end..whole.end]);
+                self.set_written(chunk, true);
+            }
+            self.mem[r].write_copy_of_slice(s);
+        });
+    }
+
+    /// Zeroes `[start, start + len)`: whole chunks are forgotten (they read as zeroes again),
+    /// written chunks that are only partly covered are zeroed in place.
+    fn zero_range(&mut self, start: usize, len: usize) {
+        Self::for_each_chunk(start, len, |chunk, r| {
+            if !self.is_written(chunk) {
+                return;
+            }
+            if r == self.chunk_range(chunk) {
+                self.set_written(chunk, false);
+            } else {
+                zero(&mut self.mem[r]);
+            }
+        });
+    }
+
+    /// True when the medium at `start` equals `data`.
+    fn equals(&self, start: usize, data: &[u8]) -> bool {
+        let mut same = true;
+        Self::for_each_chunk(start, data.len(), |chunk, r| {
+            let d = &data[r.start - start..r.end - start];
+            same &= if self.is_written(chunk) {
+                let m = &self.mem[r];
+                // SAFETY: the chunk's bit is set: all its bytes are initialised.
+                d == unsafe { m.assume_init_ref() }
+            } else {
+                d.iter().all(|&b| b == 0)
+            };
+        });
+        same
     }
 
     fn execute(&mut self, req: &mut BlockRequest) -> Result<(), BlockError> {
@@ -72,14 +206,16 @@ impl RamBackend {
         let bs = self.geometry.block_size as u64;
         let start = usize::try_from(req.lba * bs).map_err(|_| BlockError::OutOfRange)?;
         let len = usize::try_from(req.blocks as u64 * bs).map_err(|_| BlockError::OutOfRange)?;
-        let media = self
-            .data
-            .get_mut(start..start.saturating_add(len))
-            .ok_or(BlockError::OutOfRange)?;
+        if start
+            .checked_add(len)
+            .is_none_or(|end| end > self.mem.len())
+        {
+            return Err(BlockError::OutOfRange);
+        }
         match req.op {
             BlockOp::Flush => Ok(()),
             BlockOp::WriteZeroes { .. } | BlockOp::Deallocate => {
-                media.fill(0);
+                self.zero_range(start, len);
                 Ok(())
             }
             BlockOp::Read => {
@@ -87,8 +223,9 @@ impl RamBackend {
                 let dst = buf
                     .capacity_mut()
                     .get_mut(range)
+                    .filter(|d| d.len() == len)
                     .ok_or(BlockError::BufferTooSmall)?;
-                dst.copy_from_slice(media);
+                self.read_into(start, dst);
                 Ok(())
             }
             BlockOp::Write { .. } => {
@@ -96,8 +233,9 @@ impl RamBackend {
                 let src = buf
                     .capacity_mut()
                     .get(range)
+                    .filter(|d| d.len() == len)
                     .ok_or(BlockError::BufferTooSmall)?;
-                media.copy_from_slice(src);
+                self.write_from(start, src);
                 Ok(())
             }
             BlockOp::Compare => {
@@ -105,8 +243,9 @@ impl RamBackend {
                 let src = buf
                     .capacity_mut()
                     .get(range)
+                    .filter(|d| d.len() == len)
                     .ok_or(BlockError::BufferTooSmall)?;
-                if src == media {
+                if self.equals(start, src) {
                     Ok(())
                 } else {
                     Err(BlockError::CompareMismatch)
@@ -320,24 +459,114 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u64..40, 0u32..6, 0usize..3).prop_map(|(l, n, o)| Op::Read(l, n, o)),
-            (0u64..40, 0u32..6, 0usize..3, any::<u8>())
+            (0u64..40, 0u32..12, 0usize..3).prop_map(|(l, n, o)| Op::Read(l, n, o)),
+            (0u64..40, 0u32..12, 0usize..3, any::<u8>())
                 .prop_map(|(l, n, o, v)| Op::Write(l, n, o, v)),
-            (0u64..40, 0u32..6).prop_map(|(l, n)| Op::Zero(l, n)),
-            (0u64..40, 0u32..6).prop_map(|(l, n)| Op::Trim(l, n)),
-            (0u64..40, 0u32..6).prop_map(|(l, n)| Op::Compare(l, n)),
+            (0u64..40, 0u32..12).prop_map(|(l, n)| Op::Zero(l, n)),
+            (0u64..40, 0u32..12).prop_map(|(l, n)| Op::Trim(l, n)),
+            (0u64..40, 0u32..12).prop_map(|(l, n)| Op::Compare(l, n)),
             Just(Op::Flush),
         ]
     }
 
+    fn io(b: &mut RamBackend, op: BlockOp, lba: u64, blocks: u32, data: Option<u8>) -> Vec<u8> {
+        let buf = op.has_data().then(|| {
+            let mut buf = IoBuf::leak_zeroed(blocks as usize * b.geometry().block_size as usize);
+            buf.capacity_mut().fill(data.unwrap_or(0));
+            buf
+        });
+        let c = run(
+            b,
+            BlockRequest {
+                tag: 0,
+                op,
+                lba,
+                blocks,
+                buf,
+                buf_offset: 0,
+            },
+        );
+        assert_eq!(c.result, Ok(()));
+        c.buf
+            .map(|mut b| b.capacity_mut().to_vec())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn zeroed_lazily_by_chunk() {
+        // 1 GiB: allocated, never touched unless written.
+        let mut b = RamBackend::new(4096, 1 << 18, 4).unwrap();
+        assert_eq!(b.chunks_written(), 0);
+        assert!(
+            io(&mut b, BlockOp::Read, 12345, 8, None)
+                .iter()
+                .all(|&x| x == 0)
+        );
+        assert_eq!(b.chunks_written(), 0, "reads store nothing");
+        io(&mut b, BlockOp::Write { fua: false }, 100, 2, Some(7));
+        assert_eq!(b.chunks_written(), 2);
+        assert!(
+            io(&mut b, BlockOp::Read, 100, 2, None)
+                .iter()
+                .all(|&x| x == 7)
+        );
+        io(&mut b, BlockOp::Deallocate, 100, 1, None);
+        assert_eq!(
+            b.chunks_written(),
+            1,
+            "a whole deallocated chunk is forgotten"
+        );
+        let r = io(&mut b, BlockOp::Read, 99, 3, None);
+        assert!(r[..8192].iter().all(|&x| x == 0) && r[8192..].iter().all(|&x| x == 7));
+
+        // 512-byte blocks: the first write into a chunk zeroes the rest of the chunk.
+        let mut b = RamBackend::new(512, 16, 4).unwrap();
+        io(&mut b, BlockOp::Write { fua: false }, 3, 1, Some(9));
+        assert_eq!(b.chunks_written(), 1);
+        let r = io(&mut b, BlockOp::Read, 0, 16, None);
+        assert!(
+            r.iter()
+                .enumerate()
+                .all(|(i, &x)| x == if (1536..2048).contains(&i) { 9 } else { 0 })
+        );
+        io(
+            &mut b,
+            BlockOp::WriteZeroes {
+                deallocate: false,
+                fua: false,
+            },
+            2,
+            2,
+            None,
+        );
+        assert_eq!(b.chunks_written(), 1, "a partly zeroed chunk stays");
+        assert!(b.contents().iter().all(|&x| x == 0));
+        io(
+            &mut b,
+            BlockOp::WriteZeroes {
+                deallocate: true,
+                fua: false,
+            },
+            0,
+            8,
+            None,
+        );
+        assert_eq!(b.chunks_written(), 0);
+    }
+
     proptest! {
-        /// RamBackend behaves like a Vec<u8> model: same data, same errors.
+        /// RamBackend behaves like a Vec<u8> model: same data, same errors. The disk spans a
+        /// few chunks (its last one short for 35 blocks) so requests start, end and cross
+        /// chunk boundaries anywhere.
         #[test]
-        fn matches_vec_model(ops in proptest::collection::vec(op(), 1..40)) {
+        fn matches_vec_model(
+            short_tail in any::<bool>(),
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
             const BS: usize = 512;
-            const BLOCKS: u64 = 32;
-            let mut b = RamBackend::new(BS as u32, BLOCKS, 64).unwrap();
-            let mut model = vec![0u8; BS * BLOCKS as usize];
+            let blocks: u64 = if short_tail { 35 } else { 32 };
+            let mut b = RamBackend::new(BS as u32, blocks, 64).unwrap();
+            let mut model = vec![0u8; BS * blocks as usize];
             for (i, o) in ops.into_iter().enumerate() {
                 let (op, lba, n, off, fill) = match o {
                     Op::Read(l, n, off) => (BlockOp::Read, l, n, off * 7, None),
@@ -347,7 +576,7 @@ mod tests {
                     Op::Compare(l, n) => (BlockOp::Compare, l, n, 0, None),
                     Op::Flush => (BlockOp::Flush, 0, 0, 0, None),
                 };
-                let in_range = n > 0 && lba + n as u64 <= BLOCKS;
+                let in_range = n > 0 && lba + n as u64 <= blocks;
                 let bytes = n as usize * BS;
                 let s = lba as usize * BS;
                 let mut buf = if op.has_data() { Some(IoBuf::leak_zeroed(off + bytes)) } else { None };
@@ -380,6 +609,7 @@ mod tests {
                     _ => {}
                 }
                 prop_assert_eq!(b.contents(), &model[..]);
+                prop_assert!(b.chunks_written() <= blocks as usize * BS / CHUNK + 1);
             }
         }
     }
