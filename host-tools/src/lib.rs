@@ -4,11 +4,13 @@
 //!   into a flash image for QEMU `virt`'s pflash.
 //! - [`nvme`]: the NVMe/TCP initiator (discovery, identify, read/write, verify, bench).
 //! - [`host`]: the emulated PCIe function's host side (window, NVMe driver, NBD export).
+//! - [`mgmt`]: the management client (`status`, `provision push`, `reboot`, `metrics`).
 //! - [`provision`]: keys, device descriptions, signed bundles, flashing (formats in
 //!   `keel_provision`).
 #![warn(missing_docs)]
 
 pub mod host;
 pub mod image;
+pub mod mgmt;
 pub mod nvme;
 pub mod provision;

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use keel_host_tools::{host, image, nvme, provision};
+use keel_host_tools::{host, image, mgmt, nvme, provision};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -33,6 +33,19 @@ enum Cmd {
     Nvme {
         #[command(subcommand)]
         cmd: nvme::cli::NvmeCmd,
+    },
+    /// A running device's state: version, uptime, configuration, namespaces with counters
+    /// and latency percentiles, controllers, connections (signed request).
+    Status(mgmt::StatusArgs),
+    /// Reboot a running device (signed request; it replies first).
+    Reboot(mgmt::SignedArgs),
+    /// Fetch a device's Prometheus metrics (GET /metrics on the management port).
+    Metrics(mgmt::MetricsArgs),
+    /// Management protocol testing tools.
+    #[command(hide = true)]
+    Mgmt {
+        #[command(subcommand)]
+        cmd: mgmt::MgmtCmd,
     },
     /// Emulated NVMe PCIe function from the server's side: --window FILE identify, read,
     /// write, verify, bench, nbd (NBD export), emulate (in-process function).
@@ -82,6 +95,15 @@ fn run() -> Result<()> {
         }
         Cmd::Host { window, cmd } => {
             let code = host::cli::run(&window, cmd, &mut std::io::stdout().lock())?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Cmd::Status(a) => mgmt::status_cmd(&a, &mut std::io::stdout().lock())?,
+        Cmd::Reboot(a) => mgmt::reboot_cmd(&a, &mut std::io::stdout().lock())?,
+        Cmd::Metrics(a) => mgmt::metrics_cmd(&a, &mut std::io::stdout().lock())?,
+        Cmd::Mgmt { cmd } => {
+            let code = mgmt::mgmt_cmd(&cmd, &mut std::io::stdout().lock())?;
             if code != 0 {
                 std::process::exit(code);
             }

@@ -68,6 +68,9 @@ pub enum ProvisionCmd {
         #[arg(long, default_value_t = 0)]
         current_generation: u64,
     },
+    /// Push a signed bundle to a running device over its management endpoint; prints what
+    /// the device applied (exit 1 with the device's message when it refuses).
+    Push(crate::mgmt::PushArgs),
 }
 
 /// `KEY.device` beside `KEY`.
@@ -195,6 +198,7 @@ pub fn run(cmd: &ProvisionCmd, out: &mut dyn Write) -> Result<()> {
                 summary(&c.device)
             )?;
         }
+        ProvisionCmd::Push(a) => crate::mgmt::push_cmd(a, out)?,
     }
     Ok(())
 }
