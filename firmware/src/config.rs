@@ -134,7 +134,13 @@ pub struct DevConfig {
     pub advertise: Option<(String, String)>,
     /// The NIC's MAC (identifiers unique per device).
     pub mac: [u8; 6],
+    /// The management endpoint's TCP port (`qemu/run --mgmt-port` forwards to it).
+    pub mgmt_port: u16,
 }
+
+/// The management port of the development configuration (the guest port `qemu/run
+/// --mgmt-port` forwards to; the same default as a provisioned description's).
+pub const DEFAULT_MGMT_PORT: u16 = keel_provision::model::DEFAULT_MGMT_PORT;
 
 fn mib_list(s: &str) -> Vec<u64> {
     s.split(',')
@@ -208,23 +214,13 @@ impl DevConfig {
                     .then(|| (String::from(addr), String::from(port)))
             }),
             mac,
+            mgmt_port: DEFAULT_MGMT_PORT,
         }
     }
 
     /// The key for namespace `nsid`, if it is encrypted.
     pub fn key_for(&self, nsid: u32) -> Option<&KeyArg> {
         self.keys.iter().find(|k| k.nsid == nsid)
-    }
-
-    /// NGUID of namespace `nsid` of subsystem number `subsystem`: "KEEL", the MAC, the
-    /// subsystem and the NSID; unique per device and stable across boots.
-    pub fn nguid(&self, subsystem: u16, nsid: u32) -> [u8; 16] {
-        let mut g = [0u8; 16];
-        g[..4].copy_from_slice(b"KEEL");
-        g[4..10].copy_from_slice(&self.mac);
-        g[10..12].copy_from_slice(&subsystem.to_be_bytes());
-        g[12..].copy_from_slice(&nsid.to_be_bytes());
-        g
     }
 }
 

@@ -8,6 +8,8 @@
 #[cfg(target_os = "none")]
 mod config;
 #[cfg(target_os = "none")]
+mod device;
+#[cfg(target_os = "none")]
 mod drives;
 #[cfg(target_os = "none")]
 mod fatal;
@@ -16,9 +18,13 @@ mod net;
 #[cfg(target_os = "none")]
 mod nvmf;
 #[cfg(target_os = "none")]
+mod plan;
+#[cfg(target_os = "none")]
 mod platform;
 #[cfg(target_os = "none")]
 mod poll;
+#[cfg(target_os = "none")]
+mod provisioned;
 #[cfg(target_os = "none")]
 mod services;
 #[cfg(all(target_os = "none", feature = "test-build"))]

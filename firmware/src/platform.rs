@@ -324,6 +324,7 @@ fn banner(info: &BootInfo, dt: &Dt, freq: u64, heap: Region, gic: &Option<Gic>) 
         }
     );
     println!("board: {} ({})", BOARD.name, dt.model.as_str());
+    crate::provisioned::print_trust_anchor();
     println!(
         "cpu: MIDR {:#010x} (implementer {:#04x}, part {:#05x}), {} core(s), running at EL{} (entered at EL{})",
         midr,

@@ -3,7 +3,9 @@
 
 use crate::config::DevConfig;
 use crate::net::{Addressing, NetStack};
-use crate::platform::Platform;
+use crate::plan::{Plan, Source};
+use crate::platform::{Platform, shared_memory_bars};
+use crate::provisioned::{Identity, PROVISION_PUBKEY};
 use crate::services::Services;
 use keel_hal::{arch::timer, println, virtio_net::VirtioNet};
 
@@ -15,7 +17,7 @@ pub const DISCOVERY_PORT: u16 = 8009;
 /// How long boot waits for a DHCP lease before declaring itself ready anyway.
 const DHCP_WAIT_NS: u64 = 3_000_000_000;
 
-fn bring_up_net(platform: &Platform) -> Option<NetStack> {
+fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack> {
     let host = platform.dt.pcie.as_ref()?;
     let f = platform.pci.iter().find(|f| {
         f.vendor == 0x1af4 && (f.device == 0x1041 || f.device == 0x1000) && f.class.0 == 0x02
@@ -36,7 +38,6 @@ fn bring_up_net(platform: &Platform) -> Option<NetStack> {
                 mac[4],
                 mac[5]
             );
-            let addressing = Addressing::from_bootargs(platform.dt.bootargs.as_str());
             Some(NetStack::new(
                 nic,
                 addressing,
@@ -58,15 +59,46 @@ pub fn run(mut platform: Platform) -> ! {
     if !features.crc32 {
         log::warn!("cpu: no CRC32 instructions: NVMe/TCP digests use the table-driven CRC32C");
     }
-    let mut net = bring_up_net(&platform);
+    // The configuration: the newest flash copy that verifies, else the boot arguments.
+    let mut identity = Identity::load(&platform);
+    let provisioned = identity.load_config();
+    if provisioned.is_none() {
+        log::info!("config: no provisioned configuration; using boot arguments");
+    }
+    let addressing = match &provisioned {
+        Some((cfg, _)) => crate::plan::addressing(&cfg.device.network),
+        None => Addressing::from_bootargs(platform.dt.bootargs.as_str()),
+    };
+    let mut net = bring_up_net(&platform, addressing);
     let mac = net.as_ref().map_or([0; 6], |n| n.device.mac());
-    let cfg = DevConfig::from_bootargs(platform.dt.bootargs.as_str(), mac);
-    let mut services = Services::build(&mut platform, &cfg, net.is_some());
+    let drives = Services::bring_up_drives(&platform);
+    let plan = match provisioned {
+        Some((cfg, source)) => Plan::from_bundle(&cfg, source, mac, PROVISION_PUBKEY),
+        None => {
+            let cfg = DevConfig::from_bootargs(platform.dt.bootargs.as_str(), mac);
+            let drive_namespaces: alloc::vec::Vec<(usize, u32)> = drives
+                .iter()
+                .enumerate()
+                .flat_map(|(d, drive)| drive.namespaces.iter().map(move |n| (d, n.nsid)))
+                .collect();
+            let windows = shared_memory_bars(&platform.pci).count();
+            Plan::from_dev(&cfg, &drive_namespaces, windows, addressing, PROVISION_PUBKEY)
+        }
+    };
+    let mut services = Services::build(&mut platform, plan, drives, net.is_some(), identity);
     if let Some(net) = net.as_mut() {
-        log::info!("nvmf: subsystem {} serial {}", cfg.nqn, cfg.serial);
-        match cfg.allowed_hosts.len() {
-            0 => log::info!("nvmf: any host may connect (development configuration)"),
-            n => log::info!("nvmf: {n} allowed host(s): {:?}", cfg.allowed_hosts),
+        let plan = services.plan();
+        for s in plan.subsystems.iter().filter(|s| {
+            plan.source != Source::BootArgs || !s.nqn.starts_with("nqn.2026-11.dev.keel:fn")
+        }) {
+            log::info!("nvmf: subsystem {} serial {}", s.nqn, s.serial);
+            match s.allowed_hosts.len() {
+                0 if plan.source == Source::BootArgs => {
+                    log::info!("nvmf: any host may connect (development configuration)")
+                }
+                0 => log::info!("nvmf: any host may connect to {}", s.nqn),
+                n => log::info!("nvmf: {n} allowed host(s): {:?}", s.allowed_hosts),
+            }
         }
         net.listen(NVMF_PORT);
         net.listen(DISCOVERY_PORT);

@@ -2,18 +2,24 @@
 //! namespace, and the transports in front of it: NVMe/TCP and the emulated PCIe functions.
 //! Local NVMe drives are backends behind it.
 //!
-//! Subsystems and namespaces (development configuration, [`DevConfig`]):
+//! The services are built from a [`Plan`] (see [`crate::plan`]): a provisioned bundle's
+//! description or the development configuration. Subsystems and namespaces of the
+//! development configuration ([`crate::config::DevConfig`]):
 //! - the NVMe/TCP subsystem (`keel.nqn`): namespaces from `keel.ns=` if given; otherwise one
 //!   per `keel.ram=` size; otherwise one per local drive namespace (whole); otherwise one
 //!   RAM namespace of 256 MiB. `keel.xts=NSID:KEY` encrypts one of them with AES-XTS;
 //! - one subsystem per emulated function (`nqn.2026-11.dev.keel:fnN`), with one RAM namespace
 //!   of `keel.fn.ram` MiB: a function never reaches another's data.
 //!
+//! NSIDs are fixed by position (the Nth `keel.ns=` entry is NSID N): a namespace that cannot
+//! be served leaves a gap instead of renumbering the ones after it.
+//!
 //! Every pass of the poll loop: the transports take new commands to the core, the drives ring
 //! their doorbells and reap completions, the core delivers completions (routed by queue to the
 //! emulated function that owns it, the rest to NVMe/TCP), and NVMe/TCP flushes its sockets.
 
-use crate::config::{DevConfig, KeyArg, NsSpec};
+use crate::config::NsSpec;
+use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
 use crate::drives::{self, LocalDrive};
 use crate::net::NetStack;
 use crate::nvmf::NvmfService;
@@ -32,17 +38,28 @@ const FUNCTION_BUFFERS: usize = 64;
 const FUNCTION_BUFFER_SIZE: usize = 128 * 1024;
 
 /// An emulated NVMe function: its endpoint and the controller emulation.
-struct Emulated {
-    ep: IvshmemWindow,
-    f: PcieFunction,
+pub(crate) struct Emulated {
+    pub(crate) index: u16,
+    pub(crate) nqn: String,
+    pub(crate) ep: IvshmemWindow,
+    pub(crate) f: PcieFunction,
 }
 
 /// Everything behind the poll loop's network and endpoint polling.
 pub struct Services {
-    target: Target,
-    nvmf: Option<NvmfService>,
-    functions: Vec<Emulated>,
-    drives: Vec<LocalDrive>,
+    pub(crate) target: Target,
+    pub(crate) nvmf: Option<NvmfService>,
+    pub(crate) functions: Vec<Emulated>,
+    pub(crate) drives: Vec<LocalDrive>,
+    pub(crate) shared: Shared,
+    /// The configuration in force.
+    pub(crate) plan: Plan,
+    /// Namespaces of the plan actually served (subsystem, NSID).
+    pub(crate) served: Vec<(String, u32)>,
+    /// Trust anchor, device key and the flash the configuration lives in.
+    pub(crate) identity: crate::provisioned::Identity,
+    /// Management challenges.
+    pub(crate) challenges: crate::device::Challenges,
 }
 
 impl core::fmt::Debug for Services {
@@ -73,116 +90,72 @@ fn ram(bytes: u64, block_size: u32) -> Option<Box<dyn BlockBackend>> {
     }
 }
 
-/// Builds the NVMe/TCP subsystem's backends from the configuration and the drives.
-fn tcp_backends(
-    cfg: &DevConfig,
+/// Drive namespaces cut into slices (or used by several namespaces): shared, so live pushes
+/// can cut new slices from them.
+pub(crate) type Shared = Vec<((usize, u32), SharedBackend<keel_hal::nvme::NvmeBackend>)>;
+
+/// Builds one namespace's backend. `many`: the drive namespace is used by several namespaces
+/// (or as a slice) and must be shared. Drive namespaces used whole are taken out of `drives`.
+pub(crate) fn make_backend(
+    spec: NsSpec,
+    block_size: u32,
+    many: bool,
     drives: &mut [LocalDrive],
-) -> Vec<(String, Box<dyn BlockBackend>)> {
-    let specs: Vec<NsSpec> = match (&cfg.namespaces, &cfg.ram) {
-        (Some(specs), _) => specs.clone(),
-        (None, Some(sizes)) => sizes.iter().map(|&b| NsSpec::Ram(b)).collect(),
-        (None, None) => {
-            let from_drives: Vec<NsSpec> = drives
-                .iter()
-                .enumerate()
-                .flat_map(|(d, drive)| {
-                    drive.namespaces.iter().map(move |n| NsSpec::Drive {
-                        drive: d,
-                        nsid: n.nsid,
-                        slice: None,
-                    })
-                })
-                .collect();
-            if from_drives.is_empty() {
-                alloc::vec![NsSpec::Ram(256 << 20)]
-            } else {
-                from_drives
-            }
+    shared: &mut Shared,
+) -> Result<Box<dyn BlockBackend>, String> {
+    let (drive, nsid, slice) = match spec {
+        NsSpec::Ram(bytes) => {
+            return ram(bytes, block_size).ok_or_else(|| format!("RAM namespace of {} MiB", bytes >> 20));
         }
+        NsSpec::Drive { drive, nsid, slice } => (drive, nsid, slice),
     };
-    // Drive namespaces used by several specs (slices) are shared; the rest are used whole.
-    let uses = |d: usize, n: u32| {
-        specs
-            .iter()
-            .filter(|s| matches!(s, NsSpec::Drive { drive, nsid, .. } if *drive == d && *nsid == n))
-            .count()
+    let many = many || slice.is_some() || shared.iter().any(|(k, _)| *k == (drive, nsid));
+    let Some(d) = drives.get_mut(drive) else {
+        return Err(format!("no drive {drive} for namespace spec {spec}"));
     };
-    let mut shared: Vec<((usize, u32), SharedBackend<keel_hal::nvme::NvmeBackend>)> = Vec::new();
-    let mut out = Vec::new();
-    for spec in &specs {
-        let backend: Option<Box<dyn BlockBackend>> = match *spec {
-            NsSpec::Ram(bytes) => ram(bytes, cfg.block_size),
-            NsSpec::Drive { drive, nsid, slice } => {
-                let many = uses(drive, nsid) > 1 || slice.is_some();
-                let Some(d) = drives.get_mut(drive) else {
-                    log::error!("storage: no drive {drive} for namespace spec {spec}");
-                    continue;
-                };
-                if !many {
-                    match d.namespaces.iter().position(|n| n.nsid == nsid) {
-                        Some(i) => Some(d.namespaces.swap_remove(i).boxed()),
-                        None => {
-                            log::error!(
-                                "storage: drive {drive} has no namespace {nsid} (or it is already used)"
-                            );
-                            None
-                        }
-                    }
-                } else {
-                    if !shared.iter().any(|(k, _)| *k == (drive, nsid)) {
-                        match d.namespaces.iter().position(|n| n.nsid == nsid) {
-                            Some(i) => {
-                                let ns = d.namespaces.swap_remove(i);
-                                shared.push((
-                                    (drive, nsid),
-                                    SharedBackend::new(ns.backend, BACKEND_DEPTH),
-                                ));
-                            }
-                            None => {
-                                log::error!("storage: drive {drive} has no namespace {nsid}");
-                                continue;
-                            }
-                        }
-                    }
-                    let Some((_, sb)) = shared.iter().find(|(k, _)| *k == (drive, nsid)) else {
-                        continue;
-                    };
-                    let Ok(handle) = sb.handle() else {
-                        log::error!("storage: drive {drive} namespace {nsid}: too many slices");
-                        continue;
-                    };
-                    let g = handle.geometry();
-                    let (start, blocks) = match slice {
-                        Some((off, len)) => (
-                            off / u64::from(g.block_size),
-                            len.map_or(
-                                g.blocks.saturating_sub(off / u64::from(g.block_size)),
-                                |l| l / u64::from(g.block_size),
-                            ),
-                        ),
-                        None => (0, g.blocks),
-                    };
-                    match SliceBackend::new(handle, start, blocks) {
-                        Ok(s) => Some(Box::new(s) as Box<dyn BlockBackend>),
-                        Err(e) => {
-                            log::error!("storage: {spec}: {e}");
-                            None
-                        }
-                    }
-                }
-            }
+    if !many {
+        return match d.namespaces.iter().position(|n| n.nsid == nsid) {
+            Some(i) => Ok(d.namespaces.swap_remove(i).boxed()),
+            None => Err(format!(
+                "drive {drive} has no namespace {nsid} (or it is already used)"
+            )),
         };
-        if let Some(b) = backend {
-            out.push((format!("{spec}"), b));
+    }
+    if !shared.iter().any(|(k, _)| *k == (drive, nsid)) {
+        match d.namespaces.iter().position(|n| n.nsid == nsid) {
+            Some(i) => {
+                let ns = d.namespaces.swap_remove(i);
+                shared.push(((drive, nsid), SharedBackend::new(ns.backend, BACKEND_DEPTH)));
+            }
+            None => return Err(format!("drive {drive} has no namespace {nsid} (or it is used whole)")),
         }
     }
-    out
+    let Some((_, sb)) = shared.iter().find(|(k, _)| *k == (drive, nsid)) else {
+        return Err(format!("drive {drive} namespace {nsid}: not shared"));
+    };
+    let handle = sb
+        .handle()
+        .map_err(|_| format!("drive {drive} namespace {nsid}: too many slices"))?;
+    let g = handle.geometry();
+    let (start, blocks) = match slice {
+        Some((off, len)) => (
+            off / u64::from(g.block_size),
+            len.map_or(g.blocks.saturating_sub(off / u64::from(g.block_size)), |l| {
+                l / u64::from(g.block_size)
+            }),
+        ),
+        None => (0, g.blocks),
+    };
+    SliceBackend::new(handle, start, blocks)
+        .map(|s| Box::new(s) as Box<dyn BlockBackend>)
+        .map_err(|e| format!("{spec}: {e}"))
 }
 
 /// Wraps `backend` in AES-XTS when `key` is given; `what` names the namespace in messages.
-fn encrypt(
+/// Never logs key material.
+pub(crate) fn encrypt(
     what: &str,
-    key: Option<&KeyArg>,
+    key: Option<&NsKey>,
     backend: Box<dyn BlockBackend>,
 ) -> Option<Box<dyn BlockBackend>> {
     let Some(k) = key else {
@@ -196,10 +169,14 @@ fn encrypt(
         );
         return None;
     }
-    match XtsKey::from_hex(&k.hex) {
+    let (key, origin) = match k {
+        NsKey::Hex(hex) => (XtsKey::from_hex(hex), "boot arguments"),
+        NsKey::Bytes(b) => (XtsKey::new(b.expose_secret()), "the provisioned bundle"),
+    };
+    match key {
         Ok(key) => {
             log::info!(
-                "crypto: {what} encrypted with {} (key from boot arguments)",
+                "crypto: {what} encrypted with {} (key from {origin})",
                 key.cipher().name()
             );
             Some(Box::new(EncryptedBackend::new(
@@ -215,67 +192,108 @@ fn encrypt(
     }
 }
 
-impl Services {
-    /// Builds the target, the transports and the drives.
-    pub fn build(platform: &mut Platform, cfg: &DevConfig, network: bool) -> Services {
-        let mut drives = drives::bring_up(platform);
-        let mut subsystems = Vec::new();
+/// How a namespace is named in console messages: as before provisioning for the development
+/// configuration (`namespace 2`, `function 0 namespace 1`), with its subsystem otherwise.
+pub(crate) fn ns_name(plan: &Plan, ns: &NsPlan) -> String {
+    match (&plan.source, ns.function) {
+        (Source::BootArgs, Some(f)) => format!("function {f} namespace {}", ns.nsid),
+        (Source::BootArgs, None) => format!("namespace {}", ns.nsid),
+        _ => format!("namespace {} of {}", ns.nsid, ns.subsystem),
+    }
+}
 
-        let mut namespaces = Vec::new();
-        for (i, (what, backend)) in tcp_backends(cfg, &mut drives).into_iter().enumerate() {
-            let nsid = i as u32 + 1;
-            let encrypted = cfg.key_for(nsid).is_some();
-            let Some(backend) = encrypt(&format!("namespace {nsid}"), cfg.key_for(nsid), backend)
-            else {
+/// Builds a namespace of the plan: backend, encryption, identifiers. `many`: see
+/// [`make_backend`]. Logs what it serves or why not.
+pub(crate) fn build_namespace(
+    plan: &Plan,
+    ns: &NsPlan,
+    many: bool,
+    drives: &mut [LocalDrive],
+    shared: &mut Shared,
+) -> Option<NamespaceConfig> {
+    let name = ns_name(plan, ns);
+    let backend = match make_backend(ns.spec, ns.block_size, many, drives, shared) {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("storage: {name}: {e}: the namespace is not served");
+            return None;
+        }
+    };
+    let backend = encrypt(&name, ns.key.as_ref(), backend)?;
+    let g = backend.geometry();
+    if ns.function.is_none() || plan.source != Source::BootArgs {
+        log::info!(
+            "nvmf: {name} = {}: {} MiB, {}-byte blocks{}",
+            ns.spec,
+            (g.blocks * u64::from(g.block_size)) >> 20,
+            g.block_size,
+            if ns.key.is_some() { ", encrypted" } else { "" }
+        );
+    }
+    let si = plan.subsystem_index(&ns.subsystem).unwrap_or(0);
+    Some(NamespaceConfig {
+        nsid: ns.nsid,
+        backend,
+        nguid: nguid(plan.mac, si as u16, ns.nsid),
+        uuid: [0; 16],
+        eui64: [0; 8],
+    })
+}
+
+impl Services {
+    /// The local drives' namespaces (drive index, NSID) before any is used: the development
+    /// configuration serves them whole when no namespace is given.
+    pub fn bring_up_drives(platform: &Platform) -> Vec<LocalDrive> {
+        drives::bring_up(platform)
+    }
+
+    /// Builds the target, the transports and the namespaces of `plan` on `drives`.
+    pub fn build(
+        platform: &mut Platform,
+        plan: Plan,
+        mut drives: Vec<LocalDrive>,
+        network: bool,
+        identity: crate::provisioned::Identity,
+    ) -> Services {
+        let mut shared: Shared = Vec::new();
+        let uses = |d: usize, n: u32| {
+            plan.namespaces
+                .iter()
+                .filter(|s| matches!(s.spec, NsSpec::Drive { drive, nsid, .. } if drive == d && nsid == n))
+                .count()
+        };
+        let mut subsystems: Vec<SubsystemConfig> = plan
+            .subsystems
+            .iter()
+            .map(|s| SubsystemConfig {
+                nqn: s.nqn.clone(),
+                serial: s.serial.clone(),
+                model: s.model.clone(),
+                allowed_hosts: s.allowed_hosts.clone(),
+                namespaces: Vec::new(),
+            })
+            .collect();
+        let mut served = Vec::new();
+        for ns in &plan.namespaces {
+            let many = match ns.spec {
+                NsSpec::Drive { drive, nsid, .. } => uses(drive, nsid) > 1,
+                NsSpec::Ram(_) => false,
+            };
+            let Some(cfg) = build_namespace(&plan, ns, many, &mut drives, &mut shared) else {
                 continue;
             };
-            let g = backend.geometry();
-            log::info!(
-                "nvmf: namespace {nsid} = {what}: {} MiB, {}-byte blocks{}",
-                (g.blocks * u64::from(g.block_size)) >> 20,
-                g.block_size,
-                if encrypted { ", encrypted" } else { "" }
-            );
-            namespaces.push(NamespaceConfig {
-                nsid,
-                backend,
-                nguid: cfg.nguid(0, nsid),
-                uuid: [0; 16],
-                eui64: [0; 8],
-            });
+            if let Some(s) = subsystems.iter_mut().find(|s| s.nqn == ns.subsystem) {
+                s.namespaces.push(cfg);
+                served.push((ns.subsystem.clone(), ns.nsid));
+            }
         }
-        subsystems.push(SubsystemConfig {
-            nqn: cfg.nqn.clone(),
-            serial: cfg.serial.clone(),
-            model: String::from("Keel NVMe/TCP target"),
-            allowed_hosts: cfg.allowed_hosts.clone(),
-            namespaces,
-        });
 
-        // Emulated functions: one per ivshmem window.
+        // Emulated functions: one per ivshmem window, each a controller of the subsystem the
+        // plan attaches it to (see crate::plan).
         let windows: Vec<_> = shared_memory_bars(&platform.pci).collect();
-        let mut fn_nqns = Vec::new();
-        for (i, _) in windows.iter().enumerate() {
-            let nqn = format!("nqn.2026-11.dev.keel:fn{i}");
-            let key = cfg.function_keys.iter().find(|k| k.nsid == i as u32);
-            let backend = ram(cfg.function_ram, 512)
-                .and_then(|b| encrypt(&format!("function {i} namespace 1"), key, b));
-            let ns = backend.map(|backend| NamespaceConfig {
-                nsid: 1,
-                backend,
-                nguid: cfg.nguid(i as u16 + 1, 1),
-                uuid: [0; 16],
-                eui64: [0; 8],
-            });
-            subsystems.push(SubsystemConfig {
-                nqn: nqn.clone(),
-                serial: format!("{}F{i}", cfg.serial),
-                model: String::from("Keel emulated NVMe"),
-                allowed_hosts: Vec::new(),
-                namespaces: ns.into_iter().collect(),
-            });
-            fn_nqns.push(nqn);
-        }
+        let fn_nqns: Vec<Option<String>> = (0..windows.len())
+            .map(|i| plan.function_subsystem(i as u16).map(String::from))
+            .collect();
 
         let limits = Limits {
             max_queue_depth: 256,
@@ -291,12 +309,20 @@ impl Services {
             Ok(t) => t,
             Err(e) => {
                 log::error!("core: configuration refused: {e}; serving an empty target");
+                served.clear();
                 Target::new(TargetConfig::default()).expect("the empty configuration is valid")
             }
         };
 
         let mut functions = Vec::new();
         for (i, (bar, nqn)) in windows.iter().zip(fn_nqns).enumerate() {
+            let Some(nqn) = nqn else {
+                log::warn!(
+                    "pcie-fn{i}: no namespace names function {i}: window {:#x} not exported",
+                    bar.base
+                );
+                continue;
+            };
             // SAFETY: BAR2 of an ivshmem-plain function, mapped as normal memory by the
             // platform's final page table, used by nothing else.
             let ep = match unsafe { IvshmemWindow::new(bar.base as usize, bar.size as usize) } {
@@ -327,29 +353,54 @@ impl Services {
                     &mut ep,
                 );
                 ep.publish(i as u16);
+                let ram_mib: u64 = plan
+                    .namespaces
+                    .iter()
+                    .filter(|n| n.subsystem == nqn)
+                    .map(|n| match n.spec {
+                        NsSpec::Ram(b) => b >> 20,
+                        NsSpec::Drive { .. } => 0,
+                    })
+                    .sum();
                 log::info!(
                     "pcie-fn{i}: emulated NVMe function on window {:#x}+{} MiB, subsystem {nqn}, {} MiB RAM namespace",
                     bar.base,
                     bar.size >> 20,
-                    cfg.function_ram >> 20
+                    ram_mib
                 );
-                functions.push(Emulated { ep, f });
+                functions.push(Emulated {
+                    index: i as u16,
+                    nqn,
+                    ep,
+                    f,
+                });
             }
         }
 
         let nvmf = if network {
-            NvmfService::new(cfg.advertise.clone())
+            NvmfService::new(plan.advertise.clone())
                 .map_err(|e| log::error!("nvmf: buffers: {e}"))
                 .ok()
         } else {
             None
         };
+        let challenges = crate::device::Challenges::new(&identity);
         Services {
             target,
             nvmf,
             functions,
             drives,
+            shared,
+            plan,
+            served,
+            identity,
+            challenges,
         }
+    }
+
+    /// The configuration in force.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     /// Whether the NVMe/TCP service runs.
@@ -371,6 +422,7 @@ impl Services {
             nvmf,
             functions,
             drives,
+            ..
         } = self;
         for e in functions.iter_mut() {
             busy |= e.f.poll(now, target, &mut e.ep);

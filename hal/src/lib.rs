@@ -15,6 +15,7 @@
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod arch;
 pub mod console;
+pub mod flash;
 #[cfg(target_arch = "aarch64")]
 pub mod gic;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]

@@ -67,6 +67,7 @@ mod config;
 mod fabrics;
 mod io;
 mod target;
+mod view;
 
 #[cfg(test)]
 mod tests;
@@ -79,3 +80,4 @@ pub use fabrics::VERSION;
 pub use keel_nvme::fabrics::PropertySize;
 pub use keel_storage::IoBuf;
 pub use target::Target;
+pub use view::{ControllerView, NamespaceView, SubsystemView};

@@ -104,7 +104,9 @@ extern crate alloc;
 
 pub mod bundle;
 pub mod crc32c;
+pub mod diff;
 pub mod flash;
+pub mod identity;
 pub mod image;
 pub mod keys;
 pub mod model;
@@ -114,8 +116,10 @@ pub mod toml;
 pub use bundle::{
     BundleError, BundleHeader, Config, build, build_with_keys, inspect, verify_and_open,
 };
+pub use diff::{ConfigDiff, diff};
 pub use ed25519_dalek;
 pub use flash::{ConfigCopy, ConfigWrite, Slot, choose_config, next_config_write};
+pub use identity::{IdentityError, encode_identity, parse_identity};
 pub use image::{ImageError, ImageHeader};
 pub use keys::{DataKey, DeviceKey};
 pub use model::{Backend, Device, Encryption, Management, Namespace, Network, Subsystem, validate};

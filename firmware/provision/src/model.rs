@@ -145,7 +145,7 @@ pub struct Management {
 }
 
 /// The default management port.
-pub const DEFAULT_MGMT_PORT: u16 = 9000;
+pub const DEFAULT_MGMT_PORT: u16 = 7000;
 /// At most this many subsystems in one description.
 pub const MAX_SUBSYSTEMS: usize = 64;
 /// At most this many namespaces in one description.

@@ -19,7 +19,7 @@
 //! function = 0                      # optional: the emulated PCIe function that also exports it
 //!
 //! [management]
-//! port = 9000                       # default 9000
+//! port = 7000                       # default 7000 (qemu/run --mgmt-port forwards to it)
 //! authorized_key = "<64 hex digits: an Ed25519 public key, the content of KEY.pub>"
 //! ```
 //!

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod exceptions;
 pub mod mmu;
 pub mod power;
+pub mod rng;
 pub mod timer;
 
 core::arch::global_asm!(include_str!("entry.S"));

@@ -1,0 +1,412 @@
+//! The one description the services are built from, whatever the configuration's origin:
+//! the development boot arguments ([`DevConfig`]) or a provisioned bundle
+//! ([`keel_provision::Config`]). Both are turned into a [`Plan`]; [`crate::services`] builds
+//! the target, namespaces, emulated functions and network from the plan only.
+//!
+//! # Emulated functions
+//!
+//! An emulated PCIe function is a *controller* of one subsystem (the host behind the function
+//! sees every namespace of that subsystem, as any controller does). Function N is attached to
+//! the subsystem of the namespaces whose `function` is N. In the development configuration
+//! every window gets its own subsystem `nqn.2026-11.dev.keel:fnN` with one RAM namespace, so a
+//! function never reaches another's data; a provisioned description that names one function
+//! from namespaces of two subsystems attaches it to the first and logs the conflict. A window
+//! that no namespace names is left unexported.
+
+use crate::config::{DevConfig, KeyArg, NsSpec};
+use crate::net::Addressing;
+use alloc::{format, string::String, vec::Vec};
+use keel_provision::{Backend, DataKey, Device, Encryption, Management, Namespace, Network, Subsystem};
+use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
+
+/// Where the configuration in force came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The boot arguments (unprovisioned).
+    BootArgs,
+    /// A configuration copy in flash: copy name and sequence number.
+    Flash(&'static str, u64),
+    /// A live push (not necessarily persisted).
+    Push,
+}
+
+impl core::fmt::Display for Source {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Source::BootArgs => f.write_str("boot arguments"),
+            Source::Flash(c, _) => write!(f, "flash copy {c}"),
+            Source::Push => f.write_str("push"),
+        }
+    }
+}
+
+/// A namespace's data key.
+#[derive(Clone)]
+pub enum NsKey {
+    /// Hex digits from the boot arguments (development).
+    Hex(String),
+    /// Unwrapped from a bundle (zeroed when dropped).
+    Bytes(DataKey),
+}
+
+impl core::fmt::Debug for NsKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            NsKey::Hex(_) => "NsKey::Hex(<redacted>)",
+            NsKey::Bytes(_) => "NsKey::Bytes(<redacted>)",
+        })
+    }
+}
+
+/// One subsystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubsystemPlan {
+    /// NQN.
+    pub nqn: String,
+    /// Serial number.
+    pub serial: String,
+    /// Model number.
+    pub model: String,
+    /// Allowed hosts (empty: any).
+    pub allowed_hosts: Vec<String>,
+}
+
+/// One namespace.
+#[derive(Clone, Debug)]
+pub struct NsPlan {
+    /// NQN of its subsystem.
+    pub subsystem: String,
+    /// Its NSID.
+    pub nsid: u32,
+    /// Its backend.
+    pub spec: NsSpec,
+    /// Block size of a RAM backend.
+    pub block_size: u32,
+    /// Its data key, if encrypted.
+    pub key: Option<NsKey>,
+    /// Cipher name (`none` when not encrypted).
+    pub cipher: &'static str,
+    /// The emulated function attached to its subsystem because of it.
+    pub function: Option<u16>,
+}
+
+impl NsPlan {
+    /// Whether `other` describes the same namespace with the same backend and encryption
+    /// (keys are not compared: a new key for the same backend is a changed backend).
+    pub fn same_backend(&self, other: &NsPlan) -> bool {
+        self.subsystem == other.subsystem
+            && self.nsid == other.nsid
+            && self.spec == other.spec
+            && self.block_size == other.block_size
+            && self.cipher == other.cipher
+            && match (&self.key, &other.key) {
+                (None, None) => true,
+                (Some(NsKey::Bytes(a)), Some(NsKey::Bytes(b))) => a == b,
+                (Some(NsKey::Hex(a)), Some(NsKey::Hex(b))) => a == b,
+                _ => false,
+            }
+            && self.function == other.function
+    }
+}
+
+/// Everything the services are built from.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Generation of the configuration (0: boot arguments).
+    pub generation: u64,
+    /// Where it came from.
+    pub source: Source,
+    /// Subsystems.
+    pub subsystems: Vec<SubsystemPlan>,
+    /// Namespaces.
+    pub namespaces: Vec<NsPlan>,
+    /// How the NIC gets its address.
+    pub addressing: Addressing,
+    /// NVMe/TCP address to advertise in the discovery log.
+    pub advertise: Option<(String, String)>,
+    /// Management TCP port.
+    pub mgmt_port: u16,
+    /// Key management requests must be signed with.
+    pub mgmt_key: [u8; 32],
+    /// The NIC's MAC (identifiers).
+    pub mac: [u8; 6],
+    /// The provisioned description this plan was made from (`None`: boot arguments).
+    pub device: Option<Device>,
+}
+
+/// NGUID of namespace `nsid` of subsystem number `subsystem`: "KEEL", the MAC, the subsystem
+/// and the NSID; unique per device and stable across boots.
+pub fn nguid(mac: [u8; 6], subsystem: u16, nsid: u32) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g[..4].copy_from_slice(b"KEEL");
+    g[4..10].copy_from_slice(&mac);
+    g[10..12].copy_from_slice(&subsystem.to_be_bytes());
+    g[12..].copy_from_slice(&nsid.to_be_bytes());
+    g
+}
+
+/// How the NIC gets its address under a provisioned description.
+pub fn addressing(network: &Network) -> Addressing {
+    match *network {
+        Network::Dhcp => Addressing::Dhcp,
+        Network::Static {
+            address,
+            prefix_len,
+            gateway,
+        } => Addressing::Static(
+            Ipv4Cidr::new(Ipv4Address::from(address), prefix_len),
+            gateway.map(Ipv4Address::from),
+        ),
+    }
+}
+
+fn hex_cipher(k: &KeyArg) -> &'static str {
+    match k.hex.len() {
+        64 => "aes-128-xts",
+        128 => "aes-256-xts",
+        _ => "aes-xts",
+    }
+}
+
+impl Plan {
+    /// The development configuration: the NVMe/TCP subsystem with the boot arguments'
+    /// namespaces (`drive_namespaces`: the local drives' namespaces, used whole when no
+    /// namespace is given), and one subsystem per emulated-function window.
+    pub fn from_dev(
+        cfg: &DevConfig,
+        drive_namespaces: &[(usize, u32)],
+        windows: usize,
+        addressing: Addressing,
+        mgmt_key: [u8; 32],
+    ) -> Plan {
+        let specs: Vec<NsSpec> = match (&cfg.namespaces, &cfg.ram) {
+            (Some(specs), _) => specs.clone(),
+            (None, Some(sizes)) => sizes.iter().map(|&b| NsSpec::Ram(b)).collect(),
+            (None, None) if !drive_namespaces.is_empty() => drive_namespaces
+                .iter()
+                .map(|&(drive, nsid)| NsSpec::Drive {
+                    drive,
+                    nsid,
+                    slice: None,
+                })
+                .collect(),
+            (None, None) => alloc::vec![NsSpec::Ram(256 << 20)],
+        };
+        let mut subsystems = alloc::vec![SubsystemPlan {
+            nqn: cfg.nqn.clone(),
+            serial: cfg.serial.clone(),
+            model: String::from("Keel NVMe/TCP target"),
+            allowed_hosts: cfg.allowed_hosts.clone(),
+        }];
+        let mut namespaces: Vec<NsPlan> = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let nsid = i as u32 + 1;
+                let key = cfg.key_for(nsid);
+                NsPlan {
+                    subsystem: cfg.nqn.clone(),
+                    nsid,
+                    spec,
+                    block_size: cfg.block_size,
+                    cipher: key.map_or("none", hex_cipher),
+                    key: key.map(|k| NsKey::Hex(k.hex.clone())),
+                    function: None,
+                }
+            })
+            .collect();
+        for i in 0..windows {
+            let nqn = format!("nqn.2026-11.dev.keel:fn{i}");
+            let key = cfg.function_keys.iter().find(|k| k.nsid == i as u32);
+            subsystems.push(SubsystemPlan {
+                nqn: nqn.clone(),
+                serial: format!("{}F{i}", cfg.serial),
+                model: String::from("Keel emulated NVMe"),
+                allowed_hosts: Vec::new(),
+            });
+            namespaces.push(NsPlan {
+                subsystem: nqn,
+                nsid: 1,
+                spec: NsSpec::Ram(cfg.function_ram),
+                block_size: 512,
+                cipher: key.map_or("none", hex_cipher),
+                key: key.map(|k| NsKey::Hex(k.hex.clone())),
+                function: Some(i as u16),
+            });
+        }
+        Plan {
+            generation: 0,
+            source: Source::BootArgs,
+            subsystems,
+            namespaces,
+            addressing,
+            advertise: cfg.advertise.clone(),
+            mgmt_port: cfg.mgmt_port,
+            mgmt_key,
+            mac: cfg.mac,
+            device: None,
+        }
+    }
+
+    /// A provisioned configuration (an opened, verified bundle). `provisioning_key` is the
+    /// management key when the bundle names none.
+    pub fn from_bundle(
+        config: &keel_provision::Config,
+        source: Source,
+        mac: [u8; 6],
+        provisioning_key: [u8; 32],
+    ) -> Plan {
+        let d = &config.device;
+        let hex: String = mac.iter().map(|b| format!("{b:02X}")).collect();
+        let subsystems = d
+            .subsystems
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SubsystemPlan {
+                nqn: s.nqn.clone(),
+                serial: s.serial.clone().unwrap_or_else(|| {
+                    if i == 0 {
+                        format!("KEEL{hex}")
+                    } else {
+                        format!("KEEL{hex}S{i}")
+                    }
+                }),
+                model: s
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| String::from("Keel NVMe target")),
+                allowed_hosts: s.allowed_hosts.clone(),
+            })
+            .collect();
+        let namespaces = d
+            .namespaces
+            .iter()
+            .zip(config.keys.iter())
+            .map(|(ns, key)| {
+                let (spec, block_size) = match ns.backend {
+                    Backend::Ram { size, block_size } => (NsSpec::Ram(size), block_size),
+                    Backend::Drive {
+                        drive,
+                        nsid,
+                        offset,
+                        length,
+                    } => (
+                        NsSpec::Drive {
+                            drive: usize::from(drive),
+                            nsid,
+                            slice: (offset != 0 || length.is_some()).then_some((offset, length)),
+                        },
+                        512,
+                    ),
+                };
+                NsPlan {
+                    subsystem: ns.subsystem.clone(),
+                    nsid: ns.nsid,
+                    spec,
+                    block_size,
+                    cipher: match ns.encryption {
+                        Encryption::None => "none",
+                        e => e.name(),
+                    },
+                    key: key.clone().map(NsKey::Bytes),
+                    function: ns.function,
+                }
+            })
+            .collect();
+        let addressing = addressing(&d.network);
+        Plan {
+            generation: config.generation,
+            source,
+            subsystems,
+            namespaces,
+            addressing,
+            advertise: None,
+            mgmt_port: d
+                .management
+                .as_ref()
+                .map_or(keel_provision::model::DEFAULT_MGMT_PORT, |m| m.port),
+            mgmt_key: d
+                .management
+                .as_ref()
+                .map_or(provisioning_key, |m| m.authorized_key),
+            mac,
+            device: Some(d.clone()),
+        }
+    }
+
+    /// The plan as a device description, to compare a pushed one with
+    /// ([`keel_provision::diff`]). Serial and model numbers are the ones in use.
+    pub fn to_device(&self) -> Device {
+        if let Some(d) = &self.device {
+            return d.clone();
+        }
+        Device {
+            network: match self.addressing {
+                Addressing::Dhcp => Network::Dhcp,
+                Addressing::Static(c, gw) => Network::Static {
+                    address: c.address().octets(),
+                    prefix_len: c.prefix_len(),
+                    gateway: gw.map(|g| g.octets()),
+                },
+            },
+            subsystems: self
+                .subsystems
+                .iter()
+                .map(|s| Subsystem {
+                    nqn: s.nqn.clone(),
+                    serial: Some(s.serial.clone()),
+                    model: Some(s.model.clone()),
+                    allowed_hosts: s.allowed_hosts.clone(),
+                })
+                .collect(),
+            namespaces: self
+                .namespaces
+                .iter()
+                .map(|n| Namespace {
+                    subsystem: n.subsystem.clone(),
+                    nsid: n.nsid,
+                    backend: match n.spec {
+                        NsSpec::Ram(size) => Backend::Ram {
+                            size,
+                            block_size: n.block_size,
+                        },
+                        NsSpec::Drive { drive, nsid, slice } => Backend::Drive {
+                            drive: drive as u16,
+                            nsid,
+                            offset: slice.map_or(0, |(o, _)| o),
+                            length: slice.and_then(|(_, l)| l),
+                        },
+                    },
+                    encryption: Encryption::from_name(n.cipher).unwrap_or(Encryption::Aes256Xts),
+                    function: n.function,
+                })
+                .collect(),
+            management: Some(Management {
+                port: self.mgmt_port,
+                authorized_key: self.mgmt_key,
+            }),
+        }
+    }
+
+    /// Index of subsystem `nqn` (NGUIDs use it).
+    pub fn subsystem_index(&self, nqn: &str) -> Option<usize> {
+        self.subsystems.iter().position(|s| s.nqn == nqn)
+    }
+
+    /// The subsystem emulated function `index` is attached to, if any namespace names it.
+    pub fn function_subsystem(&self, index: u16) -> Option<&str> {
+        let mut named = self
+            .namespaces
+            .iter()
+            .filter(|n| n.function == Some(index))
+            .map(|n| n.subsystem.as_str());
+        let first = named.next()?;
+        if let Some(other) = named.find(|s| *s != first) {
+            log::error!(
+                "pcie-fn{index}: named by namespaces of {first} and {other}: a function is a \
+                 controller of one subsystem; attached to {first}"
+            );
+        }
+        Some(first)
+    }
+}
