@@ -51,6 +51,8 @@ impl Addressing {
 pub struct Accepted {
     /// The socket.
     pub handle: SocketHandle,
+    /// The local port it was accepted on (routes it to its service).
+    pub port: u16,
 }
 
 /// The interface, its device and its sockets.
@@ -67,6 +69,8 @@ pub struct NetStack {
     draining: Vec<(SocketHandle, u64)>,
     listening: Vec<(SocketHandle, u16)>,
     ports: Vec<u16>,
+    /// Ports whose connections only [`NetStack::take_accepted_on`] hands out.
+    routed: Vec<u16>,
     accepted: Vec<Accepted>,
     /// Connections refused because the pool was exhausted.
     pub refused: u64,
@@ -123,6 +127,7 @@ impl NetStack {
             draining: Vec::with_capacity(MAX_SOCKETS),
             listening: Vec::new(),
             ports: Vec::new(),
+            routed: Vec::new(),
             accepted: Vec::with_capacity(MAX_SOCKETS),
             refused: 0,
         }
@@ -143,6 +148,15 @@ impl NetStack {
             self.ports.push(port);
         }
         self.arm();
+    }
+
+    /// Starts listening on `port` for a service of its own: its connections are handed out
+    /// only by [`NetStack::take_accepted_on`], never by [`NetStack::take_accepted`].
+    pub fn listen_routed(&mut self, port: u16) {
+        if !self.routed.contains(&port) {
+            self.routed.push(port);
+        }
+        self.listen(port);
     }
 
     fn arm(&mut self) {
@@ -200,10 +214,10 @@ impl NetStack {
         // Listeners that took a connection become accepted connections; re-arm at once.
         let mut i = 0;
         while i < self.listening.len() {
-            let (h, _) = self.listening[i];
+            let (h, port) = self.listening[i];
             if self.sockets.get::<tcp::Socket>(h).state() != tcp::State::Listen {
                 self.listening.swap_remove(i);
-                self.accepted.push(Accepted { handle: h });
+                self.accepted.push(Accepted { handle: h, port });
             } else {
                 i += 1;
             }
@@ -237,9 +251,17 @@ impl NetStack {
         changed
     }
 
-    /// Hands out connections accepted since the last call.
+    /// Hands out connections accepted since the last call, except those on routed ports
+    /// ([`NetStack::listen_routed`]).
     pub fn take_accepted(&mut self) -> impl Iterator<Item = Accepted> + '_ {
-        self.accepted.drain(..)
+        let routed = &self.routed;
+        self.accepted
+            .extract_if(.., move |a| !routed.contains(&a.port))
+    }
+
+    /// Hands out connections accepted on `port` since the last call.
+    pub fn take_accepted_on(&mut self, port: u16) -> impl Iterator<Item = Accepted> + '_ {
+        self.accepted.extract_if(.., move |a| a.port == port)
     }
 
     /// Returns a finished connection's socket to the pool. `graceful`: what was queued is
