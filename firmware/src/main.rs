@@ -14,6 +14,8 @@ mod drives;
 #[cfg(target_os = "none")]
 mod fatal;
 #[cfg(target_os = "none")]
+mod mgmt;
+#[cfg(target_os = "none")]
 mod net;
 #[cfg(target_os = "none")]
 mod nvmf;

@@ -2,6 +2,7 @@
 //! completion. No interrupts, no locks and no allocation on the data path.
 
 use crate::config::DevConfig;
+use crate::mgmt::MgmtService;
 use crate::net::{Addressing, NetStack};
 use crate::plan::{Plan, Source};
 use crate::platform::{Platform, shared_memory_bars};
@@ -86,6 +87,7 @@ pub fn run(mut platform: Platform) -> ! {
         }
     };
     let mut services = Services::build(&mut platform, plan, drives, net.is_some(), identity);
+    let mut mgmt: Option<MgmtService> = None;
     if let Some(net) = net.as_mut() {
         let plan = services.plan();
         for s in plan.subsystems.iter().filter(|s| {
@@ -102,6 +104,7 @@ pub fn run(mut platform: Platform) -> ! {
         }
         net.listen(NVMF_PORT);
         net.listen(DISCOVERY_PORT);
+        mgmt = Some(MgmtService::start(services.plan().mgmt_port, net));
         let start = timer::now_ns();
         while net.address().is_none() && timer::now_ns() - start < DHCP_WAIT_NS {
             net.poll(timer::now_ns());
@@ -144,11 +147,12 @@ pub fn run(mut platform: Platform) -> ! {
     let mut last_busy = timer::now_ns();
     loop {
         let now = timer::now_ns();
-        if pass(now, net.as_mut(), &mut services) {
+        if pass(now, net.as_mut(), &mut services, mgmt.as_mut()) {
             last_busy = now;
             continue;
         }
-        if !sleeps || !services.may_sleep() || now - last_busy < IDLE_SPIN_NS {
+        let mgmt_idle = mgmt.as_ref().is_none_or(MgmtService::may_sleep);
+        if !sleeps || !services.may_sleep() || !mgmt_idle || now - last_busy < IDLE_SPIN_NS {
             core::hint::spin_loop();
             continue;
         }
@@ -156,7 +160,7 @@ pub fn run(mut platform: Platform) -> ! {
         // the clear), then sleep until a frame arrives or the next timer is due.
         let Some(n) = net.as_mut() else { continue };
         n.device.ack_wakeup();
-        if pass(now, net.as_mut(), &mut services) {
+        if pass(now, net.as_mut(), &mut services, mgmt.as_mut()) {
             last_busy = now;
             continue;
         }
@@ -177,7 +181,12 @@ const IDLE_SPIN_NS: u64 = 200_000;
 const MAX_SLEEP_NS: u64 = 5_000_000;
 
 /// One pass over the NIC and the services; returns whether anything happened.
-fn pass(now: u64, mut net: Option<&mut NetStack>, services: &mut Services) -> bool {
+fn pass(
+    now: u64,
+    mut net: Option<&mut NetStack>,
+    services: &mut Services,
+    mgmt: Option<&mut MgmtService>,
+) -> bool {
     let mut busy = false;
     if let Some(n) = net.as_deref_mut() {
         busy |= n.poll(now);
@@ -186,6 +195,9 @@ fn pass(now: u64, mut net: Option<&mut NetStack>, services: &mut Services) -> bo
                 n.release(a.handle, false, now);
             }
         }
+    }
+    if let (Some(m), Some(n)) = (mgmt, net.as_deref_mut()) {
+        busy |= m.poll(now, n, services);
     }
     if services.poll(now, net.as_deref_mut()) {
         busy = true;
