@@ -2,7 +2,8 @@
 //! configuration, 7000 by default) whose connections each run a [`keel_mgmt::Session`]: the
 //! signed binary protocol of `keelctl status|provision push|reboot`, or `GET /metrics`.
 //!
-//! Bounded and non-blocking: at most [`MAX_SESSIONS`] connections (more are reset at once),
+//! Bounded and non-blocking: at most [`MAX_SESSIONS`] connections (a new one resets the least
+//! recently active),
 //! each session reads nothing while its response waits to be sent, bytes are moved with one
 //! `recv`/`send_slice` per socket buffer (no allocation per byte), and a connection that
 //! stays silent for [`IDLE_TIMEOUT_NS`], fails too many requests, or speaks neither protocol
@@ -19,12 +20,16 @@ use smoltcp::socket::tcp;
 pub const MAX_SESSIONS: usize = 4;
 /// A connection with no traffic either way for this long is reset.
 pub const IDLE_TIMEOUT_NS: u64 = 30_000_000_000;
+/// A connection that has not chosen a protocol (or finished its HTTP request) by then is
+/// reset.
+pub const HANDSHAKE_TIMEOUT_NS: u64 = 10_000_000_000;
 /// How long an answered reboot waits for the peer to acknowledge the reply.
 pub const REBOOT_DRAIN_NS: u64 = 2_000_000_000;
 
 struct Conn {
     socket: SocketHandle,
     session: Session,
+    opened_ns: u64,
     last_ns: u64,
     reboot_since: Option<u64>,
 }
@@ -39,7 +44,7 @@ enum Fate {
 pub struct MgmtService {
     port: u16,
     conns: Vec<Conn>,
-    /// Connections reset because [`MAX_SESSIONS`] were open.
+    /// Sessions reset to make room for a new connection.
     pub refused: u64,
 }
 
@@ -83,14 +88,19 @@ impl MgmtService {
             let Some(a) = next else { break };
             busy = true;
             if self.conns.len() >= MAX_SESSIONS {
+                // Full: the least recently active session makes room, so idle or stalled
+                // connections cannot lock the operator out.
                 self.refused += 1;
-                log::warn!("mgmt: {MAX_SESSIONS} sessions open: connection reset");
-                net.release(a.handle, false, now_ns);
-                continue;
+                if let Some(i) = (0..self.conns.len()).min_by_key(|&i| self.conns[i].last_ns) {
+                    log::warn!("mgmt: {MAX_SESSIONS} sessions open: the least active one is reset");
+                    let old = self.conns.swap_remove(i);
+                    net.release(old.socket, false, now_ns);
+                }
             }
             self.conns.push(Conn {
                 socket: a.handle,
                 session: Session::new(),
+                opened_ns: now_ns,
                 last_ns: now_ns,
                 reboot_since: None,
             });
@@ -195,6 +205,9 @@ fn pass<D: Device + ?Sized>(
     } else if sock.state() == tcp::State::CloseWait && c.session.output().is_empty() {
         // The peer closed its side and everything is sent.
         Fate::Close { graceful: true }
+    } else if !c.session.is_binary() && now_ns.saturating_sub(c.opened_ns) > HANDSHAKE_TIMEOUT_NS {
+        log::warn!("mgmt: no complete greeting or HTTP request within 10 s: reset");
+        Fate::Close { graceful: false }
     } else if now_ns.saturating_sub(c.last_ns) > IDLE_TIMEOUT_NS {
         log::warn!(
             "mgmt: session idle for {} s: reset",

@@ -235,3 +235,66 @@ fn reboot_answers_then_boots_again() {
     assert!(text.contains("qemu-virt"), "no status after the reboot");
     assert_eq!(q.console().matches("keel: ready").count(), 2);
 }
+
+#[test]
+fn hostile_clients_do_not_lock_the_operator_out() {
+    use keel_host_tools::mgmt::client::Client;
+    use keel_host_tools::mgmt::keel_mgmt::wire::{ErrorCode, Reply, frame};
+    let (q, dev, _) = boot(&[]);
+    let key = dev_key();
+    let t = Duration::from_secs(10);
+
+    // Connections that never speak fill every session slot (and more).
+    let idle: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(&dev).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Neither protocol: closed without a word.
+    let mut g = std::net::TcpStream::connect(&dev).unwrap();
+    g.set_read_timeout(Some(t)).unwrap();
+    g.write_all(b"\x16\x03\x01\x02\x00garbage").unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(g.read(&mut buf), Ok(0) | Err(_)),
+        "garbage got an answer"
+    );
+    // A frame length above the limit: one error, then the device closes.
+    let mut c = Client::connect(&dev, t).unwrap();
+    match c.exchange(&u32::MAX.to_le_bytes()).unwrap() {
+        Reply::Error { code, closing, .. } => {
+            assert_eq!(code, ErrorCode::TooLarge);
+            assert!(closing);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        c.exchange(&frame(b"x")).is_err(),
+        "still open after TooLarge"
+    );
+    // Malformed frames: the third closes the connection.
+    let mut c = Client::connect(&dev, t).unwrap();
+    for i in 1..=3 {
+        match c.exchange(&frame(&[0xee; 100])).unwrap() {
+            Reply::Error { code, closing, .. } => {
+                assert_eq!(code, ErrorCode::Malformed);
+                assert_eq!(closing, i == 3);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        c.exchange(&frame(b"x")).is_err(),
+        "still open after 3 failures"
+    );
+    // The operator still gets in, and an HTTP client too.
+    let text = stdout_ok(&["status", "--device", &dev, "--key", &key]);
+    assert!(text.contains("qemu-virt"));
+    assert!(stdout_ok(&["metrics", "--device", &dev]).contains("keel_up 1"));
+    drop(idle);
+    let c = q.console();
+    assert!(c.contains("the least active one is reset"), "{c}");
+    assert!(
+        !c.contains("panicked") && !c.contains("CPU exception"),
+        "{c}"
+    );
+}
