@@ -212,3 +212,262 @@ pub fn mgmt_cmd(cmd: &MgmtCmd, out: &mut dyn Write) -> Result<i32> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! keelctl's commands against a `keel_mgmt::Session` served over real TCP by a fake
+    //! device: the client and the device side of the protocol meet.
+
+    use super::*;
+    use keel_mgmt::{Device, PushReport, Session, Snapshot};
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Fake {
+        key: [u8; 32],
+        n: u64,
+        pushed: Vec<usize>,
+        reboots: u32,
+    }
+
+    impl Device for Fake {
+        fn snapshot(&self) -> Snapshot {
+            Snapshot {
+                version: "0.1.0".into(),
+                board: "fake-board".into(),
+                generation: 7,
+                config_source: "flash copy B".into(),
+                ..Default::default()
+            }
+        }
+        fn push(&mut self, bundle: &[u8]) -> Result<PushReport, String> {
+            if bundle == b"old" {
+                return Err("generation 3 is not above 7 (rollback refused)".into());
+            }
+            self.pushed.push(bundle.len());
+            Ok(PushReport {
+                generation: 8,
+                added: vec![("nqn.x".into(), 2)],
+                removed: vec![],
+                needs_reboot: vec!["network: static address".into()],
+                persisted: true,
+            })
+        }
+        fn reboot(&mut self) {
+            self.reboots += 1;
+        }
+        fn authorized_key(&self) -> [u8; 32] {
+            self.key
+        }
+        fn fresh_challenge(&mut self) -> [u8; 32] {
+            self.n += 1;
+            let mut c = [0x11; 32];
+            c[..8].copy_from_slice(&self.n.to_le_bytes());
+            c
+        }
+    }
+
+    /// Serves sessions one connection at a time, forever (the thread dies with the test).
+    fn serve(dev: Arc<Mutex<Fake>>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut sess = Session::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut pending: Vec<u8> = Vec::new();
+                loop {
+                    let mut d = dev.lock().unwrap();
+                    while !pending.is_empty() {
+                        let n = sess.feed(&pending, &mut *d);
+                        pending.drain(..n);
+                        let out = sess.output().to_vec();
+                        if out.is_empty() && n == 0 {
+                            break;
+                        }
+                        s.write_all(&out).unwrap();
+                        sess.advance_output(out.len());
+                        sess.transport_drained(&mut *d);
+                    }
+                    drop(d);
+                    if sess.wants_close() {
+                        break;
+                    }
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    fn key_file(dir: &std::path::Path, seed: u8) -> (PathBuf, [u8; 32]) {
+        let p = dir.join(format!("k{seed}"));
+        std::fs::write(
+            &p,
+            format!(
+                "keel-signing-key {}\n",
+                crate::provision::keys::hex(&[seed; 32])
+            ),
+        )
+        .unwrap();
+        let sk = keel_mgmt::ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        (p, sk.verifying_key().to_bytes())
+    }
+
+    fn signed(addr: &str, key: &std::path::Path) -> SignedArgs {
+        SignedArgs {
+            device: DeviceArgs {
+                device: addr.into(),
+                timeout: 5.0,
+            },
+            key: key.into(),
+        }
+    }
+
+    #[test]
+    fn commands_against_a_served_session() {
+        let dir = std::env::temp_dir().join(format!("keelctl-mgmt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, public) = key_file(&dir, 5);
+        let (other, _) = key_file(&dir, 6);
+        let dev = Arc::new(Mutex::new(Fake {
+            key: public,
+            ..Default::default()
+        }));
+        let addr = serve(dev.clone());
+
+        // Status, text and JSON; the request is saved.
+        let saved = dir.join("req");
+        let mut out = Vec::new();
+        status_cmd(
+            &StatusArgs {
+                signed: signed(&addr, &key),
+                json: false,
+                save_request: Some(saved.clone()),
+            },
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("board:       fake-board"), "{text}");
+        assert!(text.contains("generation 7 from flash copy B"), "{text}");
+        let mut out = Vec::new();
+        status_cmd(
+            &StatusArgs {
+                signed: signed(&addr, &key),
+                json: true,
+                save_request: None,
+            },
+            &mut out,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["generation"], 7);
+
+        // The saved request replayed: refused, exit code 1.
+        let mut out = Vec::new();
+        let code = mgmt_cmd(
+            &MgmtCmd::Replay {
+                file: saved,
+                device: signed(&addr, &key).device,
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(code, 1);
+        assert!(String::from_utf8(out).unwrap().contains("bad signature"));
+
+        // Another key: an error naming the refusal.
+        let e = status_cmd(
+            &StatusArgs {
+                signed: signed(&addr, &other),
+                json: false,
+                save_request: None,
+            },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("device refused the request (bad signature)"),
+            "{e}"
+        );
+
+        // Push: the report; a refused bundle is an error with the device's message.
+        let bundle = dir.join("b");
+        std::fs::write(&bundle, vec![1u8; 300_000]).unwrap();
+        let mut out = Vec::new();
+        push_cmd(
+            &PushArgs {
+                bundle: bundle.clone(),
+                signed: signed(&addr, &key),
+            },
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("applied: generation 8"), "{text}");
+        assert!(text.contains("added: nqn.x namespace 2"), "{text}");
+        assert!(
+            text.contains("at next boot: network: static address"),
+            "{text}"
+        );
+        std::fs::write(&bundle, b"old").unwrap();
+        let e = push_cmd(
+            &PushArgs {
+                bundle,
+                signed: signed(&addr, &key),
+            },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rollback refused"), "{e}");
+        assert_eq!(dev.lock().unwrap().pushed, vec![300_000]);
+
+        // Metrics over HTTP.
+        let body = client::fetch_metrics(&addr, Duration::from_secs(5)).unwrap();
+        assert!(body.contains("keel_config_generation{source=\"flash copy B\"} 7"));
+
+        // Reboot: answered, then the device's reboot runs.
+        let mut out = Vec::new();
+        reboot_cmd(&signed(&addr, &key), &mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("rebooting"));
+        for _ in 0..100 {
+            if dev.lock().unwrap().reboots == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(dev.lock().unwrap().reboots, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn timeouts_and_errors_are_clear() {
+        // A listener that accepts and never answers: the hello times out.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let e = Client::connect(&addr, Duration::from_millis(300)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("timed out waiting for the device's hello"),
+            "{e}"
+        );
+        drop(l);
+        let e = Client::connect(&addr, Duration::from_millis(300)).unwrap_err();
+        assert!(format!("{e:#}").contains("connecting to"), "{e:#}");
+        let e = DeviceArgs {
+            device: addr,
+            timeout: 0.0,
+        }
+        .timeout()
+        .unwrap_err();
+        assert!(e.to_string().contains("--timeout"));
+    }
+}
