@@ -68,6 +68,17 @@ pub enum ProvisionCmd {
         #[arg(long, default_value_t = 0)]
         current_generation: u64,
     },
+    /// Write a device identity: a flash bank image (QEMU `virt` pflash bank 1, 64 MiB)
+    /// starting with the identity block that holds the device key. On QEMU, `qemu/run
+    /// --identity FILE` attaches it; a real device keeps its key in OTP or a secure element.
+    Identity {
+        /// The device key (keelctl keygen writes KEY.device).
+        #[arg(long)]
+        device_key: PathBuf,
+        /// Output file (64 MiB, erased flash with the identity block at offset 0).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Push a signed bundle to a running device over its management endpoint; prints what
     /// the device applied (exit 1 with the device's message when it refuses).
     Push(crate::mgmt::PushArgs),
@@ -148,6 +159,14 @@ pub fn default_generation() -> u64 {
         .map_or(1, |d| d.as_secs())
 }
 
+/// A 64 MiB flash bank image (erased: 0xFF) holding the identity block of `key` at offset 0.
+pub fn identity_image(key: &keel_provision::DeviceKey) -> Vec<u8> {
+    let mut image = vec![0xffu8; keel_provision::flash::FLASH_SIZE];
+    let block = keel_provision::encode_identity(key);
+    image[..block.len()].copy_from_slice(&block);
+    image
+}
+
 /// Runs `keelctl provision`.
 pub fn run(cmd: &ProvisionCmd, out: &mut dyn Write) -> Result<()> {
     match cmd {
@@ -198,7 +217,33 @@ pub fn run(cmd: &ProvisionCmd, out: &mut dyn Write) -> Result<()> {
                 summary(&c.device)
             )?;
         }
+        ProvisionCmd::Identity { device_key, output } => {
+            let dk = keys::read_device_key(device_key)?;
+            let image = identity_image(&dk);
+            std::fs::write(output, &image)
+                .with_context(|| format!("writing {}", output.display()))?;
+            writeln!(
+                out,
+                "{}: identity block (device key from {}), {} MiB flash bank image",
+                output.display(),
+                device_key.display(),
+                image.len() >> 20
+            )?;
+        }
         ProvisionCmd::Push(a) => crate::mgmt::push_cmd(a, out)?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn identity_image_holds_the_device_key_at_offset_0() {
+        let key = keel_provision::DeviceKey::from_bytes([0x5a; 32]);
+        let image = super::identity_image(&key);
+        assert_eq!(image.len(), 64 << 20);
+        let back = keel_provision::parse_identity(&image).unwrap();
+        assert_eq!(back.expose_secret(), &[0x5a; 32]);
+        assert!(image[64..].iter().all(|&b| b == 0xff));
+    }
 }
