@@ -190,6 +190,7 @@ impl NetStack {
         let now = instant(now_ns);
         let changed = self.iface.poll(now, &mut self.device, &mut self.sockets)
             != smoltcp::iface::PollResult::None;
+        self.device.flush_tx(); // one virtqueue notification for the frames of this pass
         if let Some(h) = self.dhcp {
             let had_address = self.address().is_some();
             match self.sockets.get_mut::<dhcpv4::Socket>(h).poll() {

@@ -378,6 +378,13 @@ pub struct TargetConnection<B> {
     max_r2t: u32,
     queue_depth: u16,
     slots: Vec<Slot<B>>,
+    /// Active slots (not Free or Releasing).
+    active: u16,
+    /// A command takes the first free slot at or after `cid % slots` (its home); `probe` is
+    /// at least the distance from home of every active slot, so finding a command by CID
+    /// looks at `probe + 1` slots (usually one) instead of all of them. Reset when no slot
+    /// is active.
+    probe: usize,
     evq: VecDeque<u16>,
     txq: VecDeque<u16>,
     rx: RxCore,
@@ -410,6 +417,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
             max_r2t: 1,
             queue_depth: cfg.initial_queue_depth.min(cfg.slots),
             slots,
+            active: 0,
+            probe: 0,
             evq: VecDeque::with_capacity(n),
             txq: VecDeque::with_capacity(n),
             rx: RxCore::new(),
@@ -625,24 +634,25 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
 
     fn on_capsule(&mut self, sqe: [u8; 64], data_len: u32) -> Result<bool, FatalError> {
         let cid = capsule::cid(&sqe);
-        let mut active = 0u16;
-        let mut free = None;
-        for (i, s) in self.slots.iter().enumerate() {
-            if s.active() {
-                active += 1;
-                if s.cid == cid {
-                    return Err(FatalError::field(field::CAPSULE_SQE.start + 2));
-                }
-            } else if s.st == St::Free && free.is_none() {
-                free = Some(i);
-            }
+        #[cfg(any(test, debug_assertions))]
+        self.check_index();
+        if self.find(cid, |s| s.active()).is_some() {
+            return Err(FatalError::field(field::CAPSULE_SQE.start + 2));
         }
-        if active >= self.queue_depth {
+        if self.active >= self.queue_depth {
             return Err(FatalError::PduSequence);
         }
-        let Some(idx) = free else {
+        if self.active == 0 {
+            self.probe = 0;
+        }
+        let n = self.slots.len();
+        let home = usize::from(cid) % n;
+        let Some(d) = (0..n).find(|d| self.slots[(home + d) % n].st == St::Free) else {
             return Ok(false); // released buffers not yet collected: stall
         };
+        let idx = (home + d) % n;
+        self.probe = self.probe.max(d);
+        self.active += 1;
         let sgl = capsule::sgl(&sqe);
         let dir = capsule::direction(&sqe);
         let slot = &mut self.slots[idx];
@@ -690,6 +700,40 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
         Ok(true)
     }
 
+    /// The active slot holding command `cid` that satisfies `want`, looking only where such a
+    /// slot can be (see `probe`).
+    fn find(&self, cid: u16, want: impl Fn(&Slot<B>) -> bool) -> Option<usize> {
+        let n = self.slots.len();
+        let home = usize::from(cid) % n;
+        (0..=self.probe.min(n - 1))
+            .map(|d| (home + d) % n)
+            .find(|&i| self.slots[i].cid == cid && want(&self.slots[i]))
+    }
+
+    /// Debug builds: the counters behind `find` agree with a full scan.
+    #[cfg(any(test, debug_assertions))]
+    fn check_index(&self) {
+        let n = self.slots.len();
+        let mut active = 0;
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.active() {
+                active += 1;
+                let home = usize::from(s.cid) % n;
+                assert!(
+                    (i + n - home) % n <= self.probe,
+                    "slot {i} beyond the probe"
+                );
+            }
+        }
+        assert_eq!(active, self.active, "active slot count");
+    }
+
+    /// A slot stops being active (it becomes Free or Releasing).
+    fn deactivated(&mut self) {
+        debug_assert!(self.active > 0);
+        self.active = self.active.saturating_sub(1);
+    }
+
     fn r2t_len(&self) -> u32 {
         self.cfg.maxh2cdata
     }
@@ -716,20 +760,23 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
         let l = self.r2t_len();
         let idx = (ttag & 0x3FF) as usize;
         let seq = (ttag >> 10) as u32;
-        let bad_ttag = if self.any_r2t_outstanding() {
-            FatalError::field(field::DATA_TTAG.start)
-        } else {
-            FatalError::PduSequence
+        // Only on the error path: the classification scans every slot.
+        let bad_ttag = |t: &Self| {
+            if t.any_r2t_outstanding() {
+                FatalError::field(field::DATA_TTAG.start)
+            } else {
+                FatalError::PduSequence
+            }
         };
         let Some(slot) = self.slots.get(idx) else {
-            return Err(bad_ttag);
+            return Err(bad_ttag(self));
         };
         if slot.st != St::Receiving || slot.in_capsule {
-            return Err(bad_ttag);
+            return Err(bad_ttag(self));
         }
         let k = slot.recv_off / l;
         if k >= slot.r2t_sent || seq != (k & 0x3F) {
-            return Err(bad_ttag);
+            return Err(bad_ttag(self));
         }
         if cccid != slot.cid {
             return Err(FatalError::field(field::DATA_CCCID.start));
@@ -865,11 +912,15 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
                 // Its PDU is still being written; released when that finishes.
                 continue;
             }
+            let was_active = s.active();
             if s.buf.is_some() {
                 s.st = St::Releasing;
                 self.push_event(i);
             } else {
                 s.st = St::Free;
+            }
+            if was_active {
+                self.deactivated();
             }
         }
     }
@@ -877,11 +928,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
     /// Hand a buffer for command `cid` after a `NeedBuffer` event. The buffer must be at least
     /// the requested length.
     pub fn provide_buffer(&mut self, cid: u16, buf: B) -> Result<(), Rejected<B>> {
-        let Some(idx) = self
-            .slots
-            .iter()
-            .position(|s| s.st == St::AwaitBuf && s.cid == cid)
-        else {
+        let Some(idx) = self.find(cid, |s| s.st == St::AwaitBuf) else {
             return Err(Rejected::new(RejectReason::NotAwaitingBuffer, Some(buf)));
         };
         if !self.running() {
@@ -908,11 +955,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
     /// satisfied): the command is failed with `status` and reported as `CommandFailed`. Any
     /// in-capsule data is then read and discarded.
     pub fn refuse_buffer(&mut self, cid: u16, status: Status) -> Result<(), RejectReason> {
-        let Some(idx) = self
-            .slots
-            .iter()
-            .position(|s| s.st == St::AwaitBuf && s.cid == cid)
-        else {
+        let Some(idx) = self.find(cid, |s| s.st == St::AwaitBuf) else {
             return Err(RejectReason::NotAwaitingBuffer);
         };
         if !self.running() {
@@ -947,15 +990,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
             Some((b, l)) => (Some(b), l),
             None => (None, 0),
         };
-        let Some(idx) = self
-            .slots
-            .iter()
-            .position(|s| s.st == St::Executing && s.cid == cid)
-        else {
+        let Some(idx) = self.find(cid, |s| s.st == St::Executing) else {
             return Err(Rejected::new(RejectReason::UnknownCommand, buf));
         };
         if !self.running() {
             self.slots[idx].st = St::Free;
+            self.deactivated();
             return Err(Rejected::new(RejectReason::Closed, buf));
         }
         let slot = &mut self.slots[idx];
@@ -1186,6 +1226,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
             } else {
                 s.st = St::Free;
             }
+            self.deactivated();
         }
         match self.tx.done {
             Done::Nothing | Done::Release(_) => {}

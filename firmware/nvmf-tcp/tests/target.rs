@@ -159,7 +159,7 @@ fn r2t_write_multi_r2t_respects_maxr2t() {
         pdu(
             &Repr::R2T {
                 cccid: 7,
-                ttag: k << 10,
+                ttag: 7 | k << 10,
                 offset: off,
                 len,
             },
@@ -173,18 +173,22 @@ fn r2t_write_multi_r2t_respects_maxr2t() {
     app.tx.clear();
     let data: Vec<u8> = (0..10000u32).map(|i| (i * 3) as u8).collect();
     // The host splits R2T 0 into two H2CData PDUs.
-    app.feed(&mut t, 0, &h2c(7, 0, 0, &data[..1000], false, BOTH));
+    app.feed(&mut t, 0, &h2c(7, 7, 0, &data[..1000], false, BOTH));
     assert!(app.tx.is_empty());
-    app.feed(&mut t, 0, &h2c(7, 0, 1000, &data[1000..4096], true, BOTH));
+    app.feed(&mut t, 0, &h2c(7, 7, 1000, &data[1000..4096], true, BOTH));
     assert_eq!(app.tx, r2t(2, 8192, 1808));
     app.tx.clear();
     app.feed(
         &mut t,
         0,
-        &h2c(7, 1 << 10, 4096, &data[4096..8192], true, BOTH),
+        &h2c(7, 7 | 1 << 10, 4096, &data[4096..8192], true, BOTH),
     );
     assert!(app.tx.is_empty());
-    app.feed(&mut t, 0, &h2c(7, 2 << 10, 8192, &data[8192..], true, BOTH));
+    app.feed(
+        &mut t,
+        0,
+        &h2c(7, 7 | 2 << 10, 8192, &data[8192..], true, BOTH),
+    );
     assert_eq!(&app.disk[..10000], &data[..]);
     assert_eq!(
         app.tx,
@@ -336,7 +340,7 @@ fn buffer_backpressure_does_not_block_other_commands() {
         pdu(
             &Repr::R2T {
                 cccid: 1,
-                ttag: 0,
+                ttag: 1,
                 offset: 0,
                 len: 100
             },
@@ -453,7 +457,8 @@ fn h2c_data_without_r2t_is_sequence_error() {
     expect_term(&t, &app, 2, 0, &d[..24]);
 }
 
-/// Ready target with cid 7 = write of `len` bytes and its first R2T (TTAG 0) outstanding.
+/// Ready target with cid 7 = write of `len` bytes and its first R2T (TTAG 7: the command's
+/// slot is its CID modulo the slot count) outstanding.
 fn with_r2t(len: u32) -> (TargetConnection<Buf>, App) {
     let (mut t, mut app) = ready(NONE);
     app.feed(
@@ -482,33 +487,33 @@ fn h2c_data_mismatches() {
     expect_term(&t, &app, 1, 10, &d[..24]);
     // Wrong CCCID.
     let (mut t, mut app) = with_r2t(100);
-    let d = h2c(8, 0, 0, &[1; 100], true, NONE);
+    let d = h2c(8, 7, 0, &[1; 100], true, NONE);
     app.feed(&mut t, 0, &d);
     expect_term(&t, &app, 1, 8, &d[..24]);
     // Wrong offset.
     let (mut t, mut app) = with_r2t(100);
-    let d = h2c(7, 0, 4, &[1; 96], true, NONE);
+    let d = h2c(7, 7, 4, &[1; 96], true, NONE);
     app.feed(&mut t, 0, &d);
     expect_term(&t, &app, 4, 0, &d[..24]);
     // Longer than the R2T.
     let (mut t, mut app) = with_r2t(100);
-    let d = h2c(7, 0, 0, &[1; 200], true, NONE);
+    let d = h2c(7, 7, 0, &[1; 200], true, NONE);
     app.feed(&mut t, 0, &d);
     expect_term(&t, &app, 4, 0, &d[..24]);
     // LAST_PDU missing on the last PDU of the R2T.
     let (mut t, mut app) = with_r2t(100);
-    let d = h2c(7, 0, 0, &[1; 100], false, NONE);
+    let d = h2c(7, 7, 0, &[1; 100], false, NONE);
     app.feed(&mut t, 0, &d);
     expect_term(&t, &app, 1, 1, &d[..24]);
     // DATAL inconsistent with PLEN.
     let (mut t, mut app) = with_r2t(100);
-    let mut d = h2c(7, 0, 0, &[1; 100], true, NONE);
+    let mut d = h2c(7, 7, 0, &[1; 100], true, NONE);
     d[16] = 99;
     app.feed(&mut t, 0, &d);
     expect_term(&t, &app, 1, 16, &d[..24]);
     // PLEN beyond MAXH2CDATA: rejected from the common header alone.
     let (mut t, mut app) = with_r2t(100);
-    let mut d = h2c(7, 0, 0, &[1; 16], true, NONE);
+    let mut d = h2c(7, 7, 0, &[1; 16], true, NONE);
     d[4..8].copy_from_slice(&(24u32 + 4097).to_le_bytes());
     app.feed(&mut t, 0, &d);
     expect_term(&t, &app, 5, 0, &d[..8]);
@@ -623,7 +628,7 @@ fn data_digest_error_fails_command_only() {
         ),
     );
     app.tx.clear();
-    let mut d = h2c(2, 0, 0, &[1; 32], true, BOTH);
+    let mut d = h2c(2, 2, 0, &[1; 32], true, BOTH);
     let n = d.len();
     d[n - 2] ^= 1;
     app.feed(&mut t, 0, &d);
@@ -712,6 +717,73 @@ fn queue_depth_limit_and_cid_reuse() {
         );
     }
     assert_eq!(t.state(), TargetState::Ready);
+}
+
+/// Commands whose CIDs share a home slot (CID modulo the slot count) are found wherever they
+/// landed: buffers provided out of order, a duplicate CID in a displaced slot is refused.
+#[test]
+fn colliding_cids_are_found_in_any_slot() {
+    let cfg = TargetConfig {
+        slots: 8,
+        initial_queue_depth: 8,
+        ..cfg4k()
+    };
+    let (mut t, mut app) = ready_with(cfg, NONE, 0);
+    app.hold_buffers = true;
+    let capsule = |cid| {
+        pdu(
+            &Repr::CapsuleCmd {
+                sqe: write_sqe(cid, 10, false),
+                data_len: 0,
+            },
+            NONE,
+            &[],
+        )
+    };
+    for cid in [3, 11, 19, 4, 12] {
+        app.feed(&mut t, 0, &capsule(cid));
+    }
+    assert_eq!(
+        app.need.iter().map(|n| n.0).collect::<Vec<_>>(),
+        [3, 11, 19, 4, 12]
+    );
+    assert!(t.provide_buffer(27, vec![0; 10]).is_err(), "never sent");
+    for cid in [19, 4, 3, 12, 11] {
+        t.provide_buffer(cid, vec![0; 10]).unwrap();
+        assert!(
+            t.provide_buffer(cid, vec![0; 10]).is_err(),
+            "already has one"
+        );
+    }
+    app.drain(&mut t);
+    let r2ts = split_pdus(&app.tx);
+    assert_eq!(r2ts.len(), 5);
+    // Each R2T's CCCID is the command's, its TTAG names the slot that holds it.
+    let cccids: Vec<u16> = r2ts
+        .iter()
+        .map(|p| u16::from_le_bytes([p[8], p[9]]))
+        .collect();
+    assert_eq!(cccids, [19, 4, 3, 12, 11]);
+    // Data for the displaced command 19 completes it.
+    let ttag19 = u16::from_le_bytes([r2ts[0][10], r2ts[0][11]]);
+    app.tx.clear();
+    app.feed(&mut t, 0, &h2c(19, ttag19, 0, &[7; 10], true, NONE));
+    assert!(
+        app.log
+            .iter()
+            .any(|l| l.starts_with("cmd op=0x1 cid=19 len=10")),
+        "{:?}",
+        app.log
+    );
+    assert_eq!(t.state(), TargetState::Ready);
+    // Its CID is free again; 11 (displaced, still receiving) is not.
+    app.feed(&mut t, 0, &capsule(19));
+    assert_eq!(t.state(), TargetState::Ready);
+    app.drain(&mut t);
+    app.tx.clear();
+    let dup = capsule(11);
+    app.feed(&mut t, 0, &dup);
+    expect_term(&t, &app, 1, 10, &dup);
 }
 
 #[test]
