@@ -220,6 +220,18 @@ pub enum NvmeCmd {
         #[arg(long)]
         read_only: bool,
     },
+    /// Wait for an Asynchronous Event (namespaces added or removed...): enables namespace
+    /// notices, sends an Asynchronous Event Request, waits up to --timeout seconds, then
+    /// prints the event, the Changed Namespace List (log 04h) and Identify of the namespaces
+    /// in it. Exit 0 with an event, 2 without one in time.
+    Watch {
+        /// Controller and host (--timeout bounds the wait for the event too).
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure IOPS, throughput and latency.
     Bench {
         /// Controller and host.
@@ -269,6 +281,7 @@ pub fn run(cmd: NvmeCmd, out: &mut dyn Write) -> Result<i32> {
     match cmd {
         NvmeCmd::Discover { target, json } => discover(&target, json, out),
         NvmeCmd::Identify { target, nsid, json } => identify(&target, nsid, json, out),
+        NvmeCmd::Watch { target, json } => watch(&target, json, out),
         NvmeCmd::Read {
             target,
             nsid,
@@ -655,6 +668,144 @@ fn identify(
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         out.write_all(format_identify(&id, mt, vs, &nss).as_bytes())?;
+    }
+    Ok(0)
+}
+
+/// Names of an Asynchronous Event Request completion's DW0 (NVMe base 2.0 Figures 146-151).
+pub fn async_event_names(dw0: u32) -> (&'static str, String) {
+    let ty = (dw0 & 7) as u8;
+    let info = ((dw0 >> 8) & 0xff) as u8;
+    match ty {
+        0 => ("error", format!("error status {info:#04x}")),
+        1 => ("smart/health", format!("health status {info:#04x}")),
+        2 => (
+            "notice",
+            match info {
+                0x00 => "namespace attribute changed".into(),
+                0x01 => "firmware activation starting".into(),
+                0x02 => "telemetry log changed".into(),
+                0x03 => "asymmetric namespace access change".into(),
+                0xF0 => "discovery log page change".into(),
+                x => format!("notice {x:#04x}"),
+            },
+        ),
+        6 => ("i/o command set specific", format!("{info:#04x}")),
+        7 => ("vendor specific", format!("{info:#04x}")),
+        _ => ("reserved", format!("{info:#04x}")),
+    }
+}
+
+/// Decodes a Changed Namespace List (log 04h): the NSIDs, or `None` when the list overflowed
+/// (first entry FFFFFFFFh: more than 1024 changed).
+pub fn changed_namespaces(log: &[u8]) -> Option<Vec<u32>> {
+    let ids: Vec<u32> = log
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .take_while(|&n| n != 0)
+        .collect();
+    if ids.first() == Some(&u32::MAX) {
+        None
+    } else {
+        Some(ids)
+    }
+}
+
+fn watch(target: &TargetArgs, json: bool, out: &mut dyn Write) -> Result<i32> {
+    use keel_nvme::opcode::async_event::AEC_NS_ATTRIBUTE;
+    let wait = Duration::from_secs_f64(target.timeout);
+    let c = connect(target, false)?;
+    c.set_async_event_config(AEC_NS_ATTRIBUTE)?;
+    let cid = c
+        .submit_async_event_request()
+        .context("Asynchronous Event Request")?;
+    eprintln!(
+        "keelctl: controller {} of {}: waiting up to {:?} for an asynchronous event",
+        c.cntlid,
+        c.params().subnqn,
+        wait
+    );
+    let Some(done) = c.wait_admin(cid, wait, "Asynchronous Event Request")? else {
+        if let Err(e) = c.close() {
+            eprintln!("keelctl: warning: closing the controller: {e}");
+        }
+        eprintln!("keelctl: no asynchronous event within {wait:?}");
+        return Ok(2);
+    };
+    let dw0 = done.cqe.dw0;
+    let (ty, info) = async_event_names(dw0);
+    let log_page = ((dw0 >> 16) & 0xff) as u8;
+    let mut changed = None;
+    let mut nss = Vec::new();
+    if log_page == keel_nvme::LogPageId::ChangedNamespaceList as u8 {
+        let log = c
+            .get_log_page(log_page, 0, 0, 4096)
+            .context("Get Log Page (Changed Namespace List)")?;
+        changed = Some(changed_namespaces(&log));
+        let active = c.active_namespaces().context("listing active namespaces")?;
+        for &nsid in changed.iter().flatten().flatten() {
+            if !active.contains(&nsid) {
+                continue;
+            }
+            let id = c
+                .identify_namespace(nsid)
+                .with_context(|| format!("Identify Namespace {nsid}"))?;
+            let ids = c.namespace_ids(nsid).ok();
+            nss.push(NsReport { nsid, id, ids });
+        }
+    }
+    if let Err(e) = c.close() {
+        eprintln!("keelctl: warning: closing the controller: {e}");
+    }
+    let changed_ids: Option<Vec<u32>> = changed.clone().flatten();
+    if json {
+        let v = json!({
+            "event": {
+                "dw0": dw0,
+                "type": ty,
+                "info": info,
+                "log_page": log_page,
+            },
+            "changed_namespaces": match &changed {
+                Some(Some(ids)) => json!(ids),
+                Some(None) => json!("overflow"),
+                None => Value::Null,
+            },
+            "namespaces": nss.iter().map(namespace_json).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(
+            out,
+            "event: {ty}: {info} (dw0 {dw0:#010x}, log page {log_page:#04x})"
+        )?;
+        match &changed {
+            Some(Some(_)) => {
+                let list: Vec<String> = changed_ids
+                    .iter()
+                    .flatten()
+                    .map(|n| n.to_string())
+                    .collect();
+                writeln!(out, "changed namespaces: {}", list.join(", "))?;
+            }
+            Some(None) => writeln!(out, "changed namespaces: more than 1024 (list overflowed)")?,
+            None => {}
+        }
+        for n in &nss {
+            let bs = n.id.block_size();
+            writeln!(
+                out,
+                "namespace {}: {} ({} blocks of {bs} bytes)",
+                n.nsid,
+                human_bytes(n.id.nsze.saturating_mul(u64::from(bs))),
+                n.id.nsze
+            )?;
+        }
+        for nsid in changed_ids.iter().flatten() {
+            if !nss.iter().any(|n| n.nsid == *nsid) {
+                writeln!(out, "namespace {nsid}: not active (removed)")?;
+            }
+        }
     }
     Ok(0)
 }
@@ -1136,6 +1287,19 @@ mod tests {
         let j = entry_json(&e);
         assert_eq!(j["traddr"], "10.0.2.15");
         assert_eq!(j["subtype"], "nvme subsystem");
+    }
+
+    #[test]
+    fn async_events_and_changed_lists() {
+        let (ty, info) = async_event_names(0x0004_0002);
+        assert_eq!((ty, info.as_str()), ("notice", "namespace attribute changed"));
+        let mut log = vec![0u8; 4096];
+        log[..4].copy_from_slice(&3u32.to_le_bytes());
+        log[4..8].copy_from_slice(&7u32.to_le_bytes());
+        assert_eq!(changed_namespaces(&log), Some(vec![3, 7]));
+        log[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(changed_namespaces(&log), None);
+        assert_eq!(changed_namespaces(&[0; 4096]), Some(vec![]));
     }
 
     #[test]

@@ -457,6 +457,59 @@ impl Controller {
         Ok(nsqa.min(ncqa))
     }
 
+    /// Set Features Asynchronous Event Configuration (FID 0Bh): which notices the controller
+    /// reports through Asynchronous Event Requests (`keel_nvme::opcode::async_event::AEC_*`).
+    pub fn set_async_event_config(&self, aec: u32) -> Result<(), NvmeError> {
+        let sqe = FeaturesCommand::set_sqe(0, FeatureId::AsyncEventConfig as u8, aec);
+        self.admin_command(sqe, None, "Set Features (Asynchronous Event Configuration)")?;
+        Ok(())
+    }
+
+    /// Submits an Asynchronous Event Request (NVMe base 2.0 §5.2) without waiting for it: it
+    /// completes when the controller has an event. Returns its CID for [`Self::wait_admin`].
+    pub fn submit_async_event_request(&self) -> Result<u16, NvmeError> {
+        if self.ka_failed.load(Ordering::Relaxed) {
+            return Err(NvmeError::Closed {
+                reason: "keep alive failed on the admin queue".into(),
+            });
+        }
+        let sqe = Sqe::new(AdminOpcode::AsyncEventRequest as u8, 0);
+        let mut a = self.lock();
+        let cid = a.conn.submit(sqe.to_bytes(), None)?;
+        a.last = Instant::now();
+        Ok(cid)
+    }
+
+    /// Waits up to `timeout` for admin command `cid` (submitted without waiting) to
+    /// complete; `Ok(None)` when it has not. The admin queue is released every 100 ms so
+    /// Keep Alive goes on meanwhile. A non-success status is an error.
+    pub fn wait_admin(
+        &self,
+        cid: u16,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<Option<Done>, NvmeError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            if self.ka_failed.load(Ordering::Relaxed) {
+                return Err(NvmeError::Closed {
+                    reason: format!("keep alive failed on the admin queue (while waiting for {what})"),
+                });
+            }
+            let slice = left.min(Duration::from_millis(100));
+            let r = self.lock().conn.wait(cid, slice, what);
+            match r {
+                Ok(done) => return check(done, what).map(Some),
+                Err(NvmeError::Timeout { .. }) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Opens I/O queue `qid` with `depth` commands in flight at most.
     pub fn io_queue(&self, qid: u16, depth: u16) -> Result<IoQueue, NvmeError> {
         IoQueue::connect(self, qid, depth)
