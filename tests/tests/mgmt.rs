@@ -298,3 +298,99 @@ fn hostile_clients_do_not_lock_the_operator_out() {
         "{c}"
     );
 }
+
+const VOL: &str = "nqn.2026-11.dev.keel:vol0";
+
+fn description(namespaces: &[&str]) -> String {
+    let mut t =
+        format!("[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{VOL}\"\nallowed_hosts = []\n");
+    for ram in namespaces {
+        t.push_str(&format!(
+            "\n[[namespace]]\nsubsystem = \"{VOL}\"\nbackend = {{ ram = \"{ram}\" }}\nencryption = \"none\"\n"
+        ));
+    }
+    t
+}
+
+#[test]
+fn push_through_keelctl_applies_and_refuses_an_old_generation() {
+    let key = dev_key();
+    let device_key = format!("{key}.device");
+    let elf = keel_tests::image(Build::Release).with_extension("");
+    let one = ScratchFile::new("mgmt-one.toml", 0);
+    std::fs::write(one.path(), description(&["16MiB"])).unwrap();
+    let two = ScratchFile::new("mgmt-two.toml", 0);
+    std::fs::write(two.path(), description(&["16MiB", "8MiB"])).unwrap();
+    let bundle = ScratchFile::new("mgmt-two.bundle", 0);
+    let bp = bundle.path().display().to_string();
+
+    // qemu/run packs and flashes with the release keelctl: build it first, so the boot
+    // timeout does not include the build.
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args(["build", "-q", "--release", "-p", "keel-host-tools"])
+        .status()
+        .expect("running cargo");
+    assert!(status.success(), "building the release keelctl failed");
+    let mport = free_port();
+    let mut q = Qemu::start(&[
+        "--elf".to_string(),
+        elf.display().to_string(),
+        "--config".to_string(),
+        one.path().display().to_string(),
+        "--mgmt-port".to_string(),
+        mport.to_string(),
+    ]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dev = format!("127.0.0.1:{mport}");
+
+    let before = stdout_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let generation = json_u64(&before, "", "generation");
+    assert!(generation > 0, "{before}");
+    assert!(
+        before.contains("\"config_source\": \"flash copy"),
+        "{before}"
+    );
+    assert_eq!(before.matches("\"nsid\"").count(), 1, "{before}");
+
+    // A newer generation with one more namespace: applied live and reported.
+    let next = (generation + 1).to_string();
+    stdout_ok(&[
+        "provision",
+        "build",
+        &two.path().display().to_string(),
+        "--key",
+        &key,
+        "--device-key",
+        &device_key,
+        "--generation",
+        &next,
+        "-o",
+        &bp,
+    ]);
+    let report = stdout_ok(&["provision", "push", &bp, "--device", &dev, "--key", &key]);
+    assert!(
+        report.contains(&format!("applied: generation {next} now in force")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("added: {VOL} namespace 2")),
+        "{report}"
+    );
+    let after = stdout_ok(&["status", "--device", &dev, "--key", &key]);
+    assert!(
+        after.contains(&format!("config:      generation {next} from push")),
+        "{after}"
+    );
+    assert!(after.contains("namespaces (2)"), "{after}");
+
+    // The same bundle again: not newer, refused with the device's message; nothing changes.
+    let out = run(&["provision", "push", &bp, "--device", &dev, "--key", &key]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the device refused the bundle"), "{err}");
+    let again = stdout_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    assert_eq!(json_u64(&again, "", "generation"), generation + 1);
+    assert_eq!(again.matches("\"nsid\"").count(), 2, "{again}");
+}
