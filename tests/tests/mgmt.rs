@@ -7,6 +7,8 @@
 //! The device trusts the development provisioning key built into the image
 //! (`qemu/dev-keys/provision.key`) while no bundle is provisioned.
 
+use keel_host_tools::nvme::{Controller, Params, hostid_for};
+use keel_nvmf_tcp::Digests;
 use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, root};
 use std::io::{Read, Write};
 use std::process::{Command, Output};
@@ -117,6 +119,38 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
         json_u64(&after, "write_latency", "count") >= w1,
         "write latency samples: {after}"
     );
+
+    // A connected host with two I/O queues shows as a controller and as connections.
+    let host = "nqn.2014-08.org.nvmexpress:uuid:0f0e0d0c-0b0a-0908-0706-050403020100";
+    let ctrl = Controller::connect(Params {
+        addr: nvmf.clone(),
+        subnqn: "nqn.2026-11.dev.keel:default".into(),
+        hostnqn: host.into(),
+        hostid: hostid_for(host),
+        digests: Digests::default(),
+        kato: Duration::from_secs(30),
+        timeout: Duration::from_secs(30),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    ctrl.set_io_queues(2).unwrap();
+    let q1 = ctrl.io_queue(1, 16).unwrap();
+    let q2 = ctrl.io_queue(2, 16).unwrap();
+    let text = stdout_ok(&["status", "--device", &dev, "--key", &key]);
+    assert!(
+        text.contains("connections: 3 NVMe/TCP, 1 controller(s)"),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.contains(host))
+        .unwrap_or_else(|| panic!("no controller row in:\n{text}"));
+    assert!(row.contains(" tcp ") && row.contains(" 2 "), "{row}");
+    let m = stdout_ok(&["metrics", "--device", &dev]);
+    assert!(
+        m.contains(&format!("transport=\"tcp\",host=\"{host}\"}} 2\n")),
+        "{m}"
+    );
+    drop((q1, q2, ctrl));
 
     // A captured request, replayed on a new connection, is refused.
     let saved = ScratchFile::new("mgmt-status.req", 0);
