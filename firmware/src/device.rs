@@ -137,7 +137,10 @@ impl Services {
     /// Applies a verified push; on error nothing has changed.
     fn try_push(&mut self, bundle: &[u8]) -> Result<PushReport, String> {
         let floor = self.plan.generation;
-        let cfg = self.identity.open(bundle, floor).map_err(|e| e.to_string())?;
+        let cfg = self
+            .identity
+            .open(bundle, floor)
+            .map_err(|e| e.to_string())?;
         let new = Plan::from_bundle(&cfg, Source::Push, self.plan.mac, self.identity.pubkey);
         let d = keel_provision::diff(&self.plan.to_device(), &cfg.device);
         let mut needs_reboot = d.needs_reboot.clone();
@@ -355,7 +358,10 @@ impl keel_mgmt::Device for Services {
                 Ok(r)
             }
             Err(e) => {
-                let m = format!("push refused: {e}; the configuration in force (generation {}) is unchanged", self.plan.generation);
+                let m = format!(
+                    "push refused: {e}; the configuration in force (generation {}) is unchanged",
+                    self.plan.generation
+                );
                 log::error!("config: {m}");
                 Err(m)
             }

@@ -16,7 +16,9 @@
 use crate::config::{DevConfig, KeyArg, NsSpec};
 use crate::net::Addressing;
 use alloc::{format, string::String, vec::Vec};
-use keel_provision::{Backend, DataKey, Device, Encryption, Management, Namespace, Network, Subsystem};
+use keel_provision::{
+    Backend, DataKey, Device, Encryption, Management, Namespace, Network, Subsystem,
+};
 use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 
 /// Where the configuration in force came from.

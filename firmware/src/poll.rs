@@ -83,7 +83,13 @@ pub fn run(mut platform: Platform) -> ! {
                 .flat_map(|(d, drive)| drive.namespaces.iter().map(move |n| (d, n.nsid)))
                 .collect();
             let windows = shared_memory_bars(&platform.pci).count();
-            Plan::from_dev(&cfg, &drive_namespaces, windows, addressing, PROVISION_PUBKEY)
+            Plan::from_dev(
+                &cfg,
+                &drive_namespaces,
+                windows,
+                addressing,
+                PROVISION_PUBKEY,
+            )
         }
     };
     let mut services = Services::build(&mut platform, plan, drives, net.is_some(), identity);

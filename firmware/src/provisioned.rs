@@ -98,7 +98,9 @@ impl Identity {
     /// Reads the identity block from flash bank 1 and opens flash bank 0.
     pub fn load(platform: &crate::platform::Platform) -> Identity {
         let trusted = VerifyingKey::from_bytes(&PROVISION_PUBKEY)
-            .map_err(|_| log::error!("provision: the built-in provisioning key is not an Ed25519 key"))
+            .map_err(|_| {
+                log::error!("provision: the built-in provisioning key is not an Ed25519 key")
+            })
             .ok();
         let bank = |i: usize| {
             platform.dt.flash.get(i).map(|r| {
@@ -128,7 +130,9 @@ impl Identity {
                             Some(k)
                         }
                         Err(keel_provision::IdentityError::Empty) => {
-                            log::info!("identity: flash bank 1 holds no identity block: no device key");
+                            log::info!(
+                                "identity: flash bank 1 holds no identity block: no device key"
+                            );
                             None
                         }
                         Err(e) => {
@@ -204,7 +208,10 @@ impl Identity {
             (ConfigCopy::B, keel_provision::flash::parse_config_copy(&b)),
         ];
         for (copy, raw) in [(ConfigCopy::A, &a), (ConfigCopy::B, &b)] {
-            let erased = raw.iter().take(CONFIG_HEADER_LEN).all(|&x| x == 0xff || x == 0);
+            let erased = raw
+                .iter()
+                .take(CONFIG_HEADER_LEN)
+                .all(|&x| x == 0xff || x == 0);
             if entries.iter().any(|(c, e)| *c == copy && e.is_none()) && !erased {
                 log::warn!(
                     "config: copy {} is damaged (bad magic, length or CRC): ignored",
@@ -264,7 +271,10 @@ impl Identity {
         let Some(flash) = self.flash.as_mut() else {
             return Err(String::from("no flash bank 0"));
         };
-        let erase_len = data.len().next_multiple_of(flash.sector_size()).min(CONFIG_COPY_SIZE);
+        let erase_len = data
+            .len()
+            .next_multiple_of(flash.sector_size())
+            .min(CONFIG_COPY_SIZE);
         flash
             .erase(w.copy.offset(), erase_len)
             .map_err(|e| format!("{e}"))?;

@@ -19,10 +19,10 @@
 //! emulated function that owns it, the rest to NVMe/TCP), and NVMe/TCP flushes its sockets.
 
 use crate::config::NsSpec;
-use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
 use crate::drives::{self, LocalDrive};
 use crate::net::NetStack;
 use crate::nvmf::NvmfService;
+use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
 use crate::platform::{Platform, shared_memory_bars};
 use alloc::{boxed::Box, format, string::String, vec::Vec};
 use keel_controller::{Instant, Limits, NamespaceConfig, SubsystemConfig, Target, TargetConfig};
@@ -105,7 +105,8 @@ pub(crate) fn make_backend(
 ) -> Result<Box<dyn BlockBackend>, String> {
     let (drive, nsid, slice) = match spec {
         NsSpec::Ram(bytes) => {
-            return ram(bytes, block_size).ok_or_else(|| format!("RAM namespace of {} MiB", bytes >> 20));
+            return ram(bytes, block_size)
+                .ok_or_else(|| format!("RAM namespace of {} MiB", bytes >> 20));
         }
         NsSpec::Drive { drive, nsid, slice } => (drive, nsid, slice),
     };
@@ -127,7 +128,11 @@ pub(crate) fn make_backend(
                 let ns = d.namespaces.swap_remove(i);
                 shared.push(((drive, nsid), SharedBackend::new(ns.backend, BACKEND_DEPTH)));
             }
-            None => return Err(format!("drive {drive} has no namespace {nsid} (or it is used whole)")),
+            None => {
+                return Err(format!(
+                    "drive {drive} has no namespace {nsid} (or it is used whole)"
+                ));
+            }
         }
     }
     let Some((_, sb)) = shared.iter().find(|(k, _)| *k == (drive, nsid)) else {
@@ -140,9 +145,10 @@ pub(crate) fn make_backend(
     let (start, blocks) = match slice {
         Some((off, len)) => (
             off / u64::from(g.block_size),
-            len.map_or(g.blocks.saturating_sub(off / u64::from(g.block_size)), |l| {
-                l / u64::from(g.block_size)
-            }),
+            len.map_or(
+                g.blocks.saturating_sub(off / u64::from(g.block_size)),
+                |l| l / u64::from(g.block_size),
+            ),
         ),
         None => (0, g.blocks),
     };

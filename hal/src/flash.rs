@@ -77,7 +77,10 @@ impl fmt::Display for FlashError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             FlashError::OutOfRange { offset, len } => {
-                write!(f, "flash: {len} bytes at {offset:#x} out of range or misaligned")
+                write!(
+                    f,
+                    "flash: {len} bytes at {offset:#x} out of range or misaligned"
+                )
             }
             FlashError::Timeout { offset } => write!(f, "flash: timeout at {offset:#x}"),
             FlashError::Status { offset, status } => {
@@ -138,7 +141,10 @@ impl CfiFlash {
 
     fn check(&self, offset: usize, len: usize, align: usize) -> Result<(), FlashError> {
         let end = offset.checked_add(len);
-        if end.is_none_or(|e| e > self.size) || !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
+        if end.is_none_or(|e| e > self.size)
+            || !offset.is_multiple_of(align)
+            || !len.is_multiple_of(align)
+        {
             return Err(FlashError::OutOfRange { offset, len });
         }
         Ok(())

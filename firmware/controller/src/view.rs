@@ -78,10 +78,7 @@ impl Target {
     pub fn controller_views(&self) -> impl Iterator<Item = ControllerView<'_>> + '_ {
         self.ctrls.iter().flatten().map(|c| ControllerView {
             cntlid: c.cntlid,
-            subsystem: self
-                .subsystems
-                .get(c.subsys)
-                .map_or("", |s| s.nqn.as_str()),
+            subsystem: self.subsystems.get(c.subsys).map_or("", |s| s.nqn.as_str()),
             hostnqn: &c.hostnqn,
             local: c.local,
             discovery: c.subsys == DISCOVERY,

@@ -34,7 +34,8 @@ fn same_namespace(a: &Namespace, b: &Namespace) -> bool {
 pub fn diff(old: &Device, new: &Device) -> ConfigDiff {
     let mut d = ConfigDiff::default();
     if old.network != new.network {
-        d.needs_reboot.push(String::from("network settings changed"));
+        d.needs_reboot
+            .push(String::from("network settings changed"));
     }
     if old.management != new.management {
         d.needs_reboot
@@ -168,7 +169,10 @@ mod tests {
         };
         new.subsystems[0].allowed_hosts = vec!["nqn.2026-11.dev.keel:host".into()];
         let d = diff(&base(), &new);
-        assert!(d.added.is_empty() && d.removed.is_empty() && d.kept.is_empty(), "{d:?}");
+        assert!(
+            d.added.is_empty() && d.removed.is_empty() && d.kept.is_empty(),
+            "{d:?}"
+        );
         let text = d.needs_reboot.join("\n");
         for want in [
             "network",
@@ -189,6 +193,10 @@ mod tests {
         old.namespaces.push(ram(B, 1, 8));
         let d = diff(&old, &base());
         assert!(d.removed.is_empty());
-        assert!(d.needs_reboot.iter().any(|m| m.contains("subsystem nqn.2026-11.dev.keel:b removed")));
+        assert!(
+            d.needs_reboot
+                .iter()
+                .any(|m| m.contains("subsystem nqn.2026-11.dev.keel:b removed"))
+        );
     }
 }

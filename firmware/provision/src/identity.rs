@@ -48,8 +48,12 @@ impl fmt::Display for IdentityError {
         match self {
             IdentityError::Empty => f.write_str("no identity block (erased or empty flash)"),
             IdentityError::BadMagic => f.write_str("not an identity block (bad magic)"),
-            IdentityError::UnsupportedVersion(v) => write!(f, "identity block version {v} is not supported"),
-            IdentityError::Malformed => f.write_str("identity block length or reserved fields are wrong"),
+            IdentityError::UnsupportedVersion(v) => {
+                write!(f, "identity block version {v} is not supported")
+            }
+            IdentityError::Malformed => {
+                f.write_str("identity block length or reserved fields are wrong")
+            }
             IdentityError::BadCrc => f.write_str("identity block CRC mismatch (damaged)"),
         }
     }
@@ -111,22 +115,35 @@ mod tests {
     #[test]
     fn refusals() {
         let good = encode_identity(&DeviceKey::from_bytes([9; 32]));
-        assert_eq!(parse_identity(&[0xff; 64]).unwrap_err(), IdentityError::Empty);
+        assert_eq!(
+            parse_identity(&[0xff; 64]).unwrap_err(),
+            IdentityError::Empty
+        );
         assert_eq!(parse_identity(&[0; 64]).unwrap_err(), IdentityError::Empty);
-        assert_eq!(parse_identity(&good[..63]).unwrap_err(), IdentityError::Empty);
+        assert_eq!(
+            parse_identity(&good[..63]).unwrap_err(),
+            IdentityError::Empty
+        );
         let mut b = good;
         b[0] = b'X';
         assert_eq!(parse_identity(&b).unwrap_err(), IdentityError::BadMagic);
         let mut b = good;
         b[8] = 2;
-        assert_eq!(parse_identity(&b).unwrap_err(), IdentityError::UnsupportedVersion(2));
+        assert_eq!(
+            parse_identity(&b).unwrap_err(),
+            IdentityError::UnsupportedVersion(2)
+        );
         let mut b = good;
         b[50] = 1;
         assert_eq!(parse_identity(&b).unwrap_err(), IdentityError::Malformed);
         for i in 16..48 {
             let mut b = good;
             b[i] ^= 0x10;
-            assert_eq!(parse_identity(&b).unwrap_err(), IdentityError::BadCrc, "byte {i}");
+            assert_eq!(
+                parse_identity(&b).unwrap_err(),
+                IdentityError::BadCrc,
+                "byte {i}"
+            );
         }
     }
 }

@@ -1292,7 +1292,10 @@ mod tests {
     #[test]
     fn async_events_and_changed_lists() {
         let (ty, info) = async_event_names(0x0004_0002);
-        assert_eq!((ty, info.as_str()), ("notice", "namespace attribute changed"));
+        assert_eq!(
+            (ty, info.as_str()),
+            ("notice", "namespace attribute changed")
+        );
         let mut log = vec![0u8; 4096];
         log[..4].copy_from_slice(&3u32.to_le_bytes());
         log[4..8].copy_from_slice(&7u32.to_le_bytes());

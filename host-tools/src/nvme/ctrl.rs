@@ -497,7 +497,9 @@ impl Controller {
             }
             if self.ka_failed.load(Ordering::Relaxed) {
                 return Err(NvmeError::Closed {
-                    reason: format!("keep alive failed on the admin queue (while waiting for {what})"),
+                    reason: format!(
+                        "keep alive failed on the admin queue (while waiting for {what})"
+                    ),
                 });
             }
             let slice = left.min(Duration::from_millis(100));

@@ -1,0 +1,529 @@
+//! The firmware side of provisioning, in QEMU: a bundle built from a TOML description with
+//! `keelctl provision build`, flashed with `keelctl image pack` + `keelctl flash` into a pflash
+//! file, boots from flash and serves the provisioned namespaces (plain and encrypted, checked
+//! with `keelctl nvme`); a damaged or refused newer configuration copy falls back to the
+//! older one; a bundle that is tampered with, signed with another key or unsigned is refused
+//! with a console message and the boot arguments are used; a live push adds a namespace that an
+//! already connected host sees (`keelctl nvme watch`), is persisted in flash and survives a
+//! reboot, while an older or tampered bundle is refused and the configuration stays.
+//!
+//! The firmware trusts the development provisioning key (`qemu/dev-keys`), and `qemu/run`
+//! attaches the development device identity to flash boots.
+
+use keel_host_tools::provision::keel_provision::{self as kp, flash};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, free_port, keelctl, root};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const VOL: &str = "nqn.2026-11.dev.keel:vol0";
+/// Bound on one `keelctl` run.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn dev_key() -> PathBuf {
+    root().join("qemu/dev-keys/provision.key")
+}
+
+fn dev_device_key() -> PathBuf {
+    root().join("qemu/dev-keys/provision.key.device")
+}
+
+/// A scratch directory, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let p = root().join(format!(
+            "target/qemu-tests/scratch/provboot-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Dir(p)
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+
+    fn p(&self, f: &str) -> String {
+        self.path(f).display().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs keelctl, bounded in time.
+fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(keelctl())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting keelctl");
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("keelctl {args:?} did not finish within {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("keelctl output");
+    eprintln!(
+        "keelctl {}: {}\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(out.status.success(), "keelctl {args:?} failed");
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// A description of subsystem VOL with these namespaces: (backend TOML, encryption).
+fn description(namespaces: &[(&str, &str)]) -> String {
+    let mut t =
+        format!("[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{VOL}\"\nallowed_hosts = []\n");
+    for (backend, enc) in namespaces {
+        t.push_str(&format!(
+            "\n[[namespace]]\nsubsystem = \"{VOL}\"\nbackend = {backend}\nencryption = \"{enc}\"\n"
+        ));
+    }
+    t
+}
+
+/// Builds `name` (a bundle of `generation`) from a description, signed with the dev key.
+fn bundle(d: &Dir, name: &str, generation: u64, namespaces: &[(&str, &str)]) -> PathBuf {
+    let toml = d.path(&format!("{name}.toml"));
+    std::fs::write(&toml, description(namespaces)).expect("toml");
+    ok(&[
+        "provision",
+        "build",
+        toml.to_str().unwrap(),
+        "--key",
+        dev_key().to_str().unwrap(),
+        "--device-key",
+        dev_device_key().to_str().unwrap(),
+        "--generation",
+        &generation.to_string(),
+        "-o",
+        &d.p(name),
+    ]);
+    d.path(name)
+}
+
+/// A flash file with the release firmware packed into slot A (dev key) and `bundles` flashed
+/// into the configuration area in order.
+fn flash_with(d: &Dir, bundles: &[&Path]) -> PathBuf {
+    let elf = keel_tests::image(Build::Release).with_extension("");
+    ok(&[
+        "image",
+        "pack",
+        elf.to_str().unwrap(),
+        "--key",
+        dev_key().to_str().unwrap(),
+        "-o",
+        &d.p("fw.img"),
+    ]);
+    ok(&["flash", &d.p("fw.img"), "--to", &d.p("dev.flash")]);
+    for b in bundles {
+        ok(&["flash", b.to_str().unwrap(), "--to", &d.p("dev.flash")]);
+    }
+    d.path("dev.flash")
+}
+
+/// Boots from a flash file; returns QEMU and the forwarded NVMe/TCP and management addresses.
+fn boot_flash(flash: &Path, extra: &[&str]) -> (Qemu, String, String) {
+    let nport = free_port();
+    let mport = free_port();
+    let mut args: Vec<String> = vec![
+        "--flash".into(),
+        flash.display().to_string(),
+        "--nvmf-port".into(),
+        nport.to_string(),
+        "--mgmt-port".into(),
+        mport.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut q = Qemu::start(&args);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (
+        q,
+        format!("127.0.0.1:{nport}"),
+        format!("127.0.0.1:{mport}"),
+    )
+}
+
+/// JSON without whitespace (the outputs checked hold no strings with spaces that matter).
+fn compact(json: &str) -> String {
+    json.split_whitespace().collect()
+}
+
+/// Every number after `"field":` in a JSON text, in order.
+fn numbers(json: &str, field: &str) -> Vec<u64> {
+    let c = compact(json);
+    let key = format!("\"{field}\":");
+    c.match_indices(&key)
+        .filter_map(|(i, _)| {
+            c[i + key.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// NSIDs and sizes `keelctl nvme identify --json` reports for a subsystem.
+fn namespaces(addr: &str, nqn: &str) -> Vec<(u64, u64)> {
+    let out = ok(&["nvme", "identify", "--addr", addr, "--nqn", nqn, "--json"]);
+    let ns = &out[out.find("\"namespaces\"").expect("namespaces")..];
+    numbers(ns, "nsid")
+        .into_iter()
+        .zip(numbers(ns, "size_bytes"))
+        .collect()
+}
+
+/// Rewrites configuration copy `copy` of a flash file with `payload` under `sequence` (a
+/// valid CRC: only the bundle inside can be refused).
+fn write_copy(flash_path: &Path, copy: flash::ConfigCopy, sequence: u64, payload: &[u8]) {
+    let mut f = std::fs::read(flash_path).expect("flash");
+    let region = &mut f[copy.offset()..copy.offset() + flash::CONFIG_COPY_SIZE];
+    region.fill(0xff);
+    let enc = flash::encode_config_copy(sequence, payload).expect("fits");
+    region[..enc.len()].copy_from_slice(&enc);
+    std::fs::write(flash_path, f).expect("write flash");
+}
+
+#[test]
+fn a_flashed_bundle_boots_and_serves_plain_and_encrypted_namespaces() {
+    let d = Dir::new("serve");
+    let disk = d.path("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("disk");
+    let b = bundle(
+        &d,
+        "b.bundle",
+        1000,
+        &[
+            ("{ ram = \"32MiB\" }", "none"),
+            (
+                "{ drive = 0, nsid = 1, offset = \"0\", length = \"all\" }",
+                "aes-256-xts",
+            ),
+        ],
+    );
+    let fl = flash_with(&d, &[&b]);
+    let (mut q, addr, _) = boot_flash(&fl, &["--disk", disk.to_str().unwrap()]);
+    let c = q.console();
+    for want in [
+        "identity: device key from flash bank 1",
+        "config: copy A (sequence 1, generation 1000) in force",
+        "nvmf: namespace 1 of nqn.2026-11.dev.keel:vol0 = RAM 32 MiB",
+        "crypto: namespace 2 of nqn.2026-11.dev.keel:vol0 encrypted with aes-256-xts (key from the provisioned bundle)",
+        "DEVELOPMENT KEY",
+    ] {
+        assert!(c.contains(want), "{want:?} missing:\n{c}");
+    }
+    assert!(!c.contains("using boot arguments"), "{c}");
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 32 << 20), (2, 16 << 20)]);
+    for nsid in ["1", "2"] {
+        ok(&[
+            "nvme", "verify", "--addr", &addr, "--nqn", VOL, "--nsid", nsid, "--lba", "0",
+            "--count", "256",
+        ]);
+    }
+    // A marker written to the encrypted namespace reads back, and is not in the disk file.
+    let marker: Vec<u8> = b"KEEL-PROVISIONED-SECRET-MARKER!!"
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096)
+        .collect();
+    std::fs::write(d.path("marker"), &marker).unwrap();
+    ok(&[
+        "nvme", "write", "--addr", &addr, "--nqn", VOL, "--nsid", "2", "--lba", "64", "-i",
+        &d.p("marker"),
+    ]);
+    ok(&[
+        "nvme", "read", "--addr", &addr, "--nqn", VOL, "--nsid", "2", "--lba", "64", "--count",
+        "8", "-o", &d.p("back"),
+    ]);
+    assert_eq!(std::fs::read(d.path("back")).unwrap(), marker);
+    q.kill();
+    let raw = std::fs::read(&disk).unwrap();
+    assert!(
+        !raw.windows(32).any(|w| w == &marker[..32]),
+        "plaintext found in the drive file"
+    );
+    assert!(
+        raw[64 * 512..72 * 512].iter().any(|&b| b != 0),
+        "ciphertext at its place"
+    );
+}
+
+#[test]
+fn a_damaged_or_refused_newer_copy_falls_back_to_the_older_one() {
+    let d = Dir::new("fallback");
+    let one = bundle(&d, "one.bundle", 10, &[("{ ram = \"8MiB\" }", "none")]);
+    let two = bundle(
+        &d,
+        "two.bundle",
+        20,
+        &[("{ ram = \"8MiB\" }", "none"), ("{ ram = \"4MiB\" }", "none")],
+    );
+    let fl = flash_with(&d, &[&one, &two]);
+
+    // The newer copy (B, sequence 2) with a flipped payload byte: its CRC fails.
+    let mut f = std::fs::read(&fl).unwrap();
+    f[flash::ConfigCopy::B.offset() + flash::CONFIG_HEADER_LEN + 40] ^= 0x01;
+    std::fs::write(&fl, &f).unwrap();
+    let (mut q, addr, _) = boot_flash(&fl, &[]);
+    let c = q.console();
+    assert!(c.contains("config: copy B is damaged"), "{c}");
+    assert!(
+        c.contains("config: copy A (sequence 1, generation 10) in force"),
+        "{c}"
+    );
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20)]);
+    q.kill();
+
+    // The newer copy with a valid CRC around a tampered bundle: its signature fails.
+    let mut tampered = std::fs::read(&two).unwrap();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 0x20;
+    write_copy(&fl, flash::ConfigCopy::B, 2, &tampered);
+    let (mut q, addr, _) = boot_flash(&fl, &[]);
+    let c = q.console();
+    assert!(
+        c.contains("config: copy B (sequence 2) refused: bundle signature does not verify"),
+        "{c}"
+    );
+    assert!(c.contains("trying the other copy"), "{c}");
+    assert!(
+        c.contains("config: copy A (sequence 1, generation 10) in force (fallback"),
+        "{c}"
+    );
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20)]);
+    q.kill();
+}
+
+#[test]
+fn tampered_wrong_key_and_unsigned_bundles_are_refused_for_the_boot_arguments() {
+    let d = Dir::new("refused");
+    let good = bundle(&d, "good.bundle", 5, &[("{ ram = \"8MiB\" }", "none")]);
+    let good_bytes = std::fs::read(&good).unwrap();
+    let fl = flash_with(&d, &[]);
+
+    // Signed with another provisioning key.
+    ok(&["keygen", "-o", &d.p("other.key")]);
+    std::fs::write(d.path("o.toml"), description(&[("{ ram = \"8MiB\" }", "none")])).unwrap();
+    ok(&[
+        "provision", "build", &d.p("o.toml"), "--key", &d.p("other.key"), "--device-key",
+        dev_device_key().to_str().unwrap(), "--generation", "5", "-o", &d.p("other.bundle"),
+    ]);
+    let other = std::fs::read(d.path("other.bundle")).unwrap();
+    // Unsigned: the signature zeroed.
+    let mut unsigned = good_bytes.clone();
+    let n = unsigned.len();
+    unsigned[n - 64..].fill(0);
+    // Tampered: one body byte flipped.
+    let mut tampered = good_bytes.clone();
+    tampered[40] ^= 0x04;
+
+    for (what, bytes, message) in [
+        (
+            "wrong key",
+            &other,
+            "bundle signature does not verify against the trusted provisioning key",
+        ),
+        ("unsigned", &unsigned, "bundle is not signed"),
+        (
+            "tampered",
+            &tampered,
+            "bundle signature does not verify against the trusted provisioning key",
+        ),
+    ] {
+        write_copy(&fl, flash::ConfigCopy::A, 1, bytes);
+        let (mut q, addr, _) = boot_flash(&fl, &[]);
+        let c = q.console();
+        assert!(
+            c.contains(&format!("config: copy A (sequence 1) refused: {message}")),
+            "{what}:\n{c}"
+        );
+        assert!(
+            c.contains("config: no provisioned configuration; using boot arguments"),
+            "{what}:\n{c}"
+        );
+        // The boot-argument default: one 256 MiB RAM namespace in the default subsystem.
+        assert_eq!(
+            namespaces(&addr, "nqn.2026-11.dev.keel:default"),
+            vec![(1, 256 << 20)],
+            "{what}"
+        );
+        q.kill();
+    }
+}
+
+/// Starts `keelctl nvme watch --json` and returns once its AER is outstanding.
+fn start_watch(addr: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(keelctl())
+        .args([
+            "nvme", "watch", "--addr", addr, "--nqn", VOL, "--json", "--timeout", "120",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting keelctl nvme watch");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("watch: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("waiting up to") => return (child, rx),
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                panic!("keelctl nvme watch did not start waiting: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
+    let d = Dir::new("push");
+    let one = bundle(&d, "one.bundle", 100, &[("{ ram = \"8MiB\" }", "none")]);
+    let two = bundle(
+        &d,
+        "two.bundle",
+        200,
+        &[
+            ("{ ram = \"8MiB\" }", "none"),
+            ("{ ram = \"4MiB\" }", "aes-128-xts"),
+        ],
+    );
+    let fl = flash_with(&d, &[&one]);
+    let (mut q, addr, dev) = boot_flash(&fl, &[]);
+    let key = dev_key().display().to_string();
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20)]);
+
+    // A host is connected and waits for an event; the push adds namespace 2.
+    let (mut watch, _lines) = start_watch(&addr);
+    let report = ok(&[
+        "provision",
+        "push",
+        two.to_str().unwrap(),
+        "--device",
+        &dev,
+        "--key",
+        &key,
+    ]);
+    assert!(report.contains("generation 200"), "{report}");
+    assert!(report.contains(&format!("{VOL} namespace 2")), "{report}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = watch.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("keelctl nvme watch saw no event:\n{}", q.console());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    watch
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "watch: {status}\n{out}");
+    assert!(out.contains("\"info\": \"namespace attribute changed\""), "{out}");
+    assert!(compact(&out).contains("\"changed_namespaces\":[2]"), "{out}");
+    let listed = &out[out.find("\"namespaces\":").expect("namespaces")..];
+    assert_eq!(numbers(listed, "nsid"), vec![2], "{out}");
+    assert_eq!(numbers(listed, "size_bytes"), vec![4 << 20], "{out}");
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20), (2, 4 << 20)]);
+    ok(&[
+        "nvme", "verify", "--addr", &addr, "--nqn", VOL, "--nsid", "2", "--lba", "0", "--count",
+        "64",
+    ]);
+    let c = q.console();
+    assert!(
+        c.contains("config: generation 200 written to flash copy B (sequence 2)"),
+        "{c}"
+    );
+
+    // Older generation and a tampered bundle: refused, nothing changes.
+    let status_before = ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let one_path = one.to_str().unwrap();
+    let out = run(&["provision", "push", one_path, "--device", &dev, "--key", &key]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rollback refused"),
+        "{out:?}"
+    );
+    let mut t = std::fs::read(&two).unwrap();
+    t[50] ^= 1;
+    std::fs::write(d.path("t.bundle"), &t).unwrap();
+    let out = run(&["provision", "push", &d.p("t.bundle"), "--device", &dev, "--key", &key]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("signature does not verify"),
+        "{out:?}"
+    );
+    let status_after = ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let gen_of = |s: &str| (numbers(s, "generation"), numbers(s, "nsid"));
+    assert_eq!(gen_of(&status_before), (vec![200], vec![1, 2]));
+    assert_eq!(gen_of(&status_after), gen_of(&status_before));
+    let c = q.console();
+    assert!(c.contains("config: push refused: bundle generation 100 is not newer"), "{c}");
+    q.kill();
+
+    // Persisted: the flash holds generation 200 in copy B, and a reboot serves it.
+    let f = std::fs::read(&fl).unwrap();
+    let (a, b) = (
+        &f[flash::ConfigCopy::A.offset()..][..flash::CONFIG_COPY_SIZE],
+        &f[flash::ConfigCopy::B.offset()..][..flash::CONFIG_COPY_SIZE],
+    );
+    let payload = flash::choose_config(a, b).expect("a configuration");
+    assert_eq!(kp::inspect(payload).expect("bundle").generation, 200);
+    assert_eq!(payload, &std::fs::read(&two).unwrap()[..]);
+    let (mut q, addr, _) = boot_flash(&fl, &[]);
+    assert!(
+        q.console()
+            .contains("config: copy B (sequence 2, generation 200) in force"),
+        "{}",
+        q.console()
+    );
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20), (2, 4 << 20)]);
+    q.kill();
+}
