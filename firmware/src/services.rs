@@ -359,20 +359,25 @@ impl Services {
                     &mut ep,
                 );
                 ep.publish(i as u16);
-                let ram_mib: u64 = plan
-                    .namespaces
-                    .iter()
-                    .filter(|n| n.subsystem == nqn)
-                    .map(|n| match n.spec {
-                        NsSpec::Ram(b) => b >> 20,
-                        NsSpec::Drive { .. } => 0,
-                    })
-                    .sum();
+                let what = if plan.source == Source::BootArgs {
+                    let ram_mib: u64 = plan
+                        .namespaces
+                        .iter()
+                        .filter(|n| n.subsystem == nqn)
+                        .map(|n| match n.spec {
+                            NsSpec::Ram(b) => b >> 20,
+                            NsSpec::Drive { .. } => 0,
+                        })
+                        .sum();
+                    format!("{ram_mib} MiB RAM namespace")
+                } else {
+                    let n = served.iter().filter(|(q, _)| *q == nqn).count();
+                    format!("a controller of its {n} namespace(s)")
+                };
                 log::info!(
-                    "pcie-fn{i}: emulated NVMe function on window {:#x}+{} MiB, subsystem {nqn}, {} MiB RAM namespace",
+                    "pcie-fn{i}: emulated NVMe function on window {:#x}+{} MiB, subsystem {nqn}, {what}",
                     bar.base,
                     bar.size >> 20,
-                    ram_mib
                 );
                 functions.push(Emulated {
                     index: i as u16,

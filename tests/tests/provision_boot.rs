@@ -260,12 +260,34 @@ fn a_flashed_bundle_boots_and_serves_plain_and_encrypted_namespaces() {
         .collect();
     std::fs::write(d.path("marker"), &marker).unwrap();
     ok(&[
-        "nvme", "write", "--addr", &addr, "--nqn", VOL, "--nsid", "2", "--lba", "64", "-i",
+        "nvme",
+        "write",
+        "--addr",
+        &addr,
+        "--nqn",
+        VOL,
+        "--nsid",
+        "2",
+        "--lba",
+        "64",
+        "-i",
         &d.p("marker"),
     ]);
     ok(&[
-        "nvme", "read", "--addr", &addr, "--nqn", VOL, "--nsid", "2", "--lba", "64", "--count",
-        "8", "-o", &d.p("back"),
+        "nvme",
+        "read",
+        "--addr",
+        &addr,
+        "--nqn",
+        VOL,
+        "--nsid",
+        "2",
+        "--lba",
+        "64",
+        "--count",
+        "8",
+        "-o",
+        &d.p("back"),
     ]);
     assert_eq!(std::fs::read(d.path("back")).unwrap(), marker);
     q.kill();
@@ -288,7 +310,10 @@ fn a_damaged_or_refused_newer_copy_falls_back_to_the_older_one() {
         &d,
         "two.bundle",
         20,
-        &[("{ ram = \"8MiB\" }", "none"), ("{ ram = \"4MiB\" }", "none")],
+        &[
+            ("{ ram = \"8MiB\" }", "none"),
+            ("{ ram = \"4MiB\" }", "none"),
+        ],
     );
     let fl = flash_with(&d, &[&one, &two]);
 
@@ -335,10 +360,23 @@ fn tampered_wrong_key_and_unsigned_bundles_are_refused_for_the_boot_arguments() 
 
     // Signed with another provisioning key.
     ok(&["keygen", "-o", &d.p("other.key")]);
-    std::fs::write(d.path("o.toml"), description(&[("{ ram = \"8MiB\" }", "none")])).unwrap();
+    std::fs::write(
+        d.path("o.toml"),
+        description(&[("{ ram = \"8MiB\" }", "none")]),
+    )
+    .unwrap();
     ok(&[
-        "provision", "build", &d.p("o.toml"), "--key", &d.p("other.key"), "--device-key",
-        dev_device_key().to_str().unwrap(), "--generation", "5", "-o", &d.p("other.bundle"),
+        "provision",
+        "build",
+        &d.p("o.toml"),
+        "--key",
+        &d.p("other.key"),
+        "--device-key",
+        dev_device_key().to_str().unwrap(),
+        "--generation",
+        "5",
+        "-o",
+        &d.p("other.bundle"),
     ]);
     let other = std::fs::read(d.path("other.bundle")).unwrap();
     // Unsigned: the signature zeroed.
@@ -387,7 +425,15 @@ fn tampered_wrong_key_and_unsigned_bundles_are_refused_for_the_boot_arguments() 
 fn start_watch(addr: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(keelctl())
         .args([
-            "nvme", "watch", "--addr", addr, "--nqn", VOL, "--json", "--timeout", "120",
+            "nvme",
+            "watch",
+            "--addr",
+            addr,
+            "--nqn",
+            VOL,
+            "--json",
+            "--timeout",
+            "120",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -466,8 +512,14 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
         .read_to_string(&mut out)
         .unwrap();
     assert!(status.success(), "watch: {status}\n{out}");
-    assert!(out.contains("\"info\": \"namespace attribute changed\""), "{out}");
-    assert!(compact(&out).contains("\"changed_namespaces\":[2]"), "{out}");
+    assert!(
+        out.contains("\"info\": \"namespace attribute changed\""),
+        "{out}"
+    );
+    assert!(
+        compact(&out).contains("\"changed_namespaces\":[2]"),
+        "{out}"
+    );
     let listed = &out[out.find("\"namespaces\":").expect("namespaces")..];
     assert_eq!(numbers(listed, "nsid"), vec![2], "{out}");
     assert_eq!(numbers(listed, "size_bytes"), vec![4 << 20], "{out}");
@@ -485,7 +537,15 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     // Older generation and a tampered bundle: refused, nothing changes.
     let status_before = ok(&["status", "--device", &dev, "--key", &key, "--json"]);
     let one_path = one.to_str().unwrap();
-    let out = run(&["provision", "push", one_path, "--device", &dev, "--key", &key]);
+    let out = run(&[
+        "provision",
+        "push",
+        one_path,
+        "--device",
+        &dev,
+        "--key",
+        &key,
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("rollback refused"),
@@ -494,7 +554,15 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     let mut t = std::fs::read(&two).unwrap();
     t[50] ^= 1;
     std::fs::write(d.path("t.bundle"), &t).unwrap();
-    let out = run(&["provision", "push", &d.p("t.bundle"), "--device", &dev, "--key", &key]);
+    let out = run(&[
+        "provision",
+        "push",
+        &d.p("t.bundle"),
+        "--device",
+        &dev,
+        "--key",
+        &key,
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("signature does not verify"),
@@ -505,7 +573,10 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     assert_eq!(gen_of(&status_before), (vec![200], vec![1, 2]));
     assert_eq!(gen_of(&status_after), gen_of(&status_before));
     let c = q.console();
-    assert!(c.contains("config: push refused: bundle generation 100 is not newer"), "{c}");
+    assert!(
+        c.contains("config: push refused: bundle generation 100 is not newer"),
+        "{c}"
+    );
     q.kill();
 
     // Persisted: the flash holds generation 200 in copy B, and a reboot serves it.
@@ -525,5 +596,98 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
         q.console()
     );
     assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20), (2, 4 << 20)]);
+    q.kill();
+}
+
+#[test]
+fn a_provisioned_function_network_and_management_key_are_applied() {
+    let d = Dir::new("function");
+    ok(&["keygen", "-o", &d.p("op.key"), "--no-device-key"]);
+    let op_pub = std::fs::read_to_string(d.path("op.key.pub")).unwrap();
+    let toml = format!(
+        "[network]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n\n\
+         [[subsystem]]\nnqn = \"{VOL}\"\nmodel = \"Provisioned volume\"\n\n\
+         [[namespace]]\nsubsystem = \"{VOL}\"\nbackend = {{ ram = \"8MiB\" }}\nfunction = 0\n\n\
+         [[namespace]]\nsubsystem = \"{VOL}\"\nbackend = {{ ram = \"4MiB\" }}\n\n\
+         [management]\nport = 7000\nauthorized_key = \"{}\"\n",
+        op_pub.trim()
+    );
+    std::fs::write(d.path("f.toml"), toml).unwrap();
+    ok(&[
+        "provision",
+        "build",
+        &d.p("f.toml"),
+        "--key",
+        dev_key().to_str().unwrap(),
+        "--device-key",
+        dev_device_key().to_str().unwrap(),
+        "--generation",
+        "7",
+        "-o",
+        &d.p("f.bundle"),
+    ]);
+    let fl = flash_with(&d, &[&d.path("f.bundle")]);
+    let window = d.path("win0");
+    std::fs::File::create(&window)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("window");
+    let (mut q, addr, dev) = boot_flash(&fl, &["--window", window.to_str().unwrap()]);
+    let c = q.console();
+    assert!(
+        c.contains(&format!(
+            "subsystem {VOL}, a controller of its 2 namespace(s)"
+        )),
+        "{c}"
+    );
+    assert!(
+        c.contains("pcie-fn0: emulated NVMe function on window"),
+        "{c}"
+    );
+    // Static address: no DHCP, and the NVMe/TCP port is reachable on it.
+    assert!(!c.contains("net: DHCP address"), "{c}");
+    assert!(c.contains("nvme/tcp 10.0.2.15:4420"), "{c}");
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20), (2, 4 << 20)]);
+    // The function is a controller of the subsystem that names it: it sees both namespaces.
+    let out = Command::new(keelctl())
+        .args(["host", "--window", window.to_str().unwrap(), "identify"])
+        .output()
+        .expect("keelctl host");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        &format!("subnqn    {VOL}")[..],
+        "mn        Provisioned volume",
+        "Namespace 1",
+        "Namespace 2",
+    ] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+    // Management answers the bundle's key, not the provisioning key.
+    let s = ok(&[
+        "status",
+        "--device",
+        &dev,
+        "--key",
+        &d.p("op.key"),
+        "--json",
+    ]);
+    assert_eq!(numbers(&s, "generation"), vec![7], "{s}");
+    let refused = run(&[
+        "status",
+        "--device",
+        &dev,
+        "--key",
+        dev_key().to_str().unwrap(),
+        "--timeout",
+        "10",
+    ]);
+    assert!(
+        !refused.status.success(),
+        "the provisioning key must not be accepted"
+    );
     q.kill();
 }

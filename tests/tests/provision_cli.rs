@@ -154,7 +154,7 @@ backend = {{ ram = "256MiB" }}
 encryption = "none"
 
 [management]
-port = 9000
+port = 7000
 authorized_key = "{pubkey}"
 "#
     )
@@ -240,8 +240,8 @@ fn check_names_the_line_and_the_field() {
             "serial = \"KEEL0001KEEL0001KEEL0001\"",
             "line 7: subsystem[0].serial",
         ),
-        ("port = 9000", "port = 4420", "line 21: management.port"),
-        ("port = 9000", "prot = 9000", "line 21: prot"),
+        ("port = 7000", "port = 4420", "line 21: management.port"),
+        ("port = 7000", "prot = 7000", "line 21: prot"),
         ("dhcp = true ", "dhcp = 1 ", "line 3: dhcp"),
         (
             "subsystem = \"nqn.2026-11.dev.keel:vol0\"\nbackend = { ram",

@@ -96,6 +96,19 @@
 //! The copy in force is the valid one with the highest sequence number ([`choose_config`]);
 //! a new configuration overwrites the other copy with the next sequence number
 //! ([`next_config_write`]), so a torn write leaves the previous configuration in force.
+//!
+//! # Device identity (QEMU `virt` pflash bank 1)
+//!
+//! The device key lives in a 64-byte identity block at offset 0 of pflash bank 1
+//! ([`identity`]: magic `KEELIDNT`, version, key, CRC32C), written by `keelctl provision
+//! identity`. That is the QEMU stand-in: a real DPU keeps its device key in OTP/eFuses or a
+//! secure element that software able to read the flash cannot read.
+//!
+//! # Live changes
+//!
+//! [`diff()`] says what a pushed description changes against the one in force: namespaces
+//! added to or removed from running subsystems are applied live, everything else is
+//! reported as taking effect at the next boot.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
