@@ -205,7 +205,8 @@ impl Services {
             match build_namespace(&new, &n, many, &mut self.drives, &mut self.shared) {
                 Some(c) => built.push((n, c)),
                 None => needs_reboot.push(format!(
-                    "namespace {} of {}: its backend cannot be opened while running",
+                    "namespace {} of {}: not served, its backend could not be opened (see the \
+                     device console)",
                     n.nsid, n.subsystem
                 )),
             }

@@ -21,6 +21,12 @@ use linked_list_allocator::LockedHeap;
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
 
+/// Bytes free on the heap now (large allocations are checked against it first: an
+/// allocation failure would end the firmware).
+pub fn heap_free() -> usize {
+    HEAP.lock().free()
+}
+
 /// What the services are built from.
 #[allow(dead_code, reason = "used by the services that grow on it")]
 pub struct Platform {

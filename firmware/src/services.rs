@@ -80,7 +80,20 @@ pub fn dma_region(len: usize) -> &'static mut [u8] {
     &mut raw[skip..skip + len]
 }
 
+/// Heap kept free when a RAM namespace is made (buffers, connections, later pushes).
+const HEAP_RESERVE: u64 = 32 << 20;
+
 fn ram(bytes: u64, block_size: u32) -> Option<Box<dyn BlockBackend>> {
+    let free = crate::platform::heap_free() as u64;
+    if bytes.saturating_add(HEAP_RESERVE) > free {
+        log::error!(
+            "storage: RAM namespace of {} MiB does not fit the free heap ({} MiB, {} MiB kept in reserve)",
+            bytes >> 20,
+            free >> 20,
+            HEAP_RESERVE >> 20
+        );
+        return None;
+    }
     match RamBackend::new(block_size, bytes / u64::from(block_size), BACKEND_DEPTH) {
         Ok(r) => Some(Box::new(r)),
         Err(e) => {

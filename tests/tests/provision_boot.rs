@@ -689,5 +689,44 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
         !refused.status.success(),
         "the provisioning key must not be accepted"
     );
+
+    // A push whose new namespace cannot be built (512 GiB of RAM on a 1 GiB machine): the
+    // firmware says why and keeps serving; the rest of the push applies.
+    let big = format!(
+        "{}\n[[namespace]]\nsubsystem = \"{VOL}\"\nnsid = 3\nbackend = {{ ram = \"512GiB\" }}\n",
+        std::fs::read_to_string(d.path("f.toml")).unwrap()
+    );
+    std::fs::write(d.path("big.toml"), big).unwrap();
+    ok(&[
+        "provision",
+        "build",
+        &d.p("big.toml"),
+        "--key",
+        dev_key().to_str().unwrap(),
+        "--device-key",
+        dev_device_key().to_str().unwrap(),
+        "--generation",
+        "8",
+        "-o",
+        &d.p("big.bundle"),
+    ]);
+    let report = ok(&[
+        "provision",
+        "push",
+        &d.p("big.bundle"),
+        "--device",
+        &dev,
+        "--key",
+        &d.p("op.key"),
+    ]);
+    assert!(report.contains("namespace 3 of"), "{report}");
+    assert!(report.contains("not served"), "{report}");
+    assert!(
+        q.console()
+            .contains("storage: RAM namespace of 524288 MiB does not fit the free heap"),
+        "{}",
+        q.console()
+    );
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20), (2, 4 << 20)]);
     q.kill();
 }
