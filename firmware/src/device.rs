@@ -150,7 +150,8 @@ impl Services {
                 && !o.same_backend(n)
             {
                 needs_reboot.push(format!(
-                    "namespace {} of {}: data key changed",
+                    "namespace {} of {}: data key changed: from the next boot its present \
+                     data reads back as noise (build with --keep-keys-from to keep the key)",
                     n.nsid, n.subsystem
                 ));
             }

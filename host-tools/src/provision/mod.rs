@@ -50,6 +50,12 @@ pub enum ProvisionCmd {
         /// Generation number (default: the current time in seconds, so it only increases).
         #[arg(long)]
         generation: Option<u64>,
+        /// Keep the data keys of the previous bundle (the one the device runs) for encrypted
+        /// namespaces it already has with the same subsystem, NSID and cipher; without it every
+        /// build draws new keys, and the device reads such a namespace's old data as noise
+        /// after its next boot (a crypto-erase).
+        #[arg(long, value_name = "PREVIOUS_BUNDLE")]
+        keep_keys_from: Option<PathBuf>,
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
@@ -159,6 +165,47 @@ pub fn default_generation() -> u64 {
         .map_or(1, |d| d.as_secs())
 }
 
+/// Data keys for `new`: the key of the same encrypted namespace (subsystem, NSID, cipher) in
+/// `old`, else a fresh one. Returns them and how many were kept.
+pub fn carried_keys(
+    new: &Device,
+    old: &keel_provision::Config,
+    rng: &mut dyn FnMut(&mut [u8]),
+) -> (Vec<Option<keel_provision::DataKey>>, usize) {
+    let mut kept = 0;
+    let keys = new
+        .namespaces
+        .iter()
+        .map(|n| {
+            let len = n.encryption.key_len();
+            if len == 0 {
+                return None;
+            }
+            let same = old
+                .device
+                .namespaces
+                .iter()
+                .zip(&old.keys)
+                .find(|(o, _)| {
+                    o.subsystem == n.subsystem && o.nsid == n.nsid && o.encryption == n.encryption
+                })
+                .and_then(|(_, k)| k.clone());
+            match same {
+                Some(k) => {
+                    kept += 1;
+                    Some(k)
+                }
+                None => {
+                    let mut b = vec![0u8; len];
+                    rng(&mut b);
+                    Some(keel_provision::DataKey::from_bytes(b))
+                }
+            }
+        })
+        .collect();
+    (keys, kept)
+}
+
 /// A 64 MiB flash bank image (erased: 0xFF) holding the identity block of `key` at offset 0.
 pub fn identity_image(key: &keel_provision::DeviceKey) -> Vec<u8> {
     let mut image = vec![0xffu8; keel_provision::flash::FLASH_SIZE];
@@ -179,14 +226,34 @@ pub fn run(cmd: &ProvisionCmd, out: &mut dyn Write) -> Result<()> {
             key,
             device_key,
             generation,
+            keep_keys_from,
             output,
         } => {
             let d = load_description(file)?;
             let signing = keys::read_signing_key(key)?;
             let dk = keys::read_device_key(device_key)?;
             let generation = generation.unwrap_or_else(default_generation);
-            let bytes = keel_provision::build(&d, generation, &signing, &dk, &mut keys::os_random)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let bytes = match keep_keys_from {
+                None => keel_provision::build(&d, generation, &signing, &dk, &mut keys::os_random),
+                Some(prev) => {
+                    let old = std::fs::read(prev)
+                        .with_context(|| format!("reading {}", prev.display()))?;
+                    let old =
+                        keel_provision::verify_and_open(&old, &signing.verifying_key(), &dk, 0)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", prev.display()))?;
+                    let (data_keys, kept) = carried_keys(&d, &old, &mut keys::os_random);
+                    writeln!(out, "data keys kept from {}: {kept}", prev.display())?;
+                    keel_provision::build_with_keys(
+                        &d,
+                        generation,
+                        &signing,
+                        &dk,
+                        &data_keys,
+                        &mut keys::os_random,
+                    )
+                }
+            }
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             std::fs::write(output, &bytes)
                 .with_context(|| format!("writing {}", output.display()))?;
             writeln!(
@@ -237,6 +304,54 @@ pub fn run(cmd: &ProvisionCmd, out: &mut dyn Write) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::keys;
+
+    #[test]
+    fn rebuilt_bundles_keep_the_data_keys_of_unchanged_namespaces() {
+        use keel_provision::ed25519_dalek::SigningKey;
+        let ns = |nsid: u32, enc: &str| {
+            format!(
+                "\n[[namespace]]\nsubsystem = \"nqn.2026-11.dev.keel:v\"\nnsid = {nsid}\n\
+                 backend = {{ ram = \"1MiB\" }}\nencryption = \"{enc}\"\n"
+            )
+        };
+        let head = "[network]\ndhcp = true\n[[subsystem]]\nnqn = \"nqn.2026-11.dev.keel:v\"\n";
+        let old = keel_provision::parse_toml(&format!(
+            "{head}{}{}",
+            ns(1, "aes-256-xts"),
+            ns(2, "aes-128-xts")
+        ))
+        .unwrap();
+        let new = keel_provision::parse_toml(&format!(
+            "{head}{}{}{}",
+            ns(1, "aes-256-xts"),
+            ns(2, "aes-256-xts"),
+            ns(3, "none")
+        ))
+        .unwrap();
+        let sk = SigningKey::from_bytes(&[3; 32]);
+        let dk = keel_provision::DeviceKey::from_bytes([4; 32]);
+        let mut rng = |b: &mut [u8]| keys::os_random(b);
+        let old_bundle = keel_provision::build(&old, 1, &sk, &dk, &mut rng).unwrap();
+        let old_cfg =
+            keel_provision::verify_and_open(&old_bundle, &sk.verifying_key(), &dk, 0).unwrap();
+        let (k, kept) = super::carried_keys(&new, &old_cfg, &mut rng);
+        assert_eq!(kept, 1);
+        assert_eq!(
+            k[0], old_cfg.keys[0],
+            "same namespace, same cipher: same key"
+        );
+        assert_eq!(
+            k[1].as_ref().map(|k| k.len()),
+            Some(64),
+            "cipher changed: new key"
+        );
+        assert!(k[2].is_none());
+        let b = keel_provision::build_with_keys(&new, 2, &sk, &dk, &k, &mut rng).unwrap();
+        let c = keel_provision::verify_and_open(&b, &sk.verifying_key(), &dk, 1).unwrap();
+        assert_eq!(c.keys[0], old_cfg.keys[0]);
+    }
+
     #[test]
     fn identity_image_holds_the_device_key_at_offset_0() {
         let key = keel_provision::DeviceKey::from_bytes([0x5a; 32]);
