@@ -5,7 +5,8 @@
 //! older one; a bundle that is tampered with, signed with another key or unsigned is refused
 //! with a console message and the boot arguments are used; a live push adds a namespace that an
 //! already connected host sees (`keelctl nvme watch`), is persisted in flash and survives a
-//! reboot, while an older or tampered bundle is refused and the configuration stays.
+//! reboot, while an older or tampered bundle is refused and the configuration stays; a later
+//! push removes the namespace live (the host hears of it) and overwrites the older copy.
 //!
 //! The firmware trusts the development provisioning key (`qemu/dev-keys`), and `qemu/run`
 //! attaches the development device identity to flash boots.
@@ -588,7 +589,7 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     let payload = flash::choose_config(a, b).expect("a configuration");
     assert_eq!(kp::inspect(payload).expect("bundle").generation, 200);
     assert_eq!(payload, &std::fs::read(&two).unwrap()[..]);
-    let (mut q, addr, _) = boot_flash(&fl, &[]);
+    let (mut q, addr, dev2) = boot_flash(&fl, &[]);
     assert!(
         q.console()
             .contains("config: copy B (sequence 2, generation 200) in force"),
@@ -596,6 +597,48 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
         q.console()
     );
     assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20), (2, 4 << 20)]);
+
+    // Generation 300 drops namespace 2: removed live (a connected host hears of it), written
+    // over the older copy A with sequence 3.
+    let three = bundle(&d, "three.bundle", 300, &[("{ ram = \"8MiB\" }", "none")]);
+    let (mut watch, _lines) = start_watch(&addr);
+    let report = ok(&[
+        "provision",
+        "push",
+        three.to_str().unwrap(),
+        "--device",
+        &dev2,
+        "--key",
+        &key,
+    ]);
+    assert!(report.contains("generation 300"), "{report}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while watch.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("keelctl nvme watch saw no removal:\n{}", q.console());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    watch
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        compact(&out).contains("\"changed_namespaces\":[2]"),
+        "{out}"
+    );
+    assert!(compact(&out).contains("\"namespaces\":[]"), "{out}");
+    assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20)]);
+    assert!(
+        q.console()
+            .contains("config: generation 300 written to flash copy A (sequence 3)"),
+        "{}",
+        q.console()
+    );
     q.kill();
 }
 
