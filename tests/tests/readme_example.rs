@@ -44,7 +44,11 @@ fn readme_shows_the_example_file() {
         file,
         "README's device description must be {EXAMPLE}, which the next test boots"
     );
-    let out = keelctl_ok(&["provision", "check", &root().join(EXAMPLE).display().to_string()]);
+    let out = keelctl_ok(&[
+        "provision",
+        "check",
+        &root().join(EXAMPLE).display().to_string(),
+    ]);
     assert!(
         out.contains("1 subsystem(s), 2 namespace(s) (1 encrypted)"),
         "{out}"
@@ -100,8 +104,14 @@ fn the_example_boots_and_serves_its_namespaces() {
         "--json",
     ]);
     assert_eq!(status.matches("\"nsid\"").count(), 2, "{status}");
-    assert!(status.contains("\"encryption\": \"aes-256-xts\""), "{status}");
-    assert!(status.contains("\"config_source\": \"flash copy"), "{status}");
+    assert!(
+        status.contains("\"encryption\": \"aes-256-xts\""),
+        "{status}"
+    );
+    assert!(
+        status.contains("\"config_source\": \"flash copy"),
+        "{status}"
+    );
     // Each namespace saw the 64 blocks written by verify.
     assert!(!status.contains("\"writes\": 0,"), "{status}");
 }
