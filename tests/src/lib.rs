@@ -3,7 +3,7 @@
 //! console and kills its own QEMU by PID when a test ends or times out.
 #![warn(missing_docs)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -107,6 +107,97 @@ pub fn keelctl() -> PathBuf {
         dir.join("debug/keelctl")
     })
     .clone()
+}
+
+/// Bound on one `keelctl` run (TCG on a loaded 2-core machine).
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What one `keelctl` run did.
+pub struct Run {
+    /// Its exit code (-1: killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `keelctl ARGS` (in `dir` when given), killing it after [`RUN_TIMEOUT`]; echoes the
+/// command and its output to the test log.
+pub fn run_keelctl(dir: Option<&Path>, args: &[&str]) -> Run {
+    let mut cmd = Command::new(keelctl());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd.spawn().expect("starting keelctl");
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ]
+    .into_iter()
+    .map(|mut r| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    })
+    .collect();
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for keelctl") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keelctl {args:?} did not finish within {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = readers.into_iter().map(|h| h.join().unwrap_or_default());
+    let r = Run {
+        code: status.code().unwrap_or(-1),
+        stdout: out.next().unwrap_or_default(),
+        stderr: out.next().unwrap_or_default(),
+    };
+    eprintln!("$ keelctl {}\n{r:?}", args.join(" "));
+    r
+}
+
+/// Runs `keelctl ARGS`, which must succeed; returns its standard output.
+pub fn keelctl_ok(args: &[&str]) -> String {
+    let r = run_keelctl(None, args);
+    assert_eq!(r.code, 0, "keelctl {args:?} failed: {r:?}");
+    r.stdout
+}
+
+/// Builds the release `keelctl` that `qemu/run --config/--bundle` packs and flashes with,
+/// so that a boot's timeout does not include the build.
+pub fn build_release_keelctl() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "-q", "--release", "-p", "keel-host-tools"])
+            .status()
+            .expect("running cargo");
+        assert!(status.success(), "building the release keelctl failed");
+    });
 }
 
 /// A running QEMU with the firmware.

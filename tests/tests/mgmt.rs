@@ -9,9 +9,12 @@
 
 use keel_host_tools::nvme::{Controller, Params, hostid_for};
 use keel_nvmf_tcp::Digests;
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, root};
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, ScratchFile, build_release_keelctl, free_port, keelctl_ok, root,
+    run_keelctl,
+};
 use std::io::{Read, Write};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 fn dev_key() -> String {
@@ -19,27 +22,6 @@ fn dev_key() -> String {
         .join("qemu/dev-keys/provision.key")
         .display()
         .to_string()
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(keelctl())
-        .args(args)
-        .output()
-        .expect("running keelctl");
-    eprintln!(
-        "keelctl {}: {}\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout_ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(out.status.success(), "keelctl {args:?} failed");
-    String::from_utf8(out.stdout).expect("UTF-8")
 }
 
 /// The number after `"field": ` at its first occurrence after `after`.
@@ -88,7 +70,7 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
     let key = dev_key();
 
     // Status as a table.
-    let text = stdout_ok(&["status", "--device", &dev, "--key", &key]);
+    let text = keelctl_ok(&["status", "--device", &dev, "--key", &key]);
     for want in [
         "board:       qemu-virt",
         "config:      generation 0 from boot arguments",
@@ -100,17 +82,17 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
     }
 
     // JSON, then a write through NVMe/TCP, then JSON again: the counters moved.
-    let before = stdout_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let before = keelctl_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
     assert!(before.contains("\"board\": \"qemu-virt\""), "{before}");
     let w0 = json_u64(&before, "\"nsid\": 1", "writes");
     let b0 = json_u64(&before, "\"nsid\": 1", "write_bytes");
     let data = ScratchFile::new("mgmt-write.bin", 0);
     std::fs::write(data.path(), vec![0xa5u8; 8192]).unwrap();
     let p = data.path().display().to_string();
-    stdout_ok(&[
+    keelctl_ok(&[
         "nvme", "write", "--addr", &nvmf, "--nsid", "1", "--lba", "8", "-i", &p,
     ]);
-    let after = stdout_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let after = keelctl_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
     let w1 = json_u64(&after, "\"nsid\": 1", "writes");
     let b1 = json_u64(&after, "\"nsid\": 1", "write_bytes");
     assert!(w1 > w0, "writes {w0} -> {w1}");
@@ -135,7 +117,7 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
     ctrl.set_io_queues(2).unwrap();
     let q1 = ctrl.io_queue(1, 16).unwrap();
     let q2 = ctrl.io_queue(2, 16).unwrap();
-    let text = stdout_ok(&["status", "--device", &dev, "--key", &key]);
+    let text = keelctl_ok(&["status", "--device", &dev, "--key", &key]);
     assert!(
         text.contains("connections: 3 NVMe/TCP, 1 controller(s)"),
         "{text}"
@@ -145,7 +127,7 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
         .find(|l| l.contains(host))
         .unwrap_or_else(|| panic!("no controller row in:\n{text}"));
     assert!(row.contains(" tcp ") && row.contains(" 2 "), "{row}");
-    let m = stdout_ok(&["metrics", "--device", &dev]);
+    let m = keelctl_ok(&["metrics", "--device", &dev]);
     assert!(
         m.contains(&format!("transport=\"tcp\",host=\"{host}\"}} 2\n")),
         "{m}"
@@ -155,7 +137,7 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
     // A captured request, replayed on a new connection, is refused.
     let saved = ScratchFile::new("mgmt-status.req", 0);
     let sp = saved.path().display().to_string();
-    stdout_ok(&[
+    keelctl_ok(&[
         "status",
         "--device",
         &dev,
@@ -164,9 +146,9 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
         "--save-request",
         &sp,
     ]);
-    let out = run(&["mgmt", "replay", &sp, "--device", &dev]);
-    assert_eq!(out.status.code(), Some(1), "the replay was not refused");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("bad signature"));
+    let out = run_keelctl(None, &["mgmt", "replay", &sp, "--device", &dev]);
+    assert_eq!(out.code, 1, "the replay was not refused");
+    assert!(out.stdout.contains("bad signature"));
     q.wait_for("mgmt: request refused", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
 
@@ -174,11 +156,12 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
     let other = ScratchFile::new("mgmt-other.key", 0);
     let _ = std::fs::remove_file(other.path());
     let op = other.path().display().to_string();
-    stdout_ok(&["keygen", "-o", &op, "--no-device-key"]);
-    let out = run(&["status", "--device", &dev, "--key", &op]);
-    assert_eq!(out.status.code(), Some(1));
+    keelctl_ok(&["keygen", "-o", &op, "--no-device-key"]);
+    let out = run_keelctl(None, &["status", "--device", &dev, "--key", &op]);
+    assert_eq!(out.code, 1);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("device refused the request (bad signature)"),
+        out.stderr
+            .contains("device refused the request (bad signature)"),
         "wrong-key request not refused as such"
     );
     let _ = std::fs::remove_file(format!("{op}.pub"));
@@ -187,15 +170,18 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
     let junk = ScratchFile::new("mgmt-junk.bundle", 0);
     std::fs::write(junk.path(), b"definitely not a bundle").unwrap();
     let jp = junk.path().display().to_string();
-    let out = run(&["provision", "push", &jp, "--device", &dev, "--key", &key]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = run_keelctl(
+        None,
+        &["provision", "push", &jp, "--device", &dev, "--key", &key],
+    );
+    assert_eq!(out.code, 1);
+    let err = &out.stderr;
     assert!(err.contains("the device refused the bundle"), "{err}");
-    let now = stdout_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let now = keelctl_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
     assert!(now.contains("\"generation\": 0"), "{now}");
 
     // Metrics: promtool's checker accepts them; the write shows.
-    let metrics = stdout_ok(&["metrics", "--device", &dev]);
+    let metrics = keelctl_ok(&["metrics", "--device", &dev]);
     assert!(
         metrics.contains(&format!(
             "keel_namespace_written_bytes_total{{subsystem=\"nqn.2026-11.dev.keel:default\",namespace=\"1\",transport=\"tcp\"}} {b1}"
@@ -250,7 +236,7 @@ fn reboot_answers_then_boots_again() {
     // -action reboot=reset overrides qemu/run's -no-reboot: the reset boots the firmware again.
     let (mut q, dev, _) = boot(&["--", "-action", "reboot=reset"]);
     let key = dev_key();
-    let out = stdout_ok(&["reboot", "--device", &dev, "--key", &key]);
+    let out = keelctl_ok(&["reboot", "--device", &dev, "--key", &key]);
     assert!(out.contains("rebooting"), "{out}");
     q.wait_for("mgmt: reboot requested", Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -259,9 +245,12 @@ fn reboot_answers_then_boots_again() {
     // The new boot answers (with a fresh challenge, like any connection).
     let mut text = String::new();
     for _ in 0..20 {
-        let o = run(&["status", "--device", &dev, "--key", &key, "--timeout", "5"]);
-        if o.status.success() {
-            text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let o = run_keelctl(
+            None,
+            &["status", "--device", &dev, "--key", &key, "--timeout", "5"],
+        );
+        if o.code == 0 {
+            text = o.stdout.clone();
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -321,9 +310,9 @@ fn hostile_clients_do_not_lock_the_operator_out() {
         "still open after 3 failures"
     );
     // The operator still gets in, and an HTTP client too.
-    let text = stdout_ok(&["status", "--device", &dev, "--key", &key]);
+    let text = keelctl_ok(&["status", "--device", &dev, "--key", &key]);
     assert!(text.contains("qemu-virt"));
-    assert!(stdout_ok(&["metrics", "--device", &dev]).contains("keel_up 1"));
+    assert!(keelctl_ok(&["metrics", "--device", &dev]).contains("keel_up 1"));
     drop(idle);
     let c = q.console();
     assert!(c.contains("the least active one is reset"), "{c}");
@@ -358,14 +347,7 @@ fn push_through_keelctl_applies_and_refuses_an_old_generation() {
     let bundle = ScratchFile::new("mgmt-two.bundle", 0);
     let bp = bundle.path().display().to_string();
 
-    // qemu/run packs and flashes with the release keelctl: build it first, so the boot
-    // timeout does not include the build.
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
-        .args(["build", "-q", "--release", "-p", "keel-host-tools"])
-        .status()
-        .expect("running cargo");
-    assert!(status.success(), "building the release keelctl failed");
+    build_release_keelctl();
     let mport = free_port();
     let mut q = Qemu::start(&[
         "--elf".to_string(),
@@ -379,7 +361,7 @@ fn push_through_keelctl_applies_and_refuses_an_old_generation() {
         .unwrap_or_else(|e| panic!("{e}"));
     let dev = format!("127.0.0.1:{mport}");
 
-    let before = stdout_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let before = keelctl_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
     let generation = json_u64(&before, "", "generation");
     assert!(generation > 0, "{before}");
     assert!(
@@ -390,7 +372,7 @@ fn push_through_keelctl_applies_and_refuses_an_old_generation() {
 
     // A newer generation with one more namespace: applied live and reported.
     let next = (generation + 1).to_string();
-    stdout_ok(&[
+    keelctl_ok(&[
         "provision",
         "build",
         &two.path().display().to_string(),
@@ -403,7 +385,7 @@ fn push_through_keelctl_applies_and_refuses_an_old_generation() {
         "-o",
         &bp,
     ]);
-    let report = stdout_ok(&["provision", "push", &bp, "--device", &dev, "--key", &key]);
+    let report = keelctl_ok(&["provision", "push", &bp, "--device", &dev, "--key", &key]);
     assert!(
         report.contains(&format!("applied: generation {next} now in force")),
         "{report}"
@@ -412,7 +394,7 @@ fn push_through_keelctl_applies_and_refuses_an_old_generation() {
         report.contains(&format!("added: {VOL} namespace 2")),
         "{report}"
     );
-    let after = stdout_ok(&["status", "--device", &dev, "--key", &key]);
+    let after = keelctl_ok(&["status", "--device", &dev, "--key", &key]);
     assert!(
         after.contains(&format!("config:      generation {next} from push")),
         "{after}"
@@ -420,11 +402,14 @@ fn push_through_keelctl_applies_and_refuses_an_old_generation() {
     assert!(after.contains("namespaces (2)"), "{after}");
 
     // The same bundle again: not newer, refused with the device's message; nothing changes.
-    let out = run(&["provision", "push", &bp, "--device", &dev, "--key", &key]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = run_keelctl(
+        None,
+        &["provision", "push", &bp, "--device", &dev, "--key", &key],
+    );
+    assert_eq!(out.code, 1);
+    let err = &out.stderr;
     assert!(err.contains("the device refused the bundle"), "{err}");
-    let again = stdout_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let again = keelctl_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
     assert_eq!(json_u64(&again, "", "generation"), generation + 1);
     assert_eq!(again.matches("\"nsid\"").count(), 2, "{again}");
 }

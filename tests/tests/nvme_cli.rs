@@ -3,73 +3,19 @@
 //! needs the exact NVMe status. Every QEMU and every `keelctl` run is bounded in time.
 
 use keel_host_tools::nvme::{Controller, IoKind, NvmeError, Params, default_host_identity};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl};
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, run_keelctl};
+use std::time::Duration;
 
 const SUBNQN: &str = "nqn.2026-11.dev.keel:default";
 const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 /// The default namespace: 256 MiB of 512-byte blocks.
 const NSZE: u64 = (256 << 20) / 512;
-/// Bound on one `keelctl` run (TCG on a loaded 2-core machine).
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `keelctl nvme ARGS`, killing it after [`RUN_TIMEOUT`].
+/// Runs `keelctl nvme ARGS`, killing it after the harness's bound.
 fn nvme(args: &[&str]) -> Run {
-    let mut child = Command::new(keelctl())
-        .arg("nvme")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting keelctl");
-    let readers: Vec<_> = [
-        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().expect("stderr")),
-    ]
-    .into_iter()
-    .map(|mut r| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    })
-    .collect();
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("waiting for keelctl") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("keelctl nvme {args:?} did not finish within {RUN_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = readers.into_iter().map(|h| h.join().unwrap_or_default());
-    let r = Run {
-        code: status.code().unwrap_or(-1),
-        stdout: out.next().unwrap_or_default(),
-        stderr: out.next().unwrap_or_default(),
-    };
-    eprintln!(
-        "$ keelctl nvme {}\n[exit {}]\n{}{}",
-        args.join(" "),
-        r.code,
-        r.stdout,
-        r.stderr
-    );
-    r
+    let mut all = vec!["nvme"];
+    all.extend_from_slice(args);
+    run_keelctl(None, &all)
 }
 
 fn ok(args: &[&str]) -> Run {

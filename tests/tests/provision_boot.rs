@@ -12,15 +12,13 @@
 //! attaches the development device identity to flash boots.
 
 use keel_host_tools::provision::keel_provision::{self as kp, flash};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, free_port, keelctl, root};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, free_port, keelctl, keelctl_ok, root, run_keelctl};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const VOL: &str = "nqn.2026-11.dev.keel:vol0";
-/// Bound on one `keelctl` run.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn dev_key() -> PathBuf {
     root().join("qemu/dev-keys/provision.key")
@@ -59,43 +57,6 @@ impl Drop for Dir {
     }
 }
 
-/// Runs keelctl, bounded in time.
-fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(keelctl())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting keelctl");
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("keelctl {args:?} did not finish within {RUN_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("keelctl output");
-    eprintln!(
-        "keelctl {}: {}\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(out.status.success(), "keelctl {args:?} failed");
-    String::from_utf8(out.stdout).expect("UTF-8")
-}
-
 /// A description of subsystem VOL with these namespaces: (backend TOML, encryption).
 fn description(namespaces: &[(&str, &str)]) -> String {
     let mut t =
@@ -112,7 +73,7 @@ fn description(namespaces: &[(&str, &str)]) -> String {
 fn bundle(d: &Dir, name: &str, generation: u64, namespaces: &[(&str, &str)]) -> PathBuf {
     let toml = d.path(&format!("{name}.toml"));
     std::fs::write(&toml, description(namespaces)).expect("toml");
-    ok(&[
+    keelctl_ok(&[
         "provision",
         "build",
         toml.to_str().unwrap(),
@@ -132,7 +93,7 @@ fn bundle(d: &Dir, name: &str, generation: u64, namespaces: &[(&str, &str)]) -> 
 /// into the configuration area in order.
 fn flash_with(d: &Dir, bundles: &[&Path]) -> PathBuf {
     let elf = keel_tests::image(Build::Release).with_extension("");
-    ok(&[
+    keelctl_ok(&[
         "image",
         "pack",
         elf.to_str().unwrap(),
@@ -141,9 +102,9 @@ fn flash_with(d: &Dir, bundles: &[&Path]) -> PathBuf {
         "-o",
         &d.p("fw.img"),
     ]);
-    ok(&["flash", &d.p("fw.img"), "--to", &d.p("dev.flash")]);
+    keelctl_ok(&["flash", &d.p("fw.img"), "--to", &d.p("dev.flash")]);
     for b in bundles {
-        ok(&["flash", b.to_str().unwrap(), "--to", &d.p("dev.flash")]);
+        keelctl_ok(&["flash", b.to_str().unwrap(), "--to", &d.p("dev.flash")]);
     }
     d.path("dev.flash")
 }
@@ -194,7 +155,7 @@ fn numbers(json: &str, field: &str) -> Vec<u64> {
 
 /// NSIDs and sizes `keelctl nvme identify --json` reports for a subsystem.
 fn namespaces(addr: &str, nqn: &str) -> Vec<(u64, u64)> {
-    let out = ok(&["nvme", "identify", "--addr", addr, "--nqn", nqn, "--json"]);
+    let out = keelctl_ok(&["nvme", "identify", "--addr", addr, "--nqn", nqn, "--json"]);
     let ns = &out[out.find("\"namespaces\"").expect("namespaces")..];
     numbers(ns, "nsid")
         .into_iter()
@@ -247,7 +208,7 @@ fn a_flashed_bundle_boots_and_serves_plain_and_encrypted_namespaces() {
     assert!(!c.contains("using boot arguments"), "{c}");
     assert_eq!(namespaces(&addr, VOL), vec![(1, 32 << 20), (2, 16 << 20)]);
     for nsid in ["1", "2"] {
-        ok(&[
+        keelctl_ok(&[
             "nvme", "verify", "--addr", &addr, "--nqn", VOL, "--nsid", nsid, "--lba", "0",
             "--count", "256",
         ]);
@@ -260,7 +221,7 @@ fn a_flashed_bundle_boots_and_serves_plain_and_encrypted_namespaces() {
         .take(4096)
         .collect();
     std::fs::write(d.path("marker"), &marker).unwrap();
-    ok(&[
+    keelctl_ok(&[
         "nvme",
         "write",
         "--addr",
@@ -274,7 +235,7 @@ fn a_flashed_bundle_boots_and_serves_plain_and_encrypted_namespaces() {
         "-i",
         &d.p("marker"),
     ]);
-    ok(&[
+    keelctl_ok(&[
         "nvme",
         "read",
         "--addr",
@@ -360,13 +321,13 @@ fn tampered_wrong_key_and_unsigned_bundles_are_refused_for_the_boot_arguments() 
     let fl = flash_with(&d, &[]);
 
     // Signed with another provisioning key.
-    ok(&["keygen", "-o", &d.p("other.key")]);
+    keelctl_ok(&["keygen", "-o", &d.p("other.key")]);
     std::fs::write(
         d.path("o.toml"),
         description(&[("{ ram = \"8MiB\" }", "none")]),
     )
     .unwrap();
-    ok(&[
+    keelctl_ok(&[
         "provision",
         "build",
         &d.p("o.toml"),
@@ -420,6 +381,31 @@ fn tampered_wrong_key_and_unsigned_bundles_are_refused_for_the_boot_arguments() 
         );
         q.kill();
     }
+}
+
+/// Waits (60 s at most) for a `keelctl nvme watch` to see its event and exit successfully;
+/// returns what it printed. `what` names the failure.
+fn finish_watch(watch: &mut std::process::Child, q: &Qemu, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = watch.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("keelctl nvme watch saw {what}:\n{}", q.console());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    watch
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "watch: {status}\n{out}");
+    out
 }
 
 /// Starts `keelctl nvme watch --json` and returns once its AER is outstanding.
@@ -483,7 +469,7 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
 
     // A host is connected and waits for an event; the push adds namespace 2.
     let (mut watch, _lines) = start_watch(&addr);
-    let report = ok(&[
+    let report = keelctl_ok(&[
         "provision",
         "push",
         two.to_str().unwrap(),
@@ -494,25 +480,7 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     ]);
     assert!(report.contains("generation 200"), "{report}");
     assert!(report.contains(&format!("{VOL} namespace 2")), "{report}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = watch.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = watch.kill();
-            panic!("keelctl nvme watch saw no event:\n{}", q.console());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut out = String::new();
-    watch
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .unwrap();
-    assert!(status.success(), "watch: {status}\n{out}");
+    let out = finish_watch(&mut watch, &q, "no event");
     assert!(
         out.contains("\"info\": \"namespace attribute changed\""),
         "{out}"
@@ -525,7 +493,7 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     assert_eq!(numbers(listed, "nsid"), vec![2], "{out}");
     assert_eq!(numbers(listed, "size_bytes"), vec![4 << 20], "{out}");
     assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20), (2, 4 << 20)]);
-    ok(&[
+    keelctl_ok(&[
         "nvme", "verify", "--addr", &addr, "--nqn", VOL, "--nsid", "2", "--lba", "0", "--count",
         "64",
     ]);
@@ -536,40 +504,40 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     );
 
     // Older generation and a tampered bundle: refused, nothing changes.
-    let status_before = ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    let status_before = keelctl_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
     let one_path = one.to_str().unwrap();
-    let out = run(&[
-        "provision",
-        "push",
-        one_path,
-        "--device",
-        &dev,
-        "--key",
-        &key,
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("rollback refused"),
-        "{out:?}"
+    let out = run_keelctl(
+        None,
+        &[
+            "provision",
+            "push",
+            one_path,
+            "--device",
+            &dev,
+            "--key",
+            &key,
+        ],
     );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("rollback refused"), "{out:?}");
     let mut t = std::fs::read(&two).unwrap();
     t[50] ^= 1;
     std::fs::write(d.path("t.bundle"), &t).unwrap();
-    let out = run(&[
-        "provision",
-        "push",
-        &d.p("t.bundle"),
-        "--device",
-        &dev,
-        "--key",
-        &key,
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("signature does not verify"),
-        "{out:?}"
+    let out = run_keelctl(
+        None,
+        &[
+            "provision",
+            "push",
+            &d.p("t.bundle"),
+            "--device",
+            &dev,
+            "--key",
+            &key,
+        ],
     );
-    let status_after = ok(&["status", "--device", &dev, "--key", &key, "--json"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("signature does not verify"), "{out:?}");
+    let status_after = keelctl_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
     let gen_of = |s: &str| (numbers(s, "generation"), numbers(s, "nsid"));
     assert_eq!(gen_of(&status_before), (vec![200], vec![1, 2]));
     assert_eq!(gen_of(&status_after), gen_of(&status_before));
@@ -602,7 +570,7 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     // over the older copy A with sequence 3.
     let three = bundle(&d, "three.bundle", 300, &[("{ ram = \"8MiB\" }", "none")]);
     let (mut watch, _lines) = start_watch(&addr);
-    let report = ok(&[
+    let report = keelctl_ok(&[
         "provision",
         "push",
         three.to_str().unwrap(),
@@ -612,21 +580,7 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
         &key,
     ]);
     assert!(report.contains("generation 300"), "{report}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while watch.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = watch.kill();
-            panic!("keelctl nvme watch saw no removal:\n{}", q.console());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut out = String::new();
-    watch
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .unwrap();
+    let out = finish_watch(&mut watch, &q, "no removal");
     assert!(
         compact(&out).contains("\"changed_namespaces\":[2]"),
         "{out}"
@@ -645,7 +599,7 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
 #[test]
 fn a_provisioned_function_network_and_management_key_are_applied() {
     let d = Dir::new("function");
-    ok(&["keygen", "-o", &d.p("op.key"), "--no-device-key"]);
+    keelctl_ok(&["keygen", "-o", &d.p("op.key"), "--no-device-key"]);
     let op_pub = std::fs::read_to_string(d.path("op.key.pub")).unwrap();
     let toml = format!(
         "[network]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n\n\
@@ -656,7 +610,7 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
         op_pub.trim()
     );
     std::fs::write(d.path("f.toml"), toml).unwrap();
-    ok(&[
+    keelctl_ok(&[
         "provision",
         "build",
         &d.p("f.toml"),
@@ -691,16 +645,7 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
     assert!(c.contains("nvme/tcp 10.0.2.15:4420"), "{c}");
     assert_eq!(namespaces(&addr, VOL), vec![(1, 8 << 20), (2, 4 << 20)]);
     // The function is a controller of the subsystem that names it: it sees both namespaces.
-    let out = Command::new(keelctl())
-        .args(["host", "--window", window.to_str().unwrap(), "identify"])
-        .output()
-        .expect("keelctl host");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = keelctl_ok(&["host", "--window", window.to_str().unwrap(), "identify"]);
     for want in [
         &format!("subnqn    {VOL}")[..],
         "mn        Provisioned volume",
@@ -710,7 +655,7 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
         assert!(text.contains(want), "{want:?} missing:\n{text}");
     }
     // Management answers the bundle's key, not the provisioning key.
-    let s = ok(&[
+    let s = keelctl_ok(&[
         "status",
         "--device",
         &dev,
@@ -719,18 +664,24 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
         "--json",
     ]);
     assert_eq!(numbers(&s, "generation"), vec![7], "{s}");
-    let refused = run(&[
-        "status",
-        "--device",
-        &dev,
-        "--key",
-        dev_key().to_str().unwrap(),
-        "--timeout",
-        "10",
-    ]);
+    let refused = run_keelctl(
+        None,
+        &[
+            "status",
+            "--device",
+            &dev,
+            "--key",
+            dev_key().to_str().unwrap(),
+            "--timeout",
+            "10",
+        ],
+    );
+    assert_eq!(refused.code, 1, "the provisioning key must not be accepted");
     assert!(
-        !refused.status.success(),
-        "the provisioning key must not be accepted"
+        refused
+            .stderr
+            .contains("device refused the request (bad signature)"),
+        "{refused:?}"
     );
 
     // A push whose new namespace cannot be built (512 GiB of RAM on a 1 GiB machine): the
@@ -740,7 +691,7 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
         std::fs::read_to_string(d.path("f.toml")).unwrap()
     );
     std::fs::write(d.path("big.toml"), big).unwrap();
-    ok(&[
+    keelctl_ok(&[
         "provision",
         "build",
         &d.p("big.toml"),
@@ -753,7 +704,7 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
         "-o",
         &d.p("big.bundle"),
     ]);
-    let report = ok(&[
+    let report = keelctl_ok(&[
         "provision",
         "push",
         &d.p("big.bundle"),

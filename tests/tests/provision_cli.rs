@@ -4,77 +4,14 @@
 
 use keel_host_tools::provision::keel_provision::{self as kp, BundleError, flash};
 use keel_host_tools::provision::keys;
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, keelctl, root};
-use std::io::Read;
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, Run, root, run_keelctl};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Bound on one `keelctl` run.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The release firmware ELF (built once per test process by the harness).
 fn firmware_elf() -> PathBuf {
     let raw = keel_tests::image(Build::Release);
     raw.with_extension("")
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\nstdout:\n{}\nstderr:\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `keelctl ARGS` in `dir`, killing it after [`RUN_TIMEOUT`].
-fn keelctl_in(dir: &Path, args: &[&str]) -> Run {
-    let mut child = Command::new(keelctl())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting keelctl");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("waiting for keelctl") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("keelctl {args:?} did not finish within {RUN_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        code: status.code().unwrap_or(-1),
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    }
 }
 
 /// A scratch directory under the target directory, removed on drop.
@@ -95,7 +32,7 @@ impl Dir {
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        keelctl_in(&self.0, args)
+        run_keelctl(Some(&self.0), args)
     }
 
     /// Runs and expects success.

@@ -3,27 +3,10 @@
 //! AES-XTS encrypted) over NVMe/TCP and reports them through the management endpoint with the
 //! development key named in the file.
 
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, free_port, keelctl, root};
-use std::process::Command;
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, build_release_keelctl, free_port, keelctl_ok, root};
 
 const EXAMPLE: &str = "qemu/examples/device.toml";
 const VOL: &str = "nqn.2026-11.dev.keel:vol0";
-
-fn keelctl_ok(args: &[&str]) -> String {
-    let out = Command::new(keelctl())
-        .args(args)
-        .output()
-        .expect("running keelctl");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "keelctl {} failed: {}\n{stdout}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 /// The first ```toml block of README's provisioning section.
 fn readme_toml() -> String {
@@ -57,14 +40,7 @@ fn readme_shows_the_example_file() {
 
 #[test]
 fn the_example_boots_and_serves_its_namespaces() {
-    // qemu/run --config packs and flashes with the release keelctl: build it before the boot
-    // clock starts.
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
-        .args(["build", "-q", "--release", "-p", "keel-host-tools"])
-        .status()
-        .expect("running cargo");
-    assert!(status.success(), "building the release keelctl failed");
+    build_release_keelctl();
     let elf = keel_tests::image(Build::Release).with_extension("");
     let nport = free_port();
     let mport = free_port();
