@@ -1,5 +1,6 @@
 //! The network stack: virtio-net, smoltcp (IPv4, ARP, ICMP echo, TCP, DHCPv4), and a pool of
-//! TCP sockets with listeners that are re-armed as soon as a connection takes one.
+//! TCP sockets (created as listeners need them, up to [`MAX_SOCKETS`], then reused) with
+//! listeners that are re-armed as soon as a connection takes one.
 //!
 //! Addressing: DHCPv4 by default (QEMU user networking answers it); `keel.ip=A.B.C.D/N` and
 //! `keel.gw=A.B.C.D` in the boot arguments set a static address instead.
@@ -65,6 +66,8 @@ pub struct NetStack {
     pub sockets: SocketSet<'static>,
     dhcp: Option<SocketHandle>,
     free: Vec<SocketHandle>,
+    /// Sockets created so far (at most [`MAX_SOCKETS`]).
+    created: usize,
     /// Sockets closing, with the time (ns) after which they are reset.
     draining: Vec<(SocketHandle, u64)>,
     listening: Vec<(SocketHandle, u16)>,
@@ -111,19 +114,13 @@ impl NetStack {
                 None
             }
         };
-        let free = (0..MAX_SOCKETS)
-            .map(|_| {
-                let rx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
-                let tx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
-                sockets.add(tcp::Socket::new(rx, tx))
-            })
-            .collect();
         Self {
             device,
             iface,
             sockets,
             dhcp,
-            free,
+            free: Vec::with_capacity(MAX_SOCKETS),
+            created: 0,
             draining: Vec::with_capacity(MAX_SOCKETS),
             listening: Vec::new(),
             ports: Vec::new(),
@@ -159,11 +156,32 @@ impl NetStack {
         self.listen(port);
     }
 
+    /// A closed socket: a recycled one, else a new one while the pool is below
+    /// [`MAX_SOCKETS`] and the heap has room for its buffers. Sockets are created when a
+    /// listener is armed (at boot, and when a connection takes one), never per I/O, and are
+    /// reused from then on; boot only pays for the listeners' buffers, and smoltcp walks only
+    /// the sockets that exist.
+    fn take_socket(&mut self) -> Option<SocketHandle> {
+        if let Some(h) = self.free.pop() {
+            return Some(h);
+        }
+        // Room for both buffers and a margin for everything else (an allocation failure
+        // would end the firmware).
+        if self.created >= MAX_SOCKETS || crate::platform::heap_free() < 4 * TCP_BUFFER {
+            return None;
+        }
+        self.created += 1;
+        let rx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
+        let tx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
+        Some(self.sockets.add(tcp::Socket::new(rx, tx)))
+    }
+
     fn arm(&mut self) {
-        for &port in &self.ports {
+        for i in 0..self.ports.len() {
+            let port = self.ports[i];
             let armed = self.listening.iter().filter(|(_, p)| *p == port).count();
             for _ in armed..LISTENERS_PER_PORT {
-                let Some(h) = self.free.pop() else { return };
+                let Some(h) = self.take_socket() else { return };
                 let s = self.sockets.get_mut::<tcp::Socket>(h);
                 s.set_nagle_enabled(false);
                 s.set_ack_delay(None);
@@ -245,7 +263,7 @@ impl NetStack {
             }
             !done
         });
-        if self.free.is_empty() && !self.listening_on_all() {
+        if self.free.is_empty() && self.created >= MAX_SOCKETS && !self.listening_on_all() {
             self.refused += 1;
         }
         self.arm();

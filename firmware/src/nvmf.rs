@@ -103,7 +103,7 @@ impl NvmfService {
     pub fn new(advertise: Option<(String, String)>) -> Result<Self, keel_storage::PoolError> {
         let region = crate::services::dma_region(POOL_BUFFERS * MAX_TRANSFER);
         let dma = region.as_ptr() as u64;
-        let pool = BufPool::new(region, dma, MAX_TRANSFER)?;
+        let pool = BufPool::lazy(region, dma, MAX_TRANSFER)?;
         let tcp_cfg = TcpConfig {
             slots: SLOTS,
             max_transfer: MAX_TRANSFER as u32,

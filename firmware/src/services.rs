@@ -71,11 +71,12 @@ impl core::fmt::Debug for Services {
     }
 }
 
-/// A zeroed, page-aligned region for data buffers that devices reach by DMA (the heap is
-/// identity-mapped: the address is also the DMA address). Lives for the rest of the run.
-pub fn dma_region(len: usize) -> &'static mut [u8] {
+/// A page-aligned, uninitialised region for data buffers that devices reach by DMA (the heap
+/// is identity-mapped: the address is also the DMA address), for a lazily carved
+/// [`BufPool::lazy`]. Lives for the rest of the run.
+pub fn dma_region(len: usize) -> &'static mut [core::mem::MaybeUninit<u8>] {
     const PAGE: usize = 4096;
-    let raw = alloc::vec![0u8; len + PAGE].leak();
+    let raw = Box::leak(Box::<[u8]>::new_uninit_slice(len + PAGE));
     let skip = raw.as_ptr().align_offset(PAGE).min(PAGE);
     &mut raw[skip..skip + len]
 }
@@ -353,7 +354,7 @@ impl Services {
             };
             let region = dma_region(FUNCTION_BUFFERS * FUNCTION_BUFFER_SIZE);
             let dma = region.as_ptr() as u64;
-            let f = BufPool::new(region, dma, FUNCTION_BUFFER_SIZE)
+            let f = BufPool::lazy(region, dma, FUNCTION_BUFFER_SIZE)
                 .map_err(|e| log::error!("pcie-fn{i}: buffers: {e}"))
                 .ok()
                 .and_then(|pool| {

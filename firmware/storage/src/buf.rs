@@ -2,6 +2,7 @@
 
 use alloc::vec::Vec;
 use core::fmt;
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 /// A data buffer that moves by value between transport, controller and backend.
@@ -118,14 +119,22 @@ impl fmt::Display for PoolError {
 
 static NEXT_POOL_ID: AtomicU32 = AtomicU32::new(1);
 
-/// A fixed set of equally sized buffers carved from one region at init. `get`/`put` are O(1)
-/// and never allocate (the free list's capacity is reserved at construction).
+/// A fixed set of equally sized buffers carved from one region. `get`/`put` are O(1) and
+/// never allocate (the free list's capacity is reserved at construction).
+///
+/// A pool made with [`BufPool::new`] carves an initialised region at once; one made with
+/// [`BufPool::lazy`] takes uninitialised memory and zeroes and carves a buffer only when `get`
+/// finds no free one, so building a large pool costs nothing at boot (each buffer is zeroed
+/// once, the first time it is needed).
 #[derive(Debug)]
 pub struct BufPool {
     id: u32,
     buf_size: usize,
     count: usize,
     free: Vec<IoBuf>,
+    /// Memory not carved yet (lazy pools) and the device address of its first byte.
+    uncarved: &'static mut [MaybeUninit<u8>],
+    uncarved_dma: u64,
 }
 
 impl BufPool {
@@ -162,7 +171,53 @@ impl BufPool {
             buf_size,
             count,
             free,
+            uncarved: &mut [],
+            uncarved_dma: 0,
         })
+    }
+
+    /// A pool of `region.len() / buf_size` buffers over uninitialised memory (device address
+    /// `dma_base`): nothing is touched now; `get` zeroes and carves a buffer when the free list
+    /// is empty.
+    pub fn lazy(
+        region: &'static mut [MaybeUninit<u8>],
+        dma_base: u64,
+        buf_size: usize,
+    ) -> Result<Self, PoolError> {
+        if buf_size == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        let count = region.len() / buf_size;
+        if count == 0 {
+            return Err(PoolError::RegionTooSmall);
+        }
+        let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed).max(1);
+        Ok(Self {
+            id,
+            buf_size,
+            count,
+            free: Vec::with_capacity(count),
+            uncarved: region,
+            uncarved_dma: dma_base,
+        })
+    }
+
+    /// Zeroes and carves the next buffer of a lazy pool.
+    fn carve(&mut self) -> Option<IoBuf> {
+        if self.uncarved.len() < self.buf_size {
+            return None;
+        }
+        let (chunk, rest) = core::mem::take(&mut self.uncarved).split_at_mut(self.buf_size);
+        self.uncarved = rest;
+        chunk.fill(MaybeUninit::new(0));
+        // SAFETY: every byte of `chunk` was initialised just above, and `MaybeUninit<u8>` has
+        // the layout of `u8`; the chunk is borrowed for 'static and handed over whole.
+        #[allow(unsafe_code)]
+        let mem = unsafe { &mut *(core::ptr::from_mut(chunk) as *mut [u8]) };
+        let mut b = IoBuf::new(mem, self.uncarved_dma);
+        b.pool = self.id;
+        self.uncarved_dma = self.uncarved_dma.wrapping_add(self.buf_size as u64);
+        Some(b)
     }
 
     /// A pool over leaked, zeroed heap memory (configuration time and tests).
@@ -175,7 +230,10 @@ impl BufPool {
 
     /// Takes a buffer, valid length set to the full buffer size.
     pub fn get(&mut self) -> Option<IoBuf> {
-        let mut b = self.free.pop()?;
+        let mut b = match self.free.pop() {
+            Some(b) => b,
+            None => self.carve()?,
+        };
         b.len = b.mem.len();
         Some(b)
     }
@@ -199,15 +257,51 @@ impl BufPool {
         self.count
     }
 
-    /// Buffers currently free.
+    /// Buffers currently free (including those of a lazy pool not carved yet).
     pub fn available(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.uncarved.len() / self.buf_size
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lazy_pool_carves_zeroed_buffers_on_demand() {
+        let region = alloc::boxed::Box::<[u8]>::new_uninit_slice(3 * 4096 + 100);
+        let region: &'static mut [MaybeUninit<u8>] = alloc::boxed::Box::leak(region);
+        let mut p = BufPool::lazy(region, 0x9000_0000, 4096).unwrap();
+        assert_eq!((p.count(), p.available()), (3, 3));
+        let mut a = p.get().unwrap();
+        assert_eq!((a.dma_addr(), a.len()), (0x9000_0000, 4096));
+        assert!(a.as_slice().iter().all(|&x| x == 0));
+        a.as_mut_slice().fill(0xAB);
+        assert_eq!(p.available(), 2);
+        // A returned buffer is reused before new memory is carved.
+        p.put(a).unwrap();
+        let a = p.get().unwrap();
+        assert_eq!(a.dma_addr(), 0x9000_0000);
+        assert_eq!(a.as_slice()[0], 0xAB, "recycled, not re-zeroed");
+        let b = p.get().unwrap();
+        let c = p.get().unwrap();
+        assert_eq!((b.dma_addr(), c.dma_addr()), (0x9000_1000, 0x9000_2000));
+        assert!(c.as_slice().iter().all(|&x| x == 0));
+        assert!(p.get().is_none(), "the 100-byte tail is not a buffer");
+        assert_eq!(p.available(), 0);
+        for x in [a, b, c] {
+            p.put(x).unwrap();
+        }
+        assert_eq!(p.available(), 3);
+        let foreign = IoBuf::leak_zeroed(4096);
+        assert!(p.put(foreign).is_err());
+        let empty: &'static mut [MaybeUninit<u8>] =
+            alloc::boxed::Box::leak(alloc::boxed::Box::<[u8]>::new_uninit_slice(10));
+        assert_eq!(
+            BufPool::lazy(empty, 0, 4096).unwrap_err(),
+            PoolError::RegionTooSmall
+        );
+    }
 
     #[test]
     fn carve_get_put() {
