@@ -112,11 +112,13 @@ pub fn keelctl() -> PathBuf {
 /// Bound on one `keelctl` run (TCG on a loaded 2-core machine).
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What one `keelctl` run did.
+/// What one bounded command run did.
 pub struct Run {
     /// Its exit code (-1: killed by a signal).
     pub code: i32,
-    /// Standard output.
+    /// Raw standard output (for commands that write binary data there).
+    pub out: Vec<u8>,
+    /// Standard output, as text.
     pub stdout: String,
     /// Standard error.
     pub stderr: String,
@@ -124,26 +126,27 @@ pub struct Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |s: &str| s.chars().take(4000).collect::<String>();
         write!(
             f,
             "exit {}\nstdout:\n{}\nstderr:\n{}",
-            self.code, self.stdout, self.stderr
+            self.code,
+            shown(&self.stdout),
+            shown(&self.stderr)
         )
     }
 }
 
-/// Runs `keelctl ARGS` (in `dir` when given), killing it after [`RUN_TIMEOUT`]; echoes the
-/// command and its output to the test log.
-pub fn run_keelctl(dir: Option<&Path>, args: &[&str]) -> Run {
-    let mut cmd = Command::new(keelctl());
-    cmd.args(args)
+/// Runs `cmd` to its end with no input, killing it after `timeout`; echoes the command and
+/// its output to the test log.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Run {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(d) = dir {
-        cmd.current_dir(d);
-    }
-    let mut child = cmd.spawn().expect("starting keelctl");
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
     let readers: Vec<_> = [
         Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
         Box::new(child.stderr.take().expect("stderr")),
@@ -151,32 +154,45 @@ pub fn run_keelctl(dir: Option<&Path>, args: &[&str]) -> Run {
     .into_iter()
     .map(|mut r| {
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
             s
         })
     })
     .collect();
-    let deadline = Instant::now() + RUN_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(st) = child.try_wait().expect("waiting for keelctl") {
+        if let Some(st) = child.try_wait().expect("waiting for a child") {
             break st;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("keelctl {args:?} did not finish within {RUN_TIMEOUT:?}");
+            panic!("{what} did not finish within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut out = readers.into_iter().map(|h| h.join().unwrap_or_default());
+    let stdout = out.next().unwrap_or_default();
+    let stderr = out.next().unwrap_or_default();
     let r = Run {
         code: status.code().unwrap_or(-1),
-        stdout: out.next().unwrap_or_default(),
-        stderr: out.next().unwrap_or_default(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        out: stdout,
     };
-    eprintln!("$ keelctl {}\n{r:?}", args.join(" "));
+    eprintln!("$ {what}\n{r:?}");
     r
+}
+
+/// Runs `keelctl ARGS` (in `dir` when given), killing it after [`RUN_TIMEOUT`].
+pub fn run_keelctl(dir: Option<&Path>, args: &[&str]) -> Run {
+    let mut cmd = Command::new(keelctl());
+    cmd.args(args);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    run_bounded(&mut cmd, RUN_TIMEOUT)
 }
 
 /// Runs `keelctl ARGS`, which must succeed; returns its standard output.

@@ -9,8 +9,10 @@
 //! (one QEMU at a time) because the firmware polls a live function without sleeping.
 
 use keel_host_tools::host::{HostController, IoOp, IoQueue, Window};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, root};
-use std::io::{BufRead, BufReader, Read};
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, root, run_bounded,
+};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::channel;
@@ -36,71 +38,9 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    /// Raw standard output (`read -o -` writes blocks there).
-    out: Vec<u8>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs a command to its end, killing it after `timeout`.
-fn bounded(cmd: &mut Command, timeout: Duration) -> Run {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-    let readers: Vec<_> = [
-        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().expect("stderr")),
-    ]
-    .into_iter()
-    .map(|mut r| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = r.read_to_end(&mut s);
-            s
-        })
-    })
-    .collect();
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("waiting for a child") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = readers.into_iter().map(|h| h.join().unwrap_or_default());
-    let stdout = out.next().unwrap_or_default();
-    let stderr = out.next().unwrap_or_default();
-    let r = Run {
-        code: status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        out: stdout,
-    };
-    let shown = |s: &str| s.chars().take(4000).collect::<String>();
-    eprintln!(
-        "$ {what}\n[exit {}]\n{}{}",
-        r.code,
-        shown(&r.stdout),
-        shown(&r.stderr)
-    );
-    r
-}
-
 /// `keelctl host --window WINDOW ARGS`.
 fn host(window: &Path, args: &[&str]) -> Run {
-    bounded(
+    run_bounded(
         Command::new(keelctl())
             .arg("host")
             .arg("--window")
@@ -209,7 +149,7 @@ impl Rig {
         for bad in ["*** keel", "panic", "exception", "boot failed"] {
             assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
         }
-        let r = bounded(
+        let r = run_bounded(
             Command::new(keelctl()).args(["nvme", "identify", "--addr", &self.nvmf]),
             RUN_TIMEOUT,
         );
@@ -711,7 +651,7 @@ fn ensure_tool(tool: &str, package: &str) {
          {package}) and run the tests again"
     );
     let install = || {
-        bounded(
+        run_bounded(
             Command::new("apt-get")
                 .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", package])
                 .env("DEBIAN_FRONTEND", "noninteractive"),
@@ -719,7 +659,7 @@ fn ensure_tool(tool: &str, package: &str) {
         )
     };
     if install().code != 0 {
-        bounded(
+        run_bounded(
             Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update"]),
             Duration::from_secs(900),
         );
@@ -788,7 +728,7 @@ impl Drop for NbdExport {
 }
 
 fn client(cmd: &mut Command) -> String {
-    let r = bounded(cmd, RUN_TIMEOUT);
+    let r = run_bounded(cmd, RUN_TIMEOUT);
     assert_eq!(r.code, 0, "client failed: {}{}", r.stdout, r.stderr);
     r.stdout
 }

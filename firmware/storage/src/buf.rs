@@ -145,14 +145,7 @@ impl BufPool {
         dma_base: u64,
         buf_size: usize,
     ) -> Result<Self, PoolError> {
-        if buf_size == 0 {
-            return Err(PoolError::ZeroSize);
-        }
-        let count = region.len() / buf_size;
-        if count == 0 {
-            return Err(PoolError::RegionTooSmall);
-        }
-        let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed).max(1);
+        let (id, count) = Self::identify(region.len(), buf_size)?;
         let mut free = Vec::with_capacity(count);
         let mut rest: &'static mut [u8] = region;
         let mut addr = dma_base;
@@ -176,6 +169,18 @@ impl BufPool {
         })
     }
 
+    /// A new pool's id and buffer count for a region of `len` bytes.
+    fn identify(len: usize, buf_size: usize) -> Result<(u32, usize), PoolError> {
+        if buf_size == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        let count = len / buf_size;
+        if count == 0 {
+            return Err(PoolError::RegionTooSmall);
+        }
+        Ok((NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed).max(1), count))
+    }
+
     /// A pool of `region.len() / buf_size` buffers over uninitialised memory (device address
     /// `dma_base`): nothing is touched now; `get` zeroes and carves a buffer when the free list
     /// is empty.
@@ -184,14 +189,7 @@ impl BufPool {
         dma_base: u64,
         buf_size: usize,
     ) -> Result<Self, PoolError> {
-        if buf_size == 0 {
-            return Err(PoolError::ZeroSize);
-        }
-        let count = region.len() / buf_size;
-        if count == 0 {
-            return Err(PoolError::RegionTooSmall);
-        }
-        let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed).max(1);
+        let (id, count) = Self::identify(region.len(), buf_size)?;
         Ok(Self {
             id,
             buf_size,
