@@ -73,6 +73,12 @@ fn description(namespaces: &[(&str, &str)]) -> String {
 fn bundle(d: &Dir, name: &str, generation: u64, namespaces: &[(&str, &str)]) -> PathBuf {
     let toml = d.path(&format!("{name}.toml"));
     std::fs::write(&toml, description(namespaces)).expect("toml");
+    build_from(d, &toml, generation, name)
+}
+
+/// Builds bundle `name` of `generation` in `d` from the description file `toml`, signed with
+/// the development key for the development device key.
+fn build_from(d: &Dir, toml: &Path, generation: u64, name: &str) -> PathBuf {
     keelctl_ok(&[
         "provision",
         "build",
@@ -610,19 +616,7 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
         op_pub.trim()
     );
     std::fs::write(d.path("f.toml"), toml).unwrap();
-    keelctl_ok(&[
-        "provision",
-        "build",
-        &d.p("f.toml"),
-        "--key",
-        dev_key().to_str().unwrap(),
-        "--device-key",
-        dev_device_key().to_str().unwrap(),
-        "--generation",
-        "7",
-        "-o",
-        &d.p("f.bundle"),
-    ]);
+    build_from(&d, &d.path("f.toml"), 7, "f.bundle");
     let fl = flash_with(&d, &[&d.path("f.bundle")]);
     let window = d.path("win0");
     std::fs::File::create(&window)
@@ -691,19 +685,7 @@ fn a_provisioned_function_network_and_management_key_are_applied() {
         std::fs::read_to_string(d.path("f.toml")).unwrap()
     );
     std::fs::write(d.path("big.toml"), big).unwrap();
-    keelctl_ok(&[
-        "provision",
-        "build",
-        &d.p("big.toml"),
-        "--key",
-        dev_key().to_str().unwrap(),
-        "--device-key",
-        dev_device_key().to_str().unwrap(),
-        "--generation",
-        "8",
-        "-o",
-        &d.p("big.bundle"),
-    ]);
+    build_from(&d, &d.path("big.toml"), 8, "big.bundle");
     let report = keelctl_ok(&[
         "provision",
         "push",
