@@ -11,10 +11,8 @@
 //! - XTS-AES-128 (64 hex digits) works the same way;
 //! - no boot prints a key: the banner shows `keel.xts=N:<redacted>`.
 
-use keel_host_tools::nvme::{Controller, Params, hostid_for};
-use keel_nvmf_tcp::Digests;
+use keel_host_tools::nvme::{Controller, Params};
 use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port};
-use std::time::Duration;
 
 const SUBNQN: &str = "nqn.2026-11.dev.keel:default";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:c4f70000-7e57-4d0e-a11d-000000000c0d";
@@ -40,15 +38,7 @@ const KEY_EQUAL: &str = concat!(
 );
 
 fn params(port: u16) -> Params {
-    Params {
-        addr: format!("127.0.0.1:{port}"),
-        subnqn: SUBNQN.into(),
-        hostnqn: HOSTNQN.into(),
-        hostid: hostid_for(HOSTNQN),
-        digests: Digests::default(),
-        kato: Duration::from_secs(30),
-        timeout: Duration::from_secs(60),
-    }
+    Params::new(format!("127.0.0.1:{port}"), SUBNQN, HOSTNQN)
 }
 
 /// Boots the release firmware on `disk` with these boot arguments and waits for `keel: ready`.

@@ -12,8 +12,8 @@
 //!   are fenced by LBA Out of Range;
 //! - a drive namespace beside a RAM namespace (`keel.ns=ram:32,drive:0`).
 
-use keel_host_tools::nvme::{Connection, Controller, NvmeError, Params, hostid_for};
-use keel_nvmf_tcp::{Digests, HostConfig};
+use keel_host_tools::nvme::{Connection, Controller, NvmeError, Params};
+use keel_nvmf_tcp::HostConfig;
 use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -26,15 +26,7 @@ const BS: u32 = 512;
 const MIB: u64 = 1 << 20;
 
 fn params(port: u16) -> Params {
-    Params {
-        addr: format!("127.0.0.1:{port}"),
-        subnqn: SUBNQN.into(),
-        hostnqn: HOSTNQN.into(),
-        hostid: hostid_for(HOSTNQN),
-        digests: Digests::default(),
-        kato: Duration::from_secs(30),
-        timeout: Duration::from_secs(60),
-    }
+    Params::new(format!("127.0.0.1:{port}"), SUBNQN, HOSTNQN)
 }
 
 /// Boots the release firmware with these `qemu/run` arguments (plus a forwarded NVMe/TCP

@@ -335,13 +335,10 @@ fn assert_alive(q: &Qemu, win: &Arc<Window>, tcp: &str, step: &str) {
         .unwrap_or_else(|e| panic!("after {step}: shutdown: {e:#}"));
     let (hostnqn, hostid) = default_host_identity();
     let ctrl = Controller::connect(Params {
-        addr: tcp.into(),
-        subnqn: "nqn.2026-11.dev.keel:default".into(),
-        hostnqn,
         hostid,
-        digests: Default::default(),
         kato: Duration::from_secs(10),
         timeout: WAIT,
+        ..Params::new(tcp, "nqn.2026-11.dev.keel:default", &hostnqn)
     })
     .unwrap_or_else(|e| panic!("after {step}: NVMe/TCP connect: {e}"));
     assert_eq!(

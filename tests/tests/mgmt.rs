@@ -7,8 +7,7 @@
 //! The device trusts the development provisioning key built into the image
 //! (`qemu/dev-keys/provision.key`) while no bundle is provisioned.
 
-use keel_host_tools::nvme::{Controller, Params, hostid_for};
-use keel_nvmf_tcp::Digests;
+use keel_host_tools::nvme::{Controller, Params};
 use keel_tests::{
     BOOT_TIMEOUT, Build, Qemu, ScratchFile, build_release_keelctl, free_port, keelctl_ok, root,
     run_keelctl,
@@ -105,13 +104,8 @@ fn status_replay_wrong_key_metrics_and_refused_push() {
     // A connected host with two I/O queues shows as a controller and as connections.
     let host = "nqn.2014-08.org.nvmexpress:uuid:0f0e0d0c-0b0a-0908-0706-050403020100";
     let ctrl = Controller::connect(Params {
-        addr: nvmf.clone(),
-        subnqn: "nqn.2026-11.dev.keel:default".into(),
-        hostnqn: host.into(),
-        hostid: hostid_for(host),
-        digests: Digests::default(),
-        kato: Duration::from_secs(30),
         timeout: Duration::from_secs(30),
+        ..Params::new(nvmf.clone(), "nqn.2026-11.dev.keel:default", host)
     })
     .unwrap_or_else(|e| panic!("{e}"));
     ctrl.set_io_queues(2).unwrap();

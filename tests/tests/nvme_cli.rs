@@ -57,13 +57,10 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 fn params(addr: &str) -> Params {
     let (hostnqn, hostid) = default_host_identity();
     Params {
-        addr: addr.into(),
-        subnqn: SUBNQN.into(),
-        hostnqn,
         hostid,
-        digests: Default::default(),
         kato: Duration::from_secs(10),
         timeout: Duration::from_secs(30),
+        ..Params::new(addr, SUBNQN, &hostnqn)
     }
 }
 

@@ -2,8 +2,7 @@
 //! namespaces with 4096-byte blocks, a custom subsystem NQN, and an allowed-hosts list that
 //! refuses other hosts with Connect Invalid Host (NVMe-oF 1.1 §3.3, SCT 1h SC 84h).
 
-use keel_host_tools::nvme::{Controller, NvmeError, Params, hostid_for};
-use keel_nvmf_tcp::Digests;
+use keel_host_tools::nvme::{Controller, NvmeError, Params};
 use keel_tests::{BOOT_TIMEOUT, Build, Qemu, free_port};
 use std::time::Duration;
 
@@ -13,13 +12,8 @@ const OTHER: &str = "nqn.2014-08.org.nvmexpress:uuid:99999999-2222-3333-4444-555
 
 fn params(port: u16, hostnqn: &str) -> Params {
     Params {
-        addr: format!("127.0.0.1:{port}"),
-        subnqn: NQN.into(),
-        hostnqn: hostnqn.into(),
-        hostid: hostid_for(hostnqn),
-        digests: Digests::default(),
-        kato: Duration::from_secs(30),
         timeout: Duration::from_secs(30),
+        ..Params::new(format!("127.0.0.1:{port}"), NQN, hostnqn)
     }
 }
 

@@ -51,6 +51,21 @@ pub struct Params {
 }
 
 impl Params {
+    /// Parameters for `hostnqn` reaching subsystem `subnqn` at `addr` ("host:port"): the
+    /// host ID derived from the host NQN ([`super::hostid_for`]), no digests, a 30 s Keep
+    /// Alive Timeout and 60 s waits. Adjust fields with struct update syntax.
+    pub fn new(addr: impl Into<String>, subnqn: impl Into<String>, hostnqn: &str) -> Self {
+        Self {
+            addr: addr.into(),
+            subnqn: subnqn.into(),
+            hostnqn: hostnqn.into(),
+            hostid: super::hostid_for(hostnqn),
+            digests: Digests::default(),
+            kato: Duration::from_secs(30),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
     fn host_config(&self, slots: u16, in_capsule_limit: u32) -> HostConfig {
         HostConfig {
             digests: self.digests,
