@@ -34,7 +34,7 @@
 extern crate alloc;
 
 pub mod capsule;
-pub mod crc32c;
+pub use keel_crc32c as crc32c;
 pub mod host;
 pub mod pdu;
 mod rx;

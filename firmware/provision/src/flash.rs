@@ -6,8 +6,16 @@
 //! writer always overwrites the *other* copy ([`next_config_write`]), so a write torn by a
 //! power cut spoils at most the copy being written and the previous configuration stays.
 
-use crate::crc32c;
 use alloc::vec::Vec;
+use keel_crc32c::Crc32c;
+
+/// CRC32C over a copy's header bytes followed by its payload.
+fn crc_of(header: &[u8], payload: &[u8]) -> u32 {
+    let mut c = Crc32c::new();
+    c.update(header);
+    c.update(payload);
+    c.finish()
+}
 
 /// Size of the flash bank.
 pub const FLASH_SIZE: usize = 64 << 20;
@@ -124,7 +132,7 @@ pub fn encode_config_copy(sequence: u64, payload: &[u8]) -> Result<Vec<u8>, Payl
     out.extend_from_slice(&sequence.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0; 8]);
-    let crc = crc32c::update(crc32c::update(crc32c::INIT, &out), payload) ^ crc32c::INIT;
+    let crc = crc_of(&out, payload);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(payload);
     Ok(out)
@@ -157,7 +165,7 @@ pub fn parse_config_copy(region: &[u8]) -> Option<ConfigEntry<'_>> {
         return None;
     }
     let payload = region.get(CONFIG_HEADER_LEN..CONFIG_HEADER_LEN + len)?;
-    let crc = crc32c::update(crc32c::update(crc32c::INIT, &h[..28]), payload) ^ crc32c::INIT;
+    let crc = crc_of(&h[..28], payload);
     if crc != u32_at(28) {
         return None;
     }

@@ -16,7 +16,6 @@
 //! | 48 | 12 | reserved (0) |
 //! | 60 | 4 | CRC32C (Castagnoli) over bytes 0..60 |
 
-use crate::crc32c;
 use crate::keys::DeviceKey;
 use core::fmt;
 use zeroize::Zeroize;
@@ -66,7 +65,7 @@ pub fn encode_identity(key: &DeviceKey) -> [u8; IDENTITY_LEN] {
     b[8..10].copy_from_slice(&IDENTITY_VERSION.to_le_bytes());
     b[10..12].copy_from_slice(&(IDENTITY_LEN as u16).to_le_bytes());
     b[16..48].copy_from_slice(key.expose_secret());
-    let crc = crc32c::checksum(&b[..60]);
+    let crc = keel_crc32c::crc32c(&b[..60]);
     b[60..].copy_from_slice(&crc.to_le_bytes());
     b
 }
@@ -90,7 +89,7 @@ pub fn parse_identity(region: &[u8]) -> Result<DeviceKey, IdentityError> {
     {
         return Err(IdentityError::Malformed);
     }
-    if crc32c::checksum(&b[..60]) != u32::from_le_bytes([b[60], b[61], b[62], b[63]]) {
+    if keel_crc32c::crc32c(&b[..60]) != u32::from_le_bytes([b[60], b[61], b[62], b[63]]) {
         return Err(IdentityError::BadCrc);
     }
     let mut k = [0u8; 32];

@@ -116,7 +116,6 @@
 extern crate alloc;
 
 pub mod bundle;
-pub mod crc32c;
 pub mod diff;
 pub mod flash;
 pub mod identity;

@@ -6,12 +6,19 @@
 //! * a portable slicing-by-8 table implementation (8 × 256 `u32` tables built at compile time);
 //! * the Armv8 `CRC32CX`/`CRC32CB` instructions, selected at compile time when building for
 //!   `aarch64` with `target_feature = "crc"` (e.g. `-C target-feature=+crc`). This is the only
-//!   module of the crate allowed to contain `unsafe`.
+//!   module of the crate allowed to contain `unsafe`; [`set_hardware`] lets the firmware fall
+//!   back to the tables on a CPU without the instructions.
 //!
 //! The streaming state is the *un-inverted* register: start with [`Crc32c::new`], feed pieces
 //! with [`Crc32c::update`], finish with [`Crc32c::finish`]. [`copy_and_crc`] copies and digests
 //! in a single pass over the source, which is how payload bytes move between the wire and the
 //! application's buffers.
+//!
+//! Used by `keel-nvmf-tcp` (digests, re-exported as `keel_nvmf_tcp::crc32c`) and
+//! `keel-provision` (configuration copies and the identity block).
+
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_code)]
 
 /// Reflected CRC32C polynomial.
 const POLY: u32 = 0x82F6_3B78;
