@@ -497,6 +497,14 @@ pub fn encode_active_ns_list(after: u32, nsids: &[u32], b: &mut [u8; IDENTIFY_LE
     }
 }
 
+/// Reads a namespace ID list (Active Namespace ID list, CNS 02h; Changed Namespace List log,
+/// 04h): little-endian NSIDs, ended by the first zero entry or the end of `b`.
+pub fn nsid_list(b: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    b.chunks_exact(4)
+        .map(|c| le::u32_at(c, 0))
+        .take_while(|&n| n != 0)
+}
+
 /// Namespace Identifier Types (Figure 278).
 pub mod nidt {
     /// IEEE Extended Unique Identifier (8 bytes).

@@ -290,6 +290,20 @@ pub mod discovery {
         }
     }
 
+    /// Byte offsets of the string fields of a Discovery Log Page Entry (NVMe-oF 1.1 §5.3,
+    /// Discovery Log Page Entry figure; Linux `struct nvmf_disc_rsp_page_entry`): TRSVCID
+    /// bytes 63:32, SUBNQN 511:256, TRADDR 767:512, TSAS 1023:768.
+    pub mod entry_field {
+        /// Transport Service Identifier (32 bytes).
+        pub const TRSVCID: usize = 32;
+        /// NVM Subsystem Qualified Name (256 bytes).
+        pub const SUBNQN: usize = 256;
+        /// Transport Address (256 bytes).
+        pub const TRADDR: usize = 512;
+        /// Transport Specific Address Subtype (256 bytes).
+        pub const TSAS: usize = 768;
+    }
+
     /// A 1024-byte Discovery Log Page Entry.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct Entry {
@@ -328,10 +342,10 @@ pub mod discovery {
             le::put_u16(b, 4, self.portid);
             le::put_u16(b, 6, self.cntlid);
             le::put_u16(b, 8, self.asqsz);
-            le::put_bytes(b, 32, &self.trsvcid);
-            le::put_bytes(b, 256, &self.traddr);
-            le::put_bytes(b, 512, &self.subnqn);
-            le::put_bytes(b, 768, &self.tsas);
+            le::put_bytes(b, entry_field::TRSVCID, &self.trsvcid);
+            le::put_bytes(b, entry_field::SUBNQN, &self.subnqn);
+            le::put_bytes(b, entry_field::TRADDR, &self.traddr);
+            le::put_bytes(b, entry_field::TSAS, &self.tsas);
         }
         /// Decodes an entry.
         pub fn decode(b: &[u8; RECORD_LEN]) -> Self {
@@ -343,10 +357,10 @@ pub mod discovery {
                 portid: le::u16_at(b, 4),
                 cntlid: le::u16_at(b, 6),
                 asqsz: le::u16_at(b, 8),
-                trsvcid: le::array_at(b, 32),
-                traddr: le::array_at(b, 256),
-                subnqn: le::array_at(b, 512),
-                tsas: le::array_at(b, 768),
+                trsvcid: le::array_at(b, entry_field::TRSVCID),
+                traddr: le::array_at(b, entry_field::TRADDR),
+                subnqn: le::array_at(b, entry_field::SUBNQN),
+                tsas: le::array_at(b, entry_field::TSAS),
             }
         }
         /// TRADDR as a string.
@@ -430,8 +444,8 @@ mod tests {
         e.encode(&mut b);
         assert_eq!(&b[0..10], &[3, 1, 2, 0, 1, 0, 0xff, 0xff, 32, 0]);
         assert_eq!(&b[32..37], b"4420\0");
-        assert_eq!(&b[256..265], b"10.0.0.2\0");
-        assert_eq!(&b[512..518], b"nqn.s\0");
+        assert_eq!(&b[256..262], b"nqn.s\0");
+        assert_eq!(&b[512..521], b"10.0.0.2\0");
         let d = discovery::Entry::decode(&b);
         assert_eq!(d, e);
         assert_eq!(d.traddr_str(), Some("10.0.0.2"));
