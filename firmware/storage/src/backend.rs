@@ -172,6 +172,10 @@ pub enum BlockError {
     WriteFault,
     /// The medium failed to read.
     ReadError,
+    /// No path to the data: a remote volume lost every path to its storage for longer than
+    /// its controller loss timeout (or fast I/O fail timeout). Maps to an NVMe path related
+    /// status.
+    PathError,
     /// Any other failure.
     Internal,
 }
@@ -186,6 +190,7 @@ impl fmt::Display for BlockError {
             BlockError::CompareMismatch => "compare mismatch",
             BlockError::WriteFault => "write fault",
             BlockError::ReadError => "unrecovered read error",
+            BlockError::PathError => "no path to the storage",
             BlockError::Internal => "internal backend error",
         })
     }
