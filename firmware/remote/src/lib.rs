@@ -29,6 +29,21 @@
 //! counters for `keelctl status` and `/metrics`; [`RemoteVolume::reconnect`] revives paths
 //! that gave up (a management action).
 //!
+//! ## For the firmware glue (not done here)
+//! - Device description: `backend = { remote = { nqn, paths = ["a.b.c.d:port", ...], nsid,
+//!   queues, depth, ... } }` maps onto [`RemoteConfig`] (`PathAddr` parses `a.b.c.d:port`);
+//!   the host NQN/ID come from the device identity.
+//! - `Net` over smoltcp: a pool of client sockets with their own buffers (the NVMe/TCP
+//!   listener pool is separate), ephemeral local ports, abort on close.
+//! - The poll loop: `RemoteVolume::poll(now_ns, &mut net)` every pass after the NIC and the
+//!   transports ran; `next_deadline` bounds the WFI sleep; once `backend()` returns the
+//!   backend, `Target::add_namespace` exports it (wrapped in AES-XTS and/or a slice like any
+//!   backend); `snapshot()` feeds `keelctl status` and `/metrics` (per path: state, ANA
+//!   state, commands in flight, connects, losses, errors).
+//! - Several cores: today one volume owns the admin and I/O connections of all its paths; the
+//!   per-core split of ARCHITECTURE.md (admin and ANA on core 0, each data core its own I/O
+//!   connections) would give each core its own I/O queue set over the shared association.
+//!
 //! ## Association (per path)
 //! NVMe/TCP 1.0 §3.3 (ICReq/ICResp) on a fresh connection, then on the admin queue (NVMe-oF
 //! 1.1 §3.3, §3.4-3.5; NVMe base 2.0 §3.5.1): Connect (dynamic controller, KATO), Property
@@ -192,6 +207,15 @@ impl<S: Copy + Eq + fmt::Debug> RemoteVolume<S> {
         Some(self.inner.try_borrow().ok()?.snapshot())
     }
 
+    /// Ends the volume: every association is dropped (sockets closed; no orderly NVMe
+    /// shutdown) and every request, in flight, queued or submitted later, fails with
+    /// `BlockError::PathError`. [`RemoteVolume::reconnect`] undoes it.
+    pub fn shutdown<N: Net<Sock = S>>(&self, now_ns: u64, net: &mut N) {
+        if let Ok(mut v) = self.inner.try_borrow_mut() {
+            v.shutdown(now_ns, net);
+        }
+    }
+
     /// Makes paths that gave up try again from `now_ns` (with a fresh `ctrl_loss_tmo`).
     pub fn reconnect(&self, now_ns: u64) {
         if let Ok(mut v) = self.inner.try_borrow_mut() {
@@ -242,20 +266,6 @@ impl<S: Copy + Eq + fmt::Debug> BlockBackend for RemoteBackend<S> {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {
-        // One at a time with the volume released, so `done` may submit.
-        let mut n = 0;
-        loop {
-            let next = match self.inner.try_borrow_mut() {
-                Ok(mut v) => v.take_completion(),
-                Err(_) => None,
-            };
-            match next {
-                Some(c) => {
-                    done(c);
-                    n += 1;
-                }
-                None => return n,
-            }
-        }
+        keel_storage::deliver_shared(&self.inner, Volume::take_completion, done)
     }
 }

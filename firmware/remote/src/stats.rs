@@ -77,6 +77,8 @@ pub enum LossReason {
     AnaLogFailed(Status),
     /// The remote broke the protocol in a way the transport did not catch.
     Protocol(&'static str),
+    /// The volume was shut down ([`crate::RemoteVolume::shutdown`]).
+    Shutdown,
 }
 
 impl LossReason {
@@ -84,7 +86,7 @@ impl LossReason {
     pub fn permanent(&self) -> bool {
         match self {
             Self::SetupFailed { status, .. } => status.dnr,
-            Self::Namespace(_) => true,
+            Self::Namespace(_) | Self::Shutdown => true,
             _ => false,
         }
     }
@@ -109,6 +111,7 @@ impl fmt::Display for LossReason {
             Self::AnaTransitionTimeout => f.write_str("ANA transition took longer than ANATT"),
             Self::AnaLogFailed(s) => write!(f, "ANA log read failed: {s}"),
             Self::Protocol(s) => write!(f, "protocol error: {s}"),
+            Self::Shutdown => f.write_str("shut down"),
         }
     }
 }

@@ -382,6 +382,21 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         busy
     }
 
+    /// Drops every association (sockets closed at once, no NVMe shutdown) and fails every
+    /// request in flight or queued, and every later one, with a path error.
+    pub fn shutdown<N: Net<Sock = S>>(&mut self, now: u64, net: &mut N) {
+        for p in 0..self.paths.len() {
+            match self.paths[p].phase {
+                Phase::Connecting | Phase::Live => self.lose(p, now, net, LossReason::Shutdown),
+                _ => {
+                    self.paths[p].phase = Phase::Failed;
+                    self.paths[p].last_loss = Some(LossReason::Shutdown);
+                }
+            }
+        }
+        self.expire(now);
+    }
+
     /// Revives paths that gave up.
     pub fn reconnect(&mut self, now: u64) {
         for p in self.paths.iter_mut() {
@@ -399,7 +414,12 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         let mut at = |t: u64| d = Some(d.map_or(t, |x| x.min(t)));
         for p in &self.paths {
             match p.phase {
-                Phase::Reconnecting { at: t } => at(t),
+                Phase::Reconnecting { at: t } => {
+                    at(t);
+                    if let (Some(l), Some(d)) = (self.t.ctrl_loss, p.down_since) {
+                        at(d.saturating_add(l));
+                    }
+                }
                 Phase::Connecting => {
                     at(p.attempt_deadline);
                     if let Step::Csts { poll_at: Some(t) } = p.step {
@@ -443,9 +463,6 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         match self.paths[p].phase {
             Phase::Failed => return false,
             Phase::Reconnecting { at } => {
-                if now < at {
-                    return false;
-                }
                 if self.loss_expired(p, now) {
                     let path = &mut self.paths[p];
                     path.phase = Phase::Failed;
@@ -457,6 +474,9 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
                         None => log::error!("remote {}: giving up after ctrl_loss_tmo", path.addr),
                     }
                     return true;
+                }
+                if now < at {
+                    return false;
                 }
                 self.start_attempt(p, now);
             }

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use keel_nvme::log::ana::AnaState;
 use keel_remote::{LossReason, PathState, Policy, VolumeState};
-use keel_storage::{BlockOp, BlockRequest};
+use keel_storage::BlockOp;
 
 const BLOCKS: u64 = 4096;
 
@@ -91,14 +91,13 @@ fn failover_happens_within_one_reconnect_delay() {
     // Requests in flight on path 1 when it is reset go to path 2 at once.
     rig.net.faults.partition.push((addr(1), u64::MAX));
     for i in 0..8u64 {
-        rig.submit(BlockRequest {
-            tag: i,
-            op: BlockOp::Write { fua: false },
-            lba: i * 16,
-            blocks: 16,
-            buf: Some(buf_with(&pattern(i + 1, i * 16, 16, 512))),
-            buf_offset: 0,
-        });
+        rig.submit(req(
+            i,
+            BlockOp::Write { fua: false },
+            i * 16,
+            16,
+            Some(buf_with(&pattern(i + 1, i * 16, 16, 512))),
+        ));
     }
     rig.step();
     assert!(rig.done.len() < 8, "some are stuck on the partitioned path");
@@ -274,14 +273,13 @@ fn all_paths_inaccessible_then_back() {
     }
     rig.run_for(50);
     assert_eq!(rig.vol.snapshot().unwrap().state, VolumeState::NoPath);
-    rig.submit(BlockRequest {
-        tag: 1,
-        op: BlockOp::Write { fua: false },
-        lba: 0,
-        blocks: 4,
-        buf: Some(buf_with(&pattern(5, 0, 4, 512))),
-        buf_offset: 0,
-    });
+    rig.submit(req(
+        1,
+        BlockOp::Write { fua: false },
+        0,
+        4,
+        Some(buf_with(&pattern(5, 0, 4, 512))),
+    ));
     rig.run_for(1_000);
     assert!(rig.done.is_empty(), "waits for an accessible path");
     let now = rig.now;
@@ -295,14 +293,7 @@ fn all_paths_inaccessible_then_back() {
     rig.net.servers[1].set_ana(addr(2), AnaState::PersistentLoss, now);
     rig.run_for(50);
     rig.done.clear();
-    rig.submit(BlockRequest {
-        tag: 2,
-        op: BlockOp::Read,
-        lba: 0,
-        blocks: 4,
-        buf: Some(buf(2048)),
-        buf_offset: 0,
-    });
+    rig.submit(req(2, BlockOp::Read, 0, 4, Some(buf(2048))));
     let t0 = rig.now;
     assert!(rig.run_until(3_100, |r| !r.done.is_empty()));
     assert!(rig.now - t0 >= 3_000 * MS);

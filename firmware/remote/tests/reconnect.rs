@@ -5,17 +5,12 @@
 mod common;
 use common::*;
 use keel_remote::{LossReason, PathState, VolumeState};
-use keel_storage::{BlockBackend, BlockError, BlockOp, BlockRequest, RejectReason};
+use keel_storage::{BlockBackend, BlockError, BlockOp, RejectReason};
 
 const BLOCKS: u64 = 4096;
 
 fn setup(seed: u64, cfg: ServerCfg) -> (Rig, Disk) {
-    let disk = Disk::new(512, BLOCKS);
-    let mut net = SimNet::new(seed);
-    net.add(Server::new(vec![addr(1)], &disk, cfg));
-    let mut rig = Rig::new(net, test_config(vec![addr(1)]));
-    rig.connect();
-    (rig, disk)
+    one_target(seed, cfg, 512, BLOCKS)
 }
 
 #[test]
@@ -108,19 +103,22 @@ fn stalled_path_is_detected_by_keep_alive() {
     assert_eq!(s.paths[0].counters.losses, 0, "{:?}", s.paths[0].last_loss);
     assert!(s.paths[0].counters.keep_alives >= 4);
     assert_eq!(rig.net.servers[0].target.controller_count(), 1);
+    // Idle, the next timer is the next keep alive check (KATO/4: Keel reports traffic based
+    // keep alive).
+    let d = rig.vol.next_deadline().unwrap();
+    assert!(d > rig.now && d <= rig.now + 500 * MS, "{d} {}", rig.now);
     // The path stalls (nothing passes, no reset is seen) with a request in flight.
     rig.net
         .faults
         .partition
         .push((addr(1), rig.now + 2_500 * MS));
-    rig.submit(BlockRequest {
-        tag: 2,
-        op: BlockOp::Write { fua: false },
-        lba: 8,
-        blocks: 8,
-        buf: Some(buf_with(&pattern(2, 8, 8, 512))),
-        buf_offset: 0,
-    });
+    rig.submit(req(
+        2,
+        BlockOp::Write { fua: false },
+        8,
+        8,
+        Some(buf_with(&pattern(2, 8, 8, 512))),
+    ));
     assert!(rig.run_until(
         2_400,
         |r| r.vol.snapshot().unwrap().paths[0].counters.losses == 1
@@ -184,14 +182,7 @@ fn ctrl_loss_tmo_fails_io_with_a_path_error_and_never_hangs() {
         .be
         .as_mut()
         .unwrap()
-        .submit(BlockRequest {
-            tag: 999_999,
-            op: BlockOp::Read,
-            lba: 0,
-            blocks: 1,
-            buf: Some(buf(512)),
-            buf_offset: 0,
-        })
+        .submit(req(999_999, BlockOp::Read, 0, 1, Some(buf(512))))
         .unwrap_err();
     assert_eq!(r.reason, RejectReason::Invalid(BlockError::PathError));
     // Nothing acknowledged was lost.
@@ -272,4 +263,46 @@ fn a_remote_that_refuses_us_is_given_up_at_once() {
         "{:?}",
         s.paths[0].last_loss
     );
+}
+
+#[test]
+fn shutdown_fails_everything_and_closes_the_sockets() {
+    let disk = Disk::new(512, BLOCKS);
+    let mut net = SimNet::new(19);
+    net.add(Server::new(vec![addr(1)], &disk, ServerCfg::default()));
+    let mut cfg = test_config(vec![addr(1)]);
+    // 32 command slots, 48 requests: some wait in the volume's queue.
+    cfg.max_requests = 48;
+    let mut rig = Rig::new(net, cfg);
+    rig.connect();
+    rig.net.faults.partition.push((addr(1), u64::MAX));
+    for i in 0..40u64 {
+        rig.submit(req(i, BlockOp::Read, i, 1, Some(buf(512))));
+    }
+    rig.step();
+    let s = rig.vol.snapshot().unwrap();
+    assert_eq!((s.in_flight, s.queued), (32, 8));
+    let now = rig.now;
+    rig.vol.shutdown(now, &mut rig.net);
+    rig.step();
+    assert_eq!(
+        rig.done.len(),
+        40,
+        "in flight and queued requests completed"
+    );
+    assert!(
+        rig.done
+            .iter()
+            .all(|c| c.result == Err(BlockError::PathError) && c.buf.is_some())
+    );
+    assert!(
+        rig.net.conns.iter().all(|c| c.client_closed),
+        "every socket closed"
+    );
+    let s = rig.vol.snapshot().unwrap();
+    assert_eq!(s.state, VolumeState::Failed);
+    assert_eq!(s.paths[0].last_loss, Some(LossReason::Shutdown));
+    rig.net.faults.partition.clear();
+    rig.vol.reconnect(rig.now);
+    rig.connect();
 }

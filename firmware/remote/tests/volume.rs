@@ -9,12 +9,7 @@ use keel_remote::{PathState, VolumeState};
 use keel_storage::{BlockBackend, BlockError, BlockOp, BlockRequest, RejectReason};
 
 fn rig(cfg: ServerCfg, seed: u64) -> (Rig, Disk) {
-    let disk = Disk::new(512, 8192);
-    let mut net = SimNet::new(seed);
-    net.add(Server::new(vec![addr(1)], &disk, cfg));
-    let mut rig = Rig::new(net, test_config(vec![addr(1)]));
-    rig.connect();
-    (rig, disk)
+    one_target(seed, cfg, 512, 8192)
 }
 
 #[test]
@@ -102,12 +97,8 @@ fn every_operation_is_forwarded() {
     big.as_mut_slice().fill(0xAB);
     big.as_mut_slice()[1024..2048].copy_from_slice(&pattern(9, 0, 2, 512));
     rig.submit(BlockRequest {
-        tag: 8,
-        op: BlockOp::Write { fua: false },
-        lba: 40,
-        blocks: 2,
-        buf: Some(big),
         buf_offset: 1024,
+        ..req(8, BlockOp::Write { fua: false }, 40, 2, Some(big))
     });
     assert!(rig.run_until(1000, |r| r.done.iter().any(|c| c.tag == 8)));
     assert_eq!(disk.read(40, 2), pattern(9, 0, 2, 512));
@@ -124,14 +115,13 @@ fn requests_the_volume_refuses() {
     ];
     for (lba, blocks, len, e) in cases {
         let r = be
-            .submit(BlockRequest {
-                tag: 1,
-                op: BlockOp::Read,
+            .submit(req(
+                1,
+                BlockOp::Read,
                 lba,
                 blocks,
-                buf: Some(keel_storage::IoBuf::leak_zeroed(len)),
-                buf_offset: 0,
-            })
+                Some(keel_storage::IoBuf::leak_zeroed(len)),
+            ))
             .unwrap_err();
         assert_eq!(r.reason, RejectReason::Invalid(e));
         assert!(r.req.buf.is_some(), "the buffer comes back");
@@ -235,14 +225,13 @@ fn more_requests_than_queue_slots() {
     let mut submitted = 0;
     while !pending.is_empty() || rig.done.len() < 100 {
         while let Some(&i) = pending.first() {
-            let r = rig.be.as_mut().unwrap().submit(BlockRequest {
-                tag: i,
-                op: BlockOp::Write { fua: false },
-                lba: i * 8,
-                blocks: 8,
-                buf: Some(buf_with(&pattern(i, i * 8, 8, 512))),
-                buf_offset: 0,
-            });
+            let r = rig.be.as_mut().unwrap().submit(req(
+                i,
+                BlockOp::Write { fua: false },
+                i * 8,
+                8,
+                Some(buf_with(&pattern(i, i * 8, 8, 512))),
+            ));
             match r {
                 Ok(()) => {
                     pending.remove(0);

@@ -248,6 +248,31 @@ pub trait BlockBackend {
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize;
 }
 
+/// Delivers completions that `take` pulls one at a time out of a state shared through a
+/// `RefCell` (a backend whose handles share one device), with the borrow released while
+/// `done` runs so `done` may submit again. Returns how many were delivered; a state that is
+/// borrowed elsewhere delivers nothing now.
+pub fn deliver_shared<T: ?Sized>(
+    cell: &core::cell::RefCell<T>,
+    mut take: impl FnMut(&mut T) -> Option<BlockCompletion>,
+    done: &mut dyn FnMut(BlockCompletion),
+) -> usize {
+    let mut n = 0;
+    loop {
+        let next = match cell.try_borrow_mut() {
+            Ok(mut s) => take(&mut s),
+            Err(_) => None,
+        };
+        match next {
+            Some(c) => {
+                done(c);
+                n += 1;
+            }
+            None => return n,
+        }
+    }
+}
+
 impl<B: BlockBackend + ?Sized> BlockBackend for alloc::boxed::Box<B> {
     fn geometry(&self) -> Geometry {
         (**self).geometry()

@@ -118,16 +118,7 @@ impl Disk {
     }
 
     fn sync(&mut self, op: BlockOp, lba: u64, b: IoBuf, blocks: u32) -> IoBuf {
-        self.me
-            .submit(BlockRequest {
-                tag: 1,
-                op,
-                lba,
-                blocks,
-                buf: Some(b),
-                buf_offset: 0,
-            })
-            .unwrap();
+        self.me.submit(req(1, op, lba, blocks, Some(b))).unwrap();
         let mut out = None;
         while out.is_none() {
             self.me.poll(&mut |c| {
@@ -193,25 +184,11 @@ impl Default for ServerCfg {
     }
 }
 
-pub struct NetBuf(pub IoBuf);
-
-impl AsRef<[u8]> for NetBuf {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_slice()
-    }
-}
-
-impl AsMut<[u8]> for NetBuf {
-    fn as_mut(&mut self) -> &mut [u8] {
-        self.0.as_mut_slice()
-    }
-}
-
 struct SConn {
     id: u32,
     sock: usize,
     listener: PathAddr,
-    tcp: TargetConnection<NetBuf>,
+    tcp: TargetConnection<IoBuf>,
     queue: QueueId,
     depth_set: bool,
     fc_disabled: bool,
@@ -238,6 +215,7 @@ pub struct Server {
     /// Commands the target saw, by opcode class (admin opcodes counted on admin queues).
     pub io_commands: u64,
     pub aers_fired: u64,
+    scratch: Vec<u8>,
 }
 
 fn make_target(cfg: &ServerCfg, backend: Box<dyn BlockBackend>) -> Target {
@@ -293,6 +271,7 @@ impl Server {
             backend,
             io_commands: 0,
             aers_fired: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -421,9 +400,7 @@ impl Server {
                 let s = b.as_mut_slice();
                 if cns == 1 && s.len() >= 352 {
                     s[76] |= 0x08; // CMIC: ANA reporting
-                    s[95] |= 0x08; // OAES bit 11 (byte 93 bit 3): ANA change notices
-                    s[93] |= 0x08;
-                    s[95] &= !0x08;
+                    s[93] |= 0x08; // OAES bit 11 (byte 93 bit 3): ANA change notices
                     s[342] = self.cfg.anatt; // ANATT
                     s[343] = 0x1F; // ANACAP: all states reported
                     s[344..348].copy_from_slice(&1u32.to_le_bytes()); // ANAGRPMAX
@@ -435,7 +412,7 @@ impl Server {
         }
         let cqe = resp.cqe.to_bytes();
         let data = match resp.buf {
-            Some(b) if resp.data_len > 0 => Some((NetBuf(b), resp.data_len)),
+            Some(b) if resp.data_len > 0 => Some((b, resp.data_len)),
             other => {
                 if let Some(b) = other {
                     give(b);
@@ -446,7 +423,7 @@ impl Server {
         if let Err(r) = c.tcp.complete(cqe, data, c.fc_disabled)
             && let Some(b) = r.buf
         {
-            give(b.0);
+            give(b);
         }
     }
 
@@ -528,18 +505,18 @@ impl Server {
             match ev {
                 TcpEvent::Connected { .. } => {}
                 TcpEvent::NeedBuffer { cid, len } => {
-                    let b = NetBuf(buf(len as usize));
+                    let b = buf(len as usize);
                     if let Err(r) = self.conns[k].tcp.provide_buffer(cid, b)
                         && let Some(b) = r.buf
                     {
-                        give(b.0);
+                        give(b);
                     }
                 }
                 TcpEvent::Command {
                     sqe,
                     buf: Some(b),
                     data_len,
-                } => self.submit(k, sqe, Some(b.0), data_len, now),
+                } => self.submit(k, sqe, Some(b), data_len, now),
                 TcpEvent::Command {
                     sqe,
                     buf: None,
@@ -556,7 +533,7 @@ impl Server {
                     status,
                 } => {
                     if let Some(b) = b {
-                        give(b.0);
+                        give(b);
                     }
                     let mut st = Status::new(status.sct, status.sc);
                     st.dnr = status.dnr;
@@ -572,7 +549,7 @@ impl Server {
                         .reject(Instant::from_nanos(now), c.queue, req, st);
                     self.deliver(k, resp);
                 }
-                TcpEvent::BufferReleased { buf: b, .. } => give(b.0),
+                TcpEvent::BufferReleased { buf: b, .. } => give(b),
                 TcpEvent::Closed { .. } => self.conns[k].closing = true,
             }
         }
@@ -647,15 +624,20 @@ impl Server {
             self.handle_events(k, now);
             self.conns[k].tcp.poll_timers(now_ms);
             if !faults.blocked(listener, now) {
+                let mut out = std::mem::take(&mut self.scratch);
+                if out.len() < faults.segment.max(1) {
+                    out.resize(faults.segment.max(1), 0);
+                }
                 loop {
-                    let mut out = vec![0u8; rng.range(1, faults.segment.max(1) as u64) as usize];
-                    let n = self.conns[k].tcp.transmit(&mut out);
+                    let want = rng.range(1, faults.segment.max(1) as u64) as usize;
+                    let n = self.conns[k].tcp.transmit(&mut out[..want]);
                     if n == 0 {
                         break;
                     }
                     net[sock].t2h.extend(&out[..n]);
                     net[sock].t2h_pdus.feed(&out[..n]);
                 }
+                self.scratch = out;
             }
             let c = &self.conns[k];
             if c.tcp.state() == TargetState::Closed && !c.tcp.wants_transmit() {
@@ -670,13 +652,13 @@ impl Server {
     }
 }
 
-fn drain(mut tcp: TargetConnection<NetBuf>) {
+fn drain(mut tcp: TargetConnection<IoBuf>) {
     tcp.close();
     while let Some(ev) = tcp.poll_event() {
         match ev {
             TcpEvent::Command { buf: Some(b), .. }
             | TcpEvent::CommandFailed { buf: Some(b), .. }
-            | TcpEvent::BufferReleased { buf: b, .. } => give(b.0),
+            | TcpEvent::BufferReleased { buf: b, .. } => give(b),
             _ => {}
         }
     }
@@ -775,6 +757,7 @@ pub struct SimNet {
     pub rng: Rng,
     pub now: u64,
     pub connects: u64,
+    scratch: Vec<u8>,
 }
 
 impl SimNet {
@@ -789,6 +772,7 @@ impl SimNet {
             rng: Rng::new(seed),
             now: 0,
             connects: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -963,12 +947,16 @@ impl Net for SimNet {
         if !c.established || c.client_closed || c.h2t.len() > 1 << 20 {
             return 0;
         }
-        let mut out = vec![0u8; want];
-        let n = f(&mut out);
+        let mut out = std::mem::take(&mut self.scratch);
+        if out.len() < want {
+            out.resize(want, 0);
+        }
+        let n = f(&mut out[..want]);
         if !c.server_gone {
             c.h2t.extend(&out[..n]);
             c.h2t_pdus.feed(&out[..n]);
         }
+        self.scratch = out;
         n
     }
 
@@ -1008,6 +996,28 @@ pub fn test_config(paths: Vec<PathAddr>) -> RemoteConfig {
 
 pub fn addr(i: u8) -> PathAddr {
     PathAddr::new([10, 0, 0, i], 4420)
+}
+
+/// A request with its data at offset 0 of `b`.
+pub fn req(tag: u64, op: BlockOp, lba: u64, blocks: u32, b: Option<IoBuf>) -> BlockRequest {
+    BlockRequest {
+        tag,
+        op,
+        lba,
+        blocks,
+        buf: b,
+        buf_offset: 0,
+    }
+}
+
+/// A connected volume with one path to one target serving a `blocks`-block namespace.
+pub fn one_target(seed: u64, cfg: ServerCfg, block_size: u32, blocks: u64) -> (Rig, Disk) {
+    let disk = Disk::new(block_size, blocks);
+    let mut net = SimNet::new(seed);
+    net.add(Server::new(vec![addr(1)], &disk, cfg));
+    let mut rig = Rig::new(net, test_config(vec![addr(1)]));
+    rig.connect();
+    (rig, disk)
 }
 
 impl Rig {
@@ -1079,14 +1089,7 @@ impl Rig {
         b: Option<IoBuf>,
         limit_ms: u64,
     ) -> (Result<(), BlockError>, Option<IoBuf>) {
-        self.submit(BlockRequest {
-            tag,
-            op,
-            lba,
-            blocks,
-            buf: b,
-            buf_offset: 0,
-        });
+        self.submit(req(tag, op, lba, blocks, b));
         assert!(
             self.run_until(limit_ms, |r| r.done.iter().any(|c| c.tag == tag)),
             "request {tag} did not complete"
@@ -1128,11 +1131,11 @@ pub fn pattern(seed: u64, lba: u64, blocks: u32, bs: u32) -> Vec<u8> {
     let mut v = Vec::with_capacity((blocks * bs) as usize);
     for b in 0..blocks as u64 {
         let mut x = (seed ^ (lba + b).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-        for _ in 0..bs {
+        for _ in 0..bs / 8 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            v.push(x as u8);
+            v.extend_from_slice(&x.to_le_bytes());
         }
     }
     v
@@ -1248,14 +1251,7 @@ impl Workload {
             };
             let tag = self.next_tag;
             let Some(be) = rig.be.as_mut() else { return };
-            match be.submit(BlockRequest {
-                tag,
-                op,
-                lba,
-                blocks,
-                buf: b,
-                buf_offset: 0,
-            }) {
+            match be.submit(req(tag, op, lba, blocks, b)) {
                 Ok(()) => {
                     self.next_tag += 1;
                     self.busy[r].iter_mut().for_each(|b| *b = true);
