@@ -146,7 +146,8 @@ pub struct PathSnapshot {
     pub addr: PathAddr,
     /// Connection state.
     pub state: PathState,
-    /// ANA state of the namespace through this path (`None` before the first association).
+    /// ANA state of the namespace through this path (`None` when the remote does not report
+    /// ANA, or before the first association; such a path counts as optimized).
     pub ana: Option<AnaState>,
     /// Controller ID of the current association (0 when none).
     pub cntlid: u16,
