@@ -394,7 +394,9 @@ impl<H: Hw> keel_remote::Net for NetStack<H> {
         let s = self.sockets.get_mut::<tcp::Socket>(h);
         s.set_nagle_enabled(false);
         s.set_ack_delay(None);
-        s.set_keep_alive(Some(Duration::from_secs(10)));
+        // No TCP keep-alive probes: the volume's NVMe Keep Alive (every KATO/2) finds a dead
+        // peer first. A user timeout bounds a connection whose data is never acknowledged.
+        s.set_keep_alive(None);
         s.set_timeout(Some(Duration::from_secs(60)));
         let remote = (
             smoltcp::wire::IpAddress::Ipv4(Ipv4Address::from(addr.ip)),
