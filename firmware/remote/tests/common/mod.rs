@@ -245,6 +245,7 @@ fn make_target(cfg: &ServerCfg, backend: Box<dyn BlockBackend>) -> Target {
             ..TransportParams::default()
         },
         identity: Default::default(),
+        scratch: None,
     })
     .unwrap()
 }
