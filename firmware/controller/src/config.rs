@@ -96,9 +96,10 @@ pub enum Event {
 /// How a transport queue went away (see [`crate::Target::close_queue_after`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueLoss {
-    /// The host closed the connection in order (TCP FIN) or sent Disconnect.
+    /// The host closed or reset the connection, or sent Disconnect: an I/O queue's loss
+    /// ends only that queue.
     Orderly,
-    /// Reset, timeout or a transport error.
+    /// A transport error (the connection ended by the transport): ends the association.
     Abrupt,
 }
 

@@ -424,12 +424,15 @@ impl Target {
     }
 }
 
-/// The range list of a DSM or Copy command: the `need` bytes the host sent (`None` when the
-/// transfer or the buffer is not that size).
+/// The range list of a DSM or Copy command: the first `need` bytes the host sent (`None` when
+/// it sent fewer, or the buffer cannot hold them). A longer transfer is taken and its excess
+/// ignored: Linux sends every discard with a 4096-byte range buffer (room for 256 ranges,
+/// `nvme_setup_discard`) whatever NR says, and Linux's own target accepts that (nvmet checks
+/// the transfer is at least the ranges' length).
 fn range_list(req: &mut Request, need: usize) -> Option<&[u8]> {
     let data_len = req.data_len as usize;
     match req.buf.as_mut() {
-        Some(b) if b.capacity() >= need && data_len == need => {
+        Some(b) if b.capacity() >= need && data_len >= need => {
             b.set_len(need);
             Some(b.as_slice())
         }

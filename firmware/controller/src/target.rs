@@ -877,10 +877,10 @@ impl Target {
     }
 
     /// Like [`Target::close_queue`], saying how the connection ended. An I/O queue whose host
-    /// closed it in order (a TCP FIN: Linux closes its I/O queues this way before it shuts the
-    /// controller down over the admin queue) only loses that queue; an abrupt loss (reset,
-    /// timeout, transport error) ends the association, as Linux's target does. Losing the admin
-    /// queue always ends the controller.
+    /// closed or reset it (Linux closes its I/O queues with a FIN and a RST before it shuts the
+    /// controller down over the admin queue) only loses that queue; an abrupt loss (a
+    /// transport error) ends the association. Losing the admin queue always ends the
+    /// controller.
     pub fn close_queue_after(&mut self, q: QueueId, how: QueueLoss) -> Result<(), TargetError> {
         let qi = self.queue_index(q).ok_or(TargetError::UnknownQueue)?;
         if let Some(ci) = self.ctrl_of(qi) {

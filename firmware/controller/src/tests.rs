@@ -482,9 +482,47 @@ fn write_read_roundtrip_and_data_commands() {
         Status::LBA_OUT_OF_RANGE
     );
 
+    // Linux's discard: one range (NR 0) in a 4096-byte buffer; the excess is ignored.
+    h.write(io, 11, 1, 200, &data[..512]);
+    let mut rb = IoBuf::leak_zeroed(4096);
+    rb.as_mut_slice()[..16].copy_from_slice(
+        &DsmRange {
+            cattr: 0,
+            nlb: 1,
+            slba: 200,
+        }
+        .to_bytes(),
+    );
+    rb.as_mut_slice()[16..32].fill(0xff); // not a range: NR says one
+    let sqe = DsmCommand {
+        nr: 0,
+        idr: false,
+        idw: false,
+        ad: true,
+    }
+    .to_sqe(12, 1);
+    assert_eq!(
+        plain(h.exec(io, sqe, Some(rb), 4096).cqe.status),
+        Status::SUCCESS
+    );
+    let r = h.read(io, 13, 1, 200, 1);
+    assert!(r.buf.as_ref().unwrap().as_slice().iter().all(|&x| x == 0));
+    // Fewer bytes than NR's ranges: Data SGL Length Invalid.
+    let sqe = DsmCommand {
+        nr: 1,
+        idr: false,
+        idw: false,
+        ad: true,
+    }
+    .to_sqe(14, 1);
+    assert_eq!(
+        plain(h.exec(io, sqe, Some(IoBuf::leak_zeroed(16)), 16).cqe.status),
+        Status::DATA_SGL_LENGTH_INVALID
+    );
+
     let st = h.t.namespace_stats(SUB, 1).unwrap();
-    assert_eq!(st.write_bytes, 4096);
-    assert_eq!(st.reads, 4); // 3 reads + 1 successful compare
+    assert_eq!(st.write_bytes, 4096 + 512);
+    assert_eq!(st.reads, 5); // 4 reads + 1 successful compare
     assert_eq!(st.errors, 1);
     assert!(st.read_latency.count() >= 3);
 }
