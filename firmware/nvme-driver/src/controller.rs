@@ -936,7 +936,32 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     /// Queues a request for namespace index `ns`. The SQ tail doorbell is written by the next
     /// [`Controller::ring`] / poll, once for every request queued meanwhile.
-    pub fn submit(&mut self, ns: usize, mut req: BlockRequest) -> Result<(), Rejected> {
+    pub fn submit(&mut self, ns: usize, req: BlockRequest) -> Result<(), Rejected> {
+        self.submit_to(ns, None, req)
+    }
+
+    /// Queues a request for namespace index `ns` on I/O queue index `queue` (queue ID
+    /// `queue + 1`) instead of the next one round robin: a caller with queues of its own
+    /// (ublk's hardware queues) keeps them one to one with the controller's. Busy when that
+    /// queue is full.
+    pub fn submit_on(
+        &mut self,
+        ns: usize,
+        queue: usize,
+        req: BlockRequest,
+    ) -> Result<(), Rejected> {
+        if queue >= self.io.len() {
+            return reject(req, RejectReason::Invalid(BlockError::Internal));
+        }
+        self.submit_to(ns, Some(queue), req)
+    }
+
+    fn submit_to(
+        &mut self,
+        ns: usize,
+        queue: Option<usize>,
+        mut req: BlockRequest,
+    ) -> Result<(), Rejected> {
         match self.phase {
             Phase::Online => {}
             Phase::Dead | Phase::ShutDown => {
@@ -1009,10 +1034,14 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             return reject(req, RejectReason::Invalid(BlockError::Unsupported));
         }
         let nq = self.io.len();
-        let Some(qi) = (0..nq)
-            .map(|i| (self.next_queue + i) % nq)
-            .find(|&i| self.io[i].free.len() >= count && !self.io[i].qp.is_full())
-        else {
+        let room = |q: &IoQueue| q.free.len() >= count && !q.qp.is_full();
+        let pick = match queue {
+            Some(q) => room(&self.io[q]).then_some(q),
+            None => (0..nq)
+                .map(|i| (self.next_queue + i) % nq)
+                .find(|&i| room(&self.io[i])),
+        };
+        let Some(qi) = pick else {
             return reject(req, RejectReason::Busy);
         };
         let Some(pi) = self.parent_free.pop() else {

@@ -963,3 +963,32 @@ fn shutdown_reaps_what_was_taken_and_refuses_new_requests() {
         Err(InitError::ShutdownTimeout)
     );
 }
+
+#[test]
+fn submit_on_a_chosen_queue() {
+    let (f, d) = setup(|_| {});
+    let mut be = d.backend(0).unwrap();
+    for i in 0..3 {
+        be.submit_on(1, req(i, BlockOp::Read, i, 1, Some(iobuf(&f, 512, 0)), 0))
+            .unwrap();
+    }
+    d.poll(t0(&d));
+    // Every command went to I/O queue 2 (SQ 2 tail doorbell at 0x1000 + 2 * 2 * 4).
+    let dbs = f.borrow().doorbells.clone();
+    assert!(dbs.iter().any(|&(o, v)| o == 0x1010 && v == 3), "{dbs:?}");
+    assert!(
+        !dbs.iter().any(|&(o, _)| o == 0x1008),
+        "SQ 1 untouched: {dbs:?}"
+    );
+    let mut out = Vec::new();
+    be.poll(&mut |c| out.push(c));
+    assert_eq!(out.len(), 3);
+    let r = be
+        .submit_on(2, req(9, BlockOp::Read, 0, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap_err();
+    assert_eq!(
+        r.reason,
+        RejectReason::Invalid(BlockError::Internal),
+        "no queue 3"
+    );
+}
