@@ -56,9 +56,10 @@ impl WindowArgs {
                 } else {
                     bdf.clone()
                 };
-                Window::open_bar(&PathBuf::from(format!(
-                    "/sys/bus/pci/devices/{bdf}/resource2"
-                )))?
+                let dev = PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
+                // A function no driver claimed may have memory decoding off.
+                let _ = std::fs::write(dev.join("enable"), "1");
+                Window::open_bar(&dev.join("resource2"))?
             }
             (None, None, Some(p)) => Window::open_bar(p)?,
             (None, None, None) => bail!("--window FILE (or --pci BDF, --bar PATH) is required"),
@@ -119,6 +120,20 @@ pub enum HostCmd {
         /// Clients served at once.
         #[arg(long, default_value_t = 16)]
         clients: usize,
+    },
+    /// Expose a namespace as a Linux block device, /dev/ublkbN (ublk; module ublk_drv, Linux
+    /// 6.0+, root), until SIGINT or SIGTERM: one ublk queue per I/O queue pair of the
+    /// function, at its depth.
+    Ublk {
+        /// Namespace.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
+        /// I/O queue pairs of the function (and ublk queues).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        queues: u16,
+        /// Commands in flight per queue.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        qd: u16,
     },
     /// Serve the window from this process (an in-process firmware with RAM namespaces), for
     /// use without QEMU. Creates the file if needed.
@@ -183,6 +198,25 @@ pub fn run(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
             let shut = server.shutdown();
             r?;
             shut?;
+            Ok(0)
+        }
+        HostCmd::Ublk { nsid, queues, qd } => {
+            let c = w.open(queues, qd)?;
+            let stop = super::signals::stop_on_sigint_sigterm()?;
+            let s = super::ublk::serve(c, &super::ublk::UblkConfig { nsid }, stop, |d| {
+                eprintln!(
+                    "keelctl host ublk: {} (NSID {nsid}, {} bytes, {}-byte blocks), {} queue(s) of depth {}",
+                    d.path.display(),
+                    d.bytes,
+                    d.block_size,
+                    d.queues,
+                    d.depth
+                );
+            })?;
+            eprintln!(
+                "keelctl host ublk: served {} request(s); at most {} NVMe command(s) in flight at once",
+                s.requests, s.peak_commands
+            );
             Ok(0)
         }
         HostCmd::Emulate {

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod driver;
 pub mod nbd;
 pub mod signals;
+pub mod ublk;
 pub mod window;
 
 pub use driver::{HostConfig, HostController, HostDevice, HostTarget};
