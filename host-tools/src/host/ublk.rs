@@ -15,10 +15,14 @@
 //! of all queues, which the ublk driver allows (each queue checks only that its commands come
 //! from the task that fetched them).
 //!
-//! Data: each tag's buffer (`addr` of its fetch command) is a data buffer in the window's host
-//! area, the one the NVMe command's PRPs point at. ublk_drv copies a write's pages into it
+//! Data: ublk_drv copies a write's pages into the tag's buffer (`addr` of its fetch command)
 //! before handing the request over, and a read's data out of it when the result is committed
-//! (one copy each, in this thread's context); nothing is copied in user space.
+//! (one copy each, in this thread's context, after pinning the buffer's pages). When the
+//! window is a mapped file (`--window`), the tag's buffer is the window buffer the NVMe
+//! command's PRPs point at, and nothing is copied in user space. When it is a guest's PCI
+//! BAR (`--pci`), its pages cannot be pinned (`VM_PFNMAP`), so each tag has a staging buffer
+//! in ordinary memory and this thread copies between it and the window buffer: one more
+//! copy per request (ublk's `UBLK_F_USER_COPY` reads and writes through the same pinning).
 //!
 //! Mapping: READ/WRITE (FUA from `UBLK_IO_F_FUA`) → Read/Write; FLUSH → Flush; DISCARD →
 //! Dataset Management (deallocate); WRITE_ZEROES → Write Zeroes (deallocate allowed unless
@@ -332,28 +336,129 @@ pub struct UblkDevice {
 /// `user_data` of control commands (I/O commands use `q << 16 | tag`).
 const CTRL: u64 = 1 << 63;
 
-struct DescMap {
+fn ctrl_cmd(dev_id: u32, addr: u64, len: usize) -> uapi::CtrlCmd {
+    uapi::CtrlCmd {
+        dev_id,
+        queue_id: u16::MAX,
+        len: len as u16,
+        addr,
+        ..Default::default()
+    }
+}
+
+fn control_entry(control: &File, op: u32, cmd: &uapi::CtrlCmd) -> squeue::Entry128 {
+    let mut raw = [0u8; 80];
+    // SAFETY: `CtrlCmd` is `repr(C)` plain data of 32 bytes, copied into the first 32 bytes
+    // of the command area.
+    let bytes: [u8; 32] = unsafe { std::mem::transmute(*cmd) };
+    raw[..32].copy_from_slice(&bytes);
+    opcode::UringCmd80::new(types::Fd(control.as_raw_fd()), op)
+        .cmd(raw)
+        .build()
+        .user_data(CTRL | op as u64)
+}
+
+/// Runs one control command on a ring of its own and waits for its result (ADD_DEV and
+/// SET_PARAMS before any I/O; DEL_DEV after the device's char device and ring are gone,
+/// which DEL_DEV waits for).
+fn control_once(control: &File, op: u32, cmd: &uapi::CtrlCmd) -> Result<i32> {
+    let mut ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+        .build(4)
+        .context("creating an io_uring with 128-byte entries")?;
+    let e = control_entry(control, op, cmd);
+    // SAFETY: the buffer `cmd.addr` names (if any) is the caller's and outlives this call,
+    // which waits for the command's completion.
+    unsafe { ring.submission().push(&e) }.map_err(|_| anyhow::anyhow!("ring full"))?;
+    ring.submit_and_wait(1).context("io_uring wait")?;
+    let c = ring.completion().next().context("no completion")?;
+    Ok(c.result())
+}
+
+/// A memory mapping this module made (descriptor arrays, staging buffers).
+struct Mapping {
     ptr: *mut u8,
     len: usize,
 }
 
-impl Drop for DescMap {
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `Session::map_descs`, unmapped once.
+        // SAFETY: exactly a mapping made by `mmap` in this module, unmapped once.
         unsafe {
             libc::munmap(self.ptr.cast(), self.len);
         }
     }
 }
 
-struct Session {
+/// Staging buffers in ordinary memory, one per tag, for a window that is a guest's PCI BAR:
+/// ublk_drv pins the daemon's buffer pages (`get_user_pages`) to copy a request's data, and
+/// the pages of a BAR mapping (`VM_PFNMAP`) cannot be pinned. The data then moves once more,
+/// between the staging buffer and the window buffer the NVMe command uses.
+struct Staging {
+    map: Mapping,
+    per_tag: usize,
+}
+
+impl Staging {
+    fn new(tags: usize, per_tag: usize) -> Result<Self> {
+        let len = (tags * per_tag).max(1);
+        // SAFETY: a fresh private anonymous mapping chosen by the kernel; failure is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("staging buffers");
+        }
+        Ok(Self {
+            map: Mapping { ptr: p.cast(), len },
+            per_tag,
+        })
+    }
+
+    fn addr(&self, slot: usize) -> u64 {
+        self.map.ptr as u64 + (slot * self.per_tag) as u64
+    }
+
+    /// Copies `n` bytes of tag `slot`'s staging buffer into `to`.
+    fn read(&self, slot: usize, to: &mut [u8]) {
+        let n = to.len().min(self.per_tag);
+        fence(Ordering::Acquire);
+        // SAFETY: `slot * per_tag + n` lies inside the mapping; the kernel wrote the buffer
+        // before posting the request this follows, and writes it again only for the tag's
+        // next request, which comes after the commit of this one.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.ptr.add(slot * self.per_tag), to.as_mut_ptr(), n)
+        };
+    }
+
+    /// Copies `from` into tag `slot`'s staging buffer.
+    fn write(&self, slot: usize, from: &[u8]) {
+        let n = from.len().min(self.per_tag);
+        // SAFETY: as in `read`; the kernel reads the buffer only after the commit that
+        // follows this copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(from.as_ptr(), self.map.ptr.add(slot * self.per_tag), n)
+        };
+        fence(Ordering::Release);
+    }
+}
+
+struct Session<'a> {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
-    control: File,
+    control: &'a File,
     cdev: Option<File>,
     dev_id: u32,
     queues: u16,
     depth: u16,
-    descs: Vec<DescMap>,
+    descs: Vec<Mapping>,
+    /// Staging buffers, when the window cannot be the kernel's copy target.
+    staging: Option<Staging>,
     /// Buffer of each tag (`q * depth + tag`) while it is not with the controller.
     bufs: Vec<Option<IoBuf>>,
     /// CPU address of each tag's buffer (fixed: what the fetch commands name).
@@ -368,7 +473,7 @@ fn page_size() -> usize {
     if p > 0 { p as usize } else { 4096 }
 }
 
-impl Session {
+impl Session<'_> {
     fn push(&mut self, e: squeue::Entry128) -> Result<()> {
         loop {
             // SAFETY: every buffer an entry points at (control payloads, device info and
@@ -382,44 +487,17 @@ impl Session {
         }
     }
 
-    /// Sends a control command and waits for its result (before any I/O is live, or for
-    /// commands that do not wait for I/O).
-    fn control_sync(&mut self, op: u32, cmd: &uapi::CtrlCmd) -> Result<i32> {
-        self.control_start(op, cmd)?;
-        loop {
-            self.ring.submit_and_wait(1).context("io_uring wait")?;
-            let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
-            for c in cqes {
-                if c.user_data() == CTRL | op as u64 {
-                    return Ok(c.result());
-                }
-            }
-        }
-    }
-
+    /// Starts a control command whose result arrives among the I/O completions (START_DEV
+    /// and STOP_DEV, which wait for I/O this thread serves).
     fn control_start(&mut self, op: u32, cmd: &uapi::CtrlCmd) -> Result<()> {
-        let mut raw = [0u8; 80];
-        // SAFETY: `CtrlCmd` is `repr(C)` plain data of 32 bytes, copied into the first 32
-        // bytes of the command area.
-        let bytes: [u8; 32] = unsafe { std::mem::transmute(*cmd) };
-        raw[..32].copy_from_slice(&bytes);
-        let e = opcode::UringCmd80::new(types::Fd(self.control.as_raw_fd()), op)
-            .cmd(raw)
-            .build()
-            .user_data(CTRL | op as u64);
+        let e = control_entry(self.control, op, cmd);
         self.push(e)?;
         self.ring.submit().context("io_uring submit")?;
         Ok(())
     }
 
     fn ctrl_cmd(&self, addr: u64, len: usize) -> uapi::CtrlCmd {
-        uapi::CtrlCmd {
-            dev_id: self.dev_id,
-            queue_id: u16::MAX,
-            len: len as u16,
-            addr,
-            ..Default::default()
-        }
+        ctrl_cmd(self.dev_id, addr, len)
     }
 
     fn map_descs(&mut self) -> Result<()> {
@@ -443,7 +521,7 @@ impl Session {
                 return Err(std::io::Error::last_os_error())
                     .with_context(|| format!("mapping queue {q}'s descriptors"));
             }
-            self.descs.push(DescMap { ptr: p.cast(), len });
+            self.descs.push(Mapping { ptr: p.cast(), len });
         }
         Ok(())
     }
@@ -529,21 +607,31 @@ fn run(
     let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
         .build((queues as u32 * depth as u32 + 16).next_power_of_two())
         .context("creating an io_uring with 128-byte entries")?;
+    let tags = queues as usize * depth as usize;
+    let staging = if ctrl.window().is_device_memory() {
+        Some(Staging::new(tags, max_io as usize)?)
+    } else {
+        None
+    };
     let mut bufs = Vec::new();
     let mut addrs = Vec::new();
-    for _ in 0..queues as usize * depth as usize {
+    for slot in 0..tags {
         let mut b = pool.get().context("data buffers")?;
-        addrs.push(b.capacity_mut().as_mut_ptr() as u64);
+        addrs.push(match &staging {
+            Some(st) => st.addr(slot),
+            None => b.capacity_mut().as_mut_ptr() as u64,
+        });
         bufs.push(Some(b));
     }
     let mut s = Session {
         ring,
-        control,
+        control: &control,
         cdev: None,
         dev_id: u32::MAX,
         queues,
         depth,
         descs: Vec::new(),
+        staging,
         bufs,
         addrs,
         armed: 0,
@@ -560,18 +648,27 @@ fn run(
         flags: uapi::F_CMD_IOCTL_ENCODE,
         ..Default::default()
     };
-    let cmd = s.ctrl_cmd(&raw mut dev as u64, size_of::<uapi::DevInfo>());
-    let r = s.control_sync(uapi::CMD_ADD_DEV, &cmd)?;
+    let cmd = ctrl_cmd(u32::MAX, &raw mut dev as u64, size_of::<uapi::DevInfo>());
+    let r = control_once(&control, uapi::CMD_ADD_DEV, &cmd)?;
     if r < 0 {
         bail!("ublk ADD_DEV: {}", std::io::Error::from_raw_os_error(-r));
     }
+    // SAFETY: `dev` is a live local the kernel wrote through the address it was given.
+    let dev = unsafe { std::ptr::read_volatile(&raw const dev) };
     s.dev_id = dev.dev_id;
+    // The kernel caps the queues at the CPU count (and may lower the depth): serve what it
+    // made.
+    s.queues = dev.nr_hw_queues.clamp(1, queues);
+    s.depth = dev.queue_depth.clamp(1, depth);
+    let dev_id = s.dev_id;
     let result = started(
         &mut s, ctrl, &mut be, stop, ready, g, caps, bs_shift, max_io,
     );
-    // DEL_DEV whatever happened (the device is stopped by then, or never started).
-    let cmd = s.ctrl_cmd(0, 0);
-    let del = s.control_sync(uapi::CMD_DEL_DEV, &cmd);
+    // DEL_DEV whatever happened, once the ring (any command still outstanding is cancelled
+    // with it), the descriptor mappings and the char device are closed: DEL_DEV waits for
+    // the device's last user.
+    drop(s);
+    let del = control_once(&control, uapi::CMD_DEL_DEV, &ctrl_cmd(dev_id, 0, 0));
     let stats = result?;
     match del {
         Ok(r) if r < 0 => bail!("ublk DEL_DEV: {}", std::io::Error::from_raw_os_error(-r)),
@@ -630,7 +727,7 @@ fn started(
         };
     }
     let cmd = s.ctrl_cmd(&raw mut p as u64, size_of::<uapi::Params>());
-    let r = s.control_sync(uapi::CMD_SET_PARAMS, &cmd)?;
+    let r = control_once(s.control, uapi::CMD_SET_PARAMS, &cmd)?;
     if r < 0 {
         bail!("ublk SET_PARAMS: {}", std::io::Error::from_raw_os_error(-r));
     }
@@ -721,11 +818,16 @@ fn started(
             let d = s.desc(q, tag);
             let res = match decode(&d, bs_shift_dev) {
                 Ok(x) => {
-                    let buf = if x.op.has_data() {
+                    let mut buf = if x.op.has_data() {
                         s.bufs[slot].take()
                     } else {
                         None
                     };
+                    if let (Some(st), Some(b), BlockOp::Write { .. }) = (&s.staging, &mut buf, x.op)
+                    {
+                        let n = (x.blocks as usize) << bs_shift_dev;
+                        st.read(slot, &mut b.as_mut_slice()[..n]);
+                    }
                     let req = BlockRequest {
                         tag: ud,
                         op: x.op,
@@ -766,6 +868,14 @@ fn started(
             let slot = q as usize * s.depth as usize + tag as usize;
             let d = s.desc(q, tag);
             if let Some(b) = c.buf {
+                if let (Some(st), true, Ok(())) = (
+                    &s.staging,
+                    d.op_flags & 0xff == uapi::OP_READ as u32,
+                    c.result,
+                ) {
+                    let n = (d.nr_sectors as usize) << 9;
+                    st.write(slot, &b.as_slice()[..n.min(b.len())]);
+                }
                 s.bufs[slot] = Some(b);
             }
             let res = match c.result {

@@ -34,6 +34,9 @@ pub struct Window {
     next: AtomicUsize,
     /// Controllers of this process open on the window ([`Window::claim`]).
     users: AtomicUsize,
+    /// A device BAR (`VM_IO | VM_PFNMAP`): the kernel cannot pin its pages, so it cannot be
+    /// the target of I/O the kernel copies with `get_user_pages` (ublk).
+    device_memory: bool,
 }
 
 // SAFETY: the mapping lives as long as the `Window`; every access goes through the methods
@@ -89,6 +92,7 @@ impl Window {
             _file: file,
             next: AtomicUsize::new(layout::HOST_AREA_OFFSET),
             users: AtomicUsize::new(0),
+            device_memory: false,
         }
     }
 
@@ -120,12 +124,20 @@ impl Window {
     /// the device's sysfs resource file (`/sys/bus/pci/devices/BDF/resource2`); the BAR
     /// holds the same layout as the window file on the machine running QEMU.
     pub fn open_bar(path: &Path) -> Result<Self> {
-        Self::open(path).with_context(|| {
+        let mut w = Self::open(path).with_context(|| {
             format!(
                 "mapping the ivshmem BAR {} (needs root; is it the device's resource2?)",
                 path.display()
             )
-        })
+        })?;
+        w.device_memory = true;
+        Ok(w)
+    }
+
+    /// True for a PCI BAR mapped from sysfs (see [`Window::open_bar`]): device memory whose
+    /// pages the kernel cannot pin for its own copies.
+    pub fn is_device_memory(&self) -> bool {
+        self.device_memory
     }
 
     /// Anonymous shared memory of `size` bytes (tests).
