@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// I/O queue pairs and depth the server opens.
 const QUEUES: u16 = 2;
@@ -32,14 +32,9 @@ fn have(tool: &str) -> bool {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().expect("spawn");
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed: {}\n{out}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
+    let r = keel_tests::run_bounded(cmd, Duration::from_secs(120));
+    assert_eq!(r.code, 0, "{cmd:?} failed: {r:?}");
+    r.stdout
 }
 
 /// Commands the host wrote to the function's I/O submission queues so far.
@@ -52,39 +47,13 @@ fn submitted(win: &Window) -> u32 {
 /// Runs `cmd` with the function paused until `n` more commands are in its submission queues
 /// at once (bounded), then lets it run and waits for the client; returns its stdout.
 fn with_n_in_flight(emu: &Emulator, win: &Window, n: u32, cmd: &mut Command) -> String {
-    emu.pause(true);
-    let base = submitted(win);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let t0 = Instant::now();
-    let mut seen = 0;
-    while t0.elapsed() < Duration::from_secs(60) {
-        seen = submitted(win).wrapping_sub(base);
-        if seen >= n {
-            break;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("{cmd:?} exited ({st}) with the function paused");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    emu.pause(false);
-    if seen < n {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("{cmd:?}: only {seen} of {n} commands reached the function at once");
-    }
-    let o = child.wait_with_output().expect("wait");
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed: {}\n{out}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
+    keel_tests::with_n_in_flight(
+        |hold| emu.pause(hold),
+        || submitted(win),
+        n,
+        Duration::from_secs(60),
+        cmd,
+    )
 }
 
 #[test]

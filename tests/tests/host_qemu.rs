@@ -818,35 +818,13 @@ fn submitted(win: &Window) -> u32 {
 /// submission queues at once (bounded), then lets the firmware run and waits for the client.
 fn with_n_in_flight(rig: &Rig, n: u32, cmd: &mut Command) -> String {
     let win = Window::open(rig.window(0)).expect("window");
-    rig.run_cpu(false);
-    let base = submitted(&win);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let t0 = Instant::now();
-    let mut seen = 0;
-    while t0.elapsed() < RUN_TIMEOUT {
-        seen = submitted(&win).wrapping_sub(base);
-        if seen >= n || child.try_wait().ok().flatten().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    rig.run_cpu(true);
-    let o = child.wait_with_output().expect("wait");
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed: {}\n{out}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        seen >= n,
-        "{cmd:?}: only {seen} of {n} commands reached the function at once"
-    );
-    out
+    keel_tests::with_n_in_flight(
+        |hold| rig.run_cpu(!hold),
+        || submitted(&win),
+        n,
+        RUN_TIMEOUT,
+        cmd,
+    )
 }
 
 #[test]
