@@ -13,13 +13,14 @@
 //! - the kernel's NBD client (`nbd.ko`, Debian's nbd-client) against `keelctl host nbd`: the
 //!   same file system mounted, files checked, `e2fsck` clean.
 //!
-//! One boot of each QEMU for all of it (about a minute here under TCG). Needs, on the first run, the Debian mirror (the 6.12
-//! kernel package, busybox; fio, e2fsprogs, nbd-client and qemu-system-x86 are installed with
-//! `qemu/deps` as root) and rustup's `x86_64-unknown-linux-musl` target; when something is
-//! missing the test fails and says why.
+//! One boot of each QEMU for all of it (65-110 s here under TCG, by the machine's load).
+//! Needs, on the first run, the Debian mirror (the 6.12 kernel package, busybox; fio,
+//! e2fsprogs, nbd-client and qemu-system-x86 are installed with `qemu/deps` as root); the VM
+//! gets the harness's own keelctl with its libraries (`KEEL_HOSTVM_KEELCTL`). When something
+//! is missing the test fails and says why.
 
 use keel_host_tools::host::Window;
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, root, run_bounded};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, keelctl, root, run_bounded};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -53,16 +54,19 @@ fn host_vm_ublk_file_system_fio_and_kernel_nbd() {
     }
 
     let r = run_bounded(
-        Command::new(root().join("qemu/hostvm/run")).args([
-            "--window",
-            &paths[0],
-            "--window",
-            &paths[1],
-            "--mode",
-            "check",
-            "--timeout",
-            &VM_TIMEOUT_S.to_string(),
-        ]),
+        Command::new(root().join("qemu/hostvm/run"))
+            // The harness's keelctl goes into the VM (with its libraries): no musl build.
+            .env("KEEL_HOSTVM_KEELCTL", keelctl())
+            .args([
+                "--window",
+                &paths[0],
+                "--window",
+                &paths[1],
+                "--mode",
+                "check",
+                "--timeout",
+                &VM_TIMEOUT_S.to_string(),
+            ]),
         Duration::from_secs(VM_TIMEOUT_S + 300),
     );
     let console = &r.stdout;
