@@ -245,6 +245,13 @@ pub fn keelctl_ok(args: &[&str]) -> String {
     r.stdout
 }
 
+/// Starts `keelctl ARGS` on a thread, bounded by `timeout`: a workload to disturb (kill a
+/// peer, take a path down) while it runs; join the handle for its result.
+pub fn keelctl_in_background(args: &[&str], timeout: Duration) -> std::thread::JoinHandle<Run> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || run_bounded(Command::new(keelctl()).args(&args), timeout))
+}
+
 /// Builds the release `keelctl` that `qemu/run --config/--bundle` packs and flashes with,
 /// so that a boot's timeout does not include the build.
 pub fn build_release_keelctl() {

@@ -18,7 +18,10 @@
 //! every block the workload wrote.
 
 use keel_host_tools::mgmt::keel_mgmt;
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, root, run_bounded};
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, keelctl_in_background, keelctl_ok,
+    root, run_bounded,
+};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -37,12 +40,6 @@ fn say(msg: impl AsRef<str>) {
 
 fn keelctl_run(args: &[&str]) -> keel_tests::Run {
     run_bounded(Command::new(keelctl()).args(args), RUN)
-}
-
-fn keelctl_ok(args: &[&str]) -> String {
-    let r = keelctl_run(args);
-    assert_eq!(r.code, 0, "keelctl {args:?}: {r:?}");
-    r.stdout
 }
 
 fn boot_remote(port: u16, disk: &Path) -> Qemu {
@@ -305,30 +302,27 @@ fn remote_volumes_between_two_keels() {
     promtool(&metrics);
 
     // 5. The remote dies in the middle of a verifying workload and comes back.
-    let verify_args: Vec<String> = [
-        "host",
-        "--window",
-        &w0,
-        "--timeout",
-        "200",
-        "verify",
-        "--nsid",
-        "1",
-        "--lba",
-        "0",
-        "--count",
-        "200000",
-        "--qd",
-        "16",
-        "--pattern",
-        "0x7e57",
-    ]
-    .map(String::from)
-    .to_vec();
-    let workload = std::thread::spawn(move || {
-        let args: Vec<&str> = verify_args.iter().map(String::as_str).collect();
-        keelctl_run(&args)
-    });
+    let workload = keelctl_in_background(
+        &[
+            "host",
+            "--window",
+            &w0,
+            "--timeout",
+            "200",
+            "verify",
+            "--nsid",
+            "1",
+            "--lba",
+            "0",
+            "--count",
+            "200000",
+            "--qd",
+            "16",
+            "--pattern",
+            "0x7e57",
+        ],
+        RUN,
+    );
     // Killed early: 100 MiB through one remote takes several seconds even on a quiet machine.
     std::thread::sleep(Duration::from_secs(1));
     assert!(

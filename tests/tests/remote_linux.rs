@@ -16,7 +16,10 @@
 //! that is impossible the test fails and says why.
 
 use keel_host_tools::mgmt::keel_mgmt::{RemoteInfo, Snapshot};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, root, run_bounded};
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, keelctl_in_background, keelctl_ok,
+    root, run_bounded,
+};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -31,12 +34,6 @@ fn say(msg: impl AsRef<str>) {
 
 fn keelctl_run(args: &[&str]) -> keel_tests::Run {
     run_bounded(Command::new(keelctl()).args(args), RUN)
-}
-
-fn keelctl_ok(args: &[&str]) -> String {
-    let r = keelctl_run(args);
-    assert_eq!(r.code, 0, "keelctl {args:?}: {r:?}");
-    r.stdout
 }
 
 /// The initiator's one remote volume, from `keelctl status --json`.
@@ -162,30 +159,27 @@ fn remote_volume_on_linux_nvmet_over_two_paths() {
     );
 
     // 2. Failover: the optimized path dies during a verifying workload.
-    let args: Vec<String> = [
-        "host",
-        "--window",
-        &w,
-        "--timeout",
-        "250",
-        "verify",
-        "--nsid",
-        "1",
-        "--lba",
-        "4096",
-        "--count",
-        "20000",
-        "--qd",
-        "16",
-        "--pattern",
-        "0x11a5",
-    ]
-    .map(String::from)
-    .to_vec();
-    let workload = std::thread::spawn(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        keelctl_run(&a)
-    });
+    let workload = keelctl_in_background(
+        &[
+            "host",
+            "--window",
+            &w,
+            "--timeout",
+            "250",
+            "verify",
+            "--nsid",
+            "1",
+            "--lba",
+            "4096",
+            "--count",
+            "20000",
+            "--qd",
+            "16",
+            "--pattern",
+            "0x11a5",
+        ],
+        RUN,
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         !workload.is_finished(),
