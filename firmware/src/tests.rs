@@ -652,6 +652,7 @@ fn dev_bundle(generation: u64) -> Vec<u8> {
             function: None,
         }],
         management: None,
+        qos: Default::default(),
     };
     let mut counter = 0u8;
     keel_provision::bundle::build(
