@@ -52,6 +52,41 @@ impl<H: Hw> Services<H> {
             .find(|n| n.subsystem == nqn && n.nsid == nsid)
     }
 
+    /// Gives every served namespace, host and emulated function the limits of the plan in
+    /// force (its groups are set already); what the core refuses is reported in `problems`.
+    fn apply_qos(&mut self, problems: &mut Vec<String>) {
+        for ns in &self.plan.namespaces {
+            if !self.target.has_namespace(&ns.subsystem, ns.nsid) {
+                continue;
+            }
+            if let Err(e) =
+                self.target
+                    .set_namespace_qos(&ns.subsystem, ns.nsid, self.plan.namespace_qos(ns))
+            {
+                problems.push(format!(
+                    "namespace {} of {}: QoS not applied ({e:?})",
+                    ns.nsid, ns.subsystem
+                ));
+            }
+        }
+        self.target.set_host_qos(self.plan.host_qos());
+        for e in &mut self.functions {
+            if let Some(a) = e.f.admin_queue() {
+                let _ = self
+                    .target
+                    .set_controller_limits(a, self.plan.function_limits(e.index));
+            }
+            e.limited = e.f.admin_queue();
+        }
+        log::info!(
+            "qos: applied live: {} namespace rule(s), {} group(s), {} host rule(s), {} function rule(s)",
+            self.plan.qos.namespaces.len(),
+            self.plan.qos.groups.len(),
+            self.plan.qos.hosts.len(),
+            self.plan.qos.functions.len()
+        );
+    }
+
     /// Applies a verified push; on error nothing has changed.
     fn try_push(&mut self, bundle: &[u8]) -> Result<PushReport, String> {
         let floor = self.plan.generation;
@@ -150,6 +185,11 @@ impl<H: Hw> Services<H> {
             }
         };
 
+        // QoS changes live. Groups first: namespaces added below may name new ones.
+        let qos_changed = self.plan.qos != new.qos;
+        if qos_changed {
+            self.target.set_qos_groups(new.qos_groups());
+        }
         let mut removed = Vec::new();
         for (nqn, nsid) in removals {
             if self.target.remove_namespace(&nqn, nsid).is_ok() {
@@ -174,6 +214,10 @@ impl<H: Hw> Services<H> {
                     n.nsid, n.subsystem
                 )),
             }
+        }
+        if qos_changed {
+            self.plan.qos = new.qos.clone();
+            self.apply_qos(&mut needs_reboot);
         }
         self.plan.generation = cfg.generation;
         self.plan.source = Source::Push;
