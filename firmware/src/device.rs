@@ -7,9 +7,10 @@ use crate::hw::Hw;
 use crate::plan::{NsPlan, Plan, Source};
 use crate::services::{Services, build_namespace};
 use alloc::{format, string::String, string::ToString, vec::Vec};
+use keel_controller::{QosCounters, Target};
 use keel_mgmt::{
-    ControllerInfo, FunctionInfo, Latency, NamespaceInfo, NsCounters, PushReport, Snapshot,
-    SubsystemInfo,
+    ControllerInfo, FunctionInfo, GroupInfo, Latency, NamespaceInfo, NsCounters, PushReport,
+    QosInfo, QosLimit, Snapshot, SubsystemInfo,
 };
 use keel_nvme_pcie::FunctionState;
 use keel_storage::LatencyHistogram;
@@ -30,6 +31,99 @@ fn latency(h: &LatencyHistogram) -> Latency {
         p99_ns: h.p99(),
         p999_ns: h.p999(),
         max_ns: h.max(),
+    }
+}
+
+/// Each tenant's rate over the last whole second, measured by the poll loop once a second
+/// from the admitted counters (a snapshot reads them; nothing per I/O).
+#[derive(Debug, Default)]
+pub(crate) struct QosRates {
+    next_ns: u64,
+    last_ns: u64,
+    /// Tenant key, admitted commands and bytes at the last sample, commands/s and bytes/s.
+    seen: Vec<(String, u64, u64, u64, u64)>,
+}
+
+/// The keys [`QosRates`] knows tenants by.
+fn ns_key(subsystem: &str, nsid: u32) -> String {
+    format!("ns {subsystem}/{nsid}")
+}
+fn ctrl_key(cntlid: u16) -> String {
+    format!("ctrl {cntlid}")
+}
+fn group_key(name: &str) -> String {
+    format!("group {name}")
+}
+
+impl QosRates {
+    /// Takes a sample when a second has passed since the last one.
+    pub(crate) fn tick(&mut self, now_ns: u64, target: &Target) {
+        if now_ns < self.next_ns {
+            return;
+        }
+        let dt = now_ns.saturating_sub(self.last_ns).max(1);
+        let counters = target
+            .namespace_views()
+            .map(|n| (ns_key(n.subsystem, n.nsid), n.qos))
+            .chain(
+                target
+                    .controller_views()
+                    .map(|c| (ctrl_key(c.cntlid), c.qos)),
+            )
+            .chain(target.group_views().map(|g| (group_key(g.name), g.qos)));
+        let first = self.last_ns == 0;
+        let seen = counters
+            .map(|(k, q)| {
+                let per_sec = |now: u64, then: u64| {
+                    (u128::from(now.saturating_sub(then)) * 1_000_000_000 / u128::from(dt)) as u64
+                };
+                let (ops, bytes) = match self.seen.iter().find(|e| e.0 == k) {
+                    Some(e) if !first => {
+                        (per_sec(q.admitted_ops, e.1), per_sec(q.admitted_bytes, e.2))
+                    }
+                    _ => (0, 0),
+                };
+                (k, q.admitted_ops, q.admitted_bytes, ops, bytes)
+            })
+            .collect();
+        self.seen = seen;
+        self.last_ns = now_ns;
+        self.next_ns = now_ns.saturating_add(1_000_000_000);
+    }
+
+    /// The QoS report of a tenant.
+    fn info(&self, key: &str, q: &QosCounters) -> QosInfo {
+        let (ops_per_sec, bytes_per_sec) = self
+            .seen
+            .iter()
+            .find(|e| e.0 == key)
+            .map_or((0, 0), |e| (e.3, e.4));
+        let l = &q.limits;
+        QosInfo {
+            limits: [
+                ("iops", l.iops),
+                ("read_iops", l.read_iops),
+                ("write_iops", l.write_iops),
+                ("bps", l.bps),
+                ("read_bps", l.read_bps),
+                ("write_bps", l.write_bps),
+            ]
+            .into_iter()
+            .filter_map(|(name, r)| {
+                r.map(|r| QosLimit {
+                    name: String::from(name),
+                    per_sec: r.per_sec,
+                    burst: r.burst,
+                })
+            })
+            .collect(),
+            admitted_ops: q.admitted_ops,
+            admitted_bytes: q.admitted_bytes,
+            ops_per_sec,
+            bytes_per_sec,
+            throttled_ns: q.throttled_ns,
+            queued: q.queued,
+        }
     }
 }
 
@@ -271,6 +365,9 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                             read_latency: latency(&n.stats.read_latency),
                             write_latency: latency(&n.stats.write_latency),
                         },
+                        weight: n.qos_config.weight,
+                        group: n.qos_config.group.clone(),
+                        qos: self.qos_rates.info(&ns_key(n.subsystem, n.nsid), &n.qos),
                     }
                 })
                 .collect(),
@@ -283,6 +380,7 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     hostnqn: c.hostnqn.into(),
                     transport: String::from(if c.local { "pcie" } else { "tcp" }),
                     io_queues: c.io_queues,
+                    qos: self.qos_rates.info(&ctrl_key(c.cntlid), &c.qos),
                 })
                 .collect(),
             tcp_connections: self.nvmf.as_ref().map_or(0, |s| s.connections() as u32),
@@ -293,6 +391,14 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     index: f.index,
                     subsystem: f.nqn.clone(),
                     enabled: f.f.state() != FunctionState::Disabled,
+                })
+                .collect(),
+            qos_groups: t
+                .group_views()
+                .map(|g| GroupInfo {
+                    name: g.name.into(),
+                    weight: g.weight,
+                    qos: self.qos_rates.info(&group_key(g.name), &g.qos),
                 })
                 .collect(),
         }

@@ -121,6 +121,8 @@ pub struct Services<H: Hw> {
     pub(crate) challenges: Challenges<H>,
     /// Power cycles, unsafe shutdowns and powered-on time (flash health records).
     pub(crate) health: crate::health::HealthLog,
+    /// Each QoS tenant's rate over the last second (status, metrics).
+    pub(crate) qos_rates: crate::device::QosRates,
 }
 
 impl<H: Hw> core::fmt::Debug for Services<H> {
@@ -476,6 +478,7 @@ impl<H: Hw> Services<H> {
             identity,
             challenges,
             health,
+            qos_rates: Default::default(),
         }
     }
 
@@ -506,9 +509,11 @@ impl<H: Hw> Services<H> {
             health,
             identity,
             plan,
+            qos_rates,
             ..
         } = self;
         health.tick(identity.flash.as_mut(), now_ns);
+        qos_rates.tick(now_ns, target);
         for e in functions.iter_mut() {
             busy |= e.f.poll(now, target, &mut e.ep);
             let admin = e.f.admin_queue();

@@ -795,6 +795,31 @@ fn a_push_changing_only_qos_applies_live() {
         elapsed >= 290_000_000,
         "30 writes in {elapsed} ns: faster than 100 per second"
     );
+    // Keep writing for two seconds of the device's clock: status reports the limit and a
+    // rate at it over the last whole second.
+    while now() - t0 < 2_100_000_000 {
+        write(&mut io, &mut dev, 1);
+    }
+    let snap = dev.services.snapshot();
+    let info = &snap.namespaces.iter().find(|n| n.nsid == 2).unwrap().qos;
+    assert_eq!(info.limits.len(), 1);
+    assert_eq!(
+        (info.limits[0].name.as_str(), info.limits[0].per_sec),
+        ("write_iops", 100)
+    );
+    assert!(
+        (95..=101).contains(&info.ops_per_sec),
+        "rate {} per second under a limit of 100",
+        info.ops_per_sec
+    );
+    assert_eq!(snap.qos_groups.len(), 1);
+    assert_eq!(snap.qos_groups[0].name, "tenant-b");
+    assert!(snap.qos_groups[0].qos.admitted_ops >= info.admitted_ops);
+    let text = keel_mgmt::metrics::render(&snap);
+    assert!(
+        text.contains("keel_qos_limit{scope=\"namespace\",tenant=\"nqn.2026-12.test:vol/2\",limit=\"write_iops\"} 100\n"),
+        "{text}"
+    );
     // Namespace 1 is not limited.
     let ns1 = dev
         .services

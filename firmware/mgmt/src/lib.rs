@@ -80,6 +80,50 @@ pub struct Snapshot {
     pub tcp_connections: u32,
     /// Emulated PCIe functions and whether a host has enabled them.
     pub functions: Vec<FunctionInfo>,
+    /// QoS groups (tenants' pools of namespaces).
+    pub qos_groups: Vec<GroupInfo>,
+}
+
+/// One limit in force: its name (`iops`, `read_iops`, `write_iops`, `bps`, `read_bps`,
+/// `write_bps`), rate per second and burst.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosLimit {
+    /// Which limit.
+    pub name: String,
+    /// Operations or bytes per second.
+    pub per_sec: u64,
+    /// Burst allowance.
+    pub burst: u64,
+}
+
+/// What QoS does for a namespace, a controller (its host) or a group.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QosInfo {
+    /// The limits in force (empty: none).
+    pub limits: Vec<QosLimit>,
+    /// Commands started since boot (counted when they pass their limits).
+    pub admitted_ops: u64,
+    /// Bytes of those commands.
+    pub admitted_bytes: u64,
+    /// Commands started per second, over the last whole second the device measured.
+    pub ops_per_sec: u64,
+    /// Bytes started per second, over the same second.
+    pub bytes_per_sec: u64,
+    /// Nanoseconds commands were held back by these limits, since boot.
+    pub throttled_ns: u64,
+    /// Commands waiting now.
+    pub queued: u32,
+}
+
+/// One QoS group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Its name.
+    pub name: String,
+    /// Its weight (0: its namespaces' own).
+    pub weight: u32,
+    /// What its limits do.
+    pub qos: QosInfo,
 }
 
 /// One subsystem.
@@ -110,6 +154,12 @@ pub struct NamespaceInfo {
     pub exports: Vec<String>,
     /// Counters.
     pub stats: NsCounters,
+    /// Its share of a saturated drive.
+    pub weight: u32,
+    /// The QoS group it is in, if any.
+    pub group: Option<String>,
+    /// What its own limits do.
+    pub qos: QosInfo,
 }
 
 /// A namespace's counters; latencies in nanoseconds.
@@ -163,6 +213,8 @@ pub struct ControllerInfo {
     pub transport: String,
     /// I/O queues connected.
     pub io_queues: u16,
+    /// What its limits (its host's rule, or its emulated function's) do.
+    pub qos: QosInfo,
 }
 
 /// One emulated PCIe function.
