@@ -299,6 +299,17 @@ impl Queue {
         panic!("command {cid} never completed");
     }
 
+    /// Sets CC.EN through this (admin) queue.
+    fn enable(&mut self, dev: &mut Device) {
+        let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
+        let (cqe, _) = self.cmd(
+            dev,
+            PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
+            None,
+        );
+        assert!(cqe.status.is_success(), "CC.EN: {:?}", cqe.status);
+    }
+
     fn connect(&mut self, dev: &mut Device, qid: u16, cntlid: u16, nqn: &str) -> u16 {
         let sqe = ConnectCommand {
             recfmt: 0,
@@ -324,13 +335,7 @@ fn nvme_tcp_service_serves_a_host_over_loopback() {
     let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
     assert_ne!(cntlid, CNTLID_DYNAMIC);
     // Enable, then Identify Controller: the subsystem of the development plan.
-    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
-    let (cqe, _) = admin.cmd(
-        &mut dev,
-        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
-        None,
-    );
-    assert!(cqe.status.is_success());
+    admin.enable(&mut dev);
     let (cqe, _) = admin.cmd(
         &mut dev,
         PropertyCommand::get_sqe(0, offset::CSTS, PropertySize::Four),
@@ -729,13 +734,7 @@ fn a_push_changing_only_qos_applies_live() {
 
     let mut admin = Queue::open(&mut dev, 50_010);
     let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, NQN);
-    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
-    let (cqe, _) = admin.cmd(
-        &mut dev,
-        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
-        None,
-    );
-    assert!(cqe.status.is_success());
+    admin.enable(&mut dev);
     let mut io = Queue::open(&mut dev, 50_011);
     io.connect(&mut dev, 1, cntlid, NQN);
     let write = |io: &mut Queue, dev: &mut Device, slba: u64| {

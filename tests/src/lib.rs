@@ -202,6 +202,24 @@ pub fn keelctl_ok(args: &[&str]) -> String {
     r.stdout
 }
 
+/// `keelctl provision build DESCRIPTION --key KEY --device-key KEY.device --generation G -o OUT`
+/// (a bundle of the description, signed with `key`, wrapped for the device key beside it).
+pub fn build_bundle(description: &Path, key: &str, generation: u64, out: &str) {
+    keelctl_ok(&[
+        "provision",
+        "build",
+        &description.display().to_string(),
+        "--key",
+        key,
+        "--device-key",
+        &format!("{key}.device"),
+        "--generation",
+        &generation.to_string(),
+        "-o",
+        out,
+    ]);
+}
+
 /// Builds the release `keelctl` that `qemu/run --config/--bundle` packs and flashes with,
 /// so that a boot's timeout does not include the build.
 pub fn build_release_keelctl() {

@@ -5,7 +5,8 @@
 
 use keel_host_tools::nvme::{Controller, Params};
 use keel_tests::{
-    BOOT_TIMEOUT, Qemu, ScratchFile, build_release_keelctl, free_port, keelctl_ok, root,
+    BOOT_TIMEOUT, Qemu, ScratchFile, build_bundle, build_release_keelctl, free_port, keelctl_ok,
+    root,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,7 +84,6 @@ fn a_push_tightens_a_tenant_live_without_io_errors() {
         .join("qemu/dev-keys/provision.key")
         .display()
         .to_string();
-    let device_key = format!("{key}.device");
     let elf = keel_tests::image(keel_tests::Build::Release).with_extension("");
     let one = ScratchFile::new("qos-one.toml", 0);
     std::fs::write(one.path(), description(None)).unwrap();
@@ -152,19 +152,7 @@ fn a_push_tightens_a_tenant_live_without_io_errors() {
 
     // Tighten B, live.
     let generation = status(&dev, &key)["generation"].as_u64().unwrap();
-    keelctl_ok(&[
-        "provision",
-        "build",
-        &two.path().display().to_string(),
-        "--key",
-        &key,
-        "--device-key",
-        &device_key,
-        "--generation",
-        &(generation + 1).to_string(),
-        "-o",
-        &bp,
-    ]);
+    build_bundle(two.path(), &key, generation + 1, &bp);
     let report = keelctl_ok(&["provision", "push", &bp, "--device", &dev, "--key", &key]);
     assert!(report.contains("now in force"), "{report}");
     assert!(!report.contains("next boot"), "{report}");
