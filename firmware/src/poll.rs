@@ -191,7 +191,8 @@ pub fn run(mut platform: Platform) -> ! {
                 services
                     .next_deadline()
                     .map_or(u64::MAX, |d| d.saturating_sub(now)),
-            );
+            )
+            .min(services.qos_wakeup_in(now).unwrap_or(MAX_SLEEP_NS));
         timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(delay_ns)));
         timer::wait_for_interrupt();
         timer::disarm_wakeup();

@@ -92,6 +92,9 @@ pub(crate) struct Emulated<W> {
     pub(crate) nqn: String,
     pub(crate) ep: W,
     pub(crate) f: PcieFunction,
+    /// The admin queue of the function's controller whose limits were last set (a host that
+    /// enables the function again gets a new controller).
+    pub(crate) limited: Option<keel_controller::QueueId>,
 }
 
 /// An emulated function's endpoint as the platform found it: its window's address and size
@@ -125,6 +128,8 @@ pub struct Services<H: Hw> {
     pub(crate) challenges: Challenges<H>,
     /// Power cycles, unsafe shutdowns and powered-on time (flash health records).
     pub(crate) health: crate::health::HealthLog,
+    /// Each QoS tenant's rate over the last second (status, metrics).
+    pub(crate) qos_rates: crate::device::QosRates,
 }
 
 impl<H: Hw> core::fmt::Debug for Services<H> {
@@ -339,7 +344,7 @@ pub(crate) fn finish_namespace<H: Hw>(
         nguid: nguid(plan.mac, si as u16, ns.nsid),
         uuid: [0; 16],
         eui64: [0; 8],
-        qos: Default::default(),
+        qos: plan.namespace_qos(ns),
     })
 }
 
@@ -428,6 +433,8 @@ impl<H: Hw> Services<H> {
             subsystems,
             limits,
             scratch,
+            qos_groups: plan.qos_groups(),
+            host_qos: plan.host_qos(),
             ..Default::default()
         }) {
             Ok(t) => t,
@@ -496,6 +503,7 @@ impl<H: Hw> Services<H> {
                     nqn,
                     ep,
                     f,
+                    limited: None,
                 });
             }
         }
@@ -524,6 +532,7 @@ impl<H: Hw> Services<H> {
             identity,
             challenges,
             health,
+            qos_rates: Default::default(),
         }
     }
 
@@ -556,11 +565,20 @@ impl<H: Hw> Services<H> {
             served,
             health,
             identity,
+            qos_rates,
             ..
         } = self;
         health.tick(identity.flash.as_mut(), now_ns);
+        qos_rates.tick(now_ns, target);
         for e in functions.iter_mut() {
             busy |= e.f.poll(now, target, &mut e.ep);
+            let admin = e.f.admin_queue();
+            if admin != e.limited {
+                e.limited = admin;
+                if let Some(a) = admin {
+                    let _ = target.set_controller_limits(a, plan.function_limits(e.index));
+                }
+            }
         }
         let mut net = net;
         if let (Some(s), Some(n)) = (nvmf.as_mut(), net.as_deref_mut()) {
@@ -594,6 +612,14 @@ impl<H: Hw> Services<H> {
     /// reconnects and timeouts); `None`: nothing is timed.
     pub fn next_deadline(&self) -> Option<u64> {
         self.remotes.next_deadline()
+    }
+
+    /// Nanoseconds from `now_ns` until a command held back only by its QoS limits may start
+    /// (`None`: none is waiting for its limits); the poll loop sleeps no longer than this.
+    pub fn qos_wakeup_in(&mut self, now_ns: u64) -> Option<u64> {
+        self.target
+            .next_wakeup(Instant::from_nanos(now_ns))
+            .map(|t| t.as_nanos().saturating_sub(now_ns))
     }
 
     /// Whether the core may sleep: no emulated function is live (their host writes doorbells

@@ -299,6 +299,17 @@ impl Queue {
         panic!("command {cid} never completed");
     }
 
+    /// Sets CC.EN through this (admin) queue.
+    fn enable(&mut self, dev: &mut Device) {
+        let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
+        let (cqe, _) = self.cmd(
+            dev,
+            PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
+            None,
+        );
+        assert!(cqe.status.is_success(), "CC.EN: {:?}", cqe.status);
+    }
+
     fn connect(&mut self, dev: &mut Device, qid: u16, cntlid: u16, nqn: &str) -> u16 {
         let sqe = ConnectCommand {
             recfmt: 0,
@@ -324,13 +335,7 @@ fn nvme_tcp_service_serves_a_host_over_loopback() {
     let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
     assert_ne!(cntlid, CNTLID_DYNAMIC);
     // Enable, then Identify Controller: the subsystem of the development plan.
-    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
-    let (cqe, _) = admin.cmd(
-        &mut dev,
-        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
-        None,
-    );
-    assert!(cqe.status.is_success());
+    admin.enable(&mut dev);
     let (cqe, _) = admin.cmd(
         &mut dev,
         PropertyCommand::get_sqe(0, offset::CSTS, PropertySize::Four),
@@ -619,9 +624,8 @@ fn health_records_count_power_cycles_and_unsafe_shutdowns() {
     assert_eq!(h.power_cycles, 1);
 }
 
-/// A bundle of `generation` signed with the public development key (qemu/dev-keys).
-fn dev_bundle(generation: u64) -> Vec<u8> {
-    use keel_provision::{Backend, Encryption, Namespace, Network, Subsystem};
+/// The public development signing key (qemu/dev-keys).
+fn dev_signing_key() -> keel_provision::ed25519_dalek::SigningKey {
     let key = include_str!("../../qemu/dev-keys/provision.key");
     let hex = key
         .trim()
@@ -631,9 +635,19 @@ fn dev_bundle(generation: u64) -> Vec<u8> {
     for (i, b) in seed.iter_mut().enumerate() {
         *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
     }
-    let signing = keel_provision::ed25519_dalek::SigningKey::from_bytes(&seed);
+    keel_provision::ed25519_dalek::SigningKey::from_bytes(&seed)
+}
+
+/// A bundle of `generation` signed with the public development key (qemu/dev-keys).
+fn dev_bundle(generation: u64) -> Vec<u8> {
+    signed_bundle(&dev_device(), generation)
+}
+
+/// A description with subsystem `nqn.2026-12.test:vol` and one 1 MiB RAM namespace.
+fn dev_device() -> keel_provision::Device {
+    use keel_provision::{Backend, Encryption, Namespace, Network, Subsystem};
     let nqn = String::from("nqn.2026-12.test:vol");
-    let device = keel_provision::Device {
+    keel_provision::Device {
         network: Network::Dhcp,
         subsystems: vec![Subsystem {
             nqn: nqn.clone(),
@@ -652,12 +666,17 @@ fn dev_bundle(generation: u64) -> Vec<u8> {
             function: None,
         }],
         management: None,
-    };
+        qos: Default::default(),
+    }
+}
+
+/// `device` as a bundle of `generation` signed with the development key.
+fn signed_bundle(device: &keel_provision::Device, generation: u64) -> Vec<u8> {
     let mut counter = 0u8;
     keel_provision::bundle::build(
-        &device,
+        device,
         generation,
-        &signing,
+        &dev_signing_key(),
         &keel_provision::DeviceKey::from_bytes([0; 32]),
         &mut |b: &mut [u8]| {
             for x in b {
@@ -937,4 +956,164 @@ fn remote_namespace_specs_from_boot_arguments() {
         &d.namespaces[2].backend,
         keel_provision::Backend::Remote { remote, offset: 0, length: Some(l) } if remote.nsid == 2 && *l == 64 << 20
     ));
+}
+
+/// A bundle that only changes QoS applies live: no reboot, commands keep completing without
+/// error and the namespace's own counters show the new limit holding (on the test clock); a
+/// bundle whose QoS breaks a rule is refused and the limits in force stay.
+#[test]
+fn a_push_changing_only_qos_applies_live() {
+    use keel_mgmt::Device as _;
+    use keel_provision::{NamespaceQos, QosGroup, QosLimits, QosRate};
+    const NQN: &str = "nqn.2026-12.test:vol";
+    let mut desc = dev_device();
+    desc.namespaces.push(keel_provision::Namespace {
+        nsid: 2,
+        ..desc.namespaces[0].clone()
+    });
+    desc.qos.groups.push(QosGroup {
+        name: "tenant-b".into(),
+        limits: QosLimits::default(),
+        weight: 0,
+    });
+    desc.qos.namespaces.push(NamespaceQos {
+        subsystem: NQN.into(),
+        nsid: 2,
+        limits: QosLimits::default(),
+        weight: 1,
+        group: Some("tenant-b".into()),
+    });
+    let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
+    let identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let cfg = identity.open(&signed_bundle(&desc, 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let mut dev = Device::new("keel.ram=1");
+    dev.services = Services::build(plan, Vec::new(), Vec::new(), true, identity);
+
+    let mut admin = Queue::open(&mut dev, 50_010);
+    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, NQN);
+    admin.enable(&mut dev);
+    let mut io = Queue::open(&mut dev, 50_011);
+    io.connect(&mut dev, 1, cntlid, NQN);
+    let write = |io: &mut Queue, dev: &mut Device, slba: u64| {
+        let rw = RwCommand {
+            slba,
+            nlb: 0,
+            deac: false,
+            fua: false,
+            lr: false,
+            prinfo: 0,
+        };
+        let (cqe, _) = io.cmd(
+            dev,
+            rw.to_sqe(IoOpcode::Write as u8, 0, 2),
+            Some(vec![7; 512]),
+        );
+        assert!(cqe.status.is_success(), "Write: {:?}", cqe.status);
+    };
+    let ns2 = |dev: &Device| {
+        dev.services
+            .target
+            .namespace_views()
+            .find(|n| n.nsid == 2)
+            .map(|n| n.qos)
+            .unwrap()
+    };
+    for lba in 0..20 {
+        write(&mut io, &mut dev, lba);
+    }
+    assert_eq!(ns2(&dev).throttled_ns, 0, "no limit yet");
+
+    // Tighten namespace 2 to 100 writes per second, burst 1.
+    let limited = QosLimits {
+        write_iops: Some(QosRate {
+            per_sec: 100,
+            burst: Some(1),
+        }),
+        ..Default::default()
+    };
+    desc.qos.namespaces[0].limits = limited;
+    let r = dev.services.push(&signed_bundle(&desc, 2)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert!(r.added.is_empty() && r.removed.is_empty());
+    let before = ns2(&dev);
+    assert_eq!(before.limits.write_iops.map(|r| r.per_sec), Some(100));
+    let t0 = now();
+    for lba in 0..30 {
+        write(&mut io, &mut dev, lba);
+    }
+    let after = ns2(&dev);
+    let ops = after.admitted_ops - before.admitted_ops;
+    assert_eq!(ops, 30);
+    assert!(after.throttled_ns > 0, "the limit held commands back");
+    // 30 writes at 100/s with a burst of 1 need at least 290 ms of the device's clock.
+    let elapsed = now() - t0;
+    assert!(
+        elapsed >= 290_000_000,
+        "30 writes in {elapsed} ns: faster than 100 per second"
+    );
+    // Keep writing for two seconds of the device's clock: status reports the limit and a
+    // rate at it over the last whole second.
+    while now() - t0 < 2_100_000_000 {
+        write(&mut io, &mut dev, 1);
+    }
+    let snap = dev.services.snapshot();
+    let info = &snap
+        .qos_namespaces
+        .iter()
+        .find(|n| n.nsid == 2)
+        .unwrap()
+        .qos;
+    assert_eq!(info.limits.len(), 1);
+    assert_eq!(
+        (info.limits[0].name.as_str(), info.limits[0].per_sec),
+        ("write_iops", 100)
+    );
+    assert!(
+        (95..=101).contains(&info.ops_per_sec),
+        "rate {} per second under a limit of 100",
+        info.ops_per_sec
+    );
+    assert_eq!(snap.qos_groups.len(), 1);
+    assert_eq!(snap.qos_groups[0].name, "tenant-b");
+    assert!(snap.qos_groups[0].qos.admitted_ops >= info.admitted_ops);
+    let text = keel_mgmt::metrics::render(&snap);
+    assert!(
+        text.contains("keel_qos_limit{scope=\"namespace\",tenant=\"nqn.2026-12.test:vol/2\",limit=\"write_iops\"} 100\n"),
+        "{text}"
+    );
+    // Namespace 1 is not limited.
+    let ns1 = dev
+        .services
+        .target
+        .namespace_views()
+        .find(|n| n.nsid == 1)
+        .unwrap()
+        .qos;
+    assert!(!ns1.limits.any());
+
+    // A bundle naming a group that does not exist: refused, the limits in force stay. It is
+    // built valid and then edited and re-signed (the builder refuses invalid descriptions).
+    desc.qos.groups[0].name = "tenant-x".into();
+    desc.qos.namespaces[0].group = Some("tenant-b".into());
+    assert!(keel_provision::validate(&desc).is_err());
+    desc.qos.namespaces[0].group = Some("tenant-x".into());
+    let good = signed_bundle(&desc, 3);
+    let mut bad = good[..good.len() - 64].to_vec();
+    let at = bad
+        .windows(8)
+        .position(|w| w == b"tenant-x")
+        .expect("the namespace's group reference");
+    bad[at + 7] = b'y';
+    use keel_provision::ed25519_dalek::Signer;
+    let sig = dev_signing_key().sign(&bad);
+    bad.extend_from_slice(&sig.to_bytes());
+    let e = dev.services.push(&bad).unwrap_err();
+    assert!(
+        e.contains("qos.group") && e.contains("tenant-y") && e.contains("unchanged"),
+        "{e}"
+    );
+    assert_eq!(dev.services.plan().generation, 2);
+    assert_eq!(ns2(&dev).limits, before.limits);
+    write(&mut io, &mut dev, 0);
 }

@@ -252,6 +252,24 @@ pub fn keelctl_in_background(args: &[&str], timeout: Duration) -> std::thread::J
     std::thread::spawn(move || run_bounded(Command::new(keelctl()).args(&args), timeout))
 }
 
+/// `keelctl provision build DESCRIPTION --key KEY --device-key KEY.device --generation G -o OUT`
+/// (a bundle of the description, signed with `key`, wrapped for the device key beside it).
+pub fn build_bundle(description: &Path, key: &str, generation: u64, out: &str) {
+    keelctl_ok(&[
+        "provision",
+        "build",
+        &description.display().to_string(),
+        "--key",
+        key,
+        "--device-key",
+        &format!("{key}.device"),
+        "--generation",
+        &generation.to_string(),
+        "-o",
+        out,
+    ]);
+}
+
 /// Builds the release `keelctl` that `qemu/run --config/--bundle` packs and flashes with,
 /// so that a boot's timeout does not include the build.
 pub fn build_release_keelctl() {

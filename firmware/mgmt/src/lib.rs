@@ -93,6 +93,44 @@ pub struct Snapshot {
     /// sends none (see [`wire::decode_response`]).
     #[serde(default)]
     pub remotes: Vec<RemoteInfo>,
+    /// QoS groups (tenants' pools of namespaces). Appended like `remotes`.
+    #[serde(default)]
+    pub qos_groups: Vec<GroupInfo>,
+    /// QoS of each namespace (its share, group and limits). Appended like `remotes`.
+    #[serde(default)]
+    pub qos_namespaces: Vec<NamespaceQosInfo>,
+    /// QoS of each live controller (its host's or its function's limits). Appended like
+    /// `remotes`.
+    #[serde(default)]
+    pub qos_controllers: Vec<ControllerQosInfo>,
+}
+
+/// What QoS does for one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NamespaceQosInfo {
+    /// NQN of its subsystem.
+    pub subsystem: String,
+    /// Its NSID.
+    pub nsid: u32,
+    /// Its share of a saturated drive.
+    pub weight: u32,
+    /// The QoS group it is in, if any.
+    pub group: Option<String>,
+    /// What its own limits do.
+    pub qos: QosInfo,
+}
+
+/// What QoS does for one controller.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ControllerQosInfo {
+    /// Its controller ID.
+    pub cntlid: u16,
+    /// The host's NQN (empty for an emulated function's controller).
+    pub hostnqn: String,
+    /// `tcp` or `pcie`.
+    pub transport: String,
+    /// What its limits (its host's rule, or its emulated function's) do.
+    pub qos: QosInfo,
 }
 
 /// One remote volume: a namespace of a remote NVMe/TCP subsystem, reached over one or more
@@ -171,6 +209,48 @@ pub struct RemotePathInfo {
     pub aborted: u64,
     /// Keep Alive commands sent.
     pub keep_alives: u64,
+}
+
+/// One limit in force: its name (`iops`, `read_iops`, `write_iops`, `bps`, `read_bps`,
+/// `write_bps`), rate per second and burst.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosLimit {
+    /// Which limit.
+    pub name: String,
+    /// Operations or bytes per second.
+    pub per_sec: u64,
+    /// Burst allowance.
+    pub burst: u64,
+}
+
+/// What QoS does for a namespace, a controller (its host) or a group.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QosInfo {
+    /// The limits in force (empty: none).
+    pub limits: Vec<QosLimit>,
+    /// Commands started since boot (counted when they pass their limits).
+    pub admitted_ops: u64,
+    /// Bytes of those commands.
+    pub admitted_bytes: u64,
+    /// Commands started per second, over the last whole second the device measured.
+    pub ops_per_sec: u64,
+    /// Bytes started per second, over the same second.
+    pub bytes_per_sec: u64,
+    /// Nanoseconds commands were held back by these limits, since boot.
+    pub throttled_ns: u64,
+    /// Commands waiting now.
+    pub queued: u32,
+}
+
+/// One QoS group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Its name.
+    pub name: String,
+    /// Its weight (0: its namespaces' own).
+    pub weight: u32,
+    /// What its limits do.
+    pub qos: QosInfo,
 }
 
 /// One subsystem.

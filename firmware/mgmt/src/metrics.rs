@@ -4,7 +4,7 @@
 //! times are in seconds and sizes in bytes (base units, as `promtool check metrics` wants);
 //! label values are escaped (`\\`, `\"`, `\n`).
 
-use crate::{Latency, NsCounters, RemoteInfo, RemotePathInfo, Snapshot};
+use crate::{Latency, NsCounters, QosInfo, RemoteInfo, RemotePathInfo, Snapshot};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
@@ -297,6 +297,7 @@ pub fn render(s: &Snapshot) -> String {
         );
     }
     remotes(&mut o, &s.remotes);
+    qos(&mut o, s);
     o
 }
 
@@ -519,6 +520,103 @@ fn remotes(o: &mut String, rs: &[RemoteInfo]) {
         for (p, l) in &paths {
             let l = l.each_ref().map(|(k, v)| (*k, v.as_str()));
             sample(o, name, &l, &int(get(p)));
+        }
+    }
+}
+
+/// Name, type, help and getter of a per-tenant QoS family.
+type QosFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&QosInfo) -> String,
+);
+
+/// Per tenant (label `scope`: `namespace`, `controller` or `group`; label `tenant`: the
+/// namespace as `SUBNQN/NSID`, the controller as `HOSTNQN/CNTLID`, the group's name): the
+/// limits, the current rate, time throttled and commands queued.
+fn qos(o: &mut String, s: &Snapshot) {
+    let tenants: Vec<(&str, String, &QosInfo)> = s
+        .qos_namespaces
+        .iter()
+        .map(|n| {
+            (
+                "namespace",
+                alloc::format!("{}/{}", n.subsystem, n.nsid),
+                &n.qos,
+            )
+        })
+        .chain(s.qos_controllers.iter().map(|c| {
+            (
+                "controller",
+                alloc::format!("{}/{}", c.hostnqn, c.cntlid),
+                &c.qos,
+            )
+        }))
+        .chain(
+            s.qos_groups
+                .iter()
+                .map(|g| ("group", g.name.clone(), &g.qos)),
+        )
+        .collect();
+    family(
+        o,
+        "keel_qos_limit",
+        "gauge",
+        "Limits in force per second (label limit: iops, read_iops, write_iops, bps, read_bps, write_bps).",
+    );
+    for (scope, t, q) in &tenants {
+        for l in &q.limits {
+            sample(
+                o,
+                "keel_qos_limit",
+                &[("scope", scope), ("tenant", t), ("limit", &l.name)],
+                &int(l.per_sec),
+            );
+        }
+    }
+    let families: [QosFamily; 6] = [
+        (
+            "keel_qos_admitted_commands_total",
+            "counter",
+            "Commands started (counted when they pass their limits).",
+            |q| int(q.admitted_ops),
+        ),
+        (
+            "keel_qos_admitted_bytes_total",
+            "counter",
+            "Bytes of the commands started.",
+            |q| int(q.admitted_bytes),
+        ),
+        (
+            "keel_qos_commands_per_second",
+            "gauge",
+            "Commands started per second over the last whole second.",
+            |q| int(q.ops_per_sec),
+        ),
+        (
+            "keel_qos_bytes_per_second",
+            "gauge",
+            "Bytes started per second over the last whole second.",
+            |q| int(q.bytes_per_sec),
+        ),
+        (
+            "keel_qos_throttled_seconds_total",
+            "counter",
+            "Time commands were held back by the limits.",
+            |q| seconds(q.throttled_ns),
+        ),
+        (
+            "keel_qos_queued_commands",
+            "gauge",
+            "Commands waiting now.",
+            |q| int(u64::from(q.queued)),
+        ),
+    ];
+    for (name, kind, help, get) in families {
+        family(o, name, kind, help);
+        for (scope, t, q) in &tenants {
+            sample(o, name, &[("scope", scope), ("tenant", t)], &get(q));
         }
     }
 }

@@ -134,6 +134,52 @@ fn snapshot() -> Snapshot {
                 },
             ],
         }],
+        qos_groups: vec![GroupInfo {
+            name: "tenant-a".into(),
+            weight: 4,
+            qos: QosInfo {
+                limits: vec![QosLimit {
+                    name: "bps".into(),
+                    per_sec: 100 << 20,
+                    burst: 1 << 20,
+                }],
+                ..QosInfo::default()
+            },
+        }],
+        qos_namespaces: vec![
+            NamespaceQosInfo {
+                subsystem: "nqn.2026-11.dev.keel:vol0".into(),
+                nsid: 1,
+                weight: 2,
+                group: Some("tenant-a".into()),
+                qos: QosInfo {
+                    limits: vec![QosLimit {
+                        name: "write_iops".into(),
+                        per_sec: 500,
+                        burst: 50,
+                    }],
+                    admitted_ops: 31,
+                    admitted_bytes: 126_976,
+                    ops_per_sec: 498,
+                    bytes_per_sec: 2_039_808,
+                    throttled_ns: 1_500_000_000,
+                    queued: 7,
+                },
+            },
+            NamespaceQosInfo {
+                subsystem: "nqn.weird\"name\\with\nnewline".into(),
+                nsid: 2,
+                weight: 1,
+                group: None,
+                qos: QosInfo::default(),
+            },
+        ],
+        qos_controllers: vec![ControllerQosInfo {
+            cntlid: 1,
+            hostnqn: "nqn.2014-08.org.nvmexpress:uuid:1234".into(),
+            transport: "tcp".into(),
+            qos: QosInfo::default(),
+        }],
     }
 }
 
@@ -199,6 +245,9 @@ fn snapshots_stay_readable_across_versions() {
         s,
         Snapshot {
             remotes: vec![],
+            qos_groups: vec![],
+            qos_namespaces: vec![],
+            qos_controllers: vec![],
             ..snapshot()
         }
     );
@@ -775,6 +824,12 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_namespace_read_latency_seconds_count{subsystem=\"nqn.2026-11.dev.keel:vol0\",namespace=\"1\",transport=\"tcp\"} 10\n",
         "keel_namespace_errors_total{subsystem=\"nqn.weird\\\"name\\\\with\\nnewline\",namespace=\"2\",transport=\"tcp,pcie-fn0\"} 0\n",
         "keel_tcp_connections{transport=\"tcp\"} 5\n",
+        "keel_qos_limit{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\",limit=\"write_iops\"} 500\n",
+        "keel_qos_commands_per_second{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\"} 498\n",
+        "keel_qos_throttled_seconds_total{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\"} 1.500000000\n",
+        "keel_qos_queued_commands{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\"} 7\n",
+        "keel_qos_queued_commands{scope=\"controller\",tenant=\"nqn.2014-08.org.nvmexpress:uuid:1234/1\"} 0\n",
+        "keel_qos_limit{scope=\"group\",tenant=\"tenant-a\",limit=\"bps\"} 104857600\n",
         "keel_controller_io_queues{controller=\"1\",subsystem=\"nqn.2026-11.dev.keel:vol0\",transport=\"tcp\",host=\"nqn.2014-08.org.nvmexpress:uuid:1234\"} 4\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"degraded\"} 1\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"online\"} 0\n",

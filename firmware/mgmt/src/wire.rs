@@ -168,7 +168,7 @@ pub struct Response {
 
 /// Fields appended to [`crate::Snapshot`] since protocol version 1 was first released (the
 /// most zero bytes [`decode_response`] adds).
-pub const APPENDED_FIELDS: usize = 1;
+pub const APPENDED_FIELDS: usize = 4;
 
 /// Decodes a response frame's payload, also from a device older than this code: its
 /// snapshot lacks the fields appended since (see [`crate::Snapshot`]), so a payload that

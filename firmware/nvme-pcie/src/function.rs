@@ -380,6 +380,12 @@ impl PcieFunction {
         self.max_transfer
     }
 
+    /// The admin queue of the function's controller in the core, while a host has it
+    /// enabled (to set that controller's limits: [`keel_controller::Target::set_controller_limits`]).
+    pub fn admin_queue(&self) -> Option<QueueId> {
+        self.admin
+    }
+
     /// True when `q` is one of this function's core queues (route [`Event`]s by this).
     pub fn owns(&self, q: QueueId) -> bool {
         self.admin == Some(q)

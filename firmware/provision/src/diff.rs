@@ -126,6 +126,7 @@ mod tests {
             subsystems: vec![sub(A)],
             namespaces: vec![ram(A, 1, 8), ram(A, 2, 8)],
             management: None,
+            qos: Default::default(),
         }
     }
 

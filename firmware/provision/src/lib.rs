@@ -123,6 +123,7 @@ pub mod identity;
 pub mod image;
 pub mod keys;
 pub mod model;
+pub mod qos;
 #[cfg(feature = "std")]
 pub mod toml;
 
@@ -139,5 +140,6 @@ pub use model::{
     Backend, Device, Encryption, Management, Namespace, Network, Remote, RemotePolicy, Subsystem,
     validate,
 };
+pub use qos::{FunctionQos, HostQos, NamespaceQos, Qos, QosGroup, QosLimits, QosRate};
 #[cfg(feature = "std")]
 pub use toml::{Error, parse_toml};

@@ -23,6 +23,10 @@ pub struct Device {
     pub namespaces: Vec<Namespace>,
     /// The management endpoint, if any.
     pub management: Option<Management>,
+    /// Limits and weights. Not part of the body's encoding: a bundle carries it in a trailing
+    /// section ([`crate::bundle`]), so bundles made before it existed still open.
+    #[serde(skip)]
+    pub qos: crate::qos::Qos,
 }
 
 /// How the device gets its IPv4 address.
@@ -599,7 +603,7 @@ pub fn validate(d: &Device) -> Result<(), ValidationError> {
             );
         }
     }
-    Ok(())
+    crate::qos::validate_qos(d)
 }
 
 /// Checks a slice's offset and length (4 KiB multiples, no overflow).

@@ -20,6 +20,21 @@
 //! encryption = "aes-256-xts"        # "none" (default), "aes-128-xts", "aes-256-xts"
 //! function = 0                      # optional: the emulated PCIe function that also exports it
 //!
+//! qos = { iops = 2000, write_bps = "50MiB", weight = 2, group = "tenant-b" }  # optional
+//!
+//! [[qos.group]]                     # a tenant's pool: limits of its namespaces together
+//! name = "tenant-b"
+//! iops = { rate = 5000, burst = 500 }  # a rate alone: burst of a tenth of a second
+//! weight = 4                        # optional: its namespaces' share of a saturated drive
+//!
+//! [[qos.host]]                      # limits of each controller of a host ("*": any other)
+//! hostnqn = "nqn.2014-08.org.nvmexpress:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6"
+//! bps = "200MiB"
+//!
+//! [[qos.function]]                  # limits of an emulated PCIe function's controller
+//! function = 0
+//! read_iops = 10000
+//!
 //! [management]
 //! port = 7000                       # default 7000 (qemu/run --mgmt-port forwards to it)
 //! authorized_key = "<64 hex digits: an Ed25519 public key, the content of KEY.pub>"
@@ -33,11 +48,15 @@
 //! (10 s), `ctrl_loss_tmo` (600 s; `-1` or `"forever"`), `fast_io_fail_tmo` (off; `-1` or
 //! `"off"`) and `policy` (`"round-robin"`, `"queue-depth"`) are optional. Times are seconds
 //! (`10`) or strings with a unit (`"500ms"`, `"10s"`, `"2min"`).
+//!
+//! QoS limits (`iops`, `read_iops`, `write_iops`, `bps`, `read_bps`, `write_bps`) are a rate
+//! per second (bandwidths as sizes) or `{ rate, burst }`.
 
 use crate::model::{
     self, Backend, Device, Encryption, Management, Namespace, Network, Remote, RemotePolicy,
     Subsystem,
 };
+use crate::qos::{FunctionQos, HostQos, NamespaceQos, Qos, QosGroup, QosLimits, QosRate};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -78,6 +97,18 @@ struct RawDevice {
     #[serde(default)]
     namespace: Vec<Spanned<RawNamespace>>,
     management: Option<Spanned<RawManagement>>,
+    qos: Option<Spanned<RawQos>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQos {
+    #[serde(default)]
+    group: Vec<Spanned<toml::Table>>,
+    #[serde(default)]
+    host: Vec<Spanned<toml::Table>>,
+    #[serde(default)]
+    function: Vec<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +137,7 @@ struct RawNamespace {
     backend: Spanned<RawBackend>,
     encryption: Option<Spanned<String>>,
     function: Option<Spanned<u16>>,
+    qos: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -451,6 +483,164 @@ fn remote(ctx: &mut Ctx<'_>, r: &Spanned<RawRemote>, rp: &str) -> Result<Remote,
     Ok(out)
 }
 
+const LIMIT_KEYS: [&str; 6] = [
+    "iops",
+    "read_iops",
+    "write_iops",
+    "bps",
+    "read_bps",
+    "write_bps",
+];
+
+/// One QoS table (`qos = {...}` of a namespace, a `[[qos.*]]` entry): its limits, and the
+/// other keys it may have (`extra`), anything else refused.
+fn qos_table<'t>(
+    ctx: &Ctx<'_>,
+    t: &'t Spanned<toml::Table>,
+    path: &str,
+    extra: &[&str],
+) -> Result<(QosLimits, HashMap<&'t str, &'t Value>), Error> {
+    let at = |field: &str, m: String| ctx.at(&t.span(), format!("{path}.{field}"), m);
+    let mut rates = [None; 6];
+    let mut others = HashMap::new();
+    for (k, v) in t.get_ref() {
+        if let Some(i) = LIMIT_KEYS.iter().position(|l| l == k) {
+            let bytes = k.ends_with("bps");
+            let amount = |v: &Value, what: &str| -> Result<u64, Error> {
+                match v {
+                    Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+                    Value::String(s) if bytes => model::parse_size(s).map_err(|m| at(k, m)),
+                    _ => Err(at(
+                        k,
+                        format!(
+                            "{what}: expected {}",
+                            if bytes {
+                                "bytes per second (\"100MiB\", 1048576)"
+                            } else {
+                                "operations per second (a whole number)"
+                            }
+                        ),
+                    )),
+                }
+            };
+            rates[i] = Some(match v {
+                Value::Table(rt) => {
+                    if let Some(bad) = rt.keys().find(|x| *x != "rate" && *x != "burst") {
+                        return Err(at(k, format!("unknown key `{bad}` (rate, burst)")));
+                    }
+                    QosRate {
+                        per_sec: amount(
+                            rt.get("rate")
+                                .ok_or_else(|| at(k, "a rate is needed".into()))?,
+                            "rate",
+                        )?,
+                        burst: rt.get("burst").map(|b| amount(b, "burst")).transpose()?,
+                    }
+                }
+                v => QosRate {
+                    per_sec: amount(v, "rate")?,
+                    burst: None,
+                },
+            });
+        } else if extra.contains(&k.as_str()) {
+            others.insert(k.as_str(), v);
+        } else {
+            let mut known: Vec<&str> = LIMIT_KEYS.to_vec();
+            known.extend_from_slice(extra);
+            return Err(at(
+                k,
+                format!("unknown QoS key `{k}` (one of: {})", known.join(", ")),
+            ));
+        }
+    }
+    let [iops, read_iops, write_iops, bps, read_bps, write_bps] = rates;
+    Ok((
+        QosLimits {
+            iops,
+            read_iops,
+            write_iops,
+            bps,
+            read_bps,
+            write_bps,
+        },
+        others,
+    ))
+}
+
+fn qos_int(ctx: &Ctx<'_>, t: &Spanned<toml::Table>, path: &str, v: &Value) -> Result<u64, Error> {
+    match v {
+        Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+        _ => Err(ctx.at(&t.span(), path, "expected a whole number")),
+    }
+}
+
+fn qos_str<'v>(
+    ctx: &Ctx<'_>,
+    t: &Spanned<toml::Table>,
+    path: &str,
+    v: &'v Value,
+) -> Result<&'v str, Error> {
+    v.as_str()
+        .ok_or_else(|| ctx.at(&t.span(), path, "expected a string"))
+}
+
+/// The `[[qos.group]]`, `[[qos.host]]` and `[[qos.function]]` tables.
+fn qos_rules(ctx: &mut Ctx<'_>, raw: &Spanned<RawQos>, qos: &mut Qos) -> Result<(), Error> {
+    ctx.note("qos", raw);
+    let r = raw.get_ref();
+    for (i, t) in r.group.iter().enumerate() {
+        let p = format!("qos.group[{i}]");
+        ctx.note(&p, t);
+        let (limits, o) = qos_table(ctx, t, &p, &["name", "weight"])?;
+        let name = o
+            .get("name")
+            .ok_or_else(|| ctx.at(&t.span(), format!("{p}.name"), "a group needs a name"))?;
+        qos.groups.push(QosGroup {
+            name: qos_str(ctx, t, &format!("{p}.name"), name)?.to_string(),
+            limits,
+            weight: match o.get("weight") {
+                Some(w) => {
+                    qos_int(ctx, t, &format!("{p}.weight"), w)?.min(u64::from(u32::MAX)) as u32
+                }
+                None => 0,
+            },
+        });
+    }
+    for (i, t) in r.host.iter().enumerate() {
+        let p = format!("qos.host[{i}]");
+        ctx.note(&p, t);
+        let (limits, o) = qos_table(ctx, t, &p, &["hostnqn"])?;
+        let h = o.get("hostnqn").ok_or_else(|| {
+            ctx.at(
+                &t.span(),
+                format!("{p}.hostnqn"),
+                "a host rule needs hostnqn (an NQN, or \"*\" for every other host)",
+            )
+        })?;
+        qos.hosts.push(HostQos {
+            hostnqn: qos_str(ctx, t, &format!("{p}.hostnqn"), h)?.to_string(),
+            limits,
+        });
+    }
+    for (i, t) in r.function.iter().enumerate() {
+        let p = format!("qos.function[{i}]");
+        ctx.note(&p, t);
+        let (limits, o) = qos_table(ctx, t, &p, &["function"])?;
+        let f = o.get("function").ok_or_else(|| {
+            ctx.at(
+                &t.span(),
+                format!("{p}.function"),
+                "a function rule needs function = N",
+            )
+        })?;
+        qos.functions.push(FunctionQos {
+            function: qos_int(ctx, t, &format!("{p}.function"), f)?.min(u64::from(u16::MAX)) as u16,
+            limits,
+        });
+    }
+    Ok(())
+}
+
 /// Parses a TOML device description and checks it with [`model::validate`].
 pub fn parse_toml(text: &str) -> Result<Device, Error> {
     let raw: RawDevice = toml::from_str(text).map_err(|e| {
@@ -555,6 +745,7 @@ pub fn parse_toml(text: &str) -> Result<Device, Error> {
         }
     }
     let mut namespaces = Vec::new();
+    let mut qos = Qos::default();
     for (i, n) in raw.namespace.iter().enumerate() {
         let p = format!("namespace[{i}]");
         ctx.note(&p, n);
@@ -679,6 +870,25 @@ pub fn parse_toml(text: &str) -> Result<Device, Error> {
         if let Some(f) = &n.function {
             ctx.note(&format!("{p}.function"), f);
         }
+        if let Some(t) = &n.qos {
+            let qp = format!("{p}.qos");
+            ctx.note(&qp, t);
+            let (limits, o) = qos_table(&ctx, t, &qp, &["weight", "group"])?;
+            qos.namespaces.push(NamespaceQos {
+                subsystem: n.subsystem.get_ref().clone(),
+                nsid,
+                limits,
+                weight: match o.get("weight") {
+                    Some(w) => qos_int(&ctx, t, &format!("{qp}.weight"), w)?
+                        .min(u64::from(u32::MAX)) as u32,
+                    None => 1,
+                },
+                group: o
+                    .get("group")
+                    .map(|g| qos_str(&ctx, t, &format!("{qp}.group"), g).map(String::from))
+                    .transpose()?,
+            });
+        }
         namespaces.push(Namespace {
             subsystem: n.subsystem.get_ref().clone(),
             nsid,
@@ -712,11 +922,15 @@ pub fn parse_toml(text: &str) -> Result<Device, Error> {
             })
         }
     };
+    if let Some(q) = &raw.qos {
+        qos_rules(&mut ctx, q, &mut qos)?;
+    }
     let device = Device {
         network,
         subsystems,
         namespaces,
         management,
+        qos,
     };
     model::validate(&device).map_err(|e| ctx.rule(&e.path, e.message))?;
     Ok(device)
@@ -1050,5 +1264,161 @@ backend = { remote = { nqn = "nqn.2026-11.dev.keel:other", paths = ["192.0.2.7:4
         let e = err(&second(other_depth));
         assert_eq!(e.field, "namespace[2].backend.remote", "{e}");
         assert!(e.message.contains("other settings"), "{e}");
+    }
+
+    const QOS: &str = r#"
+[[subsystem]]
+nqn = "nqn.2026-11.dev.keel:vol0"
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:vol0"
+backend = { drive = 0, length = "1GiB" }
+function = 0
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:vol0"
+backend = { drive = 0, offset = "1GiB" }
+qos = { write_iops = 800, bps = { rate = "64MiB", burst = "1MiB" }, weight = 2, group = "tenant-b" }
+
+[[qos.group]]
+name = "tenant-b"
+iops = 5000
+weight = 4
+
+[[qos.host]]
+hostnqn = "*"
+read_iops = { rate = 100, burst = 1 }
+
+[[qos.function]]
+function = 0
+write_bps = 1048576
+"#;
+
+    #[test]
+    fn parses_qos() {
+        let d = parse_toml(QOS).unwrap();
+        let q = &d.qos;
+        let r = |per_sec, burst| Some(QosRate { per_sec, burst });
+        assert_eq!(
+            q.namespaces,
+            [NamespaceQos {
+                subsystem: "nqn.2026-11.dev.keel:vol0".into(),
+                nsid: 2,
+                limits: QosLimits {
+                    write_iops: r(800, None),
+                    bps: r(64 << 20, Some(1 << 20)),
+                    ..Default::default()
+                },
+                weight: 2,
+                group: Some("tenant-b".into()),
+            }]
+        );
+        assert_eq!(
+            q.groups,
+            [QosGroup {
+                name: "tenant-b".into(),
+                limits: QosLimits {
+                    iops: r(5000, None),
+                    ..Default::default()
+                },
+                weight: 4,
+            }]
+        );
+        assert_eq!(q.hosts[0].hostnqn, "*");
+        assert_eq!(q.hosts[0].limits.read_iops, r(100, Some(1)));
+        assert_eq!(q.functions[0].function, 0);
+        assert_eq!(q.functions[0].limits.write_bps, r(1 << 20, None));
+        // Without any QoS: nothing.
+        assert!(parse_toml(GOOD).unwrap().qos.is_empty());
+    }
+
+    #[test]
+    fn qos_errors_name_line_and_field() {
+        let cases = [
+            (
+                "write_iops = 800",
+                "write_iops = 0",
+                13,
+                "namespace[1].qos.write_iops",
+                "rate of 0",
+            ),
+            (
+                "write_iops = 800",
+                "writ_iops = 800",
+                13,
+                "namespace[1].qos.writ_iops",
+                "unknown QoS key",
+            ),
+            (
+                "write_iops = 800",
+                "write_iops = \"fast\"",
+                13,
+                "namespace[1].qos.write_iops",
+                "operations per second",
+            ),
+            (
+                "burst = \"1MiB\"",
+                "burst = 0",
+                13,
+                "namespace[1].qos.bps.burst",
+                "burst of 0",
+            ),
+            (
+                "group = \"tenant-b\"",
+                "group = \"tenant-c\"",
+                13,
+                "namespace[1].qos.group",
+                "no [[qos.group]]",
+            ),
+            (
+                "weight = 2",
+                "weight = 0",
+                13,
+                "namespace[1].qos.weight",
+                "weight 0",
+            ),
+            (
+                "weight = 4",
+                "weight = 1001",
+                15,
+                "qos.group[0].weight",
+                "weight 1001",
+            ),
+            (
+                "hostnqn = \"*\"",
+                "hostnqn = \"host\"",
+                20,
+                "qos.host[0].hostnqn",
+                "not an NQN",
+            ),
+            (
+                "function = 0\nwrite_bps",
+                "function = 3\nwrite_bps",
+                24,
+                "qos.function[0].function",
+                "no namespace is exported",
+            ),
+            (
+                "name = \"tenant-b\"",
+                "name = \"tenant b\"",
+                15,
+                "qos.group[0].name",
+                "not a group name",
+            ),
+        ];
+        for (from, to, line, field, msg) in cases {
+            let text = QOS.replace(from, to);
+            assert_ne!(text, QOS, "{from}");
+            let e = err(&text);
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{to}: {e}");
+            assert!(e.message.contains(msg), "{to}: {e}");
+        }
+        let e = err(&QOS.replace(
+            "[[qos.host]]",
+            "[[qos.group]]\nname = \"tenant-b\"\n[[qos.host]]",
+        ));
+        assert_eq!(e.field, "qos.group[1].name", "{e}");
+        let e = err(&QOS.replace("[[qos.host]]", "[[qos.hosts]]"));
+        assert!(e.message.contains("unknown field"), "{e}");
     }
 }

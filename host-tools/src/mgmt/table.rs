@@ -1,6 +1,6 @@
 //! Human-readable `keelctl status` and push reports.
 
-use keel_mgmt::{Latency, PushReport, Snapshot};
+use keel_mgmt::{Latency, PushReport, QosInfo, Snapshot};
 use std::io::{Result, Write};
 
 /// `1h02m03s`, `4.123s`.
@@ -50,6 +50,96 @@ fn quantiles(l: &Latency) -> String {
         latency(l.p99_ns, l.count),
         latency(l.p999_ns, l.count)
     )
+}
+
+/// `write_iops 500/s (burst 50)`, `bps 100MiB/s (burst 1MiB)`, joined; `-` without limits.
+fn qos_limits(q: &QosInfo) -> String {
+    if q.limits.is_empty() {
+        return "-".into();
+    }
+    q.limits
+        .iter()
+        .map(|l| {
+            if l.name.ends_with("bps") {
+                format!("{} {}/s (burst {})", l.name, size(l.per_sec), size(l.burst))
+            } else {
+                format!("{} {}/s (burst {})", l.name, l.per_sec, l.burst)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The QoS table: every namespace, controller and group with a limit, a group, a weight
+/// other than 1, time throttled or commands queued.
+fn qos_table(s: &Snapshot, out: &mut dyn Write) -> Result<()> {
+    let mut rows = vec![
+        [
+            "SCOPE",
+            "TENANT",
+            "GROUP",
+            "WEIGHT",
+            "LIMITS",
+            "RATE",
+            "THROTTLED",
+            "QUEUED",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut row = |scope: &str, tenant: String, group: &str, weight: String, q: &QosInfo| {
+        rows.push(vec![
+            scope.into(),
+            tenant,
+            group.into(),
+            weight,
+            qos_limits(q),
+            format!("{} IOPS, {}/s", q.ops_per_sec, size(q.bytes_per_sec)),
+            uptime(q.throttled_ns),
+            q.queued.to_string(),
+        ]);
+    };
+    let busy = |q: &QosInfo| !q.limits.is_empty() || q.throttled_ns > 0 || q.queued > 0;
+    for n in &s.qos_namespaces {
+        if busy(&n.qos) || n.group.is_some() || n.weight != 1 {
+            row(
+                "namespace",
+                format!("{}/{}", n.subsystem, n.nsid),
+                n.group.as_deref().unwrap_or("-"),
+                n.weight.to_string(),
+                &n.qos,
+            );
+        }
+    }
+    for c in &s.qos_controllers {
+        if busy(&c.qos) {
+            let host = if c.hostnqn.is_empty() {
+                c.transport.clone()
+            } else {
+                c.hostnqn.clone()
+            };
+            row(
+                "controller",
+                format!("{host} (cntlid {})", c.cntlid),
+                "-",
+                "-".into(),
+                &c.qos,
+            );
+        }
+    }
+    for g in &s.qos_groups {
+        let w = if g.weight == 0 {
+            "-".into()
+        } else {
+            g.weight.to_string()
+        };
+        row("group", g.name.clone(), &g.name, w, &g.qos);
+    }
+    if rows.len() > 1 {
+        writeln!(out, "\nqos ({} tenant(s)):", rows.len() - 1)?;
+        columns(out, &rows)?;
+    }
+    Ok(())
 }
 
 /// Prints rows as left-aligned columns.
@@ -173,6 +263,7 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         columns(out, &rows)?;
     }
     remotes(s, out)?;
+    qos_table(s, out)?;
     if !s.functions.is_empty() {
         writeln!(out, "\nemulated functions ({}):", s.functions.len())?;
         for f in &s.functions {
@@ -342,6 +433,24 @@ mod tests {
                 ..Default::default()
             },
         });
+        s.qos_namespaces.push(keel_mgmt::NamespaceQosInfo {
+            subsystem: "nqn.x".into(),
+            nsid: 7,
+            weight: 3,
+            group: Some("tenant-b".into()),
+            qos: QosInfo {
+                limits: vec![keel_mgmt::QosLimit {
+                    name: "write_bps".into(),
+                    per_sec: 50 << 20,
+                    burst: 5 << 20,
+                }],
+                ops_per_sec: 480,
+                bytes_per_sec: 48 << 20,
+                throttled_ns: 2_500_000_000,
+                queued: 12,
+                ..Default::default()
+            },
+        });
         let mut out = Vec::new();
         status("Keel", &s, &mut out).unwrap();
         let t = String::from_utf8(out).unwrap();
@@ -350,6 +459,18 @@ mod tests {
             row.contains(" 7 ") && row.contains(" 42 ") && row.contains("1MiB"),
             "{t}"
         );
+        let q = t.lines().find(|l| l.contains("nqn.x/7")).unwrap();
+        for want in [
+            "nqn.x/7",
+            "tenant-b",
+            " 3 ",
+            "write_bps 50MiB/s (burst 5MiB)",
+            "480 IOPS, 48MiB/s",
+            "2.500s",
+            " 12",
+        ] {
+            assert!(q.contains(want), "{want} missing in {q}");
+        }
         assert!(!t.contains("remote volumes"), "{t}");
     }
 
