@@ -10,7 +10,10 @@
 //! `.cargo/config.toml`); the firmware checks ID_AA64ISAR0_EL1 at boot before it serves an
 //! encrypted namespace. On the target, `keel.test=selftest` compares this path with the
 //! `aes` crate's ([`crate::Xts::portable`]) and runs the IEEE 1619 vectors through it.
-#![allow(unsafe_code, reason = "vector loads and stores of 16-byte blocks in inline assembly")]
+#![allow(
+    unsafe_code,
+    reason = "vector loads and stores of 16-byte blocks in inline assembly"
+)]
 
 use core::arch::aarch64::*;
 use zeroize::{Zeroize, ZeroizeOnDrop};

@@ -42,8 +42,21 @@ extern crate alloc;
 
 #[cfg(all(target_arch = "aarch64", target_feature = "aes"))]
 mod armv8;
+#[cfg(any(
+    not(all(target_arch = "aarch64", target_feature = "aes")),
+    feature = "portable"
+))]
+mod portable;
 
-use aes::cipher::{Block, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
+#[cfg(any(
+    not(all(target_arch = "aarch64", target_feature = "aes")),
+    feature = "portable"
+))]
+use aes::cipher::KeyInit;
+#[cfg(any(
+    not(all(target_arch = "aarch64", target_feature = "aes")),
+    feature = "portable"
+))]
 use aes::{Aes128, Aes256};
 use alloc::vec::Vec;
 use core::fmt;
@@ -179,67 +192,30 @@ impl XtsKey {
     }
 }
 
-/// Blocks handed to the AES implementation at once, so its parallel (pipelined AES-NI /
-/// Armv8 AESE) paths are used instead of one block per call.
-const BATCH: usize = 32;
-
-/// Multiplies a tweak by α in GF(2^128) (IEEE 1619 §5.2, little-endian byte order).
-#[inline]
-fn times_alpha(t: u128) -> u128 {
-    (t << 1) ^ (((t as i128) >> 127) as u128 & 0x87)
-}
-
-/// XORs `t` into a 16-byte block.
-#[inline]
-fn xor_block(b: &mut [u8], t: u128) {
-    let x = u128::from_le_bytes((&*b).try_into().expect("16-byte block")) ^ t;
-    b.copy_from_slice(&x.to_le_bytes());
-}
-
-/// XTS-AES of one data unit (a multiple of 16 bytes), in place: `k1` encrypts or decrypts the
-/// data, `k2` encrypts the tweak (the data unit sequence number, little-endian). The blocks
-/// are whitened in place and handed to the AES implementation `BATCH` at a time.
-fn xts_unit<C>(k1: &C, k2: &C, unit: &mut [u8], dusn: u64, decrypt: bool)
-where
-    C: BlockCipherEncrypt
-        + BlockCipherDecrypt
-        + aes::cipher::BlockSizeUser<BlockSize = aes::cipher::consts::U16>,
-{
-    let mut t = Block::<C>::default();
-    t[..8].copy_from_slice(&dusn.to_le_bytes());
-    k2.encrypt_block(&mut t);
-    let mut tweak = u128::from_le_bytes(t.into());
-    let mut tweaks = [0u128; BATCH];
-    let (blocks, _) = Block::<C>::slice_as_chunks_mut(unit);
-    for chunk in blocks.chunks_mut(BATCH) {
-        for (b, tw) in chunk.iter_mut().zip(tweaks.iter_mut()) {
-            *tw = tweak;
-            xor_block(b, tweak);
-            tweak = times_alpha(tweak);
-        }
-        if decrypt {
-            k1.decrypt_blocks(chunk);
-        } else {
-            k1.encrypt_blocks(chunk);
-        }
-        for (b, tw) in chunk.iter_mut().zip(tweaks.iter()) {
-            xor_block(b, *tw);
-        }
-    }
-}
-
 // Key schedules live on the heap, once per namespace.
 enum Engine {
     #[cfg(all(target_arch = "aarch64", target_feature = "aes"))]
     Armv8Aes128(alloc::boxed::Box<armv8::XtsKeys<11>>),
     #[cfg(all(target_arch = "aarch64", target_feature = "aes"))]
     Armv8Aes256(alloc::boxed::Box<armv8::XtsKeys<15>>),
+    #[cfg(any(
+        not(all(target_arch = "aarch64", target_feature = "aes")),
+        feature = "portable"
+    ))]
     Aes128(alloc::boxed::Box<(Aes128, Aes128)>),
+    #[cfg(any(
+        not(all(target_arch = "aarch64", target_feature = "aes")),
+        feature = "portable"
+    ))]
     Aes256(alloc::boxed::Box<(Aes256, Aes256)>),
 }
 
 impl Engine {
     /// The `aes` crate's block functions under this crate's XTS.
+    #[cfg(any(
+        not(all(target_arch = "aarch64", target_feature = "aes")),
+        feature = "portable"
+    ))]
     fn portable(key: &XtsKey) -> Self {
         let (k1, k2) = key.halves();
         match key.cipher() {
@@ -278,16 +254,16 @@ impl Engine {
             Engine::Armv8Aes128(k) => k.run(data, unit, first, decrypt),
             #[cfg(all(target_arch = "aarch64", target_feature = "aes"))]
             Engine::Armv8Aes256(k) => k.run(data, unit, first, decrypt),
-            Engine::Aes128(k) => {
-                for (i, u) in data.chunks_exact_mut(unit).enumerate() {
-                    xts_unit(&k.0, &k.1, u, first.wrapping_add(i as u64), decrypt);
-                }
-            }
-            Engine::Aes256(k) => {
-                for (i, u) in data.chunks_exact_mut(unit).enumerate() {
-                    xts_unit(&k.0, &k.1, u, first.wrapping_add(i as u64), decrypt);
-                }
-            }
+            #[cfg(any(
+                not(all(target_arch = "aarch64", target_feature = "aes")),
+                feature = "portable"
+            ))]
+            Engine::Aes128(k) => portable::run(&k.0, &k.1, data, unit, first, decrypt),
+            #[cfg(any(
+                not(all(target_arch = "aarch64", target_feature = "aes")),
+                feature = "portable"
+            ))]
+            Engine::Aes256(k) => portable::run(&k.0, &k.1, data, unit, first, decrypt),
         }
     }
 }
@@ -314,7 +290,12 @@ impl Xts {
     }
 
     /// The same key on the portable path (the `aes` crate's block functions), whatever this
-    /// build has: what [`Xts::self_check`] compares the fast path with.
+    /// build has: what the firmware's test build compares the Armv8 path with. On aarch64
+    /// with the `aes` target feature, only with this crate's `portable` feature.
+    #[cfg(any(
+        not(all(target_arch = "aarch64", target_feature = "aes")),
+        feature = "portable"
+    ))]
     pub fn portable(key: &XtsKey) -> Self {
         Self {
             engine: Engine::portable(key),
