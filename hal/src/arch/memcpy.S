@@ -9,6 +9,16 @@
 // Unaligned accesses are only allowed to Normal memory: with the stage 1 MMU off (early boot)
 // every access is Device-nGnRnE, so then (SCTLR_EL1.M = 0) a byte loop does the copy.
 
+// Lengths n..2n: the first n and the last n bytes (overlapping), through registers r1 and r2
+// (x4, x5: the source and destination ends).
+.macro copy_ends r1, r2, n
+    ldr     \r1, [x1]
+    ldur    \r2, [x4, #-\n]
+    str     \r1, [x0]
+    stur    \r2, [x5, #-\n]
+    ret
+.endm
+
     .section .text.memcpy, "ax"
     .global memcpy
     .type memcpy, %function
@@ -47,27 +57,15 @@ memcpy:
     stp     q2, q3, [x5, #-32]
     ret
 .L16to31:
-    ldr     q0, [x1]
-    ldur    q1, [x4, #-16]
-    str     q0, [x0]
-    stur    q1, [x5, #-16]
-    ret
+    copy_ends q0, q1, 16
 .Lbelow16:
     cmp     x2, #8
     b.lo    .Lbelow8
-    ldr     x6, [x1]
-    ldur    x7, [x4, #-8]
-    str     x6, [x0]
-    stur    x7, [x5, #-8]
-    ret
+    copy_ends x6, x7, 8
 .Lbelow8:
     cmp     x2, #4
     b.lo    .Lbelow4
-    ldr     w6, [x1]
-    ldur    w7, [x4, #-4]
-    str     w6, [x0]
-    stur    w7, [x5, #-4]
-    ret
+    copy_ends w6, w7, 4
 .Lbelow4:
     // 1..3: the first, the middle and the last byte.
     cbz     x2, .Ldone
