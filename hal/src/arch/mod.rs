@@ -14,6 +14,8 @@ pub mod timer;
 
 core::arch::global_asm!(include_str!("entry.S"));
 core::arch::global_asm!(include_str!("vectors.S"));
+// `memcpy` with q-register pairs, replacing compiler_builtins' weak one (see the file).
+core::arch::global_asm!(include_str!("memcpy.S"));
 
 /// Symbols the linker script defines.
 pub(crate) mod layout {
