@@ -5,6 +5,10 @@
 //! namespace. Each client connection runs on its own thread with its own I/O queue pair.
 //! Offsets and lengths must be multiples of the block size (advertised with
 //! `NBD_INFO_BLOCK_SIZE`); anything else gets `EINVAL`.
+//!
+//! The protocol ([`handshake`], [`transmission`]) is generic over the byte streams and the
+//! storage behind it ([`Device`]), so it can be driven from bytes (the `nbd_server` fuzz
+//! target) as well as from a socket and an I/O queue of the emulated function ([`Server`]).
 
 use super::driver::{HostController, IoOp, IoQueue};
 use anyhow::{Context, Result, bail};
@@ -74,8 +78,68 @@ pub struct Export {
 }
 
 impl Export {
-    fn bytes(&self) -> u64 {
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
         self.blocks * self.block_size as u64
+    }
+
+    fn info(&self) -> Vec<u8> {
+        let mut d = Vec::with_capacity(12);
+        d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        d.extend_from_slice(&self.bytes().to_be_bytes());
+        d.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+        d
+    }
+}
+
+/// The transmission flags the server advertises.
+const TRANSMISSION_FLAGS: u16 =
+    TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+
+/// The exported storage as the transmission phase uses it; `lba` and `count` are in the
+/// export's blocks and always lie inside it (the protocol checks them first).
+pub trait Device {
+    /// Reads `count` blocks.
+    fn read(&mut self, lba: u64, count: u64) -> Result<Vec<u8>>;
+    /// Writes `data` (`count` blocks), durably first when `fua`.
+    fn write(&mut self, lba: u64, count: u64, data: &[u8], fua: bool) -> Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&mut self) -> Result<()>;
+    /// Deallocates `count` blocks.
+    fn trim(&mut self, lba: u64, count: u64) -> Result<()>;
+    /// Zeroes `count` blocks, deallocating them when `deallocate`.
+    fn write_zeroes(&mut self, lba: u64, count: u64, deallocate: bool) -> Result<()>;
+}
+
+/// An exported namespace reached through one I/O queue of the emulated function.
+struct QueueDevice<'a> {
+    q: &'a mut IoQueue,
+    e: Export,
+}
+
+impl QueueDevice<'_> {
+    fn run(&mut self, lba: u64, count: u64, op: IoOp, data: Option<&[u8]>) -> Result<()> {
+        let e = self.e;
+        self.q
+            .pipeline(e.nsid, lba, count, e.block_size, op, |_, _, _, _| {}, data)
+    }
+}
+
+impl Device for QueueDevice<'_> {
+    fn read(&mut self, lba: u64, count: u64) -> Result<Vec<u8>> {
+        self.q.read(self.e.nsid, lba, count, self.e.block_size)
+    }
+    fn write(&mut self, lba: u64, count: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.run(lba, count, IoOp::Write(fua), Some(data))
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.run(0, 1, IoOp::Flush, None)
+    }
+    fn trim(&mut self, lba: u64, count: u64) -> Result<()> {
+        self.run(lba, count, IoOp::Deallocate, None)
+    }
+    fn write_zeroes(&mut self, lba: u64, count: u64, deallocate: bool) -> Result<()> {
+        self.run(lba, count, IoOp::WriteZeroes(deallocate), None)
     }
 }
 
@@ -155,7 +219,7 @@ impl Server {
         sock.set_nodelay(true)?;
         let mut r = BufReader::new(sock.try_clone()?);
         let mut w = BufWriter::new(sock);
-        if !self.handshake(&mut r, &mut w)? {
+        if !handshake(&self.export, &mut r, &mut w)? {
             return Ok(());
         }
         let qid = self
@@ -179,7 +243,11 @@ impl Server {
                 return Err(e);
             }
         };
-        let r2 = self.transmission(&mut r, &mut w, &mut q);
+        let mut dev = QueueDevice {
+            q: &mut q,
+            e: self.export,
+        };
+        let r2 = transmission(&self.export, &mut r, &mut w, &mut dev);
         let d = self
             .ctrl
             .lock()
@@ -191,232 +259,185 @@ impl Server {
             .push(qid);
         r2.and(d)
     }
+}
 
-    fn option_reply(w: &mut impl Write, opt: u32, ty: u32, data: &[u8]) -> Result<()> {
-        w.write_all(&REPLY_MAGIC.to_be_bytes())?;
-        w.write_all(&opt.to_be_bytes())?;
-        w.write_all(&ty.to_be_bytes())?;
-        w.write_all(&(data.len() as u32).to_be_bytes())?;
-        w.write_all(data)?;
-        Ok(())
-    }
+fn option_reply(w: &mut impl Write, opt: u32, ty: u32, data: &[u8]) -> Result<()> {
+    w.write_all(&REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&opt.to_be_bytes())?;
+    w.write_all(&ty.to_be_bytes())?;
+    w.write_all(&(data.len() as u32).to_be_bytes())?;
+    w.write_all(data)?;
+    Ok(())
+}
 
-    fn info_export(&self) -> Vec<u8> {
-        let mut d = Vec::with_capacity(12);
-        d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-        d.extend_from_slice(&self.export.bytes().to_be_bytes());
-        d.extend_from_slice(&self.transmission_flags().to_be_bytes());
-        d
-    }
-
-    fn transmission_flags(&self) -> u16 {
-        TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
-    }
-
-    /// Returns true when the client entered transmission.
-    fn handshake(&self, r: &mut impl Read, w: &mut impl Write) -> Result<bool> {
-        w.write_all(&NBDMAGIC.to_be_bytes())?;
-        w.write_all(&IHAVEOPT.to_be_bytes())?;
-        w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
-        w.flush()?;
-        let mut b4 = [0u8; 4];
-        r.read_exact(&mut b4)?;
-        let cflags = u32::from_be_bytes(b4);
-        loop {
-            let mut h = [0u8; 16];
-            r.read_exact(&mut h)?;
-            let magic = u64::from_be_bytes(h[..8].try_into()?);
-            let opt = u32::from_be_bytes(h[8..12].try_into()?);
-            let len = u32::from_be_bytes(h[12..16].try_into()?);
-            if magic != IHAVEOPT {
-                bail!("bad option magic {magic:#x}");
+/// The fixed newstyle handshake for `export`: the server's greeting, then the client's
+/// options until one enters transmission (returns true) or the client aborts (false).
+pub fn handshake(export: &Export, r: &mut impl Read, w: &mut impl Write) -> Result<bool> {
+    w.write_all(&NBDMAGIC.to_be_bytes())?;
+    w.write_all(&IHAVEOPT.to_be_bytes())?;
+    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    w.flush()?;
+    let mut b4 = [0u8; 4];
+    r.read_exact(&mut b4)?;
+    let cflags = u32::from_be_bytes(b4);
+    loop {
+        let mut h = [0u8; 16];
+        r.read_exact(&mut h)?;
+        let magic = u64::from_be_bytes(h[..8].try_into()?);
+        let opt = u32::from_be_bytes(h[8..12].try_into()?);
+        let len = u32::from_be_bytes(h[12..16].try_into()?);
+        if magic != IHAVEOPT {
+            bail!("bad option magic {magic:#x}");
+        }
+        if len > 64 << 10 {
+            bail!("option {opt} of {len} bytes");
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                w.write_all(&export.bytes().to_be_bytes())?;
+                w.write_all(&TRANSMISSION_FLAGS.to_be_bytes())?;
+                if cflags & C_NO_ZEROES == 0 {
+                    w.write_all(&[0u8; 124])?;
+                }
+                w.flush()?;
+                return Ok(true);
             }
-            if len > 64 << 10 {
-                bail!("option {opt} of {len} bytes");
+            OPT_ABORT => {
+                option_reply(w, opt, REP_ACK, &[])?;
+                w.flush()?;
+                return Ok(false);
             }
-            let mut data = vec![0u8; len as usize];
-            r.read_exact(&mut data)?;
-            match opt {
-                OPT_EXPORT_NAME => {
-                    w.write_all(&self.export.bytes().to_be_bytes())?;
-                    w.write_all(&self.transmission_flags().to_be_bytes())?;
-                    if cflags & C_NO_ZEROES == 0 {
-                        w.write_all(&[0u8; 124])?;
-                    }
+            OPT_LIST => {
+                let name = b"";
+                let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                d.extend_from_slice(name);
+                option_reply(w, opt, REP_SERVER, &d)?;
+                option_reply(w, opt, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                // name length, name, number of requests, requests.
+                let ok = data.len() >= 6 && {
+                    let n = u32::from_be_bytes(data[..4].try_into()?) as usize;
+                    data.len() >= 4 + n + 2
+                        && data.len()
+                            == 4 + n
+                                + 2
+                                + 2 * u16::from_be_bytes(data[4 + n..6 + n].try_into()?) as usize
+                };
+                if !ok {
+                    option_reply(w, opt, REP_ERR_INVALID, &[])?;
                     w.flush()?;
+                    continue;
+                }
+                option_reply(w, opt, REP_INFO, &export.info())?;
+                let bs = export.block_size;
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                d.extend_from_slice(&bs.to_be_bytes());
+                d.extend_from_slice(&bs.max(4096).to_be_bytes());
+                d.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                option_reply(w, opt, REP_INFO, &d)?;
+                option_reply(w, opt, REP_ACK, &[])?;
+                w.flush()?;
+                if opt == OPT_GO {
                     return Ok(true);
                 }
-                OPT_ABORT => {
-                    Self::option_reply(w, opt, REP_ACK, &[])?;
-                    w.flush()?;
-                    return Ok(false);
-                }
-                OPT_LIST => {
-                    let name = b"";
-                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                    d.extend_from_slice(name);
-                    Self::option_reply(w, opt, REP_SERVER, &d)?;
-                    Self::option_reply(w, opt, REP_ACK, &[])?;
-                }
-                OPT_INFO | OPT_GO => {
-                    // name length, name, number of requests, requests.
-                    let ok = data.len() >= 6 && {
-                        let n = u32::from_be_bytes(data[..4].try_into()?) as usize;
-                        data.len() >= 4 + n + 2
-                            && data.len()
-                                == 4 + n
-                                    + 2
-                                    + 2 * u16::from_be_bytes(data[4 + n..6 + n].try_into()?)
-                                        as usize
-                    };
-                    if !ok {
-                        Self::option_reply(w, opt, REP_ERR_INVALID, &[])?;
-                        w.flush()?;
-                        continue;
-                    }
-                    Self::option_reply(w, opt, REP_INFO, &self.info_export())?;
-                    let bs = self.export.block_size;
-                    let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                    d.extend_from_slice(&bs.to_be_bytes());
-                    d.extend_from_slice(&bs.max(4096).to_be_bytes());
-                    d.extend_from_slice(&MAX_REQUEST.to_be_bytes());
-                    Self::option_reply(w, opt, REP_INFO, &d)?;
-                    Self::option_reply(w, opt, REP_ACK, &[])?;
-                    w.flush()?;
-                    if opt == OPT_GO {
-                        return Ok(true);
-                    }
-                }
-                _ => Self::option_reply(w, opt, REP_ERR_UNSUP, &[])?,
             }
-            w.flush()?;
-        }
-    }
-
-    fn reply(w: &mut impl Write, err: u32, handle: u64, data: Option<&[u8]>) -> Result<()> {
-        w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
-        w.write_all(&err.to_be_bytes())?;
-        w.write_all(&handle.to_be_bytes())?;
-        if let Some(d) = data {
-            w.write_all(d)?;
+            _ => option_reply(w, opt, REP_ERR_UNSUP, &[])?,
         }
         w.flush()?;
-        Ok(())
     }
+}
 
-    fn transmission(&self, r: &mut impl Read, w: &mut impl Write, q: &mut IoQueue) -> Result<()> {
-        let e = self.export;
-        let bs = e.block_size as u64;
-        let mut payload = Vec::new();
-        loop {
-            let mut h = [0u8; 28];
-            match r.read_exact(&mut h) {
-                Ok(()) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(err) => return Err(err.into()),
+fn reply(w: &mut impl Write, err: u32, handle: u64, data: Option<&[u8]>) -> Result<()> {
+    w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&err.to_be_bytes())?;
+    w.write_all(&handle.to_be_bytes())?;
+    if let Some(d) = data {
+        w.write_all(d)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// The transmission phase: requests until `NBD_CMD_DISC` or the end of the stream, each
+/// answered with a simple reply; `dev` is only reached for requests inside the export.
+pub fn transmission(
+    export: &Export,
+    r: &mut impl Read,
+    w: &mut impl Write,
+    dev: &mut dyn Device,
+) -> Result<()> {
+    let e = *export;
+    let bs = e.block_size as u64;
+    let mut payload = Vec::new();
+    loop {
+        let mut h = [0u8; 28];
+        match r.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(err) => return Err(err.into()),
+        }
+        let magic = u32::from_be_bytes(h[..4].try_into()?);
+        let flags = u16::from_be_bytes(h[4..6].try_into()?);
+        let ty = u16::from_be_bytes(h[6..8].try_into()?);
+        let handle = u64::from_be_bytes(h[8..16].try_into()?);
+        let off = u64::from_be_bytes(h[16..24].try_into()?);
+        let len = u32::from_be_bytes(h[24..28].try_into()?);
+        if magic != REQUEST_MAGIC {
+            bail!("bad request magic {magic:#x}");
+        }
+        if ty == CMD_WRITE {
+            if len > MAX_REQUEST {
+                bail!("write of {len} bytes");
             }
-            let magic = u32::from_be_bytes(h[..4].try_into()?);
-            let flags = u16::from_be_bytes(h[4..6].try_into()?);
-            let ty = u16::from_be_bytes(h[6..8].try_into()?);
-            let handle = u64::from_be_bytes(h[8..16].try_into()?);
-            let off = u64::from_be_bytes(h[16..24].try_into()?);
-            let len = u32::from_be_bytes(h[24..28].try_into()?);
-            if magic != REQUEST_MAGIC {
-                bail!("bad request magic {magic:#x}");
-            }
-            if ty == CMD_WRITE {
-                if len > MAX_REQUEST {
-                    bail!("write of {len} bytes");
+            payload.resize(len as usize, 0);
+            r.read_exact(&mut payload)?;
+        }
+        if ty == CMD_DISC {
+            return Ok(());
+        }
+        let in_range = off
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= e.bytes());
+        let aligned = off.is_multiple_of(bs) && (len as u64).is_multiple_of(bs);
+        let lba = off / bs;
+        let count = len as u64 / bs;
+        let err = match ty {
+            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !in_range => {
+                if ty == CMD_WRITE || ty == CMD_WRITE_ZEROES {
+                    ENOSPC
+                } else {
+                    EINVAL
                 }
-                payload.resize(len as usize, 0);
-                r.read_exact(&mut payload)?;
             }
-            if ty == CMD_DISC {
-                return Ok(());
-            }
-            let in_range = off
-                .checked_add(len as u64)
-                .is_some_and(|end| end <= e.bytes());
-            let aligned = off.is_multiple_of(bs) && (len as u64).is_multiple_of(bs);
-            let lba = off / bs;
-            let count = len as u64 / bs;
-            let err = match ty {
-                CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !in_range => {
-                    if ty == CMD_WRITE || ty == CMD_WRITE_ZEROES {
-                        ENOSPC
-                    } else {
-                        EINVAL
-                    }
+            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !aligned => EINVAL,
+            CMD_READ if len > MAX_REQUEST => EINVAL,
+            _ => 0,
+        };
+        if err != 0 {
+            reply(w, err, handle, None)?;
+            continue;
+        }
+        let res = match ty {
+            CMD_READ => match dev.read(lba, count) {
+                Ok(d) => {
+                    reply(w, 0, handle, Some(&d))?;
+                    continue;
                 }
-                CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !aligned => EINVAL,
-                CMD_READ if len > MAX_REQUEST => EINVAL,
-                _ => 0,
-            };
-            if err != 0 {
-                Self::reply(w, err, handle, None)?;
+                Err(e) => Err(e),
+            },
+            CMD_WRITE => dev.write(lba, count, &payload, flags & CMD_FLAG_FUA != 0),
+            CMD_FLUSH => dev.flush(),
+            CMD_TRIM => dev.trim(lba, count),
+            CMD_WRITE_ZEROES => dev.write_zeroes(lba, count, flags & CMD_FLAG_NO_HOLE == 0),
+            _ => {
+                reply(w, ENOTSUP, handle, None)?;
                 continue;
             }
-            let status = match ty {
-                CMD_READ => match q.read(e.nsid, lba, count, e.block_size) {
-                    Ok(d) => {
-                        Self::reply(w, 0, handle, Some(&d))?;
-                        continue;
-                    }
-                    Err(_) => EIO,
-                },
-                CMD_WRITE => {
-                    let op = IoOp::Write(flags & CMD_FLAG_FUA != 0);
-                    let res = q.pipeline(
-                        e.nsid,
-                        lba,
-                        count,
-                        e.block_size,
-                        op,
-                        |_, _, _, _| {},
-                        Some(&payload),
-                    );
-                    if res.is_ok() { 0 } else { EIO }
-                }
-                CMD_FLUSH => {
-                    let res = q.pipeline(
-                        e.nsid,
-                        0,
-                        1,
-                        e.block_size,
-                        IoOp::Flush,
-                        |_, _, _, _| {},
-                        None,
-                    );
-                    if res.is_ok() { 0 } else { EIO }
-                }
-                CMD_TRIM => {
-                    let res = q.pipeline(
-                        e.nsid,
-                        lba,
-                        count,
-                        e.block_size,
-                        IoOp::Deallocate,
-                        |_, _, _, _| {},
-                        None,
-                    );
-                    if res.is_ok() { 0 } else { EIO }
-                }
-                CMD_WRITE_ZEROES => {
-                    let deac = flags & CMD_FLAG_NO_HOLE == 0;
-                    let res = q.pipeline(
-                        e.nsid,
-                        lba,
-                        count,
-                        e.block_size,
-                        IoOp::WriteZeroes(deac),
-                        |_, _, _, _| {},
-                        None,
-                    );
-                    if res.is_ok() { 0 } else { EIO }
-                }
-                _ => ENOTSUP,
-            };
-            Self::reply(w, status, handle, None)?;
-        }
+        };
+        let status = if res.is_ok() { 0 } else { EIO };
+        reply(w, status, handle, None)?;
     }
 }
