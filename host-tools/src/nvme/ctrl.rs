@@ -10,6 +10,7 @@ use keel_nvme::fabrics::{
 };
 use keel_nvme::identify::{
     IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, NsIdentifiers, cns,
+    nsid_list,
 };
 use keel_nvme::io::{FeaturesCommand, RwCommand, number_of_queues};
 use keel_nvme::log::GetLogPageCommand;
@@ -374,16 +375,9 @@ impl Controller {
         let mut after = 0u32;
         loop {
             let b = self.identify(cns::ACTIVE_NS_LIST, after)?;
-            let mut n = 0;
-            for c in b.chunks_exact(4) {
-                let id = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                if id == 0 {
-                    break;
-                }
-                out.push(id);
-                n += 1;
-            }
-            if n < IDENTIFY_LEN / 4 {
+            let before = out.len();
+            out.extend(nsid_list(&b[..]));
+            if out.len() - before < IDENTIFY_LEN / 4 {
                 return Ok(out);
             }
             after = *out.last().unwrap_or(&0);
@@ -483,14 +477,19 @@ impl Controller {
     /// Submits an Asynchronous Event Request (NVMe base 2.0 §5.2) without waiting for it: it
     /// completes when the controller has an event. Returns its CID for [`Self::wait_admin`].
     pub fn submit_async_event_request(&self) -> Result<u16, NvmeError> {
+        self.submit_admin(Sqe::new(AdminOpcode::AsyncEventRequest as u8, 0), None)
+    }
+
+    /// Submits an admin command without waiting for it (an Abort that waits for the command
+    /// it aborts, say). Returns its CID for [`Self::wait_admin`].
+    pub fn submit_admin(&self, sqe: Sqe, data: Option<(Vec<u8>, u32)>) -> Result<u16, NvmeError> {
         if self.ka_failed.load(Ordering::Relaxed) {
             return Err(NvmeError::Closed {
                 reason: "keep alive failed on the admin queue".into(),
             });
         }
-        let sqe = Sqe::new(AdminOpcode::AsyncEventRequest as u8, 0);
         let mut a = self.lock();
-        let cid = a.conn.submit(sqe.to_bytes(), None)?;
+        let cid = a.conn.submit(sqe.to_bytes(), data)?;
         a.last = Instant::now();
         Ok(cid)
     }
@@ -672,6 +671,21 @@ impl IoQueue {
         } as u8;
         let sqe = RwCommand::simple(slba, blocks).to_sqe(op, 0, nsid);
         let cid = self.conn.submit(sqe.to_bytes(), Some((buf, len)))?;
+        self.inflight += 1;
+        Ok(cid)
+    }
+
+    /// Submits any I/O command (Verify, Copy, Write Zeroes, Dataset Management...): `sqe`
+    /// as built by the caller (its CID is replaced), `data` the buffer and transfer length
+    /// (the range list of Copy / Dataset Management, room for data a command returns; the
+    /// opcode says which way it goes). Returns the CID; the completion comes from
+    /// [`IoQueue::next_completion`].
+    pub fn submit_command(
+        &mut self,
+        sqe: Sqe,
+        data: Option<(Vec<u8>, u32)>,
+    ) -> Result<u16, NvmeError> {
+        let cid = self.conn.submit(sqe.to_bytes(), data)?;
         self.inflight += 1;
         Ok(cid)
     }
