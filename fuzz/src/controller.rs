@@ -12,7 +12,7 @@
 use crate::pool;
 use arbitrary::Arbitrary;
 use keel_controller::{
-    Event, Instant, Limits, NamespaceConfig, PortEntry, PropertySize, QueueId, QueueLoss, Request,
+    Event, Instant, Limits, NamespaceConfig, NamespaceQos, PortEntry, QosLimits, Rate, PropertySize, QueueId, QueueLoss, Request,
     Response, SubsystemConfig, Target, TargetConfig,
 };
 use keel_nvme::fabrics::{CNTLID_DYNAMIC, ConnectCommand, ConnectData, PropertyCommand};
@@ -185,6 +185,27 @@ fn namespace(nsid: u32, depth: usize) -> NamespaceConfig {
         nguid: [nsid as u8; 16],
         uuid: [0; 16],
         eui64: [0; 8],
+        qos: qos(nsid),
+    }
+}
+
+/// Even namespaces share one scheduling domain with at most 2 commands at the backend and
+/// an IOPS limit (commands wait in the QoS scheduler, time passing releases them); odd ones
+/// are unlimited.
+fn qos(nsid: u32) -> NamespaceQos {
+    if nsid.is_multiple_of(2) {
+        NamespaceQos {
+            limits: QosLimits {
+                iops: Some(Rate::new(1000)),
+                ..QosLimits::NONE
+            },
+            weight: nsid % 7 + 1,
+            domain: Some(1),
+            max_inflight: 2,
+            ..NamespaceQos::default()
+        }
+    } else {
+        NamespaceQos::default()
     }
 }
 

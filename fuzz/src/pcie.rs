@@ -312,6 +312,7 @@ fn namespace(nsid: u32, bs: u32) -> NamespaceConfig {
         nguid: [nsid as u8; 16],
         uuid: [0; 16],
         eui64: [0; 8],
+        qos: Default::default(),
     }
 }
 
