@@ -12,8 +12,8 @@
 use crate::pool;
 use arbitrary::Arbitrary;
 use keel_controller::{
-    Event, Instant, Limits, NamespaceConfig, NamespaceQos, PortEntry, QosLimits, Rate, PropertySize, QueueId, QueueLoss, Request,
-    Response, SubsystemConfig, Target, TargetConfig,
+    Event, Instant, Limits, NamespaceConfig, NamespaceQos, PortEntry, PropertySize, QosLimits,
+    QueueId, QueueLoss, Rate, Request, Response, SubsystemConfig, Target, TargetConfig,
 };
 use keel_nvme::fabrics::{CNTLID_DYNAMIC, ConnectCommand, ConnectData, PropertyCommand};
 use keel_nvme::{DISCOVERY_NQN, NSID_ALL, Sqe, Status};
