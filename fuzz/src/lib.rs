@@ -11,7 +11,7 @@
 //! | `provision_image` | an image header (and payload) | accepted headers re-encode to the same bytes |
 //! | `provision_flash` | both configuration copies and the identity block as read from flash | the chosen copy parses and is the newest valid one; the next write never targets the copy in force |
 //! | `mgmt_session` | a management connection's bytes (binary protocol and HTTP) | output is well-formed frames, challenges never repeat, nothing runs without a valid signature, a reboot only after the reply is drained |
-//! | `nbd_server` | an NBD client's handshake and requests | one reply per request with its handle, read replies of the requested length, device calls only in range |
+//! | `nbd_server` | an NBD client's handshake and requests (`host::nbd::proto`) | requests served are in range, aligned and what was asked; refusals carry an errno; replies echo the handle |
 //!
 //! The NVMe/TCP receive paths have their own fuzz crate (`firmware/nvmf-tcp/fuzz`).
 
