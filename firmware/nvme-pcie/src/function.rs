@@ -375,6 +375,13 @@ impl PcieFunction {
         self.pool.count()
     }
 
+    /// Tears the function down and hands its buffer pool back (to build another function over
+    /// the same memory: pools are carved once). Reset it first (CC.EN = 0 and a poll) so that
+    /// every buffer is home: [`PcieFunction::buffers_available`] = [`PcieFunction::buffers_total`].
+    pub fn into_pool(self) -> BufPool {
+        self.pool
+    }
+
     /// Largest transfer per command in bytes.
     pub fn max_transfer(&self) -> usize {
         self.max_transfer
@@ -601,6 +608,12 @@ impl PcieFunction {
         if csts.cfs() || !csts.rdy() {
             let _ = target.close_queue(admin);
             return self.set_fatal(FatalReason::CoreRefused);
+        }
+        // Doorbells start at 0 (their reset value): whatever a host wrote to them while the
+        // controller was disabled does not submit anything.
+        for qid in 0..=self.cfg.max_io_queues {
+            ep.write_doorbell(layout::sq_tail_doorbell(qid), 0);
+            ep.write_doorbell(layout::cq_head_doorbell(qid), 0);
         }
         self.admin = Some(admin);
         self.sqs[0] = Sq::open(asq, asqs, 0, admin);

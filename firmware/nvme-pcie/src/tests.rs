@@ -930,6 +930,30 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+// Regressions found by the `pcie_function` fuzz target (fuzz/src/pcie.rs).
+
+/// A host rang the admin SQ tail doorbell while the controller was disabled; after the
+/// enable the function fetched the (zeroed) entry there as a Delete I/O SQ command and posted
+/// a completion for a command the host never submitted. Doorbells now start at 0 on enable.
+#[test]
+fn doorbell_written_while_disabled_submits_nothing() {
+    let mut r = Rig::new();
+    r.w.host_doorbell(layout::sq_tail_doorbell(0), 1);
+    r.w.host_doorbell(layout::cq_head_doorbell(0), 3);
+    r.enable();
+    r.steps(5);
+    let mut b = [0u8; 16];
+    r.w.host_read(r.admin.cq, &mut b);
+    assert!(
+        !Cqe::from_bytes(&b).phase,
+        "a command nobody submitted completed"
+    );
+    assert_eq!(r.f.stats().commands, 0);
+    assert_eq!(r.f.state(), FunctionState::Ready);
+    let (c, _) = r.identify(0x01, 0);
+    assert_eq!(c.status, Status::SUCCESS);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
     #[test]
