@@ -21,7 +21,7 @@
 use crate::challenge::Challenges;
 use crate::config::NsSpec;
 use crate::hw::{DriveCtl, Hw, dma_region};
-use crate::net::NetStack;
+use crate::net::{NetStack, SocketCounts};
 use crate::nvmf::NvmfService;
 use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
 use crate::provisioned::Identity;
@@ -112,6 +112,8 @@ pub struct Services<H: Hw> {
     pub(crate) identity: Identity<H::Flash>,
     /// Management challenges.
     pub(crate) challenges: Challenges<H>,
+    /// The network stack's socket pool as of the last pass (status reports).
+    pub(crate) sockets: SocketCounts,
 }
 
 impl<H: Hw> core::fmt::Debug for Services<H> {
@@ -449,6 +451,7 @@ impl<H: Hw> Services<H> {
             served,
             identity,
             challenges,
+            sockets: SocketCounts::default(),
         }
     }
 
@@ -500,8 +503,11 @@ impl<H: Hw> Services<H> {
                 s.on_event(x);
             }
         }) > 0;
-        if let (Some(s), Some(n)) = (nvmf.as_mut(), net) {
-            s.flush(n);
+        if let Some(n) = net {
+            if let Some(s) = nvmf.as_mut() {
+                s.flush(n);
+            }
+            self.sockets = n.counts();
         }
         busy
     }

@@ -396,3 +396,46 @@ impl Drop for ScratchFile {
 
 /// Time budget for one boot under TCG on a loaded 2-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The device's status over the management port at `addr` ("127.0.0.1:PORT"), signed with the
+/// development provisioning key (what an unprovisioned test image trusts).
+pub fn mgmt_status(addr: &str) -> keel_mgmt::Snapshot {
+    try_mgmt_status(addr).unwrap_or_else(|e| panic!("status from {addr}: {e:#}"))
+}
+
+/// [`mgmt_status`], or why it failed.
+pub fn try_mgmt_status(addr: &str) -> Result<keel_mgmt::Snapshot, String> {
+    use keel_mgmt::wire::{Reply, Request};
+    let key = keel_host_tools::provision::keys::read_signing_key(
+        &root().join("qemu/dev-keys/provision.key"),
+    )
+    .map_err(|e| format!("{e:#}"))?;
+    let mut c = keel_host_tools::mgmt::client::Client::connect(addr, Duration::from_secs(20))
+        .map_err(|e| format!("{e:#}"))?;
+    match c.request(&key, &Request::Status) {
+        Ok(Reply::Status(s)) => Ok(*s),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// Waits until the device's pools and slots are back to what `idle` shows (see
+/// [`keel_mgmt::Snapshot::differences_from`]); fails with what is still different after
+/// `timeout`. Returns the snapshot at rest.
+pub fn wait_idle(addr: &str, idle: &keel_mgmt::Snapshot, timeout: Duration) -> keel_mgmt::Snapshot {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = mgmt_status(addr);
+        let d = now.differences_from(idle);
+        if d.is_empty() {
+            return now;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "the device is not back at rest after {timeout:?}: {d:?}\nnow: {:?}\nidle: {:?}",
+                now.resources, idle.resources
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -90,6 +90,13 @@ fn snapshot() -> Snapshot {
             subsystem: "nqn.2026-11.dev.keel:fn0".into(),
             enabled: true,
         }],
+        resources: Resources {
+            heap_free: 1 << 30,
+            nvmf_buffers_free: 250,
+            nvmf_buffers_total: 256,
+            evicted: 3,
+            ..Resources::default()
+        },
     }
 }
 
@@ -178,7 +185,7 @@ fn status_then_next_challenge() {
         &mut dev,
     );
     let r = response(&mut s);
-    assert_eq!(r.reply, Reply::Status(snapshot()));
+    assert_eq!(r.reply, Reply::Status(Box::new(snapshot())));
     assert_ne!(r.challenge, c);
     // The next request over the new challenge works too.
     feed_all(
@@ -638,6 +645,8 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_namespace_read_latency_seconds_count{subsystem=\"nqn.2026-11.dev.keel:vol0\",namespace=\"1\",transport=\"tcp\"} 10\n",
         "keel_namespace_errors_total{subsystem=\"nqn.weird\\\"name\\\\with\\nnewline\",namespace=\"2\",transport=\"tcp,pcie-fn0\"} 0\n",
         "keel_tcp_connections{transport=\"tcp\"} 5\n",
+        "keel_nvmf_buffers_free 250\n",
+        "keel_connections_evicted_total 3\n",
         "keel_controller_io_queues{controller=\"1\",subsystem=\"nqn.2026-11.dev.keel:vol0\",transport=\"tcp\",host=\"nqn.2014-08.org.nvmexpress:uuid:1234\"} 4\n",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
@@ -648,6 +657,28 @@ fn metrics_follow_the_exposition_grammar() {
     assert!(check_exposition("# TYPE a gauge\nb 1\n").is_err());
     assert!(check_exposition("# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\n# HELP a x\n").is_err());
     assert!(check_exposition("# TYPE a gauge\na{x=\"1\",} 1\n").is_err());
+}
+
+#[test]
+fn differences_from_idle_name_what_has_not_come_back() {
+    let idle = snapshot();
+    let mut busy = snapshot();
+    assert!(busy.differences_from(&idle).is_empty());
+    // Heap and cumulative counters are not part of "at rest".
+    busy.resources.heap_free -= 4096;
+    busy.resources.evicted += 10;
+    assert!(busy.differences_from(&idle).is_empty());
+    busy.resources.nvmf_buffers_free -= 1;
+    busy.resources.queues += 2;
+    busy.tcp_connections += 1;
+    assert_eq!(
+        busy.differences_from(&idle),
+        [
+            "NVMe/TCP connections: 6 (idle: 5)",
+            "NVMe/TCP buffers free: 249 (idle: 250)",
+            "queues: 2 (idle: 0)"
+        ]
+    );
 }
 
 #[test]

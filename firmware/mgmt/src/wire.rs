@@ -139,7 +139,7 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// The device's state.
-    Status(Snapshot),
+    Status(alloc::boxed::Box<Snapshot>),
     /// The bundle was applied.
     Pushed(PushReport),
     /// The bundle was refused; the configuration in force is unchanged.
