@@ -3,6 +3,8 @@
 //! console and kills its own QEMU by PID when a test ends or times out.
 #![warn(missing_docs)]
 
+pub mod crash;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -670,6 +670,15 @@ impl IoQueue {
         Ok(cid)
     }
 
+    /// Submits a command the caller built (FUA writes, Flush, Write Zeroes, Dataset
+    /// Management...): the CID and data pointer are filled in by the transport; `data` is the
+    /// buffer and the transfer length. Returns the CID.
+    pub fn submit_sqe(&mut self, sqe: Sqe, data: Option<(Vec<u8>, u32)>) -> Result<u16, NvmeError> {
+        let cid = self.conn.submit(sqe.to_bytes(), data)?;
+        self.inflight += 1;
+        Ok(cid)
+    }
+
     /// The next completion (any CID), as it comes; the status is not checked.
     pub fn next_completion(&mut self) -> Result<(u16, Done), NvmeError> {
         let r = self.conn.next_completion(
