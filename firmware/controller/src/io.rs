@@ -18,10 +18,11 @@ impl Target {
         if sqe_is_fabrics(&req.sqe) {
             return Some(self.fabrics_io(qi, ci, req));
         }
-        let (ready, si) = match self.ctrls.get(ci) {
+        let (ready, si, cache_enabled) = match self.ctrls.get(ci) {
             Some(Some(c)) => (
                 c.csts.rdy() && c.csts.shst() == 0 && !c.shutdown_pending,
                 c.subsys,
+                c.vwc,
             ),
             _ => return Some(self.respond(qi, req, Status::INTERNAL_ERROR, 0)),
         };
@@ -59,6 +60,9 @@ impl Target {
         let g = ns.geometry;
         let caps = ns.caps;
         let bs = g.block_size as u64;
+        // The host disabled the volatile write cache (Set Features 06h, WCE = 0): a write
+        // completes only once it is on media, so writes to a backend with a cache carry FUA.
+        let write_through = caps.volatile_write_cache && caps.fua && !cache_enabled;
 
         // Build the backend request (or answer at once).
         let (bop, lba, blocks, kind, bytes, read_len, dsm) = match op {
@@ -81,7 +85,13 @@ impl Target {
                 }
                 let (bop, kind, read_len) = match op {
                     IoOpcode::Read => (BlockOp::Read, OpKind::Read, bytes as u32),
-                    IoOpcode::Write => (BlockOp::Write { fua: rw.fua }, OpKind::Write, 0),
+                    IoOpcode::Write => (
+                        BlockOp::Write {
+                            fua: rw.fua || write_through,
+                        },
+                        OpKind::Write,
+                        0,
+                    ),
                     _ => (BlockOp::Compare, OpKind::Read, 0),
                 };
                 (bop, rw.slba, blocks, kind, bytes, read_len, None)
@@ -103,7 +113,7 @@ impl Target {
                 }
                 let op = BlockOp::WriteZeroes {
                     deallocate: rw.deac,
-                    fua: rw.fua,
+                    fua: rw.fua || write_through,
                 };
                 (op, rw.slba, blocks, OpKind::Write, 0, 0, None)
             }
