@@ -524,6 +524,15 @@ impl Model {
     }
 }
 
+/// Kills per case: `KEEL_CRASH_RUNS` (set by `tests/crash --runs N`), else `default` (the
+/// short form CI runs).
+pub fn runs(default: u64) -> u64 {
+    std::env::var("KEEL_CRASH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The seed of a campaign: `KEEL_CRASH_SEED`, else the clock.
 pub fn seed() -> u64 {
     std::env::var("KEEL_CRASH_SEED")

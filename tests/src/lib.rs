@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod crash;
+pub mod provision;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

@@ -7,15 +7,8 @@
 //! CI runs the short form (10 kills in all). `tests/crash --runs N` runs N kills per path
 //! (`KEEL_CRASH_RUNS`); `KEEL_CRASH_SEED` replays a workload.
 
-use keel_tests::crash::{Path_, Tally, campaign, seed};
+use keel_tests::crash::{Path_, Tally, campaign, runs, seed};
 use std::time::Duration;
-
-fn runs(default: u64) -> u64 {
-    std::env::var("KEEL_CRASH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 fn run(path: Path_, kills: u64) -> Tally {
     let seed = seed();
