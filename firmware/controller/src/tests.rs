@@ -1462,7 +1462,10 @@ fn a_host_that_disables_the_volatile_write_cache_gets_write_through() {
     assert_eq!(r.cqe.status, Status::SUCCESS);
     assert_eq!(get(&mut h), 0);
     assert_eq!(h.write(io, 2, 1, 1, &data).cqe.status, Status::SUCCESS);
-    assert!(fua_of(&ops.borrow()), "cache disabled: the write carries FUA");
+    assert!(
+        fua_of(&ops.borrow()),
+        "cache disabled: the write carries FUA"
+    );
     let sqe = RwCommand::simple(2, 1).to_sqe(IoOpcode::WriteZeroes as u8, 3, 1);
     assert_eq!(h.exec(io, sqe, None, 0).cqe.status, Status::SUCCESS);
     assert!(fua_of(&ops.borrow()), "and so does Write Zeroes");
