@@ -5,6 +5,7 @@
 
 pub mod crash;
 pub mod provision;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
