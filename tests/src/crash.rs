@@ -692,7 +692,7 @@ impl Driver for TcpDriver {
             _ => None,
         };
         let cid = q
-            .submit_sqe(rw_sqe(op, self.nsid), data)
+            .submit_command(rw_sqe(op, self.nsid), data)
             .map_err(|e| e.to_string())?;
         self.tokens.insert(cid, op.generation);
         Ok(op.generation)

@@ -52,7 +52,7 @@ fn write_all(q: &mut IoQueue, case: u64) -> (Vec<u64>, Option<String>) {
     for i in 0..WRITES {
         let sqe = RwCommand::simple(lba(case, i), NLB).to_sqe(IoOpcode::Write as u8, 0, 1);
         let r = q
-            .submit_sqe(sqe, Some((data(case, i), NLB * BS)))
+            .submit_command(sqe, Some((data(case, i), NLB * BS)))
             .and_then(|_| q.next_completion());
         match r {
             Ok((_, done)) if done.cqe.status == Status::SUCCESS => acked.push(i),

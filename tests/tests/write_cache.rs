@@ -59,7 +59,7 @@ fn run(io: &mut IoQueue, sqe: Sqe, data: Option<Vec<u8>>) -> Status {
         let n = d.len() as u32;
         (d, n)
     });
-    io.submit_sqe(sqe, data).expect("submit");
+    io.submit_command(sqe, data).expect("submit");
     let (_, done) = io.next_completion().expect("completion");
     done.cqe.status
 }
