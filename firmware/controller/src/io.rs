@@ -423,7 +423,12 @@ impl Target {
             None => return Err((Status::DATA_SGL_LENGTH_INVALID, ErrAt::NONE)),
         };
         Ok(Some(Decoded {
-            work: Work::Chain(Chain::copy(ranges, count as u16, c.sdlba, c.fua || write_through)),
+            work: Work::Chain(Chain::copy(
+                ranges,
+                count as u16,
+                c.sdlba,
+                c.fua || write_through,
+            )),
             lba: c.sdlba,
             blocks: total.min(u32::MAX as u64) as u32,
             kind: OpKind::Other,
