@@ -456,3 +456,36 @@ pub fn wait_idle(addr: &str, idle: &keel_mgmt::Snapshot, timeout: Duration) -> k
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Boots the release image serving one RAM namespace of `mib` MiB over NVMe/TCP, with the
+/// management endpoint: QEMU, the forwarded NVMe/TCP port and the management address.
+pub fn boot_ram_device(mib: u32) -> (Qemu, u16, String) {
+    let port = free_port();
+    let mport = free_port();
+    let mut q = Qemu::boot(
+        Build::Release,
+        &[
+            "--nvmf-port",
+            &port.to_string(),
+            "--mgmt-port",
+            &mport.to_string(),
+            "--append",
+            &format!("keel.ram={mib}"),
+        ],
+    );
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (q, port, format!("127.0.0.1:{mport}"))
+}
+
+/// Waits until the device is back at rest ([`wait_idle`], 30 s), prints its resources before
+/// and after, and checks that its console shows no panic or CPU exception.
+pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
+    let after = wait_idle(mgmt, idle, Duration::from_secs(30));
+    eprintln!(
+        "idle before: {:?}\nidle after: {:?}",
+        idle.resources, after.resources
+    );
+    let c = q.console();
+    assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
+}

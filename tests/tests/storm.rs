@@ -10,7 +10,7 @@
 //! evicted.
 
 use keel_host_tools::nvme::{Controller, Params};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, free_port, mgmt_status, wait_idle};
+use keel_tests::{Qemu, assert_back_at_rest, boot_ram_device, mgmt_status};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -18,22 +18,7 @@ const SUBNQN: &str = "nqn.2026-11.dev.keel:default";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:5707a1e5-0000-4000-8000-000000000064";
 
 fn boot() -> (Qemu, u16, String) {
-    let port = free_port();
-    let mport = free_port();
-    let mut q = Qemu::boot(
-        Build::Release,
-        &[
-            "--nvmf-port",
-            &port.to_string(),
-            "--mgmt-port",
-            &mport.to_string(),
-            "--append",
-            "keel.ram=16",
-        ],
-    );
-    q.wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    (q, port, format!("127.0.0.1:{mport}"))
+    boot_ram_device(16)
 }
 
 fn params(port: u16) -> Params {
@@ -108,13 +93,7 @@ fn storms_of_connections_without_icreq_never_turn_a_host_away() {
         drop(open_many(port, 64));
         legitimate(port, 100 + n).unwrap_or_else(|e| panic!("after storm {n}: {e}"));
     }
-    let after = wait_idle(&mgmt, &idle, Duration::from_secs(30));
-    eprintln!(
-        "idle before: {:?}\nidle after: {:?}",
-        idle.resources, after.resources
-    );
-    let c = q.console();
-    assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
+    assert_back_at_rest(&q, &mgmt, &idle);
 }
 
 #[test]
@@ -146,11 +125,5 @@ fn idle_connections_holding_every_socket_are_evicted_for_a_host() {
         during.resources
     );
     drop(held);
-    let after = wait_idle(&mgmt, &idle, Duration::from_secs(30));
-    eprintln!(
-        "idle before: {:?}\nidle after: {:?}",
-        idle.resources, after.resources
-    );
-    let c = q.console();
-    assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
+    assert_back_at_rest(&q, &mgmt, &idle);
 }
