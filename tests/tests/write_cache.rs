@@ -12,11 +12,13 @@
 //!   QEMU 7.2's NVMe device hands writes to its block layer without flags (its flush counter
 //!   in `query-blockstats` does not count NVMe Flush either), so QEMU cannot show it.
 //! - A read error on one sector is Unrecovered Read Error (media errors 81h) for the commands
-//!   that cover it, a write error Write Fault (80h); the neighbours keep working, nothing hangs.
+//!   that cover it, a write error Write Fault (80h), each with the More bit and an Error
+//!   Information log entry; the neighbours keep working, nothing hangs.
 
 use keel_host_tools::nvme::{Controller, IoQueue, Params};
 use keel_nvme::identify::cns;
 use keel_nvme::io::{FeaturesCommand, RwCommand};
+use keel_nvme::log::ErrorLogEntry;
 use keel_nvme::{IoOpcode, Sqe, Status};
 use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port};
 use std::time::{Duration, Instant};
@@ -54,6 +56,8 @@ fn drive_saw(q: &Qemu, opname: &str, want: usize) -> usize {
     }
 }
 
+/// Runs one command; returns its status type and code (an error must also set More: it has
+/// an Error Information log entry).
 fn run(io: &mut IoQueue, sqe: Sqe, data: Option<Vec<u8>>) -> Status {
     let data = data.map(|d| {
         let n = d.len() as u32;
@@ -61,7 +65,9 @@ fn run(io: &mut IoQueue, sqe: Sqe, data: Option<Vec<u8>>) -> Status {
     });
     io.submit_command(sqe, data).expect("submit");
     let (_, done) = io.next_completion().expect("completion");
-    done.cqe.status
+    let s = done.cqe.status;
+    assert_eq!(s.more, !s.is_success(), "More bit of {s:?}");
+    Status { more: false, ..s }
 }
 
 fn rw(op: IoOpcode, lba: u64, nlb: u32, fua: bool) -> Sqe {
@@ -209,6 +215,35 @@ fn the_write_cache_is_the_drives_and_drive_errors_reach_the_host() {
             "LBA {lba} next to the bad sector"
         );
     }
+
+    // Each failure has its Error Information log entry (LID 01h, 64 bytes each): status,
+    // NSID and the LBA of the command.
+    let entries = usize::from(ctrl.id.elpe) + 1;
+    let page = ctrl
+        .get_log_page(0x01, 0xFFFF_FFFF, 0, (entries * 64) as u32)
+        .expect("Error Information log");
+    let logged: Vec<ErrorLogEntry> = page
+        .chunks_exact(64)
+        .map(|e| ErrorLogEntry::decode(e.try_into().expect("64 bytes")))
+        .filter(|e| e.error_count != 0)
+        .collect();
+    // Status Field bits 15:1 (phase in bit 0): SC bits 8:1, SCT bits 11:9.
+    let has = |st: Status, lbas: std::ops::RangeInclusive<u64>| {
+        logged.iter().any(|e| {
+            (e.status >> 1) as u8 == st.sc
+                && ((e.status >> 9) & 7) as u8 == st.sct
+                && e.nsid == 1
+                && lbas.contains(&e.lba)
+        })
+    };
+    assert!(
+        has(Status::UNRECOVERED_READ_ERROR, BAD_READ - 4..=BAD_READ),
+        "{logged:#?}"
+    );
+    assert!(
+        has(Status::WRITE_FAULT, BAD_WRITE - 2..=BAD_WRITE),
+        "{logged:#?}"
+    );
 
     // The device is still whole: the first writes read back, a Flush succeeds.
     let first = io.read(1, 0, 24, bs as u32).expect("read");
