@@ -36,12 +36,14 @@
 //! the emulated PCIe function (`keel_host_tools::host` over the window file).
 
 use crate::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, root};
-use keel_host_tools::host::{HostController, IoOp, IoQueue as FnQueue, Window};
+use keel_host_tools::blockdev::{BlockDevice, BlockOp, Request};
+use keel_host_tools::host::{HostConfig, HostController, HostDevice, Window};
 use keel_host_tools::nvme::pattern::{self, Rng};
 use keel_host_tools::nvme::{Controller, IoQueue as TcpQueue, Params};
 use keel_nvme::identify::{IdentifyController, cns};
 use keel_nvme::io::{DsmCommand, DsmRange, RwCommand};
 use keel_nvme::{IoOpcode, Sqe};
+use keel_storage::IoBuf;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -722,17 +724,14 @@ impl Driver for TcpDriver {
 /// window file.
 #[derive(Debug)]
 pub struct FnDriver {
-    ctrl: HostController,
-    q: FnQueue,
-    nsid: u32,
+    dev: HostDevice,
     geo: Geometry,
     /// Set once QEMU is killed: completions will not come any more.
     dead: Arc<AtomicBool>,
-    tokens: HashMap<u16, u64>,
 }
 
 impl FnDriver {
-    /// Opens the controller of `window` and an I/O queue of `depth`.
+    /// Opens the controller of `window` with one I/O queue of `depth`, on namespace `nsid`.
     pub fn open(
         window: &Path,
         nsid: u32,
@@ -740,31 +739,42 @@ impl FnDriver {
         dead: Arc<AtomicBool>,
     ) -> Result<Self, String> {
         let win = Arc::new(Window::open(window).map_err(|e| format!("{e:#}"))?);
-        let mut ctrl =
-            HostController::open(win, Duration::from_secs(30)).map_err(|e| format!("{e:#}"))?;
+        let cfg = HostConfig {
+            queues: 1,
+            depth,
+            timeout: Duration::from_secs(30),
+        };
+        let mut ctrl = HostController::open(win, &cfg).map_err(|e| format!("{e:#}"))?;
         let ns = ctrl
             .identify(cns::NAMESPACE, nsid)
             .map_err(|e| format!("{e:#}"))?;
         let geo = Geometry::from_identify(&ctrl.id, &ns);
-        ctrl.set_io_queues(1).map_err(|e| format!("{e:#}"))?;
-        let q = ctrl
-            .create_io_queue(1, depth, 64 * 1024)
+        let dev = ctrl
+            .into_device(nsid, depth as usize)
             .map_err(|e| format!("{e:#}"))?;
-        Ok(FnDriver {
-            ctrl,
-            q,
-            nsid,
-            geo,
-            dead,
-            tokens: HashMap::new(),
-        })
+        Ok(FnDriver { dev, geo, dead })
     }
 
-    /// Deletes the queue and shuts the controller down (the device stays up).
+    /// Shuts the controller down (the device stays up).
     pub fn close(self) {
-        let FnDriver { mut ctrl, q, .. } = self;
-        let _ = ctrl.delete_io_queue(q);
-        let _ = ctrl.shutdown();
+        let _ = self.dev.shutdown();
+    }
+
+    /// The next completion: (tag, success, buffer); an error once QEMU is gone.
+    fn next(&mut self) -> Result<(u64, bool, Option<IoBuf>), String> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(c) = self.dev.try_complete() {
+                return Ok((c.tag, c.result.is_ok(), c.buf));
+            }
+            if self.dead.load(Ordering::SeqCst) {
+                return Err("QEMU was killed".into());
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err("no completion within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 }
 
@@ -777,46 +787,62 @@ impl Driver for FnDriver {
         if self.dead.load(Ordering::SeqCst) {
             return Err("QEMU was killed".into());
         }
-        let bs = self.geo.block_size;
-        let io = match op.kind {
-            OpKind::Write { fua } => IoOp::Write(fua),
-            OpKind::Zeroes => IoOp::WriteZeroes(false),
-            OpKind::Deallocate => IoOp::Deallocate,
-            OpKind::Flush => IoOp::Flush,
+        let (bop, buf) = match op.kind {
+            OpKind::Write { fua } => {
+                let mut b = self.dev.alloc().map_err(|e| format!("{e:#}"))?;
+                b.set_len(data.len());
+                b.as_mut_slice().copy_from_slice(data);
+                (BlockOp::Write { fua }, Some(b))
+            }
+            OpKind::Zeroes => (
+                BlockOp::WriteZeroes {
+                    deallocate: false,
+                    fua: false,
+                },
+                None,
+            ),
+            OpKind::Deallocate => (BlockOp::Deallocate, None),
+            OpKind::Flush => (BlockOp::Flush, None),
         };
-        let d = matches!(op.kind, OpKind::Write { .. }).then_some(data);
-        let cid = self
-            .q
-            .submit(io, self.nsid, op.lba, op.nlb, bs, d)
-            .map_err(|e| format!("{e:#}"))?;
-        self.tokens.insert(cid, op.generation);
+        let req = Request {
+            tag: op.generation,
+            op: bop,
+            lba: op.lba,
+            blocks: op.nlb,
+            buf,
+        };
+        self.dev.submit(req).map_err(|e| format!("{e:#}"))?;
         Ok(op.generation)
     }
 
     fn complete(&mut self) -> Result<(u64, bool), String> {
-        let t0 = Instant::now();
-        loop {
-            if let Some(c) = self.q.queue().poll() {
-                if let Some(t) = self.tokens.remove(&c.cqe.cid) {
-                    return Ok((t, c.cqe.status.is_success()));
-                }
-                continue;
-            }
-            if self.dead.load(Ordering::SeqCst) {
-                return Err("QEMU was killed".into());
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                return Err("no completion within 30 s".into());
-            }
-            std::thread::sleep(Duration::from_micros(50));
+        let (tag, ok, buf) = self.next()?;
+        if let Some(b) = buf {
+            self.dev.free(b);
         }
+        Ok((tag, ok))
     }
 
     fn read(&mut self, lba: u64, nlb: u32) -> Result<Vec<u8>, String> {
-        let bs = self.geo.block_size;
-        self.q
-            .read(self.nsid, lba, u64::from(nlb), bs)
-            .map_err(|e| format!("{e:#}"))
+        let len = (nlb * self.geo.block_size) as usize;
+        let mut b = self.dev.alloc().map_err(|e| format!("{e:#}"))?;
+        b.set_len(len);
+        let req = Request {
+            tag: u64::MAX,
+            op: BlockOp::Read,
+            lba,
+            blocks: nlb,
+            buf: Some(b),
+        };
+        self.dev.submit(req).map_err(|e| format!("{e:#}"))?;
+        let (_, ok, buf) = self.next()?;
+        let b = buf.ok_or("a read without its buffer")?;
+        let out = b.as_slice()[..len].to_vec();
+        self.dev.free(b);
+        if !ok {
+            return Err(format!("read of {nlb} blocks at {lba} failed"));
+        }
+        Ok(out)
     }
 }
 
