@@ -144,8 +144,9 @@ pub struct Platform {
     pub cpus: usize,
     /// Flash banks (`cfi-flash`).
     pub flash: Vec<Region, 4>,
-    /// `/chosen/bootargs`.
-    pub bootargs: String<256>,
+    /// `/chosen/bootargs` (at most [`MAX_BOOTARGS`] bytes are kept: remote namespace specs
+    /// and keys make long command lines).
+    pub bootargs: String<MAX_BOOTARGS>,
 }
 
 /// Why a device tree could not be used.
@@ -300,6 +301,9 @@ fn parse_pcie(fdt: &Fdt<'_>, node: FdtNode<'_, '_>, parent_addr_cells: usize) ->
         intx_mask,
     })
 }
+
+/// Bytes of `/chosen/bootargs` kept (Linux's arm64 `COMMAND_LINE_SIZE`).
+pub const MAX_BOOTARGS: usize = 2048;
 
 fn copy_str<const N: usize>(s: &str) -> String<N> {
     let mut out = String::new();

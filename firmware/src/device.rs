@@ -119,7 +119,13 @@ impl<H: Hw> Services<H> {
         // Backends (a drive namespace shared with a running slice, a RAM disk...). One that
         // cannot be built now is reported, not fatal: the bundle is valid.
         let mut built = Vec::new();
+        let mut remote = Vec::new();
         for n in additions {
+            if matches!(n.spec, NsSpec::Remote { .. }) {
+                // Opened by the remote service: added to the target once identified.
+                remote.push(n);
+                continue;
+            }
             let many = matches!(n.spec, NsSpec::Drive { slice: Some(_), .. });
             match build_namespace(&new, &n, many, &mut self.drives, &mut self.shared) {
                 Some(c) => built.push((n, c)),
@@ -154,6 +160,7 @@ impl<H: Hw> Services<H> {
         for (nqn, nsid) in removals {
             if self.target.remove_namespace(&nqn, nsid).is_ok() {
                 log::info!("nvmf: namespace {nsid} of {nqn} removed");
+                self.remotes.removed(&nqn, nsid);
                 self.plan
                     .namespaces
                     .retain(|n| !(n.subsystem == nqn && n.nsid == nsid));
@@ -173,6 +180,24 @@ impl<H: Hw> Services<H> {
                     "namespace {} of {}: not added ({e:?})",
                     n.nsid, n.subsystem
                 )),
+            }
+        }
+        for n in remote {
+            let shared = new.namespaces.iter().any(|o| {
+                (o.subsystem != n.subsystem || o.nsid != n.nsid)
+                    && matches!((&o.spec, &n.spec), (NsSpec::Remote { remote: a, .. }, NsSpec::Remote { remote: b, .. }) if a.same_target(b))
+            });
+            // Added once its remote namespace is identified (connected hosts then get the
+            // Namespace Attribute Changed event).
+            if self.remotes.add(&new, &n, shared) {
+                added.push((n.subsystem.clone(), n.nsid));
+                self.plan.namespaces.push(n);
+            } else {
+                needs_reboot.push(format!(
+                    "namespace {} of {}: not served, its remote volume could not be made (see \
+                     the device console)",
+                    n.nsid, n.subsystem
+                ));
             }
         }
         self.plan.generation = cfg.generation;
@@ -282,6 +307,12 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                 })
                 .collect(),
             resources: self.resources(),
+            remotes: self
+                .remotes
+                .volumes
+                .iter()
+                .map(|v| v.info(&self.remotes.hostnqn))
+                .collect(),
         }
     }
 

@@ -9,6 +9,11 @@
 //! ([`NetStack::short_of_sockets`]) sockets still finishing a graceful close are reset, and the
 //! services evict connections that have not started their protocol (NVMe/TCP connections still
 //! waiting for their ICReq, see `crate::nvmf`).
+//! Outgoing connections (the initiator of remote volumes, through [`keel_remote::Net`]) have a
+//! pool of their own, up to [`MAX_CLIENT_SOCKETS`]: a flood of incoming connections never
+//! starves a remote volume, and a remote volume never takes a listener's socket. Client
+//! sockets use ephemeral local ports (49152-65535, RFC 6335), are reset when closed and reused
+//! once the reset has been sent.
 //!
 //! Addressing: DHCPv4 by default (QEMU user networking answers it); `keel.ip=A.B.C.D/N` and
 //! `keel.gw=A.B.C.D` in the boot arguments set a static address instead.
@@ -35,6 +40,12 @@ const LISTENERS_PER_PORT: usize = 4;
 /// Sockets kept spare beyond the armed listeners: fewer, and the services make room
 /// ([`NetStack::short_of_sockets`]).
 const SPARE_SOCKETS: usize = LISTENERS_PER_PORT;
+/// Client sockets (outgoing connections) at most, a budget separate from [`MAX_SOCKETS`]:
+/// e.g. two remote volumes of two paths with an admin and 4 I/O connections each take 20.
+pub const MAX_CLIENT_SOCKETS: usize = 48;
+/// The ephemeral port range (RFC 6335 §6).
+const EPHEMERAL_FIRST: u16 = 49152;
+const EPHEMERAL_COUNT: u16 = 16384;
 
 /// How the interface gets its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +90,17 @@ pub struct NetStack<H: Hw> {
     free: Vec<SocketHandle>,
     /// Sockets created so far (at most [`MAX_SOCKETS`]).
     created: usize,
-    /// Sockets closing, with the time (ns) after which they are reset.
-    draining: Vec<(SocketHandle, u64)>,
+    /// Sockets closing, with the time (ns) after which they are reset, and whether they are
+    /// client sockets.
+    draining: Vec<(SocketHandle, u64, bool)>,
+    /// Client sockets free for an outgoing connection.
+    client_free: Vec<SocketHandle>,
+    /// Client sockets created so far (at most [`MAX_CLIENT_SOCKETS`]).
+    clients_created: usize,
+    /// Client sockets in use.
+    clients: Vec<SocketHandle>,
+    /// Next ephemeral port to try (offset into the range).
+    next_port: u16,
     listening: Vec<(SocketHandle, u16)>,
     ports: Vec<u16>,
     /// Ports whose connections only [`NetStack::take_accepted_on`] hands out.
@@ -150,7 +170,11 @@ impl<H: Hw> NetStack<H> {
             dhcp,
             free: Vec::with_capacity(MAX_SOCKETS),
             created: 0,
-            draining: Vec::with_capacity(MAX_SOCKETS),
+            draining: Vec::with_capacity(MAX_SOCKETS + MAX_CLIENT_SOCKETS),
+            client_free: Vec::new(),
+            clients_created: 0,
+            clients: Vec::new(),
+            next_port: (seed % u64::from(EPHEMERAL_COUNT)) as u16,
             listening: Vec::new(),
             ports: Vec::new(),
             routed: Vec::new(),
@@ -194,15 +218,62 @@ impl<H: Hw> NetStack<H> {
         if let Some(h) = self.free.pop() {
             return Some(h);
         }
-        // Room for both buffers and a margin for everything else (an allocation failure
-        // would end the firmware).
-        if self.created >= MAX_SOCKETS || H::heap_free() < 4 * TCP_BUFFER {
+        if self.created >= MAX_SOCKETS {
             return None;
         }
+        let h = self.new_socket()?;
         self.created += 1;
+        Some(h)
+    }
+
+    /// A new socket with its buffers, when the heap has room for both buffers and a margin
+    /// for everything else (an allocation failure would end the firmware).
+    fn new_socket(&mut self) -> Option<SocketHandle> {
+        if H::heap_free() < 4 * TCP_BUFFER {
+            return None;
+        }
         let rx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
         let tx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
         Some(self.sockets.add(tcp::Socket::new(rx, tx)))
+    }
+
+    /// A closed client socket: a recycled one, else a new one within
+    /// [`MAX_CLIENT_SOCKETS`].
+    fn take_client_socket(&mut self) -> Option<SocketHandle> {
+        if let Some(h) = self.client_free.pop() {
+            return Some(h);
+        }
+        if self.clients_created >= MAX_CLIENT_SOCKETS {
+            return None;
+        }
+        let h = self.new_socket()?;
+        self.clients_created += 1;
+        Some(h)
+    }
+
+    /// An ephemeral port no client socket in use has.
+    fn ephemeral_port(&mut self) -> u16 {
+        for _ in 0..EPHEMERAL_COUNT {
+            let port = EPHEMERAL_FIRST + self.next_port;
+            self.next_port = (self.next_port + 1) % EPHEMERAL_COUNT;
+            let sockets = &self.sockets;
+            let taken = self.clients.iter().any(|&h| {
+                sockets
+                    .get::<tcp::Socket>(h)
+                    .local_endpoint()
+                    .is_some_and(|e| e.port == port)
+            });
+            if !taken {
+                return port;
+            }
+        }
+        EPHEMERAL_FIRST // unreachable: fewer clients than ports
+    }
+
+    /// Client sockets in use (outgoing connections).
+    #[cfg(test)]
+    pub fn client_sockets(&self) -> usize {
+        self.clients.len()
     }
 
     fn arm(&mut self) {
@@ -323,7 +394,8 @@ impl<H: Hw> NetStack<H> {
     fn recycle(&mut self, now_ns: u64) {
         let sockets = &mut self.sockets;
         let free = &mut self.free;
-        self.draining.retain(|&(h, deadline)| {
+        let client_free = &mut self.client_free;
+        self.draining.retain(|&(h, deadline, client)| {
             let s = sockets.get_mut::<tcp::Socket>(h);
             let done = match s.state() {
                 // An aborted socket keeps its peer until its reset has left.
@@ -337,7 +409,11 @@ impl<H: Hw> NetStack<H> {
                 }
             };
             if done {
-                free.push(h);
+                if client {
+                    client_free.push(h);
+                } else {
+                    free.push(h);
+                }
             }
             !done
         });
@@ -355,7 +431,9 @@ impl<H: Hw> NetStack<H> {
         let aborted = self
             .draining
             .iter()
-            .filter(|(h, _)| self.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Closed)
+            .filter(|(h, _, client)| {
+                !client && self.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Closed
+            })
             .count();
         self.free.len() + creatable + aborted
     }
@@ -379,7 +457,10 @@ impl<H: Hw> NetStack<H> {
             return false;
         }
         // Graceful closes are the cheapest room: their connections are over.
-        for &(h, _) in &self.draining {
+        for &(h, _, client) in &self.draining {
+            if client {
+                continue;
+            }
             let s = self.sockets.get_mut::<tcp::Socket>(h);
             if s.state() != tcp::State::Closed {
                 s.abort();
@@ -425,11 +506,99 @@ impl<H: Hw> NetStack<H> {
             s.abort();
         }
         self.draining
-            .push((h, now_ns.saturating_add(CLOSE_GRACE_NS)));
+            .push((h, now_ns.saturating_add(CLOSE_GRACE_NS), false));
     }
 
     /// When smoltcp next needs attention.
     pub fn poll_delay(&mut self, now_ns: u64) -> Option<Duration> {
         self.iface.poll_delay(instant(now_ns), &self.sockets)
+    }
+}
+
+/// Outgoing connections for remote volumes, over the client pool. A socket closed here is
+/// reset (RST) at the next pass of the interface and reused after that.
+impl<H: Hw> keel_remote::Net for NetStack<H> {
+    type Sock = SocketHandle;
+
+    fn connect(&mut self, addr: keel_remote::PathAddr, _now_ns: u64) -> Option<SocketHandle> {
+        self.address()?;
+        let h = self.take_client_socket()?;
+        let port = self.ephemeral_port();
+        let cx = self.iface.context();
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(None);
+        // No TCP keep-alive probes: the volume's NVMe Keep Alive (every KATO/2) finds a dead
+        // peer first. A user timeout bounds a connection whose data is never acknowledged.
+        s.set_keep_alive(None);
+        s.set_timeout(Some(Duration::from_secs(60)));
+        let remote = (
+            smoltcp::wire::IpAddress::Ipv4(Ipv4Address::from(addr.ip)),
+            addr.port,
+        );
+        match s.connect(cx, remote, port) {
+            Ok(()) => {
+                self.clients.push(h);
+                Some(h)
+            }
+            Err(e) => {
+                log::warn!("remote: connect to {addr} from port {port}: {e}");
+                self.client_free.push(h);
+                None
+            }
+        }
+    }
+
+    fn state(&mut self, sock: SocketHandle) -> keel_remote::SockState {
+        use keel_remote::SockState;
+        match self.sockets.get::<tcp::Socket>(sock).state() {
+            tcp::State::SynSent | tcp::State::SynReceived => SockState::Connecting,
+            tcp::State::Established => SockState::Established,
+            _ => SockState::Closed,
+        }
+    }
+
+    fn recv(&mut self, sock: SocketHandle, f: &mut dyn FnMut(&[u8]) -> usize) -> usize {
+        let s = self.sockets.get_mut::<tcp::Socket>(sock);
+        let mut total = 0;
+        // The ring may hand out its bytes in two pieces.
+        while s.can_recv() {
+            match s.recv(|b| {
+                let n = f(b);
+                (n, n)
+            }) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        total
+    }
+
+    fn send(&mut self, sock: SocketHandle, f: &mut dyn FnMut(&mut [u8]) -> usize) -> usize {
+        let s = self.sockets.get_mut::<tcp::Socket>(sock);
+        let mut total = 0;
+        while s.can_send() {
+            match s.send(|b| {
+                let n = f(b);
+                (n, n)
+            }) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        total
+    }
+
+    fn close(&mut self, sock: SocketHandle, now_ns: u64) {
+        let Some(i) = self.clients.iter().position(|&h| h == sock) else {
+            return;
+        };
+        self.clients.swap_remove(i);
+        let s = self.sockets.get_mut::<tcp::Socket>(sock);
+        if s.state() != tcp::State::Closed {
+            s.abort();
+        }
+        self.draining
+            .push((sock, now_ns.saturating_add(CLOSE_GRACE_NS), true));
     }
 }

@@ -229,7 +229,11 @@ impl Plan {
             namespaces.push(NsPlan {
                 subsystem: nqn,
                 nsid: 1,
-                spec: NsSpec::Ram(cfg.function_ram),
+                spec: cfg
+                    .function_namespaces
+                    .get(i)
+                    .cloned()
+                    .unwrap_or(NsSpec::Ram(cfg.function_ram)),
                 block_size: 512,
                 cipher: key.map_or("none", hex_cipher),
                 key: key.map(|k| NsKey::Hex(k.hex.clone())),
@@ -285,18 +289,20 @@ impl Plan {
             .iter()
             .zip(config.keys.iter())
             .map(|(ns, key)| {
-                let (spec, block_size) = match ns.backend {
-                    Backend::Ram { size, block_size } => (NsSpec::Ram(size), block_size),
-                    Backend::Drive {
-                        drive,
-                        nsid,
-                        offset,
-                        length,
-                    } => (
+                let (spec, block_size) = match &ns.backend {
+                    Backend::Ram { size, block_size } => (NsSpec::Ram(*size), *block_size),
+                    Backend::Drive { drive, nsid, .. } => (
                         NsSpec::Drive {
-                            drive: usize::from(drive),
-                            nsid,
-                            slice: (offset != 0 || length.is_some()).then_some((offset, length)),
+                            drive: usize::from(*drive),
+                            nsid: *nsid,
+                            slice: ns.backend.slice(),
+                        },
+                        512,
+                    ),
+                    Backend::Remote { remote, .. } => (
+                        NsSpec::Remote {
+                            remote: alloc::boxed::Box::new(remote.clone()),
+                            slice: ns.backend.slice(),
                         },
                         512,
                     ),
@@ -367,14 +373,19 @@ impl Plan {
                 .map(|n| Namespace {
                     subsystem: n.subsystem.clone(),
                     nsid: n.nsid,
-                    backend: match n.spec {
+                    backend: match &n.spec {
                         NsSpec::Ram(size) => Backend::Ram {
-                            size,
+                            size: *size,
                             block_size: n.block_size,
                         },
                         NsSpec::Drive { drive, nsid, slice } => Backend::Drive {
-                            drive: drive as u16,
-                            nsid,
+                            drive: *drive as u16,
+                            nsid: *nsid,
+                            offset: slice.map_or(0, |(o, _)| o),
+                            length: slice.and_then(|(_, l)| l),
+                        },
+                        NsSpec::Remote { remote, slice } => Backend::Remote {
+                            remote: (**remote).clone(),
                             offset: slice.map_or(0, |(o, _)| o),
                             length: slice.and_then(|(_, l)| l),
                         },

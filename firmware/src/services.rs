@@ -9,7 +9,11 @@
 //!   per `keel.ram=` size; otherwise one per local drive namespace (whole); otherwise one
 //!   RAM namespace of 256 MiB. `keel.xts=NSID:KEY` encrypts one of them with AES-XTS;
 //! - one subsystem per emulated function (`nqn.2026-11.dev.keel:fnN`), with one RAM namespace
-//!   of `keel.fn.ram` MiB: a function never reaches another's data.
+//!   of `keel.fn.ram` MiB (or the Nth `keel.fn.ns=` spec): a function never reaches another's
+//!   data.
+//!
+//! Namespaces on remote NVMe/TCP subsystems are served by [`crate::remote`] once their remote
+//! namespace has been identified (after `keel: ready`), added to the target like a live push.
 //!
 //! NSIDs are fixed by position (the Nth `keel.ns=` entry is NSID N): a namespace that cannot
 //! be served leaves a gap instead of renumbering the ones after it.
@@ -25,6 +29,7 @@ use crate::net::{NetStack, SocketCounts};
 use crate::nvmf::NvmfService;
 use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
 use crate::provisioned::Identity;
+use crate::remote::RemoteService;
 use alloc::{boxed::Box, format, string::String, vec::Vec};
 use keel_controller::{Instant, Limits, NamespaceConfig, SubsystemConfig, Target, TargetConfig};
 use keel_crypto::{EncryptedBackend, XtsKey};
@@ -108,6 +113,8 @@ pub struct Services<H: Hw> {
     pub(crate) functions: Vec<Emulated<H::Window>>,
     pub(crate) drives: Vec<LocalDrive<H>>,
     pub(crate) shared: Shared<H>,
+    /// Remote volumes (namespaces on remote NVMe/TCP subsystems).
+    pub(crate) remotes: RemoteService,
     /// The configuration in force.
     pub(crate) plan: Plan,
     /// Namespaces of the plan actually served (subsystem, NSID).
@@ -161,7 +168,7 @@ pub(crate) type Shared<H> = Vec<((usize, u32), SharedBackend<<H as Hw>::DriveNs>
 /// Builds one namespace's backend. `many`: the drive namespace is used by several namespaces
 /// (or as a slice) and must be shared. Drive namespaces used whole are taken out of `drives`.
 pub(crate) fn make_backend<H: Hw>(
-    spec: NsSpec,
+    spec: &NsSpec,
     block_size: u32,
     many: bool,
     drives: &mut [LocalDrive<H>],
@@ -169,11 +176,17 @@ pub(crate) fn make_backend<H: Hw>(
 ) -> Result<Box<dyn BlockBackend>, String> {
     let (drive, nsid, slice) = match spec {
         NsSpec::Ram(bytes) => {
-            return ram::<H>(bytes, block_size)
+            return ram::<H>(*bytes, block_size)
                 .ok_or_else(|| format!("RAM namespace of {} MiB", bytes >> 20));
         }
         NsSpec::Drive { drive, nsid, slice } => (drive, nsid, slice),
+        NsSpec::Remote { .. } => {
+            return Err(format!(
+                "{spec}: a remote backend is opened by the remote service"
+            ));
+        }
     };
+    let (drive, nsid, slice) = (*drive, *nsid, *slice);
     let many = many || slice.is_some() || shared.iter().any(|(k, _)| *k == (drive, nsid));
     let Some(d) = drives.get_mut(drive) else {
         return Err(format!("no drive {drive} for namespace spec {spec}"));
@@ -202,9 +215,19 @@ pub(crate) fn make_backend<H: Hw>(
     let Some((_, sb)) = shared.iter().find(|(k, _)| *k == (drive, nsid)) else {
         return Err(format!("drive {drive} namespace {nsid}: not shared"));
     };
+    cut(sb, slice, spec)
+}
+
+/// A slice of a shared backend (`None`: all of it) as a backend of its own; `spec` names it
+/// in messages.
+pub(crate) fn cut<B: BlockBackend + 'static>(
+    sb: &SharedBackend<B>,
+    slice: Option<(u64, Option<u64>)>,
+    spec: &NsSpec,
+) -> Result<Box<dyn BlockBackend>, String> {
     let handle = sb
         .handle()
-        .map_err(|_| format!("drive {drive} namespace {nsid}: too many slices"))?;
+        .map_err(|_| format!("{spec}: too many slices"))?;
     let g = handle.geometry();
     let (start, blocks) = match slice {
         Some((off, len)) => (
@@ -280,14 +303,26 @@ pub(crate) fn build_namespace<H: Hw>(
     drives: &mut [LocalDrive<H>],
     shared: &mut Shared<H>,
 ) -> Option<NamespaceConfig> {
-    let name = ns_name(plan, ns);
-    let backend = match make_backend(ns.spec, ns.block_size, many, drives, shared) {
+    let backend = match make_backend(&ns.spec, ns.block_size, many, drives, shared) {
         Ok(b) => b,
         Err(e) => {
-            log::error!("storage: {name}: {e}: the namespace is not served");
+            log::error!(
+                "storage: {}: {e}: the namespace is not served",
+                ns_name(plan, ns)
+            );
             return None;
         }
     };
+    finish_namespace::<H>(plan, ns, backend)
+}
+
+/// A namespace of the plan from its backend: encryption, identifiers. Logs what it serves.
+pub(crate) fn finish_namespace<H: Hw>(
+    plan: &Plan,
+    ns: &NsPlan,
+    backend: Box<dyn BlockBackend>,
+) -> Option<NamespaceConfig> {
+    let name = ns_name(plan, ns);
     let backend = encrypt::<H>(&name, ns.key.as_ref(), backend)?;
     let g = backend.geometry();
     if ns.function.is_none() || plan.source != Source::BootArgs {
@@ -339,10 +374,28 @@ impl<H: Hw> Services<H> {
             })
             .collect();
         let mut served = Vec::new();
+        let mut remotes = RemoteService::new(plan.mac);
         for ns in &plan.namespaces {
-            let many = match ns.spec {
-                NsSpec::Drive { drive, nsid, .. } => uses(drive, nsid) > 1,
+            let many = match &ns.spec {
+                NsSpec::Drive { drive, nsid, .. } => uses(*drive, *nsid) > 1,
                 NsSpec::Ram(_) => false,
+                NsSpec::Remote { remote, .. } => {
+                    // Served once the remote namespace is identified (Services::poll).
+                    if !network {
+                        log::error!(
+                            "remote: {}: no network: the namespace is not served",
+                            ns_name(&plan, ns)
+                        );
+                        continue;
+                    }
+                    let users = plan
+                        .namespaces
+                        .iter()
+                        .filter(|o| matches!(&o.spec, NsSpec::Remote { remote: r, .. } if r.same_target(remote)))
+                        .count();
+                    remotes.add(&plan, ns, users > 1);
+                    continue;
+                }
             };
             let Some(cfg) = build_namespace(&plan, ns, many, &mut drives, &mut shared) else {
                 continue;
@@ -421,16 +474,16 @@ impl<H: Hw> Services<H> {
                 f.poll(Instant::from_nanos(H::now_ns()), &mut target, &mut ep);
                 ep.publish(i as u16);
                 let what = if plan.source == Source::BootArgs {
-                    let ram_mib: u64 = plan
+                    let specs: Vec<String> = plan
                         .namespaces
                         .iter()
                         .filter(|n| n.subsystem == nqn)
-                        .map(|n| match n.spec {
-                            NsSpec::Ram(b) => b >> 20,
-                            NsSpec::Drive { .. } => 0,
+                        .map(|n| match &n.spec {
+                            NsSpec::Ram(b) => format!("{} MiB RAM namespace", b >> 20),
+                            other => format!("namespace {other}"),
                         })
-                        .sum();
-                    format!("{ram_mib} MiB RAM namespace")
+                        .collect();
+                    specs.join(", ")
                 } else {
                     let n = served.iter().filter(|(q, _)| *q == nqn).count();
                     format!("a controller of its {n} namespace(s)")
@@ -467,6 +520,7 @@ impl<H: Hw> Services<H> {
             functions,
             drives,
             shared,
+            remotes,
             plan,
             served,
             identity,
@@ -500,6 +554,9 @@ impl<H: Hw> Services<H> {
             nvmf,
             functions,
             drives,
+            remotes,
+            plan,
+            served,
             health,
             identity,
             ..
@@ -514,6 +571,9 @@ impl<H: Hw> Services<H> {
         }
         for d in drives.iter() {
             busy |= d.poll(now_ns);
+        }
+        if let Some(n) = net.as_deref_mut() {
+            busy |= remotes.poll(now_ns, n, target, plan, served);
         }
         busy |= target.poll(now, &mut |ev| {
             let mut ev = Some(ev);
@@ -534,6 +594,12 @@ impl<H: Hw> Services<H> {
             self.sockets = n.counts();
         }
         busy
+    }
+
+    /// When the services' timers next need a pass (the remote volumes' keep alive,
+    /// reconnects and timeouts); `None`: nothing is timed.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.remotes.next_deadline()
     }
 
     /// Whether the core may sleep: no emulated function is live (their host writes doorbells

@@ -815,3 +815,261 @@ fn a_connection_that_never_sends_its_icreq_times_out() {
         s.state()
     );
 }
+
+/// Reads or writes `data.len()` bytes at `lba` of namespace `nsid` on an I/O queue.
+fn rw(
+    dev: &mut Device,
+    io: &mut Queue,
+    write: bool,
+    nsid: u32,
+    lba: u64,
+    data: Vec<u8>,
+) -> Vec<u8> {
+    let rw = RwCommand {
+        slba: lba,
+        nlb: (data.len() / 512 - 1) as u16,
+        deac: false,
+        fua: false,
+        lr: false,
+        prinfo: 0,
+    };
+    let op = if write {
+        IoOpcode::Write
+    } else {
+        IoOpcode::Read
+    };
+    let (cqe, buf) = io.cmd(dev, rw.to_sqe(op as u8, 0, nsid), Some(data));
+    assert!(
+        cqe.status.is_success(),
+        "{op:?} nsid {nsid} lba {lba}: {:?}",
+        cqe.status
+    );
+    buf.unwrap_or_default()
+}
+
+/// A remote volume end to end on one device: namespaces 2 and 3 are two slices of a remote
+/// namespace reached through the firmware's own initiator (client sockets of the stack,
+/// keel-remote) over smoltcp's Loopback, and that remote namespace is the device's own
+/// NVMe/TCP target's namespace 1. Namespace 2 is encrypted: the remote holds its ciphertext.
+#[test]
+fn remote_volume_serves_slices_of_a_namespace_reached_over_nvme_tcp() {
+    let nqn = crate::config::DEFAULT_NQN;
+    let key = "00112233445566778899aabbccddeeff0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    let mut dev = Device::new(&format!(
+        "keel.ns=ram:16,remote:127.0.0.1:4420:{nqn}:1:0+8,remote:127.0.0.1:4420:{nqn}:1:8+ \
+         keel.remote.queues=2 keel.remote.depth=16 keel.xts=2:{key}"
+    ));
+    assert_eq!(
+        dev.services.remotes.volumes.len(),
+        1,
+        "one volume for both slices"
+    );
+    assert!(
+        !dev.services.target.has_namespace(nqn, 2),
+        "not before it is reached"
+    );
+    for _ in 0..20_000 {
+        dev.pass();
+        if dev.services.target.has_namespace(nqn, 3) {
+            break;
+        }
+    }
+    assert!(
+        dev.services.target.has_namespace(nqn, 2) && dev.services.target.has_namespace(nqn, 3),
+        "the remote namespace was never identified"
+    );
+    let sizes: Vec<(u32, u64)> = dev
+        .services
+        .target
+        .namespace_views()
+        .map(|n| (n.nsid, n.geometry.blocks * u64::from(n.geometry.block_size)))
+        .collect();
+    assert_eq!(sizes, [(1, 16 << 20), (2, 8 << 20), (3, 8 << 20)]);
+    // The initiator's connections are client sockets: an admin queue and two I/O queues.
+    assert_eq!(dev.net.client_sockets(), 3);
+    assert!(dev.net.listening_on_all());
+
+    // A host of the device writes through both slices.
+    let mut admin = Queue::open(&mut dev, 50_010);
+    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
+    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
+    admin.cmd(
+        &mut dev,
+        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
+        None,
+    );
+    let mut io = Queue::open(&mut dev, 50_011);
+    io.connect(&mut dev, 1, cntlid, nqn);
+    let pattern: Vec<u8> = (0..32_768u32).map(|i| (i * 13 + 5) as u8).collect();
+    rw(&mut dev, &mut io, true, 3, 0, pattern.clone());
+    rw(&mut dev, &mut io, true, 2, 100, pattern.clone());
+    // Read back through the volume, and from the remote namespace itself: the plain slice
+    // starts 8 MiB in; the encrypted one holds ciphertext only.
+    assert_eq!(rw(&mut dev, &mut io, false, 3, 0, vec![0; 32_768]), pattern);
+    assert_eq!(
+        rw(&mut dev, &mut io, false, 2, 100, vec![0; 32_768]),
+        pattern
+    );
+    assert_eq!(
+        rw(&mut dev, &mut io, false, 1, 16_384, vec![0; 32_768]),
+        pattern
+    );
+    let stored = rw(&mut dev, &mut io, false, 1, 100, vec![0; 32_768]);
+    assert_ne!(stored, pattern);
+    assert!(
+        stored
+            .windows(16)
+            .all(|w| !pattern.windows(16).any(|p| p == w)),
+        "plaintext on the remote"
+    );
+    let snap = keel_mgmt::Device::snapshot(&dev.services);
+    assert_eq!(snap.remotes.len(), 1, "{snap:?}");
+    let r = &snap.remotes[0];
+    assert_eq!(r.state, "online");
+    assert_eq!(r.paths.len(), 1);
+    assert_eq!(
+        (r.paths[0].state.as_str(), r.paths[0].io_queues),
+        ("live", 2)
+    );
+    // Two writes and two reads through the volume, one command each.
+    assert_eq!(
+        (r.submitted, r.completed, r.paths[0].commands),
+        (4, 4, 4),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.exports,
+        [(nqn.to_string(), 2), (nqn.to_string(), 3)],
+        "{r:?}"
+    );
+}
+
+/// Remotes that cannot be used: nobody listens on the port (the path keeps trying every
+/// reconnect_delay), or the subsystem does not exist there (the remote refuses for good).
+/// Neither namespace is served, the target serves the rest, and the client sockets of the
+/// failed attempts go back to their pool.
+#[test]
+fn unreachable_remotes_are_retried_or_given_up_without_harm() {
+    let mut dev = Device::new(
+        "keel.ns=ram:1,remote:127.0.0.1:4999:nqn.2026-11.dev.keel:default:1,\
+         remote:127.0.0.1:4420:nqn.2026-11.dev.keel:nowhere:1 keel.remote.reconnect_delay=100ms",
+    );
+    for _ in 0..100_000 {
+        dev.pass();
+    }
+    let nqn = crate::config::DEFAULT_NQN;
+    assert!(dev.services.target.has_namespace(nqn, 1));
+    assert!(!dev.services.target.has_namespace(nqn, 2));
+    assert!(!dev.services.target.has_namespace(nqn, 3));
+    let snap = keel_mgmt::Device::snapshot(&dev.services);
+    let closed = &snap.remotes[0];
+    assert_eq!(closed.state, "connecting", "{closed:?}");
+    // 1 s of passes at 100 ms per attempt (each refused at once by a reset).
+    assert!(closed.paths[0].attempts >= 5, "{closed:?}");
+    assert_eq!(closed.paths[0].connects, 0);
+    assert_eq!(closed.paths[0].last_loss, "TCP connection failed");
+    let refused = &snap.remotes[1];
+    assert_eq!(refused.state, "failed", "{refused:?}");
+    assert_eq!(refused.paths[0].state, "failed");
+    assert!(
+        refused.paths[0].last_loss.contains("Connect"),
+        "{refused:?}"
+    );
+    assert!(
+        dev.net.client_sockets() <= 1,
+        "sockets of failed attempts are released"
+    );
+    assert!(dev.net.listening_on_all());
+}
+
+#[test]
+fn remote_namespace_specs_from_boot_arguments() {
+    use crate::config::{NsSpec, remote_template};
+    use keel_provision::{Remote, RemotePolicy};
+    let t = remote_template(
+        "keel.remote.queues=2 keel.remote.depth=32 keel.remote.digests=data \
+         keel.remote.kato=10 keel.remote.reconnect_delay=500ms keel.remote.ctrl_loss_tmo=-1 \
+         keel.remote.fast_io_fail_tmo=3 keel.remote.policy=queue-depth \
+         keel.remote.hostnqn=nqn.2026-11.dev.keel:dpu",
+    );
+    let want = |paths: Vec<([u8; 4], u16)>, nqn: &str, nsid: u32| Remote {
+        nqn: nqn.into(),
+        paths,
+        nsid,
+        hostnqn: Some("nqn.2026-11.dev.keel:dpu".into()),
+        queues: 2,
+        depth: 32,
+        header_digest: false,
+        data_digest: true,
+        kato_ms: 10_000,
+        reconnect_delay_ms: 500,
+        ctrl_loss_tmo_ms: None,
+        fast_io_fail_tmo_ms: Some(3_000),
+        policy: RemotePolicy::QueueDepth,
+    };
+    assert_eq!(
+        NsSpec::parse("remote:10.0.2.2:4420:nqn.2026-11.dev.keel:default:1", &t),
+        Some(NsSpec::Remote {
+            remote: Box::new(want(
+                vec![([10, 0, 2, 2], 4420)],
+                "nqn.2026-11.dev.keel:default",
+                1
+            )),
+            slice: None,
+        })
+    );
+    assert_eq!(
+        NsSpec::parse(
+            "remote:10.0.2.2:4420+10.0.2.3:4421:nqn.2014-08.org.nvmexpress:uuid:1:7:64+128",
+            &t
+        ),
+        Some(NsSpec::Remote {
+            remote: Box::new(want(
+                vec![([10, 0, 2, 2], 4420), ([10, 0, 2, 3], 4421)],
+                "nqn.2014-08.org.nvmexpress:uuid:1",
+                7
+            )),
+            slice: Some((64 << 20, Some(128 << 20))),
+        })
+    );
+    // Defaults without keel.remote.*: Linux's.
+    let d = remote_template("");
+    assert_eq!((d.queues, d.depth, d.kato_ms), (4, 128, 5_000));
+    assert_eq!(
+        (d.reconnect_delay_ms, d.ctrl_loss_tmo_ms),
+        (10_000, Some(600_000))
+    );
+    for bad in [
+        "remote:10.0.2.2:4420:nqn.2026-11.dev.keel:default",
+        "remote:10.0.2.2:nqn.2026-11.dev.keel:default:1",
+        "remote:10.0.2.2:0:nqn.2026-11.dev.keel:default:1",
+        "remote:10.0.2.256:4420:nqn.2026-11.dev.keel:default:1",
+        "remote:10.0.2.2:4420:default:1",
+        "remote:10.0.2.2:4420:nqn.2026-11.dev.keel:default:0",
+        "remote:10.0.2.2:4420+10.0.2.2:4420:nqn.2026-11.dev.keel:default:1",
+        "remote:10.0.2.2:4420:nqn.2026-11.dev.keel:default:1:x+1",
+        "remote:",
+    ] {
+        assert_eq!(NsSpec::parse(bad, &d), None, "{bad}");
+    }
+    // In a plan: namespace 2 of the TCP subsystem, and function 0's namespace.
+    let p = dev_plan(
+        "keel.ns=ram:8,remote:10.0.2.2:4420:nqn.2026-11.dev.keel:pool:1 \
+         keel.fn.ns=remote:10.0.2.2:4421:nqn.2026-11.dev.keel:pool:2:0+64",
+        1,
+    );
+    assert!(
+        matches!(&p.namespaces[1].spec, NsSpec::Remote { remote, slice: None } if remote.nsid == 1)
+    );
+    let f = &p.namespaces[2];
+    assert_eq!(f.function, Some(0));
+    assert!(
+        matches!(&f.spec, NsSpec::Remote { remote, slice: Some((0, Some(_))) } if remote.paths == [([10, 0, 2, 2], 4421)])
+    );
+    // And back to a description: the remote backend as it was given.
+    let d = p.to_device();
+    assert!(matches!(
+        &d.namespaces[2].backend,
+        keel_provision::Backend::Remote { remote, offset: 0, length: Some(l) } if remote.nsid == 2 && *l == 64 << 20
+    ));
+}

@@ -36,6 +36,8 @@
 //!   after [`session::MAX_FAILURES`] failures the device closes the connection.
 //! - **Reboot**: the device replies `Rebooting`, closes, and calls [`Device::reboot`] only
 //!   once the transport reports the reply sent ([`Session::transport_drained`]).
+//! - **Versions**: the snapshot grows by appended fields only (see [`Snapshot`]); clients
+//!   decode responses with [`wire::decode_response`], which reads older devices' replies.
 //! - **Back-pressure**: the session takes no input while a response is waiting to be sent,
 //!   so per-connection memory is bounded by one frame and one response.
 
@@ -55,6 +57,12 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 /// Everything `keelctl status` shows and `/metrics` exports, taken at one instant.
+///
+/// Compatibility: fields are only ever appended at the end, each one whose "nothing" encodes
+/// as a single zero byte (an empty `Vec`, `None`, `0`), so that a client reads an older
+/// device's snapshot ([`wire::decode_response`]) and an older client reads a newer one's
+/// (postcard ignores bytes after a message). [`wire::PROTOCOL_VERSION`] changes only for
+/// changes that cannot be made that way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Snapshot {
     /// Firmware version (`CARGO_PKG_VERSION`).
@@ -80,6 +88,11 @@ pub struct Snapshot {
     pub tcp_connections: u32,
     /// Emulated PCIe functions and whether a host has enabled them.
     pub functions: Vec<FunctionInfo>,
+    /// Remote volumes: namespaces of remote NVMe/TCP subsystems the device is the initiator
+    /// of, with their paths. Appended in this version of the protocol: a device from before
+    /// sends none (see [`wire::decode_response`]).
+    #[serde(default)]
+    pub remotes: Vec<RemoteInfo>,
     /// Pools and slots in use: after a workload ends they return to their idle values, which
     /// is how tests (and operators) find leaks.
     pub resources: Resources,
@@ -176,6 +189,84 @@ impl Snapshot {
         .map(|(what, now, then)| alloc::format!("{what}: {now} (idle: {then})"))
         .collect()
     }
+}
+
+/// One remote volume: a namespace of a remote NVMe/TCP subsystem, reached over one or more
+/// paths, that namespaces of this device are served from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RemoteInfo {
+    /// The remote subsystem's NQN.
+    pub subnqn: String,
+    /// The namespace there.
+    pub nsid: u32,
+    /// The host NQN the device connects as.
+    pub hostnqn: String,
+    /// `connecting`, `online`, `degraded` (some path unusable), `no path` (requests wait),
+    /// `failed` (every path gave up: requests fail).
+    pub state: String,
+    /// Capacity in bytes (0 until a path identified the namespace).
+    pub size_bytes: u64,
+    /// Logical block size (0 until identified).
+    pub block_size: u32,
+    /// Path selection policy (`round-robin`, `queue-depth`).
+    pub policy: String,
+    /// Namespaces served from it: (subsystem NQN, NSID).
+    pub exports: Vec<(String, u32)>,
+    /// Requests waiting for a path or a queue slot.
+    pub queued: u32,
+    /// Requests with a command in flight.
+    pub in_flight: u32,
+    /// Requests accepted.
+    pub submitted: u64,
+    /// Requests completed successfully.
+    pub completed: u64,
+    /// Requests completed with an error.
+    pub failed: u64,
+    /// Of those, with a path error (no usable path within the loss timeouts).
+    pub path_errors: u64,
+    /// Commands sent again after a retryable status.
+    pub retries: u64,
+    /// Commands sent again after their path failed (association lost, path or ANA status).
+    pub failovers: u64,
+    /// Per path.
+    pub paths: Vec<RemotePathInfo>,
+}
+
+/// One path of a remote volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RemotePathInfo {
+    /// `a.b.c.d:port`.
+    pub addr: String,
+    /// `connecting`, `live`, `reconnecting`, `failed`.
+    pub state: String,
+    /// ANA state of the namespace through this path (`optimized`, `non-optimized`,
+    /// `inaccessible`, `persistent-loss`, `change`), empty when the remote does not report
+    /// ANA.
+    pub ana: String,
+    /// Controller ID of the current association (0: none).
+    pub cntlid: u16,
+    /// I/O queues of the current association.
+    pub io_queues: u16,
+    /// Their depth.
+    pub queue_depth: u16,
+    /// I/O commands in flight.
+    pub in_flight: u32,
+    /// Why the last association ended (empty: never).
+    pub last_loss: String,
+    /// Association attempts started.
+    pub attempts: u64,
+    /// Associations that came up.
+    pub connects: u64,
+    /// Associations (or attempts) that ended.
+    pub losses: u64,
+    /// I/O commands sent.
+    pub commands: u64,
+    /// I/O commands that completed with an error status.
+    pub errors: u64,
+    /// I/O commands outstanding when their association ended (retried).
+    pub aborted: u64,
+    /// Keep Alive commands sent.
+    pub keep_alives: u64,
 }
 
 /// One subsystem.

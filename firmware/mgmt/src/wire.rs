@@ -166,6 +166,32 @@ pub struct Response {
     pub reply: Reply,
 }
 
+/// Zero bytes that encode the fields appended to [`crate::Snapshot`] since protocol version 1
+/// was first released, at their "nothing" (the most [`decode_response`] adds): `remotes` (an
+/// empty list, 1 byte) and `resources` (18 integers at 0, 1 byte each).
+pub const APPENDED_FIELDS: usize = 1 + 18;
+
+/// Decodes a response frame's payload, also from a device older than this code: its
+/// snapshot lacks the fields appended since (see [`crate::Snapshot`]), so a payload that
+/// ends early is decoded again with up to [`APPENDED_FIELDS`] zero bytes added, which read
+/// as those fields' "nothing" (empty lists).
+pub fn decode_response(payload: &[u8]) -> Result<Response, postcard::Error> {
+    let first = postcard::from_bytes::<Response>(payload);
+    if !matches!(first, Err(postcard::Error::DeserializeUnexpectedEnd)) {
+        return first;
+    }
+    let mut padded = Vec::with_capacity(payload.len() + APPENDED_FIELDS);
+    padded.extend_from_slice(payload);
+    padded.resize(payload.len() + APPENDED_FIELDS, 0);
+    for extra in 1..=APPENDED_FIELDS {
+        match postcard::from_bytes::<Response>(&padded[..payload.len() + extra]) {
+            Err(postcard::Error::DeserializeUnexpectedEnd) => continue,
+            other => return other,
+        }
+    }
+    first
+}
+
 /// The bytes a request signature covers: [`DOMAIN`] ‖ challenge ‖ postcard(request).
 pub fn signed_message(challenge: &[u8; CHALLENGE_LEN], request_bytes: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(DOMAIN.len() + CHALLENGE_LEN + request_bytes.len());

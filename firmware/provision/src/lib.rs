@@ -135,6 +135,9 @@ pub use flash::{ConfigCopy, ConfigWrite, Slot, choose_config, next_config_write}
 pub use identity::{IdentityError, encode_identity, parse_identity};
 pub use image::{ImageError, ImageHeader};
 pub use keys::{DataKey, DeviceKey};
-pub use model::{Backend, Device, Encryption, Management, Namespace, Network, Subsystem, validate};
+pub use model::{
+    Backend, Device, Encryption, Management, Namespace, Network, Remote, RemotePolicy, Subsystem,
+    validate,
+};
 #[cfg(feature = "std")]
 pub use toml::{Error, parse_toml};

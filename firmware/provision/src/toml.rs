@@ -15,6 +15,8 @@
 //! subsystem = "nqn.2026-11.dev.keel:vol0"
 //! nsid = 1                          # optional: the lowest free NSID of the subsystem
 //! backend = { drive = 0, nsid = 1, offset = "0", length = "all" }  # or { ram = "256MiB", block_size = 512 }
+//! # or a namespace of a remote NVMe/TCP subsystem (optionally offset/length: a slice of it):
+//! # backend = { remote = { nqn = "nqn.2026-11.dev.keel:pool", paths = ["10.0.2.2:4420"], nsid = 1 } }
 //! encryption = "aes-256-xts"        # "none" (default), "aes-128-xts", "aes-256-xts"
 //! function = 0                      # optional: the emulated PCIe function that also exports it
 //!
@@ -24,8 +26,18 @@
 //! ```
 //!
 //! Sizes are byte counts or strings with a binary unit (`"4096"`, `"256MiB"`, `"1GiB"`).
+//!
+//! A remote backend's table: `nqn` and `paths` (`"a.b.c.d:port"`, 1 to 8) are required;
+//! `nsid` (1), `hostnqn` (derived from the device's MAC), `queues` (4), `depth` (128),
+//! `digests` (`"none"`, `"header"`, `"data"`, `"both"`), `kato` (5 s), `reconnect_delay`
+//! (10 s), `ctrl_loss_tmo` (600 s; `-1` or `"forever"`), `fast_io_fail_tmo` (off; `-1` or
+//! `"off"`) and `policy` (`"round-robin"`, `"queue-depth"`) are optional. Times are seconds
+//! (`10`) or strings with a unit (`"500ms"`, `"10s"`, `"2min"`).
 
-use crate::model::{self, Backend, Device, Encryption, Management, Namespace, Network, Subsystem};
+use crate::model::{
+    self, Backend, Device, Encryption, Management, Namespace, Network, Remote, RemotePolicy,
+    Subsystem,
+};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -100,11 +112,29 @@ struct RawNamespace {
 #[serde(deny_unknown_fields)]
 struct RawBackend {
     ram: Option<Spanned<Value>>,
+    remote: Option<Spanned<RawRemote>>,
     block_size: Option<Spanned<u32>>,
     drive: Option<Spanned<u16>>,
     nsid: Option<Spanned<u32>>,
     offset: Option<Spanned<Value>>,
     length: Option<Spanned<Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    nqn: Spanned<String>,
+    paths: Spanned<Vec<Spanned<String>>>,
+    nsid: Option<Spanned<u32>>,
+    hostnqn: Option<Spanned<String>>,
+    queues: Option<Spanned<u16>>,
+    depth: Option<Spanned<u16>>,
+    digests: Option<Spanned<String>>,
+    kato: Option<Spanned<Value>>,
+    reconnect_delay: Option<Spanned<Value>>,
+    ctrl_loss_tmo: Option<Spanned<Value>>,
+    fast_io_fail_tmo: Option<Spanned<Value>>,
+    policy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +297,160 @@ fn hex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// A time in milliseconds: an integer number of seconds or a string with a unit (`"500ms"`,
+/// `"10s"`, `"2min"`). `never`: the word (and `-1`) meaning "no limit", if the field has one.
+fn duration(
+    ctx: &Ctx<'_>,
+    v: &Spanned<Value>,
+    field: &str,
+    never: Option<&str>,
+) -> Result<Option<u64>, Error> {
+    let bad = |m: String| Err(ctx.at(&v.span(), field, m));
+    let hint = match never {
+        Some(w) => format!("seconds (10), a time with a unit (\"500ms\", \"2min\") or {w:?} / -1"),
+        None => String::from("seconds (10) or a time with a unit (\"500ms\", \"10s\", \"2min\")"),
+    };
+    match v.get_ref() {
+        Value::Integer(-1) if never.is_some() => Ok(None),
+        Value::Integer(n) if *n >= 0 => match (*n as u64).checked_mul(1000) {
+            Some(ms) => Ok(Some(ms)),
+            None => bad(format!("{n} seconds is too long")),
+        },
+        Value::String(s) if never == Some(s.as_str()) => Ok(None),
+        Value::String(s) => {
+            let t = s.trim();
+            let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+            let n: u64 = match t[..digits].parse() {
+                Ok(n) => n,
+                Err(_) => return bad(format!("`{s}`: expected {hint}")),
+            };
+            let scale = match t[digits..].trim() {
+                "ms" => 1,
+                "" | "s" => 1000,
+                "min" | "m" => 60_000,
+                u => return bad(format!("`{s}`: unknown unit `{u}` (ms, s, min)")),
+            };
+            n.checked_mul(scale)
+                .map(Some)
+                .ok_or_else(|| ctx.at(&v.span(), field, format!("`{s}` is too long")))
+        }
+        _ => bad(format!("expected {hint}")),
+    }
+}
+
+/// A drive or remote backend's `offset` and `length` (default: the whole namespace).
+fn slice(ctx: &mut Ctx<'_>, b: &RawBackend, bp: &str) -> Result<(u64, Option<u64>), Error> {
+    let offset = match &b.offset {
+        Some(v) => {
+            ctx.note(&format!("{bp}.offset"), v);
+            size(ctx, v, &format!("{bp}.offset"), false)?.unwrap_or(0)
+        }
+        None => 0,
+    };
+    let length = match &b.length {
+        Some(v) => {
+            ctx.note(&format!("{bp}.length"), v);
+            size(ctx, v, &format!("{bp}.length"), true)?
+        }
+        None => None,
+    };
+    Ok((offset, length))
+}
+
+fn remote(ctx: &mut Ctx<'_>, r: &Spanned<RawRemote>, rp: &str) -> Result<Remote, Error> {
+    ctx.note(rp, r);
+    let r = r.get_ref();
+    let f = |name: &str| format!("{rp}.{name}");
+    ctx.note(&f("nqn"), &r.nqn);
+    ctx.note(&f("paths"), &r.paths);
+    let mut paths = Vec::new();
+    for (k, a) in r.paths.get_ref().iter().enumerate() {
+        let pf = f(&format!("paths[{k}]"));
+        ctx.note(&pf, a);
+        let text = a.get_ref().trim();
+        let parsed = text.rsplit_once(':').and_then(|(ip, port)| {
+            let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+            let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+            Some((ip.octets(), port))
+        });
+        match parsed {
+            Some(p) => paths.push(p),
+            None => {
+                return Err(ctx.at(
+                    &a.span(),
+                    pf,
+                    format!("`{text}` is not an IPv4 address and port (\"10.0.2.2:4420\")"),
+                ));
+            }
+        }
+    }
+    let mut out = Remote::new(r.nqn.get_ref().clone(), paths, 1);
+    if let Some(v) = &r.nsid {
+        ctx.note(&f("nsid"), v);
+        out.nsid = *v.get_ref();
+    }
+    if let Some(v) = &r.hostnqn {
+        ctx.note(&f("hostnqn"), v);
+        out.hostnqn = Some(v.get_ref().clone());
+    }
+    if let Some(v) = &r.queues {
+        ctx.note(&f("queues"), v);
+        out.queues = *v.get_ref();
+    }
+    if let Some(v) = &r.depth {
+        ctx.note(&f("depth"), v);
+        out.depth = *v.get_ref();
+    }
+    if let Some(v) = &r.digests {
+        ctx.note(&f("digests"), v);
+        (out.header_digest, out.data_digest) = match v.get_ref().as_str() {
+            "none" => (false, false),
+            "header" => (true, false),
+            "data" => (false, true),
+            "both" => (true, true),
+            other => {
+                return Err(ctx.at(
+                    &v.span(),
+                    f("digests"),
+                    format!("`{other}` is not \"none\", \"header\", \"data\" or \"both\""),
+                ));
+            }
+        };
+    }
+    if let Some(v) = &r.kato {
+        ctx.note(&f("kato"), v);
+        let ms = duration(ctx, v, &f("kato"), None)?.unwrap_or(0);
+        out.kato_ms =
+            u32::try_from(ms).map_err(|_| ctx.at(&v.span(), f("kato"), "longer than 49 days"))?;
+    }
+    if let Some(v) = &r.reconnect_delay {
+        ctx.note(&f("reconnect_delay"), v);
+        out.reconnect_delay_ms = duration(ctx, v, &f("reconnect_delay"), None)?.unwrap_or(0);
+    }
+    if let Some(v) = &r.ctrl_loss_tmo {
+        ctx.note(&f("ctrl_loss_tmo"), v);
+        out.ctrl_loss_tmo_ms = duration(ctx, v, &f("ctrl_loss_tmo"), Some("forever"))?;
+    }
+    if let Some(v) = &r.fast_io_fail_tmo {
+        ctx.note(&f("fast_io_fail_tmo"), v);
+        out.fast_io_fail_tmo_ms = duration(ctx, v, &f("fast_io_fail_tmo"), Some("off"))?;
+    }
+    if let Some(v) = &r.policy {
+        ctx.note(&f("policy"), v);
+        out.policy = RemotePolicy::from_name(v.get_ref()).ok_or_else(|| {
+            ctx.at(
+                &v.span(),
+                f("policy"),
+                format!(
+                    "`{}` is not \"round-robin\" or \"queue-depth\"",
+                    v.get_ref()
+                ),
+            )
+        })?;
+    }
+    Ok(out)
+}
+
 /// Parses a TOML device description and checks it with [`model::validate`].
 pub fn parse_toml(text: &str) -> Result<Device, Error> {
     let raw: RawDevice = toml::from_str(text).map_err(|e| {
@@ -392,8 +576,8 @@ pub fn parse_toml(text: &str) -> Result<Device, Error> {
         let b = n.backend.get_ref();
         let bp = format!("{p}.backend");
         ctx.note(&bp, &n.backend);
-        let backend = match (&b.ram, &b.drive) {
-            (Some(ram), None) => {
+        let backend = match (&b.ram, &b.drive, &b.remote) {
+            (Some(ram), None, None) => {
                 for (name, set) in [
                     ("nsid", b.nsid.is_some()),
                     ("offset", b.offset.is_some()),
@@ -418,7 +602,7 @@ pub fn parse_toml(text: &str) -> Result<Device, Error> {
                 };
                 Backend::Ram { size, block_size }
             }
-            (None, Some(drive)) => {
+            (None, Some(drive), None) => {
                 if let Some(bs) = &b.block_size {
                     return Err(ctx.at(
                         &bs.span(),
@@ -434,23 +618,35 @@ pub fn parse_toml(text: &str) -> Result<Device, Error> {
                     }
                     None => 1,
                 };
-                let offset = match &b.offset {
-                    Some(v) => {
-                        ctx.note(&format!("{bp}.offset"), v);
-                        size(&ctx, v, &format!("{bp}.offset"), false)?.unwrap_or(0)
-                    }
-                    None => 0,
-                };
-                let length = match &b.length {
-                    Some(v) => {
-                        ctx.note(&format!("{bp}.length"), v);
-                        size(&ctx, v, &format!("{bp}.length"), true)?
-                    }
-                    None => None,
-                };
+                let (offset, length) = slice(&mut ctx, b, &bp)?;
                 Backend::Drive {
                     drive: *drive.get_ref(),
                     nsid: dnsid,
+                    offset,
+                    length,
+                }
+            }
+            (None, None, Some(r)) => {
+                for (name, set) in [
+                    ("nsid", b.nsid.is_some()),
+                    ("block_size", b.block_size.is_some()),
+                ] {
+                    if set {
+                        return Err(ctx.at(
+                            &n.backend.span(),
+                            format!("{bp}.{name}"),
+                            if name == "nsid" {
+                                "a remote backend names its namespace inside: remote = { nsid = N, ... }"
+                            } else {
+                                "a remote backend has the remote namespace's block size"
+                            },
+                        ));
+                    }
+                }
+                let remote = remote(&mut ctx, r, &format!("{bp}.remote"))?;
+                let (offset, length) = slice(&mut ctx, b, &bp)?;
+                Backend::Remote {
+                    remote,
                     offset,
                     length,
                 }
@@ -459,7 +655,8 @@ pub fn parse_toml(text: &str) -> Result<Device, Error> {
                 return Err(ctx.at(
                     &n.backend.span(),
                     bp,
-                    "a backend is either { ram = SIZE } or { drive = N, nsid, offset, length }",
+                    "a backend is one of { ram = SIZE }, { drive = N, nsid, offset, length } or \
+                     { remote = { nqn, paths, nsid, ... }, offset, length }",
                 ));
             }
         };
@@ -649,5 +846,209 @@ function = 0
         );
         let e = err("[[subsystem]\n");
         assert_eq!(e.line, 1, "{e}");
+    }
+
+    const REMOTE: &str = r#"
+[[subsystem]]
+nqn = "nqn.2026-11.dev.keel:gw"
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:gw"
+backend = { remote = { nqn = "nqn.2026-11.dev.keel:pool", paths = ["10.0.2.2:4420", "10.0.2.2:4421"], nsid = 3, queues = 2, depth = 64, digests = "both", hostnqn = "nqn.2026-11.dev.keel:dpu0", kato = 10, reconnect_delay = "500ms", ctrl_loss_tmo = "2min", fast_io_fail_tmo = 5, policy = "queue-depth" }, offset = "1GiB", length = "1GiB" }
+encryption = "aes-256-xts"
+function = 0
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:gw"
+backend = { remote = { nqn = "nqn.2026-11.dev.keel:other", paths = ["192.0.2.7:4420"] } }
+"#;
+
+    #[test]
+    fn parses_remote_backends() {
+        let d = parse_toml(REMOTE).unwrap();
+        let Backend::Remote {
+            remote,
+            offset,
+            length,
+        } = &d.namespaces[0].backend
+        else {
+            panic!("{:?}", d.namespaces[0].backend)
+        };
+        assert_eq!((*offset, *length), (1 << 30, Some(1 << 30)));
+        assert_eq!(
+            remote,
+            &Remote {
+                nqn: "nqn.2026-11.dev.keel:pool".into(),
+                paths: vec![([10, 0, 2, 2], 4420), ([10, 0, 2, 2], 4421)],
+                nsid: 3,
+                hostnqn: Some("nqn.2026-11.dev.keel:dpu0".into()),
+                queues: 2,
+                depth: 64,
+                header_digest: true,
+                data_digest: true,
+                kato_ms: 10_000,
+                reconnect_delay_ms: 500,
+                ctrl_loss_tmo_ms: Some(120_000),
+                fast_io_fail_tmo_ms: Some(5_000),
+                policy: RemotePolicy::QueueDepth,
+            }
+        );
+        assert_eq!(d.namespaces[0].encryption, Encryption::Aes256Xts);
+        assert_eq!(d.namespaces[0].function, Some(0));
+        // Every optional field left out: Linux's defaults, the whole namespace 1.
+        assert_eq!(
+            d.namespaces[1].backend,
+            Backend::Remote {
+                remote: Remote::new(
+                    "nqn.2026-11.dev.keel:other",
+                    vec![([192, 0, 2, 7], 4420)],
+                    1
+                ),
+                offset: 0,
+                length: None,
+            }
+        );
+        let Backend::Remote { remote: r, .. } = &d.namespaces[1].backend else {
+            unreachable!()
+        };
+        assert_eq!(
+            (r.queues, r.depth, r.kato_ms, r.reconnect_delay_ms),
+            (4, 128, 5_000, 10_000)
+        );
+        assert_eq!(
+            (r.ctrl_loss_tmo_ms, r.fast_io_fail_tmo_ms),
+            (Some(600_000), None)
+        );
+        let forever =
+            parse_toml(&REMOTE.replace("ctrl_loss_tmo = \"2min\"", "ctrl_loss_tmo = -1")).unwrap();
+        let Backend::Remote { remote: r, .. } = &forever.namespaces[0].backend else {
+            unreachable!()
+        };
+        assert_eq!(r.ctrl_loss_tmo_ms, None);
+    }
+
+    #[test]
+    fn remote_errors_name_line_and_field() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "\"10.0.2.2:4421\"",
+                "\"10.0.2.2\"",
+                "namespace[0].backend.remote.paths[1]",
+                "not an IPv4 address and port",
+            ),
+            (
+                "\"10.0.2.2:4421\"",
+                "\"10.0.2.2:4420\"",
+                "namespace[0].backend.remote.paths[1]",
+                "twice",
+            ),
+            (
+                "nsid = 3",
+                "nsid = 0",
+                "namespace[0].backend.remote.nsid",
+                "reserved",
+            ),
+            (
+                "queues = 2",
+                "queues = 0",
+                "namespace[0].backend.remote.queues",
+                "1 to 64",
+            ),
+            (
+                "depth = 64",
+                "depth = 1",
+                "namespace[0].backend.remote.depth",
+                "2 to 1024",
+            ),
+            (
+                "digests = \"both\"",
+                "digests = \"all\"",
+                "namespace[0].backend.remote.digests",
+                "not \"none\"",
+            ),
+            (
+                "kato = 10",
+                "kato = 0",
+                "namespace[0].backend.remote.kato",
+                "mandatory",
+            ),
+            (
+                "reconnect_delay = \"500ms\"",
+                "reconnect_delay = \"500us\"",
+                "namespace[0].backend.remote.reconnect_delay",
+                "unknown unit",
+            ),
+            (
+                "fast_io_fail_tmo = 5",
+                "fast_io_fail_tmo = \"forever\"",
+                "namespace[0].backend.remote.fast_io_fail_tmo",
+                "\"off\" / -1",
+            ),
+            (
+                "policy = \"queue-depth\"",
+                "policy = \"numa\"",
+                "namespace[0].backend.remote.policy",
+                "round-robin",
+            ),
+            (
+                "nqn = \"nqn.2026-11.dev.keel:pool\"",
+                "nqn = \"pool\"",
+                "namespace[0].backend.remote.nqn",
+                "not an NQN",
+            ),
+            (
+                "offset = \"1GiB\"",
+                "offset = \"1000\"",
+                "namespace[0].backend.offset",
+                "multiple of 4 KiB",
+            ),
+            (
+                "nsid = 3, queues",
+                "nsid = 3, hostnqn2 = \"x\", queues",
+                "hostnqn2",
+                "unknown field",
+            ),
+        ];
+        for (from, to, field, msg) in cases {
+            assert!(REMOTE.contains(from), "{from}");
+            let e = err(&REMOTE.replacen(from, to, 1));
+            assert_eq!(
+                (e.line, e.field.as_str()),
+                (7, *field),
+                "{from} -> {to}: {e}"
+            );
+            assert!(e.message.contains(msg), "{from} -> {to}: {e}");
+        }
+        // A backend that is two kinds at once, and a remote that names no paths.
+        let e = err(&REMOTE.replace("offset = \"1GiB\"", "ram = \"1GiB\""));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (7, "namespace[0].backend"),
+            "{e}"
+        );
+        let e = err(&REMOTE.replace("paths = [\"192.0.2.7:4420\"]", "paths = []"));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (13, "namespace[1].backend.remote.paths"),
+            "{e}"
+        );
+        // Two namespaces on one remote namespace: same settings, slices that do not overlap.
+        let second = |backend: &str| {
+            format!(
+                "{REMOTE}\n[[namespace]]\nsubsystem = \"nqn.2026-11.dev.keel:gw\"\nbackend = {backend}\n"
+            )
+        };
+        let same = "{ remote = { nqn = \"nqn.2026-11.dev.keel:other\", paths = [\"192.0.2.7:4420\"] }, offset = \"4KiB\" }";
+        let e = err(&second(same));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (17, "namespace[2].backend"),
+            "{e}"
+        );
+        assert!(e.message.contains("overlaps namespace[1]"), "{e}");
+        let other_depth = "{ remote = { nqn = \"nqn.2026-11.dev.keel:other\", paths = [\"192.0.2.7:4420\"], depth = 32 } }";
+        let e = err(&second(other_depth));
+        assert_eq!(e.field, "namespace[2].backend.remote", "{e}");
+        assert!(e.message.contains("other settings"), "{e}");
     }
 }

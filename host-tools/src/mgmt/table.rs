@@ -202,6 +202,7 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         }
         columns(out, &rows)?;
     }
+    remotes(s, out)?;
     if !s.functions.is_empty() {
         writeln!(out, "\nemulated functions ({}):", s.functions.len())?;
         for f in &s.functions {
@@ -217,6 +218,95 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
                 }
             )?;
         }
+    }
+    Ok(())
+}
+
+/// Remote volumes with one row per path.
+fn remotes(s: &Snapshot, out: &mut dyn Write) -> Result<()> {
+    if s.remotes.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "\nremote volumes ({}):", s.remotes.len())?;
+    for r in &s.remotes {
+        let serves: Vec<String> = r
+            .exports
+            .iter()
+            .map(|(nqn, nsid)| format!("{nqn} ns {nsid}"))
+            .collect();
+        writeln!(
+            out,
+            "  {} namespace {}: {}, {}, {}, as {}; serves {}",
+            r.subnqn,
+            r.nsid,
+            r.state,
+            if r.size_bytes == 0 {
+                "size not known yet".to_string()
+            } else {
+                format!("{} ({}-byte blocks)", size(r.size_bytes), r.block_size)
+            },
+            r.policy,
+            r.hostnqn,
+            if serves.is_empty() {
+                "nothing yet".to_string()
+            } else {
+                serves.join(", ")
+            }
+        )?;
+        writeln!(
+            out,
+            "  requests {} ({} completed, {} failed, {} without a path), {} in flight, {} queued, \
+             {} retries, {} failovers",
+            r.submitted,
+            r.completed,
+            r.failed,
+            r.path_errors,
+            r.in_flight,
+            r.queued,
+            r.retries,
+            r.failovers
+        )?;
+        let mut rows = vec![
+            [
+                "PATH",
+                "STATE",
+                "ANA",
+                "CNTLID",
+                "QUEUES",
+                "IN-FLIGHT",
+                "COMMANDS",
+                "ERRORS",
+                "CONNECTS",
+                "LOSSES",
+                "LAST LOSS",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for p in &r.paths {
+            rows.push(vec![
+                p.addr.clone(),
+                p.state.clone(),
+                if p.ana.is_empty() {
+                    "-".into()
+                } else {
+                    p.ana.clone()
+                },
+                p.cntlid.to_string(),
+                format!("{}x{}", p.io_queues, p.queue_depth),
+                p.in_flight.to_string(),
+                p.commands.to_string(),
+                p.errors.to_string(),
+                p.connects.to_string(),
+                p.losses.to_string(),
+                if p.last_loss.is_empty() {
+                    "-".into()
+                } else {
+                    p.last_loss.clone()
+                },
+            ]);
+        }
+        columns(out, &rows)?;
     }
     Ok(())
 }
@@ -288,6 +378,59 @@ mod tests {
         let row = t.lines().find(|l| l.contains("nqn.x")).unwrap();
         assert!(
             row.contains(" 7 ") && row.contains(" 42 ") && row.contains("1MiB"),
+            "{t}"
+        );
+        assert!(!t.contains("remote volumes"), "{t}");
+    }
+
+    #[test]
+    fn table_lists_remote_volumes_with_their_paths() {
+        let path = |addr: &str, state: &str, ana: &str, loss: &str| keel_mgmt::RemotePathInfo {
+            addr: addr.into(),
+            state: state.into(),
+            ana: ana.into(),
+            io_queues: 4,
+            queue_depth: 128,
+            commands: 9,
+            last_loss: loss.into(),
+            ..Default::default()
+        };
+        let s = Snapshot {
+            remotes: vec![keel_mgmt::RemoteInfo {
+                subnqn: "nqn.2026-11.dev.keel:pool".into(),
+                nsid: 3,
+                hostnqn: "nqn.2014-08.org.nvmexpress:uuid:1".into(),
+                state: "degraded".into(),
+                size_bytes: 1 << 30,
+                block_size: 512,
+                policy: "queue-depth".into(),
+                exports: vec![("nqn.2026-11.dev.keel:fn0".into(), 1)],
+                submitted: 18,
+                paths: vec![
+                    path("10.0.2.2:4420", "live", "optimized", ""),
+                    path("10.0.2.2:4421", "reconnecting", "", "TCP connection closed"),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        status("Keel", &s, &mut out).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("remote volumes (1):"), "{t}");
+        assert!(
+            t.contains("nqn.2026-11.dev.keel:pool namespace 3: degraded, 1GiB (512-byte blocks), queue-depth"),
+            "{t}"
+        );
+        assert!(t.contains("serves nqn.2026-11.dev.keel:fn0 ns 1"), "{t}");
+        let live = t.lines().find(|l| l.contains("10.0.2.2:4420")).unwrap();
+        assert!(
+            live.contains(" live ") && live.contains(" optimized ") && live.contains("4x128"),
+            "{t}"
+        );
+        let down = t.lines().find(|l| l.contains("10.0.2.2:4421")).unwrap();
+        assert!(
+            down.contains(" reconnecting ") && down.ends_with("TCP connection closed"),
             "{t}"
         );
     }
