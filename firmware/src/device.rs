@@ -10,7 +10,8 @@ use alloc::{format, string::String, string::ToString, vec::Vec};
 use keel_controller::{QosCounters, Target};
 use keel_mgmt::{
     ControllerInfo, ControllerQosInfo, FunctionInfo, GroupInfo, Latency, NamespaceInfo,
-    NamespaceQosInfo, NsCounters, PushReport, QosInfo, QosLimit, Snapshot, SubsystemInfo,
+    NamespaceQosInfo, NsCounters, PushReport, QosInfo, QosLimit, Resources, Snapshot,
+    SubsystemInfo,
 };
 use keel_nvme_pcie::FunctionState;
 use keel_storage::LatencyHistogram;
@@ -351,6 +352,36 @@ impl<H: Hw> Services<H> {
     }
 }
 
+impl<H: Hw> Services<H> {
+    /// Pools and slots in use right now.
+    pub(crate) fn resources(&self) -> Resources {
+        let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        let (nvmf_free, nvmf_total) = self.nvmf.as_ref().map_or((0, 0), |s| s.buffers());
+        let sk = &self.sockets;
+        let limits = self.target.limits();
+        Resources {
+            heap_free: H::heap_free() as u64,
+            nvmf_buffers_free: n(nvmf_free),
+            nvmf_buffers_total: n(nvmf_total),
+            function_buffers_free: n(self.functions.iter().map(|f| f.f.buffers_available()).sum()),
+            function_buffers_total: n(self.functions.iter().map(|f| f.f.buffers_total()).sum()),
+            sockets_created: n(sk.created),
+            sockets_max: n(sk.max),
+            sockets_free: n(sk.free),
+            sockets_listening: n(sk.listening),
+            sockets_draining: n(sk.draining),
+            awaiting_icreq: n(self.nvmf.as_ref().map_or(0, |s| s.awaiting_icreq())),
+            controllers: n(self.target.controller_count()),
+            controllers_max: n(limits.max_controllers),
+            queues: n(self.target.open_queue_count()),
+            queues_max: n(limits.max_queues),
+            refused: sk.refused + self.nvmf.as_ref().map_or(0, |s| s.refused),
+            evicted: self.nvmf.as_ref().map_or(0, |s| s.evicted),
+            icreq_timeouts: self.nvmf.as_ref().map_or(0, |s| s.icreq_timeouts),
+        }
+    }
+}
+
 impl<H: Hw> keel_mgmt::Device for Services<H> {
     fn snapshot(&self) -> Snapshot {
         let t = &self.target;
@@ -414,6 +445,7 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     enabled: f.f.state() != FunctionState::Disabled,
                 })
                 .collect(),
+            resources: self.resources(),
             remotes: self
                 .remotes
                 .volumes

@@ -2,6 +2,13 @@
 //! TCP sockets (created as listeners need them, up to [`MAX_SOCKETS`], then reused) with
 //! listeners that are re-armed as soon as a connection takes one.
 //!
+//! Storms of connections (many SYNs at once, peers that never speak) must not turn legitimate
+//! hosts away: received packets are processed a few at a time and the listeners re-armed in
+//! between, so a burst of SYNs never finds every listener taken while the pool has sockets;
+//! closed sockets return to the pool on the next pass; and when the pool runs short
+//! ([`NetStack::short_of_sockets`]) sockets still finishing a graceful close are reset, and the
+//! services evict connections that have not started their protocol (NVMe/TCP connections still
+//! waiting for their ICReq, see `crate::nvmf`).
 //! Outgoing connections (the initiator of remote volumes, through [`keel_remote::Net`]) have a
 //! pool of their own, up to [`MAX_CLIENT_SOCKETS`]: a flood of incoming connections never
 //! starves a remote volume, and a remote volume never takes a listener's socket. Client
@@ -30,6 +37,9 @@ pub const MAX_SOCKETS: usize = 72;
 pub const CLOSE_GRACE_NS: u64 = 2_000_000_000;
 /// Listening sockets kept armed per port, so bursts of connections are not refused.
 const LISTENERS_PER_PORT: usize = 4;
+/// Sockets kept spare beyond the armed listeners: fewer, and the services make room
+/// ([`NetStack::short_of_sockets`]).
+const SPARE_SOCKETS: usize = LISTENERS_PER_PORT;
 /// Client sockets (outgoing connections) at most, a budget separate from [`MAX_SOCKETS`]:
 /// e.g. two remote volumes of two paths with an admin and 4 I/O connections each take 20.
 pub const MAX_CLIENT_SOCKETS: usize = 48;
@@ -96,7 +106,25 @@ pub struct NetStack<H: Hw> {
     /// Ports whose connections only [`NetStack::take_accepted_on`] hands out.
     routed: Vec<u16>,
     accepted: Vec<Accepted>,
-    /// Connections refused because the pool was exhausted.
+    /// Passes that left a port without an armed listener because the pool was exhausted
+    /// (connections arriving then are refused with a reset).
+    pub refused: u64,
+}
+
+/// The socket pool's state, for status reports and leak checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketCounts {
+    /// Sockets created so far.
+    pub created: usize,
+    /// Most sockets the pool creates.
+    pub max: usize,
+    /// Closed sockets ready for reuse.
+    pub free: usize,
+    /// Armed listeners.
+    pub listening: usize,
+    /// Sockets finishing a close.
+    pub draining: usize,
+    /// See [`NetStack::refused`].
     pub refused: u64,
 }
 
@@ -277,9 +305,44 @@ impl<H: Hw> NetStack<H> {
 
     /// Runs the interface: receive, process, send. Returns whether anything changed.
     pub fn poll(&mut self, now_ns: u64) -> bool {
+        use smoltcp::iface::{PollIngressSingleResult, PollResult};
         let now = instant(now_ns);
-        let changed = self.iface.poll(now, &mut self.device, &mut self.sockets)
-            != smoltcp::iface::PollResult::None;
+        let mut changed = false;
+        self.iface.poll_maintenance(now);
+        // Received packets a few at a time (no more than a port has listeners), re-arming the
+        // listeners in between: a burst of SYNs larger than the armed listeners would
+        // otherwise be answered with resets while the pool still has sockets.
+        loop {
+            let mut got = 0;
+            while got < LISTENERS_PER_PORT {
+                match self
+                    .iface
+                    .poll_ingress_single(now, &mut self.device, &mut self.sockets)
+                {
+                    PollIngressSingleResult::None => break,
+                    PollIngressSingleResult::PacketProcessed => got += 1,
+                    PollIngressSingleResult::SocketStateChanged => {
+                        got += 1;
+                        changed = true;
+                    }
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            self.collect_accepted();
+            self.arm();
+            if got < LISTENERS_PER_PORT {
+                break;
+            }
+        }
+        while self
+            .iface
+            .poll_egress(now, &mut self.device, &mut self.sockets)
+            != PollResult::None
+        {
+            changed = true;
+        }
         self.device.flush_tx(); // one virtqueue notification for the frames of this pass
         if let Some(h) = self.dhcp {
             let had_address = self.address().is_some();
@@ -302,7 +365,17 @@ impl<H: Hw> NetStack<H> {
                 Some(dhcpv4::Event::Deconfigured) | None => {}
             }
         }
-        // Listeners that took a connection become accepted connections; re-arm at once.
+        self.collect_accepted();
+        self.recycle(now_ns);
+        self.arm();
+        if !self.listening_on_all() {
+            self.refused += 1;
+        }
+        changed
+    }
+
+    /// Listeners that took a connection become accepted connections (re-armed by the caller).
+    fn collect_accepted(&mut self) {
         let mut i = 0;
         while i < self.listening.len() {
             let (h, port) = self.listening[i];
@@ -313,23 +386,27 @@ impl<H: Hw> NetStack<H> {
                 i += 1;
             }
         }
+    }
+
+    /// Returns released sockets to the pool as soon as they are done: closed (and their reset,
+    /// if any, sent), or both sides closed (TIME-WAIT's hold is skipped: nothing more will be
+    /// sent), or past their grace period (then reset).
+    fn recycle(&mut self, now_ns: u64) {
         let sockets = &mut self.sockets;
         let free = &mut self.free;
         let client_free = &mut self.client_free;
         self.draining.retain(|&(h, deadline, client)| {
             let s = sockets.get_mut::<tcp::Socket>(h);
             let done = match s.state() {
-                tcp::State::Closed => true,
-                // Both sides closed: nothing more will be sent; skip TIME-WAIT's hold.
-                tcp::State::TimeWait => {
-                    s.abort();
-                    true
+                // An aborted socket keeps its peer until its reset has left.
+                tcp::State::Closed => s.remote_endpoint().is_none(),
+                tcp::State::TimeWait => true,
+                _ => {
+                    if now_ns >= deadline {
+                        s.abort();
+                    }
+                    false
                 }
-                _ if now_ns >= deadline => {
-                    s.abort();
-                    true
-                }
-                _ => false,
             };
             if done {
                 if client {
@@ -340,11 +417,68 @@ impl<H: Hw> NetStack<H> {
             }
             !done
         });
-        if self.free.is_empty() && self.created >= MAX_SOCKETS && !self.listening_on_all() {
-            self.refused += 1;
+    }
+
+    /// Sockets that can become listeners without taking one from a connection: free ones,
+    /// ones still to be created (heap permitting), and aborted ones whose reset leaves on the
+    /// next pass.
+    fn spare(&self) -> usize {
+        let creatable = if H::heap_free() >= 4 * TCP_BUFFER {
+            MAX_SOCKETS - self.created
+        } else {
+            0
+        };
+        let aborted = self
+            .draining
+            .iter()
+            .filter(|(h, _, client)| {
+                !client && self.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Closed
+            })
+            .count();
+        self.free.len() + creatable + aborted
+    }
+
+    /// Whether the pool runs short: fewer sockets are spare than the missing listeners plus
+    /// a port's worth. Sockets still finishing a graceful close are then reset at once (their
+    /// connections are over); services should close connections that have not started their
+    /// protocol, oldest first, until this is false, so a new connection always finds a
+    /// listener.
+    pub fn short_of_sockets(&mut self) -> bool {
+        let missing: usize = self
+            .ports
+            .iter()
+            .map(|p| {
+                let armed = self.listening.iter().filter(|(_, q)| q == p).count();
+                LISTENERS_PER_PORT.saturating_sub(armed)
+            })
+            .sum();
+        let need = missing + SPARE_SOCKETS;
+        if self.spare() >= need {
+            return false;
         }
-        self.arm();
-        changed
+        // Graceful closes are the cheapest room: their connections are over.
+        for &(h, _, client) in &self.draining {
+            if client {
+                continue;
+            }
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if s.state() != tcp::State::Closed {
+                s.abort();
+            }
+        }
+        self.spare() < need
+    }
+
+    /// The pool's state.
+    pub fn counts(&self) -> SocketCounts {
+        SocketCounts {
+            created: self.created,
+            max: MAX_SOCKETS,
+            free: self.free.len(),
+            listening: self.listening.len(),
+            draining: self.draining.len(),
+            refused: self.refused,
+        }
     }
 
     /// Hands out connections accepted since the last call, except those on routed ports

@@ -9,6 +9,10 @@
 //! `Target::poll`) and the connection turns it into C2HData/CapsuleResp PDUs written straight
 //! into the socket's transmit buffer. Buffers come from one pre-allocated pool; a command that
 //! finds the pool empty waits in a per-connection queue without stalling other connections.
+//!
+//! Connections that never send their ICReq are closed after the transport's ICReq timeout
+//! (10 s), and sooner when the network stack runs short of sockets: the oldest of them is then
+//! evicted for each socket needed, so a storm of silent connections cannot keep a host out.
 
 use crate::hw::Hw;
 use crate::net::{Accepted, NetStack};
@@ -73,6 +77,8 @@ struct Conn {
     fc_disabled: bool,
     waiting: VecDeque<Waiting>,
     closing: bool,
+    /// When the connection was accepted (ns): the oldest silent ones are evicted first.
+    opened_ns: u64,
 }
 
 /// The NVMe/TCP target service.
@@ -84,6 +90,10 @@ pub struct NvmfService {
     advertise: Option<(String, String)>,
     /// Connections refused because no queue could be opened.
     pub refused: u64,
+    /// Connections that had not sent their ICReq, evicted to make room for new ones.
+    pub evicted: u64,
+    /// Connections closed because their ICReq did not come in time.
+    pub icreq_timeouts: u64,
 }
 
 impl core::fmt::Debug for NvmfService {
@@ -117,12 +127,28 @@ impl NvmfService {
             ports_set_for: None,
             advertise,
             refused: 0,
+            evicted: 0,
+            icreq_timeouts: 0,
         })
     }
 
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.conns.iter().flatten().count()
+    }
+
+    /// Open connections still waiting for their ICReq.
+    pub fn awaiting_icreq(&self) -> usize {
+        self.conns
+            .iter()
+            .flatten()
+            .filter(|c| c.tcp.state() == TargetState::AwaitIcReq)
+            .count()
+    }
+
+    /// Data buffers free and in all.
+    pub fn buffers(&self) -> (usize, usize) {
+        (self.pool.available(), self.pool.count())
     }
 
     fn adopt<H: Hw>(
@@ -163,6 +189,7 @@ impl NvmfService {
             fc_disabled: false,
             waiting: VecDeque::new(),
             closing: false,
+            opened_ns: now_ns,
         };
         match self.conns.get_mut(slot) {
             Some(free) => *free = Some(conn),
@@ -182,11 +209,43 @@ impl NvmfService {
             busy = true;
             self.adopt(a, now_ns, net, target);
         }
+        busy |= self.make_room(now_ns, net, target);
         let now = Instant::from_nanos(now_ns);
         for i in 0..self.conns.len() {
             busy |= self.poll_conn(i, now, net, target);
         }
         busy
+    }
+
+    /// While the network stack is short of sockets, evicts the oldest connections that have
+    /// not sent their ICReq (they hold no controller state and no data), so the next host
+    /// always finds a listener. Returns whether any was evicted.
+    fn make_room<H: Hw>(
+        &mut self,
+        now_ns: u64,
+        net: &mut NetStack<H>,
+        target: &mut Target,
+    ) -> bool {
+        let mut any = false;
+        while net.short_of_sockets() {
+            let oldest = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+                .filter(|(_, c)| c.tcp.state() == TargetState::AwaitIcReq && !c.closing)
+                .min_by_key(|(_, c)| c.opened_ns)
+                .map(|(i, _)| i);
+            let Some(c) = oldest.and_then(|i| self.conns[i].take()) else {
+                break;
+            };
+            let _ = target.close_queue_after(c.queue, QueueLoss::Abrupt);
+            drain_buffers(c.tcp, &mut self.pool);
+            net.release(c.socket, false, now_ns);
+            self.evicted += 1;
+            any = true;
+        }
+        any
     }
 
     /// An event of the controller core that belongs to this service (the caller routes the
@@ -267,7 +326,11 @@ impl NvmfService {
         }
         busy |= c.handle_events(&mut cx);
         busy |= c.retry_waiting(&mut cx);
+        let awaiting = c.tcp.state() == TargetState::AwaitIcReq;
         c.tcp.poll_timers(now_ms);
+        if awaiting && c.tcp.state() != TargetState::AwaitIcReq {
+            self.icreq_timeouts += 1;
+        }
         c.flush(net);
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // The peer is gone once it reset the connection (or it timed out), or once it closed

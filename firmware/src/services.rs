@@ -25,7 +25,7 @@
 use crate::challenge::Challenges;
 use crate::config::NsSpec;
 use crate::hw::{DriveCtl, Hw, dma_region};
-use crate::net::NetStack;
+use crate::net::{NetStack, SocketCounts};
 use crate::nvmf::NvmfService;
 use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
 use crate::provisioned::Identity;
@@ -126,6 +126,8 @@ pub struct Services<H: Hw> {
     pub(crate) identity: Identity<H::Flash>,
     /// Management challenges.
     pub(crate) challenges: Challenges<H>,
+    /// The network stack's socket pool as of the last pass (status reports).
+    pub(crate) sockets: SocketCounts,
     /// Power cycles, unsafe shutdowns and powered-on time (flash health records).
     pub(crate) health: crate::health::HealthLog,
     /// Each QoS tenant's rate over the last second (status, metrics).
@@ -531,6 +533,7 @@ impl<H: Hw> Services<H> {
             served,
             identity,
             challenges,
+            sockets: SocketCounts::default(),
             health,
             qos_rates: Default::default(),
         }
@@ -602,8 +605,11 @@ impl<H: Hw> Services<H> {
                 s.on_event(x);
             }
         }) > 0;
-        if let (Some(s), Some(n)) = (nvmf.as_mut(), net) {
-            s.flush(n);
+        if let Some(n) = net {
+            if let Some(s) = nvmf.as_mut() {
+                s.flush(n);
+            }
+            self.sockets = n.counts();
         }
         busy
     }

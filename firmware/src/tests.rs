@@ -700,6 +700,141 @@ fn challenges_never_repeat() {
     assert!(!seen.contains(&d.next()));
 }
 
+/// Client sockets of the device's own interface connecting to `port` from `first_port` on.
+fn open_clients(dev: &mut Device, port: u16, first_port: u16, n: u16) -> Vec<SocketHandle> {
+    (0..n)
+        .map(|i| dev.client_socket(port, first_port + i))
+        .collect()
+}
+
+fn established(dev: &Device, clients: &[SocketHandle]) -> usize {
+    clients
+        .iter()
+        .filter(|&&h| dev.net.sockets.get::<tcp::Socket>(h).state() == tcp::State::Established)
+        .count()
+}
+
+#[test]
+fn a_burst_of_syns_finds_a_listener_for_each_while_sockets_remain() {
+    let mut dev = Device::new("keel.ram=8");
+    for _ in 0..5 {
+        dev.pass();
+    }
+    // 24 SYNs leave in one pass and reach the device together (six times the listeners
+    // armed on the port): each must find a listener, none a reset.
+    let clients = open_clients(&mut dev, 4420, 51_000, 24);
+    for _ in 0..20 {
+        dev.pass();
+    }
+    assert_eq!(established(&dev, &clients), 24);
+    assert_eq!(dev.services.nvmf.as_ref().unwrap().connections(), 24);
+    let r = dev.services.resources();
+    assert_eq!(r.awaiting_icreq, 24);
+    assert_eq!(
+        r.sockets_listening, 8,
+        "4 listeners per port kept armed: {r:?}"
+    );
+    // They leave with a reset: every socket returns to the pool on the next passes.
+    for &h in &clients {
+        dev.net.sockets.get_mut::<tcp::Socket>(h).abort();
+    }
+    for _ in 0..5 {
+        dev.pass();
+    }
+    let r = dev.services.resources();
+    assert_eq!(
+        (r.awaiting_icreq, r.queues, r.sockets_draining),
+        (0, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.sockets_free + r.sockets_listening,
+        r.sockets_created,
+        "{r:?}"
+    );
+}
+
+#[test]
+fn silent_connections_are_evicted_oldest_first_so_a_host_gets_in() {
+    let mut dev = Device::new("keel.ram=8");
+    for _ in 0..5 {
+        dev.pass();
+    }
+    // More silent connections than the pool has sockets, a few at a time (as a storm reaches
+    // the device), never closed by their peers.
+    let mut silent = Vec::new();
+    for batch in 0..10u16 {
+        silent.extend(open_clients(&mut dev, 4420, 52_000 + batch * 8, 8));
+        for _ in 0..5 {
+            dev.pass();
+        }
+    }
+    let r = dev.services.resources();
+    assert_eq!(r.sockets_created, crate::net::MAX_SOCKETS as u32, "{r:?}");
+    assert_eq!(
+        r.sockets_listening, 8,
+        "every port keeps its listeners: {r:?}"
+    );
+    // Only as many as needed were evicted: the pool minus the listeners and a port's worth
+    // of spare sockets stay connected.
+    let kept = crate::net::MAX_SOCKETS as u32 - 8 - 4;
+    assert_eq!(
+        (r.awaiting_icreq, r.evicted),
+        (kept, u64::from(80 - kept)),
+        "{r:?}"
+    );
+    // The oldest went first: the first silent connections were reset, the last ones live.
+    let s = |h: SocketHandle| dev.net.sockets.get::<tcp::Socket>(h).state();
+    assert_ne!(s(silent[0]), tcp::State::Established);
+    assert_eq!(s(*silent.last().unwrap()), tcp::State::Established);
+    // A host connects among them and completes its association.
+    let mut admin = Queue::open(&mut dev, 50_010);
+    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, crate::config::DEFAULT_NQN);
+    assert_ne!(cntlid, CNTLID_DYNAMIC);
+    // More silent ones keep coming: the host's connection, past its ICReq, is never evicted.
+    for batch in 0..4u16 {
+        open_clients(&mut dev, 4420, 53_000 + batch * 8, 8);
+        for _ in 0..5 {
+            dev.pass();
+        }
+    }
+    let (cqe, _) = admin.cmd(
+        &mut dev,
+        PropertyCommand::get_sqe(0, offset::VS, PropertySize::Four),
+        None,
+    );
+    assert!(cqe.status.is_success());
+    assert_eq!(dev.services.target.controller_count(), 1);
+}
+
+#[test]
+fn a_connection_that_never_sends_its_icreq_times_out() {
+    let mut dev = Device::new("keel.ram=8");
+    let sock = dev.client_socket(4420, 54_000);
+    for _ in 0..20 {
+        dev.pass();
+    }
+    assert_eq!(dev.services.resources().awaiting_icreq, 1);
+    // 10 s of silence (the transport's ICReq timeout), in 10 ms steps.
+    for _ in 0..1_001 {
+        advance(10_000_000);
+        dev.pass();
+    }
+    let r = dev.services.resources();
+    assert_eq!(
+        (r.icreq_timeouts, r.awaiting_icreq, r.queues),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(dev.services.nvmf.as_ref().unwrap().connections(), 0);
+    let s = dev.net.sockets.get::<tcp::Socket>(sock);
+    assert!(
+        !matches!(s.state(), tcp::State::Established),
+        "still established: {}",
+        s.state()
+    );
+}
+
 /// Reads or writes `data.len()` bytes at `lba` of namespace `nsid` on an I/O queue.
 fn rw(
     dev: &mut Device,

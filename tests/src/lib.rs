@@ -3,6 +3,10 @@
 //! console and kills its own QEMU by PID when a test ends or times out.
 #![warn(missing_docs)]
 
+pub mod crash;
+pub mod provision;
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -537,3 +541,79 @@ impl Drop for ScratchFile {
 
 /// Time budget for one boot under TCG on a loaded 2-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The device's status over the management port at `addr` ("127.0.0.1:PORT"), signed with the
+/// development provisioning key (what an unprovisioned test image trusts).
+pub fn mgmt_status(addr: &str) -> keel_mgmt::Snapshot {
+    try_mgmt_status(addr).unwrap_or_else(|e| panic!("status from {addr}: {e:#}"))
+}
+
+/// [`mgmt_status`], or why it failed.
+pub fn try_mgmt_status(addr: &str) -> Result<keel_mgmt::Snapshot, String> {
+    use keel_mgmt::wire::{Reply, Request};
+    let key = keel_host_tools::provision::keys::read_signing_key(
+        &root().join("qemu/dev-keys/provision.key"),
+    )
+    .map_err(|e| format!("{e:#}"))?;
+    let mut c = keel_host_tools::mgmt::client::Client::connect(addr, Duration::from_secs(20))
+        .map_err(|e| format!("{e:#}"))?;
+    match c.request(&key, &Request::Status) {
+        Ok(Reply::Status(s)) => Ok(*s),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// Waits until the device's pools and slots are back to what `idle` shows (see
+/// [`keel_mgmt::Snapshot::differences_from`]); fails with what is still different after
+/// `timeout`. Returns the snapshot at rest.
+pub fn wait_idle(addr: &str, idle: &keel_mgmt::Snapshot, timeout: Duration) -> keel_mgmt::Snapshot {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = mgmt_status(addr);
+        let d = now.differences_from(idle);
+        if d.is_empty() {
+            return now;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "the device is not back at rest after {timeout:?}: {d:?}\nnow: {:?}\nidle: {:?}",
+                now.resources, idle.resources
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Boots the release image serving one RAM namespace of `mib` MiB over NVMe/TCP, with the
+/// management endpoint: QEMU, the forwarded NVMe/TCP port and the management address.
+pub fn boot_ram_device(mib: u32) -> (Qemu, u16, String) {
+    let port = free_port();
+    let mport = free_port();
+    let mut q = Qemu::boot(
+        Build::Release,
+        &[
+            "--nvmf-port",
+            &port.to_string(),
+            "--mgmt-port",
+            &mport.to_string(),
+            "--append",
+            &format!("keel.ram={mib}"),
+        ],
+    );
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (q, port, format!("127.0.0.1:{mport}"))
+}
+
+/// Waits until the device is back at rest ([`wait_idle`], 30 s), prints its resources before
+/// and after, and checks that its console shows no panic or CPU exception.
+pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
+    let after = wait_idle(mgmt, idle, Duration::from_secs(30));
+    eprintln!(
+        "idle before: {:?}\nidle after: {:?}",
+        idle.resources, after.resources
+    );
+    let c = q.console();
+    assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
+}

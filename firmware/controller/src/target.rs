@@ -784,6 +784,11 @@ impl Target {
         self.subsystems.iter().position(|s| s.nqn == nqn)
     }
 
+    /// The limits the target was built with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Number of live controllers.
     pub fn controller_count(&self) -> usize {
         self.ctrls.iter().flatten().count()

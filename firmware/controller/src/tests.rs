@@ -11,7 +11,7 @@ use keel_nvme::io::{AbortCommand, DsmCommand, DsmRange, FeaturesCommand, RwComma
 use keel_nvme::log::{GetLogPageCommand, discovery};
 use keel_nvme::regs::{Cap, Csts};
 use keel_nvme::{AdminOpcode, IoOpcode, Sqe, Status};
-use keel_storage::{BlockBackend, RamBackend};
+use keel_storage::{BlockBackend, BlockOp, RamBackend};
 
 pub(crate) const SUB: &str = "nqn.2024-01.io.keel:sub1";
 const PRIV: &str = "nqn.2024-01.io.keel:private";
@@ -1553,6 +1553,80 @@ fn transport_rejections_consume_a_queue_slot() {
         Status::new(0, 0x0F),
     );
     assert_eq!(r.cqe.status.sc, 0x0F);
+}
+
+/// A RAM backend that says it has a volatile write cache and records the operations it gets.
+struct CachedRam {
+    ram: RamBackend,
+    ops: alloc::rc::Rc<core::cell::RefCell<Vec<BlockOp>>>,
+}
+
+impl BlockBackend for CachedRam {
+    fn geometry(&self) -> keel_storage::Geometry {
+        self.ram.geometry()
+    }
+    fn capabilities(&self) -> keel_storage::Capabilities {
+        keel_storage::Capabilities {
+            volatile_write_cache: true,
+            flush: true,
+            fua: true,
+            ..self.ram.capabilities()
+        }
+    }
+    fn submit(&mut self, req: keel_storage::BlockRequest) -> Result<(), keel_storage::Rejected> {
+        self.ops.borrow_mut().push(req.op);
+        // RAM has no cache: Flush is the backend's no-op.
+        self.ram.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(keel_storage::BlockCompletion)) -> usize {
+        self.ram.poll(done)
+    }
+}
+
+#[test]
+fn a_host_that_disables_the_volatile_write_cache_gets_write_through() {
+    let ops = alloc::rc::Rc::new(core::cell::RefCell::new(Vec::new()));
+    let mut cfg = config(64);
+    cfg.subsystems[0].namespaces[0].backend = Box::new(CachedRam {
+        ram: RamBackend::new(512, BLOCKS, 64).unwrap(),
+        ops: ops.clone(),
+    });
+    let mut h = H::with(cfg);
+    let (a, c) = h.admin(SUB, HOST, 0);
+    let io = h.io_queue(1, c);
+    // Identify Controller VWC bit 0: present; Get Features 06h: enabled.
+    let id = IdentifyController::decode(&page(&h.identify(a, 1, 0)));
+    assert_eq!(id.vwc & 1, 1);
+    let get = |h: &mut H| {
+        h.exec(a, FeaturesCommand::get_sqe(11, 0x06, 0), None, 0)
+            .cqe
+            .dw0
+    };
+    assert_eq!(get(&mut h), 1);
+    let fua_of = |ops: &[BlockOp]| match ops.last() {
+        Some(BlockOp::Write { fua }) | Some(BlockOp::WriteZeroes { fua, .. }) => *fua,
+        other => panic!("not a write: {other:?}"),
+    };
+    let data = [0x5au8; 512];
+    assert_eq!(h.write(io, 1, 1, 0, &data).cqe.status, Status::SUCCESS);
+    assert!(!fua_of(&ops.borrow()), "cache enabled: a plain write");
+    // WCE = 0: every write must be on media at completion.
+    let r = h.exec(a, FeaturesCommand::set_sqe(12, 0x06, 0), None, 0);
+    assert_eq!(r.cqe.status, Status::SUCCESS);
+    assert_eq!(get(&mut h), 0);
+    assert_eq!(h.write(io, 2, 1, 1, &data).cqe.status, Status::SUCCESS);
+    assert!(
+        fua_of(&ops.borrow()),
+        "cache disabled: the write carries FUA"
+    );
+    let sqe = RwCommand::simple(2, 1).to_sqe(IoOpcode::WriteZeroes as u8, 3, 1);
+    assert_eq!(h.exec(io, sqe, None, 0).cqe.status, Status::SUCCESS);
+    assert!(fua_of(&ops.borrow()), "and so does Write Zeroes");
+    // Enabled again: plain writes.
+    let r = h.exec(a, FeaturesCommand::set_sqe(13, 0x06, 1), None, 0);
+    assert_eq!(r.cqe.status, Status::SUCCESS);
+    assert_eq!(h.write(io, 4, 1, 3, &data).cqe.status, Status::SUCCESS);
+    assert!(!fua_of(&ops.borrow()));
 }
 
 /// The features NVMe base 2.0 §5.27.1 makes mandatory for an I/O controller, which have no

@@ -103,6 +103,9 @@ pub struct Snapshot {
     /// `remotes`.
     #[serde(default)]
     pub qos_controllers: Vec<ControllerQosInfo>,
+    /// Pools and slots in use: after a workload ends they return to their idle values, which
+    /// is how tests (and operators) find leaks.
+    pub resources: Resources,
 }
 
 /// What QoS does for one namespace.
@@ -131,6 +134,99 @@ pub struct ControllerQosInfo {
     pub transport: String,
     /// What its limits (its host's rule, or its emulated function's) do.
     pub qos: QosInfo,
+}
+
+/// The device's pools and slots, taken at one instant. A device at rest has every buffer free,
+/// no NVMe/TCP connection, no controller and no queue, no socket draining, and a listener
+/// armed on every port; the heap only shrinks while the socket pool grows to its maximum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Resources {
+    /// Bytes free on the heap.
+    pub heap_free: u64,
+    /// NVMe/TCP data buffers free (never-carved ones of the lazy pool included).
+    pub nvmf_buffers_free: u32,
+    /// NVMe/TCP data buffers in all.
+    pub nvmf_buffers_total: u32,
+    /// Data buffers of the emulated functions free, all functions together.
+    pub function_buffers_free: u32,
+    /// Data buffers of the emulated functions in all.
+    pub function_buffers_total: u32,
+    /// TCP sockets created so far (they are reused, never freed).
+    pub sockets_created: u32,
+    /// Most sockets the pool creates.
+    pub sockets_max: u32,
+    /// Sockets closed and ready for reuse.
+    pub sockets_free: u32,
+    /// Sockets armed as listeners.
+    pub sockets_listening: u32,
+    /// Sockets finishing a close (FIN exchange, at most a short grace period).
+    pub sockets_draining: u32,
+    /// NVMe/TCP connections still waiting for their ICReq.
+    pub awaiting_icreq: u32,
+    /// Controllers in use (NVMe/TCP, emulated functions and discovery).
+    pub controllers: u32,
+    /// Most controllers at once.
+    pub controllers_max: u32,
+    /// Controller-core queue slots in use (one per NVMe/TCP connection and per emulated
+    /// function queue).
+    pub queues: u32,
+    /// Most queue slots at once.
+    pub queues_max: u32,
+    /// Connections refused since boot: no socket, or no queue slot, for them.
+    pub refused: u64,
+    /// Connections that never sent an ICReq, closed to make room for a new one.
+    pub evicted: u64,
+    /// Connections closed because their ICReq did not come in time.
+    pub icreq_timeouts: u64,
+}
+
+impl Snapshot {
+    /// What differs from `idle` in the counts that must come back once a workload has ended
+    /// (NVMe/TCP connections, buffers, controllers, queues, draining sockets, listeners);
+    /// empty when the device is back at rest. The heap and cumulative counters are not
+    /// compared.
+    pub fn differences_from(&self, idle: &Snapshot) -> Vec<String> {
+        let (a, b) = (&self.resources, &idle.resources);
+        [
+            (
+                "NVMe/TCP connections",
+                self.tcp_connections,
+                idle.tcp_connections,
+            ),
+            (
+                "NVMe/TCP buffers free",
+                a.nvmf_buffers_free,
+                b.nvmf_buffers_free,
+            ),
+            (
+                "NVMe/TCP buffers",
+                a.nvmf_buffers_total,
+                b.nvmf_buffers_total,
+            ),
+            (
+                "function buffers free",
+                a.function_buffers_free,
+                b.function_buffers_free,
+            ),
+            (
+                "sockets listening",
+                a.sockets_listening,
+                b.sockets_listening,
+            ),
+            ("sockets draining", a.sockets_draining, b.sockets_draining),
+            (
+                "connections awaiting ICReq",
+                a.awaiting_icreq,
+                b.awaiting_icreq,
+            ),
+            ("controllers", a.controllers, b.controllers),
+            ("queues", a.queues, b.queues),
+        ]
+        .iter()
+        .filter(|(_, now, then)| now != then)
+        .map(|(what, now, then)| alloc::format!("{what}: {now} (idle: {then})"))
+        .collect()
+    }
 }
 
 /// One remote volume: a namespace of a remote NVMe/TCP subsystem, reached over one or more

@@ -296,6 +296,62 @@ pub fn render(s: &Snapshot) -> String {
             if f.enabled { "1" } else { "0" },
         );
     }
+    let r = &s.resources;
+    for (name, help, value) in [
+        (
+            "keel_heap_free_bytes",
+            "Bytes free on the firmware's heap.",
+            r.heap_free,
+        ),
+        (
+            "keel_nvmf_buffers_free",
+            "NVMe/TCP data buffers free.",
+            r.nvmf_buffers_free.into(),
+        ),
+        (
+            "keel_nvmf_buffers",
+            "NVMe/TCP data buffers in all.",
+            r.nvmf_buffers_total.into(),
+        ),
+        (
+            "keel_sockets_listening",
+            "TCP sockets armed as listeners.",
+            r.sockets_listening.into(),
+        ),
+        (
+            "keel_controllers",
+            "Controllers in use.",
+            r.controllers.into(),
+        ),
+        (
+            "keel_queues",
+            "Controller queue slots in use.",
+            r.queues.into(),
+        ),
+    ] {
+        family(&mut o, name, "gauge", help);
+        sample(&mut o, name, &[], &int(value));
+    }
+    for (name, help, value) in [
+        (
+            "keel_connections_refused_total",
+            "Connections refused: no socket or queue slot for them.",
+            r.refused,
+        ),
+        (
+            "keel_connections_evicted_total",
+            "Connections that never sent an ICReq, closed to make room for a new one.",
+            r.evicted,
+        ),
+        (
+            "keel_icreq_timeouts_total",
+            "Connections closed because their ICReq did not come in time.",
+            r.icreq_timeouts,
+        ),
+    ] {
+        family(&mut o, name, "counter", help);
+        sample(&mut o, name, &[], &int(value));
+    }
     remotes(&mut o, &s.remotes);
     qos(&mut o, s);
     o

@@ -90,6 +90,13 @@ fn snapshot() -> Snapshot {
             subsystem: "nqn.2026-11.dev.keel:fn0".into(),
             enabled: true,
         }],
+        resources: Resources {
+            heap_free: 1 << 30,
+            nvmf_buffers_free: 250,
+            nvmf_buffers_total: 256,
+            evicted: 3,
+            ..Resources::default()
+        },
         remotes: vec![RemoteInfo {
             subnqn: "nqn.2026-11.dev.keel:pool".into(),
             nsid: 1,
@@ -243,18 +250,19 @@ fn snapshots_stay_readable_across_versions() {
     };
     assert_eq!(
         s,
-        Snapshot {
+        Box::new(Snapshot {
             remotes: vec![],
             qos_groups: vec![],
             qos_namespaces: vec![],
             qos_controllers: vec![],
+            resources: Resources::default(),
             ..snapshot()
-        }
+        })
     );
     // This device's reply, read by an older client: the appended field is ignored.
     let new_bytes = postcard::to_allocvec(&Response {
         challenge: [3; 32],
-        reply: Reply::Status(snapshot()),
+        reply: Reply::Status(Box::new(snapshot())),
     })
     .unwrap();
     let ResponseV1 {
@@ -265,7 +273,7 @@ fn snapshots_stay_readable_across_versions() {
     // And by this client, whole; other replies are untouched by the padding.
     assert_eq!(
         decode_response(&new_bytes).unwrap().reply,
-        Reply::Status(snapshot())
+        Reply::Status(Box::new(snapshot()))
     );
     let rebooting = postcard::to_allocvec(&Response {
         challenge: [1; 32],
@@ -364,7 +372,7 @@ fn status_then_next_challenge() {
         &mut dev,
     );
     let r = response(&mut s);
-    assert_eq!(r.reply, Reply::Status(snapshot()));
+    assert_eq!(r.reply, Reply::Status(Box::new(snapshot())));
     assert_ne!(r.challenge, c);
     // The next request over the new challenge works too.
     feed_all(
@@ -830,6 +838,8 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_qos_queued_commands{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\"} 7\n",
         "keel_qos_queued_commands{scope=\"controller\",tenant=\"nqn.2014-08.org.nvmexpress:uuid:1234/1\"} 0\n",
         "keel_qos_limit{scope=\"group\",tenant=\"tenant-a\",limit=\"bps\"} 104857600\n",
+        "keel_nvmf_buffers_free 250\n",
+        "keel_connections_evicted_total 3\n",
         "keel_controller_io_queues{controller=\"1\",subsystem=\"nqn.2026-11.dev.keel:vol0\",transport=\"tcp\",host=\"nqn.2014-08.org.nvmexpress:uuid:1234\"} 4\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"degraded\"} 1\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"online\"} 0\n",
@@ -847,6 +857,28 @@ fn metrics_follow_the_exposition_grammar() {
     assert!(check_exposition("# TYPE a gauge\nb 1\n").is_err());
     assert!(check_exposition("# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\n# HELP a x\n").is_err());
     assert!(check_exposition("# TYPE a gauge\na{x=\"1\",} 1\n").is_err());
+}
+
+#[test]
+fn differences_from_idle_name_what_has_not_come_back() {
+    let idle = snapshot();
+    let mut busy = snapshot();
+    assert!(busy.differences_from(&idle).is_empty());
+    // Heap and cumulative counters are not part of "at rest".
+    busy.resources.heap_free -= 4096;
+    busy.resources.evicted += 10;
+    assert!(busy.differences_from(&idle).is_empty());
+    busy.resources.nvmf_buffers_free -= 1;
+    busy.resources.queues += 2;
+    busy.tcp_connections += 1;
+    assert_eq!(
+        busy.differences_from(&idle),
+        [
+            "NVMe/TCP connections: 6 (idle: 5)",
+            "NVMe/TCP buffers free: 249 (idle: 250)",
+            "queues: 2 (idle: 0)"
+        ]
+    );
 }
 
 #[test]

@@ -139,7 +139,7 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// The device's state.
-    Status(Snapshot),
+    Status(alloc::boxed::Box<Snapshot>),
     /// The bundle was applied.
     Pushed(PushReport),
     /// The bundle was refused; the configuration in force is unchanged.
@@ -166,9 +166,11 @@ pub struct Response {
     pub reply: Reply,
 }
 
-/// Fields appended to [`crate::Snapshot`] since protocol version 1 was first released (the
-/// most zero bytes [`decode_response`] adds).
-pub const APPENDED_FIELDS: usize = 4;
+/// Zero bytes that encode the fields appended to [`crate::Snapshot`] since protocol version 1
+/// was first released, at their "nothing" (the most [`decode_response`] adds): `remotes`,
+/// `qos_groups`, `qos_namespaces`, `qos_controllers` (empty lists, 1 byte each) and
+/// `resources` (18 integers at 0, 1 byte each).
+pub const APPENDED_FIELDS: usize = 4 + 18;
 
 /// Decodes a response frame's payload, also from a device older than this code: its
 /// snapshot lacks the fields appended since (see [`crate::Snapshot`]), so a payload that

@@ -194,6 +194,36 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         s.tcp_connections,
         s.controllers.len()
     )?;
+    let r = &s.resources;
+    writeln!(
+        out,
+        "resources:   heap {} free; NVMe/TCP buffers {}/{} free; sockets {} of {} created, \
+         {} listening, {} free, {} closing; controllers {}/{}; queues {}/{}",
+        size(r.heap_free),
+        r.nvmf_buffers_free,
+        r.nvmf_buffers_total,
+        r.sockets_created,
+        r.sockets_max,
+        r.sockets_listening,
+        r.sockets_free,
+        r.sockets_draining,
+        r.controllers,
+        r.controllers_max,
+        r.queues,
+        r.queues_max
+    )?;
+    if r.function_buffers_total > 0 {
+        writeln!(
+            out,
+            "             emulated-function buffers {}/{} free",
+            r.function_buffers_free, r.function_buffers_total
+        )?;
+    }
+    writeln!(
+        out,
+        "refused:     {} connection(s) refused, {} evicted before their ICReq, {} ICReq timeout(s)",
+        r.refused, r.evicted, r.icreq_timeouts
+    )?;
     writeln!(out, "\nsubsystems ({}):", s.subsystems.len())?;
     for sub in &s.subsystems {
         let hosts = if sub.allowed_hosts.is_empty() {
