@@ -239,8 +239,13 @@ impl Status {
         Status::generic(generic::SGL_DESCRIPTOR_TYPE_INVALID).with_dnr();
     /// PRP Offset Invalid (DNR).
     pub const INVALID_PRP_OFFSET: Status = Status::generic(generic::INVALID_PRP_OFFSET).with_dnr();
+    /// SGL Offset Invalid (DNR).
+    pub const SGL_OFFSET_INVALID: Status = Status::generic(generic::SGL_OFFSET_INVALID).with_dnr();
     /// Command Interrupted (retryable).
     pub const COMMAND_INTERRUPTED: Status = Status::generic(generic::COMMAND_INTERRUPTED);
+    /// Transient Transport Error (retryable): NVMe/TCP reports a data digest error with it.
+    pub const TRANSIENT_TRANSPORT_ERROR: Status =
+        Status::generic(generic::TRANSIENT_TRANSPORT_ERROR);
     /// Keep Alive Timeout Invalid (DNR).
     pub const KEEP_ALIVE_TIMEOUT_INVALID: Status =
         Status::generic(generic::KEEP_ALIVE_TIMEOUT_INVALID).with_dnr();
