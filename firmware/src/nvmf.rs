@@ -50,7 +50,7 @@ enum Waiting {
     /// Host-to-controller data needs a buffer.
     Buffer { cid: u16, len: u32 },
     /// A command that returns data needs a buffer.
-    Command { sqe: [u8; 64], data_len: u32 },
+    Command { sqe: Sqe, data_len: u32 },
 }
 
 impl Waiting {
@@ -333,7 +333,6 @@ struct Ctx<'a> {
 impl Conn {
     /// Hands a controller response to the transport.
     fn deliver(&mut self, pool: &mut BufPool, resp: Response) {
-        let cqe = resp.cqe.to_bytes();
         let data = match resp.buf {
             Some(b) if resp.data_len > 0 => Some((NetBuf(b), resp.data_len)),
             other => {
@@ -341,14 +340,14 @@ impl Conn {
                 None
             }
         };
-        if let Err(rejected) = self.tcp.complete(cqe, data, self.fc_disabled) {
+        if let Err(rejected) = self.tcp.complete(resp.cqe, data, self.fc_disabled) {
             recycle(pool, rejected.buf.map(|b| b.0));
         }
     }
 
-    fn submit(&mut self, cx: &mut Ctx<'_>, sqe: [u8; 64], buf: Option<IoBuf>, data_len: u32) {
+    fn submit(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, buf: Option<IoBuf>, data_len: u32) {
         let req = Request {
-            sqe: Sqe::from_bytes(&sqe),
+            sqe,
             buf,
             data_len,
             cookie: self.slot,
@@ -369,16 +368,14 @@ impl Conn {
 
     /// Fails a command the transport rejected, with the status it chose; the controller core
     /// accounts its submission queue slot.
-    fn fail(&mut self, cx: &mut Ctx<'_>, sqe: &[u8; 64], status: keel_nvmf_tcp::Status) {
-        let mut st = Status::new(status.sct, status.sc);
-        st.dnr = status.dnr;
+    fn fail(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, status: Status) {
         let req = Request {
-            sqe: Sqe::from_bytes(sqe),
+            sqe,
             buf: None,
             data_len: 0,
             cookie: self.slot,
         };
-        let resp = cx.target.reject(cx.now, self.queue, req, st);
+        let resp = cx.target.reject(cx.now, self.queue, req, status);
         self.deliver(cx.pool, resp);
     }
 
@@ -447,7 +444,7 @@ impl Conn {
                 } => self.start(cx, Waiting::Command { sqe, data_len }),
                 TcpEvent::CommandFailed { sqe, buf, status } => {
                     recycle(cx.pool, buf.map(|b| b.0));
-                    self.fail(cx, &sqe, status);
+                    self.fail(cx, sqe, status);
                 }
                 TcpEvent::BufferReleased { buf, .. } => recycle(cx.pool, Some(buf.0)),
                 TcpEvent::Closed { .. } => self.closing = true,

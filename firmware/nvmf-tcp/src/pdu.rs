@@ -9,6 +9,7 @@
 
 use crate::crc32c::{Crc32c, crc32c};
 use core::fmt;
+use keel_nvme::le::{put_u16, put_u32, u16_at, u32_at};
 
 /// Byte offsets of every header field (NVMe/TCP 1.0 §3.6.1 figure 12 and §3.6.2 figures).
 pub mod field {
@@ -255,46 +256,6 @@ impl fmt::Display for Error {
     }
 }
 
-#[inline]
-pub(crate) fn get_u16(b: &[u8], at: usize) -> u16 {
-    match b.get(at..at + 2) {
-        Some(s) => u16::from_le_bytes([s[0], s[1]]),
-        None => 0,
-    }
-}
-#[inline]
-pub(crate) fn get_u32(b: &[u8], at: usize) -> u32 {
-    match b.get(at..at + 4) {
-        Some(s) => u32::from_le_bytes([s[0], s[1], s[2], s[3]]),
-        None => 0,
-    }
-}
-#[inline]
-pub(crate) fn get_u64(b: &[u8], at: usize) -> u64 {
-    match b.get(at..at + 8) {
-        Some(s) => u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
-        None => 0,
-    }
-}
-#[inline]
-pub(crate) fn put_u16(b: &mut [u8], at: usize, v: u16) {
-    if let Some(s) = b.get_mut(at..at + 2) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-#[inline]
-pub(crate) fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    if let Some(s) = b.get_mut(at..at + 4) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-#[inline]
-pub(crate) fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    if let Some(s) = b.get_mut(at..at + 8) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
 /// A checked view of the 8-byte common header.
 #[derive(Debug, Clone, Copy)]
 pub struct CommonHeader<T: AsRef<[u8]>> {
@@ -331,7 +292,7 @@ impl<T: AsRef<[u8]>> CommonHeader<T> {
     }
     /// PLEN.
     pub fn plen(&self) -> u32 {
-        get_u32(self.buf.as_ref(), field::PLEN.start)
+        u32_at(self.buf.as_ref(), field::PLEN.start)
     }
 }
 
@@ -379,7 +340,7 @@ impl<T: AsRef<[u8]>> Header<T> {
     }
     /// PFV (ICReq/ICResp).
     pub fn pfv(&self) -> u16 {
-        get_u16(self.b(), field::IC_PFV.start)
+        u16_at(self.b(), field::IC_PFV.start)
     }
     /// HPDA (ICReq) or CPDA (ICResp).
     pub fn pda(&self) -> u8 {
@@ -389,17 +350,24 @@ impl<T: AsRef<[u8]>> Header<T> {
     pub fn dgst(&self) -> u8 {
         self.b()[field::IC_DGST]
     }
+    /// The digests the DGST byte asks for (ICReq) or enables (ICResp).
+    pub fn ic_digests(&self) -> Digests {
+        Digests {
+            header: self.dgst() & DGST_HDGST != 0,
+            data: self.dgst() & DGST_DDGST != 0,
+        }
+    }
     /// MAXR2T (ICReq) / MAXH2CDATA (ICResp).
     pub fn ic_max(&self) -> u32 {
-        get_u32(self.b(), field::IC_MAX.start)
+        u32_at(self.b(), field::IC_MAX.start)
     }
     /// FES (TermReq).
     pub fn fes(&self) -> u16 {
-        get_u16(self.b(), field::TERM_FES.start)
+        u16_at(self.b(), field::TERM_FES.start)
     }
     /// FEI (TermReq).
     pub fn fei(&self) -> u32 {
-        get_u32(self.b(), field::TERM_FEI.start)
+        u32_at(self.b(), field::TERM_FEI.start)
     }
     /// The SQE of a CapsuleCmd.
     pub fn sqe(&self) -> [u8; 64] {
@@ -419,19 +387,19 @@ impl<T: AsRef<[u8]>> Header<T> {
     }
     /// CCCID (H2CData/C2HData/R2T).
     pub fn cccid(&self) -> u16 {
-        get_u16(self.b(), field::DATA_CCCID.start)
+        u16_at(self.b(), field::DATA_CCCID.start)
     }
     /// TTAG (H2CData/R2T).
     pub fn ttag(&self) -> u16 {
-        get_u16(self.b(), field::DATA_TTAG.start)
+        u16_at(self.b(), field::DATA_TTAG.start)
     }
     /// DATAO / R2TO.
     pub fn data_offset(&self) -> u32 {
-        get_u32(self.b(), field::DATA_OFFSET.start)
+        u32_at(self.b(), field::DATA_OFFSET.start)
     }
     /// DATAL / R2TL.
     pub fn data_length(&self) -> u32 {
-        get_u32(self.b(), field::DATA_LENGTH.start)
+        u32_at(self.b(), field::DATA_LENGTH.start)
     }
 }
 
@@ -739,10 +707,7 @@ impl Repr {
     pub fn parse<T: AsRef<[u8]>>(h: &Header<T>) -> Self {
         let ch = h.ch();
         let flags = ch.flags();
-        let dg = Digests {
-            header: h.dgst() & DGST_HDGST != 0,
-            data: h.dgst() & DGST_DDGST != 0,
-        };
+        let dg = h.ic_digests();
         let hd = if flags & FLAG_HDGSTF != 0 { 4 } else { 0 };
         let dd = if flags & FLAG_DDGSTF != 0 { 4 } else { 0 };
         let plen = ch.plen() as usize;
