@@ -90,6 +90,34 @@ impl SlotQueue {
     }
 }
 
+/// The command slot a PDU we send belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PduOf {
+    /// The slot (its buffer is the data source).
+    pub slot: u16,
+    /// Offset of the PDU's data in the slot's buffer.
+    pub data_off: u32,
+    /// The PDU ends its command on our side (target: the slot is released once it is out).
+    pub ends_command: bool,
+}
+
+impl PduOf {
+    /// A PDU of `slot` whose data (if any) starts at `data_off`.
+    pub const fn slot(slot: u16, data_off: u32) -> Self {
+        Self {
+            slot,
+            data_off,
+            ends_command: false,
+        }
+    }
+
+    /// The same PDU, ending its command.
+    pub const fn ending(mut self) -> Self {
+        self.ends_command = true;
+        self
+    }
+}
+
 /// The PDU being transmitted: its header bytes, then padding, data streamed from the slot's
 /// buffer (with the data digest computed in the same pass) and the data digest.
 #[derive(Debug)]
@@ -98,17 +126,13 @@ pub struct TxCur {
     hdr_len: usize,
     pos: usize,
     pad: usize,
-    /// The command slot this PDU belongs to (its buffer is the data source).
-    pub slot: Option<u16>,
-    /// Offset of this PDU's data in the slot's buffer.
-    pub data_off: u32,
+    /// The command slot this PDU belongs to, if any.
+    of: Option<PduOf>,
     data_len: u32,
     ddgst: bool,
     crc: Crc32c,
     /// A PDU is being written.
-    pub active: bool,
-    /// This PDU ends its command on our side (target: the slot is released once it is out).
-    pub ends_command: bool,
+    active: bool,
     close_after: bool,
 }
 
@@ -119,21 +143,22 @@ impl TxCur {
             hdr_len: 0,
             pos: 0,
             pad: 0,
-            slot: None,
-            data_off: 0,
+            of: None,
             data_len: 0,
             ddgst: false,
             crc: Crc32c::new(),
             active: false,
-            ends_command: false,
             close_after: false,
         }
     }
 
-    /// Start a PDU from a header repr; returns false if it cannot be encoded.
-    pub fn start(&mut self, repr: &Repr, dg: Digests, pda: u8) -> bool {
+    /// Start a PDU from a header repr, of command slot `of` (`None`: a connection PDU such as
+    /// IC, TermReq or R2T); returns false if it cannot be encoded.
+    pub fn start(&mut self, repr: &Repr, dg: Digests, pda: u8, of: Option<PduOf>) -> bool {
         match repr.emit(&mut self.hdr, dg, pda) {
             Ok(lay) => {
+                self.of = of;
+                self.close_after = false;
                 self.hdr_len = lay.header_len;
                 self.pad = if lay.data_len > 0 { lay.pad } else { 0 };
                 self.data_len = lay.data_len as u32;
@@ -157,7 +182,7 @@ impl TxCur {
             fei: e.fei(),
             data_len: n as u8,
         };
-        if !self.start(&repr, dg, 0) {
+        if !self.start(&repr, dg, 0, None) {
             return false;
         }
         // TermReq data is the offending header: make it part of the header bytes.
@@ -262,7 +287,11 @@ impl Core {
 
     /// The slot whose PDU is being written, if one is.
     pub fn tx_busy(&self) -> Option<u16> {
-        if self.tx.active { self.tx.slot } else { None }
+        if self.tx.active {
+            self.tx.of.map(|o| o.slot)
+        } else {
+            None
+        }
     }
 }
 
@@ -313,8 +342,8 @@ pub trait Role {
     fn next_pdu(&mut self, core: &mut Core) -> bool;
     /// The data source of slot `slot` (its buffer).
     fn tx_data(&self, slot: u16) -> Option<&[u8]>;
-    /// A PDU of `slot` (or of the connection) has been written out.
-    fn pdu_sent(&mut self, core: &mut Core, slot: Option<u16>);
+    /// A PDU of slot `of` (or of the connection) has been written out.
+    fn pdu_sent(&mut self, core: &mut Core, of: Option<PduOf>);
     /// The connection is failing or closed: hand every held buffer back through events (the
     /// core has dropped the transmit queue). `core.tx_busy()`'s slot is still being written.
     fn drop_all(&mut self, core: &mut Core);
@@ -548,7 +577,7 @@ impl<R: Role> Connection<R> {
         self.core.close_reason.get_or_insert(reason);
         self.core.term_pending = None;
         self.core.tx.active = false;
-        self.core.tx.slot = None;
+        self.core.tx.of = None;
         self.drop_all();
         self.core.closed_event_pending = true;
     }
@@ -567,9 +596,13 @@ impl<R: Role> Connection<R> {
                 return Some(ev);
             }
         }
-        while let Some(i) = self.core.evq.pop() {
-            if let Some(ev) = self.role.slot_event(i) {
-                return Some(ev);
+        // The empty check first: the poll loop asks once more after every batch of events,
+        // and the loop below is costlier to enter than to skip.
+        if !self.core.evq.is_empty() {
+            while let Some(i) = self.core.evq.pop() {
+                if let Some(ev) = self.role.slot_event(i) {
+                    return Some(ev);
+                }
             }
         }
         if self.core.closed_event_pending {
@@ -590,12 +623,12 @@ impl<R: Role> Connection<R> {
                 break;
             }
             let tx = &mut self.core.tx;
-            let data = if tx.data_len > 0 {
-                tx.slot
-                    .and_then(|i| self.role.tx_data(i))
-                    .and_then(|b| b.get(tx.data_off as usize..))
-            } else {
-                None
+            let data = match tx.of {
+                Some(of) if tx.data_len > 0 => self
+                    .role
+                    .tx_data(of.slot)
+                    .and_then(|b| b.get(of.data_off as usize..)),
+                _ => None,
             };
             let (w, fin) = tx.write(&mut out[n..], data);
             n += w;
@@ -610,10 +643,6 @@ impl<R: Role> Connection<R> {
 
     fn next_pdu(&mut self) -> bool {
         let c = &mut self.core;
-        c.tx.slot = None;
-        c.tx.data_off = 0;
-        c.tx.ends_command = false;
-        c.tx.close_after = false;
         if let Some(e) = c.term_pending.take() {
             let offending = &c.term_hdr[..c.term_hdr_len];
             if c.tx.start_term(R::TARGET, e, offending, c.digests) {
@@ -625,21 +654,22 @@ impl<R: Role> Connection<R> {
         if c.ic_pending {
             c.ic_pending = false;
             let repr = self.role.ic_pdu(c);
-            return c.tx.start(&repr, Digests::default(), 0);
+            return c.tx.start(&repr, Digests::default(), 0, None);
         }
-        if c.state != ConnState::Ready {
+        // Nothing queued: skip the role (the common answer when the socket asks for more).
+        if c.state != ConnState::Ready || c.txq.is_empty() {
             return false;
         }
         self.role.next_pdu(c)
     }
 
     fn finish_pdu(&mut self) {
-        let slot = self.core.tx.slot.take();
+        let of = self.core.tx.of.take();
         if self.core.tx.close_after {
             self.core.state = ConnState::Closed;
             self.core.closed_event_pending = true;
         }
-        self.role.pdu_sent(&mut self.core, slot);
+        self.role.pdu_sent(&mut self.core, of);
         self.core.tx.data_len = 0;
     }
 }

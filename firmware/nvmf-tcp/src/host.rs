@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use keel_nvme::opcode::FABRICS_OPCODE;
 use keel_nvme::{Cqe, DataDirection, SglDescriptor, Sqe, Status};
 
-use crate::conn::{ConnState, Connection, Core, Role, RxData, RxPdu};
+use crate::conn::{ConnState, Connection, Core, PduOf, Role, RxData, RxPdu};
 use crate::pdu::{FLAG_LAST_PDU, FLAG_SUCCESS, FatalError, Header, PduType, Repr, field};
 use crate::rx::{DataLimits, PduInfo};
 use crate::target::{ConfigError, MAX_SLOTS, MIN_IN_CAPSULE};
@@ -410,8 +410,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for HostRole<B> {
                         data_len,
                     };
                     s.st = St::Sent;
-                    core.tx.slot = Some(i);
-                    return core.tx.start(&repr, dg, self.cpda);
+                    return core.tx.start(&repr, dg, self.cpda, Some(PduOf::slot(i, 0)));
                 }
                 St::Sent if s.r2t_count > 0 => {
                     let r = s.r2ts[s.r2t_head];
@@ -434,9 +433,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for HostRole<B> {
                     if s.r2t_count > 0 {
                         core.txq.push(idx);
                     }
-                    core.tx.slot = Some(i);
-                    core.tx.data_off = off;
-                    return core.tx.start(&repr, dg, self.cpda);
+                    return core
+                        .tx
+                        .start(&repr, dg, self.cpda, Some(PduOf::slot(i, off)));
                 }
                 _ => {}
             }
@@ -448,8 +447,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for HostRole<B> {
         Some(self.slots.get(usize::from(slot))?.buf.as_ref()?.as_ref())
     }
 
-    fn pdu_sent(&mut self, core: &mut Core, slot: Option<u16>) {
-        let Some(i) = slot else {
+    fn pdu_sent(&mut self, core: &mut Core, of: Option<PduOf>) {
+        let Some(i) = of.map(|o| o.slot) else {
             return;
         };
         let running = core.running();

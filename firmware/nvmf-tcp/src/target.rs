@@ -12,7 +12,7 @@ use core::fmt;
 use keel_nvme::{Cqe, DataDirection, Sqe, Status};
 
 use crate::capsule::{SGL_IN_CAPSULE, SGL_TRANSPORT, Sgl1};
-use crate::conn::{ConnState, Connection, Core, Role, RxData, RxPdu};
+use crate::conn::{ConnState, Connection, Core, PduOf, Role, RxData, RxPdu};
 use crate::pdu::{Digests, FLAG_LAST_PDU, FatalError, Header, PduType, Repr, field};
 use crate::rx::{DataLimits, PduInfo};
 use crate::{CloseReason, RejectReason, Rejected};
@@ -683,10 +683,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for TargetRole<B> {
                     if s.r2t_sent < s.r2t_allowed {
                         core.txq.push(idx);
                     }
-                    return core.tx.start(&repr, dg, 0);
+                    return core.tx.start(&repr, dg, 0, None);
                 }
                 St::Sending => {
-                    core.tx.slot = Some(i);
                     if s.sent_off < s.send_len {
                         let len = (s.send_len - s.sent_off).min(self.cfg.max_c2h_data);
                         let last = s.sent_off + len == s.send_len;
@@ -698,18 +697,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for TargetRole<B> {
                             last,
                             success,
                         };
-                        core.tx.data_off = s.sent_off;
+                        let mut of = PduOf::slot(i, s.sent_off);
                         s.sent_off += len;
                         if success {
-                            core.tx.ends_command = true;
+                            of = of.ending();
                         } else {
                             core.txq.push(idx);
                         }
-                        return core.tx.start(&repr, dg, self.hpda);
+                        return core.tx.start(&repr, dg, self.hpda, Some(of));
                     }
                     let repr = Repr::CapsuleResp { cqe: s.cqe };
-                    core.tx.ends_command = true;
-                    return core.tx.start(&repr, dg, 0);
+                    return core
+                        .tx
+                        .start(&repr, dg, 0, Some(PduOf::slot(i, 0).ending()));
                 }
                 _ => {}
             }
@@ -721,12 +721,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for TargetRole<B> {
         Some(self.slots.get(usize::from(slot))?.buf.as_ref()?.as_ref())
     }
 
-    fn pdu_sent(&mut self, core: &mut Core, slot: Option<u16>) {
+    fn pdu_sent(&mut self, core: &mut Core, of: Option<PduOf>) {
         // Terminating: the slot whose PDU was in flight still holds its buffer.
-        let release = if core.tx.ends_command || !core.running() {
-            slot
-        } else {
-            None
+        let release = match of {
+            Some(of) if of.ends_command || !core.running() => Some(of.slot),
+            _ => None,
         };
         if let Some(i) = release
             && let Some(s) = self.slots.get_mut(i as usize)
