@@ -164,6 +164,7 @@ impl Target {
             icdoff: 0,
             fcatt: 0,
             msdbd: self.transport.msdbd,
+            ..Default::default()
         }
     }
 
@@ -271,6 +272,7 @@ impl Target {
             nguid: ns.nguid,
             eui64: ns.eui64,
             lbaf,
+            ..Default::default()
         }
         .encode(page);
         Ok(())

@@ -253,6 +253,7 @@ pub(crate) fn block_status(e: BlockError) -> Status {
         BlockError::CompareMismatch => Status::COMPARE_FAILURE,
         BlockError::WriteFault => Status::WRITE_FAULT,
         BlockError::ReadError => Status::UNRECOVERED_READ_ERROR,
+        BlockError::PathError => Status::CONTROLLER_PATHING_ERROR,
         BlockError::InvalidTag | BlockError::Internal => Status::INTERNAL_ERROR,
     }
 }

@@ -771,6 +771,15 @@ fn discovery_log_page() {
     assert_eq!(e.traddr_str(), Some("10.0.0.2"));
     assert_eq!(e.trsvcid_str(), Some("4420"));
     assert_eq!(e.subnqn_str(), Some(SUB));
+    // The same fields where a foreign host reads them (NVMe-oF 1.1 Discovery Log Page Entry,
+    // Linux struct nvmf_disc_rsp_page_entry): TRSVCID at byte 32, SUBNQN at 256, TRADDR at
+    // 512, each NUL padded.
+    assert_eq!(&rec[32..37], b"4420\0");
+    assert_eq!(
+        &rec[256..256 + SUB.len() + 1],
+        [SUB.as_bytes(), &[0]].concat()
+    );
+    assert_eq!(&rec[512..521], b"10.0.0.2\0");
     // Unaligned window across header and entry.
     let r = h.log(d, 0x70, 1016, 16);
     let b = r.buf.as_ref().unwrap().as_slice();

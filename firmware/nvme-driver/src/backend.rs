@@ -86,19 +86,7 @@ impl<R: Registers, D: Dma> BlockBackend for DriveBackend<R, D> {
             c.service();
         }
         // Deliver one at a time with the controller released, so `done` may submit.
-        let mut n = 0;
-        loop {
-            let next = match self.ctrl.try_borrow_mut() {
-                Ok(mut c) => c.take_completion(self.index),
-                Err(_) => None,
-            };
-            match next {
-                Some(c) => {
-                    done(c);
-                    n += 1;
-                }
-                None => return n,
-            }
-        }
+        let i = self.index;
+        keel_storage::deliver_shared(&self.ctrl, |c| c.take_completion(i), done)
     }
 }

@@ -188,6 +188,25 @@ pub mod media {
     pub const DEALLOCATED_OR_UNWRITTEN: u8 = 0x87;
 }
 
+/// Path related status codes, SCT 3h (NVMe base 2.0 Figure 103; Linux `NVME_SC_ANA_*`,
+/// `NVME_SC_*_PATH_ERROR`).
+pub mod path {
+    /// Internal Path Error.
+    pub const INTERNAL_PATH_ERROR: u8 = 0x00;
+    /// Asymmetric Access Persistent Loss.
+    pub const ANA_PERSISTENT_LOSS: u8 = 0x01;
+    /// Asymmetric Access Inaccessible.
+    pub const ANA_INACCESSIBLE: u8 = 0x02;
+    /// Asymmetric Access Transition.
+    pub const ANA_TRANSITION: u8 = 0x03;
+    /// Controller Pathing Error.
+    pub const CONTROLLER_PATHING_ERROR: u8 = 0x60;
+    /// Host Pathing Error.
+    pub const HOST_PATHING_ERROR: u8 = 0x70;
+    /// Command Aborted By Host.
+    pub const ABORTED_BY_HOST: u8 = 0x71;
+}
+
 /// The Status field of a completion (bits 15:1 of CQE DW3 bits 31:16; the phase tag is kept in
 /// [`Cqe::phase`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
@@ -243,9 +262,6 @@ impl Status {
     pub const SGL_OFFSET_INVALID: Status = Status::generic(generic::SGL_OFFSET_INVALID).with_dnr();
     /// Command Interrupted (retryable).
     pub const COMMAND_INTERRUPTED: Status = Status::generic(generic::COMMAND_INTERRUPTED);
-    /// Transient Transport Error (retryable): NVMe/TCP reports a data digest error with it.
-    pub const TRANSIENT_TRANSPORT_ERROR: Status =
-        Status::generic(generic::TRANSIENT_TRANSPORT_ERROR);
     /// Keep Alive Timeout Invalid (DNR).
     pub const KEEP_ALIVE_TIMEOUT_INVALID: Status =
         Status::generic(generic::KEEP_ALIVE_TIMEOUT_INVALID).with_dnr();
@@ -303,6 +319,19 @@ impl Status {
     pub const UNRECOVERED_READ_ERROR: Status = Status::media(media::UNRECOVERED_READ_ERROR);
     /// Compare Failure (DNR).
     pub const COMPARE_FAILURE: Status = Status::media(media::COMPARE_FAILURE).with_dnr();
+    /// Transient Transport Error (retryable).
+    pub const TRANSIENT_TRANSPORT_ERROR: Status =
+        Status::generic(generic::TRANSIENT_TRANSPORT_ERROR);
+    /// Asymmetric Access Persistent Loss.
+    pub const ANA_PERSISTENT_LOSS: Status = Status::new(sct::PATH, path::ANA_PERSISTENT_LOSS);
+    /// Asymmetric Access Inaccessible.
+    pub const ANA_INACCESSIBLE: Status = Status::new(sct::PATH, path::ANA_INACCESSIBLE);
+    /// Asymmetric Access Transition.
+    pub const ANA_TRANSITION: Status = Status::new(sct::PATH, path::ANA_TRANSITION);
+    /// Controller Pathing Error with DNR: the controller lost its path to the data for good
+    /// (a remote volume past its controller loss timeout).
+    pub const CONTROLLER_PATHING_ERROR: Status =
+        Status::new(sct::PATH, path::CONTROLLER_PATHING_ERROR).with_dnr();
 
     /// A status with the given type and code, DNR clear.
     pub const fn new(sct: u8, sc: u8) -> Self {
@@ -339,6 +368,21 @@ impl Status {
     /// True for Successful Completion.
     pub const fn is_success(&self) -> bool {
         self.sct == sct::GENERIC && self.sc == generic::SUCCESS
+    }
+
+    /// True for a path related status (SCT 3h; Linux `nvme_is_path_error`).
+    pub const fn is_path_error(&self) -> bool {
+        self.sct == sct::PATH
+    }
+
+    /// True for the three ANA path statuses (persistent loss, inaccessible, transition;
+    /// Linux `nvme_is_ana_error`).
+    pub const fn is_ana_error(&self) -> bool {
+        self.sct == sct::PATH
+            && matches!(
+                self.sc,
+                path::ANA_PERSISTENT_LOSS | path::ANA_INACCESSIBLE | path::ANA_TRANSITION
+            )
     }
 
     /// The 16-bit Status field including the phase tag in bit 0.
@@ -453,6 +497,18 @@ mod tests {
         // Compare Failure: SCT 2, SC 85h.
         assert_eq!(Status::COMPARE_FAILURE.to_field(false), 0x850a);
         assert_eq!(Status::SUCCESS.to_field(true), 1);
+        // Path statuses as Linux spells them with the status shifted out of the phase bit:
+        // NVME_SC_ANA_INACCESSIBLE 0x302, NVME_SC_CTRL_PATH_ERROR 0x360 (+ DNR 0x4000).
+        assert_eq!(Status::ANA_INACCESSIBLE.to_field(false) >> 1, 0x302);
+        assert_eq!(Status::ANA_TRANSITION.to_field(false) >> 1, 0x303);
+        assert_eq!(
+            Status::CONTROLLER_PATHING_ERROR.to_field(false) >> 1,
+            0x4360
+        );
+        assert!(Status::ANA_PERSISTENT_LOSS.is_ana_error());
+        assert!(Status::CONTROLLER_PATHING_ERROR.is_path_error());
+        assert!(!Status::CONTROLLER_PATHING_ERROR.is_ana_error());
+        assert!(!Status::INTERNAL_ERROR.is_path_error());
         assert!(Status::SUCCESS.is_success());
         assert!(!Status::INVALID_FIELD.is_success());
     }

@@ -172,6 +172,10 @@ pub enum BlockError {
     WriteFault,
     /// The medium failed to read.
     ReadError,
+    /// No path to the data: a remote volume lost every path to its storage for longer than
+    /// its controller loss timeout (or fast I/O fail timeout). Maps to an NVMe path related
+    /// status.
+    PathError,
     /// Any other failure.
     Internal,
 }
@@ -186,6 +190,7 @@ impl fmt::Display for BlockError {
             BlockError::CompareMismatch => "compare mismatch",
             BlockError::WriteFault => "write fault",
             BlockError::ReadError => "unrecovered read error",
+            BlockError::PathError => "no path to the storage",
             BlockError::Internal => "internal backend error",
         })
     }
@@ -241,6 +246,31 @@ pub trait BlockBackend {
     fn submit(&mut self, req: BlockRequest) -> Result<(), Rejected>;
     /// Reports finished requests through `done`; returns how many.
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize;
+}
+
+/// Delivers completions that `take` pulls one at a time out of a state shared through a
+/// `RefCell` (a backend whose handles share one device), with the borrow released while
+/// `done` runs so `done` may submit again. Returns how many were delivered; a state that is
+/// borrowed elsewhere delivers nothing now.
+pub fn deliver_shared<T: ?Sized>(
+    cell: &core::cell::RefCell<T>,
+    mut take: impl FnMut(&mut T) -> Option<BlockCompletion>,
+    done: &mut dyn FnMut(BlockCompletion),
+) -> usize {
+    let mut n = 0;
+    loop {
+        let next = match cell.try_borrow_mut() {
+            Ok(mut s) => take(&mut s),
+            Err(_) => None,
+        };
+        match next {
+            Some(c) => {
+                done(c);
+                n += 1;
+            }
+            None => return n,
+        }
+    }
 }
 
 impl<B: BlockBackend + ?Sized> BlockBackend for alloc::boxed::Box<B> {

@@ -96,6 +96,20 @@ impl IoBuf {
     }
 }
 
+/// The valid bytes (what a transport sends from or receives into).
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+/// The valid bytes, mutable.
+impl AsMut<[u8]> for IoBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
 /// Errors of [`BufPool`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolError {

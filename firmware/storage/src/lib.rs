@@ -34,7 +34,7 @@ pub mod stats;
 
 pub use backend::{
     BlockBackend, BlockCompletion, BlockError, BlockOp, BlockRequest, Capabilities, Geometry,
-    RejectReason, Rejected,
+    RejectReason, Rejected, deliver_shared,
 };
 pub use buf::{BufPool, IoBuf, PoolError};
 pub use ram::RamBackend;

@@ -223,20 +223,11 @@ impl<B: BlockBackend> BlockBackend for SharedHandle<B> {
                 }
             });
         }
-        let mut n = 0;
-        loop {
-            let next = match self.shared.try_borrow_mut() {
-                Ok(mut s) => s.stash.get_mut(mine).and_then(|q| q.pop_front()),
-                Err(_) => None,
-            };
-            match next {
-                Some(c) => {
-                    done(c);
-                    n += 1;
-                }
-                None => return n,
-            }
-        }
+        deliver_shared(
+            &self.shared,
+            |s| s.stash.get_mut(mine).and_then(|q| q.pop_front()),
+            done,
+        )
     }
 }
 

@@ -5,7 +5,7 @@
 use super::window::Window;
 use anyhow::{Context, Result, anyhow, bail};
 use keel_nvme::identify::{
-    IDENTIFY_LEN, IdentifyController, IdentifyNamespace, NsIdentifiers, cns,
+    IDENTIFY_LEN, IdentifyController, IdentifyNamespace, NsIdentifiers, cns, nsid_list,
 };
 use keel_nvme::io::{DsmCommand, DsmRange, RwCommand};
 use keel_nvme::regs::{Cap, Cc, Csts, offset};
@@ -615,11 +615,7 @@ impl HostController {
     /// Active namespace ids.
     pub fn active_namespaces(&mut self) -> Result<Vec<u32>> {
         let page = self.identify(cns::ACTIVE_NS_LIST, 0)?;
-        Ok(page
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .take_while(|&n| n != 0)
-            .collect())
+        Ok(nsid_list(&page[..]).collect())
     }
 
     /// Identify Namespace.

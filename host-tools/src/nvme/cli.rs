@@ -699,11 +699,7 @@ pub fn async_event_names(dw0: u32) -> (&'static str, String) {
 /// Decodes a Changed Namespace List (log 04h): the NSIDs, or `None` when the list overflowed
 /// (first entry FFFFFFFFh: more than 1024 changed).
 pub fn changed_namespaces(log: &[u8]) -> Option<Vec<u32>> {
-    let ids: Vec<u32> = log
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .take_while(|&n| n != 0)
-        .collect();
+    let ids: Vec<u32> = keel_nvme::identify::nsid_list(log).collect();
     if ids.first() == Some(&u32::MAX) {
         None
     } else {
@@ -1258,22 +1254,15 @@ mod tests {
 
     #[test]
     fn discovery_format() {
-        let mut e = Entry {
-            trtype: disc::TRTYPE_TCP,
-            adrfam: disc::ADRFAM_IPV4,
-            subtype: disc::SUBTYPE_NVM,
-            treq: 0,
-            portid: 1,
-            cntlid: 0xFFFF,
-            asqsz: 32,
-            trsvcid: [0; 32],
-            traddr: [0; 256],
-            subnqn: [0; 256],
-            tsas: [0; 256],
-        };
-        e.trsvcid[..4].copy_from_slice(b"4420");
-        e.traddr[..9].copy_from_slice(b"10.0.2.15");
-        e.subnqn[..DEFAULT_SUBNQN.len()].copy_from_slice(DEFAULT_SUBNQN.as_bytes());
+        // A Discovery Log Page Entry as a Linux target writes it (struct
+        // nvmf_disc_rsp_page_entry, NVMe-oF 1.1 §5.3): TCP, IPv4, NVM subsystem, PORTID 1,
+        // CNTLID FFFFh, ASQSZ 32, TRSVCID at byte 32, SUBNQN at 256, TRADDR at 512.
+        let mut raw = [0u8; disc::RECORD_LEN];
+        raw[..10].copy_from_slice(&[3, 1, 2, 0, 1, 0, 0xFF, 0xFF, 32, 0]);
+        raw[32..36].copy_from_slice(b"4420");
+        raw[256..256 + DEFAULT_SUBNQN.len()].copy_from_slice(DEFAULT_SUBNQN.as_bytes());
+        raw[512..521].copy_from_slice(b"10.0.2.15");
+        let e = Entry::decode(&raw);
         let h = Header {
             genctr: 3,
             numrec: 1,
@@ -1286,6 +1275,12 @@ mod tests {
         assert!(s.contains(&format!("subnqn:  {DEFAULT_SUBNQN}\n")), "{s}");
         let j = entry_json(&e);
         assert_eq!(j["traddr"], "10.0.2.15");
+        assert_eq!(j["subnqn"], DEFAULT_SUBNQN);
+        assert_eq!(j["trsvcid"], "4420");
+        assert_eq!(
+            (j["portid"].as_u64(), j["cntlid"].as_u64()),
+            (Some(1), Some(0xFFFF))
+        );
         assert_eq!(j["subtype"], "nvme subsystem");
     }
 

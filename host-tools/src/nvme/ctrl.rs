@@ -10,6 +10,7 @@ use keel_nvme::fabrics::{
 };
 use keel_nvme::identify::{
     IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, NsIdentifiers, cns,
+    nsid_list,
 };
 use keel_nvme::io::{FeaturesCommand, RwCommand, number_of_queues};
 use keel_nvme::log::GetLogPageCommand;
@@ -371,16 +372,9 @@ impl Controller {
         let mut after = 0u32;
         loop {
             let b = self.identify(cns::ACTIVE_NS_LIST, after)?;
-            let mut n = 0;
-            for c in b.chunks_exact(4) {
-                let id = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                if id == 0 {
-                    break;
-                }
-                out.push(id);
-                n += 1;
-            }
-            if n < IDENTIFY_LEN / 4 {
+            let before = out.len();
+            out.extend(nsid_list(&b[..]));
+            if out.len() - before < IDENTIFY_LEN / 4 {
                 return Ok(out);
             }
             after = *out.last().unwrap_or(&0);
