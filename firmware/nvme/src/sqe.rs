@@ -413,32 +413,23 @@ mod tests {
 
     #[test]
     fn data_direction_bits() {
-        // Write 01h, Read 02h, Flush 00h, Compare 05h (01b); fabrics by FCTYPE: Connect 01h,
-        // Property Get 04h (00b), Property Set 00h.
-        assert_eq!(
-            Sqe::new(0x01, 0).data_direction(),
-            DataDirection::HostToController
-        );
-        assert_eq!(
-            Sqe::new(0x02, 0).data_direction(),
-            DataDirection::ControllerToHost
-        );
-        assert_eq!(Sqe::new(0x00, 0).data_direction(), DataDirection::None);
-        assert_eq!(
-            Sqe::new(0x05, 0).data_direction(),
-            DataDirection::HostToController
-        );
-        assert_eq!(
-            Sqe::new(0x03, 0).data_direction(),
-            DataDirection::Bidirectional
-        );
-        assert_eq!(
-            Sqe::fabrics(0x01, 0).data_direction(),
-            DataDirection::HostToController
-        );
-        assert_eq!(Sqe::fabrics(0x04, 0).data_direction(), DataDirection::None);
-        // A fabrics command is judged by FCTYPE, not by its opcode 7Fh (11b).
-        assert_eq!(Sqe::fabrics(0x00, 0).data_direction(), DataDirection::None);
+        use DataDirection::*;
+        // Opcode bits 1:0: Flush 00h, Write 01h, Read 02h, 03h (11b), Compare 05h; fabrics
+        // commands by FCTYPE bits 1:0, not by their opcode 7Fh (11b): Property Set 00h,
+        // Connect 01h, Property Get 04h.
+        let cases = [
+            (Sqe::new(0x00, 0), None),
+            (Sqe::new(0x01, 0), HostToController),
+            (Sqe::new(0x02, 0), ControllerToHost),
+            (Sqe::new(0x03, 0), Bidirectional),
+            (Sqe::new(0x05, 0), HostToController),
+            (Sqe::fabrics(0x00, 0), None),
+            (Sqe::fabrics(0x01, 0), HostToController),
+            (Sqe::fabrics(0x04, 0), None),
+        ];
+        for (sqe, want) in cases {
+            assert_eq!(sqe.data_direction(), want, "opcode {:#x}", sqe.opcode);
+        }
     }
 
     #[test]
