@@ -290,6 +290,8 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
 
     fn reboot(&mut self) {
         log::info!("mgmt: reboot requested");
+        self.health
+            .shutdown(self.identity.flash.as_mut(), H::now_ns());
         H::system_reset()
     }
 

@@ -21,6 +21,8 @@ mod config;
 #[cfg(any(test, target_os = "none"))]
 mod device;
 #[cfg(any(test, target_os = "none"))]
+mod health;
+#[cfg(any(test, target_os = "none"))]
 mod hw;
 #[cfg(any(test, target_os = "none"))]
 mod mgmt;

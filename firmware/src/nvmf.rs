@@ -272,10 +272,14 @@ impl NvmfService {
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // The peer is gone once it reset the connection (or it timed out), or once it closed
         // its side and we have consumed everything (a half-closed host sends no more
-        // commands): the first is an abrupt loss, the second an orderly close (Linux closes
-        // its I/O queues with a FIN before shutting the controller down on the admin queue).
+        // commands). Both lose the queue only: Linux deletes a controller by closing each I/O
+        // queue with a FIN and at once a RST (its sockets linger 0), then shuts the controller
+        // down on the admin queue; when both segments arrive in one poll the socket is already
+        // Closed here. Linux's own target also treats a reset I/O connection as that queue's
+        // loss only (ECONNRESET is not a fatal error in nvmet-tcp). A vanished host's
+        // controller still ends at KATO; losing the admin queue always ends it.
         let loss = match sock.state() {
-            tcp::State::Closed => Some(QueueLoss::Abrupt),
+            tcp::State::Closed => Some(QueueLoss::Orderly),
             tcp::State::TimeWait => Some(QueueLoss::Orderly),
             tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing
                 if !sock.can_recv() =>

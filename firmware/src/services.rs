@@ -36,6 +36,10 @@ const BACKEND_DEPTH: usize = 4096;
 /// Data buffers of each emulated function (128 KiB each: MDTS).
 const FUNCTION_BUFFERS: usize = 64;
 const FUNCTION_BUFFER_SIZE: usize = 128 * 1024;
+/// Scratch buffers of the controller core (Copy chunks, Write Zeroes on encrypted
+/// namespaces): this many Copy / Write Zeroes commands progress at once, the rest wait.
+const SCRATCH_BUFFERS: usize = 16;
+const SCRATCH_BUFFER_SIZE: usize = 128 * 1024;
 
 /// A namespace of a local drive.
 #[derive(Debug)]
@@ -112,6 +116,8 @@ pub struct Services<H: Hw> {
     pub(crate) identity: Identity<H::Flash>,
     /// Management challenges.
     pub(crate) challenges: Challenges<H>,
+    /// Power cycles, unsafe shutdowns and powered-on time (flash health records).
+    pub(crate) health: crate::health::HealthLog,
 }
 
 impl<H: Hw> core::fmt::Debug for Services<H> {
@@ -298,6 +304,7 @@ pub(crate) fn build_namespace<H: Hw>(
         nguid: nguid(plan.mac, si as u16, ns.nsid),
         uuid: [0; 16],
         eui64: [0; 8],
+        qos: Default::default(),
     })
 }
 
@@ -356,9 +363,18 @@ impl<H: Hw> Services<H> {
             max_queues: 16 * 9 + 16 + windows.len() * 10,
             ..Limits::default()
         };
+        let region = dma_region(SCRATCH_BUFFERS * SCRATCH_BUFFER_SIZE);
+        let scratch = BufPool::lazy(region, region.as_ptr() as u64, SCRATCH_BUFFER_SIZE)
+            .map_err(|e| {
+                log::error!(
+                    "core: scratch buffers: {e}: no Copy, no Write Zeroes on encrypted namespaces"
+                )
+            })
+            .ok();
         let mut target = match Target::new(TargetConfig {
             subsystems,
             limits,
+            scratch,
             ..Default::default()
         }) {
             Ok(t) => t,
@@ -439,6 +455,10 @@ impl<H: Hw> Services<H> {
             None
         };
         let challenges = Challenges::new(identity.device_key.as_ref());
+        let mut identity = identity;
+        let (health, device_health) =
+            crate::health::HealthLog::boot(identity.flash.as_mut(), H::now_ns());
+        target.set_health(device_health);
         Services {
             target,
             nvmf,
@@ -449,6 +469,7 @@ impl<H: Hw> Services<H> {
             served,
             identity,
             challenges,
+            health,
         }
     }
 
@@ -476,8 +497,11 @@ impl<H: Hw> Services<H> {
             nvmf,
             functions,
             drives,
+            health,
+            identity,
             ..
         } = self;
+        health.tick(identity.flash.as_mut(), now_ns);
         for e in functions.iter_mut() {
             busy |= e.f.poll(now, target, &mut e.ep);
         }

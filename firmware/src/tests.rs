@@ -568,6 +568,57 @@ fn configuration_copies_fall_back_and_alternate() {
     assert_eq!(cfg.generation, 1);
 }
 
+#[test]
+fn health_records_count_power_cycles_and_unsafe_shutdowns() {
+    use crate::health::{CHECKPOINT_NS, HealthLog};
+    use keel_provision::flash::{FLASH_SIZE, HEALTH_OFFSET, HEALTH_SIZE};
+    const S: u64 = 1_000_000_000;
+    // QEMU's pflash with no file behind it reads as zeroes: the area is erased first.
+    let mut flash = RamFlash(vec![0; FLASH_SIZE]);
+    let (mut log, h) = HealthLog::boot(Some(&mut flash), 5 * S);
+    assert_eq!(
+        (h.power_cycles, h.unsafe_shutdowns, h.power_on_ns),
+        (1, 0, 0)
+    );
+    assert_eq!(h.since.as_nanos(), 5 * S);
+    assert!(
+        flash.0[..HEALTH_OFFSET].iter().all(|&b| b == 0),
+        "only the health area"
+    );
+    assert!(
+        flash.0[HEALTH_OFFSET + HEALTH_SIZE..]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    // A checkpoint is written once 10 minutes have passed, not before.
+    let before = flash.0.clone();
+    log.tick(Some(&mut flash), 5 * S + CHECKPOINT_NS - 1);
+    assert_eq!(flash.0, before);
+    log.tick(Some(&mut flash), 5 * S + CHECKPOINT_NS + 30 * S);
+    assert_ne!(flash.0, before);
+    // Power lost (no shutdown record): the next boot counts an unsafe shutdown and keeps the
+    // checkpointed time.
+    let (mut log, h) = HealthLog::boot(Some(&mut flash), S);
+    assert_eq!((h.power_cycles, h.unsafe_shutdowns), (2, 1));
+    assert_eq!(h.power_on_ns, (CHECKPOINT_NS / S + 30) * S);
+    // An orderly reboot: not unsafe, and the time up to it is kept.
+    log.shutdown(Some(&mut flash), S + 3600 * S);
+    let (_, h) = HealthLog::boot(Some(&mut flash), S);
+    assert_eq!((h.power_cycles, h.unsafe_shutdowns), (3, 1));
+    assert_eq!(h.power_on_ns, (CHECKPOINT_NS / S + 30 + 3600) * S);
+    // Without flash: this boot only.
+    let (mut log, h) = HealthLog::boot::<RamFlash>(None, 7 * S);
+    assert_eq!(
+        (h.power_cycles, h.unsafe_shutdowns, h.power_on_ns),
+        (1, 0, 0)
+    );
+    log.shutdown::<RamFlash>(None, 8 * S);
+    // A flash that refuses writes: counted as this boot only, no panic.
+    let mut tiny = RamFlash(vec![0xFF; 16]);
+    let (_, h) = HealthLog::boot(Some(&mut tiny), 0);
+    assert_eq!(h.power_cycles, 1);
+}
+
 /// A bundle of `generation` signed with the public development key (qemu/dev-keys).
 fn dev_bundle(generation: u64) -> Vec<u8> {
     use keel_provision::{Backend, Encryption, Namespace, Network, Subsystem};

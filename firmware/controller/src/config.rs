@@ -5,7 +5,10 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use keel_nvme::Cqe;
-use keel_storage::{BlockBackend, IoBuf};
+/// The six limits of a namespace, controller or group (keel-qos).
+pub use keel_qos::Limits as QosLimits;
+pub use keel_qos::Rate;
+use keel_storage::{BlockBackend, BufPool, IoBuf};
 
 /// A point in time, in nanoseconds since an arbitrary epoch. Always passed in by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
@@ -93,9 +96,10 @@ pub enum Event {
 /// How a transport queue went away (see [`crate::Target::close_queue_after`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueLoss {
-    /// The host closed the connection in order (TCP FIN) or sent Disconnect.
+    /// The host closed or reset the connection, or sent Disconnect: an I/O queue's loss
+    /// ends only that queue.
     Orderly,
-    /// Reset, timeout or a transport error.
+    /// A transport error (the connection ended by the transport): ends the association.
     Abrupt,
 }
 
@@ -142,6 +146,58 @@ pub struct NamespaceConfig {
     pub uuid: [u8; 16],
     /// EUI-64 (all zero: not reported).
     pub eui64: [u8; 8],
+    /// Limits, weight and sharing.
+    pub qos: NamespaceQos,
+}
+
+/// Quality of service of a namespace (see [`crate::Target`]'s QoS section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceQos {
+    /// The namespace's own limits (every host together).
+    pub limits: QosLimits,
+    /// Its share of a saturated backend against the other namespaces of its domain (1..=1000;
+    /// a group's weight, when the namespace is in a group that has one, wins).
+    pub weight: u32,
+    /// The group (a tenant's pool of namespaces) whose limits it shares.
+    pub group: Option<String>,
+    /// Namespaces with the same domain key share one backend (slices of one drive) and are
+    /// scheduled against each other; `None`: a domain of its own.
+    pub domain: Option<u32>,
+    /// Commands of the domain at the backend at once (0: as many as the backend takes), so
+    /// that the waiting happens in the fair scheduler rather than in the device's own FIFO.
+    pub max_inflight: u32,
+}
+
+impl Default for NamespaceQos {
+    fn default() -> Self {
+        Self {
+            limits: QosLimits::NONE,
+            weight: 1,
+            group: None,
+            domain: None,
+            max_inflight: 0,
+        }
+    }
+}
+
+/// A tenant's pool: namespaces sharing limits, with a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QosGroup {
+    /// Its name (namespaces name it in [`NamespaceQos::group`]).
+    pub name: String,
+    /// Limits of all its namespaces together.
+    pub limits: QosLimits,
+    /// Weight of its namespaces (0: each namespace's own).
+    pub weight: u32,
+}
+
+/// Limits of every controller of one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostQos {
+    /// The host NQN, or `*` for every host without a rule of its own.
+    pub hostnqn: String,
+    /// Limits of each controller of that host (all its queues, all namespaces).
+    pub limits: QosLimits,
 }
 
 impl fmt::Debug for NamespaceConfig {
@@ -191,6 +247,13 @@ pub struct Limits {
     pub max_queues: usize,
     /// Largest namespace id (Identify Controller NN).
     pub max_nsid: u32,
+    /// Entries of each controller's Error Information log (1..=256; ELPE + 1), a ring
+    /// allocated when the controller is created.
+    pub error_log_entries: u16,
+    /// Source ranges a Copy may carry at most (1..=256; MSRC + 1).
+    pub copy_max_ranges: u16,
+    /// Bytes a Copy may move at most (MCL = this / block size, MSSRL = min(MCL, 65535)).
+    pub copy_max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -206,6 +269,9 @@ impl Default for Limits {
             discovery_kato_ms: 120_000,
             max_queues: 16 * 9 + 16,
             max_nsid: 1024,
+            error_log_entries: 64,
+            copy_max_ranges: 128,
+            copy_max_bytes: 128 << 20,
         }
     }
 }
@@ -220,6 +286,10 @@ pub struct TransportParams {
     pub sgls: u32,
     /// Maximum SGL Data Block Descriptors (MSDBD).
     pub msdbd: u8,
+    /// Transport type (the Discovery log TRTYPE values) recorded in Error Information log
+    /// entries of errors the transport reported ([`crate::Target::reject`]); 0 for
+    /// controllers made by [`crate::Target::create_local_controller`].
+    pub trtype: u8,
 }
 
 impl Default for TransportParams {
@@ -229,6 +299,7 @@ impl Default for TransportParams {
             in_capsule_data: 8192,
             sgls: 1 | (1 << 20),
             msdbd: 1,
+            trtype: keel_nvme::log::discovery::TRTYPE_TCP,
         }
     }
 }
@@ -257,6 +328,30 @@ impl Default for Identity {
     }
 }
 
+/// What the device knows of its own life, for the SMART / Health log (NVMe base 2.0
+/// §5.16.1.3): kept by the firmware across power cycles (in flash), handed to
+/// [`crate::Target::set_health`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceHealth {
+    /// Power cycles, this one included.
+    pub power_cycles: u64,
+    /// Power cycles that ended without a clean shutdown.
+    pub unsafe_shutdowns: u64,
+    /// Powered-on time of earlier power cycles (and of this one before `since`), nanoseconds.
+    pub power_on_ns: u64,
+    /// When this power cycle's powered-on time starts counting (the clock the target's
+    /// callers pass in).
+    pub since: Instant,
+}
+
+impl DeviceHealth {
+    /// Powered-on nanoseconds at `now`.
+    pub const fn power_on_ns_at(&self, now: Instant) -> u64 {
+        self.power_on_ns
+            .saturating_add(now.as_nanos().saturating_sub(self.since.as_nanos()))
+    }
+}
+
 /// Everything [`crate::Target::new`] needs.
 #[derive(Debug, Default)]
 pub struct TargetConfig {
@@ -270,6 +365,17 @@ pub struct TargetConfig {
     pub transport: TransportParams,
     /// Product identity.
     pub identity: Identity,
+    /// Scratch buffers the controller uses for work with no host buffer: Copy (each chunk
+    /// is read into one, then written out) and Write Zeroes on namespaces whose backend has
+    /// none (zero-filled writes, e.g. encrypted namespaces). Buffers must be DMA-capable for
+    /// drive backends and hold at least one logical block. Without a pool, Copy is not
+    /// offered and such namespaces refuse Write Zeroes. A command that finds the pool empty
+    /// waits in its slot, like a command a busy backend refused.
+    pub scratch: Option<BufPool>,
+    /// QoS groups (tenants' pools).
+    pub qos_groups: Vec<QosGroup>,
+    /// Per-host controller limits.
+    pub host_qos: Vec<HostQos>,
 }
 
 /// Why a configuration was refused.
@@ -283,8 +389,10 @@ pub enum ConfigError {
     BadNsid(u32),
     /// A backend's block size is not a power of two in 512..=65536 or it is empty.
     BadGeometry(u32),
-    /// A limit is out of range.
+    /// A limit is out of range (or a QoS group is named twice).
     BadLimits,
+    /// A namespace names a QoS group that does not exist.
+    UnknownGroup(u32),
 }
 
 impl fmt::Display for ConfigError {
@@ -295,6 +403,7 @@ impl fmt::Display for ConfigError {
             ConfigError::BadNsid(n) => write!(f, "invalid or duplicate namespace id {n}"),
             ConfigError::BadGeometry(n) => write!(f, "namespace {n}: unusable block geometry"),
             ConfigError::BadLimits => f.write_str("limits out of range"),
+            ConfigError::UnknownGroup(n) => write!(f, "namespace {n}: no such QoS group"),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! shutdown).
 
 use crate::config::*;
+use crate::errlog::ErrAt;
 use crate::target::*;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -36,7 +37,7 @@ impl Target {
 
     pub(crate) fn connect(&mut self, now: Instant, qi: usize, req: Request) -> Response {
         let cmd = ConnectCommand::from_sqe(&req.sqe);
-        let bad = |t: &Self, req: Request, in_data: bool, off: u16| {
+        let bad = |t: &mut Self, req: Request, in_data: bool, off: u16| {
             t.respond(
                 qi,
                 req,
@@ -101,6 +102,7 @@ impl Target {
             let ctrl =
                 self.new_controller(cntlid, si, hostnqn, data.hostid, false, admin_q, kato, now);
             self.ctrls[ci] = Some(ctrl);
+            self.ensure_flows(ci);
             let q = &mut self.queues[qi];
             q.state = QState::Connected;
             q.ctrl = ci;
@@ -161,6 +163,8 @@ impl Target {
         sqsize: u16,
         sqflow_disabled: bool,
     ) {
+        self.sched
+            .ensure_capacity((qi as u32 + 1).saturating_mul(self.hstride));
         let Some(Some(c)) = self.ctrls.get_mut(ci) else {
             return;
         };
@@ -190,7 +194,7 @@ impl Target {
 
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new_controller(
-        &self,
+        &mut self,
         cntlid: u16,
         si: usize,
         hostnqn: String,
@@ -207,6 +211,8 @@ impl Target {
         };
         let mut io_qs = Vec::with_capacity(nq as usize);
         io_qs.resize(nq as usize, None);
+        let limits = self.host_limits(&hostnqn);
+        let limiter = self.new_limiter(limits, now);
         Controller {
             cntlid,
             subsys: si,
@@ -231,6 +237,12 @@ impl Target {
             changed_ns: Vec::with_capacity(256),
             changed_overflow: false,
             outstanding: 0,
+            busy_since: now,
+            busy_ns: 0,
+            errors: crate::errlog::ErrorLog::new(self.limits.error_log_entries as usize),
+            aborts_pending: 0,
+            limiter,
+            flows: Vec::new(),
         }
     }
 
@@ -285,7 +297,8 @@ impl Target {
                 self.destroy_controller(ci, None);
                 r
             }
-            _ => self.respond(qi, req, Status::INVALID_OPCODE, 0),
+            // Unknown FCTYPE (byte 4 of a fabrics command).
+            _ => self.respond_at(qi, req, Status::INVALID_OPCODE, ErrAt::field(4, 0)),
         }
     }
 
@@ -304,7 +317,8 @@ impl Target {
                 r
             }
             Some(FabricsType::Connect) => self.respond(qi, req, Status::COMMAND_SEQUENCE_ERROR, 0),
-            _ => self.respond(qi, req, Status::INVALID_OPCODE, 0),
+            // Unknown FCTYPE (byte 4 of a fabrics command).
+            _ => self.respond_at(qi, req, Status::INVALID_OPCODE, ErrAt::field(4, 0)),
         }
     }
 
@@ -457,6 +471,7 @@ impl Target {
         let cntlid = self.alloc_cntlid();
         let ctrl = self.new_controller(cntlid, si, String::new(), [0; 16], true, q, 0, now);
         self.ctrls[ci] = Some(ctrl);
+        self.ensure_flows(ci);
         let queue = &mut self.queues[qi];
         queue.state = QState::Connected;
         queue.ctrl = ci;

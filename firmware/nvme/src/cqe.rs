@@ -150,6 +150,8 @@ pub mod command_specific {
     pub const INVALID_PROTECTION_INFORMATION: u8 = 0x81;
     /// Attempted Write to Read Only Range (NVM I/O commands).
     pub const WRITE_TO_READ_ONLY_RANGE: u8 = 0x82;
+    /// Command Size Limit Exceeded (NVM command set: Copy beyond MSRC, MSSRL or MCL).
+    pub const COMMAND_SIZE_LIMIT_EXCEEDED: u8 = 0x83;
     /// Connect: Incompatible Format (fabrics).
     pub const CONNECT_INCOMPATIBLE_FORMAT: u8 = 0x80;
     /// Connect: Controller Busy (fabrics).
@@ -295,6 +297,9 @@ impl Status {
     /// Controller List Invalid (DNR).
     pub const CONTROLLER_LIST_INVALID: Status =
         Status::command_specific(command_specific::CONTROLLER_LIST_INVALID).with_dnr();
+    /// Command Size Limit Exceeded (DNR).
+    pub const COMMAND_SIZE_LIMIT_EXCEEDED: Status =
+        Status::command_specific(command_specific::COMMAND_SIZE_LIMIT_EXCEEDED).with_dnr();
     /// Connect Incompatible Format (DNR).
     pub const CONNECT_INCOMPATIBLE_FORMAT: Status =
         Status::command_specific(command_specific::CONNECT_INCOMPATIBLE_FORMAT).with_dnr();
@@ -496,6 +501,12 @@ mod tests {
         assert_eq!(Status::CONNECT_INVALID_HOST.to_field(true), 0x8309);
         // Compare Failure: SCT 2, SC 85h.
         assert_eq!(Status::COMPARE_FAILURE.to_field(false), 0x850a);
+        // Command Size Limit Exceeded: SCT 1, SC 83h, DNR (Linux NVME_SC_CMD_SIZE_LIMIT_EXCEEDED
+        // 0x183 with NVME_SC_DNR 0x4000, shifted left by the phase bit).
+        assert_eq!(
+            Status::COMMAND_SIZE_LIMIT_EXCEEDED.to_field(false),
+            ((0x183u16 | 0x4000) << 1)
+        );
         assert_eq!(Status::SUCCESS.to_field(true), 1);
         // Path statuses as Linux spells them with the status shifted out of the phase bit:
         // NVME_SC_ANA_INACCESSIBLE 0x302, NVME_SC_CTRL_PATH_ERROR 0x360 (+ DNR 0x4000).

@@ -100,6 +100,7 @@ pub mod ctrl_field {
     pub const VWC: usize = 525;
     pub const AWUN: usize = 526;
     pub const AWUPF: usize = 528;
+    pub const OCFS: usize = 534;
     pub const SGLS: usize = 536;
     pub const SUBNQN: usize = 768;
     pub const IOCCSZ: usize = 1792;
@@ -142,6 +143,16 @@ pub mod oncs {
     pub const WRITE_ZEROES: u16 = 1 << 3;
     /// Save field in Set Features / Select field in Get Features.
     pub const SAVE_SELECT: u16 = 1 << 4;
+    /// Verify.
+    pub const VERIFY: u16 = 1 << 7;
+    /// Copy.
+    pub const COPY: u16 = 1 << 8;
+}
+
+/// Optional Copy Formats Supported (OCFS) bits.
+pub mod ocfs {
+    /// Source Range Entries Copy Descriptor Format 0h.
+    pub const FORMAT_0: u16 = 1 << 0;
 }
 
 /// The fields of Identify Controller a Keel controller fills. Everything else encodes as 0.
@@ -219,6 +230,8 @@ pub struct IdentifyController {
     pub awun: u16,
     /// Atomic Write Unit Power Fail (0's based).
     pub awupf: u16,
+    /// Optional Copy Formats Supported.
+    pub ocfs: u16,
     /// SGL Support.
     pub sgls: u32,
     /// NVM Subsystem NQN (NUL padded).
@@ -274,6 +287,7 @@ impl Default for IdentifyController {
             vwc: 0,
             awun: 0,
             awupf: 0,
+            ocfs: 0,
             sgls: 0,
             subnqn: [0; 256],
             ioccsz: 0,
@@ -340,6 +354,7 @@ impl IdentifyController {
         le::put_u8(b, VWC, self.vwc);
         le::put_u16(b, AWUN, self.awun);
         le::put_u16(b, AWUPF, self.awupf);
+        le::put_u16(b, OCFS, self.ocfs);
         le::put_u32(b, SGLS, self.sgls);
         le::put_bytes(b, SUBNQN, &self.subnqn);
         le::put_u32(b, IOCCSZ, self.ioccsz);
@@ -389,6 +404,7 @@ impl IdentifyController {
             vwc: le::u8_at(b, VWC),
             awun: le::u16_at(b, AWUN),
             awupf: le::u16_at(b, AWUPF),
+            ocfs: le::u16_at(b, OCFS),
             sgls: le::u32_at(b, SGLS),
             subnqn: le::array_at(b, SUBNQN),
             ioccsz: le::u32_at(b, IOCCSZ),
@@ -438,6 +454,9 @@ pub mod ns_field {
     pub const NMIC: usize = 30;
     pub const DLFEAT: usize = 33;
     pub const ANAGRPID: usize = 92;
+    pub const MSSRL: usize = 74;
+    pub const MCL: usize = 76;
+    pub const MSRC: usize = 80;
     pub const NGUID: usize = 104;
     pub const EUI64: usize = 120;
     pub const LBAF0: usize = 128;
@@ -464,6 +483,12 @@ pub struct IdentifyNamespace {
     pub dlfeat: u8,
     /// ANA Group Identifier (0: the namespace is in no ANA group).
     pub anagrpid: u32,
+    /// Maximum Single Source Range Length of a Copy (logical blocks).
+    pub mssrl: u16,
+    /// Maximum Copy Length (logical blocks).
+    pub mcl: u32,
+    /// Maximum Source Range Count of a Copy (0's based).
+    pub msrc: u8,
     /// Namespace Globally Unique Identifier.
     pub nguid: [u8; 16],
     /// IEEE Extended Unique Identifier.
@@ -486,6 +511,9 @@ impl IdentifyNamespace {
         le::put_u8(b, NMIC, self.nmic);
         le::put_u8(b, DLFEAT, self.dlfeat);
         le::put_u32(b, ANAGRPID, self.anagrpid);
+        le::put_u16(b, MSSRL, self.mssrl);
+        le::put_u32(b, MCL, self.mcl);
+        le::put_u8(b, MSRC, self.msrc);
         le::put_bytes(b, NGUID, &self.nguid);
         le::put_bytes(b, EUI64, &self.eui64);
         for (i, f) in self.lbaf.iter().enumerate() {
@@ -510,6 +538,9 @@ impl IdentifyNamespace {
             nmic: le::u8_at(b, NMIC),
             dlfeat: le::u8_at(b, DLFEAT),
             anagrpid: le::u32_at(b, ANAGRPID),
+            mssrl: le::u16_at(b, MSSRL),
+            mcl: le::u32_at(b, MCL),
+            msrc: le::u8_at(b, MSRC),
             nguid: le::array_at(b, NGUID),
             eui64: le::array_at(b, EUI64),
             lbaf,
@@ -673,6 +704,7 @@ mod tests {
             ..Default::default()
         };
         c.awupf = 0x0707;
+        c.ocfs = ocfs::FORMAT_0;
         let mut b = [0u8; IDENTIFY_LEN];
         c.encode(&mut b);
         assert_eq!(&b[0..4], &[0x36, 0x1b, 0xf4, 0x1a]);
@@ -701,6 +733,8 @@ mod tests {
         assert_eq!(&b[520..522], &[0x0d, 0]);
         assert_eq!(b[525], 5);
         assert_eq!(&b[528..530], &[7, 7]);
+        // OCFS: Linux `struct nvme_id_ctrl` ocfs at byte 534 (after acwu at 532).
+        assert_eq!(&b[534..536], &[1, 0]);
         assert_eq!(&b[536..540], &[5, 0, 0x10, 0]);
         assert_eq!(&b[768..774], b"nqn.x\0");
         assert_eq!(&b[1792..1796], &[4, 1, 0, 0]);
@@ -727,6 +761,9 @@ mod tests {
             nmic: 1,
             dlfeat: 0x9,
             anagrpid: 0x1122_3344,
+            mssrl: 0x0102,
+            mcl: 0x0304_0506,
+            msrc: 0x7f,
             nguid: [7; 16],
             eui64: [9; 8],
             lbaf,
@@ -738,6 +775,8 @@ mod tests {
         assert_eq!((b[24], b[25], b[26], b[30], b[33]), (1, 0, 0, 1, 9));
         // Linux `struct nvme_id_ns`: le32 anagrpid @92 (after rsvd81[11] @81).
         assert_eq!(&b[92..96], &[0x44, 0x33, 0x22, 0x11]);
+        // Copy limits (Linux `struct nvme_id_ns`: mssrl at byte 74, mcl at 76, msrc at 80).
+        assert_eq!(&b[74..81], &[0x02, 0x01, 0x06, 0x05, 0x04, 0x03, 0x7f]);
         assert_eq!(&b[104..120], &[7; 16]);
         assert_eq!(&b[120..128], &[9; 8]);
         assert_eq!(&b[128..132], &[0, 0, 12, 0]);

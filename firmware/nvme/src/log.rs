@@ -75,6 +75,14 @@ pub struct ErrorLogEntry {
 impl ErrorLogEntry {
     /// Entry size.
     pub const SIZE: usize = 64;
+    /// Parameter Error Location / SQID / CID when the error is not specific to one.
+    pub const NOT_SPECIFIC: u16 = 0xFFFF;
+
+    /// A Parameter Error Location: byte `byte` (0..=63) of the command, bit `bit` (0..=7)
+    /// of that byte (bits 7:0 and 10:8 of the field).
+    pub const fn location(byte: u8, bit: u8) -> u16 {
+        (byte & 0x3F) as u16 | (((bit & 7) as u16) << 8)
+    }
 
     /// Encodes into 64 bytes.
     pub fn encode(&self, b: &mut [u8; 64]) {
@@ -87,6 +95,20 @@ impl ErrorLogEntry {
         le::put_u64(b, 16, self.lba);
         le::put_u32(b, 24, self.nsid);
         le::put_u8(b, 29, self.trtype);
+    }
+
+    /// Decodes 64 bytes.
+    pub fn decode(b: &[u8; 64]) -> Self {
+        Self {
+            error_count: le::u64_at(b, 0),
+            sqid: le::u16_at(b, 8),
+            cid: le::u16_at(b, 10),
+            status: le::u16_at(b, 12),
+            param_error_location: le::u16_at(b, 14),
+            lba: le::u64_at(b, 16),
+            nsid: le::u32_at(b, 24),
+            trtype: le::u8_at(b, 29),
+        }
     }
 }
 
@@ -681,15 +703,27 @@ mod tests {
         assert_eq!(p[24], 1);
         assert_eq!(p[1028], 3);
         let mut e = [0u8; 64];
-        ErrorLogEntry {
+        let entry = ErrorLogEntry {
             error_count: 1,
             sqid: 2,
             cid: 3,
             status: 0x8100,
-            ..Default::default()
-        }
-        .encode(&mut e);
+            param_error_location: ErrorLogEntry::location(40, 0),
+            lba: 0x0102_0304_0506_0708,
+            nsid: 0x0a0b_0c0d,
+            trtype: 3,
+        };
+        entry.encode(&mut e);
+        // Linux struct nvme_error_slot: error_count 0, sqid 8, cmdid 10, status_field 12,
+        // param_error_location 14, lba 16, nsid 24, vs 28, trtype 29.
         assert_eq!(&e[0..14], &[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 3, 0, 0, 0x81]);
+        assert_eq!(&e[14..16], &[40, 0]);
+        assert_eq!(&e[16..24], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(&e[24..30], &[0x0d, 0x0c, 0x0b, 0x0a, 0, 3]);
+        assert!(e[30..].iter().all(|&x| x == 0));
+        assert_eq!(ErrorLogEntry::decode(&e), entry);
+        // Bits 10:8 = bit in the byte: CDW12 bit 30 (FUA) is byte 51, bit 6.
+        assert_eq!(ErrorLogEntry::location(51, 6), 0x0633);
     }
 
     #[test]

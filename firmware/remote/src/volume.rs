@@ -950,6 +950,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             deallocate: info.oncs & oncs::DSM != 0,
             deallocate_reads_zero: id.dlfeat & 0x7 == 0x1,
             compare: info.oncs & oncs::COMPARE != 0,
+            verify: info.oncs & oncs::VERIFY != 0,
         };
         self.ns = Some(NsInfo {
             geometry: Geometry {
@@ -1277,6 +1278,11 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             BlockOp::WriteZeroes { deallocate, fua } => {
                 let n = left.min(65536);
                 let sqe = rw(n, deallocate, fua).to_sqe(IoOpcode::WriteZeroes as u8, 0, nsid);
+                (sqe, None, n)
+            }
+            BlockOp::Verify => {
+                let n = left.min(65536);
+                let sqe = rw(n, false, false).to_sqe(IoOpcode::Verify as u8, 0, nsid);
                 (sqe, None, n)
             }
             BlockOp::Deallocate => {

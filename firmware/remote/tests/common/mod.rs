@@ -231,6 +231,7 @@ fn make_target(cfg: &ServerCfg, backend: Box<dyn BlockBackend>) -> Target {
                 nguid: [0x42; 16],
                 uuid: [0; 16],
                 eui64: [0; 8],
+                qos: Default::default(),
             }],
         }],
         ports: Vec::new(),
@@ -245,6 +246,8 @@ fn make_target(cfg: &ServerCfg, backend: Box<dyn BlockBackend>) -> Target {
             ..TransportParams::default()
         },
         identity: Default::default(),
+        scratch: None,
+        ..Default::default()
     })
     .unwrap()
 }
