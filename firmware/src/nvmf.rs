@@ -24,6 +24,9 @@ use smoltcp::socket::tcp;
 
 /// Largest transfer per command (MDTS 5 with 4 KiB pages = 128 KiB).
 const MAX_TRANSFER: usize = 128 * 1024;
+/// The owner of the NVMe/TCP service's core queues (`Target::open_queue_for`); emulated
+/// functions are owners `0..` by position (see `crate::services`).
+pub(crate) const OWNER: u16 = u16::MAX;
 /// Data buffers shared by every connection.
 const POOL_BUFFERS: usize = 256;
 /// Command slots per connection (the largest queue depth a host can get).
@@ -134,7 +137,7 @@ impl NvmfService {
     ) {
         let (tcp, queue) = match (
             TargetConnection::new(self.tcp_cfg, ms(now_ns)),
-            target.open_queue(),
+            target.open_queue_for(OWNER),
         ) {
             (Ok(t), Ok(q)) => (t, q),
             (_, Ok(q)) => {
@@ -208,7 +211,7 @@ impl NvmfService {
                     c.closing = true;
                 }
             }
-            CoreEvent::BufferReleased(b) => recycle(pool, Some(b)),
+            CoreEvent::BufferReleased { buf: b, .. } => recycle(pool, Some(b)),
         }
     }
 

@@ -615,7 +615,7 @@ impl Server {
                         c.closing = true;
                     }
                 }
-                CoreEvent::BufferReleased(b) => give(b),
+                CoreEvent::BufferReleased { buf: b, .. } => give(b),
             }
         }
         let mut k = 0;
