@@ -9,7 +9,7 @@ use keel_nvme::opcode::FABRICS_OPCODE;
 use keel_nvme::{Cqe, DataDirection, SglDescriptor, Sqe, Status};
 
 use crate::conn::{ConnState, Connection, Core, PduOf, Role, RxData, RxPdu};
-use crate::pdu::{FLAG_LAST_PDU, FLAG_SUCCESS, FatalError, Header, PduType, Repr, field};
+use crate::pdu::{FatalError, Header, PduFlags, PduType, Repr, field};
 use crate::rx::{DataLimits, PduInfo};
 use crate::target::{ConfigError, MAX_SLOTS, MIN_IN_CAPSULE};
 use crate::{CloseReason, Digests, RejectReason, Rejected};
@@ -289,8 +289,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for HostRole<B> {
                 if len != info.data_len {
                     return Err(FatalError::field(field::DATA_LENGTH.start));
                 }
-                let last = info.flags & FLAG_LAST_PDU != 0;
-                let success = info.flags & FLAG_SUCCESS != 0;
+                let last = info.flags.contains(PduFlags::LAST_PDU);
+                let success = info.flags.contains(PduFlags::SUCCESS);
                 if success && !last {
                     return Err(FatalError::field(field::FLAGS));
                 }

@@ -81,14 +81,21 @@ pub const DIGEST_LEN: usize = 4;
 /// Largest header we ever buffer: ICReq/ICResp (no digest) or a digest-carrying header.
 pub const MAX_HDR_LEN: usize = IC_HLEN + DIGEST_LEN;
 
-/// FLAGS bit 0: header digest present.
-pub const FLAG_HDGSTF: u8 = 1 << 0;
-/// FLAGS bit 1: data digest present.
-pub const FLAG_DDGSTF: u8 = 1 << 1;
-/// FLAGS bit 2 (H2CData/C2HData): last PDU of the transfer (of the R2T for H2CData).
-pub const FLAG_LAST_PDU: u8 = 1 << 2;
-/// FLAGS bit 3 (C2HData): command completed successfully, no CapsuleResp follows.
-pub const FLAG_SUCCESS: u8 = 1 << 3;
+bitflags::bitflags! {
+    /// The common header's FLAGS (NVMe/TCP 1.0 common header figure). Bits a PDU type does
+    /// not define are kept as received (reserved: ignored).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct PduFlags: u8 {
+        /// Bit 0: header digest present.
+        const HDGSTF = 1 << 0;
+        /// Bit 1: data digest present.
+        const DDGSTF = 1 << 1;
+        /// Bit 2 (H2CData/C2HData): last PDU of the transfer (of the R2T for H2CData).
+        const LAST_PDU = 1 << 2;
+        /// Bit 3 (C2HData): command completed successfully, no CapsuleResp follows.
+        const SUCCESS = 1 << 3;
+    }
+}
 
 /// ICReq/ICResp DGST bit 0.
 pub const DGST_HDGST: u8 = 1 << 0;
@@ -279,8 +286,8 @@ impl<T: AsRef<[u8]>> CommonHeader<T> {
         PduType::from_u8(self.raw_type())
     }
     /// FLAGS.
-    pub fn flags(&self) -> u8 {
-        self.buf.as_ref()[field::FLAGS]
+    pub fn flags(&self) -> PduFlags {
+        PduFlags::from_bits_retain(self.buf.as_ref()[field::FLAGS])
     }
     /// HLEN.
     pub fn hlen(&self) -> u8 {
@@ -297,9 +304,16 @@ impl<T: AsRef<[u8]>> CommonHeader<T> {
 }
 
 /// Write a common header into `b[..8]` (the caller guarantees the length).
-pub(crate) fn put_ch(b: &mut [u8], ty: PduType, flags: u8, hlen: usize, pdo: usize, plen: u32) {
+pub(crate) fn put_ch(
+    b: &mut [u8],
+    ty: PduType,
+    flags: PduFlags,
+    hlen: usize,
+    pdo: usize,
+    plen: u32,
+) {
     b[field::PDU_TYPE] = ty as u8;
-    b[field::FLAGS] = flags;
+    b[field::FLAGS] = flags.bits();
     b[field::HLEN] = hlen as u8;
     b[field::PDO] = pdo as u8;
     put_u32(b, field::PLEN.start, plen);
@@ -610,13 +624,9 @@ impl Repr {
         }
         let h = &mut out[..lay.header_len];
         h.fill(0);
-        let mut flags = 0;
-        if lay.header_len > hl {
-            flags |= FLAG_HDGSTF;
-        }
-        if lay.ddgst_len > 0 {
-            flags |= FLAG_DDGSTF;
-        }
+        let mut flags = PduFlags::empty();
+        flags.set(PduFlags::HDGSTF, lay.header_len > hl);
+        flags.set(PduFlags::DDGSTF, lay.ddgst_len > 0);
         match *self {
             Self::IcReq {
                 pfv,
@@ -662,9 +672,7 @@ impl Repr {
                 put_u16(h, field::DATA_TTAG.start, ttag);
                 put_u32(h, field::DATA_OFFSET.start, offset);
                 put_u32(h, field::DATA_LENGTH.start, len);
-                if last {
-                    flags |= FLAG_LAST_PDU;
-                }
+                flags.set(PduFlags::LAST_PDU, last);
             }
             Self::C2HData {
                 cccid,
@@ -676,12 +684,8 @@ impl Repr {
                 put_u16(h, field::DATA_CCCID.start, cccid);
                 put_u32(h, field::DATA_OFFSET.start, offset);
                 put_u32(h, field::DATA_LENGTH.start, len);
-                if last {
-                    flags |= FLAG_LAST_PDU;
-                }
-                if success {
-                    flags |= FLAG_SUCCESS;
-                }
+                flags.set(PduFlags::LAST_PDU, last);
+                flags.set(PduFlags::SUCCESS, success);
             }
             Self::R2T {
                 cccid,
@@ -708,8 +712,16 @@ impl Repr {
         let ch = h.ch();
         let flags = ch.flags();
         let dg = h.ic_digests();
-        let hd = if flags & FLAG_HDGSTF != 0 { 4 } else { 0 };
-        let dd = if flags & FLAG_DDGSTF != 0 { 4 } else { 0 };
+        let hd = if flags.contains(PduFlags::HDGSTF) {
+            4
+        } else {
+            0
+        };
+        let dd = if flags.contains(PduFlags::DDGSTF) {
+            4
+        } else {
+            0
+        };
         let plen = ch.plen() as usize;
         let pdo = ch.pdo() as usize;
         match h.pdu_type() {
@@ -745,14 +757,14 @@ impl Repr {
                 ttag: h.ttag(),
                 offset: h.data_offset(),
                 len: h.data_length(),
-                last: flags & FLAG_LAST_PDU != 0,
+                last: flags.contains(PduFlags::LAST_PDU),
             },
             PduType::C2HData => Self::C2HData {
                 cccid: h.cccid(),
                 offset: h.data_offset(),
                 len: h.data_length(),
-                last: flags & FLAG_LAST_PDU != 0,
-                success: flags & FLAG_SUCCESS != 0,
+                last: flags.contains(PduFlags::LAST_PDU),
+                success: flags.contains(PduFlags::SUCCESS),
             },
             PduType::R2T => Self::R2T {
                 cccid: h.cccid(),

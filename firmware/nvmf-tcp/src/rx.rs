@@ -4,8 +4,8 @@
 
 use crate::crc32c::{Crc32c, crc32c};
 use crate::pdu::{
-    DIGEST_LEN, Digests, FLAG_DDGSTF, FLAG_HDGSTF, FatalError, IC_HLEN, MAX_HDR_LEN, PduType,
-    TERM_HLEN, TERM_MAX_PLEN, field,
+    DIGEST_LEN, Digests, FatalError, IC_HLEN, MAX_HDR_LEN, PduFlags, PduType, TERM_HLEN,
+    TERM_MAX_PLEN, field,
 };
 use keel_nvme::le;
 
@@ -39,7 +39,7 @@ pub struct PduInfo {
     /// PDU type.
     pub ty: PduType,
     /// FLAGS.
-    pub flags: u8,
+    pub flags: PduFlags,
     /// HLEN + header digest.
     pub hdr_len: usize,
     /// Offset of the data (valid when `data_len > 0`).
@@ -59,7 +59,7 @@ pub fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
         Some(t) if t.host_to_controller() == lim.target => t,
         _ => return Err(FatalError::field(field::PDU_TYPE)),
     };
-    let flags = ch.get(field::FLAGS).copied().unwrap_or(0);
+    let flags = PduFlags::from_bits_retain(ch.get(field::FLAGS).copied().unwrap_or(0));
     let hlen = ch.get(field::HLEN).copied().unwrap_or(0) as usize;
     let pdo = ch.get(field::PDO).copied().unwrap_or(0) as usize;
     let plen = le::u32_at(ch, field::PLEN.start) as usize;
@@ -73,7 +73,7 @@ pub fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
     }
     match ty {
         PduType::IcReq | PduType::IcResp | PduType::H2CTermReq | PduType::C2HTermReq => {
-            if flags & (FLAG_HDGSTF | FLAG_DDGSTF) != 0 {
+            if flags.intersects(PduFlags::HDGSTF | PduFlags::DDGSTF) {
                 return Err(FatalError::field(field::FLAGS));
             }
             let ok = if hlen == IC_HLEN {
@@ -96,12 +96,12 @@ pub fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
         }
         _ => {}
     }
-    let hdgst = flags & FLAG_HDGSTF != 0;
+    let hdgst = flags.contains(PduFlags::HDGSTF);
     if hdgst != lim.digests.header {
         return Err(FatalError::field(field::FLAGS));
     }
     let hdr_len = hlen + if hdgst { DIGEST_LEN } else { 0 };
-    let ddgst = flags & FLAG_DDGSTF != 0;
+    let ddgst = flags.contains(PduFlags::DDGSTF);
     if plen < hdr_len {
         return Err(FatalError::field(field::PLEN.start));
     }

@@ -13,7 +13,7 @@ use keel_nvme::{Cqe, DataDirection, Sqe, Status};
 
 use crate::capsule::{SGL_IN_CAPSULE, SGL_TRANSPORT, Sgl1};
 use crate::conn::{ConnState, Connection, Core, PduOf, Role, RxData, RxPdu};
-use crate::pdu::{Digests, FLAG_LAST_PDU, FatalError, Header, PduType, Repr, field};
+use crate::pdu::{Digests, FatalError, Header, PduFlags, PduType, Repr, field};
 use crate::rx::{DataLimits, PduInfo};
 use crate::{CloseReason, RejectReason, Rejected};
 
@@ -547,7 +547,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetRole<B> {
         if got > end {
             return Err(FatalError::DataOutOfRange);
         }
-        if (info.flags & FLAG_LAST_PDU != 0) != (got == end) {
+        if info.flags.contains(PduFlags::LAST_PDU) != (got == end) {
             return Err(FatalError::field(field::FLAGS));
         }
         self.sink = Sink::Slot(idx as u16);

@@ -20,8 +20,8 @@ use keel_nvme::{Cqe, DataDirection, SglDescriptor, Sqe};
 use keel_nvmf_tcp::capsule::{SGL_IN_CAPSULE, SGL_TRANSPORT};
 use keel_nvmf_tcp::pdu::{
     self, CMD_HLEN, CommonHeader, DATA_HLEN, DGST_DDGST, DGST_HDGST, DIGEST_LEN, Digests,
-    FLAG_DDGSTF, FLAG_HDGSTF, FLAG_LAST_PDU, FLAG_SUCCESS, FatalError, Header, IC_HLEN, PduType,
-    RESP_HLEN, Repr, TERM_HLEN, TERM_MAX_PLEN, encode_pdu, field,
+    FatalError, Header, IC_HLEN, PduFlags, PduType, RESP_HLEN, Repr, TERM_HLEN, TERM_MAX_PLEN,
+    encode_pdu, field,
 };
 use keel_nvmf_tcp::{HostConfig, HostConnection, HostEvent, Status, TargetConfig, TargetState};
 
@@ -55,7 +55,7 @@ fn decoded(bytes: &[u8]) -> (Repr, [u32; 4]) {
     (
         Repr::parse(&h),
         [
-            ch.flags() as u32,
+            ch.flags().bits() as u32,
             ch.hlen() as u32,
             ch.pdo() as u32,
             ch.plen(),
@@ -93,7 +93,12 @@ fn codes_and_offsets_match_the_spec() {
     assert_eq!(PduType::from_u8(0x08), None, "08h is reserved");
     // FLAGS bits: Linux `enum nvme_tcp_pdu_flags` (HDGSTF, DDGSTF, DATA_LAST, DATA_SUCCESS).
     assert_eq!(
-        (FLAG_HDGSTF, FLAG_DDGSTF, FLAG_LAST_PDU, FLAG_SUCCESS),
+        (
+            PduFlags::HDGSTF.bits(),
+            PduFlags::DDGSTF.bits(),
+            PduFlags::LAST_PDU.bits(),
+            PduFlags::SUCCESS.bits()
+        ),
         (0x01, 0x02, 0x04, 0x08)
     );
     // ICReq/ICResp DGST bits: Linux `enum nvme_tcp_digest_option`.
