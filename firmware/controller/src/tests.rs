@@ -1681,7 +1681,7 @@ fn mandatory_features_without_an_effect() {
 #[test]
 fn interrupt_features_on_a_local_controller() {
     let mut h = H::new();
-    let a = h.t.create_local_controller(h.now, SUB).unwrap();
+    let a = h.t.create_local_controller(h.now, SUB, 0).unwrap();
     // CC.EN = 1 (the local host enables the controller before any admin command).
     h.t.property_set(h.now, a, 0x14, PropertySize::Four, 0x0046_0001)
         .unwrap();
