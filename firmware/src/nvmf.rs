@@ -28,6 +28,9 @@ use smoltcp::socket::tcp;
 
 /// Largest transfer per command (MDTS 5 with 4 KiB pages = 128 KiB).
 const MAX_TRANSFER: usize = 128 * 1024;
+/// The owner of the NVMe/TCP service's core queues (`Target::open_queue_for`); emulated
+/// functions are owners `0..` by position (see `crate::services`).
+pub(crate) const OWNER: u16 = u16::MAX;
 /// Data buffers shared by every connection.
 const POOL_BUFFERS: usize = 256;
 /// Command slots per connection (the largest queue depth a host can get).
@@ -55,7 +58,7 @@ enum Waiting {
     /// Host-to-controller data needs a buffer.
     Buffer { cid: u16, len: u32 },
     /// A command that returns data needs a buffer.
-    Command { sqe: [u8; 64], data_len: u32 },
+    Command { sqe: Sqe, data_len: u32 },
 }
 
 impl Waiting {
@@ -142,7 +145,7 @@ impl NvmfService {
         self.conns
             .iter()
             .flatten()
-            .filter(|c| c.tcp.state() == TargetState::AwaitIcReq)
+            .filter(|c| c.tcp.state() == TargetState::AwaitIc)
             .count()
     }
 
@@ -160,7 +163,7 @@ impl NvmfService {
     ) {
         let (tcp, queue) = match (
             TargetConnection::new(self.tcp_cfg, ms(now_ns)),
-            target.open_queue(),
+            target.open_queue_for(OWNER),
         ) {
             (Ok(t), Ok(q)) => (t, q),
             (_, Ok(q)) => {
@@ -233,7 +236,7 @@ impl NvmfService {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
-                .filter(|(_, c)| c.tcp.state() == TargetState::AwaitIcReq && !c.closing)
+                .filter(|(_, c)| c.tcp.state() == TargetState::AwaitIc && !c.closing)
                 .min_by_key(|(_, c)| c.opened_ns)
                 .map(|(i, _)| i);
             let Some(c) = oldest.and_then(|i| self.conns[i].take()) else {
@@ -267,7 +270,7 @@ impl NvmfService {
                     c.closing = true;
                 }
             }
-            CoreEvent::BufferReleased(b) => recycle(pool, Some(b)),
+            CoreEvent::BufferReleased { buf: b, .. } => recycle(pool, Some(b)),
         }
     }
 
@@ -326,9 +329,9 @@ impl NvmfService {
         }
         busy |= c.handle_events(&mut cx);
         busy |= c.retry_waiting(&mut cx);
-        let awaiting = c.tcp.state() == TargetState::AwaitIcReq;
+        let awaiting = c.tcp.state() == TargetState::AwaitIc;
         c.tcp.poll_timers(now_ms);
-        if awaiting && c.tcp.state() != TargetState::AwaitIcReq {
+        if awaiting && c.tcp.state() != TargetState::AwaitIc {
             self.icreq_timeouts += 1;
         }
         c.flush(net);
@@ -407,7 +410,6 @@ struct Ctx<'a> {
 impl Conn {
     /// Hands a controller response to the transport.
     fn deliver(&mut self, pool: &mut BufPool, resp: Response) {
-        let cqe = resp.cqe.to_bytes();
         let data = match resp.buf {
             Some(b) if resp.data_len > 0 => Some((NetBuf(b), resp.data_len)),
             other => {
@@ -415,14 +417,14 @@ impl Conn {
                 None
             }
         };
-        if let Err(rejected) = self.tcp.complete(cqe, data, self.fc_disabled) {
+        if let Err(rejected) = self.tcp.complete(resp.cqe, data, self.fc_disabled) {
             recycle(pool, rejected.buf.map(|b| b.0));
         }
     }
 
-    fn submit(&mut self, cx: &mut Ctx<'_>, sqe: [u8; 64], buf: Option<IoBuf>, data_len: u32) {
+    fn submit(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, buf: Option<IoBuf>, data_len: u32) {
         let req = Request {
-            sqe: Sqe::from_bytes(&sqe),
+            sqe,
             buf,
             data_len,
             cookie: self.slot,
@@ -443,16 +445,14 @@ impl Conn {
 
     /// Fails a command the transport rejected, with the status it chose; the controller core
     /// accounts its submission queue slot.
-    fn fail(&mut self, cx: &mut Ctx<'_>, sqe: &[u8; 64], status: keel_nvmf_tcp::Status) {
-        let mut st = Status::new(status.sct, status.sc);
-        st.dnr = status.dnr;
+    fn fail(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, status: Status) {
         let req = Request {
-            sqe: Sqe::from_bytes(sqe),
+            sqe,
             buf: None,
             data_len: 0,
             cookie: self.slot,
         };
-        let resp = cx.target.reject(cx.now, self.queue, req, st);
+        let resp = cx.target.reject(cx.now, self.queue, req, status);
         self.deliver(cx.pool, resp);
     }
 
@@ -521,7 +521,7 @@ impl Conn {
                 } => self.start(cx, Waiting::Command { sqe, data_len }),
                 TcpEvent::CommandFailed { sqe, buf, status } => {
                     recycle(cx.pool, buf.map(|b| b.0));
-                    self.fail(cx, &sqe, status);
+                    self.fail(cx, sqe, status);
                 }
                 TcpEvent::BufferReleased { buf, .. } => recycle(cx.pool, Some(buf.0)),
                 TcpEvent::Closed { .. } => self.closing = true,

@@ -19,8 +19,10 @@
 //! be served leaves a gap instead of renumbering the ones after it.
 //!
 //! Every pass of the poll loop: the transports take new commands to the core, the drives ring
-//! their doorbells and reap completions, the core delivers completions (routed by queue to the
-//! emulated function that owns it, the rest to NVMe/TCP), and NVMe/TCP flushes its sockets.
+//! their doorbells and reap completions, the core delivers completions, and NVMe/TCP flushes
+//! its sockets. Each transport opens its core queues with its own owner number (emulated
+//! function N, by position, is owner N; NVMe/TCP is [`crate::nvmf::OWNER`]); every event of
+//! the core carries the owner recorded for its queue and goes straight to that transport.
 
 use crate::challenge::Challenges;
 use crate::config::NsSpec;
@@ -31,7 +33,9 @@ use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
 use crate::provisioned::Identity;
 use crate::remote::RemoteService;
 use alloc::{boxed::Box, format, string::String, vec::Vec};
-use keel_controller::{Instant, Limits, NamespaceConfig, SubsystemConfig, Target, TargetConfig};
+use keel_controller::{
+    Event, Instant, Limits, NamespaceConfig, SubsystemConfig, Target, TargetConfig,
+};
 use keel_crypto::{EncryptedBackend, XtsKey};
 use keel_nvme_pcie::{EndpointFunction, FunctionConfig, FunctionState, PcieFunction};
 use keel_storage::{BlockBackend, BufPool, RamBackend, SharedBackend, SliceBackend};
@@ -469,7 +473,12 @@ impl<H: Hw> Services<H> {
                 .map_err(|e| log::error!("pcie-fn{i}: buffers: {e}"))
                 .ok()
                 .and_then(|pool| {
-                    PcieFunction::new(FunctionConfig::new(&nqn), pool)
+                    // Its position in `functions` is its owner number (see `route`).
+                    let cfg = FunctionConfig {
+                        owner: functions.len() as u16,
+                        ..FunctionConfig::new(&nqn)
+                    };
+                    PcieFunction::new(cfg, pool)
                         .map_err(|e| log::error!("pcie-fn{i}: {e:?}"))
                         .ok()
                 });
@@ -593,18 +602,7 @@ impl<H: Hw> Services<H> {
         if let Some(n) = net.as_deref_mut() {
             busy |= remotes.poll(now_ns, n, target, plan, served);
         }
-        busy |= target.poll(now, &mut |ev| {
-            let mut ev = Some(ev);
-            for e in functions.iter_mut() {
-                match ev.take() {
-                    Some(x) => ev = e.f.handle_event(x, &mut e.ep),
-                    None => break,
-                }
-            }
-            if let (Some(x), Some(s)) = (ev, nvmf.as_mut()) {
-                s.on_event(x);
-            }
-        }) > 0;
+        busy |= target.poll(now, &mut |ev| route(ev, functions, nvmf.as_mut())) > 0;
         if let Some(n) = net {
             if let Some(s) = nvmf.as_mut() {
                 s.flush(n);
@@ -636,5 +634,23 @@ impl<H: Hw> Services<H> {
             .iter()
             .all(|e| e.f.state() == FunctionState::Disabled)
             && self.drives.iter().all(|d| d.outstanding() == 0)
+    }
+}
+
+/// Hands an event of the core to the transport that owns its queue ([`Event::owner`]).
+pub(crate) fn route<W: EndpointFunction>(
+    ev: Event,
+    functions: &mut [Emulated<W>],
+    nvmf: Option<&mut NvmfService>,
+) {
+    let owner = ev.owner();
+    if owner == crate::nvmf::OWNER {
+        if let Some(s) = nvmf {
+            s.on_event(ev);
+        }
+    } else if let Some(e) = functions.get_mut(usize::from(owner)) {
+        // The function consumes every event of its own queues and buffers of its own pool:
+        // nothing comes back.
+        let _ = e.f.handle_event(ev, &mut e.ep);
     }
 }

@@ -17,7 +17,7 @@ use keel_nvme::fabrics::{
 use keel_nvme::identify::{IDENTIFY_LEN, IdentifyCommand, IdentifyController};
 use keel_nvme::io::RwCommand;
 use keel_nvme::regs::{Cc, offset};
-use keel_nvme::{Cqe, IoOpcode};
+use keel_nvme::{Cqe, IoOpcode, Sqe};
 use keel_nvme_pcie::{EndpointFunction, MemWindow, layout};
 use keel_nvmf_tcp::{HostConfig, HostConnection, HostEvent};
 use keel_storage::RamBackend;
@@ -285,14 +285,14 @@ impl Queue {
             let n = d.len() as u32;
             (d, n)
         });
-        let cid = self.host.submit(sqe.to_bytes(), data).expect("submit");
+        let cid = self.host.submit(sqe, data).expect("submit");
         for _ in 0..10_000 {
             self.pump(dev);
             while let Some(ev) = self.host.poll_event() {
                 if let HostEvent::Completion { cid: c, cqe, buf } = ev
                     && c == cid
                 {
-                    return (Cqe::from_bytes(&cqe), buf);
+                    return (cqe, buf);
                 }
             }
         }
@@ -1251,4 +1251,147 @@ fn a_push_changing_only_qos_applies_live() {
     assert_eq!(dev.services.plan().generation, 2);
     assert_eq!(ns2(&dev).limits, before.limits);
     write(&mut io, &mut dev, 0);
+}
+
+/// A host driving one emulated function through its window: admin queue, one I/O queue pair.
+struct FnHost {
+    index: usize,
+    next: u64,
+    /// (SQ base, CQ base, tail, head, phase) of queues 0 and 1.
+    queues: [(u64, u64, u16, u16, bool); 2],
+}
+
+impl FnHost {
+    const ENTRIES: u16 = 16;
+
+    fn alloc(&mut self) -> u64 {
+        let a = self.next;
+        self.next += 4096;
+        a
+    }
+
+    fn window<'a>(&self, s: &'a mut Services<TestHw>) -> &'a mut MemWindow {
+        &mut s.functions[self.index].ep
+    }
+
+    /// Enables the function with a 16-entry admin queue.
+    fn enable(s: &mut Services<TestHw>, index: usize) -> Self {
+        let mut h = Self {
+            index,
+            next: layout::HOST_AREA_OFFSET as u64,
+            queues: [(0, 0, 0, 0, true); 2],
+        };
+        let (sq, cq) = (h.alloc(), h.alloc());
+        h.queues[0] = (sq, cq, 0, 0, true);
+        let w = h.window(s);
+        w.host_set_reg(offset::AQA, (15 << 16) | 15);
+        w.host_set_reg64(offset::ASQ, sq);
+        w.host_set_reg64(offset::ACQ, cq);
+        w.host_set_reg(offset::CC, Cc::new(true, 0, 0, 0, 0, 6, 4).0);
+        h
+    }
+
+    fn submit(&mut self, s: &mut Services<TestHw>, q: usize, sqe: Sqe) {
+        let (sq, _, tail, _, _) = self.queues[q];
+        let w = self.window(s);
+        w.host_write(sq + u64::from(tail) * 64, &sqe.to_bytes());
+        let tail = (tail + 1) % Self::ENTRIES;
+        w.host_doorbell(layout::sq_tail_doorbell(q as u16), u32::from(tail));
+        self.queues[q].2 = tail;
+    }
+
+    fn reap(&mut self, s: &mut Services<TestHw>, q: usize) -> Option<Cqe> {
+        let (_, cq, _, head, phase) = self.queues[q];
+        let w = self.window(s);
+        let mut b = [0u8; 16];
+        w.host_read(cq + u64::from(head) * 16, &mut b);
+        let c = Cqe::from_bytes(&b);
+        if c.phase != phase {
+            return None;
+        }
+        let head = (head + 1) % Self::ENTRIES;
+        w.host_doorbell(layout::cq_head_doorbell(q as u16), u32::from(head));
+        self.queues[q].3 = head;
+        if head == 0 {
+            self.queues[q].4 = !phase;
+        }
+        Some(c)
+    }
+
+    /// The commands creating I/O queue pair 1 (for the admin queue; the caller polls).
+    fn create_io_queues(&mut self) -> [Sqe; 2] {
+        let (sq, cq) = (self.alloc(), self.alloc());
+        self.queues[1] = (sq, cq, 0, 0, true);
+        let size = (u32::from(Self::ENTRIES) - 1) << 16;
+        [
+            Sqe::new(0x05, 1)
+                .with_cdw(10, size | 1)
+                .with_cdw(11, 1)
+                .with_prps(cq, 0),
+            Sqe::new(0x01, 2)
+                .with_cdw(10, size | 1)
+                .with_cdw(11, (1 << 16) | 1)
+                .with_prps(sq, 0),
+        ]
+    }
+}
+
+/// Polls the services until `host`'s queue `q` has a completion.
+fn fn_wait(s: &mut Services<TestHw>, host: &mut FnHost, q: usize) -> Cqe {
+    for _ in 0..200 {
+        advance(10_000);
+        s.poll(now(), None);
+        if let Some(c) = host.reap(s, q) {
+            return c;
+        }
+    }
+    panic!("function {}: no completion on queue {q}", host.index);
+}
+
+/// Two emulated functions and NVMe/TCP on one core: the completions of each function's
+/// commands (writes and reads the RAM backend finishes on a later poll) go to the function
+/// that owns the queue, recorded when the queue was opened, and reach its host.
+#[test]
+fn completions_reach_the_function_owning_the_queue() {
+    let mut s = services(
+        "keel.fn.ram=4",
+        vec![MemWindow::new(1 << 20), MemWindow::new(1 << 20)],
+    );
+    assert!(s.serves_tcp());
+    let mut hosts: Vec<FnHost> = (0..2).map(|i| FnHost::enable(&mut s, i)).collect();
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    for h in hosts.iter_mut() {
+        assert_eq!(h.window(&mut s).host_reg(offset::CSTS) & 1, 1, "CSTS.RDY");
+        for sqe in h.create_io_queues() {
+            h.submit(&mut s, 0, sqe);
+            assert!(fn_wait(&mut s, h, 0).status.is_success());
+        }
+    }
+    // Both functions write at once, then read back: each sees only its own data.
+    let bufs: Vec<u64> = hosts.iter_mut().map(FnHost::alloc).collect();
+    for (i, h) in hosts.iter_mut().enumerate() {
+        h.window(&mut s)
+            .host_write(bufs[i], &[0xA0 + i as u8; 4096]);
+        let w = RwCommand::simple(8, 8).to_sqe(IoOpcode::Write as u8, 10, 1);
+        h.submit(&mut s, 1, w.with_prps(bufs[i], 0));
+    }
+    for h in hosts.iter_mut() {
+        let c = fn_wait(&mut s, h, 1);
+        assert_eq!((c.cid, c.status.is_success()), (10, true), "{c:?}");
+    }
+    for (i, h) in hosts.iter_mut().enumerate() {
+        h.window(&mut s).host_write(bufs[i], &[0; 4096]);
+        let r = RwCommand::simple(8, 8).to_sqe(IoOpcode::Read as u8, 11, 1);
+        h.submit(&mut s, 1, r.with_prps(bufs[i], 0));
+    }
+    for (i, h) in hosts.iter_mut().enumerate() {
+        let c = fn_wait(&mut s, h, 1);
+        assert_eq!((c.cid, c.status.is_success()), (11, true), "{c:?}");
+        let mut got = [0u8; 4096];
+        h.window(&mut s).host_read(bufs[i], &mut got);
+        assert_eq!(got, [0xA0 + i as u8; 4096], "function {i}");
+    }
 }

@@ -145,7 +145,7 @@ impl Target {
             // Nothing for the backend to do.
             return Some(self.respond(qi, req, Status::SUCCESS, 0));
         };
-        let generation = self.queues[qi].generation;
+        let (t, owner) = (self.queues[qi].tag(qi, slot_i), self.queues[qi].owner);
         let Request { buf, cookie, .. } = req;
         let (request, chain) = match d.work {
             Work::One(bop) => {
@@ -157,10 +157,11 @@ impl Target {
                 if let Some(b) = stray {
                     // A data-less op (Flush, Write Zeroes, Verify) cannot carry the host's
                     // buffer back.
-                    self.pending.push_back(Event::BufferReleased(b));
+                    self.pending
+                        .push_back(Event::BufferReleased { owner, buf: b });
                 }
                 let r = BlockRequest {
-                    tag: tag(qi, generation, slot_i),
+                    tag: t,
                     op: bop,
                     lba: d.lba,
                     blocks: d.blocks,
@@ -172,7 +173,8 @@ impl Target {
             Work::Chain(c) => {
                 if let Some(b) = buf {
                     // The chain holds the host's buffer it needs (ranges); any other goes back.
-                    self.pending.push_back(Event::BufferReleased(b));
+                    self.pending
+                        .push_back(Event::BufferReleased { owner, buf: b });
                 }
                 (None, Some(c))
             }

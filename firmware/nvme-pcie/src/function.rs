@@ -45,6 +45,10 @@ pub struct FunctionConfig {
     pub max_io_queues: u16,
     /// Commands fetched from one SQ per poll (fairness between queues).
     pub fetch_burst: u16,
+    /// The owner of this function's core queues ([`Target::create_local_controller`]): the
+    /// core's events for them carry it ([`Event::owner`]), so a poll loop serving several
+    /// transports hands them to this function without asking the others.
+    pub owner: u16,
 }
 
 impl FunctionConfig {
@@ -54,6 +58,7 @@ impl FunctionConfig {
             subnqn: subnqn.into(),
             max_io_queues: 8,
             fetch_burst: 32,
+            owner: 0,
         }
     }
 }
@@ -393,7 +398,12 @@ impl PcieFunction {
         self.admin
     }
 
-    /// True when `q` is one of this function's core queues (route [`Event`]s by this).
+    /// The owner of this function's core queues ([`FunctionConfig::owner`]).
+    pub fn owner(&self) -> u16 {
+        self.cfg.owner
+    }
+
+    /// True when `q` is one of this function's core queues.
     pub fn owns(&self, q: QueueId) -> bool {
         self.admin == Some(q)
             || self.sqs.iter().any(|s| s.live && s.core == Some(q))
@@ -503,9 +513,9 @@ impl PcieFunction {
                     Some(Event::QueueTerminated(q))
                 }
             }
-            Event::BufferReleased(b) => match self.pool.put(b) {
+            Event::BufferReleased { owner, buf } => match self.pool.put(buf) {
                 Ok(()) => None,
-                Err((_, b)) => Some(Event::BufferReleased(b)),
+                Err((_, buf)) => Some(Event::BufferReleased { owner, buf }),
             },
         }
     }
@@ -597,7 +607,8 @@ impl PcieFunction {
         if !ok {
             return self.set_fatal(FatalReason::BadAdminQueue);
         }
-        let Ok(admin) = target.create_local_controller(now, &self.cfg.subnqn) else {
+        let Ok(admin) = target.create_local_controller(now, &self.cfg.subnqn, self.cfg.owner)
+        else {
             return self.set_fatal(FatalReason::CoreRefused);
         };
         let _ = target.property_set(now, admin, offset::CC, PropertySize::Four, cc.0 as u64);
