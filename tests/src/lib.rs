@@ -617,3 +617,9 @@ pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
     let c = q.console();
     assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
 }
+
+/// Namespaces listed in a `keelctl status --json` report.
+pub fn namespaces_in_status(json: &str) -> usize {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    v["namespaces"].as_array().map_or(0, Vec::len)
+}
