@@ -163,12 +163,15 @@ impl Limiter {
 
     /// Charges `cost` to every bucket it draws from.
     pub fn charge(&mut self, cost: Cost) {
-        let d = draws(cost);
-        for (i, b) in self.buckets.iter_mut().enumerate() {
-            if let Some(b) = b
-                && applies(i, cost)
-            {
-                b.charge(d[i]);
+        // Without limits only the counters move (the common case: no bucket to walk).
+        if self.limited {
+            let d = draws(cost);
+            for (i, b) in self.buckets.iter_mut().enumerate() {
+                if let Some(b) = b
+                    && applies(i, cost)
+                {
+                    b.charge(d[i]);
+                }
             }
         }
         self.admitted_ops += 1;
