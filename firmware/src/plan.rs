@@ -139,11 +139,6 @@ pub struct Plan {
     pub qos: Qos,
 }
 
-/// Commands the namespaces cut from one drive namespace have at the drive at once: the rest
-/// wait in the fair scheduler (weights, FIFO per flow) rather than in the drive's own queue,
-/// where a QD1 tenant's command would wait behind a QD128 tenant's.
-pub const DRIVE_MAX_INFLIGHT: u32 = 64;
-
 /// The QoS domain key of a remote namespace: bit 31 set (drive keys have it clear), the rest
 /// an FNV-1a hash of what `Remote::same_target` compares (subsystem, namespace, the set of
 /// paths in any order), so every slice of one remote namespace gets the same key, in every
@@ -474,10 +469,16 @@ impl Plan {
             weight: q.map_or(1, |q| q.weight.max(1)),
             group: q.and_then(|q| q.group.clone()),
             domain,
-            max_inflight: if domain.is_some() {
-                DRIVE_MAX_INFLIGHT
-            } else {
-                0
+            // Commands the namespaces cut from one drive namespace have at the drive at once
+            // (`[qos] drive_max_inflight`): the rest wait in the fair scheduler (weights, FIFO
+            // per flow) rather than in the drive's own queue, where a QD1 tenant's command
+            // would wait behind a QD128 tenant's.
+            max_inflight: match ns.spec {
+                NsSpec::Drive { .. } => self
+                    .qos
+                    .drive_max_inflight
+                    .unwrap_or(keel_provision::DRIVE_MAX_INFLIGHT),
+                NsSpec::Ram(_) | NsSpec::Remote { .. } => 0,
             },
         }
     }

@@ -1517,3 +1517,45 @@ fn a_remote_volume_carries_namespace_limits_and_its_slices_share_a_domain() {
     assert_eq!((ns2.weight, ns2.qos.admitted_ops), (3, 30));
     assert!(ns2.qos.throttled_ns > 0, "{ns2:?}");
 }
+
+/// `[qos] drive_max_inflight` (issue 16): the cap of a drive's scheduling domain comes from
+/// the description (default 64, 0: no cap); RAM and remote namespaces have no cap.
+#[test]
+fn the_drive_cap_comes_from_the_description() {
+    use keel_provision::{Backend, Remote};
+    let mut desc = dev_device();
+    let drive = Backend::Drive {
+        drive: 0,
+        nsid: 1,
+        offset: 0,
+        length: Some(1 << 20),
+    };
+    desc.namespaces.push(keel_provision::Namespace {
+        nsid: 2,
+        backend: drive,
+        ..desc.namespaces[0].clone()
+    });
+    desc.namespaces.push(keel_provision::Namespace {
+        nsid: 3,
+        backend: Backend::Remote {
+            remote: Remote::new("nqn.2026-12.test:far", vec![([10, 0, 0, 9], 4420)], 1),
+            offset: 0,
+            length: None,
+        },
+        ..desc.namespaces[0].clone()
+    });
+    let caps = |desc: &keel_provision::Device| -> Vec<u32> {
+        let identity: Identity<RamFlash> = Identity::new(None, None);
+        let cfg = identity.open(&signed_bundle(desc, 1), 0).unwrap();
+        let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+        plan.namespaces
+            .iter()
+            .map(|n| plan.namespace_qos(n).max_inflight)
+            .collect()
+    };
+    assert_eq!(caps(&desc), [0, keel_provision::DRIVE_MAX_INFLIGHT, 0]);
+    desc.qos.drive_max_inflight = Some(16);
+    assert_eq!(caps(&desc), [0, 16, 0]);
+    desc.qos.drive_max_inflight = Some(0);
+    assert_eq!(caps(&desc), [0, 0, 0]);
+}

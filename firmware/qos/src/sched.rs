@@ -237,6 +237,19 @@ impl Scheduler {
             .and_then(Option::as_mut)
     }
 
+    /// Changes a domain's cap on commands in flight (0: no cap), live: a lower cap lets
+    /// no command start until completions bring the domain below it; a higher one lets
+    /// waiting commands start at the next [`Scheduler::next`].
+    pub fn set_max_inflight(&mut self, id: DomainId, max_inflight: u32) -> Result<(), SchedError> {
+        let d = self
+            .domains
+            .get_mut(id.0 as usize)
+            .filter(|d| d.live)
+            .ok_or(SchedError::Unknown)?;
+        d.max_inflight = max_inflight;
+        Ok(())
+    }
+
     /// A new domain; `max_inflight` caps its commands in flight (0: no cap).
     pub fn add_domain(&mut self, max_inflight: u32) -> Result<DomainId, SchedError> {
         let d = Domain {
