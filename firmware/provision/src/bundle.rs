@@ -610,23 +610,22 @@ mod tests {
             }],
             ..Default::default()
         };
-        let b = build(&d, 4, &sk, &dk, &mut |b| b.fill(1)).unwrap();
-        let c = verify_and_open(&b, &sk.verifying_key(), &dk, 0).unwrap();
-        assert_eq!(c.device.qos, d.qos);
-        // Garbage after the QoS section (signed, so only a bad builder makes it) is refused.
-        let mut body = b[BUNDLE_HEADER_LEN..b.len() - SIGNATURE_LEN].to_vec();
-        body.push(0);
-        assert_eq!(
-            verify_and_open(&sign(&body, 4, &sk), &sk.verifying_key(), &dk, 0).unwrap_err(),
-            BundleError::Malformed("bytes after the QoS section")
-        );
-        // The drive cap travels in its own section after the QoS section, also alone.
-        for qos in [d.qos.clone(), Qos::default()] {
-            let mut d = device();
-            d.qos = Qos {
-                drive_max_inflight: Some(16),
-                ..qos
-            };
+        // The drive cap travels in its own section after the QoS section (also without any
+        // other QoS). Garbage after the last section (signed, so only a bad builder makes it)
+        // is refused.
+        let capped = |qos: &Qos| Qos {
+            drive_max_inflight: Some(16),
+            ..qos.clone()
+        };
+        for (qos, garbage) in [
+            (d.qos.clone(), "bytes after the QoS section"),
+            (capped(&d.qos), "bytes after the QoS settings section"),
+            (
+                capped(&Qos::default()),
+                "bytes after the QoS settings section",
+            ),
+        ] {
+            let d = Device { qos, ..d.clone() };
             let b = build(&d, 4, &sk, &dk, &mut |b| b.fill(1)).unwrap();
             let c = verify_and_open(&b, &sk.verifying_key(), &dk, 0).unwrap();
             assert_eq!(c.device.qos, d.qos);
@@ -634,7 +633,7 @@ mod tests {
             body.push(0);
             assert_eq!(
                 verify_and_open(&sign(&body, 4, &sk), &sk.verifying_key(), &dk, 0).unwrap_err(),
-                BundleError::Malformed("bytes after the QoS settings section")
+                BundleError::Malformed(garbage)
             );
         }
         // A QoS section breaking a rule is refused as an invalid description.

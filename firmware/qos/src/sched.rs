@@ -241,13 +241,15 @@ impl Scheduler {
     /// no command start until completions bring the domain below it; a higher one lets
     /// waiting commands start at the next [`Scheduler::next`].
     pub fn set_max_inflight(&mut self, id: DomainId, max_inflight: u32) -> Result<(), SchedError> {
-        let d = self
-            .domains
+        self.live_domain(id)?.max_inflight = max_inflight;
+        Ok(())
+    }
+
+    fn live_domain(&mut self, id: DomainId) -> Result<&mut Domain, SchedError> {
+        self.domains
             .get_mut(id.0 as usize)
             .filter(|d| d.live)
-            .ok_or(SchedError::Unknown)?;
-        d.max_inflight = max_inflight;
-        Ok(())
+            .ok_or(SchedError::Unknown)
     }
 
     /// A new domain; `max_inflight` caps its commands in flight (0: no cap).
@@ -279,11 +281,7 @@ impl Scheduler {
         if self.flows.iter().any(|f| f.live && f.domain == id.0) {
             return Err(SchedError::NotEmpty);
         }
-        let d = self
-            .domains
-            .get_mut(id.0 as usize)
-            .filter(|d| d.live)
-            .ok_or(SchedError::Unknown)?;
+        let d = self.live_domain(id)?;
         d.live = false;
         d.active = Vec::new();
         Ok(())
