@@ -245,6 +245,14 @@ impl Scheduler {
         Ok(())
     }
 
+    /// A domain's cap on commands in flight (0: no cap).
+    pub fn max_inflight(&self, id: DomainId) -> Option<u32> {
+        self.domains
+            .get(id.0 as usize)
+            .filter(|d| d.live)
+            .map(|d| d.max_inflight)
+    }
+
     fn live_domain(&mut self, id: DomainId) -> Result<&mut Domain, SchedError> {
         self.domains
             .get_mut(id.0 as usize)
