@@ -18,12 +18,13 @@
 
 use crate::hw::Hw;
 use crate::net::{Accepted, NetStack};
-use alloc::{collections::VecDeque, format, string::String, vec::Vec};
+use alloc::{format, string::String, vec::Vec};
 use keel_controller::{
     Event as CoreEvent, Instant, PortEntry, QueueId, QueueLoss, Request, Response, Target,
 };
 use keel_nvme::{Sqe, Status};
 use keel_nvmf_tcp::{Event as TcpEvent, TargetConfig as TcpConfig, TargetConnection, TargetState};
+use keel_qos::Intake;
 use keel_storage::{BufPool, IoBuf};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -80,8 +81,6 @@ struct Conn {
     depth_set: bool,
     /// The host disabled SQ flow control at Connect (C2HData SUCCESS may end a read).
     fc_disabled: bool,
-    /// Work waiting for a buffer, with its arrival number (see [`NvmfService::start_waiting`]).
-    waiting: VecDeque<(u64, Waiting)>,
     closing: bool,
     /// When the connection was accepted (ns): the oldest silent ones are evicted first.
     opened_ns: u64,
@@ -100,10 +99,9 @@ pub struct NvmfService {
     pub evicted: u64,
     /// Connections closed because their ICReq did not come in time.
     pub icreq_timeouts: u64,
-    /// Arrival number of the next work that has to wait for a buffer.
-    next_arrival: u64,
-    /// Work waiting for a buffer, all connections together.
-    waiters: usize,
+    /// Work waiting for a buffer, one FIFO per connection (by its slot), served in arrival
+    /// order across all of them (see [`NvmfService::start_waiting`]).
+    waiting: Intake<Waiting>,
 }
 
 impl core::fmt::Debug for NvmfService {
@@ -139,8 +137,7 @@ impl NvmfService {
             refused: 0,
             evicted: 0,
             icreq_timeouts: 0,
-            next_arrival: 0,
-            waiters: 0,
+            waiting: Intake::new(),
         })
     }
 
@@ -199,7 +196,6 @@ impl NvmfService {
             queue,
             depth_set: false,
             fc_disabled: false,
-            waiting: VecDeque::new(),
             closing: false,
             opened_ns: now_ns,
         };
@@ -235,34 +231,22 @@ impl NvmfService {
     /// overload (nothing waits otherwise).
     fn start_waiting(&mut self, now: Instant, target: &mut Target) -> bool {
         let mut any = false;
-        while self.waiters > 0 {
-            let oldest = self
-                .conns
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| Some((i, c.as_ref()?.waiting.front()?)))
-                .min_by_key(|(_, (arrival, _))| *arrival)
-                .map(|(i, (_, w))| (i, w.len()));
-            let Some((i, len)) = oldest else { break };
+        while let Some((i, len)) = self.waiting.oldest().map(|(i, w)| (i, w.len())) {
             let Some(b) = take(&mut self.pool, len) else {
                 break;
             };
-            let Some(c) = self.conns[i].as_mut() else {
+            let (Some(c), Some(w)) = (self.conns[i].as_mut(), self.waiting.pop(i)) else {
+                // A closed connection's work leaves the intake with it (`Intake::clear`), so
+                // this does not happen; a stale waiter would be dropped here.
                 recycle(&mut self.pool, Some(b));
-                break;
+                continue;
             };
-            let Some((_, w)) = c.waiting.pop_front() else {
-                recycle(&mut self.pool, Some(b));
-                break;
-            };
-            self.waiters -= 1;
             any = true;
             let mut cx = Ctx {
                 target: &mut *target,
                 pool: &mut self.pool,
                 now,
-                next_arrival: &mut self.next_arrival,
-                waiters: &mut self.waiters,
+                waiting: &mut self.waiting,
             };
             c.begin(&mut cx, w, b);
         }
@@ -291,7 +275,7 @@ impl NvmfService {
             let Some(c) = oldest.and_then(|i| self.conns[i].take()) else {
                 break;
             };
-            self.waiters -= c.waiting.len();
+            self.waiting.clear(c.slot as usize);
             let _ = target.close_queue_after(c.queue, QueueLoss::Abrupt);
             drain_buffers(c.tcp, &mut self.pool);
             net.release(c.socket, false, now_ns);
@@ -362,8 +346,7 @@ impl NvmfService {
             target,
             pool: &mut self.pool,
             now,
-            next_arrival: &mut self.next_arrival,
-            waiters: &mut self.waiters,
+            waiting: &mut self.waiting,
         };
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // Receive: feed the transport until it stops taking bytes (it stops early when it
@@ -412,7 +395,7 @@ impl NvmfService {
         };
         if let Some(how) = loss {
             let c = self.conns[i].take().expect("checked above");
-            *cx.waiters -= c.waiting.len();
+            cx.waiting.clear(i);
             let _ = cx.target.close_queue_after(c.queue, how);
             drain_buffers(c.tcp, &mut self.pool);
             net.release(c.socket, true, now.as_nanos());
@@ -457,10 +440,8 @@ struct Ctx<'a> {
     target: &'a mut Target,
     pool: &'a mut BufPool,
     now: Instant,
-    /// [`NvmfService::next_arrival`].
-    next_arrival: &'a mut u64,
-    /// [`NvmfService::waiters`].
-    waiters: &'a mut usize,
+    /// [`NvmfService::waiting`].
+    waiting: &'a mut Intake<Waiting>,
 }
 
 impl Conn {
@@ -516,7 +497,7 @@ impl Conn {
     /// waiting, on any connection, goes first: commands keep their order, and connections
     /// are served in arrival order ([`NvmfService::start_waiting`]).
     fn start(&mut self, cx: &mut Ctx<'_>, w: Waiting) {
-        let buf = if *cx.waiters == 0 {
+        let buf = if cx.waiting.is_empty() {
             take(cx.pool, w.len())
         } else {
             None
@@ -524,9 +505,7 @@ impl Conn {
         match buf {
             Some(b) => self.begin(cx, w, b),
             None => {
-                self.waiting.push_back((*cx.next_arrival, w));
-                *cx.next_arrival += 1;
-                *cx.waiters += 1;
+                cx.waiting.push(self.slot as usize, w);
             }
         }
     }

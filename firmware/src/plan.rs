@@ -139,10 +139,26 @@ pub struct Plan {
     pub qos: Qos,
 }
 
-/// Commands the namespaces cut from one drive namespace have at the drive at once: the rest
-/// wait in the fair scheduler (weights, FIFO per flow) rather than in the drive's own queue,
-/// where a QD1 tenant's command would wait behind a QD128 tenant's.
-pub const DRIVE_MAX_INFLIGHT: u32 = 64;
+/// The QoS domain key of a remote namespace: bit 31 set (drive keys have it clear), the rest
+/// an FNV-1a hash of what `Remote::same_target` compares (subsystem, namespace, the set of
+/// paths in any order), so every slice of one remote namespace gets the same key, in every
+/// plan. Two remote namespaces whose hashes collide would share a domain: they would only be
+/// scheduled against each other by weight when one of them is full, never failed.
+fn remote_domain(r: &keel_provision::Remote) -> u32 {
+    fn fnv(h: u32, bytes: &[u8]) -> u32 {
+        bytes
+            .iter()
+            .fold(h, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    }
+    const BASIS: u32 = 0x811c_9dc5;
+    let mut h = fnv(fnv(BASIS, r.nqn.as_bytes()), &r.nsid.to_le_bytes());
+    // Order-independent over the paths.
+    let paths = r.paths.iter().fold(0u32, |acc, (ip, port)| {
+        acc.wrapping_add(fnv(fnv(BASIS, ip), &port.to_le_bytes()))
+    });
+    h = fnv(h, &paths.to_le_bytes());
+    (1 << 31) | (h & 0x7fff_ffff)
+}
 
 /// The controller's form of a description's limits (a rate without a burst: a tenth of a
 /// second's worth).
@@ -432,13 +448,20 @@ impl Plan {
     }
 
     /// The QoS of namespace `ns`: its limits, weight and group from the description, and the
-    /// drive it is cut from as its scheduling domain.
+    /// backend it is cut from as its scheduling domain: a drive's namespace, or a remote
+    /// namespace (whichever of its slices).
     pub fn namespace_qos(&self, ns: &NsPlan) -> NamespaceQos {
-        let domain = match ns.spec {
-            NsSpec::Drive { drive, nsid, .. } => Some(((drive as u32) << 24) | (nsid & 0xff_ffff)),
-            // A remote volume bounds its own commands in flight (queues × depth); a RAM
-            // namespace never saturates.
-            NsSpec::Ram(_) | NsSpec::Remote { .. } => None,
+        let domain = match &ns.spec {
+            // Bit 31 clear: drive indexes stay below 128.
+            NsSpec::Drive { drive, nsid, .. } => {
+                Some(((*drive as u32 & 0x7f) << 24) | (nsid & 0xff_ffff))
+            }
+            // No cap (the volume bounds its own commands in flight, queues × depth, and
+            // refuses more as busy, which saturates the domain): its slices share it by
+            // weight when it is full.
+            NsSpec::Remote { remote, .. } => Some(remote_domain(remote)),
+            // A RAM namespace never saturates.
+            NsSpec::Ram(_) => None,
         };
         let q = self.qos.namespace(&ns.subsystem, ns.nsid);
         NamespaceQos {
@@ -446,10 +469,16 @@ impl Plan {
             weight: q.map_or(1, |q| q.weight.max(1)),
             group: q.and_then(|q| q.group.clone()),
             domain,
-            max_inflight: if domain.is_some() {
-                DRIVE_MAX_INFLIGHT
-            } else {
-                0
+            // Commands the namespaces cut from one drive namespace have at the drive at once
+            // (`[qos] drive_max_inflight`): the rest wait in the fair scheduler (weights, FIFO
+            // per flow) rather than in the drive's own queue, where a QD1 tenant's command
+            // would wait behind a QD128 tenant's.
+            max_inflight: match ns.spec {
+                NsSpec::Drive { .. } => self
+                    .qos
+                    .drive_max_inflight
+                    .unwrap_or(keel_provision::DRIVE_MAX_INFLIGHT),
+                NsSpec::Ram(_) | NsSpec::Remote { .. } => 0,
             },
         }
     }

@@ -1395,3 +1395,167 @@ fn completions_reach_the_function_owning_the_queue() {
         assert_eq!(got, [0xA0 + i as u8; 4096], "function {i}");
     }
 }
+
+/// QoS of remote volumes (issue 16): a namespace whose backend is a slice of a remote
+/// namespace carries its namespace limits like a local one (description, bundle, the core's
+/// limiter, status), and the slices of one remote namespace share one scheduling domain (so
+/// they share the remote by weight when it refuses commands as busy). The remote is the
+/// device's own namespace 1, reached over smoltcp's Loopback by the firmware's initiator.
+#[test]
+fn a_remote_volume_carries_namespace_limits_and_its_slices_share_a_domain() {
+    use keel_mgmt::Device as _;
+    use keel_provision::{Backend, NamespaceQos, QosLimits, QosRate, Remote};
+    const NQN: &str = "nqn.2026-12.test:vol";
+    let mut desc = dev_device();
+    desc.namespaces[0].backend = Backend::Ram {
+        size: 16 << 20,
+        block_size: 512,
+    };
+    let remote = Remote::new(NQN, vec![([127, 0, 0, 1], 4420)], 1);
+    for (nsid, offset, length) in [(2, 0, Some(8 << 20)), (3, 8 << 20, None)] {
+        desc.namespaces.push(keel_provision::Namespace {
+            nsid,
+            backend: Backend::Remote {
+                remote: remote.clone(),
+                offset,
+                length,
+            },
+            ..desc.namespaces[0].clone()
+        });
+    }
+    desc.qos.namespaces.push(NamespaceQos {
+        subsystem: NQN.into(),
+        nsid: 2,
+        limits: QosLimits {
+            write_iops: Some(QosRate {
+                per_sec: 100,
+                burst: Some(1),
+            }),
+            ..Default::default()
+        },
+        weight: 3,
+        group: None,
+    });
+    let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
+    let identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let cfg = identity.open(&signed_bundle(&desc, 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+
+    // The plan: limits and weight from the bundle; slices of one remote namespace in one
+    // domain, which is not a drive's (bit 31) nor the RAM namespace's (none).
+    let qos: Vec<_> = plan
+        .namespaces
+        .iter()
+        .map(|n| plan.namespace_qos(n))
+        .collect();
+    assert_eq!(qos[0].domain, None);
+    assert_eq!(qos[1].limits.write_iops.map(|r| r.per_sec), Some(100));
+    assert_eq!((qos[1].weight, qos[2].weight), (3, 1));
+    assert!(qos[2].limits == keel_controller::QosLimits::NONE);
+    let d = qos[1].domain.expect("a remote slice has a domain");
+    assert_eq!(qos[2].domain, Some(d));
+    assert_ne!(d & 1 << 31, 0, "remote domain keys have bit 31 set");
+    let mut other = desc.clone();
+    if let Backend::Remote { remote, .. } = &mut other.namespaces[2].backend {
+        remote.nsid = 2;
+    }
+    let plan2 = Plan::from_bundle(
+        &identity.open(&signed_bundle(&other, 1), 0).unwrap(),
+        Source::Push,
+        MAC,
+        PROVISION_PUBKEY,
+    );
+    assert_ne!(
+        plan2.namespace_qos(&plan2.namespaces[2]).domain,
+        Some(d),
+        "another remote namespace is another domain"
+    );
+
+    let mut dev = Device::new("keel.ram=1");
+    dev.services = Services::build(plan, Vec::new(), Vec::new(), true, identity);
+    for _ in 0..20_000 {
+        dev.pass();
+        if dev.services.target.has_namespace(NQN, 3) {
+            break;
+        }
+    }
+    assert!(
+        dev.services.target.has_namespace(NQN, 2),
+        "the remote namespace was never identified"
+    );
+    let mut admin = Queue::open(&mut dev, 50_010);
+    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, NQN);
+    admin.enable(&mut dev);
+    let mut io = Queue::open(&mut dev, 50_011);
+    io.connect(&mut dev, 1, cntlid, NQN);
+    let t0 = now();
+    for lba in 0..30 {
+        rw(&mut dev, &mut io, true, 2, lba, vec![9; 512]);
+    }
+    // 30 writes at 100/s with a burst of 1 need at least 290 ms of the device's clock.
+    let elapsed = now() - t0;
+    assert!(
+        elapsed >= 290_000_000,
+        "30 writes in {elapsed} ns: faster than 100 per second"
+    );
+    // Namespace 3, unlimited, is not held back.
+    let t1 = now();
+    for lba in 0..30 {
+        rw(&mut dev, &mut io, true, 3, lba, vec![9; 512]);
+    }
+    assert!(now() - t1 < 100_000_000, "namespace 3 was throttled");
+    let snap = dev.services.snapshot();
+    let ns2 = snap
+        .qos_namespaces
+        .iter()
+        .find(|n| n.nsid == 2)
+        .expect("the remote namespace in the QoS report");
+    assert_eq!(
+        (ns2.qos.limits[0].name.as_str(), ns2.qos.limits[0].per_sec),
+        ("write_iops", 100)
+    );
+    assert_eq!((ns2.weight, ns2.qos.admitted_ops), (3, 30));
+    assert!(ns2.qos.throttled_ns > 0, "{ns2:?}");
+}
+
+/// `[qos] drive_max_inflight` (issue 16): the cap of a drive's scheduling domain comes from
+/// the description (default 64, 0: no cap); RAM and remote namespaces have no cap.
+#[test]
+fn the_drive_cap_comes_from_the_description() {
+    use keel_provision::{Backend, Remote};
+    let mut desc = dev_device();
+    let drive = Backend::Drive {
+        drive: 0,
+        nsid: 1,
+        offset: 0,
+        length: Some(1 << 20),
+    };
+    desc.namespaces.push(keel_provision::Namespace {
+        nsid: 2,
+        backend: drive,
+        ..desc.namespaces[0].clone()
+    });
+    desc.namespaces.push(keel_provision::Namespace {
+        nsid: 3,
+        backend: Backend::Remote {
+            remote: Remote::new("nqn.2026-12.test:far", vec![([10, 0, 0, 9], 4420)], 1),
+            offset: 0,
+            length: None,
+        },
+        ..desc.namespaces[0].clone()
+    });
+    let caps = |desc: &keel_provision::Device| -> Vec<u32> {
+        let identity: Identity<RamFlash> = Identity::new(None, None);
+        let cfg = identity.open(&signed_bundle(desc, 1), 0).unwrap();
+        let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+        plan.namespaces
+            .iter()
+            .map(|n| plan.namespace_qos(n).max_inflight)
+            .collect()
+    };
+    assert_eq!(caps(&desc), [0, keel_provision::DRIVE_MAX_INFLIGHT, 0]);
+    desc.qos.drive_max_inflight = Some(16);
+    assert_eq!(caps(&desc), [0, 16, 0]);
+    desc.qos.drive_max_inflight = Some(0);
+    assert_eq!(caps(&desc), [0, 0, 0]);
+}

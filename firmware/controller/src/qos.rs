@@ -109,10 +109,13 @@ impl Target {
             return Err(TargetError::UnknownNamespace);
         };
         let _ = self.sched.set_limits(ns.limiter, qos.limits, now);
+        // The domain stays (the backend does not change live); its cap may.
+        if qos.max_inflight != ns.qos.max_inflight {
+            let _ = self.sched.set_max_inflight(ns.domain, qos.max_inflight);
+        }
         let nlimiter = ns.limiter;
         ns.qos = NamespaceQos {
             domain: ns.qos.domain,
-            max_inflight: ns.qos.max_inflight,
             ..qos
         };
         for c in self.ctrls.iter().flatten() {

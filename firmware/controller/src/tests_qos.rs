@@ -318,3 +318,33 @@ fn a_removed_namespace_drains_its_waiting_commands_first() {
     assert!(h.t.subsystems[si].namespaces[0].is_none(), "reaped");
     assert_eq!(h.t.sched.waiting(), 0);
 }
+
+/// A push changing `[qos] drive_max_inflight` reaches the namespace's domain live
+/// (`Target::set_namespace_qos`); the domain itself stays.
+#[test]
+fn a_changed_domain_cap_applies_live() {
+    let mut cfg = config(64);
+    let capped = |max_inflight| NamespaceQos {
+        domain: Some(7),
+        max_inflight,
+        ..Default::default()
+    };
+    cfg.subsystems[0].namespaces[0].qos = capped(64);
+    let mut h = H::with(cfg);
+    let cap = |h: &H| {
+        let si = h.t.subsys_index(SUB).unwrap();
+        let ni = h.t.subsystems[si].find_ns(1).unwrap();
+        let ns = h.t.subsystems[si].namespaces[ni].as_ref().unwrap();
+        (
+            ns.domain,
+            ns.qos.max_inflight,
+            h.t.sched.max_inflight(ns.domain),
+        )
+    };
+    let (d, ..) = cap(&h);
+    assert_eq!(cap(&h), (d, 64, Some(64)));
+    h.t.set_namespace_qos(SUB, 1, capped(2)).unwrap();
+    assert_eq!(cap(&h), (d, 2, Some(2)));
+    h.t.set_namespace_qos(SUB, 1, capped(0)).unwrap();
+    assert_eq!(cap(&h), (d, 0, Some(0)));
+}

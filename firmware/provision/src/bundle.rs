@@ -296,11 +296,20 @@ pub fn build_with_keys(
         keys: wrapped,
     })
     .map_err(|_| BundleError::Malformed("encoding the body failed"))?;
-    // QoS travels after the body of the first format (see `open_body`); none: nothing.
+    // QoS travels after the body of the first format (see `open_body`); none: nothing. The
+    // drive cap follows in a section of its own, only when set.
     if !device.qos.is_empty() {
         let qos = postcard::to_allocvec(&device.qos)
             .map_err(|_| BundleError::Malformed("encoding the QoS section failed"))?;
         body.extend_from_slice(&qos);
+    }
+    if let Some(n) = device.qos.drive_max_inflight {
+        let s = postcard::to_allocvec(&QosSettings {
+            tag: QOS_SETTINGS_TAG,
+            drive_max_inflight: n,
+        })
+        .map_err(|_| BundleError::Malformed("encoding the QoS settings failed"))?;
+        body.extend_from_slice(&s);
     }
     let total = BUNDLE_HEADER_LEN + body.len() + SIGNATURE_LEN;
     if total > MAX_BUNDLE_LEN {
@@ -314,17 +323,42 @@ pub fn build_with_keys(
     Ok(out)
 }
 
+/// The QoS section's sequel: settings added after the QoS section's format was fixed.
+#[derive(Serialize, Deserialize)]
+struct QosSettings {
+    /// [`QOS_SETTINGS_TAG`]: stray bytes after the QoS section are not taken for settings.
+    tag: [u8; 4],
+    drive_max_inflight: u32,
+}
+
+const QOS_SETTINGS_TAG: [u8; 4] = *b"QoS1";
+
 /// Decodes a body: the description and wrapped keys, then the optional QoS section that
-/// later bundles append (absent in bundles made before QoS existed: no limits).
+/// later bundles append (absent in bundles made before QoS existed: no limits), then the
+/// optional QoS settings section (absent before `drive_max_inflight` existed: the default).
 fn open_body(bytes: &[u8]) -> Result<Body, BundleError> {
     let (mut body, rest) = postcard::take_from_bytes::<Body>(bytes)
         .map_err(|_| BundleError::Malformed("the body does not decode"))?;
     if !rest.is_empty() {
-        body.device.qos = match postcard::take_from_bytes::<crate::qos::Qos>(rest) {
-            Ok((q, [])) => q,
-            Ok(_) => return Err(BundleError::Malformed("bytes after the QoS section")),
+        let rest = match postcard::take_from_bytes::<crate::qos::Qos>(rest) {
+            Ok((q, rest)) => {
+                body.device.qos = q;
+                rest
+            }
             Err(_) => return Err(BundleError::Malformed("the QoS section does not decode")),
         };
+        if !rest.is_empty() {
+            body.device.qos.drive_max_inflight =
+                match postcard::take_from_bytes::<QosSettings>(rest) {
+                    Ok((s, [])) if s.tag == QOS_SETTINGS_TAG => Some(s.drive_max_inflight),
+                    Ok((s, _)) if s.tag == QOS_SETTINGS_TAG => {
+                        return Err(BundleError::Malformed(
+                            "bytes after the QoS settings section",
+                        ));
+                    }
+                    _ => return Err(BundleError::Malformed("bytes after the QoS section")),
+                };
+        }
     }
     Ok(body)
 }
@@ -576,16 +610,32 @@ mod tests {
             }],
             ..Default::default()
         };
-        let b = build(&d, 4, &sk, &dk, &mut |b| b.fill(1)).unwrap();
-        let c = verify_and_open(&b, &sk.verifying_key(), &dk, 0).unwrap();
-        assert_eq!(c.device.qos, d.qos);
-        // Garbage after the QoS section (signed, so only a bad builder makes it) is refused.
-        let mut body = b[BUNDLE_HEADER_LEN..b.len() - SIGNATURE_LEN].to_vec();
-        body.push(0);
-        assert_eq!(
-            verify_and_open(&sign(&body, 4, &sk), &sk.verifying_key(), &dk, 0).unwrap_err(),
-            BundleError::Malformed("bytes after the QoS section")
-        );
+        // The drive cap travels in its own section after the QoS section (also without any
+        // other QoS). Garbage after the last section (signed, so only a bad builder makes it)
+        // is refused.
+        let capped = |qos: &Qos| Qos {
+            drive_max_inflight: Some(16),
+            ..qos.clone()
+        };
+        for (qos, garbage) in [
+            (d.qos.clone(), "bytes after the QoS section"),
+            (capped(&d.qos), "bytes after the QoS settings section"),
+            (
+                capped(&Qos::default()),
+                "bytes after the QoS settings section",
+            ),
+        ] {
+            let d = Device { qos, ..d.clone() };
+            let b = build(&d, 4, &sk, &dk, &mut |b| b.fill(1)).unwrap();
+            let c = verify_and_open(&b, &sk.verifying_key(), &dk, 0).unwrap();
+            assert_eq!(c.device.qos, d.qos);
+            let mut body = b[BUNDLE_HEADER_LEN..b.len() - SIGNATURE_LEN].to_vec();
+            body.push(0);
+            assert_eq!(
+                verify_and_open(&sign(&body, 4, &sk), &sk.verifying_key(), &dk, 0).unwrap_err(),
+                BundleError::Malformed(garbage)
+            );
+        }
         // A QoS section breaking a rule is refused as an invalid description.
         d.qos.namespaces[0].group = Some("nobody".into());
         assert!(matches!(

@@ -140,6 +140,8 @@ pub use model::{
     Backend, Device, Encryption, Management, Namespace, Network, Remote, RemotePolicy, Subsystem,
     validate,
 };
-pub use qos::{FunctionQos, HostQos, NamespaceQos, Qos, QosGroup, QosLimits, QosRate};
+pub use qos::{
+    DRIVE_MAX_INFLIGHT, FunctionQos, HostQos, NamespaceQos, Qos, QosGroup, QosLimits, QosRate,
+};
 #[cfg(feature = "std")]
 pub use toml::{Error, parse_toml};

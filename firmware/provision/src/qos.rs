@@ -111,7 +111,21 @@ pub struct Qos {
     pub hosts: Vec<HostQos>,
     /// Per-function limits.
     pub functions: Vec<FunctionQos>,
+    /// Commands the namespaces cut from one drive namespace have at the drive at once (the
+    /// rest wait in the fair scheduler); `None`: [`DRIVE_MAX_INFLIGHT`]; 0: no cap. Not part
+    /// of the QoS section's encoding: bundles carry it in a further trailing section
+    /// ([`crate::bundle`]), so QoS sections made before it existed still open.
+    #[serde(skip)]
+    pub drive_max_inflight: Option<u32>,
 }
+
+/// The default of [`Qos::drive_max_inflight`]: half of a QEMU NVMe drive's 128-entry I/O
+/// queue as Keel's driver sets it up (`keel-nvme-driver` `Config::queue_depth`), so the drive
+/// always has commands to work on while a victim's command waits behind at most 64 (see
+/// README, "Quality of service").
+pub const DRIVE_MAX_INFLIGHT: u32 = 64;
+/// Largest [`Qos::drive_max_inflight`].
+pub const MAX_DRIVE_INFLIGHT: u32 = 4096;
 
 impl Qos {
     /// Whether nothing is configured (a bundle then carries no QoS section).
@@ -120,6 +134,7 @@ impl Qos {
             && self.groups.is_empty()
             && self.hosts.is_empty()
             && self.functions.is_empty()
+            && self.drive_max_inflight.is_none()
     }
 
     /// The QoS of namespace `nsid` of `subsystem`, if it has any.
@@ -256,6 +271,14 @@ pub fn validate_qos(d: &Device) -> Result<(), ValidationError> {
             );
         }
         check_limits(&p, &h.limits)?;
+    }
+    if let Some(n) = q.drive_max_inflight
+        && n > MAX_DRIVE_INFLIGHT
+    {
+        return bad(
+            "qos.drive_max_inflight".into(),
+            format!("{n}: at most {MAX_DRIVE_INFLIGHT} (0: no cap)"),
+        );
     }
     for (i, f) in q.functions.iter().enumerate() {
         let p = format!("qos.function[{i}]");

@@ -109,6 +109,7 @@ struct RawQos {
     host: Vec<Spanned<toml::Table>>,
     #[serde(default)]
     function: Vec<Spanned<toml::Table>>,
+    drive_max_inflight: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -588,6 +589,10 @@ fn qos_str<'v>(
 fn qos_rules(ctx: &mut Ctx<'_>, raw: &Spanned<RawQos>, qos: &mut Qos) -> Result<(), Error> {
     ctx.note("qos", raw);
     let r = raw.get_ref();
+    if let Some(n) = &r.drive_max_inflight {
+        ctx.note("qos.drive_max_inflight", n);
+        qos.drive_max_inflight = Some(*n.get_ref());
+    }
     for (i, t) in r.group.iter().enumerate() {
         let p = format!("qos.group[{i}]");
         ctx.note(&p, t);
@@ -1330,6 +1335,27 @@ write_bps = 1048576
         assert_eq!(q.functions[0].limits.write_bps, r(1 << 20, None));
         // Without any QoS: nothing.
         assert!(parse_toml(GOOD).unwrap().qos.is_empty());
+        assert_eq!(q.drive_max_inflight, None);
+    }
+
+    #[test]
+    fn drive_max_inflight_is_a_qos_setting() {
+        let d = parse_toml(&format!("{GOOD}\n[qos]\ndrive_max_inflight = 16\n")).unwrap();
+        assert_eq!(d.qos.drive_max_inflight, Some(16));
+        assert!(!d.qos.is_empty());
+        // Beside the rules, before or after them; 0 (no cap) is allowed.
+        let d = parse_toml(&QOS.replace(
+            "[[qos.group]]",
+            "[qos]\ndrive_max_inflight = 0\n\n[[qos.group]]",
+        ))
+        .unwrap();
+        assert_eq!(d.qos.drive_max_inflight, Some(0));
+        assert_eq!(d.qos.groups.len(), 1);
+        let e = err(&format!("{GOOD}\n[qos]\ndrive_max_inflight = 5000\n"));
+        assert_eq!(e.field, "qos.drive_max_inflight", "{e}");
+        assert!(e.message.contains("at most 4096"), "{e}");
+        let e = err(&format!("{GOOD}\n[qos]\ndrive_max_inflight = -1\n"));
+        assert!(e.to_string().contains("drive_max_inflight"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   1000 IOPS work).
 //! - [`limiter`]: the six limits of a namespace, controller or group (IOPS and bandwidth,
 //!   reads, writes and combined, each with its burst).
+//! - [`intake`]: arrival order across queues for work waiting for a shared resource (the
+//!   NVMe/TCP buffer pool): the oldest waiter of all connections goes first.
 //! - [`sched`]: FIFO intake per flow, limiters, and start-time fair queuing among the flows
 //!   sharing one backend, weighted and work-conserving.
 //!
@@ -24,9 +26,11 @@
 extern crate alloc;
 
 pub mod bucket;
+pub mod intake;
 pub mod limiter;
 pub mod sched;
 
 pub use bucket::{Bucket, Rate};
+pub use intake::Intake;
 pub use limiter::{Cost, Dir, Limiter, Limits};
 pub use sched::{Admit, DomainId, FlowId, FlowStats, LimiterId, SchedError, Scheduler};

@@ -78,14 +78,16 @@ fn draws(cost: Cost) -> [u64; 6] {
     [1, r, w, cost.bytes, r * cost.bytes, w * cost.bytes]
 }
 
-/// Whether bucket `i` applies to `cost` at all (a write is not held back by the read limit).
+/// Whether bucket `i` applies to `cost` at all (a write is not held back by the read limit):
+/// the combined buckets (0: IOPS, 3: bandwidth) always, the read ones (1, 4) to reads, the
+/// write ones (2, 5) to writes. A bit mask, tested once per bucket on the per-command path.
 fn applies(i: usize, cost: Cost) -> bool {
-    match i {
-        0 => true,
-        1 | 4 => cost.dir == Dir::Read,
-        2 | 5 => cost.dir == Dir::Write,
-        _ => true, // 3: combined bandwidth
-    }
+    let mask: u8 = match cost.dir {
+        Dir::Read => 0b01_1011,
+        Dir::Write => 0b10_1101,
+        Dir::Other => 0b00_1001,
+    };
+    mask & (1 << i) != 0
 }
 
 /// The buckets of one [`Limits`], with counters for reporting.
@@ -163,12 +165,15 @@ impl Limiter {
 
     /// Charges `cost` to every bucket it draws from.
     pub fn charge(&mut self, cost: Cost) {
-        let d = draws(cost);
-        for (i, b) in self.buckets.iter_mut().enumerate() {
-            if let Some(b) = b
-                && applies(i, cost)
-            {
-                b.charge(d[i]);
+        // Without limits only the counters move (the common case: no bucket to walk).
+        if self.limited {
+            let d = draws(cost);
+            for (i, b) in self.buckets.iter_mut().enumerate() {
+                if let Some(b) = b
+                    && applies(i, cost)
+                {
+                    b.charge(d[i]);
+                }
             }
         }
         self.admitted_ops += 1;

@@ -237,6 +237,29 @@ impl Scheduler {
             .and_then(Option::as_mut)
     }
 
+    /// Changes a domain's cap on commands in flight (0: no cap), live: a lower cap lets
+    /// no command start until completions bring the domain below it; a higher one lets
+    /// waiting commands start at the next [`Scheduler::next`].
+    pub fn set_max_inflight(&mut self, id: DomainId, max_inflight: u32) -> Result<(), SchedError> {
+        self.live_domain(id)?.max_inflight = max_inflight;
+        Ok(())
+    }
+
+    /// A domain's cap on commands in flight (0: no cap).
+    pub fn max_inflight(&self, id: DomainId) -> Option<u32> {
+        self.domains
+            .get(id.0 as usize)
+            .filter(|d| d.live)
+            .map(|d| d.max_inflight)
+    }
+
+    fn live_domain(&mut self, id: DomainId) -> Result<&mut Domain, SchedError> {
+        self.domains
+            .get_mut(id.0 as usize)
+            .filter(|d| d.live)
+            .ok_or(SchedError::Unknown)
+    }
+
     /// A new domain; `max_inflight` caps its commands in flight (0: no cap).
     pub fn add_domain(&mut self, max_inflight: u32) -> Result<DomainId, SchedError> {
         let d = Domain {
@@ -266,11 +289,7 @@ impl Scheduler {
         if self.flows.iter().any(|f| f.live && f.domain == id.0) {
             return Err(SchedError::NotEmpty);
         }
-        let d = self
-            .domains
-            .get_mut(id.0 as usize)
-            .filter(|d| d.live)
-            .ok_or(SchedError::Unknown)?;
+        let d = self.live_domain(id)?;
         d.live = false;
         d.active = Vec::new();
         Ok(())

@@ -397,3 +397,33 @@ fn idle_flows_bank_no_credit() {
     }
     assert!(got[0].abs_diff(got[1]) <= 2, "{got:?}");
 }
+
+/// A domain's cap changes live (`[qos] drive_max_inflight` pushed): a higher cap starts
+/// waiting commands at once, a lower one starts nothing until completions bring the domain
+/// below it. Nothing is dropped; order stays arrival order.
+#[test]
+fn a_domain_cap_changes_live() {
+    let mut s = Scheduler::new(16);
+    let d = s.add_domain(2).unwrap();
+    let f = s.add_flow(d, 1, &[]).unwrap();
+    let admits: Vec<Admit> = (0..8)
+        .map(|h| s.enqueue(0, f, h, READ4K).unwrap())
+        .collect();
+    assert_eq!(admits.iter().filter(|a| **a == Admit::Now).count(), 2);
+    assert_eq!(s.inflight(d), 2);
+    s.set_max_inflight(d, 4).unwrap();
+    assert_eq!(drain(&mut s, 0), [(2, f), (3, f)]);
+    s.set_max_inflight(d, 1).unwrap();
+    for _ in 0..3 {
+        s.completed(d);
+        assert_eq!(drain(&mut s, 0), [], "still at or above the new cap");
+    }
+    s.completed(d);
+    assert_eq!(drain(&mut s, 0), [(4, f)]);
+    s.set_max_inflight(d, 0).unwrap();
+    assert_eq!(drain(&mut s, 0), [(5, f), (6, f), (7, f)], "0: no cap");
+    assert_eq!(
+        s.set_max_inflight(keel_qos::DomainId(9), 1),
+        Err(keel_qos::SchedError::Unknown)
+    );
+}
