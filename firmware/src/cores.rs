@@ -120,7 +120,16 @@ fn report(info: &CoreInfo, gic: Option<CpuInterface>, entry_el: u8) {
 pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
     let boot_gic = platform.gic.as_ref().map(|g| g.this_interface());
     report(&platform.cores[0], boot_gic, entry_el);
-
+    #[cfg(feature = "test-build")]
+    if platform
+        .dt
+        .bootargs
+        .split_whitespace()
+        .any(|a| a == "keel.test=netmq")
+    {
+        crate::netmq::run(platform);
+        keel_hal::arch::power::semihosting_exit(1);
+    }
     let timer_intid = platform.dt.timer_intid;
     let mut links = Links::default();
     for info in &platform.cores[1..] {

@@ -19,6 +19,8 @@ mod fatal;
 mod mgmt;
 #[cfg(target_os = "none")]
 mod net;
+#[cfg(all(target_os = "none", feature = "test-build"))]
+mod netmq;
 #[cfg(target_os = "none")]
 mod nvmf;
 #[cfg(target_os = "none")]

@@ -266,30 +266,6 @@ impl Gic {
             },
         }
     }
-
-    /// Lets [`Doorbell`]s wake the boot core, and returns its doorbell for the other cores.
-    pub fn enable_doorbell(&mut self) -> Result<Doorbell, GicError> {
-        self.enable_wakeup(16 + DOORBELL_SGI, false)?;
-        Ok(match self {
-            Gic::V2 { dist, .. } => Doorbell::v2(*dist, banked_target_mask(*dist)),
-            Gic::V3 { .. } => Doorbell::v3(this_mpidr()),
-        })
-    }
-
-    /// Acknowledges the doorbells rung for the boot core since the last call (so the next
-    /// WFI sleeps); returns how many were pending.
-    pub fn take_doorbells(&mut self) -> u32 {
-        match self {
-            Gic::V2 { cpu, .. } => {
-                let p = NonNull::new(*cpu as *mut Gicc).expect("GICC address");
-                // SAFETY: the CPU interface is banked per core; this is the boot core's, used
-                // from the boot core only, and the driver's own copy is not in use while this
-                // call runs (both need `&mut self`).
-                drain_v2(&mut unsafe { UniqueMmioPointer::new(p) })
-            }
-            Gic::V3 { .. } => drain_v3(),
-        }
-    }
 }
 
 /// ICC_CTLR_EL1.EOImode = 0: an EOI also deactivates (arm-gic's `init_cpu` does the same on
@@ -318,7 +294,7 @@ fn banked_target_mask(dist: usize) -> u8 {
 
 /// Acknowledges every pending doorbell on a GICv2 CPU interface (IAR then EOIR, the
 /// interrupt ID with its source CPU bits as read).
-fn drain_v2(mut gicc: &mut UniqueMmioPointer<'_, Gicc>) -> u32 {
+fn drain_v2(mut gicc: &mut UniqueMmioPointer<'static, Gicc>) -> u32 {
     let mut n = 0;
     for _ in 0..64 {
         let iar = field!(gicc, iar).read();
