@@ -1,100 +1,18 @@
 //! What the management session asks of the device ([`keel_mgmt::Device`]), implemented by
 //! the services: status snapshots, configuration pushes, reboot, the management key and
-//! challenges.
-//!
-//! # Challenges
-//!
-//! A management challenge must never repeat, on this boot or any other, or a request signed
-//! for one challenge could be replayed against another connection. Each challenge is
-//! `SHA-256("keel/v1/challenge" ‖ boot secret ‖ challenge counter ‖ CNTPCT ‖ 4 × RNDR)`:
-//! - RNDR (FEAT_RNG, ID_AA64ISAR0_EL1.RNDR ≥ 1; QEMU `-cpu max` has it) gives 256 fresh
-//!   random bits per challenge: with it, repeats are as likely as a SHA-256 collision;
-//! - the counter increases with every challenge handed out (every connection gets new ones),
-//!   so two challenges of one boot always differ, whatever the RNG does;
-//! - the boot secret (`SHA-256` of the device key, the counter at boot and RNDR output)
-//!   separates devices and boots.
-//!
-//! Without RNDR (and without a persistent boot counter, which this firmware does not keep)
-//! uniqueness across boots rests on the generic counter's value at boot and at each
-//! challenge, which a deterministic boot can repeat: the firmware warns at boot when RNDR is
-//! missing. Mixing through SHA-256 means a weak or failing source can only add, never remove,
-//! unpredictability.
+//! challenges (drawn by [`crate::challenge`]).
 
 use crate::config::NsSpec;
+use crate::hw::Hw;
 use crate::plan::{NsPlan, Plan, Source};
 use crate::services::{Services, build_namespace};
 use alloc::{format, string::String, string::ToString, vec::Vec};
-use keel_hal::arch::{power, rng, timer};
 use keel_mgmt::{
     ControllerInfo, FunctionInfo, Latency, NamespaceInfo, NsCounters, PushReport, Snapshot,
     SubsystemInfo,
 };
 use keel_nvme_pcie::FunctionState;
 use keel_storage::LatencyHistogram;
-use sha2::{Digest, Sha256};
-
-/// Source of management challenges (see the module documentation).
-pub struct Challenges {
-    boot_secret: [u8; 32],
-    counter: u64,
-}
-
-impl core::fmt::Debug for Challenges {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Challenges")
-            .field("counter", &self.counter)
-            .finish_non_exhaustive()
-    }
-}
-
-fn mix_rndr(h: &mut Sha256) -> bool {
-    let mut all = true;
-    for _ in 0..4 {
-        match rng::rndr() {
-            Some(r) => h.update(r.to_le_bytes()),
-            None => all = false,
-        }
-    }
-    all
-}
-
-impl Challenges {
-    /// Draws the boot secret.
-    pub fn new(identity: &crate::provisioned::Identity) -> Self {
-        let mut h = Sha256::new();
-        h.update(b"keel/v1/boot-secret");
-        if let Some(k) = &identity.device_key {
-            h.update(k.expose_secret());
-        }
-        h.update(timer::counter().to_le_bytes());
-        if !mix_rndr(&mut h) {
-            log::warn!(
-                "mgmt: no RNDR (FEAT_RNG): management challenges rely on the counter and the \
-                 device key only and may repeat across boots"
-            );
-        }
-        let mut boot_secret = [0u8; 32];
-        boot_secret.copy_from_slice(&h.finalize());
-        Self {
-            boot_secret,
-            counter: 0,
-        }
-    }
-
-    /// The next challenge.
-    pub fn next(&mut self) -> [u8; 32] {
-        self.counter = self.counter.wrapping_add(1);
-        let mut h = Sha256::new();
-        h.update(b"keel/v1/challenge");
-        h.update(self.boot_secret);
-        h.update(self.counter.to_le_bytes());
-        h.update(timer::counter().to_le_bytes());
-        mix_rndr(&mut h);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(&h.finalize());
-        out
-    }
-}
 
 fn latency(h: &LatencyHistogram) -> Latency {
     // The histogram keeps no exact sum: estimate it from the buckets (each sample counted at
@@ -115,7 +33,7 @@ fn latency(h: &LatencyHistogram) -> Latency {
     }
 }
 
-impl Services {
+impl<H: Hw> Services<H> {
     fn exports_of(&self, nqn: &str) -> Vec<String> {
         let mut e = Vec::new();
         if self.nvmf.is_some() {
@@ -270,14 +188,14 @@ impl Services {
     }
 }
 
-impl keel_mgmt::Device for Services {
+impl<H: Hw> keel_mgmt::Device for Services<H> {
     fn snapshot(&self) -> Snapshot {
         let t = &self.target;
         Snapshot {
             version: String::from(env!("CARGO_PKG_VERSION")),
             build_id: String::from(env!("KEEL_GIT_HASH")),
-            board: String::from(keel_board::BOARD.name),
-            uptime_ns: timer::now_ns(),
+            board: String::from(H::BOARD),
+            uptime_ns: H::now_ns(),
             generation: self.plan.generation,
             config_source: self.plan.source.to_string(),
             subsystems: t
@@ -372,7 +290,9 @@ impl keel_mgmt::Device for Services {
 
     fn reboot(&mut self) {
         log::info!("mgmt: reboot requested");
-        power::system_reset()
+        self.health
+            .shutdown(self.identity.flash.as_mut(), H::now_ns());
+        H::system_reset()
     }
 
     fn authorized_key(&self) -> [u8; 32] {

@@ -5,74 +5,25 @@
 //! A drive that fails (BAR0 missing, controller that will not enable, …) is reported on the
 //! console and skipped; the rest of the firmware carries on.
 //!
-//! Wiring: keep every [`LocalDrive`] and call [`LocalDrive::poll`] with the current time once
-//! per poll-loop pass (timeouts, Abort, controller reset and CSTS.CFS recovery advance there);
-//! hand each [`DriveNamespace::backend`] to a namespace (boxed with
-//! [`DriveNamespace::boxed`], or shared and cut into slices with `keel_storage::SharedBackend`
-//! and `SliceBackend`). Data buffers must carry their real DMA address (`IoBuf::dma_addr()` =
-//! physical address; the heap is identity-mapped).
+//! The services ([`crate::services`]) poll every [`LocalDrive`] once per pass (timeouts,
+//! Abort, controller reset and CSTS.CFS recovery advance there) and hand each namespace's
+//! backend to a namespace of the plan (whole, or shared and cut into slices). Data buffers
+//! must carry their real DMA address (`IoBuf::dma_addr()` = physical address; the heap is
+//! identity-mapped).
 
 use crate::platform::Platform;
-use alloc::boxed::Box;
+use crate::qemu::Qemu;
+use crate::services::{DriveNamespace, LocalDrive};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use keel_hal::arch::timer;
 use keel_hal::nvme::driver::{Config, Drive, Namespace};
-use keel_hal::nvme::{Bar0, HeapDma, NvmeBackend, NvmeDrive};
+use keel_hal::nvme::{Bar0, HeapDma, NvmeDrive};
 use keel_hal::pcie::{Function, Space};
-use keel_storage::{BlockBackend, Geometry};
 
 /// PCI class of an NVMe I/O controller: mass storage, non-volatile memory, NVMe.
 const NVME_CLASS: (u8, u8, u8) = (0x01, 0x08, 0x02);
-
-/// A namespace of a local drive.
-#[derive(Debug)]
-#[allow(dead_code, reason = "read by the namespace wiring in nvmf/poll")]
-pub struct DriveNamespace {
-    /// Namespace identifier on the drive.
-    pub nsid: u32,
-    /// Block size and count.
-    pub geometry: Geometry,
-    /// The backend (one per namespace; share it to cut it into slices).
-    pub backend: NvmeBackend,
-}
-
-#[allow(dead_code, reason = "read by the namespace wiring in nvmf/poll")]
-impl DriveNamespace {
-    /// The backend as a trait object.
-    pub fn boxed(self) -> Box<dyn BlockBackend> {
-        Box::new(self.backend)
-    }
-}
-
-/// A drive that came up.
-#[derive(Debug)]
-#[allow(dead_code, reason = "read by the namespace wiring in nvmf/poll")]
-pub struct LocalDrive {
-    /// PCI address, e.g. `00:02.0`.
-    pub bdf: String,
-    /// Model number.
-    pub model: String,
-    /// Serial number.
-    pub serial: String,
-    /// The controller, to poll.
-    pub drive: NvmeDrive,
-    /// Active namespaces.
-    pub namespaces: Vec<DriveNamespace>,
-}
-
-impl LocalDrive {
-    /// One pass of the controller: doorbells, completions, timeouts, recovery.
-    pub fn poll(&self, now_ns: u64) -> bool {
-        self.drive.poll(now_ns)
-    }
-
-    /// Commands submitted to the drive and not yet completed.
-    pub fn outstanding(&self) -> usize {
-        self.drive.with(|c| c.outstanding()).unwrap_or(0)
-    }
-}
 
 /// Why a drive was skipped.
 #[derive(Debug)]
@@ -118,7 +69,7 @@ fn bring_up_one(f: &Function) -> Result<NvmeDrive, DriveError> {
 
 /// Brings up every NVMe drive the PCI enumeration found; logs one line per drive and per
 /// namespace, or the reason a drive is skipped.
-pub fn bring_up(platform: &Platform) -> Vec<LocalDrive> {
+pub fn bring_up(platform: &Platform) -> Vec<LocalDrive<Qemu>> {
     let mut out = Vec::new();
     if platform.dt.pcie.is_none() {
         return out;
@@ -164,15 +115,12 @@ pub fn bring_up(platform: &Platform) -> Vec<LocalDrive> {
             if let Some(backend) = drive.backend(i) {
                 nss.push(DriveNamespace {
                     nsid: ns.nsid,
-                    geometry: g,
                     backend,
                 });
             }
         }
         out.push(LocalDrive {
             bdf: format!("{}", f.bdf),
-            model: info.model,
-            serial: info.serial,
             drive,
             namespaces: nss,
         });

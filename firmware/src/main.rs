@@ -4,39 +4,60 @@
 //! each with its own poll loop ([`cores`]) → services → core 0's poll loop ([`poll`]). Built for `aarch64-unknown-none`; on any other target this crate
 //! is an empty program that says how to build it.
 #![cfg_attr(target_os = "none", no_std, no_main)]
+#![cfg_attr(
+    test,
+    allow(
+        dead_code,
+        reason = "the poll loop, built for the target only, uses what the host tests leave unused"
+    )
+)]
 
-#[cfg(target_os = "none")]
+// The services: hardware-free, generic over `hw::Hw`; built for the host too, where their
+// unit tests run (`cargo test -p keel-firmware`).
+#[cfg(any(test, target_os = "none"))]
+mod challenge;
+#[cfg(any(test, target_os = "none"))]
 mod config;
+#[cfg(any(test, target_os = "none"))]
+mod device;
+#[cfg(any(test, target_os = "none"))]
+mod health;
+#[cfg(any(test, target_os = "none"))]
+mod hw;
+#[cfg(any(test, target_os = "none"))]
+mod mgmt;
+#[cfg(any(test, target_os = "none"))]
+mod net;
+#[cfg(any(test, target_os = "none"))]
+mod nvmf;
+#[cfg(any(test, target_os = "none"))]
+mod plan;
+#[cfg(any(test, target_os = "none"))]
+mod provisioned;
+#[cfg(any(test, target_os = "none"))]
+mod services;
+#[cfg(test)]
+mod tests;
+
+// The board: keel-hal's drivers, boot, the poll loops.
 #[cfg(target_os = "none")]
 mod cores;
-#[cfg(target_os = "none")]
-mod device;
 #[cfg(target_os = "none")]
 mod drives;
 #[cfg(target_os = "none")]
 mod fatal;
-#[cfg(target_os = "none")]
-mod mgmt;
-#[cfg(target_os = "none")]
-mod net;
 #[cfg(all(target_os = "none", feature = "test-build"))]
 mod netmq;
-#[cfg(target_os = "none")]
-mod nvmf;
-#[cfg(target_os = "none")]
-mod plan;
 #[cfg(target_os = "none")]
 mod platform;
 #[cfg(target_os = "none")]
 mod poll;
 #[cfg(target_os = "none")]
-mod provisioned;
-#[cfg(target_os = "none")]
-mod services;
+mod qemu;
 #[cfg(all(target_os = "none", feature = "test-build"))]
 mod testhooks;
 
-#[cfg(target_os = "none")]
+#[cfg(any(test, target_os = "none"))]
 extern crate alloc;
 
 #[cfg(target_os = "none")]
@@ -52,7 +73,7 @@ fn main(info: keel_hal::arch::boot::BootInfo) -> ! {
     poll::run(platform)
 }
 
-#[cfg(not(target_os = "none"))]
+#[cfg(all(not(target_os = "none"), not(test)))]
 fn main() {
     eprintln!(
         "keel-firmware is a bare-metal image: build it with \

@@ -10,6 +10,7 @@
 //! is closed. A reboot is answered first and happens once the peer has acknowledged the
 //! reply (or after [`REBOOT_DRAIN_NS`]).
 
+use crate::hw::Hw;
 use crate::net::NetStack;
 use alloc::vec::Vec;
 use keel_mgmt::{Device, Session};
@@ -59,7 +60,7 @@ impl core::fmt::Debug for MgmtService {
 
 impl MgmtService {
     /// Starts listening on `port`.
-    pub fn start(port: u16, net: &mut NetStack) -> Self {
+    pub fn start<H: Hw>(port: u16, net: &mut NetStack<H>) -> Self {
         net.listen_routed(port);
         log::info!("mgmt: management endpoint on port {port} (signed requests, GET /metrics)");
         MgmtService {
@@ -76,10 +77,10 @@ impl MgmtService {
 
     /// One pass: adopt new connections, move bytes, close what is done. Returns whether
     /// anything happened.
-    pub fn poll<D: Device + ?Sized>(
+    pub fn poll<H: Hw, D: Device + ?Sized>(
         &mut self,
         now_ns: u64,
-        net: &mut NetStack,
+        net: &mut NetStack<H>,
         dev: &mut D,
     ) -> bool {
         let mut busy = false;
@@ -124,10 +125,10 @@ impl MgmtService {
 }
 
 /// Moves one connection's bytes; decides whether it stays.
-fn pass<D: Device + ?Sized>(
+fn pass<H: Hw, D: Device + ?Sized>(
     c: &mut Conn,
     now_ns: u64,
-    net: &mut NetStack,
+    net: &mut NetStack<H>,
     dev: &mut D,
 ) -> (Fate, bool) {
     let mut moved = false;

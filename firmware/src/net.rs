@@ -9,8 +9,8 @@
 //! negotiated from the buffer size), Nagle off and no delayed ACK so responses leave at once,
 //! keep-alive probes so half-open connections are found and freed.
 
+use crate::hw::{Hw, Nic};
 use alloc::vec::Vec;
-use keel_hal::virtio_net::VirtioNet;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet, SocketStorage};
 use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
@@ -57,9 +57,9 @@ pub struct Accepted {
 }
 
 /// The interface, its device and its sockets.
-pub struct NetStack {
+pub struct NetStack<H: Hw> {
     /// The NIC.
-    pub device: VirtioNet,
+    pub device: H::Nic,
     /// smoltcp's interface.
     pub iface: Interface,
     /// Every socket.
@@ -79,7 +79,7 @@ pub struct NetStack {
     pub refused: u64,
 }
 
-impl core::fmt::Debug for NetStack {
+impl<H: Hw> core::fmt::Debug for NetStack<H> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("NetStack")
             .field("addr", &self.address())
@@ -92,9 +92,9 @@ pub fn instant(now_ns: u64) -> Instant {
     Instant::from_micros((now_ns / 1_000) as i64)
 }
 
-impl NetStack {
+impl<H: Hw> NetStack<H> {
     /// Builds the stack on a NIC.
-    pub fn new(mut device: VirtioNet, addressing: Addressing, now_ns: u64, seed: u64) -> Self {
+    pub fn new(mut device: H::Nic, addressing: Addressing, now_ns: u64, seed: u64) -> Self {
         let mac = EthernetAddress(device.mac());
         let mut config = Config::new(HardwareAddress::Ethernet(mac));
         config.random_seed = seed;
@@ -167,7 +167,7 @@ impl NetStack {
         }
         // Room for both buffers and a margin for everything else (an allocation failure
         // would end the firmware).
-        if self.created >= MAX_SOCKETS || crate::platform::heap_free() < 4 * TCP_BUFFER {
+        if self.created >= MAX_SOCKETS || H::heap_free() < 4 * TCP_BUFFER {
             return None;
         }
         self.created += 1;

@@ -10,6 +10,7 @@
 //! into the socket's transmit buffer. Buffers come from one pre-allocated pool; a command that
 //! finds the pool empty waits in a per-connection queue without stalling other connections.
 
+use crate::hw::Hw;
 use crate::net::{Accepted, NetStack};
 use alloc::{collections::VecDeque, format, string::String, vec::Vec};
 use keel_controller::{
@@ -101,7 +102,7 @@ impl NvmfService {
     /// The service, with its data buffers; `advertise` replaces the interface's own address
     /// in the discovery log.
     pub fn new(advertise: Option<(String, String)>) -> Result<Self, keel_storage::PoolError> {
-        let region = crate::services::dma_region(POOL_BUFFERS * MAX_TRANSFER);
+        let region = crate::hw::dma_region(POOL_BUFFERS * MAX_TRANSFER);
         let dma = region.as_ptr() as u64;
         let pool = BufPool::lazy(region, dma, MAX_TRANSFER)?;
         let tcp_cfg = TcpConfig {
@@ -124,7 +125,13 @@ impl NvmfService {
         self.conns.iter().flatten().count()
     }
 
-    fn adopt(&mut self, a: Accepted, now_ns: u64, net: &mut NetStack, target: &mut Target) {
+    fn adopt<H: Hw>(
+        &mut self,
+        a: Accepted,
+        now_ns: u64,
+        net: &mut NetStack<H>,
+        target: &mut Target,
+    ) {
         let (tcp, queue) = match (
             TargetConnection::new(self.tcp_cfg, ms(now_ns)),
             target.open_queue(),
@@ -167,7 +174,7 @@ impl NvmfService {
     /// controller core. Completions that went pending come back through
     /// [`NvmfService::on_event`]; [`NvmfService::flush`] then sends what they produced.
     /// Returns whether anything happened.
-    pub fn poll(&mut self, now_ns: u64, net: &mut NetStack, target: &mut Target) -> bool {
+    pub fn poll<H: Hw>(&mut self, now_ns: u64, net: &mut NetStack<H>, target: &mut Target) -> bool {
         let mut busy = false;
         self.update_ports(net, target);
         let accepted: Vec<Accepted> = net.take_accepted().collect();
@@ -206,13 +213,13 @@ impl NvmfService {
     }
 
     /// Moves every connection's pending PDUs into its socket.
-    pub fn flush(&mut self, net: &mut NetStack) {
+    pub fn flush<H: Hw>(&mut self, net: &mut NetStack<H>) {
         for c in self.conns.iter_mut().flatten() {
             c.flush(net);
         }
     }
 
-    fn update_ports(&mut self, net: &NetStack, target: &mut Target) {
+    fn update_ports<H: Hw>(&mut self, net: &NetStack<H>, target: &mut Target) {
         let Some(addr) = net.address().map(|c| c.address()) else {
             return;
         };
@@ -227,11 +234,11 @@ impl NvmfService {
         target.set_ports(alloc::vec![entry]);
     }
 
-    fn poll_conn(
+    fn poll_conn<H: Hw>(
         &mut self,
         i: usize,
         now: Instant,
-        net: &mut NetStack,
+        net: &mut NetStack<H>,
         target: &mut Target,
     ) -> bool {
         let Some(c) = self.conns[i].as_mut() else {
@@ -265,10 +272,14 @@ impl NvmfService {
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // The peer is gone once it reset the connection (or it timed out), or once it closed
         // its side and we have consumed everything (a half-closed host sends no more
-        // commands): the first is an abrupt loss, the second an orderly close (Linux closes
-        // its I/O queues with a FIN before shutting the controller down on the admin queue).
+        // commands). Both lose the queue only: Linux deletes a controller by closing each I/O
+        // queue with a FIN and at once a RST (its sockets linger 0), then shuts the controller
+        // down on the admin queue; when both segments arrive in one poll the socket is already
+        // Closed here. Linux's own target also treats a reset I/O connection as that queue's
+        // loss only (ECONNRESET is not a fatal error in nvmet-tcp). A vanished host's
+        // controller still ends at KATO; losing the admin queue always ends it.
         let loss = match sock.state() {
-            tcp::State::Closed => Some(QueueLoss::Abrupt),
+            tcp::State::Closed => Some(QueueLoss::Orderly),
             tcp::State::TimeWait => Some(QueueLoss::Orderly),
             tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing
                 if !sock.can_recv() =>
@@ -457,7 +468,7 @@ impl Conn {
     }
 
     /// Moves the connection's pending PDUs into the socket's transmit buffer.
-    fn flush(&mut self, net: &mut NetStack) {
+    fn flush<H: Hw>(&mut self, net: &mut NetStack<H>) {
         let sock = net.sockets.get_mut::<tcp::Socket>(self.socket);
         while self.tcp.wants_transmit() && sock.can_send() {
             let sent = sock.send(|out| {

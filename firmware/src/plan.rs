@@ -1,7 +1,7 @@
 //! The one description the services are built from, whatever the configuration's origin:
 //! the development boot arguments ([`DevConfig`]) or a provisioned bundle
-//! ([`keel_provision::Config`]). Both are turned into a [`Plan`]; [`crate::services`] builds
-//! the target, namespaces, emulated functions and network from the plan only.
+//! ([`keel_provision::Config`]). Both are turned into a [`Plan`], and the services build the
+//! target, namespaces, emulated functions and network from the plan only.
 //!
 //! # Emulated functions
 //!

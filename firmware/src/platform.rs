@@ -372,7 +372,7 @@ fn banner(info: &BootInfo, dt: &Dt, freq: u64, heap: Region, gic: &Option<Gic>) 
         }
     );
     println!("board: {} ({})", BOARD.name, dt.model.as_str());
-    crate::provisioned::print_trust_anchor();
+    print_trust_anchor();
     println!(
         "cpu: MIDR {:#010x} (implementer {:#04x}, part {:#05x}), {} core(s), running at EL{} (entered at EL{})",
         midr,
@@ -468,6 +468,23 @@ fn print_pci_table(pci: &[Function]) {
             f.class.2,
             class_name(f.class),
             bars.trim_end()
+        );
+    }
+}
+
+/// Prints the trust anchor in the banner.
+fn print_trust_anchor() {
+    let dev = crate::provisioned::is_development_key();
+    keel_hal::println!(
+        "provisioning key: {}{}",
+        crate::provisioned::fingerprint(&crate::provisioned::PROVISION_PUBKEY),
+        if dev { " DEVELOPMENT KEY" } else { "" }
+    );
+    if dev {
+        keel_hal::println!(
+            "WARNING: this image trusts the PUBLIC development provisioning key \
+             (qemu/dev-keys): anyone can sign configurations for it. Never ship it; build \
+             with KEEL_PROVISION_PUBKEY=your-key.pub."
         );
     }
 }

@@ -6,9 +6,11 @@ use crate::mgmt::MgmtService;
 use crate::net::{Addressing, NetStack};
 use crate::plan::{Plan, Source};
 use crate::platform::{Platform, shared_memory_bars};
-use crate::provisioned::{Identity, PROVISION_PUBKEY};
-use crate::services::Services;
-use keel_hal::{arch::timer, println, virtio_net::VirtioNet};
+use crate::provisioned::PROVISION_PUBKEY;
+use crate::qemu::{Qemu, load_identity};
+use crate::services::{Services, WindowPort};
+use alloc::{format, vec::Vec};
+use keel_hal::{arch::timer, ivshmem::IvshmemWindow, println, virtio_net::VirtioNet};
 
 /// NVMe/TCP port (NVMe/TCP transport spec 1.0 §7.4.4, IANA).
 pub const NVMF_PORT: u16 = 4420;
@@ -18,7 +20,7 @@ pub const DISCOVERY_PORT: u16 = 8009;
 /// How long boot waits for a DHCP lease before declaring itself ready anyway.
 const DHCP_WAIT_NS: u64 = 3_000_000_000;
 
-fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack> {
+fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack<Qemu>> {
     let host = platform.dt.pcie.as_ref()?;
     let f = platform.pci.iter().find(|f| {
         f.vendor == 0x1af4 && (f.device == 0x1041 || f.device == 0x1000) && f.class.0 == 0x02
@@ -61,7 +63,7 @@ pub fn run(mut platform: Platform) -> ! {
         log::warn!("cpu: no CRC32 instructions: NVMe/TCP digests use the table-driven CRC32C");
     }
     // The configuration: the newest flash copy that verifies, else the boot arguments.
-    let mut identity = Identity::load(&platform);
+    let mut identity = load_identity(&platform);
     let provisioned = identity.load_config();
     if provisioned.is_none() {
         log::info!("config: no provisioned configuration; using boot arguments");
@@ -72,7 +74,7 @@ pub fn run(mut platform: Platform) -> ! {
     };
     let mut net = bring_up_net(&platform, addressing);
     let mac = net.as_ref().map_or([0; 6], |n| n.device.mac());
-    let drives = Services::bring_up_drives(&platform);
+    let drives = crate::drives::bring_up(&platform);
     let plan = match provisioned {
         Some((cfg, source)) => Plan::from_bundle(&cfg, source, mac, PROVISION_PUBKEY),
         None => {
@@ -92,7 +94,17 @@ pub fn run(mut platform: Platform) -> ! {
             )
         }
     };
-    let mut services = Services::build(&mut platform, plan, drives, net.is_some(), identity);
+    let windows = shared_memory_bars(&platform.pci)
+        .map(|bar| WindowPort {
+            base: bar.base,
+            size: bar.size,
+            // SAFETY: BAR2 of an ivshmem-plain function, mapped as normal memory by the
+            // platform's final page table, used by nothing else.
+            ep: unsafe { IvshmemWindow::new(bar.base as usize, bar.size as usize) }
+                .map_err(|e| format!("{e}")),
+        })
+        .collect::<Vec<_>>();
+    let mut services = Services::build(plan, drives, windows, net.is_some(), identity);
     let mut mgmt: Option<MgmtService> = None;
     if let Some(net) = net.as_mut() {
         let plan = services.plan();
@@ -189,8 +201,8 @@ const MAX_SLEEP_NS: u64 = 5_000_000;
 /// One pass over the NIC and the services; returns whether anything happened.
 fn pass(
     now: u64,
-    mut net: Option<&mut NetStack>,
-    services: &mut Services,
+    mut net: Option<&mut NetStack<Qemu>>,
+    services: &mut Services<Qemu>,
     mgmt: Option<&mut MgmtService>,
 ) -> bool {
     let mut busy = false;
@@ -216,7 +228,7 @@ fn pass(
 
 /// Makes the NIC's interrupt and the timer's wake the core from WFI (interrupts stay masked:
 /// nothing is taken). Returns false, and the loop busy-polls, if any part is missing.
-fn enable_wakeups(platform: &mut Platform, net: &mut NetStack) -> bool {
+fn enable_wakeups(platform: &mut Platform, net: &mut NetStack<Qemu>) -> bool {
     let nic_intid = platform
         .pci
         .iter()

@@ -25,23 +25,23 @@
 //! Both banks stay mapped as Device memory (the CFI command sequences need ordered,
 //! unmerged accesses, and the same mapping serves reading and writing); Device memory faults
 //! on unaligned accesses, so the copies are read with aligned 32-bit volatile loads
-//! ([`keel_hal::flash::CfiFlash::read`]) into a heap buffer: the header first, then exactly
+//! (`keel_hal::flash::CfiFlash::read`, behind [`crate::hw::Flash`]) into a heap buffer: the header first, then exactly
 //! the payload it announces (at most 1 MiB), once at boot.
 
+use crate::hw::Flash;
 use crate::plan::Source;
 use alloc::{format, string::String, vec, vec::Vec};
-use keel_hal::flash::{CfiFlash, FlashError};
 use keel_provision::{
     BundleError, Config, ConfigCopy, DeviceKey,
     ed25519_dalek::VerifyingKey,
-    flash::{CONFIG_COPY_SIZE, CONFIG_HEADER_LEN, CONFIG_PAYLOAD_MAX, SECTOR_SIZE},
+    flash::{CONFIG_COPY_SIZE, CONFIG_HEADER_LEN, CONFIG_PAYLOAD_MAX},
 };
 use sha2::{Digest, Sha256};
 
 include!(concat!(env!("OUT_DIR"), "/trust_anchor.rs"));
 
 /// The device's keys and its flash.
-pub struct Identity {
+pub struct Identity<F: Flash> {
     /// The built-in provisioning public key.
     pub trusted: Option<VerifyingKey>,
     /// Its bytes.
@@ -49,16 +49,21 @@ pub struct Identity {
     /// The device key, if the identity block holds one.
     pub device_key: Option<DeviceKey>,
     /// Flash bank 0 (firmware slots and configuration copies).
-    pub flash: Option<CfiFlash>,
+    pub flash: Option<F>,
 }
 
-impl core::fmt::Debug for Identity {
+impl<F: Flash> core::fmt::Debug for Identity<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Identity")
             .field("fingerprint", &fingerprint(&self.pubkey))
             .field("device_key", &self.device_key.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// Whether the built-in trust anchor is the public development key (the banner warns).
+pub fn is_development_key() -> bool {
+    PROVISION_KEY_IS_DEV
 }
 
 /// The key's fingerprint: the first 8 bytes of SHA-256 of the public key, in hex, in groups.
@@ -74,82 +79,20 @@ pub fn fingerprint(key: &[u8; 32]) -> String {
     s
 }
 
-/// Prints the trust anchor in the banner.
-pub fn print_trust_anchor() {
-    keel_hal::println!(
-        "provisioning key: {}{}",
-        fingerprint(&PROVISION_PUBKEY),
-        if PROVISION_KEY_IS_DEV {
-            " DEVELOPMENT KEY"
-        } else {
-            ""
-        }
-    );
-    if PROVISION_KEY_IS_DEV {
-        keel_hal::println!(
-            "WARNING: this image trusts the PUBLIC development provisioning key \
-             (qemu/dev-keys): anyone can sign configurations for it. Never ship it; build \
-             with KEEL_PROVISION_PUBKEY=your-key.pub."
-        );
-    }
-}
-
-impl Identity {
-    /// Reads the identity block from flash bank 1 and opens flash bank 0.
-    pub fn load(platform: &crate::platform::Platform) -> Identity {
+impl<F: Flash> Identity<F> {
+    /// The identity of a device: the built-in trust anchor, the device key (if the device
+    /// has one) and the flash that holds the configuration copies (if any).
+    pub fn new(device_key: Option<DeviceKey>, flash: Option<F>) -> Self {
         let trusted = VerifyingKey::from_bytes(&PROVISION_PUBKEY)
             .map_err(|_| {
                 log::error!("provision: the built-in provisioning key is not an Ed25519 key")
             })
             .ok();
-        let bank = |i: usize| {
-            platform.dt.flash.get(i).map(|r| {
-                // SAFETY: the device tree names this region a cfi-flash bank; the platform
-                // maps it as Device memory and the firmware runs from RAM (the entry code
-                // copies the image out of flash), so nothing else uses it.
-                unsafe { CfiFlash::new(r.base as usize, r.size as usize, SECTOR_SIZE) }
-            })
-        };
-        let device_key = match bank(1) {
-            None => {
-                log::warn!("identity: no flash bank 1: no device key");
-                None
-            }
-            Some(mut b) => {
-                let mut block = [0u8; keel_provision::identity::IDENTITY_LEN];
-                match b.read(0, &mut block) {
-                    Err(e) => {
-                        log::warn!("identity: {e}: no device key");
-                        None
-                    }
-                    Ok(()) => match keel_provision::parse_identity(&block) {
-                        Ok(k) => {
-                            log::info!(
-                                "identity: device key from flash bank 1 (QEMU stand-in for OTP/secure element)"
-                            );
-                            Some(k)
-                        }
-                        Err(keel_provision::IdentityError::Empty) => {
-                            log::info!(
-                                "identity: flash bank 1 holds no identity block: no device key"
-                            );
-                            None
-                        }
-                        Err(e) => {
-                            log::warn!(
-                                "identity: {e}: no device key (encrypted provisioned namespaces cannot be opened)"
-                            );
-                            None
-                        }
-                    },
-                }
-            }
-        };
         Identity {
             trusted,
             pubkey: PROVISION_PUBKEY,
             device_key,
-            flash: bank(0),
+            flash,
         }
     }
 
@@ -163,7 +106,7 @@ impl Identity {
 
     /// Reads configuration copy `copy` (header, then the payload it announces); `None` when
     /// there is no flash.
-    pub fn read_copy(&mut self, copy: ConfigCopy) -> Result<Vec<u8>, FlashError> {
+    pub fn read_copy(&mut self, copy: ConfigCopy) -> Result<Vec<u8>, F::Error> {
         let Some(flash) = self.flash.as_mut() else {
             return Ok(Vec::new());
         };

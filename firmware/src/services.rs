@@ -18,17 +18,17 @@
 //! their doorbells and reap completions, the core delivers completions (routed by queue to the
 //! emulated function that owns it, the rest to NVMe/TCP), and NVMe/TCP flushes its sockets.
 
+use crate::challenge::Challenges;
 use crate::config::NsSpec;
-use crate::drives::{self, LocalDrive};
+use crate::hw::{DriveCtl, Hw, dma_region};
 use crate::net::NetStack;
 use crate::nvmf::NvmfService;
 use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
-use crate::platform::{Platform, shared_memory_bars};
+use crate::provisioned::Identity;
 use alloc::{boxed::Box, format, string::String, vec::Vec};
 use keel_controller::{Instant, Limits, NamespaceConfig, SubsystemConfig, Target, TargetConfig};
 use keel_crypto::{EncryptedBackend, XtsKey};
-use keel_hal::{arch::cpu, ivshmem::IvshmemWindow};
-use keel_nvme_pcie::{FunctionConfig, FunctionState, PcieFunction};
+use keel_nvme_pcie::{EndpointFunction, FunctionConfig, FunctionState, PcieFunction};
 use keel_storage::{BlockBackend, BufPool, RamBackend, SharedBackend, SliceBackend};
 
 /// Requests one namespace's backend holds at most between polls.
@@ -36,33 +36,91 @@ const BACKEND_DEPTH: usize = 4096;
 /// Data buffers of each emulated function (128 KiB each: MDTS).
 const FUNCTION_BUFFERS: usize = 64;
 const FUNCTION_BUFFER_SIZE: usize = 128 * 1024;
+/// Scratch buffers of the controller core (Copy chunks, Write Zeroes on encrypted
+/// namespaces): this many Copy / Write Zeroes commands progress at once, the rest wait.
+const SCRATCH_BUFFERS: usize = 16;
+const SCRATCH_BUFFER_SIZE: usize = 128 * 1024;
+
+/// A namespace of a local drive.
+#[derive(Debug)]
+pub struct DriveNamespace<N> {
+    /// Namespace identifier on the drive.
+    pub nsid: u32,
+    /// The backend (one per namespace; shared to cut it into slices).
+    pub backend: N,
+}
+
+/// A local NVMe drive that came up.
+pub struct LocalDrive<H: Hw> {
+    /// PCI address, e.g. `00:02.0`.
+    pub bdf: String,
+    /// The controller, polled every pass.
+    pub drive: H::DriveCtl,
+    /// Active namespaces not yet handed to a namespace of the plan.
+    pub namespaces: Vec<DriveNamespace<H::DriveNs>>,
+}
+
+impl<H: Hw> core::fmt::Debug for LocalDrive<H> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("LocalDrive")
+            .field("bdf", &self.bdf)
+            .field("namespaces", &self.namespaces.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Hw> LocalDrive<H> {
+    /// One pass of the controller: doorbells, completions, timeouts, recovery.
+    pub fn poll(&self, now_ns: u64) -> bool {
+        self.drive.poll(now_ns)
+    }
+
+    /// Commands submitted to the drive and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.drive.outstanding()
+    }
+}
 
 /// An emulated NVMe function: its endpoint and the controller emulation.
-pub(crate) struct Emulated {
+pub(crate) struct Emulated<W> {
     pub(crate) index: u16,
     pub(crate) nqn: String,
-    pub(crate) ep: IvshmemWindow,
+    pub(crate) ep: W,
     pub(crate) f: PcieFunction,
 }
 
+/// An emulated function's endpoint as the platform found it: its window's address and size
+/// (for the console) and the endpoint.
+#[derive(Debug)]
+pub struct WindowPort<W> {
+    /// Base address of the window.
+    pub base: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The endpoint, if it could be opened (else the reason, for the console).
+    pub ep: Result<W, String>,
+}
+
 /// Everything behind the poll loop's network and endpoint polling.
-pub struct Services {
+pub struct Services<H: Hw> {
     pub(crate) target: Target,
     pub(crate) nvmf: Option<NvmfService>,
-    pub(crate) functions: Vec<Emulated>,
-    pub(crate) drives: Vec<LocalDrive>,
-    pub(crate) shared: Shared,
+    pub(crate) functions: Vec<Emulated<H::Window>>,
+    pub(crate) drives: Vec<LocalDrive<H>>,
+    pub(crate) shared: Shared<H>,
     /// The configuration in force.
     pub(crate) plan: Plan,
     /// Namespaces of the plan actually served (subsystem, NSID).
     pub(crate) served: Vec<(String, u32)>,
     /// Trust anchor, device key and the flash the configuration lives in.
-    pub(crate) identity: crate::provisioned::Identity,
+    pub(crate) identity: Identity<H::Flash>,
     /// Management challenges.
-    pub(crate) challenges: crate::device::Challenges,
+    pub(crate) challenges: Challenges<H>,
+    /// Power cycles, unsafe shutdowns and powered-on time (flash health records).
+    pub(crate) health: crate::health::HealthLog,
 }
 
-impl core::fmt::Debug for Services {
+impl<H: Hw> core::fmt::Debug for Services<H> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Services")
             .field("functions", &self.functions.len())
@@ -71,21 +129,11 @@ impl core::fmt::Debug for Services {
     }
 }
 
-/// A page-aligned, uninitialised region for data buffers that devices reach by DMA (the heap
-/// is identity-mapped: the address is also the DMA address), for a lazily carved
-/// [`BufPool::lazy`]. Lives for the rest of the run.
-pub fn dma_region(len: usize) -> &'static mut [core::mem::MaybeUninit<u8>] {
-    const PAGE: usize = 4096;
-    let raw = Box::leak(Box::<[u8]>::new_uninit_slice(len + PAGE));
-    let skip = raw.as_ptr().align_offset(PAGE).min(PAGE);
-    &mut raw[skip..skip + len]
-}
-
 /// Heap kept free when a RAM namespace is made (buffers, connections, later pushes).
 const HEAP_RESERVE: u64 = 32 << 20;
 
-fn ram(bytes: u64, block_size: u32) -> Option<Box<dyn BlockBackend>> {
-    let free = crate::platform::heap_free() as u64;
+fn ram<H: Hw>(bytes: u64, block_size: u32) -> Option<Box<dyn BlockBackend>> {
+    let free = H::heap_free() as u64;
     if bytes.saturating_add(HEAP_RESERVE) > free {
         log::error!(
             "storage: RAM namespace of {} MiB does not fit the free heap ({} MiB, {} MiB kept in reserve)",
@@ -106,20 +154,20 @@ fn ram(bytes: u64, block_size: u32) -> Option<Box<dyn BlockBackend>> {
 
 /// Drive namespaces cut into slices (or used by several namespaces): shared, so live pushes
 /// can cut new slices from them.
-pub(crate) type Shared = Vec<((usize, u32), SharedBackend<keel_hal::nvme::NvmeBackend>)>;
+pub(crate) type Shared<H> = Vec<((usize, u32), SharedBackend<<H as Hw>::DriveNs>)>;
 
 /// Builds one namespace's backend. `many`: the drive namespace is used by several namespaces
 /// (or as a slice) and must be shared. Drive namespaces used whole are taken out of `drives`.
-pub(crate) fn make_backend(
+pub(crate) fn make_backend<H: Hw>(
     spec: NsSpec,
     block_size: u32,
     many: bool,
-    drives: &mut [LocalDrive],
-    shared: &mut Shared,
+    drives: &mut [LocalDrive<H>],
+    shared: &mut Shared<H>,
 ) -> Result<Box<dyn BlockBackend>, String> {
     let (drive, nsid, slice) = match spec {
         NsSpec::Ram(bytes) => {
-            return ram(bytes, block_size)
+            return ram::<H>(bytes, block_size)
                 .ok_or_else(|| format!("RAM namespace of {} MiB", bytes >> 20));
         }
         NsSpec::Drive { drive, nsid, slice } => (drive, nsid, slice),
@@ -130,7 +178,7 @@ pub(crate) fn make_backend(
     };
     if !many {
         return match d.namespaces.iter().position(|n| n.nsid == nsid) {
-            Some(i) => Ok(d.namespaces.swap_remove(i).boxed()),
+            Some(i) => Ok(Box::new(d.namespaces.swap_remove(i).backend)),
             None => Err(format!(
                 "drive {drive} has no namespace {nsid} (or it is already used)"
             )),
@@ -173,7 +221,7 @@ pub(crate) fn make_backend(
 
 /// Wraps `backend` in AES-XTS when `key` is given; `what` names the namespace in messages.
 /// Never logs key material.
-pub(crate) fn encrypt(
+pub(crate) fn encrypt<H: Hw>(
     what: &str,
     key: Option<&NsKey>,
     backend: Box<dyn BlockBackend>,
@@ -181,8 +229,7 @@ pub(crate) fn encrypt(
     let Some(k) = key else {
         return Some(backend);
     };
-    let features = cpu::Features::read();
-    if !(features.aes && features.pmull) {
+    if !H::has_aes() {
         log::error!(
             "crypto: {what} is configured encrypted but this CPU has no AES/PMULL \
              instructions (ID_AA64ISAR0_EL1.AES < 2): the namespace is not served"
@@ -224,12 +271,12 @@ pub(crate) fn ns_name(plan: &Plan, ns: &NsPlan) -> String {
 
 /// Builds a namespace of the plan: backend, encryption, identifiers. `many`: see
 /// [`make_backend`]. Logs what it serves or why not.
-pub(crate) fn build_namespace(
+pub(crate) fn build_namespace<H: Hw>(
     plan: &Plan,
     ns: &NsPlan,
     many: bool,
-    drives: &mut [LocalDrive],
-    shared: &mut Shared,
+    drives: &mut [LocalDrive<H>],
+    shared: &mut Shared<H>,
 ) -> Option<NamespaceConfig> {
     let name = ns_name(plan, ns);
     let backend = match make_backend(ns.spec, ns.block_size, many, drives, shared) {
@@ -239,7 +286,7 @@ pub(crate) fn build_namespace(
             return None;
         }
     };
-    let backend = encrypt(&name, ns.key.as_ref(), backend)?;
+    let backend = encrypt::<H>(&name, ns.key.as_ref(), backend)?;
     let g = backend.geometry();
     if ns.function.is_none() || plan.source != Source::BootArgs {
         log::info!(
@@ -260,22 +307,17 @@ pub(crate) fn build_namespace(
     })
 }
 
-impl Services {
-    /// The local drives' namespaces (drive index, NSID) before any is used: the development
-    /// configuration serves them whole when no namespace is given.
-    pub fn bring_up_drives(platform: &Platform) -> Vec<LocalDrive> {
-        drives::bring_up(platform)
-    }
-
-    /// Builds the target, the transports and the namespaces of `plan` on `drives`.
+impl<H: Hw> Services<H> {
+    /// Builds the target, the transports and the namespaces of `plan` on `drives`; one
+    /// emulated function per window the plan attaches to a subsystem.
     pub fn build(
-        platform: &mut Platform,
         plan: Plan,
-        mut drives: Vec<LocalDrive>,
+        mut drives: Vec<LocalDrive<H>>,
+        windows: Vec<WindowPort<H::Window>>,
         network: bool,
-        identity: crate::provisioned::Identity,
-    ) -> Services {
-        let mut shared: Shared = Vec::new();
+        identity: Identity<H::Flash>,
+    ) -> Services<H> {
+        let mut shared: Shared<H> = Vec::new();
         let uses = |d: usize, n: u32| {
             plan.namespaces
                 .iter()
@@ -308,9 +350,8 @@ impl Services {
             }
         }
 
-        // Emulated functions: one per ivshmem window, each a controller of the subsystem the
-        // plan attaches it to (see crate::plan).
-        let windows: Vec<_> = shared_memory_bars(&platform.pci).collect();
+        // Emulated functions: one per window, each a controller of the subsystem the plan
+        // attaches it to (see crate::plan).
         let fn_nqns: Vec<Option<String>> = (0..windows.len())
             .map(|i| plan.function_subsystem(i as u16).map(String::from))
             .collect();
@@ -321,9 +362,18 @@ impl Services {
             max_queues: 16 * 9 + 16 + windows.len() * 10,
             ..Limits::default()
         };
+        let region = dma_region(SCRATCH_BUFFERS * SCRATCH_BUFFER_SIZE);
+        let scratch = BufPool::lazy(region, region.as_ptr() as u64, SCRATCH_BUFFER_SIZE)
+            .map_err(|e| {
+                log::error!(
+                    "core: scratch buffers: {e}: no Copy, no Write Zeroes on encrypted namespaces"
+                )
+            })
+            .ok();
         let mut target = match Target::new(TargetConfig {
             subsystems,
             limits,
+            scratch,
             ..Default::default()
         }) {
             Ok(t) => t,
@@ -335,7 +385,7 @@ impl Services {
         };
 
         let mut functions = Vec::new();
-        for (i, (bar, nqn)) in windows.iter().zip(fn_nqns).enumerate() {
+        for (i, (bar, nqn)) in windows.into_iter().zip(fn_nqns).enumerate() {
             let Some(nqn) = nqn else {
                 log::warn!(
                     "pcie-fn{i}: no namespace names function {i}: window {:#x} not exported",
@@ -343,9 +393,7 @@ impl Services {
                 );
                 continue;
             };
-            // SAFETY: BAR2 of an ivshmem-plain function, mapped as normal memory by the
-            // platform's final page table, used by nothing else.
-            let ep = match unsafe { IvshmemWindow::new(bar.base as usize, bar.size as usize) } {
+            let ep = match bar.ep {
                 Ok(ep) => ep,
                 Err(e) => {
                     log::error!("pcie-fn{i}: {e}");
@@ -366,12 +414,8 @@ impl Services {
                 let mut ep = ep;
                 // Registers first (the function's first poll writes CAP and VS), then the
                 // header a host waits for.
-                ep.clear();
-                f.poll(
-                    Instant::from_nanos(keel_hal::arch::timer::now_ns()),
-                    &mut target,
-                    &mut ep,
-                );
+                ep.reset_pages();
+                f.poll(Instant::from_nanos(H::now_ns()), &mut target, &mut ep);
                 ep.publish(i as u16);
                 let what = if plan.source == Source::BootArgs {
                     let ram_mib: u64 = plan
@@ -409,7 +453,11 @@ impl Services {
         } else {
             None
         };
-        let challenges = crate::device::Challenges::new(&identity);
+        let challenges = Challenges::new(identity.device_key.as_ref());
+        let mut identity = identity;
+        let (health, device_health) =
+            crate::health::HealthLog::boot(identity.flash.as_mut(), H::now_ns());
+        target.set_health(device_health);
         Services {
             target,
             nvmf,
@@ -420,6 +468,7 @@ impl Services {
             served,
             identity,
             challenges,
+            health,
         }
     }
 
@@ -439,7 +488,7 @@ impl Services {
     }
 
     /// One pass; returns whether anything happened.
-    pub fn poll(&mut self, now_ns: u64, net: Option<&mut NetStack>) -> bool {
+    pub fn poll(&mut self, now_ns: u64, net: Option<&mut NetStack<H>>) -> bool {
         let now = Instant::from_nanos(now_ns);
         let mut busy = false;
         let Self {
@@ -447,8 +496,11 @@ impl Services {
             nvmf,
             functions,
             drives,
+            health,
+            identity,
             ..
         } = self;
+        health.tick(identity.flash.as_mut(), now_ns);
         for e in functions.iter_mut() {
             busy |= e.f.poll(now, target, &mut e.ep);
         }

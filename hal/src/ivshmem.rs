@@ -117,6 +117,14 @@ impl IvshmemWindow {
 }
 
 impl EndpointFunction for IvshmemWindow {
+    fn reset_pages(&mut self) {
+        IvshmemWindow::clear(self)
+    }
+
+    fn publish(&mut self, function: u16) {
+        IvshmemWindow::publish(self, function)
+    }
+
     fn read_reg(&mut self, offset: u32) -> u32 {
         let off = offset as usize;
         if off >= layout::REGS_SIZE {

@@ -356,6 +356,19 @@ impl Drop for Qemu {
     }
 }
 
+/// Boots the release firmware with its NVMe/TCP port forwarded (plus these `qemu/run`
+/// arguments) and waits for `keel: ready`; returns QEMU and the forwarded port.
+pub fn boot_nvmf(args: &[&str]) -> (Qemu, u16) {
+    let port = free_port();
+    let p = port.to_string();
+    let mut all = vec!["--nvmf-port", p.as_str()];
+    all.extend_from_slice(args);
+    let mut q = Qemu::boot(Build::Release, &all);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (q, port)
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; QEMU binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -14,7 +14,7 @@
 
 use keel_host_tools::nvme::{Connection, Controller, NvmeError, Params};
 use keel_nvmf_tcp::HostConfig;
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port};
+use keel_tests::{Qemu, ScratchFile, boot_nvmf};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -27,19 +27,6 @@ const MIB: u64 = 1 << 20;
 
 fn params(port: u16) -> Params {
     Params::new(format!("127.0.0.1:{port}"), SUBNQN, HOSTNQN)
-}
-
-/// Boots the release firmware with these `qemu/run` arguments (plus a forwarded NVMe/TCP
-/// port) and waits for `keel: ready`.
-fn boot(args: &[&str]) -> (Qemu, u16) {
-    let port = free_port();
-    let p = port.to_string();
-    let mut all = vec!["--nvmf-port", p.as_str()];
-    all.extend_from_slice(args);
-    let mut q = Qemu::boot(Build::Release, &all);
-    q.wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    (q, port)
 }
 
 fn connect(port: u16) -> Controller {
@@ -210,7 +197,7 @@ fn tail(s: &str, n: usize) -> String {
 fn write_over_nvmf_lands_in_the_backing_file_at_the_lba_offset() {
     let disk = ScratchFile::new("data-offset.img", 64 * MIB);
     let path = disk.path().to_str().unwrap();
-    let (mut q, port) = boot(&["--disk", path]);
+    let (mut q, port) = boot_nvmf(&["--disk", path]);
     let c = q.console();
     assert!(
         c.contains("nvmf: namespace 1 = drive 0 namespace 1: 64 MiB, 512-byte blocks"),
@@ -290,7 +277,7 @@ fn data_survives_a_firmware_restart_on_the_same_file() {
     let a = pattern(11, 256 * 1024);
     let b = pattern(12, 4096);
     {
-        let (mut q, port) = boot(&["--disk", &path]);
+        let (mut q, port) = boot_nvmf(&["--disk", &path]);
         let ctrl = connect(port);
         ctrl.set_io_queues(1).unwrap();
         let mut io = ctrl.io_queue(1, 32).unwrap();
@@ -308,7 +295,7 @@ fn data_survives_a_firmware_restart_on_the_same_file() {
         // is where a killed QEMU leaves it.
         q.kill();
     }
-    let (_q, port) = boot(&["--disk", &path]);
+    let (_q, port) = boot_nvmf(&["--disk", &path]);
     let ctrl = connect(port);
     ctrl.set_io_queues(1).unwrap();
     let mut io = ctrl.io_queue(1, 32).unwrap();
@@ -390,7 +377,7 @@ fn large_round_trips(port: u16, disk: &Path) {
 #[test]
 fn megabyte_transfers_are_split_and_reassembled() {
     let disk = ScratchFile::new("data-large.img", 64 * MIB);
-    let (q, port) = boot(&[
+    let (q, port) = boot_nvmf(&[
         "--disk",
         disk.path().to_str().unwrap(),
         "--",
@@ -418,7 +405,7 @@ fn transfers_are_split_at_a_small_drive_mdts() {
     // commands in the driver.
     let disk = ScratchFile::new("data-mdts.img", 64 * MIB);
     let d = format!("if=none,id=small,format=raw,file={}", disk.path().display());
-    let (q, port) = boot(&[
+    let (q, port) = boot_nvmf(&[
         "--",
         "-drive",
         &d,
@@ -446,7 +433,7 @@ fn transfers_are_split_at_a_small_drive_mdts() {
 #[test]
 fn flush_over_nvmf_reaches_the_drive() {
     let disk = ScratchFile::new("data-flush.img", 16 * MIB);
-    let (q, port) = boot(&[
+    let (q, port) = boot_nvmf(&[
         "--disk",
         disk.path().to_str().unwrap(),
         "--append",
@@ -493,7 +480,7 @@ fn flush_over_nvmf_reaches_the_drive() {
 #[test]
 fn slices_of_one_drive_land_at_their_offsets_and_are_fenced() {
     let disk = ScratchFile::new("data-slices.img", 64 * MIB);
-    let (q, port) = boot(&[
+    let (q, port) = boot_nvmf(&[
         "--disk",
         disk.path().to_str().unwrap(),
         "--append",
@@ -600,7 +587,7 @@ fn slices_of_one_drive_land_at_their_offsets_and_are_fenced() {
 #[test]
 fn a_drive_namespace_beside_a_ram_namespace() {
     let disk = ScratchFile::new("data-ram.img", 64 * MIB);
-    let (q, port) = boot(&[
+    let (q, port) = boot_nvmf(&[
         "--disk",
         disk.path().to_str().unwrap(),
         "--append",

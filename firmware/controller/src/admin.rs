@@ -2,18 +2,25 @@
 //! Asynchronous Event Request, Abort.
 
 use crate::config::*;
+use crate::errlog::{ErrAt, at};
 use crate::fabrics::VERSION;
+use crate::io::copy_limits;
 use crate::target::*;
 use keel_nvme::identify::{
     self, IdentifyCommand, IdentifyController, IdentifyNamespace, NsIdentifiers, cns,
 };
 use keel_nvme::io::{AbortCommand, FeaturesCommand};
-use keel_nvme::log::{self, GetLogPageCommand, discovery, effects};
+use keel_nvme::log::{self, ErrorLogEntry, GetLogPageCommand, discovery, effects};
 use keel_nvme::opcode::async_event;
 use keel_nvme::{AdminOpcode, FeatureId, IoOpcode, LogPageId, Status};
 
 /// KAS: keep-alive granularity in 100 ms units (1 s).
 const KAS: u16 = 10;
+/// ACL: Abort commands outstanding at most, 0's based (4).
+const ACL: u8 = 3;
+/// Nanoseconds per minute and per hour (SMART busy time and power-on hours).
+const MINUTE_NS: u64 = 60_000_000_000;
+const HOUR_NS: u64 = 60 * MINUTE_NS;
 
 impl Target {
     pub(crate) fn admin(
@@ -34,17 +41,18 @@ impl Target {
             return Some(self.respond(qi, req, Status::COMMAND_SEQUENCE_ERROR, 0));
         }
         if req.sqe.fuse() != 0 {
-            return Some(self.respond(qi, req, Status::INVALID_FIELD, 0));
+            let e = ErrAt::field(at::FLAGS, 0);
+            return Some(self.respond_at(qi, req, Status::INVALID_FIELD, e));
         }
         let op = AdminOpcode::from_u8(req.sqe.opcode);
         let r = match op {
             Some(AdminOpcode::Identify) => self.identify(qi, ci, req),
-            Some(AdminOpcode::GetLogPage) => self.get_log_page(qi, ci, req),
+            Some(AdminOpcode::GetLogPage) => self.get_log_page(now, qi, ci, req),
             Some(AdminOpcode::SetFeatures) => self.set_features(qi, ci, req),
             Some(AdminOpcode::GetFeatures) => self.get_features(qi, ci, req),
             Some(AdminOpcode::KeepAlive) => self.respond(qi, req, Status::SUCCESS, 0),
             Some(AdminOpcode::AsyncEventRequest) => return self.aer(qi, ci, req),
-            Some(AdminOpcode::Abort) if !discovery => self.abort(now, qi, ci, req),
+            Some(AdminOpcode::Abort) if !discovery => return self.abort(now, qi, ci, req),
             _ => self.respond(qi, req, Status::INVALID_OPCODE, 0),
         };
         Some(r)
@@ -83,7 +91,7 @@ impl Target {
         }
     }
 
-    fn data_response(&self, qi: usize, req: Request, len: u32) -> Response {
+    fn data_response(&mut self, qi: usize, req: Request, len: u32) -> Response {
         let mut r = self.respond(qi, req, Status::SUCCESS, 0);
         r.data_len = len;
         r
@@ -95,15 +103,28 @@ impl Target {
         };
         let s = self.subsystems.get(c.subsys);
         let discovery = c.subsys == DISCOVERY;
-        let mut oncs = identify::oncs::COMPARE | identify::oncs::DSM | identify::oncs::WRITE_ZEROES;
+        // A command is offered when every namespace has it (a host sees one ONCS for all).
+        let mut oncs = identify::oncs::COMPARE
+            | identify::oncs::DSM
+            | identify::oncs::WRITE_ZEROES
+            | identify::oncs::VERIFY;
+        if self.scratch_size().is_some() {
+            oncs |= identify::oncs::COPY;
+        }
         let mut vwc = 0;
         if let Some(s) = s {
             for n in s.namespaces.iter().flatten().filter(|n| n.active) {
                 if !n.caps.compare {
                     oncs &= !identify::oncs::COMPARE;
                 }
-                if !n.caps.write_zeroes {
+                if !self.write_zeroes_ok(n.caps, n.geometry) {
                     oncs &= !identify::oncs::WRITE_ZEROES;
+                }
+                if !n.caps.verify {
+                    oncs &= !identify::oncs::VERIFY;
+                }
+                if copy_limits(&self.limits, self.scratch_size(), n.geometry).is_none() {
+                    oncs &= !identify::oncs::COPY;
                 }
                 if n.caps.volatile_write_cache {
                     // Present; Flush with NSID FFFFFFFFh not supported (bits 2:1 = 10b).
@@ -140,11 +161,12 @@ impl Target {
                 identify::cntrltype::IO
             },
             oacs: 0,
-            acl: 3,
+            acl: ACL,
             aerl: self.limits.aerl,
             frmw: 0x03,
-            lpa: 0x06,
-            elpe: 0,
+            // SMART per namespace, Commands Supported and Effects, extended Get Log Page data.
+            lpa: if discovery { 0x06 } else { 0x07 },
+            elpe: (self.limits.error_log_entries.clamp(1, 256) - 1) as u8,
             npss: 0,
             kas: KAS,
             sqes: if discovery { 0 } else { 0x66 },
@@ -157,6 +179,11 @@ impl Target {
             vwc,
             awun: 0,
             awupf: 0,
+            ocfs: if !discovery && oncs & identify::oncs::COPY != 0 {
+                identify::ocfs::FORMAT_0
+            } else {
+                0
+            },
             sgls: self.transport.sgls,
             subnqn: identify::nqn_field(nqn),
             ioccsz: (64 + self.transport.in_capsule_data) / 16,
@@ -164,6 +191,7 @@ impl Target {
             icdoff: 0,
             fcatt: 0,
             msdbd: self.transport.msdbd,
+            ..Default::default()
         }
     }
 
@@ -225,8 +253,14 @@ impl Target {
             }
             _ => Err(Status::INVALID_FIELD),
         };
-        if let Err(st) = result {
-            return self.respond(qi, req, st, 0);
+        match result {
+            // An unknown CNS (CDW10 bits 7:0).
+            Err(st) if st == Status::INVALID_FIELD => {
+                let e = ErrAt::field(at::CDW10, 0);
+                return self.respond_at(qi, req, st, e);
+            }
+            Err(st) => return self.respond(qi, req, st, 0),
+            Ok(()) => {}
         }
         if let Err(st) = Self::data_in(&mut req, len) {
             return self.respond(qi, req, st, 0);
@@ -252,6 +286,11 @@ impl Target {
         };
         let mut lbaf = [identify::LbaFormat::default(); 16];
         lbaf[0].lbads = ns.geometry.lbads();
+        // DLFEAT (NVM Command Set Figure 97): bits 2:0 say what deallocated blocks read as;
+        // 001b only when the backend returns zeroes for them (RAM; a drive that reports it;
+        // never an encrypted namespace, whose deallocated blocks decrypt to noise: 000b,
+        // not reported). Bit 3: Write Zeroes with DEAC deallocates, only when Write Zeroes is
+        // the backend's own and deallocated blocks read as zeroes.
         let mut dlfeat = 0;
         if ns.caps.deallocate && ns.caps.deallocate_reads_zero {
             dlfeat |= 0x01;
@@ -259,6 +298,8 @@ impl Target {
                 dlfeat |= 0x08;
             }
         }
+        let (mssrl, mcl, msrc) =
+            copy_limits(&self.limits, self.scratch_size(), ns.geometry).unwrap_or((0, 0, 0));
         IdentifyNamespace {
             nsze: ns.geometry.blocks,
             ncap: ns.geometry.blocks,
@@ -268,34 +309,41 @@ impl Target {
             flbas: 0,
             nmic: 1,
             dlfeat,
+            mssrl,
+            mcl,
+            msrc,
             nguid: ns.nguid,
             eui64: ns.eui64,
             lbaf,
+            ..Default::default()
         }
         .encode(page);
         Ok(())
     }
 
-    fn get_log_page(&mut self, qi: usize, ci: usize, mut req: Request) -> Response {
+    fn get_log_page(&mut self, now: Instant, qi: usize, ci: usize, mut req: Request) -> Response {
         let cmd = GetLogPageCommand::from_sqe(&req.sqe);
         let len64 = cmd.len_bytes();
         let Ok(len) = u32::try_from(len64) else {
             return self.respond(qi, req, Status::DATA_SGL_LENGTH_INVALID, 0);
         };
+        // LPOL: CDW12.
+        let bad_offset = ErrAt::field(at::CDW12, 0);
         if !cmd.offset.is_multiple_of(4) {
-            return self.respond(qi, req, Status::INVALID_FIELD, 0);
+            return self.respond_at(qi, req, Status::INVALID_FIELD, bad_offset);
         }
         let Some(Some(c)) = self.ctrls.get(ci) else {
             return self.respond(qi, req, Status::INTERNAL_ERROR, 0);
         };
         let si = c.subsys;
         let discovery = si == DISCOVERY;
+        let error_entries = c.errors.capacity();
         let lid = LogPageId::from_u8(cmd.lid);
         let size: u64 = match lid {
             Some(LogPageId::Discovery) if discovery => {
                 (1 + self.discovery_records(ci) as u64) * 1024
             }
-            Some(LogPageId::ErrorInformation) => 64,
+            Some(LogPageId::ErrorInformation) => (error_entries * ErrorLogEntry::SIZE) as u64,
             Some(LogPageId::SmartHealth) | Some(LogPageId::FirmwareSlot) if !discovery => 512,
             Some(LogPageId::ChangedNamespaceList)
             | Some(LogPageId::CommandsSupportedAndEffects)
@@ -303,21 +351,38 @@ impl Target {
             {
                 4096
             }
-            _ => return self.respond(qi, req, Status::INVALID_LOG_PAGE, 0),
+            _ => {
+                // LID: CDW10 bits 7:0.
+                let e = ErrAt::field(at::CDW10, 0);
+                return self.respond_at(qi, req, Status::INVALID_LOG_PAGE, e);
+            }
         };
         if cmd.offset >= size {
-            return self.respond(qi, req, Status::INVALID_FIELD, 0);
+            return self.respond_at(qi, req, Status::INVALID_FIELD, bad_offset);
         }
+        // SMART / Health per namespace (LPA bit 0) for an NSID other than 0 and FFFFFFFFh.
+        let smart_ns = match (lid, req.sqe.nsid) {
+            (Some(LogPageId::SmartHealth), 0 | keel_nvme::NSID_ALL) => None,
+            (Some(LogPageId::SmartHealth), nsid) => {
+                match self.subsystems.get(si).and_then(|s| s.find_ns(nsid)) {
+                    Some(ni) => Some(ni),
+                    None => {
+                        return self.respond(qi, req, Status::INVALID_NAMESPACE_OR_FORMAT, 0);
+                    }
+                }
+            }
+            _ => None,
+        };
         if let Err(st) = Self::data_in(&mut req, len) {
             return self.respond(qi, req, st, 0);
         }
         let off = cmd.offset;
         match lid {
             Some(LogPageId::Discovery) => self.write_discovery_log(ci, &mut req.buf, off, len),
-            Some(LogPageId::ErrorInformation) => {}
+            Some(LogPageId::ErrorInformation) => self.write_error_log(ci, &mut req.buf, off, len),
             Some(LogPageId::SmartHealth) => {
                 let mut p = [0u8; 512];
-                self.smart_log(si).encode(&mut p);
+                self.smart_log(now, ci, smart_ns).encode(&mut p);
                 Self::put_data(&mut req.buf, off, len, &p, 0);
             }
             Some(LogPageId::FirmwareSlot) => {
@@ -345,6 +410,8 @@ impl Target {
                 let mut p = [0u8; 4096];
                 let sup = effects::CSUPP;
                 let lb = effects::CSUPP | effects::LBCC;
+                let oncs = self.identify_controller(ci).oncs;
+                let has = |bit: u16, e: u32| if oncs & bit != 0 { e } else { 0 };
                 log::encode_effects(
                     &[
                         (AdminOpcode::GetLogPage as u8, sup),
@@ -359,9 +426,14 @@ impl Target {
                         (IoOpcode::Flush as u8, sup),
                         (IoOpcode::Write as u8, lb),
                         (IoOpcode::Read as u8, sup),
-                        (IoOpcode::Compare as u8, sup),
-                        (IoOpcode::WriteZeroes as u8, lb),
+                        (IoOpcode::Compare as u8, has(identify::oncs::COMPARE, sup)),
+                        (
+                            IoOpcode::WriteZeroes as u8,
+                            has(identify::oncs::WRITE_ZEROES, lb),
+                        ),
                         (IoOpcode::DatasetManagement as u8, lb),
+                        (IoOpcode::Verify as u8, has(identify::oncs::VERIFY, sup)),
+                        (IoOpcode::Copy as u8, has(identify::oncs::COPY, lb)),
                     ],
                     &mut p,
                 );
@@ -378,22 +450,81 @@ impl Target {
         self.data_response(qi, req, len)
     }
 
-    fn smart_log(&self, si: usize) -> log::SmartLog {
+    /// The Error Information log window `[off, off + len)`: the controller's entries, newest
+    /// first, then entries with Error Count 0 (the buffer is already zeroed).
+    fn write_error_log(
+        &self,
+        ci: usize,
+        buf: &mut Option<keel_storage::IoBuf>,
+        off: u64,
+        len: u32,
+    ) {
+        let Some(Some(c)) = self.ctrls.get(ci) else {
+            return;
+        };
+        let first = (off / ErrorLogEntry::SIZE as u64) as usize;
+        let end = off.saturating_add(len as u64);
+        let mut e = [0u8; ErrorLogEntry::SIZE];
+        for i in first..c.errors.capacity() {
+            let at = (i * ErrorLogEntry::SIZE) as u64;
+            if at >= end {
+                break;
+            }
+            let Some(entry) = c.errors.newest(i) else {
+                break;
+            };
+            entry.encode(&mut e);
+            Self::put_data(buf, off, len, &e, at);
+        }
+    }
+
+    /// The SMART / Health log of controller `ci`: for the whole subsystem (NSID 0 or
+    /// FFFFFFFFh), or for namespace index `ns`. Device-wide fields (power, temperature,
+    /// spare) are the same in both; Controller Busy Time and the error log count are the
+    /// controller's.
+    fn smart_log(&self, now: Instant, ci: usize, ns: Option<usize>) -> log::SmartLog {
+        let h = self.health;
         let mut s = log::SmartLog {
-            composite_temperature: 298,
+            // No temperature sensor is read (QEMU has none): 0 K, "not measured", as Linux's
+            // nvmet target reports; WCTEMP/CCTEMP are 0, so no threshold applies.
+            composite_temperature: 0,
+            // Nothing wears on RAM; drives' own wear is not aggregated.
             available_spare: 100,
             available_spare_threshold: 10,
+            percentage_used: 0,
+            power_cycles: h.power_cycles as u128,
+            power_on_hours: (h.power_on_ns_at(now) / HOUR_NS) as u128,
+            unsafe_shutdowns: h.unsafe_shutdowns as u128,
             ..Default::default()
+        };
+        let Some(Some(c)) = self.ctrls.get(ci) else {
+            return s;
+        };
+        s.controller_busy_time = (c.busy_ns_at(now) / MINUTE_NS) as u128;
+        s.num_error_log_entries = c.errors.count() as u128;
+        let Some(sub) = self.subsystems.get(c.subsys) else {
+            return s;
         };
         let mut rb = 0u64;
         let mut wb = 0u64;
-        if let Some(sub) = self.subsystems.get(si) {
-            for n in sub.namespaces.iter().flatten() {
-                rb = rb.saturating_add(n.stats.read_bytes);
-                wb = wb.saturating_add(n.stats.write_bytes);
-                s.host_read_commands += n.stats.reads as u128;
-                s.host_write_commands += n.stats.writes as u128;
-                s.media_errors += n.stats.errors as u128;
+        let mut add = |st: &keel_storage::NsStats, s: &mut log::SmartLog| {
+            rb = rb.saturating_add(st.read_bytes);
+            wb = wb.saturating_add(st.write_bytes);
+            s.host_read_commands += st.reads as u128;
+            s.host_write_commands += st.writes as u128;
+            s.media_errors += st.media_errors as u128;
+        };
+        match ns {
+            Some(ni) => {
+                if let Some(Some(n)) = sub.namespaces.get(ni) {
+                    add(&n.stats, &mut s);
+                }
+            }
+            None => {
+                for n in sub.namespaces.iter().flatten() {
+                    add(&n.stats, &mut s);
+                }
+                s.media_errors += sub.media_errors as u128;
             }
         }
         s.data_units_read = log::SmartLog::data_units(rb);
@@ -488,7 +619,7 @@ impl Target {
                     | Some(FeatureId::NumberOfQueues)
             ));
         if !known {
-            return self.respond(qi, req, Status::INVALID_FIELD, 0);
+            return self.respond_at(qi, req, Status::INVALID_FIELD, ErrAt::field(at::CDW10, 0));
         }
         if f.save {
             return self.respond(qi, req, Status::FEATURE_NOT_SAVEABLE, 0);
@@ -508,7 +639,12 @@ impl Target {
             Some(FeatureId::Arbitration) => c.arbitration = f.cdw11,
             Some(FeatureId::VolatileWriteCache) => {
                 if !vwc_present {
-                    return self.respond(qi, req, Status::INVALID_FIELD, 0);
+                    return self.respond_at(
+                        qi,
+                        req,
+                        Status::INVALID_FIELD,
+                        ErrAt::field(at::CDW11, 0),
+                    );
                 }
                 c.vwc = f.cdw11 & 1 != 0;
             }
@@ -516,7 +652,12 @@ impl Target {
                 let nsqr = f.cdw11 as u16;
                 let ncqr = (f.cdw11 >> 16) as u16;
                 if nsqr == 0xFFFF || ncqr == 0xFFFF {
-                    return self.respond(qi, req, Status::INVALID_FIELD, 0);
+                    return self.respond_at(
+                        qi,
+                        req,
+                        Status::INVALID_FIELD,
+                        ErrAt::field(at::CDW11, 0),
+                    );
                 }
                 if c.io_qs.iter().any(|q| q.is_some()) {
                     return self.respond(qi, req, Status::COMMAND_SEQUENCE_ERROR, 0);
@@ -562,14 +703,19 @@ impl Target {
             _ => None,
         };
         match (value, f.sel) {
-            (None, _) => self.respond(qi, req, Status::INVALID_FIELD, 0),
+            (None, _) => {
+                self.respond_at(qi, req, Status::INVALID_FIELD, ErrAt::field(at::CDW10, 0))
+            }
             // Supported capabilities: changeable, not saveable, not namespace specific.
             (Some(_), FeaturesCommand::SEL_CAPABILITIES) => {
                 self.respond(qi, req, Status::SUCCESS, 0b100)
             }
-            (Some(_), s) if s > FeaturesCommand::SEL_CAPABILITIES => {
-                self.respond(qi, req, Status::INVALID_FIELD, 0)
-            }
+            (Some(_), s) if s > FeaturesCommand::SEL_CAPABILITIES => self.respond_at(
+                qi,
+                req,
+                Status::INVALID_FIELD,
+                ErrAt::field(at::CDW10 + 1, 0),
+            ),
             (Some(v), _) => self.respond(qi, req, Status::SUCCESS, v),
         }
     }
@@ -597,10 +743,17 @@ impl Target {
         None
     }
 
-    fn abort(&mut self, now: Instant, qi: usize, ci: usize, req: Request) -> Response {
+    /// Abort (NVMe base 2.0 §5.1). An Asynchronous Event Request or a command not yet handed
+    /// to a backend (deferred: the backend was busy, or no scratch buffer was free) is
+    /// aborted at once. A command at a backend is aborted if the backend can
+    /// ([`keel_storage::BlockBackend::abort`]: still queued in it, or outstanding on a drive,
+    /// which gets an Abort of its own): the Abort then completes after the command, DW0 bit 0
+    /// clear if the command ended with Command Abort Requested, set if it finished anyway.
+    /// Anything else completes at once with DW0 bit 0 set (not aborted).
+    fn abort(&mut self, now: Instant, qi: usize, ci: usize, req: Request) -> Option<Response> {
         let a = AbortCommand::from_sqe(&req.sqe);
         let Some(Some(c)) = self.ctrls.get_mut(ci) else {
-            return self.respond(qi, req, Status::INTERNAL_ERROR, 0);
+            return Some(self.respond(qi, req, Status::INTERNAL_ERROR, 0));
         };
         if a.sqid == 0 {
             if let Some(pos) = c.aers.iter().position(|(cid, _)| *cid == a.cid) {
@@ -618,24 +771,30 @@ impl Target {
                         },
                     ));
                 }
-                return self.respond(qi, req, Status::SUCCESS, 0);
+                return Some(self.respond(qi, req, Status::SUCCESS, 0));
             }
-            return self.respond(qi, req, Status::SUCCESS, AbortCommand::NOT_ABORTED);
+            return Some(self.respond(qi, req, Status::SUCCESS, AbortCommand::NOT_ABORTED));
         }
+        let (cntlid, pending_aborts) = (c.cntlid, c.aborts_pending);
         let target = (a.sqid as usize)
             .checked_sub(1)
             .and_then(|i| c.io_qs.get(i))
             .copied()
             .flatten();
+        let not_aborted = |t: &mut Self, req| {
+            Some(t.respond(qi, req, Status::SUCCESS, AbortCommand::NOT_ABORTED))
+        };
         let Some(tqi) = target.and_then(|q| self.queue_index(q)) else {
-            return self.respond(qi, req, Status::SUCCESS, AbortCommand::NOT_ABORTED);
+            return not_aborted(self, req);
         };
         let found = self.queues[tqi]
             .slots
             .iter()
-            .position(|s| s.state == SlotState::Deferred && s.cid == a.cid);
-        // Only commands not yet handed to a backend can be aborted.
-        if let Some(si) = found {
+            .position(|s| s.state != SlotState::Free && s.cid == a.cid);
+        let Some(si) = found else {
+            return not_aborted(self, req);
+        };
+        if self.queues[tqi].slots[si].state == SlotState::Deferred {
             let buf = self.queues[tqi].slots[si]
                 .deferred
                 .take()
@@ -644,8 +803,42 @@ impl Target {
             if let Some(ev) = self.finish_slot(tqi, si, Status::ABORT_REQUESTED, buf, now) {
                 self.pending.push_back(ev);
             }
-            return self.respond(qi, req, Status::SUCCESS, 0);
+            return Some(self.respond(qi, req, Status::SUCCESS, 0));
         }
-        self.respond(qi, req, Status::SUCCESS, AbortCommand::NOT_ABORTED)
+        // In flight at a backend.
+        if self.queues[tqi].slots[si].abort_waiter.is_some() {
+            // Already being aborted: the first Abort reports the outcome.
+            return not_aborted(self, req);
+        }
+        if pending_aborts > ACL as u16 {
+            return Some(self.respond(qi, req, Status::ABORT_COMMAND_LIMIT_EXCEEDED, 0));
+        }
+        let (sub, ni) = {
+            let s = &self.queues[tqi].slots[si];
+            (s.ns.0 as usize, s.ns.1 as usize)
+        };
+        let t = tag(tqi, self.queues[tqi].generation, si);
+        let started = match self
+            .subsystems
+            .get_mut(sub)
+            .and_then(|s| s.namespaces.get_mut(ni))
+        {
+            Some(Some(ns)) => ns.backend.abort(t),
+            _ => false,
+        };
+        if !started {
+            return not_aborted(self, req);
+        }
+        self.queues[tqi].slots[si].abort_waiter = Some((req.sqe.cid, req.cookie));
+        if let Some(Some(c)) = self.ctrls.get_mut(ci)
+            && c.cntlid == cntlid
+        {
+            c.aborts_pending += 1;
+        }
+        // An Abort carries no data; a buffer would be lost while it waits.
+        if let Some(b) = req.buf {
+            self.pending.push_back(Event::BufferReleased(b));
+        }
+        None
     }
 }

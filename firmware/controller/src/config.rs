@@ -5,7 +5,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use keel_nvme::Cqe;
-use keel_storage::{BlockBackend, IoBuf};
+use keel_storage::{BlockBackend, BufPool, IoBuf};
 
 /// A point in time, in nanoseconds since an arbitrary epoch. Always passed in by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
@@ -93,9 +93,10 @@ pub enum Event {
 /// How a transport queue went away (see [`crate::Target::close_queue_after`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueLoss {
-    /// The host closed the connection in order (TCP FIN) or sent Disconnect.
+    /// The host closed or reset the connection, or sent Disconnect: an I/O queue's loss
+    /// ends only that queue.
     Orderly,
-    /// Reset, timeout or a transport error.
+    /// A transport error (the connection ended by the transport): ends the association.
     Abrupt,
 }
 
@@ -191,6 +192,13 @@ pub struct Limits {
     pub max_queues: usize,
     /// Largest namespace id (Identify Controller NN).
     pub max_nsid: u32,
+    /// Entries of each controller's Error Information log (1..=256; ELPE + 1), a ring
+    /// allocated when the controller is created.
+    pub error_log_entries: u16,
+    /// Source ranges a Copy may carry at most (1..=256; MSRC + 1).
+    pub copy_max_ranges: u16,
+    /// Bytes a Copy may move at most (MCL = this / block size, MSSRL = min(MCL, 65535)).
+    pub copy_max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -206,6 +214,9 @@ impl Default for Limits {
             discovery_kato_ms: 120_000,
             max_queues: 16 * 9 + 16,
             max_nsid: 1024,
+            error_log_entries: 64,
+            copy_max_ranges: 128,
+            copy_max_bytes: 128 << 20,
         }
     }
 }
@@ -220,6 +231,10 @@ pub struct TransportParams {
     pub sgls: u32,
     /// Maximum SGL Data Block Descriptors (MSDBD).
     pub msdbd: u8,
+    /// Transport type (the Discovery log TRTYPE values) recorded in Error Information log
+    /// entries of errors the transport reported ([`crate::Target::reject`]); 0 for
+    /// controllers made by [`crate::Target::create_local_controller`].
+    pub trtype: u8,
 }
 
 impl Default for TransportParams {
@@ -229,6 +244,7 @@ impl Default for TransportParams {
             in_capsule_data: 8192,
             sgls: 1 | (1 << 20),
             msdbd: 1,
+            trtype: keel_nvme::log::discovery::TRTYPE_TCP,
         }
     }
 }
@@ -257,6 +273,30 @@ impl Default for Identity {
     }
 }
 
+/// What the device knows of its own life, for the SMART / Health log (NVMe base 2.0
+/// §5.16.1.3): kept by the firmware across power cycles (in flash), handed to
+/// [`crate::Target::set_health`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceHealth {
+    /// Power cycles, this one included.
+    pub power_cycles: u64,
+    /// Power cycles that ended without a clean shutdown.
+    pub unsafe_shutdowns: u64,
+    /// Powered-on time of earlier power cycles (and of this one before `since`), nanoseconds.
+    pub power_on_ns: u64,
+    /// When this power cycle's powered-on time starts counting (the clock the target's
+    /// callers pass in).
+    pub since: Instant,
+}
+
+impl DeviceHealth {
+    /// Powered-on nanoseconds at `now`.
+    pub const fn power_on_ns_at(&self, now: Instant) -> u64 {
+        self.power_on_ns
+            .saturating_add(now.as_nanos().saturating_sub(self.since.as_nanos()))
+    }
+}
+
 /// Everything [`crate::Target::new`] needs.
 #[derive(Debug, Default)]
 pub struct TargetConfig {
@@ -270,6 +310,13 @@ pub struct TargetConfig {
     pub transport: TransportParams,
     /// Product identity.
     pub identity: Identity,
+    /// Scratch buffers the controller uses for work with no host buffer: Copy (each chunk
+    /// is read into one, then written out) and Write Zeroes on namespaces whose backend has
+    /// none (zero-filled writes, e.g. encrypted namespaces). Buffers must be DMA-capable for
+    /// drive backends and hold at least one logical block. Without a pool, Copy is not
+    /// offered and such namespaces refuse Write Zeroes. A command that finds the pool empty
+    /// waits in its slot, like a command a busy backend refused.
+    pub scratch: Option<BufPool>,
 }
 
 /// Why a configuration was refused.

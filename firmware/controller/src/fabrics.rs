@@ -3,6 +3,7 @@
 //! shutdown).
 
 use crate::config::*;
+use crate::errlog::ErrAt;
 use crate::target::*;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -36,7 +37,7 @@ impl Target {
 
     pub(crate) fn connect(&mut self, now: Instant, qi: usize, req: Request) -> Response {
         let cmd = ConnectCommand::from_sqe(&req.sqe);
-        let bad = |t: &Self, req: Request, in_data: bool, off: u16| {
+        let bad = |t: &mut Self, req: Request, in_data: bool, off: u16| {
             t.respond(
                 qi,
                 req,
@@ -231,6 +232,10 @@ impl Target {
             changed_ns: Vec::with_capacity(256),
             changed_overflow: false,
             outstanding: 0,
+            busy_since: now,
+            busy_ns: 0,
+            errors: crate::errlog::ErrorLog::new(self.limits.error_log_entries as usize),
+            aborts_pending: 0,
         }
     }
 
@@ -285,7 +290,8 @@ impl Target {
                 self.destroy_controller(ci, None);
                 r
             }
-            _ => self.respond(qi, req, Status::INVALID_OPCODE, 0),
+            // Unknown FCTYPE (byte 4 of a fabrics command).
+            _ => self.respond_at(qi, req, Status::INVALID_OPCODE, ErrAt::field(4, 0)),
         }
     }
 
@@ -304,7 +310,8 @@ impl Target {
                 r
             }
             Some(FabricsType::Connect) => self.respond(qi, req, Status::COMMAND_SEQUENCE_ERROR, 0),
-            _ => self.respond(qi, req, Status::INVALID_OPCODE, 0),
+            // Unknown FCTYPE (byte 4 of a fabrics command).
+            _ => self.respond_at(qi, req, Status::INVALID_OPCODE, ErrAt::field(4, 0)),
         }
     }
 

@@ -37,7 +37,13 @@
 //! answered Invalid Opcode if they reach the core).
 //!
 //! No allocation happens per I/O: each I/O queue gets SQSIZE + 1 command slots at Connect,
-//! and a busy backend's refusals are parked in the slot and retried by `poll`.
+//! each controller its Error Information log ring at creation, and a busy backend's refusals
+//! are parked in the slot and retried by `poll`. Commands that run as several backend
+//! requests (Dataset Management, Copy, Write Zeroes on a backend without it) do so from their
+//! slot, one request at a time, with scratch buffers from [`TargetConfig::scratch`].
+//!
+//! The firmware hands in what it knows of the device's life with [`Target::set_health`]
+//! (power cycles, unsafe shutdowns, powered-on time) for the SMART / Health log.
 //!
 //! # Specification coverage
 //!
@@ -49,13 +55,20 @@
 //!   CC.SHN → CSTS.SHST complete once outstanding commands drain.
 //! - NVMe base 2.0 §5.2 Asynchronous Event Request (AERL + 1 outstanding, Namespace
 //!   Attribute Changed and Discovery Log Page Change notices, masked until the log page is
-//!   read), §5.1 Abort (only commands not yet handed to a backend), §5.16 Get Log Page (01h,
-//!   02h, 03h, 04h, 05h, 70h; LPOL/LPOU and NUMDL/NUMDU honoured), §5.17 Identify (CNS 00h,
-//!   01h, 02h, 03h), §5.27 Set/Get Features (01h, 06h, 07h, 0Bh, 0Fh; SEL), §5.25 Keep Alive
-//!   with traffic-based keep-alive (§3.9) enforced at KATO + grace.
-//! - NVM Command Set 1.0 §3.2: Read, Write (FUA), Compare, Flush, Write Zeroes (DEAC),
-//!   Dataset Management (deallocate); LBA Out of Range, Invalid Namespace or Format, Data SGL
-//!   Length Invalid, Invalid Command Opcode, Command Sequence Error, Command ID Conflict.
+//!   read), §5.1 Abort (AERs and deferred commands at once; commands at a backend through
+//!   [`keel_storage::BlockBackend::abort`], the Abort completing after them with DW0 bit 0
+//!   telling whether they were aborted; ACL 3), §5.16 Get Log Page (01h Error Information:
+//!   see `errlog`; 02h SMART / Health, controller-wide or per namespace (LPA bit 0); 03h,
+//!   04h, 05h, 70h; LPOL/LPOU and NUMDL/NUMDU honoured), §5.17 Identify (CNS 00h, 01h, 02h,
+//!   03h), §5.27 Set/Get Features (01h, 06h, 07h, 0Bh, 0Fh; SEL), §5.25 Keep Alive with
+//!   traffic-based keep-alive (§3.9) enforced at KATO + grace.
+//! - NVM Command Set 1.0 §3.2-3.3: Read, Write (FUA), Compare, Flush, Write Zeroes (DEAC;
+//!   zero-filled writes where the backend has none, e.g. AES-XTS), Dataset Management
+//!   (deallocate), Verify; NVM Command Set 2.0 §3.3.1 Copy (source range format 0h, within a
+//!   namespace, MSSRL/MCL/MSRC, Command Size Limit Exceeded); LBA Out of Range, Invalid
+//!   Namespace or Format, Data SGL Length Invalid, Invalid Command Opcode, Command Sequence
+//!   Error, Command ID Conflict. DLFEAT reports deallocated blocks as zeroes only where the
+//!   backend returns zeroes for them.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -63,7 +76,9 @@
 extern crate alloc;
 
 mod admin;
+mod chain;
 mod config;
+mod errlog;
 mod fabrics;
 mod io;
 mod target;
@@ -71,10 +86,13 @@ mod view;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_features;
 
 pub use config::{
-    ConfigError, Event, Identity, Instant, Limits, NamespaceConfig, PortEntry, QueueId, QueueInfo,
-    QueueLoss, Request, Response, SubsystemConfig, TargetConfig, TargetError, TransportParams,
+    ConfigError, DeviceHealth, Event, Identity, Instant, Limits, NamespaceConfig, PortEntry,
+    QueueId, QueueInfo, QueueLoss, Request, Response, SubsystemConfig, TargetConfig, TargetError,
+    TransportParams,
 };
 pub use fabrics::VERSION;
 pub use keel_nvme::fabrics::PropertySize;

@@ -1,15 +1,18 @@
 //! The target: subsystems, controllers, queues, and the submit/poll entry points.
 
+use crate::chain::{Chain, Step};
 use crate::config::*;
+use crate::errlog::{self, ErrAt, ErrorLog};
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
+use keel_nvme::log::ErrorLogEntry;
 use keel_nvme::regs::{Cc, Csts};
 use keel_nvme::{Cqe, Sqe, Status};
 use keel_storage::{
-    BlockBackend, BlockError, BlockRequest, Capabilities, Geometry, IoBuf, NsStats, OpKind,
-    RejectReason,
+    BlockBackend, BlockError, BlockRequest, BufPool, Capabilities, Geometry, IoBuf, NsStats,
+    OpKind, RejectReason,
 };
 
 pub(crate) const DISCOVERY: usize = 0;
@@ -37,6 +40,9 @@ pub(crate) struct Subsystem {
     pub discovery: bool,
     /// Stable slots: a command refers to its namespace by index.
     pub namespaces: Vec<Option<Namespace>>,
+    /// Media and data integrity errors of commands that named no namespace of the subsystem
+    /// (the rest are counted in the namespaces' statistics).
+    pub media_errors: u64,
 }
 
 impl Subsystem {
@@ -88,6 +94,75 @@ pub(crate) struct Controller {
     pub changed_overflow: bool,
     /// Backend-bound commands in flight on this controller's queues.
     pub outstanding: u32,
+    /// Since when `outstanding` has been above zero.
+    pub busy_since: Instant,
+    /// Time with commands outstanding, before `busy_since` (SMART Controller Busy Time).
+    pub busy_ns: u64,
+    /// The Error Information log.
+    pub errors: ErrorLog,
+    /// Abort commands waiting for a backend's verdict.
+    pub aborts_pending: u16,
+}
+
+impl Controller {
+    /// A backend-bound command started.
+    pub fn io_started(&mut self, now: Instant) {
+        if self.outstanding == 0 {
+            self.busy_since = now;
+        }
+        self.outstanding += 1;
+    }
+
+    /// `n` backend-bound commands ended (completed or dropped).
+    pub fn io_ended(&mut self, n: u32, now: Instant) {
+        if n == 0 || self.outstanding == 0 {
+            return;
+        }
+        self.outstanding = self.outstanding.saturating_sub(n);
+        if self.outstanding == 0 {
+            let d = now.as_nanos().saturating_sub(self.busy_since.as_nanos());
+            self.busy_ns = self.busy_ns.saturating_add(d);
+        }
+    }
+
+    /// Controller Busy Time in nanoseconds at `now`: the time during which at least one
+    /// command was outstanding at a backend.
+    pub fn busy_ns_at(&self, now: Instant) -> u64 {
+        let open = if self.outstanding > 0 {
+            now.as_nanos().saturating_sub(self.busy_since.as_nanos())
+        } else {
+            0
+        };
+        self.busy_ns.saturating_add(open)
+    }
+
+    /// Logs a failed command if its status is one that is logged; true when it was (the
+    /// completion then gets the More bit).
+    #[allow(clippy::too_many_arguments)]
+    pub fn log_error(
+        &mut self,
+        sqid: u16,
+        cid: u16,
+        nsid: u32,
+        status: Status,
+        at: ErrAt,
+        trtype: u8,
+    ) -> bool {
+        if !errlog::is_logged(status) {
+            return false;
+        }
+        self.errors.record(ErrorLogEntry {
+            error_count: 0,
+            sqid,
+            cid,
+            status: status.to_field(false),
+            param_error_location: at.loc,
+            lba: at.lba,
+            nsid,
+            trtype,
+        });
+        true
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,23 +182,24 @@ pub(crate) enum SlotState {
     Deferred,
 }
 
-pub(crate) struct Dsm {
-    pub buf: IoBuf,
-    pub next: u16,
-    pub count: u16,
-}
-
 pub(crate) struct Slot {
     pub state: SlotState,
     pub cid: u16,
     pub cookie: u32,
     pub ns: (u16, u16),
+    /// The command's NSID and first LBA (for the Error Information log).
+    pub nsid: u32,
+    pub lba: u64,
     pub kind: OpKind,
     pub bytes: u64,
     pub read_len: u32,
     pub start: Instant,
+    /// The request to (re)submit while Deferred; `None` while a chain waits for scratch.
     pub deferred: Option<BlockRequest>,
-    pub dsm: Option<Dsm>,
+    /// A command run as several backend requests.
+    pub chain: Option<Chain>,
+    /// An Abort waiting for this command's outcome: its (CID, cookie) on the admin queue.
+    pub abort_waiter: Option<(u16, u32)>,
 }
 
 impl Slot {
@@ -133,12 +209,15 @@ impl Slot {
             cid: 0,
             cookie: 0,
             ns: (0, 0),
+            nsid: 0,
+            lba: 0,
             kind: OpKind::Other,
             bytes: 0,
             read_len: 0,
             start: Instant::from_nanos(0),
             deferred: None,
-            dsm: None,
+            chain: None,
+            abort_waiter: None,
         }
     }
 }
@@ -189,6 +268,11 @@ pub struct Target {
     pub(crate) queues: Vec<Queue>,
     pub(crate) pending: VecDeque<Event>,
     pub(crate) deferred: usize,
+    /// Scratch buffers for Copy and emulated Write Zeroes.
+    pub(crate) scratch: Option<BufPool>,
+    pub(crate) health: DeviceHealth,
+    /// The latest time a caller passed in.
+    pub(crate) now: Instant,
 }
 
 impl core::fmt::Debug for Target {
@@ -253,8 +337,38 @@ pub(crate) fn block_status(e: BlockError) -> Status {
         BlockError::CompareMismatch => Status::COMPARE_FAILURE,
         BlockError::WriteFault => Status::WRITE_FAULT,
         BlockError::ReadError => Status::UNRECOVERED_READ_ERROR,
+        BlockError::PathError => Status::CONTROLLER_PATHING_ERROR,
+        BlockError::Aborted => Status::ABORT_REQUESTED,
         BlockError::InvalidTag | BlockError::Internal => Status::INTERNAL_ERROR,
     }
+}
+
+/// Whether a status counts as a SMART Media and Data Integrity Error: the media and data
+/// integrity status codes but Compare Failure (a mismatch is the command's answer, not a
+/// defect), and Transient Transport Error, which the transports report only for data digest
+/// (CRC32C) mismatches.
+pub(crate) fn is_media_error(s: Status) -> bool {
+    use keel_nvme::cqe::{generic, media, sct};
+    (s.sct == sct::MEDIA && s.sc != media::COMPARE_FAILURE)
+        || (s.sct == sct::GENERIC && s.sc == generic::TRANSIENT_TRANSPORT_ERROR)
+}
+
+/// Returns a buffer that came back from a backend to where it belongs: the scratch pool if it
+/// is one of its buffers, the transport otherwise.
+pub(crate) fn release_buffer(
+    scratch: &mut Option<BufPool>,
+    b: IoBuf,
+    out: &mut dyn FnMut(Event),
+) -> usize {
+    let b = match scratch.as_mut() {
+        Some(p) if p.owns(&b) => match p.put(b) {
+            Ok(()) => return 0,
+            Err((_, b)) => b,
+        },
+        _ => b,
+    };
+    out(Event::BufferReleased(b));
+    1
 }
 
 impl Target {
@@ -272,6 +386,8 @@ impl Target {
             || l.max_queues > 0xFFFF
             || l.max_nsid == 0
             || l.max_nsid == keel_nvme::NSID_ALL
+            || !(1..=256).contains(&l.error_log_entries)
+            || !(1..=256).contains(&l.copy_max_ranges)
         {
             return Err(ConfigError::BadLimits);
         }
@@ -283,6 +399,7 @@ impl Target {
             allowed_hosts: Vec::new(),
             discovery: true,
             namespaces: Vec::new(),
+            media_errors: 0,
         });
         for s in cfg.subsystems {
             validate_nqn(&s.nqn)?;
@@ -308,6 +425,7 @@ impl Target {
                 allowed_hosts: s.allowed_hosts,
                 discovery: false,
                 namespaces,
+                media_errors: 0,
             });
         }
         let mut ctrls = Vec::with_capacity(l.max_controllers);
@@ -324,6 +442,9 @@ impl Target {
             queues: Vec::new(),
             pending: VecDeque::with_capacity(64),
             deferred: 0,
+            scratch: cfg.scratch,
+            health: DeviceHealth::default(),
+            now: Instant::from_nanos(0),
         })
     }
 
@@ -333,6 +454,12 @@ impl Target {
     pub fn set_ports(&mut self, ports: Vec<PortEntry>) {
         self.ports = ports;
         self.discovery_changed();
+    }
+
+    /// What the device knows of its power cycles, for the SMART / Health log (Power Cycles,
+    /// Power On Hours, Unsafe Shutdowns). Without it those fields read 0.
+    pub fn set_health(&mut self, health: DeviceHealth) {
+        self.health = health;
     }
 
     pub(crate) fn discovery_changed(&mut self) {
@@ -587,10 +714,10 @@ impl Target {
     }
 
     /// Like [`Target::close_queue`], saying how the connection ended. An I/O queue whose host
-    /// closed it in order (a TCP FIN: Linux closes its I/O queues this way before it shuts the
-    /// controller down over the admin queue) only loses that queue; an abrupt loss (reset,
-    /// timeout, transport error) ends the association, as Linux's target does. Losing the admin
-    /// queue always ends the controller.
+    /// closed or reset it (Linux closes its I/O queues with a FIN and a RST before it shuts the
+    /// controller down over the admin queue) only loses that queue; an abrupt loss (a
+    /// transport error) ends the association. Losing the admin queue always ends the
+    /// controller.
     pub fn close_queue_after(&mut self, q: QueueId, how: QueueLoss) -> Result<(), TargetError> {
         let qi = self.queue_index(q).ok_or(TargetError::UnknownQueue)?;
         if let Some(ci) = self.ctrl_of(qi) {
@@ -620,38 +747,55 @@ impl Target {
         Ok(())
     }
 
-    /// Drops the commands of a queue: deferred requests give their buffers back now, in-flight
-    /// ones when the backend returns them. The controller's outstanding count is adjusted.
+    /// Drops the commands of a queue: deferred requests give their buffers back now (scratch
+    /// buffers to the scratch pool), in-flight ones when the backend returns them; an Abort
+    /// waiting for one of them completes as "not aborted". The controller's outstanding count
+    /// is adjusted.
     fn release_queue(&mut self, qi: usize) {
-        let Some(queue) = self.queues.get_mut(qi) else {
+        let now = self.now;
+        let Some(queue) = self.queues.get(qi) else {
             return;
         };
-        let ci = queue.ctrl;
-        let cntlid = queue.cntlid;
+        let (ci, cntlid, n) = (queue.ctrl, queue.cntlid, queue.slots.len());
         let mut dropped = 0u32;
-        for s in queue.slots.iter_mut() {
-            match s.state {
-                SlotState::Free => continue,
-                SlotState::Deferred => {
-                    self.deferred = self.deferred.saturating_sub(1);
-                    if let Some(b) = s.deferred.take().and_then(|r| r.buf) {
-                        self.pending.push_back(Event::BufferReleased(b));
-                    }
-                }
-                SlotState::InFlight => {}
+        for si in 0..n {
+            let slot = &mut self.queues[qi].slots[si];
+            if slot.state == SlotState::Free {
+                continue;
             }
-            if let Some(d) = s.dsm.take() {
-                self.pending.push_back(Event::BufferReleased(d.buf));
+            if slot.state == SlotState::Deferred {
+                self.deferred = self.deferred.saturating_sub(1);
             }
-            s.state = SlotState::Free;
+            let req_buf = slot.deferred.take().and_then(|r| r.buf);
+            let chain = slot.chain.take();
+            let waiter = slot.abort_waiter.take();
+            slot.state = SlotState::Free;
             dropped += 1;
+            let Target {
+                scratch, pending, ..
+            } = self;
+            let mut out = |e| pending.push_back(e);
+            if let Some(b) = req_buf {
+                release_buffer(scratch, b, &mut out);
+            }
+            if let Some(c) = chain {
+                let (s, h) = c.into_buffers();
+                for b in [s, h].into_iter().flatten() {
+                    release_buffer(scratch, b, &mut out);
+                }
+            }
+            if let Some(w) = waiter
+                && let Some(ev) = abort_verdict(&self.queues, &mut self.ctrls, ci, cntlid, w, false)
+            {
+                self.pending.push_back(ev);
+            }
         }
         // In-flight requests keep their tag; the generation bump in close_queue (or the
         // Terminated state) makes their completion release the buffer.
         if let Some(Some(c)) = self.ctrls.get_mut(ci)
             && c.cntlid == cntlid
         {
-            c.outstanding = c.outstanding.saturating_sub(dropped);
+            c.io_ended(dropped, now);
         }
     }
 
@@ -714,9 +858,11 @@ impl Target {
     }
 
     /// Hands a command to the controller. Returns the response at once, or `None` when the
-    /// command went to a backend (or is an Asynchronous Event Request); it then completes
-    /// through [`Target::poll`]. Every command gets exactly one response.
+    /// command went to a backend (or is an Asynchronous Event Request, or an Abort waiting for
+    /// a backend's verdict); it then completes through [`Target::poll`]. Every command gets
+    /// exactly one response.
     pub fn submit(&mut self, now: Instant, q: QueueId, req: Request) -> Option<Response> {
+        self.now = now;
         let Some(qi) = self.queue_index(q) else {
             return Some(bare_response(req, Status::COMMAND_SEQUENCE_ERROR));
         };
@@ -749,28 +895,101 @@ impl Target {
 
     /// Completes a command the transport itself rejected (a bad SGL, a data digest error...)
     /// with `status`, consuming its submission queue slot like any other command so SQHD and
-    /// flow control stay right. The command never reaches admin or I/O handling.
+    /// flow control stay right. The command never reaches admin or I/O handling. It is
+    /// logged in the Error Information log with the transport's type; a Transient Transport
+    /// Error (what the transports report for a data digest mismatch, a CRC failure) also
+    /// counts as a SMART Media and Data Integrity Error.
     pub fn reject(&mut self, now: Instant, q: QueueId, req: Request, status: Status) -> Response {
+        self.now = now;
         let Some(qi) = self.queue_index(q) else {
             return bare_response(req, status);
         };
+        let mut trtype = 0;
         if self.queues[qi].state == QState::Connected {
             let queue = &mut self.queues[qi];
             let entries = queue.sqsize as u32 + 1;
             queue.sqhd = ((queue.sqhd as u32 + 1) % entries) as u16;
-            if let Some(Some(c)) = self.ctrl_of(qi).and_then(|ci| self.ctrls.get_mut(ci)) {
+            if let Some(ci) = self.ctrl_of(qi)
+                && let Some(Some(c)) = self.ctrls.get_mut(ci)
+            {
                 c.last_activity = now;
+                if !c.local {
+                    trtype = self.transport.trtype;
+                }
+                let si = c.subsys;
+                if is_media_error(status) {
+                    self.count_media_error(si, req.sqe.nsid);
+                }
             }
         }
-        self.respond(qi, req, status, 0)
+        let at = errlog::default_at(&req.sqe, status);
+        self.respond_with(qi, req, status, 0, at, trtype)
     }
 
-    /// A response on queue `qi` handing back the request's buffer.
-    pub(crate) fn respond(&self, qi: usize, req: Request, status: Status, dw0: u32) -> Response {
-        let cqe = match self.queues.get(qi) {
+    /// Counts a media and data integrity error of a command that did not reach a backend:
+    /// on namespace `nsid` of subsystem `si` if it has it, on the subsystem otherwise.
+    pub(crate) fn count_media_error(&mut self, si: usize, nsid: u32) {
+        let Some(s) = self.subsystems.get_mut(si) else {
+            return;
+        };
+        match s.find_ns(nsid) {
+            Some(ni) => {
+                if let Some(Some(ns)) = s.namespaces.get_mut(ni) {
+                    ns.stats.record_media_error();
+                }
+            }
+            None => s.media_errors = s.media_errors.saturating_add(1),
+        }
+    }
+
+    /// A response on queue `qi` handing back the request's buffer. A failure is logged in the
+    /// controller's Error Information log, pointing at the field the status is about
+    /// ([`errlog::default_at`]).
+    pub(crate) fn respond(
+        &mut self,
+        qi: usize,
+        req: Request,
+        status: Status,
+        dw0: u32,
+    ) -> Response {
+        let at = errlog::default_at(&req.sqe, status);
+        self.respond_with(qi, req, status, dw0, at, 0)
+    }
+
+    /// [`Target::respond`] for a failure whose field (and LBA) the handler knows.
+    pub(crate) fn respond_at(
+        &mut self,
+        qi: usize,
+        req: Request,
+        status: Status,
+        at: ErrAt,
+    ) -> Response {
+        self.respond_with(qi, req, status, 0, at, 0)
+    }
+
+    fn respond_with(
+        &mut self,
+        qi: usize,
+        req: Request,
+        status: Status,
+        dw0: u32,
+        at: ErrAt,
+        trtype: u8,
+    ) -> Response {
+        let mut cqe = match self.queues.get(qi) {
             Some(q) => q.cqe(req.sqe.cid, status, dw0),
             None => Cqe::new(req.sqe.cid, status),
         };
+        if errlog::is_logged(status)
+            && let Some(ci) = self.ctrl_of(qi)
+        {
+            let sqid = self.queues[qi].qid;
+            if let Some(Some(c)) = self.ctrls.get_mut(ci)
+                && c.log_error(sqid, req.sqe.cid, req.sqe.nsid, status, at, trtype)
+            {
+                cqe.status.more = true;
+            }
+        }
         Response {
             cqe,
             buf: req.buf,
@@ -793,6 +1012,7 @@ impl Target {
     /// commands a busy backend refused, enforces keep-alive and finishes shutdowns.
     /// Returns the number of events delivered.
     pub fn poll(&mut self, now: Instant, f: &mut dyn FnMut(Event)) -> usize {
+        self.now = now;
         let mut n = 0;
         while let Some(e) = self.pending.pop_front() {
             f(e);
@@ -858,6 +1078,7 @@ impl Target {
             queues,
             ctrls,
             deferred,
+            scratch,
             ..
         } = self;
         let mut n = 0;
@@ -876,14 +1097,19 @@ impl Target {
                 let bs = geometry.block_size;
                 backend.poll(&mut |c| {
                     *inflight = inflight.saturating_sub(1);
-                    n += complete_io(queues, ctrls, deferred, stats, bs, now, c, f);
+                    let mut p = Parts {
+                        queues,
+                        ctrls,
+                        scratch,
+                    };
+                    n += complete_io(&mut p, deferred, stats, bs, now, c, f);
                 });
             }
         }
         n
     }
 
-    /// Submits (again) every deferred request.
+    /// Submits (again) every deferred request, or the next step of a chained command.
     fn retry_deferred(&mut self, now: Instant, f: &mut dyn FnMut(Event)) -> usize {
         let mut n = 0;
         for qi in 0..self.queues.len() {
@@ -894,55 +1120,96 @@ impl Target {
                 if self.queues[qi].slots[si].state != SlotState::Deferred {
                     continue;
                 }
-                let slot = &mut self.queues[qi].slots[si];
-                let Some(req) = slot.deferred.take() else {
-                    continue;
-                };
-                let (sub, ni) = (slot.ns.0 as usize, slot.ns.1 as usize);
-                self.deferred = self.deferred.saturating_sub(1);
-                let Some(Some(ns)) = self
-                    .subsystems
-                    .get_mut(sub)
-                    .and_then(|s| s.namespaces.get_mut(ni))
-                else {
-                    // Namespace gone (cannot happen while deferred work exists): fail.
-                    let mut r = req;
-                    if let Some(resp) =
-                        self.finish_slot(qi, si, Status::INTERNAL_ERROR, r.buf.take(), now)
-                    {
-                        f(resp);
-                        n += 1;
-                    }
-                    continue;
-                };
-                match ns.backend.submit(req) {
-                    Ok(()) => {
-                        ns.inflight += 1;
-                        self.queues[qi].slots[si].state = SlotState::InFlight;
-                    }
-                    Err(r) => match r.reason {
-                        RejectReason::Busy => {
-                            let slot = &mut self.queues[qi].slots[si];
-                            slot.deferred = Some(r.req);
-                            self.deferred += 1;
-                        }
-                        RejectReason::Invalid(e) => {
-                            let mut req = r.req;
-                            if let Some(ev) =
-                                self.finish_slot(qi, si, block_status(e), req.buf.take(), now)
-                            {
-                                f(ev);
-                                n += 1;
-                            }
-                        }
-                    },
+                if let Some(ev) = self.try_slot(qi, si, now) {
+                    f(ev);
+                    n += 1;
                 }
             }
         }
         n
     }
 
-    /// Completes the command in a slot with `status` outside of a backend poll.
+    /// Tries to hand a Deferred slot's request (its parked request, or its chain's next step)
+    /// to the namespace's backend. Returns the completion if the command ended here (refused
+    /// as invalid, or a chain with nothing left to do); the slot stays Deferred when the
+    /// backend is busy or no scratch buffer is free.
+    pub(crate) fn try_slot(&mut self, qi: usize, si: usize, now: Instant) -> Option<Event> {
+        let (sub, ni) = {
+            let slot = &self.queues[qi].slots[si];
+            (slot.ns.0 as usize, slot.ns.1 as usize)
+        };
+        let req = match self.next_request(qi, si, sub, ni) {
+            Next::Ready(r) => r,
+            Next::Wait => return None,
+            Next::Done => {
+                self.deferred = self.deferred.saturating_sub(1);
+                return self.finish_slot(qi, si, Status::SUCCESS, None, now);
+            }
+        };
+        self.deferred = self.deferred.saturating_sub(1);
+        let Some(Some(ns)) = self
+            .subsystems
+            .get_mut(sub)
+            .and_then(|s| s.namespaces.get_mut(ni))
+        else {
+            // Namespace gone (cannot happen while deferred work exists): fail.
+            return self.finish_slot(qi, si, Status::INTERNAL_ERROR, req.buf, now);
+        };
+        match ns.backend.submit(req) {
+            Ok(()) => {
+                ns.inflight += 1;
+                self.queues[qi].slots[si].state = SlotState::InFlight;
+                None
+            }
+            Err(r) => match r.reason {
+                RejectReason::Busy => {
+                    self.queues[qi].slots[si].deferred = Some(r.req);
+                    self.deferred += 1;
+                    None
+                }
+                RejectReason::Invalid(e) => {
+                    let buf = r.req.buf;
+                    self.finish_slot(qi, si, block_status(e), buf, now)
+                }
+            },
+        }
+    }
+
+    /// The request a Deferred slot submits next.
+    fn next_request(&mut self, qi: usize, si: usize, sub: usize, ni: usize) -> Next {
+        let generation = self.queues[qi].generation;
+        let bs = match self.subsystems.get(sub).and_then(|s| s.namespaces.get(ni)) {
+            Some(Some(ns)) => ns.geometry.block_size,
+            _ => 512,
+        };
+        let slot = &mut self.queues[qi].slots[si];
+        if let Some(r) = slot.deferred.take() {
+            return Next::Ready(r);
+        }
+        let Some(chain) = slot.chain.as_mut() else {
+            return Next::Done;
+        };
+        if chain.needs_scratch() {
+            match self.scratch.as_mut().and_then(BufPool::get) {
+                Some(b) => {
+                    if let Some(b) = chain.give_scratch(b)
+                        && let Some(p) = self.scratch.as_mut()
+                    {
+                        let _ = p.put(b);
+                    }
+                }
+                None => return Next::Wait,
+            }
+        }
+        match chain.next(tag(qi, generation, si), bs) {
+            Step::Submit(r) => Next::Ready(r),
+            Step::NeedScratch => Next::Wait,
+            Step::Done => Next::Done,
+        }
+    }
+
+    /// Completes the command in a slot with `status` outside of a backend poll. `buf` is the
+    /// buffer of its request, if any. A second event (an Abort's verdict) goes to `pending`.
     pub(crate) fn finish_slot(
         &mut self,
         qi: usize,
@@ -951,54 +1218,179 @@ impl Target {
         buf: Option<IoBuf>,
         now: Instant,
     ) -> Option<Event> {
+        let (sub, ni) = {
+            let slot = self.queues.get(qi)?.slots.get(si)?;
+            (slot.ns.0 as usize, slot.ns.1 as usize)
+        };
         let Target {
             subsystems,
             queues,
             ctrls,
+            scratch,
+            pending,
             ..
         } = self;
-        let queue = queues.get_mut(qi)?;
-        let slot = queue.slots.get_mut(si)?;
-        let mut buf = buf;
-        if let Some(d) = slot.dsm.take() {
-            buf = Some(d.buf);
-        }
-        slot.state = SlotState::Free;
-        let (sub, ni) = (slot.ns.0 as usize, slot.ns.1 as usize);
-        if let Some(Some(ns)) = subsystems
+        let stats = match subsystems
             .get_mut(sub)
             .and_then(|s| s.namespaces.get_mut(ni))
         {
-            ns.stats.record(
-                slot.kind,
-                slot.bytes,
-                status.is_success(),
-                slot.start.as_nanos(),
-                now.as_nanos(),
-            );
-        }
-        let (cid, cookie) = (slot.cid, slot.cookie);
-        let cqe = queue.cqe(cid, status, 0);
-        if let Some(Some(c)) = ctrls.get_mut(queue.ctrl)
-            && c.cntlid == queue.cntlid
-        {
-            c.outstanding = c.outstanding.saturating_sub(1);
-            c.last_activity = now;
-        }
-        let id = QueueId {
-            index: qi as u16,
-            generation: queue.generation,
+            Some(Some(ns)) => Some(&mut ns.stats),
+            _ => None,
         };
-        Some(Event::Completion(
-            id,
-            Response {
-                cqe,
-                buf,
-                data_len: 0,
-                cookie,
-            },
-        ))
+        let mut p = Parts {
+            queues,
+            ctrls,
+            scratch,
+        };
+        let mut first = None;
+        finalize(&mut p, stats, qi, si, status, buf, now, &mut |e| {
+            if first.is_none() {
+                first = Some(e);
+            } else {
+                pending.push_back(e);
+            }
+        });
+        first
     }
+}
+
+/// What a Deferred slot does next.
+enum Next {
+    Ready(BlockRequest),
+    Wait,
+    Done,
+}
+
+/// The parts of the target a completion touches while a namespace's backend is borrowed.
+pub(crate) struct Parts<'a> {
+    pub queues: &'a mut [Queue],
+    pub ctrls: &'a mut [Option<Controller>],
+    pub scratch: &'a mut Option<BufPool>,
+}
+
+/// The completion of an Abort that waited for command `waiter` of controller `ci`: DW0 bit 0
+/// clear if the command was aborted, set if not (NVMe base 2.0 §5.1).
+pub(crate) fn abort_verdict(
+    queues: &[Queue],
+    ctrls: &mut [Option<Controller>],
+    ci: usize,
+    cntlid: u16,
+    waiter: (u16, u32),
+    aborted: bool,
+) -> Option<Event> {
+    let c = ctrls.get_mut(ci)?.as_mut().filter(|c| c.cntlid == cntlid)?;
+    c.aborts_pending = c.aborts_pending.saturating_sub(1);
+    let aq = c.admin_q;
+    let q = queues
+        .get(aq.index as usize)
+        .filter(|q| q.generation == aq.generation && q.state == QState::Connected)?;
+    let dw0 = if aborted {
+        0
+    } else {
+        keel_nvme::io::AbortCommand::NOT_ABORTED
+    };
+    Some(Event::Completion(
+        aq,
+        Response {
+            cqe: q.cqe(waiter.0, Status::SUCCESS, dw0),
+            buf: None,
+            data_len: 0,
+            cookie: waiter.1,
+        },
+    ))
+}
+
+/// Ends the command in slot `si` of queue `qi` with `status`: statistics, the Error
+/// Information log, the controller's busy time, buffers (scratch back to its pool, the
+/// host's buffer into the response) and the completion, then the verdict of an Abort that
+/// waited for it. Returns the number of events.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finalize(
+    p: &mut Parts<'_>,
+    stats: Option<&mut NsStats>,
+    qi: usize,
+    si: usize,
+    status: Status,
+    buf: Option<IoBuf>,
+    now: Instant,
+    out: &mut dyn FnMut(Event),
+) -> usize {
+    let mut n = 0;
+    let Some(queue) = p.queues.get_mut(qi) else {
+        return 0;
+    };
+    let Some(slot) = queue.slots.get_mut(si) else {
+        return 0;
+    };
+    let mut buf = buf;
+    if let Some(chain) = slot.chain.take() {
+        let (s, host) = chain.into_buffers();
+        // The failing step's buffer, if any, is the chain's scratch buffer.
+        for b in [s, buf.take()].into_iter().flatten() {
+            n += release_buffer(p.scratch, b, out);
+        }
+        buf = host;
+    }
+    let data_len = if status.is_success() {
+        slot.read_len
+    } else {
+        0
+    };
+    if let Some(b) = buf.as_mut()
+        && data_len > 0
+    {
+        b.set_len(data_len as usize);
+    }
+    if let Some(st) = stats {
+        st.record(
+            slot.kind,
+            slot.bytes,
+            status.is_success(),
+            slot.start.as_nanos(),
+            now.as_nanos(),
+        );
+        if is_media_error(status) {
+            st.record_media_error();
+        }
+    }
+    slot.state = SlotState::Free;
+    slot.deferred = None;
+    let waiter = slot.abort_waiter.take();
+    let (cid, cookie, nsid, lba) = (slot.cid, slot.cookie, slot.nsid, slot.lba);
+    let mut cqe = queue.cqe(cid, status, 0);
+    let (sqid, ci, cntlid) = (queue.qid, queue.ctrl, queue.cntlid);
+    let id = QueueId {
+        index: qi as u16,
+        generation: queue.generation,
+    };
+    if let Some(Some(c)) = p.ctrls.get_mut(ci)
+        && c.cntlid == cntlid
+    {
+        c.io_ended(1, now);
+        c.last_activity = now;
+        if c.log_error(sqid, cid, nsid, status, ErrAt::block(lba), 0) {
+            cqe.status.more = true;
+        }
+    }
+    out(Event::Completion(
+        id,
+        Response {
+            cqe,
+            buf,
+            data_len,
+            cookie,
+        },
+    ));
+    n += 1;
+    if let Some(w) = waiter {
+        let aborted =
+            status.sct == Status::ABORT_REQUESTED.sct && status.sc == Status::ABORT_REQUESTED.sc;
+        if let Some(ev) = abort_verdict(p.queues, p.ctrls, ci, cntlid, w, aborted) {
+            out(ev);
+            n += 1;
+        }
+    }
+    n
 }
 
 /// A response to a request that has no queue.
@@ -1011,11 +1403,10 @@ pub(crate) fn bare_response(req: Request, status: Status) -> Response {
     }
 }
 
-/// Handles one backend completion (called from inside the backend's poll).
-#[allow(clippy::too_many_arguments)]
+/// Handles one backend completion (called from inside the backend's poll): a chained
+/// command's next step is parked for `retry_deferred`, anything else completes.
 fn complete_io(
-    queues: &mut [Queue],
-    ctrls: &mut [Option<Controller>],
+    p: &mut Parts<'_>,
     deferred: &mut usize,
     stats: &mut NsStats,
     block_size: u32,
@@ -1024,99 +1415,47 @@ fn complete_io(
     f: &mut dyn FnMut(Event),
 ) -> usize {
     let (qi, generation, si) = untag(c.tag);
-    let queue = match queues.get_mut(qi) {
-        Some(q) if q.generation == generation && q.state == QState::Connected => q,
-        _ => {
-            if let Some(b) = c.buf {
-                f(Event::BufferReleased(b));
-                return 1;
-            }
-            return 0;
-        }
-    };
-    let Some(slot) = queue
-        .slots
-        .get_mut(si)
-        .filter(|s| s.state == SlotState::InFlight)
-    else {
-        if let Some(b) = c.buf {
-            f(Event::BufferReleased(b));
-            return 1;
-        }
-        return 0;
-    };
-    // Dataset Management: chain the next range.
-    if let Some(d) = slot.dsm.as_mut()
-        && c.result.is_ok()
-    {
-        while d.next < d.count {
-            let i = d.next as usize;
-            d.next += 1;
-            if let Some(r) = keel_nvme::io::DsmRange::read(d.buf.as_slice(), i)
-                && r.nlb > 0
-            {
-                slot.deferred = Some(BlockRequest {
-                    tag: c.tag,
-                    op: keel_storage::BlockOp::Deallocate,
-                    lba: r.slba,
-                    blocks: r.nlb,
-                    buf: None,
-                    buf_offset: 0,
-                });
-                slot.state = SlotState::Deferred;
-                *deferred += 1;
-                return 0;
-            }
-        }
+    let live = matches!(
+        p.queues.get(qi),
+        Some(q) if q.generation == generation
+            && q.state == QState::Connected
+            && q.slots.get(si).is_some_and(|s| s.state == SlotState::InFlight)
+    );
+    if !live {
+        // The queue went away: only the buffer comes back.
+        return match c.buf {
+            Some(b) => release_buffer(p.scratch, b, f),
+            None => 0,
+        };
     }
     let status = match c.result {
         Ok(()) => Status::SUCCESS,
         Err(e) => block_status(e),
     };
     let mut buf = c.buf;
-    if let Some(d) = slot.dsm.take() {
-        buf = Some(d.buf);
-    }
-    let data_len = if status.is_success() {
-        slot.read_len
-    } else {
-        0
-    };
-    if let Some(b) = buf.as_mut()
-        && data_len > 0
+    let slot = &mut p.queues[qi].slots[si];
+    if status.is_success()
+        && let Some(chain) = slot.chain.as_mut()
     {
-        b.set_len(data_len as usize);
+        if let Some(b) = buf.take() {
+            buf = chain.give_scratch(b);
+        }
+        let next = match chain.next(c.tag, block_size) {
+            Step::Submit(r) => Some(Some(r)),
+            Step::NeedScratch => Some(None),
+            Step::Done => None,
+        };
+        if let Some(r) = next {
+            slot.deferred = r;
+            slot.state = SlotState::Deferred;
+            *deferred += 1;
+            return match buf {
+                Some(b) => release_buffer(p.scratch, b, f),
+                None => 0,
+            };
+        }
     }
-    let _ = block_size;
-    stats.record(
-        slot.kind,
-        slot.bytes,
-        status.is_success(),
-        slot.start.as_nanos(),
-        now.as_nanos(),
-    );
-    slot.state = SlotState::Free;
-    let (cid, cookie) = (slot.cid, slot.cookie);
-    let cqe = queue.cqe(cid, status, 0);
-    if let Some(Some(ctrl)) = ctrls.get_mut(queue.ctrl)
-        && ctrl.cntlid == queue.cntlid
-    {
-        ctrl.outstanding = ctrl.outstanding.saturating_sub(1);
-        ctrl.last_activity = now;
-    }
-    f(Event::Completion(
-        QueueId {
-            index: qi as u16,
-            generation,
-        },
-        Response {
-            cqe,
-            buf,
-            data_len,
-            cookie,
-        },
-    ));
-    1
+    finalize(p, Some(stats), qi, si, status, buf, now, f)
 }
 
 pub(crate) fn sqe_is_fabrics(s: &Sqe) -> bool {

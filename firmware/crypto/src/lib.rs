@@ -21,9 +21,18 @@
 //! ID_AA64ISAR0_EL1 at boot before it serves an encrypted namespace. On x86_64 hosts (tests,
 //! benchmarks) AES-NI is detected at run time.
 //!
-//! Semantics with encryption: Write Zeroes is not offered (zeroed ciphertext would not read
-//! back as zeroes); deallocated blocks read back as undefined data (DLFEAT reports nothing);
-//! Compare encrypts the host's data and compares ciphertext.
+//! Semantics with encryption:
+//! - Write Zeroes is not passed to the backend (zeroed ciphertext would decrypt to noise): the
+//!   wrapper reports no `write_zeroes` capability and the controller core writes encrypted
+//!   zeroes instead (Write requests of zero-filled buffers, encrypted here like any write).
+//! - Deallocate is passed through (the backend may release the blocks), but deallocated blocks
+//!   read back as the decryption of whatever the backend returns (zeroes decrypt to noise):
+//!   the capability `deallocate_reads_zero` is off, so DLFEAT reports "not reported" (000b)
+//!   and hosts do not rely on it.
+//! - Verify is passed through: the backend reads the ciphertext blocks. XTS carries no
+//!   integrity tag, so decrypting them could not detect anything more.
+//! - Compare encrypts the host's data and compares ciphertext.
+//! - Abort is forwarded to the backend for requests in flight through the wrapper.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -342,6 +351,17 @@ impl<B: BlockBackend> BlockBackend for EncryptedBackend<B> {
             write_zeroes: false,
             deallocate_reads_zero: false,
             ..inner
+        }
+    }
+
+    fn abort(&mut self, tag: u64) -> bool {
+        let index = self
+            .slots
+            .iter()
+            .position(|s| matches!(s, Some(s) if s.tag == tag));
+        match index {
+            Some(i) => self.inner.abort(i as u64),
+            None => false,
         }
     }
 

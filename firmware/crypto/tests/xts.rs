@@ -228,6 +228,53 @@ fn a_refused_request_comes_back_in_plaintext_with_its_tag() {
     ));
 }
 
+#[test]
+fn verify_abort_and_deallocate_semantics() {
+    let mut enc = EncryptedBackend::new(RamBackend::new(512, 16, 8).unwrap(), &key(), 8);
+    let caps = enc.capabilities();
+    assert!(caps.verify && caps.deallocate && !caps.write_zeroes);
+    assert!(
+        !caps.deallocate_reads_zero,
+        "deallocated ciphertext decrypts to noise"
+    );
+    // Verify passes through (no buffer, nothing to decrypt).
+    assert_eq!(run(&mut enc, BlockOp::Verify, 3, None).0, Ok(()));
+    // A deallocated block reads back as the decryption of zeroes: not zeroes.
+    run(
+        &mut enc,
+        BlockOp::Write { fua: false },
+        2,
+        Some(vec![0x55; 512]),
+    )
+    .0
+    .unwrap();
+    assert_eq!(run(&mut enc, BlockOp::Deallocate, 2, None).0, Ok(()));
+    let (_, back) = run(&mut enc, BlockOp::Read, 2, Some(vec![0; 512]));
+    assert!(back.unwrap().iter().any(|&b| b != 0));
+    // Abort finds a request in flight by the caller's tag and reaches the RAM queue.
+    let mut io = IoBuf::leak_zeroed(512);
+    io.as_mut_slice().fill(9);
+    enc.submit(BlockRequest::new(
+        41,
+        BlockOp::Write { fua: false },
+        5,
+        1,
+        Some(io),
+    ))
+    .unwrap();
+    assert!(!enc.abort(40));
+    assert!(enc.abort(41));
+    let mut done = Vec::new();
+    enc.poll(&mut |c: BlockCompletion| done.push((c.tag, c.result)));
+    assert_eq!(done, [(41, Err(keel_storage::BlockError::Aborted))]);
+    assert!(
+        enc.inner().contents()[5 * 512..6 * 512]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    assert!(!enc.abort(41), "no longer in flight");
+}
+
 proptest! {
     #[test]
     fn behaves_like_a_plain_disk(ops in proptest::collection::vec((0u64..60, 1usize..4, any::<u8>(), any::<bool>()), 1..40)) {

@@ -11,6 +11,10 @@
 //! | Flush | Flush when VWC is present | success without a command (no volatile cache) |
 //! | WriteZeroes | Write Zeroes (ONCS bit 3), DEAC/FUA | Writes from a zero buffer |
 //! | Deallocate | Dataset Management, AD (ONCS bit 2) | refused: `Unsupported` |
+//! | Verify | Verify (ONCS bit 7) | Reads into a sink buffer (data discarded) |
+//!
+//! `abort` sends the drive an Abort command for each of the request's outstanding commands
+//! (see `Controller::abort`).
 //!
 //! Slices (one drive cut into per-tenant volumes) are `keel_storage::SliceBackend` and
 //! `SharedBackend` around a `DriveBackend`.
@@ -81,24 +85,18 @@ impl<R: Registers, D: Dma> BlockBackend for DriveBackend<R, D> {
         }
     }
 
+    fn abort(&mut self, tag: u64) -> bool {
+        self.ctrl
+            .try_borrow_mut()
+            .is_ok_and(|mut c| c.abort(self.index, tag))
+    }
+
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {
         if let Ok(mut c) = self.ctrl.try_borrow_mut() {
             c.service();
         }
         // Deliver one at a time with the controller released, so `done` may submit.
-        let mut n = 0;
-        loop {
-            let next = match self.ctrl.try_borrow_mut() {
-                Ok(mut c) => c.take_completion(self.index),
-                Err(_) => None,
-            };
-            match next {
-                Some(c) => {
-                    done(c);
-                    n += 1;
-                }
-                None => return n,
-            }
-        }
+        let i = self.index;
+        keel_storage::deliver_shared(&self.ctrl, |c| c.take_completion(i), done)
     }
 }

@@ -50,7 +50,8 @@ pub struct Config {
     /// Largest data transfer per command in bytes (further capped by MDTS and by one PRP
     /// list page per command).
     pub max_transfer: u32,
-    /// Size of the zero buffer used to emulate Write Zeroes on drives without it.
+    /// Size of the zero buffer used to emulate Write Zeroes on drives without it (and of the
+    /// sink buffer Verify reads into on drives without Verify).
     pub zero_buffer: usize,
 }
 
@@ -160,6 +161,8 @@ pub struct Namespace {
     pub caps: Capabilities,
     /// Write Zeroes is passed through (else emulated with writes of zeroes).
     pub native_write_zeroes: bool,
+    /// Verify is passed through (else emulated with reads into a sink buffer).
+    pub native_verify: bool,
 }
 
 /// Counters.
@@ -260,16 +263,23 @@ struct Parent {
     error: Option<BlockError>,
     /// CPU range of read data to sync for the CPU when done.
     read_sync: Option<(usize, usize)>,
+    /// The caller asked for an abort ([`Controller::abort`]): a command completed with
+    /// Command Abort Requested fails the request with [`BlockError::Aborted`] (an abort sent
+    /// because of a timeout fails it with [`BlockError::Internal`]).
+    abort_requested: bool,
 }
 
-/// Maps an NVMe completion status onto a block error.
+/// Maps an NVMe completion status onto a block error. Media and data integrity statuses other
+/// than Write Fault and Compare Failure (unrecovered read, end-to-end guard/tag checks, access
+/// denied, deallocated or unwritten block) all mean the data could not be read intact.
 pub fn block_error(s: Status) -> BlockError {
     match (s.sct, s.sc) {
         (sct::GENERIC, generic::LBA_OUT_OF_RANGE) => BlockError::OutOfRange,
         (sct::GENERIC, generic::INVALID_OPCODE) => BlockError::Unsupported,
+        (sct::GENERIC, generic::ABORT_REQUESTED) => BlockError::Aborted,
         (sct::MEDIA, media::WRITE_FAULT) => BlockError::WriteFault,
-        (sct::MEDIA, media::UNRECOVERED_READ_ERROR) => BlockError::ReadError,
         (sct::MEDIA, media::COMPARE_FAILURE) => BlockError::CompareMismatch,
+        (sct::MEDIA, _) => BlockError::ReadError,
         _ => BlockError::Internal,
     }
 }
@@ -310,6 +320,8 @@ pub struct Controller<R: Registers, D: Dma> {
     in_flight: Vec<usize>,
     stash_cap: usize,
     zero: Option<DmaRegion>,
+    /// Where emulated Verify reads land (never read by the CPU).
+    sink: Option<DmaRegion>,
     next_queue: usize,
     now: u64,
     next_health: u64,
@@ -381,6 +393,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             in_flight: Vec::new(),
             stash_cap: 0,
             zero: None,
+            sink: None,
             next_queue: 0,
             now: clock(),
             next_health: 0,
@@ -541,17 +554,22 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                     deallocate: dsm,
                     deallocate_reads_zero: dsm && ns.dlfeat & 7 == 1,
                     compare: id.oncs & oncs::COMPARE != 0,
+                    verify: true,
                 },
                 native_write_zeroes: id.oncs & oncs::WRITE_ZEROES != 0,
+                native_verify: id.oncs & oncs::VERIFY != 0,
             });
         }
+        let len = self
+            .config
+            .zero_buffer
+            .max(self.page)
+            .next_multiple_of(self.page);
         if self.namespaces.iter().any(|n| !n.native_write_zeroes) {
-            let len = self
-                .config
-                .zero_buffer
-                .max(self.page)
-                .next_multiple_of(self.page);
             self.zero = Some(self.dma.alloc(len, self.page).ok_or(InitError::NoMemory)?);
+        }
+        if self.namespaces.iter().any(|n| !n.native_verify) {
+            self.sink = Some(self.dma.alloc(len, self.page).ok_or(InitError::NoMemory)?);
         }
         self.info = Some(ControllerInfo {
             vid: id.vid,
@@ -864,6 +882,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             None,
             Buf(u64),
             Zero,
+            Sink,
         }
         let (opcode, per_cmd, data) = match req.op {
             BlockOp::Flush if !n.caps.volatile_write_cache => {
@@ -887,6 +906,15 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                     return reject(req, RejectReason::Invalid(BlockError::Unsupported));
                 }
                 (IoOpcode::Write, blocks, Data::Zero)
+            }
+            BlockOp::Verify if n.native_verify => (IoOpcode::Verify, 65536, Data::None),
+            BlockOp::Verify => {
+                let sl = self.sink.as_ref().map_or(0, |z| z.len()) as u64;
+                if sl < bs {
+                    return reject(req, RejectReason::Invalid(BlockError::Unsupported));
+                }
+                let blocks = (sl / bs).clamp(1, max_blocks as u64) as u32;
+                (IoOpcode::Read, blocks, Data::Sink)
             }
             BlockOp::Read | BlockOp::Write { .. } | BlockOp::Compare => {
                 let op = match req.op {
@@ -992,8 +1020,12 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                     );
                     rw.to_sqe(opcode as u8, cid, n.nsid).with_prps(p1, p2)
                 }
-                (Data::Zero, _) => {
-                    let addr = self.zero.as_ref().map_or(0, |z| z.dev_addr());
+                (Data::Zero | Data::Sink, _) => {
+                    let region = match data {
+                        Data::Zero => self.zero.as_ref(),
+                        _ => self.sink.as_ref(),
+                    };
+                    let addr = region.map_or(0, |z| z.dev_addr());
                     let (p1, p2) = Self::prps(
                         &mut self.dma,
                         self.page,
@@ -1017,9 +1049,63 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             remaining: count as u16,
             error: None,
             read_sync,
+            abort_requested: false,
         };
         self.in_flight[ns] += 1;
         Ok(())
+    }
+
+    /// Asks the drive to abort the request of namespace index `ns` tagged `tag` (a host's
+    /// Abort reaching a command outstanding on the drive): one Abort command (§5.1) per
+    /// command of the request still outstanding, within the drive's Abort Command Limit.
+    /// True when at least one Abort was sent; the request then completes through the normal
+    /// path, with [`BlockError::Aborted`] if the drive aborted it (Command Abort Requested) or
+    /// with its own result if it finished first.
+    pub fn abort(&mut self, ns: usize, tag: u64) -> bool {
+        if self.phase != Phase::Online {
+            return false;
+        }
+        let Some(pi) = self
+            .parents
+            .iter()
+            .position(|p| p.ns as usize == ns && p.req.as_ref().is_some_and(|r| r.tag == tag))
+        else {
+            return false;
+        };
+        self.parents[pi].abort_requested = true;
+        let limit = self.info.as_ref().map_or(1, |i| i.abort_limit) as usize;
+        let mut sent = false;
+        for qi in 0..self.io.len() {
+            let qid = self.io[qi].qp.qid;
+            for cid in 0..self.io[qi].slots.len() {
+                let s = &self.io[qi].slots[cid];
+                if !s.busy || s.parent as usize != pi {
+                    continue;
+                }
+                let outstanding = self
+                    .admin_slots
+                    .iter()
+                    .filter(|a| a.used == AdminUse::Abort)
+                    .count();
+                if outstanding >= limit {
+                    break;
+                }
+                let sqe = AbortCommand {
+                    sqid: qid,
+                    cid: cid as u16,
+                }
+                .to_sqe(0);
+                if self.admin_submit(sqe, AdminUse::Abort).is_some() {
+                    self.stats.aborts += 1;
+                    sent = true;
+                    log::info!("nvme: aborting command {cid} on queue {qid} (host request)");
+                }
+            }
+        }
+        // The I/O doorbells first: the command to abort must have reached the drive.
+        self.ring();
+        self.admin.ring(&mut self.regs);
+        sent
     }
 
     /// Writes the SQ tail doorbell of every queue with new entries (once per batch).
@@ -1069,7 +1155,11 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                 q.free.push(cqe.cid);
                 let p = &mut self.parents[pi as usize];
                 if !cqe.status.is_success() {
-                    p.error.get_or_insert(block_error(cqe.status));
+                    let e = match block_error(cqe.status) {
+                        BlockError::Aborted if !p.abort_requested => BlockError::Internal,
+                        e => e,
+                    };
+                    p.error.get_or_insert(e);
                     self.stats.errors += 1;
                     self.stats.last_error = Some(cqe.status);
                 }

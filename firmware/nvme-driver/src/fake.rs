@@ -316,6 +316,15 @@ impl FakeCtrl {
         }
     }
 
+    /// Executes and completes every held I/O command (the drive was slow, not stuck).
+    pub fn release_held(&mut self) {
+        for (qid, sqe) in core::mem::take(&mut self.held) {
+            let st = self.io_exec(qid, sqe);
+            let cqid = self.sqs.get(&qid).map_or(qid, |s| s.cqid);
+            self.post(cqid, qid, sqe.cid, st, 0);
+        }
+    }
+
     /// Entries waiting in SQ `qid` (written and rung, not yet fetched).
     pub fn pending(&self, qid: u16) -> usize {
         self.sqs.get(&qid).map_or(0, |s| {
@@ -609,6 +618,13 @@ impl FakeCtrl {
                             st
                         }
                     }
+                }
+            }
+            Some(IoOpcode::Verify) if self.oncs & 0x80 != 0 => {
+                if in_range(self) {
+                    Status::SUCCESS
+                } else {
+                    Status::LBA_OUT_OF_RANGE
                 }
             }
             Some(IoOpcode::WriteZeroes) if self.oncs & 8 != 0 => {

@@ -528,6 +528,99 @@ fn optional_commands_emulated_or_refused_when_missing() {
 }
 
 #[test]
+fn verify_passes_through_or_reads_into_a_sink() {
+    // Native: one Verify command per 65536 blocks, no data pointer.
+    let (f, d) = setup(|c| c.oncs |= 0x80);
+    let mut be = d.backend(0).unwrap();
+    assert!(be.capabilities().verify);
+    f.borrow_mut().log.clear();
+    assert_eq!(
+        run(&d, &mut be, req(1, BlockOp::Verify, 8, 100, None, 0)).result,
+        Ok(())
+    );
+    {
+        let fc = f.borrow();
+        assert_eq!(fc.log.len(), 1);
+        let s = fc.log[0].sqe;
+        assert_eq!(s.opcode, IoOpcode::Verify as u8);
+        assert_eq!((s.cdw[0], s.cdw[2] & 0xFFFF, s.prp1()), (8, 99, 0));
+    }
+    // A media error on the drive fails the request as a read error.
+    f.borrow_mut()
+        .fail_next
+        .push_back((IoOpcode::Verify as u8, Status::UNRECOVERED_READ_ERROR));
+    assert_eq!(
+        run(&d, &mut be, req(2, BlockOp::Verify, 0, 1, None, 0)).result,
+        Err(BlockError::ReadError)
+    );
+
+    // Emulated: Read commands into the 16 KiB sink (32 blocks each); the data stays put.
+    let (f, d) = setup(|c| c.oncs = 0);
+    let mut be = d.backend(0).unwrap();
+    assert!(be.capabilities().verify);
+    f.borrow_mut().namespaces[0].data.fill(0x5a);
+    f.borrow_mut().log.clear();
+    assert_eq!(
+        run(&d, &mut be, req(3, BlockOp::Verify, 1, 70, None, 0)).result,
+        Ok(())
+    );
+    let fc = f.borrow();
+    let cmds: Vec<(u8, u32, u32)> = fc
+        .log
+        .iter()
+        .map(|l| (l.sqe.opcode, l.sqe.cdw[0], l.sqe.cdw[2] & 0xFFFF))
+        .collect();
+    let rd = IoOpcode::Read as u8;
+    assert_eq!(cmds, [(rd, 1, 31), (rd, 33, 31), (rd, 65, 5)]);
+    assert!(fc.namespaces[0].data.iter().all(|&x| x == 0x5a));
+}
+
+#[test]
+fn host_abort_reaches_the_drive() {
+    let (f, d) = setup(|c| c.hold_io = true);
+    let t0 = t0(&d);
+    let mut be = d.backend(0).unwrap();
+    be.submit(req(7, BlockOp::Read, 0, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap();
+    be.submit(req(8, BlockOp::Read, 1, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap();
+    d.poll(t0 + 10);
+    assert_eq!(f.borrow().held.len(), 2);
+    // Unknown tag: nothing sent.
+    assert!(!be.abort(99));
+    assert!(
+        !f.borrow()
+            .admin_log
+            .iter()
+            .any(|s| s.opcode == AdminOpcode::Abort as u8)
+    );
+    // The drive aborts command 7: it fails back as Aborted, with its buffer.
+    assert!(be.abort(7));
+    d.poll(t0 + 20);
+    let abort = *f.borrow().admin_log.last().unwrap();
+    assert_eq!(abort.opcode, AdminOpcode::Abort as u8);
+    let held_cid = f.borrow().held[0].1.cid;
+    assert_eq!(abort.cdw[0] >> 16, held_cid as u32);
+    let mut out = Vec::new();
+    be.poll(&mut |c| out.push(c));
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].tag, out[0].result), (7, Err(BlockError::Aborted)));
+    assert!(out[0].buf.is_some());
+    // A drive that does not abort: the request completes normally later.
+    f.borrow_mut().abort_works = false;
+    assert!(be.abort(8));
+    d.poll(t0 + 30);
+    be.poll(&mut |c| out.push(c));
+    assert_eq!(out.len(), 1);
+    f.borrow_mut().release_held();
+    d.poll(t0 + 40);
+    be.poll(&mut |c| out.push(c));
+    assert_eq!((out[1].tag, out[1].result), (8, Ok(())));
+    assert_eq!(d.stats().aborts, 2);
+    assert_eq!(d.state(), State::Online);
+}
+
+#[test]
 fn timeout_abort_completes_the_command_with_an_error() {
     let (f, d) = setup(|c| c.hold_io = true);
     let t0 = t0(&d);

@@ -75,6 +75,15 @@ pub trait EndpointFunction {
     /// Number of interrupt vectors the function has.
     fn vectors(&self) -> u16;
 
+    /// Clears the register, doorbell and interrupt pages before the function is first used
+    /// (an ivshmem window left over from an earlier run); nothing by default.
+    fn reset_pages(&mut self) {}
+
+    /// Makes function number `function` visible to the host once its emulation has written
+    /// CAP and VS: a QEMU window publishes its header, a real endpoint controller would
+    /// enable its link. Nothing by default.
+    fn publish(&mut self, _function: u16) {}
+
     /// Reads a 64-bit register as two 32-bit accesses (low dword first).
     fn read_reg64(&mut self, offset: u32) -> u64 {
         let lo = self.read_reg(offset) as u64;
@@ -193,6 +202,11 @@ impl MemWindow {
 }
 
 impl EndpointFunction for MemWindow {
+    fn publish(&mut self, function: u16) {
+        let h = layout::Header::new(self.mem.len() as u64, function).encode();
+        self.mem[layout::HEADER_OFFSET..layout::HEADER_OFFSET + h.len()].copy_from_slice(&h);
+    }
+
     fn read_reg(&mut self, offset: u32) -> u32 {
         if offset as usize >= layout::REGS_SIZE {
             return 0;

@@ -150,6 +150,8 @@ pub mod command_specific {
     pub const INVALID_PROTECTION_INFORMATION: u8 = 0x81;
     /// Attempted Write to Read Only Range (NVM I/O commands).
     pub const WRITE_TO_READ_ONLY_RANGE: u8 = 0x82;
+    /// Command Size Limit Exceeded (NVM command set: Copy beyond MSRC, MSSRL or MCL).
+    pub const COMMAND_SIZE_LIMIT_EXCEEDED: u8 = 0x83;
     /// Connect: Incompatible Format (fabrics).
     pub const CONNECT_INCOMPATIBLE_FORMAT: u8 = 0x80;
     /// Connect: Controller Busy (fabrics).
@@ -186,6 +188,25 @@ pub mod media {
     pub const ACCESS_DENIED: u8 = 0x86;
     /// Deallocated or Unwritten Logical Block.
     pub const DEALLOCATED_OR_UNWRITTEN: u8 = 0x87;
+}
+
+/// Path related status codes, SCT 3h (NVMe base 2.0 Figure 103; Linux `NVME_SC_ANA_*`,
+/// `NVME_SC_*_PATH_ERROR`).
+pub mod path {
+    /// Internal Path Error.
+    pub const INTERNAL_PATH_ERROR: u8 = 0x00;
+    /// Asymmetric Access Persistent Loss.
+    pub const ANA_PERSISTENT_LOSS: u8 = 0x01;
+    /// Asymmetric Access Inaccessible.
+    pub const ANA_INACCESSIBLE: u8 = 0x02;
+    /// Asymmetric Access Transition.
+    pub const ANA_TRANSITION: u8 = 0x03;
+    /// Controller Pathing Error.
+    pub const CONTROLLER_PATHING_ERROR: u8 = 0x60;
+    /// Host Pathing Error.
+    pub const HOST_PATHING_ERROR: u8 = 0x70;
+    /// Command Aborted By Host.
+    pub const ABORTED_BY_HOST: u8 = 0x71;
 }
 
 /// The Status field of a completion (bits 15:1 of CQE DW3 bits 31:16; the phase tag is kept in
@@ -274,6 +295,9 @@ impl Status {
     /// Controller List Invalid (DNR).
     pub const CONTROLLER_LIST_INVALID: Status =
         Status::command_specific(command_specific::CONTROLLER_LIST_INVALID).with_dnr();
+    /// Command Size Limit Exceeded (DNR).
+    pub const COMMAND_SIZE_LIMIT_EXCEEDED: Status =
+        Status::command_specific(command_specific::COMMAND_SIZE_LIMIT_EXCEEDED).with_dnr();
     /// Connect Incompatible Format (DNR).
     pub const CONNECT_INCOMPATIBLE_FORMAT: Status =
         Status::command_specific(command_specific::CONNECT_INCOMPATIBLE_FORMAT).with_dnr();
@@ -298,6 +322,19 @@ impl Status {
     pub const UNRECOVERED_READ_ERROR: Status = Status::media(media::UNRECOVERED_READ_ERROR);
     /// Compare Failure (DNR).
     pub const COMPARE_FAILURE: Status = Status::media(media::COMPARE_FAILURE).with_dnr();
+    /// Transient Transport Error (retryable).
+    pub const TRANSIENT_TRANSPORT_ERROR: Status =
+        Status::generic(generic::TRANSIENT_TRANSPORT_ERROR);
+    /// Asymmetric Access Persistent Loss.
+    pub const ANA_PERSISTENT_LOSS: Status = Status::new(sct::PATH, path::ANA_PERSISTENT_LOSS);
+    /// Asymmetric Access Inaccessible.
+    pub const ANA_INACCESSIBLE: Status = Status::new(sct::PATH, path::ANA_INACCESSIBLE);
+    /// Asymmetric Access Transition.
+    pub const ANA_TRANSITION: Status = Status::new(sct::PATH, path::ANA_TRANSITION);
+    /// Controller Pathing Error with DNR: the controller lost its path to the data for good
+    /// (a remote volume past its controller loss timeout).
+    pub const CONTROLLER_PATHING_ERROR: Status =
+        Status::new(sct::PATH, path::CONTROLLER_PATHING_ERROR).with_dnr();
 
     /// A status with the given type and code, DNR clear.
     pub const fn new(sct: u8, sc: u8) -> Self {
@@ -334,6 +371,21 @@ impl Status {
     /// True for Successful Completion.
     pub const fn is_success(&self) -> bool {
         self.sct == sct::GENERIC && self.sc == generic::SUCCESS
+    }
+
+    /// True for a path related status (SCT 3h; Linux `nvme_is_path_error`).
+    pub const fn is_path_error(&self) -> bool {
+        self.sct == sct::PATH
+    }
+
+    /// True for the three ANA path statuses (persistent loss, inaccessible, transition;
+    /// Linux `nvme_is_ana_error`).
+    pub const fn is_ana_error(&self) -> bool {
+        self.sct == sct::PATH
+            && matches!(
+                self.sc,
+                path::ANA_PERSISTENT_LOSS | path::ANA_INACCESSIBLE | path::ANA_TRANSITION
+            )
     }
 
     /// The 16-bit Status field including the phase tag in bit 0.
@@ -447,7 +499,25 @@ mod tests {
         assert_eq!(Status::CONNECT_INVALID_HOST.to_field(true), 0x8309);
         // Compare Failure: SCT 2, SC 85h.
         assert_eq!(Status::COMPARE_FAILURE.to_field(false), 0x850a);
+        // Command Size Limit Exceeded: SCT 1, SC 83h, DNR (Linux NVME_SC_CMD_SIZE_LIMIT_EXCEEDED
+        // 0x183 with NVME_SC_DNR 0x4000, shifted left by the phase bit).
+        assert_eq!(
+            Status::COMMAND_SIZE_LIMIT_EXCEEDED.to_field(false),
+            ((0x183u16 | 0x4000) << 1)
+        );
         assert_eq!(Status::SUCCESS.to_field(true), 1);
+        // Path statuses as Linux spells them with the status shifted out of the phase bit:
+        // NVME_SC_ANA_INACCESSIBLE 0x302, NVME_SC_CTRL_PATH_ERROR 0x360 (+ DNR 0x4000).
+        assert_eq!(Status::ANA_INACCESSIBLE.to_field(false) >> 1, 0x302);
+        assert_eq!(Status::ANA_TRANSITION.to_field(false) >> 1, 0x303);
+        assert_eq!(
+            Status::CONTROLLER_PATHING_ERROR.to_field(false) >> 1,
+            0x4360
+        );
+        assert!(Status::ANA_PERSISTENT_LOSS.is_ana_error());
+        assert!(Status::CONTROLLER_PATHING_ERROR.is_path_error());
+        assert!(!Status::CONTROLLER_PATHING_ERROR.is_ana_error());
+        assert!(!Status::INTERNAL_ERROR.is_path_error());
         assert!(Status::SUCCESS.is_success());
         assert!(!Status::INVALID_FIELD.is_success());
     }

@@ -86,6 +86,10 @@ pub mod ctrl_field {
     pub const ELPE: usize = 262;
     pub const NPSS: usize = 263;
     pub const KAS: usize = 320;
+    pub const ANATT: usize = 342;
+    pub const ANACAP: usize = 343;
+    pub const ANAGRPMAX: usize = 344;
+    pub const NANAGRPID: usize = 348;
     pub const SQES: usize = 512;
     pub const CQES: usize = 513;
     pub const MAXCMD: usize = 514;
@@ -96,6 +100,7 @@ pub mod ctrl_field {
     pub const VWC: usize = 525;
     pub const AWUN: usize = 526;
     pub const AWUPF: usize = 528;
+    pub const OCFS: usize = 534;
     pub const SGLS: usize = 536;
     pub const SUBNQN: usize = 768;
     pub const IOCCSZ: usize = 1792;
@@ -104,6 +109,26 @@ pub mod ctrl_field {
     pub const FCATT: usize = 1802;
     pub const MSDBD: usize = 1803;
     pub const PSD0: usize = 2048;
+}
+
+/// Controller Multi-Path I/O and Namespace Sharing Capabilities (CMIC) bits (Figure 275).
+pub mod cmic {
+    /// The NVM subsystem may contain more than one port.
+    pub const MULTI_PORT: u8 = 1 << 0;
+    /// The NVM subsystem may contain two or more controllers.
+    pub const MULTI_CONTROLLER: u8 = 1 << 1;
+    /// The controller is associated with an SR-IOV virtual function.
+    pub const SRIOV: u8 = 1 << 2;
+    /// Asymmetric Namespace Access Reporting.
+    pub const ANA_REPORTING: u8 = 1 << 3;
+}
+
+/// Controller Attributes (CTRATT) bits (Figure 275).
+pub mod ctratt {
+    /// 128-bit Host Identifier.
+    pub const HOST_ID_128: u32 = 1 << 0;
+    /// Traffic Based Keep Alive Support (TBKAS, §3.9.2).
+    pub const TBKAS: u32 = 1 << 6;
 }
 
 /// Optional NVM Command Support (ONCS) bits.
@@ -118,6 +143,16 @@ pub mod oncs {
     pub const WRITE_ZEROES: u16 = 1 << 3;
     /// Save field in Set Features / Select field in Get Features.
     pub const SAVE_SELECT: u16 = 1 << 4;
+    /// Verify.
+    pub const VERIFY: u16 = 1 << 7;
+    /// Copy.
+    pub const COPY: u16 = 1 << 8;
+}
+
+/// Optional Copy Formats Supported (OCFS) bits.
+pub mod ocfs {
+    /// Source Range Entries Copy Descriptor Format 0h.
+    pub const FORMAT_0: u16 = 1 << 0;
 }
 
 /// The fields of Identify Controller a Keel controller fills. Everything else encodes as 0.
@@ -167,6 +202,14 @@ pub struct IdentifyController {
     pub npss: u8,
     /// Keep Alive Support (granularity in 100 ms units; 0 = not supported).
     pub kas: u16,
+    /// ANA Transition Time (seconds).
+    pub anatt: u8,
+    /// Asymmetric Namespace Access Capabilities.
+    pub anacap: u8,
+    /// ANA Group Identifier Maximum.
+    pub anagrpmax: u32,
+    /// Number of ANA Group Identifiers.
+    pub nanagrpid: u32,
     /// Submission Queue Entry Size (required bits 3:0, maximum bits 7:4).
     pub sqes: u8,
     /// Completion Queue Entry Size.
@@ -187,6 +230,8 @@ pub struct IdentifyController {
     pub awun: u16,
     /// Atomic Write Unit Power Fail (0's based).
     pub awupf: u16,
+    /// Optional Copy Formats Supported.
+    pub ocfs: u16,
     /// SGL Support.
     pub sgls: u32,
     /// NVM Subsystem NQN (NUL padded).
@@ -228,6 +273,10 @@ impl Default for IdentifyController {
             elpe: 0,
             npss: 0,
             kas: 0,
+            anatt: 0,
+            anacap: 0,
+            anagrpmax: 0,
+            nanagrpid: 0,
             sqes: 0,
             cqes: 0,
             maxcmd: 0,
@@ -238,6 +287,7 @@ impl Default for IdentifyController {
             vwc: 0,
             awun: 0,
             awupf: 0,
+            ocfs: 0,
             sgls: 0,
             subnqn: [0; 256],
             ioccsz: 0,
@@ -290,6 +340,10 @@ impl IdentifyController {
         le::put_u8(b, ELPE, self.elpe);
         le::put_u8(b, NPSS, self.npss);
         le::put_u16(b, KAS, self.kas);
+        le::put_u8(b, ANATT, self.anatt);
+        le::put_u8(b, ANACAP, self.anacap);
+        le::put_u32(b, ANAGRPMAX, self.anagrpmax);
+        le::put_u32(b, NANAGRPID, self.nanagrpid);
         le::put_u8(b, SQES, self.sqes);
         le::put_u8(b, CQES, self.cqes);
         le::put_u16(b, MAXCMD, self.maxcmd);
@@ -300,6 +354,7 @@ impl IdentifyController {
         le::put_u8(b, VWC, self.vwc);
         le::put_u16(b, AWUN, self.awun);
         le::put_u16(b, AWUPF, self.awupf);
+        le::put_u16(b, OCFS, self.ocfs);
         le::put_u32(b, SGLS, self.sgls);
         le::put_bytes(b, SUBNQN, &self.subnqn);
         le::put_u32(b, IOCCSZ, self.ioccsz);
@@ -335,6 +390,10 @@ impl IdentifyController {
             elpe: le::u8_at(b, ELPE),
             npss: le::u8_at(b, NPSS),
             kas: le::u16_at(b, KAS),
+            anatt: le::u8_at(b, ANATT),
+            anacap: le::u8_at(b, ANACAP),
+            anagrpmax: le::u32_at(b, ANAGRPMAX),
+            nanagrpid: le::u32_at(b, NANAGRPID),
             sqes: le::u8_at(b, SQES),
             cqes: le::u8_at(b, CQES),
             maxcmd: le::u16_at(b, MAXCMD),
@@ -345,6 +404,7 @@ impl IdentifyController {
             vwc: le::u8_at(b, VWC),
             awun: le::u16_at(b, AWUN),
             awupf: le::u16_at(b, AWUPF),
+            ocfs: le::u16_at(b, OCFS),
             sgls: le::u32_at(b, SGLS),
             subnqn: le::array_at(b, SUBNQN),
             ioccsz: le::u32_at(b, IOCCSZ),
@@ -393,6 +453,10 @@ pub mod ns_field {
     pub const FLBAS: usize = 26;
     pub const NMIC: usize = 30;
     pub const DLFEAT: usize = 33;
+    pub const ANAGRPID: usize = 92;
+    pub const MSSRL: usize = 74;
+    pub const MCL: usize = 76;
+    pub const MSRC: usize = 80;
     pub const NGUID: usize = 104;
     pub const EUI64: usize = 120;
     pub const LBAF0: usize = 128;
@@ -417,6 +481,14 @@ pub struct IdentifyNamespace {
     pub nmic: u8,
     /// Deallocate Logical Block Features.
     pub dlfeat: u8,
+    /// ANA Group Identifier (0: the namespace is in no ANA group).
+    pub anagrpid: u32,
+    /// Maximum Single Source Range Length of a Copy (logical blocks).
+    pub mssrl: u16,
+    /// Maximum Copy Length (logical blocks).
+    pub mcl: u32,
+    /// Maximum Source Range Count of a Copy (0's based).
+    pub msrc: u8,
     /// Namespace Globally Unique Identifier.
     pub nguid: [u8; 16],
     /// IEEE Extended Unique Identifier.
@@ -438,6 +510,10 @@ impl IdentifyNamespace {
         le::put_u8(b, FLBAS, self.flbas);
         le::put_u8(b, NMIC, self.nmic);
         le::put_u8(b, DLFEAT, self.dlfeat);
+        le::put_u32(b, ANAGRPID, self.anagrpid);
+        le::put_u16(b, MSSRL, self.mssrl);
+        le::put_u32(b, MCL, self.mcl);
+        le::put_u8(b, MSRC, self.msrc);
         le::put_bytes(b, NGUID, &self.nguid);
         le::put_bytes(b, EUI64, &self.eui64);
         for (i, f) in self.lbaf.iter().enumerate() {
@@ -461,6 +537,10 @@ impl IdentifyNamespace {
             flbas: le::u8_at(b, FLBAS),
             nmic: le::u8_at(b, NMIC),
             dlfeat: le::u8_at(b, DLFEAT),
+            anagrpid: le::u32_at(b, ANAGRPID),
+            mssrl: le::u16_at(b, MSSRL),
+            mcl: le::u32_at(b, MCL),
+            msrc: le::u8_at(b, MSRC),
             nguid: le::array_at(b, NGUID),
             eui64: le::array_at(b, EUI64),
             lbaf,
@@ -606,6 +686,10 @@ mod tests {
             lpa: 6,
             elpe: 0,
             kas: 10,
+            anatt: 10,
+            anacap: 0x5F,
+            anagrpmax: 0x0102_0304,
+            nanagrpid: 0x0A0B_0C0D,
             sqes: 0x66,
             cqes: 0x44,
             maxcmd: 128,
@@ -620,6 +704,7 @@ mod tests {
             ..Default::default()
         };
         c.awupf = 0x0707;
+        c.ocfs = ocfs::FORMAT_0;
         let mut b = [0u8; IDENTIFY_LEN];
         c.encode(&mut b);
         assert_eq!(&b[0..4], &[0x36, 0x1b, 0xf4, 0x1a]);
@@ -638,12 +723,18 @@ mod tests {
         assert_eq!(b[111], 1);
         assert_eq!((b[258], b[259], b[260], b[261]), (3, 3, 3, 6));
         assert_eq!(&b[320..322], &[10, 0]);
+        // Linux `struct nvme_id_ctrl`: u8 anatt @342, u8 anacap @343, le32 anagrpmax @344,
+        // le32 nanagrpid @348 (after le16 endgidmax @340).
+        assert_eq!((b[342], b[343]), (10, 0x5F));
+        assert_eq!(&b[344..352], &[4, 3, 2, 1, 0x0D, 0x0C, 0x0B, 0x0A]);
         assert_eq!((b[512], b[513]), (0x66, 0x44));
         assert_eq!(&b[514..516], &[128, 0]);
         assert_eq!(&b[516..520], &[32, 0, 0, 0]);
         assert_eq!(&b[520..522], &[0x0d, 0]);
         assert_eq!(b[525], 5);
         assert_eq!(&b[528..530], &[7, 7]);
+        // OCFS: Linux `struct nvme_id_ctrl` ocfs at byte 534 (after acwu at 532).
+        assert_eq!(&b[534..536], &[1, 0]);
         assert_eq!(&b[536..540], &[5, 0, 0x10, 0]);
         assert_eq!(&b[768..774], b"nqn.x\0");
         assert_eq!(&b[1792..1796], &[4, 1, 0, 0]);
@@ -669,6 +760,10 @@ mod tests {
             flbas: 0,
             nmic: 1,
             dlfeat: 0x9,
+            anagrpid: 0x1122_3344,
+            mssrl: 0x0102,
+            mcl: 0x0304_0506,
+            msrc: 0x7f,
             nguid: [7; 16],
             eui64: [9; 8],
             lbaf,
@@ -678,6 +773,10 @@ mod tests {
         assert_eq!(&b[0..8], &[0, 0, 1, 0, 0, 0, 0, 0]);
         assert_eq!(&b[16..18], &[0, 0x80]);
         assert_eq!((b[24], b[25], b[26], b[30], b[33]), (1, 0, 0, 1, 9));
+        // Linux `struct nvme_id_ns`: le32 anagrpid @92 (after rsvd81[11] @81).
+        assert_eq!(&b[92..96], &[0x44, 0x33, 0x22, 0x11]);
+        // Copy limits (Linux `struct nvme_id_ns`: mssrl at byte 74, mcl at 76, msrc at 80).
+        assert_eq!(&b[74..81], &[0x02, 0x01, 0x06, 0x05, 0x04, 0x03, 0x7f]);
         assert_eq!(&b[104..120], &[7; 16]);
         assert_eq!(&b[120..128], &[9; 8]);
         assert_eq!(&b[128..132], &[0, 0, 12, 0]);

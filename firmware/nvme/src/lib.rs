@@ -23,8 +23,9 @@
 //!   Property Get / Set (§3.4, §3.5), Disconnect (§3.6).
 //! - [`regs`]: controller properties / registers CAP, VS, CC, CSTS, AQA (§3.1.3, Figures
 //!   36-52).
-//! - I/O command fields: Read/Write/Compare/Write Zeroes/Dataset Management (NVM Command Set
-//!   1.0 §3.2, §3.3) in [`io`].
+//! - I/O command fields: Read/Write/Compare/Write Zeroes/Verify/Dataset Management (NVM
+//!   Command Set 1.0 §3.2, §3.3) and Copy with source range format 0h (NVM Command Set 2.0
+//!   §3.3.1) in [`io`].
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -75,6 +75,14 @@ pub struct ErrorLogEntry {
 impl ErrorLogEntry {
     /// Entry size.
     pub const SIZE: usize = 64;
+    /// Parameter Error Location / SQID / CID when the error is not specific to one.
+    pub const NOT_SPECIFIC: u16 = 0xFFFF;
+
+    /// A Parameter Error Location: byte `byte` (0..=63) of the command, bit `bit` (0..=7)
+    /// of that byte (bits 7:0 and 10:8 of the field).
+    pub const fn location(byte: u8, bit: u8) -> u16 {
+        (byte & 0x3F) as u16 | (((bit & 7) as u16) << 8)
+    }
 
     /// Encodes into 64 bytes.
     pub fn encode(&self, b: &mut [u8; 64]) {
@@ -87,6 +95,20 @@ impl ErrorLogEntry {
         le::put_u64(b, 16, self.lba);
         le::put_u32(b, 24, self.nsid);
         le::put_u8(b, 29, self.trtype);
+    }
+
+    /// Decodes 64 bytes.
+    pub fn decode(b: &[u8; 64]) -> Self {
+        Self {
+            error_count: le::u64_at(b, 0),
+            sqid: le::u16_at(b, 8),
+            cid: le::u16_at(b, 10),
+            status: le::u16_at(b, 12),
+            param_error_location: le::u16_at(b, 14),
+            lba: le::u64_at(b, 16),
+            nsid: le::u32_at(b, 24),
+            trtype: le::u8_at(b, 29),
+        }
     }
 }
 
@@ -378,6 +400,197 @@ pub mod discovery {
     }
 }
 
+/// Asymmetric Namespace Access log page (LID 0Ch, NVMe base 2.0 §5.16.1.12, Figures 227-228;
+/// Linux `struct nvme_ana_rsp_hdr` / `struct nvme_ana_group_desc`): a 16-byte header, then one
+/// 32-byte descriptor per ANA group, each followed by its NSIDs (none when the host set RGO).
+pub mod ana {
+    use crate::le;
+    use crate::sqe::Sqe;
+
+    /// Bytes of the log header (Figure 227: CHGCNT, NGRPS, reserved).
+    pub const HEADER_LEN: usize = 16;
+    /// Bytes of a group descriptor before its NSID list (Figure 228).
+    pub const DESC_LEN: usize = 32;
+    /// Log Specific Field bit: Return Groups Only (no NSID lists).
+    pub const LSP_RGO: u8 = 1 << 0;
+
+    /// ANA states (Figure 228 byte 16 bits 3:0; NVMe base 2.0 §8.1.3).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(u8)]
+    pub enum AnaState {
+        /// ANA Optimized.
+        Optimized = 0x01,
+        /// ANA Non-Optimized.
+        NonOptimized = 0x02,
+        /// ANA Inaccessible.
+        Inaccessible = 0x03,
+        /// ANA Persistent Loss.
+        PersistentLoss = 0x04,
+        /// ANA Change (in transition).
+        Change = 0x0F,
+    }
+
+    impl AnaState {
+        /// Decodes the state nibble; `None` for reserved values.
+        pub const fn from_u8(v: u8) -> Option<Self> {
+            match v & 0x0F {
+                0x01 => Some(Self::Optimized),
+                0x02 => Some(Self::NonOptimized),
+                0x03 => Some(Self::Inaccessible),
+                0x04 => Some(Self::PersistentLoss),
+                0x0F => Some(Self::Change),
+                _ => None,
+            }
+        }
+
+        /// True for the states in which I/O may be sent (optimized, non-optimized).
+        pub const fn is_accessible(self) -> bool {
+            matches!(self, Self::Optimized | Self::NonOptimized)
+        }
+    }
+
+    /// The log header.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct Header {
+        /// Change Count.
+        pub chgcnt: u64,
+        /// Number of ANA Group Descriptors.
+        pub ngrps: u16,
+    }
+
+    impl Header {
+        /// Decodes the header; `None` when `b` is shorter than 16 bytes.
+        pub fn decode(b: &[u8]) -> Option<Self> {
+            let h = b.get(..HEADER_LEN)?;
+            Some(Self {
+                chgcnt: le::u64_at(h, 0),
+                ngrps: le::u16_at(h, 8),
+            })
+        }
+
+        /// Encodes into the first 16 bytes of `b` (nothing when shorter).
+        pub fn encode(&self, b: &mut [u8]) {
+            if let Some(h) = b.get_mut(..HEADER_LEN) {
+                h.fill(0);
+                le::put_u64(h, 0, self.chgcnt);
+                le::put_u16(h, 8, self.ngrps);
+            }
+        }
+    }
+
+    /// An ANA group descriptor without its NSID list.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct GroupDesc {
+        /// ANA Group ID.
+        pub grpid: u32,
+        /// Number of NSID values that follow.
+        pub nnsids: u32,
+        /// Change Count.
+        pub chgcnt: u64,
+        /// ANA state (raw, bits 3:0; see [`AnaState::from_u8`]).
+        pub state: u8,
+    }
+
+    impl GroupDesc {
+        /// Decodes the 32-byte descriptor at the start of `b`.
+        pub fn decode(b: &[u8]) -> Option<Self> {
+            let d = b.get(..DESC_LEN)?;
+            Some(Self {
+                grpid: le::u32_at(d, 0),
+                nnsids: le::u32_at(d, 4),
+                chgcnt: le::u64_at(d, 8),
+                state: le::u8_at(d, 16) & 0x0F,
+            })
+        }
+
+        /// Encodes the descriptor followed by `nsids` at the start of `b`; returns the bytes
+        /// written (0 when `b` is too short; `nnsids` is taken from `nsids.len()`).
+        pub fn encode(&self, nsids: &[u32], b: &mut [u8]) -> usize {
+            let len = DESC_LEN + 4 * nsids.len();
+            let Some(d) = b.get_mut(..len) else {
+                return 0;
+            };
+            d.fill(0);
+            le::put_u32(d, 0, self.grpid);
+            le::put_u32(d, 4, nsids.len() as u32);
+            le::put_u64(d, 8, self.chgcnt);
+            le::put_u8(d, 16, self.state & 0x0F);
+            for (i, n) in nsids.iter().enumerate() {
+                le::put_u32(d, DESC_LEN + 4 * i, *n);
+            }
+            len
+        }
+    }
+
+    /// Walks the group descriptors of a log read into `b`. Stops (without panicking) at the
+    /// header's NGRPS or where a descriptor or its NSID list would run past `b`.
+    #[derive(Debug, Clone)]
+    pub struct Groups<'a> {
+        b: &'a [u8],
+        at: usize,
+        left: u16,
+    }
+
+    /// The descriptors of an ANA log (see [`Groups`]); `None` when `b` has no full header.
+    pub fn groups(b: &[u8]) -> Option<(Header, Groups<'_>)> {
+        let h = Header::decode(b)?;
+        Some((
+            h,
+            Groups {
+                b,
+                at: HEADER_LEN,
+                left: h.ngrps,
+            },
+        ))
+    }
+
+    impl<'a> Iterator for Groups<'a> {
+        /// A descriptor and the bytes of its NSID list (4 bytes per NSID).
+        type Item = (GroupDesc, &'a [u8]);
+
+        fn next(&mut self) -> Option<Self::Item> {
+            if self.left == 0 {
+                return None;
+            }
+            let d = GroupDesc::decode(self.b.get(self.at..)?)?;
+            let start = self.at.checked_add(DESC_LEN)?;
+            let end = start.checked_add((d.nnsids as usize).checked_mul(4)?)?;
+            let nsids = self.b.get(start..end)?;
+            self.at = end;
+            self.left -= 1;
+            Some((d, nsids))
+        }
+    }
+
+    /// The state of group `grpid` in a log read into `b`, if the group is listed.
+    pub fn group_state(b: &[u8], grpid: u32) -> Option<u8> {
+        let (_, mut g) = groups(b)?;
+        g.find(|(d, _)| d.grpid == grpid).map(|(d, _)| d.state)
+    }
+
+    /// Log size in bytes for `groups` descriptors and `nsids` NSIDs in all.
+    pub const fn log_len(groups: usize, nsids: usize) -> usize {
+        HEADER_LEN + groups * DESC_LEN + nsids * 4
+    }
+
+    /// A Get Log Page SQE for `len` bytes of the ANA log at offset 0 (`rgo`: groups only;
+    /// `rae`: keep the asynchronous event outstanding).
+    pub fn get_log_page_sqe(cid: u16, rgo: bool, rae: bool, len: u32) -> Sqe {
+        let mut s = super::GetLogPageCommand::to_sqe(
+            cid,
+            0,
+            crate::LogPageId::AsymmetricNamespaceAccess as u8,
+            rae,
+            0,
+            len,
+        );
+        if rgo {
+            s.cdw[0] |= (LSP_RGO as u32) << 8;
+        }
+        s
+    }
+}
+
 /// Copies the part of `src` (which sits at byte `src_off` of a log) that overlaps the window
 /// `[win_off, win_off + out.len())` into `out`. Used to serve log pages at any offset and
 /// length without materializing the whole log.
@@ -490,18 +703,110 @@ mod tests {
         assert_eq!(p[24], 1);
         assert_eq!(p[1028], 3);
         let mut e = [0u8; 64];
-        ErrorLogEntry {
+        let entry = ErrorLogEntry {
             error_count: 1,
             sqid: 2,
             cid: 3,
             status: 0x8100,
-            ..Default::default()
-        }
-        .encode(&mut e);
+            param_error_location: ErrorLogEntry::location(40, 0),
+            lba: 0x0102_0304_0506_0708,
+            nsid: 0x0a0b_0c0d,
+            trtype: 3,
+        };
+        entry.encode(&mut e);
+        // Linux struct nvme_error_slot: error_count 0, sqid 8, cmdid 10, status_field 12,
+        // param_error_location 14, lba 16, nsid 24, vs 28, trtype 29.
         assert_eq!(&e[0..14], &[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 3, 0, 0, 0x81]);
+        assert_eq!(&e[14..16], &[40, 0]);
+        assert_eq!(&e[16..24], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(&e[24..30], &[0x0d, 0x0c, 0x0b, 0x0a, 0, 3]);
+        assert!(e[30..].iter().all(|&x| x == 0));
+        assert_eq!(ErrorLogEntry::decode(&e), entry);
+        // Bits 10:8 = bit in the byte: CDW12 bit 30 (FUA) is byte 51, bit 6.
+        assert_eq!(ErrorLogEntry::location(51, 6), 0x0633);
+    }
+
+    #[test]
+    fn ana_log_known_answer() {
+        // Two groups, bytes laid out as Linux's `struct nvme_ana_rsp_hdr` (le64 chgcnt,
+        // le16 ngrps, le16 rsvd10[3]) and `struct nvme_ana_group_desc` (le32 grpid, le32
+        // nnsids, le64 chgcnt, u8 state, u8 rsvd17[15], le32 nsids[]), i.e. NVMe base 2.0
+        // Figures 227-228.
+        #[rustfmt::skip]
+        let log: [u8; 16 + 32 + 8 + 32] = [
+            // header: CHGCNT 0x0102030405060708, NGRPS 2, reserved
+            0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, 0x02, 0x00, 0, 0, 0, 0, 0, 0,
+            // group 1: GRPID 1, NNSIDS 2, CHGCNT 5, state 01h (optimized)
+            0x01, 0, 0, 0, 0x02, 0, 0, 0, 0x05, 0, 0, 0, 0, 0, 0, 0,
+            0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            // its NSIDs 1 and 3
+            0x01, 0, 0, 0, 0x03, 0, 0, 0,
+            // group 0x0A0B0C0D: no NSIDs, CHGCNT 6, state 0Fh (change)
+            0x0D, 0x0C, 0x0B, 0x0A, 0, 0, 0, 0, 0x06, 0, 0, 0, 0, 0, 0, 0,
+            0x0F, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        let (h, g) = ana::groups(&log).unwrap();
+        assert_eq!(
+            h,
+            ana::Header {
+                chgcnt: 0x0102_0304_0506_0708,
+                ngrps: 2
+            }
+        );
+        let v: Vec<_> = g.collect();
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            v[0].0,
+            ana::GroupDesc {
+                grpid: 1,
+                nnsids: 2,
+                chgcnt: 5,
+                state: 1
+            }
+        );
+        assert_eq!(v[0].1, &[1, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(v[1].0.grpid, 0x0A0B_0C0D);
+        assert_eq!(
+            ana::AnaState::from_u8(v[1].0.state),
+            Some(ana::AnaState::Change)
+        );
+        assert_eq!(ana::group_state(&log, 1), Some(1));
+        assert_eq!(ana::group_state(&log, 7), None);
+        assert_eq!(ana::log_len(2, 2), log.len());
+        // The encoders produce the same bytes.
+        let mut out = [0xEEu8; 16 + 32 + 8 + 32];
+        h.encode(&mut out);
+        let n = v[0].0.encode(&[1, 3], &mut out[16..]);
+        assert_eq!(n, 40);
+        v[1].0.encode(&[], &mut out[56..]);
+        assert_eq!(out, log);
+        // A truncated log yields the complete descriptors only.
+        assert_eq!(ana::groups(&log[..60]).unwrap().1.count(), 1);
+        assert!(ana::groups(&log[..15]).is_none());
+        // States (Linux `enum nvme_ana_state`).
+        assert_eq!(
+            ana::AnaState::from_u8(0x04),
+            Some(ana::AnaState::PersistentLoss)
+        );
+        assert_eq!(ana::AnaState::from_u8(0x05), None);
+        assert!(ana::AnaState::NonOptimized.is_accessible());
+        assert!(!ana::AnaState::Inaccessible.is_accessible());
+        // Get Log Page 0Ch, RGO (LSP bit 0 = CDW10 bit 8), 4096 bytes: NUMDL 1023.
+        let s = ana::get_log_page_sqe(3, true, false, 4096).to_bytes();
+        assert_eq!(s[0], 0x02);
+        assert_eq!(&s[40..44], &[0x0C, 0x01, 0xff, 0x03]);
+        let c = GetLogPageCommand::from_sqe(&ana::get_log_page_sqe(3, true, true, 4096));
+        assert_eq!((c.lid, c.lsp, c.rae), (0x0C, 1, true));
     }
 
     proptest! {
+        #[test]
+        fn ana_walk_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Some((h, g)) = ana::groups(&bytes) {
+                prop_assert!(g.count() <= h.ngrps as usize);
+            }
+        }
+
         #[test]
         fn window_matches_model(src_off in 0u64..64, src_len in 0usize..64,
                                 win_off in 0u64..128, win_len in 0usize..64) {

@@ -207,6 +207,8 @@ code_enum! {
         DeviceSelfTest = 0x06,
         /// Telemetry Host-Initiated.
         TelemetryHost = 0x07,
+        /// Asymmetric Namespace Access (§5.16.1.12).
+        AsymmetricNamespaceAccess = 0x0C,
         /// Discovery (NVMe-oF).
         Discovery = 0x70,
     }
@@ -218,16 +220,27 @@ pub mod async_event {
     pub const TYPE_NOTICE: u8 = 0x2;
     /// Notice: Namespace Attribute Changed.
     pub const NOTICE_NS_ATTRIBUTE_CHANGED: u8 = 0x00;
+    /// Notice: Asymmetric Namespace Access Change (Figure 151; log page 0Ch).
+    pub const NOTICE_ANA_CHANGE: u8 = 0x03;
     /// Notice: Discovery Log Page Change.
     pub const NOTICE_DISCOVERY_LOG_CHANGE: u8 = 0xF0;
     /// Asynchronous Event Configuration bit: Namespace Attribute Notices.
     pub const AEC_NS_ATTRIBUTE: u32 = 1 << 8;
+    /// Asynchronous Event Configuration bit (and Identify Controller OAES bit): Asymmetric
+    /// Namespace Access Change Notices (Figure 325 bit 11).
+    pub const AEC_ANA_CHANGE: u32 = 1 << 11;
     /// Asynchronous Event Configuration bit: Discovery Log Page Change Notices.
     pub const AEC_DISCOVERY_LOG_CHANGE: u32 = 1 << 31;
 
     /// Completion DW0 of an Asynchronous Event Request.
     pub const fn dw0(event_type: u8, info: u8, log_page: u8) -> u32 {
         (event_type as u32 & 0x7) | ((info as u32) << 8) | ((log_page as u32) << 16)
+    }
+
+    /// Splits an Asynchronous Event Request completion DW0 into (event type, information,
+    /// log page identifier) (Figure 146).
+    pub const fn parse_dw0(dw0: u32) -> (u8, u8, u8) {
+        ((dw0 & 0x7) as u8, (dw0 >> 8) as u8, (dw0 >> 16) as u8)
     }
 }
 
@@ -254,5 +267,12 @@ mod tests {
         assert_eq!(AdminOpcode::from_u8(0x18), Some(AdminOpcode::KeepAlive));
         assert_eq!(IoOpcode::from_u8(0x03), None);
         assert_eq!(async_event::dw0(2, 0, 4), 0x0004_0002);
+        // An ANA change notice (Linux: NVME_AER_NOTICE_ANA = 0x03, NVME_LOG_ANA = 0x0c).
+        assert_eq!(async_event::dw0(2, 3, 0x0C), 0x000C_0302);
+        assert_eq!(async_event::parse_dw0(0x000C_0302), (2, 3, 0x0C));
+        assert_eq!(
+            LogPageId::from_u8(0x0C),
+            Some(LogPageId::AsymmetricNamespaceAccess)
+        );
     }
 }

@@ -534,6 +534,7 @@ fn identify_controller_image() -> [u8; IDENTIFY_LEN] {
     at(&mut b, 525, &[0x05]); // vwc: 525
     at(&mut b, 526, &[0x0B, 0x0A]); // awun: 526
     at(&mut b, 528, &[0x0D, 0x0C]); // awupf: 528
+    at(&mut b, 534, &[0x01, 0x00]); // ocfs: 534 (Copy source range format 0h)
     at(&mut b, 536, &[0x05, 0x00, 0x10, 0x00]); // sgls: 536
     at(&mut b, 768, b"nqn.2026-11.dev.keel:default"); // subnqn[256]: 768, NUL padded
     at(&mut b, 1792, &[0x04, 0x01, 0x00, 0x00]); // ioccsz: 1792
@@ -578,6 +579,7 @@ fn identify_controller_value() -> IdentifyController {
         vwc: 0x05,
         awun: 0x0A0B,
         awupf: 0x0C0D,
+        ocfs: 1,
         sgls: 0x0010_0005,
         subnqn: identify::nqn_field("nqn.2026-11.dev.keel:default"),
         ioccsz: 0x104,
@@ -585,6 +587,11 @@ fn identify_controller_value() -> IdentifyController {
         icdoff: 0x0708,
         fcatt: 1,
         msdbd: 9,
+        // ANA fields (keel-remote): zero here, as in the image.
+        anatt: 0,
+        anacap: 0,
+        anagrpmax: 0,
+        nanagrpid: 0,
     }
 }
 
@@ -609,8 +616,9 @@ fn identify_controller() {
 #[test]
 fn identify_namespace() {
     // NVM Command Set 1.0 Identify Namespace Data Structure figure; Linux struct nvme_id_ns:
-    // nsze 0, ncap 8, nuse 16, nsfeat 24, nlbaf 25, flbas 26, nmic 30, dlfeat 33, nguid 104,
-    // eui64 120, lbaf[] 128 (struct nvme_lbaf: ms 1:0, ds 2, rp 3 bits 1:0).
+    // nsze 0, ncap 8, nuse 16, nsfeat 24, nlbaf 25, flbas 26, nmic 30, dlfeat 33, mssrl
+    // 75:74, mcl 79:76, msrc 80 (NVM Command Set 2.0 Copy limits), nguid 104, eui64 120,
+    // lbaf[] 128 (struct nvme_lbaf: ms 1:0, ds 2, rp 3 bits 1:0).
     let mut want = [0u8; IDENTIFY_LEN];
     at(
         &mut want,
@@ -630,6 +638,9 @@ fn identify_namespace() {
     at(&mut want, 24, &[0x01, 0x01, 0x01]); // NSFEAT, NLBAF (0's based: 2 formats), FLBAS
     at(&mut want, 30, &[0x01]); // NMIC: may be shared
     at(&mut want, 33, &[0x09]); // DLFEAT: reads zeroes, Write Zeroes may deallocate
+    at(&mut want, 74, &[0xFF, 0x7F]); // MSSRL: 32767 blocks per source range
+    at(&mut want, 76, &[0x00, 0x00, 0x01, 0x00]); // MCL: 65536 blocks per Copy
+    at(&mut want, 80, &[0x7F]); // MSRC: 128 ranges (0's based)
     at(
         &mut want,
         104,
@@ -665,6 +676,10 @@ fn identify_namespace() {
         flbas: 1,
         nmic: 1,
         dlfeat: 0x09,
+        mssrl: 0x7FFF,
+        mcl: 0x1_0000,
+        msrc: 0x7F,
+        anagrpid: 0,
         nguid: [
             0x30, 0x31, 0x32, 0x33, 0x34, 0x35, 0x36, 0x37, 0x38, 0x39, 0x3A, 0x3B, 0x3C, 0x3D,
             0x3E, 0x3F,

@@ -1,10 +1,17 @@
-//! The flash layout of QEMU `virt`'s 64 MiB pflash bank 0: two firmware slots and a
-//! configuration area kept as two copies (see the crate documentation for the byte map).
+//! The flash layout of QEMU `virt`'s 64 MiB pflash bank 0: two firmware slots, the health
+//! area and a configuration area kept as two copies (see the crate documentation for the byte
+//! map).
 //!
 //! A configuration copy is valid when its magic, version, length and CRC32C are right. The
 //! reader takes the valid copy with the highest sequence number ([`choose_config`]); the
 //! writer always overwrites the *other* copy ([`next_config_write`]), so a write torn by a
 //! power cut spoils at most the copy being written and the previous configuration stays.
+//!
+//! The health area keeps what the SMART / Health log reports across power cycles (power
+//! cycles, unsafe shutdowns, power-on time; see [`HealthRecord`]) as a log of 64-byte records
+//! appended in one of its two sectors: a record is programmed into erased flash, never
+//! rewritten in place, and the other sector is erased only when the active one is full, so a
+//! torn write loses at most the record being written.
 
 use alloc::vec::Vec;
 use keel_crc32c::Crc32c;
@@ -23,11 +30,21 @@ pub const FLASH_SIZE: usize = 64 << 20;
 /// aligned to it.
 pub const SECTOR_SIZE: usize = 256 << 10;
 /// Size of one firmware slot, its header sector included.
-pub const SLOT_SIZE: usize = 0x1F0_0000;
+pub const SLOT_SIZE: usize = 0x1EC_0000;
 /// Largest raw image a slot holds (the slot less its header sector).
 pub const SLOT_PAYLOAD_MAX: usize = SLOT_SIZE - SECTOR_SIZE;
+/// Start of the health area (two sectors, after slot B).
+pub const HEALTH_OFFSET: usize = 2 * SLOT_SIZE;
+/// Size of the health area.
+pub const HEALTH_SIZE: usize = 2 * SECTOR_SIZE;
+/// Size of one health record.
+pub const HEALTH_RECORD_LEN: usize = 64;
+/// Magic of a health record.
+pub const HEALTH_MAGIC: [u8; 4] = *b"KHLT";
+/// Format version of a health record.
+pub const HEALTH_VERSION: u16 = 1;
 /// Start of the configuration area.
-pub const CONFIG_OFFSET: usize = 2 * SLOT_SIZE;
+pub const CONFIG_OFFSET: usize = HEALTH_OFFSET + HEALTH_SIZE;
 /// Size of one configuration copy.
 pub const CONFIG_COPY_SIZE: usize = 1 << 20;
 /// Bytes of a configuration copy's header.
@@ -40,6 +57,7 @@ pub const CONFIG_MAGIC: [u8; 4] = *b"KCFG";
 pub const CONFIG_VERSION: u16 = 1;
 
 const _: () = assert!(CONFIG_OFFSET + 2 * CONFIG_COPY_SIZE == FLASH_SIZE);
+const _: () = assert!(SECTOR_SIZE.is_multiple_of(HEALTH_RECORD_LEN));
 const _: () =
     assert!(SLOT_SIZE.is_multiple_of(SECTOR_SIZE) && CONFIG_COPY_SIZE.is_multiple_of(SECTOR_SIZE));
 
@@ -218,6 +236,195 @@ pub fn next_config_write(a: &[u8], b: &[u8]) -> ConfigWrite {
     ConfigWrite { copy, sequence }
 }
 
+/// One health record (64 bytes, little endian):
+///
+/// | offset | size | field |
+/// |---:|---:|---|
+/// | 0 | 4 | magic `KHLT` |
+/// | 4 | 2 | version (1) |
+/// | 6 | 2 | length (64) |
+/// | 8 | 8 | sequence (one more than the newest record's) |
+/// | 16 | 8 | power cycles, this one included |
+/// | 24 | 8 | unsafe shutdowns |
+/// | 32 | 8 | powered-on seconds |
+/// | 40 | 4 | state: 1 running (no clean shutdown yet), 2 shut down cleanly |
+/// | 44 | 16 | reserved (0) |
+/// | 60 | 4 | CRC32C of bytes 0..60 |
+///
+/// At boot the firmware reads the newest valid record and appends the next power cycle's
+/// ([`HealthRecord::next_boot`]): a newest record still "running" means the previous power
+/// cycle ended without a clean shutdown. While running it appends checkpoints of the
+/// powered-on time; an orderly reboot appends a "shut down cleanly" record last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HealthRecord {
+    /// Sequence number.
+    pub sequence: u64,
+    /// Power cycles.
+    pub power_cycles: u64,
+    /// Unsafe shutdowns.
+    pub unsafe_shutdowns: u64,
+    /// Powered-on seconds.
+    pub power_on_secs: u64,
+    /// The device shut down cleanly after this record.
+    pub clean: bool,
+}
+
+const HEALTH_RUNNING: u32 = 1;
+const HEALTH_CLEAN: u32 = 2;
+
+impl HealthRecord {
+    /// Encodes the record.
+    pub fn encode(&self) -> [u8; HEALTH_RECORD_LEN] {
+        let mut b = [0u8; HEALTH_RECORD_LEN];
+        b[..4].copy_from_slice(&HEALTH_MAGIC);
+        b[4..6].copy_from_slice(&HEALTH_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&(HEALTH_RECORD_LEN as u16).to_le_bytes());
+        b[8..16].copy_from_slice(&self.sequence.to_le_bytes());
+        b[16..24].copy_from_slice(&self.power_cycles.to_le_bytes());
+        b[24..32].copy_from_slice(&self.unsafe_shutdowns.to_le_bytes());
+        b[32..40].copy_from_slice(&self.power_on_secs.to_le_bytes());
+        let state = if self.clean {
+            HEALTH_CLEAN
+        } else {
+            HEALTH_RUNNING
+        };
+        b[40..44].copy_from_slice(&state.to_le_bytes());
+        let crc = crc_of(&b[..60], &[]);
+        b[60..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes a record; `None` for erased, torn or foreign bytes.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let b = b.get(..HEALTH_RECORD_LEN)?;
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(x)
+        };
+        if b[..4] != HEALTH_MAGIC
+            || u16_at(4) != HEALTH_VERSION
+            || usize::from(u16_at(6)) != HEALTH_RECORD_LEN
+            || b[44..60] != [0; 16]
+            || crc_of(&b[..60], &[]) != u32_at(60)
+        {
+            return None;
+        }
+        let clean = match u32_at(40) {
+            HEALTH_RUNNING => false,
+            HEALTH_CLEAN => true,
+            _ => return None,
+        };
+        Some(Self {
+            sequence: u64_at(8),
+            power_cycles: u64_at(16),
+            unsafe_shutdowns: u64_at(24),
+            power_on_secs: u64_at(32),
+            clean,
+        })
+    }
+
+    /// The record that starts the next power cycle after `newest` (`None`: a device with no
+    /// record yet, whose first power cycle this is).
+    pub fn next_boot(newest: Option<&HealthRecord>) -> HealthRecord {
+        match newest {
+            None => HealthRecord {
+                sequence: 1,
+                power_cycles: 1,
+                unsafe_shutdowns: 0,
+                power_on_secs: 0,
+                clean: false,
+            },
+            Some(r) => HealthRecord {
+                sequence: r.sequence.saturating_add(1),
+                power_cycles: r.power_cycles.saturating_add(1),
+                unsafe_shutdowns: r.unsafe_shutdowns.saturating_add(u64::from(!r.clean)),
+                power_on_secs: r.power_on_secs,
+                clean: false,
+            },
+        }
+    }
+
+    /// The record that follows this one in the same power cycle: `power_on_secs` now,
+    /// `clean` if the device is shutting down in order.
+    pub fn next(&self, power_on_secs: u64, clean: bool) -> HealthRecord {
+        HealthRecord {
+            sequence: self.sequence.saturating_add(1),
+            power_on_secs,
+            clean,
+            ..*self
+        }
+    }
+}
+
+/// The newest valid record of the health area (its `HEALTH_SIZE` bytes, or a prefix), with
+/// its offset in the area.
+pub fn newest_health(area: &[u8]) -> Option<(usize, HealthRecord)> {
+    area.chunks_exact(HEALTH_RECORD_LEN)
+        .enumerate()
+        .filter_map(|(i, c)| HealthRecord::decode(c).map(|r| (i * HEALTH_RECORD_LEN, r)))
+        .max_by_key(|(_, r)| r.sequence)
+}
+
+/// Where the next health record goes, as offsets in the health area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthWrite {
+    /// A sector to erase first (full, or holding bytes that are neither erased nor records).
+    pub erase: Option<usize>,
+    /// Where to program the record.
+    pub offset: usize,
+}
+
+fn erased(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0xFF)
+}
+
+/// Where the next record goes in the health area `area` (`HEALTH_SIZE` bytes): after the last
+/// programmed slot of the sector holding the newest record, or at the start of the other
+/// sector (erased first) when that one is full. With no valid record, sector 0 (erased first
+/// unless it already is).
+pub fn next_health_write(area: &[u8]) -> HealthWrite {
+    let sector = |s: usize| {
+        area.get(s * SECTOR_SIZE..(s + 1) * SECTOR_SIZE)
+            .unwrap_or(&[])
+    };
+    let Some((at, _)) = newest_health(area) else {
+        let first = sector(0);
+        return HealthWrite {
+            erase: (!erased(first) || first.len() < SECTOR_SIZE).then_some(0),
+            offset: 0,
+        };
+    };
+    let s = at / SECTOR_SIZE;
+    // The last slot of the sector that is not erased (the newest record, or a torn write
+    // after it): the next record goes after it.
+    let last = sector(s)
+        .chunks_exact(HEALTH_RECORD_LEN)
+        .rposition(|c| !erased(c))
+        .unwrap_or(0);
+    health_write_after(s * SECTOR_SIZE + last * HEALTH_RECORD_LEN)
+}
+
+/// Where the record after one written at `offset` goes: the next slot of the same sector, or
+/// the start of the other sector, erased first, when this one is full.
+pub fn health_write_after(offset: usize) -> HealthWrite {
+    let s = (offset / SECTOR_SIZE).min(1);
+    let next = offset + HEALTH_RECORD_LEN;
+    if next < (s + 1) * SECTOR_SIZE {
+        return HealthWrite {
+            erase: None,
+            offset: next,
+        };
+    }
+    let other = 1 - s;
+    HealthWrite {
+        erase: Some(other * SECTOR_SIZE),
+        offset: other * SECTOR_SIZE,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,11 +439,144 @@ mod tests {
     #[test]
     fn layout() {
         assert_eq!(Slot::A.base(), 0);
-        assert_eq!(Slot::A.header_offset(), 0x1EC_0000);
-        assert_eq!(Slot::B.base(), 0x1F0_0000);
-        assert_eq!(Slot::B.header_offset(), 0x3DC_0000);
+        assert_eq!(Slot::A.header_offset(), 0x1E8_0000);
+        assert_eq!(Slot::B.base(), 0x1EC_0000);
+        assert_eq!(Slot::B.header_offset(), 0x3D4_0000);
+        assert_eq!((HEALTH_OFFSET, HEALTH_SIZE), (0x3D8_0000, 0x8_0000));
         assert_eq!(ConfigCopy::A.offset(), 0x3E0_0000);
         assert_eq!(ConfigCopy::B.offset(), 0x3F0_0000);
+    }
+
+    const RECORDS_PER_SECTOR: usize = SECTOR_SIZE / HEALTH_RECORD_LEN;
+
+    /// A flash area that programs like NOR: bits only go from 1 to 0 until erased.
+    struct Nor(Vec<u8>);
+
+    impl Nor {
+        fn apply(&mut self, w: HealthWrite, rec: &HealthRecord) {
+            if let Some(e) = w.erase {
+                self.0[e..e + SECTOR_SIZE].fill(0xFF);
+            }
+            for (d, s) in self.0[w.offset..w.offset + HEALTH_RECORD_LEN]
+                .iter_mut()
+                .zip(rec.encode())
+            {
+                *d &= s;
+            }
+        }
+        fn append(&mut self, rec: &HealthRecord) {
+            let w = next_health_write(&self.0);
+            self.apply(w, rec);
+        }
+    }
+
+    #[test]
+    fn health_record_bytes() {
+        let r = HealthRecord {
+            sequence: 3,
+            power_cycles: 2,
+            unsafe_shutdowns: 1,
+            power_on_secs: 0x0102,
+            clean: true,
+        };
+        let b = r.encode();
+        assert_eq!(&b[..8], b"KHLT\x01\x00\x40\x00");
+        assert_eq!(&b[8..16], &3u64.to_le_bytes());
+        assert_eq!(&b[32..34], &[2, 1]);
+        assert_eq!(&b[40..44], &[2, 0, 0, 0]);
+        assert_eq!(HealthRecord::decode(&b), Some(r));
+        for i in 0..HEALTH_RECORD_LEN {
+            let mut bad = b;
+            bad[i] ^= 0x10;
+            assert_eq!(HealthRecord::decode(&bad), None, "byte {i} flipped");
+        }
+        assert_eq!(HealthRecord::decode(&[0xFF; 64]), None);
+        assert_eq!(HealthRecord::decode(&b[..63]), None);
+    }
+
+    #[test]
+    fn power_cycles_and_unsafe_shutdowns() {
+        let first = HealthRecord::next_boot(None);
+        assert_eq!(
+            (first.power_cycles, first.unsafe_shutdowns, first.clean),
+            (1, 0, false)
+        );
+        // A cycle that ended without its clean record: unsafe.
+        let second = HealthRecord::next_boot(Some(&first.next(3600, false)));
+        assert_eq!(
+            (
+                second.power_cycles,
+                second.unsafe_shutdowns,
+                second.power_on_secs
+            ),
+            (2, 1, 3600)
+        );
+        // One that shut down cleanly: not.
+        let third = HealthRecord::next_boot(Some(&second.next(7200, true)));
+        assert_eq!((third.power_cycles, third.unsafe_shutdowns), (3, 1));
+        assert!(third.sequence > second.sequence + 1);
+    }
+
+    #[test]
+    fn health_log_fills_a_sector_then_moves_to_the_other() {
+        // Never-written flash reads 0x00 under QEMU without a file, 0xFF once erased.
+        for fill in [0x00u8, 0xFF] {
+            let mut nor = Nor(vec![fill; HEALTH_SIZE]);
+            let w = next_health_write(&nor.0);
+            assert_eq!(
+                w,
+                HealthWrite {
+                    erase: (fill != 0xFF).then_some(0),
+                    offset: 0
+                }
+            );
+            let mut r = HealthRecord::next_boot(None);
+            nor.append(&r);
+            let mut at = 0;
+            for i in 1..RECORDS_PER_SECTOR + 3 {
+                r = r.next(i as u64, false);
+                // The position a writer tracks itself (what the firmware does).
+                let w = health_write_after(at);
+                nor.apply(w, &r);
+                at = w.offset;
+                if i % 251 != 0 && i + 2 < RECORDS_PER_SECTOR {
+                    continue;
+                }
+                let (found, newest) = newest_health(&nor.0).unwrap();
+                assert_eq!(found, at);
+                assert_eq!(newest, r);
+                let expect = if i < RECORDS_PER_SECTOR {
+                    i * HEALTH_RECORD_LEN
+                } else {
+                    SECTOR_SIZE + (i - RECORDS_PER_SECTOR) * HEALTH_RECORD_LEN
+                };
+                assert_eq!(at, expect, "record {i}");
+                // A fresh scan agrees with it.
+                assert_eq!(health_write_after(at), next_health_write(&nor.0));
+            }
+        }
+    }
+
+    #[test]
+    fn torn_health_writes_keep_the_previous_record() {
+        let mut nor = Nor(vec![0xFF; HEALTH_SIZE]);
+        let a = HealthRecord::next_boot(None);
+        nor.append(&a);
+        let b = a.next(60, false);
+        // The write of `b` is cut after `cut` bytes: `a` stays the newest, and the next
+        // record goes after the torn slot, not over it.
+        for cut in [1usize, 8, 32, 63] {
+            let mut torn = Nor(nor.0.clone());
+            let w = next_health_write(&torn.0);
+            torn.0[w.offset..w.offset + cut].copy_from_slice(&b.encode()[..cut]);
+            assert_eq!(newest_health(&torn.0).map(|(_, r)| r), Some(a), "cut {cut}");
+            let w2 = next_health_write(&torn.0);
+            assert_eq!(w2.offset, w.offset + HEALTH_RECORD_LEN);
+            let c = HealthRecord::next_boot(Some(&a));
+            torn.apply(w2, &c);
+            let newest = newest_health(&torn.0).unwrap().1;
+            assert_eq!((newest.power_cycles, newest.unsafe_shutdowns), (2, 1));
+        }
     }
 
     #[test]

@@ -50,10 +50,11 @@
 //!
 //! | offset | size | content |
 //! |---:|---:|---|
-//! | `0x000_0000` | 30.75 MiB | slot A payload: the raw arm64 image (the CPU starts executing at flash 0, so it starts there) |
-//! | `0x1EC_0000` | 256 KiB | slot A image header (first 512 bytes; rest erased) |
-//! | `0x1F0_0000` | 30.75 MiB | slot B payload |
-//! | `0x3DC_0000` | 256 KiB | slot B image header |
+//! | `0x000_0000` | 30.5 MiB | slot A payload: the raw arm64 image (the CPU starts executing at flash 0, so it starts there) |
+//! | `0x1E8_0000` | 256 KiB | slot A image header (first 512 bytes; rest erased) |
+//! | `0x1EC_0000` | 30.5 MiB | slot B payload |
+//! | `0x3D4_0000` | 256 KiB | slot B image header |
+//! | `0x3D8_0000` | 512 KiB | health area: two sectors of 64-byte records (power cycles, unsafe shutdowns, power-on time; [`flash::HealthRecord`]) |
 //! | `0x3E0_0000` | 1 MiB | configuration copy A |
 //! | `0x3F0_0000` | 1 MiB | configuration copy B |
 //!

@@ -49,6 +49,8 @@ pub struct Capabilities {
     pub deallocate_reads_zero: bool,
     /// Supports [`BlockOp::Compare`].
     pub compare: bool,
+    /// Supports [`BlockOp::Verify`].
+    pub verify: bool,
 }
 
 /// Operation of a [`BlockRequest`].
@@ -75,6 +77,10 @@ pub enum BlockOp {
     },
     /// Deallocate (trim) `blocks` blocks at `lba`. No buffer.
     Deallocate,
+    /// Check that `blocks` blocks at `lba` can be read (NVM Command Set §3.3.6 Verify: the
+    /// medium is read, nothing is transferred). No buffer; an unreadable block fails with
+    /// [`BlockError::ReadError`].
+    Verify,
 }
 
 impl BlockOp {
@@ -105,6 +111,18 @@ pub struct BlockRequest {
 }
 
 impl BlockRequest {
+    /// A request of `blocks` blocks at `lba`, its data (if any) at the start of `buf`.
+    pub fn new(tag: u64, op: BlockOp, lba: u64, blocks: u32, buf: Option<IoBuf>) -> Self {
+        Self {
+            tag,
+            op,
+            lba,
+            blocks,
+            buf,
+            buf_offset: 0,
+        }
+    }
+
     /// Number of data bytes the request moves for a given block size (0 without data).
     pub fn data_bytes(&self, block_size: u32) -> u64 {
         if self.op.has_data() {
@@ -134,6 +152,7 @@ impl BlockRequest {
             }
             BlockOp::Deallocate if !caps.deallocate => return Err(BlockError::Unsupported),
             BlockOp::Compare if !caps.compare => return Err(BlockError::Unsupported),
+            BlockOp::Verify if !caps.verify => return Err(BlockError::Unsupported),
             _ => {}
         }
         if self.blocks == 0 || !g.contains(self.lba, self.blocks as u64) {
@@ -172,6 +191,12 @@ pub enum BlockError {
     WriteFault,
     /// The medium failed to read.
     ReadError,
+    /// No path to the data: a remote volume lost every path to its storage for longer than
+    /// its controller loss timeout (or fast I/O fail timeout). Maps to an NVMe path related
+    /// status.
+    PathError,
+    /// The request was aborted ([`BlockBackend::abort`]) before it finished.
+    Aborted,
     /// Any other failure.
     Internal,
 }
@@ -186,6 +211,8 @@ impl fmt::Display for BlockError {
             BlockError::CompareMismatch => "compare mismatch",
             BlockError::WriteFault => "write fault",
             BlockError::ReadError => "unrecovered read error",
+            BlockError::PathError => "no path to the storage",
+            BlockError::Aborted => "aborted",
             BlockError::Internal => "internal backend error",
         })
     }
@@ -241,6 +268,40 @@ pub trait BlockBackend {
     fn submit(&mut self, req: BlockRequest) -> Result<(), Rejected>;
     /// Reports finished requests through `done`; returns how many.
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize;
+    /// Asks the backend to abort the accepted request tagged `tag` (NVMe base 2.0 §5.1,
+    /// best effort). True when an abort was started: the request still completes through
+    /// `poll`, with [`BlockError::Aborted`] if it was aborted or with its own result if it
+    /// finished first. False when the backend does not hold it or cannot abort it (the
+    /// default).
+    fn abort(&mut self, tag: u64) -> bool {
+        let _ = tag;
+        false
+    }
+}
+
+/// Delivers completions that `take` pulls one at a time out of a state shared through a
+/// `RefCell` (a backend whose handles share one device), with the borrow released while
+/// `done` runs so `done` may submit again. Returns how many were delivered; a state that is
+/// borrowed elsewhere delivers nothing now.
+pub fn deliver_shared<T: ?Sized>(
+    cell: &core::cell::RefCell<T>,
+    mut take: impl FnMut(&mut T) -> Option<BlockCompletion>,
+    done: &mut dyn FnMut(BlockCompletion),
+) -> usize {
+    let mut n = 0;
+    loop {
+        let next = match cell.try_borrow_mut() {
+            Ok(mut s) => take(&mut s),
+            Err(_) => None,
+        };
+        match next {
+            Some(c) => {
+                done(c);
+                n += 1;
+            }
+            None => return n,
+        }
+    }
 }
 
 impl<B: BlockBackend + ?Sized> BlockBackend for alloc::boxed::Box<B> {
@@ -255,5 +316,8 @@ impl<B: BlockBackend + ?Sized> BlockBackend for alloc::boxed::Box<B> {
     }
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {
         (**self).poll(done)
+    }
+    fn abort(&mut self, tag: u64) -> bool {
+        (**self).abort(tag)
     }
 }

@@ -96,6 +96,20 @@ impl IoBuf {
     }
 }
 
+/// The valid bytes (what a transport sends from or receives into).
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+/// The valid bytes, mutable.
+impl AsMut<[u8]> for IoBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
 /// Errors of [`BufPool`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolError {
@@ -245,6 +259,11 @@ impl BufPool {
         Ok(())
     }
 
+    /// Whether `buf` was carved by this pool.
+    pub fn owns(&self, buf: &IoBuf) -> bool {
+        buf.pool == self.id
+    }
+
     /// Size of each buffer.
     pub fn buf_size(&self) -> usize {
         self.buf_size
@@ -292,6 +311,10 @@ mod tests {
         }
         assert_eq!(p.available(), 3);
         let foreign = IoBuf::leak_zeroed(4096);
+        assert!(!p.owns(&foreign));
+        let own = p.get().unwrap();
+        assert!(p.owns(&own));
+        p.put(own).unwrap();
         assert!(p.put(foreign).is_err());
         let empty: &'static mut [MaybeUninit<u8>] =
             alloc::boxed::Box::leak(alloc::boxed::Box::<[u8]>::new_uninit_slice(10));

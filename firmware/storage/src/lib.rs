@@ -10,8 +10,10 @@
 //!
 //! Semantics follow the NVM Command Set 1.0 commands the controller maps onto backends:
 //! Read (§3.2.4), Write (§3.2.6, FUA), Flush (NVMe base 2.0 §7.1), Write Zeroes (§3.2.8, with
-//! Deallocate), Dataset Management deallocate (§3.2.3) and Compare (§3.2.1). Statistics feed the
-//! SMART / Health log (NVMe base 2.0 §5.16.1.3: data units, host commands).
+//! Deallocate), Dataset Management deallocate (§3.2.3), Compare (§3.2.1) and Verify (§3.3.6).
+//! [`BlockBackend::abort`] lets a backend abort a request it holds (NVMe base 2.0 §5.1).
+//! Statistics feed the SMART / Health log (NVMe base 2.0 §5.16.1.3: data units, host
+//! commands, media and data integrity errors).
 //!
 //! - [`buf`]: [`IoBuf`] and [`BufPool`].
 //! - [`backend`]: the [`BlockBackend`] trait and request/completion types.
@@ -34,7 +36,7 @@ pub mod stats;
 
 pub use backend::{
     BlockBackend, BlockCompletion, BlockError, BlockOp, BlockRequest, Capabilities, Geometry,
-    RejectReason, Rejected,
+    RejectReason, Rejected, deliver_shared,
 };
 pub use buf::{BufPool, IoBuf, PoolError};
 pub use ram::RamBackend;

@@ -49,7 +49,8 @@ pub struct RamBackend {
     /// Bit `c` set: chunk `c` is initialised (and holds the disk's data); clear: reads as zeroes.
     written: Vec<u64>,
     geometry: Geometry,
-    queue: VecDeque<BlockRequest>,
+    /// Accepted requests and whether they were aborted.
+    queue: VecDeque<(BlockRequest, bool)>,
     depth: usize,
 }
 
@@ -213,7 +214,8 @@ impl RamBackend {
             return Err(BlockError::OutOfRange);
         }
         match req.op {
-            BlockOp::Flush => Ok(()),
+            // Memory cannot fail a read: a block in range verifies.
+            BlockOp::Flush | BlockOp::Verify => Ok(()),
             BlockOp::WriteZeroes { .. } | BlockOp::Deallocate => {
                 self.zero_range(start, len);
                 Ok(())
@@ -269,6 +271,7 @@ impl BlockBackend for RamBackend {
             deallocate: true,
             deallocate_reads_zero: true,
             compare: true,
+            verify: true,
         }
     }
 
@@ -285,15 +288,35 @@ impl BlockBackend for RamBackend {
                 req,
             });
         }
-        self.queue.push_back(req);
+        self.queue.push_back((req, false));
         Ok(())
+    }
+
+    /// A request still queued (not yet executed by `poll`) is taken out of the queue and
+    /// completes at the next `poll` with [`BlockError::Aborted`], untouched.
+    fn abort(&mut self, tag: u64) -> bool {
+        match self
+            .queue
+            .iter_mut()
+            .find(|(r, aborted)| r.tag == tag && !*aborted)
+        {
+            Some((_, aborted)) => {
+                *aborted = true;
+                true
+            }
+            None => false,
+        }
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {
         let mut n = 0;
         // Only what was queued before this poll: a `done` callback cannot reach us anyway.
-        while let Some(mut req) = self.queue.pop_front() {
-            let result = self.execute(&mut req);
+        while let Some((mut req, aborted)) = self.queue.pop_front() {
+            let result = if aborted {
+                Err(BlockError::Aborted)
+            } else {
+                self.execute(&mut req)
+            };
             done(BlockCompletion {
                 tag: req.tag,
                 result,
@@ -445,6 +468,33 @@ mod tests {
         assert!(c.result.is_ok() && c.buf.is_none());
         assert!(b.contents()[512..1024].iter().all(|&x| x == 5));
         assert!(b.contents()[1024..1536].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn verify_and_abort() {
+        let mut b = RamBackend::new(512, 8, 4).unwrap();
+        let req = |tag, op, lba, blocks| BlockRequest::new(tag, op, lba, blocks, None);
+        assert_eq!(run(&mut b, req(1, BlockOp::Verify, 0, 8)).result, Ok(()));
+        let r = b.submit(req(2, BlockOp::Verify, 7, 2)).unwrap_err();
+        assert_eq!(r.reason, RejectReason::Invalid(BlockError::OutOfRange));
+        // Aborting a queued request: it completes at the next poll as Aborted and the
+        // medium is untouched; the others run; an unknown or finished tag is refused.
+        let mut buf = IoBuf::leak_zeroed(512);
+        buf.as_mut_slice().fill(0x77);
+        let w = BlockOp::Write { fua: false };
+        b.submit(BlockRequest::new(3, w, 2, 1, Some(buf))).unwrap();
+        b.submit(req(4, BlockOp::Flush, 0, 0)).unwrap();
+        assert!(b.abort(3));
+        assert!(!b.abort(3), "already aborted");
+        assert!(!b.abort(99));
+        let mut got = Vec::new();
+        b.poll(&mut |c| got.push((c.tag, c.result, c.buf.is_some())));
+        assert_eq!(
+            got,
+            [(3, Err(BlockError::Aborted), true), (4, Ok(()), false)]
+        );
+        assert!(b.contents().iter().all(|&x| x == 0));
+        assert!(!b.abort(4), "completed");
     }
 
     #[derive(Debug, Clone)]

@@ -95,6 +95,10 @@ impl<B: BlockBackend> BlockBackend for SliceBackend<B> {
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {
         self.inner.poll(done)
     }
+
+    fn abort(&mut self, tag: u64) -> bool {
+        self.inner.abort(tag)
+    }
 }
 
 const HANDLE_SHIFT: u32 = 56;
@@ -223,19 +227,20 @@ impl<B: BlockBackend> BlockBackend for SharedHandle<B> {
                 }
             });
         }
-        let mut n = 0;
-        loop {
-            let next = match self.shared.try_borrow_mut() {
-                Ok(mut s) => s.stash.get_mut(mine).and_then(|q| q.pop_front()),
-                Err(_) => None,
-            };
-            match next {
-                Some(c) => {
-                    done(c);
-                    n += 1;
-                }
-                None => return n,
-            }
+        deliver_shared(
+            &self.shared,
+            |s| s.stash.get_mut(mine).and_then(|q| q.pop_front()),
+            done,
+        )
+    }
+
+    fn abort(&mut self, tag: u64) -> bool {
+        if tag > TAG_MASK {
+            return false;
+        }
+        match self.shared.try_borrow_mut() {
+            Ok(mut s) => s.backend.abort(tag | (self.id as u64) << HANDLE_SHIFT),
+            Err(_) => false,
         }
     }
 }
@@ -338,6 +343,21 @@ mod tests {
         let mut data = Vec::new();
         b.poll(&mut |c| data.extend_from_slice(c.buf.unwrap().as_slice()));
         assert!(data.iter().all(|&x| x == 2));
+        // Abort reaches the shared backend with the handle's tag, and only that handle's
+        // request is aborted.
+        for h in [&mut a, &mut b] {
+            h.submit(BlockRequest::new(7, BlockOp::Verify, 0, 1, None))
+                .unwrap();
+        }
+        assert!(b.abort(7));
+        assert!(!b.abort(8));
+        assert!(!b.abort(1 << 56));
+        let mut ra = Vec::new();
+        a.poll(&mut |c| ra.push((c.tag, c.result)));
+        let mut rb = Vec::new();
+        b.poll(&mut |c| rb.push((c.tag, c.result)));
+        assert_eq!(ra, [(7, Ok(()))]);
+        assert_eq!(rb, [(7, Err(BlockError::Aborted))]);
     }
 
     proptest! {

@@ -1,14 +1,19 @@
 //! Per-namespace I/O statistics. Time is always passed in (nanoseconds); nothing here reads a
 //! clock or allocates.
 
-/// Kind of operation for statistics.
+/// Kind of operation for statistics. The split follows the SMART / Health log (NVMe base 2.0
+/// §5.16.1.3): host read commands are Read and Compare, host write commands are Write; Data
+/// Units Read count the blocks of Read, Compare and Verify, Data Units Written those of Write
+/// only (Write Zeroes "shall not impact" it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
-    /// Read (and Compare).
+    /// Read and Compare.
     Read,
-    /// Write (and Write Zeroes).
+    /// Write.
     Write,
-    /// Everything else (Flush, Deallocate).
+    /// Verify: its blocks count as data read, the command is not a host read command.
+    Verify,
+    /// Everything else (Flush, Write Zeroes, Dataset Management, Copy).
     Other,
 }
 
@@ -110,6 +115,9 @@ pub struct NsStats {
     pub write_bytes: u64,
     /// Commands that failed.
     pub errors: u64,
+    /// Failures that were media and data integrity errors (unrecovered reads, write faults,
+    /// data digest errors): the SMART log's Media and Data Integrity Errors.
+    pub media_errors: u64,
     /// Read latency.
     pub read_latency: LatencyHistogram,
     /// Write latency.
@@ -138,11 +146,23 @@ impl NsStats {
                 self.write_bytes = self.write_bytes.saturating_add(bytes);
                 self.write_latency.record(lat);
             }
+            OpKind::Verify => {
+                self.others = self.others.saturating_add(1);
+                self.read_bytes = self.read_bytes.saturating_add(bytes);
+                self.other_latency.record(lat);
+            }
             OpKind::Other => {
                 self.others = self.others.saturating_add(1);
                 self.other_latency.record(lat);
             }
         }
+    }
+
+    /// Records one media and data integrity error (counted on top of [`NsStats::record`]'s
+    /// failure, or for a command that failed before it reached the namespace's backend, such
+    /// as a data digest error).
+    pub fn record_media_error(&mut self) {
+        self.media_errors = self.media_errors.saturating_add(1);
     }
 }
 
@@ -182,6 +202,11 @@ mod tests {
         s.record(OpKind::Other, 0, true, 5, 1);
         assert_eq!((s.reads, s.writes, s.others, s.errors), (1, 1, 1, 1));
         assert_eq!((s.read_bytes, s.write_bytes), (4096, 512));
+        // Verify: data read, not a read command.
+        s.record(OpKind::Verify, 1024, true, 3, 3);
+        assert_eq!((s.reads, s.others, s.read_bytes), (1, 2, 5120));
+        s.record_media_error();
+        assert_eq!((s.errors, s.media_errors), (1, 1));
         assert_eq!(s.read_latency.p50(), 1000);
         assert_eq!(s.other_latency.max(), 0);
     }

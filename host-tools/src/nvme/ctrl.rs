@@ -477,14 +477,19 @@ impl Controller {
     /// Submits an Asynchronous Event Request (NVMe base 2.0 §5.2) without waiting for it: it
     /// completes when the controller has an event. Returns its CID for [`Self::wait_admin`].
     pub fn submit_async_event_request(&self) -> Result<u16, NvmeError> {
+        self.submit_admin(Sqe::new(AdminOpcode::AsyncEventRequest as u8, 0), None)
+    }
+
+    /// Submits an admin command without waiting for it (an Abort that waits for the command
+    /// it aborts, say). Returns its CID for [`Self::wait_admin`].
+    pub fn submit_admin(&self, sqe: Sqe, data: Option<(Vec<u8>, u32)>) -> Result<u16, NvmeError> {
         if self.ka_failed.load(Ordering::Relaxed) {
             return Err(NvmeError::Closed {
                 reason: "keep alive failed on the admin queue".into(),
             });
         }
-        let sqe = Sqe::new(AdminOpcode::AsyncEventRequest as u8, 0);
         let mut a = self.lock();
-        let cid = a.conn.submit(sqe.to_bytes(), None)?;
+        let cid = a.conn.submit(sqe.to_bytes(), data)?;
         a.last = Instant::now();
         Ok(cid)
     }
@@ -666,6 +671,21 @@ impl IoQueue {
         } as u8;
         let sqe = RwCommand::simple(slba, blocks).to_sqe(op, 0, nsid);
         let cid = self.conn.submit(sqe.to_bytes(), Some((buf, len)))?;
+        self.inflight += 1;
+        Ok(cid)
+    }
+
+    /// Submits any I/O command (Verify, Copy, Write Zeroes, Dataset Management...): `sqe`
+    /// as built by the caller (its CID is replaced), `data` the buffer and transfer length
+    /// (the range list of Copy / Dataset Management, room for data a command returns; the
+    /// opcode says which way it goes). Returns the CID; the completion comes from
+    /// [`IoQueue::next_completion`].
+    pub fn submit_command(
+        &mut self,
+        sqe: Sqe,
+        data: Option<(Vec<u8>, u32)>,
+    ) -> Result<u16, NvmeError> {
+        let cid = self.conn.submit(sqe.to_bytes(), data)?;
         self.inflight += 1;
         Ok(cid)
     }

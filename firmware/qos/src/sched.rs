@@ -1,0 +1,648 @@
+//! The dispatcher: per-flow FIFO intake queues, limiters, and weighted fair sharing of each
+//! backend (a *domain*) among the flows that use it.
+//!
+//! - A **flow** is the stream of one tenant object toward one backend: in Keel, the commands
+//!   of one controller (host) to one namespace. Its commands wait in arrival order (a FIFO),
+//!   so no command of a flow is overtaken by a later one of the same flow, whichever queue
+//!   or connection it came on.
+//! - Each flow names up to three **limiters** (namespace, controller, group): its head
+//!   command starts only when all of them allow it, and is then charged to all of them. A
+//!   command over its limit waits; it is never failed.
+//! - A **domain** is what the flows compete for: one backend (a drive namespace shared by
+//!   slices, a RAM disk, a remote volume), with an optional cap on commands in flight so that
+//!   the waiting happens here, where it is fair, rather than in the device's own FIFO. When
+//!   the domain is saturated (the cap is reached or the backend refused a command as busy),
+//!   flows share it by **start-time fair queuing**: each flow has a virtual time that
+//!   advances by cost / weight when it dispatches, and the eligible flow with the smallest
+//!   virtual time goes next (ties: the older head command). A flow that was idle restarts at
+//!   the domain's virtual clock, so it cannot bank credit. Sharing is work-conserving: a flow
+//!   held back by its limits does not hold the others back.
+//!
+//! Entries are the caller's command handles (`u32` below a capacity set up front); the FIFOs
+//! are linked through a table indexed by handle, so nothing allocates per command. Cost when
+//! no limit binds: [`Scheduler::enqueue`] answers "start now" without queueing when the
+//! domain has nobody waiting.
+
+use crate::limiter::{Cost, Limiter, Limits};
+use alloc::vec::Vec;
+
+const NIL: u32 = u32::MAX;
+const NONE16: u16 = u16::MAX;
+/// Virtual-time units per byte of service at weight 1.
+const VSCALE: u64 = 1 << 10;
+/// The smallest service a command counts for (a Flush or Deallocate is not free).
+const MIN_SERVICE: u64 = 512;
+/// Largest weight.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// A flow (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowId(pub u16);
+/// A domain (a backend the flows share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DomainId(pub u16);
+/// A limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LimiterId(pub u16);
+
+/// What [`Scheduler::enqueue`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Start the command now (it has been charged and counted in flight).
+    Now,
+    /// The command waits; [`Scheduler::next`] hands it out later.
+    Queued,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    next: u32,
+    flow: u16,
+    queued: bool,
+    charged: bool,
+    cost: Cost,
+    arrival: u64,
+}
+
+impl Entry {
+    const EMPTY: Entry = Entry {
+        next: NIL,
+        flow: NONE16,
+        queued: false,
+        charged: false,
+        cost: Cost {
+            dir: crate::limiter::Dir::Other,
+            bytes: 0,
+        },
+        arrival: 0,
+    };
+}
+
+/// Counters of one flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowStats {
+    /// Commands waiting now.
+    pub queued: u32,
+    /// Commands started so far.
+    pub dispatched: u64,
+    /// Bytes started so far.
+    pub bytes: u64,
+    /// Nanoseconds its head command spent held back by a limit.
+    pub throttled_ns: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Flow {
+    live: bool,
+    domain: u16,
+    weight: u32,
+    limiters: [u16; 3],
+    head: u32,
+    tail: u32,
+    vtime: u64,
+    active: bool,
+    /// Since when (ns) its head has been held back by a limit, and by which limiter.
+    blocked: Option<(u64, u16)>,
+    stats: FlowStats,
+}
+
+#[derive(Debug, Clone)]
+struct Domain {
+    live: bool,
+    inflight: u32,
+    max_inflight: u32,
+    saturated: bool,
+    vclock: u64,
+    /// Flows of this domain with commands waiting.
+    active: Vec<u16>,
+}
+
+impl Domain {
+    fn can_start(&self) -> bool {
+        !self.saturated && (self.max_inflight == 0 || self.inflight < self.max_inflight)
+    }
+}
+
+/// Flows, domains and limiters of one target (see the module documentation).
+#[derive(Debug, Clone, Default)]
+pub struct Scheduler {
+    entries: Vec<Entry>,
+    flows: Vec<Flow>,
+    domains: Vec<Domain>,
+    limiters: Vec<Option<Limiter>>,
+    arrivals: u64,
+    waiting: u32,
+}
+
+/// Why a configuration call was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedError {
+    /// No such flow, domain or limiter (or it was removed).
+    Unknown,
+    /// The flow still has commands waiting.
+    NotEmpty,
+    /// The handle is beyond the capacity, or already waiting.
+    BadHandle,
+    /// Too many flows, domains or limiters (65535 of each).
+    Full,
+}
+
+impl core::fmt::Display for SchedError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            SchedError::Unknown => "no such flow, domain or limiter",
+            SchedError::NotEmpty => "the flow has commands waiting",
+            SchedError::BadHandle => "command handle out of range or already queued",
+            SchedError::Full => "too many flows, domains or limiters",
+        })
+    }
+}
+
+fn free_index<T>(v: &[T], live: impl Fn(&T) -> bool) -> Option<usize> {
+    v.iter().position(|x| !live(x))
+}
+
+impl Scheduler {
+    /// An empty scheduler for command handles `0..capacity`.
+    pub fn new(capacity: u32) -> Self {
+        let mut s = Self::default();
+        s.ensure_capacity(capacity);
+        s
+    }
+
+    /// Makes handles `0..capacity` usable (allocates; call when queues are created, never
+    /// per command).
+    pub fn ensure_capacity(&mut self, capacity: u32) {
+        if (self.entries.len() as u32) < capacity {
+            self.entries.resize(capacity as usize, Entry::EMPTY);
+        }
+    }
+
+    /// Commands waiting in every flow.
+    pub fn waiting(&self) -> u32 {
+        self.waiting
+    }
+
+    /// A new limiter.
+    pub fn add_limiter(&mut self, limits: Limits, now_ns: u64) -> Result<LimiterId, SchedError> {
+        let l = Some(Limiter::new(limits, now_ns));
+        let i = match free_index(&self.limiters, Option::is_some) {
+            Some(i) => {
+                self.limiters[i] = l;
+                i
+            }
+            None if self.limiters.len() < NONE16 as usize => {
+                self.limiters.push(l);
+                self.limiters.len() - 1
+            }
+            None => return Err(SchedError::Full),
+        };
+        Ok(LimiterId(i as u16))
+    }
+
+    /// Changes a limiter's limits live (see [`Limiter::set`]).
+    pub fn set_limits(
+        &mut self,
+        id: LimiterId,
+        limits: Limits,
+        now_ns: u64,
+    ) -> Result<(), SchedError> {
+        let l = self.limiter_mut(id).ok_or(SchedError::Unknown)?;
+        l.set(limits, now_ns);
+        Ok(())
+    }
+
+    /// Removes a limiter; flows that name it stop being held by it.
+    pub fn remove_limiter(&mut self, id: LimiterId) {
+        if let Some(slot) = self.limiters.get_mut(id.0 as usize) {
+            *slot = None;
+        }
+        for f in self.flows.iter_mut() {
+            for l in f.limiters.iter_mut() {
+                if *l == id.0 {
+                    *l = NONE16;
+                }
+            }
+        }
+    }
+
+    /// A limiter's state and counters.
+    pub fn limiter(&self, id: LimiterId) -> Option<&Limiter> {
+        self.limiters.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    fn limiter_mut(&mut self, id: LimiterId) -> Option<&mut Limiter> {
+        self.limiters
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+    }
+
+    /// A new domain; `max_inflight` caps its commands in flight (0: no cap).
+    pub fn add_domain(&mut self, max_inflight: u32) -> Result<DomainId, SchedError> {
+        let d = Domain {
+            live: true,
+            inflight: 0,
+            max_inflight,
+            saturated: false,
+            vclock: 0,
+            active: Vec::new(),
+        };
+        let i = match free_index(&self.domains, |d| d.live) {
+            Some(i) => {
+                self.domains[i] = d;
+                i
+            }
+            None if self.domains.len() < NONE16 as usize => {
+                self.domains.push(d);
+                self.domains.len() - 1
+            }
+            None => return Err(SchedError::Full),
+        };
+        Ok(DomainId(i as u16))
+    }
+
+    /// Removes a domain that has no flows left.
+    pub fn remove_domain(&mut self, id: DomainId) -> Result<(), SchedError> {
+        if self.flows.iter().any(|f| f.live && f.domain == id.0) {
+            return Err(SchedError::NotEmpty);
+        }
+        let d = self
+            .domains
+            .get_mut(id.0 as usize)
+            .filter(|d| d.live)
+            .ok_or(SchedError::Unknown)?;
+        d.live = false;
+        d.active = Vec::new();
+        Ok(())
+    }
+
+    /// A new flow toward `domain` with `weight` (1..=[`MAX_WEIGHT`]) held by `limiters`.
+    pub fn add_flow(
+        &mut self,
+        domain: DomainId,
+        weight: u32,
+        limiters: &[LimiterId],
+    ) -> Result<FlowId, SchedError> {
+        let d = self
+            .domains
+            .get(domain.0 as usize)
+            .filter(|d| d.live)
+            .ok_or(SchedError::Unknown)?;
+        let vclock = d.vclock;
+        let mut ls = [NONE16; 3];
+        for (slot, l) in ls.iter_mut().zip(limiters) {
+            if self.limiter(*l).is_none() {
+                return Err(SchedError::Unknown);
+            }
+            *slot = l.0;
+        }
+        let f = Flow {
+            live: true,
+            domain: domain.0,
+            weight: weight.clamp(1, MAX_WEIGHT),
+            limiters: ls,
+            head: NIL,
+            tail: NIL,
+            vtime: vclock,
+            active: false,
+            blocked: None,
+            stats: FlowStats::default(),
+        };
+        let i = match free_index(&self.flows, |f| f.live) {
+            Some(i) => {
+                self.flows[i] = f;
+                i
+            }
+            None if self.flows.len() < NONE16 as usize => {
+                self.flows.push(f);
+                self.flows.len() - 1
+            }
+            None => return Err(SchedError::Full),
+        };
+        // Room for every flow in the domain's active list, so `enqueue` never allocates.
+        let n = self
+            .flows
+            .iter()
+            .filter(|f| f.live && f.domain == domain.0)
+            .count();
+        let d = &mut self.domains[domain.0 as usize];
+        d.active.reserve(n.saturating_sub(d.active.len()));
+        Ok(FlowId(i as u16))
+    }
+
+    /// Changes a flow's weight.
+    pub fn set_weight(&mut self, flow: FlowId, weight: u32) -> Result<(), SchedError> {
+        let f = self.flow_mut(flow).ok_or(SchedError::Unknown)?;
+        f.weight = weight.clamp(1, MAX_WEIGHT);
+        Ok(())
+    }
+
+    /// Removes a flow with no commands waiting.
+    pub fn remove_flow(&mut self, flow: FlowId) -> Result<(), SchedError> {
+        let f = self.flow_mut(flow).ok_or(SchedError::Unknown)?;
+        if f.head != NIL {
+            return Err(SchedError::NotEmpty);
+        }
+        f.live = false;
+        Ok(())
+    }
+
+    fn flow_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
+        self.flows.get_mut(id.0 as usize).filter(|f| f.live)
+    }
+
+    /// A flow's counters.
+    pub fn flow_stats(&self, id: FlowId) -> Option<FlowStats> {
+        self.flows
+            .get(id.0 as usize)
+            .filter(|f| f.live)
+            .map(|f| f.stats)
+    }
+
+    /// Commands of `domain` in flight.
+    pub fn inflight(&self, domain: DomainId) -> u32 {
+        self.domains
+            .get(domain.0 as usize)
+            .map_or(0, |d| d.inflight)
+    }
+
+    /// How long `flow`'s head must wait for its limiters (0: it may go).
+    fn limit_wait(&mut self, flow: usize, now_ns: u64, cost: Cost) -> (u64, u16) {
+        let mut wait = 0;
+        let mut by = NONE16;
+        for li in self.flows[flow].limiters {
+            if let Some(Some(l)) = self.limiters.get_mut(li as usize) {
+                let w = l.wait_ns(now_ns, cost);
+                if w > wait {
+                    wait = w;
+                    by = li;
+                }
+            }
+        }
+        (wait, by)
+    }
+
+    fn charge(&mut self, flow: usize, cost: Cost) {
+        for li in self.flows[flow].limiters {
+            if let Some(Some(l)) = self.limiters.get_mut(li as usize) {
+                l.charge(cost);
+            }
+        }
+    }
+
+    /// Starts a command of `flow`: charges, advances its virtual time, counts it in flight.
+    fn start(&mut self, flow: usize, cost: Cost, charged: bool, now_ns: u64) {
+        if !charged {
+            self.charge(flow, cost);
+        }
+        let f = &mut self.flows[flow];
+        if let Some((since, by)) = f.blocked.take() {
+            let t = now_ns.saturating_sub(since);
+            f.stats.throttled_ns += t;
+            if let Some(Some(l)) = self.limiters.get_mut(by as usize) {
+                l.throttled_ns += t;
+            }
+        }
+        let f = &mut self.flows[flow];
+        let d = &mut self.domains[f.domain as usize];
+        d.vclock = d.vclock.max(f.vtime);
+        f.vtime += cost.bytes.max(MIN_SERVICE) * VSCALE / u64::from(f.weight);
+        f.stats.dispatched += 1;
+        f.stats.bytes += cost.bytes;
+        d.inflight += 1;
+    }
+
+    /// A new command `h` of `flow` arrives. It starts at once ([`Admit::Now`]) when nobody in
+    /// its domain waits, the domain has room and the flow's limits allow it; otherwise it
+    /// joins the flow's FIFO.
+    pub fn enqueue(
+        &mut self,
+        now_ns: u64,
+        flow: FlowId,
+        h: u32,
+        cost: Cost,
+    ) -> Result<Admit, SchedError> {
+        let fi = flow.0 as usize;
+        let dom = self.flow_mut(flow).ok_or(SchedError::Unknown)?.domain as usize;
+        if self.entries.get(h as usize).is_none_or(|e| e.queued) {
+            return Err(SchedError::BadHandle);
+        }
+        let d = &self.domains[dom];
+        if d.active.is_empty() && d.can_start() && self.limit_wait(fi, now_ns, cost).0 == 0 {
+            self.start(fi, cost, false, now_ns);
+            return Ok(Admit::Now);
+        }
+        self.arrivals += 1;
+        self.entries[h as usize] = Entry {
+            next: NIL,
+            flow: flow.0,
+            queued: true,
+            charged: false,
+            cost,
+            arrival: self.arrivals,
+        };
+        self.push_back(fi, h);
+        Ok(Admit::Queued)
+    }
+
+    fn push_back(&mut self, fi: usize, h: u32) {
+        let f = &mut self.flows[fi];
+        if f.tail == NIL {
+            f.head = h;
+        } else {
+            self.entries[f.tail as usize].next = h;
+        }
+        f.tail = h;
+        f.stats.queued += 1;
+        self.waiting += 1;
+        self.activate(fi);
+    }
+
+    fn activate(&mut self, fi: usize) {
+        let f = &mut self.flows[fi];
+        if f.active {
+            return;
+        }
+        f.active = true;
+        let d = &mut self.domains[f.domain as usize];
+        // An idle flow restarts at the domain's clock: no credit banked while idle.
+        f.vtime = f.vtime.max(d.vclock);
+        d.active.push(fi as u16);
+    }
+
+    fn pop_front(&mut self, fi: usize) -> u32 {
+        let f = &mut self.flows[fi];
+        let h = f.head;
+        let e = &mut self.entries[h as usize];
+        f.head = e.next;
+        if f.head == NIL {
+            f.tail = NIL;
+        }
+        e.next = NIL;
+        e.queued = false;
+        f.stats.queued -= 1;
+        self.waiting -= 1;
+        if f.head == NIL {
+            f.active = false;
+            let d = &mut self.domains[f.domain as usize];
+            if let Some(p) = d.active.iter().position(|&x| x as usize == fi) {
+                d.active.swap_remove(p);
+            }
+        }
+        h
+    }
+
+    /// The next waiting command that may start now, already charged and counted in flight,
+    /// with its flow; `None` when none may. Call until `None` after completions, after
+    /// enqueues that returned [`Admit::Queued`], and when [`Scheduler::next_wakeup`] is due.
+    pub fn next(&mut self, now_ns: u64) -> Option<(u32, FlowId)> {
+        if self.waiting == 0 {
+            return None;
+        }
+        for di in 0..self.domains.len() {
+            let d = &self.domains[di];
+            if !d.live || d.active.is_empty() || !d.can_start() {
+                continue;
+            }
+            // The eligible flow with the smallest virtual time (ties: older head).
+            let mut best: Option<(u64, u64, usize)> = None;
+            for k in 0..self.domains[di].active.len() {
+                let fi = self.domains[di].active[k] as usize;
+                let head = self.flows[fi].head;
+                let e = self.entries[head as usize];
+                let key = (self.flows[fi].vtime, e.arrival);
+                if best.is_some_and(|(v, a, _)| (v, a) <= key) {
+                    continue;
+                }
+                if !e.charged {
+                    let (wait, by) = self.limit_wait(fi, now_ns, e.cost);
+                    if wait > 0 {
+                        let f = &mut self.flows[fi];
+                        if f.blocked.is_none() {
+                            f.blocked = Some((now_ns, by));
+                        }
+                        continue;
+                    }
+                }
+                best = Some((key.0, key.1, fi));
+            }
+            if let Some((_, _, fi)) = best {
+                let h = self.pop_front(fi);
+                let e = self.entries[h as usize];
+                self.start(fi, e.cost, e.charged, now_ns);
+                return Some((h, FlowId(fi as u16)));
+            }
+        }
+        None
+    }
+
+    /// When (ns) a command held back only by its limits may start: the caller's poll loop
+    /// should look again by then. `None`: no command waits on a limit.
+    pub fn next_wakeup(&mut self, now_ns: u64) -> Option<u64> {
+        let mut soonest: Option<u64> = None;
+        for fi in 0..self.flows.len() {
+            let f = &self.flows[fi];
+            if !f.live || f.head == NIL || !self.domains[f.domain as usize].can_start() {
+                continue;
+            }
+            let e = self.entries[f.head as usize];
+            if e.charged {
+                continue;
+            }
+            let (wait, _) = self.limit_wait(fi, now_ns, e.cost);
+            if wait > 0 {
+                let t = now_ns.saturating_add(wait);
+                soonest = Some(soonest.map_or(t, |s| s.min(t)));
+            }
+        }
+        soonest
+    }
+
+    /// The backend refused command `h` of `flow` (started by [`Scheduler::next`] or
+    /// [`Admit::Now`]) as busy: it goes back to the head of its flow, already charged, and
+    /// the domain counts as saturated until one of its commands completes.
+    pub fn requeue_busy(&mut self, flow: FlowId, h: u32, cost: Cost) -> Result<(), SchedError> {
+        let fi = flow.0 as usize;
+        let dom = self.flow_mut(flow).ok_or(SchedError::Unknown)?.domain as usize;
+        if self.entries.get(h as usize).is_none_or(|e| e.queued) {
+            return Err(SchedError::BadHandle);
+        }
+        let d = &mut self.domains[dom];
+        d.inflight = d.inflight.saturating_sub(1);
+        d.saturated = true;
+        self.arrivals += 1;
+        let f = &mut self.flows[fi];
+        // Undo what `start` counted: it is counted again when it starts for real.
+        f.vtime = f
+            .vtime
+            .saturating_sub(cost.bytes.max(MIN_SERVICE) * VSCALE / u64::from(f.weight));
+        f.stats.dispatched = f.stats.dispatched.saturating_sub(1);
+        f.stats.bytes = f.stats.bytes.saturating_sub(cost.bytes);
+        let old_head = f.head;
+        self.entries[h as usize] = Entry {
+            next: old_head,
+            flow: flow.0,
+            queued: true,
+            charged: true,
+            cost,
+            // Its original place: before everything the flow holds.
+            arrival: 0,
+        };
+        let f = &mut self.flows[fi];
+        f.head = h;
+        if f.tail == NIL {
+            f.tail = h;
+        }
+        f.stats.queued += 1;
+        self.waiting += 1;
+        self.activate(fi);
+        Ok(())
+    }
+
+    /// A command of `flow` that was started has finished: its domain has room again.
+    pub fn completed(&mut self, flow: FlowId) {
+        if let Some(f) = self.flows.get(flow.0 as usize) {
+            let d = &mut self.domains[f.domain as usize];
+            d.inflight = d.inflight.saturating_sub(1);
+            d.saturated = false;
+        }
+    }
+
+    /// Takes a waiting command out (Abort, queue teardown). Returns whether it was waiting.
+    pub fn remove(&mut self, h: u32) -> bool {
+        let Some(e) = self.entries.get(h as usize).copied() else {
+            return false;
+        };
+        if !e.queued {
+            return false;
+        }
+        let fi = e.flow as usize;
+        if self.flows[fi].head == h {
+            self.pop_front(fi);
+            return true;
+        }
+        let mut p = self.flows[fi].head;
+        while p != NIL {
+            let next = self.entries[p as usize].next;
+            if next == h {
+                self.entries[p as usize].next = e.next;
+                if self.flows[fi].tail == h {
+                    self.flows[fi].tail = p;
+                }
+                let x = &mut self.entries[h as usize];
+                x.next = NIL;
+                x.queued = false;
+                self.flows[fi].stats.queued -= 1;
+                self.waiting -= 1;
+                return true;
+            }
+            p = next;
+        }
+        false
+    }
+
+    /// Whether command `h` is waiting.
+    pub fn is_queued(&self, h: u32) -> bool {
+        self.entries.get(h as usize).is_some_and(|e| e.queued)
+    }
+}

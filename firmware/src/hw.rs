@@ -1,0 +1,87 @@
+//! The seams between the services and the hardware.
+//!
+//! The services (configuration, plan, network stack, NVMe/TCP, management, the wiring of the
+//! controller core, drives and emulated functions) are generic over [`Hw`]: they never name a
+//! register, a device or a clock, so they build for the host and their unit tests run there
+//! (`cargo test -p keel-firmware`), the NVMe/TCP service over smoltcp's `Loopback` device with
+//! keel-nvmf-tcp's host state machine as the peer. The image implements [`Hw`] for the QEMU
+//! `virt` board with `keel-hal`'s drivers (module `qemu`); a DPU board is another
+//! implementation.
+
+use alloc::boxed::Box;
+use keel_nvme_pcie::EndpointFunction;
+use keel_storage::BlockBackend;
+
+/// What the services need from the board: its devices (as types) and a few facts (as
+/// associated functions, so nothing has to be carried around).
+pub trait Hw: 'static {
+    /// The network interface.
+    type Nic: Nic;
+    /// The endpoint of an emulated NVMe PCIe function.
+    type Window: EndpointFunction;
+    /// A local NVMe drive's controller (polled).
+    type DriveCtl: DriveCtl;
+    /// A local drive namespace as a block backend.
+    type DriveNs: BlockBackend + 'static;
+    /// The flash that holds the configuration copies.
+    type Flash: Flash;
+
+    /// The board's name (status reports).
+    const BOARD: &'static str;
+
+    /// Nanoseconds since reset (monotonic).
+    fn now_ns() -> u64;
+    /// The raw counter (mixed into management challenges).
+    fn counter() -> u64;
+    /// Bytes free on the heap (large allocations are checked against it first: an allocation
+    /// failure ends the firmware).
+    fn heap_free() -> usize;
+    /// 64 bits from the CPU's random number instruction, if it has one.
+    fn random() -> Option<u64>;
+    /// Whether the CPU has the instructions AES-XTS needs (AES and PMULL).
+    fn has_aes() -> bool;
+    /// Resets the system.
+    fn system_reset() -> !;
+}
+
+/// A network interface: a smoltcp device, its MAC, and a hook run after each pass of the
+/// stack (virtio-net notifies the device once for the frames of a pass).
+pub trait Nic: smoltcp::phy::Device {
+    /// The MAC address.
+    fn mac(&self) -> [u8; 6];
+    /// Sends what the last pass queued.
+    fn flush_tx(&mut self) {}
+}
+
+/// A local drive's controller: polled once per pass (doorbells, completions, timeouts,
+/// recovery).
+pub trait DriveCtl {
+    /// One pass; whether anything happened.
+    fn poll(&self, now_ns: u64) -> bool;
+    /// Commands submitted to the drive and not yet completed.
+    fn outstanding(&self) -> usize;
+}
+
+/// Flash that can be read, erased by sectors and programmed.
+pub trait Flash {
+    /// Why an operation failed.
+    type Error: core::fmt::Display;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read(&mut self, offset: usize, buf: &mut [u8]) -> Result<(), Self::Error>;
+    /// Erases `len` bytes (whole sectors) at `offset`.
+    fn erase(&mut self, offset: usize, len: usize) -> Result<(), Self::Error>;
+    /// Programs erased flash at `offset`.
+    fn program(&mut self, offset: usize, data: &[u8]) -> Result<(), Self::Error>;
+    /// The erase sector size.
+    fn sector_size(&self) -> usize;
+}
+
+/// A page-aligned, uninitialised region for data buffers that devices reach by DMA (the heap
+/// is identity-mapped: the address is also the DMA address), for a lazily carved
+/// `BufPool::lazy`. Lives for the rest of the run.
+pub fn dma_region(len: usize) -> &'static mut [core::mem::MaybeUninit<u8>] {
+    const PAGE: usize = 4096;
+    let raw = Box::leak(Box::<[u8]>::new_uninit_slice(len + PAGE));
+    let skip = raw.as_ptr().align_offset(PAGE).min(PAGE);
+    &mut raw[skip..skip + len]
+}
