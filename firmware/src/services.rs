@@ -304,6 +304,7 @@ pub(crate) fn build_namespace<H: Hw>(
         nguid: nguid(plan.mac, si as u16, ns.nsid),
         uuid: [0; 16],
         eui64: [0; 8],
+        qos: Default::default(),
     })
 }
 

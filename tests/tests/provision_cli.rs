@@ -372,7 +372,7 @@ fn pack_flash_and_describe() {
             .contains("signature: valid, trusted key; payload: intact"),
         "{r:?}"
     );
-    assert!(r.stdout.contains("slot B at 0x1f00000: empty"), "{r:?}");
+    assert!(r.stdout.contains("slot B at 0x1ec0000: empty"), "{r:?}");
     assert!(r.stdout.contains("configuration in force: none"), "{r:?}");
 
     // Bundles go to the configuration copies in turn.
@@ -446,7 +446,7 @@ fn pack_flash_and_describe() {
     assert!(r.stdout.contains("slot B <-"), "{r:?}");
     let r = d.ok(&["image", "info", "dev.flash", "--pub", "prov.key.pub"]);
     assert!(
-        r.stdout.contains("slot B at 0x1f00000: Keel 0.1.0"),
+        r.stdout.contains("slot B at 0x1ec0000: Keel 0.1.0"),
         "{r:?}"
     );
     assert_eq!(r.stdout.matches("payload: intact").count(), 2, "{r:?}");

@@ -744,7 +744,8 @@ impl Target {
     }
 
     /// Abort (NVMe base 2.0 §5.1). An Asynchronous Event Request or a command not yet handed
-    /// to a backend (deferred: the backend was busy, or no scratch buffer was free) is
+    /// to a backend (waiting in the QoS scheduler, refused by a busy backend, or waiting for a
+    /// scratch buffer) is
     /// aborted at once. A command at a backend is aborted if the backend can
     /// ([`keel_storage::BlockBackend::abort`]: still queued in it, or outstanding on a drive,
     /// which gets an Abort of its own): the Abort then completes after the command, DW0 bit 0
@@ -794,12 +795,27 @@ impl Target {
         let Some(si) = found else {
             return not_aborted(self, req);
         };
-        if self.queues[tqi].slots[si].state == SlotState::Deferred {
+        let state = self.queues[tqi].slots[si].state;
+        if matches!(state, SlotState::Queued | SlotState::Deferred) {
+            let h = handle(self.hstride, tqi, si);
+            if state == SlotState::Queued {
+                self.sched.remove(h);
+            } else {
+                // Admitted, waiting for a scratch buffer: its place in the domain frees.
+                if let Some(p) = self.scratch_wait.iter().position(|&x| x == h) {
+                    self.scratch_wait.remove(p);
+                }
+                if let Some(d) = self.queues[tqi].slots[si]
+                    .flow
+                    .and_then(|f| self.sched.domain_of(f))
+                {
+                    self.sched.completed(d);
+                }
+            }
             let buf = self.queues[tqi].slots[si]
                 .deferred
                 .take()
                 .and_then(|r| r.buf);
-            self.deferred = self.deferred.saturating_sub(1);
             if let Some(ev) = self.finish_slot(tqi, si, Status::ABORT_REQUESTED, buf, now) {
                 self.pending.push_back(ev);
             }

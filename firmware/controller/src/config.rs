@@ -5,6 +5,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use keel_nvme::Cqe;
+/// The six limits of a namespace, controller or group (keel-qos).
+pub use keel_qos::Limits as QosLimits;
+pub use keel_qos::Rate;
 use keel_storage::{BlockBackend, BufPool, IoBuf};
 
 /// A point in time, in nanoseconds since an arbitrary epoch. Always passed in by the caller.
@@ -143,6 +146,58 @@ pub struct NamespaceConfig {
     pub uuid: [u8; 16],
     /// EUI-64 (all zero: not reported).
     pub eui64: [u8; 8],
+    /// Limits, weight and sharing.
+    pub qos: NamespaceQos,
+}
+
+/// Quality of service of a namespace (see [`crate::Target`]'s QoS section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceQos {
+    /// The namespace's own limits (every host together).
+    pub limits: QosLimits,
+    /// Its share of a saturated backend against the other namespaces of its domain (1..=1000;
+    /// a group's weight, when the namespace is in a group that has one, wins).
+    pub weight: u32,
+    /// The group (a tenant's pool of namespaces) whose limits it shares.
+    pub group: Option<String>,
+    /// Namespaces with the same domain key share one backend (slices of one drive) and are
+    /// scheduled against each other; `None`: a domain of its own.
+    pub domain: Option<u32>,
+    /// Commands of the domain at the backend at once (0: as many as the backend takes), so
+    /// that the waiting happens in the fair scheduler rather than in the device's own FIFO.
+    pub max_inflight: u32,
+}
+
+impl Default for NamespaceQos {
+    fn default() -> Self {
+        Self {
+            limits: QosLimits::NONE,
+            weight: 1,
+            group: None,
+            domain: None,
+            max_inflight: 0,
+        }
+    }
+}
+
+/// A tenant's pool: namespaces sharing limits, with a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QosGroup {
+    /// Its name (namespaces name it in [`NamespaceQos::group`]).
+    pub name: String,
+    /// Limits of all its namespaces together.
+    pub limits: QosLimits,
+    /// Weight of its namespaces (0: each namespace's own).
+    pub weight: u32,
+}
+
+/// Limits of every controller of one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostQos {
+    /// The host NQN, or `*` for every host without a rule of its own.
+    pub hostnqn: String,
+    /// Limits of each controller of that host (all its queues, all namespaces).
+    pub limits: QosLimits,
 }
 
 impl fmt::Debug for NamespaceConfig {
@@ -317,6 +372,10 @@ pub struct TargetConfig {
     /// offered and such namespaces refuse Write Zeroes. A command that finds the pool empty
     /// waits in its slot, like a command a busy backend refused.
     pub scratch: Option<BufPool>,
+    /// QoS groups (tenants' pools).
+    pub qos_groups: Vec<QosGroup>,
+    /// Per-host controller limits.
+    pub host_qos: Vec<HostQos>,
 }
 
 /// Why a configuration was refused.
@@ -330,8 +389,10 @@ pub enum ConfigError {
     BadNsid(u32),
     /// A backend's block size is not a power of two in 512..=65536 or it is empty.
     BadGeometry(u32),
-    /// A limit is out of range.
+    /// A limit is out of range (or a QoS group is named twice).
     BadLimits,
+    /// A namespace names a QoS group that does not exist.
+    UnknownGroup(u32),
 }
 
 impl fmt::Display for ConfigError {
@@ -342,6 +403,7 @@ impl fmt::Display for ConfigError {
             ConfigError::BadNsid(n) => write!(f, "invalid or duplicate namespace id {n}"),
             ConfigError::BadGeometry(n) => write!(f, "namespace {n}: unusable block geometry"),
             ConfigError::BadLimits => f.write_str("limits out of range"),
+            ConfigError::UnknownGroup(n) => write!(f, "namespace {n}: no such QoS group"),
         }
     }
 }

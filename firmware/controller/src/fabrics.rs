@@ -102,6 +102,7 @@ impl Target {
             let ctrl =
                 self.new_controller(cntlid, si, hostnqn, data.hostid, false, admin_q, kato, now);
             self.ctrls[ci] = Some(ctrl);
+            self.ensure_flows(ci);
             let q = &mut self.queues[qi];
             q.state = QState::Connected;
             q.ctrl = ci;
@@ -162,6 +163,8 @@ impl Target {
         sqsize: u16,
         sqflow_disabled: bool,
     ) {
+        self.sched
+            .ensure_capacity((qi as u32 + 1).saturating_mul(self.hstride));
         let Some(Some(c)) = self.ctrls.get_mut(ci) else {
             return;
         };
@@ -191,7 +194,7 @@ impl Target {
 
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new_controller(
-        &self,
+        &mut self,
         cntlid: u16,
         si: usize,
         hostnqn: String,
@@ -208,6 +211,8 @@ impl Target {
         };
         let mut io_qs = Vec::with_capacity(nq as usize);
         io_qs.resize(nq as usize, None);
+        let limits = self.host_limits(&hostnqn);
+        let limiter = self.new_limiter(limits, now);
         Controller {
             cntlid,
             subsys: si,
@@ -236,6 +241,8 @@ impl Target {
             busy_ns: 0,
             errors: crate::errlog::ErrorLog::new(self.limits.error_log_entries as usize),
             aborts_pending: 0,
+            limiter,
+            flows: Vec::new(),
         }
     }
 
@@ -464,6 +471,7 @@ impl Target {
         let cntlid = self.alloc_cntlid();
         let ctrl = self.new_controller(cntlid, si, String::new(), [0; 16], true, q, 0, now);
         self.ctrls[ci] = Some(ctrl);
+        self.ensure_flows(ci);
         let queue = &mut self.queues[qi];
         queue.state = QState::Connected;
         queue.ctrl = ci;

@@ -10,6 +10,7 @@ use crate::errlog::{ErrAt, at};
 use crate::target::*;
 use keel_nvme::io::{CopyCommand, CopyRange, DsmCommand, DsmRange, RwCommand};
 use keel_nvme::{IoOpcode, NSID_ALL, Status};
+use keel_qos::Admit;
 use keel_storage::{BlockOp, BlockRequest, Geometry, IoBuf, OpKind};
 
 /// How a decoded command reaches the backend.
@@ -172,9 +173,18 @@ impl Target {
                 (None, Some(c))
             }
         };
+        let flow = match self.ctrls.get(ci) {
+            Some(Some(c)) => c.flows.get(ni).copied().flatten(),
+            _ => None,
+        };
+        let writes = matches!(
+            op,
+            IoOpcode::Write | IoOpcode::WriteZeroes | IoOpcode::DatasetManagement | IoOpcode::Copy
+        );
+        let cost = cost_of(d.kind, d.bytes, writes);
         {
             let slot = &mut self.queues[qi].slots[slot_i];
-            slot.state = SlotState::Deferred;
+            slot.state = SlotState::Queued;
             slot.cid = cid;
             slot.cookie = cookie;
             slot.ns = (si as u16, ni as u16);
@@ -184,15 +194,26 @@ impl Target {
             slot.bytes = d.bytes;
             slot.read_len = d.read_len;
             slot.start = now;
+            slot.flow = flow;
+            slot.cost = cost;
             slot.deferred = request;
             slot.chain = chain;
             slot.abort_waiter = None;
         }
-        self.deferred += 1;
         if let Some(Some(c)) = self.ctrls.get_mut(ci) {
             c.io_started(now);
         }
-        self.try_slot(qi, slot_i, now).and_then(event_response)
+        // QoS: the command starts now, or waits for its limits, its turn or room at the
+        // backend (then `poll` starts it).
+        let h = handle(self.hstride, qi, slot_i);
+        let admit = match flow {
+            Some(fl) => self.sched.enqueue(now.as_nanos(), fl, h, cost),
+            None => Ok(Admit::Now),
+        };
+        match admit {
+            Ok(Admit::Queued) => None,
+            _ => self.try_slot(qi, slot_i, now).and_then(event_response),
+        }
     }
 
     /// Checks a command against its namespace and turns it into backend work; `Ok(None)` when

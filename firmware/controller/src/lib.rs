@@ -81,6 +81,7 @@ mod config;
 mod errlog;
 mod fabrics;
 mod io;
+mod qos;
 mod target;
 mod view;
 
@@ -88,14 +89,16 @@ mod view;
 mod tests;
 #[cfg(test)]
 mod tests_features;
+#[cfg(test)]
+mod tests_qos;
 
 pub use config::{
-    ConfigError, DeviceHealth, Event, Identity, Instant, Limits, NamespaceConfig, PortEntry,
-    QueueId, QueueInfo, QueueLoss, Request, Response, SubsystemConfig, TargetConfig, TargetError,
-    TransportParams,
+    ConfigError, DeviceHealth, Event, HostQos, Identity, Instant, Limits, NamespaceConfig,
+    NamespaceQos, PortEntry, QosGroup, QosLimits, QueueId, QueueInfo, QueueLoss, Rate, Request,
+    Response, SubsystemConfig, TargetConfig, TargetError, TransportParams,
 };
 pub use fabrics::VERSION;
 pub use keel_nvme::fabrics::PropertySize;
 pub use keel_storage::IoBuf;
 pub use target::Target;
-pub use view::{ControllerView, NamespaceView, SubsystemView};
+pub use view::{ControllerView, GroupView, NamespaceView, QosCounters, SubsystemView};

@@ -10,6 +10,7 @@ use alloc::vec::Vec;
 use keel_nvme::log::ErrorLogEntry;
 use keel_nvme::regs::{Cc, Csts};
 use keel_nvme::{Cqe, Sqe, Status};
+use keel_qos::{Cost, Dir, DomainId, FlowId, LimiterId, Scheduler};
 use keel_storage::{
     BlockBackend, BlockError, BlockRequest, BufPool, Capabilities, Geometry, IoBuf, NsStats,
     OpKind, RejectReason,
@@ -30,6 +31,10 @@ pub(crate) struct Namespace {
     pub inflight: u32,
     /// False once removed; the entry stays until the backend has drained.
     pub active: bool,
+    /// Its QoS configuration, the scheduler domain its backend is, and its own limiter.
+    pub qos: NamespaceQos,
+    pub domain: DomainId,
+    pub limiter: LimiterId,
 }
 
 pub(crate) struct Subsystem {
@@ -102,6 +107,10 @@ pub(crate) struct Controller {
     pub errors: ErrorLog,
     /// Abort commands waiting for a backend's verdict.
     pub aborts_pending: u16,
+    /// The controller's own limiter (its host's limits).
+    pub limiter: LimiterId,
+    /// Its flow toward each namespace of its subsystem (by namespace index).
+    pub flows: Vec<Option<FlowId>>,
 }
 
 impl Controller {
@@ -178,8 +187,12 @@ pub(crate) enum QState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SlotState {
     Free,
-    InFlight,
+    /// Waiting in the QoS scheduler (its limits, its turn, or room at the backend).
+    Queued,
+    /// Admitted, waiting for a scratch buffer (in `Target::scratch_wait`).
     Deferred,
+    /// At the backend.
+    InFlight,
 }
 
 pub(crate) struct Slot {
@@ -194,7 +207,11 @@ pub(crate) struct Slot {
     pub bytes: u64,
     pub read_len: u32,
     pub start: Instant,
-    /// The request to (re)submit while Deferred; `None` while a chain waits for scratch.
+    /// Its flow in the scheduler and what it costs there.
+    pub flow: Option<FlowId>,
+    pub cost: Cost,
+    /// The request to (re)submit while Queued or Deferred; `None` while a chain waits for
+    /// scratch.
     pub deferred: Option<BlockRequest>,
     /// A command run as several backend requests.
     pub chain: Option<Chain>,
@@ -215,6 +232,11 @@ impl Slot {
             bytes: 0,
             read_len: 0,
             start: Instant::from_nanos(0),
+            flow: None,
+            cost: Cost {
+                dir: Dir::Other,
+                bytes: 0,
+            },
             deferred: None,
             chain: None,
             abort_waiter: None,
@@ -267,7 +289,18 @@ pub struct Target {
     pub(crate) next_cntlid: u16,
     pub(crate) queues: Vec<Queue>,
     pub(crate) pending: VecDeque<Event>,
-    pub(crate) deferred: usize,
+    /// QoS: flows, limiters and domains; every I/O command passes through it.
+    pub(crate) sched: Scheduler,
+    /// Command handles per queue in the scheduler (the largest queue).
+    pub(crate) hstride: u32,
+    /// Groups: name, limiter, weight.
+    pub(crate) groups: Vec<(String, LimiterId, u32)>,
+    /// Per-host controller limits.
+    pub(crate) host_qos: Vec<HostQos>,
+    /// Domains shared by key: (key, domain, namespaces using it).
+    pub(crate) shared_domains: Vec<(u32, DomainId, u32)>,
+    /// Admitted commands waiting for a scratch buffer, in arrival order (handles).
+    pub(crate) scratch_wait: VecDeque<u32>,
     /// Scratch buffers for Copy and emulated Write Zeroes.
     pub(crate) scratch: Option<BufPool>,
     pub(crate) health: DeviceHealth,
@@ -292,9 +325,44 @@ pub(crate) fn validate_nqn(nqn: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A namespace's place in the scheduler: its domain (shared by key with the other slices of
+/// one backend) and its own limiter.
+pub(crate) fn namespace_qos(
+    sched: &mut Scheduler,
+    shared: &mut Vec<(u32, DomainId, u32)>,
+    qos: &NamespaceQos,
+    now: Instant,
+) -> Result<(DomainId, LimiterId), ConfigError> {
+    let domain = match qos.domain {
+        Some(key) => match shared.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, d, refs)) => {
+                *refs += 1;
+                *d
+            }
+            None => {
+                let d = sched
+                    .add_domain(qos.max_inflight)
+                    .map_err(|_| ConfigError::BadLimits)?;
+                shared.push((key, d, 1));
+                d
+            }
+        },
+        None => sched
+            .add_domain(qos.max_inflight)
+            .map_err(|_| ConfigError::BadLimits)?,
+    };
+    let limiter = sched
+        .add_limiter(qos.limits, now.as_nanos())
+        .map_err(|_| ConfigError::BadLimits)?;
+    Ok((domain, limiter))
+}
+
 pub(crate) fn make_namespace(
     ns: NamespaceConfig,
     limits: &Limits,
+    sched: &mut Scheduler,
+    shared: &mut Vec<(u32, DomainId, u32)>,
+    now: Instant,
 ) -> Result<Namespace, ConfigError> {
     if ns.nsid == 0 || ns.nsid > limits.max_nsid || ns.nsid == keel_nvme::NSID_ALL {
         return Err(ConfigError::BadNsid(ns.nsid));
@@ -303,6 +371,7 @@ pub(crate) fn make_namespace(
     if !g.block_size.is_power_of_two() || !(512..=65536).contains(&g.block_size) || g.blocks == 0 {
         return Err(ConfigError::BadGeometry(ns.nsid));
     }
+    let (domain, limiter) = namespace_qos(sched, shared, &ns.qos, now)?;
     Ok(Namespace {
         nsid: ns.nsid,
         caps: ns.backend.capabilities(),
@@ -314,7 +383,26 @@ pub(crate) fn make_namespace(
         stats: NsStats::default(),
         inflight: 0,
         active: true,
+        qos: ns.qos,
+        domain,
+        limiter,
     })
+}
+
+/// A command handle of the scheduler: queue index × stride + slot.
+pub(crate) fn handle(hstride: u32, qi: usize, si: usize) -> u32 {
+    qi as u32 * hstride + si as u32
+}
+
+/// What a command costs its limiters.
+pub(crate) fn cost_of(kind: OpKind, bytes: u64, op_writes: bool) -> Cost {
+    let dir = match kind {
+        OpKind::Read | OpKind::Verify => Dir::Read,
+        OpKind::Write => Dir::Write,
+        _ if op_writes => Dir::Write,
+        _ => Dir::Other,
+    };
+    Cost { dir, bytes }
 }
 
 pub(crate) fn tag(qi: usize, generation: u16, slot: usize) -> u64 {
@@ -391,6 +479,20 @@ impl Target {
         {
             return Err(ConfigError::BadLimits);
         }
+        let hstride = u32::from(l.max_queue_depth.max(l.admin_queue_depth));
+        let mut sched = Scheduler::new(0);
+        let mut shared_domains = Vec::new();
+        let now = Instant::from_nanos(0);
+        let mut groups = Vec::with_capacity(cfg.qos_groups.len());
+        for g in cfg.qos_groups {
+            if groups.iter().any(|(n, _, _)| *n == g.name) {
+                return Err(ConfigError::BadLimits);
+            }
+            let id = sched
+                .add_limiter(g.limits, now.as_nanos())
+                .map_err(|_| ConfigError::BadLimits)?;
+            groups.push((g.name, id, g.weight));
+        }
         let mut subsystems = Vec::with_capacity(cfg.subsystems.len() + 1);
         subsystems.push(Subsystem {
             nqn: keel_nvme::DISCOVERY_NQN.into(),
@@ -412,7 +514,12 @@ impl Target {
             }
             let mut namespaces: Vec<Option<Namespace>> = Vec::with_capacity(s.namespaces.len());
             for ns in s.namespaces {
-                let ns = make_namespace(ns, &l)?;
+                if let Some(g) = &ns.qos.group
+                    && !groups.iter().any(|(n, _, _)| n == g)
+                {
+                    return Err(ConfigError::UnknownGroup(ns.nsid));
+                }
+                let ns = make_namespace(ns, &l, &mut sched, &mut shared_domains, now)?;
                 if namespaces.iter().flatten().any(|n| n.nsid == ns.nsid) {
                     return Err(ConfigError::BadNsid(ns.nsid));
                 }
@@ -441,7 +548,12 @@ impl Target {
             next_cntlid: 1,
             queues: Vec::new(),
             pending: VecDeque::with_capacity(64),
-            deferred: 0,
+            sched,
+            hstride,
+            groups,
+            host_qos: cfg.host_qos,
+            shared_domains,
+            scratch_wait: VecDeque::with_capacity(64),
             scratch: cfg.scratch,
             health: DeviceHealth::default(),
             now: Instant::from_nanos(0),
@@ -494,19 +606,37 @@ impl Target {
         let si = self
             .subsys_index(subnqn)
             .ok_or(TargetError::UnknownSubsystem)?;
-        let ns = make_namespace(ns, &self.limits)?;
-        let nsid = ns.nsid;
-        let s = &mut self.subsystems[si];
-        if s.namespaces
+        if self.subsystems[si]
+            .namespaces
             .iter()
             .flatten()
-            .any(|n| n.nsid == nsid && n.active)
+            .any(|n| n.nsid == ns.nsid && n.active)
         {
-            return Err(ConfigError::BadNsid(nsid).into());
+            return Err(ConfigError::BadNsid(ns.nsid).into());
         }
+        if let Some(g) = &ns.qos.group
+            && !self.groups.iter().any(|(n, _, _)| n == g)
+        {
+            return Err(ConfigError::UnknownGroup(ns.nsid).into());
+        }
+        let now = self.now;
+        let ns = make_namespace(
+            ns,
+            &self.limits,
+            &mut self.sched,
+            &mut self.shared_domains,
+            now,
+        )?;
+        let nsid = ns.nsid;
+        let s = &mut self.subsystems[si];
         match s.namespaces.iter_mut().find(|n| n.is_none()) {
             Some(free) => *free = Some(ns),
             None => s.namespaces.push(Some(ns)),
+        }
+        for ci in 0..self.ctrls.len() {
+            if matches!(&self.ctrls[ci], Some(c) if c.subsys == si) {
+                self.ensure_flows(ci);
+            }
         }
         self.namespace_changed(si, nsid);
         Ok(())
@@ -521,31 +651,64 @@ impl Target {
         let s = &mut self.subsystems[si];
         let ni = s.find_ns(nsid).ok_or(TargetError::UnknownNamespace)?;
         if let Some(slot) = s.namespaces.get_mut(ni) {
-            let drained = match slot {
-                Some(ns) => {
-                    ns.active = false;
-                    ns.inflight == 0 && !self.any_deferred_on(si, ni)
-                }
-                None => false,
-            };
-            if drained
-                && let Some(s) = self.subsystems.get_mut(si)
-                && let Some(x) = s.namespaces.get_mut(ni)
-            {
-                *x = None;
+            if let Some(ns) = slot {
+                ns.active = false;
             }
+            self.reap_namespace(si, ni);
         }
         self.namespace_changed(si, nsid);
         Ok(())
     }
 
-    fn any_deferred_on(&self, si: usize, ni: usize) -> bool {
-        self.deferred > 0
+    /// Whether a command of namespace `ni` of subsystem `si` waits for the scheduler or a
+    /// scratch buffer.
+    fn any_waiting_on(&self, si: usize, ni: usize) -> bool {
+        (self.sched.waiting() > 0 || !self.scratch_wait.is_empty())
             && self.queues.iter().any(|q| {
-                q.slots
-                    .iter()
-                    .any(|s| s.state == SlotState::Deferred && s.ns == (si as u16, ni as u16))
+                q.slots.iter().any(|s| {
+                    matches!(s.state, SlotState::Queued | SlotState::Deferred)
+                        && s.ns == (si as u16, ni as u16)
+                })
             })
+    }
+
+    /// Drops a removed namespace once its backend has drained and nothing waits for it:
+    /// its flows, limiter and domain go with it.
+    fn reap_namespace(&mut self, si: usize, ni: usize) {
+        let drained = matches!(
+            self.subsystems.get(si).and_then(|s| s.namespaces.get(ni)),
+            Some(Some(ns)) if !ns.active && ns.inflight == 0
+        ) && !self.any_waiting_on(si, ni);
+        if !drained {
+            return;
+        }
+        let Some(ns) = self.subsystems[si].namespaces[ni].take() else {
+            return;
+        };
+        for c in self.ctrls.iter_mut().flatten() {
+            if c.subsys == si
+                && let Some(f) = c.flows.get_mut(ni).and_then(Option::take)
+            {
+                let _ = self.sched.remove_flow(f);
+            }
+        }
+        self.sched.remove_limiter(ns.limiter);
+        let shared = self
+            .shared_domains
+            .iter()
+            .position(|(_, d, _)| *d == ns.domain);
+        match shared {
+            Some(i) => {
+                self.shared_domains[i].2 -= 1;
+                if self.shared_domains[i].2 == 0 {
+                    self.shared_domains.swap_remove(i);
+                    let _ = self.sched.remove_domain(ns.domain);
+                }
+            }
+            None => {
+                let _ = self.sched.remove_domain(ns.domain);
+            }
+        }
     }
 
     fn namespace_changed(&mut self, si: usize, nsid: u32) {
@@ -763,9 +926,25 @@ impl Target {
             if slot.state == SlotState::Free {
                 continue;
             }
-            if slot.state == SlotState::Deferred {
-                self.deferred = self.deferred.saturating_sub(1);
+            let state = slot.state;
+            let h = handle(self.hstride, qi, si);
+            match state {
+                SlotState::Queued => {
+                    self.sched.remove(h);
+                }
+                SlotState::Deferred => {
+                    // Admitted: its place in the domain is free again.
+                    if let Some(p) = self.scratch_wait.iter().position(|&x| x == h) {
+                        self.scratch_wait.remove(p);
+                    }
+                    if let Some(d) = slot.flow.and_then(|f| self.sched.domain_of(f)) {
+                        self.sched.completed(d);
+                    }
+                }
+                // At a backend: its completion frees the domain (see `poll_backends`).
+                _ => {}
             }
+            let slot = &mut self.queues[qi].slots[si];
             let req_buf = slot.deferred.take().and_then(|r| r.buf);
             let chain = slot.chain.take();
             let waiter = slot.abort_waiter.take();
@@ -819,8 +998,13 @@ impl Target {
                 self.terminate_queue(qi);
             }
         }
-        if let Some(slot) = self.ctrls.get_mut(ci) {
-            *slot = None;
+        if let Some(slot) = self.ctrls.get_mut(ci)
+            && let Some(c) = slot.take()
+        {
+            for f in c.flows.into_iter().flatten() {
+                let _ = self.sched.remove_flow(f);
+            }
+            self.sched.remove_limiter(c.limiter);
         }
     }
 
@@ -1021,13 +1205,8 @@ impl Target {
         // Keep-alive first: a host silent for KATO is not rescued by a completion that
         // happens to arrive in this pass.
         self.check_keep_alive(now);
-        if self.deferred > 0 {
-            n += self.retry_deferred(now, f);
-        }
         n += self.poll_backends(now, f);
-        if self.deferred > 0 {
-            n += self.retry_deferred(now, f);
-        }
+        n += self.dispatch(now, f);
         self.finish_shutdowns();
         self.reap_namespaces();
         while let Some(e) = self.pending.pop_front() {
@@ -1062,11 +1241,10 @@ impl Target {
     }
 
     fn reap_namespaces(&mut self) {
-        let deferred_busy = self.deferred > 0;
-        for s in self.subsystems.iter_mut() {
-            for slot in s.namespaces.iter_mut() {
-                if matches!(slot, Some(ns) if !ns.active && ns.inflight == 0) && !deferred_busy {
-                    *slot = None;
+        for si in 0..self.subsystems.len() {
+            for ni in 0..self.subsystems[si].namespaces.len() {
+                if matches!(&self.subsystems[si].namespaces[ni], Some(ns) if !ns.active) {
+                    self.reap_namespace(si, ni);
                 }
             }
         }
@@ -1077,8 +1255,9 @@ impl Target {
             subsystems,
             queues,
             ctrls,
-            deferred,
+            sched,
             scratch,
+            hstride,
             ..
         } = self;
         let mut n = 0;
@@ -1092,67 +1271,99 @@ impl Target {
                     stats,
                     inflight,
                     geometry,
+                    domain,
                     ..
                 } = ns;
                 let bs = geometry.block_size;
                 backend.poll(&mut |c| {
                     *inflight = inflight.saturating_sub(1);
+                    sched.completed(*domain);
                     let mut p = Parts {
                         queues,
                         ctrls,
                         scratch,
                     };
-                    n += complete_io(&mut p, deferred, stats, bs, now, c, f);
+                    n += complete_io(&mut p, sched, *hstride, stats, bs, now, c, f);
                 });
             }
         }
         n
     }
 
-    /// Submits (again) every deferred request, or the next step of a chained command.
-    fn retry_deferred(&mut self, now: Instant, f: &mut dyn FnMut(Event)) -> usize {
+    /// Starts what may start: commands waiting for a scratch buffer, in arrival order, while
+    /// the scratch pool has buffers; then what the scheduler lets go (limits, turns, room at
+    /// the backends).
+    pub(crate) fn dispatch(&mut self, now: Instant, f: &mut dyn FnMut(Event)) -> usize {
         let mut n = 0;
-        for qi in 0..self.queues.len() {
-            if self.queues[qi].state != QState::Connected {
+        while let Some(&h) = self.scratch_wait.front() {
+            if self.scratch.as_ref().is_none_or(|p| p.available() == 0) {
+                break;
+            }
+            self.scratch_wait.pop_front();
+            let (qi, si) = self.split(h);
+            if let Some(ev) = self.try_slot(qi, si, now) {
+                f(ev);
+                n += 1;
+            }
+        }
+        while let Some((h, _)) = self.sched.next(now.as_nanos()) {
+            let (qi, si) = self.split(h);
+            let live = self
+                .queues
+                .get(qi)
+                .and_then(|q| q.slots.get(si))
+                .is_some_and(|s| s.state == SlotState::Queued);
+            if !live {
                 continue;
             }
-            for si in 0..self.queues[qi].slots.len() {
-                if self.queues[qi].slots[si].state != SlotState::Deferred {
-                    continue;
-                }
-                if let Some(ev) = self.try_slot(qi, si, now) {
-                    f(ev);
-                    n += 1;
-                }
+            if let Some(ev) = self.try_slot(qi, si, now) {
+                f(ev);
+                n += 1;
             }
         }
         n
     }
 
-    /// Tries to hand a Deferred slot's request (its parked request, or its chain's next step)
-    /// to the namespace's backend. Returns the completion if the command ended here (refused
-    /// as invalid, or a chain with nothing left to do); the slot stays Deferred when the
-    /// backend is busy or no scratch buffer is free.
+    /// Queue index and slot of a scheduler handle.
+    pub(crate) fn split(&self, h: u32) -> (usize, usize) {
+        ((h / self.hstride) as usize, (h % self.hstride) as usize)
+    }
+
+    /// Hands an admitted command (its parked request, or its chain's next step) to the
+    /// namespace's backend. Returns the completion if the command ended here (refused as
+    /// invalid, or a chain with nothing left to do). A busy backend sends it back to the
+    /// scheduler, first in its flow; a chain that needs a scratch buffer when none is free
+    /// waits in `scratch_wait`.
     pub(crate) fn try_slot(&mut self, qi: usize, si: usize, now: Instant) -> Option<Event> {
-        let (sub, ni) = {
+        let (sub, ni, flow, cost) = {
             let slot = &self.queues[qi].slots[si];
-            (slot.ns.0 as usize, slot.ns.1 as usize)
+            (slot.ns.0 as usize, slot.ns.1 as usize, slot.flow, slot.cost)
         };
+        let h = handle(self.hstride, qi, si);
+        let domain = flow.and_then(|f| self.sched.domain_of(f));
         let req = match self.next_request(qi, si, sub, ni) {
             Next::Ready(r) => r,
-            Next::Wait => return None,
+            Next::Wait => {
+                self.queues[qi].slots[si].state = SlotState::Deferred;
+                self.scratch_wait.push_back(h);
+                return None;
+            }
             Next::Done => {
-                self.deferred = self.deferred.saturating_sub(1);
+                if let Some(d) = domain {
+                    self.sched.completed(d);
+                }
                 return self.finish_slot(qi, si, Status::SUCCESS, None, now);
             }
         };
-        self.deferred = self.deferred.saturating_sub(1);
         let Some(Some(ns)) = self
             .subsystems
             .get_mut(sub)
             .and_then(|s| s.namespaces.get_mut(ni))
         else {
-            // Namespace gone (cannot happen while deferred work exists): fail.
+            // Namespace gone (cannot happen while commands wait for it): fail.
+            if let Some(d) = domain {
+                self.sched.completed(d);
+            }
             return self.finish_slot(qi, si, Status::INTERNAL_ERROR, req.buf, now);
         };
         match ns.backend.submit(req) {
@@ -1163,11 +1374,18 @@ impl Target {
             }
             Err(r) => match r.reason {
                 RejectReason::Busy => {
-                    self.queues[qi].slots[si].deferred = Some(r.req);
-                    self.deferred += 1;
+                    let slot = &mut self.queues[qi].slots[si];
+                    slot.deferred = Some(r.req);
+                    slot.state = SlotState::Queued;
+                    if let Some(fl) = flow {
+                        let _ = self.sched.requeue_busy(fl, h, cost);
+                    }
                     None
                 }
                 RejectReason::Invalid(e) => {
+                    if let Some(d) = domain {
+                        self.sched.completed(d);
+                    }
                     let buf = r.req.buf;
                     self.finish_slot(qi, si, block_status(e), buf, now)
                 }
@@ -1404,10 +1622,12 @@ pub(crate) fn bare_response(req: Request, status: Status) -> Response {
 }
 
 /// Handles one backend completion (called from inside the backend's poll): a chained
-/// command's next step is parked for `retry_deferred`, anything else completes.
+/// command's next step goes back to the scheduler, anything else completes.
+#[allow(clippy::too_many_arguments)]
 fn complete_io(
     p: &mut Parts<'_>,
-    deferred: &mut usize,
+    sched: &mut Scheduler,
+    hstride: u32,
     stats: &mut NsStats,
     block_size: u32,
     now: Instant,
@@ -1446,9 +1666,12 @@ fn complete_io(
             Step::Done => None,
         };
         if let Some(r) = next {
+            // The next step waits for its turn in the domain, first in its flow.
             slot.deferred = r;
-            slot.state = SlotState::Deferred;
-            *deferred += 1;
+            slot.state = SlotState::Queued;
+            if let Some(fl) = slot.flow {
+                let _ = sched.requeue_next_step(fl, handle(hstride, qi, si), slot.cost);
+            }
             return match buf {
                 Some(b) => release_buffer(p.scratch, b, f),
                 None => 0,

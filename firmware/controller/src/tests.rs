@@ -31,6 +31,7 @@ pub(crate) fn ns(nsid: u32, depth: usize) -> NamespaceConfig {
         nguid: [nsid as u8; 16],
         uuid: [0xA0 | nsid as u8; 16],
         eui64: [0; 8],
+        qos: Default::default(),
     }
 }
 
@@ -1282,6 +1283,7 @@ fn tenant_volumes_cut_from_one_drive() {
             nguid: [1; 16],
             uuid: [0; 16],
             eui64: [0; 8],
+            qos: Default::default(),
         },
         NamespaceConfig {
             nsid: 2,
@@ -1289,6 +1291,7 @@ fn tenant_volumes_cut_from_one_drive() {
             nguid: [2; 16],
             uuid: [0; 16],
             eui64: [0; 8],
+            qos: Default::default(),
         },
     ];
     let mut h = H::with(cfg);

@@ -136,6 +136,7 @@ fn features(k: &Rc<RefCell<Knobs>>, scratch: usize, scratch_size: usize) -> Targ
         nguid: [2; 16],
         uuid: [0; 16],
         eui64: [0; 8],
+        qos: Default::default(),
     });
     s.namespaces.push(NamespaceConfig {
         nsid: 3,
@@ -143,6 +144,7 @@ fn features(k: &Rc<RefCell<Knobs>>, scratch: usize, scratch_size: usize) -> Targ
         nguid: [3; 16],
         uuid: [0; 16],
         eui64: [0; 8],
+        qos: Default::default(),
     });
     c.limits.error_log_entries = 4;
     c.limits.copy_max_bytes = 64 << 10;

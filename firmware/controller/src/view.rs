@@ -1,8 +1,35 @@
 //! Read-only views of the target for status reporting (management, metrics): subsystems,
 //! namespaces with their statistics, live controllers. Nothing here changes the target.
 
+use crate::config::{NamespaceQos, QosLimits};
 use crate::target::{DISCOVERY, Target};
 use keel_storage::{Geometry, NsStats};
+
+/// What QoS did for a namespace, a controller or a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QosCounters {
+    /// The limits in force.
+    pub limits: QosLimits,
+    /// Commands started so far (counted once they pass their limits).
+    pub admitted_ops: u64,
+    /// Bytes of those commands.
+    pub admitted_bytes: u64,
+    /// Nanoseconds a command was held back by these limits.
+    pub throttled_ns: u64,
+    /// Commands waiting now (namespaces: in all their flows).
+    pub queued: u32,
+}
+
+/// One QoS group.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupView<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its weight (0: its namespaces' own).
+    pub weight: u32,
+    /// Its counters.
+    pub qos: QosCounters,
+}
 
 /// One subsystem (the discovery subsystem is never listed).
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +51,10 @@ pub struct NamespaceView<'a> {
     pub geometry: Geometry,
     /// Its counters.
     pub stats: &'a NsStats,
+    /// Its QoS configuration.
+    pub qos_config: &'a NamespaceQos,
+    /// What its limits did.
+    pub qos: QosCounters,
 }
 
 /// One live controller (discovery controllers included: `discovery` says so).
@@ -41,6 +72,8 @@ pub struct ControllerView<'a> {
     pub discovery: bool,
     /// I/O queues connected.
     pub io_queues: u16,
+    /// What its (host's) limits did.
+    pub qos: QosCounters,
 }
 
 impl Target {
@@ -59,17 +92,24 @@ impl Target {
     pub fn namespace_views(&self) -> impl Iterator<Item = NamespaceView<'_>> + '_ {
         self.subsystems
             .iter()
-            .filter(|s| !s.discovery)
-            .flat_map(|s| {
+            .enumerate()
+            .filter(|(_, s)| !s.discovery)
+            .flat_map(move |(si, s)| {
                 s.namespaces
                     .iter()
-                    .flatten()
-                    .filter(|n| n.active)
-                    .map(move |n| NamespaceView {
+                    .enumerate()
+                    .filter_map(|(ni, n)| n.as_ref().map(|n| (ni, n)))
+                    .filter(|(_, n)| n.active)
+                    .map(move |(ni, n)| NamespaceView {
                         subsystem: &s.nqn,
                         nsid: n.nsid,
                         geometry: n.geometry,
                         stats: &n.stats,
+                        qos_config: &n.qos,
+                        qos: QosCounters {
+                            queued: self.namespace_flow_stats(si, ni).queued,
+                            ..self.qos_counters(n.limiter)
+                        },
                     })
             })
     }
@@ -83,7 +123,40 @@ impl Target {
             local: c.local,
             discovery: c.subsys == DISCOVERY,
             io_queues: c.io_qs.iter().flatten().count() as u16,
+            qos: QosCounters {
+                queued: c
+                    .flows
+                    .iter()
+                    .flatten()
+                    .filter_map(|f| self.sched.flow_stats(*f))
+                    .map(|s| s.queued)
+                    .sum(),
+                ..self.qos_counters(c.limiter)
+            },
         })
+    }
+
+    /// Every QoS group.
+    pub fn group_views(&self) -> impl Iterator<Item = GroupView<'_>> + '_ {
+        self.groups.iter().map(|(name, id, weight)| GroupView {
+            name,
+            weight: *weight,
+            qos: self.qos_counters(*id),
+        })
+    }
+
+    fn qos_counters(&self, id: keel_qos::LimiterId) -> QosCounters {
+        let (admitted_ops, admitted_bytes, throttled_ns) = self.limiter_counters(id);
+        QosCounters {
+            limits: self
+                .sched
+                .limiter(id)
+                .map_or(QosLimits::NONE, |l| l.limits()),
+            admitted_ops,
+            admitted_bytes,
+            throttled_ns,
+            queued: 0,
+        }
     }
 
     /// Whether subsystem `nqn` has an active namespace `nsid`.

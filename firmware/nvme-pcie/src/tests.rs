@@ -34,6 +34,7 @@ fn subsystem(nqn: &str) -> SubsystemConfig {
             nguid: [1; 16],
             uuid: [0; 16],
             eui64: [0; 8],
+            qos: Default::default(),
         }],
     }
 }

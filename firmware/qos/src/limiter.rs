@@ -93,6 +93,7 @@ fn applies(i: usize, cost: Cost) -> bool {
 pub struct Limiter {
     limits: Limits,
     buckets: [Option<Bucket>; 6],
+    limited: bool,
     /// Operations and bytes admitted so far.
     pub admitted_ops: u64,
     /// Bytes admitted so far.
@@ -108,6 +109,7 @@ impl Limiter {
         let mut l = Self {
             limits: Limits::NONE,
             buckets: [None; 6],
+            limited: false,
             admitted_ops: 0,
             admitted_bytes: 0,
             throttled_ns: 0,
@@ -123,7 +125,7 @@ impl Limiter {
 
     /// Whether any limit is set.
     pub fn is_limited(&self) -> bool {
-        self.buckets.iter().any(Option::is_some)
+        self.limited
     }
 
     /// Replaces the limits live. Buckets that stay keep their level (clamped to the new
@@ -140,6 +142,7 @@ impl Limiter {
             };
         }
         self.limits = limits;
+        self.limited = self.buckets.iter().any(Option::is_some);
     }
 
     /// 0 when `cost` may start at `now_ns`, else how many nanoseconds until it may (as far

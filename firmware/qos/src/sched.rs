@@ -371,7 +371,9 @@ impl Scheduler {
         let mut wait = 0;
         let mut by = NONE16;
         for li in self.flows[flow].limiters {
-            if let Some(Some(l)) = self.limiters.get_mut(li as usize) {
+            if let Some(Some(l)) = self.limiters.get_mut(li as usize)
+                && l.is_limited()
+            {
                 let w = l.wait_ns(now_ns, cost);
                 if w > wait {
                     wait = w;
@@ -390,11 +392,11 @@ impl Scheduler {
         }
     }
 
-    /// Starts a command of `flow`: charges, advances its virtual time, counts it in flight.
+    /// Starts a command of `flow`, counting it in flight. A first start (`charged` false)
+    /// charges its limiters, advances the flow's virtual time and counts it; a command that
+    /// was put back ([`Scheduler::requeue_busy`], [`Scheduler::requeue_next_step`]) was
+    /// charged and counted already.
     fn start(&mut self, flow: usize, cost: Cost, charged: bool, now_ns: u64) {
-        if !charged {
-            self.charge(flow, cost);
-        }
         let f = &mut self.flows[flow];
         if let Some((since, by)) = f.blocked.take() {
             let t = now_ns.saturating_sub(since);
@@ -403,12 +405,17 @@ impl Scheduler {
                 l.throttled_ns += t;
             }
         }
+        if !charged {
+            self.charge(flow, cost);
+        }
         let f = &mut self.flows[flow];
         let d = &mut self.domains[f.domain as usize];
         d.vclock = d.vclock.max(f.vtime);
-        f.vtime += cost.bytes.max(MIN_SERVICE) * VSCALE / u64::from(f.weight);
-        f.stats.dispatched += 1;
-        f.stats.bytes += cost.bytes;
+        if !charged {
+            f.vtime += cost.bytes.max(MIN_SERVICE) * VSCALE / u64::from(f.weight);
+            f.stats.dispatched += 1;
+            f.stats.bytes += cost.bytes;
+        }
         d.inflight += 1;
     }
 
@@ -562,7 +569,6 @@ impl Scheduler {
     /// [`Admit::Now`]) as busy: it goes back to the head of its flow, already charged, and
     /// the domain counts as saturated until one of its commands completes.
     pub fn requeue_busy(&mut self, flow: FlowId, h: u32, cost: Cost) -> Result<(), SchedError> {
-        let fi = flow.0 as usize;
         let dom = self.flow_mut(flow).ok_or(SchedError::Unknown)?.domain as usize;
         if self.entries.get(h as usize).is_none_or(|e| e.queued) {
             return Err(SchedError::BadHandle);
@@ -570,15 +576,30 @@ impl Scheduler {
         let d = &mut self.domains[dom];
         d.inflight = d.inflight.saturating_sub(1);
         d.saturated = true;
-        self.arrivals += 1;
-        let f = &mut self.flows[fi];
-        // Undo what `start` counted: it is counted again when it starts for real.
-        f.vtime = f
-            .vtime
-            .saturating_sub(cost.bytes.max(MIN_SERVICE) * VSCALE / u64::from(f.weight));
-        f.stats.dispatched = f.stats.dispatched.saturating_sub(1);
-        f.stats.bytes = f.stats.bytes.saturating_sub(cost.bytes);
-        let old_head = f.head;
+        self.push_front_charged(flow, h, cost);
+        Ok(())
+    }
+
+    /// A started command of `flow` whose step finished ([`Scheduler::completed`] was
+    /// called for it) needs the backend again for its next step (a Copy reads, then
+    /// writes): it waits at the head of its flow, already charged, for room in the domain.
+    pub fn requeue_next_step(
+        &mut self,
+        flow: FlowId,
+        h: u32,
+        cost: Cost,
+    ) -> Result<(), SchedError> {
+        self.flow_mut(flow).ok_or(SchedError::Unknown)?;
+        if self.entries.get(h as usize).is_none_or(|e| e.queued) {
+            return Err(SchedError::BadHandle);
+        }
+        self.push_front_charged(flow, h, cost);
+        Ok(())
+    }
+
+    fn push_front_charged(&mut self, flow: FlowId, h: u32, cost: Cost) {
+        let fi = flow.0 as usize;
+        let old_head = self.flows[fi].head;
         self.entries[h as usize] = Entry {
             next: old_head,
             flow: flow.0,
@@ -596,16 +617,40 @@ impl Scheduler {
         f.stats.queued += 1;
         self.waiting += 1;
         self.activate(fi);
-        Ok(())
     }
 
-    /// A command of `flow` that was started has finished: its domain has room again.
-    pub fn completed(&mut self, flow: FlowId) {
-        if let Some(f) = self.flows.get(flow.0 as usize) {
-            let d = &mut self.domains[f.domain as usize];
+    /// A command that was started in `domain` has finished (or left the backend for good):
+    /// the domain has room again.
+    pub fn completed(&mut self, domain: DomainId) {
+        if let Some(d) = self.domains.get_mut(domain.0 as usize) {
             d.inflight = d.inflight.saturating_sub(1);
             d.saturated = false;
         }
+    }
+
+    /// The domain of a flow.
+    pub fn domain_of(&self, flow: FlowId) -> Option<DomainId> {
+        self.flows
+            .get(flow.0 as usize)
+            .filter(|f| f.live)
+            .map(|f| DomainId(f.domain))
+    }
+
+    /// Replaces the limiters that hold a flow.
+    pub fn set_flow_limiters(
+        &mut self,
+        flow: FlowId,
+        limiters: &[LimiterId],
+    ) -> Result<(), SchedError> {
+        let mut ls = [NONE16; 3];
+        for (slot, l) in ls.iter_mut().zip(limiters) {
+            if self.limiter(*l).is_none() {
+                return Err(SchedError::Unknown);
+            }
+            *slot = l.0;
+        }
+        self.flow_mut(flow).ok_or(SchedError::Unknown)?.limiters = ls;
+        Ok(())
     }
 
     /// Takes a waiting command out (Abort, queue teardown). Returns whether it was waiting.

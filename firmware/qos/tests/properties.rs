@@ -40,16 +40,16 @@ fn saturate_one(limits: Limits, cost: Cost, duration_ns: u64) -> Vec<u64> {
             match s.enqueue(now, f, h, cost).unwrap() {
                 Admit::Now => {
                     starts.push(now);
-                    s.completed(f);
+                    s.completed(d);
                     free.push(h);
                     break;
                 }
                 Admit::Queued => {}
             }
         }
-        for (h, fl) in drain(&mut s, now) {
+        for (h, _) in drain(&mut s, now) {
             starts.push(now);
-            s.completed(fl);
+            s.completed(d);
             free.push(h);
         }
         if !free.is_empty() {
@@ -147,7 +147,7 @@ proptest! {
             let (&(t, h), &f) = done_at.iter().next().unwrap();
             done_at.remove(&(t, h));
             now = t;
-            s.completed(f);
+            s.completed(d);
             // The finished command's flow submits another (endless backlog).
             free.push(h);
             let h2 = alloc(&mut free);
@@ -199,8 +199,8 @@ proptest! {
                         s.requeue_busy(flows[fi], h, READ4K).unwrap();
                         model[fi].push_front(h);
                     } else if let Some(p) = running.iter().position(|_| true) {
-                        let (_, f) = running.remove(p);
-                        s.completed(flows[f]);
+                        running.remove(p);
+                        s.completed(d);
                     }
                 }
                 _ => {
@@ -250,7 +250,7 @@ fn qd1_never_waits_behind_qd256() {
         let (&(t, h), &f) = done_at.iter().next().unwrap();
         done_at.remove(&(t, h));
         now = t;
-        s.completed(f);
+        s.completed(d);
         let admit = s.enqueue(now, f, h, READ4K).unwrap();
         if f == a {
             a_submitted = now;
@@ -316,7 +316,7 @@ fn sharing_is_work_conserving() {
                 break;
             }
             done_at.remove(&(t2, h));
-            s.completed(f);
+            s.completed(d);
             if s.enqueue(now, f, h, READ4K).unwrap() == Admit::Now {
                 count[f.0 as usize] += 1;
                 done_at.insert((now + service, h), f);
@@ -356,7 +356,7 @@ fn busy_refusal_keeps_place_and_charge() {
     // Command 1 is refused as busy: it goes back ahead of 2 and is not charged again.
     s.requeue_busy(f, 1, READ4K).unwrap();
     assert_eq!(s.next(0), None, "saturated until a completion");
-    s.completed(f);
+    s.completed(d);
     assert_eq!(s.next(0), Some((1, f)));
     // 2 waits for the bucket: 2 tokens were spent on commands 0 and 1 only.
     assert_eq!(s.next(0), None);
@@ -373,17 +373,14 @@ fn idle_flows_bank_no_credit() {
     let a = s.add_flow(d, 1, &[]).unwrap();
     let b = s.add_flow(d, 1, &[]).unwrap();
     let mut h = 0u32;
-    let mut running = None;
-    // B alone for 1000 commands.
+    // B alone for 1000 commands, one at a time.
     for _ in 0..1000 {
-        if s.enqueue(0, b, h, READ4K).unwrap() == Admit::Now {
-            running = Some(b);
-        }
+        s.enqueue(0, b, h, READ4K).unwrap();
         h += 1;
     }
     for _ in 0..999 {
-        s.completed(running.unwrap());
-        running = s.next(0).map(|x| x.1);
+        s.completed(d);
+        assert_eq!(s.next(0).map(|x| x.1), Some(b));
     }
     // A arrives with 500; B keeps 500 more queued.
     for _ in 0..500 {
@@ -394,10 +391,9 @@ fn idle_flows_bank_no_credit() {
     }
     let mut got = [0u32; 2];
     for _ in 0..200 {
-        s.completed(running.unwrap());
+        s.completed(d);
         let (_, f) = s.next(0).unwrap();
         got[f.0 as usize] += 1;
-        running = Some(f);
     }
     assert!(got[0].abs_diff(got[1]) <= 2, "{got:?}");
 }

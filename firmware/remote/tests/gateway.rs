@@ -39,6 +39,7 @@ impl Front {
                     nguid: [1; 16],
                     uuid: [0; 16],
                     eui64: [0; 8],
+                    qos: Default::default(),
                 }],
             }],
             ..TargetConfig::default()

@@ -349,6 +349,7 @@ impl Emulator {
                             nguid: [0; 16],
                             uuid: [0; 16],
                             eui64: [0; 8],
+                            qos: Default::default(),
                         });
                     }
                     let target = Target::new(TargetConfig {

@@ -231,6 +231,7 @@ fn make_target(cfg: &ServerCfg, backend: Box<dyn BlockBackend>) -> Target {
                 nguid: [0x42; 16],
                 uuid: [0; 16],
                 eui64: [0; 8],
+                qos: Default::default(),
             }],
         }],
         ports: Vec::new(),
@@ -246,6 +247,7 @@ fn make_target(cfg: &ServerCfg, backend: Box<dyn BlockBackend>) -> Target {
         },
         identity: Default::default(),
         scratch: None,
+        ..Default::default()
     })
     .unwrap()
 }

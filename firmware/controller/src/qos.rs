@@ -1,0 +1,239 @@
+//! Quality of service in the controller core (issue 16): every I/O command passes through a
+//! [`keel_qos::Scheduler`] between decoding and its backend.
+//!
+//! - A **flow** per controller and namespace: the commands of one host to one namespace wait
+//!   in arrival order, whichever I/O queue or connection they came on.
+//! - **Limiters**: each namespace has one (its own limits, every host together), each
+//!   controller one (its host's limits, from [`HostQos`] or
+//!   [`Target::set_controller_limits`]), each group one (a tenant's pool); a flow is held by
+//!   its namespace's, its controller's and its group's. A command over a limit waits in its
+//!   flow and is never failed.
+//! - A **domain** per backend: namespaces cut from one drive share one (by
+//!   [`NamespaceQos::domain`] key), and when it is saturated (its `max_inflight` reached, or
+//!   the backend refused a command as busy) its flows share it by weight, work-conserving.
+//!
+//! With no limit set and a backend that takes every command, a command starts at once
+//! (`Admit::Now`) without being queued.
+
+use crate::config::*;
+use crate::target::*;
+use alloc::string::String;
+use alloc::vec::Vec;
+use keel_qos::{FlowStats, LimiterId};
+
+impl Target {
+    /// The limits of a new controller of `hostnqn`: its own rule, else the `*` rule.
+    pub(crate) fn host_limits(&self, hostnqn: &str) -> QosLimits {
+        self.host_qos
+            .iter()
+            .find(|h| h.hostnqn == hostnqn)
+            .or_else(|| self.host_qos.iter().find(|h| h.hostnqn == "*"))
+            .map_or(QosLimits::NONE, |h| h.limits)
+    }
+
+    /// A limiter, or an unlimited stand-in when the scheduler has no room (65535 limiters).
+    pub(crate) fn new_limiter(&mut self, limits: QosLimits, now: Instant) -> LimiterId {
+        self.sched
+            .add_limiter(limits, now.as_nanos())
+            .unwrap_or(LimiterId(u16::MAX))
+    }
+
+    /// The group limiter and weight of a namespace.
+    fn group_of(&self, qos: &NamespaceQos) -> (Option<LimiterId>, u32) {
+        let g = qos
+            .group
+            .as_ref()
+            .and_then(|name| self.groups.iter().find(|(n, _, _)| n == name));
+        let weight = match g {
+            Some((_, _, w)) if *w > 0 => *w,
+            _ => qos.weight,
+        };
+        (g.map(|(_, l, _)| *l), weight)
+    }
+
+    /// Gives controller `ci` a flow toward every namespace of its subsystem that has none.
+    pub(crate) fn ensure_flows(&mut self, ci: usize) {
+        let Some(Some(c)) = self.ctrls.get(ci) else {
+            return;
+        };
+        let (si, climiter) = (c.subsys, c.limiter);
+        let n = self.subsystems.get(si).map_or(0, |s| s.namespaces.len());
+        for ni in 0..n {
+            let has =
+                matches!(&self.ctrls[ci], Some(c) if c.flows.get(ni).is_some_and(Option::is_some));
+            let Some(Some(ns)) = self.subsystems[si].namespaces.get(ni) else {
+                continue;
+            };
+            if has {
+                continue;
+            }
+            let (group, weight) = self.group_of(&ns.qos);
+            let mut ls = Vec::with_capacity(3);
+            ls.push(ns.limiter);
+            if self.sched.limiter(climiter).is_some() {
+                ls.push(climiter);
+            }
+            ls.extend(group);
+            let flow = self.sched.add_flow(ns.domain, weight, &ls).ok();
+            if let Some(Some(c)) = self.ctrls.get_mut(ci) {
+                if c.flows.len() <= ni {
+                    c.flows.resize(ni + 1, None);
+                }
+                c.flows[ni] = flow;
+            }
+        }
+    }
+
+    /// Changes a namespace's limits, weight and group live (its domain stays): commands
+    /// waiting keep their place and start under the new limits.
+    pub fn set_namespace_qos(
+        &mut self,
+        subnqn: &str,
+        nsid: u32,
+        qos: NamespaceQos,
+    ) -> Result<(), TargetError> {
+        let si = self
+            .subsys_index(subnqn)
+            .ok_or(TargetError::UnknownSubsystem)?;
+        let ni = self.subsystems[si]
+            .find_ns(nsid)
+            .ok_or(TargetError::UnknownNamespace)?;
+        if let Some(g) = &qos.group
+            && !self.groups.iter().any(|(n, _, _)| n == g)
+        {
+            return Err(ConfigError::UnknownGroup(nsid).into());
+        }
+        let now = self.now.as_nanos();
+        let (group, weight) = self.group_of(&qos);
+        let Some(Some(ns)) = self.subsystems[si].namespaces.get_mut(ni) else {
+            return Err(TargetError::UnknownNamespace);
+        };
+        let _ = self.sched.set_limits(ns.limiter, qos.limits, now);
+        let nlimiter = ns.limiter;
+        ns.qos = NamespaceQos {
+            domain: ns.qos.domain,
+            max_inflight: ns.qos.max_inflight,
+            ..qos
+        };
+        for c in self.ctrls.iter().flatten() {
+            if c.subsys != si {
+                continue;
+            }
+            if let Some(Some(f)) = c.flows.get(ni) {
+                let mut ls = Vec::with_capacity(3);
+                ls.push(nlimiter);
+                if self.sched.limiter(c.limiter).is_some() {
+                    ls.push(c.limiter);
+                }
+                ls.extend(group);
+                let _ = self.sched.set_flow_limiters(*f, &ls);
+                let _ = self.sched.set_weight(*f, weight);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the groups live: limits and weights of groups that stay change in place, new
+    /// groups start with full buckets; namespaces of a removed group leave it.
+    pub fn set_qos_groups(&mut self, groups: Vec<QosGroup>) {
+        let now = self.now.as_nanos();
+        let mut kept = Vec::with_capacity(groups.len());
+        for g in groups {
+            let id = match self.groups.iter().find(|(n, _, _)| *n == g.name) {
+                Some((_, id, _)) => {
+                    let _ = self.sched.set_limits(*id, g.limits, now);
+                    *id
+                }
+                None => self.new_limiter(g.limits, self.now),
+            };
+            kept.push((g.name, id, g.weight));
+        }
+        for (name, id, _) in &self.groups {
+            if !kept.iter().any(|(n, _, _)| n == name) {
+                self.sched.remove_limiter(*id);
+            }
+        }
+        self.groups = kept;
+        // Namespaces naming a group that is gone leave it; weights follow the groups.
+        let mut changes: Vec<(String, u32, NamespaceQos)> = Vec::new();
+        for s in self.subsystems.iter() {
+            for ns in s.namespaces.iter().flatten().filter(|n| n.active) {
+                let mut q = ns.qos.clone();
+                if q.group
+                    .as_ref()
+                    .is_some_and(|g| !self.groups.iter().any(|(n, _, _)| n == g))
+                {
+                    q.group = None;
+                }
+                changes.push((s.nqn.clone(), ns.nsid, q));
+            }
+        }
+        for (nqn, nsid, q) in changes {
+            let _ = self.set_namespace_qos(&nqn, nsid, q);
+        }
+    }
+
+    /// Replaces the per-host rules live; every controller's limits follow (a local
+    /// controller's set with [`Target::set_controller_limits`] are replaced too).
+    pub fn set_host_qos(&mut self, rules: Vec<HostQos>) {
+        self.host_qos = rules;
+        let now = self.now.as_nanos();
+        for ci in 0..self.ctrls.len() {
+            let Some(Some(c)) = self.ctrls.get(ci) else {
+                continue;
+            };
+            let (l, id) = (self.host_limits(&c.hostnqn), c.limiter);
+            let _ = self.sched.set_limits(id, l, now);
+        }
+    }
+
+    /// Sets the limits of the controller whose admin queue is `admin` (an emulated
+    /// function's, for example).
+    pub fn set_controller_limits(
+        &mut self,
+        admin: QueueId,
+        limits: QosLimits,
+    ) -> Result<(), TargetError> {
+        let qi = self.queue_index(admin).ok_or(TargetError::UnknownQueue)?;
+        let ci = self.ctrl_of(qi).ok_or(TargetError::UnknownQueue)?;
+        let now = self.now.as_nanos();
+        let id = self.ctrls[ci]
+            .as_ref()
+            .map(|c| c.limiter)
+            .ok_or(TargetError::UnknownQueue)?;
+        self.sched
+            .set_limits(id, limits, now)
+            .map_err(|_| TargetError::UnknownQueue)
+    }
+
+    /// When the poll loop should look again for commands held back only by their limits
+    /// (`None`: none is).
+    pub fn next_wakeup(&mut self, now: Instant) -> Option<Instant> {
+        self.sched
+            .next_wakeup(now.as_nanos())
+            .map(Instant::from_nanos)
+    }
+
+    /// The counters of a limiter: (admitted commands, admitted bytes, nanoseconds throttled).
+    pub(crate) fn limiter_counters(&self, id: LimiterId) -> (u64, u64, u64) {
+        self.sched.limiter(id).map_or((0, 0, 0), |l| {
+            (l.admitted_ops, l.admitted_bytes, l.throttled_ns)
+        })
+    }
+
+    /// The sum of the flows' counters toward namespace `ni` of subsystem `si`.
+    pub(crate) fn namespace_flow_stats(&self, si: usize, ni: usize) -> FlowStats {
+        let mut t = FlowStats::default();
+        for c in self.ctrls.iter().flatten().filter(|c| c.subsys == si) {
+            if let Some(Some(f)) = c.flows.get(ni)
+                && let Some(s) = self.sched.flow_stats(*f)
+            {
+                t.queued += s.queued;
+                t.dispatched += s.dispatched;
+                t.bytes += s.bytes;
+                t.throttled_ns += s.throttled_ns;
+            }
+        }
+        t
+    }
+}
