@@ -14,12 +14,59 @@
 use crate::platform::{Platform, heap_calls};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+use keel_hal::MAX_CORES;
 use keel_hal::arch::percpu::{self, CoreInfo};
 use keel_hal::arch::smp::{self, CoreContext, Started};
 use keel_hal::arch::timer;
 use keel_hal::gic::{CpuInterface, Doorbell, GicCpu};
 use keel_hal::println;
+use keel_ring::stats::LoopCounters;
 use keel_ring::{Consumer, Producer, Ring};
+
+/// Every core's loop counters, indexed by core; each core writes only its own block (one
+/// cache line each), and core 0 reads them all for `keelctl status` and `/metrics`.
+pub static LOOPS: [LoopCounters; MAX_CORES] = [const { LoopCounters::new() }; MAX_CORES];
+
+/// Bit `i` set: core `i` runs a poll loop (core 0 always; a secondary once started).
+static RUNNING: AtomicU64 = AtomicU64::new(1);
+
+/// What core 0's loop serves (status and `/metrics`).
+pub const BOOT_CORE_ROLE: &str = "network, NVMe/TCP, drives, functions, management";
+/// What a secondary's loop serves today.
+pub const SECONDARY_ROLE: &str = "messages from core 0";
+
+/// This core's loop counters.
+pub fn own_counters() -> &'static LoopCounters {
+    &LOOPS[percpu::index().min(MAX_CORES - 1)]
+}
+
+/// Every running core's counters, read without a lock (core 0 first).
+pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
+    let running = RUNNING.load(Ordering::Acquire);
+    percpu::cores()
+        .iter()
+        .filter(|c| c.index < 64 && running & (1 << c.index) != 0)
+        .map(|c| {
+            let l = LOOPS[c.index].read();
+            keel_mgmt::CoreInfo {
+                index: c.index as u16,
+                mpidr: c.mpidr,
+                role: if c.index == 0 {
+                    BOOT_CORE_ROLE
+                } else {
+                    SECONDARY_ROLE
+                }
+                .into(),
+                passes: l.passes,
+                busy_passes: l.busy_passes,
+                sleeps: l.sleeps,
+                messages: l.messages,
+                allocator_calls: heap_calls(c.index),
+            }
+        })
+        .collect()
+}
 
 /// Messages per ring (each way).
 pub const RING_SLOTS: usize = 64;
@@ -151,12 +198,15 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
             DataCore::new(ctx, from_boot, to_boot, timer_intid).run()
         });
         match smp::start(info, gic, main) {
-            Ok(Started { info, doorbell }) => links.0.push(Link {
-                info,
-                tx: to_core,
-                rx: from_core,
-                doorbell,
-            }),
+            Ok(Started { info, doorbell }) => {
+                RUNNING.fetch_or(1 << info.index, Ordering::Release);
+                links.0.push(Link {
+                    info,
+                    tx: to_core,
+                    rx: from_core,
+                    doorbell,
+                })
+            }
             Err(e) => log::error!("core {}: not started: {e}", info.index),
         }
     }
@@ -231,6 +281,7 @@ struct DataCore {
     /// Allocator calls of this core when its loop started.
     allocs_at_start: u64,
     sleeps: bool,
+    counters: &'static LoopCounters,
 }
 
 impl DataCore {
@@ -254,15 +305,16 @@ impl DataCore {
             passes: 0,
             allocs_at_start: heap_calls(info.index),
             sleeps,
+            counters: &LOOPS[info.index.min(MAX_CORES - 1)],
         }
     }
 
     /// One pass: serve every message waiting; returns whether there was any.
     fn pass(&mut self) -> bool {
         self.passes += 1;
-        let mut busy = false;
+        let mut taken = 0;
         while let Some(msg) = self.rx.pop() {
-            busy = true;
+            taken += 1;
             if let Msg::Ping { seq, value } = msg {
                 let reply = Msg::Pong {
                     seq,
@@ -281,7 +333,9 @@ impl DataCore {
                 println!("unreachable: {}", crate::testhooks::recurse(1));
             }
         }
-        busy
+        self.counters.pass(taken > 0);
+        self.counters.received(taken);
+        taken > 0
     }
 
     fn run(mut self) {
@@ -305,6 +359,7 @@ impl DataCore {
                 last_busy = now;
                 continue;
             }
+            self.counters.slept();
             timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(MAX_SLEEP_NS)));
             timer::wait_for_interrupt();
             timer::disarm_wakeup();

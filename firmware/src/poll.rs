@@ -163,9 +163,12 @@ pub fn run(mut platform: Platform) -> ! {
         .as_mut()
         .is_some_and(|n| enable_wakeups(&mut platform, n));
     let mut last_busy = timer::now_ns();
+    let counters = crate::cores::own_counters();
     loop {
         let now = timer::now_ns();
-        if pass(now, net.as_mut(), &mut services, mgmt.as_mut()) {
+        let busy = pass(now, net.as_mut(), &mut services, mgmt.as_mut());
+        counters.pass(busy);
+        if busy {
             last_busy = now;
             continue;
         }
@@ -187,6 +190,7 @@ pub fn run(mut platform: Platform) -> ! {
             .and_then(|n| n.poll_delay(now))
             .map_or(MAX_SLEEP_NS, |d| d.total_micros().saturating_mul(1_000))
             .min(MAX_SLEEP_NS);
+        counters.slept();
         timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(delay_ns)));
         timer::wait_for_interrupt();
         timer::disarm_wakeup();

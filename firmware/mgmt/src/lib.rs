@@ -80,6 +80,30 @@ pub struct Snapshot {
     pub tcp_connections: u32,
     /// Emulated PCIe functions and whether a host has enabled them.
     pub functions: Vec<FunctionInfo>,
+    /// Every running core's poll loop (core 0 first), each read from counters that only its
+    /// own core writes.
+    pub cores: Vec<CoreInfo>,
+}
+
+/// One core's poll loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CoreInfo {
+    /// Index: 0 is the boot core (admin, management, configuration), 1.. the others.
+    pub index: u16,
+    /// MPIDR_EL1 affinity.
+    pub mpidr: u64,
+    /// What the core's loop serves (`network, NVMe/TCP, drives, functions, management`).
+    pub role: String,
+    /// Passes of its loop.
+    pub passes: u64,
+    /// Passes that found work.
+    pub busy_passes: u64,
+    /// Times it slept in WFI for lack of work.
+    pub sleeps: u64,
+    /// Messages it took from other cores' rings.
+    pub messages: u64,
+    /// Allocator calls it made (allocations, frees, reallocations) since boot.
+    pub allocator_calls: u64,
 }
 
 /// One subsystem.

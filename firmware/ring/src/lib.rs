@@ -47,6 +47,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod stats;
 mod sync;
 
 use core::fmt;

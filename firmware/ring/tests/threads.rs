@@ -142,3 +142,40 @@ fn static_halves_move_to_other_threads() {
     }
     assert_eq!(consumer.join().expect("consumer"), 999 * 1000 / 2);
 }
+
+/// One core bumps its loop counters while another reads them: the reader never sees a
+/// counter go backwards or busy passes exceed passes, and after the writer is done it sees
+/// exactly what was recorded.
+#[test]
+fn loop_counters_read_from_another_thread() {
+    use keel_ring::stats::LoopCounters;
+    let passes = if cfg!(miri) { 1_000 } else { 1_000_000 };
+    let c = LoopCounters::new();
+    thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..passes {
+                c.pass(i % 3 == 0);
+                if i % 10 == 0 {
+                    c.slept();
+                }
+                c.received(i % 2);
+            }
+        });
+        s.spawn(|| {
+            let mut last = c.read();
+            for _ in 0..passes / 10 {
+                let now = c.read();
+                assert!(now.passes >= last.passes, "passes went back");
+                assert!(now.busy_passes >= last.busy_passes, "busy went back");
+                assert!(now.sleeps >= last.sleeps, "sleeps went back");
+                assert!(now.messages >= last.messages, "messages went back");
+                last = now;
+            }
+        });
+    });
+    let end = c.read();
+    assert_eq!(end.passes, passes);
+    assert_eq!(end.busy_passes, passes.div_ceil(3));
+    assert_eq!(end.sleeps, passes.div_ceil(10));
+    assert_eq!(end.messages, passes / 2);
+}
