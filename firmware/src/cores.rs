@@ -150,7 +150,7 @@ fn report(info: &CoreInfo, gic: Option<CpuInterface>, entry_el: u8) {
         None => "no GIC".into(),
     };
     println!(
-        "core {}: MPIDR {:#x}, stack {:#x}..{:#x}, exception stack {:#x}..{:#x}, {}, entered at EL{}",
+        "core {}: MPIDR {:#x}, stack {:#x}..{:#x}, SP_EL1 stack {:#x}..{:#x}, {}, entered at EL{}",
         info.index,
         info.mpidr,
         info.stack.0,

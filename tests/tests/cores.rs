@@ -40,7 +40,7 @@ fn every_core_reports_and_answers(smp: usize, gic: u32, el2: bool) {
             .lines()
             .find(|l| l.starts_with(&prefix))
             .unwrap_or_else(|| panic!("no report from core {core}:\n{c}"));
-        assert!(line.contains(", exception stack 0x"), "{line}");
+        assert!(line.contains(", SP_EL1 stack 0x"), "{line}");
         assert!(line.contains(&interface), "{line}");
         assert!(line.ends_with(&format!("entered at EL{el}")), "{line}");
         if gic == 3 {
