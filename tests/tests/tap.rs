@@ -14,7 +14,7 @@
 //! Creating a tap needs root and /dev/net/tun (CI runs as root). Where they are missing these
 //! tests fail and say so: a multi-core proof that silently passed would prove nothing.
 
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, keelctl, root, run_keelctl};
+use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, keelctl, noise, root, run_keelctl};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
 use std::process::Command;
@@ -149,19 +149,6 @@ fn every_core_answers_flows_on_its_own_queue_pair() {
     let served: BTreeSet<u8> = by_flow.values().flatten().copied().collect();
     assert_eq!(served, BTreeSet::from([0, 1, 2, 3]), "cores that answered");
     kill_and_check_tap_removed(q, &tap);
-}
-
-/// Deterministic bytes that are not a simple pattern.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// `keelctl ARGS` that must succeed.
