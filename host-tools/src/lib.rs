@@ -2,6 +2,8 @@
 //!
 //! - [`image`]: turns the firmware ELF into the raw image loaders boot (`-kernel`, booti) and
 //!   into a flash image for QEMU `virt`'s pflash.
+//! - [`blockdev`]: the block-device interface read, write, verify and bench run on, for both
+//!   of the following.
 //! - [`nvme`]: the NVMe/TCP initiator (discovery, identify, read/write, verify, bench).
 //! - [`host`]: the emulated PCIe function's host side (window, NVMe driver, NBD export).
 //! - [`mgmt`]: the management client (`status`, `provision push`, `reboot`, `metrics`).
@@ -9,6 +11,7 @@
 //!   `keel_provision`).
 #![warn(missing_docs)]
 
+pub mod blockdev;
 pub mod host;
 pub mod image;
 pub mod mgmt;

@@ -31,6 +31,8 @@ enum Cmd {
     },
     /// NVMe/TCP initiator: discover, identify, read, write, verify, bench.
     Nvme {
+        #[command(flatten)]
+        target: nvme::cli::TargetArgs,
         #[command(subcommand)]
         cmd: nvme::cli::NvmeCmd,
     },
@@ -87,8 +89,8 @@ fn main() {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Nvme { cmd } => {
-            let code = nvme::cli::run(cmd, &mut std::io::stdout().lock())?;
+        Cmd::Nvme { target, cmd } => {
+            let code = nvme::cli::run(&target, cmd, &mut std::io::stdout().lock())?;
             if code != 0 {
                 std::process::exit(code);
             }

@@ -185,6 +185,49 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Run {
     r
 }
 
+/// Runs `cmd` while the function is held (`hold(true)`) until `n` more commands than at the
+/// start sit in its submission queues at once (`submitted()`: the sum of their tail
+/// doorbells), for at most `timeout`, then releases it and waits for the client. Panics unless
+/// the client succeeded and `n` commands were seen at once; returns the client's stdout. This
+/// shows a client's concurrency without timing.
+pub fn with_n_in_flight(
+    hold: impl Fn(bool),
+    submitted: impl Fn() -> u32,
+    n: u32,
+    timeout: Duration,
+    cmd: &mut Command,
+) -> String {
+    hold(true);
+    let base = submitted();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    let mut seen = 0;
+    while t0.elapsed() < timeout {
+        seen = submitted().wrapping_sub(base);
+        if seen >= n || child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    hold(false);
+    let o = child.wait_with_output().expect("wait");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed: {}\n{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        seen >= n,
+        "{cmd:?}: only {seen} of {n} commands reached the function at once"
+    );
+    out
+}
+
 /// Runs `keelctl ARGS` (in `dir` when given), killing it after [`RUN_TIMEOUT`].
 pub fn run_keelctl(dir: Option<&Path>, args: &[&str]) -> Run {
     let mut cmd = Command::new(keelctl());

@@ -1,14 +1,16 @@
 //! The emulated NVMe function end to end: the release firmware in QEMU serves an NVMe
 //! controller on each `ivshmem` window (`qemu/run --window FILE`), and the host side is the
 //! real `keelctl host --window FILE` binary (identify, read, write, verify, bench, nbd) or its
-//! driver library where a test needs to act between two register writes (reset and shutdown
-//! with commands in flight). The NBD export is checked with real clients from Debian
+//! driver (`keel-nvme-driver` on the window) where a test needs to act between two register
+//! writes (reset and shutdown with commands in flight). The NBD export is checked with real clients from Debian
 //! (`qemu-io`/`qemu-img` from qemu-utils, `nbdinfo`/`nbdcopy` from libnbd-bin).
 //!
 //! Every QEMU, `keelctl` and client run is bounded in time; the tests of this file take turns
 //! (one QEMU at a time) because the firmware polls a live function without sleeping.
 
-use keel_host_tools::host::{HostController, IoOp, IoQueue, Window};
+use keel_host_tools::blockdev::{self, BlockDevice, Request};
+use keel_host_tools::host::{HostConfig, HostController, HostDevice, Window};
+use keel_storage::BlockOp;
 use keel_tests::{
     BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, noise, root, run_bounded,
 };
@@ -68,6 +70,8 @@ struct Rig {
     windows: Vec<ScratchFile>,
     nvmf: String,
     dir: PathBuf,
+    /// QEMU's human monitor (stop/cont).
+    monitor: PathBuf,
     _turn: MutexGuard<'static, ()>,
 }
 
@@ -90,6 +94,15 @@ impl Rig {
             args.push("--append".into());
             args.push(a.into());
         }
+        let dir = root().join(format!(
+            "target/qemu-tests/scratch/{}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let monitor = dir.join("monitor.sock");
+        args.push("--".into());
+        args.push("-monitor".into());
+        args.push(format!("unix:{},server=on,wait=off", monitor.display()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut qemu = Qemu::boot(Build::Release, &argv);
         qemu.wait_for("keel: ready", BOOT_TIMEOUT)
@@ -108,16 +121,12 @@ impl Rig {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let dir = root().join(format!(
-            "target/qemu-tests/scratch/{}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
         Rig {
             qemu,
             windows,
             nvmf: format!("127.0.0.1:{port}"),
             dir,
+            monitor,
             _turn: turn,
         }
     }
@@ -128,6 +137,28 @@ impl Rig {
 
     fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// Stops (false) or resumes (true) the firmware's CPU through QEMU's monitor. While it
+    /// is stopped, the window stays writable: a host's commands pile up in its queues.
+    fn run_cpu(&self, run: bool) {
+        use std::io::{Read, Write};
+        let mut m = std::os::unix::net::UnixStream::connect(&self.monitor).expect("monitor");
+        m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut seen = Vec::new();
+        let mut prompt = |m: &mut std::os::unix::net::UnixStream| {
+            let mut b = [0u8; 512];
+            while !String::from_utf8_lossy(&seen).ends_with("(qemu) ") {
+                let n = m.read(&mut b).expect("monitor reply");
+                assert!(n > 0, "monitor closed");
+                seen.extend_from_slice(&b[..n]);
+            }
+            seen.clear();
+        };
+        prompt(&mut m);
+        m.write_all(if run { b"cont\n" } else { b"stop\n" })
+            .expect("monitor command");
+        prompt(&mut m);
     }
 
     /// No crash report on the console, and NVMe/TCP on the same firmware still serves.
@@ -466,23 +497,44 @@ fn two_windows_are_two_functions_with_their_own_data() {
     rig.assert_healthy();
 }
 
-/// Submits up to each queue's depth of 128 KiB writes (odd queues) or reads (even queues)
-/// at `lba` and above, without waiting; returns how many.
-fn flood(qs: &mut [IoQueue], lba: u64, data: &[u8]) -> usize {
+/// Opens the controller behind `win` with `queues` I/O queue pairs of `depth` commands and
+/// namespace 1 as a block device with a buffer for every command.
+fn open_device(win: &Arc<Window>, queues: u16, depth: u16) -> HostDevice {
+    HostController::open(
+        win.clone(),
+        &HostConfig {
+            queues,
+            depth,
+            timeout: WAIT,
+        },
+    )
+    .expect("open")
+    .into_device(1, queues as usize * depth as usize)
+    .expect("namespace 1")
+}
+
+/// Submits 128 KiB writes (odd tags) and reads (even tags) at `lba` and above up to the
+/// device's depth, without waiting; returns how many.
+fn flood(d: &mut HostDevice, lba: u64, data: &[u8]) -> usize {
     let blocks = (data.len() / 512) as u32;
-    let mut n = 0;
-    for q in qs.iter_mut() {
-        let op = if q.qid() % 2 == 1 {
-            IoOp::Write(false)
+    let n = d.depth();
+    for i in 0..n {
+        let mut buf = d.alloc().expect("a buffer");
+        let op = if i % 2 == 1 {
+            buf.as_mut_slice()[..data.len()].copy_from_slice(data);
+            BlockOp::Write { fua: false }
         } else {
-            IoOp::Read
+            BlockOp::Read
         };
-        while q.inflight() < q.depth() as usize {
-            let at = lba + (n as u64 % 64) * blocks as u64;
-            q.submit(op, 1, at, blocks, 512, Some(data))
-                .expect("submitting");
-            n += 1;
-        }
+        let at = lba + (i as u64 % 64) * blocks as u64;
+        d.submit(Request {
+            tag: i as u64,
+            op,
+            lba: at,
+            blocks,
+            buf: Some(buf),
+        })
+        .expect("submitting");
     }
     n
 }
@@ -497,21 +549,17 @@ fn controller_reset_mid_io_and_shutdown_with_writes_outstanding() {
     let win = Arc::new(Window::open(rig.window(0)).unwrap());
     let golden = noise(1 << 20, 20);
     let chunk = noise(128 << 10, 21);
-    let mut c = HostController::open(win.clone(), WAIT).expect("open");
-    assert_eq!(c.set_io_queues(4).unwrap(), 4);
-    let mut q = c.create_io_queue(1, 32, 128 << 10).unwrap();
-    q.write(1, 0, &golden, 512).unwrap();
-    c.delete_io_queue(q).unwrap();
+    let mut d = open_device(&win, 4, 32);
+    blockdev::write(&mut d, 0, &golden).unwrap();
+    drop(d);
 
     for round in 0..4 {
-        assert_eq!(c.set_io_queues(4).unwrap(), 4);
-        let mut qs: Vec<IoQueue> = (1..=4)
-            .map(|qid| c.create_io_queue(qid, 32, 128 << 10).unwrap())
-            .collect();
-        let n = flood(&mut qs, 4096, &chunk);
-        // Let a few complete so that the reset lands with commands at every stage.
+        let mut d = open_device(&win, 4, 32);
+        let n = flood(&mut d, 4096, &chunk);
+        // Let one complete in odd rounds so that the reset lands with commands at every
+        // stage.
         if round % 2 == 1 {
-            let _ = qs[0].wait().expect("a first completion");
+            let _ = d.complete().expect("a first completion");
         }
         // CC.EN 1 -> 0 with commands in flight.
         win.store32(CC, 0);
@@ -530,39 +578,45 @@ fn controller_reset_mid_io_and_shutdown_with_writes_outstanding() {
         }
         // Nothing is posted for the dropped commands after the reset.
         let irq = interrupt_counters(&win);
+        assert!(
+            irq[1..=4].iter().any(|&c| c > 0),
+            "round {round}: the I/O queues' vectors fired before the reset: {irq:?}"
+        );
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(
             interrupt_counters(&win),
             irq,
             "round {round}: interrupts after the reset"
         );
-        drop(qs);
+        drop(d);
         // A fresh enable; the data written before is intact.
-        c = HostController::open(win.clone(), WAIT).expect("open after reset");
-        assert_eq!(c.set_io_queues(4).unwrap(), 4);
-        let mut q = c.create_io_queue(1, 16, 128 << 10).unwrap();
-        assert!(
-            q.read(1, 0, 2048, 512).unwrap() == golden,
-            "round {round}: data before the reset"
-        );
-        c.delete_io_queue(q).unwrap();
+        let mut d = open_device(&win, 4, 16);
+        let mut back = vec![0u8; golden.len()];
+        blockdev::read(&mut d, 0, &mut back).unwrap();
+        assert!(back == golden, "round {round}: data before the reset");
     }
 
     // Shutdown with writes in flight: CC.SHN -> CSTS.SHST complete; every write the
     // controller took completes (successfully) and is there after the next enable.
-    let mut q = c.create_io_queue(1, 32, 128 << 10).unwrap();
-    let mut cids = Vec::new();
+    let mut d = open_device(&win, 1, 32);
     let datas: Vec<Vec<u8>> = (0..32).map(|i| noise(128 << 10, 100 + i)).collect();
-    for (i, d) in datas.iter().enumerate() {
-        let lba = 20000 + i as u64 * 256;
-        cids.push(
-            q.submit(IoOp::Write(false), 1, lba, 256, 512, Some(d))
-                .unwrap(),
-        );
+    for (i, data) in datas.iter().enumerate() {
+        let mut buf = d.alloc().unwrap();
+        buf.as_mut_slice()[..data.len()].copy_from_slice(data);
+        d.submit(Request {
+            tag: i as u64,
+            op: BlockOp::Write { fua: false },
+            lba: 20000 + i as u64 * 256,
+            blocks: 256,
+            buf: Some(buf),
+        })
+        .unwrap();
     }
     // The first completion: the controller is working through the queue.
-    let mut done = vec![q.wait().expect("first write")];
-    c.shutdown().expect("CC.SHN: CSTS.SHST complete");
+    let mut done = vec![d.complete().expect("first write")];
+    d.controller()
+        .shutdown()
+        .expect("CC.SHN: CSTS.SHST complete");
     let csts = win.load32(CSTS);
     assert_eq!((csts >> 2) & 3, 2, "CSTS.SHST {csts:#x}");
     assert_eq!(
@@ -571,46 +625,38 @@ fn controller_reset_mid_io_and_shutdown_with_writes_outstanding() {
         "RDY stays 1 and no CFS after shutdown: {csts:#x}"
     );
     let t0 = Instant::now();
-    while done.len() < cids.len() && t0.elapsed() < Duration::from_secs(2) {
-        match q.queue().poll() {
+    while done.len() < datas.len() && t0.elapsed() < Duration::from_secs(2) {
+        match d.try_complete() {
             Some(x) => done.push(x),
             None => std::thread::sleep(Duration::from_millis(1)),
         }
     }
     for x in &done {
         assert!(
-            x.cqe.status.is_success(),
+            x.result.is_ok(),
             "a write completed with {:?} during shutdown",
-            x.cqe.status
+            x.result
         );
     }
     eprintln!(
         "{} of {} writes completed around the shutdown",
         done.len(),
-        cids.len()
+        datas.len()
     );
     assert_eq!(
         done.len(),
-        cids.len(),
+        datas.len(),
         "writes submitted before CC.SHN did not all complete"
     );
+    drop(d);
     // After shutdown and a new enable, every completed write is there.
-    let mut c = HostController::open(win.clone(), WAIT).expect("open after shutdown");
-    assert_eq!(c.set_io_queues(1).unwrap(), 1);
-    let mut q = c.create_io_queue(1, 16, 128 << 10).unwrap();
-    for x in &done {
-        let i = cids
-            .iter()
-            .position(|&cid| cid == x.cqe.cid)
-            .expect("known CID");
-        let lba = 20000 + i as u64 * 256;
-        assert!(
-            q.read(1, lba, 256, 512).unwrap() == datas[i],
-            "write {i} lost across the shutdown"
-        );
+    let mut d = open_device(&win, 1, 16);
+    for (i, data) in datas.iter().enumerate() {
+        let mut back = vec![0u8; data.len()];
+        blockdev::read(&mut d, 20000 + i as u64 * 256, &mut back).unwrap();
+        assert!(back == *data, "write {i} lost across the shutdown");
     }
-    c.delete_io_queue(q).unwrap();
-    c.shutdown().unwrap();
+    d.shutdown().unwrap();
     // The CLI shuts down at the end of every run and says so when it does not complete.
     ok(rig.window(0), &["identify"]);
     rig.assert_healthy();
@@ -660,6 +706,7 @@ fn ensure_tool(tool: &str, package: &str) {
 struct NbdExport {
     child: Child,
     url: String,
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl NbdExport {
@@ -686,23 +733,52 @@ impl NbdExport {
         let mut export = NbdExport {
             child,
             url: format!("nbd://127.0.0.1:{port}"),
+            lines: rx,
         };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) if l.contains("keelctl host nbd:") => break,
-                Ok(_) => {}
-                Err(e) => {
-                    export.stop();
-                    panic!("keelctl host nbd did not start: {e}");
-                }
-            }
-        }
+        export
+            .wait_line("keelctl host nbd: NSID")
+            .unwrap_or_else(|e| {
+                export.kill();
+                panic!("keelctl host nbd did not start: {e}")
+            });
         export
     }
 
-    fn stop(&mut self) {
+    fn wait_line(&self, needle: &str) -> Result<String, String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return Ok(l),
+                Ok(_) => {}
+                Err(e) => return Err(format!("{e} (waiting for {needle:?})")),
+            }
+        }
+    }
+
+    /// SIGTERM: the server lets what is in flight finish, shuts the controller down and
+    /// prints its counters; returns that line.
+    fn terminate(&mut self) -> String {
+        let pid = self.child.id().to_string();
+        let r = run_bounded(Command::new("kill").args(["-TERM", &pid]), RUN_TIMEOUT);
+        assert_eq!(r.code, 0, "kill -TERM: {}", r.stderr);
+        let line = self.wait_line("keelctl host nbd: served").unwrap();
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < WAIT,
+                "keelctl host nbd did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "keelctl host nbd exited with {status}");
+        line
+    }
+
+    fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -710,7 +786,7 @@ impl NbdExport {
 
 impl Drop for NbdExport {
     fn drop(&mut self) {
-        self.stop();
+        self.kill();
     }
 }
 
@@ -720,11 +796,30 @@ fn client(cmd: &mut Command) -> String {
     r.stdout
 }
 
+/// Commands a host wrote to the function's I/O submission queues 1 and 2 so far.
+fn submitted(win: &Window) -> u32 {
+    (1..=2).map(|q| win.load32(DOORBELLS + 8 * q)).sum()
+}
+
+/// Runs `cmd` with the firmware's CPU stopped until `n` more commands wait in the function's
+/// submission queues at once (bounded), then lets the firmware run and waits for the client.
+fn with_n_in_flight(rig: &Rig, n: u32, cmd: &mut Command) -> String {
+    let win = Window::open(rig.window(0)).expect("window");
+    keel_tests::with_n_in_flight(
+        |hold| rig.run_cpu(!hold),
+        || submitted(&win),
+        n,
+        RUN_TIMEOUT,
+        cmd,
+    )
+}
+
 #[test]
 fn nbd_export_of_the_emulated_namespace_with_debian_clients() {
     ensure_tool("qemu-io", "qemu-utils");
     ensure_tool("nbdcopy", "libnbd-bin");
     ensure_tool("nbdinfo", "libnbd-bin");
+    ensure_tool("fio", "fio");
     let rig = Rig::boot("nbd", 1, None);
     let mut nbd = NbdExport::start(rig.window(0));
     let url = nbd.url.clone();
@@ -754,7 +849,7 @@ fn nbd_export_of_the_emulated_namespace_with_debian_clients() {
         "-c",
         "read -P 0 2M 256k",
         "-c",
-        "write -P 0x22 3M 64k",
+        "write -f -P 0x22 3M 64k",
         "-c",
         "discard 3M 64k",
         "-c",
@@ -781,32 +876,69 @@ fn nbd_export_of_the_emulated_namespace_with_debian_clients() {
 
     let out = client(Command::new("nbdinfo").arg(&url));
     assert!(out.contains("67108864"), "{out}");
+    assert!(out.contains("can_multi_conn: true"), "{out}");
     let out = client(Command::new("nbdinfo").args(["--size", &url]));
     assert_eq!(out.trim(), "67108864");
 
-    // nbdcopy a file in and the whole disk out; compare.
+    // nbdcopy a file in over two connections with 16 requests each, the firmware stopped
+    // until 16 commands wait in the function's queues; then the whole disk out; compare.
     let src = rig.file("src.raw");
     let data = noise(16 << 20, 30);
     std::fs::write(&src, &data).unwrap();
-    client(Command::new("nbdcopy").args([src.to_str().unwrap(), &url]));
+    with_n_in_flight(
+        &rig,
+        16,
+        Command::new("nbdcopy").args([
+            "--connections=2",
+            "--requests=16",
+            src.to_str().unwrap(),
+            &url,
+        ]),
+    );
     let back = rig.file("back.raw");
     client(Command::new("nbdcopy").args([&url, back.to_str().unwrap()]));
     let got = std::fs::read(&back).unwrap();
     assert_eq!(got.len(), 64 << 20);
     assert!(got[..data.len()] == data[..], "nbdcopy round trip differs");
     assert!(got[63 << 20..].iter().all(|&b| b == 0x11), "the last MiB");
-    // And with several connections and requests in flight.
-    client(Command::new("nbdcopy").args([
-        "--connections=2",
-        "--requests=16",
-        &url,
-        back.to_str().unwrap(),
-    ]));
-    assert!(std::fs::read(&back).unwrap() == got);
 
-    // The export gone (killed with its I/O queues live), the function resets cleanly and the
+    // fio's nbd engine: random 4 KiB writes at queue depth 32 with checksums (32 commands
+    // in flight at once), then every block read back and verified.
+    let out = with_n_in_flight(
+        &rig,
+        32,
+        Command::new("fio").args([
+            "--name=nbd",
+            "--ioengine=nbd",
+            &format!("--uri={url}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--offset=32m",
+            "--size=8m",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ]),
+    );
+    assert!(out.contains("err= 0"), "{out}");
+
+    // SIGTERM: a clean stop; the server saw at least as many commands at once as the
+    // function did.
+    let line = nbd.terminate();
+    let peak: u32 = line
+        .split(" and ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no peak in {line:?}"));
+    assert!(peak >= 32, "{line}");
+    // An export killed (SIGKILL, its I/O queues live): the function resets cleanly, and the
     // NBD clients' data is there through the plain CLI.
-    nbd.stop();
+    let mut nbd = NbdExport::start(rig.window(0));
+    let _ =
+        client(Command::new("qemu-io").args(["-f", "raw", &nbd.url, "-c", "read -P 0x11 63M 1M"]));
+    nbd.kill();
     let r = ok(
         rig.window(0),
         &["read", "--lba", "0", "--count", "2048", "-o", "-"],

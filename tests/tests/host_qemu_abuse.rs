@@ -11,7 +11,7 @@
 //! outside host memory → Data Transfer Error (and no DMA outside it); misaligned PRP entries →
 //! PRP Offset Invalid; commands on a deleted queue are never fetched.
 
-use keel_host_tools::host::{HostController, Window};
+use keel_host_tools::host::{HostConfig, HostController, Window};
 use keel_host_tools::nvme::{Controller, Params, default_host_identity};
 use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port};
 use std::sync::Arc;
@@ -319,8 +319,15 @@ fn assert_alive(q: &Qemu, win: &Arc<Window>, tcp: &str, step: &str) {
             "after {step}: {bad:?} on the console:\n{console}"
         );
     }
-    let mut c = HostController::open(win.clone(), WAIT)
-        .unwrap_or_else(|e| panic!("after {step}: reset + identify failed: {e:#}"));
+    let mut c = HostController::open(
+        win.clone(),
+        &HostConfig {
+            queues: 1,
+            depth: 1,
+            timeout: WAIT,
+        },
+    )
+    .unwrap_or_else(|e| panic!("after {step}: reset + identify failed: {e:#}"));
     let subnqn = String::from_utf8_lossy(&c.id.subnqn)
         .trim_end_matches('\0')
         .to_string();

@@ -653,10 +653,23 @@ fn check_features(c: &mut Checks, g: &Guest, l: &str) {
             .get(&0x0b)
             .ok_or("no Asynchronous Event Configuration (0Bh)")?;
         ensure(aec & (1 << 8) != 0, || format!("AEC {aec:#x}"))?;
-        ensure(got.contains_key(&0x01), || "no Arbitration (01h)".into())
+        ensure(got.contains_key(&0x01), || "no Arbitration (01h)".into())?;
+        // The features NVMe base 2.0 Figure 317 makes mandatory for an I/O controller:
+        // Power Management, Temperature Threshold, Error Recovery, Write Atomicity Normal.
+        for (fid, name) in [
+            (0x02, "Power Management (02h)"),
+            (0x04, "Temperature Threshold (04h)"),
+            (0x05, "Error Recovery (05h)"),
+            (0x0a, "Write Atomicity Normal (0Ah)"),
+        ] {
+            ensure(got.contains_key(&fid), || format!("no {name}"))?;
+        }
+        Ok(())
     })();
     c.check(
-        format!("nvme get-feature {l}: Number of Queues, KATO, AEC, Arbitration"),
+        format!(
+            "nvme get-feature {l}: Number of Queues, KATO, AEC, Arbitration, the mandatory ones"
+        ),
         r,
     );
 }

@@ -211,7 +211,17 @@ impl Target {
             }
             _ if discovery => Err(Status::INVALID_FIELD),
             cns::NAMESPACE => self.identify_ns(si, cmd.nsid, &mut page),
-            cns::ACTIVE_NS_LIST => {
+            // The NVM Command Set's own structures (CSI 00h): no protection information, no
+            // extended LBA formats (CNS 05h), no Write Zeroes, Write Uncorrectable or
+            // Dataset Management limits beyond the spec's (CNS 06h): all zero.
+            cns::CS_NAMESPACE | cns::CS_CONTROLLER if cmd.csi != 0 => Err(Status::INVALID_FIELD),
+            cns::CS_NAMESPACE => self
+                .identify_ns(si, cmd.nsid, &mut page)
+                .map(|()| page.fill(0)),
+            cns::CS_CONTROLLER => Ok(()),
+            cns::INDEPENDENT_NAMESPACE => self.identify_ns_independent(si, cmd.nsid, &mut page),
+            cns::CS_ACTIVE_NS_LIST if cmd.csi != 0 => Err(Status::INVALID_FIELD),
+            cns::ACTIVE_NS_LIST | cns::CS_ACTIVE_NS_LIST => {
                 if cmd.nsid >= 0xFFFF_FFFE {
                     Err(Status::INVALID_NAMESPACE_OR_FORMAT)
                 } else {
@@ -267,6 +277,32 @@ impl Target {
         }
         Self::put_data(&mut req.buf, 0, len, &page, 0);
         self.data_response(qi, req, len)
+    }
+
+    /// The I/O Command Set Independent Identify Namespace structure (CNS 08h): what Identify
+    /// Namespace says of sharing and ANA, and that the namespace is ready.
+    fn identify_ns_independent(
+        &self,
+        si: usize,
+        nsid: u32,
+        page: &mut [u8; identify::IDENTIFY_LEN],
+    ) -> Result<(), Status> {
+        let mut full = [0u8; identify::IDENTIFY_LEN];
+        self.identify_ns(si, nsid, &mut full)?;
+        let id = IdentifyNamespace::decode(&full);
+        let active = self
+            .subsystems
+            .get(si)
+            .is_some_and(|s| s.find_ns(nsid).is_some());
+        identify::IdentifyNsIndependent {
+            nsfeat: id.nsfeat,
+            nmic: id.nmic,
+            anagrpid: id.anagrpid,
+            nstat: active as u8,
+            ..Default::default()
+        }
+        .encode(page);
+        Ok(())
     }
 
     fn identify_ns(
@@ -608,16 +644,10 @@ impl Target {
         };
         let discovery = c.subsys == DISCOVERY;
         let fid = FeatureId::from_u8(f.fid);
-        let known = matches!(
-            fid,
-            Some(FeatureId::KeepAliveTimer) | Some(FeatureId::AsyncEventConfig)
-        ) || (!discovery
-            && matches!(
-                fid,
-                Some(FeatureId::Arbitration)
-                    | Some(FeatureId::VolatileWriteCache)
-                    | Some(FeatureId::NumberOfQueues)
-            ));
+        let known = match fid {
+            Some(id) => feature_supported(id, discovery, c.local),
+            None => false,
+        };
         if !known {
             return self.respond_at(qi, req, Status::INVALID_FIELD, ErrAt::field(at::CDW10, 0));
         }
@@ -667,9 +697,108 @@ impl Target {
                 c.nr_io_queues = nsqa.min(ncqa);
                 dw0 = keel_nvme::io::number_of_queues(nsqa - 1, ncqa - 1);
             }
+            Some(FeatureId::PowerManagement) => {
+                // One power state (NPSS = 0): only PS 0 exists.
+                if f.cdw11 & 0x1F != 0 {
+                    return self.respond_at(
+                        qi,
+                        req,
+                        Status::INVALID_FIELD,
+                        ErrAt::field(at::CDW11, 0),
+                    );
+                }
+                c.power_mgmt = f.cdw11 & 0xFF;
+            }
+            Some(FeatureId::TemperatureThreshold) => {
+                // TMPTH 15:0, TMPSEL 19:16 (0: composite; no other sensor), THSEL 21:20.
+                let (tmpsel, thsel) = ((f.cdw11 >> 16) & 0xF, (f.cdw11 >> 20) & 0x3);
+                if tmpsel != 0 || thsel > 1 {
+                    return self.respond_at(
+                        qi,
+                        req,
+                        Status::INVALID_FIELD,
+                        ErrAt::field(at::CDW11 + 2, 0),
+                    );
+                }
+                c.temp_threshold[thsel as usize] = f.cdw11 as u16;
+            }
+            Some(FeatureId::ErrorRecovery) => {
+                // DULBE (bit 16) needs deallocated-block errors, which no namespace reports.
+                if f.cdw11 & (1 << 16) != 0 {
+                    return self.respond_at(
+                        qi,
+                        req,
+                        Status::INVALID_FIELD,
+                        ErrAt::field(at::CDW11 + 2, 0),
+                    );
+                }
+                c.error_recovery = f.cdw11 & 0xFFFF;
+            }
+            Some(FeatureId::InterruptCoalescing) => c.irq_coalescing = f.cdw11 & 0xFFFF,
+            Some(FeatureId::InterruptVectorConfig) => {
+                let iv = f.cdw11 & 0xFFFF;
+                if iv >= 64 || iv > u32::from(max_q) {
+                    return self.respond_at(
+                        qi,
+                        req,
+                        Status::INVALID_FIELD,
+                        ErrAt::field(at::CDW11, 0),
+                    );
+                }
+                if f.cdw11 & (1 << 16) != 0 {
+                    c.irq_no_coalesce |= 1 << iv;
+                } else {
+                    c.irq_no_coalesce &= !(1 << iv);
+                }
+            }
+            Some(FeatureId::WriteAtomicity) => c.write_atomicity = f.cdw11 & 1,
             _ => return self.respond(qi, req, Status::INVALID_FIELD, 0),
         }
         self.respond(qi, req, Status::SUCCESS, dw0)
+    }
+
+    /// The value of one of the features that have no effect on this device (see
+    /// [`feature_supported`]); `None` for a selection that does not exist (another sensor,
+    /// a vector the controller does not have).
+    fn feature_value(
+        &self,
+        c: &Controller,
+        id: FeatureId,
+        cdw11: u32,
+        current: bool,
+    ) -> Option<u32> {
+        let v = match id {
+            FeatureId::PowerManagement => c.power_mgmt,
+            FeatureId::TemperatureThreshold => {
+                let (tmpsel, thsel) = ((cdw11 >> 16) & 0xF, (cdw11 >> 20) & 0x3);
+                if tmpsel != 0 || thsel > 1 {
+                    return None;
+                }
+                let t = if current {
+                    c.temp_threshold[thsel as usize]
+                } else {
+                    [0x0157, 0][thsel as usize]
+                };
+                return Some(u32::from(t) | (cdw11 & 0x003F_0000));
+            }
+            FeatureId::ErrorRecovery => c.error_recovery,
+            FeatureId::InterruptCoalescing => c.irq_coalescing,
+            FeatureId::InterruptVectorConfig => {
+                let iv = cdw11 & 0xFFFF;
+                if iv >= 64 || iv > u32::from(self.limits.max_io_queues) {
+                    return None;
+                }
+                let cd = if current {
+                    (c.irq_no_coalesce >> iv) & 1
+                } else {
+                    0
+                };
+                return Some(iv | (cd as u32) << 16);
+            }
+            FeatureId::WriteAtomicity => c.write_atomicity,
+            _ => return None,
+        };
+        Some(if current { v } else { 0 })
     }
 
     fn get_features(&mut self, qi: usize, ci: usize, req: Request) -> Response {
@@ -699,6 +828,9 @@ impl Target {
                     max_q
                 };
                 Some(keel_nvme::io::number_of_queues(n, n))
+            }
+            Some(id) if feature_supported(id, discovery, c.local) => {
+                self.feature_value(c, id, f.cdw11, current)
             }
             _ => None,
         };
@@ -856,5 +988,26 @@ impl Target {
             self.pending.push_back(Event::BufferReleased(b));
         }
         None
+    }
+}
+
+/// Whether Set/Get Features knows `id` on this controller: Keep Alive Timer and Asynchronous
+/// Event Configuration everywhere; on I/O controllers also the features the base
+/// specification makes mandatory (Arbitration, Power Management, Temperature Threshold, Error
+/// Recovery, Number of Queues, Write Atomicity Normal) and Volatile Write Cache; Interrupt
+/// Coalescing and Interrupt Vector Configuration only on a PCIe (local) controller, where
+/// they are mandatory and where interrupts exist.
+pub(crate) fn feature_supported(id: FeatureId, discovery: bool, local: bool) -> bool {
+    match id {
+        FeatureId::KeepAliveTimer | FeatureId::AsyncEventConfig => true,
+        FeatureId::Arbitration
+        | FeatureId::PowerManagement
+        | FeatureId::TemperatureThreshold
+        | FeatureId::ErrorRecovery
+        | FeatureId::VolatileWriteCache
+        | FeatureId::NumberOfQueues
+        | FeatureId::WriteAtomicity => !discovery,
+        FeatureId::InterruptCoalescing | FeatureId::InterruptVectorConfig => !discovery && local,
+        _ => false,
     }
 }

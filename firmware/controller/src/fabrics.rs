@@ -230,6 +230,13 @@ impl Target {
             aec: 0,
             vwc: self.subsystem_has_vwc(si),
             arbitration: 0,
+            power_mgmt: 0,
+            // 343 K (70 °C) over, 0 under: the defaults are implementation specific.
+            temp_threshold: [0x0157, 0],
+            error_recovery: 0,
+            irq_coalescing: 0,
+            irq_no_coalesce: 0,
+            write_atomicity: 0,
             aers: Vec::with_capacity(self.limits.aerl as usize + 1),
             aen_pending: Vec::with_capacity(8),
             ns_notice_masked: false,

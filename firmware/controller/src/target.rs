@@ -89,6 +89,16 @@ pub(crate) struct Controller {
     pub aec: u32,
     pub vwc: bool,
     pub arbitration: u32,
+    /// Features without an effect on this device, kept as set (NVMe base 2.0 §5.27.1):
+    /// Power Management (PS and WH), Temperature Threshold (composite over/under),
+    /// Error Recovery (TLER), Interrupt Coalescing, Interrupt Vector Configuration (CD bit
+    /// per vector), Write Atomicity Normal (DN).
+    pub power_mgmt: u32,
+    pub temp_threshold: [u16; 2],
+    pub error_recovery: u32,
+    pub irq_coalescing: u32,
+    pub irq_no_coalesce: u64,
+    pub write_atomicity: u32,
     /// Outstanding Asynchronous Event Requests: (CID, cookie).
     pub aers: Vec<(u16, u32)>,
     /// Events waiting for an AER: completion DW0.

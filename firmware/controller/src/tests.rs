@@ -1554,3 +1554,128 @@ fn transport_rejections_consume_a_queue_slot() {
     );
     assert_eq!(r.cqe.status.sc, 0x0F);
 }
+
+/// The features NVMe base 2.0 §5.27.1 makes mandatory for an I/O controller, which have no
+/// effect here: Set keeps what is valid, Get returns it (SEL 0) or the default (SEL 1).
+#[test]
+fn mandatory_features_without_an_effect() {
+    let mut h = H::new();
+    let (a, _) = h.admin(SUB, HOST, 0);
+    let get = |h: &mut H, fid: u8, cdw11: u32, sel: u8| {
+        let r = h.exec(
+            a,
+            FeaturesCommand::get_sqe(6, fid, sel).with_cdw(11, cdw11),
+            None,
+            0,
+        );
+        (plain(r.cqe.status), r.cqe.dw0)
+    };
+    let set = |h: &mut H, fid: u8, v: u32| {
+        plain(
+            h.exec(a, FeaturesCommand::set_sqe(6, fid, v), None, 0)
+                .cqe
+                .status,
+        )
+    };
+    // Power Management: one power state (NPSS 0), so PS 1 is invalid; WH is kept.
+    assert_eq!(set(&mut h, 0x02, 1), Status::INVALID_FIELD);
+    assert_eq!(set(&mut h, 0x02, 2 << 5), Status::SUCCESS);
+    assert_eq!(get(&mut h, 0x02, 0, 0), (Status::SUCCESS, 2 << 5));
+    assert_eq!(get(&mut h, 0x02, 0, 1), (Status::SUCCESS, 0));
+    // Temperature Threshold: composite sensor only, over and under thresholds apart.
+    assert_eq!(get(&mut h, 0x04, 0, 0), (Status::SUCCESS, 0x0157));
+    assert_eq!(set(&mut h, 0x04, (1 << 20) | 250), Status::SUCCESS);
+    assert_eq!(
+        get(&mut h, 0x04, 1 << 20, 0),
+        (Status::SUCCESS, (1 << 20) | 250)
+    );
+    assert_eq!(get(&mut h, 0x04, 0, 0), (Status::SUCCESS, 0x0157));
+    assert_eq!(set(&mut h, 0x04, (1 << 16) | 300), Status::INVALID_FIELD);
+    assert_eq!(get(&mut h, 0x04, 2 << 16, 0).0, Status::INVALID_FIELD);
+    // Error Recovery: TLER kept; DULBE cannot be enabled.
+    assert_eq!(set(&mut h, 0x05, 10), Status::SUCCESS);
+    assert_eq!(get(&mut h, 0x05, 0, 0), (Status::SUCCESS, 10));
+    assert_eq!(set(&mut h, 0x05, 1 << 16), Status::INVALID_FIELD);
+    // Write Atomicity Normal: DN.
+    assert_eq!(set(&mut h, 0x0A, 1), Status::SUCCESS);
+    assert_eq!(get(&mut h, 0x0A, 0, 0), (Status::SUCCESS, 1));
+    assert_eq!(get(&mut h, 0x0A, 0, 1), (Status::SUCCESS, 0));
+    // Interrupt Coalescing and Interrupt Vector Configuration exist on PCIe only.
+    assert_eq!(get(&mut h, 0x08, 0, 0).0, Status::INVALID_FIELD);
+    assert_eq!(get(&mut h, 0x09, 0, 0).0, Status::INVALID_FIELD);
+    // Every one reports its capabilities: changeable, not saveable.
+    for fid in [0x01, 0x02, 0x04, 0x05, 0x07, 0x0A, 0x0B, 0x0F] {
+        assert_eq!(
+            get(&mut h, fid, 0, 3),
+            (Status::SUCCESS, 0b100),
+            "FID {fid:#x}"
+        );
+    }
+}
+
+/// Interrupt Coalescing and Interrupt Vector Configuration on a local (PCIe) controller.
+#[test]
+fn interrupt_features_on_a_local_controller() {
+    let mut h = H::new();
+    let a = h.t.create_local_controller(h.now, SUB).unwrap();
+    // CC.EN = 1 (the local host enables the controller before any admin command).
+    h.t.property_set(h.now, a, 0x14, PropertySize::Four, 0x0046_0001)
+        .unwrap();
+    let get = |h: &mut H, fid: u8, cdw11: u32| {
+        let r = h.exec(
+            a,
+            FeaturesCommand::get_sqe(6, fid, 0).with_cdw(11, cdw11),
+            None,
+            0,
+        );
+        (plain(r.cqe.status), r.cqe.dw0)
+    };
+    let r = h.exec(a, FeaturesCommand::set_sqe(6, 0x08, 0x0A04), None, 0);
+    assert_eq!(plain(r.cqe.status), Status::SUCCESS);
+    assert_eq!(get(&mut h, 0x08, 0), (Status::SUCCESS, 0x0A04));
+    let r = h.exec(a, FeaturesCommand::set_sqe(6, 0x09, (1 << 16) | 2), None, 0);
+    assert_eq!(plain(r.cqe.status), Status::SUCCESS);
+    assert_eq!(get(&mut h, 0x09, 2), (Status::SUCCESS, (1 << 16) | 2));
+    assert_eq!(get(&mut h, 0x09, 1), (Status::SUCCESS, 1));
+    assert_eq!(get(&mut h, 0x09, 4000).0, Status::INVALID_FIELD);
+}
+
+/// Identify CNS 05h-08h for the NVM Command Set (CSI 00h).
+#[test]
+fn identify_command_set_structures() {
+    let (mut h, a, _io, _) = H::setup();
+    let id = |h: &mut H, cns: u8, csi: u8, nsid: u32| {
+        let sqe = IdentifyCommand {
+            cns,
+            cntid: 0,
+            csi,
+            nsid,
+        }
+        .to_sqe(7);
+        let r = h.exec(a, sqe, Some(IoBuf::leak_zeroed(4096)), 4096);
+        (plain(r.cqe.status), r.buf.map(|b| b.as_slice().to_vec()))
+    };
+    // CNS 05h / 06h, CSI NVM: all zero (no PI, no extended formats, no extra limits).
+    let (st, p) = id(&mut h, 0x05, 0, 1);
+    assert_eq!(st, Status::SUCCESS);
+    assert!(p.unwrap().iter().all(|&b| b == 0));
+    let (st, p) = id(&mut h, 0x06, 0, 0);
+    assert_eq!(st, Status::SUCCESS);
+    assert!(p.unwrap().iter().all(|&b| b == 0));
+    // Another command set: Invalid Field.
+    assert_eq!(id(&mut h, 0x05, 2, 1).0, Status::INVALID_FIELD);
+    assert_eq!(id(&mut h, 0x06, 2, 0).0, Status::INVALID_FIELD);
+    // CNS 07h: the active NSIDs of the NVM command set.
+    let (st, p) = id(&mut h, 0x07, 0, 0);
+    assert_eq!(st, Status::SUCCESS);
+    assert_eq!(&p.unwrap()[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
+    // CNS 08h: NMIC bit 0 (sharable), NSTAT bit 0 (ready).
+    let (st, p) = id(&mut h, 0x08, 0, 1);
+    let p = p.unwrap();
+    assert_eq!(st, Status::SUCCESS);
+    assert_eq!((p[1], p[14]), (1, 1));
+    // An inactive NSID in range: zeroes, not ready.
+    let (st, p) = id(&mut h, 0x08, 0, 9);
+    assert_eq!(st, Status::SUCCESS);
+    assert!(p.unwrap().iter().all(|&b| b == 0));
+}

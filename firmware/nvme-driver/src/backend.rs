@@ -58,6 +58,17 @@ impl<R: Registers, D: Dma> DriveBackend<R, D> {
         self.ns
     }
 
+    /// Submits on I/O queue index `queue` (see [`Controller::submit_on`]).
+    pub fn submit_on(&mut self, queue: usize, req: BlockRequest) -> Result<(), Rejected> {
+        match self.ctrl.try_borrow_mut() {
+            Ok(mut c) => c.submit_on(self.index, queue, req),
+            Err(_) => Err(Rejected {
+                reason: RejectReason::Busy,
+                req,
+            }),
+        }
+    }
+
     /// Writes the SQ doorbells now instead of at the next `poll`.
     pub fn ring(&mut self) {
         if let Ok(mut c) = self.ctrl.try_borrow_mut() {

@@ -53,6 +53,12 @@ pub struct Config {
     /// Size of the zero buffer used to emulate Write Zeroes on drives without it (and of the
     /// sink buffer Verify reads into on drives without Verify).
     pub zero_buffer: usize,
+    /// Create the I/O completion queues with interrupts enabled (IEN = 1), I/O queue `q` on
+    /// vector `q` (NVMe base 2.0 §5.4, Figure 474). The driver still finds completions by
+    /// polling; a host that can sleep until an interrupt (or polls an interrupt counter, as
+    /// `keelctl host` does over an emulated function's window) turns this on. The firmware
+    /// polls its drives and leaves it off.
+    pub interrupts: bool,
 }
 
 impl Default for Config {
@@ -68,6 +74,7 @@ impl Default for Config {
             timeout_scan_ns: 1_000_000,
             max_transfer: 1 << 20,
             zero_buffer: 128 << 10,
+            interrupts: false,
         }
     }
 }
@@ -93,6 +100,12 @@ pub enum InitError {
     AdminFailed(u8, Status),
     /// The controller granted no I/O queue, or none could be created.
     NoQueues,
+    /// An admin command was asked for while the controller is not online (resetting, shut
+    /// down or given up on).
+    NotOnline,
+    /// CSTS.SHST did not report shutdown complete within CAP.TO (or the admin timeout, if
+    /// longer) after CC.SHN was set.
+    ShutdownTimeout,
 }
 
 impl fmt::Display for InitError {
@@ -111,6 +124,10 @@ impl fmt::Display for InitError {
             Self::AdminTimeout(op) => write!(f, "admin command {op:#04x} timed out"),
             Self::AdminFailed(op, s) => write!(f, "admin command {op:#04x} failed: {s}"),
             Self::NoQueues => f.write_str("no I/O queue could be created"),
+            Self::NotOnline => f.write_str("controller is not online"),
+            Self::ShutdownTimeout => {
+                f.write_str("controller did not report shutdown complete (CSTS.SHST)")
+            }
         }
     }
 }
@@ -201,6 +218,9 @@ pub enum State {
     Resetting,
     /// Given up on; requests are refused as invalid (internal error).
     Dead,
+    /// Shut down by [`Controller::shutdown`]: completions already posted are still reaped,
+    /// new requests are refused as invalid (internal error).
+    ShutDown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +239,8 @@ enum Phase {
         deadline: u64,
     },
     Dead,
+    /// CC.SHN was set and CSTS.SHST reported complete.
+    ShutDown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -591,6 +613,74 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         Ok(())
     }
 
+    /// Runs one admin command and waits for it (bounded by the admin timeout and CAP.TO),
+    /// for tools that need more than bring-up does (Identify pages, hostile commands in
+    /// tests). `sqe`'s CID is assigned here; data, if any, must be in memory the caller
+    /// owns and points at with the PRPs. Only while the controller is online; a
+    /// non-success status is [`InitError::AdminFailed`].
+    pub fn admin_command(
+        &mut self,
+        sqe: Sqe,
+        clock: &mut dyn FnMut() -> u64,
+    ) -> Result<Cqe, InitError> {
+        if self.phase != Phase::Online {
+            return Err(InitError::NotOnline);
+        }
+        self.admin_sync(sqe, clock)
+    }
+
+    /// Identify (§5.17) with `cns` for `nsid`, into the driver's scratch page; returns the
+    /// 4 KiB data structure. Only while the controller is online.
+    pub fn identify_page(
+        &mut self,
+        cns: u8,
+        nsid: u32,
+        clock: &mut dyn FnMut() -> u64,
+    ) -> Result<[u8; IDENTIFY_LEN], InitError> {
+        if self.phase != Phase::Online {
+            return Err(InitError::NotOnline);
+        }
+        let sqe = self.identify_sqe(cns, nsid);
+        self.admin_sync(sqe, clock)?;
+        Ok(self.read_scratch())
+    }
+
+    /// Normal shutdown (§3.6.1): CC.SHN = 01b, then waits for CSTS.SHST = 10b (bounded by
+    /// CAP.TO or the admin timeout, whichever is longer). Outstanding commands are not waited
+    /// for: the controller completes what it took, and [`Controller::poll`] still reaps those
+    /// completions; new requests are refused. The controller is not used again until a new
+    /// [`Controller::init`] resets it.
+    pub fn shutdown(&mut self, clock: &mut dyn FnMut() -> u64) -> Result<(), InitError> {
+        self.ring();
+        let cc = Cc(self.regs.read32(offset::CC as usize));
+        let cc = Cc::new(
+            cc.en(),
+            cc.css(),
+            cc.mps(),
+            cc.ams(),
+            Cc::SHN_NORMAL,
+            cc.iosqes(),
+            cc.iocqes(),
+        );
+        self.regs.write32(offset::CC as usize, cc.0);
+        if self.phase != Phase::Dead {
+            self.phase = Phase::ShutDown;
+        }
+        let deadline = clock().saturating_add(self.to_ns.max(self.config.admin_timeout_ns));
+        loop {
+            let csts = Csts(self.regs.read32(offset::CSTS as usize));
+            if csts.shst() == Csts::SHST_COMPLETE {
+                return Ok(());
+            }
+            if csts.cfs() {
+                return Err(InitError::Fatal);
+            }
+            if clock() >= deadline {
+                return Err(InitError::ShutdownTimeout);
+            }
+        }
+    }
+
     /// Allocates the I/O queues, slots and request table once the queue count is known.
     fn allocate_io(&mut self, queues: u16) -> bool {
         let depth = self.io_depth;
@@ -643,7 +733,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     /// Starts a controller reset (a command timed out after Abort, or CSTS.CFS).
     fn begin_reset(&mut self, now: u64, why: &str) {
-        if matches!(self.phase, Phase::Dead) {
+        if matches!(self.phase, Phase::Dead | Phase::ShutDown) {
             return;
         }
         log::warn!("nvme: {why}; resetting the controller");
@@ -701,10 +791,16 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         let qsize = (q.qp.depth as u32 - 1) << 16;
         let qid = q.qp.qid as u32;
         Some(if step % 2 == 1 {
-            // Create I/O Completion Queue: physically contiguous (PC), interrupts off (IEN 0).
+            // Create I/O Completion Queue: physically contiguous (PC); interrupts off (IEN 0)
+            // unless asked for, then on vector `qid` (IV, bits 31:16).
+            let ien = if self.config.interrupts {
+                (qid << 16) | 0b10
+            } else {
+                0
+            };
             Sqe::new(AdminOpcode::CreateIoCq as u8, 0)
                 .with_cdw(10, qsize | qid)
-                .with_cdw(11, 1)
+                .with_cdw(11, ien | 1)
                 .with_prps(q.qp.cq_addr(), 0)
         } else {
             // Create I/O Submission Queue bound to the CQ of the same id, PC, priority 0.
@@ -753,7 +849,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
     /// Advances the state machine (not the I/O path).
     fn step(&mut self, now: u64) {
         match self.phase {
-            Phase::Online | Phase::Enabled | Phase::Dead => {}
+            Phase::Online | Phase::Enabled | Phase::Dead | Phase::ShutDown => {}
             Phase::Disabling { deadline } => {
                 let csts = Csts(self.regs.read32(offset::CSTS as usize));
                 if !csts.rdy() {
@@ -858,10 +954,37 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     /// Queues a request for namespace index `ns`. The SQ tail doorbell is written by the next
     /// [`Controller::ring`] / poll, once for every request queued meanwhile.
-    pub fn submit(&mut self, ns: usize, mut req: BlockRequest) -> Result<(), Rejected> {
+    pub fn submit(&mut self, ns: usize, req: BlockRequest) -> Result<(), Rejected> {
+        self.submit_to(ns, None, req)
+    }
+
+    /// Queues a request for namespace index `ns` on I/O queue index `queue` (queue ID
+    /// `queue + 1`) instead of the next one round robin: a caller with queues of its own
+    /// (ublk's hardware queues) keeps them one to one with the controller's. Busy when that
+    /// queue is full.
+    pub fn submit_on(
+        &mut self,
+        ns: usize,
+        queue: usize,
+        req: BlockRequest,
+    ) -> Result<(), Rejected> {
+        if queue >= self.io.len() {
+            return reject(req, RejectReason::Invalid(BlockError::Internal));
+        }
+        self.submit_to(ns, Some(queue), req)
+    }
+
+    fn submit_to(
+        &mut self,
+        ns: usize,
+        queue: Option<usize>,
+        mut req: BlockRequest,
+    ) -> Result<(), Rejected> {
         match self.phase {
             Phase::Online => {}
-            Phase::Dead => return reject(req, RejectReason::Invalid(BlockError::Internal)),
+            Phase::Dead | Phase::ShutDown => {
+                return reject(req, RejectReason::Invalid(BlockError::Internal));
+            }
             _ => return reject(req, RejectReason::Busy),
         }
         let Some(n) = self.namespaces.get(ns).copied() else {
@@ -939,10 +1062,14 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             return reject(req, RejectReason::Invalid(BlockError::Unsupported));
         }
         let nq = self.io.len();
-        let Some(qi) = (0..nq)
-            .map(|i| (self.next_queue + i) % nq)
-            .find(|&i| self.io[i].free.len() >= count && !self.io[i].qp.is_full())
-        else {
+        let room = |q: &IoQueue| q.free.len() >= count && !q.qp.is_full();
+        let pick = match queue {
+            Some(q) => room(&self.io[q]).then_some(q),
+            None => (0..nq)
+                .map(|i| (self.next_queue + i) % nq)
+                .find(|&i| room(&self.io[i])),
+        };
+        let Some(qi) = pick else {
             return reject(req, RejectReason::Busy);
         };
         let Some(pi) = self.parent_free.pop() else {
@@ -1250,6 +1377,12 @@ impl<R: Registers, D: Dma> Controller<R, D> {
     /// [`DriveBackend`]s. Returns whether anything happened.
     pub fn poll(&mut self, now: u64) -> bool {
         self.now = now;
+        if self.phase == Phase::ShutDown {
+            // Commands taken before the shutdown may still complete: reap them, nothing else.
+            let n = self.reap_io();
+            self.reap_admin();
+            return n > 0;
+        }
         if self.phase != Phase::Online {
             let before = self.phase;
             self.step(now);
@@ -1277,7 +1410,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
     /// Rings doorbells and reaps completions without advancing time (what a namespace
     /// backend's `poll` does).
     pub fn service(&mut self) -> usize {
-        if self.phase != Phase::Online {
+        if !matches!(self.phase, Phase::Online | Phase::ShutDown) {
             return 0;
         }
         self.ring();
@@ -1294,6 +1427,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         match self.phase {
             Phase::Online => State::Online,
             Phase::Dead => State::Dead,
+            Phase::ShutDown => State::ShutDown,
             _ => State::Resetting,
         }
     }

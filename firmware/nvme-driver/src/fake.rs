@@ -75,6 +75,8 @@ pub struct FakeCtrl {
     pub no_ns_list: bool,
     // Faults.
     pub refuse_enable: bool,
+    /// Never report shutdown complete.
+    pub ignore_shutdown: bool,
     pub stuck_rdy: bool,
     /// I/O commands are accepted and never completed (kept in `held`).
     pub hold_io: bool,
@@ -119,6 +121,7 @@ impl FakeCtrl {
             namespaces,
             no_ns_list: false,
             refuse_enable: false,
+            ignore_shutdown: false,
             stuck_rdy: false,
             hold_io: false,
             held: Vec::new(),
@@ -290,6 +293,9 @@ impl FakeCtrl {
                         },
                     );
                     self.csts.set_rdy(true);
+                } else if new.en() && new.shn() != Cc::SHN_NONE && !self.ignore_shutdown {
+                    // Shutdown (§3.6.1): completes at once; RDY stays set.
+                    self.csts.set_shst(Csts::SHST_COMPLETE);
                 } else if !new.en() && old.en() {
                     self.sqs.clear();
                     self.cqs.clear();

@@ -33,6 +33,7 @@ fn test_config() -> Config {
         timeout_scan_ns: 0,
         max_transfer: 1 << 20,
         zero_buffer: 16 << 10,
+        interrupts: false,
     }
 }
 
@@ -934,4 +935,153 @@ proptest! {
         prop_assert!(f.borrow().namespaces[0].data == model);
         prop_assert_eq!(d.stats().errors, 0);
     }
+}
+
+#[test]
+fn interrupts_on_request_put_each_queue_on_its_own_vector() {
+    // NVMe base 2.0 Figure 474 (Create I/O Completion Queue CDW11): IV in bits 31:16, IEN
+    // bit 1, PC bit 0.
+    let (f, _d) = setup(|_| {});
+    assert_eq!(f.borrow().cq_flags, vec![0b01, 0b01], "IEN 0 by default");
+    let f = FakeCtrl::new(vec![ns(1, 9, 1 << 20)]);
+    let cfg = Config {
+        interrupts: true,
+        ..test_config()
+    };
+    let _d = init_with(&f, cfg).unwrap();
+    assert_eq!(
+        f.borrow().cq_flags,
+        vec![(1 << 16) | 0b11, (2 << 16) | 0b11]
+    );
+}
+
+#[test]
+fn admin_commands_and_identify_pages_after_bring_up() {
+    let (f, d) = setup(|_| {});
+    let mut clock = {
+        let mut t = t0(&d);
+        move || {
+            t += 1_000;
+            t
+        }
+    };
+    let page = d
+        .with(|c| c.identify_page(keel_nvme::identify::cns::CONTROLLER, 0, &mut clock))
+        .unwrap()
+        .unwrap();
+    let id = keel_nvme::identify::IdentifyController::decode(&page);
+    assert_eq!(id.mdts, 5);
+    let page = d
+        .with(|c| c.identify_page(keel_nvme::identify::cns::NAMESPACE, 2, &mut clock))
+        .unwrap()
+        .unwrap();
+    let ns2 = keel_nvme::identify::IdentifyNamespace::decode(&page);
+    assert_eq!((ns2.nsze, ns2.block_size()), (1024, 4096));
+    // A hostile command gets the controller's status; the controller keeps serving.
+    let sqe = keel_nvme::Sqe::new(AdminOpcode::CreateIoCq as u8, 0)
+        .with_cdw(10, (15 << 16) | 999)
+        .with_cdw(11, 1);
+    let e = d
+        .with(|c| c.admin_command(sqe, &mut clock))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        e,
+        InitError::AdminFailed(
+            AdminOpcode::CreateIoCq as u8,
+            Status::command_specific(keel_nvme::cqe::command_specific::INVALID_QUEUE_IDENTIFIER)
+        )
+    );
+    assert_eq!(d.state(), State::Online);
+    let mut be = d.backend(0).unwrap();
+    let c = run(
+        &d,
+        &mut be,
+        req(1, BlockOp::Read, 0, 8, Some(iobuf(&f, 4096, 0)), 0),
+    );
+    assert_eq!(c.result, Ok(()));
+}
+
+#[test]
+fn shutdown_reaps_what_was_taken_and_refuses_new_requests() {
+    let (f, d) = setup(|c| c.deferred = true);
+    let t0 = t0(&d);
+    let mut clock = {
+        let mut t = t0;
+        move || {
+            t += 1_000;
+            t
+        }
+    };
+    let mut be = d.backend(0).unwrap();
+    for i in 0..4 {
+        be.submit(req(
+            i,
+            BlockOp::Write { fua: false },
+            i * 8,
+            8,
+            Some(iobuf(&f, 4096, 0)),
+            0,
+        ))
+        .unwrap();
+    }
+    // Shutdown rings the doorbell for what was queued, then sets CC.SHN.
+    d.with(|c| c.shutdown(&mut clock)).unwrap().unwrap();
+    let cc = f.borrow().cc;
+    assert_eq!(Cc(cc).shn(), Cc::SHN_NORMAL);
+    assert!(Cc(cc).en(), "EN stays set");
+    assert_eq!(d.state(), State::ShutDown);
+    // The controller completes what it took; the driver still reaps it.
+    f.borrow_mut().tick();
+    let mut out = Vec::new();
+    d.poll(t0 + 10);
+    be.poll(&mut |c| out.push(c));
+    assert_eq!(out.len(), 4);
+    assert!(out.iter().all(|c| c.result == Ok(())));
+    let r = be
+        .submit(req(9, BlockOp::Read, 0, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap_err();
+    assert_eq!(r.reason, RejectReason::Invalid(BlockError::Internal));
+    // A controller that never reports completion: bounded, reported.
+    let (_f, d) = setup(|c| c.ignore_shutdown = true);
+    let mut clock = {
+        let mut t = 0u64;
+        move || {
+            t += 100_000_000;
+            t
+        }
+    };
+    assert_eq!(
+        d.with(|c| c.shutdown(&mut clock)).unwrap(),
+        Err(InitError::ShutdownTimeout)
+    );
+}
+
+#[test]
+fn submit_on_a_chosen_queue() {
+    let (f, d) = setup(|_| {});
+    let mut be = d.backend(0).unwrap();
+    for i in 0..3 {
+        be.submit_on(1, req(i, BlockOp::Read, i, 1, Some(iobuf(&f, 512, 0)), 0))
+            .unwrap();
+    }
+    d.poll(t0(&d));
+    // Every command went to I/O queue 2 (SQ 2 tail doorbell at 0x1000 + 2 * 2 * 4).
+    let dbs = f.borrow().doorbells.clone();
+    assert!(dbs.iter().any(|&(o, v)| o == 0x1010 && v == 3), "{dbs:?}");
+    assert!(
+        !dbs.iter().any(|&(o, _)| o == 0x1008),
+        "SQ 1 untouched: {dbs:?}"
+    );
+    let mut out = Vec::new();
+    be.poll(&mut |c| out.push(c));
+    assert_eq!(out.len(), 3);
+    let r = be
+        .submit_on(2, req(9, BlockOp::Read, 0, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap_err();
+    assert_eq!(
+        r.reason,
+        RejectReason::Invalid(BlockError::Internal),
+        "no queue 3"
+    );
 }

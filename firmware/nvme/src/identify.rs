@@ -16,6 +16,70 @@ pub mod cns {
     pub const ACTIVE_NS_LIST: u8 = 0x02;
     /// Namespace Identification Descriptor list.
     pub const NS_DESCRIPTOR_LIST: u8 = 0x03;
+    /// I/O Command Set specific Identify Namespace (for CSI 00h: the NVM Command Set's).
+    pub const CS_NAMESPACE: u8 = 0x05;
+    /// I/O Command Set specific Identify Controller (for CSI 00h: the NVM Command Set's).
+    pub const CS_CONTROLLER: u8 = 0x06;
+    /// Active Namespace ID list of an I/O Command Set.
+    pub const CS_ACTIVE_NS_LIST: u8 = 0x07;
+    /// I/O Command Set Independent Identify Namespace.
+    pub const INDEPENDENT_NAMESPACE: u8 = 0x08;
+}
+
+/// I/O Command Set Independent Identify Namespace data structure (NVMe base 2.0 §5.17.2.9;
+/// Linux `struct nvme_id_ns_cs_indep`), 4096 bytes: the fields of a namespace that do not
+/// depend on its command set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IdentifyNsIndependent {
+    /// Namespace Features (byte 0).
+    pub nsfeat: u8,
+    /// Namespace Multi-path I/O and Namespace Sharing Capabilities (byte 1).
+    pub nmic: u8,
+    /// Reservation Capabilities (byte 2).
+    pub rescap: u8,
+    /// Format Progress Indicator (byte 3).
+    pub fpi: u8,
+    /// ANA Group Identifier (bytes 7:4).
+    pub anagrpid: u32,
+    /// Namespace Attributes (byte 8).
+    pub nsattr: u8,
+    /// NVM Set Identifier (bytes 11:10).
+    pub nvmsetid: u16,
+    /// Endurance Group Identifier (bytes 13:12).
+    pub endgid: u16,
+    /// Namespace Status (byte 14; bit 0: ready).
+    pub nstat: u8,
+}
+
+impl IdentifyNsIndependent {
+    /// Encodes the structure (the rest of the page zero).
+    pub fn encode(&self, b: &mut [u8; IDENTIFY_LEN]) {
+        b.fill(0);
+        b[0] = self.nsfeat;
+        b[1] = self.nmic;
+        b[2] = self.rescap;
+        b[3] = self.fpi;
+        le::put_u32(b, 4, self.anagrpid);
+        b[8] = self.nsattr;
+        le::put_u16(b, 10, self.nvmsetid);
+        le::put_u16(b, 12, self.endgid);
+        b[14] = self.nstat;
+    }
+
+    /// Decodes the structure.
+    pub fn decode(b: &[u8; IDENTIFY_LEN]) -> Self {
+        Self {
+            nsfeat: b[0],
+            nmic: b[1],
+            rescap: b[2],
+            fpi: b[3],
+            anagrpid: le::u32_at(b, 4),
+            nsattr: b[8],
+            nvmsetid: le::u16_at(b, 10),
+            endgid: le::u16_at(b, 12),
+            nstat: b[14],
+        }
+    }
 }
 
 /// Identify command fields (Figure 272).

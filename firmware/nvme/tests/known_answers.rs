@@ -17,8 +17,8 @@ use keel_nvme::fabrics::{
     ConnectCommand, ConnectData, PropertyCommand, PropertySize, connect_data_field, connect_field,
 };
 use keel_nvme::identify::{
-    self, IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, LbaFormat,
-    NsIdentifiers, cns, cntrltype, nidt, oncs,
+    self, IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace,
+    IdentifyNsIndependent, LbaFormat, NsIdentifiers, cns, cntrltype, nidt, oncs,
 };
 use keel_nvme::io::{
     AbortCommand, DsmCommand, DsmRange, FeaturesCommand, RwCommand, number_of_queues,
@@ -1455,5 +1455,47 @@ fn io_command_fields() {
             async_event::AEC_DISCOVERY_LOG_CHANGE
         ),
         (0x0000_0100, 0x8000_0000)
+    );
+}
+
+/// I/O Command Set Independent Identify Namespace (NVMe base 2.0 §5.17.2.9; Linux
+/// `struct nvme_id_ns_cs_indep`: nsfeat 0, nmic 1, rescap 2, fpi 3, anagrpid 4..8, nsattr 8,
+/// nvmsetid 10..12, endgid 12..14, nstat 14) and the CNS values 05h-08h (Linux
+/// `NVME_ID_CNS_CS_NS`, `_CS_CTRL`, `_NS_CS_INDEP`).
+#[test]
+fn identify_ns_independent() {
+    let mut want = [0u8; IDENTIFY_LEN];
+    at(&mut want, 0, &[0x04]);
+    at(&mut want, 1, &[0x01]);
+    at(&mut want, 2, &[0x02]);
+    at(&mut want, 3, &[0x80]);
+    at(&mut want, 4, &[0x07, 0x00, 0x00, 0x00]);
+    at(&mut want, 8, &[0x01]);
+    at(&mut want, 10, &[0x03, 0x00]);
+    at(&mut want, 12, &[0x05, 0x00]);
+    at(&mut want, 14, &[0x01]);
+    let v = IdentifyNsIndependent {
+        nsfeat: 0x04,
+        nmic: 0x01,
+        rescap: 0x02,
+        fpi: 0x80,
+        anagrpid: 7,
+        nsattr: 1,
+        nvmsetid: 3,
+        endgid: 5,
+        nstat: 1,
+    };
+    let mut b = [0xEEu8; IDENTIFY_LEN];
+    v.encode(&mut b);
+    assert_eq!(b, want);
+    assert_eq!(IdentifyNsIndependent::decode(&want), v);
+    assert_eq!(
+        (
+            cns::CS_NAMESPACE,
+            cns::CS_CONTROLLER,
+            cns::CS_ACTIVE_NS_LIST,
+            cns::INDEPENDENT_NAMESPACE
+        ),
+        (0x05, 0x06, 0x07, 0x08)
     );
 }

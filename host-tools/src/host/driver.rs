@@ -1,586 +1,265 @@
-//! A user-space NVMe host driver over a window: what an OS driver does over PCIe (NVMe base
-//! 2.0 §3.5.1 initialization, §3.6 shutdown, §5.3-5.6 queue management, §4.1.1 PRPs,
-//! §4.2.4 phase tags), on memory shared with the emulated function.
+//! The host's NVMe driver over a window: the firmware's poll-mode driver (`keel-nvme-driver`)
+//! on two seams that reach the window instead of PCIe hardware:
+//!
+//! - [`WindowRegs`] ([`Registers`]): the window's register page and doorbells, as 32-bit
+//!   atomics (release stores order the queue entries written before a doorbell).
+//! - [`WindowDma`] ([`Dma`]): the window's host area, carved front to back by
+//!   [`Window::alloc`]; device address = window offset (`keel_nvme_pcie::layout`).
+//!
+//! The driver brings the controller up (reset, admin queues, Identify, Number of Queues, I/O
+//! queue pairs), builds PRPs and PRP lists, splits at MDTS, times commands out (Abort, then
+//! reset) and shuts down with CC.SHN, exactly as on the firmware's drives; I/O queues are
+//! created with interrupts on (vector = queue id), and [`Interrupts`] watches the window's
+//! interrupt counters to know when to look at the completion queues again.
+//!
+//! [`HostController`] is a controller opened this way; [`HostDevice`] one namespace of it with
+//! data buffers in the window, as a [`BlockDevice`].
 
-use super::window::Window;
+use super::window::{Window, WindowClaim};
+use crate::blockdev::{BlockDevice, Completion, IoError, Request, Target};
+use crate::nvme::error::describe_status;
 use anyhow::{Context, Result, anyhow, bail};
 use keel_nvme::identify::{
     IDENTIFY_LEN, IdentifyController, IdentifyNamespace, NsIdentifiers, cns, nsid_list,
 };
-use keel_nvme::io::{DsmCommand, DsmRange, RwCommand};
-use keel_nvme::regs::{Cap, Cc, Csts, offset};
-use keel_nvme::{AdminOpcode, Cqe, IoOpcode, Sqe, Status};
-use keel_nvme_pcie::layout::{self, PAGE_SIZE};
+use keel_nvme::regs::{Cap, offset};
+use keel_nvme::{Cqe, Sqe};
+use keel_nvme_driver::{Config, ControllerInfo, Dma, DmaRegion, Drive, Registers, State};
+use keel_nvme_pcie::layout;
+use keel_storage::{
+    BlockBackend, BlockCompletion, BlockError, BlockRequest, BufPool, Geometry, IoBuf, RejectReason,
+};
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
-const PS: u64 = PAGE_SIZE as u64;
+/// The register seam: the window's first two pages (registers, doorbells).
+#[derive(Debug, Clone)]
+pub struct WindowRegs(Arc<Window>);
 
-fn round_up(n: u64) -> u64 {
-    n.div_ceil(PS) * PS
-}
+impl Registers for WindowRegs {
+    fn read32(&mut self, offset: usize) -> u32 {
+        self.0.load32(offset)
+    }
 
-/// A failed command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommandError {
-    /// Opcode.
-    pub opcode: u8,
-    /// Queue.
-    pub qid: u16,
-    /// Status.
-    pub status: Status,
-}
-
-impl std::fmt::Display for CommandError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "opcode {:#04x} on queue {} failed: {}",
-            self.opcode,
-            self.qid,
-            crate::nvme::error::describe_status(self.status)
-        )
+    fn write32(&mut self, offset: usize, value: u32) {
+        // A release store: the queue entries and PRP lists written before are visible to the
+        // function before the doorbell that announces them.
+        self.0.store32(offset, value);
     }
 }
 
-impl std::error::Error for CommandError {}
+/// The DMA seam: memory of the window's host area.
+#[derive(Debug, Clone)]
+pub struct WindowDma(Arc<Window>);
 
-/// Data of a command.
-#[derive(Debug)]
-pub enum Data<'a> {
-    /// None.
-    None,
-    /// Host to controller.
-    Out(&'a [u8]),
-    /// Controller to host, this many bytes (fetch them with [`Queue::data`]).
-    In(usize),
+// SAFETY: every region comes from `Window::alloc` (zeroed, aligned as asked up to the page size
+// in window offsets, and the mapping is page aligned, so in CPU addresses too; handed out once
+// while the controller that owns this seam is open: `Window::claim` lets the area be carved
+// again only after every controller of the process is dropped, and with it every region) in a
+// window pinned for the rest of the process (`Window::pin` in `HostController::open`); the
+// function reaches byte i of the region at host address `offset + i` (layout::HOST_BASE = 0).
+unsafe impl Dma for WindowDma {
+    fn alloc(&mut self, size: usize, align: usize) -> Option<DmaRegion> {
+        let off = self.0.alloc(size.max(1), align)?;
+        let ptr = self.0.ptr_at(off, size.max(1))?;
+        // SAFETY: see the impl's SAFETY comment: valid for the rest of the process, owned by
+        // this region alone, reached by the function at this host address.
+        Some(unsafe { DmaRegion::new(ptr, layout::HOST_BASE + off as u64, size) })
+    }
+
+    fn sync_for_device(&mut self, _cpu_addr: usize, _len: usize) {
+        // Shared memory is coherent; the doorbell's release store orders these writes.
+        fence(Ordering::Release);
+    }
+
+    fn sync_for_cpu(&mut self, _cpu_addr: usize, _len: usize) {
+        // Later reads must not pass the read that saw the completion's phase tag.
+        fence(Ordering::Acquire);
+    }
 }
 
-/// A completion.
+/// The driver as the host runs it.
+pub type HostDrive = Drive<WindowRegs, WindowDma>;
+/// One namespace of it, as a block backend.
+pub type HostBackend = keel_nvme_driver::DriveBackend<WindowRegs, WindowDma>;
+
+/// How to open a controller.
 #[derive(Debug, Clone, Copy)]
-pub struct Completion {
-    /// The entry.
-    pub cqe: Cqe,
-    /// Opcode of the command.
-    pub opcode: u8,
+pub struct HostConfig {
+    /// I/O queue pairs to create.
+    pub queues: u16,
+    /// Commands in flight per queue (the queues get one entry more; capped by CAP.MQES).
+    pub depth: u16,
+    /// Bound on every wait: enable, admin commands, each I/O (then Abort, then reset).
+    pub timeout: Duration,
 }
 
-/// One SQ/CQ pair with its own data buffers (one per command slot, PRP list page included).
-#[derive(Debug)]
-pub struct Queue {
-    win: Arc<Window>,
-    qid: u16,
-    entries: u16,
-    sq: u64,
-    cq: u64,
-    tail: u16,
-    head: u16,
-    phase: bool,
-    buf_size: usize,
-    bufs: u64,
-    lists: u64,
-    free: Vec<u16>,
-    opcodes: Vec<u8>,
-    vector: u16,
-    timeout: Duration,
-}
-
-impl Queue {
-    /// Bytes of host memory a queue of `entries` entries with `buf_size`-byte buffers uses.
-    fn footprint(entries: u16, buf_size: usize) -> u64 {
-        let slots = entries as u64 - 1;
-        round_up(entries as u64 * 64)
-            + round_up(entries as u64 * 16)
-            + slots * round_up(buf_size as u64)
-            + slots * PS
-    }
-
-    fn carve(
-        win: Arc<Window>,
-        base: u64,
-        qid: u16,
-        entries: u16,
-        buf_size: usize,
-        timeout: Duration,
-    ) -> Self {
-        let sq = base;
-        let cq = sq + round_up(entries as u64 * 64);
-        let bufs = cq + round_up(entries as u64 * 16);
-        let slots = entries - 1;
-        let lists = bufs + slots as u64 * round_up(buf_size as u64);
-        win.zero((cq - layout::HOST_BASE) as usize, entries as usize * 16);
+impl Default for HostConfig {
+    fn default() -> Self {
         Self {
-            win,
-            qid,
-            entries,
-            sq,
-            cq,
-            tail: 0,
-            head: 0,
-            phase: true,
-            buf_size,
-            bufs,
-            lists,
-            free: (0..slots).rev().collect(),
-            opcodes: vec![0; slots as usize],
-            vector: qid.min(layout::MAX_VECTORS - 1),
-            timeout,
-        }
-    }
-
-    fn off(addr: u64) -> usize {
-        (addr - layout::HOST_BASE) as usize
-    }
-
-    /// Queue id.
-    pub fn qid(&self) -> u16 {
-        self.qid
-    }
-
-    /// Commands that can be in flight at once.
-    pub fn depth(&self) -> u16 {
-        self.entries - 1
-    }
-
-    /// Commands in flight.
-    pub fn inflight(&self) -> usize {
-        self.depth() as usize - self.free.len()
-    }
-
-    /// Largest data transfer of one command.
-    pub fn buf_size(&self) -> usize {
-        self.buf_size
-    }
-
-    /// Interrupts signalled on this queue's vector so far (the interrupt area counter).
-    pub fn interrupts(&self) -> u32 {
-        self.win.load32(layout::interrupt_offset(self.vector))
-    }
-
-    fn slot_buf(&self, cid: u16) -> u64 {
-        self.bufs + cid as u64 * round_up(self.buf_size as u64)
-    }
-
-    /// PRP1/PRP2 for `len` bytes of slot `cid`'s buffer (a PRP list beyond two pages).
-    fn prps(&self, cid: u16, len: usize) -> (u64, u64) {
-        let b = self.slot_buf(cid);
-        if len <= PAGE_SIZE {
-            return (b, 0);
-        }
-        if len <= 2 * PAGE_SIZE {
-            return (b, b + PS);
-        }
-        let list = self.lists + cid as u64 * PS;
-        let n = len.div_ceil(PAGE_SIZE) - 1;
-        let mut entries = Vec::with_capacity(n * 8);
-        for i in 0..n {
-            entries.extend_from_slice(&(b + (i as u64 + 1) * PS).to_le_bytes());
-        }
-        self.win.write(Self::off(list), &entries);
-        (b, list)
-    }
-
-    /// Submits `sqe` (CID and data pointer filled in here). Fails when the queue is full or
-    /// the data is larger than a slot buffer.
-    pub fn submit(&mut self, mut sqe: Sqe, data: Data<'_>) -> Result<u16> {
-        let len = match data {
-            Data::None => 0,
-            Data::Out(d) => d.len(),
-            Data::In(n) => n,
-        };
-        if len > self.buf_size {
-            bail!(
-                "{len} bytes exceed the queue's {}-byte buffers",
-                self.buf_size
-            );
-        }
-        let cid = self
-            .free
-            .pop()
-            .ok_or_else(|| anyhow!("queue {} full", self.qid))?;
-        if let Data::Out(d) = data {
-            self.win.write(Self::off(self.slot_buf(cid)), d);
-        }
-        sqe.cid = cid;
-        if len > 0 {
-            let (p1, p2) = self.prps(cid, len);
-            sqe.set_prps(p1, p2);
-        }
-        self.opcodes[cid as usize] = sqe.opcode;
-        self.win
-            .write(Self::off(self.sq + self.tail as u64 * 64), &sqe.to_bytes());
-        self.tail = (self.tail + 1) % self.entries;
-        self.win.store32(
-            layout::doorbell_offset(layout::sq_tail_doorbell(self.qid)),
-            self.tail as u32,
-        );
-        Ok(cid)
-    }
-
-    /// The next completion, if one was posted (phase tag check, then CQ head doorbell).
-    pub fn poll(&mut self) -> Option<Completion> {
-        let at = Self::off(self.cq + self.head as u64 * 16);
-        let dw3 = self.win.load32(at + 12);
-        if ((dw3 >> 16) & 1 != 0) != self.phase {
-            return None;
-        }
-        let mut b = [0u8; 16];
-        self.win.read(at, &mut b);
-        b[12..].copy_from_slice(&dw3.to_le_bytes());
-        let cqe = Cqe::from_bytes(&b);
-        self.head += 1;
-        if self.head == self.entries {
-            self.head = 0;
-            self.phase = !self.phase;
-        }
-        self.win.store32(
-            layout::doorbell_offset(layout::cq_head_doorbell(self.qid)),
-            self.head as u32,
-        );
-        let opcode = self.opcodes.get(cqe.cid as usize).copied().unwrap_or(0);
-        if (cqe.cid as usize) < self.opcodes.len() && !self.free.contains(&cqe.cid) {
-            self.free.push(cqe.cid);
-        }
-        Some(Completion { cqe, opcode })
-    }
-
-    /// Waits for the next completion (spins, then sleeps briefly), bounded by the timeout;
-    /// fails at once if the controller reports a fatal status.
-    pub fn wait(&mut self) -> Result<Completion> {
-        let t0 = Instant::now();
-        let mut spins = 0u32;
-        loop {
-            if let Some(c) = self.poll() {
-                return Ok(c);
-            }
-            spins += 1;
-            if spins.is_multiple_of(1024) {
-                let csts = Csts(self.win.load32(offset::CSTS as usize));
-                if csts.cfs() {
-                    bail!("controller fatal status (CSTS {:#x})", csts.0);
-                }
-                if t0.elapsed() > self.timeout {
-                    bail!(
-                        "no completion on queue {} within {:?} ({} in flight)",
-                        self.qid,
-                        self.timeout,
-                        self.inflight()
-                    );
-                }
-                if spins > 64 * 1024 {
-                    std::thread::sleep(Duration::from_micros(20));
-                }
-            } else {
-                std::hint::spin_loop();
-            }
-        }
-    }
-
-    /// Copies the first `out.len()` bytes of a completed command's data.
-    pub fn data(&self, cid: u16, out: &mut [u8]) {
-        let n = out.len().min(self.buf_size);
-        self.win.read(Self::off(self.slot_buf(cid)), &mut out[..n]);
-    }
-
-    /// Submits one command and waits for it; a non-success status is an error.
-    pub fn run(&mut self, sqe: Sqe, data: Data<'_>) -> Result<Completion> {
-        let want = sqe.opcode;
-        let cid = self.submit(sqe, data)?;
-        loop {
-            let c = self.wait()?;
-            if c.cqe.cid != cid {
-                continue;
-            }
-            if !c.cqe.status.is_success() {
-                return Err(CommandError {
-                    opcode: want,
-                    qid: self.qid,
-                    status: c.cqe.status,
-                }
-                .into());
-            }
-            return Ok(c);
+            queues: 1,
+            depth: 16,
+            timeout: Duration::from_secs(30),
         }
     }
 }
 
-/// I/O operations of [`IoQueue`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoOp {
-    /// Read.
-    Read,
-    /// Write (FUA when true).
-    Write(bool),
-    /// Write Zeroes (deallocate allowed when true).
-    WriteZeroes(bool),
-    /// Dataset Management deallocate.
-    Deallocate,
-    /// Flush.
-    Flush,
-}
-
-/// An I/O queue pair.
+/// The interrupt vectors of a controller's I/O queues, as the window shows them: one counter
+/// per vector, incremented by the function after it posts completions (the window cannot
+/// deliver an interrupt to a process; a guest with `ivshmem-doorbell` could).
 #[derive(Debug)]
-pub struct IoQueue {
-    q: Queue,
-}
-
-impl IoQueue {
-    /// The queue.
-    pub fn queue(&mut self) -> &mut Queue {
-        &mut self.q
-    }
-
-    /// Queue id.
-    pub fn qid(&self) -> u16 {
-        self.q.qid
-    }
-
-    /// Depth.
-    pub fn depth(&self) -> u16 {
-        self.q.depth()
-    }
-
-    /// Commands in flight.
-    pub fn inflight(&self) -> usize {
-        self.q.inflight()
-    }
-
-    /// Submits one I/O (`data` for writes; `blocks` of `bs` bytes).
-    pub fn submit(
-        &mut self,
-        op: IoOp,
-        nsid: u32,
-        lba: u64,
-        blocks: u32,
-        bs: u32,
-        data: Option<&[u8]>,
-    ) -> Result<u16> {
-        let len = blocks as usize * bs as usize;
-        let rw = |opcode: u8, fua: bool, deac: bool| {
-            let mut c = RwCommand::simple(lba, blocks);
-            c.fua = fua;
-            c.deac = deac;
-            c.to_sqe(opcode, 0, nsid)
-        };
-        match op {
-            IoOp::Read => self
-                .q
-                .submit(rw(IoOpcode::Read as u8, false, false), Data::In(len)),
-            IoOp::Write(fua) => {
-                let d = data.ok_or_else(|| anyhow!("write without data"))?;
-                self.q.submit(
-                    rw(IoOpcode::Write as u8, fua, false),
-                    Data::Out(&d[..len.min(d.len())]),
-                )
-            }
-            IoOp::WriteZeroes(deac) => self
-                .q
-                .submit(rw(IoOpcode::WriteZeroes as u8, false, deac), Data::None),
-            IoOp::Deallocate => {
-                let r = DsmRange {
-                    cattr: 0,
-                    nlb: blocks,
-                    slba: lba,
-                }
-                .to_bytes();
-                let sqe = DsmCommand {
-                    nr: 0,
-                    idr: false,
-                    idw: false,
-                    ad: true,
-                }
-                .to_sqe(0, nsid);
-                self.q.submit(sqe, Data::Out(&r))
-            }
-            IoOp::Flush => self.q.submit(
-                Sqe::new(IoOpcode::Flush as u8, 0).with_nsid(nsid),
-                Data::None,
-            ),
-        }
-    }
-
-    /// Next completion.
-    pub fn wait(&mut self) -> Result<Completion> {
-        self.q.wait()
-    }
-
-    /// Data of a completed read.
-    pub fn data(&self, cid: u16, out: &mut [u8]) {
-        self.q.data(cid, out)
-    }
-
-    /// Reads `count` blocks at `lba`, up to the queue depth in flight.
-    pub fn read(&mut self, nsid: u32, lba: u64, count: u64, bs: u32) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; (count * bs as u64) as usize];
-        self.pipeline(
-            nsid,
-            lba,
-            count,
-            bs,
-            IoOp::Read,
-            |off, q, cid, n| {
-                q.data(cid, &mut out[off..off + n]);
-            },
-            None,
-        )?;
-        Ok(out)
-    }
-
-    /// Writes `data` (a multiple of `bs`) at `lba`.
-    pub fn write(&mut self, nsid: u32, lba: u64, data: &[u8], bs: u32) -> Result<()> {
-        let count = (data.len() / bs as usize) as u64;
-        self.pipeline(
-            nsid,
-            lba,
-            count,
-            bs,
-            IoOp::Write(false),
-            |_, _, _, _| {},
-            Some(data),
-        )
-    }
-
-    /// Runs `op` over `count` blocks in chunks of the buffer size, pipelined.
-    #[allow(clippy::too_many_arguments)]
-    pub fn pipeline(
-        &mut self,
-        nsid: u32,
-        lba: u64,
-        count: u64,
-        bs: u32,
-        op: IoOp,
-        mut done: impl FnMut(usize, &Queue, u16, usize),
-        data: Option<&[u8]>,
-    ) -> Result<()> {
-        let per = match op {
-            IoOp::Read | IoOp::Write(_) => (self.q.buf_size / bs as usize).max(1) as u64,
-            _ => 65536,
-        };
-        let mut next = 0u64;
-        let mut chunks: Vec<(u64, u32)> = vec![(0, 0); self.q.depth() as usize];
-        let mut first_err = None;
-        while next < count || self.q.inflight() > 0 {
-            while next < count && !self.q.free.is_empty() && first_err.is_none() {
-                let n = per.min(count - next) as u32;
-                let off = (next * bs as u64) as usize;
-                let d = data.map(|d| &d[off..off + n as usize * bs as usize]);
-                let cid = self.submit(op, nsid, lba + next, n, bs, d)?;
-                chunks[cid as usize] = (next, n);
-                next += n as u64;
-            }
-            if self.q.inflight() == 0 {
-                break;
-            }
-            let c = self.q.wait()?;
-            let (at, n) = chunks.get(c.cqe.cid as usize).copied().unwrap_or((0, 0));
-            if !c.cqe.status.is_success() {
-                first_err.get_or_insert(CommandError {
-                    opcode: c.opcode,
-                    qid: self.q.qid,
-                    status: c.cqe.status,
-                });
-                continue;
-            }
-            done(
-                (at * bs as u64) as usize,
-                &self.q,
-                c.cqe.cid,
-                n as usize * bs as usize,
-            );
-        }
-        match first_err {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
-    }
-}
-
-/// A controller reached through a window.
-#[derive(Debug)]
-pub struct HostController {
+pub struct Interrupts {
     win: Arc<Window>,
-    admin: Queue,
-    next: u64,
+    vectors: std::ops::RangeInclusive<u16>,
+    seen: Vec<u32>,
+}
+
+impl Interrupts {
+    fn new(win: Arc<Window>, queues: u16) -> Self {
+        let mut i = Self {
+            win,
+            vectors: 1..=queues.max(1),
+            seen: Vec::new(),
+        };
+        i.seen = i.read();
+        i
+    }
+
+    fn read(&self) -> Vec<u32> {
+        self.vectors
+            .clone()
+            .map(|v| self.win.load32(layout::interrupt_offset(v)))
+            .collect()
+    }
+
+    /// Interrupts signalled on vector `v` so far.
+    pub fn count(&self, v: u16) -> u32 {
+        self.win.load32(layout::interrupt_offset(v))
+    }
+
+    /// True if any vector fired since the last call (and remembers the counters).
+    pub fn fired(&mut self) -> bool {
+        let now = self.read();
+        let changed = now != self.seen;
+        self.seen = now;
+        changed
+    }
+
+    /// Waits until a vector fires or `until` passes: spins briefly, then sleeps in growing
+    /// steps up to 50 µs (a counter is one load; nothing else is touched meanwhile).
+    pub fn wait(&mut self, until: Instant) {
+        let mut spins = 0u32;
+        while !self.fired() {
+            spins += 1;
+            if spins < 4096 {
+                std::hint::spin_loop();
+                continue;
+            }
+            if Instant::now() >= until {
+                return;
+            }
+            let nap = (spins - 4096).min(50);
+            std::thread::sleep(Duration::from_micros(nap as u64 + 1));
+        }
+    }
+}
+
+/// A controller reached through a window, driven by `keel-nvme-driver`.
+pub struct HostController {
+    // Dropped after the driver (field order): the host area is free only then.
+    drive: HostDrive,
+    win: Arc<Window>,
+    _claim: WindowClaim,
+    epoch: Instant,
     timeout: Duration,
+    irq: Interrupts,
     /// CAP.
     pub cap: Cap,
     /// VS.
     pub vs: u32,
     /// Identify Controller.
     pub id: IdentifyController,
-    live: Vec<u16>,
 }
 
-/// Admin queue entries.
-const ADMIN_ENTRIES: u16 = 32;
+impl std::fmt::Debug for HostController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostController")
+            .field("info", &self.drive.info())
+            .finish_non_exhaustive()
+    }
+}
+
+fn driver_error(e: keel_nvme_driver::InitError) -> anyhow::Error {
+    match e {
+        keel_nvme_driver::InitError::AdminFailed(op, s) => {
+            anyhow!("admin command {op:#04x} failed: {}", describe_status(s))
+        }
+        keel_nvme_driver::InitError::NoMemory => {
+            anyhow!("the window's host area is too small for the queues asked for")
+        }
+        e => anyhow!("{e}"),
+    }
+}
 
 impl HostController {
-    /// Resets the controller (CC.EN = 0, wait CSTS.RDY = 0), sets up the admin queue, enables
-    /// it (IOSQES 6, IOCQES 4, MPS 4 KiB), waits for CSTS.RDY and identifies it. Waits up to
-    /// `timeout` for the function to initialise the window first.
-    pub fn open(win: Arc<Window>, timeout: Duration) -> Result<Self> {
+    /// Waits (up to `cfg.timeout`) for the function to publish the window header and CAP,
+    /// then brings the controller up with `cfg.queues` I/O queue pairs of `cfg.depth`
+    /// commands, interrupts on, and reads Identify Controller.
+    pub fn open(win: Arc<Window>, cfg: &HostConfig) -> Result<Self> {
         let t0 = Instant::now();
-        let header = loop {
+        loop {
             match win.header() {
-                Ok(h) => break h,
-                Err(e) if t0.elapsed() > timeout => {
+                Ok(_) if win.load64(offset::CAP as usize) & 0xFFFF != 0 => break,
+                Ok(_) if t0.elapsed() > cfg.timeout => bail!("CAP not set by the function"),
+                Err(e) if t0.elapsed() > cfg.timeout => {
                     return Err(anyhow!("{e}")).context("waiting for the window header");
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                _ => std::thread::sleep(Duration::from_millis(10)),
             }
+        }
+        win.pin();
+        let claim = win.claim();
+        let epoch = Instant::now();
+        let mut clock = move || epoch.elapsed().as_nanos() as u64;
+        let timeout_ns = cfg.timeout.as_nanos().min(u64::MAX as u128) as u64;
+        let config = Config {
+            io_queues: cfg.queues.max(1),
+            queue_depth: cfg.depth.max(1).saturating_add(1),
+            admin_depth: 32,
+            io_timeout_ns: timeout_ns,
+            abort_timeout_ns: 2_000_000_000,
+            admin_timeout_ns: timeout_ns,
+            health_check_ns: 100_000_000,
+            timeout_scan_ns: 10_000_000,
+            max_transfer: 1 << 20,
+            zero_buffer: 128 << 10,
+            interrupts: true,
         };
-        let _ = header;
-        let cap = Cap(win.load64(offset::CAP as usize));
-        if cap.mqes() == 0 {
-            bail!("CAP not set by the function yet");
-        }
-        if cap.mpsmin() != 0 || cap.dstrd() != 0 {
-            bail!(
-                "unsupported CAP {:#x} (needs 4 KiB pages, doorbell stride 4)",
-                cap.0
-            );
-        }
-        let wait_for = |what: &str, f: &dyn Fn(Csts) -> bool| -> Result<Csts> {
-            let t = Instant::now();
-            loop {
-                let c = Csts(win.load32(offset::CSTS as usize));
-                if f(c) {
-                    return Ok(c);
-                }
-                if t.elapsed() > timeout {
-                    bail!("timed out waiting for {what} (CSTS {:#x})", c.0);
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        };
-        win.store32(offset::CC as usize, 0);
-        wait_for("CSTS.RDY = 0 after reset", &|c| !c.rdy())?;
-        let base = layout::host_area(win.len() as u64).start;
-        let admin = Queue::carve(win.clone(), base, 0, ADMIN_ENTRIES, 2 * PAGE_SIZE, timeout);
-        let next = base + Queue::footprint(ADMIN_ENTRIES, 2 * PAGE_SIZE);
-        let n = ADMIN_ENTRIES as u32 - 1;
-        win.store32(offset::AQA as usize, (n << 16) | n);
-        win.store64(offset::ASQ as usize, admin.sq);
-        win.store64(offset::ACQ as usize, admin.cq);
-        win.store32(offset::CC as usize, Cc::new(true, 0, 0, 0, 0, 6, 4).0);
-        let c = wait_for("CSTS.RDY = 1", &|c| c.rdy() || c.cfs())?;
-        if c.cfs() {
-            bail!("controller fatal status on enable (CSTS {:#x})", c.0);
-        }
-        let mut ctrl = Self {
-            vs: win.load32(offset::VS as usize),
+        let drive = Drive::init(
+            WindowRegs(win.clone()),
+            WindowDma(win.clone()),
+            config,
+            &mut clock,
+        )
+        .map_err(driver_error)
+        .context("bringing the controller up")?;
+        let info = drive.info().context("controller without Identify data")?;
+        let irq = Interrupts::new(win.clone(), info.io_queues);
+        let mut c = Self {
+            vs: info.version.0,
+            cap: info.cap,
             win,
-            admin,
-            next,
-            timeout,
-            cap,
+            _claim: claim,
+            drive,
+            epoch,
+            timeout: cfg.timeout,
+            irq,
             id: IdentifyController::default(),
-            live: Vec::new(),
         };
-        let page = ctrl.identify(cns::CONTROLLER, 0)?;
-        ctrl.id = IdentifyController::decode(&page);
-        Ok(ctrl)
+        c.id = IdentifyController::decode(&*c.identify(cns::CONTROLLER, 0)?);
+        Ok(c)
     }
 
     /// The window.
@@ -588,34 +267,69 @@ impl HostController {
         &self.win
     }
 
-    /// Largest transfer per command (MDTS; 128 KiB when unlimited).
+    /// Nanoseconds since the controller was opened (the driver's clock).
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The bound on every wait.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// What bring-up found.
+    pub fn info(&self) -> ControllerInfo {
+        self.drive
+            .info()
+            .unwrap_or_else(|| unreachable!("open succeeded"))
+    }
+
+    /// Largest transfer of one command (MDTS, capped by the driver).
     pub fn max_transfer(&self) -> u32 {
-        match self.id.mdts {
-            0 => 128 << 10,
-            m => (4096u32 << m.min(12)).min(1 << 20),
-        }
+        self.info().max_transfer
     }
 
-    /// Runs an admin command.
-    pub fn admin(&mut self, sqe: Sqe, data: Data<'_>) -> Result<Completion> {
-        self.admin.run(sqe, data)
+    /// The driver.
+    pub fn drive(&self) -> &HostDrive {
+        &self.drive
     }
 
-    /// Identify with `cns`.
+    /// The interrupt counters of the I/O queues.
+    pub fn interrupts(&mut self) -> &mut Interrupts {
+        &mut self.irq
+    }
+
+    /// One pass of the driver (doorbells, completions, timeouts, health).
+    pub fn poll(&self) -> bool {
+        self.drive.poll(self.now())
+    }
+
+    /// Runs an admin command (data, if any, must be host memory the caller set the PRPs
+    /// to); a non-success status is an error naming it.
+    pub fn admin(&mut self, sqe: Sqe) -> Result<Cqe> {
+        let epoch = self.epoch;
+        let mut clock = move || epoch.elapsed().as_nanos() as u64;
+        self.drive
+            .with(|c| c.admin_command(sqe, &mut clock))
+            .context("controller busy")?
+            .map_err(driver_error)
+    }
+
+    /// Identify with `cns` for `nsid`.
     pub fn identify(&mut self, cns: u8, nsid: u32) -> Result<Box<[u8; IDENTIFY_LEN]>> {
-        let sqe = Sqe::new(AdminOpcode::Identify as u8, 0)
-            .with_nsid(nsid)
-            .with_cdw(10, cns as u32);
-        let c = self.admin.run(sqe, Data::In(IDENTIFY_LEN))?;
-        let mut page = Box::new([0u8; IDENTIFY_LEN]);
-        self.admin.data(c.cqe.cid, &mut page[..]);
-        Ok(page)
+        let epoch = self.epoch;
+        let mut clock = move || epoch.elapsed().as_nanos() as u64;
+        let page = self
+            .drive
+            .with(|c| c.identify_page(cns, nsid, &mut clock))
+            .context("controller busy")?
+            .map_err(driver_error)?;
+        Ok(Box::new(page))
     }
 
-    /// Active namespace ids.
+    /// Active namespace IDs (Identify CNS 02h).
     pub fn active_namespaces(&mut self) -> Result<Vec<u32>> {
-        let page = self.identify(cns::ACTIVE_NS_LIST, 0)?;
-        Ok(nsid_list(&page[..]).collect())
+        Ok(nsid_list(&self.identify(cns::ACTIVE_NS_LIST, 0)?[..]).collect())
     }
 
     /// Identify Namespace.
@@ -632,165 +346,343 @@ impl HostController {
         ))
     }
 
-    /// Block size and block count of an active namespace.
-    pub fn geometry(&mut self, nsid: u32) -> Result<(u32, u64)> {
-        let id = self.identify_namespace(nsid)?;
-        let bs = id.block_size();
-        if id.nsze == 0 || bs == 0 {
-            bail!("namespace {nsid} is not active on this controller");
-        }
-        Ok((bs, id.nsze))
+    /// Block size and block count of a namespace the driver serves.
+    pub fn geometry(&self, nsid: u32) -> Result<(u32, u64)> {
+        let g = self.namespace(nsid)?.1.geometry;
+        Ok((g.block_size, g.blocks))
     }
 
-    /// Set Features Number of Queues; returns the I/O queue pairs granted.
-    pub fn set_io_queues(&mut self, n: u16) -> Result<u16> {
-        let m = n.max(1) as u32 - 1;
-        let c = self.admin(
-            Sqe::new(AdminOpcode::SetFeatures as u8, 0)
-                .with_cdw(10, 7)
-                .with_cdw(11, (m << 16) | m),
-            Data::None,
-        )?;
-        let nsq = (c.cqe.dw0 & 0xFFFF) as u16 + 1;
-        let ncq = (c.cqe.dw0 >> 16) as u16 + 1;
-        Ok(nsq.min(ncq))
+    fn namespace(&self, nsid: u32) -> Result<(usize, keel_nvme_driver::Namespace)> {
+        self.drive
+            .namespaces()
+            .into_iter()
+            .enumerate()
+            .find(|(_, n)| n.nsid == nsid)
+            .ok_or_else(|| anyhow!("namespace {nsid} is not active on this controller"))
     }
 
-    /// Creates I/O queue pair `qid` (CQ with interrupts on vector `qid`, then SQ) of
-    /// `depth` commands with `buf_size`-byte buffers.
-    pub fn create_io_queue(&mut self, qid: u16, depth: u16, buf_size: usize) -> Result<IoQueue> {
-        let mqes = self.cap.mqes() as u32 + 1;
-        let entries = (depth as u32 + 1).min(mqes);
-        if entries < 2 {
-            bail!("queue depth must be at least 1");
-        }
-        let entries = entries as u16;
-        let buf_size = buf_size.max(512);
-        let need = Queue::footprint(entries, buf_size);
-        if self.next + need > self.win.len() as u64 + layout::HOST_BASE {
-            bail!(
-                "window too small: queue {qid} needs {need} bytes of host memory, {} left",
-                (self.win.len() as u64 + layout::HOST_BASE).saturating_sub(self.next)
-            );
-        }
-        let q = Queue::carve(
-            self.win.clone(),
-            self.next,
-            qid,
-            entries,
-            buf_size,
-            self.timeout,
-        );
-        let qsize = entries as u32 - 1;
-        self.admin(
-            Sqe::new(AdminOpcode::CreateIoCq as u8, 0)
-                .with_cdw(10, (qsize << 16) | qid as u32)
-                .with_cdw(11, ((q.vector as u32) << 16) | 0b11)
-                .with_prps(q.cq, 0),
-            Data::None,
-        )
-        .with_context(|| format!("Create I/O CQ {qid}"))?;
-        let mut sqe = Sqe::new(AdminOpcode::CreateIoSq as u8, 0)
-            .with_cdw(10, (qsize << 16) | qid as u32)
-            .with_cdw(11, ((qid as u32) << 16) | 1);
-        sqe.set_prps(q.sq, 0);
-        if let Err(e) = self.admin.run(sqe, Data::None) {
-            let _ = self.admin(
-                Sqe::new(AdminOpcode::DeleteIoCq as u8, 0).with_cdw(10, qid as u32),
-                Data::None,
-            );
-            return Err(e).with_context(|| format!("Create I/O SQ {qid}"));
-        }
-        self.next += need;
-        self.live.push(qid);
-        Ok(IoQueue { q })
+    /// The block backend of namespace `nsid`.
+    pub fn backend(&self, nsid: u32) -> Result<HostBackend> {
+        let (i, _) = self.namespace(nsid)?;
+        self.drive.backend(i).context("controller busy")
     }
 
-    /// Deletes an I/O queue pair (SQ, then CQ). Its host memory is not reused.
-    pub fn delete_io_queue(&mut self, q: IoQueue) -> Result<()> {
-        let qid = q.qid();
-        self.live.retain(|&x| x != qid);
-        self.admin(
-            Sqe::new(AdminOpcode::DeleteIoSq as u8, 0).with_cdw(10, qid as u32),
-            Data::None,
-        )
-        .with_context(|| format!("Delete I/O SQ {qid}"))?;
-        self.admin(
-            Sqe::new(AdminOpcode::DeleteIoCq as u8, 0).with_cdw(10, qid as u32),
-            Data::None,
-        )
-        .with_context(|| format!("Delete I/O CQ {qid}"))?;
-        Ok(())
+    /// `count` data buffers of `size` bytes in the window's host area (page aligned).
+    pub fn buffers(&self, count: usize, size: usize) -> Result<BufPool> {
+        let size = size.next_multiple_of(layout::PAGE_SIZE);
+        let bytes = count.max(1) * size;
+        let off = self.win.alloc(bytes, layout::PAGE_SIZE).with_context(|| {
+            format!(
+                "the window's host area has {} bytes left, {count} buffers of {size} need {bytes}",
+                self.win.unallocated()
+            )
+        })?;
+        let ptr = self.win.ptr_at(off, bytes).context("window range")?;
+        // SAFETY: `Window::alloc` handed these bytes to this pool alone for as long as this
+        // controller is open (the pool's buffers must not be used after the controller is
+        // dropped: `Window::claim`), and the window is pinned (`open`), so the memory stays
+        // mapped for the rest of the process. The function writes it only while a command
+        // that names it is outstanding, as a device DMAs into a driver's buffer.
+        let mem: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), bytes) };
+        BufPool::new(mem, layout::HOST_BASE + off as u64, size)
+            .map_err(|e| anyhow!("buffer pool: {e}"))
     }
 
-    /// Normal shutdown: CC.SHN = 01b, wait for CSTS.SHST = complete.
-    pub fn shutdown(self) -> Result<()> {
-        let cc = Cc(self.win.load32(offset::CC as usize));
-        let cc = Cc::new(cc.en(), cc.css(), cc.mps(), cc.ams(), Cc::SHN_NORMAL, 6, 4);
-        self.win.store32(offset::CC as usize, cc.0);
-        let t = Instant::now();
+    /// Normal shutdown (CC.SHN); commands the controller took still complete and can be
+    /// reaped with [`HostController::poll`].
+    pub fn shutdown(&mut self) -> Result<()> {
+        let epoch = self.epoch;
+        let mut clock = move || epoch.elapsed().as_nanos() as u64;
+        self.drive
+            .with(|c| c.shutdown(&mut clock))
+            .context("controller busy")?
+            .map_err(driver_error)
+            .context("controller shutdown")
+    }
+
+    /// Namespace `nsid` as a block device with `buffers` data buffers of the largest
+    /// transfer size.
+    pub fn into_device(self, nsid: u32, buffers: usize) -> Result<HostDevice> {
+        let be = self.backend(nsid)?;
+        let mt = self.max_transfer();
+        let pool = self.buffers(buffers, mt as usize)?;
+        let info = self.info();
+        let depth = (info.io_queues as usize * (info.queue_depth as usize - 1)).min(pool.count());
+        Ok(HostDevice {
+            ctrl: self,
+            be,
+            pool,
+            done: VecDeque::new(),
+            in_flight: 0,
+            depth,
+        })
+    }
+}
+
+/// A namespace of a [`HostController`] with data buffers in the window.
+#[derive(Debug)]
+pub struct HostDevice {
+    ctrl: HostController,
+    be: HostBackend,
+    pool: BufPool,
+    done: VecDeque<BlockCompletion>,
+    in_flight: usize,
+    depth: usize,
+}
+
+impl HostDevice {
+    /// The controller.
+    pub fn controller(&mut self) -> &mut HostController {
+        &mut self.ctrl
+    }
+
+    /// Requests submitted and not completed yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn reap(&mut self) -> usize {
+        self.ctrl.poll();
+        let done = &mut self.done;
+        self.be.poll(&mut |c| done.push_back(c))
+    }
+
+    /// The next completion if one is there (no waiting).
+    pub fn try_complete(&mut self) -> Option<Completion<IoBuf>> {
+        if self.done.is_empty() {
+            self.reap();
+        }
+        let c = self.done.pop_front()?;
+        self.in_flight -= 1;
+        Some(self.convert(c))
+    }
+
+    fn convert(&self, c: BlockCompletion) -> Completion<IoBuf> {
+        let last = self.ctrl.drive.stats().last_error;
+        Completion {
+            tag: c.tag,
+            result: c.result.map_err(|e| match (e, last) {
+                (BlockError::Internal, _) if self.ctrl.drive.state() != State::Online => {
+                    IoError::Block(e)
+                }
+                (_, Some(s)) => IoError::Status(s),
+                (e, None) => IoError::Block(e),
+            }),
+            buf: c.buf,
+        }
+    }
+
+    /// Shuts the controller down.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.ctrl.shutdown()
+    }
+}
+
+impl crate::blockdev::DataBuf for IoBuf {
+    fn bytes(&self) -> &[u8] {
+        self.as_slice()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl BlockDevice for HostDevice {
+    type Buf = IoBuf;
+
+    fn geometry(&self) -> Geometry {
+        self.be.geometry()
+    }
+
+    fn max_transfer(&self) -> u32 {
+        self.ctrl.max_transfer()
+    }
+
+    fn depth(&self) -> usize {
+        self.depth
+    }
+
+    fn alloc(&mut self) -> Result<IoBuf> {
+        self.pool.get().context("no free data buffer")
+    }
+
+    fn free(&mut self, buf: IoBuf) {
+        let _ = self.pool.put(buf);
+    }
+
+    fn submit(&mut self, req: Request<IoBuf>) -> Result<()> {
+        let mut r = BlockRequest {
+            tag: req.tag,
+            op: req.op,
+            lba: req.lba,
+            blocks: req.blocks,
+            buf: req.buf,
+            buf_offset: 0,
+        };
+        let deadline = Instant::now() + self.ctrl.timeout;
         loop {
-            let c = Csts(self.win.load32(offset::CSTS as usize));
-            if c.shst() == Csts::SHST_COMPLETE {
-                return Ok(());
+            match self.be.submit(r) {
+                Ok(()) => {
+                    self.in_flight += 1;
+                    return Ok(());
+                }
+                Err(rej) if rej.reason == RejectReason::Busy && Instant::now() < deadline => {
+                    r = rej.req;
+                    self.reap();
+                }
+                Err(rej) => {
+                    if let Some(b) = rej.req.buf {
+                        self.free(b);
+                    }
+                    return Err(match rej.reason {
+                        RejectReason::Invalid(e) => anyhow!("{}", IoError::Block(e)),
+                        RejectReason::Busy => anyhow!("the driver stayed busy"),
+                    });
+                }
             }
-            if c.cfs() {
-                bail!("controller fatal status during shutdown (CSTS {:#x})", c.0);
-            }
-            if t.elapsed() > self.timeout {
-                bail!("shutdown did not complete (CSTS {:#x})", c.0);
-            }
-            std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    fn complete(&mut self) -> Result<Completion<IoBuf>> {
+        if self.in_flight == 0 {
+            bail!("no request in flight");
+        }
+        let deadline = Instant::now() + self.ctrl.timeout;
+        loop {
+            if let Some(c) = self.try_complete() {
+                return Ok(c);
+            }
+            match self.ctrl.drive.state() {
+                State::Dead => bail!("the controller failed and was given up on"),
+                State::Online | State::Resetting | State::ShutDown => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!(
+                    "no completion within {:?} ({} request(s) in flight)",
+                    self.ctrl.timeout,
+                    self.in_flight
+                );
+            }
+            // The function raises the queue's vector after posting completions.
+            self.ctrl
+                .irq
+                .wait(deadline.min(now + Duration::from_millis(1)));
+        }
+    }
+}
+
+/// `keelctl host`'s [`Target`]: a window; every open brings the controller up, every close
+/// shuts it down. One bench worker drives all the queues (the driver is single threaded, as
+/// SPDK's are).
+#[derive(Debug)]
+pub struct HostTarget {
+    /// The window.
+    pub win: Arc<Window>,
+    /// Bound on every wait.
+    pub timeout: Duration,
+}
+
+impl Target for HostTarget {
+    type Dev = HostDevice;
+
+    fn workers(&self, _queues: u16) -> u16 {
+        1
+    }
+
+    fn open(&self, nsid: u32, queues: u16, qd: u16, _index: u16) -> Result<HostDevice> {
+        let c = HostController::open(
+            self.win.clone(),
+            &HostConfig {
+                queues,
+                depth: qd,
+                timeout: self.timeout,
+            },
+        )?;
+        let bufs = queues.max(1) as usize * qd.max(1) as usize;
+        c.into_device(nsid, bufs)
+    }
+
+    fn close(&self, dev: HostDevice) -> Result<()> {
+        dev.shutdown()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blockdev;
     use crate::host::window::{Emulator, EmulatorConfig};
+    use keel_nvme::{AdminOpcode, Status};
 
     #[test]
     fn driver_against_in_process_function() {
         let win = Arc::new(Window::anonymous(32 << 20).unwrap());
         let emu = Emulator::start(win.clone(), EmulatorConfig::default()).unwrap();
-        let mut c = HostController::open(win.clone(), Duration::from_secs(10)).unwrap();
+        let cfg = HostConfig {
+            queues: 8,
+            depth: 16,
+            timeout: Duration::from_secs(10),
+        };
+        let mut c = HostController::open(win.clone(), &cfg).unwrap();
         assert_eq!(c.id.sgls, 0);
+        assert_eq!(c.info().io_queues, 8);
         assert_eq!(c.active_namespaces().unwrap(), vec![1]);
-        let (bs, n) = c.geometry(1).unwrap();
-        assert_eq!((bs, n), (512, (64 << 20) / 512));
-        assert_eq!(c.set_io_queues(8).unwrap(), 8);
-        // Hostile queue ids get the spec's statuses and the controller keeps going.
-        let e = c.create_io_queue(9, 16, 4096).unwrap_err();
-        let st = e
-            .root_cause()
-            .downcast_ref::<CommandError>()
-            .unwrap()
-            .status;
-        assert_eq!(st, Status::INVALID_QUEUE_IDENTIFIER);
-        let mut qs: Vec<IoQueue> = (1..=8)
-            .map(|qid| c.create_io_queue(qid, 16, 128 << 10).unwrap())
-            .collect();
+        assert_eq!(c.geometry(1).unwrap(), (512, (64 << 20) / 512));
+        // A hostile queue id gets the spec's status and the controller keeps going.
+        let e = c
+            .admin(
+                Sqe::new(AdminOpcode::CreateIoCq as u8, 0)
+                    .with_cdw(10, (15 << 16) | 9)
+                    .with_cdw(11, 1),
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&describe_status(Status::INVALID_QUEUE_IDENTIFIER)),
+            "{e}"
+        );
+        let before: Vec<u32> = (1..=8).map(|v| c.interrupts().count(v)).collect();
+        let mut d = c.into_device(1, 32).unwrap();
         let mut model = vec![0u8; 4 << 20];
         let mut rng = crate::nvme::pattern::Rng::new(7);
         for i in 0..64u64 {
-            let q = &mut qs[(i % 8) as usize];
             let blocks = 1 + rng.below(256);
             let lba = rng.below((model.len() as u64 / 512) - blocks);
             let len = (blocks * 512) as usize;
             let data: Vec<u8> = (0..len).map(|k| (k as u64 ^ i) as u8).collect();
-            q.write(1, lba, &data, 512).unwrap();
+            blockdev::write(&mut d, lba, &data).unwrap();
             model[lba as usize * 512..][..len].copy_from_slice(&data);
-            let back = q.read(1, lba, blocks, 512).unwrap();
+            let mut back = vec![0u8; len];
+            blockdev::read(&mut d, lba, &mut back).unwrap();
             assert_eq!(back, data);
         }
-        let all = qs[0].read(1, 0, 8192, 512).unwrap();
+        let mut all = vec![0u8; model.len()];
+        blockdev::read(&mut d, 0, &mut all).unwrap();
         assert_eq!(all, model);
-        assert!(qs[0].queue().interrupts() > 0, "interrupt counter moves");
-        for q in qs {
-            c.delete_io_queue(q).unwrap();
+        // Requests went round robin over the 8 queues: every vector fired.
+        let after: Vec<u32> = (1..=8)
+            .map(|v| d.controller().interrupts().count(v))
+            .collect();
+        for v in 0..8 {
+            assert!(after[v] > before[v], "vector {} never fired", v + 1);
         }
-        c.shutdown().unwrap();
+        d.shutdown().unwrap();
+        assert_eq!(
+            (win.load32(offset::CSTS as usize) >> 2) & 3,
+            2,
+            "CSTS.SHST complete"
+        );
+        // Controllers opened one after the other reuse the host area: eight of 8 MiB of
+        // buffers each through a 32 MiB window, the data intact across them.
+        for round in 0..8u8 {
+            let c = HostController::open(win.clone(), &cfg).unwrap();
+            let mut d = c.into_device(1, 64).unwrap();
+            let mut back = vec![0u8; 4096];
+            blockdev::read(&mut d, 0, &mut back).unwrap();
+            assert_eq!(back[..], model[..4096], "round {round}");
+            d.shutdown().unwrap();
+        }
         emu.stop().unwrap();
     }
 }

@@ -18,8 +18,9 @@ use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,6 +30,13 @@ pub struct Window {
     ptr: *mut u8,
     len: usize,
     _file: Option<File>,
+    /// Next free offset of the host area for [`Window::alloc`].
+    next: AtomicUsize,
+    /// Controllers of this process open on the window ([`Window::claim`]).
+    users: AtomicUsize,
+    /// A device BAR (`VM_IO | VM_PFNMAP`): the kernel cannot pin its pages, so it cannot be
+    /// the target of I/O the kernel copies with `get_user_pages` (ublk).
+    device_memory: bool,
 }
 
 // SAFETY: the mapping lives as long as the `Window`; every access goes through the methods
@@ -74,11 +82,18 @@ impl Window {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mmap of the window");
         }
-        Ok(Self {
-            ptr: p.cast(),
+        Ok(Self::from_raw(p.cast(), len, file))
+    }
+
+    fn from_raw(ptr: *mut u8, len: usize, file: Option<File>) -> Self {
+        Self {
+            ptr,
             len,
             _file: file,
-        })
+            next: AtomicUsize::new(layout::HOST_AREA_OFFSET),
+            users: AtomicUsize::new(0),
+            device_memory: false,
+        }
     }
 
     /// Maps an existing window file (read/write, shared).
@@ -105,6 +120,26 @@ impl Window {
         Self::map(Some(f), size)
     }
 
+    /// Maps the shared-memory BAR of an `ivshmem` PCI function from inside a guest: `path` is
+    /// the device's sysfs resource file (`/sys/bus/pci/devices/BDF/resource2`); the BAR
+    /// holds the same layout as the window file on the machine running QEMU.
+    pub fn open_bar(path: &Path) -> Result<Self> {
+        let mut w = Self::open(path).with_context(|| {
+            format!(
+                "mapping the ivshmem BAR {} (needs root; is it the device's resource2?)",
+                path.display()
+            )
+        })?;
+        w.device_memory = true;
+        Ok(w)
+    }
+
+    /// True for a PCI BAR mapped from sysfs (see [`Window::open_bar`]): device memory whose
+    /// pages the kernel cannot pin for its own copies.
+    pub fn is_device_memory(&self) -> bool {
+        self.device_memory
+    }
+
     /// Anonymous shared memory of `size` bytes (tests).
     pub fn anonymous(size: usize) -> Result<Self> {
         Self::map(None, size)
@@ -113,6 +148,72 @@ impl Window {
     /// Size in bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Keeps the mapping for the rest of the process, so that memory handed out by
+    /// [`Window::alloc`] may be used as `&'static` (data buffers move by value between the
+    /// driver and its callers). Called by the host driver when it opens a window.
+    pub fn pin(self: &Arc<Self>) {
+        static PINNED: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+        let mut pinned = PINNED.lock().unwrap_or_else(|p| p.into_inner());
+        if !pinned.contains(&(self.ptr as usize)) {
+            pinned.push(self.ptr as usize);
+            // One reference that is never dropped: the mapping is never unmapped.
+            std::mem::forget(self.clone());
+        }
+    }
+
+    /// A controller starts using the window's host area: the first one (none open in this
+    /// process) starts carving it from the front again, so a process may open and close
+    /// controllers on one window any number of times. Every allocation of a controller is
+    /// dead once the controller is (its queues, PRP lists and data buffers go with it), and
+    /// bringing the next controller up resets the function before it is told about any new
+    /// memory. Returns a guard; dropping it ends the use.
+    pub fn claim(self: &Arc<Self>) -> WindowClaim {
+        if self.users.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.next.store(layout::HOST_AREA_OFFSET, Ordering::Relaxed);
+        }
+        WindowClaim(self.clone())
+    }
+
+    /// Takes `size` bytes of the host area aligned to `align` (a power of two, at most the
+    /// page size), zeroed; returns their window offset (= host address). `None` when the
+    /// host area is exhausted. Allocations are not returned one by one: the area is carved
+    /// front to back while a controller uses it (see [`Window::claim`]).
+    pub fn alloc(&self, size: usize, align: usize) -> Option<usize> {
+        if !align.is_power_of_two() || align > layout::PAGE_SIZE {
+            return None;
+        }
+        let mut cur = self.next.load(Ordering::Relaxed);
+        loop {
+            let start = cur.checked_next_multiple_of(align)?;
+            let end = start.checked_add(size)?;
+            if end > self.len {
+                return None;
+            }
+            match self
+                .next
+                .compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.zero(start, size);
+                    return Some(start);
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Bytes of the host area [`Window::alloc`] has not handed out yet.
+    pub fn unallocated(&self) -> usize {
+        self.len.saturating_sub(self.next.load(Ordering::Relaxed))
+    }
+
+    /// CPU address of window offset `off` with `len` bytes behind it.
+    pub(crate) fn ptr_at(&self, off: usize, len: usize) -> Option<NonNull<u8>> {
+        self.range(off, len)?;
+        // SAFETY: `off` is inside the mapping (checked just above).
+        NonNull::new(unsafe { self.ptr.add(off) })
     }
 
     /// Always false (a window is at least [`layout::MIN_WINDOW_SIZE`]).
@@ -210,6 +311,16 @@ impl Window {
             layout::HEADER_OFFSET,
             &Header::new(self.len as u64, function).encode(),
         );
+    }
+}
+
+/// A controller's use of a window's host area ([`Window::claim`]).
+#[derive(Debug)]
+pub struct WindowClaim(Arc<Window>);
+
+impl Drop for WindowClaim {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -325,6 +436,8 @@ impl Default for EmulatorConfig {
 #[derive(Debug)]
 pub struct Emulator {
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    idle: Arc<AtomicBool>,
     handle: Option<JoinHandle<Result<()>>>,
 }
 
@@ -333,6 +446,10 @@ impl Emulator {
     pub fn start(win: Arc<Window>, cfg: EmulatorConfig) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let paused = Arc::new(AtomicBool::new(false));
+        let p = paused.clone();
+        let idle = Arc::new(AtomicBool::new(false));
+        let i = idle.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("keel-pcie-emulator".into())
@@ -389,6 +506,12 @@ impl Emulator {
                 let t0 = std::time::Instant::now();
                 let mut idle = 0u32;
                 while !s.load(Ordering::Relaxed) {
+                    if p.load(Ordering::Acquire) {
+                        i.store(true, Ordering::Release);
+                        std::thread::sleep(Duration::from_micros(100));
+                        continue;
+                    }
+                    i.store(false, Ordering::Release);
                     let now = Instant::from_nanos(t0.elapsed().as_nanos() as u64);
                     if f.poll_with_target(now, &mut target, &mut ep) {
                         idle = 0;
@@ -407,10 +530,24 @@ impl Emulator {
         match rx.recv() {
             Ok(Ok(())) => Ok(Self {
                 stop,
+                paused,
+                idle,
                 handle: Some(handle),
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => bail!("emulator thread died during setup"),
+        }
+    }
+
+    /// Stops (true) or resumes (false) serving: while paused, doorbells are not looked at,
+    /// so commands the host submits stay in their queues (tests use this to see how many a
+    /// host has in flight at once).
+    /// Pausing returns once the thread stopped looking (bounded by 10 s).
+    pub fn pause(&self, on: bool) {
+        self.paused.store(on, Ordering::Release);
+        let t0 = std::time::Instant::now();
+        while on && !self.idle.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 

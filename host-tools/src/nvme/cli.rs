@@ -3,11 +3,11 @@
 //! Everything prints to the `out` writer it is given (stdout in `keelctl`), diagnostics to
 //! stderr; [`run`] returns the process exit code (0 success, 1 verify mismatch) or an error.
 
-use super::bench::{self, BenchConfig, BenchResult, Latency, Progress, Stop};
 use super::ctrl::{Controller, Params};
-use super::error::NvmeError;
-use super::pattern::{fill, human_bytes, mismatches, parse_size};
+use super::device::TcpTarget;
+use super::pattern::human_bytes;
 use super::{DEFAULT_SUBNQN, default_host_identity, format_uuid, hostid_for, parse_uuid};
+use crate::blockdev::cli::{self as blockcli, IoCmd};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use keel_nvme::DISCOVERY_NQN;
@@ -15,9 +15,8 @@ use keel_nvme::identify::{IdentifyController, IdentifyNamespace, NsIdentifiers, 
 use keel_nvme::log::discovery::{self as disc, Entry, Header};
 use keel_nvmf_tcp::Digests;
 use serde_json::{Value, json};
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::time::Duration;
 
 /// Digests to negotiate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,29 +41,30 @@ impl DigestArg {
     }
 }
 
-/// Where the controller is and who we are.
+/// Where the controller is and who we are (options of `keelctl nvme`, accepted before or
+/// after the subcommand).
 #[derive(Debug, Clone, Args)]
 pub struct TargetArgs {
     /// Controller address, HOST:PORT [default: 127.0.0.1:4420; discover: 127.0.0.1:8009].
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub addr: Option<String>,
     /// Subsystem NQN [default: the Keel default subsystem; discover: the discovery NQN].
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub nqn: Option<String>,
     /// Host NQN [default: a stable NQN derived from this machine's id].
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub hostnqn: Option<String>,
     /// Host ID (UUID) [default: from the host NQN].
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub hostid: Option<String>,
     /// Digests to negotiate.
-    #[arg(long, value_enum, default_value_t = DigestArg::None)]
+    #[arg(long, global = true, value_enum, default_value_t = DigestArg::None)]
     pub digests: DigestArg,
     /// Keep Alive Timeout to request, seconds (0: none).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, global = true, default_value_t = 10)]
     pub kato: u32,
     /// Bound on every wait (connect, each command), seconds.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, global = true, default_value_t = 30.0)]
     pub timeout: f64,
 }
 
@@ -101,55 +101,17 @@ impl TargetArgs {
     }
 }
 
-/// Bench access pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PatternArg {
-    /// Random.
-    Rand,
-    /// Sequential.
-    Seq,
-}
-
-/// Bench read/write mix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RwArg {
-    /// Reads.
-    Read,
-    /// Writes.
-    Write,
-    /// Both (--mix-read percent reads).
-    Mix,
-}
-
-fn size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s)
-}
-
-fn seed_arg(s: &str) -> Result<u64, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|_| format!("{s:?}: not a number (decimal or 0x hex)"))
-}
-
 /// `keelctl nvme` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum NvmeCmd {
     /// Read the discovery log page of a discovery controller.
     Discover {
-        /// Controller and host.
-        #[command(flatten)]
-        target: TargetArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Identify the controller and its namespaces.
     Identify {
-        /// Controller and host.
-        #[command(flatten)]
-        target: TargetArgs,
         /// Only this namespace.
         #[arg(long)]
         nsid: Option<u32>,
@@ -157,198 +119,35 @@ pub enum NvmeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Read blocks into a file.
-    Read {
-        /// Controller and host.
-        #[command(flatten)]
-        target: TargetArgs,
-        /// Namespace.
-        #[arg(long, default_value_t = 1)]
-        nsid: u32,
-        /// First block.
-        #[arg(long)]
-        lba: u64,
-        /// Number of blocks.
-        #[arg(long)]
-        count: u64,
-        /// Output file ("-": stdout).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Commands in flight.
-        #[arg(long, default_value_t = 16)]
-        qd: u16,
-    },
-    /// Write a file to blocks (its size must be a multiple of the block size).
-    Write {
-        /// Controller and host.
-        #[command(flatten)]
-        target: TargetArgs,
-        /// Namespace.
-        #[arg(long, default_value_t = 1)]
-        nsid: u32,
-        /// First block.
-        #[arg(long)]
-        lba: u64,
-        /// Input file.
-        #[arg(short, long)]
-        input: PathBuf,
-        /// Commands in flight.
-        #[arg(long, default_value_t = 16)]
-        qd: u16,
-    },
-    /// Write a deterministic pattern over a range, read it back and compare.
-    Verify {
-        /// Controller and host.
-        #[command(flatten)]
-        target: TargetArgs,
-        /// Namespace.
-        #[arg(long, default_value_t = 1)]
-        nsid: u32,
-        /// First block.
-        #[arg(long)]
-        lba: u64,
-        /// Number of blocks.
-        #[arg(long)]
-        count: u64,
-        /// Pattern seed (decimal or 0x hex).
-        #[arg(long, value_parser = seed_arg, default_value = "0x6b65656c")]
-        pattern: u64,
-        /// Commands in flight.
-        #[arg(long, default_value_t = 16)]
-        qd: u16,
-        /// Only read and compare (the pattern was written before).
-        #[arg(long)]
-        read_only: bool,
-    },
     /// Wait for an Asynchronous Event (namespaces added or removed...): enables namespace
     /// notices, sends an Asynchronous Event Request, waits up to --timeout seconds, then
     /// prints the event, the Changed Namespace List (log 04h) and Identify of the namespaces
     /// in it. Exit 0 with an event, 2 without one in time.
     Watch {
-        /// Controller and host (--timeout bounds the wait for the event too).
-        #[command(flatten)]
-        target: TargetArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Measure IOPS, throughput and latency.
-    Bench {
-        /// Controller and host.
-        #[command(flatten)]
-        target: TargetArgs,
-        /// Namespace.
-        #[arg(long, default_value_t = 1)]
-        nsid: u32,
-        /// Access pattern.
-        #[arg(long, value_enum, default_value_t = PatternArg::Rand)]
-        pattern: PatternArg,
-        /// Reads, writes or both.
-        #[arg(long, value_enum, default_value_t = RwArg::Read)]
-        rw: RwArg,
-        /// Percent reads with --rw mix.
-        #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
-        mix_read: u8,
-        /// Bytes per command (512, 4k, 128k...).
-        #[arg(long, value_parser = size_arg, default_value = "4k")]
-        bs: u64,
-        /// Commands in flight per connection.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
-        qd: u16,
-        /// I/O queues, each its own TCP connection and thread.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-        connections: u16,
-        /// Run this many seconds [default: 10 unless --ios].
-        #[arg(long, conflicts_with = "ios")]
-        duration: Option<f64>,
-        /// Run this many commands in total.
-        #[arg(long)]
-        ios: Option<u64>,
-        /// Touch only the first MiB of the namespace.
-        #[arg(long)]
-        range_mib: Option<u64>,
-        /// PRNG seed.
-        #[arg(long, value_parser = seed_arg, default_value = "1")]
-        seed: u64,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// read, write, verify, bench.
+    #[command(flatten)]
+    Io(IoCmd),
 }
 
-/// Runs a subcommand; returns the exit code.
-pub fn run(cmd: NvmeCmd, out: &mut dyn Write) -> Result<i32> {
+/// Runs a subcommand against the controller `target` names; returns the exit code.
+pub fn run(target: &TargetArgs, cmd: NvmeCmd, out: &mut dyn Write) -> Result<i32> {
     match cmd {
-        NvmeCmd::Discover { target, json } => discover(&target, json, out),
-        NvmeCmd::Identify { target, nsid, json } => identify(&target, nsid, json, out),
-        NvmeCmd::Watch { target, json } => watch(&target, json, out),
-        NvmeCmd::Read {
-            target,
-            nsid,
-            lba,
-            count,
-            output,
-            qd,
-        } => read(&target, nsid, lba, count, &output, qd, out),
-        NvmeCmd::Write {
-            target,
-            nsid,
-            lba,
-            input,
-            qd,
-        } => write(&target, nsid, lba, &input, qd),
-        NvmeCmd::Verify {
-            target,
-            nsid,
-            lba,
-            count,
-            pattern,
-            qd,
-            read_only,
-        } => verify(&target, nsid, lba, count, pattern, qd, read_only, out),
-        NvmeCmd::Bench {
-            target,
-            nsid,
-            pattern,
-            rw,
-            mix_read,
-            bs,
-            qd,
-            connections,
-            duration,
-            ios,
-            range_mib,
-            seed,
-            json,
-        } => {
-            let stop = match (duration, ios) {
-                (_, Some(0)) => bail!("--ios must be at least 1"),
-                (_, Some(n)) => Stop::Ios(n),
-                (Some(d), None) if d > 0.0 && d < 1e7 => Stop::Duration(Duration::from_secs_f64(d)),
-                (Some(_), None) => bail!("--duration must be positive"),
-                (None, None) => Stop::Duration(Duration::from_secs(10)),
+        NvmeCmd::Discover { json } => discover(target, json, out),
+        NvmeCmd::Identify { nsid, json } => identify(target, nsid, json, out),
+        NvmeCmd::Watch { json } => watch(target, json, out),
+        NvmeCmd::Io(cmd) => {
+            let t = TcpTarget {
+                ctrl: connect(target, false)?,
             };
-            let bs = u32::try_from(bs).context("--bs too large")?;
-            let cfg = BenchConfig {
-                nsid,
-                pattern: match pattern {
-                    PatternArg::Rand => bench::Pattern::Rand,
-                    PatternArg::Seq => bench::Pattern::Seq,
-                },
-                rw: match rw {
-                    RwArg::Read => bench::Rw::Read,
-                    RwArg::Write => bench::Rw::Write,
-                    RwArg::Mix => bench::Rw::Mix,
-                },
-                mix_read,
-                bs,
-                qd,
-                connections,
-                stop,
-                range: range_mib.map(|m| m << 20),
-                seed,
-            };
-            run_bench(&target, &cfg, json, out)
+            let r = blockcli::run(&t, cmd, out);
+            if let Err(e) = t.ctrl.close() {
+                eprintln!("keelctl: warning: closing the controller: {e}");
+            }
+            r
         }
     }
 }
@@ -636,6 +435,47 @@ pub fn format_identify(
     text
 }
 
+/// Identify Namespace (and its descriptor list, when the controller has one) of `only`, or
+/// of every namespace `active` lists.
+pub fn namespace_reports(
+    only: Option<u32>,
+    active: impl FnOnce() -> Result<Vec<u32>>,
+    mut identify: impl FnMut(u32) -> Result<(IdentifyNamespace, Option<NsIdentifiers>)>,
+) -> Result<Vec<NsReport>> {
+    let nsids = match only {
+        Some(n) => vec![n],
+        None => active().context("listing active namespaces")?,
+    };
+    nsids
+        .into_iter()
+        .map(|nsid| {
+            let (id, ids) = identify(nsid).with_context(|| format!("Identify Namespace {nsid}"))?;
+            Ok(NsReport { nsid, id, ids })
+        })
+        .collect()
+}
+
+/// Prints Identify Controller and the namespaces, as text or JSON.
+pub fn print_identify(
+    out: &mut dyn Write,
+    json: bool,
+    id: &IdentifyController,
+    max_transfer: u32,
+    vs: u32,
+    nss: &[NsReport],
+) -> Result<i32> {
+    if json {
+        let v = json!({
+            "controller": controller_json(id, max_transfer),
+            "namespaces": nss.iter().map(namespace_json).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        out.write_all(format_identify(id, max_transfer, vs, nss).as_bytes())?;
+    }
+    Ok(0)
+}
+
 fn identify(
     target: &TargetArgs,
     only: Option<u32>,
@@ -643,33 +483,16 @@ fn identify(
     out: &mut dyn Write,
 ) -> Result<i32> {
     let c = connect(target, false)?;
-    let nsids = match only {
-        Some(n) => vec![n],
-        None => c.active_namespaces().context("listing active namespaces")?,
-    };
-    let mut nss = Vec::new();
-    for nsid in nsids {
-        let id = c
-            .identify_namespace(nsid)
-            .with_context(|| format!("Identify Namespace {nsid}"))?;
-        let ids = c.namespace_ids(nsid).ok();
-        nss.push(NsReport { nsid, id, ids });
-    }
-    let mt = c.max_transfer();
-    let (id, vs) = (c.id, c.vs);
+    let nss = namespace_reports(
+        only,
+        || Ok(c.active_namespaces()?),
+        |nsid| Ok((c.identify_namespace(nsid)?, c.namespace_ids(nsid).ok())),
+    );
+    let (id, vs, mt) = (c.id, c.vs, c.max_transfer());
     if let Err(e) = c.close() {
         eprintln!("keelctl: warning: closing the controller: {e}");
     }
-    if json {
-        let v = json!({
-            "controller": controller_json(&id, mt),
-            "namespaces": nss.iter().map(namespace_json).collect::<Vec<_>>(),
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
-    } else {
-        out.write_all(format_identify(&id, mt, vs, &nss).as_bytes())?;
-    }
-    Ok(0)
+    print_identify(out, json, &id, mt, vs, &nss?)
 }
 
 /// Names of an Asynchronous Event Request completion's DW0 (NVMe base 2.0 Figures 146-151).
@@ -806,330 +629,6 @@ fn watch(target: &TargetArgs, json: bool, out: &mut dyn Write) -> Result<i32> {
     Ok(0)
 }
 
-/// Block size and size in blocks of an active namespace.
-fn geometry(c: &Controller, nsid: u32) -> Result<(u32, u64)> {
-    let id = c
-        .identify_namespace(nsid)
-        .with_context(|| format!("Identify Namespace {nsid}"))?;
-    let bs = id.block_size();
-    if id.nsze == 0 || bs == 0 {
-        bail!("namespace {nsid} is not active on this controller");
-    }
-    Ok((bs, id.nsze))
-}
-
-/// Opens the admin queue and I/O queue 1.
-fn io_session(target: &TargetArgs, qd: u16) -> Result<(Controller, super::IoQueue)> {
-    let c = connect(target, false)?;
-    c.set_io_queues(1)
-        .context("Set Features (Number of Queues)")?;
-    let q = c.io_queue(1, qd).context("connecting I/O queue 1")?;
-    Ok((c, q))
-}
-
-fn finish(c: Controller, q: super::IoQueue) {
-    if let Err(e) = q.close() {
-        eprintln!("keelctl: warning: disconnecting the I/O queue: {e}");
-    }
-    if let Err(e) = c.close() {
-        eprintln!("keelctl: warning: closing the controller: {e}");
-    }
-}
-
-/// Runs `f` on an I/O session and closes it cleanly whether `f` succeeded or not.
-fn with_io<T>(
-    target: &TargetArgs,
-    qd: u16,
-    f: impl FnOnce(&Controller, &mut super::IoQueue) -> Result<T>,
-) -> Result<T> {
-    let (c, mut q) = io_session(target, qd)?;
-    let r = f(&c, &mut q);
-    finish(c, q);
-    r
-}
-
-fn check_range(nsid: u32, lba: u64, count: u64, nsze: u64) -> Result<()> {
-    if count == 0 {
-        bail!("--count must be at least 1");
-    }
-    // The controller answers LBA Out of Range itself; we only refuse what cannot be sent.
-    if lba.checked_add(count).is_none() {
-        bail!("NSID {nsid}: LBA {lba} + {count} blocks overflows");
-    }
-    let _ = nsze;
-    Ok(())
-}
-
-fn rate(bytes: u64, t: Duration) -> String {
-    format!("{:.1} MB/s", bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn read(
-    target: &TargetArgs,
-    nsid: u32,
-    lba: u64,
-    count: u64,
-    output: &PathBuf,
-    qd: u16,
-    out: &mut dyn Write,
-) -> Result<i32> {
-    let (data, t) = with_io(target, qd, |c, q| {
-        let (bs, nsze) = geometry(c, nsid)?;
-        check_range(nsid, lba, count, nsze)?;
-        let t0 = Instant::now();
-        let data = q.read(nsid, lba, count, bs)?;
-        Ok((data, t0.elapsed()))
-    })?;
-    if output.as_os_str() == "-" {
-        out.write_all(&data)?;
-    } else {
-        std::fs::write(output, &data).with_context(|| format!("writing {}", output.display()))?;
-    }
-    eprintln!(
-        "read {count} block(s) ({}) from NSID {nsid} LBA {lba} in {:.1} ms ({})",
-        human_bytes(data.len() as u64),
-        t.as_secs_f64() * 1e3,
-        rate(data.len() as u64, t)
-    );
-    Ok(0)
-}
-
-fn write(target: &TargetArgs, nsid: u32, lba: u64, input: &PathBuf, qd: u16) -> Result<i32> {
-    let data = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    let (count, t) = with_io(target, qd, |c, q| {
-        let (bs, nsze) = geometry(c, nsid)?;
-        if data.is_empty() || !data.len().is_multiple_of(bs as usize) {
-            bail!(
-                "{}: {} bytes is not a positive multiple of the block size {bs}",
-                input.display(),
-                data.len()
-            );
-        }
-        let count = (data.len() / bs as usize) as u64;
-        check_range(nsid, lba, count, nsze)?;
-        let t0 = Instant::now();
-        q.write(nsid, lba, &data, bs)?;
-        Ok((count, t0.elapsed()))
-    })?;
-    eprintln!(
-        "wrote {count} block(s) ({}) to NSID {nsid} LBA {lba} in {:.1} ms ({})",
-        human_bytes(data.len() as u64),
-        t.as_secs_f64() * 1e3,
-        rate(data.len() as u64, t)
-    );
-    Ok(0)
-}
-
-/// Verify works through the range in windows of this many bytes.
-const VERIFY_WINDOW: u64 = 8 << 20;
-/// Mismatching offsets listed at most.
-const VERIFY_LIST: usize = 16;
-
-#[allow(clippy::too_many_arguments)]
-fn verify(
-    target: &TargetArgs,
-    nsid: u32,
-    lba: u64,
-    count: u64,
-    seed: u64,
-    qd: u16,
-    read_only: bool,
-    out: &mut dyn Write,
-) -> Result<i32> {
-    let (bs64, total_bad, listed, t) = with_io(target, qd, |c, q| {
-        let (bs, nsze) = geometry(c, nsid)?;
-        check_range(nsid, lba, count, nsze)?;
-        let bs64 = bs as u64;
-        let window = (VERIFY_WINDOW / bs64).max(1);
-        let mut total_bad = 0u64;
-        let mut listed: Vec<u64> = Vec::new();
-        let t0 = Instant::now();
-        let mut done = 0u64;
-        while done < count {
-            let n = window.min(count - done);
-            let first = lba + done;
-            let mut want = vec![0u8; (n * bs64) as usize];
-            fill(&mut want, seed, first * bs64);
-            if !read_only {
-                q.write(nsid, first, &want, bs)?;
-            }
-            let got = q.read(nsid, first, n, bs)?;
-            let keep = VERIFY_LIST - listed.len().min(VERIFY_LIST);
-            let (bad, offs) = mismatches(&got, &want, keep);
-            total_bad += bad;
-            listed.extend(offs.into_iter().map(|o| done * bs64 + o as u64));
-            done += n;
-        }
-        Ok((bs64, total_bad, listed, t0.elapsed()))
-    })?;
-    let bytes = count * bs64;
-    writeln!(
-        out,
-        "verify NSID {nsid} LBA {lba}..{} ({}), pattern seed {seed:#x}: {} in {:.1} ms",
-        lba + count,
-        human_bytes(bytes),
-        if total_bad == 0 { "OK" } else { "MISMATCH" },
-        t.as_secs_f64() * 1e3
-    )?;
-    if total_bad == 0 {
-        return Ok(0);
-    }
-    writeln!(
-        out,
-        "{total_bad} byte(s) differ; first offsets from the start of the range:"
-    )?;
-    for o in &listed {
-        writeln!(
-            out,
-            "  byte {o} (LBA {}, byte {} of the block)",
-            lba + o / bs64,
-            o % bs64
-        )?;
-    }
-    Ok(1)
-}
-
-fn latency_json(l: &Latency) -> Value {
-    json!({
-        "count": l.count,
-        "mean_us": l.mean_us,
-        "p50_us": l.p50_us,
-        "p99_us": l.p99_us,
-        "p99_9_us": l.p999_us,
-        "max_us": l.max_us,
-    })
-}
-
-/// JSON of a benchmark result.
-pub fn bench_json(cfg: &BenchConfig, r: &BenchResult) -> Value {
-    json!({
-        "config": {
-            "nsid": cfg.nsid,
-            "pattern": format!("{:?}", cfg.pattern).to_lowercase(),
-            "rw": format!("{:?}", cfg.rw).to_lowercase(),
-            "mix_read": cfg.mix_read,
-            "bs": cfg.bs,
-            "qd": cfg.qd,
-            "connections": cfg.connections,
-        },
-        "ios": r.ios,
-        "reads": r.reads,
-        "writes": r.writes,
-        "bytes": r.bytes,
-        "elapsed_s": r.elapsed.as_secs_f64(),
-        "iops": r.iops(),
-        "mb_per_s": r.mb_per_s(),
-        "mib_per_s": r.mib_per_s(),
-        "latency": latency_json(&r.latency),
-        "read_latency": latency_json(&r.read_latency),
-        "write_latency": latency_json(&r.write_latency),
-    })
-}
-
-fn latency_line(name: &str, l: &Latency) -> String {
-    format!(
-        "{name:<6} lat (us): mean {:.1}, p50 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1} ({} ios)\n",
-        l.mean_us, l.p50_us, l.p99_us, l.p999_us, l.max_us, l.count
-    )
-}
-
-/// Human form of a benchmark result.
-pub fn format_bench(cfg: &BenchConfig, r: &BenchResult) -> String {
-    let mut s = format!(
-        "{} {} bs={} qd={} connections={}: {} ios in {:.2} s\n",
-        format!("{:?}", cfg.pattern).to_lowercase(),
-        format!("{:?}", cfg.rw).to_lowercase(),
-        human_bytes(cfg.bs as u64),
-        cfg.qd,
-        cfg.connections,
-        r.ios,
-        r.elapsed.as_secs_f64()
-    );
-    s += &format!(
-        "IOPS {:.0}, {:.2} MB/s ({:.2} MiB/s)\n",
-        r.iops(),
-        r.mb_per_s(),
-        r.mib_per_s()
-    );
-    s += &latency_line("all", &r.latency);
-    if r.reads > 0 && r.writes > 0 {
-        s += &latency_line("read", &r.read_latency);
-        s += &latency_line("write", &r.write_latency);
-    }
-    s
-}
-
-fn run_bench(
-    target: &TargetArgs,
-    cfg: &BenchConfig,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result<i32> {
-    let c = connect(target, false)?;
-    let (bs, nsze) = geometry(&c, cfg.nsid)?;
-    let progress = Progress::default();
-    let live = !json && std::io::stdout().is_terminal();
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let result = std::thread::scope(|s| {
-        let bar = live.then(|| {
-            let p = &progress;
-            let done = &done;
-            let stop = cfg.stop;
-            s.spawn(move || show_progress(p, done, stop))
-        });
-        let r = bench::run(&c, cfg, bs, nsze, &progress);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(h) = bar {
-            let _ = h.join();
-        }
-        r
-    });
-    let result = result.map_err(|e: NvmeError| anyhow::Error::new(e).context("benchmark"));
-    if let Err(e) = c.close() {
-        eprintln!("keelctl: warning: closing the controller: {e}");
-    }
-    let r = result?;
-    if json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&bench_json(cfg, &r))?
-        )?;
-    } else {
-        out.write_all(format_bench(cfg, &r).as_bytes())?;
-    }
-    Ok(0)
-}
-
-fn show_progress(p: &Progress, done: &std::sync::atomic::AtomicBool, stop: Stop) {
-    use indicatif::{ProgressBar, ProgressStyle};
-    use std::sync::atomic::Ordering;
-    let (len, style) = match stop {
-        Stop::Ios(n) => (n, "{bar:40} {pos}/{len} ios  {msg}"),
-        Stop::Duration(d) => (d.as_millis() as u64, "{bar:40} {elapsed}  {msg}"),
-    };
-    let bar = ProgressBar::new(len);
-    if let Ok(st) = ProgressStyle::with_template(style) {
-        bar.set_style(st);
-    }
-    let t0 = Instant::now();
-    let mut last = (t0, 0u64);
-    while !done.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(200));
-        let ios = p.ios.load(Ordering::Relaxed);
-        let now = Instant::now();
-        let iops = (ios - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-6);
-        last = (now, ios);
-        bar.set_position(match stop {
-            Stop::Ios(_) => ios,
-            Stop::Duration(_) => t0.elapsed().as_millis() as u64,
-        });
-        bar.set_message(format!("{iops:.0} IOPS"));
-    }
-    bar.finish_and_clear();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1137,54 +636,35 @@ mod tests {
 
     #[derive(Parser, Debug)]
     struct T {
+        #[command(flatten)]
+        target: TargetArgs,
         #[command(subcommand)]
         cmd: NvmeCmd,
     }
 
-    fn parse(args: &[&str]) -> Result<NvmeCmd, clap::Error> {
-        T::try_parse_from(std::iter::once("nvme").chain(args.iter().copied())).map(|t| t.cmd)
+    fn parse(args: &[&str]) -> Result<(TargetArgs, NvmeCmd), clap::Error> {
+        T::try_parse_from(std::iter::once("nvme").chain(args.iter().copied()))
+            .map(|t| (t.target, t.cmd))
     }
 
     #[test]
-    fn bench_args() {
-        let NvmeCmd::Bench {
-            target,
-            bs,
-            qd,
-            rw,
-            mix_read,
-            ios,
-            duration,
-            pattern,
-            ..
-        } = parse(&[
+    fn target_options_before_or_after_the_subcommand() {
+        let args = [
             "bench",
             "--addr",
             "h:1",
             "--bs",
             "8k",
-            "--qd",
-            "32",
-            "--rw",
-            "mix",
-            "--mix-read",
-            "50",
-            "--ios",
-            "2000",
-            "--pattern",
-            "seq",
+            "--connections",
+            "2",
             "--digests",
             "both",
-        ])
-        .unwrap()
-        else {
+        ];
+        let (target, cmd) = parse(&args).unwrap();
+        let NvmeCmd::Io(IoCmd::Bench(b)) = cmd else {
             panic!("not bench")
         };
-        assert_eq!(
-            (bs, qd, rw, mix_read, ios, duration),
-            (8192, 32, RwArg::Mix, 50, Some(2000), None)
-        );
-        assert_eq!(pattern, PatternArg::Seq);
+        assert_eq!((b.bs, b.connections), (8192, 2));
         let p = target.params(false).unwrap();
         assert_eq!(p.addr, "h:1");
         assert_eq!(p.subnqn, DEFAULT_SUBNQN);
@@ -1195,16 +675,14 @@ mod tests {
                 data: true
             }
         );
-        assert!(parse(&["bench", "--ios", "1", "--duration", "2"]).is_err());
-        assert!(parse(&["bench", "--mix-read", "101"]).is_err());
-        assert!(parse(&["bench", "--qd", "0"]).is_err());
-        assert!(parse(&["bench", "--bs", "4q"]).is_err());
-        assert!(parse(&["bench", "--pattern", "zigzag"]).is_err());
+        let (target, _) = parse(&["--addr", "h:2", "identify"]).unwrap();
+        assert_eq!(target.params(false).unwrap().addr, "h:2");
     }
 
     #[test]
     fn defaults_per_command() {
-        let NvmeCmd::Discover { target, json } = parse(&["discover", "--json"]).unwrap() else {
+        let (target, cmd) = parse(&["discover", "--json"]).unwrap();
+        let NvmeCmd::Discover { json } = cmd else {
             panic!()
         };
         assert!(json);
@@ -1215,7 +693,7 @@ mod tests {
         assert_eq!(p.kato, Duration::from_secs(10));
         let (nqn, id) = default_host_identity();
         assert_eq!((p.hostnqn, p.hostid), (nqn, id));
-        let NvmeCmd::Read { target, nsid, .. } = parse(&[
+        let (target, cmd) = parse(&[
             "read",
             "--lba",
             "0",
@@ -1226,29 +704,16 @@ mod tests {
             "--hostnqn",
             "nqn.h",
         ])
-        .unwrap() else {
+        .unwrap();
+        let NvmeCmd::Io(IoCmd::Read(r)) = cmd else {
             panic!()
         };
-        assert_eq!(nsid, 1);
+        assert_eq!(r.blocks.nsid, 1);
         let p = target.params(false).unwrap();
         assert_eq!(p.addr, "127.0.0.1:4420");
         assert_eq!(p.hostnqn, "nqn.h");
         assert_eq!(p.hostid, hostid_for("nqn.h"));
-        assert!(
-            parse(&["read", "--lba", "0", "-o", "x"]).is_err(),
-            "count required"
-        );
-        let NvmeCmd::Verify { pattern, .. } =
-            parse(&["verify", "--lba", "0", "--count", "1", "--pattern", "0x10"]).unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(pattern, 16);
-        let NvmeCmd::Identify { target, .. } =
-            parse(&["identify", "--hostid", "not-a-uuid"]).unwrap()
-        else {
-            panic!()
-        };
+        let (target, _) = parse(&["identify", "--hostid", "not-a-uuid"]).unwrap();
         assert!(target.params(false).is_err());
     }
 

@@ -7,14 +7,15 @@
 //!   Get CAP / Set CC.EN / wait CSTS.RDY (NVMe base 2.0 §3.5.2), Identify, Get Log Page
 //!   (discovery log 70h, NVMe-oF 1.1 §5.3), Keep Alive from a background thread (§3.9), I/O
 //!   queues on their own connections with many commands in flight, shutdown and Disconnect.
-//! - [`bench`]: the load generator behind `keelctl nvme bench`.
+//! - [`device`]: an I/O queue and a namespace as a [`crate::blockdev::BlockDevice`] (what
+//!   `read`, `write`, `verify` and `bench` run on, shared with `keelctl host`).
 //! - [`pattern`]: deterministic verify patterns, PRNG, size parsing.
 //! - [`cli`]: the `keelctl nvme` subcommands.
 
-pub mod bench;
 pub mod cli;
 pub mod conn;
 pub mod ctrl;
+pub mod device;
 pub mod error;
 pub mod pattern;
 

@@ -1,0 +1,140 @@
+//! NVMe/TCP as a [`BlockDevice`]: one I/O queue (its own TCP connection) and one namespace;
+//! [`TcpTarget`] opens one per benchmark worker on a connected controller.
+
+use super::ctrl::{Controller, IoKind, IoQueue};
+use crate::blockdev::{BlockDevice, BlockOp, Completion, Geometry, IoError, Request, Target};
+use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
+
+/// An I/O queue of a controller, reading and writing one namespace.
+#[derive(Debug)]
+pub struct TcpDevice {
+    q: IoQueue,
+    nsid: u32,
+    geometry: Geometry,
+    /// Tag of each CID in flight.
+    tags: HashMap<u16, u64>,
+}
+
+impl TcpDevice {
+    /// Namespace `nsid` through I/O queue `qid` of `qd` commands on `ctrl`.
+    pub fn open(ctrl: &Controller, nsid: u32, qid: u16, qd: u16) -> Result<Self> {
+        let id = ctrl
+            .identify_namespace(nsid)
+            .with_context(|| format!("Identify Namespace {nsid}"))?;
+        let bs = id.block_size();
+        if id.nsze == 0 || bs == 0 {
+            bail!("namespace {nsid} is not active on this controller");
+        }
+        let q = ctrl
+            .io_queue(qid, qd)
+            .with_context(|| format!("connecting I/O queue {qid}"))?;
+        Ok(Self {
+            q,
+            nsid,
+            geometry: Geometry {
+                block_size: bs,
+                blocks: id.nsze,
+            },
+            tags: HashMap::new(),
+        })
+    }
+
+    /// Disconnects the queue.
+    pub fn close(self) -> Result<()> {
+        self.q.close().context("disconnecting the I/O queue")
+    }
+}
+
+impl BlockDevice for TcpDevice {
+    type Buf = Vec<u8>;
+
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn max_transfer(&self) -> u32 {
+        self.q.max_transfer()
+    }
+
+    fn depth(&self) -> usize {
+        self.q.depth() as usize
+    }
+
+    fn alloc(&mut self) -> Result<Vec<u8>> {
+        Ok(vec![0; self.q.max_transfer() as usize])
+    }
+
+    fn free(&mut self, _buf: Vec<u8>) {}
+
+    fn submit(&mut self, req: Request<Vec<u8>>) -> Result<()> {
+        let kind = match req.op {
+            BlockOp::Read => IoKind::Read,
+            BlockOp::Write { fua: false } => IoKind::Write,
+            op => bail!("{op:?} is not offered by keelctl's NVMe/TCP initiator"),
+        };
+        let len = req.blocks as u64 * self.geometry.block_size as u64;
+        let buf = req.buf.context("read or write without a buffer")?;
+        if len > buf.len() as u64 {
+            bail!("{len} bytes do not fit a {}-byte buffer", buf.len());
+        }
+        let cid = self
+            .q
+            .submit(kind, self.nsid, req.lba, req.blocks, buf, len as u32)?;
+        self.tags.insert(cid, req.tag);
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<Completion<Vec<u8>>> {
+        let (cid, done) = self.q.next_completion()?;
+        let tag = self
+            .tags
+            .remove(&cid)
+            .with_context(|| format!("completion for unknown CID {cid}"))?;
+        let s = done.cqe.status;
+        Ok(Completion {
+            tag,
+            result: if s.is_success() {
+                Ok(())
+            } else {
+                Err(IoError::Status(s))
+            },
+            buf: done.buf,
+        })
+    }
+}
+
+/// A connected controller as a [`Target`]: every worker gets its own I/O queue (TCP
+/// connection and thread).
+#[derive(Debug)]
+pub struct TcpTarget {
+    /// The controller (admin queue).
+    pub ctrl: Controller,
+}
+
+impl Target for TcpTarget {
+    type Dev = TcpDevice;
+
+    fn prepare(&self, queues: u16) -> Result<()> {
+        let granted = self
+            .ctrl
+            .set_io_queues(queues)
+            .context("Set Features (Number of Queues)")?;
+        if granted < queues {
+            bail!("{queues} connections asked, the controller grants {granted} I/O queues");
+        }
+        Ok(())
+    }
+
+    fn workers(&self, queues: u16) -> u16 {
+        queues
+    }
+
+    fn open(&self, nsid: u32, _queues: u16, qd: u16, index: u16) -> Result<TcpDevice> {
+        TcpDevice::open(&self.ctrl, nsid, index + 1, qd)
+    }
+
+    fn close(&self, dev: TcpDevice) -> Result<()> {
+        dev.close()
+    }
+}
