@@ -173,8 +173,9 @@ pub struct Platform {
     pub cores: Vec<CpuNode, MAX_CPUS>,
     /// Flash banks (`cfi-flash`).
     pub flash: Vec<Region, 4>,
-    /// `/chosen/bootargs`.
-    pub bootargs: String<256>,
+    /// `/chosen/bootargs` (at most [`MAX_BOOTARGS`] bytes are kept: remote namespace specs
+    /// and keys make long command lines).
+    pub bootargs: String<MAX_BOOTARGS>,
 }
 
 /// Why a device tree could not be used.
@@ -385,6 +386,8 @@ fn parse_cpus(fdt: &Fdt<'_>) -> Vec<CpuNode, MAX_CPUS> {
     }
     cores
 }
+/// Bytes of `/chosen/bootargs` kept (Linux's arm64 `COMMAND_LINE_SIZE`).
+pub const MAX_BOOTARGS: usize = 2048;
 
 fn copy_str<const N: usize>(s: &str) -> String<N> {
     let mut out = String::new();

@@ -5,26 +5,29 @@
 //! | argument | meaning | default |
 //! |---|---|---|
 //! | `keel.nqn=NQN` | the NVMe/TCP subsystem's NQN | `nqn.2026-11.dev.keel:default` |
-//! | `keel.ns=SPEC[,SPEC...]` | the NVMe/TCP namespaces (NSID 1, 2, ...): `ram:MiB`, `drive:D[:NSID]` (a whole drive namespace), `drive:D:NSID:OFF+LEN` (a slice, MiB; `OFF+` to the end) | see below |
+//! | `keel.ns=SPEC[,SPEC...]` | the NVMe/TCP namespaces (NSID 1, 2, ...): `ram:MiB`, `drive:D[:NSID]` (a whole drive namespace), `drive:D:NSID:OFF+LEN` (a slice, MiB; `OFF+` to the end), `remote:ADDR:PORT[+ADDR:PORT...]:NQN:NSID[:OFF+LEN]` (a namespace of a remote NVMe/TCP subsystem over one or more paths, whole or a slice) | see below |
 //! | `keel.ram=256[,64...]` | one RAM namespace per size in MiB | `256` without drives; without `keel.ns` and `keel.ram`, every drive namespace is served whole |
 //! | `keel.bs=512\|4096` | logical block size of RAM namespaces | `512` |
 //! | `keel.allow=NQN[,NQN...]` | host NQNs allowed to connect | any host |
 //! | `keel.xts=NSID:HEX` | encrypt namespace NSID with AES-XTS; 64 hex digits = XTS-AES-128, 128 = XTS-AES-256 (repeatable) | none |
 //! | `keel.fn.ram=MiB` | size of each emulated PCIe function's RAM namespace | `64` |
 //! | `keel.fn.xts=FN:HEX` | encrypt emulated function FN's namespace (repeatable) | none |
+//! | `keel.fn.ns=SPEC[,SPEC...]` | emulated function N's namespace is the Nth SPEC (as in `keel.ns`, e.g. `remote:...`: the SNAP pattern) | RAM of `keel.fn.ram` |
+//! | `keel.remote.OPTION=VALUE` | settings of every `remote:` namespace: `queues` (4), `depth` (128), `digests` (`none`, `header`, `data`, `both`), `kato` (5), `reconnect_delay` (10), `ctrl_loss_tmo` (600; `-1` forever), `fast_io_fail_tmo` (off), `policy` (`round-robin`, `queue-depth`), `hostnqn` (derived from the MAC); times in seconds, or with `ms` | Linux's defaults |
 //! | `keel.advertise=ADDR:PORT` | the NVMe/TCP address in the discovery log | the interface's |
 //! | `keel.ip=A.B.C.D/N`, `keel.gw=A.B.C.D` | static address instead of DHCPv4 | DHCP |
 //!
 //! Keys given here are development keys: the boot arguments are readable by anything that can
 //! read the device tree, and the banner prints them redacted.
 
-use alloc::{format, string::String, vec::Vec};
+use alloc::{boxed::Box, format, string::String, vec::Vec};
+use keel_provision::{Remote, RemotePolicy};
 
 /// The default NVMe/TCP subsystem NQN.
 pub const DEFAULT_NQN: &str = "nqn.2026-11.dev.keel:default";
 
 /// Where a namespace's data lives (`keel.ns=` entries).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NsSpec {
     /// A RAM disk of this many bytes.
     Ram(u64),
@@ -37,36 +40,65 @@ pub enum NsSpec {
         /// A slice of it.
         slice: Option<(u64, Option<u64>)>,
     },
+    /// A namespace of a remote NVMe/TCP subsystem, whole or a slice.
+    Remote {
+        /// The remote namespace and the initiator's settings.
+        remote: Box<Remote>,
+        /// A slice of it (byte offset, byte length or the rest).
+        slice: Option<(u64, Option<u64>)>,
+    },
+}
+
+fn fmt_slice(
+    f: &mut core::fmt::Formatter<'_>,
+    slice: Option<(u64, Option<u64>)>,
+) -> core::fmt::Result {
+    if let Some((off, len)) = slice {
+        write!(f, " from {} MiB", off >> 20)?;
+        match len {
+            Some(l) => write!(f, ", {} MiB", l >> 20)?,
+            None => f.write_str(" to the end")?,
+        }
+    }
+    Ok(())
+}
+
+/// Parses `OFF+LEN` (MiB; LEN empty = to the end).
+fn parse_slice(range: &str) -> Option<(u64, Option<u64>)> {
+    let (off, len) = range.split_once('+')?;
+    let off: u64 = off.parse().ok()?;
+    let len = if len.is_empty() {
+        None
+    } else {
+        Some(len.parse::<u64>().ok()?.checked_mul(1 << 20)?)
+    };
+    Some((off.checked_mul(1 << 20)?, len))
 }
 
 impl core::fmt::Display for NsSpec {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
             NsSpec::Ram(b) => write!(f, "RAM {} MiB", b >> 20),
-            NsSpec::Drive {
-                drive,
-                nsid,
-                slice: None,
-            } => write!(f, "drive {drive} namespace {nsid}"),
-            NsSpec::Drive {
-                drive,
-                nsid,
-                slice: Some((off, len)),
-            } => {
-                write!(f, "drive {drive} namespace {nsid} from {} MiB", off >> 20)?;
-                match len {
-                    Some(l) => write!(f, ", {} MiB", l >> 20),
-                    None => f.write_str(" to the end"),
-                }
+            NsSpec::Drive { drive, nsid, slice } => {
+                write!(f, "drive {drive} namespace {nsid}")?;
+                fmt_slice(f, slice)
+            }
+            NsSpec::Remote { ref remote, slice } => {
+                write!(f, "{remote}")?;
+                fmt_slice(f, slice)
             }
         }
     }
 }
 
 impl NsSpec {
-    /// Parses `ram:MiB`, `drive:D`, `drive:D:NSID` or `drive:D:NSID:OFF+LEN` (MiB; LEN empty
-    /// = to the end of the namespace).
-    pub fn parse(s: &str) -> Option<Self> {
+    /// Parses `ram:MiB`, `drive:D`, `drive:D:NSID`, `drive:D:NSID:OFF+LEN` (MiB; LEN empty
+    /// = to the end of the namespace) or `remote:ADDR:PORT[+ADDR:PORT...]:NQN:NSID[:OFF+LEN]`
+    /// (the settings of `template`, its NQN, paths and NSID replaced).
+    pub fn parse(s: &str, template: &Remote) -> Option<Self> {
+        if let Some(rest) = s.strip_prefix("remote:") {
+            return Self::parse_remote(rest, template);
+        }
         let mut parts = s.split(':');
         match parts.next()? {
             "ram" => {
@@ -78,16 +110,7 @@ impl NsSpec {
                 let nsid = parts.next().map_or(Some(1), |n| n.parse().ok())?;
                 let slice = match parts.next() {
                     None => None,
-                    Some(range) => {
-                        let (off, len) = range.split_once('+')?;
-                        let off: u64 = off.parse().ok()?;
-                        let len = if len.is_empty() {
-                            None
-                        } else {
-                            Some(len.parse::<u64>().ok()? << 20)
-                        };
-                        Some((off << 20, len))
-                    }
+                    Some(range) => Some(parse_slice(range)?),
                 };
                 parts
                     .next()
@@ -97,6 +120,100 @@ impl NsSpec {
             _ => None,
         }
     }
+
+    /// `ADDR:PORT[+ADDR:PORT...]:NQN:NSID[:OFF+LEN]` (an NQN starts with `nqn.`).
+    fn parse_remote(s: &str, template: &Remote) -> Option<Self> {
+        let at = s.find(":nqn.")?;
+        let paths = s[..at]
+            .split('+')
+            .map(|p| {
+                let (ip, port) = p.rsplit_once(':')?;
+                let ip: smoltcp::wire::Ipv4Address = ip.parse().ok()?;
+                let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+                Some((ip.octets(), port))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let mut rest = &s[at + 1..];
+        let mut slice = None;
+        if let Some((head, last)) = rest.rsplit_once(':')
+            && last.contains('+')
+        {
+            slice = Some(parse_slice(last)?);
+            rest = head;
+        }
+        let (nqn, nsid) = rest.rsplit_once(':')?;
+        let remote = Remote {
+            nqn: nqn.into(),
+            paths,
+            nsid: nsid.parse().ok()?,
+            ..template.clone()
+        };
+        keel_provision::model::check_remote(&remote, &|f| String::from(f)).ok()?;
+        Some(NsSpec::Remote {
+            remote: Box::new(remote),
+            slice,
+        })
+    }
+}
+
+/// The settings of `remote:` namespaces from `keel.remote.OPTION=VALUE` (Linux's defaults
+/// otherwise); the NQN, paths and NSID come from each namespace's spec.
+pub fn remote_template(args: &str) -> Remote {
+    let mut r = Remote::new("", Vec::new(), 1);
+    // Seconds, or milliseconds with `ms`.
+    let ms = |v: &str| -> Option<u64> {
+        match v.strip_suffix("ms") {
+            Some(m) => m.parse().ok(),
+            None => v.parse::<u64>().ok()?.checked_mul(1000),
+        }
+    };
+    for a in args.split_whitespace() {
+        let Some((k, v)) = a
+            .strip_prefix("keel.remote.")
+            .and_then(|o| o.split_once('='))
+        else {
+            continue;
+        };
+        let ok = match k {
+            "queues" => v.parse().map(|n| r.queues = n).is_ok(),
+            "depth" => v.parse().map(|n| r.depth = n).is_ok(),
+            "digests" => {
+                let d = match v {
+                    "none" => Some((false, false)),
+                    "header" => Some((true, false)),
+                    "data" => Some((false, true)),
+                    "both" => Some((true, true)),
+                    _ => None,
+                };
+                d.map(|d| (r.header_digest, r.data_digest) = d).is_some()
+            }
+            "kato" => ms(v)
+                .and_then(|m| u32::try_from(m).ok())
+                .map(|m| r.kato_ms = m)
+                .is_some(),
+            "reconnect_delay" => ms(v).map(|m| r.reconnect_delay_ms = m).is_some(),
+            "ctrl_loss_tmo" if v == "-1" => {
+                r.ctrl_loss_tmo_ms = None;
+                true
+            }
+            "ctrl_loss_tmo" => ms(v).map(|m| r.ctrl_loss_tmo_ms = Some(m)).is_some(),
+            "fast_io_fail_tmo" if v == "-1" || v == "off" => {
+                r.fast_io_fail_tmo_ms = None;
+                true
+            }
+            "fast_io_fail_tmo" => ms(v).map(|m| r.fast_io_fail_tmo_ms = Some(m)).is_some(),
+            "policy" => RemotePolicy::from_name(v).map(|p| r.policy = p).is_some(),
+            "hostnqn" => {
+                r.hostnqn = Some(v.into());
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            log::warn!("config: keel.remote.{k}={v} not understood; ignored");
+        }
+    }
+    r
 }
 
 /// A namespace encryption key from the boot arguments (hex digits, parsed later into a
@@ -130,6 +247,8 @@ pub struct DevConfig {
     pub function_keys: Vec<KeyArg>,
     /// RAM namespace size of each emulated function, in bytes.
     pub function_ram: u64,
+    /// The namespaces of emulated functions 0, 1, ... instead of RAM (`keel.fn.ns=`).
+    pub function_namespaces: Vec<NsSpec>,
     /// Address and port to advertise in the discovery log.
     pub advertise: Option<(String, String)>,
     /// The NIC's MAC (identifiers unique per device).
@@ -174,6 +293,19 @@ impl DevConfig {
                 .collect()
         };
         let keys = keys_for("keel.xts=");
+        let template = remote_template(args);
+        let specs = |l: &str| -> Vec<NsSpec> {
+            l.split(',')
+                .filter_map(|s| {
+                    let spec = NsSpec::parse(s, &template);
+                    if spec.is_none() {
+                        log::warn!("config: namespace spec `{s}` not understood; skipped");
+                    }
+                    spec
+                })
+                .take(16)
+                .collect()
+        };
         let function_keys = keys_for("keel.fn.xts=");
         Self {
             nqn: get("keel.nqn=")
@@ -181,14 +313,7 @@ impl DevConfig {
                 .unwrap_or(DEFAULT_NQN)
                 .into(),
             serial: format!("KEEL{hex}"),
-            namespaces: get("keel.ns=")
-                .map(|l| {
-                    l.split(',')
-                        .filter_map(NsSpec::parse)
-                        .take(16)
-                        .collect::<Vec<_>>()
-                })
-                .filter(|l| !l.is_empty()),
+            namespaces: get("keel.ns=").map(specs).filter(|l| !l.is_empty()),
             ram: get("keel.ram=").map(mib_list).filter(|l| !l.is_empty()),
             block_size: match get("keel.bs=") {
                 Some("4096") => 4096,
@@ -208,6 +333,7 @@ impl DevConfig {
                 .map(mib_list)
                 .and_then(|l| l.first().copied())
                 .unwrap_or(64 << 20),
+            function_namespaces: get("keel.fn.ns=").map(specs).unwrap_or_default(),
             advertise: get("keel.advertise=").and_then(|a| {
                 let (addr, port) = a.rsplit_once(':')?;
                 (addr.parse::<smoltcp::wire::Ipv4Address>().is_ok() && port.parse::<u16>().is_ok())

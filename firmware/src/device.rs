@@ -7,8 +7,10 @@ use crate::hw::Hw;
 use crate::plan::{NsPlan, Plan, Source};
 use crate::services::{Services, build_namespace};
 use alloc::{format, string::String, string::ToString, vec::Vec};
+use keel_controller::{QosCounters, Target};
 use keel_mgmt::{
-    ControllerInfo, FunctionInfo, Latency, NamespaceInfo, NsCounters, PushReport, Snapshot,
+    ControllerInfo, ControllerQosInfo, FunctionInfo, GroupInfo, Latency, NamespaceInfo,
+    NamespaceQosInfo, NsCounters, PushReport, QosInfo, QosLimit, Resources, Snapshot,
     SubsystemInfo,
 };
 use keel_nvme_pcie::FunctionState;
@@ -33,6 +35,99 @@ fn latency(h: &LatencyHistogram) -> Latency {
     }
 }
 
+/// Each tenant's rate over the last whole second, measured by the poll loop once a second
+/// from the admitted counters (a snapshot reads them; nothing per I/O).
+#[derive(Debug, Default)]
+pub(crate) struct QosRates {
+    next_ns: u64,
+    last_ns: u64,
+    /// Tenant key, admitted commands and bytes at the last sample, commands/s and bytes/s.
+    seen: Vec<(String, u64, u64, u64, u64)>,
+}
+
+/// The keys [`QosRates`] knows tenants by.
+fn ns_key(subsystem: &str, nsid: u32) -> String {
+    format!("ns {subsystem}/{nsid}")
+}
+fn ctrl_key(cntlid: u16) -> String {
+    format!("ctrl {cntlid}")
+}
+fn group_key(name: &str) -> String {
+    format!("group {name}")
+}
+
+impl QosRates {
+    /// Takes a sample when a second has passed since the last one.
+    pub(crate) fn tick(&mut self, now_ns: u64, target: &Target) {
+        if now_ns < self.next_ns {
+            return;
+        }
+        let dt = now_ns.saturating_sub(self.last_ns).max(1);
+        let counters = target
+            .namespace_views()
+            .map(|n| (ns_key(n.subsystem, n.nsid), n.qos))
+            .chain(
+                target
+                    .controller_views()
+                    .map(|c| (ctrl_key(c.cntlid), c.qos)),
+            )
+            .chain(target.group_views().map(|g| (group_key(g.name), g.qos)));
+        let first = self.last_ns == 0;
+        let seen = counters
+            .map(|(k, q)| {
+                let per_sec = |now: u64, then: u64| {
+                    (u128::from(now.saturating_sub(then)) * 1_000_000_000 / u128::from(dt)) as u64
+                };
+                let (ops, bytes) = match self.seen.iter().find(|e| e.0 == k) {
+                    Some(e) if !first => {
+                        (per_sec(q.admitted_ops, e.1), per_sec(q.admitted_bytes, e.2))
+                    }
+                    _ => (0, 0),
+                };
+                (k, q.admitted_ops, q.admitted_bytes, ops, bytes)
+            })
+            .collect();
+        self.seen = seen;
+        self.last_ns = now_ns;
+        self.next_ns = now_ns.saturating_add(1_000_000_000);
+    }
+
+    /// The QoS report of a tenant.
+    fn info(&self, key: &str, q: &QosCounters) -> QosInfo {
+        let (ops_per_sec, bytes_per_sec) = self
+            .seen
+            .iter()
+            .find(|e| e.0 == key)
+            .map_or((0, 0), |e| (e.3, e.4));
+        let l = &q.limits;
+        QosInfo {
+            limits: [
+                ("iops", l.iops),
+                ("read_iops", l.read_iops),
+                ("write_iops", l.write_iops),
+                ("bps", l.bps),
+                ("read_bps", l.read_bps),
+                ("write_bps", l.write_bps),
+            ]
+            .into_iter()
+            .filter_map(|(name, r)| {
+                r.map(|r| QosLimit {
+                    name: String::from(name),
+                    per_sec: r.per_sec,
+                    burst: r.burst,
+                })
+            })
+            .collect(),
+            admitted_ops: q.admitted_ops,
+            admitted_bytes: q.admitted_bytes,
+            ops_per_sec,
+            bytes_per_sec,
+            throttled_ns: q.throttled_ns,
+            queued: q.queued,
+        }
+    }
+}
+
 impl<H: Hw> Services<H> {
     fn exports_of(&self, nqn: &str) -> Vec<String> {
         let mut e = Vec::new();
@@ -50,6 +145,41 @@ impl<H: Hw> Services<H> {
             .namespaces
             .iter()
             .find(|n| n.subsystem == nqn && n.nsid == nsid)
+    }
+
+    /// Gives every served namespace, host and emulated function the limits of the plan in
+    /// force (its groups are set already); what the core refuses is reported in `problems`.
+    fn apply_qos(&mut self, problems: &mut Vec<String>) {
+        for ns in &self.plan.namespaces {
+            if !self.target.has_namespace(&ns.subsystem, ns.nsid) {
+                continue;
+            }
+            if let Err(e) =
+                self.target
+                    .set_namespace_qos(&ns.subsystem, ns.nsid, self.plan.namespace_qos(ns))
+            {
+                problems.push(format!(
+                    "namespace {} of {}: QoS not applied ({e:?})",
+                    ns.nsid, ns.subsystem
+                ));
+            }
+        }
+        self.target.set_host_qos(self.plan.host_qos());
+        for e in &mut self.functions {
+            if let Some(a) = e.f.admin_queue() {
+                let _ = self
+                    .target
+                    .set_controller_limits(a, self.plan.function_limits(e.index));
+            }
+            e.limited = e.f.admin_queue();
+        }
+        log::info!(
+            "qos: applied live: {} namespace rule(s), {} group(s), {} host rule(s), {} function rule(s)",
+            self.plan.qos.namespaces.len(),
+            self.plan.qos.groups.len(),
+            self.plan.qos.hosts.len(),
+            self.plan.qos.functions.len()
+        );
     }
 
     /// Applies a verified push; on error nothing has changed.
@@ -119,7 +249,13 @@ impl<H: Hw> Services<H> {
         // Backends (a drive namespace shared with a running slice, a RAM disk...). One that
         // cannot be built now is reported, not fatal: the bundle is valid.
         let mut built = Vec::new();
+        let mut remote = Vec::new();
         for n in additions {
+            if matches!(n.spec, NsSpec::Remote { .. }) {
+                // Opened by the remote service: added to the target once identified.
+                remote.push(n);
+                continue;
+            }
             let many = matches!(n.spec, NsSpec::Drive { slice: Some(_), .. });
             match build_namespace(&new, &n, many, &mut self.drives, &mut self.shared) {
                 Some(c) => built.push((n, c)),
@@ -150,10 +286,16 @@ impl<H: Hw> Services<H> {
             }
         };
 
+        // QoS changes live. Groups first: namespaces added below may name new ones.
+        let qos_changed = self.plan.qos != new.qos;
+        if qos_changed {
+            self.target.set_qos_groups(new.qos_groups());
+        }
         let mut removed = Vec::new();
         for (nqn, nsid) in removals {
             if self.target.remove_namespace(&nqn, nsid).is_ok() {
                 log::info!("nvmf: namespace {nsid} of {nqn} removed");
+                self.remotes.removed(&nqn, nsid);
                 self.plan
                     .namespaces
                     .retain(|n| !(n.subsystem == nqn && n.nsid == nsid));
@@ -175,6 +317,28 @@ impl<H: Hw> Services<H> {
                 )),
             }
         }
+        for n in remote {
+            let shared = new.namespaces.iter().any(|o| {
+                (o.subsystem != n.subsystem || o.nsid != n.nsid)
+                    && matches!((&o.spec, &n.spec), (NsSpec::Remote { remote: a, .. }, NsSpec::Remote { remote: b, .. }) if a.same_target(b))
+            });
+            // Added once its remote namespace is identified (connected hosts then get the
+            // Namespace Attribute Changed event).
+            if self.remotes.add(&new, &n, shared) {
+                added.push((n.subsystem.clone(), n.nsid));
+                self.plan.namespaces.push(n);
+            } else {
+                needs_reboot.push(format!(
+                    "namespace {} of {}: not served, its remote volume could not be made (see \
+                     the device console)",
+                    n.nsid, n.subsystem
+                ));
+            }
+        }
+        if qos_changed {
+            self.plan.qos = new.qos.clone();
+            self.apply_qos(&mut needs_reboot);
+        }
         self.plan.generation = cfg.generation;
         self.plan.source = Source::Push;
         self.plan.device = Some(cfg.device);
@@ -185,6 +349,36 @@ impl<H: Hw> Services<H> {
             needs_reboot,
             persisted,
         })
+    }
+}
+
+impl<H: Hw> Services<H> {
+    /// Pools and slots in use right now.
+    pub(crate) fn resources(&self) -> Resources {
+        let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        let (nvmf_free, nvmf_total) = self.nvmf.as_ref().map_or((0, 0), |s| s.buffers());
+        let sk = &self.sockets;
+        let limits = self.target.limits();
+        Resources {
+            heap_free: H::heap_free() as u64,
+            nvmf_buffers_free: n(nvmf_free),
+            nvmf_buffers_total: n(nvmf_total),
+            function_buffers_free: n(self.functions.iter().map(|f| f.f.buffers_available()).sum()),
+            function_buffers_total: n(self.functions.iter().map(|f| f.f.buffers_total()).sum()),
+            sockets_created: n(sk.created),
+            sockets_max: n(sk.max),
+            sockets_free: n(sk.free),
+            sockets_listening: n(sk.listening),
+            sockets_draining: n(sk.draining),
+            awaiting_icreq: n(self.nvmf.as_ref().map_or(0, |s| s.awaiting_icreq())),
+            controllers: n(self.target.controller_count()),
+            controllers_max: n(limits.max_controllers),
+            queues: n(self.target.open_queue_count()),
+            queues_max: n(limits.max_queues),
+            refused: sk.refused + self.nvmf.as_ref().map_or(0, |s| s.refused),
+            evicted: self.nvmf.as_ref().map_or(0, |s| s.evicted),
+            icreq_timeouts: self.nvmf.as_ref().map_or(0, |s| s.icreq_timeouts),
+        }
     }
 }
 
@@ -252,6 +446,41 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                 })
                 .collect(),
             cores: H::cores(),
+            resources: self.resources(),
+            remotes: self
+                .remotes
+                .volumes
+                .iter()
+                .map(|v| v.info(&self.remotes.hostnqn))
+                .collect(),
+            qos_groups: t
+                .group_views()
+                .map(|g| GroupInfo {
+                    name: g.name.into(),
+                    weight: g.weight,
+                    qos: self.qos_rates.info(&group_key(g.name), &g.qos),
+                })
+                .collect(),
+            qos_namespaces: t
+                .namespace_views()
+                .map(|n| NamespaceQosInfo {
+                    subsystem: n.subsystem.into(),
+                    nsid: n.nsid,
+                    weight: n.qos_config.weight,
+                    group: n.qos_config.group.clone(),
+                    qos: self.qos_rates.info(&ns_key(n.subsystem, n.nsid), &n.qos),
+                })
+                .collect(),
+            qos_controllers: t
+                .controller_views()
+                .filter(|c| !c.discovery)
+                .map(|c| ControllerQosInfo {
+                    cntlid: c.cntlid,
+                    hostnqn: c.hostnqn.into(),
+                    transport: String::from(if c.local { "pcie" } else { "tcp" }),
+                    qos: self.qos_rates.info(&ctrl_key(c.cntlid), &c.qos),
+                })
+                .collect(),
         }
     }
 

@@ -35,6 +35,8 @@ mod plan;
 #[cfg(any(test, target_os = "none"))]
 mod provisioned;
 #[cfg(any(test, target_os = "none"))]
+mod remote;
+#[cfg(any(test, target_os = "none"))]
 mod services;
 #[cfg(test)]
 mod tests;

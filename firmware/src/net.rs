@@ -2,6 +2,19 @@
 //! TCP sockets (created as listeners need them, up to [`MAX_SOCKETS`], then reused) with
 //! listeners that are re-armed as soon as a connection takes one.
 //!
+//! Storms of connections (many SYNs at once, peers that never speak) must not turn legitimate
+//! hosts away: received packets are processed a few at a time and the listeners re-armed in
+//! between, so a burst of SYNs never finds every listener taken while the pool has sockets;
+//! closed sockets return to the pool on the next pass; and when the pool runs short
+//! ([`NetStack::short_of_sockets`]) sockets still finishing a graceful close are reset, and the
+//! services evict connections that have not started their protocol (NVMe/TCP connections still
+//! waiting for their ICReq, see `crate::nvmf`).
+//! Outgoing connections (the initiator of remote volumes, through [`keel_remote::Net`]) have a
+//! pool of their own, up to [`MAX_CLIENT_SOCKETS`]: a flood of incoming connections never
+//! starves a remote volume, and a remote volume never takes a listener's socket. Client
+//! sockets use ephemeral local ports (49152-65535, RFC 6335), are reset when closed and reused
+//! once the reset has been sent.
+//!
 //! Addressing: DHCPv4 by default (QEMU user networking answers it); `keel.ip=A.B.C.D/N` and
 //! `keel.gw=A.B.C.D` in the boot arguments set a static address instead.
 //!
@@ -24,6 +37,15 @@ pub const MAX_SOCKETS: usize = 72;
 pub const CLOSE_GRACE_NS: u64 = 2_000_000_000;
 /// Listening sockets kept armed per port, so bursts of connections are not refused.
 const LISTENERS_PER_PORT: usize = 4;
+/// Sockets kept spare beyond the armed listeners: fewer, and the services make room
+/// ([`NetStack::short_of_sockets`]).
+const SPARE_SOCKETS: usize = LISTENERS_PER_PORT;
+/// Client sockets (outgoing connections) at most, a budget separate from [`MAX_SOCKETS`]:
+/// e.g. two remote volumes of two paths with an admin and 4 I/O connections each take 20.
+pub const MAX_CLIENT_SOCKETS: usize = 48;
+/// The ephemeral port range (RFC 6335 §6).
+const EPHEMERAL_FIRST: u16 = 49152;
+const EPHEMERAL_COUNT: u16 = 16384;
 
 /// How the interface gets its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,14 +90,41 @@ pub struct NetStack<H: Hw> {
     free: Vec<SocketHandle>,
     /// Sockets created so far (at most [`MAX_SOCKETS`]).
     created: usize,
-    /// Sockets closing, with the time (ns) after which they are reset.
-    draining: Vec<(SocketHandle, u64)>,
+    /// Sockets closing, with the time (ns) after which they are reset, and whether they are
+    /// client sockets.
+    draining: Vec<(SocketHandle, u64, bool)>,
+    /// Client sockets free for an outgoing connection.
+    client_free: Vec<SocketHandle>,
+    /// Client sockets created so far (at most [`MAX_CLIENT_SOCKETS`]).
+    clients_created: usize,
+    /// Client sockets in use.
+    clients: Vec<SocketHandle>,
+    /// Next ephemeral port to try (offset into the range).
+    next_port: u16,
     listening: Vec<(SocketHandle, u16)>,
     ports: Vec<u16>,
     /// Ports whose connections only [`NetStack::take_accepted_on`] hands out.
     routed: Vec<u16>,
     accepted: Vec<Accepted>,
-    /// Connections refused because the pool was exhausted.
+    /// Passes that left a port without an armed listener because the pool was exhausted
+    /// (connections arriving then are refused with a reset).
+    pub refused: u64,
+}
+
+/// The socket pool's state, for status reports and leak checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketCounts {
+    /// Sockets created so far.
+    pub created: usize,
+    /// Most sockets the pool creates.
+    pub max: usize,
+    /// Closed sockets ready for reuse.
+    pub free: usize,
+    /// Armed listeners.
+    pub listening: usize,
+    /// Sockets finishing a close.
+    pub draining: usize,
+    /// See [`NetStack::refused`].
     pub refused: u64,
 }
 
@@ -121,7 +170,11 @@ impl<H: Hw> NetStack<H> {
             dhcp,
             free: Vec::with_capacity(MAX_SOCKETS),
             created: 0,
-            draining: Vec::with_capacity(MAX_SOCKETS),
+            draining: Vec::with_capacity(MAX_SOCKETS + MAX_CLIENT_SOCKETS),
+            client_free: Vec::new(),
+            clients_created: 0,
+            clients: Vec::new(),
+            next_port: (seed % u64::from(EPHEMERAL_COUNT)) as u16,
             listening: Vec::new(),
             ports: Vec::new(),
             routed: Vec::new(),
@@ -165,15 +218,62 @@ impl<H: Hw> NetStack<H> {
         if let Some(h) = self.free.pop() {
             return Some(h);
         }
-        // Room for both buffers and a margin for everything else (an allocation failure
-        // would end the firmware).
-        if self.created >= MAX_SOCKETS || H::heap_free() < 4 * TCP_BUFFER {
+        if self.created >= MAX_SOCKETS {
             return None;
         }
+        let h = self.new_socket()?;
         self.created += 1;
+        Some(h)
+    }
+
+    /// A new socket with its buffers, when the heap has room for both buffers and a margin
+    /// for everything else (an allocation failure would end the firmware).
+    fn new_socket(&mut self) -> Option<SocketHandle> {
+        if H::heap_free() < 4 * TCP_BUFFER {
+            return None;
+        }
         let rx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
         let tx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
         Some(self.sockets.add(tcp::Socket::new(rx, tx)))
+    }
+
+    /// A closed client socket: a recycled one, else a new one within
+    /// [`MAX_CLIENT_SOCKETS`].
+    fn take_client_socket(&mut self) -> Option<SocketHandle> {
+        if let Some(h) = self.client_free.pop() {
+            return Some(h);
+        }
+        if self.clients_created >= MAX_CLIENT_SOCKETS {
+            return None;
+        }
+        let h = self.new_socket()?;
+        self.clients_created += 1;
+        Some(h)
+    }
+
+    /// An ephemeral port no client socket in use has.
+    fn ephemeral_port(&mut self) -> u16 {
+        for _ in 0..EPHEMERAL_COUNT {
+            let port = EPHEMERAL_FIRST + self.next_port;
+            self.next_port = (self.next_port + 1) % EPHEMERAL_COUNT;
+            let sockets = &self.sockets;
+            let taken = self.clients.iter().any(|&h| {
+                sockets
+                    .get::<tcp::Socket>(h)
+                    .local_endpoint()
+                    .is_some_and(|e| e.port == port)
+            });
+            if !taken {
+                return port;
+            }
+        }
+        EPHEMERAL_FIRST // unreachable: fewer clients than ports
+    }
+
+    /// Client sockets in use (outgoing connections).
+    #[cfg(test)]
+    pub fn client_sockets(&self) -> usize {
+        self.clients.len()
     }
 
     fn arm(&mut self) {
@@ -205,9 +305,44 @@ impl<H: Hw> NetStack<H> {
 
     /// Runs the interface: receive, process, send. Returns whether anything changed.
     pub fn poll(&mut self, now_ns: u64) -> bool {
+        use smoltcp::iface::{PollIngressSingleResult, PollResult};
         let now = instant(now_ns);
-        let changed = self.iface.poll(now, &mut self.device, &mut self.sockets)
-            != smoltcp::iface::PollResult::None;
+        let mut changed = false;
+        self.iface.poll_maintenance(now);
+        // Received packets a few at a time (no more than a port has listeners), re-arming the
+        // listeners in between: a burst of SYNs larger than the armed listeners would
+        // otherwise be answered with resets while the pool still has sockets.
+        loop {
+            let mut got = 0;
+            while got < LISTENERS_PER_PORT {
+                match self
+                    .iface
+                    .poll_ingress_single(now, &mut self.device, &mut self.sockets)
+                {
+                    PollIngressSingleResult::None => break,
+                    PollIngressSingleResult::PacketProcessed => got += 1,
+                    PollIngressSingleResult::SocketStateChanged => {
+                        got += 1;
+                        changed = true;
+                    }
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            self.collect_accepted();
+            self.arm();
+            if got < LISTENERS_PER_PORT {
+                break;
+            }
+        }
+        while self
+            .iface
+            .poll_egress(now, &mut self.device, &mut self.sockets)
+            != PollResult::None
+        {
+            changed = true;
+        }
         self.device.flush_tx(); // one virtqueue notification for the frames of this pass
         if let Some(h) = self.dhcp {
             let had_address = self.address().is_some();
@@ -230,7 +365,17 @@ impl<H: Hw> NetStack<H> {
                 Some(dhcpv4::Event::Deconfigured) | None => {}
             }
         }
-        // Listeners that took a connection become accepted connections; re-arm at once.
+        self.collect_accepted();
+        self.recycle(now_ns);
+        self.arm();
+        if !self.listening_on_all() {
+            self.refused += 1;
+        }
+        changed
+    }
+
+    /// Listeners that took a connection become accepted connections (re-armed by the caller).
+    fn collect_accepted(&mut self) {
         let mut i = 0;
         while i < self.listening.len() {
             let (h, port) = self.listening[i];
@@ -241,33 +386,99 @@ impl<H: Hw> NetStack<H> {
                 i += 1;
             }
         }
+    }
+
+    /// Returns released sockets to the pool as soon as they are done: closed (and their reset,
+    /// if any, sent), or both sides closed (TIME-WAIT's hold is skipped: nothing more will be
+    /// sent), or past their grace period (then reset).
+    fn recycle(&mut self, now_ns: u64) {
         let sockets = &mut self.sockets;
         let free = &mut self.free;
-        self.draining.retain(|&(h, deadline)| {
+        let client_free = &mut self.client_free;
+        self.draining.retain(|&(h, deadline, client)| {
             let s = sockets.get_mut::<tcp::Socket>(h);
             let done = match s.state() {
-                tcp::State::Closed => true,
-                // Both sides closed: nothing more will be sent; skip TIME-WAIT's hold.
-                tcp::State::TimeWait => {
-                    s.abort();
-                    true
+                // An aborted socket keeps its peer until its reset has left.
+                tcp::State::Closed => s.remote_endpoint().is_none(),
+                tcp::State::TimeWait => true,
+                _ => {
+                    if now_ns >= deadline {
+                        s.abort();
+                    }
+                    false
                 }
-                _ if now_ns >= deadline => {
-                    s.abort();
-                    true
-                }
-                _ => false,
             };
             if done {
-                free.push(h);
+                if client {
+                    client_free.push(h);
+                } else {
+                    free.push(h);
+                }
             }
             !done
         });
-        if self.free.is_empty() && self.created >= MAX_SOCKETS && !self.listening_on_all() {
-            self.refused += 1;
+    }
+
+    /// Sockets that can become listeners without taking one from a connection: free ones,
+    /// ones still to be created (heap permitting), and aborted ones whose reset leaves on the
+    /// next pass.
+    fn spare(&self) -> usize {
+        let creatable = if H::heap_free() >= 4 * TCP_BUFFER {
+            MAX_SOCKETS - self.created
+        } else {
+            0
+        };
+        let aborted = self
+            .draining
+            .iter()
+            .filter(|(h, _, client)| {
+                !client && self.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Closed
+            })
+            .count();
+        self.free.len() + creatable + aborted
+    }
+
+    /// Whether the pool runs short: fewer sockets are spare than the missing listeners plus
+    /// a port's worth. Sockets still finishing a graceful close are then reset at once (their
+    /// connections are over); services should close connections that have not started their
+    /// protocol, oldest first, until this is false, so a new connection always finds a
+    /// listener.
+    pub fn short_of_sockets(&mut self) -> bool {
+        let missing: usize = self
+            .ports
+            .iter()
+            .map(|p| {
+                let armed = self.listening.iter().filter(|(_, q)| q == p).count();
+                LISTENERS_PER_PORT.saturating_sub(armed)
+            })
+            .sum();
+        let need = missing + SPARE_SOCKETS;
+        if self.spare() >= need {
+            return false;
         }
-        self.arm();
-        changed
+        // Graceful closes are the cheapest room: their connections are over.
+        for &(h, _, client) in &self.draining {
+            if client {
+                continue;
+            }
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if s.state() != tcp::State::Closed {
+                s.abort();
+            }
+        }
+        self.spare() < need
+    }
+
+    /// The pool's state.
+    pub fn counts(&self) -> SocketCounts {
+        SocketCounts {
+            created: self.created,
+            max: MAX_SOCKETS,
+            free: self.free.len(),
+            listening: self.listening.len(),
+            draining: self.draining.len(),
+            refused: self.refused,
+        }
     }
 
     /// Hands out connections accepted since the last call, except those on routed ports
@@ -295,11 +506,99 @@ impl<H: Hw> NetStack<H> {
             s.abort();
         }
         self.draining
-            .push((h, now_ns.saturating_add(CLOSE_GRACE_NS)));
+            .push((h, now_ns.saturating_add(CLOSE_GRACE_NS), false));
     }
 
     /// When smoltcp next needs attention.
     pub fn poll_delay(&mut self, now_ns: u64) -> Option<Duration> {
         self.iface.poll_delay(instant(now_ns), &self.sockets)
+    }
+}
+
+/// Outgoing connections for remote volumes, over the client pool. A socket closed here is
+/// reset (RST) at the next pass of the interface and reused after that.
+impl<H: Hw> keel_remote::Net for NetStack<H> {
+    type Sock = SocketHandle;
+
+    fn connect(&mut self, addr: keel_remote::PathAddr, _now_ns: u64) -> Option<SocketHandle> {
+        self.address()?;
+        let h = self.take_client_socket()?;
+        let port = self.ephemeral_port();
+        let cx = self.iface.context();
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(None);
+        // No TCP keep-alive probes: the volume's NVMe Keep Alive (every KATO/2) finds a dead
+        // peer first. A user timeout bounds a connection whose data is never acknowledged.
+        s.set_keep_alive(None);
+        s.set_timeout(Some(Duration::from_secs(60)));
+        let remote = (
+            smoltcp::wire::IpAddress::Ipv4(Ipv4Address::from(addr.ip)),
+            addr.port,
+        );
+        match s.connect(cx, remote, port) {
+            Ok(()) => {
+                self.clients.push(h);
+                Some(h)
+            }
+            Err(e) => {
+                log::warn!("remote: connect to {addr} from port {port}: {e}");
+                self.client_free.push(h);
+                None
+            }
+        }
+    }
+
+    fn state(&mut self, sock: SocketHandle) -> keel_remote::SockState {
+        use keel_remote::SockState;
+        match self.sockets.get::<tcp::Socket>(sock).state() {
+            tcp::State::SynSent | tcp::State::SynReceived => SockState::Connecting,
+            tcp::State::Established => SockState::Established,
+            _ => SockState::Closed,
+        }
+    }
+
+    fn recv(&mut self, sock: SocketHandle, f: &mut dyn FnMut(&[u8]) -> usize) -> usize {
+        let s = self.sockets.get_mut::<tcp::Socket>(sock);
+        let mut total = 0;
+        // The ring may hand out its bytes in two pieces.
+        while s.can_recv() {
+            match s.recv(|b| {
+                let n = f(b);
+                (n, n)
+            }) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        total
+    }
+
+    fn send(&mut self, sock: SocketHandle, f: &mut dyn FnMut(&mut [u8]) -> usize) -> usize {
+        let s = self.sockets.get_mut::<tcp::Socket>(sock);
+        let mut total = 0;
+        while s.can_send() {
+            match s.send(|b| {
+                let n = f(b);
+                (n, n)
+            }) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        total
+    }
+
+    fn close(&mut self, sock: SocketHandle, now_ns: u64) {
+        let Some(i) = self.clients.iter().position(|&h| h == sock) else {
+            return;
+        };
+        self.clients.swap_remove(i);
+        let s = self.sockets.get_mut::<tcp::Socket>(sock);
+        if s.state() != tcp::State::Closed {
+            s.abort();
+        }
+        self.draining
+            .push((sock, now_ns.saturating_add(CLOSE_GRACE_NS), true));
     }
 }

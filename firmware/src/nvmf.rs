@@ -9,6 +9,10 @@
 //! `Target::poll`) and the connection turns it into C2HData/CapsuleResp PDUs written straight
 //! into the socket's transmit buffer. Buffers come from one pre-allocated pool; a command that
 //! finds the pool empty waits in a per-connection queue without stalling other connections.
+//!
+//! Connections that never send their ICReq are closed after the transport's ICReq timeout
+//! (10 s), and sooner when the network stack runs short of sockets: the oldest of them is then
+//! evicted for each socket needed, so a storm of silent connections cannot keep a host out.
 
 use crate::hw::Hw;
 use crate::net::{Accepted, NetStack};
@@ -24,6 +28,9 @@ use smoltcp::socket::tcp;
 
 /// Largest transfer per command (MDTS 5 with 4 KiB pages = 128 KiB).
 const MAX_TRANSFER: usize = 128 * 1024;
+/// The owner of the NVMe/TCP service's core queues (`Target::open_queue_for`); emulated
+/// functions are owners `0..` by position (see `crate::services`).
+pub(crate) const OWNER: u16 = u16::MAX;
 /// Data buffers shared by every connection.
 const POOL_BUFFERS: usize = 256;
 /// Command slots per connection (the largest queue depth a host can get).
@@ -51,7 +58,7 @@ enum Waiting {
     /// Host-to-controller data needs a buffer.
     Buffer { cid: u16, len: u32 },
     /// A command that returns data needs a buffer.
-    Command { sqe: [u8; 64], data_len: u32 },
+    Command { sqe: Sqe, data_len: u32 },
 }
 
 impl Waiting {
@@ -73,6 +80,8 @@ struct Conn {
     fc_disabled: bool,
     waiting: VecDeque<Waiting>,
     closing: bool,
+    /// When the connection was accepted (ns): the oldest silent ones are evicted first.
+    opened_ns: u64,
 }
 
 /// The NVMe/TCP target service.
@@ -84,6 +93,10 @@ pub struct NvmfService {
     advertise: Option<(String, String)>,
     /// Connections refused because no queue could be opened.
     pub refused: u64,
+    /// Connections that had not sent their ICReq, evicted to make room for new ones.
+    pub evicted: u64,
+    /// Connections closed because their ICReq did not come in time.
+    pub icreq_timeouts: u64,
 }
 
 impl core::fmt::Debug for NvmfService {
@@ -117,12 +130,28 @@ impl NvmfService {
             ports_set_for: None,
             advertise,
             refused: 0,
+            evicted: 0,
+            icreq_timeouts: 0,
         })
     }
 
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.conns.iter().flatten().count()
+    }
+
+    /// Open connections still waiting for their ICReq.
+    pub fn awaiting_icreq(&self) -> usize {
+        self.conns
+            .iter()
+            .flatten()
+            .filter(|c| c.tcp.state() == TargetState::AwaitIc)
+            .count()
+    }
+
+    /// Data buffers free and in all.
+    pub fn buffers(&self) -> (usize, usize) {
+        (self.pool.available(), self.pool.count())
     }
 
     fn adopt<H: Hw>(
@@ -134,7 +163,7 @@ impl NvmfService {
     ) {
         let (tcp, queue) = match (
             TargetConnection::new(self.tcp_cfg, ms(now_ns)),
-            target.open_queue(),
+            target.open_queue_for(OWNER),
         ) {
             (Ok(t), Ok(q)) => (t, q),
             (_, Ok(q)) => {
@@ -163,6 +192,7 @@ impl NvmfService {
             fc_disabled: false,
             waiting: VecDeque::new(),
             closing: false,
+            opened_ns: now_ns,
         };
         match self.conns.get_mut(slot) {
             Some(free) => *free = Some(conn),
@@ -182,11 +212,43 @@ impl NvmfService {
             busy = true;
             self.adopt(a, now_ns, net, target);
         }
+        busy |= self.make_room(now_ns, net, target);
         let now = Instant::from_nanos(now_ns);
         for i in 0..self.conns.len() {
             busy |= self.poll_conn(i, now, net, target);
         }
         busy
+    }
+
+    /// While the network stack is short of sockets, evicts the oldest connections that have
+    /// not sent their ICReq (they hold no controller state and no data), so the next host
+    /// always finds a listener. Returns whether any was evicted.
+    fn make_room<H: Hw>(
+        &mut self,
+        now_ns: u64,
+        net: &mut NetStack<H>,
+        target: &mut Target,
+    ) -> bool {
+        let mut any = false;
+        while net.short_of_sockets() {
+            let oldest = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+                .filter(|(_, c)| c.tcp.state() == TargetState::AwaitIc && !c.closing)
+                .min_by_key(|(_, c)| c.opened_ns)
+                .map(|(i, _)| i);
+            let Some(c) = oldest.and_then(|i| self.conns[i].take()) else {
+                break;
+            };
+            let _ = target.close_queue_after(c.queue, QueueLoss::Abrupt);
+            drain_buffers(c.tcp, &mut self.pool);
+            net.release(c.socket, false, now_ns);
+            self.evicted += 1;
+            any = true;
+        }
+        any
     }
 
     /// An event of the controller core that belongs to this service (the caller routes the
@@ -208,7 +270,7 @@ impl NvmfService {
                     c.closing = true;
                 }
             }
-            CoreEvent::BufferReleased(b) => recycle(pool, Some(b)),
+            CoreEvent::BufferReleased { buf: b, .. } => recycle(pool, Some(b)),
         }
     }
 
@@ -267,7 +329,11 @@ impl NvmfService {
         }
         busy |= c.handle_events(&mut cx);
         busy |= c.retry_waiting(&mut cx);
+        let awaiting = c.tcp.state() == TargetState::AwaitIc;
         c.tcp.poll_timers(now_ms);
+        if awaiting && c.tcp.state() != TargetState::AwaitIc {
+            self.icreq_timeouts += 1;
+        }
         c.flush(net);
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // The peer is gone once it reset the connection (or it timed out), or once it closed
@@ -344,7 +410,6 @@ struct Ctx<'a> {
 impl Conn {
     /// Hands a controller response to the transport.
     fn deliver(&mut self, pool: &mut BufPool, resp: Response) {
-        let cqe = resp.cqe.to_bytes();
         let data = match resp.buf {
             Some(b) if resp.data_len > 0 => Some((NetBuf(b), resp.data_len)),
             other => {
@@ -352,14 +417,14 @@ impl Conn {
                 None
             }
         };
-        if let Err(rejected) = self.tcp.complete(cqe, data, self.fc_disabled) {
+        if let Err(rejected) = self.tcp.complete(resp.cqe, data, self.fc_disabled) {
             recycle(pool, rejected.buf.map(|b| b.0));
         }
     }
 
-    fn submit(&mut self, cx: &mut Ctx<'_>, sqe: [u8; 64], buf: Option<IoBuf>, data_len: u32) {
+    fn submit(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, buf: Option<IoBuf>, data_len: u32) {
         let req = Request {
-            sqe: Sqe::from_bytes(&sqe),
+            sqe,
             buf,
             data_len,
             cookie: self.slot,
@@ -380,16 +445,14 @@ impl Conn {
 
     /// Fails a command the transport rejected, with the status it chose; the controller core
     /// accounts its submission queue slot.
-    fn fail(&mut self, cx: &mut Ctx<'_>, sqe: &[u8; 64], status: keel_nvmf_tcp::Status) {
-        let mut st = Status::new(status.sct, status.sc);
-        st.dnr = status.dnr;
+    fn fail(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, status: Status) {
         let req = Request {
-            sqe: Sqe::from_bytes(sqe),
+            sqe,
             buf: None,
             data_len: 0,
             cookie: self.slot,
         };
-        let resp = cx.target.reject(cx.now, self.queue, req, st);
+        let resp = cx.target.reject(cx.now, self.queue, req, status);
         self.deliver(cx.pool, resp);
     }
 
@@ -458,7 +521,7 @@ impl Conn {
                 } => self.start(cx, Waiting::Command { sqe, data_len }),
                 TcpEvent::CommandFailed { sqe, buf, status } => {
                     recycle(cx.pool, buf.map(|b| b.0));
-                    self.fail(cx, &sqe, status);
+                    self.fail(cx, sqe, status);
                 }
                 TcpEvent::BufferReleased { buf, .. } => recycle(cx.pool, Some(buf.0)),
                 TcpEvent::Closed { .. } => self.closing = true,

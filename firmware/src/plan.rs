@@ -16,8 +16,9 @@
 use crate::config::{DevConfig, KeyArg, NsSpec};
 use crate::net::Addressing;
 use alloc::{format, string::String, vec::Vec};
+use keel_controller::{HostQos, NamespaceQos, QosGroup, QosLimits, Rate};
 use keel_provision::{
-    Backend, DataKey, Device, Encryption, Management, Namespace, Network, Subsystem,
+    Backend, DataKey, Device, Encryption, Management, Namespace, Network, Qos, Subsystem,
 };
 use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 
@@ -134,6 +135,32 @@ pub struct Plan {
     pub mac: [u8; 6],
     /// The provisioned description this plan was made from (`None`: boot arguments).
     pub device: Option<Device>,
+    /// Limits and weights (none under boot arguments).
+    pub qos: Qos,
+}
+
+/// Commands the namespaces cut from one drive namespace have at the drive at once: the rest
+/// wait in the fair scheduler (weights, FIFO per flow) rather than in the drive's own queue,
+/// where a QD1 tenant's command would wait behind a QD128 tenant's.
+pub const DRIVE_MAX_INFLIGHT: u32 = 64;
+
+/// The controller's form of a description's limits (a rate without a burst: a tenth of a
+/// second's worth).
+pub fn qos_limits(l: &keel_provision::QosLimits) -> QosLimits {
+    let r = |r: Option<keel_provision::QosRate>| {
+        r.map(|r| {
+            let rate = Rate::new(r.per_sec);
+            r.burst.map_or(rate, |b| rate.with_burst(b))
+        })
+    };
+    QosLimits {
+        iops: r(l.iops),
+        read_iops: r(l.read_iops),
+        write_iops: r(l.write_iops),
+        bps: r(l.bps),
+        read_bps: r(l.read_bps),
+        write_bps: r(l.write_bps),
+    }
 }
 
 /// NGUID of namespace `nsid` of subsystem number `subsystem`: "KEEL", the MAC, the subsystem
@@ -229,7 +256,11 @@ impl Plan {
             namespaces.push(NsPlan {
                 subsystem: nqn,
                 nsid: 1,
-                spec: NsSpec::Ram(cfg.function_ram),
+                spec: cfg
+                    .function_namespaces
+                    .get(i)
+                    .cloned()
+                    .unwrap_or(NsSpec::Ram(cfg.function_ram)),
                 block_size: 512,
                 cipher: key.map_or("none", hex_cipher),
                 key: key.map(|k| NsKey::Hex(k.hex.clone())),
@@ -247,6 +278,7 @@ impl Plan {
             mgmt_key,
             mac: cfg.mac,
             device: None,
+            qos: Qos::default(),
         }
     }
 
@@ -285,18 +317,20 @@ impl Plan {
             .iter()
             .zip(config.keys.iter())
             .map(|(ns, key)| {
-                let (spec, block_size) = match ns.backend {
-                    Backend::Ram { size, block_size } => (NsSpec::Ram(size), block_size),
-                    Backend::Drive {
-                        drive,
-                        nsid,
-                        offset,
-                        length,
-                    } => (
+                let (spec, block_size) = match &ns.backend {
+                    Backend::Ram { size, block_size } => (NsSpec::Ram(*size), *block_size),
+                    Backend::Drive { drive, nsid, .. } => (
                         NsSpec::Drive {
-                            drive: usize::from(drive),
-                            nsid,
-                            slice: (offset != 0 || length.is_some()).then_some((offset, length)),
+                            drive: usize::from(*drive),
+                            nsid: *nsid,
+                            slice: ns.backend.slice(),
+                        },
+                        512,
+                    ),
+                    Backend::Remote { remote, .. } => (
+                        NsSpec::Remote {
+                            remote: alloc::boxed::Box::new(remote.clone()),
+                            slice: ns.backend.slice(),
                         },
                         512,
                     ),
@@ -333,6 +367,7 @@ impl Plan {
                 .map_or(provisioning_key, |m| m.authorized_key),
             mac,
             device: Some(d.clone()),
+            qos: d.qos.clone(),
         }
     }
 
@@ -367,14 +402,19 @@ impl Plan {
                 .map(|n| Namespace {
                     subsystem: n.subsystem.clone(),
                     nsid: n.nsid,
-                    backend: match n.spec {
+                    backend: match &n.spec {
                         NsSpec::Ram(size) => Backend::Ram {
-                            size,
+                            size: *size,
                             block_size: n.block_size,
                         },
                         NsSpec::Drive { drive, nsid, slice } => Backend::Drive {
-                            drive: drive as u16,
-                            nsid,
+                            drive: *drive as u16,
+                            nsid: *nsid,
+                            offset: slice.map_or(0, |(o, _)| o),
+                            length: slice.and_then(|(_, l)| l),
+                        },
+                        NsSpec::Remote { remote, slice } => Backend::Remote {
+                            remote: (**remote).clone(),
                             offset: slice.map_or(0, |(o, _)| o),
                             length: slice.and_then(|(_, l)| l),
                         },
@@ -387,7 +427,65 @@ impl Plan {
                 port: self.mgmt_port,
                 authorized_key: self.mgmt_key,
             }),
+            qos: self.qos.clone(),
         }
+    }
+
+    /// The QoS of namespace `ns`: its limits, weight and group from the description, and the
+    /// drive it is cut from as its scheduling domain.
+    pub fn namespace_qos(&self, ns: &NsPlan) -> NamespaceQos {
+        let domain = match ns.spec {
+            NsSpec::Drive { drive, nsid, .. } => Some(((drive as u32) << 24) | (nsid & 0xff_ffff)),
+            // A remote volume bounds its own commands in flight (queues × depth); a RAM
+            // namespace never saturates.
+            NsSpec::Ram(_) | NsSpec::Remote { .. } => None,
+        };
+        let q = self.qos.namespace(&ns.subsystem, ns.nsid);
+        NamespaceQos {
+            limits: q.map_or(QosLimits::NONE, |q| qos_limits(&q.limits)),
+            weight: q.map_or(1, |q| q.weight.max(1)),
+            group: q.and_then(|q| q.group.clone()),
+            domain,
+            max_inflight: if domain.is_some() {
+                DRIVE_MAX_INFLIGHT
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The QoS groups of the controller.
+    pub fn qos_groups(&self) -> Vec<QosGroup> {
+        self.qos
+            .groups
+            .iter()
+            .map(|g| QosGroup {
+                name: g.name.clone(),
+                limits: qos_limits(&g.limits),
+                weight: g.weight,
+            })
+            .collect()
+    }
+
+    /// The per-host rules of the controller.
+    pub fn host_qos(&self) -> Vec<HostQos> {
+        self.qos
+            .hosts
+            .iter()
+            .map(|h| HostQos {
+                hostnqn: h.hostnqn.clone(),
+                limits: qos_limits(&h.limits),
+            })
+            .collect()
+    }
+
+    /// The limits of emulated function `index`'s controller.
+    pub fn function_limits(&self, index: u16) -> QosLimits {
+        self.qos
+            .functions
+            .iter()
+            .find(|f| f.function == index)
+            .map_or(QosLimits::NONE, |f| qos_limits(&f.limits))
     }
 
     /// Index of subsystem `nqn` (NGUIDs use it).

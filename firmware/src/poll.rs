@@ -189,7 +189,13 @@ pub fn run(mut platform: Platform) -> ! {
             .as_mut()
             .and_then(|n| n.poll_delay(now))
             .map_or(MAX_SLEEP_NS, |d| d.total_micros().saturating_mul(1_000))
-            .min(MAX_SLEEP_NS);
+            .min(MAX_SLEEP_NS)
+            .min(
+                services
+                    .next_deadline()
+                    .map_or(u64::MAX, |d| d.saturating_sub(now)),
+            )
+            .min(services.qos_wakeup_in(now).unwrap_or(MAX_SLEEP_NS));
         counters.slept();
         timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(delay_ns)));
         timer::wait_for_interrupt();

@@ -9,24 +9,33 @@
 //!   per `keel.ram=` size; otherwise one per local drive namespace (whole); otherwise one
 //!   RAM namespace of 256 MiB. `keel.xts=NSID:KEY` encrypts one of them with AES-XTS;
 //! - one subsystem per emulated function (`nqn.2026-11.dev.keel:fnN`), with one RAM namespace
-//!   of `keel.fn.ram` MiB: a function never reaches another's data.
+//!   of `keel.fn.ram` MiB (or the Nth `keel.fn.ns=` spec): a function never reaches another's
+//!   data.
+//!
+//! Namespaces on remote NVMe/TCP subsystems are served by [`crate::remote`] once their remote
+//! namespace has been identified (after `keel: ready`), added to the target like a live push.
 //!
 //! NSIDs are fixed by position (the Nth `keel.ns=` entry is NSID N): a namespace that cannot
 //! be served leaves a gap instead of renumbering the ones after it.
 //!
 //! Every pass of the poll loop: the transports take new commands to the core, the drives ring
-//! their doorbells and reap completions, the core delivers completions (routed by queue to the
-//! emulated function that owns it, the rest to NVMe/TCP), and NVMe/TCP flushes its sockets.
+//! their doorbells and reap completions, the core delivers completions, and NVMe/TCP flushes
+//! its sockets. Each transport opens its core queues with its own owner number (emulated
+//! function N, by position, is owner N; NVMe/TCP is [`crate::nvmf::OWNER`]); every event of
+//! the core carries the owner recorded for its queue and goes straight to that transport.
 
 use crate::challenge::Challenges;
 use crate::config::NsSpec;
 use crate::hw::{DriveCtl, Hw, dma_region};
-use crate::net::NetStack;
+use crate::net::{NetStack, SocketCounts};
 use crate::nvmf::NvmfService;
 use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
 use crate::provisioned::Identity;
+use crate::remote::RemoteService;
 use alloc::{boxed::Box, format, string::String, vec::Vec};
-use keel_controller::{Instant, Limits, NamespaceConfig, SubsystemConfig, Target, TargetConfig};
+use keel_controller::{
+    Event, Instant, Limits, NamespaceConfig, SubsystemConfig, Target, TargetConfig,
+};
 use keel_crypto::{EncryptedBackend, XtsKey};
 use keel_nvme_pcie::{EndpointFunction, FunctionConfig, FunctionState, PcieFunction};
 use keel_storage::{BlockBackend, BufPool, RamBackend, SharedBackend, SliceBackend};
@@ -87,6 +96,9 @@ pub(crate) struct Emulated<W> {
     pub(crate) nqn: String,
     pub(crate) ep: W,
     pub(crate) f: PcieFunction,
+    /// The admin queue of the function's controller whose limits were last set (a host that
+    /// enables the function again gets a new controller).
+    pub(crate) limited: Option<keel_controller::QueueId>,
 }
 
 /// An emulated function's endpoint as the platform found it: its window's address and size
@@ -108,6 +120,8 @@ pub struct Services<H: Hw> {
     pub(crate) functions: Vec<Emulated<H::Window>>,
     pub(crate) drives: Vec<LocalDrive<H>>,
     pub(crate) shared: Shared<H>,
+    /// Remote volumes (namespaces on remote NVMe/TCP subsystems).
+    pub(crate) remotes: RemoteService,
     /// The configuration in force.
     pub(crate) plan: Plan,
     /// Namespaces of the plan actually served (subsystem, NSID).
@@ -116,8 +130,12 @@ pub struct Services<H: Hw> {
     pub(crate) identity: Identity<H::Flash>,
     /// Management challenges.
     pub(crate) challenges: Challenges<H>,
+    /// The network stack's socket pool as of the last pass (status reports).
+    pub(crate) sockets: SocketCounts,
     /// Power cycles, unsafe shutdowns and powered-on time (flash health records).
     pub(crate) health: crate::health::HealthLog,
+    /// Each QoS tenant's rate over the last second (status, metrics).
+    pub(crate) qos_rates: crate::device::QosRates,
 }
 
 impl<H: Hw> core::fmt::Debug for Services<H> {
@@ -159,7 +177,7 @@ pub(crate) type Shared<H> = Vec<((usize, u32), SharedBackend<<H as Hw>::DriveNs>
 /// Builds one namespace's backend. `many`: the drive namespace is used by several namespaces
 /// (or as a slice) and must be shared. Drive namespaces used whole are taken out of `drives`.
 pub(crate) fn make_backend<H: Hw>(
-    spec: NsSpec,
+    spec: &NsSpec,
     block_size: u32,
     many: bool,
     drives: &mut [LocalDrive<H>],
@@ -167,11 +185,17 @@ pub(crate) fn make_backend<H: Hw>(
 ) -> Result<Box<dyn BlockBackend>, String> {
     let (drive, nsid, slice) = match spec {
         NsSpec::Ram(bytes) => {
-            return ram::<H>(bytes, block_size)
+            return ram::<H>(*bytes, block_size)
                 .ok_or_else(|| format!("RAM namespace of {} MiB", bytes >> 20));
         }
         NsSpec::Drive { drive, nsid, slice } => (drive, nsid, slice),
+        NsSpec::Remote { .. } => {
+            return Err(format!(
+                "{spec}: a remote backend is opened by the remote service"
+            ));
+        }
     };
+    let (drive, nsid, slice) = (*drive, *nsid, *slice);
     let many = many || slice.is_some() || shared.iter().any(|(k, _)| *k == (drive, nsid));
     let Some(d) = drives.get_mut(drive) else {
         return Err(format!("no drive {drive} for namespace spec {spec}"));
@@ -200,9 +224,19 @@ pub(crate) fn make_backend<H: Hw>(
     let Some((_, sb)) = shared.iter().find(|(k, _)| *k == (drive, nsid)) else {
         return Err(format!("drive {drive} namespace {nsid}: not shared"));
     };
+    cut(sb, slice, spec)
+}
+
+/// A slice of a shared backend (`None`: all of it) as a backend of its own; `spec` names it
+/// in messages.
+pub(crate) fn cut<B: BlockBackend + 'static>(
+    sb: &SharedBackend<B>,
+    slice: Option<(u64, Option<u64>)>,
+    spec: &NsSpec,
+) -> Result<Box<dyn BlockBackend>, String> {
     let handle = sb
         .handle()
-        .map_err(|_| format!("drive {drive} namespace {nsid}: too many slices"))?;
+        .map_err(|_| format!("{spec}: too many slices"))?;
     let g = handle.geometry();
     let (start, blocks) = match slice {
         Some((off, len)) => (
@@ -278,14 +312,26 @@ pub(crate) fn build_namespace<H: Hw>(
     drives: &mut [LocalDrive<H>],
     shared: &mut Shared<H>,
 ) -> Option<NamespaceConfig> {
-    let name = ns_name(plan, ns);
-    let backend = match make_backend(ns.spec, ns.block_size, many, drives, shared) {
+    let backend = match make_backend(&ns.spec, ns.block_size, many, drives, shared) {
         Ok(b) => b,
         Err(e) => {
-            log::error!("storage: {name}: {e}: the namespace is not served");
+            log::error!(
+                "storage: {}: {e}: the namespace is not served",
+                ns_name(plan, ns)
+            );
             return None;
         }
     };
+    finish_namespace::<H>(plan, ns, backend)
+}
+
+/// A namespace of the plan from its backend: encryption, identifiers. Logs what it serves.
+pub(crate) fn finish_namespace<H: Hw>(
+    plan: &Plan,
+    ns: &NsPlan,
+    backend: Box<dyn BlockBackend>,
+) -> Option<NamespaceConfig> {
+    let name = ns_name(plan, ns);
     let backend = encrypt::<H>(&name, ns.key.as_ref(), backend)?;
     let g = backend.geometry();
     if ns.function.is_none() || plan.source != Source::BootArgs {
@@ -304,7 +350,7 @@ pub(crate) fn build_namespace<H: Hw>(
         nguid: nguid(plan.mac, si as u16, ns.nsid),
         uuid: [0; 16],
         eui64: [0; 8],
-        qos: Default::default(),
+        qos: plan.namespace_qos(ns),
     })
 }
 
@@ -337,10 +383,28 @@ impl<H: Hw> Services<H> {
             })
             .collect();
         let mut served = Vec::new();
+        let mut remotes = RemoteService::new(plan.mac);
         for ns in &plan.namespaces {
-            let many = match ns.spec {
-                NsSpec::Drive { drive, nsid, .. } => uses(drive, nsid) > 1,
+            let many = match &ns.spec {
+                NsSpec::Drive { drive, nsid, .. } => uses(*drive, *nsid) > 1,
                 NsSpec::Ram(_) => false,
+                NsSpec::Remote { remote, .. } => {
+                    // Served once the remote namespace is identified (Services::poll).
+                    if !network {
+                        log::error!(
+                            "remote: {}: no network: the namespace is not served",
+                            ns_name(&plan, ns)
+                        );
+                        continue;
+                    }
+                    let users = plan
+                        .namespaces
+                        .iter()
+                        .filter(|o| matches!(&o.spec, NsSpec::Remote { remote: r, .. } if r.same_target(remote)))
+                        .count();
+                    remotes.add(&plan, ns, users > 1);
+                    continue;
+                }
             };
             let Some(cfg) = build_namespace(&plan, ns, many, &mut drives, &mut shared) else {
                 continue;
@@ -375,6 +439,8 @@ impl<H: Hw> Services<H> {
             subsystems,
             limits,
             scratch,
+            qos_groups: plan.qos_groups(),
+            host_qos: plan.host_qos(),
             ..Default::default()
         }) {
             Ok(t) => t,
@@ -407,7 +473,12 @@ impl<H: Hw> Services<H> {
                 .map_err(|e| log::error!("pcie-fn{i}: buffers: {e}"))
                 .ok()
                 .and_then(|pool| {
-                    PcieFunction::new(FunctionConfig::new(&nqn), pool)
+                    // Its position in `functions` is its owner number (see `route`).
+                    let cfg = FunctionConfig {
+                        owner: functions.len() as u16,
+                        ..FunctionConfig::new(&nqn)
+                    };
+                    PcieFunction::new(cfg, pool)
                         .map_err(|e| log::error!("pcie-fn{i}: {e:?}"))
                         .ok()
                 });
@@ -419,16 +490,16 @@ impl<H: Hw> Services<H> {
                 f.poll(Instant::from_nanos(H::now_ns()), &mut target, &mut ep);
                 ep.publish(i as u16);
                 let what = if plan.source == Source::BootArgs {
-                    let ram_mib: u64 = plan
+                    let specs: Vec<String> = plan
                         .namespaces
                         .iter()
                         .filter(|n| n.subsystem == nqn)
-                        .map(|n| match n.spec {
-                            NsSpec::Ram(b) => b >> 20,
-                            NsSpec::Drive { .. } => 0,
+                        .map(|n| match &n.spec {
+                            NsSpec::Ram(b) => format!("{} MiB RAM namespace", b >> 20),
+                            other => format!("namespace {other}"),
                         })
-                        .sum();
-                    format!("{ram_mib} MiB RAM namespace")
+                        .collect();
+                    specs.join(", ")
                 } else {
                     let n = served.iter().filter(|(q, _)| *q == nqn).count();
                     format!("a controller of its {n} namespace(s)")
@@ -443,6 +514,7 @@ impl<H: Hw> Services<H> {
                     nqn,
                     ep,
                     f,
+                    limited: None,
                 });
             }
         }
@@ -465,11 +537,14 @@ impl<H: Hw> Services<H> {
             functions,
             drives,
             shared,
+            remotes,
             plan,
             served,
             identity,
             challenges,
+            sockets: SocketCounts::default(),
             health,
+            qos_rates: Default::default(),
         }
     }
 
@@ -497,13 +572,25 @@ impl<H: Hw> Services<H> {
             nvmf,
             functions,
             drives,
+            remotes,
+            plan,
+            served,
             health,
             identity,
+            qos_rates,
             ..
         } = self;
         health.tick(identity.flash.as_mut(), now_ns);
+        qos_rates.tick(now_ns, target);
         for e in functions.iter_mut() {
             busy |= e.f.poll(now, target, &mut e.ep);
+            let admin = e.f.admin_queue();
+            if admin != e.limited {
+                e.limited = admin;
+                if let Some(a) = admin {
+                    let _ = target.set_controller_limits(a, plan.function_limits(e.index));
+                }
+            }
         }
         let mut net = net;
         if let (Some(s), Some(n)) = (nvmf.as_mut(), net.as_deref_mut()) {
@@ -512,22 +599,31 @@ impl<H: Hw> Services<H> {
         for d in drives.iter() {
             busy |= d.poll(now_ns);
         }
-        busy |= target.poll(now, &mut |ev| {
-            let mut ev = Some(ev);
-            for e in functions.iter_mut() {
-                match ev.take() {
-                    Some(x) => ev = e.f.handle_event(x, &mut e.ep),
-                    None => break,
-                }
+        if let Some(n) = net.as_deref_mut() {
+            busy |= remotes.poll(now_ns, n, target, plan, served);
+        }
+        busy |= target.poll(now, &mut |ev| route(ev, functions, nvmf.as_mut())) > 0;
+        if let Some(n) = net {
+            if let Some(s) = nvmf.as_mut() {
+                s.flush(n);
             }
-            if let (Some(x), Some(s)) = (ev, nvmf.as_mut()) {
-                s.on_event(x);
-            }
-        }) > 0;
-        if let (Some(s), Some(n)) = (nvmf.as_mut(), net) {
-            s.flush(n);
+            self.sockets = n.counts();
         }
         busy
+    }
+
+    /// When the services' timers next need a pass (the remote volumes' keep alive,
+    /// reconnects and timeouts); `None`: nothing is timed.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.remotes.next_deadline()
+    }
+
+    /// Nanoseconds from `now_ns` until a command held back only by its QoS limits may start
+    /// (`None`: none is waiting for its limits); the poll loop sleeps no longer than this.
+    pub fn qos_wakeup_in(&mut self, now_ns: u64) -> Option<u64> {
+        self.target
+            .next_wakeup(Instant::from_nanos(now_ns))
+            .map(|t| t.as_nanos().saturating_sub(now_ns))
     }
 
     /// Whether the core may sleep: no emulated function is live (their host writes doorbells
@@ -538,5 +634,23 @@ impl<H: Hw> Services<H> {
             .iter()
             .all(|e| e.f.state() == FunctionState::Disabled)
             && self.drives.iter().all(|d| d.outstanding() == 0)
+    }
+}
+
+/// Hands an event of the core to the transport that owns its queue ([`Event::owner`]).
+pub(crate) fn route<W: EndpointFunction>(
+    ev: Event,
+    functions: &mut [Emulated<W>],
+    nvmf: Option<&mut NvmfService>,
+) {
+    let owner = ev.owner();
+    if owner == crate::nvmf::OWNER {
+        if let Some(s) = nvmf {
+            s.on_event(ev);
+        }
+    } else if let Some(e) = functions.get_mut(usize::from(owner)) {
+        // The function consumes every event of its own queues and buffers of its own pool:
+        // nothing comes back.
+        let _ = e.f.handle_event(ev, &mut e.ep);
     }
 }

@@ -8,7 +8,7 @@
 //! - `overflow`: unbounded recursion into the stack guard page (crash report, exit 3);
 //! - `selftest`: the inline-crypto known-answer tests on this CPU, through the code the
 //!   firmware uses (`keel_crypto::Xts`, `keel_nvmf_tcp::crc32c`): IEEE 1619 XTS-AES vectors 2,
-//!   3 and 10, RFC 3720 B.4 CRC32C vectors with the CRC32C instructions and with the table, and
+//!   3 and 10, the Armv8 XTS path against the `aes` crate's, RFC 3720 B.4 CRC32C vectors with the CRC32C instructions and with the table, and
 //!   the two CRC paths against each other; one line per check, then `keel: selftest PASS` (exit
 //!   0) or `keel: selftest FAIL` (exit 1);
 //! - `cores`: a message stream from core 0 to every secondary core and back over the SPSC
@@ -255,6 +255,36 @@ fn selftest() -> bool {
             format_args!("xts key with equal halves (IEEE 1619 vector 1) refused"),
             matches!(XtsKey::new(&[0u8; 32]), Err(KeyError::EqualHalves)),
         );
+        // The firmware's own Armv8 XTS path against the `aes` crate's block functions under
+        // the same XTS: both ciphers, random keys, data and sequence numbers, units of 16 to
+        // 4096 bytes (whole 128-byte groups, the single-block tail, both), two units per call.
+        if Xts::armv8() {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+            for len in [32usize, 64] {
+                let key: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let mut ok = false;
+                let mut name = "key refused";
+                if let Ok(k) = XtsKey::new(&key) {
+                    name = k.cipher().name();
+                    let (fast, slow) = (Xts::new(&k), Xts::portable(&k));
+                    ok = true;
+                    for unit in [16usize, 48, 128, 144, 512, 4096] {
+                        let data: Vec<u8> = (0..2 * unit).map(|_| rng.next() as u8).collect();
+                        let lba = rng.next();
+                        let (mut a, mut b) = (data.clone(), data.clone());
+                        fast.encrypt(&mut a, unit, lba);
+                        slow.encrypt(&mut b, unit, lba);
+                        ok &= a == b && a != data;
+                        fast.decrypt(&mut a, unit, lba);
+                        ok &= a == data;
+                    }
+                }
+                r.check(
+                    format_args!("xts {name}: the Armv8 path equals the aes crate's (units of 16 to 4096 bytes)"),
+                    ok,
+                );
+            }
+        }
         // Throughput of the firmware's sector path under this CPU model (TCG in QEMU).
         let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37)).collect();
         if let Ok(k) = XtsKey::new(&key) {

@@ -17,7 +17,7 @@ use keel_nvme::fabrics::{
 use keel_nvme::identify::{IDENTIFY_LEN, IdentifyCommand, IdentifyController};
 use keel_nvme::io::RwCommand;
 use keel_nvme::regs::{Cc, offset};
-use keel_nvme::{Cqe, IoOpcode};
+use keel_nvme::{Cqe, IoOpcode, Sqe};
 use keel_nvme_pcie::{EndpointFunction, MemWindow, layout};
 use keel_nvmf_tcp::{HostConfig, HostConnection, HostEvent};
 use keel_storage::RamBackend;
@@ -293,18 +293,29 @@ impl Queue {
             let n = d.len() as u32;
             (d, n)
         });
-        let cid = self.host.submit(sqe.to_bytes(), data).expect("submit");
+        let cid = self.host.submit(sqe, data).expect("submit");
         for _ in 0..10_000 {
             self.pump(dev);
             while let Some(ev) = self.host.poll_event() {
                 if let HostEvent::Completion { cid: c, cqe, buf } = ev
                     && c == cid
                 {
-                    return (Cqe::from_bytes(&cqe), buf);
+                    return (cqe, buf);
                 }
             }
         }
         panic!("command {cid} never completed");
+    }
+
+    /// Sets CC.EN through this (admin) queue.
+    fn enable(&mut self, dev: &mut Device) {
+        let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
+        let (cqe, _) = self.cmd(
+            dev,
+            PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
+            None,
+        );
+        assert!(cqe.status.is_success(), "CC.EN: {:?}", cqe.status);
     }
 
     fn connect(&mut self, dev: &mut Device, qid: u16, cntlid: u16, nqn: &str) -> u16 {
@@ -332,13 +343,7 @@ fn nvme_tcp_service_serves_a_host_over_loopback() {
     let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
     assert_ne!(cntlid, CNTLID_DYNAMIC);
     // Enable, then Identify Controller: the subsystem of the development plan.
-    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
-    let (cqe, _) = admin.cmd(
-        &mut dev,
-        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
-        None,
-    );
-    assert!(cqe.status.is_success());
+    admin.enable(&mut dev);
     let (cqe, _) = admin.cmd(
         &mut dev,
         PropertyCommand::get_sqe(0, offset::CSTS, PropertySize::Four),
@@ -627,9 +632,8 @@ fn health_records_count_power_cycles_and_unsafe_shutdowns() {
     assert_eq!(h.power_cycles, 1);
 }
 
-/// A bundle of `generation` signed with the public development key (qemu/dev-keys).
-fn dev_bundle(generation: u64) -> Vec<u8> {
-    use keel_provision::{Backend, Encryption, Namespace, Network, Subsystem};
+/// The public development signing key (qemu/dev-keys).
+fn dev_signing_key() -> keel_provision::ed25519_dalek::SigningKey {
     let key = include_str!("../../qemu/dev-keys/provision.key");
     let hex = key
         .trim()
@@ -639,9 +643,19 @@ fn dev_bundle(generation: u64) -> Vec<u8> {
     for (i, b) in seed.iter_mut().enumerate() {
         *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
     }
-    let signing = keel_provision::ed25519_dalek::SigningKey::from_bytes(&seed);
+    keel_provision::ed25519_dalek::SigningKey::from_bytes(&seed)
+}
+
+/// A bundle of `generation` signed with the public development key (qemu/dev-keys).
+fn dev_bundle(generation: u64) -> Vec<u8> {
+    signed_bundle(&dev_device(), generation)
+}
+
+/// A description with subsystem `nqn.2026-12.test:vol` and one 1 MiB RAM namespace.
+fn dev_device() -> keel_provision::Device {
+    use keel_provision::{Backend, Encryption, Namespace, Network, Subsystem};
     let nqn = String::from("nqn.2026-12.test:vol");
-    let device = keel_provision::Device {
+    keel_provision::Device {
         network: Network::Dhcp,
         subsystems: vec![Subsystem {
             nqn: nqn.clone(),
@@ -660,12 +674,17 @@ fn dev_bundle(generation: u64) -> Vec<u8> {
             function: None,
         }],
         management: None,
-    };
+        qos: Default::default(),
+    }
+}
+
+/// `device` as a bundle of `generation` signed with the development key.
+fn signed_bundle(device: &keel_provision::Device, generation: u64) -> Vec<u8> {
     let mut counter = 0u8;
     keel_provision::bundle::build(
-        &device,
+        device,
         generation,
-        &signing,
+        &dev_signing_key(),
         &keel_provision::DeviceKey::from_bytes([0; 32]),
         &mut |b: &mut [u8]| {
             for x in b {
@@ -687,4 +706,700 @@ fn challenges_never_repeat() {
     // Another boot with the same clock and device key still draws different ones (RNDR).
     let mut d: Challenges<TestHw> = Challenges::new(None);
     assert!(!seen.contains(&d.next()));
+}
+
+/// Client sockets of the device's own interface connecting to `port` from `first_port` on.
+fn open_clients(dev: &mut Device, port: u16, first_port: u16, n: u16) -> Vec<SocketHandle> {
+    (0..n)
+        .map(|i| dev.client_socket(port, first_port + i))
+        .collect()
+}
+
+fn established(dev: &Device, clients: &[SocketHandle]) -> usize {
+    clients
+        .iter()
+        .filter(|&&h| dev.net.sockets.get::<tcp::Socket>(h).state() == tcp::State::Established)
+        .count()
+}
+
+#[test]
+fn a_burst_of_syns_finds_a_listener_for_each_while_sockets_remain() {
+    let mut dev = Device::new("keel.ram=8");
+    for _ in 0..5 {
+        dev.pass();
+    }
+    // 24 SYNs leave in one pass and reach the device together (six times the listeners
+    // armed on the port): each must find a listener, none a reset.
+    let clients = open_clients(&mut dev, 4420, 51_000, 24);
+    for _ in 0..20 {
+        dev.pass();
+    }
+    assert_eq!(established(&dev, &clients), 24);
+    assert_eq!(dev.services.nvmf.as_ref().unwrap().connections(), 24);
+    let r = dev.services.resources();
+    assert_eq!(r.awaiting_icreq, 24);
+    assert_eq!(
+        r.sockets_listening, 8,
+        "4 listeners per port kept armed: {r:?}"
+    );
+    // They leave with a reset: every socket returns to the pool on the next passes.
+    for &h in &clients {
+        dev.net.sockets.get_mut::<tcp::Socket>(h).abort();
+    }
+    for _ in 0..5 {
+        dev.pass();
+    }
+    let r = dev.services.resources();
+    assert_eq!(
+        (r.awaiting_icreq, r.queues, r.sockets_draining),
+        (0, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.sockets_free + r.sockets_listening,
+        r.sockets_created,
+        "{r:?}"
+    );
+}
+
+#[test]
+fn silent_connections_are_evicted_oldest_first_so_a_host_gets_in() {
+    let mut dev = Device::new("keel.ram=8");
+    for _ in 0..5 {
+        dev.pass();
+    }
+    // More silent connections than the pool has sockets, a few at a time (as a storm reaches
+    // the device), never closed by their peers.
+    let mut silent = Vec::new();
+    for batch in 0..10u16 {
+        silent.extend(open_clients(&mut dev, 4420, 52_000 + batch * 8, 8));
+        for _ in 0..5 {
+            dev.pass();
+        }
+    }
+    let r = dev.services.resources();
+    assert_eq!(r.sockets_created, crate::net::MAX_SOCKETS as u32, "{r:?}");
+    assert_eq!(
+        r.sockets_listening, 8,
+        "every port keeps its listeners: {r:?}"
+    );
+    // Only as many as needed were evicted: the pool minus the listeners and a port's worth
+    // of spare sockets stay connected.
+    let kept = crate::net::MAX_SOCKETS as u32 - 8 - 4;
+    assert_eq!(
+        (r.awaiting_icreq, r.evicted),
+        (kept, u64::from(80 - kept)),
+        "{r:?}"
+    );
+    // The oldest went first: the first silent connections were reset, the last ones live.
+    let s = |h: SocketHandle| dev.net.sockets.get::<tcp::Socket>(h).state();
+    assert_ne!(s(silent[0]), tcp::State::Established);
+    assert_eq!(s(*silent.last().unwrap()), tcp::State::Established);
+    // A host connects among them and completes its association.
+    let mut admin = Queue::open(&mut dev, 50_010);
+    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, crate::config::DEFAULT_NQN);
+    assert_ne!(cntlid, CNTLID_DYNAMIC);
+    // More silent ones keep coming: the host's connection, past its ICReq, is never evicted.
+    for batch in 0..4u16 {
+        open_clients(&mut dev, 4420, 53_000 + batch * 8, 8);
+        for _ in 0..5 {
+            dev.pass();
+        }
+    }
+    let (cqe, _) = admin.cmd(
+        &mut dev,
+        PropertyCommand::get_sqe(0, offset::VS, PropertySize::Four),
+        None,
+    );
+    assert!(cqe.status.is_success());
+    assert_eq!(dev.services.target.controller_count(), 1);
+}
+
+#[test]
+fn a_connection_that_never_sends_its_icreq_times_out() {
+    let mut dev = Device::new("keel.ram=8");
+    let sock = dev.client_socket(4420, 54_000);
+    for _ in 0..20 {
+        dev.pass();
+    }
+    assert_eq!(dev.services.resources().awaiting_icreq, 1);
+    // 10 s of silence (the transport's ICReq timeout), in 10 ms steps.
+    for _ in 0..1_001 {
+        advance(10_000_000);
+        dev.pass();
+    }
+    let r = dev.services.resources();
+    assert_eq!(
+        (r.icreq_timeouts, r.awaiting_icreq, r.queues),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(dev.services.nvmf.as_ref().unwrap().connections(), 0);
+    let s = dev.net.sockets.get::<tcp::Socket>(sock);
+    assert!(
+        !matches!(s.state(), tcp::State::Established),
+        "still established: {}",
+        s.state()
+    );
+}
+
+/// Reads or writes `data.len()` bytes at `lba` of namespace `nsid` on an I/O queue.
+fn rw(
+    dev: &mut Device,
+    io: &mut Queue,
+    write: bool,
+    nsid: u32,
+    lba: u64,
+    data: Vec<u8>,
+) -> Vec<u8> {
+    let rw = RwCommand {
+        slba: lba,
+        nlb: (data.len() / 512 - 1) as u16,
+        deac: false,
+        fua: false,
+        lr: false,
+        prinfo: 0,
+    };
+    let op = if write {
+        IoOpcode::Write
+    } else {
+        IoOpcode::Read
+    };
+    let (cqe, buf) = io.cmd(dev, rw.to_sqe(op as u8, 0, nsid), Some(data));
+    assert!(
+        cqe.status.is_success(),
+        "{op:?} nsid {nsid} lba {lba}: {:?}",
+        cqe.status
+    );
+    buf.unwrap_or_default()
+}
+
+/// A remote volume end to end on one device: namespaces 2 and 3 are two slices of a remote
+/// namespace reached through the firmware's own initiator (client sockets of the stack,
+/// keel-remote) over smoltcp's Loopback, and that remote namespace is the device's own
+/// NVMe/TCP target's namespace 1. Namespace 2 is encrypted: the remote holds its ciphertext.
+#[test]
+fn remote_volume_serves_slices_of_a_namespace_reached_over_nvme_tcp() {
+    let nqn = crate::config::DEFAULT_NQN;
+    let key = "00112233445566778899aabbccddeeff0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    let mut dev = Device::new(&format!(
+        "keel.ns=ram:16,remote:127.0.0.1:4420:{nqn}:1:0+8,remote:127.0.0.1:4420:{nqn}:1:8+ \
+         keel.remote.queues=2 keel.remote.depth=16 keel.xts=2:{key}"
+    ));
+    assert_eq!(
+        dev.services.remotes.volumes.len(),
+        1,
+        "one volume for both slices"
+    );
+    assert!(
+        !dev.services.target.has_namespace(nqn, 2),
+        "not before it is reached"
+    );
+    for _ in 0..20_000 {
+        dev.pass();
+        if dev.services.target.has_namespace(nqn, 3) {
+            break;
+        }
+    }
+    assert!(
+        dev.services.target.has_namespace(nqn, 2) && dev.services.target.has_namespace(nqn, 3),
+        "the remote namespace was never identified"
+    );
+    let sizes: Vec<(u32, u64)> = dev
+        .services
+        .target
+        .namespace_views()
+        .map(|n| (n.nsid, n.geometry.blocks * u64::from(n.geometry.block_size)))
+        .collect();
+    assert_eq!(sizes, [(1, 16 << 20), (2, 8 << 20), (3, 8 << 20)]);
+    // The initiator's connections are client sockets: an admin queue and two I/O queues.
+    assert_eq!(dev.net.client_sockets(), 3);
+    assert!(dev.net.listening_on_all());
+
+    // A host of the device writes through both slices.
+    let mut admin = Queue::open(&mut dev, 50_010);
+    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
+    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
+    admin.cmd(
+        &mut dev,
+        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
+        None,
+    );
+    let mut io = Queue::open(&mut dev, 50_011);
+    io.connect(&mut dev, 1, cntlid, nqn);
+    let pattern: Vec<u8> = (0..32_768u32).map(|i| (i * 13 + 5) as u8).collect();
+    rw(&mut dev, &mut io, true, 3, 0, pattern.clone());
+    rw(&mut dev, &mut io, true, 2, 100, pattern.clone());
+    // Read back through the volume, and from the remote namespace itself: the plain slice
+    // starts 8 MiB in; the encrypted one holds ciphertext only.
+    assert_eq!(rw(&mut dev, &mut io, false, 3, 0, vec![0; 32_768]), pattern);
+    assert_eq!(
+        rw(&mut dev, &mut io, false, 2, 100, vec![0; 32_768]),
+        pattern
+    );
+    assert_eq!(
+        rw(&mut dev, &mut io, false, 1, 16_384, vec![0; 32_768]),
+        pattern
+    );
+    let stored = rw(&mut dev, &mut io, false, 1, 100, vec![0; 32_768]);
+    assert_ne!(stored, pattern);
+    assert!(
+        stored
+            .windows(16)
+            .all(|w| !pattern.windows(16).any(|p| p == w)),
+        "plaintext on the remote"
+    );
+    let snap = keel_mgmt::Device::snapshot(&dev.services);
+    assert_eq!(snap.remotes.len(), 1, "{snap:?}");
+    let r = &snap.remotes[0];
+    assert_eq!(r.state, "online");
+    assert_eq!(r.paths.len(), 1);
+    assert_eq!(
+        (r.paths[0].state.as_str(), r.paths[0].io_queues),
+        ("live", 2)
+    );
+    // Two writes and two reads through the volume, one command each.
+    assert_eq!(
+        (r.submitted, r.completed, r.paths[0].commands),
+        (4, 4, 4),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.exports,
+        [(nqn.to_string(), 2), (nqn.to_string(), 3)],
+        "{r:?}"
+    );
+}
+
+/// Remotes that cannot be used: nobody listens on the port (the path keeps trying every
+/// reconnect_delay), or the subsystem does not exist there (the remote refuses for good).
+/// Neither namespace is served, the target serves the rest, and the client sockets of the
+/// failed attempts go back to their pool.
+#[test]
+fn unreachable_remotes_are_retried_or_given_up_without_harm() {
+    let mut dev = Device::new(
+        "keel.ns=ram:1,remote:127.0.0.1:4999:nqn.2026-11.dev.keel:default:1,\
+         remote:127.0.0.1:4420:nqn.2026-11.dev.keel:nowhere:1 keel.remote.reconnect_delay=100ms",
+    );
+    for _ in 0..100_000 {
+        dev.pass();
+    }
+    let nqn = crate::config::DEFAULT_NQN;
+    assert!(dev.services.target.has_namespace(nqn, 1));
+    assert!(!dev.services.target.has_namespace(nqn, 2));
+    assert!(!dev.services.target.has_namespace(nqn, 3));
+    let snap = keel_mgmt::Device::snapshot(&dev.services);
+    let closed = &snap.remotes[0];
+    assert_eq!(closed.state, "connecting", "{closed:?}");
+    // 1 s of passes at 100 ms per attempt (each refused at once by a reset).
+    assert!(closed.paths[0].attempts >= 5, "{closed:?}");
+    assert_eq!(closed.paths[0].connects, 0);
+    assert_eq!(closed.paths[0].last_loss, "TCP connection failed");
+    let refused = &snap.remotes[1];
+    assert_eq!(refused.state, "failed", "{refused:?}");
+    assert_eq!(refused.paths[0].state, "failed");
+    assert!(
+        refused.paths[0].last_loss.contains("Connect"),
+        "{refused:?}"
+    );
+    assert!(
+        dev.net.client_sockets() <= 1,
+        "sockets of failed attempts are released"
+    );
+    assert!(dev.net.listening_on_all());
+}
+
+#[test]
+fn remote_namespace_specs_from_boot_arguments() {
+    use crate::config::{NsSpec, remote_template};
+    use keel_provision::{Remote, RemotePolicy};
+    let t = remote_template(
+        "keel.remote.queues=2 keel.remote.depth=32 keel.remote.digests=data \
+         keel.remote.kato=10 keel.remote.reconnect_delay=500ms keel.remote.ctrl_loss_tmo=-1 \
+         keel.remote.fast_io_fail_tmo=3 keel.remote.policy=queue-depth \
+         keel.remote.hostnqn=nqn.2026-11.dev.keel:dpu",
+    );
+    let want = |paths: Vec<([u8; 4], u16)>, nqn: &str, nsid: u32| Remote {
+        nqn: nqn.into(),
+        paths,
+        nsid,
+        hostnqn: Some("nqn.2026-11.dev.keel:dpu".into()),
+        queues: 2,
+        depth: 32,
+        header_digest: false,
+        data_digest: true,
+        kato_ms: 10_000,
+        reconnect_delay_ms: 500,
+        ctrl_loss_tmo_ms: None,
+        fast_io_fail_tmo_ms: Some(3_000),
+        policy: RemotePolicy::QueueDepth,
+    };
+    assert_eq!(
+        NsSpec::parse("remote:10.0.2.2:4420:nqn.2026-11.dev.keel:default:1", &t),
+        Some(NsSpec::Remote {
+            remote: Box::new(want(
+                vec![([10, 0, 2, 2], 4420)],
+                "nqn.2026-11.dev.keel:default",
+                1
+            )),
+            slice: None,
+        })
+    );
+    assert_eq!(
+        NsSpec::parse(
+            "remote:10.0.2.2:4420+10.0.2.3:4421:nqn.2014-08.org.nvmexpress:uuid:1:7:64+128",
+            &t
+        ),
+        Some(NsSpec::Remote {
+            remote: Box::new(want(
+                vec![([10, 0, 2, 2], 4420), ([10, 0, 2, 3], 4421)],
+                "nqn.2014-08.org.nvmexpress:uuid:1",
+                7
+            )),
+            slice: Some((64 << 20, Some(128 << 20))),
+        })
+    );
+    // Defaults without keel.remote.*: Linux's.
+    let d = remote_template("");
+    assert_eq!((d.queues, d.depth, d.kato_ms), (4, 128, 5_000));
+    assert_eq!(
+        (d.reconnect_delay_ms, d.ctrl_loss_tmo_ms),
+        (10_000, Some(600_000))
+    );
+    for bad in [
+        "remote:10.0.2.2:4420:nqn.2026-11.dev.keel:default",
+        "remote:10.0.2.2:nqn.2026-11.dev.keel:default:1",
+        "remote:10.0.2.2:0:nqn.2026-11.dev.keel:default:1",
+        "remote:10.0.2.256:4420:nqn.2026-11.dev.keel:default:1",
+        "remote:10.0.2.2:4420:default:1",
+        "remote:10.0.2.2:4420:nqn.2026-11.dev.keel:default:0",
+        "remote:10.0.2.2:4420+10.0.2.2:4420:nqn.2026-11.dev.keel:default:1",
+        "remote:10.0.2.2:4420:nqn.2026-11.dev.keel:default:1:x+1",
+        "remote:",
+    ] {
+        assert_eq!(NsSpec::parse(bad, &d), None, "{bad}");
+    }
+    // In a plan: namespace 2 of the TCP subsystem, and function 0's namespace.
+    let p = dev_plan(
+        "keel.ns=ram:8,remote:10.0.2.2:4420:nqn.2026-11.dev.keel:pool:1 \
+         keel.fn.ns=remote:10.0.2.2:4421:nqn.2026-11.dev.keel:pool:2:0+64",
+        1,
+    );
+    assert!(
+        matches!(&p.namespaces[1].spec, NsSpec::Remote { remote, slice: None } if remote.nsid == 1)
+    );
+    let f = &p.namespaces[2];
+    assert_eq!(f.function, Some(0));
+    assert!(
+        matches!(&f.spec, NsSpec::Remote { remote, slice: Some((0, Some(_))) } if remote.paths == [([10, 0, 2, 2], 4421)])
+    );
+    // And back to a description: the remote backend as it was given.
+    let d = p.to_device();
+    assert!(matches!(
+        &d.namespaces[2].backend,
+        keel_provision::Backend::Remote { remote, offset: 0, length: Some(l) } if remote.nsid == 2 && *l == 64 << 20
+    ));
+}
+
+/// A bundle that only changes QoS applies live: no reboot, commands keep completing without
+/// error and the namespace's own counters show the new limit holding (on the test clock); a
+/// bundle whose QoS breaks a rule is refused and the limits in force stay.
+#[test]
+fn a_push_changing_only_qos_applies_live() {
+    use keel_mgmt::Device as _;
+    use keel_provision::{NamespaceQos, QosGroup, QosLimits, QosRate};
+    const NQN: &str = "nqn.2026-12.test:vol";
+    let mut desc = dev_device();
+    desc.namespaces.push(keel_provision::Namespace {
+        nsid: 2,
+        ..desc.namespaces[0].clone()
+    });
+    desc.qos.groups.push(QosGroup {
+        name: "tenant-b".into(),
+        limits: QosLimits::default(),
+        weight: 0,
+    });
+    desc.qos.namespaces.push(NamespaceQos {
+        subsystem: NQN.into(),
+        nsid: 2,
+        limits: QosLimits::default(),
+        weight: 1,
+        group: Some("tenant-b".into()),
+    });
+    let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
+    let identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let cfg = identity.open(&signed_bundle(&desc, 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let mut dev = Device::new("keel.ram=1");
+    dev.services = Services::build(plan, Vec::new(), Vec::new(), true, identity);
+
+    let mut admin = Queue::open(&mut dev, 50_010);
+    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, NQN);
+    admin.enable(&mut dev);
+    let mut io = Queue::open(&mut dev, 50_011);
+    io.connect(&mut dev, 1, cntlid, NQN);
+    let write = |io: &mut Queue, dev: &mut Device, slba: u64| {
+        let rw = RwCommand {
+            slba,
+            nlb: 0,
+            deac: false,
+            fua: false,
+            lr: false,
+            prinfo: 0,
+        };
+        let (cqe, _) = io.cmd(
+            dev,
+            rw.to_sqe(IoOpcode::Write as u8, 0, 2),
+            Some(vec![7; 512]),
+        );
+        assert!(cqe.status.is_success(), "Write: {:?}", cqe.status);
+    };
+    let ns2 = |dev: &Device| {
+        dev.services
+            .target
+            .namespace_views()
+            .find(|n| n.nsid == 2)
+            .map(|n| n.qos)
+            .unwrap()
+    };
+    for lba in 0..20 {
+        write(&mut io, &mut dev, lba);
+    }
+    assert_eq!(ns2(&dev).throttled_ns, 0, "no limit yet");
+
+    // Tighten namespace 2 to 100 writes per second, burst 1.
+    let limited = QosLimits {
+        write_iops: Some(QosRate {
+            per_sec: 100,
+            burst: Some(1),
+        }),
+        ..Default::default()
+    };
+    desc.qos.namespaces[0].limits = limited;
+    let r = dev.services.push(&signed_bundle(&desc, 2)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert!(r.added.is_empty() && r.removed.is_empty());
+    let before = ns2(&dev);
+    assert_eq!(before.limits.write_iops.map(|r| r.per_sec), Some(100));
+    let t0 = now();
+    for lba in 0..30 {
+        write(&mut io, &mut dev, lba);
+    }
+    let after = ns2(&dev);
+    let ops = after.admitted_ops - before.admitted_ops;
+    assert_eq!(ops, 30);
+    assert!(after.throttled_ns > 0, "the limit held commands back");
+    // 30 writes at 100/s with a burst of 1 need at least 290 ms of the device's clock.
+    let elapsed = now() - t0;
+    assert!(
+        elapsed >= 290_000_000,
+        "30 writes in {elapsed} ns: faster than 100 per second"
+    );
+    // Keep writing for two seconds of the device's clock: status reports the limit and a
+    // rate at it over the last whole second.
+    while now() - t0 < 2_100_000_000 {
+        write(&mut io, &mut dev, 1);
+    }
+    let snap = dev.services.snapshot();
+    let info = &snap
+        .qos_namespaces
+        .iter()
+        .find(|n| n.nsid == 2)
+        .unwrap()
+        .qos;
+    assert_eq!(info.limits.len(), 1);
+    assert_eq!(
+        (info.limits[0].name.as_str(), info.limits[0].per_sec),
+        ("write_iops", 100)
+    );
+    assert!(
+        (95..=101).contains(&info.ops_per_sec),
+        "rate {} per second under a limit of 100",
+        info.ops_per_sec
+    );
+    assert_eq!(snap.qos_groups.len(), 1);
+    assert_eq!(snap.qos_groups[0].name, "tenant-b");
+    assert!(snap.qos_groups[0].qos.admitted_ops >= info.admitted_ops);
+    let text = keel_mgmt::metrics::render(&snap);
+    assert!(
+        text.contains("keel_qos_limit{scope=\"namespace\",tenant=\"nqn.2026-12.test:vol/2\",limit=\"write_iops\"} 100\n"),
+        "{text}"
+    );
+    // Namespace 1 is not limited.
+    let ns1 = dev
+        .services
+        .target
+        .namespace_views()
+        .find(|n| n.nsid == 1)
+        .unwrap()
+        .qos;
+    assert!(!ns1.limits.any());
+
+    // A bundle naming a group that does not exist: refused, the limits in force stay. It is
+    // built valid and then edited and re-signed (the builder refuses invalid descriptions).
+    desc.qos.groups[0].name = "tenant-x".into();
+    desc.qos.namespaces[0].group = Some("tenant-b".into());
+    assert!(keel_provision::validate(&desc).is_err());
+    desc.qos.namespaces[0].group = Some("tenant-x".into());
+    let good = signed_bundle(&desc, 3);
+    let mut bad = good[..good.len() - 64].to_vec();
+    let at = bad
+        .windows(8)
+        .position(|w| w == b"tenant-x")
+        .expect("the namespace's group reference");
+    bad[at + 7] = b'y';
+    use keel_provision::ed25519_dalek::Signer;
+    let sig = dev_signing_key().sign(&bad);
+    bad.extend_from_slice(&sig.to_bytes());
+    let e = dev.services.push(&bad).unwrap_err();
+    assert!(
+        e.contains("qos.group") && e.contains("tenant-y") && e.contains("unchanged"),
+        "{e}"
+    );
+    assert_eq!(dev.services.plan().generation, 2);
+    assert_eq!(ns2(&dev).limits, before.limits);
+    write(&mut io, &mut dev, 0);
+}
+
+/// A host driving one emulated function through its window: admin queue, one I/O queue pair.
+struct FnHost {
+    index: usize,
+    next: u64,
+    /// (SQ base, CQ base, tail, head, phase) of queues 0 and 1.
+    queues: [(u64, u64, u16, u16, bool); 2],
+}
+
+impl FnHost {
+    const ENTRIES: u16 = 16;
+
+    fn alloc(&mut self) -> u64 {
+        let a = self.next;
+        self.next += 4096;
+        a
+    }
+
+    fn window<'a>(&self, s: &'a mut Services<TestHw>) -> &'a mut MemWindow {
+        &mut s.functions[self.index].ep
+    }
+
+    /// Enables the function with a 16-entry admin queue.
+    fn enable(s: &mut Services<TestHw>, index: usize) -> Self {
+        let mut h = Self {
+            index,
+            next: layout::HOST_AREA_OFFSET as u64,
+            queues: [(0, 0, 0, 0, true); 2],
+        };
+        let (sq, cq) = (h.alloc(), h.alloc());
+        h.queues[0] = (sq, cq, 0, 0, true);
+        let w = h.window(s);
+        w.host_set_reg(offset::AQA, (15 << 16) | 15);
+        w.host_set_reg64(offset::ASQ, sq);
+        w.host_set_reg64(offset::ACQ, cq);
+        w.host_set_reg(offset::CC, Cc::new(true, 0, 0, 0, 0, 6, 4).0);
+        h
+    }
+
+    fn submit(&mut self, s: &mut Services<TestHw>, q: usize, sqe: Sqe) {
+        let (sq, _, tail, _, _) = self.queues[q];
+        let w = self.window(s);
+        w.host_write(sq + u64::from(tail) * 64, &sqe.to_bytes());
+        let tail = (tail + 1) % Self::ENTRIES;
+        w.host_doorbell(layout::sq_tail_doorbell(q as u16), u32::from(tail));
+        self.queues[q].2 = tail;
+    }
+
+    fn reap(&mut self, s: &mut Services<TestHw>, q: usize) -> Option<Cqe> {
+        let (_, cq, _, head, phase) = self.queues[q];
+        let w = self.window(s);
+        let mut b = [0u8; 16];
+        w.host_read(cq + u64::from(head) * 16, &mut b);
+        let c = Cqe::from_bytes(&b);
+        if c.phase != phase {
+            return None;
+        }
+        let head = (head + 1) % Self::ENTRIES;
+        w.host_doorbell(layout::cq_head_doorbell(q as u16), u32::from(head));
+        self.queues[q].3 = head;
+        if head == 0 {
+            self.queues[q].4 = !phase;
+        }
+        Some(c)
+    }
+
+    /// The commands creating I/O queue pair 1 (for the admin queue; the caller polls).
+    fn create_io_queues(&mut self) -> [Sqe; 2] {
+        let (sq, cq) = (self.alloc(), self.alloc());
+        self.queues[1] = (sq, cq, 0, 0, true);
+        let size = (u32::from(Self::ENTRIES) - 1) << 16;
+        [
+            Sqe::new(0x05, 1)
+                .with_cdw(10, size | 1)
+                .with_cdw(11, 1)
+                .with_prps(cq, 0),
+            Sqe::new(0x01, 2)
+                .with_cdw(10, size | 1)
+                .with_cdw(11, (1 << 16) | 1)
+                .with_prps(sq, 0),
+        ]
+    }
+}
+
+/// Polls the services until `host`'s queue `q` has a completion.
+fn fn_wait(s: &mut Services<TestHw>, host: &mut FnHost, q: usize) -> Cqe {
+    for _ in 0..200 {
+        advance(10_000);
+        s.poll(now(), None);
+        if let Some(c) = host.reap(s, q) {
+            return c;
+        }
+    }
+    panic!("function {}: no completion on queue {q}", host.index);
+}
+
+/// Two emulated functions and NVMe/TCP on one core: the completions of each function's
+/// commands (writes and reads the RAM backend finishes on a later poll) go to the function
+/// that owns the queue, recorded when the queue was opened, and reach its host.
+#[test]
+fn completions_reach_the_function_owning_the_queue() {
+    let mut s = services(
+        "keel.fn.ram=4",
+        vec![MemWindow::new(1 << 20), MemWindow::new(1 << 20)],
+    );
+    assert!(s.serves_tcp());
+    let mut hosts: Vec<FnHost> = (0..2).map(|i| FnHost::enable(&mut s, i)).collect();
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    for h in hosts.iter_mut() {
+        assert_eq!(h.window(&mut s).host_reg(offset::CSTS) & 1, 1, "CSTS.RDY");
+        for sqe in h.create_io_queues() {
+            h.submit(&mut s, 0, sqe);
+            assert!(fn_wait(&mut s, h, 0).status.is_success());
+        }
+    }
+    // Both functions write at once, then read back: each sees only its own data.
+    let bufs: Vec<u64> = hosts.iter_mut().map(FnHost::alloc).collect();
+    for (i, h) in hosts.iter_mut().enumerate() {
+        h.window(&mut s)
+            .host_write(bufs[i], &[0xA0 + i as u8; 4096]);
+        let w = RwCommand::simple(8, 8).to_sqe(IoOpcode::Write as u8, 10, 1);
+        h.submit(&mut s, 1, w.with_prps(bufs[i], 0));
+    }
+    for h in hosts.iter_mut() {
+        let c = fn_wait(&mut s, h, 1);
+        assert_eq!((c.cid, c.status.is_success()), (10, true), "{c:?}");
+    }
+    for (i, h) in hosts.iter_mut().enumerate() {
+        h.window(&mut s).host_write(bufs[i], &[0; 4096]);
+        let r = RwCommand::simple(8, 8).to_sqe(IoOpcode::Read as u8, 11, 1);
+        h.submit(&mut s, 1, r.with_prps(bufs[i], 0));
+    }
+    for (i, h) in hosts.iter_mut().enumerate() {
+        let c = fn_wait(&mut s, h, 1);
+        assert_eq!((c.cid, c.status.is_success()), (11, true), "{c:?}");
+        let mut got = [0u8; 4096];
+        h.window(&mut s).host_read(bufs[i], &mut got);
+        assert_eq!(got, [0xA0 + i as u8; 4096], "function {i}");
+    }
 }

@@ -3,6 +3,10 @@
 //! console and kills its own QEMU by PID when a test ends or times out.
 #![warn(missing_docs)]
 
+pub mod crash;
+pub mod provision;
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -245,6 +249,31 @@ pub fn keelctl_ok(args: &[&str]) -> String {
     r.stdout
 }
 
+/// Starts `keelctl ARGS` on a thread, bounded by `timeout`: a workload to disturb (kill a
+/// peer, take a path down) while it runs; join the handle for its result.
+pub fn keelctl_in_background(args: &[&str], timeout: Duration) -> std::thread::JoinHandle<Run> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || run_bounded(Command::new(keelctl()).args(&args), timeout))
+}
+
+/// `keelctl provision build DESCRIPTION --key KEY --device-key KEY.device --generation G -o OUT`
+/// (a bundle of the description, signed with `key`, wrapped for the device key beside it).
+pub fn build_bundle(description: &Path, key: &str, generation: u64, out: &str) {
+    keelctl_ok(&[
+        "provision",
+        "build",
+        &description.display().to_string(),
+        "--key",
+        key,
+        "--device-key",
+        &format!("{key}.device"),
+        "--generation",
+        &generation.to_string(),
+        "-o",
+        out,
+    ]);
+}
+
 /// Builds the release `keelctl` that `qemu/run --config/--bundle` packs and flashes with,
 /// so that a boot's timeout does not include the build.
 pub fn build_release_keelctl() {
@@ -259,9 +288,10 @@ pub fn build_release_keelctl() {
     });
 }
 
-/// A running QEMU with the firmware.
+/// A running QEMU with the firmware (or another guest, see [`Qemu::linux_target`]).
 pub struct Qemu {
     child: Child,
+    stdin: Option<std::process::ChildStdin>,
     lines: Receiver<String>,
     console: Arc<Mutex<String>>,
     started: Instant,
@@ -279,15 +309,22 @@ impl std::fmt::Debug for Qemu {
 impl Qemu {
     /// Starts `qemu/run` with these arguments (an image option must be among them).
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Qemu {
-        let mut child = Command::new(root().join("qemu/run"))
-            .args(args)
-            // Tests run side by side: forward only the ports a test asks for.
-            .env("KEEL_QEMU_DEFAULT_PORTS", "0")
-            .stdin(Stdio::null())
+        let mut cmd = Command::new(root().join("qemu/run"));
+        // Tests run side by side: forward only the ports a test asks for.
+        cmd.args(args).env("KEEL_QEMU_DEFAULT_PORTS", "0");
+        Qemu::spawn(cmd, false)
+    }
+
+    /// Starts `cmd` (a QEMU, or a script that execs one) and reads its console; `stdin`: keep
+    /// its standard input (the guest's serial console) for [`Qemu::send`].
+    pub fn spawn(mut cmd: Command, stdin: bool) -> Qemu {
+        let what = format!("{cmd:?}");
+        let mut child = cmd
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("starting qemu/run");
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
         let (tx, rx) = channel();
         let console = Arc::new(Mutex::new(String::new()));
         for stream in [
@@ -308,6 +345,7 @@ impl Qemu {
             });
         }
         Qemu {
+            stdin: child.stdin.take(),
             child,
             lines: rx,
             console,
@@ -327,6 +365,57 @@ impl Qemu {
     /// The PID of QEMU (`qemu/run` execs it).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Types a line on the guest's serial console (a QEMU started with `stdin`).
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("QEMU started without stdin");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .expect("writing to the guest's console");
+    }
+
+    /// Debian's arm64 kernel serving nvmet-tcp (`qemu/linux-target`: namespace 1 of
+    /// `nqn.2026-11.dev.keel:default`, a RAM disk) on the machine Keel runs on (`virt`, `-cpu
+    /// max`, 1 core, 1 GiB, virtio-net on user networking), with `append` added to its kernel
+    /// command line (`keel.port2=4421 keel.ana2=non-optimized ...`) and 127.0.0.1:HOST
+    /// forwarded to guest port GUEST for each of `forwards`. Its console takes commands
+    /// ([`Qemu::send`]: `port N down|up`, `ana N STATE`). Wait for `LINUX-NVMET: ready`.
+    /// Builds the kernel and initramfs first (`qemu/linux-target/prepare`; the Debian mirror
+    /// on first use).
+    pub fn linux_target(append: &str, forwards: &[(u16, u16)]) -> Qemu {
+        let r = run_bounded(
+            &mut Command::new(root().join("qemu/linux-target/prepare")),
+            Duration::from_secs(900),
+        );
+        assert_eq!(r.code, 0, "qemu/linux-target/prepare failed: {r:?}");
+        let get = |k: &str| {
+            r.stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("qemu/linux-target/prepare printed no {k}"))
+        };
+        let (kernel, initrd) = (get("kernel="), get("initrd="));
+        let fwd: String = forwards
+            .iter()
+            .map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"))
+            .collect();
+        let mut cmd = Command::new("qemu-system-aarch64");
+        cmd.args(["-M", "virt", "-cpu", "max", "-smp", "1", "-m", "1G"])
+            .args(["-nographic", "-no-reboot", "-kernel"])
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args([
+                "-append",
+                &format!("console=ttyAMA0 quiet loglevel=4 panic=-1 {append}"),
+            ])
+            .args(["-netdev", &format!("user,id=net0{fwd}")])
+            .args(["-device", "virtio-net-pci,netdev=net0,disable-legacy=on"]);
+        Qemu::spawn(cmd, true)
     }
 
     /// Everything printed so far.
@@ -465,4 +554,80 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// The device's status over the management port at `addr` ("127.0.0.1:PORT"), signed with the
+/// development provisioning key (what an unprovisioned test image trusts).
+pub fn mgmt_status(addr: &str) -> keel_mgmt::Snapshot {
+    try_mgmt_status(addr).unwrap_or_else(|e| panic!("status from {addr}: {e:#}"))
+}
+
+/// [`mgmt_status`], or why it failed.
+pub fn try_mgmt_status(addr: &str) -> Result<keel_mgmt::Snapshot, String> {
+    use keel_mgmt::wire::{Reply, Request};
+    let key = keel_host_tools::provision::keys::read_signing_key(
+        &root().join("qemu/dev-keys/provision.key"),
+    )
+    .map_err(|e| format!("{e:#}"))?;
+    let mut c = keel_host_tools::mgmt::client::Client::connect(addr, Duration::from_secs(20))
+        .map_err(|e| format!("{e:#}"))?;
+    match c.request(&key, &Request::Status) {
+        Ok(Reply::Status(s)) => Ok(*s),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// Waits until the device's pools and slots are back to what `idle` shows (see
+/// [`keel_mgmt::Snapshot::differences_from`]); fails with what is still different after
+/// `timeout`. Returns the snapshot at rest.
+pub fn wait_idle(addr: &str, idle: &keel_mgmt::Snapshot, timeout: Duration) -> keel_mgmt::Snapshot {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = mgmt_status(addr);
+        let d = now.differences_from(idle);
+        if d.is_empty() {
+            return now;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "the device is not back at rest after {timeout:?}: {d:?}\nnow: {:?}\nidle: {:?}",
+                now.resources, idle.resources
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Boots the release image serving one RAM namespace of `mib` MiB over NVMe/TCP, with the
+/// management endpoint: QEMU, the forwarded NVMe/TCP port and the management address.
+pub fn boot_ram_device(mib: u32) -> (Qemu, u16, String) {
+    let port = free_port();
+    let mport = free_port();
+    let mut q = Qemu::boot(
+        Build::Release,
+        &[
+            "--nvmf-port",
+            &port.to_string(),
+            "--mgmt-port",
+            &mport.to_string(),
+            "--append",
+            &format!("keel.ram={mib}"),
+        ],
+    );
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (q, port, format!("127.0.0.1:{mport}"))
+}
+
+/// Waits until the device is back at rest ([`wait_idle`], 30 s), prints its resources before
+/// and after, and checks that its console shows no panic or CPU exception.
+pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
+    let after = wait_idle(mgmt, idle, Duration::from_secs(30));
+    eprintln!(
+        "idle before: {:?}\nidle after: {:?}",
+        idle.resources, after.resources
+    );
+    let c = q.console();
+    assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
 }

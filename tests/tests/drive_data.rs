@@ -13,7 +13,7 @@
 //! - a drive namespace beside a RAM namespace (`keel.ns=ram:32,drive:0`).
 
 use keel_host_tools::nvme::{Connection, Controller, NvmeError, Params};
-use keel_nvmf_tcp::HostConfig;
+use keel_nvmf_tcp::{HostConfig, Sqe};
 use keel_tests::{Qemu, ScratchFile, boot_nvmf};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -133,7 +133,7 @@ impl RawQueue {
     fn run(&mut self, sqe: [u8; 64], data: Option<(Vec<u8>, u32)>, what: &str) -> (u8, u8) {
         let cid = self
             .conn
-            .submit(sqe, data)
+            .submit(Sqe::from_bytes(&sqe), data)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         let done = self
             .conn

@@ -9,8 +9,8 @@
 
 use keel_host_tools::nvme::{Controller, Params};
 use keel_tests::{
-    BOOT_TIMEOUT, Build, Qemu, ScratchFile, build_release_keelctl, free_port, keelctl_ok, root,
-    run_keelctl,
+    BOOT_TIMEOUT, Build, Qemu, ScratchFile, build_bundle, build_release_keelctl, free_port,
+    keelctl_ok, root, run_keelctl,
 };
 use std::io::{Read, Write};
 use std::process::Command;
@@ -332,7 +332,6 @@ fn description(namespaces: &[&str]) -> String {
 #[test]
 fn push_through_keelctl_applies_and_refuses_an_old_generation() {
     let key = dev_key();
-    let device_key = format!("{key}.device");
     let elf = keel_tests::image(Build::Release).with_extension("");
     let one = ScratchFile::new("mgmt-one.toml", 0);
     std::fs::write(one.path(), description(&["16MiB"])).unwrap();
@@ -366,19 +365,7 @@ fn push_through_keelctl_applies_and_refuses_an_old_generation() {
 
     // A newer generation with one more namespace: applied live and reported.
     let next = (generation + 1).to_string();
-    keelctl_ok(&[
-        "provision",
-        "build",
-        &two.path().display().to_string(),
-        "--key",
-        &key,
-        "--device-key",
-        &device_key,
-        "--generation",
-        &next,
-        "-o",
-        &bp,
-    ]);
+    build_bundle(two.path(), &key, generation + 1, &bp);
     let report = keelctl_ok(&["provision", "push", &bp, "--device", &dev, "--key", &key]);
     assert!(
         report.contains(&format!("applied: generation {next} now in force")),

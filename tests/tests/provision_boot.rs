@@ -12,131 +12,14 @@
 //! attaches the development device identity to flash boots.
 
 use keel_host_tools::provision::keel_provision::{self as kp, flash};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, free_port, keelctl, keelctl_ok, root, run_keelctl};
+use keel_tests::provision::{
+    Dir, VOL, boot_flash, build_from, bundle, description, dev_device_key, dev_key, flash_with,
+};
+use keel_tests::{Qemu, keelctl, keelctl_ok, run_keelctl};
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const VOL: &str = "nqn.2026-11.dev.keel:vol0";
-
-fn dev_key() -> PathBuf {
-    root().join("qemu/dev-keys/provision.key")
-}
-
-fn dev_device_key() -> PathBuf {
-    root().join("qemu/dev-keys/provision.key.device")
-}
-
-/// A scratch directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let p = root().join(format!(
-            "target/qemu-tests/scratch/provboot-{}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("scratch dir");
-        Dir(p)
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-
-    fn p(&self, f: &str) -> String {
-        self.path(f).display().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A description of subsystem VOL with these namespaces: (backend TOML, encryption).
-fn description(namespaces: &[(&str, &str)]) -> String {
-    let mut t =
-        format!("[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{VOL}\"\nallowed_hosts = []\n");
-    for (backend, enc) in namespaces {
-        t.push_str(&format!(
-            "\n[[namespace]]\nsubsystem = \"{VOL}\"\nbackend = {backend}\nencryption = \"{enc}\"\n"
-        ));
-    }
-    t
-}
-
-/// Builds `name` (a bundle of `generation`) from a description, signed with the dev key.
-fn bundle(d: &Dir, name: &str, generation: u64, namespaces: &[(&str, &str)]) -> PathBuf {
-    let toml = d.path(&format!("{name}.toml"));
-    std::fs::write(&toml, description(namespaces)).expect("toml");
-    build_from(d, &toml, generation, name)
-}
-
-/// Builds bundle `name` of `generation` in `d` from the description file `toml`, signed with
-/// the development key for the development device key.
-fn build_from(d: &Dir, toml: &Path, generation: u64, name: &str) -> PathBuf {
-    keelctl_ok(&[
-        "provision",
-        "build",
-        toml.to_str().unwrap(),
-        "--key",
-        dev_key().to_str().unwrap(),
-        "--device-key",
-        dev_device_key().to_str().unwrap(),
-        "--generation",
-        &generation.to_string(),
-        "-o",
-        &d.p(name),
-    ]);
-    d.path(name)
-}
-
-/// A flash file with the release firmware packed into slot A (dev key) and `bundles` flashed
-/// into the configuration area in order.
-fn flash_with(d: &Dir, bundles: &[&Path]) -> PathBuf {
-    let elf = keel_tests::image(Build::Release).with_extension("");
-    keelctl_ok(&[
-        "image",
-        "pack",
-        elf.to_str().unwrap(),
-        "--key",
-        dev_key().to_str().unwrap(),
-        "-o",
-        &d.p("fw.img"),
-    ]);
-    keelctl_ok(&["flash", &d.p("fw.img"), "--to", &d.p("dev.flash")]);
-    for b in bundles {
-        keelctl_ok(&["flash", b.to_str().unwrap(), "--to", &d.p("dev.flash")]);
-    }
-    d.path("dev.flash")
-}
-
-/// Boots from a flash file; returns QEMU and the forwarded NVMe/TCP and management addresses.
-fn boot_flash(flash: &Path, extra: &[&str]) -> (Qemu, String, String) {
-    let nport = free_port();
-    let mport = free_port();
-    let mut args: Vec<String> = vec![
-        "--flash".into(),
-        flash.display().to_string(),
-        "--nvmf-port".into(),
-        nport.to_string(),
-        "--mgmt-port".into(),
-        mport.to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut q = Qemu::start(&args);
-    q.wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    (
-        q,
-        format!("127.0.0.1:{nport}"),
-        format!("127.0.0.1:{mport}"),
-    )
-}
 
 /// JSON without whitespace (the outputs checked hold no strings with spaces that matter).
 fn compact(json: &str) -> String {

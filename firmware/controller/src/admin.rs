@@ -869,8 +869,9 @@ impl Target {
         }
         c.aers.push((req.sqe.cid, req.cookie));
         // An AER carries no data; a buffer would be lost while it waits.
-        if let Some(b) = req.buf {
-            self.pending.push_back(Event::BufferReleased(b));
+        if let Some(buf) = req.buf {
+            let owner = self.queues[qi].owner;
+            self.pending.push_back(Event::BufferReleased { owner, buf });
         }
         None
     }
@@ -965,7 +966,7 @@ impl Target {
             let s = &self.queues[tqi].slots[si];
             (s.ns.0 as usize, s.ns.1 as usize)
         };
-        let t = tag(tqi, self.queues[tqi].generation, si);
+        let t = self.queues[tqi].tag(tqi, si);
         let started = match self
             .subsystems
             .get_mut(sub)
@@ -984,8 +985,9 @@ impl Target {
             c.aborts_pending += 1;
         }
         // An Abort carries no data; a buffer would be lost while it waits.
-        if let Some(b) = req.buf {
-            self.pending.push_back(Event::BufferReleased(b));
+        if let Some(buf) = req.buf {
+            let owner = self.queues[qi].owner;
+            self.pending.push_back(Event::BufferReleased { owner, buf });
         }
         None
     }

@@ -43,12 +43,19 @@ impl Instant {
 pub struct QueueId {
     pub(crate) index: u16,
     pub(crate) generation: u16,
+    pub(crate) owner: u16,
 }
 
 impl QueueId {
     /// A stable integer form, for logging or maps in transports.
     pub const fn as_u32(&self) -> u32 {
         ((self.index as u32) << 16) | self.generation as u32
+    }
+
+    /// The transport that opened the queue ([`crate::Target::open_queue_for`]; the I/O
+    /// queues of a local controller have its admin queue's owner).
+    pub const fn owner(&self) -> u16 {
+        self.owner
     }
 }
 
@@ -89,8 +96,24 @@ pub enum Event {
     /// [`crate::Target::close_queue`].
     QueueTerminated(QueueId),
     /// A buffer of a command whose queue went away came back from a backend: return it to
-    /// its pool.
-    BufferReleased(IoBuf),
+    /// its pool. `owner` is the owner of the command's queue when it was submitted.
+    BufferReleased {
+        /// The transport the buffer goes back to.
+        owner: u16,
+        /// The buffer.
+        buf: IoBuf,
+    },
+}
+
+impl Event {
+    /// The transport the event is for: the owner the queue was opened with
+    /// ([`crate::Target::open_queue_for`]), recorded with each command when it was submitted.
+    pub const fn owner(&self) -> u16 {
+        match self {
+            Event::Completion(q, _) | Event::QueueTerminated(q) => q.owner,
+            Event::BufferReleased { owner, .. } => *owner,
+        }
+    }
 }
 
 /// How a transport queue went away (see [`crate::Target::close_queue_after`]).

@@ -95,10 +95,7 @@ impl Target {
             };
             let hostnqn: String = hostnqn.into();
             let cntlid = self.alloc_cntlid();
-            let admin_q = QueueId {
-                index: qi as u16,
-                generation: self.queues[qi].generation,
-            };
+            let admin_q = self.queues[qi].id(qi);
             let ctrl =
                 self.new_controller(cntlid, si, hostnqn, data.hostid, false, admin_q, kato, now);
             self.ctrls[ci] = Some(ctrl);
@@ -168,10 +165,7 @@ impl Target {
         let Some(Some(c)) = self.ctrls.get_mut(ci) else {
             return;
         };
-        let id = QueueId {
-            index: qi as u16,
-            generation: self.queues[qi].generation,
-        };
+        let id = self.queues[qi].id(qi);
         if let Some(x) = (qid as usize)
             .checked_sub(1)
             .and_then(|i| c.io_qs.get_mut(i))
@@ -457,10 +451,12 @@ impl Target {
     /// Creates a controller without a Connect command, for a memory-based transport (the
     /// emulated PCIe function). Returns its admin queue. The transport handles Create/Delete
     /// I/O SQ/CQ itself and calls [`Target::attach_local_io_queue`] / [`Target::close_queue`].
+    /// The queues it gets (admin and I/O) have owner `owner` (see [`Target::open_queue_for`]).
     pub fn create_local_controller(
         &mut self,
         now: Instant,
         subnqn: &str,
+        owner: u16,
     ) -> Result<QueueId, TargetError> {
         let si = self
             .subsys_index(subnqn)
@@ -473,7 +469,7 @@ impl Target {
             .iter()
             .position(|c| c.is_none())
             .ok_or(TargetError::TooManyControllers)?;
-        let q = self.open_queue()?;
+        let q = self.open_queue_for(owner)?;
         let qi = q.index as usize;
         let cntlid = self.alloc_cntlid();
         let ctrl = self.new_controller(cntlid, si, String::new(), [0; 16], true, q, 0, now);
@@ -519,7 +515,9 @@ impl Target {
         if sqsize == 0 || sqsize > self.cap().mqes() {
             return Err(Status::INVALID_QUEUE_SIZE);
         }
-        let q = self.open_queue().map_err(|_| Status::INTERNAL_ERROR)?;
+        let q = self
+            .open_queue_for(admin.owner)
+            .map_err(|_| Status::INTERNAL_ERROR)?;
         self.install_io_queue(ci, q.index as usize, qid, sqsize, false);
         Ok(q)
     }

@@ -73,10 +73,11 @@ impl Target {
         if sqe_is_fabrics(&req.sqe) {
             return Some(self.fabrics_io(qi, ci, req));
         }
-        let (ready, si) = match self.ctrls.get(ci) {
+        let (ready, si, cache_enabled) = match self.ctrls.get(ci) {
             Some(Some(c)) => (
                 c.csts.rdy() && c.csts.shst() == 0 && !c.shutdown_pending,
                 c.subsys,
+                c.vwc,
             ),
             _ => return Some(self.respond(qi, req, Status::INTERNAL_ERROR, 0)),
         };
@@ -115,6 +116,9 @@ impl Target {
             return Some(self.respond(qi, req, Status::INVALID_NAMESPACE_OR_FORMAT, 0));
         };
         let (g, caps) = (ns.geometry, ns.caps);
+        // The host disabled the volatile write cache (Set Features 06h, WCE = 0): a write
+        // completes only once it is on media, so writes to a backend with a cache carry FUA.
+        let write_through = caps.volatile_write_cache && caps.fua && !cache_enabled;
 
         // A command slot: free, and no conflicting CID.
         let cid = req.sqe.cid;
@@ -133,7 +137,7 @@ impl Target {
             return Some(self.respond(qi, req, Status::COMMAND_INTERRUPTED, 0));
         };
 
-        let d = match self.decode(op, &mut req, g, caps) {
+        let d = match self.decode(op, &mut req, g, caps, write_through) {
             Ok(d) => d,
             Err((st, e)) => return Some(self.respond_at(qi, req, st, e)),
         };
@@ -141,7 +145,7 @@ impl Target {
             // Nothing for the backend to do.
             return Some(self.respond(qi, req, Status::SUCCESS, 0));
         };
-        let generation = self.queues[qi].generation;
+        let (t, owner) = (self.queues[qi].tag(qi, slot_i), self.queues[qi].owner);
         let Request { buf, cookie, .. } = req;
         let (request, chain) = match d.work {
             Work::One(bop) => {
@@ -153,10 +157,11 @@ impl Target {
                 if let Some(b) = stray {
                     // A data-less op (Flush, Write Zeroes, Verify) cannot carry the host's
                     // buffer back.
-                    self.pending.push_back(Event::BufferReleased(b));
+                    self.pending
+                        .push_back(Event::BufferReleased { owner, buf: b });
                 }
                 let r = BlockRequest {
-                    tag: tag(qi, generation, slot_i),
+                    tag: t,
                     op: bop,
                     lba: d.lba,
                     blocks: d.blocks,
@@ -168,7 +173,8 @@ impl Target {
             Work::Chain(c) => {
                 if let Some(b) = buf {
                     // The chain holds the host's buffer it needs (ranges); any other goes back.
-                    self.pending.push_back(Event::BufferReleased(b));
+                    self.pending
+                        .push_back(Event::BufferReleased { owner, buf: b });
                 }
                 (None, Some(c))
             }
@@ -225,6 +231,7 @@ impl Target {
         req: &mut Request,
         g: Geometry,
         caps: keel_storage::Capabilities,
+        write_through: bool,
     ) -> Result<Option<Decoded>, (Status, ErrAt)> {
         let bs = g.block_size as u64;
         let out_of_range = |lba: u64| (Status::LBA_OUT_OF_RANGE, ErrAt::lba(at::CDW10, lba));
@@ -261,7 +268,10 @@ impl Target {
                 }
                 let (bop, kind, read_len) = match op {
                     IoOpcode::Read => (BlockOp::Read, OpKind::Read, bytes as u32),
-                    IoOpcode::Write => (BlockOp::Write { fua: rw.fua }, OpKind::Write, 0),
+                    IoOpcode::Write => {
+                        let fua = rw.fua || write_through;
+                        (BlockOp::Write { fua }, OpKind::Write, 0)
+                    }
                     _ => (BlockOp::Compare, OpKind::Read, 0),
                 };
                 one(bop, rw.slba, blocks, kind, bytes, read_len)
@@ -296,7 +306,7 @@ impl Target {
                 if caps.write_zeroes {
                     let op = BlockOp::WriteZeroes {
                         deallocate: rw.deac,
-                        fua: rw.fua,
+                        fua: rw.fua || write_through,
                     };
                     return one(op, rw.slba, blocks, OpKind::Other, 0, 0);
                 }
@@ -306,7 +316,7 @@ impl Target {
                         scratch: None,
                         next: rw.slba,
                         end: rw.slba + blocks as u64,
-                        fua: rw.fua,
+                        fua: rw.fua || write_through,
                     }),
                     lba: rw.slba,
                     blocks,
@@ -355,7 +365,7 @@ impl Target {
                     read_len: 0,
                 }))
             }
-            _ => self.decode_copy(req, g),
+            _ => self.decode_copy(req, g, write_through),
         }
     }
 
@@ -366,6 +376,7 @@ impl Target {
         &mut self,
         req: &mut Request,
         g: Geometry,
+        write_through: bool,
     ) -> Result<Option<Decoded>, (Status, ErrAt)> {
         let Some((mssrl, mcl, msrc)) = copy_limits(&self.limits, self.scratch_size(), g) else {
             return Err((Status::INVALID_OPCODE, ErrAt::field(at::OPCODE, 0)));
@@ -414,7 +425,12 @@ impl Target {
             None => return Err((Status::DATA_SGL_LENGTH_INVALID, ErrAt::NONE)),
         };
         Ok(Some(Decoded {
-            work: Work::Chain(Chain::copy(ranges, count as u16, c.sdlba, c.fua)),
+            work: Work::Chain(Chain::copy(
+                ranges,
+                count as u16,
+                c.sdlba,
+                c.fua || write_through,
+            )),
             lba: c.sdlba,
             blocks: total.min(u32::MAX as u64) as u32,
             kind: OpKind::Other,

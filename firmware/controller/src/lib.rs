@@ -12,8 +12,10 @@
 //!    [`Target::set_ports`] replaces the ports later (address from DHCP);
 //!    [`Target::add_namespace`] / [`Target::remove_namespace`] change a subsystem live and
 //!    raise Namespace Attribute Changed events.
-//! 2. Per connection: [`Target::open_queue`] gives a [`QueueId`]; the first command must be a
-//!    fabrics Connect. [`Target::queue_info`] then tells the queue's QID, SQSIZE and whether
+//! 2. Per connection: [`Target::open_queue`] gives a [`QueueId`] ([`Target::open_queue_for`]
+//!    records which transport owns it: every [`Event`] names its owner, [`Event::owner`], so
+//!    a poll loop serving several transports routes each event directly); the first command
+//!    must be a fabrics Connect. [`Target::queue_info`] then tells the queue's QID, SQSIZE and whether
 //!    the host disabled SQ flow control.
 //! 3. Per command: [`Target::submit`] with a [`Request`]: the SQE, an optional [`IoBuf`]
 //!    (write data already in it, or room for read data / returned structures), `data_len`

@@ -264,10 +264,26 @@ pub(crate) struct Queue {
     pub sqhd: u16,
     pub sqflow_disabled: bool,
     pub disconnected: bool,
+    /// The transport that opened the queue (see [`QueueId::owner`]).
+    pub owner: u16,
     pub slots: Vec<Slot>,
 }
 
 impl Queue {
+    /// The handle of this queue, at index `qi`.
+    pub fn id(&self, qi: usize) -> QueueId {
+        QueueId {
+            index: qi as u16,
+            generation: self.generation,
+            owner: self.owner,
+        }
+    }
+
+    /// The backend tag of slot `si` of this queue, at index `qi`.
+    pub fn tag(&self, qi: usize, si: usize) -> u64 {
+        tag(qi, self.generation, self.owner, si)
+    }
+
     pub fn cqe(&self, cid: u16, status: Status, dw0: u32) -> Cqe {
         Cqe {
             dw0,
@@ -415,14 +431,33 @@ pub(crate) fn cost_of(kind: OpKind, bytes: u64, op_writes: bool) -> Cost {
     Cost { dir, bytes }
 }
 
-pub(crate) fn tag(qi: usize, generation: u16, slot: usize) -> u64 {
-    ((qi as u64 & 0xFFFF) << 32) | ((generation as u64) << 16) | (slot as u64 & 0xFFFF)
+/// A backend request's tag: the queue's owner, index and generation and the slot, so that a
+/// request coming back after its queue went away still names who its buffer goes back to.
+/// It fits in 56 bits: backends that serve several users of one device (slices
+/// of a drive or a remote volume) keep the top 8 bits for themselves. Bits 55:40 owner, 39:24
+/// queue index, 23:16 the low 8 bits of the queue's generation, 15:0 slot. A completion
+/// matches its queue by generation modulo 256 and by the slot being in flight.
+pub(crate) fn tag(qi: usize, generation: u16, owner: u16, slot: usize) -> u64 {
+    ((owner as u64) << 40)
+        | ((qi as u64 & 0xFFFF) << 24)
+        | (((generation & 0xFF) as u64) << 16)
+        | (slot as u64 & 0xFFFF)
 }
 
-pub(crate) fn untag(t: u64) -> (usize, u16, usize) {
+/// Bits a [`tag`] uses.
+#[cfg(test)]
+pub(crate) const TAG_BITS: u32 = 56;
+
+/// The owner recorded in a [`tag`].
+pub(crate) fn tag_owner(t: u64) -> u16 {
+    (t >> 40) as u16
+}
+
+/// Queue index, generation (low 8 bits) and slot of a [`tag`].
+pub(crate) fn untag(t: u64) -> (usize, u8, usize) {
     (
-        ((t >> 32) & 0xFFFF) as usize,
-        (t >> 16) as u16,
+        ((t >> 24) & 0xFFFF) as usize,
+        (t >> 16) as u8,
         (t & 0xFFFF) as usize,
     )
 }
@@ -455,6 +490,7 @@ pub(crate) fn is_media_error(s: Status) -> bool {
 /// is one of its buffers, the transport otherwise.
 pub(crate) fn release_buffer(
     scratch: &mut Option<BufPool>,
+    owner: u16,
     b: IoBuf,
     out: &mut dyn FnMut(Event),
 ) -> usize {
@@ -465,7 +501,7 @@ pub(crate) fn release_buffer(
         },
         _ => b,
     };
-    out(Event::BufferReleased(b));
+    out(Event::BufferReleased { owner, buf: b });
     1
 }
 
@@ -784,6 +820,11 @@ impl Target {
         self.subsystems.iter().position(|s| s.nqn == nqn)
     }
 
+    /// The limits the target was built with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Number of live controllers.
     pub fn controller_count(&self) -> usize {
         self.ctrls.iter().flatten().count()
@@ -843,18 +884,24 @@ impl Target {
         })
     }
 
-    /// Opens a transport queue (call when a connection is accepted, before its Connect).
+    /// Opens a transport queue (call when a connection is accepted, before its Connect),
+    /// owned by transport 0 (see [`Target::open_queue_for`]).
     pub fn open_queue(&mut self) -> Result<QueueId, TargetError> {
+        self.open_queue_for(0)
+    }
+
+    /// Opens a transport queue owned by `owner`, a number the caller chooses for the
+    /// transport: every [`Event`] about the queue, its commands and their buffers carries it
+    /// ([`Event::owner`]), so the poll loop hands the event to that transport directly.
+    pub fn open_queue_for(&mut self, owner: u16) -> Result<QueueId, TargetError> {
         if let Some(i) = self.queues.iter().position(|q| q.state == QState::Free) {
             let q = &mut self.queues[i];
             q.state = QState::Open;
             q.disconnected = false;
             q.sqflow_disabled = false;
             q.sqhd = 0;
-            return Ok(QueueId {
-                index: i as u16,
-                generation: q.generation,
-            });
+            q.owner = owner;
+            return Ok(q.id(i));
         }
         if self.queues.len() >= self.limits.max_queues {
             return Err(TargetError::TooManyQueues);
@@ -869,11 +916,13 @@ impl Target {
             sqhd: 0,
             sqflow_disabled: false,
             disconnected: false,
+            owner,
             slots: Vec::new(),
         });
         Ok(QueueId {
             index: (self.queues.len() - 1) as u16,
             generation: 0,
+            owner,
         })
     }
 
@@ -929,7 +978,7 @@ impl Target {
         let Some(queue) = self.queues.get(qi) else {
             return;
         };
-        let (ci, cntlid, n) = (queue.ctrl, queue.cntlid, queue.slots.len());
+        let (ci, cntlid, owner, n) = (queue.ctrl, queue.cntlid, queue.owner, queue.slots.len());
         let mut dropped = 0u32;
         for si in 0..n {
             let slot = &mut self.queues[qi].slots[si];
@@ -965,12 +1014,12 @@ impl Target {
             } = self;
             let mut out = |e| pending.push_back(e);
             if let Some(b) = req_buf {
-                release_buffer(scratch, b, &mut out);
+                release_buffer(scratch, owner, b, &mut out);
             }
             if let Some(c) = chain {
                 let (s, h) = c.into_buffers();
                 for b in [s, h].into_iter().flatten() {
-                    release_buffer(scratch, b, &mut out);
+                    release_buffer(scratch, owner, b, &mut out);
                 }
             }
             if let Some(w) = waiter
@@ -1030,10 +1079,7 @@ impl Target {
         for s in queue.slots.iter_mut() {
             *s = Slot::free_slot();
         }
-        let id = QueueId {
-            index: qi as u16,
-            generation: queue.generation,
-        };
+        let id = queue.id(qi);
         self.pending.push_back(Event::QueueTerminated(id));
     }
 
@@ -1405,7 +1451,7 @@ impl Target {
 
     /// The request a Deferred slot submits next.
     fn next_request(&mut self, qi: usize, si: usize, sub: usize, ni: usize) -> Next {
-        let generation = self.queues[qi].generation;
+        let t = self.queues[qi].tag(qi, si);
         let bs = match self.subsystems.get(sub).and_then(|s| s.namespaces.get(ni)) {
             Some(Some(ns)) => ns.geometry.block_size,
             _ => 512,
@@ -1429,7 +1475,7 @@ impl Target {
                 None => return Next::Wait,
             }
         }
-        match chain.next(tag(qi, generation, si), bs) {
+        match chain.next(t, bs) {
             Step::Submit(r) => Next::Ready(r),
             Step::NeedScratch => Next::Wait,
             Step::Done => Next::Done,
@@ -1555,7 +1601,7 @@ pub(crate) fn finalize(
         let (s, host) = chain.into_buffers();
         // The failing step's buffer, if any, is the chain's scratch buffer.
         for b in [s, buf.take()].into_iter().flatten() {
-            n += release_buffer(p.scratch, b, out);
+            n += release_buffer(p.scratch, queue.owner, b, out);
         }
         buf = host;
     }
@@ -1587,10 +1633,7 @@ pub(crate) fn finalize(
     let (cid, cookie, nsid, lba) = (slot.cid, slot.cookie, slot.nsid, slot.lba);
     let mut cqe = queue.cqe(cid, status, 0);
     let (sqid, ci, cntlid) = (queue.qid, queue.ctrl, queue.cntlid);
-    let id = QueueId {
-        index: qi as u16,
-        generation: queue.generation,
-    };
+    let id = queue.id(qi);
     if let Some(Some(c)) = p.ctrls.get_mut(ci)
         && c.cntlid == cntlid
     {
@@ -1647,14 +1690,14 @@ fn complete_io(
     let (qi, generation, si) = untag(c.tag);
     let live = matches!(
         p.queues.get(qi),
-        Some(q) if q.generation == generation
+        Some(q) if q.generation as u8 == generation
             && q.state == QState::Connected
             && q.slots.get(si).is_some_and(|s| s.state == SlotState::InFlight)
     );
     if !live {
         // The queue went away: only the buffer comes back.
         return match c.buf {
-            Some(b) => release_buffer(p.scratch, b, f),
+            Some(b) => release_buffer(p.scratch, tag_owner(c.tag), b, f),
             None => 0,
         };
     }
@@ -1683,7 +1726,7 @@ fn complete_io(
                 let _ = sched.requeue_next_step(fl, handle(hstride, qi, si), slot.cost);
             }
             return match buf {
-                Some(b) => release_buffer(p.scratch, b, f),
+                Some(b) => release_buffer(p.scratch, tag_owner(c.tag), b, f),
                 None => 0,
             };
         }

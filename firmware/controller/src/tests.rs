@@ -11,7 +11,7 @@ use keel_nvme::io::{AbortCommand, DsmCommand, DsmRange, FeaturesCommand, RwComma
 use keel_nvme::log::{GetLogPageCommand, discovery};
 use keel_nvme::regs::{Cap, Csts};
 use keel_nvme::{AdminOpcode, IoOpcode, Sqe, Status};
-use keel_storage::{BlockBackend, RamBackend};
+use keel_storage::{BlockBackend, BlockOp, RamBackend};
 
 pub(crate) const SUB: &str = "nqn.2024-01.io.keel:sub1";
 const PRIV: &str = "nqn.2024-01.io.keel:private";
@@ -269,7 +269,7 @@ impl H {
     pub(crate) fn released(&self) -> usize {
         self.events
             .iter()
-            .filter(|e| matches!(e, Event::BufferReleased(_)))
+            .filter(|e| matches!(e, Event::BufferReleased { .. }))
             .count()
     }
 
@@ -800,7 +800,7 @@ fn keep_alive_expiry_tears_down_and_frees() {
     assert!(
         h.events
             .iter()
-            .any(|e| matches!(e, Event::BufferReleased(_)))
+            .any(|e| matches!(e, Event::BufferReleased { .. }))
     );
     assert!(!h.events.iter().any(|e| matches!(e, Event::Completion(..))));
     // Commands on a terminated queue are aborted.
@@ -1183,11 +1183,75 @@ fn smart_and_other_logs() {
     );
 }
 
+/// Every event names the owner its queue was opened with, and a command's buffer goes back to
+/// the owner it was submitted under even when its queue's slot has a new owner by then.
+#[test]
+fn events_carry_the_owner_recorded_for_the_queue() {
+    let mut h = H::new();
+    let a = h.t.open_queue_for(3).unwrap();
+    let r = h.connect_raw(a, 0, 31, 0, SUB, HOST, CNTLID_DYNAMIC);
+    assert_eq!(plain(r.cqe.status), Status::SUCCESS);
+    let cntlid = r.cqe.dw0 as u16;
+    assert_eq!(
+        plain(h.prop_set(a, 0x14, 0x0046_0001).cqe.status),
+        Status::SUCCESS
+    );
+    let io = h.t.open_queue_for(4).unwrap();
+    let r = h.connect_raw(io, 1, 127, 0, SUB, HOST, cntlid);
+    assert_eq!(plain(r.cqe.status), Status::SUCCESS);
+    assert_eq!((a.owner(), io.owner()), (3, 4));
+
+    // A read completing at the backend: its completion is owner 4's.
+    let read = RwCommand::simple(0, 1).to_sqe(IoOpcode::Read as u8, 1, 1);
+    assert!(
+        h.send(io, read, Some(IoBuf::leak_zeroed(512)), 512)
+            .is_none()
+    );
+    h.poll();
+    let owners: Vec<u16> = h.events.drain(..).map(|e| e.owner()).collect();
+    assert_eq!(owners, vec![4]);
+
+    // A read still at the backend when its connection drops (abruptly: the association ends)
+    // and the queue's slot is reopened by owner 9: the buffer goes back to owner 4, the
+    // termination of the admin queue to owner 3.
+    assert!(
+        h.send(io, read, Some(IoBuf::leak_zeroed(512)), 512)
+            .is_none()
+    );
+    h.t.close_queue(io).unwrap();
+    let reused = h.t.open_queue_for(9).unwrap();
+    assert_eq!(
+        reused.as_u32() >> 16,
+        io.as_u32() >> 16,
+        "the slot is reused"
+    );
+    h.poll();
+    let mut seen: Vec<(&str, u16)> = h
+        .events
+        .iter()
+        .map(|e| match e {
+            Event::Completion(..) => ("completion", e.owner()),
+            Event::QueueTerminated(..) => ("terminated", e.owner()),
+            Event::BufferReleased { .. } => ("released", e.owner()),
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec![("released", 4), ("terminated", 3)]);
+
+    // A local controller's I/O queues have its admin queue's owner.
+    let now = h.now;
+    let la = h.t.create_local_controller(now, SUB, 5).unwrap();
+    h.t.property_set(now, la, 0x14, PropertySize::Four, 0x0046_0001)
+        .unwrap();
+    let lio = h.t.attach_local_io_queue(la, 1, 15).unwrap();
+    assert_eq!((la.owner(), lio.owner()), (5, 5));
+}
+
 #[test]
 fn local_controller_for_pcie() {
     let mut h = H::new();
     let now = h.now;
-    let a = h.t.create_local_controller(now, SUB).unwrap();
+    let a = h.t.create_local_controller(now, SUB, 0).unwrap();
     assert_eq!(h.t.property_get(a, 0x1C, PropertySize::Four), Ok(0));
     h.t.property_set(now, a, 0x14, PropertySize::Four, 0x0046_0001)
         .unwrap();
@@ -1450,7 +1514,7 @@ mod prop {
                         *seen.entry(r.cookie).or_default() += 1;
                         if let Some(b) = &r.buf { *bufs_out.entry(b.dma_addr()).or_default() += 1; }
                     }
-                    Event::BufferReleased(b) => *bufs_out.entry(b.dma_addr()).or_default() += 1,
+                    Event::BufferReleased { buf: b, .. } => *bufs_out.entry(b.dma_addr()).or_default() += 1,
                     Event::QueueTerminated(_) => {}
                 }
             };
@@ -1555,6 +1619,80 @@ fn transport_rejections_consume_a_queue_slot() {
     assert_eq!(r.cqe.status.sc, 0x0F);
 }
 
+/// A RAM backend that says it has a volatile write cache and records the operations it gets.
+struct CachedRam {
+    ram: RamBackend,
+    ops: alloc::rc::Rc<core::cell::RefCell<Vec<BlockOp>>>,
+}
+
+impl BlockBackend for CachedRam {
+    fn geometry(&self) -> keel_storage::Geometry {
+        self.ram.geometry()
+    }
+    fn capabilities(&self) -> keel_storage::Capabilities {
+        keel_storage::Capabilities {
+            volatile_write_cache: true,
+            flush: true,
+            fua: true,
+            ..self.ram.capabilities()
+        }
+    }
+    fn submit(&mut self, req: keel_storage::BlockRequest) -> Result<(), keel_storage::Rejected> {
+        self.ops.borrow_mut().push(req.op);
+        // RAM has no cache: Flush is the backend's no-op.
+        self.ram.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(keel_storage::BlockCompletion)) -> usize {
+        self.ram.poll(done)
+    }
+}
+
+#[test]
+fn a_host_that_disables_the_volatile_write_cache_gets_write_through() {
+    let ops = alloc::rc::Rc::new(core::cell::RefCell::new(Vec::new()));
+    let mut cfg = config(64);
+    cfg.subsystems[0].namespaces[0].backend = Box::new(CachedRam {
+        ram: RamBackend::new(512, BLOCKS, 64).unwrap(),
+        ops: ops.clone(),
+    });
+    let mut h = H::with(cfg);
+    let (a, c) = h.admin(SUB, HOST, 0);
+    let io = h.io_queue(1, c);
+    // Identify Controller VWC bit 0: present; Get Features 06h: enabled.
+    let id = IdentifyController::decode(&page(&h.identify(a, 1, 0)));
+    assert_eq!(id.vwc & 1, 1);
+    let get = |h: &mut H| {
+        h.exec(a, FeaturesCommand::get_sqe(11, 0x06, 0), None, 0)
+            .cqe
+            .dw0
+    };
+    assert_eq!(get(&mut h), 1);
+    let fua_of = |ops: &[BlockOp]| match ops.last() {
+        Some(BlockOp::Write { fua }) | Some(BlockOp::WriteZeroes { fua, .. }) => *fua,
+        other => panic!("not a write: {other:?}"),
+    };
+    let data = [0x5au8; 512];
+    assert_eq!(h.write(io, 1, 1, 0, &data).cqe.status, Status::SUCCESS);
+    assert!(!fua_of(&ops.borrow()), "cache enabled: a plain write");
+    // WCE = 0: every write must be on media at completion.
+    let r = h.exec(a, FeaturesCommand::set_sqe(12, 0x06, 0), None, 0);
+    assert_eq!(r.cqe.status, Status::SUCCESS);
+    assert_eq!(get(&mut h), 0);
+    assert_eq!(h.write(io, 2, 1, 1, &data).cqe.status, Status::SUCCESS);
+    assert!(
+        fua_of(&ops.borrow()),
+        "cache disabled: the write carries FUA"
+    );
+    let sqe = RwCommand::simple(2, 1).to_sqe(IoOpcode::WriteZeroes as u8, 3, 1);
+    assert_eq!(h.exec(io, sqe, None, 0).cqe.status, Status::SUCCESS);
+    assert!(fua_of(&ops.borrow()), "and so does Write Zeroes");
+    // Enabled again: plain writes.
+    let r = h.exec(a, FeaturesCommand::set_sqe(13, 0x06, 1), None, 0);
+    assert_eq!(r.cqe.status, Status::SUCCESS);
+    assert_eq!(h.write(io, 4, 1, 3, &data).cqe.status, Status::SUCCESS);
+    assert!(!fua_of(&ops.borrow()));
+}
+
 /// The features NVMe base 2.0 §5.27.1 makes mandatory for an I/O controller, which have no
 /// effect here: Set keeps what is valid, Get returns it (SEL 0) or the default (SEL 1).
 #[test]
@@ -1617,7 +1755,7 @@ fn mandatory_features_without_an_effect() {
 #[test]
 fn interrupt_features_on_a_local_controller() {
     let mut h = H::new();
-    let a = h.t.create_local_controller(h.now, SUB).unwrap();
+    let a = h.t.create_local_controller(h.now, SUB, 0).unwrap();
     // CC.EN = 1 (the local host enables the controller before any admin command).
     h.t.property_set(h.now, a, 0x14, PropertySize::Four, 0x0046_0001)
         .unwrap();
@@ -1678,4 +1816,18 @@ fn identify_command_set_structures() {
     let (st, p) = id(&mut h, 0x08, 0, 9);
     assert_eq!(st, Status::SUCCESS);
     assert!(p.unwrap().iter().all(|&b| b == 0));
+}
+
+/// A backend tag carries owner, queue, generation and slot in 56 bits: slices of a drive or a
+/// remote volume keep the top 8 bits for their handle (keel-storage `slice.rs`), and the
+/// NVMe/TCP service's owner is u16::MAX.
+#[test]
+fn backend_tags_leave_the_top_byte_to_shared_backends() {
+    use crate::target::{TAG_BITS, tag, tag_owner, untag};
+    let t = tag(0xFFFF, 0x1234, u16::MAX, 0xFFFF);
+    assert!(t < 1 << TAG_BITS && TAG_BITS == 56, "{t:#x}");
+    assert_eq!(untag(t), (0xFFFF, 0x34, 0xFFFF));
+    assert_eq!(tag_owner(t), u16::MAX);
+    let t = tag(3, 7, 2, 9);
+    assert_eq!((untag(t), tag_owner(t)), ((3, 7, 9), 2));
 }

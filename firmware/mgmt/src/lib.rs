@@ -36,6 +36,8 @@
 //!   after [`session::MAX_FAILURES`] failures the device closes the connection.
 //! - **Reboot**: the device replies `Rebooting`, closes, and calls [`Device::reboot`] only
 //!   once the transport reports the reply sent ([`Session::transport_drained`]).
+//! - **Versions**: the snapshot grows by appended fields only (see [`Snapshot`]); clients
+//!   decode responses with [`wire::decode_response`], which reads older devices' replies.
 //! - **Back-pressure**: the session takes no input while a response is waiting to be sent,
 //!   so per-connection memory is bounded by one frame and one response.
 
@@ -55,6 +57,12 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 /// Everything `keelctl status` shows and `/metrics` exports, taken at one instant.
+///
+/// Compatibility: fields are only ever appended at the end, each one whose "nothing" encodes
+/// as a single zero byte (an empty `Vec`, `None`, `0`), so that a client reads an older
+/// device's snapshot ([`wire::decode_response`]) and an older client reads a newer one's
+/// (postcard ignores bytes after a message). [`wire::PROTOCOL_VERSION`] changes only for
+/// changes that cannot be made that way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Snapshot {
     /// Firmware version (`CARGO_PKG_VERSION`).
@@ -80,8 +88,27 @@ pub struct Snapshot {
     pub tcp_connections: u32,
     /// Emulated PCIe functions and whether a host has enabled them.
     pub functions: Vec<FunctionInfo>,
+    /// Remote volumes: namespaces of remote NVMe/TCP subsystems the device is the initiator
+    /// of, with their paths. Appended in this version of the protocol: a device from before
+    /// sends none (see [`wire::decode_response`]).
+    #[serde(default)]
+    pub remotes: Vec<RemoteInfo>,
+    /// QoS groups (tenants' pools of namespaces). Appended like `remotes`.
+    #[serde(default)]
+    pub qos_groups: Vec<GroupInfo>,
+    /// QoS of each namespace (its share, group and limits). Appended like `remotes`.
+    #[serde(default)]
+    pub qos_namespaces: Vec<NamespaceQosInfo>,
+    /// QoS of each live controller (its host's or its function's limits). Appended like
+    /// `remotes`.
+    #[serde(default)]
+    pub qos_controllers: Vec<ControllerQosInfo>,
+    /// Pools and slots in use: after a workload ends they return to their idle values, which
+    /// is how tests (and operators) find leaks.
+    pub resources: Resources,
     /// Every running core's poll loop (core 0 first), each read from counters that only its
-    /// own core writes.
+    /// own core writes. Appended like `remotes`.
+    #[serde(default)]
     pub cores: Vec<CoreInfo>,
 }
 
@@ -104,6 +131,247 @@ pub struct CoreInfo {
     pub messages: u64,
     /// Allocator calls it made (allocations, frees, reallocations) since boot.
     pub allocator_calls: u64,
+}
+
+/// What QoS does for one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NamespaceQosInfo {
+    /// NQN of its subsystem.
+    pub subsystem: String,
+    /// Its NSID.
+    pub nsid: u32,
+    /// Its share of a saturated drive.
+    pub weight: u32,
+    /// The QoS group it is in, if any.
+    pub group: Option<String>,
+    /// What its own limits do.
+    pub qos: QosInfo,
+}
+
+/// What QoS does for one controller.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ControllerQosInfo {
+    /// Its controller ID.
+    pub cntlid: u16,
+    /// The host's NQN (empty for an emulated function's controller).
+    pub hostnqn: String,
+    /// `tcp` or `pcie`.
+    pub transport: String,
+    /// What its limits (its host's rule, or its emulated function's) do.
+    pub qos: QosInfo,
+}
+
+/// The device's pools and slots, taken at one instant. A device at rest has every buffer free,
+/// no NVMe/TCP connection, no controller and no queue, no socket draining, and a listener
+/// armed on every port; the heap only shrinks while the socket pool grows to its maximum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Resources {
+    /// Bytes free on the heap.
+    pub heap_free: u64,
+    /// NVMe/TCP data buffers free (never-carved ones of the lazy pool included).
+    pub nvmf_buffers_free: u32,
+    /// NVMe/TCP data buffers in all.
+    pub nvmf_buffers_total: u32,
+    /// Data buffers of the emulated functions free, all functions together.
+    pub function_buffers_free: u32,
+    /// Data buffers of the emulated functions in all.
+    pub function_buffers_total: u32,
+    /// TCP sockets created so far (they are reused, never freed).
+    pub sockets_created: u32,
+    /// Most sockets the pool creates.
+    pub sockets_max: u32,
+    /// Sockets closed and ready for reuse.
+    pub sockets_free: u32,
+    /// Sockets armed as listeners.
+    pub sockets_listening: u32,
+    /// Sockets finishing a close (FIN exchange, at most a short grace period).
+    pub sockets_draining: u32,
+    /// NVMe/TCP connections still waiting for their ICReq.
+    pub awaiting_icreq: u32,
+    /// Controllers in use (NVMe/TCP, emulated functions and discovery).
+    pub controllers: u32,
+    /// Most controllers at once.
+    pub controllers_max: u32,
+    /// Controller-core queue slots in use (one per NVMe/TCP connection and per emulated
+    /// function queue).
+    pub queues: u32,
+    /// Most queue slots at once.
+    pub queues_max: u32,
+    /// Connections refused since boot: no socket, or no queue slot, for them.
+    pub refused: u64,
+    /// Connections that never sent an ICReq, closed to make room for a new one.
+    pub evicted: u64,
+    /// Connections closed because their ICReq did not come in time.
+    pub icreq_timeouts: u64,
+}
+
+impl Snapshot {
+    /// What differs from `idle` in the counts that must come back once a workload has ended
+    /// (NVMe/TCP connections, buffers, controllers, queues, draining sockets, listeners);
+    /// empty when the device is back at rest. The heap and cumulative counters are not
+    /// compared.
+    pub fn differences_from(&self, idle: &Snapshot) -> Vec<String> {
+        let (a, b) = (&self.resources, &idle.resources);
+        [
+            (
+                "NVMe/TCP connections",
+                self.tcp_connections,
+                idle.tcp_connections,
+            ),
+            (
+                "NVMe/TCP buffers free",
+                a.nvmf_buffers_free,
+                b.nvmf_buffers_free,
+            ),
+            (
+                "NVMe/TCP buffers",
+                a.nvmf_buffers_total,
+                b.nvmf_buffers_total,
+            ),
+            (
+                "function buffers free",
+                a.function_buffers_free,
+                b.function_buffers_free,
+            ),
+            (
+                "sockets listening",
+                a.sockets_listening,
+                b.sockets_listening,
+            ),
+            ("sockets draining", a.sockets_draining, b.sockets_draining),
+            (
+                "connections awaiting ICReq",
+                a.awaiting_icreq,
+                b.awaiting_icreq,
+            ),
+            ("controllers", a.controllers, b.controllers),
+            ("queues", a.queues, b.queues),
+        ]
+        .iter()
+        .filter(|(_, now, then)| now != then)
+        .map(|(what, now, then)| alloc::format!("{what}: {now} (idle: {then})"))
+        .collect()
+    }
+}
+
+/// One remote volume: a namespace of a remote NVMe/TCP subsystem, reached over one or more
+/// paths, that namespaces of this device are served from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RemoteInfo {
+    /// The remote subsystem's NQN.
+    pub subnqn: String,
+    /// The namespace there.
+    pub nsid: u32,
+    /// The host NQN the device connects as.
+    pub hostnqn: String,
+    /// `connecting`, `online`, `degraded` (some path unusable), `no path` (requests wait),
+    /// `failed` (every path gave up: requests fail).
+    pub state: String,
+    /// Capacity in bytes (0 until a path identified the namespace).
+    pub size_bytes: u64,
+    /// Logical block size (0 until identified).
+    pub block_size: u32,
+    /// Path selection policy (`round-robin`, `queue-depth`).
+    pub policy: String,
+    /// Namespaces served from it: (subsystem NQN, NSID).
+    pub exports: Vec<(String, u32)>,
+    /// Requests waiting for a path or a queue slot.
+    pub queued: u32,
+    /// Requests with a command in flight.
+    pub in_flight: u32,
+    /// Requests accepted.
+    pub submitted: u64,
+    /// Requests completed successfully.
+    pub completed: u64,
+    /// Requests completed with an error.
+    pub failed: u64,
+    /// Of those, with a path error (no usable path within the loss timeouts).
+    pub path_errors: u64,
+    /// Commands sent again after a retryable status.
+    pub retries: u64,
+    /// Commands sent again after their path failed (association lost, path or ANA status).
+    pub failovers: u64,
+    /// Per path.
+    pub paths: Vec<RemotePathInfo>,
+}
+
+/// One path of a remote volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RemotePathInfo {
+    /// `a.b.c.d:port`.
+    pub addr: String,
+    /// `connecting`, `live`, `reconnecting`, `failed`.
+    pub state: String,
+    /// ANA state of the namespace through this path (`optimized`, `non-optimized`,
+    /// `inaccessible`, `persistent-loss`, `change`), empty when the remote does not report
+    /// ANA.
+    pub ana: String,
+    /// Controller ID of the current association (0: none).
+    pub cntlid: u16,
+    /// I/O queues of the current association.
+    pub io_queues: u16,
+    /// Their depth.
+    pub queue_depth: u16,
+    /// I/O commands in flight.
+    pub in_flight: u32,
+    /// Why the last association ended (empty: never).
+    pub last_loss: String,
+    /// Association attempts started.
+    pub attempts: u64,
+    /// Associations that came up.
+    pub connects: u64,
+    /// Associations (or attempts) that ended.
+    pub losses: u64,
+    /// I/O commands sent.
+    pub commands: u64,
+    /// I/O commands that completed with an error status.
+    pub errors: u64,
+    /// I/O commands outstanding when their association ended (retried).
+    pub aborted: u64,
+    /// Keep Alive commands sent.
+    pub keep_alives: u64,
+}
+
+/// One limit in force: its name (`iops`, `read_iops`, `write_iops`, `bps`, `read_bps`,
+/// `write_bps`), rate per second and burst.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosLimit {
+    /// Which limit.
+    pub name: String,
+    /// Operations or bytes per second.
+    pub per_sec: u64,
+    /// Burst allowance.
+    pub burst: u64,
+}
+
+/// What QoS does for a namespace, a controller (its host) or a group.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QosInfo {
+    /// The limits in force (empty: none).
+    pub limits: Vec<QosLimit>,
+    /// Commands started since boot (counted when they pass their limits).
+    pub admitted_ops: u64,
+    /// Bytes of those commands.
+    pub admitted_bytes: u64,
+    /// Commands started per second, over the last whole second the device measured.
+    pub ops_per_sec: u64,
+    /// Bytes started per second, over the same second.
+    pub bytes_per_sec: u64,
+    /// Nanoseconds commands were held back by these limits, since boot.
+    pub throttled_ns: u64,
+    /// Commands waiting now.
+    pub queued: u32,
+}
+
+/// One QoS group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Its name.
+    pub name: String,
+    /// Its weight (0: its namespaces' own).
+    pub weight: u32,
+    /// What its limits do.
+    pub qos: QosInfo,
 }
 
 /// One subsystem.

@@ -4,7 +4,7 @@
 //! times are in seconds and sizes in bytes (base units, as `promtool check metrics` wants);
 //! label values are escaped (`\\`, `\"`, `\n`).
 
-use crate::{CoreInfo, Latency, NsCounters, Snapshot};
+use crate::{CoreInfo, Latency, NsCounters, QosInfo, RemoteInfo, RemotePathInfo, Snapshot};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
@@ -342,5 +342,383 @@ pub fn render(s: &Snapshot) -> String {
             );
         }
     }
+    let r = &s.resources;
+    for (name, help, value) in [
+        (
+            "keel_heap_free_bytes",
+            "Bytes free on the firmware's heap.",
+            r.heap_free,
+        ),
+        (
+            "keel_nvmf_buffers_free",
+            "NVMe/TCP data buffers free.",
+            r.nvmf_buffers_free.into(),
+        ),
+        (
+            "keel_nvmf_buffers",
+            "NVMe/TCP data buffers in all.",
+            r.nvmf_buffers_total.into(),
+        ),
+        (
+            "keel_sockets_listening",
+            "TCP sockets armed as listeners.",
+            r.sockets_listening.into(),
+        ),
+        (
+            "keel_controllers",
+            "Controllers in use.",
+            r.controllers.into(),
+        ),
+        (
+            "keel_queues",
+            "Controller queue slots in use.",
+            r.queues.into(),
+        ),
+    ] {
+        family(&mut o, name, "gauge", help);
+        sample(&mut o, name, &[], &int(value));
+    }
+    for (name, help, value) in [
+        (
+            "keel_connections_refused_total",
+            "Connections refused: no socket or queue slot for them.",
+            r.refused,
+        ),
+        (
+            "keel_connections_evicted_total",
+            "Connections that never sent an ICReq, closed to make room for a new one.",
+            r.evicted,
+        ),
+        (
+            "keel_icreq_timeouts_total",
+            "Connections closed because their ICReq did not come in time.",
+            r.icreq_timeouts,
+        ),
+    ] {
+        family(&mut o, name, "counter", help);
+        sample(&mut o, name, &[], &int(value));
+    }
+    remotes(&mut o, &s.remotes);
+    qos(&mut o, s);
     o
+}
+
+/// States a remote volume reports (`RemoteInfo::state`).
+const VOLUME_STATES: [&str; 5] = ["connecting", "online", "degraded", "no path", "failed"];
+/// States a path reports (`RemotePathInfo::state`).
+const PATH_STATES: [&str; 4] = ["connecting", "live", "reconnecting", "failed"];
+/// ANA states (`RemotePathInfo::ana`).
+const ANA_STATES: [&str; 5] = [
+    "optimized",
+    "non-optimized",
+    "inaccessible",
+    "persistent-loss",
+    "change",
+];
+
+/// Name, type, help and getter of a per-volume family.
+type VolumeFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&RemoteInfo) -> u64,
+);
+/// Name, type, help and getter of a per-path family.
+type PathFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&RemotePathInfo) -> u64,
+);
+
+/// Remote volumes and their paths: labels `remote` (the remote subsystem's NQN),
+/// `remote_namespace` and, per path, `path` (`a.b.c.d:port`). States are one series per
+/// possible state, 1 for the current one.
+fn remotes(o: &mut String, rs: &[RemoteInfo]) {
+    let vl: Vec<[(&str, String); 2]> = rs
+        .iter()
+        .map(|r| {
+            [
+                ("remote", r.subnqn.clone()),
+                ("remote_namespace", int(u64::from(r.nsid))),
+            ]
+        })
+        .collect();
+    family(
+        o,
+        "keel_remote_state",
+        "gauge",
+        "State of a remote volume: 1 for the current one.",
+    );
+    for (r, l) in rs.iter().zip(&vl) {
+        let [a, b] = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+        for st in VOLUME_STATES {
+            sample(
+                o,
+                "keel_remote_state",
+                &[a, b, ("state", st)],
+                if r.state == st { "1" } else { "0" },
+            );
+        }
+    }
+    let vol_families: [VolumeFamily; 8] = [
+        (
+            "keel_remote_size_bytes",
+            "gauge",
+            "Capacity of the remote namespace (0 until identified).",
+            |r| r.size_bytes,
+        ),
+        (
+            "keel_remote_requests_total",
+            "counter",
+            "Requests accepted by the remote volume.",
+            |r| r.submitted,
+        ),
+        (
+            "keel_remote_requests_failed_total",
+            "counter",
+            "Requests completed with an error.",
+            |r| r.failed,
+        ),
+        (
+            "keel_remote_requests_no_path_total",
+            "counter",
+            "Requests failed for want of a usable path within the loss timeouts.",
+            |r| r.path_errors,
+        ),
+        (
+            "keel_remote_retries_total",
+            "counter",
+            "Commands sent again after a retryable status.",
+            |r| r.retries,
+        ),
+        (
+            "keel_remote_failovers_total",
+            "counter",
+            "Commands sent again after their path failed.",
+            |r| r.failovers,
+        ),
+        (
+            "keel_remote_queued_requests",
+            "gauge",
+            "Requests waiting for a path or a queue slot.",
+            |r| u64::from(r.queued),
+        ),
+        (
+            "keel_remote_in_flight_requests",
+            "gauge",
+            "Requests with a command in flight.",
+            |r| u64::from(r.in_flight),
+        ),
+    ];
+    for (name, kind, help, get) in vol_families {
+        family(o, name, kind, help);
+        for (r, l) in rs.iter().zip(&vl) {
+            let l = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+            sample(o, name, &l, &int(get(r)));
+        }
+    }
+    let paths: Vec<(&RemotePathInfo, [(&str, String); 3])> = rs
+        .iter()
+        .zip(&vl)
+        .flat_map(|(r, [a, b])| {
+            r.paths
+                .iter()
+                .map(move |p| (p, [a.clone(), b.clone(), ("path", p.addr.clone())]))
+        })
+        .collect();
+    family(
+        o,
+        "keel_remote_path_state",
+        "gauge",
+        "State of a path of a remote volume: 1 for the current one.",
+    );
+    for (p, l) in &paths {
+        let [a, b, c] = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+        for st in PATH_STATES {
+            sample(
+                o,
+                "keel_remote_path_state",
+                &[a, b, c, ("state", st)],
+                if p.state == st { "1" } else { "0" },
+            );
+        }
+    }
+    family(
+        o,
+        "keel_remote_path_ana_state",
+        "gauge",
+        "ANA state of the namespace through a path: 1 for the current one (no series when the remote does not report ANA).",
+    );
+    for (p, l) in paths.iter().filter(|(p, _)| !p.ana.is_empty()) {
+        let [a, b, c] = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+        for st in ANA_STATES {
+            sample(
+                o,
+                "keel_remote_path_ana_state",
+                &[a, b, c, ("ana", st)],
+                if p.ana == st { "1" } else { "0" },
+            );
+        }
+    }
+    let path_families: [PathFamily; 9] = [
+        (
+            "keel_remote_path_io_queues",
+            "gauge",
+            "I/O queues of the path's current association.",
+            |p| u64::from(p.io_queues),
+        ),
+        (
+            "keel_remote_path_in_flight_commands",
+            "gauge",
+            "I/O commands in flight on the path.",
+            |p| u64::from(p.in_flight),
+        ),
+        (
+            "keel_remote_path_attempts_total",
+            "counter",
+            "Association attempts started.",
+            |p| p.attempts,
+        ),
+        (
+            "keel_remote_path_connects_total",
+            "counter",
+            "Associations that came up.",
+            |p| p.connects,
+        ),
+        (
+            "keel_remote_path_losses_total",
+            "counter",
+            "Associations or attempts that ended.",
+            |p| p.losses,
+        ),
+        (
+            "keel_remote_path_commands_total",
+            "counter",
+            "I/O commands sent on the path.",
+            |p| p.commands,
+        ),
+        (
+            "keel_remote_path_command_errors_total",
+            "counter",
+            "I/O commands that completed with an error status.",
+            |p| p.errors,
+        ),
+        (
+            "keel_remote_path_aborted_commands_total",
+            "counter",
+            "I/O commands in flight when their association ended (retried).",
+            |p| p.aborted,
+        ),
+        (
+            "keel_remote_path_keep_alives_total",
+            "counter",
+            "Keep Alive commands sent.",
+            |p| p.keep_alives,
+        ),
+    ];
+    for (name, kind, help, get) in path_families {
+        family(o, name, kind, help);
+        for (p, l) in &paths {
+            let l = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+            sample(o, name, &l, &int(get(p)));
+        }
+    }
+}
+
+/// Name, type, help and getter of a per-tenant QoS family.
+type QosFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&QosInfo) -> String,
+);
+
+/// Per tenant (label `scope`: `namespace`, `controller` or `group`; label `tenant`: the
+/// namespace as `SUBNQN/NSID`, the controller as `HOSTNQN/CNTLID`, the group's name): the
+/// limits, the current rate, time throttled and commands queued.
+fn qos(o: &mut String, s: &Snapshot) {
+    let tenants: Vec<(&str, String, &QosInfo)> = s
+        .qos_namespaces
+        .iter()
+        .map(|n| {
+            (
+                "namespace",
+                alloc::format!("{}/{}", n.subsystem, n.nsid),
+                &n.qos,
+            )
+        })
+        .chain(s.qos_controllers.iter().map(|c| {
+            (
+                "controller",
+                alloc::format!("{}/{}", c.hostnqn, c.cntlid),
+                &c.qos,
+            )
+        }))
+        .chain(
+            s.qos_groups
+                .iter()
+                .map(|g| ("group", g.name.clone(), &g.qos)),
+        )
+        .collect();
+    family(
+        o,
+        "keel_qos_limit",
+        "gauge",
+        "Limits in force per second (label limit: iops, read_iops, write_iops, bps, read_bps, write_bps).",
+    );
+    for (scope, t, q) in &tenants {
+        for l in &q.limits {
+            sample(
+                o,
+                "keel_qos_limit",
+                &[("scope", scope), ("tenant", t), ("limit", &l.name)],
+                &int(l.per_sec),
+            );
+        }
+    }
+    let families: [QosFamily; 6] = [
+        (
+            "keel_qos_admitted_commands_total",
+            "counter",
+            "Commands started (counted when they pass their limits).",
+            |q| int(q.admitted_ops),
+        ),
+        (
+            "keel_qos_admitted_bytes_total",
+            "counter",
+            "Bytes of the commands started.",
+            |q| int(q.admitted_bytes),
+        ),
+        (
+            "keel_qos_commands_per_second",
+            "gauge",
+            "Commands started per second over the last whole second.",
+            |q| int(q.ops_per_sec),
+        ),
+        (
+            "keel_qos_bytes_per_second",
+            "gauge",
+            "Bytes started per second over the last whole second.",
+            |q| int(q.bytes_per_sec),
+        ),
+        (
+            "keel_qos_throttled_seconds_total",
+            "counter",
+            "Time commands were held back by the limits.",
+            |q| seconds(q.throttled_ns),
+        ),
+        (
+            "keel_qos_queued_commands",
+            "gauge",
+            "Commands waiting now.",
+            |q| int(u64::from(q.queued)),
+        ),
+    ];
+    for (name, kind, help, get) in families {
+        family(o, name, kind, help);
+        for (scope, t, q) in &tenants {
+            sample(o, name, &[("scope", scope), ("tenant", t)], &get(q));
+        }
+    }
 }

@@ -308,7 +308,7 @@ impl Session {
         self.challenge = dev.fresh_challenge();
         self.requests += 1;
         let reply = match request {
-            Request::Status => Reply::Status(dev.snapshot()),
+            Request::Status => Reply::Status(alloc::boxed::Box::new(dev.snapshot())),
             Request::Push(bundle) => match dev.push(&bundle.0) {
                 Ok(report) => Reply::Pushed(report),
                 Err(msg) => Reply::PushRefused(msg),

@@ -112,7 +112,202 @@ fn snapshot() -> Snapshot {
                 allocator_calls: 0,
             },
         ],
+        resources: Resources {
+            heap_free: 1 << 30,
+            nvmf_buffers_free: 250,
+            nvmf_buffers_total: 256,
+            evicted: 3,
+            ..Resources::default()
+        },
+        remotes: vec![RemoteInfo {
+            subnqn: "nqn.2026-11.dev.keel:pool".into(),
+            nsid: 1,
+            hostnqn: "nqn.2014-08.org.nvmexpress:uuid:5678".into(),
+            state: "degraded".into(),
+            size_bytes: 256 << 20,
+            block_size: 512,
+            policy: "round-robin".into(),
+            exports: vec![("nqn.2026-11.dev.keel:fn0".into(), 1)],
+            queued: 0,
+            in_flight: 3,
+            submitted: 100,
+            completed: 96,
+            failed: 1,
+            path_errors: 1,
+            retries: 0,
+            failovers: 7,
+            paths: vec![
+                RemotePathInfo {
+                    addr: "10.0.2.2:4420".into(),
+                    state: "live".into(),
+                    ana: "optimized".into(),
+                    cntlid: 1,
+                    io_queues: 4,
+                    queue_depth: 128,
+                    in_flight: 3,
+                    commands: 90,
+                    connects: 1,
+                    attempts: 1,
+                    ..RemotePathInfo::default()
+                },
+                RemotePathInfo {
+                    addr: "10.0.2.2:4421".into(),
+                    state: "reconnecting".into(),
+                    last_loss: "TCP connection closed".into(),
+                    attempts: 3,
+                    connects: 1,
+                    losses: 3,
+                    commands: 17,
+                    aborted: 7,
+                    ..RemotePathInfo::default()
+                },
+            ],
+        }],
+        qos_groups: vec![GroupInfo {
+            name: "tenant-a".into(),
+            weight: 4,
+            qos: QosInfo {
+                limits: vec![QosLimit {
+                    name: "bps".into(),
+                    per_sec: 100 << 20,
+                    burst: 1 << 20,
+                }],
+                ..QosInfo::default()
+            },
+        }],
+        qos_namespaces: vec![
+            NamespaceQosInfo {
+                subsystem: "nqn.2026-11.dev.keel:vol0".into(),
+                nsid: 1,
+                weight: 2,
+                group: Some("tenant-a".into()),
+                qos: QosInfo {
+                    limits: vec![QosLimit {
+                        name: "write_iops".into(),
+                        per_sec: 500,
+                        burst: 50,
+                    }],
+                    admitted_ops: 31,
+                    admitted_bytes: 126_976,
+                    ops_per_sec: 498,
+                    bytes_per_sec: 2_039_808,
+                    throttled_ns: 1_500_000_000,
+                    queued: 7,
+                },
+            },
+            NamespaceQosInfo {
+                subsystem: "nqn.weird\"name\\with\nnewline".into(),
+                nsid: 2,
+                weight: 1,
+                group: None,
+                qos: QosInfo::default(),
+            },
+        ],
+        qos_controllers: vec![ControllerQosInfo {
+            cntlid: 1,
+            hostnqn: "nqn.2014-08.org.nvmexpress:uuid:1234".into(),
+            transport: "tcp".into(),
+            qos: QosInfo::default(),
+        }],
     }
+}
+
+/// A snapshot as protocol version 1 was first released (before `remotes` was appended): how
+/// an older device encodes it, and what an older client decodes.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SnapshotV1 {
+    version: String,
+    build_id: String,
+    board: String,
+    uptime_ns: u64,
+    generation: u64,
+    config_source: String,
+    subsystems: Vec<SubsystemInfo>,
+    namespaces: Vec<NamespaceInfo>,
+    controllers: Vec<ControllerInfo>,
+    tcp_connections: u32,
+    functions: Vec<FunctionInfo>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum ReplyV1 {
+    Status(SnapshotV1),
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ResponseV1 {
+    challenge: [u8; 32],
+    reply: ReplyV1,
+}
+
+#[test]
+fn snapshots_stay_readable_across_versions() {
+    let new = snapshot();
+    let v1 = SnapshotV1 {
+        version: new.version.clone(),
+        build_id: new.build_id.clone(),
+        board: new.board.clone(),
+        uptime_ns: new.uptime_ns,
+        generation: new.generation,
+        config_source: new.config_source.clone(),
+        subsystems: new.subsystems.clone(),
+        namespaces: new.namespaces.clone(),
+        controllers: new.controllers.clone(),
+        tcp_connections: new.tcp_connections,
+        functions: new.functions.clone(),
+    };
+    // An older device's reply, read by this client: everything but the remotes.
+    let old_bytes = postcard::to_allocvec(&ResponseV1 {
+        challenge: [3; 32],
+        reply: ReplyV1::Status(v1),
+    })
+    .unwrap();
+    assert!(
+        postcard::from_bytes::<Response>(&old_bytes).is_err(),
+        "ends early"
+    );
+    let r = decode_response(&old_bytes).expect("read with the appended field empty");
+    let Reply::Status(s) = r.reply else {
+        panic!("{:?}", r.reply)
+    };
+    assert_eq!(
+        s,
+        Box::new(Snapshot {
+            remotes: vec![],
+            qos_groups: vec![],
+            qos_namespaces: vec![],
+            qos_controllers: vec![],
+            resources: Resources::default(),
+            cores: vec![],
+            ..snapshot()
+        })
+    );
+    // This device's reply, read by an older client: the appended field is ignored.
+    let new_bytes = postcard::to_allocvec(&Response {
+        challenge: [3; 32],
+        reply: Reply::Status(Box::new(snapshot())),
+    })
+    .unwrap();
+    let ResponseV1 {
+        reply: ReplyV1::Status(old_view),
+        ..
+    } = postcard::from_bytes(&new_bytes).unwrap();
+    assert_eq!(old_view.functions, snapshot().functions);
+    // And by this client, whole; other replies are untouched by the padding.
+    assert_eq!(
+        decode_response(&new_bytes).unwrap().reply,
+        Reply::Status(Box::new(snapshot()))
+    );
+    let rebooting = postcard::to_allocvec(&Response {
+        challenge: [1; 32],
+        reply: Reply::Rebooting,
+    })
+    .unwrap();
+    assert_eq!(decode_response(&rebooting).unwrap().reply, Reply::Rebooting);
+    assert!(
+        decode_response(&rebooting[..20]).is_err(),
+        "a truncated frame"
+    );
 }
 
 impl Device for Fake {
@@ -200,7 +395,7 @@ fn status_then_next_challenge() {
         &mut dev,
     );
     let r = response(&mut s);
-    assert_eq!(r.reply, Reply::Status(snapshot()));
+    assert_eq!(r.reply, Reply::Status(Box::new(snapshot())));
     assert_ne!(r.challenge, c);
     // The next request over the new challenge works too.
     feed_all(
@@ -660,12 +855,27 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_namespace_read_latency_seconds_count{subsystem=\"nqn.2026-11.dev.keel:vol0\",namespace=\"1\",transport=\"tcp\"} 10\n",
         "keel_namespace_errors_total{subsystem=\"nqn.weird\\\"name\\\\with\\nnewline\",namespace=\"2\",transport=\"tcp,pcie-fn0\"} 0\n",
         "keel_tcp_connections{transport=\"tcp\"} 5\n",
+        "keel_qos_limit{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\",limit=\"write_iops\"} 500\n",
+        "keel_qos_commands_per_second{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\"} 498\n",
+        "keel_qos_throttled_seconds_total{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\"} 1.500000000\n",
+        "keel_qos_queued_commands{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\"} 7\n",
+        "keel_qos_queued_commands{scope=\"controller\",tenant=\"nqn.2014-08.org.nvmexpress:uuid:1234/1\"} 0\n",
+        "keel_qos_limit{scope=\"group\",tenant=\"tenant-a\",limit=\"bps\"} 104857600\n",
+        "keel_nvmf_buffers_free 250\n",
+        "keel_connections_evicted_total 3\n",
         "keel_controller_io_queues{controller=\"1\",subsystem=\"nqn.2026-11.dev.keel:vol0\",transport=\"tcp\",host=\"nqn.2014-08.org.nvmexpress:uuid:1234\"} 4\n",
         "keel_core_loop_passes_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 1000\n",
         "keel_core_loop_busy_passes_total{core=\"1\",role=\"ring\"} 2\n",
         "keel_core_sleeps_total{core=\"1\",role=\"ring\"} 80\n",
         "keel_core_messages_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 3\n",
         "keel_core_allocator_calls_total{core=\"1\",role=\"ring\"} 0\n",
+        "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"degraded\"} 1\n",
+        "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"online\"} 0\n",
+        "keel_remote_failovers_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\"} 7\n",
+        "keel_remote_path_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4421\",state=\"reconnecting\"} 1\n",
+        "keel_remote_path_ana_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4420\",ana=\"optimized\"} 1\n",
+        "keel_remote_path_commands_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4420\"} 90\n",
+        "keel_remote_path_aborted_commands_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4421\"} 7\n",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
@@ -675,6 +885,28 @@ fn metrics_follow_the_exposition_grammar() {
     assert!(check_exposition("# TYPE a gauge\nb 1\n").is_err());
     assert!(check_exposition("# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\n# HELP a x\n").is_err());
     assert!(check_exposition("# TYPE a gauge\na{x=\"1\",} 1\n").is_err());
+}
+
+#[test]
+fn differences_from_idle_name_what_has_not_come_back() {
+    let idle = snapshot();
+    let mut busy = snapshot();
+    assert!(busy.differences_from(&idle).is_empty());
+    // Heap and cumulative counters are not part of "at rest".
+    busy.resources.heap_free -= 4096;
+    busy.resources.evicted += 10;
+    assert!(busy.differences_from(&idle).is_empty());
+    busy.resources.nvmf_buffers_free -= 1;
+    busy.resources.queues += 2;
+    busy.tcp_connections += 1;
+    assert_eq!(
+        busy.differences_from(&idle),
+        [
+            "NVMe/TCP connections: 6 (idle: 5)",
+            "NVMe/TCP buffers free: 249 (idle: 250)",
+            "queues: 2 (idle: 0)"
+        ]
+    );
 }
 
 #[test]

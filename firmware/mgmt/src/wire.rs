@@ -139,7 +139,7 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// The device's state.
-    Status(Snapshot),
+    Status(alloc::boxed::Box<Snapshot>),
     /// The bundle was applied.
     Pushed(PushReport),
     /// The bundle was refused; the configuration in force is unchanged.
@@ -164,6 +164,33 @@ pub struct Response {
     pub challenge: [u8; CHALLENGE_LEN],
     /// The answer.
     pub reply: Reply,
+}
+
+/// Zero bytes that encode the fields appended to [`crate::Snapshot`] since protocol version 1
+/// was first released, at their "nothing" (the most [`decode_response`] adds): `remotes`,
+/// `qos_groups`, `qos_namespaces`, `qos_controllers` (empty lists, 1 byte each) and
+/// `resources` (18 integers at 0, 1 byte each), then `cores` (an empty list, 1 byte).
+pub const APPENDED_FIELDS: usize = 4 + 18 + 1;
+
+/// Decodes a response frame's payload, also from a device older than this code: its
+/// snapshot lacks the fields appended since (see [`crate::Snapshot`]), so a payload that
+/// ends early is decoded again with up to [`APPENDED_FIELDS`] zero bytes added, which read
+/// as those fields' "nothing" (empty lists).
+pub fn decode_response(payload: &[u8]) -> Result<Response, postcard::Error> {
+    let first = postcard::from_bytes::<Response>(payload);
+    if !matches!(first, Err(postcard::Error::DeserializeUnexpectedEnd)) {
+        return first;
+    }
+    let mut padded = Vec::with_capacity(payload.len() + APPENDED_FIELDS);
+    padded.extend_from_slice(payload);
+    padded.resize(payload.len() + APPENDED_FIELDS, 0);
+    for extra in 1..=APPENDED_FIELDS {
+        match postcard::from_bytes::<Response>(&padded[..payload.len() + extra]) {
+            Err(postcard::Error::DeserializeUnexpectedEnd) => continue,
+            other => return other,
+        }
+    }
+    first
 }
 
 /// The bytes a request signature covers: [`DOMAIN`] ‖ challenge ‖ postcard(request).

@@ -1090,7 +1090,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         // Data buffer: visible to the device before any command referencing it is.
         let mut read_sync = None;
         if let (Data::Buf(_), Some(b)) = (&data, req.buf.as_mut()) {
-            let cpu = b.capacity_mut().as_mut_ptr() as usize + range.start;
+            let cpu = b.as_mut_ptr().addr() + range.start;
             self.dma.sync_for_device(cpu, range.len());
             if req.op == BlockOp::Read {
                 read_sync = Some((cpu, range.len()));

@@ -723,7 +723,12 @@ pub fn iobuf(ctrl: &Shared, len: usize, misalign: usize) -> IoBuf {
     let v: &'static mut [u8] = vec![0u8; len + misalign + 8192].leak();
     let start = v.as_ptr().align_offset(4096) + misalign;
     let mem = &mut v[start..start + len];
-    let addr = mem.as_ptr() as u64;
+    let addr = mem.as_ptr().addr() as u64;
+    let mut b = IoBuf::new(mem, addr);
+    // The fake device reads and writes the buffer through its address as a DMA engine would:
+    // expose the buffer's own pointer for that (a pointer derived from `mem` before the
+    // buffer took it over is not valid for the device's writes, as Miri reports).
+    b.as_mut_ptr().expose_provenance();
     ctrl.borrow_mut().register(addr, len);
-    IoBuf::new(mem, addr)
+    b
 }

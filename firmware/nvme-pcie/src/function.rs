@@ -45,6 +45,10 @@ pub struct FunctionConfig {
     pub max_io_queues: u16,
     /// Commands fetched from one SQ per poll (fairness between queues).
     pub fetch_burst: u16,
+    /// The owner of this function's core queues ([`Target::create_local_controller`]): the
+    /// core's events for them carry it ([`Event::owner`]), so a poll loop serving several
+    /// transports hands them to this function without asking the others.
+    pub owner: u16,
 }
 
 impl FunctionConfig {
@@ -54,6 +58,7 @@ impl FunctionConfig {
             subnqn: subnqn.into(),
             max_io_queues: 8,
             fetch_burst: 32,
+            owner: 0,
         }
     }
 }
@@ -375,12 +380,30 @@ impl PcieFunction {
         self.pool.count()
     }
 
+    /// Tears the function down and hands its buffer pool back (to build another function over
+    /// the same memory: pools are carved once). Reset it first (CC.EN = 0 and a poll) so that
+    /// every buffer is home: [`PcieFunction::buffers_available`] = [`PcieFunction::buffers_total`].
+    pub fn into_pool(self) -> BufPool {
+        self.pool
+    }
+
     /// Largest transfer per command in bytes.
     pub fn max_transfer(&self) -> usize {
         self.max_transfer
     }
 
-    /// True when `q` is one of this function's core queues (route [`Event`]s by this).
+    /// The admin queue of the function's controller in the core, while a host has it
+    /// enabled (to set that controller's limits: [`keel_controller::Target::set_controller_limits`]).
+    pub fn admin_queue(&self) -> Option<QueueId> {
+        self.admin
+    }
+
+    /// The owner of this function's core queues ([`FunctionConfig::owner`]).
+    pub fn owner(&self) -> u16 {
+        self.cfg.owner
+    }
+
+    /// True when `q` is one of this function's core queues.
     pub fn owns(&self, q: QueueId) -> bool {
         self.admin == Some(q)
             || self.sqs.iter().any(|s| s.live && s.core == Some(q))
@@ -490,9 +513,9 @@ impl PcieFunction {
                     Some(Event::QueueTerminated(q))
                 }
             }
-            Event::BufferReleased(b) => match self.pool.put(b) {
+            Event::BufferReleased { owner, buf } => match self.pool.put(buf) {
                 Ok(()) => None,
-                Err((_, b)) => Some(Event::BufferReleased(b)),
+                Err((_, buf)) => Some(Event::BufferReleased { owner, buf }),
             },
         }
     }
@@ -584,7 +607,8 @@ impl PcieFunction {
         if !ok {
             return self.set_fatal(FatalReason::BadAdminQueue);
         }
-        let Ok(admin) = target.create_local_controller(now, &self.cfg.subnqn) else {
+        let Ok(admin) = target.create_local_controller(now, &self.cfg.subnqn, self.cfg.owner)
+        else {
             return self.set_fatal(FatalReason::CoreRefused);
         };
         let _ = target.property_set(now, admin, offset::CC, PropertySize::Four, cc.0 as u64);
@@ -595,6 +619,12 @@ impl PcieFunction {
         if csts.cfs() || !csts.rdy() {
             let _ = target.close_queue(admin);
             return self.set_fatal(FatalReason::CoreRefused);
+        }
+        // Doorbells start at 0 (their reset value): whatever a host wrote to them while the
+        // controller was disabled does not submit anything.
+        for qid in 0..=self.cfg.max_io_queues {
+            ep.write_doorbell(layout::sq_tail_doorbell(qid), 0);
+            ep.write_doorbell(layout::cq_head_doorbell(qid), 0);
         }
         self.admin = Some(admin);
         self.sqs[0] = Sq::open(asq, asqs, 0, admin);

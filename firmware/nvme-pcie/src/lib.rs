@@ -53,11 +53,13 @@
 //! # Calling protocol (firmware)
 //!
 //! ```text
-//! let mut f = PcieFunction::new(FunctionConfig::new(subnqn), pool)?;   // once per function
+//! let cfg = FunctionConfig { owner: 1, ..FunctionConfig::new(subnqn) };
+//! let mut f = PcieFunction::new(cfg, pool)?;              // once per function
 //! loop {                                                  // the poll loop
 //!     f.poll(now, &mut target, &mut endpoint);            // registers, doorbells, commands
-//!     target.poll(now, &mut |ev| {                        // completions from backends
-//!         if let Some(ev) = f.handle_event(ev, &mut endpoint) { /* another transport's */ }
+//!     target.poll(now, &mut |ev| match ev.owner() {       // completions from backends,
+//!         1 => { f.handle_event(ev, &mut endpoint); }     // routed by the queue's owner
+//!         _ => { /* another transport's */ }
 //!     });
 //! }
 //! ```

@@ -260,6 +260,8 @@ impl Status {
         Status::generic(generic::SGL_DESCRIPTOR_TYPE_INVALID).with_dnr();
     /// PRP Offset Invalid (DNR).
     pub const INVALID_PRP_OFFSET: Status = Status::generic(generic::INVALID_PRP_OFFSET).with_dnr();
+    /// SGL Offset Invalid (DNR).
+    pub const SGL_OFFSET_INVALID: Status = Status::generic(generic::SGL_OFFSET_INVALID).with_dnr();
     /// Command Interrupted (retryable).
     pub const COMMAND_INTERRUPTED: Status = Status::generic(generic::COMMAND_INTERRUPTED);
     /// Keep Alive Timeout Invalid (DNR).

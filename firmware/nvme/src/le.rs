@@ -5,11 +5,13 @@
 //! guards against programming errors, never against input.
 
 /// Reads a `u8` at `off`.
+#[inline]
 pub fn u8_at(b: &[u8], off: usize) -> u8 {
     b.get(off).copied().unwrap_or(0)
 }
 
 /// Reads a little-endian `u16` at `off`.
+#[inline]
 pub fn u16_at(b: &[u8], off: usize) -> u16 {
     let mut a = [0u8; 2];
     if let Some(s) = b.get(off..off.saturating_add(2)) {
@@ -19,6 +21,7 @@ pub fn u16_at(b: &[u8], off: usize) -> u16 {
 }
 
 /// Reads a little-endian `u32` at `off`.
+#[inline]
 pub fn u32_at(b: &[u8], off: usize) -> u32 {
     let mut a = [0u8; 4];
     if let Some(s) = b.get(off..off.saturating_add(4)) {
@@ -28,6 +31,7 @@ pub fn u32_at(b: &[u8], off: usize) -> u32 {
 }
 
 /// Reads a little-endian `u64` at `off`.
+#[inline]
 pub fn u64_at(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     if let Some(s) = b.get(off..off.saturating_add(8)) {
@@ -37,6 +41,7 @@ pub fn u64_at(b: &[u8], off: usize) -> u64 {
 }
 
 /// Reads a little-endian 128-bit counter at `off` (SMART log fields).
+#[inline]
 pub fn u128_at(b: &[u8], off: usize) -> u128 {
     let mut a = [0u8; 16];
     if let Some(s) = b.get(off..off.saturating_add(16)) {
@@ -46,6 +51,7 @@ pub fn u128_at(b: &[u8], off: usize) -> u128 {
 }
 
 /// Copies `N` bytes at `off` into an array.
+#[inline]
 pub fn array_at<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
     let mut a = [0u8; N];
     if let Some(s) = b.get(off..off.saturating_add(N)) {
@@ -55,6 +61,7 @@ pub fn array_at<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
 }
 
 /// Writes a `u8` at `off`.
+#[inline]
 pub fn put_u8(b: &mut [u8], off: usize, v: u8) {
     if let Some(x) = b.get_mut(off) {
         *x = v;
@@ -62,6 +69,7 @@ pub fn put_u8(b: &mut [u8], off: usize, v: u8) {
 }
 
 /// Writes bytes at `off`.
+#[inline]
 pub fn put_bytes(b: &mut [u8], off: usize, v: &[u8]) {
     if let Some(s) = b.get_mut(off..off.saturating_add(v.len())) {
         s.copy_from_slice(v);
@@ -69,27 +77,32 @@ pub fn put_bytes(b: &mut [u8], off: usize, v: &[u8]) {
 }
 
 /// Writes a little-endian `u16` at `off`.
+#[inline]
 pub fn put_u16(b: &mut [u8], off: usize, v: u16) {
     put_bytes(b, off, &v.to_le_bytes());
 }
 
 /// Writes a little-endian `u32` at `off`.
+#[inline]
 pub fn put_u32(b: &mut [u8], off: usize, v: u32) {
     put_bytes(b, off, &v.to_le_bytes());
 }
 
 /// Writes a little-endian `u64` at `off`.
+#[inline]
 pub fn put_u64(b: &mut [u8], off: usize, v: u64) {
     put_bytes(b, off, &v.to_le_bytes());
 }
 
 /// Writes a little-endian 128-bit value at `off`.
+#[inline]
 pub fn put_u128(b: &mut [u8], off: usize, v: u128) {
     put_bytes(b, off, &v.to_le_bytes());
 }
 
 /// Writes `s` into the `len`-byte field at `off`, truncated, padded with `pad`
 /// (ASCII space for SN/MN/FR, NUL for NQNs and addresses).
+#[inline]
 pub fn put_str(b: &mut [u8], off: usize, len: usize, s: &str, pad: u8) {
     if let Some(field) = b.get_mut(off..off.saturating_add(len)) {
         field.fill(pad);
@@ -102,6 +115,7 @@ pub fn put_str(b: &mut [u8], off: usize, len: usize, s: &str, pad: u8) {
 
 /// Reads the string in the `len`-byte field at `off`: up to the first NUL, trailing spaces
 /// removed. Returns `None` when the bytes are not UTF-8.
+#[inline]
 pub fn str_at(b: &[u8], off: usize, len: usize) -> Option<&str> {
     let field = b.get(off..off.saturating_add(len))?;
     let end = field.iter().position(|&c| c == 0).unwrap_or(field.len());

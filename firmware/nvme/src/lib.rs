@@ -42,7 +42,7 @@ pub mod sqe;
 
 pub use cqe::{Cqe, Status};
 pub use opcode::{AdminOpcode, FabricsType, FeatureId, IoOpcode, LogPageId};
-pub use sqe::{SglDescriptor, Sqe};
+pub use sqe::{DataDirection, SglDescriptor, Sqe};
 
 /// The well-known NQN of the discovery subsystem (NVMe base 2.0 §4.5 / NVMe-oF 1.1 §5).
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";

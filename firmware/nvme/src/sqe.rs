@@ -37,6 +37,21 @@ pub enum Psdt {
     Reserved,
 }
 
+/// Data transfer direction of a command: bits 1:0 of the opcode (Figure 138, Data Transfer
+/// column; NVM Command Set 1.0 Figure 18) or, for fabrics commands, of FCTYPE (NVMe-oF 1.1
+/// §3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDirection {
+    /// 00b: no data.
+    None,
+    /// 01b: host to controller (write-like).
+    HostToController,
+    /// 10b: controller to host (read-like).
+    ControllerToHost,
+    /// 11b: bidirectional.
+    Bidirectional,
+}
+
 /// SGL descriptor types (Figure 99).
 pub mod sgl_type {
     /// SGL Data Block descriptor.
@@ -260,6 +275,21 @@ impl Sqe {
         self.nsid as u8
     }
 
+    /// Data transfer direction: opcode bits 1:0, or FCTYPE bits 1:0 for fabrics commands.
+    pub const fn data_direction(&self) -> DataDirection {
+        let code = if self.opcode == crate::opcode::FABRICS_OPCODE {
+            self.fctype()
+        } else {
+            self.opcode
+        };
+        match code & 3 {
+            0 => DataDirection::None,
+            1 => DataDirection::HostToController,
+            2 => DataDirection::ControllerToHost,
+            _ => DataDirection::Bidirectional,
+        }
+    }
+
     /// CDW `n` for `n` in 10..=15; 0 for any other `n`.
     pub fn cdw(&self, n: usize) -> u32 {
         n.checked_sub(10)
@@ -379,6 +409,27 @@ mod tests {
         assert_eq!(sqe.cdw(12), 7);
         assert_eq!(sqe.cdw(9), 0);
         assert_eq!(sqe.cdw(16), 0);
+    }
+
+    #[test]
+    fn data_direction_bits() {
+        use DataDirection::*;
+        // Opcode bits 1:0: Flush 00h, Write 01h, Read 02h, 03h (11b), Compare 05h; fabrics
+        // commands by FCTYPE bits 1:0, not by their opcode 7Fh (11b): Property Set 00h,
+        // Connect 01h, Property Get 04h.
+        let cases = [
+            (Sqe::new(0x00, 0), None),
+            (Sqe::new(0x01, 0), HostToController),
+            (Sqe::new(0x02, 0), ControllerToHost),
+            (Sqe::new(0x03, 0), Bidirectional),
+            (Sqe::new(0x05, 0), HostToController),
+            (Sqe::fabrics(0x00, 0), None),
+            (Sqe::fabrics(0x01, 0), HostToController),
+            (Sqe::fabrics(0x04, 0), None),
+        ];
+        for (sqe, want) in cases {
+            assert_eq!(sqe.data_direction(), want, "opcode {:#x}", sqe.opcode);
+        }
     }
 
     #[test]

@@ -8,11 +8,15 @@
 //! * [`pdu`]: the PDU formats (§3.6: common header figure 12, PDU types figure 13, ICReq/ICResp
 //!   §3.6.2.2-3, H2C/C2HTermReq §3.6.2.4-5, CapsuleCmd/Resp §3.6.2.6-7, H2C/C2HData
 //!   §3.6.2.8-9, R2T §3.6.2.10), fatal error codes (FES/FEI, figure 23).
-//! * [`TargetConnection`]: the controller side of one connection (§3.3 connection
-//!   establishment, §3.4.1 in-capsule data, §3.4.2 R2T-solicited host-to-controller data,
-//!   §3.4.3 controller-to-host data with the SUCCESS optimisation, §3.5 error handling and
-//!   termination).
-//! * [`HostConnection`]: the initiator side, for the host tools and the remote-volume backend.
+//! * [`Connection`]: the connection core both roles share (§3.3 connection establishment,
+//!   §3.5 error handling and termination, §3.6.1 framing under any segmentation): receive
+//!   phases, transmit cursor, event and transmit queues, TermReq, close. A role plugs in its
+//!   PDU handling as a type parameter (static dispatch):
+//! * [`TargetConnection`] = `Connection<TargetRole>`: the controller side (§3.4.1 in-capsule
+//!   data, §3.4.2 R2T-solicited host-to-controller data, §3.4.3 controller-to-host data with
+//!   the SUCCESS optimisation).
+//! * [`HostConnection`] = `Connection<HostRole>`: the initiator side, for the host tools and
+//!   the remote-volume backend.
 //!
 //! ## Layering
 //! Nothing here touches sockets, timers or hardware: the firmware feeds received TCP bytes in
@@ -24,9 +28,10 @@
 //! allocated when the connection is created; nothing is allocated per PDU or per command, and a
 //! hostile peer's lengths are validated against negotiated limits before anything is buffered.
 //!
-//! Capsules are raw 64-byte SQEs and 16-byte CQEs; [`capsule`] reads the handful of fields the
-//! transport needs (CID, opcode/fctype direction, the DPTR SGL descriptor). The NVMe command
-//! set lives in the controller core, not here.
+//! Capsules cross to the application typed: a received command is a [`keel_nvme::Sqe`]
+//! (decoded once, here), a completion is handed over as a [`keel_nvme::Cqe`], a command the
+//! transport fails carries a [`keel_nvme::Status`]. [`capsule`] holds only what NVMe/TCP makes
+//! of SGL1. The NVMe command set lives in the controller core, not here.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -34,6 +39,7 @@
 extern crate alloc;
 
 pub mod capsule;
+mod conn;
 pub use keel_crc32c as crc32c;
 pub mod host;
 pub mod pdu;
@@ -42,10 +48,11 @@ pub mod target;
 
 use core::fmt;
 
-pub use capsule::Status;
-pub use host::{HostConfig, HostConnection, HostEvent};
+pub use conn::{ConnState, Connection};
+pub use host::{HostConfig, HostConnection, HostEvent, HostRole};
+pub use keel_nvme::{Cqe, DataDirection, Sqe, Status};
 pub use pdu::{Digests, FatalError};
-pub use target::{Event, TargetConfig, TargetConnection, TargetState};
+pub use target::{Event, TargetConfig, TargetConnection, TargetRole, TargetState};
 
 /// Why a connection closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,7 @@
 
 use crate::crc32c::{Crc32c, crc32c};
 use core::fmt;
+use keel_nvme::le::{put_u16, put_u32, u16_at, u32_at};
 
 /// Byte offsets of every header field (NVMe/TCP 1.0 §3.6.1 figure 12 and §3.6.2 figures).
 pub mod field {
@@ -80,14 +81,21 @@ pub const DIGEST_LEN: usize = 4;
 /// Largest header we ever buffer: ICReq/ICResp (no digest) or a digest-carrying header.
 pub const MAX_HDR_LEN: usize = IC_HLEN + DIGEST_LEN;
 
-/// FLAGS bit 0: header digest present.
-pub const FLAG_HDGSTF: u8 = 1 << 0;
-/// FLAGS bit 1: data digest present.
-pub const FLAG_DDGSTF: u8 = 1 << 1;
-/// FLAGS bit 2 (H2CData/C2HData): last PDU of the transfer (of the R2T for H2CData).
-pub const FLAG_LAST_PDU: u8 = 1 << 2;
-/// FLAGS bit 3 (C2HData): command completed successfully, no CapsuleResp follows.
-pub const FLAG_SUCCESS: u8 = 1 << 3;
+bitflags::bitflags! {
+    /// The common header's FLAGS (NVMe/TCP 1.0 common header figure). Bits a PDU type does
+    /// not define are kept as received (reserved: ignored).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct PduFlags: u8 {
+        /// Bit 0: header digest present.
+        const HDGSTF = 1 << 0;
+        /// Bit 1: data digest present.
+        const DDGSTF = 1 << 1;
+        /// Bit 2 (H2CData/C2HData): last PDU of the transfer (of the R2T for H2CData).
+        const LAST_PDU = 1 << 2;
+        /// Bit 3 (C2HData): command completed successfully, no CapsuleResp follows.
+        const SUCCESS = 1 << 3;
+    }
+}
 
 /// ICReq/ICResp DGST bit 0.
 pub const DGST_HDGST: u8 = 1 << 0;
@@ -255,46 +263,6 @@ impl fmt::Display for Error {
     }
 }
 
-#[inline]
-pub(crate) fn get_u16(b: &[u8], at: usize) -> u16 {
-    match b.get(at..at + 2) {
-        Some(s) => u16::from_le_bytes([s[0], s[1]]),
-        None => 0,
-    }
-}
-#[inline]
-pub(crate) fn get_u32(b: &[u8], at: usize) -> u32 {
-    match b.get(at..at + 4) {
-        Some(s) => u32::from_le_bytes([s[0], s[1], s[2], s[3]]),
-        None => 0,
-    }
-}
-#[inline]
-pub(crate) fn get_u64(b: &[u8], at: usize) -> u64 {
-    match b.get(at..at + 8) {
-        Some(s) => u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
-        None => 0,
-    }
-}
-#[inline]
-pub(crate) fn put_u16(b: &mut [u8], at: usize, v: u16) {
-    if let Some(s) = b.get_mut(at..at + 2) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-#[inline]
-pub(crate) fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    if let Some(s) = b.get_mut(at..at + 4) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-#[inline]
-pub(crate) fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    if let Some(s) = b.get_mut(at..at + 8) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
 /// A checked view of the 8-byte common header.
 #[derive(Debug, Clone, Copy)]
 pub struct CommonHeader<T: AsRef<[u8]>> {
@@ -318,8 +286,8 @@ impl<T: AsRef<[u8]>> CommonHeader<T> {
         PduType::from_u8(self.raw_type())
     }
     /// FLAGS.
-    pub fn flags(&self) -> u8 {
-        self.buf.as_ref()[field::FLAGS]
+    pub fn flags(&self) -> PduFlags {
+        PduFlags::from_bits_retain(self.buf.as_ref()[field::FLAGS])
     }
     /// HLEN.
     pub fn hlen(&self) -> u8 {
@@ -331,14 +299,21 @@ impl<T: AsRef<[u8]>> CommonHeader<T> {
     }
     /// PLEN.
     pub fn plen(&self) -> u32 {
-        get_u32(self.buf.as_ref(), field::PLEN.start)
+        u32_at(self.buf.as_ref(), field::PLEN.start)
     }
 }
 
 /// Write a common header into `b[..8]` (the caller guarantees the length).
-pub(crate) fn put_ch(b: &mut [u8], ty: PduType, flags: u8, hlen: usize, pdo: usize, plen: u32) {
+pub(crate) fn put_ch(
+    b: &mut [u8],
+    ty: PduType,
+    flags: PduFlags,
+    hlen: usize,
+    pdo: usize,
+    plen: u32,
+) {
     b[field::PDU_TYPE] = ty as u8;
-    b[field::FLAGS] = flags;
+    b[field::FLAGS] = flags.bits();
     b[field::HLEN] = hlen as u8;
     b[field::PDO] = pdo as u8;
     put_u32(b, field::PLEN.start, plen);
@@ -379,7 +354,7 @@ impl<T: AsRef<[u8]>> Header<T> {
     }
     /// PFV (ICReq/ICResp).
     pub fn pfv(&self) -> u16 {
-        get_u16(self.b(), field::IC_PFV.start)
+        u16_at(self.b(), field::IC_PFV.start)
     }
     /// HPDA (ICReq) or CPDA (ICResp).
     pub fn pda(&self) -> u8 {
@@ -389,17 +364,24 @@ impl<T: AsRef<[u8]>> Header<T> {
     pub fn dgst(&self) -> u8 {
         self.b()[field::IC_DGST]
     }
+    /// The digests the DGST byte asks for (ICReq) or enables (ICResp).
+    pub fn ic_digests(&self) -> Digests {
+        Digests {
+            header: self.dgst() & DGST_HDGST != 0,
+            data: self.dgst() & DGST_DDGST != 0,
+        }
+    }
     /// MAXR2T (ICReq) / MAXH2CDATA (ICResp).
     pub fn ic_max(&self) -> u32 {
-        get_u32(self.b(), field::IC_MAX.start)
+        u32_at(self.b(), field::IC_MAX.start)
     }
     /// FES (TermReq).
     pub fn fes(&self) -> u16 {
-        get_u16(self.b(), field::TERM_FES.start)
+        u16_at(self.b(), field::TERM_FES.start)
     }
     /// FEI (TermReq).
     pub fn fei(&self) -> u32 {
-        get_u32(self.b(), field::TERM_FEI.start)
+        u32_at(self.b(), field::TERM_FEI.start)
     }
     /// The SQE of a CapsuleCmd.
     pub fn sqe(&self) -> [u8; 64] {
@@ -419,19 +401,19 @@ impl<T: AsRef<[u8]>> Header<T> {
     }
     /// CCCID (H2CData/C2HData/R2T).
     pub fn cccid(&self) -> u16 {
-        get_u16(self.b(), field::DATA_CCCID.start)
+        u16_at(self.b(), field::DATA_CCCID.start)
     }
     /// TTAG (H2CData/R2T).
     pub fn ttag(&self) -> u16 {
-        get_u16(self.b(), field::DATA_TTAG.start)
+        u16_at(self.b(), field::DATA_TTAG.start)
     }
     /// DATAO / R2TO.
     pub fn data_offset(&self) -> u32 {
-        get_u32(self.b(), field::DATA_OFFSET.start)
+        u32_at(self.b(), field::DATA_OFFSET.start)
     }
     /// DATAL / R2TL.
     pub fn data_length(&self) -> u32 {
-        get_u32(self.b(), field::DATA_LENGTH.start)
+        u32_at(self.b(), field::DATA_LENGTH.start)
     }
 }
 
@@ -642,13 +624,9 @@ impl Repr {
         }
         let h = &mut out[..lay.header_len];
         h.fill(0);
-        let mut flags = 0;
-        if lay.header_len > hl {
-            flags |= FLAG_HDGSTF;
-        }
-        if lay.ddgst_len > 0 {
-            flags |= FLAG_DDGSTF;
-        }
+        let mut flags = PduFlags::empty();
+        flags.set(PduFlags::HDGSTF, lay.header_len > hl);
+        flags.set(PduFlags::DDGSTF, lay.ddgst_len > 0);
         match *self {
             Self::IcReq {
                 pfv,
@@ -694,9 +672,7 @@ impl Repr {
                 put_u16(h, field::DATA_TTAG.start, ttag);
                 put_u32(h, field::DATA_OFFSET.start, offset);
                 put_u32(h, field::DATA_LENGTH.start, len);
-                if last {
-                    flags |= FLAG_LAST_PDU;
-                }
+                flags.set(PduFlags::LAST_PDU, last);
             }
             Self::C2HData {
                 cccid,
@@ -708,12 +684,8 @@ impl Repr {
                 put_u16(h, field::DATA_CCCID.start, cccid);
                 put_u32(h, field::DATA_OFFSET.start, offset);
                 put_u32(h, field::DATA_LENGTH.start, len);
-                if last {
-                    flags |= FLAG_LAST_PDU;
-                }
-                if success {
-                    flags |= FLAG_SUCCESS;
-                }
+                flags.set(PduFlags::LAST_PDU, last);
+                flags.set(PduFlags::SUCCESS, success);
             }
             Self::R2T {
                 cccid,
@@ -739,12 +711,17 @@ impl Repr {
     pub fn parse<T: AsRef<[u8]>>(h: &Header<T>) -> Self {
         let ch = h.ch();
         let flags = ch.flags();
-        let dg = Digests {
-            header: h.dgst() & DGST_HDGST != 0,
-            data: h.dgst() & DGST_DDGST != 0,
+        let dg = h.ic_digests();
+        let hd = if flags.contains(PduFlags::HDGSTF) {
+            4
+        } else {
+            0
         };
-        let hd = if flags & FLAG_HDGSTF != 0 { 4 } else { 0 };
-        let dd = if flags & FLAG_DDGSTF != 0 { 4 } else { 0 };
+        let dd = if flags.contains(PduFlags::DDGSTF) {
+            4
+        } else {
+            0
+        };
         let plen = ch.plen() as usize;
         let pdo = ch.pdo() as usize;
         match h.pdu_type() {
@@ -780,14 +757,14 @@ impl Repr {
                 ttag: h.ttag(),
                 offset: h.data_offset(),
                 len: h.data_length(),
-                last: flags & FLAG_LAST_PDU != 0,
+                last: flags.contains(PduFlags::LAST_PDU),
             },
             PduType::C2HData => Self::C2HData {
                 cccid: h.cccid(),
                 offset: h.data_offset(),
                 len: h.data_length(),
-                last: flags & FLAG_LAST_PDU != 0,
-                success: flags & FLAG_SUCCESS != 0,
+                last: flags.contains(PduFlags::LAST_PDU),
+                success: flags.contains(PduFlags::SUCCESS),
             },
             PduType::R2T => Self::R2T {
                 cccid: h.cccid(),

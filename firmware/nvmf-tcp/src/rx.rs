@@ -4,52 +4,65 @@
 
 use crate::crc32c::{Crc32c, crc32c};
 use crate::pdu::{
-    self, DIGEST_LEN, Digests, FLAG_DDGSTF, FLAG_HDGSTF, FatalError, IC_HLEN, MAX_HDR_LEN, PduType,
-    TERM_HLEN, TERM_MAX_PLEN, field,
+    DIGEST_LEN, Digests, FatalError, IC_HLEN, MAX_HDR_LEN, PduFlags, PduType, TERM_HLEN,
+    TERM_MAX_PLEN, field,
 };
+use keel_nvme::le;
 
 /// What the receiving side accepts, fixed per connection state.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// The receiver is the controller.
     pub target: bool,
     /// Negotiated digests (none before the IC exchange).
     pub digests: Digests,
+    /// The IC exchange is complete (IC PDUs are now a sequence error, others allowed).
+    pub ic_done: bool,
+    /// The role's limits on data.
+    pub data: DataLimits,
+}
+
+/// A role's limits on the data it receives.
+#[derive(Debug, Clone, Copy)]
+pub struct DataLimits {
     /// Maximum in-capsule data (target).
     pub max_capsule_data: u32,
     /// Maximum data in one H2CData (target) / C2HData (host).
     pub max_data_pdu: u32,
     /// Required PDO alignment in bytes of data PDUs we receive.
     pub align: u32,
-    /// The IC exchange is complete (IC PDUs are now a sequence error, others allowed).
-    pub ic_done: bool,
 }
 
 /// A validated common header.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct PduInfo {
+pub struct PduInfo {
+    /// PDU type.
     pub ty: PduType,
-    pub flags: u8,
+    /// FLAGS.
+    pub flags: PduFlags,
     /// HLEN + header digest.
     pub hdr_len: usize,
     /// Offset of the data (valid when `data_len > 0`).
     pub pdo: usize,
+    /// Data bytes (without padding and data digest).
     pub data_len: u32,
+    /// A data digest follows the data.
     pub ddgst: bool,
+    /// A header digest follows the header.
     pub hdgst: bool,
 }
 
 /// Validate a common header against the PDU type rules and the connection's limits.
-pub(crate) fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
+pub fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
     let raw = ch.first().copied().unwrap_or(0xFF);
     let ty = match PduType::from_u8(raw) {
         Some(t) if t.host_to_controller() == lim.target => t,
         _ => return Err(FatalError::field(field::PDU_TYPE)),
     };
-    let flags = ch.get(field::FLAGS).copied().unwrap_or(0);
+    let flags = PduFlags::from_bits_retain(ch.get(field::FLAGS).copied().unwrap_or(0));
     let hlen = ch.get(field::HLEN).copied().unwrap_or(0) as usize;
     let pdo = ch.get(field::PDO).copied().unwrap_or(0) as usize;
-    let plen = pdu::get_u32(ch, field::PLEN.start) as usize;
+    let plen = le::u32_at(ch, field::PLEN.start) as usize;
     let is_ic = matches!(ty, PduType::IcReq | PduType::IcResp);
     let is_term = matches!(ty, PduType::H2CTermReq | PduType::C2HTermReq);
     if !is_term && is_ic == lim.ic_done {
@@ -60,7 +73,7 @@ pub(crate) fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
     }
     match ty {
         PduType::IcReq | PduType::IcResp | PduType::H2CTermReq | PduType::C2HTermReq => {
-            if flags & (FLAG_HDGSTF | FLAG_DDGSTF) != 0 {
+            if flags.intersects(PduFlags::HDGSTF | PduFlags::DDGSTF) {
                 return Err(FatalError::field(field::FLAGS));
             }
             let ok = if hlen == IC_HLEN {
@@ -83,12 +96,12 @@ pub(crate) fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
         }
         _ => {}
     }
-    let hdgst = flags & FLAG_HDGSTF != 0;
+    let hdgst = flags.contains(PduFlags::HDGSTF);
     if hdgst != lim.digests.header {
         return Err(FatalError::field(field::FLAGS));
     }
     let hdr_len = hlen + if hdgst { DIGEST_LEN } else { 0 };
-    let ddgst = flags & FLAG_DDGSTF != 0;
+    let ddgst = flags.contains(PduFlags::DDGSTF);
     if plen < hdr_len {
         return Err(FatalError::field(field::PLEN.start));
     }
@@ -117,14 +130,14 @@ pub(crate) fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
         return Err(FatalError::field(field::FLAGS));
     }
     let dd = if ddgst { DIGEST_LEN } else { 0 };
-    if pdo < hdr_len || !(pdo as u32).is_multiple_of(lim.align.max(1)) || pdo + dd >= plen {
+    if pdo < hdr_len || !(pdo as u32).is_multiple_of(lim.data.align.max(1)) || pdo + dd >= plen {
         return Err(FatalError::field(field::PDO));
     }
     let data_len = (plen - pdo - dd) as u32;
     let max = if ty == PduType::CapsuleCmd {
-        lim.max_capsule_data
+        lim.data.max_capsule_data
     } else {
-        lim.max_data_pdu
+        lim.data.max_data_pdu
     };
     if data_len > max {
         return Err(FatalError::DataLimitExceeded);
@@ -142,7 +155,7 @@ pub(crate) fn check_ch(ch: &[u8], lim: &Limits) -> Result<PduInfo, FatalError> {
 
 /// Receive phases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
+pub enum Phase {
     /// Accumulating the common header (`info` is None) or the rest of the header.
     Header,
     /// Header complete and verified, waiting for the connection to accept it (it may stall).
@@ -157,9 +170,9 @@ pub(crate) enum Phase {
 
 /// Per-connection receive framing state (fixed size: at most one header is ever buffered).
 #[derive(Debug)]
-pub(crate) struct RxCore {
-    pub hdr: [u8; MAX_HDR_LEN],
-    pub have: usize,
+pub struct RxCore {
+    hdr: [u8; MAX_HDR_LEN],
+    have: usize,
     pub info: Option<PduInfo>,
     pub phase: Phase,
     pub crc: Crc32c,
@@ -215,7 +228,7 @@ impl RxCore {
                 Some(i) => {
                     if i.hdgst {
                         let hl = i.ty.hlen();
-                        let got = pdu::get_u32(&self.hdr, hl);
+                        let got = le::u32_at(&self.hdr, hl);
                         if crc32c(&self.hdr[..hl]) != got {
                             return Err(FatalError::HeaderDigest);
                         }

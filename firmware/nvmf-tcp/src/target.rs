@@ -1,16 +1,20 @@
 //! Controller-side (target) connection state machine (NVMe/TCP 1.0 §3.3 connection
 //! establishment, §3.4 data transfers, §3.5 termination, §3.6.2 PDU processing).
 //!
-//! States: Await-ICReq → Ready → Terminating (C2HTermReq queued) → Closed.
+//! States: Await-ICReq → Ready → Terminating (C2HTermReq queued) → Closed. Framing, the
+//! transmit cursor, TermReq and close are the connection core's ([`Connection`]); this module
+//! is the controller's PDU handling: command capsules and H2CData in, R2T, C2HData and
+//! CapsuleResp out.
 
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::capsule::{self, Direction, SGL_IN_CAPSULE, SGL_TRANSPORT, Status};
-use crate::crc32c::{Crc32c, copy_and_crc};
-use crate::pdu::{Digests, FLAG_LAST_PDU, FatalError, Header, PduType, Repr, TERM_MAX_DATA, field};
-use crate::rx::{Limits, Phase, RxCore};
+use keel_nvme::{Cqe, DataDirection, Sqe, Status};
+
+use crate::capsule::{SGL_IN_CAPSULE, SGL_TRANSPORT, Sgl1};
+use crate::conn::{ConnState, Connection, Core, PduOf, Role, RxData, RxPdu};
+use crate::pdu::{Digests, FatalError, Header, PduFlags, PduType, Repr, field};
+use crate::rx::{DataLimits, PduInfo};
 use crate::{CloseReason, RejectReason, Rejected};
 
 /// Minimum in-capsule data size accepted for every command (fabrics and admin commands,
@@ -105,18 +109,8 @@ impl TargetConfig {
     }
 }
 
-/// Connection state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetState {
-    /// Waiting for the host's ICReq.
-    AwaitIcReq,
-    /// IC exchange done; commands flow.
-    Ready,
-    /// Fatal error: the C2HTermReq is queued for transmission.
-    Terminating,
-    /// Closed: the application should flush what `transmit` produced and close the socket.
-    Closed,
-}
+/// Target connection state (the connection core's).
+pub type TargetState = ConnState;
 
 /// Something the application must act on.
 #[derive(Debug)]
@@ -140,7 +134,7 @@ pub enum Event<B> {
     /// [`TargetConnection::complete`].
     Command {
         /// The submission queue entry.
-        sqe: [u8; 64],
+        sqe: Sqe,
         /// Host data, if any.
         buf: Option<B>,
         /// Data length (SGL length).
@@ -150,7 +144,7 @@ pub enum Event<B> {
     /// with `status` so SQ head and flow control stay with the controller core.
     CommandFailed {
         /// The submission queue entry.
-        sqe: [u8; 64],
+        sqe: Sqe,
         /// Partially received data buffer, if one was provided.
         buf: Option<B>,
         /// The status to report.
@@ -194,7 +188,7 @@ enum St {
 struct Slot<B> {
     st: St,
     cid: u16,
-    sqe: [u8; 64],
+    sqe: Sqe,
     buf: Option<B>,
     len: u32,
     in_capsule: bool,
@@ -207,8 +201,6 @@ struct Slot<B> {
     send_len: u32,
     sent_off: u32,
     success: bool,
-    txq: bool,
-    evq: bool,
 }
 
 impl<B> Slot<B> {
@@ -216,7 +208,7 @@ impl<B> Slot<B> {
         Self {
             st: St::Free,
             cid: 0,
-            sqe: [0; 64],
+            sqe: Sqe::new(0, 0),
             buf: None,
             len: 0,
             in_capsule: false,
@@ -229,8 +221,6 @@ impl<B> Slot<B> {
             send_len: 0,
             sent_off: 0,
             success: false,
-            txq: false,
-            evq: false,
         }
     }
     fn active(&self) -> bool {
@@ -238,142 +228,18 @@ impl<B> Slot<B> {
     }
 }
 
+/// Where the data of the PDU being received goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sink {
-    None,
     Slot(u16),
     Discard,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Done {
-    Nothing,
-    Release(u16),
-    Close,
-}
-
-/// The PDU being transmitted.
+/// The controller role of a connection: its command slots and the PDU handling of a target.
 #[derive(Debug)]
-pub(crate) struct TxCur {
-    pub hdr: [u8; 160],
-    pub hdr_len: usize,
-    pub pos: usize,
-    pub pad: usize,
-    pub data_slot: u16,
-    pub data_off: u32,
-    pub data_len: u32,
-    pub ddgst: bool,
-    pub crc: Crc32c,
-    pub active: bool,
-    done: Done,
-}
-
-impl TxCur {
-    pub(crate) const fn new() -> Self {
-        Self {
-            hdr: [0; 160],
-            hdr_len: 0,
-            pos: 0,
-            pad: 0,
-            data_slot: 0,
-            data_off: 0,
-            data_len: 0,
-            ddgst: false,
-            crc: Crc32c::new(),
-            active: false,
-            done: Done::Nothing,
-        }
-    }
-
-    /// Start a PDU from a header repr; returns false if it cannot be encoded.
-    pub(crate) fn start(&mut self, repr: &Repr, dg: Digests, pda: u8) -> bool {
-        match repr.emit(&mut self.hdr, dg, pda) {
-            Ok(lay) => {
-                self.hdr_len = lay.header_len;
-                self.pad = if lay.data_len > 0 { lay.pad } else { 0 };
-                self.data_len = lay.data_len as u32;
-                self.ddgst = lay.ddgst_len > 0;
-                self.pos = 0;
-                self.crc = Crc32c::new();
-                self.active = true;
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn total(&self) -> usize {
-        self.hdr_len + self.pad + self.data_len as usize + if self.ddgst { 4 } else { 0 }
-    }
-
-    /// Write as much as possible into `out`; `data` is the data source (already offset to
-    /// `data_off`). Returns bytes written and whether the PDU is complete.
-    pub(crate) fn write(&mut self, out: &mut [u8], data: Option<&[u8]>) -> (usize, bool) {
-        let mut n = 0;
-        let hl = self.hdr_len;
-        if self.pos < hl {
-            let k = (hl - self.pos).min(out.len());
-            out[..k].copy_from_slice(&self.hdr[self.pos..self.pos + k]);
-            self.pos += k;
-            n += k;
-        }
-        let p_end = hl + self.pad;
-        if self.pos >= hl && self.pos < p_end {
-            let k = (p_end - self.pos).min(out.len() - n);
-            out[n..n + k].fill(0);
-            self.pos += k;
-            n += k;
-        }
-        let d_end = p_end + self.data_len as usize;
-        if self.pos >= p_end && self.pos < d_end {
-            let k = (d_end - self.pos).min(out.len() - n);
-            let at = self.pos - p_end;
-            let dst = &mut out[n..n + k];
-            match data.and_then(|d| d.get(at..at + k)) {
-                Some(src) => {
-                    if self.ddgst {
-                        copy_and_crc(dst, src, &mut self.crc);
-                    } else {
-                        dst.copy_from_slice(src);
-                    }
-                }
-                None => {
-                    // Cannot happen: buffer lengths are checked when data is handed over.
-                    dst.fill(0);
-                    self.crc.update(dst);
-                }
-            }
-            self.pos += k;
-            n += k;
-        }
-        if self.ddgst && self.pos >= d_end && self.pos < d_end + 4 {
-            let dg = self.crc.finish().to_le_bytes();
-            let at = self.pos - d_end;
-            let k = (4 - at).min(out.len() - n);
-            out[n..n + k].copy_from_slice(&dg[at..at + k]);
-            self.pos += k;
-            n += k;
-        }
-        let fin = self.pos >= self.total();
-        if fin {
-            self.active = false;
-        }
-        (n, fin)
-    }
-}
-
-/// The controller side of one NVMe/TCP connection (one queue pair), sans-IO.
-///
-/// All memory is allocated in [`TargetConnection::new`]; nothing is allocated per PDU or per
-/// command. Buffers for data are the application's (`B`), handed over with
-/// [`provide_buffer`](Self::provide_buffer) and [`complete`](Self::complete) and given back in
-/// events.
-#[derive(Debug)]
-pub struct TargetConnection<B> {
+pub struct TargetRole<B> {
     cfg: TargetConfig,
-    state: TargetState,
     created_ms: u64,
-    digests: Digests,
     hpda: u8,
     max_r2t: u32,
     queue_depth: u16,
@@ -385,255 +251,154 @@ pub struct TargetConnection<B> {
     /// looks at `probe + 1` slots (usually one) instead of all of them. Reset when no slot
     /// is active.
     probe: usize,
-    evq: VecDeque<u16>,
-    txq: VecDeque<u16>,
-    rx: RxCore,
     rx_slot: u16,
     sink: Sink,
-    tx: TxCur,
-    tx_slot: Option<u16>,
-    icresp_pending: bool,
-    connected_event: bool,
-    term_pending: Option<FatalError>,
-    term_hdr: [u8; TERM_MAX_DATA],
-    term_hdr_len: usize,
-    close_reason: Option<CloseReason>,
-    closed_event_pending: bool,
+    limits: DataLimits,
 }
 
-impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
+/// The controller side of one NVMe/TCP connection (one queue pair), sans-IO.
+///
+/// All memory is allocated in [`TargetConnection::new`]; nothing is allocated per PDU or per
+/// command. Buffers for data are the application's (`B`), handed over with
+/// [`provide_buffer`](Connection::provide_buffer) and [`complete`](Connection::complete) and
+/// given back in events.
+pub type TargetConnection<B> = Connection<TargetRole<B>>;
+
+impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<TargetRole<B>> {
     /// A new connection, accepted at time `now_ms`; allocates its slot table and queues.
     pub fn new(cfg: TargetConfig, now_ms: u64) -> Result<Self, ConfigError> {
         cfg.validate()?;
         let n = cfg.slots as usize;
         let mut slots = Vec::with_capacity(n);
         slots.resize_with(n, Slot::new);
-        Ok(Self {
+        let role = TargetRole {
             cfg,
-            state: TargetState::AwaitIcReq,
             created_ms: now_ms,
-            digests: Digests::default(),
             hpda: 0,
             max_r2t: 1,
             queue_depth: cfg.initial_queue_depth.min(cfg.slots),
             slots,
             active: 0,
             probe: 0,
-            evq: VecDeque::with_capacity(n),
-            txq: VecDeque::with_capacity(n),
-            rx: RxCore::new(),
             rx_slot: 0,
-            sink: Sink::None,
-            tx: TxCur::new(),
-            tx_slot: None,
-            icresp_pending: false,
-            connected_event: false,
-            term_pending: None,
-            term_hdr: [0; TERM_MAX_DATA],
-            term_hdr_len: 0,
-            close_reason: None,
-            closed_event_pending: false,
-        })
-    }
-
-    /// Current state.
-    pub fn state(&self) -> TargetState {
-        self.state
-    }
-
-    /// Negotiated digests (valid once Ready).
-    pub fn digests(&self) -> Digests {
-        self.digests
-    }
-
-    /// Why the connection closed, once it has.
-    pub fn close_reason(&self) -> Option<CloseReason> {
-        self.close_reason
+            sink: Sink::Discard,
+            limits: DataLimits {
+                max_capsule_data: cfg.in_capsule_data.max(MIN_IN_CAPSULE),
+                max_data_pdu: cfg.maxh2cdata,
+                align: 4,
+            },
+        };
+        Ok(Self::with_role(role, n, false))
     }
 
     /// Set the queue depth (SQSIZE + 1 from the Connect command); clamped to 1..=slots.
     pub fn set_queue_depth(&mut self, depth: u16) {
-        self.queue_depth = depth.clamp(1, self.cfg.slots);
+        self.role.queue_depth = depth.clamp(1, self.role.cfg.slots);
     }
 
-    /// Bytes of memory owned by this connection (fixed after `new`; excludes `B` buffers'
-    /// contents).
-    pub fn memory_footprint(&self) -> usize {
-        core::mem::size_of::<Self>()
-            + self.slots.capacity() * core::mem::size_of::<Slot<B>>()
-            + (self.evq.capacity() + self.txq.capacity()) * 2
+    /// Hand a buffer for command `cid` after a `NeedBuffer` event. The buffer must be at least
+    /// the requested length.
+    pub fn provide_buffer(&mut self, cid: u16, buf: B) -> Result<(), Rejected<B>> {
+        let t = &mut self.role;
+        let Some(idx) = t.find(cid, |s| s.st == St::AwaitBuf) else {
+            return Err(Rejected::new(RejectReason::NotAwaitingBuffer, Some(buf)));
+        };
+        if !self.core.running() {
+            return Err(Rejected::new(RejectReason::Closed, Some(buf)));
+        }
+        let l = t.r2t_len();
+        let max_r2t = t.max_r2t;
+        let slot = &mut t.slots[idx];
+        if buf.as_ref().len() < slot.len as usize {
+            return Err(Rejected::new(RejectReason::BufferTooSmall, Some(buf)));
+        }
+        slot.buf = Some(buf);
+        slot.st = St::Receiving;
+        slot.announced = true;
+        if !slot.in_capsule {
+            slot.r2t_sent = 0;
+            slot.r2t_allowed = slot.len.div_ceil(l).min(max_r2t);
+            self.core.txq.push(idx);
+        }
+        Ok(())
     }
 
-    /// Whether `transmit` has something to send.
-    pub fn wants_transmit(&self) -> bool {
-        self.state != TargetState::Closed
-            && (self.tx.active
-                || self.term_pending.is_some()
-                || (self.state == TargetState::Ready
-                    && (self.icresp_pending || !self.txq.is_empty())))
+    /// Refuse the buffer asked for by a `NeedBuffer` event (e.g. the request can never be
+    /// satisfied): the command is failed with `status` and reported as `CommandFailed`. Any
+    /// in-capsule data is then read and discarded.
+    pub fn refuse_buffer(&mut self, cid: u16, status: Status) -> Result<(), RejectReason> {
+        let t = &mut self.role;
+        let Some(idx) = t.find(cid, |s| s.st == St::AwaitBuf) else {
+            return Err(RejectReason::NotAwaitingBuffer);
+        };
+        if !self.core.running() {
+            return Err(RejectReason::Closed);
+        }
+        let receiving_now = t.sink == Sink::Slot(idx as u16);
+        let slot = &mut t.slots[idx];
+        slot.st = St::Failed;
+        slot.status = Some(status);
+        if slot.in_capsule && receiving_now {
+            // The capsule's data is in the receive path: drop it; the event follows the PDU.
+            t.sink = Sink::Discard;
+        } else {
+            self.core.evq.push(idx);
+        }
+        Ok(())
     }
 
-    /// Check timers: the ICReq deadline.
-    pub fn poll_timers(&mut self, now_ms: u64) {
-        if self.state == TargetState::AwaitIcReq
-            && now_ms.saturating_sub(self.created_ms) >= self.cfg.icreq_timeout_ms
+    /// Complete a command that was handed out by a `Command` or `CommandFailed` event.
+    /// `data` is `(buffer, length)` of controller-to-host data (at most the command's data
+    /// length). `sq_flow_control_disabled` allows the C2HData SUCCESS optimisation (used only
+    /// when the CQE is all-success: status 0, DW0 = DW1 = 0, and there is data). The buffer
+    /// comes back in a `BufferReleased` event once sent.
+    pub fn complete(
+        &mut self,
+        cqe: Cqe,
+        data: Option<(B, u32)>,
+        sq_flow_control_disabled: bool,
+    ) -> Result<(), Rejected<B>> {
+        let (buf, len) = match data {
+            Some((b, l)) => (Some(b), l),
+            None => (None, 0),
+        };
+        let t = &mut self.role;
+        let Some(idx) = t.find(cqe.cid, |s| s.st == St::Executing) else {
+            return Err(Rejected::new(RejectReason::UnknownCommand, buf));
+        };
+        if !self.core.running() {
+            t.slots[idx].st = St::Free;
+            t.deactivated();
+            return Err(Rejected::new(RejectReason::Closed, buf));
+        }
+        let slot = &mut t.slots[idx];
+        let c2h_max = if slot.sqe.data_direction() == DataDirection::HostToController {
+            0
+        } else {
+            slot.len
+        };
+        if len > c2h_max
+            || buf
+                .as_ref()
+                .is_some_and(|b| b.as_ref().len() < len as usize)
         {
-            self.close_now(CloseReason::IcReqTimeout);
+            return Err(Rejected::new(RejectReason::InvalidLength, buf));
         }
+        let all_zero = cqe.dw0 == 0 && cqe.dw1 == 0 && cqe.status == Status::default();
+        slot.cqe = cqe.to_bytes();
+        slot.buf = buf;
+        slot.send_len = len;
+        slot.sent_off = 0;
+        slot.success = sq_flow_control_disabled && all_zero && len > 0;
+        slot.st = St::Sending;
+        self.core.txq.push(idx);
+        Ok(())
     }
+}
 
-    /// Close locally (the socket is gone or the controller ends the association).
-    pub fn close(&mut self) {
-        self.close_now(CloseReason::Local);
-    }
-
-    fn limits(&self) -> Limits {
-        Limits {
-            target: true,
-            digests: self.digests,
-            max_capsule_data: self.cfg.in_capsule_data.max(MIN_IN_CAPSULE),
-            max_data_pdu: self.cfg.maxh2cdata,
-            align: 4,
-            ic_done: self.state != TargetState::AwaitIcReq,
-        }
-    }
-
-    fn running(&self) -> bool {
-        matches!(self.state, TargetState::AwaitIcReq | TargetState::Ready)
-    }
-
-    /// Feed received bytes (any segmentation). Returns how many were consumed; fewer than
-    /// `bytes.len()` only while waiting for a buffer (in-capsule data) or a free slot: call
-    /// again with the rest after handling events. After a fatal error everything is consumed
-    /// and ignored.
-    pub fn recv(&mut self, now_ms: u64, bytes: &[u8]) -> usize {
-        self.poll_timers(now_ms);
-        let mut input = bytes;
-        loop {
-            if !self.running() {
-                return bytes.len();
-            }
-            match self.rx.phase {
-                Phase::Header => {
-                    if input.is_empty() {
-                        break;
-                    }
-                    let lim = self.limits();
-                    match self.rx.take_header(&mut input, &lim) {
-                        Ok(false) => break,
-                        Ok(true) => self.rx.phase = Phase::HeaderDone,
-                        Err(e) => self.fatal(e),
-                    }
-                }
-                Phase::HeaderDone => match self.on_header() {
-                    Err(e) => self.fatal(e),
-                    Ok(false) => break,
-                    Ok(true) => {
-                        if self.rx.start_payload() {
-                            self.on_pdu_done(true);
-                        }
-                    }
-                },
-                Phase::Pad { .. } => {
-                    if input.is_empty() {
-                        break;
-                    }
-                    self.rx.skip_pad(&mut input);
-                }
-                Phase::Data { left } => {
-                    if input.is_empty() {
-                        break;
-                    }
-                    let n = (left as usize).min(input.len());
-                    let ddgst = self.rx.info.is_some_and(|i| i.ddgst);
-                    match self.sink {
-                        Sink::Slot(idx) => {
-                            let Some(slot) = self.slots.get_mut(idx as usize) else {
-                                break;
-                            };
-                            let Some(buf) = slot.buf.as_mut() else {
-                                break; // waiting for provide_buffer
-                            };
-                            let at = slot.recv_off as usize;
-                            let src = &input[..n];
-                            match buf.as_mut().get_mut(at..at + n) {
-                                Some(dst) if ddgst => {
-                                    copy_and_crc(dst, src, &mut self.rx.crc);
-                                }
-                                Some(dst) => dst.copy_from_slice(src),
-                                None => self.rx.crc.update(src),
-                            }
-                            slot.recv_off += n as u32;
-                        }
-                        Sink::Discard | Sink::None => {
-                            if ddgst {
-                                self.rx.crc.update(&input[..n]);
-                            }
-                        }
-                    }
-                    input = &input[n..];
-                    self.rx.data_advanced(n as u32);
-                }
-                Phase::Ddgst => match self.rx.take_ddgst(&mut input) {
-                    None => break,
-                    Some(ok) => self.on_pdu_done(ok),
-                },
-            }
-        }
-        bytes.len() - input.len()
-    }
-
-    /// A complete, digest-checked header. Ok(false): stall (no free slot yet).
-    fn on_header(&mut self) -> Result<bool, FatalError> {
-        let Some(info) = self.rx.info else {
-            return Err(FatalError::PduSequence);
-        };
-        let Ok(h) = Header::new_checked(&self.rx.hdr[..self.rx.have]) else {
-            return Err(FatalError::field(field::HLEN));
-        };
-        self.sink = Sink::Discard;
-        match info.ty {
-            PduType::IcReq => {
-                if h.pfv() != 0 {
-                    return Err(FatalError::UnsupportedParameter {
-                        offset: field::IC_PFV.start as u32,
-                    });
-                }
-                if h.pda() > 31 {
-                    return Err(FatalError::field(field::IC_PDA));
-                }
-                self.hpda = h.pda();
-                self.digests = Digests {
-                    header: h.dgst() & crate::pdu::DGST_HDGST != 0,
-                    data: h.dgst() & crate::pdu::DGST_DDGST != 0,
-                };
-                self.max_r2t = h.ic_max().saturating_add(1).min(self.cfg.max_r2t);
-                self.state = TargetState::Ready;
-                self.icresp_pending = true;
-                self.connected_event = true;
-                Ok(true)
-            }
-            PduType::H2CTermReq => {
-                let reason = CloseReason::PeerTerminated {
-                    fes: h.fes(),
-                    fei: h.fei(),
-                };
-                self.close_now(reason);
-                Ok(true)
-            }
-            PduType::CapsuleCmd => self.on_capsule(h.sqe(), info.data_len),
-            PduType::H2CData => {
-                let (cccid, ttag, off, len) =
-                    (h.cccid(), h.ttag(), h.data_offset(), h.data_length());
-                self.on_h2c(cccid, ttag, off, len, info.flags, info.data_len)?;
-                Ok(true)
-            }
-            _ => Err(FatalError::field(field::PDU_TYPE)),
-        }
-    }
-
-    fn on_capsule(&mut self, sqe: [u8; 64], data_len: u32) -> Result<bool, FatalError> {
-        let cid = capsule::cid(&sqe);
+impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetRole<B> {
+    fn on_capsule(&mut self, core: &mut Core, sqe: Sqe, data_len: u32) -> Result<bool, FatalError> {
+        let cid = sqe.cid;
         #[cfg(any(test, debug_assertions))]
         self.check_index();
         if self.find(cid, |s| s.active()).is_some() {
@@ -653,8 +418,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
         let idx = (home + d) % n;
         self.probe = self.probe.max(d);
         self.active += 1;
-        let sgl = capsule::sgl(&sqe);
-        let dir = capsule::direction(&sqe);
+        let sgl = Sgl1::of(&sqe);
+        let dir = sqe.data_direction();
         let slot = &mut self.slots[idx];
         *slot = Slot::new();
         slot.cid = cid;
@@ -681,7 +446,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
         } else {
             slot.len = sgl.length;
             match sgl.id {
-                SGL_TRANSPORT if dir == Direction::HostToController => {
+                SGL_TRANSPORT if dir == DataDirection::HostToController => {
                     if sgl.length > self.cfg.max_transfer {
                         fail(slot, Status::DATA_SGL_LENGTH_INVALID);
                     } else {
@@ -694,7 +459,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
             }
         }
         if slot.st == St::AwaitBuf {
-            self.push_event(idx);
+            core.evq.push(idx);
         }
         self.rx_slot = idx as u16;
         Ok(true)
@@ -745,16 +510,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
             .any(|s| s.st == St::Receiving && !s.in_capsule && s.r2t_sent > s.recv_off / l)
     }
 
-    fn on_h2c(
-        &mut self,
-        cccid: u16,
-        ttag: u16,
-        off: u32,
-        datal: u32,
-        flags: u8,
-        data_len: u32,
-    ) -> Result<(), FatalError> {
-        if datal != data_len {
+    fn on_h2c(&mut self, info: PduInfo, h: &Header<&[u8]>) -> Result<(), FatalError> {
+        let (cccid, ttag, off, datal) = (h.cccid(), h.ttag(), h.data_offset(), h.data_length());
+        if datal != info.data_len {
             return Err(FatalError::field(field::DATA_LENGTH.start));
         }
         let l = self.r2t_len();
@@ -789,22 +547,61 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
         if got > end {
             return Err(FatalError::DataOutOfRange);
         }
-        if (flags & FLAG_LAST_PDU != 0) != (got == end) {
+        if info.flags.contains(PduFlags::LAST_PDU) != (got == end) {
             return Err(FatalError::field(field::FLAGS));
         }
         self.sink = Sink::Slot(idx as u16);
         self.rx_slot = idx as u16;
         Ok(())
     }
+}
 
-    fn on_pdu_done(&mut self, ddgst_ok: bool) {
-        let info = self.rx.info;
-        let sink = self.sink;
-        self.rx.reset();
-        self.sink = Sink::None;
-        let Some(info) = info else { return };
+impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for TargetRole<B> {
+    type Event = Event<B>;
+    const TARGET: bool = true;
+
+    fn data_limits(&self) -> DataLimits {
+        self.limits
+    }
+
+    fn on_ic(&mut self, core: &mut Core, h: &Header<&[u8]>) -> Result<(), FatalError> {
+        self.hpda = h.pda();
+        core.digests = h.ic_digests();
+        self.max_r2t = h.ic_max().saturating_add(1).min(self.cfg.max_r2t);
+        core.ic_pending = true;
+        Ok(())
+    }
+
+    fn on_header(&mut self, core: &mut Core, pdu: &RxPdu) -> Result<bool, FatalError> {
+        let (info, h) = (pdu.info, &pdu.hdr);
         match info.ty {
-            PduType::IcReq => {}
+            PduType::CapsuleCmd => self.on_capsule(core, Sqe::from_bytes(&h.sqe()), info.data_len),
+            PduType::H2CData => self.on_h2c(info, h).map(|()| true),
+            _ => Err(FatalError::field(field::PDU_TYPE)),
+        }
+    }
+
+    fn rx_data(&mut self, n: usize) -> RxData<'_> {
+        let Sink::Slot(idx) = self.sink else {
+            return RxData::Skip;
+        };
+        let Some(slot) = self.slots.get_mut(usize::from(idx)) else {
+            return RxData::Stall;
+        };
+        let at = slot.recv_off as usize;
+        let Some(buf) = slot.buf.as_mut() else {
+            return RxData::Stall; // waiting for provide_buffer
+        };
+        slot.recv_off += n as u32;
+        match buf.as_mut().get_mut(at..at + n) {
+            Some(dst) => RxData::Into(dst),
+            None => RxData::Skip,
+        }
+    }
+
+    fn on_pdu_done(&mut self, core: &mut Core, info: PduInfo, ddgst_ok: bool) {
+        let sink = core::mem::replace(&mut self.sink, Sink::Discard);
+        match info.ty {
             PduType::CapsuleCmd => {
                 let idx = self.rx_slot as usize;
                 let Some(slot) = self.slots.get_mut(idx) else {
@@ -821,7 +618,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
                     slot.status = Some(Status::TRANSIENT_TRANSPORT_ERROR);
                 }
                 if matches!(slot.st, St::Ready | St::Failed) {
-                    self.push_event(idx);
+                    core.evq.push(idx);
                 }
             }
             PduType::H2CData if sink != Sink::Discard => {
@@ -840,13 +637,13 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
                     } else {
                         St::Ready
                     };
-                    self.push_event(idx);
+                    core.evq.push(idx);
                 } else if slot.recv_off % l == 0 {
                     let total = slot.len.div_ceil(l);
                     let done = slot.recv_off / l;
                     slot.r2t_allowed = total.min(done.saturating_add(max_r2t));
                     if slot.r2t_allowed > slot.r2t_sent {
-                        self.push_tx(idx);
+                        core.txq.push(idx);
                     }
                 }
             }
@@ -854,305 +651,23 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
         }
     }
 
-    fn push_event(&mut self, idx: usize) {
-        if let Some(s) = self.slots.get_mut(idx)
-            && !s.evq
-        {
-            s.evq = true;
-            self.evq.push_back(idx as u16);
+    fn ic_pdu(&self, core: &Core) -> Repr {
+        Repr::IcResp {
+            pfv: 0,
+            cpda: 0,
+            digests: core.digests,
+            maxh2cdata: self.cfg.maxh2cdata,
         }
     }
 
-    fn push_tx(&mut self, idx: usize) {
-        if let Some(s) = self.slots.get_mut(idx)
-            && !s.txq
-        {
-            s.txq = true;
-            self.txq.push_back(idx as u16);
-        }
-    }
-
-    fn fatal(&mut self, e: FatalError) {
-        if !self.running() {
-            return;
-        }
-        let h = self.rx.header();
-        let n = h.len().min(TERM_MAX_DATA);
-        self.term_hdr[..n].copy_from_slice(&h[..n]);
-        self.term_hdr_len = n;
-        self.term_pending = Some(e);
-        self.state = TargetState::Terminating;
-        self.close_reason = Some(CloseReason::Fatal(e));
-        self.release_all();
-    }
-
-    fn close_now(&mut self, reason: CloseReason) {
-        if self.state == TargetState::Closed {
-            return;
-        }
-        self.state = TargetState::Closed;
-        self.close_reason.get_or_insert(reason);
-        self.term_pending = None;
-        self.tx.active = false;
-        self.release_all();
-        self.closed_event_pending = true;
-    }
-
-    /// Give every held buffer back and drop queued transmissions.
-    fn release_all(&mut self) {
-        self.txq.clear();
-        self.icresp_pending = false;
-        for i in 0..self.slots.len() {
-            let s = &mut self.slots[i];
-            s.txq = false;
-            if s.st == St::Executing || s.st == St::Free {
-                continue;
-            }
-            if s.st == St::Sending && self.tx.active && self.tx_slot == Some(i as u16) {
-                // Its PDU is still being written; released when that finishes.
-                continue;
-            }
-            let was_active = s.active();
-            if s.buf.is_some() {
-                s.st = St::Releasing;
-                self.push_event(i);
-            } else {
-                s.st = St::Free;
-            }
-            if was_active {
-                self.deactivated();
-            }
-        }
-    }
-
-    /// Hand a buffer for command `cid` after a `NeedBuffer` event. The buffer must be at least
-    /// the requested length.
-    pub fn provide_buffer(&mut self, cid: u16, buf: B) -> Result<(), Rejected<B>> {
-        let Some(idx) = self.find(cid, |s| s.st == St::AwaitBuf) else {
-            return Err(Rejected::new(RejectReason::NotAwaitingBuffer, Some(buf)));
-        };
-        if !self.running() {
-            return Err(Rejected::new(RejectReason::Closed, Some(buf)));
-        }
+    fn next_pdu(&mut self, core: &mut Core) -> bool {
+        let dg = core.digests;
         let l = self.r2t_len();
-        let max_r2t = self.max_r2t;
-        let slot = &mut self.slots[idx];
-        if buf.as_ref().len() < slot.len as usize {
-            return Err(Rejected::new(RejectReason::BufferTooSmall, Some(buf)));
-        }
-        slot.buf = Some(buf);
-        slot.st = St::Receiving;
-        slot.announced = true;
-        if !slot.in_capsule {
-            slot.r2t_sent = 0;
-            slot.r2t_allowed = slot.len.div_ceil(l).min(max_r2t);
-            self.push_tx(idx);
-        }
-        Ok(())
-    }
-
-    /// Refuse the buffer asked for by a `NeedBuffer` event (e.g. the request can never be
-    /// satisfied): the command is failed with `status` and reported as `CommandFailed`. Any
-    /// in-capsule data is then read and discarded.
-    pub fn refuse_buffer(&mut self, cid: u16, status: Status) -> Result<(), RejectReason> {
-        let Some(idx) = self.find(cid, |s| s.st == St::AwaitBuf) else {
-            return Err(RejectReason::NotAwaitingBuffer);
-        };
-        if !self.running() {
-            return Err(RejectReason::Closed);
-        }
-        let receiving_now = self.sink == Sink::Slot(idx as u16);
-        let slot = &mut self.slots[idx];
-        slot.st = St::Failed;
-        slot.status = Some(status);
-        if slot.in_capsule && receiving_now {
-            // The capsule's data is in the receive path: drop it; the event follows the PDU.
-            self.sink = Sink::Discard;
-        } else {
-            self.push_event(idx);
-        }
-        Ok(())
-    }
-
-    /// Complete a command that was handed out by a `Command` or `CommandFailed` event.
-    /// `data` is `(buffer, length)` of controller-to-host data (at most the command's data
-    /// length). `sq_flow_control_disabled` allows the C2HData SUCCESS optimisation (used only
-    /// when the CQE is all-success: status 0, DW0 = DW1 = 0, and there is data). The buffer
-    /// comes back in a `BufferReleased` event once sent.
-    pub fn complete(
-        &mut self,
-        cqe: [u8; 16],
-        data: Option<(B, u32)>,
-        sq_flow_control_disabled: bool,
-    ) -> Result<(), Rejected<B>> {
-        let cid = capsule::cqe_cid(&cqe);
-        let (buf, len) = match data {
-            Some((b, l)) => (Some(b), l),
-            None => (None, 0),
-        };
-        let Some(idx) = self.find(cid, |s| s.st == St::Executing) else {
-            return Err(Rejected::new(RejectReason::UnknownCommand, buf));
-        };
-        if !self.running() {
-            self.slots[idx].st = St::Free;
-            self.deactivated();
-            return Err(Rejected::new(RejectReason::Closed, buf));
-        }
-        let slot = &mut self.slots[idx];
-        let c2h_max = if capsule::direction(&slot.sqe) == Direction::HostToController {
-            0
-        } else {
-            slot.len
-        };
-        if len > c2h_max
-            || buf
-                .as_ref()
-                .is_some_and(|b| b.as_ref().len() < len as usize)
-        {
-            return Err(Rejected::new(RejectReason::InvalidLength, buf));
-        }
-        let all_zero = cqe[0..8].iter().all(|&b| b == 0) && capsule::cqe_status(&cqe) >> 1 == 0;
-        slot.cqe = cqe;
-        slot.buf = buf;
-        slot.send_len = len;
-        slot.sent_off = 0;
-        slot.success = sq_flow_control_disabled && all_zero && len > 0;
-        slot.st = St::Sending;
-        self.push_tx(idx);
-        Ok(())
-    }
-
-    /// Next event, if any.
-    pub fn poll_event(&mut self) -> Option<Event<B>> {
-        if self.connected_event {
-            self.connected_event = false;
-            if self.running() {
-                return Some(Event::Connected {
-                    digests: self.digests,
-                });
-            }
-        }
-        while let Some(i) = self.evq.pop_front() {
-            let Some(s) = self.slots.get_mut(i as usize) else {
-                continue;
-            };
-            s.evq = false;
-            match s.st {
-                St::AwaitBuf if !s.announced => {
-                    s.announced = true;
-                    return Some(Event::NeedBuffer {
-                        cid: s.cid,
-                        len: s.len,
-                    });
-                }
-                St::Ready => {
-                    s.st = St::Executing;
-                    return Some(Event::Command {
-                        sqe: s.sqe,
-                        buf: s.buf.take(),
-                        data_len: s.len,
-                    });
-                }
-                St::Failed => {
-                    s.st = St::Executing;
-                    return Some(Event::CommandFailed {
-                        sqe: s.sqe,
-                        buf: s.buf.take(),
-                        status: s.status.unwrap_or(Status::INVALID_FIELD),
-                    });
-                }
-                St::Releasing => {
-                    s.st = St::Free;
-                    if let Some(buf) = s.buf.take() {
-                        return Some(Event::BufferReleased { cid: s.cid, buf });
-                    }
-                }
-                _ => {}
-            }
-        }
-        if self.closed_event_pending {
-            self.closed_event_pending = false;
-            if let Some(reason) = self.close_reason {
-                return Some(Event::Closed { reason });
-            }
-        }
-        None
-    }
-
-    /// Fill `out` with pending PDU bytes; returns the count. Call until it returns 0 (or
-    /// `out` is full), e.g. inside smoltcp's `TcpSocket::send(|buf| ...)`.
-    pub fn transmit(&mut self, out: &mut [u8]) -> usize {
-        let mut n = 0;
-        while n < out.len() {
-            if !self.tx.active && !self.next_pdu() {
-                break;
-            }
-            let data = if self.tx.data_len > 0 {
-                self.slots
-                    .get(self.tx.data_slot as usize)
-                    .and_then(|s| s.buf.as_ref())
-                    .and_then(|b| b.as_ref().get(self.tx.data_off as usize..))
-            } else {
-                None
-            };
-            let (w, fin) = self.tx.write(&mut out[n..], data);
-            n += w;
-            if fin {
-                self.finish_pdu();
-            } else {
-                break;
-            }
-        }
-        n
-    }
-
-    fn next_pdu(&mut self) -> bool {
-        let dg = self.digests;
-        self.tx.done = Done::Nothing;
-        self.tx.data_off = 0;
-        self.tx_slot = None;
-        if let Some(e) = self.term_pending.take() {
-            let repr = Repr::TermReq {
-                c2h: true,
-                fes: e.fes(),
-                fei: e.fei(),
-                data_len: self.term_hdr_len as u8,
-            };
-            if self.tx.start(&repr, dg, 0) {
-                // TermReq data is the offending header: make it part of the header bytes.
-                let h = self.tx.hdr_len;
-                let n = self.term_hdr_len;
-                self.tx.hdr[h..h + n].copy_from_slice(&self.term_hdr[..n]);
-                self.tx.hdr_len += n;
-                self.tx.data_len = 0;
-                self.tx.pad = 0;
-                self.tx.ddgst = false;
-                self.tx.done = Done::Close;
-                return true;
-            }
-            self.close_now(CloseReason::Fatal(e));
-            return false;
-        }
-        if self.state != TargetState::Ready {
-            return false;
-        }
-        if self.icresp_pending {
-            self.icresp_pending = false;
-            let repr = Repr::IcResp {
-                pfv: 0,
-                cpda: 0,
-                digests: dg,
-                maxh2cdata: self.cfg.maxh2cdata,
-            };
-            return self.tx.start(&repr, Digests::default(), 0);
-        }
-        let l = self.r2t_len();
-        while let Some(i) = self.txq.pop_front() {
+        while let Some(i) = core.txq.pop() {
             let idx = i as usize;
             let Some(s) = self.slots.get_mut(idx) else {
                 continue;
             };
-            s.txq = false;
             match s.st {
                 St::Receiving if s.r2t_sent < s.r2t_allowed => {
                     let k = s.r2t_sent;
@@ -1165,11 +680,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
                         len,
                     };
                     s.r2t_sent += 1;
-                    let more = s.r2t_sent < s.r2t_allowed;
-                    if more {
-                        self.push_tx(idx);
+                    if s.r2t_sent < s.r2t_allowed {
+                        core.txq.push(idx);
                     }
-                    return self.tx.start(&repr, dg, 0);
+                    return core.tx.start(&repr, dg, 0, None);
                 }
                 St::Sending => {
                     if s.sent_off < s.send_len {
@@ -1183,22 +697,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
                             last,
                             success,
                         };
-                        let off = s.sent_off;
+                        let mut of = PduOf::slot(i, s.sent_off);
                         s.sent_off += len;
                         if success {
-                            self.tx.done = Done::Release(i);
+                            of = of.ending();
                         } else {
-                            self.push_tx(idx);
+                            core.txq.push(idx);
                         }
-                        self.tx.data_slot = i;
-                        self.tx_slot = Some(i);
-                        self.tx.data_off = off;
-                        return self.tx.start(&repr, dg, self.hpda);
+                        return core.tx.start(&repr, dg, self.hpda, Some(of));
                     }
                     let repr = Repr::CapsuleResp { cqe: s.cqe };
-                    self.tx.done = Done::Release(i);
-                    self.tx_slot = Some(i);
-                    return self.tx.start(&repr, dg, 0);
+                    return core
+                        .tx
+                        .start(&repr, dg, 0, Some(PduOf::slot(i, 0).ending()));
                 }
                 _ => {}
             }
@@ -1206,36 +717,106 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetConnection<B> {
         false
     }
 
-    fn finish_pdu(&mut self) {
-        let mut release = match self.tx.done {
-            Done::Release(i) => Some(i),
+    fn tx_data(&self, slot: u16) -> Option<&[u8]> {
+        Some(self.slots.get(usize::from(slot))?.buf.as_ref()?.as_ref())
+    }
+
+    fn pdu_sent(&mut self, core: &mut Core, of: Option<PduOf>) {
+        // Terminating: the slot whose PDU was in flight still holds its buffer.
+        let release = match of {
+            Some(of) if of.ends_command || !core.running() => Some(of.slot),
             _ => None,
         };
-        if !self.running() && release.is_none() {
-            // Terminating: the slot whose PDU was in flight still holds its buffer.
-            release = self.tx_slot;
-        }
-        self.tx_slot = None;
         if let Some(i) = release
             && let Some(s) = self.slots.get_mut(i as usize)
             && s.st == St::Sending
         {
             if s.buf.is_some() {
                 s.st = St::Releasing;
-                self.push_event(i as usize);
+                core.evq.push(i as usize);
             } else {
                 s.st = St::Free;
             }
             self.deactivated();
         }
-        match self.tx.done {
-            Done::Nothing | Done::Release(_) => {}
-            Done::Close => {
-                self.state = TargetState::Closed;
-                self.closed_event_pending = true;
+    }
+
+    fn drop_all(&mut self, core: &mut Core) {
+        let busy = core.tx_busy();
+        for i in 0..self.slots.len() {
+            let s = &mut self.slots[i];
+            if s.st == St::Executing || s.st == St::Free {
+                continue;
+            }
+            if s.st == St::Sending && busy == Some(i as u16) {
+                // Its PDU is still being written; released when that finishes.
+                continue;
+            }
+            let was_active = s.active();
+            if s.buf.is_some() {
+                s.st = St::Releasing;
+                core.evq.push(i);
+            } else {
+                s.st = St::Free;
+            }
+            if was_active {
+                self.deactivated();
             }
         }
-        self.tx.done = Done::Nothing;
-        self.tx.data_len = 0;
+    }
+
+    fn deadline(&self, state: ConnState, now_ms: u64) -> Option<CloseReason> {
+        (state == ConnState::AwaitIc
+            && now_ms.saturating_sub(self.created_ms) >= self.cfg.icreq_timeout_ms)
+            .then_some(CloseReason::IcReqTimeout)
+    }
+
+    fn connected_event(&self, core: &Core) -> Option<Event<B>> {
+        core.running().then_some(Event::Connected {
+            digests: core.digests,
+        })
+    }
+
+    fn slot_event(&mut self, idx: u16) -> Option<Event<B>> {
+        let s = self.slots.get_mut(usize::from(idx))?;
+        match s.st {
+            St::AwaitBuf if !s.announced => {
+                s.announced = true;
+                Some(Event::NeedBuffer {
+                    cid: s.cid,
+                    len: s.len,
+                })
+            }
+            St::Ready => {
+                s.st = St::Executing;
+                Some(Event::Command {
+                    sqe: s.sqe,
+                    buf: s.buf.take(),
+                    data_len: s.len,
+                })
+            }
+            St::Failed => {
+                s.st = St::Executing;
+                Some(Event::CommandFailed {
+                    sqe: s.sqe,
+                    buf: s.buf.take(),
+                    status: s.status.unwrap_or(Status::INVALID_FIELD),
+                })
+            }
+            St::Releasing => {
+                s.st = St::Free;
+                let buf = s.buf.take()?;
+                Some(Event::BufferReleased { cid: s.cid, buf })
+            }
+            _ => None,
+        }
+    }
+
+    fn closed_event(reason: CloseReason) -> Event<B> {
+        Event::Closed { reason }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * core::mem::size_of::<Slot<B>>()
     }
 }

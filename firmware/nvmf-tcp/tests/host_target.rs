@@ -6,7 +6,9 @@ mod common;
 use common::*;
 use keel_nvmf_tcp::host::HostState;
 use keel_nvmf_tcp::pdu::Digests;
-use keel_nvmf_tcp::{HostConfig, HostConnection, HostEvent, TargetConfig, TargetState};
+use keel_nvmf_tcp::{
+    HostConfig, HostConnection, HostEvent, Sqe, Status, TargetConfig, TargetState,
+};
 
 struct Rng(u64);
 impl Rng {
@@ -108,14 +110,17 @@ fn run(p: Params) {
                     assert_eq!(maxh2cdata, 4096);
                     assert_eq!(digests, p.digests);
                     // Fabrics Connect with 1 KiB in-capsule data.
-                    let mut s = sqe(0x7F, 0, 0, 0, 0);
-                    s[4] = 0x01;
-                    h.submit(s, Some((vec![0xC0; 1024], 1024))).unwrap();
+                    h.submit(Sqe::fabrics(0x01, 0), Some((vec![0xC0; 1024], 1024)))
+                        .unwrap();
                     outstanding = 1;
                 }
                 HostEvent::Completion { cqe, buf, cid } => {
-                    assert_eq!(&cqe[14..16], &[0, 0], "status of cid {cid}");
-                    assert_eq!(u16::from_le_bytes([cqe[12], cqe[13]]), cid);
+                    assert_eq!(
+                        (cqe.status, cqe.phase),
+                        (Status::SUCCESS, false),
+                        "status of cid {cid}"
+                    );
+                    assert_eq!(cqe.cid, cid);
                     outstanding -= 1;
                     if phase == 2 {
                         let b = buf.unwrap();
@@ -135,7 +140,8 @@ fn run(p: Params) {
             if phase == 1 {
                 for &(o, len) in &offsets {
                     let data: Vec<u8> = (0..len as usize).map(|i| pattern(o, i)).collect();
-                    h.submit(sqe(0x01, 0, 0, 0, o), Some((data, len))).unwrap();
+                    h.submit(Sqe::new(0x01, 0).with_cdw(10, o), Some((data, len)))
+                        .unwrap();
                     outstanding += 1;
                 }
             } else if phase == 2 {
@@ -143,13 +149,14 @@ fn run(p: Params) {
                     // Extra 4 bytes at the end remember the offset for checking.
                     let mut b = vec![0u8; len as usize + 4];
                     b[len as usize..].copy_from_slice(&o.to_le_bytes());
-                    h.submit(sqe(0x02, 0, 0, 0, o), Some((b, len))).unwrap();
+                    h.submit(Sqe::new(0x02, 0).with_cdw(10, o), Some((b, len)))
+                        .unwrap();
                     outstanding += 1;
                 }
             }
         }
         assert!(
-            matches!(t.state(), TargetState::Ready | TargetState::AwaitIcReq),
+            matches!(t.state(), TargetState::Ready | TargetState::AwaitIc),
             "target log: {:?}",
             app.log
         );
@@ -233,7 +240,7 @@ fn host_splits_h2c_data_at_maxh2cdata() {
     let mut h = host_ready(dg, 4096);
     let data: Vec<u8> = (0..10000u32).map(|i| i as u8).collect();
     let cid = h
-        .submit(sqe(0x01, 0, 0, 0, 0), Some((data.clone(), 10000)))
+        .submit(Sqe::new(0x01, 0), Some((data.clone(), 10000)))
         .unwrap();
     let mut out = vec![0u8; 20000];
     let n = h.transmit(&mut out);
@@ -277,7 +284,7 @@ fn host_c2h_data_digest_error_reports_transient_error() {
     };
     let mut h = host_ready(dg, 4096);
     let cid = h
-        .submit(sqe(0x02, 0, 0, 0, 0), Some((vec![0; 64], 64)))
+        .submit(Sqe::new(0x02, 0), Some((vec![0; 64], 64)))
         .unwrap();
     let mut out = [0u8; 256];
     h.transmit(&mut out);
@@ -298,7 +305,10 @@ fn host_c2h_data_digest_error_reports_transient_error() {
     h.recv(0, &pdu(&Repr::CapsuleResp { cqe: cqe(cid, 0) }, dg, &[]));
     match h.poll_event() {
         Some(HostEvent::Completion { cqe, .. }) => {
-            assert_eq!(u16::from_le_bytes([cqe[14], cqe[15]]), 0x22 << 1);
+            assert_eq!(
+                (cqe.status, cqe.phase),
+                (Status::TRANSIENT_TRANSPORT_ERROR, false)
+            );
         }
         e => panic!("{e:?}"),
     }

@@ -16,11 +16,12 @@
 
 mod common;
 use common::{App, Buf, target};
-use keel_nvmf_tcp::capsule::{self, Direction, SGL_IN_CAPSULE, SGL_TRANSPORT, Sgl};
+use keel_nvme::{Cqe, DataDirection, SglDescriptor, Sqe};
+use keel_nvmf_tcp::capsule::{SGL_IN_CAPSULE, SGL_TRANSPORT};
 use keel_nvmf_tcp::pdu::{
     self, CMD_HLEN, CommonHeader, DATA_HLEN, DGST_DDGST, DGST_HDGST, DIGEST_LEN, Digests,
-    FLAG_DDGSTF, FLAG_HDGSTF, FLAG_LAST_PDU, FLAG_SUCCESS, FatalError, Header, IC_HLEN, PduType,
-    RESP_HLEN, Repr, TERM_HLEN, TERM_MAX_PLEN, encode_pdu, field,
+    FatalError, Header, IC_HLEN, PduFlags, PduType, RESP_HLEN, Repr, TERM_HLEN, TERM_MAX_PLEN,
+    encode_pdu, field,
 };
 use keel_nvmf_tcp::{HostConfig, HostConnection, HostEvent, Status, TargetConfig, TargetState};
 
@@ -54,7 +55,7 @@ fn decoded(bytes: &[u8]) -> (Repr, [u32; 4]) {
     (
         Repr::parse(&h),
         [
-            ch.flags() as u32,
+            ch.flags().bits() as u32,
             ch.hlen() as u32,
             ch.pdo() as u32,
             ch.plen(),
@@ -92,7 +93,12 @@ fn codes_and_offsets_match_the_spec() {
     assert_eq!(PduType::from_u8(0x08), None, "08h is reserved");
     // FLAGS bits: Linux `enum nvme_tcp_pdu_flags` (HDGSTF, DDGSTF, DATA_LAST, DATA_SUCCESS).
     assert_eq!(
-        (FLAG_HDGSTF, FLAG_DDGSTF, FLAG_LAST_PDU, FLAG_SUCCESS),
+        (
+            PduFlags::HDGSTF.bits(),
+            PduFlags::DDGSTF.bits(),
+            PduFlags::LAST_PDU.bits(),
+            PduFlags::SUCCESS.bits()
+        ),
         (0x01, 0x02, 0x04, 0x08)
     );
     // ICReq/ICResp DGST bits: Linux `enum nvme_tcp_digest_option`.
@@ -437,34 +443,26 @@ fn r2t() {
 #[test]
 fn capsule_field_accessors() {
     // The SQE/CQE fields the transport reads itself (NVMe base 2.0 common command format and
-    // CQE; Linux struct nvme_common_command / nvme_sgl_desc / nvme_completion).
-    let mut s = write_sqe();
-    assert_eq!(capsule::opcode(&s), 0x01);
-    assert_eq!(capsule::cid(&s), 0x0102);
-    assert_eq!(
-        capsule::sgl(&s),
-        Sgl {
-            address: 0,
-            length: 16,
-            id: SGL_IN_CAPSULE
-        }
-    );
-    assert_eq!(capsule::direction(&s), Direction::HostToController);
+    // CQE; Linux struct nvme_common_command / nvme_sgl_desc / nvme_completion), through the
+    // keel_nvme types that cross the transport <-> controller seam.
+    let s = write_sqe();
+    let q = Sqe::from_bytes(&s);
+    assert_eq!((q.opcode, q.cid), (0x01, 0x0102));
+    assert_eq!(q.sgl(), SglDescriptor::in_capsule(0, 16));
+    assert_eq!(q.dptr[15], SGL_IN_CAPSULE);
+    assert_eq!(q.data_direction(), DataDirection::HostToController);
     // SGL identifiers: Data Block (0h) / Offset (1h), Transport SGL Data Block (5h) /
     // Transport Specific (Ah) (Linux NVME_SGL_FMT_DATA_DESC << 4 | NVME_SGL_FMT_OFFSET,
     // NVME_TRANSPORT_SGL_DATA_DESC << 4 | NVME_SGL_FMT_TRANSPORT_A).
     assert_eq!((SGL_IN_CAPSULE, SGL_TRANSPORT), (0x01, 0x5A));
-    capsule::set_cid(&mut s, 0xBEEF);
-    capsule::set_sgl(
-        &mut s,
-        Sgl {
-            address: 0x0102_0304_0506_0708,
-            length: 0x1122_3344,
-            id: SGL_TRANSPORT,
-        },
-    );
+    let mut q = q;
+    q.cid = 0xBEEF;
+    q.set_sgl(SglDescriptor {
+        address: 0x0102_0304_0506_0708,
+        ..SglDescriptor::transport(0x1122_3344)
+    });
     assert_eq!(
-        s,
+        q.to_bytes(),
         sqe_with(&[
             (0, &[0x01, 0x40, 0xEF, 0xBE, 0x01, 0x00, 0x00, 0x00]),
             (24, &[0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01]),
@@ -475,31 +473,29 @@ fn capsule_field_accessors() {
     // set_sgl selects SGLs: PSDT (CDW0 bits 15:14) = 01b, FUSE kept.
     let mut f = [0u8; 64];
     f[1] = 0x81; // PSDT 10b, FUSE 01b
-    let keep = capsule::sgl(&f);
-    capsule::set_sgl(&mut f, keep);
-    assert_eq!(f[1], 0x41);
+    let mut q = Sqe::from_bytes(&f);
+    q.set_sgl(q.sgl());
+    assert_eq!(q.to_bytes()[1], 0x41);
     // Direction from opcode bits 1:0, or FCTYPE bits 1:0 for fabrics commands (byte 4).
+    let dir = |b: [u8; 64]| Sqe::from_bytes(&b).data_direction();
     let read = sqe_with(&[(0, &[0x02])]);
     let flush = sqe_with(&[(0, &[0x00])]);
     let connect = sqe_with(&[(0, &[0x7F]), (4, &[0x01])]);
     let prop_get = sqe_with(&[(0, &[0x7F]), (4, &[0x04])]);
-    assert_eq!(capsule::direction(&read), Direction::ControllerToHost);
-    assert_eq!(capsule::direction(&flush), Direction::None);
-    assert_eq!(capsule::fctype(&connect), 0x01);
-    assert_eq!(capsule::direction(&connect), Direction::HostToController);
-    assert_eq!(capsule::direction(&prop_get), Direction::None);
+    assert_eq!(dir(read), DataDirection::ControllerToHost);
+    assert_eq!(dir(flush), DataDirection::None);
+    assert_eq!(Sqe::from_bytes(&connect).fctype(), 0x01);
+    assert_eq!(dir(connect), DataDirection::HostToController);
+    assert_eq!(dir(prop_get), DataDirection::None);
     // CQE: CID bytes 13:12, status 15:14.
-    let cqe = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x34, 0x12, 0x45, 0x00];
-    assert_eq!(
-        (capsule::cqe_cid(&cqe), capsule::cqe_status(&cqe)),
-        (0x1234, 0x0045)
-    );
+    let cqe = Cqe::from_bytes(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x34, 0x12, 0x45, 0x00]);
+    assert_eq!((cqe.cid, cqe.status.to_field(cqe.phase)), (0x1234, 0x0045));
     // Status field: SC bits 8:1, SCT 11:9, DNR 15 (Linux NVME_SC_* << 1).
-    assert_eq!(Status::INVALID_FIELD.to_field(), 0x8004); // SC 02h, DNR
-    assert_eq!(Status::DATA_SGL_LENGTH_INVALID.to_field(), 0x801E); // SC 0Fh
-    assert_eq!(Status::SGL_DESCRIPTOR_TYPE_INVALID.to_field(), 0x8022); // SC 11h
-    assert_eq!(Status::SGL_OFFSET_INVALID.to_field(), 0x802C); // SC 16h
-    assert_eq!(Status::TRANSIENT_TRANSPORT_ERROR.to_field(), 0x0044); // SC 22h, retryable
+    assert_eq!(Status::INVALID_FIELD.to_field(false), 0x8004); // SC 02h, DNR
+    assert_eq!(Status::DATA_SGL_LENGTH_INVALID.to_field(false), 0x801E); // SC 0Fh
+    assert_eq!(Status::SGL_DESCRIPTOR_TYPE_INVALID.to_field(false), 0x8022); // SC 11h
+    assert_eq!(Status::SGL_OFFSET_INVALID.to_field(false), 0x802C); // SC 16h
+    assert_eq!(Status::TRANSIENT_TRANSPORT_ERROR.to_field(false), 0x0044); // SC 22h, retryable
 }
 
 #[test]
@@ -576,7 +572,9 @@ fn host_speaks_like_a_linux_host() {
     // Data Block / Offset SGL; FLAGS 03h, PDO 76, PLEN 96.
     let sqe = sqe_with(&[(0, &[0x01, 0x00, 0xFF, 0xFF, 0x01]), (40, &[0x10])]);
     let data: Vec<u8> = (0..16).collect();
-    let cid = h.submit(sqe, Some((data.clone(), 16))).unwrap();
+    let cid = h
+        .submit(Sqe::from_bytes(&sqe), Some((data.clone(), 16)))
+        .unwrap();
     assert_eq!(cid, 0);
     let n = h.transmit(&mut out);
     let mut want = vec![0x04, 0x03, 0x48, 0x4C, 0x60, 0x00, 0x00, 0x00];

@@ -194,14 +194,14 @@ proptest! {
 }
 
 /// `KEEL_FUZZ_SEEDS=1 cargo test -p keel-nvmf-tcp --test segmentation -- --ignored` writes
-/// valid streams into fuzz/corpus/target_recv as seeds (mode byte 0x00: no ICReq prefix).
+/// valid streams into fuzz/seeds/target_recv as seeds (mode byte 0x00: no ICReq prefix).
 #[test]
 #[ignore]
 fn write_fuzz_seeds() {
     if std::env::var_os("KEEL_FUZZ_SEEDS").is_none() {
         return;
     }
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/target_recv");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/target_recv");
     std::fs::create_dir_all(dir).unwrap();
     let f1 = flight1();
     let (_, _, f2) = run(&[], &[], &f1, None);

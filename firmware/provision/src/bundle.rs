@@ -291,11 +291,17 @@ pub fn build_with_keys(
             }
         }
     }
-    let body = postcard::to_allocvec(&Body {
+    let mut body = postcard::to_allocvec(&Body {
         device: device.clone(),
         keys: wrapped,
     })
     .map_err(|_| BundleError::Malformed("encoding the body failed"))?;
+    // QoS travels after the body of the first format (see `open_body`); none: nothing.
+    if !device.qos.is_empty() {
+        let qos = postcard::to_allocvec(&device.qos)
+            .map_err(|_| BundleError::Malformed("encoding the QoS section failed"))?;
+        body.extend_from_slice(&qos);
+    }
     let total = BUNDLE_HEADER_LEN + body.len() + SIGNATURE_LEN;
     if total > MAX_BUNDLE_LEN {
         return Err(BundleError::TooLarge(total));
@@ -306,6 +312,21 @@ pub fn build_with_keys(
     let sig = signing_key.sign(&out);
     out.extend_from_slice(&sig.to_bytes());
     Ok(out)
+}
+
+/// Decodes a body: the description and wrapped keys, then the optional QoS section that
+/// later bundles append (absent in bundles made before QoS existed: no limits).
+fn open_body(bytes: &[u8]) -> Result<Body, BundleError> {
+    let (mut body, rest) = postcard::take_from_bytes::<Body>(bytes)
+        .map_err(|_| BundleError::Malformed("the body does not decode"))?;
+    if !rest.is_empty() {
+        body.device.qos = match postcard::take_from_bytes::<crate::qos::Qos>(rest) {
+            Ok((q, [])) => q,
+            Ok(_) => return Err(BundleError::Malformed("bytes after the QoS section")),
+            Err(_) => return Err(BundleError::Malformed("the QoS section does not decode")),
+        };
+    }
+    Ok(body)
 }
 
 /// Reads a bundle's header and checks its framing (magic, version, length), nothing else.
@@ -391,11 +412,7 @@ pub fn verify_and_open(
         });
     }
     let body_bytes = &bytes[BUNDLE_HEADER_LEN..BUNDLE_HEADER_LEN + hdr.body_len];
-    let body: Body = match postcard::take_from_bytes::<Body>(body_bytes) {
-        Ok((b, [])) => b,
-        Ok(_) => return Err(BundleError::Malformed("bytes after the body")),
-        Err(_) => return Err(BundleError::Malformed("the body does not decode")),
-    };
+    let body = open_body(body_bytes)?;
     model::validate(&body.device).map_err(BundleError::Invalid)?;
     let cipher = wrap_cipher(device_key);
     let mut keys: Vec<Option<DataKey>> = body.device.namespaces.iter().map(|_| None).collect();
@@ -439,4 +456,141 @@ pub fn verify_and_open(
         device: body.device,
         keys,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Backend, Encryption, Management, Namespace, Network, Subsystem};
+    use crate::qos::{NamespaceQos, Qos, QosGroup, QosLimits, QosRate};
+    use alloc::vec;
+
+    const NQN: &str = "nqn.2026-11.dev.keel:vol0";
+
+    /// The description as bundles encoded it before QoS existed (its fields, in order).
+    #[derive(Serialize)]
+    struct DeviceBeforeQos {
+        network: Network,
+        subsystems: Vec<Subsystem>,
+        namespaces: Vec<Namespace>,
+        management: Option<Management>,
+    }
+
+    #[derive(Serialize)]
+    struct BodyBeforeQos {
+        device: DeviceBeforeQos,
+        keys: Vec<WrappedKey>,
+    }
+
+    fn device() -> Device {
+        Device {
+            network: Network::Dhcp,
+            subsystems: vec![Subsystem {
+                nqn: NQN.into(),
+                serial: None,
+                model: None,
+                allowed_hosts: vec![],
+            }],
+            namespaces: (1..=2)
+                .map(|nsid| Namespace {
+                    subsystem: NQN.into(),
+                    nsid,
+                    backend: Backend::Ram {
+                        size: 1 << 20,
+                        block_size: 512,
+                    },
+                    encryption: Encryption::None,
+                    function: None,
+                })
+                .collect(),
+            management: None,
+            qos: Qos::default(),
+        }
+    }
+
+    fn keys() -> (SigningKey, DeviceKey) {
+        (
+            SigningKey::from_bytes(&[7; 32]),
+            DeviceKey::from_bytes([8; 32]),
+        )
+    }
+
+    fn sign(body: &[u8], generation: u64, sk: &SigningKey) -> Vec<u8> {
+        let mut out = header(generation, body.len()).to_vec();
+        out.extend_from_slice(body);
+        let sig = sk.sign(&out);
+        out.extend_from_slice(&sig.to_bytes());
+        out
+    }
+
+    #[test]
+    fn a_bundle_from_before_qos_still_opens_without_limits() {
+        let (sk, dk) = keys();
+        let d = device();
+        let body = postcard::to_allocvec(&BodyBeforeQos {
+            device: DeviceBeforeQos {
+                network: d.network.clone(),
+                subsystems: d.subsystems.clone(),
+                namespaces: d.namespaces.clone(),
+                management: None,
+            },
+            keys: vec![],
+        })
+        .unwrap();
+        let c = verify_and_open(&sign(&body, 3, &sk), &sk.verifying_key(), &dk, 0).unwrap();
+        assert_eq!(c.device, d);
+        assert!(c.device.qos.is_empty());
+        // A description without QoS encodes exactly as before.
+        let b = build(&d, 3, &sk, &dk, &mut |b| b.fill(1)).unwrap();
+        assert_eq!(&b[BUNDLE_HEADER_LEN..b.len() - SIGNATURE_LEN], &body[..]);
+    }
+
+    #[test]
+    fn qos_travels_in_the_trailing_section() {
+        let (sk, dk) = keys();
+        let mut d = device();
+        let rate = |per_sec| {
+            Some(QosRate {
+                per_sec,
+                burst: Some(8),
+            })
+        };
+        d.qos = Qos {
+            namespaces: vec![NamespaceQos {
+                subsystem: NQN.into(),
+                nsid: 2,
+                limits: QosLimits {
+                    write_iops: rate(500),
+                    ..Default::default()
+                },
+                weight: 3,
+                group: Some("b".into()),
+            }],
+            groups: vec![QosGroup {
+                name: "b".into(),
+                limits: QosLimits {
+                    bps: rate(1 << 20),
+                    ..Default::default()
+                },
+                weight: 0,
+            }],
+            ..Default::default()
+        };
+        let b = build(&d, 4, &sk, &dk, &mut |b| b.fill(1)).unwrap();
+        let c = verify_and_open(&b, &sk.verifying_key(), &dk, 0).unwrap();
+        assert_eq!(c.device.qos, d.qos);
+        // Garbage after the QoS section (signed, so only a bad builder makes it) is refused.
+        let mut body = b[BUNDLE_HEADER_LEN..b.len() - SIGNATURE_LEN].to_vec();
+        body.push(0);
+        assert_eq!(
+            verify_and_open(&sign(&body, 4, &sk), &sk.verifying_key(), &dk, 0).unwrap_err(),
+            BundleError::Malformed("bytes after the QoS section")
+        );
+        // A QoS section breaking a rule is refused as an invalid description.
+        d.qos.namespaces[0].group = Some("nobody".into());
+        assert!(matches!(
+            build(&d, 5, &sk, &dk, &mut |b| b.fill(1)),
+            Err(BundleError::Invalid(e)) if e.path == "namespace[1].qos.group"
+        ));
+    }
 }

@@ -126,6 +126,7 @@ mod tests {
             subsystems: vec![sub(A)],
             namespaces: vec![ram(A, 1, 8), ram(A, 2, 8)],
             management: None,
+            qos: Default::default(),
         }
     }
 
@@ -198,5 +199,31 @@ mod tests {
                 .iter()
                 .any(|m| m.contains("subsystem nqn.2026-11.dev.keel:b removed"))
         );
+    }
+
+    #[test]
+    fn remote_namespaces_are_added_live_and_their_settings_need_a_reboot() {
+        use crate::model::Remote;
+        let remote = |depth: u16| Namespace {
+            backend: Backend::Remote {
+                remote: Remote {
+                    depth,
+                    ..Remote::new("nqn.2026-11.dev.keel:pool", vec![([10, 0, 2, 2], 4420)], 1)
+                },
+                offset: 0,
+                length: None,
+            },
+            ..ram(A, 3, 8)
+        };
+        let mut new = base();
+        new.namespaces.push(remote(128));
+        let d = diff(&base(), &new);
+        assert_eq!(d.added, vec![2]);
+        assert!(d.needs_reboot.is_empty());
+        let mut newer = new.clone();
+        newer.namespaces[2] = remote(64);
+        let d = diff(&new, &newer);
+        assert!(d.added.is_empty() && d.kept == vec![0, 1], "{d:?}");
+        assert!(d.needs_reboot[0].contains("namespace 3 of nqn.2026-11.dev.keel:a: backend"));
     }
 }

@@ -123,6 +123,7 @@ pub mod identity;
 pub mod image;
 pub mod keys;
 pub mod model;
+pub mod qos;
 #[cfg(feature = "std")]
 pub mod toml;
 
@@ -135,6 +136,10 @@ pub use flash::{ConfigCopy, ConfigWrite, Slot, choose_config, next_config_write}
 pub use identity::{IdentityError, encode_identity, parse_identity};
 pub use image::{ImageError, ImageHeader};
 pub use keys::{DataKey, DeviceKey};
-pub use model::{Backend, Device, Encryption, Management, Namespace, Network, Subsystem, validate};
+pub use model::{
+    Backend, Device, Encryption, Management, Namespace, Network, Remote, RemotePolicy, Subsystem,
+    validate,
+};
+pub use qos::{FunctionQos, HostQos, NamespaceQos, Qos, QosGroup, QosLimits, QosRate};
 #[cfg(feature = "std")]
 pub use toml::{Error, parse_toml};

@@ -23,6 +23,10 @@ pub struct Device {
     pub namespaces: Vec<Namespace>,
     /// The management endpoint, if any.
     pub management: Option<Management>,
+    /// Limits and weights. Not part of the body's encoding: a bundle carries it in a trailing
+    /// section ([`crate::bundle`]), so bundles made before it existed still open.
+    #[serde(skip)]
+    pub qos: crate::qos::Qos,
 }
 
 /// How the device gets its IPv4 address.
@@ -91,6 +95,142 @@ pub enum Backend {
         /// Length in bytes (a multiple of 4 KiB), or `None`: to the end of the namespace.
         length: Option<u64>,
     },
+    /// A namespace of a remote NVMe/TCP subsystem (the firmware is its initiator), whole or a
+    /// slice of it.
+    Remote {
+        /// The remote namespace and how to reach it.
+        remote: Remote,
+        /// Byte offset of the slice (a multiple of 4 KiB).
+        offset: u64,
+        /// Length in bytes (a multiple of 4 KiB), or `None`: to the end of the namespace.
+        length: Option<u64>,
+    },
+}
+
+impl Backend {
+    /// The slice of a drive or remote backend (offset, length), if it is one.
+    pub fn slice(&self) -> Option<(u64, Option<u64>)> {
+        match *self {
+            Backend::Ram { .. } => None,
+            Backend::Drive { offset, length, .. } | Backend::Remote { offset, length, .. } => {
+                (offset != 0 || length.is_some()).then_some((offset, length))
+            }
+        }
+    }
+}
+
+/// A namespace of a remote NVMe/TCP subsystem and the initiator's settings. Defaults are
+/// Linux's (`drivers/nvme/host/fabrics.h`): 4 I/O queues of depth 128, no digests, KATO 5 s,
+/// reconnect every 10 s for 600 s, `fast_io_fail_tmo` off, round-robin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remote {
+    /// Subsystem NQN on the remote.
+    pub nqn: String,
+    /// Its addresses (IPv4, TCP port): one per path, 1 to [`MAX_REMOTE_PATHS`].
+    pub paths: Vec<([u8; 4], u16)>,
+    /// The namespace there.
+    pub nsid: u32,
+    /// Our host NQN; `None`: derived from the device's MAC
+    /// (`nqn.2014-08.org.nvmexpress:uuid:...`).
+    pub hostnqn: Option<String>,
+    /// I/O queues (TCP connections) per path.
+    pub queues: u16,
+    /// Commands in flight per I/O queue.
+    pub depth: u16,
+    /// NVMe/TCP header digest.
+    pub header_digest: bool,
+    /// NVMe/TCP data digest.
+    pub data_digest: bool,
+    /// Keep Alive Timeout, milliseconds.
+    pub kato_ms: u32,
+    /// Delay between association attempts of a path, milliseconds.
+    pub reconnect_delay_ms: u64,
+    /// How long a path keeps trying after it went down, milliseconds; `None`: forever.
+    pub ctrl_loss_tmo_ms: Option<u64>,
+    /// Requests waiting this long for a usable path fail; `None`: off.
+    pub fast_io_fail_tmo_ms: Option<u64>,
+    /// Path selection.
+    pub policy: RemotePolicy,
+}
+
+impl Remote {
+    /// A remote namespace with the default settings.
+    pub fn new(nqn: impl Into<String>, paths: Vec<([u8; 4], u16)>, nsid: u32) -> Self {
+        Remote {
+            nqn: nqn.into(),
+            paths,
+            nsid,
+            hostnqn: None,
+            queues: 4,
+            depth: 128,
+            header_digest: false,
+            data_digest: false,
+            kato_ms: 5_000,
+            reconnect_delay_ms: 10_000,
+            ctrl_loss_tmo_ms: Some(600_000),
+            fast_io_fail_tmo_ms: None,
+            policy: RemotePolicy::RoundRobin,
+        }
+    }
+
+    /// Whether `other` is the same remote namespace (subsystem, namespace, set of paths):
+    /// namespaces that name it share one association per path.
+    pub fn same_target(&self, other: &Remote) -> bool {
+        self.nqn == other.nqn
+            && self.nsid == other.nsid
+            && self.paths.len() == other.paths.len()
+            && self.paths.iter().all(|p| other.paths.contains(p))
+    }
+
+    /// The paths as `a.b.c.d:port,...`.
+    pub fn paths_text(&self) -> String {
+        let mut s = String::new();
+        for (i, ([a, b, c, d], port)) in self.paths.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(&format!("{a}.{b}.{c}.{d}:{port}"));
+        }
+        s
+    }
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "remote {} namespace {} via {}",
+            self.nqn,
+            self.nsid,
+            self.paths_text()
+        )
+    }
+}
+
+/// How a remote volume spreads I/O over its usable paths (Linux `iopolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemotePolicy {
+    /// Each command to the next usable path in turn.
+    RoundRobin,
+    /// Each command to the usable path with the fewest commands in flight.
+    QueueDepth,
+}
+
+impl RemotePolicy {
+    /// The name used in the TOML description and the boot arguments.
+    pub fn name(self) -> &'static str {
+        match self {
+            RemotePolicy::RoundRobin => "round-robin",
+            RemotePolicy::QueueDepth => "queue-depth",
+        }
+    }
+
+    /// Parses a name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [RemotePolicy::RoundRobin, RemotePolicy::QueueDepth]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
 }
 
 /// Encryption at rest of a namespace.
@@ -158,6 +298,12 @@ pub const MAX_RAM: u64 = 1 << 40;
 pub const SLICE_ALIGN: u64 = 4096;
 /// Largest NQN in bytes (NVMe base specification 2.0, 4.5).
 pub const MAX_NQN: usize = 223;
+/// Paths of one remote namespace at most.
+pub const MAX_REMOTE_PATHS: usize = 8;
+/// I/O queues per remote path at most.
+pub const MAX_REMOTE_QUEUES: u16 = 64;
+/// Commands in flight per remote I/O queue at most (Linux `NVMF_MAX_QUEUE_SIZE`).
+pub const MAX_REMOTE_DEPTH: u16 = 1024;
 
 /// A rule of [`validate`] that a description breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,23 +517,7 @@ pub fn validate(d: &Device) -> Result<(), ValidationError> {
                 if nsid == 0 || nsid == u32::MAX {
                     return err(p("backend.nsid"), format!("drive NSID {nsid} is reserved"));
                 }
-                if !offset.is_multiple_of(SLICE_ALIGN) {
-                    return err(
-                        p("backend.offset"),
-                        format!("offset {offset} is not a multiple of 4 KiB"),
-                    );
-                }
-                if let Some(len) = length {
-                    if len == 0 || !len.is_multiple_of(SLICE_ALIGN) {
-                        return err(
-                            p("backend.length"),
-                            format!("length {len} must be a nonzero multiple of 4 KiB"),
-                        );
-                    }
-                    if offset.checked_add(len).is_none() {
-                        return err(p("backend.length"), "offset + length overflows".into());
-                    }
-                }
+                check_slice(offset, length, &p)?;
                 for (j, o) in d.namespaces[..i].iter().enumerate() {
                     if let Backend::Drive {
                         drive: od,
@@ -402,6 +532,52 @@ pub fn validate(d: &Device) -> Result<(), ValidationError> {
                         return err(
                             p("backend"),
                             format!("overlaps namespace[{j}] on drive {drive} namespace {nsid}"),
+                        );
+                    }
+                }
+            }
+            Backend::Remote {
+                ref remote,
+                offset,
+                length,
+            } => {
+                check_remote(remote, &|f| p(&format!("backend.remote.{f}")))?;
+                check_slice(offset, length, &p)?;
+                for (j, o) in d.namespaces[..i].iter().enumerate() {
+                    let Backend::Remote {
+                        remote: ref or,
+                        offset: oo,
+                        length: ol,
+                    } = o.backend
+                    else {
+                        continue;
+                    };
+                    if or.same_target(remote) {
+                        if or != remote {
+                            return err(
+                                p("backend.remote"),
+                                format!(
+                                    "namespace[{j}] uses the same remote namespace with other \
+                                     settings (they share its associations: give both the same)"
+                                ),
+                            );
+                        }
+                        if overlaps(offset, length, oo, ol) {
+                            return err(
+                                p("backend"),
+                                format!("overlaps namespace[{j}] on {remote}"),
+                            );
+                        }
+                    } else if or.paths.iter().any(|a| remote.paths.contains(a))
+                        && or.nqn == remote.nqn
+                        && or.nsid == remote.nsid
+                    {
+                        return err(
+                            p("backend.remote.paths"),
+                            format!(
+                                "namespace[{j}] reaches the same remote namespace over other \
+                                 paths: give both the same list"
+                            ),
                         );
                     }
                 }
@@ -426,6 +602,91 @@ pub fn validate(d: &Device) -> Result<(), ValidationError> {
                 "not an Ed25519 public key".into(),
             );
         }
+    }
+    crate::qos::validate_qos(d)
+}
+
+/// Checks a slice's offset and length (4 KiB multiples, no overflow).
+fn check_slice(
+    offset: u64,
+    length: Option<u64>,
+    p: &dyn Fn(&str) -> String,
+) -> Result<(), ValidationError> {
+    if !offset.is_multiple_of(SLICE_ALIGN) {
+        return err(
+            p("backend.offset"),
+            format!("offset {offset} is not a multiple of 4 KiB"),
+        );
+    }
+    if let Some(len) = length {
+        if len == 0 || !len.is_multiple_of(SLICE_ALIGN) {
+            return err(
+                p("backend.length"),
+                format!("length {len} must be a nonzero multiple of 4 KiB"),
+            );
+        }
+        if offset.checked_add(len).is_none() {
+            return err(p("backend.length"), "offset + length overflows".into());
+        }
+    }
+    Ok(())
+}
+
+/// Checks a remote backend's own fields; `p` names a field of it.
+pub fn check_remote(r: &Remote, p: &dyn Fn(&str) -> String) -> Result<(), ValidationError> {
+    check_nqn(&r.nqn).or_else(|m| err(p("nqn"), m))?;
+    if r.nqn == "nqn.2014-08.org.nvmexpress.discovery" {
+        return err(
+            p("nqn"),
+            "the discovery NQN has no namespaces to use".into(),
+        );
+    }
+    if r.paths.is_empty() || r.paths.len() > MAX_REMOTE_PATHS {
+        return err(
+            p("paths"),
+            format!("1 to {MAX_REMOTE_PATHS} paths (\"a.b.c.d:port\") are needed"),
+        );
+    }
+    for (k, (ip, port)) in r.paths.iter().enumerate() {
+        if *port == 0 || *ip == [0; 4] || ip[0] >= 224 {
+            return err(
+                p(&format!("paths[{k}]")),
+                "not a unicast IPv4 address with a nonzero port".into(),
+            );
+        }
+        if r.paths[..k].contains(&(*ip, *port)) {
+            return err(
+                p(&format!("paths[{k}]")),
+                "the same path is given twice".into(),
+            );
+        }
+    }
+    if r.nsid == 0 || r.nsid == u32::MAX {
+        return err(p("nsid"), format!("NSID {} is reserved", r.nsid));
+    }
+    if let Some(h) = &r.hostnqn {
+        check_nqn(h).or_else(|m| err(p("hostnqn"), m))?;
+    }
+    if r.queues == 0 || r.queues > MAX_REMOTE_QUEUES {
+        return err(
+            p("queues"),
+            format!("{} I/O queues: 1 to {MAX_REMOTE_QUEUES}", r.queues),
+        );
+    }
+    if r.depth < 2 || r.depth > MAX_REMOTE_DEPTH {
+        return err(
+            p("depth"),
+            format!("queue depth {}: 2 to {MAX_REMOTE_DEPTH}", r.depth),
+        );
+    }
+    if r.kato_ms == 0 {
+        return err(
+            p("kato"),
+            "keep alive is mandatory on NVMe/TCP (NVMe-oF 1.1 §3.3): kato must not be 0".into(),
+        );
+    }
+    if r.reconnect_delay_ms == 0 {
+        return err(p("reconnect_delay"), "must not be 0".into());
     }
     Ok(())
 }

@@ -73,6 +73,7 @@ fn device() -> Device {
             port: 9000,
             authorized_key: SigningKey::from_bytes(&[3; 32]).verifying_key().to_bytes(),
         }),
+        qos: Default::default(),
     }
 }
 

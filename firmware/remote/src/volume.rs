@@ -532,7 +532,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             match ev {
                 HostEvent::Connected { .. } => self.admin_connected(p, now)?,
                 HostEvent::Completion { cid, cqe, buf } => {
-                    self.admin_done(p, cid, Cqe::from_bytes(&cqe), buf, now)?
+                    self.admin_done(p, cid, cqe, buf, now)?
                 }
                 HostEvent::Aborted { .. } => {}
                 HostEvent::Closed { reason } => return Err(LossReason::Transport(reason)),
@@ -549,11 +549,11 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
                     HostEvent::Completion { cid, cqe, .. }
                         if self.paths[p].ioqs[q].connect_cid == Some(cid) =>
                     {
-                        self.io_connected(p, q, Cqe::from_bytes(&cqe), now)?
+                        self.io_connected(p, q, cqe, now)?
                     }
                     HostEvent::Completion { cid, cqe, buf } => {
                         if let Some(cmd) = take_cmd(&mut self.paths[p].ioqs[q], cid) {
-                            self.cmd_done(p, cmd.req, Cqe::from_bytes(&cqe), buf, now);
+                            self.cmd_done(p, cmd.req, cqe, buf, now);
                         }
                     }
                     HostEvent::Aborted { cid, buf } => {
@@ -657,7 +657,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
                 match ev {
                     HostEvent::Completion { cid, cqe, buf } if q.connect_cid != Some(cid) => {
                         if let Some(cmd) = take_cmd(&mut q, cid) {
-                            self.cmd_done(p, cmd.req, Cqe::from_bytes(&cqe), buf, now);
+                            self.cmd_done(p, cmd.req, cqe, buf, now);
                         }
                     }
                     HostEvent::Aborted { cid, buf } => {
@@ -718,7 +718,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             .admin
             .as_mut()
             .ok_or(LossReason::Protocol("no admin connection"))?;
-        match c.hc.submit(sqe.to_bytes(), data) {
+        match c.hc.submit(sqe, data) {
             Ok(cid) => {
                 if let Some(s) = path.admin_use.get_mut(cid as usize) {
                     *s = (u, now);
@@ -1063,7 +1063,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         );
         let len = data.as_ref().len() as u32;
         let ioq = &mut path.ioqs[q];
-        match ioq.conn.hc.submit(sqe.to_bytes(), Some((data, len))) {
+        match ioq.conn.hc.submit(sqe, Some((data, len))) {
             Ok(cid) => {
                 ioq.connect_cid = Some(cid);
                 Ok(())
@@ -1306,7 +1306,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         let first_of_many = r.done == 0 && n < r.total();
         let path = &mut self.paths[p];
         let ioq = &mut path.ioqs[q];
-        match ioq.conn.hc.submit(sqe.to_bytes(), data) {
+        match ioq.conn.hc.submit(sqe, data) {
             Ok(cid) => {
                 if let Some(c) = ioq.cmds.get_mut(cid as usize) {
                     *c = Cmd {

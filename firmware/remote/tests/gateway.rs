@@ -46,7 +46,7 @@ impl Front {
         })
         .unwrap();
         let now = Instant::from_nanos(rig.now);
-        let admin = t.create_local_controller(now, GW).unwrap();
+        let admin = t.create_local_controller(now, GW, 0).unwrap();
         let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
         t.property_set(now, admin, offset::CC, PropertySize::Four, cc.0 as u64)
             .unwrap();

@@ -2,27 +2,46 @@
 
 use alloc::vec::Vec;
 use core::fmt;
+use core::marker::PhantomData;
 use core::mem::MaybeUninit;
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 /// A data buffer that moves by value between transport, controller and backend.
 ///
-/// It wraps a `&'static mut [u8]` (so it can be held across polls by an asynchronous backend),
-/// the address a device would DMA to (`dma_addr`, supplied by whoever created the memory) and a
-/// valid length `len <= capacity`.
+/// It owns `&'static mut [u8]` memory (so it can be held across polls by an asynchronous
+/// backend), the address a device would DMA to (`dma_addr`, supplied by whoever created the
+/// memory) and a valid length `len <= capacity`.
+///
+/// The memory is kept as a raw pointer, not as a `&mut [u8]`: while a command is outstanding
+/// a device reads or writes it behind the program's back, and a live (if untouched) mutable
+/// reference to memory something else writes is undefined behaviour (Miri reports it for the
+/// NVMe driver's fake device under Stacked and Tree Borrows). References exist only for the
+/// duration of [`IoBuf::as_slice`] / [`IoBuf::as_mut_slice`] / [`IoBuf::capacity_mut`]
+/// borrows; [`IoBuf::as_mut_ptr`] gives the pointer a DMA engine (or a fake device) uses.
 pub struct IoBuf {
-    mem: &'static mut [u8],
+    ptr: NonNull<u8>,
+    cap: usize,
     dma_addr: u64,
     len: usize,
     pool: u32,
+    _mem: PhantomData<&'static mut [u8]>,
 }
+
+// SAFETY: an `IoBuf` owns its memory exclusively (it was a `&'static mut [u8]`), exactly like
+// the `&'static mut [u8]` it replaces, which is `Send` and `Sync`.
+#[allow(unsafe_code)]
+unsafe impl Send for IoBuf {}
+// SAFETY: see `Send`; shared access only reads.
+#[allow(unsafe_code)]
+unsafe impl Sync for IoBuf {}
 
 impl fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IoBuf")
             .field("dma_addr", &self.dma_addr)
             .field("len", &self.len)
-            .field("capacity", &self.mem.len())
+            .field("capacity", &self.cap)
             .field("pool", &self.pool)
             .finish()
     }
@@ -32,12 +51,14 @@ impl IoBuf {
     /// A buffer over `mem` whose first byte a device reaches at `dma_addr`. Valid length =
     /// capacity. Not owned by any pool.
     pub fn new(mem: &'static mut [u8], dma_addr: u64) -> Self {
-        let len = mem.len();
+        let cap = mem.len();
         Self {
-            mem,
+            ptr: NonNull::from(mem).cast::<u8>(),
+            cap,
             dma_addr,
-            len,
+            len: cap,
             pool: 0,
+            _mem: PhantomData,
         }
     }
 
@@ -50,7 +71,7 @@ impl IoBuf {
 
     /// Total size of the memory.
     pub fn capacity(&self) -> usize {
-        self.mem.len()
+        self.cap
     }
 
     /// Number of valid bytes.
@@ -65,7 +86,7 @@ impl IoBuf {
 
     /// Sets the valid length, clamped to the capacity; returns the new length.
     pub fn set_len(&mut self, len: usize) -> usize {
-        self.len = len.min(self.mem.len());
+        self.len = len.min(self.cap);
         self.len
     }
 
@@ -76,18 +97,35 @@ impl IoBuf {
 
     /// The valid bytes.
     pub fn as_slice(&self) -> &[u8] {
-        self.mem.get(..self.len).unwrap_or(&[])
+        // SAFETY: `ptr` is valid for `cap >= len` bytes for 'static (it came from a
+        // `&'static mut [u8]` this buffer owns), and the shared borrow of `self` keeps every
+        // mutable access through `self` away for the slice's lifetime.
+        #[allow(unsafe_code)]
+        unsafe {
+            core::slice::from_raw_parts(self.ptr.as_ptr(), self.len)
+        }
     }
 
     /// The valid bytes, mutable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let len = self.len;
-        self.mem.get_mut(..len).unwrap_or(&mut [])
+        &mut self.capacity_mut()[..len]
     }
 
     /// The whole memory regardless of the valid length (to receive data).
     pub fn capacity_mut(&mut self) -> &mut [u8] {
-        self.mem
+        // SAFETY: as in `as_slice`, for `cap` bytes; the exclusive borrow of `self` makes this
+        // the only reference to the memory for the slice's lifetime.
+        #[allow(unsafe_code)]
+        unsafe {
+            core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap)
+        }
+    }
+
+    /// The first byte, for a DMA engine or a device model: valid for `capacity()` bytes of
+    /// reads and writes while no slice of this buffer is borrowed.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
     }
 
     /// Identifier of the pool this buffer belongs to (0 = none).
@@ -246,7 +284,7 @@ impl BufPool {
             Some(b) => b,
             None => self.carve()?,
         };
-        b.len = b.mem.len();
+        b.len = b.cap;
         Some(b)
     }
 

@@ -26,6 +26,8 @@ core::arch::global_asm!(
     bb_percore = const smp::offsets::PERCORE,
 );
 core::arch::global_asm!(include_str!("vectors.S"));
+// `memcpy` with q-register pairs, replacing compiler_builtins' weak one (see the file).
+core::arch::global_asm!(include_str!("memcpy.S"));
 
 /// Symbols the linker script defines.
 pub(crate) mod layout {

@@ -79,7 +79,7 @@ impl Client {
             .write_all(frame)
             .map_err(|e| io_context(&self.addr, "sending the request", e))?;
         let payload = read_frame(&mut self.stream, &self.addr, "waiting for the response")?;
-        let r: Response = postcard::from_bytes(&payload)
+        let r: Response = wire::decode_response(&payload)
             .with_context(|| format!("{}: malformed response", self.addr))?;
         self.challenge = r.challenge;
         Ok(r.reply)

@@ -1,6 +1,6 @@
 //! Human-readable `keelctl status` and push reports.
 
-use keel_mgmt::{Latency, PushReport, Snapshot};
+use keel_mgmt::{Latency, PushReport, QosInfo, Snapshot};
 use std::io::{Result, Write};
 
 /// `1h02m03s`, `4.123s`.
@@ -50,6 +50,96 @@ fn quantiles(l: &Latency) -> String {
         latency(l.p99_ns, l.count),
         latency(l.p999_ns, l.count)
     )
+}
+
+/// `write_iops 500/s (burst 50)`, `bps 100MiB/s (burst 1MiB)`, joined; `-` without limits.
+fn qos_limits(q: &QosInfo) -> String {
+    if q.limits.is_empty() {
+        return "-".into();
+    }
+    q.limits
+        .iter()
+        .map(|l| {
+            if l.name.ends_with("bps") {
+                format!("{} {}/s (burst {})", l.name, size(l.per_sec), size(l.burst))
+            } else {
+                format!("{} {}/s (burst {})", l.name, l.per_sec, l.burst)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The QoS table: every namespace, controller and group with a limit, a group, a weight
+/// other than 1, time throttled or commands queued.
+fn qos_table(s: &Snapshot, out: &mut dyn Write) -> Result<()> {
+    let mut rows = vec![
+        [
+            "SCOPE",
+            "TENANT",
+            "GROUP",
+            "WEIGHT",
+            "LIMITS",
+            "RATE",
+            "THROTTLED",
+            "QUEUED",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut row = |scope: &str, tenant: String, group: &str, weight: String, q: &QosInfo| {
+        rows.push(vec![
+            scope.into(),
+            tenant,
+            group.into(),
+            weight,
+            qos_limits(q),
+            format!("{} IOPS, {}/s", q.ops_per_sec, size(q.bytes_per_sec)),
+            uptime(q.throttled_ns),
+            q.queued.to_string(),
+        ]);
+    };
+    let busy = |q: &QosInfo| !q.limits.is_empty() || q.throttled_ns > 0 || q.queued > 0;
+    for n in &s.qos_namespaces {
+        if busy(&n.qos) || n.group.is_some() || n.weight != 1 {
+            row(
+                "namespace",
+                format!("{}/{}", n.subsystem, n.nsid),
+                n.group.as_deref().unwrap_or("-"),
+                n.weight.to_string(),
+                &n.qos,
+            );
+        }
+    }
+    for c in &s.qos_controllers {
+        if busy(&c.qos) {
+            let host = if c.hostnqn.is_empty() {
+                c.transport.clone()
+            } else {
+                c.hostnqn.clone()
+            };
+            row(
+                "controller",
+                format!("{host} (cntlid {})", c.cntlid),
+                "-",
+                "-".into(),
+                &c.qos,
+            );
+        }
+    }
+    for g in &s.qos_groups {
+        let w = if g.weight == 0 {
+            "-".into()
+        } else {
+            g.weight.to_string()
+        };
+        row("group", g.name.clone(), &g.name, w, &g.qos);
+    }
+    if rows.len() > 1 {
+        writeln!(out, "\nqos ({} tenant(s)):", rows.len() - 1)?;
+        columns(out, &rows)?;
+    }
+    Ok(())
 }
 
 /// Prints rows as left-aligned columns.
@@ -103,6 +193,36 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         "connections: {} NVMe/TCP, {} controller(s)",
         s.tcp_connections,
         s.controllers.len()
+    )?;
+    let r = &s.resources;
+    writeln!(
+        out,
+        "resources:   heap {} free; NVMe/TCP buffers {}/{} free; sockets {} of {} created, \
+         {} listening, {} free, {} closing; controllers {}/{}; queues {}/{}",
+        size(r.heap_free),
+        r.nvmf_buffers_free,
+        r.nvmf_buffers_total,
+        r.sockets_created,
+        r.sockets_max,
+        r.sockets_listening,
+        r.sockets_free,
+        r.sockets_draining,
+        r.controllers,
+        r.controllers_max,
+        r.queues,
+        r.queues_max
+    )?;
+    if r.function_buffers_total > 0 {
+        writeln!(
+            out,
+            "             emulated-function buffers {}/{} free",
+            r.function_buffers_free, r.function_buffers_total
+        )?;
+    }
+    writeln!(
+        out,
+        "refused:     {} connection(s) refused, {} evicted before their ICReq, {} ICReq timeout(s)",
+        r.refused, r.evicted, r.icreq_timeouts
     )?;
     writeln!(out, "\nsubsystems ({}):", s.subsystems.len())?;
     for sub in &s.subsystems {
@@ -172,6 +292,8 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         }
         columns(out, &rows)?;
     }
+    remotes(s, out)?;
+    qos_table(s, out)?;
     if !s.functions.is_empty() {
         writeln!(out, "\nemulated functions ({}):", s.functions.len())?;
         for f in &s.functions {
@@ -207,6 +329,95 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
                 c.messages.to_string(),
                 c.allocator_calls.to_string(),
                 c.role.clone(),
+            ]);
+        }
+        columns(out, &rows)?;
+    }
+    Ok(())
+}
+
+/// Remote volumes with one row per path.
+fn remotes(s: &Snapshot, out: &mut dyn Write) -> Result<()> {
+    if s.remotes.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "\nremote volumes ({}):", s.remotes.len())?;
+    for r in &s.remotes {
+        let serves: Vec<String> = r
+            .exports
+            .iter()
+            .map(|(nqn, nsid)| format!("{nqn} ns {nsid}"))
+            .collect();
+        writeln!(
+            out,
+            "  {} namespace {}: {}, {}, {}, as {}; serves {}",
+            r.subnqn,
+            r.nsid,
+            r.state,
+            if r.size_bytes == 0 {
+                "size not known yet".to_string()
+            } else {
+                format!("{} ({}-byte blocks)", size(r.size_bytes), r.block_size)
+            },
+            r.policy,
+            r.hostnqn,
+            if serves.is_empty() {
+                "nothing yet".to_string()
+            } else {
+                serves.join(", ")
+            }
+        )?;
+        writeln!(
+            out,
+            "  requests {} ({} completed, {} failed, {} without a path), {} in flight, {} queued, \
+             {} retries, {} failovers",
+            r.submitted,
+            r.completed,
+            r.failed,
+            r.path_errors,
+            r.in_flight,
+            r.queued,
+            r.retries,
+            r.failovers
+        )?;
+        let mut rows = vec![
+            [
+                "PATH",
+                "STATE",
+                "ANA",
+                "CNTLID",
+                "QUEUES",
+                "IN-FLIGHT",
+                "COMMANDS",
+                "ERRORS",
+                "CONNECTS",
+                "LOSSES",
+                "LAST LOSS",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for p in &r.paths {
+            rows.push(vec![
+                p.addr.clone(),
+                p.state.clone(),
+                if p.ana.is_empty() {
+                    "-".into()
+                } else {
+                    p.ana.clone()
+                },
+                p.cntlid.to_string(),
+                format!("{}x{}", p.io_queues, p.queue_depth),
+                p.in_flight.to_string(),
+                p.commands.to_string(),
+                p.errors.to_string(),
+                p.connects.to_string(),
+                p.losses.to_string(),
+                if p.last_loss.is_empty() {
+                    "-".into()
+                } else {
+                    p.last_loss.clone()
+                },
             ]);
         }
         columns(out, &rows)?;
@@ -284,6 +495,24 @@ mod tests {
                 ..Default::default()
             })
             .collect();
+        s.qos_namespaces.push(keel_mgmt::NamespaceQosInfo {
+            subsystem: "nqn.x".into(),
+            nsid: 7,
+            weight: 3,
+            group: Some("tenant-b".into()),
+            qos: QosInfo {
+                limits: vec![keel_mgmt::QosLimit {
+                    name: "write_bps".into(),
+                    per_sec: 50 << 20,
+                    burst: 5 << 20,
+                }],
+                ops_per_sec: 480,
+                bytes_per_sec: 48 << 20,
+                throttled_ns: 2_500_000_000,
+                queued: 12,
+                ..Default::default()
+            },
+        });
         let mut out = Vec::new();
         status("Keel", &s, &mut out).unwrap();
         let t = String::from_utf8(out).unwrap();
@@ -298,6 +527,71 @@ mod tests {
         let row = t.lines().find(|l| l.contains("nqn.x")).unwrap();
         assert!(
             row.contains(" 7 ") && row.contains(" 42 ") && row.contains("1MiB"),
+            "{t}"
+        );
+        let q = t.lines().find(|l| l.contains("nqn.x/7")).unwrap();
+        for want in [
+            "nqn.x/7",
+            "tenant-b",
+            " 3 ",
+            "write_bps 50MiB/s (burst 5MiB)",
+            "480 IOPS, 48MiB/s",
+            "2.500s",
+            " 12",
+        ] {
+            assert!(q.contains(want), "{want} missing in {q}");
+        }
+        assert!(!t.contains("remote volumes"), "{t}");
+    }
+
+    #[test]
+    fn table_lists_remote_volumes_with_their_paths() {
+        let path = |addr: &str, state: &str, ana: &str, loss: &str| keel_mgmt::RemotePathInfo {
+            addr: addr.into(),
+            state: state.into(),
+            ana: ana.into(),
+            io_queues: 4,
+            queue_depth: 128,
+            commands: 9,
+            last_loss: loss.into(),
+            ..Default::default()
+        };
+        let s = Snapshot {
+            remotes: vec![keel_mgmt::RemoteInfo {
+                subnqn: "nqn.2026-11.dev.keel:pool".into(),
+                nsid: 3,
+                hostnqn: "nqn.2014-08.org.nvmexpress:uuid:1".into(),
+                state: "degraded".into(),
+                size_bytes: 1 << 30,
+                block_size: 512,
+                policy: "queue-depth".into(),
+                exports: vec![("nqn.2026-11.dev.keel:fn0".into(), 1)],
+                submitted: 18,
+                paths: vec![
+                    path("10.0.2.2:4420", "live", "optimized", ""),
+                    path("10.0.2.2:4421", "reconnecting", "", "TCP connection closed"),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        status("Keel", &s, &mut out).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("remote volumes (1):"), "{t}");
+        assert!(
+            t.contains("nqn.2026-11.dev.keel:pool namespace 3: degraded, 1GiB (512-byte blocks), queue-depth"),
+            "{t}"
+        );
+        assert!(t.contains("serves nqn.2026-11.dev.keel:fn0 ns 1"), "{t}");
+        let live = t.lines().find(|l| l.contains("10.0.2.2:4420")).unwrap();
+        assert!(
+            live.contains(" live ") && live.contains(" optimized ") && live.contains("4x128"),
+            "{t}"
+        );
+        let down = t.lines().find(|l| l.contains("10.0.2.2:4421")).unwrap();
+        assert!(
+            down.contains(" reconnecting ") && down.ends_with("TCP connection closed"),
             "{t}"
         );
     }

@@ -3,7 +3,7 @@
 //! write never deadlocks against a controller that is sending us data at the same time.
 
 use super::error::NvmeError;
-use keel_nvme::Cqe;
+use keel_nvme::{Cqe, Sqe};
 use keel_nvmf_tcp::{Digests, HostConfig, HostConnection, HostEvent};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -130,11 +130,7 @@ impl Connection {
     }
 
     /// Queues a command; returns its CID. `data` is the buffer and the transfer length.
-    pub fn submit(
-        &mut self,
-        sqe: [u8; 64],
-        data: Option<(Vec<u8>, u32)>,
-    ) -> Result<u16, NvmeError> {
+    pub fn submit(&mut self, sqe: Sqe, data: Option<(Vec<u8>, u32)>) -> Result<u16, NvmeError> {
         if let Some(r) = &self.closed {
             return Err(NvmeError::Closed { reason: r.clone() });
         }
@@ -316,11 +312,7 @@ impl Connection {
                     self.digests = digests;
                 }
                 HostEvent::Completion { cid, cqe, buf } => {
-                    let d = Done {
-                        cqe: Cqe::from_bytes(&cqe),
-                        buf,
-                    };
-                    return Some((cid, Finished::Done(d)));
+                    return Some((cid, Finished::Done(Done { cqe, buf })));
                 }
                 HostEvent::Aborted { cid, .. } => return Some((cid, Finished::Aborted)),
                 HostEvent::Closed { reason } => self.mark_closed(reason.to_string()),

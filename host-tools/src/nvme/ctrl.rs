@@ -112,10 +112,7 @@ fn connect_queue(
     } else {
         format!("Connect (I/O queue {qid})")
     };
-    let cid = conn.submit(
-        cmd.to_sqe(0).to_bytes(),
-        Some((data, ConnectData::SIZE as u32)),
-    )?;
+    let cid = conn.submit(cmd.to_sqe(0), Some((data, ConnectData::SIZE as u32)))?;
     let done = check(conn.wait(cid, p.timeout, &what)?, &what)?;
     Ok(done.cqe.dw0 as u16)
 }
@@ -237,7 +234,7 @@ impl Controller {
             });
         }
         let mut a = self.lock();
-        let cid = a.conn.submit(sqe.to_bytes(), data)?;
+        let cid = a.conn.submit(sqe, data)?;
         let done = a.conn.wait(cid, self.params.timeout, what)?;
         a.last = Instant::now();
         check(done, what)
@@ -324,7 +321,7 @@ impl Controller {
                 let sqe = Sqe::new(AdminOpcode::KeepAlive as u8, 0);
                 let ok = a
                     .conn
-                    .submit(sqe.to_bytes(), None)
+                    .submit(sqe, None)
                     .and_then(|cid| a.conn.wait(cid, timeout, "Keep Alive"))
                     .map(|d| d.cqe.status.is_success())
                     .unwrap_or(false);
@@ -489,7 +486,7 @@ impl Controller {
             });
         }
         let mut a = self.lock();
-        let cid = a.conn.submit(sqe.to_bytes(), data)?;
+        let cid = a.conn.submit(sqe, data)?;
         a.last = Instant::now();
         Ok(cid)
     }
@@ -670,7 +667,7 @@ impl IoQueue {
             IoKind::Write => IoOpcode::Write,
         } as u8;
         let sqe = RwCommand::simple(slba, blocks).to_sqe(op, 0, nsid);
-        let cid = self.conn.submit(sqe.to_bytes(), Some((buf, len)))?;
+        let cid = self.conn.submit(sqe, Some((buf, len)))?;
         self.inflight += 1;
         Ok(cid)
     }
@@ -685,7 +682,7 @@ impl IoQueue {
         sqe: Sqe,
         data: Option<(Vec<u8>, u32)>,
     ) -> Result<u16, NvmeError> {
-        let cid = self.conn.submit(sqe.to_bytes(), data)?;
+        let cid = self.conn.submit(sqe, data)?;
         self.inflight += 1;
         Ok(cid)
     }
@@ -795,7 +792,7 @@ impl IoQueue {
         let what = format!("Disconnect (I/O queue {})", self.qid);
         let r = self
             .conn
-            .submit(disconnect_sqe(0).to_bytes(), None)
+            .submit(disconnect_sqe(0), None)
             .and_then(|cid| self.conn.wait(cid, self.timeout, &what))
             .and_then(|d| check(d, &what))
             .map(|_| ());

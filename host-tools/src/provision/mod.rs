@@ -139,8 +139,17 @@ fn summary(d: &Device) -> String {
         .iter()
         .filter(|n| n.encryption != keel_provision::Encryption::None)
         .count();
+    let remote = d
+        .namespaces
+        .iter()
+        .filter(|n| matches!(n.backend, keel_provision::Backend::Remote { .. }))
+        .count();
+    let remote = match remote {
+        0 => String::new(),
+        n => format!(", {n} remote"),
+    };
     format!(
-        "{} subsystem(s), {} namespace(s) ({enc} encrypted), network {}, management {}",
+        "{} subsystem(s), {} namespace(s) ({enc} encrypted{remote}), network {}, management {}",
         d.subsystems.len(),
         d.namespaces.len(),
         match d.network {

@@ -7,9 +7,11 @@
 //! what `new` allocated, requested buffers never exceed the configured limits, and everything
 //! it transmits is a well-formed controller-to-host PDU stream.
 
-use keel_nvmf_tcp::capsule::{self, Direction};
 use keel_nvmf_tcp::pdu::{Digests, Repr, encode_pdu};
-use keel_nvmf_tcp::{Event, HostConfig, HostConnection, HostEvent, TargetConfig, TargetConnection};
+use keel_nvmf_tcp::{
+    Cqe, DataDirection, Event, HostConfig, HostConnection, HostEvent, Sqe, Status, TargetConfig,
+    TargetConnection,
+};
 
 fn icreq(dg: Digests, hpda: u8) -> [u8; 128] {
     let mut b = [0u8; 128];
@@ -135,22 +137,19 @@ fn service(
                 }
             }
             Event::Command { sqe, data_len, .. } => {
-                let mut cqe = [0u8; 16];
-                cqe[12..14].copy_from_slice(&capsule::cid(&sqe).to_le_bytes());
-                let data = match capsule::direction(&sqe) {
-                    Direction::ControllerToHost if data_len > 0 => {
+                let cqe = Cqe::new(sqe.cid, Status::SUCCESS);
+                let data = match sqe.data_direction() {
+                    DataDirection::ControllerToHost if data_len > 0 => {
                         let l = data_len.min(8192);
                         Some((vec![0xA5; l as usize], l))
                     }
                     _ => None,
                 };
-                let _ = t.complete(cqe, data, sqe[5] & 1 != 0);
+                // SQE byte 5 bit 0 decides whether SQ flow control is "disabled".
+                let _ = t.complete(cqe, data, (sqe.nsid >> 8) & 1 != 0);
             }
             Event::CommandFailed { sqe, status, .. } => {
-                let mut cqe = [0u8; 16];
-                cqe[12..14].copy_from_slice(&capsule::cid(&sqe).to_le_bytes());
-                cqe[14..16].copy_from_slice(&status.to_field().to_le_bytes());
-                let _ = t.complete(cqe, None, false);
+                let _ = t.complete(Cqe::new(sqe.cid, status), None, false);
             }
             Event::BufferReleased { .. } | Event::Connected { .. } | Event::Closed { .. } => {}
         }
@@ -201,8 +200,7 @@ pub fn host_recv(data: &[u8]) {
             {
                 submitted = true;
                 for (i, op) in [0x01u8, 0x02, 0x01, 0x00].into_iter().enumerate() {
-                    let mut s = [0u8; 64];
-                    s[0] = op;
+                    let s = Sqe::new(op, 0);
                     let len = [100u32, 5000, 9000, 0][i];
                     let _ = h.submit(s, Some((vec![0; len as usize], len)));
                 }

@@ -1,30 +1,25 @@
 //! Shared test helpers: a RAM-disk target application, host PDU builders, TermReq decoding.
 #![allow(dead_code)]
 
-use keel_nvmf_tcp::capsule::{self, Sgl, Status};
+use keel_nvme::sqe::Psdt;
+use keel_nvme::{Cqe, DataDirection, Sqe, Status};
 use keel_nvmf_tcp::crc32c::crc32c;
 use keel_nvmf_tcp::pdu::{Digests, Repr, encode_pdu};
 use keel_nvmf_tcp::{Event, TargetConfig, TargetConnection};
 
 pub type Buf = Vec<u8>;
 
-/// Build an SQE: opcode, CID, SGL, cdw10 = byte offset into the RAM disk.
+/// Build an SQE's bytes: opcode, CID, SGL1 (identifier byte and length, address 0, PSDT 01b),
+/// cdw10 = byte offset into the RAM disk.
 pub fn sqe(opcode: u8, cid: u16, sgl_id: u8, sgl_len: u32, cdw10: u32) -> [u8; 64] {
-    let mut s = [0u8; 64];
-    s[0] = opcode;
-    capsule::set_cid(&mut s, cid);
-    capsule::set_sgl(
-        &mut s,
-        Sgl {
-            address: 0,
-            length: sgl_len,
-            id: sgl_id,
-        },
-    );
-    s[40..44].copy_from_slice(&cdw10.to_le_bytes());
-    s
+    let mut s = Sqe::new(opcode, cid).with_cdw(10, cdw10);
+    s.dptr[8..12].copy_from_slice(&sgl_len.to_le_bytes());
+    s.dptr[15] = sgl_id;
+    s.set_psdt(Psdt::SglContiguousMetadata);
+    s.to_bytes()
 }
 
+/// A CQE's bytes: CID and the raw status field.
 pub fn cqe(cid: u16, status: u16) -> [u8; 16] {
     let mut c = [0u8; 16];
     c[12..14].copy_from_slice(&cid.to_le_bytes());
@@ -99,39 +94,39 @@ impl App {
                     }
                 }
                 Event::Command { sqe, buf, data_len } => {
-                    let cid = capsule::cid(&sqe);
-                    let op = sqe[0];
-                    let off = u32::from_le_bytes(sqe[40..44].try_into().unwrap()) as usize;
+                    let cid = sqe.cid;
+                    let op = sqe.opcode;
+                    let off = sqe.cdw(10) as usize;
                     self.log.push(format!(
                         "cmd op={op:#x} cid={cid} len={data_len} data_crc={:#x}",
                         buf.as_ref()
                             .map(|b| crc32c(&b[..data_len as usize]))
                             .unwrap_or(0)
                     ));
-                    match capsule::direction(&sqe) {
-                        capsule::Direction::HostToController if op != 0x7F => {
+                    let ok = Cqe::new(cid, Status::SUCCESS);
+                    match sqe.data_direction() {
+                        DataDirection::HostToController if op != 0x7F => {
                             let b = buf.unwrap();
                             let end = (off + data_len as usize).min(self.disk.len());
                             let n = end.saturating_sub(off);
                             self.disk[off..end].copy_from_slice(&b[..n]);
-                            t.complete(cqe(cid, 0), None, self.fc_disabled).unwrap();
+                            t.complete(ok, None, self.fc_disabled).unwrap();
                         }
-                        capsule::Direction::ControllerToHost if data_len > 0 => {
+                        DataDirection::ControllerToHost if data_len > 0 => {
                             let mut b = vec![0u8; data_len as usize];
                             let end = (off + data_len as usize).min(self.disk.len());
                             let n = end.saturating_sub(off);
                             b[..n].copy_from_slice(&self.disk[off..end]);
-                            t.complete(cqe(cid, 0), Some((b, data_len)), self.fc_disabled)
+                            t.complete(ok, Some((b, data_len)), self.fc_disabled)
                                 .unwrap();
                         }
-                        _ => t.complete(cqe(cid, 0), None, self.fc_disabled).unwrap(),
+                        _ => t.complete(ok, None, self.fc_disabled).unwrap(),
                     }
                 }
                 Event::CommandFailed { sqe, status, .. } => {
-                    let cid = capsule::cid(&sqe);
-                    self.log.push(format!("failed cid={cid} status={status:?}"));
-                    t.complete(cqe(cid, status.to_field()), None, false)
-                        .unwrap();
+                    let cid = sqe.cid;
+                    self.log.push(format!("failed cid={cid} status={status}"));
+                    t.complete(Cqe::new(cid, status), None, false).unwrap();
                 }
                 Event::BufferReleased { cid, .. } => self.log.push(format!("released cid={cid}")),
                 Event::Closed { reason } => {

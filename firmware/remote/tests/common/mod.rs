@@ -413,7 +413,7 @@ impl Server {
                 }
             }
         }
-        let cqe = resp.cqe.to_bytes();
+        let cqe = resp.cqe;
         let data = match resp.buf {
             Some(b) if resp.data_len > 0 => Some((b, resp.data_len)),
             other => {
@@ -430,8 +430,7 @@ impl Server {
         }
     }
 
-    fn submit(&mut self, k: usize, sqe: [u8; 64], b: Option<IoBuf>, data_len: u32, now: u64) {
-        let s = Sqe::from_bytes(&sqe);
+    fn submit(&mut self, k: usize, s: Sqe, b: Option<IoBuf>, data_len: u32, now: u64) {
         let c = &self.conns[k];
         let listener = c.listener;
         let req = Request {
@@ -538,18 +537,16 @@ impl Server {
                     if let Some(b) = b {
                         give(b);
                     }
-                    let mut st = Status::new(status.sct, status.sc);
-                    st.dnr = status.dnr;
                     let c = &self.conns[k];
                     let req = Request {
-                        sqe: Sqe::from_bytes(&sqe),
+                        sqe,
                         buf: None,
                         data_len: 0,
                         cookie: c.id,
                     };
                     let resp = self
                         .target
-                        .reject(Instant::from_nanos(now), c.queue, req, st);
+                        .reject(Instant::from_nanos(now), c.queue, req, status);
                     self.deliver(k, resp);
                 }
                 TcpEvent::BufferReleased { buf: b, .. } => give(b),
@@ -618,7 +615,7 @@ impl Server {
                         c.closing = true;
                     }
                 }
-                CoreEvent::BufferReleased(b) => give(b),
+                CoreEvent::BufferReleased { buf: b, .. } => give(b),
             }
         }
         let mut k = 0;
