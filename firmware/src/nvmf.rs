@@ -8,7 +8,9 @@
 //! buffer), the command goes to the controller, its completion comes back (at once or from
 //! `Target::poll`) and the connection turns it into C2HData/CapsuleResp PDUs written straight
 //! into the socket's transmit buffer. Buffers come from one pre-allocated pool; a command that
-//! finds the pool empty waits in a per-connection queue without stalling other connections.
+//! finds the pool empty (or other work already waiting) waits in its connection's queue with
+//! an arrival number, and buffers go to the oldest waiter of all connections: under overload
+//! no connection's commands wait behind another connection's later ones.
 //!
 //! Connections that never send their ICReq are closed after the transport's ICReq timeout
 //! (10 s), and sooner when the network stack runs short of sockets: the oldest of them is then
@@ -78,7 +80,8 @@ struct Conn {
     depth_set: bool,
     /// The host disabled SQ flow control at Connect (C2HData SUCCESS may end a read).
     fc_disabled: bool,
-    waiting: VecDeque<Waiting>,
+    /// Work waiting for a buffer, with its arrival number (see [`NvmfService::start_waiting`]).
+    waiting: VecDeque<(u64, Waiting)>,
     closing: bool,
     /// When the connection was accepted (ns): the oldest silent ones are evicted first.
     opened_ns: u64,
@@ -97,6 +100,10 @@ pub struct NvmfService {
     pub evicted: u64,
     /// Connections closed because their ICReq did not come in time.
     pub icreq_timeouts: u64,
+    /// Arrival number of the next work that has to wait for a buffer.
+    next_arrival: u64,
+    /// Work waiting for a buffer, all connections together.
+    waiters: usize,
 }
 
 impl core::fmt::Debug for NvmfService {
@@ -132,6 +139,8 @@ impl NvmfService {
             refused: 0,
             evicted: 0,
             icreq_timeouts: 0,
+            next_arrival: 0,
+            waiters: 0,
         })
     }
 
@@ -217,7 +226,47 @@ impl NvmfService {
         for i in 0..self.conns.len() {
             busy |= self.poll_conn(i, now, net, target);
         }
+        busy |= self.start_waiting(now, target);
         busy
+    }
+
+    /// Starts waiting work in arrival order across all connections while the pool has
+    /// buffers; returns whether any started. O(connections) per start, and only under
+    /// overload (nothing waits otherwise).
+    fn start_waiting(&mut self, now: Instant, target: &mut Target) -> bool {
+        let mut any = false;
+        while self.waiters > 0 {
+            let oldest = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| Some((i, c.as_ref()?.waiting.front()?)))
+                .min_by_key(|(_, (arrival, _))| *arrival)
+                .map(|(i, (_, w))| (i, w.len()));
+            let Some((i, len)) = oldest else { break };
+            let Some(b) = take(&mut self.pool, len) else {
+                break;
+            };
+            let Some(c) = self.conns[i].as_mut() else {
+                recycle(&mut self.pool, Some(b));
+                break;
+            };
+            let Some((_, w)) = c.waiting.pop_front() else {
+                recycle(&mut self.pool, Some(b));
+                break;
+            };
+            self.waiters -= 1;
+            any = true;
+            let mut cx = Ctx {
+                target: &mut *target,
+                pool: &mut self.pool,
+                now,
+                next_arrival: &mut self.next_arrival,
+                waiters: &mut self.waiters,
+            };
+            c.begin(&mut cx, w, b);
+        }
+        any
     }
 
     /// While the network stack is short of sockets, evicts the oldest connections that have
@@ -242,6 +291,7 @@ impl NvmfService {
             let Some(c) = oldest.and_then(|i| self.conns[i].take()) else {
                 break;
             };
+            self.waiters -= c.waiting.len();
             let _ = target.close_queue_after(c.queue, QueueLoss::Abrupt);
             drain_buffers(c.tcp, &mut self.pool);
             net.release(c.socket, false, now_ns);
@@ -312,6 +362,8 @@ impl NvmfService {
             target,
             pool: &mut self.pool,
             now,
+            next_arrival: &mut self.next_arrival,
+            waiters: &mut self.waiters,
         };
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // Receive: feed the transport until it stops taking bytes (it stops early when it
@@ -328,7 +380,6 @@ impl NvmfService {
             busy |= c.handle_events(&mut cx);
         }
         busy |= c.handle_events(&mut cx);
-        busy |= c.retry_waiting(&mut cx);
         let awaiting = c.tcp.state() == TargetState::AwaitIc;
         c.tcp.poll_timers(now_ms);
         if awaiting && c.tcp.state() != TargetState::AwaitIc {
@@ -361,6 +412,7 @@ impl NvmfService {
         };
         if let Some(how) = loss {
             let c = self.conns[i].take().expect("checked above");
+            *cx.waiters -= c.waiting.len();
             let _ = cx.target.close_queue_after(c.queue, how);
             drain_buffers(c.tcp, &mut self.pool);
             net.release(c.socket, true, now.as_nanos());
@@ -405,6 +457,10 @@ struct Ctx<'a> {
     target: &'a mut Target,
     pool: &'a mut BufPool,
     now: Instant,
+    /// [`NvmfService::next_arrival`].
+    next_arrival: &'a mut u64,
+    /// [`NvmfService::waiters`].
+    waiters: &'a mut usize,
 }
 
 impl Conn {
@@ -457,16 +513,21 @@ impl Conn {
     }
 
     /// Starts work that needs a buffer, or queues it until the pool has one. Work already
-    /// waiting goes first, so commands keep their order.
+    /// waiting, on any connection, goes first: commands keep their order, and connections
+    /// are served in arrival order ([`NvmfService::start_waiting`]).
     fn start(&mut self, cx: &mut Ctx<'_>, w: Waiting) {
-        let buf = if self.waiting.is_empty() {
+        let buf = if *cx.waiters == 0 {
             take(cx.pool, w.len())
         } else {
             None
         };
         match buf {
             Some(b) => self.begin(cx, w, b),
-            None => self.waiting.push_back(w),
+            None => {
+                self.waiting.push_back((*cx.next_arrival, w));
+                *cx.next_arrival += 1;
+                *cx.waiters += 1;
+            }
         }
     }
 
@@ -479,21 +540,6 @@ impl Conn {
             }
             Waiting::Command { sqe, data_len } => self.submit(cx, sqe, Some(b), data_len),
         }
-    }
-
-    /// Starts waiting work, oldest first, while the pool has buffers; returns whether any
-    /// started.
-    fn retry_waiting(&mut self, cx: &mut Ctx<'_>) -> bool {
-        let mut any = false;
-        while let Some(len) = self.waiting.front().map(Waiting::len) {
-            let Some(b) = take(cx.pool, len) else { break };
-            let Some(w) = self.waiting.pop_front() else {
-                break;
-            };
-            any = true;
-            self.begin(cx, w, b);
-        }
-        any
     }
 
     /// Acts on the transport's events; returns whether there were any.

@@ -349,7 +349,7 @@ impl Harness {
                 // Its commands are dropped: their buffers come back as BufferReleased.
                 self.pending.retain(|_, (pq, _, _)| *pq != q);
             }
-            Event::BufferReleased(b) => pool::put(b),
+            Event::BufferReleased { buf: b, .. } => pool::put(b),
         }
     }
 

@@ -631,3 +631,16 @@ pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
     let c = q.console();
     assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
 }
+
+/// Namespaces listed in a `keelctl status --json` report.
+pub fn namespaces_in_status(json: &str) -> usize {
+    status_nsids(json).len()
+}
+
+/// The NSIDs of the namespaces a `keelctl status --json` report lists, in its order.
+pub fn status_nsids(json: &str) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    v["namespaces"].as_array().map_or(Vec::new(), |a| {
+        a.iter().filter_map(|n| n["nsid"].as_u64()).collect()
+    })
+}

@@ -15,7 +15,7 @@ use keel_host_tools::provision::keel_provision::{self as kp, flash};
 use keel_tests::provision::{
     Dir, VOL, boot_flash, build_from, bundle, description, dev_device_key, dev_key, flash_with,
 };
-use keel_tests::{Qemu, keelctl, keelctl_ok, run_keelctl};
+use keel_tests::{Qemu, keelctl, keelctl_ok, run_keelctl, status_nsids};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -427,7 +427,7 @@ fn a_live_push_reaches_a_connected_host_persists_and_refuses_rollback() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("signature does not verify"), "{out:?}");
     let status_after = keelctl_ok(&["status", "--device", &dev, "--key", &key, "--json"]);
-    let gen_of = |s: &str| (numbers(s, "generation"), numbers(s, "nsid"));
+    let gen_of = |s: &str| (numbers(s, "generation"), status_nsids(s));
     assert_eq!(gen_of(&status_before), (vec![200], vec![1, 2]));
     assert_eq!(gen_of(&status_after), gen_of(&status_before));
     let c = q.console();

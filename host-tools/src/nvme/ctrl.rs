@@ -89,6 +89,15 @@ fn check(done: Done, what: &str) -> Result<Done, NvmeError> {
     }
 }
 
+/// A Disconnect refused as an opcode the target does not implement: the queue ends with its
+/// connection, which the caller closes next.
+fn disconnect_unsupported_is_fine(e: NvmeError) -> Result<(), NvmeError> {
+    match e {
+        NvmeError::Status { status, .. } if status.sct == 0 && status.sc == 0x01 => Ok(()),
+        e => Err(e),
+    }
+}
+
 /// Sends a Connect on a fresh connection and returns the CNTLID.
 fn connect_queue(
     conn: &mut Connection,
@@ -787,7 +796,9 @@ impl IoQueue {
         Ok(())
     }
 
-    /// Disconnect (fabrics, on this queue) and close the connection.
+    /// Disconnect (fabrics, on this queue) and close the connection. A target without the
+    /// Disconnect command (Linux's nvmet-tcp answers Invalid Command Opcode; Linux's own host
+    /// never sends it and just closes the connection) loses the queue with the connection.
     pub fn close(mut self) -> Result<(), NvmeError> {
         let what = format!("Disconnect (I/O queue {})", self.qid);
         let r = self
@@ -795,8 +806,34 @@ impl IoQueue {
             .submit(disconnect_sqe(0), None)
             .and_then(|cid| self.conn.wait(cid, self.timeout, &what))
             .and_then(|d| check(d, &what))
-            .map(|_| ());
+            .map(|_| ())
+            .or_else(disconnect_unsupported_is_fine);
         self.conn.shutdown(Duration::from_secs(1));
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_nvme::Status;
+
+    /// Linux 6.1's nvmet-tcp answers Disconnect with Invalid Command Opcode (it implements no
+    /// Disconnect); any other failure still fails the close.
+    #[test]
+    fn a_disconnect_the_target_does_not_implement_still_closes() {
+        let refused = |status| NvmeError::Status {
+            command: "Disconnect (I/O queue 1)".into(),
+            status,
+            dw0: 0,
+        };
+        assert!(disconnect_unsupported_is_fine(refused(Status::INVALID_OPCODE)).is_ok());
+        assert!(disconnect_unsupported_is_fine(refused(Status::INVALID_FIELD)).is_err());
+        assert!(
+            disconnect_unsupported_is_fine(NvmeError::Closed {
+                reason: "reset".into()
+            })
+            .is_err()
+        );
     }
 }
