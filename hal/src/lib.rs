@@ -7,6 +7,8 @@
 //! - [`heap`]: the global allocator (one heap, its lock kept off the I/O path; per-core
 //!   counters prove it).
 //! - [`pcie`]: ECAM enumeration and BAR assignment (portable logic, tested on the host).
+//! - [`vring`]: when to notify a virtio device, and recovery from a lost notification
+//!   (portable logic, tested on the host).
 //!
 //! Generic code above this crate sees typed drivers and traits, never addresses: addresses
 //! come from the device tree through `keel-board`.
@@ -29,6 +31,7 @@ pub mod pcie;
 pub mod pl011;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod virtio_net;
+pub mod vring;
 
 /// The most cores the firmware runs on (device tree cpu nodes beyond are left off).
 pub const MAX_CORES: usize = 64;

@@ -12,7 +12,10 @@
 //! nobody flushed), and with `VIRTIO_F_EVENT_IDX` the driver notifies only when the device
 //! asked to be told (the `avail_event` it publishes lies among the newly added entries),
 //! for both queues. `virtio-drivers`' own check notifies whenever the device's `avail_event`
-//! is behind, i.e. for nearly every buffer while the device is busy.
+//! is behind, i.e. for nearly every buffer while the device is busy. A notification lost to
+//! the event-index race (QEMU's TCG drops the guest's barriers with one vCPU) would stop a
+//! queue for good; `flush_tx` spots a device parked at an entry already published and
+//! notifies it once ([`crate::vring`]).
 //!
 //! Multiqueue (VIRTIO_NET_F_MQ, §5.1.6.5.5): [`multiqueue`] sets up one receive/transmit
 //! virtqueue pair per core. Each [`QueuePair`] is a `smoltcp::phy::Device` of its own that
@@ -26,6 +29,7 @@
 
 extern crate alloc;
 
+use crate::vring::Notifier;
 use alloc::{boxed::Box, vec::Vec};
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -141,6 +145,9 @@ pub struct NetStats {
     pub tx_full: u64,
     /// Receive errors reported by the driver.
     pub rx_errors: u64,
+    /// Notifications sent because the device waited for one that was lost
+    /// ([`crate::vring::Notifier::rescue`]).
+    pub rescued_notifications: u64,
 }
 
 /// The PCI transport, remembering where the last queue it set up keeps its device area (used
@@ -306,12 +313,6 @@ fn bar_address(cam: &MmioCam<'_>, df: DeviceFunction, bar: u8) -> Option<usize> 
     Some(((hi << 32) | u64::from(lo & !0xf)) as usize)
 }
 
-/// `vring_need_event` (§2.7.10): with `VIRTIO_F_EVENT_IDX`, notify when the device's
-/// `avail_event` is one of the entries added since the last notification, `[old, new)`.
-const fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
-
 /// One virtqueue with notification bookkeeping.
 struct Queue {
     vq: VirtQueue<VirtioHal, QUEUE_SIZE>,
@@ -320,10 +321,10 @@ struct Queue {
     notify: usize,
     /// Address of the used ring's trailing `avail_event` (EVENT_IDX negotiated), else 0.
     avail_event: usize,
-    /// Our count of added buffers (mirrors the avail ring's index: one entry per `add`).
-    added: u16,
-    /// `added` when the device was last notified (or decided it need not be).
-    announced: u16,
+    /// Address of the used ring's `idx` (EVENT_IDX negotiated), else 0.
+    used_idx: usize,
+    /// When to notify ([`crate::vring`]).
+    notifier: Notifier,
 }
 
 impl Queue {
@@ -334,43 +335,65 @@ impl Queue {
         event_idx: bool,
     ) -> Result<Self, NetError> {
         let vq = VirtQueue::new(t, index, false, event_idx).map_err(NetError::Device)?;
-        let avail_event = if event_idx {
-            // Used ring: flags, idx (u16 each), QUEUE_SIZE elements of 8 bytes, avail_event.
-            t.last_device_area as usize + 4 + 8 * QUEUE_SIZE
+        // Used ring: flags, idx (u16 each), QUEUE_SIZE elements of 8 bytes, avail_event.
+        let (avail_event, used_idx) = if event_idx {
+            let used = t.last_device_area as usize;
+            (used + 4 + 8 * QUEUE_SIZE, used + 2)
         } else {
-            0
+            (0, 0)
         };
         Ok(Self {
             vq,
             index,
             notify: map.address(index),
             avail_event,
-            added: 0,
-            announced: 0,
+            used_idx,
+            notifier: Notifier::default(),
         })
     }
 
     /// Announces the buffers added since the last time, if the device wants to know.
     fn kick(&mut self) {
-        if self.added == self.announced {
+        if self.notifier.unannounced() == 0 {
             return;
         }
         let notify = if self.avail_event == 0 {
+            let _ = self.notifier.kick(0);
             self.vq.should_notify()
         } else {
             // The avail index (written by `add`) must be visible before we read the device's
             // avail_event, as the device reads them in the other order (§2.7.10).
             fence(Ordering::SeqCst);
-            // SAFETY: `avail_event` is the u16 after the used ring of this queue, inside the
-            // device area that `VirtQueue` allocated (2-aligned) and keeps for its lifetime;
-            // the device writes it concurrently, so it is read volatile.
-            let event = unsafe { core::ptr::read_volatile(self.avail_event as *const u16) };
-            need_event(event, self.added, self.announced)
+            self.notifier.kick(self.avail_event()) == Some(true)
         };
-        self.announced = self.added;
         if notify {
             notify_queue(self.notify, self.index);
         }
+    }
+
+    /// The device's `avail_event` (EVENT_IDX negotiated).
+    fn avail_event(&self) -> u16 {
+        // SAFETY: `avail_event` is the u16 after the used ring of this queue, inside the
+        // device area that `VirtQueue` allocated (2-aligned) and keeps for its lifetime; the
+        // device writes it concurrently, so it is read volatile.
+        unsafe { core::ptr::read_volatile(self.avail_event as *const u16) }
+    }
+
+    /// Once per poll pass: notifies the device if it waits for a notification that was lost
+    /// ([`Notifier::rescue`]); returns whether it did.
+    fn rescue(&mut self) -> bool {
+        if self.avail_event == 0 {
+            return false;
+        }
+        // SAFETY: `used_idx` is the used ring's index of this queue (2-aligned, inside the
+        // device area `VirtQueue` keeps for its lifetime), written by the device: read
+        // volatile.
+        let used = unsafe { core::ptr::read_volatile(self.used_idx as *const u16) };
+        let rescue = self.notifier.rescue(self.avail_event(), used);
+        if rescue {
+            notify_queue(self.notify, self.index);
+        }
+        rescue
     }
 }
 
@@ -560,7 +583,7 @@ impl QueuePair {
             // touched until the device returns it through the used ring.
             let token = unsafe { self.rx.vq.add(&[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]]) }
                 .map_err(NetError::Device)?;
-            self.rx.added = self.rx.added.wrapping_add(1);
+            self.rx.notifier.added();
             self.rx_by_token[usize::from(token)] = Some(i as u16);
         }
         self.rx.kick();
@@ -582,8 +605,13 @@ impl QueuePair {
     /// Tells the device about the frames queued since the last call (one notification for
     /// all of them, and none when the device is still working through the queue). Call after
     /// each pass of the network stack.
+    ///
+    /// Also, once per pass, gets either queue going again if the device waits for a
+    /// notification that was lost ([`crate::vring`]: it happens in QEMU with one vCPU).
     pub fn flush_tx(&mut self) {
         self.tx.kick();
+        let rescued = u64::from(self.rx.rescue()) + u64::from(self.tx.rescue());
+        self.stats.rescued_notifications += rescued;
     }
 
     /// Posts a receive buffer and tells the device if it waits for one.
@@ -598,7 +626,7 @@ impl QueuePair {
                 .vq
                 .add(&[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])?
         };
-        self.rx.added = self.rx.added.wrapping_add(1);
+        self.rx.notifier.added();
         self.rx.kick();
         Ok(token)
     }
@@ -689,9 +717,9 @@ impl phy::TxToken for TxToken<'_> {
         // the device finished with it.
         match unsafe { self.tx.vq.add(&[&buf[..hdr + len]], &mut []) } {
             Ok(token) => {
-                self.tx.added = self.tx.added.wrapping_add(1);
+                self.tx.notifier.added();
                 // The device is told at the next `flush_tx` (or every TX_KICK_BATCH frames).
-                if self.tx.added.wrapping_sub(self.tx.announced) >= TX_KICK_BATCH {
+                if self.tx.notifier.unannounced() >= TX_KICK_BATCH {
                     self.tx.kick();
                 }
                 self.by_token[usize::from(token)] = Some(i);
