@@ -21,6 +21,7 @@ use keel_hal::arch::timer;
 use keel_hal::nvme::driver::{Config, Drive, Namespace};
 use keel_hal::nvme::{Bar0, HeapDma, NvmeDrive};
 use keel_hal::pcie::{Function, Space};
+use keel_nvme::identify::Vwc;
 
 /// PCI class of an NVMe I/O controller: mass storage, non-volatile memory, NVMe.
 const NVME_CLASS: (u8, u8, u8) = (0x01, 0x08, 0x02);
@@ -94,8 +95,12 @@ pub fn bring_up(platform: &Platform) -> Vec<LocalDrive<Qemu>> {
             info.io_queues,
             info.queue_depth,
             info.max_transfer / 1024,
-            info.oncs,
-            if info.vwc & 1 != 0 { "yes" } else { "no" },
+            info.oncs.bits(),
+            if info.vwc.contains(Vwc::PRESENT) {
+                "yes"
+            } else {
+                "no"
+            },
         );
         let namespaces: Vec<Namespace> = drive.namespaces();
         if namespaces.is_empty() {

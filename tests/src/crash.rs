@@ -582,10 +582,10 @@ impl Geometry {
             block_size: idns.block_size(),
             blocks: idns.nsze,
             // ONCS (Identify Controller bytes 521:520): bit 2 DSM, bit 3 Write Zeroes.
-            write_zeroes: ctrl.oncs & 0x08 != 0,
-            deallocate: ctrl.oncs & 0x04 != 0,
+            write_zeroes: ctrl.oncs.bits() & 0x08 != 0,
+            deallocate: ctrl.oncs.bits() & 0x04 != 0,
             dealloc_zeroes: ns[33] & 0x07 == 0x01,
-            vwc: ctrl.vwc & 1 != 0,
+            vwc: ctrl.vwc.bits() & 1 != 0,
             atomic_blocks: u32::from(awupf) + 1,
         }
     }

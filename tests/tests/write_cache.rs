@@ -16,7 +16,7 @@
 //!   Information log entry; the neighbours keep working, nothing hangs.
 
 use keel_host_tools::nvme::{Controller, IoQueue, Params};
-use keel_nvme::identify::cns;
+use keel_nvme::identify::{Vwc, cns};
 use keel_nvme::io::{FeaturesCommand, RwCommand};
 use keel_nvme::log::ErrorLogEntry;
 use keel_nvme::{IoOpcode, Sqe, Status};
@@ -115,7 +115,7 @@ fn the_write_cache_is_the_drives_and_drive_errors_reach_the_host() {
     let ctrl = Controller::connect(p).expect("connect");
     // QEMU's NVMe device reports a volatile write cache (hw/nvme/ctrl.c sets VWC present);
     // the firmware passes it on (Identify Controller byte 525 bit 0) with the cache on.
-    assert_eq!(ctrl.id.vwc & 1, 1, "VWC {:#x}", ctrl.id.vwc);
+    assert!(ctrl.id.vwc.contains(Vwc::PRESENT), "VWC {:?}", ctrl.id.vwc);
     let wce = ctrl
         .admin_command(
             FeaturesCommand::get_sqe(0, FID_VWC, 0),

@@ -7,10 +7,11 @@ use crate::fabrics::VERSION;
 use crate::io::copy_limits;
 use crate::target::*;
 use keel_nvme::identify::{
-    self, IdentifyCommand, IdentifyController, IdentifyNamespace, NsIdentifiers, cns,
+    self, Cmic, Ctratt, IdentifyCommand, IdentifyController, IdentifyNamespace, Lpa, NsIdentifiers,
+    Oacs, Ocfs, Oncs, Vwc, cns,
 };
 use keel_nvme::io::{AbortCommand, FeaturesCommand};
-use keel_nvme::log::{self, ErrorLogEntry, GetLogPageCommand, discovery, effects};
+use keel_nvme::log::{self, Effects, ErrorLogEntry, GetLogPageCommand, discovery};
 use keel_nvme::opcode::async_event;
 use keel_nvme::{AdminOpcode, FeatureId, IoOpcode, LogPageId, Status};
 
@@ -104,31 +105,28 @@ impl Target {
         let s = self.subsystems.get(c.subsys);
         let discovery = c.subsys == DISCOVERY;
         // A command is offered when every namespace has it (a host sees one ONCS for all).
-        let mut oncs = identify::oncs::COMPARE
-            | identify::oncs::DSM
-            | identify::oncs::WRITE_ZEROES
-            | identify::oncs::VERIFY;
+        let mut oncs = Oncs::COMPARE | Oncs::DSM | Oncs::WRITE_ZEROES | Oncs::VERIFY;
         if self.scratch_size().is_some() {
-            oncs |= identify::oncs::COPY;
+            oncs |= Oncs::COPY;
         }
-        let mut vwc = 0;
+        let mut vwc = Vwc::empty();
         if let Some(s) = s {
             for n in s.namespaces.iter().flatten().filter(|n| n.active) {
                 if !n.caps.compare {
-                    oncs &= !identify::oncs::COMPARE;
+                    oncs &= !Oncs::COMPARE;
                 }
                 if !self.write_zeroes_ok(n.caps, n.geometry) {
-                    oncs &= !identify::oncs::WRITE_ZEROES;
+                    oncs &= !Oncs::WRITE_ZEROES;
                 }
                 if !n.caps.verify {
-                    oncs &= !identify::oncs::VERIFY;
+                    oncs &= !Oncs::VERIFY;
                 }
                 if copy_limits(&self.limits, self.scratch_size(), n.geometry).is_none() {
-                    oncs &= !identify::oncs::COPY;
+                    oncs &= !Oncs::COPY;
                 }
                 if n.caps.volatile_write_cache {
                     // Present; Flush with NSID FFFFFFFFh not supported (bits 2:1 = 10b).
-                    vwc = 0x1 | 0x4;
+                    vwc = Vwc::PRESENT | Vwc::FLUSH_BROADCAST_REPORTED;
                 }
             }
         }
@@ -144,7 +142,11 @@ impl Target {
             fr: identify::ascii_field(&self.identity.firmware),
             rab: 6,
             ieee: self.identity.ieee,
-            cmic: if discovery { 0 } else { 0x03 },
+            cmic: if discovery {
+                Cmic::empty()
+            } else {
+                Cmic::MULTI_PORT | Cmic::MULTI_CONTROLLER
+            },
             mdts: self.limits.mdts,
             cntlid: c.cntlid,
             ver: VERSION.0,
@@ -153,19 +155,21 @@ impl Target {
             } else {
                 async_event::AEC_NS_ATTRIBUTE
             },
-            // 128-bit host identifier, traffic based keep alive.
-            ctratt: 1 | (1 << 6),
+            ctratt: Ctratt::HOST_ID_128 | Ctratt::TBKAS,
             cntrltype: if discovery {
                 identify::cntrltype::DISCOVERY
             } else {
                 identify::cntrltype::IO
             },
-            oacs: 0,
+            oacs: Oacs::empty(),
             acl: ACL,
             aerl: self.limits.aerl,
             frmw: 0x03,
-            // SMART per namespace, Commands Supported and Effects, extended Get Log Page data.
-            lpa: if discovery { 0x06 } else { 0x07 },
+            lpa: if discovery {
+                Lpa::COMMAND_EFFECTS | Lpa::EXTENDED_DATA
+            } else {
+                Lpa::SMART_PER_NAMESPACE | Lpa::COMMAND_EFFECTS | Lpa::EXTENDED_DATA
+            },
             elpe: (self.limits.error_log_entries.clamp(1, 256) - 1) as u8,
             npss: 0,
             kas: KAS,
@@ -173,16 +177,16 @@ impl Target {
             cqes: if discovery { 0 } else { 0x44 },
             maxcmd: self.limits.max_queue_depth,
             nn: if discovery { 0 } else { self.limits.max_nsid },
-            oncs: if discovery { 0 } else { oncs },
+            oncs: if discovery { Oncs::empty() } else { oncs },
             fuses: 0,
             fna: 0,
             vwc,
             awun: 0,
             awupf: 0,
-            ocfs: if !discovery && oncs & identify::oncs::COPY != 0 {
-                identify::ocfs::FORMAT_0
+            ocfs: if !discovery && oncs.contains(Oncs::COPY) {
+                Ocfs::FORMAT_0
             } else {
-                0
+                Ocfs::empty()
             },
             sgls: self.transport.sgls,
             subnqn: identify::nqn_field(nqn),
@@ -444,10 +448,16 @@ impl Target {
             }
             Some(LogPageId::CommandsSupportedAndEffects) => {
                 let mut p = [0u8; 4096];
-                let sup = effects::CSUPP;
-                let lb = effects::CSUPP | effects::LBCC;
+                let sup = Effects::CSUPP;
+                let lb = Effects::CSUPP | Effects::LBCC;
                 let oncs = self.identify_controller(ci).oncs;
-                let has = |bit: u16, e: u32| if oncs & bit != 0 { e } else { 0 };
+                let has = |bit: Oncs, e: Effects| {
+                    if oncs.contains(bit) {
+                        e
+                    } else {
+                        Effects::empty()
+                    }
+                };
                 log::encode_effects(
                     &[
                         (AdminOpcode::GetLogPage as u8, sup),
@@ -462,14 +472,11 @@ impl Target {
                         (IoOpcode::Flush as u8, sup),
                         (IoOpcode::Write as u8, lb),
                         (IoOpcode::Read as u8, sup),
-                        (IoOpcode::Compare as u8, has(identify::oncs::COMPARE, sup)),
-                        (
-                            IoOpcode::WriteZeroes as u8,
-                            has(identify::oncs::WRITE_ZEROES, lb),
-                        ),
+                        (IoOpcode::Compare as u8, has(Oncs::COMPARE, sup)),
+                        (IoOpcode::WriteZeroes as u8, has(Oncs::WRITE_ZEROES, lb)),
                         (IoOpcode::DatasetManagement as u8, lb),
-                        (IoOpcode::Verify as u8, has(identify::oncs::VERIFY, sup)),
-                        (IoOpcode::Copy as u8, has(identify::oncs::COPY, lb)),
+                        (IoOpcode::Verify as u8, has(Oncs::VERIFY, sup)),
+                        (IoOpcode::Copy as u8, has(Oncs::COPY, lb)),
                     ],
                     &mut p,
                 );

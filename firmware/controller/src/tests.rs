@@ -350,7 +350,7 @@ fn connect_identify_and_properties() {
         (0x66, 0x44, 5, 3, 10)
     );
     assert_eq!(id.ioccsz, (64 + 8192) / 16);
-    assert_eq!(id.oncs & 0x0D, 0x0D);
+    assert_eq!(id.oncs.bits() & 0x0D, 0x0D);
     assert_eq!(id.oaes, 1 << 8);
     assert_eq!(id.ver, 0x0001_0400);
 
@@ -1660,7 +1660,7 @@ fn a_host_that_disables_the_volatile_write_cache_gets_write_through() {
     let io = h.io_queue(1, c);
     // Identify Controller VWC bit 0: present; Get Features 06h: enabled.
     let id = IdentifyController::decode(&page(&h.identify(a, 1, 0)));
-    assert_eq!(id.vwc & 1, 1);
+    assert_eq!(id.vwc.bits() & 1, 1);
     let get = |h: &mut H| {
         h.exec(a, FeaturesCommand::get_sqe(11, 0x06, 0), None, 0)
             .cqe

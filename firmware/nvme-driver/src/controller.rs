@@ -17,7 +17,7 @@ use core::cell::RefCell;
 use core::fmt;
 use keel_nvme::cqe::{generic, media, sct};
 use keel_nvme::identify::{
-    IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, cns, oncs,
+    IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, Oncs, Vwc, cns,
 };
 use keel_nvme::io::{AbortCommand, DsmCommand, DsmRange, FeaturesCommand, RwCommand};
 use keel_nvme::regs::{Cap, Cc, Csts, Vs, offset};
@@ -154,9 +154,9 @@ pub struct ControllerInfo {
     /// Largest transfer per command the driver uses, in bytes.
     pub max_transfer: u32,
     /// ONCS.
-    pub oncs: u16,
+    pub oncs: Oncs,
     /// VWC.
-    pub vwc: u8,
+    pub vwc: Vwc,
     /// SGLS (SGLs are not used; PRPs always are).
     pub sgls: u32,
     /// Abort Command Limit (1's based).
@@ -540,7 +540,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             Err(InitError::AdminFailed(..)) => nsids.extend(1..=id.nn.min(1024)),
             Err(e) => return Err(e),
         }
-        let vwc = id.vwc & 1 != 0;
+        let vwc = id.vwc.contains(Vwc::PRESENT);
         for nsid in nsids {
             let sqe = self.identify_sqe(cns::NAMESPACE, nsid);
             if let Err(e) = self.admin_sync(sqe, clock) {
@@ -561,7 +561,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                 );
                 continue;
             }
-            let dsm = id.oncs & oncs::DSM != 0;
+            let dsm = id.oncs.contains(Oncs::DSM);
             self.namespaces.push(Namespace {
                 nsid,
                 geometry: Geometry {
@@ -575,11 +575,11 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                     write_zeroes: true,
                     deallocate: dsm,
                     deallocate_reads_zero: dsm && ns.dlfeat & 7 == 1,
-                    compare: id.oncs & oncs::COMPARE != 0,
+                    compare: id.oncs.contains(Oncs::COMPARE),
                     verify: true,
                 },
-                native_write_zeroes: id.oncs & oncs::WRITE_ZEROES != 0,
-                native_verify: id.oncs & oncs::VERIFY != 0,
+                native_write_zeroes: id.oncs.contains(Oncs::WRITE_ZEROES),
+                native_verify: id.oncs.contains(Oncs::VERIFY),
             });
         }
         let len = self

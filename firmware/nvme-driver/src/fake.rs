@@ -7,7 +7,8 @@ use crate::dma::{DmaRegion, host};
 use crate::{Dma, Registers};
 use keel_nvme::cqe::{command_specific, generic};
 use keel_nvme::identify::{
-    IDENTIFY_LEN, IdentifyController, IdentifyNamespace, LbaFormat, cns, encode_active_ns_list,
+    IDENTIFY_LEN, IdentifyController, IdentifyNamespace, LbaFormat, Oncs, Vwc, cns,
+    encode_active_ns_list,
 };
 use keel_nvme::regs::{Cap, Cc, Csts, Vs};
 use keel_nvme::{AdminOpcode, Cqe, IoOpcode, Sqe, Status};
@@ -67,8 +68,8 @@ pub struct FakeCtrl {
     /// Create I/O CQ CDW11 values seen (IEN must be 0).
     pub cq_flags: Vec<u32>,
     pub mdts: u8,
-    pub oncs: u16,
-    pub vwc: u8,
+    pub oncs: Oncs,
+    pub vwc: Vwc,
     pub acl: u8,
     pub max_queues: u16,
     pub namespaces: Vec<FakeNs>,
@@ -114,8 +115,8 @@ impl FakeCtrl {
             cqs: BTreeMap::new(),
             cq_flags: Vec::new(),
             mdts: 5,
-            oncs: 0x0d, // Compare, DSM, Write Zeroes
-            vwc: 1,
+            oncs: Oncs::COMPARE | Oncs::DSM | Oncs::WRITE_ZEROES,
+            vwc: Vwc::PRESENT,
             acl: 3,
             max_queues: 64,
             namespaces,
@@ -579,7 +580,7 @@ impl FakeCtrl {
                 } else {
                     self.page() << self.mdts
                 };
-                if op == IoOpcode::Compare && self.oncs & 1 == 0 {
+                if op == IoOpcode::Compare && !self.oncs.contains(Oncs::COMPARE) {
                     Status::INVALID_OPCODE
                 } else if !in_range(self) {
                     Status::LBA_OUT_OF_RANGE
@@ -626,14 +627,14 @@ impl FakeCtrl {
                     }
                 }
             }
-            Some(IoOpcode::Verify) if self.oncs & 0x80 != 0 => {
+            Some(IoOpcode::Verify) if self.oncs.contains(Oncs::VERIFY) => {
                 if in_range(self) {
                     Status::SUCCESS
                 } else {
                     Status::LBA_OUT_OF_RANGE
                 }
             }
-            Some(IoOpcode::WriteZeroes) if self.oncs & 8 != 0 => {
+            Some(IoOpcode::WriteZeroes) if self.oncs.contains(Oncs::WRITE_ZEROES) => {
                 if in_range(self) {
                     let s = slba as usize * bs;
                     self.namespaces[ni].data[s..s + blocks * bs].fill(0);
@@ -642,7 +643,7 @@ impl FakeCtrl {
                     Status::LBA_OUT_OF_RANGE
                 }
             }
-            Some(IoOpcode::DatasetManagement) if self.oncs & 4 != 0 => {
+            Some(IoOpcode::DatasetManagement) if self.oncs.contains(Oncs::DSM) => {
                 let nr = (sqe.cdw[0] & 0xFF) as usize + 1;
                 let mut b = vec![0u8; nr * 16];
                 if !self.dev_read(sqe.prp1(), &mut b) {

@@ -2,6 +2,7 @@
 
 use crate::fake::{FakeCtrl, FakeDma, FakeNs, FakeRegs, Shared, iobuf};
 use crate::{Config, Drive, DriveBackend, InitError, State};
+use keel_nvme::identify::{Oncs, Vwc};
 use keel_nvme::regs::{Cap, Cc};
 use keel_nvme::{AdminOpcode, IoOpcode, Status};
 use keel_storage::{
@@ -485,8 +486,8 @@ fn optional_commands_pass_through_when_supported() {
 #[test]
 fn optional_commands_emulated_or_refused_when_missing() {
     let (f, d) = setup(|c| {
-        c.oncs = 0;
-        c.vwc = 0;
+        c.oncs = Oncs::empty();
+        c.vwc = Vwc::empty();
         c.mdts = 2;
     });
     let mut be = d.backend(0).unwrap();
@@ -531,7 +532,7 @@ fn optional_commands_emulated_or_refused_when_missing() {
 #[test]
 fn verify_passes_through_or_reads_into_a_sink() {
     // Native: one Verify command per 65536 blocks, no data pointer.
-    let (f, d) = setup(|c| c.oncs |= 0x80);
+    let (f, d) = setup(|c| c.oncs |= Oncs::VERIFY);
     let mut be = d.backend(0).unwrap();
     assert!(be.capabilities().verify);
     f.borrow_mut().log.clear();
@@ -556,7 +557,7 @@ fn verify_passes_through_or_reads_into_a_sink() {
     );
 
     // Emulated: Read commands into the 16 KiB sink (32 blocks each); the data stays put.
-    let (f, d) = setup(|c| c.oncs = 0);
+    let (f, d) = setup(|c| c.oncs = Oncs::empty());
     let mut be = d.backend(0).unwrap();
     assert!(be.capabilities().verify);
     f.borrow_mut().namespaces[0].data.fill(0x5a);
@@ -896,7 +897,7 @@ proptest! {
         {
             let mut fc = f.borrow_mut();
             fc.mdts = mdts;
-            if !native_zero { fc.oncs = 0; }
+            if !native_zero { fc.oncs = Oncs::empty(); }
         }
         let d = init_with(&f, test_config()).unwrap();
         let mut be: B = d.backend(0).unwrap();

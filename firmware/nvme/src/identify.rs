@@ -175,48 +175,130 @@ pub mod ctrl_field {
     pub const PSD0: usize = 2048;
 }
 
-/// Controller Multi-Path I/O and Namespace Sharing Capabilities (CMIC) bits (Figure 275).
-pub mod cmic {
-    /// The NVM subsystem may contain more than one port.
-    pub const MULTI_PORT: u8 = 1 << 0;
-    /// The NVM subsystem may contain two or more controllers.
-    pub const MULTI_CONTROLLER: u8 = 1 << 1;
-    /// The controller is associated with an SR-IOV virtual function.
-    pub const SRIOV: u8 = 1 << 2;
-    /// Asymmetric Namespace Access Reporting.
-    pub const ANA_REPORTING: u8 = 1 << 3;
-}
+bitflags::bitflags! {
+    /// Controller Multi-Path I/O and Namespace Sharing Capabilities, CMIC (Figure 275,
+    /// byte 76). Bits this crate does not name are kept as read.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Cmic: u8 {
+        /// Bit 0: the NVM subsystem may contain more than one port.
+        const MULTI_PORT = 1 << 0;
+        /// Bit 1: the NVM subsystem may contain two or more controllers.
+        const MULTI_CONTROLLER = 1 << 1;
+        /// Bit 2: the controller is associated with an SR-IOV virtual function.
+        const SRIOV = 1 << 2;
+        /// Bit 3: Asymmetric Namespace Access Reporting.
+        const ANA_REPORTING = 1 << 3;
+        const _ = !0;
+    }
 
-/// Controller Attributes (CTRATT) bits (Figure 275).
-pub mod ctratt {
-    /// 128-bit Host Identifier.
-    pub const HOST_ID_128: u32 = 1 << 0;
-    /// Traffic Based Keep Alive Support (TBKAS, §3.9.2).
-    pub const TBKAS: u32 = 1 << 6;
-}
+    /// Controller Attributes, CTRATT (Figure 275, bytes 99:96).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Ctratt: u32 {
+        /// Bit 0: 128-bit Host Identifier.
+        const HOST_ID_128 = 1 << 0;
+        /// Bit 1: Non-Operational Power State Permissive Mode.
+        const NOPSPM = 1 << 1;
+        /// Bit 2: NVM Sets.
+        const NVM_SETS = 1 << 2;
+        /// Bit 3: Read Recovery Levels.
+        const READ_RECOVERY_LEVELS = 1 << 3;
+        /// Bit 4: Endurance Groups.
+        const ENDURANCE_GROUPS = 1 << 4;
+        /// Bit 5: Predictable Latency Mode.
+        const PREDICTABLE_LATENCY = 1 << 5;
+        /// Bit 6: Traffic Based Keep Alive Support (TBKAS, §3.9.2).
+        const TBKAS = 1 << 6;
+        const _ = !0;
+    }
 
-/// Optional NVM Command Support (ONCS) bits.
-pub mod oncs {
-    /// Compare.
-    pub const COMPARE: u16 = 1 << 0;
-    /// Write Uncorrectable.
-    pub const WRITE_UNCORRECTABLE: u16 = 1 << 1;
-    /// Dataset Management.
-    pub const DSM: u16 = 1 << 2;
-    /// Write Zeroes.
-    pub const WRITE_ZEROES: u16 = 1 << 3;
-    /// Save field in Set Features / Select field in Get Features.
-    pub const SAVE_SELECT: u16 = 1 << 4;
-    /// Verify.
-    pub const VERIFY: u16 = 1 << 7;
-    /// Copy.
-    pub const COPY: u16 = 1 << 8;
-}
+    /// Optional Admin Command Support, OACS (Figure 275, bytes 257:256).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Oacs: u16 {
+        /// Bit 0: Security Send and Security Receive.
+        const SECURITY = 1 << 0;
+        /// Bit 1: Format NVM.
+        const FORMAT_NVM = 1 << 1;
+        /// Bit 2: Firmware Commit and Firmware Image Download.
+        const FIRMWARE = 1 << 2;
+        /// Bit 3: Namespace Management.
+        const NS_MANAGEMENT = 1 << 3;
+        /// Bit 4: Device Self-test.
+        const SELF_TEST = 1 << 4;
+        /// Bit 5: Directives.
+        const DIRECTIVES = 1 << 5;
+        /// Bit 6: NVMe-MI Send and Receive.
+        const NVME_MI = 1 << 6;
+        /// Bit 7: Virtualization Management.
+        const VIRTUALIZATION = 1 << 7;
+        /// Bit 8: Doorbell Buffer Config.
+        const DOORBELL_BUFFER_CONFIG = 1 << 8;
+        /// Bit 9: Get LBA Status.
+        const GET_LBA_STATUS = 1 << 9;
+        const _ = !0;
+    }
 
-/// Optional Copy Formats Supported (OCFS) bits.
-pub mod ocfs {
-    /// Source Range Entries Copy Descriptor Format 0h.
-    pub const FORMAT_0: u16 = 1 << 0;
+    /// Log Page Attributes, LPA (Figure 275, byte 261).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Lpa: u8 {
+        /// Bit 0: SMART / Health Information per namespace.
+        const SMART_PER_NAMESPACE = 1 << 0;
+        /// Bit 1: Commands Supported and Effects log page.
+        const COMMAND_EFFECTS = 1 << 1;
+        /// Bit 2: extended data for Get Log Page (NUMDU, LPOL/LPOU).
+        const EXTENDED_DATA = 1 << 2;
+        /// Bit 3: Telemetry Host-Initiated and Controller-Initiated log pages.
+        const TELEMETRY = 1 << 3;
+        /// Bit 4: Persistent Event log.
+        const PERSISTENT_EVENT = 1 << 4;
+        const _ = !0;
+    }
+
+    /// Optional NVM Command Support, ONCS (Figure 275, bytes 521:520).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Oncs: u16 {
+        /// Bit 0: Compare.
+        const COMPARE = 1 << 0;
+        /// Bit 1: Write Uncorrectable.
+        const WRITE_UNCORRECTABLE = 1 << 1;
+        /// Bit 2: Dataset Management.
+        const DSM = 1 << 2;
+        /// Bit 3: Write Zeroes.
+        const WRITE_ZEROES = 1 << 3;
+        /// Bit 4: Save field in Set Features / Select field in Get Features.
+        const SAVE_SELECT = 1 << 4;
+        /// Bit 5: Reservations.
+        const RESERVATIONS = 1 << 5;
+        /// Bit 6: Timestamp feature.
+        const TIMESTAMP = 1 << 6;
+        /// Bit 7: Verify.
+        const VERIFY = 1 << 7;
+        /// Bit 8: Copy.
+        const COPY = 1 << 8;
+        const _ = !0;
+    }
+
+    /// Volatile Write Cache, VWC (Figure 275, byte 525).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Vwc: u8 {
+        /// Bit 0: a volatile write cache is present.
+        const PRESENT = 1 << 0;
+        /// Bit 1 (meaningful when bit 2 is set): Flush with NSID FFFFFFFFh is supported
+        /// (bits 2:1 = 11b); clear with bit 2 set means not supported (10b).
+        const FLUSH_BROADCAST = 1 << 1;
+        /// Bit 2: bits 2:1 report Flush-broadcast support (00b: not reported).
+        const FLUSH_BROADCAST_REPORTED = 1 << 2;
+        const _ = !0;
+    }
+
+    /// Optional Copy Formats Supported, OCFS (Figure 275, bytes 535:534).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Ocfs: u16 {
+        /// Bit 0: Source Range Entries Copy Descriptor Format 0h.
+        const FORMAT_0 = 1 << 0;
+        /// Bit 1: Copy Descriptor Format 1h.
+        const FORMAT_1 = 1 << 1;
+        const _ = !0;
+    }
 }
 
 /// The fields of Identify Controller a Keel controller fills. Everything else encodes as 0.
@@ -237,7 +319,7 @@ pub struct IdentifyController {
     /// IEEE OUI.
     pub ieee: [u8; 3],
     /// Controller Multi-Path I/O and Namespace Sharing Capabilities.
-    pub cmic: u8,
+    pub cmic: Cmic,
     /// Maximum Data Transfer Size (2^n × CAP.MPSMIN; 0 = no limit).
     pub mdts: u8,
     /// Controller ID.
@@ -247,11 +329,11 @@ pub struct IdentifyController {
     /// Optional Asynchronous Events Supported.
     pub oaes: u32,
     /// Controller Attributes.
-    pub ctratt: u32,
+    pub ctratt: Ctratt,
     /// Controller Type.
     pub cntrltype: u8,
     /// Optional Admin Command Support.
-    pub oacs: u16,
+    pub oacs: Oacs,
     /// Abort Command Limit (0's based).
     pub acl: u8,
     /// Asynchronous Event Request Limit (0's based).
@@ -259,7 +341,7 @@ pub struct IdentifyController {
     /// Firmware Updates.
     pub frmw: u8,
     /// Log Page Attributes.
-    pub lpa: u8,
+    pub lpa: Lpa,
     /// Error Log Page Entries (0's based).
     pub elpe: u8,
     /// Number of Power States Support (0's based).
@@ -283,19 +365,19 @@ pub struct IdentifyController {
     /// Number of Namespaces (largest NSID).
     pub nn: u32,
     /// Optional NVM Command Support.
-    pub oncs: u16,
+    pub oncs: Oncs,
     /// Fused Operation Support.
     pub fuses: u16,
     /// Format NVM Attributes.
     pub fna: u8,
     /// Volatile Write Cache.
-    pub vwc: u8,
+    pub vwc: Vwc,
     /// Atomic Write Unit Normal (0's based).
     pub awun: u16,
     /// Atomic Write Unit Power Fail (0's based).
     pub awupf: u16,
     /// Optional Copy Formats Supported.
-    pub ocfs: u16,
+    pub ocfs: Ocfs,
     /// SGL Support.
     pub sgls: u32,
     /// NVM Subsystem NQN (NUL padded).
@@ -322,18 +404,18 @@ impl Default for IdentifyController {
             fr: [b' '; 8],
             rab: 0,
             ieee: [0; 3],
-            cmic: 0,
+            cmic: Cmic::empty(),
             mdts: 0,
             cntlid: 0,
             ver: 0,
             oaes: 0,
-            ctratt: 0,
+            ctratt: Ctratt::empty(),
             cntrltype: 0,
-            oacs: 0,
+            oacs: Oacs::empty(),
             acl: 0,
             aerl: 0,
             frmw: 0,
-            lpa: 0,
+            lpa: Lpa::empty(),
             elpe: 0,
             npss: 0,
             kas: 0,
@@ -345,13 +427,13 @@ impl Default for IdentifyController {
             cqes: 0,
             maxcmd: 0,
             nn: 0,
-            oncs: 0,
+            oncs: Oncs::empty(),
             fuses: 0,
             fna: 0,
-            vwc: 0,
+            vwc: Vwc::empty(),
             awun: 0,
             awupf: 0,
-            ocfs: 0,
+            ocfs: Ocfs::empty(),
             sgls: 0,
             subnqn: [0; 256],
             ioccsz: 0,
@@ -389,18 +471,18 @@ impl IdentifyController {
         le::put_bytes(b, FR, &self.fr);
         le::put_u8(b, RAB, self.rab);
         le::put_bytes(b, IEEE, &self.ieee);
-        le::put_u8(b, CMIC, self.cmic);
+        le::put_u8(b, CMIC, self.cmic.bits());
         le::put_u8(b, MDTS, self.mdts);
         le::put_u16(b, CNTLID, self.cntlid);
         le::put_u32(b, VER, self.ver);
         le::put_u32(b, OAES, self.oaes);
-        le::put_u32(b, CTRATT, self.ctratt);
+        le::put_u32(b, CTRATT, self.ctratt.bits());
         le::put_u8(b, CNTRLTYPE, self.cntrltype);
-        le::put_u16(b, OACS, self.oacs);
+        le::put_u16(b, OACS, self.oacs.bits());
         le::put_u8(b, ACL, self.acl);
         le::put_u8(b, AERL, self.aerl);
         le::put_u8(b, FRMW, self.frmw);
-        le::put_u8(b, LPA, self.lpa);
+        le::put_u8(b, LPA, self.lpa.bits());
         le::put_u8(b, ELPE, self.elpe);
         le::put_u8(b, NPSS, self.npss);
         le::put_u16(b, KAS, self.kas);
@@ -412,13 +494,13 @@ impl IdentifyController {
         le::put_u8(b, CQES, self.cqes);
         le::put_u16(b, MAXCMD, self.maxcmd);
         le::put_u32(b, NN, self.nn);
-        le::put_u16(b, ONCS, self.oncs);
+        le::put_u16(b, ONCS, self.oncs.bits());
         le::put_u16(b, FUSES, self.fuses);
         le::put_u8(b, FNA, self.fna);
-        le::put_u8(b, VWC, self.vwc);
+        le::put_u8(b, VWC, self.vwc.bits());
         le::put_u16(b, AWUN, self.awun);
         le::put_u16(b, AWUPF, self.awupf);
-        le::put_u16(b, OCFS, self.ocfs);
+        le::put_u16(b, OCFS, self.ocfs.bits());
         le::put_u32(b, SGLS, self.sgls);
         le::put_bytes(b, SUBNQN, &self.subnqn);
         le::put_u32(b, IOCCSZ, self.ioccsz);
@@ -439,18 +521,18 @@ impl IdentifyController {
             fr: le::array_at(b, FR),
             rab: le::u8_at(b, RAB),
             ieee: le::array_at(b, IEEE),
-            cmic: le::u8_at(b, CMIC),
+            cmic: Cmic::from_bits_retain(le::u8_at(b, CMIC)),
             mdts: le::u8_at(b, MDTS),
             cntlid: le::u16_at(b, CNTLID),
             ver: le::u32_at(b, VER),
             oaes: le::u32_at(b, OAES),
-            ctratt: le::u32_at(b, CTRATT),
+            ctratt: Ctratt::from_bits_retain(le::u32_at(b, CTRATT)),
             cntrltype: le::u8_at(b, CNTRLTYPE),
-            oacs: le::u16_at(b, OACS),
+            oacs: Oacs::from_bits_retain(le::u16_at(b, OACS)),
             acl: le::u8_at(b, ACL),
             aerl: le::u8_at(b, AERL),
             frmw: le::u8_at(b, FRMW),
-            lpa: le::u8_at(b, LPA),
+            lpa: Lpa::from_bits_retain(le::u8_at(b, LPA)),
             elpe: le::u8_at(b, ELPE),
             npss: le::u8_at(b, NPSS),
             kas: le::u16_at(b, KAS),
@@ -462,13 +544,13 @@ impl IdentifyController {
             cqes: le::u8_at(b, CQES),
             maxcmd: le::u16_at(b, MAXCMD),
             nn: le::u32_at(b, NN),
-            oncs: le::u16_at(b, ONCS),
+            oncs: Oncs::from_bits_retain(le::u16_at(b, ONCS)),
             fuses: le::u16_at(b, FUSES),
             fna: le::u8_at(b, FNA),
-            vwc: le::u8_at(b, VWC),
+            vwc: Vwc::from_bits_retain(le::u8_at(b, VWC)),
             awun: le::u16_at(b, AWUN),
             awupf: le::u16_at(b, AWUPF),
-            ocfs: le::u16_at(b, OCFS),
+            ocfs: Ocfs::from_bits_retain(le::u16_at(b, OCFS)),
             sgls: le::u32_at(b, SGLS),
             subnqn: le::array_at(b, SUBNQN),
             ioccsz: le::u32_at(b, IOCCSZ),
@@ -737,17 +819,17 @@ mod tests {
             fr: ascii_field("0.1"),
             rab: 6,
             ieee: [0x11, 0x22, 0x33],
-            cmic: 0x02,
+            cmic: Cmic::MULTI_CONTROLLER,
             mdts: 5,
             cntlid: 0x0102,
             ver: 0x0001_0400,
             oaes: 1 << 8,
-            ctratt: 1,
+            ctratt: Ctratt::HOST_ID_128,
             cntrltype: cntrltype::IO,
             acl: 3,
             aerl: 3,
             frmw: 3,
-            lpa: 6,
+            lpa: Lpa::COMMAND_EFFECTS | Lpa::EXTENDED_DATA,
             elpe: 0,
             kas: 10,
             anatt: 10,
@@ -758,8 +840,8 @@ mod tests {
             cqes: 0x44,
             maxcmd: 128,
             nn: 32,
-            oncs: 0x0d,
-            vwc: 0x05,
+            oncs: Oncs::COMPARE | Oncs::DSM | Oncs::WRITE_ZEROES,
+            vwc: Vwc::PRESENT | Vwc::FLUSH_BROADCAST_REPORTED,
             sgls: 0x0010_0005,
             subnqn: nqn_field("nqn.x"),
             ioccsz: 260,
@@ -768,7 +850,7 @@ mod tests {
             ..Default::default()
         };
         c.awupf = 0x0707;
-        c.ocfs = ocfs::FORMAT_0;
+        c.ocfs = Ocfs::FORMAT_0;
         let mut b = [0u8; IDENTIFY_LEN];
         c.encode(&mut b);
         assert_eq!(&b[0..4], &[0x36, 0x1b, 0xf4, 0x1a]);

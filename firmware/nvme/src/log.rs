@@ -220,29 +220,33 @@ pub fn encode_changed_ns_list(nsids: &[u32], overflow: bool, b: &mut [u8; 4096])
     }
 }
 
-/// Commands Supported and Effects entry bits (Figure 211).
-pub mod effects {
-    /// Command Supported.
-    pub const CSUPP: u32 = 1 << 0;
-    /// Logical Block Content Change.
-    pub const LBCC: u32 = 1 << 1;
-    /// Namespace Capability Change.
-    pub const NCC: u32 = 1 << 2;
-    /// Namespace Inventory Change.
-    pub const NIC: u32 = 1 << 3;
-    /// Controller Capability Change.
-    pub const CCC: u32 = 1 << 4;
+bitflags::bitflags! {
+    /// A Commands Supported and Effects entry (Figure 211; Linux `NVME_CMD_EFFECTS_*`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Effects: u32 {
+        /// Bit 0: Command Supported.
+        const CSUPP = 1 << 0;
+        /// Bit 1: Logical Block Content Change.
+        const LBCC = 1 << 1;
+        /// Bit 2: Namespace Capability Change.
+        const NCC = 1 << 2;
+        /// Bit 3: Namespace Inventory Change.
+        const NIC = 1 << 3;
+        /// Bit 4: Controller Capability Change.
+        const CCC = 1 << 4;
+        const _ = !0;
+    }
 }
 
 /// Commands Supported and Effects log (Figure 210), 4096 bytes: admin entries at byte
 /// 4 × opcode, I/O entries at 1024 + 4 × opcode.
-pub fn encode_effects(admin: &[(u8, u32)], io: &[(u8, u32)], b: &mut [u8; 4096]) {
+pub fn encode_effects(admin: &[(u8, Effects)], io: &[(u8, Effects)], b: &mut [u8; 4096]) {
     b.fill(0);
     for (op, e) in admin {
-        le::put_u32(b, 4 * *op as usize, *e);
+        le::put_u32(b, 4 * *op as usize, e.bits());
     }
     for (op, e) in io {
-        le::put_u32(b, 1024 + 4 * *op as usize, *e);
+        le::put_u32(b, 1024 + 4 * *op as usize, e.bits());
     }
 }
 
@@ -699,7 +703,11 @@ mod tests {
         assert_eq!(&p[0..12], &[1, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]);
         encode_changed_ns_list(&[1], true, &mut p);
         assert_eq!(&p[0..8], &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
-        encode_effects(&[(0x06, effects::CSUPP)], &[(0x01, 3)], &mut p);
+        encode_effects(
+            &[(0x06, Effects::CSUPP)],
+            &[(0x01, Effects::CSUPP | Effects::LBCC)],
+            &mut p,
+        );
         assert_eq!(p[24], 1);
         assert_eq!(p[1028], 3);
         let mut e = [0u8; 64];

@@ -17,13 +17,14 @@ use keel_nvme::fabrics::{
     ConnectCommand, ConnectData, PropertyCommand, PropertySize, connect_data_field, connect_field,
 };
 use keel_nvme::identify::{
-    self, IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace,
-    IdentifyNsIndependent, LbaFormat, NsIdentifiers, cns, cntrltype, nidt, oncs,
+    self, Cmic, Ctratt, IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace,
+    IdentifyNsIndependent, LbaFormat, Lpa, NsIdentifiers, Oacs, Ocfs, Oncs, Vwc, cns, cntrltype,
+    nidt,
 };
 use keel_nvme::io::{
     AbortCommand, DsmCommand, DsmRange, FeaturesCommand, RwCommand, number_of_queues,
 };
-use keel_nvme::log::{self, ErrorLogEntry, GetLogPageCommand, SmartLog, discovery, effects};
+use keel_nvme::log::{self, Effects, ErrorLogEntry, GetLogPageCommand, SmartLog, discovery};
 use keel_nvme::opcode::{FABRICS_OPCODE, async_event};
 use keel_nvme::regs::{Cap, Cc, Csts, Vs, offset};
 use keel_nvme::sqe::{Psdt, sgl_subtype, sgl_type};
@@ -455,11 +456,11 @@ fn opcodes_and_identifiers() {
     );
     assert_eq!(
         (
-            oncs::COMPARE,
-            oncs::WRITE_UNCORRECTABLE,
-            oncs::DSM,
-            oncs::WRITE_ZEROES,
-            oncs::SAVE_SELECT
+            Oncs::COMPARE.bits(),
+            Oncs::WRITE_UNCORRECTABLE.bits(),
+            Oncs::DSM.bits(),
+            Oncs::WRITE_ZEROES.bits(),
+            Oncs::SAVE_SELECT.bits()
         ),
         (0x01, 0x02, 0x04, 0x08, 0x10)
     );
@@ -554,18 +555,18 @@ fn identify_controller_value() -> IdentifyController {
         fr: identify::ascii_field("0.1.0"),
         rab: 6,
         ieee: [0xA1, 0xA2, 0xA3],
-        cmic: 0x03,
+        cmic: Cmic::from_bits_retain(0x03),
         mdts: 5,
         cntlid: 0x0102,
         ver: 0x0001_0400,
         oaes: 0x8000_0100,
-        ctratt: 0x41,
+        ctratt: Ctratt::from_bits_retain(0x41),
         cntrltype: cntrltype::IO,
-        oacs: 0x0304,
+        oacs: Oacs::from_bits_retain(0x0304),
         acl: 3,
         aerl: 7,
         frmw: 0x03,
-        lpa: 0x06,
+        lpa: Lpa::from_bits_retain(0x06),
         elpe: 0x3F,
         npss: 2,
         kas: 0x0123,
@@ -573,13 +574,13 @@ fn identify_controller_value() -> IdentifyController {
         cqes: 0x44,
         maxcmd: 0x0180,
         nn: 0x0102_0304,
-        oncs: 0x010D,
+        oncs: Oncs::from_bits_retain(0x010D),
         fuses: 0x0201,
         fna: 0x04,
-        vwc: 0x05,
+        vwc: Vwc::from_bits_retain(0x05),
         awun: 0x0A0B,
         awupf: 0x0C0D,
-        ocfs: 1,
+        ocfs: Ocfs::from_bits_retain(1),
         sgls: 0x0010_0005,
         subnqn: identify::nqn_field("nqn.2026-11.dev.keel:default"),
         ioccsz: 0x104,
@@ -959,11 +960,11 @@ fn commands_supported_and_effects_log() {
     // bits CSUPP 0, LBCC 1, NCC 2, NIC 3, CCC 4 (Linux NVME_CMD_EFFECTS_*).
     assert_eq!(
         (
-            effects::CSUPP,
-            effects::LBCC,
-            effects::NCC,
-            effects::NIC,
-            effects::CCC
+            Effects::CSUPP.bits(),
+            Effects::LBCC.bits(),
+            Effects::NCC.bits(),
+            Effects::NIC.bits(),
+            Effects::CCC.bits()
         ),
         (0x01, 0x02, 0x04, 0x08, 0x10)
     );
@@ -976,13 +977,13 @@ fn commands_supported_and_effects_log() {
     let mut got = [0xEEu8; 4096];
     log::encode_effects(
         &[
-            (0x06, effects::CSUPP),
-            (0xC0, effects::CSUPP | effects::CCC),
+            (0x06, Effects::CSUPP),
+            (0xC0, Effects::CSUPP | Effects::CCC),
         ],
         &[
-            (0x01, effects::CSUPP | effects::LBCC),
-            (0x09, effects::CSUPP | effects::LBCC),
-            (0xFF, 0x1F),
+            (0x01, Effects::CSUPP | Effects::LBCC),
+            (0x09, Effects::CSUPP | Effects::LBCC),
+            (0xFF, Effects::from_bits_retain(0x1F)),
         ],
         &mut got,
     );

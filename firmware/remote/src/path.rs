@@ -8,7 +8,7 @@ use crate::stats::{LossReason, PathCounters, PathSnapshot, PathState};
 use alloc::vec::Vec;
 use keel_nvme::Sqe;
 use keel_nvme::fabrics::{ConnectCommand, ConnectData};
-use keel_nvme::identify::{IdentifyController, IdentifyNamespace, cmic, ctratt};
+use keel_nvme::identify::{Cmic, Ctratt, IdentifyController, IdentifyNamespace, Oncs, Vwc};
 use keel_nvme::log::ana::AnaState;
 use keel_nvme::opcode::async_event;
 use keel_nvme::regs::Cap;
@@ -157,13 +157,13 @@ pub(crate) struct Info {
     /// Largest transfer in bytes (0: no limit).
     pub mdts_bytes: u64,
     pub in_capsule: u32,
-    pub cmic: u8,
+    pub cmic: Cmic,
     pub oaes: u32,
-    pub ctratt: u32,
+    pub ctratt: Ctratt,
     pub anatt: u8,
     pub nanagrpid: u32,
-    pub oncs: u16,
-    pub vwc: u8,
+    pub oncs: Oncs,
+    pub vwc: Vwc,
     pub maxcmd: u16,
     /// I/O queues to use.
     pub nr_queues: u16,
@@ -195,7 +195,7 @@ impl Info {
 
     /// The controller reports ANA (CMIC bit 3).
     pub fn ana_reporting(&self) -> bool {
-        self.cmic & cmic::ANA_REPORTING != 0
+        self.cmic.contains(Cmic::ANA_REPORTING)
     }
 
     /// The controller sends ANA change notices (OAES bit 11).
@@ -205,7 +205,7 @@ impl Info {
 
     /// Traffic based keep alive (CTRATT bit 6).
     pub fn tbkas(&self) -> bool {
-        self.ctratt & ctratt::TBKAS != 0
+        self.ctratt.contains(Ctratt::TBKAS)
     }
 
     /// Largest blocks per Read/Write/Compare for `block_size` (MDTS, and the 16-bit NLB).
@@ -420,7 +420,7 @@ mod tests {
         let id = IdentifyController {
             mdts: 5,
             ioccsz: 516,
-            ctratt: 1 << 6,
+            ctratt: Ctratt::TBKAS,
             ..Default::default()
         };
         i.learn(&id, Cap(0));

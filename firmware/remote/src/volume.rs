@@ -15,7 +15,7 @@ use core::fmt;
 use keel_nvme::cqe::{generic, media, path as path_sc, sct};
 use keel_nvme::fabrics::{CNTLID_DYNAMIC, PropertyCommand, PropertySize};
 use keel_nvme::identify::{
-    IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, cns, cntrltype, oncs,
+    IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, Oncs, Vwc, cns, cntrltype,
 };
 use keel_nvme::io::{DsmCommand, DsmRange, FeaturesCommand, RwCommand, number_of_queues};
 use keel_nvme::log::ana::{self, AnaState};
@@ -942,15 +942,15 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         }
         let info = &self.paths[p].info;
         let caps = Capabilities {
-            volatile_write_cache: info.vwc & 1 != 0,
+            volatile_write_cache: info.vwc.contains(Vwc::PRESENT),
             // Flush is mandatory (NVM Command Set §3.2.2); FUA is a Write bit.
             flush: true,
             fua: true,
-            write_zeroes: info.oncs & oncs::WRITE_ZEROES != 0,
-            deallocate: info.oncs & oncs::DSM != 0,
+            write_zeroes: info.oncs.contains(Oncs::WRITE_ZEROES),
+            deallocate: info.oncs.contains(Oncs::DSM),
             deallocate_reads_zero: id.dlfeat & 0x7 == 0x1,
-            compare: info.oncs & oncs::COMPARE != 0,
-            verify: info.oncs & oncs::VERIFY != 0,
+            compare: info.oncs.contains(Oncs::COMPARE),
+            verify: info.oncs.contains(Oncs::VERIFY),
         };
         self.ns = Some(NsInfo {
             geometry: Geometry {

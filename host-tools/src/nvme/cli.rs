@@ -320,8 +320,8 @@ pub fn controller_json(id: &IdentifyController, max_transfer: u32) -> Value {
         "maxcmd": id.maxcmd,
         "kas": id.kas,
         "nn": id.nn,
-        "oncs": id.oncs,
-        "vwc": id.vwc,
+        "oncs": id.oncs.bits(),
+        "vwc": id.vwc.bits(),
         "sgls": id.sgls,
         "subnqn": trim(&id.subnqn),
         "ioccsz": id.ioccsz,
@@ -395,8 +395,8 @@ pub fn format_identify(
     kv("maxcmd", id.maxcmd.to_string());
     kv("kas", format!("{} ({} ms)", id.kas, id.kas as u32 * 100));
     kv("nn", id.nn.to_string());
-    kv("oncs", format!("{:#06x}", id.oncs));
-    kv("vwc", format!("{:#04x}", id.vwc));
+    kv("oncs", format!("{:#06x}", id.oncs.bits()));
+    kv("vwc", format!("{:#04x}", id.vwc.bits()));
     kv("sgls", format!("{:#010x}", id.sgls));
     kv("subnqn", trim(&id.subnqn));
     kv(
