@@ -2,7 +2,7 @@
 //!
 //! The firmware learns its platform from the flattened device tree (Devicetree Specification
 //! v0.4, §2-§4; bindings: `arm,pl011`, `arm,gic-400`/`arm,cortex-a15-gic`/`arm,gic-v3`,
-//! `arm,armv8-timer`, `arm,psci`, `pci-host-ecam-generic`, `cfi-flash`), never from constants.
+//! `arm,armv8-timer`, `arm,psci`, cpu nodes with `enable-method`, `pci-host-ecam-generic`, `cfi-flash`), never from constants.
 //! A [`Profile`] holds the little a board must know before it has a device tree: its name and
 //! where the device tree lies when the loader passed none.
 //!
@@ -16,8 +16,8 @@ mod platform;
 pub mod qemu_virt;
 
 pub use platform::{
-    Gic, IntxRoute, PciSpace, PciWindow, PcieHost, Platform, PlatformError, PsciMethod, Region,
-    fdt_total_size,
+    CpuNode, EnableMethod, Gic, IntxRoute, MAX_CPUS, PciSpace, PciWindow, PcieHost, Platform,
+    PlatformError, PsciMethod, Region, fdt_total_size,
 };
 
 /// What a board must know before it has a device tree.

@@ -44,6 +44,33 @@ pub enum Gic {
     },
 }
 
+/// The most cores this build describes (cpu nodes beyond are ignored).
+pub const MAX_CPUS: usize = 64;
+
+/// How a secondary core is started (a cpu node's `enable-method`; Linux
+/// `Documentation/devicetree/bindings/arm/cpus.yaml`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnableMethod {
+    /// `"psci"`: PSCI CPU_ON with the node's `reg` as the target MPIDR.
+    Psci,
+    /// `"spin-table"`: the core waits for an entry address at `cpu-release-addr`.
+    SpinTable {
+        /// Where to write the entry point.
+        release_addr: u64,
+    },
+    /// Missing or a method this firmware does not know (the core cannot be started).
+    Unknown,
+}
+
+/// One `/cpus/cpu@N` node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuNode {
+    /// `reg`: the core's MPIDR_EL1 affinity fields (Aff3 in bits 39:32, Aff2..Aff0 in 23:0).
+    pub mpidr: u64,
+    /// How to start it.
+    pub enable_method: EnableMethod,
+}
+
 /// The PSCI conduit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PsciMethod {
@@ -140,8 +167,10 @@ pub struct Platform {
     pub pcie: Option<PcieHost>,
     /// The PSCI conduit.
     pub psci: Option<PsciMethod>,
-    /// Number of CPU cores.
+    /// Number of CPU cores (cpu nodes; at least 1: the one running).
     pub cpus: usize,
+    /// The cpu nodes, in device tree order (the boot core among them).
+    pub cores: Vec<CpuNode, MAX_CPUS>,
     /// Flash banks (`cfi-flash`).
     pub flash: Vec<Region, 4>,
     /// `/chosen/bootargs` (at most [`MAX_BOOTARGS`] bytes are kept: remote namespace specs
@@ -302,6 +331,61 @@ fn parse_pcie(fdt: &Fdt<'_>, node: FdtNode<'_, '_>, parent_addr_cells: usize) ->
     })
 }
 
+/// The cpu nodes under `/cpus` (Devicetree Specification v0.4 §3.7, §3.8): `reg` with the
+/// node's `#address-cells` (1 or 2) is the MPIDR affinity; nodes with `status = "fail"` are
+/// left out. A missing `/cpus` or `reg` is not an error: the boot core runs regardless.
+fn parse_cpus(fdt: &Fdt<'_>) -> Vec<CpuNode, MAX_CPUS> {
+    let mut cores = Vec::new();
+    let Some(cpus) = fdt.find_node("/cpus") else {
+        return cores;
+    };
+    let address_cells = cpus
+        .property("#address-cells")
+        .and_then(|p| be_u32(p.value, 0))
+        .unwrap_or(1) as usize;
+    for node in cpus.children() {
+        let is_cpu = node
+            .property("device_type")
+            .and_then(|p| p.as_str())
+            .is_some_and(|t| t == "cpu")
+            || node.name.split('@').next() == Some("cpu");
+        let failed = node
+            .property("status")
+            .and_then(|p| p.as_str())
+            .is_some_and(|s| s == "fail" || s.starts_with("fail-"));
+        if !is_cpu || failed {
+            continue;
+        }
+        let Some(mpidr) = node
+            .property("reg")
+            .filter(|_| (1..=2).contains(&address_cells))
+            .and_then(|p| cells(p.value, 0, address_cells))
+        else {
+            continue;
+        };
+        let enable_method = match node.property("enable-method").and_then(|p| p.as_str()) {
+            Some("psci") => EnableMethod::Psci,
+            Some("spin-table") => match node.property("cpu-release-addr").map(|p| p.value) {
+                Some(v) if v.len() == 4 || v.len() == 8 => cells(v, 0, v.len() / 4)
+                    .map_or(EnableMethod::Unknown, |release_addr| {
+                        EnableMethod::SpinTable { release_addr }
+                    }),
+                _ => EnableMethod::Unknown,
+            },
+            _ => EnableMethod::Unknown,
+        };
+        if cores
+            .push(CpuNode {
+                mpidr,
+                enable_method,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    cores
+}
 /// Bytes of `/chosen/bootargs` kept (Linux's arm64 `COMMAND_LINE_SIZE`).
 pub const MAX_BOOTARGS: usize = 2048;
 
@@ -360,9 +444,10 @@ impl Platform {
             }
         }
 
-        let uart = fdt
-            .chosen()
-            .stdout()
+        // `Fdt::chosen` panics without a /chosen node (the fdt crate requires one): look first.
+        let chosen = fdt.find_node("/chosen").map(|_| fdt.chosen());
+        let uart = chosen
+            .and_then(|c| c.stdout())
             .filter(|n| compatible_with(*n, &["arm,pl011"]))
             .or_else(|| fdt.find_compatible(&["arm,pl011"]))
             .and_then(first_region);
@@ -418,6 +503,8 @@ impl Platform {
                 _ => None,
             });
 
+        let cores = parse_cpus(&fdt);
+
         let mut flash = Vec::new();
         for node in fdt
             .all_nodes()
@@ -429,7 +516,11 @@ impl Platform {
         }
 
         Ok(Platform {
-            model: copy_str(root.model()),
+            model: copy_str(
+                root.property("model")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or(""),
+            ),
             memory,
             reserved,
             uart,
@@ -438,9 +529,10 @@ impl Platform {
             timer_intid,
             pcie,
             psci,
-            cpus: fdt.cpus().count(),
+            cpus: cores.len().max(1),
+            cores,
             flash,
-            bootargs: copy_str(fdt.chosen().bootargs().unwrap_or("")),
+            bootargs: copy_str(chosen.and_then(|c| c.bootargs()).unwrap_or("")),
         })
     }
 

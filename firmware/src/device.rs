@@ -445,6 +445,7 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     enabled: f.f.state() != FunctionState::Disabled,
                 })
                 .collect(),
+            cores: H::cores(),
             resources: self.resources(),
             remotes: self
                 .remotes

@@ -42,6 +42,9 @@ pub trait Hw: 'static {
     fn has_aes() -> bool;
     /// Resets the system.
     fn system_reset() -> !;
+    /// Every running core's poll loop and its counters (status and `/metrics`), read without
+    /// a lock from counters each core writes alone.
+    fn cores() -> alloc::vec::Vec<keel_mgmt::CoreInfo>;
 }
 
 /// A network interface: a smoltcp device, its MAC, and a hook run after each pass of the

@@ -1,7 +1,7 @@
 //! The Keel firmware image: a `no_std` unikernel for the Arm cores of a DPU.
 //!
-//! Boot (in `keel-hal`) → platform from the device tree ([`platform`]) → services →
-//! the poll loop ([`poll`]). Built for `aarch64-unknown-none`; on any other target this crate
+//! Boot (in `keel-hal`) → platform from the device tree ([`platform`]) → the other cores,
+//! each with its own poll loop ([`cores`]) → services → core 0's poll loop ([`poll`]). Built for `aarch64-unknown-none`; on any other target this crate
 //! is an empty program that says how to build it.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![cfg_attr(
@@ -41,11 +41,15 @@ mod services;
 #[cfg(test)]
 mod tests;
 
-// The board: keel-hal's drivers, boot, the poll loop.
+// The board: keel-hal's drivers, boot, the poll loops.
+#[cfg(target_os = "none")]
+mod cores;
 #[cfg(target_os = "none")]
 mod drives;
 #[cfg(target_os = "none")]
 mod fatal;
+#[cfg(all(target_os = "none", feature = "test-build"))]
+mod netmq;
 #[cfg(target_os = "none")]
 mod platform;
 #[cfg(target_os = "none")]
@@ -63,10 +67,11 @@ keel_hal::entry!(main);
 
 #[cfg(target_os = "none")]
 fn main(info: keel_hal::arch::boot::BootInfo) -> ! {
-    let platform = match platform::bring_up(&info) {
+    let mut platform = match platform::bring_up(&info) {
         Ok(p) => p,
         Err(e) => fatal::boot_failed(e),
     };
+    cores::start(&mut platform, info.entry_el);
     poll::run(platform)
 }
 

@@ -1,30 +1,39 @@
-//! Platform bring-up: device tree → console → timer → heap → final page table → GIC →
-//! PSCI → PCIe, then the banner.
+//! Platform bring-up: device tree → console → timer → heap → secondary cores' stacks → final
+//! page table → per-core data → GIC → PSCI → PCIe, then the banner.
 
 use crate::fatal::BootError;
 use alloc::vec::Vec;
-use keel_board::{BOARD, Gic as GicDesc, PciSpace, Platform as Dt, PsciMethod, Region};
+use keel_board::{
+    BOARD, EnableMethod, Gic as GicDesc, PciSpace, Platform as Dt, PsciMethod, Region,
+};
 use keel_hal::{
     arch::{
         ImageLayout,
         boot::BootInfo,
         cpu,
         mmu::{AddressSpace, Kind},
-        power, timer,
+        percpu::{self, CoreInfo},
+        power, smp, timer,
     },
     gic::Gic,
+    heap::Heap,
     pcie::{self, Ecam, Function},
     println,
 };
-use linked_list_allocator::LockedHeap;
 
+/// One heap for every core; its lock is only taken off the I/O path (`keel_hal::heap`).
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: Heap = Heap::new(percpu::index);
 
 /// Bytes free on the heap now (large allocations are checked against it first: an
 /// allocation failure would end the firmware).
 pub fn heap_free() -> usize {
-    HEAP.lock().free()
+    HEAP.free()
+}
+
+/// Allocator calls core `core` has made so far.
+pub fn heap_calls(core: usize) -> u64 {
+    HEAP.calls(core)
 }
 
 /// What the services are built from.
@@ -42,6 +51,9 @@ pub struct Platform {
     pub heap: Region,
     /// Counter value when Rust code started.
     pub counter_at_start: u64,
+    /// Every core: the boot core (index 0), then the secondaries that can be started (PSCI
+    /// cpu nodes), with their stacks. `crate::cores` starts them.
+    pub cores: &'static [CoreInfo],
 }
 
 const GIB: u64 = 1 << 30;
@@ -123,21 +135,32 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     }
     // SAFETY: `heap` is free RAM (not the image, the device tree or a reserved range), and
     // normal memory in the boot map up to `early_end`.
-    unsafe {
-        HEAP.lock()
-            .init(heap.base as *mut u8, (early_end - heap.base) as usize)
-    };
+    unsafe { HEAP.init(heap.base as *mut u8, (early_end - heap.base) as usize) };
     let spare_ram: Vec<Region> = free.iter().skip(1).copied().map(page_align).collect();
 
     // PCI enumeration before the final map: it only touches ECAM (device memory in the boot
     // map) and lets the map treat BARs that are memory, not registers, as normal memory.
     let pci = enumerate_pci(&dt);
 
+    // Secondary cores (PSCI cpu nodes other than this one): their stacks come from the heap
+    // now, so the final map can leave their guard pages out.
+    let boot_mpidr = cpu::mpidr_affinity();
+    let secondary_mpidrs: Vec<u64> = dt
+        .cores
+        .iter()
+        .filter(|c| c.mpidr != boot_mpidr && c.enable_method == EnableMethod::Psci)
+        .map(|c| c.mpidr)
+        .take(keel_hal::MAX_CORES - 1)
+        .collect();
+    let stacks = smp::reserve_stacks(secondary_mpidrs.len());
+    let mut guards: Vec<usize> = stacks.iter().flat_map(|s| s.guards).collect();
+    guards.sort_unstable();
+
     // Final page table: RAM normal (the image by section, guard pages unmapped), devices as
     // device memory, shared-memory BARs (ivshmem) as normal memory.
     let mut space = AddressSpace::new();
     for m in dt.memory.iter() {
-        map_ram_around_image(&mut space, *m, &layout)?;
+        map_ram_around_image(&mut space, *m, &layout, &guards)?;
     }
     space.map_image(&layout).map_err(BootError::Map)?;
     let mut devices = heapless::Vec::<Region, 16>::new();
@@ -184,8 +207,11 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
     unsafe { space.activate() };
     if heap.end() > early_end {
         // SAFETY: the rest of the heap range is now mapped normal memory and unused.
-        unsafe { HEAP.lock().extend((heap.end() - early_end) as usize) };
+        unsafe { HEAP.extend((heap.end() - early_end) as usize) };
     }
+    let secondaries: Vec<(u64, smp::CoreStacks)> =
+        secondary_mpidrs.into_iter().zip(stacks).collect();
+    let cores = smp::describe(boot_mpidr, &layout, &secondaries);
 
     let gic = match dt.gic {
         Some(GicDesc::V2 { dist, cpu }) => {
@@ -195,9 +221,16 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
         }
         Some(GicDesc::V3 { dist, redist }) => {
             // SAFETY: as above.
-            unsafe { Gic::v3(dist.base as usize, redist.base as usize, dt.cpus) }
-                .map_err(|e| log::warn!("GIC: {e}"))
-                .ok()
+            unsafe {
+                Gic::v3(
+                    dist.base as usize,
+                    redist.base as usize,
+                    redist.size as usize,
+                    dt.cpus,
+                )
+            }
+            .map_err(|e| log::warn!("GIC: {e}"))
+            .ok()
         }
         None => None,
     };
@@ -213,6 +246,7 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
         spare_ram,
         heap,
         counter_at_start: info.counter_at_start,
+        cores,
     })
 }
 
@@ -296,24 +330,32 @@ fn free_ranges(mem: Region, taken: &[Region]) -> heapless::Vec<Region, 16> {
     free
 }
 
+/// Maps RAM region `m` as read-write memory except the image (mapped by section elsewhere)
+/// and the secondary cores' stack guard pages (`guards`, sorted), which stay unmapped.
 fn map_ram_around_image(
     space: &mut AddressSpace,
     m: Region,
     l: &ImageLayout,
+    guards: &[usize],
 ) -> Result<(), BootError> {
     let (start, end) = (m.base as usize, m.end() as usize);
-    let map = |s: &mut AddressSpace, a: usize, b: usize| {
-        if a < b {
-            s.map(a, b, Kind::ReadWrite).map_err(BootError::Map)
-        } else {
-            Ok(())
+    let mut holes: Vec<(usize, usize)> = guards.iter().map(|&g| (g, g + 4096)).collect();
+    holes.push((l.start, l.end));
+    holes.sort_unstable();
+    let mut at = start;
+    for (h0, h1) in holes {
+        let (h0, h1) = (h0.clamp(start, end), h1.clamp(start, end));
+        if at < h0 {
+            space.map(at, h0, Kind::ReadWrite).map_err(BootError::Map)?;
         }
-    };
-    if l.end <= start || l.start >= end {
-        return map(space, start, end);
+        at = at.max(h1);
     }
-    map(space, start, l.start)?;
-    map(space, l.end, end)
+    if at < end {
+        space
+            .map(at, end, Kind::ReadWrite)
+            .map_err(BootError::Map)?;
+    }
+    Ok(())
 }
 
 fn banner(info: &BootInfo, dt: &Dt, freq: u64, heap: Region, gic: &Option<Gic>) {

@@ -163,9 +163,12 @@ pub fn run(mut platform: Platform) -> ! {
         .as_mut()
         .is_some_and(|n| enable_wakeups(&mut platform, n));
     let mut last_busy = timer::now_ns();
+    let counters = crate::cores::own_counters();
     loop {
         let now = timer::now_ns();
-        if pass(now, net.as_mut(), &mut services, mgmt.as_mut()) {
+        let busy = pass(now, net.as_mut(), &mut services, mgmt.as_mut());
+        counters.pass(busy);
+        if busy {
             last_busy = now;
             continue;
         }
@@ -193,6 +196,7 @@ pub fn run(mut platform: Platform) -> ! {
                     .map_or(u64::MAX, |d| d.saturating_sub(now)),
             )
             .min(services.qos_wakeup_in(now).unwrap_or(MAX_SLEEP_NS));
+        counters.slept();
         timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(delay_ns)));
         timer::wait_for_interrupt();
         timer::disarm_wakeup();

@@ -43,6 +43,9 @@ impl Hw for Qemu {
     fn system_reset() -> ! {
         power::system_reset()
     }
+    fn cores() -> alloc::vec::Vec<keel_mgmt::CoreInfo> {
+        crate::cores::counters()
+    }
 }
 
 impl Nic for VirtioNet {

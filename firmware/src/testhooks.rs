@@ -10,7 +10,11 @@
 //!   firmware uses (`keel_crypto::Xts`, `keel_nvmf_tcp::crc32c`): IEEE 1619 XTS-AES vectors 2,
 //!   3 and 10, the Armv8 XTS path against the `aes` crate's, RFC 3720 B.4 CRC32C vectors with the CRC32C instructions and with the table, and
 //!   the two CRC paths against each other; one line per check, then `keel: selftest PASS` (exit
-//!   0) or `keel: selftest FAIL` (exit 1).
+//!   0) or `keel: selftest FAIL` (exit 1);
+//! - `cores`: a message stream from core 0 to every secondary core and back over the SPSC
+//!   rings (`crate::cores::selftest`), `keel: cores selftest PASS` (exit 0) or `FAIL` (exit 1);
+//! - `core-overflow`: the last secondary core recurses into its stack guard page (crash
+//!   report naming the core, exit 3).
 
 use crate::platform::Platform;
 use alloc::vec::Vec;
@@ -53,6 +57,8 @@ pub fn after_ready(platform: &Platform) {
             println!("keel: selftest {}", if pass { "PASS" } else { "FAIL" });
             power::semihosting_exit(if pass { 0 } else { 1 })
         }
+        Some("cores") => power::semihosting_exit(if crate::cores::selftest() { 0 } else { 1 }),
+        Some("core-overflow") => crate::cores::overflow_last_core(),
         Some(other) => println!("keel: unknown test action {other:?}"),
         None => {}
     }
@@ -60,7 +66,7 @@ pub fn after_ready(platform: &Platform) {
 
 #[inline(never)]
 #[allow(unconditional_recursion, reason = "the point: overflow the stack")]
-fn recurse(n: u64) -> u64 {
+pub fn recurse(n: u64) -> u64 {
     let buf = core::hint::black_box([n; 64]);
     recurse(buf[3] + 1) + buf[7]
 }

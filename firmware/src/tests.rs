@@ -129,6 +129,14 @@ impl Hw for TestHw {
     fn system_reset() -> ! {
         panic!("system reset")
     }
+    fn cores() -> Vec<keel_mgmt::CoreInfo> {
+        vec![keel_mgmt::CoreInfo {
+            index: 0,
+            role: "test".into(),
+            passes: 1,
+            ..Default::default()
+        }]
+    }
 }
 
 const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];

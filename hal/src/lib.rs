@@ -3,8 +3,12 @@
 //! - [`arch`] (bare-metal aarch64 only): entry from any arm64 Linux-style loader or from flash,
 //!   exception vectors with crash reports, MMU, generic timer, PSCI power control.
 //! - [`console`]: PL011 console behind the `log` facade plus an emergency writer.
-//! - [`gic`]: interrupt controller bring-up.
+//! - [`gic`]: interrupt controller bring-up, per-core CPU interfaces, doorbells between cores.
+//! - [`heap`]: the global allocator (one heap, its lock kept off the I/O path; per-core
+//!   counters prove it).
 //! - [`pcie`]: ECAM enumeration and BAR assignment (portable logic, tested on the host).
+//! - [`vring`]: when to notify a virtio device, and recovery from a lost notification
+//!   (portable logic, tested on the host).
 //!
 //! Generic code above this crate sees typed drivers and traits, never addresses: addresses
 //! come from the device tree through `keel-board`.
@@ -18,6 +22,7 @@ pub mod console;
 pub mod flash;
 #[cfg(target_arch = "aarch64")]
 pub mod gic;
+pub mod heap;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod ivshmem;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
@@ -26,3 +31,7 @@ pub mod pcie;
 pub mod pl011;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod virtio_net;
+pub mod vring;
+
+/// The most cores the firmware runs on (device tree cpu nodes beyond are left off).
+pub const MAX_CORES: usize = 64;

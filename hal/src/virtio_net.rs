@@ -12,13 +12,24 @@
 //! nobody flushed), and with `VIRTIO_F_EVENT_IDX` the driver notifies only when the device
 //! asked to be told (the `avail_event` it publishes lies among the newly added entries),
 //! for both queues. `virtio-drivers`' own check notifies whenever the device's `avail_event`
-//! is behind, i.e. for nearly every buffer while the device is busy.
+//! is behind, i.e. for nearly every buffer while the device is busy. A notification lost to
+//! the event-index race (QEMU's TCG drops the guest's barriers with one vCPU) would stop a
+//! queue for good; `flush_tx` spots a device parked at an entry already published and
+//! notifies it once ([`crate::vring`]).
+//!
+//! Multiqueue (VIRTIO_NET_F_MQ, §5.1.6.5.5): [`multiqueue`] sets up one receive/transmit
+//! virtqueue pair per core. Each [`QueuePair`] is a `smoltcp::phy::Device` of its own that
+//! notifies the device through its own notification registers (their addresses are computed
+//! once at bring-up from the PCI capabilities, §4.1.4.4), so cores never share driver state;
+//! the transport and the control virtqueue stay with the control core ([`NetControl`]). With
+//! one core, [`VirtioNet`] is the same pair plus the transport, and MQ is not negotiated.
 //!
 //! DMA: buffers come from the heap, which is identity-mapped; QEMU's virtio device is cache
 //! coherent. A non-coherent board needs cache maintenance in [`VirtioHal::share`].
 
 extern crate alloc;
 
+use crate::vring::Notifier;
 use alloc::{boxed::Box, vec::Vec};
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -32,7 +43,7 @@ use virtio_drivers::{
         DeviceStatus, DeviceType, InterruptStatus, Transport,
         pci::{
             PciTransport,
-            bus::{Cam, DeviceFunction, MmioCam, PciRoot},
+            bus::{Cam, ConfigurationAccess, DeviceFunction, MmioCam, PciRoot},
         },
     },
 };
@@ -71,10 +82,14 @@ fn bytes_mut(b: &mut Buf) -> &mut [u8] {
 /// Frames queued without a notification before the driver notifies anyway.
 pub const TX_KICK_BATCH: u16 = 32;
 
-const QUEUE_RECEIVE: u16 = 0;
-const QUEUE_TRANSMIT: u16 = 1;
 /// VIRTIO_NET_F_MAC.
 const F_MAC: u64 = 1 << 5;
+/// VIRTIO_NET_F_CTRL_VQ: the control virtqueue.
+const F_CTRL_VQ: u64 = 1 << 17;
+/// VIRTIO_NET_F_MQ: several receive/transmit virtqueue pairs.
+const F_MQ: u64 = 1 << 22;
+/// Offset of `max_virtqueue_pairs` in `struct virtio_net_config` (§5.1.4).
+const CONFIG_MAX_PAIRS: usize = 8;
 /// VIRTIO_F_RING_EVENT_IDX.
 const F_EVENT_IDX: u64 = 1 << 29;
 /// VIRTIO_F_VERSION_1.
@@ -119,24 +134,6 @@ unsafe impl Hal for VirtioHal {
     unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
 }
 
-/// Why the NIC could not be brought up.
-#[derive(Debug)]
-pub enum NetError {
-    /// The PCI transport could not be set up.
-    Transport(virtio_drivers::transport::pci::VirtioPciError),
-    /// The device refused initialisation or buffers.
-    Device(virtio_drivers::Error),
-}
-
-impl core::fmt::Display for NetError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Transport(e) => write!(f, "virtio PCI transport: {e}"),
-            Self::Device(e) => write!(f, "virtio-net: {e}"),
-        }
-    }
-}
-
 /// Counters of the NIC.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NetStats {
@@ -148,13 +145,16 @@ pub struct NetStats {
     pub tx_full: u64,
     /// Receive errors reported by the driver.
     pub rx_errors: u64,
+    /// Notifications sent because the device waited for one that was lost
+    /// ([`crate::vring::Notifier::rescue`]).
+    pub rescued_notifications: u64,
 }
 
-/// The PCI transport, remembering where each queue's device area (used ring) is, so the
-/// driver can read the `avail_event` the device publishes after the used ring (§2.7.10).
+/// The PCI transport, remembering where the last queue it set up keeps its device area (used
+/// ring), so the driver can read the `avail_event` the device publishes after it (§2.7.10).
 struct Recorded {
     inner: PciTransport,
-    device_area: [PhysAddr; 2],
+    last_device_area: PhysAddr,
 }
 
 impl Transport for Recorded {
@@ -193,9 +193,7 @@ impl Transport for Recorded {
         driver_area: PhysAddr,
         device_area: PhysAddr,
     ) {
-        if let Some(a) = self.device_area.get_mut(usize::from(queue)) {
-            *a = device_area;
-        }
+        self.last_device_area = device_area;
         self.inner
             .queue_set(queue, size, descriptors, driver_area, device_area)
     }
@@ -226,80 +224,251 @@ impl Transport for Recorded {
     }
 }
 
-/// `vring_need_event` (§2.7.10): with `VIRTIO_F_EVENT_IDX`, notify when the device's
-/// `avail_event` is one of the entries added since the last notification, `[old, new)`.
-const fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+/// Where each virtqueue's notification register is (virtio 1.2 §4.1.4.4: `cap.offset +
+/// queue_notify_off × notify_off_multiplier` in the notification capability's BAR). Computed
+/// once per queue at bring-up, so a queue pair notifies the device with one write of its
+/// own, never through the transport's shared `queue_select` (which would need a lock between
+/// cores).
+struct NotifyMap {
+    /// The common configuration structure (§4.1.4.3).
+    common: usize,
+    /// Start of the notification region.
+    notify: usize,
+    multiplier: usize,
+}
+
+/// Field offsets of `struct virtio_pci_common_cfg` (virtio 1.2 §4.1.4.3).
+mod common_cfg {
+    pub const QUEUE_SELECT: usize = 0x16;
+    pub const QUEUE_NOTIFY_OFF: usize = 0x1e;
+}
+
+/// `struct virtio_pci_cap` (§4.1.4): cfg_type at +3, bar at +4, offset at +8; the notify
+/// capability's `notify_off_multiplier` at +16.
+const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
+const PCI_CAP_ID_VNDR: u8 = 0x09;
+
+impl NotifyMap {
+    /// Reads the common and notification capabilities of the function.
+    fn find(
+        root: &PciRoot<MmioCam<'_>>,
+        cam: &MmioCam<'_>,
+        df: DeviceFunction,
+    ) -> Result<Self, NetError> {
+        let mut common = None;
+        let mut notify = None;
+        for cap in root.capabilities(df).filter(|c| c.id == PCI_CAP_ID_VNDR) {
+            let cfg_type = (cap.private_header >> 8) as u8;
+            let bar = cam.read_word(df, cap.offset + 4) as u8;
+            let offset = cam.read_word(df, cap.offset + 8) as usize;
+            let base = bar_address(cam, df, bar).ok_or(NetError::Layout)?;
+            match cfg_type {
+                VIRTIO_PCI_CAP_COMMON_CFG if common.is_none() => common = Some(base + offset),
+                VIRTIO_PCI_CAP_NOTIFY_CFG if notify.is_none() => {
+                    let multiplier = cam.read_word(df, cap.offset + 16) as usize;
+                    notify = Some((base + offset, multiplier));
+                }
+                _ => {}
+            }
+        }
+        match (common, notify) {
+            (Some(common), Some((notify, multiplier))) => Ok(Self {
+                common,
+                notify,
+                multiplier,
+            }),
+            _ => Err(NetError::Layout),
+        }
+    }
+
+    /// The notification register of `queue`. Only during bring-up, on the core that owns the
+    /// transport: it selects the queue in the common configuration.
+    fn address(&self, queue: u16) -> usize {
+        // SAFETY: `common` is the mapped common configuration structure of the device this
+        // driver owns; queue_select (u16, 2-aligned) and queue_notify_off (u16) are two of its
+        // registers. Bring-up runs on one core and the transport is not used meanwhile.
+        let off = unsafe {
+            ((self.common + common_cfg::QUEUE_SELECT) as *mut u16).write_volatile(queue);
+            ((self.common + common_cfg::QUEUE_NOTIFY_OFF) as *const u16).read_volatile()
+        };
+        self.notify + usize::from(off) * self.multiplier
+    }
+}
+
+/// The CPU address of memory BAR `bar` (already assigned by enumeration).
+fn bar_address(cam: &MmioCam<'_>, df: DeviceFunction, bar: u8) -> Option<usize> {
+    if bar > 5 {
+        return None;
+    }
+    let lo = cam.read_word(df, 0x10 + 4 * bar);
+    if lo & 1 != 0 {
+        return None; // I/O space
+    }
+    let hi = if (lo >> 1) & 3 == 2 && bar < 5 {
+        u64::from(cam.read_word(df, 0x10 + 4 * (bar + 1)))
+    } else {
+        0
+    };
+    Some(((hi << 32) | u64::from(lo & !0xf)) as usize)
 }
 
 /// One virtqueue with notification bookkeeping.
 struct Queue {
     vq: VirtQueue<VirtioHal, QUEUE_SIZE>,
     index: u16,
+    /// This queue's notification register.
+    notify: usize,
     /// Address of the used ring's trailing `avail_event` (EVENT_IDX negotiated), else 0.
     avail_event: usize,
-    /// Our count of added buffers (mirrors the avail ring's index: one entry per `add`).
-    added: u16,
-    /// `added` when the device was last notified (or decided it need not be).
-    announced: u16,
+    /// Address of the used ring's `idx` (EVENT_IDX negotiated), else 0.
+    used_idx: usize,
+    /// When to notify ([`crate::vring`]).
+    notifier: Notifier,
 }
 
 impl Queue {
-    fn new(t: &mut Recorded, index: u16, event_idx: bool) -> Result<Self, NetError> {
+    fn new(
+        t: &mut Recorded,
+        map: &NotifyMap,
+        index: u16,
+        event_idx: bool,
+    ) -> Result<Self, NetError> {
         let vq = VirtQueue::new(t, index, false, event_idx).map_err(NetError::Device)?;
-        let avail_event = if event_idx {
-            // Used ring: flags, idx (u16 each), QUEUE_SIZE elements of 8 bytes, avail_event.
-            t.device_area[usize::from(index)] as usize + 4 + 8 * QUEUE_SIZE
+        // Used ring: flags, idx (u16 each), QUEUE_SIZE elements of 8 bytes, avail_event.
+        let (avail_event, used_idx) = if event_idx {
+            let used = t.last_device_area as usize;
+            (used + 4 + 8 * QUEUE_SIZE, used + 2)
         } else {
-            0
+            (0, 0)
         };
         Ok(Self {
             vq,
             index,
+            notify: map.address(index),
             avail_event,
-            added: 0,
-            announced: 0,
+            used_idx,
+            notifier: Notifier::default(),
         })
     }
 
     /// Announces the buffers added since the last time, if the device wants to know.
-    fn kick(&mut self, t: &mut Recorded) {
-        if self.added == self.announced {
+    fn kick(&mut self) {
+        if self.notifier.unannounced() == 0 {
             return;
         }
         let notify = if self.avail_event == 0 {
+            let _ = self.notifier.kick(0);
             self.vq.should_notify()
         } else {
             // The avail index (written by `add`) must be visible before we read the device's
             // avail_event, as the device reads them in the other order (§2.7.10).
             fence(Ordering::SeqCst);
-            // SAFETY: `avail_event` is the u16 after the used ring of this queue, inside the
-            // device area that `VirtQueue` allocated (2-aligned) and keeps for its lifetime;
-            // the device writes it concurrently, so it is read volatile.
-            let event = unsafe { core::ptr::read_volatile(self.avail_event as *const u16) };
-            need_event(event, self.added, self.announced)
+            self.notifier.kick(self.avail_event()) == Some(true)
         };
-        self.announced = self.added;
         if notify {
-            t.notify(self.index);
+            notify_queue(self.notify, self.index);
+        }
+    }
+
+    /// The device's `avail_event` (EVENT_IDX negotiated).
+    fn avail_event(&self) -> u16 {
+        // SAFETY: `avail_event` is the u16 after the used ring of this queue, inside the
+        // device area that `VirtQueue` allocated (2-aligned) and keeps for its lifetime; the
+        // device writes it concurrently, so it is read volatile.
+        unsafe { core::ptr::read_volatile(self.avail_event as *const u16) }
+    }
+
+    /// Once per poll pass: notifies the device if it waits for a notification that was lost
+    /// ([`Notifier::rescue`]); returns whether it did.
+    fn rescue(&mut self) -> bool {
+        if self.avail_event == 0 {
+            return false;
+        }
+        // SAFETY: `used_idx` is the used ring's index of this queue (2-aligned, inside the
+        // device area `VirtQueue` keeps for its lifetime), written by the device: read
+        // volatile.
+        let used = unsafe { core::ptr::read_volatile(self.used_idx as *const u16) };
+        let rescue = self.notifier.rescue(self.avail_event(), used);
+        if rescue {
+            notify_queue(self.notify, self.index);
+        }
+        rescue
+    }
+}
+
+/// Writes a queue's index to its notification register (§4.1.5.2).
+fn notify_queue(register: usize, index: u16) {
+    // SAFETY: `register` is this queue's notification register in the mapped notification
+    // region (computed at bring-up); only the queue's owner writes it, a write has no effect
+    // beyond telling the device to look at the queue, and no reference to it exists.
+    unsafe { (register as *mut u16).write_volatile(index) };
+}
+
+/// Why the NIC could not be brought up.
+#[derive(Debug)]
+pub enum NetError {
+    /// The PCI transport could not be set up.
+    Transport(virtio_drivers::transport::pci::VirtioPciError),
+    /// The device refused initialisation or buffers.
+    Device(virtio_drivers::Error),
+    /// The virtio PCI capabilities are missing or point at no memory BAR.
+    Layout,
+    /// The device refused the number of queue pairs (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
+    QueuePairs(u16),
+}
+
+impl core::fmt::Display for NetError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Transport(e) => write!(f, "virtio PCI transport: {e}"),
+            Self::Device(e) => write!(f, "virtio-net: {e}"),
+            Self::Layout => f.write_str("virtio-net: no usable common/notify capability"),
+            Self::QueuePairs(n) => write!(f, "virtio-net: the device refused {n} queue pairs"),
         }
     }
 }
 
-/// The device's queues and transport.
-struct Raw {
+/// The device's transport after initialisation (§3.1.1): features, MAC, queue pairs offered.
+struct Device {
     transport: Recorded,
-    rx: Queue,
-    tx: Queue,
+    map: NotifyMap,
+    features: u64,
     mac: [u8; 6],
+    /// `max_virtqueue_pairs` (1 without VIRTIO_NET_F_MQ).
+    max_pairs: u16,
 }
 
-impl Raw {
-    /// Device initialisation (§3.1.1) with MAC, EVENT_IDX (when offered) and VERSION_1.
-    fn new(transport: PciTransport) -> Result<Self, NetError> {
+impl Device {
+    /// Resets the function at `bus:dev.func` and negotiates MAC, EVENT_IDX (when offered) and
+    /// VERSION_1, plus CTRL_VQ and MQ when `multiqueue`.
+    ///
+    /// # Safety
+    /// As for [`VirtioNet::new`].
+    unsafe fn open(
+        ecam_base: usize,
+        bus: u8,
+        dev: u8,
+        func: u8,
+        multiqueue: bool,
+    ) -> Result<Self, NetError> {
+        // SAFETY: guaranteed by the caller.
+        let cam = unsafe { MmioCam::new(ecam_base as *mut u8, Cam::Ecam) };
+        // SAFETY: as above; this second view only reads capabilities and BARs during
+        // bring-up, before the transport exists.
+        let cam_reader = unsafe { MmioCam::new(ecam_base as *mut u8, Cam::Ecam) };
+        let mut root = PciRoot::new(cam);
+        let df = DeviceFunction {
+            bus,
+            device: dev,
+            function: func,
+        };
+        let map = NotifyMap::find(&root, &cam_reader, df)?;
+        let transport =
+            PciTransport::new::<VirtioHal, _>(&mut root, df).map_err(NetError::Transport)?;
         let mut t = Recorded {
             inner: transport,
-            device_area: [0; 2],
+            last_device_area: 0,
         };
         t.set_status(DeviceStatus::empty());
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
@@ -307,7 +476,11 @@ impl Raw {
         if offered & F_VERSION_1 == 0 {
             return Err(NetError::Device(virtio_drivers::Error::Unsupported));
         }
-        let features = offered & (F_MAC | F_EVENT_IDX | F_VERSION_1);
+        let mut wanted = F_MAC | F_EVENT_IDX | F_VERSION_1;
+        if multiqueue && offered & (F_CTRL_VQ | F_MQ) == F_CTRL_VQ | F_MQ {
+            wanted |= F_CTRL_VQ | F_MQ;
+        }
+        let features = offered & wanted;
         t.write_driver_features(features);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
         if !t.get_status().contains(DeviceStatus::FEATURES_OK) {
@@ -326,53 +499,37 @@ impl Raw {
                 })
                 .map_err(NetError::Device)?;
         }
-        let event_idx = features & F_EVENT_IDX != 0;
-        let rx = Queue::new(&mut t, QUEUE_RECEIVE, event_idx)?;
-        let tx = Queue::new(&mut t, QUEUE_TRANSMIT, event_idx)?;
-        t.finish_init();
+        let max_pairs = if features & F_MQ != 0 {
+            // `struct virtio_net_config`: mac[6], status (u16), max_virtqueue_pairs (u16).
+            t.read_config_space::<u16>(CONFIG_MAX_PAIRS)
+                .map_err(NetError::Device)?
+                .max(1)
+        } else {
+            1
+        };
         Ok(Self {
             transport: t,
-            rx,
-            tx,
+            map,
+            features,
             mac,
+            max_pairs,
         })
     }
 
-    /// Posts a receive buffer and tells the device if it waits for one.
-    ///
-    /// # Safety
-    /// `buf` must stay valid and untouched until `pop_used` returns it.
-    unsafe fn receive_begin(&mut self, buf: &mut [u8]) -> virtio_drivers::Result<u16> {
-        // SAFETY: guaranteed by the caller.
-        let token = unsafe { self.rx.vq.add(&[], &mut [buf])? };
-        self.rx.added = self.rx.added.wrapping_add(1);
-        self.rx.kick(&mut self.transport);
-        Ok(token)
-    }
-
-    /// Queues a frame (header included) for transmission; the device is told at the next
-    /// [`Raw::kick_tx`] (or here, every [`TX_KICK_BATCH`] frames).
-    ///
-    /// # Safety
-    /// `buf` must stay valid and untouched until `pop_used` returns it.
-    unsafe fn transmit_begin(&mut self, buf: &[u8]) -> virtio_drivers::Result<u16> {
-        // SAFETY: guaranteed by the caller.
-        let token = unsafe { self.tx.vq.add(&[buf], &mut [])? };
-        self.tx.added = self.tx.added.wrapping_add(1);
-        if self.tx.added.wrapping_sub(self.tx.announced) >= TX_KICK_BATCH {
-            self.kick_tx();
-        }
-        Ok(token)
-    }
-
-    fn kick_tx(&mut self) {
-        self.tx.kick(&mut self.transport);
+    fn event_idx(&self) -> bool {
+        self.features & F_EVENT_IDX != 0
     }
 }
 
-/// A virtio-net NIC.
-pub struct VirtioNet {
-    raw: Raw,
+/// One receive/transmit virtqueue pair with its buffers: a `smoltcp::phy::Device` of its own.
+///
+/// It needs nothing shared with other pairs or with the transport (its notifications go to
+/// its own registers), so it is `Send`: bring it up on core 0 and move it to the core that
+/// owns it; that core alone polls it.
+pub struct QueuePair {
+    pair: u16,
+    rx: Queue,
+    tx: Queue,
     rx_bufs: Vec<Buf>,
     /// Receive buffer index by virtqueue token.
     rx_by_token: Vec<Option<u16>>,
@@ -385,86 +542,100 @@ pub struct VirtioNet {
     pub stats: NetStats,
 }
 
-impl core::fmt::Debug for VirtioNet {
+impl core::fmt::Debug for QueuePair {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("VirtioNet")
+        f.debug_struct("QueuePair")
+            .field("pair", &self.pair)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
 
-impl VirtioNet {
-    /// Brings up the virtio-net function at `bus:dev.func` behind the ECAM at `ecam_base`.
-    /// Its BARs must already be assigned and mapped as device memory.
-    ///
-    /// # Safety
-    /// `ecam_base` must be the (mapped) ECAM region of the host bridge, and the function must
-    /// not be driven by anything else.
-    pub unsafe fn new(ecam_base: usize, bus: u8, dev: u8, func: u8) -> Result<Self, NetError> {
-        // SAFETY: guaranteed by the caller.
-        let cam = unsafe { MmioCam::new(ecam_base as *mut u8, Cam::Ecam) };
-        let mut root = PciRoot::new(cam);
-        let df = DeviceFunction {
-            bus,
-            device: dev,
-            function: func,
-        };
-        let transport =
-            PciTransport::new::<VirtioHal, _>(&mut root, df).map_err(NetError::Transport)?;
-        let mut raw = Raw::new(transport)?;
-        raw.rx.vq.set_dev_notify(false);
-        raw.tx.vq.set_dev_notify(false);
-        let mut rx_bufs: Vec<Buf> = (0..RX_BUFFERS).map(|_| new_buf()).collect();
-        let mut rx_by_token = alloc::vec![None; QUEUE_SIZE];
-        for (i, buf) in rx_bufs.iter_mut().enumerate() {
-            // SAFETY: the buffer is a stable heap allocation owned by this driver and is not
-            // touched until the device returns it through the used ring.
-            let token = unsafe { raw.receive_begin(&mut bytes_mut(buf)[BUF_SHIFT..]) }
-                .map_err(NetError::Device)?;
-            rx_by_token[usize::from(token)] = Some(i as u16);
-        }
-        let tx_bufs: Vec<Buf> = (0..TX_BUFFERS).map(|_| new_buf()).collect();
+impl QueuePair {
+    /// Sets up virtqueues `2 × pair` (receive) and `2 × pair + 1` (transmit); before
+    /// DRIVER_OK.
+    fn new(d: &mut Device, pair: u16) -> Result<Self, NetError> {
+        let event_idx = d.event_idx();
+        let mut rx = Queue::new(&mut d.transport, &d.map, 2 * pair, event_idx)?;
+        let mut tx = Queue::new(&mut d.transport, &d.map, 2 * pair + 1, event_idx)?;
+        rx.vq.set_dev_notify(false);
+        tx.vq.set_dev_notify(false);
         Ok(Self {
-            raw,
-            rx_bufs,
-            rx_by_token,
+            pair,
+            rx,
+            tx,
+            rx_bufs: Vec::new(),
+            rx_by_token: alloc::vec![None; QUEUE_SIZE],
             rx_repost: None,
             tx_free: (0..TX_BUFFERS as u16).rev().collect(),
-            tx_bufs,
+            tx_bufs: (0..TX_BUFFERS).map(|_| new_buf()).collect(),
             tx_by_token: alloc::vec![None; QUEUE_SIZE],
             stats: NetStats::default(),
         })
     }
 
-    /// Lets the device interrupt when frames arrive or sends complete, so an idle poll loop
-    /// can sleep in WFI (the interrupt only wakes the core; it is never taken).
+    /// Posts every receive buffer (after DRIVER_OK).
+    fn post_receive_buffers(&mut self) -> Result<(), NetError> {
+        self.rx_bufs = (0..RX_BUFFERS).map(|_| new_buf()).collect();
+        for i in 0..RX_BUFFERS {
+            let buf = &mut self.rx_bufs[i];
+            // SAFETY: the buffer is a stable heap allocation owned by this pair and is not
+            // touched until the device returns it through the used ring.
+            let token = unsafe { self.rx.vq.add(&[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]]) }
+                .map_err(NetError::Device)?;
+            self.rx.notifier.added();
+            self.rx_by_token[usize::from(token)] = Some(i as u16);
+        }
+        self.rx.kick();
+        Ok(())
+    }
+
+    /// Which pair this is (0 = virtqueues 0 and 1).
+    pub fn index(&self) -> u16 {
+        self.pair
+    }
+
+    /// Lets the device interrupt when frames arrive or sends complete on this pair, so an
+    /// idle poll loop can sleep in WFI (the interrupt only wakes a core; it is never taken).
     pub fn enable_wakeups(&mut self) {
-        self.raw.rx.vq.set_dev_notify(true);
-        self.raw.tx.vq.set_dev_notify(true);
-    }
-
-    /// Clears the device's interrupt (reads the ISR status), dropping the INTx line.
-    pub fn ack_wakeup(&mut self) {
-        let _ = self.raw.transport.ack_interrupt();
-    }
-
-    /// The MAC address.
-    pub fn mac(&self) -> [u8; 6] {
-        self.raw.mac
+        self.rx.vq.set_dev_notify(true);
+        self.tx.vq.set_dev_notify(true);
     }
 
     /// Tells the device about the frames queued since the last call (one notification for
     /// all of them, and none when the device is still working through the queue). Call after
     /// each pass of the network stack.
+    ///
+    /// Also, once per pass, gets either queue going again if the device waits for a
+    /// notification that was lost ([`crate::vring`]: it happens in QEMU with one vCPU).
     pub fn flush_tx(&mut self) {
-        self.raw.kick_tx();
+        self.tx.kick();
+        let rescued = u64::from(self.rx.rescue()) + u64::from(self.tx.rescue());
+        self.stats.rescued_notifications += rescued;
+    }
+
+    /// Posts a receive buffer and tells the device if it waits for one.
+    ///
+    /// # Safety
+    /// `buf` must stay valid and untouched until `pop_used` returns it.
+    unsafe fn receive_begin(&mut self, i: u16) -> virtio_drivers::Result<u16> {
+        let buf = &mut self.rx_bufs[usize::from(i)];
+        // SAFETY: guaranteed by the caller.
+        let token = unsafe {
+            self.rx
+                .vq
+                .add(&[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])?
+        };
+        self.rx.notifier.added();
+        self.rx.kick();
+        Ok(token)
     }
 
     fn repost_rx(&mut self) {
         if let Some(i) = self.rx_repost.take() {
-            let buf = &mut self.rx_bufs[usize::from(i)];
-            // SAFETY: as in `new`: a stable buffer nobody reads until the device returns it.
-            match unsafe { self.raw.receive_begin(&mut bytes_mut(buf)[BUF_SHIFT..]) } {
+            // SAFETY: a stable buffer of this pair that nobody reads until the device
+            // returns it.
+            match unsafe { self.receive_begin(i) } {
                 Ok(token) => self.rx_by_token[usize::from(token)] = Some(i),
                 Err(_) => self.rx_repost = Some(i),
             }
@@ -472,7 +643,7 @@ impl VirtioNet {
     }
 
     fn reclaim_tx(&mut self) {
-        while let Some(token) = self.raw.tx.vq.peek_used() {
+        while let Some(token) = self.tx.vq.peek_used() {
             let Some(i) = self
                 .tx_by_token
                 .get_mut(usize::from(token))
@@ -483,12 +654,21 @@ impl VirtioNet {
             // SAFETY: the buffer that was passed to `transmit_begin` for this token (the
             // length does not matter: `VirtioHal::unshare` does nothing).
             let _ = unsafe {
-                self.raw
-                    .tx
+                self.tx
                     .vq
                     .pop_used(token, &[bytes(&self.tx_bufs[usize::from(i)])], &mut [])
             };
             self.tx_free.push(i);
+        }
+    }
+
+    fn tx_token(&mut self) -> TxToken<'_> {
+        TxToken {
+            tx: &mut self.tx,
+            bufs: &mut self.tx_bufs,
+            free: &mut self.tx_free,
+            by_token: &mut self.tx_by_token,
+            stats: &mut self.stats,
         }
     }
 }
@@ -507,7 +687,7 @@ impl phy::RxToken for RxToken<'_> {
 
 /// Room for one frame to send.
 pub struct TxToken<'a> {
-    raw: &'a mut Raw,
+    tx: &'a mut Queue,
     bufs: &'a mut [Buf],
     free: &'a mut Vec<u16>,
     by_token: &'a mut [Option<u16>],
@@ -535,8 +715,13 @@ impl phy::TxToken for TxToken<'_> {
         let r = f(&mut buf[hdr..hdr + len]);
         // SAFETY: the buffer stays owned by the driver and untouched until `reclaim_tx` sees
         // the device finished with it.
-        match unsafe { self.raw.transmit_begin(&buf[..hdr + len]) } {
+        match unsafe { self.tx.vq.add(&[&buf[..hdr + len]], &mut []) } {
             Ok(token) => {
+                self.tx.notifier.added();
+                // The device is told at the next `flush_tx` (or every TX_KICK_BATCH frames).
+                if self.tx.notifier.unannounced() >= TX_KICK_BATCH {
+                    self.tx.kick();
+                }
                 self.by_token[usize::from(token)] = Some(i);
                 self.stats.tx_frames += 1;
             }
@@ -546,20 +731,20 @@ impl phy::TxToken for TxToken<'_> {
     }
 }
 
-impl phy::Device for VirtioNet {
+impl phy::Device for QueuePair {
     type RxToken<'a> = RxToken<'a>;
     type TxToken<'a> = TxToken<'a>;
 
     fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         // Frames a previous pass left unannounced (nobody called `flush_tx`).
-        self.raw.kick_tx();
+        self.tx.kick();
         self.repost_rx();
         self.reclaim_tx();
         if self.tx_free.is_empty() {
             self.stats.tx_full += 1;
             return None;
         }
-        let token = self.raw.rx.vq.peek_used()?;
+        let token = self.rx.vq.peek_used()?;
         let i = self
             .rx_by_token
             .get_mut(usize::from(token))
@@ -567,8 +752,7 @@ impl phy::Device for VirtioNet {
         let buf = &mut self.rx_bufs[usize::from(i)];
         // SAFETY: the same buffer that was passed to `receive_begin` for this token.
         let used = unsafe {
-            self.raw
-                .rx
+            self.rx
                 .vq
                 .pop_used(token, &[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])
         };
@@ -576,19 +760,15 @@ impl phy::Device for VirtioNet {
             let n = usize::try_from(n).ok()?.min(BUF_LEN - BUF_SHIFT);
             Some((NET_HDR_LEN, n.checked_sub(NET_HDR_LEN)?))
         });
-        let (hdr, len) = match frame {
-            Some(v) => v,
-            None => {
-                self.stats.rx_errors += 1;
-                self.rx_repost = Some(i);
-                return None;
-            }
-        };
         self.rx_repost = Some(i);
+        let Some((hdr, len)) = frame else {
+            self.stats.rx_errors += 1;
+            return None;
+        };
         self.stats.rx_frames += 1;
         let Self {
-            raw,
             rx_bufs,
+            tx,
             tx_bufs,
             tx_free,
             tx_by_token,
@@ -599,7 +779,7 @@ impl phy::Device for VirtioNet {
         Some((
             RxToken { frame },
             TxToken {
-                raw,
+                tx,
                 bufs: tx_bufs,
                 free: tx_free,
                 by_token: tx_by_token,
@@ -614,21 +794,7 @@ impl phy::Device for VirtioNet {
             self.stats.tx_full += 1;
             return None;
         }
-        let Self {
-            raw,
-            tx_bufs,
-            tx_free,
-            tx_by_token,
-            stats,
-            ..
-        } = self;
-        Some(TxToken {
-            raw,
-            bufs: tx_bufs,
-            free: tx_free,
-            by_token: tx_by_token,
-            stats,
-        })
+        Some(self.tx_token())
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -638,4 +804,227 @@ impl phy::Device for VirtioNet {
         caps.max_burst_size = Some(QUEUE_SIZE / 2);
         caps
     }
+}
+
+/// A single-queue virtio-net NIC (one core): one [`QueuePair`] and the transport.
+pub struct VirtioNet {
+    transport: Recorded,
+    mac: [u8; 6],
+    pair: QueuePair,
+}
+
+impl core::fmt::Debug for VirtioNet {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VirtioNet")
+            .field("stats", &self.pair.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VirtioNet {
+    /// Brings up the virtio-net function at `bus:dev.func` behind the ECAM at `ecam_base`
+    /// with one queue pair (VIRTIO_NET_F_MQ is not negotiated). Its BARs must already be
+    /// assigned and mapped as device memory.
+    ///
+    /// # Safety
+    /// `ecam_base` must be the (mapped) ECAM region of the host bridge, and the function must
+    /// not be driven by anything else.
+    pub unsafe fn new(ecam_base: usize, bus: u8, dev: u8, func: u8) -> Result<Self, NetError> {
+        // SAFETY: guaranteed by the caller.
+        let mut d = unsafe { Device::open(ecam_base, bus, dev, func, false) }?;
+        let mut pair = QueuePair::new(&mut d, 0)?;
+        d.transport.finish_init();
+        pair.post_receive_buffers()?;
+        Ok(Self {
+            transport: d.transport,
+            mac: d.mac,
+            pair,
+        })
+    }
+
+    /// Lets the device interrupt when frames arrive or sends complete, so an idle poll loop
+    /// can sleep in WFI (the interrupt only wakes the core; it is never taken).
+    pub fn enable_wakeups(&mut self) {
+        self.pair.enable_wakeups();
+    }
+
+    /// Clears the device's interrupt (reads the ISR status), dropping the INTx line.
+    pub fn ack_wakeup(&mut self) {
+        let _ = self.transport.ack_interrupt();
+    }
+
+    /// The MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Tells the device about the frames queued since the last call (one notification for
+    /// all of them, and none when the device is still working through the queue). Call after
+    /// each pass of the network stack.
+    pub fn flush_tx(&mut self) {
+        self.pair.flush_tx();
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NetStats {
+        self.pair.stats
+    }
+}
+
+impl phy::Device for VirtioNet {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        self.pair.receive(now)
+    }
+
+    fn transmit(&mut self, now: Instant) -> Option<TxToken<'_>> {
+        self.pair.transmit(now)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.pair.capabilities()
+    }
+}
+
+/// `VIRTIO_NET_CTRL_MQ` class and its `VQ_PAIRS_SET` command (§5.1.6.5.5), `VIRTIO_NET_OK`.
+const CTRL_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_OK: u8 = 0;
+/// Descriptors of the control virtqueue (one command at a time).
+const CTRL_QUEUE_SIZE: usize = 16;
+/// How long a control command may take.
+const CTRL_TIMEOUT_POLLS: u32 = 10_000_000;
+
+/// The part of a multiqueue NIC that stays with the control core: the transport (interrupt
+/// status, configuration) and the control virtqueue.
+pub struct NetControl {
+    transport: Recorded,
+    /// The control virtqueue (absent when the device has none: then there is one pair).
+    ctrl: Option<VirtQueue<VirtioHal, CTRL_QUEUE_SIZE>>,
+    ctrl_notify: usize,
+    ctrl_index: u16,
+    mac: [u8; 6],
+    pairs: u16,
+    max_pairs: u16,
+}
+
+impl core::fmt::Debug for NetControl {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NetControl")
+            .field("pairs", &self.pairs)
+            .field("max_pairs", &self.max_pairs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetControl {
+    /// The MAC address (shared by every pair).
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Queue pairs in use.
+    pub fn pairs(&self) -> u16 {
+        self.pairs
+    }
+
+    /// Queue pairs the device offers (`max_virtqueue_pairs`; 1 without multiqueue).
+    pub fn max_pairs(&self) -> u16 {
+        self.max_pairs
+    }
+
+    /// Clears the device's interrupt (reads the ISR status), dropping the INTx line shared
+    /// by every pair.
+    pub fn ack_wakeup(&mut self) {
+        let _ = self.transport.ack_interrupt();
+    }
+
+    /// Sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET and waits for the device's answer.
+    fn set_pairs(&mut self, pairs: u16) -> Result<(), NetError> {
+        let ctrl = self.ctrl.as_mut().ok_or(NetError::QueuePairs(pairs))?;
+        let header = alloc::boxed::Box::new([CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET]);
+        let data = alloc::boxed::Box::new(pairs.to_le_bytes());
+        let mut ack = alloc::boxed::Box::new([0xffu8]);
+        // SAFETY: the three buffers are heap allocations that live until `pop_used` below
+        // returns them (or until the device is reset: on a timeout they are leaked).
+        let token = unsafe { ctrl.add(&[&header[..], &data[..]], &mut [&mut ack[..]]) }
+            .map_err(NetError::Device)?;
+        notify_queue(self.ctrl_notify, self.ctrl_index);
+        let mut polls = 0;
+        while ctrl.peek_used() != Some(token) {
+            polls += 1;
+            if polls > CTRL_TIMEOUT_POLLS {
+                core::mem::forget((header, data, ack));
+                return Err(NetError::QueuePairs(pairs));
+            }
+            core::hint::spin_loop();
+        }
+        // SAFETY: the buffers passed to `add` for this token.
+        unsafe { ctrl.pop_used(token, &[&header[..], &data[..]], &mut [&mut ack[..]]) }
+            .map_err(NetError::Device)?;
+        if ack[0] == CTRL_OK {
+            Ok(())
+        } else {
+            Err(NetError::QueuePairs(pairs))
+        }
+    }
+}
+
+/// Brings up the virtio-net function with up to `want` queue pairs (VIRTIO_NET_F_MQ,
+/// virtio 1.2 §5.1.6.5.5): negotiates MQ and the control virtqueue, sets up pairs `0..n`
+/// (`n = min(want, max_virtqueue_pairs)`), posts their receive buffers and tells the device
+/// to use `n` pairs. Without MQ (the device does not offer it, or `want` is 1) this is one
+/// pair. Pair `k` is for core `k`: move it there; the [`NetControl`] stays on the control
+/// core.
+///
+/// The device steers received frames to a pair (QEMU: the tap queue they came from; the
+/// kernel's tun keeps a flow on one queue); frames a pair sends leave on its own queue.
+///
+/// # Safety
+/// As for [`VirtioNet::new`].
+pub unsafe fn multiqueue(
+    ecam_base: usize,
+    bus: u8,
+    dev: u8,
+    func: u8,
+    want: u16,
+) -> Result<(NetControl, Vec<QueuePair>), NetError> {
+    // SAFETY: guaranteed by the caller.
+    let mut d = unsafe { Device::open(ecam_base, bus, dev, func, want > 1) }?;
+    let n = want.clamp(1, d.max_pairs);
+    if d.features & F_CTRL_VQ == 0 {
+        // Without a control virtqueue the device uses one pair.
+        d.max_pairs = 1;
+    }
+    let n = n.min(d.max_pairs);
+    let mut pairs = (0..n)
+        .map(|p| QueuePair::new(&mut d, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The control virtqueue follows every receive/transmit queue the device has (§5.1.2).
+    let ctrl_index = 2 * d.max_pairs;
+    let ctrl = if d.features & F_CTRL_VQ != 0 {
+        Some(VirtQueue::new(&mut d.transport, ctrl_index, false, false).map_err(NetError::Device)?)
+    } else {
+        None
+    };
+    d.transport.finish_init();
+    for p in &mut pairs {
+        p.post_receive_buffers()?;
+    }
+    let ctrl_notify = d.map.address(ctrl_index);
+    let mut control = NetControl {
+        transport: d.transport,
+        ctrl,
+        ctrl_notify,
+        ctrl_index,
+        mac: d.mac,
+        pairs: n,
+        max_pairs: d.max_pairs,
+    };
+    if n > 1 {
+        control.set_pairs(n)?;
+    }
+    Ok((control, pairs))
 }

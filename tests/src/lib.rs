@@ -542,6 +542,20 @@ impl Drop for ScratchFile {
 /// Time budget for one boot under TCG on a loaded 2-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Deterministic bytes that are not a simple pattern (xorshift64 of `seed`), for data written
+/// through a path and compared after.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// The device's status over the management port at `addr` ("127.0.0.1:PORT"), signed with the
 /// development provisioning key (what an unprovisioned test image trusts).
 pub fn mgmt_status(addr: &str) -> keel_mgmt::Snapshot {

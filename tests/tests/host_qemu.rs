@@ -12,7 +12,7 @@ use keel_host_tools::blockdev::{self, BlockDevice, Request};
 use keel_host_tools::host::{HostConfig, HostController, HostDevice, Window};
 use keel_storage::BlockOp;
 use keel_tests::{
-    BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, root, run_bounded,
+    BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, noise, root, run_bounded,
 };
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -62,19 +62,6 @@ fn ok(window: &Path, args: &[&str]) -> Run {
         r.stderr
     );
     r
-}
-
-/// Deterministic bytes that are not a simple pattern.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// A booted firmware with its windows.

@@ -3,7 +3,9 @@
 //! needs the exact NVMe status. Every QEMU and every `keelctl` run is bounded in time.
 
 use keel_host_tools::nvme::{Controller, IoKind, NvmeError, Params, default_host_identity};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, run_keelctl};
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, noise, run_keelctl,
+};
 use std::time::Duration;
 
 const SUBNQN: &str = "nqn.2026-11.dev.keel:default";
@@ -39,19 +41,6 @@ fn boot_nvmf() -> (Qemu, String) {
     let port = free_port();
     let q = boot(&["--nvmf-port", &port.to_string()]);
     (q, format!("127.0.0.1:{port}"))
-}
-
-/// Deterministic bytes that are not a simple pattern.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn params(addr: &str) -> Params {

@@ -106,6 +106,31 @@ pub struct Snapshot {
     /// Pools and slots in use: after a workload ends they return to their idle values, which
     /// is how tests (and operators) find leaks.
     pub resources: Resources,
+    /// Every running core's poll loop (core 0 first), each read from counters that only its
+    /// own core writes. Appended like `remotes`.
+    #[serde(default)]
+    pub cores: Vec<CoreInfo>,
+}
+
+/// One core's poll loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CoreInfo {
+    /// Index: 0 is the boot core (admin, management, configuration), 1.. the others.
+    pub index: u16,
+    /// MPIDR_EL1 affinity.
+    pub mpidr: u64,
+    /// What the core's loop serves (`network, NVMe/TCP, drives, functions, management`).
+    pub role: String,
+    /// Passes of its loop.
+    pub passes: u64,
+    /// Passes that found work.
+    pub busy_passes: u64,
+    /// Times it slept in WFI for lack of work.
+    pub sleeps: u64,
+    /// Messages it took from other cores' rings.
+    pub messages: u64,
+    /// Allocator calls it made (allocations, frees, reallocations) since boot.
+    pub allocator_calls: u64,
 }
 
 /// What QoS does for one namespace.

@@ -4,7 +4,7 @@
 //! times are in seconds and sizes in bytes (base units, as `promtool check metrics` wants);
 //! label values are escaped (`\\`, `\"`, `\n`).
 
-use crate::{Latency, NsCounters, QosInfo, RemoteInfo, RemotePathInfo, Snapshot};
+use crate::{CoreInfo, Latency, NsCounters, QosInfo, RemoteInfo, RemotePathInfo, Snapshot};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
@@ -72,6 +72,9 @@ type CounterFamily = (
 );
 /// Name, help and getter of a per-namespace latency summary.
 type LatencyFamily = (&'static str, &'static str, fn(&NsCounters) -> &Latency);
+
+/// Name, help and getter of a per-core counter family.
+type CoreFamily = (&'static str, &'static str, fn(&CoreInfo) -> u64);
 
 /// Renders the snapshot.
 pub fn render(s: &Snapshot) -> String {
@@ -295,6 +298,49 @@ pub fn render(s: &Snapshot) -> String {
             ],
             if f.enabled { "1" } else { "0" },
         );
+    }
+    let core_families: [CoreFamily; 5] = [
+        (
+            "keel_core_loop_passes_total",
+            "Passes of the core's poll loop.",
+            |c| c.passes,
+        ),
+        (
+            "keel_core_loop_busy_passes_total",
+            "Passes of the core's poll loop that found work.",
+            |c| c.busy_passes,
+        ),
+        (
+            "keel_core_sleeps_total",
+            "Times the core slept (WFI) for lack of work.",
+            |c| c.sleeps,
+        ),
+        (
+            "keel_core_messages_total",
+            "Messages the core took from other cores' rings.",
+            |c| c.messages,
+        ),
+        (
+            "keel_core_allocator_calls_total",
+            "Allocator calls (allocations, frees, reallocations) the core made.",
+            |c| c.allocator_calls,
+        ),
+    ];
+    let core_labels: Vec<[String; 2]> = s
+        .cores
+        .iter()
+        .map(|c| [int(u64::from(c.index)), c.role.clone()])
+        .collect();
+    for (name, help, get) in core_families {
+        family(&mut o, name, "counter", help);
+        for (c, [index, role]) in s.cores.iter().zip(&core_labels) {
+            sample(
+                &mut o,
+                name,
+                &[("core", index), ("role", role)],
+                &int(get(c)),
+            );
+        }
     }
     let r = &s.resources;
     for (name, help, value) in [

@@ -90,6 +90,28 @@ fn snapshot() -> Snapshot {
             subsystem: "nqn.2026-11.dev.keel:fn0".into(),
             enabled: true,
         }],
+        cores: vec![
+            CoreInfo {
+                index: 0,
+                mpidr: 0,
+                role: "network, NVMe/TCP, drives, functions, management".into(),
+                passes: 1000,
+                busy_passes: 400,
+                sleeps: 7,
+                messages: 3,
+                allocator_calls: 52,
+            },
+            CoreInfo {
+                index: 1,
+                mpidr: 1,
+                role: "ring".into(),
+                passes: 90,
+                busy_passes: 2,
+                sleeps: 80,
+                messages: 2,
+                allocator_calls: 0,
+            },
+        ],
         resources: Resources {
             heap_free: 1 << 30,
             nvmf_buffers_free: 250,
@@ -256,6 +278,7 @@ fn snapshots_stay_readable_across_versions() {
             qos_namespaces: vec![],
             qos_controllers: vec![],
             resources: Resources::default(),
+            cores: vec![],
             ..snapshot()
         })
     );
@@ -841,6 +864,11 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_nvmf_buffers_free 250\n",
         "keel_connections_evicted_total 3\n",
         "keel_controller_io_queues{controller=\"1\",subsystem=\"nqn.2026-11.dev.keel:vol0\",transport=\"tcp\",host=\"nqn.2014-08.org.nvmexpress:uuid:1234\"} 4\n",
+        "keel_core_loop_passes_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 1000\n",
+        "keel_core_loop_busy_passes_total{core=\"1\",role=\"ring\"} 2\n",
+        "keel_core_sleeps_total{core=\"1\",role=\"ring\"} 80\n",
+        "keel_core_messages_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 3\n",
+        "keel_core_allocator_calls_total{core=\"1\",role=\"ring\"} 0\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"degraded\"} 1\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"online\"} 0\n",
         "keel_remote_failovers_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\"} 7\n",

@@ -22,6 +22,43 @@ _start:
     .ascii  "ARM\x64"                   // magic
     .long   0                           // res5 (no PE/COFF header)
 
+// Leaves EL2 for EL1 at label `target`: EL1 is AArch64, no stage 2, physical timer and
+// counter accessible, FP/SIMD not trapped, GICv3 system registers usable from EL1. Uses x0
+// and x1 only.
+.macro drop_to_el1 target
+    mov     x0, #(1 << 31)              // HCR_EL2.RW
+    msr     hcr_el2, x0
+    mov     x0, #3                      // CNTHCTL_EL2.EL1PCTEN | EL1PCEN
+    msr     cnthctl_el2, x0
+    msr     cntvoff_el2, xzr
+    mov     x0, #0x33ff                 // CPTR_EL2: RES1 bits, TFP = 0
+    msr     cptr_el2, x0
+    msr     hstr_el2, xzr
+    // With a GICv3 system register interface (ID_AA64PFR0_EL1.GIC != 0), let EL1 use it:
+    // ICC_SRE_EL2.Enable | SRE.
+    mrs     x0, id_aa64pfr0_el1
+    ubfx    x0, x0, #24, #4
+    cbz     x0, 1f
+    mrs     x0, S3_4_C12_C9_5           // ICC_SRE_EL2
+    mov     x1, #0x9
+    orr     x0, x0, x1
+    msr     S3_4_C12_C9_5, x0
+    isb
+1:
+    mrs     x0, midr_el1
+    msr     vpidr_el2, x0
+    mrs     x0, mpidr_el1
+    msr     vmpidr_el2, x0
+    ldr     x0, =0x30d00800             // SCTLR_EL1 RES1 bits, MMU and caches off
+    msr     sctlr_el1, x0
+    mov     x0, #0x3c5                  // EL1h with D, A, I, F masked
+    msr     spsr_el2, x0
+    adr     x0, \target
+    msr     elr_el2, x0
+    isb
+    eret
+.endm
+
 primary_entry:
     mov     x19, x0                     // device tree address (0 when started from flash)
     msr     daifset, #0xf
@@ -37,28 +74,7 @@ primary_entry:
     b       1b
 
 from_el2:
-    // Run the firmware at EL1: EL1 is AArch64, no stage 2, physical timer and counter
-    // accessible, FP/SIMD not trapped.
-    mov     x0, #(1 << 31)              // HCR_EL2.RW
-    msr     hcr_el2, x0
-    mov     x0, #3                      // CNTHCTL_EL2.EL1PCTEN | EL1PCEN
-    msr     cnthctl_el2, x0
-    msr     cntvoff_el2, xzr
-    mov     x0, #0x33ff                 // CPTR_EL2: RES1 bits, TFP = 0
-    msr     cptr_el2, x0
-    msr     hstr_el2, xzr
-    mrs     x0, midr_el1
-    msr     vpidr_el2, x0
-    mrs     x0, mpidr_el1
-    msr     vmpidr_el2, x0
-    ldr     x0, =0x30d00800             // SCTLR_EL1 RES1 bits, MMU and caches off
-    msr     sctlr_el1, x0
-    mov     x0, #0x3c5                  // EL1h with D, A, I, F masked
-    msr     spsr_el2, x0
-    adr     x0, at_el1
-    msr     elr_el2, x0
-    isb
-    eret
+    drop_to_el1 at_el1
 
 at_el1:
     // FP/SIMD on before any Rust code: CPACR_EL1.FPEN = 0b11.
@@ -101,6 +117,8 @@ copied:
     br      x0
 
 relocated:
+    // No per-core record yet (keel_hal::arch::percpu reads 0 as "boot core").
+    msr     tpidr_el1, xzr
     // Zero BSS.
     ldr     x0, =__bss_start
     ldr     x1, =__bss_end
@@ -127,4 +145,67 @@ relocated:
     bl      keel_hal_boot
 6:  wfe
     b       6b
+.ltorg
+
+// Secondary cores (PSCI CPU_ON): x0 = the core's boot block (keel_hal::arch::smp), MMU and
+// caches off, at EL2 or EL1. Drops to EL1 like the boot core, turns the MMU on with the boot
+// core's final map (MAIR/TCR/TTBR0/SCTLR from the block), takes its own stacks and per-core
+// record from the block, installs the vectors and calls keel_hal_secondary(block, entry EL).
+// Only registers are used until the MMU is on; the block was cleaned to the point of
+// coherency by the boot core.
+.balign 8
+.global keel_secondary_entry
+keel_secondary_entry:
+    mov     x19, x0
+    msr     daifset, #0xf
+    mrs     x20, CurrentEL
+    lsr     x20, x20, #2
+    and     x20, x20, #3
+    cmp     x20, #2
+    b.eq    secondary_from_el2
+    cmp     x20, #1
+    b.eq    secondary_at_el1
+7:  wfe
+    b       7b
+secondary_from_el2:
+    drop_to_el1 secondary_at_el1
+secondary_at_el1:
+    mov     x0, #(3 << 20)              // CPACR_EL1.FPEN: FP/SIMD on
+    msr     cpacr_el1, x0
+    msr     tpidr_el1, xzr
+    isb
+    ldr     x1, [x19, #{bb_mair}]
+    msr     mair_el1, x1
+    ldr     x1, [x19, #{bb_tcr}]
+    msr     tcr_el1, x1
+    ldr     x1, [x19, #{bb_ttbr0}]
+    msr     ttbr0_el1, x1
+    isb
+    tlbi    vmalle1
+    dsb     nsh
+    isb
+    ldr     x1, [x19, #{bb_sctlr}]
+    msr     sctlr_el1, x1
+    isb
+    ic      iallu
+    dsb     nsh
+    isb
+    // MMU and caches on: the stacks and the per-core record are ordinary memory now.
+    ldr     x1, [x19, #{bb_exc_top}]
+    mov     sp, x1
+    ldr     x1, [x19, #{bb_stack_top}]
+    msr     sp_el0, x1
+    msr     spsel, #0
+    ldr     x1, [x19, #{bb_percore}]
+    msr     tpidr_el1, x1
+    ldr     x1, =keel_exception_vectors
+    msr     vbar_el1, x1
+    isb
+    mov     x0, x19
+    mov     x1, x20
+    mov     x29, xzr
+    mov     x30, xzr
+    bl      keel_hal_secondary
+8:  wfe
+    b       8b
 .ltorg

@@ -81,18 +81,15 @@ fn in_range(addr: u64, range: (usize, usize)) -> bool {
     addr >= range.0 as u64 && addr.saturating_add(16) <= range.1 as u64
 }
 
-/// Walks frame records (x29 chain) while they stay inside a known stack.
-fn backtrace(w: &mut Emergency, pc: u64, mut fp: u64, layout: &ImageLayout) {
+/// Walks frame records (x29 chain) while they stay inside this core's stacks.
+fn backtrace(w: &mut Emergency, pc: u64, mut fp: u64, stacks: [(usize, usize); 2]) {
     let _ = writeln!(
         w,
         "backtrace (frame pointers; resolve with addr2line -e <ELF>):"
     );
     let _ = writeln!(w, "  #pc {pc:#018x}");
     for depth in 0..32 {
-        if fp == 0
-            || !fp.is_multiple_of(16)
-            || !(in_range(fp, layout.stack) || in_range(fp, layout.exc_stack))
-        {
+        if fp == 0 || !fp.is_multiple_of(16) || !stacks.iter().any(|s| in_range(fp, *s)) {
             break;
         }
         // SAFETY: `fp` is 16-byte aligned and the 16-byte record lies inside a mapped stack.
@@ -115,6 +112,10 @@ extern "C" fn keel_exception(frame: &ExceptionFrame, kind: u64) {
     let ec = (frame.esr >> 26) & 0x3f;
     let iss = frame.esr & 0x1ff_ffff;
     let _ = writeln!(w, "\n*** keel: CPU exception ***");
+    let core = super::percpu::info();
+    if let Some(c) = core {
+        let _ = writeln!(w, "core: {} (MPIDR {:#x})", c.index, c.mpidr);
+    }
     let _ = writeln!(
         w,
         "kind: {} from {}",
@@ -160,8 +161,14 @@ extern "C" fn keel_exception(frame: &ExceptionFrame, kind: u64) {
             _ => {}
         }
     }
-    let layout = ImageLayout::get();
-    backtrace(&mut w, frame.elr, frame.x[29], &layout);
+    let stacks = match core {
+        Some(c) => [c.stack, c.exc_stack],
+        None => {
+            let layout = ImageLayout::get();
+            [layout.stack, layout.exc_stack]
+        }
+    };
+    backtrace(&mut w, frame.elr, frame.x[29], stacks);
     let _ = writeln!(w, "*** end of crash report ***");
     power::fatal(EXIT_EXCEPTION);
 }

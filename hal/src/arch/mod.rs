@@ -1,18 +1,30 @@
 //! AArch64 support: entry, exception vectors and crash reports, MMU, generic timer, PSCI,
-//! CPU identification, and semihosting exit for test builds.
+//! secondary cores and per-core data, CPU identification, and semihosting exit for test
+//! builds.
 //!
 //! The firmware runs at EL1 (entered at EL2 it drops to EL1; EL3 entry is not supported),
-//! on SP_EL0, with exceptions on their own stack (SP_EL1).
+//! on SP_EL0, with exceptions on their own stack (SP_EL1), on every core.
 
 pub mod boot;
 pub mod cpu;
 pub mod exceptions;
 pub mod mmu;
+pub mod percpu;
 pub mod power;
 pub mod rng;
+pub mod smp;
 pub mod timer;
 
-core::arch::global_asm!(include_str!("entry.S"));
+core::arch::global_asm!(
+    include_str!("entry.S"),
+    bb_mair = const smp::offsets::MAIR,
+    bb_tcr = const smp::offsets::TCR,
+    bb_ttbr0 = const smp::offsets::TTBR0,
+    bb_sctlr = const smp::offsets::SCTLR,
+    bb_exc_top = const smp::offsets::EXC_TOP,
+    bb_stack_top = const smp::offsets::STACK_TOP,
+    bb_percore = const smp::offsets::PERCORE,
+);
 core::arch::global_asm!(include_str!("vectors.S"));
 // `memcpy` with q-register pairs, replacing compiler_builtins' weak one (see the file).
 core::arch::global_asm!(include_str!("memcpy.S"));

@@ -1,5 +1,5 @@
-//! Power off and reset through PSCI (Arm DEN 0022, §5.10 SYSTEM_OFF, §5.11 SYSTEM_RESET),
-//! and the semihosting exit a test build uses to hand QEMU its pass/fail code.
+//! Power control through PSCI (Arm DEN 0022: §5.6 CPU_ON, §5.10 SYSTEM_OFF, §5.11
+//! SYSTEM_RESET), and the semihosting exit a test build uses to hand QEMU its pass/fail code.
 
 use core::sync::atomic::{AtomicU8, Ordering};
 use smccc::{Hvc, Smc, psci};
@@ -27,6 +27,36 @@ fn park() -> ! {
     loop {
         aarch64_cpu::asm::wfe();
     }
+}
+
+/// Why PSCI did not do what was asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciError {
+    /// The device tree names no PSCI conduit.
+    NoConduit,
+    /// The PSCI implementation refused (its error code).
+    Refused(psci::Error),
+}
+
+impl core::fmt::Display for PsciError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoConduit => f.write_str("no PSCI conduit in the device tree"),
+            Self::Refused(e) => write!(f, "PSCI: {e}"),
+        }
+    }
+}
+
+/// PSCI CPU_ON (64-bit): starts the core with affinity `mpidr` at physical address `entry`
+/// with `context` in x0, MMU and caches off, at the highest non-secure exception level
+/// (EL2 when the hypervisor level exists, else EL1).
+pub fn cpu_on(mpidr: u64, entry: u64, context: u64) -> Result<(), PsciError> {
+    match CONDUIT.load(Ordering::Relaxed) {
+        HVC => psci::cpu_on::<Hvc>(mpidr, entry, context),
+        SMC => psci::cpu_on::<Smc>(mpidr, entry, context),
+        _ => return Err(PsciError::NoConduit),
+    }
+    .map_err(PsciError::Refused)
 }
 
 /// Turns the system off; never returns (parks the core if PSCI is missing or fails).

@@ -310,6 +310,29 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
             )?;
         }
     }
+    if !s.cores.is_empty() {
+        writeln!(out, "\ncores ({}):", s.cores.len())?;
+        let mut rows = vec![
+            [
+                "CORE", "MPIDR", "PASSES", "BUSY", "SLEEPS", "MESSAGES", "ALLOCS", "SERVES",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for c in &s.cores {
+            rows.push(vec![
+                c.index.to_string(),
+                format!("{:#x}", c.mpidr),
+                c.passes.to_string(),
+                c.busy_passes.to_string(),
+                c.sleeps.to_string(),
+                c.messages.to_string(),
+                c.allocator_calls.to_string(),
+                c.role.clone(),
+            ]);
+        }
+        columns(out, &rows)?;
+    }
     Ok(())
 }
 
@@ -463,6 +486,15 @@ mod tests {
                 ..Default::default()
             },
         });
+        s.cores = (0..2)
+            .map(|i| keel_mgmt::CoreInfo {
+                index: i,
+                mpidr: u64::from(i),
+                role: if i == 0 { "all" } else { "ring" }.into(),
+                passes: 1000 + u64::from(i),
+                ..Default::default()
+            })
+            .collect();
         s.qos_namespaces.push(keel_mgmt::NamespaceQosInfo {
             subsystem: "nqn.x".into(),
             nsid: 7,
@@ -484,6 +516,14 @@ mod tests {
         let mut out = Vec::new();
         status("Keel", &s, &mut out).unwrap();
         let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("cores (2):"), "{t}");
+        for (i, role) in [(0, "all"), (1, "ring")] {
+            let row = t
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{i} ")) && l.contains(role))
+                .unwrap_or_else(|| panic!("core {i} row in\n{t}"));
+            assert!(row.contains(&format!(" 100{i} ")), "{row}");
+        }
         let row = t.lines().find(|l| l.contains("nqn.x")).unwrap();
         assert!(
             row.contains(" 7 ") && row.contains(" 42 ") && row.contains("1MiB"),

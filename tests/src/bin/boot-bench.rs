@@ -1,10 +1,12 @@
 //! Boot benchmark: wall time from starting QEMU to the `keel: ready` line, and the firmware's
 //! own reset-to-ready figure, over several boots of the release image (-kernel and pflash).
 //!
-//! `cargo run --release -p keel-tests --bin boot-bench -- [RUNS] [--image ELF_OR_IMAGE]...`
+//! `cargo run --release -p keel-tests --bin boot-bench -- [RUNS] [--image ELF_OR_IMAGE]...
+//! [--smp N]...`
 //!
 //! With `--image` (repeatable) it boots the given images with `-kernel` instead, e.g. a saved
-//! build before a change and one after it. Runs are interleaved (one boot of each variant in
+//! build before a change and one after it. With `--smp` (repeatable) it boots each `-kernel`
+//! variant with each core count (and no pflash variant). Runs are interleaved (one boot of each variant in
 //! turn) so a changing machine load affects every variant alike.
 
 use keel_tests::{BOOT_TIMEOUT, Build, Qemu, flash_image, image};
@@ -23,16 +25,20 @@ fn stats(mut v: Vec<f64>) -> String {
 fn main() {
     let mut runs = 10;
     let mut images = Vec::new();
+    let mut smps: Vec<u32> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--image" {
             images.push(args.next().expect("--image needs a path"));
+        } else if a == "--smp" {
+            let n = args.next().and_then(|n| n.parse().ok());
+            smps.push(n.expect("--smp needs a number of cores"));
         } else {
             runs = a.parse().expect("RUNS: a number");
         }
     }
     let runs: usize = runs.max(1);
-    let variants: Vec<(String, Vec<String>)> = if images.is_empty() {
+    let mut variants: Vec<(String, Vec<String>)> = if images.is_empty() {
         let img = image(Build::Release);
         let flash = flash_image(Build::Release);
         println!(
@@ -55,6 +61,19 @@ fn main() {
             .map(|p| (p.clone(), vec!["--image".into(), p.clone()]))
             .collect()
     };
+    if !smps.is_empty() {
+        variants = variants
+            .into_iter()
+            .filter(|(name, _)| name != "pflash")
+            .flat_map(|(name, args)| {
+                smps.iter().map(move |n| {
+                    let mut args = args.clone();
+                    args.extend(["--smp".to_string(), n.to_string()]);
+                    (format!("{name} smp {n}"), args)
+                })
+            })
+            .collect();
+    }
     let mut wall = vec![Vec::new(); variants.len()];
     let mut fw = vec![Vec::new(); variants.len()];
     for _ in 0..runs {
@@ -77,11 +96,11 @@ fn main() {
     }
     for (i, (name, _)) in variants.iter().enumerate() {
         println!(
-            "{name:8} QEMU start to `keel: ready` (wall): {}",
+            "{name:14} QEMU start to `keel: ready` (wall): {}",
             stats(wall[i].clone())
         );
         println!(
-            "{name:8} reset to poll loop (firmware's counter): {}",
+            "{name:14} reset to poll loop (firmware's counter): {}",
             stats(fw[i].clone())
         );
     }

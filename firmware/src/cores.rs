@@ -1,0 +1,461 @@
+//! Every core: starts the secondaries (`keel_hal::arch::smp`), gives each a poll loop of its
+//! own and a pair of SPSC rings to the boot core (`keel-ring`), and checks at boot that a
+//! message goes from core 0 to every core and back.
+//!
+//! This is the skeleton the data plane split grows on: today a secondary's loop serves only
+//! its rings (it answers [`Msg::Ping`]); the NVMe/TCP connections, network queue pair and
+//! drive queue pairs it will own get polled in the same loop. Core 0 keeps the [`Links`] (one
+//! per secondary) in its per-core slot (`percpu::set_local`).
+//!
+//! Sleeping: a secondary with nothing to do acknowledges its doorbells, looks at its ring
+//! once more and waits in WFI until a doorbell (rung by whoever pushed into its ring) or its
+//! timer (at most [`MAX_SLEEP_NS`]) wakes it, as core 0's loop does with the NIC interrupt.
+
+use crate::platform::{Platform, heap_calls};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+use keel_hal::MAX_CORES;
+use keel_hal::arch::percpu::{self, CoreInfo};
+use keel_hal::arch::smp::{self, CoreContext, Started};
+use keel_hal::arch::timer;
+use keel_hal::gic::{CpuInterface, Doorbell, GicCpu};
+use keel_hal::println;
+use keel_ring::stats::LoopCounters;
+use keel_ring::{Consumer, Producer, Ring};
+
+/// Every core's loop counters, indexed by core; each core writes only its own block (one
+/// cache line each), and core 0 reads them all for `keelctl status` and `/metrics`.
+pub static LOOPS: [LoopCounters; MAX_CORES] = [const { LoopCounters::new() }; MAX_CORES];
+
+/// Bit `i` set: core `i` runs a poll loop (core 0 always; a secondary once started).
+static RUNNING: AtomicU64 = AtomicU64::new(1);
+
+/// What core 0's loop serves (status and `/metrics`).
+pub const BOOT_CORE_ROLE: &str = "network, NVMe/TCP, drives, functions, management";
+/// What a secondary's loop serves today.
+pub const SECONDARY_ROLE: &str = "messages from core 0";
+
+/// This core's loop counters.
+pub fn own_counters() -> &'static LoopCounters {
+    &LOOPS[percpu::index().min(MAX_CORES - 1)]
+}
+
+/// Every running core's counters, read without a lock (core 0 first).
+pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
+    let running = RUNNING.load(Ordering::Acquire);
+    percpu::cores()
+        .iter()
+        .filter(|c| c.index < 64 && running & (1 << c.index) != 0)
+        .map(|c| {
+            let l = LOOPS[c.index].read();
+            keel_mgmt::CoreInfo {
+                index: c.index as u16,
+                mpidr: c.mpidr,
+                role: if c.index == 0 {
+                    BOOT_CORE_ROLE
+                } else {
+                    SECONDARY_ROLE
+                }
+                .into(),
+                passes: l.passes,
+                busy_passes: l.busy_passes,
+                sleeps: l.sleeps,
+                messages: l.messages,
+                allocator_calls: heap_calls(c.index),
+            }
+        })
+        .collect()
+}
+
+/// Messages per ring (each way).
+pub const RING_SLOTS: usize = 64;
+/// How long a secondary spins after its last work before it sleeps.
+const IDLE_SPIN_NS: u64 = 200_000;
+/// The longest sleep (a lost doorbell costs at most this).
+const MAX_SLEEP_NS: u64 = 5_000_000;
+/// How long core 0 waits for a reply at boot.
+const REPLY_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// A message between cores (small and `Copy`: rings move it by value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Core 0 → core k: answer with a [`Msg::Pong`] carrying `seq` and `value + 1`.
+    Ping {
+        /// Sequence number.
+        seq: u64,
+        /// Payload.
+        value: u64,
+    },
+    /// Core k → core 0.
+    Pong {
+        /// The ping's sequence number.
+        seq: u64,
+        /// The ping's value plus one.
+        value: u64,
+        /// The answering core's index.
+        core: u16,
+        /// Passes its loop has made.
+        passes: u64,
+        /// Allocator calls it made since its loop started (the I/O path must make none).
+        allocs: u64,
+    },
+    /// Test builds: recurse into the stack guard page (`keel.test=core-overflow`).
+    #[cfg(feature = "test-build")]
+    Overflow,
+}
+
+type Tx = Producer<'static, Msg, RING_SLOTS>;
+type Rx = Consumer<'static, Msg, RING_SLOTS>;
+
+/// Core 0's end of one secondary's rings.
+pub struct Link {
+    /// The secondary.
+    pub info: &'static CoreInfo,
+    /// Core 0 → secondary.
+    pub tx: Tx,
+    /// Secondary → core 0.
+    pub rx: Rx,
+    /// Wakes the secondary after a push.
+    pub doorbell: Option<Doorbell>,
+}
+
+impl core::fmt::Debug for Link {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Link")
+            .field("core", &self.info.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Sends `msg` and rings the core's doorbell; gives the message back if the ring is full.
+    pub fn send(&mut self, msg: Msg) -> Result<(), Msg> {
+        self.tx.push(msg)?;
+        if let Some(d) = &self.doorbell {
+            d.ring();
+        }
+        Ok(())
+    }
+}
+
+/// Core 0's links to every secondary that started.
+#[derive(Debug, Default)]
+pub struct Links(pub Vec<Link>);
+
+/// One line per core: index, MPIDR, stacks, GIC interface.
+fn report(info: &CoreInfo, gic: Option<CpuInterface>, entry_el: u8) {
+    let gic = match gic {
+        Some(g) => alloc::format!("{g}"),
+        None => "no GIC".into(),
+    };
+    println!(
+        "core {}: MPIDR {:#x}, stack {:#x}..{:#x}, SP_EL1 stack {:#x}..{:#x}, {}, entered at EL{}",
+        info.index,
+        info.mpidr,
+        info.stack.0,
+        info.stack.1,
+        info.exc_stack.0,
+        info.exc_stack.1,
+        gic,
+        entry_el
+    );
+}
+
+/// Starts every secondary the platform lists, checks the round trip to each, and keeps core
+/// 0's links in its per-core slot. Returns how many cores run (core 0 included).
+pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
+    let boot_gic = platform.gic.as_ref().map(|g| g.this_interface());
+    report(&platform.cores[0], boot_gic, entry_el);
+    #[cfg(feature = "test-build")]
+    if platform
+        .dt
+        .bootargs
+        .split_whitespace()
+        .any(|a| a == "keel.test=netmq")
+    {
+        crate::netmq::run(platform);
+        keel_hal::arch::power::semihosting_exit(1);
+    }
+    let timer_intid = platform.dt.timer_intid;
+    let mut links = Links::default();
+    for info in &platform.cores[1..] {
+        let gic = platform
+            .gic
+            .as_ref()
+            .and_then(|g| g.cpu_interface(info.mpidr));
+        if platform.gic.is_some() && gic.is_none() {
+            log::warn!(
+                "core {}: no GIC interface for MPIDR {:#x}; not started",
+                info.index,
+                info.mpidr
+            );
+            continue;
+        }
+        let (to_core, from_boot) = Ring::split_static(Box::leak(Box::new(Ring::new())));
+        let (to_boot, from_core) = Ring::split_static(Box::leak(Box::new(Ring::new())));
+        let main = Box::new(move |ctx: CoreContext| {
+            DataCore::new(ctx, from_boot, to_boot, timer_intid).run()
+        });
+        match smp::start(info, gic, main) {
+            Ok(Started { info, doorbell }) => {
+                RUNNING.fetch_or(1 << info.index, Ordering::Release);
+                links.0.push(Link {
+                    info,
+                    tx: to_core,
+                    rx: from_core,
+                    doorbell,
+                })
+            }
+            Err(e) => log::error!("core {}: not started: {e}", info.index),
+        }
+    }
+    for link in &mut links.0 {
+        match round_trip(link, 1, 0x5eed) {
+            Ok(p) => println!(
+                "core {}: ring round trip from core 0 and back in {} us (its loop: {} passes, {} allocator calls)",
+                link.info.index, p.micros, p.passes, p.allocs
+            ),
+            Err(e) => log::error!("core {}: ring round trip failed: {e}", link.info.index),
+        }
+    }
+    let running = links.0.len() + 1;
+    println!(
+        "cores: {running} of {} running a poll loop each",
+        platform.dt.cpus
+    );
+    if let Err(e) = percpu::set_local(links) {
+        log::error!("cores: cannot keep the links in core 0's slot: {e:?}");
+    }
+    running
+}
+
+/// What a round trip showed.
+#[derive(Debug)]
+pub struct Trip {
+    /// Time from send to reply.
+    pub micros: u64,
+    /// The secondary's loop passes at reply time.
+    pub passes: u64,
+    /// Allocator calls the secondary made in its loop.
+    pub allocs: u64,
+}
+
+/// Sends one ping and waits (bounded) for its pong.
+pub fn round_trip(link: &mut Link, seq: u64, value: u64) -> Result<Trip, &'static str> {
+    let start = timer::now_ns();
+    link.send(Msg::Ping { seq, value })
+        .map_err(|_| "ring to the core is full")?;
+    loop {
+        match link.rx.pop() {
+            Some(Msg::Pong {
+                seq: s,
+                value: v,
+                core,
+                passes,
+                allocs,
+            }) => {
+                if s != seq || v != value.wrapping_add(1) || usize::from(core) != link.info.index {
+                    return Err("wrong reply");
+                }
+                return Ok(Trip {
+                    micros: (timer::now_ns() - start) / 1_000,
+                    passes,
+                    allocs,
+                });
+            }
+            Some(_) => return Err("unexpected message"),
+            None if timer::now_ns() - start > REPLY_TIMEOUT_NS => return Err("no reply"),
+            None => core::hint::spin_loop(),
+        }
+    }
+}
+
+/// A secondary's poll loop and what it owns.
+struct DataCore {
+    info: &'static CoreInfo,
+    gic: Option<GicCpu>,
+    rx: Rx,
+    tx: Tx,
+    passes: u64,
+    /// Allocator calls of this core when its loop started.
+    allocs_at_start: u64,
+    sleeps: bool,
+    counters: &'static LoopCounters,
+}
+
+impl DataCore {
+    fn new(ctx: CoreContext, rx: Rx, tx: Tx, timer_intid: Option<u32>) -> Self {
+        let CoreContext {
+            info,
+            mut gic,
+            entry_el,
+        } = ctx;
+        report(info, gic.as_ref().map(GicCpu::desc), entry_el);
+        // Its timer wakes it from WFI (a PPI: this core's own).
+        let sleeps = match (gic.as_mut(), timer_intid) {
+            (Some(g), Some(t)) => g.enable_wakeup(t).is_ok(),
+            _ => false,
+        };
+        Self {
+            info,
+            gic,
+            rx,
+            tx,
+            passes: 0,
+            allocs_at_start: heap_calls(info.index),
+            sleeps,
+            counters: &LOOPS[info.index.min(MAX_CORES - 1)],
+        }
+    }
+
+    /// One pass: serve every message waiting; returns whether there was any.
+    fn pass(&mut self) -> bool {
+        self.passes += 1;
+        let mut taken = 0;
+        while let Some(msg) = self.rx.pop() {
+            taken += 1;
+            if let Msg::Ping { seq, value } = msg {
+                let reply = Msg::Pong {
+                    seq,
+                    value: value.wrapping_add(1),
+                    core: self.info.index as u16,
+                    passes: self.passes,
+                    allocs: heap_calls(self.info.index) - self.allocs_at_start,
+                };
+                // Core 0 drains its side while it waits for replies; a full ring here means
+                // it stopped listening: the reply is dropped, and core 0 times out.
+                let _ = self.tx.push(reply);
+            }
+            #[cfg(feature = "test-build")]
+            if msg == Msg::Overflow {
+                println!("keel: test stack overflow on core {}", self.info.index);
+                println!("unreachable: {}", crate::testhooks::recurse(1));
+            }
+        }
+        self.counters.pass(taken > 0);
+        self.counters.received(taken);
+        taken > 0
+    }
+
+    fn run(mut self) {
+        let mut last_busy = timer::now_ns();
+        loop {
+            let now = timer::now_ns();
+            if self.pass() {
+                last_busy = now;
+                continue;
+            }
+            if !self.sleeps || now - last_busy < IDLE_SPIN_NS {
+                core::hint::spin_loop();
+                continue;
+            }
+            // Idle: clear the doorbells, look once more (a push may have come before the
+            // clear), then sleep until a doorbell or the timer.
+            if let Some(g) = self.gic.as_mut() {
+                g.take_doorbells();
+            }
+            if self.pass() {
+                last_busy = now;
+                continue;
+            }
+            self.counters.slept();
+            timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(MAX_SLEEP_NS)));
+            timer::wait_for_interrupt();
+            timer::disarm_wakeup();
+        }
+    }
+}
+
+/// `keel.test=cores` (test builds): streams [`SELFTEST_MESSAGES`] pings to every secondary,
+/// up to half a ring in flight, and checks every pong (order, value, sender), that each
+/// secondary's loop kept running, and that it made no allocator call while serving them.
+/// Prints one line per core and `keel: cores selftest PASS` or `FAIL`; returns whether it
+/// passed.
+#[cfg(feature = "test-build")]
+pub fn selftest() -> bool {
+    let result = percpu::with_local::<Links, _>(|links| {
+        let mut pass = true;
+        for link in &mut links.0 {
+            let outcome = stream(link);
+            match &outcome {
+                Ok(t) => println!(
+                    "cores: core {}: {} messages there and back in order, {} loop passes, {} allocator calls in its loop",
+                    link.info.index, SELFTEST_MESSAGES, t.passes, t.allocs
+                ),
+                Err(e) => println!("cores: core {}: FAILED: {e}", link.info.index),
+            }
+            pass &= matches!(outcome, Ok(Trip { allocs: 0, .. }));
+        }
+        (pass, links.0.len())
+    });
+    let (pass, n) = result.unwrap_or((false, 0));
+    println!(
+        "keel: cores selftest {} ({} secondary core(s))",
+        if pass { "PASS" } else { "FAIL" },
+        n
+    );
+    pass
+}
+
+/// `keel.test=core-overflow` (test builds): asks the last secondary to recurse into its
+/// stack guard page; its crash report (exit 3) names the core. Returns if there is none.
+#[cfg(feature = "test-build")]
+pub fn overflow_last_core() {
+    let sent = percpu::with_local::<Links, _>(|links| {
+        links.0.last_mut().map(|l| l.send(Msg::Overflow).is_ok())
+    });
+    if sent.flatten() != Some(true) {
+        println!("keel: no secondary core to overflow");
+        return;
+    }
+    // The crash report ends the run; wait for it.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Pings per secondary in [`selftest`].
+#[cfg(feature = "test-build")]
+pub const SELFTEST_MESSAGES: u64 = 20_000;
+
+#[cfg(feature = "test-build")]
+fn stream(link: &mut Link) -> Result<Trip, &'static str> {
+    let start = timer::now_ns();
+    let deadline = start + 60_000_000_000;
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut last = None;
+    while received < SELFTEST_MESSAGES {
+        while sent < SELFTEST_MESSAGES && sent - received < (RING_SLOTS / 2) as u64 {
+            let value = sent.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            if link.send(Msg::Ping { seq: sent, value }).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        match link.rx.pop() {
+            Some(Msg::Pong {
+                seq,
+                value,
+                core,
+                passes,
+                allocs,
+            }) => {
+                let expected = received.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
+                if seq != received || value != expected || usize::from(core) != link.info.index {
+                    return Err("a reply out of order, corrupted or from another core");
+                }
+                received += 1;
+                last = Some(Trip {
+                    micros: (timer::now_ns() - start) / 1_000,
+                    passes,
+                    allocs,
+                });
+            }
+            Some(_) => return Err("unexpected message"),
+            None if timer::now_ns() > deadline => return Err("replies stopped"),
+            None => core::hint::spin_loop(),
+        }
+    }
+    last.ok_or("no reply")
+}
