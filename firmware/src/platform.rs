@@ -2,6 +2,7 @@
 //! PSCI → PCIe, then the banner.
 
 use crate::fatal::BootError;
+use crate::klog;
 use alloc::vec::Vec;
 use keel_board::{BOARD, Gic as GicDesc, PciSpace, Platform as Dt, PsciMethod, Region};
 use keel_hal::{
@@ -196,7 +197,7 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
         Some(GicDesc::V3 { dist, redist }) => {
             // SAFETY: as above.
             unsafe { Gic::v3(dist.base as usize, redist.base as usize, dt.cpus) }
-                .map_err(|e| log::warn!("GIC: {e}"))
+                .map_err(|e| klog::warning!("GIC: {}", klog::D(&e)))
                 .ok()
         }
         None => None,
