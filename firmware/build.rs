@@ -17,6 +17,9 @@ fn main() {
         let board_ld = "qemu-virt.ld";
         println!("cargo:rustc-link-search={}", linker_dir.display());
         println!("cargo:rustc-link-arg=-T{board_ld}");
+        // defmt's table of log strings: an INFO section of the ELF, never loaded (the defmt
+        // crate puts defmt.x on the link search path).
+        println!("cargo:rustc-link-arg=-Tdefmt.x");
         println!(
             "cargo:rerun-if-changed={}",
             linker_dir.join(board_ld).display()

@@ -17,6 +17,7 @@
 //! unpredictability.
 
 use crate::hw::Hw;
+use crate::klog;
 use core::marker::PhantomData;
 use keel_provision::DeviceKey;
 use sha2::{Digest, Sha256};
@@ -57,7 +58,7 @@ impl<H: Hw> Challenges<H> {
         }
         h.update(H::counter().to_le_bytes());
         if !mix_rndr::<H>(&mut h) {
-            log::warn!(
+            klog::warning!(
                 "mgmt: no RNDR (FEAT_RNG): management challenges rely on the counter and the \
                  device key only and may repeat across boots"
             );

@@ -20,6 +20,7 @@
 //! Keys given here are development keys: the boot arguments are readable by anything that can
 //! read the device tree, and the banner prints them redacted.
 
+use crate::klog;
 use alloc::{boxed::Box, format, string::String, vec::Vec};
 use keel_provision::{Remote, RemotePolicy};
 
@@ -210,7 +211,7 @@ pub fn remote_template(args: &str) -> Remote {
             _ => false,
         };
         if !ok {
-            log::warn!("config: keel.remote.{k}={v} not understood; ignored");
+            klog::warning!("config: keel.remote.{}={} not understood; ignored", k, v);
         }
     }
     r
@@ -299,7 +300,7 @@ impl DevConfig {
                 .filter_map(|s| {
                     let spec = NsSpec::parse(s, &template);
                     if spec.is_none() {
-                        log::warn!("config: namespace spec `{s}` not understood; skipped");
+                        klog::warning!("config: namespace spec `{}` not understood; skipped", s);
                     }
                     spec
                 })

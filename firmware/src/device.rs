@@ -4,6 +4,7 @@
 
 use crate::config::NsSpec;
 use crate::hw::Hw;
+use crate::klog;
 use crate::plan::{NsPlan, Plan, Source};
 use crate::services::{Services, build_namespace};
 use alloc::{format, string::String, string::ToString, vec::Vec};
@@ -173,7 +174,7 @@ impl<H: Hw> Services<H> {
             }
             e.limited = e.f.admin_queue();
         }
-        log::info!(
+        klog::info!(
             "qos: applied live: {} namespace rule(s), {} group(s), {} host rule(s), {} function rule(s)",
             self.plan.qos.namespaces.len(),
             self.plan.qos.groups.len(),
@@ -270,17 +271,19 @@ impl<H: Hw> Services<H> {
         // Persist first: the copy that is not in force is overwritten.
         let persisted = match self.identity.persist(bundle) {
             Ok((copy, seq)) => {
-                log::info!(
-                    "config: generation {} written to flash copy {} (sequence {seq})",
+                klog::info!(
+                    "config: generation {} written to flash copy {} (sequence {})",
                     cfg.generation,
-                    copy.name()
+                    copy.name(),
+                    seq
                 );
                 true
             }
             Err(e) => {
-                log::warn!(
-                    "config: generation {} not persisted ({e}): it lasts until the next boot",
-                    cfg.generation
+                klog::warning!(
+                    "config: generation {} not persisted ({}): it lasts until the next boot",
+                    cfg.generation,
+                    e
                 );
                 false
             }
@@ -294,7 +297,7 @@ impl<H: Hw> Services<H> {
         let mut removed = Vec::new();
         for (nqn, nsid) in removals {
             if self.target.remove_namespace(&nqn, nsid).is_ok() {
-                log::info!("nvmf: namespace {nsid} of {nqn} removed");
+                klog::info!("nvmf: namespace {} of {} removed", nsid, nqn);
                 self.remotes.removed(&nqn, nsid);
                 self.plan
                     .namespaces
@@ -487,7 +490,7 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
     fn push(&mut self, bundle: &[u8]) -> Result<PushReport, String> {
         match self.try_push(bundle) {
             Ok(r) => {
-                log::info!(
+                klog::info!(
                     "config: push of generation {} applied: {} namespace(s) added, {} removed, \
                      {}; {} change(s) at the next boot{}",
                     r.generation,
@@ -512,14 +515,14 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     "push refused: {e}; the configuration in force (generation {}) is unchanged",
                     self.plan.generation
                 );
-                log::error!("config: {m}");
+                klog::error!("config: {}", m);
                 Err(m)
             }
         }
     }
 
     fn reboot(&mut self) {
-        log::info!("mgmt: reboot requested");
+        klog::info!("mgmt: reboot requested");
         self.health
             .shutdown(self.identity.flash.as_mut(), H::now_ns());
         H::system_reset()

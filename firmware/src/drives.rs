@@ -11,6 +11,7 @@
 //! must carry their real DMA address (`IoBuf::dma_addr()` = physical address; the heap is
 //! identity-mapped).
 
+use crate::klog;
 use crate::platform::Platform;
 use crate::qemu::Qemu;
 use crate::services::{DriveNamespace, LocalDrive};
@@ -79,14 +80,14 @@ pub fn bring_up(platform: &Platform) -> Vec<LocalDrive<Qemu>> {
         let drive = match bring_up_one(f) {
             Ok(d) => d,
             Err(e) => {
-                log::error!("nvme: {}: {e}; drive not used", f.bdf);
+                klog::error!("nvme: {}: {}; drive not used", klog::D(&f.bdf), klog::D(&e));
                 continue;
             }
         };
         let Some(info) = drive.info() else { continue };
-        log::info!(
+        klog::info!(
             "nvme: {} {} serial {} fw {}, NVMe {}.{}, {} I/O queue(s) x {}, max transfer {} KiB, ONCS {:#x}, volatile write cache {}",
-            f.bdf,
+            klog::D(&f.bdf),
             info.model,
             info.serial,
             info.firmware,
@@ -104,14 +105,14 @@ pub fn bring_up(platform: &Platform) -> Vec<LocalDrive<Qemu>> {
         );
         let namespaces: Vec<Namespace> = drive.namespaces();
         if namespaces.is_empty() {
-            log::warn!("nvme: {}: no usable namespace", f.bdf);
+            klog::warning!("nvme: {}: no usable namespace", klog::D(&f.bdf));
         }
         let mut nss = Vec::new();
         for (i, ns) in namespaces.iter().enumerate() {
             let g = ns.geometry;
-            log::info!(
+            klog::info!(
                 "nvme: {} namespace {}: {} ({} blocks of {} bytes)",
-                f.bdf,
+                klog::D(&f.bdf),
                 ns.nsid,
                 size(g.bytes()),
                 g.blocks,

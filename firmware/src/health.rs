@@ -16,6 +16,7 @@
 //! it: writes work but are lost when QEMU exits, so every such boot starts from nothing again.
 
 use crate::hw::Flash;
+use crate::klog;
 use alloc::vec;
 use keel_controller::{DeviceHealth, Instant};
 use keel_provision::flash::{
@@ -59,7 +60,7 @@ impl HealthLog {
             next_checkpoint_ns: now_ns.saturating_add(CHECKPOINT_NS),
         };
         match flash {
-            None => log::info!(
+            None => klog::info!(
                 "health: no flash bank 0: power cycles, unsafe shutdowns and power-on hours \
                  count this boot only"
             ),
@@ -77,7 +78,7 @@ impl HealthLog {
                         log.last = rec;
                         log.base_secs = rec.power_on_secs;
                         log.at = Some(at);
-                        log::info!(
+                        klog::info!(
                             "health: power cycle {}, {} unsafe shutdown(s), {} h powered on \
                              (flash bank 0)",
                             rec.power_cycles,
@@ -85,9 +86,10 @@ impl HealthLog {
                             rec.power_on_secs / 3600
                         );
                     }
-                    Err(e) => log::warn!(
-                        "health: {e}: power cycles, unsafe shutdowns and power-on hours count \
-                         this boot only"
+                    Err(e) => klog::warning!(
+                        "health: {}: power cycles, unsafe shutdowns and power-on hours count \
+                         this boot only",
+                        klog::D(&e)
                     ),
                 }
             }
@@ -119,7 +121,10 @@ impl HealthLog {
                 self.at = Some(w.offset);
             }
             Err(e) => {
-                log::warn!("health: {e}: the record is not updated any more this boot");
+                klog::warning!(
+                    "health: {}: the record is not updated any more this boot",
+                    klog::D(&e)
+                );
                 self.at = None;
             }
         }
@@ -138,7 +143,7 @@ impl HealthLog {
     pub fn shutdown<F: Flash>(&mut self, flash: Option<&mut F>, now_ns: u64) {
         self.append(flash, now_ns, true);
         if self.at.is_some() {
-            log::info!("health: clean shutdown recorded");
+            klog::info!("health: clean shutdown recorded");
         }
     }
 }

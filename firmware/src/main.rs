@@ -12,6 +12,9 @@
     )
 )]
 
+#[cfg(any(test, target_os = "none"))]
+mod klog;
+
 // The services: hardware-free, generic over `hw::Hw`; built for the host too, where their
 // unit tests run (`cargo test -p keel-firmware`).
 #[cfg(any(test, target_os = "none"))]

@@ -11,6 +11,7 @@
 //! reply (or after [`REBOOT_DRAIN_NS`]).
 
 use crate::hw::Hw;
+use crate::klog;
 use crate::net::NetStack;
 use alloc::vec::Vec;
 use keel_mgmt::{Device, Session};
@@ -62,7 +63,10 @@ impl MgmtService {
     /// Starts listening on `port`.
     pub fn start<H: Hw>(port: u16, net: &mut NetStack<H>) -> Self {
         net.listen_routed(port);
-        log::info!("mgmt: management endpoint on port {port} (signed requests, GET /metrics)");
+        klog::info!(
+            "mgmt: management endpoint on port {} (signed requests, GET /metrics)",
+            port
+        );
         MgmtService {
             port,
             conns: Vec::with_capacity(MAX_SESSIONS),
@@ -93,7 +97,10 @@ impl MgmtService {
                 // connections cannot lock the operator out.
                 self.refused += 1;
                 if let Some(i) = (0..self.conns.len()).min_by_key(|&i| self.conns[i].last_ns) {
-                    log::warn!("mgmt: {MAX_SESSIONS} sessions open: the least active one is reset");
+                    klog::warning!(
+                        "mgmt: {} sessions open: the least active one is reset",
+                        MAX_SESSIONS
+                    );
                     let old = self.conns.swap_remove(i);
                     net.release(old.socket, false, now_ns);
                 }
@@ -180,13 +187,13 @@ fn pass<H: Hw, D: Device + ?Sized>(
         c.last_ns = now_ns;
     }
     if c.session.failures() > failures {
-        log::warn!(
+        klog::warning!(
             "mgmt: request refused (bad signature, replayed or malformed); {} failure(s) on this connection",
             c.session.failures()
         );
     }
     if c.session.requests() > requests {
-        log::info!(
+        klog::info!(
             "mgmt: {} signed request(s) served",
             c.session.requests() - requests
         );
@@ -194,7 +201,7 @@ fn pass<H: Hw, D: Device + ?Sized>(
     if c.session.reboot_pending() && c.session.output().is_empty() {
         let since = *c.reboot_since.get_or_insert(now_ns);
         if sock.send_queue() == 0 || !sock.may_send() || now_ns - since > REBOOT_DRAIN_NS {
-            log::info!("mgmt: reboot requested by a signed request; rebooting");
+            klog::info!("mgmt: reboot requested by a signed request; rebooting");
             c.session.transport_drained(dev);
         }
         return (Fate::Keep, moved);
@@ -207,10 +214,10 @@ fn pass<H: Hw, D: Device + ?Sized>(
         // The peer closed its side and everything is sent.
         Fate::Close { graceful: true }
     } else if !c.session.is_binary() && now_ns.saturating_sub(c.opened_ns) > HANDSHAKE_TIMEOUT_NS {
-        log::warn!("mgmt: no complete greeting or HTTP request within 10 s: reset");
+        klog::warning!("mgmt: no complete greeting or HTTP request within 10 s: reset");
         Fate::Close { graceful: false }
     } else if now_ns.saturating_sub(c.last_ns) > IDLE_TIMEOUT_NS {
-        log::warn!(
+        klog::warning!(
             "mgmt: session idle for {} s: reset",
             IDLE_TIMEOUT_NS / 1_000_000_000
         );

@@ -23,6 +23,7 @@
 //! keep-alive probes so half-open connections are found and freed.
 
 use crate::hw::{Hw, Nic};
+use crate::klog;
 use alloc::vec::Vec;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet, SocketStorage};
 use smoltcp::socket::{dhcpv4, tcp};
@@ -355,12 +356,16 @@ impl<H: Hw> NetStack<H> {
                     if let Some(r) = cfg.router {
                         let _ = self.iface.routes_mut().add_default_ipv4_route(r);
                     }
-                    log::info!("net: DHCP address {} router {:?}", cfg.address, cfg.router);
+                    klog::info!(
+                        "net: DHCP address {} router {}",
+                        klog::D(&cfg.address),
+                        klog::Dbg(&cfg.router)
+                    );
                 }
                 Some(dhcpv4::Event::Deconfigured) if had_address => {
                     self.iface.update_ip_addrs(|a| a.clear());
                     self.iface.routes_mut().remove_default_ipv4_route();
-                    log::warn!("net: DHCP lease lost");
+                    klog::warning!("net: DHCP lease lost");
                 }
                 Some(dhcpv4::Event::Deconfigured) | None => {}
             }
@@ -542,7 +547,12 @@ impl<H: Hw> keel_remote::Net for NetStack<H> {
                 Some(h)
             }
             Err(e) => {
-                log::warn!("remote: connect to {addr} from port {port}: {e}");
+                klog::warning!(
+                    "remote: connect to {} from port {}: {}",
+                    klog::D(&addr),
+                    port,
+                    klog::D(&e)
+                );
                 self.client_free.push(h);
                 None
             }

@@ -14,6 +14,7 @@
 //! that no namespace names is left unexported.
 
 use crate::config::{DevConfig, KeyArg, NsSpec};
+use crate::klog;
 use crate::net::Addressing;
 use alloc::{format, string::String, vec::Vec};
 use keel_controller::{HostQos, NamespaceQos, QosGroup, QosLimits, Rate};
@@ -531,9 +532,13 @@ impl Plan {
             .map(|n| n.subsystem.as_str());
         let first = named.next()?;
         if let Some(other) = named.find(|s| *s != first) {
-            log::error!(
-                "pcie-fn{index}: named by namespaces of {first} and {other}: a function is a \
-                 controller of one subsystem; attached to {first}"
+            klog::error!(
+                "pcie-fn{}: named by namespaces of {} and {}: a function is a \
+                 controller of one subsystem; attached to {}",
+                index,
+                first,
+                other,
+                first
             );
         }
         Some(first)

@@ -2,6 +2,7 @@
 //! page table → per-core data → GIC → PSCI → PCIe, then the banner.
 
 use crate::fatal::BootError;
+use crate::klog;
 use alloc::vec::Vec;
 use keel_board::{
     BOARD, EnableMethod, Gic as GicDesc, PciSpace, Platform as Dt, PsciMethod, Region,
@@ -229,7 +230,7 @@ pub fn bring_up(info: &BootInfo) -> Result<Platform, BootError> {
                     dt.cpus,
                 )
             }
-            .map_err(|e| log::warn!("GIC: {e}"))
+            .map_err(|e| klog::warning!("GIC: {}", klog::D(&e)))
             .ok()
         }
         None => None,

@@ -2,6 +2,7 @@
 //! completion. No interrupts, no locks and no allocation on the data path.
 
 use crate::config::DevConfig;
+use crate::klog;
 use crate::mgmt::MgmtService;
 use crate::net::{Addressing, NetStack};
 use crate::plan::{Plan, Source};
@@ -31,9 +32,9 @@ fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack<
     match nic {
         Ok(nic) => {
             let mac = nic.mac();
-            log::info!(
+            klog::info!(
                 "net: virtio-net at {} MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                f.bdf,
+                klog::D(&f.bdf),
                 mac[0],
                 mac[1],
                 mac[2],
@@ -49,7 +50,7 @@ fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack<
             ))
         }
         Err(e) => {
-            log::error!("net: {e}; serving nothing over the network");
+            klog::error!("net: {}; serving nothing over the network", klog::D(&e));
             None
         }
     }
@@ -60,13 +61,13 @@ pub fn run(mut platform: Platform) -> ! {
     let features = keel_hal::arch::cpu::Features::read();
     keel_nvmf_tcp::crc32c::set_hardware(features.crc32);
     if !features.crc32 {
-        log::warn!("cpu: no CRC32 instructions: NVMe/TCP digests use the table-driven CRC32C");
+        klog::warning!("cpu: no CRC32 instructions: NVMe/TCP digests use the table-driven CRC32C");
     }
     // The configuration: the newest flash copy that verifies, else the boot arguments.
     let mut identity = load_identity(&platform);
     let provisioned = identity.load_config();
     if provisioned.is_none() {
-        log::info!("config: no provisioned configuration; using boot arguments");
+        klog::info!("config: no provisioned configuration; using boot arguments");
     }
     let addressing = match &provisioned {
         Some((cfg, _)) => crate::plan::addressing(&cfg.device.network),
@@ -111,13 +112,17 @@ pub fn run(mut platform: Platform) -> ! {
         for s in plan.subsystems.iter().filter(|s| {
             plan.source != Source::BootArgs || !s.nqn.starts_with("nqn.2026-11.dev.keel:fn")
         }) {
-            log::info!("nvmf: subsystem {} serial {}", s.nqn, s.serial);
+            klog::info!("nvmf: subsystem {} serial {}", s.nqn, s.serial);
             match s.allowed_hosts.len() {
                 0 if plan.source == Source::BootArgs => {
-                    log::info!("nvmf: any host may connect (development configuration)")
+                    klog::info!("nvmf: any host may connect (development configuration)")
                 }
-                0 => log::info!("nvmf: any host may connect to {}", s.nqn),
-                n => log::info!("nvmf: {n} allowed host(s): {:?}", s.allowed_hosts),
+                0 => klog::info!("nvmf: any host may connect to {}", s.nqn),
+                n => klog::info!(
+                    "nvmf: {} allowed host(s): {}",
+                    n,
+                    klog::Dbg(&s.allowed_hosts)
+                ),
             }
         }
         net.listen(NVMF_PORT);
@@ -253,12 +258,12 @@ fn enable_wakeups(platform: &mut Platform, net: &mut NetStack<Qemu>) -> bool {
     let (Some(gic), Some(timer_intid), Some(nic_intid)) =
         (platform.gic.as_mut(), platform.dt.timer_intid, nic_intid)
     else {
-        log::warn!("poll: no interrupt routing for wake-ups; the poll loop never sleeps");
+        klog::warning!("poll: no interrupt routing for wake-ups; the poll loop never sleeps");
         return false;
     };
     if gic.enable_wakeup(timer_intid, true).is_err() || gic.enable_wakeup(nic_intid, true).is_err()
     {
-        log::warn!("poll: could not enable wake-up interrupts; the poll loop never sleeps");
+        klog::warning!("poll: could not enable wake-up interrupts; the poll loop never sleeps");
         return false;
     }
     net.device.enable_wakeups();

@@ -29,6 +29,7 @@
 //! the payload it announces (at most 1 MiB), once at boot.
 
 use crate::hw::Flash;
+use crate::klog;
 use crate::plan::Source;
 use alloc::{format, string::String, vec, vec::Vec};
 use keel_provision::{
@@ -85,7 +86,7 @@ impl<F: Flash> Identity<F> {
     pub fn new(device_key: Option<DeviceKey>, flash: Option<F>) -> Self {
         let trusted = VerifyingKey::from_bytes(&PROVISION_PUBKEY)
             .map_err(|_| {
-                log::error!("provision: the built-in provisioning key is not an Ed25519 key")
+                klog::error!("provision: the built-in provisioning key is not an Ed25519 key")
             })
             .ok();
         Identity {
@@ -134,7 +135,7 @@ impl<F: Flash> Identity<F> {
     /// configuration.
     pub fn load_config(&mut self) -> Option<(Config, Source)> {
         if self.flash.is_none() {
-            log::info!("config: no flash bank 0");
+            klog::info!("config: no flash bank 0");
             return None;
         }
         let a = self.read_copy(ConfigCopy::A);
@@ -142,7 +143,7 @@ impl<F: Flash> Identity<F> {
         let (a, b) = match (a, b) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => {
-                log::error!("config: reading the configuration area: {e}");
+                klog::error!("config: reading the configuration area: {}", klog::D(&e));
                 return None;
             }
         };
@@ -156,7 +157,7 @@ impl<F: Flash> Identity<F> {
                 .take(CONFIG_HEADER_LEN)
                 .all(|&x| x == 0xff || x == 0);
             if entries.iter().any(|(c, e)| *c == copy && e.is_none()) && !erased {
-                log::warn!(
+                klog::warning!(
                     "config: copy {} is damaged (bad magic, length or CRC): ignored",
                     copy.name()
                 );
@@ -174,7 +175,7 @@ impl<F: Flash> Identity<F> {
         for (i, (copy, entry)) in valid.iter().enumerate() {
             match self.open(entry.payload, 0) {
                 Ok(cfg) => {
-                    log::info!(
+                    klog::info!(
                         "config: copy {} (sequence {}, generation {}) in force{}",
                         copy.name(),
                         entry.sequence,
@@ -187,10 +188,11 @@ impl<F: Flash> Identity<F> {
                     );
                     return Some((cfg, Source::Flash(copy.name(), entry.sequence)));
                 }
-                Err(e) => log::error!(
-                    "config: copy {} (sequence {}) refused: {e}{}",
+                Err(e) => klog::error!(
+                    "config: copy {} (sequence {}) refused: {}{}",
                     copy.name(),
                     entry.sequence,
+                    klog::D(&e),
                     if i + 1 < valid.len() {
                         "; trying the other copy"
                     } else {

@@ -3,6 +3,7 @@
 //! RNDR, PSCI), and the board-side steps of loading the identity.
 
 use crate::hw::{DriveCtl, Flash, Hw, Nic};
+use crate::klog;
 use crate::provisioned::Identity;
 use keel_hal::arch::{cpu, power, rng, timer};
 use keel_hal::flash::{CfiFlash, FlashError};
@@ -95,30 +96,33 @@ pub fn load_identity(platform: &crate::platform::Platform) -> Identity<CfiFlash>
     };
     let device_key = match bank(1) {
         None => {
-            log::warn!("identity: no flash bank 1: no device key");
+            klog::warning!("identity: no flash bank 1: no device key");
             None
         }
         Some(mut b) => {
             let mut block = [0u8; keel_provision::identity::IDENTITY_LEN];
             match b.read(0, &mut block) {
                 Err(e) => {
-                    log::warn!("identity: {e}: no device key");
+                    klog::warning!("identity: {}: no device key", klog::D(&e));
                     None
                 }
                 Ok(()) => match keel_provision::parse_identity(&block) {
                     Ok(k) => {
-                        log::info!(
+                        klog::info!(
                             "identity: device key from flash bank 1 (QEMU stand-in for OTP/secure element)"
                         );
                         Some(k)
                     }
                     Err(keel_provision::IdentityError::Empty) => {
-                        log::info!("identity: flash bank 1 holds no identity block: no device key");
+                        klog::info!(
+                            "identity: flash bank 1 holds no identity block: no device key"
+                        );
                         None
                     }
                     Err(e) => {
-                        log::warn!(
-                            "identity: {e}: no device key (encrypted provisioned namespaces cannot be opened)"
+                        klog::warning!(
+                            "identity: {}: no device key (encrypted provisioned namespaces cannot be opened)",
+                            klog::D(&e)
                         );
                         None
                     }

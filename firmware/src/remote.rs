@@ -22,6 +22,7 @@
 
 use crate::config::NsSpec;
 use crate::hw::Hw;
+use crate::klog;
 use crate::net::NetStack;
 use crate::plan::{NsPlan, Plan};
 use crate::services::{cut, finish_namespace};
@@ -160,9 +161,11 @@ impl RemoteService {
             .find(|v| !v.retired && v.remote.same_target(remote))
         {
             if v.remote != **remote {
-                log::error!(
-                    "remote: {name}: {remote} is already in use with other settings: the \
-                     namespace is not served"
+                klog::error!(
+                    "remote: {}: {} is already in use with other settings: the \
+                     namespace is not served",
+                    name,
+                    klog::D(&remote)
                 );
                 return false;
             }
@@ -172,9 +175,10 @@ impl RemoteService {
         let cfg = remote_config(remote, &self.hostnqn, self.hostid);
         match RemoteVolume::new(cfg) {
             Ok(vol) => {
-                log::info!(
-                    "remote: {name} = {}: connecting as {}",
-                    ns.spec,
+                klog::info!(
+                    "remote: {} = {}: connecting as {}",
+                    name,
+                    klog::D(&ns.spec),
                     remote.hostnqn.as_deref().unwrap_or(&self.hostnqn)
                 );
                 self.volumes.push(Volume {
@@ -189,7 +193,11 @@ impl RemoteService {
                 true
             }
             Err(e) => {
-                log::error!("remote: {name}: {e}: the namespace is not served");
+                klog::error!(
+                    "remote: {}: {}: the namespace is not served",
+                    name,
+                    klog::D(&e)
+                );
                 false
             }
         }
@@ -234,7 +242,10 @@ impl RemoteService {
         self.volumes.retain(|v| {
             let keep = !v.retired;
             if !keep {
-                log::info!("remote: {} no longer used: disconnected", v.remote);
+                klog::info!(
+                    "remote: {} no longer used: disconnected",
+                    klog::D(&v.remote)
+                );
             }
             keep
         });
@@ -325,7 +336,11 @@ impl Volume {
             let backend = match self.backend_for(&ns.spec) {
                 Ok(b) => b,
                 Err(e) => {
-                    log::error!("remote: {name}: {e}: the namespace is not served");
+                    klog::error!(
+                        "remote: {}: {}: the namespace is not served",
+                        name,
+                        klog::D(&e)
+                    );
                     continue;
                 }
             };
@@ -335,9 +350,10 @@ impl Volume {
             match target.add_namespace(&ns.subsystem, cfg) {
                 Ok(()) => {
                     if let Some(g) = g {
-                        log::info!(
-                            "remote: {name} served: {} MiB, {}-byte blocks{} (hosts are told by \
+                        klog::info!(
+                            "remote: {} served: {} MiB, {}-byte blocks{} (hosts are told by \
                              a Namespace Attribute Changed event)",
+                            name,
                             (g.blocks * u64::from(g.block_size)) >> 20,
                             g.block_size,
                             if ns.key.is_some() { ", encrypted" } else { "" }
@@ -347,7 +363,11 @@ impl Volume {
                     served.push((ns.subsystem.clone(), ns.nsid));
                 }
                 Err(e) => {
-                    log::error!("remote: {name}: not added ({e:?}): the namespace is not served")
+                    klog::error!(
+                        "remote: {}: not added ({}): the namespace is not served",
+                        name,
+                        klog::Dbg(&e)
+                    )
                 }
             }
         }

@@ -27,6 +27,7 @@
 use crate::challenge::Challenges;
 use crate::config::NsSpec;
 use crate::hw::{DriveCtl, Hw, dma_region};
+use crate::klog;
 use crate::net::{NetStack, SocketCounts};
 use crate::nvmf::NvmfService;
 use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
@@ -153,7 +154,7 @@ const HEAP_RESERVE: u64 = 32 << 20;
 fn ram<H: Hw>(bytes: u64, block_size: u32) -> Option<Box<dyn BlockBackend>> {
     let free = H::heap_free() as u64;
     if bytes.saturating_add(HEAP_RESERVE) > free {
-        log::error!(
+        klog::error!(
             "storage: RAM namespace of {} MiB does not fit the free heap ({} MiB, {} MiB kept in reserve)",
             bytes >> 20,
             free >> 20,
@@ -164,7 +165,11 @@ fn ram<H: Hw>(bytes: u64, block_size: u32) -> Option<Box<dyn BlockBackend>> {
     match RamBackend::new(block_size, bytes / u64::from(block_size), BACKEND_DEPTH) {
         Ok(r) => Some(Box::new(r)),
         Err(e) => {
-            log::error!("storage: RAM namespace of {} MiB: {e}", bytes >> 20);
+            klog::error!(
+                "storage: RAM namespace of {} MiB: {}",
+                bytes >> 20,
+                klog::D(&e)
+            );
             None
         }
     }
@@ -264,9 +269,10 @@ pub(crate) fn encrypt<H: Hw>(
         return Some(backend);
     };
     if !H::has_aes() {
-        log::error!(
-            "crypto: {what} is configured encrypted but this CPU has no AES/PMULL \
-             instructions (ID_AA64ISAR0_EL1.AES < 2): the namespace is not served"
+        klog::error!(
+            "crypto: {} is configured encrypted but this CPU has no AES/PMULL \
+             instructions (ID_AA64ISAR0_EL1.AES < 2): the namespace is not served",
+            what
         );
         return None;
     }
@@ -276,9 +282,11 @@ pub(crate) fn encrypt<H: Hw>(
     };
     match key {
         Ok(key) => {
-            log::info!(
-                "crypto: {what} encrypted with {} (key from {origin})",
-                key.cipher().name()
+            klog::info!(
+                "crypto: {} encrypted with {} (key from {})",
+                what,
+                key.cipher().name(),
+                origin
             );
             Some(Box::new(EncryptedBackend::new(
                 backend,
@@ -287,7 +295,11 @@ pub(crate) fn encrypt<H: Hw>(
             )))
         }
         Err(e) => {
-            log::error!("crypto: {what}: {e}: the namespace is not served");
+            klog::error!(
+                "crypto: {}: {}: the namespace is not served",
+                what,
+                klog::D(&e)
+            );
             None
         }
     }
@@ -315,9 +327,10 @@ pub(crate) fn build_namespace<H: Hw>(
     let backend = match make_backend(&ns.spec, ns.block_size, many, drives, shared) {
         Ok(b) => b,
         Err(e) => {
-            log::error!(
-                "storage: {}: {e}: the namespace is not served",
-                ns_name(plan, ns)
+            klog::error!(
+                "storage: {}: {}: the namespace is not served",
+                ns_name(plan, ns),
+                klog::D(&e)
             );
             return None;
         }
@@ -335,9 +348,10 @@ pub(crate) fn finish_namespace<H: Hw>(
     let backend = encrypt::<H>(&name, ns.key.as_ref(), backend)?;
     let g = backend.geometry();
     if ns.function.is_none() || plan.source != Source::BootArgs {
-        log::info!(
-            "nvmf: {name} = {}: {} MiB, {}-byte blocks{}",
-            ns.spec,
+        klog::info!(
+            "nvmf: {} = {}: {} MiB, {}-byte blocks{}",
+            name,
+            klog::D(&ns.spec),
             (g.blocks * u64::from(g.block_size)) >> 20,
             g.block_size,
             if ns.key.is_some() { ", encrypted" } else { "" }
@@ -391,7 +405,7 @@ impl<H: Hw> Services<H> {
                 NsSpec::Remote { remote, .. } => {
                     // Served once the remote namespace is identified (Services::poll).
                     if !network {
-                        log::error!(
+                        klog::error!(
                             "remote: {}: no network: the namespace is not served",
                             ns_name(&plan, ns)
                         );
@@ -430,8 +444,9 @@ impl<H: Hw> Services<H> {
         let region = dma_region(SCRATCH_BUFFERS * SCRATCH_BUFFER_SIZE);
         let scratch = BufPool::lazy(region, region.as_ptr() as u64, SCRATCH_BUFFER_SIZE)
             .map_err(|e| {
-                log::error!(
-                    "core: scratch buffers: {e}: no Copy, no Write Zeroes on encrypted namespaces"
+                klog::error!(
+                    "core: scratch buffers: {}: no Copy, no Write Zeroes on encrypted namespaces",
+                    klog::D(&e)
                 )
             })
             .ok();
@@ -445,7 +460,10 @@ impl<H: Hw> Services<H> {
         }) {
             Ok(t) => t,
             Err(e) => {
-                log::error!("core: configuration refused: {e}; serving an empty target");
+                klog::error!(
+                    "core: configuration refused: {}; serving an empty target",
+                    klog::D(&e)
+                );
                 served.clear();
                 Target::new(TargetConfig::default()).expect("the empty configuration is valid")
             }
@@ -454,8 +472,10 @@ impl<H: Hw> Services<H> {
         let mut functions = Vec::new();
         for (i, (bar, nqn)) in windows.into_iter().zip(fn_nqns).enumerate() {
             let Some(nqn) = nqn else {
-                log::warn!(
-                    "pcie-fn{i}: no namespace names function {i}: window {:#x} not exported",
+                klog::warning!(
+                    "pcie-fn{}: no namespace names function {}: window {:#x} not exported",
+                    i,
+                    i,
                     bar.base
                 );
                 continue;
@@ -463,14 +483,14 @@ impl<H: Hw> Services<H> {
             let ep = match bar.ep {
                 Ok(ep) => ep,
                 Err(e) => {
-                    log::error!("pcie-fn{i}: {e}");
+                    klog::error!("pcie-fn{}: {}", i, klog::D(&e));
                     continue;
                 }
             };
             let region = dma_region(FUNCTION_BUFFERS * FUNCTION_BUFFER_SIZE);
             let dma = region.as_ptr() as u64;
             let f = BufPool::lazy(region, dma, FUNCTION_BUFFER_SIZE)
-                .map_err(|e| log::error!("pcie-fn{i}: buffers: {e}"))
+                .map_err(|e| klog::error!("pcie-fn{}: buffers: {}", i, klog::D(&e)))
                 .ok()
                 .and_then(|pool| {
                     // Its position in `functions` is its owner number (see `route`).
@@ -479,7 +499,7 @@ impl<H: Hw> Services<H> {
                         ..FunctionConfig::new(&nqn)
                     };
                     PcieFunction::new(cfg, pool)
-                        .map_err(|e| log::error!("pcie-fn{i}: {e:?}"))
+                        .map_err(|e| klog::error!("pcie-fn{}: {}", i, klog::Dbg(&e)))
                         .ok()
                 });
             if let Some(mut f) = f {
@@ -504,10 +524,13 @@ impl<H: Hw> Services<H> {
                     let n = served.iter().filter(|(q, _)| *q == nqn).count();
                     format!("a controller of its {n} namespace(s)")
                 };
-                log::info!(
-                    "pcie-fn{i}: emulated NVMe function on window {:#x}+{} MiB, subsystem {nqn}, {what}",
+                klog::info!(
+                    "pcie-fn{}: emulated NVMe function on window {:#x}+{} MiB, subsystem {}, {}",
+                    i,
                     bar.base,
                     bar.size >> 20,
+                    nqn,
+                    what
                 );
                 functions.push(Emulated {
                     index: i as u16,
@@ -521,7 +544,7 @@ impl<H: Hw> Services<H> {
 
         let nvmf = if network {
             NvmfService::new(plan.advertise.clone())
-                .map_err(|e| log::error!("nvmf: buffers: {e}"))
+                .map_err(|e| klog::error!("nvmf: buffers: {}", klog::D(&e)))
                 .ok()
         } else {
             None

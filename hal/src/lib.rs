@@ -2,7 +2,8 @@
 //!
 //! - [`arch`] (bare-metal aarch64 only): entry from any arm64 Linux-style loader or from flash,
 //!   exception vectors with crash reports, MMU, generic timer, PSCI power control.
-//! - [`console`]: PL011 console behind the `log` facade plus an emergency writer.
+//! - [`console`]: PL011 console: plain text, defmt log frames (the `log` facade bridged into
+//!   them) and an emergency writer.
 //! - [`gic`]: interrupt controller bring-up, per-core CPU interfaces, doorbells between cores.
 //! - [`heap`]: the global allocator (one heap, its lock kept off the I/O path; per-core
 //!   counters prove it).

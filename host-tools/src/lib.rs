@@ -2,6 +2,8 @@
 //!
 //! - [`image`]: turns the firmware ELF into the raw image loaders boot (`-kernel`, booti) and
 //!   into a flash image for QEMU `virt`'s pflash.
+//! - [`console`]: the firmware console's defmt log frames decoded into text with the image's
+//!   ELF (`keelctl console decode`, `qemu/run`, the test harness).
 //! - [`blockdev`]: the block-device interface read, write, verify and bench run on, for both
 //!   of the following.
 //! - [`nvme`]: the NVMe/TCP initiator (discovery, identify, read/write, verify, bench).
@@ -12,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod blockdev;
+pub mod console;
 pub mod host;
 pub mod image;
 pub mod mgmt;

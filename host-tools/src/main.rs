@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use keel_host_tools::{host, image, mgmt, nvme, provision};
+use keel_host_tools::{console, host, image, mgmt, nvme, provision};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -24,6 +24,11 @@ enum Cmd {
     /// Write a flash image (into a slot) or a bundle (into the configuration area) to a flash
     /// file or device, read back and verify.
     Flash(provision::flash::FlashArgs),
+    /// The firmware console: decode its defmt log frames.
+    Console {
+        #[command(subcommand)]
+        cmd: ConsoleCmd,
+    },
     /// Firmware images.
     Image {
         #[command(subcommand)]
@@ -56,6 +61,20 @@ enum Cmd {
         window: host::cli::WindowArgs,
         #[command(subcommand)]
         cmd: host::cli::HostCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsoleCmd {
+    /// Copy a console (a file, or standard input as it arrives) to standard output with its
+    /// defmt log frames decoded; plain text passes through unchanged.
+    Decode {
+        /// The ELF of the image that produced the console (its .defmt table). Without it,
+        /// frames are replaced by a note.
+        #[arg(long)]
+        elf: Option<PathBuf>,
+        /// A captured console (e.g. QEMU's -serial file:...); default: standard input.
+        input: Option<PathBuf>,
     },
 }
 
@@ -109,6 +128,21 @@ fn run() -> Result<()> {
             if code != 0 {
                 std::process::exit(code);
             }
+        }
+        Cmd::Console {
+            cmd: ConsoleCmd::Decode { elf, input },
+        } => {
+            let frames = elf
+                .as_deref()
+                .map(console::FrameDecoder::from_elf_file)
+                .transpose()?;
+            let mut input: Box<dyn std::io::Read> = match input {
+                Some(p) => Box::new(
+                    std::fs::File::open(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+                ),
+                None => Box::new(std::io::stdin().lock()),
+            };
+            console::decode_stream(frames, &mut input, &mut std::io::stdout().lock())?;
         }
         Cmd::Keygen(a) => provision::keygen_cmd(&a, &mut std::io::stdout().lock())?,
         Cmd::Provision { cmd } => provision::run(&cmd, &mut std::io::stdout().lock())?,

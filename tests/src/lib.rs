@@ -7,7 +7,8 @@ pub mod crash;
 pub mod provision;
 pub mod proxy;
 
-use std::io::{BufRead, BufReader, Read};
+use keel_host_tools::console::{FrameDecoder, Piece, Splitter};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -57,6 +58,12 @@ fn build_elf(build: Build) -> PathBuf {
             .join("keel-firmware")
     })
     .clone()
+}
+
+/// Builds (once per test process) and returns the ELF of a build (its `.defmt` table decodes
+/// the log frames of its console).
+pub fn elf(build: Build) -> PathBuf {
+    build_elf(build)
 }
 
 /// Builds (once per test process) and returns an image of a build: the raw arm64 Image, or a
@@ -288,6 +295,86 @@ pub fn build_release_keelctl() {
     });
 }
 
+/// The decoder of the defmt log frames of a build's image (its ELF's `.defmt` table), loaded
+/// once per test process.
+fn frame_decoder(build: Build) -> Option<Arc<FrameDecoder>> {
+    static CELLS: [OnceLock<Option<Arc<FrameDecoder>>>; 2] = [const { OnceLock::new() }; 2];
+    CELLS[(build == Build::Test) as usize]
+        .get_or_init(|| match FrameDecoder::from_elf_file(&build_elf(build)) {
+            Ok(d) => Some(Arc::new(d)),
+            Err(e) => {
+                eprintln!("keel-tests: log frames of the {build:?} build stay undecoded: {e:#}");
+                None
+            }
+        })
+        .clone()
+}
+
+/// A console stream as lines of text, the firmware's defmt log frames decoded into lines
+/// (`[    0.051733] INFO  message`). Frames are decoded with the table of the build the
+/// banner names (`Keel 0.1.0 (git ...) release build` / `test build`, printed before the
+/// first log record): the harness boots images of those two builds, from `-kernel` or
+/// packed into flash. Frames seen before the banner wait for it.
+#[derive(Default)]
+struct ConsoleLines {
+    splitter: Splitter,
+    text: Vec<u8>,
+    frames: Option<Arc<FrameDecoder>>,
+    waiting: Vec<Vec<u8>>,
+}
+
+impl ConsoleLines {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        // (text, or a frame)
+        let mut pieces: Vec<Result<Vec<u8>, Vec<u8>>> = Vec::new();
+        self.splitter.feed(bytes, &mut |p| {
+            pieces.push(match p {
+                Piece::Text(t) => Ok(t.to_vec()),
+                Piece::Frame(f) => Err(f),
+            })
+        });
+        let mut lines = Vec::new();
+        for p in pieces {
+            match p {
+                Ok(t) => {
+                    for &b in &t {
+                        if b == b'\n' {
+                            let line = String::from_utf8_lossy(&self.text);
+                            let line = line.trim_end_matches('\r').to_string();
+                            self.text.clear();
+                            if self.frames.is_none() {
+                                let build = if line.contains(") release build") {
+                                    Some(Build::Release)
+                                } else if line.contains(") test build") {
+                                    Some(Build::Test)
+                                } else {
+                                    None
+                                };
+                                self.frames = build.and_then(frame_decoder);
+                                lines.push(line);
+                                if let Some(d) = self.frames.clone() {
+                                    for f in self.waiting.drain(..) {
+                                        lines.push(d.line(&f).trim_end().to_string());
+                                    }
+                                }
+                            } else {
+                                lines.push(line);
+                            }
+                        } else {
+                            self.text.push(b);
+                        }
+                    }
+                }
+                Err(f) => match &self.frames {
+                    Some(d) => lines.push(d.line(&f).trim_end().to_string()),
+                    None => self.waiting.push(f),
+                },
+            }
+        }
+        lines
+    }
+}
+
 /// A running QEMU with the firmware (or another guest, see [`Qemu::linux_target`]).
 pub struct Qemu {
     child: Child,
@@ -334,13 +421,21 @@ impl Qemu {
             let tx = tx.clone();
             let console = console.clone();
             std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let line = line.trim_end_matches('\r').to_string();
-                    if let Ok(mut c) = console.lock() {
-                        c.push_str(&line);
-                        c.push('\n');
+                let mut lines = ConsoleLines::default();
+                let mut buf = [0u8; 4096];
+                let mut reader = stream;
+                loop {
+                    let n = match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    for line in lines.feed(&buf[..n]) {
+                        if let Ok(mut c) = console.lock() {
+                            c.push_str(&line);
+                            c.push('\n');
+                        }
+                        let _ = tx.send(line);
                     }
-                    let _ = tx.send(line);
                 }
             });
         }

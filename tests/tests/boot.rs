@@ -26,6 +26,12 @@ fn release_image_boots_to_ready_with_kernel_option() {
     assert!(c.contains("cpu features: aes pmull"), "{c}");
     assert!(c.contains("crc32"), "{c}");
     assert!(c.contains("psci: Some(Hvc)"), "{c}");
+    // Log records arrive as defmt frames; the harness decodes them with the release ELF.
+    assert!(
+        c.contains("] INFO  nvmf: namespace 1 = RAM 256 MiB: 256 MiB, 512-byte blocks"),
+        "{c}"
+    );
+    assert!(!c.contains("[defmt frame"), "{c}");
 }
 
 #[test]
