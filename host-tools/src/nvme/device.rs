@@ -112,7 +112,7 @@ impl BlockDevice for TcpDevice {
 /// the queues spread over them, so `--connections 64` means 64 I/O queues whatever one
 /// controller grants. Workers connect their queues at the same time (connecting them one
 /// at a time, as Linux's nvme-tcp does, made `tests/tests/nvme_cli.rs`'s two-host test hit
-/// the firmware stall described in README "Known bug" in 3 of 5 runs, against 0 of 5).
+/// the firmware stall described in README "Known bug" in 4 of 6 runs, against 0 of 7).
 #[derive(Debug)]
 pub struct TcpTarget {
     /// The controller (admin queue).
