@@ -32,8 +32,10 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4C
 
 /// TCP buffer size per direction per connection.
 pub const TCP_BUFFER: usize = 256 * 1024;
-/// Sockets in the pool: connections plus armed listeners.
-pub const MAX_SOCKETS: usize = 72;
+/// Sockets in the pool: connections plus armed listeners. 96: a host with 64 I/O queues
+/// (8 controllers of 8 queues: 72 connections) plus the 12 listeners of the NVMe/TCP,
+/// discovery and management ports, a management session and room to spare.
+pub const MAX_SOCKETS: usize = 96;
 /// How long a closing connection may take to finish its close before it is reset.
 pub const CLOSE_GRACE_NS: u64 = 2_000_000_000;
 /// Listening sockets kept armed per port, so bursts of connections are not refused.

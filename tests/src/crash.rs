@@ -38,7 +38,7 @@
 use crate::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, root};
 use keel_host_tools::blockdev::{BlockDevice, BlockOp, Request};
 use keel_host_tools::host::{HostConfig, HostController, HostDevice, Window};
-use keel_host_tools::nvme::pattern::{self, Rng};
+use keel_host_tools::nvme::pattern::{self, Rng, Stamp};
 use keel_host_tools::nvme::{Controller, IoQueue as TcpQueue, Params};
 use keel_nvme::identify::{IdentifyController, cns};
 use keel_nvme::io::{DsmCommand, DsmRange, RwCommand};
@@ -51,7 +51,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The marker at the start of every block the workload writes.
-pub const MAGIC: [u8; 8] = *b"KEELCRSH";
+pub use pattern::STAMP_MAGIC as MAGIC;
+/// Fills `block` with the workload's content for `lba`, written by command `generation` as
+/// its block `index` of `count` (the stamped blocks of `keelctl nvme bench --verify`).
+pub use pattern::stamp_block as encode_block;
 
 /// What a block holds (or may hold).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,43 +77,14 @@ impl Version {
     }
 }
 
-fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
-    })
-}
-
-/// Fills `block` with the workload's content for `lba`, written by command `generation` as
-/// its block `index` of `count`.
-pub fn encode_block(block: &mut [u8], lba: u64, generation: u64, index: u32, count: u32) {
-    let n = block.len();
-    block[..8].copy_from_slice(&MAGIC);
-    block[8..16].copy_from_slice(&lba.to_le_bytes());
-    block[16..24].copy_from_slice(&generation.to_le_bytes());
-    block[24..28].copy_from_slice(&index.to_le_bytes());
-    block[28..32].copy_from_slice(&count.to_le_bytes());
-    pattern::fill(&mut block[32..n - 8], generation, lba * n as u64);
-    let sum = fnv(&block[..n - 8]);
-    block[n - 8..].copy_from_slice(&sum.to_le_bytes());
-}
-
 /// What a block read back at `lba` holds.
 pub fn classify(block: &[u8], lba: u64) -> Version {
-    let n = block.len();
-    if block.iter().all(|&b| b == 0) {
-        return Version::Zero;
+    match pattern::read_stamp(block, lba) {
+        Stamp::Zero => Version::Zero,
+        Stamp::Gen(g) => Version::Gen(g),
+        Stamp::Foreign(h) => Version::Opaque(h),
+        Stamp::Damaged(h) => Version::Damaged(h),
     }
-    if block[..8] != MAGIC {
-        return Version::Opaque(fnv(block));
-    }
-    let sum = u64::from_le_bytes(block[n - 8..].try_into().expect("8 bytes"));
-    let at = u64::from_le_bytes(block[8..16].try_into().expect("8 bytes"));
-    if sum != fnv(&block[..n - 8]) || at != lba {
-        return Version::Damaged(fnv(block));
-    }
-    Version::Gen(u64::from_le_bytes(
-        block[16..24].try_into().expect("8 bytes"),
-    ))
 }
 
 /// A command of the workload.
@@ -1164,25 +1138,14 @@ pub fn campaign(
 mod tests {
     use super::*;
 
-    fn block(lba: u64, generation: u64) -> Vec<u8> {
-        let mut b = vec![0u8; 512];
-        encode_block(&mut b, lba, generation, 0, 1);
-        b
-    }
-
     #[test]
-    fn blocks_classify_as_written_and_damage_shows() {
-        assert_eq!(classify(&block(7, 42), 7), Version::Gen(42));
+    fn stamps_map_to_versions() {
+        // The stamp itself is tested in keel_host_tools::nvme::pattern.
+        let mut b = vec![0u8; 512];
+        encode_block(&mut b, 7, 42, 0, 1);
+        assert_eq!(classify(&b, 7), Version::Gen(42));
+        assert!(matches!(classify(&b, 8), Version::Damaged(_)));
         assert_eq!(classify(&[0u8; 512], 7), Version::Zero);
-        // At another LBA (a misdirected write) or with a byte changed: damaged.
-        assert!(matches!(classify(&block(7, 42), 8), Version::Damaged(_)));
-        let mut b = block(7, 42);
-        b[300] ^= 1;
-        assert!(matches!(classify(&b, 7), Version::Damaged(_)));
-        // Half of one version and half of another (a torn block).
-        let mut t = block(7, 42);
-        t[256..].copy_from_slice(&block(7, 43)[256..]);
-        assert!(matches!(classify(&t, 7), Version::Damaged(_)));
         assert!(matches!(classify(&[0x5a; 512], 7), Version::Opaque(_)));
     }
 

@@ -739,3 +739,38 @@ pub fn status_nsids(json: &str) -> Vec<u64> {
         a.iter().filter_map(|n| n["nsid"].as_u64()).collect()
     })
 }
+
+/// QEMU arguments (after `qemu/run ... --`) for an NVMe drive `id` (also its serial) on
+/// `file` behind QEMU's `blkdebug` driver with the rules in `rules` (QEMU
+/// docs/devel/blkdebug.txt); `opts` adds `-drive` options (",cache=writeback").
+pub fn blkdebug_nvme_args(id: &str, rules: &Path, file: &Path, opts: &str) -> [String; 4] {
+    [
+        "-drive".into(),
+        format!(
+            "if=none,id={id},format=raw{opts},file=blkdebug:{}:{}",
+            rules.display(),
+            file.display()
+        ),
+        "-device".into(),
+        format!("nvme,serial={id},drive={id}"),
+    ]
+}
+
+/// The Error Information log (LID 01h, 64 bytes per entry, ELPE + 1 entries) of `ctrl`: the
+/// entries in use, newest first.
+pub fn error_log(ctrl: &keel_host_tools::nvme::Controller) -> Vec<keel_nvme::log::ErrorLogEntry> {
+    let entries = usize::from(ctrl.id.elpe) + 1;
+    let page = ctrl
+        .get_log_page(0x01, 0xFFFF_FFFF, 0, (entries * 64) as u32)
+        .expect("Error Information log");
+    page.chunks_exact(64)
+        .map(|e| keel_nvme::log::ErrorLogEntry::decode(e.try_into().expect("64 bytes")))
+        .filter(|e| e.error_count != 0)
+        .collect()
+}
+
+/// Whether an Error Information log entry holds status `st`: Status Field bits 15:1 (phase
+/// in bit 0), SC in bits 8:1, SCT in bits 11:9.
+pub fn logged_status(e: &keel_nvme::log::ErrorLogEntry, st: keel_nvme::Status) -> bool {
+    (e.status >> 1) as u8 == st.sc && ((e.status >> 9) & 7) as u8 == st.sct
+}

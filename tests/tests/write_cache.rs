@@ -18,9 +18,10 @@
 use keel_host_tools::nvme::{Controller, IoQueue, Params};
 use keel_nvme::identify::{Vwc, cns};
 use keel_nvme::io::{FeaturesCommand, RwCommand};
-use keel_nvme::log::ErrorLogEntry;
 use keel_nvme::{IoOpcode, Sqe, Status};
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port};
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, ScratchFile, blkdebug_nvme_args, error_log, free_port, logged_status,
+};
 use std::time::{Duration, Instant};
 
 /// Volatile Write Cache feature (NVMe Base 2.0 Figure 294, FID 06h).
@@ -82,23 +83,20 @@ fn the_write_cache_is_the_drives_and_drive_errors_reach_the_host() {
     let rules = ScratchFile::new("write-cache.blkdebug", 0);
     std::fs::write(rules.path(), blkdebug_config()).expect("blkdebug rules");
     let port = free_port();
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "--nvmf-port".into(),
         port.to_string(),
         "--append".into(),
         "keel.ns=drive:0".into(),
         "--".into(),
-        "-drive".into(),
-        format!(
-            "if=none,id=wb0,format=raw,cache=writeback,file=blkdebug:{}:{}",
-            rules.path().display(),
-            drive.path().display()
-        ),
-        "-device".into(),
-        "nvme,serial=wb0,drive=wb0".into(),
-        "-trace".into(),
-        "enable=pci_nvme_io_cmd".into(),
     ];
+    args.extend(blkdebug_nvme_args(
+        "wb0",
+        rules.path(),
+        drive.path(),
+        ",cache=writeback",
+    ));
+    args.extend(["-trace".into(), "enable=pci_nvme_io_cmd".into()]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut q = Qemu::boot(Build::Release, &argv);
     q.wait_for("keel: ready", BOOT_TIMEOUT)
@@ -218,23 +216,11 @@ fn the_write_cache_is_the_drives_and_drive_errors_reach_the_host() {
 
     // Each failure has its Error Information log entry (LID 01h, 64 bytes each): status,
     // NSID and the LBA of the command.
-    let entries = usize::from(ctrl.id.elpe) + 1;
-    let page = ctrl
-        .get_log_page(0x01, 0xFFFF_FFFF, 0, (entries * 64) as u32)
-        .expect("Error Information log");
-    let logged: Vec<ErrorLogEntry> = page
-        .chunks_exact(64)
-        .map(|e| ErrorLogEntry::decode(e.try_into().expect("64 bytes")))
-        .filter(|e| e.error_count != 0)
-        .collect();
-    // Status Field bits 15:1 (phase in bit 0): SC bits 8:1, SCT bits 11:9.
+    let logged = error_log(&ctrl);
     let has = |st: Status, lbas: std::ops::RangeInclusive<u64>| {
-        logged.iter().any(|e| {
-            (e.status >> 1) as u8 == st.sc
-                && ((e.status >> 9) & 7) as u8 == st.sct
-                && e.nsid == 1
-                && lbas.contains(&e.lba)
-        })
+        logged
+            .iter()
+            .any(|e| logged_status(e, st) && e.nsid == 1 && lbas.contains(&e.lba))
     };
     assert!(
         has(Status::UNRECOVERED_READ_ERROR, BAD_READ - 4..=BAD_READ),

@@ -143,6 +143,10 @@ pub struct BenchArgs {
     /// PRNG seed.
     #[arg(long, value_parser = seed_arg, default_value = "1")]
     pub seed: u64,
+    /// Write stamped blocks (LBA, generation, checksum), check every read against the last
+    /// acknowledged write and read everything written back at the end; exit 1 on a mismatch.
+    #[arg(long)]
+    pub verify: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -176,6 +180,7 @@ impl BenchArgs {
             stop,
             range: self.range_mib.map(|m| m << 20),
             seed: self.seed,
+            verify: self.verify,
         })
     }
 }
@@ -350,6 +355,7 @@ pub fn bench_json(cfg: &BenchConfig, r: &BenchResult) -> Value {
             "bs": cfg.bs,
             "qd": cfg.qd,
             "connections": cfg.connections,
+            "verify": cfg.verify,
         },
         "ios": r.ios,
         "reads": r.reads,
@@ -362,6 +368,12 @@ pub fn bench_json(cfg: &BenchConfig, r: &BenchResult) -> Value {
         "latency": latency_json(&r.latency),
         "read_latency": latency_json(&r.read_latency),
         "write_latency": latency_json(&r.write_latency),
+        "verify": cfg.verify.then(|| json!({
+            "load_blocks": r.verify.load_blocks,
+            "readback_blocks": r.verify.readback_blocks,
+            "errors": r.verify.errors,
+            "problems": r.verify.problems,
+        })),
     })
 }
 
@@ -395,6 +407,20 @@ pub fn format_bench(cfg: &BenchConfig, r: &BenchResult) -> String {
         s += &latency_line("read", &r.read_latency);
         s += &latency_line("write", &r.write_latency);
     }
+    if cfg.verify {
+        let v = &r.verify;
+        s += &format!(
+            "verify: {} blocks checked ({} by the load's reads, {} read back after it), {} \
+             error(s)\n",
+            v.load_blocks + v.readback_blocks,
+            v.load_blocks,
+            v.readback_blocks,
+            v.errors
+        );
+        for p in &v.problems {
+            s += &format!("  {p}\n");
+        }
+    }
     s
 }
 
@@ -425,7 +451,7 @@ fn run_bench<T: Target>(target: &T, a: &BenchArgs, out: &mut dyn Write) -> Resul
     } else {
         out.write_all(format_bench(&cfg, &r).as_bytes())?;
     }
-    Ok(0)
+    Ok(if r.verify.errors > 0 { 1 } else { 0 })
 }
 
 fn show_progress(p: &Progress, done: &std::sync::atomic::AtomicBool, stop: Stop) {

@@ -140,12 +140,10 @@ pub fn run(target: &TargetArgs, cmd: NvmeCmd, out: &mut dyn Write) -> Result<i32
         NvmeCmd::Identify { nsid, json } => identify(target, nsid, json, out),
         NvmeCmd::Watch { json } => watch(target, json, out),
         NvmeCmd::Io(cmd) => {
-            let t = TcpTarget {
-                ctrl: connect(target, false)?,
-            };
+            let t = TcpTarget::new(connect(target, false)?);
             let r = blockcli::run(&t, cmd, out);
-            if let Err(e) = t.ctrl.close() {
-                eprintln!("keelctl: warning: closing the controller: {e}");
+            if let Err(e) = t.close() {
+                eprintln!("keelctl: warning: {e:#}");
             }
             r
         }
