@@ -270,6 +270,10 @@ impl NvmfService {
                 .enumerate()
                 .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
                 .filter(|(_, c)| c.tcp.state() == TargetState::AwaitIc && !c.closing)
+                // Bytes waiting in the socket (an ICReq that arrived in this pass, read just
+                // below) mean the peer is not silent: a host is never evicted for being
+                // accepted in the same burst as a storm.
+                .filter(|(_, c)| net.sockets.get::<tcp::Socket>(c.socket).recv_queue() == 0)
                 .min_by_key(|(_, c)| c.opened_ns)
                 .map(|(i, _)| i);
             let Some(c) = oldest.and_then(|i| self.conns[i].take()) else {
