@@ -171,6 +171,8 @@ pub fn host_recv(data: &[u8]) {
         maxr2t: 3,
         slots: 8,
         in_capsule_limit: 512,
+        // Both ways: a SUCCESS flag in the fuzzed stream is then accepted or fatal.
+        sq_flow_control_disabled: mode & 0x10 != 0,
     })
     .unwrap();
     let mut out = [0u8; 600];
