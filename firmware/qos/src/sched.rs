@@ -438,6 +438,21 @@ impl Scheduler {
         d.inflight += 1;
     }
 
+    /// A command of `flow` that can only run now (it has no handle to wait with): starts it,
+    /// charged and counted in flight as [`Admit::Now`] from [`Scheduler::enqueue`], when
+    /// `enqueue` would start it at once, and returns true; otherwise returns false and
+    /// changes nothing (the caller then enqueues it the usual way).
+    pub fn admit_now(&mut self, now_ns: u64, flow: FlowId, cost: Cost) -> Result<bool, SchedError> {
+        let fi = flow.0 as usize;
+        let dom = self.flow_mut(flow).ok_or(SchedError::Unknown)?.domain as usize;
+        let d = &self.domains[dom];
+        if d.active.is_empty() && d.can_start() && self.limit_wait(fi, now_ns, cost).0 == 0 {
+            self.start(fi, cost, false, now_ns);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// A new command `h` of `flow` arrives. It starts at once ([`Admit::Now`]) when nobody in
     /// its domain waits, the domain has room and the flow's limits allow it; otherwise it
     /// joins the flow's FIFO.
@@ -449,13 +464,10 @@ impl Scheduler {
         cost: Cost,
     ) -> Result<Admit, SchedError> {
         let fi = flow.0 as usize;
-        let dom = self.flow_mut(flow).ok_or(SchedError::Unknown)?.domain as usize;
         if self.entries.get(h as usize).is_none_or(|e| e.queued) {
             return Err(SchedError::BadHandle);
         }
-        let d = &self.domains[dom];
-        if d.active.is_empty() && d.can_start() && self.limit_wait(fi, now_ns, cost).0 == 0 {
-            self.start(fi, cost, false, now_ns);
+        if self.admit_now(now_ns, flow, cost)? {
             return Ok(Admit::Now);
         }
         self.arrivals += 1;
