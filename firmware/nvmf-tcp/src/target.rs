@@ -453,21 +453,24 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<TargetRole<B>> {
             return 0;
         };
         // Data only with a successful completion, never more than the command asked for.
-        let sent = if cqe.status.is_success() {
+        let mut sent = if cqe.status.is_success() {
             n.min(len)
         } else {
             0
         };
-        let success = sq_flow_control_disabled && sent > 0 && all_success(&cqe);
+        let mut success = sq_flow_control_disabled && sent > 0 && all_success(&cqe);
+        if sent > 0
+            && c2h(sent, success)
+                .emit(&mut window[..lay.header_len], dg, t.hpda)
+                .is_err()
+        {
+            // Cannot happen (the header fits, checked above); should it, the host gets the
+            // completion without data rather than a command that never ends.
+            (sent, success) = (0, false);
+        }
         let mut used = 0;
         if sent > 0 {
             let end = data_at + sent as usize;
-            if c2h(sent, success)
-                .emit(&mut window[..lay.header_len], dg, t.hpda)
-                .is_err()
-            {
-                return 0; // cannot happen: the header fits (checked above)
-            }
             window[lay.header_len..data_at].fill(0);
             used = end;
             if lay.ddgst_len > 0 {
