@@ -655,15 +655,17 @@ fn host_term(fes: u16, fei: u32, hdr: &[u8]) -> Vec<u8> {
     t
 }
 
-#[test]
-fn host_refuses_success_flag_while_sq_flow_control_is_on() {
-    // Without disabling SQ flow control the host needs every CQE's SQHD: a SUCCESS flag is an
-    // Invalid PDU Header Field (FES 01h) at FLAGS (FEI 1), and nothing completes.
-    let mut h = host_after_icresp(false);
-    let cid = h.submit(Sqe::new(0x02, 0), Some((vec![0; 4], 4))).unwrap();
+/// A host (`fc_disabled`: SQ flow control disabled at Connect) with a read of `len` bytes
+/// outstanding receives a C2HData with FLAGS `flags` that it must refuse: H2CTermReq with
+/// Invalid PDU Header Field (FES 01h) at FLAGS (FEI 1), and the read is aborted, not completed.
+fn host_refuses_c2h_flags(fc_disabled: bool, len: u32, flags: u8) {
+    let mut h = host_after_icresp(fc_disabled);
+    let cid = h
+        .submit(Sqe::new(0x02, 0), Some((vec![0; len as usize], len)))
+        .unwrap();
     let mut out = [0u8; 256];
     h.transmit(&mut out);
-    let bad = c2h_bytes(cid, 0x0C);
+    let bad = c2h_bytes(cid, flags);
     h.recv(0, &bad);
     let n = h.transmit(&mut out);
     assert_eq!(&out[..n], &host_term(1, 1, &bad[..24])[..]);
@@ -674,14 +676,13 @@ fn host_refuses_success_flag_while_sq_flow_control_is_on() {
 }
 
 #[test]
+fn host_refuses_success_flag_while_sq_flow_control_is_on() {
+    // Without disabling SQ flow control the host needs every CQE's SQHD.
+    host_refuses_c2h_flags(false, 4, 0x0C);
+}
+
+#[test]
 fn host_refuses_success_without_last_pdu() {
     // SUCCESS (08h) without LAST_PDU is invalid even with SQ flow control disabled.
-    let mut h = host_after_icresp(true);
-    let cid = h.submit(Sqe::new(0x02, 0), Some((vec![0; 8], 8))).unwrap();
-    let mut out = [0u8; 256];
-    h.transmit(&mut out);
-    let bad = c2h_bytes(cid, 0x08);
-    h.recv(0, &bad);
-    let n = h.transmit(&mut out);
-    assert_eq!(&out[..n], &host_term(1, 1, &bad[..24])[..]);
+    host_refuses_c2h_flags(true, 8, 0x08);
 }
