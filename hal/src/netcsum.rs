@@ -14,6 +14,8 @@
 //! local sender that never computed it (§5.1.6.4: the driver treats it like a valid one). Any
 //! other frame still needs a check: [`l4_checksum_ok`].
 
+use smoltcp::phy::{Checksum, ChecksumCapabilities};
+
 /// `VIRTIO_NET_HDR_F_NEEDS_CSUM` (§5.1.6): checksum to complete from `csum_start`.
 pub const HDR_F_NEEDS_CSUM: u8 = 1;
 /// `VIRTIO_NET_HDR_F_DATA_VALID` (§5.1.6): the device validated the checksum.
@@ -174,6 +176,36 @@ pub fn rx_trusted(hdr: &[u8]) -> bool {
         .is_some_and(|f| f & (HDR_F_DATA_VALID | HDR_F_NEEDS_CSUM) != 0)
 }
 
+/// The checksum offloads negotiated with the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// VIRTIO_NET_F_CSUM: the device completes the TCP checksum of sent frames.
+    pub tx_csum: bool,
+    /// VIRTIO_NET_F_GUEST_CSUM: received frames may be flagged as validated.
+    pub rx_csum: bool,
+}
+
+impl Offloads {
+    /// What smoltcp computes and verifies itself. With CSUM it leaves the TCP checksum of
+    /// sent segments at zero (the driver marks them for the device). With GUEST_CSUM it
+    /// verifies no received TCP or UDP checksum: the driver checks the frames the device did
+    /// not vouch for before smoltcp sees them, since smoltcp's capabilities hold for every
+    /// frame while the device's flags are per frame (and a frame flagged NEEDS_CSUM carries
+    /// a partial checksum smoltcp would reject). The IPv4 header, UDP (DHCP) and ICMP
+    /// checksums of sent frames stay with smoltcp.
+    pub fn apply(self, caps: &mut ChecksumCapabilities) {
+        caps.tcp = match (self.tx_csum, self.rx_csum) {
+            (false, false) => Checksum::Both,
+            (true, false) => Checksum::Rx,
+            (false, true) => Checksum::Tx,
+            (true, true) => Checksum::None,
+        };
+        if self.rx_csum {
+            caps.udp = Checksum::Tx;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +344,29 @@ mod tests {
         assert!(rx_trusted(&[HDR_F_DATA_VALID, 0]));
         assert!(rx_trusted(&[HDR_F_NEEDS_CSUM, 0]));
         assert!(!rx_trusted(&[]));
+    }
+
+    #[test]
+    fn offloads_decide_what_smoltcp_checksums() {
+        // (computes on transmit, verifies on receive) for TCP, UDP, IPv4, ICMP.
+        let caps = |tx_csum, rx_csum| {
+            let mut c = ChecksumCapabilities::default();
+            Offloads { tx_csum, rx_csum }.apply(&mut c);
+            [c.tcp, c.udp, c.ipv4, c.icmpv4].map(|x| (x.tx(), x.rx()))
+        };
+        const BOTH: (bool, bool) = (true, true);
+        // No offload: everything in software, as before.
+        assert_eq!(caps(false, false), [BOTH; 4]);
+        // CSUM: TCP checksums of sent segments are the device's; received ones still checked.
+        assert_eq!(caps(true, false), [(false, true), BOTH, BOTH, BOTH]);
+        // GUEST_CSUM: the driver checks received TCP/UDP; smoltcp still sums what it sends.
+        assert_eq!(
+            caps(false, true),
+            [(true, false), (true, false), BOTH, BOTH]
+        );
+        assert_eq!(
+            caps(true, true),
+            [(false, false), (true, false), BOTH, BOTH]
+        );
     }
 }

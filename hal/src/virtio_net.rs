@@ -24,18 +24,24 @@
 //! the transport and the control virtqueue stay with the control core ([`NetControl`]). With
 //! one core, [`VirtioNet`] is the same pair plus the transport, and MQ is not negotiated.
 //!
+//! Checksum offload (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, §5.1.6.2, §5.1.6.4), when the
+//! device offers it: smoltcp leaves TCP checksums to the device on transmit and verifies no
+//! TCP/UDP checksum on receive, the driver marks sent TCP segments `NEEDS_CSUM` and checks
+//! the received frames the device did not flag ([`Offloads`], [`crate::netcsum`]).
+//!
 //! DMA: buffers come from the heap, which is identity-mapped; QEMU's virtio device is cache
 //! coherent. A non-coherent board needs cache maintenance in [`VirtioHal::share`].
 
 extern crate alloc;
 
+pub use crate::netcsum::Offloads;
 use crate::netcsum::{self, NET_HDR_LEN};
 use crate::vring::Notifier;
 use alloc::{boxed::Box, vec::Vec};
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
-use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use virtio_drivers::{
     BufferDirection, Hal, PhysAddr,
@@ -157,40 +163,10 @@ pub struct NetStats {
     pub rx_bad_checksum: u64,
 }
 
-/// The checksum offloads negotiated with the device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Offloads {
-    /// VIRTIO_NET_F_CSUM: the device completes the TCP checksum of sent frames.
-    pub tx_csum: bool,
-    /// VIRTIO_NET_F_GUEST_CSUM: received frames may be flagged as validated.
-    pub rx_csum: bool,
-}
-
-impl Offloads {
-    fn from_features(features: u64) -> Self {
-        Self {
-            tx_csum: features & F_CSUM != 0,
-            rx_csum: features & F_GUEST_CSUM != 0,
-        }
-    }
-
-    /// What smoltcp computes and verifies itself. With CSUM it leaves the TCP checksum of
-    /// sent segments at zero (the driver marks them for the device). With GUEST_CSUM it
-    /// verifies no received TCP or UDP checksum: the driver checks the frames the device did
-    /// not vouch for before smoltcp sees them, since smoltcp's capabilities hold for every
-    /// frame while the device's flags are per frame (and a frame flagged NEEDS_CSUM carries
-    /// a partial checksum smoltcp would reject). The IPv4 header, UDP (DHCP) and ICMP
-    /// checksums of sent frames stay with smoltcp.
-    fn apply(self, caps: &mut ChecksumCapabilities) {
-        caps.tcp = match (self.tx_csum, self.rx_csum) {
-            (false, false) => Checksum::Both,
-            (true, false) => Checksum::Rx,
-            (false, true) => Checksum::Tx,
-            (true, true) => Checksum::None,
-        };
-        if self.rx_csum {
-            caps.udp = Checksum::Tx;
-        }
+fn offloads_of(features: u64) -> Offloads {
+    Offloads {
+        tx_csum: features & F_CSUM != 0,
+        rx_csum: features & F_GUEST_CSUM != 0,
     }
 }
 
@@ -615,7 +591,7 @@ impl QueuePair {
             tx_free: (0..TX_BUFFERS as u16).rev().collect(),
             tx_bufs: (0..TX_BUFFERS).map(|_| new_buf()).collect(),
             tx_by_token: alloc::vec![None; QUEUE_SIZE],
-            offloads: Offloads::from_features(d.features),
+            offloads: offloads_of(d.features),
             stats: NetStats::default(),
         })
     }
@@ -1107,7 +1083,7 @@ pub unsafe fn multiqueue(
         mac: d.mac,
         pairs: n,
         max_pairs: d.max_pairs,
-        offloads: Offloads::from_features(d.features),
+        offloads: offloads_of(d.features),
     };
     if n > 1 {
         control.set_pairs(n)?;
