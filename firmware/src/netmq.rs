@@ -71,7 +71,7 @@ pub fn run(platform: &mut Platform) {
     };
     let mac = control.mac();
     println!(
-        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, checksum offload: transmit {}, receive {}",
         control.pairs(),
         control.max_pairs(),
         mac[0],
@@ -79,7 +79,9 @@ pub fn run(platform: &mut Platform) {
         mac[2],
         mac[3],
         mac[4],
-        mac[5]
+        mac[5],
+        control.offloads().tx_csum,
+        control.offloads().rx_csum
     );
     let timer_intid = platform.dt.timer_intid;
     let mut pairs = pairs.into_iter();
