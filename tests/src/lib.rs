@@ -716,8 +716,13 @@ pub fn boot_ram_device(mib: u32) -> (Qemu, u16, String) {
 }
 
 /// Waits until the device is back at rest ([`wait_idle`], 30 s), prints its resources before
-/// and after, and checks that its console shows no panic or CPU exception.
-pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
+/// and after, and checks that its console shows no panic or CPU exception. Returns the
+/// snapshot at rest.
+pub fn assert_back_at_rest(
+    q: &Qemu,
+    mgmt: &str,
+    idle: &keel_mgmt::Snapshot,
+) -> keel_mgmt::Snapshot {
     let after = wait_idle(mgmt, idle, Duration::from_secs(30));
     eprintln!(
         "idle before: {:?}\nidle after: {:?}",
@@ -725,6 +730,36 @@ pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
     );
     let c = q.console();
     assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
+    after
+}
+
+/// Asserts that the heap the device used from `before` to `after` (two snapshots at rest) is
+/// exactly what its TCP socket pool took for the sockets it created in between (their
+/// buffers, `Snapshot::socket_buffer_bytes`, kept for reuse): nothing else a workload
+/// allocates stays allocated once it has ended.
+pub fn assert_heap_kept_only_socket_buffers(
+    before: &keel_mgmt::Snapshot,
+    after: &keel_mgmt::Snapshot,
+    what: &str,
+) {
+    let used = i128::from(before.resources.heap_free) - i128::from(after.resources.heap_free);
+    let sockets = i128::from(after.socket_buffer_bytes) - i128::from(before.socket_buffer_bytes);
+    eprintln!(
+        "{what}: heap free {} -> {} bytes ({used} used), socket buffers {} -> {} bytes \
+         ({} -> {} sockets created)",
+        before.resources.heap_free,
+        after.resources.heap_free,
+        before.socket_buffer_bytes,
+        after.socket_buffer_bytes,
+        before.resources.sockets_created,
+        after.resources.sockets_created
+    );
+    assert_eq!(
+        used,
+        sockets,
+        "{what}: the heap kept {} bytes beyond the {sockets} bytes of new socket buffers",
+        used - sockets
+    );
 }
 
 /// Namespaces listed in a `keelctl status --json` report.
