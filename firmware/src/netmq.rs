@@ -12,6 +12,7 @@
 //! core, hence the queue pair, that served the flow. Both directions stay on one pair per
 //! flow. The loops never return; the test stops QEMU.
 
+use crate::klog::Mac;
 use crate::platform::Platform;
 use alloc::boxed::Box;
 use keel_hal::arch::smp::{self, CoreContext};
@@ -71,15 +72,10 @@ pub fn run(platform: &mut Platform) {
     };
     let mac = control.mac();
     println!(
-        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {}",
         control.pairs(),
         control.max_pairs(),
-        mac[0],
-        mac[1],
-        mac[2],
-        mac[3],
-        mac[4],
-        mac[5]
+        Mac(mac)
     );
     let timer_intid = platform.dt.timer_intid;
     let mut pairs = pairs.into_iter();

@@ -715,6 +715,37 @@ pub fn boot_ram_device(mib: u32) -> (Qemu, u16, String) {
     (q, port, format!("127.0.0.1:{mport}"))
 }
 
+/// `qemu/run ARGS --dry-run` (`--dry-run` goes before a `--` in `args`: what follows it is
+/// QEMU's): asserts that it succeeded and returns the QEMU command line it printed.
+pub fn qemu_run_dry(args: &[&str]) -> String {
+    let out = qemu_run_dry_output(args);
+    assert!(
+        out.status.success(),
+        "qemu/run {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts that `qemu/run ARGS --dry-run` refuses its arguments (exit code 2) and says
+/// `message` on stderr.
+pub fn assert_qemu_run_refuses(args: &[&str], message: &str) {
+    let out = qemu_run_dry_output(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "qemu/run {args:?}: {err}");
+    assert!(err.contains(message), "qemu/run {args:?}: {err}");
+}
+
+fn qemu_run_dry_output(args: &[&str]) -> std::process::Output {
+    let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+    Command::new(root().join("qemu/run"))
+        .args(&args[..split])
+        .arg("--dry-run")
+        .args(&args[split..])
+        .output()
+        .unwrap_or_else(|e| panic!("qemu/run: {e}"))
+}
+
 /// Waits until the device is back at rest ([`wait_idle`], 30 s), prints its resources before
 /// and after, and checks that its console shows no panic or CPU exception. Returns the
 /// snapshot at rest.
