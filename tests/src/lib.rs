@@ -764,6 +764,26 @@ pub fn assert_back_at_rest(
     after
 }
 
+/// The device's status once it has been at rest (as in `rest`, from [`assert_back_at_rest`])
+/// for two more seconds of its own uptime: its QoS rate sample, retaken once a second
+/// (`device::QosRates` in the firmware), then no longer lists the controllers that were gone
+/// by `rest`, so it holds on the heap what it held at idle. Fails after 60 s.
+pub fn settled_status(mgmt: &str, rest: &keel_mgmt::Snapshot) -> keel_mgmt::Snapshot {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = mgmt_status(mgmt);
+        if s.uptime_ns >= rest.uptime_ns.saturating_add(2_000_000_000) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the device's uptime stays at {} ns",
+            s.uptime_ns
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Asserts that the heap the device used from `before` to `after` (two snapshots at rest) is
 /// exactly what its TCP socket pool took for the sockets it created in between (their
 /// buffers, `Snapshot::socket_buffer_bytes`, kept for reuse): nothing else a workload
