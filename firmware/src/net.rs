@@ -129,6 +129,9 @@ pub struct SocketCounts {
     pub draining: usize,
     /// See [`NetStack::refused`].
     pub refused: u64,
+    /// Heap bytes the buffers of every socket created so far hold (client sockets included):
+    /// sockets are kept for reuse, so this is what the pools keep of the heap.
+    pub buffer_bytes: usize,
 }
 
 impl<H: Hw> core::fmt::Debug for NetStack<H> {
@@ -502,6 +505,7 @@ impl<H: Hw> NetStack<H> {
             listening: self.listening.len(),
             draining: self.draining.len(),
             refused: self.refused,
+            buffer_bytes: (self.created + self.clients_created) * 2 * TCP_BUFFER,
         }
     }
 

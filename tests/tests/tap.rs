@@ -14,11 +14,22 @@
 //! Creating a tap needs root and /dev/net/tun (CI runs as root). Where they are missing these
 //! tests fail and say so: a multi-core proof that silently passed would prove nothing.
 
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, keelctl, noise, root, run_keelctl};
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, ScratchFile, assert_qemu_run_refuses, keelctl, noise, qemu_run_dry,
+    root, run_keelctl,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+/// `qemu/run --smp CORES --net tap --tap-net NET` and `more` options.
+fn boot_on_tap(build: Build, cores: u32, net: &str, more: &[&str]) -> Qemu {
+    let cores = cores.to_string();
+    let mut args = vec!["--smp", &cores, "--net", "tap", "--tap-net", net];
+    args.extend_from_slice(more);
+    Qemu::boot(build, &args)
+}
 
 /// Fails the test, saying why, unless this process can create a tap (root and
 /// /dev/net/tun).
@@ -76,19 +87,7 @@ fn kill_and_check_tap_removed(mut q: Qemu, tap: &str) {
 fn every_core_answers_flows_on_its_own_queue_pair() {
     require_tap();
     let net = tap_net(0);
-    let mut q = Qemu::boot(
-        Build::Test,
-        &[
-            "--smp",
-            "4",
-            "--net",
-            "tap",
-            "--tap-net",
-            &net,
-            "--append",
-            "keel.test=netmq",
-        ],
-    );
+    let mut q = boot_on_tap(Build::Test, 4, &net, &["--append", "keel.test=netmq"]);
     q.wait_for("netmq: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     let c = q.console();
@@ -188,15 +187,11 @@ fn four_cores_serve_nvme_tcp_the_drive_and_the_emulated_function() {
     let window = ScratchFile::new("smp4-window.img", 64 << 20);
     let data = ScratchFile::new("smp4-data.bin", 0);
     let back = ScratchFile::new("smp4-back.bin", 0);
-    let mut q = Qemu::boot(
+    let mut q = boot_on_tap(
         Build::Release,
+        4,
+        &net,
         &[
-            "--smp",
-            "4",
-            "--net",
-            "tap",
-            "--tap-net",
-            &net,
             "--disk",
             disk.path().to_str().unwrap(),
             "--window",
@@ -329,10 +324,7 @@ fn nvme_over_a_multi_queue_tap_with_two_cores() {
     require_tap();
     keelctl();
     let net = tap_net(1);
-    let mut q = Qemu::boot(
-        Build::Release,
-        &["--smp", "2", "--net", "tap", "--tap-net", &net],
-    );
+    let mut q = boot_on_tap(Build::Release, 2, &net, &[]);
     let (line, _) = q
         .wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -536,26 +528,18 @@ fn checksum_offload_on_a_one_queue_tap() {
 
 #[test]
 fn qemu_run_tap_options() {
-    let run = keel_tests::root().join("qemu/run");
     let img = keel_tests::image(Build::Release);
-    let out = Command::new(&run)
-        .args([
-            "--image",
-            img.to_str().unwrap(),
-            "--smp",
-            "4",
-            "--net",
-            "tap",
-        ])
-        .args(["--tap-net", "10.99.3", "--dry-run"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cmd = String::from_utf8_lossy(&out.stdout);
+    let img = img.to_str().unwrap();
+    let cmd = qemu_run_dry(&[
+        "--image",
+        img,
+        "--smp",
+        "4",
+        "--net",
+        "tap",
+        "--tap-net",
+        "10.99.3",
+    ]);
     assert!(cmd.contains("-netdev tap,id=net0,ifname=keeltap"), "{cmd}");
     assert!(cmd.contains(",script=no,downscript=no,queues=4 "), "{cmd}");
     assert!(cmd.contains("mq=on,vectors=10"), "{cmd}");
@@ -565,34 +549,16 @@ fn qemu_run_tap_options() {
     );
     assert!(!cmd.contains("hostfwd"), "{cmd}");
     // Slirp stays the default, one queue.
-    let out = Command::new(&run)
-        .args(["--image", img.to_str().unwrap(), "--smp", "4", "--dry-run"])
-        .output()
-        .unwrap();
-    let cmd = String::from_utf8_lossy(&out.stdout);
+    let cmd = qemu_run_dry(&["--image", img, "--smp", "4"]);
     assert!(cmd.contains("-netdev user,id=net0"), "{cmd}");
     assert!(!cmd.contains("mq=on"), "{cmd}");
-    for (args, message) in [
-        (&["--net", "bridge"][..], "--net: user or tap"),
-        (
-            &["--net", "tap", "--tap-net", "10.300.1"][..],
-            "--tap-net: three octets",
-        ),
-        (
-            &["--net", "tap", "--nvmf-port", "4420"][..],
-            "--net tap forwards no ports",
-        ),
-    ] {
-        let out = Command::new(&run)
-            .args(args)
-            .arg("--dry-run")
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains(message),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    assert_qemu_run_refuses(&["--net", "bridge"], "--net: user or tap");
+    assert_qemu_run_refuses(
+        &["--net", "tap", "--tap-net", "10.300.1"],
+        "--tap-net: three octets",
+    );
+    assert_qemu_run_refuses(
+        &["--net", "tap", "--nvmf-port", "4420"],
+        "--net tap forwards no ports",
+    );
 }

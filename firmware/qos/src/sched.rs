@@ -161,6 +161,8 @@ pub struct Scheduler {
     limiters: Vec<Option<Slot>>,
     arrivals: u64,
     waiting: u32,
+    /// Flows a new domain's active list has room for ([`Scheduler::reserve`]).
+    domain_room: usize,
 }
 
 /// Why a configuration call was refused.
@@ -203,7 +205,23 @@ impl Scheduler {
     /// per command).
     pub fn ensure_capacity(&mut self, capacity: u32) {
         if (self.entries.len() as u32) < capacity {
+            let more = capacity as usize - self.entries.len();
+            self.entries.reserve_exact(more);
             self.entries.resize(capacity as usize, Entry::EMPTY);
+        }
+    }
+
+    /// Makes room for `flows` more flows, `limiters` more limiters and `per_domain` flows in
+    /// every domain (those there are and those added later), so that adding them does not
+    /// allocate: the caller sizes them once for its most controllers, and nothing a workload
+    /// adds and removes stays allocated after it (call at configuration time).
+    pub fn reserve(&mut self, flows: usize, limiters: usize, per_domain: usize) {
+        self.flows.reserve_exact(flows);
+        self.limiters.reserve_exact(limiters);
+        self.domain_room = self.domain_room.max(per_domain);
+        for d in self.domains.iter_mut().filter(|d| d.live) {
+            d.active
+                .reserve_exact(per_domain.saturating_sub(d.active.len()));
         }
     }
 
@@ -353,7 +371,7 @@ impl Scheduler {
             max_inflight,
             saturated: false,
             vclock: 0,
-            active: Vec::new(),
+            active: Vec::with_capacity(self.domain_room),
         };
         let i = match free_index(&self.domains, |d| d.live) {
             Some(i) => {
@@ -891,5 +909,42 @@ impl Scheduler {
     /// Whether command `h` is waiting.
     pub fn is_queued(&self, h: u32) -> bool {
         self.entries.get(h as usize).is_some_and(|e| e.queued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capacities(s: &Scheduler) -> (usize, usize, Vec<usize>) {
+        let active = s.domains.iter().map(|d| d.active.capacity()).collect();
+        (s.flows.capacity(), s.limiters.capacity(), active)
+    }
+
+    #[test]
+    fn reserved_room_takes_flows_and_limiters_without_growing() {
+        let mut s = Scheduler::new(16);
+        let early = s.add_domain(0).unwrap();
+        s.reserve(8, 8, 8);
+        let late = s.add_domain(0).unwrap();
+        let room = capacities(&s);
+        assert!(room.0 >= 8 && room.1 >= 8 && room.2.iter().all(|&c| c >= 8));
+        // Connect and disconnect "controllers" twice: a limiter and a flow in each domain.
+        for _ in 0..2 {
+            let mut made = Vec::new();
+            for _ in 0..4 {
+                let l = s.add_limiter(Limits::NONE, 0).unwrap();
+                let a = s.add_flow(early, 1, &[l]).unwrap();
+                let b = s.add_flow(late, 1, &[l]).unwrap();
+                made.push((l, a, b));
+            }
+            assert_eq!(capacities(&s), room, "nothing grew");
+            for (l, a, b) in made {
+                s.remove_flow(a).unwrap();
+                s.remove_flow(b).unwrap();
+                s.remove_limiter(l);
+            }
+        }
+        assert_eq!(capacities(&s), room);
     }
 }
