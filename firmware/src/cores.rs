@@ -11,6 +11,7 @@
 //! once more and waits in WFI until a doorbell (rung by whoever pushed into its ring) or its
 //! timer (at most [`MAX_SLEEP_NS`]) wakes it, as core 0's loop does with the NIC interrupt.
 
+use crate::klog;
 use crate::platform::{Platform, heap_calls};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -185,7 +186,7 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
             .as_ref()
             .and_then(|g| g.cpu_interface(info.mpidr));
         if platform.gic.is_some() && gic.is_none() {
-            log::warn!(
+            klog::warning!(
                 "core {}: no GIC interface for MPIDR {:#x}; not started",
                 info.index,
                 info.mpidr
@@ -207,7 +208,7 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
                     doorbell,
                 })
             }
-            Err(e) => log::error!("core {}: not started: {e}", info.index),
+            Err(e) => klog::error!("core {}: not started: {}", info.index, klog::D(&e)),
         }
     }
     for link in &mut links.0 {
@@ -216,7 +217,11 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
                 "core {}: ring round trip from core 0 and back in {} us (its loop: {} passes, {} allocator calls)",
                 link.info.index, p.micros, p.passes, p.allocs
             ),
-            Err(e) => log::error!("core {}: ring round trip failed: {e}", link.info.index),
+            Err(e) => klog::error!(
+                "core {}: ring round trip failed: {}",
+                link.info.index,
+                klog::D(&e)
+            ),
         }
     }
     let running = links.0.len() + 1;
@@ -225,7 +230,10 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
         platform.dt.cpus
     );
     if let Err(e) = percpu::set_local(links) {
-        log::error!("cores: cannot keep the links in core 0's slot: {e:?}");
+        klog::error!(
+            "cores: cannot keep the links in core 0's slot: {}",
+            klog::Dbg(&e)
+        );
     }
     running
 }

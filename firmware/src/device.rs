@@ -450,6 +450,7 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                 .collect(),
             cores: H::cores(),
             resources: self.resources(),
+            socket_buffer_bytes: self.sockets.buffer_bytes as u64,
             remotes: self
                 .remotes
                 .volumes

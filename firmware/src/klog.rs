@@ -61,3 +61,47 @@ impl<T: core::fmt::Debug> core::fmt::Display for Dbg<T> {
         self.0.fmt(f)
     }
 }
+
+/// A MAC address, shown as `52:54:00:12:34:56`: in log records (on the target as a defmt
+/// frame of its six bytes, formatted on the host) and in `println!` lines (its `Display`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Mac(pub [u8; 6]);
+
+impl core::fmt::Display for Mac {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let m = &self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+#[cfg(target_os = "none")]
+impl defmt::Format for Mac {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        let m = &self.0;
+        defmt::write!(
+            f,
+            "{=u8:02x}:{=u8:02x}:{=u8:02x}:{=u8:02x}:{=u8:02x}:{=u8:02x}",
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[4],
+            m[5]
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mac;
+
+    #[test]
+    fn a_mac_shows_as_six_colon_separated_hex_pairs() {
+        let m = Mac([0x52, 0x54, 0x00, 0x0a, 0xbc, 0xff]);
+        assert_eq!(alloc::format!("{m}"), "52:54:00:0a:bc:ff");
+    }
+}

@@ -129,6 +129,9 @@ pub struct SocketCounts {
     pub draining: usize,
     /// See [`NetStack::refused`].
     pub refused: u64,
+    /// Heap bytes the buffers of every socket created so far hold (client sockets included):
+    /// sockets are kept for reuse, so this is what the pools keep of the heap.
+    pub buffer_bytes: usize,
 }
 
 impl<H: Hw> core::fmt::Debug for NetStack<H> {
@@ -151,8 +154,13 @@ impl<H: Hw> NetStack<H> {
         let mut config = Config::new(HardwareAddress::Ethernet(mac));
         config.random_seed = seed;
         let mut iface = Interface::new(config, &mut device, instant(now_ns));
+        // No empty slots: smoltcp walks every slot of the set, empty or not, for each segment
+        // it sends and each packet it receives (`SocketSet::items_mut`), so the set grows as
+        // sockets are created (`SocketSet::add` pushes onto an owned Vec) instead of starting
+        // with a slot for each socket the pool may ever create. The capacity is reserved once:
+        // no reallocation while serving.
         let storage: Vec<SocketStorage<'static>> =
-            (0..MAX_SOCKETS + 1).map(|_| SocketStorage::EMPTY).collect();
+            Vec::with_capacity(MAX_SOCKETS + MAX_CLIENT_SOCKETS + 1);
         let mut sockets = SocketSet::new(storage);
         let dhcp = match addressing {
             Addressing::Dhcp => Some(sockets.add(dhcpv4::Socket::new())),
@@ -280,6 +288,10 @@ impl<H: Hw> NetStack<H> {
     }
 
     fn arm(&mut self) {
+        // Cheap check first: every pass calls this, and nearly always every port is armed.
+        if self.fully_armed() {
+            return;
+        }
         for i in 0..self.ports.len() {
             let port = self.ports[i];
             let armed = self.listening.iter().filter(|(_, p)| *p == port).count();
@@ -299,11 +311,18 @@ impl<H: Hw> NetStack<H> {
         }
     }
 
+    /// Whether every port has all its listeners ([`NetStack::arm`] never arms more).
+    fn fully_armed(&self) -> bool {
+        self.listening.len() >= self.ports.len() * LISTENERS_PER_PORT
+    }
+
     /// Whether every port has an armed listener.
     pub fn listening_on_all(&self) -> bool {
-        self.ports
-            .iter()
-            .all(|p| self.listening.iter().any(|(_, q)| q == p))
+        self.fully_armed()
+            || self
+                .ports
+                .iter()
+                .all(|p| self.listening.iter().any(|(_, q)| q == p))
     }
 
     /// Runs the interface: receive, process, send. Returns whether anything changed.
@@ -390,7 +409,8 @@ impl<H: Hw> NetStack<H> {
                 Some(dhcpv4::Event::Deconfigured) | None => {}
             }
         }
-        self.collect_accepted();
+        // Listeners leave the Listen state only on a received SYN: `poll_ingress` collected
+        // them.
         self.recycle(now_ns);
         self.arm();
         if !self.listening_on_all() {
@@ -503,6 +523,7 @@ impl<H: Hw> NetStack<H> {
             listening: self.listening.len(),
             draining: self.draining.len(),
             refused: self.refused,
+            buffer_bytes: (self.created + self.clients_created) * 2 * TCP_BUFFER,
         }
     }
 

@@ -12,8 +12,10 @@
 //! core, hence the queue pair, that served the flow. Both directions stay on one pair per
 //! flow. The loops never return; the test stops QEMU.
 
+use crate::klog::Mac;
 use crate::platform::Platform;
 use alloc::boxed::Box;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use keel_hal::arch::smp::{self, CoreContext};
 use keel_hal::arch::timer;
 use keel_hal::println;
@@ -71,19 +73,17 @@ pub fn run(platform: &mut Platform) {
     };
     let mac = control.mac();
     println!(
-        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {}, checksum offload: transmit {}, receive {}",
         control.pairs(),
         control.max_pairs(),
-        mac[0],
-        mac[1],
-        mac[2],
-        mac[3],
-        mac[4],
-        mac[5]
+        Mac(mac),
+        control.offloads().tx_csum,
+        control.offloads().rx_csum
     );
     let timer_intid = platform.dt.timer_intid;
     let mut pairs = pairs.into_iter();
     let Some(pair0) = pairs.next() else { return };
+    let mut serving = 1;
     for (info, pair) in cores[1..].iter().zip(pairs) {
         let gic = platform
             .gic
@@ -95,10 +95,11 @@ pub fn run(platform: &mut Platform) {
                 (Some(g), Some(t)) => g.enable_wakeup(t).is_ok(),
                 _ => false,
             };
-            serve(info.index, pair, ip, mac, sleeps)
+            serve(info.index, pair, ip, mac, sleeps, 0)
         });
-        if let Err(e) = smp::start(info, gic, main) {
-            println!("netmq: core {}: not started: {e}", info.index);
+        match smp::start(info, gic, main) {
+            Ok(_) => serving += 1,
+            Err(e) => println!("netmq: core {}: not started: {e}", info.index),
         }
     }
     let sleeps = match (platform.gic.as_mut(), timer_intid) {
@@ -107,8 +108,13 @@ pub fn run(platform: &mut Platform) {
     };
     // The control part stays here, unused: it keeps the device's transport alive.
     let _control = control;
-    serve(0, pair0, ip, mac, sleeps)
+    serve(0, pair0, ip, mac, sleeps, serving)
 }
+
+/// Cores that have said which queue pair they serve.
+static SERVING: AtomicUsize = AtomicUsize::new(0);
+/// How long core 0 waits for the other cores' lines before it says it is ready anyway.
+const READY_WAIT_NS: u64 = 5_000_000_000;
 
 fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
     let mut out = [0u8; 4];
@@ -119,10 +125,23 @@ fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
     parts.next().is_none().then_some(out)
 }
 
-/// One core's loop over its own queue pair.
-fn serve(core: usize, mut pair: QueuePair, ip: [u8; 4], mac: [u8; 6], sleeps: bool) -> ! {
+/// One core's loop over its own queue pair. Core 0 says `netmq: ready` once the `serving`
+/// cores started (itself included) have each said which pair they serve.
+fn serve(
+    core: usize,
+    mut pair: QueuePair,
+    ip: [u8; 4],
+    mac: [u8; 6],
+    sleeps: bool,
+    serving: usize,
+) -> ! {
     println!("netmq: core {core} serves queue pair {}", pair.index());
+    SERVING.fetch_add(1, Ordering::AcqRel);
     if core == 0 {
+        let deadline = timer::now_ns().saturating_add(READY_WAIT_NS);
+        while SERVING.load(Ordering::Acquire) < serving && timer::now_ns() < deadline {
+            core::hint::spin_loop();
+        }
         println!("netmq: ready");
     }
     let digit = b'0' + (core % 10) as u8;

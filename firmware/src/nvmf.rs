@@ -140,7 +140,8 @@ impl NvmfService {
         };
         Ok(Self {
             pool,
-            conns: Vec::new(),
+            // A connection per socket at most: the list never grows after boot.
+            conns: Vec::with_capacity(crate::net::MAX_SOCKETS),
             tcp_cfg,
             ports_set_for: None,
             advertise,
@@ -148,7 +149,7 @@ impl NvmfService {
             evicted: 0,
             icreq_timeouts: 0,
             direct: DirectCounts::default(),
-            waiting: Intake::new(),
+            waiting: Intake::with_queues(crate::net::MAX_SOCKETS),
         })
     }
 
@@ -247,7 +248,7 @@ impl NvmfService {
                 break;
             };
             let (Some(c), Some(w)) = (self.conns[i].as_mut(), self.waiting.pop(i)) else {
-                // A closed connection's work leaves the intake with it (`Intake::clear`), so
+                // A closed connection's work leaves the intake with it (`Intake::close`), so
                 // this does not happen; a stale waiter would be dropped here.
                 recycle(&mut self.pool, Some(b));
                 continue;
@@ -291,7 +292,7 @@ impl NvmfService {
             let Some(c) = oldest.and_then(|i| self.conns[i].take()) else {
                 break;
             };
-            self.waiting.clear(c.slot as usize);
+            self.waiting.close(c.slot as usize);
             let _ = target.close_queue_after(c.queue, QueueLoss::Abrupt);
             drain_buffers(c.tcp, &mut self.pool);
             net.release(c.socket, false, now_ns);
@@ -420,7 +421,7 @@ impl NvmfService {
         };
         if let Some(how) = loss {
             let c = self.conns[i].take().expect("checked above");
-            cx.waiting.clear(i);
+            cx.waiting.close(i);
             let _ = cx.target.close_queue_after(c.queue, how);
             drain_buffers(c.tcp, &mut self.pool);
             net.release(c.socket, true, now.as_nanos());
@@ -503,11 +504,14 @@ impl Conn {
             cookie: self.slot,
         };
         let resp = cx.target.submit(cx.now, self.queue, req);
-        // After a successful Connect the queue's depth and flow-control mode are known.
+        // After a successful Connect the queue's depth and flow-control mode are known; its
+        // commands can all wait for buffers without the intake allocating.
         if !self.depth_set
             && let Some(info) = cx.target.queue_info(self.queue)
         {
-            self.tcp.set_queue_depth(info.sqsize.saturating_add(1));
+            let depth = info.sqsize.saturating_add(1);
+            self.tcp.set_queue_depth(depth);
+            cx.waiting.reserve(self.slot as usize, usize::from(depth));
             self.fc_disabled = info.sq_flow_control_disabled;
             self.depth_set = true;
         }

@@ -31,16 +31,13 @@ fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack<
     let nic = unsafe { VirtioNet::new(host.ecam.base as usize, f.bdf.bus, f.bdf.dev, f.bdf.func) };
     match nic {
         Ok(nic) => {
-            let mac = nic.mac();
+            let off = nic.offloads();
             klog::info!(
-                "net: virtio-net at {} MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                "net: virtio-net at {} MAC {}, checksum offload: transmit {}, receive {}",
                 klog::D(&f.bdf),
-                mac[0],
-                mac[1],
-                mac[2],
-                mac[3],
-                mac[4],
-                mac[5]
+                klog::Mac(nic.mac()),
+                off.tx_csum,
+                off.rx_csum
             );
             Some(NetStack::new(
                 nic,

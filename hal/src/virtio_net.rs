@@ -24,11 +24,18 @@
 //! the transport and the control virtqueue stay with the control core ([`NetControl`]). With
 //! one core, [`VirtioNet`] is the same pair plus the transport, and MQ is not negotiated.
 //!
+//! Checksum offload (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, §5.1.6.2, §5.1.6.4), when the
+//! device offers it: smoltcp leaves TCP checksums to the device on transmit and verifies no
+//! TCP/UDP checksum on receive, the driver marks sent TCP segments `NEEDS_CSUM` and checks
+//! the received frames the device did not flag ([`Offloads`], [`crate::netcsum`]).
+//!
 //! DMA: buffers come from the heap, which is identity-mapped; QEMU's virtio device is cache
 //! coherent. A non-coherent board needs cache maintenance in [`VirtioHal::share`].
 
 extern crate alloc;
 
+pub use crate::netcsum::Offloads;
+use crate::netcsum::{self, NET_HDR_LEN};
 use crate::vring::Notifier;
 use alloc::{boxed::Box, vec::Vec};
 use core::alloc::Layout;
@@ -82,6 +89,12 @@ fn bytes_mut(b: &mut Buf) -> &mut [u8] {
 /// Frames queued without a notification before the driver notifies anyway.
 pub const TX_KICK_BATCH: u16 = 32;
 
+/// VIRTIO_NET_F_CSUM: the device completes the TCP/UDP checksum of frames the driver marks
+/// with `VIRTIO_NET_HDR_F_NEEDS_CSUM` (§5.1.6.2).
+const F_CSUM: u64 = 1 << 0;
+/// VIRTIO_NET_F_GUEST_CSUM: received frames may come flagged `VIRTIO_NET_HDR_F_DATA_VALID`
+/// (checksum verified) or `NEEDS_CSUM` (partial checksum from a local sender) (§5.1.6.4).
+const F_GUEST_CSUM: u64 = 1 << 1;
 /// VIRTIO_NET_F_MAC.
 const F_MAC: u64 = 1 << 5;
 /// VIRTIO_NET_F_CTRL_VQ: the control virtqueue.
@@ -94,9 +107,6 @@ const CONFIG_MAX_PAIRS: usize = 8;
 const F_EVENT_IDX: u64 = 1 << 29;
 /// VIRTIO_F_VERSION_1.
 const F_VERSION_1: u64 = 1 << 32;
-/// `struct virtio_net_hdr` with VERSION_1 (§5.1.6): 12 bytes, all zero on transmit (no
-/// offloads negotiated).
-const NET_HDR_LEN: usize = 12;
 
 /// The `virtio-drivers` platform glue: identity-mapped, coherent DMA from the heap.
 #[derive(Debug)]
@@ -148,6 +158,16 @@ pub struct NetStats {
     /// Notifications sent because the device waited for one that was lost
     /// ([`crate::vring::Notifier::rescue`]).
     pub rescued_notifications: u64,
+    /// Received frames dropped for a wrong TCP/UDP checksum (checked by the driver when
+    /// VIRTIO_NET_F_GUEST_CSUM is negotiated and the device did not validate the frame).
+    pub rx_bad_checksum: u64,
+}
+
+fn offloads_of(features: u64) -> Offloads {
+    Offloads {
+        tx_csum: features & F_CSUM != 0,
+        rx_csum: features & F_GUEST_CSUM != 0,
+    }
 }
 
 /// The PCI transport, remembering where the last queue it set up keeps its device area (used
@@ -440,8 +460,8 @@ struct Device {
 }
 
 impl Device {
-    /// Resets the function at `bus:dev.func` and negotiates MAC, EVENT_IDX (when offered) and
-    /// VERSION_1, plus CTRL_VQ and MQ when `multiqueue`.
+    /// Resets the function at `bus:dev.func` and negotiates MAC, EVENT_IDX, CSUM and
+    /// GUEST_CSUM (each when offered) and VERSION_1, plus CTRL_VQ and MQ when `multiqueue`.
     ///
     /// # Safety
     /// As for [`VirtioNet::new`].
@@ -476,7 +496,7 @@ impl Device {
         if offered & F_VERSION_1 == 0 {
             return Err(NetError::Device(virtio_drivers::Error::Unsupported));
         }
-        let mut wanted = F_MAC | F_EVENT_IDX | F_VERSION_1;
+        let mut wanted = F_MAC | F_EVENT_IDX | F_VERSION_1 | F_CSUM | F_GUEST_CSUM;
         if multiqueue && offered & (F_CTRL_VQ | F_MQ) == F_CTRL_VQ | F_MQ {
             wanted |= F_CTRL_VQ | F_MQ;
         }
@@ -538,6 +558,7 @@ pub struct QueuePair {
     tx_bufs: Vec<Buf>,
     tx_free: Vec<u16>,
     tx_by_token: Vec<Option<u16>>,
+    offloads: Offloads,
     /// Counters.
     pub stats: NetStats,
 }
@@ -570,6 +591,7 @@ impl QueuePair {
             tx_free: (0..TX_BUFFERS as u16).rev().collect(),
             tx_bufs: (0..TX_BUFFERS).map(|_| new_buf()).collect(),
             tx_by_token: alloc::vec![None; QUEUE_SIZE],
+            offloads: offloads_of(d.features),
             stats: NetStats::default(),
         })
     }
@@ -669,7 +691,13 @@ impl QueuePair {
             free: &mut self.tx_free,
             by_token: &mut self.tx_by_token,
             stats: &mut self.stats,
+            tx_csum: self.offloads.tx_csum,
         }
+    }
+
+    /// The checksum offloads negotiated.
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
     }
 }
 
@@ -692,6 +720,8 @@ pub struct TxToken<'a> {
     free: &'a mut Vec<u16>,
     by_token: &'a mut [Option<u16>],
     stats: &'a mut NetStats,
+    /// VIRTIO_NET_F_CSUM negotiated: TCP segments leave with a partial checksum.
+    tx_csum: bool,
 }
 
 impl core::fmt::Debug for TxToken<'_> {
@@ -713,6 +743,10 @@ impl phy::TxToken for TxToken<'_> {
         buf[..hdr].fill(0);
         let len = len.min(buf.len() - hdr);
         let r = f(&mut buf[hdr..hdr + len]);
+        if self.tx_csum {
+            let (h, frame) = buf[..hdr + len].split_at_mut(hdr);
+            netcsum::offload_tx(h, frame);
+        }
         // SAFETY: the buffer stays owned by the driver and untouched until `reclaim_tx` sees
         // the device finished with it.
         match unsafe { self.tx.vq.add(&[&buf[..hdr + len]], &mut []) } {
@@ -744,26 +778,39 @@ impl phy::Device for QueuePair {
             self.stats.tx_full += 1;
             return None;
         }
-        let token = self.rx.vq.peek_used()?;
-        let i = self
-            .rx_by_token
-            .get_mut(usize::from(token))
-            .and_then(Option::take)?;
-        let buf = &mut self.rx_bufs[usize::from(i)];
-        // SAFETY: the same buffer that was passed to `receive_begin` for this token.
-        let used = unsafe {
-            self.rx
-                .vq
-                .pop_used(token, &[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])
-        };
-        let frame = used.ok().and_then(|n| {
-            let n = usize::try_from(n).ok()?.min(BUF_LEN - BUF_SHIFT);
-            Some((NET_HDR_LEN, n.checked_sub(NET_HDR_LEN)?))
-        });
-        self.rx_repost = Some(i);
-        let Some((hdr, len)) = frame else {
-            self.stats.rx_errors += 1;
-            return None;
+        let (i, hdr, len) = loop {
+            let token = self.rx.vq.peek_used()?;
+            let i = self
+                .rx_by_token
+                .get_mut(usize::from(token))
+                .and_then(Option::take)?;
+            let buf = &mut self.rx_bufs[usize::from(i)];
+            // SAFETY: the same buffer that was passed to `receive_begin` for this token.
+            let used = unsafe {
+                self.rx
+                    .vq
+                    .pop_used(token, &[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])
+            };
+            let frame = used.ok().and_then(|n| {
+                let n = usize::try_from(n).ok()?.min(BUF_LEN - BUF_SHIFT);
+                Some((NET_HDR_LEN, n.checked_sub(NET_HDR_LEN)?))
+            });
+            self.rx_repost = Some(i);
+            let Some((hdr, len)) = frame else {
+                self.stats.rx_errors += 1;
+                return None;
+            };
+            if self.offloads.rx_csum {
+                // smoltcp verifies no TCP/UDP checksum (see `Offloads::apply`): frames
+                // the device did not vouch for are checked here.
+                let b = &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT..BUF_SHIFT + hdr + len];
+                if !netcsum::rx_trusted(&b[..hdr]) && !netcsum::l4_checksum_ok(&b[hdr..]) {
+                    self.stats.rx_bad_checksum += 1;
+                    self.repost_rx();
+                    continue;
+                }
+            }
+            break (i, hdr, len);
         };
         self.stats.rx_frames += 1;
         let Self {
@@ -773,6 +820,7 @@ impl phy::Device for QueuePair {
             tx_free,
             tx_by_token,
             stats,
+            offloads,
             ..
         } = self;
         let frame = &bytes(&rx_bufs[usize::from(i)])[BUF_SHIFT + hdr..BUF_SHIFT + hdr + len];
@@ -784,6 +832,7 @@ impl phy::Device for QueuePair {
                 free: tx_free,
                 by_token: tx_by_token,
                 stats,
+                tx_csum: offloads.tx_csum,
             },
         ))
     }
@@ -802,6 +851,7 @@ impl phy::Device for QueuePair {
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MTU;
         caps.max_burst_size = Some(QUEUE_SIZE / 2);
+        self.offloads.apply(&mut caps.checksum);
         caps
     }
 }
@@ -858,6 +908,11 @@ impl VirtioNet {
         self.mac
     }
 
+    /// The checksum offloads negotiated.
+    pub fn offloads(&self) -> Offloads {
+        self.pair.offloads
+    }
+
     /// Tells the device about the frames queued since the last call (one notification for
     /// all of them, and none when the device is still working through the queue). Call after
     /// each pass of the network stack.
@@ -908,6 +963,7 @@ pub struct NetControl {
     mac: [u8; 6],
     pairs: u16,
     max_pairs: u16,
+    offloads: Offloads,
 }
 
 impl core::fmt::Debug for NetControl {
@@ -923,6 +979,11 @@ impl NetControl {
     /// The MAC address (shared by every pair).
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// The checksum offloads negotiated (the same for every pair).
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
     }
 
     /// Queue pairs in use.
@@ -1022,6 +1083,7 @@ pub unsafe fn multiqueue(
         mac: d.mac,
         pairs: n,
         max_pairs: d.max_pairs,
+        offloads: offloads_of(d.features),
     };
     if n > 1 {
         control.set_pairs(n)?;

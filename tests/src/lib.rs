@@ -715,9 +715,45 @@ pub fn boot_ram_device(mib: u32) -> (Qemu, u16, String) {
     (q, port, format!("127.0.0.1:{mport}"))
 }
 
+/// `qemu/run ARGS --dry-run` (`--dry-run` goes before a `--` in `args`: what follows it is
+/// QEMU's): asserts that it succeeded and returns the QEMU command line it printed.
+pub fn qemu_run_dry(args: &[&str]) -> String {
+    let out = qemu_run_dry_output(args);
+    assert!(
+        out.status.success(),
+        "qemu/run {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts that `qemu/run ARGS --dry-run` refuses its arguments (exit code 2) and says
+/// `message` on stderr.
+pub fn assert_qemu_run_refuses(args: &[&str], message: &str) {
+    let out = qemu_run_dry_output(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "qemu/run {args:?}: {err}");
+    assert!(err.contains(message), "qemu/run {args:?}: {err}");
+}
+
+fn qemu_run_dry_output(args: &[&str]) -> std::process::Output {
+    let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+    Command::new(root().join("qemu/run"))
+        .args(&args[..split])
+        .arg("--dry-run")
+        .args(&args[split..])
+        .output()
+        .unwrap_or_else(|e| panic!("qemu/run: {e}"))
+}
+
 /// Waits until the device is back at rest ([`wait_idle`], 30 s), prints its resources before
-/// and after, and checks that its console shows no panic or CPU exception.
-pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
+/// and after, and checks that its console shows no panic or CPU exception. Returns the
+/// snapshot at rest.
+pub fn assert_back_at_rest(
+    q: &Qemu,
+    mgmt: &str,
+    idle: &keel_mgmt::Snapshot,
+) -> keel_mgmt::Snapshot {
     let after = wait_idle(mgmt, idle, Duration::from_secs(30));
     eprintln!(
         "idle before: {:?}\nidle after: {:?}",
@@ -725,6 +761,56 @@ pub fn assert_back_at_rest(q: &Qemu, mgmt: &str, idle: &keel_mgmt::Snapshot) {
     );
     let c = q.console();
     assert!(!c.contains("panic") && !c.contains("CPU exception"), "{c}");
+    after
+}
+
+/// The device's status once it has been at rest (as in `rest`, from [`assert_back_at_rest`])
+/// for two more seconds of its own uptime: its QoS rate sample, retaken once a second
+/// (`device::QosRates` in the firmware), then no longer lists the controllers that were gone
+/// by `rest`, so it holds on the heap what it held at idle. Fails after 60 s.
+pub fn settled_status(mgmt: &str, rest: &keel_mgmt::Snapshot) -> keel_mgmt::Snapshot {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = mgmt_status(mgmt);
+        if s.uptime_ns >= rest.uptime_ns.saturating_add(2_000_000_000) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the device's uptime stays at {} ns",
+            s.uptime_ns
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Asserts that the heap the device used from `before` to `after` (two snapshots at rest) is
+/// exactly what its TCP socket pool took for the sockets it created in between (their
+/// buffers, `Snapshot::socket_buffer_bytes`, kept for reuse): nothing else a workload
+/// allocates stays allocated once it has ended.
+pub fn assert_heap_kept_only_socket_buffers(
+    before: &keel_mgmt::Snapshot,
+    after: &keel_mgmt::Snapshot,
+    what: &str,
+) {
+    let used = i128::from(before.resources.heap_free) - i128::from(after.resources.heap_free);
+    let sockets = i128::from(after.socket_buffer_bytes) - i128::from(before.socket_buffer_bytes);
+    eprintln!(
+        "{what}: heap free {} -> {} bytes ({used} used), socket buffers {} -> {} bytes \
+         ({} -> {} sockets created)",
+        before.resources.heap_free,
+        after.resources.heap_free,
+        before.socket_buffer_bytes,
+        after.socket_buffer_bytes,
+        before.resources.sockets_created,
+        after.resources.sockets_created
+    );
+    assert_eq!(
+        used,
+        sockets,
+        "{what}: the heap kept {} bytes beyond the {sockets} bytes of new socket buffers",
+        used - sockets
+    );
 }
 
 /// Namespaces listed in a `keelctl status --json` report.

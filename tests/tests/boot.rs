@@ -1,7 +1,8 @@
 //! Boot: the real image in QEMU, started every way a board starts it.
 
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, flash_image};
-use std::process::Command;
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, ScratchFile, assert_qemu_run_refuses, flash_image, qemu_run_dry,
+};
 
 fn ready(q: &mut Qemu) -> String {
     q.wait_for("keel: ready", BOOT_TIMEOUT)
@@ -163,64 +164,39 @@ fn panic_prints_location_and_exits_with_failure() {
 
 #[test]
 fn qemu_run_rejects_unknown_options_and_missing_files() {
-    let run = keel_tests::root().join("qemu/run");
-    let out = Command::new(&run).arg("--bogus").output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option: --bogus"));
-    let out = Command::new(&run)
-        .args(["--disk", "/nonexistent/disk.img"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file: /nonexistent/disk.img"));
-    let out = Command::new(&run)
-        .args(["--nvmf-port", "http"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a TCP port"));
+    assert_qemu_run_refuses(&["--bogus"], "unknown option: --bogus");
+    assert_qemu_run_refuses(
+        &["--disk", "/nonexistent/disk.img"],
+        "no such file: /nonexistent/disk.img",
+    );
+    assert_qemu_run_refuses(&["--nvmf-port", "http"], "not a TCP port");
     // ivshmem needs a power-of-two window.
     let odd = keel_tests::ScratchFile::new("odd-window.img", 3_000_000);
-    let out = Command::new(&run)
-        .args(["--window", odd.path().to_str().unwrap(), "--dry-run"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a power of two"));
+    assert_qemu_run_refuses(
+        &["--window", odd.path().to_str().unwrap()],
+        "is not a power of two",
+    );
 }
 
 #[test]
 fn qemu_run_forwards_ports_disks_and_extra_arguments() {
-    let run = keel_tests::root().join("qemu/run");
     let img = keel_tests::image(Build::Release);
     let disk = ScratchFile::new("dry-run.img", 1 << 20);
-    let out = Command::new(&run)
-        .args([
-            "--image",
-            img.to_str().unwrap(),
-            "--nvmf-port",
-            "14420",
-            "--discovery-port",
-            "18009",
-        ])
-        .args([
-            "--disk",
-            disk.path().to_str().unwrap(),
-            "--smp",
-            "2",
-            "--dry-run",
-            "--",
-            "-d",
-            "guest_errors",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cmd = String::from_utf8_lossy(&out.stdout);
+    let cmd = qemu_run_dry(&[
+        "--image",
+        img.to_str().unwrap(),
+        "--nvmf-port",
+        "14420",
+        "--discovery-port",
+        "18009",
+        "--disk",
+        disk.path().to_str().unwrap(),
+        "--smp",
+        "2",
+        "--",
+        "-d",
+        "guest_errors",
+    ]);
     assert!(cmd.contains("hostfwd=tcp:127.0.0.1:14420-:4420"), "{cmd}");
     assert!(cmd.contains("hostfwd=tcp:127.0.0.1:18009-:8009"), "{cmd}");
     assert!(

@@ -1127,6 +1127,12 @@ fn tshark(pcap: &Path, extra: &[&str]) -> Output {
             "nvme-tcp.check_hdgst:TRUE",
             "-o",
             "nvme-tcp.check_ddgst:TRUE",
+            // The IPv4 header and TCP checksums too: the socket netdev offers no checksum
+            // offload, so every frame must carry complete, right checksums.
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-o",
+            "tcp.check_checksum:TRUE",
         ])
         .args(extra)
         .stdin(Stdio::null())
@@ -1154,6 +1160,10 @@ struct Capture {
     pdu_types: BTreeMap<u32, usize>,
     hdgst: (usize, Vec<String>),
     ddgst: (usize, Vec<String>),
+    /// TCP and IPv4 header checksums verified good, and the frames whose checksum is not.
+    checksums: (usize, Vec<String>),
+    /// Frames carrying TCP.
+    tcp_frames: usize,
     /// Times (epoch seconds) at which the target ended an NVMe/TCP connection (FIN or RST
     /// from port 4420).
     target_closes: Vec<f64>,
@@ -1177,6 +1187,8 @@ fn read_capture(pcap: &Path) -> Capture {
         "nvme.cmd.get_logpage.errinf.errcnt",
         "nvme-tcp.data.length",
         "nvme.cqe.dword0.get_features.arb.ab",
+        "tcp.checksum.status",
+        "ip.checksum.status",
     ];
     let mut args = vec!["-T", "fields", "-E", "separator=/t", "-z", "expert,warn"];
     for f in fields {
@@ -1215,6 +1227,19 @@ fn read_capture(pcap: &Path) -> Capture {
         }
         digest(f[3], &mut cap.hdgst);
         digest(f[4], &mut cap.ddgst);
+        if !f[5].is_empty() {
+            cap.tcp_frames += 1;
+        }
+        // Checksum status: 1 good, 0 bad, 2 unverified (tshark 4.0).
+        for v in [f[11], f[12]] {
+            for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                if s == "1" {
+                    cap.checksums.0 += 1;
+                } else {
+                    cap.checksums.1.push(line.to_string());
+                }
+            }
+        }
         let flag = |s: &str| s == "1" || s == "True";
         if f[5] == NVME_TCP_PORT && (flag(f[6]) || flag(f[7])) {
             cap.target_closes.push(f[0].parse().unwrap_or(0.0));
@@ -1300,6 +1325,18 @@ fn check_capture(c: &mut Checks, cap: &Capture) {
         cap.ddgst.0 > 0 && cap.ddgst.1.is_empty(),
         || format!("{:?}", cap.ddgst),
     );
+    c.that(
+        "capture: TCP and IPv4 header checksums verified on every frame, none bad",
+        cap.tcp_frames > 0 && cap.checksums.0 >= 2 * cap.tcp_frames && cap.checksums.1.is_empty(),
+        || {
+            format!(
+                "{} good over {} TCP frames; not good: {:?}",
+                cap.checksums.0,
+                cap.tcp_frames,
+                &cap.checksums.1[..cap.checksums.1.len().min(10)]
+            )
+        },
+    );
 }
 
 fn firmware_console_clean(c: &mut Checks, fw: &Firmware) {
@@ -1364,11 +1401,13 @@ fn linux_nvme_cli_and_fio_against_a_provisioned_two_subsystem_device() {
     let cap = read_capture(&fw.pcap);
     say(format!(
         "capture: {} frames, PDUs by type {:?}, header digests verified {}, data digests \
-         verified {}, expert rows {:?} (tshark {:.1} s)",
+         verified {}, TCP/IPv4 checksums good {} (bad {}), expert rows {:?} (tshark {:.1} s)",
         cap.frames,
         cap.pdu_types,
         cap.hdgst.0,
         cap.ddgst.0,
+        cap.checksums.0,
+        cap.checksums.1.len(),
         cap.expert,
         t.elapsed().as_secs_f64()
     ));

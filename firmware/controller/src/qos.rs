@@ -219,7 +219,7 @@ impl Target {
 
     /// The counters of a limiter: (admitted commands, admitted bytes, nanoseconds throttled).
     pub(crate) fn limiter_counters(&self, id: LimiterId) -> (u64, u64, u64) {
-        self.sched.limiter(id).map_or((0, 0, 0), |l| {
+        self.sched.limiter_stats(id).map_or((0, 0, 0), |l| {
             (l.admitted_ops, l.admitted_bytes, l.throttled_ns)
         })
     }

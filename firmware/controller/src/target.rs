@@ -526,7 +526,12 @@ impl Target {
             return Err(ConfigError::BadLimits);
         }
         let hstride = u32::from(l.max_queue_depth.max(l.admin_queue_depth));
-        let mut sched = Scheduler::new(0);
+        // Command handles for every queue the limits allow, allocated once: a Connect never
+        // allocates them, and what a workload's queues used is not kept beyond it.
+        let handles = u32::try_from(l.max_queues)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(hstride);
+        let mut sched = Scheduler::new(handles);
         let mut shared_domains = Vec::new();
         let now = Instant::from_nanos(0);
         let mut groups = Vec::with_capacity(cfg.qos_groups.len());
@@ -583,6 +588,15 @@ impl Target {
         }
         let mut ctrls = Vec::with_capacity(l.max_controllers);
         ctrls.resize_with(l.max_controllers, || None);
+        // Every controller has a limiter and a flow per namespace of its subsystem: room for
+        // the most controllers, so connecting allocates none and their removal leaves none.
+        let most_namespaces = subsystems.iter().map(|s| s.namespaces.len()).max();
+        sched.reserve(
+            l.max_controllers
+                .saturating_mul(most_namespaces.unwrap_or(0).max(1)),
+            l.max_controllers,
+            l.max_controllers,
+        );
         Ok(Self {
             limits: l,
             transport: cfg.transport,
@@ -592,8 +606,9 @@ impl Target {
             genctr: 1,
             ctrls,
             next_cntlid: 1,
-            queues: Vec::new(),
-            pending: VecDeque::with_capacity(64),
+            queues: Vec::with_capacity(l.max_queues),
+            // A whole queue's commands can be released at once (its connection lost).
+            pending: VecDeque::with_capacity(usize::from(l.max_queue_depth).max(64)),
             sched,
             hstride,
             groups,

@@ -110,6 +110,11 @@ pub struct Snapshot {
     /// own core writes. Appended like `remotes`.
     #[serde(default)]
     pub cores: Vec<CoreInfo>,
+    /// Heap bytes the TCP sockets created so far hold for their buffers (sockets are reused,
+    /// never freed): with [`Resources::heap_free`], what the heap keeps after a workload is
+    /// this growth and nothing else. Part of the resources, appended here like `remotes`.
+    #[serde(default)]
+    pub socket_buffer_bytes: u64,
 }
 
 /// One core's poll loop.
@@ -163,7 +168,8 @@ pub struct ControllerQosInfo {
 
 /// The device's pools and slots, taken at one instant. A device at rest has every buffer free,
 /// no NVMe/TCP connection, no controller and no queue, no socket draining, and a listener
-/// armed on every port; the heap only shrinks while the socket pool grows to its maximum.
+/// armed on every port; the heap only shrinks while the socket pool grows to its maximum, by
+/// what [`Snapshot::socket_buffer_bytes`] grows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Resources {
     /// Bytes free on the heap.

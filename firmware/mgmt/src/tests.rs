@@ -119,6 +119,7 @@ fn snapshot() -> Snapshot {
             evicted: 3,
             ..Resources::default()
         },
+        socket_buffer_bytes: 16 << 20,
         remotes: vec![RemoteInfo {
             subnqn: "nqn.2026-11.dev.keel:pool".into(),
             nsid: 1,
@@ -279,6 +280,7 @@ fn snapshots_stay_readable_across_versions() {
             qos_controllers: vec![],
             resources: Resources::default(),
             cores: vec![],
+            socket_buffer_bytes: 0,
             ..snapshot()
         })
     );

@@ -5,7 +5,10 @@
 //!
 //! The NVMe/TCP service keeps one queue per connection (`firmware/src/nvmf.rs`). Finding the
 //! oldest waiter scans the queues' heads (O(queues)), and only under overload: nothing waits
-//! otherwise. The queues grow (allocate) only beyond their largest depth so far.
+//! otherwise. Memory: the caller sizes the queue list for its most queues up front
+//! ([`Intake::with_queues`]) and a queue for its depth when it opens ([`Intake::reserve`]), so
+//! waiting never allocates; [`Intake::close`] gives a closed queue's memory back, so nothing a
+//! finished connection used stays on the heap.
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -34,6 +37,29 @@ impl<T> Intake<T> {
         }
     }
 
+    /// No queue, nothing waiting, room for `queues` queues without reallocating the list.
+    pub fn with_queues(queues: usize) -> Self {
+        Self {
+            queues: Vec::with_capacity(queues),
+            next_arrival: 0,
+            waiting: 0,
+        }
+    }
+
+    /// Makes room for `depth` waiters in `queue` (when it opens, with its queue depth), so
+    /// [`Intake::push`] does not allocate up to that many.
+    pub fn reserve(&mut self, queue: usize, depth: usize) {
+        self.grow_to(queue);
+        let q = &mut self.queues[queue];
+        q.reserve_exact(depth.saturating_sub(q.len()));
+    }
+
+    fn grow_to(&mut self, queue: usize) {
+        if self.queues.len() <= queue {
+            self.queues.resize_with(queue + 1, VecDeque::new);
+        }
+    }
+
     /// Work waiting, all queues together.
     pub fn waiting(&self) -> usize {
         self.waiting
@@ -52,9 +78,7 @@ impl<T> Intake<T> {
 
     /// `item` arrives and waits at the back of `queue`; returns its arrival number.
     pub fn push(&mut self, queue: usize, item: T) -> u64 {
-        if self.queues.len() <= queue {
-            self.queues.resize_with(queue + 1, VecDeque::new);
-        }
+        self.grow_to(queue);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
         self.queues[queue].push_back((arrival, item));
@@ -89,15 +113,21 @@ impl<T> Intake<T> {
         Some(t)
     }
 
-    /// Drops everything `queue` has waiting (its connection is gone); returns how many.
-    pub fn clear(&mut self, queue: usize) -> usize {
+    /// Drops everything `queue` has waiting and frees its memory (its connection is gone);
+    /// returns how many waited.
+    pub fn close(&mut self, queue: usize) -> usize {
         let Some(q) = self.queues.get_mut(queue) else {
             return 0;
         };
         let n = q.len();
-        q.clear();
+        *q = VecDeque::new();
         self.waiting -= n;
         n
+    }
+
+    /// Room for waiters `queue` has (tests and leak checks).
+    pub fn capacity(&self, queue: usize) -> usize {
+        self.queues.get(queue).map_or(0, VecDeque::capacity)
     }
 }
 
@@ -139,8 +169,8 @@ mod tests {
         w.push(1, 2);
         w.push(0, 3);
         w.push(1, 4);
-        assert_eq!(w.clear(0), 2);
-        assert_eq!(w.clear(7), 0);
+        assert_eq!(w.close(0), 2);
+        assert_eq!(w.close(7), 0);
         assert_eq!((w.waiting(), w.queue_len(0), w.queue_len(1)), (2, 0, 2));
         assert_eq!(w.pop_oldest(), Some((1, 2)));
         // A new connection in the closed one's slot queues behind the older waiter.
@@ -148,6 +178,29 @@ mod tests {
         assert_eq!(w.pop_oldest(), Some((1, 4)));
         assert_eq!(w.pop_oldest(), Some((0, 5)));
         assert_eq!(w.pop_oldest(), None);
+    }
+
+    #[test]
+    fn a_reserved_queue_takes_its_depth_without_growing_and_closing_frees_it() {
+        let mut w = Intake::with_queues(4);
+        w.reserve(2, 16);
+        let cap = w.capacity(2);
+        assert!(cap >= 16);
+        for i in 0..16 {
+            w.push(2, i);
+        }
+        assert_eq!(
+            w.capacity(2),
+            cap,
+            "no reallocation up to the reserved depth"
+        );
+        assert_eq!((w.close(2), w.capacity(2), w.waiting()), (16, 0, 0));
+        // Reserving less than what waits keeps what waits.
+        w.push(1, 1);
+        w.push(1, 2);
+        w.reserve(1, 1);
+        assert_eq!(w.queue_len(1), 2);
+        assert_eq!(w.pop_oldest(), Some((1, 1)));
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //!
 //! - [`bucket`]: token buckets refilled from the clock, charged the full cost of a request
 //!   (debt instead of time slices: one large I/O cannot overrun a limit, and limits below
-//!   1000 IOPS work).
+//!   1000 IOPS work); exact 64-bit arithmetic, no division per command.
 //! - [`limiter`]: the six limits of a namespace, controller or group (IOPS and bandwidth,
-//!   reads, writes and combined, each with its burst).
+//!   reads, writes and combined, each with its burst), with a short way through while no
+//!   limit is near.
 //! - [`intake`]: arrival order across queues for work waiting for a shared resource (the
 //!   NVMe/TCP buffer pool): the oldest waiter of all connections goes first.
 //! - [`sched`]: FIFO intake per flow, limiters, and start-time fair queuing among the flows
@@ -33,4 +34,6 @@ pub mod sched;
 pub use bucket::{Bucket, Rate};
 pub use intake::Intake;
 pub use limiter::{Cost, Dir, Limiter, Limits};
-pub use sched::{Admit, DomainId, FlowId, FlowStats, LimiterId, SchedError, Scheduler};
+pub use sched::{
+    Admit, DomainId, FlowId, FlowStats, LimiterId, LimiterStats, SchedError, Scheduler,
+};

@@ -21,7 +21,10 @@
 //! Entries are the caller's command handles (`u32` below a capacity set up front); the FIFOs
 //! are linked through a table indexed by handle, so nothing allocates per command. Cost when
 //! no limit binds: [`Scheduler::enqueue`] answers "start now" without queueing when the
-//! domain has nobody waiting.
+//! domain has nobody waiting; it visits only the flow's limiters that have a limit set (none
+//! for a flow without limits), and a limiter far from its limits does not touch its buckets
+//! ([`Limiter`]). What a limiter admitted is counted by the flows, and summed when reported
+//! ([`Scheduler::limiter_stats`]).
 
 use crate::limiter::{Cost, Limiter, Limits};
 use alloc::vec::Vec;
@@ -91,12 +94,38 @@ pub struct FlowStats {
     pub throttled_ns: u64,
 }
 
+/// Counters of one limiter, over all the flows it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimiterStats {
+    /// Commands admitted so far.
+    pub admitted_ops: u64,
+    /// Bytes admitted so far.
+    pub admitted_bytes: u64,
+    /// Nanoseconds during which a request was held back by this limiter (summed over the
+    /// times it was found blocking).
+    pub throttled_ns: u64,
+}
+
+/// A limiter and its counters. What it admitted is counted by the flows (their
+/// [`FlowStats`]); `ops`/`bytes` hold what flows that left it had admitted through it.
+#[derive(Debug, Clone)]
+struct Slot {
+    lim: Limiter,
+    ops: u64,
+    bytes: u64,
+    throttled_ns: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Flow {
     live: bool,
     domain: u16,
     weight: u32,
     limiters: [u16; 3],
+    /// Bit `k`: `limiters[k]` has a limit set (the only ones the per-command path visits).
+    limited: u8,
+    /// The flow's (dispatched, bytes) when it joined `limiters[k]`.
+    joined: [(u64, u64); 3],
     head: u32,
     tail: u32,
     vtime: u64,
@@ -129,9 +158,11 @@ pub struct Scheduler {
     entries: Vec<Entry>,
     flows: Vec<Flow>,
     domains: Vec<Domain>,
-    limiters: Vec<Option<Limiter>>,
+    limiters: Vec<Option<Slot>>,
     arrivals: u64,
     waiting: u32,
+    /// Flows a new domain's active list has room for ([`Scheduler::reserve`]).
+    domain_room: usize,
 }
 
 /// Why a configuration call was refused.
@@ -174,7 +205,23 @@ impl Scheduler {
     /// per command).
     pub fn ensure_capacity(&mut self, capacity: u32) {
         if (self.entries.len() as u32) < capacity {
+            let more = capacity as usize - self.entries.len();
+            self.entries.reserve_exact(more);
             self.entries.resize(capacity as usize, Entry::EMPTY);
+        }
+    }
+
+    /// Makes room for `flows` more flows, `limiters` more limiters and `per_domain` flows in
+    /// every domain (those there are and those added later), so that adding them does not
+    /// allocate: the caller sizes them once for its most controllers, and nothing a workload
+    /// adds and removes stays allocated after it (call at configuration time).
+    pub fn reserve(&mut self, flows: usize, limiters: usize, per_domain: usize) {
+        self.flows.reserve_exact(flows);
+        self.limiters.reserve_exact(limiters);
+        self.domain_room = self.domain_room.max(per_domain);
+        for d in self.domains.iter_mut().filter(|d| d.live) {
+            d.active
+                .reserve_exact(per_domain.saturating_sub(d.active.len()));
         }
     }
 
@@ -185,7 +232,12 @@ impl Scheduler {
 
     /// A new limiter.
     pub fn add_limiter(&mut self, limits: Limits, now_ns: u64) -> Result<LimiterId, SchedError> {
-        let l = Some(Limiter::new(limits, now_ns));
+        let l = Some(Slot {
+            lim: Limiter::new(limits, now_ns),
+            ops: 0,
+            bytes: 0,
+            throttled_ns: 0,
+        });
         let i = match free_index(&self.limiters, Option::is_some) {
             Some(i) => {
                 self.limiters[i] = l;
@@ -209,6 +261,7 @@ impl Scheduler {
     ) -> Result<(), SchedError> {
         let l = self.limiter_mut(id).ok_or(SchedError::Unknown)?;
         l.set(limits, now_ns);
+        self.refresh_limited();
         Ok(())
     }
 
@@ -224,17 +277,67 @@ impl Scheduler {
                 }
             }
         }
+        self.refresh_limited();
     }
 
-    /// A limiter's state and counters.
+    /// Recomputes every flow's mask of limiters with a limit set (configuration path).
+    fn refresh_limited(&mut self) {
+        for f in self.flows.iter_mut() {
+            f.limited = 0;
+            for (k, li) in f.limiters.iter().enumerate() {
+                if let Some(Some(l)) = self.limiters.get(*li as usize)
+                    && l.lim.is_limited()
+                {
+                    f.limited |= 1 << k;
+                }
+            }
+        }
+    }
+
+    /// A limiter's limits and buckets.
     pub fn limiter(&self, id: LimiterId) -> Option<&Limiter> {
-        self.limiters.get(id.0 as usize).and_then(Option::as_ref)
+        self.limiters
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|s| &s.lim)
+    }
+
+    /// A limiter's counters: what it admitted over all the flows it holds and held, and how
+    /// long it held requests back. (Walks the flows: for reports, not per command.)
+    pub fn limiter_stats(&self, id: LimiterId) -> Option<LimiterStats> {
+        let slot = self.limiters.get(id.0 as usize)?.as_ref()?;
+        let mut st = LimiterStats {
+            admitted_ops: slot.ops,
+            admitted_bytes: slot.bytes,
+            throttled_ns: slot.throttled_ns,
+        };
+        for f in self.flows.iter().filter(|f| f.live) {
+            for (k, li) in f.limiters.iter().enumerate() {
+                if *li == id.0 {
+                    st.admitted_ops += f.stats.dispatched - f.joined[k].0;
+                    st.admitted_bytes += f.stats.bytes - f.joined[k].1;
+                }
+            }
+        }
+        Some(st)
     }
 
     fn limiter_mut(&mut self, id: LimiterId) -> Option<&mut Limiter> {
         self.limiters
             .get_mut(id.0 as usize)
             .and_then(Option::as_mut)
+            .map(|s| &mut s.lim)
+    }
+
+    /// `flow` leaves its limiters: what it admitted through them stays in their counters.
+    fn leave_limiters(&mut self, fi: usize) {
+        let f = &self.flows[fi];
+        for (k, li) in f.limiters.iter().enumerate() {
+            if let Some(Some(slot)) = self.limiters.get_mut(*li as usize) {
+                slot.ops += f.stats.dispatched - f.joined[k].0;
+                slot.bytes += f.stats.bytes - f.joined[k].1;
+            }
+        }
     }
 
     /// Changes a domain's cap on commands in flight (0: no cap), live: a lower cap lets
@@ -268,7 +371,7 @@ impl Scheduler {
             max_inflight,
             saturated: false,
             vclock: 0,
-            active: Vec::new(),
+            active: Vec::with_capacity(self.domain_room),
         };
         let i = match free_index(&self.domains, |d| d.live) {
             Some(i) => {
@@ -320,6 +423,8 @@ impl Scheduler {
             domain: domain.0,
             weight: weight.clamp(1, MAX_WEIGHT),
             limiters: ls,
+            limited: 0,
+            joined: [(0, 0); 3],
             head: NIL,
             tail: NIL,
             vtime: vclock,
@@ -346,6 +451,7 @@ impl Scheduler {
             .count();
         let d = &mut self.domains[domain.0 as usize];
         d.active.reserve(n.saturating_sub(d.active.len()));
+        self.refresh_limited();
         Ok(FlowId(i as u16))
     }
 
@@ -363,6 +469,7 @@ impl Scheduler {
             return Err(SchedError::NotEmpty);
         }
         f.live = false;
+        self.leave_limiters(flow.0 as usize);
         Ok(())
     }
 
@@ -387,13 +494,15 @@ impl Scheduler {
 
     /// How long `flow`'s head must wait for its limiters (0: it may go).
     fn limit_wait(&mut self, flow: usize, now_ns: u64, cost: Cost) -> (u64, u16) {
+        let f = &self.flows[flow];
+        let (mut m, ls) = (f.limited, f.limiters);
         let mut wait = 0;
         let mut by = NONE16;
-        for li in self.flows[flow].limiters {
-            if let Some(Some(l)) = self.limiters.get_mut(li as usize)
-                && l.is_limited()
-            {
-                let w = l.wait_ns(now_ns, cost);
+        while m != 0 {
+            let li = ls[m.trailing_zeros() as usize];
+            m &= m - 1;
+            if let Some(Some(slot)) = self.limiters.get_mut(li as usize) {
+                let w = slot.lim.wait_ns(now_ns, cost);
                 if w > wait {
                     wait = w;
                     by = li;
@@ -403,10 +512,41 @@ impl Scheduler {
         (wait, by)
     }
 
-    fn charge(&mut self, flow: usize, cost: Cost) {
-        for li in self.flows[flow].limiters {
-            if let Some(Some(l)) = self.limiters.get_mut(li as usize) {
-                l.charge(cost);
+    fn charge(&mut self, flow: usize, now_ns: u64, cost: Cost) {
+        let f = &self.flows[flow];
+        let (mut m, ls) = (f.limited, f.limiters);
+        while m != 0 {
+            let li = ls[m.trailing_zeros() as usize];
+            m &= m - 1;
+            if let Some(Some(slot)) = self.limiters.get_mut(li as usize) {
+                slot.lim.charge(now_ns, cost);
+            }
+        }
+    }
+
+    /// Admits `cost` by all of `f`'s limiters with a limit set at once (charged), or by none.
+    #[inline]
+    fn admit(slots: &mut [Option<Slot>], f: &Flow, now_ns: u64, cost: Cost) -> bool {
+        let (all, ls) = (f.limited, f.limiters);
+        for (k, li) in ls.into_iter().enumerate() {
+            if all & (1 << k) != 0
+                && let Some(Some(slot)) = slots.get_mut(li as usize)
+                && !slot.lim.take(now_ns, cost)
+            {
+                Self::refund(slots, ls, all & ((1 << k) - 1), cost);
+                return false;
+            }
+        }
+        true
+    }
+
+    #[cold]
+    fn refund(slots: &mut [Option<Slot>], ls: [u16; 3], mut m: u8, cost: Cost) {
+        while m != 0 {
+            let li = ls[m.trailing_zeros() as usize];
+            m &= m - 1;
+            if let Some(Some(slot)) = slots.get_mut(li as usize) {
+                slot.lim.refund(cost);
             }
         }
     }
@@ -416,26 +556,56 @@ impl Scheduler {
     /// was put back ([`Scheduler::requeue_busy`], [`Scheduler::requeue_next_step`]) was
     /// charged and counted already.
     fn start(&mut self, flow: usize, cost: Cost, charged: bool, now_ns: u64) {
-        let f = &mut self.flows[flow];
-        if let Some((since, by)) = f.blocked.take() {
-            let t = now_ns.saturating_sub(since);
-            f.stats.throttled_ns += t;
-            if let Some(Some(l)) = self.limiters.get_mut(by as usize) {
-                l.throttled_ns += t;
-            }
-        }
         if !charged {
-            self.charge(flow, cost);
+            self.charge(flow, now_ns, cost);
         }
+        self.started(flow, cost, charged, now_ns);
+    }
+
+    /// The bookkeeping of [`Scheduler::start`] after the limiters.
+    fn started(&mut self, flow: usize, cost: Cost, charged: bool, now_ns: u64) {
         let f = &mut self.flows[flow];
         let d = &mut self.domains[f.domain as usize];
+        Self::account(&mut self.limiters, f, d, cost, charged, now_ns);
+    }
+
+    /// Counts a command of `f` started in `d`: time it was held back, virtual time, counters.
+    #[inline(always)]
+    fn account(
+        slots: &mut [Option<Slot>],
+        f: &mut Flow,
+        d: &mut Domain,
+        cost: Cost,
+        charged: bool,
+        now_ns: u64,
+    ) {
+        if f.blocked.is_some() {
+            Self::unblock(slots, f, now_ns);
+        }
         d.vclock = d.vclock.max(f.vtime);
         if !charged {
-            f.vtime += cost.bytes.max(MIN_SERVICE) * VSCALE / u64::from(f.weight);
+            // Weight 1 (every flow without a `weight` rule) needs no division.
+            let service = cost.bytes.max(MIN_SERVICE) * VSCALE;
+            f.vtime += match f.weight {
+                1 => service,
+                w => service / u64::from(w),
+            };
             f.stats.dispatched += 1;
             f.stats.bytes += cost.bytes;
         }
         d.inflight += 1;
+    }
+
+    /// The time `f`'s head was held back by a limit ends.
+    #[cold]
+    fn unblock(slots: &mut [Option<Slot>], f: &mut Flow, now_ns: u64) {
+        if let Some((since, by)) = f.blocked.take() {
+            let t = now_ns.saturating_sub(since);
+            f.stats.throttled_ns += t;
+            if let Some(Some(slot)) = slots.get_mut(by as usize) {
+                slot.throttled_ns += t;
+            }
+        }
     }
 
     /// A command of `flow` that can only run now (it has no handle to wait with): starts it,
@@ -443,14 +613,19 @@ impl Scheduler {
     /// `enqueue` would start it at once, and returns true; otherwise returns false and
     /// changes nothing (the caller then enqueues it the usual way).
     pub fn admit_now(&mut self, now_ns: u64, flow: FlowId, cost: Cost) -> Result<bool, SchedError> {
-        let fi = flow.0 as usize;
-        let dom = self.flow_mut(flow).ok_or(SchedError::Unknown)?.domain as usize;
-        let d = &self.domains[dom];
-        if d.active.is_empty() && d.can_start() && self.limit_wait(fi, now_ns, cost).0 == 0 {
-            self.start(fi, cost, false, now_ns);
-            return Ok(true);
+        let Some(f) = self.flows.get_mut(flow.0 as usize).filter(|f| f.live) else {
+            return Err(SchedError::Unknown);
+        };
+        let d = &mut self.domains[f.domain as usize];
+        if !d.active.is_empty() || !d.can_start() {
+            return Ok(false);
         }
-        Ok(false)
+        // `admit` gives back what it took when a limit refuses.
+        if f.limited != 0 && !Self::admit(&mut self.limiters, f, now_ns, cost) {
+            return Ok(false);
+        }
+        Self::account(&mut self.limiters, f, d, cost, false, now_ns);
+        Ok(true)
     }
 
     /// A new command `h` of `flow` arrives. It starts at once ([`Admit::Now`]) when nobody in
@@ -464,23 +639,51 @@ impl Scheduler {
         cost: Cost,
     ) -> Result<Admit, SchedError> {
         let fi = flow.0 as usize;
+        let f = self.flows.get_mut(fi).filter(|f| f.live);
+        let Some(f) = f else {
+            return Err(SchedError::Unknown);
+        };
         if self.entries.get(h as usize).is_none_or(|e| e.queued) {
             return Err(SchedError::BadHandle);
         }
-        if self.admit_now(now_ns, flow, cost)? {
-            return Ok(Admit::Now);
+        let d = &mut self.domains[f.domain as usize];
+        if !d.active.is_empty() || !d.can_start() {
+            self.wait(fi, h, cost);
+            return Ok(Admit::Queued);
         }
+        if f.limited != 0 {
+            return Ok(self.enqueue_limited(now_ns, fi, h, cost));
+        }
+        Self::account(&mut self.limiters, f, d, cost, false, now_ns);
+        Ok(Admit::Now)
+    }
+
+    /// [`Scheduler::enqueue`] of a command that may start but for its flow's limits.
+    #[inline(never)]
+    fn enqueue_limited(&mut self, now_ns: u64, fi: usize, h: u32, cost: Cost) -> Admit {
+        let f = &mut self.flows[fi];
+        if !Self::admit(&mut self.limiters, f, now_ns, cost) {
+            self.wait(fi, h, cost);
+            return Admit::Queued;
+        }
+        let d = &mut self.domains[f.domain as usize];
+        Self::account(&mut self.limiters, f, d, cost, false, now_ns);
+        Admit::Now
+    }
+
+    /// Command `h` of flow `fi` joins the flow's FIFO.
+    #[inline(never)]
+    fn wait(&mut self, fi: usize, h: u32, cost: Cost) {
         self.arrivals += 1;
         self.entries[h as usize] = Entry {
             next: NIL,
-            flow: flow.0,
+            flow: fi as u16,
             queued: true,
             charged: false,
             cost,
             arrival: self.arrivals,
         };
         self.push_back(fi, h);
-        Ok(Admit::Queued)
     }
 
     fn push_back(&mut self, fi: usize, h: u32) {
@@ -680,7 +883,13 @@ impl Scheduler {
             }
             *slot = l.0;
         }
-        self.flow_mut(flow).ok_or(SchedError::Unknown)?.limiters = ls;
+        self.flow_mut(flow).ok_or(SchedError::Unknown)?;
+        let fi = flow.0 as usize;
+        self.leave_limiters(fi);
+        let f = &mut self.flows[fi];
+        f.limiters = ls;
+        f.joined = [(f.stats.dispatched, f.stats.bytes); 3];
+        self.refresh_limited();
         Ok(())
     }
 
@@ -720,5 +929,42 @@ impl Scheduler {
     /// Whether command `h` is waiting.
     pub fn is_queued(&self, h: u32) -> bool {
         self.entries.get(h as usize).is_some_and(|e| e.queued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capacities(s: &Scheduler) -> (usize, usize, Vec<usize>) {
+        let active = s.domains.iter().map(|d| d.active.capacity()).collect();
+        (s.flows.capacity(), s.limiters.capacity(), active)
+    }
+
+    #[test]
+    fn reserved_room_takes_flows_and_limiters_without_growing() {
+        let mut s = Scheduler::new(16);
+        let early = s.add_domain(0).unwrap();
+        s.reserve(8, 8, 8);
+        let late = s.add_domain(0).unwrap();
+        let room = capacities(&s);
+        assert!(room.0 >= 8 && room.1 >= 8 && room.2.iter().all(|&c| c >= 8));
+        // Connect and disconnect "controllers" twice: a limiter and a flow in each domain.
+        for _ in 0..2 {
+            let mut made = Vec::new();
+            for _ in 0..4 {
+                let l = s.add_limiter(Limits::NONE, 0).unwrap();
+                let a = s.add_flow(early, 1, &[l]).unwrap();
+                let b = s.add_flow(late, 1, &[l]).unwrap();
+                made.push((l, a, b));
+            }
+            assert_eq!(capacities(&s), room, "nothing grew");
+            for (l, a, b) in made {
+                s.remove_flow(a).unwrap();
+                s.remove_flow(b).unwrap();
+                s.remove_limiter(l);
+            }
+        }
+        assert_eq!(capacities(&s), room);
     }
 }

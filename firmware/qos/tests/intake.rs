@@ -45,7 +45,7 @@ proptest! {
                     prop_assert_eq!(got, want);
                 }
                 Op::Close(c) => {
-                    let n = intake.clear(c);
+                    let n = intake.close(c);
                     let before = model.len();
                     model.retain(|&(_, mc)| mc != c);
                     prop_assert_eq!(n, before - model.len());

@@ -361,7 +361,7 @@ fn busy_refusal_keeps_place_and_charge() {
     // 2 waits for the bucket: 2 tokens were spent on commands 0 and 1 only.
     assert_eq!(s.next(0), None);
     assert_eq!(s.next(100_000_000), Some((2, f)));
-    assert_eq!(s.limiter(l).unwrap().admitted_ops, 3);
+    assert_eq!(s.limiter_stats(l).unwrap().admitted_ops, 3);
 }
 
 /// `admit_now` starts what `enqueue` would start at once, charged the same, and otherwise
@@ -393,7 +393,7 @@ fn admit_now_starts_only_what_would_start_at_once() {
     s.completed(d);
     // ...and then nothing overtakes it, though the domain has room.
     assert!(!s.admit_now(0, f, READ4K).unwrap());
-    assert_eq!(s.limiter(l).unwrap().admitted_ops, 3);
+    assert_eq!(s.limiter_stats(l).unwrap().admitted_ops, 3);
     assert_eq!(s.next(100_000_000), Some((1, f)));
     assert!(s.admit_now(200_000_000, f, READ4K).unwrap());
     assert!(s.admit_now(0, FlowId(99), READ4K).is_err());
@@ -461,4 +461,48 @@ fn a_domain_cap_changes_live() {
         s.set_max_inflight(keel_qos::DomainId(9), 1),
         Err(keel_qos::SchedError::Unknown)
     );
+}
+
+/// A limiter's counters cover every flow it holds, and keep what a flow admitted through it
+/// after the flow leaves it (new limiters, or the flow removed).
+#[test]
+fn limiter_counters_follow_flows() {
+    let mut s = Scheduler::new(64);
+    let d = s.add_domain(0).unwrap();
+    let ns = s.add_limiter(Limits::NONE, 0).unwrap();
+    let group = s
+        .add_limiter(
+            Limits {
+                iops: Some(Rate::new(1_000_000)),
+                ..Limits::NONE
+            },
+            0,
+        )
+        .unwrap();
+    let a = s.add_flow(d, 1, &[ns, group]).unwrap();
+    let b = s.add_flow(d, 1, &[ns]).unwrap();
+    let mut h = 0;
+    let mut run = |s: &mut Scheduler, f: FlowId, n: u32| {
+        for _ in 0..n {
+            assert_eq!(s.enqueue(0, f, h, READ4K).unwrap(), Admit::Now);
+            s.completed(d);
+            h += 1;
+        }
+    };
+    run(&mut s, a, 3);
+    run(&mut s, b, 2);
+    let ops = |s: &Scheduler, l| s.limiter_stats(l).unwrap().admitted_ops;
+    assert_eq!((ops(&s, ns), ops(&s, group)), (5, 3));
+    assert_eq!(s.limiter_stats(ns).unwrap().admitted_bytes, 5 * 4096);
+    // Flow a leaves the group: the group keeps its 3.
+    s.set_flow_limiters(a, &[ns]).unwrap();
+    run(&mut s, a, 1);
+    assert_eq!((ops(&s, ns), ops(&s, group)), (6, 3));
+    // Flow b goes: the namespace limiter keeps its 2.
+    s.remove_flow(b).unwrap();
+    assert_eq!(ops(&s, ns), 6);
+    // Back into the group: counted from now on.
+    s.set_flow_limiters(a, &[ns, group]).unwrap();
+    run(&mut s, a, 2);
+    assert_eq!((ops(&s, ns), ops(&s, group)), (8, 5));
 }
