@@ -327,7 +327,16 @@ impl<H: Hw> NetStack<H> {
 
     /// Runs the interface: receive, process, send. Returns whether anything changed.
     pub fn poll(&mut self, now_ns: u64) -> bool {
-        use smoltcp::iface::{PollIngressSingleResult, PollResult};
+        let received = self.poll_ingress(now_ns);
+        self.poll_egress(now_ns) | received
+    }
+
+    /// The receiving half of [`NetStack::poll`]: received packets into the sockets, new
+    /// connections accepted. The poll loop runs the services next and then
+    /// [`NetStack::poll_egress`], so what they answer leaves in the same segments as the ACKs
+    /// of what came in (one pass, as few frames as the sockets allow).
+    pub fn poll_ingress(&mut self, now_ns: u64) -> bool {
+        use smoltcp::iface::PollIngressSingleResult;
         let now = instant(now_ns);
         let mut changed = false;
         self.iface.poll_maintenance(now);
@@ -358,6 +367,15 @@ impl<H: Hw> NetStack<H> {
                 break;
             }
         }
+        changed
+    }
+
+    /// The sending half of [`NetStack::poll`]: everything the sockets have to send, one
+    /// virtqueue notification; DHCP, released sockets, listeners re-armed.
+    pub fn poll_egress(&mut self, now_ns: u64) -> bool {
+        use smoltcp::iface::PollResult;
+        let now = instant(now_ns);
+        let mut changed = false;
         while self
             .iface
             .poll_egress(now, &mut self.device, &mut self.sockets)
@@ -391,8 +409,8 @@ impl<H: Hw> NetStack<H> {
                 Some(dhcpv4::Event::Deconfigured) | None => {}
             }
         }
-        // Listeners leave the Listen state only on a received SYN: the ingress loop above
-        // collected them.
+        // Listeners leave the Listen state only on a received SYN: `poll_ingress` collected
+        // them.
         self.recycle(now_ns);
         self.arm();
         if !self.listening_on_all() {

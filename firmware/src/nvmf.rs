@@ -7,7 +7,15 @@
 //! the connection (command capsules, in-capsule and R2T-solicited data land directly in a pool
 //! buffer), the command goes to the controller, its completion comes back (at once or from
 //! `Target::poll`) and the connection turns it into C2HData/CapsuleResp PDUs written straight
-//! into the socket's transmit buffer. Buffers come from one pre-allocated pool; a command that
+//! into the socket's transmit buffer.
+//!
+//! Where the namespace's medium is memory (RAM, slices of it, AES-XTS reads over it) there is
+//! no pool buffer at all: a Read runs inside the socket's `send` closure with the window where
+//! its C2HData PDU's data goes as destination (`complete_in_window` + `Target::submit_now`),
+//! and an in-capsule Write whose data arrived whole (and digest-checked) runs inside the
+//! socket's `recv` closure from the receive window (`recv_direct`). Whatever cannot
+//! (a drive, a remote volume, a wrapped transmit ring, QoS holding the command back, a data
+//! digest that does not match) takes the buffered path. Buffers come from one pre-allocated pool; a command that
 //! finds the pool empty (or other work already waiting) waits in its connection's queue with
 //! an arrival number, and buffers go to the oldest waiter of all connections: under overload
 //! no connection's commands wait behind another connection's later ones.
@@ -20,7 +28,7 @@ use crate::hw::Hw;
 use crate::net::{Accepted, NetStack};
 use alloc::{format, string::String, vec::Vec};
 use keel_controller::{
-    Event as CoreEvent, Instant, PortEntry, QueueId, QueueLoss, Request, Response, Target,
+    Event as CoreEvent, Instant, NowData, PortEntry, QueueId, QueueLoss, Request, Response, Target,
 };
 use keel_nvme::{Sqe, Status};
 use keel_nvmf_tcp::{Event as TcpEvent, TargetConfig as TcpConfig, TargetConnection, TargetState};
@@ -99,6 +107,8 @@ pub struct NvmfService {
     pub evicted: u64,
     /// Connections closed because their ICReq did not come in time.
     pub icreq_timeouts: u64,
+    /// Commands whose data moved without a pool buffer.
+    pub direct: DirectCounts,
     /// Work waiting for a buffer, one FIFO per connection (by its slot), served in arrival
     /// order across all of them (see [`NvmfService::start_waiting`]).
     waiting: Intake<Waiting>,
@@ -138,6 +148,7 @@ impl NvmfService {
             refused: 0,
             evicted: 0,
             icreq_timeouts: 0,
+            direct: DirectCounts::default(),
             waiting: Intake::with_queues(crate::net::MAX_SOCKETS),
         })
     }
@@ -248,6 +259,7 @@ impl NvmfService {
                 pool: &mut self.pool,
                 now,
                 waiting: &mut self.waiting,
+                direct: &mut self.direct,
             };
             c.begin(&mut cx, w, b);
         }
@@ -316,7 +328,7 @@ impl NvmfService {
     /// Moves every connection's pending PDUs into its socket.
     pub fn flush<H: Hw>(&mut self, net: &mut NetStack<H>) {
         for c in self.conns.iter_mut().flatten() {
-            c.flush(net);
+            c.flush(net.sockets.get_mut::<tcp::Socket>(c.socket));
         }
     }
 
@@ -352,29 +364,38 @@ impl NvmfService {
             pool: &mut self.pool,
             now,
             waiting: &mut self.waiting,
+            direct: &mut self.direct,
         };
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // Receive: feed the transport until it stops taking bytes (it stops early when it
-        // needs a buffer from us).
+        // needs a buffer from us). In-capsule writes whose data is here run from the socket's
+        // receive window.
+        let (queue, cookie) = (c.queue, c.slot);
         while sock.can_recv() && !c.closing {
+            let (target, direct) = (&mut *cx.target, &mut *cx.direct);
             let taken = sock.recv(|bytes| {
-                let n = c.tcp.recv(now_ms, bytes);
+                let n = c
+                    .tcp
+                    .recv_direct(now_ms, bytes, &mut |sqe: &Sqe, data: &[u8]| {
+                        let r = target.submit_now(now, queue, sqe, cookie, NowData::Write(data))?;
+                        direct.writes += 1;
+                        Some(r.cqe)
+                    });
                 (n, n)
             });
             match taken {
                 Ok(0) | Err(_) => break,
                 Ok(_) => busy = true,
             }
-            busy |= c.handle_events(&mut cx);
+            busy |= c.handle_events(&mut cx, sock);
         }
-        busy |= c.handle_events(&mut cx);
+        busy |= c.handle_events(&mut cx, sock);
         let awaiting = c.tcp.state() == TargetState::AwaitIc;
         c.tcp.poll_timers(now_ms);
         if awaiting && c.tcp.state() != TargetState::AwaitIc {
             self.icreq_timeouts += 1;
         }
-        c.flush(net);
-        let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
+        c.flush(sock);
         // The peer is gone once it reset the connection (or it timed out), or once it closed
         // its side and we have consumed everything (a half-closed host sends no more
         // commands). Both lose the queue only: Linux deletes a controller by closing each I/O
@@ -447,6 +468,17 @@ struct Ctx<'a> {
     now: Instant,
     /// [`NvmfService::waiting`].
     waiting: &'a mut Intake<Waiting>,
+    /// [`NvmfService::direct`].
+    direct: &'a mut DirectCounts,
+}
+
+/// Commands whose data moved between a namespace and a socket without a pool buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectCounts {
+    /// Reads whose data went straight into a socket's transmit window.
+    pub reads: u64,
+    /// In-capsule writes run straight from a socket's receive window.
+    pub writes: u64,
 }
 
 impl Conn {
@@ -529,8 +561,31 @@ impl Conn {
         }
     }
 
+    /// Runs a read that returns data (`sqe`, a `Command` event without a buffer) inside the
+    /// socket's transmit window, its data read straight into the C2HData PDU
+    /// ([`TargetConnection::complete_in_window`] with [`Target::submit_now`]). Returns false,
+    /// with nothing changed, when that cannot be done: the caller then takes a buffer.
+    fn read_in_window(&mut self, cx: &mut Ctx<'_>, sock: &mut tcp::Socket, sqe: &Sqe) -> bool {
+        // PDUs already queued go first, so the window is at the end of the stream.
+        self.flush(sock);
+        let (queue, cookie, fc) = (self.queue, self.slot, self.fc_disabled);
+        let tcp = &mut self.tcp;
+        let mut ran = false;
+        let _ = sock.send(|window| {
+            let n = tcp.complete_in_window(sqe.cid, window, fc, |dst| {
+                let r = cx
+                    .target
+                    .submit_now(cx.now, queue, sqe, cookie, NowData::Read(dst))?;
+                ran = true;
+                Some((r.cqe, r.data_len))
+            });
+            (n, n)
+        });
+        ran
+    }
+
     /// Acts on the transport's events; returns whether there were any.
-    fn handle_events(&mut self, cx: &mut Ctx<'_>) -> bool {
+    fn handle_events(&mut self, cx: &mut Ctx<'_>, sock: &mut tcp::Socket) -> bool {
         let mut any = false;
         while let Some(ev) = self.tcp.poll_event() {
             any = true;
@@ -551,7 +606,13 @@ impl Conn {
                     sqe,
                     buf: None,
                     data_len,
-                } => self.start(cx, Waiting::Command { sqe, data_len }),
+                } => {
+                    if self.read_in_window(cx, sock, &sqe) {
+                        cx.direct.reads += 1;
+                    } else {
+                        self.start(cx, Waiting::Command { sqe, data_len });
+                    }
+                }
                 TcpEvent::CommandFailed { sqe, buf, status } => {
                     recycle(cx.pool, buf.map(|b| b.0));
                     self.fail(cx, sqe, status);
@@ -563,9 +624,8 @@ impl Conn {
         any
     }
 
-    /// Moves the connection's pending PDUs into the socket's transmit buffer.
-    fn flush<H: Hw>(&mut self, net: &mut NetStack<H>) {
-        let sock = net.sockets.get_mut::<tcp::Socket>(self.socket);
+    /// Moves the connection's pending PDUs into its socket's transmit buffer.
+    fn flush(&mut self, sock: &mut tcp::Socket) {
         while self.tcp.wants_transmit() && sock.can_send() {
             let sent = sock.send(|out| {
                 let n = self.tcp.transmit(out);

@@ -210,7 +210,9 @@ const IDLE_SPIN_NS: u64 = 200_000;
 /// The longest sleep (timers inside the services, such as keep-alive, need no finer grain).
 const MAX_SLEEP_NS: u64 = 5_000_000;
 
-/// One pass over the NIC and the services; returns whether anything happened.
+/// One pass over the NIC and the services; returns whether anything happened. What came in
+/// is handled before anything is sent: the responses of the whole pass leave together, the
+/// ACKs of the commands riding on them (no separate ACK frame, no send per response).
 fn pass(
     now: u64,
     mut net: Option<&mut NetStack<Qemu>>,
@@ -219,7 +221,7 @@ fn pass(
 ) -> bool {
     let mut busy = false;
     if let Some(n) = net.as_deref_mut() {
-        busy |= n.poll(now);
+        busy |= n.poll_ingress(now);
         if !services.serves_tcp() {
             for a in n.take_accepted().collect::<alloc::vec::Vec<_>>() {
                 n.release(a.handle, false, now);
@@ -229,11 +231,9 @@ fn pass(
     if let (Some(m), Some(n)) = (mgmt, net.as_deref_mut()) {
         busy |= m.poll(now, n, services);
     }
-    if services.poll(now, net.as_deref_mut()) {
-        busy = true;
-        if let Some(n) = net {
-            n.poll(now);
-        }
+    busy |= services.poll(now, net.as_deref_mut());
+    if let Some(n) = net {
+        busy |= n.poll_egress(now);
     }
     busy
 }

@@ -197,15 +197,16 @@ impl Device {
         }
     }
 
+    /// One pass as the poll loop makes it (`poll::pass`): receive, services, send.
     fn pass(&mut self) {
         advance(10_000);
         let t = now();
-        self.net.poll(t);
+        self.net.poll_ingress(t);
         if let Some(m) = self.mgmt.as_mut() {
             m.poll(t, &mut self.net, &mut self.services);
         }
         self.services.poll(t, Some(&mut self.net));
-        self.net.poll(t);
+        self.net.poll_egress(t);
     }
 
     fn client_socket(&mut self, port: u16, local_port: u16) -> SocketHandle {
@@ -235,12 +236,19 @@ struct Queue {
 
 impl Queue {
     fn open(dev: &mut Device, local_port: u16) -> Queue {
+        Self::open_with(
+            dev,
+            local_port,
+            HostConfig {
+                slots: 32,
+                ..HostConfig::default()
+            },
+        )
+    }
+
+    fn open_with(dev: &mut Device, local_port: u16, cfg: HostConfig) -> Queue {
         let sock = dev.client_socket(4420, local_port);
-        let host = HostConnection::new(HostConfig {
-            slots: 32,
-            ..HostConfig::default()
-        })
-        .unwrap();
+        let host = HostConnection::new(cfg).unwrap();
         let mut q = Queue { sock, host };
         let mut connected = false;
         for _ in 0..1000 {
@@ -319,11 +327,22 @@ impl Queue {
     }
 
     fn connect(&mut self, dev: &mut Device, qid: u16, cntlid: u16, nqn: &str) -> u16 {
+        self.connect_with(dev, qid, cntlid, nqn, 0)
+    }
+
+    fn connect_with(
+        &mut self,
+        dev: &mut Device,
+        qid: u16,
+        cntlid: u16,
+        nqn: &str,
+        cattr: u8,
+    ) -> u16 {
         let sqe = ConnectCommand {
             recfmt: 0,
             qid,
             sqsize: 31,
-            cattr: 0,
+            cattr,
             kato: if qid == 0 { 30_000 } else { 0 },
         }
         .to_sqe(0);
@@ -413,6 +432,91 @@ fn nvme_tcp_service_serves_a_host_over_loopback() {
     }
     assert_eq!(dev.services.nvmf.as_ref().unwrap().connections(), 0);
     assert_eq!(dev.services.target.controller_count(), 0);
+}
+
+/// RAM namespaces move data without pool buffers: 4 KiB in-capsule writes run from the receive
+/// window, reads land in the transmit window (with SQ flow control disabled, as one C2HData
+/// with SUCCESS: the host synthesises the CQE, SQID 0); with digests too. An AES-XTS namespace
+/// reads that way and writes through a buffer (the ciphertext needs its own memory).
+#[test]
+fn ram_data_moves_between_namespace_and_sockets_without_pool_buffers() {
+    use keel_nvme::fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL;
+    use keel_nvmf_tcp::Digests;
+    let key: String = (0..64u8).map(|i| format!("{:02x}", i * 3 + 1)).collect();
+    let xts = format!("keel.ram=16 keel.xts=1:{key}");
+    let cases = [
+        ("keel.ram=16", Digests::default(), false, true),
+        ("keel.ram=16", Digests::default(), true, true),
+        (
+            "keel.ram=16",
+            Digests {
+                header: true,
+                data: true,
+            },
+            true,
+            true,
+        ),
+        (xts.as_str(), Digests::default(), true, false),
+    ];
+    for (args, digests, fc_off, direct_writes) in cases {
+        let mut dev = Device::new(args);
+        let nqn = crate::config::DEFAULT_NQN;
+        let mut admin = Queue::open(&mut dev, 50_000);
+        let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
+        admin.enable(&mut dev);
+        let cfg = HostConfig {
+            slots: 32,
+            digests,
+            sq_flow_control_disabled: fc_off,
+            ..HostConfig::default()
+        };
+        let mut io = Queue::open_with(&mut dev, 50_001, cfg);
+        let cattr = if fc_off {
+            CATTR_DISABLE_SQ_FLOW_CONTROL
+        } else {
+            0
+        };
+        io.connect_with(&mut dev, 1, cntlid, nqn, cattr);
+        let mut pattern = vec![0u8; 4096];
+        for k in 0..4u32 {
+            let rw = RwCommand {
+                slba: 8 + 8 * k as u64,
+                nlb: 7,
+                deac: false,
+                fua: false,
+                lr: false,
+                prinfo: 0,
+            };
+            pattern.iter_mut().enumerate().for_each(|(i, b)| {
+                *b = (i as u32 * 31 + k) as u8;
+            });
+            let (cqe, _) = io.cmd(
+                &mut dev,
+                rw.to_sqe(IoOpcode::Write as u8, 0, 1),
+                Some(pattern.clone()),
+            );
+            assert!(cqe.status.is_success(), "{args}: write: {:?}", cqe.status);
+            let (cqe, buf) = io.cmd(
+                &mut dev,
+                rw.to_sqe(IoOpcode::Read as u8, 0, 1),
+                Some(vec![0u8; 4096]),
+            );
+            assert!(cqe.status.is_success(), "{args}: read: {:?}", cqe.status);
+            assert_eq!(buf.unwrap(), pattern, "{args}: read back");
+            // SUCCESS: no CQE on the wire, the host's own has SQID 0 and SQHD 0.
+            let want_sqid = if fc_off { 0 } else { 1 };
+            assert_eq!(cqe.sqid, want_sqid, "{args}: {digests:?}");
+        }
+        let s = dev.services.nvmf.as_ref().unwrap();
+        let writes = if direct_writes { 4 } else { 0 };
+        assert_eq!(
+            s.direct,
+            crate::nvmf::DirectCounts { reads: 4, writes },
+            "{args}: {digests:?}"
+        );
+        let (free, all) = s.buffers();
+        assert_eq!(free, all);
+    }
 }
 
 #[test]

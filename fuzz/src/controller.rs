@@ -93,6 +93,15 @@ pub enum Op {
         /// Its data.
         data: Data,
     },
+    /// A command the transport first offers to run at once with its data in place
+    /// (`Target::submit_now`, as NVMe/TCP does for RAM reads and in-capsule writes), then
+    /// submits the usual way if refused.
+    Now {
+        /// Queue.
+        q: u8,
+        /// The command.
+        cmd: Cmd,
+    },
     /// The transport refuses a command (bad SGL, digest error) with a status.
     Reject {
         /// Queue.
@@ -459,6 +468,38 @@ impl Harness {
                 let Some(qq) = self.queue(q) else { return };
                 let sqe = Sqe::from_bytes(&sqe);
                 self.submit(qq, sqe, data.len % (2 * pool::BUF_SIZE as u32), &data.fill);
+            }
+            Op::Now { q, cmd } => {
+                let Some(qq) = self.queue(q) else { return };
+                let (sqe, len) = typed(&cmd);
+                let mut data = vec![0u8; (len as usize).min(2 * pool::BUF_SIZE)];
+                for (d, f) in data.iter_mut().zip(cmd.data.fill.iter().cycle()) {
+                    *d = *f;
+                }
+                let before = data.clone();
+                self.cookie += 1;
+                let cookie = self.cookie;
+                let now = self.now();
+                let nd = if sqe.opcode & 1 == 1 {
+                    keel_controller::NowData::Write(&data)
+                } else {
+                    keel_controller::NowData::Read(&mut data)
+                };
+                let writes = matches!(nd, keel_controller::NowData::Write(_));
+                match self.t.submit_now(now, qq, &sqe, cookie, nd) {
+                    Some(r) => {
+                        assert!(r.buf.is_none(), "a buffer from nowhere");
+                        assert!(r.data_len as usize <= data.len(), "more data than the window");
+                        if writes {
+                            assert_eq!(data, before, "write data changed");
+                        }
+                        self.answered(qq, &sqe, cookie, len, r);
+                    }
+                    None => {
+                        self.cookie -= 1;
+                        self.submit(qq, sqe, len, &cmd.data.fill);
+                    }
+                }
             }
             Op::Reject { q, cid, status } => {
                 let Some(qq) = self.queue(q) else { return };

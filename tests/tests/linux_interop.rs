@@ -4,8 +4,9 @@
 //! from `qemu/linux/interop.toml` (two subsystems, one with an encrypted namespace, a static
 //! address). In one guest boot it runs `nvme discover` and `connect-all` against the discovery
 //! port, the Identify, log, feature and I/O commands of nvme-cli, writes and reads back with
-//! digests off and on, fio with CRC32C verification on 4 I/O queues, and a keep-alive expiry:
-//! the test freezes the guest's QEMU (SIGSTOP) for longer than its KATO and resumes it. The
+//! digests off and on and with SQ flow control disabled (reads ended by C2HData with SUCCESS),
+//! fio with CRC32C verification on 4 I/O queues, and a keep-alive expiry: the test freezes
+//! the guest's QEMU (SIGSTOP) for longer than its KATO and resumes it. The
 //! guest prints nvme-cli's JSON and exit codes on its console (`KEEL-OUT:`/`KEEL-RC:` records,
 //! see qemu/linux/init); this test parses them and checks them against the description file
 //! and the NVMe specifications. The firmware's traffic, captured by QEMU (`filter-dump`), must
@@ -905,7 +906,8 @@ fn check_digest_runs(c: &mut Checks, g: &Guest) {
         "nvme connect again after nvme disconnect: the data is still there",
         guest_passed(g, "reconnect readback"),
     );
-    for s in ["none", "data", "both"] {
+    // `sqflow`: --data-digest --disable-sqflow, reads completed by C2HData with SUCCESS.
+    for s in ["none", "data", "both", "sqflow"] {
         let r = g
             .json(&format!("connect.{s}"))
             .and_then(|v| text(&v, "device").map(|_| ()));

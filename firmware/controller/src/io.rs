@@ -9,7 +9,7 @@ use crate::config::*;
 use crate::errlog::{ErrAt, at};
 use crate::target::*;
 use keel_nvme::io::{CopyCommand, CopyRange, DsmCommand, DsmRange, RwCommand};
-use keel_nvme::{IoOpcode, NSID_ALL, Status};
+use keel_nvme::{IoOpcode, NSID_ALL, Sqe, Status};
 use keel_qos::Admit;
 use keel_storage::{BlockOp, BlockRequest, Geometry, IoBuf, OpKind};
 
@@ -19,6 +19,30 @@ enum Work {
     One(BlockOp),
     /// A chain of requests.
     Chain(Chain),
+}
+
+/// Where the data of a command run by [`Target::submit_now`] is.
+#[derive(Debug)]
+pub enum NowData<'a> {
+    /// A Read's data goes here (its transfer length exactly).
+    Read(&'a mut [u8]),
+    /// A Write's data is this.
+    Write(&'a [u8]),
+}
+
+/// What a command slot holds about its command.
+struct Started {
+    cid: u16,
+    cookie: u32,
+    /// (subsystem, namespace) indices.
+    ns: (usize, usize),
+    nsid: u32,
+    lba: u64,
+    kind: OpKind,
+    bytes: u64,
+    read_len: u32,
+    flow: Option<keel_qos::FlowId>,
+    cost: keel_qos::Cost,
 }
 
 /// A decoded I/O command.
@@ -120,21 +144,10 @@ impl Target {
         // completes only once it is on media, so writes to a backend with a cache carry FUA.
         let write_through = caps.volatile_write_cache && caps.fua && !cache_enabled;
 
-        // A command slot: free, and no conflicting CID.
         let cid = req.sqe.cid;
-        let mut free = None;
-        for (i, s) in self.queues[qi].slots.iter().enumerate() {
-            if s.state == SlotState::Free {
-                if free.is_none() {
-                    free = Some(i);
-                }
-            } else if s.cid == cid {
-                return Some(self.respond(qi, req, Status::COMMAND_ID_CONFLICT, 0));
-            }
-        }
-        let Some(slot_i) = free else {
-            // The host exceeded the queue size it connected with.
-            return Some(self.respond(qi, req, Status::COMMAND_INTERRUPTED, 0));
+        let slot_i = match self.slot_for(qi, cid) {
+            Ok(i) => i,
+            Err(st) => return Some(self.respond(qi, req, st, 0)),
         };
 
         let d = match self.decode(op, &mut req, g, caps, write_through) {
@@ -188,26 +201,23 @@ impl Target {
             IoOpcode::Write | IoOpcode::WriteZeroes | IoOpcode::DatasetManagement | IoOpcode::Copy
         );
         let cost = cost_of(d.kind, d.bytes, writes);
+        let started = Started {
+            cid,
+            cookie,
+            ns: (si, ni),
+            nsid,
+            lba: d.lba,
+            kind: d.kind,
+            bytes: d.bytes,
+            read_len: d.read_len,
+            flow,
+            cost,
+        };
+        self.start_slot(now, (qi, slot_i), ci, &started, SlotState::Queued);
         {
             let slot = &mut self.queues[qi].slots[slot_i];
-            slot.state = SlotState::Queued;
-            slot.cid = cid;
-            slot.cookie = cookie;
-            slot.ns = (si as u16, ni as u16);
-            slot.nsid = nsid;
-            slot.lba = d.lba;
-            slot.kind = d.kind;
-            slot.bytes = d.bytes;
-            slot.read_len = d.read_len;
-            slot.start = now;
-            slot.flow = flow;
-            slot.cost = cost;
             slot.deferred = request;
             slot.chain = chain;
-            slot.abort_waiter = None;
-        }
-        if let Some(Some(c)) = self.ctrls.get_mut(ci) {
-            c.io_started(now);
         }
         // QoS: the command starts now, or waits for its limits, its turn or room at the
         // backend (then `poll` starts it).
@@ -220,6 +230,142 @@ impl Target {
             Ok(Admit::Queued) => None,
             _ => self.try_slot(qi, slot_i, now).and_then(event_response),
         }
+    }
+
+    /// A free command slot of queue `qi` for command `cid`: Command ID Conflict if one of the
+    /// queue's commands has that CID, Command Interrupted if the host exceeded the queue size
+    /// it connected with.
+    fn slot_for(&self, qi: usize, cid: u16) -> Result<usize, Status> {
+        let mut free = None;
+        for (i, s) in self.queues[qi].slots.iter().enumerate() {
+            if s.state == SlotState::Free {
+                if free.is_none() {
+                    free = Some(i);
+                }
+            } else if s.cid == cid {
+                return Err(Status::COMMAND_ID_CONFLICT);
+            }
+        }
+        free.ok_or(Status::COMMAND_INTERRUPTED)
+    }
+
+    /// Puts a command in slot `at` = (queue, slot) of controller `ci`, in state `state`, and
+    /// counts it as started (busy time).
+    fn start_slot(
+        &mut self,
+        now: Instant,
+        at: (usize, usize),
+        ci: usize,
+        c: &Started,
+        state: SlotState,
+    ) {
+        let slot = &mut self.queues[at.0].slots[at.1];
+        slot.state = state;
+        slot.cid = c.cid;
+        slot.cookie = c.cookie;
+        slot.ns = (c.ns.0 as u16, c.ns.1 as u16);
+        slot.nsid = c.nsid;
+        slot.lba = c.lba;
+        slot.kind = c.kind;
+        slot.bytes = c.bytes;
+        slot.read_len = c.read_len;
+        slot.start = now;
+        slot.flow = c.flow;
+        slot.cost = c.cost;
+        slot.deferred = None;
+        slot.chain = None;
+        slot.abort_waiter = None;
+        if let Some(Some(c)) = self.ctrls.get_mut(ci) {
+            c.io_started(now);
+        }
+    }
+
+    /// Runs a Read or a Write at once, its data in the caller's memory instead of a buffer:
+    /// a read's data goes into `data` (a transport's send window), a write's comes from it
+    /// (what the transport received). Only when nothing stands in the way: an I/O queue of a
+    /// ready controller, a valid command with exactly `data.len()` bytes, a namespace whose
+    /// backend moves data now ([`keel_storage::BlockBackend::moves_data_now`]), a free slot and
+    /// QoS letting it start at once ([`keel_qos::Scheduler::admit_now`]). Then it is accounted
+    /// exactly as through [`Target::submit`] (SQ head, keep-alive traffic, statistics, error
+    /// log) and its response returned: no buffer, `data_len` the bytes read on success. A
+    /// failed read leaves anything in `data`: send none of it. Otherwise `None`, and nothing
+    /// has changed: submit the command the usual way (which also gives any error its status).
+    pub fn submit_now(
+        &mut self,
+        now: Instant,
+        q: QueueId,
+        sqe: &Sqe,
+        cookie: u32,
+        data: NowData<'_>,
+    ) -> Option<Response> {
+        let qi = self.queue_index(q)?;
+        let queue = &self.queues[qi];
+        if queue.state != QState::Connected || queue.qid == 0 || sqe.fuse() != 0 {
+            return None;
+        }
+        let ci = self.ctrl_of(qi)?;
+        let c = self.ctrls.get(ci)?.as_ref()?;
+        if !(c.csts.rdy() && c.csts.shst() == 0 && !c.shutdown_pending) {
+            return None;
+        }
+        let si = c.subsys;
+        let op = IoOpcode::from_u8(sqe.opcode)?;
+        let (len, kind, writes) = match (op, &data) {
+            (IoOpcode::Read, NowData::Read(d)) => (d.len(), OpKind::Read, false),
+            (IoOpcode::Write, NowData::Write(d)) => (d.len(), OpKind::Write, true),
+            _ => return None,
+        };
+        if sqe.nsid == NSID_ALL {
+            return None;
+        }
+        let ni = self.subsystems.get(si)?.find_ns(sqe.nsid)?;
+        let ns = self.subsystems[si].namespaces.get(ni)?.as_ref()?;
+        let can = ns.backend.moves_data_now();
+        if !(if writes { can.write } else { can.read }) {
+            return None;
+        }
+        let rw = RwCommand::from_sqe(sqe);
+        let blocks = rw.blocks();
+        let bytes = blocks as u64 * ns.geometry.block_size as u64;
+        let mdts_ok = self.limits.mdts == 0 || bytes <= (4096u64 << self.limits.mdts);
+        if !ns.geometry.contains(rw.slba, blocks as u64) || !mdts_ok || len as u64 != bytes {
+            return None;
+        }
+        let slot_i = self.slot_for(qi, sqe.cid).ok()?;
+        let flow = c.flows.get(ni).copied().flatten();
+        let cost = cost_of(kind, bytes, writes);
+        if let Some(fl) = flow
+            && !self.sched.admit_now(now.as_nanos(), fl, cost).ok()?
+        {
+            return None;
+        }
+        // It runs: from here on exactly as `submit` would account it.
+        self.now = now;
+        self.consume_sqe(now, qi, ci);
+        let started = Started {
+            cid: sqe.cid,
+            cookie,
+            ns: (si, ni),
+            nsid: sqe.nsid,
+            lba: rw.slba,
+            kind,
+            bytes,
+            read_len: if writes { 0 } else { bytes as u32 },
+            flow,
+            cost,
+        };
+        self.start_slot(now, (qi, slot_i), ci, &started, SlotState::InFlight);
+        let ns = self.subsystems[si].namespaces[ni].as_mut()?;
+        let result = match data {
+            NowData::Read(d) => ns.backend.read_now(rw.slba, blocks, d),
+            NowData::Write(d) => ns.backend.write_now(rw.slba, blocks, d),
+        };
+        if let Some(d) = flow.and_then(|f| self.sched.domain_of(f)) {
+            self.sched.completed(d);
+        }
+        let status = result.map_or_else(block_status, |()| Status::SUCCESS);
+        self.finish_slot(qi, slot_i, status, None, now)
+            .and_then(event_response)
     }
 
     /// Checks a command against its namespace and turns it into backend work; `Ok(None)` when

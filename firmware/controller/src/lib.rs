@@ -92,6 +92,8 @@ mod tests;
 #[cfg(test)]
 mod tests_features;
 #[cfg(test)]
+mod tests_now;
+#[cfg(test)]
 mod tests_qos;
 
 pub use config::{
@@ -100,6 +102,7 @@ pub use config::{
     Response, SubsystemConfig, TargetConfig, TargetError, TransportParams,
 };
 pub use fabrics::VERSION;
+pub use io::NowData;
 pub use keel_nvme::fabrics::PropertySize;
 pub use keel_storage::IoBuf;
 pub use target::Target;

@@ -1131,20 +1131,24 @@ impl Target {
                 let Some(ci) = self.ctrl_of(qi) else {
                     return Some(self.respond(qi, req, Status::ABORTED_SQ_DELETION, 0));
                 };
-                {
-                    let queue = &mut self.queues[qi];
-                    let entries = queue.sqsize as u32 + 1;
-                    queue.sqhd = ((queue.sqhd as u32 + 1) % entries) as u16;
-                }
-                if let Some(Some(c)) = self.ctrls.get_mut(ci) {
-                    c.last_activity = now;
-                }
+                self.consume_sqe(now, qi, ci);
                 if self.queues[qi].qid == 0 {
                     self.admin(now, qi, ci, req)
                 } else {
                     self.io(now, qi, ci, req)
                 }
             }
+        }
+    }
+
+    /// A command entered connected queue `qi` of controller `ci`: SQ head moves on, and it is
+    /// traffic for keep-alive.
+    pub(crate) fn consume_sqe(&mut self, now: Instant, qi: usize, ci: usize) {
+        let queue = &mut self.queues[qi];
+        let entries = queue.sqsize as u32 + 1;
+        queue.sqhd = ((queue.sqhd as u32 + 1) % entries) as u16;
+        if let Some(Some(c)) = self.ctrls.get_mut(ci) {
+            c.last_activity = now;
         }
     }
 

@@ -62,7 +62,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use keel_storage::{
     BlockBackend, BlockCompletion, BlockError, BlockOp, BlockRequest, Capabilities, Geometry,
-    RejectReason, Rejected,
+    NowIo, RejectReason, Rejected,
 };
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -458,6 +458,24 @@ impl<B: BlockBackend> BlockBackend for EncryptedBackend<B> {
                 Err(rejected)
             }
         }
+    }
+
+    /// Reads move now when the inner backend's do: the ciphertext lands in the caller's memory
+    /// and is decrypted there, in place. Writes always take a buffer: the ciphertext needs
+    /// memory of its own (the caller's data is not ours to overwrite).
+    fn moves_data_now(&self) -> NowIo {
+        NowIo {
+            read: self.inner.moves_data_now().read,
+            write: false,
+        }
+    }
+
+    fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
+        self.geometry.check_now(lba, blocks, dst.len())?;
+        self.inner.read_now(lba, blocks, dst)?;
+        self.xts
+            .decrypt(dst, self.geometry.block_size as usize, lba);
+        Ok(())
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {

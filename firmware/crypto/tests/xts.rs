@@ -197,6 +197,45 @@ fn data_at_rest_is_ciphertext_and_reads_back_as_written() {
 }
 
 #[test]
+fn reads_move_now_decrypted_and_writes_take_a_buffer() {
+    let ram = RamBackend::new(512, 64, 8).unwrap();
+    let mut enc = EncryptedBackend::new(ram, &key(), 8);
+    assert_eq!(
+        enc.moves_data_now(),
+        keel_storage::NowIo {
+            read: true,
+            write: false
+        }
+    );
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
+    let (r, _) = run(
+        &mut enc,
+        BlockOp::Write { fua: false },
+        9,
+        Some(pattern.clone()),
+    );
+    r.unwrap();
+    // The synchronous read returns the plaintext the buffered read returns.
+    let mut now = vec![0u8; 4096];
+    enc.read_now(9, 8, &mut now).unwrap();
+    assert_eq!(now, pattern);
+    let mut part = vec![0u8; 1024];
+    enc.read_now(11, 2, &mut part).unwrap();
+    assert_eq!(part, pattern[1024..2048]);
+    // Writes are refused (nothing reaches the medium); ranges are checked.
+    let media = enc.inner().contents();
+    assert_eq!(
+        enc.write_now(0, 1, &[1u8; 512]),
+        Err(keel_storage::BlockError::Unsupported)
+    );
+    assert_eq!(enc.inner().contents(), media);
+    assert_eq!(
+        enc.read_now(63, 2, &mut part),
+        Err(keel_storage::BlockError::OutOfRange)
+    );
+}
+
+#[test]
 fn a_refused_request_comes_back_in_plaintext_with_its_tag() {
     let ram = RamBackend::new(512, 8, 1).unwrap();
     let mut enc = EncryptedBackend::new(ram, &key(), 4);

@@ -20,9 +20,10 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::CloseReason;
-use crate::crc32c::{Crc32c, copy_and_crc};
-use crate::pdu::{Digests, FatalError, Header, PduType, Repr, TERM_MAX_DATA, field};
+use crate::crc32c::{Crc32c, copy_and_crc, crc32c};
+use crate::pdu::{DIGEST_LEN, Digests, FatalError, Header, PduType, Repr, TERM_MAX_DATA, field};
 use crate::rx::{DataLimits, Limits, PduInfo, Phase, RxCore};
+use keel_nvme::{Cqe, Sqe};
 
 /// Where a connection is in its life (both roles: [`TargetState`](crate::TargetState) and
 /// [`HostState`](crate::host::HostState) are this type).
@@ -196,6 +197,11 @@ impl TxCur {
         true
     }
 
+    /// A PDU is partly written: nothing may go into the stream before its remaining bytes.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
     fn total(&self) -> usize {
         self.hdr_len + self.pad + self.data_len as usize + if self.ddgst { 4 } else { 0 }
     }
@@ -315,6 +321,13 @@ pub enum RxData<'a> {
     Stall,
 }
 
+/// The application's hook that runs a host-to-controller command whose data arrived whole
+/// ([`TargetConnection::recv_direct`](crate::TargetConnection::recv_direct)): the command and
+/// its data, straight from the receive window (digest already verified). `Some(cqe)`: it ran
+/// and this is its completion; `None`: it did not run (the data is then delivered into a
+/// buffer the usual way).
+pub type DirectWrite<'a> = dyn FnMut(&Sqe, &[u8]) -> Option<Cqe> + 'a;
+
 /// A connection role: the PDU handling of one side. Implemented by
 /// [`TargetRole`](crate::target::TargetRole) and [`HostRole`](crate::host::HostRole) only.
 pub trait Role {
@@ -333,6 +346,13 @@ pub trait Role {
     fn on_header(&mut self, core: &mut Core, pdu: &RxPdu) -> Result<bool, FatalError>;
     /// Where the next `n` data bytes of the current PDU go.
     fn rx_data(&mut self, n: usize) -> RxData<'_>;
+    /// All data of the current PDU is at hand in `data`, its digest (if any) verified, and none
+    /// of it has been delivered: the role may hand it to `exec` instead of into a buffer.
+    /// True if it did; the PDU is then complete (no `on_pdu_done`).
+    fn rx_whole(&mut self, core: &mut Core, data: &[u8], exec: &mut DirectWrite<'_>) -> bool {
+        let _ = (core, data, exec);
+        false
+    }
     /// The current PDU is complete (`ddgst_ok`: its data digest matched or there was none).
     fn on_pdu_done(&mut self, core: &mut Core, info: PduInfo, ddgst_ok: bool);
     /// Our IC PDU.
@@ -444,6 +464,17 @@ impl<R: Role> Connection<R> {
     /// data) or a free slot; call again with the rest after handling events. After a fatal
     /// error everything is consumed and ignored.
     pub fn recv(&mut self, now_ms: u64, bytes: &[u8]) -> usize {
+        self.recv_inner(now_ms, bytes, None)
+    }
+
+    /// [`recv`](Self::recv), offering the role each PDU whose data is whole in `bytes`
+    /// ([`Role::rx_whole`]) to run through `direct`.
+    pub(crate) fn recv_inner(
+        &mut self,
+        now_ms: u64,
+        bytes: &[u8],
+        mut direct: Option<&mut DirectWrite<'_>>,
+    ) -> usize {
         self.poll_timers(now_ms);
         let mut input = bytes;
         loop {
@@ -486,8 +517,24 @@ impl<R: Role> Connection<R> {
                     if input.is_empty() {
                         break;
                     }
-                    let n = (left as usize).min(input.len());
                     let ddgst = self.rx.info.is_some_and(|i| i.ddgst);
+                    // All of the data (and its digest) here, none delivered yet: the role may
+                    // take it where it lies, once its digest is known good.
+                    let whole = left as usize + if ddgst { DIGEST_LEN } else { 0 };
+                    if let Some(exec) = direct.as_deref_mut()
+                        && self.rx.info.is_some_and(|i| i.data_len == left)
+                        && input.len() >= whole
+                    {
+                        let (data, rest) = input.split_at(left as usize);
+                        let digest_ok =
+                            !ddgst || rest[..DIGEST_LEN] == crc32c(data).to_le_bytes()[..];
+                        if digest_ok && self.role.rx_whole(&mut self.core, data, exec) {
+                            input = &input[whole..];
+                            self.rx.reset();
+                            continue;
+                        }
+                    }
+                    let n = (left as usize).min(input.len());
                     let src = &input[..n];
                     match self.role.rx_data(n) {
                         RxData::Stall => break,

@@ -31,6 +31,12 @@ pub struct HostConfig {
     /// Largest write sent as in-capsule data on this queue (IOCCSZ×16 − 64 for I/O queues);
     /// fabrics commands may always use up to 8 KiB. 0 forces R2T for every write.
     pub in_capsule_limit: u32,
+    /// The Connect on this connection disables SQ flow control (NVMe-oF Connect CATTR bit 2):
+    /// the controller may then end a read with a C2HData PDU carrying the SUCCESS flag and
+    /// no response capsule (NVMe/TCP 1.0 §3.6.2.8). Without it a SUCCESS flag is a fatal
+    /// error (Invalid PDU Header Field, FLAGS): the CQE's SQ Head Pointer, which the SUCCESS
+    /// optimisation leaves out, is what SQ flow control needs.
+    pub sq_flow_control_disabled: bool,
 }
 
 impl Default for HostConfig {
@@ -41,6 +47,7 @@ impl Default for HostConfig {
             maxr2t: 0,
             slots: 128,
             in_capsule_limit: MIN_IN_CAPSULE,
+            sq_flow_control_disabled: false,
         }
     }
 }
@@ -291,7 +298,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for HostRole<B> {
                 }
                 let last = info.flags.contains(PduFlags::LAST_PDU);
                 let success = info.flags.contains(PduFlags::SUCCESS);
-                if success && !last {
+                // SUCCESS only on the last PDU of a transfer, and only where SQ flow control is
+                // disabled (NVMe/TCP 1.0 §3.6.2.8; Linux's host checks the first).
+                if success && (!last || !self.cfg.sq_flow_control_disabled) {
                     return Err(FatalError::field(field::FLAGS));
                 }
                 let Some(s) = self.slots.get_mut(cccid as usize) else {

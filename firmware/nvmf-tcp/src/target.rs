@@ -12,7 +12,8 @@ use core::fmt;
 use keel_nvme::{Cqe, DataDirection, Sqe, Status};
 
 use crate::capsule::{SGL_IN_CAPSULE, SGL_TRANSPORT, Sgl1};
-use crate::conn::{ConnState, Connection, Core, PduOf, Role, RxData, RxPdu};
+use crate::conn::{ConnState, Connection, Core, DirectWrite, PduOf, Role, RxData, RxPdu};
+use crate::crc32c::crc32c;
 use crate::pdu::{Digests, FatalError, Header, PduFlags, PduType, Repr, field};
 use crate::rx::{DataLimits, PduInfo};
 use crate::{CloseReason, RejectReason, Rejected};
@@ -384,16 +385,117 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<TargetRole<B>> {
         {
             return Err(Rejected::new(RejectReason::InvalidLength, buf));
         }
-        let all_zero = cqe.dw0 == 0 && cqe.dw1 == 0 && cqe.status == Status::default();
-        slot.cqe = cqe.to_bytes();
-        slot.buf = buf;
-        slot.send_len = len;
-        slot.sent_off = 0;
-        slot.success = sq_flow_control_disabled && all_zero && len > 0;
-        slot.st = St::Sending;
-        self.core.txq.push(idx);
+        t.finish(&mut self.core, idx, cqe, buf, len, sq_flow_control_disabled);
         Ok(())
     }
+
+    /// [`recv`](Connection::recv), running each in-capsule write whose data is whole in
+    /// `bytes` through `exec` instead of asking for a buffer: `exec(sqe, data)` gets the
+    /// command and its data where they lie (the data digest, if negotiated, already verified;
+    /// with a bad digest `exec` is not called and the command fails as usual). If it returns
+    /// the CQE, the command is complete (its CapsuleResp queued) and no `NeedBuffer` or
+    /// `Command` event follows for it; if `None`, the data goes into a buffer the usual way.
+    pub fn recv_direct(&mut self, now_ms: u64, bytes: &[u8], exec: &mut DirectWrite<'_>) -> usize {
+        self.recv_inner(now_ms, bytes, Some(exec))
+    }
+
+    /// Completes command `cid` (handed out by a `Command` event, data controller-to-host)
+    /// with its data written straight into `window`, the free space at the end of the
+    /// transmit stream (e.g. the buffer of smoltcp's `TcpSocket::send` closure): `exec` runs
+    /// the command with the part of `window` where the C2HData PDU's data goes (the command's
+    /// transfer length) and returns its CQE and the bytes of data it produced. The PDU
+    /// (header, padding, data digest; SUCCESS and no response capsule when
+    /// `sq_flow_control_disabled` and the CQE is all-success) is built around the data, and
+    /// the response capsule and other pending PDUs follow in the rest of `window`. Returns the
+    /// bytes written into `window`.
+    ///
+    /// 0 when this cannot be done and `exec` was not called: a PDU is half-written, the
+    /// command is unknown or moves no controller-to-host data, its data does not fit one
+    /// C2HData PDU or `window`. 0 as well when `exec` returns `None` (it did not run the
+    /// command). In both cases the command is still the application's: complete it the
+    /// usual way. A failed command's data is never sent.
+    pub fn complete_in_window(
+        &mut self,
+        cid: u16,
+        window: &mut [u8],
+        sq_flow_control_disabled: bool,
+        exec: impl FnOnce(&mut [u8]) -> Option<(Cqe, u32)>,
+    ) -> usize {
+        if self.core.state != ConnState::Ready || self.core.tx.is_active() {
+            return 0;
+        }
+        let t = &mut self.role;
+        let Some(idx) = t.find(cid, |s| s.st == St::Executing) else {
+            return 0;
+        };
+        let s = &t.slots[idx];
+        let len = s.len;
+        if s.sqe.data_direction() == DataDirection::HostToController
+            || len == 0
+            || len > t.cfg.max_c2h_data
+        {
+            return 0;
+        }
+        let dg = self.core.digests;
+        let c2h = |len, success| Repr::C2HData {
+            cccid: cid,
+            offset: 0,
+            len,
+            last: true,
+            success,
+        };
+        let lay = c2h(len, false).layout(dg, t.hpda);
+        let data_at = lay.header_len + lay.pad;
+        if window.len() < data_at + len as usize + lay.ddgst_len {
+            return 0;
+        }
+        let Some((cqe, n)) = exec(&mut window[data_at..data_at + len as usize]) else {
+            return 0;
+        };
+        // Data only with a successful completion, never more than the command asked for.
+        let mut sent = if cqe.status.is_success() {
+            n.min(len)
+        } else {
+            0
+        };
+        let mut success = sq_flow_control_disabled && sent > 0 && all_success(&cqe);
+        if sent > 0
+            && c2h(sent, success)
+                .emit(&mut window[..lay.header_len], dg, t.hpda)
+                .is_err()
+        {
+            // Cannot happen (the header fits, checked above); should it, the host gets the
+            // completion without data rather than a command that never ends.
+            (sent, success) = (0, false);
+        }
+        let mut used = 0;
+        if sent > 0 {
+            let end = data_at + sent as usize;
+            window[lay.header_len..data_at].fill(0);
+            used = end;
+            if lay.ddgst_len > 0 {
+                let crc = crc32c(&window[data_at..end]).to_le_bytes();
+                window[end..end + lay.ddgst_len].copy_from_slice(&crc);
+                used += lay.ddgst_len;
+            }
+        }
+        if success {
+            // The C2HData ends the command: no response capsule.
+            t.slots[idx].st = St::Free;
+            t.deactivated();
+        } else {
+            // As if completed with its data already sent: the response capsule follows.
+            t.finish(&mut self.core, idx, cqe, None, sent, false);
+            t.slots[idx].sent_off = sent;
+        }
+        used + self.transmit(&mut window[used..])
+    }
+}
+
+/// A CQE the C2HData SUCCESS flag can stand for (NVMe/TCP 1.0 §3.6.2.8: the host then
+/// synthesises a CQE with status 0 and command specific dwords 0).
+fn all_success(cqe: &Cqe) -> bool {
+    cqe.dw0 == 0 && cqe.dw1 == 0 && cqe.status == Status::default()
 }
 
 impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetRole<B> {
@@ -463,6 +565,27 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> TargetRole<B> {
         }
         self.rx_slot = idx as u16;
         Ok(true)
+    }
+
+    /// Command slot `idx` (with the application) is complete with `cqe`, `len` bytes of
+    /// controller-to-host data in `buf`: its PDUs are queued.
+    fn finish(
+        &mut self,
+        core: &mut Core,
+        idx: usize,
+        cqe: Cqe,
+        buf: Option<B>,
+        len: u32,
+        fc: bool,
+    ) {
+        let slot = &mut self.slots[idx];
+        slot.cqe = cqe.to_bytes();
+        slot.buf = buf;
+        slot.send_len = len;
+        slot.sent_off = 0;
+        slot.success = fc && all_success(&cqe) && len > 0;
+        slot.st = St::Sending;
+        core.txq.push(idx);
     }
 
     /// The active slot holding command `cid` that satisfies `want`, looking only where such a
@@ -579,6 +702,27 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Role for TargetRole<B> {
             PduType::H2CData => self.on_h2c(info, h).map(|()| true),
             _ => Err(FatalError::field(field::PDU_TYPE)),
         }
+    }
+
+    fn rx_whole(&mut self, core: &mut Core, data: &[u8], exec: &mut DirectWrite<'_>) -> bool {
+        let Sink::Slot(i) = self.sink else {
+            return false;
+        };
+        let idx = usize::from(i);
+        let Some(s) = self.slots.get_mut(idx) else {
+            return false;
+        };
+        // Only in-capsule data that no buffer was given for yet.
+        if s.st != St::AwaitBuf || !s.in_capsule || s.buf.is_some() || s.len as usize != data.len()
+        {
+            return false;
+        }
+        let Some(cqe) = exec(&s.sqe, data) else {
+            return false;
+        };
+        self.sink = Sink::Discard;
+        self.finish(core, idx, cqe, None, 0, false);
+        true
     }
 
     fn rx_data(&mut self, n: usize) -> RxData<'_> {

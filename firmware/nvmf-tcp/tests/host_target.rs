@@ -52,6 +52,7 @@ fn run(p: Params) {
         maxr2t: p.maxr2t,
         slots: 32,
         in_capsule_limit: p.in_capsule_limit,
+        sq_flow_control_disabled: p.fc_disabled,
     })
     .unwrap();
     let mut h2t: Vec<u8> = Vec::new();

@@ -588,3 +588,101 @@ fn host_speaks_like_a_linux_host() {
     want.extend_from_slice(&[0xEB, 0x08, 0xC9, 0xD9]);
     assert_eq!(&out[..n], &want[..]);
 }
+
+/// A host connection past ICReq/ICResp (no digests, CPDA 0, MAXH2CDATA 4096), hand-written
+/// ICResp; `fc_disabled`: its Connect disabled SQ flow control.
+fn host_after_icresp(fc_disabled: bool) -> HostConnection<Buf> {
+    let mut h: HostConnection<Buf> = HostConnection::new(HostConfig {
+        sq_flow_control_disabled: fc_disabled,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let mut out = [0u8; 256];
+    assert_eq!(h.transmit(&mut out), 128);
+    let mut icresp = vec![0u8; 128];
+    icresp[..16].copy_from_slice(&[
+        0x01, 0x00, 0x80, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00,
+        0x00,
+    ]);
+    assert_eq!(h.recv(0, &icresp), 128);
+    assert!(matches!(h.poll_event(), Some(HostEvent::Connected { .. })));
+    h
+}
+
+/// C2HData for CCCID `cid`, DATAO 0, 4 data bytes, no digests: type 07h, HLEN 24, PDO 24,
+/// PLEN 28, FLAGS as given (NVMe/TCP 1.0 C2HData figure; FLAGS bit 2 LAST_PDU, bit 3 SUCCESS,
+/// Linux NVME_TCP_F_DATA_LAST / NVME_TCP_F_DATA_SUCCESS).
+fn c2h_bytes(cid: u16, flags: u8) -> Vec<u8> {
+    let [c0, c1] = cid.to_le_bytes();
+    vec![
+        0x07, flags, 0x18, 0x18, 0x1C, 0x00, 0x00, 0x00, // CH
+        c0, c1, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // CCCID, reserved, DATAO 0
+        0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // DATAL 4, reserved
+        0xDE, 0xAD, 0xBE, 0xEF,
+    ]
+}
+
+#[test]
+fn host_completes_a_read_on_c2h_data_with_success() {
+    // SQ flow control disabled at Connect: LAST_PDU | SUCCESS (FLAGS 0Ch) ends the command
+    // with a success completion and no CapsuleResp (NVMe/TCP 1.0 §3.6.2.8).
+    let mut h = host_after_icresp(true);
+    let cid = h.submit(Sqe::new(0x02, 0), Some((vec![0; 4], 4))).unwrap();
+    let mut out = [0u8; 256];
+    assert_eq!(h.transmit(&mut out), 72);
+    assert_eq!(h.recv(0, &c2h_bytes(cid, 0x0C)), 28);
+    match h.poll_event() {
+        Some(HostEvent::Completion { cid: c, cqe, buf }) => {
+            assert_eq!((c, cqe.cid, cqe.status), (cid, cid, Status::SUCCESS));
+            assert_eq!(buf.unwrap(), vec![0xDE, 0xAD, 0xBE, 0xEF]);
+        }
+        e => panic!("expected the completion, got {e:?}"),
+    }
+    assert_eq!(h.state(), keel_nvmf_tcp::host::HostState::Ready);
+    // The CID is free again: a CapsuleResp for it now is a fatal error (CQE CID, byte 20).
+    let mut resp = vec![0x05, 0x00, 0x18, 0x00, 0x18, 0x00, 0x00, 0x00];
+    resp.extend_from_slice(&[0; 12]);
+    resp.extend_from_slice(&[cid as u8, 0, 0, 0]);
+    h.recv(0, &resp);
+    let n = h.transmit(&mut out);
+    assert_eq!(&out[..n], &host_term(1, 20, &resp)[..]);
+}
+
+/// H2CTermReq (type 02h) for FES `fes`, FEI `fei`, carrying the offending header.
+fn host_term(fes: u16, fei: u32, hdr: &[u8]) -> Vec<u8> {
+    let mut t = common::term_req(fes, fei, hdr);
+    t[0] = 0x02;
+    t
+}
+
+/// A host (`fc_disabled`: SQ flow control disabled at Connect) with a read of `len` bytes
+/// outstanding receives a C2HData with FLAGS `flags` that it must refuse: H2CTermReq with
+/// Invalid PDU Header Field (FES 01h) at FLAGS (FEI 1), and the read is aborted, not completed.
+fn host_refuses_c2h_flags(fc_disabled: bool, len: u32, flags: u8) {
+    let mut h = host_after_icresp(fc_disabled);
+    let cid = h
+        .submit(Sqe::new(0x02, 0), Some((vec![0; len as usize], len)))
+        .unwrap();
+    let mut out = [0u8; 256];
+    h.transmit(&mut out);
+    let bad = c2h_bytes(cid, flags);
+    h.recv(0, &bad);
+    let n = h.transmit(&mut out);
+    assert_eq!(&out[..n], &host_term(1, 1, &bad[..24])[..]);
+    assert!(matches!(
+        h.poll_event(),
+        Some(HostEvent::Aborted { cid: c, .. }) if c == cid
+    ));
+}
+
+#[test]
+fn host_refuses_success_flag_while_sq_flow_control_is_on() {
+    // Without disabling SQ flow control the host needs every CQE's SQHD.
+    host_refuses_c2h_flags(false, 4, 0x0C);
+}
+
+#[test]
+fn host_refuses_success_without_last_pdu() {
+    // SUCCESS (08h) without LAST_PDU is invalid even with SQ flow control disabled.
+    host_refuses_c2h_flags(true, 8, 0x08);
+}

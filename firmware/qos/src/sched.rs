@@ -608,6 +608,26 @@ impl Scheduler {
         }
     }
 
+    /// A command of `flow` that can only run now (it has no handle to wait with): starts it,
+    /// charged and counted in flight as [`Admit::Now`] from [`Scheduler::enqueue`], when
+    /// `enqueue` would start it at once, and returns true; otherwise returns false and
+    /// changes nothing (the caller then enqueues it the usual way).
+    pub fn admit_now(&mut self, now_ns: u64, flow: FlowId, cost: Cost) -> Result<bool, SchedError> {
+        let Some(f) = self.flows.get_mut(flow.0 as usize).filter(|f| f.live) else {
+            return Err(SchedError::Unknown);
+        };
+        let d = &mut self.domains[f.domain as usize];
+        if !d.active.is_empty() || !d.can_start() {
+            return Ok(false);
+        }
+        // `admit` gives back what it took when a limit refuses.
+        if f.limited != 0 && !Self::admit(&mut self.limiters, f, now_ns, cost) {
+            return Ok(false);
+        }
+        Self::account(&mut self.limiters, f, d, cost, false, now_ns);
+        Ok(true)
+    }
+
     /// A new command `h` of `flow` arrives. It starts at once ([`Admit::Now`]) when nobody in
     /// its domain waits, the domain has room and the flow's limits allow it; otherwise it
     /// joins the flow's FIFO.

@@ -364,6 +364,41 @@ fn busy_refusal_keeps_place_and_charge() {
     assert_eq!(s.limiter_stats(l).unwrap().admitted_ops, 3);
 }
 
+/// `admit_now` starts what `enqueue` would start at once, charged the same, and otherwise
+/// changes nothing: no place taken, no charge, nothing counted in flight.
+#[test]
+fn admit_now_starts_only_what_would_start_at_once() {
+    let mut s = Scheduler::new(16);
+    let d = s.add_domain(2).unwrap();
+    let l = s
+        .add_limiter(
+            Limits {
+                iops: Some(Rate::new(10).with_burst(3)),
+                ..Limits::NONE
+            },
+            0,
+        )
+        .unwrap();
+    let f = s.add_flow(d, 1, &[l]).unwrap();
+    assert!(s.admit_now(0, f, READ4K).unwrap());
+    assert_eq!(s.enqueue(0, f, 0, READ4K).unwrap(), Admit::Now);
+    // The domain is full (2 in flight): refused, nothing changes.
+    assert!(!s.admit_now(0, f, READ4K).unwrap());
+    assert_eq!((s.inflight(d), s.waiting()), (2, 0));
+    s.completed(d);
+    // One token left: a command that waits makes the domain's queue non-empty...
+    assert!(s.admit_now(0, f, READ4K).unwrap());
+    assert_eq!(s.enqueue(0, f, 1, READ4K).unwrap(), Admit::Queued);
+    s.completed(d);
+    s.completed(d);
+    // ...and then nothing overtakes it, though the domain has room.
+    assert!(!s.admit_now(0, f, READ4K).unwrap());
+    assert_eq!(s.limiter_stats(l).unwrap().admitted_ops, 3);
+    assert_eq!(s.next(100_000_000), Some((1, f)));
+    assert!(s.admit_now(200_000_000, f, READ4K).unwrap());
+    assert!(s.admit_now(0, FlowId(99), READ4K).is_err());
+}
+
 /// A flow that was idle while another used the backend alone gets its fair share when it
 /// comes back, not the whole backend until it "catches up": no credit is banked while idle.
 #[test]

@@ -44,6 +44,8 @@ impl<S> Conn<S> {
             maxr2t: 3,
             slots,
             in_capsule_limit,
+            // Connect leaves SQ flow control on (the CQE's SQHD is kept).
+            sq_flow_control_disabled: false,
         })
         .ok()?;
         Some(Self {

@@ -30,6 +30,28 @@ impl Geometry {
             None => false,
         }
     }
+
+    /// The checks of [`BlockBackend::read_now`] / [`BlockBackend::write_now`]: `blocks`
+    /// (at least one) at `lba` inside the backend, and `len` exactly their bytes.
+    pub fn check_now(&self, lba: u64, blocks: u32, len: usize) -> Result<(), BlockError> {
+        if blocks == 0 || !self.contains(lba, blocks as u64) {
+            return Err(BlockError::OutOfRange);
+        }
+        if len as u64 != blocks as u64 * self.block_size as u64 {
+            return Err(BlockError::BufferTooSmall);
+        }
+        Ok(())
+    }
+}
+
+/// Which data moves a backend does synchronously, without a buffer
+/// ([`BlockBackend::moves_data_now`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NowIo {
+    /// [`BlockBackend::read_now`] works.
+    pub read: bool,
+    /// [`BlockBackend::write_now`] works.
+    pub write: bool,
 }
 
 /// What a backend can do beyond Read and Write.
@@ -277,6 +299,29 @@ pub trait BlockBackend {
         let _ = tag;
         false
     }
+    /// Whether [`read_now`](Self::read_now) and [`write_now`](Self::write_now) work: the
+    /// medium is memory the backend reaches synchronously (a RAM disk, a slice of one, AES-XTS
+    /// reads over one). Neither by default. A backend with a volatile write cache never offers
+    /// `write_now` (what it writes is durable when it returns).
+    fn moves_data_now(&self) -> NowIo {
+        NowIo::default()
+    }
+    /// Reads `blocks` blocks at `lba` into `dst` (exactly their bytes) now, with no buffer
+    /// and no completion: the caller's memory (a transport's send window) is the destination.
+    /// Only when [`moves_data_now`](Self::moves_data_now) says reads do; errors as
+    /// [`BlockOp::Read`] through `submit` ([`Geometry::check_now`]); on error `dst` holds
+    /// anything.
+    fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
+        let _ = (lba, blocks, dst);
+        Err(BlockError::Unsupported)
+    }
+    /// Writes `src` (exactly `blocks` blocks) at `lba` now and durably, from the caller's
+    /// memory (what a transport received). Only when [`moves_data_now`](Self::moves_data_now)
+    /// says writes do; on error nothing was written.
+    fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
+        let _ = (lba, blocks, src);
+        Err(BlockError::Unsupported)
+    }
 }
 
 /// Delivers completions that `take` pulls one at a time out of a state shared through a
@@ -319,5 +364,14 @@ impl<B: BlockBackend + ?Sized> BlockBackend for alloc::boxed::Box<B> {
     }
     fn abort(&mut self, tag: u64) -> bool {
         (**self).abort(tag)
+    }
+    fn moves_data_now(&self) -> NowIo {
+        (**self).moves_data_now()
+    }
+    fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
+        (**self).read_now(lba, blocks, dst)
+    }
+    fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
+        (**self).write_now(lba, blocks, src)
     }
 }

@@ -12,6 +12,10 @@
 //! Read (§3.2.4), Write (§3.2.6, FUA), Flush (NVMe base 2.0 §7.1), Write Zeroes (§3.2.8, with
 //! Deallocate), Dataset Management deallocate (§3.2.3), Compare (§3.2.1) and Verify (§3.3.6).
 //! [`BlockBackend::abort`] lets a backend abort a request it holds (NVMe base 2.0 §5.1).
+//! A backend whose medium is memory also moves data synchronously, without a buffer
+//! ([`BlockBackend::moves_data_now`], [`BlockBackend::read_now`], [`BlockBackend::write_now`]):
+//! the transports then read straight into their send window and write straight from what
+//! they received, one copy instead of two.
 //! Statistics feed the SMART / Health log (NVMe base 2.0 §5.16.1.3: data units, host
 //! commands, media and data integrity errors).
 //!
@@ -36,7 +40,7 @@ pub mod stats;
 
 pub use backend::{
     BlockBackend, BlockCompletion, BlockError, BlockOp, BlockRequest, Capabilities, Geometry,
-    RejectReason, Rejected, deliver_shared,
+    NowIo, RejectReason, Rejected, deliver_shared,
 };
 pub use buf::{BufPool, IoBuf, PoolError};
 pub use ram::RamBackend;

@@ -202,6 +202,13 @@ impl RamBackend {
         same
     }
 
+    /// Byte offset of `blocks` blocks at `lba` whose data is `len` bytes, checked.
+    fn now_start(&self, lba: u64, blocks: u32, len: usize) -> Result<usize, BlockError> {
+        self.geometry.check_now(lba, blocks, len)?;
+        // In range of the medium (a usize), so the product fits.
+        usize::try_from(lba * self.geometry.block_size as u64).map_err(|_| BlockError::OutOfRange)
+    }
+
     fn execute(&mut self, req: &mut BlockRequest) -> Result<(), BlockError> {
         let range = req.validate(self.geometry, self.capabilities())?;
         let bs = self.geometry.block_size as u64;
@@ -289,6 +296,25 @@ impl BlockBackend for RamBackend {
             });
         }
         self.queue.push_back((req, false));
+        Ok(())
+    }
+
+    fn moves_data_now(&self) -> NowIo {
+        NowIo {
+            read: true,
+            write: true,
+        }
+    }
+
+    fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
+        let start = self.now_start(lba, blocks, dst.len())?;
+        self.read_into(start, dst);
+        Ok(())
+    }
+
+    fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
+        let start = self.now_start(lba, blocks, src.len())?;
+        self.write_from(start, src);
         Ok(())
     }
 
@@ -505,6 +531,8 @@ mod tests {
         Trim(u64, u32),
         Compare(u64, u32),
         Flush,
+        /// `read_now` (None) or `write_now` of a byte value, with the length off by `i8`.
+        Now(u64, u32, Option<u8>, i8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -516,6 +544,13 @@ mod tests {
             (0u64..40, 0u32..12).prop_map(|(l, n)| Op::Trim(l, n)),
             (0u64..40, 0u32..12).prop_map(|(l, n)| Op::Compare(l, n)),
             Just(Op::Flush),
+            (
+                0u64..40,
+                0u32..12,
+                any::<Option<u8>>(),
+                prop_oneof![4 => Just(0i8), 1 => -1i8..=1]
+            )
+                .prop_map(|(l, n, v, d)| Op::Now(l, n, v, d)),
         ]
     }
 
@@ -618,6 +653,35 @@ mod tests {
             let mut b = RamBackend::new(BS as u32, blocks, 64).unwrap();
             let mut model = vec![0u8; BS * blocks as usize];
             for (i, o) in ops.into_iter().enumerate() {
+                if let Op::Now(lba, n, v, d) = o {
+                    // Synchronous moves: the same data and the same range check as through
+                    // submit, and a length that is not exactly the blocks' is refused.
+                    let in_range = n > 0 && lba + n as u64 <= blocks;
+                    let s = lba as usize * BS;
+                    let len = (n as usize * BS).saturating_add_signed(d as isize);
+                    let mut data = vec![v.unwrap_or(0xEE); len];
+                    let before = b.contents();
+                    let r = match v {
+                        Some(_) => b.write_now(lba, n, &data),
+                        None => b.read_now(lba, n, &mut data),
+                    };
+                    if !in_range {
+                        prop_assert_eq!(r, Err(BlockError::OutOfRange));
+                    } else if d != 0 {
+                        prop_assert_eq!(r, Err(BlockError::BufferTooSmall));
+                    } else {
+                        prop_assert_eq!(r, Ok(()));
+                        match v {
+                            Some(x) => model[s..s + len].fill(x),
+                            None => prop_assert_eq!(&data[..], &model[s..s + len]),
+                        }
+                    }
+                    if r.is_err() {
+                        prop_assert_eq!(b.contents(), before, "nothing written on error");
+                    }
+                    prop_assert_eq!(b.contents(), &model[..]);
+                    continue;
+                }
                 let (op, lba, n, off, fill) = match o {
                     Op::Read(l, n, off) => (BlockOp::Read, l, n, off * 7, None),
                     Op::Write(l, n, off, v) => (BlockOp::Write { fua: false }, l, n, off * 7, Some(v)),
@@ -625,6 +689,7 @@ mod tests {
                     Op::Trim(l, n) => (BlockOp::Deallocate, l, n, 0, None),
                     Op::Compare(l, n) => (BlockOp::Compare, l, n, 0, None),
                     Op::Flush => (BlockOp::Flush, 0, 0, 0, None),
+                    Op::Now(..) => unreachable!("handled above"),
                 };
                 let in_range = n > 0 && lba + n as u64 <= blocks;
                 let bytes = n as usize * BS;

@@ -99,6 +99,20 @@ impl<B: BlockBackend> BlockBackend for SliceBackend<B> {
     fn abort(&mut self, tag: u64) -> bool {
         self.inner.abort(tag)
     }
+
+    fn moves_data_now(&self) -> NowIo {
+        self.inner.moves_data_now()
+    }
+
+    fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
+        self.geometry().check_now(lba, blocks, dst.len())?;
+        self.inner.read_now(lba + self.start, blocks, dst)
+    }
+
+    fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
+        self.geometry().check_now(lba, blocks, src.len())?;
+        self.inner.write_now(lba + self.start, blocks, src)
+    }
 }
 
 const HANDLE_SHIFT: u32 = 56;
@@ -243,6 +257,27 @@ impl<B: BlockBackend> BlockBackend for SharedHandle<B> {
             Err(_) => false,
         }
     }
+
+    fn moves_data_now(&self) -> NowIo {
+        self.shared
+            .try_borrow()
+            .map(|s| s.backend.moves_data_now())
+            .unwrap_or_default()
+    }
+
+    fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
+        match self.shared.try_borrow_mut() {
+            Ok(mut s) => s.backend.read_now(lba, blocks, dst),
+            Err(_) => Err(BlockError::Internal),
+        }
+    }
+
+    fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
+        match self.shared.try_borrow_mut() {
+            Ok(mut s) => s.backend.write_now(lba, blocks, src),
+            Err(_) => Err(BlockError::Internal),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -251,6 +286,44 @@ mod tests {
     use crate::buf::IoBuf;
     use crate::ram::RamBackend;
     use proptest::prelude::*;
+
+    #[test]
+    fn synchronous_moves_through_a_shared_slice_stay_in_the_window() {
+        let shared = SharedBackend::new(RamBackend::new(512, 16, 8).unwrap(), 8);
+        let mut s = SliceBackend::new(shared.handle().unwrap(), 4, 8).unwrap();
+        let now = NowIo {
+            read: true,
+            write: true,
+        };
+        assert_eq!(s.moves_data_now(), now);
+        s.write_now(1, 2, &[7u8; 1024]).unwrap();
+        let mut got = vec![0u8; 1536];
+        s.read_now(0, 3, &mut got).unwrap();
+        assert!(got[..512].iter().all(|&x| x == 0));
+        assert!(got[512..].iter().all(|&x| x == 7));
+        // Blocks 5..7 of the RAM disk: read back through a handle over all of it.
+        let mut all = shared.handle().unwrap();
+        let mut raw = vec![0u8; 16 * 512];
+        all.read_now(0, 16, &mut raw).unwrap();
+        assert!(raw.iter().enumerate().all(|(i, &x)| x
+            == if (5 * 512..7 * 512).contains(&i) {
+                7
+            } else {
+                0
+            }));
+        // Past the window's end, though inside the RAM disk: refused, nothing written.
+        assert_eq!(s.write_now(7, 2, &[1u8; 1024]), Err(BlockError::OutOfRange));
+        assert_eq!(
+            s.read_now(8, 1, &mut got[..512]),
+            Err(BlockError::OutOfRange)
+        );
+        assert_eq!(
+            s.read_now(0, 2, &mut got[..512]),
+            Err(BlockError::BufferTooSmall)
+        );
+        all.read_now(0, 16, &mut raw).unwrap();
+        assert!(raw[11 * 512..].iter().all(|&x| x == 0));
+    }
 
     #[test]
     fn window_shifts_and_refuses() {

@@ -66,6 +66,11 @@ pub struct TargetArgs {
     /// Bound on every wait (connect, each command), seconds.
     #[arg(long, global = true, default_value_t = 30.0)]
     pub timeout: f64,
+    /// Disable SQ flow control at Connect (CATTR bit 2, as `nvme connect --disable-sqflow`):
+    /// the controller may then complete a read with its last C2HData PDU (SUCCESS flag), with
+    /// no response capsule.
+    #[arg(long, global = true)]
+    pub disable_sqflow: bool,
 }
 
 impl TargetArgs {
@@ -97,6 +102,7 @@ impl TargetArgs {
             digests: self.digests.digests(),
             kato: Duration::from_secs(self.kato as u64),
             timeout: Duration::from_secs_f64(self.timeout),
+            disable_sqflow: self.disable_sqflow,
         })
     }
 }

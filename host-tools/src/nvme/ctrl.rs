@@ -6,7 +6,8 @@
 use super::conn::{Connection, Done, resolve};
 use super::error::NvmeError;
 use keel_nvme::fabrics::{
-    CNTLID_DYNAMIC, ConnectCommand, ConnectData, PropertyCommand, PropertySize, disconnect_sqe,
+    CATTR_DISABLE_SQ_FLOW_CONTROL, CNTLID_DYNAMIC, ConnectCommand, ConnectData, PropertyCommand,
+    PropertySize, disconnect_sqe,
 };
 use keel_nvme::identify::{
     IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, NsIdentifiers, cns,
@@ -49,6 +50,10 @@ pub struct Params {
     pub kato: Duration,
     /// Bound of every wait (connect, each command).
     pub timeout: Duration,
+    /// Disable SQ flow control in every queue's Connect (CATTR bit 2, Linux `nvme connect
+    /// --disable-sqflow`): the controller need not report SQ head pointers and may end reads
+    /// with a C2HData PDU carrying SUCCESS instead of a response capsule.
+    pub disable_sqflow: bool,
 }
 
 impl Params {
@@ -64,6 +69,7 @@ impl Params {
             digests: Digests::default(),
             kato: Duration::from_secs(30),
             timeout: Duration::from_secs(60),
+            disable_sqflow: false,
         }
     }
 
@@ -72,6 +78,7 @@ impl Params {
             digests: self.digests,
             slots,
             in_capsule_limit,
+            sq_flow_control_disabled: self.disable_sqflow,
             ..HostConfig::default()
         }
     }
@@ -111,7 +118,11 @@ fn connect_queue(
         recfmt: 0,
         qid,
         sqsize,
-        cattr: 0,
+        cattr: if p.disable_sqflow {
+            CATTR_DISABLE_SQ_FLOW_CONTROL
+        } else {
+            0
+        },
         kato: kato_ms,
     };
     let mut data = vec![0u8; ConnectData::SIZE];

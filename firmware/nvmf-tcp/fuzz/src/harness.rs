@@ -3,9 +3,11 @@
 //!
 //! `target_recv`: arbitrary bytes (optionally after a valid ICReq) fed to a `TargetConnection`
 //! in varying segment sizes, with an application that provides buffers (sometimes late),
-//! completes commands and drains `transmit`. Asserts: no panic, the connection's memory stays
-//! what `new` allocated, requested buffers never exceed the configured limits, and everything
-//! it transmits is a well-formed controller-to-host PDU stream.
+//! completes commands and drains `transmit`; some segments go through `recv_direct` (writes
+//! run from the receive window) and some reads complete through `complete_in_window`.
+//! Asserts: no panic, the connection's memory stays what `new` allocated, requested buffers
+//! and directly delivered data never exceed the configured limits, and everything it
+//! transmits is a well-formed controller-to-host PDU stream.
 
 use keel_nvmf_tcp::pdu::{Digests, Repr, encode_pdu};
 use keel_nvmf_tcp::{
@@ -82,8 +84,17 @@ pub fn target_recv(data: &[u8]) {
         input = &input[n..];
         now += 1;
         let mut stalls = 0;
+        let direct = (seed >> 8) & 1 != 0;
         while !piece.is_empty() {
-            let c = t.recv(now, piece);
+            let c = if direct {
+                t.recv_direct(now, piece, &mut |sqe: &Sqe, d: &[u8]| {
+                    assert!(d.len() as u32 <= cfg.in_capsule_data, "{} bytes", d.len());
+                    // Odd CIDs run, even ones take the buffered path.
+                    (sqe.cid & 1 == 1).then(|| Cqe::new(sqe.cid, Status::SUCCESS))
+                })
+            } else {
+                t.recv(now, piece)
+            };
             assert!(c <= piece.len());
             piece = &piece[c..];
             if c == 0 {
@@ -96,7 +107,7 @@ pub fn target_recv(data: &[u8]) {
                     return;
                 }
             }
-            service(&mut t, hold, &mut held, max_buf);
+            service(&mut t, hold, &mut held, max_buf, &mut tx);
             loop {
                 let k = t.transmit(&mut out);
                 assert!(k <= out.len());
@@ -104,7 +115,7 @@ pub fn target_recv(data: &[u8]) {
                     break;
                 }
                 tx.extend_from_slice(&out[..k]);
-                service(&mut t, hold, &mut held, max_buf);
+                service(&mut t, hold, &mut held, max_buf, &mut tx);
             }
             assert_eq!(t.memory_footprint(), footprint);
         }
@@ -112,7 +123,7 @@ pub fn target_recv(data: &[u8]) {
     for (cid, len) in held.drain(..) {
         let _ = t.provide_buffer(cid, vec![0; len as usize]);
     }
-    service(&mut t, false, &mut held, max_buf);
+    service(&mut t, false, &mut held, max_buf, &mut tx);
     while t.transmit(&mut out) > 0 {}
     check_c2h_stream(&tx);
     assert_eq!(t.memory_footprint(), footprint);
@@ -123,6 +134,7 @@ fn service(
     hold: bool,
     held: &mut Vec<(u16, u32)>,
     max_buf: u32,
+    tx: &mut Vec<u8>,
 ) {
     let mut toggle = false;
     while let Some(ev) = t.poll_event() {
@@ -138,6 +150,27 @@ fn service(
             }
             Event::Command { sqe, data_len, .. } => {
                 let cqe = Cqe::new(sqe.cid, Status::SUCCESS);
+                let fc_off = (sqe.nsid >> 8) & 1 != 0;
+                // SQE byte 5 bit 1: complete a read in a window of CDW10's low byte × 64
+                // bytes (when it fits), failing it when bit 2 is set too.
+                if sqe.nsid & 0x200 != 0 && sqe.data_direction() == DataDirection::ControllerToHost
+                {
+                    let mut win = vec![0u8; (sqe.cdw(10) & 0xFF) as usize * 64];
+                    let fail = sqe.nsid & 0x400 != 0;
+                    let n = t.complete_in_window(sqe.cid, &mut win, fc_off, |dst| {
+                        assert_eq!(dst.len() as u32, data_len);
+                        dst.fill(0x5A);
+                        Some(if fail {
+                            (Cqe::new(sqe.cid, Status::LBA_OUT_OF_RANGE), 0)
+                        } else {
+                            (cqe, data_len)
+                        })
+                    });
+                    tx.extend_from_slice(&win[..n]);
+                    if n > 0 {
+                        continue;
+                    }
+                }
                 let data = match sqe.data_direction() {
                     DataDirection::ControllerToHost if data_len > 0 => {
                         let l = data_len.min(8192);
@@ -146,7 +179,7 @@ fn service(
                     _ => None,
                 };
                 // SQE byte 5 bit 0 decides whether SQ flow control is "disabled".
-                let _ = t.complete(cqe, data, (sqe.nsid >> 8) & 1 != 0);
+                let _ = t.complete(cqe, data, fc_off);
             }
             Event::CommandFailed { sqe, status, .. } => {
                 let _ = t.complete(Cqe::new(sqe.cid, status), None, false);
@@ -171,6 +204,8 @@ pub fn host_recv(data: &[u8]) {
         maxr2t: 3,
         slots: 8,
         in_capsule_limit: 512,
+        // Both ways: a SUCCESS flag in the fuzzed stream is then accepted or fatal.
+        sq_flow_control_disabled: mode & 0x10 != 0,
     })
     .unwrap();
     let mut out = [0u8; 600];
