@@ -261,7 +261,7 @@ impl Plan {
                 }
             })
             .collect();
-        for i in 0..windows {
+        for i in 0..cfg.function_boot.map_or(windows, |n| n.min(windows)) {
             let nqn = format!("nqn.2026-11.dev.keel:fn{i}");
             let key = cfg.function_keys.iter().find(|k| k.nsid == i as u32);
             subsystems.push(SubsystemPlan {
