@@ -424,7 +424,7 @@ impl<H: Hw> Services<H> {
                 host: String::from(match (e.slot, e.f.as_ref().map(|f| f.state())) {
                     (SlotState::Live, Some(FunctionState::Disabled)) => "disabled",
                     (SlotState::Live, Some(FunctionState::Ready)) => "ready",
-                    (SlotState::Live, Some(FunctionState::ShuttingDown)) => "shutting down",
+                    (SlotState::Live, Some(FunctionState::ShuttingDown)) => "shutdown",
                     (SlotState::Live, Some(FunctionState::Fatal)) => "failed",
                     _ => "",
                 }),

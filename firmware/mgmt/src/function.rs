@@ -121,7 +121,7 @@ pub struct FunctionSlotInfo {
     pub subsystem: String,
     /// NSIDs of its namespaces.
     pub nsids: Vec<u32>,
-    /// The host's side: `disabled` (CC.EN = 0), `ready`, `shutting down`, `failed`
+    /// The host's side: `disabled` (CC.EN = 0), `ready`, `shutdown` (CC.SHN written), `failed`
     /// (CSTS.CFS), empty when free.
     pub host: String,
     /// `boot` (from the configuration) or `created` (by a management request).
