@@ -282,7 +282,9 @@ fn functions_created_and_removed_live_through_the_management_port() {
             .contains(&format!("slot 1 (vf1): removed: subsystem {}", nqn(1))),
         "{r:?}"
     );
-    let b = bench.join().expect("the host's keelctl hung (killed after 100 s)");
+    let b = bench
+        .join()
+        .expect("the host's keelctl hung (killed after 100 s)");
     assert_ne!(b.code, 0, "the host's I/O did not fail: {b:?}");
     eprintln!(
         "host after removal: {}",
