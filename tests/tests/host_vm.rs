@@ -252,6 +252,18 @@ fn host_vm_sees_functions_created_and_removed_live() {
         assert!(console.contains(check), "{check}: no PASS\n{console}");
     }
     assert!(console.contains("hotplug: ublk on"), "{console}");
+    // The device that went is the one whose function was removed (VF 1's subsystem).
+    let gone = console
+        .split("hotplug: a function goes PASS (")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .expect("the removed BDF");
+    assert!(
+        console.contains(&format!(
+            "hotplug: {gone} identify, write, read PASS ( subnqn nqn.2026-12.test.hostvm:fn1)"
+        )),
+        "{gone} was not function 1:\n{console}"
+    );
     assert_eq!(
         console.matches("identify, write, read PASS").count(),
         3,
