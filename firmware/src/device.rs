@@ -101,25 +101,8 @@ impl QosRates {
             .iter()
             .find(|e| e.0 == key)
             .map_or((0, 0), |e| (e.3, e.4));
-        let l = &q.limits;
         QosInfo {
-            limits: [
-                ("iops", l.iops),
-                ("read_iops", l.read_iops),
-                ("write_iops", l.write_iops),
-                ("bps", l.bps),
-                ("read_bps", l.read_bps),
-                ("write_bps", l.write_bps),
-            ]
-            .into_iter()
-            .filter_map(|(name, r)| {
-                r.map(|r| QosLimit {
-                    name: String::from(name),
-                    per_sec: r.per_sec,
-                    burst: r.burst,
-                })
-            })
-            .collect(),
+            limits: limit_list(&q.limits),
             admitted_ops: q.admitted_ops,
             admitted_bytes: q.admitted_bytes,
             ops_per_sec,

@@ -249,6 +249,19 @@ pub fn run_keelctl(dir: Option<&Path>, args: &[&str]) -> Run {
     run_bounded(&mut cmd, RUN_TIMEOUT)
 }
 
+/// Runs `keelctl host --window WINDOW ARGS` (the emulated function's host on this machine),
+/// killing it after [`RUN_TIMEOUT`].
+pub fn keelctl_host(window: &Path, args: &[&str]) -> Run {
+    run_bounded(
+        Command::new(keelctl())
+            .arg("host")
+            .arg("--window")
+            .arg(window)
+            .args(args),
+        RUN_TIMEOUT,
+    )
+}
+
 /// Runs `keelctl ARGS`, which must succeed; returns its standard output.
 pub fn keelctl_ok(args: &[&str]) -> String {
     let r = run_keelctl(None, args);

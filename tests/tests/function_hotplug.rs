@@ -19,7 +19,7 @@
 
 use keel_mgmt::{FunctionSlotInfo, QosLimit, SlotState};
 use keel_tests::{
-    BOOT_TIMEOUT, Build, Qemu, RUN_TIMEOUT, Run, ScratchFile, free_port, keelctl, mgmt_status,
+    BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, keelctl_host, mgmt_status,
     root, run_bounded, run_keelctl,
 };
 use std::io::{Read, Write};
@@ -46,15 +46,9 @@ fn function(addr: &str, args: &[&str]) -> Run {
 
 /// `keelctl host --window W --timeout 5 ARGS`.
 fn host(window: &Path, args: &[&str]) -> Run {
-    run_bounded(
-        Command::new(keelctl())
-            .arg("host")
-            .arg("--window")
-            .arg(window)
-            .args(["--timeout", "5"])
-            .args(args),
-        RUN_TIMEOUT,
-    )
+    let mut all = vec!["--timeout", "5"];
+    all.extend_from_slice(args);
+    keelctl_host(window, &all)
 }
 
 fn host_ok(window: &Path, args: &[&str]) -> String {

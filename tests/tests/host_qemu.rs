@@ -41,17 +41,7 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `keelctl host --window WINDOW ARGS`.
-fn host(window: &Path, args: &[&str]) -> Run {
-    run_bounded(
-        Command::new(keelctl())
-            .arg("host")
-            .arg("--window")
-            .arg(window)
-            .args(args),
-        RUN_TIMEOUT,
-    )
-}
+use keel_tests::keelctl_host as host;
 
 /// `keelctl host` that must succeed and shut the controller down cleanly.
 fn ok(window: &Path, args: &[&str]) -> Run {

@@ -180,31 +180,19 @@ fn host_vm_sees_functions_created_and_removed_live() {
         let slot = i.to_string();
         let nqn = format!("nqn.2026-12.test.hostvm:fn{i}");
         let t0 = Instant::now();
-        let out = if i == 0 {
-            function(&[
-                "create",
-                "--slot",
-                &slot,
-                "--nqn",
-                &nqn,
-                "--ns",
-                "ram:32MiB",
-                "--ns",
-                "ram:8MiB",
-                "--limit",
-                "write_iops=50000",
-            ])
-        } else {
-            function(&[
-                "create",
-                "--slot",
-                &slot,
-                "--nqn",
-                &nqn,
-                "--ns",
-                "ram:32MiB",
-            ])
-        };
+        let mut args = vec![
+            "create",
+            "--slot",
+            &slot,
+            "--nqn",
+            &nqn,
+            "--ns",
+            "ram:32MiB",
+        ];
+        if i == 0 {
+            args.extend(["--ns", "ram:8MiB", "--limit", "write_iops=50000"]);
+        }
+        let out = function(&args);
         assert!(out.contains("created"), "{out}");
         let answer = monitor_command(
             &monitor,
