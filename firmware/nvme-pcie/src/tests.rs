@@ -702,6 +702,60 @@ fn reset_mid_io_returns_every_buffer() {
     assert_eq!(r.delete(0x00, 1), Status::INVALID_QUEUE_IDENTIFIER);
 }
 
+/// Hot unplug with commands at the backend: CSTS.CFS, the header gone, no completion ever
+/// posted (the host's CQ stays as it was), every buffer back through the core's events, and a
+/// host that writes CC or doorbells afterwards starts nothing (the function is not polled:
+/// its events are all it still takes).
+#[test]
+fn removal_mid_io_posts_nothing_and_returns_every_buffer() {
+    let mut r = Rig::new();
+    r.enable();
+    let mut q = r.io_queue(1, 64);
+    let buf = r.alloc(16 * 8192);
+    for k in 0..16u16 {
+        let (p1, p2) = r.prps(buf + k as u64 * 8192, 8192);
+        let sqe = Sqe::new(if k % 2 == 0 { 0x01 } else { 0x02 }, k)
+            .with_nsid(1)
+            .with_cdw(10, k as u32 * 16)
+            .with_cdw(12, 15)
+            .with_prps(p1, p2);
+        r.push(&mut q, &sqe);
+    }
+    r.now += 1000;
+    r.f.poll(Instant::from_nanos(r.now), &mut r.t, &mut r.w);
+    assert!(r.f.buffers_available() < r.f.buffers_total());
+    let cq_before = r.w.bytes()[q.cq as usize..q.cq as usize + 64 * 16].to_vec();
+    assert!(r.f.remove(&mut r.t, &mut r.w), "a host had it enabled");
+    assert_eq!(r.f.state(), FunctionState::Fatal);
+    assert_eq!(r.f.fatal_reason(), Some(FatalReason::Removed));
+    assert!(r.csts().cfs());
+    let hdr: [u8; layout::header::SIZE] = r.w.bytes()
+        [layout::HEADER_OFFSET..layout::HEADER_OFFSET + layout::header::SIZE]
+        .try_into()
+        .unwrap();
+    assert!(
+        layout::Header::decode(&hdr, WIN as u64).is_err(),
+        "header cleared"
+    );
+    // The host keeps going: CC.EN off and on, doorbells. Only the target runs.
+    r.w.host_set_reg(offset::CC, 0);
+    r.w.host_doorbell(layout::sq_tail_doorbell(1), 3);
+    for _ in 0..20 {
+        r.now += 10_000;
+        let (f, w) = (&mut r.f, &mut r.w);
+        r.t.poll(Instant::from_nanos(r.now), &mut |ev| {
+            assert!(f.handle_event(ev, w).is_none(), "an event not taken");
+        });
+    }
+    assert_eq!(r.f.buffers_available(), r.f.buffers_total());
+    assert_eq!(
+        &r.w.bytes()[q.cq as usize..q.cq as usize + 64 * 16],
+        &cq_before[..],
+        "a completion was posted after the removal"
+    );
+    assert_eq!(r.t.controller_count(), 0);
+}
+
 #[test]
 fn shutdown_completes_writes_then_reports_complete() {
     let mut r = Rig::new();
