@@ -328,7 +328,22 @@ impl<H: Hw> Services<H> {
             }
         }
         if qos_changed {
+            // Functions created by a management request keep their limits unless the bundle
+            // gives their slot limits of its own.
+            let created: Vec<keel_provision::FunctionQos> = self
+                .plan
+                .qos
+                .functions
+                .iter()
+                .filter(|f| {
+                    self.functions.iter().any(|e| {
+                        e.index == f.function && e.slot == SlotState::Live && e.origin == "created"
+                    }) && !new.qos.functions.iter().any(|n| n.function == f.function)
+                })
+                .cloned()
+                .collect();
             self.plan.qos = new.qos.clone();
+            self.plan.qos.functions.extend(created);
             self.apply_qos(&mut needs_reboot);
         }
         self.plan.generation = cfg.generation;
@@ -426,12 +441,37 @@ impl<H: Hw> Services<H> {
     }
 
     /// The description kept with the plan follows live changes of functions (so a later
-    /// push is compared with what runs).
+    /// push is compared with what runs): subsystems and namespaces that came or went are
+    /// added or dropped, the others stay as described; function limits follow the plan.
     fn refresh_device(&mut self) {
-        if self.plan.device.is_some() {
-            self.plan.device = None;
-            self.plan.device = Some(self.plan.to_device());
+        let plan = &self.plan;
+        let Some(d) = self.plan.device.as_ref() else {
+            return;
+        };
+        let mut d = d.clone();
+        d.subsystems
+            .retain(|s| plan.subsystems.iter().any(|p| p.nqn == s.nqn));
+        for s in &plan.subsystems {
+            if !d.subsystems.iter().any(|x| x.nqn == s.nqn) {
+                d.subsystems.push(s.to_model());
+            }
         }
+        d.namespaces.retain(|n| {
+            plan.namespaces
+                .iter()
+                .any(|p| p.subsystem == n.subsystem && p.nsid == n.nsid)
+        });
+        for n in &plan.namespaces {
+            if !d
+                .namespaces
+                .iter()
+                .any(|x| x.subsystem == n.subsystem && x.nsid == n.nsid)
+            {
+                d.namespaces.push(n.to_model());
+            }
+        }
+        d.qos.functions = plan.qos.functions.clone();
+        self.plan.device = Some(d);
     }
 
     /// Creates a function on a free slot: its subsystem with its namespaces in the core, then

@@ -1764,3 +1764,75 @@ fn functions_are_created_and_removed_live() {
     h.window(&mut s).host_read(buf, &mut got);
     assert_eq!(got, [0; 4096]);
 }
+
+/// A function created on a provisioned device stays live through a push that changes QoS,
+/// with its own limits (the bundle does not name its slot), and the description kept with the
+/// plan lists it, so the push reports that the bundle leaves it out (it would be gone after a
+/// reboot) without removing it.
+#[test]
+fn a_created_function_survives_a_qos_push_with_its_limits() {
+    use keel_mgmt::Device as _;
+    use keel_mgmt::{FunctionBackend, FunctionNamespace, FunctionSpec, QosLimit, SlotState};
+    let mut desc = dev_device();
+    let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
+    let identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let cfg = identity.open(&signed_bundle(&desc, 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let windows = (0..2)
+        .map(|i| WindowPort {
+            base: 0x1000_0000 * (i as u64 + 1),
+            size: 1 << 20,
+            ep: Ok(MemWindow::new(1 << 20)),
+        })
+        .collect();
+    let mut s: Services<TestHw> = Services::build(plan, Vec::new(), windows, true, identity);
+    assert!(
+        s.function_slots()
+            .iter()
+            .all(|x| x.state == SlotState::Free)
+    );
+    let limit = QosLimit {
+        name: "read_iops".into(),
+        per_sec: 3000,
+        burst: 30,
+    };
+    s.create_function(&FunctionSpec {
+        slot: 1,
+        nqn: "nqn.2026-12.test:vf1".into(),
+        serial: String::new(),
+        model: String::new(),
+        namespaces: vec![FunctionNamespace {
+            nsid: 1,
+            backend: FunctionBackend::Ram {
+                bytes: 1 << 20,
+                block_size: 512,
+            },
+        }],
+        limits: vec![limit.clone()],
+    })
+    .unwrap();
+    let d = s.plan().device.clone().unwrap();
+    assert!(d.subsystems.iter().any(|x| x.nqn == "nqn.2026-12.test:vf1"));
+    assert!(d.namespaces.iter().any(|n| n.function == Some(1)));
+    assert_eq!(
+        d.subsystems[0], desc.subsystems[0],
+        "the described ones stay as described"
+    );
+
+    desc.qos.groups.push(keel_provision::QosGroup {
+        name: "g".into(),
+        limits: keel_provision::QosLimits::default(),
+        weight: 2,
+    });
+    let r = s.push(&signed_bundle(&desc, 2)).unwrap();
+    assert!(
+        r.needs_reboot
+            .iter()
+            .any(|m| m.contains("nqn.2026-12.test:vf1") && m.contains("removed")),
+        "{:?}",
+        r.needs_reboot
+    );
+    let slot = &s.function_slots()[1];
+    assert_eq!(slot.state, SlotState::Live);
+    assert_eq!(slot.limits, [limit]);
+}
