@@ -669,26 +669,23 @@ impl<H: Hw> Services<H> {
         let (nvmf_free, nvmf_total) = self.nvmf.as_ref().map_or((0, 0), |s| s.buffers());
         let sk = &self.sockets;
         let limits = self.target.limits();
+        // Every slot's buffers: its function's, or a free slot's kept pool.
+        let (fn_free, fn_total) = self.functions.iter().fold((0, 0), |(a, t), e| {
+            let (fa, ft) =
+                e.f.as_ref()
+                    .map_or((0, 0), |f| (f.buffers_available(), f.buffers_total()));
+            let (pa, pt) = e
+                .pool
+                .as_ref()
+                .map_or((0, 0), |p| (p.available(), p.count()));
+            (a + fa + pa, t + ft + pt)
+        });
         Resources {
             heap_free: H::heap_free() as u64,
             nvmf_buffers_free: n(nvmf_free),
             nvmf_buffers_total: n(nvmf_total),
-            function_buffers_free: n(self
-                .functions
-                .iter()
-                .map(|e| {
-                    e.f.as_ref().map_or(0, |f| f.buffers_available())
-                        + e.pool.as_ref().map_or(0, |p| p.available())
-                })
-                .sum()),
-            function_buffers_total: n(self
-                .functions
-                .iter()
-                .map(|e| {
-                    e.f.as_ref().map_or(0, |f| f.buffers_total())
-                        + e.pool.as_ref().map_or(0, |p| p.count())
-                })
-                .sum()),
+            function_buffers_free: n(fn_free),
+            function_buffers_total: n(fn_total),
             sockets_created: n(sk.created),
             sockets_max: n(sk.max),
             sockets_free: n(sk.free),

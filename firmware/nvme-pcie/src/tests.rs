@@ -299,6 +299,27 @@ impl Rig {
         (addr, list)
     }
 
+    /// I/O queue 1 (64 entries) with `n` 8 KiB writes and reads alternating, fetched and
+    /// submitted by the function but not yet completed by the backend.
+    fn io_at_backend(&mut self, n: u16) -> Queue {
+        let mut q = self.io_queue(1, 64);
+        let buf = self.alloc(n as usize * 8192);
+        for k in 0..n {
+            let (p1, p2) = self.prps(buf + k as u64 * 8192, 8192);
+            let sqe = Sqe::new(if k % 2 == 0 { 0x01 } else { 0x02 }, k)
+                .with_nsid(1)
+                .with_cdw(10, k as u32 * 16)
+                .with_cdw(12, 15)
+                .with_prps(p1, p2);
+            self.push(&mut q, &sqe);
+        }
+        self.now += 1000;
+        self.f
+            .poll(Instant::from_nanos(self.now), &mut self.t, &mut self.w);
+        assert!(self.f.buffers_available() < self.f.buffers_total());
+        q
+    }
+
     fn rw(&mut self, q: &mut Queue, write: bool, lba: u64, blocks: u32, buf: u64, cid: u16) -> Cqe {
         let (p1, p2) = self.prps(buf, blocks as usize * 512);
         let sqe = Sqe::new(if write { 0x01 } else { 0x02 }, cid)
@@ -674,21 +695,7 @@ fn hostile_prps_and_doorbells() {
 fn reset_mid_io_returns_every_buffer() {
     let mut r = Rig::new();
     r.enable();
-    let mut q = r.io_queue(1, 64);
-    let buf = r.alloc(32 * 8192);
-    for k in 0..32u16 {
-        let (p1, p2) = r.prps(buf + k as u64 * 8192, 8192);
-        let sqe = Sqe::new(if k % 2 == 0 { 0x01 } else { 0x02 }, k)
-            .with_nsid(1)
-            .with_cdw(10, k as u32 * 16)
-            .with_cdw(12, 15)
-            .with_prps(p1, p2);
-        r.push(&mut q, &sqe);
-    }
-    // The function fetches and submits; the backend has not completed anything yet.
-    r.now += 1000;
-    r.f.poll(Instant::from_nanos(r.now), &mut r.t, &mut r.w);
-    assert!(r.f.buffers_available() < r.f.buffers_total());
+    r.io_at_backend(32);
     r.cc(0);
     r.wait_csts(|c| c.0 == 0);
     r.steps(3);
@@ -710,20 +717,7 @@ fn reset_mid_io_returns_every_buffer() {
 fn removal_mid_io_posts_nothing_and_returns_every_buffer() {
     let mut r = Rig::new();
     r.enable();
-    let mut q = r.io_queue(1, 64);
-    let buf = r.alloc(16 * 8192);
-    for k in 0..16u16 {
-        let (p1, p2) = r.prps(buf + k as u64 * 8192, 8192);
-        let sqe = Sqe::new(if k % 2 == 0 { 0x01 } else { 0x02 }, k)
-            .with_nsid(1)
-            .with_cdw(10, k as u32 * 16)
-            .with_cdw(12, 15)
-            .with_prps(p1, p2);
-        r.push(&mut q, &sqe);
-    }
-    r.now += 1000;
-    r.f.poll(Instant::from_nanos(r.now), &mut r.t, &mut r.w);
-    assert!(r.f.buffers_available() < r.f.buffers_total());
+    let q = r.io_at_backend(16);
     let cq_before = r.w.bytes()[q.cq as usize..q.cq as usize + 64 * 16].to_vec();
     assert!(r.f.remove(&mut r.t, &mut r.w), "a host had it enabled");
     assert_eq!(r.f.state(), FunctionState::Fatal);
