@@ -12,6 +12,7 @@
 //! | `keel.xts=NSID:HEX` | encrypt namespace NSID with AES-XTS; 64 hex digits = XTS-AES-128, 128 = XTS-AES-256 (repeatable) | none |
 //! | `keel.fn.ram=MiB` | size of each emulated PCIe function's RAM namespace | `64` |
 //! | `keel.fn.xts=FN:HEX` | encrypt emulated function FN's namespace (repeatable) | none |
+//! | `keel.fn.boot=N` | only the first N windows get a function at boot; the others are free function slots for `keelctl function create` | every window |
 //! | `keel.fn.ns=SPEC[,SPEC...]` | emulated function N's namespace is the Nth SPEC (as in `keel.ns`, e.g. `remote:...`: the SNAP pattern) | RAM of `keel.fn.ram` |
 //! | `keel.remote.OPTION=VALUE` | settings of every `remote:` namespace: `queues` (4), `depth` (128), `digests` (`none`, `header`, `data`, `both`), `kato` (5), `reconnect_delay` (10), `ctrl_loss_tmo` (600; `-1` forever), `fast_io_fail_tmo` (off), `policy` (`round-robin`, `queue-depth`), `hostnqn` (derived from the MAC); times in seconds, or with `ms` | Linux's defaults |
 //! | `keel.advertise=ADDR:PORT` | the NVMe/TCP address in the discovery log | the interface's |
@@ -248,6 +249,8 @@ pub struct DevConfig {
     pub function_keys: Vec<KeyArg>,
     /// RAM namespace size of each emulated function, in bytes.
     pub function_ram: u64,
+    /// Windows that get a function at boot (`keel.fn.boot=`; `None`: all of them).
+    pub function_boot: Option<usize>,
     /// The namespaces of emulated functions 0, 1, ... instead of RAM (`keel.fn.ns=`).
     pub function_namespaces: Vec<NsSpec>,
     /// Address and port to advertise in the discovery log.
@@ -334,6 +337,7 @@ impl DevConfig {
                 .map(mib_list)
                 .and_then(|l| l.first().copied())
                 .unwrap_or(64 << 20),
+            function_boot: get("keel.fn.boot=").and_then(|n| n.parse().ok()),
             function_namespaces: get("keel.fn.ns=").map(specs).unwrap_or_default(),
             advertise: get("keel.advertise=").and_then(|a| {
                 let (addr, port) = a.rsplit_once(':')?;

@@ -5,14 +5,15 @@
 use crate::config::NsSpec;
 use crate::hw::Hw;
 use crate::klog;
-use crate::plan::{NsPlan, Plan, Source};
-use crate::services::{Services, build_namespace};
+use crate::plan::{NsPlan, Plan, Source, SubsystemPlan};
+use crate::services::{Services, build_namespace, start_function};
 use alloc::{format, string::String, string::ToString, vec::Vec};
+use keel_controller::SubsystemConfig;
 use keel_controller::{QosCounters, Target};
 use keel_mgmt::{
-    ControllerInfo, ControllerQosInfo, FunctionInfo, GroupInfo, Latency, NamespaceInfo,
-    NamespaceQosInfo, NsCounters, PushReport, QosInfo, QosLimit, Resources, Snapshot,
-    SubsystemInfo,
+    ControllerInfo, ControllerQosInfo, FunctionBackend, FunctionInfo, FunctionSlotInfo,
+    FunctionSpec, GroupInfo, Latency, NamespaceInfo, NamespaceQosInfo, NsCounters, PushReport,
+    QosInfo, QosLimit, Resources, SlotState, Snapshot, SubsystemInfo,
 };
 use keel_nvme_pcie::FunctionState;
 use keel_storage::LatencyHistogram;
@@ -100,25 +101,8 @@ impl QosRates {
             .iter()
             .find(|e| e.0 == key)
             .map_or((0, 0), |e| (e.3, e.4));
-        let l = &q.limits;
         QosInfo {
-            limits: [
-                ("iops", l.iops),
-                ("read_iops", l.read_iops),
-                ("write_iops", l.write_iops),
-                ("bps", l.bps),
-                ("read_bps", l.read_bps),
-                ("write_bps", l.write_bps),
-            ]
-            .into_iter()
-            .filter_map(|(name, r)| {
-                r.map(|r| QosLimit {
-                    name: String::from(name),
-                    per_sec: r.per_sec,
-                    burst: r.burst,
-                })
-            })
-            .collect(),
+            limits: limit_list(&q.limits),
             admitted_ops: q.admitted_ops,
             admitted_bytes: q.admitted_bytes,
             ops_per_sec,
@@ -135,7 +119,11 @@ impl<H: Hw> Services<H> {
         if self.nvmf.is_some() {
             e.push(String::from("tcp"));
         }
-        for f in self.functions.iter().filter(|f| f.nqn == nqn) {
+        for f in self
+            .functions
+            .iter()
+            .filter(|f| f.slot == SlotState::Live && f.nqn == nqn)
+        {
             e.push(format!("pcie-fn{}", f.index));
         }
         e
@@ -167,12 +155,13 @@ impl<H: Hw> Services<H> {
         }
         self.target.set_host_qos(self.plan.host_qos());
         for e in &mut self.functions {
-            if let Some(a) = e.f.admin_queue() {
+            let admin = e.live().and_then(|f| f.admin_queue());
+            if let Some(a) = admin {
                 let _ = self
                     .target
                     .set_controller_limits(a, self.plan.function_limits(e.index));
             }
-            e.limited = e.f.admin_queue();
+            e.limited = admin;
         }
         klog::info!(
             "qos: applied live: {} namespace rule(s), {} group(s), {} host rule(s), {} function rule(s)",
@@ -237,7 +226,7 @@ impl<H: Hw> Services<H> {
                 && !self
                     .functions
                     .iter()
-                    .any(|e| e.index == f && e.nqn == n.subsystem)
+                    .any(|e| e.index == f && e.slot == SlotState::Live && e.nqn == n.subsystem)
             {
                 needs_reboot.push(format!(
                     "namespace {} of {}: export through emulated function {f}",
@@ -339,7 +328,22 @@ impl<H: Hw> Services<H> {
             }
         }
         if qos_changed {
+            // Functions created by a management request keep their limits unless the bundle
+            // gives their slot limits of its own.
+            let created: Vec<keel_provision::FunctionQos> = self
+                .plan
+                .qos
+                .functions
+                .iter()
+                .filter(|f| {
+                    self.functions.iter().any(|e| {
+                        e.index == f.function && e.slot == SlotState::Live && e.origin == "created"
+                    }) && !new.qos.functions.iter().any(|n| n.function == f.function)
+                })
+                .cloned()
+                .collect();
             self.plan.qos = new.qos.clone();
+            self.plan.qos.functions.extend(created);
             self.apply_qos(&mut needs_reboot);
         }
         self.plan.generation = cfg.generation;
@@ -355,19 +359,333 @@ impl<H: Hw> Services<H> {
     }
 }
 
+/// The description's form of a function's limits (`keelctl function create --limit`).
+fn provision_limits(limits: &[QosLimit]) -> keel_provision::QosLimits {
+    let mut l = keel_provision::QosLimits::default();
+    for x in limits {
+        let r = Some(keel_provision::QosRate {
+            per_sec: x.per_sec,
+            burst: (x.burst > 0).then_some(x.burst),
+        });
+        match x.name.as_str() {
+            "iops" => l.iops = r,
+            "read_iops" => l.read_iops = r,
+            "write_iops" => l.write_iops = r,
+            "bps" => l.bps = r,
+            "read_bps" => l.read_bps = r,
+            "write_bps" => l.write_bps = r,
+            // FunctionSpec::validate refused any other name.
+            _ => {}
+        }
+    }
+    l
+}
+
+/// The limits in force as the status reports them.
+fn limit_list(l: &keel_controller::QosLimits) -> Vec<QosLimit> {
+    [
+        ("iops", l.iops),
+        ("read_iops", l.read_iops),
+        ("write_iops", l.write_iops),
+        ("bps", l.bps),
+        ("read_bps", l.read_bps),
+        ("write_bps", l.write_bps),
+    ]
+    .into_iter()
+    .filter_map(|(name, r)| {
+        r.map(|r| QosLimit {
+            name: String::from(name),
+            per_sec: r.per_sec,
+            burst: r.burst,
+        })
+    })
+    .collect()
+}
+
 impl<H: Hw> Services<H> {
+    /// The endpoint's function slots as the status reports them.
+    pub(crate) fn function_slots(&self) -> Vec<FunctionSlotInfo> {
+        self.functions
+            .iter()
+            .map(|e| FunctionSlotInfo {
+                slot: e.index,
+                state: e.slot,
+                kind: keel_mgmt::function::slot_kind(e.index),
+                subsystem: e.nqn.clone(),
+                nsids: self
+                    .plan
+                    .namespaces
+                    .iter()
+                    .filter(|n| e.slot == SlotState::Live && n.subsystem == e.nqn)
+                    .map(|n| n.nsid)
+                    .collect(),
+                host: String::from(match (e.slot, e.f.as_ref().map(|f| f.state())) {
+                    (SlotState::Live, Some(FunctionState::Disabled)) => "disabled",
+                    (SlotState::Live, Some(FunctionState::Ready)) => "ready",
+                    (SlotState::Live, Some(FunctionState::ShuttingDown)) => "shutdown",
+                    (SlotState::Live, Some(FunctionState::Fatal)) => "failed",
+                    _ => "",
+                }),
+                origin: String::from(if e.slot == SlotState::Free {
+                    ""
+                } else {
+                    e.origin
+                }),
+                limits: if e.slot == SlotState::Live {
+                    limit_list(&self.plan.function_limits(e.index))
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect()
+    }
+
+    /// The description kept with the plan follows live changes of functions (so a later
+    /// push is compared with what runs): subsystems and namespaces that came or went are
+    /// added or dropped, the others stay as described; function limits follow the plan.
+    fn refresh_device(&mut self) {
+        let plan = &self.plan;
+        let Some(d) = self.plan.device.as_ref() else {
+            return;
+        };
+        let mut d = d.clone();
+        d.subsystems
+            .retain(|s| plan.subsystems.iter().any(|p| p.nqn == s.nqn));
+        for s in &plan.subsystems {
+            if !d.subsystems.iter().any(|x| x.nqn == s.nqn) {
+                d.subsystems.push(s.to_model());
+            }
+        }
+        d.namespaces.retain(|n| {
+            plan.namespaces
+                .iter()
+                .any(|p| p.subsystem == n.subsystem && p.nsid == n.nsid)
+        });
+        for n in &plan.namespaces {
+            if !d
+                .namespaces
+                .iter()
+                .any(|x| x.subsystem == n.subsystem && x.nsid == n.nsid)
+            {
+                d.namespaces.push(n.to_model());
+            }
+        }
+        d.qos.functions = plan.qos.functions.clone();
+        self.plan.device = Some(d);
+    }
+
+    /// Creates a function on a free slot: its subsystem with its namespaces in the core, then
+    /// the controller emulation on the slot's window. On error nothing has changed.
+    fn try_create_function(&mut self, spec: &FunctionSpec) -> Result<FunctionSlotInfo, String> {
+        let slots = self.function_slots();
+        let (target, plan) = (&self.target, &self.plan);
+        keel_mgmt::function::check_create(spec, &slots, |n| {
+            target.subsystem_views().any(|s| s.nqn == n)
+                || plan.subsystems.iter().any(|s| s.nqn == n)
+        })?;
+        if spec.slot > 31 {
+            return Err(format!(
+                "slot {}: functions are numbered 0 to 31",
+                spec.slot
+            ));
+        }
+        let Some(pos) = self.functions.iter().position(|e| e.index == spec.slot) else {
+            return Err(format!(
+                "slot {}: its window could not be opened",
+                spec.slot
+            ));
+        };
+        let nqn = spec.nqn.clone();
+        let hex: String = self.plan.mac.iter().map(|b| format!("{b:02X}")).collect();
+        let namespaces: Vec<NsPlan> = spec
+            .namespaces
+            .iter()
+            .map(|n| {
+                let (nsspec, block_size) = match n.backend {
+                    FunctionBackend::Ram { bytes, block_size } => (NsSpec::Ram(bytes), block_size),
+                    FunctionBackend::Drive {
+                        drive,
+                        nsid,
+                        offset,
+                        length,
+                    } => (
+                        NsSpec::Drive {
+                            drive: usize::from(drive),
+                            nsid,
+                            slice: Some((offset, (length > 0).then_some(length))),
+                        },
+                        512,
+                    ),
+                };
+                NsPlan {
+                    subsystem: nqn.clone(),
+                    nsid: n.nsid,
+                    spec: nsspec,
+                    block_size,
+                    key: None,
+                    cipher: "none",
+                    function: Some(spec.slot),
+                }
+            })
+            .collect();
+        // The subsystem joins the plan first (its index names the NGUIDs); undone on error.
+        let sub = SubsystemPlan {
+            nqn: nqn.clone(),
+            serial: if spec.serial.is_empty() {
+                format!("KEEL{hex}F{}", spec.slot)
+            } else {
+                spec.serial.clone()
+            },
+            model: if spec.model.is_empty() {
+                String::from("Keel emulated NVMe")
+            } else {
+                spec.model.clone()
+            },
+            allowed_hosts: Vec::new(),
+        };
+        self.plan.subsystems.push(sub.clone());
+        let undo = |s: &mut Self| {
+            s.plan.subsystems.retain(|x| x.nqn != nqn);
+        };
+        let mut configs = Vec::with_capacity(namespaces.len());
+        for ns in &namespaces {
+            // Drive namespaces are always cut as slices: other functions may cut theirs.
+            let many = matches!(ns.spec, NsSpec::Drive { .. });
+            match build_namespace(&self.plan, ns, many, &mut self.drives, &mut self.shared) {
+                Some(c) => configs.push(c),
+                None => {
+                    undo(self);
+                    return Err(format!(
+                        "namespace {}: its backend could not be made ({}; see the device console)",
+                        ns.nsid, ns.spec
+                    ));
+                }
+            }
+        }
+        if let Err(e) = self.target.add_subsystem(SubsystemConfig {
+            nqn: nqn.clone(),
+            serial: sub.serial.clone(),
+            model: sub.model.clone(),
+            allowed_hosts: Vec::new(),
+            namespaces: configs,
+        }) {
+            undo(self);
+            return Err(format!(
+                "subsystem {nqn}: refused by the controller core ({e})"
+            ));
+        }
+        let e = &mut self.functions[pos];
+        if let Err(err) = start_function::<H>(e, pos as u16, &nqn, &mut self.target) {
+            let _ = self.target.remove_subsystem(&nqn);
+            undo(self);
+            return Err(err);
+        }
+        e.origin = "created";
+        for ns in &namespaces {
+            self.served.push((nqn.clone(), ns.nsid));
+        }
+        self.plan.namespaces.extend(namespaces);
+        self.plan.qos.functions.retain(|f| f.function != spec.slot);
+        if !spec.limits.is_empty() {
+            self.plan.qos.functions.push(keel_provision::FunctionQos {
+                function: spec.slot,
+                limits: provision_limits(&spec.limits),
+            });
+        }
+        self.refresh_device();
+        let info = self
+            .function_slots()
+            .into_iter()
+            .find(|s| s.slot == spec.slot)
+            .unwrap_or_default();
+        Ok(info)
+    }
+
+    /// Removes the function of a slot: the controller emulation lets go of the window (a host
+    /// still using it sees CSTS.CFS and no header), its subsystem and namespaces leave the
+    /// core. The slot is free once every buffer is home. On error nothing has changed.
+    fn try_remove_function(&mut self, slot: u16) -> Result<FunctionSlotInfo, String> {
+        keel_mgmt::function::check_remove(slot, &self.function_slots())?;
+        let Some(e) = self.functions.iter_mut().find(|e| e.index == slot) else {
+            return Err(format!("slot {slot}: no such slot"));
+        };
+        let Some(f) = e.f.as_mut() else {
+            return Err(format!("slot {slot} has no function"));
+        };
+        let in_flight = f.buffers_total() - f.buffers_available();
+        let was_enabled = f.remove(&mut self.target, &mut e.ep);
+        e.slot = SlotState::Removing;
+        e.limited = None;
+        let nqn = core::mem::take(&mut e.nqn);
+        if let Err(err) = self.target.remove_subsystem(&nqn) {
+            klog::error!(
+                "pcie-fn{}: subsystem {}: {}",
+                slot,
+                klog::D(&nqn),
+                klog::D(&err)
+            );
+        }
+        let gone: Vec<u32> = self
+            .plan
+            .namespaces
+            .iter()
+            .filter(|n| n.subsystem == nqn)
+            .map(|n| n.nsid)
+            .collect();
+        for nsid in &gone {
+            self.remotes.removed(&nqn, *nsid);
+        }
+        self.plan.subsystems.retain(|s| s.nqn != nqn);
+        self.plan.namespaces.retain(|n| n.subsystem != nqn);
+        self.served.retain(|(q, _)| *q != nqn);
+        self.plan.qos.functions.retain(|f| f.function != slot);
+        self.refresh_device();
+        klog::info!(
+            "pcie-fn{}: function removed live: subsystem {}, {} namespace(s); {}",
+            slot,
+            klog::D(&nqn),
+            gone.len(),
+            klog::D(&if was_enabled {
+                format!(
+                    "a host had it enabled: CSTS.CFS set, {in_flight} command buffer(s) were in flight"
+                )
+            } else {
+                String::from("no host had it enabled")
+            })
+        );
+        let mut info = self
+            .function_slots()
+            .into_iter()
+            .find(|s| s.slot == slot)
+            .unwrap_or_default();
+        info.subsystem = nqn;
+        info.nsids = gone;
+        Ok(info)
+    }
+
     /// Pools and slots in use right now.
     pub(crate) fn resources(&self) -> Resources {
         let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
         let (nvmf_free, nvmf_total) = self.nvmf.as_ref().map_or((0, 0), |s| s.buffers());
         let sk = &self.sockets;
         let limits = self.target.limits();
+        // Every slot's buffers: its function's, or a free slot's kept pool.
+        let (fn_free, fn_total) = self.functions.iter().fold((0, 0), |(a, t), e| {
+            let (fa, ft) =
+                e.f.as_ref()
+                    .map_or((0, 0), |f| (f.buffers_available(), f.buffers_total()));
+            let (pa, pt) = e
+                .pool
+                .as_ref()
+                .map_or((0, 0), |p| (p.available(), p.count()));
+            (a + fa + pa, t + ft + pt)
+        });
         Resources {
             heap_free: H::heap_free() as u64,
             nvmf_buffers_free: n(nvmf_free),
             nvmf_buffers_total: n(nvmf_total),
-            function_buffers_free: n(self.functions.iter().map(|f| f.f.buffers_available()).sum()),
-            function_buffers_total: n(self.functions.iter().map(|f| f.f.buffers_total()).sum()),
+            function_buffers_free: n(fn_free),
+            function_buffers_total: n(fn_total),
             sockets_created: n(sk.created),
             sockets_max: n(sk.max),
             sockets_free: n(sk.free),
@@ -442,12 +760,15 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
             functions: self
                 .functions
                 .iter()
-                .map(|f| FunctionInfo {
-                    index: f.index,
-                    subsystem: f.nqn.clone(),
-                    enabled: f.f.state() != FunctionState::Disabled,
+                .filter_map(|e| {
+                    e.live().map(|f| FunctionInfo {
+                        index: e.index,
+                        subsystem: e.nqn.clone(),
+                        enabled: f.state() != FunctionState::Disabled,
+                    })
                 })
                 .collect(),
+            function_slots: self.function_slots(),
             cores: H::cores(),
             resources: self.resources(),
             socket_buffer_bytes: self.sockets.buffer_bytes as u64,
@@ -520,6 +841,31 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                 Err(m)
             }
         }
+    }
+
+    fn create_function(&mut self, spec: &FunctionSpec) -> Result<FunctionSlotInfo, String> {
+        let t0 = H::now_ns();
+        self.try_create_function(spec)
+            .inspect(|info| {
+                klog::info!(
+                    "pcie-fn{}: {} created live: subsystem {}, namespace(s) {}, {} limit(s), in {} us",
+                    info.slot,
+                    klog::D(&info.kind),
+                    klog::D(&info.subsystem),
+                    klog::Dbg(&info.nsids),
+                    info.limits.len(),
+                    (H::now_ns() - t0) / 1000
+                )
+            })
+            .inspect_err(|e| {
+                klog::error!("pcie-fn{}: create refused: {}", spec.slot, klog::D(e));
+            })
+    }
+
+    fn remove_function(&mut self, slot: u16) -> Result<FunctionSlotInfo, String> {
+        self.try_remove_function(slot).inspect_err(|e| {
+            klog::error!("pcie-fn{}: remove refused: {}", slot, klog::D(e));
+        })
     }
 
     fn reboot(&mut self) {

@@ -94,7 +94,47 @@ pub struct NsPlan {
     pub function: Option<u16>,
 }
 
+impl SubsystemPlan {
+    /// The subsystem as a device description has it.
+    pub fn to_model(&self) -> Subsystem {
+        Subsystem {
+            nqn: self.nqn.clone(),
+            serial: Some(self.serial.clone()),
+            model: Some(self.model.clone()),
+            allowed_hosts: self.allowed_hosts.clone(),
+        }
+    }
+}
+
 impl NsPlan {
+    /// The namespace as a device description has it.
+    pub fn to_model(&self) -> Namespace {
+        let n = self;
+        Namespace {
+            subsystem: n.subsystem.clone(),
+            nsid: n.nsid,
+            backend: match &n.spec {
+                NsSpec::Ram(size) => Backend::Ram {
+                    size: *size,
+                    block_size: n.block_size,
+                },
+                NsSpec::Drive { drive, nsid, slice } => Backend::Drive {
+                    drive: *drive as u16,
+                    nsid: *nsid,
+                    offset: slice.map_or(0, |(o, _)| o),
+                    length: slice.and_then(|(_, l)| l),
+                },
+                NsSpec::Remote { remote, slice } => Backend::Remote {
+                    remote: (**remote).clone(),
+                    offset: slice.map_or(0, |(o, _)| o),
+                    length: slice.and_then(|(_, l)| l),
+                },
+            },
+            encryption: Encryption::from_name(n.cipher).unwrap_or(Encryption::Aes256Xts),
+            function: n.function,
+        }
+    }
+
     /// Whether `other` describes the same namespace with the same backend and encryption
     /// (keys are not compared: a new key for the same backend is a changed backend).
     pub fn same_backend(&self, other: &NsPlan) -> bool {
@@ -261,7 +301,7 @@ impl Plan {
                 }
             })
             .collect();
-        for i in 0..windows {
+        for i in 0..cfg.function_boot.map_or(windows, |n| n.min(windows)) {
             let nqn = format!("nqn.2026-11.dev.keel:fn{i}");
             let key = cfg.function_keys.iter().find(|k| k.nsid == i as u32);
             subsystems.push(SubsystemPlan {
@@ -406,40 +446,9 @@ impl Plan {
             subsystems: self
                 .subsystems
                 .iter()
-                .map(|s| Subsystem {
-                    nqn: s.nqn.clone(),
-                    serial: Some(s.serial.clone()),
-                    model: Some(s.model.clone()),
-                    allowed_hosts: s.allowed_hosts.clone(),
-                })
+                .map(SubsystemPlan::to_model)
                 .collect(),
-            namespaces: self
-                .namespaces
-                .iter()
-                .map(|n| Namespace {
-                    subsystem: n.subsystem.clone(),
-                    nsid: n.nsid,
-                    backend: match &n.spec {
-                        NsSpec::Ram(size) => Backend::Ram {
-                            size: *size,
-                            block_size: n.block_size,
-                        },
-                        NsSpec::Drive { drive, nsid, slice } => Backend::Drive {
-                            drive: *drive as u16,
-                            nsid: *nsid,
-                            offset: slice.map_or(0, |(o, _)| o),
-                            length: slice.and_then(|(_, l)| l),
-                        },
-                        NsSpec::Remote { remote, slice } => Backend::Remote {
-                            remote: (**remote).clone(),
-                            offset: slice.map_or(0, |(o, _)| o),
-                            length: slice.and_then(|(_, l)| l),
-                        },
-                    },
-                    encryption: Encryption::from_name(n.cipher).unwrap_or(Encryption::Aes256Xts),
-                    function: n.function,
-                })
-                .collect(),
+            namespaces: self.namespaces.iter().map(NsPlan::to_model).collect(),
             management: Some(Management {
                 port: self.mgmt_port,
                 authorized_key: self.mgmt_key,

@@ -38,6 +38,7 @@ use keel_controller::{
     Event, Instant, Limits, NamespaceConfig, SubsystemConfig, Target, TargetConfig,
 };
 use keel_crypto::{EncryptedBackend, XtsKey};
+use keel_mgmt::SlotState;
 use keel_nvme_pcie::{EndpointFunction, FunctionConfig, FunctionState, PcieFunction};
 use keel_storage::{BlockBackend, BufPool, RamBackend, SharedBackend, SliceBackend};
 
@@ -91,15 +92,31 @@ impl<H: Hw> LocalDrive<H> {
     }
 }
 
-/// An emulated NVMe function: its endpoint and the controller emulation.
+/// A function slot of the endpoint (one window): free, or an emulated NVMe function (its
+/// controller emulation over the endpoint), or a removed one whose buffers are coming back.
 pub(crate) struct Emulated<W> {
+    /// The slot number (which window).
     pub(crate) index: u16,
+    /// The subsystem its function is a controller of (empty when free).
     pub(crate) nqn: String,
     pub(crate) ep: W,
-    pub(crate) f: PcieFunction,
+    /// The controller emulation, while live or removing.
+    pub(crate) f: Option<PcieFunction>,
+    /// A free slot's data buffers, kept for its next function (pools are carved once).
+    pub(crate) pool: Option<BufPool>,
+    pub(crate) slot: SlotState,
+    /// `boot` or `created`.
+    pub(crate) origin: &'static str,
     /// The admin queue of the function's controller whose limits were last set (a host that
     /// enables the function again gets a new controller).
     pub(crate) limited: Option<keel_controller::QueueId>,
+}
+
+impl<W> Emulated<W> {
+    /// The live function, if any.
+    pub(crate) fn live(&self) -> Option<&PcieFunction> {
+        self.f.as_ref().filter(|_| self.slot == SlotState::Live)
+    }
 }
 
 /// An emulated function's endpoint as the platform found it: its window's address and size
@@ -368,6 +385,50 @@ pub(crate) fn finish_namespace<H: Hw>(
     })
 }
 
+/// Brings a function up on slot `e`: a controller emulation of subsystem `nqn` over the
+/// slot's buffers (carved on its first function), the window's pages cleared, CAP and VS
+/// written, then the header a host waits for. The slot is then live.
+pub(crate) fn start_function<H: Hw>(
+    e: &mut Emulated<H::Window>,
+    owner: u16,
+    nqn: &str,
+    target: &mut Target,
+) -> Result<(), String> {
+    let i = e.index;
+    let pool = match e.pool.take() {
+        Some(p) => p,
+        None => {
+            let region = dma_region(FUNCTION_BUFFERS * FUNCTION_BUFFER_SIZE);
+            let dma = region.as_ptr() as u64;
+            BufPool::lazy(region, dma, FUNCTION_BUFFER_SIZE).map_err(|e| {
+                klog::error!("pcie-fn{}: buffers: {}", i, klog::D(&e));
+                format!("slot {i}: no buffers for the function ({e})")
+            })?
+        }
+    };
+    let cfg = FunctionConfig {
+        owner,
+        ..FunctionConfig::new(nqn)
+    };
+    let mut f = match PcieFunction::new(cfg, pool) {
+        Ok(f) => f,
+        Err(err) => {
+            klog::error!("pcie-fn{}: {}", i, klog::Dbg(&err));
+            return Err(format!("slot {i}: {err}"));
+        }
+    };
+    // Registers first (the function's first poll writes CAP and VS), then the header a host
+    // waits for.
+    e.ep.reset_pages();
+    f.poll(Instant::from_nanos(H::now_ns()), target, &mut e.ep);
+    e.ep.publish(i);
+    e.f = Some(f);
+    e.nqn = String::from(nqn);
+    e.slot = SlotState::Live;
+    e.limited = None;
+    Ok(())
+}
+
 impl<H: Hw> Services<H> {
     /// Builds the target, the transports and the namespaces of `plan` on `drives`; one
     /// emulated function per window the plan attaches to a subsystem.
@@ -471,15 +532,6 @@ impl<H: Hw> Services<H> {
 
         let mut functions = Vec::new();
         for (i, (bar, nqn)) in windows.into_iter().zip(fn_nqns).enumerate() {
-            let Some(nqn) = nqn else {
-                klog::warning!(
-                    "pcie-fn{}: no namespace names function {}: window {:#x} not exported",
-                    i,
-                    i,
-                    bar.base
-                );
-                continue;
-            };
             let ep = match bar.ep {
                 Ok(ep) => ep,
                 Err(e) => {
@@ -487,28 +539,34 @@ impl<H: Hw> Services<H> {
                     continue;
                 }
             };
-            let region = dma_region(FUNCTION_BUFFERS * FUNCTION_BUFFER_SIZE);
-            let dma = region.as_ptr() as u64;
-            let f = BufPool::lazy(region, dma, FUNCTION_BUFFER_SIZE)
-                .map_err(|e| klog::error!("pcie-fn{}: buffers: {}", i, klog::D(&e)))
-                .ok()
-                .and_then(|pool| {
-                    // Its position in `functions` is its owner number (see `route`).
-                    let cfg = FunctionConfig {
-                        owner: functions.len() as u16,
-                        ..FunctionConfig::new(&nqn)
-                    };
-                    PcieFunction::new(cfg, pool)
-                        .map_err(|e| klog::error!("pcie-fn{}: {}", i, klog::Dbg(&e)))
-                        .ok()
-                });
-            if let Some(mut f) = f {
-                let mut ep = ep;
-                // Registers first (the function's first poll writes CAP and VS), then the
-                // header a host waits for.
-                ep.reset_pages();
-                f.poll(Instant::from_nanos(H::now_ns()), &mut target, &mut ep);
-                ep.publish(i as u16);
+            let mut e = Emulated {
+                index: i as u16,
+                nqn: String::new(),
+                ep,
+                f: None,
+                pool: None,
+                slot: SlotState::Free,
+                origin: "boot",
+                limited: None,
+            };
+            let Some(nqn) = nqn else {
+                // Its window stays blank (also of a header an earlier run left): the host sees
+                // no function until one is created.
+                e.ep.reset_pages();
+                e.ep.unpublish();
+                klog::info!(
+                    "pcie-fn{}: slot free (window {:#x}+{} MiB): no function until one is created (keelctl function create --slot {})",
+                    i,
+                    bar.base,
+                    bar.size >> 20,
+                    i
+                );
+                functions.push(e);
+                continue;
+            };
+            // Its position in `functions` is its owner number (see `route`).
+            let owner = functions.len() as u16;
+            if start_function::<H>(&mut e, owner, &nqn, &mut target).is_ok() {
                 let what = if plan.source == Source::BootArgs {
                     let specs: Vec<String> = plan
                         .namespaces
@@ -532,14 +590,8 @@ impl<H: Hw> Services<H> {
                     nqn,
                     what
                 );
-                functions.push(Emulated {
-                    index: i as u16,
-                    nqn,
-                    ep,
-                    f,
-                    limited: None,
-                });
             }
+            functions.push(e);
         }
 
         let nvmf = if network {
@@ -581,9 +633,12 @@ impl<H: Hw> Services<H> {
         self.nvmf.is_some()
     }
 
-    /// Number of emulated functions.
+    /// Number of live emulated functions.
     pub fn functions(&self) -> usize {
-        self.functions.len()
+        self.functions
+            .iter()
+            .filter(|e| e.slot == SlotState::Live)
+            .count()
     }
 
     /// One pass; returns whether anything happened.
@@ -606,13 +661,29 @@ impl<H: Hw> Services<H> {
         health.tick(identity.flash.as_mut(), now_ns);
         qos_rates.tick(now_ns, target);
         for e in functions.iter_mut() {
-            busy |= e.f.poll(now, target, &mut e.ep);
-            let admin = e.f.admin_queue();
-            if admin != e.limited {
-                e.limited = admin;
-                if let Some(a) = admin {
-                    let _ = target.set_controller_limits(a, plan.function_limits(e.index));
+            let Some(f) = e.f.as_mut() else { continue };
+            match e.slot {
+                SlotState::Live => {
+                    busy |= f.poll(now, target, &mut e.ep);
+                    let admin = f.admin_queue();
+                    if admin != e.limited {
+                        e.limited = admin;
+                        if let Some(a) = admin {
+                            let _ = target.set_controller_limits(a, plan.function_limits(e.index));
+                        }
+                    }
                 }
+                // A removed function's window is never touched again; once every buffer it
+                // had at a backend is home, the slot is free for the next one.
+                SlotState::Removing if f.buffers_available() == f.buffers_total() => {
+                    if let Some(f) = e.f.take() {
+                        e.pool = Some(f.into_pool());
+                    }
+                    e.slot = SlotState::Free;
+                    klog::info!("pcie-fn{}: slot free", e.index);
+                    busy = true;
+                }
+                SlotState::Removing | SlotState::Free => {}
             }
         }
         let mut net = net;
@@ -653,10 +724,12 @@ impl<H: Hw> Services<H> {
     /// in memory, which raises no interrupt) and no drive has commands outstanding (drive
     /// completions raise no interrupt either).
     pub fn may_sleep(&self) -> bool {
-        self.functions
-            .iter()
-            .all(|e| e.f.state() == FunctionState::Disabled)
-            && self.drives.iter().all(|d| d.outstanding() == 0)
+        self.functions.iter().all(|e| {
+            e.slot != SlotState::Live
+                || e.f
+                    .as_ref()
+                    .is_none_or(|f| f.state() == FunctionState::Disabled)
+        }) && self.drives.iter().all(|d| d.outstanding() == 0)
     }
 }
 
@@ -671,9 +744,12 @@ pub(crate) fn route<W: EndpointFunction>(
         if let Some(s) = nvmf {
             s.on_event(ev);
         }
-    } else if let Some(e) = functions.get_mut(usize::from(owner)) {
+    } else if let Some(e) = functions.get_mut(usize::from(owner))
+        && let Some(f) = e.f.as_mut()
+    {
         // The function consumes every event of its own queues and buffers of its own pool:
-        // nothing comes back.
-        let _ = e.f.handle_event(ev, &mut e.ep);
+        // nothing comes back. A removed one still takes its buffers back (and touches no
+        // window: its queues are gone).
+        let _ = f.handle_event(ev, &mut e.ep);
     }
 }

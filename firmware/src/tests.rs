@@ -1673,3 +1673,270 @@ fn the_drive_cap_comes_from_the_description() {
     desc.qos.drive_max_inflight = Some(0);
     assert_eq!(caps(&desc), [0, 0, 0]);
 }
+
+/// Functions created and removed live (issue 18): three free slots at boot; a physical
+/// function and two virtual functions created by management requests, each its own
+/// subsystem with its own namespaces and limits; each host writes and reads its own data;
+/// one removed while its host has a write in flight (CSTS.CFS, no header, nothing posted to
+/// its queues afterwards), the others keep working; bad requests change nothing; the slot is
+/// reused by a new function with fresh (zeroed) storage.
+#[test]
+fn functions_are_created_and_removed_live() {
+    use keel_mgmt::Device as _;
+    use keel_mgmt::{FunctionBackend, FunctionNamespace, FunctionSpec, QosLimit, SlotState};
+    let mut s = services(
+        "keel.fn.boot=0",
+        (0..3).map(|_| MemWindow::new(1 << 20)).collect(),
+    );
+    assert_eq!(s.functions(), 0);
+    let slots = s.snapshot().function_slots;
+    assert_eq!(slots.len(), 3);
+    assert!(slots.iter().all(|x| x.state == SlotState::Free));
+    // A free slot's window has no header: a host sees no function.
+    let header = |s: &Services<TestHw>, i: usize| {
+        let w = &s.functions[i].ep;
+        layout::Header::decode(
+            &w.bytes()[layout::HEADER_OFFSET..layout::HEADER_OFFSET + layout::header::SIZE]
+                .try_into()
+                .unwrap(),
+            w.size() as u64,
+        )
+    };
+    assert!(header(&s, 0).is_err());
+
+    let spec = |slot: u16, nsids: &[u32]| FunctionSpec {
+        slot,
+        nqn: format!("nqn.2026-12.test:f{slot}"),
+        serial: String::new(),
+        model: String::new(),
+        namespaces: nsids
+            .iter()
+            .map(|&nsid| FunctionNamespace {
+                nsid,
+                backend: FunctionBackend::Ram {
+                    bytes: 4 << 20,
+                    block_size: 512,
+                },
+            })
+            .collect(),
+        limits: vec![QosLimit {
+            name: "write_iops".into(),
+            per_sec: 10_000 + u64::from(slot),
+            burst: 0,
+        }],
+    };
+    for (slot, nsids) in [(0u16, &[1u32, 2][..]), (1, &[1]), (2, &[1])] {
+        let info = s.create_function(&spec(slot, nsids)).unwrap();
+        assert_eq!(info.state, SlotState::Live);
+        assert_eq!(info.nsids, nsids);
+        assert_eq!(info.origin, "created");
+        assert_eq!(info.kind, ["pf", "vf1", "vf2"][usize::from(slot)]);
+        assert_eq!(header(&s, slot.into()).unwrap().function, slot);
+    }
+    assert_eq!(s.functions(), 3);
+    let snap = s.snapshot();
+    assert_eq!(snap.functions.len(), 3);
+    assert!(
+        snap.subsystems
+            .iter()
+            .any(|x| x.nqn == "nqn.2026-12.test:f2")
+    );
+    assert_eq!(
+        snap.namespaces
+            .iter()
+            .filter(|n| n.subsystem == "nqn.2026-12.test:f0")
+            .count(),
+        2
+    );
+    assert_eq!(snap.function_slots[1].limits[0].per_sec, 10_001);
+
+    // Bad requests: refused, nothing changes.
+    let before = s.function_slots();
+    for bad in [
+        spec(1, &[1]), // busy
+        FunctionSpec {
+            slot: 7,
+            ..spec(1, &[1])
+        }, // no such slot
+        FunctionSpec {
+            nqn: "nqn.2026-12.test:f0".into(),
+            ..spec(1, &[1])
+        },
+        FunctionSpec {
+            namespaces: vec![],
+            ..spec(1, &[1])
+        },
+    ] {
+        assert!(s.create_function(&bad).is_err(), "{bad:?}");
+    }
+    assert_eq!(s.function_slots(), before);
+
+    // Hosts enable all three, create their I/O queues, write their own pattern at LBA 8.
+    let mut hosts: Vec<FnHost> = (0..3).map(|i| FnHost::enable(&mut s, i)).collect();
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    let bufs: Vec<u64> = hosts.iter_mut().map(FnHost::alloc).collect();
+    for (i, h) in hosts.iter_mut().enumerate() {
+        assert_eq!(h.window(&mut s).host_reg(offset::CSTS) & 1, 1, "CSTS.RDY");
+        for sqe in h.create_io_queues() {
+            h.submit(&mut s, 0, sqe);
+            assert!(fn_wait(&mut s, h, 0).status.is_success());
+        }
+        h.window(&mut s)
+            .host_write(bufs[i], &[0xB0 + i as u8; 4096]);
+        let w = RwCommand::simple(8, 8).to_sqe(IoOpcode::Write as u8, 10, 1);
+        h.submit(&mut s, 1, w.with_prps(bufs[i], 0));
+        assert!(fn_wait(&mut s, h, 1).status.is_success());
+    }
+    assert_eq!(s.function_slots()[2].host, "ready");
+
+    // Function 1 removed while its host has a write submitted (doorbell rung) and not yet
+    // fetched: it is never executed nor completed.
+    let w = RwCommand::simple(16, 8).to_sqe(IoOpcode::Write as u8, 11, 1);
+    hosts[1].submit(&mut s, 1, w.with_prps(bufs[1], 0));
+    let info = s.remove_function(1).unwrap();
+    assert_eq!(info.subsystem, "nqn.2026-12.test:f1");
+    assert_ne!(info.state, SlotState::Live);
+    assert!(header(&s, 1).is_err(), "the header is gone");
+    assert_eq!(
+        hosts[1].window(&mut s).host_reg(offset::CSTS) & 2,
+        2,
+        "CSTS.CFS"
+    );
+    for _ in 0..50 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    assert!(
+        hosts[1].reap(&mut s, 1).is_none(),
+        "nothing posted after removal"
+    );
+    assert_eq!(
+        s.function_slots()[1].state,
+        SlotState::Free,
+        "buffers home: free"
+    );
+    assert!(
+        !s.target
+            .subsystem_views()
+            .any(|x| x.nqn == "nqn.2026-12.test:f1")
+    );
+    // Removed twice: refused.
+    assert!(s.remove_function(1).unwrap_err().contains("free"));
+    assert_eq!(s.functions(), 2);
+
+    // The others read back their own data.
+    for i in [0usize, 2] {
+        let h = &mut hosts[i];
+        h.window(&mut s).host_write(bufs[i], &[0; 4096]);
+        let r = RwCommand::simple(8, 8).to_sqe(IoOpcode::Read as u8, 12, 1);
+        h.submit(&mut s, 1, r.with_prps(bufs[i], 0));
+        assert!(fn_wait(&mut s, h, 1).status.is_success());
+        let mut got = [0u8; 4096];
+        h.window(&mut s).host_read(bufs[i], &mut got);
+        assert_eq!(got, [0xB0 + i as u8; 4096], "function {i}");
+    }
+
+    // Slot 1 again, a new subsystem: the host starts over and reads zeroes (new storage).
+    s.create_function(&FunctionSpec {
+        nqn: "nqn.2026-12.test:again".into(),
+        ..spec(1, &[1])
+    })
+    .unwrap();
+    // A new host driver: its queue memory starts zeroed.
+    let area = (1 << 20) - layout::HOST_AREA_OFFSET;
+    s.functions[1]
+        .ep
+        .host_write(layout::HOST_AREA_OFFSET as u64, &vec![0; area]);
+    let mut h = FnHost::enable(&mut s, 1);
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    for sqe in h.create_io_queues() {
+        h.submit(&mut s, 0, sqe);
+        assert!(fn_wait(&mut s, &mut h, 0).status.is_success());
+    }
+    let buf = h.alloc();
+    h.window(&mut s).host_write(buf, &[0xFF; 4096]);
+    let r = RwCommand::simple(8, 8).to_sqe(IoOpcode::Read as u8, 13, 1);
+    h.submit(&mut s, 1, r.with_prps(buf, 0));
+    assert!(fn_wait(&mut s, &mut h, 1).status.is_success());
+    let mut got = [0u8; 4096];
+    h.window(&mut s).host_read(buf, &mut got);
+    assert_eq!(got, [0; 4096]);
+}
+
+/// A function created on a provisioned device stays live through a push that changes QoS,
+/// with its own limits (the bundle does not name its slot), and the description kept with the
+/// plan lists it, so the push reports that the bundle leaves it out (it would be gone after a
+/// reboot) without removing it.
+#[test]
+fn a_created_function_survives_a_qos_push_with_its_limits() {
+    use keel_mgmt::Device as _;
+    use keel_mgmt::{FunctionBackend, FunctionNamespace, FunctionSpec, QosLimit, SlotState};
+    let mut desc = dev_device();
+    let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
+    let identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let cfg = identity.open(&signed_bundle(&desc, 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let windows = (0..2)
+        .map(|i| WindowPort {
+            base: 0x1000_0000 * (i as u64 + 1),
+            size: 1 << 20,
+            ep: Ok(MemWindow::new(1 << 20)),
+        })
+        .collect();
+    let mut s: Services<TestHw> = Services::build(plan, Vec::new(), windows, true, identity);
+    assert!(
+        s.function_slots()
+            .iter()
+            .all(|x| x.state == SlotState::Free)
+    );
+    let limit = QosLimit {
+        name: "read_iops".into(),
+        per_sec: 3000,
+        burst: 30,
+    };
+    s.create_function(&FunctionSpec {
+        slot: 1,
+        nqn: "nqn.2026-12.test:vf1".into(),
+        serial: String::new(),
+        model: String::new(),
+        namespaces: vec![FunctionNamespace {
+            nsid: 1,
+            backend: FunctionBackend::Ram {
+                bytes: 1 << 20,
+                block_size: 512,
+            },
+        }],
+        limits: vec![limit.clone()],
+    })
+    .unwrap();
+    let d = s.plan().device.clone().unwrap();
+    assert!(d.subsystems.iter().any(|x| x.nqn == "nqn.2026-12.test:vf1"));
+    assert!(d.namespaces.iter().any(|n| n.function == Some(1)));
+    assert_eq!(
+        d.subsystems[0], desc.subsystems[0],
+        "the described ones stay as described"
+    );
+
+    desc.qos.groups.push(keel_provision::QosGroup {
+        name: "g".into(),
+        limits: keel_provision::QosLimits::default(),
+        weight: 2,
+    });
+    let r = s.push(&signed_bundle(&desc, 2)).unwrap();
+    assert!(
+        r.needs_reboot
+            .iter()
+            .any(|m| m.contains("nqn.2026-12.test:vf1") && m.contains("removed")),
+        "{:?}",
+        r.needs_reboot
+    );
+    let slot = &s.function_slots()[1];
+    assert_eq!(slot.state, SlotState::Live);
+    assert_eq!(slot.limits, [limit]);
+}

@@ -7,7 +7,9 @@
 //! challenge in force. Checks: the output is a Hello frame then response frames (or one HTTP
 //! response); challenges never repeat; no request runs unless it was signed over the
 //! challenge in force (and every such request does run while the session listens); a push
-//! carries exactly the bytes signed; a reboot happens once, only after its reply was drained.
+//! carries exactly the bytes signed; a reboot happens once, only after its reply was drained;
+//! a function is created only on a free slot and removed only from a live one, and a refused
+//! function request leaves the slot table as it was.
 
 use crate::provision::signing_key;
 use arbitrary::Arbitrary;
@@ -69,7 +71,29 @@ pub enum Req {
     Push(Vec<u8>),
     /// Reboot.
     Reboot,
+    /// Create a function: slot, NQN (index of a few, some invalid or taken), namespace sizes
+    /// in 512-byte blocks (0 and odd sizes included), a limit rate.
+    CreateFunction {
+        /// Slot (the fake has 3).
+        slot: u8,
+        /// NQN (index).
+        nqn: u8,
+        /// Namespace sizes.
+        sizes: Vec<u16>,
+        /// A write_iops limit (0: refused).
+        limit: Option<u32>,
+    },
+    /// Remove a slot's function.
+    RemoveFunction(u8),
 }
+
+const NQNS: [&str; 5] = [
+    "nqn.2026-12.fuzz:a",
+    "nqn.2026-12.fuzz:b",
+    "nqn.2026-12.fuzz:vol0",
+    "not-an-nqn",
+    "",
+];
 
 const METHODS: [&str; 5] = ["GET", "HEAD", "POST", "get", "G"];
 const PATHS: [&str; 5] = ["/metrics", "/metrics?x=1", "/", "metrics", "/metrics\x01"];
@@ -77,6 +101,7 @@ const PATHS: [&str; 5] = ["/metrics", "/metrics?x=1", "/", "metrics", "/metrics\
 struct Fake {
     key: [u8; 32],
     counter: u64,
+    slots: Vec<keel_mgmt::FunctionSlotInfo>,
     pushes: Vec<Vec<u8>>,
     reboots: u32,
 }
@@ -105,6 +130,34 @@ impl Device for Fake {
     }
     fn reboot(&mut self) {
         self.reboots += 1;
+    }
+    fn create_function(
+        &mut self,
+        spec: &keel_mgmt::FunctionSpec,
+    ) -> Result<keel_mgmt::FunctionSlotInfo, String> {
+        let before = self.slots.clone();
+        let taken: Vec<String> = self.slots.iter().map(|s| s.subsystem.clone()).collect();
+        let r = keel_mgmt::function::check_create(spec, &self.slots, |n| {
+            n == "nqn.2026-12.fuzz:vol0" || taken.iter().any(|t| !t.is_empty() && t == n)
+        });
+        if let Err(e) = r {
+            assert_eq!(self.slots, before);
+            return Err(e);
+        }
+        let s = &mut self.slots[usize::from(spec.slot)];
+        assert_eq!(s.state, keel_mgmt::SlotState::Free, "created on a busy slot");
+        assert!(!spec.namespaces.is_empty() && spec.nqn.starts_with("nqn."));
+        s.state = keel_mgmt::SlotState::Live;
+        s.subsystem = spec.nqn.clone();
+        Ok(s.clone())
+    }
+    fn remove_function(&mut self, slot: u16) -> Result<keel_mgmt::FunctionSlotInfo, String> {
+        keel_mgmt::function::check_remove(slot, &self.slots)?;
+        let s = &mut self.slots[usize::from(slot)];
+        assert_eq!(s.state, keel_mgmt::SlotState::Live, "removed a free slot");
+        s.state = keel_mgmt::SlotState::Free;
+        s.subsystem.clear();
+        Ok(s.clone())
     }
     fn authorized_key(&self) -> [u8; 32] {
         self.key
@@ -203,6 +256,9 @@ impl Client {
                     Reply::Rebooting => self.rebooting_seen = true,
                     Reply::Pushed(_) | Reply::PushRefused(_) | Reply::Status(_) => {}
                     Reply::Error { .. } => {}
+                    Reply::FunctionCreated(_)
+                    | Reply::FunctionRemoved(_)
+                    | Reply::FunctionRefused(_) => {}
                 }
                 r.challenge
             };
@@ -275,6 +331,37 @@ impl Client {
             Req::Status => Request::Status,
             Req::Push(b) => Request::Push(Bytes(b)),
             Req::Reboot => Request::Reboot,
+            Req::CreateFunction {
+                slot,
+                nqn,
+                sizes,
+                limit,
+            } => Request::CreateFunction(keel_mgmt::FunctionSpec {
+                slot: u16::from(slot % 5),
+                nqn: NQNS[usize::from(nqn) % NQNS.len()].into(),
+                serial: String::new(),
+                model: String::new(),
+                namespaces: sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| keel_mgmt::FunctionNamespace {
+                        nsid: i as u32 + 1,
+                        backend: keel_mgmt::FunctionBackend::Ram {
+                            bytes: u64::from(b) * 512 + u64::from(b % 3 == 2),
+                            block_size: 512,
+                        },
+                    })
+                    .collect(),
+                limits: limit
+                    .map(|r| keel_mgmt::QosLimit {
+                        name: "write_iops".into(),
+                        per_sec: u64::from(r),
+                        burst: 0,
+                    })
+                    .into_iter()
+                    .collect(),
+            }),
+            Req::RemoveFunction(slot) => Request::RemoveFunction(u16::from(slot % 5)),
         };
         let key = if wrong_key { &self.other } else { &self.key };
         let mut frame = wire::sign_request(key, &challenge, &request);
@@ -327,6 +414,13 @@ pub fn run(input: Input) {
         dev: Fake {
             key: key.verifying_key().to_bytes(),
             counter: 0,
+            slots: (0..3)
+                .map(|i| keel_mgmt::FunctionSlotInfo {
+                    slot: i,
+                    kind: keel_mgmt::function::slot_kind(i),
+                    ..Default::default()
+                })
+                .collect(),
             pushes: Vec::new(),
             reboots: 0,
         },

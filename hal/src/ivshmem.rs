@@ -125,6 +125,15 @@ impl EndpointFunction for IvshmemWindow {
         IvshmemWindow::publish(self, function)
     }
 
+    fn unpublish(&mut self) {
+        // The magic first: a host that reads the header from here on sees no function.
+        for i in 0..layout::header::SIZE / 4 {
+            if let Some(w) = self.word(layout::HEADER_OFFSET + 4 * i) {
+                w.store(0, Ordering::Release);
+            }
+        }
+    }
+
     fn read_reg(&mut self, offset: u32) -> u32 {
         let off = offset as usize;
         if off >= layout::REGS_SIZE {

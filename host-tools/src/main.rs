@@ -46,6 +46,12 @@ enum Cmd {
     Status(mgmt::StatusArgs),
     /// Reboot a running device (signed request; it replies first).
     Reboot(mgmt::SignedArgs),
+    /// Emulated PCIe functions of a running device: list the slots, create a function on a
+    /// free slot, remove one (hot plug, signed requests).
+    Function {
+        #[command(subcommand)]
+        cmd: mgmt::function::FunctionCmd,
+    },
     /// Fetch a device's Prometheus metrics (GET /metrics on the management port).
     Metrics(mgmt::MetricsArgs),
     /// Management protocol testing tools.
@@ -122,6 +128,7 @@ fn run() -> Result<()> {
         }
         Cmd::Status(a) => mgmt::status_cmd(&a, &mut std::io::stdout().lock())?,
         Cmd::Reboot(a) => mgmt::reboot_cmd(&a, &mut std::io::stdout().lock())?,
+        Cmd::Function { cmd } => mgmt::function::function_cmd(&cmd, &mut std::io::stdout().lock())?,
         Cmd::Metrics(a) => mgmt::metrics_cmd(&a, &mut std::io::stdout().lock())?,
         Cmd::Mgmt { cmd } => {
             let code = mgmt::mgmt_cmd(&cmd, &mut std::io::stdout().lock())?;

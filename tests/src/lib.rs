@@ -249,6 +249,19 @@ pub fn run_keelctl(dir: Option<&Path>, args: &[&str]) -> Run {
     run_bounded(&mut cmd, RUN_TIMEOUT)
 }
 
+/// Runs `keelctl host --window WINDOW ARGS` (the emulated function's host on this machine),
+/// killing it after [`RUN_TIMEOUT`].
+pub fn keelctl_host(window: &Path, args: &[&str]) -> Run {
+    run_bounded(
+        Command::new(keelctl())
+            .arg("host")
+            .arg("--window")
+            .arg(window)
+            .args(args),
+        RUN_TIMEOUT,
+    )
+}
+
 /// Runs `keelctl ARGS`, which must succeed; returns its standard output.
 pub fn keelctl_ok(args: &[&str]) -> String {
     let r = run_keelctl(None, args);
@@ -594,6 +607,31 @@ pub fn boot_nvmf(args: &[&str]) -> (Qemu, u16) {
     q.wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     (q, port)
+}
+
+/// Runs one command on a QEMU human monitor listening on the unix socket `socket`
+/// (`-monitor unix:SOCK,server=on,wait=off`): waits for the prompt, sends the command, waits
+/// for the next prompt; returns what QEMU printed in between (the echo and its answer).
+pub fn monitor_command(socket: &Path, command: &str) -> String {
+    use std::io::Write;
+    let mut m = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("monitor {}: {e}", socket.display()));
+    m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let prompt = |m: &mut std::os::unix::net::UnixStream| {
+        let mut seen = Vec::new();
+        let mut b = [0u8; 512];
+        while !String::from_utf8_lossy(&seen).ends_with("(qemu) ") {
+            let n = m.read(&mut b).expect("monitor reply");
+            assert!(n > 0, "monitor closed");
+            seen.extend_from_slice(&b[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    };
+    prompt(&mut m);
+    m.write_all(format!("{command}\n").as_bytes())
+        .expect("monitor command");
+    // The command's echo, QEMU's answer, the next prompt.
+    prompt(&mut m).trim_end_matches("(qemu) ").to_string()
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; QEMU binds it right after).

@@ -12,7 +12,8 @@ use keel_host_tools::blockdev::{self, BlockDevice, Request};
 use keel_host_tools::host::{HostConfig, HostController, HostDevice, Window};
 use keel_storage::BlockOp;
 use keel_tests::{
-    BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, noise, root, run_bounded,
+    BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, monitor_command, noise, root,
+    run_bounded,
 };
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -40,17 +41,7 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `keelctl host --window WINDOW ARGS`.
-fn host(window: &Path, args: &[&str]) -> Run {
-    run_bounded(
-        Command::new(keelctl())
-            .arg("host")
-            .arg("--window")
-            .arg(window)
-            .args(args),
-        RUN_TIMEOUT,
-    )
-}
+use keel_tests::keelctl_host as host;
 
 /// `keelctl host` that must succeed and shut the controller down cleanly.
 fn ok(window: &Path, args: &[&str]) -> Run {
@@ -142,23 +133,7 @@ impl Rig {
     /// Stops (false) or resumes (true) the firmware's CPU through QEMU's monitor. While it
     /// is stopped, the window stays writable: a host's commands pile up in its queues.
     fn run_cpu(&self, run: bool) {
-        use std::io::{Read, Write};
-        let mut m = std::os::unix::net::UnixStream::connect(&self.monitor).expect("monitor");
-        m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut seen = Vec::new();
-        let mut prompt = |m: &mut std::os::unix::net::UnixStream| {
-            let mut b = [0u8; 512];
-            while !String::from_utf8_lossy(&seen).ends_with("(qemu) ") {
-                let n = m.read(&mut b).expect("monitor reply");
-                assert!(n > 0, "monitor closed");
-                seen.extend_from_slice(&b[..n]);
-            }
-            seen.clear();
-        };
-        prompt(&mut m);
-        m.write_all(if run { b"cont\n" } else { b"stop\n" })
-            .expect("monitor command");
-        prompt(&mut m);
+        monitor_command(&self.monitor, if run { "cont" } else { "stop" });
     }
 
     /// No crash report on the console, and NVMe/TCP on the same firmware still serves.

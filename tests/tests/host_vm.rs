@@ -20,7 +20,10 @@
 //! is missing the test fails and says why.
 
 use keel_host_tools::host::Window;
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, ScratchFile, keelctl, root, run_bounded};
+use keel_tests::{
+    BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, keelctl_ok, monitor_command, root,
+    run_bounded,
+};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -98,5 +101,180 @@ fn host_vm_ublk_file_system_fio_and_kernel_nbd() {
     let c = fw.console();
     for bad in ["*** keel", "panic", "exception", "boot failed"] {
         assert!(!c.contains(bad), "{bad:?} on the firmware console:\n{c}");
+    }
+}
+
+/// The host VM sees functions come and go (issue 18): the firmware boots with three free
+/// function slots; the host VM boots with three hot-plug slots (PCIe root ports, the windows
+/// as memory backends, no device). For each slot the test creates a function on the firmware
+/// (`keelctl function create`: the PF with two namespaces and a write limit, two VFs) and
+/// hot-plugs its window into the VM (`device_add ivshmem-plain` on the VM's monitor). Inside,
+/// `lspci`'s sysfs shows them appear; each is identified and written, each reads its own data
+/// and not another's, one is a ublk block device. Then VF 1 is removed on the firmware and
+/// unplugged from the VM (`device_del`): it disappears from sysfs and the other two keep their
+/// data and keep working.
+#[test]
+fn host_vm_sees_functions_created_and_removed_live() {
+    let wins: Vec<ScratchFile> = (0..3)
+        .map(|i| ScratchFile::new(&format!("hostvm-hp{i}"), 64 << 20))
+        .collect();
+    let paths: Vec<String> = wins
+        .iter()
+        .map(|w| w.path().to_str().expect("path").to_string())
+        .collect();
+    let mport = free_port();
+    let addr = format!("127.0.0.1:{mport}");
+    let mport = mport.to_string();
+    let mut fw = Qemu::boot(
+        Build::Release,
+        &[
+            "--mgmt-port",
+            &mport,
+            "--window",
+            &paths[0],
+            "--window",
+            &paths[1],
+            "--window",
+            &paths[2],
+            "--append",
+            "keel.fn.boot=0",
+        ],
+    );
+    fw.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let dir = root().join(format!(
+        "target/qemu-tests/scratch/{}-hostvm-hotplug",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let monitor = dir.join("monitor.sock");
+    let pidfile = dir.join("qemu.pid");
+    let mut cmd = Command::new(root().join("qemu/hostvm/run"));
+    cmd.env("KEEL_HOSTVM_KEELCTL", keelctl())
+        .args(["--hotplug", "--mode", "hotplug", "--timeout"])
+        .arg(VM_TIMEOUT_S.to_string())
+        .arg("--monitor")
+        .arg(&monitor);
+    for p in &paths {
+        cmd.args(["--window", p]);
+    }
+    cmd.arg("--").arg("-pidfile").arg(&pidfile);
+    let mut vm = VmGuard(Qemu::spawn(cmd, false), pidfile);
+    vm.0.wait_for(
+        "KEEL-HOSTVM: hotplug: waiting for functions (0 ivshmem",
+        Duration::from_secs(VM_TIMEOUT_S),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let key = root()
+        .join("qemu/dev-keys/provision.key")
+        .display()
+        .to_string();
+    let function = |args: &[&str]| {
+        let mut all = vec!["function", args[0], "--device", &addr, "--key", &key];
+        all.extend_from_slice(&args[1..]);
+        keelctl_ok(&all)
+    };
+    for i in 0..3u16 {
+        let slot = i.to_string();
+        let nqn = format!("nqn.2026-12.test.hostvm:fn{i}");
+        let t0 = Instant::now();
+        let mut args = vec![
+            "create",
+            "--slot",
+            &slot,
+            "--nqn",
+            &nqn,
+            "--ns",
+            "ram:32MiB",
+        ];
+        if i == 0 {
+            args.extend(["--ns", "ram:8MiB", "--limit", "write_iops=50000"]);
+        }
+        let out = function(&args);
+        assert!(out.contains("created"), "{out}");
+        let answer = monitor_command(
+            &monitor,
+            &format!("device_add ivshmem-plain,memdev=keelwin{i},bus=rp{i},id=fn{i}"),
+        );
+        assert!(!answer.contains("Error"), "device_add: {answer}");
+        eprintln!(
+            "function {i}: created and hot-plugged in {:?}",
+            t0.elapsed()
+        );
+    }
+    vm.0.wait_for(
+        "KEEL-HOSTVM: hotplug: ready for removal",
+        Duration::from_secs(VM_TIMEOUT_S),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let t0 = Instant::now();
+    let out = function(&["remove", "--slot", "1"]);
+    assert!(out.contains("removed"), "{out}");
+    let answer = monitor_command(&monitor, "device_del fn1");
+    assert!(!answer.contains("Error"), "device_del: {answer}");
+    vm.0.wait_for(
+        "KEEL-HOSTVM: hotplug: a function goes",
+        Duration::from_secs(300),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "function 1 removed and gone from the VM in {:?}",
+        t0.elapsed()
+    );
+    let (done, _) =
+        vm.0.wait_for("KEEL-HOSTVM: DONE", Duration::from_secs(VM_TIMEOUT_S))
+            .unwrap_or_else(|e| panic!("{e}"));
+    let console = vm.0.console();
+    for l in console.lines().filter(|l| l.contains("KEEL-HOSTVM")) {
+        eprintln!("{l}");
+    }
+    assert!(done.contains("fail=0"), "{console}");
+    for check in [
+        "hotplug: three functions appear PASS",
+        "hotplug: isolated PASS",
+        "hotplug: a function goes PASS",
+        "hotplug: the others keep their data and work PASS",
+    ] {
+        assert!(console.contains(check), "{check}: no PASS\n{console}");
+    }
+    assert!(console.contains("hotplug: ublk on"), "{console}");
+    // The device that went is the one whose function was removed (VF 1's subsystem).
+    let gone = console
+        .split("hotplug: a function goes PASS (")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .expect("the removed BDF");
+    assert!(
+        console.contains(&format!(
+            "hotplug: {gone} identify, write, read PASS ( subnqn nqn.2026-12.test.hostvm:fn1)"
+        )),
+        "{gone} was not function 1:\n{console}"
+    );
+    assert_eq!(
+        console.matches("identify, write, read PASS").count(),
+        3,
+        "{console}"
+    );
+    let s = keel_tests::mgmt_status(&addr);
+    assert_eq!(s.function_slots[1].state, keel_mgmt::SlotState::Free);
+    let c = fw.console();
+    for bad in ["*** keel", "panic", "exception", "boot failed"] {
+        assert!(!c.contains(bad), "{bad:?} on the firmware console:\n{c}");
+    }
+}
+
+/// The host VM: `qemu/hostvm/run` pipes QEMU's console through a filter, so its QEMU is
+/// killed by the PID QEMU wrote (`-pidfile`) when the test ends early.
+struct VmGuard(Qemu, std::path::PathBuf);
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.1) {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            let _ = std::fs::remove_file(&self.1);
+        }
+        self.0.kill();
     }
 }

@@ -584,7 +584,7 @@ impl Target {
         self.subsystems
             .iter()
             .enumerate()
-            .filter(move |(_, s)| !s.discovery && s.host_allowed(host))
+            .filter(move |(_, s)| !s.discovery && !s.removed && s.host_allowed(host))
             .map(|(i, _)| i)
     }
 

@@ -48,6 +48,8 @@ pub(crate) struct Subsystem {
     /// Media and data integrity errors of commands that named no namespace of the subsystem
     /// (the rest are counted in the namespaces' statistics).
     pub media_errors: u64,
+    /// Removed live ([`Target::remove_subsystem`]): invisible, its slot reused once drained.
+    pub removed: bool,
 }
 
 impl Subsystem {
@@ -553,6 +555,7 @@ impl Target {
             discovery: true,
             namespaces: Vec::new(),
             media_errors: 0,
+            removed: false,
         });
         for s in cfg.subsystems {
             validate_nqn(&s.nqn)?;
@@ -584,6 +587,7 @@ impl Target {
                 discovery: false,
                 namespaces,
                 media_errors: 0,
+                removed: false,
             });
         }
         let mut ctrls = Vec::with_capacity(l.max_controllers);
@@ -832,7 +836,128 @@ impl Target {
     }
 
     pub(crate) fn subsys_index(&self, nqn: &str) -> Option<usize> {
-        self.subsystems.iter().position(|s| s.nqn == nqn)
+        self.subsystems
+            .iter()
+            .position(|s| !s.removed && s.nqn == nqn)
+    }
+
+    /// Adds an NVM subsystem while the target runs (an emulated function created live) with
+    /// its namespaces; the discovery log changes (discovery controllers that asked get the
+    /// event). A slot left by a removed subsystem is reused once every command of it has
+    /// drained. On error nothing changes.
+    pub fn add_subsystem(&mut self, cfg: SubsystemConfig) -> Result<(), TargetError> {
+        validate_nqn(&cfg.nqn)?;
+        if cfg.nqn == keel_nvme::DISCOVERY_NQN {
+            return Err(ConfigError::BadNqn.into());
+        }
+        if self.subsys_index(&cfg.nqn).is_some() {
+            return Err(ConfigError::DuplicateSubsystem.into());
+        }
+        let mut seen: Vec<u32> = Vec::with_capacity(cfg.namespaces.len());
+        for ns in &cfg.namespaces {
+            if seen.contains(&ns.nsid) {
+                return Err(ConfigError::BadNsid(ns.nsid).into());
+            }
+            seen.push(ns.nsid);
+            if let Some(g) = &ns.qos.group
+                && !self.groups.iter().any(|(n, _, _)| n == g)
+            {
+                return Err(ConfigError::UnknownGroup(ns.nsid).into());
+            }
+        }
+        let reuse = (0..self.subsystems.len()).find(|&i| {
+            let s = &self.subsystems[i];
+            s.removed
+                && s.namespaces.iter().all(Option::is_none)
+                && !self.ctrls.iter().flatten().any(|c| c.subsys == i)
+        });
+        let si = match reuse {
+            Some(i) => i,
+            None => {
+                self.subsystems.push(Subsystem {
+                    nqn: String::new(),
+                    serial: String::new(),
+                    model: String::new(),
+                    allowed_hosts: Vec::new(),
+                    discovery: false,
+                    namespaces: Vec::new(),
+                    media_errors: 0,
+                    removed: true,
+                });
+                self.subsystems.len() - 1
+            }
+        };
+        {
+            let s = &mut self.subsystems[si];
+            s.nqn = cfg.nqn;
+            s.serial = cfg.serial;
+            s.model = cfg.model;
+            s.allowed_hosts = cfg.allowed_hosts;
+            s.namespaces = Vec::with_capacity(cfg.namespaces.len());
+            s.media_errors = 0;
+        }
+        let nqn = self.subsystems[si].nqn.clone();
+        for ns in cfg.namespaces {
+            let now = self.now;
+            match make_namespace(
+                ns,
+                &self.limits,
+                &mut self.sched,
+                &mut self.shared_domains,
+                now,
+            ) {
+                Ok(n) => self.subsystems[si].namespaces.push(Some(n)),
+                Err(e) => {
+                    // Undo: the namespaces made so far leave the scheduler again.
+                    let nsids: Vec<u32> = self.subsystems[si]
+                        .namespaces
+                        .iter()
+                        .flatten()
+                        .map(|n| n.nsid)
+                        .collect();
+                    self.subsystems[si].removed = false;
+                    for nsid in nsids {
+                        let _ = self.remove_namespace(&nqn, nsid);
+                    }
+                    self.subsystems[si].removed = true;
+                    return Err(e.into());
+                }
+            }
+        }
+        self.subsystems[si].removed = false;
+        self.discovery_changed();
+        Ok(())
+    }
+
+    /// Removes an NVM subsystem while the target runs (an emulated function removed live):
+    /// its controllers end (every queue is reported as [`Event::QueueTerminated`]; commands
+    /// still at a backend complete there and only their buffers come back), its namespaces
+    /// are removed (each backend dropped once drained) and it leaves the discovery log.
+    pub fn remove_subsystem(&mut self, nqn: &str) -> Result<(), TargetError> {
+        let si = self
+            .subsys_index(nqn)
+            .ok_or(TargetError::UnknownSubsystem)?;
+        if self.subsystems[si].discovery {
+            return Err(TargetError::UnknownSubsystem);
+        }
+        for ci in 0..self.ctrls.len() {
+            if matches!(&self.ctrls[ci], Some(c) if c.subsys == si) {
+                self.destroy_controller(ci, None);
+            }
+        }
+        let nsids: Vec<u32> = self.subsystems[si]
+            .namespaces
+            .iter()
+            .flatten()
+            .filter(|n| n.active)
+            .map(|n| n.nsid)
+            .collect();
+        for nsid in nsids {
+            let _ = self.remove_namespace(nqn, nsid);
+        }
+        self.subsystems[si].removed = true;
+        self.discovery_changed();
+        Ok(())
     }
 
     /// The limits the target was built with.

@@ -1831,3 +1831,92 @@ fn backend_tags_leave_the_top_byte_to_shared_backends() {
     let t = tag(3, 7, 2, 9);
     assert_eq!((untag(t), tag_owner(t)), ((3, 7, 9), 2));
 }
+
+#[test]
+fn subsystems_added_and_removed_live() {
+    const NEW: &str = "nqn.2024-01.io.keel:fn1";
+    let mut h = H::new();
+    let now = h.now;
+    let sub = |nqn: &str, nsids: &[u32]| SubsystemConfig {
+        nqn: nqn.into(),
+        serial: "KEELF1".into(),
+        model: "Keel function".into(),
+        allowed_hosts: vec![],
+        namespaces: nsids.iter().map(|&n| ns(n, 8)).collect(),
+    };
+    // Refused, and nothing changes: a duplicate NQN, the discovery NQN, a bad NQN, the same
+    // NSID twice.
+    assert!(h.t.add_subsystem(sub(SUB, &[1])).is_err());
+    assert!(
+        h.t.add_subsystem(sub(keel_nvme::DISCOVERY_NQN, &[1]))
+            .is_err()
+    );
+    assert!(h.t.add_subsystem(sub("", &[1])).is_err());
+    assert!(h.t.add_subsystem(sub(NEW, &[1, 1])).is_err());
+    assert_eq!(h.t.subsystem_views().count(), 2);
+    assert!(h.t.create_local_controller(now, NEW, 1).is_err());
+
+    h.t.add_subsystem(sub(NEW, &[1, 2])).unwrap();
+    assert_eq!(h.t.subsystem_views().count(), 3);
+    assert!(h.t.has_namespace(NEW, 2));
+    let a = h.t.create_local_controller(now, NEW, 1).unwrap();
+    h.t.property_set(now, a, 0x14, PropertySize::Four, 0x0046_0001)
+        .unwrap();
+    let io = h.t.attach_local_io_queue(a, 1, 15).unwrap();
+    assert_eq!(
+        plain(h.write(io, 1, 2, 0, &[7u8; 512]).cqe.status),
+        Status::SUCCESS
+    );
+    // The first subsystem's namespace 1 is another disk: it reads zeroes there.
+    let la = h.t.create_local_controller(now, SUB, 2).unwrap();
+    h.t.property_set(now, la, 0x14, PropertySize::Four, 0x0046_0001)
+        .unwrap();
+    let lio = h.t.attach_local_io_queue(la, 1, 15).unwrap();
+    assert_eq!(h.read(lio, 2, 1, 0, 1).buf.unwrap().as_slice(), &[0u8; 512]);
+
+    // A read at the backend when the subsystem goes: its queues are terminated, the buffer
+    // comes back, nothing completes on a dead queue.
+    let read = RwCommand::simple(0, 1).to_sqe(IoOpcode::Read as u8, 3, 2);
+    assert!(
+        h.send(io, read, Some(IoBuf::leak_zeroed(512)), 512)
+            .is_none()
+    );
+    h.events.clear();
+    h.t.remove_subsystem(NEW).unwrap();
+    h.poll();
+    let mut seen: Vec<&str> = h
+        .events
+        .iter()
+        .map(|e| match e {
+            Event::Completion(..) => "completion",
+            Event::QueueTerminated(..) => "terminated",
+            Event::BufferReleased { .. } => "released",
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec!["released", "terminated", "terminated"]);
+    assert_eq!(h.t.subsystem_views().count(), 2);
+    assert!(!h.t.has_namespace(NEW, 1));
+    assert_eq!(
+        h.t.controller_count(),
+        1,
+        "only the other subsystem's controller"
+    );
+    // Removing it twice is refused; the other subsystem still serves.
+    assert_eq!(
+        h.t.remove_subsystem(NEW),
+        Err(TargetError::UnknownSubsystem)
+    );
+    assert_eq!(h.read(lio, 4, 1, 0, 1).buf.unwrap().as_slice(), &[0u8; 512]);
+
+    // Created again under the same NQN: a fresh namespace (RAM backends start zeroed) in the
+    // drained slot.
+    let slots = h.t.subsystems.len();
+    h.t.add_subsystem(sub(NEW, &[1])).unwrap();
+    assert_eq!(h.t.subsystems.len(), slots, "the removed slot is reused");
+    let a = h.t.create_local_controller(now, NEW, 1).unwrap();
+    h.t.property_set(now, a, 0x14, PropertySize::Four, 0x0046_0001)
+        .unwrap();
+    let io = h.t.attach_local_io_queue(a, 1, 15).unwrap();
+    assert_eq!(h.read(io, 5, 1, 0, 1).buf.unwrap().as_slice(), &[0u8; 512]);
+}

@@ -81,7 +81,7 @@ impl Target {
     pub fn subsystem_views(&self) -> impl Iterator<Item = SubsystemView<'_>> + '_ {
         self.subsystems
             .iter()
-            .filter(|s| !s.discovery)
+            .filter(|s| !s.discovery && !s.removed)
             .map(|s| SubsystemView {
                 nqn: &s.nqn,
                 allowed_hosts: &s.allowed_hosts,
@@ -93,7 +93,7 @@ impl Target {
         self.subsystems
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.discovery)
+            .filter(|(_, s)| !s.discovery && !s.removed)
             .flat_map(move |(si, s)| {
                 s.namespaces
                     .iter()

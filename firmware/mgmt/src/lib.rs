@@ -16,8 +16,8 @@
 //! | 1 | client → device | `KMG1` (binary protocol), or an HTTP/1.x request head starting `GET ` |
 //! | 2 (HTTP) | device → client | `GET /metrics` → `200` with [`metrics::render`] (`Content-Type: text/plain; version=0.0.4`); another path `404`; another method `405`; a bad request line `400`; a head above 4 KiB `431`; then the device closes. Unauthenticated, read-only. |
 //! | 2 | device → client | frame: [`wire::Hello`] `{ protocol: u16 = 1, device: String, challenge: [u8; 32] }` |
-//! | 3 | client → device | frame: [`wire::SignedRequest`] `{ request: Request, signature: [u8; 64] }`, `Request` = `Status` \| `Push(bundle bytes)` \| `Reboot` |
-//! | 4 | device → client | frame: [`wire::Response`] `{ challenge: [u8; 32], reply: Reply }`, `Reply` = `Status(Snapshot)` \| `Pushed(PushReport)` \| `PushRefused(message)` \| `Rebooting` \| `Error { code, message, closing }` |
+//! | 3 | client → device | frame: [`wire::SignedRequest`] `{ request: Request, signature: [u8; 64] }`, `Request` = `Status` \| `Push(bundle bytes)` \| `Reboot` \| `CreateFunction(FunctionSpec)` \| `RemoveFunction(slot)` |
+//! | 4 | device → client | frame: [`wire::Response`] `{ challenge: [u8; 32], reply: Reply }`, `Reply` = `Status(Snapshot)` \| `Pushed(PushReport)` \| `PushRefused(message)` \| `Rebooting` \| `Error { code, message, closing }` \| `FunctionCreated(FunctionSlotInfo)` \| `FunctionRemoved(FunctionSlotInfo)` \| `FunctionRefused(message)` |
 //! | … | | steps 3 and 4 repeat; each request is signed over the challenge of the previous frame |
 //!
 //! - **Frames**: `u32` little-endian payload length, then the payload, a postcard message.
@@ -45,11 +45,13 @@
 
 extern crate alloc;
 
+pub mod function;
 pub mod metrics;
 pub mod session;
 pub mod wire;
 
 pub use ed25519_dalek;
+pub use function::{FunctionBackend, FunctionNamespace, FunctionSlotInfo, FunctionSpec, SlotState};
 pub use session::Session;
 
 use alloc::string::String;
@@ -115,6 +117,10 @@ pub struct Snapshot {
     /// this growth and nothing else. Part of the resources, appended here like `remotes`.
     #[serde(default)]
     pub socket_buffer_bytes: u64,
+    /// The emulated function slots of the device's endpoint (free, live, removing), with what
+    /// each serves. Appended like `remotes`.
+    #[serde(default)]
+    pub function_slots: Vec<FunctionSlotInfo>,
 }
 
 /// One core's poll loop.
@@ -501,6 +507,21 @@ pub trait Device {
     fn push(&mut self, bundle: &[u8]) -> Result<PushReport, String>;
     /// Schedules a reboot once the reply has been sent.
     fn reboot(&mut self);
+    /// Creates an emulated function on a free slot ([`function::check_create`] decides
+    /// first). On error nothing changes.
+    fn create_function(&mut self, spec: &FunctionSpec) -> Result<FunctionSlotInfo, String> {
+        Err(alloc::format!(
+            "slot {}: this device cannot create functions",
+            spec.slot
+        ))
+    }
+    /// Removes the emulated function of a slot ([`function::check_remove`] decides first).
+    /// On error nothing changes.
+    fn remove_function(&mut self, slot: u16) -> Result<FunctionSlotInfo, String> {
+        Err(alloc::format!(
+            "slot {slot}: this device cannot remove functions"
+        ))
+    }
     /// The Ed25519 public key whose signatures management requests must carry.
     fn authorized_key(&self) -> [u8; 32];
     /// 32 bytes never produced before on this device (across reboots too): the session's

@@ -313,6 +313,14 @@ impl Session {
                 Ok(report) => Reply::Pushed(report),
                 Err(msg) => Reply::PushRefused(msg),
             },
+            Request::CreateFunction(spec) => match dev.create_function(&spec) {
+                Ok(info) => Reply::FunctionCreated(info),
+                Err(msg) => Reply::FunctionRefused(msg),
+            },
+            Request::RemoveFunction(slot) => match dev.remove_function(slot) {
+                Ok(info) => Reply::FunctionRemoved(info),
+                Err(msg) => Reply::FunctionRefused(msg),
+            },
             Request::Reboot => {
                 self.reboot = Reboot::AfterSend;
                 self.state = State::Closing;

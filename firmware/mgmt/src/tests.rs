@@ -13,6 +13,7 @@ struct Fake {
     pushes: Vec<Vec<u8>>,
     reboots: u32,
     snapshots: core::cell::Cell<u32>,
+    slots: Vec<FunctionSlotInfo>,
 }
 
 impl Fake {
@@ -23,6 +24,13 @@ impl Fake {
             pushes: Vec::new(),
             reboots: 0,
             snapshots: core::cell::Cell::new(0),
+            slots: (0..3)
+                .map(|i| FunctionSlotInfo {
+                    slot: i,
+                    kind: function::slot_kind(i),
+                    ..FunctionSlotInfo::default()
+                })
+                .collect(),
         }
     }
 }
@@ -210,6 +218,27 @@ fn snapshot() -> Snapshot {
             transport: "tcp".into(),
             qos: QosInfo::default(),
         }],
+        function_slots: vec![
+            FunctionSlotInfo {
+                slot: 0,
+                state: SlotState::Live,
+                kind: "pf".into(),
+                subsystem: "nqn.2026-11.dev.keel:fn0".into(),
+                nsids: vec![1, 2],
+                host: "ready".into(),
+                origin: "created".into(),
+                limits: vec![QosLimit {
+                    name: "write_iops".into(),
+                    per_sec: 1000,
+                    burst: 100,
+                }],
+            },
+            FunctionSlotInfo {
+                slot: 1,
+                kind: "vf1".into(),
+                ..FunctionSlotInfo::default()
+            },
+        ],
     }
 }
 
@@ -281,6 +310,7 @@ fn snapshots_stay_readable_across_versions() {
             resources: Resources::default(),
             cores: vec![],
             socket_buffer_bytes: 0,
+            function_slots: vec![],
             ..snapshot()
         })
     );
@@ -332,6 +362,28 @@ impl Device for Fake {
     }
     fn reboot(&mut self) {
         self.reboots += 1;
+    }
+    fn create_function(&mut self, spec: &FunctionSpec) -> Result<FunctionSlotInfo, String> {
+        let taken: Vec<String> = self.slots.iter().map(|s| s.subsystem.clone()).collect();
+        function::check_create(spec, &self.slots, |n| {
+            n == "nqn.2026-11.dev.keel:vol0" || taken.iter().any(|t| t == n)
+        })?;
+        let s = &mut self.slots[usize::from(spec.slot)];
+        s.state = SlotState::Live;
+        s.subsystem = spec.nqn.clone();
+        s.nsids = spec.namespaces.iter().map(|n| n.nsid).collect();
+        s.limits = spec.limits.clone();
+        Ok(s.clone())
+    }
+    fn remove_function(&mut self, slot: u16) -> Result<FunctionSlotInfo, String> {
+        function::check_remove(slot, &self.slots)?;
+        let s = &mut self.slots[usize::from(slot)];
+        *s = FunctionSlotInfo {
+            slot,
+            kind: function::slot_kind(slot),
+            ..FunctionSlotInfo::default()
+        };
+        Ok(s.clone())
     }
     fn authorized_key(&self) -> [u8; 32] {
         self.key.verifying_key().to_bytes()
@@ -1042,4 +1094,387 @@ proptest! {
         prop_assert_eq!(dev.reboots, 0);
         prop_assert_eq!(s.requests(), 0);
     }
+}
+
+fn ram_spec(slot: u16, nqn: &str) -> FunctionSpec {
+    FunctionSpec {
+        slot,
+        nqn: nqn.into(),
+        serial: String::new(),
+        model: String::new(),
+        namespaces: vec![FunctionNamespace {
+            nsid: 1,
+            backend: FunctionBackend::Ram {
+                bytes: 16 << 20,
+                block_size: 512,
+            },
+        }],
+        limits: vec![],
+    }
+}
+
+#[test]
+fn function_specs_are_checked_before_anything_happens() {
+    let good = ram_spec(1, "nqn.2026-11.dev.keel:vf1");
+    assert_eq!(good.validate(), Ok(()));
+    let ns = |nsid, backend| FunctionNamespace { nsid, backend };
+    let ram = |bytes, block_size| FunctionBackend::Ram { bytes, block_size };
+    let bad: Vec<(FunctionSpec, &str)> = vec![
+        (
+            FunctionSpec {
+                nqn: "".into(),
+                ..good.clone()
+            },
+            "NQN",
+        ),
+        (
+            FunctionSpec {
+                nqn: "vol1".into(),
+                ..good.clone()
+            },
+            "NQN",
+        ),
+        (
+            FunctionSpec {
+                nqn: format!("nqn.{}", "x".repeat(220)),
+                ..good.clone()
+            },
+            "NQN",
+        ),
+        (
+            FunctionSpec {
+                nqn: "nqn.a\nb".into(),
+                ..good.clone()
+            },
+            "control",
+        ),
+        (
+            FunctionSpec {
+                nqn: "nqn.2014-08.org.nvmexpress.discovery".into(),
+                ..good.clone()
+            },
+            "discovery",
+        ),
+        (
+            FunctionSpec {
+                serial: "s".repeat(21),
+                ..good.clone()
+            },
+            "serial",
+        ),
+        (
+            FunctionSpec {
+                model: "m\u{e9}".into(),
+                ..good.clone()
+            },
+            "model",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![],
+                ..good.clone()
+            },
+            "namespaces",
+        ),
+        (
+            FunctionSpec {
+                namespaces: (1..=33).map(|i| ns(i, ram(4096, 512))).collect(),
+                ..good.clone()
+            },
+            "namespaces",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![ns(0, ram(4096, 512))],
+                ..good.clone()
+            },
+            "NSID 0",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![ns(u32::MAX, ram(4096, 512))],
+                ..good.clone()
+            },
+            "invalid",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![ns(2, ram(4096, 512)), ns(2, ram(4096, 512))],
+                ..good.clone()
+            },
+            "twice",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![ns(1, ram(4096, 1024))],
+                ..good.clone()
+            },
+            "block size",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![ns(1, ram(0, 512))],
+                ..good.clone()
+            },
+            "size",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![ns(1, ram(4097, 512))],
+                ..good.clone()
+            },
+            "size",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![ns(
+                    1,
+                    FunctionBackend::Drive {
+                        drive: 0,
+                        nsid: 1,
+                        offset: 512,
+                        length: 0,
+                    },
+                )],
+                ..good.clone()
+            },
+            "aligned",
+        ),
+        (
+            FunctionSpec {
+                namespaces: vec![ns(
+                    1,
+                    FunctionBackend::Drive {
+                        drive: 0,
+                        nsid: 0,
+                        offset: 0,
+                        length: 0,
+                    },
+                )],
+                ..good.clone()
+            },
+            "drive namespace",
+        ),
+        (
+            FunctionSpec {
+                limits: vec![QosLimit {
+                    name: "speed".into(),
+                    per_sec: 1,
+                    burst: 0,
+                }],
+                ..good.clone()
+            },
+            "one of",
+        ),
+        (
+            FunctionSpec {
+                limits: vec![QosLimit {
+                    name: "iops".into(),
+                    per_sec: 0,
+                    burst: 0,
+                }],
+                ..good.clone()
+            },
+            "rate of 0",
+        ),
+        (
+            FunctionSpec {
+                limits: vec![
+                    QosLimit {
+                        name: "iops".into(),
+                        per_sec: 5,
+                        burst: 0,
+                    },
+                    QosLimit {
+                        name: "iops".into(),
+                        per_sec: 6,
+                        burst: 0,
+                    },
+                ],
+                ..good.clone()
+            },
+            "twice",
+        ),
+    ];
+    for (spec, why) in bad {
+        let e = spec.validate().expect_err(why);
+        assert!(e.contains(why), "{why}: {e}");
+        // The same through check_create: refused before the slot table is looked at.
+        let slots = [FunctionSlotInfo {
+            slot: 1,
+            ..Default::default()
+        }];
+        assert!(function::check_create(&spec, &slots, |_| false).is_err());
+    }
+}
+
+#[test]
+fn function_slots_busy_missing_removing_and_nqn_in_use() {
+    let slots = vec![
+        FunctionSlotInfo {
+            slot: 0,
+            state: SlotState::Live,
+            kind: "pf".into(),
+            subsystem: "nqn.a:pf".into(),
+            ..Default::default()
+        },
+        FunctionSlotInfo {
+            slot: 1,
+            kind: "vf1".into(),
+            ..Default::default()
+        },
+        FunctionSlotInfo {
+            slot: 2,
+            state: SlotState::Removing,
+            kind: "vf2".into(),
+            ..Default::default()
+        },
+    ];
+    let c =
+        |slot, nqn: &str| function::check_create(&ram_spec(slot, nqn), &slots, |n| n == "nqn.a:pf");
+    assert!(c(0, "nqn.b").unwrap_err().contains("busy"));
+    assert_eq!(c(1, "nqn.b"), Ok(()));
+    assert!(c(1, "nqn.a:pf").unwrap_err().contains("exists already"));
+    assert!(c(2, "nqn.b").unwrap_err().contains("try again"));
+    assert!(c(3, "nqn.b").unwrap_err().contains("3 function slot(s)"));
+    assert_eq!(function::check_remove(0, &slots), Ok(()));
+    assert!(
+        function::check_remove(1, &slots)
+            .unwrap_err()
+            .contains("free")
+    );
+    assert!(
+        function::check_remove(2, &slots)
+            .unwrap_err()
+            .contains("removing")
+    );
+    assert!(function::check_remove(9, &slots).is_err());
+    assert_eq!(function::slot_kind(0), "pf");
+    assert_eq!(function::slot_kind(2), "vf2");
+}
+
+/// Sends one signed request over a fresh challenge; returns the reply and the next challenge.
+fn ask(s: &mut Session, dev: &mut Fake, c: [u8; 32], req: &Request) -> (Reply, [u8; 32]) {
+    let key = dev.key.clone();
+    feed_all(s, &sign_request(&key, &c, req), dev);
+    let r = response(s);
+    (r.reply, r.challenge)
+}
+
+#[test]
+fn functions_created_and_removed_through_the_session() {
+    let mut dev = Fake::new();
+    let (mut s, c) = open(&mut dev);
+    let spec = FunctionSpec {
+        limits: vec![QosLimit {
+            name: "write_iops".into(),
+            per_sec: 800,
+            burst: 0,
+        }],
+        ..ram_spec(1, "nqn.2026-11.dev.keel:vf1")
+    };
+    let (r, c) = ask(&mut s, &mut dev, c, &Request::CreateFunction(spec.clone()));
+    let Reply::FunctionCreated(info) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(
+        (info.slot, info.state, info.nsids.clone()),
+        (1, SlotState::Live, vec![1])
+    );
+    assert_eq!(info.limits, spec.limits);
+    // The same slot again, another NQN: busy, and the function in it is unchanged.
+    let again = ram_spec(1, "nqn.2026-11.dev.keel:other");
+    let (r, c) = ask(&mut s, &mut dev, c, &Request::CreateFunction(again));
+    let Reply::FunctionRefused(m) = r else {
+        panic!("{r:?}")
+    };
+    assert!(m.contains("busy"), "{m}");
+    assert_eq!(dev.slots[1], info);
+    // An NQN the device serves already.
+    let (r, c) = ask(
+        &mut s,
+        &mut dev,
+        c,
+        &Request::CreateFunction(ram_spec(2, "nqn.2026-11.dev.keel:vol0")),
+    );
+    assert!(
+        matches!(r, Reply::FunctionRefused(ref m) if m.contains("exists")),
+        "{r:?}"
+    );
+    assert_eq!(dev.slots[2].state, SlotState::Free);
+    // Removed, then removed twice.
+    let (r, c) = ask(&mut s, &mut dev, c, &Request::RemoveFunction(1));
+    assert!(
+        matches!(r, Reply::FunctionRemoved(ref i) if i.state == SlotState::Free),
+        "{r:?}"
+    );
+    let (r, _) = ask(&mut s, &mut dev, c, &Request::RemoveFunction(1));
+    assert!(
+        matches!(r, Reply::FunctionRefused(ref m) if m.contains("no function")),
+        "{r:?}"
+    );
+    // Refusals are answers, not protocol failures: the connection stays.
+    assert_eq!(s.failures(), 0);
+    assert!(!s.wants_close());
+}
+
+#[test]
+fn a_malformed_function_request_runs_nothing() {
+    let mut dev = Fake::new();
+    let key = dev.key.clone();
+    let (mut s, c) = open(&mut dev);
+    // A signed CreateFunction whose spec is cut short: the frame does not decode.
+    let req = postcard::to_allocvec(&Request::CreateFunction(ram_spec(1, "nqn.x:y"))).unwrap();
+    let cut = &req[..req.len() - 3];
+    let sig = ed25519_dalek::Signer::sign(&key, &signed_message(&c, cut));
+    let mut payload = cut.to_vec();
+    payload.push(64);
+    payload.extend_from_slice(&sig.to_bytes());
+    feed_all(&mut s, &frame(&payload), &mut dev);
+    let r = response(&mut s);
+    assert!(
+        matches!(
+            r.reply,
+            Reply::Error {
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(dev.slots.iter().all(|x| x.state == SlotState::Free));
+    // An unknown request variant (a newer client's) is malformed too.
+    let mut unknown = vec![42u8];
+    let sig = ed25519_dalek::Signer::sign(&key, &signed_message(&r.challenge, &unknown));
+    unknown.push(64);
+    unknown.extend_from_slice(&sig.to_bytes());
+    feed_all(&mut s, &frame(&unknown), &mut dev);
+    assert!(matches!(
+        response(&mut s).reply,
+        Reply::Error {
+            code: ErrorCode::Malformed,
+            ..
+        }
+    ));
+    assert!(dev.slots.iter().all(|x| x.state == SlotState::Free));
+}
+
+#[test]
+fn function_requests_keep_their_variant_numbers() {
+    // Request and Reply grow by appended variants only: postcard encodes the variant index as
+    // a varint, so the earlier ones keep their bytes and an older device reads them.
+    assert_eq!(postcard::to_allocvec(&Request::Status).unwrap(), [0]);
+    assert_eq!(postcard::to_allocvec(&Request::Reboot).unwrap(), [2]);
+    assert_eq!(
+        postcard::to_allocvec(&Request::RemoveFunction(2)).unwrap(),
+        [4, 2]
+    );
+    let create = postcard::to_allocvec(&Request::CreateFunction(ram_spec(1, "nqn.a"))).unwrap();
+    assert_eq!(&create[..3], &[3, 1, 5]);
+    assert_eq!(&create[3..8], b"nqn.a");
+    assert_eq!(postcard::to_allocvec(&Reply::Rebooting).unwrap(), [3]);
+    assert_eq!(
+        postcard::to_allocvec(&Reply::FunctionRefused("x".into())).unwrap(),
+        [7, 1, b'x']
+    );
 }

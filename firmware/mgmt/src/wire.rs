@@ -1,7 +1,7 @@
 //! The binary protocol's messages, framing and request signatures (shared by the device's
 //! [`Session`](crate::Session) and the `keelctl` client).
 
-use crate::{PushReport, Snapshot};
+use crate::{FunctionSlotInfo, FunctionSpec, PushReport, Snapshot};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
@@ -112,6 +112,11 @@ pub enum Request {
     Push(Bytes),
     /// Reboot once the reply has been sent.
     Reboot,
+    /// Create an emulated function on a free slot (appended: an older device refuses it as
+    /// malformed).
+    CreateFunction(FunctionSpec),
+    /// Remove the emulated function of a slot.
+    RemoveFunction(u16),
 }
 
 /// One client frame: a request and its signature over [`signed_message`].
@@ -155,6 +160,12 @@ pub enum Reply {
         /// Whether the device closes the connection after this reply.
         closing: bool,
     },
+    /// The function was created; the slot as it is now.
+    FunctionCreated(FunctionSlotInfo),
+    /// The function was removed; the slot as it is now.
+    FunctionRemoved(FunctionSlotInfo),
+    /// The function request was refused; nothing changed.
+    FunctionRefused(String),
 }
 
 /// A response frame.
@@ -169,9 +180,9 @@ pub struct Response {
 /// Zero bytes that encode the fields appended to [`crate::Snapshot`] since protocol version 1
 /// was first released, at their "nothing" (the most [`decode_response`] adds): `remotes`,
 /// `qos_groups`, `qos_namespaces`, `qos_controllers` (empty lists, 1 byte each) and
-/// `resources` (18 integers at 0, 1 byte each), then `cores` (an empty list, 1 byte) and
-/// `socket_buffer_bytes` (0, 1 byte).
-pub const APPENDED_FIELDS: usize = 4 + 18 + 1 + 1;
+/// `resources` (18 integers at 0, 1 byte each), then `cores` (an empty list, 1 byte),
+/// `socket_buffer_bytes` (0, 1 byte) and `function_slots` (an empty list, 1 byte).
+pub const APPENDED_FIELDS: usize = 4 + 18 + 1 + 1 + 1;
 
 /// Decodes a response frame's payload, also from a device older than this code: its
 /// snapshot lacks the fields appended since (see [`crate::Snapshot`]), so a payload that

@@ -84,6 +84,11 @@ pub trait EndpointFunction {
     /// enable its link. Nothing by default.
     fn publish(&mut self, _function: u16) {}
 
+    /// Makes the function invisible to the host again (it was removed): a QEMU window clears
+    /// its header's magic, a real endpoint controller would take the link down or report a
+    /// hot unplug. Nothing by default.
+    fn unpublish(&mut self) {}
+
     /// Reads a 64-bit register as two 32-bit accesses (low dword first).
     fn read_reg64(&mut self, offset: u32) -> u64 {
         let lo = self.read_reg(offset) as u64;
@@ -205,6 +210,15 @@ impl EndpointFunction for MemWindow {
     fn publish(&mut self, function: u16) {
         let h = layout::Header::new(self.mem.len() as u64, function).encode();
         self.mem[layout::HEADER_OFFSET..layout::HEADER_OFFSET + h.len()].copy_from_slice(&h);
+    }
+
+    fn unpublish(&mut self) {
+        self.mem[layout::HEADER_OFFSET..layout::HEADER_OFFSET + layout::header::SIZE].fill(0);
+    }
+
+    fn reset_pages(&mut self) {
+        // As an ivshmem window: registers, doorbells, interrupt counters and header zeroed.
+        self.mem[..layout::HOST_AREA_OFFSET].fill(0);
     }
 
     fn read_reg(&mut self, offset: u32) -> u32 {

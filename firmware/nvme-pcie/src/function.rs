@@ -125,6 +125,8 @@ pub enum FatalReason {
     CqPost,
     /// The core ended one of the function's queues.
     QueueTerminated,
+    /// The device removed the function ([`PcieFunction::remove`]).
+    Removed,
 }
 
 /// Counters.
@@ -667,6 +669,29 @@ impl PcieFunction {
         self.flush_nsids = Vec::new();
         self.fatal = None;
         self.state = FunctionState::Disabled;
+    }
+
+    /// The device removes the function (hot unplug) whatever the host is doing: every queue
+    /// and command goes as in a controller reset (commands already at a backend finish there,
+    /// their completions are never posted and their buffers come back through the core's
+    /// events), CSTS.CFS = 1 tells a host still looking that the controller is gone, and from
+    /// here on nothing of the window is read or written: the caller stops polling it and only
+    /// hands it its events until every buffer is home ([`PcieFunction::buffers_available`]).
+    /// Returns whether a host had it enabled.
+    pub fn remove<E: EndpointFunction + ?Sized>(
+        &mut self,
+        target: &mut Target,
+        ep: &mut E,
+    ) -> bool {
+        let was_enabled = self.state != FunctionState::Disabled;
+        self.reset(target, ep);
+        self.set_fatal(FatalReason::Removed);
+        let mut c = Csts(0);
+        c.set_cfs(true);
+        self.csts = c;
+        ep.write_reg(offset::CSTS, c.0);
+        ep.unpublish();
+        was_enabled
     }
 
     fn update_csts<E: EndpointFunction + ?Sized>(&mut self, target: &Target, ep: &mut E) {

@@ -299,6 +299,27 @@ impl Rig {
         (addr, list)
     }
 
+    /// I/O queue 1 (64 entries) with `n` 8 KiB writes and reads alternating, fetched and
+    /// submitted by the function but not yet completed by the backend.
+    fn io_at_backend(&mut self, n: u16) -> Queue {
+        let mut q = self.io_queue(1, 64);
+        let buf = self.alloc(n as usize * 8192);
+        for k in 0..n {
+            let (p1, p2) = self.prps(buf + k as u64 * 8192, 8192);
+            let sqe = Sqe::new(if k % 2 == 0 { 0x01 } else { 0x02 }, k)
+                .with_nsid(1)
+                .with_cdw(10, k as u32 * 16)
+                .with_cdw(12, 15)
+                .with_prps(p1, p2);
+            self.push(&mut q, &sqe);
+        }
+        self.now += 1000;
+        self.f
+            .poll(Instant::from_nanos(self.now), &mut self.t, &mut self.w);
+        assert!(self.f.buffers_available() < self.f.buffers_total());
+        q
+    }
+
     fn rw(&mut self, q: &mut Queue, write: bool, lba: u64, blocks: u32, buf: u64, cid: u16) -> Cqe {
         let (p1, p2) = self.prps(buf, blocks as usize * 512);
         let sqe = Sqe::new(if write { 0x01 } else { 0x02 }, cid)
@@ -674,21 +695,7 @@ fn hostile_prps_and_doorbells() {
 fn reset_mid_io_returns_every_buffer() {
     let mut r = Rig::new();
     r.enable();
-    let mut q = r.io_queue(1, 64);
-    let buf = r.alloc(32 * 8192);
-    for k in 0..32u16 {
-        let (p1, p2) = r.prps(buf + k as u64 * 8192, 8192);
-        let sqe = Sqe::new(if k % 2 == 0 { 0x01 } else { 0x02 }, k)
-            .with_nsid(1)
-            .with_cdw(10, k as u32 * 16)
-            .with_cdw(12, 15)
-            .with_prps(p1, p2);
-        r.push(&mut q, &sqe);
-    }
-    // The function fetches and submits; the backend has not completed anything yet.
-    r.now += 1000;
-    r.f.poll(Instant::from_nanos(r.now), &mut r.t, &mut r.w);
-    assert!(r.f.buffers_available() < r.f.buffers_total());
+    r.io_at_backend(32);
     r.cc(0);
     r.wait_csts(|c| c.0 == 0);
     r.steps(3);
@@ -700,6 +707,47 @@ fn reset_mid_io_returns_every_buffer() {
     let c = r.admin(Sqe::new(0x0A, 1).with_cdw(10, 7));
     assert_eq!(c.dw0, 0x0007_0007);
     assert_eq!(r.delete(0x00, 1), Status::INVALID_QUEUE_IDENTIFIER);
+}
+
+/// Hot unplug with commands at the backend: CSTS.CFS, the header gone, no completion ever
+/// posted (the host's CQ stays as it was), every buffer back through the core's events, and a
+/// host that writes CC or doorbells afterwards starts nothing (the function is not polled:
+/// its events are all it still takes).
+#[test]
+fn removal_mid_io_posts_nothing_and_returns_every_buffer() {
+    let mut r = Rig::new();
+    r.enable();
+    let q = r.io_at_backend(16);
+    let cq_before = r.w.bytes()[q.cq as usize..q.cq as usize + 64 * 16].to_vec();
+    assert!(r.f.remove(&mut r.t, &mut r.w), "a host had it enabled");
+    assert_eq!(r.f.state(), FunctionState::Fatal);
+    assert_eq!(r.f.fatal_reason(), Some(FatalReason::Removed));
+    assert!(r.csts().cfs());
+    let hdr: [u8; layout::header::SIZE] = r.w.bytes()
+        [layout::HEADER_OFFSET..layout::HEADER_OFFSET + layout::header::SIZE]
+        .try_into()
+        .unwrap();
+    assert!(
+        layout::Header::decode(&hdr, WIN as u64).is_err(),
+        "header cleared"
+    );
+    // The host keeps going: CC.EN off and on, doorbells. Only the target runs.
+    r.w.host_set_reg(offset::CC, 0);
+    r.w.host_doorbell(layout::sq_tail_doorbell(1), 3);
+    for _ in 0..20 {
+        r.now += 10_000;
+        let (f, w) = (&mut r.f, &mut r.w);
+        r.t.poll(Instant::from_nanos(r.now), &mut |ev| {
+            assert!(f.handle_event(ev, w).is_none(), "an event not taken");
+        });
+    }
+    assert_eq!(r.f.buffers_available(), r.f.buffers_total());
+    assert_eq!(
+        &r.w.bytes()[q.cq as usize..q.cq as usize + 64 * 16],
+        &cq_before[..],
+        "a completion was posted after the removal"
+    );
+    assert_eq!(r.t.controller_count(), 0);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! write.
 
 pub mod client;
+pub mod function;
 pub mod table;
 
 use anyhow::{Context, Result, bail};
@@ -369,6 +370,40 @@ mod tests {
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["generation"], 7);
+
+        // Functions: a device without function slots refuses a create with its reason (exit
+        // 1), and the list says it has none; a bad spec never leaves keelctl.
+        use function::{FunctionCmd, function_cmd};
+        let create = |slot: u16, ns: &str| FunctionCmd::Create {
+            signed: signed(&addr, &key),
+            slot,
+            nqn: "nqn.2026-12.test:vf1".into(),
+            namespaces: vec![ns.into()],
+            limits: vec!["write_iops=800".into()],
+            serial: String::new(),
+            model: String::new(),
+        };
+        let e = function_cmd(&create(1, "ram:16MiB"), &mut Vec::new()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("refused: slot 1: this device cannot create functions"),
+            "{e:#}"
+        );
+        let e = function_cmd(&create(1, "ram:1000"), &mut Vec::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("multiple of 512"), "{e:#}");
+        let mut out = Vec::new();
+        function_cmd(
+            &FunctionCmd::List {
+                signed: signed(&addr, &key),
+                json: false,
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .contains("no function slots")
+        );
 
         // The saved request replayed: refused, exit code 1.
         let mut out = Vec::new();

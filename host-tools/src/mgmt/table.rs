@@ -54,10 +54,15 @@ fn quantiles(l: &Latency) -> String {
 
 /// `write_iops 500/s (burst 50)`, `bps 100MiB/s (burst 1MiB)`, joined; `-` without limits.
 fn qos_limits(q: &QosInfo) -> String {
-    if q.limits.is_empty() {
+    limit_list(&q.limits)
+}
+
+/// [`qos_limits`] of a list of limits.
+pub fn limit_list(limits: &[keel_mgmt::QosLimit]) -> String {
+    if limits.is_empty() {
         return "-".into();
     }
-    q.limits
+    limits
         .iter()
         .map(|l| {
             if l.name.ends_with("bps") {
@@ -68,6 +73,52 @@ fn qos_limits(q: &QosInfo) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The endpoint's function slots: `keelctl function list` and the status.
+pub fn function_slots(slots: &[keel_mgmt::FunctionSlotInfo], out: &mut dyn Write) -> Result<()> {
+    let mut rows = vec![
+        [
+            "SLOT",
+            "KIND",
+            "STATE",
+            "SUBSYSTEM",
+            "NSIDS",
+            "HOST",
+            "ORIGIN",
+            "LIMITS",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    for f in slots {
+        rows.push(vec![
+            f.slot.to_string(),
+            f.kind.clone(),
+            f.state.name().to_string(),
+            dash(&f.subsystem),
+            if f.nsids.is_empty() {
+                "-".into()
+            } else {
+                f.nsids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+            dash(&f.host),
+            dash(&f.origin),
+            limit_list(&f.limits),
+        ]);
+    }
+    columns(out, &rows)
 }
 
 /// The QoS table: every namespace, controller and group with a limit, a group, a weight
@@ -294,7 +345,10 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
     }
     remotes(s, out)?;
     qos_table(s, out)?;
-    if !s.functions.is_empty() {
+    if !s.function_slots.is_empty() {
+        writeln!(out, "\nfunction slots ({}):", s.function_slots.len())?;
+        function_slots(&s.function_slots, out)?;
+    } else if !s.functions.is_empty() {
         writeln!(out, "\nemulated functions ({}):", s.functions.len())?;
         for f in &s.functions {
             writeln!(
