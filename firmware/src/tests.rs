@@ -779,6 +779,7 @@ fn dev_device() -> keel_provision::Device {
         }],
         management: None,
         qos: Default::default(),
+        nguids: Vec::new(),
     }
 }
 
@@ -1683,7 +1684,9 @@ fn the_drive_cap_comes_from_the_description() {
 #[test]
 fn functions_are_created_and_removed_live() {
     use keel_mgmt::Device as _;
-    use keel_mgmt::{FunctionBackend, FunctionNamespace, FunctionSpec, QosLimit, SlotState};
+    use keel_mgmt::{
+        FunctionBackend, FunctionCipher, FunctionNamespace, FunctionSpec, QosLimit, SlotState,
+    };
     let mut s = services(
         "keel.fn.boot=0",
         (0..3).map(|_| MemWindow::new(1 << 20)).collect(),
@@ -1717,6 +1720,7 @@ fn functions_are_created_and_removed_live() {
                     bytes: 4 << 20,
                     block_size: 512,
                 },
+                encryption: FunctionCipher::None,
             })
             .collect(),
         limits: vec![QosLimit {
@@ -1876,7 +1880,9 @@ fn functions_are_created_and_removed_live() {
 #[test]
 fn a_created_function_survives_a_qos_push_with_its_limits() {
     use keel_mgmt::Device as _;
-    use keel_mgmt::{FunctionBackend, FunctionNamespace, FunctionSpec, QosLimit, SlotState};
+    use keel_mgmt::{
+        FunctionBackend, FunctionCipher, FunctionNamespace, FunctionSpec, QosLimit, SlotState,
+    };
     let mut desc = dev_device();
     let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
     let identity: Identity<RamFlash> = Identity::new(None, Some(flash));
@@ -1911,6 +1917,7 @@ fn a_created_function_survives_a_qos_push_with_its_limits() {
                 bytes: 1 << 20,
                 block_size: 512,
             },
+            encryption: FunctionCipher::None,
         }],
         limits: vec![limit.clone()],
     })
@@ -1932,7 +1939,8 @@ fn a_created_function_survives_a_qos_push_with_its_limits() {
     assert!(
         r.needs_reboot
             .iter()
-            .any(|m| m.contains("nqn.2026-12.test:vf1") && m.contains("removed")),
+            .any(|m| m.contains("nqn.2026-12.test:vf1")
+                && m.contains("not in this description: it runs until the next boot")),
         "{:?}",
         r.needs_reboot
     );
