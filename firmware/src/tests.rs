@@ -1948,3 +1948,307 @@ fn a_created_function_survives_a_qos_push_with_its_limits() {
     assert_eq!(slot.state, SlotState::Live);
     assert_eq!(slot.limits, [limit]);
 }
+
+/// Functions in the device description (issue 18): a push adds a PF (two namespaces, one
+/// encrypted, a limit) and a VF live, with the NGUIDs the bundle carries; a push without the
+/// VF removes it (hot unplug) and keeps the PF's data; bad pushes (a slot the device does not
+/// have, a slot given to another subsystem, a slot still removing, a slot busy with a created
+/// function) are refused with nothing changed; a created function the description then names
+/// is adopted; a function created again after its removal gets new NGUIDs; after a reboot
+/// from the flash the pushed functions are back with the same NGUIDs.
+#[test]
+fn functions_in_the_description_are_pushed_live_and_persist() {
+    use keel_mgmt::Device as _;
+    use keel_mgmt::{
+        FunctionBackend, FunctionCipher, FunctionNamespace, FunctionSpec, QosLimit, SlotState,
+    };
+    use keel_provision::{Backend, Encryption, FunctionQos, Namespace, QosLimits, QosRate};
+    const PF: &str = "nqn.2026-12.test:pf";
+    const VF: &str = "nqn.2026-12.test:vf1";
+    let sub = |nqn: &str| keel_provision::Subsystem {
+        nqn: nqn.into(),
+        serial: None,
+        model: None,
+        allowed_hosts: vec![],
+    };
+    let ns = |nqn: &str, nsid, function, encryption| Namespace {
+        subsystem: nqn.into(),
+        nsid,
+        backend: Backend::Ram {
+            size: 1 << 20,
+            block_size: 512,
+        },
+        encryption,
+        function: Some(function),
+    };
+    let base = dev_device();
+    let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
+    let mut identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let first = signed_bundle(&base, 1);
+    identity.persist(&first).unwrap();
+    let (cfg, src) = identity.load_config().unwrap();
+    let plan = Plan::from_bundle(&cfg, src, MAC, PROVISION_PUBKEY);
+    let windows = |n: usize| -> Vec<WindowPort<MemWindow>> {
+        (0..n)
+            .map(|i| WindowPort {
+                base: 0x1000_0000 * (i as u64 + 1),
+                size: 1 << 20,
+                ep: Ok(MemWindow::new(1 << 20)),
+            })
+            .collect()
+    };
+    let mut s: Services<TestHw> = Services::build(plan, Vec::new(), windows(3), true, identity);
+    assert!(
+        s.function_slots()
+            .iter()
+            .all(|x| x.state == SlotState::Free)
+    );
+
+    // Generation 2: PF on slot 0 (namespace 2 encrypted, a write limit), VF on slot 1.
+    let mut two = base.clone();
+    two.subsystems.extend([sub(PF), sub(VF)]);
+    two.namespaces.extend([
+        ns(PF, 1, 0, Encryption::None),
+        ns(PF, 2, 0, Encryption::Aes256Xts),
+        ns(VF, 1, 1, Encryption::None),
+    ]);
+    let limit = QosRate {
+        per_sec: 20_000,
+        burst: Some(200),
+    };
+    two.qos.functions.push(FunctionQos {
+        function: 0,
+        limits: QosLimits {
+            write_iops: Some(limit),
+            ..Default::default()
+        },
+    });
+    let mut counter = 0x40u8;
+    keel_provision::assign_nguids(&mut two, None, &mut |b: &mut [u8]| {
+        for x in b {
+            counter = counter.wrapping_add(7);
+            *x = counter;
+        }
+    });
+    assert_eq!(two.nguids.len(), 3);
+    let r = s.push(&signed_bundle(&two, 2)).unwrap();
+    assert!(r.persisted);
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    for want in [(PF, 1), (PF, 2), (VF, 1)] {
+        assert!(
+            r.added.contains(&(String::from(want.0), want.1)),
+            "{:?}",
+            r.added
+        );
+    }
+    let slots = s.function_slots();
+    assert_eq!(
+        slots
+            .iter()
+            .map(|x| (x.state, x.subsystem.as_str(), x.origin.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (SlotState::Live, PF, "pushed"),
+            (SlotState::Live, VF, "pushed"),
+            (SlotState::Free, "", "")
+        ]
+    );
+    assert_eq!(slots[0].nsids, [1, 2]);
+    assert_eq!(slots[0].limits[0].name, "write_iops");
+    let nguids = |s: &Services<TestHw>| -> Vec<(String, u32, [u8; 16])> {
+        s.plan
+            .namespaces
+            .iter()
+            .filter(|n| n.function.is_some())
+            .map(|n| (n.subsystem.clone(), n.nsid, s.plan.nguid_of(n)))
+            .collect()
+    };
+    let pushed = nguids(&s);
+    for (i, (nqn, nsid, g)) in pushed.iter().enumerate() {
+        let j = two
+            .namespaces
+            .iter()
+            .position(|n| n.subsystem == *nqn && n.nsid == *nsid)
+            .unwrap();
+        assert_eq!(Some(*g), two.nguid(j), "namespace {i}");
+    }
+    let enc = s
+        .plan
+        .namespaces
+        .iter()
+        .find(|n| n.subsystem == PF && n.nsid == 2)
+        .unwrap();
+    assert_eq!(enc.cipher, "aes-256-xts");
+    assert!(enc.key.is_some());
+
+    // The PF's host writes through both namespaces and reads back.
+    let mut h = FnHost::enable(&mut s, 0);
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    for sqe in h.create_io_queues() {
+        h.submit(&mut s, 0, sqe);
+        assert!(fn_wait(&mut s, &mut h, 0).status.is_success());
+    }
+    let buf = h.alloc();
+    for nsid in [1u32, 2] {
+        h.window(&mut s).host_write(buf, &[0xC0 + nsid as u8; 4096]);
+        let w = RwCommand::simple(8, 8).to_sqe(IoOpcode::Write as u8, 20, nsid);
+        h.submit(&mut s, 1, w.with_prps(buf, 0));
+        assert!(fn_wait(&mut s, &mut h, 1).status.is_success());
+    }
+
+    // Bad pushes: refused, nothing changes (generation, slots, flash).
+    let refused = |s: &mut Services<TestHw>, d: &keel_provision::Device, why: &str| {
+        let before = (s.function_slots(), s.plan.generation);
+        let e = s
+            .push(&signed_bundle(d, s.plan.generation + 1))
+            .unwrap_err();
+        assert!(e.contains(why), "{why}: {e}");
+        assert!(e.contains("unchanged"), "{e}");
+        assert_eq!((s.function_slots(), s.plan.generation), before);
+    };
+    let mut no_slot = two.clone();
+    no_slot.namespaces[3].function = Some(5);
+    refused(&mut s, &no_slot, "the device has 3 function slot(s)");
+    let mut other = two.clone();
+    other.subsystems.push(sub("nqn.2026-12.test:other"));
+    other.namespaces.retain(|n| n.subsystem != VF);
+    other.subsystems.retain(|x| x.nqn != VF);
+    other
+        .namespaces
+        .push(ns("nqn.2026-12.test:other", 1, 1, Encryption::None));
+    other.nguids.clear();
+    refused(&mut s, &other, "does not give a slot to another subsystem");
+
+    // Generation 3 drops the VF: removed live; the PF keeps running with its data.
+    let mut three = two.clone();
+    three.namespaces.retain(|n| n.subsystem != VF);
+    three.subsystems.retain(|x| x.nqn != VF);
+    three.nguids.clear();
+    keel_provision::assign_nguids(&mut three, Some(&two), &mut |b: &mut [u8]| b.fill(9));
+    let r = s.push(&signed_bundle(&three, 3)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(r.removed, [(String::from(VF), 1)]);
+    assert!(!s.target.subsystem_views().any(|x| x.nqn == VF));
+    assert_eq!(s.function_slots()[1].state, SlotState::Removing);
+    // While it is removing, slot 1 cannot be given a function.
+    refused(&mut s, &two, "still has commands at backends");
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    assert_eq!(s.function_slots()[1].state, SlotState::Free);
+    for nsid in [1u32, 2] {
+        h.window(&mut s).host_write(buf, &[0; 4096]);
+        let r = RwCommand::simple(8, 8).to_sqe(IoOpcode::Read as u8, 21, nsid);
+        h.submit(&mut s, 1, r.with_prps(buf, 0));
+        assert!(fn_wait(&mut s, &mut h, 1).status.is_success());
+        let mut got = [0u8; 4096];
+        h.window(&mut s).host_read(buf, &mut got);
+        assert_eq!(got, [0xC0 + nsid as u8; 4096], "PF namespace {nsid}");
+    }
+
+    // A function created by a request on slot 1 (encrypted, device-drawn key and NGUID)...
+    let spec = FunctionSpec {
+        slot: 1,
+        nqn: VF.into(),
+        serial: String::new(),
+        model: String::new(),
+        namespaces: vec![FunctionNamespace {
+            nsid: 1,
+            backend: FunctionBackend::Ram {
+                bytes: 1 << 20,
+                block_size: 512,
+            },
+            encryption: FunctionCipher::Aes128Xts,
+        }],
+        limits: vec![QosLimit {
+            name: "iops".into(),
+            per_sec: 5000,
+            burst: 0,
+        }],
+    };
+    s.create_function(&spec).unwrap();
+    let created = |s: &Services<TestHw>| {
+        let n = s
+            .plan
+            .namespaces
+            .iter()
+            .find(|n| n.subsystem == VF)
+            .unwrap();
+        (s.plan.nguid_of(n), n.cipher)
+    };
+    let (g1, cipher) = created(&s);
+    assert_eq!(cipher, "aes-128-xts");
+    assert!(!pushed.iter().any(|p| p.2 == g1), "an NGUID came back");
+    // ...a push cannot give its slot to another subsystem...
+    let mut grab = three.clone();
+    grab.subsystems.push(sub("nqn.2026-12.test:x"));
+    grab.namespaces
+        .push(ns("nqn.2026-12.test:x", 1, 1, Encryption::None));
+    grab.nguids.clear();
+    refused(&mut s, &grab, "created by keelctl function create");
+    // ...and after its removal, created again, it gets new NGUIDs.
+    s.remove_function(1).unwrap();
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    s.create_function(&spec).unwrap();
+    let (g2, _) = created(&s);
+    assert_ne!(
+        g1, g2,
+        "a function created again reused the NGUID of the removed one"
+    );
+
+    // Generation 4 describes it as it runs (plain, the bundle's own NGUID): adopted, kept
+    // live; the key and NGUID of the description apply from the next boot.
+    let mut four = three.clone();
+    four.subsystems.push(sub(VF));
+    four.namespaces.push(ns(VF, 1, 1, Encryption::Aes128Xts));
+    keel_provision::assign_nguids(&mut four, Some(&three), &mut |b: &mut [u8]| b.fill(0x33));
+    let r = s.push(&signed_bundle(&four, 4)).unwrap();
+    assert_eq!(s.function_slots()[1].origin, "pushed");
+    let notes = r.needs_reboot.join("\n");
+    assert!(
+        notes.contains("data key changed") && notes.contains("another NGUID"),
+        "{notes}"
+    );
+
+    // A reboot: the flash holds generation 4; the functions are back, same NGUIDs.
+    let flash = s.identity.flash.take().unwrap();
+    let mut identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let (cfg, src) = identity.load_config().unwrap();
+    assert_eq!(cfg.generation, 4);
+    let plan = Plan::from_bundle(&cfg, src, MAC, PROVISION_PUBKEY);
+    let s2: Services<TestHw> = Services::build(plan, Vec::new(), windows(3), true, identity);
+    let slots = s2.function_slots();
+    assert_eq!(
+        slots
+            .iter()
+            .map(|x| (x.state, x.subsystem.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (SlotState::Live, PF),
+            (SlotState::Live, VF),
+            (SlotState::Free, "")
+        ]
+    );
+    let after = nguids(&s2);
+    for (nqn, nsid, g) in &after {
+        let j = four
+            .namespaces
+            .iter()
+            .position(|n| n.subsystem == *nqn && n.nsid == *nsid)
+            .unwrap();
+        assert_eq!(Some(*g), four.nguid(j), "{nqn} {nsid}");
+    }
+    assert!(
+        after
+            .iter()
+            .filter(|a| a.0 == PF)
+            .all(|a| pushed.contains(a))
+    );
+}

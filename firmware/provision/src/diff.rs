@@ -67,7 +67,9 @@ pub fn diff(old: &Device, new: &Device) -> ConfigDiff {
     }
     for o in &old.subsystems {
         if new.subsystems.iter().any(|s| s.nqn == o.nqn) {
-        } else if old.has_function(&o.nqn) {
+            continue;
+        }
+        if old.has_function(&o.nqn) {
             d.subsystems_removed.push(o.nqn.clone());
         } else {
             d.needs_reboot
