@@ -1389,6 +1389,20 @@ impl FnHost {
         &mut s.functions[self.index].ep
     }
 
+    /// Enables the function, lets it come up and creates I/O queue pair 1.
+    fn ready(s: &mut Services<TestHw>, index: usize) -> Self {
+        let mut h = Self::enable(s, index);
+        for _ in 0..20 {
+            advance(10_000);
+            s.poll(now(), None);
+        }
+        for sqe in h.create_io_queues() {
+            h.submit(s, 0, sqe);
+            assert!(fn_wait(s, &mut h, 0).status.is_success());
+        }
+        h
+    }
+
     /// Enables the function with a 16-entry admin queue.
     fn enable(s: &mut Services<TestHw>, index: usize) -> Self {
         let mut h = Self {
@@ -1854,15 +1868,7 @@ fn functions_are_created_and_removed_live() {
     s.functions[1]
         .ep
         .host_write(layout::HOST_AREA_OFFSET as u64, &vec![0; area]);
-    let mut h = FnHost::enable(&mut s, 1);
-    for _ in 0..20 {
-        advance(10_000);
-        s.poll(now(), None);
-    }
-    for sqe in h.create_io_queues() {
-        h.submit(&mut s, 0, sqe);
-        assert!(fn_wait(&mut s, &mut h, 0).status.is_success());
-    }
+    let mut h = FnHost::ready(&mut s, 1);
     let buf = h.alloc();
     h.window(&mut s).host_write(buf, &[0xFF; 4096]);
     let r = RwCommand::simple(8, 8).to_sqe(IoOpcode::Read as u8, 13, 1);
@@ -1873,6 +1879,29 @@ fn functions_are_created_and_removed_live() {
     assert_eq!(got, [0; 4096]);
 }
 
+/// A function for slot `slot` of subsystem `nqn` with one 1 MiB RAM namespace, no limits.
+fn one_mib_function(
+    slot: u16,
+    nqn: &str,
+    encryption: keel_mgmt::FunctionCipher,
+) -> keel_mgmt::FunctionSpec {
+    keel_mgmt::FunctionSpec {
+        slot,
+        nqn: nqn.into(),
+        serial: String::new(),
+        model: String::new(),
+        namespaces: vec![keel_mgmt::FunctionNamespace {
+            nsid: 1,
+            backend: keel_mgmt::FunctionBackend::Ram {
+                bytes: 1 << 20,
+                block_size: 512,
+            },
+            encryption,
+        }],
+        limits: vec![],
+    }
+}
+
 /// A function created on a provisioned device stays live through a push that changes QoS,
 /// with its own limits (the bundle does not name its slot), and the description kept with the
 /// plan lists it, so the push reports that the bundle leaves it out (it would be gone after a
@@ -1880,9 +1909,7 @@ fn functions_are_created_and_removed_live() {
 #[test]
 fn a_created_function_survives_a_qos_push_with_its_limits() {
     use keel_mgmt::Device as _;
-    use keel_mgmt::{
-        FunctionBackend, FunctionCipher, FunctionNamespace, FunctionSpec, QosLimit, SlotState,
-    };
+    use keel_mgmt::{FunctionCipher, FunctionSpec, QosLimit, SlotState};
     let mut desc = dev_device();
     let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
     let identity: Identity<RamFlash> = Identity::new(None, Some(flash));
@@ -1907,19 +1934,8 @@ fn a_created_function_survives_a_qos_push_with_its_limits() {
         burst: 30,
     };
     s.create_function(&FunctionSpec {
-        slot: 1,
-        nqn: "nqn.2026-12.test:vf1".into(),
-        serial: String::new(),
-        model: String::new(),
-        namespaces: vec![FunctionNamespace {
-            nsid: 1,
-            backend: FunctionBackend::Ram {
-                bytes: 1 << 20,
-                block_size: 512,
-            },
-            encryption: FunctionCipher::None,
-        }],
         limits: vec![limit.clone()],
+        ..one_mib_function(1, "nqn.2026-12.test:vf1", FunctionCipher::None)
     })
     .unwrap();
     let d = s.plan().device.clone().unwrap();
@@ -1959,9 +1975,7 @@ fn a_created_function_survives_a_qos_push_with_its_limits() {
 #[test]
 fn functions_in_the_description_are_pushed_live_and_persist() {
     use keel_mgmt::Device as _;
-    use keel_mgmt::{
-        FunctionBackend, FunctionCipher, FunctionNamespace, FunctionSpec, QosLimit, SlotState,
-    };
+    use keel_mgmt::{FunctionCipher, FunctionSpec, QosLimit, SlotState};
     use keel_provision::{Backend, Encryption, FunctionQos, Namespace, QosLimits, QosRate};
     const PF: &str = "nqn.2026-12.test:pf";
     const VF: &str = "nqn.2026-12.test:vf1";
@@ -2082,15 +2096,7 @@ fn functions_in_the_description_are_pushed_live_and_persist() {
     assert!(enc.key.is_some());
 
     // The PF's host writes through both namespaces and reads back.
-    let mut h = FnHost::enable(&mut s, 0);
-    for _ in 0..20 {
-        advance(10_000);
-        s.poll(now(), None);
-    }
-    for sqe in h.create_io_queues() {
-        h.submit(&mut s, 0, sqe);
-        assert!(fn_wait(&mut s, &mut h, 0).status.is_success());
-    }
+    let mut h = FnHost::ready(&mut s, 0);
     let buf = h.alloc();
     for nsid in [1u32, 2] {
         h.window(&mut s).host_write(buf, &[0xC0 + nsid as u8; 4096]);
@@ -2152,23 +2158,12 @@ fn functions_in_the_description_are_pushed_live_and_persist() {
 
     // A function created by a request on slot 1 (encrypted, device-drawn key and NGUID)...
     let spec = FunctionSpec {
-        slot: 1,
-        nqn: VF.into(),
-        serial: String::new(),
-        model: String::new(),
-        namespaces: vec![FunctionNamespace {
-            nsid: 1,
-            backend: FunctionBackend::Ram {
-                bytes: 1 << 20,
-                block_size: 512,
-            },
-            encryption: FunctionCipher::Aes128Xts,
-        }],
         limits: vec![QosLimit {
             name: "iops".into(),
             per_sec: 5000,
             burst: 0,
         }],
+        ..one_mib_function(1, VF, FunctionCipher::Aes128Xts)
     };
     s.create_function(&spec).unwrap();
     let created = |s: &Services<TestHw>| {

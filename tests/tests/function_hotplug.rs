@@ -64,6 +64,25 @@ fn host_ok(window: &Path, args: &[&str]) -> String {
     r.stdout
 }
 
+/// `keelctl host --window W --timeout T bench --rw write --qd 8 --duration SECS ARGS` in a
+/// thread, bounded at SECS + 40 s.
+fn host_in_background(
+    window: &Path,
+    timeout: &str,
+    args: &[&str],
+    secs: u64,
+) -> std::thread::JoinHandle<Run> {
+    let mut cmd = Command::new(keelctl());
+    cmd.arg("host")
+        .arg("--window")
+        .arg(window)
+        .args(["--timeout", timeout]);
+    cmd.args(["bench", "--rw", "write", "--qd", "8", "--duration"])
+        .arg(secs.to_string())
+        .args(args);
+    std::thread::spawn(move || run_bounded(&mut cmd, Duration::from_secs(secs + 40)))
+}
+
 fn slots(addr: &str) -> Vec<FunctionSlotInfo> {
     mgmt_status(addr).function_slots
 }
@@ -244,29 +263,7 @@ fn functions_created_and_removed_live_through_the_management_port() {
     assert_eq!(slots(&addr), before);
 
     // VF 1 removed while a host runs I/O on it: the host stops with an error, in bounded time.
-    let bench = {
-        let w = wins[1].path().to_path_buf();
-        std::thread::spawn(move || {
-            run_bounded(
-                Command::new(keelctl())
-                    .arg("host")
-                    .arg("--window")
-                    .arg(&w)
-                    .args([
-                        "--timeout",
-                        "5",
-                        "bench",
-                        "--rw",
-                        "write",
-                        "--qd",
-                        "8",
-                        "--duration",
-                        "60",
-                    ]),
-                Duration::from_secs(100),
-            )
-        })
-    };
+    let bench = host_in_background(wins[1].path(), "5", &[], 60);
     std::thread::sleep(Duration::from_secs(5));
     let t0 = Instant::now();
     let r = function(&addr, &["remove", "--slot", "1"]);
@@ -461,6 +458,14 @@ fn push(dev: &str, bundle: &Path) -> Run {
     )
 }
 
+/// `keelctl host verify --nsid NSID --lba 0 --count 128 --pattern 0x5a ARGS` succeeds.
+fn pattern_5a(window: &Path, nsid: &str, args: &[&str]) {
+    let mut all = vec!["verify", "--nsid", nsid, "--lba", "0", "--count", "128"];
+    all.extend_from_slice(&["--pattern", "0x5a"]);
+    all.extend_from_slice(args);
+    host_ok(window, &all);
+}
+
 /// The NGUIDs `keelctl host identify --json` reports, in NSID order.
 fn nguids(window: &Path) -> Vec<String> {
     let out = host_ok(window, &["identify", "--json"]);
@@ -498,49 +503,12 @@ fn functions_in_the_device_description_are_pushed_live_and_come_back_after_a_reb
     let pf_nguids = nguids(wins[0].path());
     assert_eq!(pf_nguids.len(), 2, "{pf_nguids:?}");
     for nsid in ["1", "2"] {
-        host_ok(
-            wins[0].path(),
-            &[
-                "verify",
-                "--nsid",
-                nsid,
-                "--lba",
-                "0",
-                "--count",
-                "128",
-                "--pattern",
-                "0x5a",
-            ],
-        );
+        pattern_5a(wins[0].path(), nsid, &[]);
     }
 
     // The PF's host keeps writing while generation 3 adds a VF and generation 4 removes it:
     // no I/O error on the PF.
-    let bench = {
-        let w0 = wins[0].path().to_path_buf();
-        std::thread::spawn(move || {
-            run_bounded(
-                Command::new(keelctl())
-                    .arg("host")
-                    .arg("--window")
-                    .arg(&w0)
-                    .args([
-                        "--timeout",
-                        "10",
-                        "bench",
-                        "--rw",
-                        "write",
-                        "--nsid",
-                        "2",
-                        "--qd",
-                        "8",
-                        "--duration",
-                        "8",
-                    ]),
-                Duration::from_secs(60),
-            )
-        })
-    };
+    let bench = host_in_background(wins[0].path(), "10", &["--nsid", "2"], 8);
     std::thread::sleep(Duration::from_secs(1));
     let g3 = generation(&d, 3, &described(true, Some(1)), Some(&g2));
     let r = push(&dev, &g3);
@@ -572,21 +540,7 @@ fn functions_in_the_device_description_are_pushed_live_and_come_back_after_a_reb
     );
     assert_eq!(slots(&dev), before);
     assert_eq!(mgmt_status(&dev).generation, 4);
-    host_ok(
-        wins[0].path(),
-        &[
-            "verify",
-            "--read-only",
-            "--nsid",
-            "1",
-            "--lba",
-            "0",
-            "--count",
-            "128",
-            "--pattern",
-            "0x5a",
-        ],
-    );
+    pattern_5a(wins[0].path(), "1", &["--read-only"]);
     q.kill();
 
     // A reboot: generation 4 from flash; the PF is back with the same NGUIDs, slot 1 free.
