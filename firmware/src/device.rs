@@ -629,17 +629,19 @@ impl<H: Hw> Services<H> {
     /// again.
     fn draw_data_key(&mut self, len: usize) -> keel_provision::DataKey {
         loop {
-            let mut a = self.challenges.secret(b"keel/v1/function-data-key");
-            let mut b = self.challenges.secret(b"keel/v1/function-data-key");
-            let mut k = Vec::with_capacity(64);
-            k.extend_from_slice(&a);
-            k.extend_from_slice(&b);
-            k.truncate(len);
-            a.fill(0);
-            b.fill(0);
-            core::hint::black_box((&a, &b));
-            if k[..len / 2] != k[len / 2..] {
-                break keel_provision::DataKey::from_bytes(k);
+            let mut k = Vec::with_capacity(len);
+            while k.len() < len {
+                let mut part = self.challenges.secret(b"keel/v1/function-data-key");
+                let n = (len - k.len()).min(part.len());
+                k.extend_from_slice(&part[..n]);
+                part.fill(0);
+                core::hint::black_box(&part);
+            }
+            // Zeroed when dropped, also when drawn again.
+            let key = keel_provision::DataKey::from_bytes(k);
+            let b = key.expose_secret();
+            if b[..len / 2] != b[len / 2..] {
+                break key;
             }
         }
     }

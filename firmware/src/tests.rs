@@ -186,8 +186,12 @@ struct Device {
 
 impl Device {
     fn new(args: &str) -> Self {
+        Self::with_windows(args, Vec::new())
+    }
+
+    fn with_windows(args: &str, windows: Vec<MemWindow>) -> Self {
         let mut net = loopback_stack();
-        let services = services(args, Vec::new());
+        let services = services(args, windows);
         net.listen(4420);
         net.listen(8009);
         Device {
@@ -2246,4 +2250,94 @@ fn functions_in_the_description_are_pushed_live_and_persist() {
             .filter(|a| a.0 == PF)
             .all(|a| pushed.contains(a))
     );
+}
+
+/// A function created by a request with a remote namespace (issue 18): an encrypted slice of
+/// the device's own NSID 1 reached over smoltcp's Loopback by the firmware's initiator. It
+/// joins the function's subsystem once identified; the function's host writes and reads it
+/// back (plain through the function, ciphertext on the remote); removing the function leaves
+/// the remote volume nothing to export.
+#[test]
+fn a_created_function_can_have_an_encrypted_remote_namespace() {
+    use keel_mgmt::Device as _;
+    use keel_mgmt::{FunctionBackend, FunctionCipher};
+    let nqn = crate::config::DEFAULT_NQN;
+    const VF: &str = "nqn.2026-12.test:remote-vf";
+    let mut dev = Device::with_windows(
+        "keel.ns=ram:16 keel.fn.boot=0",
+        vec![MemWindow::new(1 << 20)],
+    );
+    let mut spec = one_mib_function(0, VF, FunctionCipher::Aes256Xts);
+    spec.namespaces[0].backend = FunctionBackend::Remote {
+        nqn: nqn.into(),
+        paths: vec![([127, 0, 0, 1], 4420)],
+        nsid: 1,
+        offset: 8 << 20,
+        length: 0,
+    };
+    dev.services.create_function(&spec).unwrap();
+    assert!(
+        !dev.services.target.has_namespace(VF, 1),
+        "not before it is reached"
+    );
+    for _ in 0..20_000 {
+        dev.pass();
+        if dev.services.target.has_namespace(VF, 1) {
+            break;
+        }
+    }
+    assert!(dev.services.target.has_namespace(VF, 1), "never identified");
+    let size = dev
+        .services
+        .target
+        .namespace_views()
+        .find(|n| n.subsystem == VF)
+        .map(|n| n.geometry.blocks * u64::from(n.geometry.block_size));
+    assert_eq!(size, Some(8 << 20), "the slice from 8 MiB to the end");
+
+    let mut h = FnHost::ready(&mut dev.services, 0);
+    let buf = h.alloc();
+    let mut io = |dev: &mut Device, op: IoOpcode, cid: u16, data: &[u8; 4096]| -> [u8; 4096] {
+        h.window(&mut dev.services).host_write(buf, data);
+        let c = RwCommand::simple(0, 8).to_sqe(op as u8, cid, 1);
+        h.submit(&mut dev.services, 1, c.with_prps(buf, 0));
+        for _ in 0..20_000 {
+            dev.pass();
+            if let Some(c) = h.reap(&mut dev.services, 1) {
+                assert!(c.status.is_success(), "{c:?}");
+                let mut got = [0u8; 4096];
+                h.window(&mut dev.services).host_read(buf, &mut got);
+                return got;
+            }
+        }
+        panic!("no completion");
+    };
+    io(&mut dev, IoOpcode::Write, 30, &[0x6c; 4096]);
+    assert_eq!(io(&mut dev, IoOpcode::Read, 31, &[0; 4096]), [0x6c; 4096]);
+    // On the remote namespace (the device's own, 8 MiB in): ciphertext.
+    let mut admin = Queue::open(&mut dev, 50_020);
+    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
+    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
+    admin.cmd(
+        &mut dev,
+        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
+        None,
+    );
+    let mut q = Queue::open(&mut dev, 50_021);
+    q.connect(&mut dev, 1, cntlid, nqn);
+    let stored = rw(&mut dev, &mut q, false, 1, 16_384, vec![0; 4096]);
+    assert_ne!(stored, vec![0x6c; 4096], "plaintext on the remote");
+    assert_ne!(stored, vec![0; 4096], "nothing written on the remote");
+
+    dev.services.remove_function(0).unwrap();
+    for _ in 0..100 {
+        dev.pass();
+    }
+    let snap = dev.services.snapshot();
+    assert!(
+        snap.remotes.iter().all(|r| r.exports.is_empty()),
+        "{:?}",
+        snap.remotes
+    );
+    assert!(!dev.services.target.has_namespace(VF, 1));
 }
