@@ -432,8 +432,8 @@ impl<H: Hw> Services<H> {
     /// its subsystem unless `new` keeps it); one `new` adds on a free slot is created; one
     /// created by a management request that `new` leaves out runs on until the next boot, and
     /// one `new` describes as it runs becomes part of the description. Refused (nothing
-    /// changes): a function on a slot the device does not have, on a slot still removing,
-    /// or on a slot whose function serves another subsystem.
+    /// changes): a new function on a slot the device does not have, a function on a slot
+    /// still removing, or on a slot whose function serves another subsystem.
     fn function_changes(&self, new: &Plan) -> Result<FunctionChanges, String> {
         let mut fx = FunctionChanges::default();
         let slots = self.functions.len();
@@ -441,7 +441,11 @@ impl<H: Hw> Services<H> {
             let want = new.function_subsystem(slot);
             let kind = keel_mgmt::function::slot_kind(slot);
             let Some(e) = self.functions.iter().find(|e| e.index == slot) else {
-                if let Some(n) = want {
+                // A slot the device lacks: refused when the push asks for it, not when the
+                // description in force already named it (the boot said so once).
+                if let Some(n) = want
+                    && self.plan.function_subsystem(slot) != Some(n)
+                {
                     return Err(format!(
                         "function {slot} (subsystem {n}): the device has {slots} function \
                          slot(s) (0..{slots})"

@@ -2341,3 +2341,34 @@ fn a_created_function_can_have_an_encrypted_remote_namespace() {
     );
     assert!(!dev.services.target.has_namespace(VF, 1));
 }
+
+/// A description in force that names a function slot the device lacks (logged at boot) still
+/// takes pushes that leave it as it is; a push that asks for another missing slot is refused.
+#[test]
+fn a_missing_slot_refuses_only_the_push_that_asks_for_it() {
+    use keel_mgmt::Device as _;
+    let mut desc = dev_device();
+    desc.namespaces[0].function = Some(4);
+    let identity: Identity<RamFlash> = Identity::new(None, None);
+    let cfg = identity.open(&signed_bundle(&desc, 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let windows = vec![WindowPort {
+        base: 0x1000_0000,
+        size: 1 << 20,
+        ep: Ok(MemWindow::new(1 << 20)),
+    }];
+    let mut s: Services<TestHw> = Services::build(plan, Vec::new(), windows, true, identity);
+    desc.qos.groups.push(keel_provision::QosGroup {
+        name: "g".into(),
+        limits: keel_provision::QosLimits::default(),
+        weight: 2,
+    });
+    s.push(&signed_bundle(&desc, 2)).unwrap();
+    desc.namespaces[0].function = Some(6);
+    let e = s.push(&signed_bundle(&desc, 3)).unwrap_err();
+    assert!(
+        e.contains("function 6") && e.contains("1 function slot(s)"),
+        "{e}"
+    );
+    assert_eq!(s.plan.generation, 2);
+}
