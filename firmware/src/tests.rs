@@ -1028,16 +1028,7 @@ fn remote_volume_serves_slices_of_a_namespace_reached_over_nvme_tcp() {
     assert!(dev.net.listening_on_all());
 
     // A host of the device writes through both slices.
-    let mut admin = Queue::open(&mut dev, 50_010);
-    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
-    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
-    admin.cmd(
-        &mut dev,
-        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
-        None,
-    );
-    let mut io = Queue::open(&mut dev, 50_011);
-    io.connect(&mut dev, 1, cntlid, nqn);
+    let (_admin, mut io) = enabled_io_queue(&mut dev, 50_010, nqn);
     let pattern: Vec<u8> = (0..32_768u32).map(|i| (i * 13 + 5) as u8).collect();
     rw(&mut dev, &mut io, true, 3, 0, pattern.clone());
     rw(&mut dev, &mut io, true, 2, 100, pattern.clone());
@@ -1080,6 +1071,22 @@ fn remote_volume_serves_slices_of_a_namespace_reached_over_nvme_tcp() {
         [(nqn.to_string(), 2), (nqn.to_string(), 3)],
         "{r:?}"
     );
+}
+
+/// A host of `nqn` over NVMe/TCP from local ports `port` (admin) and `port + 1` (I/O queue
+/// 1): connected, CC.EN set. Returns the admin and the I/O queue.
+fn enabled_io_queue(dev: &mut Device, port: u16, nqn: &str) -> (Queue, Queue) {
+    let mut admin = Queue::open(dev, port);
+    let cntlid = admin.connect(dev, 0, CNTLID_DYNAMIC, nqn);
+    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
+    admin.cmd(
+        dev,
+        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
+        None,
+    );
+    let mut io = Queue::open(dev, port + 1);
+    io.connect(dev, 1, cntlid, nqn);
+    (admin, io)
 }
 
 /// Remotes that cannot be used: nobody listens on the port (the path keeps trying every
@@ -2315,16 +2322,7 @@ fn a_created_function_can_have_an_encrypted_remote_namespace() {
     io(&mut dev, IoOpcode::Write, 30, &[0x6c; 4096]);
     assert_eq!(io(&mut dev, IoOpcode::Read, 31, &[0; 4096]), [0x6c; 4096]);
     // On the remote namespace (the device's own, 8 MiB in): ciphertext.
-    let mut admin = Queue::open(&mut dev, 50_020);
-    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
-    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
-    admin.cmd(
-        &mut dev,
-        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
-        None,
-    );
-    let mut q = Queue::open(&mut dev, 50_021);
-    q.connect(&mut dev, 1, cntlid, nqn);
+    let (_admin, mut q) = enabled_io_queue(&mut dev, 50_020, nqn);
     let stored = rw(&mut dev, &mut q, false, 1, 16_384, vec![0; 4096]);
     assert_ne!(stored, vec![0x6c; 4096], "plaintext on the remote");
     assert_ne!(stored, vec![0; 4096], "nothing written on the remote");
