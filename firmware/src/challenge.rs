@@ -74,9 +74,19 @@ impl<H: Hw> Challenges<H> {
 
     /// The next challenge.
     pub fn next(&mut self) -> [u8; 32] {
+        self.draw(b"keel/v1/challenge")
+    }
+
+    /// 32 secret random bytes for `purpose` (a data key, an NGUID), drawn like a challenge
+    /// under another label: challenges, which go out on the wire, say nothing about them.
+    pub fn secret(&mut self, purpose: &[u8]) -> [u8; 32] {
+        self.draw(purpose)
+    }
+
+    fn draw(&mut self, label: &[u8]) -> [u8; 32] {
         self.counter = self.counter.wrapping_add(1);
         let mut h = Sha256::new();
-        h.update(b"keel/v1/challenge");
+        h.update(label);
         h.update(self.boot_secret);
         h.update(self.counter.to_le_bytes());
         h.update(H::counter().to_le_bytes());

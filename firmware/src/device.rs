@@ -5,7 +5,7 @@
 use crate::config::NsSpec;
 use crate::hw::Hw;
 use crate::klog;
-use crate::plan::{NsPlan, Plan, Source, SubsystemPlan};
+use crate::plan::{NsKey, NsPlan, Plan, Source, SubsystemPlan};
 use crate::services::{Services, build_namespace, start_function};
 use alloc::{format, string::String, string::ToString, vec::Vec};
 use keel_controller::SubsystemConfig;
@@ -193,7 +193,20 @@ impl<H: Hw> Services<H> {
                     n.nsid, n.subsystem
                 ));
             }
+            if let Some(o) = self.find_plan_ns(&n.subsystem, n.nsid)
+                && n.nguid.is_some_and(|g| g != self.plan.nguid_of(o))
+            {
+                needs_reboot.push(format!(
+                    "namespace {} of {}: another NGUID from the next boot (hosts see a new \
+                     namespace; build with --keep-keys-from to keep it)",
+                    n.nsid, n.subsystem
+                ));
+            }
         }
+
+        // Emulated functions, slot by slot; a change that cannot be made refuses the push.
+        let fx = self.function_changes(&new)?;
+        needs_reboot.extend(fx.notes.iter().cloned());
 
         // Removals and additions that can be applied, checked before anything changes.
         let removals: Vec<(String, u32)> = d
@@ -221,17 +234,6 @@ impl<H: Hw> Services<H> {
                     n.nsid, n.subsystem
                 ));
                 continue;
-            }
-            if let Some(f) = n.function
-                && !self
-                    .functions
-                    .iter()
-                    .any(|e| e.index == f && e.slot == SlotState::Live && e.nqn == n.subsystem)
-            {
-                needs_reboot.push(format!(
-                    "namespace {} of {}: export through emulated function {f}",
-                    n.nsid, n.subsystem
-                ));
             }
             additions.push(n.clone());
         }
@@ -283,7 +285,18 @@ impl<H: Hw> Services<H> {
         if qos_changed {
             self.target.set_qos_groups(new.qos_groups());
         }
+        // Functions the description no longer has go first (a hot unplug each), with their
+        // subsystems when those went too.
         let mut removed = Vec::new();
+        for &(slot, drop_subsystem) in &fx.remove {
+            match self.remove_function_now(slot, drop_subsystem) {
+                Ok(info) if drop_subsystem => {
+                    removed.extend(info.nsids.iter().map(|&id| (info.subsystem.clone(), id)))
+                }
+                Ok(_) => {}
+                Err(e) => needs_reboot.push(format!("function {slot}: not removed: {e}")),
+            }
+        }
         for (nqn, nsid) in removals {
             if self.target.remove_namespace(&nqn, nsid).is_ok() {
                 klog::info!("nvmf: namespace {} of {} removed", nsid, nqn);
@@ -327,7 +340,45 @@ impl<H: Hw> Services<H> {
                 ));
             }
         }
-        if qos_changed {
+        // New functions (a hot plug each): their subsystems made with their namespaces
+        // unless they run already.
+        for (slot, nqn) in &fx.create {
+            let Some(sub) = new.subsystems.iter().find(|x| x.nqn == *nqn).cloned() else {
+                continue;
+            };
+            let namespaces: Vec<NsPlan> = new
+                .namespaces
+                .iter()
+                .filter(|n| n.subsystem == *nqn)
+                .cloned()
+                .collect();
+            let ids: Vec<u32> = namespaces.iter().map(|n| n.nsid).collect();
+            let fresh = !self.target.subsystem_views().any(|x| x.nqn == *nqn);
+            match self.start_function_now(*slot, sub, namespaces, Some(&new), "pushed") {
+                Ok(()) if fresh => added.extend(ids.into_iter().map(|id| (nqn.clone(), id))),
+                Ok(()) => {}
+                Err(e) => needs_reboot.push(format!(
+                    "function {slot} (subsystem {nqn}): not created now ({e}): it is at the next boot"
+                )),
+            }
+        }
+        for e in &mut self.functions {
+            if fx.adopt.contains(&e.index) {
+                e.origin = "pushed";
+            }
+        }
+        for &i in &d.kept {
+            let n = &new.namespaces[i];
+            if let Some(p) = self
+                .plan
+                .namespaces
+                .iter_mut()
+                .find(|p| p.subsystem == n.subsystem && p.nsid == n.nsid)
+            {
+                p.function = n.function;
+            }
+        }
+        if qos_changed || !fx.create.is_empty() {
             // Functions created by a management request keep their limits unless the bundle
             // gives their slot limits of its own.
             let created: Vec<keel_provision::FunctionQos> = self
@@ -349,6 +400,9 @@ impl<H: Hw> Services<H> {
         self.plan.generation = cfg.generation;
         self.plan.source = Source::Push;
         self.plan.device = Some(cfg.device);
+        // Functions created by management requests that the description leaves out run on:
+        // the description kept for the next push says so.
+        self.refresh_device();
         Ok(PushReport {
             generation: self.plan.generation,
             added,
@@ -356,6 +410,93 @@ impl<H: Hw> Services<H> {
             needs_reboot,
             persisted,
         })
+    }
+}
+
+/// What a pushed description changes in the emulated functions ([`Services::function_changes`]).
+#[derive(Debug, Default)]
+struct FunctionChanges {
+    /// Slots whose function goes, and whether its subsystem goes too.
+    remove: Vec<(u16, bool)>,
+    /// Free slots that get a function of a subsystem.
+    create: Vec<(u16, String)>,
+    /// Slots whose function, created by a management request, the description now has.
+    adopt: Vec<u16>,
+    /// For the operator.
+    notes: Vec<String>,
+}
+
+impl<H: Hw> Services<H> {
+    /// Compares, slot by slot, the functions that run with the ones the pushed plan `new`
+    /// describes. A function the description in force had and `new` has not is removed (with
+    /// its subsystem unless `new` keeps it); one `new` adds on a free slot is created; one
+    /// created by a management request that `new` leaves out runs on until the next boot, and
+    /// one `new` describes as it runs becomes part of the description. Refused (nothing
+    /// changes): a new function on a slot the device does not have, a function on a slot
+    /// still removing, or on a slot whose function serves another subsystem.
+    fn function_changes(&self, new: &Plan) -> Result<FunctionChanges, String> {
+        let mut fx = FunctionChanges::default();
+        let slots = self.functions.len();
+        for slot in 0..32u16 {
+            let want = new.function_subsystem(slot);
+            let kind = keel_mgmt::function::slot_kind(slot);
+            let Some(e) = self.functions.iter().find(|e| e.index == slot) else {
+                // A slot the device lacks: refused when the push asks for it, not when the
+                // description in force already named it (the boot said so once).
+                if let Some(n) = want
+                    && self.plan.function_subsystem(slot) != Some(n)
+                {
+                    return Err(format!(
+                        "function {slot} (subsystem {n}): the device has {slots} function \
+                         slot(s) (0..{slots})"
+                    ));
+                }
+                continue;
+            };
+            match (e.slot, want) {
+                (SlotState::Free, None) | (SlotState::Removing, None) => {}
+                (SlotState::Free, Some(n)) => fx.create.push((slot, String::from(n))),
+                (SlotState::Removing, Some(_)) => {
+                    return Err(format!(
+                        "slot {slot}: its removed function still has commands at backends; \
+                         push again in a moment"
+                    ));
+                }
+                (SlotState::Live, Some(n)) if n == e.nqn => {
+                    if e.origin == "created" {
+                        fx.adopt.push(slot);
+                    }
+                }
+                (SlotState::Live, Some(n)) if e.origin == "created" => {
+                    return Err(format!(
+                        "slot {slot} is busy: function {kind} serves {} (created by keelctl \
+                         function create), not {n}: remove it first",
+                        e.nqn
+                    ));
+                }
+                (SlotState::Live, Some(n)) => {
+                    return Err(format!(
+                        "slot {slot}: function {kind} serves {}: a push does not give a slot \
+                         to another subsystem ({n}) at once: push a description without it \
+                         first, then one with {n}",
+                        e.nqn
+                    ));
+                }
+                (SlotState::Live, None) if e.origin == "created" => fx.notes.push(format!(
+                    "function {kind} (subsystem {}, created by keelctl function create) is not \
+                     in this description: it runs until the next boot",
+                    e.nqn
+                )),
+                (SlotState::Live, None) => {
+                    let keep = new.subsystems.iter().any(|s| s.nqn == e.nqn)
+                        || self.functions.iter().any(|o| {
+                            o.index != slot && o.slot == SlotState::Live && o.nqn == e.nqn
+                        });
+                    fx.remove.push((slot, !keep));
+                }
+            }
+        }
+        Ok(fx)
     }
 }
 
@@ -442,7 +583,8 @@ impl<H: Hw> Services<H> {
 
     /// The description kept with the plan follows live changes of functions (so a later
     /// push is compared with what runs): subsystems and namespaces that came or went are
-    /// added or dropped, the others stay as described; function limits follow the plan.
+    /// added or dropped, the others stay as described; function limits and NGUIDs follow the
+    /// plan.
     fn refresh_device(&mut self) {
         let plan = &self.plan;
         let Some(d) = self.plan.device.as_ref() else {
@@ -470,8 +612,231 @@ impl<H: Hw> Services<H> {
                 d.namespaces.push(n.to_model());
             }
         }
+        d.nguids = d
+            .namespaces
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let p = plan
+                    .namespaces
+                    .iter()
+                    .find(|p| p.subsystem == n.subsystem && p.nsid == n.nsid)?;
+                Some((i as u16, p.nguid?))
+            })
+            .collect();
         d.qos.functions = plan.qos.functions.clone();
         self.plan.device = Some(d);
+    }
+
+    /// A data key of `len` bytes (32 or 64) drawn by the device for a created function's
+    /// encrypted namespace; an XTS key with equal halves, which the cipher refuses, is drawn
+    /// again.
+    fn draw_data_key(&mut self, len: usize) -> keel_provision::DataKey {
+        loop {
+            let mut k = Vec::with_capacity(len);
+            while k.len() < len {
+                let mut part = self.challenges.secret(b"keel/v1/function-data-key");
+                let n = (len - k.len()).min(part.len());
+                k.extend_from_slice(&part[..n]);
+                part.fill(0);
+                core::hint::black_box(&part);
+            }
+            // Zeroed when dropped, also when drawn again.
+            let key = keel_provision::DataKey::from_bytes(k);
+            let b = key.expose_secret();
+            if b[..len / 2] != b[len / 2..] {
+                break key;
+            }
+        }
+    }
+
+    /// A fresh NGUID for a created function's namespace: 128 bits from the device's
+    /// generator (never all zero).
+    fn draw_nguid(&mut self) -> [u8; 16] {
+        loop {
+            let mut g = [0u8; 16];
+            g.copy_from_slice(&self.challenges.secret(b"keel/v1/nguid")[..16]);
+            if g != [0; 16] {
+                break g;
+            }
+        }
+    }
+
+    /// The plan of a function to create by a management request: its subsystem and
+    /// namespaces, data keys and NGUIDs drawn by the device.
+    fn created_plan(
+        &mut self,
+        spec: &FunctionSpec,
+    ) -> Result<(SubsystemPlan, Vec<NsPlan>), String> {
+        let hex: String = self.plan.mac.iter().map(|b| format!("{b:02X}")).collect();
+        let mut namespaces = Vec::with_capacity(spec.namespaces.len());
+        for n in &spec.namespaces {
+            let (nsspec, block_size) = match &n.backend {
+                FunctionBackend::Ram { bytes, block_size } => (NsSpec::Ram(*bytes), *block_size),
+                FunctionBackend::Drive {
+                    drive,
+                    nsid,
+                    offset,
+                    length,
+                } => (
+                    NsSpec::Drive {
+                        drive: usize::from(*drive),
+                        nsid: *nsid,
+                        slice: Some((*offset, (*length > 0).then_some(*length))),
+                    },
+                    512,
+                ),
+                FunctionBackend::Remote {
+                    nqn,
+                    paths,
+                    nsid,
+                    offset,
+                    length,
+                } => {
+                    let remote = keel_provision::Remote::new(nqn.clone(), paths.clone(), *nsid);
+                    keel_provision::model::check_remote(&remote, &|f| format!("remote.{f}"))
+                        .map_err(|e| format!("namespace {}: {e}", n.nsid))?;
+                    (
+                        NsSpec::Remote {
+                            remote: alloc::boxed::Box::new(remote),
+                            slice: (*offset != 0 || *length != 0)
+                                .then_some((*offset, (*length > 0).then_some(*length))),
+                        },
+                        512,
+                    )
+                }
+            };
+            let len = n.encryption.key_len();
+            if len > 0 && !H::has_aes() {
+                return Err(format!(
+                    "namespace {}: this CPU has no AES instructions: no encrypted namespace",
+                    n.nsid
+                ));
+            }
+            namespaces.push(NsPlan {
+                subsystem: spec.nqn.clone(),
+                nsid: n.nsid,
+                spec: nsspec,
+                block_size,
+                key: (len > 0).then(|| NsKey::Bytes(self.draw_data_key(len))),
+                cipher: n.encryption.name(),
+                function: Some(spec.slot),
+                nguid: Some(self.draw_nguid()),
+            });
+        }
+        let sub = SubsystemPlan {
+            nqn: spec.nqn.clone(),
+            serial: if spec.serial.is_empty() {
+                format!("KEEL{hex}F{}", spec.slot)
+            } else {
+                spec.serial.clone()
+            },
+            model: if spec.model.is_empty() {
+                String::from("Keel emulated NVMe")
+            } else {
+                spec.model.clone()
+            },
+            allowed_hosts: Vec::new(),
+        };
+        Ok((sub, namespaces))
+    }
+
+    /// Brings a function up on slot `slot` for subsystem `sub`: when the subsystem does not
+    /// run yet, it is made with `namespaces` in the core first (remote ones join once their
+    /// volume has identified them), built against `plan` (the plan that describes them);
+    /// then the controller emulation on the slot's window. On error nothing has changed.
+    fn start_function_now(
+        &mut self,
+        slot: u16,
+        sub: SubsystemPlan,
+        namespaces: Vec<NsPlan>,
+        plan: Option<&Plan>,
+        origin: &'static str,
+    ) -> Result<(), String> {
+        let Some(pos) = self.functions.iter().position(|e| e.index == slot) else {
+            return Err(format!("slot {slot}: its window could not be opened"));
+        };
+        let nqn = sub.nqn.clone();
+        let attach_only = self.target.subsystem_views().any(|s| s.nqn == nqn);
+        if !attach_only {
+            // The subsystem joins the plan first (derived NGUIDs use its index); undone on
+            // error.
+            self.plan.subsystems.push(sub.clone());
+            let undo = |s: &mut Self, remote: &[&NsPlan]| {
+                for r in remote {
+                    s.remotes.removed(&r.subsystem, r.nsid);
+                }
+                s.plan.subsystems.retain(|x| x.nqn != nqn);
+            };
+            let mut configs = Vec::with_capacity(namespaces.len());
+            let mut remote = Vec::new();
+            for ns in &namespaces {
+                if matches!(ns.spec, NsSpec::Remote { .. }) {
+                    remote.push(ns);
+                    continue;
+                }
+                // Drive namespaces are always cut as slices: other functions may cut theirs.
+                let many = matches!(ns.spec, NsSpec::Drive { .. });
+                let p = plan.unwrap_or(&self.plan);
+                match build_namespace(p, ns, many, &mut self.drives, &mut self.shared) {
+                    Some(c) => configs.push(c),
+                    None => {
+                        undo(self, &[]);
+                        return Err(format!(
+                            "namespace {}: its backend could not be made ({}; see the device console)",
+                            ns.nsid, ns.spec
+                        ));
+                    }
+                }
+            }
+            for (k, ns) in remote.iter().enumerate() {
+                let p = plan.unwrap_or(&self.plan);
+                if !self.remotes.add(p, ns, true) {
+                    undo(self, &remote[..k]);
+                    return Err(format!(
+                        "namespace {}: its remote volume could not be made ({}; see the device console)",
+                        ns.nsid, ns.spec
+                    ));
+                }
+            }
+            if let Err(e) = self.target.add_subsystem(SubsystemConfig {
+                nqn: nqn.clone(),
+                serial: sub.serial.clone(),
+                model: sub.model.clone(),
+                allowed_hosts: sub.allowed_hosts.clone(),
+                namespaces: configs,
+            }) {
+                undo(self, &remote);
+                return Err(format!(
+                    "subsystem {nqn}: refused by the controller core ({e})"
+                ));
+            }
+        }
+        let e = &mut self.functions[pos];
+        if let Err(err) = start_function::<H>(e, pos as u16, &nqn, &mut self.target) {
+            if !attach_only {
+                let _ = self.target.remove_subsystem(&nqn);
+                for ns in namespaces
+                    .iter()
+                    .filter(|n| matches!(n.spec, NsSpec::Remote { .. }))
+                {
+                    self.remotes.removed(&ns.subsystem, ns.nsid);
+                }
+                self.plan.subsystems.retain(|x| x.nqn != nqn);
+            }
+            return Err(err);
+        }
+        e.origin = origin;
+        if !attach_only {
+            for ns in namespaces
+                .iter()
+                .filter(|n| !matches!(n.spec, NsSpec::Remote { .. }))
+            {
+                self.served.push((nqn.clone(), ns.nsid));
+            }
+            self.plan.namespaces.extend(namespaces);
+        }
+        Ok(())
     }
 
     /// Creates a function on a free slot: its subsystem with its namespaces in the core, then
@@ -489,102 +854,8 @@ impl<H: Hw> Services<H> {
                 spec.slot
             ));
         }
-        let Some(pos) = self.functions.iter().position(|e| e.index == spec.slot) else {
-            return Err(format!(
-                "slot {}: its window could not be opened",
-                spec.slot
-            ));
-        };
-        let nqn = spec.nqn.clone();
-        let hex: String = self.plan.mac.iter().map(|b| format!("{b:02X}")).collect();
-        let namespaces: Vec<NsPlan> = spec
-            .namespaces
-            .iter()
-            .map(|n| {
-                let (nsspec, block_size) = match n.backend {
-                    FunctionBackend::Ram { bytes, block_size } => (NsSpec::Ram(bytes), block_size),
-                    FunctionBackend::Drive {
-                        drive,
-                        nsid,
-                        offset,
-                        length,
-                    } => (
-                        NsSpec::Drive {
-                            drive: usize::from(drive),
-                            nsid,
-                            slice: Some((offset, (length > 0).then_some(length))),
-                        },
-                        512,
-                    ),
-                };
-                NsPlan {
-                    subsystem: nqn.clone(),
-                    nsid: n.nsid,
-                    spec: nsspec,
-                    block_size,
-                    key: None,
-                    cipher: "none",
-                    function: Some(spec.slot),
-                }
-            })
-            .collect();
-        // The subsystem joins the plan first (its index names the NGUIDs); undone on error.
-        let sub = SubsystemPlan {
-            nqn: nqn.clone(),
-            serial: if spec.serial.is_empty() {
-                format!("KEEL{hex}F{}", spec.slot)
-            } else {
-                spec.serial.clone()
-            },
-            model: if spec.model.is_empty() {
-                String::from("Keel emulated NVMe")
-            } else {
-                spec.model.clone()
-            },
-            allowed_hosts: Vec::new(),
-        };
-        self.plan.subsystems.push(sub.clone());
-        let undo = |s: &mut Self| {
-            s.plan.subsystems.retain(|x| x.nqn != nqn);
-        };
-        let mut configs = Vec::with_capacity(namespaces.len());
-        for ns in &namespaces {
-            // Drive namespaces are always cut as slices: other functions may cut theirs.
-            let many = matches!(ns.spec, NsSpec::Drive { .. });
-            match build_namespace(&self.plan, ns, many, &mut self.drives, &mut self.shared) {
-                Some(c) => configs.push(c),
-                None => {
-                    undo(self);
-                    return Err(format!(
-                        "namespace {}: its backend could not be made ({}; see the device console)",
-                        ns.nsid, ns.spec
-                    ));
-                }
-            }
-        }
-        if let Err(e) = self.target.add_subsystem(SubsystemConfig {
-            nqn: nqn.clone(),
-            serial: sub.serial.clone(),
-            model: sub.model.clone(),
-            allowed_hosts: Vec::new(),
-            namespaces: configs,
-        }) {
-            undo(self);
-            return Err(format!(
-                "subsystem {nqn}: refused by the controller core ({e})"
-            ));
-        }
-        let e = &mut self.functions[pos];
-        if let Err(err) = start_function::<H>(e, pos as u16, &nqn, &mut self.target) {
-            let _ = self.target.remove_subsystem(&nqn);
-            undo(self);
-            return Err(err);
-        }
-        e.origin = "created";
-        for ns in &namespaces {
-            self.served.push((nqn.clone(), ns.nsid));
-        }
-        self.plan.namespaces.extend(namespaces);
+        let (sub, namespaces) = self.created_plan(spec)?;
+        self.start_function_now(spec.slot, sub, namespaces, None, "created")?;
         self.plan.qos.functions.retain(|f| f.function != spec.slot);
         if !spec.limits.is_empty() {
             self.plan.qos.functions.push(keel_provision::FunctionQos {
@@ -606,6 +877,18 @@ impl<H: Hw> Services<H> {
     /// core. The slot is free once every buffer is home. On error nothing has changed.
     fn try_remove_function(&mut self, slot: u16) -> Result<FunctionSlotInfo, String> {
         keel_mgmt::function::check_remove(slot, &self.function_slots())?;
+        let info = self.remove_function_now(slot, true)?;
+        self.refresh_device();
+        Ok(info)
+    }
+
+    /// Takes a live function off its slot; with `drop_subsystem`, its subsystem and
+    /// namespaces leave the core too (else the subsystem stays, for its other exports).
+    fn remove_function_now(
+        &mut self,
+        slot: u16,
+        drop_subsystem: bool,
+    ) -> Result<FunctionSlotInfo, String> {
         let Some(e) = self.functions.iter_mut().find(|e| e.index == slot) else {
             return Err(format!("slot {slot}: no such slot"));
         };
@@ -617,14 +900,6 @@ impl<H: Hw> Services<H> {
         e.slot = SlotState::Removing;
         e.limited = None;
         let nqn = core::mem::take(&mut e.nqn);
-        if let Err(err) = self.target.remove_subsystem(&nqn) {
-            klog::error!(
-                "pcie-fn{}: subsystem {}: {}",
-                slot,
-                klog::D(&nqn),
-                klog::D(&err)
-            );
-        }
         let gone: Vec<u32> = self
             .plan
             .namespaces
@@ -632,18 +907,41 @@ impl<H: Hw> Services<H> {
             .filter(|n| n.subsystem == nqn)
             .map(|n| n.nsid)
             .collect();
-        for nsid in &gone {
-            self.remotes.removed(&nqn, *nsid);
+        if drop_subsystem {
+            if let Err(err) = self.target.remove_subsystem(&nqn) {
+                klog::error!(
+                    "pcie-fn{}: subsystem {}: {}",
+                    slot,
+                    klog::D(&nqn),
+                    klog::D(&err)
+                );
+            }
+            for nsid in &gone {
+                self.remotes.removed(&nqn, *nsid);
+            }
+            self.plan.subsystems.retain(|s| s.nqn != nqn);
+            self.plan.namespaces.retain(|n| n.subsystem != nqn);
+            self.served.retain(|(q, _)| *q != nqn);
+        } else {
+            for n in self
+                .plan
+                .namespaces
+                .iter_mut()
+                .filter(|n| n.function == Some(slot))
+            {
+                n.function = None;
+            }
         }
-        self.plan.subsystems.retain(|s| s.nqn != nqn);
-        self.plan.namespaces.retain(|n| n.subsystem != nqn);
-        self.served.retain(|(q, _)| *q != nqn);
         self.plan.qos.functions.retain(|f| f.function != slot);
-        self.refresh_device();
         klog::info!(
-            "pcie-fn{}: function removed live: subsystem {}, {} namespace(s); {}",
+            "pcie-fn{}: function removed live: subsystem {}{}, {} namespace(s); {}",
             slot,
             klog::D(&nqn),
+            if drop_subsystem {
+                ""
+            } else {
+                " (stays for its other exports)"
+            },
             gone.len(),
             klog::D(&if was_enabled {
                 format!(

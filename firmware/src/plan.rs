@@ -92,6 +92,9 @@ pub struct NsPlan {
     pub cipher: &'static str,
     /// The emulated function attached to its subsystem because of it.
     pub function: Option<u16>,
+    /// Its NGUID, when the description gives one or the device drew one (a created
+    /// function's); `None`: derived ([`nguid`]).
+    pub nguid: Option<[u8; 16]>,
 }
 
 impl SubsystemPlan {
@@ -135,8 +138,8 @@ impl NsPlan {
         }
     }
 
-    /// Whether `other` describes the same namespace with the same backend and encryption
-    /// (keys are not compared: a new key for the same backend is a changed backend).
+    /// Whether `other` describes the same namespace with the same backend, encryption and
+    /// data key (which function exports it is not compared).
     pub fn same_backend(&self, other: &NsPlan) -> bool {
         self.subsystem == other.subsystem
             && self.nsid == other.nsid
@@ -149,7 +152,6 @@ impl NsPlan {
                 (Some(NsKey::Hex(a)), Some(NsKey::Hex(b))) => a == b,
                 _ => false,
             }
-            && self.function == other.function
     }
 }
 
@@ -220,8 +222,12 @@ pub fn qos_limits(l: &keel_provision::QosLimits) -> QosLimits {
     }
 }
 
-/// NGUID of namespace `nsid` of subsystem number `subsystem`: "KEEL", the MAC, the subsystem
-/// and the NSID; unique per device and stable across boots.
+/// The derived NGUID of namespace `nsid` of subsystem number `subsystem`: "KEEL", the MAC,
+/// the subsystem and the NSID; unique among the namespaces of one configuration and stable
+/// across boots of it. Namespaces of emulated functions do not use it: a subsystem's number
+/// is its place in the description, which a function removed live frees for another one;
+/// they get NGUIDs that never repeat ([`NsPlan::nguid`]: drawn by keelctl into the bundle, or
+/// by the device for a function created by a management request).
 pub fn nguid(mac: [u8; 6], subsystem: u16, nsid: u32) -> [u8; 16] {
     let mut g = [0u8; 16];
     g[..4].copy_from_slice(b"KEEL");
@@ -298,6 +304,7 @@ impl Plan {
                     cipher: key.map_or("none", hex_cipher),
                     key: key.map(|k| NsKey::Hex(k.hex.clone())),
                     function: None,
+                    nguid: None,
                 }
             })
             .collect();
@@ -322,6 +329,7 @@ impl Plan {
                 cipher: key.map_or("none", hex_cipher),
                 key: key.map(|k| NsKey::Hex(k.hex.clone())),
                 function: Some(i as u16),
+                nguid: None,
             });
         }
         Plan {
@@ -373,7 +381,8 @@ impl Plan {
             .namespaces
             .iter()
             .zip(config.keys.iter())
-            .map(|(ns, key)| {
+            .enumerate()
+            .map(|(i, (ns, key))| {
                 let (spec, block_size) = match &ns.backend {
                     Backend::Ram { size, block_size } => (NsSpec::Ram(*size), *block_size),
                     Backend::Drive { drive, nsid, .. } => (
@@ -403,6 +412,7 @@ impl Plan {
                     },
                     key: key.clone().map(NsKey::Bytes),
                     function: ns.function,
+                    nguid: d.nguid(i),
                 }
             })
             .collect();
@@ -454,6 +464,12 @@ impl Plan {
                 authorized_key: self.mgmt_key,
             }),
             qos: self.qos.clone(),
+            nguids: self
+                .namespaces
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| Some((i as u16, n.nguid?)))
+                .collect(),
         }
     }
 
@@ -525,6 +541,14 @@ impl Plan {
             .iter()
             .find(|f| f.function == index)
             .map_or(QosLimits::NONE, |f| qos_limits(&f.limits))
+    }
+
+    /// The NGUID namespace `ns` is served with: its own, or the derived one.
+    pub fn nguid_of(&self, ns: &NsPlan) -> [u8; 16] {
+        ns.nguid.unwrap_or_else(|| {
+            let si = self.subsystem_index(&ns.subsystem).unwrap_or(0);
+            nguid(self.mac, si as u16, ns.nsid)
+        })
     }
 
     /// Index of subsystem `nqn` (NGUIDs use it).

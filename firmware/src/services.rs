@@ -30,7 +30,7 @@ use crate::hw::{DriveCtl, Hw, dma_region};
 use crate::klog;
 use crate::net::{NetStack, SocketCounts};
 use crate::nvmf::NvmfService;
-use crate::plan::{NsKey, NsPlan, Plan, Source, nguid};
+use crate::plan::{NsKey, NsPlan, Plan, Source};
 use crate::provisioned::Identity;
 use crate::remote::RemoteService;
 use alloc::{boxed::Box, format, string::String, vec::Vec};
@@ -374,11 +374,10 @@ pub(crate) fn finish_namespace<H: Hw>(
             if ns.key.is_some() { ", encrypted" } else { "" }
         );
     }
-    let si = plan.subsystem_index(&ns.subsystem).unwrap_or(0);
     Some(NamespaceConfig {
         nsid: ns.nsid,
         backend,
-        nguid: nguid(plan.mac, si as u16, ns.nsid),
+        nguid: plan.nguid_of(ns),
         uuid: [0; 16],
         eui64: [0; 8],
         qos: plan.namespace_qos(ns),

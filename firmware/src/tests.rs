@@ -186,8 +186,12 @@ struct Device {
 
 impl Device {
     fn new(args: &str) -> Self {
+        Self::with_windows(args, Vec::new())
+    }
+
+    fn with_windows(args: &str, windows: Vec<MemWindow>) -> Self {
         let mut net = loopback_stack();
-        let services = services(args, Vec::new());
+        let services = services(args, windows);
         net.listen(4420);
         net.listen(8009);
         Device {
@@ -779,6 +783,7 @@ fn dev_device() -> keel_provision::Device {
         }],
         management: None,
         qos: Default::default(),
+        nguids: Vec::new(),
     }
 }
 
@@ -1023,16 +1028,7 @@ fn remote_volume_serves_slices_of_a_namespace_reached_over_nvme_tcp() {
     assert!(dev.net.listening_on_all());
 
     // A host of the device writes through both slices.
-    let mut admin = Queue::open(&mut dev, 50_010);
-    let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
-    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
-    admin.cmd(
-        &mut dev,
-        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
-        None,
-    );
-    let mut io = Queue::open(&mut dev, 50_011);
-    io.connect(&mut dev, 1, cntlid, nqn);
+    let (_admin, mut io) = enabled_io_queue(&mut dev, 50_010, nqn);
     let pattern: Vec<u8> = (0..32_768u32).map(|i| (i * 13 + 5) as u8).collect();
     rw(&mut dev, &mut io, true, 3, 0, pattern.clone());
     rw(&mut dev, &mut io, true, 2, 100, pattern.clone());
@@ -1075,6 +1071,22 @@ fn remote_volume_serves_slices_of_a_namespace_reached_over_nvme_tcp() {
         [(nqn.to_string(), 2), (nqn.to_string(), 3)],
         "{r:?}"
     );
+}
+
+/// A host of `nqn` over NVMe/TCP from local ports `port` (admin) and `port + 1` (I/O queue
+/// 1): connected, CC.EN set. Returns the admin and the I/O queue.
+fn enabled_io_queue(dev: &mut Device, port: u16, nqn: &str) -> (Queue, Queue) {
+    let mut admin = Queue::open(dev, port);
+    let cntlid = admin.connect(dev, 0, CNTLID_DYNAMIC, nqn);
+    let cc = Cc::new(true, 0, 0, 0, Cc::SHN_NONE, 6, 4);
+    admin.cmd(
+        dev,
+        PropertyCommand::set_sqe(0, offset::CC, PropertySize::Four, cc.0 as u64),
+        None,
+    );
+    let mut io = Queue::open(dev, port + 1);
+    io.connect(dev, 1, cntlid, nqn);
+    (admin, io)
 }
 
 /// Remotes that cannot be used: nobody listens on the port (the path keeps trying every
@@ -1388,6 +1400,20 @@ impl FnHost {
         &mut s.functions[self.index].ep
     }
 
+    /// Enables the function, lets it come up and creates I/O queue pair 1.
+    fn ready(s: &mut Services<TestHw>, index: usize) -> Self {
+        let mut h = Self::enable(s, index);
+        for _ in 0..20 {
+            advance(10_000);
+            s.poll(now(), None);
+        }
+        for sqe in h.create_io_queues() {
+            h.submit(s, 0, sqe);
+            assert!(fn_wait(s, &mut h, 0).status.is_success());
+        }
+        h
+    }
+
     /// Enables the function with a 16-entry admin queue.
     fn enable(s: &mut Services<TestHw>, index: usize) -> Self {
         let mut h = Self {
@@ -1683,7 +1709,9 @@ fn the_drive_cap_comes_from_the_description() {
 #[test]
 fn functions_are_created_and_removed_live() {
     use keel_mgmt::Device as _;
-    use keel_mgmt::{FunctionBackend, FunctionNamespace, FunctionSpec, QosLimit, SlotState};
+    use keel_mgmt::{
+        FunctionBackend, FunctionCipher, FunctionNamespace, FunctionSpec, QosLimit, SlotState,
+    };
     let mut s = services(
         "keel.fn.boot=0",
         (0..3).map(|_| MemWindow::new(1 << 20)).collect(),
@@ -1717,6 +1745,7 @@ fn functions_are_created_and_removed_live() {
                     bytes: 4 << 20,
                     block_size: 512,
                 },
+                encryption: FunctionCipher::None,
             })
             .collect(),
         limits: vec![QosLimit {
@@ -1850,15 +1879,7 @@ fn functions_are_created_and_removed_live() {
     s.functions[1]
         .ep
         .host_write(layout::HOST_AREA_OFFSET as u64, &vec![0; area]);
-    let mut h = FnHost::enable(&mut s, 1);
-    for _ in 0..20 {
-        advance(10_000);
-        s.poll(now(), None);
-    }
-    for sqe in h.create_io_queues() {
-        h.submit(&mut s, 0, sqe);
-        assert!(fn_wait(&mut s, &mut h, 0).status.is_success());
-    }
+    let mut h = FnHost::ready(&mut s, 1);
     let buf = h.alloc();
     h.window(&mut s).host_write(buf, &[0xFF; 4096]);
     let r = RwCommand::simple(8, 8).to_sqe(IoOpcode::Read as u8, 13, 1);
@@ -1869,6 +1890,29 @@ fn functions_are_created_and_removed_live() {
     assert_eq!(got, [0; 4096]);
 }
 
+/// A function for slot `slot` of subsystem `nqn` with one 1 MiB RAM namespace, no limits.
+fn one_mib_function(
+    slot: u16,
+    nqn: &str,
+    encryption: keel_mgmt::FunctionCipher,
+) -> keel_mgmt::FunctionSpec {
+    keel_mgmt::FunctionSpec {
+        slot,
+        nqn: nqn.into(),
+        serial: String::new(),
+        model: String::new(),
+        namespaces: vec![keel_mgmt::FunctionNamespace {
+            nsid: 1,
+            backend: keel_mgmt::FunctionBackend::Ram {
+                bytes: 1 << 20,
+                block_size: 512,
+            },
+            encryption,
+        }],
+        limits: vec![],
+    }
+}
+
 /// A function created on a provisioned device stays live through a push that changes QoS,
 /// with its own limits (the bundle does not name its slot), and the description kept with the
 /// plan lists it, so the push reports that the bundle leaves it out (it would be gone after a
@@ -1876,7 +1920,7 @@ fn functions_are_created_and_removed_live() {
 #[test]
 fn a_created_function_survives_a_qos_push_with_its_limits() {
     use keel_mgmt::Device as _;
-    use keel_mgmt::{FunctionBackend, FunctionNamespace, FunctionSpec, QosLimit, SlotState};
+    use keel_mgmt::{FunctionCipher, FunctionSpec, QosLimit, SlotState};
     let mut desc = dev_device();
     let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
     let identity: Identity<RamFlash> = Identity::new(None, Some(flash));
@@ -1901,18 +1945,8 @@ fn a_created_function_survives_a_qos_push_with_its_limits() {
         burst: 30,
     };
     s.create_function(&FunctionSpec {
-        slot: 1,
-        nqn: "nqn.2026-12.test:vf1".into(),
-        serial: String::new(),
-        model: String::new(),
-        namespaces: vec![FunctionNamespace {
-            nsid: 1,
-            backend: FunctionBackend::Ram {
-                bytes: 1 << 20,
-                block_size: 512,
-            },
-        }],
         limits: vec![limit.clone()],
+        ..one_mib_function(1, "nqn.2026-12.test:vf1", FunctionCipher::None)
     })
     .unwrap();
     let d = s.plan().device.clone().unwrap();
@@ -1932,11 +1966,407 @@ fn a_created_function_survives_a_qos_push_with_its_limits() {
     assert!(
         r.needs_reboot
             .iter()
-            .any(|m| m.contains("nqn.2026-12.test:vf1") && m.contains("removed")),
+            .any(|m| m.contains("nqn.2026-12.test:vf1")
+                && m.contains("not in this description: it runs until the next boot")),
         "{:?}",
         r.needs_reboot
     );
     let slot = &s.function_slots()[1];
     assert_eq!(slot.state, SlotState::Live);
     assert_eq!(slot.limits, [limit]);
+}
+
+/// Functions in the device description (issue 18): a push adds a PF (two namespaces, one
+/// encrypted, a limit) and a VF live, with the NGUIDs the bundle carries; a push without the
+/// VF removes it (hot unplug) and keeps the PF's data; bad pushes (a slot the device does not
+/// have, a slot given to another subsystem, a slot still removing, a slot busy with a created
+/// function) are refused with nothing changed; a created function the description then names
+/// is adopted; a function created again after its removal gets new NGUIDs; after a reboot
+/// from the flash the pushed functions are back with the same NGUIDs.
+#[test]
+fn functions_in_the_description_are_pushed_live_and_persist() {
+    use keel_mgmt::Device as _;
+    use keel_mgmt::{FunctionCipher, FunctionSpec, QosLimit, SlotState};
+    use keel_provision::{Backend, Encryption, FunctionQos, Namespace, QosLimits, QosRate};
+    const PF: &str = "nqn.2026-12.test:pf";
+    const VF: &str = "nqn.2026-12.test:vf1";
+    let sub = |nqn: &str| keel_provision::Subsystem {
+        nqn: nqn.into(),
+        serial: None,
+        model: None,
+        allowed_hosts: vec![],
+    };
+    let ns = |nqn: &str, nsid, function, encryption| Namespace {
+        subsystem: nqn.into(),
+        nsid,
+        backend: Backend::Ram {
+            size: 1 << 20,
+            block_size: 512,
+        },
+        encryption,
+        function: Some(function),
+    };
+    let base = dev_device();
+    let flash = RamFlash(vec![0xFF; keel_provision::flash::FLASH_SIZE]);
+    let mut identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let first = signed_bundle(&base, 1);
+    identity.persist(&first).unwrap();
+    let (cfg, src) = identity.load_config().unwrap();
+    let plan = Plan::from_bundle(&cfg, src, MAC, PROVISION_PUBKEY);
+    let windows = |n: usize| -> Vec<WindowPort<MemWindow>> {
+        (0..n)
+            .map(|i| WindowPort {
+                base: 0x1000_0000 * (i as u64 + 1),
+                size: 1 << 20,
+                ep: Ok(MemWindow::new(1 << 20)),
+            })
+            .collect()
+    };
+    let mut s: Services<TestHw> = Services::build(plan, Vec::new(), windows(3), true, identity);
+    assert!(
+        s.function_slots()
+            .iter()
+            .all(|x| x.state == SlotState::Free)
+    );
+
+    // Generation 2: PF on slot 0 (namespace 2 encrypted, a write limit), VF on slot 1.
+    let mut two = base.clone();
+    two.subsystems.extend([sub(PF), sub(VF)]);
+    two.namespaces.extend([
+        ns(PF, 1, 0, Encryption::None),
+        ns(PF, 2, 0, Encryption::Aes256Xts),
+        ns(VF, 1, 1, Encryption::None),
+    ]);
+    let limit = QosRate {
+        per_sec: 20_000,
+        burst: Some(200),
+    };
+    two.qos.functions.push(FunctionQos {
+        function: 0,
+        limits: QosLimits {
+            write_iops: Some(limit),
+            ..Default::default()
+        },
+    });
+    let mut counter = 0x40u8;
+    keel_provision::assign_nguids(&mut two, None, &mut |b: &mut [u8]| {
+        for x in b {
+            counter = counter.wrapping_add(7);
+            *x = counter;
+        }
+    });
+    assert_eq!(two.nguids.len(), 3);
+    let r = s.push(&signed_bundle(&two, 2)).unwrap();
+    assert!(r.persisted);
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    for want in [(PF, 1), (PF, 2), (VF, 1)] {
+        assert!(
+            r.added.contains(&(String::from(want.0), want.1)),
+            "{:?}",
+            r.added
+        );
+    }
+    let slots = s.function_slots();
+    assert_eq!(
+        slots
+            .iter()
+            .map(|x| (x.state, x.subsystem.as_str(), x.origin.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (SlotState::Live, PF, "pushed"),
+            (SlotState::Live, VF, "pushed"),
+            (SlotState::Free, "", "")
+        ]
+    );
+    assert_eq!(slots[0].nsids, [1, 2]);
+    assert_eq!(slots[0].limits[0].name, "write_iops");
+    let nguids = |s: &Services<TestHw>| -> Vec<(String, u32, [u8; 16])> {
+        s.plan
+            .namespaces
+            .iter()
+            .filter(|n| n.function.is_some())
+            .map(|n| (n.subsystem.clone(), n.nsid, s.plan.nguid_of(n)))
+            .collect()
+    };
+    let pushed = nguids(&s);
+    for (i, (nqn, nsid, g)) in pushed.iter().enumerate() {
+        let j = two
+            .namespaces
+            .iter()
+            .position(|n| n.subsystem == *nqn && n.nsid == *nsid)
+            .unwrap();
+        assert_eq!(Some(*g), two.nguid(j), "namespace {i}");
+    }
+    let enc = s
+        .plan
+        .namespaces
+        .iter()
+        .find(|n| n.subsystem == PF && n.nsid == 2)
+        .unwrap();
+    assert_eq!(enc.cipher, "aes-256-xts");
+    assert!(enc.key.is_some());
+
+    // The PF's host writes through both namespaces and reads back.
+    let mut h = FnHost::ready(&mut s, 0);
+    let buf = h.alloc();
+    for nsid in [1u32, 2] {
+        h.window(&mut s).host_write(buf, &[0xC0 + nsid as u8; 4096]);
+        let w = RwCommand::simple(8, 8).to_sqe(IoOpcode::Write as u8, 20, nsid);
+        h.submit(&mut s, 1, w.with_prps(buf, 0));
+        assert!(fn_wait(&mut s, &mut h, 1).status.is_success());
+    }
+
+    // Bad pushes: refused, nothing changes (generation, slots, flash).
+    let refused = |s: &mut Services<TestHw>, d: &keel_provision::Device, why: &str| {
+        let before = (s.function_slots(), s.plan.generation);
+        let e = s
+            .push(&signed_bundle(d, s.plan.generation + 1))
+            .unwrap_err();
+        assert!(e.contains(why), "{why}: {e}");
+        assert!(e.contains("unchanged"), "{e}");
+        assert_eq!((s.function_slots(), s.plan.generation), before);
+    };
+    let mut no_slot = two.clone();
+    no_slot.namespaces[3].function = Some(5);
+    refused(&mut s, &no_slot, "the device has 3 function slot(s)");
+    let mut other = two.clone();
+    other.subsystems.push(sub("nqn.2026-12.test:other"));
+    other.namespaces.retain(|n| n.subsystem != VF);
+    other.subsystems.retain(|x| x.nqn != VF);
+    other
+        .namespaces
+        .push(ns("nqn.2026-12.test:other", 1, 1, Encryption::None));
+    other.nguids.clear();
+    refused(&mut s, &other, "does not give a slot to another subsystem");
+
+    // Generation 3 drops the VF: removed live; the PF keeps running with its data.
+    let mut three = two.clone();
+    three.namespaces.retain(|n| n.subsystem != VF);
+    three.subsystems.retain(|x| x.nqn != VF);
+    three.nguids.clear();
+    keel_provision::assign_nguids(&mut three, Some(&two), &mut |b: &mut [u8]| b.fill(9));
+    let r = s.push(&signed_bundle(&three, 3)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(r.removed, [(String::from(VF), 1)]);
+    assert!(!s.target.subsystem_views().any(|x| x.nqn == VF));
+    assert_eq!(s.function_slots()[1].state, SlotState::Removing);
+    // While it is removing, slot 1 cannot be given a function.
+    refused(&mut s, &two, "still has commands at backends");
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    assert_eq!(s.function_slots()[1].state, SlotState::Free);
+    for nsid in [1u32, 2] {
+        h.window(&mut s).host_write(buf, &[0; 4096]);
+        let r = RwCommand::simple(8, 8).to_sqe(IoOpcode::Read as u8, 21, nsid);
+        h.submit(&mut s, 1, r.with_prps(buf, 0));
+        assert!(fn_wait(&mut s, &mut h, 1).status.is_success());
+        let mut got = [0u8; 4096];
+        h.window(&mut s).host_read(buf, &mut got);
+        assert_eq!(got, [0xC0 + nsid as u8; 4096], "PF namespace {nsid}");
+    }
+
+    // A function created by a request on slot 1 (encrypted, device-drawn key and NGUID)...
+    let spec = FunctionSpec {
+        limits: vec![QosLimit {
+            name: "iops".into(),
+            per_sec: 5000,
+            burst: 0,
+        }],
+        ..one_mib_function(1, VF, FunctionCipher::Aes128Xts)
+    };
+    s.create_function(&spec).unwrap();
+    let created = |s: &Services<TestHw>| {
+        let n = s
+            .plan
+            .namespaces
+            .iter()
+            .find(|n| n.subsystem == VF)
+            .unwrap();
+        (s.plan.nguid_of(n), n.cipher)
+    };
+    let (g1, cipher) = created(&s);
+    assert_eq!(cipher, "aes-128-xts");
+    assert!(!pushed.iter().any(|p| p.2 == g1), "an NGUID came back");
+    // ...a push cannot give its slot to another subsystem...
+    let mut grab = three.clone();
+    grab.subsystems.push(sub("nqn.2026-12.test:x"));
+    grab.namespaces
+        .push(ns("nqn.2026-12.test:x", 1, 1, Encryption::None));
+    grab.nguids.clear();
+    refused(&mut s, &grab, "created by keelctl function create");
+    // ...and after its removal, created again, it gets new NGUIDs.
+    s.remove_function(1).unwrap();
+    for _ in 0..20 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    s.create_function(&spec).unwrap();
+    let (g2, _) = created(&s);
+    assert_ne!(
+        g1, g2,
+        "a function created again reused the NGUID of the removed one"
+    );
+
+    // Generation 4 describes it as it runs (plain, the bundle's own NGUID): adopted, kept
+    // live; the key and NGUID of the description apply from the next boot.
+    let mut four = three.clone();
+    four.subsystems.push(sub(VF));
+    four.namespaces.push(ns(VF, 1, 1, Encryption::Aes128Xts));
+    keel_provision::assign_nguids(&mut four, Some(&three), &mut |b: &mut [u8]| b.fill(0x33));
+    let r = s.push(&signed_bundle(&four, 4)).unwrap();
+    assert_eq!(s.function_slots()[1].origin, "pushed");
+    let notes = r.needs_reboot.join("\n");
+    assert!(
+        notes.contains("data key changed") && notes.contains("another NGUID"),
+        "{notes}"
+    );
+
+    // A reboot: the flash holds generation 4; the functions are back, same NGUIDs.
+    let flash = s.identity.flash.take().unwrap();
+    let mut identity: Identity<RamFlash> = Identity::new(None, Some(flash));
+    let (cfg, src) = identity.load_config().unwrap();
+    assert_eq!(cfg.generation, 4);
+    let plan = Plan::from_bundle(&cfg, src, MAC, PROVISION_PUBKEY);
+    let s2: Services<TestHw> = Services::build(plan, Vec::new(), windows(3), true, identity);
+    let slots = s2.function_slots();
+    assert_eq!(
+        slots
+            .iter()
+            .map(|x| (x.state, x.subsystem.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (SlotState::Live, PF),
+            (SlotState::Live, VF),
+            (SlotState::Free, "")
+        ]
+    );
+    let after = nguids(&s2);
+    for (nqn, nsid, g) in &after {
+        let j = four
+            .namespaces
+            .iter()
+            .position(|n| n.subsystem == *nqn && n.nsid == *nsid)
+            .unwrap();
+        assert_eq!(Some(*g), four.nguid(j), "{nqn} {nsid}");
+    }
+    assert!(
+        after
+            .iter()
+            .filter(|a| a.0 == PF)
+            .all(|a| pushed.contains(a))
+    );
+}
+
+/// A function created by a request with a remote namespace (issue 18): an encrypted slice of
+/// the device's own NSID 1 reached over smoltcp's Loopback by the firmware's initiator. It
+/// joins the function's subsystem once identified; the function's host writes and reads it
+/// back (plain through the function, ciphertext on the remote); removing the function leaves
+/// the remote volume nothing to export.
+#[test]
+fn a_created_function_can_have_an_encrypted_remote_namespace() {
+    use keel_mgmt::Device as _;
+    use keel_mgmt::{FunctionBackend, FunctionCipher};
+    let nqn = crate::config::DEFAULT_NQN;
+    const VF: &str = "nqn.2026-12.test:remote-vf";
+    let mut dev = Device::with_windows(
+        "keel.ns=ram:16 keel.fn.boot=0",
+        vec![MemWindow::new(1 << 20)],
+    );
+    let mut spec = one_mib_function(0, VF, FunctionCipher::Aes256Xts);
+    spec.namespaces[0].backend = FunctionBackend::Remote {
+        nqn: nqn.into(),
+        paths: vec![([127, 0, 0, 1], 4420)],
+        nsid: 1,
+        offset: 8 << 20,
+        length: 0,
+    };
+    dev.services.create_function(&spec).unwrap();
+    assert!(
+        !dev.services.target.has_namespace(VF, 1),
+        "not before it is reached"
+    );
+    for _ in 0..20_000 {
+        dev.pass();
+        if dev.services.target.has_namespace(VF, 1) {
+            break;
+        }
+    }
+    assert!(dev.services.target.has_namespace(VF, 1), "never identified");
+    let size = dev
+        .services
+        .target
+        .namespace_views()
+        .find(|n| n.subsystem == VF)
+        .map(|n| n.geometry.blocks * u64::from(n.geometry.block_size));
+    assert_eq!(size, Some(8 << 20), "the slice from 8 MiB to the end");
+
+    let mut h = FnHost::ready(&mut dev.services, 0);
+    let buf = h.alloc();
+    let mut io = |dev: &mut Device, op: IoOpcode, cid: u16, data: &[u8; 4096]| -> [u8; 4096] {
+        h.window(&mut dev.services).host_write(buf, data);
+        let c = RwCommand::simple(0, 8).to_sqe(op as u8, cid, 1);
+        h.submit(&mut dev.services, 1, c.with_prps(buf, 0));
+        for _ in 0..20_000 {
+            dev.pass();
+            if let Some(c) = h.reap(&mut dev.services, 1) {
+                assert!(c.status.is_success(), "{c:?}");
+                let mut got = [0u8; 4096];
+                h.window(&mut dev.services).host_read(buf, &mut got);
+                return got;
+            }
+        }
+        panic!("no completion");
+    };
+    io(&mut dev, IoOpcode::Write, 30, &[0x6c; 4096]);
+    assert_eq!(io(&mut dev, IoOpcode::Read, 31, &[0; 4096]), [0x6c; 4096]);
+    // On the remote namespace (the device's own, 8 MiB in): ciphertext.
+    let (_admin, mut q) = enabled_io_queue(&mut dev, 50_020, nqn);
+    let stored = rw(&mut dev, &mut q, false, 1, 16_384, vec![0; 4096]);
+    assert_ne!(stored, vec![0x6c; 4096], "plaintext on the remote");
+    assert_ne!(stored, vec![0; 4096], "nothing written on the remote");
+
+    dev.services.remove_function(0).unwrap();
+    for _ in 0..100 {
+        dev.pass();
+    }
+    let snap = dev.services.snapshot();
+    assert!(
+        snap.remotes.iter().all(|r| r.exports.is_empty()),
+        "{:?}",
+        snap.remotes
+    );
+    assert!(!dev.services.target.has_namespace(VF, 1));
+}
+
+/// A description in force that names a function slot the device lacks (logged at boot) still
+/// takes pushes that leave it as it is; a push that asks for another missing slot is refused.
+#[test]
+fn a_missing_slot_refuses_only_the_push_that_asks_for_it() {
+    use keel_mgmt::Device as _;
+    let mut desc = dev_device();
+    desc.namespaces[0].function = Some(4);
+    let identity: Identity<RamFlash> = Identity::new(None, None);
+    let cfg = identity.open(&signed_bundle(&desc, 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let windows = vec![WindowPort {
+        base: 0x1000_0000,
+        size: 1 << 20,
+        ep: Ok(MemWindow::new(1 << 20)),
+    }];
+    let mut s: Services<TestHw> = Services::build(plan, Vec::new(), windows, true, identity);
+    desc.qos.groups.push(keel_provision::QosGroup {
+        name: "g".into(),
+        limits: keel_provision::QosLimits::default(),
+        weight: 2,
+    });
+    s.push(&signed_bundle(&desc, 2)).unwrap();
+    desc.namespaces[0].function = Some(6);
+    let e = s.push(&signed_bundle(&desc, 3)).unwrap_err();
+    assert!(
+        e.contains("function 6") && e.contains("1 function slot(s)"),
+        "{e}"
+    );
+    assert_eq!(s.plan.generation, 2);
 }

@@ -346,10 +346,26 @@ impl Client {
                     .enumerate()
                     .map(|(i, &b)| keel_mgmt::FunctionNamespace {
                         nsid: i as u32 + 1,
-                        backend: keel_mgmt::FunctionBackend::Ram {
-                            bytes: u64::from(b) * 512 + u64::from(b % 3 == 2),
-                            block_size: 512,
+                        backend: if b % 7 == 6 {
+                            // A remote namespace, its path sometimes invalid.
+                            keel_mgmt::FunctionBackend::Remote {
+                                nqn: NQNS[usize::from(b) % NQNS.len()].into(),
+                                paths: vec![([10, 0, 2, (b % 3) as u8], b / 7)],
+                                nsid: u32::from(b % 5),
+                                offset: u64::from(b) * 512,
+                                length: 0,
+                            }
+                        } else {
+                            keel_mgmt::FunctionBackend::Ram {
+                                bytes: u64::from(b) * 512 + u64::from(b % 3 == 2),
+                                block_size: 512,
+                            }
                         },
+                        encryption: [
+                            keel_mgmt::FunctionCipher::None,
+                            keel_mgmt::FunctionCipher::Aes128Xts,
+                            keel_mgmt::FunctionCipher::Aes256Xts,
+                        ][usize::from(b % 3)],
                     })
                     .collect(),
                 limits: limit

@@ -62,7 +62,11 @@ pub fn toml(data: &[u8]) {
     validate(&dev).expect("parse_toml returned a description that does not validate");
     let same = diff(&dev, &dev);
     assert!(
-        same.added.is_empty() && same.removed.is_empty() && same.needs_reboot.is_empty(),
+        same.added.is_empty()
+            && same.removed.is_empty()
+            && same.needs_reboot.is_empty()
+            && same.subsystems_added.is_empty()
+            && same.subsystems_removed.is_empty(),
         "a description differs from itself: {same:?}"
     );
     assert_eq!(same.kept.len(), dev.namespaces.len());
@@ -74,6 +78,17 @@ pub fn toml(data: &[u8]) {
     for (ns, k) in dev.namespaces.iter().zip(&cfg.keys) {
         assert_eq!(k.as_ref().map_or(0, |k| k.len()), ns.encryption.key_len());
     }
+    // With NGUIDs for the namespaces functions export (keelctl provision build): they travel
+    // in their section and come back as they went; a rebuild from the previous description
+    // keeps every one.
+    let mut with = dev.clone();
+    keel_provision::assign_nguids(&mut with, None, &mut rng());
+    let bundle = build(&with, 2, &key, &dk, &mut rng()).expect("NGUIDs keep it valid");
+    let cfg = verify_and_open(&bundle, &key.verifying_key(), &dk, 0).expect("its bundle opens");
+    assert_eq!(cfg.device, with, "the bundle does not carry the NGUIDs");
+    let mut again = dev.clone();
+    keel_provision::assign_nguids(&mut again, Some(&with), &mut |b: &mut [u8]| b.fill(0x5a));
+    assert_eq!(again.nguids, with.nguids, "NGUIDs not kept from the previous description");
 }
 
 /// Signs `body` as a bundle of `generation` with the harness key.

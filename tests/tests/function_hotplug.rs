@@ -16,8 +16,15 @@
 //!   two functions keep their data and keep working; a new function on the freed slot starts
 //!   with zeroed storage;
 //! - the firmware console shows no panic or exception.
+//!
+//! And with functions in the device description (a second test, booted from flash): a
+//! `keelctl provision push` adds a PF (a plain and an encrypted namespace, a limit) and then a
+//! VF live, and removes the VF again, while a host runs I/O on the PF without an error; a push
+//! naming a slot the device does not have is refused and changes nothing; after a reboot the
+//! PF is back with the same NGUIDs; a VF created again on the slot gets new ones.
 
 use keel_mgmt::{FunctionSlotInfo, QosLimit, SlotState};
+use keel_tests::provision::{Dir, boot_flash, build_from, description, flash_with};
 use keel_tests::{
     BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, free_port, keelctl, keelctl_host, mgmt_status,
     root, run_bounded, run_keelctl,
@@ -55,6 +62,25 @@ fn host_ok(window: &Path, args: &[&str]) -> String {
     let r = host(window, args);
     assert_eq!(r.code, 0, "keelctl host {args:?}: {r:?}");
     r.stdout
+}
+
+/// `keelctl host --window W --timeout T bench --rw write --qd 8 --duration SECS ARGS` in a
+/// thread, bounded at SECS + 40 s.
+fn host_in_background(
+    window: &Path,
+    timeout: &str,
+    args: &[&str],
+    secs: u64,
+) -> std::thread::JoinHandle<Run> {
+    let mut cmd = Command::new(keelctl());
+    cmd.arg("host")
+        .arg("--window")
+        .arg(window)
+        .args(["--timeout", timeout]);
+    cmd.args(["bench", "--rw", "write", "--qd", "8", "--duration"])
+        .arg(secs.to_string())
+        .args(args);
+    std::thread::spawn(move || run_bounded(&mut cmd, Duration::from_secs(secs + 40)))
 }
 
 fn slots(addr: &str) -> Vec<FunctionSlotInfo> {
@@ -110,17 +136,11 @@ fn functions_created_and_removed_live_through_the_management_port() {
     assert!(out.stdout.contains("slot 0 (pf): created"), "{out:?}");
     for i in 1..3 {
         let slot = i.to_string();
+        // VF 2's namespace is encrypted (a key the device draws): the host sees plain data.
+        let ns = ["", "ram:8MiB", "ram:8MiB,aes-256-xts"][i];
         let r = function(
             &addr,
-            &[
-                "create",
-                "--slot",
-                &slot,
-                "--nqn",
-                &nqn(i),
-                "--ns",
-                "ram:8MiB",
-            ],
+            &["create", "--slot", &slot, "--nqn", &nqn(i), "--ns", ns],
         );
         assert_eq!(r.code, 0, "{r:?}");
         assert!(
@@ -243,29 +263,7 @@ fn functions_created_and_removed_live_through_the_management_port() {
     assert_eq!(slots(&addr), before);
 
     // VF 1 removed while a host runs I/O on it: the host stops with an error, in bounded time.
-    let bench = {
-        let w = wins[1].path().to_path_buf();
-        std::thread::spawn(move || {
-            run_bounded(
-                Command::new(keelctl())
-                    .arg("host")
-                    .arg("--window")
-                    .arg(&w)
-                    .args([
-                        "--timeout",
-                        "5",
-                        "bench",
-                        "--rw",
-                        "write",
-                        "--qd",
-                        "8",
-                        "--duration",
-                        "60",
-                    ]),
-                Duration::from_secs(100),
-            )
-        })
-    };
+    let bench = host_in_background(wins[1].path(), "5", &[], 60);
     std::thread::sleep(Duration::from_secs(5));
     let t0 = Instant::now();
     let r = function(&addr, &["remove", "--slot", "1"]);
@@ -280,6 +278,11 @@ fn functions_created_and_removed_live_through_the_management_port() {
         .join()
         .expect("the host's keelctl hung (killed after 100 s)");
     assert_ne!(b.code, 0, "the host's I/O did not fail: {b:?}");
+    assert!(
+        b.stderr
+            .contains("the function was removed by the device (hot unplug: CSTS.CFS = 1"),
+        "the host does not say the function was removed: {b:?}"
+    );
     eprintln!(
         "host after removal: {}",
         b.stderr.lines().last().unwrap_or("")
@@ -376,4 +379,213 @@ fn read_frame(s: &mut std::net::TcpStream) -> Vec<u8> {
     let mut b = vec![0u8; u32::from_le_bytes(len) as usize];
     s.read_exact(&mut b).expect("frame");
     b
+}
+
+const PF: &str = "nqn.2026-12.test.fnprov:pf";
+const VF: &str = "nqn.2026-12.test.fnprov:vf1";
+
+/// The test description (subsystem VOL, one RAM namespace) plus the PF on slot 0 (8 MiB
+/// plain, 4 MiB encrypted, a write limit) and, with `vf`, a VF on `vf_slot`.
+fn described(pf: bool, vf: Option<u16>) -> String {
+    let mut t = description(&[("{ ram = \"8MiB\" }", "none")]);
+    let mut sub = |nqn: &str, nss: &[(&str, &str, u16)]| {
+        t.push_str(&format!("\n[[subsystem]]\nnqn = \"{nqn}\"\n"));
+        for (size, enc, f) in nss {
+            t.push_str(&format!(
+                "\n[[namespace]]\nsubsystem = \"{nqn}\"\nbackend = {{ ram = \"{size}\" }}\n\
+                 encryption = \"{enc}\"\nfunction = {f}\n"
+            ));
+        }
+    };
+    if pf {
+        sub(PF, &[("8MiB", "none", 0), ("4MiB", "aes-256-xts", 0)]);
+    }
+    if let Some(slot) = vf {
+        sub(VF, &[("8MiB", "none", slot)]);
+    }
+    if pf {
+        t.push_str(
+            "\n[[qos.function]]\nfunction = 0\nwrite_iops = { rate = 20000, burst = 200 }\n",
+        );
+    }
+    t
+}
+
+/// Builds generation `g` of the description, keeping the NGUIDs (and keys) of `prev`.
+fn generation(d: &Dir, g: u64, text: &str, prev: Option<&Path>) -> std::path::PathBuf {
+    let toml = d.path(&format!("g{g}.toml"));
+    std::fs::write(&toml, text).unwrap();
+    match prev {
+        None => build_from(d, &toml, g, &format!("g{g}.bundle")),
+        Some(p) => {
+            let out = d.path(&format!("g{g}.bundle"));
+            let r = run_keelctl(
+                None,
+                &[
+                    "provision",
+                    "build",
+                    toml.to_str().unwrap(),
+                    "--key",
+                    &dev_key(),
+                    "--device-key",
+                    keel_tests::provision::dev_device_key().to_str().unwrap(),
+                    "--generation",
+                    &g.to_string(),
+                    "--keep-keys-from",
+                    p.to_str().unwrap(),
+                    "-o",
+                    out.to_str().unwrap(),
+                ],
+            );
+            assert_eq!(r.code, 0, "{r:?}");
+            out
+        }
+    }
+}
+
+fn push(dev: &str, bundle: &Path) -> Run {
+    run_keelctl(
+        None,
+        &[
+            "provision",
+            "push",
+            bundle.to_str().unwrap(),
+            "--device",
+            dev,
+            "--key",
+            &dev_key(),
+        ],
+    )
+}
+
+/// `keelctl host verify --nsid NSID --lba 0 --count 128 --pattern 0x5a ARGS` succeeds.
+fn pattern_5a(window: &Path, nsid: &str, args: &[&str]) {
+    let mut all = vec!["verify", "--nsid", nsid, "--lba", "0", "--count", "128"];
+    all.extend_from_slice(&["--pattern", "0x5a"]);
+    all.extend_from_slice(args);
+    host_ok(window, &all);
+}
+
+/// The NGUIDs `keelctl host identify --json` reports, in NSID order.
+fn nguids(window: &Path) -> Vec<String> {
+    let out = host_ok(window, &["identify", "--json"]);
+    out.match_indices("\"nguid\": \"")
+        .map(|(i, m)| out[i + m.len()..][..32].to_string())
+        .collect()
+}
+
+#[test]
+fn functions_in_the_device_description_are_pushed_live_and_come_back_after_a_reboot() {
+    let d = Dir::new("fnprov");
+    let wins: Vec<ScratchFile> = (0..2)
+        .map(|i| ScratchFile::new(&format!("fnprov-win{i}"), 16 << 20))
+        .collect();
+    let w = |i: usize| wins[i].path().display().to_string();
+    let g1 = generation(&d, 1, &described(false, None), None);
+    let fl = flash_with(&d, &[&g1]);
+    let (mut q, _nvmf, dev) = boot_flash(&fl, &["--window", &w(0), "--window", &w(1)]);
+    assert!(slots(&dev).iter().all(|x| x.state == SlotState::Free));
+
+    // Generation 2 adds the PF: created live, its namespaces through the window.
+    let g2 = generation(&d, 2, &described(true, None), Some(&g1));
+    let r = push(&dev, &g2);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains(&format!("{PF} namespace 2")), "{r:?}");
+    let s = slots(&dev);
+    assert_eq!(
+        (s[0].state, s[0].subsystem.as_str(), s[0].origin.as_str()),
+        (SlotState::Live, PF, "pushed"),
+        "{s:?}"
+    );
+    assert_eq!(s[0].limits[0].per_sec, 20000);
+    let id = host_ok(wins[0].path(), &["identify"]);
+    assert!(id.contains(PF), "{id}");
+    let pf_nguids = nguids(wins[0].path());
+    assert_eq!(pf_nguids.len(), 2, "{pf_nguids:?}");
+    for nsid in ["1", "2"] {
+        pattern_5a(wins[0].path(), nsid, &[]);
+    }
+
+    // The PF's host keeps writing while generation 3 adds a VF and generation 4 removes it:
+    // no I/O error on the PF.
+    let bench = host_in_background(wins[0].path(), "10", &["--nsid", "2"], 8);
+    std::thread::sleep(Duration::from_secs(1));
+    let g3 = generation(&d, 3, &described(true, Some(1)), Some(&g2));
+    let r = push(&dev, &g3);
+    assert_eq!(r.code, 0, "{r:?}");
+    let id = host_ok(wins[1].path(), &["identify"]);
+    assert!(id.contains(VF), "{id}");
+    let vf_nguid = nguids(wins[1].path());
+    let g4 = generation(&d, 4, &described(true, None), Some(&g3));
+    let r = push(&dev, &g4);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains(VF),
+        "the report names the removed VF: {r:?}"
+    );
+    let b = bench.join().expect("the PF's bench hung");
+    assert_eq!(b.code, 0, "the PF's I/O failed during the pushes: {b:?}");
+    q.wait_for("pcie-fn1: slot free", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // A bad description (a function on a slot the device does not have): refused, the
+    // generation in force and the slots stay.
+    let before = slots(&dev);
+    let g5 = generation(&d, 5, &described(true, Some(7)), Some(&g4));
+    let r = push(&dev, &g5);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("the device has 2 function slot(s)"),
+        "{r:?}"
+    );
+    assert_eq!(slots(&dev), before);
+    assert_eq!(mgmt_status(&dev).generation, 4);
+    pattern_5a(wins[0].path(), "1", &["--read-only"]);
+    q.kill();
+
+    // A reboot: generation 4 from flash; the PF is back with the same NGUIDs, slot 1 free.
+    let (mut q, _nvmf, dev) = boot_flash(&fl, &["--window", &w(0), "--window", &w(1)]);
+    let s = slots(&dev);
+    assert_eq!(
+        (s[0].state, s[0].subsystem.as_str(), s[1].state),
+        (SlotState::Live, PF, SlotState::Free),
+        "{s:?}"
+    );
+    assert_eq!(nguids(wins[0].path()), pf_nguids);
+    // A VF created again on slot 1 with the same NQN and NSID: new NGUID, encrypted data
+    // written and read back.
+    let r = function(
+        &dev,
+        &[
+            "create",
+            "--slot",
+            "1",
+            "--nqn",
+            VF,
+            "--ns",
+            "ram:8MiB,aes-128-xts",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let again = nguids(wins[1].path());
+    assert_eq!(again.len(), 1);
+    assert_ne!(again, vf_nguid, "the NGUID of the removed VF came back");
+    assert!(!pf_nguids.contains(&again[0]));
+    host_ok(
+        wins[1].path(),
+        &[
+            "verify",
+            "--lba",
+            "0",
+            "--count",
+            "128",
+            "--pattern",
+            "0x33",
+        ],
+    );
+    let c = q.console();
+    for bad in ["*** keel", "panic", "exception", "boot failed"] {
+        assert!(!c.contains(bad), "{bad:?} on the firmware console:\n{c}");
+    }
+    q.kill();
 }

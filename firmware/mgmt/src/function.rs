@@ -9,6 +9,19 @@
 //! with its own namespaces, queues and QoS limits) or `removing` (removed, waiting for the
 //! commands it had at backends to come back before the slot can be used again).
 //!
+//! # Wire form of `CreateFunction` (postcard: integers are LEB128 varints, a string or list
+//! is a varint count then its bytes or items, `[u8; 4]` is 4 raw bytes, an enum is its
+//! variant's varint index then its fields)
+//!
+//! | field | bytes |
+//! |---|---|
+//! | request | `03` (`CreateFunction`, the fourth `Request` variant) |
+//! | slot, nqn, serial, model | varint; string; string; string |
+//! | namespaces | varint count, then each: NSID varint, backend, encryption |
+//! | backend | `00` Ram: bytes, block size · `01` Drive: drive, NSID, offset, length · `02` Remote: NQN string, paths (count, then each 4 address bytes and a varint port), NSID, offset, length |
+//! | encryption | `00` none · `01` aes-128-xts · `02` aes-256-xts |
+//! | limits | varint count, then each: name string, rate varint, burst varint |
+//!
 //! Everything here is pure: [`FunctionSpec::validate`] and [`check_create`] /
 //! [`check_remove`] decide on a request from the request and the slot table alone, so a
 //! refused request changes nothing on the device.
@@ -54,6 +67,71 @@ pub enum FunctionBackend {
         /// Length in bytes (4 KiB aligned); 0: to the end of the drive's namespace.
         length: u64,
     },
+    /// A namespace of a remote NVMe/TCP subsystem (the device is its initiator, with Linux's
+    /// default settings: README "Remote volumes"), whole or a slice. Appended: a device from
+    /// before it refuses the request as malformed.
+    Remote {
+        /// Subsystem NQN on the remote.
+        nqn: String,
+        /// Its addresses (IPv4, TCP port), one per path: 1 to [`MAX_REMOTE_PATHS`].
+        paths: Vec<([u8; 4], u16)>,
+        /// The namespace there.
+        nsid: u32,
+        /// Start of the slice in bytes (4 KiB aligned).
+        offset: u64,
+        /// Length in bytes (4 KiB aligned); 0: to the end of the remote namespace.
+        length: u64,
+    },
+}
+
+/// Paths of one remote namespace at most (as in a device description).
+pub const MAX_REMOTE_PATHS: usize = 8;
+
+/// Encryption at rest of a created function's namespace. The device draws the data key from
+/// its random generator when it creates the namespace and keeps it in RAM only: it never
+/// leaves the device, and removing the function (or a reboot) destroys it, a crypto-erase of
+/// what the namespace held. A namespace whose data must outlive the function is described in
+/// the device description instead (its key wrapped in the bundle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum FunctionCipher {
+    /// Blocks stored as written.
+    #[default]
+    None,
+    /// XTS-AES-128 (IEEE 1619; a 32-byte key).
+    Aes128Xts,
+    /// XTS-AES-256 (a 64-byte key).
+    Aes256Xts,
+}
+
+impl FunctionCipher {
+    /// `none`, `aes-128-xts`, `aes-256-xts` (the names of the device description).
+    pub fn name(self) -> &'static str {
+        match self {
+            FunctionCipher::None => "none",
+            FunctionCipher::Aes128Xts => "aes-128-xts",
+            FunctionCipher::Aes256Xts => "aes-256-xts",
+        }
+    }
+
+    /// The data key's length in bytes (0: none).
+    pub fn key_len(self) -> usize {
+        match self {
+            FunctionCipher::None => 0,
+            FunctionCipher::Aes128Xts => 32,
+            FunctionCipher::Aes256Xts => 64,
+        }
+    }
+
+    /// Parses a name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [
+            FunctionCipher::None,
+            FunctionCipher::Aes128Xts,
+            FunctionCipher::Aes256Xts,
+        ]
+        .into_iter()
+        .find(|c| c.name() == s)
+    }
 }
 
 /// One namespace of a function to create.
@@ -63,6 +141,8 @@ pub struct FunctionNamespace {
     pub nsid: u32,
     /// Its backend.
     pub backend: FunctionBackend,
+    /// Its encryption at rest.
+    pub encryption: FunctionCipher,
 }
 
 /// A function to create on a free slot: its subsystem (the host sees one controller of it)
@@ -208,6 +288,50 @@ impl FunctionSpec {
                         return Err(format!(
                             "namespace {}: a drive slice's offset and length are 4 KiB aligned",
                             ns.nsid
+                        ));
+                    }
+                }
+                FunctionBackend::Remote {
+                    ref nqn,
+                    ref paths,
+                    nsid,
+                    offset,
+                    length,
+                } => {
+                    let id = ns.nsid;
+                    if !nqn.starts_with("nqn.")
+                        || nqn.len() > NQN_MAX_LEN
+                        || !nqn.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        return Err(format!("namespace {id}: remote NQN {nqn:?} is not an NQN"));
+                    }
+                    if paths.is_empty() || paths.len() > MAX_REMOTE_PATHS {
+                        return Err(format!(
+                            "namespace {id}: a remote namespace has 1 to {MAX_REMOTE_PATHS} paths"
+                        ));
+                    }
+                    for (k, (ip, port)) in paths.iter().enumerate() {
+                        if *port == 0 || *ip == [0; 4] || ip[0] >= 224 {
+                            return Err(format!(
+                                "namespace {id}: remote path {}: not a unicast address and port",
+                                k + 1
+                            ));
+                        }
+                        if paths[..k].contains(&(*ip, *port)) {
+                            return Err(format!(
+                                "namespace {id}: remote path {} given twice",
+                                k + 1
+                            ));
+                        }
+                    }
+                    if nsid == 0 || nsid == u32::MAX {
+                        return Err(format!(
+                            "namespace {id}: remote namespace {nsid} is invalid"
+                        ));
+                    }
+                    if !offset.is_multiple_of(4096) || !length.is_multiple_of(4096) {
+                        return Err(format!(
+                            "namespace {id}: a remote slice's offset and length are 4 KiB aligned"
                         ));
                     }
                 }

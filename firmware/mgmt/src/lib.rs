@@ -51,7 +51,9 @@ pub mod session;
 pub mod wire;
 
 pub use ed25519_dalek;
-pub use function::{FunctionBackend, FunctionNamespace, FunctionSlotInfo, FunctionSpec, SlotState};
+pub use function::{
+    FunctionBackend, FunctionCipher, FunctionNamespace, FunctionSlotInfo, FunctionSpec, SlotState,
+};
 pub use session::Session;
 
 use alloc::string::String;

@@ -1108,16 +1108,117 @@ fn ram_spec(slot: u16, nqn: &str) -> FunctionSpec {
                 bytes: 16 << 20,
                 block_size: 512,
             },
+            encryption: FunctionCipher::None,
         }],
         limits: vec![],
     }
+}
+
+/// `CreateFunction` as the table in `function.rs` ("Wire form") gives it, byte by byte.
+#[test]
+fn create_function_wire_form_follows_the_documented_table() {
+    let spec = FunctionSpec {
+        slot: 1,
+        nqn: "nqn.a".into(),
+        serial: String::new(),
+        model: String::new(),
+        namespaces: vec![
+            FunctionNamespace {
+                nsid: 1,
+                backend: FunctionBackend::Ram {
+                    bytes: 4096,
+                    block_size: 512,
+                },
+                encryption: FunctionCipher::Aes256Xts,
+            },
+            FunctionNamespace {
+                nsid: 2,
+                backend: FunctionBackend::Remote {
+                    nqn: "nqn.r".into(),
+                    paths: vec![([10, 0, 2, 2], 4420)],
+                    nsid: 1,
+                    offset: 0,
+                    length: 0,
+                },
+                encryption: FunctionCipher::None,
+            },
+        ],
+        limits: vec![],
+    };
+    let mut want = vec![3, 1, 5];
+    want.extend_from_slice(b"nqn.a");
+    want.extend_from_slice(&[0, 0, 2]); // serial, model, two namespaces
+    // NSID 1, Ram, 4096 = varint 80 20, 512 = varint 80 04, aes-256-xts.
+    want.extend_from_slice(&[1, 0, 0x80, 0x20, 0x80, 0x04, 2]);
+    // NSID 2, Remote, "nqn.r", one path 10.0.2.2 port 4420 (varint C4 22), NSID 1, offset 0,
+    // length 0, no encryption.
+    want.extend_from_slice(&[2, 2, 5]);
+    want.extend_from_slice(b"nqn.r");
+    want.extend_from_slice(&[1, 10, 0, 2, 2, 0xC4, 0x22, 1, 0, 0, 0]);
+    want.push(0); // no limits
+    assert_eq!(
+        postcard::to_allocvec(&Request::CreateFunction(spec.clone())).unwrap(),
+        want
+    );
+    assert_eq!(
+        postcard::from_bytes::<Request>(&want).unwrap(),
+        Request::CreateFunction(spec)
+    );
+}
+
+#[test]
+fn remote_namespaces_of_a_function_are_checked() {
+    let remote = |nqn: &str, paths: Vec<([u8; 4], u16)>, nsid, offset| FunctionSpec {
+        namespaces: vec![FunctionNamespace {
+            nsid: 1,
+            backend: FunctionBackend::Remote {
+                nqn: nqn.into(),
+                paths,
+                nsid,
+                offset,
+                length: 0,
+            },
+            encryption: FunctionCipher::Aes128Xts,
+        }],
+        ..ram_spec(1, "nqn.2026-11.dev.keel:vf1")
+    };
+    let p = ([10, 0, 2, 2], 4420);
+    assert_eq!(
+        remote("nqn.2026-11.dev.keel:pool", vec![p], 1, 4096).validate(),
+        Ok(())
+    );
+    for (spec, why) in [
+        (remote("pool", vec![p], 1, 0), "not an NQN"),
+        (remote("nqn.p", vec![], 1, 0), "1 to 8 paths"),
+        (remote("nqn.p", vec![p; 9], 1, 0), "1 to 8 paths"),
+        (remote("nqn.p", vec![p, p], 1, 0), "given twice"),
+        (remote("nqn.p", vec![([0; 4], 4420)], 1, 0), "unicast"),
+        (remote("nqn.p", vec![([10, 0, 2, 2], 0)], 1, 0), "unicast"),
+        (remote("nqn.p", vec![p], 0, 0), "invalid"),
+        (remote("nqn.p", vec![p], 1, 512), "aligned"),
+    ] {
+        let e = spec.validate().unwrap_err();
+        assert!(e.contains(why), "{why}: {e}");
+    }
+    for c in [
+        FunctionCipher::None,
+        FunctionCipher::Aes128Xts,
+        FunctionCipher::Aes256Xts,
+    ] {
+        assert_eq!(FunctionCipher::from_name(c.name()), Some(c));
+    }
+    assert_eq!(FunctionCipher::from_name("xts"), None);
 }
 
 #[test]
 fn function_specs_are_checked_before_anything_happens() {
     let good = ram_spec(1, "nqn.2026-11.dev.keel:vf1");
     assert_eq!(good.validate(), Ok(()));
-    let ns = |nsid, backend| FunctionNamespace { nsid, backend };
+    let ns = |nsid, backend| FunctionNamespace {
+        nsid,
+        backend,
+        encryption: FunctionCipher::None,
+    };
     let ram = |bytes, block_size| FunctionBackend::Ram { bytes, block_size };
     let bad: Vec<(FunctionSpec, &str)> = vec![
         (

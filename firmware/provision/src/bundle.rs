@@ -298,7 +298,9 @@ pub fn build_with_keys(
     .map_err(|_| BundleError::Malformed("encoding the body failed"))?;
     // QoS travels after the body of the first format (see `open_body`); none: nothing. The
     // drive cap follows in a section of its own, only when set.
-    if !device.qos.is_empty() {
+    // The NGUID section needs the QoS section in front of it (empty or not), so that the
+    // sections keep their order.
+    if !device.qos.is_empty() || !device.nguids.is_empty() {
         let qos = postcard::to_allocvec(&device.qos)
             .map_err(|_| BundleError::Malformed("encoding the QoS section failed"))?;
         body.extend_from_slice(&qos);
@@ -309,6 +311,14 @@ pub fn build_with_keys(
             drive_max_inflight: n,
         })
         .map_err(|_| BundleError::Malformed("encoding the QoS settings failed"))?;
+        body.extend_from_slice(&s);
+    }
+    if !device.nguids.is_empty() {
+        let s = postcard::to_allocvec(&NguidSection {
+            tag: NGUID_TAG,
+            nguids: device.nguids.clone(),
+        })
+        .map_err(|_| BundleError::Malformed("encoding the NGUID section failed"))?;
         body.extend_from_slice(&s);
     }
     let total = BUNDLE_HEADER_LEN + body.len() + SIGNATURE_LEN;
@@ -333,32 +343,50 @@ struct QosSettings {
 
 const QOS_SETTINGS_TAG: [u8; 4] = *b"QoS1";
 
+/// The NGUIDs of namespaces (by index), after the QoS sections.
+#[derive(Serialize, Deserialize)]
+struct NguidSection {
+    /// [`NGUID_TAG`].
+    tag: [u8; 4],
+    nguids: Vec<(u16, [u8; 16])>,
+}
+
+const NGUID_TAG: [u8; 4] = *b"NGU1";
+
 /// Decodes a body: the description and wrapped keys, then the optional QoS section that
 /// later bundles append (absent in bundles made before QoS existed: no limits), then the
-/// optional QoS settings section (absent before `drive_max_inflight` existed: the default).
+/// optional tagged sections in their order: QoS settings (`QoS1`, absent before
+/// `drive_max_inflight` existed: the default) and NGUIDs (`NGU1`, absent before namespaces
+/// carried them: derived NGUIDs).
 fn open_body(bytes: &[u8]) -> Result<Body, BundleError> {
     let (mut body, rest) = postcard::take_from_bytes::<Body>(bytes)
         .map_err(|_| BundleError::Malformed("the body does not decode"))?;
-    if !rest.is_empty() {
-        let rest = match postcard::take_from_bytes::<crate::qos::Qos>(rest) {
-            Ok((q, rest)) => {
-                body.device.qos = q;
-                rest
-            }
-            Err(_) => return Err(BundleError::Malformed("the QoS section does not decode")),
-        };
-        if !rest.is_empty() {
-            body.device.qos.drive_max_inflight =
-                match postcard::take_from_bytes::<QosSettings>(rest) {
-                    Ok((s, [])) if s.tag == QOS_SETTINGS_TAG => Some(s.drive_max_inflight),
-                    Ok((s, _)) if s.tag == QOS_SETTINGS_TAG => {
-                        return Err(BundleError::Malformed(
-                            "bytes after the QoS settings section",
-                        ));
-                    }
-                    _ => return Err(BundleError::Malformed("bytes after the QoS section")),
-                };
+    if rest.is_empty() {
+        return Ok(body);
+    }
+    let mut rest = match postcard::take_from_bytes::<crate::qos::Qos>(rest) {
+        Ok((q, rest)) => {
+            body.device.qos = q;
+            rest
         }
+        Err(_) => return Err(BundleError::Malformed("the QoS section does not decode")),
+    };
+    if rest.starts_with(&QOS_SETTINGS_TAG) {
+        let (s, r) = postcard::take_from_bytes::<QosSettings>(rest)
+            .map_err(|_| BundleError::Malformed("the QoS settings section does not decode"))?;
+        body.device.qos.drive_max_inflight = Some(s.drive_max_inflight);
+        rest = r;
+    }
+    if rest.starts_with(&NGUID_TAG) {
+        let (s, r) = postcard::take_from_bytes::<NguidSection>(rest)
+            .map_err(|_| BundleError::Malformed("the NGUID section does not decode"))?;
+        body.device.nguids = s.nguids;
+        rest = r;
+    }
+    if !rest.is_empty() {
+        return Err(BundleError::Malformed(
+            "bytes after the last section (QoS, QoS settings, NGUIDs)",
+        ));
     }
     Ok(body)
 }
@@ -539,6 +567,7 @@ mod tests {
                 .collect(),
             management: None,
             qos: Qos::default(),
+            nguids: Vec::new(),
         }
     }
 
@@ -617,14 +646,8 @@ mod tests {
             drive_max_inflight: Some(16),
             ..qos.clone()
         };
-        for (qos, garbage) in [
-            (d.qos.clone(), "bytes after the QoS section"),
-            (capped(&d.qos), "bytes after the QoS settings section"),
-            (
-                capped(&Qos::default()),
-                "bytes after the QoS settings section",
-            ),
-        ] {
+        let garbage = "bytes after the last section (QoS, QoS settings, NGUIDs)";
+        for qos in [d.qos.clone(), capped(&d.qos), capped(&Qos::default())] {
             let d = Device { qos, ..d.clone() };
             let b = build(&d, 4, &sk, &dk, &mut |b| b.fill(1)).unwrap();
             let c = verify_and_open(&b, &sk.verifying_key(), &dk, 0).unwrap();

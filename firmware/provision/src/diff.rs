@@ -3,9 +3,12 @@
 //!
 //! Live: namespaces added to or removed from subsystems that exist in both descriptions
 //! (hosts learn of them through the Namespace Attribute Changed event and the Changed
-//! Namespace List). Everything else (network, management, subsystems added, removed or with
-//! other attributes, a namespace whose backend, encryption or function changes) takes effect
-//! at the next boot and is listed in [`ConfigDiff::needs_reboot`].
+//! Namespace List), and subsystems that emulated functions export, added or removed with their
+//! functions (a hot plug: [`ConfigDiff::subsystems_added`], [`ConfigDiff::subsystems_removed`];
+//! which function exports which subsystem is the firmware's to compare, slot by slot).
+//! Everything else (network, management, other subsystems added, removed or with other
+//! attributes, a namespace whose backend or encryption changes) takes effect at the next boot
+//! and is listed in [`ConfigDiff::needs_reboot`].
 
 use crate::model::{Device, Namespace};
 use alloc::format;
@@ -24,10 +27,18 @@ pub struct ConfigDiff {
     pub kept: Vec<usize>,
     /// Changes that take effect at the next boot, for the operator.
     pub needs_reboot: Vec<String>,
+    /// Subsystems new in the description that an emulated function exports (with all their
+    /// namespaces): created live with their function.
+    pub subsystems_added: Vec<String>,
+    /// Subsystems gone from the description that an emulated function exported: removed live
+    /// with their function.
+    pub subsystems_removed: Vec<String>,
 }
 
+/// The same namespace, as far as its data goes: which function exports its subsystem is a
+/// change of the function, not of the namespace.
 fn same_namespace(a: &Namespace, b: &Namespace) -> bool {
-    a.backend == b.backend && a.encryption == b.encryption && a.function == b.function
+    a.backend == b.backend && a.encryption == b.encryption
 }
 
 /// Compares the description in force (`old`) with a new one.
@@ -43,6 +54,7 @@ pub fn diff(old: &Device, new: &Device) -> ConfigDiff {
     }
     for s in &new.subsystems {
         match old.subsystems.iter().find(|o| o.nqn == s.nqn) {
+            None if new.has_function(&s.nqn) => d.subsystems_added.push(s.nqn.clone()),
             None => d
                 .needs_reboot
                 .push(format!("subsystem {} added (with its namespaces)", s.nqn)),
@@ -54,7 +66,12 @@ pub fn diff(old: &Device, new: &Device) -> ConfigDiff {
         }
     }
     for o in &old.subsystems {
-        if !new.subsystems.iter().any(|s| s.nqn == o.nqn) {
+        if new.subsystems.iter().any(|s| s.nqn == o.nqn) {
+            continue;
+        }
+        if old.has_function(&o.nqn) {
+            d.subsystems_removed.push(o.nqn.clone());
+        } else {
             d.needs_reboot
                 .push(format!("subsystem {} removed (with its namespaces)", o.nqn));
         }
@@ -70,7 +87,7 @@ pub fn diff(old: &Device, new: &Device) -> ConfigDiff {
         match before {
             Some(o) if same_namespace(o, n) => d.kept.push(i),
             Some(_) => d.needs_reboot.push(format!(
-                "namespace {} of {}: backend, encryption or function changed",
+                "namespace {} of {}: backend or encryption changed",
                 n.nsid, n.subsystem
             )),
             None if live(&n.subsystem) => d.added.push(i),
@@ -127,6 +144,7 @@ mod tests {
             namespaces: vec![ram(A, 1, 8), ram(A, 2, 8)],
             management: None,
             qos: Default::default(),
+            nguids: Vec::new(),
         }
     }
 
@@ -185,6 +203,30 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} missing in {text}");
         }
+    }
+
+    #[test]
+    fn subsystems_of_functions_come_and_go_live() {
+        let mut fns = base();
+        fns.subsystems.push(sub(B));
+        fns.namespaces.push(Namespace {
+            function: Some(1),
+            ..ram(B, 1, 8)
+        });
+        fns.namespaces.push(ram(B, 2, 8));
+        let d = diff(&base(), &fns);
+        assert_eq!(d.subsystems_added, vec![String::from(B)]);
+        assert!(d.added.is_empty() && d.needs_reboot.is_empty(), "{d:?}");
+        let d = diff(&fns, &base());
+        assert_eq!(d.subsystems_removed, vec![String::from(B)]);
+        assert!(d.removed.is_empty() && d.needs_reboot.is_empty(), "{d:?}");
+        // Moving the export to another slot keeps the namespaces: the firmware compares the
+        // slots.
+        let mut moved = fns.clone();
+        moved.namespaces[2].function = Some(2);
+        let d = diff(&fns, &moved);
+        assert_eq!(d.kept, vec![0, 1, 2, 3]);
+        assert!(d.needs_reboot.is_empty(), "{d:?}");
     }
 
     #[test]

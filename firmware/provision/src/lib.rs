@@ -42,6 +42,19 @@
 //! | 32 | N | body: postcard of `{ device: Device, keys: [{ namespace: u16, nonce: [u8; 24], sealed: bytes }] }` |
 //! | 32 + N | 64 | Ed25519 signature over bytes 0 .. 32 + N (all zeroes: unsigned, refused) |
 //!
+//! The body's postcard value is the first format; later fields follow it in sections that
+//! bundles made before them simply lack (each optional, in this order; postcard: integers are
+//! LEB128 varints, a list is a varint count then its items, `[u8; n]` is n raw bytes):
+//!
+//! | section | present when | bytes |
+//! |---|---|---|
+//! | QoS | the description has QoS rules, or a section below follows | postcard of `{ namespaces, groups, hosts, functions }` ([`qos::Qos`]); no rules: `00 00 00 00` |
+//! | QoS settings | `drive_max_inflight` is set | `51 6F 53 31` (`QoS1`), varint `drive_max_inflight` |
+//! | NGUIDs | namespaces exported by emulated functions ([`model::assign_nguids`]) | `4E 47 55 31` (`NGU1`), varint count, then per namespace: varint index into `namespaces`, the 16 NGUID bytes |
+//!
+//! Firmware that predates a section refuses a bundle that has it (bytes after the last
+//! section it knows): malformed, the configuration in force stays.
+//!
 //! A bundle is exactly 96 + N bytes, at most [`flash::CONFIG_PAYLOAD_MAX`].
 //! [`verify_and_open`] checks, in order: framing, signature (strict Ed25519) against the
 //! trusted key, generation (rollback), body decoding, [`validate`], key unwrapping.
@@ -138,7 +151,7 @@ pub use image::{ImageError, ImageHeader};
 pub use keys::{DataKey, DeviceKey};
 pub use model::{
     Backend, Device, Encryption, Management, Namespace, Network, Remote, RemotePolicy, Subsystem,
-    validate,
+    assign_nguids, validate,
 };
 pub use qos::{
     DRIVE_MAX_INFLIGHT, FunctionQos, HostQos, NamespaceQos, Qos, QosGroup, QosLimits, QosRate,

@@ -27,6 +27,69 @@ pub struct Device {
     /// section ([`crate::bundle`]), so bundles made before it existed still open.
     #[serde(skip)]
     pub qos: crate::qos::Qos,
+    /// The NGUID of each namespace that has one, by index into `namespaces` (keelctl draws one
+    /// for every namespace of a subsystem an emulated function exports: [`assign_nguids`]).
+    /// Not part of the body's encoding: a bundle carries them in a trailing tagged section
+    /// ([`crate::bundle`]); a namespace without one gets the firmware's derived NGUID.
+    #[serde(skip)]
+    pub nguids: Vec<(u16, [u8; 16])>,
+}
+
+impl Device {
+    /// The NGUID the description gives namespace `index`, if any.
+    pub fn nguid(&self, index: usize) -> Option<[u8; 16]> {
+        self.nguids
+            .iter()
+            .find(|(i, _)| usize::from(*i) == index)
+            .map(|(_, g)| *g)
+    }
+
+    /// Whether an emulated function exports subsystem `nqn` (a namespace of it names one).
+    pub fn has_function(&self, nqn: &str) -> bool {
+        self.namespaces
+            .iter()
+            .any(|n| n.subsystem == nqn && n.function.is_some())
+    }
+}
+
+/// Gives every namespace of a subsystem an emulated function exports an NGUID that no other
+/// namespace ever had: the one of the same namespace in `previous` (same subsystem, NSID,
+/// backend and encryption: the namespace goes on), else 16 bytes from `rng` (a
+/// cryptographically secure generator; all-zero, which means "none" in Identify, is drawn
+/// again). Random 128-bit identifiers do not repeat (a collision among 2^32 of them has a
+/// probability below 2^-64), on this device or any other, with no counter to keep: a
+/// function removed and created again, on this boot or after a reboot, gets new ones.
+/// Namespaces no function exports keep the firmware's derived NGUID (MAC, subsystem, NSID),
+/// as before.
+pub fn assign_nguids(d: &mut Device, previous: Option<&Device>, rng: &mut dyn FnMut(&mut [u8])) {
+    let mut out = Vec::new();
+    for (i, n) in d.namespaces.iter().enumerate() {
+        if !d.has_function(&n.subsystem) {
+            continue;
+        }
+        let kept = previous.and_then(|p| {
+            p.namespaces
+                .iter()
+                .position(|o| {
+                    o.subsystem == n.subsystem
+                        && o.nsid == n.nsid
+                        && o.backend == n.backend
+                        && o.encryption == n.encryption
+                })
+                .and_then(|j| p.nguid(j))
+        });
+        let g = kept.or_else(|| d.nguid(i)).unwrap_or_else(|| {
+            loop {
+                let mut g = [0u8; 16];
+                rng(&mut g);
+                if g != [0; 16] {
+                    break g;
+                }
+            }
+        });
+        out.push((i as u16, g));
+    }
+    d.nguids = out;
 }
 
 /// How the device gets its IPv4 address.
@@ -600,6 +663,25 @@ pub fn validate(d: &Device) -> Result<(), ValidationError> {
             return err(
                 "management.authorized_key".into(),
                 "not an Ed25519 public key".into(),
+            );
+        }
+    }
+    for (k, (i, g)) in d.nguids.iter().enumerate() {
+        let p = format!("namespace[{i}].nguid");
+        if usize::from(*i) >= d.namespaces.len() {
+            return err(p, "names no namespace".into());
+        }
+        if *g == [0; 16] {
+            return err(p, "all zero (Identify's \"no NGUID\")".into());
+        }
+        if let Some((j, _)) = d.nguids[..k].iter().find(|(j, h)| j == i || h == g) {
+            return err(
+                p,
+                if j == i {
+                    String::from("given twice")
+                } else {
+                    format!("namespace[{j}] has the same NGUID")
+                },
             );
         }
     }

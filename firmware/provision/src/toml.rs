@@ -936,6 +936,7 @@ pub fn parse_toml(text: &str) -> Result<Device, Error> {
         namespaces,
         management,
         qos,
+        nguids: Vec::new(),
     };
     model::validate(&device).map_err(|e| ctx.rule(&e.path, e.message))?;
     Ok(device)

@@ -5,7 +5,7 @@ use keel_provision::bundle::{BUNDLE_HEADER_LEN, SIGNATURE_LEN};
 use keel_provision::ed25519_dalek::{Signer, SigningKey};
 use keel_provision::{
     Backend, BundleError, Device, DeviceKey, Encryption, Management, Namespace, Network, Subsystem,
-    build, build_with_keys, inspect, verify_and_open,
+    assign_nguids, build, build_with_keys, inspect, verify_and_open,
 };
 use proptest::prelude::*;
 
@@ -74,6 +74,7 @@ fn device() -> Device {
             authorized_key: SigningKey::from_bytes(&[3; 32]).verifying_key().to_bytes(),
         }),
         qos: Default::default(),
+        nguids: vec![],
     }
 }
 
@@ -275,5 +276,90 @@ proptest! {
         let b = bundle(42);
         let len = pos.index(b.len());
         prop_assert!(verify_and_open(&b[..len], &k.signing.verifying_key(), &k.device, 0).is_err());
+    }
+}
+
+/// The NGUID section's bytes as the crate documentation's table gives them ("Bundle",
+/// trailing sections): after the first-format body, the QoS section (no rules: four empty
+/// lists, `00 00 00 00`), then `NGU1`, the count, and per namespace its index and 16 bytes.
+#[test]
+fn nguid_section_layout_follows_the_documented_table() {
+    let k = keys();
+    let plain = device();
+    let mut d = device();
+    d.nguids = vec![(1, [0xA5; 16])];
+    let a = build(&plain, 9, &k.signing, &k.device, &mut rng(1)).unwrap();
+    let b = build(&d, 9, &k.signing, &k.device, &mut rng(1)).unwrap();
+    let body = |x: &[u8]| x[BUNDLE_HEADER_LEN..x.len() - SIGNATURE_LEN].to_vec();
+    let (a, b) = (body(&a), body(&b));
+    let mut want = Vec::new();
+    want.extend_from_slice(&[0, 0, 0, 0]); // QoS: namespaces, groups, hosts, functions
+    want.extend_from_slice(&[0x4E, 0x47, 0x55, 0x31]); // "NGU1"
+    want.push(1); // one entry
+    want.push(1); // namespace index 1
+    want.extend_from_slice(&[0xA5; 16]);
+    assert_eq!(b.len(), a.len() + want.len());
+    assert_eq!(&b[a.len()..], &want[..]);
+    // The first-format part is the same (the wrapped keys' nonces come from the same rng).
+    assert_eq!(&b[..a.len()], &a[..]);
+}
+
+#[test]
+fn nguids_round_trip_and_a_bundle_without_them_still_opens() {
+    let k = keys();
+    let mut d = device();
+    assign_nguids(&mut d, None, &mut rng(5));
+    // Only the namespaces of subsystems a function exports (NSID 2 names function 0, so all
+    // three of its subsystem's namespaces).
+    assert_eq!(d.nguids.len(), 3);
+    let b = build(&d, 2, &k.signing, &k.device, &mut rng(2)).unwrap();
+    let c = verify_and_open(&b, &k.signing.verifying_key(), &k.device, 0).unwrap();
+    assert_eq!(c.device.nguids, d.nguids);
+    let old = build(&device(), 2, &k.signing, &k.device, &mut rng(2)).unwrap();
+    let c = verify_and_open(&old, &k.signing.verifying_key(), &k.device, 0).unwrap();
+    assert!(c.device.nguids.is_empty());
+}
+
+#[test]
+fn nguids_are_kept_for_the_same_namespace_and_new_for_any_other() {
+    let mut old = device();
+    assign_nguids(&mut old, None, &mut rng(5));
+    let mut new = device();
+    // NSID 3 gets another backend: a new namespace to the host, a new NGUID.
+    new.namespaces[2].backend = Backend::Ram {
+        size: 1 << 20,
+        block_size: 512,
+    };
+    assign_nguids(&mut new, Some(&old), &mut rng(6));
+    assert_eq!(new.nguid(0), old.nguid(0));
+    assert_eq!(new.nguid(1), old.nguid(1));
+    assert_ne!(new.nguid(2), old.nguid(2));
+    // Without the previous bundle every NGUID is drawn anew.
+    let mut fresh = device();
+    assign_nguids(&mut fresh, None, &mut rng(7));
+    for i in 0..3 {
+        assert_ne!(fresh.nguid(i), old.nguid(i));
+    }
+    // No function: derived NGUIDs (none in the description).
+    let mut plain = device();
+    plain.namespaces[1].function = None;
+    assign_nguids(&mut plain, None, &mut rng(8));
+    assert!(plain.nguids.is_empty());
+}
+
+#[test]
+fn bad_nguid_entries_are_refused() {
+    let k = keys();
+    for (nguids, why) in [
+        (vec![(7, [1; 16])], "names no namespace"),
+        (vec![(0, [0; 16])], "all zero"),
+        (vec![(0, [1; 16]), (0, [2; 16])], "given twice"),
+        (vec![(0, [1; 16]), (1, [1; 16])], "same NGUID"),
+    ] {
+        let d = Device { nguids, ..device() };
+        match build(&d, 2, &k.signing, &k.device, &mut rng(2)) {
+            Err(BundleError::Invalid(e)) => assert!(e.message.contains(why), "{e}"),
+            other => panic!("{why}: {other:?}"),
+        }
     }
 }

@@ -156,8 +156,17 @@ pub enum HostCmd {
     },
 }
 
-/// Runs a subcommand; returns the exit code (0, or 1 for a verify mismatch).
+/// Runs a subcommand; returns the exit code (0, or 1 for a verify mismatch). An error while
+/// the device hot-unplugged the function says so first ([`Window::removal`]), whatever the
+/// command was doing when its commands stopped completing.
 pub fn run(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
+    run_cmd(w, cmd, out).map_err(|e| match w.map().ok().and_then(|win| win.removal()) {
+        Some(why) => e.context(why),
+        None => e,
+    })
+}
+
+fn run_cmd(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
     match cmd {
         HostCmd::Identify { nsid, json } => identify(w, nsid, json, out),
         HostCmd::Io(cmd) => blockcli::run(&w.target()?, cmd, out),

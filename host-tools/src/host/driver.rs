@@ -685,4 +685,29 @@ mod tests {
         }
         emu.stop().unwrap();
     }
+
+    /// A hot unplug as the firmware does it (CSTS.CFS set, then the header's magic cleared)
+    /// is told apart from a live function and from a window that never had one.
+    #[test]
+    fn removal_is_recognised_from_cfs_and_the_cleared_header() {
+        let win = Window::anonymous(1 << 20).unwrap();
+        assert_eq!(win.removal(), None, "a blank window was never a function");
+        win.init_function_side(1);
+        assert_eq!(win.removal(), None, "a live function");
+        // CSTS (NVMe base 2.0 Figure 36: offset 0x1C, bit 1 CFS).
+        win.store32(0x1C, 0b10);
+        assert_eq!(
+            win.removal(),
+            None,
+            "CFS alone: a failed controller, not a removal"
+        );
+        win.zero(layout::HEADER_OFFSET, 8);
+        let why = win.removal().expect("removed");
+        assert!(
+            why.contains("removed by the device") && why.contains("CSTS.CFS"),
+            "{why}"
+        );
+        win.store32(0x1C, 0);
+        assert_eq!(win.removal(), None, "no CFS: a slot that is just free");
+    }
 }

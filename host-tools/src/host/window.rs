@@ -303,6 +303,19 @@ impl Window {
         Header::decode(&b, self.len as u64)
     }
 
+    /// Whether the device removed the function this window was: the firmware's hot unplug
+    /// sets CSTS.CFS (NVMe base 2.0 §3.1.4.6, bit 1 of CSTS at offset 0x1C) and clears the
+    /// header magic. `None` while a function is there (or the window never had one).
+    pub fn removal(&self) -> Option<&'static str> {
+        let cfs = self.load32(keel_nvme::regs::offset::CSTS as usize) & 0b10 != 0;
+        match (self.header(), cfs) {
+            (Err(HeaderError::NoMagic), true) => Some(
+                "the function was removed by the device (hot unplug: CSTS.CFS = 1, window header cleared)",
+            ),
+            _ => None,
+        }
+    }
+
     /// Function side: clears registers, doorbells and interrupt counters, then writes the
     /// header (what the firmware does when it brings the function up).
     pub fn init_function_side(&self, function: u16) {

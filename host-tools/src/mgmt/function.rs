@@ -4,7 +4,9 @@
 use super::{SignedArgs, connect, refused, table};
 use anyhow::{Context, Result, bail};
 use keel_mgmt::wire::{Reply, Request};
-use keel_mgmt::{FunctionBackend, FunctionNamespace, FunctionSlotInfo, FunctionSpec, QosLimit};
+use keel_mgmt::{
+    FunctionBackend, FunctionCipher, FunctionNamespace, FunctionSlotInfo, FunctionSpec, QosLimit,
+};
 use std::io::Write;
 
 /// `keelctl function`.
@@ -32,8 +34,12 @@ pub enum FunctionCmd {
         #[arg(long)]
         nqn: String,
         /// A namespace, NSID 1, 2, ... in order: `ram:SIZE[:BLOCK]` (e.g. `ram:64MiB`,
-        /// `ram:1GiB:4096`) or `drive:D:NSID[:OFFSET[:LENGTH]]` (a slice of a local drive's
-        /// namespace, 4 KiB aligned; no LENGTH: to the end).
+        /// `ram:1GiB:4096`), `drive:D:NSID[:OFFSET[:LENGTH]]` (a slice of a local drive's
+        /// namespace, 4 KiB aligned; no LENGTH: to the end) or
+        /// `remote:ADDR:PORT[+ADDR:PORT...]:NQN:NSID[:OFFSET+[LENGTH]]` (a namespace of a remote
+        /// NVMe/TCP subsystem, whole or a slice). `,aes-256-xts` or `,aes-128-xts` after it:
+        /// encrypted with a data key the device draws and keeps in RAM (removing the
+        /// function erases it).
         #[arg(long = "ns", value_name = "SPEC", required = true)]
         namespaces: Vec<String>,
         /// A limit of the function's controller: `NAME=RATE[/BURST]` with NAME one of iops,
@@ -64,8 +70,71 @@ fn size(s: &str) -> Result<u64> {
     keel_provision::model::parse_size(s).map_err(anyhow::Error::msg)
 }
 
+/// Parses a `--ns SPEC[,CIPHER]` into a backend and its encryption.
+pub fn parse_namespace(arg: &str) -> Result<(FunctionBackend, FunctionCipher)> {
+    let (spec, cipher) = match arg.rsplit_once(',') {
+        Some((spec, c)) => (
+            spec,
+            FunctionCipher::from_name(c).with_context(|| {
+                format!("--ns {arg}: `{c}`: the encryption is aes-256-xts or aes-128-xts")
+            })?,
+        ),
+        None => (arg, FunctionCipher::None),
+    };
+    Ok((parse_backend(spec)?, cipher))
+}
+
+/// `ADDR:PORT[+ADDR:PORT...]:NQN:NSID[:OFFSET+[LENGTH]]` (the NQN starts with `nqn.`).
+fn parse_remote(spec: &str, s: &str) -> Result<FunctionBackend> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--ns {spec}: expected remote:ADDR:PORT[+ADDR:PORT...]:NQN:NSID[:OFFSET+[LENGTH]]"
+        )
+    };
+    let at = s.find(":nqn.").ok_or_else(bad)?;
+    let paths = s[..at]
+        .split('+')
+        .map(|p| {
+            let (ip, port) = p.rsplit_once(':').ok_or_else(bad)?;
+            let ip: std::net::Ipv4Addr = ip
+                .parse()
+                .with_context(|| format!("--ns {spec}: `{ip}` is not an IPv4 address"))?;
+            let port: u16 = port
+                .parse()
+                .with_context(|| format!("--ns {spec}: `{port}` is not a port"))?;
+            Ok((ip.octets(), port))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut rest = &s[at + 1..];
+    let (mut offset, mut length) = (0, 0);
+    if let Some((head, last)) = rest.rsplit_once(':')
+        && let Some((o, l)) = last.split_once('+')
+    {
+        offset = size(o).with_context(|| format!("--ns {spec}: offset"))?;
+        length = if l.is_empty() {
+            0
+        } else {
+            size(l).with_context(|| format!("--ns {spec}: length"))?
+        };
+        rest = head;
+    }
+    let (nqn, nsid) = rest.rsplit_once(':').ok_or_else(bad)?;
+    Ok(FunctionBackend::Remote {
+        nqn: nqn.to_string(),
+        paths,
+        nsid: nsid
+            .parse()
+            .with_context(|| format!("--ns {spec}: remote NSID `{nsid}` is not a number"))?,
+        offset,
+        length,
+    })
+}
+
 /// Parses a `--ns` spec into a backend.
 pub fn parse_backend(spec: &str) -> Result<FunctionBackend> {
+    if let Some(rest) = spec.strip_prefix("remote:") {
+        return parse_remote(spec, rest);
+    }
     let parts: Vec<&str> = spec.split(':').collect();
     let num = |s: &str, what: &str| -> Result<u64> {
         s.parse()
@@ -86,7 +155,9 @@ pub fn parse_backend(spec: &str) -> Result<FunctionBackend> {
             offset: rest.first().map(|o| size(o)).transpose()?.unwrap_or(0),
             length: rest.get(1).map(|l| size(l)).transpose()?.unwrap_or(0),
         }),
-        _ => bail!("--ns {spec}: expected ram:SIZE[:BLOCK] or drive:D:NSID[:OFFSET[:LENGTH]]"),
+        _ => bail!(
+            "--ns {spec}: expected ram:SIZE[:BLOCK], drive:D:NSID[:OFFSET[:LENGTH]] or remote:..."
+        ),
     }
 }
 
@@ -156,9 +227,11 @@ pub fn function_cmd(cmd: &FunctionCmd, out: &mut dyn Write) -> Result<()> {
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
+                        let (backend, encryption) = parse_namespace(s)?;
                         Ok(FunctionNamespace {
                             nsid: i as u32 + 1,
-                            backend: parse_backend(s)?,
+                            backend,
+                            encryption,
                         })
                     })
                     .collect::<Result<_>>()?,
@@ -265,6 +338,61 @@ mod tests {
         );
         for bad in ["iops", "iops=fast", "read_iops=10/x"] {
             assert!(parse_limit(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn encrypted_and_remote_namespace_arguments() {
+        assert_eq!(
+            parse_namespace("ram:64MiB,aes-256-xts").unwrap(),
+            (
+                FunctionBackend::Ram {
+                    bytes: 64 << 20,
+                    block_size: 512
+                },
+                FunctionCipher::Aes256Xts
+            )
+        );
+        assert_eq!(
+            parse_namespace("drive:0:1,aes-128-xts").unwrap().1,
+            FunctionCipher::Aes128Xts
+        );
+        assert_eq!(parse_namespace("ram:8MiB").unwrap().1, FunctionCipher::None);
+        assert_eq!(
+            parse_namespace(
+                "remote:10.0.2.2:4420+10.0.9.1:4421:nqn.2026-11.dev.keel:pool:3:1GiB+,aes-256-xts"
+            )
+            .unwrap(),
+            (
+                FunctionBackend::Remote {
+                    nqn: "nqn.2026-11.dev.keel:pool".into(),
+                    paths: vec![([10, 0, 2, 2], 4420), ([10, 0, 9, 1], 4421)],
+                    nsid: 3,
+                    offset: 1 << 30,
+                    length: 0,
+                },
+                FunctionCipher::Aes256Xts
+            )
+        );
+        assert_eq!(
+            parse_backend("remote:10.0.2.2:4420:nqn.2026-11.dev.keel:pool:1:0+64MiB").unwrap(),
+            FunctionBackend::Remote {
+                nqn: "nqn.2026-11.dev.keel:pool".into(),
+                paths: vec![([10, 0, 2, 2], 4420)],
+                nsid: 1,
+                offset: 0,
+                length: 64 << 20,
+            }
+        );
+        for bad in [
+            "ram:8MiB,xts",
+            "ram:8MiB,aes-256-xts,aes-128-xts",
+            "remote:10.0.2.2:4420",
+            "remote:10.0.2:4420:nqn.a:1",
+            "remote:10.0.2.2:x:nqn.a:1",
+            "remote:10.0.2.2:4420:nqn.a:one",
+        ] {
+            assert!(parse_namespace(bad).is_err(), "{bad}");
         }
     }
 }

@@ -238,18 +238,22 @@ pub fn run(cmd: &ProvisionCmd, out: &mut dyn Write) -> Result<()> {
             keep_keys_from,
             output,
         } => {
-            let d = load_description(file)?;
+            let mut d = load_description(file)?;
             let signing = keys::read_signing_key(key)?;
             let dk = keys::read_device_key(device_key)?;
             let generation = generation.unwrap_or_else(default_generation);
             let bytes = match keep_keys_from {
-                None => keel_provision::build(&d, generation, &signing, &dk, &mut keys::os_random),
+                None => {
+                    keel_provision::assign_nguids(&mut d, None, &mut keys::os_random);
+                    keel_provision::build(&d, generation, &signing, &dk, &mut keys::os_random)
+                }
                 Some(prev) => {
                     let old = std::fs::read(prev)
                         .with_context(|| format!("reading {}", prev.display()))?;
                     let old =
                         keel_provision::verify_and_open(&old, &signing.verifying_key(), &dk, 0)
                             .map_err(|e| anyhow::anyhow!("{}: {e}", prev.display()))?;
+                    keel_provision::assign_nguids(&mut d, Some(&old.device), &mut keys::os_random);
                     let (data_keys, kept) = carried_keys(&d, &old, &mut keys::os_random);
                     writeln!(out, "data keys kept from {}: {kept}", prev.display())?;
                     keel_provision::build_with_keys(
