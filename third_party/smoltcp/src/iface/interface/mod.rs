@@ -52,6 +52,10 @@ use crate::time::{Duration, Instant};
 
 use crate::wire::*;
 
+/// The most segments one TCP socket sends in one egress walk over the sockets.
+#[cfg(feature = "socket-tcp")]
+const TCP_EGRESS_BURST: usize = 8;
+
 macro_rules! check {
     ($e:expr) => {
         match $e {
@@ -783,9 +787,23 @@ impl Interface {
                 }
                 #[cfg(feature = "socket-tcp")]
                 Socket::Tcp(socket) => {
-                    socket.dispatch(&mut self.inner, |inner, meta, (ip, tcp)| {
-                        respond(inner, meta, Packet::new(ip, IpPayload::Tcp(tcp)))
-                    })
+                    // A TCP socket with several segments ready sends up to
+                    // TCP_EGRESS_BURST of them in this walk, not one: each walk
+                    // visits every socket, so one segment per socket per walk costs
+                    // a walk of the whole set per segment. The bound keeps sockets
+                    // taking turns when the device runs out of buffers.
+                    let mut dispatched = Ok(());
+                    for _ in 0..TCP_EGRESS_BURST {
+                        let mut emitted = false;
+                        dispatched = socket.dispatch(&mut self.inner, |inner, meta, (ip, tcp)| {
+                            emitted = true;
+                            respond(inner, meta, Packet::new(ip, IpPayload::Tcp(tcp)))
+                        });
+                        if dispatched.is_err() || !emitted {
+                            break;
+                        }
+                    }
+                    dispatched
                 }
                 #[cfg(feature = "socket-dhcpv4")]
                 Socket::Dhcpv4(socket) => {

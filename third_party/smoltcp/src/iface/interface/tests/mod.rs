@@ -299,3 +299,88 @@ pub fn tcp_listen_drops_unspecified_src() {
     assert_eq!(reply, None);
     assert!(sockets.get_mut::<tcp::Socket>(handle).is_listening());
 }
+
+/// Keel patch (KEEL-PATCH.md): one egress walk sends up to `TCP_EGRESS_BURST` segments of a
+/// TCP socket, then moves to the next socket, so two busy sockets take turns in runs.
+#[test]
+#[cfg(all(feature = "medium-ip", feature = "socket-tcp", feature = "proto-ipv4"))]
+pub fn tcp_egress_sends_bounded_runs_per_socket() {
+    use crate::socket::tcp;
+
+    let (mut iface, mut sockets, mut device) = setup(Medium::Ip);
+    let local = Ipv4Address::new(127, 0, 0, 1);
+    let new_socket = || {
+        tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 65535]),
+            tcp::SocketBuffer::new(vec![0; 65535]),
+        )
+    };
+    // Two connections over the device, looped back by hand: client 49500 -> server 1,
+    // client 49501 -> server 2.
+    let mut clients = Vec::new();
+    for port in [1u16, 2] {
+        let server = sockets.add(new_socket());
+        sockets.get_mut::<tcp::Socket>(server).listen(port).unwrap();
+        let client = sockets.add(new_socket());
+        sockets
+            .get_mut::<tcp::Socket>(client)
+            .connect(iface.context(), (local, port), 49499 + port)
+            .unwrap();
+        clients.push(client);
+    }
+    let mut t = Instant::ZERO;
+    for _ in 0..10 {
+        iface.poll(t, &mut device, &mut sockets);
+        device.rx_queue.extend(device.tx_queue.drain(..));
+        t += crate::time::Duration::from_millis(1);
+    }
+    for &c in &clients {
+        assert_eq!(
+            sockets.get::<tcp::Socket>(c).state(),
+            tcp::State::Established
+        );
+    }
+    assert!(device.rx_queue.is_empty() && device.tx_queue.is_empty());
+
+    // 20 full segments queued on each client (MSS 1460 on a 1500-byte IP MTU).
+    let data = vec![0x5a; 20 * 1460];
+    for &c in &clients {
+        let sent = sockets.get_mut::<tcp::Socket>(c).send_slice(&data).unwrap();
+        assert_eq!(sent, data.len());
+    }
+    let src_ports = |device: &mut crate::tests::TestingDevice| -> Vec<(u16, usize)> {
+        device
+            .tx_queue
+            .drain(..)
+            .map(|pkt| {
+                let ip = Ipv4Packet::new_checked(&pkt[..]).unwrap();
+                let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+                (tcp.src_port(), tcp.payload().len())
+            })
+            .collect()
+    };
+
+    // One walk: a run of TCP_EGRESS_BURST full segments from each client, in set order.
+    assert_eq!(
+        iface.poll_egress(t, &mut device, &mut sockets),
+        PollResult::SocketStateChanged
+    );
+    let mut expected = vec![(49500, 1460); TCP_EGRESS_BURST];
+    expected.extend(vec![(49501, 1460); TCP_EGRESS_BURST]);
+    assert_eq!(src_ports(&mut device), expected);
+
+    // The following walks send the rest, still taking turns; then nothing is left.
+    let mut rest = Vec::new();
+    while iface.poll_egress(t, &mut device, &mut sockets) != PollResult::None {
+        rest.extend(src_ports(&mut device));
+    }
+    let mut expected = Vec::new();
+    let mut left = 20 - TCP_EGRESS_BURST;
+    while left > 0 {
+        let run = left.min(TCP_EGRESS_BURST);
+        expected.extend(vec![(49500, 1460); run]);
+        expected.extend(vec![(49501, 1460); run]);
+        left -= run;
+    }
+    assert_eq!(rest, expected);
+}
