@@ -1398,6 +1398,14 @@ impl<'a> Socket<'a> {
         self.remote_last_seq - self.local_seq_no
     }
 
+    /// Whether the transmit buffer holds data that has not been sent yet. Total in every
+    /// state: false when the sequence numbers are not ordered as in a synchronized
+    /// connection (where `flight_size` would panic).
+    pub(crate) fn has_unsent_data(&self) -> bool {
+        let in_flight = self.remote_last_seq.0.wrapping_sub(self.local_seq_no.0);
+        in_flight >= 0 && self.tx_buffer.len() > in_flight as usize
+    }
+
     fn cwnd_remaining(&self) -> usize {
         self.congestion_controller
             .inner()

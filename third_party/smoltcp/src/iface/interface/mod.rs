@@ -791,7 +791,8 @@ impl Interface {
                     // TCP_EGRESS_BURST of them in this walk, not one: each walk
                     // visits every socket, so one segment per socket per walk costs
                     // a walk of the whole set per segment. The bound keeps sockets
-                    // taking turns when the device runs out of buffers.
+                    // taking turns when the device runs out of buffers. A socket
+                    // with no unsent data is not asked again in this walk.
                     let mut dispatched = Ok(());
                     for _ in 0..TCP_EGRESS_BURST {
                         let mut emitted = false;
@@ -799,7 +800,7 @@ impl Interface {
                             emitted = true;
                             respond(inner, meta, Packet::new(ip, IpPayload::Tcp(tcp)))
                         });
-                        if dispatched.is_err() || !emitted {
+                        if dispatched.is_err() || !emitted || !socket.has_unsent_data() {
                             break;
                         }
                     }
