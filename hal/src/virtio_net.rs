@@ -559,9 +559,20 @@ pub struct QueuePair {
     tx_free: Vec<u16>,
     tx_by_token: Vec<Option<u16>>,
     offloads: Offloads,
+    /// Received frames this pair's owner does not serve (see [`QueuePair::divert`]).
+    divert: Option<fn(&[u8]) -> bool>,
+    diverted: Vec<Vec<u8>>,
+    /// Frames handed over by another core ([`QueuePair::inject`]), received before the
+    /// device's; the one lent to the stack last.
+    injected: alloc::collections::VecDeque<Vec<u8>>,
+    lent: Vec<u8>,
     /// Counters.
     pub stats: NetStats,
 }
+
+/// Frames diverted and not yet taken that a pair keeps at most (more are dropped, as a full
+/// receive queue would).
+const DIVERTED_MAX: usize = 64;
 
 impl core::fmt::Debug for QueuePair {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -592,8 +603,30 @@ impl QueuePair {
             tx_bufs: (0..TX_BUFFERS).map(|_| new_buf()).collect(),
             tx_by_token: alloc::vec![None; QUEUE_SIZE],
             offloads: offloads_of(d.features),
+            divert: None,
+            diverted: Vec::new(),
+            injected: alloc::collections::VecDeque::new(),
+            lent: Vec::new(),
             stats: NetStats::default(),
         })
+    }
+
+    /// From now on, received frames for which `serves` is false are not handed to the stack
+    /// but copied aside for [`QueuePair::take_diverted`] (a core passes frames of flows it
+    /// does not serve to the core that does). Off the data path: allocates per frame.
+    pub fn divert(&mut self, serves: fn(&[u8]) -> bool) {
+        self.divert = Some(serves);
+    }
+
+    /// The oldest frame diverted and not yet taken.
+    pub fn take_diverted(&mut self) -> Option<Vec<u8>> {
+        (!self.diverted.is_empty()).then(|| self.diverted.remove(0))
+    }
+
+    /// Queues a frame another pair received (and diverted) to be received here, before the
+    /// device's next frames.
+    pub fn inject(&mut self, frame: Vec<u8>) {
+        self.injected.push_back(frame);
     }
 
     /// Posts every receive buffer (after DRIVER_OK).
@@ -778,6 +811,31 @@ impl phy::Device for QueuePair {
             self.stats.tx_full += 1;
             return None;
         }
+        if let Some(f) = self.injected.pop_front() {
+            self.lent = f;
+            self.stats.rx_frames += 1;
+            let Self {
+                lent,
+                tx,
+                tx_bufs,
+                tx_free,
+                tx_by_token,
+                stats,
+                offloads,
+                ..
+            } = self;
+            return Some((
+                RxToken { frame: lent },
+                TxToken {
+                    tx,
+                    bufs: tx_bufs,
+                    free: tx_free,
+                    by_token: tx_by_token,
+                    stats,
+                    tx_csum: offloads.tx_csum,
+                },
+            ));
+        }
         let (i, hdr, len) = loop {
             let token = self.rx.vq.peek_used()?;
             let i = self
@@ -806,6 +864,17 @@ impl phy::Device for QueuePair {
                 let b = &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT..BUF_SHIFT + hdr + len];
                 if !netcsum::rx_trusted(&b[..hdr]) && !netcsum::l4_checksum_ok(&b[hdr..]) {
                     self.stats.rx_bad_checksum += 1;
+                    self.repost_rx();
+                    continue;
+                }
+            }
+            if let Some(serves) = self.divert {
+                let b =
+                    &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT + hdr..BUF_SHIFT + hdr + len];
+                if !serves(b) {
+                    if self.diverted.len() < DIVERTED_MAX {
+                        self.diverted.push(b.to_vec());
+                    }
                     self.repost_rx();
                     continue;
                 }
