@@ -41,7 +41,8 @@ pub const CONTROLLER_CORE_ROLE: &str = "network (queue pair 0), NVMe/TCP, contro
 /// What a secondary's loop serves without a queue pair.
 pub const SECONDARY_ROLE: &str = "messages from core 0";
 /// What a secondary serves with its queue pair.
-pub const DATA_CORE_ROLE: &str = "network (its queue pair), NVMe/TCP I/O queues (admin through core 0)";
+pub const DATA_CORE_ROLE: &str =
+    "network (its queue pair), NVMe/TCP I/O queues (admin through core 0)";
 
 /// One core's NVMe/TCP counters, written by that core alone once per pass (a `Relaxed`
 /// store of its own totals) and read by core 0 without a lock.

@@ -185,6 +185,9 @@ struct Conn {
     cntlid: u16,
     recent: u32,
     reported_ms: u64,
+    /// The controller core ended its queue: close once what is queued has gone into the
+    /// socket (a Disconnect's completion comes just before).
+    terminate: bool,
 }
 
 /// The NVMe/TCP target service.
@@ -331,6 +334,7 @@ impl NvmfService {
             cntlid: 0,
             recent: 0,
             reported_ms: 0,
+            terminate: false,
             socket: a.handle,
             tcp,
             queue,
@@ -488,10 +492,7 @@ impl NvmfService {
                 depth,
                 adopt,
             ),
-            FromHolder::Terminate { .. } => {
-                c.tcp.close();
-                c.closing = true;
-            }
+            FromHolder::Terminate { .. } => c.terminate = true,
         }
     }
 
@@ -574,6 +575,10 @@ impl NvmfService {
             self.icreq_timeouts += 1;
         }
         c.flush(sock);
+        if c.terminate && !c.tcp.wants_transmit() {
+            c.tcp.close();
+            c.closing = true;
+        }
         if self.forwarding && !c.forward && c.recent > 0 && now_ms >= c.reported_ms + ACTIVITY_MS {
             cx.outbox.push(ToHolder::Activity { cntlid: c.cntlid });
             c.recent = 0;

@@ -396,7 +396,13 @@ impl Holder {
             match ev {
                 keel_controller::Event::Completion(q, resp) => {
                     let pi = resp.cookie as usize;
-                    if self.proxies.get(pi).and_then(Option::as_ref).map(|p| p.queue) == Some(q) {
+                    if self
+                        .proxies
+                        .get(pi)
+                        .and_then(Option::as_ref)
+                        .map(|p| p.queue)
+                        == Some(q)
+                    {
                         self.reply(pi, resp, links, &services.target);
                     } else if let Some(b) = resp.buf {
                         let _ = self.pool.put(b);

@@ -2,19 +2,19 @@
 //! completion. No interrupts, no locks and no allocation on the data path.
 
 use crate::config::DevConfig;
+use crate::cores::Links;
+use crate::hw::Nic;
 use crate::klog;
 use crate::mgmt::MgmtService;
 use crate::net::{Addressing, NetStack};
+use crate::percore::Holder;
 use crate::plan::{Plan, Source};
 use crate::platform::{Platform, shared_memory_bars};
 use crate::provisioned::PROVISION_PUBKEY;
+use crate::qemu::QemuNic;
 use crate::qemu::{Qemu, load_identity};
 use crate::services::{Services, WindowPort};
 use alloc::{format, vec::Vec};
-use crate::cores::Links;
-use crate::percore::Holder;
-use crate::hw::Nic;
-use crate::qemu::QemuNic;
 use keel_hal::arch::percpu;
 use keel_hal::virtio_net::{self, QueuePair};
 use keel_hal::{arch::timer, ivshmem::IvshmemWindow, println, virtio_net::VirtioNet};
@@ -84,7 +84,10 @@ fn bring_up_net(
             }
         }
     }
-    (bring_up_one(host.ecam.base as usize, f, addressing), Vec::new())
+    (
+        bring_up_one(host.ecam.base as usize, f, addressing),
+        Vec::new(),
+    )
 }
 
 fn bring_up_one(

@@ -10,9 +10,9 @@ use keel_hal::flash::{CfiFlash, FlashError};
 use keel_hal::ivshmem::IvshmemWindow;
 use keel_hal::nvme::{NvmeBackend, NvmeDrive};
 use keel_hal::virtio_net::{NetControl, QueuePair, RxToken, TxToken, VirtioNet};
+use keel_provision::flash::SECTOR_SIZE;
 use smoltcp::phy::{Device, DeviceCapabilities};
 use smoltcp::time::Instant;
-use keel_provision::flash::SECTOR_SIZE;
 
 /// The QEMU `virt` board.
 #[derive(Debug)]

@@ -368,8 +368,16 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "\ncores ({}):", s.cores.len())?;
         let mut rows = vec![
             [
-                "CORE", "MPIDR", "PASSES", "BUSY", "SLEEPS", "MESSAGES", "ALLOCS", "NVMF-CONNS",
-                "NVMF-CMDS", "SERVES",
+                "CORE",
+                "MPIDR",
+                "PASSES",
+                "BUSY",
+                "SLEEPS",
+                "MESSAGES",
+                "ALLOCS",
+                "NVMF-CONNS",
+                "NVMF-CMDS",
+                "SERVES",
             ]
             .map(String::from)
             .to_vec(),
