@@ -393,7 +393,7 @@ impl DataCore {
                 }
             } else if let Msg::FromHolder(m) = msg {
                 if let Some(p) = self.plane.as_mut() {
-                    p.from_holder(m, now);
+                    p.on_holder(m, now);
                 }
             } else if let Msg::Ping { seq, value } = msg {
                 let reply = Msg::Pong {

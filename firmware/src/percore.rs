@@ -218,7 +218,7 @@ impl Plane {
     }
 
     /// A message of the controller core.
-    pub fn from_holder(&mut self, msg: FromHolder, now_ns: u64) {
+    pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64) {
         self.nvmf.on_holder(msg, now_ns, &mut self.target);
     }
 }
@@ -363,7 +363,7 @@ impl Holder {
         }
         // Waiting commands first (they keep their order).
         while let Some((li, m)) = self.parked.pop_front() {
-            if let Some(m) = self.to_holder(li, m, now, links, target) {
+            if let Some(m) = self.take_message(li, m, now, links, target) {
                 self.parked.push_front((li, m));
                 break;
             }
@@ -377,7 +377,7 @@ impl Holder {
                 match msg {
                     Msg::ToHolder(m) if !self.parked.is_empty() => self.parked.push_back((li, m)),
                     Msg::ToHolder(m) => {
-                        if let Some(m) = self.to_holder(li, m, now, links, target) {
+                        if let Some(m) = self.take_message(li, m, now, links, target) {
                             self.parked.push_back((li, m));
                         }
                     }
@@ -438,7 +438,7 @@ impl Holder {
 
     /// Acts on a message for the controller core; gives a command back when it must wait
     /// for a buffer.
-    fn to_holder(
+    fn take_message(
         &mut self,
         li: usize,
         m: ToHolder,
@@ -531,9 +531,7 @@ impl Holder {
                         }
                     },
                 };
-                let Some(queue) = self.proxies[pi].as_ref().map(|p| p.queue) else {
-                    return None;
-                };
+                let queue = self.proxies[pi].as_ref().map(|p| p.queue)?;
                 let req = Request {
                     sqe,
                     buf,

@@ -70,7 +70,7 @@ fn bring_up_net(
                 let nic = QemuNic::Pair {
                     mac: control.mac(),
                     pair: pair0,
-                    control: Some(control),
+                    control: Some(alloc::boxed::Box::new(control)),
                 };
                 let net = NetStack::new(nic, addressing, timer::now_ns(), timer::counter());
                 return (Some(net), pairs);

@@ -5,6 +5,7 @@
 use crate::hw::{DriveCtl, Flash, Hw, Nic};
 use crate::klog;
 use crate::provisioned::Identity;
+use alloc::boxed::Box;
 use keel_hal::arch::{cpu, power, rng, timer};
 use keel_hal::flash::{CfiFlash, FlashError};
 use keel_hal::ivshmem::IvshmemWindow;
@@ -65,7 +66,7 @@ pub enum QemuNic {
         /// The pair.
         pair: QueuePair,
         /// The control part (core 0 only).
-        control: Option<NetControl>,
+        control: Option<Box<NetControl>>,
     },
 }
 
