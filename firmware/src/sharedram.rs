@@ -12,10 +12,10 @@
 //! value is invalid for `u8`. Ordering the two is the host's business.
 
 use alloc::boxed::Box;
-use alloc::collections::VecDeque;
+use keel_storage::memory::{self, Medium, RequestQueue};
 use keel_storage::{
-    BlockBackend, BlockCompletion, BlockError, BlockOp, BlockRequest, Capabilities, Geometry,
-    NowIo, RejectReason, Rejected,
+    BlockBackend, BlockCompletion, BlockError, BlockRequest, Capabilities, Geometry, NowIo,
+    Rejected,
 };
 
 /// The region of a shared RAM namespace: `len` zeroed bytes at `base`, leaked (it lives for
@@ -55,8 +55,7 @@ impl Region {
     pub fn handle(&self, depth: usize) -> SharedRam {
         SharedRam {
             region: *self,
-            queue: VecDeque::with_capacity(depth),
-            depth: depth.max(1),
+            queue: RequestQueue::new(depth.max(1)),
         }
     }
 
@@ -99,54 +98,30 @@ impl Region {
     }
 }
 
+impl Medium for Region {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn read_into(&self, start: usize, dst: &mut [u8]) {
+        self.read(start, dst)
+    }
+    fn write_from(&mut self, start: usize, src: &[u8]) {
+        self.write(start, src)
+    }
+    fn zero_range(&mut self, start: usize, len: usize) {
+        self.zero(start, len)
+    }
+    fn equals(&self, start: usize, data: &[u8]) -> bool {
+        Region::equals(self, start, data)
+    }
+}
+
 /// One core's handle on a shared RAM namespace: a [`BlockBackend`] whose requests complete
 /// in `poll`, and that reads and writes at once for the direct paths.
 #[derive(Debug)]
 pub struct SharedRam {
     region: Region,
-    queue: VecDeque<(BlockRequest, bool)>,
-    depth: usize,
-}
-
-impl SharedRam {
-    fn execute(&mut self, req: &mut BlockRequest) -> Result<(), BlockError> {
-        let range = req.validate(self.region.geometry, self.capabilities())?;
-        let (start, len) = self.region.span(req.lba, u64::from(req.blocks))?;
-        match req.op {
-            BlockOp::Flush | BlockOp::Verify => Ok(()),
-            BlockOp::WriteZeroes { .. } | BlockOp::Deallocate => {
-                self.region.zero(start, len);
-                Ok(())
-            }
-            BlockOp::Read => {
-                let buf = req.buf.as_mut().ok_or(BlockError::BufferTooSmall)?;
-                let dst = buf
-                    .capacity_mut()
-                    .get_mut(range)
-                    .filter(|d| d.len() == len)
-                    .ok_or(BlockError::BufferTooSmall)?;
-                self.region.read(start, dst);
-                Ok(())
-            }
-            BlockOp::Write { .. } | BlockOp::Compare => {
-                let compare = matches!(req.op, BlockOp::Compare);
-                let buf = req.buf.as_mut().ok_or(BlockError::BufferTooSmall)?;
-                let src = buf
-                    .capacity_mut()
-                    .get(range)
-                    .filter(|d| d.len() == len)
-                    .ok_or(BlockError::BufferTooSmall)?;
-                if !compare {
-                    self.region.write(start, src);
-                    Ok(())
-                } else if self.region.equals(start, src) {
-                    Ok(())
-                } else {
-                    Err(BlockError::CompareMismatch)
-                }
-            }
-        }
-    }
+    queue: RequestQueue,
 }
 
 impl BlockBackend for SharedRam {
@@ -155,33 +130,11 @@ impl BlockBackend for SharedRam {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            volatile_write_cache: false,
-            flush: true,
-            fua: true,
-            write_zeroes: true,
-            deallocate: true,
-            deallocate_reads_zero: true,
-            compare: true,
-            verify: true,
-        }
+        memory::CAPABILITIES
     }
 
     fn submit(&mut self, req: BlockRequest) -> Result<(), Rejected> {
-        if let Err(e) = req.validate(self.region.geometry, self.capabilities()) {
-            return Err(Rejected {
-                reason: RejectReason::Invalid(e),
-                req,
-            });
-        }
-        if self.queue.len() >= self.depth {
-            return Err(Rejected {
-                reason: RejectReason::Busy,
-                req,
-            });
-        }
-        self.queue.push_back((req, false));
-        Ok(())
+        self.queue.submit(self.region.geometry, req)
     }
 
     fn moves_data_now(&self) -> NowIo {
@@ -192,56 +145,33 @@ impl BlockBackend for SharedRam {
     }
 
     fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
-        self.region.geometry.check_now(lba, blocks, dst.len())?;
-        let (start, _) = self.region.span(lba, u64::from(blocks))?;
+        let start = memory::now_start(self.region.geometry, lba, blocks, dst.len())?;
+        self.region.span(lba, u64::from(blocks))?;
         self.region.read(start, dst);
         Ok(())
     }
 
     fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
-        self.region.geometry.check_now(lba, blocks, src.len())?;
-        let (start, _) = self.region.span(lba, u64::from(blocks))?;
+        let start = memory::now_start(self.region.geometry, lba, blocks, src.len())?;
+        self.region.span(lba, u64::from(blocks))?;
         self.region.write(start, src);
         Ok(())
     }
 
     fn abort(&mut self, tag: u64) -> bool {
-        match self
-            .queue
-            .iter_mut()
-            .find(|(r, aborted)| r.tag == tag && !*aborted)
-        {
-            Some((_, aborted)) => {
-                *aborted = true;
-                true
-            }
-            None => false,
-        }
+        self.queue.abort(tag)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {
-        let mut n = 0;
-        while let Some((mut req, aborted)) = self.queue.pop_front() {
-            let result = if aborted {
-                Err(BlockError::Aborted)
-            } else {
-                self.execute(&mut req)
-            };
-            done(BlockCompletion {
-                tag: req.tag,
-                result,
-                buf: req.buf.take(),
-            });
-            n += 1;
-        }
-        n
+        let g = self.region.geometry;
+        self.queue.poll(&mut self.region, g, done)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keel_storage::IoBuf;
+    use keel_storage::{BlockOp, IoBuf, RejectReason};
 
     fn run(
         b: &mut SharedRam,
