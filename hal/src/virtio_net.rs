@@ -811,78 +811,66 @@ impl phy::Device for QueuePair {
             self.stats.tx_full += 1;
             return None;
         }
-        if let Some(f) = self.injected.pop_front() {
-            self.lent = f;
-            self.stats.rx_frames += 1;
-            let Self {
-                lent,
-                tx,
-                tx_bufs,
-                tx_free,
-                tx_by_token,
-                stats,
-                offloads,
-                ..
-            } = self;
-            return Some((
-                RxToken { frame: lent },
-                TxToken {
-                    tx,
-                    bufs: tx_bufs,
-                    free: tx_free,
-                    by_token: tx_by_token,
-                    stats,
-                    tx_csum: offloads.tx_csum,
-                },
-            ));
-        }
-        let (i, hdr, len) = loop {
-            let token = self.rx.vq.peek_used()?;
-            let i = self
-                .rx_by_token
-                .get_mut(usize::from(token))
-                .and_then(Option::take)?;
-            let buf = &mut self.rx_bufs[usize::from(i)];
-            // SAFETY: the same buffer that was passed to `receive_begin` for this token.
-            let used = unsafe {
-                self.rx
-                    .vq
-                    .pop_used(token, &[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])
-            };
-            let frame = used.ok().and_then(|n| {
-                let n = usize::try_from(n).ok()?.min(BUF_LEN - BUF_SHIFT);
-                Some((NET_HDR_LEN, n.checked_sub(NET_HDR_LEN)?))
-            });
-            self.rx_repost = Some(i);
-            let Some((hdr, len)) = frame else {
-                self.stats.rx_errors += 1;
-                return None;
-            };
-            if self.offloads.rx_csum {
-                // smoltcp verifies no TCP/UDP checksum (see `Offloads::apply`): frames
-                // the device did not vouch for are checked here.
-                let b = &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT..BUF_SHIFT + hdr + len];
-                if !netcsum::rx_trusted(&b[..hdr]) && !netcsum::l4_checksum_ok(&b[hdr..]) {
-                    self.stats.rx_bad_checksum += 1;
-                    self.repost_rx();
-                    continue;
-                }
+        // A frame handed over by another core first (`inject`), then the device's.
+        let injected = match self.injected.pop_front() {
+            Some(f) => {
+                self.lent = f;
+                true
             }
-            if let Some(serves) = self.divert {
-                let b =
-                    &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT + hdr..BUF_SHIFT + hdr + len];
-                if !serves(b) {
-                    if self.diverted.len() < DIVERTED_MAX {
-                        self.diverted.push(b.to_vec());
+            None => false,
+        };
+        let (i, hdr, len) = if injected {
+            (0, 0, 0)
+        } else {
+            loop {
+                let token = self.rx.vq.peek_used()?;
+                let i = self
+                    .rx_by_token
+                    .get_mut(usize::from(token))
+                    .and_then(Option::take)?;
+                let buf = &mut self.rx_bufs[usize::from(i)];
+                // SAFETY: the same buffer that was passed to `receive_begin` for this token.
+                let used = unsafe {
+                    self.rx
+                        .vq
+                        .pop_used(token, &[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])
+                };
+                let frame = used.ok().and_then(|n| {
+                    let n = usize::try_from(n).ok()?.min(BUF_LEN - BUF_SHIFT);
+                    Some((NET_HDR_LEN, n.checked_sub(NET_HDR_LEN)?))
+                });
+                self.rx_repost = Some(i);
+                let Some((hdr, len)) = frame else {
+                    self.stats.rx_errors += 1;
+                    return None;
+                };
+                if self.offloads.rx_csum {
+                    // smoltcp verifies no TCP/UDP checksum (see `Offloads::apply`): frames
+                    // the device did not vouch for are checked here.
+                    let b = &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT..BUF_SHIFT + hdr + len];
+                    if !netcsum::rx_trusted(&b[..hdr]) && !netcsum::l4_checksum_ok(&b[hdr..]) {
+                        self.stats.rx_bad_checksum += 1;
+                        self.repost_rx();
+                        continue;
                     }
-                    self.repost_rx();
-                    continue;
                 }
+                if let Some(serves) = self.divert {
+                    let b = &bytes(&self.rx_bufs[usize::from(i)])
+                        [BUF_SHIFT + hdr..BUF_SHIFT + hdr + len];
+                    if !serves(b) {
+                        if self.diverted.len() < DIVERTED_MAX {
+                            self.diverted.push(b.to_vec());
+                        }
+                        self.repost_rx();
+                        continue;
+                    }
+                }
+                break (i, hdr, len);
             }
-            break (i, hdr, len);
         };
         self.stats.rx_frames += 1;
         let Self {
+            lent,
             rx_bufs,
             tx,
             tx_bufs,
@@ -892,7 +880,11 @@ impl phy::Device for QueuePair {
             offloads,
             ..
         } = self;
-        let frame = &bytes(&rx_bufs[usize::from(i)])[BUF_SHIFT + hdr..BUF_SHIFT + hdr + len];
+        let frame = if injected {
+            &lent[..]
+        } else {
+            &bytes(&rx_bufs[usize::from(i)])[BUF_SHIFT + hdr..BUF_SHIFT + hdr + len]
+        };
         Some((
             RxToken { frame },
             TxToken {
