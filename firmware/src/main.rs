@@ -45,6 +45,8 @@ mod services;
 mod sharedram;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_percore;
 
 // The board: keel-hal's drivers, boot, the poll loops.
 #[cfg(target_os = "none")]

@@ -35,13 +35,10 @@ use crate::net::{Addressing, NetStack};
 use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
 use crate::poll::{DISCOVERY_PORT, NVMF_PORT};
 use crate::qemu::{Qemu, QemuNic};
-use crate::services::{ReplicaSubsystem, Services};
+use crate::services::{ReplicaSubsystem, Services, replica_target};
 use alloc::collections::VecDeque;
 use alloc::{boxed::Box, string::String, vec::Vec};
-use keel_controller::{
-    Instant, Limits, NamespaceConfig, QueueId, Request, Response, SubsystemConfig, Target,
-    TargetConfig,
-};
+use keel_controller::{Instant, Limits, QueueId, Request, Response, Target};
 use keel_hal::arch::timer;
 use keel_hal::println;
 use keel_hal::virtio_net::QueuePair;
@@ -54,10 +51,6 @@ const MAX_TRANSFER: usize = 128 * 1024;
 const HOLDER_BUFFERS: usize = 32;
 /// NVMe/TCP data buffers of a core other than core 0.
 const SECONDARY_BUFFERS: usize = 64;
-/// Requests one namespace's handle holds between polls on a secondary.
-const REPLICA_DEPTH: usize = 1024;
-/// Scratch buffers (Copy) of a replica.
-const REPLICA_SCRATCH: usize = 4;
 
 /// What core `k` needs to serve NVMe/TCP: its queue pair and what its replica is built from.
 /// Everything in it can move to core `k`.
@@ -95,41 +88,6 @@ fn served_here(frame: &[u8]) -> bool {
         Some(17) => false,
         _ => true,
     }
-}
-
-/// A replica target over the subsystems every core can serve.
-fn replica_target(subsystems: Vec<ReplicaSubsystem>, limits: Limits) -> Option<Target> {
-    let region = crate::hw::dma_region(REPLICA_SCRATCH * MAX_TRANSFER);
-    let scratch = BufPool::lazy(region, region.as_ptr() as u64, MAX_TRANSFER).ok();
-    let subsystems = subsystems
-        .into_iter()
-        .map(|s| SubsystemConfig {
-            nqn: s.nqn,
-            serial: s.serial,
-            model: s.model,
-            allowed_hosts: s.allowed_hosts,
-            namespaces: s
-                .namespaces
-                .into_iter()
-                .map(|(nsid, region, nguid)| NamespaceConfig {
-                    nsid,
-                    backend: Box::new(region.handle(REPLICA_DEPTH)),
-                    nguid,
-                    uuid: [0; 16],
-                    eui64: [0; 8],
-                    qos: Default::default(),
-                })
-                .collect(),
-        })
-        .collect();
-    Target::new(TargetConfig {
-        subsystems,
-        limits,
-        scratch,
-        ..Default::default()
-    })
-    .map_err(|e| klog::error!("percore: replica refused: {}", klog::D(&e)))
-    .ok()
 }
 
 /// Core `k`'s NVMe/TCP data plane: its network stack on its queue pair, its connections and

@@ -857,6 +857,47 @@ fn replicable(
         .collect()
 }
 
+/// Requests one namespace's handle holds between polls on a core serving a replica.
+const REPLICA_DEPTH: usize = 1024;
+/// Scratch buffers (Copy) of a replica, and their size.
+const REPLICA_SCRATCH: usize = 4;
+const REPLICA_SCRATCH_SIZE: usize = 128 * 1024;
+
+/// A replica target over the subsystems every core can serve.
+pub(crate) fn replica_target(subsystems: Vec<ReplicaSubsystem>, limits: Limits) -> Option<Target> {
+    let region = dma_region(REPLICA_SCRATCH * REPLICA_SCRATCH_SIZE);
+    let scratch = BufPool::lazy(region, region.as_ptr() as u64, REPLICA_SCRATCH_SIZE).ok();
+    let subsystems = subsystems
+        .into_iter()
+        .map(|s| SubsystemConfig {
+            nqn: s.nqn,
+            serial: s.serial,
+            model: s.model,
+            allowed_hosts: s.allowed_hosts,
+            namespaces: s
+                .namespaces
+                .into_iter()
+                .map(|(nsid, region, nguid)| NamespaceConfig {
+                    nsid,
+                    backend: Box::new(region.handle(REPLICA_DEPTH)),
+                    nguid,
+                    uuid: [0; 16],
+                    eui64: [0; 8],
+                    qos: Default::default(),
+                })
+                .collect(),
+        })
+        .collect();
+    Target::new(TargetConfig {
+        subsystems,
+        limits,
+        scratch,
+        ..Default::default()
+    })
+    .map_err(|e| klog::error!("percore: replica refused: {}", klog::D(&e)))
+    .ok()
+}
+
 /// Hands an event of the core to the transport that owns its queue ([`Event::owner`]).
 pub(crate) fn route<W: EndpointFunction>(
     ev: Event,
