@@ -297,6 +297,17 @@ impl Queue {
         sqe: keel_nvme::Sqe,
         data: Option<Vec<u8>>,
     ) -> (Cqe, Option<Vec<u8>>) {
+        self.cmd_with(dev, sqe, data, &mut |_| {})
+    }
+
+    /// [`Queue::cmd`], running `also` after each device pass.
+    pub(crate) fn cmd_with(
+        &mut self,
+        dev: &mut Device,
+        sqe: keel_nvme::Sqe,
+        data: Option<Vec<u8>>,
+        also: &mut dyn FnMut(&mut Device),
+    ) -> (Cqe, Option<Vec<u8>>) {
         let data = data.map(|d| {
             let n = d.len() as u32;
             (d, n)
@@ -304,6 +315,7 @@ impl Queue {
         let cid = self.host.submit(sqe, data).expect("submit");
         for _ in 0..10_000 {
             self.pump(dev);
+            also(dev);
             while let Some(ev) = self.host.poll_event() {
                 if let HostEvent::Completion { cid: c, cqe, buf } = ev
                     && c == cid

@@ -176,7 +176,7 @@ impl Holder {
     }
 }
 
-/// Runs the core's passes and the holder's answers until `done` or a bound.
+/// One command to completion, the holder answering after each pass of the core.
 fn run(
     dev: &mut Device,
     h: &mut Holder,
@@ -184,23 +184,7 @@ fn run(
     sqe: keel_nvme::Sqe,
     data: Option<Vec<u8>>,
 ) -> (Cqe, Option<Vec<u8>>) {
-    let data = data.map(|d| {
-        let n = d.len() as u32;
-        (d, n)
-    });
-    let cid = q.host.submit(sqe, data).expect("submit");
-    for _ in 0..10_000 {
-        q.pump(dev);
-        h.serve(dev);
-        while let Some(ev) = q.host.poll_event() {
-            if let keel_nvmf_tcp::HostEvent::Completion { cid: c, cqe, buf } = ev
-                && c == cid
-            {
-                return (cqe, buf);
-            }
-        }
-    }
-    panic!("command {cid} never completed");
+    q.cmd_with(dev, sqe, data, &mut |d| h.serve(d))
 }
 
 /// A device whose NVMe/TCP service is a secondary core's: forwarding, over a replica of the
