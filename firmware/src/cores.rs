@@ -31,11 +31,45 @@ pub static LOOPS: [LoopCounters; MAX_CORES] = [const { LoopCounters::new() }; MA
 
 /// Bit `i` set: core `i` runs a poll loop (core 0 always; a secondary once started).
 static RUNNING: AtomicU64 = AtomicU64::new(1);
+/// Bit `i` set: core `i` serves NVMe/TCP on its own queue pair ([`crate::percore`]).
+static PLANES: AtomicU64 = AtomicU64::new(0);
 
 /// What core 0's loop serves (status and `/metrics`).
 pub const BOOT_CORE_ROLE: &str = "network, NVMe/TCP, drives, functions, management";
-/// What a secondary's loop serves today.
+/// What core 0 serves when the other cores serve NVMe/TCP too.
+pub const CONTROLLER_CORE_ROLE: &str = "network (queue pair 0), NVMe/TCP, controllers and admin queues of every core's connections, drives, functions, management";
+/// What a secondary's loop serves without a queue pair.
 pub const SECONDARY_ROLE: &str = "messages from core 0";
+/// What a secondary serves with its queue pair.
+pub const DATA_CORE_ROLE: &str =
+    "network (its queue pair), NVMe/TCP I/O queues (admin through core 0)";
+
+/// One core's NVMe/TCP counters, written by that core alone once per pass (a `Relaxed`
+/// store of its own totals) and read by core 0 without a lock.
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct NvmfCounters {
+    accepted: AtomicU64,
+    commands: AtomicU64,
+}
+
+impl NvmfCounters {
+    const fn new() -> Self {
+        Self {
+            accepted: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+        }
+    }
+
+    /// Owner: its service's totals (connections accepted, commands taken).
+    pub fn publish(&self, accepted: u64, commands: u64) {
+        self.accepted.store(accepted, Ordering::Relaxed);
+        self.commands.store(commands, Ordering::Relaxed);
+    }
+}
+
+/// Every core's NVMe/TCP counters, indexed by core.
+pub static NVMF: [NvmfCounters; MAX_CORES] = [const { NvmfCounters::new() }; MAX_CORES];
 
 /// This core's loop counters.
 pub fn own_counters() -> &'static LoopCounters {
@@ -45,6 +79,7 @@ pub fn own_counters() -> &'static LoopCounters {
 /// Every running core's counters, read without a lock (core 0 first).
 pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
     let running = RUNNING.load(Ordering::Acquire);
+    let planes = PLANES.load(Ordering::Acquire);
     percpu::cores()
         .iter()
         .filter(|c| c.index < 64 && running & (1 << c.index) != 0)
@@ -53,10 +88,11 @@ pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
             keel_mgmt::CoreInfo {
                 index: c.index as u16,
                 mpidr: c.mpidr,
-                role: if c.index == 0 {
-                    BOOT_CORE_ROLE
-                } else {
-                    SECONDARY_ROLE
+                role: match (c.index, planes & (1 << c.index) != 0) {
+                    (0, _) if planes != 0 => CONTROLLER_CORE_ROLE,
+                    (0, _) => BOOT_CORE_ROLE,
+                    (_, true) => DATA_CORE_ROLE,
+                    _ => SECONDARY_ROLE,
                 }
                 .into(),
                 passes: l.passes,
@@ -64,6 +100,8 @@ pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
                 sleeps: l.sleeps,
                 messages: l.messages,
                 allocator_calls: heap_calls(c.index),
+                nvmf_connections: NVMF[c.index].accepted.load(Ordering::Relaxed),
+                nvmf_commands: NVMF[c.index].commands.load(Ordering::Relaxed),
             }
         })
         .collect()
@@ -75,11 +113,14 @@ pub const RING_SLOTS: usize = 64;
 const IDLE_SPIN_NS: u64 = 200_000;
 /// The longest sleep (a lost doorbell costs at most this).
 const MAX_SLEEP_NS: u64 = 5_000_000;
+/// The longest sleep of a core serving NVMe/TCP (frames on its pair wake core 0, which rings
+/// it; if core 0 was busy then, this bounds the delay).
+const PLANE_SLEEP_NS: u64 = 1_000_000;
 /// How long core 0 waits for a reply at boot.
 const REPLY_TIMEOUT_NS: u64 = 2_000_000_000;
 
-/// A message between cores (small and `Copy`: rings move it by value).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A message between cores (rings move it by value; what it owns moves with it).
+#[derive(Debug)]
 pub enum Msg {
     /// Core 0 → core k: answer with a [`Msg::Pong`] carrying `seq` and `value + 1`.
     Ping {
@@ -101,6 +142,16 @@ pub enum Msg {
         /// Allocator calls it made since its loop started (the I/O path must make none).
         allocs: u64,
     },
+    /// Core 0 → core k: serve NVMe/TCP on this queue pair (see [`crate::percore`]).
+    Serve(Box<crate::percore::ServeSpec>),
+    /// Core k → core 0: for the controller core (forwarded commands, closed connections,
+    /// keep-alive traffic).
+    ToHolder(crate::nvmf::ToHolder),
+    /// Core 0 → core k: the controller core's answer.
+    FromHolder(crate::nvmf::FromHolder),
+    /// Core k → core 0: a received frame of a flow core 0 serves (management, DHCP,
+    /// outgoing connections), to be received there.
+    Frame(alloc::vec::Vec<u8>),
     /// Test builds: recurse into the stack guard page (`keel.test=core-overflow`).
     #[cfg(feature = "test-build")]
     Overflow,
@@ -290,6 +341,10 @@ struct DataCore {
     allocs_at_start: u64,
     sleeps: bool,
     counters: &'static LoopCounters,
+    /// Its NVMe/TCP data plane, once core 0 handed it a queue pair.
+    plane: Option<crate::percore::Plane>,
+    /// Messages for core 0 that found the ring full.
+    backlog: alloc::collections::VecDeque<Msg>,
 }
 
 impl DataCore {
@@ -314,6 +369,8 @@ impl DataCore {
             allocs_at_start: heap_calls(info.index),
             sleeps,
             counters: &LOOPS[info.index.min(MAX_CORES - 1)],
+            plane: None,
+            backlog: alloc::collections::VecDeque::new(),
         }
     }
 
@@ -321,9 +378,24 @@ impl DataCore {
     fn pass(&mut self) -> bool {
         self.passes += 1;
         let mut taken = 0;
+        let now = timer::now_ns();
         while let Some(msg) = self.rx.pop() {
             taken += 1;
-            if let Msg::Ping { seq, value } = msg {
+            #[cfg(feature = "test-build")]
+            if matches!(msg, Msg::Overflow) {
+                println!("keel: test stack overflow on core {}", self.info.index);
+                println!("unreachable: {}", crate::testhooks::recurse(1));
+            }
+            if let Msg::Serve(spec) = msg {
+                self.plane = crate::percore::Plane::new(self.info.index, *spec, now);
+                if self.plane.is_some() {
+                    PLANES.fetch_or(1 << self.info.index, Ordering::Release);
+                }
+            } else if let Msg::FromHolder(m) = msg {
+                if let Some(p) = self.plane.as_mut() {
+                    p.on_holder(m, now);
+                }
+            } else if let Msg::Ping { seq, value } = msg {
                 let reply = Msg::Pong {
                     seq,
                     value: value.wrapping_add(1),
@@ -335,15 +407,21 @@ impl DataCore {
                 // it stopped listening: the reply is dropped, and core 0 times out.
                 let _ = self.tx.push(reply);
             }
-            #[cfg(feature = "test-build")]
-            if msg == Msg::Overflow {
-                println!("keel: test stack overflow on core {}", self.info.index);
-                println!("unreachable: {}", crate::testhooks::recurse(1));
+        }
+        let mut busy = taken > 0;
+        if let Some(p) = self.plane.as_mut() {
+            let backlog = &mut self.backlog;
+            busy |= p.pass(now, &mut |m| backlog.push_back(m));
+        }
+        while let Some(m) = self.backlog.pop_front() {
+            if let Err(m) = self.tx.push(m) {
+                self.backlog.push_front(m);
+                break;
             }
         }
-        self.counters.pass(taken > 0);
+        self.counters.pass(busy);
         self.counters.received(taken);
-        taken > 0
+        busy
     }
 
     fn run(mut self) {
@@ -368,7 +446,12 @@ impl DataCore {
                 continue;
             }
             self.counters.slept();
-            timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(MAX_SLEEP_NS)));
+            let sleep = if self.plane.is_some() {
+                PLANE_SLEEP_NS
+            } else {
+                MAX_SLEEP_NS
+            };
+            timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(sleep)));
             timer::wait_for_interrupt();
             timer::disarm_wakeup();
         }

@@ -41,8 +41,12 @@ mod provisioned;
 mod remote;
 #[cfg(any(test, target_os = "none"))]
 mod services;
+#[cfg(any(test, target_os = "none"))]
+mod sharedram;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_percore;
 
 // The board: keel-hal's drivers, boot, the poll loops.
 #[cfg(target_os = "none")]
@@ -53,6 +57,8 @@ mod drives;
 mod fatal;
 #[cfg(all(target_os = "none", feature = "test-build"))]
 mod netmq;
+#[cfg(target_os = "none")]
+mod percore;
 #[cfg(target_os = "none")]
 mod platform;
 #[cfg(target_os = "none")]
@@ -74,8 +80,8 @@ fn main(info: keel_hal::arch::boot::BootInfo) -> ! {
         Ok(p) => p,
         Err(e) => fatal::boot_failed(e),
     };
-    cores::start(&mut platform, info.entry_el);
-    poll::run(platform)
+    let cores = cores::start(&mut platform, info.entry_el);
+    poll::run(platform, cores)
 }
 
 #[cfg(all(not(target_os = "none"), not(test)))]

@@ -28,9 +28,10 @@ use crate::hw::Hw;
 use crate::net::{Accepted, NetStack};
 use alloc::{format, string::String, vec::Vec};
 use keel_controller::{
-    Event as CoreEvent, Instant, NowData, PortEntry, QueueId, QueueLoss, Request, Response, Target,
+    Adoption, Event as CoreEvent, Instant, NowData, PortEntry, QueueId, QueueLoss, Request,
+    Response, Target,
 };
-use keel_nvme::{Sqe, Status};
+use keel_nvme::{Cqe, Sqe, Status};
 use keel_nvmf_tcp::{Event as TcpEvent, TargetConfig as TcpConfig, TargetConnection, TargetState};
 use keel_qos::Intake;
 use keel_storage::{BufPool, IoBuf};
@@ -42,6 +43,87 @@ const MAX_TRANSFER: usize = 128 * 1024;
 /// The owner of the NVMe/TCP service's core queues (`Target::open_queue_for`); emulated
 /// functions are owners `0..` by position (see `crate::services`).
 pub(crate) const OWNER: u16 = u16::MAX;
+/// The owner of the queues the controller core opens for connections that other cores carry
+/// (see [`ToHolder`]).
+pub(crate) const FORWARD_OWNER: u16 = u16::MAX - 1;
+/// How often (at most) a core tells the controller core that a controller's I/O queues it
+/// serves had traffic (traffic-based keep-alive).
+const ACTIVITY_MS: u64 = 1_000;
+
+/// A connection on a core other than the controller core: its slot there and a number no
+/// other connection of that core had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    /// Slot in that core's [`NvmfService`].
+    pub slot: u32,
+    /// The connection's serial number on that core.
+    pub serial: u64,
+}
+
+/// From a core serving NVMe/TCP connections to the controller core, which holds every
+/// controller (admin queues, discovery, keep-alive, configuration). Off the I/O path: only
+/// commands of queues the core does not serve itself travel (Connect, admin commands,
+/// I/O queues of subsystems the core has no replica of).
+#[derive(Debug)]
+pub enum ToHolder {
+    /// A command of the connection (`status`: the transport already failed it so).
+    Capsule {
+        /// The connection.
+        conn: ConnRef,
+        /// The command.
+        sqe: Sqe,
+        /// Host-to-controller data (empty otherwise).
+        data: Vec<u8>,
+        /// The transfer length the command describes.
+        data_len: u32,
+        /// Set when the transport failed the command with this status.
+        status: Option<Status>,
+    },
+    /// The connection ended.
+    Closed {
+        /// The connection.
+        conn: ConnRef,
+        /// How.
+        how: QueueLoss,
+    },
+    /// I/O queues of controller `cntlid` served on the core had traffic.
+    Activity {
+        /// The controller.
+        cntlid: u16,
+    },
+}
+
+/// From the controller core back to a connection's core.
+#[derive(Debug)]
+pub enum FromHolder {
+    /// A forwarded command's completion.
+    Done {
+        /// The connection.
+        conn: ConnRef,
+        /// The completion.
+        cqe: Cqe,
+        /// Controller-to-host data.
+        data: Vec<u8>,
+        /// After a successful Connect: the queue's SQSIZE and whether the host disabled SQ
+        /// flow control.
+        depth: Option<(u16, bool)>,
+        /// After a successful I/O queue Connect of a subsystem the core has a replica of:
+        /// serve the queue there from now on.
+        adopt: Option<Adoption>,
+    },
+    /// The controller ended the connection's queue: close it.
+    Terminate {
+        /// The connection.
+        conn: ConnRef,
+    },
+}
+
+/// Whether a command carries data from the host (NVMe base 2.0 §4.2: opcode bits 1:0 = 01b;
+/// a fabrics command's only data, Connect's, goes that way too).
+fn host_to_controller(sqe: &Sqe) -> bool {
+    sqe.opcode == 0x7F || sqe.opcode & 0x3 == 0x1
+}
+
 /// Data buffers shared by every connection.
 const POOL_BUFFERS: usize = 256;
 /// Command slots per connection (the largest queue depth a host can get).
@@ -92,6 +174,20 @@ struct Conn {
     closing: bool,
     /// When the connection was accepted (ns): the oldest silent ones are evicted first.
     opened_ns: u64,
+    /// Its serial number on this core ([`ConnRef`]).
+    serial: u64,
+    /// Its commands go to the controller core ([`ToHolder`]) instead of this core's target.
+    forward: bool,
+    /// Buffers of forwarded commands, by CID, until their completion comes back.
+    held: Vec<(u16, Option<IoBuf>)>,
+    /// The controller of its adopted I/O queue, commands since the last activity report
+    /// and when that was (ms).
+    cntlid: u16,
+    recent: u32,
+    reported_ms: u64,
+    /// The controller core ended its queue: close once what is queued has gone into the
+    /// socket (a Disconnect's completion comes just before).
+    terminate: bool,
 }
 
 /// The NVMe/TCP target service.
@@ -107,6 +203,16 @@ pub struct NvmfService {
     pub evicted: u64,
     /// Connections closed because their ICReq did not come in time.
     pub icreq_timeouts: u64,
+    /// Commands taken from connections (forwarded ones included).
+    pub commands: u64,
+    /// Connections accepted.
+    pub accepted: u64,
+    /// This service runs on a core other than the controller core: every connection
+    /// forwards its commands ([`ToHolder`]) until its I/O queue is adopted.
+    forwarding: bool,
+    /// Messages for the controller core, sent by the poll loop.
+    pub outbox: Vec<ToHolder>,
+    serials: u64,
     /// Commands whose data moved without a pool buffer.
     pub direct: DirectCounts,
     /// Work waiting for a buffer, one FIFO per connection (by its slot), served in arrival
@@ -130,7 +236,15 @@ impl NvmfService {
     /// The service, with its data buffers; `advertise` replaces the interface's own address
     /// in the discovery log.
     pub fn new(advertise: Option<(String, String)>) -> Result<Self, keel_storage::PoolError> {
-        let region = crate::hw::dma_region(POOL_BUFFERS * MAX_TRANSFER);
+        Self::with_buffers(advertise, POOL_BUFFERS)
+    }
+
+    /// [`NvmfService::new`] with `buffers` data buffers.
+    pub fn with_buffers(
+        advertise: Option<(String, String)>,
+        buffers: usize,
+    ) -> Result<Self, keel_storage::PoolError> {
+        let region = crate::hw::dma_region(buffers * MAX_TRANSFER);
         let dma = region.as_ptr() as u64;
         let pool = BufPool::lazy(region, dma, MAX_TRANSFER)?;
         let tcp_cfg = TcpConfig {
@@ -148,9 +262,20 @@ impl NvmfService {
             refused: 0,
             evicted: 0,
             icreq_timeouts: 0,
+            commands: 0,
+            accepted: 0,
+            forwarding: false,
+            outbox: Vec::new(),
+            serials: 0,
             direct: DirectCounts::default(),
             waiting: Intake::with_queues(crate::net::MAX_SOCKETS),
         })
+    }
+
+    /// The service of a core other than the controller core (see [`ToHolder`]).
+    pub fn forwarding(mut self) -> Self {
+        self.forwarding = true;
+        self
     }
 
     /// Open connections.
@@ -203,6 +328,13 @@ impl NvmfService {
             .unwrap_or(self.conns.len());
         let conn = Conn {
             slot: slot as u32,
+            serial: self.serials,
+            forward: self.forwarding,
+            held: Vec::new(),
+            cntlid: 0,
+            recent: 0,
+            reported_ms: 0,
+            terminate: false,
             socket: a.handle,
             tcp,
             queue,
@@ -211,6 +343,8 @@ impl NvmfService {
             closing: false,
             opened_ns: now_ns,
         };
+        self.serials += 1;
+        self.accepted += 1;
         match self.conns.get_mut(slot) {
             Some(free) => *free = Some(conn),
             None => self.conns.push(Some(conn)),
@@ -260,6 +394,8 @@ impl NvmfService {
                 now,
                 waiting: &mut self.waiting,
                 direct: &mut self.direct,
+                outbox: &mut self.outbox,
+                commands: &mut self.commands,
             };
             c.begin(&mut cx, w, b);
         }
@@ -325,6 +461,41 @@ impl NvmfService {
         }
     }
 
+    /// A message of the controller core for one of this core's connections (one that has
+    /// gone since is ignored).
+    pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64, target: &mut Target) {
+        let conn = match &msg {
+            FromHolder::Done { conn, .. } | FromHolder::Terminate { conn } => *conn,
+        };
+        let Some(c) = self
+            .conns
+            .get_mut(conn.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|c| c.serial == conn.serial)
+        else {
+            return;
+        };
+        match msg {
+            FromHolder::Done {
+                cqe,
+                data,
+                depth,
+                adopt,
+                ..
+            } => c.answered(
+                &mut self.pool,
+                &mut self.waiting,
+                target,
+                Instant::from_nanos(now_ns),
+                cqe,
+                data,
+                depth,
+                adopt,
+            ),
+            FromHolder::Terminate { .. } => c.terminate = true,
+        }
+    }
+
     /// Moves every connection's pending PDUs into its socket.
     pub fn flush<H: Hw>(&mut self, net: &mut NetStack<H>) {
         for c in self.conns.iter_mut().flatten() {
@@ -365,20 +536,28 @@ impl NvmfService {
             now,
             waiting: &mut self.waiting,
             direct: &mut self.direct,
+            outbox: &mut self.outbox,
+            commands: &mut self.commands,
         };
         let sock = net.sockets.get_mut::<tcp::Socket>(c.socket);
         // Receive: feed the transport until it stops taking bytes (it stops early when it
         // needs a buffer from us). In-capsule writes whose data is here run from the socket's
         // receive window.
-        let (queue, cookie) = (c.queue, c.slot);
+        let (queue, cookie, forward) = (c.queue, c.slot, c.forward);
         while sock.can_recv() && !c.closing {
-            let (target, direct) = (&mut *cx.target, &mut *cx.direct);
+            let (target, direct, commands) = (&mut *cx.target, &mut *cx.direct, &mut *cx.commands);
+            let recent = &mut c.recent;
             let taken = sock.recv(|bytes| {
                 let n = c
                     .tcp
                     .recv_direct(now_ms, bytes, &mut |sqe: &Sqe, data: &[u8]| {
+                        if forward {
+                            return None;
+                        }
                         let r = target.submit_now(now, queue, sqe, cookie, NowData::Write(data))?;
                         direct.writes += 1;
+                        *commands += 1;
+                        *recent += 1;
                         Some(r.cqe)
                     });
                 (n, n)
@@ -396,6 +575,15 @@ impl NvmfService {
             self.icreq_timeouts += 1;
         }
         c.flush(sock);
+        if c.terminate && !c.tcp.wants_transmit() {
+            c.tcp.close();
+            c.closing = true;
+        }
+        if self.forwarding && !c.forward && c.recent > 0 && now_ms >= c.reported_ms + ACTIVITY_MS {
+            cx.outbox.push(ToHolder::Activity { cntlid: c.cntlid });
+            c.recent = 0;
+            c.reported_ms = now_ms;
+        }
         // The peer is gone once it reset the connection (or it timed out), or once it closed
         // its side and we have consumed everything (a half-closed host sends no more
         // commands). Both lose the queue only: Linux deletes a controller by closing each I/O
@@ -420,8 +608,17 @@ impl NvmfService {
             _ => None,
         };
         if let Some(how) = loss {
-            let c = self.conns[i].take().expect("checked above");
+            let mut c = self.conns[i].take().expect("checked above");
             cx.waiting.close(i);
+            if self.forwarding {
+                cx.outbox.push(ToHolder::Closed {
+                    conn: c.conn_ref(),
+                    how,
+                });
+                for (_, b) in c.held.drain(..) {
+                    recycle(cx.pool, b);
+                }
+            }
             let _ = cx.target.close_queue_after(c.queue, how);
             drain_buffers(c.tcp, &mut self.pool);
             net.release(c.socket, true, now.as_nanos());
@@ -470,6 +667,10 @@ struct Ctx<'a> {
     waiting: &'a mut Intake<Waiting>,
     /// [`NvmfService::direct`].
     direct: &'a mut DirectCounts,
+    /// [`NvmfService::outbox`].
+    outbox: &'a mut Vec<ToHolder>,
+    /// [`NvmfService::commands`].
+    commands: &'a mut u64,
 }
 
 /// Commands whose data moved between a namespace and a socket without a pool buffer.
@@ -496,7 +697,96 @@ impl Conn {
         }
     }
 
+    fn conn_ref(&self) -> ConnRef {
+        ConnRef {
+            slot: self.slot,
+            serial: self.serial,
+        }
+    }
+
+    /// Sends a command to the controller core (the connection's queue is held there); its
+    /// buffer waits here for the completion. Off the I/O path of adopted queues: allocates.
+    fn forward(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, buf: Option<IoBuf>, data_len: u32) {
+        let data = match &buf {
+            Some(b) if host_to_controller(&sqe) => {
+                let d = b.as_slice();
+                d[..d.len().min(data_len as usize)].to_vec()
+            }
+            _ => Vec::new(),
+        };
+        self.held.push((sqe.cid, buf));
+        cx.outbox.push(ToHolder::Capsule {
+            conn: self.conn_ref(),
+            sqe,
+            data,
+            data_len,
+            status: None,
+        });
+    }
+
+    /// The controller core's answer to a forwarded command: the completion goes out with
+    /// its data; a successful Connect sets the queue's depth, and an adopted I/O queue is
+    /// served by this core's target from now on (if it cannot be, the controller core keeps
+    /// serving it through [`ToHolder`]).
+    #[allow(clippy::too_many_arguments)]
+    fn answered(
+        &mut self,
+        pool: &mut BufPool,
+        waiting: &mut Intake<Waiting>,
+        target: &mut Target,
+        now: Instant,
+        cqe: Cqe,
+        data: Vec<u8>,
+        depth: Option<(u16, bool)>,
+        adopt: Option<Adoption>,
+    ) {
+        let buf = self
+            .held
+            .iter()
+            .position(|(cid, _)| *cid == cqe.cid)
+            .and_then(|i| self.held.swap_remove(i).1);
+        if let Some((sqsize, fc)) = depth
+            && !self.depth_set
+        {
+            let depth = sqsize.saturating_add(1);
+            self.tcp.set_queue_depth(depth);
+            waiting.reserve(self.slot as usize, usize::from(depth));
+            self.fc_disabled = fc;
+            self.depth_set = true;
+        }
+        if let Some(a) = adopt
+            && target.adopt_io_queue(now, self.queue, &a).is_ok()
+        {
+            self.forward = false;
+            self.cntlid = a.cntlid;
+        }
+        let mut buf = buf;
+        let data_len = match buf.as_mut() {
+            Some(b) if !data.is_empty() => {
+                let n = data.len().min(b.capacity());
+                b.set_len(n);
+                b.as_mut_slice().copy_from_slice(&data[..n]);
+                n as u32
+            }
+            _ => 0,
+        };
+        self.deliver(
+            pool,
+            Response {
+                cqe,
+                buf,
+                data_len,
+                cookie: self.slot,
+            },
+        );
+    }
+
     fn submit(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, buf: Option<IoBuf>, data_len: u32) {
+        *cx.commands += 1;
+        self.recent += 1;
+        if self.forward {
+            return self.forward(cx, sqe, buf, data_len);
+        }
         let req = Request {
             sqe,
             buf,
@@ -523,6 +813,17 @@ impl Conn {
     /// Fails a command the transport rejected, with the status it chose; the controller core
     /// accounts its submission queue slot.
     fn fail(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, status: Status) {
+        if self.forward {
+            self.held.push((sqe.cid, None));
+            cx.outbox.push(ToHolder::Capsule {
+                conn: self.conn_ref(),
+                sqe,
+                data: Vec::new(),
+                data_len: 0,
+                status: Some(status),
+            });
+            return;
+        }
         let req = Request {
             sqe,
             buf: None,
@@ -566,6 +867,9 @@ impl Conn {
     /// ([`TargetConnection::complete_in_window`] with [`Target::submit_now`]). Returns false,
     /// with nothing changed, when that cannot be done: the caller then takes a buffer.
     fn read_in_window(&mut self, cx: &mut Ctx<'_>, sock: &mut tcp::Socket, sqe: &Sqe) -> bool {
+        if self.forward {
+            return false;
+        }
         // PDUs already queued go first, so the window is at the end of the stream.
         self.flush(sock);
         let (queue, cookie, fc) = (self.queue, self.slot, self.fc_disabled);
@@ -609,6 +913,8 @@ impl Conn {
                 } => {
                     if self.read_in_window(cx, sock, &sqe) {
                         cx.direct.reads += 1;
+                        *cx.commands += 1;
+                        self.recent += 1;
                     } else {
                         self.start(cx, Waiting::Command { sqe, data_len });
                     }

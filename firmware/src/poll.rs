@@ -2,15 +2,21 @@
 //! completion. No interrupts, no locks and no allocation on the data path.
 
 use crate::config::DevConfig;
+use crate::cores::Links;
+use crate::hw::Nic;
 use crate::klog;
 use crate::mgmt::MgmtService;
 use crate::net::{Addressing, NetStack};
+use crate::percore::Holder;
 use crate::plan::{Plan, Source};
 use crate::platform::{Platform, shared_memory_bars};
 use crate::provisioned::PROVISION_PUBKEY;
+use crate::qemu::QemuNic;
 use crate::qemu::{Qemu, load_identity};
 use crate::services::{Services, WindowPort};
 use alloc::{format, vec::Vec};
+use keel_hal::arch::percpu;
+use keel_hal::virtio_net::{self, QueuePair};
 use keel_hal::{arch::timer, ivshmem::IvshmemWindow, println, virtio_net::VirtioNet};
 
 /// NVMe/TCP port (NVMe/TCP transport spec 1.0 §7.4.4, IANA).
@@ -21,14 +27,77 @@ pub const DISCOVERY_PORT: u16 = 8009;
 /// How long boot waits for a DHCP lease before declaring itself ready anyway.
 const DHCP_WAIT_NS: u64 = 3_000_000_000;
 
-fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack<Qemu>> {
-    let host = platform.dt.pcie.as_ref()?;
-    let f = platform.pci.iter().find(|f| {
+/// The network stack of core 0, and the queue pairs of the other cores when they serve
+/// NVMe/TCP too: with `cores` > 1, a static address (the other cores have no DHCP client)
+/// and a device that offers multiqueue, the NIC comes up with a pair per core.
+fn bring_up_net(
+    platform: &Platform,
+    addressing: Addressing,
+    cores: usize,
+) -> (Option<NetStack<Qemu>>, Vec<QueuePair>) {
+    let Some(host) = platform.dt.pcie.as_ref() else {
+        return (None, Vec::new());
+    };
+    let Some(f) = platform.pci.iter().find(|f| {
         f.vendor == 0x1af4 && (f.device == 0x1041 || f.device == 0x1000) && f.class.0 == 0x02
-    })?;
+    }) else {
+        return (None, Vec::new());
+    };
+    if cores > 1 && f.device == 0x1041 && matches!(addressing, Addressing::Static(..)) {
+        // SAFETY: as below.
+        let nic = unsafe {
+            virtio_net::multiqueue(
+                host.ecam.base as usize,
+                f.bdf.bus,
+                f.bdf.dev,
+                f.bdf.func,
+                cores as u16,
+            )
+        };
+        match nic {
+            Ok((control, mut pairs)) if pairs.len() > 1 => {
+                let off = control.offloads();
+                klog::info!(
+                    "net: virtio-net at {} MAC {}, checksum offload: transmit {}, receive {}; {} queue pairs: NVMe/TCP on cores 0..{}",
+                    klog::D(&f.bdf),
+                    klog::Mac(control.mac()),
+                    off.tx_csum,
+                    off.rx_csum,
+                    pairs.len(),
+                    pairs.len() - 1
+                );
+                let pair0 = pairs.remove(0);
+                let nic = QemuNic::Pair {
+                    mac: control.mac(),
+                    pair: pair0,
+                    control: Some(alloc::boxed::Box::new(control)),
+                };
+                let net = NetStack::new(nic, addressing, timer::now_ns(), timer::counter());
+                return (Some(net), pairs);
+            }
+            Ok(_) => {
+                klog::info!("net: the NIC offers one queue pair: NVMe/TCP on core 0 only");
+            }
+            Err(e) => {
+                klog::error!("net: {}; serving nothing over the network", klog::D(&e));
+                return (None, Vec::new());
+            }
+        }
+    }
+    (
+        bring_up_one(host.ecam.base as usize, f, addressing),
+        Vec::new(),
+    )
+}
+
+fn bring_up_one(
+    ecam_base: usize,
+    f: &keel_hal::pcie::Function,
+    addressing: Addressing,
+) -> Option<NetStack<Qemu>> {
     // SAFETY: the ECAM region is mapped as device memory; the virtio-net function's BARs were
     // assigned by enumeration and lie in the mapped windows; nothing else drives it.
-    let nic = unsafe { VirtioNet::new(host.ecam.base as usize, f.bdf.bus, f.bdf.dev, f.bdf.func) };
+    let nic = unsafe { VirtioNet::new(ecam_base, f.bdf.bus, f.bdf.dev, f.bdf.func) };
     match nic {
         Ok(nic) => {
             let off = nic.offloads();
@@ -40,7 +109,7 @@ fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack<
                 off.rx_csum
             );
             Some(NetStack::new(
-                nic,
+                QemuNic::Single(nic),
                 addressing,
                 timer::now_ns(),
                 timer::counter(),
@@ -54,7 +123,7 @@ fn bring_up_net(platform: &Platform, addressing: Addressing) -> Option<NetStack<
 }
 
 /// Brings the services up, prints `keel: ready` and polls forever.
-pub fn run(mut platform: Platform) -> ! {
+pub fn run(mut platform: Platform, cores: usize) -> ! {
     let features = keel_hal::arch::cpu::Features::read();
     keel_nvmf_tcp::crc32c::set_hardware(features.crc32);
     if !features.crc32 {
@@ -70,7 +139,7 @@ pub fn run(mut platform: Platform) -> ! {
         Some((cfg, _)) => crate::plan::addressing(&cfg.device.network),
         None => Addressing::from_bootargs(platform.dt.bootargs.as_str()),
     };
-    let mut net = bring_up_net(&platform, addressing);
+    let (mut net, pairs) = bring_up_net(&platform, addressing, cores);
     let mac = net.as_ref().map_or([0; 6], |n| n.device.mac());
     let drives = crate::drives::bring_up(&platform);
     let plan = match provisioned {
@@ -102,7 +171,14 @@ pub fn run(mut platform: Platform) -> ! {
                 .map_err(|e| format!("{e}")),
         })
         .collect::<Vec<_>>();
-    let mut services = Services::build(plan, drives, windows, net.is_some(), identity);
+    let mut services = Services::build_with(
+        plan,
+        drives,
+        windows,
+        net.is_some(),
+        identity,
+        !pairs.is_empty(),
+    );
     let mut mgmt: Option<MgmtService> = None;
     if let Some(net) = net.as_mut() {
         let plan = services.plan();
@@ -130,6 +206,10 @@ pub fn run(mut platform: Platform) -> ! {
             net.poll(timer::now_ns());
         }
     }
+    let mut holder = percpu::with_local::<Links, _>(|links| {
+        Holder::start(links, pairs, mac, addressing, &services)
+    })
+    .flatten();
     let ready_ns = timer::now_ns();
     let addr = net.as_ref().and_then(NetStack::address);
     let functions = match services.functions() {
@@ -166,9 +246,25 @@ pub fn run(mut platform: Platform) -> ! {
         .is_some_and(|n| enable_wakeups(&mut platform, n));
     let mut last_busy = timer::now_ns();
     let counters = crate::cores::own_counters();
+    let max_sleep = if holder.is_some() {
+        // Forwarded commands from the other cores arrive on the rings, which raise no
+        // interrupt here: they wait at most this.
+        HOLDER_SLEEP_NS
+    } else {
+        MAX_SLEEP_NS
+    };
     loop {
         let now = timer::now_ns();
-        let busy = pass(now, net.as_mut(), &mut services, mgmt.as_mut());
+        let mut busy = pass(now, net.as_mut(), &mut services, mgmt.as_mut());
+        if let Some(h) = holder.as_mut() {
+            busy |= percpu::with_local::<Links, _>(|links| {
+                h.poll(now, links, &mut services, net.as_mut())
+            })
+            .unwrap_or(false);
+        }
+        if let Some(s) = services.nvmf.as_ref() {
+            crate::cores::NVMF[0].publish(s.accepted, s.commands);
+        }
         counters.pass(busy);
         if busy {
             last_busy = now;
@@ -190,18 +286,22 @@ pub fn run(mut platform: Platform) -> ! {
         let delay_ns = net
             .as_mut()
             .and_then(|n| n.poll_delay(now))
-            .map_or(MAX_SLEEP_NS, |d| d.total_micros().saturating_mul(1_000))
-            .min(MAX_SLEEP_NS)
+            .map_or(max_sleep, |d| d.total_micros().saturating_mul(1_000))
+            .min(max_sleep)
             .min(
                 services
                     .next_deadline()
                     .map_or(u64::MAX, |d| d.saturating_sub(now)),
             )
-            .min(services.qos_wakeup_in(now).unwrap_or(MAX_SLEEP_NS));
+            .min(services.qos_wakeup_in(now).unwrap_or(max_sleep));
         counters.slept();
         timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(delay_ns)));
         timer::wait_for_interrupt();
         timer::disarm_wakeup();
+        if holder.is_some() {
+            // The NIC's interrupt (shared by every pair) may have been for another core.
+            percpu::with_local::<Links, _>(|links| Holder::wake_all(links));
+        }
     }
 }
 
@@ -209,6 +309,8 @@ pub fn run(mut platform: Platform) -> ! {
 const IDLE_SPIN_NS: u64 = 200_000;
 /// The longest sleep (timers inside the services, such as keep-alive, need no finer grain).
 const MAX_SLEEP_NS: u64 = 5_000_000;
+/// The longest sleep while other cores serve NVMe/TCP (see [`crate::percore`]).
+const HOLDER_SLEEP_NS: u64 = 1_000_000;
 
 /// One pass over the NIC and the services; returns whether anything happened. What came in
 /// is handled before anything is sent: the responses of the whole pass leave together, the

@@ -5,19 +5,22 @@
 use crate::hw::{DriveCtl, Flash, Hw, Nic};
 use crate::klog;
 use crate::provisioned::Identity;
+use alloc::boxed::Box;
 use keel_hal::arch::{cpu, power, rng, timer};
 use keel_hal::flash::{CfiFlash, FlashError};
 use keel_hal::ivshmem::IvshmemWindow;
 use keel_hal::nvme::{NvmeBackend, NvmeDrive};
-use keel_hal::virtio_net::VirtioNet;
+use keel_hal::virtio_net::{NetControl, QueuePair, RxToken, TxToken, VirtioNet};
 use keel_provision::flash::SECTOR_SIZE;
+use smoltcp::phy::{Device, DeviceCapabilities};
+use smoltcp::time::Instant;
 
 /// The QEMU `virt` board.
 #[derive(Debug)]
 pub struct Qemu;
 
 impl Hw for Qemu {
-    type Nic = VirtioNet;
+    type Nic = QemuNic;
     type Window = IvshmemWindow;
     type DriveCtl = NvmeDrive;
     type DriveNs = NvmeBackend;
@@ -49,12 +52,91 @@ impl Hw for Qemu {
     }
 }
 
-impl Nic for VirtioNet {
+/// The NIC of one core's network stack: the whole single-queue virtio-net (one core), or
+/// one queue pair of a multiqueue one (core `k` has pair `k`; core 0 also keeps the device's
+/// control part, whose interrupt status it acknowledges).
+#[derive(Debug)]
+pub enum QemuNic {
+    /// One queue pair, one core.
+    Single(VirtioNet),
+    /// A pair of a multiqueue NIC.
+    Pair {
+        /// The MAC address (every pair's).
+        mac: [u8; 6],
+        /// The pair.
+        pair: QueuePair,
+        /// The control part (core 0 only).
+        control: Option<Box<NetControl>>,
+    },
+}
+
+impl QemuNic {
+    /// Lets the device interrupt when frames arrive on this NIC's queue(s).
+    pub fn enable_wakeups(&mut self) {
+        match self {
+            QemuNic::Single(n) => n.enable_wakeups(),
+            QemuNic::Pair { pair, .. } => pair.enable_wakeups(),
+        }
+    }
+
+    /// Clears the device's interrupt (where this NIC has the transport).
+    pub fn ack_wakeup(&mut self) {
+        match self {
+            QemuNic::Single(n) => n.ack_wakeup(),
+            QemuNic::Pair {
+                control: Some(c), ..
+            } => c.ack_wakeup(),
+            QemuNic::Pair { .. } => {}
+        }
+    }
+
+    /// The queue pair, for a pair of a multiqueue NIC.
+    pub fn pair(&mut self) -> Option<&mut QueuePair> {
+        match self {
+            QemuNic::Single(_) => None,
+            QemuNic::Pair { pair, .. } => Some(pair),
+        }
+    }
+}
+
+impl Device for QemuNic {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        match self {
+            QemuNic::Single(n) => n.receive(now),
+            QemuNic::Pair { pair, .. } => pair.receive(now),
+        }
+    }
+
+    fn transmit(&mut self, now: Instant) -> Option<TxToken<'_>> {
+        match self {
+            QemuNic::Single(n) => n.transmit(now),
+            QemuNic::Pair { pair, .. } => pair.transmit(now),
+        }
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        match self {
+            QemuNic::Single(n) => n.capabilities(),
+            QemuNic::Pair { pair, .. } => pair.capabilities(),
+        }
+    }
+}
+
+impl Nic for QemuNic {
     fn mac(&self) -> [u8; 6] {
-        VirtioNet::mac(self)
+        match self {
+            QemuNic::Single(n) => n.mac(),
+            QemuNic::Pair { mac, .. } => *mac,
+        }
     }
     fn flush_tx(&mut self) {
-        VirtioNet::flush_tx(self)
+        match self {
+            QemuNic::Single(n) => n.flush_tx(),
+            QemuNic::Pair { pair, .. } => pair.flush_tx(),
+        }
     }
 }
 

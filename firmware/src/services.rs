@@ -154,6 +154,29 @@ pub struct Services<H: Hw> {
     pub(crate) health: crate::health::HealthLog,
     /// Each QoS tenant's rate over the last second (status, metrics).
     pub(crate) qos_rates: crate::device::QosRates,
+    /// Events of the queues the controller core holds for connections on other cores
+    /// ([`crate::nvmf::FORWARD_OWNER`]), for the poll loop to send there.
+    pub(crate) forwarded_events: Vec<Event>,
+    /// Subsystems whose I/O queues other cores serve themselves (see [`ReplicaSubsystem`]).
+    pub(crate) replicable: Vec<ReplicaSubsystem>,
+}
+
+/// A subsystem other cores can serve I/O queues of from a replica of the controller core
+/// (`Target::adopt_io_queue`): all its namespaces are unencrypted RAM namespaces in shared
+/// regions ([`crate::sharedram`]), and no QoS limit applies (limits are enforced where the
+/// commands are counted, on one core). Everything in it can move to another core.
+#[derive(Debug, Clone)]
+pub struct ReplicaSubsystem {
+    /// Its NQN, serial, model and allowed hosts (as the controller core has them).
+    pub nqn: String,
+    /// Serial number.
+    pub serial: String,
+    /// Model.
+    pub model: String,
+    /// Allowed hosts.
+    pub allowed_hosts: Vec<String>,
+    /// Its namespaces: NSID, the shared region, NGUID.
+    pub namespaces: Vec<(u32, crate::sharedram::Region, [u8; 16])>,
 }
 
 impl<H: Hw> core::fmt::Debug for Services<H> {
@@ -431,14 +454,29 @@ pub(crate) fn start_function<H: Hw>(
 impl<H: Hw> Services<H> {
     /// Builds the target, the transports and the namespaces of `plan` on `drives`; one
     /// emulated function per window the plan attaches to a subsystem.
+    #[cfg(test)]
     pub fn build(
+        plan: Plan,
+        drives: Vec<LocalDrive<H>>,
+        windows: Vec<WindowPort<H::Window>>,
+        network: bool,
+        identity: Identity<H::Flash>,
+    ) -> Services<H> {
+        Self::build_with(plan, drives, windows, network, identity, false)
+    }
+
+    /// [`Services::build`]; `share_ram`: RAM namespaces live in shared regions other cores
+    /// can serve too, and [`Services::replicable`] lists the subsystems they can serve.
+    pub fn build_with(
         plan: Plan,
         mut drives: Vec<LocalDrive<H>>,
         windows: Vec<WindowPort<H::Window>>,
         network: bool,
         identity: Identity<H::Flash>,
+        share_ram: bool,
     ) -> Services<H> {
         let mut shared: Shared<H> = Vec::new();
+        let mut regions: Vec<(String, u32, crate::sharedram::Region, [u8; 16])> = Vec::new();
         let uses = |d: usize, n: u32| {
             plan.namespaces
                 .iter()
@@ -480,7 +518,14 @@ impl<H: Hw> Services<H> {
                     continue;
                 }
             };
-            let Some(cfg) = build_namespace(&plan, ns, many, &mut drives, &mut shared) else {
+            let shareable = share_ram && ns.key.is_none() && ns.function.is_none();
+            let cfg = match &ns.spec {
+                NsSpec::Ram(bytes) if shareable => {
+                    shared_ram_namespace::<H>(&plan, ns, *bytes, &mut regions)
+                }
+                _ => build_namespace(&plan, ns, many, &mut drives, &mut shared),
+            };
+            let Some(cfg) = cfg else {
                 continue;
             };
             if let Some(s) = subsystems.iter_mut().find(|s| s.nqn == ns.subsystem) {
@@ -605,6 +650,11 @@ impl<H: Hw> Services<H> {
         let (health, device_health) =
             crate::health::HealthLog::boot(identity.flash.as_mut(), H::now_ns());
         target.set_health(device_health);
+        let replicable = if share_ram {
+            replicable(&plan, &regions)
+        } else {
+            Vec::new()
+        };
         Services {
             target,
             nvmf,
@@ -619,6 +669,8 @@ impl<H: Hw> Services<H> {
             sockets: SocketCounts::default(),
             health,
             qos_rates: Default::default(),
+            forwarded_events: Vec::with_capacity(64),
+            replicable,
         }
     }
 
@@ -695,7 +747,14 @@ impl<H: Hw> Services<H> {
         if let Some(n) = net.as_deref_mut() {
             busy |= remotes.poll(now_ns, n, target, plan, served);
         }
-        busy |= target.poll(now, &mut |ev| route(ev, functions, nvmf.as_mut())) > 0;
+        let fwd = &mut self.forwarded_events;
+        busy |= target.poll(now, &mut |ev| {
+            if ev.owner() == crate::nvmf::FORWARD_OWNER {
+                fwd.push(ev);
+            } else {
+                route(ev, functions, nvmf.as_mut())
+            }
+        }) > 0;
         if let Some(n) = net {
             if let Some(s) = nvmf.as_mut() {
                 s.flush(n);
@@ -730,6 +789,112 @@ impl<H: Hw> Services<H> {
                     .is_none_or(|f| f.state() == FunctionState::Disabled)
         }) && self.drives.iter().all(|d| d.outstanding() == 0)
     }
+}
+
+/// A RAM namespace of the plan in a shared region ([`crate::sharedram`]), recorded in
+/// `regions` for the other cores.
+fn shared_ram_namespace<H: Hw>(
+    plan: &Plan,
+    ns: &NsPlan,
+    bytes: u64,
+    regions: &mut Vec<(String, u32, crate::sharedram::Region, [u8; 16])>,
+) -> Option<NamespaceConfig> {
+    let free = H::heap_free() as u64;
+    let region = if bytes.saturating_add(HEAP_RESERVE) > free {
+        None
+    } else {
+        crate::sharedram::Region::new(ns.block_size, bytes / u64::from(ns.block_size))
+    };
+    let Some(region) = region else {
+        klog::error!(
+            "storage: {}: RAM namespace of {} MiB does not fit the free heap ({} MiB, {} MiB kept in reserve) or has a bad size: the namespace is not served",
+            ns_name(plan, ns),
+            bytes >> 20,
+            free >> 20,
+            HEAP_RESERVE >> 20
+        );
+        return None;
+    };
+    let cfg = finish_namespace::<H>(plan, ns, Box::new(region.handle(BACKEND_DEPTH)))?;
+    regions.push((ns.subsystem.clone(), ns.nsid, region, cfg.nguid));
+    Some(cfg)
+}
+
+/// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
+/// of the plan in them is a RAM namespace served from a shared region, and the plan sets no
+/// QoS limits.
+fn replicable(
+    plan: &Plan,
+    regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
+) -> Vec<ReplicaSubsystem> {
+    if !plan.host_qos().is_empty() || !plan.qos_groups().is_empty() {
+        return Vec::new();
+    }
+    plan.subsystems
+        .iter()
+        .filter(|s| {
+            plan.namespaces
+                .iter()
+                .filter(|n| n.subsystem == s.nqn)
+                .all(|n| {
+                    matches!(n.spec, NsSpec::Ram(_))
+                        && regions.iter().any(|r| r.0 == s.nqn && r.1 == n.nsid)
+                        && plan.namespace_qos(n) == keel_controller::NamespaceQos::default()
+                })
+        })
+        .map(|s| ReplicaSubsystem {
+            nqn: s.nqn.clone(),
+            serial: s.serial.clone(),
+            model: s.model.clone(),
+            allowed_hosts: s.allowed_hosts.clone(),
+            namespaces: regions
+                .iter()
+                .filter(|r| r.0 == s.nqn)
+                .map(|r| (r.1, r.2, r.3))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Requests one namespace's handle holds between polls on a core serving a replica.
+const REPLICA_DEPTH: usize = 1024;
+/// Scratch buffers (Copy) of a replica, and their size.
+const REPLICA_SCRATCH: usize = 4;
+const REPLICA_SCRATCH_SIZE: usize = 128 * 1024;
+
+/// A replica target over the subsystems every core can serve.
+pub(crate) fn replica_target(subsystems: Vec<ReplicaSubsystem>, limits: Limits) -> Option<Target> {
+    let region = dma_region(REPLICA_SCRATCH * REPLICA_SCRATCH_SIZE);
+    let scratch = BufPool::lazy(region, region.as_ptr() as u64, REPLICA_SCRATCH_SIZE).ok();
+    let subsystems = subsystems
+        .into_iter()
+        .map(|s| SubsystemConfig {
+            nqn: s.nqn,
+            serial: s.serial,
+            model: s.model,
+            allowed_hosts: s.allowed_hosts,
+            namespaces: s
+                .namespaces
+                .into_iter()
+                .map(|(nsid, region, nguid)| NamespaceConfig {
+                    nsid,
+                    backend: Box::new(region.handle(REPLICA_DEPTH)),
+                    nguid,
+                    uuid: [0; 16],
+                    eui64: [0; 8],
+                    qos: Default::default(),
+                })
+                .collect(),
+        })
+        .collect();
+    Target::new(TargetConfig {
+        subsystems,
+        limits,
+        scratch,
+        ..Default::default()
+    })
+    .map_err(|e| klog::error!("percore: replica refused: {}", klog::D(&e)))
+    .ok()
 }
 
 /// Hands an event of the core to the transport that owns its queue ([`Event::owner`]).

@@ -32,19 +32,19 @@ thread_local! {
     static RANDOM: Cell<u64> = const { Cell::new(0x1234_5678) };
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     NOW.with(Cell::get)
 }
 
-fn advance(ns: u64) {
+pub(crate) fn advance(ns: u64) {
     NOW.with(|n| n.set(n.get() + ns));
 }
 
 /// The host as a board: smoltcp's loopback NIC, in-memory windows and flash, a clock the test
 /// moves.
-struct TestHw;
+pub(crate) struct TestHw;
 
-struct NoDrive;
+pub(crate) struct NoDrive;
 
 impl DriveCtl for NoDrive {
     fn poll(&self, _now_ns: u64) -> bool {
@@ -56,7 +56,7 @@ impl DriveCtl for NoDrive {
 }
 
 /// NOR flash in memory: erase sets bytes to FFh, programming can only clear bits.
-struct RamFlash(Vec<u8>);
+pub(crate) struct RamFlash(Vec<u8>);
 
 impl Flash for RamFlash {
     type Error = &'static str;
@@ -178,14 +178,14 @@ fn loopback_stack() -> NetStack<TestHw> {
 
 /// The device side: its network stack and services, advanced one pass at a time as the poll
 /// loop does.
-struct Device {
-    net: NetStack<TestHw>,
-    services: Services<TestHw>,
+pub(crate) struct Device {
+    pub(crate) net: NetStack<TestHw>,
+    pub(crate) services: Services<TestHw>,
     mgmt: Option<MgmtService>,
 }
 
 impl Device {
-    fn new(args: &str) -> Self {
+    pub(crate) fn new(args: &str) -> Self {
         Self::with_windows(args, Vec::new())
     }
 
@@ -202,7 +202,7 @@ impl Device {
     }
 
     /// One pass as the poll loop makes it (`poll::pass`): receive, services, send.
-    fn pass(&mut self) {
+    pub(crate) fn pass(&mut self) {
         advance(10_000);
         let t = now();
         self.net.poll_ingress(t);
@@ -233,13 +233,13 @@ impl Device {
 
 /// An NVMe/TCP queue of a host: a client socket of the device's own interface and
 /// keel-nvmf-tcp's host state machine.
-struct Queue {
-    sock: SocketHandle,
-    host: HostConnection<Vec<u8>>,
+pub(crate) struct Queue {
+    pub(crate) sock: SocketHandle,
+    pub(crate) host: HostConnection<Vec<u8>>,
 }
 
 impl Queue {
-    fn open(dev: &mut Device, local_port: u16) -> Queue {
+    pub(crate) fn open(dev: &mut Device, local_port: u16) -> Queue {
         Self::open_with(
             dev,
             local_port,
@@ -267,7 +267,7 @@ impl Queue {
     }
 
     /// Moves bytes both ways and runs a device pass.
-    fn pump(&mut self, dev: &mut Device) {
+    pub(crate) fn pump(&mut self, dev: &mut Device) {
         let s = dev.net.sockets.get_mut::<tcp::Socket>(self.sock);
         while self.host.wants_transmit() && s.can_send() {
             let n = s
@@ -301,6 +301,17 @@ impl Queue {
         sqe: keel_nvme::Sqe,
         data: Option<Vec<u8>>,
     ) -> (Cqe, Option<Vec<u8>>) {
+        self.cmd_with(dev, sqe, data, &mut |_| {})
+    }
+
+    /// [`Queue::cmd`], running `also` after each device pass.
+    pub(crate) fn cmd_with(
+        &mut self,
+        dev: &mut Device,
+        sqe: keel_nvme::Sqe,
+        data: Option<Vec<u8>>,
+        also: &mut dyn FnMut(&mut Device),
+    ) -> (Cqe, Option<Vec<u8>>) {
         let data = data.map(|d| {
             let n = d.len() as u32;
             (d, n)
@@ -308,6 +319,7 @@ impl Queue {
         let cid = self.host.submit(sqe, data).expect("submit");
         for _ in 0..10_000 {
             self.pump(dev);
+            also(dev);
             while let Some(ev) = self.host.poll_event() {
                 if let HostEvent::Completion { cid: c, cqe, buf } = ev
                     && c == cid

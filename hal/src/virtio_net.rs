@@ -559,9 +559,20 @@ pub struct QueuePair {
     tx_free: Vec<u16>,
     tx_by_token: Vec<Option<u16>>,
     offloads: Offloads,
+    /// Received frames this pair's owner does not serve (see [`QueuePair::divert`]).
+    divert: Option<fn(&[u8]) -> bool>,
+    diverted: Vec<Vec<u8>>,
+    /// Frames handed over by another core ([`QueuePair::inject`]), received before the
+    /// device's; the one lent to the stack last.
+    injected: alloc::collections::VecDeque<Vec<u8>>,
+    lent: Vec<u8>,
     /// Counters.
     pub stats: NetStats,
 }
+
+/// Frames diverted and not yet taken that a pair keeps at most (more are dropped, as a full
+/// receive queue would).
+const DIVERTED_MAX: usize = 64;
 
 impl core::fmt::Debug for QueuePair {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -592,8 +603,30 @@ impl QueuePair {
             tx_bufs: (0..TX_BUFFERS).map(|_| new_buf()).collect(),
             tx_by_token: alloc::vec![None; QUEUE_SIZE],
             offloads: offloads_of(d.features),
+            divert: None,
+            diverted: Vec::new(),
+            injected: alloc::collections::VecDeque::new(),
+            lent: Vec::new(),
             stats: NetStats::default(),
         })
+    }
+
+    /// From now on, received frames for which `serves` is false are not handed to the stack
+    /// but copied aside for [`QueuePair::take_diverted`] (a core passes frames of flows it
+    /// does not serve to the core that does). Off the data path: allocates per frame.
+    pub fn divert(&mut self, serves: fn(&[u8]) -> bool) {
+        self.divert = Some(serves);
+    }
+
+    /// The oldest frame diverted and not yet taken.
+    pub fn take_diverted(&mut self) -> Option<Vec<u8>> {
+        (!self.diverted.is_empty()).then(|| self.diverted.remove(0))
+    }
+
+    /// Queues a frame another pair received (and diverted) to be received here, before the
+    /// device's next frames.
+    pub fn inject(&mut self, frame: Vec<u8>) {
+        self.injected.push_back(frame);
     }
 
     /// Posts every receive buffer (after DRIVER_OK).
@@ -778,42 +811,66 @@ impl phy::Device for QueuePair {
             self.stats.tx_full += 1;
             return None;
         }
-        let (i, hdr, len) = loop {
-            let token = self.rx.vq.peek_used()?;
-            let i = self
-                .rx_by_token
-                .get_mut(usize::from(token))
-                .and_then(Option::take)?;
-            let buf = &mut self.rx_bufs[usize::from(i)];
-            // SAFETY: the same buffer that was passed to `receive_begin` for this token.
-            let used = unsafe {
-                self.rx
-                    .vq
-                    .pop_used(token, &[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])
-            };
-            let frame = used.ok().and_then(|n| {
-                let n = usize::try_from(n).ok()?.min(BUF_LEN - BUF_SHIFT);
-                Some((NET_HDR_LEN, n.checked_sub(NET_HDR_LEN)?))
-            });
-            self.rx_repost = Some(i);
-            let Some((hdr, len)) = frame else {
-                self.stats.rx_errors += 1;
-                return None;
-            };
-            if self.offloads.rx_csum {
-                // smoltcp verifies no TCP/UDP checksum (see `Offloads::apply`): frames
-                // the device did not vouch for are checked here.
-                let b = &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT..BUF_SHIFT + hdr + len];
-                if !netcsum::rx_trusted(&b[..hdr]) && !netcsum::l4_checksum_ok(&b[hdr..]) {
-                    self.stats.rx_bad_checksum += 1;
-                    self.repost_rx();
-                    continue;
-                }
+        // A frame handed over by another core first (`inject`), then the device's.
+        let injected = match self.injected.pop_front() {
+            Some(f) => {
+                self.lent = f;
+                true
             }
-            break (i, hdr, len);
+            None => false,
+        };
+        let (i, hdr, len) = if injected {
+            (0, 0, 0)
+        } else {
+            loop {
+                let token = self.rx.vq.peek_used()?;
+                let i = self
+                    .rx_by_token
+                    .get_mut(usize::from(token))
+                    .and_then(Option::take)?;
+                let buf = &mut self.rx_bufs[usize::from(i)];
+                // SAFETY: the same buffer that was passed to `receive_begin` for this token.
+                let used = unsafe {
+                    self.rx
+                        .vq
+                        .pop_used(token, &[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])
+                };
+                let frame = used.ok().and_then(|n| {
+                    let n = usize::try_from(n).ok()?.min(BUF_LEN - BUF_SHIFT);
+                    Some((NET_HDR_LEN, n.checked_sub(NET_HDR_LEN)?))
+                });
+                self.rx_repost = Some(i);
+                let Some((hdr, len)) = frame else {
+                    self.stats.rx_errors += 1;
+                    return None;
+                };
+                if self.offloads.rx_csum {
+                    // smoltcp verifies no TCP/UDP checksum (see `Offloads::apply`): frames
+                    // the device did not vouch for are checked here.
+                    let b = &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT..BUF_SHIFT + hdr + len];
+                    if !netcsum::rx_trusted(&b[..hdr]) && !netcsum::l4_checksum_ok(&b[hdr..]) {
+                        self.stats.rx_bad_checksum += 1;
+                        self.repost_rx();
+                        continue;
+                    }
+                }
+                if let Some(serves) = self.divert {
+                    let b = &bytes(&self.rx_bufs[usize::from(i)])
+                        [BUF_SHIFT + hdr..BUF_SHIFT + hdr + len];
+                    if !serves(b) {
+                        if self.diverted.len() < DIVERTED_MAX {
+                            self.diverted.push(b.to_vec());
+                        }
+                        self.repost_rx();
+                        continue;
+                    }
+                }
+                break (i, hdr, len);
+            }
         };
         self.stats.rx_frames += 1;
         let Self {
+            lent,
             rx_bufs,
             tx,
             tx_bufs,
@@ -823,7 +880,11 @@ impl phy::Device for QueuePair {
             offloads,
             ..
         } = self;
-        let frame = &bytes(&rx_bufs[usize::from(i)])[BUF_SHIFT + hdr..BUF_SHIFT + hdr + len];
+        let frame = if injected {
+            &lent[..]
+        } else {
+            &bytes(&rx_bufs[usize::from(i)])[BUF_SHIFT + hdr..BUF_SHIFT + hdr + len]
+        };
         Some((
             RxToken { frame },
             TxToken {

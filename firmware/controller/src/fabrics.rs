@@ -213,6 +213,7 @@ impl Target {
             hostnqn,
             hostid,
             local,
+            replica: false,
             admin_q,
             io_qs,
             cc: Cc(0),

@@ -84,6 +84,7 @@ mod errlog;
 mod fabrics;
 mod io;
 mod qos;
+mod replica;
 mod target;
 mod view;
 
@@ -95,6 +96,8 @@ mod tests_features;
 mod tests_now;
 #[cfg(test)]
 mod tests_qos;
+#[cfg(test)]
+mod tests_replica;
 
 pub use config::{
     ConfigError, DeviceHealth, Event, HostQos, Identity, Instant, Limits, NamespaceConfig,
@@ -105,5 +108,6 @@ pub use fabrics::VERSION;
 pub use io::NowData;
 pub use keel_nvme::fabrics::PropertySize;
 pub use keel_storage::IoBuf;
+pub use replica::Adoption;
 pub use target::Target;
 pub use view::{ControllerView, GroupView, NamespaceView, QosCounters, SubsystemView};

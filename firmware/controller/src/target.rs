@@ -78,6 +78,9 @@ pub(crate) struct Controller {
     pub hostnqn: String,
     pub hostid: [u8; 16],
     pub local: bool,
+    /// A replica of a controller held by another core (see [`Target::adopt_io_queue`]): it
+    /// has I/O queues only and goes away with the last of them.
+    pub replica: bool,
     pub admin_q: QueueId,
     /// Index qid - 1.
     pub io_qs: Vec<Option<QueueId>>,
@@ -334,6 +337,8 @@ pub struct Target {
     pub(crate) health: DeviceHealth,
     /// The latest time a caller passed in.
     pub(crate) now: Instant,
+    /// Bumped whenever a subsystem or namespace is added or removed.
+    pub(crate) ns_generation: u64,
 }
 
 impl core::fmt::Debug for Target {
@@ -622,6 +627,7 @@ impl Target {
             scratch: cfg.scratch,
             health: DeviceHealth::default(),
             now: Instant::from_nanos(0),
+            ns_generation: 0,
         })
     }
 
@@ -777,6 +783,7 @@ impl Target {
     }
 
     fn namespace_changed(&mut self, si: usize, nsid: u32) {
+        self.ns_generation = self.ns_generation.wrapping_add(1);
         use keel_nvme::opcode::async_event as ae;
         let dw0 = ae::dw0(
             ae::TYPE_NOTICE,
@@ -934,6 +941,7 @@ impl Target {
     /// still at a backend complete there and only their buffers come back), its namespaces
     /// are removed (each backend dropped once drained) and it leaves the discovery log.
     pub fn remove_subsystem(&mut self, nqn: &str) -> Result<(), TargetError> {
+        self.ns_generation = self.ns_generation.wrapping_add(1);
         let si = self
             .subsys_index(nqn)
             .ok_or(TargetError::UnknownSubsystem)?;
@@ -1083,21 +1091,25 @@ impl Target {
     pub fn close_queue_after(&mut self, q: QueueId, how: QueueLoss) -> Result<(), TargetError> {
         let qi = self.queue_index(q).ok_or(TargetError::UnknownQueue)?;
         if let Some(ci) = self.ctrl_of(qi) {
-            let (is_admin, graceful, local) = {
+            let (is_admin, graceful, local, replica) = {
                 let queue = &self.queues[qi];
                 let c = self.ctrls[ci].as_ref();
                 (
                     queue.qid == 0,
                     queue.disconnected || how == QueueLoss::Orderly,
                     c.map(|c| c.local).unwrap_or(false),
+                    c.map(|c| c.replica).unwrap_or(false),
                 )
             };
-            if is_admin || (!graceful && !local) {
+            if is_admin || (!graceful && !local && !replica) {
                 self.destroy_controller(ci, Some(qi));
             } else if let Some(Some(c)) = self.ctrls.get_mut(ci) {
                 let qid = self.queues[qi].qid as usize;
                 if let Some(x) = qid.checked_sub(1).and_then(|i| c.io_qs.get_mut(i)) {
                     *x = None;
+                }
+                if replica && c.io_qs.iter().all(Option::is_none) {
+                    self.destroy_controller(ci, Some(qi));
                 }
             }
         }

@@ -144,6 +144,14 @@ pub struct CoreInfo {
     pub messages: u64,
     /// Allocator calls it made (allocations, frees, reallocations) since boot.
     pub allocator_calls: u64,
+    /// NVMe/TCP connections the core accepted since boot (each TCP connection lives where
+    /// the NIC steered it).
+    #[serde(default)]
+    pub nvmf_connections: u64,
+    /// NVMe/TCP commands the core took from its connections since boot (forwarded ones
+    /// included).
+    #[serde(default)]
+    pub nvmf_commands: u64,
 }
 
 /// What QoS does for one namespace.

@@ -299,7 +299,7 @@ pub fn render(s: &Snapshot) -> String {
             if f.enabled { "1" } else { "0" },
         );
     }
-    let core_families: [CoreFamily; 5] = [
+    let core_families: [CoreFamily; 7] = [
         (
             "keel_core_loop_passes_total",
             "Passes of the core's poll loop.",
@@ -324,6 +324,16 @@ pub fn render(s: &Snapshot) -> String {
             "keel_core_allocator_calls_total",
             "Allocator calls (allocations, frees, reallocations) the core made.",
             |c| c.allocator_calls,
+        ),
+        (
+            "keel_core_nvmf_connections_total",
+            "NVMe/TCP connections the core accepted.",
+            |c| c.nvmf_connections,
+        ),
+        (
+            "keel_core_nvmf_commands_total",
+            "NVMe/TCP commands the core took from its connections.",
+            |c| c.nvmf_commands,
         ),
     ];
     let core_labels: Vec<[String; 2]> = s

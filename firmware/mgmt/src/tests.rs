@@ -108,6 +108,8 @@ fn snapshot() -> Snapshot {
                 sleeps: 7,
                 messages: 3,
                 allocator_calls: 52,
+                nvmf_connections: 2,
+                nvmf_commands: 77,
             },
             CoreInfo {
                 index: 1,
@@ -118,6 +120,8 @@ fn snapshot() -> Snapshot {
                 sleeps: 80,
                 messages: 2,
                 allocator_calls: 0,
+                nvmf_connections: 1,
+                nvmf_commands: 30,
             },
         ],
         resources: Resources {
@@ -923,6 +927,8 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_core_sleeps_total{core=\"1\",role=\"ring\"} 80\n",
         "keel_core_messages_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 3\n",
         "keel_core_allocator_calls_total{core=\"1\",role=\"ring\"} 0\n",
+        "keel_core_nvmf_connections_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 2\n",
+        "keel_core_nvmf_commands_total{core=\"1\",role=\"ring\"} 30\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"degraded\"} 1\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"online\"} 0\n",
         "keel_remote_failovers_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\"} 7\n",

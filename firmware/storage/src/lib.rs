@@ -21,6 +21,7 @@
 //!
 //! - [`buf`]: [`IoBuf`] and [`BufPool`].
 //! - [`backend`]: the [`BlockBackend`] trait and request/completion types.
+//! - [`memory`]: what memory backends share (requests run against a medium, their queue).
 //! - [`ram`]: [`RamBackend`], heap memory, completes in `poll`.
 //! - [`slice`]: [`SliceBackend`] (bounds-checked window) and [`SharedBackend`] (one backend
 //!   shared by several handles, e.g. one drive cut into per-tenant volumes).
@@ -33,6 +34,7 @@ extern crate alloc;
 
 pub mod backend;
 pub mod buf;
+pub mod memory;
 #[allow(unsafe_code)] // uninitialised RAM-disk memory, read only where written
 pub mod ram;
 pub mod slice;

@@ -1,8 +1,8 @@
 //! A RAM disk.
 
 use crate::backend::*;
+use crate::memory::{self, Medium, RequestQueue};
 use alloc::boxed::Box;
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::fmt;
 use core::mem::MaybeUninit;
@@ -49,9 +49,8 @@ pub struct RamBackend {
     /// Bit `c` set: chunk `c` is initialised (and holds the disk's data); clear: reads as zeroes.
     written: Vec<u64>,
     geometry: Geometry,
-    /// Accepted requests and whether they were aborted.
-    queue: VecDeque<(BlockRequest, bool)>,
-    depth: usize,
+    /// Accepted requests.
+    queue: RequestQueue,
 }
 
 impl fmt::Debug for RamBackend {
@@ -60,7 +59,7 @@ impl fmt::Debug for RamBackend {
             .field("geometry", &self.geometry)
             .field("chunks_written", &self.chunks_written())
             .field("queued", &self.queue.len())
-            .field("depth", &self.depth)
+            .field("depth", &self.queue.depth())
             .finish()
     }
 }
@@ -91,8 +90,7 @@ impl RamBackend {
             mem: Box::new_uninit_slice(len),
             written: alloc::vec![0u64; len.div_ceil(CHUNK).div_ceil(64)],
             geometry: Geometry { block_size, blocks },
-            queue: VecDeque::with_capacity(queue_depth),
-            depth: queue_depth,
+            queue: RequestQueue::new(queue_depth),
         })
     }
 
@@ -201,66 +199,23 @@ impl RamBackend {
         });
         same
     }
+}
 
-    /// Byte offset of `blocks` blocks at `lba` whose data is `len` bytes, checked.
-    fn now_start(&self, lba: u64, blocks: u32, len: usize) -> Result<usize, BlockError> {
-        self.geometry.check_now(lba, blocks, len)?;
-        // In range of the medium (a usize), so the product fits.
-        usize::try_from(lba * self.geometry.block_size as u64).map_err(|_| BlockError::OutOfRange)
+impl Medium for RamBackend {
+    fn len(&self) -> usize {
+        self.mem.len()
     }
-
-    fn execute(&mut self, req: &mut BlockRequest) -> Result<(), BlockError> {
-        let range = req.validate(self.geometry, self.capabilities())?;
-        let bs = self.geometry.block_size as u64;
-        let start = usize::try_from(req.lba * bs).map_err(|_| BlockError::OutOfRange)?;
-        let len = usize::try_from(req.blocks as u64 * bs).map_err(|_| BlockError::OutOfRange)?;
-        if start
-            .checked_add(len)
-            .is_none_or(|end| end > self.mem.len())
-        {
-            return Err(BlockError::OutOfRange);
-        }
-        match req.op {
-            // Memory cannot fail a read: a block in range verifies.
-            BlockOp::Flush | BlockOp::Verify => Ok(()),
-            BlockOp::WriteZeroes { .. } | BlockOp::Deallocate => {
-                self.zero_range(start, len);
-                Ok(())
-            }
-            BlockOp::Read => {
-                let buf = req.buf.as_mut().ok_or(BlockError::BufferTooSmall)?;
-                let dst = buf
-                    .capacity_mut()
-                    .get_mut(range)
-                    .filter(|d| d.len() == len)
-                    .ok_or(BlockError::BufferTooSmall)?;
-                self.read_into(start, dst);
-                Ok(())
-            }
-            BlockOp::Write { .. } => {
-                let buf = req.buf.as_mut().ok_or(BlockError::BufferTooSmall)?;
-                let src = buf
-                    .capacity_mut()
-                    .get(range)
-                    .filter(|d| d.len() == len)
-                    .ok_or(BlockError::BufferTooSmall)?;
-                self.write_from(start, src);
-                Ok(())
-            }
-            BlockOp::Compare => {
-                let buf = req.buf.as_mut().ok_or(BlockError::BufferTooSmall)?;
-                let src = buf
-                    .capacity_mut()
-                    .get(range)
-                    .filter(|d| d.len() == len)
-                    .ok_or(BlockError::BufferTooSmall)?;
-                if self.equals(start, src) {
-                    Ok(())
-                } else {
-                    Err(BlockError::CompareMismatch)
-                }
-            }
-        }
+    fn read_into(&self, start: usize, dst: &mut [u8]) {
+        RamBackend::read_into(self, start, dst)
+    }
+    fn write_from(&mut self, start: usize, src: &[u8]) {
+        RamBackend::write_from(self, start, src)
+    }
+    fn zero_range(&mut self, start: usize, len: usize) {
+        RamBackend::zero_range(self, start, len)
+    }
+    fn equals(&self, start: usize, data: &[u8]) -> bool {
+        RamBackend::equals(self, start, data)
     }
 }
 
@@ -270,33 +225,11 @@ impl BlockBackend for RamBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            volatile_write_cache: false,
-            flush: true,
-            fua: true,
-            write_zeroes: true,
-            deallocate: true,
-            deallocate_reads_zero: true,
-            compare: true,
-            verify: true,
-        }
+        memory::CAPABILITIES
     }
 
     fn submit(&mut self, req: BlockRequest) -> Result<(), Rejected> {
-        if let Err(e) = req.validate(self.geometry, self.capabilities()) {
-            return Err(Rejected {
-                reason: RejectReason::Invalid(e),
-                req,
-            });
-        }
-        if self.queue.len() >= self.depth {
-            return Err(Rejected {
-                reason: RejectReason::Busy,
-                req,
-            });
-        }
-        self.queue.push_back((req, false));
-        Ok(())
+        self.queue.submit(self.geometry, req)
     }
 
     fn moves_data_now(&self) -> NowIo {
@@ -307,13 +240,13 @@ impl BlockBackend for RamBackend {
     }
 
     fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
-        let start = self.now_start(lba, blocks, dst.len())?;
+        let start = memory::now_start(self.geometry, lba, blocks, dst.len())?;
         self.read_into(start, dst);
         Ok(())
     }
 
     fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
-        let start = self.now_start(lba, blocks, src.len())?;
+        let start = memory::now_start(self.geometry, lba, blocks, src.len())?;
         self.write_from(start, src);
         Ok(())
     }
@@ -321,35 +254,16 @@ impl BlockBackend for RamBackend {
     /// A request still queued (not yet executed by `poll`) is taken out of the queue and
     /// completes at the next `poll` with [`BlockError::Aborted`], untouched.
     fn abort(&mut self, tag: u64) -> bool {
-        match self
-            .queue
-            .iter_mut()
-            .find(|(r, aborted)| r.tag == tag && !*aborted)
-        {
-            Some((_, aborted)) => {
-                *aborted = true;
-                true
-            }
-            None => false,
-        }
+        self.queue.abort(tag)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {
-        let mut n = 0;
-        // Only what was queued before this poll: a `done` callback cannot reach us anyway.
-        while let Some((mut req, aborted)) = self.queue.pop_front() {
-            let result = if aborted {
-                Err(BlockError::Aborted)
-            } else {
-                self.execute(&mut req)
-            };
-            done(BlockCompletion {
-                tag: req.tag,
-                result,
-                buf: req.buf.take(),
-            });
-            n += 1;
-        }
+        let g = self.geometry;
+        // The queue runs its requests against the rest of `self`: taken out meanwhile (an
+        // empty queue in its place allocates nothing).
+        let mut queue = core::mem::replace(&mut self.queue, RequestQueue::new(0));
+        let n = queue.poll(self, g, done);
+        self.queue = queue;
         n
     }
 }

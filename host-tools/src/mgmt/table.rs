@@ -368,7 +368,16 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "\ncores ({}):", s.cores.len())?;
         let mut rows = vec![
             [
-                "CORE", "MPIDR", "PASSES", "BUSY", "SLEEPS", "MESSAGES", "ALLOCS", "SERVES",
+                "CORE",
+                "MPIDR",
+                "PASSES",
+                "BUSY",
+                "SLEEPS",
+                "MESSAGES",
+                "ALLOCS",
+                "NVMF-CONNS",
+                "NVMF-CMDS",
+                "SERVES",
             ]
             .map(String::from)
             .to_vec(),
@@ -382,6 +391,8 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
                 c.sleeps.to_string(),
                 c.messages.to_string(),
                 c.allocator_calls.to_string(),
+                c.nvmf_connections.to_string(),
+                c.nvmf_commands.to_string(),
                 c.role.clone(),
             ]);
         }

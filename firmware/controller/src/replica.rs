@@ -1,0 +1,151 @@
+//! Controllers split across cores: the core that holds a controller (its admin queue, its
+//! state) validates an I/O queue's Connect and hands the result, an [`Adoption`], to the
+//! core whose connection carries that queue; there a *replica* of the controller serves the
+//! queue's I/O entirely from its own [`Target`] (built from the same subsystem and namespace
+//! configuration), with no message per command.
+//!
+//! A replica controller has I/O queues only: no admin queue, no keep-alive (the holder keeps
+//! it, told of the queue's traffic by the transport), no features of its own. It goes away
+//! with its last I/O queue; losing one without Disconnect ends only that queue here (the
+//! holder ends the association and tells every core).
+
+use crate::config::*;
+use crate::target::*;
+use alloc::string::String;
+use keel_nvme::regs::{Cc, Csts};
+
+/// What a core needs to serve an I/O queue of a controller another core holds: the
+/// controller's subsystem and CNTLID, and the queue as Connect created it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adoption {
+    /// The controller's subsystem.
+    pub subnqn: String,
+    /// The controller.
+    pub cntlid: u16,
+    /// The I/O queue (1-based).
+    pub qid: u16,
+    /// Its size, 0's based.
+    pub sqsize: u16,
+    /// The host disabled SQ flow control at Connect.
+    pub sqflow_disabled: bool,
+}
+
+impl Target {
+    /// The [`Adoption`] of a connected I/O queue of an NVM subsystem's controller (`None`
+    /// for an admin queue, a discovery or local controller, or a queue not connected).
+    pub fn adoption(&self, q: QueueId) -> Option<Adoption> {
+        let qi = self.queue_index(q)?;
+        let ci = self.ctrl_of(qi)?;
+        let c = self.ctrls[ci].as_ref()?;
+        let queue = &self.queues[qi];
+        if queue.qid == 0 || c.local || c.subsys == DISCOVERY {
+            return None;
+        }
+        Some(Adoption {
+            subnqn: self.subsystems.get(c.subsys)?.nqn.clone(),
+            cntlid: c.cntlid,
+            qid: queue.qid,
+            sqsize: queue.sqsize,
+            sqflow_disabled: queue.sqflow_disabled,
+        })
+    }
+
+    /// Makes `q` (opened, not yet connected) I/O queue `a.qid` of a replica of controller
+    /// `a.cntlid` of subsystem `a.subnqn`, as if its Connect (answered elsewhere, which
+    /// consumed its first submission queue entry) had run here. The replica is created with
+    /// the first queue adopted for it.
+    pub fn adopt_io_queue(
+        &mut self,
+        now: Instant,
+        q: QueueId,
+        a: &Adoption,
+    ) -> Result<(), TargetError> {
+        self.now = now;
+        let qi = self.queue_index(q).ok_or(TargetError::UnknownQueue)?;
+        if self.queues[qi].state != QState::Open {
+            return Err(TargetError::UnknownQueue);
+        }
+        let si = self
+            .subsys_index(&a.subnqn)
+            .filter(|&si| si != DISCOVERY)
+            .ok_or(TargetError::UnknownSubsystem)?;
+        if a.sqsize == 0 || a.sqsize > self.cap().mqes() {
+            return Err(TargetError::UnknownQueue);
+        }
+        let found = self.ctrls.iter().position(
+            |c| matches!(c, Some(c) if c.replica && c.cntlid == a.cntlid && c.subsys == si),
+        );
+        let ci = match found {
+            Some(ci) => ci,
+            None => {
+                let ci = self
+                    .ctrls
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(TargetError::TooManyControllers)?;
+                // No admin queue: an index no queue has (destroying the replica skips it).
+                let admin_q = QueueId {
+                    index: u16::MAX,
+                    generation: 0,
+                    owner: q.owner,
+                };
+                let mut c = self.new_controller(
+                    a.cntlid,
+                    si,
+                    String::new(),
+                    [0; 16],
+                    false,
+                    admin_q,
+                    0,
+                    now,
+                );
+                c.replica = true;
+                // Enabled and ready: the holder's controller is (its Connect succeeded).
+                c.cc = Cc(1);
+                let mut csts = Csts(0);
+                csts.set_rdy(true);
+                c.csts = csts;
+                self.ctrls[ci] = Some(c);
+                self.ensure_flows(ci);
+                ci
+            }
+        };
+        let taken = self.ctrls[ci].as_ref().is_none_or(|c| {
+            (a.qid as usize)
+                .checked_sub(1)
+                .and_then(|i| c.io_qs.get(i))
+                .is_none_or(Option::is_some)
+        });
+        if taken {
+            if self.ctrls[ci]
+                .as_ref()
+                .is_some_and(|c| c.io_qs.iter().all(Option::is_none))
+            {
+                self.destroy_controller(ci, None);
+            }
+            return Err(TargetError::UnknownQueue);
+        }
+        self.install_io_queue(ci, qi, a.qid, a.sqsize, a.sqflow_disabled);
+        self.queues[qi].sqhd = 1 % (a.sqsize + 1);
+        Ok(())
+    }
+
+    /// Records traffic on controller `cntlid` seen by another core (its I/O queues there):
+    /// traffic-based keep-alive (NVMe base 2.0 §3.9, TBKAS) counts it.
+    pub fn touch_controller(&mut self, cntlid: u16, now: Instant) {
+        if let Some(c) = self
+            .ctrls
+            .iter_mut()
+            .flatten()
+            .find(|c| c.cntlid == cntlid && !c.replica)
+        {
+            c.last_activity = now;
+        }
+    }
+
+    /// A number that changes whenever a namespace or a subsystem is added or removed (a
+    /// replica built from the configuration before is then out of date).
+    pub fn namespace_generation(&self) -> u64 {
+        self.ns_generation
+    }
+}

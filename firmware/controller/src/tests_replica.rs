@@ -1,0 +1,149 @@
+//! Controllers split across cores: an I/O queue connected on one target (the holder) and
+//! served by a replica on another built from the same configuration.
+
+use crate::tests::{H, SUB, plain};
+use crate::*;
+use keel_nvme::Status;
+
+/// The holder's admin queue and an I/O queue connected there; the replica's queue adopted.
+fn split() -> (H, H, QueueId, QueueId, Adoption) {
+    let mut holder = H::new();
+    let (admin, cntlid) = holder.admin(SUB, crate::tests::HOST, 0);
+    let io0 = holder.io_queue(2, cntlid);
+    let a = holder.t.adoption(io0).expect("a connected I/O queue");
+    assert_eq!(
+        (a.subnqn.as_str(), a.cntlid, a.qid, a.sqsize),
+        (SUB, cntlid, 2, 127)
+    );
+    assert_eq!(
+        holder.t.adoption(admin),
+        None,
+        "an admin queue is never adopted"
+    );
+    let mut replica = H::new();
+    let q = replica.t.open_queue().unwrap();
+    replica.t.adopt_io_queue(replica.now, q, &a).unwrap();
+    (holder, replica, admin, q, a)
+}
+
+#[test]
+fn adopted_queue_serves_io_like_the_connected_one() {
+    let (_holder, mut r, _admin, q, a) = split();
+    let info = r.t.queue_info(q).unwrap();
+    assert_eq!((info.qid, info.cntlid, info.sqsize), (2, a.cntlid, 127));
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
+    let w = r.write(q, 9, 1, 4, &data);
+    // The Connect (answered by the holder) took SQ slot 1.
+    assert_eq!(
+        (plain(w.cqe.status), w.cqe.sqid, w.cqe.sqhd),
+        (Status::SUCCESS, 2, 2)
+    );
+    let rd = r.read(q, 10, 1, 4, 2);
+    assert_eq!(plain(rd.cqe.status), Status::SUCCESS);
+    assert_eq!(&rd.buf.unwrap().as_slice()[..1024], &data[..]);
+    // An admin command cannot reach an I/O queue.
+    let id = r.identify(q, 1, 0);
+    assert_ne!(plain(id.cqe.status), Status::SUCCESS);
+}
+
+#[test]
+fn replica_refuses_what_it_cannot_serve() {
+    let (_holder, mut r, _admin, q, a) = split();
+    // The same QID twice.
+    let q2 = r.t.open_queue().unwrap();
+    assert_eq!(
+        r.t.adopt_io_queue(r.now, q2, &a),
+        Err(TargetError::UnknownQueue)
+    );
+    // A queue already connected, an unknown subsystem, the discovery subsystem, bad sizes.
+    let other = Adoption {
+        qid: 3,
+        ..a.clone()
+    };
+    assert!(r.t.adopt_io_queue(r.now, q, &other).is_err());
+    let bad = [
+        Adoption {
+            subnqn: "nqn.2024-01.io.keel:none".into(),
+            ..other.clone()
+        },
+        Adoption {
+            subnqn: keel_nvme::DISCOVERY_NQN.into(),
+            ..other.clone()
+        },
+        Adoption {
+            sqsize: 0,
+            ..other.clone()
+        },
+        Adoption {
+            qid: 0,
+            ..other.clone()
+        },
+        Adoption {
+            qid: 1000,
+            ..other.clone()
+        },
+    ];
+    for b in bad {
+        assert!(r.t.adopt_io_queue(r.now, q2, &b).is_err(), "{b:?}");
+    }
+    // The failed attempts left the queue adoptable.
+    r.t.adopt_io_queue(r.now, q2, &other).unwrap();
+    assert_eq!(r.t.controller_count(), 1);
+}
+
+#[test]
+fn replica_goes_with_its_last_queue_and_abrupt_loss_ends_only_the_queue() {
+    let (_holder, mut r, _admin, q, a) = split();
+    let q2 = r.t.open_queue().unwrap();
+    r.t.adopt_io_queue(
+        r.now,
+        q2,
+        &Adoption {
+            qid: 3,
+            ..a.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.t.controller_count(), 1);
+    r.t.close_queue_after(q, QueueLoss::Abrupt).unwrap();
+    r.poll();
+    assert!(r.terminated().is_empty(), "the other queue stays");
+    assert_eq!(r.t.controller_count(), 1);
+    let w = r.write(q2, 1, 1, 0, &[5u8; 512]);
+    assert_eq!(plain(w.cqe.status), Status::SUCCESS);
+    r.t.close_queue_after(q2, QueueLoss::Orderly).unwrap();
+    assert_eq!(r.t.controller_count(), 0);
+    // Adopting again makes a new replica.
+    let q3 = r.t.open_queue().unwrap();
+    r.t.adopt_io_queue(r.now, q3, &a).unwrap();
+    assert_eq!(r.t.controller_count(), 1);
+}
+
+#[test]
+fn holder_counts_traffic_elsewhere_for_keep_alive() {
+    let mut h = H::new();
+    let (_admin, cntlid) = h.admin(SUB, crate::tests::HOST, 2_000);
+    let kato_end = h.t.limits().kato_grace_ms as u64 + 2_000;
+    // Traffic seen by another core keeps the controller alive past KATO...
+    for _ in 0..4 {
+        h.now = Instant::from_millis(h.now.as_millis() + kato_end / 2);
+        h.t.touch_controller(cntlid, h.now);
+        h.poll();
+    }
+    assert_eq!(h.t.controller_count(), 1);
+    // ...and without it the controller expires.
+    h.now = Instant::from_millis(h.now.as_millis() + kato_end + 1);
+    h.poll();
+    assert_eq!(h.t.controller_count(), 0);
+}
+
+#[test]
+fn namespace_generation_moves_on_changes() {
+    let mut h = H::new();
+    let g = h.t.namespace_generation();
+    h.t.add_namespace(SUB, crate::tests::ns(9, 4)).unwrap();
+    assert_ne!(h.t.namespace_generation(), g);
+    let g = h.t.namespace_generation();
+    h.t.remove_namespace(SUB, 9).unwrap();
+    assert_ne!(h.t.namespace_generation(), g);
+}

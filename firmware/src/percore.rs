@@ -1,0 +1,547 @@
+//! NVMe/TCP on every core: with a multiqueue NIC (`qemu/run --smp N --net tap`) core `k`
+//! runs its own network stack (same MAC and address) on queue pair `k`, listens on the
+//! NVMe/TCP and discovery ports, and serves the connections the NIC steers to it (the
+//! kernel's tun keeps each flow on one queue, and learns a flow's queue from the pair its
+//! frames leave on).
+//!
+//! Core 0 is the *controller core*: its [`Target`] holds every controller (admin queues,
+//! discovery, keep-alive, AER, configuration), and it keeps serving the connections that
+//! land on its own pair exactly as a single core does. A connection on core `k` forwards its
+//! commands to core 0 over the rings ([`ToHolder`]); core 0 runs them on a queue it opens for
+//! that connection ([`Holder`], owner [`FORWARD_OWNER`]) and sends the completion and data
+//! back ([`FromHolder`]). When the command was the Connect of an I/O queue of a subsystem
+//! every core can serve ([`ReplicaSubsystem`]: RAM namespaces in shared regions, no QoS
+//! limits), core 0 also sends its [`keel_controller::Adoption`]: core `k` then serves that
+//! queue entirely on its own, from a replica of the controller in its own target over the
+//! same memory: no lock, no message and no allocation per I/O. Every other queue (admin
+//! queues, discovery, I/O queues of subsystems with drive, remote, encrypted or QoS-limited
+//! namespaces) stays forwarded: slower (a copy each way, allocation), never wrong.
+//!
+//! Teardown reaches every core: a queue core 0 ends (keep-alive expiry, controller reset,
+//! the admin queue lost, an abrupt I/O queue loss ending the association) becomes a
+//! [`FromHolder::Terminate`] for the core carrying its connection; a connection a core
+//! loses becomes a [`ToHolder::Closed`] there; when namespaces or subsystems change, every
+//! adopted queue is terminated and new I/O queues stay forwarded (the replicas were built
+//! from the configuration at boot). A core serving adopted queues reports their traffic
+//! once a second ([`ToHolder::Activity`]): traffic-based keep-alive counts it.
+//!
+//! Frames of other flows that land on core `k` (management, DHCP, replies to outgoing
+//! connections) are handed to core 0, which receives them as if they came on its pair; its
+//! answers leave on pair 0, so tun moves the flow there.
+
+use crate::cores::{Links, Msg, NVMF};
+use crate::klog;
+use crate::net::{Addressing, NetStack};
+use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
+use crate::poll::{DISCOVERY_PORT, NVMF_PORT};
+use crate::qemu::{Qemu, QemuNic};
+use crate::services::{ReplicaSubsystem, Services, replica_target};
+use alloc::collections::VecDeque;
+use alloc::{boxed::Box, string::String, vec::Vec};
+use keel_controller::{Instant, Limits, QueueId, Request, Response, Target};
+use keel_hal::arch::timer;
+use keel_hal::println;
+use keel_hal::virtio_net::QueuePair;
+use keel_nvme::{Cqe, Status};
+use keel_storage::{BufPool, IoBuf};
+
+/// Largest transfer of a forwarded command (MDTS).
+const MAX_TRANSFER: usize = 128 * 1024;
+/// Buffers core 0 keeps for forwarded commands (more wait, in order).
+const HOLDER_BUFFERS: usize = 32;
+/// NVMe/TCP data buffers of a core other than core 0.
+const SECONDARY_BUFFERS: usize = 64;
+
+/// What core `k` needs to serve NVMe/TCP: its queue pair and what its replica is built from.
+/// Everything in it can move to core `k`.
+#[derive(Debug)]
+pub struct ServeSpec {
+    /// Queue pair `k`.
+    pub pair: QueuePair,
+    /// The NIC's MAC.
+    pub mac: [u8; 6],
+    /// The interface's (static) address.
+    pub addressing: Addressing,
+    /// Subsystems whose I/O queues it serves itself.
+    pub subsystems: Vec<ReplicaSubsystem>,
+    /// The controller core's limits (queue counts and depths must match).
+    pub limits: Limits,
+    /// Address advertised in discovery (as core 0's).
+    pub advertise: Option<(String, String)>,
+}
+
+/// Whether a frame received on a core other than core 0 is for that core's stack: ARP,
+/// ICMP and TCP to the NVMe/TCP or discovery port (the connections it serves); everything
+/// else goes to core 0.
+fn served_here(frame: &[u8]) -> bool {
+    let be16 = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    if be16(12) != Some(0x0800) {
+        return true; // ARP (and anything smoltcp drops anyway)
+    }
+    let ihl = usize::from(frame.get(14).map_or(0, |b| b & 0x0f)) * 4;
+    match frame.get(14 + 9) {
+        Some(6) => matches!(be16(14 + ihl + 2), Some(NVMF_PORT | DISCOVERY_PORT)),
+        Some(17) => false,
+        _ => true,
+    }
+}
+
+/// Core `k`'s NVMe/TCP data plane: its network stack on its queue pair, its connections and
+/// its replica target.
+pub struct Plane {
+    core: usize,
+    net: NetStack<Qemu>,
+    nvmf: NvmfService,
+    target: Target,
+}
+
+impl core::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Plane")
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plane {
+    /// Brings core `core`'s plane up (on that core); `None`, said on the console, if it
+    /// cannot be.
+    pub fn new(core: usize, spec: ServeSpec, now_ns: u64) -> Option<Self> {
+        let ServeSpec {
+            mut pair,
+            mac,
+            addressing,
+            subsystems,
+            limits,
+            advertise,
+        } = spec;
+        let index = pair.index();
+        let names: Vec<String> = subsystems.iter().map(|s| s.nqn.clone()).collect();
+        let target = replica_target(subsystems, limits)?;
+        let nvmf = match NvmfService::with_buffers(advertise, SECONDARY_BUFFERS) {
+            Ok(s) => s.forwarding(),
+            Err(e) => {
+                klog::error!("percore: core {}: buffers: {}", core, klog::D(&e));
+                return None;
+            }
+        };
+        pair.divert(served_here);
+        // Its frames raise the NIC's interrupt, which wakes core 0, which rings this core.
+        pair.enable_wakeups();
+        let nic = QemuNic::Pair {
+            mac,
+            pair,
+            control: None,
+        };
+        let seed = timer::counter() ^ ((core as u64) << 48);
+        let mut net = NetStack::new(nic, addressing, now_ns, seed);
+        net.listen(NVMF_PORT);
+        net.listen(DISCOVERY_PORT);
+        println!(
+            "percore: core {core} serves NVMe/TCP on queue pair {index}; I/O queues of {names:?} here, everything else through core 0"
+        );
+        Some(Self {
+            core,
+            net,
+            nvmf,
+            target,
+        })
+    }
+
+    /// One pass: frames in, connections, the replica's completions, frames out; returns
+    /// whether anything happened. `out` takes the messages for core 0.
+    pub fn pass(&mut self, now_ns: u64, out: &mut dyn FnMut(Msg)) -> bool {
+        let Self {
+            net, nvmf, target, ..
+        } = self;
+        let mut busy = net.poll_ingress(now_ns);
+        busy |= nvmf.poll(now_ns, net, target);
+        busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
+        nvmf.flush(net);
+        busy |= net.poll_egress(now_ns);
+        for m in nvmf.outbox.drain(..) {
+            out(Msg::ToHolder(m));
+        }
+        if let Some(pair) = net.device.pair() {
+            while let Some(f) = pair.take_diverted() {
+                out(Msg::Frame(f));
+            }
+        }
+        NVMF[self.core].publish(self.nvmf.accepted, self.nvmf.commands);
+        busy
+    }
+
+    /// A message of the controller core.
+    pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64) {
+        self.nvmf.on_holder(msg, now_ns, &mut self.target);
+    }
+}
+
+/// A connection on another core whose queue core 0 holds.
+#[derive(Debug)]
+struct Proxy {
+    /// Index of its core's link.
+    link: usize,
+    conn: ConnRef,
+    queue: QueueId,
+    connected: bool,
+    /// Its I/O queue is served by its core (adopted).
+    adopted: bool,
+}
+
+/// Core 0's side: the queues it holds for connections on other cores, and what goes back.
+pub struct Holder {
+    proxies: Vec<Option<Proxy>>,
+    pool: BufPool,
+    /// Forwarded commands waiting for a buffer, in arrival order.
+    parked: VecDeque<(usize, ToHolder)>,
+    /// Messages per link that found its ring full.
+    outq: Vec<VecDeque<Msg>>,
+    /// Subsystems other cores serve I/O queues of.
+    replicable: Vec<String>,
+    generation: u64,
+}
+
+impl core::fmt::Debug for Holder {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Holder")
+            .field("proxies", &self.proxies.iter().flatten().count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pool buffer with `len` valid bytes, if the pool has one.
+fn take(pool: &mut BufPool, len: usize) -> Option<IoBuf> {
+    let mut b = pool.get()?;
+    if len > b.capacity() {
+        let _ = pool.put(b);
+        return None;
+    }
+    b.set_len(len);
+    Some(b)
+}
+
+impl Holder {
+    /// Hands queue pair `k` (of `pairs`, pair 0 is core 0's) to core `k` through `links`
+    /// and returns core 0's side, or `None` if there is nothing to hand.
+    pub fn start(
+        links: &mut Links,
+        pairs: Vec<QueuePair>,
+        mac: [u8; 6],
+        addressing: Addressing,
+        services: &Services<Qemu>,
+    ) -> Option<Self> {
+        if pairs.is_empty() {
+            return None;
+        }
+        let region = crate::hw::dma_region(HOLDER_BUFFERS * MAX_TRANSFER);
+        let pool = BufPool::lazy(region, region.as_ptr() as u64, MAX_TRANSFER)
+            .map_err(|e| klog::error!("percore: buffers: {}", klog::D(&e)))
+            .ok()?;
+        let mut outq = Vec::new();
+        for (link, pair) in links.0.iter_mut().zip(pairs) {
+            let spec = ServeSpec {
+                pair,
+                mac,
+                addressing,
+                subsystems: services.replicable.clone(),
+                limits: *services.target.limits(),
+                advertise: services.plan().advertise.clone(),
+            };
+            if link.send(Msg::Serve(Box::new(spec))).is_err() {
+                klog::error!("percore: core {}: ring full", link.info.index);
+            }
+            outq.push(VecDeque::new());
+        }
+        outq.resize_with(links.0.len(), VecDeque::new);
+        Some(Self {
+            proxies: Vec::new(),
+            pool,
+            parked: VecDeque::new(),
+            outq,
+            replicable: services.replicable.iter().map(|s| s.nqn.clone()).collect(),
+            generation: services.target.namespace_generation(),
+        })
+    }
+
+    /// Rings every other core (core 0 woke: the NIC's interrupt may have been for them).
+    pub fn wake_all(links: &Links) {
+        for l in &links.0 {
+            if let Some(d) = &l.doorbell {
+                d.ring();
+            }
+        }
+    }
+
+    fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
+        let q = &mut self.outq[li];
+        if !q.is_empty() {
+            q.push_back(msg);
+            return;
+        }
+        if let Err(m) = links.0[li].send(msg) {
+            q.push_back(m);
+        }
+    }
+
+    /// One pass: messages from the other cores, forwarded commands, completions and queue
+    /// ends of the held queues back; returns whether anything happened.
+    pub fn poll(
+        &mut self,
+        now_ns: u64,
+        links: &mut Links,
+        services: &mut Services<Qemu>,
+        mut net: Option<&mut NetStack<Qemu>>,
+    ) -> bool {
+        let now = Instant::from_nanos(now_ns);
+        let mut busy = false;
+        let target = &mut services.target;
+        if target.namespace_generation() != self.generation {
+            self.generation = target.namespace_generation();
+            if !self.replicable.is_empty() {
+                klog::warning!(
+                    "percore: namespaces changed: I/O queues adopted by other cores end; new ones are served through core 0"
+                );
+            }
+            self.replicable.clear();
+            let ends: Vec<(usize, ConnRef)> = self
+                .proxies
+                .iter()
+                .flatten()
+                .filter(|p| p.adopted)
+                .map(|p| (p.link, p.conn))
+                .collect();
+            for (li, conn) in ends {
+                self.send(links, li, Msg::FromHolder(FromHolder::Terminate { conn }));
+            }
+        }
+        // Waiting commands first (they keep their order).
+        while let Some((li, m)) = self.parked.pop_front() {
+            if let Some(m) = self.take_message(li, m, now, links, target) {
+                self.parked.push_front((li, m));
+                break;
+            }
+            busy = true;
+        }
+        for li in 0..links.0.len() {
+            let mut taken = 0u64;
+            while let Some(msg) = links.0[li].rx.pop() {
+                taken += 1;
+                busy = true;
+                match msg {
+                    Msg::ToHolder(m) if !self.parked.is_empty() => self.parked.push_back((li, m)),
+                    Msg::ToHolder(m) => {
+                        if let Some(m) = self.take_message(li, m, now, links, target) {
+                            self.parked.push_back((li, m));
+                        }
+                    }
+                    Msg::Frame(f) => {
+                        if let Some(pair) = net.as_deref_mut().and_then(|n| n.device.pair()) {
+                            pair.inject(f);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            crate::cores::own_counters().received(taken);
+        }
+        for ev in core::mem::take(&mut services.forwarded_events) {
+            busy = true;
+            match ev {
+                keel_controller::Event::Completion(q, resp) => {
+                    let pi = resp.cookie as usize;
+                    if self
+                        .proxies
+                        .get(pi)
+                        .and_then(Option::as_ref)
+                        .map(|p| p.queue)
+                        == Some(q)
+                    {
+                        self.reply(pi, resp, links, &services.target);
+                    } else if let Some(b) = resp.buf {
+                        let _ = self.pool.put(b);
+                    }
+                }
+                keel_controller::Event::QueueTerminated(q) => {
+                    if let Some(p) = self.proxies.iter().flatten().find(|p| p.queue == q) {
+                        let (li, conn) = (p.link, p.conn);
+                        self.send(links, li, Msg::FromHolder(FromHolder::Terminate { conn }));
+                    }
+                }
+                keel_controller::Event::BufferReleased { buf, .. } => {
+                    let _ = self.pool.put(buf);
+                }
+            }
+        }
+        for (li, q) in self.outq.iter_mut().enumerate() {
+            while let Some(m) = q.pop_front() {
+                if let Err(m) = links.0[li].send(m) {
+                    q.push_front(m);
+                    break;
+                }
+            }
+        }
+        busy
+    }
+
+    fn find(&self, li: usize, conn: ConnRef) -> Option<usize> {
+        self.proxies
+            .iter()
+            .position(|p| matches!(p, Some(p) if p.link == li && p.conn == conn))
+    }
+
+    /// Acts on a message for the controller core; gives a command back when it must wait
+    /// for a buffer.
+    fn take_message(
+        &mut self,
+        li: usize,
+        m: ToHolder,
+        now: Instant,
+        links: &mut Links,
+        target: &mut Target,
+    ) -> Option<ToHolder> {
+        match m {
+            ToHolder::Activity { cntlid } => target.touch_controller(cntlid, now),
+            ToHolder::Closed { conn, how } => {
+                if let Some(pi) = self.find(li, conn)
+                    && let Some(p) = self.proxies[pi].take()
+                {
+                    let _ = target.close_queue_after(p.queue, how);
+                }
+            }
+            ToHolder::Capsule {
+                conn,
+                sqe,
+                data,
+                data_len,
+                status,
+            } => {
+                let buf = if data_len > 0 && status.is_none() {
+                    match take(&mut self.pool, data_len as usize) {
+                        Some(mut b) => {
+                            let n = data.len().min(b.as_slice().len());
+                            b.as_mut_slice()[..n].copy_from_slice(&data[..n]);
+                            Some(b)
+                        }
+                        // Larger than any buffer: the controller answers the length error.
+                        None if data_len as usize > MAX_TRANSFER => None,
+                        None => {
+                            return Some(ToHolder::Capsule {
+                                conn,
+                                sqe,
+                                data,
+                                data_len,
+                                status,
+                            });
+                        }
+                    }
+                } else {
+                    None
+                };
+                let pi = match self.find(li, conn) {
+                    Some(pi) => pi,
+                    None => match target.open_queue_for(FORWARD_OWNER) {
+                        Ok(queue) => {
+                            let p = Proxy {
+                                link: li,
+                                conn,
+                                queue,
+                                connected: false,
+                                adopted: false,
+                            };
+                            match self.proxies.iter().position(Option::is_none) {
+                                Some(i) => {
+                                    self.proxies[i] = Some(p);
+                                    i
+                                }
+                                None => {
+                                    self.proxies.push(Some(p));
+                                    self.proxies.len() - 1
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            if let Some(b) = buf {
+                                let _ = self.pool.put(b);
+                            }
+                            let cqe = Cqe {
+                                dw0: 0,
+                                dw1: 0,
+                                sqhd: 0,
+                                sqid: 0,
+                                cid: sqe.cid,
+                                phase: false,
+                                status: Status::CONNECT_CONTROLLER_BUSY,
+                            };
+                            let done = FromHolder::Done {
+                                conn,
+                                cqe,
+                                data: Vec::new(),
+                                depth: None,
+                                adopt: None,
+                            };
+                            self.send(links, li, Msg::FromHolder(done));
+                            return None;
+                        }
+                    },
+                };
+                let queue = self.proxies[pi].as_ref().map(|p| p.queue)?;
+                let req = Request {
+                    sqe,
+                    buf,
+                    data_len,
+                    cookie: pi as u32,
+                };
+                let resp = match status {
+                    Some(st) => Some(target.reject(now, queue, req, st)),
+                    None => target.submit(now, queue, req),
+                };
+                if let Some(resp) = resp {
+                    self.reply(pi, resp, links, target);
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends a held queue's response to its connection's core.
+    fn reply(&mut self, pi: usize, resp: Response, links: &mut Links, target: &Target) {
+        let data = match &resp.buf {
+            Some(b) if resp.data_len > 0 => {
+                let d = b.as_slice();
+                d[..d.len().min(resp.data_len as usize)].to_vec()
+            }
+            _ => Vec::new(),
+        };
+        if let Some(b) = resp.buf {
+            let _ = self.pool.put(b);
+        }
+        let Some(p) = self.proxies.get_mut(pi).and_then(Option::as_mut) else {
+            return;
+        };
+        let (mut depth, mut adopt) = (None, None);
+        if !p.connected
+            && let Some(info) = target.queue_info(p.queue)
+        {
+            p.connected = true;
+            depth = Some((info.sqsize, info.sq_flow_control_disabled));
+            adopt = target
+                .adoption(p.queue)
+                .filter(|a| self.replicable.contains(&a.subnqn));
+            p.adopted = adopt.is_some();
+        }
+        let (li, conn) = (p.link, p.conn);
+        let done = FromHolder::Done {
+            conn,
+            cqe: resp.cqe,
+            data,
+            depth,
+            adopt,
+        };
+        self.send(links, li, Msg::FromHolder(done));
+    }
+}

@@ -1,0 +1,347 @@
+//! Host tests of a core other than the controller core (`crate::percore`): its NVMe/TCP
+//! service forwards Connect and admin commands to the controller core's target and serves
+//! the I/O queues it adopts from a replica over the same RAM; the controller core's side is
+//! played here by a second target and the steps `percore::Holder` takes (open a queue per
+//! connection, run the command, answer with the queue's depth and, for an I/O queue of a
+//! replicable subsystem, its adoption).
+
+use crate::net::Addressing;
+use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
+use crate::plan::Plan;
+use crate::provisioned::{Identity, PROVISION_PUBKEY};
+use crate::services::{Services, replica_target};
+use crate::tests::{Device, Queue, TestHw, advance, now};
+use keel_controller::{Event, Instant, QueueId, Request};
+use keel_nvme::fabrics::CNTLID_DYNAMIC;
+use keel_nvme::identify::{IDENTIFY_LEN, IdentifyCommand};
+use keel_nvme::io::RwCommand;
+use keel_nvme::{Cqe, IoOpcode};
+use keel_storage::IoBuf;
+use smoltcp::socket::tcp;
+
+/// The controller core: its services (RAM in shared regions) and one queue per forwarded
+/// connection.
+struct Holder {
+    s: Services<TestHw>,
+    queues: Vec<(ConnRef, QueueId, bool)>,
+    /// Every message the core sent it, in order.
+    seen: Vec<&'static str>,
+}
+
+impl Holder {
+    fn new(args: &str) -> Self {
+        let cfg = crate::config::DevConfig::from_bootargs(args, [2, 0, 0, 0, 0, 1]);
+        let plan = Plan::from_dev(
+            &cfg,
+            &[],
+            0,
+            Addressing::from_bootargs(args),
+            PROVISION_PUBKEY,
+        );
+        let s = Services::build_with(
+            plan,
+            Vec::new(),
+            Vec::new(),
+            true,
+            Identity::new(None, None),
+            true,
+        );
+        Self {
+            s,
+            queues: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Answers everything the core's service sent (as `percore::Holder` does).
+    fn serve(&mut self, dev: &mut Device) {
+        let t = Instant::from_nanos(now());
+        let out: Vec<ToHolder> = dev
+            .services
+            .nvmf
+            .as_mut()
+            .unwrap()
+            .outbox
+            .drain(..)
+            .collect();
+        for m in out {
+            match m {
+                ToHolder::Activity { cntlid } => {
+                    self.seen.push("activity");
+                    self.s.target.touch_controller(cntlid, t);
+                }
+                ToHolder::Closed { conn, how } => {
+                    self.seen.push("closed");
+                    if let Some(i) = self.queues.iter().position(|q| q.0 == conn) {
+                        let (_, q, _) = self.queues.remove(i);
+                        let _ = self.s.target.close_queue_after(q, how);
+                    }
+                }
+                ToHolder::Capsule {
+                    conn,
+                    sqe,
+                    data,
+                    data_len,
+                    status,
+                } => {
+                    self.seen.push("capsule");
+                    assert_eq!(status, None);
+                    let i = match self.queues.iter().position(|q| q.0 == conn) {
+                        Some(i) => i,
+                        None => {
+                            let q = self.s.target.open_queue_for(FORWARD_OWNER).unwrap();
+                            self.queues.push((conn, q, false));
+                            self.queues.len() - 1
+                        }
+                    };
+                    let buf = (data_len > 0).then(|| {
+                        let mut b = IoBuf::leak_zeroed(data_len as usize);
+                        b.as_mut_slice()[..data.len()].copy_from_slice(&data);
+                        b
+                    });
+                    let req = Request {
+                        sqe,
+                        buf,
+                        data_len,
+                        cookie: i as u32,
+                    };
+                    let q = self.queues[i].1;
+                    let resp = match self.s.target.submit(t, q, req) {
+                        Some(r) => r,
+                        None => {
+                            let mut got = None;
+                            for _ in 0..100 {
+                                self.s.target.poll(t, &mut |e| {
+                                    if let Event::Completion(_, r) = e {
+                                        got = Some(r);
+                                    }
+                                });
+                                if got.is_some() {
+                                    break;
+                                }
+                            }
+                            got.expect("a completion")
+                        }
+                    };
+                    let data = resp
+                        .buf
+                        .as_ref()
+                        .map(|b| b.as_slice()[..resp.data_len as usize].to_vec())
+                        .unwrap_or_default();
+                    let (mut depth, mut adopt) = (None, None);
+                    if !self.queues[i].2
+                        && let Some(info) = self.s.target.queue_info(q)
+                    {
+                        self.queues[i].2 = true;
+                        depth = Some((info.sqsize, info.sq_flow_control_disabled));
+                        adopt = self.s.target.adoption(q);
+                    }
+                    let done = FromHolder::Done {
+                        conn,
+                        cqe: resp.cqe,
+                        data,
+                        depth,
+                        adopt,
+                    };
+                    let target = &mut dev.services.target;
+                    dev.services
+                        .nvmf
+                        .as_mut()
+                        .unwrap()
+                        .on_holder(done, now(), target);
+                }
+            }
+        }
+    }
+
+    /// Ends every queue the holder's target terminated (as `percore::Holder` does).
+    fn terminations(&mut self, dev: &mut Device) {
+        let t = Instant::from_nanos(now());
+        let mut ended = Vec::new();
+        self.s.target.poll(t, &mut |e| {
+            if let Event::QueueTerminated(q) = e {
+                ended.push(q);
+            }
+        });
+        for q in ended {
+            if let Some(&(conn, _, _)) = self.queues.iter().find(|x| x.1 == q) {
+                let target = &mut dev.services.target;
+                dev.services.nvmf.as_mut().unwrap().on_holder(
+                    FromHolder::Terminate { conn },
+                    now(),
+                    target,
+                );
+            }
+        }
+    }
+}
+
+/// One command to completion, the holder answering after each pass of the core.
+fn run(
+    dev: &mut Device,
+    h: &mut Holder,
+    q: &mut Queue,
+    sqe: keel_nvme::Sqe,
+    data: Option<Vec<u8>>,
+) -> (Cqe, Option<Vec<u8>>) {
+    q.cmd_with(dev, sqe, data, &mut |d| h.serve(d))
+}
+
+/// A device whose NVMe/TCP service is a secondary core's: forwarding, over a replica of the
+/// holder's replicable subsystems.
+fn secondary(h: &Holder) -> Device {
+    let mut dev = Device::new("keel.ram=16");
+    dev.services.target =
+        replica_target(h.s.replicable.clone(), *h.s.target.limits()).expect("replica");
+    dev.services.nvmf = Some(NvmfService::new(None).unwrap().forwarding());
+    dev
+}
+
+#[test]
+fn a_secondary_forwards_admin_and_serves_adopted_io_over_shared_ram() {
+    let mut h = Holder::new("keel.ram=16 keel.ip=127.0.0.1/8");
+    assert_eq!(
+        h.s.replicable.len(),
+        1,
+        "the RAM subsystem is served by every core"
+    );
+    let mut dev = secondary(&h);
+    let nqn = crate::config::DEFAULT_NQN;
+
+    // Admin queue: Connect, enable, Identify all answered by the holder.
+    let mut admin = Queue::open(&mut dev, 51_000);
+    let connect = |qid: u16, cntlid: u16| {
+        let sqe = keel_nvme::fabrics::ConnectCommand {
+            recfmt: 0,
+            qid,
+            sqsize: 31,
+            cattr: 0,
+            kato: if qid == 0 { 30_000 } else { 0 },
+        }
+        .to_sqe(0);
+        let mut data = vec![0u8; keel_nvme::fabrics::ConnectData::SIZE];
+        keel_nvme::fabrics::ConnectData::new([7; 16], cntlid, nqn, "nqn.2026-12.test:host")
+            .write(&mut data);
+        (sqe, data)
+    };
+    let (sqe, data) = connect(0, CNTLID_DYNAMIC);
+    let (cqe, _) = run(&mut dev, &mut h, &mut admin, sqe, Some(data));
+    assert!(cqe.status.is_success(), "{:?}", cqe.status);
+    let cntlid = cqe.dw0 as u16;
+    assert_eq!(
+        h.s.target.controller_count(),
+        1,
+        "the controller lives on the holder"
+    );
+    assert_eq!(dev.services.target.controller_count(), 0);
+    let cc = keel_nvme::regs::Cc::new(true, 0, 0, 0, keel_nvme::regs::Cc::SHN_NONE, 6, 4);
+    let sqe = keel_nvme::fabrics::PropertyCommand::set_sqe(
+        0,
+        keel_nvme::regs::offset::CC,
+        keel_nvme::fabrics::PropertySize::Four,
+        cc.0 as u64,
+    );
+    assert!(
+        run(&mut dev, &mut h, &mut admin, sqe, None)
+            .0
+            .status
+            .is_success()
+    );
+    let id = IdentifyCommand {
+        cns: 1,
+        cntid: 0,
+        nsid: 0,
+        csi: 0,
+    }
+    .to_sqe(0);
+    let (cqe, buf) = run(
+        &mut dev,
+        &mut h,
+        &mut admin,
+        id,
+        Some(vec![0u8; IDENTIFY_LEN]),
+    );
+    assert!(cqe.status.is_success());
+    let buf = buf.unwrap();
+    assert_eq!(
+        &buf[768..768 + nqn.len()],
+        nqn.as_bytes(),
+        "SUBNQN from the holder"
+    );
+
+    // I/O queue: its Connect goes to the holder, then the queue is adopted: I/O runs on the
+    // replica, nothing more reaches the holder.
+    let mut io = Queue::open(&mut dev, 51_001);
+    let (sqe, data) = connect(1, cntlid);
+    assert!(
+        run(&mut dev, &mut h, &mut io, sqe, Some(data))
+            .0
+            .status
+            .is_success()
+    );
+    assert_eq!(
+        dev.services.target.controller_count(),
+        1,
+        "a replica took the queue"
+    );
+    let sent = h.seen.len();
+    let pattern: Vec<u8> = (0..16_384u32).map(|i| (i * 13 + 1) as u8).collect();
+    let rw = RwCommand {
+        slba: 40,
+        nlb: 31,
+        deac: false,
+        fua: false,
+        lr: false,
+        prinfo: 0,
+    };
+    let (cqe, _) = run(
+        &mut dev,
+        &mut h,
+        &mut io,
+        rw.to_sqe(IoOpcode::Write as u8, 0, 1),
+        Some(pattern.clone()),
+    );
+    assert!(cqe.status.is_success(), "{:?}", cqe.status);
+    let (cqe, back) = run(
+        &mut dev,
+        &mut h,
+        &mut io,
+        rw.to_sqe(IoOpcode::Read as u8, 0, 1),
+        Some(vec![0u8; 16_384]),
+    );
+    assert!(cqe.status.is_success());
+    assert_eq!(back.unwrap(), pattern);
+    assert_eq!(h.seen.len(), sent, "no I/O command went to the holder");
+    // The holder's target reads the same blocks (shared RAM).
+    let mut direct = vec![0u8; 16_384];
+    let mut handle = h.s.replicable[0].namespaces[0].1.handle(1);
+    keel_storage::BlockBackend::read_now(&mut handle, 40, 32, &mut direct).unwrap();
+    assert_eq!(direct, pattern);
+
+    // Traffic on the adopted queue is reported for keep-alive (once a second at most).
+    advance(1_100_000_000);
+    io.pump(&mut dev);
+    h.serve(&mut dev);
+    assert!(h.seen.contains(&"activity"), "{:?}", h.seen);
+
+    // The holder ends the controller (its admin queue lost): the I/O connection is closed on
+    // the secondary, which reports it.
+    dev.net.sockets.get_mut::<tcp::Socket>(admin.sock).abort();
+    for _ in 0..200 {
+        dev.pass();
+        h.serve(&mut dev);
+        h.terminations(&mut dev);
+    }
+    assert_eq!(h.s.target.controller_count(), 0);
+    assert_eq!(
+        dev.services.nvmf.as_ref().unwrap().connections(),
+        0,
+        "both connections closed"
+    );
+    assert_eq!(
+        dev.services.target.controller_count(),
+        0,
+        "the replica went with its queue"
+    );
+    assert!(h.queues.is_empty(), "every held queue closed: {:?}", h.seen);
+}
