@@ -17,7 +17,7 @@ use crate::nvme::pattern::{Rng, Stamp, fill, read_stamp, stamp_block};
 use anyhow::{Result, bail};
 use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Barrier, OnceLock};
+use std::sync::{Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Access pattern.
@@ -208,6 +208,11 @@ pub fn run<T: Target>(target: &T, cfg: &BenchConfig, progress: &Progress) -> Res
     target.prepare(cfg.connections)?;
     let workers = target.workers(cfg.connections).max(1);
     let barrier = Barrier::new(workers as usize);
+    // Workers connect one after the other (before the clock starts, so no figure changes): a
+    // burst of simultaneous connects can overflow a listener's accept queue on the way (QEMU's
+    // user networking listens with a backlog of one), and a connection the kernel then holds
+    // half-open looks established to us while the device never sees it.
+    let opening = Mutex::new(());
     let start = OnceLock::new();
     let failed = AtomicBool::new(false);
     let claimed = AtomicU64::new(0);
@@ -224,8 +229,12 @@ pub fn run<T: Target>(target: &T, cfg: &BenchConfig, progress: &Progress) -> Res
         let handles: Vec<_> = (0..workers)
             .map(|i| {
                 let (more, barrier, start, failed) = (&more, &barrier, &start, &failed);
+                let opening = &opening;
                 s.spawn(move || {
-                    let dev = target.open(cfg.nsid, cfg.connections, cfg.qd, i);
+                    let dev = {
+                        let _turn = opening.lock().unwrap_or_else(|e| e.into_inner());
+                        target.open(cfg.nsid, cfg.connections, cfg.qd, i)
+                    };
                     if dev.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
