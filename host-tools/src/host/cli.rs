@@ -42,11 +42,6 @@ pub struct WindowArgs {
     /// --window-server SOCK`) and sleep on the eventfds the function's doorbell rings.
     #[arg(long, global = true, value_name = "SOCK")]
     pub doorbell: Option<PathBuf>,
-    /// Inside a guest (with --pci): interrupts instead of polling from the guest's own
-    /// `ivshmem-doorbell` device (QEMU `msi=off`, `qemu/hostvm/run --window-server SOCK`),
-    /// its INTx through uio_pci_generic (the device is bound to it; root).
-    #[arg(long, global = true, requires = "pci", conflicts_with = "doorbell")]
-    pub intx: bool,
     /// Vectors the ivshmem server gives each peer (its --vectors).
     #[arg(long, global = true, default_value_t = super::ivshmem::DEFAULT_VECTORS)]
     pub doorbell_vectors: u16,
@@ -66,7 +61,11 @@ impl WindowArgs {
         let w = match (&self.window, &self.pci, &self.bar) {
             (Some(p), _, _) => Window::open(p)?,
             (None, Some(bdf), _) => {
-                let bdf = full_bdf(bdf);
+                let bdf = if bdf.matches(':').count() == 1 {
+                    format!("0000:{bdf}")
+                } else {
+                    bdf.clone()
+                };
                 let dev = PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
                 // A function no driver claimed may have memory decoding off.
                 let _ = std::fs::write(dev.join("enable"), "1");
@@ -80,16 +79,6 @@ impl WindowArgs {
 
     /// Joins the ivshmem server of `--doorbell`, if given.
     pub fn peer(&self) -> Result<Option<Arc<Peer>>> {
-        if self.intx
-            && let Some(bdf) = &self.pci
-        {
-            let p = Peer::intx(&full_bdf(bdf))?;
-            eprintln!(
-                "keelctl host: ivshmem peer {} (INTx through uio_pci_generic): waiting on the function's doorbell",
-                p.id()
-            );
-            return Ok(Some(Arc::new(p)));
-        }
         let Some(sock) = &self.doorbell else {
             return Ok(None);
         };
@@ -122,15 +111,6 @@ impl WindowArgs {
             doorbell,
         )
         .context("initialising the controller behind the window")
-    }
-}
-
-/// A PCI address with its domain (`00:04.0` → `0000:00:04.0`).
-fn full_bdf(bdf: &str) -> String {
-    if bdf.matches(':').count() == 1 {
-        format!("0000:{bdf}")
-    } else {
-        bdf.to_string()
     }
 }
 

@@ -589,94 +589,12 @@ pub struct PeerStats {
     pub counted: AtomicU64,
 }
 
-/// BAR0 of an ivshmem device mapped from sysfs (`resource0`): IntrMask 0x0, IntrStatus 0x4,
-/// IVPosition 0x8 (ivshmem-spec.rst).
-#[derive(Debug)]
-struct Bar0 {
-    ptr: *mut u32,
-    len: usize,
-}
-
-// SAFETY: the mapping lives as long as the value and is only touched with aligned volatile
-// 32-bit accesses to device registers, which any thread may make.
-unsafe impl Send for Bar0 {}
-// SAFETY: as for `Send`: no references into the mapping are handed out.
-unsafe impl Sync for Bar0 {}
-
-impl Bar0 {
-    const INTR_MASK: usize = 0;
-    const INTR_STATUS: usize = 4;
-    const IV_POSITION: usize = 8;
-
-    fn map(path: &Path) -> Result<Self> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        let len = 4096;
-        // SAFETY: a fresh shared mapping of the BAR's sysfs file chosen by the kernel; the
-        // kernel checks the range against the BAR, failure is MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mapping {}", path.display()));
-        }
-        Ok(Self { ptr: p.cast(), len })
-    }
-
-    fn read(&self, off: usize) -> u32 {
-        // SAFETY: `off` is one of the register offsets above, inside the mapping, aligned.
-        unsafe { std::ptr::read_volatile(self.ptr.add(off / 4)) }
-    }
-
-    fn write(&self, off: usize, v: u32) {
-        // SAFETY: as in `read`.
-        unsafe { std::ptr::write_volatile(self.ptr.add(off / 4), v) }
-    }
-}
-
-impl Drop for Bar0 {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `map`, unmapped once.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
-        }
-    }
-}
-
-/// How interrupts reach this process.
-#[derive(Debug)]
-enum Source {
-    /// A client of the server: one eventfd per vector.
-    Eventfds {
-        fds: Vec<OwnedFd>,
-        _sock: UnixStream,
-    },
-    /// Inside a guest: the guest's own `ivshmem-doorbell` device (`msi=off`), its INTx
-    /// through `uio_pci_generic` (every vector sets Interrupt Status and raises the line).
-    Intx {
-        uio: File,
-        regs: Bar0,
-        last: AtomicU64,
-    },
-}
-
-/// This process as a client of an ivshmem server (its ID and the eventfds interrupting it),
-/// or, inside a guest, its ivshmem device's interrupt line.
+/// This process as a client of an ivshmem server: its ID and the eventfds interrupting it.
 #[derive(Debug)]
 pub struct Peer {
     id: u16,
-    source: Source,
+    eventfds: Vec<OwnedFd>,
+    _sock: UnixStream,
     /// Counts.
     pub stats: PeerStats,
 }
@@ -712,73 +630,10 @@ impl Peer {
         let id = st.id().context("no peer ID from the ivshmem server")?;
         Ok(Self {
             id,
-            source: Source::Eventfds {
-                fds: own,
-                _sock: sock,
-            },
+            eventfds: own,
+            _sock: sock,
             stats: PeerStats::default(),
         })
-    }
-
-    /// Inside a guest: the `ivshmem-doorbell` device at PCI address `bdf` (QEMU `msi=off`),
-    /// bound to `uio_pci_generic` (modules `uio`, `uio_pci_generic` loaded; root). Its peer
-    /// ID is its IVPosition; every vector the function rings raises its INTx, which
-    /// `/dev/uioN` delivers.
-    pub fn intx(bdf: &str) -> Result<Self> {
-        let dev = PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
-        let driver = std::fs::read_link(dev.join("driver"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-        if driver.as_deref() != Some("uio_pci_generic") {
-            std::fs::write(dev.join("driver_override"), "uio_pci_generic")
-                .with_context(|| format!("driver_override of {bdf} (root?)"))?;
-            if driver.is_some() {
-                std::fs::write(dev.join("driver/unbind"), bdf).ok();
-            }
-            std::fs::write("/sys/bus/pci/drivers_probe", bdf)
-                .context("binding to uio_pci_generic (module loaded?)")?;
-        }
-        let uio = std::fs::read_dir(dev.join("uio"))
-            .context("no uio device: is uio_pci_generic bound (INTx masking supported)?")?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with("uio"))
-            .context("no uioN under the device")?;
-        let uio = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/dev/{uio}"))
-            .with_context(|| format!("opening /dev/{uio}"))?;
-        let regs = Bar0::map(&dev.join("resource0"))?;
-        let pos = regs.read(Bar0::IV_POSITION);
-        let id = u16::try_from(pos).with_context(|| {
-            format!("IVPosition {pos:#x}: not an ivshmem-doorbell device joined to a server")
-        })?;
-        regs.write(Bar0::INTR_MASK, u32::MAX);
-        let _ = regs.read(Bar0::INTR_STATUS);
-        let p = Self {
-            id,
-            source: Source::Intx {
-                uio,
-                regs,
-                last: AtomicU64::new(0),
-            },
-            stats: PeerStats::default(),
-        };
-        p.rearm();
-        Ok(p)
-    }
-
-    /// INTx: clears Interrupt Status (the line drops), then unmasks INTx (uio_pci_generic
-    /// masked it when it fired). An interrupt in between sets the status again and fires once
-    /// unmasked.
-    fn rearm(&self) {
-        if let Source::Intx { uio, regs, .. } = &self.source {
-            let _ = regs.read(Bar0::INTR_STATUS);
-            let one = 1u32.to_ne_bytes();
-            // SAFETY: writes 4 bytes from `one` to the uio device (its irqcontrol).
-            let _ = unsafe { libc::write(uio.as_raw_fd(), one.as_ptr().cast(), 4) };
-        }
     }
 
     /// This peer's ID (what the function's doorbell names).
@@ -786,50 +641,16 @@ impl Peer {
         self.id
     }
 
-    /// Number of vectors (INTx: every vector shares the line).
+    /// Number of vectors.
     pub fn vectors(&self) -> u16 {
-        match &self.source {
-            Source::Eventfds { fds, .. } => fds.len() as u16,
-            Source::Intx { .. } => u16::MAX,
-        }
+        self.eventfds.len() as u16
     }
 
     /// Reads (and clears) every signalled eventfd among `vectors`; returns the signals read.
     pub fn drain(&self, vectors: std::ops::RangeInclusive<u16>) -> u64 {
-        let fds = match &self.source {
-            Source::Eventfds { fds, .. } => fds,
-            Source::Intx { uio, last, .. } => {
-                let mut pfd = libc::pollfd {
-                    fd: uio.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the call.
-                if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
-                    return 0;
-                }
-                let mut b = [0u8; 4];
-                // SAFETY: reads 4 bytes (the interrupt count) into `b` from the uio device.
-                let n = unsafe { libc::read(uio.as_raw_fd(), b.as_mut_ptr().cast(), 4) };
-                if n != 4 {
-                    return 0;
-                }
-                let total = u64::from(u32::from_ne_bytes(b));
-                let before = last.swap(total, Ordering::Relaxed);
-                let new = if before == 0 {
-                    1
-                } else {
-                    total.wrapping_sub(before)
-                };
-                self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
-                self.stats.signals.fetch_add(new, Ordering::Relaxed);
-                self.rearm();
-                return new;
-            }
-        };
         let mut total = 0;
         for v in vectors {
-            if let Some(fd) = fds.get(usize::from(v)) {
+            if let Some(fd) = self.eventfds.get(usize::from(v)) {
                 let mut b = [0u8; 8];
                 // SAFETY: reads 8 bytes into `b` from a valid nonblocking eventfd.
                 let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
@@ -853,25 +674,17 @@ impl Peer {
             revents: 0,
         }; 16];
         let mut n = 0;
-        match &self.source {
-            Source::Eventfds { fds: own, .. } => {
-                for v in vectors.clone() {
-                    if let Some(fd) = own.get(usize::from(v))
-                        && n < fds.len()
-                    {
-                        fds[n].fd = fd.as_raw_fd();
-                        n += 1;
-                    }
-                }
-            }
-            Source::Intx { uio, .. } => {
-                fds[0].fd = uio.as_raw_fd();
-                n = 1;
+        for v in vectors.clone() {
+            if let Some(fd) = self.eventfds.get(usize::from(v))
+                && n < fds.len()
+            {
+                fds[n].fd = fd.as_raw_fd();
+                n += 1;
             }
         }
         let left = until.saturating_duration_since(Instant::now());
         let ts = libc::timespec {
-            tv_sec: left.as_secs() as libc::time_t,
+            tv_sec: left.as_secs().min(i32::MAX as u64) as _,
             tv_nsec: left.subsec_nanos() as libc::c_long,
         };
         // SAFETY: `fds[..n]` are valid pollfd structures and `ts` a valid timespec, both
@@ -1011,11 +824,8 @@ mod tests {
         assert_eq!(a.vectors(), 3);
         // A signal on b's vector 2 wakes a waiter on 1..=2, and is counted once.
         let one = 1u64.to_ne_bytes();
-        let Source::Eventfds { fds, .. } = &b.source else {
-            unreachable!("a server's peer")
-        };
         // SAFETY: writes 8 bytes from `one` to a valid eventfd.
-        let n = unsafe { libc::write(fds[2].as_raw_fd(), one.as_ptr().cast(), 8) };
+        let n = unsafe { libc::write(b.eventfds[2].as_raw_fd(), one.as_ptr().cast(), 8) };
         assert_eq!(n, 8);
         assert_eq!(b.wait(1..=2, Instant::now() + Duration::from_secs(5)), 1);
         assert_eq!(b.wait(1..=2, Instant::now() + Duration::from_millis(20)), 0);
