@@ -42,6 +42,11 @@ pub struct WindowArgs {
     /// --window-server SOCK`) and sleep on the eventfds the function's doorbell rings.
     #[arg(long, global = true, value_name = "SOCK")]
     pub doorbell: Option<PathBuf>,
+    /// Inside a guest (with --pci): interrupts instead of polling from the guest's own
+    /// `ivshmem-doorbell` device (`qemu/hostvm/run --window-server SOCK`), its MSI-X vectors
+    /// through VFIO (needs an IOMMU in the guest; the device is bound to vfio-pci; root).
+    #[arg(long, global = true, requires = "pci", conflicts_with = "doorbell")]
+    pub vfio: bool,
     /// Vectors the ivshmem server gives each peer (its --vectors).
     #[arg(long, global = true, default_value_t = super::ivshmem::DEFAULT_VECTORS)]
     pub doorbell_vectors: u16,
@@ -61,11 +66,11 @@ impl WindowArgs {
         let w = match (&self.window, &self.pci, &self.bar) {
             (Some(p), _, _) => Window::open(p)?,
             (None, Some(bdf), _) => {
-                let bdf = if bdf.matches(':').count() == 1 {
-                    format!("0000:{bdf}")
-                } else {
-                    bdf.clone()
-                };
+                let bdf = full_bdf(bdf);
+                if self.vfio {
+                    let d = super::vfio::VfioDevice::get(&bdf)?;
+                    return Ok(Arc::new(Window::open_vfio(&d)?));
+                }
                 let dev = PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
                 // A function no driver claimed may have memory decoding off.
                 let _ = std::fs::write(dev.join("enable"), "1");
@@ -79,6 +84,18 @@ impl WindowArgs {
 
     /// Joins the ivshmem server of `--doorbell`, if given.
     pub fn peer(&self) -> Result<Option<Arc<Peer>>> {
+        if self.vfio
+            && let Some(bdf) = &self.pci
+        {
+            let d = super::vfio::VfioDevice::get(&full_bdf(bdf))?;
+            let p = Peer::vfio(d, self.doorbell_vectors)?;
+            eprintln!(
+                "keelctl host: ivshmem peer {} (MSI-X through VFIO, {} vectors): waiting on the function's doorbell",
+                p.id(),
+                p.vectors()
+            );
+            return Ok(Some(Arc::new(p)));
+        }
         let Some(sock) = &self.doorbell else {
             return Ok(None);
         };
@@ -111,6 +128,15 @@ impl WindowArgs {
             doorbell,
         )
         .context("initialising the controller behind the window")
+    }
+}
+
+/// A PCI address with its domain (`00:04.0` → `0000:00:04.0`).
+fn full_bdf(bdf: &str) -> String {
+    if bdf.matches(':').count() == 1 {
+        format!("0000:{bdf}")
+    } else {
+        bdf.to_string()
     }
 }
 

@@ -594,7 +594,8 @@ pub struct PeerStats {
 pub struct Peer {
     id: u16,
     eventfds: Vec<OwnedFd>,
-    _sock: UnixStream,
+    _sock: Option<UnixStream>,
+    _vfio: Option<std::sync::Arc<super::vfio::VfioDevice>>,
     /// Counts.
     pub stats: PeerStats,
 }
@@ -631,7 +632,28 @@ impl Peer {
         Ok(Self {
             id,
             eventfds: own,
-            _sock: sock,
+            _sock: Some(sock),
+            _vfio: None,
+            stats: PeerStats::default(),
+        })
+    }
+
+    /// Inside a guest: the guest's own `ivshmem-doorbell` device opened through VFIO; its
+    /// `vectors` MSI-X vectors go to fresh eventfds, its peer ID is its IVPosition.
+    pub fn vfio(dev: std::sync::Arc<super::vfio::VfioDevice>, vectors: u16) -> Result<Self> {
+        let pos = dev.iv_position()?;
+        let id = u16::try_from(pos).with_context(|| {
+            format!("IVPosition {pos:#x}: not an ivshmem-doorbell device on a server")
+        })?;
+        let fds = (0..vectors)
+            .map(|_| eventfd())
+            .collect::<Result<Vec<_>>>()?;
+        dev.set_msix(&fds)?;
+        Ok(Self {
+            id,
+            eventfds: fds,
+            _sock: None,
+            _vfio: Some(dev),
             stats: PeerStats::default(),
         })
     }

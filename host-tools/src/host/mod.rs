@@ -19,6 +19,7 @@ pub mod ivshmem;
 pub mod nbd;
 pub mod signals;
 pub mod ublk;
+pub mod vfio;
 pub mod window;
 
 pub use driver::{HostConfig, HostController, HostDevice, HostTarget};
