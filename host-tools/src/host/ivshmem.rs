@@ -860,6 +860,42 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    #[test]
+    fn the_server_sends_the_spec_s_bytes() {
+        // ivshmem-spec.rst: "Each message consists of a single 8 byte little-endian signed
+        // number"; on connect: 0, the client's ID, -1, other clients' IDs N times each, its
+        // own ID N times; then a newcomer's ID N times, a departed client's ID once.
+        let dir = std::env::temp_dir().join(format!("keel-ivshmem-b{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        let mut server = Server::bind(&sock, tempfile_in(&dir), 2).unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let t = std::thread::spawn(move || server.serve(&s2).unwrap());
+        let le = |v: i64| v.to_le_bytes().to_vec();
+        let read = |c: &mut UnixStream, n: usize| {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = vec![0u8; n];
+            c.read_exact(&mut b).unwrap();
+            b
+        };
+        let mut a = UnixStream::connect(&sock).unwrap();
+        let want_a: Vec<u8> = [0, 0, -1, 0, 0].iter().flat_map(|&v| le(v)).collect();
+        assert_eq!(read(&mut a, 40), want_a);
+        let mut b = UnixStream::connect(&sock).unwrap();
+        let want_b: Vec<u8> = [0, 1, -1, 0, 0, 1, 1].iter().flat_map(|&v| le(v)).collect();
+        assert_eq!(read(&mut b, 56), want_b);
+        assert_eq!(read(&mut a, 16), [le(1), le(1)].concat());
+        drop(b);
+        assert_eq!(read(&mut a, 8), le(1));
+        // The next client gets the next ID (2), not the one just freed.
+        let mut c = UnixStream::connect(&sock).unwrap();
+        assert_eq!(read(&mut c, 16), [le(0), le(2)].concat());
+        stop.store(true, Ordering::SeqCst);
+        t.join().unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     fn tempfile_in(dir: &Path) -> File {
         let p = dir.join("shm");
         let f = std::fs::OpenOptions::new()
