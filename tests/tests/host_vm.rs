@@ -283,8 +283,9 @@ impl Drop for VmGuard {
 /// firmware's QEMU joins it with an `ivshmem-doorbell` device, and so does the host VM's
 /// (`--window-server`, with an emulated IOMMU). Inside, `keelctl host --pci --vfio` takes the
 /// device through VFIO, names its IVPosition in the window and sleeps on eventfds bound to
-/// the device's MSI-X vectors: a verify and a QD1 bench receive the function's interrupts
-/// (`--mode doorbell`), after the same bench polled through the same device.
+/// the device's MSI-X vectors: a verify, a QD1 bench and a ublk disk (4 MiB written and read
+/// back) receive the function's interrupts (`--mode doorbell`), after the same bench polled
+/// through the same device.
 #[test]
 fn host_vm_takes_the_function_s_msix_through_vfio() {
     let win = ScratchFile::new("hostvm-doorbell", 64 << 20);
@@ -348,6 +349,7 @@ fn host_vm_takes_the_function_s_msix_through_vfio() {
         "doorbell-bench-polled",
         "doorbell-vfio-verify",
         "doorbell-bench-vfio",
+        "doorbell-vfio-ublk",
     ] {
         assert!(
             console.contains(&format!("KEEL-HOSTVM: {check} PASS")),
