@@ -1,5 +1,5 @@
-//! The emulated NVMe function's endpoint on QEMU: an `ivshmem-plain` PCI device (Red Hat
-//! 1af4:1110) whose BAR2 is memory shared with a host process (`keelctl host`). The window
+//! The emulated NVMe function's endpoint on QEMU: an `ivshmem-plain` or `ivshmem-doorbell` PCI
+//! device (Red Hat 1af4:1110) whose BAR2 is memory shared with a host process (`keelctl host`). The window
 //! layout is `keel_nvme_pcie::layout`: the NVMe register page, doorbells, an interrupt area, a
 //! header, then the host's memory. A real DPU's PCIe endpoint controller is another
 //! implementation of the same `EndpointFunction` seam.
@@ -31,7 +31,7 @@ use keel_nvme_pcie::layout::{self, interrupt_target};
 use safe_mmio::UniqueMmioPointer;
 use safe_mmio::fields::{ReadPure, ReadPureWrite, ReadWrite, WriteOnly};
 
-/// PCI vendor and device of `ivshmem-plain`.
+/// PCI vendor and device of `ivshmem-plain` and `ivshmem-doorbell`.
 pub const IVSHMEM_ID: (u16, u16) = (0x1af4, 0x1110);
 
 /// BAR0 of an ivshmem device (ivshmem-spec.rst "PCI device registers"), 256 bytes of MMIO.

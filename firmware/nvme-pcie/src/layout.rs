@@ -11,8 +11,8 @@
 //!                 0x1000 + 8y, CQ y head at 0x1000 + 8y + 4. Written by the host only.
 //! 0x2000..0x3000  interrupt area: one little-endian u32 counter per vector at 0x2000 + 4v
 //!                 (1024 vectors at most). The function increments a vector's counter
-//!                 (wrapping) for every interrupt; the host polls it, as QEMU cannot deliver
-//!                 an interrupt to a user process.
+//!                 (wrapping) for every interrupt; the host polls it, or sleeps until an
+//!                 `ivshmem-doorbell` rings it (see [`interrupt_target`]).
 //! 0x3000..0x3040  header (written by the function's side at start): magic, version, sizes
 //!                 (see [`header`]). The host waits for the magic before touching registers.
 //! 0x3040..0x3044  interrupt target (written by the host, read by the function): where the

@@ -10,6 +10,8 @@
 //!   [`crate::blockdev::BlockDevice`].
 //! - [`ivshmem`]: interrupts toward the host over `ivshmem-doorbell`: our ivshmem server and
 //!   this process as its peer (eventfds the function's doorbell signals).
+//! - [`vfio`]: inside a guest, the function's `ivshmem-doorbell` device through VFIO (its
+//!   MSI-X vectors as eventfds, its BAR2 as the window).
 //! - [`nbd`]: an NBD server exporting a namespace, many requests at once.
 //! - [`cli`]: `keelctl host --window FILE identify|read|write|verify|bench|nbd|emulate`.
 
