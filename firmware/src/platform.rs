@@ -292,12 +292,28 @@ fn enumerate_pci(dt: &Dt) -> Vec<Function> {
 /// BARs that are memory shared with another agent rather than registers: the ivshmem
 /// windows of emulated functions (BAR2 of 1af4:1110).
 pub fn shared_memory_bars(pci: &[Function]) -> impl Iterator<Item = Region> + '_ {
+    ivshmem_windows(pci).map(|(window, _)| window)
+}
+
+/// The ivshmem windows (BAR2) with, for an `ivshmem-doorbell` device, its register BAR0. The
+/// two variants have the same IDs; only the doorbell one has an MSI-X table (BAR1), and its
+/// IVPosition cannot tell (0 is a valid peer ID), so BAR1 is what tells them apart.
+pub fn ivshmem_windows(pci: &[Function]) -> impl Iterator<Item = (Region, Option<Region>)> + '_ {
     pci.iter()
         .filter(|f| (f.vendor, f.device) == keel_hal::ivshmem::IVSHMEM_ID)
-        .filter_map(|f| f.bar(2))
-        .map(|b| Region {
-            base: b.cpu_addr,
-            size: b.size,
+        .filter_map(|f| {
+            let window = f.bar(2)?;
+            let regs = f.bar(1).and(f.bar(0)).map(|b| Region {
+                base: b.cpu_addr,
+                size: b.size,
+            });
+            Some((
+                Region {
+                    base: window.cpu_addr,
+                    size: window.size,
+                },
+                regs,
+            ))
         })
 }
 

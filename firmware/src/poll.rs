@@ -9,7 +9,7 @@ use crate::mgmt::MgmtService;
 use crate::net::{Addressing, NetStack};
 use crate::percore::Holder;
 use crate::plan::{Plan, Source};
-use crate::platform::{Platform, shared_memory_bars};
+use crate::platform::{Platform, ivshmem_windows, shared_memory_bars};
 use crate::provisioned::PROVISION_PUBKEY;
 use crate::qemu::QemuNic;
 use crate::qemu::{Qemu, load_identity};
@@ -17,7 +17,12 @@ use crate::services::{Services, WindowPort};
 use alloc::{format, vec::Vec};
 use keel_hal::arch::percpu;
 use keel_hal::virtio_net::{self, QueuePair};
-use keel_hal::{arch::timer, ivshmem::IvshmemWindow, println, virtio_net::VirtioNet};
+use keel_hal::{
+    arch::timer,
+    ivshmem::{IvshmemRegisters, IvshmemWindow},
+    println,
+    virtio_net::VirtioNet,
+};
 
 /// NVMe/TCP port (NVMe/TCP transport spec 1.0 §7.4.4, IANA).
 pub const NVMF_PORT: u16 = 4420;
@@ -161,13 +166,30 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
             )
         }
     };
-    let windows = shared_memory_bars(&platform.pci)
-        .map(|bar| WindowPort {
+    let windows = ivshmem_windows(&platform.pci)
+        .map(|(bar, regs)| WindowPort {
             base: bar.base,
             size: bar.size,
-            // SAFETY: BAR2 of an ivshmem-plain function, mapped as normal memory by the
-            // platform's final page table, used by nothing else.
+            // SAFETY: BAR2 of an ivshmem function, mapped as normal memory by the platform's
+            // final page table, used by nothing else.
             ep: unsafe { IvshmemWindow::new(bar.base as usize, bar.size as usize) }
+                .map(|mut w| {
+                    let regs = regs.and_then(|r| {
+                        // SAFETY: BAR0 of the same ivshmem-doorbell function, inside a host
+                        // bridge window the final page table maps as device memory, driven
+                        // by nothing else.
+                        unsafe { IvshmemRegisters::new(r.base as usize, r.size as usize) }
+                    });
+                    if let Some(r) = regs {
+                        klog::info!(
+                            "ivshmem: window at {:#x} has a doorbell (ivshmem-doorbell, peer {})",
+                            bar.base,
+                            r.iv_position()
+                        );
+                        w.attach_doorbell(r);
+                    }
+                    w
+                })
                 .map_err(|e| format!("{e}")),
         })
         .collect::<Vec<_>>();

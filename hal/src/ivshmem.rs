@@ -1,5 +1,5 @@
-//! The emulated NVMe function's endpoint on QEMU: an `ivshmem-plain` PCI device (Red Hat
-//! 1af4:1110) whose BAR2 is memory shared with a host process (`keelctl host`). The window
+//! The emulated NVMe function's endpoint on QEMU: an `ivshmem-plain` or `ivshmem-doorbell` PCI
+//! device (Red Hat 1af4:1110) whose BAR2 is memory shared with a host process (`keelctl host`). The window
 //! layout is `keel_nvme_pcie::layout`: the NVMe register page, doorbells, an interrupt area, a
 //! header, then the host's memory. A real DPU's PCIe endpoint controller is another
 //! implementation of the same `EndpointFunction` seam.
@@ -10,20 +10,120 @@
 //! between fences, the completion entry's status dword (phase tag) is published last with a
 //! single release store. Every DMA is bounds-checked against the host area before any byte
 //! moves.
+//!
+//! # Interrupts toward the host: `ivshmem-doorbell`
+//!
+//! Every interrupt increments the vector's counter in the window (the host may poll it). When
+//! the device is an `ivshmem-doorbell` (connected to an ivshmem server, QEMU
+//! `docs/specs/ivshmem-spec.rst`; it has the MSI-X BAR1 that `ivshmem-plain` lacks) the
+//! firmware also attaches its BAR0 registers ([`IvshmemRegisters`]), and once the host has
+//! written its peer ID into the window's interrupt target word
+//! ([`keel_nvme_pcie::layout::interrupt_target`]) each interrupt also writes the Doorbell
+//! register with `peer << 16 | vector`: QEMU signals that peer's eventfd for the vector, a
+//! real interrupt toward the host (an eventfd a host process waits on, or an MSI-X vector of
+//! a host VM's ivshmem device). One register write per interrupt, no allocation, no log.
 
 use core::ops::Range;
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering, fence};
 use keel_nvme_pcie::endpoint::{DmaError, EndpointFunction};
-use keel_nvme_pcie::layout;
+use keel_nvme_pcie::layout::{self, interrupt_target};
+use safe_mmio::UniqueMmioPointer;
+use safe_mmio::fields::{ReadPure, ReadPureWrite, ReadWrite, WriteOnly};
 
-/// PCI vendor and device of `ivshmem-plain`.
+/// PCI vendor and device of `ivshmem-plain` and `ivshmem-doorbell`.
 pub const IVSHMEM_ID: (u16, u16) = (0x1af4, 0x1110);
+
+/// BAR0 of an ivshmem device (ivshmem-spec.rst "PCI device registers"), 256 bytes of MMIO.
+#[derive(Debug)]
+#[repr(C)]
+pub struct Registers {
+    /// 0x00 Interrupt Mask (INTx of revision 0 devices; reserved on revision 1).
+    pub intr_mask: ReadPureWrite<u32>,
+    /// 0x04 Interrupt Status (reading clears it).
+    pub intr_status: ReadWrite<u32>,
+    /// 0x08 IVPosition: this device's peer ID (0 when not configured for interrupts).
+    pub iv_position: ReadPure<u32>,
+    /// 0x0C Doorbell: `peer << 16 | vector` interrupts that peer's vector.
+    pub doorbell: WriteOnly<u32>,
+    /// 0x10..0x100 reserved.
+    pub reserved: [ReadPure<u32>; 60],
+}
+
+/// A Doorbell register value: interrupt vector `vector` of peer `peer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Doorbell(u32);
+
+impl Doorbell {
+    /// The value ringing `vector` of `peer` (bits 31..16 the peer ID, 15..0 the vector).
+    pub const fn new(peer: u16, vector: u16) -> Self {
+        Self(((peer as u32) << 16) | vector as u32)
+    }
+
+    /// The register value.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+/// The registers of an `ivshmem-doorbell` device, through `safe-mmio` (no references to
+/// device memory).
+#[derive(Debug)]
+pub struct IvshmemRegisters {
+    regs: UniqueMmioPointer<'static, Registers>,
+}
+
+impl IvshmemRegisters {
+    /// Wraps BAR0 at `base` of `size` bytes; `None` for a null base or a BAR smaller than the
+    /// 256 bytes of registers.
+    ///
+    /// # Safety
+    /// `base..base + size` must be the assigned BAR0 of an ivshmem device, mapped as device
+    /// memory for the rest of the program, and driven by nothing else.
+    pub unsafe fn new(base: usize, size: usize) -> Option<Self> {
+        if size < core::mem::size_of::<Registers>() {
+            return None;
+        }
+        let ptr = NonNull::new(base as *mut Registers)?;
+        // SAFETY: guaranteed by the caller: a valid, exclusively owned MMIO region of at
+        // least the size of `Registers`, for `'static`.
+        let regs = unsafe { UniqueMmioPointer::new(ptr) };
+        Some(Self { regs })
+    }
+
+    /// Wraps registers the caller already holds (tests: a `Registers` in RAM).
+    pub fn from_pointer(regs: UniqueMmioPointer<'static, Registers>) -> Self {
+        Self { regs }
+    }
+
+    /// This device's peer ID (IVPosition).
+    pub fn iv_position(&self) -> u32 {
+        safe_mmio::field_shared!(self.regs, iv_position).read()
+    }
+
+    /// Rings `bell`: the server's peer named in it gets an interrupt on its vector. Stores
+    /// to the window made before are visible to that peer before the interrupt.
+    pub fn ring(&mut self, bell: Doorbell) {
+        // Order the completion entries and the counter written to the window before the
+        // register write that signals them (Linux's `writel`).
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a barrier instruction: no memory access, no stack, no flags.
+        unsafe {
+            core::arch::asm!("dmb oshst", options(nostack, preserves_flags))
+        };
+        safe_mmio::field!(self.regs, doorbell).write(bell.bits());
+    }
+}
 
 /// One ivshmem window.
 #[derive(Debug)]
 pub struct IvshmemWindow {
     base: *mut u8,
     len: usize,
+    /// BAR0 of an `ivshmem-doorbell` device (`None` for `ivshmem-plain`: counters only).
+    doorbell: Option<IvshmemRegisters>,
+    /// Doorbells rung (interrupts that went to a host peer besides the counter).
+    rung: u64,
 }
 
 // SAFETY: the window is plain memory owned by this driver; moving the handle to another core
@@ -68,7 +168,25 @@ impl IvshmemWindow {
         Ok(Self {
             base: base as *mut u8,
             len,
+            doorbell: None,
+            rung: 0,
         })
+    }
+
+    /// Attaches the registers of an `ivshmem-doorbell` device: from now on every interrupt
+    /// also rings the host peer named in the window's interrupt target word, if any.
+    pub fn attach_doorbell(&mut self, regs: IvshmemRegisters) {
+        self.doorbell = Some(regs);
+    }
+
+    /// Whether the window has a doorbell register (an `ivshmem-doorbell` device).
+    pub fn has_doorbell(&self) -> bool {
+        self.doorbell.is_some()
+    }
+
+    /// Doorbells rung toward a host peer so far.
+    pub fn doorbells_rung(&self) -> u64 {
+        self.rung
     }
 
     /// Size in bytes.
@@ -204,14 +322,98 @@ impl EndpointFunction for IvshmemWindow {
     }
 
     fn raise_interrupt(&mut self, vector: u16) {
-        if vector < layout::MAX_VECTORS
-            && let Some(w) = self.word(layout::interrupt_offset(vector))
-        {
+        if vector >= layout::MAX_VECTORS {
+            return;
+        }
+        if let Some(w) = self.word(layout::interrupt_offset(vector)) {
             w.fetch_add(1, Ordering::Release);
+        }
+        if self.doorbell.is_none() {
+            return;
+        }
+        // The host writes the word whenever it likes (a new peer after a reconnect): read
+        // it at every interrupt, one load.
+        let target = self
+            .word(layout::INTERRUPT_TARGET_OFFSET)
+            .and_then(|w| interrupt_target::decode(w.load(Ordering::Acquire)));
+        if let (Some(peer), Some(regs)) = (target, self.doorbell.as_mut()) {
+            regs.ring(Doorbell::new(peer, vector));
+            self.rung = self.rung.wrapping_add(1);
         }
     }
 
     fn vectors(&self) -> u16 {
         layout::MAX_VECTORS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::boxed::Box;
+    use std::vec;
+
+    #[test]
+    fn doorbell_values_follow_the_spec() {
+        // ivshmem-spec.rst: "bit 0..15: vector, bit 16..31: peer ID".
+        assert_eq!(Doorbell::new(0, 0).bits(), 0);
+        assert_eq!(Doorbell::new(1, 3).bits(), 0x0001_0003);
+        assert_eq!(Doorbell::new(0xffff, 0xffff).bits(), u32::MAX);
+        assert_eq!(core::mem::size_of::<Registers>(), 256);
+    }
+
+    #[test]
+    fn interrupts_ring_the_host_peer_only_when_it_asked() {
+        let regs: &'static mut Registers = Box::leak(Box::new(Registers {
+            intr_mask: ReadPureWrite(0),
+            intr_status: ReadWrite(0),
+            iv_position: ReadPure(7),
+            doorbell: WriteOnly(0),
+            reserved: [const { ReadPure(0) }; 60],
+        }));
+        let raw: *const Registers = regs;
+        let mem = vec![0u64; (layout::MIN_WINDOW_SIZE + layout::PAGE_SIZE) / 8].leak();
+        let base = (mem.as_mut_ptr() as usize).next_multiple_of(layout::PAGE_SIZE);
+        // SAFETY: `base..base + MIN_WINDOW_SIZE` lies inside the leaked buffer, used by
+        // nothing else.
+        let mut w = unsafe { IvshmemWindow::new(base, layout::MIN_WINDOW_SIZE) }.unwrap();
+        let mut r = IvshmemRegisters::from_pointer(UniqueMmioPointer::from(regs));
+        assert_eq!(r.iv_position(), 7);
+        r.ring(Doorbell::new(2, 9));
+        // SAFETY: `raw` points at the leaked registers; nothing writes them concurrently.
+        assert_eq!(unsafe { (*raw).doorbell.0 }, 0x0002_0009);
+        w.attach_doorbell(r);
+        assert!(w.has_doorbell());
+        // No target yet: the counter only.
+        w.raise_interrupt(1);
+        assert_eq!(w.doorbells_rung(), 0);
+        assert_eq!(
+            w.word(layout::interrupt_offset(1))
+                .unwrap()
+                .load(Ordering::Relaxed),
+            1
+        );
+        // Garbage in the target word rings nobody.
+        w.word(layout::INTERRUPT_TARGET_OFFSET)
+            .unwrap()
+            .store(0x1234_5678, Ordering::Relaxed);
+        w.raise_interrupt(1);
+        assert_eq!(w.doorbells_rung(), 0);
+        w.word(layout::INTERRUPT_TARGET_OFFSET)
+            .unwrap()
+            .store(interrupt_target::encode(5), Ordering::Relaxed);
+        w.raise_interrupt(3);
+        assert_eq!(w.doorbells_rung(), 1);
+        // SAFETY: as above.
+        assert_eq!(unsafe { (*raw).doorbell.0 }, 0x0005_0003);
+        assert_eq!(
+            w.word(layout::interrupt_offset(3))
+                .unwrap()
+                .load(Ordering::Relaxed),
+            1
+        );
+        // Beyond the vectors: nothing at all.
+        w.raise_interrupt(layout::MAX_VECTORS);
+        assert_eq!(w.doorbells_rung(), 1);
     }
 }

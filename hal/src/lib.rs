@@ -24,7 +24,6 @@ pub mod flash;
 #[cfg(target_arch = "aarch64")]
 pub mod gic;
 pub mod heap;
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod ivshmem;
 pub mod netcsum;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]

@@ -11,11 +11,14 @@
 //!                 0x1000 + 8y, CQ y head at 0x1000 + 8y + 4. Written by the host only.
 //! 0x2000..0x3000  interrupt area: one little-endian u32 counter per vector at 0x2000 + 4v
 //!                 (1024 vectors at most). The function increments a vector's counter
-//!                 (wrapping) for every interrupt; the host polls it, as QEMU cannot deliver
-//!                 an interrupt to a user process.
+//!                 (wrapping) for every interrupt; the host polls it, or sleeps until an
+//!                 `ivshmem-doorbell` rings it (see [`interrupt_target`]).
 //! 0x3000..0x3040  header (written by the function's side at start): magic, version, sizes
 //!                 (see [`header`]). The host waits for the magic before touching registers.
-//! 0x3040..0x10000 reserved (zero).
+//! 0x3040..0x3044  interrupt target (written by the host, read by the function): where the
+//!                 function also rings the host's interrupt vectors through an ivshmem
+//!                 doorbell (see [`interrupt_target`]); 0 = the host polls the counters.
+//! 0x3044..0x10000 reserved (zero).
 //! 0x10000..size   host memory: the host's queues, PRP lists and data buffers.
 //! ```
 //!
@@ -46,6 +49,8 @@ pub const INTERRUPT_OFFSET: usize = 0x2000;
 pub const MAX_VECTORS: u16 = 1024;
 /// Offset of the header.
 pub const HEADER_OFFSET: usize = 0x3000;
+/// Offset of the interrupt target word (see [`interrupt_target`]).
+pub const INTERRUPT_TARGET_OFFSET: usize = 0x3040;
 /// Offset of the host memory area.
 pub const HOST_AREA_OFFSET: usize = 0x10000;
 /// Smallest usable window (the fixed pages plus 64 KiB of host memory).
@@ -71,6 +76,38 @@ pub const fn doorbell_offset(index: u16) -> usize {
 /// Window offset of interrupt vector `v`'s counter.
 pub const fn interrupt_offset(v: u16) -> usize {
     INTERRUPT_OFFSET + v as usize * 4
+}
+
+/// The interrupt target word at [`INTERRUPT_TARGET_OFFSET`]: a host that is a peer of the
+/// same ivshmem server as the function's endpoint (QEMU `ivshmem-doorbell`) writes its peer
+/// ID there, and the function then also rings that peer's vector (BAR0 Doorbell register,
+/// `peer << 16 | vector`) for every interrupt, besides incrementing the vector's counter.
+/// The function only sees its BARs, so the host says who it is through the window. Zero (the
+/// word as the function clears it, and what a host that polls leaves) means no doorbell.
+///
+/// ```text
+/// bit 31      valid
+/// bits 30..16 zero
+/// bits 15..0  the host's ivshmem peer ID
+/// ```
+pub mod interrupt_target {
+    /// Bit 31: the word names a peer.
+    pub const VALID: u32 = 1 << 31;
+
+    /// The word naming `peer`.
+    pub const fn encode(peer: u16) -> u32 {
+        VALID | peer as u32
+    }
+
+    /// The peer a word names, if it is valid (bit 31 set, bits 30..16 zero); anything else
+    /// (zero, or garbage) names none.
+    pub const fn decode(word: u32) -> Option<u16> {
+        if word & 0xFFFF_0000 == VALID {
+            Some(word as u16)
+        } else {
+            None
+        }
+    }
 }
 
 /// The header at [`HEADER_OFFSET`] (all fields little endian).
@@ -230,6 +267,19 @@ mod tests {
         assert_eq!(doorbell_offset(sq_tail_doorbell(1)), 0x1008);
         assert_eq!(doorbell_offset(cq_head_doorbell(MAX_QID)), 0x1FFC);
         assert_eq!(interrupt_offset(MAX_VECTORS - 1), 0x2FFC);
+    }
+
+    #[test]
+    fn interrupt_target_words() {
+        assert_eq!(INTERRUPT_TARGET_OFFSET, HEADER_OFFSET + header::SIZE);
+        assert_eq!(interrupt_target::encode(0), 0x8000_0000);
+        assert_eq!(interrupt_target::encode(0x1234), 0x8000_1234);
+        assert_eq!(interrupt_target::decode(0x8000_0000), Some(0));
+        assert_eq!(interrupt_target::decode(0x8000_ffff), Some(0xffff));
+        assert_eq!(interrupt_target::decode(0), None);
+        assert_eq!(interrupt_target::decode(0x0000_0001), None);
+        assert_eq!(interrupt_target::decode(0x8001_0001), None);
+        assert_eq!(interrupt_target::decode(u32::MAX), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! ([`crate::blockdev::cli`]), on the emulated function's driver.
 
 use super::driver::{HostConfig, HostController, HostTarget};
+use super::ivshmem::{Peer, Server as IvshmemServer};
 use super::nbd::{NbdConfig, Server};
 use super::window::{Emulator, EmulatorConfig, Window};
 use crate::blockdev::cli::{self as blockcli, IoCmd};
@@ -13,6 +14,7 @@ use clap::{Args, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -35,6 +37,19 @@ pub struct WindowArgs {
     /// Bound on every wait (enable, each command), seconds.
     #[arg(long, global = true, default_value_t = 30.0)]
     pub timeout: f64,
+    /// Interrupts instead of polling: join the ivshmem server at this socket as a peer
+    /// (`keelctl host ivshmem-server`, the firmware's QEMU on the same one with `qemu/run
+    /// --window-server SOCK`) and sleep on the eventfds the function's doorbell rings.
+    #[arg(long, global = true, value_name = "SOCK")]
+    pub doorbell: Option<PathBuf>,
+    /// Inside a guest (with --pci): interrupts instead of polling from the guest's own
+    /// `ivshmem-doorbell` device (`qemu/hostvm/run --window-server SOCK`), its MSI-X vectors
+    /// through VFIO (needs an IOMMU in the guest; the device is bound to vfio-pci; root).
+    #[arg(long, global = true, requires = "pci", conflicts_with = "doorbell")]
+    pub vfio: bool,
+    /// Vectors the ivshmem server gives each peer (its --vectors).
+    #[arg(long, global = true, default_value_t = super::ivshmem::DEFAULT_VECTORS)]
+    pub doorbell_vectors: u16,
 }
 
 impl WindowArgs {
@@ -51,11 +66,11 @@ impl WindowArgs {
         let w = match (&self.window, &self.pci, &self.bar) {
             (Some(p), _, _) => Window::open(p)?,
             (None, Some(bdf), _) => {
-                let bdf = if bdf.matches(':').count() == 1 {
-                    format!("0000:{bdf}")
-                } else {
-                    bdf.clone()
-                };
+                let bdf = full_bdf(bdf);
+                if self.vfio {
+                    let d = super::vfio::VfioDevice::get(&bdf)?;
+                    return Ok(Arc::new(Window::open_vfio(&d)?));
+                }
                 let dev = PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
                 // A function no driver claimed may have memory decoding off.
                 let _ = std::fs::write(dev.join("enable"), "1");
@@ -67,23 +82,61 @@ impl WindowArgs {
         Ok(Arc::new(w))
     }
 
-    fn target(&self) -> Result<HostTarget> {
+    /// Joins the ivshmem server of `--doorbell`, if given.
+    pub fn peer(&self) -> Result<Option<Arc<Peer>>> {
+        if self.vfio
+            && let Some(bdf) = &self.pci
+        {
+            let d = super::vfio::VfioDevice::get(&full_bdf(bdf))?;
+            let p = Peer::vfio(d, self.doorbell_vectors)?;
+            eprintln!(
+                "keelctl host: ivshmem peer {} (MSI-X through VFIO, {} vectors): waiting on the function's doorbell",
+                p.id(),
+                p.vectors()
+            );
+            return Ok(Some(Arc::new(p)));
+        }
+        let Some(sock) = &self.doorbell else {
+            return Ok(None);
+        };
+        let p = Peer::connect(sock, self.doorbell_vectors, self.timeout()?)?;
+        eprintln!(
+            "keelctl host: ivshmem peer {} of {} ({} vectors): waiting on the function's doorbell",
+            p.id(),
+            sock.display(),
+            p.vectors()
+        );
+        Ok(Some(Arc::new(p)))
+    }
+
+    fn target(&self, doorbell: Option<Arc<Peer>>) -> Result<HostTarget> {
         Ok(HostTarget {
             win: self.map()?,
             timeout: self.timeout()?,
+            doorbell,
         })
     }
 
-    fn open(&self, queues: u16, depth: u16) -> Result<HostController> {
-        HostController::open(
+    fn open(&self, queues: u16, depth: u16, doorbell: Option<Arc<Peer>>) -> Result<HostController> {
+        HostController::open_with(
             self.map()?,
             &HostConfig {
                 queues,
                 depth,
                 timeout: self.timeout()?,
             },
+            doorbell,
         )
         .context("initialising the controller behind the window")
+    }
+}
+
+/// A PCI address with its domain (`00:04.0` → `0000:00:04.0`).
+fn full_bdf(bdf: &str) -> String {
+    if bdf.matches(':').count() == 1 {
+        format!("0000:{bdf}")
+    } else {
+        bdf.to_string()
     }
 }
 
@@ -135,6 +188,18 @@ pub enum HostCmd {
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
         qd: u16,
     },
+    /// An ivshmem server (QEMU's protocol, `ivshmem-doorbell`) handing out the window file
+    /// (--window FILE) as the shared memory, until SIGINT or SIGTERM: the firmware's QEMU
+    /// (`qemu/run --window-server SOCK`) and `keelctl host --doorbell SOCK` are its peers.
+    IvshmemServer {
+        /// The UNIX socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Interrupt vectors per peer (the same as the devices' `vectors=`).
+        #[arg(long, default_value_t = super::ivshmem::DEFAULT_VECTORS,
+              value_parser = clap::value_parser!(u16).range(1..=256))]
+        vectors: u16,
+    },
     /// Serve the window from this process (an in-process firmware with RAM namespaces), for
     /// use without QEMU. Creates the file if needed.
     Emulate {
@@ -169,7 +234,29 @@ pub fn run(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
 fn run_cmd(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
     match cmd {
         HostCmd::Identify { nsid, json } => identify(w, nsid, json, out),
-        HostCmd::Io(cmd) => blockcli::run(&w.target()?, cmd, out),
+        HostCmd::Io(cmd) => {
+            let peer = w.peer()?;
+            let r = blockcli::run(&w.target(peer.clone())?, cmd, out);
+            report_interrupts(peer.as_deref());
+            r
+        }
+        HostCmd::IvshmemServer { socket, vectors } => {
+            let path = w.window.as_ref().context("--window FILE is required")?;
+            let shm = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening window {}", path.display()))?;
+            let stop = super::signals::stop_on_sigint_sigterm()?;
+            let mut server = IvshmemServer::bind(&socket, shm, vectors)?;
+            eprintln!(
+                "keelctl host ivshmem-server: {} on {} ({vectors} vector(s) per peer)",
+                path.display(),
+                socket.display()
+            );
+            server.serve(stop)?;
+            Ok(0)
+        }
         HostCmd::Nbd {
             listen,
             nsid,
@@ -177,7 +264,8 @@ fn run_cmd(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
             qd,
             clients,
         } => {
-            let c = w.open(queues, qd)?;
+            let peer = w.peer()?;
+            let c = w.open(queues, qd, peer.clone())?;
             let listener = std::net::TcpListener::bind(&listen)
                 .with_context(|| format!("listening on {listen}"))?;
             let stop = super::signals::stop_on_sigint_sigterm()?;
@@ -205,12 +293,14 @@ fn run_cmd(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
                 s.requests, s.clients, s.peak_requests, s.peak_commands
             );
             let shut = server.shutdown();
+            report_interrupts(peer.as_deref());
             r?;
             shut?;
             Ok(0)
         }
         HostCmd::Ublk { nsid, queues, qd } => {
-            let c = w.open(queues, qd)?;
+            let peer = w.peer()?;
+            let c = w.open(queues, qd, peer.clone())?;
             let stop = super::signals::stop_on_sigint_sigterm()?;
             let s = super::ublk::serve(c, &super::ublk::UblkConfig { nsid }, stop, |d| {
                 eprintln!(
@@ -226,6 +316,7 @@ fn run_cmd(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
                 "keelctl host ublk: served {} request(s); at most {} NVMe command(s) in flight at once",
                 s.requests, s.peak_commands
             );
+            report_interrupts(peer.as_deref());
             Ok(0)
         }
         HostCmd::Emulate {
@@ -259,8 +350,21 @@ fn run_cmd(w: &WindowArgs, cmd: HostCmd, out: &mut dyn Write) -> Result<i32> {
     }
 }
 
+/// With `--doorbell`: how many interrupts arrived on the eventfds, against the counters.
+fn report_interrupts(peer: Option<&Peer>) {
+    if let Some(p) = peer {
+        eprintln!(
+            "keelctl host: doorbell: {} interrupt(s) received on the eventfds in {} wake-up(s); \
+             the window's counters show {} for the same vectors",
+            p.stats.signals.load(Ordering::Relaxed),
+            p.stats.wakeups.load(Ordering::Relaxed),
+            p.stats.counted.load(Ordering::Relaxed)
+        );
+    }
+}
+
 fn identify(w: &WindowArgs, only: Option<u32>, json: bool, out: &mut dyn Write) -> Result<i32> {
-    let mut c = w.open(1, 1)?;
+    let mut c = w.open(1, 1, w.peer()?)?;
     let nss = {
         let c = std::cell::RefCell::new(&mut c);
         namespace_reports(

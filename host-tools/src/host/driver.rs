@@ -15,6 +15,7 @@
 //! [`HostController`] is a controller opened this way; [`HostDevice`] one namespace of it with
 //! data buffers in the window, as a [`BlockDevice`].
 
+use super::ivshmem::Peer;
 use super::window::{Window, WindowClaim};
 use crate::blockdev::{BlockDevice, Completion, IoError, Request, Target};
 use crate::nvme::error::describe_status;
@@ -107,24 +108,36 @@ impl Default for HostConfig {
 }
 
 /// The interrupt vectors of a controller's I/O queues, as the window shows them: one counter
-/// per vector, incremented by the function after it posts completions (the window cannot
-/// deliver an interrupt to a process; a guest with `ivshmem-doorbell` could).
+/// per vector, incremented by the function after it posts completions. With a doorbell peer
+/// ([`Peer`], `--doorbell SOCK`) the function also rings this process's eventfd for the
+/// vector (`ivshmem-doorbell`), and [`Interrupts::wait`] sleeps on the eventfds instead of
+/// polling the counters.
 #[derive(Debug)]
 pub struct Interrupts {
     win: Arc<Window>,
     vectors: std::ops::RangeInclusive<u16>,
     seen: Vec<u32>,
+    first: Vec<u32>,
+    peer: Option<Arc<Peer>>,
 }
 
 impl Interrupts {
-    fn new(win: Arc<Window>, queues: u16) -> Self {
+    fn new(win: Arc<Window>, queues: u16, peer: Option<Arc<Peer>>) -> Self {
         let mut i = Self {
             win,
             vectors: 1..=queues.max(1),
             seen: Vec::new(),
+            first: Vec::new(),
+            peer,
         };
         i.seen = i.read();
+        i.first = i.seen.clone();
         i
+    }
+
+    /// The doorbell peer whose eventfds this waits on, if any.
+    pub fn peer(&self) -> Option<&Arc<Peer>> {
+        self.peer.as_ref()
     }
 
     fn read(&self) -> Vec<u32> {
@@ -147,9 +160,20 @@ impl Interrupts {
         changed
     }
 
-    /// Waits until a vector fires or `until` passes: spins briefly, then sleeps in growing
-    /// steps up to 50 µs (a counter is one load; nothing else is touched meanwhile).
+    /// Waits until a vector fires or `until` passes. With a doorbell peer: sleeps on the
+    /// vectors' eventfds (the function rings them after it increments the counters).
+    /// Without: spins briefly, then sleeps in growing steps up to 50 µs (a counter is one
+    /// load; nothing else is touched meanwhile).
     pub fn wait(&mut self, until: Instant) {
+        if let Some(peer) = self.peer.clone() {
+            while !self.fired() {
+                if Instant::now() >= until {
+                    return;
+                }
+                peer.wait(self.vectors.clone(), until);
+            }
+            return;
+        }
         let mut spins = 0u32;
         while !self.fired() {
             spins += 1;
@@ -162,6 +186,28 @@ impl Interrupts {
             }
             let nap = (spins - 4096).min(50);
             std::thread::sleep(Duration::from_micros(nap as u64 + 1));
+        }
+    }
+}
+
+impl Drop for Interrupts {
+    fn drop(&mut self) {
+        if let Some(peer) = &self.peer {
+            // The controller is down (or gone): what the counters and the eventfds say now
+            // is final for this controller.
+            let counted: u64 = self
+                .read()
+                .iter()
+                .zip(&self.first)
+                .map(|(now, first)| u64::from(now.wrapping_sub(*first)))
+                .sum();
+            peer.stats.counted.fetch_add(counted, Ordering::Relaxed);
+            peer.drain(self.vectors.clone());
+            // Stop the function ringing a peer that may be gone soon.
+            let target = layout::interrupt_target::encode(peer.id());
+            if self.win.load32(layout::INTERRUPT_TARGET_OFFSET) == target {
+                self.win.store32(layout::INTERRUPT_TARGET_OFFSET, 0);
+            }
         }
     }
 }
@@ -208,6 +254,27 @@ impl HostController {
     /// then brings the controller up with `cfg.queues` I/O queue pairs of `cfg.depth`
     /// commands, interrupts on, and reads Identify Controller.
     pub fn open(win: Arc<Window>, cfg: &HostConfig) -> Result<Self> {
+        Self::open_with(win, cfg, None)
+    }
+
+    /// [`HostController::open`], and with `doorbell` the function also rings this peer's
+    /// eventfds: the peer ID goes into the window's interrupt target word before the
+    /// controller comes up.
+    pub fn open_with(
+        win: Arc<Window>,
+        cfg: &HostConfig,
+        doorbell: Option<Arc<Peer>>,
+    ) -> Result<Self> {
+        if let Some(p) = &doorbell
+            && p.vectors() <= cfg.queues.max(1)
+        {
+            bail!(
+                "the ivshmem server gives {} vector(s): {} I/O queue(s) need {} (vector 0 and one per queue)",
+                p.vectors(),
+                cfg.queues.max(1),
+                cfg.queues.max(1) + 1
+            );
+        }
         let t0 = Instant::now();
         loop {
             match win.header() {
@@ -218,6 +285,12 @@ impl HostController {
                 }
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
+        }
+        if let Some(p) = &doorbell {
+            win.store32(
+                layout::INTERRUPT_TARGET_OFFSET,
+                layout::interrupt_target::encode(p.id()),
+            );
         }
         win.pin();
         let claim = win.claim();
@@ -246,7 +319,7 @@ impl HostController {
         .map_err(driver_error)
         .context("bringing the controller up")?;
         let info = drive.info().context("controller without Identify data")?;
-        let irq = Interrupts::new(win.clone(), info.io_queues);
+        let irq = Interrupts::new(win.clone(), info.io_queues, doorbell);
         let mut c = Self {
             vs: info.version.0,
             cap: info.cap,
@@ -581,6 +654,8 @@ pub struct HostTarget {
     pub win: Arc<Window>,
     /// Bound on every wait.
     pub timeout: Duration,
+    /// The doorbell peer the function rings (`--doorbell SOCK`), if any.
+    pub doorbell: Option<Arc<Peer>>,
 }
 
 impl Target for HostTarget {
@@ -591,13 +666,14 @@ impl Target for HostTarget {
     }
 
     fn open(&self, nsid: u32, queues: u16, qd: u16, _index: u16) -> Result<HostDevice> {
-        let c = HostController::open(
+        let c = HostController::open_with(
             self.win.clone(),
             &HostConfig {
                 queues,
                 depth: qd,
                 timeout: self.timeout,
             },
+            self.doorbell.clone(),
         )?;
         let bufs = queues.max(1) as usize * qd.max(1) as usize;
         c.into_device(nsid, bufs)

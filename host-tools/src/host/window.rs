@@ -57,6 +57,10 @@ impl Drop for Window {
 
 impl Window {
     fn map(file: Option<File>, len: usize) -> Result<Self> {
+        Self::map_at(file, 0, len)
+    }
+
+    fn map_at(file: Option<File>, offset: u64, len: usize) -> Result<Self> {
         if len < layout::MIN_WINDOW_SIZE {
             bail!(
                 "window of {len} bytes is smaller than the minimum {}",
@@ -76,7 +80,7 @@ impl Window {
                 libc::PROT_READ | libc::PROT_WRITE,
                 flags,
                 fd,
-                0,
+                offset as libc::off_t,
             )
         };
         if p == libc::MAP_FAILED {
@@ -130,6 +134,16 @@ impl Window {
                 path.display()
             )
         })?;
+        w.device_memory = true;
+        Ok(w)
+    }
+
+    /// Maps BAR2 of an `ivshmem` function opened through VFIO inside a guest (see
+    /// [`super::vfio`]): device memory, as [`Window::open_bar`].
+    pub fn open_vfio(dev: &super::vfio::VfioDevice) -> Result<Self> {
+        let (offset, len) = dev.window_region()?;
+        let f = dev.device.try_clone().context("VFIO device descriptor")?;
+        let mut w = Self::map_at(Some(f), offset, len).context("mapping BAR2 through VFIO")?;
         w.device_memory = true;
         Ok(w)
     }
