@@ -675,6 +675,78 @@ impl Drop for ScratchFile {
 /// Time budget for one boot under TCG on a loaded 2-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Waits until the emulated function of `window` has published CAP (after its first poll).
+pub fn wait_for_function_cap(window: &Path) {
+    let w = keel_host_tools::host::Window::open(window).expect("mapping the window");
+    let t0 = Instant::now();
+    while w.load64(0) & 0xFFFF == 0 {
+        assert!(
+            t0.elapsed() < BOOT_TIMEOUT,
+            "CAP never set on {}",
+            window.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `keelctl host --window WINDOW ivshmem-server --socket SOCK`, running once its socket
+/// exists; killed by PID when dropped, however the test ends.
+#[derive(Debug)]
+pub struct IvshmemServer(Child);
+
+impl IvshmemServer {
+    /// Starts the server and waits (bounded) for its socket.
+    pub fn start(window: &Path, sock: &Path) -> Self {
+        let server = IvshmemServer(
+            Command::new(keelctl())
+                .arg("host")
+                .arg("--window")
+                .arg(window)
+                .args(["ivshmem-server", "--socket"])
+                .arg(sock)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting keelctl host ivshmem-server"),
+        );
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no server socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for IvshmemServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The release firmware booted with its window on the ivshmem server at `sock`
+/// (`qemu/run --window-server`), ready and with the function's CAP published in `window`.
+pub fn boot_on_window_server(window: &Path, sock: &Path) -> Qemu {
+    let s = sock.to_str().expect("socket path");
+    let mut fw = Qemu::boot(Build::Release, &["--window-server", s]);
+    fw.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for_function_cap(window);
+    fw
+}
+
+/// Asserts that the host VM's console (`qemu/hostvm/run`'s output `r`) reports each check
+/// as passed (`KEEL-HOSTVM: CHECK PASS`).
+pub fn assert_hostvm_passed(r: &Run, checks: &[&str]) {
+    for check in checks {
+        assert!(
+            r.stdout.contains(&format!("KEEL-HOSTVM: {check} PASS")),
+            "{check}: no PASS\n{r:?}"
+        );
+    }
+}
+
 /// Deterministic bytes that are not a simple pattern (xorshift64 of `seed`), for data written
 /// through a path and compared after.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {

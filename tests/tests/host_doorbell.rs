@@ -9,23 +9,15 @@
 
 use keel_host_tools::host::Window;
 use keel_nvme_pcie::layout::interrupt_target;
-use keel_tests::{BOOT_TIMEOUT, Build, Qemu, Run, ScratchFile, keelctl, root, run_bounded};
+use keel_tests::{
+    IvshmemServer, Run, ScratchFile, boot_on_window_server, keelctl, root, run_bounded,
+};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The server process, killed by PID when the test ends however it ends.
-struct ServerProc(Child);
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn host(window: &Path, sock: Option<&Path>, args: &[&str]) -> Run {
     let mut cmd = Command::new(keelctl());
@@ -61,38 +53,14 @@ fn doorbell_interrupts_reach_a_host_peer() {
     ));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let sock = dir.join("ivshmem.sock");
-    let server = ServerProc(
-        Command::new(keelctl())
-            .arg("host")
-            .arg("--window")
-            .arg(win.path())
-            .args(["ivshmem-server", "--socket"])
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting keelctl host ivshmem-server"),
-    );
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no server socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let s = sock.to_str().expect("path");
-    let mut fw = Qemu::boot(Build::Release, &["--window-server", s]);
-    fw.wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let server = IvshmemServer::start(win.path(), &sock);
+    let mut fw = boot_on_window_server(win.path(), &sock);
     assert!(
         fw.console().contains("has a doorbell (ivshmem-doorbell"),
         "{}",
         fw.console()
     );
     let w = Window::open(win.path()).expect("window");
-    let t0 = Instant::now();
-    while w.load64(0) & 0xFFFF == 0 {
-        assert!(t0.elapsed() < BOOT_TIMEOUT, "CAP never set");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 
     // Writes and reads verified, every interrupt on an eventfd and on a counter.
     let r = host(

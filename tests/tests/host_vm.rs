@@ -19,10 +19,10 @@
 //! gets the harness's own keelctl with its libraries (`KEEL_HOSTVM_KEELCTL`). When something
 //! is missing the test fails and says why.
 
-use keel_host_tools::host::Window;
 use keel_tests::{
-    BOOT_TIMEOUT, Build, Qemu, ScratchFile, free_port, keelctl, keelctl_ok, monitor_command, root,
-    run_bounded,
+    BOOT_TIMEOUT, Build, IvshmemServer, Qemu, ScratchFile, assert_hostvm_passed,
+    boot_on_window_server, free_port, keelctl, keelctl_ok, monitor_command, root, run_bounded,
+    wait_for_function_cap,
 };
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -48,12 +48,7 @@ fn host_vm_ublk_file_system_fio_and_kernel_nbd() {
         .unwrap_or_else(|e| panic!("{e}"));
     // Each function publishes CAP after its first poll.
     for win in &wins {
-        let w = Window::open(win.path()).expect("window");
-        let t0 = Instant::now();
-        while w.load64(0) & 0xFFFF == 0 {
-            assert!(t0.elapsed() < BOOT_TIMEOUT, "CAP never set");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_function_cap(win.path());
     }
 
     let r = run_bounded(
@@ -72,30 +67,27 @@ fn host_vm_ublk_file_system_fio_and_kernel_nbd() {
             ]),
         Duration::from_secs(VM_TIMEOUT_S + 300),
     );
-    let console = &r.stdout;
-    for check in [
-        "identify",
-        "ublk",
-        "mkfs.ext4",
-        "mount, write files, unmount",
-        "fsck",
-        "files read back",
-        "fio randwrite+verify QD32",
-        "discard and write zeroes",
-        "two functions isolated",
-        "ublk stop",
-        "nbd: files read back",
-        "nbd: fsck",
-        "nbd stop",
-    ] {
-        assert!(
-            console.contains(&format!("KEEL-HOSTVM: {check} PASS")),
-            "{check}: no PASS\n{r:?}"
-        );
-    }
+    assert_hostvm_passed(
+        &r,
+        &[
+            "identify",
+            "ublk",
+            "mkfs.ext4",
+            "mount, write files, unmount",
+            "fsck",
+            "files read back",
+            "fio randwrite+verify QD32",
+            "discard and write zeroes",
+            "two functions isolated",
+            "ublk stop",
+            "nbd: files read back",
+            "nbd: fsck",
+            "nbd stop",
+        ],
+    );
     assert_eq!(r.code, 0, "{r:?}");
     assert!(
-        console.contains("KEEL-HOSTVM: DONE pass=13 fail=0"),
+        r.stdout.contains("KEEL-HOSTVM: DONE pass=13 fail=0"),
         "{r:?}"
     );
     let c = fw.console();
@@ -295,40 +287,9 @@ fn host_vm_takes_the_function_s_msix_through_vfio() {
     ));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let sock = dir.join("ivshmem.sock");
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Server(
-        Command::new(keelctl())
-            .arg("host")
-            .arg("--window")
-            .arg(win.path())
-            .args(["ivshmem-server", "--socket"])
-            .arg(&sock)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("starting keelctl host ivshmem-server"),
-    );
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no server socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _server = IvshmemServer::start(win.path(), &sock);
+    let mut fw = boot_on_window_server(win.path(), &sock);
     let s = sock.to_str().expect("path");
-    let mut fw = Qemu::boot(Build::Release, &["--window-server", s]);
-    fw.wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let w = Window::open(win.path()).expect("window");
-    let t0 = Instant::now();
-    while w.load64(0) & 0xFFFF == 0 {
-        assert!(t0.elapsed() < BOOT_TIMEOUT, "CAP never set");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let r = run_bounded(
         Command::new(root().join("qemu/hostvm/run"))
             .env("KEEL_HOSTVM_KEELCTL", keelctl())
@@ -344,19 +305,17 @@ fn host_vm_takes_the_function_s_msix_through_vfio() {
             ]),
         Duration::from_secs(VM_TIMEOUT_S + 300),
     );
-    let console = &r.stdout;
-    for check in [
-        "doorbell-bench-polled",
-        "doorbell-vfio-verify",
-        "doorbell-bench-vfio",
-        "doorbell-vfio-ublk",
-    ] {
-        assert!(
-            console.contains(&format!("KEEL-HOSTVM: {check} PASS")),
-            "{check}: no PASS\n{r:?}"
-        );
-    }
-    let line = console
+    assert_hostvm_passed(
+        &r,
+        &[
+            "doorbell-bench-polled",
+            "doorbell-vfio-verify",
+            "doorbell-bench-vfio",
+            "doorbell-vfio-ublk",
+        ],
+    );
+    let line = r
+        .stdout
         .lines()
         .find(|l| l.starts_with("KEEL-DOORBELL: mode=vfio"))
         .unwrap_or_else(|| panic!("no vfio bench line\n{r:?}"));
