@@ -135,11 +135,6 @@ impl Interrupts {
         i
     }
 
-    /// The doorbell peer whose eventfds this waits on, if any.
-    pub fn peer(&self) -> Option<&Arc<Peer>> {
-        self.peer.as_ref()
-    }
-
     fn read(&self) -> Vec<u32> {
         self.vectors
             .clone()
@@ -265,15 +260,21 @@ impl HostController {
         cfg: &HostConfig,
         doorbell: Option<Arc<Peer>>,
     ) -> Result<Self> {
-        if let Some(p) = &doorbell
-            && p.vectors() <= cfg.queues.max(1)
-        {
-            bail!(
-                "the ivshmem server gives {} vector(s): {} I/O queue(s) need {} (vector 0 and one per queue)",
-                p.vectors(),
-                cfg.queues.max(1),
-                cfg.queues.max(1) + 1
-            );
+        if let Some(p) = &doorbell {
+            let queues = cfg.queues.max(1);
+            if p.vectors() <= queues {
+                bail!(
+                    "the ivshmem server gives {} vector(s): {queues} I/O queue(s) need {} (vector 0 and one per queue)",
+                    p.vectors(),
+                    queues + 1
+                );
+            }
+            if usize::from(queues) > super::ivshmem::MAX_WAIT_VECTORS {
+                bail!(
+                    "with --doorbell at most {} I/O queues (the vectors one wait sleeps on)",
+                    super::ivshmem::MAX_WAIT_VECTORS
+                );
+            }
         }
         let t0 = Instant::now();
         loop {

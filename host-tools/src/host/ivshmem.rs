@@ -35,6 +35,8 @@ pub const DEFAULT_VECTORS: u16 = 9;
 pub const MAX_PEER_ID: i64 = 0xFFFF;
 /// Clients served at once (each costs `vectors` eventfds in every other client).
 pub const MAX_CLIENTS: usize = 64;
+/// Vectors one [`Peer::wait`] sleeps on at most (I/O queues of one controller with a doorbell).
+pub const MAX_WAIT_VECTORS: usize = 16;
 
 /// The file descriptor a message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -690,11 +692,11 @@ impl Peer {
     /// Sleeps until one of `vectors` is signalled or `until` passes; returns the signals
     /// read.
     pub fn wait(&self, vectors: std::ops::RangeInclusive<u16>, until: Instant) -> u64 {
-        let mut fds: [libc::pollfd; 16] = [libc::pollfd {
+        let mut fds = [libc::pollfd {
             fd: -1,
             events: libc::POLLIN,
             revents: 0,
-        }; 16];
+        }; MAX_WAIT_VECTORS];
         let mut n = 0;
         for v in vectors.clone() {
             if let Some(fd) = self.eventfds.get(usize::from(v))
