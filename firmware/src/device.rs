@@ -7,13 +7,13 @@ use crate::hw::Hw;
 use crate::klog;
 use crate::plan::{NsKey, NsPlan, Plan, Source, SubsystemPlan};
 use crate::services::{Services, build_namespace, start_function};
-use alloc::{format, string::String, string::ToString, vec::Vec};
+use alloc::{format, string::String, string::ToString, vec, vec::Vec};
 use keel_controller::SubsystemConfig;
 use keel_controller::{QosCounters, Target};
 use keel_mgmt::{
     ControllerInfo, ControllerQosInfo, FunctionBackend, FunctionInfo, FunctionSlotInfo,
     FunctionSpec, GroupInfo, Latency, NamespaceInfo, NamespaceQosInfo, NsCounters, PushReport,
-    QosInfo, QosLimit, Resources, SlotState, Snapshot, SubsystemInfo,
+    QosDomainInfo, QosInfo, QosLimit, Resources, SlotState, Snapshot, SubsystemInfo,
 };
 use keel_nvme_pcie::FunctionState;
 use keel_storage::LatencyHistogram;
@@ -45,6 +45,31 @@ pub(crate) struct QosRates {
     last_ns: u64,
     /// Tenant key, admitted commands and bytes at the last sample, commands/s and bytes/s.
     seen: Vec<(String, u64, u64, u64, u64)>,
+}
+
+/// The scheduling domains of the target's namespaces, in the order their first namespace
+/// comes: the namespaces sharing each, its cap, what is at its backend and what waits.
+fn qos_domains(t: &Target) -> Vec<QosDomainInfo> {
+    let mut out: Vec<(u16, QosDomainInfo)> = Vec::new();
+    for n in t.namespace_views() {
+        let name = format!("{}/{}", n.subsystem, n.nsid);
+        match out.iter_mut().find(|(d, _)| *d == n.domain) {
+            Some((_, d)) => {
+                d.namespaces.push(name);
+                d.queued += n.qos.queued;
+            }
+            None => out.push((
+                n.domain,
+                QosDomainInfo {
+                    namespaces: vec![name],
+                    max_inflight: n.domain_max_inflight,
+                    inflight: n.domain_inflight,
+                    queued: n.qos.queued,
+                },
+            )),
+        }
+    }
+    out.into_iter().map(|(_, d)| d).collect()
 }
 
 /// The keys [`QosRates`] knows tenants by.
@@ -1104,6 +1129,7 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     qos: self.qos_rates.info(&ctrl_key(c.cntlid), &c.qos),
                 })
                 .collect(),
+            qos_domains: qos_domains(t),
         }
     }
 

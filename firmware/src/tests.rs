@@ -1668,6 +1668,29 @@ fn a_remote_volume_carries_namespace_limits_and_its_slices_share_a_domain() {
     );
     assert_eq!((ns2.weight, ns2.qos.admitted_ops), (3, 30));
     assert!(ns2.qos.throttled_ns > 0, "{ns2:?}");
+    // Status lists the scheduling domains: the RAM namespace alone, the two remote slices
+    // together; neither has a cap (remote volumes and RAM have none), nothing in flight.
+    let domains: Vec<(Vec<&str>, u32, u32, u32)> = snap
+        .qos_domains
+        .iter()
+        .map(|d| {
+            (
+                d.namespaces.iter().map(String::as_str).collect(),
+                d.max_inflight,
+                d.inflight,
+                d.queued,
+            )
+        })
+        .collect();
+    let name = |nsid: u32| format!("{NQN}/{nsid}");
+    let (n1, n2, n3) = (name(1), name(2), name(3));
+    assert_eq!(
+        domains,
+        [
+            (vec![n1.as_str()], 0, 0, 0),
+            (vec![n2.as_str(), n3.as_str()], 0, 0, 0)
+        ]
+    );
 }
 
 /// `[qos] drive_max_inflight` (issue 16): the cap of a drive's scheduling domain comes from

@@ -345,6 +345,12 @@ fn a_changed_domain_cap_applies_live() {
     assert_eq!(cap(&h), (d, 64, Some(64)));
     h.t.set_namespace_qos(SUB, 1, capped(2)).unwrap();
     assert_eq!(cap(&h), (d, 2, Some(2)));
+    // Status sees the same (`keelctl status` "qos domains", `/metrics`).
+    let v = h.t.namespace_views().find(|v| v.nsid == 1).unwrap();
+    assert_eq!(
+        (v.domain, v.domain_max_inflight, v.domain_inflight),
+        (d.0, 2, 0)
+    );
     h.t.set_namespace_qos(SUB, 1, capped(0)).unwrap();
     assert_eq!(cap(&h), (d, 0, Some(0)));
 }

@@ -55,6 +55,14 @@ pub struct NamespaceView<'a> {
     pub qos_config: &'a NamespaceQos,
     /// What its limits did.
     pub qos: QosCounters,
+    /// Its scheduling domain (its backend: the slices of one drive namespace or remote
+    /// volume share one): an index, stable while the domain lives.
+    pub domain: u16,
+    /// The domain's cap on commands at the backend at once (`[qos] drive_max_inflight` for a
+    /// drive; 0: no cap).
+    pub domain_max_inflight: u32,
+    /// The domain's commands at the backend now.
+    pub domain_inflight: u32,
 }
 
 /// One live controller (discovery controllers included: `discovery` says so).
@@ -110,6 +118,9 @@ impl Target {
                             queued: self.namespace_flow_stats(si, ni).queued,
                             ..self.qos_counters(n.limiter)
                         },
+                        domain: n.domain.0,
+                        domain_max_inflight: self.sched.max_inflight(n.domain).unwrap_or(0),
+                        domain_inflight: self.sched.inflight(n.domain),
                     })
             })
     }

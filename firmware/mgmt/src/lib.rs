@@ -123,6 +123,25 @@ pub struct Snapshot {
     /// each serves. Appended like `remotes`.
     #[serde(default)]
     pub function_slots: Vec<FunctionSlotInfo>,
+    /// QoS scheduling domains (one per backend: a drive namespace or a remote volume whose
+    /// slices share it, or a namespace of its own): the cap on commands at the backend, what is
+    /// there now and what waits. Appended like `remotes`.
+    #[serde(default)]
+    pub qos_domains: Vec<QosDomainInfo>,
+}
+
+/// One QoS scheduling domain: the namespaces that share one backend's command slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct QosDomainInfo {
+    /// Its namespaces, as `subsystem NQN/NSID`.
+    pub namespaces: Vec<String>,
+    /// The cap on its commands at the backend at once (`[qos] drive_max_inflight` for a
+    /// drive); 0: no cap.
+    pub max_inflight: u32,
+    /// Its commands at the backend now.
+    pub inflight: u32,
+    /// Its commands waiting in the scheduler now (for the cap, a limit or their turn).
+    pub queued: u32,
 }
 
 /// One core's poll loop.

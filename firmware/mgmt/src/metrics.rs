@@ -4,7 +4,9 @@
 //! times are in seconds and sizes in bytes (base units, as `promtool check metrics` wants);
 //! label values are escaped (`\\`, `\"`, `\n`).
 
-use crate::{CoreInfo, Latency, NsCounters, QosInfo, RemoteInfo, RemotePathInfo, Snapshot};
+use crate::{
+    CoreInfo, Latency, NsCounters, QosDomainInfo, QosInfo, RemoteInfo, RemotePathInfo, Snapshot,
+};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
@@ -729,6 +731,38 @@ fn qos(o: &mut String, s: &Snapshot) {
         family(o, name, kind, help);
         for (scope, t, q) in &tenants {
             sample(o, name, &[("scope", scope), ("tenant", t)], &get(q));
+        }
+    }
+    qos_domains(o, s);
+}
+
+type DomainFamily = (&'static str, &'static str, fn(&QosDomainInfo) -> u32);
+
+/// Per scheduling domain (label `namespaces`: its namespaces as `SUBNQN/NSID`, separated by
+/// spaces): the cap on commands at the backend, those there now and those waiting.
+fn qos_domains(o: &mut String, s: &Snapshot) {
+    let families: [DomainFamily; 3] = [
+        (
+            "keel_qos_domain_max_inflight",
+            "Cap on the commands at the domain's backend at once (0: none).",
+            |d| d.max_inflight,
+        ),
+        (
+            "keel_qos_domain_inflight_commands",
+            "Commands at the domain's backend now.",
+            |d| d.inflight,
+        ),
+        (
+            "keel_qos_domain_queued_commands",
+            "Commands of the domain waiting in the scheduler now.",
+            |d| d.queued,
+        ),
+    ];
+    for (name, help, get) in families {
+        family(o, name, "gauge", help);
+        for d in &s.qos_domains {
+            let label = d.namespaces.join(" ");
+            sample(o, name, &[("namespaces", &label)], &int(u64::from(get(d))));
         }
     }
 }

@@ -243,6 +243,15 @@ fn snapshot() -> Snapshot {
                 ..FunctionSlotInfo::default()
             },
         ],
+        qos_domains: vec![QosDomainInfo {
+            namespaces: vec![
+                "nqn.2026-11.dev.keel:default/1".into(),
+                "nqn.2026-11.dev.keel:default/2".into(),
+            ],
+            max_inflight: 64,
+            inflight: 64,
+            queued: 7,
+        }],
     }
 }
 
@@ -315,6 +324,7 @@ fn snapshots_stay_readable_across_versions() {
             cores: vec![],
             socket_buffer_bytes: 0,
             function_slots: vec![],
+            qos_domains: vec![],
             ..snapshot()
         })
     );
@@ -919,6 +929,9 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_qos_queued_commands{scope=\"namespace\",tenant=\"nqn.2026-11.dev.keel:vol0/1\"} 7\n",
         "keel_qos_queued_commands{scope=\"controller\",tenant=\"nqn.2014-08.org.nvmexpress:uuid:1234/1\"} 0\n",
         "keel_qos_limit{scope=\"group\",tenant=\"tenant-a\",limit=\"bps\"} 104857600\n",
+        "keel_qos_domain_max_inflight{namespaces=\"nqn.2026-11.dev.keel:default/1 nqn.2026-11.dev.keel:default/2\"} 64\n",
+        "keel_qos_domain_inflight_commands{namespaces=\"nqn.2026-11.dev.keel:default/1 nqn.2026-11.dev.keel:default/2\"} 64\n",
+        "keel_qos_domain_queued_commands{namespaces=\"nqn.2026-11.dev.keel:default/1 nqn.2026-11.dev.keel:default/2\"} 7\n",
         "keel_nvmf_buffers_free 250\n",
         "keel_connections_evicted_total 3\n",
         "keel_controller_io_queues{controller=\"1\",subsystem=\"nqn.2026-11.dev.keel:vol0\",transport=\"tcp\",host=\"nqn.2014-08.org.nvmexpress:uuid:1234\"} 4\n",

@@ -190,6 +190,31 @@ fn qos_table(s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "\nqos ({} tenant(s)):", rows.len() - 1)?;
         columns(out, &rows)?;
     }
+    // Scheduling domains with a cap (a drive's `[qos] drive_max_inflight`) or commands
+    // waiting: RAM namespaces, each a domain of its own without a cap, are left out.
+    let mut rows = vec![
+        ["NAMESPACES", "MAX-INFLIGHT", "INFLIGHT", "QUEUED"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for d in &s.qos_domains {
+        if d.max_inflight > 0 || d.queued > 0 {
+            let cap = match d.max_inflight {
+                0 => "-".into(),
+                n => n.to_string(),
+            };
+            rows.push(vec![
+                d.namespaces.join(" "),
+                cap,
+                d.inflight.to_string(),
+                d.queued.to_string(),
+            ]);
+        }
+    }
+    if rows.len() > 1 {
+        writeln!(out, "\nqos domains ({}):", rows.len() - 1)?;
+        columns(out, &rows)?;
+    }
     Ok(())
 }
 
@@ -607,6 +632,31 @@ mod tests {
             assert!(q.contains(want), "{want} missing in {q}");
         }
         assert!(!t.contains("remote volumes"), "{t}");
+        // No domain has a cap or a queue: no domain table.
+        assert!(!t.contains("qos domains"), "{t}");
+        s.qos_domains = vec![
+            keel_mgmt::QosDomainInfo {
+                namespaces: vec!["nqn.x/7".into(), "nqn.x/8".into()],
+                max_inflight: 64,
+                inflight: 64,
+                queued: 12,
+            },
+            keel_mgmt::QosDomainInfo {
+                namespaces: vec!["nqn.x/9".into()],
+                ..Default::default()
+            },
+        ];
+        let mut out = Vec::new();
+        status("Keel", &s, &mut out).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("qos domains (1):"), "{t}");
+        let d = t.lines().find(|l| l.contains("nqn.x/7 nqn.x/8")).unwrap();
+        assert_eq!(
+            d.split_whitespace().collect::<Vec<_>>(),
+            ["nqn.x/7", "nqn.x/8", "64", "64", "12"],
+            "{t}"
+        );
+        assert!(!t.contains("nqn.x/9"), "{t}");
     }
 
     #[test]
