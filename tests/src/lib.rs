@@ -148,8 +148,8 @@ impl std::fmt::Debug for Run {
     }
 }
 
-/// Runs `cmd` to its end with no input, killing it after `timeout`; echoes the command and
-/// its output to the test log.
+/// Runs `cmd` to its end with no input, stopping it after `timeout` (SIGTERM, then SIGKILL 5 s
+/// later); echoes the command and its output to the test log.
 pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Run {
     let what = format!("{cmd:?}");
     let mut child = cmd
@@ -177,6 +177,14 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Run {
             break st;
         }
         if Instant::now() > deadline {
+            // TERM first: a script's EXIT trap stops the QEMUs it started (by PID); then KILL.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let grace = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = child.kill();
             let _ = child.wait();
             panic!("{what} did not finish within {timeout:?}");
