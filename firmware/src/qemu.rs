@@ -50,6 +50,9 @@ impl Hw for Qemu {
     fn cores() -> alloc::vec::Vec<keel_mgmt::CoreInfo> {
         crate::cores::counters()
     }
+    fn namespace_elsewhere(subnqn: &str, nsid: u32) -> crate::hw::NsShare {
+        crate::cores::namespace_elsewhere(subnqn, nsid)
+    }
 }
 
 /// The NIC of one core's network stack: the whole single-queue virtio-net (one core), or
