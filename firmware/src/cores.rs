@@ -119,8 +119,7 @@ impl BootWake {
     /// returns whether it rang.
     pub fn after_push(&self, bell: &Doorbell) -> bool {
         fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::Relaxed)
-        {
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::Relaxed) {
             bell.ring();
             return true;
         }
@@ -415,10 +414,7 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
     let timer_intid = platform.dt.timer_intid;
     // Core 0's doorbell, for the secondaries (rung only while core 0 sleeps: `BootWake`).
     let boot_bell = if platform.cores.len() > 1 {
-        platform
-            .gic
-            .as_mut()
-            .and_then(|g| g.enable_doorbell().ok())
+        platform.gic.as_mut().and_then(|g| g.enable_doorbell().ok())
     } else {
         None
     };

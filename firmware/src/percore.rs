@@ -198,8 +198,7 @@ impl Plane {
         // Namespace counters: at most once a millisecond while busy, and on the first idle
         // pass after work (before the loop may sleep), so status sees every finished command.
         self.ns_dirty |= busy;
-        if self.ns_dirty && (!busy || now_ns.saturating_sub(self.ns_published) >= NS_PUBLISH_NS)
-        {
+        if self.ns_dirty && (!busy || now_ns.saturating_sub(self.ns_published) >= NS_PUBLISH_NS) {
             self.publish_namespaces();
             self.ns_dirty = false;
             self.ns_published = now_ns;
@@ -315,7 +314,7 @@ impl Holder {
         self.parked.is_empty() && self.outq.iter().all(VecDeque::is_empty)
     }
 
-        fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
+    fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
         let q = &mut self.outq[li];
         if !q.is_empty() {
             q.push_back(msg);

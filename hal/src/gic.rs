@@ -256,8 +256,7 @@ impl Gic {
                 let mut n = 0;
                 for _ in 0..64 {
                     // Group 0 reads GICC_IAR, the register `drain_v2` reads on the others.
-                    let Some(id) = gic.get_and_acknowledge_interrupt(InterruptGroup::Group0)
-                    else {
+                    let Some(id) = gic.get_and_acknowledge_interrupt(InterruptGroup::Group0) else {
                         break;
                     };
                     let raw = id.raw_value() & 0x3ff;
