@@ -348,6 +348,11 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         let deadline = timer::counter().saturating_add(timer::ns_to_ticks(delay_ns));
         timer::arm_wakeup(deadline);
         timer::wait_for_interrupt();
+        if holder.is_some() {
+            // The NIC's interrupt (shared by every pair) may have been for another core:
+            // ring them first, before anything else here delays them.
+            percpu::with_local::<Links, _>(|links| Holder::wake_all(links));
+        }
         timer::disarm_wakeup();
         if doorbell {
             let rung = crate::cores::BOOT_WAKE.awake();
@@ -357,10 +362,6 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
             if !rung && timer::counter() >= deadline && rings_waiting() {
                 wakes.rescued();
             }
-        }
-        if holder.is_some() {
-            // The NIC's interrupt (shared by every pair) may have been for another core.
-            percpu::with_local::<Links, _>(|links| Holder::wake_all(links));
         }
     }
 }
