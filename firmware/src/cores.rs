@@ -94,14 +94,22 @@ pub static NVMF: [NvmfCounters; MAX_CORES] = [const { NvmfCounters::new() }; MAX
 #[derive(Debug)]
 pub struct BootWake {
     sleeping: AtomicBool,
+    /// Core 0's doorbell is enabled and the secondaries were given it.
+    enabled: AtomicBool,
 }
 
 /// Core 0's sleeping flag (see [`BootWake`]).
 pub static BOOT_WAKE: BootWake = BootWake {
     sleeping: AtomicBool::new(false),
+    enabled: AtomicBool::new(false),
 };
 
 impl BootWake {
+    /// Whether the other cores can ring core 0 (else its loop bounds its sleep tighter).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
     /// Core 0, before it looks at its rings a last time: "I am going to sleep". Includes
     /// the full barrier.
     pub fn going_to_sleep(&self) {
@@ -418,6 +426,9 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
     } else {
         None
     };
+    BOOT_WAKE
+        .enabled
+        .store(boot_bell.is_some(), Ordering::Relaxed);
     let mut links = Links::default();
     for info in &platform.cores[1..] {
         let gic = platform

@@ -270,7 +270,7 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
     let counters = crate::cores::own_counters();
     // With other cores serving NVMe/TCP, their messages ring core 0's doorbell while it
     // sleeps (`cores::BootWake`); without the doorbell they would wait for the timer.
-    let doorbell = holder.is_some() && sleeps && platform.gic.is_some();
+    let doorbell = holder.is_some() && sleeps && crate::cores::BOOT_WAKE.enabled();
     let max_sleep = if holder.is_some() && !doorbell {
         // Forwarded commands from the other cores arrive on the rings, which then raise no
         // interrupt here: they wait at most this.
