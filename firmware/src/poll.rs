@@ -310,7 +310,12 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         // Idle: clear the NIC's interrupt, look once more (a frame may have arrived before
         // the clear), then sleep until a frame arrives or the next timer is due.
         let Some(n) = net.as_mut() else { continue };
-        n.device.ack_wakeup();
+        if n.device.ack_wakeup() && holder.is_some() {
+            // The shared interrupt was raised while this core was busy: it may have been a
+            // frame on another core's pair, which would otherwise wait for that core's
+            // timer. Ring them now.
+            percpu::with_local::<Links, _>(|links| Holder::wake_all(links));
+        }
         if doorbell {
             // Doorbells (SGIs) stay pending until acknowledged; the NIC's interrupt status
             // was acknowledged just above, so its line is down unless a frame came since

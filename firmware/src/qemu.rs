@@ -82,14 +82,18 @@ impl QemuNic {
         }
     }
 
-    /// Clears the device's interrupt (where this NIC has the transport).
-    pub fn ack_wakeup(&mut self) {
+    /// Clears the device's interrupt (where this NIC has the transport); returns whether a
+    /// multiqueue NIC had raised it (one queue: always false, nobody else to wake).
+    pub fn ack_wakeup(&mut self) -> bool {
         match self {
-            QemuNic::Single(n) => n.ack_wakeup(),
+            QemuNic::Single(n) => {
+                n.ack_wakeup();
+                false
+            }
             QemuNic::Pair {
                 control: Some(c), ..
             } => c.ack_wakeup(),
-            QemuNic::Pair { .. } => {}
+            QemuNic::Pair { .. } => false,
         }
     }
 
