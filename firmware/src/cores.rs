@@ -10,12 +10,14 @@
 //! Sleeping: a secondary with nothing to do acknowledges its doorbells, looks at its ring
 //! once more and waits in WFI until a doorbell (rung by whoever pushed into its ring) or its
 //! timer (at most [`MAX_SLEEP_NS`]) wakes it, as core 0's loop does with the NIC interrupt.
+//! Core 0 has a doorbell too ([`BootWake`]): a secondary rings it after pushing onto its
+//! ring to core 0, but only when core 0 said it is going to sleep.
 
 use crate::klog;
 use crate::platform::{Platform, heap_calls};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use keel_hal::MAX_CORES;
 use keel_hal::arch::percpu::{self, CoreInfo};
 use keel_hal::arch::smp::{self, CoreContext, Started};
@@ -71,6 +73,192 @@ impl NvmfCounters {
 /// Every core's NVMe/TCP counters, indexed by core.
 pub static NVMF: [NvmfCounters; MAX_CORES] = [const { NvmfCounters::new() }; MAX_CORES];
 
+/// Core 0's wake-up by the other cores: its "sleeping" flag, and the counters of what it
+/// did (each written by one core).
+///
+/// Memory ordering (the store-buffering pattern, as in Dekker's algorithm): core 0, about to
+/// sleep, acknowledges its doorbells, stores `sleeping = true`, issues a full barrier
+/// (`fence(SeqCst)`: `DMB ISH`) and looks at its rings once more; a sender pushes its message
+/// (the ring's `Release` store of its tail), issues a full barrier and loads `sleeping`; if it
+/// is set, the sender clears it and rings core 0's doorbell. With a full barrier between
+/// each side's store and its load, both loads cannot miss the other side's store: either
+/// core 0 sees the message before it sleeps, or the sender sees `sleeping` and rings, and
+/// the doorbell (an SGI, pending in the GIC until core 0 acknowledges it before its next
+/// sleep) ends core 0's WFI even if it arrives before the WFI. `Doorbell::ring` completes the
+/// push with `DSB ISHST` before the SGI write. The flag is cleared by whoever rang and by
+/// core 0 when it wakes, so a burst of messages rings at most once per sleep.
+///
+/// QEMU 7.2's single-vCPU TCG was seen to drop `DMB`s (README "Data path"); with several
+/// vCPUs MTTCG emits them. Core 0 still bounds its sleep (`poll::MAX_SLEEP_NS`) and counts
+/// a *rescue* whenever that timer, not a doorbell, ended a sleep with messages waiting.
+#[derive(Debug)]
+pub struct BootWake {
+    sleeping: AtomicBool,
+    /// Core 0's doorbell is enabled and the secondaries were given it.
+    enabled: AtomicBool,
+}
+
+/// Core 0's sleeping flag (see [`BootWake`]).
+pub static BOOT_WAKE: BootWake = BootWake {
+    sleeping: AtomicBool::new(false),
+    enabled: AtomicBool::new(false),
+};
+
+impl BootWake {
+    /// Whether the other cores can ring core 0 (else its loop bounds its sleep tighter).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Core 0, before it looks at its rings a last time: "I am going to sleep". Includes
+    /// the full barrier.
+    pub fn going_to_sleep(&self) {
+        self.sleeping.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Core 0, awake (or not sleeping after all): returns whether a sender rang the doorbell
+    /// (it cleared the flag).
+    pub fn awake(&self) -> bool {
+        !self.sleeping.swap(false, Ordering::Relaxed)
+    }
+
+    /// A sender, after its pushes: rings `bell` if core 0 is going to sleep or sleeps;
+    /// returns whether it rang.
+    pub fn after_push(&self, bell: &Doorbell) -> bool {
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::Relaxed) {
+            bell.ring();
+            return true;
+        }
+        false
+    }
+}
+
+/// One core's wake-up counters (one writer each, `Relaxed` load and store).
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct WakeCounters {
+    /// Secondary: doorbells it rang to wake core 0.
+    rang: AtomicU64,
+    /// Core 0: sleeps its bounded timer ended with messages waiting and no doorbell.
+    rescues: AtomicU64,
+}
+
+impl WakeCounters {
+    const fn new() -> Self {
+        Self {
+            rang: AtomicU64::new(0),
+            rescues: AtomicU64::new(0),
+        }
+    }
+
+    fn bump(c: &AtomicU64) {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Owner (a secondary): it rang core 0's doorbell.
+    pub fn rang(&self) {
+        Self::bump(&self.rang);
+    }
+
+    /// Owner (core 0): a sleep ended by its timer found messages no doorbell announced.
+    pub fn rescued(&self) {
+        Self::bump(&self.rescues);
+    }
+}
+
+/// Every core's wake-up counters, indexed by core.
+pub static WAKES: [WakeCounters; MAX_CORES] = [const { WakeCounters::new() }; MAX_CORES];
+
+/// Namespaces whose counters one core publishes (its replica target's).
+pub const SHARED_NAMESPACES: usize = 32;
+
+/// One namespace's counters on one core: which namespace (`key`: [`ns_key`] of its
+/// subsystem's NQN and its NSID, 0 while unused, stored once with `Release` before any
+/// counter) and its totals, stored by the owning core with `Relaxed` stores.
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct NsShare {
+    key: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    others: AtomicU64,
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl NsShare {
+    const fn new() -> Self {
+        Self {
+            key: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            others: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Owner: which namespace this slot counts (once, before [`NsShare::publish`]).
+    pub fn claim(&self, key: u64) {
+        self.key.store(key, Ordering::Release);
+    }
+
+    /// Owner: the namespace's totals on this core.
+    pub fn publish(&self, s: &keel_storage::stats::NsStats) {
+        self.reads.store(s.reads, Ordering::Relaxed);
+        self.writes.store(s.writes, Ordering::Relaxed);
+        self.others.store(s.others, Ordering::Relaxed);
+        self.read_bytes.store(s.read_bytes, Ordering::Relaxed);
+        self.write_bytes.store(s.write_bytes, Ordering::Relaxed);
+        self.errors.store(s.errors, Ordering::Relaxed);
+    }
+}
+
+/// Every core's namespace counters (core 0's slots stay unused: its target's counters are
+/// read directly).
+pub static NS_SHARES: [[NsShare; SHARED_NAMESPACES]; MAX_CORES] =
+    [const { [const { NsShare::new() }; SHARED_NAMESPACES] }; MAX_CORES];
+
+/// The key of a namespace in [`NS_SHARES`]: FNV-1a of its subsystem's NQN mixed with its
+/// NSID; never 0.
+pub fn ns_key(subnqn: &str, nsid: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in subnqn.bytes().chain(nsid.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}
+
+/// What the other cores' replica targets counted for a namespace: reads, writes, others,
+/// read bytes, written bytes, errors (read without a lock; core 0 adds its own target's).
+pub fn namespace_elsewhere(subnqn: &str, nsid: u32) -> crate::hw::NsShare {
+    let key = ns_key(subnqn, nsid);
+    let running = RUNNING.load(Ordering::Acquire);
+    let mut t = crate::hw::NsShare::default();
+    for (core, slots) in NS_SHARES.iter().enumerate().skip(1) {
+        if core >= 64 || running & (1 << core) == 0 {
+            continue;
+        }
+        for s in slots {
+            if s.key.load(Ordering::Acquire) != key {
+                continue;
+            }
+            t.reads += s.reads.load(Ordering::Relaxed);
+            t.writes += s.writes.load(Ordering::Relaxed);
+            t.others += s.others.load(Ordering::Relaxed);
+            t.read_bytes += s.read_bytes.load(Ordering::Relaxed);
+            t.write_bytes += s.write_bytes.load(Ordering::Relaxed);
+            t.errors += s.errors.load(Ordering::Relaxed);
+        }
+    }
+    t
+}
+
 /// This core's loop counters.
 pub fn own_counters() -> &'static LoopCounters {
     &LOOPS[percpu::index().min(MAX_CORES - 1)]
@@ -102,6 +290,8 @@ pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
                 allocator_calls: heap_calls(c.index),
                 nvmf_connections: NVMF[c.index].accepted.load(Ordering::Relaxed),
                 nvmf_commands: NVMF[c.index].commands.load(Ordering::Relaxed),
+                doorbells_to_core0: WAKES[c.index].rang.load(Ordering::Relaxed),
+                wakeup_rescues: WAKES[c.index].rescues.load(Ordering::Relaxed),
             }
         })
         .collect()
@@ -230,6 +420,15 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
         keel_hal::arch::power::semihosting_exit(1);
     }
     let timer_intid = platform.dt.timer_intid;
+    // Core 0's doorbell, for the secondaries (rung only while core 0 sleeps: `BootWake`).
+    let boot_bell = if platform.cores.len() > 1 {
+        platform.gic.as_mut().and_then(|g| g.enable_doorbell().ok())
+    } else {
+        None
+    };
+    BOOT_WAKE
+        .enabled
+        .store(boot_bell.is_some(), Ordering::Relaxed);
     let mut links = Links::default();
     for info in &platform.cores[1..] {
         let gic = platform
@@ -247,7 +446,7 @@ pub fn start(platform: &mut Platform, entry_el: u8) -> usize {
         let (to_core, from_boot) = Ring::split_static(Box::leak(Box::new(Ring::new())));
         let (to_boot, from_core) = Ring::split_static(Box::leak(Box::new(Ring::new())));
         let main = Box::new(move |ctx: CoreContext| {
-            DataCore::new(ctx, from_boot, to_boot, timer_intid).run()
+            DataCore::new(ctx, from_boot, to_boot, timer_intid, boot_bell).run()
         });
         match smp::start(info, gic, main) {
             Ok(Started { info, doorbell }) => {
@@ -345,10 +544,18 @@ struct DataCore {
     plane: Option<crate::percore::Plane>,
     /// Messages for core 0 that found the ring full.
     backlog: alloc::collections::VecDeque<Msg>,
+    /// Core 0's doorbell (see [`BootWake`]).
+    boot_bell: Option<Doorbell>,
 }
 
 impl DataCore {
-    fn new(ctx: CoreContext, rx: Rx, tx: Tx, timer_intid: Option<u32>) -> Self {
+    fn new(
+        ctx: CoreContext,
+        rx: Rx,
+        tx: Tx,
+        timer_intid: Option<u32>,
+        boot_bell: Option<Doorbell>,
+    ) -> Self {
         let CoreContext {
             info,
             mut gic,
@@ -371,6 +578,7 @@ impl DataCore {
             counters: &LOOPS[info.index.min(MAX_CORES - 1)],
             plane: None,
             backlog: alloc::collections::VecDeque::new(),
+            boot_bell,
         }
     }
 
@@ -378,6 +586,7 @@ impl DataCore {
     fn pass(&mut self) -> bool {
         self.passes += 1;
         let mut taken = 0;
+        let mut pushed = false;
         let now = timer::now_ns();
         while let Some(msg) = self.rx.pop() {
             taken += 1;
@@ -405,7 +614,7 @@ impl DataCore {
                 };
                 // Core 0 drains its side while it waits for replies; a full ring here means
                 // it stopped listening: the reply is dropped, and core 0 times out.
-                let _ = self.tx.push(reply);
+                pushed |= self.tx.push(reply).is_ok();
             }
         }
         let mut busy = taken > 0;
@@ -418,6 +627,13 @@ impl DataCore {
                 self.backlog.push_front(m);
                 break;
             }
+            pushed = true;
+        }
+        if pushed
+            && let Some(bell) = &self.boot_bell
+            && BOOT_WAKE.after_push(bell)
+        {
+            WAKES[self.info.index.min(MAX_CORES - 1)].rang();
         }
         self.counters.pass(busy);
         self.counters.received(taken);

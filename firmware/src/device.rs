@@ -1047,6 +1047,8 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                 .namespace_views()
                 .map(|n| {
                     let p = self.find_plan_ns(n.subsystem, n.nsid);
+                    // The I/O queues other cores serve themselves count there.
+                    let e = H::namespace_elsewhere(n.subsystem, n.nsid);
                     NamespaceInfo {
                         subsystem: n.subsystem.into(),
                         nsid: n.nsid,
@@ -1056,12 +1058,12 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                         encryption: String::from(p.map_or("?", |p| p.cipher)),
                         exports: self.exports_of(n.subsystem),
                         stats: NsCounters {
-                            reads: n.stats.reads,
-                            writes: n.stats.writes,
-                            others: n.stats.others,
-                            read_bytes: n.stats.read_bytes,
-                            write_bytes: n.stats.write_bytes,
-                            errors: n.stats.errors,
+                            reads: n.stats.reads + e.reads,
+                            writes: n.stats.writes + e.writes,
+                            others: n.stats.others + e.others,
+                            read_bytes: n.stats.read_bytes + e.read_bytes,
+                            write_bytes: n.stats.write_bytes + e.write_bytes,
+                            errors: n.stats.errors + e.errors,
                             read_latency: latency(&n.stats.read_latency),
                             write_latency: latency(&n.stats.write_latency),
                         },

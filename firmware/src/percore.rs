@@ -29,7 +29,7 @@
 //! connections) are handed to core 0, which receives them as if they came on its pair; its
 //! answers leave on pair 0, so tun moves the flow there.
 
-use crate::cores::{Links, Msg, NVMF};
+use crate::cores::{Links, Msg, NS_SHARES, NVMF, ns_key};
 use crate::klog;
 use crate::net::{Addressing, NetStack};
 use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
@@ -51,6 +51,9 @@ const MAX_TRANSFER: usize = 128 * 1024;
 const HOLDER_BUFFERS: usize = 32;
 /// NVMe/TCP data buffers of a core other than core 0.
 const SECONDARY_BUFFERS: usize = 64;
+/// How often a busy core publishes its namespace counters (an idle pass after work always
+/// does).
+const NS_PUBLISH_NS: u64 = 1_000_000;
 
 /// What core `k` needs to serve NVMe/TCP: its queue pair and what its replica is built from.
 /// Everything in it can move to core `k`.
@@ -97,6 +100,10 @@ pub struct Plane {
     net: NetStack<Qemu>,
     nvmf: NvmfService,
     target: Target,
+    /// Its namespace counters changed since they were last published.
+    ns_dirty: bool,
+    /// When they were last published.
+    ns_published: u64,
 }
 
 impl core::fmt::Debug for Plane {
@@ -144,12 +151,28 @@ impl Plane {
         println!(
             "percore: core {core} serves NVMe/TCP on queue pair {index}; I/O queues of {names:?} here, everything else through core 0"
         );
-        Some(Self {
+        let mut plane = Self {
             core,
             net,
             nvmf,
             target,
-        })
+            ns_dirty: false,
+            ns_published: now_ns,
+        };
+        plane.publish_namespaces();
+        Some(plane)
+    }
+
+    /// Stores its replica's namespace counters in its slots of [`NS_SHARES`] (`Relaxed`
+    /// stores, read by core 0 for status and `/metrics`).
+    fn publish_namespaces(&mut self) {
+        let Some(slots) = NS_SHARES.get(self.core) else {
+            return;
+        };
+        for (slot, n) in slots.iter().zip(self.target.namespace_views()) {
+            slot.claim(ns_key(n.subsystem, n.nsid));
+            slot.publish(n.stats);
+        }
     }
 
     /// One pass: frames in, connections, the replica's completions, frames out; returns
@@ -172,6 +195,14 @@ impl Plane {
             }
         }
         NVMF[self.core].publish(self.nvmf.accepted, self.nvmf.commands);
+        // Namespace counters: at most once a millisecond while busy, and on the first idle
+        // pass after work (before the loop may sleep), so status sees every finished command.
+        self.ns_dirty |= busy;
+        if self.ns_dirty && (!busy || now_ns.saturating_sub(self.ns_published) >= NS_PUBLISH_NS) {
+            self.publish_namespaces();
+            self.ns_dirty = false;
+            self.ns_published = now_ns;
+        }
         busy
     }
 
@@ -275,6 +306,12 @@ impl Holder {
                 d.ring();
             }
         }
+    }
+
+    /// Whether core 0 may sleep as far as the held queues go: nothing waits for a buffer or
+    /// for room on a ring (neither raises an interrupt when it frees up).
+    pub fn may_sleep(&self) -> bool {
+        self.parked.is_empty() && self.outq.iter().all(VecDeque::is_empty)
     }
 
     fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {

@@ -268,13 +268,17 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         .is_some_and(|n| enable_wakeups(&mut platform, n));
     let mut last_busy = timer::now_ns();
     let counters = crate::cores::own_counters();
-    let max_sleep = if holder.is_some() {
-        // Forwarded commands from the other cores arrive on the rings, which raise no
+    // With other cores serving NVMe/TCP, their messages ring core 0's doorbell while it
+    // sleeps (`cores::BootWake`); without the doorbell they would wait for the timer.
+    let doorbell = holder.is_some() && sleeps && crate::cores::BOOT_WAKE.enabled();
+    let max_sleep = if holder.is_some() && !doorbell {
+        // Forwarded commands from the other cores arrive on the rings, which then raise no
         // interrupt here: they wait at most this.
         HOLDER_SLEEP_NS
     } else {
         MAX_SLEEP_NS
     };
+    let wakes = &crate::cores::WAKES[0];
     loop {
         let now = timer::now_ns();
         let mut busy = pass(now, net.as_mut(), &mut services, mgmt.as_mut());
@@ -293,15 +297,44 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
             continue;
         }
         let mgmt_idle = mgmt.as_ref().is_none_or(MgmtService::may_sleep);
-        if !sleeps || !services.may_sleep() || !mgmt_idle || now - last_busy < IDLE_SPIN_NS {
+        let holder_idle = holder.as_ref().is_none_or(Holder::may_sleep);
+        if !sleeps
+            || !services.may_sleep()
+            || !mgmt_idle
+            || !holder_idle
+            || now - last_busy < IDLE_SPIN_NS
+        {
             core::hint::spin_loop();
             continue;
         }
         // Idle: clear the NIC's interrupt, look once more (a frame may have arrived before
         // the clear), then sleep until a frame arrives or the next timer is due.
         let Some(n) = net.as_mut() else { continue };
-        n.device.ack_wakeup();
+        if n.device.ack_wakeup() && holder.is_some() {
+            // The shared interrupt was raised while this core was busy: it may have been a
+            // frame on another core's pair, which would otherwise wait for that core's
+            // timer. Ring them now.
+            percpu::with_local::<Links, _>(|links| Holder::wake_all(links));
+        }
+        if doorbell {
+            // Doorbells (SGIs) stay pending until acknowledged; the NIC's interrupt status
+            // was acknowledged just above, so its line is down unless a frame came since
+            // (then it is pending again and the WFI below returns at once).
+            if let Some(g) = platform.gic.as_mut() {
+                g.take_doorbells();
+            }
+            // "Sleeping", full barrier, then the rings once more (`cores::BootWake`).
+            crate::cores::BOOT_WAKE.going_to_sleep();
+            if rings_waiting() {
+                crate::cores::BOOT_WAKE.awake();
+                last_busy = now;
+                continue;
+            }
+        }
         if pass(now, net.as_mut(), &mut services, mgmt.as_mut()) {
+            if doorbell {
+                crate::cores::BOOT_WAKE.awake();
+            }
             last_busy = now;
             continue;
         }
@@ -317,14 +350,31 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
             )
             .min(services.qos_wakeup_in(now).unwrap_or(max_sleep));
         counters.slept();
-        timer::arm_wakeup(timer::counter().saturating_add(timer::ns_to_ticks(delay_ns)));
+        let deadline = timer::counter().saturating_add(timer::ns_to_ticks(delay_ns));
+        timer::arm_wakeup(deadline);
         timer::wait_for_interrupt();
-        timer::disarm_wakeup();
         if holder.is_some() {
-            // The NIC's interrupt (shared by every pair) may have been for another core.
+            // The NIC's interrupt (shared by every pair) may have been for another core:
+            // ring them first, before anything else here delays them.
             percpu::with_local::<Links, _>(|links| Holder::wake_all(links));
         }
+        timer::disarm_wakeup();
+        if doorbell {
+            let rung = crate::cores::BOOT_WAKE.awake();
+            // Its timer, not a doorbell, ended a sleep with messages waiting: a lost
+            // wake-up the bounded sleep rescued (a message pushed just as the timer fired
+            // counts too: an upper bound).
+            if !rung && timer::counter() >= deadline && rings_waiting() {
+                wakes.rescued();
+            }
+        }
     }
+}
+
+/// Whether a message from another core waits on one of core 0's rings.
+fn rings_waiting() -> bool {
+    percpu::with_local::<Links, _>(|links| links.0.iter_mut().any(|l| !l.rx.is_empty()))
+        .unwrap_or(false)
 }
 
 /// How long the loop keeps spinning after its last piece of work before it may sleep.

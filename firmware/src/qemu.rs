@@ -50,6 +50,9 @@ impl Hw for Qemu {
     fn cores() -> alloc::vec::Vec<keel_mgmt::CoreInfo> {
         crate::cores::counters()
     }
+    fn namespace_elsewhere(subnqn: &str, nsid: u32) -> crate::hw::NsShare {
+        crate::cores::namespace_elsewhere(subnqn, nsid)
+    }
 }
 
 /// The NIC of one core's network stack: the whole single-queue virtio-net (one core), or
@@ -79,14 +82,18 @@ impl QemuNic {
         }
     }
 
-    /// Clears the device's interrupt (where this NIC has the transport).
-    pub fn ack_wakeup(&mut self) {
+    /// Clears the device's interrupt (where this NIC has the transport); returns whether a
+    /// multiqueue NIC had raised it (one queue: always false, nobody else to wake).
+    pub fn ack_wakeup(&mut self) -> bool {
         match self {
-            QemuNic::Single(n) => n.ack_wakeup(),
+            QemuNic::Single(n) => {
+                n.ack_wakeup();
+                false
+            }
             QemuNic::Pair {
                 control: Some(c), ..
             } => c.ack_wakeup(),
-            QemuNic::Pair { .. } => {}
+            QemuNic::Pair { .. } => false,
         }
     }
 

@@ -237,6 +237,44 @@ impl Gic {
         }
     }
 
+    /// Lets [`Doorbell`]s wake the boot core (as [`GicCpu::enable_doorbell`] does for the
+    /// others) and returns its doorbell, for the cores that send it messages.
+    pub fn enable_doorbell(&mut self) -> Result<Doorbell, GicError> {
+        self.enable_wakeup(DOORBELL_SGI, false)?;
+        Ok(match self {
+            Gic::V2 { dist, .. } => Doorbell::v2(*dist, banked_target_mask(*dist)),
+            Gic::V3 { .. } => Doorbell::v3(this_mpidr()),
+        })
+    }
+
+    /// Acknowledges the boot core's pending interrupts (so the next WFI sleeps) and returns
+    /// how many were doorbells. Acknowledge the devices' own interrupt status first: a
+    /// level interrupt still asserted is pending again after its EOI.
+    pub fn take_doorbells(&mut self) -> u32 {
+        match self {
+            Gic::V2 { gic, .. } => {
+                let mut n = 0;
+                for _ in 0..64 {
+                    // Group 0 reads GICC_IAR, the register `drain_v2` reads on the others.
+                    let Some(id) = gic.get_and_acknowledge_interrupt(InterruptGroup::Group0) else {
+                        break;
+                    };
+                    let raw = id.raw_value() & 0x3ff;
+                    if raw >= 1020 {
+                        break;
+                    }
+                    // The EOI takes the value read (an SGI's source CPU in bits 12:10).
+                    gic.end_interrupt(id, InterruptGroup::Group0);
+                    if raw == DOORBELL_SGI {
+                        n += 1;
+                    }
+                }
+                n
+            }
+            Gic::V3 { .. } => drain_v3(),
+        }
+    }
+
     /// Where the CPU interface of the core with this MPIDR is, for that core's [`GicCpu`].
     pub fn cpu_interface(&self, mpidr: u64) -> Option<CpuInterface> {
         match self {

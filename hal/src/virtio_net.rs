@@ -1058,9 +1058,9 @@ impl NetControl {
     }
 
     /// Clears the device's interrupt (reads the ISR status), dropping the INTx line shared
-    /// by every pair.
-    pub fn ack_wakeup(&mut self) {
-        let _ = self.transport.ack_interrupt();
+    /// by every pair; returns whether it was raised (by any pair's queues).
+    pub fn ack_wakeup(&mut self) -> bool {
+        !self.transport.ack_interrupt().is_empty()
     }
 
     /// Sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET and waits for the device's answer.

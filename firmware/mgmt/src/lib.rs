@@ -171,6 +171,13 @@ pub struct CoreInfo {
     /// included).
     #[serde(default)]
     pub nvmf_commands: u64,
+    /// Doorbells the core rang to wake core 0 after giving it messages (core 0: none).
+    #[serde(default)]
+    pub doorbells_to_core0: u64,
+    /// Core 0: sleeps its bounded timer ended with messages from other cores waiting that
+    /// rang no doorbell (a lost wake-up rescued; expected 0).
+    #[serde(default)]
+    pub wakeup_rescues: u64,
 }
 
 /// What QoS does for one namespace.

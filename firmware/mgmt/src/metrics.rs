@@ -301,7 +301,7 @@ pub fn render(s: &Snapshot) -> String {
             if f.enabled { "1" } else { "0" },
         );
     }
-    let core_families: [CoreFamily; 7] = [
+    let core_families: [CoreFamily; 9] = [
         (
             "keel_core_loop_passes_total",
             "Passes of the core's poll loop.",
@@ -336,6 +336,16 @@ pub fn render(s: &Snapshot) -> String {
             "keel_core_nvmf_commands_total",
             "NVMe/TCP commands the core took from its connections.",
             |c| c.nvmf_commands,
+        ),
+        (
+            "keel_core_doorbells_to_core0_total",
+            "Doorbells the core rang to wake core 0 after giving it messages.",
+            |c| c.doorbells_to_core0,
+        ),
+        (
+            "keel_core_wakeup_rescues_total",
+            "Sleeps of core 0 its bounded timer ended with messages waiting and no doorbell.",
+            |c| c.wakeup_rescues,
         ),
     ];
     let core_labels: Vec<[String; 2]> = s

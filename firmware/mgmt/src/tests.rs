@@ -110,6 +110,8 @@ fn snapshot() -> Snapshot {
                 allocator_calls: 52,
                 nvmf_connections: 2,
                 nvmf_commands: 77,
+                doorbells_to_core0: 0,
+                wakeup_rescues: 1,
             },
             CoreInfo {
                 index: 1,
@@ -122,6 +124,8 @@ fn snapshot() -> Snapshot {
                 allocator_calls: 0,
                 nvmf_connections: 1,
                 nvmf_commands: 30,
+                doorbells_to_core0: 5,
+                wakeup_rescues: 0,
             },
         ],
         resources: Resources {
@@ -942,6 +946,8 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_core_allocator_calls_total{core=\"1\",role=\"ring\"} 0\n",
         "keel_core_nvmf_connections_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 2\n",
         "keel_core_nvmf_commands_total{core=\"1\",role=\"ring\"} 30\n",
+        "keel_core_doorbells_to_core0_total{core=\"1\",role=\"ring\"} 5\n",
+        "keel_core_wakeup_rescues_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 1\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"degraded\"} 1\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"online\"} 0\n",
         "keel_remote_failovers_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\"} 7\n",
