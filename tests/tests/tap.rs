@@ -14,12 +14,16 @@
 //!   queues are served where they landed, data crosses cores (see
 //!   `firmware/src/percore.rs`).
 //!
+//! - TCP segmentation offload (one core): the firmware's TSO frames, forwarded by this
+//!   machine's kernel to a network namespace over a veth without offloads, are cut into
+//!   segments whose checksums tshark finds right.
+//!
 //! Creating a tap needs root and /dev/net/tun (CI runs as root). Where they are missing these
 //! tests fail and say so: a multi-core proof that silently passed would prove nothing.
 
 use keel_tests::{
     BOOT_TIMEOUT, Build, Qemu, ScratchFile, assert_qemu_run_refuses, keelctl, noise, qemu_run_dry,
-    root, run_keelctl,
+    root, run_bounded, run_keelctl,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
@@ -661,6 +665,256 @@ fn checksum_offload_on_a_one_queue_tap() {
     assert_eq!(
         good_fw, offloaded,
         "every offloaded frame verified by tshark"
+    );
+}
+
+/// Runs a command that must succeed (network setup).
+fn sh(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with one end of a veth pair; the other end stays here. Deleted (with
+/// the pair) when dropped.
+struct NetNs(String);
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A capture (`tshark -w`) running until [`Capture::stop`].
+struct Capture(std::process::Child);
+
+impl Capture {
+    /// `prefix` runs tshark elsewhere (`ip netns exec NS`).
+    fn start(prefix: &[&str], iface: &str, file: &ScratchFile) -> Self {
+        let mut argv: Vec<&str> = prefix.to_vec();
+        let path = file.path().to_str().unwrap();
+        argv.extend_from_slice(&["tshark", "-q", "-i", iface, "-w", path]);
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting tshark");
+        Capture(child)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tshark -r FILE` over the firmware's TCP frames: per frame its length and its TCP and
+/// IPv4 header checksum statuses (1 good, 0 bad, 2 unverified: tshark 4.0).
+fn firmware_tcp_frames(file: &ScratchFile, firmware: &str) -> Vec<(usize, String, String)> {
+    let t = Command::new("tshark")
+        .arg("-r")
+        .arg(file.path())
+        .args([
+            "-o",
+            "tcp.check_checksum:TRUE",
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-Y",
+            &format!("ip.src=={firmware} && tcp"),
+            "-T",
+            "fields",
+            "-e",
+            "frame.len",
+            "-e",
+            "tcp.checksum.status",
+            "-e",
+            "ip.checksum.status",
+        ])
+        .output()
+        .expect("running tshark");
+    assert!(t.status.success(), "tshark: {t:?}");
+    String::from_utf8_lossy(&t.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.to_string(),
+                f.get(2)?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// TCP segmentation offload on a tap, judged on the segments the host kernel cuts. The tap's
+/// vnet headers let virtio-net offer VIRTIO_NET_F_HOST_TSO4, and the firmware sends frames
+/// of up to 64 KiB marked `VIRTIO_NET_HDR_GSO_TCPV4`. Delivered locally, Linux keeps such a
+/// frame whole (as it keeps a GRO'd one) and never computes its checksum, so here keelctl runs
+/// in a network namespace behind a veth whose host end has segmentation and checksum offload
+/// off (`ethtool -K ... tso off gso off tx off`): forwarding the firmware's frames there,
+/// the kernel cuts them into MSS-sized segments and completes every checksum in software,
+/// from the pseudo-header sum the driver left (`tcp_gso_segment`). A capture on the tap
+/// shows the large frames; one in the namespace shows the segments, each of which must carry
+/// a TCP and IPv4 header checksum tshark finds good. keelctl's 128 KiB sequential reads and
+/// writes check the data.
+#[test]
+fn tso_segments_cut_by_the_host_kernel_have_right_checksums() {
+    require_tap();
+    keelctl();
+    let deps = Command::new(root().join("qemu/deps"))
+        .args(["tshark=tshark", "ethtool=ethtool"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running qemu/deps");
+    assert!(
+        deps.status.success(),
+        "qemu/deps could not provide tshark and ethtool: {}",
+        String::from_utf8_lossy(&deps.stderr)
+    );
+    let net = tap_net(4);
+    // The namespace's /24, from the same numbers as the tap's.
+    let side = format!("10.78.{}", (std::process::id() * 3 + 4) % 250 + 1);
+    let mut q = boot_on_tap(Build::Release, 1, &net, &["--append", "keel.ns=ram:16"]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_checksum_offload(&q);
+    assert!(
+        q.console().contains("TCP segmentation offload true"),
+        "{}",
+        q.console()
+    );
+    let tap = tap_name(&q);
+    let id = std::process::id() % 10_000_000;
+    let ns = NetNs(format!("ktso{id}"));
+    let (host_end, ns_end) = (format!("ktso{id}h"), format!("ktso{id}n"));
+    sh("ip", &["netns", "add", &ns.0]);
+    sh(
+        "ip",
+        &[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end, "netns", &ns.0,
+        ],
+    );
+    sh(
+        "ip",
+        &["addr", "add", &format!("{side}.1/24"), "dev", &host_end],
+    );
+    sh("ip", &["link", "set", &host_end, "up"]);
+    sh(
+        "ip",
+        &[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{side}.2/24"),
+            "dev",
+            &ns_end,
+        ],
+    );
+    sh("ip", &["-n", &ns.0, "link", "set", &ns_end, "up"]);
+    sh("ip", &["-n", &ns.0, "link", "set", "lo", "up"]);
+    sh(
+        "ip",
+        &[
+            "-n",
+            &ns.0,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{side}.1"),
+        ],
+    );
+    sh(
+        "ethtool",
+        &["-K", &host_end, "tso", "off", "gso", "off", "tx", "off"],
+    );
+    // Forwarding between the tap and the veth only (not the machine-wide switch); both
+    // settings go away with their devices.
+    for dev in [&tap, &host_end] {
+        sh(
+            "sysctl",
+            &["-q", "-w", &format!("net.ipv4.conf.{dev}.forwarding=1")],
+        );
+    }
+    let on_tap = ScratchFile::new("tso-tap.pcapng", 0);
+    let in_ns = ScratchFile::new("tso-ns.pcapng", 0);
+    let tap_capture = Capture::start(&[], &tap, &on_tap);
+    let ns_capture = Capture::start(&["ip", "netns", "exec", &ns.0], &ns_end, &in_ns);
+    std::thread::sleep(Duration::from_secs(3));
+    let addr = format!("{net}.2:4420");
+    let keelctl = keelctl();
+    for rw in ["read", "write"] {
+        let r = run_bounded(
+            Command::new("ip")
+                .args(["netns", "exec", &ns.0])
+                .arg(&keelctl)
+                .args([
+                    "nvme",
+                    "bench",
+                    "--addr",
+                    &addr,
+                    "--rw",
+                    rw,
+                    "--pattern",
+                    "seq",
+                    "--bs",
+                    "128k",
+                    "--qd",
+                    "8",
+                    "--ios",
+                    "150",
+                    "--range-mib",
+                    "16",
+                    "--verify",
+                ]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.code, 0, "128 KiB sequential {rw} with --verify: {r:?}");
+        assert!(r.stdout.contains(", 0 error(s)"), "{r:?}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    tap_capture.stop();
+    ns_capture.stop();
+    kill_and_check_tap_removed(q, &tap);
+    drop(ns);
+
+    let firmware = format!("{net}.2");
+    let sent = firmware_tcp_frames(&on_tap, &firmware);
+    let tso = sent.iter().filter(|f| f.0 > 1514).count();
+    assert!(
+        tso >= 50,
+        "only {tso} frames larger than one segment left the firmware ({} TCP frames)",
+        sent.len()
+    );
+    let cut = firmware_tcp_frames(&in_ns, &firmware);
+    let wrong: Vec<_> = cut
+        .iter()
+        .filter(|(len, tcp, ip)| *len > 1514 || tcp != "1" || ip != "1")
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} segments too large or with a checksum tshark does not find good: {:?}",
+        wrong.len(),
+        cut.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    // 150 reads of 128 KiB at an MSS of 1456: over 13000 segments (the writes' few more).
+    assert!(
+        cut.len() > 13_000,
+        "only {} segments from the firmware",
+        cut.len()
     );
 }
 
