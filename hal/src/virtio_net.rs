@@ -492,7 +492,8 @@ struct Device {
 
 impl Device {
     /// Resets the function at `bus:dev.func` and negotiates MAC, EVENT_IDX, CSUM,
-    /// GUEST_CSUM and HOST_TSO4 (each when offered, HOST_TSO4 only with CSUM) and VERSION_1, plus CTRL_VQ and MQ when `multiqueue`.
+    /// GUEST_CSUM and HOST_TSO4 (each when offered, HOST_TSO4 only with CSUM) and
+    /// VERSION_1, plus CTRL_VQ and MQ when `multiqueue`.
     ///
     /// # Safety
     /// As for [`VirtioNet::new`].
