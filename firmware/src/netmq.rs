@@ -73,12 +73,13 @@ pub fn run(platform: &mut Platform) {
     };
     let mac = control.mac();
     println!(
-        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {}, checksum offload: transmit {}, receive {}",
+        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {}, checksum offload: transmit {}, receive {}, TCP segmentation offload {}",
         control.pairs(),
         control.max_pairs(),
         Mac(mac),
         control.offloads().tx_csum,
-        control.offloads().rx_csum
+        control.offloads().rx_csum,
+        control.offloads().tso4
     );
     let timer_intid = platform.dt.timer_intid;
     let mut pairs = pairs.into_iter();

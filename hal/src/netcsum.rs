@@ -9,6 +9,16 @@
 //! checksum field holds the pseudo-header sum"). The device's sum covers the field itself, so
 //! it folds the pseudo-header in.
 //!
+//! Segmentation (VIRTIO_NET_F_HOST_TSO4, §5.1.6.2): a TCP segment larger than the MSS is
+//! handed to the device whole, with `gso_type = VIRTIO_NET_HDR_GSO_TCPV4`, `gso_size` = the
+//! payload bytes per segment and `hdr_len` = Ethernet + IPv4 + TCP header bytes, plus
+//! `NEEDS_CSUM` as above. The checksum field holds the pseudo-header sum over the whole
+//! segment's TCP length (the IPv4 total length minus the IP header), the same value as without
+//! segmentation: Linux, which takes such frames from a tap (`virtio_net_hdr_to_skb`), replaces
+//! that length with each segment's own when it splits the frame (`tcp_gso_segment` adds the
+//! difference to the partial sum), and rewrites the IPv4 total length, identification and
+//! header checksum per segment ([`offload_tx_gso`]).
+//!
 //! Receive (VIRTIO_NET_F_GUEST_CSUM): a frame flagged `VIRTIO_NET_HDR_F_DATA_VALID` had its
 //! checksum verified by the device, and one flagged `VIRTIO_NET_HDR_F_NEEDS_CSUM` comes from a
 //! local sender that never computed it (§5.1.6.4: the driver treats it like a valid one). Any
@@ -23,6 +33,14 @@ pub const HDR_F_DATA_VALID: u8 = 2;
 /// `struct virtio_net_hdr` with VIRTIO_F_VERSION_1 (§5.1.6): flags, gso_type, hdr_len,
 /// gso_size, csum_start, csum_offset, num_buffers; 12 bytes, little-endian fields.
 pub const NET_HDR_LEN: usize = 12;
+/// `VIRTIO_NET_HDR_GSO_TCPV4` (§5.1.6): the frame is a TCPv4 segment for the device to split.
+pub const HDR_GSO_TCPV4: u8 = 1;
+/// Offset of `gso_type` in the header.
+const HDR_GSO_TYPE: usize = 1;
+/// Offset of `hdr_len` in the header.
+const HDR_HDR_LEN: usize = 2;
+/// Offset of `gso_size` in the header.
+const HDR_GSO_SIZE: usize = 4;
 /// Offset of `csum_start` in the header.
 const HDR_CSUM_START: usize = 6;
 /// Offset of `csum_offset` in the header.
@@ -144,6 +162,32 @@ pub fn offload_tx(hdr: &mut [u8], frame: &mut [u8]) -> bool {
     true
 }
 
+/// Prepares an IPv4 TCP frame larger than one segment for the device to split into segments of
+/// `mss` payload bytes (VIRTIO_NET_F_HOST_TSO4): [`offload_tx`]'s checksum preparation, plus
+/// `gso_type = VIRTIO_NET_HDR_GSO_TCPV4`, `gso_size = mss` and `hdr_len` = the bytes of the
+/// Ethernet, IPv4 and TCP headers (options included) that the device repeats in every
+/// segment. Returns false, leaving `hdr` without segmentation, for anything else: then the
+/// frame must not be sent (it is larger than one segment).
+pub fn offload_tx_gso(hdr: &mut [u8], frame: &mut [u8], mss: u16) -> bool {
+    let Some(ip) = ipv4_l4(frame) else {
+        return false;
+    };
+    if ip.proto != PROTO_TCP || ip.len < 20 || mss == 0 {
+        return false;
+    }
+    let tcp_hdr = usize::from(frame[ip.start + 12] >> 4) * 4;
+    let Ok(hdr_len) = u16::try_from(ip.start + tcp_hdr) else {
+        return false;
+    };
+    if tcp_hdr < 20 || tcp_hdr > ip.len || !offload_tx(hdr, frame) {
+        return false;
+    }
+    hdr[HDR_GSO_TYPE] = HDR_GSO_TCPV4;
+    hdr[HDR_HDR_LEN..HDR_HDR_LEN + 2].copy_from_slice(&hdr_len.to_le_bytes());
+    hdr[HDR_GSO_SIZE..HDR_GSO_SIZE + 2].copy_from_slice(&mss.to_le_bytes());
+    true
+}
+
 /// Whether a received frame the device did not vouch for has a right TCP or UDP checksum
 /// (IPv4). Anything else (not IPv4, other protocols, fragments, a UDP checksum of zero, which
 /// means "none" in IPv4, RFC 768) passes: smoltcp checks what it parses itself.
@@ -183,6 +227,9 @@ pub struct Offloads {
     pub tx_csum: bool,
     /// VIRTIO_NET_F_GUEST_CSUM: received frames may be flagged as validated.
     pub rx_csum: bool,
+    /// VIRTIO_NET_F_HOST_TSO4 (with CSUM): the device splits TCPv4 segments larger than the
+    /// MSS ([`offload_tx_gso`]).
+    pub tso4: bool,
 }
 
 impl Offloads {
@@ -270,6 +317,91 @@ mod tests {
         assert_eq!(&frame[50..52], &[0xee, 0xcb]);
     }
 
+    /// `LINUX_SYN`'s headers (TCP header with options: 40 bytes) carrying `payload` bytes, the
+    /// IPv4 total length set to match, TCP checksum zero (as smoltcp leaves it with offload).
+    fn big_segment(payload: usize) -> Vec<u8> {
+        let mut f = hex(LINUX_SYN);
+        let total = u16::try_from(20 + 40 + payload).unwrap();
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f[50..52].fill(0);
+        f.extend((0..payload).map(|i| (i * 7 + 3) as u8));
+        f
+    }
+
+    /// The header of a TSO frame, against `struct virtio_net_hdr` of virtio 1.2 §5.1.6 (and
+    /// Linux's `include/uapi/linux/virtio_net.h`): `u8 flags; u8 gso_type; le16 hdr_len;
+    /// le16 gso_size; le16 csum_start; le16 csum_offset; le16 num_buffers;`, with
+    /// `VIRTIO_NET_HDR_F_NEEDS_CSUM` = 1 and `VIRTIO_NET_HDR_GSO_TCPV4` = 1 (§5.1.6), and
+    /// §5.1.6.2's rules for a TSO frame: `hdr_len` the length of the headers (here 14 + 20 +
+    /// 40 = 74), `gso_size` the payload bytes per segment, checksum fields as for `NEEDS_CSUM`.
+    #[test]
+    fn tso_header_bytes_follow_the_spec() {
+        let mut frame = big_segment(3000);
+        let mut hdr = [0u8; NET_HDR_LEN];
+        assert!(offload_tx_gso(&mut hdr, &mut frame, 1448));
+        assert_eq!(
+            hdr,
+            [
+                0x01, // flags: NEEDS_CSUM
+                0x01, // gso_type: GSO_TCPV4
+                0x4a, 0x00, // hdr_len: 74
+                0xa8, 0x05, // gso_size: 1448
+                0x22, 0x00, // csum_start: 34
+                0x10, 0x00, // csum_offset: 16
+                0x00, 0x00, // num_buffers
+            ]
+        );
+        // The checksum field: the pseudo-header sum over the whole TCP length, 3040 = 0x0be0:
+        // 0x0ac7 + 0x0701 + 0x0ac7 + 0x0702 + 0x0006 + 0x0be0 = 0x2f77.
+        assert_eq!(&frame[50..52], &[0x2f, 0x77]);
+        // Not TCP, or no MSS: no segmentation asked for.
+        assert!(!offload_tx_gso(
+            &mut [0u8; NET_HDR_LEN],
+            &mut hex(LINUX_UDP),
+            1448
+        ));
+        assert!(!offload_tx_gso(
+            &mut [0u8; NET_HDR_LEN],
+            &mut big_segment(3000),
+            0
+        ));
+    }
+
+    /// What Linux does with the frame (net/ipv4/tcp_offload.c, `tcp_gso_segment`): cut the
+    /// payload into `mss` pieces behind copies of the headers, replace the whole length in the
+    /// partial checksum by each segment's (ones'-complement add of the old length's
+    /// complement and the new length), then complete the checksum like any `NEEDS_CSUM`
+    /// frame. Every segment must then carry a right checksum, judged from scratch.
+    #[test]
+    fn segments_the_device_cuts_have_right_checksums() {
+        for payload in [1449, 2896, 3000, 60_000] {
+            let mut frame = big_segment(payload);
+            let mut hdr = [0u8; NET_HDR_LEN];
+            let mss = 1448;
+            assert!(offload_tx_gso(&mut hdr, &mut frame, mss));
+            let headers = usize::from(u16::from_le_bytes([hdr[2], hdr[3]]));
+            let partial = u16::from_be_bytes([frame[50], frame[51]]);
+            let whole_len = (payload + 40) as u16;
+            let mut segments = 0;
+            for chunk in frame[headers..].chunks(usize::from(mss)) {
+                let mut seg = frame[..headers].to_vec();
+                seg.extend_from_slice(chunk);
+                let total = (20 + 40 + chunk.len()) as u16;
+                seg[16..18].copy_from_slice(&total.to_be_bytes());
+                let seg_len = 40 + chunk.len() as u64;
+                let sum = fold(u64::from(partial) + u64::from(!whole_len) + seg_len);
+                seg[50..52].copy_from_slice(&sum.to_be_bytes());
+                device_completes(&hdr, &mut seg);
+                assert!(
+                    l4_checksum_ok(&seg),
+                    "payload {payload}, segment {segments}"
+                );
+                segments += 1;
+            }
+            assert_eq!(segments, payload.div_ceil(usize::from(mss)));
+        }
+    }
+
     #[test]
     fn pseudo_header_sums() {
         // The SYN's, by hand above.
@@ -351,7 +483,12 @@ mod tests {
         // (computes on transmit, verifies on receive) for TCP, UDP, IPv4, ICMP.
         let caps = |tx_csum, rx_csum| {
             let mut c = ChecksumCapabilities::default();
-            Offloads { tx_csum, rx_csum }.apply(&mut c);
+            Offloads {
+                tx_csum,
+                rx_csum,
+                tso4: false,
+            }
+            .apply(&mut c);
             [c.tcp, c.udp, c.ipv4, c.icmpv4].map(|x| (x.tx(), x.rx()))
         };
         const BOTH: (bool, bool) = (true, true);

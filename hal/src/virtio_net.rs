@@ -29,6 +29,14 @@
 //! TCP/UDP checksum on receive, the driver marks sent TCP segments `NEEDS_CSUM` and checks
 //! the received frames the device did not flag ([`Offloads`], [`crate::netcsum`]).
 //!
+//! TCP segmentation offload (VIRTIO_NET_F_HOST_TSO4, §5.1.6.2), when the device offers it with
+//! CSUM: smoltcp (feature `segmentation-offload`) hands over TCP segments of up to
+//! [`TSO_FRAME_MAX`] bytes and the MSS in the packet's `PacketMeta`; the driver sends them from
+//! one of [`BIG_TX_BUFFERS`] 64 KiB transmit buffers per pair with `gso_type = GSO_TCPV4`,
+//! `gso_size` and `hdr_len` filled in ([`crate::netcsum::offload_tx_gso`]), and the device
+//! cuts them into MSS-sized segments. Without it (QEMU's user networking, `--net-socket`)
+//! nothing changes: 2 KiB buffers only, one segment per frame.
+//!
 //! DMA: buffers come from the heap, which is identity-mapped; QEMU's virtio device is cache
 //! coherent. A non-coherent board needs cache maintenance in [`VirtioHal::share`].
 
@@ -68,6 +76,16 @@ const BUF_LEN: usize = 2048;
 /// at byte 72, 8-byte aligned like the buffer, and the copies between frames and socket
 /// buffers take `memcpy`'s word-at-a-time path instead of its byte-assembling one.
 const BUF_SHIFT: usize = 6;
+/// Large transmit buffers per pair, for TSO frames (only when VIRTIO_NET_F_HOST_TSO4 is
+/// negotiated; they take the place of as many 2 KiB ones, so the queue never has more buffers
+/// than descriptors). 8 × 64 KiB = 512 KiB per pair, as much as the 2 KiB pool.
+pub const BIG_TX_BUFFERS: usize = 8;
+/// Bytes per large transmit buffer.
+const BIG_BUF_LEN: usize = 64 * 1024;
+/// The largest frame (Ethernet header included, as smoltcp counts
+/// `SegmentationCapabilities::tcpv4`) a large buffer carries after the virtio-net header:
+/// 65518 bytes, an IPv4 total length of at most 65504, within the field's 65535.
+pub const TSO_FRAME_MAX: usize = BIG_BUF_LEN - BUF_SHIFT - NET_HDR_LEN;
 /// Ethernet MTU: an IP MTU of 1496, so TCP segments carry at most 1456 bytes, a multiple of
 /// 8: a stream copied in full segments stays 8-byte aligned segment after segment.
 pub const MTU: usize = 1510;
@@ -77,6 +95,10 @@ type Buf = Box<[u64]>;
 
 fn new_buf() -> Buf {
     alloc::vec![0u64; BUF_LEN / 8].into_boxed_slice()
+}
+
+fn new_big_buf() -> Buf {
+    alloc::vec![0u64; BIG_BUF_LEN / 8].into_boxed_slice()
 }
 
 fn bytes(b: &Buf) -> &[u8] {
@@ -97,6 +119,9 @@ const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
 /// VIRTIO_NET_F_MAC.
 const F_MAC: u64 = 1 << 5;
+/// VIRTIO_NET_F_HOST_TSO4: the device takes TCPv4 frames larger than the MTU and segments
+/// them (`VIRTIO_NET_HDR_GSO_TCPV4`, §5.1.6.2); requires VIRTIO_NET_F_CSUM (§5.1.3.1).
+const F_HOST_TSO4: u64 = 1 << 11;
 /// VIRTIO_NET_F_CTRL_VQ: the control virtqueue.
 const F_CTRL_VQ: u64 = 1 << 17;
 /// VIRTIO_NET_F_MQ: several receive/transmit virtqueue pairs.
@@ -161,12 +186,18 @@ pub struct NetStats {
     /// Received frames dropped for a wrong TCP/UDP checksum (checked by the driver when
     /// VIRTIO_NET_F_GUEST_CSUM is negotiated and the device did not validate the frame).
     pub rx_bad_checksum: u64,
+    /// Frames sent for the device to segment (VIRTIO_NET_F_HOST_TSO4).
+    pub tx_tso_frames: u64,
+    /// Frames smoltcp built that the driver could not send (no segmentation header could be
+    /// made for a frame larger than one segment): lost, as on a wire.
+    pub tx_dropped: u64,
 }
 
 fn offloads_of(features: u64) -> Offloads {
     Offloads {
         tx_csum: features & F_CSUM != 0,
         rx_csum: features & F_GUEST_CSUM != 0,
+        tso4: features & (F_HOST_TSO4 | F_CSUM) == F_HOST_TSO4 | F_CSUM,
     }
 }
 
@@ -460,8 +491,9 @@ struct Device {
 }
 
 impl Device {
-    /// Resets the function at `bus:dev.func` and negotiates MAC, EVENT_IDX, CSUM and
-    /// GUEST_CSUM (each when offered) and VERSION_1, plus CTRL_VQ and MQ when `multiqueue`.
+    /// Resets the function at `bus:dev.func` and negotiates MAC, EVENT_IDX, CSUM,
+    /// GUEST_CSUM and HOST_TSO4 (each when offered, HOST_TSO4 only with CSUM) and
+    /// VERSION_1, plus CTRL_VQ and MQ when `multiqueue`.
     ///
     /// # Safety
     /// As for [`VirtioNet::new`].
@@ -497,6 +529,10 @@ impl Device {
             return Err(NetError::Device(virtio_drivers::Error::Unsupported));
         }
         let mut wanted = F_MAC | F_EVENT_IDX | F_VERSION_1 | F_CSUM | F_GUEST_CSUM;
+        if offered & F_CSUM != 0 {
+            // HOST_TSO4 depends on CSUM (§5.1.3.1).
+            wanted |= F_HOST_TSO4;
+        }
         if multiqueue && offered & (F_CTRL_VQ | F_MQ) == F_CTRL_VQ | F_MQ {
             wanted |= F_CTRL_VQ | F_MQ;
         }
@@ -555,8 +591,14 @@ pub struct QueuePair {
     rx_by_token: Vec<Option<u16>>,
     /// A buffer handed to smoltcp last time, to re-post.
     rx_repost: Option<u16>,
+    /// Transmit buffers: the 2 KiB ones, then (TSO) the [`BIG_TX_BUFFERS`] large ones.
     tx_bufs: Vec<Buf>,
+    /// Free 2 KiB transmit buffers.
     tx_free: Vec<u16>,
+    /// Free large transmit buffers (empty without TSO).
+    tx_big_free: Vec<u16>,
+    /// Indices from here on in `tx_bufs` are large buffers.
+    tx_small: u16,
     tx_by_token: Vec<Option<u16>>,
     offloads: Offloads,
     /// Received frames this pair's owner does not serve (see [`QueuePair::divert`]).
@@ -592,6 +634,13 @@ impl QueuePair {
         let mut tx = Queue::new(&mut d.transport, &d.map, 2 * pair + 1, event_idx)?;
         rx.vq.set_dev_notify(false);
         tx.vq.set_dev_notify(false);
+        let offloads = offloads_of(d.features);
+        let big = if offloads.tso4 { BIG_TX_BUFFERS } else { 0 };
+        let small = TX_BUFFERS - big;
+        let tx_bufs = (0..small)
+            .map(|_| new_buf())
+            .chain((0..big).map(|_| new_big_buf()))
+            .collect();
         Ok(Self {
             pair,
             rx,
@@ -599,10 +648,12 @@ impl QueuePair {
             rx_bufs: Vec::new(),
             rx_by_token: alloc::vec![None; QUEUE_SIZE],
             rx_repost: None,
-            tx_free: (0..TX_BUFFERS as u16).rev().collect(),
-            tx_bufs: (0..TX_BUFFERS).map(|_| new_buf()).collect(),
+            tx_free: (0..small as u16).rev().collect(),
+            tx_big_free: (small as u16..(small + big) as u16).rev().collect(),
+            tx_small: small as u16,
+            tx_bufs,
             tx_by_token: alloc::vec![None; QUEUE_SIZE],
-            offloads: offloads_of(d.features),
+            offloads,
             divert: None,
             diverted: Vec::new(),
             injected: alloc::collections::VecDeque::new(),
@@ -713,8 +764,18 @@ impl QueuePair {
                     .vq
                     .pop_used(token, &[bytes(&self.tx_bufs[usize::from(i)])], &mut [])
             };
-            self.tx_free.push(i);
+            if i < self.tx_small {
+                self.tx_free.push(i);
+            } else {
+                self.tx_big_free.push(i);
+            }
         }
+    }
+
+    /// Whether a frame of any size smoltcp may build fits a free buffer: a 2 KiB one, and
+    /// with TSO a large one too (smoltcp sizes a frame before it asks for room).
+    fn tx_room(&self) -> bool {
+        !self.tx_free.is_empty() && (!self.offloads.tso4 || !self.tx_big_free.is_empty())
     }
 
     fn tx_token(&mut self) -> TxToken<'_> {
@@ -722,9 +783,11 @@ impl QueuePair {
             tx: &mut self.tx,
             bufs: &mut self.tx_bufs,
             free: &mut self.tx_free,
+            big_free: &mut self.tx_big_free,
             by_token: &mut self.tx_by_token,
             stats: &mut self.stats,
-            tx_csum: self.offloads.tx_csum,
+            offloads: self.offloads,
+            gso_size: None,
         }
     }
 
@@ -751,10 +814,14 @@ pub struct TxToken<'a> {
     tx: &'a mut Queue,
     bufs: &'a mut [Buf],
     free: &'a mut Vec<u16>,
+    big_free: &'a mut Vec<u16>,
     by_token: &'a mut [Option<u16>],
     stats: &'a mut NetStats,
-    /// VIRTIO_NET_F_CSUM negotiated: TCP segments leave with a partial checksum.
-    tx_csum: bool,
+    /// With `tx_csum`, TCP segments leave with a partial checksum; with `tso4`, larger ones
+    /// for the device to segment.
+    offloads: Offloads,
+    /// The MSS smoltcp asked the device to segment this frame by (`PacketMeta`).
+    gso_size: Option<core::num::NonZeroU16>,
 }
 
 impl core::fmt::Debug for TxToken<'_> {
@@ -767,18 +834,34 @@ impl core::fmt::Debug for TxToken<'_> {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let i = self
-            .free
+        let hdr = NET_HDR_LEN;
+        // A frame larger than a 2 KiB buffer (a TSO frame) takes a large one.
+        let big = len > BUF_LEN - BUF_SHIFT - hdr && !self.big_free.is_empty();
+        let free = if big { self.big_free } else { self.free };
+        let i = free
             .pop()
             .expect("a TxToken is only made with a free buffer");
         let buf = &mut bytes_mut(&mut self.bufs[usize::from(i)])[BUF_SHIFT..];
-        let hdr = NET_HDR_LEN;
         buf[..hdr].fill(0);
         let len = len.min(buf.len() - hdr);
         let r = f(&mut buf[hdr..hdr + len]);
-        if self.tx_csum {
+        if self.offloads.tx_csum {
             let (h, frame) = buf[..hdr + len].split_at_mut(hdr);
-            netcsum::offload_tx(h, frame);
+            match self.gso_size {
+                Some(mss) if self.offloads.tso4 => {
+                    if !netcsum::offload_tx_gso(h, frame, mss.get()) {
+                        // smoltcp asks for segmentation only for its TCP segments; a frame
+                        // the device cannot be told how to cut is not sent.
+                        self.stats.tx_dropped += 1;
+                        free.push(i);
+                        return r;
+                    }
+                    self.stats.tx_tso_frames += 1;
+                }
+                _ => {
+                    netcsum::offload_tx(h, frame);
+                }
+            }
         }
         // SAFETY: the buffer stays owned by the driver and untouched until `reclaim_tx` sees
         // the device finished with it.
@@ -792,9 +875,13 @@ impl phy::TxToken for TxToken<'_> {
                 self.by_token[usize::from(token)] = Some(i);
                 self.stats.tx_frames += 1;
             }
-            Err(_) => self.free.push(i),
+            Err(_) => free.push(i),
         }
         r
+    }
+
+    fn set_meta(&mut self, meta: phy::PacketMeta) {
+        self.gso_size = meta.segmentation_offload_size;
     }
 }
 
@@ -807,7 +894,7 @@ impl phy::Device for QueuePair {
         self.tx.kick();
         self.repost_rx();
         self.reclaim_tx();
-        if self.tx_free.is_empty() {
+        if !self.tx_room() {
             self.stats.tx_full += 1;
             return None;
         }
@@ -875,6 +962,7 @@ impl phy::Device for QueuePair {
             tx,
             tx_bufs,
             tx_free,
+            tx_big_free,
             tx_by_token,
             stats,
             offloads,
@@ -891,16 +979,18 @@ impl phy::Device for QueuePair {
                 tx,
                 bufs: tx_bufs,
                 free: tx_free,
+                big_free: tx_big_free,
                 by_token: tx_by_token,
                 stats,
-                tx_csum: offloads.tx_csum,
+                offloads: *offloads,
+                gso_size: None,
             },
         ))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
         self.reclaim_tx();
-        if self.tx_free.is_empty() {
+        if !self.tx_room() {
             self.stats.tx_full += 1;
             return None;
         }
@@ -913,6 +1003,9 @@ impl phy::Device for QueuePair {
         caps.max_transmission_unit = MTU;
         caps.max_burst_size = Some(QUEUE_SIZE / 2);
         self.offloads.apply(&mut caps.checksum);
+        if self.offloads.tso4 {
+            caps.segmentation.tcpv4 = core::num::NonZeroUsize::new(TSO_FRAME_MAX);
+        }
         caps
     }
 }

@@ -17,12 +17,16 @@
 //!   equal what `keelctl nvme bench` issued over 4 connections, whichever core served them,
 //!   core 1 rang core 0's doorbell and core 0 rescued no lost wake-up.
 //!
+//! - TCP segmentation offload (one core): the firmware's TSO frames, forwarded by this
+//!   machine's kernel to a network namespace over a veth without offloads, are cut into
+//!   segments whose checksums tshark finds right.
+//!
 //! Creating a tap needs root and /dev/net/tun (CI runs as root). Where they are missing these
 //! tests fail and say so: a multi-core proof that silently passed would prove nothing.
 
 use keel_tests::{
     BOOT_TIMEOUT, Build, Qemu, ScratchFile, assert_qemu_run_refuses, keelctl, noise, qemu_run_dry,
-    root, run_keelctl,
+    root, run_bounded, run_keelctl,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
@@ -496,7 +500,9 @@ fn nvme_over_a_multi_queue_tap_with_two_cores() {
 /// vnet headers with its 12-byte virtio-net header in front, so the capture shows what the
 /// driver asked of the device. Every IPv4 TCP frame the firmware sends must carry
 /// `VIRTIO_NET_HDR_F_NEEDS_CSUM` with `csum_start` at the TCP header and `csum_offset` 16
-/// (virtio 1.2 §5.1.6.2); the test then completes each marked checksum as the device does
+/// (virtio 1.2 §5.1.6.2), and a frame larger than one segment `VIRTIO_NET_HDR_GSO_TCPV4` with
+/// its MSS and header length (TCP segmentation offload); the test then completes each marked
+/// checksum as the device does
 /// (the ones'-complement sum from `csum_start` to the end, complemented, at `csum_start +
 /// csum_offset`) and tshark must find every TCP and IPv4 header checksum good: a wrong
 /// pseudo-header sum from the driver would show there. keelctl's verified load reads back
@@ -570,7 +576,7 @@ fn checksum_offload_on_a_one_queue_tap() {
         ip
     };
     let mut out = raw[..24].to_vec(); // the pcap file header (its snap length still holds)
-    let (mut offloaded, mut bad_marks) = (0usize, Vec::new());
+    let (mut offloaded, mut tso, mut bad_marks) = (0usize, 0usize, Vec::new());
     let mut at = 24;
     while at + 16 <= raw.len() {
         let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap()) as usize;
@@ -585,8 +591,21 @@ fn checksum_offload_on_a_one_queue_tap() {
             let start = u16::from_le_bytes([hdr[6], hdr[7]]);
             let offset = u16::from_le_bytes([hdr[8], hdr[9]]);
             let ihl = u16::from(frame[14] & 0x0f) * 4;
-            if hdr[0] & 1 == 1 && start == 14 + ihl && offset == 16 {
+            let gso_size = u16::from_le_bytes([hdr[4], hdr[5]]);
+            let hdr_len = u16::from_le_bytes([hdr[2], hdr[3]]);
+            let tcp_hdr = frame
+                .get(14 + usize::from(ihl) + 12)
+                .map_or(0, |b| u16::from(b >> 4) * 4);
+            // A frame larger than one segment is a TSO frame (virtio 1.2 §5.1.6.2):
+            // GSO_TCPV4, the MSS and the header length; the others carry no GSO fields.
+            let gso_ok = if frame.len() > 1514 {
+                hdr[1] == 1 && (1..=1460).contains(&gso_size) && hdr_len == 14 + ihl + tcp_hdr
+            } else {
+                hdr[1] == 0 && gso_size == 0
+            };
+            if hdr[0] & 1 == 1 && start == 14 + ihl && offset == 16 && gso_ok {
                 offloaded += 1;
+                tso += usize::from(frame.len() > 1514);
             } else {
                 bad_marks.push(format!("{:02x?}", &hdr[..10]));
             }
@@ -616,9 +635,16 @@ fn checksum_offload_on_a_one_queue_tap() {
         bad_marks.len(),
         &bad_marks[..bad_marks.len().min(5)]
     );
+    // 1500 commands, each answered by at least one response; with TCP segmentation offload
+    // (a tap offers it) responses ready together leave in one frame, so fewer frames than
+    // commands.
     assert!(
-        offloaded > 1000,
+        offloaded > 150,
         "only {offloaded} offloaded TCP frames from the firmware"
+    );
+    assert!(
+        tso > 0,
+        "no TSO frame among the firmware's {offloaded} TCP frames"
     );
     std::fs::write(completed.path(), &out).unwrap();
     let t = Command::new("tshark")
@@ -664,6 +690,256 @@ fn checksum_offload_on_a_one_queue_tap() {
     assert_eq!(
         good_fw, offloaded,
         "every offloaded frame verified by tshark"
+    );
+}
+
+/// Runs a command that must succeed (network setup).
+fn sh(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with one end of a veth pair; the other end stays here. Deleted (with
+/// the pair) when dropped.
+struct NetNs(String);
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A capture (`tshark -w`) running until [`Capture::stop`].
+struct Capture(std::process::Child);
+
+impl Capture {
+    /// `prefix` runs tshark elsewhere (`ip netns exec NS`).
+    fn start(prefix: &[&str], iface: &str, file: &ScratchFile) -> Self {
+        let mut argv: Vec<&str> = prefix.to_vec();
+        let path = file.path().to_str().unwrap();
+        argv.extend_from_slice(&["tshark", "-q", "-i", iface, "-w", path]);
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting tshark");
+        Capture(child)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tshark -r FILE` over the firmware's TCP frames: per frame its length and its TCP and
+/// IPv4 header checksum statuses (1 good, 0 bad, 2 unverified: tshark 4.0).
+fn firmware_tcp_frames(file: &ScratchFile, firmware: &str) -> Vec<(usize, String, String)> {
+    let t = Command::new("tshark")
+        .arg("-r")
+        .arg(file.path())
+        .args([
+            "-o",
+            "tcp.check_checksum:TRUE",
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-Y",
+            &format!("ip.src=={firmware} && tcp"),
+            "-T",
+            "fields",
+            "-e",
+            "frame.len",
+            "-e",
+            "tcp.checksum.status",
+            "-e",
+            "ip.checksum.status",
+        ])
+        .output()
+        .expect("running tshark");
+    assert!(t.status.success(), "tshark: {t:?}");
+    String::from_utf8_lossy(&t.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.to_string(),
+                f.get(2)?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// TCP segmentation offload on a tap, judged on the segments the host kernel cuts. The tap's
+/// vnet headers let virtio-net offer VIRTIO_NET_F_HOST_TSO4, and the firmware sends frames
+/// of up to 64 KiB marked `VIRTIO_NET_HDR_GSO_TCPV4`. Delivered locally, Linux keeps such a
+/// frame whole (as it keeps a GRO'd one) and never computes its checksum, so here keelctl runs
+/// in a network namespace behind a veth whose host end has segmentation and checksum offload
+/// off (`ethtool -K ... tso off gso off tx off`): forwarding the firmware's frames there,
+/// the kernel cuts them into MSS-sized segments and completes every checksum in software,
+/// from the pseudo-header sum the driver left (`tcp_gso_segment`). A capture on the tap
+/// shows the large frames; one in the namespace shows the segments, each of which must carry
+/// a TCP and IPv4 header checksum tshark finds good. keelctl's 128 KiB sequential reads and
+/// writes check the data.
+#[test]
+fn tso_segments_cut_by_the_host_kernel_have_right_checksums() {
+    require_tap();
+    keelctl();
+    let deps = Command::new(root().join("qemu/deps"))
+        .args(["tshark=tshark", "ethtool=ethtool"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running qemu/deps");
+    assert!(
+        deps.status.success(),
+        "qemu/deps could not provide tshark and ethtool: {}",
+        String::from_utf8_lossy(&deps.stderr)
+    );
+    let net = tap_net(4);
+    // The namespace's /24, from the same numbers as the tap's.
+    let side = format!("10.78.{}", (std::process::id() * 3 + 4) % 250 + 1);
+    let mut q = boot_on_tap(Build::Release, 1, &net, &["--append", "keel.ns=ram:16"]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_checksum_offload(&q);
+    assert!(
+        q.console().contains("TCP segmentation offload true"),
+        "{}",
+        q.console()
+    );
+    let tap = tap_name(&q);
+    let id = std::process::id() % 10_000_000;
+    let ns = NetNs(format!("ktso{id}"));
+    let (host_end, ns_end) = (format!("ktso{id}h"), format!("ktso{id}n"));
+    sh("ip", &["netns", "add", &ns.0]);
+    sh(
+        "ip",
+        &[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end, "netns", &ns.0,
+        ],
+    );
+    sh(
+        "ip",
+        &["addr", "add", &format!("{side}.1/24"), "dev", &host_end],
+    );
+    sh("ip", &["link", "set", &host_end, "up"]);
+    sh(
+        "ip",
+        &[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{side}.2/24"),
+            "dev",
+            &ns_end,
+        ],
+    );
+    sh("ip", &["-n", &ns.0, "link", "set", &ns_end, "up"]);
+    sh("ip", &["-n", &ns.0, "link", "set", "lo", "up"]);
+    sh(
+        "ip",
+        &[
+            "-n",
+            &ns.0,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{side}.1"),
+        ],
+    );
+    sh(
+        "ethtool",
+        &["-K", &host_end, "tso", "off", "gso", "off", "tx", "off"],
+    );
+    // Forwarding between the tap and the veth only (not the machine-wide switch); both
+    // settings go away with their devices.
+    for dev in [&tap, &host_end] {
+        sh(
+            "sysctl",
+            &["-q", "-w", &format!("net.ipv4.conf.{dev}.forwarding=1")],
+        );
+    }
+    let on_tap = ScratchFile::new("tso-tap.pcapng", 0);
+    let in_ns = ScratchFile::new("tso-ns.pcapng", 0);
+    let tap_capture = Capture::start(&[], &tap, &on_tap);
+    let ns_capture = Capture::start(&["ip", "netns", "exec", &ns.0], &ns_end, &in_ns);
+    std::thread::sleep(Duration::from_secs(3));
+    let addr = format!("{net}.2:4420");
+    let keelctl = keelctl();
+    for rw in ["read", "write"] {
+        let r = run_bounded(
+            Command::new("ip")
+                .args(["netns", "exec", &ns.0])
+                .arg(&keelctl)
+                .args([
+                    "nvme",
+                    "bench",
+                    "--addr",
+                    &addr,
+                    "--rw",
+                    rw,
+                    "--pattern",
+                    "seq",
+                    "--bs",
+                    "128k",
+                    "--qd",
+                    "8",
+                    "--ios",
+                    "150",
+                    "--range-mib",
+                    "16",
+                    "--verify",
+                ]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.code, 0, "128 KiB sequential {rw} with --verify: {r:?}");
+        assert!(r.stdout.contains(", 0 error(s)"), "{r:?}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    tap_capture.stop();
+    ns_capture.stop();
+    kill_and_check_tap_removed(q, &tap);
+    drop(ns);
+
+    let firmware = format!("{net}.2");
+    let sent = firmware_tcp_frames(&on_tap, &firmware);
+    let tso = sent.iter().filter(|f| f.0 > 1514).count();
+    assert!(
+        tso >= 50,
+        "only {tso} frames larger than one segment left the firmware ({} TCP frames)",
+        sent.len()
+    );
+    let cut = firmware_tcp_frames(&in_ns, &firmware);
+    let wrong: Vec<_> = cut
+        .iter()
+        .filter(|(len, tcp, ip)| *len > 1514 || tcp != "1" || ip != "1")
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} segments too large or with a checksum tshark does not find good: {:?}",
+        wrong.len(),
+        cut.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    // 150 reads of 128 KiB at an MSS of 1456: over 13000 segments (the writes' few more).
+    assert!(
+        cut.len() > 13_000,
+        "only {} segments from the firmware",
+        cut.len()
     );
 }
 

@@ -218,14 +218,25 @@ impl Interface {
 
         #[cfg(feature = "segmentation-offload")]
         // Segmentation offload requires checksum offload.
-        if [caps.segmentation.tcpv4, caps.segmentation.tcpv6]
-            .iter()
-            .any(Option::is_some)
         {
-            assert!(
-                !caps.checksum.tcp.tx(),
-                "Device capabilities are inconsistent."
-            )
+            // Each field exists only with its protocol (KEEL-PATCH.md: the array of both
+            // did not build without proto-ipv6).
+            #[allow(unused_mut)]
+            let mut segmenting = false;
+            #[cfg(all(feature = "socket-tcp", feature = "proto-ipv4"))]
+            {
+                segmenting |= caps.segmentation.tcpv4.is_some();
+            }
+            #[cfg(all(feature = "socket-tcp", feature = "proto-ipv6"))]
+            {
+                segmenting |= caps.segmentation.tcpv6.is_some();
+            }
+            if segmenting {
+                assert!(
+                    !caps.checksum.tcp.tx(),
+                    "Device capabilities are inconsistent."
+                )
+            }
         }
 
         let mut rand = Rand::new(config.random_seed);
