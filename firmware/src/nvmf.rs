@@ -124,8 +124,16 @@ fn host_to_controller(sqe: &Sqe) -> bool {
     sqe.opcode == 0x7F || sqe.opcode & 0x3 == 0x1
 }
 
-/// Data buffers shared by every connection.
+/// Data buffers of the largest transfer shared by every connection.
 const POOL_BUFFERS: usize = 256;
+/// Size of a small data buffer: a 4 KiB I/O (the common one) takes one of these.
+const SMALL_BUF: usize = 4096;
+/// Small data buffers shared by every connection (8 MiB, carved when first needed): enough for
+/// 16 connections with 128 small commands each in flight, so under such an overload no
+/// command waits for a buffer, and none holds up the commands behind it in its connection's
+/// stream (an in-capsule write whose data has no buffer stops its connection's reads: its
+/// later commands would then queue behind other connections' later ones).
+const SMALL_BUFFERS: usize = 2048;
 /// Command slots per connection (the largest queue depth a host can get).
 const SLOTS: u16 = 256;
 
@@ -192,7 +200,7 @@ struct Conn {
 
 /// The NVMe/TCP target service.
 pub struct NvmfService {
-    pool: BufPool,
+    pool: BufPools,
     conns: Vec<Option<Conn>>,
     tcp_cfg: TcpConfig,
     ports_set_for: Option<smoltcp::wire::Ipv4Address>,
@@ -236,17 +244,17 @@ impl NvmfService {
     /// The service, with its data buffers; `advertise` replaces the interface's own address
     /// in the discovery log.
     pub fn new(advertise: Option<(String, String)>) -> Result<Self, keel_storage::PoolError> {
-        Self::with_buffers(advertise, POOL_BUFFERS)
+        Self::with_buffers(advertise, POOL_BUFFERS, SMALL_BUFFERS)
     }
 
-    /// [`NvmfService::new`] with `buffers` data buffers.
+    /// [`NvmfService::new`] with `buffers` data buffers of the largest transfer and `small`
+    /// of 4 KiB.
     pub fn with_buffers(
         advertise: Option<(String, String)>,
         buffers: usize,
+        small: usize,
     ) -> Result<Self, keel_storage::PoolError> {
-        let region = crate::hw::dma_region(buffers * MAX_TRANSFER);
-        let dma = region.as_ptr() as u64;
-        let pool = BufPool::lazy(region, dma, MAX_TRANSFER)?;
+        let pool = BufPools::new(buffers, small)?;
         let tcp_cfg = TcpConfig {
             slots: SLOTS,
             max_transfer: MAX_TRANSFER as u32,
@@ -628,13 +636,67 @@ impl NvmfService {
     }
 }
 
-fn recycle(pool: &mut BufPool, buf: Option<IoBuf>) {
-    if let Some(b) = buf {
-        let _ = pool.put(b);
+/// The data buffers: small ones for commands of up to [`SMALL_BUF`] bytes, large ones (the
+/// largest transfer) for the rest and for small commands when no small buffer is free.
+#[derive(Debug)]
+struct BufPools {
+    small: BufPool,
+    large: BufPool,
+}
+
+impl BufPools {
+    /// `large` buffers of [`MAX_TRANSFER`] bytes and `small` of [`SMALL_BUF`], in DMA-able
+    /// memory, each zeroed and carved when first needed.
+    fn new(large: usize, small: usize) -> Result<Self, keel_storage::PoolError> {
+        let lazy = |count: usize, size: usize| {
+            let region = crate::hw::dma_region(count * size);
+            let dma = region.as_ptr() as u64;
+            BufPool::lazy(region, dma, size)
+        };
+        Ok(Self {
+            small: lazy(small, SMALL_BUF)?,
+            large: lazy(large, MAX_TRANSFER)?,
+        })
+    }
+
+    /// A buffer for `len` bytes: a small one if it fits and one is free, else a large one.
+    fn get(&mut self, len: usize) -> Option<IoBuf> {
+        if len <= SMALL_BUF
+            && let Some(b) = self.small.get()
+        {
+            return Some(b);
+        }
+        if len > self.large.buf_size() {
+            return None;
+        }
+        self.large.get()
+    }
+
+    /// Takes a buffer back to the pool that carved it.
+    fn put(&mut self, b: IoBuf) {
+        if self.small.owns(&b) {
+            let _ = self.small.put(b);
+        } else {
+            let _ = self.large.put(b);
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.small.available() + self.large.available()
+    }
+
+    fn count(&self) -> usize {
+        self.small.count() + self.large.count()
     }
 }
 
-fn drain_buffers(mut tcp: TargetConnection<NetBuf>, pool: &mut BufPool) {
+fn recycle(pool: &mut BufPools, buf: Option<IoBuf>) {
+    if let Some(b) = buf {
+        pool.put(b);
+    }
+}
+
+fn drain_buffers(mut tcp: TargetConnection<NetBuf>, pool: &mut BufPools) {
     tcp.close();
     while let Some(ev) = tcp.poll_event() {
         match ev {
@@ -648,12 +710,8 @@ fn drain_buffers(mut tcp: TargetConnection<NetBuf>, pool: &mut BufPool) {
 }
 
 /// A pool buffer with `len` valid bytes, if the pool has one.
-fn take(pool: &mut BufPool, len: u32) -> Option<IoBuf> {
-    let mut b = pool.get()?;
-    if (len as usize) > b.capacity() {
-        let _ = pool.put(b);
-        return None;
-    }
+fn take(pool: &mut BufPools, len: u32) -> Option<IoBuf> {
+    let mut b = pool.get(len as usize)?;
     b.set_len(len as usize);
     Some(b)
 }
@@ -661,7 +719,7 @@ fn take(pool: &mut BufPool, len: u32) -> Option<IoBuf> {
 /// What a connection's command handling needs besides the connection itself.
 struct Ctx<'a> {
     target: &'a mut Target,
-    pool: &'a mut BufPool,
+    pool: &'a mut BufPools,
     now: Instant,
     /// [`NvmfService::waiting`].
     waiting: &'a mut Intake<Waiting>,
@@ -684,7 +742,7 @@ pub struct DirectCounts {
 
 impl Conn {
     /// Hands a controller response to the transport.
-    fn deliver(&mut self, pool: &mut BufPool, resp: Response) {
+    fn deliver(&mut self, pool: &mut BufPools, resp: Response) {
         let data = match resp.buf {
             Some(b) if resp.data_len > 0 => Some((NetBuf(b), resp.data_len)),
             other => {
@@ -731,7 +789,7 @@ impl Conn {
     #[allow(clippy::too_many_arguments)]
     fn answered(
         &mut self,
-        pool: &mut BufPool,
+        pool: &mut BufPools,
         waiting: &mut Intake<Waiting>,
         target: &mut Target,
         now: Instant,
@@ -941,5 +999,39 @@ impl Conn {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+
+    #[test]
+    fn small_commands_take_small_buffers_then_large_ones() {
+        let mut p = BufPools::new(2, 3).unwrap();
+        assert_eq!((p.available(), p.count()), (5, 5));
+        // 4 KiB and less: the small class while it lasts, then the large one.
+        let small: Vec<IoBuf> = (0..3).map(|_| p.get(4096).unwrap()).collect();
+        assert!(small.iter().all(|b| b.capacity() == SMALL_BUF));
+        let spill = p.get(512).unwrap();
+        assert_eq!(spill.capacity(), MAX_TRANSFER);
+        // Larger than a small buffer: only the large class; larger than the largest
+        // transfer: nothing, and nothing is lost.
+        let big = p.get(8192).unwrap();
+        assert_eq!(big.capacity(), MAX_TRANSFER);
+        assert!(p.get(4096).is_none());
+        assert_eq!(p.available(), 0);
+        for b in small.into_iter().chain([spill, big]) {
+            p.put(b);
+        }
+        assert_eq!(p.available(), 5);
+        assert!(p.get(MAX_TRANSFER + 1).is_none());
+        assert_eq!(p.available(), 5);
+        // Each buffer went back to the class that carved it.
+        let b = p.get(MAX_TRANSFER).unwrap();
+        let c = p.get(MAX_TRANSFER).unwrap();
+        assert!(p.get(MAX_TRANSFER).is_none(), "only two large buffers");
+        p.put(b);
+        p.put(c);
     }
 }

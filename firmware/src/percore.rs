@@ -51,6 +51,8 @@ const MAX_TRANSFER: usize = 128 * 1024;
 const HOLDER_BUFFERS: usize = 32;
 /// NVMe/TCP data buffers of a core other than core 0.
 const SECONDARY_BUFFERS: usize = 64;
+/// 4 KiB NVMe/TCP data buffers of a core other than core 0.
+const SECONDARY_SMALL_BUFFERS: usize = 512;
 /// How often a busy core publishes its namespace counters (an idle pass after work always
 /// does).
 const NS_PUBLISH_NS: u64 = 1_000_000;
@@ -129,7 +131,11 @@ impl Plane {
         let index = pair.index();
         let names: Vec<String> = subsystems.iter().map(|s| s.nqn.clone()).collect();
         let target = replica_target(subsystems, limits)?;
-        let nvmf = match NvmfService::with_buffers(advertise, SECONDARY_BUFFERS) {
+        let nvmf = match NvmfService::with_buffers(
+            advertise,
+            SECONDARY_BUFFERS,
+            SECONDARY_SMALL_BUFFERS,
+        ) {
             Ok(s) => s.forwarding(),
             Err(e) => {
                 klog::error!("percore: core {}: buffers: {}", core, klog::D(&e));

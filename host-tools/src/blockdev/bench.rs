@@ -74,6 +74,8 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Write stamped blocks and check every read (see the module documentation).
     pub verify: bool,
+    /// Report each connection's (worker's) latency too.
+    pub per_connection: bool,
 }
 
 /// Live counters, readable while the benchmark runs.
@@ -140,6 +142,8 @@ pub struct BenchResult {
     pub write_latency: Latency,
     /// With [`BenchConfig::verify`]: what the checks found.
     pub verify: VerifyTally,
+    /// Each worker's (connection's) commands, in worker order.
+    pub per_connection: Vec<Latency>,
 }
 
 /// What the checks of a verifying benchmark found.
@@ -265,9 +269,13 @@ pub fn run<T: Target>(target: &T, cfg: &BenchConfig, progress: &Progress) -> Res
     let mut writes = histogram();
     let mut bytes = 0;
     let mut verify = VerifyTally::default();
+    let mut per_connection = Vec::new();
     let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
     for r in results {
         let t = r?;
+        let mut mine = t.reads.clone();
+        let _ = mine.add(&t.writes);
+        per_connection.push(Latency::of(&mine));
         let _ = reads.add(&t.reads);
         let _ = writes.add(&t.writes);
         bytes += t.bytes;
@@ -290,6 +298,7 @@ pub fn run<T: Target>(target: &T, cfg: &BenchConfig, progress: &Progress) -> Res
         read_latency: Latency::of(&reads),
         write_latency: Latency::of(&writes),
         verify,
+        per_connection,
     })
 }
 
@@ -649,6 +658,7 @@ mod tests {
             range: None,
             seed: 1,
             verify: false,
+            per_connection: false,
         };
         let p = Progress::default();
         let r = run(&t, &cfg, &p).unwrap();
@@ -754,6 +764,7 @@ mod tests {
             range: None,
             seed: 3,
             verify: true,
+            per_connection: false,
         };
         run(&&t, &cfg, &Progress::default()).unwrap()
     }

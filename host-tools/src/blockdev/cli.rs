@@ -147,6 +147,10 @@ pub struct BenchArgs {
     /// acknowledged write and read everything written back at the end; exit 1 on a mismatch.
     #[arg(long)]
     pub verify: bool,
+    /// Also report each connection's latency (one worker per connection): shows whether
+    /// some connections' commands wait longer than others'.
+    #[arg(long)]
+    pub per_connection: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -181,6 +185,7 @@ impl BenchArgs {
             range: self.range_mib.map(|m| m << 20),
             seed: self.seed,
             verify: self.verify,
+            per_connection: self.per_connection,
         })
     }
 }
@@ -374,6 +379,9 @@ pub fn bench_json(cfg: &BenchConfig, r: &BenchResult) -> Value {
             "errors": r.verify.errors,
             "problems": r.verify.problems,
         })),
+        "per_connection": cfg.per_connection.then(|| {
+            r.per_connection.iter().map(latency_json).collect::<Vec<_>>()
+        }),
     })
 }
 
@@ -406,6 +414,11 @@ pub fn format_bench(cfg: &BenchConfig, r: &BenchResult) -> String {
     if r.reads > 0 && r.writes > 0 {
         s += &latency_line("read", &r.read_latency);
         s += &latency_line("write", &r.write_latency);
+    }
+    if cfg.per_connection {
+        for (i, l) in r.per_connection.iter().enumerate() {
+            s += &latency_line(&format!("conn{i}"), l);
+        }
     }
     if cfg.verify {
         let v = &r.verify;
