@@ -615,6 +615,17 @@ impl NvmfService {
             }
             _ => None,
         };
+        // After a Disconnect the connection ends on our side (the transport closes once the
+        // response left), often before the host's FIN: that is still the queue's orderly end.
+        // The controller core must hear it so: a forwarding core's replica saw the Disconnect,
+        // the controller core's own queue for the connection did not.
+        let loss = loss.map(|how| {
+            if cx.target.queue_disconnected(c.queue) {
+                QueueLoss::Orderly
+            } else {
+                how
+            }
+        });
         if let Some(how) = loss {
             let mut c = self.conns[i].take().expect("checked above");
             cx.waiting.close(i);

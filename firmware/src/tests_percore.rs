@@ -318,6 +318,50 @@ fn a_secondary_forwards_admin_and_serves_adopted_io_over_shared_ram() {
     keel_storage::BlockBackend::read_now(&mut handle, 40, 32, &mut direct).unwrap();
     assert_eq!(direct, pattern);
 
+    // A second adopted I/O queue, then Disconnect on the first: the secondary closes that
+    // connection once the response has left, before the host's FIN (as a slow host or a
+    // relay in between makes it). The holder must take that as the orderly end of one queue,
+    // not as an I/O queue lost without Disconnect (which ends the association): the
+    // controller and the second queue carry on.
+    let mut io2 = Queue::open(&mut dev, 51_002);
+    let (sqe, data) = connect(2, cntlid);
+    assert!(
+        run(&mut dev, &mut h, &mut io2, sqe, Some(data))
+            .0
+            .status
+            .is_success()
+    );
+    let (cqe, _) = run(
+        &mut dev,
+        &mut h,
+        &mut io,
+        keel_nvme::fabrics::disconnect_sqe(0),
+        None,
+    );
+    assert!(cqe.status.is_success(), "{:?}", cqe.status);
+    for _ in 0..50 {
+        dev.pass();
+        h.serve(&mut dev);
+        h.terminations(&mut dev);
+    }
+    assert!(h.seen.contains(&"closed"), "{:?}", h.seen);
+    assert_eq!(
+        h.s.target.controller_count(),
+        1,
+        "Disconnect then close ends one queue, not the association: {:?}",
+        h.seen
+    );
+    let (cqe, back) = run(
+        &mut dev,
+        &mut h,
+        &mut io2,
+        rw.to_sqe(IoOpcode::Read as u8, 0, 1),
+        Some(vec![0u8; 16_384]),
+    );
+    assert!(cqe.status.is_success(), "{:?}", cqe.status);
+    assert_eq!(back.unwrap(), pattern, "the other queue still serves");
+    let mut io = io2;
+
     // Traffic on the adopted queue is reported for keep-alive (once a second at most).
     advance(1_100_000_000);
     io.pump(&mut dev);

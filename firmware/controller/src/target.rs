@@ -1032,6 +1032,15 @@ impl Target {
         })
     }
 
+    /// Whether the host sent Disconnect on queue `q` (still known after the queue was
+    /// terminated, until it is closed): losing its connection then is orderly whatever the
+    /// socket saw.
+    pub fn queue_disconnected(&self, q: QueueId) -> bool {
+        self.queue_index(q)
+            .and_then(|qi| self.queues.get(qi))
+            .is_some_and(|queue| queue.disconnected)
+    }
+
     /// Opens a transport queue (call when a connection is accepted, before its Connect),
     /// owned by transport 0 (see [`Target::open_queue_for`]).
     pub fn open_queue(&mut self) -> Result<QueueId, TargetError> {
