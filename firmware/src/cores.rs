@@ -35,6 +35,21 @@ pub static LOOPS: [LoopCounters; MAX_CORES] = [const { LoopCounters::new() }; MA
 static RUNNING: AtomicU64 = AtomicU64::new(1);
 /// Bit `i` set: core `i` serves NVMe/TCP on its own queue pair ([`crate::percore`]).
 static PLANES: AtomicU64 = AtomicU64::new(0);
+/// Bit `i` set: core `i` has acted on its queue pair (serving, or said why it cannot).
+static PLANES_TRIED: AtomicU64 = AtomicU64::new(0);
+
+/// Waits until every core of `cores` (a bit per core) has acted on the queue pair handed to
+/// it, at most `timeout_ns`: `keel: ready` then means every core listens. Returns the cores
+/// of `cores` serving.
+pub fn wait_for_planes(cores: u64, timeout_ns: u64) -> u64 {
+    let start = timer::now_ns();
+    while PLANES_TRIED.load(Ordering::Acquire) & cores != cores
+        && timer::now_ns() - start < timeout_ns
+    {
+        core::hint::spin_loop();
+    }
+    PLANES.load(Ordering::Acquire) & cores
+}
 
 /// What core 0's loop serves (status and `/metrics`).
 pub const BOOT_CORE_ROLE: &str = "network, NVMe/TCP, drives, functions, management";
@@ -600,6 +615,7 @@ impl DataCore {
                 if self.plane.is_some() {
                     PLANES.fetch_or(1 << self.info.index, Ordering::Release);
                 }
+                PLANES_TRIED.fetch_or(1 << self.info.index, Ordering::Release);
             } else if let Msg::FromHolder(m) = msg {
                 if let Some(p) = self.plane.as_mut() {
                     p.on_holder(m, now);

@@ -241,6 +241,8 @@ pub struct Holder {
     /// Subsystems other cores serve I/O queues of.
     replicable: Vec<String>,
     generation: u64,
+    /// The cores (a bit each) it handed a queue pair to.
+    served: u64,
 }
 
 impl core::fmt::Debug for Holder {
@@ -280,6 +282,7 @@ impl Holder {
             .map_err(|e| klog::error!("percore: buffers: {}", klog::D(&e)))
             .ok()?;
         let mut outq = Vec::new();
+        let mut served = 0u64;
         for (link, pair) in links.0.iter_mut().zip(pairs) {
             let spec = ServeSpec {
                 pair,
@@ -291,6 +294,8 @@ impl Holder {
             };
             if link.send(Msg::Serve(Box::new(spec))).is_err() {
                 klog::error!("percore: core {}: ring full", link.info.index);
+            } else if link.info.index < 64 {
+                served |= 1 << link.info.index;
             }
             outq.push(VecDeque::new());
         }
@@ -302,7 +307,13 @@ impl Holder {
             outq,
             replicable: services.replicable.iter().map(|s| s.nqn.clone()).collect(),
             generation: services.target.namespace_generation(),
+            served,
         })
+    }
+
+    /// The cores (a bit each) it handed a queue pair to.
+    pub fn served(&self) -> u64 {
+        self.served
     }
 
     /// Rings every other core (core 0 woke: the NIC's interrupt may have been for them).

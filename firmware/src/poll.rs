@@ -31,6 +31,9 @@ pub const DISCOVERY_PORT: u16 = 8009;
 
 /// How long boot waits for a DHCP lease before declaring itself ready anyway.
 const DHCP_WAIT_NS: u64 = 3_000_000_000;
+/// How long core 0 waits, before `keel: ready`, for the other cores to bring up their
+/// NVMe/TCP planes.
+const PLANES_WAIT_NS: u64 = 5_000_000_000;
 
 /// The network stack of core 0, and the queue pairs of the other cores when they serve
 /// NVMe/TCP too: with `cores` > 1, a static address (the other cores have no DHCP client)
@@ -234,6 +237,18 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         Holder::start(links, pairs, mac, addressing, &services)
     })
     .flatten();
+    // `keel: ready` means every core listens: a connection the NIC steers to a core whose
+    // plane is not up yet would be refused.
+    if let Some(h) = holder.as_ref() {
+        let up = crate::cores::wait_for_planes(h.served(), PLANES_WAIT_NS);
+        if up != h.served() {
+            klog::warning!(
+                "percore: core mask {} of {} serves NVMe/TCP; frames the NIC steers to the others go unanswered",
+                up,
+                h.served()
+            );
+        }
+    }
     let ready_ns = timer::now_ns();
     let addr = net.as_ref().and_then(NetStack::address);
     let functions = match services.functions() {

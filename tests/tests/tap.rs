@@ -226,6 +226,16 @@ fn four_cores_serve_nvme_tcp_the_drive_and_the_emulated_function() {
         );
     }
     assert!(c.contains("cores: 4 of 4 running a poll loop each"), "{c}");
+    // `keel: ready` waits for every core's plane: a connection the NIC steers to a core
+    // must find it listening.
+    let ready = c.find("keel: ready").expect("ready");
+    for core in 1..4 {
+        let serves = format!("percore: core {core} serves NVMe/TCP on queue pair {core}");
+        assert!(
+            c.find(&serves).is_some_and(|at| at < ready),
+            "{serves:?} before keel: ready:\n{c}"
+        );
+    }
     let tap = tap_name(&q);
     assert_checksum_offload(&q);
     let addr = format!("{net}.2:4420");
@@ -974,10 +984,25 @@ fn qemu_run_tap_options() {
         &["--net", "tap", "--tap-net", "10.300.1"],
         "--tap-net: three octets",
     );
-    assert_qemu_run_refuses(
-        &["--net", "tap", "--nvmf-port", "4420"],
-        "--net tap forwards no ports",
+    // Forwarded ports on a tap (socat relays, started only when QEMU runs): the discovery
+    // log advertises the forwarded address, as under user networking.
+    let cmd = qemu_run_dry(&[
+        "--image",
+        img,
+        "--smp",
+        "4",
+        "--net",
+        "tap",
+        "--tap-net",
+        "10.99.3",
+        "--nvmf-port",
+        "4430",
+    ]);
+    assert!(
+        cmd.contains("keel.ip=10.99.3.2/24 keel.gw=10.99.3.1 keel.advertise=127.0.0.1:4430"),
+        "{cmd}"
     );
+    assert!(!cmd.contains("hostfwd"), "{cmd}");
 }
 
 /// Per-namespace counters of status and `/metrics` include every core's (issue 17): the
