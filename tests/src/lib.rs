@@ -414,12 +414,58 @@ impl std::fmt::Debug for Qemu {
     }
 }
 
+/// The cores a suite's firmware boots with: `KEEL_TEST_SMP=N` (default 1) runs every test
+/// that does not choose its own cores or network at `--smp N`, on a multi-queue tap
+/// (`--net tap`, a /24 of its own, the forwarded ports relayed to the tap) so the NIC spreads
+/// the test's connections over the cores; flash boots (no boot arguments, so no static tap
+/// address) get the cores on user networking. Needs root for the tap, as `tests/run` has.
+fn smp_args(args: &[&std::ffi::OsStr]) -> Vec<String> {
+    let smp = std::env::var("KEEL_TEST_SMP")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&n| n > 1);
+    let Some(smp) = smp else {
+        return Vec::new();
+    };
+    let has = |o: &str| args.iter().any(|a| *a == o);
+    if has("--smp") || has("--net") || has("--net-socket") || has("--dry-run") {
+        return Vec::new();
+    }
+    let mut more = vec!["--smp".to_string(), smp.to_string()];
+    if !(has("--flash") || has("--config") || has("--bundle")) {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let net = format!("10.78.{}", (std::process::id() * 7 + n) % 250 + 1);
+        more.extend(["--net".into(), "tap".into(), "--tap-net".into(), net]);
+    }
+    more
+}
+
+/// The start of the firmware's own address as its discovery log shows it when no forwarded
+/// NVMe/TCP port is advertised: QEMU's user network gives it 10.0.2.15; the taps of
+/// `KEEL_TEST_SMP` runs are 10.78.X.0/24 with the firmware at .2.
+pub fn guest_address_prefix() -> &'static str {
+    let smp = std::env::var("KEEL_TEST_SMP")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok());
+    if smp.is_some_and(|n| n > 1) {
+        "10.78."
+    } else {
+        "10.0.2.15"
+    }
+}
+
 impl Qemu {
     /// Starts `qemu/run` with these arguments (an image option must be among them).
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Qemu {
         let mut cmd = Command::new(root().join("qemu/run"));
         // Tests run side by side: forward only the ports a test asks for.
-        cmd.args(args).env("KEEL_QEMU_DEFAULT_PORTS", "0");
+        cmd.env("KEEL_QEMU_DEFAULT_PORTS", "0");
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(AsRef::as_ref).collect();
+        // `qemu/run` options go before a `--` (what follows it is QEMU's).
+        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+        let smp = smp_args(&args[..split]);
+        cmd.args(&args[..split]).args(smp).args(&args[split..]);
         Qemu::spawn(cmd, false)
     }
 

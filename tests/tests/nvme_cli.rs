@@ -65,7 +65,7 @@ fn nvme_discover_lists_the_default_subsystem() {
         "trtype:  tcp",
         "adrfam:  ipv4",
         "subtype: nvme subsystem",
-        "traddr:  10.0.2.15",
+        &format!("traddr:  {}", keel_tests::guest_address_prefix()),
         "trsvcid: 4420",
         "subnqn:  nqn.2026-11.dev.keel:default",
     ] {
@@ -74,7 +74,7 @@ fn nvme_discover_lists_the_default_subsystem() {
     let r = ok(&["discover", "--addr", &addr, "--json", "--digests", "both"]);
     for field in [
         "\"numrec\": 1",
-        "\"traddr\": \"10.0.2.15\"",
+        &format!("\"traddr\": \"{}", keel_tests::guest_address_prefix()),
         "\"trsvcid\": \"4420\"",
         "\"subnqn\": \"nqn.2026-11.dev.keel:default\"",
     ] {
