@@ -17,7 +17,7 @@ use crate::klog;
 use crate::platform::{Platform, heap_calls};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use keel_hal::MAX_CORES;
 use keel_hal::arch::percpu::{self, CoreInfo};
 use keel_hal::arch::smp::{self, CoreContext, Started};
@@ -25,6 +25,7 @@ use keel_hal::arch::timer;
 use keel_hal::gic::{CpuInterface, Doorbell, GicCpu};
 use keel_hal::println;
 use keel_ring::stats::LoopCounters;
+use keel_ring::wake::SleepFlag;
 use keel_ring::{Consumer, Producer, Ring};
 
 /// Every core's loop counters, indexed by core; each core writes only its own block (one
@@ -106,16 +107,19 @@ pub static NVMF: [NvmfCounters; MAX_CORES] = [const { NvmfCounters::new() }; MAX
 /// QEMU 7.2's single-vCPU TCG was seen to drop `DMB`s (README "Data path"); with several
 /// vCPUs MTTCG emits them. Core 0 still bounds its sleep (`poll::MAX_SLEEP_NS`) and counts
 /// a *rescue* whenever that timer, not a doorbell, ended a sleep with messages waiting.
+///
+/// The flag and both halves of the protocol are `keel_ring::wake::SleepFlag`, model-checked
+/// with loom together with the ring (`firmware/ring/tests/loom.rs`).
 #[derive(Debug)]
 pub struct BootWake {
-    sleeping: AtomicBool,
+    sleeping: SleepFlag,
     /// Core 0's doorbell is enabled and the secondaries were given it.
     enabled: AtomicBool,
 }
 
 /// Core 0's sleeping flag (see [`BootWake`]).
 pub static BOOT_WAKE: BootWake = BootWake {
-    sleeping: AtomicBool::new(false),
+    sleeping: SleepFlag::new(),
     enabled: AtomicBool::new(false),
 };
 
@@ -128,21 +132,19 @@ impl BootWake {
     /// Core 0, before it looks at its rings a last time: "I am going to sleep". Includes
     /// the full barrier.
     pub fn going_to_sleep(&self) {
-        self.sleeping.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        self.sleeping.going_to_sleep();
     }
 
     /// Core 0, awake (or not sleeping after all): returns whether a sender rang the doorbell
     /// (it cleared the flag).
     pub fn awake(&self) -> bool {
-        !self.sleeping.swap(false, Ordering::Relaxed)
+        self.sleeping.awake()
     }
 
     /// A sender, after its pushes: rings `bell` if core 0 is going to sleep or sleeps;
     /// returns whether it rang.
     pub fn after_push(&self, bell: &Doorbell) -> bool {
-        fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::Relaxed) {
+        if self.sleeping.should_ring() {
             bell.ring();
             return true;
         }

@@ -49,6 +49,7 @@
 
 pub mod stats;
 mod sync;
+pub mod wake;
 
 use core::fmt;
 use core::marker::PhantomData;
