@@ -17,7 +17,7 @@ use crate::klog;
 use crate::platform::{Platform, heap_calls};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use keel_hal::MAX_CORES;
 use keel_hal::arch::percpu::{self, CoreInfo};
 use keel_hal::arch::smp::{self, CoreContext, Started};
@@ -27,6 +27,7 @@ use keel_hal::println;
 use keel_ring::stats::LoopCounters;
 use keel_ring::wake::SleepFlag;
 use keel_ring::{Consumer, Producer, Ring};
+use keel_storage::stats::LatencyHistogram;
 
 /// Every core's loop counters, indexed by core; each core writes only its own block (one
 /// cache line each), and core 0 reads them all for `keelctl status` and `/metrics`.
@@ -240,6 +241,81 @@ impl NsShare {
 pub static NS_SHARES: [[NsShare; SHARED_NAMESPACES]; MAX_CORES] =
     [const { [const { NsShare::new() }; SHARED_NAMESPACES] }; MAX_CORES];
 
+/// One latency histogram as its core publishes it (`Relaxed` stores by its owner, loads by
+/// core 0: a reader may see a histogram a few samples apart from its count, never torn
+/// values).
+#[derive(Debug)]
+pub struct HistShare {
+    buckets: [AtomicU64; 64],
+    count: AtomicU64,
+    max: AtomicU64,
+}
+
+impl HistShare {
+    fn new() -> Self {
+        Self {
+            buckets: core::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            max: AtomicU64::new(0),
+        }
+    }
+
+    fn publish(&self, h: &LatencyHistogram) {
+        for (slot, &n) in self.buckets.iter().zip(h.buckets()) {
+            slot.store(n, Ordering::Relaxed);
+        }
+        self.count.store(h.count(), Ordering::Relaxed);
+        self.max.store(h.max(), Ordering::Relaxed);
+    }
+
+    fn read(&self) -> LatencyHistogram {
+        LatencyHistogram::from_parts(
+            core::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            self.count.load(Ordering::Relaxed),
+            self.max.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A namespace's read and write latency on one core, beside its [`NsShare`] (same index).
+#[derive(Debug)]
+pub struct NsLatencyShare {
+    read: HistShare,
+    write: HistShare,
+}
+
+impl NsLatencyShare {
+    /// Owner: the namespace's histograms on this core.
+    pub fn publish(&self, s: &keel_storage::stats::NsStats) {
+        self.read.publish(&s.read_latency);
+        self.write.publish(&s.write_latency);
+    }
+}
+
+/// Every core's latency slots, one per [`NS_SHARES`] slot: allocated by the core when its
+/// plane starts ([`latency_shares`]) and published here (`Release`); null until then. Kept
+/// off the static image: 64 cores' worth would be 2 MiB.
+static LAT_SHARES: [AtomicPtr<[NsLatencyShare; SHARED_NAMESPACES]>; MAX_CORES] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CORES];
+
+/// Core `core`'s latency slots, allocated (and published for core 0) on the first call; call
+/// it on that core only, off the I/O path.
+pub fn latency_shares(core: usize) -> Option<&'static [NsLatencyShare; SHARED_NAMESPACES]> {
+    let cell = LAT_SHARES.get(core)?;
+    let p = cell.load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: a non-null pointer here came from `Box::leak` below and is never freed.
+        return Some(unsafe { &*p });
+    }
+    let shares: &'static mut [NsLatencyShare; SHARED_NAMESPACES] =
+        Box::leak(Box::new(core::array::from_fn(|_| NsLatencyShare {
+            read: HistShare::new(),
+            write: HistShare::new(),
+        })));
+    cell.store(core::ptr::from_mut(shares), Ordering::Release);
+    Some(shares)
+}
+
 /// The key of a namespace in [`NS_SHARES`]: FNV-1a of its subsystem's NQN mixed with its
 /// NSID; never 0.
 pub fn ns_key(subnqn: &str, nsid: u32) -> u64 {
@@ -252,18 +328,26 @@ pub fn ns_key(subnqn: &str, nsid: u32) -> u64 {
 }
 
 /// What the other cores' replica targets counted for a namespace: reads, writes, others,
-/// read bytes, written bytes, errors (read without a lock; core 0 adds its own target's).
-pub fn namespace_elsewhere(subnqn: &str, nsid: u32) -> crate::hw::NsShare {
+/// read bytes, written bytes, errors, read and write latency (read without a lock; core 0
+/// adds its own target's).
+pub fn namespace_elsewhere(subnqn: &str, nsid: u32) -> keel_storage::stats::NsStats {
     let key = ns_key(subnqn, nsid);
     let running = RUNNING.load(Ordering::Acquire);
-    let mut t = crate::hw::NsShare::default();
+    let mut t = keel_storage::stats::NsStats::default();
     for (core, slots) in NS_SHARES.iter().enumerate().skip(1) {
         if core >= 64 || running & (1 << core) == 0 {
             continue;
         }
-        for s in slots {
+        let lat = LAT_SHARES[core].load(Ordering::Acquire);
+        for (i, s) in slots.iter().enumerate() {
             if s.key.load(Ordering::Acquire) != key {
                 continue;
+            }
+            if !lat.is_null() {
+                // SAFETY: published by `latency_shares` from `Box::leak`, never freed.
+                let l = unsafe { &(*lat)[i] };
+                t.read_latency.add(&l.read.read());
+                t.write_latency.add(&l.write.read());
             }
             t.reads += s.reads.load(Ordering::Relaxed);
             t.writes += s.writes.load(Ordering::Relaxed);

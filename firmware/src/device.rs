@@ -18,6 +18,13 @@ use keel_mgmt::{
 use keel_nvme_pcie::FunctionState;
 use keel_storage::LatencyHistogram;
 
+/// Core 0's histogram with the other cores' samples added.
+fn merged(own: &LatencyHistogram, elsewhere: &LatencyHistogram) -> LatencyHistogram {
+    let mut h = own.clone();
+    h.add(elsewhere);
+    h
+}
+
 fn latency(h: &LatencyHistogram) -> Latency {
     // The histogram keeps no exact sum: estimate it from the buckets (each sample counted at
     // 1.5 × its bucket's lower bound, i.e. within ±50 %), capped at the largest sample.
@@ -1064,8 +1071,11 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                             read_bytes: n.stats.read_bytes + e.read_bytes,
                             write_bytes: n.stats.write_bytes + e.write_bytes,
                             errors: n.stats.errors + e.errors,
-                            read_latency: latency(&n.stats.read_latency),
-                            write_latency: latency(&n.stats.write_latency),
+                            read_latency: latency(&merged(&n.stats.read_latency, &e.read_latency)),
+                            write_latency: latency(&merged(
+                                &n.stats.write_latency,
+                                &e.write_latency,
+                            )),
                         },
                     }
                 })

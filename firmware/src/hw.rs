@@ -46,27 +46,10 @@ pub trait Hw: 'static {
     /// a lock from counters each core writes alone.
     fn cores() -> alloc::vec::Vec<keel_mgmt::CoreInfo>;
     /// What the other cores' targets counted for a namespace (the I/O queues they serve
-    /// themselves); core 0's own target's counters are not included.
-    fn namespace_elsewhere(_subnqn: &str, _nsid: u32) -> NsShare {
-        NsShare::default()
+    /// themselves), latency histograms included; core 0's own target's counters are not.
+    fn namespace_elsewhere(_subnqn: &str, _nsid: u32) -> keel_storage::stats::NsStats {
+        keel_storage::stats::NsStats::default()
     }
-}
-
-/// A namespace's command counters on the other cores (see [`Hw::namespace_elsewhere`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NsShare {
-    /// Completed reads.
-    pub reads: u64,
-    /// Completed writes.
-    pub writes: u64,
-    /// Completed other commands.
-    pub others: u64,
-    /// Bytes read.
-    pub read_bytes: u64,
-    /// Bytes written.
-    pub write_bytes: u64,
-    /// Failed commands.
-    pub errors: u64,
 }
 
 /// A network interface: a smoltcp device, its MAC, and a hook run after each pass of the

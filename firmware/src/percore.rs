@@ -175,9 +175,13 @@ impl Plane {
         let Some(slots) = NS_SHARES.get(self.core) else {
             return;
         };
-        for (slot, n) in slots.iter().zip(self.target.namespace_views()) {
+        let lat = crate::cores::latency_shares(self.core);
+        for (i, (slot, n)) in slots.iter().zip(self.target.namespace_views()).enumerate() {
             slot.claim(ns_key(n.subsystem, n.nsid));
             slot.publish(n.stats);
+            if let Some(l) = lat.and_then(|l| l.get(i)) {
+                l.publish(n.stats);
+            }
         }
     }
 

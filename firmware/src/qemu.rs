@@ -50,7 +50,7 @@ impl Hw for Qemu {
     fn cores() -> alloc::vec::Vec<keel_mgmt::CoreInfo> {
         crate::cores::counters()
     }
-    fn namespace_elsewhere(subnqn: &str, nsid: u32) -> crate::hw::NsShare {
+    fn namespace_elsewhere(subnqn: &str, nsid: u32) -> keel_storage::stats::NsStats {
         crate::cores::namespace_elsewhere(subnqn, nsid)
     }
 }

@@ -1082,6 +1082,9 @@ fn namespace_counters_add_up_every_cores_commands() {
     assert_eq!(ns["stats"]["writes"], writes, "{ns}");
     assert_eq!(ns["stats"]["read_bytes"], reads * 4096, "{ns}");
     assert_eq!(ns["stats"]["write_bytes"], writes * 4096, "{ns}");
+    // Latency histograms are merged too: every command counted once, whichever core ran it.
+    assert_eq!(ns["stats"]["read_latency"]["count"], reads, "{ns}");
+    assert_eq!(ns["stats"]["write_latency"]["count"], writes, "{ns}");
     let m = ok(&["metrics", "--device", &mgmt]);
     let sample = |name: &str| -> u64 {
         m.lines()

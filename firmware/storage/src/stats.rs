@@ -62,6 +62,24 @@ impl LatencyHistogram {
         &self.buckets
     }
 
+    /// A histogram from its parts (another core's, read back from where it published them).
+    pub fn from_parts(buckets: [u64; 64], count: u64, max: u64) -> Self {
+        Self {
+            buckets,
+            count,
+            max,
+        }
+    }
+
+    /// Adds `other`'s samples: the histogram of both sets of samples.
+    pub fn add(&mut self, other: &LatencyHistogram) {
+        for (b, o) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *b = b.saturating_add(*o);
+        }
+        self.count = self.count.saturating_add(other.count);
+        self.max = self.max.max(other.max);
+    }
+
     /// Upper bound (inclusive, capped at the maximum sample) of the bucket holding the
     /// `per_million`-th quantile; 0 without samples. `quantile(500_000)` is the median.
     pub fn quantile(&self, per_million: u32) -> u64 {
@@ -191,6 +209,31 @@ mod tests {
         assert_eq!(h.buckets()[0], 1);
         h.record(u64::MAX);
         assert_eq!(h.buckets()[63], 1);
+    }
+
+    #[test]
+    fn merged_histograms_hold_both_sets_of_samples() {
+        let (mut a, mut b, mut both) = (
+            LatencyHistogram::default(),
+            LatencyHistogram::default(),
+            LatencyHistogram::default(),
+        );
+        for (i, v) in [5u64, 700, 70_000, 9, 1 << 40, 3_000_000]
+            .iter()
+            .enumerate()
+        {
+            if i % 2 == 0 {
+                a.record(*v)
+            } else {
+                b.record(*v)
+            }
+            both.record(*v);
+        }
+        let back = LatencyHistogram::from_parts(*b.buckets(), b.count(), b.max());
+        assert_eq!(back, b);
+        a.add(&back);
+        assert_eq!(a, both);
+        assert_eq!((a.count(), a.max(), a.p50()), (6, 1 << 40, 1023));
     }
 
     #[test]
