@@ -957,16 +957,21 @@ fn tso_segments_cut_by_the_host_kernel_have_right_checksums() {
 fn qemu_run_tap_options() {
     let img = keel_tests::image(Build::Release);
     let img = img.to_str().unwrap();
-    let cmd = qemu_run_dry(&[
-        "--image",
-        img,
-        "--smp",
-        "4",
-        "--net",
-        "tap",
-        "--tap-net",
-        "10.99.3",
-    ]);
+    let on_tap = |more: &[&str]| {
+        let mut args = vec![
+            "--image",
+            img,
+            "--smp",
+            "4",
+            "--net",
+            "tap",
+            "--tap-net",
+            "10.99.3",
+        ];
+        args.extend_from_slice(more);
+        qemu_run_dry(&args)
+    };
+    let cmd = on_tap(&[]);
     assert!(cmd.contains("-netdev tap,id=net0,ifname=keeltap"), "{cmd}");
     assert!(cmd.contains(",script=no,downscript=no,queues=4 "), "{cmd}");
     assert!(cmd.contains("mq=on,vectors=10"), "{cmd}");
@@ -986,18 +991,7 @@ fn qemu_run_tap_options() {
     );
     // Forwarded ports on a tap (socat relays, started only when QEMU runs): the discovery
     // log advertises the forwarded address, as under user networking.
-    let cmd = qemu_run_dry(&[
-        "--image",
-        img,
-        "--smp",
-        "4",
-        "--net",
-        "tap",
-        "--tap-net",
-        "10.99.3",
-        "--nvmf-port",
-        "4430",
-    ]);
+    let cmd = on_tap(&["--nvmf-port", "4430"]);
     assert!(
         cmd.contains("keel.ip=10.99.3.2/24 keel.gw=10.99.3.1 keel.advertise=127.0.0.1:4430"),
         "{cmd}"
