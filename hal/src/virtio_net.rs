@@ -72,13 +72,21 @@ const RX_BUFFERS: usize = QUEUE_SIZE;
 const TX_BUFFERS: usize = QUEUE_SIZE;
 /// Bytes per buffer: virtio-net header + a 1514-byte Ethernet frame, rounded up.
 const BUF_LEN: usize = 2048;
+/// Bytes per receive buffer with receive segmentation offload: a 4 KiB write's frame (a
+/// 4168-byte PDU, 54 bytes of headers and the 12-byte virtio-net header) fits one, so the
+/// common large frame costs one used-ring entry and one re-post, not three. A multiple of 8,
+/// like `BUF_LEN`, so every frame starts at the same alignment. 256 of them: 1.1 MiB per pair.
+const RX_BUF_LEN_TSO: usize = 4608;
 /// The receive buffers of a pair, end to end in one area (see [`crate::netrx`]): buffer `i`
-/// starts at `BUF_SHIFT + i × BUF_LEN`, so every frame starts where a 2 KiB buffer would.
-const RX_AREA: RxArea = RxArea {
-    shift: BUF_SHIFT,
-    buf_len: BUF_LEN,
-    count: RX_BUFFERS,
-};
+/// starts at `BUF_SHIFT + i × buf_len`, so every frame starts where a 2 KiB buffer would
+/// start its frame (8-byte aligned TCP payload).
+const fn rx_area(rx_tso4: bool) -> RxArea {
+    RxArea {
+        shift: BUF_SHIFT,
+        buf_len: if rx_tso4 { RX_BUF_LEN_TSO } else { BUF_LEN },
+        count: RX_BUFFERS,
+    }
+}
 /// Receive segmentation offload: all three negotiated, or none of GUEST_TSO4 and MRG_RXBUF
 /// (the driver posts 2 KiB receive buffers, so it takes large segments only merged).
 const RX_TSO4: u64 = F_GUEST_TSO4 | F_GUEST_CSUM | F_MRG_RXBUF;
@@ -666,7 +674,9 @@ pub struct QueuePair {
     pair: u16,
     rx: Queue,
     tx: Queue,
-    /// The receive buffers ([`RX_AREA`]).
+    /// Where the receive buffers lie in `rx_area` ([`rx_area`]).
+    rx_layout: RxArea,
+    /// The receive buffers.
     rx_area: DmaArea,
     /// Receive buffer index by virtqueue token.
     rx_by_token: Vec<Option<u16>>,
@@ -731,7 +741,8 @@ impl QueuePair {
             pair,
             rx,
             tx,
-            rx_area: DmaArea::new(RX_AREA.bytes()),
+            rx_layout: rx_area(offloads.rx_tso4),
+            rx_area: DmaArea::new(rx_area(offloads.rx_tso4).bytes()),
             rx_by_token: alloc::vec![None; QUEUE_SIZE],
             rx_repost: Vec::with_capacity(RX_BUFFERS),
             rx_pieces: Vec::with_capacity(RX_BUFFERS),
@@ -814,7 +825,10 @@ impl QueuePair {
             // SAFETY: buffer `i` of this pair's area, not posted (the device returned it, or it
             // was never posted) and no longer read: smoltcp is done with the frame it held.
             // It stays untouched by the driver until the device returns it.
-            let buf = unsafe { self.rx_area.slice_mut(RX_AREA.buffer(usize::from(i))) };
+            let buf = unsafe {
+                self.rx_area
+                    .slice_mut(self.rx_layout.buffer(usize::from(i)))
+            };
             // SAFETY: `buf` is stable DMA memory owned by this pair, untouched until
             // `pop_used` returns it (above).
             match unsafe { self.rx.vq.add(&[], &mut [buf]) } {
@@ -854,7 +868,10 @@ impl QueuePair {
                 .and_then(Option::take)?;
             // SAFETY: buffer `i`, which the device has finished with (it is in the used
             // ring); the driver alone touches it from here until it is posted again.
-            let buf = unsafe { self.rx_area.slice_mut(RX_AREA.buffer(usize::from(i))) };
+            let buf = unsafe {
+                self.rx_area
+                    .slice_mut(self.rx_layout.buffer(usize::from(i)))
+            };
             // SAFETY: the same buffer that was passed to `add` for this token.
             let used = unsafe { self.rx.vq.pop_used(token, &[], &mut [buf]) };
             self.rx_repost.push(i);
@@ -862,11 +879,11 @@ impl QueuePair {
                 self.stats.rx_errors += 1;
                 return Some(false);
             };
-            self.rx_pieces.push((i, n.min(BUF_LEN)));
+            self.rx_pieces.push((i, n.min(self.rx_layout.buf_len)));
             if self.rx_pieces.len() == 1 && self.rx_merged {
                 // SAFETY: buffer `i`, returned by the device above and not posted again.
-                let first = unsafe { self.rx_area.slice(RX_AREA.buffer(usize::from(i))) };
-                let Some(count) = netrx::num_buffers(&first[..n.min(BUF_LEN)]) else {
+                let first = unsafe { self.rx_area.slice(self.rx_layout.buffer(usize::from(i))) };
+                let Some(count) = netrx::num_buffers(&first[..n.min(first.len())]) else {
                     self.stats.rx_errors += 1;
                     return Some(false);
                 };
@@ -1043,14 +1060,16 @@ impl phy::Device for QueuePair {
                 if !self.pop_frame()? {
                     return None;
                 }
-                let (in_lent, at, end) = match RX_AREA.in_place(&self.rx_pieces) {
+                let (in_lent, at, end) = match self.rx_layout.in_place(&self.rx_pieces) {
                     Some(r) => (false, r.start, r.end),
                     None => {
                         self.lent.clear();
                         for &(i, n) in &self.rx_pieces {
                             // SAFETY: a buffer of this frame, returned by the device and not
                             // posted again until the frame is done with.
-                            let b = unsafe { self.rx_area.slice(RX_AREA.buffer(usize::from(i))) };
+                            let b = unsafe {
+                                self.rx_area.slice(self.rx_layout.buffer(usize::from(i)))
+                            };
                             self.lent.extend_from_slice(&b[..n]);
                         }
                         self.stats.rx_gathered_frames += 1;
