@@ -72,6 +72,15 @@ impl RxArea {
     /// first), and every one but the last filled. `None` otherwise (the pieces must be
     /// copied together) or when `pieces` is empty or names a buffer outside the area.
     pub fn in_place(&self, pieces: &[(u16, usize)]) -> Option<Range<usize>> {
+        if let [(i, n)] = *pieces {
+            // One buffer, the common case (and the only one without MRG_RXBUF).
+            let (i, n) = (usize::from(i), n);
+            if i >= self.count || n > self.buf_len {
+                return None;
+            }
+            let start = self.shift + i * self.buf_len;
+            return Some(start..start + n);
+        }
         let &(first, _) = pieces.first()?;
         let first = usize::from(first);
         if first + pieces.len() > self.count {

@@ -840,7 +840,11 @@ impl QueuePair {
                 Err(_) => break,
             }
         }
-        self.rx_repost.drain(..posted);
+        if posted == self.rx_repost.len() {
+            self.rx_repost.clear();
+        } else {
+            self.rx_repost.drain(..posted);
+        }
         self.rx.kick();
     }
 
