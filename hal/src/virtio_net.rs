@@ -817,6 +817,24 @@ impl QueuePair {
     /// Posts the receive buffers waiting in `rx_repost`, in order, and tells the device if
     /// it waits for buffers. A buffer the queue has no room for stays for the next call.
     fn repost_rx(&mut self) {
+        if let [i] = *self.rx_repost {
+            // One buffer, the common case.
+            // SAFETY: buffer `i` of this pair's area, not posted (the device returned it) and
+            // no longer read: smoltcp is done with the frame it held.
+            let buf = unsafe {
+                self.rx_area
+                    .slice_mut(self.rx_layout.buffer(usize::from(i)))
+            };
+            // SAFETY: `buf` is stable DMA memory owned by this pair, untouched by the driver
+            // until `pop_used` returns it.
+            if let Ok(token) = unsafe { self.rx.vq.add(&[], &mut [buf]) } {
+                self.rx.notifier.added();
+                self.rx_by_token[usize::from(token)] = Some(i);
+                self.rx_repost.clear();
+            }
+            self.rx.kick();
+            return;
+        }
         if self.rx_repost.is_empty() {
             return;
         }
@@ -846,6 +864,24 @@ impl QueuePair {
             self.rx_repost.drain(..posted);
         }
         self.rx.kick();
+    }
+
+    /// Where the frame `pop_frame` took lies: in the area, from its virtio-net header to its
+    /// end (`false, at, end`), or, when its buffers do not follow each other there, copied
+    /// together into `lent` (`true, 0, len`).
+    fn merged_frame(&mut self) -> (bool, usize, usize) {
+        if let Some(r) = self.rx_layout.in_place(&self.rx_pieces) {
+            return (false, r.start, r.end);
+        }
+        self.lent.clear();
+        for &(i, n) in &self.rx_pieces {
+            // SAFETY: a buffer of this frame, returned by the device and not posted again
+            // until the frame is done with.
+            let b = unsafe { self.rx_area.slice(self.rx_layout.buffer(usize::from(i))) };
+            self.lent.extend_from_slice(&b[..n]);
+        }
+        self.stats.rx_gathered_frames += 1;
+        (true, 0, self.lent.len())
     }
 
     /// Takes the next received frame off the used ring: its buffers (one, or with MRG_RXBUF
@@ -1061,30 +1097,35 @@ impl phy::Device for QueuePair {
             (true, 0, self.lent.len())
         } else {
             loop {
-                if !self.pop_frame()? {
+                let (in_lent, at, end) = if !self.rx_merged {
+                    // One buffer per frame (no MRG_RXBUF): the short way.
+                    let token = self.rx.vq.peek_used()?;
+                    let i = self
+                        .rx_by_token
+                        .get_mut(usize::from(token))
+                        .and_then(Option::take)?;
+                    let r = self.rx_layout.buffer(usize::from(i));
+                    // SAFETY: buffer `i`, which the device has finished with (it is in the
+                    // used ring); the driver alone touches it until it is posted again.
+                    let buf = unsafe { self.rx_area.slice_mut(r.clone()) };
+                    // SAFETY: the same buffer that was passed to `add` for this token.
+                    let used = unsafe { self.rx.vq.pop_used(token, &[], &mut [buf]) };
+                    self.rx_repost.push(i);
+                    let Some(n) = used.ok().and_then(|n| usize::try_from(n).ok()) else {
+                        self.stats.rx_errors += 1;
+                        return None;
+                    };
+                    (false, r.start, r.start + n.min(r.len()))
+                } else if !self.pop_frame()? {
                     return None;
-                }
-                let (in_lent, at, end) = match self.rx_layout.in_place(&self.rx_pieces) {
-                    Some(r) => (false, r.start, r.end),
-                    None => {
-                        self.lent.clear();
-                        for &(i, n) in &self.rx_pieces {
-                            // SAFETY: a buffer of this frame, returned by the device and not
-                            // posted again until the frame is done with.
-                            let b = unsafe {
-                                self.rx_area.slice(self.rx_layout.buffer(usize::from(i)))
-                            };
-                            self.lent.extend_from_slice(&b[..n]);
-                        }
-                        self.stats.rx_gathered_frames += 1;
-                        (true, 0, self.lent.len())
-                    }
+                } else {
+                    self.merged_frame()
                 };
                 if end - at < NET_HDR_LEN {
                     self.stats.rx_errors += 1;
                     return None;
                 }
-                if self.rx_pieces.len() > 1 {
+                if self.rx_merged && self.rx_pieces.len() > 1 {
                     self.stats.rx_merged_frames += 1;
                 }
                 let b = if in_lent {
@@ -1095,7 +1136,7 @@ impl phy::Device for QueuePair {
                     unsafe { self.rx_area.slice(at..end) }
                 };
                 let (h, frame) = b.split_at(NET_HDR_LEN);
-                if netrx::is_gso(h) {
+                if self.rx_merged && netrx::is_gso(h) {
                     self.stats.rx_gso_frames += 1;
                 }
                 if self.offloads.rx_csum {
