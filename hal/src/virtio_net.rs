@@ -37,6 +37,14 @@
 //! cuts them into MSS-sized segments. Without it (QEMU's user networking, `--net-socket`)
 //! nothing changes: 2 KiB buffers only, one segment per frame.
 //!
+//! Receive segmentation offload (VIRTIO_NET_F_GUEST_TSO4 with VIRTIO_NET_F_MRG_RXBUF and
+//! GUEST_CSUM, §5.1.6.3-§5.1.6.4), when the device offers all three: the device may hand over
+//! TCPv4 segments larger than the MTU, spread over several receive buffers. The receive
+//! buffers lie end to end in one area and are posted in the order the device takes them, so
+//! such a frame is usually contiguous already and smoltcp reads it in place
+//! ([`crate::netrx`]); with the offload the buffers are 4608 bytes, enough for a 4 KiB write's
+//! frame. Without it, 2 KiB buffers and one buffer per frame, as before.
+//!
 //! DMA: buffers come from the heap, which is identity-mapped; QEMU's virtio device is cache
 //! coherent. A non-coherent board needs cache maintenance in [`VirtioHal::share`].
 
