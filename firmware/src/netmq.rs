@@ -73,13 +73,14 @@ pub fn run(platform: &mut Platform) {
     };
     let mac = control.mac();
     println!(
-        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {}, checksum offload: transmit {}, receive {}, TCP segmentation offload {}",
+        "netmq: {} queue pair(s) in use, {} offered by the device, MAC {}, checksum offload: transmit {}, receive {}, TCP segmentation offload {}, receive segmentation offload {}",
         control.pairs(),
         control.max_pairs(),
         Mac(mac),
         control.offloads().tx_csum,
         control.offloads().rx_csum,
-        control.offloads().tso4
+        control.offloads().tso4,
+        control.offloads().rx_tso4
     );
     let timer_intid = platform.dt.timer_intid;
     let mut pairs = pairs.into_iter();

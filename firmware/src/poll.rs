@@ -66,12 +66,13 @@ fn bring_up_net(
             Ok((control, mut pairs)) if pairs.len() > 1 => {
                 let off = control.offloads();
                 klog::info!(
-                    "net: virtio-net at {} MAC {}, checksum offload: transmit {}, receive {}, TCP segmentation offload {}; {} queue pairs: NVMe/TCP on cores 0..{}",
+                    "net: virtio-net at {} MAC {}, checksum offload: transmit {}, receive {}, TCP segmentation offload {}, receive segmentation offload {}; {} queue pairs: NVMe/TCP on cores 0..{}",
                     klog::D(&f.bdf),
                     klog::Mac(control.mac()),
                     off.tx_csum,
                     off.rx_csum,
                     off.tso4,
+                    off.rx_tso4,
                     pairs.len(),
                     pairs.len() - 1
                 );
@@ -111,12 +112,13 @@ fn bring_up_one(
         Ok(nic) => {
             let off = nic.offloads();
             klog::info!(
-                "net: virtio-net at {} MAC {}, checksum offload: transmit {}, receive {}, TCP segmentation offload {}",
+                "net: virtio-net at {} MAC {}, checksum offload: transmit {}, receive {}, TCP segmentation offload {}, receive segmentation offload {}",
                 klog::D(&f.bdf),
                 klog::Mac(nic.mac()),
                 off.tx_csum,
                 off.rx_csum,
-                off.tso4
+                off.tso4,
+                off.rx_tso4
             );
             Some(NetStack::new(
                 QemuNic::Single(nic),

@@ -26,6 +26,7 @@ pub mod gic;
 pub mod heap;
 pub mod ivshmem;
 pub mod netcsum;
+pub mod netrx;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod nvme;
 pub mod pcie;

@@ -230,6 +230,9 @@ pub struct Offloads {
     /// VIRTIO_NET_F_HOST_TSO4 (with CSUM): the device splits TCPv4 segments larger than the
     /// MSS ([`offload_tx_gso`]).
     pub tso4: bool,
+    /// VIRTIO_NET_F_GUEST_TSO4 (with GUEST_CSUM and MRG_RXBUF): received TCPv4 segments may
+    /// be larger than the MTU, spread over several receive buffers ([`crate::netrx`]).
+    pub rx_tso4: bool,
 }
 
 impl Offloads {
@@ -487,6 +490,7 @@ mod tests {
                 tx_csum,
                 rx_csum,
                 tso4: false,
+                rx_tso4: false,
             }
             .apply(&mut c);
             [c.tcp, c.udp, c.ipv4, c.icmpv4].map(|x| (x.tx(), x.rx()))

@@ -37,6 +37,14 @@
 //! cuts them into MSS-sized segments. Without it (QEMU's user networking, `--net-socket`)
 //! nothing changes: 2 KiB buffers only, one segment per frame.
 //!
+//! Receive segmentation offload (VIRTIO_NET_F_GUEST_TSO4 with VIRTIO_NET_F_MRG_RXBUF and
+//! GUEST_CSUM, §5.1.6.3-§5.1.6.4), when the device offers all three: the device may hand over
+//! TCPv4 segments larger than the MTU, spread over several receive buffers. The receive
+//! buffers lie end to end in one area and are posted in the order the device takes them, so
+//! such a frame is usually contiguous already and smoltcp reads it in place
+//! ([`crate::netrx`]); with the offload the buffers are 4608 bytes, enough for a 4 KiB write's
+//! frame. Without it, 2 KiB buffers and one buffer per frame, as before.
+//!
 //! DMA: buffers come from the heap, which is identity-mapped; QEMU's virtio device is cache
 //! coherent. A non-coherent board needs cache maintenance in [`VirtioHal::share`].
 
@@ -44,6 +52,7 @@ extern crate alloc;
 
 pub use crate::netcsum::Offloads;
 use crate::netcsum::{self, NET_HDR_LEN};
+use crate::netrx::{self, RxArea};
 use crate::vring::Notifier;
 use alloc::{boxed::Box, vec::Vec};
 use core::alloc::Layout;
@@ -71,6 +80,24 @@ const RX_BUFFERS: usize = QUEUE_SIZE;
 const TX_BUFFERS: usize = QUEUE_SIZE;
 /// Bytes per buffer: virtio-net header + a 1514-byte Ethernet frame, rounded up.
 const BUF_LEN: usize = 2048;
+/// Bytes per receive buffer with receive segmentation offload: a 4 KiB write's frame (a
+/// 4168-byte PDU, 54 bytes of headers and the 12-byte virtio-net header) fits one, so the
+/// common large frame costs one used-ring entry and one re-post, not three. A multiple of 8,
+/// like `BUF_LEN`, so every frame starts at the same alignment. 256 of them: 1.1 MiB per pair.
+const RX_BUF_LEN_TSO: usize = 4608;
+/// The receive buffers of a pair, end to end in one area (see [`crate::netrx`]): buffer `i`
+/// starts at `BUF_SHIFT + i × buf_len`, so every frame starts where a 2 KiB buffer would
+/// start its frame (8-byte aligned TCP payload).
+const fn rx_area(rx_tso4: bool) -> RxArea {
+    RxArea {
+        shift: BUF_SHIFT,
+        buf_len: if rx_tso4 { RX_BUF_LEN_TSO } else { BUF_LEN },
+        count: RX_BUFFERS,
+    }
+}
+/// Receive segmentation offload: all three negotiated, or none of GUEST_TSO4 and MRG_RXBUF
+/// (the driver posts 2 KiB receive buffers, so it takes large segments only merged).
+const RX_TSO4: u64 = F_GUEST_TSO4 | F_GUEST_CSUM | F_MRG_RXBUF;
 /// Where the virtio-net header starts in a buffer: the Ethernet frame follows it at byte 18,
 /// so the TCP payload of an IPv4 frame without options (14 + 20 + 20 bytes of headers) starts
 /// at byte 72, 8-byte aligned like the buffer, and the copies between frames and socket
@@ -108,6 +135,52 @@ fn bytes(b: &Buf) -> &[u8] {
 fn bytes_mut(b: &mut Buf) -> &mut [u8] {
     zerocopy::IntoBytes::as_mut_bytes(&mut **b)
 }
+/// DMA memory the device writes into while the driver reads other parts of it: kept as a raw
+/// pointer, never borrowed whole, so that references exist only over the parts the driver
+/// owns at the time (a receive buffer the device has returned).
+struct DmaArea {
+    ptr: NonNull<u64>,
+    len: usize,
+}
+
+// SAFETY: the area is exclusively owned by its queue pair (allocated for it, never shared or
+// freed), so moving the pair, and the pointer with it, to another core is sound.
+unsafe impl Send for DmaArea {}
+
+impl DmaArea {
+    /// Zeroed, 8-byte aligned memory of `len` bytes (rounded up to 8), owned for good.
+    fn new(len: usize) -> Self {
+        let words: Box<[u64]> = alloc::vec![0u64; len.div_ceil(8)].into_boxed_slice();
+        let ptr = NonNull::new(Box::into_raw(words).cast::<u64>()).expect("Box is non-null");
+        Self { ptr, len }
+    }
+
+    /// The bytes `r`.
+    ///
+    /// # Safety
+    /// No device may be writing to them while the slice lives, and no `slice_mut` of them
+    /// may exist.
+    unsafe fn slice(&self, r: core::ops::Range<usize>) -> &[u8] {
+        assert!(r.start <= r.end && r.end <= self.len);
+        // SAFETY: inside the allocation (checked above); the caller guarantees nothing writes
+        // the bytes meanwhile.
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>().add(r.start), r.len()) }
+    }
+
+    /// The bytes `r`, to hand to the device.
+    ///
+    /// # Safety
+    /// No other slice of these bytes may exist while this one lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, r: core::ops::Range<usize>) -> &mut [u8] {
+        assert!(r.start <= r.end && r.end <= self.len);
+        // SAFETY: inside the allocation (checked above); exclusive by the caller's guarantee.
+        unsafe {
+            core::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>().add(r.start), r.len())
+        }
+    }
+}
+
 /// Frames queued without a notification before the driver notifies anyway.
 pub const TX_KICK_BATCH: u16 = 32;
 
@@ -119,6 +192,12 @@ const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
 /// VIRTIO_NET_F_MAC.
 const F_MAC: u64 = 1 << 5;
+/// VIRTIO_NET_F_GUEST_TSO4: the device may hand over TCPv4 segments larger than the MTU
+/// (`VIRTIO_NET_HDR_GSO_TCPV4`, §5.1.6.4); requires VIRTIO_NET_F_GUEST_CSUM (§5.1.3.1).
+const F_GUEST_TSO4: u64 = 1 << 7;
+/// VIRTIO_NET_F_MRG_RXBUF: a received frame may spread over several receive buffers, the
+/// header's `num_buffers` saying how many (§5.1.6.3.1, §5.1.6.4).
+const F_MRG_RXBUF: u64 = 1 << 15;
 /// VIRTIO_NET_F_HOST_TSO4: the device takes TCPv4 frames larger than the MTU and segments
 /// them (`VIRTIO_NET_HDR_GSO_TCPV4`, §5.1.6.2); requires VIRTIO_NET_F_CSUM (§5.1.3.1).
 const F_HOST_TSO4: u64 = 1 << 11;
@@ -191,6 +270,14 @@ pub struct NetStats {
     /// Frames smoltcp built that the driver could not send (no segmentation header could be
     /// made for a frame larger than one segment): lost, as on a wire.
     pub tx_dropped: u64,
+    /// Received frames the device flagged as segments larger than the MTU
+    /// (VIRTIO_NET_F_GUEST_TSO4, `gso_type` set).
+    pub rx_gso_frames: u64,
+    /// Received frames that took more than one receive buffer (VIRTIO_NET_F_MRG_RXBUF).
+    pub rx_merged_frames: u64,
+    /// Of those, frames whose buffers did not follow each other in memory and were copied
+    /// together before smoltcp saw them (one wrapping from the last buffer to the first).
+    pub rx_gathered_frames: u64,
 }
 
 fn offloads_of(features: u64) -> Offloads {
@@ -198,6 +285,7 @@ fn offloads_of(features: u64) -> Offloads {
         tx_csum: features & F_CSUM != 0,
         rx_csum: features & F_GUEST_CSUM != 0,
         tso4: features & (F_HOST_TSO4 | F_CSUM) == F_HOST_TSO4 | F_CSUM,
+        rx_tso4: features & RX_TSO4 == RX_TSO4,
     }
 }
 
@@ -492,8 +580,9 @@ struct Device {
 
 impl Device {
     /// Resets the function at `bus:dev.func` and negotiates MAC, EVENT_IDX, CSUM,
-    /// GUEST_CSUM and HOST_TSO4 (each when offered, HOST_TSO4 only with CSUM) and
-    /// VERSION_1, plus CTRL_VQ and MQ when `multiqueue`.
+    /// GUEST_CSUM, HOST_TSO4 (each when offered, HOST_TSO4 only with CSUM), GUEST_TSO4 with
+    /// MRG_RXBUF (only together, and with GUEST_CSUM) and VERSION_1, plus CTRL_VQ and MQ when
+    /// `multiqueue`.
     ///
     /// # Safety
     /// As for [`VirtioNet::new`].
@@ -532,6 +621,13 @@ impl Device {
         if offered & F_CSUM != 0 {
             // HOST_TSO4 depends on CSUM (§5.1.3.1).
             wanted |= F_HOST_TSO4;
+        }
+        if offered & RX_TSO4 == RX_TSO4 {
+            // GUEST_TSO4 depends on GUEST_CSUM (§5.1.3.1), and with 2 KiB receive buffers the
+            // driver takes large segments only spread over several (MRG_RXBUF): both or
+            // neither. Without GUEST_TSO4, MRG_RXBUF is not negotiated either, so a device
+            // without it (user networking) delivers frames exactly as before.
+            wanted |= F_GUEST_TSO4 | F_MRG_RXBUF;
         }
         if multiqueue && offered & (F_CTRL_VQ | F_MQ) == F_CTRL_VQ | F_MQ {
             wanted |= F_CTRL_VQ | F_MQ;
@@ -586,11 +682,19 @@ pub struct QueuePair {
     pair: u16,
     rx: Queue,
     tx: Queue,
-    rx_bufs: Vec<Buf>,
+    /// Where the receive buffers lie in `rx_area` ([`rx_area`]).
+    rx_layout: RxArea,
+    /// The receive buffers.
+    rx_area: DmaArea,
     /// Receive buffer index by virtqueue token.
     rx_by_token: Vec<Option<u16>>,
-    /// A buffer handed to smoltcp last time, to re-post.
-    rx_repost: Option<u16>,
+    /// Buffers of the frame handed to smoltcp last time (and of frames dropped), to re-post,
+    /// in the order the device used them.
+    rx_repost: Vec<u16>,
+    /// The buffers of the frame being received: index and bytes the device wrote.
+    rx_pieces: Vec<(u16, usize)>,
+    /// VIRTIO_NET_F_MRG_RXBUF negotiated: a frame may take several buffers.
+    rx_merged: bool,
     /// Transmit buffers: the 2 KiB ones, then (TSO) the [`BIG_TX_BUFFERS`] large ones.
     tx_bufs: Vec<Buf>,
     /// Free 2 KiB transmit buffers.
@@ -645,9 +749,12 @@ impl QueuePair {
             pair,
             rx,
             tx,
-            rx_bufs: Vec::new(),
+            rx_layout: rx_area(offloads.rx_tso4),
+            rx_area: DmaArea::new(rx_area(offloads.rx_tso4).bytes()),
             rx_by_token: alloc::vec![None; QUEUE_SIZE],
-            rx_repost: None,
+            rx_repost: Vec::with_capacity(RX_BUFFERS),
+            rx_pieces: Vec::with_capacity(RX_BUFFERS),
+            rx_merged: d.features & F_MRG_RXBUF != 0,
             tx_free: (0..small as u16).rev().collect(),
             tx_big_free: (small as u16..(small + big) as u16).rev().collect(),
             tx_small: small as u16,
@@ -680,20 +787,15 @@ impl QueuePair {
         self.injected.push_back(frame);
     }
 
-    /// Posts every receive buffer (after DRIVER_OK).
+    /// Posts every receive buffer (after DRIVER_OK), in address order (see [`crate::netrx`]).
     fn post_receive_buffers(&mut self) -> Result<(), NetError> {
-        self.rx_bufs = (0..RX_BUFFERS).map(|_| new_buf()).collect();
-        for i in 0..RX_BUFFERS {
-            let buf = &mut self.rx_bufs[i];
-            // SAFETY: the buffer is a stable heap allocation owned by this pair and is not
-            // touched until the device returns it through the used ring.
-            let token = unsafe { self.rx.vq.add(&[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]]) }
-                .map_err(NetError::Device)?;
-            self.rx.notifier.added();
-            self.rx_by_token[usize::from(token)] = Some(i as u16);
+        self.rx_repost.extend(0..RX_BUFFERS as u16);
+        self.repost_rx();
+        if self.rx_repost.is_empty() {
+            Ok(())
+        } else {
+            Err(NetError::Device(virtio_drivers::Error::QueueFull))
         }
-        self.rx.kick();
-        Ok(())
     }
 
     /// Which pair this is (0 = virtqueues 0 and 1).
@@ -720,32 +822,123 @@ impl QueuePair {
         self.stats.rescued_notifications += rescued;
     }
 
-    /// Posts a receive buffer and tells the device if it waits for one.
-    ///
-    /// # Safety
-    /// `buf` must stay valid and untouched until `pop_used` returns it.
-    unsafe fn receive_begin(&mut self, i: u16) -> virtio_drivers::Result<u16> {
-        let buf = &mut self.rx_bufs[usize::from(i)];
-        // SAFETY: guaranteed by the caller.
-        let token = unsafe {
-            self.rx
-                .vq
-                .add(&[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])?
-        };
-        self.rx.notifier.added();
-        self.rx.kick();
-        Ok(token)
-    }
-
+    /// Posts the receive buffers waiting in `rx_repost`, in order, and tells the device if
+    /// it waits for buffers. A buffer the queue has no room for stays for the next call.
     fn repost_rx(&mut self) {
-        if let Some(i) = self.rx_repost.take() {
-            // SAFETY: a stable buffer of this pair that nobody reads until the device
-            // returns it.
-            match unsafe { self.receive_begin(i) } {
-                Ok(token) => self.rx_by_token[usize::from(token)] = Some(i),
-                Err(_) => self.rx_repost = Some(i),
+        if let [i] = *self.rx_repost {
+            // One buffer, the common case.
+            // SAFETY: buffer `i` of this pair's area, not posted (the device returned it) and
+            // no longer read: smoltcp is done with the frame it held.
+            let buf = unsafe {
+                self.rx_area
+                    .slice_mut(self.rx_layout.buffer(usize::from(i)))
+            };
+            // SAFETY: `buf` is stable DMA memory owned by this pair, untouched by the driver
+            // until `pop_used` returns it.
+            if let Ok(token) = unsafe { self.rx.vq.add(&[], &mut [buf]) } {
+                self.rx.notifier.added();
+                self.rx_by_token[usize::from(token)] = Some(i);
+                self.rx_repost.clear();
+            }
+            self.rx.kick();
+            return;
+        }
+        if self.rx_repost.is_empty() {
+            return;
+        }
+        let mut posted = 0;
+        for &i in &self.rx_repost {
+            // SAFETY: buffer `i` of this pair's area, not posted (the device returned it, or it
+            // was never posted) and no longer read: smoltcp is done with the frame it held.
+            // It stays untouched by the driver until the device returns it.
+            let buf = unsafe {
+                self.rx_area
+                    .slice_mut(self.rx_layout.buffer(usize::from(i)))
+            };
+            // SAFETY: `buf` is stable DMA memory owned by this pair, untouched until
+            // `pop_used` returns it (above).
+            match unsafe { self.rx.vq.add(&[], &mut [buf]) } {
+                Ok(token) => {
+                    self.rx.notifier.added();
+                    self.rx_by_token[usize::from(token)] = Some(i);
+                    posted += 1;
+                }
+                Err(_) => break,
             }
         }
+        if posted == self.rx_repost.len() {
+            self.rx_repost.clear();
+        } else {
+            self.rx_repost.drain(..posted);
+        }
+        self.rx.kick();
+    }
+
+    /// Where the frame `pop_frame` took lies: in the area, from its virtio-net header to its
+    /// end (`false, at, end`), or, when its buffers do not follow each other there, copied
+    /// together into `lent` (`true, 0, len`).
+    fn merged_frame(&mut self) -> (bool, usize, usize) {
+        if let Some(r) = self.rx_layout.in_place(&self.rx_pieces) {
+            return (false, r.start, r.end);
+        }
+        self.lent.clear();
+        for &(i, n) in &self.rx_pieces {
+            // SAFETY: a buffer of this frame, returned by the device and not posted again
+            // until the frame is done with.
+            let b = unsafe { self.rx_area.slice(self.rx_layout.buffer(usize::from(i))) };
+            self.lent.extend_from_slice(&b[..n]);
+        }
+        self.stats.rx_gathered_frames += 1;
+        (true, 0, self.lent.len())
+    }
+
+    /// Takes the next received frame off the used ring: its buffers (one, or with MRG_RXBUF
+    /// as many as its header's `num_buffers`) are queued for re-posting, in `rx_pieces` with
+    /// the bytes written. `None` when no frame waits, `Some(false)` for one the driver cannot
+    /// use (counted in `rx_errors`).
+    fn pop_frame(&mut self) -> Option<bool> {
+        self.rx_pieces.clear();
+        let mut want = 1;
+        while self.rx_pieces.len() < want {
+            let Some(token) = self.rx.vq.peek_used() else {
+                // The device marks a frame's buffers used together (§5.1.6.4): a frame whose
+                // other buffers are not there yet is a device error.
+                return if self.rx_pieces.is_empty() {
+                    None
+                } else {
+                    self.stats.rx_errors += 1;
+                    Some(false)
+                };
+            };
+            let i = self
+                .rx_by_token
+                .get_mut(usize::from(token))
+                .and_then(Option::take)?;
+            // SAFETY: buffer `i`, which the device has finished with (it is in the used
+            // ring); the driver alone touches it from here until it is posted again.
+            let buf = unsafe {
+                self.rx_area
+                    .slice_mut(self.rx_layout.buffer(usize::from(i)))
+            };
+            // SAFETY: the same buffer that was passed to `add` for this token.
+            let used = unsafe { self.rx.vq.pop_used(token, &[], &mut [buf]) };
+            self.rx_repost.push(i);
+            let Some(n) = used.ok().and_then(|n| usize::try_from(n).ok()) else {
+                self.stats.rx_errors += 1;
+                return Some(false);
+            };
+            self.rx_pieces.push((i, n.min(self.rx_layout.buf_len)));
+            if self.rx_pieces.len() == 1 && self.rx_merged {
+                // SAFETY: buffer `i`, returned by the device above and not posted again.
+                let first = unsafe { self.rx_area.slice(self.rx_layout.buffer(usize::from(i))) };
+                let Some(count) = netrx::num_buffers(&first[..n.min(first.len())]) else {
+                    self.stats.rx_errors += 1;
+                    return Some(false);
+                };
+                want = usize::from(count);
+            }
+        }
+        Some(true)
     }
 
     fn reclaim_tx(&mut self) {
@@ -906,59 +1099,79 @@ impl phy::Device for QueuePair {
             }
             None => false,
         };
-        let (i, hdr, len) = if injected {
-            (0, 0, 0)
+        // Where the frame is: in `lent` (injected, or gathered from buffers that do not follow
+        // each other), or in the receive area, from `at` (virtio-net header) to `end`.
+        let (in_lent, at, end) = if injected {
+            (true, 0, self.lent.len())
         } else {
             loop {
-                let token = self.rx.vq.peek_used()?;
-                let i = self
-                    .rx_by_token
-                    .get_mut(usize::from(token))
-                    .and_then(Option::take)?;
-                let buf = &mut self.rx_bufs[usize::from(i)];
-                // SAFETY: the same buffer that was passed to `receive_begin` for this token.
-                let used = unsafe {
-                    self.rx
-                        .vq
-                        .pop_used(token, &[], &mut [&mut bytes_mut(buf)[BUF_SHIFT..]])
+                let (in_lent, at, end) = if !self.rx_merged {
+                    // One buffer per frame (no MRG_RXBUF): the short way.
+                    let token = self.rx.vq.peek_used()?;
+                    let i = self
+                        .rx_by_token
+                        .get_mut(usize::from(token))
+                        .and_then(Option::take)?;
+                    let r = self.rx_layout.buffer(usize::from(i));
+                    // SAFETY: buffer `i`, which the device has finished with (it is in the
+                    // used ring); the driver alone touches it until it is posted again.
+                    let buf = unsafe { self.rx_area.slice_mut(r.clone()) };
+                    // SAFETY: the same buffer that was passed to `add` for this token.
+                    let used = unsafe { self.rx.vq.pop_used(token, &[], &mut [buf]) };
+                    self.rx_repost.push(i);
+                    let Some(n) = used.ok().and_then(|n| usize::try_from(n).ok()) else {
+                        self.stats.rx_errors += 1;
+                        return None;
+                    };
+                    (false, r.start, r.start + n.min(r.len()))
+                } else if !self.pop_frame()? {
+                    return None;
+                } else {
+                    self.merged_frame()
                 };
-                let frame = used.ok().and_then(|n| {
-                    let n = usize::try_from(n).ok()?.min(BUF_LEN - BUF_SHIFT);
-                    Some((NET_HDR_LEN, n.checked_sub(NET_HDR_LEN)?))
-                });
-                self.rx_repost = Some(i);
-                let Some((hdr, len)) = frame else {
+                if end - at < NET_HDR_LEN {
                     self.stats.rx_errors += 1;
                     return None;
+                }
+                if self.rx_merged && self.rx_pieces.len() > 1 {
+                    self.stats.rx_merged_frames += 1;
+                }
+                let b = if in_lent {
+                    &self.lent[at..end]
+                } else {
+                    // SAFETY: the frame's buffers, returned by the device and not posted
+                    // again until smoltcp is done with the frame (`rx_repost`).
+                    unsafe { self.rx_area.slice(at..end) }
                 };
+                let (h, frame) = b.split_at(NET_HDR_LEN);
+                if self.rx_merged && netrx::is_gso(h) {
+                    self.stats.rx_gso_frames += 1;
+                }
                 if self.offloads.rx_csum {
                     // smoltcp verifies no TCP/UDP checksum (see `Offloads::apply`): frames
                     // the device did not vouch for are checked here.
-                    let b = &bytes(&self.rx_bufs[usize::from(i)])[BUF_SHIFT..BUF_SHIFT + hdr + len];
-                    if !netcsum::rx_trusted(&b[..hdr]) && !netcsum::l4_checksum_ok(&b[hdr..]) {
+                    if !netcsum::rx_trusted(h) && !netcsum::l4_checksum_ok(frame) {
                         self.stats.rx_bad_checksum += 1;
                         self.repost_rx();
                         continue;
                     }
                 }
-                if let Some(serves) = self.divert {
-                    let b = &bytes(&self.rx_bufs[usize::from(i)])
-                        [BUF_SHIFT + hdr..BUF_SHIFT + hdr + len];
-                    if !serves(b) {
-                        if self.diverted.len() < DIVERTED_MAX {
-                            self.diverted.push(b.to_vec());
-                        }
-                        self.repost_rx();
-                        continue;
+                if let Some(serves) = self.divert
+                    && !serves(frame)
+                {
+                    if self.diverted.len() < DIVERTED_MAX {
+                        self.diverted.push(frame.to_vec());
                     }
+                    self.repost_rx();
+                    continue;
                 }
-                break (i, hdr, len);
+                break (in_lent, at + NET_HDR_LEN, end);
             }
         };
         self.stats.rx_frames += 1;
         let Self {
             lent,
-            rx_bufs,
+            rx_area,
             tx,
             tx_bufs,
             tx_free,
@@ -968,10 +1181,13 @@ impl phy::Device for QueuePair {
             offloads,
             ..
         } = self;
-        let frame = if injected {
-            &lent[..]
+        let frame = if in_lent {
+            &lent[at..end]
         } else {
-            &bytes(&rx_bufs[usize::from(i)])[BUF_SHIFT + hdr..BUF_SHIFT + hdr + len]
+            // SAFETY: the frame's buffers, returned by the device; they are posted again only
+            // at the next `receive`, after smoltcp has consumed this token (it borrows the
+            // pair).
+            unsafe { rx_area.slice(at..end) }
         };
         Some((
             RxToken { frame },

@@ -20,6 +20,9 @@
 //! - TCP segmentation offload (one core): the firmware's TSO frames, forwarded by this
 //!   machine's kernel to a network namespace over a veth without offloads, are cut into
 //!   segments whose checksums tshark finds right.
+//! - Receive segmentation offload (one core): keelctl's large TCP segments reach the firmware
+//!   whole (a capture of the netdev shows them) and the data written reads back; with
+//!   MRG_RXBUF or every offload off, the same load, in MTU-sized frames.
 //!
 //! Creating a tap needs root and /dev/net/tun (CI runs as root). Where they are missing these
 //! tests fail and say so: a multi-core proof that silently passed would prove nothing.
@@ -57,9 +60,11 @@ fn require_tap() {
 }
 
 /// A /24 for this test: 10.77.N with N from the process ID and the test's own number, so
-/// test processes side by side pick different ones.
+/// test processes side by side pick different ones (`KEEL_TEST_TAP_PREFIX=A.B`: A.B.N
+/// instead, to keep out of another user's 10.77).
 fn tap_net(test: u32) -> String {
-    format!("10.77.{}", (std::process::id() * 3 + test) % 250 + 1)
+    let prefix = std::env::var("KEEL_TEST_TAP_PREFIX").unwrap_or_else(|_| "10.77".into());
+    format!("{prefix}.{}", (std::process::id() * 3 + test) % 250 + 1)
 }
 
 /// The tap device `qemu/run` reported.
@@ -951,6 +956,171 @@ fn tso_segments_cut_by_the_host_kernel_have_right_checksums() {
         "only {} segments from the firmware",
         cut.len()
     );
+}
+
+/// One frame of a `filter-dump` capture on a vnet-header netdev: its virtio-net header (the
+/// first 12 bytes QEMU passes along) and the Ethernet frame's length on the wire.
+struct Dumped {
+    hdr: [u8; 12],
+    len: usize,
+    ipv4_tcp_to: Option<[u8; 4]>,
+}
+
+/// The frames of a `filter-dump` pcap (both directions), each with its virtio-net header.
+fn dumped_frames(pcap: &ScratchFile) -> Vec<Dumped> {
+    let raw = std::fs::read(pcap.path()).expect("reading the capture");
+    assert!(raw.len() > 24, "empty capture");
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= raw.len() {
+        let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap()) as usize;
+        let (incl, orig) = (u32_at(at + 8), u32_at(at + 12));
+        let rec = &raw[at + 16..(at + 16 + incl).min(raw.len())];
+        at += 16 + incl;
+        assert!(rec.len() >= 12, "a frame without its virtio-net header");
+        let (hdr, frame) = rec.split_at(12);
+        let ipv4_tcp = frame.len() >= 34 && frame[12..14] == [0x08, 0x00] && frame[23] == 6;
+        out.push(Dumped {
+            hdr: hdr.try_into().unwrap(),
+            len: orig - 12,
+            ipv4_tcp_to: ipv4_tcp.then(|| frame[30..34].try_into().unwrap()),
+        });
+    }
+    out
+}
+
+/// Receive segmentation offload (VIRTIO_NET_F_GUEST_TSO4 with MRG_RXBUF) on a one-queue tap.
+/// With it negotiated, QEMU turns on the tap's TSO and this machine's kernel hands the
+/// firmware keelctl's TCP segments whole: a capture of the netdev (`filter-dump`, with the
+/// virtio-net header QEMU passes to the device) must show frames toward the firmware larger
+/// than one 1514-byte Ethernet frame, marked `VIRTIO_NET_HDR_GSO_TCPV4` with a `gso_size` of
+/// at most one MSS (virtio 1.2 §5.1.6.4), and 4 KiB random writes (QD32) and 128 KiB
+/// sequential writes must read back as written (keelctl `--verify`: the firmware took those
+/// frames, spread over several receive buffers, intact). The same load then runs with the
+/// device offering no MRG_RXBUF (the driver then negotiates no GUEST_TSO4 either) and with
+/// every offload off (`csum=off,guest_csum=off`): the boot log says so, no frame toward the
+/// firmware is larger than 1514 bytes, and the data still reads back.
+#[test]
+fn receive_segmentation_offload_on_a_one_queue_tap() {
+    require_tap();
+    keelctl();
+    let net = tap_net(6);
+    let firmware_ip = {
+        let mut ip = [0u8; 4];
+        for (b, part) in ip.iter_mut().zip(format!("{net}.2").split('.')) {
+            *b = part.parse().unwrap();
+        }
+        ip
+    };
+    let addr = format!("{net}.2:4420");
+    // (QEMU's virtio-net properties, receive segmentation offload expected).
+    let variants: [(&[&str], bool); 3] = [
+        (&[], true),
+        (&["-global", "virtio-net-pci.mrg_rxbuf=off"], false),
+        (
+            &[
+                "-global",
+                "virtio-net-pci.csum=off",
+                "-global",
+                "virtio-net-pci.guest_csum=off",
+            ],
+            false,
+        ),
+    ];
+    for (props, rx_tso) in variants {
+        let pcap = ScratchFile::new("rxtso-tap.pcap", 0);
+        let dump = format!(
+            "filter-dump,id=f0,netdev=net0,file={}",
+            pcap.path().display()
+        );
+        let mut args = vec![
+            "--smp",
+            "1",
+            "--net",
+            "tap",
+            "--tap-net",
+            &net,
+            "--append",
+            "keel.ns=ram:32",
+            "--",
+            "-object",
+            &dump,
+        ];
+        args.extend_from_slice(props);
+        let mut q = Qemu::boot(Build::Release, &args);
+        q.wait_for("keel: ready", BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tap = tap_name(&q);
+        let c = q.console();
+        assert!(
+            c.contains(&format!("receive segmentation offload {rx_tso}")),
+            "{props:?}: {c}"
+        );
+        if props.is_empty() {
+            assert_checksum_offload(&q);
+        }
+        for (bs, qd, pattern, ios) in [("4k", "32", "rand", "3000"), ("128k", "8", "seq", "120")] {
+            let out = ok(&[
+                "nvme",
+                "bench",
+                "--addr",
+                &addr,
+                "--nsid",
+                "1",
+                "--rw",
+                "write",
+                "--pattern",
+                pattern,
+                "--bs",
+                bs,
+                "--qd",
+                qd,
+                "--ios",
+                ios,
+                "--range-mib",
+                "16",
+                "--verify",
+            ]);
+            assert!(out.contains(", 0 error(s)"), "{props:?} {bs}: {out}");
+        }
+        kill_and_check_tap_removed(q, &tap);
+
+        let to_fw: Vec<Dumped> = dumped_frames(&pcap)
+            .into_iter()
+            .filter(|d| d.ipv4_tcp_to == Some(firmware_ip))
+            .collect();
+        let large: Vec<&Dumped> = to_fw.iter().filter(|d| d.len > 1514).collect();
+        let gso_ok = |d: &&Dumped| {
+            let gso_size = u16::from_le_bytes([d.hdr[4], d.hdr[5]]);
+            d.hdr[1] == 1 && (1..=1456).contains(&gso_size)
+        };
+        if rx_tso {
+            // 3000 writes of 4168-byte PDUs and 120 of 128 KiB: most arrive in large segments.
+            assert!(
+                large.len() >= 500,
+                "only {} of {} TCP frames toward the firmware larger than 1514 bytes",
+                large.len(),
+                to_fw.len()
+            );
+            let bad: Vec<_> = large
+                .iter()
+                .filter(|d| !gso_ok(d))
+                .map(|d| format!("{:02x?}", d.hdr))
+                .collect();
+            assert!(
+                bad.is_empty(),
+                "large frames not marked GSO_TCPV4 with an MSS: {:?}",
+                &bad[..bad.len().min(5)]
+            );
+        } else {
+            assert!(
+                large.is_empty(),
+                "{props:?}: {} frames toward the firmware larger than 1514 bytes",
+                large.len()
+            );
+            assert!(to_fw.len() > 3000, "{props:?}: {} frames", to_fw.len());
+        }
+    }
 }
 
 #[test]
