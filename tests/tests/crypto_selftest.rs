@@ -87,7 +87,7 @@ fn assert_checks(c: &str) {
         );
         assert!(c.contains(&want), "no {want:?} in:\n{c}");
     }
-    assert!(c.contains("selftest: 26 check(s), 0 failed"), "{c}");
+    assert!(c.contains("selftest: 29 check(s), 0 failed"), "{c}");
 }
 
 #[test]
