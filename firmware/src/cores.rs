@@ -90,6 +90,43 @@ impl NvmfCounters {
 /// Every core's NVMe/TCP counters, indexed by core.
 pub static NVMF: [NvmfCounters; MAX_CORES] = [const { NvmfCounters::new() }; MAX_CORES];
 
+/// One core's NIC transmit counters (its queue pair's), written by that core alone once per
+/// pass (a `Relaxed` store of the driver's totals) and read by core 0 without a lock.
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct NicCounters {
+    tx_tso_frames: AtomicU64,
+    tx_dropped: AtomicU64,
+}
+
+impl NicCounters {
+    const fn new() -> Self {
+        Self {
+            tx_tso_frames: AtomicU64::new(0),
+            tx_dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Owner: its NIC's totals.
+    pub fn publish(&self, c: keel_mgmt::NicCounters) {
+        self.tx_tso_frames.store(c.tx_tso_frames, Ordering::Relaxed);
+        self.tx_dropped.store(c.tx_dropped, Ordering::Relaxed);
+    }
+}
+
+/// Every core's NIC counters, indexed by core.
+pub static NIC: [NicCounters; MAX_CORES] = [const { NicCounters::new() }; MAX_CORES];
+
+/// The NIC counters every core published, summed.
+pub fn nic_counters() -> keel_mgmt::NicCounters {
+    NIC.iter().fold(keel_mgmt::NicCounters::default(), |a, c| {
+        keel_mgmt::NicCounters {
+            tx_tso_frames: a.tx_tso_frames + c.tx_tso_frames.load(Ordering::Relaxed),
+            tx_dropped: a.tx_dropped + c.tx_dropped.load(Ordering::Relaxed),
+        }
+    })
+}
+
 /// Core 0's wake-up by the other cores: its "sleeping" flag, and the counters of what it
 /// did (each written by one core).
 ///

@@ -1107,6 +1107,7 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
             cores: H::cores(),
             resources: self.resources(),
             socket_buffer_bytes: self.sockets.buffer_bytes as u64,
+            nic: H::nic_counters(),
             remotes: self
                 .remotes
                 .volumes

@@ -50,6 +50,11 @@ pub trait Hw: 'static {
     fn namespace_elsewhere(_subnqn: &str, _nsid: u32) -> keel_storage::stats::NsStats {
         keel_storage::stats::NsStats::default()
     }
+    /// The NIC's transmit counters, every core's queue pair together, as each core last
+    /// published them. None by default.
+    fn nic_counters() -> keel_mgmt::NicCounters {
+        keel_mgmt::NicCounters::default()
+    }
 }
 
 /// A network interface: a smoltcp device, its MAC, and a hook run after each pass of the
@@ -59,6 +64,10 @@ pub trait Nic: smoltcp::phy::Device {
     fn mac(&self) -> [u8; 6];
     /// Sends what the last pass queued.
     fn flush_tx(&mut self) {}
+    /// Its transmit counters (none by default).
+    fn counters(&self) -> keel_mgmt::NicCounters {
+        keel_mgmt::NicCounters::default()
+    }
 }
 
 /// A local drive's controller: polled once per pass (doorbells, completions, timeouts,

@@ -30,8 +30,13 @@ use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
-/// TCP buffer size per direction per connection.
+/// TCP receive buffer size per connection.
 pub const TCP_BUFFER: usize = 256 * 1024;
+/// TCP transmit buffer size per connection: room for two whole 128 KiB reads one after the
+/// other from the start of the ring (each a C2HData PDU with its response capsule, a few
+/// dozen bytes over 128 KiB), so NVMe/TCP can read both straight into the ring
+/// (`crate::nvmf`'s read in window) instead of one, without a wrap in between.
+pub const TCP_TX_BUFFER: usize = TCP_BUFFER + 4 * 1024;
 /// Sockets in the pool: connections plus armed listeners. 96: a host with 64 I/O queues
 /// (8 controllers of 8 queues: 72 connections) plus the 12 listeners of the NVMe/TCP,
 /// discovery and management ports, a management session and room to spare.
@@ -244,7 +249,7 @@ impl<H: Hw> NetStack<H> {
             return None;
         }
         let rx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
-        let tx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_BUFFER]);
+        let tx = tcp::SocketBuffer::new(alloc::vec![0u8; TCP_TX_BUFFER]);
         Some(self.sockets.add(tcp::Socket::new(rx, tx)))
     }
 
@@ -523,7 +528,7 @@ impl<H: Hw> NetStack<H> {
             listening: self.listening.len(),
             draining: self.draining.len(),
             refused: self.refused,
-            buffer_bytes: (self.created + self.clients_created) * 2 * TCP_BUFFER,
+            buffer_bytes: (self.created + self.clients_created) * (TCP_BUFFER + TCP_TX_BUFFER),
         }
     }
 

@@ -26,7 +26,7 @@
 
 use crate::hw::Hw;
 use crate::net::{Accepted, NetStack};
-use alloc::{format, string::String, vec::Vec};
+use alloc::{collections::VecDeque, format, string::String, vec::Vec};
 use keel_controller::{
     Adoption, Event as CoreEvent, Instant, NowData, PortEntry, QueueId, QueueLoss, Request,
     Response, Target,
@@ -196,7 +196,29 @@ struct Conn {
     /// The controller core ended its queue: close once what is queued has gone into the
     /// socket (a Disconnect's completion comes just before).
     terminate: bool,
+    /// Reads waiting for room in the socket's transmit ring to run there
+    /// ([`Conn::read_in_window`]), oldest first, with their data lengths.
+    deferred: VecDeque<(Sqe, u32)>,
 }
+
+/// What [`Conn::read_in_window`] did with a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InWindow {
+    /// It ran: its C2HData PDU is in the socket's transmit ring.
+    Ran,
+    /// The free space at the end of the transmit ring is too short for its PDU (or PDUs
+    /// queued before it have not all gone in): it can run there once the socket has sent
+    /// and been acknowledged enough.
+    NoRoom,
+    /// It cannot run in the ring (a namespace that moves no data at once, QoS, a forwarded
+    /// connection, a PDU larger than the ring): take a buffer.
+    Declined,
+}
+
+/// Room a C2HData PDU needs in the transmit ring beyond its data: header, padding up to
+/// the largest HPDA (128 bytes), data digest, with margin. A read whose data plus this
+/// does not fit the free space at the end of the ring waits ([`InWindow::NoRoom`]).
+const PDU_ROOM: usize = 256;
 
 /// The NVMe/TCP target service.
 pub struct NvmfService {
@@ -343,6 +365,7 @@ impl NvmfService {
             recent: 0,
             reported_ms: 0,
             terminate: false,
+            deferred: VecDeque::new(),
             socket: a.handle,
             tcp,
             queue,
@@ -577,6 +600,7 @@ impl NvmfService {
             busy |= c.handle_events(&mut cx, sock);
         }
         busy |= c.handle_events(&mut cx, sock);
+        busy |= c.run_deferred(&mut cx, sock);
         let awaiting = c.tcp.state() == TargetState::AwaitIc;
         c.tcp.poll_timers(now_ms);
         if awaiting && c.tcp.state() != TargetState::AwaitIc {
@@ -931,30 +955,81 @@ impl Conn {
         }
     }
 
-    /// Runs a read that returns data (`sqe`, a `Command` event without a buffer) inside the
-    /// socket's transmit window, its data read straight into the C2HData PDU
-    /// ([`TargetConnection::complete_in_window`] with [`Target::submit_now`]). Returns false,
-    /// with nothing changed, when that cannot be done: the caller then takes a buffer.
-    fn read_in_window(&mut self, cx: &mut Ctx<'_>, sock: &mut tcp::Socket, sqe: &Sqe) -> bool {
+    /// Runs a read that returns data (`sqe`, a `Command` event without a buffer, `data_len`
+    /// bytes) inside the socket's transmit window, its data read straight into the C2HData
+    /// PDU ([`TargetConnection::complete_in_window`] with [`Target::submit_now`]). Unless it
+    /// ran, nothing changed; see [`InWindow`] for what the caller does then.
+    ///
+    /// The window is all the free space of the ring (`send_wrapped`, Keel's smoltcp patch):
+    /// where it wraps, the data goes on at the ring's start (`NowData::ReadSplit`, for
+    /// backends that read into two pieces). With too little room the read waits for it
+    /// ([`InWindow::NoRoom`], [`Conn::run_deferred`]) rather than take a buffer: that would
+    /// cost a third copy of the data (namespace → buffer → ring → frame), and while its PDU
+    /// went into the ring piece by piece every later read would have taken one too.
+    fn read_in_window(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        sock: &mut tcp::Socket,
+        sqe: &Sqe,
+        data_len: u32,
+    ) -> InWindow {
         if self.forward {
-            return false;
+            return InWindow::Declined;
         }
         // PDUs already queued go first, so the window is at the end of the stream.
         self.flush(sock);
         let (queue, cookie, fc) = (self.queue, self.slot, self.fc_disabled);
         let tcp = &mut self.tcp;
-        let mut ran = false;
-        let _ = sock.send(|window| {
-            let n = tcp.complete_in_window(sqe.cid, window, fc, |dst| {
-                let r = cx
-                    .target
-                    .submit_now(cx.now, queue, sqe, cookie, NowData::Read(dst))?;
+        let (mut ran, mut called, mut room) = (false, false, (0, 0));
+        // All the free space, also where the ring wraps to its start: the PDU's header
+        // needs to fit before the end, its data may go on at the start.
+        let sent = sock.send_wrapped(|first, second| {
+            room = (first.len(), second.len());
+            let n = tcp.complete_in_split_window(sqe.cid, (first, second), fc, |a, b| {
+                called = true;
+                let data = if b.is_empty() {
+                    NowData::Read(a)
+                } else {
+                    NowData::ReadSplit(a, b)
+                };
+                let r = cx.target.submit_now(cx.now, queue, sqe, cookie, data)?;
                 ran = true;
                 Some((r.cqe, r.data_len))
             });
             (n, n)
         });
-        ran
+        let need = data_len as usize + PDU_ROOM;
+        if ran {
+            InWindow::Ran
+        } else if sent.is_ok()
+            && !called
+            && (room.0 + room.1 < need || room.0 < PDU_ROOM || self.tcp.wants_transmit())
+            && need <= sock.send_capacity()
+        {
+            InWindow::NoRoom
+        } else {
+            InWindow::Declined
+        }
+    }
+
+    /// Runs the deferred reads, oldest first, while the transmit ring has room for them;
+    /// returns whether any ran (or went to take a buffer).
+    fn run_deferred(&mut self, cx: &mut Ctx<'_>, sock: &mut tcp::Socket) -> bool {
+        let mut any = false;
+        while let Some(&(sqe, data_len)) = self.deferred.front() {
+            match self.read_in_window(cx, sock, &sqe, data_len) {
+                InWindow::NoRoom => break,
+                InWindow::Ran => {
+                    cx.direct.reads += 1;
+                    *cx.commands += 1;
+                    self.recent += 1;
+                }
+                InWindow::Declined => self.start(cx, Waiting::Command { sqe, data_len }),
+            }
+            self.deferred.pop_front();
+            any = true;
+        }
+        any
     }
 
     /// Acts on the transport's events; returns whether there were any.
@@ -980,12 +1055,20 @@ impl Conn {
                     buf: None,
                     data_len,
                 } => {
-                    if self.read_in_window(cx, sock, &sqe) {
-                        cx.direct.reads += 1;
-                        *cx.commands += 1;
-                        self.recent += 1;
+                    // Behind reads already waiting for the ring, in arrival order.
+                    let run = if self.deferred.is_empty() {
+                        self.read_in_window(cx, sock, &sqe, data_len)
                     } else {
-                        self.start(cx, Waiting::Command { sqe, data_len });
+                        InWindow::NoRoom
+                    };
+                    match run {
+                        InWindow::Ran => {
+                            cx.direct.reads += 1;
+                            *cx.commands += 1;
+                            self.recent += 1;
+                        }
+                        InWindow::NoRoom => self.deferred.push_back((sqe, data_len)),
+                        InWindow::Declined => self.start(cx, Waiting::Command { sqe, data_len }),
                     }
                 }
                 TcpEvent::CommandFailed { sqe, buf, status } => {

@@ -205,6 +205,7 @@ impl Plane {
             }
         }
         NVMF[self.core].publish(self.nvmf.accepted, self.nvmf.commands);
+        crate::cores::NIC[self.core].publish(crate::hw::Nic::counters(&self.net.device));
         // Namespace counters: at most once a millisecond while busy, and on the first idle
         // pass after work (before the loop may sleep), so status sees every finished command.
         self.ns_dirty |= busy;

@@ -310,6 +310,9 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         if let Some(s) = services.nvmf.as_ref() {
             crate::cores::NVMF[0].publish(s.accepted, s.commands);
         }
+        if let Some(n) = net.as_ref() {
+            crate::cores::NIC[0].publish(n.device.counters());
+        }
         counters.pass(busy);
         if busy {
             last_busy = now;

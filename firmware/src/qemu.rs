@@ -53,6 +53,9 @@ impl Hw for Qemu {
     fn namespace_elsewhere(subnqn: &str, nsid: u32) -> keel_storage::stats::NsStats {
         crate::cores::namespace_elsewhere(subnqn, nsid)
     }
+    fn nic_counters() -> keel_mgmt::NicCounters {
+        crate::cores::nic_counters()
+    }
 }
 
 /// The NIC of one core's network stack: the whole single-queue virtio-net (one core), or
@@ -143,6 +146,16 @@ impl Nic for QemuNic {
         match self {
             QemuNic::Single(n) => n.flush_tx(),
             QemuNic::Pair { pair, .. } => pair.flush_tx(),
+        }
+    }
+    fn counters(&self) -> keel_mgmt::NicCounters {
+        let s = match self {
+            QemuNic::Single(n) => n.stats(),
+            QemuNic::Pair { pair, .. } => pair.stats,
+        };
+        keel_mgmt::NicCounters {
+            tx_tso_frames: s.tx_tso_frames,
+            tx_dropped: s.tx_dropped,
         }
     }
 }

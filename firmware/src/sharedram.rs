@@ -151,6 +151,25 @@ impl BlockBackend for SharedRam {
         Ok(())
     }
 
+    fn reads_now_split(&self) -> bool {
+        true
+    }
+
+    fn read_now_split(
+        &mut self,
+        lba: u64,
+        blocks: u32,
+        first: &mut [u8],
+        second: &mut [u8],
+    ) -> Result<(), BlockError> {
+        let len = first.len() + second.len();
+        let start = memory::now_start(self.region.geometry, lba, blocks, len)?;
+        self.region.span(lba, u64::from(blocks))?;
+        self.region.read(start, first);
+        self.region.read(start + first.len(), second);
+        Ok(())
+    }
+
     fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
         let start = memory::now_start(self.region.geometry, lba, blocks, src.len())?;
         self.region.span(lba, u64::from(blocks))?;

@@ -140,6 +140,109 @@ impl Rng {
     }
 }
 
+unsafe extern "C" {
+    /// The firmware's own (`keel_hal`'s `hal/src/arch/memcpy.S`).
+    fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8;
+    /// The firmware's own (`keel_hal`'s `hal/src/arch/memcpy.S`).
+    fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8;
+}
+
+/// The byte of the source pattern at `i`: a function of the index, so the checks below
+/// compute what each byte must be instead of copying a reference (a copy loop the compiler
+/// could turn into a `memcpy` call, checking the routine against itself).
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(131) ^ (i >> 8)) as u8
+}
+
+/// Guard bytes around a destination.
+const GUARD: u8 = 0xA5;
+/// Room around the destinations: offsets 0..16 and 64 guard bytes after the longest copy.
+const MEM_SLACK: usize = 16 + 64;
+
+/// Calls the firmware's `memcpy` (`copy`) or `memset` to `fill` at `dst_off` of a buffer of
+/// guard bytes, and checks every byte of it: the `len` bytes written are the source's
+/// (`pattern` from `src_off`) or the fill byte, the rest still guard bytes.
+fn mem_case(
+    dst: &mut [u8],
+    src: &[u8],
+    dst_off: usize,
+    src_off: usize,
+    len: usize,
+    fill: Option<u8>,
+) -> bool {
+    let d = &mut dst[..dst_off + len + MEM_SLACK];
+    d.fill(GUARD);
+    let ret = match fill {
+        // SAFETY: `d` holds `dst_off + len` bytes and more, `src` (distinct memory) holds
+        // `src_off + len` bytes (the caller sizes both); byte pointers need no alignment.
+        None => unsafe { memcpy(d.as_mut_ptr().add(dst_off), src.as_ptr().add(src_off), len) },
+        // SAFETY: `d` holds `dst_off + len` bytes and more.
+        Some(b) => unsafe { memset(d.as_mut_ptr().add(dst_off), i32::from(b), len) },
+    };
+    let mut ok = ret == d.as_mut_ptr().wrapping_add(dst_off);
+    for (i, &got) in d.iter().enumerate() {
+        let want = if (dst_off..dst_off + len).contains(&i) {
+            fill.unwrap_or_else(|| pattern(src_off + i - dst_off))
+        } else {
+            GUARD
+        };
+        ok &= got == want;
+    }
+    ok
+}
+
+/// The firmware's `memcpy` and `memset` (q registers, overlapping ends; see
+/// `hal/src/arch/memcpy.S`) against what each byte must be: every length 0..=320 at every
+/// source and destination offset 0..16 (memset: every destination offset, two fill bytes),
+/// then random lengths up to 70000 at random offsets. Guard bytes around the destination show
+/// any byte written outside it.
+fn mem_routines(r: &mut Report, rng: &mut Rng) {
+    const SMALL: usize = 320;
+    const LARGE: usize = 70_000;
+    let src: Vec<u8> = (0..16 + LARGE).map(pattern).collect();
+    let mut dst = alloc::vec![0u8; LARGE + MEM_SLACK];
+    let (mut ok, mut cases) = (0u32, 0u32);
+    for len in 0..=SMALL {
+        for dst_off in 0..16 {
+            for src_off in 0..16 {
+                cases += 1;
+                ok += u32::from(mem_case(&mut dst, &src, dst_off, src_off, len, None));
+            }
+        }
+    }
+    r.check(
+        format_args!("memcpy: {ok}/{cases} copies of 0..={SMALL} bytes at every source and destination offset 0..16"),
+        ok == cases,
+    );
+    let (mut ok, mut cases) = (0u32, 0u32);
+    for len in 0..=SMALL {
+        for dst_off in 0..16 {
+            for fill in [0u8, 0xC3] {
+                cases += 1;
+                ok += u32::from(mem_case(&mut dst, &src, dst_off, 0, len, Some(fill)));
+            }
+        }
+    }
+    r.check(
+        format_args!("memset: {ok}/{cases} fills of 0..={SMALL} bytes at every offset 0..16"),
+        ok == cases,
+    );
+    let (mut ok, mut cases) = (0u32, 0u32);
+    for i in 0..200u32 {
+        let len = (rng.next() % LARGE as u64) as usize;
+        let (dst_off, src_off) = ((rng.next() % 16) as usize, (rng.next() % 16) as usize);
+        let fill = (i % 2 == 1).then_some(rng.next() as u8);
+        cases += 1;
+        ok += u32::from(mem_case(&mut dst, &src, dst_off, src_off, len, fill));
+    }
+    r.check(
+        format_args!(
+            "memcpy and memset: {ok}/{cases} random lengths below {LARGE} at random offsets"
+        ),
+        ok == cases,
+    );
+}
+
 /// The table path, whatever the run-time switch says.
 fn crc_table(data: &[u8]) -> u32 {
     !crc32c::update_sw(!0, data)
@@ -387,6 +490,8 @@ fn selftest() -> bool {
         core::hint::black_box(sink);
         println!("selftest: crc32c ({path}): {mbs} MB/s on this CPU model");
     }
+
+    mem_routines(&mut r, &mut rng);
 
     // Back to what boot chose.
     crc32c::set_hardware(features.crc32);

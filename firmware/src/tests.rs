@@ -535,6 +535,96 @@ fn ram_data_moves_between_namespace_and_sockets_without_pool_buffers() {
     }
 }
 
+/// 128 KiB reads at QD8 from a RAM namespace all run in the socket's transmit ring, none
+/// through a pool buffer: where the ring's free space wraps to its start the data goes on
+/// there (smoltcp's `send_wrapped`, `NowData::ReadSplit`), and a read that finds too little
+/// room waits for it. 24 reads of 128 KiB go through a 260 KiB ring many times over, at
+/// every offset the stream reaches, with and without SQ flow control and with digests;
+/// every byte read back is checked.
+#[test]
+fn large_reads_at_qd8_all_run_in_the_transmit_ring() {
+    use keel_nvme::fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL;
+    use keel_nvmf_tcp::Digests;
+    const BLOCKS: u32 = 256; // 128 KiB of 512-byte blocks
+    const LEN: usize = 128 * 1024;
+    let data_of = |k: u64| -> Vec<u8> {
+        (0..LEN)
+            .map(|i| (i as u64 * 7 + k * 13 + (i as u64 >> 9)) as u8)
+            .collect()
+    };
+    for (fc_off, digests) in [
+        (false, Digests::default()),
+        (true, Digests::default()),
+        (
+            false,
+            Digests {
+                header: true,
+                data: true,
+            },
+        ),
+    ] {
+        let mut dev = Device::new("keel.ram=16");
+        let nqn = crate::config::DEFAULT_NQN;
+        let mut admin = Queue::open(&mut dev, 50_010);
+        let cntlid = admin.connect(&mut dev, 0, CNTLID_DYNAMIC, nqn);
+        admin.enable(&mut dev);
+        let cfg = HostConfig {
+            slots: 32,
+            digests,
+            sq_flow_control_disabled: fc_off,
+            ..HostConfig::default()
+        };
+        let mut io = Queue::open_with(&mut dev, 50_011, cfg);
+        let cattr = if fc_off {
+            CATTR_DISABLE_SQ_FLOW_CONTROL
+        } else {
+            0
+        };
+        io.connect_with(&mut dev, 1, cntlid, nqn, cattr);
+        let rw = |k: u64| RwCommand {
+            slba: k * u64::from(BLOCKS),
+            nlb: (BLOCKS - 1) as u16,
+            deac: false,
+            fua: false,
+            lr: false,
+            prinfo: 0,
+        };
+        for k in 0..8 {
+            let sqe = rw(k).to_sqe(IoOpcode::Write as u8, 0, 1);
+            let (cqe, _) = io.cmd(&mut dev, sqe, Some(data_of(k)));
+            assert!(cqe.status.is_success(), "write {k}: {:?}", cqe.status);
+        }
+        let before = dev.services.nvmf.as_ref().unwrap().direct.reads;
+        // 3 rounds of 8 reads in flight at once (QD8).
+        let mut cids = std::collections::HashMap::new();
+        for round in 0..3u64 {
+            for k in 0..8 {
+                let sqe = rw(k).to_sqe(IoOpcode::Read as u8, 0, 1);
+                let cid = io.host.submit(sqe, Some((vec![0u8; LEN], LEN as u32)));
+                cids.insert(cid.expect("submit"), k);
+            }
+            for _ in 0..20_000 {
+                if cids.is_empty() {
+                    break;
+                }
+                io.pump(&mut dev);
+                while let Some(ev) = io.host.poll_event() {
+                    if let HostEvent::Completion { cid, cqe, buf } = ev {
+                        let k = cids.remove(&cid).expect("a read of ours");
+                        assert!(cqe.status.is_success(), "read {k}: {:?}", cqe.status);
+                        assert!(buf.unwrap() == data_of(k), "round {round} read {k}: data");
+                    }
+                }
+            }
+            assert!(cids.is_empty(), "reads never completed: {cids:?}");
+        }
+        let s = dev.services.nvmf.as_ref().unwrap();
+        assert_eq!(s.direct.reads - before, 24, "fc off {fc_off}, {digests:?}");
+        let (free, all) = s.buffers();
+        assert_eq!(free, all);
+    }
+}
+
 #[test]
 fn nvme_tcp_service_refuses_garbage_with_a_termreq() {
     let mut dev = Device::new("");

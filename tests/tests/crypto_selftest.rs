@@ -25,6 +25,19 @@ fn selftest(cpu: Option<&str>) -> String {
 
 /// The checks every CPU with the Cryptography Extension and CRC32 must pass.
 fn assert_checks(c: &str) {
+    // The firmware's memcpy and memset (hal/src/arch/memcpy.S) against the bytes each must
+    // produce: all short lengths and offsets, then random long ones.
+    for prefix in [
+        "selftest: memcpy: ",
+        "selftest: memset: ",
+        "selftest: memcpy and memset: ",
+    ] {
+        let line = c
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line:\n{c}"));
+        assert!(line.ends_with(": ok"), "{line}");
+    }
     for n in [2, 3, 10] {
         for dir in ["encrypt", "decrypt"] {
             let line = c
@@ -74,7 +87,7 @@ fn assert_checks(c: &str) {
         );
         assert!(c.contains(&want), "no {want:?} in:\n{c}");
     }
-    assert!(c.contains("selftest: 26 check(s), 0 failed"), "{c}");
+    assert!(c.contains("selftest: 29 check(s), 0 failed"), "{c}");
 }
 
 #[test]

@@ -26,6 +26,11 @@ enum Work {
 pub enum NowData<'a> {
     /// A Read's data goes here (its transfer length exactly).
     Read(&'a mut [u8]),
+    /// A Read's data goes through the first slice into the second (together its transfer
+    /// length exactly), e.g. a transmit ring's free space where it wraps. Only namespaces
+    /// whose backend reads into such a destination
+    /// ([`keel_storage::BlockBackend::reads_now_split`]) run it now.
+    ReadSplit(&'a mut [u8], &'a mut [u8]),
     /// A Write's data is this.
     Write(&'a [u8]),
 }
@@ -312,6 +317,7 @@ impl Target {
         let op = IoOpcode::from_u8(sqe.opcode)?;
         let (len, kind, writes) = match (op, &data) {
             (IoOpcode::Read, NowData::Read(d)) => (d.len(), OpKind::Read, false),
+            (IoOpcode::Read, NowData::ReadSplit(a, b)) => (a.len() + b.len(), OpKind::Read, false),
             (IoOpcode::Write, NowData::Write(d)) => (d.len(), OpKind::Write, true),
             _ => return None,
         };
@@ -322,6 +328,9 @@ impl Target {
         let ns = self.subsystems[si].namespaces.get(ni)?.as_ref()?;
         let can = ns.backend.moves_data_now();
         if !(if writes { can.write } else { can.read }) {
+            return None;
+        }
+        if matches!(data, NowData::ReadSplit(..)) && !ns.backend.reads_now_split() {
             return None;
         }
         let rw = RwCommand::from_sqe(sqe);
@@ -358,6 +367,7 @@ impl Target {
         let ns = self.subsystems[si].namespaces[ni].as_mut()?;
         let result = match data {
             NowData::Read(d) => ns.backend.read_now(rw.slba, blocks, d),
+            NowData::ReadSplit(a, b) => ns.backend.read_now_split(rw.slba, blocks, a, b),
             NowData::Write(d) => ns.backend.write_now(rw.slba, blocks, d),
         };
         if let Some(d) = flow.and_then(|f| self.sched.domain_of(f)) {

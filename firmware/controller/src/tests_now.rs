@@ -173,3 +173,90 @@ fn backends_without_synchronous_moves_and_qos_limits_take_the_usual_path() {
     h.poll(); // ...which answers in its next poll
     assert_eq!(h.completions(), [(3, Status::SUCCESS, 0)]);
 }
+
+/// A backend that moves data at once but reads only into one piece (as AES-XTS).
+struct WholeOnly(RamBackend);
+
+impl BlockBackend for WholeOnly {
+    fn geometry(&self) -> keel_storage::Geometry {
+        self.0.geometry()
+    }
+    fn capabilities(&self) -> keel_storage::Capabilities {
+        self.0.capabilities()
+    }
+    fn submit(&mut self, req: keel_storage::BlockRequest) -> Result<(), keel_storage::Rejected> {
+        self.0.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(keel_storage::BlockCompletion)) -> usize {
+        self.0.poll(done)
+    }
+    fn moves_data_now(&self) -> keel_storage::NowIo {
+        self.0.moves_data_now()
+    }
+    fn read_now(
+        &mut self,
+        lba: u64,
+        blocks: u32,
+        dst: &mut [u8],
+    ) -> Result<(), keel_storage::BlockError> {
+        self.0.read_now(lba, blocks, dst)
+    }
+}
+
+/// A read into a destination in two pieces (a ring's free space where it wraps) gets the
+/// same bytes as one into one piece, cut anywhere, and is accounted the same; a backend that
+/// cannot read that way refuses it with nothing changed (the SQ head does not move).
+#[test]
+fn split_reads_run_at_once_where_the_backend_reads_into_two_pieces() {
+    let (mut h, _a, io, _c) = H::setup();
+    let data: Vec<u8> = (0..2048u32).map(|i| (i * 5 + 3) as u8).collect();
+    let r = now_write(&mut h, io, &rw(IoOpcode::Write, 1, 1, 10, 4), &data).unwrap();
+    assert_eq!(plain(r.cqe.status), Status::SUCCESS);
+    let mut sqhd = r.cqe.sqhd;
+    for (cid, cut) in [
+        (2u16, 0usize),
+        (3, 1),
+        (4, 511),
+        (5, 512),
+        (6, 1500),
+        (7, 2048),
+    ] {
+        let mut got = vec![0u8; 2048];
+        let (a, b) = got.split_at_mut(cut);
+        let sqe = rw(IoOpcode::Read, cid, 1, 10, 4);
+        let r =
+            h.t.submit_now(h.now, io, &sqe, 7, NowData::ReadSplit(a, b))
+                .unwrap();
+        assert_eq!(
+            (plain(r.cqe.status), r.data_len, r.cqe.sqhd),
+            (Status::SUCCESS, 2048, sqhd + 1),
+            "cut at {cut}"
+        );
+        sqhd = r.cqe.sqhd;
+        assert_eq!(got, data, "cut at {cut}");
+    }
+    // Wrong total length: refused.
+    let (mut a, mut b) = (vec![0u8; 1000], vec![0u8; 1000]);
+    let sqe = rw(IoOpcode::Read, 8, 1, 10, 4);
+    assert!(
+        h.t.submit_now(h.now, io, &sqe, 7, NowData::ReadSplit(&mut a, &mut b))
+            .is_none()
+    );
+
+    let mut cfg = config(64);
+    cfg.subsystems[0].namespaces[0].backend =
+        Box::new(WholeOnly(RamBackend::new(512, BLOCKS, 64).unwrap()));
+    let mut h = H::with(cfg);
+    let (_a, c) = h.admin(SUB, HOST, 0);
+    let io = h.io_queue(1, c);
+    let (mut a, mut b) = (vec![0u8; 200], vec![0u8; 312]);
+    let sqe = rw(IoOpcode::Read, 1, 1, 0, 1);
+    assert!(
+        h.t.submit_now(h.now, io, &sqe, 7, NowData::ReadSplit(&mut a, &mut b))
+            .is_none()
+    );
+    // The same read into one piece runs, as the first command the queue took.
+    let mut one = vec![0u8; 512];
+    let r = now_read(&mut h, io, &sqe, &mut one).unwrap();
+    assert_eq!((plain(r.cqe.status), r.cqe.sqhd), (Status::SUCCESS, 2));
+}

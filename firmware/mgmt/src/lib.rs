@@ -128,6 +128,21 @@ pub struct Snapshot {
     /// there now and what waits. Appended like `remotes`.
     #[serde(default)]
     pub qos_domains: Vec<QosDomainInfo>,
+    /// The network interface's transmit counters, every core's queue pair together.
+    /// Appended like `remotes` (two integers: a device from before reads as zeroes).
+    #[serde(default)]
+    pub nic: NicCounters,
+}
+
+/// Transmit counters of the network interface (virtio-net), summed over its queue pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NicCounters {
+    /// Frames handed to the device for TCP segmentation offload (VIRTIO_NET_F_HOST_TSO4):
+    /// each one up to 64 KiB, cut into segments by the device.
+    pub tx_tso_frames: u64,
+    /// Frames built by the network stack that the driver could not send (lost, as on a
+    /// wire).
+    pub tx_dropped: u64,
 }
 
 /// One QoS scheduling domain: the namespaces that share one backend's command slots.

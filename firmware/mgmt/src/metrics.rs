@@ -416,6 +416,16 @@ pub fn render(s: &Snapshot) -> String {
             "Connections closed because their ICReq did not come in time.",
             r.icreq_timeouts,
         ),
+        (
+            "keel_nic_tx_tso_frames_total",
+            "Frames the NIC was given to cut into TCP segments (TCP segmentation offload).",
+            s.nic.tx_tso_frames,
+        ),
+        (
+            "keel_nic_tx_dropped_total",
+            "Frames the network stack built that the NIC driver could not send.",
+            s.nic.tx_dropped,
+        ),
     ] {
         family(&mut o, name, "counter", help);
         sample(&mut o, name, &[], &int(value));

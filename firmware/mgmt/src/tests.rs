@@ -256,6 +256,10 @@ fn snapshot() -> Snapshot {
             inflight: 64,
             queued: 7,
         }],
+        nic: NicCounters {
+            tx_tso_frames: 4242,
+            tx_dropped: 2,
+        },
     }
 }
 
@@ -329,6 +333,7 @@ fn snapshots_stay_readable_across_versions() {
             socket_buffer_bytes: 0,
             function_slots: vec![],
             qos_domains: vec![],
+            nic: NicCounters::default(),
             ..snapshot()
         })
     );
@@ -938,6 +943,8 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_qos_domain_queued_commands{namespaces=\"nqn.2026-11.dev.keel:default/1 nqn.2026-11.dev.keel:default/2\"} 7\n",
         "keel_nvmf_buffers_free 250\n",
         "keel_connections_evicted_total 3\n",
+        "keel_nic_tx_tso_frames_total 4242\n",
+        "keel_nic_tx_dropped_total 2\n",
         "keel_controller_io_queues{controller=\"1\",subsystem=\"nqn.2026-11.dev.keel:vol0\",transport=\"tcp\",host=\"nqn.2014-08.org.nvmexpress:uuid:1234\"} 4\n",
         "keel_core_loop_passes_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 1000\n",
         "keel_core_loop_busy_passes_total{core=\"1\",role=\"ring\"} 2\n",

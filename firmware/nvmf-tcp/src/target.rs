@@ -13,7 +13,6 @@ use keel_nvme::{Cqe, DataDirection, Sqe, Status};
 
 use crate::capsule::{SGL_IN_CAPSULE, SGL_TRANSPORT, Sgl1};
 use crate::conn::{ConnState, Connection, Core, DirectWrite, PduOf, Role, RxData, RxPdu};
-use crate::crc32c::crc32c;
 use crate::pdu::{Digests, FatalError, Header, PduFlags, PduType, Repr, field};
 use crate::rx::{DataLimits, PduInfo};
 use crate::{CloseReason, RejectReason, Rejected};
@@ -421,6 +420,31 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<TargetRole<B>> {
         sq_flow_control_disabled: bool,
         exec: impl FnOnce(&mut [u8]) -> Option<(Cqe, u32)>,
     ) -> usize {
+        self.complete_in_split_window(
+            cid,
+            (window, &mut []),
+            sq_flow_control_disabled,
+            |dst, rest| {
+                debug_assert!(rest.is_empty(), "a window in one piece splits no data");
+                exec(dst)
+            },
+        )
+    }
+
+    /// [`complete_in_window`](Self::complete_in_window) for free space in two pieces, as
+    /// a ring's is where it wraps: `window.0` up to the ring's end, then `window.1` from its
+    /// start; the bytes written run through the first into the second. The PDU's header
+    /// (and padding) must fit in `window.0` (else 0, `exec` not called); its data may go
+    /// on into `window.1`: `exec` gets the data's place as two slices (the second empty
+    /// when it does not wrap), together the transfer length. Returns the bytes written,
+    /// counted from the start of `window.0`.
+    pub fn complete_in_split_window(
+        &mut self,
+        cid: u16,
+        window: (&mut [u8], &mut [u8]),
+        sq_flow_control_disabled: bool,
+        exec: impl FnOnce(&mut [u8], &mut [u8]) -> Option<(Cqe, u32)>,
+    ) -> usize {
         if self.core.state != ConnState::Ready || self.core.tx.is_active() {
             return 0;
         }
@@ -446,10 +470,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<TargetRole<B>> {
         };
         let lay = c2h(len, false).layout(dg, t.hpda);
         let data_at = lay.header_len + lay.pad;
-        if window.len() < data_at + len as usize + lay.ddgst_len {
+        let (first, second) = window;
+        if first.len() < data_at
+            || first.len() + second.len() < data_at + len as usize + lay.ddgst_len
+        {
             return 0;
         }
-        let Some((cqe, n)) = exec(&mut window[data_at..data_at + len as usize]) else {
+        // The data: in `first` after the header, the rest (if any) at the start of `second`.
+        let in_first = (first.len() - data_at).min(len as usize);
+        let in_second = len as usize - in_first;
+        let Some((cqe, n)) = exec(
+            &mut first[data_at..data_at + in_first],
+            &mut second[..in_second],
+        ) else {
             return 0;
         };
         // Data only with a successful completion, never more than the command asked for.
@@ -461,7 +494,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<TargetRole<B>> {
         let mut success = sq_flow_control_disabled && sent > 0 && all_success(&cqe);
         if sent > 0
             && c2h(sent, success)
-                .emit(&mut window[..lay.header_len], dg, t.hpda)
+                .emit(&mut first[..lay.header_len], dg, t.hpda)
                 .is_err()
         {
             // Cannot happen (the header fits, checked above); should it, the host gets the
@@ -471,11 +504,17 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<TargetRole<B>> {
         let mut used = 0;
         if sent > 0 {
             let end = data_at + sent as usize;
-            window[lay.header_len..data_at].fill(0);
+            first[lay.header_len..data_at].fill(0);
             used = end;
             if lay.ddgst_len > 0 {
-                let crc = crc32c(&window[data_at..end]).to_le_bytes();
-                window[end..end + lay.ddgst_len].copy_from_slice(&crc);
+                let data_first = (end.min(first.len())) - data_at;
+                let mut crc = crate::crc32c::Crc32c::new();
+                crc.update(&first[data_at..data_at + data_first]);
+                crc.update(&second[..sent as usize - data_first]);
+                let crc = crc.finish().to_le_bytes();
+                for (k, b) in crc.iter().enumerate() {
+                    *split_at(first, second, end + k) = *b;
+                }
                 used += lay.ddgst_len;
             }
         }
@@ -488,7 +527,20 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<TargetRole<B>> {
             t.finish(&mut self.core, idx, cqe, None, sent, false);
             t.slots[idx].sent_off = sent;
         }
-        used + self.transmit(&mut window[used..])
+        used + if used < first.len() {
+            self.transmit(&mut first[used..])
+        } else {
+            self.transmit(&mut second[used - first.len()..])
+        }
+    }
+}
+
+/// Byte `at` of a window in two pieces (`at` counted through `first` into `second`).
+fn split_at<'w>(first: &'w mut [u8], second: &'w mut [u8], at: usize) -> &'w mut u8 {
+    if at < first.len() {
+        &mut first[at]
+    } else {
+        &mut second[at - first.len()]
     }
 }
 

@@ -322,6 +322,26 @@ pub trait BlockBackend {
         let _ = (lba, blocks, src);
         Err(BlockError::Unsupported)
     }
+    /// Whether [`read_now_split`](Self::read_now_split) works: reads that are plain copies
+    /// out of memory (a RAM disk, a slice of one). Not by default (AES-XTS decrypts whole
+    /// sectors in place, which a destination cut anywhere does not allow).
+    fn reads_now_split(&self) -> bool {
+        false
+    }
+    /// [`read_now`](Self::read_now) into a destination in two pieces: the blocks' bytes run
+    /// through `first` into `second` (together exactly their bytes; either may be empty),
+    /// e.g. the free space of a transmit ring where it wraps. Only when
+    /// [`reads_now_split`](Self::reads_now_split) says so; errors as `read_now`.
+    fn read_now_split(
+        &mut self,
+        lba: u64,
+        blocks: u32,
+        first: &mut [u8],
+        second: &mut [u8],
+    ) -> Result<(), BlockError> {
+        let _ = (lba, blocks, first, second);
+        Err(BlockError::Unsupported)
+    }
 }
 
 /// Delivers completions that `take` pulls one at a time out of a state shared through a
@@ -373,5 +393,17 @@ impl<B: BlockBackend + ?Sized> BlockBackend for alloc::boxed::Box<B> {
     }
     fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
         (**self).write_now(lba, blocks, src)
+    }
+    fn reads_now_split(&self) -> bool {
+        (**self).reads_now_split()
+    }
+    fn read_now_split(
+        &mut self,
+        lba: u64,
+        blocks: u32,
+        first: &mut [u8],
+        second: &mut [u8],
+    ) -> Result<(), BlockError> {
+        (**self).read_now_split(lba, blocks, first, second)
     }
 }

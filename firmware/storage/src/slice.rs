@@ -109,6 +109,23 @@ impl<B: BlockBackend> BlockBackend for SliceBackend<B> {
         self.inner.read_now(lba + self.start, blocks, dst)
     }
 
+    fn reads_now_split(&self) -> bool {
+        self.inner.reads_now_split()
+    }
+
+    fn read_now_split(
+        &mut self,
+        lba: u64,
+        blocks: u32,
+        first: &mut [u8],
+        second: &mut [u8],
+    ) -> Result<(), BlockError> {
+        self.geometry()
+            .check_now(lba, blocks, first.len() + second.len())?;
+        self.inner
+            .read_now_split(lba + self.start, blocks, first, second)
+    }
+
     fn write_now(&mut self, lba: u64, blocks: u32, src: &[u8]) -> Result<(), BlockError> {
         self.geometry().check_now(lba, blocks, src.len())?;
         self.inner.write_now(lba + self.start, blocks, src)
@@ -268,6 +285,25 @@ impl<B: BlockBackend> BlockBackend for SharedHandle<B> {
     fn read_now(&mut self, lba: u64, blocks: u32, dst: &mut [u8]) -> Result<(), BlockError> {
         match self.shared.try_borrow_mut() {
             Ok(mut s) => s.backend.read_now(lba, blocks, dst),
+            Err(_) => Err(BlockError::Internal),
+        }
+    }
+
+    fn reads_now_split(&self) -> bool {
+        self.shared
+            .try_borrow()
+            .is_ok_and(|s| s.backend.reads_now_split())
+    }
+
+    fn read_now_split(
+        &mut self,
+        lba: u64,
+        blocks: u32,
+        first: &mut [u8],
+        second: &mut [u8],
+    ) -> Result<(), BlockError> {
+        match self.shared.try_borrow_mut() {
+            Ok(mut s) => s.backend.read_now_split(lba, blocks, first, second),
             Err(_) => Err(BlockError::Internal),
         }
     }

@@ -26,8 +26,9 @@ core::arch::global_asm!(
     bb_percore = const smp::offsets::PERCORE,
 );
 core::arch::global_asm!(include_str!("vectors.S"));
-// `memcpy` with q-register pairs, replacing compiler_builtins' weak one (see the file).
-core::arch::global_asm!(include_str!("memcpy.S"));
+// `memcpy` and `memset` with q registers, replacing compiler_builtins' weak ones (see the
+// file). `raw`: the file's register lists are in braces, not format arguments.
+core::arch::global_asm!(include_str!("memcpy.S"), options(raw));
 
 /// Symbols the linker script defines.
 pub(crate) mod layout {

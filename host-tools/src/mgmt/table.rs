@@ -297,6 +297,11 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
     }
     writeln!(
         out,
+        "nic:         {} TSO frame(s) sent, {} frame(s) dropped",
+        s.nic.tx_tso_frames, s.nic.tx_dropped
+    )?;
+    writeln!(
+        out,
         "refused:     {} connection(s) refused, {} evicted before their ICReq, {} ICReq timeout(s)",
         r.refused, r.evicted, r.icreq_timeouts
     )?;
@@ -657,6 +662,21 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("nqn.x/9"), "{t}");
+        assert!(
+            t.contains("nic:         0 TSO frame(s) sent, 0 frame(s) dropped"),
+            "{t}"
+        );
+        s.nic = keel_mgmt::NicCounters {
+            tx_tso_frames: 31,
+            tx_dropped: 1,
+        };
+        let mut out = Vec::new();
+        status("Keel", &s, &mut out).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(
+            t.contains("nic:         31 TSO frame(s) sent, 1 frame(s) dropped"),
+            "{t}"
+        );
     }
 
     #[test]

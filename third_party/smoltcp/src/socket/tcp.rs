@@ -1286,6 +1286,21 @@ impl<'a> Socket<'a> {
         self.send_impl(|tx_buffer| tx_buffer.enqueue_many_with(f))
     }
 
+    /// Call `f` with all the free space of the transmit buffer as two slices: the part
+    /// up to the end of the ring, then the part that wraps around to its start (empty
+    /// when the free space is contiguous); enqueue the amount of octets returned by `f`,
+    /// counted through the first slice into the second. Lets an application write a
+    /// record of known length in place even where the ring wraps.
+    ///
+    /// This function returns `Err(Error::Illegal)` if the transmit half of
+    /// the connection is not open; see [may_send](#method.may_send).
+    pub fn send_wrapped<'b, F, R>(&'b mut self, f: F) -> Result<R, SendError>
+    where
+        F: FnOnce(&'b mut [u8], &'b mut [u8]) -> (usize, R),
+    {
+        self.send_impl(|tx_buffer| tx_buffer.enqueue_many_with_wrapping(f))
+    }
+
     /// Enqueue a sequence of octets to be sent, and fill it from a slice.
     ///
     /// This function returns the amount of octets actually enqueued, which is limited

@@ -196,6 +196,35 @@ impl<'a, T: 'a> RingBuffer<'a, T> {
         (size, result)
     }
 
+    /// Call `f` with the whole free space of the buffer as two slices, the part up to
+    /// the end of the storage and the part that wraps around to its start (empty when the
+    /// free space does not wrap), and enqueue the amount of elements returned by `f`,
+    /// counted from the start of the first slice and going on into the second.
+    ///
+    /// # Panics
+    /// This function panics if the amount of elements returned by `f` is larger
+    /// than the two slices together.
+    pub fn enqueue_many_with_wrapping<'b, R, F>(&'b mut self, f: F) -> (usize, R)
+    where
+        F: FnOnce(&'b mut [T], &'b mut [T]) -> (usize, R),
+    {
+        if self.length == 0 {
+            // Ring is currently empty. Reset `read_at` to optimize
+            // for contiguous space.
+            self.read_at = 0;
+        }
+
+        let write_at = self.get_idx(self.length);
+        let window = self.window();
+        let first = self.contiguous_window();
+        // The wrapped part starts at 0 and ends before `read_at` (<= `write_at`).
+        let (head, tail) = self.storage.split_at_mut(write_at);
+        let (size, result) = f(&mut tail[..first], &mut head[..window - first]);
+        assert!(size <= window);
+        self.length += size;
+        (size, result)
+    }
+
     /// Enqueue a slice of elements up to the given size into the buffer,
     /// and return a reference to them.
     ///
@@ -568,6 +597,31 @@ mod test {
         ring.enqueue_many(8).copy_from_slice(b"ijkl");
         assert_eq!(ring.len(), 12);
         assert_eq!(&ring.storage[..], b"abcdefghijkl");
+    }
+
+    #[test]
+    fn test_buffer_enqueue_many_with_wrapping() {
+        let mut ring = RingBuffer::new(vec![b'.'; 12]);
+        assert_eq!(ring.enqueue_slice(b"abcdefghij"), 10);
+        assert_eq!(ring.dequeue_many(6), b"abcdef");
+        // Free: 2 at the end, 6 wrapped to the start (up to `read_at`).
+        let (n, lens) = ring.enqueue_many_with_wrapping(|a, b| {
+            a.copy_from_slice(b"kl");
+            b[..3].copy_from_slice(b"mno");
+            (5, (a.len(), b.len()))
+        });
+        assert_eq!((n, lens), (5, (2, 6)));
+        assert_eq!(ring.len(), 9);
+        let mut out = [0u8; 9];
+        assert_eq!(ring.dequeue_slice(&mut out), 9);
+        assert_eq!(&out, b"ghijklmno");
+        // Empty: one contiguous slice from the start, none wrapped.
+        let (n, lens) = ring.enqueue_many_with_wrapping(|a, b| (0, (a.len(), b.len())));
+        assert_eq!((n, lens), (0, (12, 0)));
+        // Full: nothing at all.
+        assert_eq!(ring.enqueue_slice(&[b'x'; 12]), 12);
+        let (n, lens) = ring.enqueue_many_with_wrapping(|a, b| (0, (a.len(), b.len())));
+        assert_eq!((n, lens), (0, (0, 0)));
     }
 
     #[test]
