@@ -35,6 +35,7 @@ fn test_config() -> Config {
         max_transfer: 1 << 20,
         zero_buffer: 16 << 10,
         interrupts: false,
+        core_queues: 0,
     }
 }
 
