@@ -699,7 +699,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             engine.io.push(q);
             engine.size_tables(self.namespaces.len());
             self.detached.push(Detached {
-                link: Arc::new(QueueLink::new()),
+                link: Arc::new(QueueLink::new(self.generation)),
                 engine: Some(engine),
                 qid,
                 depth,
@@ -734,6 +734,14 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             self.config.timeout_scan_ns,
             self.now,
         ))
+    }
+
+    /// The queue ID of I/O queue pair `i` created for another core, while it can be taken.
+    pub fn core_queue_id(&self, i: usize) -> Option<u16> {
+        self.detached
+            .get(i)
+            .filter(|d| d.engine.is_some() && !d.dead)
+            .map(|d| d.qid)
     }
 
     /// Queue `k` of the configuration script (own queues, then other cores'): its ID,

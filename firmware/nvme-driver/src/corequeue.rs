@@ -63,11 +63,12 @@ pub struct QueueLink {
 }
 
 impl QueueLink {
-    pub(crate) fn new() -> Self {
+    /// A queue not created yet, in the controller's current `generation` (acknowledged:
+    /// the first Create needs no handshake).
+    pub(crate) fn new(generation: u64) -> Self {
         Self {
-            // Generation 0, acknowledged: the first Create needs no handshake.
-            state: AtomicU64::new(DOWN),
-            ack: AtomicU64::new(0),
+            state: AtomicU64::new(generation << 2 | DOWN),
+            ack: AtomicU64::new(generation),
             reset: AtomicBool::new(false),
         }
     }
@@ -168,6 +169,7 @@ impl<R: Registers, D: Dma> CoreQueue<R, D> {
         scan_ns: u64,
         now: u64,
     ) -> Self {
+        let generation = link.ack.load(Ordering::Acquire);
         Self {
             regs,
             dma,
@@ -176,7 +178,7 @@ impl<R: Registers, D: Dma> CoreQueue<R, D> {
             namespaces,
             link,
             seen: Seen::Down,
-            generation: 0,
+            generation,
             now,
             next_scan: 0,
             scan_ns,
