@@ -188,6 +188,9 @@ pub struct ReplicaNs {
     pub nsid: u32,
     /// NGUID (as the controller core reports it).
     pub nguid: [u8; 16],
+    /// Its fair share of a drive it shares with other namespaces (weight, domain, commands
+    /// at the drive at once), applied among this core's commands; never limits.
+    pub qos: keel_controller::NamespaceQos,
     /// Where its blocks are.
     pub source: ReplicaSource,
 }
@@ -875,9 +878,13 @@ fn replicable(
         return Vec::new();
     }
     let source = |n: &NsPlan| -> Option<ReplicaSource> {
+        // Limits and groups are counted on one core; a drive's fair sharing among its
+        // slices (weight, domain, drive_max_inflight) is not a limit and applies per core.
+        let qos = plan.namespace_qos(n);
         if n.key.is_some()
             || n.function.is_some()
-            || plan.namespace_qos(n) != keel_controller::NamespaceQos::default()
+            || qos.limits != keel_controller::QosLimits::NONE
+            || qos.group.is_some()
             || !served
                 .iter()
                 .any(|(q, id)| *q == n.subsystem && *id == n.nsid)
@@ -909,6 +916,7 @@ fn replicable(
                         nsid: n.nsid,
                         nguid: plan.nguid_of(n),
                         source: source(n)?,
+                        qos: plan.namespace_qos(n),
                     })
                 })
                 .collect::<Option<Vec<_>>>()?;
@@ -988,7 +996,7 @@ pub(crate) fn replica_target(
                 nguid: n.nguid,
                 uuid: [0; 16],
                 eui64: [0; 8],
-                qos: Default::default(),
+                qos: n.qos.clone(),
             });
         }
         configs.push(SubsystemConfig {
