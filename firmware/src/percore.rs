@@ -10,12 +10,22 @@
 //! commands to core 0 over the rings ([`ToHolder`]); core 0 runs them on a queue it opens for
 //! that connection ([`Holder`], owner [`FORWARD_OWNER`]) and sends the completion and data
 //! back ([`FromHolder`]). When the command was the Connect of an I/O queue of a subsystem
-//! every core can serve ([`ReplicaSubsystem`]: RAM namespaces in shared regions, no QoS
-//! limits), core 0 also sends its [`keel_controller::Adoption`]: core `k` then serves that
-//! queue entirely on its own, from a replica of the controller in its own target over the
-//! same memory: no lock, no message and no allocation per I/O. Every other queue (admin
-//! queues, discovery, I/O queues of subsystems with drive, remote, encrypted or QoS-limited
-//! namespaces) stays forwarded: slower (a copy each way, allocation), never wrong.
+//! every core can serve ([`ReplicaSubsystem`]: unencrypted RAM namespaces in shared regions
+//! and unencrypted drive namespaces, no QoS limits), core 0 also sends its
+//! [`keel_controller::Adoption`]: core `k` then serves that queue entirely on its own, from a
+//! replica of the controller in its own target: RAM namespaces over the same memory, drive
+//! namespaces through core `k`'s own I/O queue pair on each drive (created by core 0, which
+//! keeps the drive's admin queue and resets, and handed over in [`ServeSpec::drives`]:
+//! `keel_nvme_driver::CoreQueue`, whose doorbells only core `k` writes). No lock, no message
+//! and no allocation per I/O. Every other queue (admin queues, discovery, I/O queues of
+//! subsystems with remote, encrypted or QoS-limited namespaces) stays forwarded: slower (a
+//! copy each way, allocation), never wrong.
+//!
+//! A drive fault seen on core `k`: a command that times out on its pair asks core 0 for a
+//! controller reset; the reset fails the outstanding requests of every queue with the same
+//! internal error, and core 0 re-creates core `k`'s pair once core `k` has reset it (see
+//! `keel_nvme_driver::corequeue` for the handshake and its memory ordering). A drive given up
+//! on fails core `k`'s requests too.
 //!
 //! Teardown reaches every core: a queue core 0 ends (keep-alive expiry, controller reset,
 //! the admin queue lost, an abrupt I/O queue loss ending the association) becomes a

@@ -937,6 +937,9 @@ const REPLICA_DEPTH: usize = 1024;
 const REPLICA_SCRATCH: usize = 4;
 const REPLICA_SCRATCH_SIZE: usize = 128 * 1024;
 
+/// A drive namespace a replica cuts into slices.
+type ReplicaShared = SharedBackend<Box<dyn BlockBackend>>;
+
 /// A replica target over the subsystems every core can serve. `drive(d, nsid)` opens
 /// drive `d`'s namespace `nsid` whole through the calling core's own queue pair on it
 /// (`None`: the core has none, and the replica is not built).
@@ -956,7 +959,7 @@ pub(crate) fn replica_target(
             .filter(|n| matches!(n.source, ReplicaSource::Drive { drive, nsid, .. } if drive == d && nsid == id))
             .count()
     };
-    let mut shared: Vec<((usize, u32), SharedBackend<Box<dyn BlockBackend>>)> = Vec::new();
+    let mut shared: Vec<((usize, u32), ReplicaShared)> = Vec::new();
     let mut configs = Vec::new();
     for s in &subsystems {
         let mut namespaces = Vec::new();

@@ -1172,8 +1172,22 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
     let (cmds, msgs) = on_core_1(&mgmt, cores, "bench", &mut || {
         for rw in ["write", "read"] {
             let out = ok(&[
-                "nvme", "bench", "--addr", &addr, "--nsid", "1", "--rw", rw, "--connections",
-                "1", "--qd", "16", "--ios", "600", "--range-mib", "32",
+                "nvme",
+                "bench",
+                "--addr",
+                &addr,
+                "--nsid",
+                "1",
+                "--rw",
+                rw,
+                "--connections",
+                "1",
+                "--qd",
+                "16",
+                "--ios",
+                "600",
+                "--range-mib",
+                "32",
             ]);
             assert!(out.contains("IOPS"), "{out}");
         }
@@ -1185,18 +1199,39 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
         "core 0 took {msgs} ring messages while core 1 served {cmds} commands: I/O was forwarded"
     );
     // Every run's commands are counted, whichever core served them.
-    assert_eq!(namespace_metric(&mgmt, "writes", 1) - writes_before, ios / 2);
+    assert_eq!(
+        namespace_metric(&mgmt, "writes", 1) - writes_before,
+        ios / 2
+    );
     assert_eq!(namespace_metric(&mgmt, "reads", 1) - reads_before, ios / 2);
 
     // Mixed verified I/O on core 1.
     let (cmds, msgs) = on_core_1(&mgmt, cores, "verified mix", &mut || {
         let out = ok(&[
-            "nvme", "bench", "--addr", &addr, "--nsid", "1", "--rw", "mix", "--connections",
-            "1", "--qd", "16", "--ios", "1000", "--range-mib", "16", "--verify",
+            "nvme",
+            "bench",
+            "--addr",
+            &addr,
+            "--nsid",
+            "1",
+            "--rw",
+            "mix",
+            "--connections",
+            "1",
+            "--qd",
+            "16",
+            "--ios",
+            "1000",
+            "--range-mib",
+            "16",
+            "--verify",
         ]);
         assert!(out.contains("IOPS"), "{out}");
     });
-    assert!(cmds >= 1000 && msgs < 200, "{cmds} commands, {msgs} messages");
+    assert!(
+        cmds >= 1000 && msgs < 200,
+        "{cmds} commands, {msgs} messages"
+    );
 
     // Data written on core 1 is in the drive's backing file, and reads back on core 1.
     let data = ScratchFile::new(&format!("drvq{cores}-data.bin"), 0);

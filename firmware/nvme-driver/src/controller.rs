@@ -883,7 +883,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                 self.start_script(step + 2 - (step + 1) % 2, deadline);
                 return;
             }
-            if step % 2 == 0 {
+            if step.is_multiple_of(2) {
                 self.detached[i].link.up(self.generation);
             }
         }

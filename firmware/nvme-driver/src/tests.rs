@@ -1141,7 +1141,7 @@ fn a_core_queue_serves_io_alone_and_follows_a_reset() {
     let q = Rc::new(RefCell::new(q));
     let mut be = CoreBackend::new(q.clone(), 0).unwrap();
     let mut t = t0(&d);
-    let mut pump = |be: &mut CoreBackend<FakeRegs, FakeDma>, t: u64| {
+    let pump = |be: &mut CoreBackend<FakeRegs, FakeDma>, t: u64| {
         let mut out = Vec::new();
         for _ in 0..100 {
             q.borrow_mut().poll(t);
