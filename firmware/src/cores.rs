@@ -787,7 +787,12 @@ impl DataCore {
                 last_busy = now;
                 continue;
             }
-            if !self.sleeps || now - last_busy < IDLE_SPIN_NS {
+            // Drive completions on its own queue pairs raise no interrupt: spin while any
+            // command is outstanding there.
+            if !self.sleeps
+                || now - last_busy < IDLE_SPIN_NS
+                || self.plane.as_ref().is_some_and(|p| !p.may_sleep())
+            {
                 core::hint::spin_loop();
                 continue;
             }

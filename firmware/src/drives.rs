@@ -55,7 +55,7 @@ fn size(bytes: u128) -> String {
     }
 }
 
-fn bring_up_one(f: &Function) -> Result<NvmeDrive, DriveError> {
+fn bring_up_one(f: &Function, core_queues: u16) -> Result<NvmeDrive, DriveError> {
     let bar = f
         .bar(0)
         .filter(|b| b.space != Space::Io && b.cpu_addr != 0)
@@ -66,18 +66,24 @@ fn bring_up_one(f: &Function) -> Result<NvmeDrive, DriveError> {
     let regs =
         unsafe { Bar0::new(bar.cpu_addr as usize, bar.size as usize) }.ok_or(DriveError::NoBar)?;
     let mut clock = timer::now_ns;
-    Drive::init(regs, HeapDma, Config::default(), &mut clock).map_err(DriveError::Init)
+    let config = Config {
+        core_queues,
+        ..Config::default()
+    };
+    Drive::init(regs, HeapDma, config, &mut clock).map_err(DriveError::Init)
 }
 
-/// Brings up every NVMe drive the PCI enumeration found; logs one line per drive and per
-/// namespace, or the reason a drive is skipped.
-pub fn bring_up(platform: &Platform) -> Vec<LocalDrive<Qemu>> {
+/// Brings up every NVMe drive the PCI enumeration found, each with `core_queues` I/O queue
+/// pairs for other cores besides its own (one per core serving NVMe/TCP besides core 0; see
+/// [`crate::percore`]); logs one line per drive and per namespace, or the reason a drive is
+/// skipped.
+pub fn bring_up(platform: &Platform, core_queues: u16) -> Vec<LocalDrive<Qemu>> {
     let mut out = Vec::new();
     if platform.dt.pcie.is_none() {
         return out;
     }
     for f in platform.pci.iter().filter(|f| f.class == NVME_CLASS) {
-        let drive = match bring_up_one(f) {
+        let drive = match bring_up_one(f, core_queues) {
             Ok(d) => d,
             Err(e) => {
                 klog::error!("nvme: {}: {}; drive not used", klog::D(&f.bdf), klog::D(&e));
@@ -86,7 +92,7 @@ pub fn bring_up(platform: &Platform) -> Vec<LocalDrive<Qemu>> {
         };
         let Some(info) = drive.info() else { continue };
         klog::info!(
-            "nvme: {} {} serial {} fw {}, NVMe {}.{}, {} I/O queue(s) x {}, max transfer {} KiB, ONCS {:#x}, volatile write cache {}",
+            "nvme: {} {} serial {} fw {}, NVMe {}.{}, {} I/O queue(s) x {} (+{} for other cores), max transfer {} KiB, ONCS {:#x}, volatile write cache {}",
             klog::D(&f.bdf),
             info.model,
             info.serial,
@@ -95,6 +101,7 @@ pub fn bring_up(platform: &Platform) -> Vec<LocalDrive<Qemu>> {
             info.version.minor(),
             info.io_queues,
             info.queue_depth,
+            info.core_queues,
             info.max_transfer / 1024,
             info.oncs.bits(),
             if info.vwc.contains(Vwc::PRESENT) {

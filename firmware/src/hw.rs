@@ -77,6 +77,10 @@ pub trait DriveCtl {
     fn poll(&self, now_ns: u64) -> bool;
     /// Commands submitted to the drive and not yet completed.
     fn outstanding(&self) -> usize;
+    /// I/O queue pairs it created for other cores (`keel_nvme_driver::CoreQueue`).
+    fn core_queues(&self) -> usize {
+        0
+    }
 }
 
 /// Flash that can be read, erased by sectors and programmed.

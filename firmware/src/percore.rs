@@ -10,12 +10,22 @@
 //! commands to core 0 over the rings ([`ToHolder`]); core 0 runs them on a queue it opens for
 //! that connection ([`Holder`], owner [`FORWARD_OWNER`]) and sends the completion and data
 //! back ([`FromHolder`]). When the command was the Connect of an I/O queue of a subsystem
-//! every core can serve ([`ReplicaSubsystem`]: RAM namespaces in shared regions, no QoS
-//! limits), core 0 also sends its [`keel_controller::Adoption`]: core `k` then serves that
-//! queue entirely on its own, from a replica of the controller in its own target over the
-//! same memory: no lock, no message and no allocation per I/O. Every other queue (admin
-//! queues, discovery, I/O queues of subsystems with drive, remote, encrypted or QoS-limited
-//! namespaces) stays forwarded: slower (a copy each way, allocation), never wrong.
+//! every core can serve ([`ReplicaSubsystem`]: unencrypted RAM namespaces in shared regions
+//! and unencrypted drive namespaces, no QoS limits), core 0 also sends its
+//! [`keel_controller::Adoption`]: core `k` then serves that queue entirely on its own, from a
+//! replica of the controller in its own target: RAM namespaces over the same memory, drive
+//! namespaces through core `k`'s own I/O queue pair on each drive (created by core 0, which
+//! keeps the drive's admin queue and resets, and handed over in [`ServeSpec::drives`]:
+//! `keel_nvme_driver::CoreQueue`, whose doorbells only core `k` writes). No lock, no message
+//! and no allocation per I/O. Every other queue (admin queues, discovery, I/O queues of
+//! subsystems with remote, encrypted or QoS-limited namespaces) stays forwarded: slower (a
+//! copy each way, allocation), never wrong.
+//!
+//! A drive fault seen on core `k`: a command that times out on its pair asks core 0 for a
+//! controller reset; the reset fails the outstanding requests of every queue with the same
+//! internal error, and core 0 re-creates core `k`'s pair once core `k` has reset it (see
+//! `keel_nvme_driver::corequeue` for the handshake and its memory ordering). A drive given up
+//! on fails core `k`'s requests too.
 //!
 //! Teardown reaches every core: a queue core 0 ends (keep-alive expiry, controller reset,
 //! the admin queue lost, an abrupt I/O queue loss ending the association) becomes a
@@ -37,9 +47,12 @@ use crate::poll::{DISCOVERY_PORT, NVMF_PORT};
 use crate::qemu::{Qemu, QemuNic};
 use crate::services::{ReplicaSubsystem, Services, replica_target};
 use alloc::collections::VecDeque;
+use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
+use core::cell::RefCell;
 use keel_controller::{Instant, Limits, QueueId, Request, Response, Target};
 use keel_hal::arch::timer;
+use keel_hal::nvme::{CoreNvmeBackend, CoreNvmeQueue};
 use keel_hal::println;
 use keel_hal::virtio_net::QueuePair;
 use keel_nvme::{Cqe, Status};
@@ -73,6 +86,8 @@ pub struct ServeSpec {
     pub limits: Limits,
     /// Address advertised in discovery (as core 0's).
     pub advertise: Option<(String, String)>,
+    /// Its own I/O queue pair on each drive its subsystems use (drive index, queue).
+    pub drives: Vec<(usize, CoreNvmeQueue)>,
 }
 
 /// Whether a frame received on a core other than core 0 is for that core's stack: ARP,
@@ -106,6 +121,8 @@ pub struct Plane {
     ns_dirty: bool,
     /// When they were last published.
     ns_published: u64,
+    /// Its I/O queue pairs on the drives, polled every pass.
+    drive_queues: Vec<Rc<RefCell<CoreNvmeQueue>>>,
 }
 
 impl core::fmt::Debug for Plane {
@@ -127,10 +144,25 @@ impl Plane {
             subsystems,
             limits,
             advertise,
+            drives,
         } = spec;
         let index = pair.index();
         let names: Vec<String> = subsystems.iter().map(|s| s.nqn.clone()).collect();
-        let target = replica_target(subsystems, limits)?;
+        let queues: Vec<(usize, Rc<RefCell<CoreNvmeQueue>>)> = drives
+            .into_iter()
+            .map(|(d, q)| (d, Rc::new(RefCell::new(q))))
+            .collect();
+        let qids: Vec<(usize, u16)> = queues.iter().map(|(d, q)| (*d, q.borrow().qid())).collect();
+        let target = replica_target(subsystems, limits, &mut |d, nsid| {
+            let q = &queues.iter().find(|(i, _)| *i == d)?.1;
+            let i = q
+                .borrow()
+                .namespaces()
+                .iter()
+                .position(|n| n.nsid == nsid)?;
+            let b = CoreNvmeBackend::new(q.clone(), i)?;
+            Some(Box::new(b) as Box<dyn keel_storage::BlockBackend>)
+        })?;
         let nvmf = match NvmfService::with_buffers(
             advertise,
             SECONDARY_BUFFERS,
@@ -155,7 +187,7 @@ impl Plane {
         net.listen(NVMF_PORT);
         net.listen(DISCOVERY_PORT);
         println!(
-            "percore: core {core} serves NVMe/TCP on queue pair {index}; I/O queues of {names:?} here, everything else through core 0"
+            "percore: core {core} serves NVMe/TCP on queue pair {index}; I/O queues of {names:?} here (drive, I/O queue: {qids:?}), everything else through core 0"
         );
         let mut plane = Self {
             core,
@@ -164,6 +196,7 @@ impl Plane {
             target,
             ns_dirty: false,
             ns_published: now_ns,
+            drive_queues: queues.into_iter().map(|(_, q)| q).collect(),
         };
         plane.publish_namespaces();
         Some(plane)
@@ -193,6 +226,9 @@ impl Plane {
         } = self;
         let mut busy = net.poll_ingress(now_ns);
         busy |= nvmf.poll(now_ns, net, target);
+        for q in &self.drive_queues {
+            busy |= q.borrow_mut().poll(now_ns);
+        }
         busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
         nvmf.flush(net);
         busy |= net.poll_egress(now_ns);
@@ -217,10 +253,33 @@ impl Plane {
         busy
     }
 
+    /// Whether the core may sleep: no command is outstanding on its drive queues (drive
+    /// completions raise no interrupt).
+    pub fn may_sleep(&self) -> bool {
+        self.drive_queues
+            .iter()
+            .all(|q| q.try_borrow().is_ok_and(|q| q.outstanding() == 0))
+    }
+
     /// A message of the controller core.
     pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64) {
         self.nvmf.on_holder(msg, now_ns, &mut self.target);
     }
+}
+
+/// Takes the drive's I/O queue pair `i` of those created for other cores, with a handle on
+/// its doorbells.
+fn take_core_queue(
+    c: &mut keel_hal::nvme::driver::Controller<keel_hal::nvme::Bar0, keel_hal::nvme::HeapDma>,
+    i: usize,
+) -> Option<CoreNvmeQueue> {
+    let qid = c.core_queue_id(i)?;
+    let dstrd = c.info()?.cap.dstrd();
+    // SAFETY: queue `qid` was created for another core and is handed out here, once (the
+    // controller gives each queue out only once: `core_queue_id` is `None` afterwards); the
+    // driver never writes the doorbells of a queue it handed out.
+    let bells = unsafe { c.regs().queue_doorbells(qid, dstrd) }?;
+    c.take_core_queue(i, bells)
 }
 
 /// A connection on another core whose queue core 0 holds.
@@ -286,16 +345,54 @@ impl Holder {
         let pool = BufPool::lazy(region, region.as_ptr() as u64, MAX_TRANSFER)
             .map_err(|e| klog::error!("percore: buffers: {}", klog::D(&e)))
             .ok()?;
+        // Each core's own I/O queue pair on every drive a replicable subsystem uses; a
+        // subsystem on a drive some core got no queue of is served through core 0 instead.
+        let used: Vec<usize> = services
+            .replicable
+            .iter()
+            .flat_map(|s| s.drives())
+            .collect();
+        let mut drives: Vec<Vec<(usize, CoreNvmeQueue)>> = Vec::new();
+        for li in 0..pairs.len() {
+            let mut mine = Vec::new();
+            for (d, drive) in services.drives.iter().enumerate() {
+                if !used.contains(&d) {
+                    continue;
+                }
+                if let Some(q) = drive.drive.with(|c| take_core_queue(c, li)).flatten() {
+                    mine.push((d, q));
+                }
+            }
+            drives.push(mine);
+        }
+        let replicable: Vec<ReplicaSubsystem> = services
+            .replicable
+            .iter()
+            .filter(|s| {
+                let ok = s
+                    .drives()
+                    .all(|d| drives.iter().all(|m| m.iter().any(|(i, _)| *i == d)));
+                if !ok {
+                    klog::warning!(
+                        "percore: {}: a drive has no I/O queue pair for every core; its I/O queues are served through core 0",
+                        s.nqn
+                    );
+                }
+                ok
+            })
+            .cloned()
+            .collect();
         let mut outq = Vec::new();
         let mut served = 0u64;
-        for (link, pair) in links.0.iter_mut().zip(pairs) {
+        for ((link, pair), drives) in links.0.iter_mut().zip(pairs).zip(drives) {
             let spec = ServeSpec {
                 pair,
                 mac,
                 addressing,
-                subsystems: services.replicable.clone(),
+                subsystems: replicable.clone(),
                 limits: *services.target.limits(),
                 advertise: services.plan().advertise.clone(),
+                drives,
             };
             if link.send(Msg::Serve(Box::new(spec))).is_err() {
                 klog::error!("percore: core {}: ring full", link.info.index);
@@ -310,7 +407,7 @@ impl Holder {
             pool,
             parked: VecDeque::new(),
             outq,
-            replicable: services.replicable.iter().map(|s| s.nqn.clone()).collect(),
+            replicable: replicable.iter().map(|s| s.nqn.clone()).collect(),
             generation: services.target.namespace_generation(),
             served,
         })

@@ -153,7 +153,7 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
     };
     let (mut net, pairs) = bring_up_net(&platform, addressing, cores);
     let mac = net.as_ref().map_or([0; 6], |n| n.device.mac());
-    let drives = crate::drives::bring_up(&platform);
+    let drives = crate::drives::bring_up(&platform, pairs.len() as u16);
     let plan = match provisioned {
         Some((cfg, source)) => Plan::from_bundle(&cfg, source, mac, PROVISION_PUBKEY),
         None => {

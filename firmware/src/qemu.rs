@@ -167,6 +167,9 @@ impl DriveCtl for NvmeDrive {
     fn outstanding(&self) -> usize {
         self.with(|c| c.outstanding()).unwrap_or(0)
     }
+    fn core_queues(&self) -> usize {
+        self.info().map_or(0, |i| usize::from(i.core_queues))
+    }
 }
 
 impl Flash for CfiFlash {

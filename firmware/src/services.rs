@@ -163,8 +163,10 @@ pub struct Services<H: Hw> {
 
 /// A subsystem other cores can serve I/O queues of from a replica of the controller core
 /// (`Target::adopt_io_queue`): all its namespaces are unencrypted RAM namespaces in shared
-/// regions ([`crate::sharedram`]), and no QoS limit applies (limits are enforced where the
-/// commands are counted, on one core). Everything in it can move to another core.
+/// regions ([`crate::sharedram`]) or unencrypted namespaces of local drives (each core
+/// reaches a drive through an I/O queue pair of its own, [`ReplicaSource::Drive`]), and no
+/// QoS limit applies (limits are enforced where the commands are counted, on one core).
+/// Everything in it can move to another core.
 #[derive(Debug, Clone)]
 pub struct ReplicaSubsystem {
     /// Its NQN, serial, model and allowed hosts (as the controller core has them).
@@ -175,8 +177,49 @@ pub struct ReplicaSubsystem {
     pub model: String,
     /// Allowed hosts.
     pub allowed_hosts: Vec<String>,
-    /// Its namespaces: NSID, the shared region, NGUID.
-    pub namespaces: Vec<(u32, crate::sharedram::Region, [u8; 16])>,
+    /// Its namespaces.
+    pub namespaces: Vec<ReplicaNs>,
+}
+
+/// A namespace of a [`ReplicaSubsystem`].
+#[derive(Debug, Clone)]
+pub struct ReplicaNs {
+    /// NSID.
+    pub nsid: u32,
+    /// NGUID (as the controller core reports it).
+    pub nguid: [u8; 16],
+    /// Its fair share of a drive it shares with other namespaces (weight, domain, commands
+    /// at the drive at once), applied among this core's commands; never limits.
+    pub qos: keel_controller::NamespaceQos,
+    /// Where its blocks are.
+    pub source: ReplicaSource,
+}
+
+/// Where the blocks of a [`ReplicaNs`] are.
+#[derive(Debug, Clone)]
+pub enum ReplicaSource {
+    /// A shared RAM region.
+    Ram(crate::sharedram::Region),
+    /// Local drive `drive`'s namespace `nsid`, whole or a slice (`keel.ns=drive:D[:N][@OFF[+LEN]]`),
+    /// reached through the serving core's own queue pair on that drive.
+    Drive {
+        /// Index of the drive.
+        drive: usize,
+        /// Namespace on the drive.
+        nsid: u32,
+        /// Byte offset and length (`None`: to the end), as the plan says.
+        slice: Option<(u64, Option<u64>)>,
+    },
+}
+
+impl ReplicaSubsystem {
+    /// The drives its namespaces are on.
+    pub fn drives(&self) -> impl Iterator<Item = usize> + '_ {
+        self.namespaces.iter().filter_map(|n| match n.source {
+            ReplicaSource::Drive { drive, .. } => Some(drive),
+            ReplicaSource::Ram(_) => None,
+        })
+    }
 }
 
 impl<H: Hw> core::fmt::Debug for Services<H> {
@@ -651,7 +694,8 @@ impl<H: Hw> Services<H> {
             crate::health::HealthLog::boot(identity.flash.as_mut(), H::now_ns());
         target.set_health(device_health);
         let replicable = if share_ram {
-            replicable(&plan, &regions)
+            let core_queues: Vec<bool> = drives.iter().map(|d| d.drive.core_queues() > 0).collect();
+            replicable(&plan, &regions, &served, &core_queues)
         } else {
             Vec::new()
         };
@@ -821,37 +865,68 @@ fn shared_ram_namespace<H: Hw>(
 }
 
 /// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
-/// of the plan in them is a RAM namespace served from a shared region, and the plan sets no
-/// QoS limits.
+/// of the plan in them is served and is a RAM namespace in a shared region or an unencrypted
+/// namespace of a drive that has queue pairs for the other cores (`core_queues[drive]`), no
+/// namespace is an emulated function's, and the plan sets no QoS limits.
 fn replicable(
     plan: &Plan,
     regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
+    served: &[(String, u32)],
+    core_queues: &[bool],
 ) -> Vec<ReplicaSubsystem> {
     if !plan.host_qos().is_empty() || !plan.qos_groups().is_empty() {
         return Vec::new();
     }
+    let source = |n: &NsPlan| -> Option<ReplicaSource> {
+        // Limits and groups are counted on one core; a drive's fair sharing among its
+        // slices (weight, domain, drive_max_inflight) is not a limit and applies per core.
+        let qos = plan.namespace_qos(n);
+        if n.key.is_some()
+            || n.function.is_some()
+            || qos.limits != keel_controller::QosLimits::NONE
+            || qos.group.is_some()
+            || !served
+                .iter()
+                .any(|(q, id)| *q == n.subsystem && *id == n.nsid)
+        {
+            return None;
+        }
+        match n.spec {
+            NsSpec::Ram(_) => regions
+                .iter()
+                .find(|r| r.0 == n.subsystem && r.1 == n.nsid)
+                .map(|r| ReplicaSource::Ram(r.2)),
+            NsSpec::Drive { drive, nsid, slice } => core_queues
+                .get(drive)
+                .copied()
+                .unwrap_or(false)
+                .then_some(ReplicaSource::Drive { drive, nsid, slice }),
+            NsSpec::Remote { .. } => None,
+        }
+    };
     plan.subsystems
         .iter()
-        .filter(|s| {
-            plan.namespaces
+        .filter_map(|s| {
+            let namespaces = plan
+                .namespaces
                 .iter()
                 .filter(|n| n.subsystem == s.nqn)
-                .all(|n| {
-                    matches!(n.spec, NsSpec::Ram(_))
-                        && regions.iter().any(|r| r.0 == s.nqn && r.1 == n.nsid)
-                        && plan.namespace_qos(n) == keel_controller::NamespaceQos::default()
+                .map(|n| {
+                    Some(ReplicaNs {
+                        nsid: n.nsid,
+                        nguid: plan.nguid_of(n),
+                        source: source(n)?,
+                        qos: plan.namespace_qos(n),
+                    })
                 })
-        })
-        .map(|s| ReplicaSubsystem {
-            nqn: s.nqn.clone(),
-            serial: s.serial.clone(),
-            model: s.model.clone(),
-            allowed_hosts: s.allowed_hosts.clone(),
-            namespaces: regions
-                .iter()
-                .filter(|r| r.0 == s.nqn)
-                .map(|r| (r.1, r.2, r.3))
-                .collect(),
+                .collect::<Option<Vec<_>>>()?;
+            Some(ReplicaSubsystem {
+                nqn: s.nqn.clone(),
+                serial: s.serial.clone(),
+                model: s.model.clone(),
+                allowed_hosts: s.allowed_hosts.clone(),
+                namespaces,
+            })
         })
         .collect()
 }
@@ -862,33 +937,81 @@ const REPLICA_DEPTH: usize = 1024;
 const REPLICA_SCRATCH: usize = 4;
 const REPLICA_SCRATCH_SIZE: usize = 128 * 1024;
 
-/// A replica target over the subsystems every core can serve.
-pub(crate) fn replica_target(subsystems: Vec<ReplicaSubsystem>, limits: Limits) -> Option<Target> {
+/// A drive namespace a replica cuts into slices.
+type ReplicaShared = SharedBackend<Box<dyn BlockBackend>>;
+
+/// A replica target over the subsystems every core can serve. `drive(d, nsid)` opens
+/// drive `d`'s namespace `nsid` whole through the calling core's own queue pair on it
+/// (`None`: the core has none, and the replica is not built).
+pub(crate) fn replica_target(
+    subsystems: Vec<ReplicaSubsystem>,
+    limits: Limits,
+    drive: &mut dyn FnMut(usize, u32) -> Option<Box<dyn BlockBackend>>,
+) -> Option<Target> {
     let region = dma_region(REPLICA_SCRATCH * REPLICA_SCRATCH_SIZE);
     let scratch = BufPool::lazy(region, region.as_ptr() as u64, REPLICA_SCRATCH_SIZE).ok();
-    let subsystems = subsystems
-        .into_iter()
-        .map(|s| SubsystemConfig {
-            nqn: s.nqn,
-            serial: s.serial,
-            model: s.model,
-            allowed_hosts: s.allowed_hosts,
-            namespaces: s
-                .namespaces
-                .into_iter()
-                .map(|(nsid, region, nguid)| NamespaceConfig {
+    // Drive namespaces used by several namespaces or as slices are shared and cut, as on the
+    // controller core (`make_backend`).
+    let uses = |d: usize, id: u32| {
+        subsystems
+            .iter()
+            .flat_map(|s| &s.namespaces)
+            .filter(|n| matches!(n.source, ReplicaSource::Drive { drive, nsid, .. } if drive == d && nsid == id))
+            .count()
+    };
+    let mut shared: Vec<((usize, u32), ReplicaShared)> = Vec::new();
+    let mut configs = Vec::new();
+    for s in &subsystems {
+        let mut namespaces = Vec::new();
+        for n in &s.namespaces {
+            let backend: Box<dyn BlockBackend> = match n.source {
+                ReplicaSource::Ram(region) => Box::new(region.handle(REPLICA_DEPTH)),
+                ReplicaSource::Drive {
+                    drive: d,
                     nsid,
-                    backend: Box::new(region.handle(REPLICA_DEPTH)),
-                    nguid,
-                    uuid: [0; 16],
-                    eui64: [0; 8],
-                    qos: Default::default(),
-                })
-                .collect(),
-        })
-        .collect();
+                    slice,
+                } if slice.is_none() && uses(d, nsid) == 1 => drive(d, nsid)?,
+                ReplicaSource::Drive {
+                    drive: d,
+                    nsid,
+                    slice,
+                } => {
+                    if !shared.iter().any(|(k, _)| *k == (d, nsid)) {
+                        shared.push((
+                            (d, nsid),
+                            SharedBackend::new(drive(d, nsid)?, BACKEND_DEPTH),
+                        ));
+                    }
+                    let sb = &shared.iter().find(|(k, _)| *k == (d, nsid))?.1;
+                    let spec = NsSpec::Drive {
+                        drive: d,
+                        nsid,
+                        slice,
+                    };
+                    cut(sb, slice, &spec)
+                        .map_err(|e| klog::error!("percore: {}", klog::D(&e)))
+                        .ok()?
+                }
+            };
+            namespaces.push(NamespaceConfig {
+                nsid: n.nsid,
+                backend,
+                nguid: n.nguid,
+                uuid: [0; 16],
+                eui64: [0; 8],
+                qos: n.qos.clone(),
+            });
+        }
+        configs.push(SubsystemConfig {
+            nqn: s.nqn.clone(),
+            serial: s.serial.clone(),
+            model: s.model.clone(),
+            allowed_hosts: s.allowed_hosts.clone(),
+            namespaces,
+        });
+    }
     Target::new(TargetConfig {
-        subsystems,
+        subsystems: configs,
         limits,
         scratch,
         ..Default::default()

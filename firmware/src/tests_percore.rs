@@ -192,7 +192,10 @@ fn run(
 fn secondary(h: &Holder) -> Device {
     let mut dev = Device::new("keel.ram=16");
     dev.services.target =
-        replica_target(h.s.replicable.clone(), *h.s.target.limits()).expect("replica");
+        replica_target(h.s.replicable.clone(), *h.s.target.limits(), &mut |_, _| {
+            None
+        })
+        .expect("replica");
     dev.services.nvmf = Some(NvmfService::new(None).unwrap().forwarding());
     dev
 }
@@ -314,7 +317,10 @@ fn a_secondary_forwards_admin_and_serves_adopted_io_over_shared_ram() {
     assert_eq!(h.seen.len(), sent, "no I/O command went to the holder");
     // The holder's target reads the same blocks (shared RAM).
     let mut direct = vec![0u8; 16_384];
-    let mut handle = h.s.replicable[0].namespaces[0].1.handle(1);
+    let crate::services::ReplicaSource::Ram(region) = h.s.replicable[0].namespaces[0].source else {
+        panic!("a RAM namespace")
+    };
+    let mut handle = region.handle(1);
     keel_storage::BlockBackend::read_now(&mut handle, 40, 32, &mut direct).unwrap();
     assert_eq!(direct, pattern);
 

@@ -28,6 +28,8 @@ pub type NvmeBackend = keel_nvme_driver::DriveBackend<Bar0, HeapDma>;
 #[derive(Debug)]
 pub struct Bar0 {
     regs: UniqueMmioPointer<'static, [ReadWrite<u32>]>,
+    base: usize,
+    size: usize,
 }
 
 impl Bar0 {
@@ -45,9 +47,78 @@ impl Bar0 {
         let slice = NonNull::slice_from_raw_parts(ptr, size / 4);
         // SAFETY: guaranteed by the caller.
         let regs = unsafe { UniqueMmioPointer::new(slice) };
-        Some(Self { regs })
+        Some(Self { regs, base, size })
+    }
+
+    /// The two doorbells of I/O queue `qid` (SQ tail, CQ head; NVMe base 2.0 §3.1.4) for
+    /// doorbell stride `dstrd`, as registers of their own for the core that owns the queue
+    /// (`keel_nvme_driver::CoreQueue`). `None` if they lie outside the BAR.
+    ///
+    /// # Safety
+    /// The controller driving this BAR must never write these two registers (the driver
+    /// leaves the doorbells of a queue it handed out alone), and at most one handle may
+    /// exist per queue.
+    pub unsafe fn queue_doorbells(&self, qid: u16, dstrd: u8) -> Option<QueueDoorbells> {
+        let sq_off = keel_nvme_driver::doorbell::sq_tail(qid, dstrd);
+        let cq_off = keel_nvme_driver::doorbell::cq_head(qid, dstrd);
+        if qid == 0 || cq_off + 4 > self.size {
+            return None;
+        }
+        let at = |off: usize| NonNull::new((self.base + off) as *mut ReadWrite<u32>);
+        // SAFETY: both registers are inside this BAR (checked above), which the caller of
+        // `Bar0::new` guaranteed is mapped as device memory for the rest of the program;
+        // nothing else writes them (this function's contract).
+        let (sq, cq) = unsafe {
+            (
+                UniqueMmioPointer::new(at(sq_off)?),
+                UniqueMmioPointer::new(at(cq_off)?),
+            )
+        };
+        Some(QueueDoorbells {
+            sq,
+            cq,
+            sq_off,
+            cq_off,
+        })
     }
 }
+
+/// The SQ tail and CQ head doorbells of one I/O queue pair, moved to the core that owns the
+/// queue: its only access to the drive's registers. Writes to any other offset are dropped
+/// and reads return all ones. Like [`Bar0`], every write is preceded by `dmb oshst`.
+#[derive(Debug)]
+pub struct QueueDoorbells {
+    sq: UniqueMmioPointer<'static, ReadWrite<u32>>,
+    cq: UniqueMmioPointer<'static, ReadWrite<u32>>,
+    sq_off: usize,
+    cq_off: usize,
+}
+
+impl Registers for QueueDoorbells {
+    fn read32(&mut self, _offset: usize) -> u32 {
+        u32::MAX
+    }
+
+    fn write32(&mut self, offset: usize, value: u32) {
+        // Queue entries written to RAM before the doorbell that announces them (and, for the
+        // CQ head, the entries read before the slots are given back).
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a barrier instruction: no memory access, no stack, no flags.
+        unsafe {
+            core::arch::asm!("dmb oshst", options(nostack, preserves_flags))
+        };
+        if offset == self.sq_off {
+            self.sq.write(value);
+        } else if offset == self.cq_off {
+            self.cq.write(value);
+        }
+    }
+}
+
+/// One namespace of a drive served through a queue pair of the core serving it.
+pub type CoreNvmeBackend = keel_nvme_driver::CoreBackend<QueueDoorbells, HeapDma>;
+/// A drive's I/O queue pair owned by one core.
+pub type CoreNvmeQueue = keel_nvme_driver::CoreQueue<QueueDoorbells, HeapDma>;
 
 impl Registers for Bar0 {
     fn read32(&mut self, offset: usize) -> u32 {

@@ -17,6 +17,12 @@
 //!   equal what `keelctl nvme bench` issued over 4 connections, whichever core served them,
 //!   core 1 rang core 0's doorbell and core 0 rescued no lost wake-up.
 //!
+//! - Drive namespaces on every core (`--smp 2` and `--smp 4`, a QEMU NVMe drive): a
+//!   connection on core 1 has its I/O served by core 1 through its own I/O queue pair on
+//!   the drive, not forwarded to core 0 (core 0 takes a few messages, not one per command);
+//!   the data reaches the drive's backing file and reads back; the namespace counters
+//!   include core 1's commands.
+//!
 //! - TCP segmentation offload (one core): the firmware's TSO frames, forwarded by this
 //!   machine's kernel to a network namespace over a veth without offloads, are cut into
 //!   segments whose checksums tshark finds right; after 128 KiB reads, status and `/metrics`
@@ -379,11 +385,12 @@ fn nvme_over_a_multi_queue_tap_with_two_cores() {
         line.contains(&format!("nvme/tcp {net}.2:4420 discovery {net}.2:8009")),
         "{line}"
     );
-    q.wait_for(
-        "percore: core 1 serves NVMe/TCP on queue pair 1",
-        BOOT_TIMEOUT,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    // Core 1 says so when core 0's Serve reaches it: before or after "ready".
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1";
+    if !q.console().contains(serving) {
+        q.wait_for(serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     let tap = tap_name(&q);
     assert_checksum_offload(&q);
     let addr = format!("{net}.2:4420");
@@ -1323,4 +1330,222 @@ fn namespace_counters_add_up_every_cores_commands() {
         assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
     }
     kill_and_check_tap_removed(q, &tap);
+}
+
+/// A per-core counter of `/metrics` for every core.
+fn per_core(mgmt: &str, name: &str, cores: u32) -> Vec<u64> {
+    let m = ok(&["metrics", "--device", mgmt]);
+    (0..cores).map(|c| core_metric(&m, name, c)).collect()
+}
+
+/// `keel_namespace_<name>_total` of namespace `nsid`.
+fn namespace_metric(mgmt: &str, name: &str, nsid: u32) -> u64 {
+    let m = ok(&["metrics", "--device", mgmt]);
+    let prefix = format!("keel_namespace_{name}_total{{");
+    m.lines()
+        .find(|l| l.starts_with(&prefix) && l.contains(&format!("namespace=\"{nsid}\"")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} for namespace {nsid}:\n{m}"))
+}
+
+/// Runs `run` (one I/O queue, so one I/O connection, of at least `min` commands) until its
+/// I/O connection landed on core 1: core 1 took at least `min` commands and every other
+/// core fewer (its admin connection, a dozen commands, may land anywhere); at most 32
+/// times. Returns core 1's commands and core 0's ring messages during that run.
+fn on_core_1(mgmt: &str, cores: u32, what: &str, min: u64, run: &mut dyn FnMut()) -> (u64, u64) {
+    for _ in 0..32 {
+        let cmds = per_core(mgmt, "nvmf_commands_total", cores);
+        let msgs = per_core(mgmt, "messages_total", cores);
+        run();
+        let cmds2 = per_core(mgmt, "nvmf_commands_total", cores);
+        let msgs2 = per_core(mgmt, "messages_total", cores);
+        let d: Vec<u64> = cmds2.iter().zip(&cmds).map(|(a, b)| a - b).collect();
+        let others = (0..cores as usize).filter(|&c| c != 1).all(|c| d[c] < min);
+        if d[1] >= min && others {
+            return (d[1], msgs2[0] - msgs[0]);
+        }
+    }
+    panic!("{what}: no run's I/O connection landed on core 1 in 32 tries");
+}
+
+/// Issue 17: a drive namespace served on the core its connection landed on. Core 0 creates
+/// one extra I/O queue pair per other core on the drive and hands it over; core k's replica
+/// target reaches the drive through it. Proof: I/O of a connection on core 1 is verified,
+/// reaches the backing file, is counted in the namespace's counters, and core 0 took far
+/// fewer ring messages than core 1 took commands (a forwarded command is one message each:
+/// before this, every I/O command crossed to core 0).
+fn drive_io_on_core_1(cores: u32, test: u32) {
+    require_tap();
+    keelctl();
+    let net = tap_net(test);
+    let disk = ScratchFile::new(&format!("drvq{cores}-disk.img"), 64 << 20);
+    let mut q = boot_on_tap(
+        Build::Release,
+        cores,
+        &net,
+        &[
+            "--disk",
+            disk.path().to_str().unwrap(),
+            "--append",
+            "keel.ns=drive:0",
+        ],
+    );
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Each core says so when core 0's Serve reaches it: before or after "ready".
+    for k in 1..cores {
+        let serving = format!("percore: core {k} serves NVMe/TCP on queue pair {k}");
+        if !q.console().contains(&serving) {
+            q.wait_for(&serving, BOOT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let c = q.console();
+    assert!(
+        c.contains(&format!("(+{} for other cores)", cores - 1)),
+        "one queue pair per other core on the drive:\n{c}"
+    );
+    // Core k's pair on drive 0 is I/O queue 4 + k (the drive's own are 1..=4).
+    for k in 1..cores {
+        assert!(
+            c.contains(&format!(
+                "percore: core {k} serves NVMe/TCP on queue pair {k}; I/O queues of [\"nqn.2026-11.dev.keel:default\"] here (drive, I/O queue: [(0, {})])",
+                4 + k
+            )),
+            "core {k} serves the drive subsystem on its own queue:\n{c}"
+        );
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+
+    // Known writes and reads on one connection that landed on core 1.
+    let writes_before = namespace_metric(&mgmt, "writes", 1);
+    let reads_before = namespace_metric(&mgmt, "reads", 1);
+    // Every run counts (whichever core served it): writes, reads.
+    let mut ios = [0u64; 2];
+    for (i, rw) in ["write", "read"].into_iter().enumerate() {
+        let (cmds, msgs) = on_core_1(&mgmt, cores, rw, 600, &mut || {
+            let out = ok(&[
+                "nvme",
+                "bench",
+                "--addr",
+                &addr,
+                "--nsid",
+                "1",
+                "--rw",
+                rw,
+                "--connections",
+                "1",
+                "--qd",
+                "16",
+                "--ios",
+                "600",
+                "--range-mib",
+                "32",
+            ]);
+            assert!(out.contains("IOPS"), "{out}");
+            ios[i] += 600;
+        });
+        assert!(cmds >= 600, "core 1 took the I/O: {cmds}");
+        assert!(
+            msgs < 200,
+            "core 0 took {msgs} ring messages while core 1 served {cmds} commands: I/O was forwarded"
+        );
+    }
+    // Every run's commands are counted, whichever core served them.
+    assert_eq!(namespace_metric(&mgmt, "writes", 1) - writes_before, ios[0]);
+    assert_eq!(namespace_metric(&mgmt, "reads", 1) - reads_before, ios[1]);
+
+    // Mixed verified I/O on core 1.
+    let (cmds, msgs) = on_core_1(&mgmt, cores, "verified mix", 1000, &mut || {
+        let out = ok(&[
+            "nvme",
+            "bench",
+            "--addr",
+            &addr,
+            "--nsid",
+            "1",
+            "--rw",
+            "mix",
+            "--connections",
+            "1",
+            "--qd",
+            "16",
+            "--ios",
+            "1000",
+            "--range-mib",
+            "16",
+            "--verify",
+        ]);
+        assert!(out.contains("IOPS"), "{out}");
+    });
+    assert!(
+        cmds >= 1000 && msgs < 200,
+        "{cmds} commands, {msgs} messages"
+    );
+
+    // Data written on core 1 is in the drive's backing file, and reads back on core 1.
+    let data = ScratchFile::new(&format!("drvq{cores}-data.bin"), 0);
+    let back = ScratchFile::new(&format!("drvq{cores}-back.bin"), 0);
+    let bytes = noise(4 << 20, 17 + u64::from(cores));
+    std::fs::write(data.path(), &bytes).unwrap();
+    let lba = 70_000u64;
+    // 4 MiB: at least 32 I/O commands (128 KiB each at most), more than an admin connection.
+    on_core_1(&mgmt, cores, "write", 32, &mut || {
+        ok(&[
+            "nvme",
+            "write",
+            "--addr",
+            &addr,
+            "--nsid",
+            "1",
+            "--lba",
+            &lba.to_string(),
+            "-i",
+            data.path().to_str().unwrap(),
+        ]);
+    });
+    on_core_1(&mgmt, cores, "read", 32, &mut || {
+        ok(&[
+            "nvme",
+            "read",
+            "--addr",
+            &addr,
+            "--nsid",
+            "1",
+            "--lba",
+            &lba.to_string(),
+            "--count",
+            "8192",
+            "-o",
+            back.path().to_str().unwrap(),
+        ]);
+    });
+    assert!(
+        std::fs::read(back.path()).unwrap() == bytes,
+        "read back on core 1"
+    );
+    // The drive's backing file, read after QEMU is gone (its writes are then on disk).
+    let console = q.console();
+    kill_and_check_tap_removed(q, &tap);
+    let mut on_disk = vec![0u8; bytes.len()];
+    let mut f = std::fs::File::open(disk.path()).unwrap();
+    use std::io::{Read, Seek, SeekFrom};
+    f.seek(SeekFrom::Start(lba * 512)).unwrap();
+    f.read_exact(&mut on_disk).unwrap();
+    assert!(on_disk == bytes, "the drive's backing file at LBA {lba}");
+    for bad in ["*** keel", "panic", "exception", "boot failed", "timed out"] {
+        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
+    }
+}
+
+#[test]
+fn drive_namespace_io_on_core_1_uses_its_own_queue_pair() {
+    drive_io_on_core_1(2, 6);
+}
+
+#[test]
+fn drive_namespace_io_on_core_1_of_4_uses_its_own_queue_pair() {
+    drive_io_on_core_1(4, 7);
 }

@@ -6,12 +6,14 @@
 //! poll loop: disable (CC.EN = 0, wait CSTS.RDY = 0 bounded by CAP.TO), fail every outstanding
 //! request back with an error, enable again, re-create the I/O queues, serve again.
 
+use crate::corequeue::{CoreQueue, QueueLink};
 use crate::dma::{Dma, DmaRegion};
+use crate::engine::{IoEngine, IoParams, IoQueue};
 use crate::queue::QueuePair;
 use crate::{Registers, backend::DriveBackend};
-use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::fmt;
@@ -19,12 +21,11 @@ use keel_nvme::cqe::{generic, media, sct};
 use keel_nvme::identify::{
     IDENTIFY_LEN, IdentifyCommand, IdentifyController, IdentifyNamespace, Oncs, Vwc, cns,
 };
-use keel_nvme::io::{AbortCommand, DsmCommand, DsmRange, FeaturesCommand, RwCommand};
+use keel_nvme::io::{AbortCommand, FeaturesCommand};
 use keel_nvme::regs::{Cap, Cc, Csts, Vs, offset};
-use keel_nvme::{AdminOpcode, Cqe, FeatureId, IoOpcode, Sqe, Status};
+use keel_nvme::{AdminOpcode, Cqe, FeatureId, Sqe, Status};
 use keel_storage::{
-    BlockCompletion, BlockError, BlockOp, BlockRequest, Capabilities, Geometry, RejectReason,
-    Rejected,
+    BlockCompletion, BlockError, BlockRequest, Capabilities, Geometry, RejectReason, Rejected,
 };
 
 /// Driver configuration.
@@ -59,6 +60,10 @@ pub struct Config {
     /// `keelctl host` does over an emulated function's window) turns this on. The firmware
     /// polls its drives and leaves it off.
     pub interrupts: bool,
+    /// I/O queue pairs to create for other cores on top of `io_queues` (one per core that
+    /// serves the drive's namespaces itself; see [`crate::CoreQueue`]). They come out of
+    /// what the controller grants beyond one queue of its own.
+    pub core_queues: u16,
 }
 
 impl Default for Config {
@@ -75,6 +80,7 @@ impl Default for Config {
             max_transfer: 1 << 20,
             zero_buffer: 128 << 10,
             interrupts: false,
+            core_queues: 0,
         }
     }
 }
@@ -163,6 +169,8 @@ pub struct ControllerInfo {
     pub abort_limit: u16,
     /// I/O queue pairs in use.
     pub io_queues: u16,
+    /// I/O queue pairs created for other cores ([`Controller::take_core_queue`]).
+    pub core_queues: u16,
     /// Entries per I/O queue.
     pub queue_depth: u16,
 }
@@ -238,6 +246,12 @@ enum Phase {
         step: u16,
         deadline: u64,
     },
+    /// Before `step` (Create I/O CQ of another core's queue): waiting for that core to reset
+    /// the queue.
+    Waiting {
+        step: u16,
+        deadline: u64,
+    },
     Dead,
     /// CC.SHN was set and CSTS.SHST reported complete.
     ShutDown,
@@ -260,35 +274,18 @@ struct AdminSlot {
     done: Option<Cqe>,
 }
 
+/// An I/O queue pair created for another core.
 #[derive(Debug)]
-struct Slot {
-    busy: bool,
-    parent: u16,
-    deadline: u64,
-    abort_deadline: Option<u64>,
-    /// This command's PRP list page (also holds a Dataset Management range).
-    prp: DmaRegion,
-}
-
-#[derive(Debug)]
-struct IoQueue {
-    qp: QueuePair,
-    slots: Vec<Slot>,
-    free: Vec<u16>,
-}
-
-#[derive(Debug, Default)]
-struct Parent {
-    req: Option<BlockRequest>,
-    ns: u16,
-    remaining: u16,
-    error: Option<BlockError>,
-    /// CPU range of read data to sync for the CPU when done.
-    read_sync: Option<(usize, usize)>,
-    /// The caller asked for an abort ([`Controller::abort`]): a command completed with
-    /// Command Abort Requested fails the request with [`BlockError::Aborted`] (an abort sent
-    /// because of a timeout fails it with [`BlockError::Internal`]).
-    abort_requested: bool,
+struct Detached {
+    link: Arc<QueueLink>,
+    /// Its slots and requests until [`Controller::take_core_queue`] hands them out.
+    engine: Option<IoEngine>,
+    qid: u16,
+    depth: u16,
+    /// SQ and CQ device addresses.
+    sq_cq: (u64, u64),
+    /// Not created (or given up on): its core fails every request.
+    dead: bool,
 }
 
 /// Maps an NVMe completion status onto a block error. Media and data integrity statuses other
@@ -333,18 +330,16 @@ pub struct Controller<R: Registers, D: Dma> {
     scratch: DmaRegion,
     info: Option<ControllerInfo>,
     namespaces: Vec<Namespace>,
-    io: Vec<IoQueue>,
+    engine: IoEngine,
+    /// Queue pairs created for other cores ([`Controller::take_core_queue`]).
+    detached: Vec<Detached>,
+    /// Resets so far (the generation of the detached queues, see [`QueueLink`]).
+    generation: u64,
     io_depth: u16,
     wanted_queues: u16,
-    parents: Vec<Parent>,
-    parent_free: Vec<u16>,
-    stash: Vec<VecDeque<BlockCompletion>>,
-    in_flight: Vec<usize>,
-    stash_cap: usize,
     zero: Option<DmaRegion>,
     /// Where emulated Verify reads land (never read by the CPU).
     sink: Option<DmaRegion>,
-    next_queue: usize,
     now: u64,
     next_health: u64,
     next_scan: u64,
@@ -406,17 +401,13 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             scratch,
             info: None,
             namespaces: Vec::new(),
-            io: Vec::new(),
+            engine: IoEngine::default(),
+            detached: Vec::new(),
+            generation: 0,
             io_depth: (config.queue_depth.max(2) as u32).min(mqes) as u16,
-            wanted_queues: config.io_queues.max(1),
-            parents: Vec::new(),
-            parent_free: Vec::new(),
-            stash: Vec::new(),
-            in_flight: Vec::new(),
-            stash_cap: 0,
+            wanted_queues: config.io_queues.max(1).saturating_add(config.core_queues),
             zero: None,
             sink: None,
-            next_queue: 0,
             now: clock(),
             next_health: 0,
             next_scan: 0,
@@ -608,6 +599,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             sgls: id.sgls,
             abort_limit: id.acl as u16 + 1,
             io_queues: 0,
+            core_queues: 0,
             queue_depth: self.io_depth,
         });
         Ok(())
@@ -681,44 +673,86 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         }
     }
 
-    /// Allocates the I/O queues, slots and request table once the queue count is known.
-    fn allocate_io(&mut self, queues: u16) -> bool {
+    /// Allocates the I/O queues, slots and request table once the queue count is known:
+    /// `queues` for the controller's own I/O path, then `core` more for other cores.
+    fn allocate_io(&mut self, queues: u16, core: u16) -> bool {
         let depth = self.io_depth;
+        let dstrd = self.cap.dstrd();
         for qid in 1..=queues {
-            let Some(qp) = QueuePair::new(&mut self.dma, qid, depth, self.page, self.cap.dstrd())
-            else {
+            let Some(q) = IoQueue::new(&mut self.dma, qid, depth, self.page, dstrd) else {
                 break;
             };
-            let mut slots = Vec::with_capacity(depth as usize - 1);
-            for _ in 0..depth - 1 {
-                let Some(prp) = self.dma.alloc(self.page, self.page) else {
-                    return !self.io.is_empty();
-                };
-                slots.push(Slot {
-                    busy: false,
-                    parent: 0,
-                    deadline: 0,
-                    abort_deadline: None,
-                    prp,
-                });
-            }
-            let free = (0..depth - 1).rev().collect();
-            self.io.push(IoQueue { qp, slots, free });
+            self.engine.io.push(q);
         }
-        let total: usize = self.io.iter().map(|q| q.slots.len()).sum();
-        self.parents = (0..total).map(|_| Parent::default()).collect();
-        self.parent_free = (0..total as u16).rev().collect();
-        self.stash_cap = total + 32;
-        self.stash = self
-            .namespaces
-            .iter()
-            .map(|_| VecDeque::with_capacity(self.stash_cap))
-            .collect();
-        self.in_flight = alloc::vec![0; self.namespaces.len()];
+        if self.engine.io.is_empty() {
+            return false;
+        }
+        self.engine.size_tables(self.namespaces.len());
+        let first = self.engine.io.len() as u16 + 1;
+        for qid in first..first + core {
+            let Some(q) = IoQueue::new(&mut self.dma, qid, depth, self.page, dstrd) else {
+                log::warn!("nvme: no memory for I/O queue {qid} of another core");
+                break;
+            };
+            let sq_cq = (q.qp.sq_addr(), q.qp.cq_addr());
+            let mut engine = IoEngine::default();
+            engine.io.push(q);
+            engine.size_tables(self.namespaces.len());
+            self.detached.push(Detached {
+                link: Arc::new(QueueLink::new(self.generation)),
+                engine: Some(engine),
+                qid,
+                depth,
+                sq_cq,
+                dead: false,
+            });
+        }
         if let Some(i) = self.info.as_mut() {
-            i.io_queues = self.io.len() as u16;
+            i.io_queues = self.engine.io.len() as u16;
+            i.core_queues = self.detached.len() as u16;
         }
-        !self.io.is_empty()
+        true
+    }
+
+    /// Moves I/O queue pair `i` created for another core (of [`ControllerInfo::core_queues`])
+    /// out, with `regs`, a handle on its two doorbells and nothing else: the controller never
+    /// writes them. `None` if there is no such queue or it was taken already.
+    pub fn take_core_queue<R2: Registers>(&mut self, i: usize, regs: R2) -> Option<CoreQueue<R2, D>>
+    where
+        D: Clone,
+    {
+        let p = self.io_params();
+        let d = self.detached.get_mut(i)?;
+        let engine = d.engine.take()?;
+        Some(CoreQueue::new(
+            regs,
+            self.dma.clone(),
+            engine,
+            p,
+            self.namespaces.clone(),
+            d.link.clone(),
+            self.config.timeout_scan_ns,
+            self.now,
+        ))
+    }
+
+    /// The queue ID of I/O queue pair `i` created for another core, while it can be taken.
+    pub fn core_queue_id(&self, i: usize) -> Option<u16> {
+        self.detached
+            .get(i)
+            .filter(|d| d.engine.is_some() && !d.dead)
+            .map(|d| d.qid)
+    }
+
+    /// Queue `k` of the configuration script (own queues, then other cores'): its ID,
+    /// depth, and SQ and CQ device addresses.
+    fn queue_memory(&self, k: usize) -> Option<(u16, u16, u64, u64)> {
+        if let Some(q) = self.engine.io.get(k) {
+            return Some((q.qp.qid, q.qp.depth, q.qp.sq_addr(), q.qp.cq_addr()));
+        }
+        let d = self.detached.get(k - self.engine.io.len())?;
+        // Addresses are fixed at allocation; the engine may be on another core by now.
+        Some((d.qid, d.depth, d.sq_cq.0, d.sq_cq.1))
     }
 
     // ---- state machine ----------------------------------------------------------------
@@ -760,7 +794,30 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         };
     }
 
+    /// The index in `detached` of the queue configuration step `step` creates, if it is
+    /// another core's.
+    fn detached_of(&self, step: u16) -> Option<usize> {
+        let k = (step.checked_sub(1)? / 2) as usize;
+        let i = k.checked_sub(self.engine.io.len())?;
+        (i < self.detached.len()).then_some(i)
+    }
+
     fn start_script(&mut self, step: u16, deadline: u64) {
+        let mut step = step;
+        // Queues of other cores: skip those given up on; re-create one only once its core
+        // reset it for this generation (see `QueueLink`).
+        while let Some(i) = self.detached_of(step) {
+            let d = &self.detached[i];
+            if d.dead {
+                step += 2 - (step + 1) % 2;
+                continue;
+            }
+            if step % 2 == 1 && !d.link.acked(self.generation) {
+                self.phase = Phase::Waiting { step, deadline };
+                return;
+            }
+            break;
+        }
         let sqe = match self.script_sqe(step) {
             Some(s) => s,
             None => {
@@ -787,9 +844,9 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                 keel_nvme::io::number_of_queues(n, n),
             ));
         }
-        let q = self.io.get(((step - 1) / 2) as usize)?;
-        let qsize = (q.qp.depth as u32 - 1) << 16;
-        let qid = q.qp.qid as u32;
+        let (qid, depth, sq, cq) = self.queue_memory(((step - 1) / 2) as usize)?;
+        let qsize = (depth as u32 - 1) << 16;
+        let qid = qid as u32;
         Some(if step % 2 == 1 {
             // Create I/O Completion Queue: physically contiguous (PC); interrupts off (IEN 0)
             // unless asked for, then on vector `qid` (IV, bits 31:16).
@@ -801,17 +858,35 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             Sqe::new(AdminOpcode::CreateIoCq as u8, 0)
                 .with_cdw(10, qsize | qid)
                 .with_cdw(11, ien | 1)
-                .with_prps(q.qp.cq_addr(), 0)
+                .with_prps(cq, 0)
         } else {
             // Create I/O Submission Queue bound to the CQ of the same id, PC, priority 0.
             Sqe::new(AdminOpcode::CreateIoSq as u8, 0)
                 .with_cdw(10, qsize | qid)
                 .with_cdw(11, (qid << 16) | 1)
-                .with_prps(q.qp.sq_addr(), 0)
+                .with_prps(sq, 0)
         })
     }
 
     fn script_done(&mut self, step: u16, cqe: Cqe, now: u64) {
+        let deadline = now.saturating_add(self.config.admin_timeout_ns);
+        if let Some(i) = self.detached_of(step) {
+            if !cqe.status.is_success() {
+                // Another core's queue: that core's drive I/O fails; the drive serves on.
+                log::error!(
+                    "nvme: creating I/O queue {} for another core failed: {}; not used",
+                    self.detached[i].qid,
+                    cqe.status
+                );
+                self.detached[i].dead = true;
+                self.detached[i].link.dead();
+                self.start_script(step + 2 - (step + 1) % 2, deadline);
+                return;
+            }
+            if step.is_multiple_of(2) {
+                self.detached[i].link.up(self.generation);
+            }
+        }
         if !cqe.status.is_success() {
             log::error!(
                 "nvme: configuration step {step} failed: {}; giving up on the controller",
@@ -823,18 +898,30 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         if step == 0 {
             let granted = ((cqe.dw0 & 0xFFFF).min(cqe.dw0 >> 16) + 1) as u16;
             let n = granted.min(self.wanted_queues);
-            if self.io.is_empty() {
-                if !self.allocate_io(n) {
+            if self.engine.io.is_empty() {
+                // Other cores' queues come out of what is granted beyond one of our own.
+                let core = self.config.core_queues.min(n - 1);
+                let own = (n - core).min(self.config.io_queues.max(1));
+                if !self.allocate_io(own, core) {
                     self.go_dead();
                     return;
                 }
-            } else if (n as usize) < self.io.len() {
+            } else if (n as usize) < self.engine.io.len() {
                 log::error!("nvme: controller now grants {n} queue(s), fewer than before");
                 self.go_dead();
                 return;
+            } else {
+                let room = n as usize - self.engine.io.len();
+                for d in self.detached.iter_mut().skip(room).filter(|d| !d.dead) {
+                    log::error!(
+                        "nvme: controller now grants {n} queue(s): queue {} not used",
+                        d.qid
+                    );
+                    d.dead = true;
+                    d.link.dead();
+                }
             }
         }
-        let deadline = now.saturating_add(self.config.admin_timeout_ns);
         self.start_script(step + 1, deadline);
         if self.phase == Phase::Online {
             self.next_health = now.saturating_add(self.config.health_check_ns);
@@ -844,19 +931,54 @@ impl<R: Registers, D: Dma> Controller<R, D> {
     fn go_dead(&mut self) {
         self.phase = Phase::Dead;
         self.fail_all();
+        for d in self.detached.iter_mut() {
+            d.dead = true;
+            d.link.dead();
+        }
     }
 
     /// Advances the state machine (not the I/O path).
     fn step(&mut self, now: u64) {
         match self.phase {
             Phase::Online | Phase::Enabled | Phase::Dead | Phase::ShutDown => {}
+            Phase::Waiting { step, deadline } => {
+                let Some(i) = self.detached_of(step) else {
+                    self.start_script(step, deadline);
+                    return;
+                };
+                let next = now.saturating_add(self.config.admin_timeout_ns);
+                if self.detached[i].link.acked(self.generation) {
+                    self.start_script(step, next);
+                } else if now >= deadline {
+                    log::error!(
+                        "nvme: the core of I/O queue {} did not reset it; not used",
+                        self.detached[i].qid
+                    );
+                    self.detached[i].dead = true;
+                    self.detached[i].link.dead();
+                    self.start_script(step + 2, next);
+                }
+            }
             Phase::Disabling { deadline } => {
                 let csts = Csts(self.regs.read32(offset::CSTS as usize));
                 if !csts.rdy() {
                     // The controller is idle: nothing it was given will be touched again.
                     self.fail_all();
-                    for q in self.io.iter_mut() {
+                    for q in self.engine.io.iter_mut() {
                         q.qp.reset(&mut self.dma);
+                    }
+                    // Other cores' queues: each core resets its own and acknowledges (see
+                    // `QueueLink`); one not handed out yet is reset here.
+                    self.generation += 1;
+                    for d in self.detached.iter_mut().filter(|d| !d.dead) {
+                        d.link.down(self.generation);
+                        if let Some(e) = d.engine.as_mut() {
+                            e.fail_all(&mut self.dma);
+                            for q in e.io.iter_mut() {
+                                q.qp.reset(&mut self.dma);
+                            }
+                            d.link.acknowledge(self.generation);
+                        }
                     }
                     self.enable(now);
                 } else if now >= deadline {
@@ -931,27 +1053,6 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     // ---- I/O path ----------------------------------------------------------------------
 
-    /// Builds PRP1/PRP2 for `len` bytes at device address `addr` (§4.1.1), writing a PRP list
-    /// into `list` when the transfer spans more than two memory pages.
-    fn prps(dma: &mut D, page: usize, list: &mut DmaRegion, addr: u64, len: usize) -> (u64, u64) {
-        let off = (addr % page as u64) as usize;
-        let first = len.min(page - off);
-        if len <= first {
-            return (addr, 0);
-        }
-        let second = addr - off as u64 + page as u64;
-        let rest = len - first;
-        if rest <= page {
-            return (addr, second);
-        }
-        let n = rest.div_ceil(page);
-        for i in 0..n {
-            list.write_u64(i * 8, second + (i * page) as u64);
-        }
-        dma.sync_for_device(list.cpu_addr(), n * 8);
-        (addr, list.dev_addr())
-    }
-
     /// Queues a request for namespace index `ns`. The SQ tail doorbell is written by the next
     /// [`Controller::ring`] / poll, once for every request queued meanwhile.
     pub fn submit(&mut self, ns: usize, req: BlockRequest) -> Result<(), Rejected> {
@@ -968,7 +1069,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         queue: usize,
         req: BlockRequest,
     ) -> Result<(), Rejected> {
-        if queue >= self.io.len() {
+        if queue >= self.engine.io.len() {
             return reject(req, RejectReason::Invalid(BlockError::Internal));
         }
         self.submit_to(ns, Some(queue), req)
@@ -978,7 +1079,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         &mut self,
         ns: usize,
         queue: Option<usize>,
-        mut req: BlockRequest,
+        req: BlockRequest,
     ) -> Result<(), Rejected> {
         match self.phase {
             Phase::Online => {}
@@ -987,199 +1088,27 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             }
             _ => return reject(req, RejectReason::Busy),
         }
-        let Some(n) = self.namespaces.get(ns).copied() else {
-            return reject(req, RejectReason::Invalid(BlockError::Internal));
-        };
-        let range = match req.validate(n.geometry, n.caps) {
-            Ok(r) => r,
-            Err(e) => return reject(req, RejectReason::Invalid(e)),
-        };
-        if self.stash[ns].len() + self.in_flight[ns] >= self.stash_cap {
-            return reject(req, RejectReason::Busy);
+        let p = self.io_params();
+        self.engine.submit(
+            &mut self.dma,
+            &p,
+            &self.namespaces,
+            self.now,
+            ns,
+            queue,
+            req,
+        )
+    }
+
+    /// What the I/O path needs of this controller (see [`IoParams`]).
+    pub(crate) fn io_params(&self) -> IoParams {
+        IoParams {
+            page: self.page,
+            max_transfer: self.info.as_ref().map_or(0, |i| i.max_transfer),
+            io_timeout_ns: self.config.io_timeout_ns,
+            zero: self.zero.as_ref().map(|z| (z.dev_addr(), z.len())),
+            sink: self.sink.as_ref().map(|z| (z.dev_addr(), z.len())),
         }
-        let bs = n.geometry.block_size as u64;
-        let max_blocks =
-            (self.info.as_ref().map_or(0, |i| i.max_transfer) as u64 / bs).clamp(1, 65536) as u32;
-        // (opcode, blocks per command, data source)
-        enum Data {
-            None,
-            Buf(u64),
-            Zero,
-            Sink,
-        }
-        let (opcode, per_cmd, data) = match req.op {
-            BlockOp::Flush if !n.caps.volatile_write_cache => {
-                // No volatile write cache: every completed write is already durable.
-                self.stash[ns].push_back(BlockCompletion {
-                    tag: req.tag,
-                    result: Ok(()),
-                    buf: req.buf.take(),
-                });
-                return Ok(());
-            }
-            BlockOp::Flush => (IoOpcode::Flush, u32::MAX, Data::None),
-            BlockOp::Deallocate => (IoOpcode::DatasetManagement, u32::MAX, Data::None),
-            BlockOp::WriteZeroes { .. } if n.native_write_zeroes => {
-                (IoOpcode::WriteZeroes, 65536, Data::None)
-            }
-            BlockOp::WriteZeroes { .. } => {
-                let zl = self.zero.as_ref().map_or(0, |z| z.len()) as u64;
-                let blocks = (zl / bs).clamp(1, max_blocks as u64) as u32;
-                if zl < bs {
-                    return reject(req, RejectReason::Invalid(BlockError::Unsupported));
-                }
-                (IoOpcode::Write, blocks, Data::Zero)
-            }
-            BlockOp::Verify if n.native_verify => (IoOpcode::Verify, 65536, Data::None),
-            BlockOp::Verify => {
-                let sl = self.sink.as_ref().map_or(0, |z| z.len()) as u64;
-                if sl < bs {
-                    return reject(req, RejectReason::Invalid(BlockError::Unsupported));
-                }
-                let blocks = (sl / bs).clamp(1, max_blocks as u64) as u32;
-                (IoOpcode::Read, blocks, Data::Sink)
-            }
-            BlockOp::Read | BlockOp::Write { .. } | BlockOp::Compare => {
-                let op = match req.op {
-                    BlockOp::Read => IoOpcode::Read,
-                    BlockOp::Compare => IoOpcode::Compare,
-                    _ => IoOpcode::Write,
-                };
-                let base = req.buf.as_ref().map_or(0, |b| b.dma_addr()) + range.start as u64;
-                if !base.is_multiple_of(4) {
-                    // PRP entries must be dword aligned (§4.1.1).
-                    return reject(req, RejectReason::Invalid(BlockError::BufferTooSmall));
-                }
-                (op, max_blocks, Data::Buf(base))
-            }
-        };
-        let count = if per_cmd == u32::MAX {
-            1
-        } else {
-            req.blocks.div_ceil(per_cmd) as usize
-        };
-        if count > self.io.first().map_or(0, |q| q.slots.len()) {
-            return reject(req, RejectReason::Invalid(BlockError::Unsupported));
-        }
-        let nq = self.io.len();
-        let room = |q: &IoQueue| q.free.len() >= count && !q.qp.is_full();
-        let pick = match queue {
-            Some(q) => room(&self.io[q]).then_some(q),
-            None => (0..nq)
-                .map(|i| (self.next_queue + i) % nq)
-                .find(|&i| room(&self.io[i])),
-        };
-        let Some(qi) = pick else {
-            return reject(req, RejectReason::Busy);
-        };
-        let Some(pi) = self.parent_free.pop() else {
-            return reject(req, RejectReason::Busy);
-        };
-        self.next_queue = (qi + 1) % nq;
-        let fua = match req.op {
-            BlockOp::Write { fua } | BlockOp::WriteZeroes { fua, .. } => fua,
-            _ => false,
-        };
-        let deac = matches!(
-            req.op,
-            BlockOp::WriteZeroes {
-                deallocate: true,
-                ..
-            }
-        );
-        // Data buffer: visible to the device before any command referencing it is.
-        let mut read_sync = None;
-        if let (Data::Buf(_), Some(b)) = (&data, req.buf.as_mut()) {
-            let cpu = b.as_mut_ptr().addr() + range.start;
-            self.dma.sync_for_device(cpu, range.len());
-            if req.op == BlockOp::Read {
-                read_sync = Some((cpu, range.len()));
-            }
-        }
-        let deadline = self.now.saturating_add(self.config.io_timeout_ns);
-        let q = &mut self.io[qi];
-        for i in 0..count {
-            let Some(cid) = q.free.pop() else { break };
-            let slot = &mut q.slots[cid as usize];
-            let lba = req.lba + i as u64 * per_cmd as u64;
-            let blocks = if per_cmd == u32::MAX {
-                req.blocks
-            } else {
-                per_cmd.min(req.blocks - i as u32 * per_cmd)
-            };
-            let rw = RwCommand {
-                slba: lba,
-                nlb: blocks.saturating_sub(1) as u16,
-                deac,
-                fua,
-                lr: false,
-                prinfo: 0,
-            };
-            let sqe = match (&data, req.op) {
-                (_, BlockOp::Flush) => Sqe::new(opcode as u8, cid).with_nsid(n.nsid),
-                (_, BlockOp::Deallocate) => {
-                    let r = DsmRange {
-                        cattr: 0,
-                        nlb: blocks,
-                        slba: lba,
-                    };
-                    slot.prp.write_bytes(0, &r.to_bytes());
-                    self.dma
-                        .sync_for_device(slot.prp.cpu_addr(), DsmRange::SIZE);
-                    DsmCommand {
-                        nr: 0,
-                        idr: false,
-                        idw: false,
-                        ad: true,
-                    }
-                    .to_sqe(cid, n.nsid)
-                    .with_prps(slot.prp.dev_addr(), 0)
-                }
-                (Data::None, _) => rw.to_sqe(opcode as u8, cid, n.nsid),
-                (Data::Buf(base), _) => {
-                    let addr = base + (i as u64 * per_cmd as u64 * bs);
-                    let (p1, p2) = Self::prps(
-                        &mut self.dma,
-                        self.page,
-                        &mut slot.prp,
-                        addr,
-                        blocks as usize * bs as usize,
-                    );
-                    rw.to_sqe(opcode as u8, cid, n.nsid).with_prps(p1, p2)
-                }
-                (Data::Zero | Data::Sink, _) => {
-                    let region = match data {
-                        Data::Zero => self.zero.as_ref(),
-                        _ => self.sink.as_ref(),
-                    };
-                    let addr = region.map_or(0, |z| z.dev_addr());
-                    let (p1, p2) = Self::prps(
-                        &mut self.dma,
-                        self.page,
-                        &mut slot.prp,
-                        addr,
-                        blocks as usize * bs as usize,
-                    );
-                    rw.to_sqe(opcode as u8, cid, n.nsid).with_prps(p1, p2)
-                }
-            };
-            slot.busy = true;
-            slot.parent = pi;
-            slot.deadline = deadline;
-            slot.abort_deadline = None;
-            q.qp.push(&mut self.dma, &sqe);
-            self.stats.commands += 1;
-        }
-        self.parents[pi as usize] = Parent {
-            req: Some(req),
-            ns: ns as u16,
-            remaining: count as u16,
-            error: None,
-            read_sync,
-            abort_requested: false,
-        };
-        self.in_flight[ns] += 1;
-        Ok(())
     }
 
     /// Asks the drive to abort the request of namespace index `ns` tagged `tag` (a host's
@@ -1193,19 +1122,20 @@ impl<R: Registers, D: Dma> Controller<R, D> {
             return false;
         }
         let Some(pi) = self
+            .engine
             .parents
             .iter()
             .position(|p| p.ns as usize == ns && p.req.as_ref().is_some_and(|r| r.tag == tag))
         else {
             return false;
         };
-        self.parents[pi].abort_requested = true;
+        self.engine.parents[pi].abort_requested = true;
         let limit = self.info.as_ref().map_or(1, |i| i.abort_limit) as usize;
         let mut sent = false;
-        for qi in 0..self.io.len() {
-            let qid = self.io[qi].qp.qid;
-            for cid in 0..self.io[qi].slots.len() {
-                let s = &self.io[qi].slots[cid];
+        for qi in 0..self.engine.io.len() {
+            let qid = self.engine.io[qi].qp.qid;
+            for cid in 0..self.engine.io[qi].slots.len() {
+                let s = &self.engine.io[qi].slots[cid];
                 if !s.busy || s.parent as usize != pi {
                     continue;
                 }
@@ -1237,91 +1167,17 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     /// Writes the SQ tail doorbell of every queue with new entries (once per batch).
     pub fn ring(&mut self) {
-        for q in self.io.iter_mut() {
-            if q.qp.ring(&mut self.regs) {
-                self.stats.sq_doorbells += 1;
-            }
-        }
-    }
-
-    fn finish(&mut self, pi: u16) {
-        let Some(p) = self.parents.get_mut(pi as usize) else {
-            return;
-        };
-        let Some(req) = p.req.take() else { return };
-        let result = match p.error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        };
-        if let (Ok(()), Some((cpu, len))) = (result, p.read_sync.take()) {
-            self.dma.sync_for_cpu(cpu, len);
-        }
-        let ns = p.ns as usize;
-        self.in_flight[ns] -= 1;
-        self.stash[ns].push_back(BlockCompletion {
-            tag: req.tag,
-            result,
-            buf: req.buf,
-        });
-        self.parent_free.push(pi);
-        self.stats.requests_done += 1;
+        self.engine.ring(&mut self.regs);
     }
 
     fn reap_io(&mut self) -> usize {
-        let mut n = 0;
-        for qi in 0..self.io.len() {
-            while let Some(cqe) = self.io[qi].qp.pop(&mut self.dma) {
-                n += 1;
-                let q = &mut self.io[qi];
-                let Some(slot) = q.slots.get_mut(cqe.cid as usize).filter(|s| s.busy) else {
-                    self.stats.spurious += 1;
-                    continue;
-                };
-                slot.busy = false;
-                let pi = slot.parent;
-                q.free.push(cqe.cid);
-                let p = &mut self.parents[pi as usize];
-                if !cqe.status.is_success() {
-                    let e = match block_error(cqe.status) {
-                        BlockError::Aborted if !p.abort_requested => BlockError::Internal,
-                        e => e,
-                    };
-                    p.error.get_or_insert(e);
-                    self.stats.errors += 1;
-                    self.stats.last_error = Some(cqe.status);
-                }
-                p.remaining = p.remaining.saturating_sub(1);
-                if p.remaining == 0 {
-                    self.finish(pi);
-                }
-            }
-            if self.io[qi].qp.ack(&mut self.regs) {
-                self.stats.cq_doorbells += 1;
-            }
-        }
-        n
+        self.engine.reap(&mut self.dma, &mut self.regs)
     }
 
     /// Fails every outstanding request with an internal error (after the controller stopped,
     /// or when giving up on it).
     fn fail_all(&mut self) {
-        for q in self.io.iter_mut() {
-            for (cid, s) in q.slots.iter_mut().enumerate() {
-                if s.busy {
-                    s.busy = false;
-                    q.free.push(cid as u16);
-                }
-            }
-        }
-        for pi in 0..self.parents.len() {
-            if self.parents[pi].req.is_some() {
-                let p = &mut self.parents[pi];
-                p.error.get_or_insert(BlockError::Internal);
-                p.read_sync = None;
-                self.stats.failed_by_reset += 1;
-                self.finish(pi as u16);
-            }
-        }
+        self.engine.fail_all(&mut self.dma);
         for s in self.admin_slots.iter_mut() {
             if s.used == AdminUse::Abort {
                 s.used = AdminUse::Free;
@@ -1331,10 +1187,10 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     fn check_timeouts(&mut self, now: u64) {
         let mut reset = false;
-        for qi in 0..self.io.len() {
-            let qid = self.io[qi].qp.qid;
-            for cid in 0..self.io[qi].slots.len() {
-                let s = &self.io[qi].slots[cid];
+        for qi in 0..self.engine.io.len() {
+            let qid = self.engine.io[qi].qp.qid;
+            for cid in 0..self.engine.io[qi].slots.len() {
+                let s = &self.engine.io[qi].slots[cid];
                 if !s.busy {
                     continue;
                 }
@@ -1358,7 +1214,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                             self.stats.aborts += 1;
                             log::warn!("nvme: command {cid} on queue {qid} timed out; aborting it");
                         }
-                        self.io[qi].slots[cid].abort_deadline =
+                        self.engine.io[qi].slots[cid].abort_deadline =
                             Some(now.saturating_add(self.config.abort_timeout_ns));
                     }
                     Some(d) if now >= d => reset = true,
@@ -1394,6 +1250,16 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         if now >= self.next_scan {
             self.next_scan = now.saturating_add(self.config.timeout_scan_ns);
             self.check_timeouts(now);
+            // Every request is taken, so a core asking does not hide another's request.
+            let asked = self
+                .detached
+                .iter()
+                .filter(|d| d.link.take_reset_request())
+                .count();
+            if asked > 0 && self.phase == Phase::Online {
+                self.stats.timeouts += asked as u64;
+                self.begin_reset(now, "a command on another core's I/O queue timed out");
+            }
         }
         if self.phase == Phase::Online && now >= self.next_health {
             self.next_health = now.saturating_add(self.config.health_check_ns);
@@ -1419,7 +1285,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     /// The next parked completion of namespace index `ns`.
     pub fn take_completion(&mut self, ns: usize) -> Option<BlockCompletion> {
-        self.stash.get_mut(ns)?.pop_front()
+        self.engine.take_completion(ns)
     }
 
     /// Where the controller is.
@@ -1444,9 +1310,15 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     /// Counters.
     pub fn stats(&self) -> DriveStats {
+        let c = self.engine.counters;
         let mut s = self.stats;
-        s.sq_doorbells = self.io.iter().map(|q| q.qp.doorbells.0).sum();
-        s.cq_doorbells = self.io.iter().map(|q| q.qp.doorbells.1).sum();
+        s.commands = c.commands;
+        s.requests_done = c.requests_done;
+        s.errors = c.errors;
+        s.failed_by_reset = c.failed_by_reset;
+        s.spurious += c.spurious;
+        s.last_error = c.last_error;
+        (s.sq_doorbells, s.cq_doorbells) = self.engine.doorbells();
         s
     }
 
@@ -1457,7 +1329,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
 
     /// Commands outstanding on the I/O queues.
     pub fn outstanding(&self) -> usize {
-        self.io.iter().map(|q| q.slots.len() - q.free.len()).sum()
+        self.engine.outstanding()
     }
 
     /// The register seam (tests inspect the fake through it).

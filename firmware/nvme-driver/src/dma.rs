@@ -47,6 +47,11 @@ impl core::fmt::Debug for DmaRegion {
     }
 }
 
+// SAFETY: a region is memory owned by it alone (and the device), like a `Box<[u8]>` whose
+// every access is volatile: moving it to another thread moves that ownership; it holds no
+// reference to anything thread-bound.
+unsafe impl Send for DmaRegion {}
+
 impl DmaRegion {
     /// Wraps memory handed out by a [`Dma`] implementation.
     ///

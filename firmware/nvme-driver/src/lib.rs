@@ -37,7 +37,9 @@ extern crate alloc;
 
 pub mod backend;
 pub mod controller;
+pub mod corequeue;
 pub mod dma;
+mod engine;
 pub mod queue;
 
 #[cfg(test)]
@@ -49,6 +51,7 @@ pub use backend::DriveBackend;
 pub use controller::{
     Config, Controller, ControllerInfo, Drive, DriveStats, InitError, Namespace, State,
 };
+pub use corequeue::{CoreBackend, CoreQueue, CoreQueueStats, QueueLink};
 pub use dma::{Dma, DmaRegion};
 
 /// Access to the controller's registers (BAR0 of the PCI function, NVMe base 2.0 §3.1).

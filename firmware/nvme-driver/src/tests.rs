@@ -35,6 +35,7 @@ fn test_config() -> Config {
         max_transfer: 1 << 20,
         zero_buffer: 16 << 10,
         interrupts: false,
+        core_queues: 0,
     }
 }
 
@@ -1085,4 +1086,174 @@ fn submit_on_a_chosen_queue() {
         RejectReason::Invalid(BlockError::Internal),
         "no queue 3"
     );
+}
+
+/// Issue 17: a queue pair created for another core. The controller creates it after its own
+/// (Create I/O CQ / SQ with the next queue ID, within what Number of Queues granted) and
+/// hands it out once; I/O submitted there reaches the drive on that queue alone (the
+/// controller's own queues and counters do not move). A command that hangs there makes the
+/// core ask for a reset: the request fails with the internal error a reset gives on the
+/// controller's own queues, the core resets its queue before the controller creates it
+/// again, and I/O works on it afterwards.
+#[test]
+fn a_core_queue_serves_io_alone_and_follows_a_reset() {
+    use crate::{CoreBackend, CoreQueue};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let f = FakeCtrl::new(vec![ns(1, 9, 1 << 20)]);
+    f.borrow_mut().abort_works = false;
+    let cfg = Config {
+        core_queues: 1,
+        ..test_config()
+    };
+    let d = init_with(&f, cfg).expect("init");
+    let info = d.info().unwrap();
+    assert_eq!((info.io_queues, info.core_queues), (2, 1));
+    let created = |f: &Shared| -> Vec<u32> {
+        f.borrow()
+            .admin_log
+            .iter()
+            .filter(|s| s.opcode == AdminOpcode::CreateIoSq as u8)
+            .map(|s| s.cdw[0] & 0xFFFF)
+            .collect()
+    };
+    assert_eq!(created(&f), vec![1, 2, 3]);
+    // Number of Queues asked for 3 pairs (0's based: 2).
+    let noq = f
+        .borrow()
+        .admin_log
+        .iter()
+        .find(|s| s.opcode == AdminOpcode::SetFeatures as u8)
+        .map(|s| s.cdw[1])
+        .unwrap();
+    assert_eq!(noq, 2 | (2 << 16));
+    let q: CoreQueue<FakeRegs, FakeDma> = d
+        .with(|c| c.take_core_queue(0, FakeRegs(f.clone())))
+        .flatten()
+        .expect("the core queue");
+    assert!(
+        d.with(|c| c.take_core_queue(0, FakeRegs(f.clone())))
+            .flatten()
+            .is_none(),
+        "handed out once"
+    );
+    assert_eq!(q.qid(), 3);
+    let q = Rc::new(RefCell::new(q));
+    let mut be = CoreBackend::new(q.clone(), 0).unwrap();
+    let mut t = t0(&d);
+    let pump = |be: &mut CoreBackend<FakeRegs, FakeDma>, t: u64| {
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            q.borrow_mut().poll(t);
+            be.poll(&mut |c| out.push(c));
+            if !out.is_empty() {
+                break;
+            }
+        }
+        out.pop()
+    };
+    q.borrow_mut().poll(t);
+    let mut b = iobuf(&f, 4096, 0);
+    b.as_mut_slice()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, x)| *x = (i * 7) as u8);
+    be.submit(req(1, BlockOp::Write { fua: false }, 16, 8, Some(b), 0))
+        .unwrap();
+    assert_eq!(pump(&mut be, t).unwrap().result, Ok(()));
+    be.submit(req(2, BlockOp::Read, 16, 8, Some(iobuf(&f, 4096, 0)), 0))
+        .unwrap();
+    let c = pump(&mut be, t).unwrap();
+    assert_eq!(c.result, Ok(()));
+    assert!(
+        c.buf
+            .unwrap()
+            .as_slice()
+            .iter()
+            .enumerate()
+            .all(|(i, x)| *x == (i * 7) as u8)
+    );
+    assert!(f.borrow().log.iter().all(|l| l.sqid == 3), "queue 3 only");
+    assert_eq!(d.stats().commands, 0, "nothing on the controller's queues");
+    assert_eq!(q.borrow().stats().commands, 2);
+
+    // A command that hangs: the core asks for a reset, the request fails as on the
+    // controller's own queues, and the queue serves again once re-created.
+    f.borrow_mut().hold_io = true;
+    be.submit(req(3, BlockOp::Read, 0, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap();
+    q.borrow_mut().poll(t);
+    assert_eq!(f.borrow().held.len(), 1);
+    t += 2_000;
+    q.borrow_mut().poll(t); // timed out: asks for a reset
+    assert_eq!(q.borrow().stats().timeouts, 1);
+    d.poll(t);
+    assert_eq!(d.state(), State::Resetting);
+    f.borrow_mut().hold_io = false;
+    let mut failed = None;
+    while d.state() != State::Online {
+        t += 10;
+        d.poll(t);
+        q.borrow_mut().poll(t);
+        be.poll(&mut |c| failed = Some(c));
+        assert!(t < t0(&d) + 1_000_000, "recovery did not finish");
+    }
+    let failed = failed
+        .or_else(|| pump(&mut be, t))
+        .expect("the hung request");
+    assert_eq!((failed.tag, failed.result), (3, Err(BlockError::Internal)));
+    assert!(failed.buf.is_some());
+    assert_eq!(
+        created(&f),
+        vec![1, 2, 3, 1, 2, 3],
+        "re-created after the reset"
+    );
+    assert_eq!(q.borrow().stats().resets, 1);
+    let mut b = iobuf(&f, 512, 0);
+    b.as_mut_slice().fill(9);
+    q.borrow_mut().poll(t);
+    be.submit(req(4, BlockOp::Write { fua: false }, 5, 1, Some(b), 0))
+        .unwrap();
+    assert_eq!(pump(&mut be, t).unwrap().result, Ok(()));
+    assert_eq!(f.borrow().namespaces[0].data[5 * 512], 9);
+}
+
+/// A core queue of a controller given up on fails what it has and refuses new requests
+/// with the internal error the controller's own queues give.
+#[test]
+fn a_core_queue_of_a_dead_controller_fails_requests() {
+    use crate::CoreBackend;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let f = FakeCtrl::new(vec![ns(1, 9, 1 << 20)]);
+    let cfg = Config {
+        core_queues: 1,
+        ..test_config()
+    };
+    let d = init_with(&f, cfg).expect("init");
+    let q = d
+        .with(|c| c.take_core_queue(0, FakeRegs(f.clone())))
+        .flatten()
+        .unwrap();
+    let q = Rc::new(RefCell::new(q));
+    let mut be = CoreBackend::new(q.clone(), 0).unwrap();
+    let t = t0(&d);
+    q.borrow_mut().poll(t);
+    // CSTS.CFS, and the controller will not become idle: given up on.
+    {
+        let mut fc = f.borrow_mut();
+        fc.stuck_rdy = true;
+        fc.csts = keel_nvme::regs::Csts(fc.csts.0 | 2);
+    }
+    let mut t = t + 200_000_000;
+    while d.state() != State::Dead {
+        d.poll(t);
+        t += 1_000_000_000;
+        assert!(t < t0(&d) + 100_000_000_000, "not given up on");
+    }
+    q.borrow_mut().poll(t);
+    let r = be
+        .submit(req(1, BlockOp::Read, 0, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap_err();
+    assert_eq!(r.reason, RejectReason::Invalid(BlockError::Internal));
 }

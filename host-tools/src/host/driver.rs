@@ -310,6 +310,7 @@ impl HostController {
             max_transfer: 1 << 20,
             zero_buffer: 128 << 10,
             interrupts: true,
+            core_queues: 0,
         };
         let drive = Drive::init(
             WindowRegs(win.clone()),
