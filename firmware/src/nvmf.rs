@@ -632,24 +632,20 @@ impl NvmfService {
             {
                 Some(QueueLoss::Orderly)
             }
-            // The transport ended the connection (fatal error, ICReq timeout) and its last
-            // PDU (a C2HTermReq) has left.
+            // The transport ended the connection and its last PDU has left: after a fatal
+            // error or ICReq timeout (a C2HTermReq) that is abrupt; after a Disconnect (the
+            // transport closes once the response left, often before the host's FIN) it is
+            // the queue's orderly end. The controller core must hear it so: on a forwarding
+            // core the replica saw the Disconnect, the controller core's queue did not.
             _ if c.tcp.state() == TargetState::Closed && sock.send_queue() == 0 => {
-                Some(QueueLoss::Abrupt)
+                Some(if cx.target.queue_disconnected(c.queue) {
+                    QueueLoss::Orderly
+                } else {
+                    QueueLoss::Abrupt
+                })
             }
             _ => None,
         };
-        // After a Disconnect the connection ends on our side (the transport closes once the
-        // response left), often before the host's FIN: that is still the queue's orderly end.
-        // The controller core must hear it so: a forwarding core's replica saw the Disconnect,
-        // the controller core's own queue for the connection did not.
-        let loss = loss.map(|how| {
-            if cx.target.queue_disconnected(c.queue) {
-                QueueLoss::Orderly
-            } else {
-                how
-            }
-        });
         if let Some(how) = loss {
             let mut c = self.conns[i].take().expect("checked above");
             cx.waiting.close(i);
@@ -776,6 +772,28 @@ pub struct DirectCounts {
 }
 
 impl Conn {
+    /// The queue's depth (SQSIZE, 0's based) and flow-control mode, known once its Connect
+    /// succeeded (first time only): every command of the queue can then wait (for a buffer,
+    /// for room in the transmit ring) without anything allocating.
+    fn set_depth(&mut self, waiting: &mut Intake<Waiting>, sqsize: u16, fc_disabled: bool) {
+        if self.depth_set {
+            return;
+        }
+        let depth = sqsize.saturating_add(1);
+        self.tcp.set_queue_depth(depth);
+        waiting.reserve(self.slot as usize, usize::from(depth));
+        self.deferred.reserve_exact(usize::from(depth));
+        self.fc_disabled = fc_disabled;
+        self.depth_set = true;
+    }
+
+    /// A read ran in the transmit ring: counted.
+    fn ran_in_window(&mut self, cx: &mut Ctx<'_>) {
+        cx.direct.reads += 1;
+        *cx.commands += 1;
+        self.recent += 1;
+    }
+
     /// Hands a controller response to the transport.
     fn deliver(&mut self, pool: &mut BufPools, resp: Response) {
         let data = match resp.buf {
@@ -838,14 +856,8 @@ impl Conn {
             .iter()
             .position(|(cid, _)| *cid == cqe.cid)
             .and_then(|i| self.held.swap_remove(i).1);
-        if let Some((sqsize, fc)) = depth
-            && !self.depth_set
-        {
-            let depth = sqsize.saturating_add(1);
-            self.tcp.set_queue_depth(depth);
-            waiting.reserve(self.slot as usize, usize::from(depth));
-            self.fc_disabled = fc;
-            self.depth_set = true;
+        if let Some((sqsize, fc)) = depth {
+            self.set_depth(waiting, sqsize, fc);
         }
         if let Some(a) = adopt
             && target.adopt_io_queue(now, self.queue, &a).is_ok()
@@ -892,11 +904,7 @@ impl Conn {
         if !self.depth_set
             && let Some(info) = cx.target.queue_info(self.queue)
         {
-            let depth = info.sqsize.saturating_add(1);
-            self.tcp.set_queue_depth(depth);
-            cx.waiting.reserve(self.slot as usize, usize::from(depth));
-            self.fc_disabled = info.sq_flow_control_disabled;
-            self.depth_set = true;
+            self.set_depth(cx.waiting, info.sqsize, info.sq_flow_control_disabled);
         }
         if let Some(resp) = resp {
             self.deliver(cx.pool, resp);
@@ -1019,11 +1027,7 @@ impl Conn {
         while let Some(&(sqe, data_len)) = self.deferred.front() {
             match self.read_in_window(cx, sock, &sqe, data_len) {
                 InWindow::NoRoom => break,
-                InWindow::Ran => {
-                    cx.direct.reads += 1;
-                    *cx.commands += 1;
-                    self.recent += 1;
-                }
+                InWindow::Ran => self.ran_in_window(cx),
                 InWindow::Declined => self.start(cx, Waiting::Command { sqe, data_len }),
             }
             self.deferred.pop_front();
@@ -1055,21 +1059,10 @@ impl Conn {
                     buf: None,
                     data_len,
                 } => {
-                    // Behind reads already waiting for the ring, in arrival order.
-                    let run = if self.deferred.is_empty() {
-                        self.read_in_window(cx, sock, &sqe, data_len)
-                    } else {
-                        InWindow::NoRoom
-                    };
-                    match run {
-                        InWindow::Ran => {
-                            cx.direct.reads += 1;
-                            *cx.commands += 1;
-                            self.recent += 1;
-                        }
-                        InWindow::NoRoom => self.deferred.push_back((sqe, data_len)),
-                        InWindow::Declined => self.start(cx, Waiting::Command { sqe, data_len }),
-                    }
+                    // Behind reads already waiting for the ring, in arrival order; runs at once
+                    // if none waits and the ring has room.
+                    self.deferred.push_back((sqe, data_len));
+                    self.run_deferred(cx, sock);
                 }
                 TcpEvent::CommandFailed { sqe, buf, status } => {
                     recycle(cx.pool, buf.map(|b| b.0));
