@@ -71,6 +71,11 @@ pub struct TargetArgs {
     /// no response capsule.
     #[arg(long, global = true)]
     pub disable_sqflow: bool,
+    /// I/O queues per controller for `bench --connections C`: C / N controllers (associations)
+    /// of N I/O queues each, e.g. `--connections 16 --queues-per-controller 4` is 4
+    /// controllers x 4 queues [default: as many as the first controller grants].
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues_per_controller: Option<u16>,
 }
 
 impl TargetArgs {
@@ -146,7 +151,8 @@ pub fn run(target: &TargetArgs, cmd: NvmeCmd, out: &mut dyn Write) -> Result<i32
         NvmeCmd::Identify { nsid, json } => identify(target, nsid, json, out),
         NvmeCmd::Watch { json } => watch(target, json, out),
         NvmeCmd::Io(cmd) => {
-            let t = TcpTarget::new(connect(target, false)?);
+            let t = TcpTarget::new(connect(target, false)?)
+                .per_controller(target.queues_per_controller);
             let r = blockcli::run(&t, cmd, out);
             if let Err(e) = t.close() {
                 eprintln!("keelctl: warning: {e:#}");

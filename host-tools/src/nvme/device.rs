@@ -119,6 +119,8 @@ pub struct TcpTarget {
     pub ctrl: Controller,
     /// The further controllers and the I/O queues each serves, once [`Target::prepare`] ran.
     extra: OnceLock<(Vec<Controller>, u16)>,
+    /// I/O queues per controller asked for (`None`: as many as the first one grants).
+    per_controller: Option<u16>,
 }
 
 impl TcpTarget {
@@ -127,7 +129,16 @@ impl TcpTarget {
         Self {
             ctrl,
             extra: OnceLock::new(),
+            per_controller: None,
         }
+    }
+
+    /// At most `n` I/O queues per controller (`None`: as many as the first one grants):
+    /// `--connections 16` with 4 is four controllers of four queues each, as a host with
+    /// four `nvme connect`s of `--nr-io-queues 4` would have.
+    pub fn per_controller(mut self, n: Option<u16>) -> Self {
+        self.per_controller = n.filter(|&n| n > 0);
+        self
     }
 
     /// Closes every controller (shutdown, Disconnect), the first error returned.
@@ -147,19 +158,27 @@ impl TcpTarget {
     }
 }
 
+/// How `queues` I/O queues spread over controllers when each should get `want` and the first
+/// granted `granted` (at least 1): queues per controller, and how many controllers beyond the
+/// first.
+fn spread(queues: u16, want: u16, granted: u16) -> (u16, u16) {
+    let per = granted.min(want).max(1);
+    (per, queues.div_ceil(per) - 1)
+}
+
 impl Target for TcpTarget {
     type Dev = TcpDevice;
 
     fn prepare(&self, queues: u16) -> Result<()> {
+        let want = self.per_controller.unwrap_or(queues).min(queues);
         let granted = self
             .ctrl
-            .set_io_queues(queues)
+            .set_io_queues(want)
             .context("Set Features (Number of Queues)")?;
         if granted == 0 {
             bail!("the controller grants no I/O queue");
         }
-        let per = granted.min(queues);
-        let more = queues.div_ceil(per) - 1;
+        let (per, more) = spread(queues, want, granted);
         let mut extra = Vec::with_capacity(more as usize);
         for i in 0..more {
             let c = Controller::connect(self.ctrl.params().clone())
@@ -198,5 +217,22 @@ impl Target for TcpTarget {
 
     fn close(&self, dev: TcpDevice) -> Result<()> {
         dev.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn queues_spread_over_controllers() {
+        // 16 queues, 4 per controller, the controller grants 8: 4 controllers of 4.
+        assert_eq!(spread(16, 4, 8), (4, 3));
+        // The controller grants fewer than asked: more controllers.
+        assert_eq!(spread(16, 8, 2), (2, 7));
+        // Everything on one controller when it grants them all.
+        assert_eq!(spread(6, 6, 8), (6, 0));
+        // A partial last controller.
+        assert_eq!(spread(10, 4, 64), (4, 2));
     }
 }
