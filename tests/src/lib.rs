@@ -1024,3 +1024,18 @@ pub fn error_log(ctrl: &keel_host_tools::nvme::Controller) -> Vec<keel_nvme::log
 pub fn logged_status(e: &keel_nvme::log::ErrorLogEntry, st: keel_nvme::Status) -> bool {
     (e.status >> 1) as u8 == st.sc && ((e.status >> 9) & 7) as u8 == st.sct
 }
+
+/// Fails the test, saying why, unless this process can create a tap (root and
+/// /dev/net/tun).
+pub fn require_tap() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let tun = std::path::Path::new("/dev/net/tun").exists();
+    assert!(
+        root && tun,
+        "--net tap needs root and /dev/net/tun (root: {root}, /dev/net/tun: {tun}); \
+         run the multi-core tests as root (CI does)"
+    );
+}

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 /// Bound on the whole run: build (cached), two boots (Linux ~15-30 s under TCG), 12 cases of 2 s.
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-#[test]
-fn compare_short_serves_both_targets_and_completes_every_case() {
+/// Runs `qemu/compare ARGS` bounded by `timeout` (TERM, then KILL: its trap stops its own
+/// QEMU by PID); returns its stdout and stderr after checking it exited 0.
+fn run_compare(args: &[&str], timeout: Duration) -> (String, String) {
     let t = Instant::now();
     let mut child = Command::new(root().join("qemu/compare"))
-        .args(["--short", "--no-insn"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -41,8 +42,7 @@ fn compare_short_serves_both_targets_and_completes_every_case() {
         if let Some(status) = child.try_wait().expect("waiting for qemu/compare") {
             break Some(status);
         }
-        if t.elapsed() > TIMEOUT {
-            // TERM: qemu/compare's trap stops its own QEMU (by PID) before it exits.
+        if t.elapsed() > timeout {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
@@ -56,12 +56,18 @@ fn compare_short_serves_both_targets_and_completes_every_case() {
     let stdout = out_reader.join().expect("stdout reader");
     let stderr = err_reader.join().expect("stderr reader");
     eprintln!(
-        "{stderr}\n{stdout}\ncompare_short: {:.1} s",
+        "{stderr}\n{stdout}\ncompare {args:?}: {:.1} s",
         t.elapsed().as_secs_f64()
     );
     let status =
-        status.unwrap_or_else(|| panic!("qemu/compare --short did not finish within {TIMEOUT:?}"));
-    assert!(status.success(), "qemu/compare --short failed ({status})");
+        status.unwrap_or_else(|| panic!("qemu/compare {args:?} did not finish within {timeout:?}"));
+    assert!(status.success(), "qemu/compare {args:?} failed ({status})");
+    (stdout, stderr)
+}
+
+#[test]
+fn compare_short_serves_both_targets_and_completes_every_case() {
+    let (stdout, stderr) = run_compare(&["--short", "--no-insn"], TIMEOUT);
 
     assert!(
         stderr.contains("done: both targets served, 12 cases completed"),
@@ -115,5 +121,55 @@ fn compare_short_serves_both_targets_and_completes_every_case() {
             cells[1].contains(" / ") && cells[2].contains(" / "),
             "{case}: latency missing for a target: {line}"
         );
+    }
+}
+
+/// Issue 17's scaling setup in its short form: both targets at `--smp 2`, each on a
+/// two-queue tap of its own (Linux's made by qemu/compare, Keel's by qemu/run), 4 connections
+/// as 2 controllers of 2 I/O queues, the two QD32 cases.
+#[test]
+fn compare_on_taps_at_two_cores_with_controllers_of_two_queues() {
+    keel_tests::require_tap();
+    let (stdout, stderr) = run_compare(
+        &[
+            "--short",
+            "--no-insn",
+            "--smp",
+            "2",
+            "--net",
+            "tap",
+            "--connections",
+            "4",
+            "--queues-per-controller",
+            "2",
+            "--cases",
+            "4k-randread-qd32,4k-randwrite-qd32",
+        ],
+        TIMEOUT,
+    );
+    assert!(
+        stderr.contains("done: both targets served, 4 cases completed"),
+        "qemu/compare did not report both targets served and both cases completed"
+    );
+    assert!(
+        stdout.contains("2 core(s)") && stdout.contains("4 (2 controllers of 2 I/O queues)"),
+        "the report does not describe the setup"
+    );
+    // Both on their taps: the report's commands and each target's address.
+    assert!(stdout.contains("queues=2") && stdout.contains("mq=on"));
+    for t in ["keel", "linux"] {
+        for case in ["4k-randread-qd32", "4k-randwrite-qd32"] {
+            let line = stderr
+                .lines()
+                .find(|l| l.starts_with(&format!("qemu/compare: {t} {case}: ")))
+                .unwrap_or_else(|| panic!("no result line for {t} {case}"));
+            let iops: f64 = line
+                .split(": ")
+                .nth(2)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no IOPS in '{line}'"));
+            assert!(iops > 0.0, "{t} {case}: {line}");
+        }
     }
 }

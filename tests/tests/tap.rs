@@ -36,7 +36,7 @@
 
 use keel_tests::{
     BOOT_TIMEOUT, Build, Qemu, ScratchFile, assert_qemu_run_refuses, keelctl, noise, qemu_run_dry,
-    root, run_bounded, run_keelctl,
+    require_tap, root, run_bounded, run_keelctl,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
@@ -49,21 +49,6 @@ fn boot_on_tap(build: Build, cores: u32, net: &str, more: &[&str]) -> Qemu {
     let mut args = vec!["--smp", &cores, "--net", "tap", "--tap-net", net];
     args.extend_from_slice(more);
     Qemu::boot(build, &args)
-}
-
-/// Fails the test, saying why, unless this process can create a tap (root and
-/// /dev/net/tun).
-fn require_tap() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tun = std::path::Path::new("/dev/net/tun").exists();
-    assert!(
-        root && tun,
-        "--net tap needs root and /dev/net/tun (root: {root}, /dev/net/tun: {tun}); \
-         run the multi-core tests as root (CI does)"
-    );
 }
 
 /// A /24 for this test: 10.77.N with N from the process ID and the test's own number, so
