@@ -10,15 +10,15 @@
 //! commands to core 0 over the rings ([`ToHolder`]); core 0 runs them on a queue it opens for
 //! that connection ([`Holder`], owner [`FORWARD_OWNER`]) and sends the completion and data
 //! back ([`FromHolder`]). When the command was the Connect of an I/O queue of a subsystem
-//! every core can serve ([`ReplicaSubsystem`]: unencrypted RAM namespaces in shared regions
-//! and unencrypted drive namespaces, no QoS limits), core 0 also sends its
+//! every core can serve ([`ReplicaSubsystem`]: RAM namespaces in shared regions and drive
+//! namespaces, AES-XTS encrypted or not, no QoS limits), core 0 also sends its
 //! [`keel_controller::Adoption`]: core `k` then serves that queue entirely on its own, from a
 //! replica of the controller in its own target: RAM namespaces over the same memory, drive
 //! namespaces through core `k`'s own I/O queue pair on each drive (created by core 0, which
 //! keeps the drive's admin queue and resets, and handed over in [`ServeSpec::drives`]:
 //! `keel_nvme_driver::CoreQueue`, whose doorbells only core `k` writes). No lock, no message
 //! and no allocation per I/O. Every other queue (admin queues, discovery, I/O queues of
-//! subsystems with remote, encrypted or QoS-limited namespaces) stays forwarded: slower (a
+//! subsystems with remote or QoS-limited namespaces) stays forwarded: slower (a
 //! copy each way, allocation), never wrong.
 //!
 //! A drive fault seen on core `k`: a command that times out on its pair asks core 0 for a

@@ -162,8 +162,8 @@ pub struct Services<H: Hw> {
 }
 
 /// A subsystem other cores can serve I/O queues of from a replica of the controller core
-/// (`Target::adopt_io_queue`): all its namespaces are unencrypted RAM namespaces in shared
-/// regions ([`crate::sharedram`]) or unencrypted namespaces of local drives (each core
+/// (`Target::adopt_io_queue`): all its namespaces are RAM namespaces in shared regions
+/// ([`crate::sharedram`]) or namespaces of local drives (each core
 /// reaches a drive through an I/O queue pair of its own, [`ReplicaSource::Drive`]), and no
 /// QoS limit applies (limits are enforced where the commands are counted, on one core).
 /// Everything in it can move to another core.
@@ -193,6 +193,9 @@ pub struct ReplicaNs {
     pub qos: keel_controller::NamespaceQos,
     /// Where its blocks are.
     pub source: ReplicaSource,
+    /// Its AES-XTS data key when it is encrypted: every core serving it encrypts and
+    /// decrypts with its own copy of the key schedule (zeroed when dropped).
+    pub key: Option<NsKey>,
 }
 
 /// Where the blocks of a [`ReplicaNs`] are.
@@ -359,10 +362,7 @@ pub(crate) fn encrypt<H: Hw>(
         );
         return None;
     }
-    let (key, origin) = match k {
-        NsKey::Hex(hex) => (XtsKey::from_hex(hex), "boot arguments"),
-        NsKey::Bytes(b) => (XtsKey::new(b.expose_secret()), "the provisioned bundle"),
-    };
+    let (key, origin) = xts_key(k);
     match key {
         Ok(key) => {
             klog::info!(
@@ -385,6 +385,14 @@ pub(crate) fn encrypt<H: Hw>(
             );
             None
         }
+    }
+}
+
+/// The XTS key of a namespace key, and where it came from (for messages).
+fn xts_key(k: &NsKey) -> (Result<XtsKey, keel_crypto::KeyError>, &'static str) {
+    match k {
+        NsKey::Hex(hex) => (XtsKey::from_hex(hex), "boot arguments"),
+        NsKey::Bytes(b) => (XtsKey::new(b.expose_secret()), "the provisioned bundle"),
     }
 }
 
@@ -561,7 +569,9 @@ impl<H: Hw> Services<H> {
                     continue;
                 }
             };
-            let shareable = share_ram && ns.key.is_none() && ns.function.is_none();
+            // An encrypted namespace's region holds ciphertext: every core wraps it in its
+            // own AES-XTS backend with the same key.
+            let shareable = share_ram && ns.function.is_none();
             let cfg = match &ns.spec {
                 NsSpec::Ram(bytes) if shareable => {
                     shared_ram_namespace::<H>(&plan, ns, *bytes, &mut regions)
@@ -865,9 +875,10 @@ fn shared_ram_namespace<H: Hw>(
 }
 
 /// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
-/// of the plan in them is served and is a RAM namespace in a shared region or an unencrypted
-/// namespace of a drive that has queue pairs for the other cores (`core_queues[drive]`), no
-/// namespace is an emulated function's, and the plan sets no QoS limits.
+/// of the plan in them is served and is a RAM namespace in a shared region or a namespace of
+/// a drive that has queue pairs for the other cores (`core_queues[drive]`), encrypted or not
+/// (each core gets the key), no namespace is an emulated function's, and the plan sets no QoS
+/// limits.
 fn replicable(
     plan: &Plan,
     regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
@@ -881,8 +892,7 @@ fn replicable(
         // Limits and groups are counted on one core; a drive's fair sharing among its
         // slices (weight, domain, drive_max_inflight) is not a limit and applies per core.
         let qos = plan.namespace_qos(n);
-        if n.key.is_some()
-            || n.function.is_some()
+        if n.function.is_some()
             || qos.limits != keel_controller::QosLimits::NONE
             || qos.group.is_some()
             || !served
@@ -917,6 +927,7 @@ fn replicable(
                         nguid: plan.nguid_of(n),
                         source: source(n)?,
                         qos: plan.namespace_qos(n),
+                        key: n.key.clone(),
                     })
                 })
                 .collect::<Option<Vec<_>>>()?;
@@ -991,6 +1002,18 @@ pub(crate) fn replica_target(
                     cut(sb, slice, &spec)
                         .map_err(|e| klog::error!("percore: {}", klog::D(&e)))
                         .ok()?
+                }
+            };
+            // Encrypted: the same key over the same blocks as on the controller core (which
+            // checked the key and the CPU's AES instructions before serving the namespace).
+            let backend = match &n.key {
+                None => backend,
+                Some(k) => {
+                    let key = xts_key(k)
+                        .0
+                        .map_err(|e| klog::error!("percore: namespace {}: {}", n.nsid, klog::D(&e)))
+                        .ok()?;
+                    Box::new(EncryptedBackend::new(backend, &key, BACKEND_DEPTH))
                 }
             };
             namespaces.push(NamespaceConfig {

@@ -1338,6 +1338,18 @@ fn namespace_metric(mgmt: &str, name: &str, nsid: u32) -> u64 {
 /// core fewer (its admin connection, a dozen commands, may land anywhere); at most 32
 /// times. Returns core 1's commands and core 0's ring messages during that run.
 fn on_core_1(mgmt: &str, cores: u32, what: &str, min: u64, run: &mut dyn FnMut()) -> (u64, u64) {
+    on_core(mgmt, cores, 1, what, min, run)
+}
+
+/// [`on_core_1`] for core `k`.
+fn on_core(
+    mgmt: &str,
+    cores: u32,
+    k: usize,
+    what: &str,
+    min: u64,
+    run: &mut dyn FnMut(),
+) -> (u64, u64) {
     for _ in 0..32 {
         let cmds = per_core(mgmt, "nvmf_commands_total", cores);
         let msgs = per_core(mgmt, "messages_total", cores);
@@ -1345,12 +1357,12 @@ fn on_core_1(mgmt: &str, cores: u32, what: &str, min: u64, run: &mut dyn FnMut()
         let cmds2 = per_core(mgmt, "nvmf_commands_total", cores);
         let msgs2 = per_core(mgmt, "messages_total", cores);
         let d: Vec<u64> = cmds2.iter().zip(&cmds).map(|(a, b)| a - b).collect();
-        let others = (0..cores as usize).filter(|&c| c != 1).all(|c| d[c] < min);
-        if d[1] >= min && others {
-            return (d[1], msgs2[0] - msgs[0]);
+        let others = (0..cores as usize).filter(|&c| c != k).all(|c| d[c] < min);
+        if d[k] >= min && others {
+            return (d[k], msgs2[0] - msgs[0]);
         }
     }
-    panic!("{what}: no run's I/O connection landed on core 1 in 32 tries");
+    panic!("{what}: no run's I/O connection landed on core {k} in 32 tries");
 }
 
 /// Issue 17: a drive namespace served on the core its connection landed on. Core 0 creates
@@ -1533,4 +1545,102 @@ fn drive_namespace_io_on_core_1_uses_its_own_queue_pair() {
 #[test]
 fn drive_namespace_io_on_core_1_of_4_uses_its_own_queue_pair() {
     drive_io_on_core_1(4, 7);
+}
+
+/// Issue 17: an AES-XTS encrypted drive namespace is served on every core (each core's
+/// replica wraps its own queue pair on the drive in AES-XTS with the namespace's key). Data
+/// written by a connection on core 1 (served there: core 0 takes far fewer ring messages than
+/// core 1 takes commands) reads back on core 1 and on core 0 (the same key and tweaks on both
+/// cores), and the drive's backing file holds ciphertext, not the data.
+#[test]
+fn encrypted_drive_namespace_is_served_on_core_1() {
+    require_tap();
+    keelctl();
+    let net = tap_net(8);
+    let disk = ScratchFile::new("xtsq-disk.img", 32 << 20);
+    // A development key (XTS-AES-256, halves differ).
+    let key = concat!(
+        "8f3a1c5e9b7d2460f1e3c5a79b8d0f21436587a9cbed0f1e2d3c4b5a69788796",
+        "0a1b2c3d4e5f60718293a4b5c6d7e8f9f8e7d6c5b4a3928170f6e5d4c3b2a190"
+    );
+    let append = format!("keel.ns=drive:0 keel.xts=1:{key}");
+    let mut q = boot_on_tap(
+        Build::Release,
+        2,
+        &net,
+        &["--disk", disk.path().to_str().unwrap(), "--append", &append],
+    );
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:default\"] here (drive, I/O queue: [(0, 5)])";
+    if !q.console().contains(serving) {
+        q.wait_for(serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("the encrypted subsystem is not served on core 1: {e}"));
+    }
+    assert!(q.console().contains("encrypted with aes-256-xts"));
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    let data = ScratchFile::new("xtsq-data.bin", 0);
+    let bytes = noise(8 << 20, 29);
+    std::fs::write(data.path(), &bytes).unwrap();
+    let lba = 4096u64;
+    // 8 MiB: 64 commands of 128 KiB at least, far more than an admin connection's.
+    let (cmds, msgs) = on_core(&mgmt, 2, 1, "write", 64, &mut || {
+        ok(&[
+            "nvme",
+            "write",
+            "--addr",
+            &addr,
+            "--nsid",
+            "1",
+            "--lba",
+            &lba.to_string(),
+            "-i",
+            data.path().to_str().unwrap(),
+        ]);
+    });
+    assert!(
+        msgs * 2 < cmds,
+        "core 0 took {msgs} ring messages for core 1's {cmds} commands: forwarded"
+    );
+    for k in [1, 0] {
+        let back = ScratchFile::new(&format!("xtsq-back{k}.bin"), 0);
+        on_core(&mgmt, 2, k, "read", 64, &mut || {
+            ok(&[
+                "nvme",
+                "read",
+                "--addr",
+                &addr,
+                "--nsid",
+                "1",
+                "--lba",
+                &lba.to_string(),
+                "--count",
+                "16384",
+                "-o",
+                back.path().to_str().unwrap(),
+            ]);
+        });
+        assert!(
+            std::fs::read(back.path()).unwrap() == bytes,
+            "written on core 1, read back on core {k}"
+        );
+    }
+    let console = q.console();
+    kill_and_check_tap_removed(q, &tap);
+    let file = std::fs::read(disk.path()).unwrap();
+    let at_rest = &file[(lba * 512) as usize..][..bytes.len()];
+    assert!(at_rest != &bytes[..], "plaintext in the backing file");
+    // No 512-byte block of the data is anywhere in the file, and every block written changed.
+    for b in bytes.chunks(512).step_by(64) {
+        assert!(
+            !file.windows(512).step_by(512).any(|w| w == b),
+            "a block of plaintext reached the backing file"
+        );
+    }
+    assert!(at_rest.chunks(512).all(|b| b.iter().any(|&x| x != 0)));
+    for bad in ["*** keel", "panic", "exception", "boot failed", "timed out"] {
+        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
+    }
 }
