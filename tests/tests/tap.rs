@@ -1365,6 +1365,64 @@ fn on_core(
     panic!("{what}: no run's I/O connection landed on core {k} in 32 tries");
 }
 
+/// `keelctl nvme write` of `file` at `lba` of namespace 1, retried until its I/O queue
+/// landed on core `k` with at least `min` commands ([`on_core`]'s result).
+fn write_on_core(
+    mgmt: &str,
+    cores: u32,
+    k: usize,
+    addr: &str,
+    lba: u64,
+    file: &std::path::Path,
+    min: u64,
+) -> (u64, u64) {
+    on_core(mgmt, cores, k, "write", min, &mut || {
+        ok(&[
+            "nvme",
+            "write",
+            "--addr",
+            addr,
+            "--nsid",
+            "1",
+            "--lba",
+            &lba.to_string(),
+            "-i",
+            file.to_str().unwrap(),
+        ]);
+    })
+}
+
+/// `keelctl nvme read` of `blocks` 512-byte blocks at `lba` of namespace 1 on core `k` (as
+/// [`write_on_core`]); returns the data.
+fn read_on_core(
+    mgmt: &str,
+    cores: u32,
+    k: usize,
+    addr: &str,
+    lba: u64,
+    blocks: u64,
+    min: u64,
+) -> Vec<u8> {
+    let back = ScratchFile::new(&format!("read-on-core{k}-{lba}.bin"), 0);
+    on_core(mgmt, cores, k, "read", min, &mut || {
+        ok(&[
+            "nvme",
+            "read",
+            "--addr",
+            addr,
+            "--nsid",
+            "1",
+            "--lba",
+            &lba.to_string(),
+            "--count",
+            &blocks.to_string(),
+            "-o",
+            back.path().to_str().unwrap(),
+        ]);
+    });
+    std::fs::read(back.path()).unwrap()
+}
+
 /// Issue 17: a drive namespace served on the core its connection landed on. Core 0 creates
 /// one extra I/O queue pair per other core on the drive and hands it over; core k's replica
 /// target reaches the drive through it. Proof: I/O of a connection on core 1 is verified,
@@ -1484,43 +1542,13 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
 
     // Data written on core 1 is in the drive's backing file, and reads back on core 1.
     let data = ScratchFile::new(&format!("drvq{cores}-data.bin"), 0);
-    let back = ScratchFile::new(&format!("drvq{cores}-back.bin"), 0);
     let bytes = noise(4 << 20, 17 + u64::from(cores));
     std::fs::write(data.path(), &bytes).unwrap();
     let lba = 70_000u64;
     // 4 MiB: at least 32 I/O commands (128 KiB each at most), more than an admin connection.
-    on_core_1(&mgmt, cores, "write", 32, &mut || {
-        ok(&[
-            "nvme",
-            "write",
-            "--addr",
-            &addr,
-            "--nsid",
-            "1",
-            "--lba",
-            &lba.to_string(),
-            "-i",
-            data.path().to_str().unwrap(),
-        ]);
-    });
-    on_core_1(&mgmt, cores, "read", 32, &mut || {
-        ok(&[
-            "nvme",
-            "read",
-            "--addr",
-            &addr,
-            "--nsid",
-            "1",
-            "--lba",
-            &lba.to_string(),
-            "--count",
-            "8192",
-            "-o",
-            back.path().to_str().unwrap(),
-        ]);
-    });
+    write_on_core(&mgmt, cores, 1, &addr, lba, data.path(), 32);
     assert!(
-        std::fs::read(back.path()).unwrap() == bytes,
+        read_on_core(&mgmt, cores, 1, &addr, lba, 8192, 32) == bytes,
         "read back on core 1"
     );
     // The drive's backing file, read after QEMU is gone (its writes are then on disk).
@@ -1586,44 +1614,14 @@ fn encrypted_drive_namespace_is_served_on_core_1() {
     std::fs::write(data.path(), &bytes).unwrap();
     let lba = 4096u64;
     // 8 MiB: 64 commands of 128 KiB at least, far more than an admin connection's.
-    let (cmds, msgs) = on_core(&mgmt, 2, 1, "write", 64, &mut || {
-        ok(&[
-            "nvme",
-            "write",
-            "--addr",
-            &addr,
-            "--nsid",
-            "1",
-            "--lba",
-            &lba.to_string(),
-            "-i",
-            data.path().to_str().unwrap(),
-        ]);
-    });
+    let (cmds, msgs) = write_on_core(&mgmt, 2, 1, &addr, lba, data.path(), 64);
     assert!(
         msgs * 2 < cmds,
         "core 0 took {msgs} ring messages for core 1's {cmds} commands: forwarded"
     );
     for k in [1, 0] {
-        let back = ScratchFile::new(&format!("xtsq-back{k}.bin"), 0);
-        on_core(&mgmt, 2, k, "read", 64, &mut || {
-            ok(&[
-                "nvme",
-                "read",
-                "--addr",
-                &addr,
-                "--nsid",
-                "1",
-                "--lba",
-                &lba.to_string(),
-                "--count",
-                "16384",
-                "-o",
-                back.path().to_str().unwrap(),
-            ]);
-        });
         assert!(
-            std::fs::read(back.path()).unwrap() == bytes,
+            read_on_core(&mgmt, 2, k, &addr, lba, 16384, 64) == bytes,
             "written on core 1, read back on core {k}"
         );
     }
