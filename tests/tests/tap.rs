@@ -1727,3 +1727,139 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
     kill_and_check_tap_removed(dpu, &dtap);
     kill_and_check_tap_removed(remote, &rtap);
 }
+
+/// Issue 17, remote volumes: the remote dies under verified I/O that core 1 serves through
+/// its own initiator queue, and comes back within `ctrl_loss_tmo`. Core 1's commands in
+/// flight wait and are sent again on its queue of the next association (core 0 reconnects
+/// it; core 1 connects its QID again): the workload completes and verifies, and the
+/// remote's drive holds every block it wrote.
+#[test]
+fn remote_restart_under_io_on_core_1_loses_nothing() {
+    require_tap();
+    keelctl();
+    let rnet = tap_net(12);
+    let dnet = tap_net(13);
+    let disk = ScratchFile::new("remq-rdisk.img", 64 << 20);
+    let boot_remote = || {
+        let mut q = boot_on_tap(
+            Build::Release,
+            1,
+            &rnet,
+            &[
+                "--disk",
+                disk.path().to_str().unwrap(),
+                "--append",
+                "keel.ns=drive:0",
+            ],
+        );
+        q.wait_for("keel: ready", BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("remote: {e}"));
+        q
+    };
+    let mut remote = boot_remote();
+    let relay_port = keel_tests::free_port();
+    let _relay = Relay(
+        Command::new("socat")
+            .args([
+                &format!("TCP-LISTEN:{relay_port},fork,reuseaddr"),
+                &format!("TCP:{rnet}.2:4420"),
+            ])
+            .spawn()
+            .expect("socat"),
+    );
+    let spec = format!(
+        "keel.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1 \
+         keel.remote.reconnect_delay=1 keel.remote.ctrl_loss_tmo=120"
+    );
+    let mut dpu = boot_on_tap(Build::Release, 2, &dnet, &["--append", &spec]);
+    for line in [
+        "keel: ready",
+        "lane 1: 1 I/O queue(s) from QID 5",
+        "remote: namespace 1 served",
+    ] {
+        if !dpu.console().contains(line) {
+            dpu.wait_for(line, BOOT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("dpu: {e}"));
+        }
+    }
+    let dtap = tap_name(&dpu);
+    let addr = format!("{dnet}.2:4420");
+    let mgmt = format!("{dnet}.2:7000");
+    let verify = |addr: &str, read_only: bool| {
+        let mut a = vec![
+            "nvme",
+            "verify",
+            "--addr",
+            addr,
+            "--nsid",
+            "1",
+            "--lba",
+            "0",
+            "--count",
+            "100000",
+            "--qd",
+            "16",
+            "--pattern",
+            "0x7e57",
+            "--timeout",
+            "150",
+        ];
+        if read_only {
+            a.push("--read-only");
+        }
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    for _ in 0..16 {
+        let before = per_core(&mgmt, "nvmf_commands_total", 2);
+        let args = verify(&addr, false);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let workload = keel_tests::keelctl_in_background(&args, Duration::from_secs(400));
+        // A run takes about a second on a quiet machine: look early.
+        std::thread::sleep(Duration::from_millis(400));
+        let now = per_core(&mgmt, "nvmf_commands_total", 2);
+        let on_core_1 = now[1] - before[1] >= 64 && now[0] - before[0] < 64;
+        if !on_core_1 || workload.is_finished() {
+            let r = workload.join().expect("workload thread");
+            assert_eq!(r.code, 0, "{r:?}");
+            continue;
+        }
+        remote.kill();
+        std::thread::sleep(Duration::from_secs(3));
+        remote = boot_remote();
+        let r = workload.join().expect("workload thread");
+        assert_eq!(
+            r.code, 0,
+            "the workload failed across the remote's restart: {r:?}"
+        );
+        assert!(r.stdout.contains("OK"), "{r:?}");
+        eprintln!(
+            "tap: across the remote's restart on core 1: {}",
+            r.stdout.trim()
+        );
+        let c = dpu.console();
+        for l in c
+            .lines()
+            .filter(|l| l.contains("remote ") && !l.contains("attempt failed"))
+        {
+            eprintln!("tap: dpu: {l}");
+        }
+        assert!(
+            c.matches("lane 1: 1 I/O queue(s) from QID 5").count() >= 2,
+            "core 1 connected its queue again:\n{c}"
+        );
+        let args = verify(&format!("{rnet}.2:4420"), true);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = run_keelctl(None, &args);
+        assert_eq!(
+            r.code, 0,
+            "the remote's drive lacks acknowledged writes: {r:?}"
+        );
+        for bad in ["*** keel", "panic", "exception", "namespaces changed"] {
+            assert!(!c.contains(bad), "{bad:?} on the DPU's console:\n{c}");
+        }
+        kill_and_check_tap_removed(dpu, &dtap);
+        remote.kill();
+        return;
+    }
+    panic!("no workload's I/O connection landed on core 1 in 16 tries");
+}
