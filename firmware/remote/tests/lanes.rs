@@ -260,3 +260,47 @@ fn a_lane_without_a_granted_queue_fails_its_requests_after_the_wait_limit() {
     r.unwrap();
     give(b.unwrap());
 }
+
+#[test]
+fn a_lane_fails_over_and_back_with_its_owner_over_two_targets() {
+    let disk = Disk::new(512, BLOCKS);
+    let mut net = SimNet::new(47);
+    net.add(Server::new(vec![addr(1)], &disk, ServerCfg::default()));
+    net.add(Server::new(vec![addr(2)], &disk, ServerCfg::default()));
+    let mut rig = Rig::with_lane(net, test_config(vec![addr(1), addr(2)]));
+    let mut disk = disk;
+    let commands = |rig: &Rig| {
+        let s = rig.vol.snapshot().unwrap();
+        (s.paths[0].counters.commands, s.paths[1].counters.commands)
+    };
+    let mut w = Workload::new(47, 512, BLOCKS);
+    for _ in 0..500 {
+        w.step(&mut rig);
+    }
+    let (a, b) = commands(&rig);
+    assert!(a > 50 && b > 50, "the lane uses both paths: {a} {b}");
+    // Path 1 dies and refuses connects for 1 s: the lane's I/O moves to path 2.
+    rig.net.faults.refuse.push((addr(1), rig.now + 1_000 * MS));
+    rig.net.reset(addr(1));
+    rig.step();
+    w.reap(&mut rig);
+    let (a0, b0) = commands(&rig);
+    for _ in 0..900 {
+        w.step(&mut rig);
+    }
+    let s = rig.vol.snapshot().unwrap();
+    assert_eq!(s.state, VolumeState::Degraded);
+    let (a1, b1) = commands(&rig);
+    assert_eq!(a1, a0, "nothing goes to the dead path");
+    assert!(b1 - b0 > 100, "the lane's I/O continues on the other path");
+    // Back: the owner reconnects, the lane follows (failback).
+    for _ in 0..1500 {
+        w.step(&mut rig);
+    }
+    let (a2, _) = commands(&rig);
+    assert!(a2 > a1 + 50, "failback: {a1} -> {a2}");
+    assert_eq!(rig.vol.snapshot().unwrap().state, VolumeState::Online);
+    w.drain(&mut rig, 5_000);
+    w.verify(&mut disk);
+    assert_eq!(w.failed, 0);
+}
