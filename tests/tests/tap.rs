@@ -1550,12 +1550,31 @@ fn drive_namespace_io_on_core_1_of_4_uses_its_own_queue_pair() {
     drive_io_on_core_1(4, 7);
 }
 
-/// A `socat` relay on this machine (killed when dropped).
+/// A `socat` relay on this machine, in a process group of its own: dropping it kills the
+/// listener and the child it forked for each connection.
 struct Relay(std::process::Child);
+
+impl Relay {
+    fn start(listen: u16, to: &str) -> Self {
+        use std::os::unix::process::CommandExt;
+        Relay(
+            Command::new("socat")
+                .args([
+                    format!("TCP-LISTEN:{listen},fork,reuseaddr"),
+                    format!("TCP:{to}"),
+                ])
+                .process_group(0)
+                .spawn()
+                .expect("socat"),
+        )
+    }
+}
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let _ = Command::new("kill")
+            .args(["--", &format!("-{}", self.0.id())])
+            .status();
         let _ = self.0.wait();
     }
 }
@@ -1583,15 +1602,7 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
     let rtap = tap_name(&remote);
     // The DPU's path to the remote: this machine's address on the DPU's tap, relayed.
     let relay_port = keel_tests::free_port();
-    let _relay = Relay(
-        Command::new("socat")
-            .args([
-                &format!("TCP-LISTEN:{relay_port},fork,reuseaddr"),
-                &format!("TCP:{rnet}.2:4420"),
-            ])
-            .spawn()
-            .expect("socat"),
-    );
+    let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
     let spec = format!("keel.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1");
     let mut dpu = boot_on_tap(Build::Release, 2, &dnet, &["--append", &spec]);
     dpu.wait_for("keel: ready", BOOT_TIMEOUT)
@@ -1758,15 +1769,7 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
     };
     let mut remote = boot_remote();
     let relay_port = keel_tests::free_port();
-    let _relay = Relay(
-        Command::new("socat")
-            .args([
-                &format!("TCP-LISTEN:{relay_port},fork,reuseaddr"),
-                &format!("TCP:{rnet}.2:4420"),
-            ])
-            .spawn()
-            .expect("socat"),
-    );
+    let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
     let spec = format!(
         "keel.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1 \
          keel.remote.reconnect_delay=1 keel.remote.ctrl_loss_tmo=120"
@@ -1823,8 +1826,10 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
             assert_eq!(r.code, 0, "{r:?}");
             continue;
         }
-        remote.kill();
-        std::thread::sleep(Duration::from_secs(3));
+        // Its tap must be gone before it boots again on the same /24.
+        let rtap = tap_name(&remote);
+        kill_and_check_tap_removed(remote, &rtap);
+        std::thread::sleep(Duration::from_secs(2));
         remote = boot_remote();
         let r = workload.join().expect("workload thread");
         assert_eq!(
