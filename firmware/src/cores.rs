@@ -53,6 +53,11 @@ pub fn wait_for_planes(cores: u64, timeout_ns: u64) -> u64 {
     PLANES.load(Ordering::Acquire) & cores
 }
 
+/// The cores (a bit each) serving NVMe/TCP on their own queue pair.
+pub fn planes() -> u64 {
+    PLANES.load(Ordering::Acquire)
+}
+
 /// What core 0's loop serves (status and `/metrics`).
 pub const BOOT_CORE_ROLE: &str = "network, NVMe/TCP, drives, functions, management";
 /// What core 0 serves when the other cores serve NVMe/TCP too.
@@ -478,8 +483,29 @@ pub enum Msg {
     /// Core 0 → core k: the controller core's answer.
     FromHolder(crate::nvmf::FromHolder),
     /// Core k → core 0: a received frame of a flow core 0 serves (management, DHCP,
-    /// outgoing connections), to be received there.
+    /// outgoing connections), to be received there; core 0 → core k: a frame of core k's
+    /// outgoing connections that landed on pair 0.
     Frame(alloc::vec::Vec<u8>),
+    /// Core 0 → core k: a remote volume's lane, or news of its associations (see
+    /// [`crate::percore`]).
+    Remote(crate::percore::RemoteMsg),
+    /// Core k → core 0: it made volume `id`'s lane and added its namespaces to its replica
+    /// (`ok`), or could not.
+    RemoteReady {
+        /// The volume.
+        id: u32,
+        /// The core.
+        core: u16,
+        /// Whether every namespace of the volume is in its replica.
+        ok: bool,
+    },
+    /// Core k → core 0: its lane of volume `id` lost an I/O queue.
+    RemoteLost {
+        /// The volume.
+        id: u32,
+        /// Which association, and why.
+        loss: keel_remote::LaneLoss,
+    },
     /// Test builds: recurse into the stack guard page (`keel.test=core-overflow`).
     #[cfg(feature = "test-build")]
     Overflow,
@@ -742,6 +768,15 @@ impl DataCore {
             } else if let Msg::FromHolder(m) = msg {
                 if let Some(p) = self.plane.as_mut() {
                     p.on_holder(m, now);
+                }
+            } else if let Msg::Frame(f) = msg {
+                if let Some(p) = self.plane.as_mut() {
+                    p.inject(f);
+                }
+            } else if let Msg::Remote(m) = msg {
+                if let Some(p) = self.plane.as_mut() {
+                    let backlog = &mut self.backlog;
+                    p.on_remote(m, now, &mut |m| backlog.push_back(m));
                 }
             } else if let Msg::Ping { seq, value } = msg {
                 let reply = Msg::Pong {

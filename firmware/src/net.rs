@@ -109,6 +109,11 @@ pub struct NetStack<H: Hw> {
     clients: Vec<SocketHandle>,
     /// Next ephemeral port to try (offset into the range).
     next_port: u16,
+    /// The ephemeral ports this stack uses: `eph_count` from `eph_first` (the whole range
+    /// on one core; a share of it per core when several cores' stacks share one address,
+    /// [`NetStack::set_ephemeral_ports`]).
+    eph_first: u16,
+    eph_count: u16,
     listening: Vec<(SocketHandle, u16)>,
     ports: Vec<u16>,
     /// Ports whose connections only [`NetStack::take_accepted_on`] hands out.
@@ -191,6 +196,8 @@ impl<H: Hw> NetStack<H> {
             clients_created: 0,
             clients: Vec::new(),
             next_port: (seed % u64::from(EPHEMERAL_COUNT)) as u16,
+            eph_first: EPHEMERAL_FIRST,
+            eph_count: EPHEMERAL_COUNT,
             listening: Vec::new(),
             ports: Vec::new(),
             routed: Vec::new(),
@@ -267,11 +274,28 @@ impl<H: Hw> NetStack<H> {
         Some(h)
     }
 
+    /// Outgoing connections take their local ports from `count` ports at `first` only:
+    /// stacks of several cores share one address, and a reply must reach the core whose
+    /// connection it is by its destination port alone (`crate::percore`). Ports outside
+    /// the ephemeral range are refused (the range is kept).
+    pub fn set_ephemeral_ports(&mut self, first: u16, count: u16) {
+        let end = u32::from(first) + u32::from(count);
+        if first < EPHEMERAL_FIRST
+            || count == 0
+            || end > u32::from(EPHEMERAL_FIRST) + u32::from(EPHEMERAL_COUNT)
+        {
+            return;
+        }
+        self.eph_first = first;
+        self.eph_count = count;
+        self.next_port %= count;
+    }
+
     /// An ephemeral port no client socket in use has.
     fn ephemeral_port(&mut self) -> u16 {
-        for _ in 0..EPHEMERAL_COUNT {
-            let port = EPHEMERAL_FIRST + self.next_port;
-            self.next_port = (self.next_port + 1) % EPHEMERAL_COUNT;
+        for _ in 0..self.eph_count {
+            let port = self.eph_first + self.next_port;
+            self.next_port = (self.next_port + 1) % self.eph_count;
             let sockets = &self.sockets;
             let taken = self.clients.iter().any(|&h| {
                 sockets
@@ -283,7 +307,7 @@ impl<H: Hw> NetStack<H> {
                 return port;
             }
         }
-        EPHEMERAL_FIRST // unreachable: fewer clients than ports
+        self.eph_first // unreachable while a core has more ports than client sockets
     }
 
     /// Client sockets in use (outgoing connections).

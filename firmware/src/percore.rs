@@ -35,9 +35,26 @@
 //! from the configuration at boot). A core serving adopted queues reports their traffic
 //! once a second ([`ToHolder::Activity`]): traffic-based keep-alive counts it.
 //!
-//! Frames of other flows that land on core `k` (management, DHCP, replies to outgoing
-//! connections) are handed to core 0, which receives them as if they came on its pair; its
-//! answers leave on pair 0, so tun moves the flow there.
+//! Remote volumes (issue 17): a subsystem whose namespaces include unencrypted namespaces of
+//! remote volumes (no QoS limits) is served on every core too. Core 0 keeps each volume's
+//! associations (admin queue, Connect, keep alive, ANA, reconnects: `keel_remote`'s owner)
+//! and asks the remote for one more I/O queue per other core; once the remote namespace is
+//! identified it hands core `k` a *lane* ([`RemoteMsg::Lane`]: the volume's configuration
+//! and the namespace's size): core `k` connects its own I/O queue to each live association
+//! from its own network stack (so tun steers the replies to its pair; its local ports come
+//! from its own share of the ephemeral range, [`client_ports`], which is also how a frame
+//! that lands on another pair finds its core), adds the namespaces to its replica, and says
+//! so ([`crate::cores::Msg::RemoteReady`]). Only when every core did does core 0 add them to
+//! its own target (hosts learn of a namespace from core 0's admin queues: no core is ever
+//! asked for a namespace it lacks), so that namespace change does not end adopted queues.
+//! Core 0 then tells every lane of each association's changes ([`RemoteMsg::Update`]), and
+//! a lane reports the loss of one of its queues ([`crate::cores::Msg::RemoteLost`]): core 0
+//! ends and re-creates the association, as for a loss of its own queues
+//! (`keel_remote::lane`).
+//!
+//! Frames of other flows that land on core `k` (management, DHCP, replies to core 0's
+//! outgoing connections) are handed to core 0, which receives them as if they came on its
+//! pair; its answers leave on pair 0, so tun moves the flow there.
 
 use crate::cores::{Links, Msg, NS_SHARES, NVMF, ns_key};
 use crate::klog;
@@ -45,18 +62,22 @@ use crate::net::{Addressing, NetStack};
 use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
 use crate::poll::{DISCOVERY_PORT, NVMF_PORT};
 use crate::qemu::{Qemu, QemuNic};
-use crate::services::{ReplicaSubsystem, Services, replica_target};
+use crate::services::{ReplicaSource, ReplicaSubsystem, Services, cut, replica_target};
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
 use core::cell::RefCell;
+use core::sync::atomic::{AtomicU32, Ordering};
 use keel_controller::{Instant, Limits, QueueId, Request, Response, Target};
+use keel_hal::MAX_CORES;
 use keel_hal::arch::timer;
 use keel_hal::nvme::{CoreNvmeBackend, CoreNvmeQueue};
 use keel_hal::println;
 use keel_hal::virtio_net::QueuePair;
 use keel_nvme::{Cqe, Status};
-use keel_storage::{BufPool, IoBuf};
+use keel_remote::{LaneSeed, LaneUpdate, RemoteConfig, RemoteVolume};
+use keel_storage::{BufPool, IoBuf, SharedBackend};
+use smoltcp::iface::SocketHandle;
 
 /// Largest transfer of a forwarded command (MDTS).
 const MAX_TRANSFER: usize = 128 * 1024;
@@ -69,6 +90,98 @@ const SECONDARY_SMALL_BUFFERS: usize = 512;
 /// How often a busy core publishes its namespace counters (an idle pass after work always
 /// does).
 const NS_PUBLISH_NS: u64 = 1_000_000;
+
+/// A namespace of the replica a lane backs: its subsystem, itself, its slice.
+type LaneUser<'a> = (
+    String,
+    &'a crate::services::ReplicaNs,
+    Option<(u64, Option<u64>)>,
+);
+
+/// Requests a lane's namespaces hold between polls when it is cut into slices.
+const LANE_SHARED_DEPTH: usize = 1024;
+
+/// The ephemeral ports (first, count) of core `core`'s outgoing connections when `cores`
+/// cores share the NIC's address: an equal share each of 49152..=65535, so a frame's
+/// destination port names the core whose connection it is.
+pub fn client_ports(core: usize, cores: usize) -> (u16, u16) {
+    let count = (16384 / cores.max(1)).min(16384) as u16;
+    (49152 + (core as u16).saturating_mul(count), count)
+}
+
+/// Each core's share of the ephemeral ports (`first << 16 | count`; 0: none), stored by
+/// that core before its stack runs and read by it in [`served_here`].
+static CLIENT_PORTS: [AtomicU32; MAX_CORES] = [const { AtomicU32::new(0) }; MAX_CORES];
+
+/// Core 0's stack when other cores share its address: its outgoing connections take their
+/// local ports from its own share of the ephemeral range, and frames that land on its pair
+/// for another core's share (replies to that core's lanes, once tun forgot their flow) are
+/// handed to that core ([`Holder::poll`]) instead of being answered with a reset.
+pub fn share_ports_on_core0(net: &mut NetStack<Qemu>, cores: usize) {
+    let (first, count) = client_ports(0, cores);
+    CLIENT_PORTS[0].store(u32::from(first) << 16 | u32::from(count), Ordering::Relaxed);
+    net.set_ephemeral_ports(first, count);
+    if let Some(pair) = net.device.pair() {
+        pair.divert(core0_serves);
+    }
+}
+
+/// The TCP destination port of an IPv4 frame.
+fn tcp_dst_port(frame: &[u8]) -> Option<u16> {
+    let be16 = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    if be16(12) != Some(0x0800) || frame.get(14 + 9) != Some(&6) {
+        return None;
+    }
+    let ihl = usize::from(frame.get(14).map_or(0, |b| b & 0x0f)) * 4;
+    be16(14 + ihl + 2)
+}
+
+/// Core 0's filter: everything but TCP to another core's share of the ephemeral ports.
+fn core0_serves(frame: &[u8]) -> bool {
+    tcp_dst_port(frame).is_none_or(|p| p < 49152 || own_client_port(p))
+}
+
+/// The core whose share of the ephemeral ports `port` is in (core 0's share tells the size).
+fn client_port_core(port: u16) -> Option<usize> {
+    let count = CLIENT_PORTS[0].load(Ordering::Relaxed) & 0xFFFF;
+    (port >= 49152 && count != 0).then(|| usize::from(port - 49152) / count as usize)
+}
+
+/// Whether `port` is in this core's share of the ephemeral ports.
+fn own_client_port(port: u16) -> bool {
+    let v =
+        CLIENT_PORTS[keel_hal::arch::percpu::index().min(MAX_CORES - 1)].load(Ordering::Relaxed);
+    let (first, count) = ((v >> 16) as u16, v as u16);
+    count != 0 && port >= first && port - first < count
+}
+
+/// Core 0 → core `k`: remote volumes served through lanes (see the module docs).
+#[derive(Debug)]
+pub enum RemoteMsg {
+    /// Volume `id`'s namespace is identified: make its lane and add the replica's
+    /// namespaces on it, then answer [`Msg::RemoteReady`].
+    Lane {
+        /// The volume.
+        id: u32,
+        /// The remote namespace (which replica namespaces it backs).
+        remote: Box<keel_provision::Remote>,
+        /// The volume's configuration.
+        cfg: Box<RemoteConfig>,
+        /// The namespace as core 0 identified it.
+        seed: LaneSeed,
+    },
+    /// What core 0 says of one of the volume's paths.
+    Update {
+        /// The volume.
+        id: u32,
+        /// The path's association.
+        update: LaneUpdate,
+    },
+}
 
 /// What core `k` needs to serve NVMe/TCP: its queue pair and what its replica is built from.
 /// Everything in it can move to core `k`.
@@ -88,6 +201,8 @@ pub struct ServeSpec {
     pub advertise: Option<(String, String)>,
     /// Its own I/O queue pair on each drive its subsystems use (drive index, queue).
     pub drives: Vec<(usize, CoreNvmeQueue)>,
+    /// Its share of the ephemeral ports (first, count), [`client_ports`].
+    pub client_ports: (u16, u16),
 }
 
 /// Whether a frame received on a core other than core 0 is for that core's stack: ARP,
@@ -104,7 +219,12 @@ fn served_here(frame: &[u8]) -> bool {
     }
     let ihl = usize::from(frame.get(14).map_or(0, |b| b & 0x0f)) * 4;
     match frame.get(14 + 9) {
-        Some(6) => matches!(be16(14 + ihl + 2), Some(NVMF_PORT | DISCOVERY_PORT)),
+        Some(6) => match be16(14 + ihl + 2) {
+            Some(NVMF_PORT | DISCOVERY_PORT) => true,
+            // Replies to this core's own outgoing connections (remote volumes' lanes).
+            Some(p) => own_client_port(p),
+            None => false,
+        },
         Some(17) => false,
         _ => true,
     }
@@ -123,6 +243,10 @@ pub struct Plane {
     ns_published: u64,
     /// Its I/O queue pairs on the drives, polled every pass.
     drive_queues: Vec<Rc<RefCell<CoreNvmeQueue>>>,
+    /// Its subsystems as core 0 described them (remote namespaces are added from them).
+    subsystems: Vec<ReplicaSubsystem>,
+    /// Lanes of remote volumes (volume id, lane), polled every pass.
+    lanes: Vec<(u32, RemoteVolume<SocketHandle>)>,
 }
 
 impl core::fmt::Debug for Plane {
@@ -145,8 +269,10 @@ impl Plane {
             limits,
             advertise,
             drives,
+            client_ports,
         } = spec;
         let index = pair.index();
+        let kept = subsystems.clone();
         let names: Vec<String> = subsystems.iter().map(|s| s.nqn.clone()).collect();
         let queues: Vec<(usize, Rc<RefCell<CoreNvmeQueue>>)> = drives
             .into_iter()
@@ -174,6 +300,12 @@ impl Plane {
                 return None;
             }
         };
+        if let Some(slot) = CLIENT_PORTS.get(core) {
+            slot.store(
+                u32::from(client_ports.0) << 16 | u32::from(client_ports.1),
+                Ordering::Relaxed,
+            );
+        }
         pair.divert(served_here);
         // Its frames raise the NIC's interrupt, which wakes core 0, which rings this core.
         pair.enable_wakeups();
@@ -184,6 +316,7 @@ impl Plane {
         };
         let seed = timer::counter() ^ ((core as u64) << 48);
         let mut net = NetStack::new(nic, addressing, now_ns, seed);
+        net.set_ephemeral_ports(client_ports.0, client_ports.1);
         net.listen(NVMF_PORT);
         net.listen(DISCOVERY_PORT);
         println!(
@@ -197,6 +330,8 @@ impl Plane {
             ns_dirty: false,
             ns_published: now_ns,
             drive_queues: queues.into_iter().map(|(_, q)| q).collect(),
+            subsystems: kept,
+            lanes: Vec::new(),
         };
         plane.publish_namespaces();
         Some(plane)
@@ -222,10 +357,21 @@ impl Plane {
     /// whether anything happened. `out` takes the messages for core 0.
     pub fn pass(&mut self, now_ns: u64, out: &mut dyn FnMut(Msg)) -> bool {
         let Self {
-            net, nvmf, target, ..
+            net,
+            nvmf,
+            target,
+            lanes,
+            ..
         } = self;
         let mut busy = net.poll_ingress(now_ns);
         busy |= nvmf.poll(now_ns, net, target);
+        // After the commands of this pass were submitted: their capsules leave now.
+        for (id, lane) in lanes.iter() {
+            busy |= lane.poll(now_ns, net);
+            while let Some(loss) = lane.take_lane_loss() {
+                out(Msg::RemoteLost { id: *id, loss });
+            }
+        }
         for q in &self.drive_queues {
             busy |= q.borrow_mut().poll(now_ns);
         }
@@ -261,9 +407,135 @@ impl Plane {
             .all(|q| q.try_borrow().is_ok_and(|q| q.outstanding() == 0))
     }
 
+    /// A frame of one of this core's flows that landed on core 0's pair.
+    pub fn inject(&mut self, frame: Vec<u8>) {
+        if let Some(pair) = self.net.device.pair() {
+            pair.inject(frame);
+        }
+    }
+
     /// A message of the controller core.
     pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64) {
         self.nvmf.on_holder(msg, now_ns, &mut self.target);
+    }
+
+    /// A remote volume's lane, or news of its associations, from the controller core;
+    /// `out` takes the answer for core 0.
+    pub fn on_remote(&mut self, msg: RemoteMsg, now_ns: u64, out: &mut dyn FnMut(Msg)) {
+        match msg {
+            RemoteMsg::Lane {
+                id,
+                remote,
+                cfg,
+                seed,
+            } => {
+                let ok = self.add_lane(id, &remote, *cfg, seed);
+                out(Msg::RemoteReady {
+                    id,
+                    core: self.core as u16,
+                    ok,
+                });
+            }
+            RemoteMsg::Update { id, update } => {
+                if let Some((_, lane)) = self.lanes.iter().find(|(i, _)| *i == id) {
+                    lane.apply_lane_update(update, now_ns, &mut self.net);
+                }
+            }
+        }
+    }
+
+    /// Makes volume `id`'s lane and adds the replica's namespaces it backs; false (said on
+    /// the console) if any cannot be.
+    fn add_lane(
+        &mut self,
+        id: u32,
+        remote: &keel_provision::Remote,
+        cfg: RemoteConfig,
+        seed: LaneSeed,
+    ) -> bool {
+        let core = self.core;
+        let lane = match RemoteVolume::lane(cfg, core as u16, seed) {
+            Ok(l) => l,
+            Err(e) => {
+                klog::error!(
+                    "percore: core {}: lane of {}: {}",
+                    core,
+                    klog::D(remote),
+                    klog::D(&e)
+                );
+                return false;
+            }
+        };
+        let users: Vec<LaneUser<'_>> = self
+            .subsystems
+            .iter()
+            .flat_map(|s| {
+                s.namespaces.iter().filter_map(move |n| match &n.source {
+                    ReplicaSource::Remote { remote: r, slice } if r.same_target(remote) => {
+                        Some((s.nqn.clone(), n, *slice))
+                    }
+                    _ => None,
+                })
+            })
+            .collect();
+        let Some(backend) = lane.backend() else {
+            return false;
+        };
+        let many = users.len() > 1 || users.iter().any(|u| u.2.is_some());
+        let (mut whole, shared) = if many {
+            (None, Some(SharedBackend::new(backend, LANE_SHARED_DEPTH)))
+        } else {
+            (Some(backend), None)
+        };
+        let mut configs = Vec::new();
+        for (nqn, n, slice) in &users {
+            let b: Box<dyn keel_storage::BlockBackend> = match (&shared, whole.take()) {
+                (Some(sb), _) => {
+                    let spec = crate::config::NsSpec::Remote {
+                        remote: Box::new(remote.clone()),
+                        slice: *slice,
+                    };
+                    match cut(sb, *slice, &spec) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            klog::error!("percore: core {}: {}", core, klog::D(&e));
+                            return false;
+                        }
+                    }
+                }
+                (None, Some(b)) => Box::new(b),
+                (None, None) => return false,
+            };
+            configs.push((
+                nqn.clone(),
+                keel_controller::NamespaceConfig {
+                    nsid: n.nsid,
+                    backend: b,
+                    nguid: n.nguid,
+                    uuid: [0; 16],
+                    eui64: [0; 8],
+                    qos: n.qos.clone(),
+                },
+            ));
+        }
+        for (nqn, cfg) in configs {
+            let nsid = cfg.nsid;
+            if let Err(e) = self.target.add_namespace(&nqn, cfg) {
+                klog::error!(
+                    "percore: core {}: namespace {} of {}: {}",
+                    core,
+                    nsid,
+                    nqn,
+                    klog::Dbg(&e)
+                );
+                return false;
+            }
+            println!(
+                "percore: core {core} serves namespace {nsid} of {nqn} through its own I/O queues to remote {remote}"
+            );
+        }
+        self.lanes.push((id, lane));
+        true
     }
 }
 
@@ -307,6 +579,21 @@ pub struct Holder {
     generation: u64,
     /// The cores (a bit each) it handed a queue pair to.
     served: u64,
+    /// Remote volumes other cores serve through lanes.
+    lanes: Vec<LaneTrack>,
+}
+
+/// A remote volume whose lanes core 0 looks after.
+#[derive(Debug)]
+struct LaneTrack {
+    /// The volume's id (`crate::remote::Volume::id`).
+    id: u32,
+    /// Its lanes were sent to the cores.
+    sent: bool,
+    /// Cores (a bit each) that have not yet answered with [`Msg::RemoteReady`].
+    acks: u64,
+    /// The volume's lane version last sent.
+    seen: u64,
 }
 
 impl core::fmt::Debug for Holder {
@@ -336,7 +623,7 @@ impl Holder {
         pairs: Vec<QueuePair>,
         mac: [u8; 6],
         addressing: Addressing,
-        services: &Services<Qemu>,
+        services: &mut Services<Qemu>,
     ) -> Option<Self> {
         if pairs.is_empty() {
             return None;
@@ -382,6 +669,28 @@ impl Holder {
             })
             .cloned()
             .collect();
+        // Remote volumes a replicable subsystem uses: their associations get I/O queues for
+        // every other core (asked for at the first association, which comes later).
+        let cores = keel_hal::arch::percpu::cores().len().max(pairs.len() + 1);
+        let mut lanes = Vec::new();
+        for v in services.remotes.volumes.iter_mut() {
+            let used = replicable.iter().any(|s| {
+                s.namespaces.iter().any(|n| {
+                    matches!(&n.source, ReplicaSource::Remote { remote, .. } if remote.same_target(&v.remote))
+                })
+            });
+            if used {
+                v.laned = true;
+                v.gate_open = false;
+                v.vol.set_lanes((cores - 1) as u16);
+                lanes.push(LaneTrack {
+                    id: v.id,
+                    sent: false,
+                    acks: 0,
+                    seen: u64::MAX,
+                });
+            }
+        }
         let mut outq = Vec::new();
         let mut served = 0u64;
         for ((link, pair), drives) in links.0.iter_mut().zip(pairs).zip(drives) {
@@ -393,6 +702,7 @@ impl Holder {
                 limits: *services.target.limits(),
                 advertise: services.plan().advertise.clone(),
                 drives,
+                client_ports: client_ports(link.info.index, cores),
             };
             if link.send(Msg::Serve(Box::new(spec))).is_err() {
                 klog::error!("percore: core {}: ring full", link.info.index);
@@ -410,7 +720,88 @@ impl Holder {
             replicable: replicable.iter().map(|s| s.nqn.clone()).collect(),
             generation: services.target.namespace_generation(),
             served,
+            lanes,
         })
+    }
+
+    /// Ends every adopted queue (the host reconnects) and serves every later I/O queue
+    /// through core 0.
+    fn end_adoptions(&mut self, links: &mut Links) {
+        self.replicable.clear();
+        let ends: Vec<(usize, ConnRef)> = self
+            .proxies
+            .iter()
+            .flatten()
+            .filter(|p| p.adopted)
+            .map(|p| (p.link, p.conn))
+            .collect();
+        for (li, conn) in ends {
+            self.send(links, li, Msg::FromHolder(FromHolder::Terminate { conn }));
+        }
+    }
+
+    /// Remote volumes' lanes: hands each core its lane once the volume's namespace is
+    /// identified, then every change of the volume's associations.
+    fn tend_lanes(&mut self, links: &mut Links, services: &mut Services<Qemu>) -> bool {
+        let mut busy = false;
+        let planes = crate::cores::planes();
+        let mut tracks = core::mem::take(&mut self.lanes);
+        tracks.retain(|t| services.remotes.volumes.iter().any(|v| v.id == t.id));
+        for t in tracks.iter_mut() {
+            let Some(v) = services.remotes.volumes.iter().find(|v| v.id == t.id) else {
+                continue;
+            };
+            if !t.sent {
+                let Some(seed) = v.vol.lane_seed() else {
+                    continue;
+                };
+                let cfg = services.remotes.lane_config(v);
+                for li in 0..links.0.len() {
+                    let core = links.0[li].info.index;
+                    if core >= 64 || planes & (1 << core) == 0 {
+                        continue;
+                    }
+                    t.acks |= 1 << core;
+                    let m = RemoteMsg::Lane {
+                        id: t.id,
+                        remote: Box::new(v.remote.clone()),
+                        cfg: Box::new(cfg.clone()),
+                        seed,
+                    };
+                    self.send(links, li, Msg::Remote(m));
+                }
+                t.sent = true;
+                busy = true;
+            }
+            let version = v.vol.lane_version();
+            if version != t.seen {
+                t.seen = version;
+                let mut ups = Vec::new();
+                for li in 0..links.0.len() {
+                    let core = links.0[li].info.index;
+                    if core >= 64 || planes & (1 << core) == 0 {
+                        continue;
+                    }
+                    ups.clear();
+                    v.vol.lane_updates(core as u16, &mut ups);
+                    for &update in &ups {
+                        let m = RemoteMsg::Update { id: t.id, update };
+                        self.send(links, li, Msg::Remote(m));
+                    }
+                }
+                busy = true;
+            }
+        }
+        for t in tracks.iter().filter(|t| t.sent && t.acks == 0) {
+            if let Some(v) = services.remotes.volumes.iter_mut().find(|v| v.id == t.id)
+                && !v.gate_open
+            {
+                v.gate_open = true;
+                busy = true;
+            }
+        }
+        self.lanes = tracks;
+        busy
     }
 
     /// The cores (a bit each) it handed a queue pair to.
@@ -455,26 +846,21 @@ impl Holder {
     ) -> bool {
         let now = Instant::from_nanos(now_ns);
         let mut busy = false;
-        let target = &mut services.target;
-        if target.namespace_generation() != self.generation {
-            self.generation = target.namespace_generation();
-            if !self.replicable.is_empty() {
-                klog::warning!(
-                    "percore: namespaces changed: I/O queues adopted by other cores end; new ones are served through core 0"
-                );
-            }
-            self.replicable.clear();
-            let ends: Vec<(usize, ConnRef)> = self
-                .proxies
-                .iter()
-                .flatten()
-                .filter(|p| p.adopted)
-                .map(|p| (p.link, p.conn))
-                .collect();
-            for (li, conn) in ends {
-                self.send(links, li, Msg::FromHolder(FromHolder::Terminate { conn }));
+        let generation = services.target.namespace_generation();
+        if generation != self.generation {
+            // Remote namespaces every core added first are no change for the replicas.
+            let benign = services.remotes.explains(self.generation, generation);
+            self.generation = generation;
+            if !benign {
+                if !self.replicable.is_empty() {
+                    klog::warning!(
+                        "percore: namespaces changed: I/O queues adopted by other cores end; new ones are served through core 0"
+                    );
+                }
+                self.end_adoptions(links);
             }
         }
+        let target = &mut services.target;
         // Waiting commands first (they keep their order).
         while let Some((li, m)) = self.parked.pop_front() {
             if let Some(m) = self.take_message(li, m, now, links, target) {
@@ -500,10 +886,43 @@ impl Holder {
                             pair.inject(f);
                         }
                     }
+                    Msg::RemoteReady { id, core, ok } => {
+                        if let Some(t) = self.lanes.iter_mut().find(|t| t.id == id) {
+                            t.acks &= !(1u64 << (core & 63));
+                        }
+                        if !ok {
+                            klog::error!(
+                                "percore: core {} could not serve a remote volume's namespaces: I/O queues adopted by other cores end; new ones are served through core 0",
+                                core
+                            );
+                            self.end_adoptions(links);
+                        }
+                    }
+                    Msg::RemoteLost { id, loss } => {
+                        if let (Some(v), Some(n)) = (
+                            services.remotes.volumes.iter().find(|v| v.id == id),
+                            net.as_deref_mut(),
+                        ) {
+                            v.vol.lane_lost(loss, now_ns, n);
+                        }
+                    }
                     _ => {}
                 }
             }
             crate::cores::own_counters().received(taken);
+        }
+        busy |= self.tend_lanes(links, services);
+        // Frames of other cores' outgoing connections that landed on pair 0.
+        if let Some(pair) = net.and_then(|n| n.device.pair()) {
+            while let Some(f) = pair.take_diverted() {
+                let li = tcp_dst_port(&f)
+                    .and_then(client_port_core)
+                    .and_then(|c| links.0.iter().position(|l| l.info.index == c));
+                if let Some(li) = li {
+                    self.send(links, li, Msg::Frame(f));
+                    busy = true;
+                }
+            }
         }
         for ev in core::mem::take(&mut services.forwarded_events) {
             busy = true;

@@ -236,9 +236,16 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         }
     }
     let mut holder = percpu::with_local::<Links, _>(|links| {
-        Holder::start(links, pairs, mac, addressing, &services)
+        Holder::start(links, pairs, mac, addressing, &mut services)
     })
     .flatten();
+    // Every core's stack has this address: each takes its outgoing connections' local
+    // ports from its own share of the ephemeral range (`percore::client_ports`).
+    if holder.is_some()
+        && let Some(n) = net.as_mut()
+    {
+        crate::percore::share_ports_on_core0(n, percpu::cores().len());
+    }
     // `keel: ready` means every core listens: a connection the NIC steers to a core whose
     // plane is not up yet would be refused.
     if let Some(h) = holder.as_ref() {

@@ -117,6 +117,13 @@ pub(crate) struct Volume {
     used: Use,
     /// No namespace uses it any more: shut down at the next pass and dropped.
     retired: bool,
+    /// Stable identifier (messages between cores name the volume by it).
+    pub(crate) id: u32,
+    /// Other cores serve its namespaces through lanes of their own (`crate::percore`).
+    pub(crate) laned: bool,
+    /// Its namespaces may be added to the controller core's target: false while the other
+    /// cores have not yet added them to their replicas (`crate::percore::Holder`).
+    pub(crate) gate_open: bool,
 }
 
 /// Every remote volume of the device.
@@ -125,6 +132,10 @@ pub(crate) struct RemoteService {
     /// The host NQN volumes connect as unless their description names one.
     pub(crate) hostnqn: String,
     hostid: [u8; 16],
+    next_id: u32,
+    /// Namespace generation changes of the target made by adding namespaces of laned
+    /// volumes (before, after), for [`RemoteService::explains`].
+    lane_adds: Vec<(u64, u64)>,
 }
 
 impl core::fmt::Debug for RemoteService {
@@ -143,6 +154,8 @@ impl RemoteService {
             volumes: Vec::new(),
             hostnqn,
             hostid,
+            next_id: 1,
+            lane_adds: Vec::new(),
         }
     }
 
@@ -189,7 +202,11 @@ impl RemoteService {
                     share: shared_hint || slice.is_some(),
                     used: Use::Unused,
                     retired: false,
+                    id: self.next_id,
+                    laned: false,
+                    gate_open: true,
                 });
+                self.next_id += 1;
                 true
             }
             Err(e) => {
@@ -228,15 +245,23 @@ impl RemoteService {
         served: &mut Vec<(String, u32)>,
     ) -> bool {
         let mut busy = false;
-        for v in &mut self.volumes {
+        let Self {
+            volumes, lane_adds, ..
+        } = self;
+        for v in volumes.iter_mut() {
             if v.retired {
                 v.vol.shutdown(now_ns, net);
                 continue;
             }
             busy |= v.vol.poll(now_ns, net);
-            if !v.waiting.is_empty() && v.vol.geometry().is_some() {
+            if !v.waiting.is_empty() && v.vol.geometry().is_some() && v.gate_open {
                 busy = true;
+                let before = target.namespace_generation();
                 v.serve_waiting::<H>(target, plan, served);
+                let after = target.namespace_generation();
+                if v.laned && after != before && lane_adds.len() < 64 {
+                    lane_adds.push((before, after));
+                }
             }
         }
         self.volumes.retain(|v| {
@@ -250,6 +275,28 @@ impl RemoteService {
             keep
         });
         busy
+    }
+
+    /// Whether the target's namespace generation went from `from` to `to` only by adding
+    /// namespaces of laned volumes, which every other core added to its replica first (so
+    /// the queues they adopted stay right). Forgets what it was told either way.
+    pub(crate) fn explains(&mut self, from: u64, to: u64) -> bool {
+        let mut cur = from;
+        let mut steps = 0;
+        while cur != to && steps <= self.lane_adds.len() {
+            match self.lane_adds.iter().find(|(b, _)| *b == cur) {
+                Some(&(_, a)) => cur = a,
+                None => break,
+            }
+            steps += 1;
+        }
+        self.lane_adds.clear();
+        cur == to
+    }
+
+    /// The configuration a lane of volume `v` is made with (the volume's own).
+    pub(crate) fn lane_config(&self, v: &Volume) -> RemoteConfig {
+        remote_config(&v.remote, &self.hostnqn, self.hostid)
     }
 
     /// The earliest time a volume's timers need a pass.

@@ -163,8 +163,10 @@ pub struct Services<H: Hw> {
 
 /// A subsystem other cores can serve I/O queues of from a replica of the controller core
 /// (`Target::adopt_io_queue`): all its namespaces are RAM namespaces in shared regions
-/// ([`crate::sharedram`]) or namespaces of local drives (each core
-/// reaches a drive through an I/O queue pair of its own, [`ReplicaSource::Drive`]), and no
+/// ([`crate::sharedram`]) or namespaces of local drives (each core reaches a drive through
+/// an I/O queue pair of its own, [`ReplicaSource::Drive`]), encrypted or not, or unencrypted
+/// namespaces of remote volumes (each core through I/O queues of its own to the remote
+/// controller, [`ReplicaSource::Remote`]), and no
 /// QoS limit applies (limits are enforced where the commands are counted, on one core).
 /// Everything in it can move to another core.
 #[derive(Debug, Clone)]
@@ -213,6 +215,17 @@ pub enum ReplicaSource {
         /// Byte offset and length (`None`: to the end), as the plan says.
         slice: Option<(u64, Option<u64>)>,
     },
+    /// A namespace of a remote volume, whole or a slice, reached through the serving core's
+    /// own I/O queues over the controller core's association (a lane,
+    /// `keel_remote::lane`). Not in the replica at first: the remote namespace's size is
+    /// known only once core 0 identified it, and core 0 then hands the core its lane
+    /// (`crate::percore`), which adds it.
+    Remote {
+        /// The remote namespace (as described).
+        remote: Box<keel_provision::Remote>,
+        /// Byte offset and length (`None`: all of it).
+        slice: Option<(u64, Option<u64>)>,
+    },
 }
 
 impl ReplicaSubsystem {
@@ -220,7 +233,7 @@ impl ReplicaSubsystem {
     pub fn drives(&self) -> impl Iterator<Item = usize> + '_ {
         self.namespaces.iter().filter_map(|n| match n.source {
             ReplicaSource::Drive { drive, .. } => Some(drive),
-            ReplicaSource::Ram(_) => None,
+            ReplicaSource::Ram(_) | ReplicaSource::Remote { .. } => None,
         })
     }
 }
@@ -895,9 +908,24 @@ fn replicable(
         if n.function.is_some()
             || qos.limits != keel_controller::QosLimits::NONE
             || qos.group.is_some()
-            || !served
-                .iter()
-                .any(|(q, id)| *q == n.subsystem && *id == n.nsid)
+        {
+            return None;
+        }
+        if let NsSpec::Remote { remote, slice } = &n.spec {
+            if n.key.is_some() {
+                // Encrypted remote namespaces stay with the controller core (not built per
+                // core yet).
+                return None;
+            }
+            // Served later, once identified (by then on every core first: `crate::percore`).
+            return Some(ReplicaSource::Remote {
+                remote: remote.clone(),
+                slice: *slice,
+            });
+        }
+        if !served
+            .iter()
+            .any(|(q, id)| *q == n.subsystem && *id == n.nsid)
         {
             return None;
         }
@@ -976,6 +1004,8 @@ pub(crate) fn replica_target(
         let mut namespaces = Vec::new();
         for n in &s.namespaces {
             let backend: Box<dyn BlockBackend> = match n.source {
+                // Added when core 0 hands this core the remote volume's lane.
+                ReplicaSource::Remote { .. } => continue,
                 ReplicaSource::Ram(region) => Box::new(region.handle(REPLICA_DEPTH)),
                 ReplicaSource::Drive {
                     drive: d,

@@ -395,3 +395,48 @@ fn a_secondary_forwards_admin_and_serves_adopted_io_over_shared_ram() {
     );
     assert!(h.queues.is_empty(), "every held queue closed: {:?}", h.seen);
 }
+
+/// A subsystem with a remote namespace (unencrypted, no limits) is served by every core: its
+/// replica is built at boot without the remote namespace (its size is not known yet), which
+/// each core adds when core 0 hands it the volume's lane; namespace changes made only by
+/// such adds, once every core has them, are no change for the replicas.
+#[test]
+fn a_subsystem_with_a_remote_namespace_is_served_by_every_core() {
+    let mut h = Holder::new(
+        "keel.ns=ram:16,remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.ip=127.0.0.1/8",
+    );
+    assert_eq!(h.s.replicable.len(), 1, "{:?}", h.s.replicable);
+    let ns = &h.s.replicable[0].namespaces;
+    assert_eq!(ns.len(), 2);
+    let crate::services::ReplicaSource::Remote { remote, slice } = &ns[1].source else {
+        panic!("namespace 2 is remote: {:?}", ns[1].source);
+    };
+    assert_eq!(remote.nqn, "nqn.2026-11.dev.keel:pool");
+    assert_eq!(*slice, None);
+    assert_eq!(ns[1].nsid, 2);
+    let replica = replica_target(h.s.replicable.clone(), *h.s.target.limits(), &mut |_, _| {
+        None
+    })
+    .expect("replica");
+    let nsids: Vec<u32> = replica.namespace_views().map(|v| v.nsid).collect();
+    assert_eq!(nsids, [1], "the remote namespace comes later");
+
+    let remotes = &mut h.s.remotes;
+    assert_eq!(remotes.volumes.len(), 1);
+    let v = &remotes.volumes[0];
+    assert!(
+        v.id > 0 && v.gate_open && !v.laned,
+        "one core until percore says otherwise"
+    );
+    let cfg = remotes.lane_config(v);
+    assert_eq!(cfg.subnqn, "nqn.2026-11.dev.keel:pool");
+    // Nothing recorded: any change is a change.
+    assert!(!remotes.explains(3, 4));
+    assert!(remotes.explains(4, 4));
+
+    // An encrypted remote namespace keeps its subsystem on core 0.
+    let h = Holder::new(
+        "keel.ns=remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.xts=1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1ff0e1d2c3b4a5968778695a4b3c2d1e0f0123456789abcdeffedcba9876543210 keel.ip=127.0.0.1/8",
+    );
+    assert!(h.s.replicable.is_empty(), "{:?}", h.s.replicable);
+}

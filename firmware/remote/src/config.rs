@@ -130,6 +130,11 @@ pub struct RemoteConfig {
     pub connect_timeout_ms: u64,
     /// Requests the volume holds at once (queued or in flight); 0 = io_queues × queue_depth.
     pub max_requests: u16,
+    /// Lanes: other cores that each connect I/O queues of their own to every association
+    /// this volume sets up (see the crate docs, "Lanes"); 0 = none (one core).
+    pub lanes: u16,
+    /// I/O queues per lane and path (asked for in Number of Queues on top of `io_queues`).
+    pub lane_queues: u16,
 }
 
 impl RemoteConfig {
@@ -161,6 +166,8 @@ impl RemoteConfig {
             admin_timeout_ms: 60_000,
             connect_timeout_ms: 10_000,
             max_requests: 0,
+            lanes: 0,
+            lane_queues: 1,
         }
     }
 
@@ -189,6 +196,13 @@ impl RemoteConfig {
             return Err(ConfigError::Nsid);
         }
         if self.io_queues == 0 || self.io_queues > MAX_IO_QUEUES {
+            return Err(ConfigError::IoQueues);
+        }
+        if self.lanes > 0
+            && (self.lane_queues == 0
+                || u32::from(self.io_queues) + u32::from(self.lanes) * u32::from(self.lane_queues)
+                    > u32::from(MAX_IO_QUEUES) * 4)
+        {
             return Err(ConfigError::IoQueues);
         }
         if self.queue_depth == 0 || self.queue_depth > MAX_QUEUE_DEPTH {

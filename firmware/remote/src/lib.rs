@@ -40,9 +40,18 @@
 //!   backend, `Target::add_namespace` exports it (wrapped in AES-XTS and/or a slice like any
 //!   backend); `snapshot()` feeds `keelctl status` and `/metrics` (per path: state, ANA
 //!   state, commands in flight, connects, losses, errors).
-//! - Several cores: today one volume owns the admin and I/O connections of all its paths; the
-//!   per-core split of ARCHITECTURE.md (admin and ANA on core 0, each data core its own I/O
-//!   connections) would give each core its own I/O queue set over the shared association.
+//! - Several cores: the volume on the controller core owns every path's association; each
+//!   other core may run a *lane* over it (below).
+//!
+//! ## Lanes (several cores)
+//! ARCHITECTURE.md's per-core split: admin queue, keep alive, ANA and reconnects on the
+//! controller core; each data core its own I/O connections to every association. The owner
+//! is a volume whose [`RemoteConfig::lanes`] counts the other cores; it asks the remote for
+//! `lane_queues` more I/O queues per lane and tells each lane, through [`LaneUpdate`]s, which
+//! CNTLID and QIDs to connect with. A lane ([`RemoteVolume::lane`]) is a volume without admin
+//! queues on its core's own network stack, seeded with the namespace the owner identified
+//! ([`LaneSeed`]); it reports the loss of any of its queues ([`LaneLoss`]) and the owner ends
+//! and re-creates the association for everyone. See [`lane`] for the rules.
 //!
 //! ## Association (per path)
 //! NVMe/TCP 1.0 §3.3 (ICReq/ICResp) on a fresh connection, then on the admin queue (NVMe-oF
@@ -125,6 +134,7 @@ extern crate alloc;
 
 pub mod config;
 mod data;
+pub mod lane;
 pub mod net;
 mod path;
 pub mod stats;
@@ -139,6 +149,7 @@ use keel_storage::{
 use volume::Volume;
 
 pub use config::{ConfigError, PathAddr, Policy, RemoteConfig};
+pub use lane::{Grant, LaneLoss, LaneSeed, LaneUpdate};
 pub use net::{Net, SockState};
 pub use stats::{
     LossReason, PathCounters, PathSnapshot, PathState, Snapshot, VolumeCounters, VolumeState,
@@ -174,6 +185,63 @@ impl<S: Copy + Eq + fmt::Debug> RemoteVolume<S> {
         self.inner
             .try_borrow_mut()
             .is_ok_and(|mut v| v.poll(now_ns, net))
+    }
+
+    /// Lane `lane` (1-based) of the volume configured as `cfg` on another core, serving the
+    /// namespace its owner identified ([`RemoteVolume::lane_seed`]). Its paths connect when
+    /// [`RemoteVolume::apply_lane_update`] says their association is up. Allocates its
+    /// request table here.
+    pub fn lane(cfg: RemoteConfig, lane: u16, seed: LaneSeed) -> Result<Self, ConfigError> {
+        Ok(Self {
+            inner: Rc::new(RefCell::new(Volume::new_lane(cfg, lane, seed)?)),
+        })
+    }
+
+    /// The owner's: from its next association on, asks the remote for I/O queues for
+    /// `lanes` lanes too (lane `k` gets the `k`-th share, see [`lane`]); 0: none. Set it
+    /// before the first [`RemoteVolume::poll`] so the first association has them. Ignored
+    /// on a lane, or when the total would exceed what a configuration may ask for.
+    pub fn set_lanes(&self, lanes: u16) {
+        if let Ok(mut v) = self.inner.try_borrow_mut() {
+            v.set_lanes(lanes);
+        }
+    }
+
+    /// The owner's: what lanes are seeded with, once the namespace is identified.
+    pub fn lane_seed(&self) -> Option<LaneSeed> {
+        self.inner.try_borrow().ok()?.lane_seed()
+    }
+
+    /// The owner's: changes whenever [`RemoteVolume::lane_updates`] would say something new
+    /// (a path came up, went down, gave up or changed ANA state).
+    pub fn lane_version(&self) -> u64 {
+        self.inner.try_borrow().map_or(0, |v| v.lane_version())
+    }
+
+    /// The owner's: every path as lane `lane` (1-based) must see it, appended to `out`.
+    pub fn lane_updates(&self, lane: u16, out: &mut alloc::vec::Vec<LaneUpdate>) {
+        if let Ok(v) = self.inner.try_borrow() {
+            v.lane_updates(lane, out);
+        }
+    }
+
+    /// The owner's: a lane lost a queue of one of its associations (see [`lane`]).
+    pub fn lane_lost<N: Net<Sock = S>>(&self, loss: LaneLoss, now_ns: u64, net: &mut N) {
+        if let Ok(mut v) = self.inner.try_borrow_mut() {
+            v.lane_lost(loss, now_ns, net);
+        }
+    }
+
+    /// A lane's: applies its owner's update of a path.
+    pub fn apply_lane_update<N: Net<Sock = S>>(&self, u: LaneUpdate, now_ns: u64, net: &mut N) {
+        if let Ok(mut v) = self.inner.try_borrow_mut() {
+            v.apply_lane_update(u, now_ns, net);
+        }
+    }
+
+    /// A lane's: the next queue loss to tell its owner about.
+    pub fn take_lane_loss(&self) -> Option<LaneLoss> {
+        self.inner.try_borrow_mut().ok()?.take_lane_loss()
     }
 
     /// The block backend, once a path has identified the namespace; handed out once (the

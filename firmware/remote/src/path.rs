@@ -152,7 +152,7 @@ pub(crate) enum Phase {
 }
 
 /// What the association setup learned.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Info {
     pub cntlid: u16,
     pub cap: u64,
@@ -274,6 +274,13 @@ pub(crate) struct Path<S> {
     pub next_scan: u64,
     pub counters: PathCounters,
     pub last_loss: Option<LossReason>,
+    /// Which association: counts up each time the path goes live (on a lane: the owner's
+    /// association its queues belong to).
+    pub epoch: u32,
+    /// QIDs of its I/O queues start after this (0 on the owner, whose queues are 1..).
+    pub qid_base: u16,
+    /// I/O queues the remote granted beyond the owner's own, for lanes.
+    pub lane_pool: u16,
 }
 
 impl<S> Path<S> {
@@ -301,6 +308,9 @@ impl<S> Path<S> {
             next_scan: 0,
             counters: PathCounters::default(),
             last_loss: None,
+            epoch: 0,
+            qid_base: 0,
+            lane_pool: 0,
         }
     }
 

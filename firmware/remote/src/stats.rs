@@ -79,6 +79,9 @@ pub enum LossReason {
     Protocol(&'static str),
     /// The volume was shut down ([`crate::RemoteVolume::shutdown`]).
     Shutdown,
+    /// A lane's view: the association its I/O queues belonged to ended on the volume that
+    /// owns it (see the crate docs, "Lanes").
+    Superseded,
 }
 
 impl LossReason {
@@ -112,6 +115,7 @@ impl fmt::Display for LossReason {
             Self::AnaLogFailed(s) => write!(f, "ANA log read failed: {s}"),
             Self::Protocol(s) => write!(f, "protocol error: {s}"),
             Self::Shutdown => f.write_str("shut down"),
+            Self::Superseded => f.write_str("the association ended on the controller core"),
         }
     }
 }

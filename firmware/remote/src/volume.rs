@@ -5,6 +5,7 @@
 
 use crate::config::{ConfigError, Policy, RemoteConfig};
 use crate::data::Data;
+use crate::lane::{Grant, LaneLoss, LaneSeed, LaneUpdate};
 use crate::net::{Net, SockState};
 use crate::path::*;
 use crate::stats::{LossReason, Snapshot, VolumeCounters, VolumeState};
@@ -198,6 +199,39 @@ fn take_cmd<S>(q: &mut IoQ<S>, cid: u16) -> Option<Cmd> {
     Some(out)
 }
 
+/// Whether an I/O command of the path has been outstanding longer than `limit`.
+fn io_late<S>(path: &Path<S>, now: u64, limit: u64) -> bool {
+    path.ioqs.iter().any(|q| {
+        q.cmds
+            .iter()
+            .any(|c| c.req != NO_REQ && now.saturating_sub(c.issued_at) > limit)
+    })
+}
+
+/// The path's I/O queues as its `info` says (`nr_queues` of `depth` commands), not yet
+/// connected. Allocates (association setup only).
+fn add_ioqs<S>(path: &mut Path<S>, digests: keel_nvmf_tcp::Digests) -> Result<(), LossReason> {
+    let info = path.info;
+    for _ in 0..info.nr_queues {
+        let conn = Conn::new(digests, info.depth, info.in_capsule)
+            .ok_or(LossReason::Protocol("I/O queue configuration"))?;
+        path.ioqs.push(IoQ {
+            conn,
+            connect_cid: None,
+            live: false,
+            cmds: vec![
+                Cmd {
+                    req: NO_REQ,
+                    issued_at: 0
+                };
+                info.depth as usize
+            ],
+            inflight: 0,
+        });
+    }
+    Ok(())
+}
+
 fn owned(buf: Option<Data>) -> Option<Vec<u8>> {
     match buf {
         Some(Data::Owned(v)) => Some(v),
@@ -242,6 +276,12 @@ pub(crate) struct Volume<S> {
     ever_live: bool,
     pub(crate) backend_taken: bool,
     counters: VolumeCounters,
+    /// A lane (1-based, see [`crate::lane`]): I/O queues only, over the owner's associations.
+    lane: Option<u16>,
+    /// Queue losses of a lane, for its owner.
+    lane_losses: VecDeque<LaneLoss>,
+    /// The owner's: bumped whenever what lanes see of a path changes.
+    lane_version: u64,
 }
 
 impl<S> fmt::Debug for Volume<S> {
@@ -275,8 +315,211 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             ever_live: false,
             backend_taken: false,
             counters: VolumeCounters::default(),
+            lane: None,
+            lane_losses: VecDeque::new(),
+            lane_version: 0,
             cfg,
         })
+    }
+
+    /// Lane `lane` (1-based) of a volume configured as `cfg` (the owner's configuration),
+    /// serving the namespace `seed` describes; its paths wait for [`LaneUpdate::Up`].
+    pub fn new_lane(mut cfg: RemoteConfig, lane: u16, seed: LaneSeed) -> Result<Self, ConfigError> {
+        if lane == 0 {
+            return Err(ConfigError::IoQueues);
+        }
+        cfg.io_queues = cfg.lane_queues.max(1);
+        cfg.lanes = 0;
+        let mut v = Self::new(cfg)?;
+        v.lane = Some(lane);
+        v.lane_losses = VecDeque::with_capacity(2 * v.paths.len());
+        v.ns = Some(seed.0);
+        for p in v.paths.iter_mut() {
+            p.phase = Phase::Reconnecting { at: u64::MAX };
+        }
+        Ok(v)
+    }
+
+    // ---- lanes: the owner's side ----------------------------------------------------------
+
+    /// See [`crate::RemoteVolume::set_lanes`].
+    pub fn set_lanes(&mut self, lanes: u16) {
+        if self.lane.is_some() {
+            return;
+        }
+        let mut c = self.cfg.clone();
+        c.lanes = lanes;
+        if c.validate().is_ok() {
+            self.cfg.lanes = lanes;
+        }
+    }
+
+    /// What a lane is seeded with, once the namespace is identified.
+    pub fn lane_seed(&self) -> Option<LaneSeed> {
+        self.ns.map(LaneSeed)
+    }
+
+    /// Changes whenever [`Volume::lane_updates`] would say something new.
+    pub fn lane_version(&self) -> u64 {
+        self.lane_version
+    }
+
+    /// Every path as lane `lane` (1-based) must see it.
+    pub fn lane_updates(&self, lane: u16, out: &mut Vec<LaneUpdate>) {
+        let lq = self.cfg.lane_queues;
+        for (i, p) in self.paths.iter().enumerate() {
+            let path = i as u8;
+            out.push(match p.phase {
+                Phase::Live => {
+                    let before = u32::from(lane.saturating_sub(1)) * u32::from(lq);
+                    let fits = lane > 0
+                        && self.cfg.lanes >= lane
+                        && before + u32::from(lq) <= u32::from(p.lane_pool);
+                    LaneUpdate::Up {
+                        path,
+                        epoch: p.epoch,
+                        grant: Grant {
+                            cntlid: p.info.cntlid,
+                            first_qid: (u32::from(p.info.nr_queues) + before + 1)
+                                .min(u32::from(u16::MAX))
+                                as u16,
+                            queues: if fits { lq } else { 0 },
+                            ana: p.ana,
+                            info: p.info,
+                        },
+                    }
+                }
+                Phase::Failed => LaneUpdate::Failed { path },
+                Phase::Connecting | Phase::Reconnecting { .. } => LaneUpdate::Down {
+                    path,
+                    epoch: p.epoch,
+                },
+            });
+        }
+    }
+
+    /// A lane lost a queue: association `loss.epoch` of the path ends here too (unless it
+    /// already did), as if one of the owner's own queues had been lost. A permanent reason
+    /// (e.g. the remote refused the lane's Connect with DNR) only concerns that lane: it is
+    /// logged and the association stays.
+    pub fn lane_lost<N: Net<Sock = S>>(&mut self, loss: LaneLoss, now: u64, net: &mut N) {
+        let p = usize::from(loss.path);
+        let Some(path) = self.paths.get(p) else {
+            return;
+        };
+        if path.phase != Phase::Live || path.epoch != loss.epoch {
+            return;
+        }
+        if loss.reason.permanent() {
+            log::error!(
+                "remote {}: a lane cannot use the association ({}); the lane's I/O on this path fails",
+                path.addr,
+                loss.reason
+            );
+            return;
+        }
+        self.lose(p, now, net, loss.reason);
+    }
+
+    // ---- lanes: the lane's side -------------------------------------------------------------
+
+    /// The next queue loss to report to the owner ([`Volume::lane_lost`]).
+    pub fn take_lane_loss(&mut self) -> Option<LaneLoss> {
+        self.lane_losses.pop_front()
+    }
+
+    /// Applies what the owner says of a path (idempotent: the same update twice changes
+    /// nothing).
+    pub fn apply_lane_update<N: Net<Sock = S>>(&mut self, u: LaneUpdate, now: u64, net: &mut N) {
+        if self.lane.is_none() {
+            return;
+        }
+        self.now = now;
+        let p = match u {
+            LaneUpdate::Up { path, .. }
+            | LaneUpdate::Down { path, .. }
+            | LaneUpdate::Failed { path } => usize::from(path),
+        };
+        if p >= self.paths.len() {
+            return;
+        }
+        let active = matches!(self.paths[p].phase, Phase::Connecting | Phase::Live);
+        match u {
+            LaneUpdate::Up { epoch, grant, .. } => {
+                if self.paths[p].epoch == epoch {
+                    // The same association: only its ANA state may have changed. (A lane
+                    // that lost its queues of this association waits for the next one.)
+                    if active {
+                        self.paths[p].ana = grant.ana;
+                    }
+                    return;
+                }
+                if active {
+                    self.lose(p, now, net, LossReason::Superseded);
+                }
+                self.start_lane(p, epoch, grant, now);
+            }
+            LaneUpdate::Down { epoch, .. } => {
+                if active && self.paths[p].epoch == epoch {
+                    self.lose(p, now, net, LossReason::Superseded);
+                } else if self.paths[p].phase == Phase::Failed {
+                    // The owner revived the path (a management reconnect).
+                    self.paths[p].phase = Phase::Reconnecting { at: u64::MAX };
+                    self.paths[p].down_since = Some(now);
+                }
+            }
+            LaneUpdate::Failed { .. } => {
+                if active {
+                    self.lose(p, now, net, LossReason::Superseded);
+                }
+                let path = &mut self.paths[p];
+                path.phase = Phase::Failed;
+                path.last_loss.get_or_insert(LossReason::Superseded);
+            }
+        }
+        self.expire(now);
+    }
+
+    /// Connects the lane's I/O queues of association `epoch` on path `p`.
+    fn start_lane(&mut self, p: usize, epoch: u32, g: Grant, now: u64) {
+        let lane = self.lane.unwrap_or(0);
+        let digests = self.cfg.digests;
+        let t = self.t;
+        let path = &mut self.paths[p];
+        path.epoch = epoch;
+        path.admin = None;
+        path.admin_use = [(AdminUse::Free, 0); ADMIN_SLOTS as usize];
+        path.ioqs.clear();
+        path.info = g.info;
+        path.info.cntlid = g.cntlid;
+        path.info.nr_queues = g.queues;
+        path.qid_base = g.first_qid.saturating_sub(1);
+        path.ana = g.ana;
+        path.ka_sent = None;
+        path.ana_wanted = false;
+        path.ana_change_deadline = None;
+        path.comp_seen = false;
+        path.down_since.get_or_insert(now);
+        if g.queues == 0 {
+            path.phase = Phase::Reconnecting { at: u64::MAX };
+            log::error!(
+                "remote {}: lane {}: the remote granted no I/O queue for this lane; its I/O waits for another path",
+                path.addr,
+                lane
+            );
+            return;
+        }
+        path.counters.attempts += 1;
+        path.phase = Phase::Connecting;
+        path.step = Step::IoQueues;
+        path.attempt_deadline = now.saturating_add(t.connect_timeout);
+        if let Err(r) = add_ioqs(path, digests) {
+            // A configuration the transport refuses (no socket was opened yet).
+            path.ioqs.clear();
+            path.phase = Phase::Failed;
+            path.last_loss = Some(r);
+            log::error!("remote {}: lane {}: {r}", path.addr, lane);
+        }
     }
 
     pub fn ns(&self) -> Option<NsInfo> {
@@ -389,6 +632,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             match self.paths[p].phase {
                 Phase::Connecting | Phase::Live => self.lose(p, now, net, LossReason::Shutdown),
                 _ => {
+                    self.lane_version += 1;
                     self.paths[p].phase = Phase::Failed;
                     self.paths[p].last_loss = Some(LossReason::Shutdown);
                 }
@@ -399,6 +643,10 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
 
     /// Revives paths that gave up.
     pub fn reconnect(&mut self, now: u64) {
+        if self.lane.is_some() {
+            return;
+        }
+        self.lane_version += 1;
         for p in self.paths.iter_mut() {
             if p.phase == Phase::Failed {
                 p.phase = Phase::Reconnecting { at: now };
@@ -414,6 +662,8 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         let mut at = |t: u64| d = Some(d.map_or(t, |x| x.min(t)));
         for p in &self.paths {
             match p.phase {
+                // A lane's path waits for its owner's update, not for a timer.
+                Phase::Reconnecting { .. } if self.lane.is_some() => {}
                 Phase::Reconnecting { at: t } => {
                     at(t);
                     if let (Some(l), Some(d)) = (self.t.ctrl_loss, p.down_since) {
@@ -462,8 +712,10 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
     fn service_path<N: Net<Sock = S>>(&mut self, p: usize, now: u64, net: &mut N) -> bool {
         match self.paths[p].phase {
             Phase::Failed => return false,
+            Phase::Reconnecting { .. } if self.lane.is_some() => return false,
             Phase::Reconnecting { at } => {
                 if self.loss_expired(p, now) {
+                    self.lane_version += 1;
                     let path = &mut self.paths[p];
                     path.phase = Phase::Failed;
                     match path.last_loss {
@@ -523,6 +775,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         let mut busy = false;
         match self.paths[p].admin.as_mut() {
             Some(c) => busy |= pump(c, addr, now, net)?,
+            None if self.lane.is_some() => {}
             None => return Err(LossReason::Protocol("no admin connection")),
         }
         loop {
@@ -585,6 +838,16 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
                 }
                 Ok(false)
             }
+            Phase::Live if self.lane.is_some() => {
+                // A lane has no admin queue: keep alive and ANA are the owner's.
+                if path.inflight > 0 && now >= path.next_scan {
+                    path.next_scan = now.saturating_add(TIMEOUT_SCAN_NS);
+                    if io_late(path, now, t.io_timeout) {
+                        return Err(LossReason::IoTimeout);
+                    }
+                }
+                Ok(false)
+            }
             Phase::Live => {
                 let mut busy = false;
                 match path.ka_sent {
@@ -624,12 +887,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
                 }
                 if path.inflight > 0 && now >= path.next_scan {
                     path.next_scan = now.saturating_add(TIMEOUT_SCAN_NS);
-                    let late = path.ioqs.iter().any(|q| {
-                        q.cmds.iter().any(|c| {
-                            c.req != NO_REQ && now.saturating_sub(c.issued_at) > t.io_timeout
-                        })
-                    });
-                    if late {
+                    if io_late(path, now, t.io_timeout) {
                         return Err(LossReason::IoTimeout);
                     }
                 }
@@ -680,6 +938,8 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             }
         }
         let reconnect = self.t.reconnect;
+        self.lane_version += 1;
+        let lane = self.lane;
         let path = &mut self.paths[p];
         path.inflight = 0;
         path.counters.losses += 1;
@@ -688,6 +948,32 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         path.ana_change_deadline = None;
         path.admin_use = [(AdminUse::Free, 0); ADMIN_SLOTS as usize];
         path.down_since.get_or_insert(now);
+        if let Some(lane) = lane {
+            // The owner decides what happens to the association; the lane waits for its
+            // next update (a permanent reason: this lane cannot use the path).
+            if reason == LossReason::Superseded {
+                path.phase = Phase::Reconnecting { at: u64::MAX };
+                return;
+            }
+            log::warn!(
+                "remote {}: lane {}: I/O queue lost: {reason}",
+                path.addr,
+                lane
+            );
+            path.phase = if reason.permanent() {
+                Phase::Failed
+            } else {
+                Phase::Reconnecting { at: u64::MAX }
+            };
+            if self.lane_losses.len() < self.lane_losses.capacity().max(16) {
+                self.lane_losses.push_back(LaneLoss {
+                    path: p as u8,
+                    epoch: path.epoch,
+                    reason,
+                });
+            }
+            return;
+        }
         if reason.permanent() {
             path.phase = Phase::Failed;
             log::error!("remote {}: {reason}; giving up on this path", path.addr);
@@ -856,7 +1142,10 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
                 let path = &mut self.paths[p];
                 let cap = Cap(path.info.cap);
                 path.info.learn(&id, cap);
-                let n = self.cfg.io_queues;
+                // The owner of lanes asks for their queues too (see crate::lane).
+                let n = (u32::from(self.cfg.io_queues)
+                    + u32::from(self.cfg.lanes) * u32::from(self.cfg.lane_queues))
+                .clamp(1, 0xFFFF) as u16;
                 let sqe = FeaturesCommand::set_sqe(
                     0,
                     FeatureId::NumberOfQueues as u8,
@@ -868,8 +1157,18 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
                 let nsqa = (cqe.dw0 & 0xFFFF) as u16;
                 let ncqa = (cqe.dw0 >> 16) as u16;
                 let granted = nsqa.min(ncqa).saturating_add(1);
-                let info = &mut self.paths[p].info;
-                info.nr_queues = self.cfg.io_queues.min(granted);
+                let for_lanes = self.cfg.lanes.saturating_mul(self.cfg.lane_queues);
+                let path = &mut self.paths[p];
+                let info = &mut path.info;
+                // Lanes' queues come out of what is granted beyond the owner's first one.
+                info.nr_queues = self
+                    .cfg
+                    .io_queues
+                    .min(granted.saturating_sub(for_lanes))
+                    .max(1)
+                    .min(granted);
+                path.lane_pool = granted.saturating_sub(info.nr_queues);
+                let info = &mut path.info;
                 if info.nr_queues == 0 {
                     return Err(LossReason::NoIoQueues);
                 }
@@ -989,6 +1288,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         }
         if path.ana != Some(s) {
             log::info!("remote {}: ANA state {:?}", path.addr, s);
+            self.lane_version += 1;
         }
         path.ana = Some(s);
     }
@@ -1029,31 +1329,14 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         let digests = self.cfg.digests;
         let path = &mut self.paths[p];
         path.step = Step::IoQueues;
-        let info = path.info;
-        for _ in 0..info.nr_queues {
-            let conn = Conn::new(digests, info.depth, info.in_capsule)
-                .ok_or(LossReason::Protocol("I/O queue configuration"))?;
-            path.ioqs.push(IoQ {
-                conn,
-                connect_cid: None,
-                live: false,
-                cmds: vec![
-                    Cmd {
-                        req: NO_REQ,
-                        issued_at: 0
-                    };
-                    info.depth as usize
-                ],
-                inflight: 0,
-            });
-        }
-        Ok(())
+        path.qid_base = 0;
+        add_ioqs(path, digests)
     }
 
     fn io_connect(&mut self, p: usize, q: usize) -> Result<(), LossReason> {
         let path = &mut self.paths[p];
         let (sqe, data) = connect_command(
-            q as u16 + 1,
+            path.qid_base.saturating_add(q as u16 + 1),
             path.info.sqsize,
             0,
             self.cfg.hostid,
@@ -1082,6 +1365,7 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             });
         }
         let kato = self.t.kato;
+        let lane = self.lane;
         let path = &mut self.paths[p];
         path.ioqs[q].connect_cid = None;
         path.ioqs[q].live = true;
@@ -1093,6 +1377,19 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
             path.next_scan = now.saturating_add(TIMEOUT_SCAN_NS);
             path.next_queue = 0;
             self.ever_live = true;
+            if let Some(lane) = lane {
+                log::info!(
+                    "remote {}: lane {}: {} I/O queue(s) from QID {} on controller {}",
+                    path.addr,
+                    lane,
+                    path.ioqs.len(),
+                    path.qid_base + 1,
+                    path.info.cntlid
+                );
+                return Ok(());
+            }
+            path.epoch = path.epoch.wrapping_add(1).max(1);
+            self.lane_version += 1;
             log::info!(
                 "remote {}: association up: controller {}, {} I/O queue(s) of depth {}",
                 path.addr,

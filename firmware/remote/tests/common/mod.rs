@@ -978,6 +978,24 @@ pub struct Rig {
     pub now: u64,
     pub tick: u64,
     pub done: Vec<BlockCompletion>,
+    /// With lanes: `vol` is lane 1 and this is the volume that owns the associations (the
+    /// controller core's), polled first each step; updates and losses cross at once.
+    pub owner: Option<Owner>,
+    /// With lanes: poll the lane before the owner in each step (the two run on different
+    /// cores in the firmware: either may see a loss first).
+    pub lane_first: bool,
+}
+
+/// The owner of a lane rig, as the firmware's controller core would keep it.
+pub struct Owner {
+    pub vol: RemoteVolume<Sock>,
+    pub be: Option<RemoteBackend<Sock>>,
+    pub done: Vec<BlockCompletion>,
+    /// Lane version last carried to the lane.
+    pub seen: u64,
+    /// Updates and losses carried so far.
+    pub updates: u64,
+    pub losses: u64,
 }
 
 /// Timers short enough for tests (virtual time).
@@ -1029,13 +1047,90 @@ impl Rig {
             now: 0,
             tick: MS,
             done: Vec::new(),
+            owner: None,
+            lane_first: false,
+        }
+    }
+
+    /// An owner configured as `cfg` with one lane, connected; `vol` is the lane, `be` its
+    /// backend (the owner's backend is in `owner`).
+    pub fn with_lane(net: SimNet, mut cfg: RemoteConfig) -> Self {
+        cfg.lanes = 1;
+        let mut net = net;
+        let owner = RemoteVolume::new(cfg.clone()).unwrap();
+        let mut now = 0;
+        let seed = loop {
+            now += MS;
+            net.step(now);
+            owner.poll(now, &mut net);
+            if let Some(s) = owner.lane_seed() {
+                break s;
+            }
+            assert!(now < 5_000 * MS, "owner did not identify the namespace");
+        };
+        let vol = RemoteVolume::lane(cfg, 1, seed).unwrap();
+        let mut rig = Self {
+            net,
+            vol,
+            be: None,
+            now,
+            tick: MS,
+            done: Vec::new(),
+            owner: Some(Owner {
+                be: owner.backend(),
+                vol: owner,
+                done: Vec::new(),
+                seen: u64::MAX,
+                updates: 0,
+                losses: 0,
+            }),
+            lane_first: false,
+        };
+        rig.connect();
+        rig
+    }
+
+    /// The lane's pass: poll, then its losses to the owner.
+    fn lane_pass(&mut self) {
+        self.vol.poll(self.now, &mut self.net);
+        if let Some(o) = self.owner.as_mut() {
+            while let Some(l) = self.vol.take_lane_loss() {
+                o.losses += 1;
+                o.vol.lane_lost(l, self.now, &mut self.net);
+            }
         }
     }
 
     pub fn step(&mut self) {
         self.now += self.tick;
         self.net.step(self.now);
-        self.vol.poll(self.now, &mut self.net);
+        let lane_first = self.owner.is_some() && self.lane_first;
+        if lane_first {
+            self.lane_pass();
+        }
+        if let Some(o) = self.owner.as_mut() {
+            o.vol.poll(self.now, &mut self.net);
+            if o.be.is_none() {
+                o.be = o.vol.backend();
+            }
+            if let Some(be) = o.be.as_mut() {
+                let done = &mut o.done;
+                be.poll(&mut |c| done.push(c));
+            }
+            let v = o.vol.lane_version();
+            if v != o.seen {
+                o.seen = v;
+                let mut ups = Vec::new();
+                o.vol.lane_updates(1, &mut ups);
+                for u in ups {
+                    o.updates += 1;
+                    self.vol.apply_lane_update(u, self.now, &mut self.net);
+                }
+            }
+        }
+        if !lane_first {
+            self.lane_pass();
+        }
         if self.be.is_none() {
             self.be = self.vol.backend();
         }
