@@ -39,7 +39,7 @@
 //! connections) are handed to core 0, which receives them as if they came on its pair; its
 //! answers leave on pair 0, so tun moves the flow there.
 
-use crate::cores::{Links, Msg, NS_SHARES, NVMF, ns_key};
+use crate::cores::{Links, Msg, NVMF};
 use crate::klog;
 use crate::net::{Addressing, NetStack};
 use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
@@ -123,6 +123,8 @@ pub struct Plane {
     ns_published: u64,
     /// Its I/O queue pairs on the drives, polled every pass.
     drive_queues: Vec<Rc<RefCell<CoreNvmeQueue>>>,
+    /// Its slots in this core's [`NS_SHARES`] (first, count).
+    ns_slots: (usize, usize),
 }
 
 impl core::fmt::Debug for Plane {
@@ -197,7 +199,10 @@ impl Plane {
             ns_dirty: false,
             ns_published: now_ns,
             drive_queues: queues.into_iter().map(|(_, q)| q).collect(),
+            ns_slots: (0, 0),
         };
+        let n = plane.target.namespace_views().count();
+        plane.ns_slots = crate::cores::claim_namespace_slots(core, n);
         plane.publish_namespaces();
         Some(plane)
     }
@@ -205,17 +210,7 @@ impl Plane {
     /// Stores its replica's namespace counters in its slots of [`NS_SHARES`] (`Relaxed`
     /// stores, read by core 0 for status and `/metrics`).
     fn publish_namespaces(&mut self) {
-        let Some(slots) = NS_SHARES.get(self.core) else {
-            return;
-        };
-        let lat = crate::cores::latency_shares(self.core);
-        for (i, (slot, n)) in slots.iter().zip(self.target.namespace_views()).enumerate() {
-            slot.claim(ns_key(n.subsystem, n.nsid));
-            slot.publish(n.stats);
-            if let Some(l) = lat.and_then(|l| l.get(i)) {
-                l.publish(n.stats);
-            }
-        }
+        crate::cores::publish_namespaces(self.core, self.ns_slots, &self.target);
     }
 
     /// One pass: frames in, connections, the replica's completions, frames out; returns
@@ -452,6 +447,7 @@ impl Holder {
         links: &mut Links,
         services: &mut Services<Qemu>,
         mut net: Option<&mut NetStack<Qemu>>,
+        fn_inbox: &mut Vec<crate::fnq::FnMsg>,
     ) -> bool {
         let now = Instant::from_nanos(now_ns);
         let mut busy = false;
@@ -500,6 +496,8 @@ impl Holder {
                             pair.inject(f);
                         }
                     }
+                    // For the emulated functions' side (`crate::fnq::Hub`).
+                    Msg::Fn(m) => fn_inbox.push(m),
                     _ => {}
                 }
             }

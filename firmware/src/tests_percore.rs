@@ -44,7 +44,7 @@ impl Holder {
             Vec::new(),
             true,
             Identity::new(None, None),
-            true,
+            crate::services::RamSharing::All,
         );
         Self {
             s,
@@ -394,4 +394,73 @@ fn a_secondary_forwards_admin_and_serves_adopted_io_over_shared_ram() {
         "the replica went with its queue"
     );
     assert!(h.queues.is_empty(), "every held queue closed: {:?}", h.seen);
+}
+
+/// The emulated functions every core serves (`crate::fnq`): with the functions' RAM shared
+/// between the cores (`--smp N` without a queue pair per core), the development functions'
+/// subsystems (one RAM namespace each) are replicable and listed for the functions' pairs,
+/// the NVMe/TCP subsystem is not; a replica built from them serves their namespaces.
+#[test]
+fn development_functions_are_served_by_every_core_over_shared_ram() {
+    let args = "keel.ram=16 keel.fn.ram=8 keel.ip=127.0.0.1/8";
+    let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> = (0..2)
+        .map(|i| crate::services::WindowPort {
+            base: 0x1000_0000 * (i + 1),
+            size: 1 << 20,
+            ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
+        })
+        .collect();
+    let s = Services::<TestHw>::build_with(
+        crate::tests::dev_plan(args, 2),
+        Vec::new(),
+        windows,
+        true,
+        Identity::new(None, None),
+        crate::services::RamSharing::Functions,
+    );
+    let fns: Vec<String> = s
+        .function_replicas()
+        .iter()
+        .map(|r| r.nqn.clone())
+        .collect();
+    assert_eq!(
+        fns,
+        ["nqn.2026-11.dev.keel:fn0", "nqn.2026-11.dev.keel:fn1"],
+        "{fns:?}"
+    );
+    assert!(
+        !s.replicable
+            .iter()
+            .any(|r| r.nqn == crate::config::DEFAULT_NQN),
+        "the NVMe/TCP subsystem's RAM is not shared (no queue pair per core)"
+    );
+    let replica = replica_target(s.function_replicas(), *s.target.limits(), &mut |_, _| None)
+        .expect("a replica of the functions' subsystems");
+    let views: Vec<(String, u32, u64)> = replica
+        .namespace_views()
+        .map(|n| {
+            (
+                n.subsystem.to_string(),
+                n.nsid,
+                n.geometry.blocks * u64::from(n.geometry.block_size),
+            )
+        })
+        .collect();
+    assert_eq!(
+        views,
+        [
+            ("nqn.2026-11.dev.keel:fn0".to_string(), 1, 8 << 20),
+            ("nqn.2026-11.dev.keel:fn1".to_string(), 1, 8 << 20)
+        ]
+    );
+    // Without sharing (one core), no function is listed: every queue stays on core 0.
+    let one = Services::<TestHw>::build_with(
+        crate::tests::dev_plan(args, 0),
+        Vec::new(),
+        Vec::new(),
+        true,
+        Identity::new(None, None),
+        crate::services::RamSharing::None,
+    );
+    assert!(one.function_replicas().is_empty());
 }
