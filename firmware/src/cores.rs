@@ -37,6 +37,8 @@ pub static LOOPS: [LoopCounters; MAX_CORES] = [const { LoopCounters::new() }; MA
 static RUNNING: AtomicU64 = AtomicU64::new(1);
 /// Bit `i` set: core `i` serves NVMe/TCP on its own queue pair ([`crate::percore`]).
 static PLANES: AtomicU64 = AtomicU64::new(0);
+/// Bit `i` set: core `i` serves emulated functions' I/O queue pairs ([`crate::fnq`]).
+static FN_CORES: AtomicU64 = AtomicU64::new(0);
 /// Bit `i` set: core `i` has acted on its queue pair (serving, or said why it cannot).
 static PLANES_TRIED: AtomicU64 = AtomicU64::new(0);
 
@@ -62,6 +64,10 @@ pub const SECONDARY_ROLE: &str = "messages from core 0";
 /// What a secondary serves with its queue pair.
 pub const DATA_CORE_ROLE: &str =
     "network (its queue pair), NVMe/TCP I/O queues (admin through core 0)";
+/// What a secondary serves with its queue pair and emulated functions' queue pairs.
+pub const DATA_CORE_FN_ROLE: &str = "network (its queue pair), NVMe/TCP I/O queues (admin through core 0), emulated functions' I/O queue pairs";
+/// What a secondary serves with emulated functions' queue pairs only.
+pub const FN_CORE_ROLE: &str = "emulated functions' I/O queue pairs (admin on core 0)";
 
 /// One core's NVMe/TCP counters, written by that core alone once per pass (a `Relaxed`
 /// store of its own totals) and read by core 0 without a lock.
@@ -471,6 +477,7 @@ pub fn own_counters() -> &'static LoopCounters {
 pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
     let running = RUNNING.load(Ordering::Acquire);
     let planes = PLANES.load(Ordering::Acquire);
+    let fns = FN_CORES.load(Ordering::Acquire);
     percpu::cores()
         .iter()
         .filter(|c| c.index < 64 && running & (1 << c.index) != 0)
@@ -479,10 +486,16 @@ pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
             keel_mgmt::CoreInfo {
                 index: c.index as u16,
                 mpidr: c.mpidr,
-                role: match (c.index, planes & (1 << c.index) != 0) {
-                    (0, _) if planes != 0 => CONTROLLER_CORE_ROLE,
-                    (0, _) => BOOT_CORE_ROLE,
-                    (_, true) => DATA_CORE_ROLE,
+                role: match (
+                    c.index,
+                    planes & (1 << c.index) != 0,
+                    fns & (1 << c.index) != 0,
+                ) {
+                    (0, _, _) if planes != 0 => CONTROLLER_CORE_ROLE,
+                    (0, _, _) => BOOT_CORE_ROLE,
+                    (_, true, true) => DATA_CORE_FN_ROLE,
+                    (_, true, false) => DATA_CORE_ROLE,
+                    (_, false, true) => FN_CORE_ROLE,
                     _ => SECONDARY_ROLE,
                 }
                 .into(),
@@ -819,6 +832,9 @@ impl DataCore {
                 crate::fnq::FnCore::on_message(&mut self.fns, self.info.index, m, now, &mut |m| {
                     backlog.push_back(Msg::Fn(m))
                 });
+                if self.fns.is_some() && self.info.index < 64 {
+                    FN_CORES.fetch_or(1 << self.info.index, Ordering::Release);
+                }
             } else if let Msg::Ping { seq, value } = msg {
                 let reply = Msg::Pong {
                     seq,
