@@ -37,6 +37,8 @@ pub static LOOPS: [LoopCounters; MAX_CORES] = [const { LoopCounters::new() }; MA
 static RUNNING: AtomicU64 = AtomicU64::new(1);
 /// Bit `i` set: core `i` serves NVMe/TCP on its own queue pair ([`crate::percore`]).
 static PLANES: AtomicU64 = AtomicU64::new(0);
+/// Bit `i` set: core `i` serves emulated functions' I/O queue pairs ([`crate::fnq`]).
+static FN_CORES: AtomicU64 = AtomicU64::new(0);
 /// Bit `i` set: core `i` has acted on its queue pair (serving, or said why it cannot).
 static PLANES_TRIED: AtomicU64 = AtomicU64::new(0);
 
@@ -67,6 +69,10 @@ pub const SECONDARY_ROLE: &str = "messages from core 0";
 /// What a secondary serves with its queue pair.
 pub const DATA_CORE_ROLE: &str =
     "network (its queue pair), NVMe/TCP I/O queues (admin through core 0)";
+/// What a secondary serves with its queue pair and emulated functions' queue pairs.
+pub const DATA_CORE_FN_ROLE: &str = "network (its queue pair), NVMe/TCP I/O queues (admin through core 0), emulated functions' I/O queue pairs";
+/// What a secondary serves with emulated functions' queue pairs only.
+pub const FN_CORE_ROLE: &str = "emulated functions' I/O queue pairs (admin on core 0)";
 
 /// One core's NVMe/TCP counters, written by that core alone once per pass (a `Relaxed`
 /// store of its own totals) and read by core 0 without a lock.
@@ -94,6 +100,33 @@ impl NvmfCounters {
 
 /// Every core's NVMe/TCP counters, indexed by core.
 pub static NVMF: [NvmfCounters; MAX_CORES] = [const { NvmfCounters::new() }; MAX_CORES];
+
+/// Commands of emulated functions' queues each core fetched (core 0: the admin queues and
+/// the I/O queues it serves; core k: the I/O queue pairs it serves, `crate::fnq`), each
+/// written by its core alone (a `Relaxed` store of its total) and read by core 0.
+pub static FUNCTION_COMMANDS: [AtomicU64Line; MAX_CORES] =
+    [const { AtomicU64Line::new() }; MAX_CORES];
+
+/// One counter on a cache line of its own.
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct AtomicU64Line(AtomicU64);
+
+impl AtomicU64Line {
+    const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    /// Owner: its total.
+    pub fn publish(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// The total last published.
+    pub fn read(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// One core's NIC transmit counters (its queue pair's), written by that core alone once per
 /// pass (a `Relaxed` store of the driver's totals) and read by core 0 without a lock.
@@ -278,6 +311,24 @@ impl NsShare {
     }
 }
 
+/// Slots of [`NS_SHARES`] each core has handed out ([`claim_namespace_slots`]); each
+/// written by its own core only.
+static NS_CLAIMED: [AtomicU64; MAX_CORES] = [const { AtomicU64::new(0) }; MAX_CORES];
+
+/// Hands `n` of core `core`'s [`NS_SHARES`] slots (and the latency slots beside them) to one
+/// replica target of that core (its NVMe/TCP plane's, its emulated functions' pairs'): the
+/// first index, and how many it got (fewer when the 32 run out: the rest are not counted
+/// elsewhere). Call it on that core, once per target.
+pub fn claim_namespace_slots(core: usize, n: usize) -> (usize, usize) {
+    let Some(c) = NS_CLAIMED.get(core) else {
+        return (0, 0);
+    };
+    let first = (c.load(Ordering::Relaxed) as usize).min(SHARED_NAMESPACES);
+    let got = n.min(SHARED_NAMESPACES - first);
+    c.store((first + got) as u64, Ordering::Relaxed);
+    (first, got)
+}
+
 /// Every core's namespace counters (core 0's slots stay unused: its target's counters are
 /// read directly).
 pub static NS_SHARES: [[NsShare; SHARED_NAMESPACES]; MAX_CORES] =
@@ -358,6 +409,26 @@ pub fn latency_shares(core: usize) -> Option<&'static [NsLatencyShare; SHARED_NA
     Some(shares)
 }
 
+/// Stores `target`'s namespace counters in core `core`'s slots `slots` (first, count) of
+/// [`NS_SHARES`] and the latency slots beside them (`Relaxed` stores; call it on that core).
+pub fn publish_namespaces(core: usize, slots: (usize, usize), target: &keel_controller::Target) {
+    let Some(shares) = NS_SHARES.get(core) else {
+        return;
+    };
+    let (first, count) = slots;
+    let lat = latency_shares(core);
+    for (i, n) in target.namespace_views().take(count).enumerate() {
+        let Some(slot) = shares.get(first + i) else {
+            return;
+        };
+        slot.claim(ns_key(n.subsystem, n.nsid));
+        slot.publish(n.stats);
+        if let Some(l) = lat.and_then(|l| l.get(first + i)) {
+            l.publish(n.stats);
+        }
+    }
+}
+
 /// The key of a namespace in [`NS_SHARES`]: FNV-1a of its subsystem's NQN mixed with its
 /// NSID; never 0.
 pub fn ns_key(subnqn: &str, nsid: u32) -> u64 {
@@ -411,6 +482,7 @@ pub fn own_counters() -> &'static LoopCounters {
 pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
     let running = RUNNING.load(Ordering::Acquire);
     let planes = PLANES.load(Ordering::Acquire);
+    let fns = FN_CORES.load(Ordering::Acquire);
     percpu::cores()
         .iter()
         .filter(|c| c.index < 64 && running & (1 << c.index) != 0)
@@ -419,10 +491,16 @@ pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
             keel_mgmt::CoreInfo {
                 index: c.index as u16,
                 mpidr: c.mpidr,
-                role: match (c.index, planes & (1 << c.index) != 0) {
-                    (0, _) if planes != 0 => CONTROLLER_CORE_ROLE,
-                    (0, _) => BOOT_CORE_ROLE,
-                    (_, true) => DATA_CORE_ROLE,
+                role: match (
+                    c.index,
+                    planes & (1 << c.index) != 0,
+                    fns & (1 << c.index) != 0,
+                ) {
+                    (0, _, _) if planes != 0 => CONTROLLER_CORE_ROLE,
+                    (0, _, _) => BOOT_CORE_ROLE,
+                    (_, true, true) => DATA_CORE_FN_ROLE,
+                    (_, true, false) => DATA_CORE_ROLE,
+                    (_, false, true) => FN_CORE_ROLE,
                     _ => SECONDARY_ROLE,
                 }
                 .into(),
@@ -434,6 +512,7 @@ pub fn counters() -> Vec<keel_mgmt::CoreInfo> {
                 nvmf_connections: NVMF[c.index].accepted.load(Ordering::Relaxed),
                 nvmf_commands: NVMF[c.index].commands.load(Ordering::Relaxed),
                 doorbells_to_core0: WAKES[c.index].rang.load(Ordering::Relaxed),
+                function_commands: FUNCTION_COMMANDS[c.index].read(),
                 wakeup_rescues: WAKES[c.index].rescues.load(Ordering::Relaxed),
             }
         })
@@ -482,6 +561,8 @@ pub enum Msg {
     ToHolder(crate::nvmf::ToHolder),
     /// Core 0 → core k: the controller core's answer.
     FromHolder(crate::nvmf::FromHolder),
+    /// Core 0 ↔ core k: emulated functions' I/O queue pairs (see [`crate::fnq`]).
+    Fn(crate::fnq::FnMsg),
     /// Core k → core 0: a received frame of a flow core 0 serves (management, DHCP,
     /// outgoing connections), to be received there; core 0 → core k: a frame of core k's
     /// outgoing connections that landed on pair 0.
@@ -706,6 +787,8 @@ struct DataCore {
     counters: &'static LoopCounters,
     /// Its NVMe/TCP data plane, once core 0 handed it a queue pair.
     plane: Option<crate::percore::Plane>,
+    /// The emulated functions' I/O queue pairs it serves, once core 0 asked it to.
+    fns: Option<crate::fnq::FnCore>,
     /// Messages for core 0 that found the ring full.
     backlog: alloc::collections::VecDeque<Msg>,
     /// Core 0's doorbell (see [`BootWake`]).
@@ -741,6 +824,7 @@ impl DataCore {
             sleeps,
             counters: &LOOPS[info.index.min(MAX_CORES - 1)],
             plane: None,
+            fns: None,
             backlog: alloc::collections::VecDeque::new(),
             boot_bell,
         }
@@ -778,6 +862,14 @@ impl DataCore {
                     let backlog = &mut self.backlog;
                     p.on_remote(m, now, &mut |m| backlog.push_back(m));
                 }
+            } else if let Msg::Fn(m) = msg {
+                let backlog = &mut self.backlog;
+                crate::fnq::FnCore::on_message(&mut self.fns, self.info.index, m, now, &mut |m| {
+                    backlog.push_back(Msg::Fn(m))
+                });
+                if self.fns.is_some() && self.info.index < 64 {
+                    FN_CORES.fetch_or(1 << self.info.index, Ordering::Release);
+                }
             } else if let Msg::Ping { seq, value } = msg {
                 let reply = Msg::Pong {
                     seq,
@@ -795,6 +887,10 @@ impl DataCore {
         if let Some(p) = self.plane.as_mut() {
             let backlog = &mut self.backlog;
             busy |= p.pass(now, &mut |m| backlog.push_back(m));
+        }
+        if let Some(f) = self.fns.as_mut() {
+            let backlog = &mut self.backlog;
+            busy |= f.pass(now, &mut |m| backlog.push_back(Msg::Fn(m)));
         }
         while let Some(m) = self.backlog.pop_front() {
             if let Err(m) = self.tx.push(m) {
@@ -827,6 +923,7 @@ impl DataCore {
             if !self.sleeps
                 || now - last_busy < IDLE_SPIN_NS
                 || self.plane.as_ref().is_some_and(|p| !p.may_sleep())
+                || self.fns.as_ref().is_some_and(|f| !f.may_sleep())
             {
                 core::hint::spin_loop();
                 continue;

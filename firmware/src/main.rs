@@ -55,6 +55,8 @@ mod cores;
 mod drives;
 #[cfg(target_os = "none")]
 mod fatal;
+#[cfg(target_os = "none")]
+mod fnq;
 #[cfg(all(target_os = "none", feature = "test-build"))]
 mod netmq;
 #[cfg(target_os = "none")]

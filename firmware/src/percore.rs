@@ -56,7 +56,7 @@
 //! outgoing connections) are handed to core 0, which receives them as if they came on its
 //! pair; its answers leave on pair 0, so tun moves the flow there.
 
-use crate::cores::{Links, Msg, NS_SHARES, NVMF, ns_key};
+use crate::cores::{Links, Msg, NVMF};
 use crate::klog;
 use crate::net::{Addressing, NetStack};
 use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
@@ -247,6 +247,8 @@ pub struct Plane {
     subsystems: Vec<ReplicaSubsystem>,
     /// Lanes of remote volumes (volume id, lane), polled every pass.
     lanes: Vec<(u32, RemoteVolume<SocketHandle>)>,
+    /// Its slots in this core's [`NS_SHARES`] (first, count).
+    ns_slots: (usize, usize),
 }
 
 impl core::fmt::Debug for Plane {
@@ -332,7 +334,17 @@ impl Plane {
             drive_queues: queues.into_iter().map(|(_, q)| q).collect(),
             subsystems: kept,
             lanes: Vec::new(),
+            ns_slots: (0, 0),
         };
+        // Slots for every namespace its subsystems will have: remote namespaces join the
+        // replica later (`on_remote`), and would otherwise find no slot.
+        let n = plane
+            .subsystems
+            .iter()
+            .map(|s| s.namespaces.len())
+            .sum::<usize>()
+            .max(plane.target.namespace_views().count());
+        plane.ns_slots = crate::cores::claim_namespace_slots(core, n);
         plane.publish_namespaces();
         Some(plane)
     }
@@ -340,17 +352,7 @@ impl Plane {
     /// Stores its replica's namespace counters in its slots of [`NS_SHARES`] (`Relaxed`
     /// stores, read by core 0 for status and `/metrics`).
     fn publish_namespaces(&mut self) {
-        let Some(slots) = NS_SHARES.get(self.core) else {
-            return;
-        };
-        let lat = crate::cores::latency_shares(self.core);
-        for (i, (slot, n)) in slots.iter().zip(self.target.namespace_views()).enumerate() {
-            slot.claim(ns_key(n.subsystem, n.nsid));
-            slot.publish(n.stats);
-            if let Some(l) = lat.and_then(|l| l.get(i)) {
-                l.publish(n.stats);
-            }
-        }
+        crate::cores::publish_namespaces(self.core, self.ns_slots, &self.target);
     }
 
     /// One pass: frames in, connections, the replica's completions, frames out; returns
@@ -843,6 +845,7 @@ impl Holder {
         links: &mut Links,
         services: &mut Services<Qemu>,
         mut net: Option<&mut NetStack<Qemu>>,
+        fn_inbox: &mut Vec<crate::fnq::FnMsg>,
     ) -> bool {
         let now = Instant::from_nanos(now_ns);
         let mut busy = false;
@@ -906,6 +909,8 @@ impl Holder {
                             v.vol.lane_lost(loss, now_ns, n);
                         }
                     }
+                    // For the emulated functions' side (`crate::fnq::Hub`).
+                    Msg::Fn(m) => fn_inbox.push(m),
                     _ => {}
                 }
             }

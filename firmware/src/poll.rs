@@ -3,6 +3,7 @@
 
 use crate::config::DevConfig;
 use crate::cores::Links;
+use crate::fnq::Hub;
 use crate::hw::Nic;
 use crate::klog;
 use crate::mgmt::MgmtService;
@@ -13,7 +14,7 @@ use crate::platform::{Platform, ivshmem_windows, shared_memory_bars};
 use crate::provisioned::PROVISION_PUBKEY;
 use crate::qemu::QemuNic;
 use crate::qemu::{Qemu, load_identity};
-use crate::services::{Services, WindowPort};
+use crate::services::{RamSharing, Services, WindowPort};
 use alloc::{format, vec::Vec};
 use keel_hal::arch::percpu;
 use keel_hal::virtio_net::{self, QueuePair};
@@ -206,7 +207,16 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         windows,
         net.is_some(),
         identity,
-        !pairs.is_empty(),
+        // Other cores serve NVMe/TCP I/O queues (a queue pair each) and emulated functions'
+        // I/O queue pairs (`crate::fnq`) over the same RAM; without a queue pair each, only
+        // the functions'.
+        if !pairs.is_empty() {
+            RamSharing::All
+        } else if cores > 1 {
+            RamSharing::Functions
+        } else {
+            RamSharing::None
+        },
     );
     let mut mgmt: Option<MgmtService> = None;
     if let Some(net) = net.as_mut() {
@@ -246,6 +256,10 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
     {
         crate::percore::share_ports_on_core0(n, percpu::cores().len());
     }
+    // The emulated functions' I/O queue pairs on every core (`crate::fnq`).
+    let mut hub =
+        percpu::with_local::<Links, _>(|links| Hub::start(links, &mut services)).flatten();
+    let mut no_inbox = Vec::new();
     // `keel: ready` means every core listens: a connection the NIC steers to a core whose
     // plane is not up yet would be refused.
     if let Some(h) = holder.as_ref() {
@@ -296,8 +310,9 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
     let counters = crate::cores::own_counters();
     // With other cores serving NVMe/TCP, their messages ring core 0's doorbell while it
     // sleeps (`cores::BootWake`); without the doorbell they would wait for the timer.
-    let doorbell = holder.is_some() && sleeps && crate::cores::BOOT_WAKE.enabled();
-    let max_sleep = if holder.is_some() && !doorbell {
+    let others = holder.is_some() || hub.is_some();
+    let doorbell = others && sleeps && crate::cores::BOOT_WAKE.enabled();
+    let max_sleep = if others && !doorbell {
         // Forwarded commands from the other cores arrive on the rings, which then raise no
         // interrupt here: they wait at most this.
         HOLDER_SLEEP_NS
@@ -309,10 +324,16 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         let now = timer::now_ns();
         let mut busy = pass(now, net.as_mut(), &mut services, mgmt.as_mut());
         if let Some(h) = holder.as_mut() {
+            let inbox = hub.as_mut().map_or(&mut no_inbox, |h| &mut h.inbox);
             busy |= percpu::with_local::<Links, _>(|links| {
-                h.poll(now, links, &mut services, net.as_mut())
+                h.poll(now, links, &mut services, net.as_mut(), inbox)
             })
             .unwrap_or(false);
+        }
+        if let Some(h) = hub.as_mut() {
+            let own_rx = holder.is_none();
+            busy |= percpu::with_local::<Links, _>(|links| h.poll(links, &mut services, own_rx))
+                .unwrap_or(false);
         }
         if let Some(s) = services.nvmf.as_ref() {
             crate::cores::NVMF[0].publish(s.accepted, s.commands);
@@ -326,7 +347,8 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
             continue;
         }
         let mgmt_idle = mgmt.as_ref().is_none_or(MgmtService::may_sleep);
-        let holder_idle = holder.as_ref().is_none_or(Holder::may_sleep);
+        let holder_idle = holder.as_ref().is_none_or(Holder::may_sleep)
+            && hub.as_ref().is_none_or(Hub::may_sleep);
         if !sleeps
             || !services.may_sleep()
             || !mgmt_idle

@@ -161,6 +161,18 @@ pub struct Services<H: Hw> {
     pub(crate) replicable: Vec<ReplicaSubsystem>,
 }
 
+/// Which RAM namespaces are made in shared regions ([`crate::sharedram`]) other cores serve
+/// too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamSharing {
+    /// None: one core.
+    None,
+    /// The emulated functions' (other cores serve their I/O queue pairs, `crate::fnq`).
+    Functions,
+    /// Every one (other cores serve NVMe/TCP too, `crate::percore`).
+    All,
+}
+
 /// A subsystem other cores can serve I/O queues of from a replica of the controller core
 /// (`Target::adopt_io_queue`): all its namespaces are RAM namespaces in shared regions
 /// ([`crate::sharedram`]) or namespaces of local drives (each core reaches a drive through
@@ -526,10 +538,10 @@ impl<H: Hw> Services<H> {
         network: bool,
         identity: Identity<H::Flash>,
     ) -> Services<H> {
-        Self::build_with(plan, drives, windows, network, identity, false)
+        Self::build_with(plan, drives, windows, network, identity, RamSharing::None)
     }
 
-    /// [`Services::build`]; `share_ram`: RAM namespaces live in shared regions other cores
+    /// [`Services::build`]; `share_ram`: which RAM namespaces live in shared regions other cores
     /// can serve too, and [`Services::replicable`] lists the subsystems they can serve.
     pub fn build_with(
         plan: Plan,
@@ -537,7 +549,7 @@ impl<H: Hw> Services<H> {
         windows: Vec<WindowPort<H::Window>>,
         network: bool,
         identity: Identity<H::Flash>,
-        share_ram: bool,
+        share_ram: RamSharing,
     ) -> Services<H> {
         let mut shared: Shared<H> = Vec::new();
         let mut regions: Vec<(String, u32, crate::sharedram::Region, [u8; 16])> = Vec::new();
@@ -582,9 +594,15 @@ impl<H: Hw> Services<H> {
                     continue;
                 }
             };
-            // An encrypted namespace's region holds ciphertext: every core wraps it in its
-            // own AES-XTS backend with the same key.
-            let shareable = share_ram && ns.function.is_none();
+            // An encrypted namespace's region holds ciphertext: every core serving it wraps
+            // it in its own AES-XTS backend with the same key (NVMe/TCP subsystems; an
+            // emulated function's encrypted namespaces stay with core 0).
+            let shareable = (ns.key.is_none() || ns.function.is_none())
+                && match share_ram {
+                    RamSharing::All => true,
+                    RamSharing::Functions => ns.function.is_some(),
+                    RamSharing::None => false,
+                };
             let cfg = match &ns.spec {
                 NsSpec::Ram(bytes) if shareable => {
                     shared_ram_namespace::<H>(&plan, ns, *bytes, &mut regions)
@@ -716,7 +734,7 @@ impl<H: Hw> Services<H> {
         let (health, device_health) =
             crate::health::HealthLog::boot(identity.flash.as_mut(), H::now_ns());
         target.set_health(device_health);
-        let replicable = if share_ram {
+        let replicable = if share_ram != RamSharing::None {
             let core_queues: Vec<bool> = drives.iter().map(|d| d.drive.core_queues() > 0).collect();
             replicable(&plan, &regions, &served, &core_queues)
         } else {
@@ -749,6 +767,25 @@ impl<H: Hw> Services<H> {
     /// Whether the NVMe/TCP service runs.
     pub fn serves_tcp(&self) -> bool {
         self.nvmf.is_some()
+    }
+
+    /// The subsystems of live emulated functions whose I/O queue pairs other cores can
+    /// serve (`crate::fnq`): replicable ones ([`Services::replicable`]) whose namespaces are
+    /// all RAM in shared regions (a core serving a pair has no queue pair of its own on a
+    /// drive for it).
+    pub fn function_replicas(&self) -> Vec<ReplicaSubsystem> {
+        self.replicable
+            .iter()
+            .filter(|s| {
+                self.functions
+                    .iter()
+                    .any(|e| e.slot == SlotState::Live && e.nqn == s.nqn)
+                    && s.namespaces
+                        .iter()
+                        .all(|n| matches!(n.source, ReplicaSource::Ram(_)))
+            })
+            .cloned()
+            .collect()
     }
 
     /// Number of live emulated functions.
@@ -792,8 +829,11 @@ impl<H: Hw> Services<H> {
                     }
                 }
                 // A removed function's window is never touched again; once every buffer it
-                // had at a backend is home, the slot is free for the next one.
-                SlotState::Removing if f.buffers_available() == f.buffers_total() => {
+                // had at a backend is home and every I/O queue pair another core served is
+                // back, the slot is free for the next one.
+                SlotState::Removing
+                    if f.buffers_available() == f.buffers_total() && f.abroad() == 0 =>
+                {
                     if let Some(f) = e.f.take() {
                         e.pool = Some(f.into_pool());
                     }
@@ -890,8 +930,8 @@ fn shared_ram_namespace<H: Hw>(
 /// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
 /// of the plan in them is served and is a RAM namespace in a shared region or a namespace of
 /// a drive that has queue pairs for the other cores (`core_queues[drive]`), encrypted or not
-/// (each core gets the key), no namespace is an emulated function's, and the plan sets no QoS
-/// limits.
+/// (each core gets the key; an emulated function's must be unencrypted), no emulated
+/// function of it has controller limits, and the plan sets no QoS limits.
 fn replicable(
     plan: &Plan,
     regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
@@ -905,8 +945,9 @@ fn replicable(
         // Limits and groups are counted on one core; a drive's fair sharing among its
         // slices (weight, domain, drive_max_inflight) is not a limit and applies per core.
         let qos = plan.namespace_qos(n);
-        if n.function.is_some()
-            || qos.limits != keel_controller::QosLimits::NONE
+        if n.function.is_some_and(|f| {
+            n.key.is_some() || plan.function_limits(f) != keel_controller::QosLimits::NONE
+        }) || qos.limits != keel_controller::QosLimits::NONE
             || qos.group.is_some()
         {
             return None;

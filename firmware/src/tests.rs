@@ -142,7 +142,7 @@ impl Hw for TestHw {
 const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const LOCAL: Ipv4Address = Ipv4Address::new(127, 0, 0, 1);
 
-fn dev_plan(args: &str, windows: usize) -> Plan {
+pub(crate) fn dev_plan(args: &str, windows: usize) -> Plan {
     let cfg = DevConfig::from_bootargs(args, MAC);
     Plan::from_dev(
         &cfg,

@@ -44,7 +44,7 @@ impl Holder {
             Vec::new(),
             true,
             Identity::new(None, None),
-            true,
+            crate::services::RamSharing::All,
         );
         Self {
             s,
@@ -439,4 +439,73 @@ fn a_subsystem_with_a_remote_namespace_is_served_by_every_core() {
         "keel.ns=remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.xts=1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1ff0e1d2c3b4a5968778695a4b3c2d1e0f0123456789abcdeffedcba9876543210 keel.ip=127.0.0.1/8",
     );
     assert!(h.s.replicable.is_empty(), "{:?}", h.s.replicable);
+}
+
+/// The emulated functions every core serves (`crate::fnq`): with the functions' RAM shared
+/// between the cores (`--smp N` without a queue pair per core), the development functions'
+/// subsystems (one RAM namespace each) are replicable and listed for the functions' pairs,
+/// the NVMe/TCP subsystem is not; a replica built from them serves their namespaces.
+#[test]
+fn development_functions_are_served_by_every_core_over_shared_ram() {
+    let args = "keel.ram=16 keel.fn.ram=8 keel.ip=127.0.0.1/8";
+    let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> = (0..2)
+        .map(|i| crate::services::WindowPort {
+            base: 0x1000_0000 * (i + 1),
+            size: 1 << 20,
+            ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
+        })
+        .collect();
+    let s = Services::<TestHw>::build_with(
+        crate::tests::dev_plan(args, 2),
+        Vec::new(),
+        windows,
+        true,
+        Identity::new(None, None),
+        crate::services::RamSharing::Functions,
+    );
+    let fns: Vec<String> = s
+        .function_replicas()
+        .iter()
+        .map(|r| r.nqn.clone())
+        .collect();
+    assert_eq!(
+        fns,
+        ["nqn.2026-11.dev.keel:fn0", "nqn.2026-11.dev.keel:fn1"],
+        "{fns:?}"
+    );
+    assert!(
+        !s.replicable
+            .iter()
+            .any(|r| r.nqn == crate::config::DEFAULT_NQN),
+        "the NVMe/TCP subsystem's RAM is not shared (no queue pair per core)"
+    );
+    let replica = replica_target(s.function_replicas(), *s.target.limits(), &mut |_, _| None)
+        .expect("a replica of the functions' subsystems");
+    let views: Vec<(String, u32, u64)> = replica
+        .namespace_views()
+        .map(|n| {
+            (
+                n.subsystem.to_string(),
+                n.nsid,
+                n.geometry.blocks * u64::from(n.geometry.block_size),
+            )
+        })
+        .collect();
+    assert_eq!(
+        views,
+        [
+            ("nqn.2026-11.dev.keel:fn0".to_string(), 1, 8 << 20),
+            ("nqn.2026-11.dev.keel:fn1".to_string(), 1, 8 << 20)
+        ]
+    );
+    // Without sharing (one core), no function is listed: every queue stays on core 0.
+    let one = Services::<TestHw>::build_with(
+        crate::tests::dev_plan(args, 0),
+        Vec::new(),
+        Vec::new(),
+        true,
+        Identity::new(None, None),
+        crate::services::RamSharing::None,
+    );
+    assert!(one.function_replicas().is_empty());
 }

@@ -105,15 +105,102 @@ impl IvshmemRegisters {
     /// Rings `bell`: the server's peer named in it gets an interrupt on its vector. Stores
     /// to the window made before are visible to that peer before the interrupt.
     pub fn ring(&mut self, bell: Doorbell) {
-        // Order the completion entries and the counter written to the window before the
-        // register write that signals them (Linux's `writel`).
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: a barrier instruction: no memory access, no stack, no flags.
-        unsafe {
-            core::arch::asm!("dmb oshst", options(nostack, preserves_flags))
-        };
+        order_window_writes();
         safe_mmio::field!(self.regs, doorbell).write(bell.bits());
     }
+
+    /// Gives up the registers for their Doorbell register alone, which any number of
+    /// [`SharedBell`]s (one per core that raises interrupts) may then write.
+    pub fn into_bell(mut self) -> SharedBell {
+        let reg = safe_mmio::field!(self.regs, doorbell)
+            .ptr_nonnull()
+            .cast::<u32>();
+        SharedBell { reg }
+    }
+}
+
+/// Orders the completion entries and the counter written to the window before the register
+/// write that signals them (Linux's `writel`).
+fn order_window_writes() {
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: a barrier instruction: no memory access, no stack, no flags.
+    unsafe {
+        core::arch::asm!("dmb oshst", options(nostack, preserves_flags))
+    };
+}
+
+/// The Doorbell register of an `ivshmem-doorbell` device, shared by the cores that raise the
+/// function's interrupts (the window's owner, and each core serving one of its I/O queue
+/// pairs through a [`VectorBell`]).
+///
+/// Why not a `safe_mmio::UniqueMmioPointer`: several cores write this one register. It is
+/// write-only and stateless (ivshmem-spec.rst: each write asks the server's peer named in it
+/// to be signalled on the vector named in it), every access is one complete 32-bit volatile
+/// store, and nothing ever reads it, so two cores' writes are two independent doorbells and
+/// no interleaving can change what either means. It is made by consuming the device's
+/// [`IvshmemRegisters`] ([`IvshmemRegisters::into_bell`]): no unique pointer to the register
+/// remains. No Rust reference to device memory is ever formed.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedBell {
+    reg: NonNull<u32>,
+}
+
+// SAFETY: the register is device memory mapped for the rest of the program (the contract of
+// `IvshmemRegisters::new`), reachable from any core; see the type's documentation for why
+// concurrent writes from several cores are sound.
+unsafe impl Send for SharedBell {}
+
+impl SharedBell {
+    /// Rings `bell` (see [`IvshmemRegisters::ring`]).
+    pub fn ring(&self, bell: Doorbell) {
+        order_window_writes();
+        // SAFETY: `reg` is the Doorbell register of a device mapped as device memory for the
+        // rest of the program (`IvshmemRegisters::new`'s contract), 4-byte aligned (offset
+        // 0x0C of the register block); a single volatile 32-bit store to a write-only
+        // register that other cores may write the same way (see the type's documentation).
+        unsafe { core::ptr::write_volatile(self.reg.as_ptr(), bell.bits()) };
+    }
+
+    /// A handle that rings only `vector`.
+    pub fn vector(&self, vector: u16) -> VectorBell {
+        VectorBell {
+            bell: *self,
+            vector,
+        }
+    }
+}
+
+/// The Doorbell register for one interrupt vector: a core serving one queue pair of a
+/// function may signal that pair's vector to whichever peer the host named, and nothing else
+/// (as [`crate::nvme::QueueDoorbells`] writes only one drive queue pair's doorbells).
+#[derive(Debug)]
+pub struct VectorBell {
+    bell: SharedBell,
+    vector: u16,
+}
+
+impl VectorBell {
+    /// Signals the vector to host peer `peer`.
+    pub fn ring(&self, peer: u16) {
+        self.bell.ring(Doorbell::new(peer, self.vector));
+    }
+
+    /// The vector.
+    pub fn vector(&self) -> u16 {
+        self.vector
+    }
+}
+
+/// Which interrupts a window handle may raise.
+#[derive(Debug)]
+enum Interrupts {
+    /// Every vector; counters only (`ivshmem-plain`).
+    Counters,
+    /// Every vector, counters and the Doorbell register (`ivshmem-doorbell`).
+    All(SharedBell),
+    /// One vector only (a queue pair's view), its counter and, on `ivshmem-doorbell`, its
+    /// [`VectorBell`]; `None` vector: none at all (the host asked for no interrupts).
+    One(Option<u16>, Option<VectorBell>),
 }
 
 /// One ivshmem window.
@@ -121,8 +208,8 @@ impl IvshmemRegisters {
 pub struct IvshmemWindow {
     base: *mut u8,
     len: usize,
-    /// BAR0 of an `ivshmem-doorbell` device (`None` for `ivshmem-plain`: counters only).
-    doorbell: Option<IvshmemRegisters>,
+    /// The interrupts this handle raises.
+    interrupts: Interrupts,
 }
 
 // SAFETY: the window is plain memory owned by this driver; moving the handle to another core
@@ -167,14 +254,41 @@ impl IvshmemWindow {
         Ok(Self {
             base: base as *mut u8,
             len,
-            doorbell: None,
+            interrupts: Interrupts::Counters,
         })
     }
 
     /// Attaches the registers of an `ivshmem-doorbell` device: from now on every interrupt
     /// also rings the host peer named in the window's interrupt target word, if any.
     pub fn attach_doorbell(&mut self, regs: IvshmemRegisters) {
-        self.doorbell = Some(regs);
+        self.interrupts = Interrupts::All(regs.into_bell());
+    }
+
+    /// The window as seen by a core serving I/O queue pair `sqid` (with CQ `cqid`, interrupt
+    /// vector `vector` if the host asked for interrupts) away from the core that owns the
+    /// function: the pair's SQ tail and CQ head doorbells, DMA within the host area, and
+    /// that one vector (its counter, and the doorbell through a [`VectorBell`]); registers
+    /// read 0 and are never written ([`keel_nvme_pcie::QueuePort`]).
+    ///
+    /// The view shares the window's memory: the window's owner must not reuse the function
+    /// (clear its pages, start another one) until the view is dropped, which the function's
+    /// handshake guarantees (`PcieFunction::abroad`).
+    pub fn queue_port(
+        &self,
+        sqid: u16,
+        cqid: u16,
+        vector: Option<u16>,
+    ) -> keel_nvme_pcie::QueuePort<IvshmemWindow> {
+        let bell = match (&self.interrupts, vector) {
+            (Interrupts::All(b), Some(v)) => Some(b.vector(v)),
+            _ => None,
+        };
+        let view = IvshmemWindow {
+            base: self.base,
+            len: self.len,
+            interrupts: Interrupts::One(vector, bell),
+        };
+        keel_nvme_pcie::QueuePort::new(view, sqid, cqid, vector)
     }
 
     /// Size in bytes.
@@ -313,10 +427,18 @@ impl EndpointFunction for IvshmemWindow {
         if vector >= layout::MAX_VECTORS {
             return;
         }
+        if let Interrupts::One(only, _) = &self.interrupts
+            && *only != Some(vector)
+        {
+            return;
+        }
         if let Some(w) = self.word(layout::interrupt_offset(vector)) {
             w.fetch_add(1, Ordering::Release);
         }
-        if self.doorbell.is_none() {
+        if matches!(
+            self.interrupts,
+            Interrupts::Counters | Interrupts::One(_, None)
+        ) {
             return;
         }
         // The host writes the word whenever it likes (a new peer after a reconnect): read
@@ -324,8 +446,11 @@ impl EndpointFunction for IvshmemWindow {
         let target = self
             .word(layout::INTERRUPT_TARGET_OFFSET)
             .and_then(|w| interrupt_target::decode(w.load(Ordering::Acquire)));
-        if let (Some(peer), Some(regs)) = (target, self.doorbell.as_mut()) {
-            regs.ring(Doorbell::new(peer, vector));
+        let Some(peer) = target else { return };
+        match &self.interrupts {
+            Interrupts::All(bell) => bell.ring(Doorbell::new(peer, vector)),
+            Interrupts::One(_, Some(bell)) => bell.ring(peer),
+            _ => {}
         }
     }
 
@@ -401,5 +526,43 @@ mod tests {
         // Beyond the vectors: nothing at all.
         w.raise_interrupt(layout::MAX_VECTORS);
         assert_eq!(last_rung(), 0x0005_0003);
+
+        // A queue pair's view: its two doorbells, its one vector, no register.
+        let counter = |w: &IvshmemWindow, v: u16| {
+            w.word(layout::interrupt_offset(v))
+                .unwrap()
+                .load(Ordering::Relaxed)
+        };
+        w.write_doorbell(layout::sq_tail_doorbell(2), 7);
+        w.write_doorbell(layout::cq_head_doorbell(2), 5);
+        w.write_doorbell(layout::sq_tail_doorbell(1), 9);
+        w.write_reg(0x14, 1);
+        let mut p = w.queue_port(2, 2, Some(6));
+        assert_eq!(p.read_doorbell(layout::sq_tail_doorbell(2)), 7);
+        assert_eq!(p.read_doorbell(layout::cq_head_doorbell(2)), 5);
+        assert_eq!(
+            p.read_doorbell(layout::sq_tail_doorbell(1)),
+            0,
+            "another queue's"
+        );
+        assert_eq!(p.read_reg(0x14), 0, "registers are not the pair's");
+        p.write_reg(0x14, 0);
+        p.write_doorbell(layout::sq_tail_doorbell(2), 0);
+        assert_eq!(w.read_reg(0x14), 1);
+        assert_eq!(w.read_doorbell(layout::sq_tail_doorbell(2)), 7);
+        p.raise_interrupt(3);
+        assert_eq!(last_rung(), 0x0005_0003, "another vector: nothing");
+        assert_eq!(counter(&w, 3), 1);
+        p.raise_interrupt(6);
+        assert_eq!(last_rung(), 0x0005_0006, "its vector, to the host's peer");
+        assert_eq!(counter(&w, 6), 1);
+        // DMA is the window's, bounds-checked.
+        let mut b = [0u8; 4];
+        assert!(p.dma_read(layout::HOST_AREA_OFFSET as u64, &mut b).is_ok());
+        assert!(p.dma_read(0, &mut b).is_err());
+        // No interrupts asked for: none raised.
+        let mut quiet = w.queue_port(3, 3, None);
+        quiet.raise_interrupt(6);
+        assert_eq!(counter(&w, 6), 1);
     }
 }

@@ -70,6 +70,11 @@ impl Rig {
     /// Boots the release firmware with `n` windows (and the NVMe/TCP port forwarded), waits
     /// for `keel: ready` and for every function to publish CAP.
     fn boot(name: &str, n: usize, append: Option<&str>) -> Rig {
+        Self::boot_with(name, n, append, &[])
+    }
+
+    /// [`Rig::boot`] with more `qemu/run` options.
+    fn boot_with(name: &str, n: usize, append: Option<&str>, extra: &[&str]) -> Rig {
         let turn = serial();
         keelctl();
         let windows: Vec<ScratchFile> = (0..n)
@@ -85,6 +90,7 @@ impl Rig {
             args.push("--append".into());
             args.push(a.into());
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let dir = root().join(format!(
             "target/qemu-tests/scratch/{}-{name}",
             std::process::id()
@@ -923,4 +929,149 @@ fn nbd_export_of_the_emulated_namespace_with_debian_clients() {
         "NBD clients' data through the CLI"
     );
     rig.assert_healthy();
+}
+
+/// Waits (10 s at most) for a console line containing `needle`, whenever it came.
+fn console_has(rig: &Rig, needle: &str) {
+    let t0 = Instant::now();
+    while !rig.qemu.console().contains(needle) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no {needle:?} on the console:\n{}",
+            rig.qemu.console()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `keel_core_function_commands_total` of `core` in `/metrics`.
+fn function_commands(mgmt: &str, core: u32) -> u64 {
+    let m = keel_tests::keelctl_ok(&["metrics", "--device", mgmt]);
+    let prefix = format!("keel_core_function_commands_total{{core=\"{core}\",");
+    m.lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}...:\n{m}"))
+}
+
+/// `keel_namespace_<name>_total` of function 0's namespace.
+fn function_namespace(mgmt: &str, name: &str) -> u64 {
+    let m = keel_tests::keelctl_ok(&["metrics", "--device", mgmt]);
+    let prefix = format!("keel_namespace_{name}_total{{");
+    m.lines()
+        .find(|l| l.starts_with(&prefix) && l.contains("nqn.2026-11.dev.keel:fn0"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} of fn0:\n{m}"))
+}
+
+/// Issue 17, every core: at `--smp N` (user networking: no queue pair per core, so the
+/// functions' side stands alone) I/O queue `q` of a function is served on core `q % N`: a
+/// host with 2 (and 4) I/O queues writes and reads its data through queues served on cores 1
+/// (and 2, 3), core 0 keeping the admin queue, queue creation, the shutdown and the resets
+/// between runs. Proof: each core's console line for the queue it took, its
+/// `keel_core_function_commands_total`, the namespace counters merged from every core, and
+/// the data the host wrote and read back, and read again over NVMe/TCP (core 0's target, the
+/// same memory).
+#[test]
+fn a_function_s_io_queues_are_served_on_every_core() {
+    for cores in [2u32, 4] {
+        let mport = free_port();
+        let smp = cores.to_string();
+        let mp = mport.to_string();
+        let rig = Rig::boot_with(
+            &format!("every-core-{cores}"),
+            1,
+            None,
+            &["--smp", &smp, "--mgmt-port", &mp],
+        );
+        let mgmt = format!("127.0.0.1:{mport}");
+        let w = rig.window(0);
+        console_has(&rig, &format!("I/O queue q served on core q % {cores}"));
+        // Writes on every queue, then a verify (its queue 1: core 1), then a mixed bench on
+        // `cores` queues.
+        let queues = cores.to_string();
+        let r = ok(
+            w,
+            &[
+                "bench", "--ios", "4000", "--rw", "write", "--qd", "8", "--queues", &queues,
+                "--json",
+            ],
+        );
+        assert!(r.stdout.contains("\"ios\": 4000"), "{}", r.stdout);
+        for core in 1..cores {
+            console_has(
+                &rig,
+                &format!("fnq: core {core} serves I/O queue {core} of function 0"),
+            );
+        }
+        let r = ok(
+            w,
+            &["verify", "--lba", "0", "--count", "20000", "--qd", "32"],
+        );
+        assert!(r.stdout.contains(": OK in"), "{}", r.stdout);
+        let r = ok(
+            w,
+            &[
+                "bench", "--ios", "3000", "--rw", "mix", "--qd", "16", "--queues", &queues,
+                "--json",
+            ],
+        );
+        assert!(r.stdout.contains("\"ios\": 3000"), "{}", r.stdout);
+        // Data written through core 1's queue (queue 1), read back there and over NVMe/TCP
+        // (core 0's target, the same shared memory).
+        let data = noise(1 << 20, cores as u64);
+        let input = rig.file("in.bin");
+        std::fs::write(&input, &data).unwrap();
+        ok(
+            w,
+            &["write", "--lba", "4096", "-i", input.to_str().unwrap()],
+        );
+        let out = rig.file("out.bin");
+        let o = out.to_str().unwrap();
+        ok(
+            w,
+            &[
+                "read", "--lba", "4096", "--count", "2048", "-o", o, "--qd", "4",
+            ],
+        );
+        assert!(std::fs::read(&out).unwrap() == data, "read back differs");
+        let over_tcp = rig.file("tcp.bin");
+        let r = run_bounded(
+            Command::new(keelctl()).args([
+                "nvme",
+                "read",
+                "--addr",
+                &rig.nvmf,
+                "--nqn",
+                "nqn.2026-11.dev.keel:fn0",
+                "--lba",
+                "4096",
+                "--count",
+                "2048",
+                "-o",
+                over_tcp.to_str().unwrap(),
+            ]),
+            RUN_TIMEOUT,
+        );
+        assert_eq!(r.code, 0, "NVMe/TCP read of fn0: {}", r.stderr);
+        assert!(
+            std::fs::read(&over_tcp).unwrap() == data,
+            "NVMe/TCP (core 0) reads what core 1 wrote"
+        );
+        // Every other core served commands of its queues; core 0 those of the admin queue.
+        for core in 0..cores {
+            let n = function_commands(&mgmt, core);
+            assert!(n > 0, "core {core} served no function command");
+        }
+        // The namespace's counters count every core's commands (4000 + 3000 bench, the
+        // verify's 20000 blocks, 1 MiB written and read).
+        let writes = function_namespace(&mgmt, "writes");
+        let reads = function_namespace(&mgmt, "reads");
+        assert!(writes >= 4000, "writes {writes}");
+        assert!(reads > 0, "reads {reads}");
+        let console = rig.qemu.console();
+        assert!(!console.contains("fnq: namespaces changed"), "{console}");
+        rig.assert_healthy();
+        drop(rig);
+    }
 }

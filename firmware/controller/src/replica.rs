@@ -32,13 +32,15 @@ pub struct Adoption {
 
 impl Target {
     /// The [`Adoption`] of a connected I/O queue of an NVM subsystem's controller (`None`
-    /// for an admin queue, a discovery or local controller, or a queue not connected).
+    /// for an admin queue, a discovery controller, or a queue not connected). A local
+    /// controller's I/O queue (an emulated PCIe function's, [`Target::attach_local_io_queue`])
+    /// has one too: its transport moves the queue to another core the same way.
     pub fn adoption(&self, q: QueueId) -> Option<Adoption> {
         let qi = self.queue_index(q)?;
         let ci = self.ctrl_of(qi)?;
         let c = self.ctrls[ci].as_ref()?;
         let queue = &self.queues[qi];
-        if queue.qid == 0 || c.local || c.subsys == DISCOVERY {
+        if queue.qid == 0 || c.subsys == DISCOVERY {
             return None;
         }
         Some(Adoption {
@@ -141,6 +143,20 @@ impl Target {
         {
             c.last_activity = now;
         }
+    }
+
+    /// The LBA data size (log2 of the block size) of namespace `nsid` as the controller of
+    /// queue `q` sees it; `None` when `nsid` is not an active namespace of its subsystem. A
+    /// transport that sizes a command's data before submitting it and has no admin queue to
+    /// send Identify on (an emulated PCIe function's I/O queue served by a replica) asks here.
+    pub fn lba_shift(&self, q: QueueId, nsid: u32) -> Option<u8> {
+        let qi = self.queue_index(q)?;
+        let ci = self.ctrl_of(qi)?;
+        let c = self.ctrls[ci].as_ref()?;
+        let s = self.subsystems.get(c.subsys)?;
+        let ns = s.namespaces.get(s.find_ns(nsid)?)?.as_ref()?;
+        let bs = ns.geometry.block_size;
+        (bs.is_power_of_two() && (512..=65536).contains(&bs)).then(|| bs.trailing_zeros() as u8)
     }
 
     /// A number that changes whenever a namespace or a subsystem is added or removed (a

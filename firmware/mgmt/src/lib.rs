@@ -193,6 +193,10 @@ pub struct CoreInfo {
     /// rang no doorbell (a lost wake-up rescued; expected 0).
     #[serde(default)]
     pub wakeup_rescues: u64,
+    /// Commands of emulated functions' queues the core fetched since boot (core 0: admin
+    /// queues and the I/O queues it serves; another core: the I/O queue pairs handed to it).
+    #[serde(default)]
+    pub function_commands: u64,
 }
 
 /// What QoS does for one namespace.

@@ -301,7 +301,7 @@ pub fn render(s: &Snapshot) -> String {
             if f.enabled { "1" } else { "0" },
         );
     }
-    let core_families: [CoreFamily; 9] = [
+    let core_families: [CoreFamily; 10] = [
         (
             "keel_core_loop_passes_total",
             "Passes of the core's poll loop.",
@@ -346,6 +346,11 @@ pub fn render(s: &Snapshot) -> String {
             "keel_core_wakeup_rescues_total",
             "Sleeps of core 0 its bounded timer ended with messages waiting and no doorbell.",
             |c| c.wakeup_rescues,
+        ),
+        (
+            "keel_core_function_commands_total",
+            "Commands of emulated functions' queues the core fetched.",
+            |c| c.function_commands,
         ),
     ];
     let core_labels: Vec<[String; 2]> = s

@@ -112,6 +112,7 @@ fn snapshot() -> Snapshot {
                 nvmf_commands: 77,
                 doorbells_to_core0: 0,
                 wakeup_rescues: 1,
+                function_commands: 12,
             },
             CoreInfo {
                 index: 1,
@@ -126,6 +127,7 @@ fn snapshot() -> Snapshot {
                 nvmf_commands: 30,
                 doorbells_to_core0: 5,
                 wakeup_rescues: 0,
+                function_commands: 9,
             },
         ],
         resources: Resources {
@@ -955,6 +957,7 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_core_nvmf_commands_total{core=\"1\",role=\"ring\"} 30\n",
         "keel_core_doorbells_to_core0_total{core=\"1\",role=\"ring\"} 5\n",
         "keel_core_wakeup_rescues_total{core=\"0\",role=\"network, NVMe/TCP, drives, functions, management\"} 1\n",
+        "keel_core_function_commands_total{core=\"1\",role=\"ring\"} 9\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"degraded\"} 1\n",
         "keel_remote_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",state=\"online\"} 0\n",
         "keel_remote_failovers_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\"} 7\n",

@@ -300,3 +300,128 @@ impl EndpointFunction for MemWindow {
         layout::MAX_VECTORS
     }
 }
+
+/// An endpoint restricted to one I/O queue pair: what a core serving an [`crate::IoPair`]
+/// away from its function may touch. Reads of the pair's SQ tail and CQ head doorbells go
+/// through; every other doorbell and every register reads 0 and no register or doorbell is
+/// ever written (the function's own core owns them: CC, CSTS, queue creation and resets);
+/// DMA is the endpoint's, bounds-checked as always; only the pair's interrupt vector is
+/// raised (none if the host asked for no interrupts). The page and header operations do
+/// nothing. `E` is a view of the same endpoint (on QEMU, of the same window memory).
+#[derive(Debug)]
+pub struct QueuePort<E> {
+    ep: E,
+    sqid: u16,
+    cqid: u16,
+    vector: Option<u16>,
+}
+
+impl<E: EndpointFunction> QueuePort<E> {
+    /// The port of SQ `sqid` and CQ `cqid` with interrupt vector `vector` over `ep`.
+    pub fn new(ep: E, sqid: u16, cqid: u16, vector: Option<u16>) -> Self {
+        Self {
+            ep,
+            sqid,
+            cqid,
+            vector,
+        }
+    }
+
+    /// The SQ it serves.
+    pub fn sqid(&self) -> u16 {
+        self.sqid
+    }
+}
+
+impl<E: EndpointFunction> EndpointFunction for QueuePort<E> {
+    fn read_reg(&mut self, _offset: u32) -> u32 {
+        0
+    }
+
+    fn write_reg(&mut self, _offset: u32, _value: u32) {}
+
+    fn read_doorbell(&mut self, index: u16) -> u32 {
+        if index == layout::sq_tail_doorbell(self.sqid)
+            || index == layout::cq_head_doorbell(self.cqid)
+        {
+            self.ep.read_doorbell(index)
+        } else {
+            0
+        }
+    }
+
+    fn write_doorbell(&mut self, _index: u16, _value: u32) {}
+
+    fn host_area(&self) -> Range<u64> {
+        self.ep.host_area()
+    }
+
+    fn dma_read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.ep.dma_read(addr, buf)
+    }
+
+    fn dma_write(&mut self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.ep.dma_write(addr, data)
+    }
+
+    fn raise_interrupt(&mut self, vector: u16) {
+        if self.vector == Some(vector) {
+            self.ep.raise_interrupt(vector);
+        }
+    }
+
+    fn vectors(&self) -> u16 {
+        self.ep.vectors()
+    }
+}
+
+/// A borrowed endpoint is an endpoint (a [`QueuePort`] over `&mut MemWindow` in host tests).
+impl<E: EndpointFunction + ?Sized> EndpointFunction for &mut E {
+    fn read_reg(&mut self, offset: u32) -> u32 {
+        (**self).read_reg(offset)
+    }
+
+    fn write_reg(&mut self, offset: u32, value: u32) {
+        (**self).write_reg(offset, value)
+    }
+
+    fn read_doorbell(&mut self, index: u16) -> u32 {
+        (**self).read_doorbell(index)
+    }
+
+    fn write_doorbell(&mut self, index: u16, value: u32) {
+        (**self).write_doorbell(index, value)
+    }
+
+    fn host_area(&self) -> Range<u64> {
+        (**self).host_area()
+    }
+
+    fn dma_read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        (**self).dma_read(addr, buf)
+    }
+
+    fn dma_write(&mut self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+        (**self).dma_write(addr, data)
+    }
+
+    fn raise_interrupt(&mut self, vector: u16) {
+        (**self).raise_interrupt(vector)
+    }
+
+    fn vectors(&self) -> u16 {
+        (**self).vectors()
+    }
+
+    fn reset_pages(&mut self) {
+        (**self).reset_pages()
+    }
+
+    fn publish(&mut self, function: u16) {
+        (**self).publish(function)
+    }
+
+    fn unpublish(&mut self) {
+        (**self).unpublish()
+    }
+}

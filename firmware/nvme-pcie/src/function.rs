@@ -2,7 +2,7 @@
 
 use crate::endpoint::EndpointFunction;
 use crate::layout::{self, PAGE_SIZE};
-use crate::prp;
+use crate::queue::{self, Cq, IoPair, IoPlan, Kind, Lookup, Slot, Sq};
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -12,7 +12,7 @@ use keel_nvme::cqe::command_specific as cs;
 use keel_nvme::identify::{IDENTIFY_LEN, IdentifyNamespace, cns, ctrl_field};
 use keel_nvme::regs::{Cc, Csts, offset};
 use keel_nvme::sqe::Psdt;
-use keel_nvme::{AdminOpcode, Cqe, FeatureId, IoOpcode, NSID_ALL, Sqe, Status};
+use keel_nvme::{AdminOpcode, FeatureId, IoOpcode, NSID_ALL, Sqe, Status};
 use keel_storage::{BufPool, IoBuf};
 
 /// Completion Queue Invalid (DNR).
@@ -144,99 +144,29 @@ pub struct FunctionStats {
     pub enables: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Kind {
-    #[default]
-    Plain,
-    IdentifyController,
-    NumberOfQueues,
-    Aer,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    busy: bool,
-    cid: u16,
-    prp1: u64,
-    prp2: u64,
-    data_len: u32,
-    to_host: bool,
-    kind: Kind,
-}
-
-#[derive(Debug, Default)]
-struct Sq {
-    live: bool,
-    base: u64,
-    entries: u16,
-    head: u16,
-    /// During a shutdown: the tail the host had rung when it wrote CC.SHN. Commands up to it
-    /// were submitted before the notification and are still fetched and completed.
-    drain_to: Option<u32>,
-    cqid: u16,
-    core: Option<QueueId>,
-    slots: Vec<Slot>,
-    free: Vec<u16>,
-}
-
-impl Sq {
-    fn open(base: u64, entries: u16, cqid: u16, core: QueueId) -> Self {
-        let n = entries.saturating_sub(1);
-        let mut slots = Vec::with_capacity(n as usize);
-        slots.resize(n as usize, Slot::default());
-        Self {
-            live: true,
-            base,
-            entries,
-            head: 0,
-            drain_to: None,
-            cqid,
-            core: Some(core),
-            slots,
-            free: (0..n).rev().collect(),
-        }
-    }
-
-    fn outstanding(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-}
-
-#[derive(Debug, Default)]
-struct Cq {
-    live: bool,
-    base: u64,
-    entries: u16,
-    head: u16,
-    tail: u16,
-    phase: bool,
-    ien: bool,
-    iv: u16,
-    sqs: u16,
-    backlog: VecDeque<Cqe>,
-    irq: bool,
-}
-
-impl Cq {
-    fn open(base: u64, entries: u16, ien: bool, iv: u16) -> Self {
-        Self {
-            live: true,
-            base,
-            entries,
-            head: 0,
-            tail: 0,
-            phase: true,
-            ien,
-            iv,
-            sqs: 0,
-            backlog: VecDeque::new(),
-            irq: false,
-        }
-    }
-
-    fn full(&self) -> bool {
-        (self.tail as u32 + 1) % self.entries as u32 == self.head as u32
-    }
+/// An I/O queue pair leaving the function's core or asked back (see [`crate::queue`]): the
+/// caller delivers it to the core named and, for an export it cannot deliver, gives the pair
+/// straight back ([`PcieFunction::give_back`]).
+#[derive(Debug)]
+pub enum Handover {
+    /// Serve this pair on core `core` (an index among [`PcieFunction::set_cores`]'s cores).
+    Export {
+        /// The core.
+        core: u16,
+        /// The pair, with its commands in flight.
+        pair: IoPair,
+    },
+    /// Send I/O queue pair `qid` back from core `core`: once no command of it is in flight
+    /// (`discard` false: a Delete I/O SQ, a shutdown, fewer cores), or at once with its
+    /// commands dropped and nothing more posted (`discard`: a reset or a removal).
+    Recall {
+        /// The core serving it.
+        core: u16,
+        /// Its SQ ID.
+        qid: u16,
+        /// Drop its commands rather than finish them.
+        discard: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,6 +226,14 @@ pub struct PcieFunction {
     flush_nsids: Vec<u32>,
     flush_queue: Option<(QueueId, bool)>,
     stats: FunctionStats,
+    /// I/O queue `q` goes to core `q % cores` (1: every queue stays here).
+    cores: u16,
+    /// Pairs leaving or asked back, for the caller to deliver.
+    handovers: VecDeque<Handover>,
+    /// Pairs on other cores (SQ ID, core), until they are back.
+    abroad: Vec<(u16, u16)>,
+    /// CC.EN went to 0 while pairs were abroad: the reset waits for them.
+    pending_reset: bool,
 }
 
 impl fmt::Debug for PcieFunction {
@@ -354,6 +292,10 @@ impl PcieFunction {
             flush_nsids: Vec::new(),
             flush_queue: None,
             stats: FunctionStats::default(),
+            cores: 1,
+            handovers: VecDeque::with_capacity(n),
+            abroad: Vec::with_capacity(n),
+            pending_reset: false,
         })
     }
 
@@ -412,6 +354,139 @@ impl PcieFunction {
             || matches!(self.flush_queue, Some((f, _)) if f == q)
     }
 
+    /// Spreads the I/O queues created from now on over `cores` cores: I/O queue `q` (an SQ
+    /// created on a CQ no other SQ uses) goes to core `q % cores` through
+    /// [`Handover::Export`] unless that is core 0, this one. `cores` ≤ 1 keeps every queue
+    /// here and asks back the pairs abroad (they finish their commands first).
+    pub fn set_cores(&mut self, cores: u16) {
+        self.cores = cores.max(1);
+        if self.cores == 1 {
+            self.recall_all(false);
+        }
+    }
+
+    /// The next pair to deliver to another core or to ask back from one.
+    pub fn take_handover(&mut self) -> Option<Handover> {
+        self.handovers.pop_front()
+    }
+
+    /// Pairs on other cores (exported, back not yet given): while there are any, a reset
+    /// does not complete and a removed function's window must not be reused.
+    pub fn abroad(&self) -> usize {
+        self.abroad.len()
+    }
+
+    /// The controller core's queue behind I/O SQ `qid` (to build the [`keel_controller::Adoption`]
+    /// of a pair being exported: [`keel_controller::Target::adoption`]).
+    pub fn core_queue(&self, qid: u16) -> Option<QueueId> {
+        self.sqs
+            .get(qid as usize)
+            .filter(|s| s.live && qid > 0)
+            .and_then(|s| s.core)
+    }
+
+    /// A pair comes back from the core that served it (asked back, or refused there): it is
+    /// served here again exactly where it stopped. A pair whose queues are gone meanwhile (a
+    /// reset or a removal dropped them) is dropped.
+    pub fn give_back(&mut self, pair: IoPair) {
+        let qid = pair.qid();
+        self.abroad.retain(|&(q, _)| q != qid);
+        let cqid = pair.cqid() as usize;
+        let q = qid as usize;
+        if q < self.sqs.len()
+            && cqid < self.cqs.len()
+            && self.sqs[q].away
+            && self.cqs[cqid].away
+            && self.sqs[q].cqid as usize == cqid
+        {
+            let (sqs, cqs) = (&mut self.sqs, &mut self.cqs);
+            pair.restore(&mut sqs[q], &mut cqs[cqid]);
+        }
+    }
+
+    /// The core serving pair `qid` found it broken (an invalid doorbell value, host memory
+    /// refusing a queue entry): CSTS.CFS, as if it had happened here.
+    pub fn core_fatal(&mut self, qid: u16, why: FatalReason) {
+        if self.abroad.iter().any(|&(q, _)| q == qid)
+            && matches!(
+                self.state,
+                FunctionState::Ready | FunctionState::ShuttingDown
+            )
+        {
+            self.set_fatal(why);
+        }
+    }
+
+    /// Asks every pair abroad back (once; a discard after a drain is asked again).
+    fn recall_all(&mut self, discard: bool) {
+        let abroad = core::mem::take(&mut self.abroad);
+        for &(qid, core) in &abroad {
+            self.recall(qid, core, discard);
+        }
+        self.abroad = abroad;
+    }
+
+    fn recall(&mut self, qid: u16, core: u16, discard: bool) {
+        let sq = self.sqs.get_mut(qid as usize);
+        if let Some(sq) = sq {
+            if sq.recalled && !discard {
+                return;
+            }
+            sq.recalled = true;
+        }
+        self.handovers
+            .push_back(Handover::Recall { core, qid, discard });
+    }
+
+    /// After a successful Create I/O SQ `qid`: sends the pair to its core if the placement
+    /// says so and its CQ is its alone.
+    fn maybe_export(&mut self, qid: usize) {
+        let core = (qid % self.cores as usize) as u16;
+        let cqid = self.sqs[qid].cqid as usize;
+        if self.cores <= 1
+            || core == 0
+            || self.state != FunctionState::Ready
+            || self.cqs[cqid].sqs != 1
+            || self.cqs[cqid].away
+        {
+            return;
+        }
+        let (sqs, cqs) = (&mut self.sqs, &mut self.cqs);
+        let pair = IoPair::take(qid as u16, &mut sqs[qid], &mut cqs[cqid]);
+        self.abroad.push((qid as u16, core));
+        self.handovers.push_back(Handover::Export { core, pair });
+    }
+
+    /// An admin command that must wait for a pair abroad (Delete I/O SQ of it, Create I/O SQ
+    /// on its CQ): asks it back; true while it is not home.
+    fn waits_for_pair(&mut self, sqe: &Sqe) -> bool {
+        let qid = match AdminOpcode::from_u8(sqe.opcode) {
+            Some(AdminOpcode::DeleteIoSq) => sqe.cdw(10) as u16 as usize,
+            Some(AdminOpcode::CreateIoSq) => {
+                let cqid = (sqe.cdw(11) >> 16) as usize;
+                if !self.cqs.get(cqid).is_some_and(|c| c.away) {
+                    return false;
+                }
+                match self
+                    .sqs
+                    .iter()
+                    .position(|s| s.away && s.cqid as usize == cqid)
+                {
+                    Some(q) => q,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+        if !self.sqs.get(qid).is_some_and(|s| s.away) {
+            return false;
+        }
+        if let Some(&(q, core)) = self.abroad.iter().find(|&&(q, _)| q as usize == qid) {
+            self.recall(q, core, false);
+        }
+        true
+    }
+
     /// One pass: CC changes, CQ head doorbells, pending completions, SQ tail doorbells and
     /// command fetch, shutdown progress, CSTS. Returns whether anything happened.
     pub fn poll<E: EndpointFunction + ?Sized>(
@@ -431,6 +506,21 @@ impl PcieFunction {
         if cc != self.cc {
             busy = true;
             self.cc_changed(now, target, ep, cc);
+        }
+        if self.pending_reset {
+            if !self.abroad.is_empty() {
+                // CSTS.RDY stays 1 until every pair is back: nothing on another core touches
+                // the host's queues once the host sees the controller reset.
+                return busy;
+            }
+            self.pending_reset = false;
+            self.reset(target, ep);
+            busy = true;
+            if self.cc.en() {
+                // The host enabled it again meanwhile (without waiting for RDY = 0).
+                let cc = self.cc;
+                self.enable(now, target, ep, cc);
+            }
         }
         if self.terminated
             && matches!(
@@ -498,7 +588,9 @@ impl PcieFunction {
                 let valid = self.sqs.get(qid).is_some_and(|s| {
                     s.live && s.core == Some(q) && s.slots.get(slot).is_some_and(|x| x.busy)
                 });
-                if valid && self.state != FunctionState::Fatal {
+                // A reset waiting for pairs abroad posts nothing more (its queues are gone
+                // for the host already).
+                if valid && self.state != FunctionState::Fatal && !self.pending_reset {
                     self.complete(ep, qid, slot, resp);
                     self.post_backlogs(ep);
                     self.interrupts(ep);
@@ -538,10 +630,8 @@ impl PcieFunction {
     }
 
     fn recycle(&mut self, buf: Option<IoBuf>) {
-        if let Some(b) = buf {
-            // A foreign buffer cannot be ours to keep; it is dropped (its memory stays leaked).
-            let _ = self.pool.put(b);
-        }
+        // A foreign buffer cannot be ours to keep; it is dropped (its memory stays leaked).
+        queue::recycle(&mut self.pool, buf);
     }
 
     fn set_fatal(&mut self, why: FatalReason) {
@@ -558,6 +648,11 @@ impl PcieFunction {
     ) {
         let old = self.cc;
         self.cc = new;
+        if self.pending_reset {
+            // A reset is waiting for pairs abroad; what the host writes meanwhile is looked
+            // at when it completes.
+            return;
+        }
         if !old.en() && new.en() {
             if self.state == FunctionState::Disabled {
                 self.enable(now, target, ep, new);
@@ -565,7 +660,12 @@ impl PcieFunction {
             return;
         }
         if old.en() && !new.en() {
-            self.reset(target, ep);
+            if self.abroad.is_empty() {
+                self.reset(target, ep);
+            } else {
+                self.recall_all(true);
+                self.pending_reset = true;
+            }
             return;
         }
         if !new.en() || self.state != FunctionState::Ready {
@@ -581,6 +681,9 @@ impl PcieFunction {
                     self.sqs[qid].drain_to = (tail < self.sqs[qid].entries as u32).then_some(tail);
                 }
             }
+            // Pairs abroad come home with their commands finished; what remains up to
+            // `drain_to` is fetched here.
+            self.recall_all(false);
         } else if let Some(a) = self.admin {
             let _ = target.property_set(now, a, offset::CC, PropertySize::Four, new.0 as u64);
         }
@@ -684,6 +787,10 @@ impl PcieFunction {
         ep: &mut E,
     ) -> bool {
         let was_enabled = self.state != FunctionState::Disabled;
+        // Pairs abroad drop their commands and come back; until they are, the caller must
+        // not reuse the window (`abroad`).
+        self.recall_all(true);
+        self.pending_reset = false;
         self.reset(target, ep);
         self.set_fatal(FatalReason::Removed);
         let mut c = Csts(0);
@@ -731,38 +838,13 @@ impl PcieFunction {
         let mut busy = false;
         for qid in 0..self.cqs.len() {
             let cq = &mut self.cqs[qid];
-            if !cq.live {
+            if !cq.live || cq.away {
                 continue;
             }
-            let v = ep.read_doorbell(layout::cq_head_doorbell(qid as u16));
-            if v == cq.head as u32 {
-                continue;
-            }
-            let n = cq.entries as u32;
-            let used = (cq.tail as u32 + n - cq.head as u32) % n;
-            let adv = (v.wrapping_add(n) - cq.head as u32) % n;
-            if v >= n || adv > used {
-                self.set_fatal(FatalReason::CqHeadDoorbell {
-                    qid: qid as u16,
-                    value: v,
-                });
-                return true;
-            }
-            cq.head = v as u16;
-            busy = true;
-        }
-        busy
-    }
-
-    fn post_backlogs<E: EndpointFunction + ?Sized>(&mut self, ep: &mut E) -> bool {
-        let mut busy = false;
-        for qid in 0..self.cqs.len() {
-            while self.cqs[qid].live && !self.cqs[qid].full() {
-                let Some(cqe) = self.cqs[qid].backlog.pop_front() else {
-                    break;
-                };
-                busy = true;
-                if !self.post(ep, qid, cqe) {
+            match cq.head_doorbell(ep, qid as u16) {
+                Ok(moved) => busy |= moved,
+                Err(why) => {
+                    self.set_fatal(why);
                     return true;
                 }
             }
@@ -770,34 +852,30 @@ impl PcieFunction {
         busy
     }
 
-    /// Writes one completion entry: dwords 0-2 first, then dword 3 with the phase tag.
-    fn post<E: EndpointFunction + ?Sized>(&mut self, ep: &mut E, qid: usize, mut cqe: Cqe) -> bool {
-        let cq = &mut self.cqs[qid];
-        cqe.phase = cq.phase;
-        let b = cqe.to_bytes();
-        let addr = cq.base + cq.tail as u64 * 16;
-        if ep.dma_write(addr, &b[..12]).is_err() || ep.dma_write(addr + 12, &b[12..]).is_err() {
-            self.set_fatal(FatalReason::CqPost);
-            return false;
+    fn post_backlogs<E: EndpointFunction + ?Sized>(&mut self, ep: &mut E) -> bool {
+        let mut busy = false;
+        for qid in 0..self.cqs.len() {
+            if self.cqs[qid].away {
+                continue;
+            }
+            match self.cqs[qid].post_backlog(ep) {
+                Ok(n) => {
+                    self.stats.completions += n;
+                    busy |= n > 0;
+                }
+                Err(why) => {
+                    self.set_fatal(why);
+                    return true;
+                }
+            }
         }
-        cq.tail += 1;
-        if cq.tail == cq.entries {
-            cq.tail = 0;
-            cq.phase = !cq.phase;
-        }
-        cq.irq = true;
-        self.stats.completions += 1;
-        true
+        busy
     }
 
     fn interrupts<E: EndpointFunction + ?Sized>(&mut self, ep: &mut E) {
         for cq in self.cqs.iter_mut() {
-            if cq.irq {
-                cq.irq = false;
-                if cq.live && cq.ien {
-                    ep.raise_interrupt(cq.iv);
-                    self.stats.interrupts += 1;
-                }
+            if !cq.away && cq.interrupt(ep) {
+                self.stats.interrupts += 1;
             }
         }
     }
@@ -805,26 +883,11 @@ impl PcieFunction {
     /// Queues the completion of slot `slot` of SQ `qid` and frees the slot.
     fn finish(&mut self, qid: usize, slot: usize, status: Status, dw0: u32, dw1: u32) {
         let sq = &mut self.sqs[qid];
-        let Some(s) = sq.slots.get_mut(slot) else {
+        let Some(cqe) = sq.finish(qid as u16, slot, status, dw0, dw1) else {
             return;
-        };
-        if !s.busy {
-            return;
-        }
-        s.busy = false;
-        let cid = s.cid;
-        sq.free.push(slot as u16);
-        let cqe = Cqe {
-            dw0,
-            dw1,
-            sqhd: sq.head,
-            sqid: qid as u16,
-            cid,
-            phase: false,
-            status,
         };
         let cqid = sq.cqid as usize;
-        if let Some(cq) = self.cqs.get_mut(cqid).filter(|c| c.live) {
+        if let Some(cq) = self.cqs.get_mut(cqid).filter(|c| c.live && !c.away) {
             cq.backlog.push_back(cqe);
         }
     }
@@ -842,22 +905,14 @@ impl PcieFunction {
             self.recycle(resp.buf);
             return;
         };
-        let mut status = resp.cqe.status;
-        if let Some(mut b) = resp.buf {
-            let n = (resp.data_len as usize)
-                .min(s.data_len as usize)
-                .min(b.len());
-            if status.is_success() && s.to_host && n > 0 {
-                if s.kind == Kind::IdentifyController {
-                    patch_identify_controller(b.as_mut_slice());
-                }
-                let data = b.as_slice().get(..n).unwrap_or(&[]);
-                if let Err(st) = prp::scatter(ep, s.prp1, s.prp2, data) {
-                    status = st;
-                    self.stats.prp_errors += 1;
-                }
+        let mut resp = resp;
+        let (status, failed) = queue::deliver(ep, &mut self.pool, &s, &mut resp, |b| {
+            if s.kind == Kind::IdentifyController {
+                patch_identify_controller(b);
             }
-            self.recycle(Some(b));
+        });
+        if failed {
+            self.stats.prp_errors += 1;
         }
         if status.is_success() {
             match s.kind {
@@ -900,6 +955,10 @@ impl PcieFunction {
     ) -> bool {
         let mut busy = false;
         for qid in 1..self.sqs.len() {
+            if self.sqs[qid].away {
+                // Fetched here once it is back.
+                continue;
+            }
             if let Some(limit) = self.sqs[qid].drain_to {
                 busy |= self.fetch_sq_to(now, target, ep, qid, limit, FunctionState::ShuttingDown);
                 if self.sqs[qid].head as u32 == limit {
@@ -917,7 +976,7 @@ impl PcieFunction {
         ep: &mut E,
         qid: usize,
     ) -> bool {
-        if !self.sqs[qid].live || self.state != FunctionState::Ready {
+        if !self.sqs[qid].live || self.sqs[qid].away || self.state != FunctionState::Ready {
             return false;
         }
         let tail = ep.read_doorbell(layout::sq_tail_doorbell(qid as u16));
@@ -934,7 +993,7 @@ impl PcieFunction {
         tail: u32,
         state: FunctionState,
     ) -> bool {
-        if !self.sqs[qid].live || self.state != state {
+        if !self.sqs[qid].live || self.sqs[qid].away || self.state != state {
             return false;
         }
         if tail >= self.sqs[qid].entries as u32 {
@@ -992,15 +1051,10 @@ impl PcieFunction {
             Plan::Core { data_len, .. } if data_len > 0 && self.pool.available() == 0 => {
                 return false;
             }
+            // Queue management of a pair abroad waits until it is back.
+            Plan::CreateSq | Plan::DeleteSq if self.waits_for_pair(&sqe) => return false,
             p => p,
         };
-        self.stats.commands += 1;
-        let sq = &mut self.sqs[qid];
-        sq.head = ((sq.head as u32 + 1) % sq.entries as u32) as u16;
-        let Some(slot) = sq.free.pop() else {
-            return false;
-        };
-        let slot = slot as usize;
         let (data_len, to_host, kind) = match plan {
             Plan::Core {
                 data_len,
@@ -1009,7 +1063,7 @@ impl PcieFunction {
             } => (data_len, to_host, kind),
             _ => (0, false, Kind::Plain),
         };
-        sq.slots[slot] = Slot {
+        let Some(slot) = self.sqs[qid].take_slot(Slot {
             busy: true,
             cid: sqe.cid,
             prp1: sqe.prp1(),
@@ -1017,7 +1071,10 @@ impl PcieFunction {
             data_len,
             to_host,
             kind,
+        }) else {
+            return false;
         };
+        self.stats.commands += 1;
         match plan {
             Plan::Local(st) => self.finish(qid, slot, st, 0, 0),
             Plan::CreateCq => {
@@ -1027,6 +1084,9 @@ impl PcieFunction {
             Plan::CreateSq => {
                 let st = self.create_sq(target, ep, &sqe);
                 self.finish(qid, slot, st, 0, 0);
+                if st.is_success() {
+                    self.maybe_export(sqe.cdw(10) as u16 as usize);
+                }
             }
             Plan::DeleteCq => {
                 let st = self.delete_cq(&sqe);
@@ -1055,24 +1115,15 @@ impl PcieFunction {
         let Some(core) = self.sqs[qid].core else {
             return self.finish(qid, slot, Status::INTERNAL_ERROR, 0, 0);
         };
-        let mut buf = None;
-        if s.data_len > 0 {
-            let Some(mut b) = self.pool.get() else {
-                return self.finish(qid, slot, Status::INTERNAL_ERROR, 0, 0);
-            };
-            b.set_len(s.data_len as usize);
-            let r = if s.to_host {
-                prp::check(ep, s.prp1, s.prp2, s.data_len as usize)
-            } else {
-                prp::gather(ep, s.prp1, s.prp2, b.as_mut_slice())
-            };
-            if let Err(st) = r {
-                self.stats.prp_errors += 1;
-                self.recycle(Some(b));
+        let buf = match queue::load(ep, &mut self.pool, &s) {
+            Ok(b) => b,
+            Err(st) => {
+                if st != Status::INTERNAL_ERROR {
+                    self.stats.prp_errors += 1;
+                }
                 return self.finish(qid, slot, st, 0, 0);
             }
-            buf = Some(b);
-        }
+        };
         let req = Request {
             sqe,
             buf,
@@ -1129,34 +1180,16 @@ impl PcieFunction {
     }
 
     fn io_plan(&mut self, now: Instant, target: &mut Target, sqe: &Sqe) -> Plan {
-        if sqe.psdt() != Psdt::Prp {
-            return Plan::Local(Status::INVALID_FIELD);
-        }
-        let plain = |data_len: u32, to_host: bool| Plan::Core {
-            data_len,
-            to_host,
-            kind: Kind::Plain,
-        };
-        match IoOpcode::from_u8(sqe.opcode) {
-            Some(op @ (IoOpcode::Read | IoOpcode::Write | IoOpcode::Compare)) => {
-                let lbads = match self.lbads_of(now, target, sqe.nsid) {
-                    Lookup::Wait => return Plan::Wait,
-                    // The core answers Invalid Namespace or Format.
-                    Lookup::Inactive => return plain(0, false),
-                    Lookup::Lbads(l) => l,
-                };
-                let blocks = (sqe.cdw(12) & 0xFFFF) as u64 + 1;
-                let bytes = blocks << lbads;
-                if bytes > self.max_transfer as u64 {
-                    return Plan::Local(Status::INVALID_FIELD);
-                }
-                plain(bytes as u32, op == IoOpcode::Read)
-            }
-            Some(IoOpcode::DatasetManagement) => {
-                let nr = (sqe.cdw(10) & 0xFF) + 1;
-                plain(nr * 16, false)
-            }
-            _ => plain(0, false),
+        let max = self.max_transfer;
+        // An inactive namespace: the core answers Invalid Namespace or Format.
+        match queue::io_plan(sqe, max, |nsid| self.lbads_of(now, target, nsid)) {
+            IoPlan::Wait => Plan::Wait,
+            IoPlan::Local(st) => Plan::Local(st),
+            IoPlan::Run { data_len, to_host } => Plan::Core {
+                data_len,
+                to_host,
+                kind: Kind::Plain,
+            },
         }
     }
 
@@ -1329,7 +1362,10 @@ impl PcieFunction {
         match self.shutdown {
             Shutdown::None | Shutdown::Forwarded => false,
             Shutdown::Draining => {
-                if self.io_outstanding() > 0 || self.sqs.iter().any(|q| q.drain_to.is_some()) {
+                if self.io_outstanding() > 0
+                    || !self.abroad.is_empty()
+                    || self.sqs.iter().any(|q| q.drain_to.is_some())
+                {
                     return false;
                 }
                 let Some(admin) = self.admin else {
@@ -1424,12 +1460,6 @@ impl PcieFunction {
             }
         }
     }
-}
-
-enum Lookup {
-    Wait,
-    Inactive,
-    Lbads(u8),
 }
 
 /// Identify Controller as a PCIe controller reports it: the fabrics-only fields (SGLS, KAS,

@@ -64,6 +64,9 @@
 //! }
 //! ```
 //! With a target that serves only this function, [`PcieFunction::poll_with_target`] does both.
+//! To spread the I/O queues over cores, [`PcieFunction::set_cores`], then deliver every
+//! [`PcieFunction::take_handover`] after a poll and give pairs back with
+//! [`PcieFunction::give_back`]; [`crate::queue`] describes the handshake.
 //! The target's `Limits` set what the host sees: `max_queue_depth` (≥ 256 for CAP.MQES 255),
 //! `max_io_queues` (≥ 8), `mdts` (pool buffers must hold 4 KiB << mdts), `max_controllers`
 //! (one live controller per function).
@@ -77,11 +80,13 @@ pub mod endpoint;
 pub mod function;
 pub mod layout;
 pub mod prp;
+pub mod queue;
 
 #[cfg(test)]
 mod tests;
 
-pub use endpoint::{DmaError, EndpointFunction, MemWindow};
+pub use endpoint::{DmaError, EndpointFunction, MemWindow, QueuePort};
 pub use function::{
-    ConfigError, FatalReason, FunctionConfig, FunctionState, FunctionStats, PcieFunction,
+    ConfigError, FatalReason, FunctionConfig, FunctionState, FunctionStats, Handover, PcieFunction,
 };
+pub use queue::{IoPair, PairStats};

@@ -76,6 +76,23 @@ struct Rig {
     now: u64,
     next: u64,
     admin: Queue,
+    /// Another core serving the I/O queue pairs the function hands out.
+    core1: Option<Core1>,
+}
+
+/// A second core in a host test: a replica target over the same namespace, its own buffers,
+/// and the pairs it serves (with their replica queues).
+struct Core1 {
+    t: Target,
+    pool: BufPool,
+    pairs: Vec<(IoPair, keel_controller::QueueId)>,
+    /// Pairs asked back: (SQ ID, discard).
+    recalls: Vec<(u16, bool)>,
+    stats: PairStats,
+    /// Adoptions seen.
+    adopted: u32,
+    /// Hold its pairs (no pass) while true: a core that is slow to answer.
+    paused: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +133,7 @@ impl Rig {
             now: 0,
             next: HOST_AREA_OFFSET as u64,
             admin: Queue::new(0, 0, 0, 32),
+            core1: None,
         };
         r.step();
         r
@@ -125,6 +143,107 @@ impl Rig {
         self.now += 10_000;
         self.f
             .poll_with_target(Instant::from_nanos(self.now), &mut self.t, &mut self.w);
+        self.core1_pass();
+    }
+
+    /// The second core's pass: handovers from the function, its pairs, their completions,
+    /// pairs given back.
+    fn core1_pass(&mut self) {
+        let Some(c) = self.core1.as_mut() else { return };
+        let now = Instant::from_nanos(self.now);
+        while let Some(h) = self.f.take_handover() {
+            match h {
+                Handover::Export { core, pair } => {
+                    assert_eq!(core, 1);
+                    let q = c.t.open_queue_for(9).unwrap();
+                    let a = self
+                        .t
+                        .adoption(self.f.core_queue(pair.qid()).unwrap())
+                        .unwrap();
+                    assert_eq!(a.qid, pair.qid());
+                    assert_eq!(a.sqsize, pair.sqsize());
+                    c.t.adopt_io_queue(now, q, &a).unwrap();
+                    c.adopted += 1;
+                    c.pairs.push((pair, q));
+                }
+                Handover::Recall { core, qid, discard } => {
+                    assert_eq!(core, 1);
+                    // No more fetching from here on (as `fnq::FnCore` does).
+                    if let Some((p, _)) = c.pairs.iter_mut().find(|(p, _)| p.qid() == qid) {
+                        p.stop();
+                    }
+                    c.recalls.push((qid, discard));
+                }
+            }
+        }
+        if c.paused {
+            return;
+        }
+        for (pair, q) in c.pairs.iter_mut() {
+            let (sq, cq, v) = (pair.qid(), pair.cqid(), pair.vector());
+            let mut port = QueuePort::new(&mut self.w, sq, cq, v);
+            if let Err(why) = pair.poll(now, &mut c.t, *q, &mut port, &mut c.pool, 32, &mut c.stats)
+            {
+                self.f.core_fatal(sq, why);
+            }
+        }
+        let (pairs, pool, stats, w) = (&mut c.pairs, &mut c.pool, &mut c.stats, &mut self.w);
+        c.t.poll(now, &mut |ev| match ev {
+            keel_controller::Event::Completion(q, resp) => {
+                match pairs.iter_mut().find(|(_, pq)| *pq == q) {
+                    Some((pair, _)) => {
+                        let (sq, cq, v) = (pair.qid(), pair.cqid(), pair.vector());
+                        let mut port = QueuePort::new(&mut *w, sq, cq, v);
+                        pair.complete(&mut port, pool, resp, stats).unwrap();
+                    }
+                    None => {
+                        if let Some(b) = resp.buf {
+                            assert!(pool.put(b).is_ok(), "a buffer of core 1's pool");
+                        }
+                    }
+                }
+            }
+            keel_controller::Event::BufferReleased { buf, .. } => {
+                assert!(pool.put(buf).is_ok(), "a buffer of core 1's pool")
+            }
+            keel_controller::Event::QueueTerminated(_) => {}
+        });
+        // Recalls: a discard drops at once, a drain waits for the commands in flight.
+        for (qid, discard) in core::mem::take(&mut c.recalls) {
+            let Some(i) = c.pairs.iter().position(|(p, _)| p.qid() == qid) else {
+                continue;
+            };
+            let pair = &mut c.pairs[i].0;
+            if discard {
+                pair.discard();
+            } else {
+                pair.stop();
+            }
+            if pair.outstanding() > 0 {
+                c.recalls.push((qid, discard));
+                continue;
+            }
+            let (pair, q) = c.pairs.swap_remove(i);
+            c.t.close_queue(q).unwrap();
+            self.f.give_back(pair);
+        }
+    }
+
+    /// Serves I/O queue pairs on a second core too (queue q on core q % 2), with a replica
+    /// target over `ns` (the backend the function's target reaches through another handle).
+    fn with_core1(&mut self, ns: Box<dyn keel_storage::BlockBackend>) {
+        let mut sub = subsystem(NQN_A);
+        sub.namespaces[0].backend = ns;
+        self.core1 = Some(Core1 {
+            t: target(vec![sub]),
+            pool: BufPool::from_heap(16, 128 << 10, 0).unwrap(),
+            pairs: Vec::new(),
+            recalls: Vec::new(),
+            stats: PairStats::default(),
+            adopted: 0,
+            paused: false,
+        });
+        self.f.set_cores(2);
     }
 
     fn steps(&mut self, n: usize) {
@@ -1053,4 +1172,223 @@ proptest! {
         prop_assert_eq!(r.w.refused_dma, 0);
         prop_assert_eq!(r.f.buffers_available(), r.f.buffers_total());
     }
+}
+
+/// A rig whose namespace both cores reach (one RAM backend shared by the function's target
+/// and the second core's replica).
+fn two_core_rig() -> Rig {
+    let shared =
+        keel_storage::SharedBackend::new(RamBackend::new(512, BLOCKS, 1024).unwrap(), 1024);
+    let mut sub = subsystem(NQN_A);
+    sub.namespaces[0].backend = Box::new(shared.handle().unwrap());
+    let mut r = Rig::with(function(NQN_A, 64), target(vec![sub]));
+    r.with_core1(Box::new(shared.handle().unwrap()));
+    r
+}
+
+fn core1(r: &Rig) -> &Core1 {
+    r.core1.as_ref().unwrap()
+}
+
+/// I/O queue 1 goes to core 1 (1 % 2), queue 2 stays (2 % 2 = 0): each serves its queue's
+/// reads and writes with the same data, completions and interrupts on the right CQ, the
+/// function's core fetching none of queue 1's commands; Delete I/O SQ waits until the pair
+/// is back, then completes, and the queue IDs can be used again.
+#[test]
+fn io_queue_pairs_are_served_on_their_core_and_come_back_on_delete() {
+    let mut r = two_core_rig();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    let mut q2 = r.io_queue(2, 64);
+    assert_eq!(core1(&r).adopted, 1, "queue 1 went to core 1");
+    assert_eq!(r.f.abroad(), 1);
+    let fetched_here = r.f.stats().commands;
+    let buf = r.alloc(64 * 1024);
+    let pattern: Vec<u8> = (0..32 * 1024).map(|i| (i * 7 + 3) as u8).collect();
+    r.w.host_write(buf, &pattern);
+    // Written on core 1 (a PRP list: 32 KiB), read back on core 0's queue 2.
+    assert_eq!(r.rw(&mut q1, true, 100, 64, buf, 1).status, Status::SUCCESS);
+    assert_eq!(
+        r.f.stats().commands,
+        fetched_here,
+        "queue 1 fetched on core 1 only"
+    );
+    assert_eq!(core1(&r).stats.commands, 1);
+    let back = buf + 32 * 1024;
+    assert_eq!(
+        r.rw(&mut q2, false, 100, 64, back, 2).status,
+        Status::SUCCESS
+    );
+    let mut got = vec![0u8; 32 * 1024];
+    r.w.host_read(back, &mut got);
+    assert_eq!(got, pattern);
+    // Many at once on core 1, read back there.
+    for k in 0..16u16 {
+        let (p1, p2) = r.prps(back, 4096);
+        let sqe = Sqe::new(0x02, 100 + k)
+            .with_nsid(1)
+            .with_cdw(10, 100 + k as u32 * 8)
+            .with_cdw(12, 7)
+            .with_prps(p1, p2);
+        r.push(&mut q1, &sqe);
+    }
+    for _ in 0..16 {
+        let c = r.wait(&mut q1);
+        assert_eq!(c.status, Status::SUCCESS);
+        assert_eq!(c.sqid, 1);
+    }
+    assert_eq!(core1(&r).stats.commands, 17);
+    assert!(core1(&r).stats.interrupts > 0);
+    assert!(
+        r.w.host_interrupts(1) > 0,
+        "queue 1's vector raised by core 1"
+    );
+    // The replica counted them, the function's target did not.
+    let ns = core1(&r).t.namespace_stats(NQN_A, 1).unwrap();
+    assert_eq!((ns.reads, ns.writes), (16, 1));
+    // Delete I/O SQ 1: asked back, completes once home.
+    assert_eq!(r.delete(0x00, 1), Status::SUCCESS);
+    assert_eq!(r.f.abroad(), 0);
+    assert!(core1(&r).pairs.is_empty());
+    assert_eq!(r.delete(0x04, 1), Status::SUCCESS);
+    // Recreated: goes to core 1 again and works.
+    let mut q1 = r.io_queue(1, 64);
+    assert_eq!(core1(&r).adopted, 2);
+    assert_eq!(
+        r.rw(&mut q1, false, 100, 64, back, 3).status,
+        Status::SUCCESS
+    );
+    r.w.host_read(back, &mut got);
+    assert_eq!(got, pattern);
+    r.steps(3);
+    assert_eq!(core1(&r).pool.available(), core1(&r).pool.count());
+}
+
+/// A controller reset with a pair on core 1 and commands in flight there: CSTS.RDY stays 1
+/// until core 1 has dropped them and given the pair back (a slow core holds it), then the
+/// reset completes, every buffer is home on both cores, and a new controller works.
+#[test]
+fn reset_waits_for_pairs_abroad_and_drops_their_commands() {
+    let mut r = two_core_rig();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    let buf = r.alloc(64 * 4096);
+    r.core1.as_mut().unwrap().paused = true;
+    for k in 0..8u16 {
+        let sqe = Sqe::new(0x01, k)
+            .with_nsid(1)
+            .with_cdw(10, k as u32 * 8)
+            .with_cdw(12, 7)
+            .with_prps(buf + k as u64 * 4096, 0);
+        r.push(&mut q1, &sqe);
+    }
+    r.cc(0);
+    r.steps(10);
+    assert!(r.csts().rdy(), "RDY stays while the pair is abroad");
+    assert_eq!(r.f.abroad(), 1);
+    r.core1.as_mut().unwrap().paused = false;
+    r.wait_csts(|c| c.0 == 0);
+    assert_eq!(r.f.abroad(), 0);
+    assert_eq!(r.f.state(), FunctionState::Disabled);
+    r.steps(3);
+    assert_eq!(r.f.buffers_available(), r.f.buffers_total());
+    assert_eq!(core1(&r).pool.available(), core1(&r).pool.count());
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 1).status, Status::SUCCESS);
+}
+
+/// A shutdown with commands submitted to queue 1 on core 1 but not fetched (core 1 paused):
+/// the pair comes back with what it had, and the function's core executes the rest before
+/// reporting the shutdown complete; every write is in the namespace.
+#[test]
+fn shutdown_brings_pairs_home_and_executes_what_was_submitted() {
+    let mut r = two_core_rig();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    let buf = r.alloc(16 * 4096);
+    r.w.host_write(buf, &[0x5A; 16 * 4096]);
+    r.core1.as_mut().unwrap().paused = true;
+    for k in 0..16u16 {
+        let sqe = Sqe::new(0x01, k)
+            .with_nsid(1)
+            .with_cdw(10, k as u32 * 8)
+            .with_cdw(12, 7)
+            .with_prps(buf + k as u64 * 4096, 0);
+        r.push(&mut q1, &sqe);
+    }
+    r.cc(Cc::new(true, 0, 0, 0, Cc::SHN_NORMAL, 6, 4).0);
+    r.steps(5);
+    assert_ne!(r.csts().shst(), Csts::SHST_COMPLETE);
+    r.core1.as_mut().unwrap().paused = false;
+    r.wait_csts(|c| c.shst() == Csts::SHST_COMPLETE);
+    assert_eq!(r.f.abroad(), 0);
+    let mut seen = 0;
+    while let Some(c) = r.reap(&mut q1) {
+        assert_eq!(c.status, Status::SUCCESS);
+        seen += 1;
+    }
+    assert_eq!(seen, 16);
+    let ns = r.t.namespace_stats(NQN_A, 1).unwrap();
+    assert_eq!(
+        ns.writes, 16,
+        "executed on the function's core after the pair came home"
+    );
+}
+
+/// Core 1 sees an SQ tail doorbell beyond the queue: the function reports CSTS.CFS; a reset
+/// brings the pair home and a new controller works.
+#[test]
+fn a_bad_doorbell_seen_on_core_1_is_fatal_for_the_function() {
+    let mut r = two_core_rig();
+    r.enable();
+    r.io_queue(1, 64);
+    r.w.host_doorbell(layout::sq_tail_doorbell(1), 64);
+    r.steps(3);
+    assert!(r.csts().cfs());
+    assert_eq!(
+        r.f.fatal_reason(),
+        Some(FatalReason::SqTailDoorbell { qid: 1, value: 64 })
+    );
+    r.enable();
+    assert_eq!(r.f.abroad(), 0);
+    let mut q1 = r.io_queue(1, 64);
+    let buf = r.alloc(4096);
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 1).status, Status::SUCCESS);
+}
+
+/// Removal with a pair abroad: nothing more is posted by either core, the pair comes back
+/// dropped, and every buffer is home.
+#[test]
+fn removal_recalls_pairs_abroad() {
+    let mut r = two_core_rig();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    let buf = r.alloc(4096);
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 1).status, Status::SUCCESS);
+    assert!(r.f.remove(&mut r.t, &mut r.w));
+    assert_eq!(r.f.abroad(), 1, "until core 1 answers");
+    r.core1_pass();
+    assert_eq!(r.f.abroad(), 0);
+    assert!(core1(&r).pairs.is_empty());
+}
+
+/// A second SQ on a CQ abroad, and fewer cores: the pair comes home first and both SQs are
+/// then served here; with one core nothing leaves.
+#[test]
+fn a_shared_cq_and_one_core_keep_queues_home() {
+    let mut r = two_core_rig();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    assert_eq!(r.f.abroad(), 1);
+    let sq3 = r.alloc(64 * 64);
+    assert_eq!(r.create_sq(3, 64, 1, sq3), Status::SUCCESS);
+    assert_eq!(r.f.abroad(), 0, "CQ 1 is shared now: served here");
+    let buf = r.alloc(4096);
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 1).status, Status::SUCCESS);
+    r.f.set_cores(1);
+    let mut q5 = r.io_queue(5, 16);
+    assert_eq!(r.f.abroad(), 0);
+    assert_eq!(r.rw(&mut q5, false, 0, 8, buf, 2).status, Status::SUCCESS);
+    assert_eq!(core1(&r).adopted, 1);
 }

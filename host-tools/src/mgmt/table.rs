@@ -407,6 +407,7 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
                 "ALLOCS",
                 "NVMF-CONNS",
                 "NVMF-CMDS",
+                "FN-CMDS",
                 "SERVES",
             ]
             .map(String::from)
@@ -423,6 +424,7 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
                 c.allocator_calls.to_string(),
                 c.nvmf_connections.to_string(),
                 c.nvmf_commands.to_string(),
+                c.function_commands.to_string(),
                 c.role.clone(),
             ]);
         }

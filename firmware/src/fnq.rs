@@ -1,0 +1,545 @@
+//! The emulated functions' I/O queues on every core (`qemu/run --smp N`): I/O queue pair `q`
+//! of a function whose subsystem every core can serve is served entirely on core `q % N`;
+//! core 0 keeps every function's registers, admin queue, queue management, resets,
+//! shutdown and removal.
+//!
+//! Which functions: those whose subsystem is replicable ([`Services::function_replicas`]:
+//! every namespace unencrypted RAM in a shared region, no QoS limit on the subsystem's
+//! namespaces, the function's controller or any host or group) and which exist at boot. A
+//! function created live, any live namespace or subsystem change (which also removes and
+//! creates functions), and `--smp 1` keep every queue on core 0, as before.
+//!
+//! The handshake (the function's side is `keel_nvme_pcie::queue`):
+//! - **Handing a pair out.** After a successful Create I/O SQ, the function (on core 0)
+//!   takes the SQ and its CQ out of its tables and gives them as an
+//!   `keel_nvme_pcie::Handover::Export`; [`Hub`] sends core `k` an [`FnMsg::Adopt`] with the
+//!   pair, the controller's [`keel_controller::Adoption`] and a view of the window restricted
+//!   to the pair (`IvshmemWindow::queue_port`: its two doorbells, DMA, its interrupt vector
+//!   through a `VectorBell`). Core `k` ([`FnCore`]) makes the queue an I/O queue of a replica
+//!   of the function's controller in its own target and serves it with its own data buffers
+//!   every pass: no lock, no message, no allocation per command. If it cannot (no replica,
+//!   refused), it sends the pair straight back ([`FnMsg::Returned`]) and core 0 serves it.
+//! - **Taking it back.** The function asks ([`FnMsg::Recall`]): to drain (Delete I/O SQ,
+//!   Create I/O SQ on the pair's CQ, CC.SHN, namespaces changed) core `k` stops fetching and
+//!   waits until none of the pair's commands is in flight, to discard (CC.EN = 0, removal) it
+//!   drops them; then it closes its replica queue, drops its window view and sends the pair
+//!   back ([`FnMsg::Returned`]), which core 0 puts back in place. The admin command waits in
+//!   its SQ, CSTS.RDY stays 1 and a removed function's slot stays `removing` until the pair
+//!   is home: from then on no other core touches the window.
+//! - **Errors.** A pair that finds an invalid doorbell value or a queue entry host memory
+//!   refuses stops and reports it ([`FnMsg::Fatal`]); the function sets CSTS.CFS as it would
+//!   have on core 0, and the host's reset brings the pair home.
+//!
+//! The messages are the rings' ([`crate::cores::Link`]): one per pair handed out or taken
+//! back, never per command. Core `k` publishes its replica's namespace counters beside its
+//! NVMe/TCP plane's (`crate::cores::NS_SHARES`, merged by core 0 for status and `/metrics`)
+//! and its command count (`keel_core_function_commands_total`).
+
+use crate::cores::{FUNCTION_COMMANDS, Links, Msg};
+use crate::klog;
+use crate::qemu::Qemu;
+use crate::services::{ReplicaSubsystem, Services, replica_target};
+use alloc::collections::VecDeque;
+use alloc::{boxed::Box, string::String, vec::Vec};
+use keel_controller::{Adoption, Event, Instant, Limits, QueueId, Target};
+use keel_hal::ivshmem::IvshmemWindow;
+use keel_hal::println;
+use keel_nvme_pcie::{FatalReason, Handover, IoPair, PairStats, QueuePort};
+use keel_storage::BufPool;
+
+/// Owner of the pairs' queues in a core's replica target (it holds nothing else).
+const FN_OWNER: u16 = 1;
+/// Data buffers of a core serving pairs (128 KiB each: the functions' MDTS).
+const FN_BUFFERS: usize = 32;
+const FN_BUFFER_SIZE: usize = 128 * 1024;
+/// Commands fetched from one pair per pass.
+const FETCH_BURST: u16 = 32;
+/// How often a busy core publishes its namespace counters.
+const NS_PUBLISH_NS: u64 = 1_000_000;
+
+/// A function's window as a core serving one of its pairs sees it.
+pub type Port = QueuePort<IvshmemWindow>;
+
+/// A message about the functions' I/O queue pairs between core 0 and core `k`.
+#[derive(Debug)]
+pub enum FnMsg {
+    /// Core 0 → core k: build a replica of these subsystems and serve the pairs handed out.
+    Serve(Box<ServeFunctions>),
+    /// Core 0 → core k: serve this pair.
+    Adopt(Box<Adopt>),
+    /// Core 0 → core k: send pair `qid` of function `slot` back (see [`Handover::Recall`]).
+    Recall {
+        /// Function slot.
+        slot: u16,
+        /// The pair's SQ ID.
+        qid: u16,
+        /// Drop its commands rather than finish them.
+        discard: bool,
+    },
+    /// Core k → core 0: a pair back (asked back, or refused).
+    Returned {
+        /// Function slot.
+        slot: u16,
+        /// The pair.
+        pair: Box<IoPair>,
+    },
+    /// Core k → core 0: pair `qid` of function `slot` is broken.
+    Fatal {
+        /// Function slot.
+        slot: u16,
+        /// The pair's SQ ID.
+        qid: u16,
+        /// What it found.
+        why: FatalReason,
+    },
+}
+
+/// What a core's replica is built from.
+#[derive(Debug)]
+pub struct ServeFunctions {
+    /// The functions' subsystems every core serves.
+    pub subsystems: Vec<ReplicaSubsystem>,
+    /// The controller core's limits (queue counts and depths must match).
+    pub limits: Limits,
+}
+
+/// A pair handed to a core.
+#[derive(Debug)]
+pub struct Adopt {
+    /// Function slot.
+    pub slot: u16,
+    /// The function's controller and the queue.
+    pub adoption: Adoption,
+    /// The pair.
+    pub pair: IoPair,
+    /// The window, restricted to the pair.
+    pub port: Port,
+}
+
+/// A pair a core serves.
+struct Served {
+    slot: u16,
+    pair: IoPair,
+    port: Port,
+    /// Its queue in the core's replica target.
+    q: QueueId,
+    /// Asked back: discard (true) or drain.
+    recall: Option<bool>,
+    /// Its fatal error was reported.
+    fatal_sent: bool,
+}
+
+/// Core `k`'s side: its replica of the functions' subsystems, its data buffers and the pairs
+/// it serves.
+pub struct FnCore {
+    core: usize,
+    target: Target,
+    pool: BufPool,
+    pairs: Vec<Served>,
+    stats: PairStats,
+    ns_slots: (usize, usize),
+    ns_dirty: bool,
+    ns_published: u64,
+}
+
+impl core::fmt::Debug for FnCore {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("FnCore")
+            .field("core", &self.core)
+            .field("pairs", &self.pairs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FnCore {
+    fn new(core: usize, spec: ServeFunctions) -> Option<Self> {
+        let names: Vec<String> = spec.subsystems.iter().map(|s| s.nqn.clone()).collect();
+        // RAM namespaces only (`Services::function_replicas`): no drive to open.
+        let target = replica_target(spec.subsystems, spec.limits, &mut |_, _| None)?;
+        let region = crate::hw::dma_region(FN_BUFFERS * FN_BUFFER_SIZE);
+        let pool = BufPool::lazy(region, region.as_ptr() as u64, FN_BUFFER_SIZE)
+            .map_err(|e| klog::error!("fnq: core {}: buffers: {}", core, klog::D(&e)))
+            .ok()?;
+        let n = target.namespace_views().count();
+        let ns_slots = crate::cores::claim_namespace_slots(core, n);
+        println!("fnq: core {core} serves I/O queue pairs of the emulated functions of {names:?}");
+        Some(Self {
+            core,
+            target,
+            pool,
+            pairs: Vec::with_capacity(16),
+            stats: PairStats::default(),
+            ns_slots,
+            ns_dirty: false,
+            ns_published: 0,
+        })
+    }
+
+    /// A message of core 0 for `this` core's side (built by [`FnMsg::Serve`]); `out` takes
+    /// the answers.
+    pub fn on_message(
+        this: &mut Option<Self>,
+        core: usize,
+        m: FnMsg,
+        now_ns: u64,
+        out: &mut dyn FnMut(FnMsg),
+    ) {
+        match m {
+            FnMsg::Serve(spec) => *this = Self::new(core, *spec),
+            FnMsg::Adopt(a) => match this {
+                Some(c) => c.adopt(*a, now_ns, out),
+                None => out(FnMsg::Returned {
+                    slot: a.slot,
+                    pair: Box::new(a.pair),
+                }),
+            },
+            FnMsg::Recall { slot, qid, discard } => {
+                if let Some(s) = this.as_mut().and_then(|c| {
+                    c.pairs
+                        .iter_mut()
+                        .find(|s| s.slot == slot && s.pair.qid() == qid)
+                }) {
+                    // A discard after a drain still discards; either way nothing more is
+                    // fetched from here on.
+                    s.recall = Some(discard || s.recall == Some(true));
+                    s.pair.stop();
+                }
+            }
+            FnMsg::Returned { .. } | FnMsg::Fatal { .. } => {}
+        }
+    }
+
+    fn adopt(&mut self, a: Adopt, now_ns: u64, out: &mut dyn FnMut(FnMsg)) {
+        let Adopt {
+            slot,
+            adoption,
+            pair,
+            port,
+        } = a;
+        let q = match self.target.open_queue_for(FN_OWNER) {
+            Ok(q) => q,
+            Err(e) => {
+                klog::warning!("fnq: core {}: no queue: {}", self.core, klog::D(&e));
+                return out(FnMsg::Returned {
+                    slot,
+                    pair: Box::new(pair),
+                });
+            }
+        };
+        if let Err(e) = self
+            .target
+            .adopt_io_queue(Instant::from_nanos(now_ns), q, &adoption)
+        {
+            let _ = self.target.close_queue(q);
+            klog::warning!(
+                "fnq: core {}: I/O queue {} of function {} refused ({}): served on core 0",
+                self.core,
+                pair.qid(),
+                slot,
+                klog::D(&e)
+            );
+            return out(FnMsg::Returned {
+                slot,
+                pair: Box::new(pair),
+            });
+        }
+        println!(
+            "fnq: core {} serves I/O queue {} of function {} ({}, controller {}, {} entries, vector {:?})",
+            self.core,
+            pair.qid(),
+            slot,
+            adoption.subnqn,
+            adoption.cntlid,
+            pair.sqsize() as u32 + 1,
+            pair.vector()
+        );
+        self.pairs.push(Served {
+            slot,
+            pair,
+            port,
+            q,
+            recall: None,
+            fatal_sent: false,
+        });
+    }
+
+    /// One pass: every pair (doorbells, commands, completions, interrupts), the replica's
+    /// completions, pairs asked back; returns whether anything happened. `out` takes the
+    /// messages for core 0.
+    pub fn pass(&mut self, now_ns: u64, out: &mut dyn FnMut(FnMsg)) -> bool {
+        let now = Instant::from_nanos(now_ns);
+        let mut busy = false;
+        let Self {
+            target,
+            pool,
+            pairs,
+            stats,
+            ..
+        } = self;
+        for s in pairs.iter_mut() {
+            let r = s
+                .pair
+                .poll(now, target, s.q, &mut s.port, pool, FETCH_BURST, stats);
+            match r {
+                Ok(b) => busy |= b,
+                Err(why) => report(s, why, &mut *out),
+            }
+        }
+        busy |= target.poll(now, &mut |ev| match ev {
+            Event::Completion(q, resp) => match pairs.iter_mut().find(|s| s.q == q) {
+                Some(s) => {
+                    if let Err(why) = s.pair.complete(&mut s.port, pool, resp, stats) {
+                        report(s, why, &mut *out);
+                    }
+                }
+                None => {
+                    if let Some(b) = resp.buf {
+                        let _ = pool.put(b);
+                    }
+                }
+            },
+            Event::BufferReleased { buf, .. } => {
+                let _ = pool.put(buf);
+            }
+            Event::QueueTerminated(_) => {}
+        }) > 0;
+        let mut i = 0;
+        while i < pairs.len() {
+            let s = &mut pairs[i];
+            match s.recall {
+                Some(true) => s.pair.discard(),
+                Some(false) => s.pair.stop(),
+                None => {}
+            }
+            if s.recall.is_none() || s.pair.outstanding() > 0 {
+                i += 1;
+                continue;
+            }
+            // Home: its replica queue closes (commands dropped by a discard come back as
+            // buffers through the replica's events), its window view goes.
+            let s = pairs.swap_remove(i);
+            let _ = target.close_queue(s.q);
+            out(FnMsg::Returned {
+                slot: s.slot,
+                pair: Box::new(s.pair),
+            });
+            busy = true;
+        }
+        FUNCTION_COMMANDS[self.core].publish(self.stats.commands);
+        self.ns_dirty |= busy;
+        if self.ns_dirty && (!busy || now_ns.saturating_sub(self.ns_published) >= NS_PUBLISH_NS) {
+            crate::cores::publish_namespaces(self.core, self.ns_slots, &self.target);
+            self.ns_dirty = false;
+            self.ns_published = now_ns;
+        }
+        busy
+    }
+
+    /// Whether the core may sleep: it serves no pair (a host's doorbell writes raise no
+    /// interrupt) and no buffer is out.
+    pub fn may_sleep(&self) -> bool {
+        self.pairs.is_empty() && self.pool.available() == self.pool.count()
+    }
+}
+
+/// Reports a pair's fatal error to core 0, once.
+fn report(s: &mut Served, why: FatalReason, out: &mut dyn FnMut(FnMsg)) {
+    if !core::mem::replace(&mut s.fatal_sent, true) {
+        out(FnMsg::Fatal {
+            slot: s.slot,
+            qid: s.pair.qid(),
+            why,
+        });
+    }
+}
+
+/// Core 0's side: hands the functions' pairs out and takes them back.
+#[derive(Debug)]
+pub struct Hub {
+    /// The functions' subsystems the other cores serve (empty once namespaces changed).
+    replicas: Vec<String>,
+    generation: u64,
+    /// Messages per link that found its ring full.
+    outq: Vec<VecDeque<Msg>>,
+    /// Messages for it that core 0's NVMe/TCP side took off the rings (`percore::Holder`).
+    pub inbox: Vec<FnMsg>,
+}
+
+impl Hub {
+    /// Asks every other core to serve the pairs of the functions whose subsystem every core
+    /// can serve, and tells those functions to spread their I/O queues; `None` when there is
+    /// no other core or no such function.
+    pub fn start(links: &mut Links, services: &mut Services<Qemu>) -> Option<Self> {
+        if links.0.is_empty() {
+            return None;
+        }
+        let subsystems = services.function_replicas();
+        if subsystems.is_empty() {
+            return None;
+        }
+        let limits = *services.target.limits();
+        let mut outq = Vec::with_capacity(links.0.len());
+        for link in links.0.iter_mut() {
+            let spec = ServeFunctions {
+                subsystems: subsystems.clone(),
+                limits,
+            };
+            let mut q = VecDeque::new();
+            if let Err(m) = link.send(Msg::Fn(FnMsg::Serve(Box::new(spec)))) {
+                q.push_back(m);
+            }
+            outq.push(q);
+        }
+        let cores = links
+            .0
+            .iter()
+            .map(|l| l.info.index + 1)
+            .max()
+            .unwrap_or(1)
+            .min(u16::MAX as usize) as u16;
+        let replicas: Vec<String> = subsystems.iter().map(|s| s.nqn.clone()).collect();
+        for e in services.functions.iter_mut() {
+            if replicas.contains(&e.nqn)
+                && let Some(f) = e.f.as_mut()
+            {
+                f.set_cores(cores);
+            }
+        }
+        println!(
+            "fnq: emulated functions of {replicas:?}: I/O queue q served on core q % {cores} (admin queue, queue management and resets on core 0)"
+        );
+        Some(Self {
+            replicas,
+            generation: services.target.namespace_generation(),
+            outq,
+            inbox: Vec::with_capacity(16),
+        })
+    }
+
+    fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
+        let q = &mut self.outq[li];
+        if !q.is_empty() {
+            q.push_back(msg);
+            return;
+        }
+        if let Err(m) = links.0[li].send(msg) {
+            q.push_back(m);
+        }
+    }
+
+    /// One pass, after the services' (whose function polls made the handovers):
+    /// `own_rx`: it takes its messages off the rings itself (no NVMe/TCP side does).
+    pub fn poll(&mut self, links: &mut Links, services: &mut Services<Qemu>, own_rx: bool) -> bool {
+        let mut busy = false;
+        let Services {
+            functions, target, ..
+        } = services;
+        if target.namespace_generation() != self.generation {
+            self.generation = target.namespace_generation();
+            if !self.replicas.is_empty() {
+                klog::warning!(
+                    "fnq: namespaces changed: the emulated functions' I/O queue pairs come back to core 0, which serves every queue from now on"
+                );
+            }
+            self.replicas.clear();
+            for e in functions.iter_mut() {
+                if let Some(f) = e.f.as_mut() {
+                    f.set_cores(1);
+                }
+            }
+        }
+        if own_rx {
+            for link in links.0.iter_mut() {
+                let mut taken = 0;
+                while let Some(m) = link.rx.pop() {
+                    taken += 1;
+                    if let Msg::Fn(m) = m {
+                        self.inbox.push(m);
+                    }
+                }
+                crate::cores::own_counters().received(taken);
+            }
+        }
+        for m in self.inbox.drain(..) {
+            busy = true;
+            match m {
+                FnMsg::Returned { slot, pair } => {
+                    if let Some(f) = functions
+                        .get_mut(usize::from(slot))
+                        .and_then(|e| e.f.as_mut())
+                    {
+                        f.give_back(*pair);
+                    }
+                }
+                FnMsg::Fatal { slot, qid, why } => {
+                    if let Some(f) = functions
+                        .get_mut(usize::from(slot))
+                        .and_then(|e| e.f.as_mut())
+                    {
+                        f.core_fatal(qid, why);
+                    }
+                }
+                FnMsg::Serve(_) | FnMsg::Adopt(_) | FnMsg::Recall { .. } => {}
+            }
+        }
+        let mut here = 0u64;
+        for (slot, e) in functions.iter_mut().enumerate() {
+            let Some(f) = e.f.as_mut() else { continue };
+            here += f.stats().commands;
+            while let Some(h) = f.take_handover() {
+                busy = true;
+                match h {
+                    Handover::Export { core, pair } => {
+                        let li = links
+                            .0
+                            .iter()
+                            .position(|l| l.info.index == usize::from(core));
+                        let adoption = f.core_queue(pair.qid()).and_then(|q| target.adoption(q));
+                        match (li, adoption) {
+                            (Some(li), Some(adoption)) => {
+                                let port = e.ep.queue_port(pair.qid(), pair.cqid(), pair.vector());
+                                let adopt = Adopt {
+                                    slot: slot as u16,
+                                    adoption,
+                                    pair,
+                                    port,
+                                };
+                                self.send(links, li, Msg::Fn(FnMsg::Adopt(Box::new(adopt))));
+                            }
+                            _ => f.give_back(pair),
+                        }
+                    }
+                    Handover::Recall { core, qid, discard } => {
+                        if let Some(li) = links
+                            .0
+                            .iter()
+                            .position(|l| l.info.index == usize::from(core))
+                        {
+                            let msg = Msg::Fn(FnMsg::Recall {
+                                slot: slot as u16,
+                                qid,
+                                discard,
+                            });
+                            self.send(links, li, msg);
+                        }
+                    }
+                }
+            }
+        }
+        FUNCTION_COMMANDS[0].publish(here);
+        for (li, q) in self.outq.iter_mut().enumerate() {
+            while let Some(m) = q.pop_front() {
+                if let Err(m) = links.0[li].send(m) {
+                    q.push_front(m);
+                    break;
+                }
+            }
+        }
+        busy
+    }
+
+    /// Whether core 0 may sleep as far as the pairs go: nothing waits for room on a ring.
+    pub fn may_sleep(&self) -> bool {
+        self.outq.iter().all(VecDeque::is_empty)
+    }
+}
