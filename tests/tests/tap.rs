@@ -59,6 +59,15 @@ fn tap_net(test: u32) -> String {
     format!("{prefix}.{}", (std::process::id() * 3 + test) % 250 + 1)
 }
 
+/// `keelctl nvme bench --addr ADDR --nsid 1 ARGS...`, which must report IOPS; its output.
+fn bench_ns1(addr: &str, args: &[&str]) -> String {
+    let mut a = vec!["nvme", "bench", "--addr", addr, "--nsid", "1"];
+    a.extend_from_slice(args);
+    let out = ok(&a);
+    assert!(out.contains("IOPS"), "{out}");
+    out
+}
+
 /// The tap device `qemu/run` reported.
 fn tap_name(q: &Qemu) -> String {
     let c = q.console();
@@ -457,28 +466,24 @@ fn nvme_over_a_multi_queue_tap_with_two_cores() {
         );
     }
     // Four controllers at once, mixed verified I/O on queues spread over both cores.
-    let out = ok(&[
-        "nvme",
-        "bench",
-        "--addr",
+    bench_ns1(
         &addr,
-        "--nsid",
-        "1",
-        "--rw",
-        "mix",
-        "--pattern",
-        "rand",
-        "--connections",
-        "4",
-        "--qd",
-        "16",
-        "--ios",
-        "4000",
-        "--range-mib",
-        "16",
-        "--verify",
-    ]);
-    assert!(out.contains("IOPS"), "{out}");
+        &[
+            "--rw",
+            "mix",
+            "--pattern",
+            "rand",
+            "--connections",
+            "4",
+            "--qd",
+            "16",
+            "--ios",
+            "4000",
+            "--range-mib",
+            "16",
+            "--verify",
+        ],
+    );
 
     // Both cores accepted connections and served commands; status lists what each serves.
     let m = ok(&["metrics", "--device", &mgmt]);
@@ -553,47 +558,41 @@ fn checksum_offload_on_a_one_queue_tap() {
     assert_checksum_offload(&q);
     let addr = format!("{net}.2:4420");
     // --verify: exit code 1 on any block that does not read back as written.
-    ok(&[
-        "nvme",
-        "bench",
-        "--addr",
+    bench_ns1(
         &addr,
-        "--nsid",
-        "1",
-        "--rw",
-        "mix",
-        "--bs",
-        "4k",
-        "--qd",
-        "8",
-        "--ios",
-        "1500",
-        "--range-mib",
-        "4",
-        "--verify",
-    ]);
+        &[
+            "--rw",
+            "mix",
+            "--bs",
+            "4k",
+            "--qd",
+            "8",
+            "--ios",
+            "1500",
+            "--range-mib",
+            "4",
+            "--verify",
+        ],
+    );
     // 128 KiB reads leave as TSO frames: status and /metrics count them (issue 19), and
     // none dropped.
-    ok(&[
-        "nvme",
-        "bench",
-        "--addr",
+    bench_ns1(
         &addr,
-        "--nsid",
-        "1",
-        "--rw",
-        "read",
-        "--pattern",
-        "seq",
-        "--bs",
-        "128k",
-        "--qd",
-        "8",
-        "--ios",
-        "64",
-        "--range-mib",
-        "4",
-    ]);
+        &[
+            "--rw",
+            "read",
+            "--pattern",
+            "seq",
+            "--bs",
+            "128k",
+            "--qd",
+            "8",
+            "--ios",
+            "64",
+            "--range-mib",
+            "4",
+        ],
+    );
     let mgmt = format!("{net}.2:7000");
     let m = ok(&["metrics", "--device", &mgmt]);
     let metric = |name: &str| -> u64 {
@@ -1108,27 +1107,24 @@ fn receive_segmentation_offload_on_a_one_queue_tap() {
             assert_checksum_offload(&q);
         }
         for (bs, qd, pattern, ios) in [("4k", "32", "rand", "3000"), ("128k", "8", "seq", "120")] {
-            let out = ok(&[
-                "nvme",
-                "bench",
-                "--addr",
+            let out = bench_ns1(
                 &addr,
-                "--nsid",
-                "1",
-                "--rw",
-                "write",
-                "--pattern",
-                pattern,
-                "--bs",
-                bs,
-                "--qd",
-                qd,
-                "--ios",
-                ios,
-                "--range-mib",
-                "16",
-                "--verify",
-            ]);
+                &[
+                    "--rw",
+                    "write",
+                    "--pattern",
+                    pattern,
+                    "--bs",
+                    bs,
+                    "--qd",
+                    qd,
+                    "--ios",
+                    ios,
+                    "--range-mib",
+                    "16",
+                    "--verify",
+                ],
+            );
             assert!(out.contains(", 0 error(s)"), "{props:?} {bs}: {out}");
         }
         kill_and_check_tap_removed(q, &tap);
@@ -1241,25 +1237,21 @@ fn namespace_counters_add_up_every_cores_commands() {
     let key = root().join("qemu/dev-keys/provision.key");
     let bench = |rw: &str, ios: u64| {
         let ios = ios.to_string();
-        let out = ok(&[
-            "nvme",
-            "bench",
-            "--addr",
+        bench_ns1(
             &addr,
-            "--nsid",
-            "1",
-            "--rw",
-            rw,
-            "--connections",
-            "4",
-            "--qd",
-            "8",
-            "--ios",
-            &ios,
-            "--range-mib",
-            "16",
-        ]);
-        assert!(out.contains("IOPS"), "{out}");
+            &[
+                "--rw",
+                rw,
+                "--connections",
+                "4",
+                "--qd",
+                "8",
+                "--ios",
+                &ios,
+                "--range-mib",
+                "16",
+            ],
+        );
     };
     let (mut reads, mut writes) = (0u64, 0u64);
     let mut on_core_1 = false;
@@ -1481,25 +1473,21 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
     let mut ios = [0u64; 2];
     for (i, rw) in ["write", "read"].into_iter().enumerate() {
         let (cmds, msgs) = on_core_1(&mgmt, cores, rw, 600, &mut || {
-            let out = ok(&[
-                "nvme",
-                "bench",
-                "--addr",
+            bench_ns1(
                 &addr,
-                "--nsid",
-                "1",
-                "--rw",
-                rw,
-                "--connections",
-                "1",
-                "--qd",
-                "16",
-                "--ios",
-                "600",
-                "--range-mib",
-                "32",
-            ]);
-            assert!(out.contains("IOPS"), "{out}");
+                &[
+                    "--rw",
+                    rw,
+                    "--connections",
+                    "1",
+                    "--qd",
+                    "16",
+                    "--ios",
+                    "600",
+                    "--range-mib",
+                    "32",
+                ],
+            );
             ios[i] += 600;
         });
         assert!(cmds >= 600, "core 1 took the I/O: {cmds}");
@@ -1514,26 +1502,22 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
 
     // Mixed verified I/O on core 1.
     let (cmds, msgs) = on_core_1(&mgmt, cores, "verified mix", 1000, &mut || {
-        let out = ok(&[
-            "nvme",
-            "bench",
-            "--addr",
+        bench_ns1(
             &addr,
-            "--nsid",
-            "1",
-            "--rw",
-            "mix",
-            "--connections",
-            "1",
-            "--qd",
-            "16",
-            "--ios",
-            "1000",
-            "--range-mib",
-            "16",
-            "--verify",
-        ]);
-        assert!(out.contains("IOPS"), "{out}");
+            &[
+                "--rw",
+                "mix",
+                "--connections",
+                "1",
+                "--qd",
+                "16",
+                "--ios",
+                "1000",
+                "--range-mib",
+                "16",
+                "--verify",
+            ],
+        );
     });
     assert!(
         cmds >= 1000 && msgs < 200,
@@ -1729,26 +1713,22 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
 
     // Verified mixed I/O on a connection that landed on core 1.
     let (cmds, msgs) = on_core_1(&mgmt, 2, "verified mix", 600, &mut || {
-        let out = ok(&[
-            "nvme",
-            "bench",
-            "--addr",
+        bench_ns1(
             &addr,
-            "--nsid",
-            "1",
-            "--rw",
-            "mix",
-            "--connections",
-            "1",
-            "--qd",
-            "16",
-            "--ios",
-            "600",
-            "--range-mib",
-            "16",
-            "--verify",
-        ]);
-        assert!(out.contains("IOPS"), "{out}");
+            &[
+                "--rw",
+                "mix",
+                "--connections",
+                "1",
+                "--qd",
+                "16",
+                "--ios",
+                "600",
+                "--range-mib",
+                "16",
+                "--verify",
+            ],
+        );
     });
     assert!(
         cmds >= 600 && msgs < 200,
