@@ -595,14 +595,12 @@ impl<H: Hw> Services<H> {
                 }
             };
             // An encrypted namespace's region holds ciphertext: every core serving it wraps
-            // it in its own AES-XTS backend with the same key (NVMe/TCP subsystems; an
-            // emulated function's encrypted namespaces stay with core 0).
-            let shareable = (ns.key.is_none() || ns.function.is_none())
-                && match share_ram {
-                    RamSharing::All => true,
-                    RamSharing::Functions => ns.function.is_some(),
-                    RamSharing::None => false,
-                };
+            // it in its own AES-XTS backend with the same key.
+            let shareable = match share_ram {
+                RamSharing::All => true,
+                RamSharing::Functions => ns.function.is_some(),
+                RamSharing::None => false,
+            };
             let cfg = match &ns.spec {
                 NsSpec::Ram(bytes) if shareable => {
                     shared_ram_namespace::<H>(&plan, ns, *bytes, &mut regions)
@@ -930,8 +928,8 @@ fn shared_ram_namespace<H: Hw>(
 /// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
 /// of the plan in them is served and is a RAM namespace in a shared region or a namespace of
 /// a drive that has queue pairs for the other cores (`core_queues[drive]`), encrypted or not
-/// (each core gets the key; an emulated function's must be unencrypted), no emulated
-/// function of it has controller limits, and the plan sets no QoS limits.
+/// (each core gets the key), no emulated function of it has controller limits, and the plan
+/// sets no QoS limits.
 fn replicable(
     plan: &Plan,
     regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
@@ -945,9 +943,9 @@ fn replicable(
         // Limits and groups are counted on one core; a drive's fair sharing among its
         // slices (weight, domain, drive_max_inflight) is not a limit and applies per core.
         let qos = plan.namespace_qos(n);
-        if n.function.is_some_and(|f| {
-            n.key.is_some() || plan.function_limits(f) != keel_controller::QosLimits::NONE
-        }) || qos.limits != keel_controller::QosLimits::NONE
+        if n.function
+            .is_some_and(|f| plan.function_limits(f) != keel_controller::QosLimits::NONE)
+            || qos.limits != keel_controller::QosLimits::NONE
             || qos.group.is_some()
         {
             return None;

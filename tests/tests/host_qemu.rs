@@ -974,19 +974,30 @@ fn function_namespace(mgmt: &str, name: &str) -> u64 {
 /// same memory).
 #[test]
 fn a_function_s_io_queues_are_served_on_every_core() {
-    for cores in [2u32, 4] {
+    // The last case encrypts the function's namespace (AES-256-XTS): each core's replica
+    // wraps the shared RAM in its own cipher with the same key, so what core 1 writes core 0
+    // reads (over NVMe/TCP, below).
+    let key = concat!(
+        "8f3a1c5e9b7d2460f1e3c5a79b8d0f21436587a9cbed0f1e2d3c4b5a69788796",
+        "0a1b2c3d4e5f60718293a4b5c6d7e8f9f8e7d6c5b4a3928170f6e5d4c3b2a190"
+    );
+    for (cores, xts) in [(2u32, false), (4, false), (2, true)] {
         let mport = free_port();
         let smp = cores.to_string();
         let mp = mport.to_string();
+        let append = format!("keel.fn.xts=0:{key}");
         let rig = Rig::boot_with(
-            &format!("every-core-{cores}"),
+            &format!("every-core-{cores}{}", if xts { "-xts" } else { "" }),
             1,
-            None,
+            xts.then_some(append.as_str()),
             &["--smp", &smp, "--mgmt-port", &mp],
         );
         let mgmt = format!("127.0.0.1:{mport}");
         let w = rig.window(0);
         console_has(&rig, &format!("I/O queue q served on core q % {cores}"));
+        if xts {
+            console_has(&rig, "function 0 namespace 1 encrypted with aes-256-xts");
+        }
         // Writes on every queue, then a verify (its queue 1: core 1), then a mixed bench on
         // `cores` queues.
         let queues = cores.to_string();
