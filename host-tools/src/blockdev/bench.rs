@@ -747,7 +747,7 @@ mod tests {
         }
     }
 
-    fn verifying(lose_lba: Option<u64>, pattern: Pattern) -> BenchResult {
+    fn verifying(lose_lba: Option<u64>, pattern: Pattern, connections: u16) -> BenchResult {
         let t = SharedTarget {
             data: Mutex::new(vec![0; 1 << 20]),
             lose_lba,
@@ -759,7 +759,7 @@ mod tests {
             mix_read: 50,
             bs: 4096,
             qd: 16,
-            connections: 4,
+            connections,
             stop: Stop::Ios(4000),
             range: None,
             seed: 3,
@@ -771,27 +771,36 @@ mod tests {
 
     #[test]
     fn verifying_load_checks_every_read_and_reads_back_what_it_wrote() {
-        for pattern in [Pattern::Rand, Pattern::Seq] {
-            let r = verifying(None, pattern);
+        for (pattern, connections) in [
+            (Pattern::Rand, 4),
+            (Pattern::Seq, 4),
+            (Pattern::Rand, 1),
+            (Pattern::Seq, 1),
+        ] {
+            let r = verifying(None, pattern, connections);
             assert_eq!(r.ios, 4000);
             assert_eq!(r.verify.errors, 0, "{:?}", r.verify.problems);
             // Every read of the load was checked, block by block (8 per 4 KiB read).
             assert_eq!(r.verify.load_blocks, r.reads * 8, "{pattern:?}");
             assert!(r.reads > 1000, "{r:?}");
-            // The read-back covers every slot written: of the 256 slots of 4 KiB, most (the
-            // test device completes in reverse order, so up to 15 per worker stay busy with
-            // the first commands until the end).
-            assert!(
-                r.verify.readback_blocks > 180 * 8 && r.verify.readback_blocks <= 256 * 8,
-                "{r:?}"
-            );
+            assert!(r.verify.readback_blocks <= 256 * 8, "{r:?}");
+            // The read-back covers every slot written: with one worker, all 256 slots of
+            // 4 KiB but the up to 15 its first commands keep busy until the end (the test
+            // device completes in reverse order). With four, how many each worker wrote
+            // depends on how the threads were scheduled (one may get a few dozen of the 4000
+            // commands), so only the one-worker bound is exact.
+            if connections == 1 {
+                assert!(r.verify.readback_blocks > (256 - 16) * 8, "{r:?}");
+            } else {
+                assert!(r.verify.readback_blocks > 0, "{r:?}");
+            }
         }
     }
 
     #[test]
     fn verifying_load_finds_a_lost_write() {
         // Writes to LBA 0 (worker 0's first slot) are acknowledged and dropped.
-        let r = verifying(Some(0), Pattern::Rand);
+        let r = verifying(Some(0), Pattern::Rand, 4);
         assert!(r.verify.errors >= 1, "{r:?}");
         assert!(
             r.verify.problems[0].starts_with("LBA 0"),
