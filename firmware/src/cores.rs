@@ -630,6 +630,47 @@ impl Link {
 #[derive(Debug, Default)]
 pub struct Links(pub Vec<Link>);
 
+/// Core 0's messages that found a link's ring full, per link: sent in order, before any
+/// later message of the same link.
+#[derive(Debug, Default)]
+pub struct Outbox(Vec<alloc::collections::VecDeque<Msg>>);
+
+impl Outbox {
+    /// An empty outbox for `links` links.
+    pub fn new(links: usize) -> Self {
+        Self((0..links).map(|_| Default::default()).collect())
+    }
+
+    /// Sends `msg` on link `li`, or keeps it behind the ones already waiting there.
+    pub fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
+        let q = &mut self.0[li];
+        if !q.is_empty() {
+            q.push_back(msg);
+            return;
+        }
+        if let Err(m) = links.0[li].send(msg) {
+            q.push_back(m);
+        }
+    }
+
+    /// Sends what waits, in order, as far as the rings take it.
+    pub fn flush(&mut self, links: &mut Links) {
+        for (li, q) in self.0.iter_mut().enumerate() {
+            while let Some(m) = q.pop_front() {
+                if let Err(m) = links.0[li].send(m) {
+                    q.push_front(m);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|q| q.is_empty())
+    }
+}
+
 /// One line per core: index, MPIDR, stacks, GIC interface.
 fn report(info: &CoreInfo, gic: Option<CpuInterface>, entry_el: u8) {
     let gic = match gic {

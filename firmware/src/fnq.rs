@@ -35,11 +35,10 @@
 //! NVMe/TCP plane's (`crate::cores::NS_SHARES`, merged by core 0 for status and `/metrics`)
 //! and its command count (`keel_core_function_commands_total`).
 
-use crate::cores::{FUNCTION_COMMANDS, Links, Msg};
+use crate::cores::{FUNCTION_COMMANDS, Links, Msg, Outbox};
 use crate::klog;
 use crate::qemu::Qemu;
 use crate::services::{ReplicaSubsystem, Services, replica_target};
-use alloc::collections::VecDeque;
 use alloc::{boxed::Box, string::String, vec::Vec};
 use keel_controller::{Adoption, Event, Instant, Limits, QueueId, Target};
 use keel_hal::ivshmem::IvshmemWindow;
@@ -360,7 +359,7 @@ pub struct Hub {
     replicas: Vec<String>,
     generation: u64,
     /// Messages per link that found its ring full.
-    outq: Vec<VecDeque<Msg>>,
+    outq: Outbox,
     /// Messages for it that core 0's NVMe/TCP side took off the rings (`percore::Holder`).
     pub inbox: Vec<FnMsg>,
 }
@@ -378,17 +377,13 @@ impl Hub {
             return None;
         }
         let limits = *services.target.limits();
-        let mut outq = Vec::with_capacity(links.0.len());
-        for link in links.0.iter_mut() {
+        let mut outq = Outbox::new(links.0.len());
+        for li in 0..links.0.len() {
             let spec = ServeFunctions {
                 subsystems: subsystems.clone(),
                 limits,
             };
-            let mut q = VecDeque::new();
-            if let Err(m) = link.send(Msg::Fn(FnMsg::Serve(Box::new(spec)))) {
-                q.push_back(m);
-            }
-            outq.push(q);
+            outq.send(links, li, Msg::Fn(FnMsg::Serve(Box::new(spec))));
         }
         let cores = links
             .0
@@ -417,14 +412,7 @@ impl Hub {
     }
 
     fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
-        let q = &mut self.outq[li];
-        if !q.is_empty() {
-            q.push_back(msg);
-            return;
-        }
-        if let Err(m) = links.0[li].send(msg) {
-            q.push_back(m);
-        }
+        self.outq.send(links, li, msg);
     }
 
     /// One pass, after the services' (whose function polls made the handovers):
@@ -527,19 +515,12 @@ impl Hub {
             }
         }
         FUNCTION_COMMANDS[0].publish(here);
-        for (li, q) in self.outq.iter_mut().enumerate() {
-            while let Some(m) = q.pop_front() {
-                if let Err(m) = links.0[li].send(m) {
-                    q.push_front(m);
-                    break;
-                }
-            }
-        }
+        self.outq.flush(links);
         busy
     }
 
     /// Whether core 0 may sleep as far as the pairs go: nothing waits for room on a ring.
     pub fn may_sleep(&self) -> bool {
-        self.outq.iter().all(VecDeque::is_empty)
+        self.outq.is_empty()
     }
 }

@@ -56,7 +56,7 @@
 //! outgoing connections) are handed to core 0, which receives them as if they came on its
 //! pair; its answers leave on pair 0, so tun moves the flow there.
 
-use crate::cores::{Links, Msg, NVMF};
+use crate::cores::{Links, Msg, NVMF, Outbox};
 use crate::klog;
 use crate::net::{Addressing, NetStack};
 use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
@@ -575,7 +575,7 @@ pub struct Holder {
     /// Forwarded commands waiting for a buffer, in arrival order.
     parked: VecDeque<(usize, ToHolder)>,
     /// Messages per link that found its ring full.
-    outq: Vec<VecDeque<Msg>>,
+    outq: Outbox,
     /// Subsystems other cores serve I/O queues of.
     replicable: Vec<String>,
     generation: u64,
@@ -693,7 +693,6 @@ impl Holder {
                 });
             }
         }
-        let mut outq = Vec::new();
         let mut served = 0u64;
         for ((link, pair), drives) in links.0.iter_mut().zip(pairs).zip(drives) {
             let spec = ServeSpec {
@@ -711,9 +710,8 @@ impl Holder {
             } else if link.info.index < 64 {
                 served |= 1 << link.info.index;
             }
-            outq.push(VecDeque::new());
         }
-        outq.resize_with(links.0.len(), VecDeque::new);
+        let outq = Outbox::new(links.0.len());
         Some(Self {
             proxies: Vec::new(),
             pool,
@@ -823,18 +821,11 @@ impl Holder {
     /// Whether core 0 may sleep as far as the held queues go: nothing waits for a buffer or
     /// for room on a ring (neither raises an interrupt when it frees up).
     pub fn may_sleep(&self) -> bool {
-        self.parked.is_empty() && self.outq.iter().all(VecDeque::is_empty)
+        self.parked.is_empty() && self.outq.is_empty()
     }
 
     fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
-        let q = &mut self.outq[li];
-        if !q.is_empty() {
-            q.push_back(msg);
-            return;
-        }
-        if let Err(m) = links.0[li].send(msg) {
-            q.push_back(m);
-        }
+        self.outq.send(links, li, msg);
     }
 
     /// One pass: messages from the other cores, forwarded commands, completions and queue
@@ -957,14 +948,7 @@ impl Holder {
                 }
             }
         }
-        for (li, q) in self.outq.iter_mut().enumerate() {
-            while let Some(m) = q.pop_front() {
-                if let Err(m) = links.0[li].send(m) {
-                    q.push_front(m);
-                    break;
-                }
-            }
-        }
+        self.outq.flush(links);
         busy
     }
 
