@@ -420,19 +420,28 @@ impl Hub {
     pub fn poll(&mut self, links: &mut Links, services: &mut Services<Qemu>, own_rx: bool) -> bool {
         let mut busy = false;
         let Services {
-            functions, target, ..
+            functions,
+            target,
+            remotes,
+            ..
         } = services;
-        if target.namespace_generation() != self.generation {
-            self.generation = target.namespace_generation();
-            if !self.replicas.is_empty() {
-                klog::warning!(
-                    "fnq: namespaces changed: the emulated functions' I/O queue pairs come back to core 0, which serves every queue from now on"
-                );
-            }
-            self.replicas.clear();
-            for e in functions.iter_mut() {
-                if let Some(f) = e.f.as_mut() {
-                    f.set_cores(1);
+        let generation = target.namespace_generation();
+        // Remote namespaces every core added first are no change (as for the NVMe/TCP
+        // holder: `RemoteService::explains`).
+        if generation != self.generation {
+            let benign = remotes.explains(self.generation, generation);
+            self.generation = generation;
+            if !benign {
+                if !self.replicas.is_empty() {
+                    klog::warning!(
+                        "fnq: namespaces changed: the emulated functions' I/O queue pairs come back to core 0, which serves every queue from now on"
+                    );
+                }
+                self.replicas.clear();
+                for e in functions.iter_mut() {
+                    if let Some(f) = e.f.as_mut() {
+                        f.set_cores(1);
+                    }
                 }
             }
         }

@@ -135,7 +135,7 @@ pub(crate) struct RemoteService {
     next_id: u32,
     /// Namespace generation changes of the target made by adding namespaces of laned
     /// volumes (before, after), for [`RemoteService::explains`].
-    lane_adds: Vec<(u64, u64)>,
+    pub(crate) lane_adds: Vec<(u64, u64)>,
 }
 
 impl core::fmt::Debug for RemoteService {
@@ -259,7 +259,11 @@ impl RemoteService {
                 let before = target.namespace_generation();
                 v.serve_waiting::<H>(target, plan, served);
                 let after = target.namespace_generation();
-                if v.laned && after != before && lane_adds.len() < 64 {
+                if v.laned && after != before {
+                    // The last 64 are enough: the poll loops ask every pass.
+                    if lane_adds.len() == 64 {
+                        lane_adds.remove(0);
+                    }
                     lane_adds.push((before, after));
                 }
             }
@@ -279,8 +283,9 @@ impl RemoteService {
 
     /// Whether the target's namespace generation went from `from` to `to` only by adding
     /// namespaces of laned volumes, which every other core added to its replica first (so
-    /// the queues they adopted stay right). Forgets what it was told either way.
-    pub(crate) fn explains(&mut self, from: u64, to: u64) -> bool {
+    /// the queues they adopted stay right). Every watcher of the generation (the NVMe/TCP
+    /// holder, the functions' hub) asks with its own `from`: nothing is forgotten by asking.
+    pub(crate) fn explains(&self, from: u64, to: u64) -> bool {
         let mut cur = from;
         let mut steps = 0;
         while cur != to && steps <= self.lane_adds.len() {
@@ -290,7 +295,6 @@ impl RemoteService {
             }
             steps += 1;
         }
-        self.lane_adds.clear();
         cur == to
     }
 

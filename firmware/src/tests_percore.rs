@@ -433,6 +433,13 @@ fn a_subsystem_with_a_remote_namespace_is_served_by_every_core() {
     // Nothing recorded: any change is a change.
     assert!(!remotes.explains(3, 4));
     assert!(remotes.explains(4, 4));
+    // Two adds by laned volumes: both watchers of the generation (the NVMe/TCP holder and
+    // the functions' hub) get the same answer; asking forgets nothing.
+    remotes.lane_adds.extend([(4, 5), (5, 7)]);
+    assert!(remotes.explains(4, 7));
+    assert!(remotes.explains(4, 7), "the second watcher");
+    assert!(remotes.explains(5, 7));
+    assert!(!remotes.explains(3, 7), "a change before the adds");
 
     // An encrypted remote namespace keeps its subsystem on core 0.
     let h = Holder::new(
