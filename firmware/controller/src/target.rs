@@ -1123,11 +1123,36 @@ impl Target {
             }
         }
         self.release_queue(qi);
+        self.forget_events_of(q);
         let queue = &mut self.queues[qi];
         queue.state = QState::Free;
         queue.generation = queue.generation.wrapping_add(1);
         queue.slots = Vec::new();
         Ok(())
+    }
+
+    /// Events not yet delivered for a queue the transport has just closed: it hears nothing
+    /// more of it (a `QueueTerminated` from an admin Disconnect the transport closed before
+    /// its next poll would name a queue it no longer has), but a completion's buffer still
+    /// goes back to its pool. Off the I/O path (once per queue lifetime).
+    fn forget_events_of(&mut self, q: QueueId) {
+        for _ in 0..self.pending.len() {
+            let Some(e) = self.pending.pop_front() else {
+                break;
+            };
+            match e {
+                Event::QueueTerminated(x) if x == q => {}
+                Event::Completion(x, r) if x == q => {
+                    if let Some(buf) = r.buf {
+                        self.pending.push_back(Event::BufferReleased {
+                            owner: q.owner,
+                            buf,
+                        });
+                    }
+                }
+                e => self.pending.push_back(e),
+            }
+        }
     }
 
     /// Drops the commands of a queue: deferred requests give their buffers back now (scratch

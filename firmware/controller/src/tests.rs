@@ -848,6 +848,19 @@ fn closing_admin_queue_ends_controller() {
     assert!(h.terminated().is_empty());
     let r = h.identify(a, 1, 0);
     assert_eq!(plain(r.cqe.status), Status::SUCCESS);
+    // Disconnect on the admin queue ends the association; a transport that closes the queue
+    // before its next poll hears nothing more of it (found by the controller fuzz target:
+    // the stale QueueTerminated named a queue the transport no longer had), while the I/O
+    // queue is still told.
+    let (mut h, a, io, _) = H::setup();
+    let r = h.exec(a, keel_nvme::fabrics::disconnect_sqe(3), None, 0);
+    assert_eq!(plain(r.cqe.status), Status::SUCCESS);
+    assert_eq!(h.t.controller_count(), 0);
+    h.t.close_queue_after(a, crate::QueueLoss::Orderly).unwrap();
+    h.poll();
+    assert_eq!(h.terminated(), vec![io]);
+    h.t.close_queue(io).unwrap();
+    assert_eq!(h.t.open_queue_count(), 0);
 }
 
 #[test]
