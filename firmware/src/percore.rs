@@ -63,7 +63,6 @@ use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
 use crate::poll::{DISCOVERY_PORT, NVMF_PORT};
 use crate::qemu::{Qemu, QemuNic};
 use crate::services::{ReplicaSource, ReplicaSubsystem, Services, cut, replica_target};
-use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
 use core::cell::RefCell;
@@ -76,13 +75,9 @@ use keel_hal::println;
 use keel_hal::virtio_net::QueuePair;
 use keel_nvme::{Cqe, Status};
 use keel_remote::{LaneSeed, LaneUpdate, RemoteConfig, RemoteVolume};
-use keel_storage::{BufPool, IoBuf, SharedBackend};
+use keel_storage::{IoBuf, SharedBackend};
 use smoltcp::iface::SocketHandle;
 
-/// Largest transfer of a forwarded command (MDTS).
-const MAX_TRANSFER: usize = 128 * 1024;
-/// Buffers core 0 keeps for forwarded commands (more wait, in order).
-const HOLDER_BUFFERS: usize = 32;
 /// NVMe/TCP data buffers of a core other than core 0.
 const SECONDARY_BUFFERS: usize = 64;
 /// 4 KiB NVMe/TCP data buffers of a core other than core 0.
@@ -571,9 +566,11 @@ struct Proxy {
 /// Core 0's side: the queues it holds for connections on other cores, and what goes back.
 pub struct Holder {
     proxies: Vec<Option<Proxy>>,
-    pool: BufPool,
-    /// Forwarded commands waiting for a buffer, in arrival order.
-    parked: VecDeque<(usize, ToHolder)>,
+    /// Which link's core carved each buffer pool forwarded commands came with (pool id,
+    /// link): a buffer the target releases after its queue went away goes home by it.
+    pool_homes: Vec<(u32, usize)>,
+    /// The target's events for held queues, taken each pass (kept to reuse its memory).
+    events: Vec<keel_controller::Event>,
     /// Messages per link that found its ring full.
     outq: Outbox,
     /// Subsystems other cores serve I/O queues of.
@@ -606,17 +603,6 @@ impl core::fmt::Debug for Holder {
     }
 }
 
-/// A pool buffer with `len` valid bytes, if the pool has one.
-fn take(pool: &mut BufPool, len: usize) -> Option<IoBuf> {
-    let mut b = pool.get()?;
-    if len > b.capacity() {
-        let _ = pool.put(b);
-        return None;
-    }
-    b.set_len(len);
-    Some(b)
-}
-
 impl Holder {
     /// Hands queue pair `k` (of `pairs`, pair 0 is core 0's) to core `k` through `links`
     /// and returns core 0's side, or `None` if there is nothing to hand.
@@ -630,10 +616,6 @@ impl Holder {
         if pairs.is_empty() {
             return None;
         }
-        let region = crate::hw::dma_region(HOLDER_BUFFERS * MAX_TRANSFER);
-        let pool = BufPool::lazy(region, region.as_ptr() as u64, MAX_TRANSFER)
-            .map_err(|e| klog::error!("percore: buffers: {}", klog::D(&e)))
-            .ok()?;
         // Each core's own I/O queue pair on every drive a replicable subsystem uses; a
         // subsystem on a drive some core got no queue of is served through core 0 instead.
         let used: Vec<usize> = services
@@ -714,8 +696,8 @@ impl Holder {
         let outq = Outbox::new(links.0.len());
         Some(Self {
             proxies: Vec::new(),
-            pool,
-            parked: VecDeque::new(),
+            pool_homes: Vec::new(),
+            events: Vec::new(),
             outq,
             replicable: replicable.iter().map(|s| s.nqn.clone()).collect(),
             generation: services.target.namespace_generation(),
@@ -818,10 +800,10 @@ impl Holder {
         }
     }
 
-    /// Whether core 0 may sleep as far as the held queues go: nothing waits for a buffer or
-    /// for room on a ring (neither raises an interrupt when it frees up).
+    /// Whether core 0 may sleep as far as the held queues go: nothing waits for room on a
+    /// ring (which raises no interrupt when it frees up).
     pub fn may_sleep(&self) -> bool {
-        self.parked.is_empty() && self.outq.is_empty()
+        self.outq.is_empty()
     }
 
     fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
@@ -855,26 +837,13 @@ impl Holder {
             }
         }
         let target = &mut services.target;
-        // Waiting commands first (they keep their order).
-        while let Some((li, m)) = self.parked.pop_front() {
-            if let Some(m) = self.take_message(li, m, now, links, target) {
-                self.parked.push_front((li, m));
-                break;
-            }
-            busy = true;
-        }
         for li in 0..links.0.len() {
             let mut taken = 0u64;
             while let Some(msg) = links.0[li].rx.pop() {
                 taken += 1;
                 busy = true;
                 match msg {
-                    Msg::ToHolder(m) if !self.parked.is_empty() => self.parked.push_back((li, m)),
-                    Msg::ToHolder(m) => {
-                        if let Some(m) = self.take_message(li, m, now, links, target) {
-                            self.parked.push_back((li, m));
-                        }
-                    }
+                    Msg::ToHolder(m) => self.take_message(li, m, now, links, target),
                     Msg::Frame(f) => {
                         if let Some(pair) = net.as_deref_mut().and_then(|n| n.device.pair()) {
                             pair.inject(f);
@@ -920,7 +889,10 @@ impl Holder {
                 }
             }
         }
-        for ev in core::mem::take(&mut services.forwarded_events) {
+        // Swapped, not taken: both vectors keep their memory (no allocation per pass).
+        let mut events = core::mem::take(&mut self.events);
+        core::mem::swap(&mut events, &mut services.forwarded_events);
+        for ev in events.drain(..) {
             busy = true;
             match ev {
                 keel_controller::Event::Completion(q, resp) => {
@@ -934,7 +906,7 @@ impl Holder {
                     {
                         self.reply(pi, resp, links, &services.target);
                     } else if let Some(b) = resp.buf {
-                        let _ = self.pool.put(b);
+                        self.release(links, b);
                     }
                 }
                 keel_controller::Event::QueueTerminated(q) => {
@@ -943,13 +915,27 @@ impl Holder {
                         self.send(links, li, Msg::FromHolder(FromHolder::Terminate { conn }));
                     }
                 }
-                keel_controller::Event::BufferReleased { buf, .. } => {
-                    let _ = self.pool.put(buf);
-                }
+                keel_controller::Event::BufferReleased { buf, .. } => self.release(links, buf),
             }
         }
+        self.events = events;
         self.outq.flush(links);
         busy
+    }
+
+    /// Sends a buffer of a forwarded command whose queue went away back to the core whose
+    /// pool carved it.
+    fn release(&mut self, links: &mut Links, buf: IoBuf) {
+        let home = self
+            .pool_homes
+            .iter()
+            .find(|(id, _)| *id == buf.pool_id())
+            .map(|&(_, li)| li);
+        match home {
+            Some(li) => self.send(links, li, Msg::FromHolder(FromHolder::Release { buf })),
+            // Every forwarded buffer's pool was recorded when it came: unreachable.
+            None => klog::error!("percore: a forwarded command's buffer of an unknown pool"),
+        }
     }
 
     fn find(&self, li: usize, conn: ConnRef) -> Option<usize> {
@@ -958,8 +944,7 @@ impl Holder {
             .position(|p| matches!(p, Some(p) if p.link == li && p.conn == conn))
     }
 
-    /// Acts on a message for the controller core; gives a command back when it must wait
-    /// for a buffer.
+    /// Acts on a message for the controller core.
     fn take_message(
         &mut self,
         li: usize,
@@ -967,7 +952,7 @@ impl Holder {
         now: Instant,
         links: &mut Links,
         target: &mut Target,
-    ) -> Option<ToHolder> {
+    ) {
         match m {
             ToHolder::Activity { cntlid } => target.touch_controller(cntlid, now),
             ToHolder::Closed { conn, how } => {
@@ -980,32 +965,16 @@ impl Holder {
             ToHolder::Capsule {
                 conn,
                 sqe,
-                data,
+                buf,
                 data_len,
                 status,
             } => {
-                let buf = if data_len > 0 && status.is_none() {
-                    match take(&mut self.pool, data_len as usize) {
-                        Some(mut b) => {
-                            let n = data.len().min(b.as_slice().len());
-                            b.as_mut_slice()[..n].copy_from_slice(&data[..n]);
-                            Some(b)
-                        }
-                        // Larger than any buffer: the controller answers the length error.
-                        None if data_len as usize > MAX_TRANSFER => None,
-                        None => {
-                            return Some(ToHolder::Capsule {
-                                conn,
-                                sqe,
-                                data,
-                                data_len,
-                                status,
-                            });
-                        }
-                    }
-                } else {
-                    None
-                };
+                // The command runs on the buffer it came with; remember whose it is.
+                if let Some(b) = &buf
+                    && !self.pool_homes.iter().any(|(id, _)| *id == b.pool_id())
+                {
+                    self.pool_homes.push((b.pool_id(), li));
+                }
                 let pi = match self.find(li, conn) {
                     Some(pi) => pi,
                     None => match target.open_queue_for(FORWARD_OWNER) {
@@ -1029,9 +998,6 @@ impl Holder {
                             }
                         }
                         Err(_) => {
-                            if let Some(b) = buf {
-                                let _ = self.pool.put(b);
-                            }
                             let cqe = Cqe {
                                 dw0: 0,
                                 dw1: 0,
@@ -1044,16 +1010,19 @@ impl Holder {
                             let done = FromHolder::Done {
                                 conn,
                                 cqe,
-                                data: Vec::new(),
+                                buf,
+                                data_len: 0,
                                 depth: None,
                                 adopt: None,
                             };
                             self.send(links, li, Msg::FromHolder(done));
-                            return None;
+                            return;
                         }
                     },
                 };
-                let queue = self.proxies[pi].as_ref().map(|p| p.queue)?;
+                let Some(queue) = self.proxies[pi].as_ref().map(|p| p.queue) else {
+                    return;
+                };
                 let req = Request {
                     sqe,
                     buf,
@@ -1069,22 +1038,14 @@ impl Holder {
                 }
             }
         }
-        None
     }
 
     /// Sends a held queue's response to its connection's core.
     fn reply(&mut self, pi: usize, resp: Response, links: &mut Links, target: &Target) {
-        let data = match &resp.buf {
-            Some(b) if resp.data_len > 0 => {
-                let d = b.as_slice();
-                d[..d.len().min(resp.data_len as usize)].to_vec()
-            }
-            _ => Vec::new(),
-        };
-        if let Some(b) = resp.buf {
-            let _ = self.pool.put(b);
-        }
         let Some(p) = self.proxies.get_mut(pi).and_then(Option::as_mut) else {
+            if let Some(b) = resp.buf {
+                self.release(links, b);
+            }
             return;
         };
         let (mut depth, mut adopt) = (None, None);
@@ -1102,7 +1063,8 @@ impl Holder {
         let done = FromHolder::Done {
             conn,
             cqe: resp.cqe,
-            data,
+            buf: resp.buf,
+            data_len: resp.data_len,
             depth,
             adopt,
         };
