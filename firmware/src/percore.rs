@@ -18,8 +18,10 @@
 //! keeps the drive's admin queue and resets, and handed over in [`ServeSpec::drives`]:
 //! `keel_nvme_driver::CoreQueue`, whose doorbells only core `k` writes). No lock, no message
 //! and no allocation per I/O. Every other queue (admin queues, discovery, I/O queues of
-//! subsystems with remote or QoS-limited namespaces) stays forwarded: slower (a
-//! copy each way, allocation), never wrong.
+//! subsystems with QoS-limited or encrypted remote namespaces) stays forwarded: a message
+//! each way per command, whose data buffer (core `k`'s) travels with it and is the one core
+//! 0's target runs the command on: no copy, no allocation; the buffer comes back with the
+//! answer, or in a [`FromHolder::Release`] when the connection went away meanwhile.
 //!
 //! A drive fault seen on core `k`: a command that times out on its pair asks core 0 for a
 //! controller reset; the reset fails the outstanding requests of every queue with the same
