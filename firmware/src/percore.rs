@@ -279,14 +279,7 @@ impl Plane {
             .collect();
         let qids: Vec<(usize, u16)> = queues.iter().map(|(d, q)| (*d, q.borrow().qid())).collect();
         let target = replica_target(subsystems, limits, &mut |d, nsid| {
-            let q = &queues.iter().find(|(i, _)| *i == d)?.1;
-            let i = q
-                .borrow()
-                .namespaces()
-                .iter()
-                .position(|n| n.nsid == nsid)?;
-            let b = CoreNvmeBackend::new(q.clone(), i)?;
-            Some(Box::new(b) as Box<dyn keel_storage::BlockBackend>)
+            open_on_core_queue(&queues, d, nsid)
         })?;
         let nvmf = match NvmfService::with_buffers(
             advertise,
@@ -538,9 +531,26 @@ impl Plane {
     }
 }
 
+/// Drive `d`'s namespace `nsid` through this core's own queue pair on that drive (of
+/// `queues`), for a replica target; `None` if the core has no queue on it.
+pub(crate) fn open_on_core_queue(
+    queues: &[(usize, Rc<RefCell<CoreNvmeQueue>>)],
+    d: usize,
+    nsid: u32,
+) -> Option<Box<dyn keel_storage::BlockBackend>> {
+    let q = &queues.iter().find(|(i, _)| *i == d)?.1;
+    let i = q
+        .borrow()
+        .namespaces()
+        .iter()
+        .position(|n| n.nsid == nsid)?;
+    let b = CoreNvmeBackend::new(q.clone(), i)?;
+    Some(Box::new(b))
+}
+
 /// Takes the drive's I/O queue pair `i` of those created for other cores, with a handle on
 /// its doorbells.
-fn take_core_queue(
+pub(crate) fn take_core_queue(
     c: &mut keel_hal::nvme::driver::Controller<keel_hal::nvme::Bar0, keel_hal::nvme::HeapDma>,
     i: usize,
 ) -> Option<CoreNvmeQueue> {

@@ -769,8 +769,9 @@ impl<H: Hw> Services<H> {
 
     /// The subsystems of live emulated functions whose I/O queue pairs other cores can
     /// serve (`crate::fnq`): replicable ones ([`Services::replicable`]) whose namespaces are
-    /// all RAM in shared regions (a core serving a pair has no queue pair of its own on a
-    /// drive for it).
+    /// all RAM in shared regions or namespaces of local drives (each core serving pairs
+    /// gets a queue pair of its own on the drive; `fnq::Hub::start` keeps a subsystem on
+    /// core 0 if some core got none). Remote namespaces stay on core 0.
     pub fn function_replicas(&self) -> Vec<ReplicaSubsystem> {
         self.replicable
             .iter()
@@ -778,9 +779,12 @@ impl<H: Hw> Services<H> {
                 self.functions
                     .iter()
                     .any(|e| e.slot == SlotState::Live && e.nqn == s.nqn)
-                    && s.namespaces
-                        .iter()
-                        .all(|n| matches!(n.source, ReplicaSource::Ram(_)))
+                    && s.namespaces.iter().all(|n| {
+                        matches!(
+                            n.source,
+                            ReplicaSource::Ram(_) | ReplicaSource::Drive { .. }
+                        )
+                    })
             })
             .cloned()
             .collect()
