@@ -18,7 +18,7 @@
 //! keeps the drive's admin queue and resets, and handed over in [`ServeSpec::drives`]:
 //! `keel_nvme_driver::CoreQueue`, whose doorbells only core `k` writes). No lock, no message
 //! and no allocation per I/O. Every other queue (admin queues, discovery, I/O queues of
-//! subsystems with QoS-limited or encrypted remote namespaces) stays forwarded: a message
+//! subsystems with QoS-limited namespaces) stays forwarded: a message
 //! each way per command, whose data buffer (core `k`'s) travels with it and is the one core
 //! 0's target runs the command on: no copy, no allocation; the buffer comes back with the
 //! answer, or in a [`FromHolder::Release`] when the connection went away meanwhile.
@@ -37,8 +37,9 @@
 //! from the configuration at boot). A core serving adopted queues reports their traffic
 //! once a second ([`ToHolder::Activity`]): traffic-based keep-alive counts it.
 //!
-//! Remote volumes (issue 17): a subsystem whose namespaces include unencrypted namespaces of
-//! remote volumes (no QoS limits) is served on every core too. Core 0 keeps each volume's
+//! Remote volumes (issue 17): a subsystem whose namespaces include namespaces of remote
+//! volumes (AES-XTS encrypted or not: core `k` wraps its lane in the same cipher; no QoS
+//! limits) is served on every core too. Core 0 keeps each volume's
 //! associations (admin queue, Connect, keep alive, ANA, reconnects: `keel_remote`'s owner)
 //! and asks the remote for one more I/O queue per other core; once the remote namespace is
 //! identified it hands core `k` a *lane* ([`RemoteMsg::Lane`]: the volume's configuration
@@ -497,6 +498,10 @@ impl Plane {
                 }
                 (None, Some(b)) => Box::new(b),
                 (None, None) => return false,
+            };
+            // Encrypted: the same cipher over the lane as core 0's over its own queues.
+            let Some(b) = crate::services::replica_cipher(n, b) else {
+                return false;
             };
             configs.push((
                 nqn.clone(),

@@ -955,11 +955,6 @@ fn replicable(
             return None;
         }
         if let NsSpec::Remote { remote, slice } = &n.spec {
-            if n.key.is_some() {
-                // Encrypted remote namespaces stay with the controller core (not built per
-                // core yet).
-                return None;
-            }
             // Served later, once identified (by then on every core first: `crate::percore`).
             return Some(ReplicaSource::Remote {
                 remote: remote.clone(),
@@ -1011,6 +1006,30 @@ fn replicable(
             })
         })
         .collect()
+}
+
+/// A replica namespace's backend, wrapped in its cipher when it is encrypted: the same key
+/// over the same blocks as on the controller core (which checked the key and the CPU's AES
+/// instructions before serving the namespace). `None` (said on the console) if the key is
+/// unusable.
+pub(crate) fn replica_cipher(
+    n: &ReplicaNs,
+    backend: Box<dyn BlockBackend>,
+) -> Option<Box<dyn BlockBackend>> {
+    match &n.key {
+        None => Some(backend),
+        Some(k) => {
+            let key = xts_key(k)
+                .0
+                .map_err(|e| klog::error!("percore: namespace {}: {}", n.nsid, klog::D(&e)))
+                .ok()?;
+            Some(Box::new(EncryptedBackend::new(
+                backend,
+                &key,
+                BACKEND_DEPTH,
+            )))
+        }
+    }
 }
 
 /// Requests one namespace's handle holds between polls on a core serving a replica.
@@ -1077,18 +1096,7 @@ pub(crate) fn replica_target(
                         .ok()?
                 }
             };
-            // Encrypted: the same key over the same blocks as on the controller core (which
-            // checked the key and the CPU's AES instructions before serving the namespace).
-            let backend = match &n.key {
-                None => backend,
-                Some(k) => {
-                    let key = xts_key(k)
-                        .0
-                        .map_err(|e| klog::error!("percore: namespace {}: {}", n.nsid, klog::D(&e)))
-                        .ok()?;
-                    Box::new(EncryptedBackend::new(backend, &key, BACKEND_DEPTH))
-                }
-            };
+            let backend = replica_cipher(n, backend)?;
             namespaces.push(NamespaceConfig {
                 nsid: n.nsid,
                 backend,

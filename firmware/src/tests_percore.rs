@@ -530,11 +530,17 @@ fn a_subsystem_with_a_remote_namespace_is_served_by_every_core() {
     assert!(remotes.explains(5, 7));
     assert!(!remotes.explains(3, 7), "a change before the adds");
 
-    // An encrypted remote namespace keeps its subsystem on core 0.
+    // An encrypted remote namespace is served by every core too: the replica carries its
+    // key (each core wraps its lane in the same cipher).
     let h = Holder::new(
         "keel.ns=remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.xts=1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1ff0e1d2c3b4a5968778695a4b3c2d1e0f0123456789abcdeffedcba9876543210 keel.ip=127.0.0.1/8",
     );
-    assert!(h.s.replicable.is_empty(), "{:?}", h.s.replicable);
+    assert_eq!(h.s.replicable.len(), 1, "{:?}", h.s.replicable);
+    let n = &h.s.replicable[0].namespaces[0];
+    assert!(
+        matches!(n.source, crate::services::ReplicaSource::Remote { .. }) && n.key.is_some(),
+        "{n:?}"
+    );
 }
 
 /// The emulated functions every core serves (`crate::fnq`): with the functions' RAM shared

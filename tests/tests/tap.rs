@@ -1668,10 +1668,22 @@ impl Drop for Relay {
 /// connection and on the remote itself.
 #[test]
 fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
+    remote_io_on_core_1(false, 10, 11);
+}
+
+/// The same with the remote namespace encrypted on the DPU (AES-256-XTS, `keel.xts`): core
+/// 1 wraps its lane in the same cipher as core 0's, so what core 1 writes core 0 reads, and
+/// the remote holds only ciphertext.
+#[test]
+fn encrypted_remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
+    remote_io_on_core_1(true, 16, 17);
+}
+
+fn remote_io_on_core_1(encrypted: bool, rtest: u32, dtest: u32) {
     require_tap();
     keelctl();
-    let rnet = tap_net(10);
-    let dnet = tap_net(11);
+    let rnet = tap_net(rtest);
+    let dnet = tap_net(dtest);
     let mut remote = boot_on_tap(Build::Release, 1, &rnet, &["--append", "keel.ns=ram:64"]);
     remote
         .wait_for("keel: ready", BOOT_TIMEOUT)
@@ -1680,7 +1692,13 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
     // The DPU's path to the remote: this machine's address on the DPU's tap, relayed.
     let relay_port = keel_tests::free_port();
     let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
-    let spec = format!("keel.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1");
+    let mut spec = format!("keel.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1");
+    if encrypted {
+        spec.push_str(concat!(
+            " keel.xts=1:8f3a1c5e9b7d2460f1e3c5a79b8d0f21436587a9cbed0f1e2d3c4b5a69788796",
+            "0a1b2c3d4e5f60718293a4b5c6d7e8f9f8e7d6c5b4a3928170f6e5d4c3b2a190"
+        ));
+    }
     let mut dpu = boot_on_tap(Build::Release, 2, &dnet, &["--append", &spec]);
     dpu.wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("dpu: {e}"));
@@ -1791,10 +1809,16 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
         "-o",
         direct.path().to_str().unwrap(),
     ]);
-    assert!(
-        std::fs::read(direct.path()).unwrap() == bytes,
-        "on the remote itself"
-    );
+    let on_remote = std::fs::read(direct.path()).unwrap();
+    if encrypted {
+        // Ciphertext: no 4 KiB block as written, none zero.
+        for (i, (c, p)) in on_remote.chunks(4096).zip(bytes.chunks(4096)).enumerate() {
+            assert!(c != p, "block {i} reached the remote in plaintext");
+            assert!(c.iter().any(|&b| b != 0), "block {i} is zero on the remote");
+        }
+    } else {
+        assert!(on_remote == bytes, "on the remote itself");
+    }
     let console = dpu.console();
     for bad in [
         "*** keel",
