@@ -1379,6 +1379,32 @@ fn on_core_metrics(
     panic!("{what}: no run's I/O connection landed on core {k} in 32 tries");
 }
 
+/// `promtool check metrics` accepts `m` (skipped, said on stderr, without promtool).
+fn promtool_accepts(m: &str) {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED promtool check: promtool not runnable ({e})");
+            return;
+        }
+    };
+    child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{m}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `keel_drive_queue_<name>` of core `core`'s I/O queue pairs on the drive (there is one).
 fn drive_queue_metric(m: &str, name: &str, core: u32) -> u64 {
     let prefix = format!("keel_drive_queue_{name}{{drive=\"");
@@ -1555,6 +1581,7 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
             "core 1's pair is QID 5, up:\n{m1}"
         );
         assert_eq!(drive_queue_metric(&m1, "timeouts_total", 1), 0);
+        promtool_accepts(&m1);
         eprintln!("tap: drive {rw} on core 1: core 1's pair +{c1} commands, core 0's pairs +{c0}");
     }
     // Every run's commands are counted, whichever core served them.
@@ -1814,6 +1841,7 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
         "remote commands during the run: core 1's queue {on1}, core 0's {on0}:\n{m1}"
     );
     eprintln!("tap: remote queue commands during the run: core 1 +{on1}, core 0 +{on0}");
+    promtool_accepts(&m1);
     // ... and in `keelctl status`: core 1's row, live, with its commands.
     let key = root().join("qemu/dev-keys/provision.key");
     let st = ok(&[
