@@ -1379,6 +1379,15 @@ fn on_core_metrics(
     panic!("{what}: no run's I/O connection landed on core {k} in 32 tries");
 }
 
+/// `keel_remote_queue_commands_total` of QID `qid` on core `core` (one remote volume).
+fn remote_queue_commands(m: &str, core: u32, qid: u32) -> u64 {
+    let label = format!(",core=\"{core}\",qid=\"{qid}\"}}");
+    m.lines()
+        .find(|l| l.starts_with("keel_remote_queue_commands_total{") && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no remote queue {qid} of core {core}:\n{m}"))
+}
+
 /// `promtool check metrics` accepts `m` (skipped, said on stderr, without promtool).
 fn promtool_accepts(m: &str) {
     use std::io::Write;
@@ -1827,13 +1836,7 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
     );
     // Core 1's lane queue (QID 5) sent the run's commands to the remote, core 0's own
     // queues (QIDs 1-4) hardly any: per-core rows of the volume in /metrics...
-    let lane = |m: &str, core: u32, qid: u32| -> u64 {
-        let label = format!(",core=\"{core}\",qid=\"{qid}\"}}");
-        m.lines()
-            .find(|l| l.starts_with("keel_remote_queue_commands_total{") && l.contains(&label))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no remote queue {qid} of core {core}:\n{m}"))
-    };
+    let lane = remote_queue_commands;
     let on1 = lane(&m1, 1, 5) - lane(&m0, 1, 5);
     let on0: u64 = (1..=4).map(|q| lane(&m1, 0, q) - lane(&m0, 0, q)).sum();
     assert!(
@@ -2033,6 +2036,8 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
             assert_eq!(r.code, 0, "{r:?}");
             continue;
         }
+        // Core 1's lane queue counts what it sent so far.
+        let sent_before = remote_queue_commands(&ok(&["metrics", "--device", &mgmt]), 1, 5);
         // Its tap must be gone before it boots again on the same /24.
         let rtap = tap_name(&remote);
         kill_and_check_tap_removed(remote, &rtap);
@@ -2058,6 +2063,23 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
         assert!(
             c.matches("lane 1: 1 I/O queue(s) from QID 5").count() >= 2,
             "core 1 connected its queue again:\n{c}"
+        );
+        // Its row is live again and its count went on from where it was (over both
+        // associations), and promtool accepts the rows.
+        let m = ok(&["metrics", "--device", &mgmt]);
+        let sent_after = remote_queue_commands(&m, 1, 5);
+        assert!(
+            sent_after > sent_before && sent_before > 0,
+            "core 1's lane queue sent {sent_before} before the restart, {sent_after} in all:\n{m}"
+        );
+        assert!(
+            m.lines().any(|l| l.starts_with("keel_remote_queue_state{")
+                && l.ends_with(",core=\"1\",qid=\"5\",state=\"live\"} 1")),
+            "core 1's queue is live again:\n{m}"
+        );
+        promtool_accepts(&m);
+        eprintln!(
+            "tap: core 1's lane queue: {sent_before} commands before the restart, {sent_after} in all"
         );
         let args = verify(&format!("{rnet}.2:4420"), true);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
