@@ -43,6 +43,8 @@ mod remote;
 mod services;
 #[cfg(any(test, target_os = "none"))]
 mod sharedram;
+#[cfg(any(test, target_os = "none"))]
+mod shares;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

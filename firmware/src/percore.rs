@@ -279,6 +279,12 @@ impl Plane {
             .map(|(d, q)| (d, Rc::new(RefCell::new(q))))
             .collect();
         let qids: Vec<(usize, u16)> = queues.iter().map(|(d, q)| (*d, q.borrow().qid())).collect();
+        // Its queue pairs' counters go in its row of `DRIVE_SHARES`, slot i for pair i.
+        if let Some(row) = crate::cores::DRIVE_SHARES.get(core) {
+            for (slot, &(d, qid)) in row.iter().zip(&qids) {
+                slot.claim(d, qid, 1);
+            }
+        }
         let target = replica_target(subsystems, limits, &mut |d, nsid| {
             open_on_core_queue(&queues, d, nsid)
         })?;
@@ -344,6 +350,41 @@ impl Plane {
     /// stores, read by core 0 for status and `/metrics`).
     fn publish_namespaces(&mut self) {
         crate::cores::publish_namespaces(self.core, self.ns_slots, &self.target);
+        self.publish_queues();
+    }
+
+    /// Stores its drive queue pairs' and its lanes' queues' counters in its rows of
+    /// `DRIVE_SHARES` and `LANE_SHARES` (`Relaxed` stores, nothing allocated; read by core 0
+    /// for status and `/metrics`, `crate::shares`).
+    fn publish_queues(&self) {
+        if let Some(row) = crate::cores::DRIVE_SHARES.get(self.core) {
+            for (slot, q) in row.iter().zip(&self.drive_queues) {
+                let Ok(q) = q.try_borrow() else { continue };
+                let s = q.stats();
+                let state = match q.state() {
+                    keel_hal::nvme::driver::CoreQueueState::Up => 0,
+                    keel_hal::nvme::driver::CoreQueueState::Down => 1,
+                    keel_hal::nvme::driver::CoreQueueState::Dead => 2,
+                };
+                slot.publish(
+                    state,
+                    &crate::shares::QueueCounters {
+                        commands: s.commands,
+                        completed: s.requests_done,
+                        errors: s.errors,
+                        timeouts: s.timeouts,
+                        resets: s.resets,
+                        failed_by_reset: s.failed_by_reset,
+                        sq_doorbells: s.sq_doorbells,
+                        cq_doorbells: s.cq_doorbells,
+                        queue_full: s.queue_full,
+                    },
+                );
+            }
+        }
+        if let Some(row) = crate::cores::LANE_SHARES.get(self.core) {
+            crate::shares::publish_lanes(row, &self.lanes);
+        }
     }
 
     /// One pass: frames in, connections, the replica's completions, frames out; returns

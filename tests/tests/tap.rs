@@ -1342,19 +1342,86 @@ fn on_core(
     min: u64,
     run: &mut dyn FnMut(),
 ) -> (u64, u64) {
+    let (cmds, msgs, _, _) = on_core_metrics(mgmt, cores, k, what, min, run);
+    (cmds, msgs)
+}
+
+/// [`on_core`], also returning `/metrics` just before and just after the run that landed on
+/// core `k` (each taken once, for the per-core commands and messages too).
+fn on_core_metrics(
+    mgmt: &str,
+    cores: u32,
+    k: usize,
+    what: &str,
+    min: u64,
+    run: &mut dyn FnMut(),
+) -> (u64, u64, String, String) {
+    let of =
+        |m: &str, name: &str| -> Vec<u64> { (0..cores).map(|c| core_metric(m, name, c)).collect() };
     for _ in 0..32 {
-        let cmds = per_core(mgmt, "nvmf_commands_total", cores);
-        let msgs = per_core(mgmt, "messages_total", cores);
+        let before = ok(&["metrics", "--device", mgmt]);
         run();
-        let cmds2 = per_core(mgmt, "nvmf_commands_total", cores);
-        let msgs2 = per_core(mgmt, "messages_total", cores);
+        let after = ok(&["metrics", "--device", mgmt]);
+        let (cmds, msgs) = (
+            of(&before, "nvmf_commands_total"),
+            of(&before, "messages_total"),
+        );
+        let (cmds2, msgs2) = (
+            of(&after, "nvmf_commands_total"),
+            of(&after, "messages_total"),
+        );
         let d: Vec<u64> = cmds2.iter().zip(&cmds).map(|(a, b)| a - b).collect();
         let others = (0..cores as usize).filter(|&c| c != k).all(|c| d[c] < min);
         if d[k] >= min && others {
-            return (d[k], msgs2[0] - msgs[0]);
+            return (d[k], msgs2[0] - msgs[0], before, after);
         }
     }
     panic!("{what}: no run's I/O connection landed on core {k} in 32 tries");
+}
+
+/// `keel_remote_queue_commands_total` of QID `qid` on core `core` (one remote volume).
+fn remote_queue_commands(m: &str, core: u32, qid: u32) -> u64 {
+    let label = format!(",core=\"{core}\",qid=\"{qid}\"}}");
+    m.lines()
+        .find(|l| l.starts_with("keel_remote_queue_commands_total{") && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no remote queue {qid} of core {core}:\n{m}"))
+}
+
+/// `promtool check metrics` accepts `m` (skipped, said on stderr, without promtool).
+fn promtool_accepts(m: &str) {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED promtool check: promtool not runnable ({e})");
+            return;
+        }
+    };
+    child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{m}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `keel_drive_queue_<name>` of core `core`'s I/O queue pairs on the drive (there is one).
+fn drive_queue_metric(m: &str, name: &str, core: u32) -> u64 {
+    let prefix = format!("keel_drive_queue_{name}{{drive=\"");
+    let label = format!(",core=\"{core}\",");
+    m.lines()
+        .find(|l| l.starts_with(&prefix) && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}...{label}...:\n{m}"))
 }
 
 /// `keelctl nvme write` of `file` at `lba` of namespace 1, retried until its I/O queue
@@ -1472,7 +1539,7 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
     // Every run counts (whichever core served it): writes, reads.
     let mut ios = [0u64; 2];
     for (i, rw) in ["write", "read"].into_iter().enumerate() {
-        let (cmds, msgs) = on_core_1(&mgmt, cores, rw, 600, &mut || {
+        let (cmds, msgs, m0, m1) = on_core_metrics(&mgmt, cores, 1, rw, 600, &mut || {
             bench_ns1(
                 &addr,
                 &[
@@ -1495,6 +1562,36 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
             msgs < 200,
             "core 0 took {msgs} ring messages while core 1 served {cmds} commands: I/O was forwarded"
         );
+        // Core 1's own queue pair (QID 5) carried the run, counted by the driver on core 1
+        // and published for core 0's /metrics; core 0's pairs (QIDs 1-4) did not.
+        let grew = |name: &str, core: u32| {
+            drive_queue_metric(&m1, name, core) - drive_queue_metric(&m0, name, core)
+        };
+        let (c1, c0) = (grew("commands_total", 1), grew("commands_total", 0));
+        assert!(
+            c1 >= 600 && drive_queue_metric(&m1, "completions_total", 1) >= c1,
+            "{rw}: core 1's pair took {c1} commands for 600 I/Os:\n{m1}"
+        );
+        assert!(
+            c0 * 10 < c1,
+            "{rw}: core 0's pairs took {c0} commands while core 1's took {c1}:\n{m1}"
+        );
+        assert!(
+            grew("sq_doorbells_total", 1) > 0 && grew("cq_doorbells_total", 1) > 0,
+            "{rw}: core 1's doorbells:\n{m1}"
+        );
+        assert!(
+            grew("sq_doorbells_total", 0) * 10 < grew("sq_doorbells_total", 1),
+            "{rw}: core 0's doorbells grew with core 1's I/O:\n{m1}"
+        );
+        assert!(
+            m1.lines().any(|l| l.starts_with("keel_drive_queue_state{")
+                && l.ends_with(",core=\"1\",qid=\"5\",state=\"up\"} 1")),
+            "core 1's pair is QID 5, up:\n{m1}"
+        );
+        assert_eq!(drive_queue_metric(&m1, "timeouts_total", 1), 0);
+        promtool_accepts(&m1);
+        eprintln!("tap: drive {rw} on core 1: core 1's pair +{c1} commands, core 0's pairs +{c0}");
     }
     // Every run's commands are counted, whichever core served them.
     assert_eq!(namespace_metric(&mgmt, "writes", 1) - writes_before, ios[0]);
@@ -1730,7 +1827,7 @@ fn remote_io_on_core_1(encrypted: bool, rtest: u32, dtest: u32) {
     let mgmt = format!("{dnet}.2:7000");
 
     // Verified mixed I/O on a connection that landed on core 1.
-    let (cmds, msgs) = on_core_1(&mgmt, 2, "verified mix", 600, &mut || {
+    let (cmds, msgs, m0, m1) = on_core_metrics(&mgmt, 2, 1, "verified mix", 600, &mut || {
         bench_ns1(
             &addr,
             &[
@@ -1755,6 +1852,46 @@ fn remote_io_on_core_1(encrypted: bool, rtest: u32, dtest: u32) {
     eprintln!(
         "tap: remote namespace on core 1: {cmds} commands there, {msgs} ring messages to core 0"
     );
+    // Core 1's lane queue (QID 5) sent the run's commands to the remote, core 0's own
+    // queues (QIDs 1-4) hardly any: per-core rows of the volume in /metrics...
+    let lane = remote_queue_commands;
+    let on1 = lane(&m1, 1, 5) - lane(&m0, 1, 5);
+    let on0: u64 = (1..=4).map(|q| lane(&m1, 0, q) - lane(&m0, 0, q)).sum();
+    assert!(
+        on1 >= 600 && on0 * 10 < on1,
+        "remote commands during the run: core 1's queue {on1}, core 0's {on0}:\n{m1}"
+    );
+    eprintln!("tap: remote queue commands during the run: core 1 +{on1}, core 0 +{on0}");
+    promtool_accepts(&m1);
+    // ... and in `keelctl status`: core 1's row, live, with its commands.
+    let key = root().join("qemu/dev-keys/provision.key");
+    let st = ok(&[
+        "status",
+        "--device",
+        &mgmt,
+        "--key",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap_or_else(|e| panic!("{e}: {st}"));
+    let rows = v["remote_queues"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no remote_queues: {st}"));
+    let row = |core: u64, qid: u64| {
+        rows.iter()
+            .find(|r| r["core"] == core && r["qid"] == qid)
+            .unwrap_or_else(|| panic!("no queue {qid} of core {core}: {st}"))
+    };
+    let r1 = row(1, 5);
+    assert_eq!(r1["state"], "live", "{r1}");
+    assert_eq!(r1["subnqn"], "nqn.2026-11.dev.keel:default", "{r1}");
+    assert_eq!(r1["path"], format!("{dnet}.1:{relay_port}"), "{r1}");
+    assert!(r1["commands"].as_u64().unwrap() >= on1, "{r1}");
+    for q in 1..=4 {
+        assert_eq!(row(0, q)["state"], "live", "{st}");
+    }
+    let text = ok(&["status", "--device", &mgmt, "--key", key.to_str().unwrap()]);
+    assert!(text.contains("I/O queues, every core's:"), "{text}");
 
     // Data written on core 1 reads back through another connection, and on the remote.
     let data = ScratchFile::new("remq-data.bin", 0);
@@ -1923,6 +2060,8 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
             assert_eq!(r.code, 0, "{r:?}");
             continue;
         }
+        // Core 1's lane queue counts what it sent so far.
+        let sent_before = remote_queue_commands(&ok(&["metrics", "--device", &mgmt]), 1, 5);
         // Its tap must be gone before it boots again on the same /24.
         let rtap = tap_name(&remote);
         kill_and_check_tap_removed(remote, &rtap);
@@ -1948,6 +2087,23 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
         assert!(
             c.matches("lane 1: 1 I/O queue(s) from QID 5").count() >= 2,
             "core 1 connected its queue again:\n{c}"
+        );
+        // Its row is live again and its count went on from where it was (over both
+        // associations), and promtool accepts the rows.
+        let m = ok(&["metrics", "--device", &mgmt]);
+        let sent_after = remote_queue_commands(&m, 1, 5);
+        assert!(
+            sent_after > sent_before && sent_before > 0,
+            "core 1's lane queue sent {sent_before} before the restart, {sent_after} in all:\n{m}"
+        );
+        assert!(
+            m.lines().any(|l| l.starts_with("keel_remote_queue_state{")
+                && l.ends_with(",core=\"1\",qid=\"5\",state=\"live\"} 1")),
+            "core 1's queue is live again:\n{m}"
+        );
+        promtool_accepts(&m);
+        eprintln!(
+            "tap: core 1's lane queue: {sent_before} commands before the restart, {sent_after} in all"
         );
         let args = verify(&format!("{rnet}.2:4420"), true);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
