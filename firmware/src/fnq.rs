@@ -170,6 +170,13 @@ impl FnCore {
             .map(|(d, q)| (d, Rc::new(RefCell::new(q))))
             .collect();
         let qids: Vec<(usize, u16)> = drives.iter().map(|(d, q)| (*d, q.borrow().qid())).collect();
+        // Its drive pairs' counters go in its row of `DRIVE_SHARES` from the end (the
+        // NVMe/TCP plane's take it from the start).
+        if let Some(row) = crate::cores::DRIVE_SHARES.get(core) {
+            for (slot, &(d, qid)) in row.iter().rev().zip(&qids) {
+                slot.claim(d, qid, 1);
+            }
+        }
         // RAM namespaces over the shared regions, drive namespaces through this core's own
         // queue pairs.
         let target = replica_target(spec.subsystems, spec.limits, &mut |d, nsid| {
@@ -354,6 +361,11 @@ impl FnCore {
         self.ns_dirty |= busy;
         if self.ns_dirty && (!busy || now_ns.saturating_sub(self.ns_published) >= NS_PUBLISH_NS) {
             crate::cores::publish_namespaces(self.core, self.ns_slots, &self.target);
+            if let Some(row) = crate::cores::DRIVE_SHARES.get(self.core) {
+                for (slot, (_, q)) in row.iter().rev().zip(&self.drives) {
+                    crate::percore::publish_drive_queue(slot, q);
+                }
+            }
             self.ns_dirty = false;
             self.ns_published = now_ns;
         }

@@ -359,27 +359,7 @@ impl Plane {
     fn publish_queues(&self) {
         if let Some(row) = crate::cores::DRIVE_SHARES.get(self.core) {
             for (slot, q) in row.iter().zip(&self.drive_queues) {
-                let Ok(q) = q.try_borrow() else { continue };
-                let s = q.stats();
-                let state = match q.state() {
-                    keel_hal::nvme::driver::CoreQueueState::Up => 0,
-                    keel_hal::nvme::driver::CoreQueueState::Down => 1,
-                    keel_hal::nvme::driver::CoreQueueState::Dead => 2,
-                };
-                slot.publish(
-                    state,
-                    &crate::shares::QueueCounters {
-                        commands: s.commands,
-                        completed: s.requests_done,
-                        errors: s.errors,
-                        timeouts: s.timeouts,
-                        resets: s.resets,
-                        failed_by_reset: s.failed_by_reset,
-                        sq_doorbells: s.sq_doorbells,
-                        cq_doorbells: s.cq_doorbells,
-                        queue_full: s.queue_full,
-                    },
-                );
+                publish_drive_queue(slot, q);
             }
         }
         if let Some(row) = crate::cores::LANE_SHARES.get(self.core) {
@@ -575,6 +555,35 @@ impl Plane {
         self.lanes.push((id, lane));
         true
     }
+}
+
+/// Stores a core queue pair's state and totals in its slot of `DRIVE_SHARES` (skipped if
+/// the queue is in use right now: the next publication has it).
+pub(crate) fn publish_drive_queue(
+    slot: &crate::shares::DriveQueueShare,
+    q: &Rc<RefCell<CoreNvmeQueue>>,
+) {
+    let Ok(q) = q.try_borrow() else { return };
+    let s = q.stats();
+    let state = match q.state() {
+        keel_hal::nvme::driver::CoreQueueState::Up => 0,
+        keel_hal::nvme::driver::CoreQueueState::Down => 1,
+        keel_hal::nvme::driver::CoreQueueState::Dead => 2,
+    };
+    slot.publish(
+        state,
+        &crate::shares::QueueCounters {
+            commands: s.commands,
+            completed: s.requests_done,
+            errors: s.errors,
+            timeouts: s.timeouts,
+            resets: s.resets,
+            failed_by_reset: s.failed_by_reset,
+            sq_doorbells: s.sq_doorbells,
+            cq_doorbells: s.cq_doorbells,
+            queue_full: s.queue_full,
+        },
+    );
 }
 
 /// Drive `d`'s namespace `nsid` through this core's own queue pair on that drive (of

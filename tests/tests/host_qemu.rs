@@ -1108,6 +1108,16 @@ fn a_function_s_io_queues_are_served_on_every_core() {
                 bytes[4096 * 512..4096 * 512 + data.len()] == data[..],
                 "the drive holds what core 1 wrote"
             );
+            // Through core 1's own pair on the drive, which status shows.
+            let m = keel_tests::keelctl_ok(&["metrics", "--device", &mgmt]);
+            let core1: u64 = m
+                .lines()
+                .filter(|l| {
+                    l.starts_with("keel_drive_queue_commands_total{") && l.contains("core=\"1\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            assert!(core1 > 0, "core 1's drive pair took no command:\n{m}");
         }
         // Every other core served commands of its queues; core 0 those of the admin queue.
         for core in 0..cores {
