@@ -2121,3 +2121,134 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
     }
     panic!("no workload's I/O connection landed on core 1 in 16 tries");
 }
+
+/// Issue 17, the hot path: no core allocates per command, whether core 1 serves an I/O queue
+/// itself (adopted: a subsystem every core serves) or hands each command to core 0 (a
+/// QoS-limited subsystem: the command and its data buffer travel through the rings). Two
+/// runs of the same workload on a connection of core 1 that differ only in their number of
+/// commands differ by almost no allocator call on either core
+/// (`keel_core_allocator_calls_total`): connections cost allocations, commands do not.
+#[test]
+fn no_core_allocates_per_command_adopted_or_forwarded() {
+    require_tap();
+    keelctl();
+    let net = tap_net(18);
+    let cfg = ScratchFile::new("no-alloc.toml", 0);
+    std::fs::write(
+        cfg.path(),
+        format!(
+            r#"[network]
+address = "{net}.2/24"
+gateway = "{net}.1"
+
+[[subsystem]]
+nqn = "nqn.2026-11.dev.keel:adopted"
+serial = "KEELA1"
+model = "served on every core"
+allowed_hosts = []
+
+[[subsystem]]
+nqn = "nqn.2026-11.dev.keel:forwarded"
+serial = "KEELA2"
+model = "QoS-limited: core 0"
+allowed_hosts = []
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:adopted"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:forwarded"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+qos = {{ iops = 1000000000 }}
+"#
+        ),
+    )
+    .unwrap();
+    // A configuration boots from flash: qemu/run packs the ELF with the bundle.
+    let elf = keel_tests::image(Build::Release).with_extension("");
+    let mut q = Qemu::start(&[
+        "--elf",
+        elf.to_str().unwrap(),
+        "--smp",
+        "2",
+        "--net",
+        "tap",
+        "--tap-net",
+        &net,
+        "--config",
+        cfg.path().to_str().unwrap(),
+    ]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:adopted\"] here";
+    if !q.console().contains(serving) {
+        q.wait_for(serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    for nqn in [
+        "nqn.2026-11.dev.keel:adopted",
+        "nqn.2026-11.dev.keel:forwarded",
+    ] {
+        // (commands on core 1, ring messages core 0 took, allocator calls of core 0 and
+        // core 1) for a run of `ios`.
+        let mut run = |ios: u64| -> (u64, u64, [u64; 2]) {
+            let n = ios.to_string();
+            let (cmds, msgs, before, after) =
+                on_core_metrics(&mgmt, 2, 1, "bench", ios, &mut || {
+                    ok(&[
+                        "nvme",
+                        "bench",
+                        "--addr",
+                        &addr,
+                        "--nqn",
+                        nqn,
+                        "--nsid",
+                        "1",
+                        "--rw",
+                        "mix",
+                        "--connections",
+                        "1",
+                        "--qd",
+                        "8",
+                        "--ios",
+                        &n,
+                        "--range-mib",
+                        "16",
+                    ]);
+                });
+            let allocs = [0, 1].map(|c| {
+                core_metric(&after, "allocator_calls_total", c)
+                    - core_metric(&before, "allocator_calls_total", c)
+            });
+            (cmds, msgs, allocs)
+        };
+        // Warm-up (first connections size the pools and tables).
+        run(500);
+        let (c1, _, a1) = run(1000);
+        let (c2, m2, a2) = run(9000);
+        eprintln!(
+            "tap: {nqn}: {c1} commands on core 1: allocator calls {a1:?}; {c2} ({m2} ring messages to core 0): {a2:?}"
+        );
+        // Adopted: core 1 serves the queue alone; forwarded: every command is a message.
+        if nqn.ends_with("adopted") {
+            assert!(m2 * 10 < c2, "{nqn}: {m2} messages for {c2} commands");
+        } else {
+            assert!(m2 >= c2, "{nqn}: {m2} messages for {c2} commands");
+        }
+        let extra = c2 - c1;
+        for core in 0..2 {
+            let more = a2[core].saturating_sub(a1[core]);
+            assert!(
+                more * 100 < extra,
+                "{nqn}: core {core} made {more} more allocator calls for {extra} more commands ({a1:?} vs {a2:?})"
+            );
+        }
+    }
+    kill_and_check_tap_removed(q, &tap);
+}
