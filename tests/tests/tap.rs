@@ -2197,7 +2197,7 @@ qos = {{ iops = 1000000000 }}
     ] {
         // (commands on core 1, ring messages core 0 took, allocator calls of core 0 and
         // core 1) for a run of `ios`.
-        let mut run = |ios: u64| -> (u64, u64, [u64; 2]) {
+        let run = |ios: u64| -> (u64, u64, [u64; 2]) {
             let n = ios.to_string();
             let (cmds, msgs, before, after) =
                 on_core_metrics(&mgmt, 2, 1, "bench", ios, &mut || {
