@@ -2167,7 +2167,9 @@ qos = {{ iops = 1000000000 }}
         ),
     )
     .unwrap();
-    // A configuration boots from flash: qemu/run packs the ELF with the bundle.
+    // A configuration boots from flash: qemu/run packs the ELF with the bundle, with the
+    // release keelctl (built first: building it inside the boot timeout is too slow).
+    keel_tests::build_release_keelctl();
     let elf = keel_tests::image(Build::Release).with_extension("");
     let mut q = Qemu::start(&[
         "--elf",
