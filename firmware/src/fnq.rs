@@ -358,6 +358,8 @@ pub struct Hub {
     /// The functions' subsystems the other cores serve (empty once namespaces changed).
     replicas: Vec<String>,
     generation: u64,
+    /// How many of [`crate::replica::Replication::dropped`] it has looked at.
+    dropped_seen: usize,
     /// Messages per link that found its ring full.
     outq: Outbox,
     /// Messages for it that core 0's NVMe/TCP side took off the rings (`percore::Holder`).
@@ -406,6 +408,7 @@ impl Hub {
         Some(Self {
             replicas,
             generation: services.target.namespace_generation(),
+            dropped_seen: services.replication.dropped.len(),
             outq,
             inbox: Vec::with_capacity(16),
         })
@@ -422,14 +425,20 @@ impl Hub {
         let Services {
             functions,
             target,
-            remotes,
+            replication,
             ..
         } = services;
         let generation = target.namespace_generation();
-        // Remote namespaces every core added first are no change (as for the NVMe/TCP
-        // holder: `RemoteService::explains`).
-        if generation != self.generation {
-            let benign = remotes.explains(self.generation, generation);
+        // Changes every core applied first, or confined to subsystems no longer adopted, are
+        // no change (as for the NVMe/TCP holder: `crate::replica`); a function's subsystem
+        // dropped sends every pair home, as before.
+        let mut dropped = false;
+        while let Some(nqn) = replication.dropped.get(self.dropped_seen) {
+            self.dropped_seen += 1;
+            dropped |= self.replicas.contains(nqn);
+        }
+        if generation != self.generation || dropped {
+            let benign = replication.explains(self.generation, generation) && !dropped;
             self.generation = generation;
             if !benign {
                 if !self.replicas.is_empty() {

@@ -62,7 +62,11 @@ use crate::net::{Addressing, NetStack};
 use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
 use crate::poll::{DISCOVERY_PORT, NVMF_PORT};
 use crate::qemu::{Qemu, QemuNic};
-use crate::services::{ReplicaSource, ReplicaSubsystem, Services, cut, replica_target};
+use crate::replica::{ReplicaChange, ReplicaOp};
+use crate::services::{
+    ReplicaShares, ReplicaSource, ReplicaSubsystem, Services, apply_replica_change, cut,
+    replica_target_shares,
+};
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
@@ -87,6 +91,8 @@ const HOLDER_BUFFERS: usize = 32;
 const SECONDARY_BUFFERS: usize = 64;
 /// 4 KiB NVMe/TCP data buffers of a core other than core 0.
 const SECONDARY_SMALL_BUFFERS: usize = 512;
+/// Namespace counter slots a core claims beyond its replica's, for namespaces added live.
+const LIVE_NAMESPACE_SLOTS: usize = 8;
 /// How often a busy core publishes its namespace counters (an idle pass after work always
 /// does).
 const NS_PUBLISH_NS: u64 = 1_000_000;
@@ -241,8 +247,11 @@ pub struct Plane {
     ns_dirty: bool,
     /// When they were last published.
     ns_published: u64,
-    /// Its I/O queue pairs on the drives, polled every pass.
-    drive_queues: Vec<Rc<RefCell<CoreNvmeQueue>>>,
+    /// Its I/O queue pairs on the drives (drive index, queue), polled every pass.
+    drive_queues: Vec<(usize, Rc<RefCell<CoreNvmeQueue>>)>,
+    /// Drive namespaces its replica shares among slices (slices added live are cut from
+    /// them).
+    shares: ReplicaShares,
     /// Its subsystems as core 0 described them (remote namespaces are added from them).
     subsystems: Vec<ReplicaSubsystem>,
     /// Lanes of remote volumes (volume id, lane), polled every pass.
@@ -281,15 +290,8 @@ impl Plane {
             .map(|(d, q)| (d, Rc::new(RefCell::new(q))))
             .collect();
         let qids: Vec<(usize, u16)> = queues.iter().map(|(d, q)| (*d, q.borrow().qid())).collect();
-        let target = replica_target(subsystems, limits, &mut |d, nsid| {
-            let q = &queues.iter().find(|(i, _)| *i == d)?.1;
-            let i = q
-                .borrow()
-                .namespaces()
-                .iter()
-                .position(|n| n.nsid == nsid)?;
-            let b = CoreNvmeBackend::new(q.clone(), i)?;
-            Some(Box::new(b) as Box<dyn keel_storage::BlockBackend>)
+        let (target, shares) = replica_target_shares(subsystems, limits, &mut |d, nsid| {
+            open_drive(&queues, d, nsid)
         })?;
         let nvmf = match NvmfService::with_buffers(
             advertise,
@@ -331,19 +333,22 @@ impl Plane {
             target,
             ns_dirty: false,
             ns_published: now_ns,
-            drive_queues: queues.into_iter().map(|(_, q)| q).collect(),
+            drive_queues: queues,
+            shares,
             subsystems: kept,
             lanes: Vec::new(),
             ns_slots: (0, 0),
         };
         // Slots for every namespace its subsystems will have: remote namespaces join the
-        // replica later (`on_remote`), and would otherwise find no slot.
+        // replica later (`on_remote`), and would otherwise find no slot; a few more for
+        // namespaces added live (`on_replica`).
         let n = plane
             .subsystems
             .iter()
             .map(|s| s.namespaces.len())
             .sum::<usize>()
-            .max(plane.target.namespace_views().count());
+            .max(plane.target.namespace_views().count())
+            + LIVE_NAMESPACE_SLOTS;
         plane.ns_slots = crate::cores::claim_namespace_slots(core, n);
         plane.publish_namespaces();
         Some(plane)
@@ -374,7 +379,7 @@ impl Plane {
                 out(Msg::RemoteLost { id: *id, loss });
             }
         }
-        for q in &self.drive_queues {
+        for (_, q) in &self.drive_queues {
             busy |= q.borrow_mut().poll(now_ns);
         }
         busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
@@ -406,7 +411,7 @@ impl Plane {
     pub fn may_sleep(&self) -> bool {
         self.drive_queues
             .iter()
-            .all(|q| q.try_borrow().is_ok_and(|q| q.outstanding() == 0))
+            .all(|(_, q)| q.try_borrow().is_ok_and(|q| q.outstanding() == 0))
     }
 
     /// A frame of one of this core's flows that landed on core 0's pair.
@@ -419,6 +424,41 @@ impl Plane {
     /// A message of the controller core.
     pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64) {
         self.nvmf.on_holder(msg, now_ns, &mut self.target);
+    }
+
+    /// A live namespace change of core 0 ([`crate::replica`]): applied to the replica
+    /// (a drive namespace through this core's own queue pair on the drive, as at boot);
+    /// returns whether it was.
+    pub fn on_replica(&mut self, change: &ReplicaChange) -> bool {
+        let queues = &self.drive_queues;
+        let ok = apply_replica_change(&mut self.target, &mut self.shares, change, &mut |d, n| {
+            open_drive(queues, d, n)
+        });
+        let (core, nqn) = (self.core, &change.subsystem);
+        match (&change.op, ok) {
+            (ReplicaOp::Add(n), true) => {
+                println!(
+                    "percore: core {core} serves namespace {} of {nqn} added live",
+                    n.nsid
+                );
+                if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
+                    s.namespaces.push((**n).clone());
+                }
+            }
+            (ReplicaOp::Remove(nsid), true) => {
+                println!("percore: core {core} no longer serves namespace {nsid} of {nqn}");
+                if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
+                    s.namespaces.retain(|n| n.nsid != *nsid);
+                }
+            }
+            (_, false) => klog::error!(
+                "percore: core {}: a live namespace change of {} could not be applied",
+                core,
+                nqn
+            ),
+        }
+        self.ns_dirty = true;
+        ok
     }
 
     /// A remote volume's lane, or news of its associations, from the controller core;
@@ -541,6 +581,22 @@ impl Plane {
     }
 }
 
+/// Drive `d`'s namespace `nsid` whole through this core's own queue pair on it.
+fn open_drive(
+    queues: &[(usize, Rc<RefCell<CoreNvmeQueue>>)],
+    d: usize,
+    nsid: u32,
+) -> Option<Box<dyn keel_storage::BlockBackend>> {
+    let q = &queues.iter().find(|(i, _)| *i == d)?.1;
+    let i = q
+        .borrow()
+        .namespaces()
+        .iter()
+        .position(|n| n.nsid == nsid)?;
+    let b = CoreNvmeBackend::new(q.clone(), i)?;
+    Some(Box::new(b) as Box<dyn keel_storage::BlockBackend>)
+}
+
 /// Takes the drive's I/O queue pair `i` of those created for other cores, with a handle on
 /// its doorbells.
 fn take_core_queue(
@@ -566,6 +622,8 @@ struct Proxy {
     connected: bool,
     /// Its I/O queue is served by its core (adopted).
     adopted: bool,
+    /// The subsystem of its adopted queue.
+    subsystem: Option<String>,
 }
 
 /// Core 0's side: the queues it holds for connections on other cores, and what goes back.
@@ -583,6 +641,8 @@ pub struct Holder {
     served: u64,
     /// Remote volumes other cores serve through lanes.
     lanes: Vec<LaneTrack>,
+    /// How many of [`crate::replica::Replication::dropped`] it has acted on.
+    dropped_seen: usize,
 }
 
 /// A remote volume whose lanes core 0 looks after.
@@ -654,6 +714,15 @@ impl Holder {
             }
             drives.push(mine);
         }
+        // Drives every core has its own queue pair on (namespaces added live on them can be
+        // served on every core).
+        let mut every: Vec<usize> = used
+            .iter()
+            .copied()
+            .filter(|d| drives.iter().all(|m| m.iter().any(|(i, _)| i == d)))
+            .collect();
+        every.sort_unstable();
+        every.dedup();
         let replicable: Vec<ReplicaSubsystem> = services
             .replicable
             .iter()
@@ -711,6 +780,11 @@ impl Holder {
                 served |= 1 << link.info.index;
             }
         }
+        // What the replicas follow of live namespace changes (`crate::replica`).
+        let r = &mut services.replication;
+        r.cores = served;
+        r.subsystems = replicable.iter().map(|s| s.nqn.clone()).collect();
+        r.drives = every;
         let outq = Outbox::new(links.0.len());
         Some(Self {
             proxies: Vec::new(),
@@ -721,7 +795,62 @@ impl Holder {
             generation: services.target.namespace_generation(),
             served,
             lanes,
+            dropped_seen: services.replication.dropped.len(),
         })
+    }
+
+    /// Ends the adopted queues of subsystem `nqn` (their hosts reconnect) and serves its
+    /// later I/O queues through core 0.
+    fn end_adoptions_of(&mut self, links: &mut Links, nqn: &str) {
+        self.replicable.retain(|s| s != nqn);
+        let ends: Vec<(usize, ConnRef)> = self
+            .proxies
+            .iter()
+            .flatten()
+            .filter(|p| p.adopted && p.subsystem.as_deref() == Some(nqn))
+            .map(|p| (p.link, p.conn))
+            .collect();
+        for (li, conn) in ends {
+            self.send(links, li, Msg::FromHolder(FromHolder::Terminate { conn }));
+        }
+    }
+
+    /// Acts on the subsystems the services stopped adopting since it last looked
+    /// ([`crate::replica::Replication::dropped`]).
+    fn follow_drops(&mut self, links: &mut Links, services: &Services<Qemu>) {
+        while let Some(nqn) = services.replication.dropped.get(self.dropped_seen) {
+            self.dropped_seen += 1;
+            if self.replicable.iter().any(|s| s == nqn) {
+                klog::warning!(
+                    "percore: {}: I/O queues adopted by other cores end; new ones are served through core 0",
+                    nqn
+                );
+                self.end_adoptions_of(links, nqn);
+            }
+        }
+    }
+
+    /// Sends the staged namespace changes to every serving core, and applies on core 0 the
+    /// ones every core has applied (or that timed out): [`crate::replica`].
+    fn tend_replicas(
+        &mut self,
+        now_ns: u64,
+        links: &mut Links,
+        services: &mut Services<Qemu>,
+    ) -> bool {
+        if !services.replication.pending() {
+            return false;
+        }
+        let planes = crate::cores::planes() & self.served;
+        for change in services.replication.take_unsent(now_ns, planes) {
+            for li in 0..links.0.len() {
+                let core = links.0[li].info.index;
+                if core < 64 && planes & (1 << core) != 0 {
+                    self.send(links, li, Msg::Replica(Box::new(change.clone())));
+                }
+            }
+        }
+        services.finish_replicated(now_ns)
     }
 
     /// Ends every adopted queue (the host reconnects) and serves every later I/O queue
@@ -840,10 +969,13 @@ impl Holder {
     ) -> bool {
         let now = Instant::from_nanos(now_ns);
         let mut busy = false;
+        self.follow_drops(links, services);
         let generation = services.target.namespace_generation();
         if generation != self.generation {
-            // Remote namespaces every core added first are no change for the replicas.
-            let benign = services.remotes.explains(self.generation, generation);
+            // Changes every core applied first (namespaces added or removed by a push, remote
+            // namespaces coming up) or confined to dropped subsystems are no change for the
+            // replicas of the others (`crate::replica`).
+            let benign = services.replication.explains(self.generation, generation);
             self.generation = generation;
             if !benign {
                 if !self.replicable.is_empty() {
@@ -892,6 +1024,9 @@ impl Holder {
                             self.end_adoptions(links);
                         }
                     }
+                    Msg::ReplicaAck { seq, core, ok } => {
+                        services.replication.ack(seq, core, ok);
+                    }
                     Msg::RemoteLost { id, loss } => {
                         if let (Some(v), Some(n)) = (
                             services.remotes.volumes.iter().find(|v| v.id == id),
@@ -908,6 +1043,10 @@ impl Holder {
             crate::cores::own_counters().received(taken);
         }
         busy |= self.tend_lanes(links, services);
+        if self.tend_replicas(now_ns, links, services) {
+            busy = true;
+            self.follow_drops(links, services);
+        }
         // Frames of other cores' outgoing connections that landed on pair 0.
         if let Some(pair) = net.and_then(|n| n.device.pair()) {
             while let Some(f) = pair.take_diverted() {
@@ -1016,6 +1155,7 @@ impl Holder {
                                 queue,
                                 connected: false,
                                 adopted: false,
+                                subsystem: None,
                             };
                             match self.proxies.iter().position(Option::is_none) {
                                 Some(i) => {
@@ -1097,6 +1237,7 @@ impl Holder {
                 .adoption(p.queue)
                 .filter(|a| self.replicable.contains(&a.subnqn));
             p.adopted = adopt.is_some();
+            p.subsystem = adopt.as_ref().map(|a| a.subnqn.clone());
         }
         let (li, conn) = (p.link, p.conn);
         let done = FromHolder::Done {
