@@ -6,8 +6,10 @@
 //! Which functions: those whose subsystem is replicable ([`Services::function_replicas`]:
 //! every namespace unencrypted RAM in a shared region, no QoS limit on the subsystem's
 //! namespaces, the function's controller or any host or group) and which exist at boot. A
-//! function created live, any live namespace or subsystem change (which also removes and
-//! creates functions), and `--smp 1` keep every queue on core 0, as before.
+//! function created live and `--smp 1` keep every queue on core 0, as before. A live change
+//! of a function's subsystem (its namespaces, its removal, QoS limits on it) sends every
+//! pair home for good; changes the other cores' NVMe/TCP replicas follow and changes
+//! confined to other subsystems do not ([`crate::replica`]).
 //!
 //! The handshake (the function's side is `keel_nvme_pcie::queue`):
 //! - **Handing a pair out.** After a successful Create I/O SQ, the function (on core 0)

@@ -30,10 +30,13 @@
 //! Teardown reaches every core: a queue core 0 ends (keep-alive expiry, controller reset,
 //! the admin queue lost, an abrupt I/O queue loss ending the association) becomes a
 //! [`FromHolder::Terminate`] for the core carrying its connection; a connection a core
-//! loses becomes a [`ToHolder::Closed`] there; when namespaces or subsystems change, every
-//! adopted queue is terminated and new I/O queues stay forwarded (the replicas were built
-//! from the configuration at boot). A core serving adopted queues reports their traffic
-//! once a second ([`ToHolder::Activity`]): traffic-based keep-alive counts it.
+//! loses becomes a [`ToHolder::Closed`] there. Live namespace changes of RAM and drive
+//! namespaces reach every core's replica before core 0's target ([`crate::replica`],
+//! [`Plane::on_replica`]), so adopted queues stay adopted; a change that cannot be followed
+//! ends the adopted queues of its subsystem only and forwards its later I/O queues
+//! ([`crate::replica::Replication::dropped`]); a change nobody logged ends every adopted
+//! queue and forwards every later I/O queue, as before. A core serving adopted queues
+//! reports their traffic once a second ([`ToHolder::Activity`]): traffic-based keep-alive counts it.
 //!
 //! Remote volumes (issue 17): a subsystem whose namespaces include unencrypted namespaces of
 //! remote volumes (no QoS limits) is served on every core too. Core 0 keeps each volume's
