@@ -684,3 +684,57 @@ fn a_core_that_does_not_ack_makes_core_0_apply_alone_and_drop_the_subsystem() {
         );
     }
 }
+
+/// Changes the replicas cannot follow fall back for their subsystem only: QoS limits
+/// appearing on the subsystem's namespace drop it (its adopted queues end, later ones are
+/// forwarded) with nothing staged; a namespace added once it is dropped changes core 0 at
+/// once and is explained for the watchers; without other cores (no holder) nothing is ever
+/// staged.
+#[test]
+fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
+    use keel_mgmt::Device as _;
+    use keel_provision::{NamespaceQos, QosLimits, QosRate};
+    let nqn = crate::config::DEFAULT_NQN;
+    let (mut h, _replica, _shares) = replicated();
+    let g0 = h.s.target.namespace_generation();
+    let mut desc = h.s.plan.to_device();
+    desc.qos.namespaces.push(NamespaceQos {
+        subsystem: nqn.into(),
+        nsid: 1,
+        limits: QosLimits {
+            write_iops: Some(QosRate {
+                per_sec: 100,
+                burst: Some(1),
+            }),
+            ..Default::default()
+        },
+        weight: 1,
+        group: None,
+    });
+    let r =
+        h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+            .expect("push");
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(h.s.replication.dropped, [nqn.to_string()]);
+    assert!(!h.s.replication.follows(nqn));
+    assert!(!h.s.replication.pending());
+    assert_eq!(h.s.target.namespace_generation(), g0);
+    // A namespace added now changes core 0 at once (nothing staged), explained.
+    let mut four = desc.namespaces[0].clone();
+    four.nsid = 4;
+    desc.namespaces.push(four);
+    h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+        .expect("push");
+    assert!(!h.s.replication.pending());
+    assert_eq!(nsids(&h.s.target), [1, 2, 4]);
+    assert!(
+        h.s.replication
+            .explains(g0, h.s.target.namespace_generation())
+    );
+
+    // No other core serving replicas: applied at once, nothing staged.
+    let mut one = Holder::new("keel.ns=ram:4,ram:4 keel.ip=127.0.0.1/8");
+    push_add_3_remove_2(&mut one);
+    assert!(!one.s.replication.pending());
+    assert_eq!(nsids(&one.s.target), [1, 3]);
+}
