@@ -2196,3 +2196,140 @@ fn a_pushed_namespace_change_keeps_core_1_serving() {
     }
     kill_and_check_tap_removed(q, &tap);
 }
+
+/// Issue 17, both watchers of live changes: at `--smp 2 --net tap` with the development
+/// function on a window (its I/O queue 1 served on core 1), a push that adds a RAM namespace
+/// to the NVMe/TCP subsystem (followed by core 1's replica first) leaves the function's
+/// pairs where they are: a verified two-queue bench through the window runs across the push
+/// without an error, core 1 keeps counting its commands, and no pair goes home ("fnq:
+/// namespaces changed" is not logged); the new namespace verifies over NVMe/TCP.
+#[test]
+fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
+    require_tap();
+    keelctl();
+    let net = tap_net(15);
+    let window = ScratchFile::new("live-window.img", 64 << 20);
+    let w = window.path().to_str().unwrap().to_string();
+    let mut q = boot_on_tap(
+        Build::Release,
+        2,
+        &net,
+        &["--window", &w, "--append", "keel.ram=16 keel.fn.ram=16"],
+    );
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for want in [
+        "percore: core 1 serves NVMe/TCP on queue pair 1",
+        "I/O queue q served on core q % 2",
+    ] {
+        if !q.console().contains(want) {
+            q.wait_for(want, BOOT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    let fn_cmds = |core: u32| {
+        let m = ok(&["metrics", "--device", &mgmt]);
+        core_metric(&m, "function_commands_total", core)
+    };
+
+    let mut bench = Command::new(keelctl())
+        .args([
+            "host",
+            "--window",
+            &w,
+            "bench",
+            "--rw",
+            "mix",
+            "--qd",
+            "4",
+            "--queues",
+            "2",
+            "--duration",
+            "20",
+            "--range-mib",
+            "4",
+            "--verify",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("keelctl host bench");
+    q.wait_for(
+        "fnq: core 1 serves I/O queue 1 of function 0",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| {
+        let _ = bench.kill();
+        panic!("{e}")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The push: RAM namespace 2 added to the NVMe/TCP subsystem; the function's kept.
+    let d = keel_tests::provision::Dir::new("live-fn-push");
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let f0 = "nqn.2026-11.dev.keel:fn0";
+    let toml = format!(
+        "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n\n[[subsystem]]\nnqn = \"{f0}\"\n\n\
+         [[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\nencryption = \"none\"\n\n\
+         [[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 2\nbackend = {{ ram = \"4MiB\", block_size = 512 }}\nencryption = \"none\"\n\n\
+         [[namespace]]\nsubsystem = \"{f0}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\nencryption = \"none\"\nfunction = 0\n"
+    );
+    std::fs::write(d.path("live.toml"), &toml).unwrap();
+    let bundle = keel_tests::provision::build_from(&d, &d.path("live.toml"), 2, "live.bundle");
+    let key = keel_tests::provision::dev_key().display().to_string();
+    let report = ok(&[
+        "provision",
+        "push",
+        bundle.to_str().unwrap(),
+        "--device",
+        &mgmt,
+        "--key",
+        &key,
+    ]);
+    eprintln!("push: {report}");
+    assert!(
+        report.contains(&format!("added: {nqn} namespace 2")),
+        "{report}"
+    );
+    let live = format!("percore: core 1 serves namespace 2 of {nqn} added live");
+    if !q.console().contains(&live) {
+        q.wait_for(&live, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Core 1 keeps serving the function's queue 1.
+    let before = fn_cmds(1);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = fn_cmds(1);
+    assert!(
+        after > before + 100,
+        "core 1 served {} function commands in 2 s after the push",
+        after - before
+    );
+    let out = bench.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the function's bench:\n{text}");
+    let v = ok(&[
+        "nvme", "verify", "--addr", &addr, "--nsid", "2", "--lba", "0", "--count", "1024",
+    ]);
+    assert!(v.contains(": OK in"), "{v}");
+    let console = q.console();
+    for bad in [
+        "*** keel",
+        "panic",
+        "exception",
+        "boot failed",
+        "fnq: namespaces changed",
+        "adopted by other cores end",
+    ] {
+        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
+    }
+    kill_and_check_tap_removed(q, &tap);
+}
