@@ -911,12 +911,15 @@ impl DataCore {
                     p.inject(f);
                 }
             } else if let Msg::Replica(c) = msg {
-                let ok = self.plane.as_mut().is_some_and(|p| p.on_replica(&c));
-                self.backlog.push_back(Msg::ReplicaAck {
-                    seq: c.seq,
-                    core: self.info.index as u16,
-                    ok,
-                });
+                let backlog = &mut self.backlog;
+                match self.plane.as_mut() {
+                    Some(p) => p.on_replica(&c, &mut |m| backlog.push_back(m)),
+                    None => backlog.push_back(Msg::ReplicaAck {
+                        seq: c.seq,
+                        core: self.info.index as u16,
+                        ok: false,
+                    }),
+                }
             } else if let Msg::Remote(m) = msg {
                 if let Some(p) = self.plane.as_mut() {
                     let backlog = &mut self.backlog;

@@ -255,6 +255,9 @@ pub struct Plane {
     /// Drive namespaces its replica shares among slices (slices added live are cut from
     /// them).
     shares: ReplicaShares,
+    /// Removals core 0 waits for (change, subsystem, NSID): acked once the replica's last
+    /// command on the namespace completed.
+    draining: Vec<(u64, String, u32)>,
     /// Its subsystems as core 0 described them (remote namespaces are added from them).
     subsystems: Vec<ReplicaSubsystem>,
     /// Lanes of remote volumes (volume id, lane), polled every pass.
@@ -338,6 +341,7 @@ impl Plane {
             ns_published: now_ns,
             drive_queues: queues,
             shares,
+            draining: Vec::new(),
             subsystems: kept,
             lanes: Vec::new(),
             ns_slots: (0, 0),
@@ -386,6 +390,22 @@ impl Plane {
             busy |= q.borrow_mut().poll(now_ns);
         }
         busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
+        // Removed namespaces whose last command completed (their blocks are no longer
+        // touched here): core 0 may now remove them.
+        if !self.draining.is_empty() {
+            let core = self.core as u16;
+            self.draining.retain(|(seq, nqn, nsid)| {
+                let drained = !target.namespace_draining(nqn, *nsid);
+                if drained {
+                    out(Msg::ReplicaAck {
+                        seq: *seq,
+                        core,
+                        ok: true,
+                    });
+                }
+                !drained
+            });
+        }
         nvmf.flush(net);
         busy |= net.poll_egress(now_ns);
         for m in nvmf.outbox.drain(..) {
@@ -430,9 +450,11 @@ impl Plane {
     }
 
     /// A live namespace change of core 0 ([`crate::replica`]): applied to the replica
-    /// (a drive namespace through this core's own queue pair on the drive, as at boot);
-    /// returns whether it was.
-    pub fn on_replica(&mut self, change: &ReplicaChange) -> bool {
+    /// (a drive namespace through this core's own queue pair on the drive, as at boot) and
+    /// acked through `out` ([`Msg::ReplicaAck`]); a removal once the replica's commands on
+    /// the namespace have all completed ([`Plane::pass`]), so that core 0 removes it when
+    /// this core no longer reads or writes its blocks.
+    pub fn on_replica(&mut self, change: &ReplicaChange, out: &mut dyn FnMut(Msg)) {
         let queues = &self.drive_queues;
         let ok = apply_replica_change(&mut self.target, &mut self.shares, change, &mut |d, n| {
             open_drive(queues, d, n)
@@ -453,6 +475,11 @@ impl Plane {
                 if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
                     s.namespaces.retain(|n| n.nsid != *nsid);
                 }
+                if self.target.namespace_draining(nqn, *nsid) {
+                    self.draining.push((change.seq, nqn.clone(), *nsid));
+                    self.ns_dirty = true;
+                    return;
+                }
             }
             (_, false) => klog::error!(
                 "percore: core {}: a live namespace change of {} could not be applied",
@@ -461,7 +488,11 @@ impl Plane {
             ),
         }
         self.ns_dirty = true;
-        ok
+        out(Msg::ReplicaAck {
+            seq: change.seq,
+            core: core as u16,
+            ok,
+        });
     }
 
     /// A remote volume's lane, or news of its associations, from the controller core;

@@ -11,8 +11,9 @@
 //! its replica and acks (`crate::cores::Msg::ReplicaAck`), and only when every core acked
 //! does core 0 apply it ([`crate::services::Services::finish_replicated`]): hosts learn of
 //! namespaces only through core 0's admin queues (so no core is ever asked for a namespace
-//! it lacks), and for a removal no core still accepts commands for the old blocks when core
-//! 0 removes the namespace (a later namespace may reuse that drive range). A core that does
+//! it lacks), and for a removal no core still has a command on the old blocks when core 0
+//! removes the namespace (a core acks a removal once its replica's last command on the
+//! namespace completed; a later namespace may reuse that drive range). A core that does
 //! not ack within [`ACK_TIMEOUT_NS`], or could not apply the change, makes core 0 apply it
 //! anyway and stop adopting that subsystem only ([`Replication::drop_subsystem`]): its
 //! adopted queues end (the hosts reconnect, through core 0).

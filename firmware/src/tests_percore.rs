@@ -611,6 +611,10 @@ fn a_pushed_namespace_change_reaches_every_core_before_core_0() {
         h.s.replication.ack(c.seq, 1, true);
     }
     assert_eq!(nsids(&replica), [1, 3], "the replica first");
+    assert!(
+        !replica.namespace_draining(nqn, 2),
+        "no command was in flight: the removal is acked at once"
+    );
     assert_eq!(nsids(&h.s.target), [1, 2], "core 0 after the acks are read");
     assert!(h.s.finish_replicated(t));
     assert_eq!(nsids(&h.s.target), [1, 3]);
