@@ -473,6 +473,32 @@ pub fn namespace_elsewhere(subnqn: &str, nsid: u32) -> keel_storage::stats::NsSt
     t
 }
 
+/// Drives whose queue pairs one core publishes (its own pair on each).
+pub const SHARED_DRIVES: usize = 8;
+/// Remote volumes' I/O queues one core publishes (its lanes' queues, every path).
+pub const SHARED_LANE_QUEUES: usize = 16;
+
+/// Every core's I/O queue pairs on the drives, written by their own core
+/// (`crate::shares`: claimed at start, totals published with its namespace counters), read
+/// by core 0 (core 0's slots stay unused: its drives' counters are read directly).
+pub static DRIVE_SHARES: [[crate::shares::DriveQueueShare; SHARED_DRIVES]; MAX_CORES] =
+    [const { [const { crate::shares::DriveQueueShare::new() }; SHARED_DRIVES] }; MAX_CORES];
+
+/// Every core's I/O queues of remote volumes (its lanes'), written by their own core with its
+/// namespace counters, read by core 0 (core 0's slots stay unused).
+pub static LANE_SHARES: [[crate::shares::LaneQueueShare; SHARED_LANE_QUEUES]; MAX_CORES] =
+    [const { [const { crate::shares::LaneQueueShare::new() }; SHARED_LANE_QUEUES] }; MAX_CORES];
+
+/// The other running cores' I/O queue pairs on drive `drive` (index among the drives).
+pub fn drive_queues_elsewhere(drive: usize) -> Vec<keel_mgmt::DriveQueueInfo> {
+    crate::shares::drive_rows(&DRIVE_SHARES, RUNNING.load(Ordering::Acquire), drive)
+}
+
+/// The other running cores' I/O queues of remote volume `volume` (its id).
+pub fn remote_queues_elsewhere(volume: u32) -> Vec<crate::shares::LaneRow> {
+    crate::shares::lane_rows(&LANE_SHARES, RUNNING.load(Ordering::Acquire), volume)
+}
+
 /// This core's loop counters.
 pub fn own_counters() -> &'static LoopCounters {
     &LOOPS[percpu::index().min(MAX_CORES - 1)]
@@ -629,6 +655,9 @@ impl core::fmt::Debug for Link {
 
 impl Link {
     /// Sends `msg` and rings the core's doorbell; gives the message back if the ring is full.
+    // The ring holds messages by value (a forwarded command carries its SQE and its data
+    // buffer's handle, ~150 bytes); giving one back is a move, never an allocation.
+    #[allow(clippy::result_large_err)]
     pub fn send(&mut self, msg: Msg) -> Result<(), Msg> {
         self.tx.push(msg)?;
         if let Some(d) = &self.doorbell {

@@ -3,7 +3,7 @@
 //! challenges (drawn by [`crate::challenge`]).
 
 use crate::config::NsSpec;
-use crate::hw::Hw;
+use crate::hw::{DriveCtl, Hw};
 use crate::klog;
 use crate::plan::{NsKey, NsPlan, Plan, Source, SubsystemPlan};
 use crate::replica::{Outcome, ReplicaOp};
@@ -14,9 +14,10 @@ use alloc::{format, string::String, string::ToString, vec, vec::Vec};
 use keel_controller::SubsystemConfig;
 use keel_controller::{QosCounters, Target};
 use keel_mgmt::{
-    ControllerInfo, ControllerQosInfo, FunctionBackend, FunctionInfo, FunctionSlotInfo,
-    FunctionSpec, GroupInfo, Latency, NamespaceInfo, NamespaceQosInfo, NsCounters, PushReport,
-    QosDomainInfo, QosInfo, QosLimit, Resources, SlotState, Snapshot, SubsystemInfo,
+    ControllerInfo, ControllerQosInfo, DriveInfo, DriveQueueInfo, FunctionBackend, FunctionInfo,
+    FunctionSlotInfo, FunctionSpec, GroupInfo, Latency, NamespaceInfo, NamespaceQosInfo,
+    NsCounters, PushReport, QosDomainInfo, QosInfo, QosLimit, RemoteQueueInfo, Resources,
+    SlotState, Snapshot, SubsystemInfo,
 };
 use keel_nvme_pcie::FunctionState;
 use keel_storage::LatencyHistogram;
@@ -1274,6 +1275,88 @@ impl<H: Hw> Services<H> {
     }
 }
 
+impl<H: Hw> Services<H> {
+    /// Every drive: its state, core 0's own queue pairs, then every other core's (as each
+    /// published them).
+    fn drive_infos(&self) -> Vec<DriveInfo> {
+        self.drives
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let s = d.drive.status();
+                let c = s.own;
+                let mut queues = vec![DriveQueueInfo {
+                    core: 0,
+                    first_qid: 1,
+                    queues: s.io_queues,
+                    state: String::from(match s.state {
+                        "online" => "up",
+                        "dead" => "dead",
+                        _ => "down",
+                    }),
+                    commands: c.commands,
+                    completed: c.completed,
+                    errors: c.errors,
+                    timeouts: c.timeouts,
+                    resets: c.resets,
+                    failed_by_reset: c.failed_by_reset,
+                    sq_doorbells: c.sq_doorbells,
+                    cq_doorbells: c.cq_doorbells,
+                    queue_full: c.queue_full,
+                }];
+                queues.extend(H::drive_queues_elsewhere(i));
+                DriveInfo {
+                    bdf: d.bdf.clone(),
+                    model: s.model,
+                    state: String::from(s.state),
+                    resets: s.resets,
+                    aborts: s.aborts,
+                    queues,
+                }
+            })
+            .collect()
+    }
+
+    /// Every remote volume's I/O queues: core 0's own, then every other core's lane queues
+    /// (as each published them), each named by its volume and path.
+    fn remote_queue_infos(&self) -> Vec<RemoteQueueInfo> {
+        let mut out = Vec::new();
+        for v in &self.remotes.volumes {
+            let paths: Vec<String> = v
+                .remote
+                .paths
+                .iter()
+                .map(|&(ip, port)| keel_remote::PathAddr::new(ip, port).to_string())
+                .collect();
+            let row =
+                |path: u8, core: u16, qid: u16, state: &str, commands, in_flight| RemoteQueueInfo {
+                    subnqn: v.remote.nqn.clone(),
+                    nsid: v.remote.nsid,
+                    path: paths.get(usize::from(path)).cloned().unwrap_or_default(),
+                    core,
+                    qid,
+                    state: String::from(state),
+                    commands,
+                    in_flight,
+                };
+            v.vol.for_each_queue(&mut |q| {
+                out.push(row(
+                    q.path,
+                    0,
+                    q.qid,
+                    q.state.name(),
+                    q.commands,
+                    u32::from(q.in_flight),
+                ));
+            });
+            for (path, core, qid, state, commands, in_flight) in H::remote_queues_elsewhere(v.id) {
+                out.push(row(path, core, qid, state, commands, in_flight));
+            }
+        }
+        out
+    }
+}
+
 impl<H: Hw> keel_mgmt::Device for Services<H> {
     fn snapshot(&self) -> Snapshot {
         let t = &self.target;
@@ -1384,6 +1467,8 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                 })
                 .collect(),
             qos_domains: qos_domains(t),
+            drives: self.drive_infos(),
+            remote_queues: self.remote_queue_infos(),
         }
     }
 

@@ -4,12 +4,15 @@
 //! shutdown and removal.
 //!
 //! Which functions: those whose subsystem is replicable ([`Services::function_replicas`]:
-//! every namespace unencrypted RAM in a shared region, no QoS limit on the subsystem's
-//! namespaces, the function's controller or any host or group) and which exist at boot. A
-//! function created live and `--smp 1` keep every queue on core 0, as before. A live change
-//! of a function's subsystem (its namespaces, its removal, QoS limits on it) sends every
-//! pair home for good; changes the other cores' NVMe/TCP replicas follow and changes
-//! confined to other subsystems do not ([`crate::replica`]).
+//! every namespace RAM in a shared region or a local drive's namespace (whole or a slice),
+//! AES-XTS encrypted or not, no QoS limit on the subsystem's namespaces, the function's
+//! controller or any host or group) and which exist at boot. Core `k` reaches a drive
+//! through an I/O queue pair of its own on it (`keel_nvme_driver::CoreQueue`, created by
+//! core 0 beside the NVMe/TCP planes' and handed over in [`ServeFunctions::drives`]; core `k`
+//! polls it). A function created live, remote namespaces and `--smp 1` keep every queue on
+//! core 0, as before. A live change of a function's subsystem (its namespaces, its removal,
+//! QoS limits on it) sends every pair home for good; changes the other cores' NVMe/TCP
+//! replicas follow and changes confined to other subsystems do not ([`crate::replica`]).
 //!
 //! The handshake (the function's side is `keel_nvme_pcie::queue`):
 //! - **Handing a pair out.** After a successful Create I/O SQ, the function (on core 0)
@@ -41,9 +44,12 @@ use crate::cores::{FUNCTION_COMMANDS, Links, Msg, Outbox};
 use crate::klog;
 use crate::qemu::Qemu;
 use crate::services::{ReplicaSubsystem, Services, replica_target};
+use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
+use core::cell::RefCell;
 use keel_controller::{Adoption, Event, Instant, Limits, QueueId, Target};
 use keel_hal::ivshmem::IvshmemWindow;
+use keel_hal::nvme::CoreNvmeQueue;
 use keel_hal::println;
 use keel_nvme_pcie::{FatalReason, Handover, IoPair, PairStats, QueuePort};
 use keel_storage::BufPool;
@@ -102,6 +108,8 @@ pub struct ServeFunctions {
     pub subsystems: Vec<ReplicaSubsystem>,
     /// The controller core's limits (queue counts and depths must match).
     pub limits: Limits,
+    /// The core's own I/O queue pair on each drive the subsystems use (drive index, pair).
+    pub drives: Vec<(usize, CoreNvmeQueue)>,
 }
 
 /// A pair handed to a core.
@@ -135,6 +143,8 @@ struct Served {
 pub struct FnCore {
     core: usize,
     target: Target,
+    /// Its own I/O queue pair on each drive its replica's namespaces use (polled here).
+    drives: Vec<(usize, Rc<RefCell<CoreNvmeQueue>>)>,
     pool: BufPool,
     pairs: Vec<Served>,
     stats: PairStats,
@@ -155,18 +165,37 @@ impl core::fmt::Debug for FnCore {
 impl FnCore {
     fn new(core: usize, spec: ServeFunctions) -> Option<Self> {
         let names: Vec<String> = spec.subsystems.iter().map(|s| s.nqn.clone()).collect();
-        // RAM namespaces only (`Services::function_replicas`): no drive to open.
-        let target = replica_target(spec.subsystems, spec.limits, &mut |_, _| None)?;
+        let drives: Vec<(usize, Rc<RefCell<CoreNvmeQueue>>)> = spec
+            .drives
+            .into_iter()
+            .map(|(d, q)| (d, Rc::new(RefCell::new(q))))
+            .collect();
+        let qids: Vec<(usize, u16)> = drives.iter().map(|(d, q)| (*d, q.borrow().qid())).collect();
+        // Its drive pairs' counters go in its row of `DRIVE_SHARES` from the end (the
+        // NVMe/TCP plane's take it from the start).
+        if let Some(row) = crate::cores::DRIVE_SHARES.get(core) {
+            for (slot, &(d, qid)) in row.iter().rev().zip(&qids) {
+                slot.claim(d, qid, 1);
+            }
+        }
+        // RAM namespaces over the shared regions, drive namespaces through this core's own
+        // queue pairs.
+        let target = replica_target(spec.subsystems, spec.limits, &mut |d, nsid| {
+            crate::percore::open_on_core_queue(&drives, d, nsid)
+        })?;
         let region = crate::hw::dma_region(FN_BUFFERS * FN_BUFFER_SIZE);
         let pool = BufPool::lazy(region, region.as_ptr() as u64, FN_BUFFER_SIZE)
             .map_err(|e| klog::error!("fnq: core {}: buffers: {}", core, klog::D(&e)))
             .ok()?;
         let n = target.namespace_views().count();
         let ns_slots = crate::cores::claim_namespace_slots(core, n);
-        println!("fnq: core {core} serves I/O queue pairs of the emulated functions of {names:?}");
+        println!(
+            "fnq: core {core} serves I/O queue pairs of the emulated functions of {names:?} (drive, I/O queue: {qids:?})"
+        );
         Some(Self {
             core,
             target,
+            drives,
             pool,
             pairs: Vec::with_capacity(16),
             stats: PairStats::default(),
@@ -286,6 +315,9 @@ impl FnCore {
                 Err(why) => report(s, why, &mut *out),
             }
         }
+        for (_, q) in self.drives.iter() {
+            busy |= q.borrow_mut().poll(now_ns);
+        }
         busy |= target.poll(now, &mut |ev| match ev {
             Event::Completion(q, resp) => match pairs.iter_mut().find(|s| s.q == q) {
                 Some(s) => {
@@ -330,6 +362,11 @@ impl FnCore {
         self.ns_dirty |= busy;
         if self.ns_dirty && (!busy || now_ns.saturating_sub(self.ns_published) >= NS_PUBLISH_NS) {
             crate::cores::publish_namespaces(self.core, self.ns_slots, &self.target);
+            if let Some(row) = crate::cores::DRIVE_SHARES.get(self.core) {
+                for (slot, (_, q)) in row.iter().rev().zip(&self.drives) {
+                    crate::percore::publish_drive_queue(slot, q);
+                }
+            }
             self.ns_dirty = false;
             self.ns_published = now_ns;
         }
@@ -337,9 +374,15 @@ impl FnCore {
     }
 
     /// Whether the core may sleep: it serves no pair (a host's doorbell writes raise no
-    /// interrupt) and no buffer is out.
+    /// interrupt), no buffer is out and no command is outstanding on its drive queues (drive
+    /// completions raise no interrupt).
     pub fn may_sleep(&self) -> bool {
-        self.pairs.is_empty() && self.pool.available() == self.pool.count()
+        self.pairs.is_empty()
+            && self.pool.available() == self.pool.count()
+            && self
+                .drives
+                .iter()
+                .all(|(_, q)| q.try_borrow().is_ok_and(|q| q.outstanding() == 0))
     }
 }
 
@@ -371,21 +414,60 @@ pub struct Hub {
 impl Hub {
     /// Asks every other core to serve the pairs of the functions whose subsystem every core
     /// can serve, and tells those functions to spread their I/O queues; `None` when there is
-    /// no other core or no such function.
-    pub fn start(links: &mut Links, services: &mut Services<Qemu>) -> Option<Self> {
+    /// no other core or no such function. Each drive's core queue pairs `first_queue +
+    /// link` (those after the NVMe/TCP planes', see `crate::poll`) go to the cores.
+    pub fn start(
+        links: &mut Links,
+        services: &mut Services<Qemu>,
+        first_queue: usize,
+    ) -> Option<Self> {
         if links.0.is_empty() {
             return None;
         }
-        let subsystems = services.function_replicas();
+        let mut subsystems = services.function_replicas();
+        if subsystems.is_empty() {
+            return None;
+        }
+        // Each core's own I/O queue pair on every drive the subsystems use; a subsystem on a
+        // drive some core got no pair of stays on core 0.
+        let used: Vec<usize> = subsystems.iter().flat_map(|s| s.drives()).collect();
+        let mut drives: Vec<Vec<(usize, CoreNvmeQueue)>> = Vec::new();
+        for li in 0..links.0.len() {
+            let mut mine = Vec::new();
+            for (d, drive) in services.drives.iter().enumerate() {
+                if used.contains(&d)
+                    && let Some(q) = drive
+                        .drive
+                        .with(|c| crate::percore::take_core_queue(c, first_queue + li))
+                        .flatten()
+                {
+                    mine.push((d, q));
+                }
+            }
+            drives.push(mine);
+        }
+        subsystems.retain(|s| {
+            let ok = s
+                .drives()
+                .all(|d| drives.iter().all(|m| m.iter().any(|(i, _)| *i == d)));
+            if !ok {
+                klog::warning!(
+                    "fnq: {}: a drive has no I/O queue pair for every core; the function's queues stay on core 0",
+                    s.nqn
+                );
+            }
+            ok
+        });
         if subsystems.is_empty() {
             return None;
         }
         let limits = *services.target.limits();
         let mut outq = Outbox::new(links.0.len());
-        for li in 0..links.0.len() {
+        for (li, drives) in drives.into_iter().enumerate() {
             let spec = ServeFunctions {
                 subsystems: subsystems.clone(),
                 limits,
+                drives,
             };
             outq.send(links, li, Msg::Fn(FnMsg::Serve(Box::new(spec))));
         }

@@ -55,6 +55,33 @@ pub trait Hw: 'static {
     fn nic_counters() -> keel_mgmt::NicCounters {
         keel_mgmt::NicCounters::default()
     }
+    /// The other cores' I/O queue pairs on drive `drive` (index among the drives), as each
+    /// core last published them (`crate::shares`). None by default.
+    fn drive_queues_elsewhere(_drive: usize) -> alloc::vec::Vec<keel_mgmt::DriveQueueInfo> {
+        alloc::vec::Vec::new()
+    }
+    /// The other cores' I/O queues of remote volume `volume` (its id), as each core last
+    /// published them (`crate::shares`). None by default.
+    fn remote_queues_elsewhere(_volume: u32) -> alloc::vec::Vec<crate::shares::LaneRow> {
+        alloc::vec::Vec::new()
+    }
+}
+
+/// What the status says of a drive (read on core 0).
+#[derive(Debug, Clone, Default)]
+pub struct DriveStatus {
+    /// Identify Controller model number.
+    pub model: alloc::string::String,
+    /// `online`, `resetting`, `dead`, `shut down`.
+    pub state: &'static str,
+    /// Controller resets started since it came up.
+    pub resets: u64,
+    /// Abort commands sent.
+    pub aborts: u64,
+    /// Its own I/O queue pairs (core 0's): how many.
+    pub io_queues: u16,
+    /// Their counters.
+    pub own: crate::shares::QueueCounters,
 }
 
 /// A network interface: a smoltcp device, its MAC, and a hook run after each pass of the
@@ -80,6 +107,10 @@ pub trait DriveCtl {
     /// I/O queue pairs it created for other cores (`keel_nvme_driver::CoreQueue`).
     fn core_queues(&self) -> usize {
         0
+    }
+    /// Model, state and core 0's own queue pairs' counters (status; none by default).
+    fn status(&self) -> DriveStatus {
+        DriveStatus::default()
     }
 }
 

@@ -45,6 +45,8 @@ mod replica;
 mod services;
 #[cfg(any(test, target_os = "none"))]
 mod sharedram;
+#[cfg(any(test, target_os = "none"))]
+mod shares;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -72,8 +72,11 @@ pub enum ToHolder {
         conn: ConnRef,
         /// The command.
         sqe: Sqe,
-        /// Host-to-controller data (empty otherwise).
-        data: Vec<u8>,
+        /// Its data buffer, from the sending core's pools: the host's data in it, or room
+        /// for the controller's. The controller core runs the command on this very buffer
+        /// (no copy, no allocation) and sends it back in [`FromHolder::Done`] (or, if the
+        /// connection went away meanwhile, [`FromHolder::Release`]).
+        buf: Option<IoBuf>,
         /// The transfer length the command describes.
         data_len: u32,
         /// Set when the transport failed the command with this status.
@@ -102,8 +105,10 @@ pub enum FromHolder {
         conn: ConnRef,
         /// The completion.
         cqe: Cqe,
-        /// Controller-to-host data.
-        data: Vec<u8>,
+        /// The command's buffer back, with `data_len` bytes of controller-to-host data.
+        buf: Option<IoBuf>,
+        /// Valid bytes in `buf` for the host.
+        data_len: u32,
         /// After a successful Connect: the queue's SQSIZE and whether the host disabled SQ
         /// flow control.
         depth: Option<(u16, bool)>,
@@ -116,12 +121,11 @@ pub enum FromHolder {
         /// The connection.
         conn: ConnRef,
     },
-}
-
-/// Whether a command carries data from the host (NVMe base 2.0 §4.2: opcode bits 1:0 = 01b;
-/// a fabrics command's only data, Connect's, goes that way too).
-fn host_to_controller(sqe: &Sqe) -> bool {
-    sqe.opcode == 0x7F || sqe.opcode & 0x3 == 0x1
+    /// A buffer of a forwarded command whose queue went away: back to its pool.
+    Release {
+        /// The buffer.
+        buf: IoBuf,
+    },
 }
 
 /// Data buffers of the largest transfer shared by every connection.
@@ -186,8 +190,6 @@ struct Conn {
     serial: u64,
     /// Its commands go to the controller core ([`ToHolder`]) instead of this core's target.
     forward: bool,
-    /// Buffers of forwarded commands, by CID, until their completion comes back.
-    held: Vec<(u16, Option<IoBuf>)>,
     /// The controller of its adopted I/O queue, commands since the last activity report
     /// and when that was (ms).
     cntlid: u16,
@@ -360,7 +362,6 @@ impl NvmfService {
             slot: slot as u32,
             serial: self.serials,
             forward: self.forwarding,
-            held: Vec::new(),
             cntlid: 0,
             recent: 0,
             reported_ms: 0,
@@ -497,6 +498,12 @@ impl NvmfService {
     pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64, target: &mut Target) {
         let conn = match &msg {
             FromHolder::Done { conn, .. } | FromHolder::Terminate { conn } => *conn,
+            FromHolder::Release { .. } => {
+                if let FromHolder::Release { buf } = msg {
+                    self.pool.put(buf);
+                }
+                return;
+            }
         };
         let Some(c) = self
             .conns
@@ -504,12 +511,17 @@ impl NvmfService {
             .and_then(Option::as_mut)
             .filter(|c| c.serial == conn.serial)
         else {
+            // Its buffer still comes home.
+            if let FromHolder::Done { buf, .. } = msg {
+                recycle(&mut self.pool, buf);
+            }
             return;
         };
         match msg {
             FromHolder::Done {
                 cqe,
-                data,
+                buf,
+                data_len,
                 depth,
                 adopt,
                 ..
@@ -518,11 +530,16 @@ impl NvmfService {
                 &mut self.waiting,
                 target,
                 Instant::from_nanos(now_ns),
-                cqe,
-                data,
+                Response {
+                    cqe,
+                    buf,
+                    data_len,
+                    cookie: c.slot,
+                },
                 depth,
                 adopt,
             ),
+            FromHolder::Release { .. } => {}
             FromHolder::Terminate { .. } => c.terminate = true,
         }
     }
@@ -647,16 +664,15 @@ impl NvmfService {
             _ => None,
         };
         if let Some(how) = loss {
-            let mut c = self.conns[i].take().expect("checked above");
+            let c = self.conns[i].take().expect("checked above");
             cx.waiting.close(i);
             if self.forwarding {
+                // The buffers of its commands at the controller core come back with their
+                // answers ([`NvmfService::on_holder`]).
                 cx.outbox.push(ToHolder::Closed {
                     conn: c.conn_ref(),
                     how,
                 });
-                for (_, b) in c.held.drain(..) {
-                    recycle(cx.pool, b);
-                }
             }
             let _ = cx.target.close_queue_after(c.queue, how);
             drain_buffers(c.tcp, &mut self.pool);
@@ -815,21 +831,13 @@ impl Conn {
         }
     }
 
-    /// Sends a command to the controller core (the connection's queue is held there); its
-    /// buffer waits here for the completion. Off the I/O path of adopted queues: allocates.
+    /// Sends a command to the controller core (the connection's queue is held there) with
+    /// its buffer: no copy, no allocation; the buffer comes back with the answer.
     fn forward(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, buf: Option<IoBuf>, data_len: u32) {
-        let data = match &buf {
-            Some(b) if host_to_controller(&sqe) => {
-                let d = b.as_slice();
-                d[..d.len().min(data_len as usize)].to_vec()
-            }
-            _ => Vec::new(),
-        };
-        self.held.push((sqe.cid, buf));
         cx.outbox.push(ToHolder::Capsule {
             conn: self.conn_ref(),
             sqe,
-            data,
+            buf,
             data_len,
             status: None,
         });
@@ -846,16 +854,10 @@ impl Conn {
         waiting: &mut Intake<Waiting>,
         target: &mut Target,
         now: Instant,
-        cqe: Cqe,
-        data: Vec<u8>,
+        resp: Response,
         depth: Option<(u16, bool)>,
         adopt: Option<Adoption>,
     ) {
-        let buf = self
-            .held
-            .iter()
-            .position(|(cid, _)| *cid == cqe.cid)
-            .and_then(|i| self.held.swap_remove(i).1);
         if let Some((sqsize, fc)) = depth {
             self.set_depth(waiting, sqsize, fc);
         }
@@ -865,25 +867,7 @@ impl Conn {
             self.forward = false;
             self.cntlid = a.cntlid;
         }
-        let mut buf = buf;
-        let data_len = match buf.as_mut() {
-            Some(b) if !data.is_empty() => {
-                let n = data.len().min(b.capacity());
-                b.set_len(n);
-                b.as_mut_slice().copy_from_slice(&data[..n]);
-                n as u32
-            }
-            _ => 0,
-        };
-        self.deliver(
-            pool,
-            Response {
-                cqe,
-                buf,
-                data_len,
-                cookie: self.slot,
-            },
-        );
+        self.deliver(pool, resp);
     }
 
     fn submit(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, buf: Option<IoBuf>, data_len: u32) {
@@ -915,11 +899,10 @@ impl Conn {
     /// accounts its submission queue slot.
     fn fail(&mut self, cx: &mut Ctx<'_>, sqe: Sqe, status: Status) {
         if self.forward {
-            self.held.push((sqe.cid, None));
             cx.outbox.push(ToHolder::Capsule {
                 conn: self.conn_ref(),
                 sqe,
-                data: Vec::new(),
+                buf: None,
                 data_len: 0,
                 status: Some(status),
             });

@@ -18,8 +18,10 @@
 //! keeps the drive's admin queue and resets, and handed over in [`ServeSpec::drives`]:
 //! `keel_nvme_driver::CoreQueue`, whose doorbells only core `k` writes). No lock, no message
 //! and no allocation per I/O. Every other queue (admin queues, discovery, I/O queues of
-//! subsystems with remote or QoS-limited namespaces) stays forwarded: slower (a
-//! copy each way, allocation), never wrong.
+//! subsystems with QoS-limited namespaces) stays forwarded: a message
+//! each way per command, whose data buffer (core `k`'s) travels with it and is the one core
+//! 0's target runs the command on: no copy, no allocation; the buffer comes back with the
+//! answer, or in a [`FromHolder::Release`] when the connection went away meanwhile.
 //!
 //! A drive fault seen on core `k`: a command that times out on its pair asks core 0 for a
 //! controller reset; the reset fails the outstanding requests of every queue with the same
@@ -38,8 +40,9 @@
 //! queue and forwards every later I/O queue, as before. A core serving adopted queues
 //! reports their traffic once a second ([`ToHolder::Activity`]): traffic-based keep-alive counts it.
 //!
-//! Remote volumes (issue 17): a subsystem whose namespaces include unencrypted namespaces of
-//! remote volumes (no QoS limits) is served on every core too. Core 0 keeps each volume's
+//! Remote volumes (issue 17): a subsystem whose namespaces include namespaces of remote
+//! volumes (AES-XTS encrypted or not: core `k` wraps its lane in the same cipher; no QoS
+//! limits) is served on every core too. Core 0 keeps each volume's
 //! associations (admin queue, Connect, keep alive, ANA, reconnects: `keel_remote`'s owner)
 //! and asks the remote for one more I/O queue per other core; once the remote namespace is
 //! identified it hands core `k` a *lane* ([`RemoteMsg::Lane`]: the volume's configuration
@@ -70,7 +73,6 @@ use crate::services::{
     ReplicaShares, ReplicaSource, ReplicaSubsystem, Services, apply_replica_change, cut,
     replica_target_shares,
 };
-use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
 use core::cell::RefCell;
@@ -83,13 +85,9 @@ use keel_hal::println;
 use keel_hal::virtio_net::QueuePair;
 use keel_nvme::{Cqe, Status};
 use keel_remote::{LaneSeed, LaneUpdate, RemoteConfig, RemoteVolume};
-use keel_storage::{BufPool, IoBuf, SharedBackend};
+use keel_storage::{IoBuf, SharedBackend};
 use smoltcp::iface::SocketHandle;
 
-/// Largest transfer of a forwarded command (MDTS).
-const MAX_TRANSFER: usize = 128 * 1024;
-/// Buffers core 0 keeps for forwarded commands (more wait, in order).
-const HOLDER_BUFFERS: usize = 32;
 /// NVMe/TCP data buffers of a core other than core 0.
 const SECONDARY_BUFFERS: usize = 64;
 /// 4 KiB NVMe/TCP data buffers of a core other than core 0.
@@ -296,8 +294,14 @@ impl Plane {
             .map(|(d, q)| (d, Rc::new(RefCell::new(q))))
             .collect();
         let qids: Vec<(usize, u16)> = queues.iter().map(|(d, q)| (*d, q.borrow().qid())).collect();
+        // Its queue pairs' counters go in its row of `DRIVE_SHARES`, slot i for pair i.
+        if let Some(row) = crate::cores::DRIVE_SHARES.get(core) {
+            for (slot, &(d, qid)) in row.iter().zip(&qids) {
+                slot.claim(d, qid, 1);
+            }
+        }
         let (target, shares) = replica_target_shares(subsystems, limits, &mut |d, nsid| {
-            open_drive(&queues, d, nsid)
+            open_on_core_queue(&queues, d, nsid)
         })?;
         let nvmf = match NvmfService::with_buffers(
             advertise,
@@ -365,6 +369,21 @@ impl Plane {
     /// stores, read by core 0 for status and `/metrics`).
     fn publish_namespaces(&mut self) {
         crate::cores::publish_namespaces(self.core, self.ns_slots, &self.target);
+        self.publish_queues();
+    }
+
+    /// Stores its drive queue pairs' and its lanes' queues' counters in its rows of
+    /// `DRIVE_SHARES` and `LANE_SHARES` (`Relaxed` stores, nothing allocated; read by core 0
+    /// for status and `/metrics`, `crate::shares`).
+    fn publish_queues(&self) {
+        if let Some(row) = crate::cores::DRIVE_SHARES.get(self.core) {
+            for (slot, (_, q)) in row.iter().zip(&self.drive_queues) {
+                publish_drive_queue(slot, q);
+            }
+        }
+        if let Some(row) = crate::cores::LANE_SHARES.get(self.core) {
+            crate::shares::publish_lanes(row, &self.lanes);
+        }
     }
 
     /// One pass: frames in, connections, the replica's completions, frames out; returns
@@ -457,7 +476,7 @@ impl Plane {
     pub fn on_replica(&mut self, change: &ReplicaChange, out: &mut dyn FnMut(Msg)) {
         let queues = &self.drive_queues;
         let ok = apply_replica_change(&mut self.target, &mut self.shares, change, &mut |d, n| {
-            open_drive(queues, d, n)
+            open_on_core_queue(queues, d, n)
         });
         let (core, nqn) = (self.core, &change.subsystem);
         match (&change.op, ok) {
@@ -582,6 +601,10 @@ impl Plane {
                 (None, Some(b)) => Box::new(b),
                 (None, None) => return false,
             };
+            // Encrypted: the same cipher over the lane as core 0's over its own queues.
+            let Some(b) = crate::services::replica_cipher(n, b) else {
+                return false;
+            };
             configs.push((
                 nqn.clone(),
                 keel_controller::NamespaceConfig {
@@ -615,8 +638,38 @@ impl Plane {
     }
 }
 
-/// Drive `d`'s namespace `nsid` whole through this core's own queue pair on it.
-fn open_drive(
+/// Stores a core queue pair's state and totals in its slot of `DRIVE_SHARES` (skipped if
+/// the queue is in use right now: the next publication has it).
+pub(crate) fn publish_drive_queue(
+    slot: &crate::shares::DriveQueueShare,
+    q: &Rc<RefCell<CoreNvmeQueue>>,
+) {
+    let Ok(q) = q.try_borrow() else { return };
+    let s = q.stats();
+    let state = match q.state() {
+        keel_hal::nvme::driver::CoreQueueState::Up => 0,
+        keel_hal::nvme::driver::CoreQueueState::Down => 1,
+        keel_hal::nvme::driver::CoreQueueState::Dead => 2,
+    };
+    slot.publish(
+        state,
+        &crate::shares::QueueCounters {
+            commands: s.commands,
+            completed: s.requests_done,
+            errors: s.errors,
+            timeouts: s.timeouts,
+            resets: s.resets,
+            failed_by_reset: s.failed_by_reset,
+            sq_doorbells: s.sq_doorbells,
+            cq_doorbells: s.cq_doorbells,
+            queue_full: s.queue_full,
+        },
+    );
+}
+
+/// Drive `d`'s namespace `nsid` through this core's own queue pair on that drive (of
+/// `queues`), for a replica target; `None` if the core has no queue on it.
+pub(crate) fn open_on_core_queue(
     queues: &[(usize, Rc<RefCell<CoreNvmeQueue>>)],
     d: usize,
     nsid: u32,
@@ -628,12 +681,12 @@ fn open_drive(
         .iter()
         .position(|n| n.nsid == nsid)?;
     let b = CoreNvmeBackend::new(q.clone(), i)?;
-    Some(Box::new(b) as Box<dyn keel_storage::BlockBackend>)
+    Some(Box::new(b))
 }
 
 /// Takes the drive's I/O queue pair `i` of those created for other cores, with a handle on
 /// its doorbells.
-fn take_core_queue(
+pub(crate) fn take_core_queue(
     c: &mut keel_hal::nvme::driver::Controller<keel_hal::nvme::Bar0, keel_hal::nvme::HeapDma>,
     i: usize,
 ) -> Option<CoreNvmeQueue> {
@@ -663,9 +716,11 @@ struct Proxy {
 /// Core 0's side: the queues it holds for connections on other cores, and what goes back.
 pub struct Holder {
     proxies: Vec<Option<Proxy>>,
-    pool: BufPool,
-    /// Forwarded commands waiting for a buffer, in arrival order.
-    parked: VecDeque<(usize, ToHolder)>,
+    /// Which link's core carved each buffer pool forwarded commands came with (pool id,
+    /// link): a buffer the target releases after its queue went away goes home by it.
+    pool_homes: Vec<(u32, usize)>,
+    /// The target's events for held queues, taken each pass (kept to reuse its memory).
+    events: Vec<keel_controller::Event>,
     /// Messages per link that found its ring full.
     outq: Outbox,
     /// Subsystems other cores serve I/O queues of.
@@ -700,17 +755,6 @@ impl core::fmt::Debug for Holder {
     }
 }
 
-/// A pool buffer with `len` valid bytes, if the pool has one.
-fn take(pool: &mut BufPool, len: usize) -> Option<IoBuf> {
-    let mut b = pool.get()?;
-    if len > b.capacity() {
-        let _ = pool.put(b);
-        return None;
-    }
-    b.set_len(len);
-    Some(b)
-}
-
 impl Holder {
     /// Hands queue pair `k` (of `pairs`, pair 0 is core 0's) to core `k` through `links`
     /// and returns core 0's side, or `None` if there is nothing to hand.
@@ -724,10 +768,6 @@ impl Holder {
         if pairs.is_empty() {
             return None;
         }
-        let region = crate::hw::dma_region(HOLDER_BUFFERS * MAX_TRANSFER);
-        let pool = BufPool::lazy(region, region.as_ptr() as u64, MAX_TRANSFER)
-            .map_err(|e| klog::error!("percore: buffers: {}", klog::D(&e)))
-            .ok()?;
         // Each core's own I/O queue pair on every drive a replicable subsystem uses; a
         // subsystem on a drive some core got no queue of is served through core 0 instead.
         let used: Vec<usize> = services
@@ -822,8 +862,8 @@ impl Holder {
         let outq = Outbox::new(links.0.len());
         Some(Self {
             proxies: Vec::new(),
-            pool,
-            parked: VecDeque::new(),
+            pool_homes: Vec::new(),
+            events: Vec::new(),
             outq,
             replicable: replicable.iter().map(|s| s.nqn.clone()).collect(),
             generation: services.target.namespace_generation(),
@@ -981,10 +1021,10 @@ impl Holder {
         }
     }
 
-    /// Whether core 0 may sleep as far as the held queues go: nothing waits for a buffer or
-    /// for room on a ring (neither raises an interrupt when it frees up).
+    /// Whether core 0 may sleep as far as the held queues go: nothing waits for room on a
+    /// ring (which raises no interrupt when it frees up).
     pub fn may_sleep(&self) -> bool {
-        self.parked.is_empty() && self.outq.is_empty()
+        self.outq.is_empty()
     }
 
     fn send(&mut self, links: &mut Links, li: usize, msg: Msg) {
@@ -1021,26 +1061,13 @@ impl Holder {
             }
         }
         let target = &mut services.target;
-        // Waiting commands first (they keep their order).
-        while let Some((li, m)) = self.parked.pop_front() {
-            if let Some(m) = self.take_message(li, m, now, links, target) {
-                self.parked.push_front((li, m));
-                break;
-            }
-            busy = true;
-        }
         for li in 0..links.0.len() {
             let mut taken = 0u64;
             while let Some(msg) = links.0[li].rx.pop() {
                 taken += 1;
                 busy = true;
                 match msg {
-                    Msg::ToHolder(m) if !self.parked.is_empty() => self.parked.push_back((li, m)),
-                    Msg::ToHolder(m) => {
-                        if let Some(m) = self.take_message(li, m, now, links, target) {
-                            self.parked.push_back((li, m));
-                        }
-                    }
+                    Msg::ToHolder(m) => self.take_message(li, m, now, links, target),
                     Msg::Frame(f) => {
                         if let Some(pair) = net.as_deref_mut().and_then(|n| n.device.pair()) {
                             pair.inject(f);
@@ -1093,7 +1120,10 @@ impl Holder {
                 }
             }
         }
-        for ev in core::mem::take(&mut services.forwarded_events) {
+        // Swapped, not taken: both vectors keep their memory (no allocation per pass).
+        let mut events = core::mem::take(&mut self.events);
+        core::mem::swap(&mut events, &mut services.forwarded_events);
+        for ev in events.drain(..) {
             busy = true;
             match ev {
                 keel_controller::Event::Completion(q, resp) => {
@@ -1107,7 +1137,7 @@ impl Holder {
                     {
                         self.reply(pi, resp, links, &services.target);
                     } else if let Some(b) = resp.buf {
-                        let _ = self.pool.put(b);
+                        self.release(links, b);
                     }
                 }
                 keel_controller::Event::QueueTerminated(q) => {
@@ -1116,13 +1146,27 @@ impl Holder {
                         self.send(links, li, Msg::FromHolder(FromHolder::Terminate { conn }));
                     }
                 }
-                keel_controller::Event::BufferReleased { buf, .. } => {
-                    let _ = self.pool.put(buf);
-                }
+                keel_controller::Event::BufferReleased { buf, .. } => self.release(links, buf),
             }
         }
+        self.events = events;
         self.outq.flush(links);
         busy
+    }
+
+    /// Sends a buffer of a forwarded command whose queue went away back to the core whose
+    /// pool carved it.
+    fn release(&mut self, links: &mut Links, buf: IoBuf) {
+        let home = self
+            .pool_homes
+            .iter()
+            .find(|(id, _)| *id == buf.pool_id())
+            .map(|&(_, li)| li);
+        match home {
+            Some(li) => self.send(links, li, Msg::FromHolder(FromHolder::Release { buf })),
+            // Every forwarded buffer's pool was recorded when it came: unreachable.
+            None => klog::error!("percore: a forwarded command's buffer of an unknown pool"),
+        }
     }
 
     fn find(&self, li: usize, conn: ConnRef) -> Option<usize> {
@@ -1131,8 +1175,7 @@ impl Holder {
             .position(|p| matches!(p, Some(p) if p.link == li && p.conn == conn))
     }
 
-    /// Acts on a message for the controller core; gives a command back when it must wait
-    /// for a buffer.
+    /// Acts on a message for the controller core.
     fn take_message(
         &mut self,
         li: usize,
@@ -1140,7 +1183,7 @@ impl Holder {
         now: Instant,
         links: &mut Links,
         target: &mut Target,
-    ) -> Option<ToHolder> {
+    ) {
         match m {
             ToHolder::Activity { cntlid } => target.touch_controller(cntlid, now),
             ToHolder::Closed { conn, how } => {
@@ -1153,32 +1196,16 @@ impl Holder {
             ToHolder::Capsule {
                 conn,
                 sqe,
-                data,
+                buf,
                 data_len,
                 status,
             } => {
-                let buf = if data_len > 0 && status.is_none() {
-                    match take(&mut self.pool, data_len as usize) {
-                        Some(mut b) => {
-                            let n = data.len().min(b.as_slice().len());
-                            b.as_mut_slice()[..n].copy_from_slice(&data[..n]);
-                            Some(b)
-                        }
-                        // Larger than any buffer: the controller answers the length error.
-                        None if data_len as usize > MAX_TRANSFER => None,
-                        None => {
-                            return Some(ToHolder::Capsule {
-                                conn,
-                                sqe,
-                                data,
-                                data_len,
-                                status,
-                            });
-                        }
-                    }
-                } else {
-                    None
-                };
+                // The command runs on the buffer it came with; remember whose it is.
+                if let Some(b) = &buf
+                    && !self.pool_homes.iter().any(|(id, _)| *id == b.pool_id())
+                {
+                    self.pool_homes.push((b.pool_id(), li));
+                }
                 let pi = match self.find(li, conn) {
                     Some(pi) => pi,
                     None => match target.open_queue_for(FORWARD_OWNER) {
@@ -1203,9 +1230,6 @@ impl Holder {
                             }
                         }
                         Err(_) => {
-                            if let Some(b) = buf {
-                                let _ = self.pool.put(b);
-                            }
                             let cqe = Cqe {
                                 dw0: 0,
                                 dw1: 0,
@@ -1218,16 +1242,19 @@ impl Holder {
                             let done = FromHolder::Done {
                                 conn,
                                 cqe,
-                                data: Vec::new(),
+                                buf,
+                                data_len: 0,
                                 depth: None,
                                 adopt: None,
                             };
                             self.send(links, li, Msg::FromHolder(done));
-                            return None;
+                            return;
                         }
                     },
                 };
-                let queue = self.proxies[pi].as_ref().map(|p| p.queue)?;
+                let Some(queue) = self.proxies[pi].as_ref().map(|p| p.queue) else {
+                    return;
+                };
                 let req = Request {
                     sqe,
                     buf,
@@ -1243,22 +1270,14 @@ impl Holder {
                 }
             }
         }
-        None
     }
 
     /// Sends a held queue's response to its connection's core.
     fn reply(&mut self, pi: usize, resp: Response, links: &mut Links, target: &Target) {
-        let data = match &resp.buf {
-            Some(b) if resp.data_len > 0 => {
-                let d = b.as_slice();
-                d[..d.len().min(resp.data_len as usize)].to_vec()
-            }
-            _ => Vec::new(),
-        };
-        if let Some(b) = resp.buf {
-            let _ = self.pool.put(b);
-        }
         let Some(p) = self.proxies.get_mut(pi).and_then(Option::as_mut) else {
+            if let Some(b) = resp.buf {
+                self.release(links, b);
+            }
             return;
         };
         let (mut depth, mut adopt) = (None, None);
@@ -1277,7 +1296,8 @@ impl Holder {
         let done = FromHolder::Done {
             conn,
             cqe: resp.cqe,
-            data,
+            buf: resp.buf,
+            data_len: resp.data_len,
             depth,
             adopt,
         };

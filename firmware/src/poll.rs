@@ -154,7 +154,15 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
     };
     let (mut net, pairs) = bring_up_net(&platform, addressing, cores);
     let mac = net.as_ref().map_or([0; 6], |n| n.device.mac());
-    let drives = crate::drives::bring_up(&platform, pairs.len() as u16);
+    // Core queue pairs on each drive: one per other core serving NVMe/TCP (`percore`), then,
+    // when there can be emulated functions, one per other core serving their pairs (`fnq`).
+    let tcp_queues = pairs.len();
+    let fn_queues = if cores > 1 && shared_memory_bars(&platform.pci).count() > 0 {
+        cores - 1
+    } else {
+        0
+    };
+    let drives = crate::drives::bring_up(&platform, (tcp_queues + fn_queues) as u16);
     let plan = match provisioned {
         Some((cfg, source)) => Plan::from_bundle(&cfg, source, mac, PROVISION_PUBKEY),
         None => {
@@ -258,7 +266,8 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
     }
     // The emulated functions' I/O queue pairs on every core (`crate::fnq`).
     let mut hub =
-        percpu::with_local::<Links, _>(|links| Hub::start(links, &mut services)).flatten();
+        percpu::with_local::<Links, _>(|links| Hub::start(links, &mut services, tcp_queues))
+            .flatten();
     let mut no_inbox = Vec::new();
     // `keel: ready` means every core listens: a connection the NIC steers to a core whose
     // plane is not up yet would be refused.

@@ -56,6 +56,12 @@ impl Hw for Qemu {
     fn nic_counters() -> keel_mgmt::NicCounters {
         crate::cores::nic_counters()
     }
+    fn drive_queues_elsewhere(drive: usize) -> alloc::vec::Vec<keel_mgmt::DriveQueueInfo> {
+        crate::cores::drive_queues_elsewhere(drive)
+    }
+    fn remote_queues_elsewhere(volume: u32) -> alloc::vec::Vec<crate::shares::LaneRow> {
+        crate::cores::remote_queues_elsewhere(volume)
+    }
 }
 
 /// The NIC of one core's network stack: the whole single-queue virtio-net (one core), or
@@ -169,6 +175,34 @@ impl DriveCtl for NvmeDrive {
     }
     fn core_queues(&self) -> usize {
         self.info().map_or(0, |i| usize::from(i.core_queues))
+    }
+    fn status(&self) -> crate::hw::DriveStatus {
+        use keel_hal::nvme::driver::State;
+        let s = self.stats();
+        let info = self.info();
+        crate::hw::DriveStatus {
+            model: info.as_ref().map(|i| i.model.clone()).unwrap_or_default(),
+            state: match self.state() {
+                State::Online => "online",
+                State::Resetting => "resetting",
+                State::Dead => "dead",
+                State::ShutDown => "shut down",
+            },
+            resets: s.resets,
+            aborts: s.aborts,
+            io_queues: info.map_or(0, |i| i.io_queues),
+            own: crate::shares::QueueCounters {
+                commands: s.commands,
+                completed: s.requests_done,
+                errors: s.errors,
+                timeouts: s.timeouts,
+                resets: s.resets,
+                failed_by_reset: s.failed_by_reset,
+                sq_doorbells: s.sq_doorbells,
+                cq_doorbells: s.cq_doorbells,
+                queue_full: s.queue_full,
+            },
+        }
     }
 }
 

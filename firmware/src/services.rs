@@ -773,8 +773,9 @@ impl<H: Hw> Services<H> {
 
     /// The subsystems of live emulated functions whose I/O queue pairs other cores can
     /// serve (`crate::fnq`): replicable ones ([`Services::replicable`]) whose namespaces are
-    /// all RAM in shared regions (a core serving a pair has no queue pair of its own on a
-    /// drive for it).
+    /// all RAM in shared regions or namespaces of local drives (each core serving pairs
+    /// gets a queue pair of its own on the drive; `fnq::Hub::start` keeps a subsystem on
+    /// core 0 if some core got none). Remote namespaces stay on core 0.
     pub fn function_replicas(&self) -> Vec<ReplicaSubsystem> {
         self.replicable
             .iter()
@@ -782,9 +783,12 @@ impl<H: Hw> Services<H> {
                 self.functions
                     .iter()
                     .any(|e| e.slot == SlotState::Live && e.nqn == s.nqn)
-                    && s.namespaces
-                        .iter()
-                        .all(|n| matches!(n.source, ReplicaSource::Ram(_)))
+                    && s.namespaces.iter().all(|n| {
+                        matches!(
+                            n.source,
+                            ReplicaSource::Ram(_) | ReplicaSource::Drive { .. }
+                        )
+                    })
             })
             .cloned()
             .collect()
@@ -956,11 +960,6 @@ fn replicable(
             return None;
         }
         if let NsSpec::Remote { remote, slice } = &n.spec {
-            if n.key.is_some() {
-                // Encrypted remote namespaces stay with the controller core (not built per
-                // core yet).
-                return None;
-            }
             // Served later, once identified (by then on every core first: `crate::percore`).
             return Some(ReplicaSource::Remote {
                 remote: remote.clone(),
@@ -1012,6 +1011,30 @@ fn replicable(
             })
         })
         .collect()
+}
+
+/// A replica namespace's backend, wrapped in its cipher when it is encrypted: the same key
+/// over the same blocks as on the controller core (which checked the key and the CPU's AES
+/// instructions before serving the namespace). `None` (said on the console) if the key is
+/// unusable.
+pub(crate) fn replica_cipher(
+    n: &ReplicaNs,
+    backend: Box<dyn BlockBackend>,
+) -> Option<Box<dyn BlockBackend>> {
+    match &n.key {
+        None => Some(backend),
+        Some(k) => {
+            let key = xts_key(k)
+                .0
+                .map_err(|e| klog::error!("percore: namespace {}: {}", n.nsid, klog::D(&e)))
+                .ok()?;
+            Some(Box::new(EncryptedBackend::new(
+                backend,
+                &key,
+                BACKEND_DEPTH,
+            )))
+        }
+    }
 }
 
 /// Requests one namespace's handle holds between polls on a core serving a replica.
@@ -1128,18 +1151,7 @@ fn replica_namespace(
                 .ok()?
         }
     };
-    // Encrypted: the same key over the same blocks as on the controller core (which
-    // checked the key and the CPU's AES instructions before serving the namespace).
-    let backend = match &n.key {
-        None => backend,
-        Some(k) => {
-            let key = xts_key(k)
-                .0
-                .map_err(|e| klog::error!("percore: namespace {}: {}", n.nsid, klog::D(&e)))
-                .ok()?;
-            Box::new(EncryptedBackend::new(backend, &key, BACKEND_DEPTH))
-        }
-    };
+    let backend = replica_cipher(n, backend)?;
     Some(NamespaceConfig {
         nsid: n.nsid,
         backend,

@@ -16,7 +16,6 @@ use keel_nvme::fabrics::CNTLID_DYNAMIC;
 use keel_nvme::identify::{IDENTIFY_LEN, IdentifyCommand};
 use keel_nvme::io::RwCommand;
 use keel_nvme::{Cqe, IoOpcode};
-use keel_storage::IoBuf;
 use smoltcp::socket::tcp;
 
 /// The controller core: its services (RAM in shared regions) and one queue per forwarded
@@ -80,7 +79,7 @@ impl Holder {
                 ToHolder::Capsule {
                     conn,
                     sqe,
-                    data,
+                    buf,
                     data_len,
                     status,
                 } => {
@@ -94,11 +93,8 @@ impl Holder {
                             self.queues.len() - 1
                         }
                     };
-                    let buf = (data_len > 0).then(|| {
-                        let mut b = IoBuf::leak_zeroed(data_len as usize);
-                        b.as_mut_slice()[..data.len()].copy_from_slice(&data);
-                        b
-                    });
+                    // The command runs on the core's own buffer (forwarding copies nothing).
+                    assert_eq!(buf.is_some(), data_len > 0, "{sqe:?}");
                     let req = Request {
                         sqe,
                         buf,
@@ -123,11 +119,6 @@ impl Holder {
                             got.expect("a completion")
                         }
                     };
-                    let data = resp
-                        .buf
-                        .as_ref()
-                        .map(|b| b.as_slice()[..resp.data_len as usize].to_vec())
-                        .unwrap_or_default();
                     let (mut depth, mut adopt) = (None, None);
                     if !self.queues[i].2
                         && let Some(info) = self.s.target.queue_info(q)
@@ -139,7 +130,8 @@ impl Holder {
                     let done = FromHolder::Done {
                         conn,
                         cqe: resp.cqe,
-                        data,
+                        buf: resp.buf,
+                        data_len: resp.data_len,
                         depth,
                         adopt,
                     };
@@ -396,6 +388,103 @@ fn a_secondary_forwards_admin_and_serves_adopted_io_over_shared_ram() {
     assert!(h.queues.is_empty(), "every held queue closed: {:?}", h.seen);
 }
 
+/// Forwarding copies nothing: a command goes to the controller core with the core's own
+/// data buffer and the buffer comes back with the answer, even when the connection went away
+/// in between (a stale answer, or a buffer the controller core's target released after the
+/// queue closed): the core's pools end whole.
+#[test]
+fn forwarded_buffers_come_home_when_the_connection_is_gone() {
+    let h = Holder::new("keel.ram=16 keel.ip=127.0.0.1/8");
+    let mut dev = secondary(&h);
+    let nqn = crate::config::DEFAULT_NQN;
+    let (free0, all) = dev.services.nvmf.as_ref().unwrap().buffers();
+    let mut admin = Queue::open(&mut dev, 51_100);
+    let sqe = keel_nvme::fabrics::ConnectCommand {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 31,
+        cattr: 0,
+        kato: 30_000,
+    }
+    .to_sqe(0);
+    let mut data = vec![0u8; keel_nvme::fabrics::ConnectData::SIZE];
+    keel_nvme::fabrics::ConnectData::new([7; 16], CNTLID_DYNAMIC, nqn, "nqn.2026-12.test:host")
+        .write(&mut data);
+    let n = data.len() as u32;
+    admin.host.submit(sqe, Some((data.clone(), n))).unwrap();
+    // Two commands reach the "controller core" and are not answered yet.
+    let id = IdentifyCommand {
+        cns: 1,
+        cntid: 0,
+        nsid: 0,
+        csi: 0,
+    }
+    .to_sqe(0);
+    admin
+        .host
+        .submit(id, Some((vec![0u8; IDENTIFY_LEN], IDENTIFY_LEN as u32)))
+        .unwrap();
+    let mut capsules = Vec::new();
+    for _ in 0..200 {
+        admin.pump(&mut dev);
+        capsules.append(&mut dev.services.nvmf.as_mut().unwrap().outbox);
+        if capsules.len() == 2 {
+            break;
+        }
+    }
+    let mut bufs = Vec::new();
+    for m in capsules {
+        let ToHolder::Capsule { conn, sqe, buf, .. } = m else {
+            panic!("a capsule");
+        };
+        let b = buf.expect("the command's data buffer travels with it");
+        if sqe.opcode == 0x7F {
+            assert_eq!(
+                &b.as_slice()[..data.len()],
+                &data[..],
+                "Connect data in place"
+            );
+        }
+        bufs.push((conn, sqe, b));
+    }
+    assert_eq!(bufs.len(), 2);
+    assert_eq!(
+        dev.services.nvmf.as_ref().unwrap().buffers(),
+        (free0 - 2, all),
+        "both buffers are at the controller core"
+    );
+    // The host goes away.
+    dev.net.sockets.get_mut::<tcp::Socket>(admin.sock).abort();
+    for _ in 0..100 {
+        dev.pass();
+    }
+    assert_eq!(dev.services.nvmf.as_ref().unwrap().connections(), 0);
+    // One answer comes back for the gone connection, the other buffer as a release.
+    let (conn, sqe, b) = bufs.remove(0);
+    let done = FromHolder::Done {
+        conn,
+        cqe: Cqe {
+            dw0: 0,
+            dw1: 0,
+            sqhd: 0,
+            sqid: 0,
+            cid: sqe.cid,
+            phase: false,
+            status: keel_nvme::Status::SUCCESS,
+        },
+        buf: Some(b),
+        data_len: 0,
+        depth: None,
+        adopt: None,
+    };
+    let (_, _, b) = bufs.remove(0);
+    let target = &mut dev.services.target;
+    let svc = dev.services.nvmf.as_mut().unwrap();
+    svc.on_holder(done, now(), target);
+    svc.on_holder(FromHolder::Release { buf: b }, now(), target);
+    assert_eq!(svc.buffers(), (free0, all), "every buffer home");
+}
+
 /// A subsystem with a remote namespace (unencrypted, no limits) is served by every core: its
 /// replica is built at boot without the remote namespace (its size is not known yet), which
 /// each core adds when core 0 hands it the volume's lane; namespace changes made only by
@@ -443,11 +532,17 @@ fn a_subsystem_with_a_remote_namespace_is_served_by_every_core() {
     assert!(log.explains(5, 7));
     assert!(!log.explains(3, 7), "a change before the adds");
 
-    // An encrypted remote namespace keeps its subsystem on core 0.
+    // An encrypted remote namespace is served by every core too: the replica carries its
+    // key (each core wraps its lane in the same cipher).
     let h = Holder::new(
         "keel.ns=remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.xts=1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1ff0e1d2c3b4a5968778695a4b3c2d1e0f0123456789abcdeffedcba9876543210 keel.ip=127.0.0.1/8",
     );
-    assert!(h.s.replicable.is_empty(), "{:?}", h.s.replicable);
+    assert_eq!(h.s.replicable.len(), 1, "{:?}", h.s.replicable);
+    let n = &h.s.replicable[0].namespaces[0];
+    assert!(
+        matches!(n.source, crate::services::ReplicaSource::Remote { .. }) && n.key.is_some(),
+        "{n:?}"
+    );
 }
 
 /// The emulated functions every core serves (`crate::fnq`): with the functions' RAM shared

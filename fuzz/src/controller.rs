@@ -493,7 +493,10 @@ impl Harness {
                         if writes {
                             assert_eq!(data, before, "write data changed");
                         }
-                        self.answered(qq, &sqe, cookie, len, r);
+                        // A read's data is in the caller's window, not in a buffer.
+                        assert_eq!(r.cookie, cookie, "answer for another command");
+                        assert_eq!(r.cqe.cid, sqe.cid, "CID not echoed");
+                        assert!(r.data_len <= len, "more data than the host asked for");
                     }
                     None => {
                         self.cookie -= 1;

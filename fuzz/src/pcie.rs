@@ -405,8 +405,11 @@ impl Harness {
     }
 
     fn refresh_writable(&mut self) {
-        let mut w: Vec<Range<u64>> = Vec::with_capacity(self.cqs.len() + 1);
+        let mut w: Vec<Range<u64>> = Vec::with_capacity(self.cqs.len() + 2);
         w.push(DATA..DATA + DATA_LEN);
+        // PRP lists are built here, but a transfer that spans exactly two pages takes PRP2 as
+        // the second data page itself (NVMe base 2.0 §4.1.1), wherever the host pointed it.
+        w.push(LISTS..LISTS + LIST_PAGES * PS);
         w.extend(
             self.cqs
                 .iter()

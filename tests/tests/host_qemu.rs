@@ -981,22 +981,53 @@ fn a_function_s_io_queues_are_served_on_every_core() {
         "8f3a1c5e9b7d2460f1e3c5a79b8d0f21436587a9cbed0f1e2d3c4b5a69788796",
         "0a1b2c3d4e5f60718293a4b5c6d7e8f9f8e7d6c5b4a3928170f6e5d4c3b2a190"
     );
-    for (cores, xts) in [(2u32, false), (4, false), (2, true)] {
+    // The drive case: the function's namespace is QEMU's NVMe drive (`keel.fn.ns=drive:0`),
+    // and core 1 reaches it through its own I/O queue pair on the drive.
+    for (cores, xts, drive) in [
+        (2u32, false, false),
+        (4, false, false),
+        (2, true, false),
+        (2, false, true),
+    ] {
         let mport = free_port();
         let smp = cores.to_string();
         let mp = mport.to_string();
-        let append = format!("keel.fn.xts=0:{key}");
+        let disk = drive.then(|| ScratchFile::new("every-core-drive.img", 64 << 20));
+        let dp = disk
+            .as_ref()
+            .map(|d| d.path().display().to_string())
+            .unwrap_or_default();
+        let append = if drive {
+            "keel.fn.ns=drive:0".to_string()
+        } else {
+            format!("keel.fn.xts=0:{key}")
+        };
+        let mut extra = vec!["--smp", &smp, "--mgmt-port", &mp];
+        if drive {
+            extra.extend(["--disk", &dp]);
+        }
         let rig = Rig::boot_with(
-            &format!("every-core-{cores}{}", if xts { "-xts" } else { "" }),
+            &format!(
+                "every-core-{cores}{}{}",
+                if xts { "-xts" } else { "" },
+                if drive { "-drive" } else { "" }
+            ),
             1,
-            xts.then_some(append.as_str()),
-            &["--smp", &smp, "--mgmt-port", &mp],
+            (xts || drive).then_some(append.as_str()),
+            &extra,
         );
         let mgmt = format!("127.0.0.1:{mport}");
         let w = rig.window(0);
         console_has(&rig, &format!("I/O queue q served on core q % {cores}"));
         if xts {
             console_has(&rig, "function 0 namespace 1 encrypted with aes-256-xts");
+        }
+        if drive {
+            // Core 1 has its own I/O queue pair on the drive.
+            console_has(
+                &rig,
+                "fnq: core 1 serves I/O queue pairs of the emulated functions of [\"nqn.2026-11.dev.keel:fn0\"] (drive, I/O queue: [(0, ",
+            );
         }
         // Writes on every queue, then a verify (its queue 1: core 1), then a mixed bench on
         // `cores` queues.
@@ -1069,6 +1100,25 @@ fn a_function_s_io_queues_are_served_on_every_core() {
             std::fs::read(&over_tcp).unwrap() == data,
             "NVMe/TCP (core 0) reads what core 1 wrote"
         );
+        if let Some(d) = &disk {
+            // On the drive itself (QEMU's NVMe device writes through to the file; 512-byte
+            // blocks).
+            let bytes = std::fs::read(d.path()).unwrap();
+            assert!(
+                bytes[4096 * 512..4096 * 512 + data.len()] == data[..],
+                "the drive holds what core 1 wrote"
+            );
+            // Through core 1's own pair on the drive, which status shows.
+            let m = keel_tests::keelctl_ok(&["metrics", "--device", &mgmt]);
+            let core1: u64 = m
+                .lines()
+                .filter(|l| {
+                    l.starts_with("keel_drive_queue_commands_total{") && l.contains("core=\"1\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            assert!(core1 > 0, "core 1's drive pair took no command:\n{m}");
+        }
         // Every other core served commands of its queues; core 0 those of the admin queue.
         for core in 0..cores {
             let n = function_commands(&mgmt, core);

@@ -1342,19 +1342,86 @@ fn on_core(
     min: u64,
     run: &mut dyn FnMut(),
 ) -> (u64, u64) {
+    let (cmds, msgs, _, _) = on_core_metrics(mgmt, cores, k, what, min, run);
+    (cmds, msgs)
+}
+
+/// [`on_core`], also returning `/metrics` just before and just after the run that landed on
+/// core `k` (each taken once, for the per-core commands and messages too).
+fn on_core_metrics(
+    mgmt: &str,
+    cores: u32,
+    k: usize,
+    what: &str,
+    min: u64,
+    run: &mut dyn FnMut(),
+) -> (u64, u64, String, String) {
+    let of =
+        |m: &str, name: &str| -> Vec<u64> { (0..cores).map(|c| core_metric(m, name, c)).collect() };
     for _ in 0..32 {
-        let cmds = per_core(mgmt, "nvmf_commands_total", cores);
-        let msgs = per_core(mgmt, "messages_total", cores);
+        let before = ok(&["metrics", "--device", mgmt]);
         run();
-        let cmds2 = per_core(mgmt, "nvmf_commands_total", cores);
-        let msgs2 = per_core(mgmt, "messages_total", cores);
+        let after = ok(&["metrics", "--device", mgmt]);
+        let (cmds, msgs) = (
+            of(&before, "nvmf_commands_total"),
+            of(&before, "messages_total"),
+        );
+        let (cmds2, msgs2) = (
+            of(&after, "nvmf_commands_total"),
+            of(&after, "messages_total"),
+        );
         let d: Vec<u64> = cmds2.iter().zip(&cmds).map(|(a, b)| a - b).collect();
         let others = (0..cores as usize).filter(|&c| c != k).all(|c| d[c] < min);
         if d[k] >= min && others {
-            return (d[k], msgs2[0] - msgs[0]);
+            return (d[k], msgs2[0] - msgs[0], before, after);
         }
     }
     panic!("{what}: no run's I/O connection landed on core {k} in 32 tries");
+}
+
+/// `keel_remote_queue_commands_total` of QID `qid` on core `core` (one remote volume).
+fn remote_queue_commands(m: &str, core: u32, qid: u32) -> u64 {
+    let label = format!(",core=\"{core}\",qid=\"{qid}\"}}");
+    m.lines()
+        .find(|l| l.starts_with("keel_remote_queue_commands_total{") && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no remote queue {qid} of core {core}:\n{m}"))
+}
+
+/// `promtool check metrics` accepts `m` (skipped, said on stderr, without promtool).
+fn promtool_accepts(m: &str) {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED promtool check: promtool not runnable ({e})");
+            return;
+        }
+    };
+    child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{m}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `keel_drive_queue_<name>` of core `core`'s I/O queue pairs on the drive (there is one).
+fn drive_queue_metric(m: &str, name: &str, core: u32) -> u64 {
+    let prefix = format!("keel_drive_queue_{name}{{drive=\"");
+    let label = format!(",core=\"{core}\",");
+    m.lines()
+        .find(|l| l.starts_with(&prefix) && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}...{label}...:\n{m}"))
 }
 
 /// `keelctl nvme write` of `file` at `lba` of namespace 1, retried until its I/O queue
@@ -1472,7 +1539,7 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
     // Every run counts (whichever core served it): writes, reads.
     let mut ios = [0u64; 2];
     for (i, rw) in ["write", "read"].into_iter().enumerate() {
-        let (cmds, msgs) = on_core_1(&mgmt, cores, rw, 600, &mut || {
+        let (cmds, msgs, m0, m1) = on_core_metrics(&mgmt, cores, 1, rw, 600, &mut || {
             bench_ns1(
                 &addr,
                 &[
@@ -1495,6 +1562,36 @@ fn drive_io_on_core_1(cores: u32, test: u32) {
             msgs < 200,
             "core 0 took {msgs} ring messages while core 1 served {cmds} commands: I/O was forwarded"
         );
+        // Core 1's own queue pair (QID 5) carried the run, counted by the driver on core 1
+        // and published for core 0's /metrics; core 0's pairs (QIDs 1-4) did not.
+        let grew = |name: &str, core: u32| {
+            drive_queue_metric(&m1, name, core) - drive_queue_metric(&m0, name, core)
+        };
+        let (c1, c0) = (grew("commands_total", 1), grew("commands_total", 0));
+        assert!(
+            c1 >= 600 && drive_queue_metric(&m1, "completions_total", 1) >= c1,
+            "{rw}: core 1's pair took {c1} commands for 600 I/Os:\n{m1}"
+        );
+        assert!(
+            c0 * 10 < c1,
+            "{rw}: core 0's pairs took {c0} commands while core 1's took {c1}:\n{m1}"
+        );
+        assert!(
+            grew("sq_doorbells_total", 1) > 0 && grew("cq_doorbells_total", 1) > 0,
+            "{rw}: core 1's doorbells:\n{m1}"
+        );
+        assert!(
+            grew("sq_doorbells_total", 0) * 10 < grew("sq_doorbells_total", 1),
+            "{rw}: core 0's doorbells grew with core 1's I/O:\n{m1}"
+        );
+        assert!(
+            m1.lines().any(|l| l.starts_with("keel_drive_queue_state{")
+                && l.ends_with(",core=\"1\",qid=\"5\",state=\"up\"} 1")),
+            "core 1's pair is QID 5, up:\n{m1}"
+        );
+        assert_eq!(drive_queue_metric(&m1, "timeouts_total", 1), 0);
+        promtool_accepts(&m1);
+        eprintln!("tap: drive {rw} on core 1: core 1's pair +{c1} commands, core 0's pairs +{c0}");
     }
     // Every run's commands are counted, whichever core served them.
     assert_eq!(namespace_metric(&mgmt, "writes", 1) - writes_before, ios[0]);
@@ -1668,10 +1765,22 @@ impl Drop for Relay {
 /// connection and on the remote itself.
 #[test]
 fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
+    remote_io_on_core_1(false, 10, 11);
+}
+
+/// The same with the remote namespace encrypted on the DPU (AES-256-XTS, `keel.xts`): core
+/// 1 wraps its lane in the same cipher as core 0's, so what core 1 writes core 0 reads, and
+/// the remote holds only ciphertext.
+#[test]
+fn encrypted_remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
+    remote_io_on_core_1(true, 16, 17);
+}
+
+fn remote_io_on_core_1(encrypted: bool, rtest: u32, dtest: u32) {
     require_tap();
     keelctl();
-    let rnet = tap_net(10);
-    let dnet = tap_net(11);
+    let rnet = tap_net(rtest);
+    let dnet = tap_net(dtest);
     let mut remote = boot_on_tap(Build::Release, 1, &rnet, &["--append", "keel.ns=ram:64"]);
     remote
         .wait_for("keel: ready", BOOT_TIMEOUT)
@@ -1680,7 +1789,13 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
     // The DPU's path to the remote: this machine's address on the DPU's tap, relayed.
     let relay_port = keel_tests::free_port();
     let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
-    let spec = format!("keel.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1");
+    let mut spec = format!("keel.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1");
+    if encrypted {
+        spec.push_str(concat!(
+            " keel.xts=1:8f3a1c5e9b7d2460f1e3c5a79b8d0f21436587a9cbed0f1e2d3c4b5a69788796",
+            "0a1b2c3d4e5f60718293a4b5c6d7e8f9f8e7d6c5b4a3928170f6e5d4c3b2a190"
+        ));
+    }
     let mut dpu = boot_on_tap(Build::Release, 2, &dnet, &["--append", &spec]);
     dpu.wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("dpu: {e}"));
@@ -1712,7 +1827,7 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
     let mgmt = format!("{dnet}.2:7000");
 
     // Verified mixed I/O on a connection that landed on core 1.
-    let (cmds, msgs) = on_core_1(&mgmt, 2, "verified mix", 600, &mut || {
+    let (cmds, msgs, m0, m1) = on_core_metrics(&mgmt, 2, 1, "verified mix", 600, &mut || {
         bench_ns1(
             &addr,
             &[
@@ -1737,6 +1852,46 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
     eprintln!(
         "tap: remote namespace on core 1: {cmds} commands there, {msgs} ring messages to core 0"
     );
+    // Core 1's lane queue (QID 5) sent the run's commands to the remote, core 0's own
+    // queues (QIDs 1-4) hardly any: per-core rows of the volume in /metrics...
+    let lane = remote_queue_commands;
+    let on1 = lane(&m1, 1, 5) - lane(&m0, 1, 5);
+    let on0: u64 = (1..=4).map(|q| lane(&m1, 0, q) - lane(&m0, 0, q)).sum();
+    assert!(
+        on1 >= 600 && on0 * 10 < on1,
+        "remote commands during the run: core 1's queue {on1}, core 0's {on0}:\n{m1}"
+    );
+    eprintln!("tap: remote queue commands during the run: core 1 +{on1}, core 0 +{on0}");
+    promtool_accepts(&m1);
+    // ... and in `keelctl status`: core 1's row, live, with its commands.
+    let key = root().join("qemu/dev-keys/provision.key");
+    let st = ok(&[
+        "status",
+        "--device",
+        &mgmt,
+        "--key",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap_or_else(|e| panic!("{e}: {st}"));
+    let rows = v["remote_queues"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no remote_queues: {st}"));
+    let row = |core: u64, qid: u64| {
+        rows.iter()
+            .find(|r| r["core"] == core && r["qid"] == qid)
+            .unwrap_or_else(|| panic!("no queue {qid} of core {core}: {st}"))
+    };
+    let r1 = row(1, 5);
+    assert_eq!(r1["state"], "live", "{r1}");
+    assert_eq!(r1["subnqn"], "nqn.2026-11.dev.keel:default", "{r1}");
+    assert_eq!(r1["path"], format!("{dnet}.1:{relay_port}"), "{r1}");
+    assert!(r1["commands"].as_u64().unwrap() >= on1, "{r1}");
+    for q in 1..=4 {
+        assert_eq!(row(0, q)["state"], "live", "{st}");
+    }
+    let text = ok(&["status", "--device", &mgmt, "--key", key.to_str().unwrap()]);
+    assert!(text.contains("I/O queues, every core's:"), "{text}");
 
     // Data written on core 1 reads back through another connection, and on the remote.
     let data = ScratchFile::new("remq-data.bin", 0);
@@ -1791,10 +1946,16 @@ fn remote_namespace_io_on_core_1_uses_its_own_initiator_queue() {
         "-o",
         direct.path().to_str().unwrap(),
     ]);
-    assert!(
-        std::fs::read(direct.path()).unwrap() == bytes,
-        "on the remote itself"
-    );
+    let on_remote = std::fs::read(direct.path()).unwrap();
+    if encrypted {
+        // Ciphertext: no 4 KiB block as written, none zero.
+        for (i, (c, p)) in on_remote.chunks(4096).zip(bytes.chunks(4096)).enumerate() {
+            assert!(c != p, "block {i} reached the remote in plaintext");
+            assert!(c.iter().any(|&b| b != 0), "block {i} is zero on the remote");
+        }
+    } else {
+        assert!(on_remote == bytes, "on the remote itself");
+    }
     let console = dpu.console();
     for bad in [
         "*** keel",
@@ -1899,6 +2060,8 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
             assert_eq!(r.code, 0, "{r:?}");
             continue;
         }
+        // Core 1's lane queue counts what it sent so far.
+        let sent_before = remote_queue_commands(&ok(&["metrics", "--device", &mgmt]), 1, 5);
         // Its tap must be gone before it boots again on the same /24.
         let rtap = tap_name(&remote);
         kill_and_check_tap_removed(remote, &rtap);
@@ -1925,6 +2088,23 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
             c.matches("lane 1: 1 I/O queue(s) from QID 5").count() >= 2,
             "core 1 connected its queue again:\n{c}"
         );
+        // Its row is live again and its count went on from where it was (over both
+        // associations), and promtool accepts the rows.
+        let m = ok(&["metrics", "--device", &mgmt]);
+        let sent_after = remote_queue_commands(&m, 1, 5);
+        assert!(
+            sent_after > sent_before && sent_before > 0,
+            "core 1's lane queue sent {sent_before} before the restart, {sent_after} in all:\n{m}"
+        );
+        assert!(
+            m.lines().any(|l| l.starts_with("keel_remote_queue_state{")
+                && l.ends_with(",core=\"1\",qid=\"5\",state=\"live\"} 1")),
+            "core 1's queue is live again:\n{m}"
+        );
+        promtool_accepts(&m);
+        eprintln!(
+            "tap: core 1's lane queue: {sent_before} commands before the restart, {sent_after} in all"
+        );
         let args = verify(&format!("{rnet}.2:4420"), true);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let r = run_keelctl(None, &args);
@@ -1940,6 +2120,137 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
         return;
     }
     panic!("no workload's I/O connection landed on core 1 in 16 tries");
+}
+
+/// Issue 17, the hot path: no core allocates per command, whether core 1 serves an I/O queue
+/// itself (adopted: a subsystem every core serves) or hands each command to core 0 (a
+/// QoS-limited subsystem: the command and its data buffer travel through the rings). Two
+/// runs of the same workload on a connection of core 1 that differ only in their number of
+/// commands differ by almost no allocator call on either core
+/// (`keel_core_allocator_calls_total`): connections cost allocations, commands do not.
+#[test]
+fn no_core_allocates_per_command_adopted_or_forwarded() {
+    require_tap();
+    keelctl();
+    let net = tap_net(18);
+    let cfg = ScratchFile::new("no-alloc.toml", 0);
+    std::fs::write(
+        cfg.path(),
+        format!(
+            r#"[network]
+address = "{net}.2/24"
+gateway = "{net}.1"
+
+[[subsystem]]
+nqn = "nqn.2026-11.dev.keel:adopted"
+serial = "KEELA1"
+model = "served on every core"
+allowed_hosts = []
+
+[[subsystem]]
+nqn = "nqn.2026-11.dev.keel:forwarded"
+serial = "KEELA2"
+model = "QoS-limited: core 0"
+allowed_hosts = []
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:adopted"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+
+[[namespace]]
+subsystem = "nqn.2026-11.dev.keel:forwarded"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+qos = {{ iops = 1000000000 }}
+"#
+        ),
+    )
+    .unwrap();
+    // A configuration boots from flash: qemu/run packs the ELF with the bundle.
+    let elf = keel_tests::image(Build::Release).with_extension("");
+    let mut q = Qemu::start(&[
+        "--elf",
+        elf.to_str().unwrap(),
+        "--smp",
+        "2",
+        "--net",
+        "tap",
+        "--tap-net",
+        &net,
+        "--config",
+        cfg.path().to_str().unwrap(),
+    ]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:adopted\"] here";
+    if !q.console().contains(serving) {
+        q.wait_for(serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    for nqn in [
+        "nqn.2026-11.dev.keel:adopted",
+        "nqn.2026-11.dev.keel:forwarded",
+    ] {
+        // (commands on core 1, ring messages core 0 took, allocator calls of core 0 and
+        // core 1) for a run of `ios`.
+        let run = |ios: u64| -> (u64, u64, [u64; 2]) {
+            let n = ios.to_string();
+            let (cmds, msgs, before, after) =
+                on_core_metrics(&mgmt, 2, 1, "bench", ios, &mut || {
+                    ok(&[
+                        "nvme",
+                        "bench",
+                        "--addr",
+                        &addr,
+                        "--nqn",
+                        nqn,
+                        "--nsid",
+                        "1",
+                        "--rw",
+                        "mix",
+                        "--connections",
+                        "1",
+                        "--qd",
+                        "8",
+                        "--ios",
+                        &n,
+                        "--range-mib",
+                        "16",
+                    ]);
+                });
+            let allocs = [0, 1].map(|c| {
+                core_metric(&after, "allocator_calls_total", c)
+                    - core_metric(&before, "allocator_calls_total", c)
+            });
+            (cmds, msgs, allocs)
+        };
+        // Warm-up (first connections size the pools and tables).
+        run(500);
+        let (c1, _, a1) = run(1000);
+        let (c2, m2, a2) = run(9000);
+        eprintln!(
+            "tap: {nqn}: {c1} commands on core 1: allocator calls {a1:?}; {c2} ({m2} ring messages to core 0): {a2:?}"
+        );
+        // Adopted: core 1 serves the queue alone; forwarded: every command is a message.
+        if nqn.ends_with("adopted") {
+            assert!(m2 * 10 < c2, "{nqn}: {m2} messages for {c2} commands");
+        } else {
+            assert!(m2 >= c2, "{nqn}: {m2} messages for {c2} commands");
+        }
+        let extra = c2 - c1;
+        for core in 0..2 {
+            let more = a2[core].saturating_sub(a1[core]);
+            assert!(
+                more * 100 < extra,
+                "{nqn}: core {core} made {more} more allocator calls for {extra} more commands ({a1:?} vs {a2:?})"
+            );
+        }
+    }
+    kill_and_check_tap_removed(q, &tap);
 }
 
 /// A `keelctl nvme bench` running in the background (killed on drop if still running).

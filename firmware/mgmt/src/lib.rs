@@ -132,6 +132,85 @@ pub struct Snapshot {
     /// Appended like `remotes` (two integers: a device from before reads as zeroes).
     #[serde(default)]
     pub nic: NicCounters,
+    /// Local NVMe drives, each with the I/O queue pairs of every core that has some (core 0's
+    /// own, and one per other core serving the drive's namespaces), each read from counters
+    /// only its own core writes. Appended like `remotes`.
+    #[serde(default)]
+    pub drives: Vec<DriveInfo>,
+    /// The I/O queues of every remote volume's associations, per core: core 0's own and each
+    /// other core's lane queues, each read from counters only its own core writes. Appended
+    /// like `remotes` (rows of their own: [`RemoteInfo`] cannot grow compatibly).
+    #[serde(default)]
+    pub remote_queues: Vec<RemoteQueueInfo>,
+}
+
+/// A local NVMe drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DriveInfo {
+    /// PCI address (`00:02.0`).
+    pub bdf: String,
+    /// Identify Controller model number.
+    pub model: String,
+    /// `online`, `resetting`, `dead` (given up on), `shut down`.
+    pub state: String,
+    /// Controller resets started since it came up (core 0 runs them, for every core).
+    pub resets: u64,
+    /// Abort commands sent (core 0's queues only: other cores' commands are not aborted).
+    pub aborts: u64,
+    /// Its I/O queue pairs, one row per core (core 0 first).
+    pub queues: Vec<DriveQueueInfo>,
+}
+
+/// One core's I/O queue pairs on a drive, counted by the driver on that core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DriveQueueInfo {
+    /// The core that owns and polls them.
+    pub core: u16,
+    /// QID of its first I/O queue pair.
+    pub first_qid: u16,
+    /// Its I/O queue pairs (core 0: the drive's own; another core: one).
+    pub queues: u16,
+    /// `up`, `down` (being reset or not created yet), `dead`.
+    pub state: String,
+    /// Commands submitted.
+    pub commands: u64,
+    /// Requests completed (successfully or not).
+    pub completed: u64,
+    /// Commands that completed with an error status.
+    pub errors: u64,
+    /// Commands that timed out.
+    pub timeouts: u64,
+    /// Resets these queues went through (core 0: controller resets started).
+    pub resets: u64,
+    /// Requests failed back because the controller reset or was given up on.
+    pub failed_by_reset: u64,
+    /// SQ tail doorbell writes.
+    pub sq_doorbells: u64,
+    /// CQ head doorbell writes.
+    pub cq_doorbells: u64,
+    /// Requests refused as busy because the queues had no room.
+    pub queue_full: u64,
+}
+
+/// One I/O queue of a remote volume's association, on the core that owns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RemoteQueueInfo {
+    /// The remote subsystem's NQN (the volume, with `nsid`).
+    pub subnqn: String,
+    /// The namespace there.
+    pub nsid: u32,
+    /// The path (`a.b.c.d:port`).
+    pub path: String,
+    /// The core whose network stack carries the queue's connection.
+    pub core: u16,
+    /// Its QID on the remote controller.
+    pub qid: u16,
+    /// `live` (connected), `connecting`, `down` (no association, or not connected yet).
+    pub state: String,
+    /// I/O commands sent on it since boot (every association of the path).
+    pub commands: u64,
+    /// I/O commands in flight on it now.
+    pub in_flight: u32,
 }
 
 /// Transmit counters of the network interface (virtio-net), summed over its queue pairs.

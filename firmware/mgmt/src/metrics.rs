@@ -5,7 +5,8 @@
 //! label values are escaped (`\\`, `\"`, `\n`).
 
 use crate::{
-    CoreInfo, Latency, NsCounters, QosDomainInfo, QosInfo, RemoteInfo, RemotePathInfo, Snapshot,
+    CoreInfo, DriveInfo, DriveQueueInfo, Latency, NsCounters, QosDomainInfo, QosInfo, RemoteInfo,
+    RemotePathInfo, RemoteQueueInfo, Snapshot,
 };
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -436,8 +437,212 @@ pub fn render(s: &Snapshot) -> String {
         sample(&mut o, name, &[], &int(value));
     }
     remotes(&mut o, &s.remotes);
+    remote_queues(&mut o, &s.remote_queues);
+    drives(&mut o, &s.drives);
     qos(&mut o, s);
     o
+}
+
+/// States a drive reports (`DriveInfo::state`).
+const DRIVE_STATES: [&str; 4] = ["online", "resetting", "dead", "shut down"];
+/// States a core's queue pairs on a drive report (`DriveQueueInfo::state`).
+const DRIVE_QUEUE_STATES: [&str; 3] = ["up", "down", "dead"];
+/// States a remote volume's I/O queue reports (`RemoteQueueInfo::state`).
+const REMOTE_QUEUE_STATES: [&str; 3] = ["live", "connecting", "down"];
+
+/// Name, help and getter of a per-core drive queue counter family.
+type DriveQueueFamily = (&'static str, &'static str, fn(&DriveQueueInfo) -> u64);
+
+/// The QIDs of a core's queue pairs as a label value (`5`, `1-4`).
+fn qids(first: u16, n: u16) -> String {
+    if n <= 1 {
+        int(u64::from(first))
+    } else {
+        alloc::format!("{first}-{}", u64::from(first) + u64::from(n) - 1)
+    }
+}
+
+/// Local drives: labels `drive` (PCI address) and, per core's queue pairs, `core` and `qid`
+/// (`1-4` for several).
+fn drives(o: &mut String, ds: &[DriveInfo]) {
+    family(
+        o,
+        "keel_drive_state",
+        "gauge",
+        "State of a local NVMe drive: 1 for the current one.",
+    );
+    for d in ds {
+        for st in DRIVE_STATES {
+            sample(
+                o,
+                "keel_drive_state",
+                &[("drive", &d.bdf), ("state", st)],
+                if d.state == st { "1" } else { "0" },
+            );
+        }
+    }
+    for (name, help, get) in [
+        (
+            "keel_drive_controller_resets_total",
+            "Controller resets of the drive started since it came up.",
+            (|d| d.resets) as fn(&DriveInfo) -> u64,
+        ),
+        (
+            "keel_drive_aborts_total",
+            "Abort commands sent to the drive.",
+            |d| d.aborts,
+        ),
+    ] {
+        family(o, name, "counter", help);
+        for d in ds {
+            sample(o, name, &[("drive", &d.bdf)], &int(get(d)));
+        }
+    }
+    let rows: Vec<(&DriveQueueInfo, [(&str, String); 3])> = ds
+        .iter()
+        .flat_map(|d| {
+            d.queues.iter().map(move |q| {
+                (
+                    q,
+                    [
+                        ("drive", d.bdf.clone()),
+                        ("core", int(u64::from(q.core))),
+                        ("qid", qids(q.first_qid, q.queues)),
+                    ],
+                )
+            })
+        })
+        .collect();
+    family(
+        o,
+        "keel_drive_queue_state",
+        "gauge",
+        "State of a core's I/O queue pairs on a drive: 1 for the current one.",
+    );
+    for (q, l) in &rows {
+        let [a, b, c] = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+        for st in DRIVE_QUEUE_STATES {
+            sample(
+                o,
+                "keel_drive_queue_state",
+                &[a, b, c, ("state", st)],
+                if q.state == st { "1" } else { "0" },
+            );
+        }
+    }
+    let families: [DriveQueueFamily; 9] = [
+        (
+            "keel_drive_queue_commands_total",
+            "Commands the core submitted to its I/O queue pairs on the drive.",
+            |q| q.commands,
+        ),
+        (
+            "keel_drive_queue_completions_total",
+            "Requests completed on the core's I/O queue pairs (successfully or not).",
+            |q| q.completed,
+        ),
+        (
+            "keel_drive_queue_command_errors_total",
+            "Commands on the core's I/O queue pairs that completed with an error status.",
+            |q| q.errors,
+        ),
+        (
+            "keel_drive_queue_timeouts_total",
+            "Commands on the core's I/O queue pairs that timed out.",
+            |q| q.timeouts,
+        ),
+        (
+            "keel_drive_queue_resets_total",
+            "Resets the core's I/O queue pairs went through.",
+            |q| q.resets,
+        ),
+        (
+            "keel_drive_queue_failed_by_reset_total",
+            "Requests failed back because the drive reset or was given up on.",
+            |q| q.failed_by_reset,
+        ),
+        (
+            "keel_drive_queue_sq_doorbells_total",
+            "SQ tail doorbell writes of the core's I/O queue pairs.",
+            |q| q.sq_doorbells,
+        ),
+        (
+            "keel_drive_queue_cq_doorbells_total",
+            "CQ head doorbell writes of the core's I/O queue pairs.",
+            |q| q.cq_doorbells,
+        ),
+        (
+            "keel_drive_queue_full_total",
+            "Requests refused as busy because the core's I/O queue pairs had no room.",
+            |q| q.queue_full,
+        ),
+    ];
+    for (name, help, get) in families {
+        family(o, name, "counter", help);
+        for (q, l) in &rows {
+            let l = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+            sample(o, name, &l, &int(get(q)));
+        }
+    }
+}
+
+/// Every core's I/O queues of remote volumes: labels `remote`, `remote_namespace`, `path`,
+/// `core` and `qid`.
+fn remote_queues(o: &mut String, qs: &[RemoteQueueInfo]) {
+    let rows: Vec<[(&str, String); 5]> = qs
+        .iter()
+        .map(|q| {
+            [
+                ("remote", q.subnqn.clone()),
+                ("remote_namespace", int(u64::from(q.nsid))),
+                ("path", q.path.clone()),
+                ("core", int(u64::from(q.core))),
+                ("qid", int(u64::from(q.qid))),
+            ]
+        })
+        .collect();
+    family(
+        o,
+        "keel_remote_queue_state",
+        "gauge",
+        "State of an I/O queue of a remote volume on its core: 1 for the current one.",
+    );
+    for (q, l) in qs.iter().zip(&rows) {
+        let [a, b, c, d, e] = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+        for st in REMOTE_QUEUE_STATES {
+            sample(
+                o,
+                "keel_remote_queue_state",
+                &[a, b, c, d, e, ("state", st)],
+                if q.state == st { "1" } else { "0" },
+            );
+        }
+    }
+    family(
+        o,
+        "keel_remote_queue_commands_total",
+        "counter",
+        "I/O commands the core sent on its queue of a remote volume's association.",
+    );
+    for (q, l) in qs.iter().zip(&rows) {
+        let l = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+        sample(o, "keel_remote_queue_commands_total", &l, &int(q.commands));
+    }
+    family(
+        o,
+        "keel_remote_queue_in_flight_commands",
+        "gauge",
+        "I/O commands in flight on the core's queue of a remote volume's association.",
+    );
+    for (q, l) in qs.iter().zip(&rows) {
+        let l = l.each_ref().map(|(k, v)| (*k, v.as_str()));
+        sample(
+            o,
+            "keel_remote_queue_in_flight_commands",
+            &l,
+            &int(u64::from(q.in_flight)),
+        );
+    }
 }
 
 /// States a remote volume reports (`RemoteInfo::state`).

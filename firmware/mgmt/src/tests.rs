@@ -262,6 +262,63 @@ fn snapshot() -> Snapshot {
             tx_tso_frames: 4242,
             tx_dropped: 2,
         },
+        drives: vec![DriveInfo {
+            bdf: "00:02.0".into(),
+            model: "QEMU NVMe Ctrl".into(),
+            state: "online".into(),
+            resets: 1,
+            aborts: 2,
+            queues: vec![
+                DriveQueueInfo {
+                    core: 0,
+                    first_qid: 1,
+                    queues: 4,
+                    state: "up".into(),
+                    commands: 120,
+                    completed: 118,
+                    errors: 1,
+                    timeouts: 2,
+                    resets: 1,
+                    failed_by_reset: 2,
+                    sq_doorbells: 100,
+                    cq_doorbells: 110,
+                    queue_full: 3,
+                },
+                DriveQueueInfo {
+                    core: 1,
+                    first_qid: 5,
+                    queues: 1,
+                    state: "down".into(),
+                    commands: 1200,
+                    completed: 1200,
+                    sq_doorbells: 900,
+                    cq_doorbells: 1000,
+                    ..DriveQueueInfo::default()
+                },
+            ],
+        }],
+        remote_queues: vec![
+            RemoteQueueInfo {
+                subnqn: "nqn.2026-11.dev.keel:pool".into(),
+                nsid: 1,
+                path: "10.0.2.2:4420".into(),
+                core: 0,
+                qid: 1,
+                state: "live".into(),
+                commands: 90,
+                in_flight: 3,
+            },
+            RemoteQueueInfo {
+                subnqn: "nqn.2026-11.dev.keel:pool".into(),
+                nsid: 1,
+                path: "10.0.2.2:4420".into(),
+                core: 1,
+                qid: 5,
+                state: "connecting".into(),
+                commands: 1170,
+                in_flight: 0,
+            },
+        ],
     }
 }
 
@@ -336,6 +393,8 @@ fn snapshots_stay_readable_across_versions() {
             function_slots: vec![],
             qos_domains: vec![],
             nic: NicCounters::default(),
+            drives: vec![],
+            remote_queues: vec![],
             ..snapshot()
         })
     );
@@ -965,6 +1024,23 @@ fn metrics_follow_the_exposition_grammar() {
         "keel_remote_path_ana_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4420\",ana=\"optimized\"} 1\n",
         "keel_remote_path_commands_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4420\"} 90\n",
         "keel_remote_path_aborted_commands_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4421\"} 7\n",
+        "keel_remote_queue_commands_total{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4420\",core=\"1\",qid=\"5\"} 1170\n",
+        "keel_remote_queue_state{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4420\",core=\"1\",qid=\"5\",state=\"connecting\"} 1\n",
+        "keel_remote_queue_in_flight_commands{remote=\"nqn.2026-11.dev.keel:pool\",remote_namespace=\"1\",path=\"10.0.2.2:4420\",core=\"0\",qid=\"1\"} 3\n",
+        "keel_drive_state{drive=\"00:02.0\",state=\"online\"} 1\n",
+        "keel_drive_controller_resets_total{drive=\"00:02.0\"} 1\n",
+        "keel_drive_aborts_total{drive=\"00:02.0\"} 2\n",
+        "keel_drive_queue_state{drive=\"00:02.0\",core=\"1\",qid=\"5\",state=\"down\"} 1\n",
+        "keel_drive_queue_commands_total{drive=\"00:02.0\",core=\"0\",qid=\"1-4\"} 120\n",
+        "keel_drive_queue_commands_total{drive=\"00:02.0\",core=\"1\",qid=\"5\"} 1200\n",
+        "keel_drive_queue_completions_total{drive=\"00:02.0\",core=\"0\",qid=\"1-4\"} 118\n",
+        "keel_drive_queue_command_errors_total{drive=\"00:02.0\",core=\"0\",qid=\"1-4\"} 1\n",
+        "keel_drive_queue_timeouts_total{drive=\"00:02.0\",core=\"0\",qid=\"1-4\"} 2\n",
+        "keel_drive_queue_resets_total{drive=\"00:02.0\",core=\"0\",qid=\"1-4\"} 1\n",
+        "keel_drive_queue_failed_by_reset_total{drive=\"00:02.0\",core=\"0\",qid=\"1-4\"} 2\n",
+        "keel_drive_queue_sq_doorbells_total{drive=\"00:02.0\",core=\"1\",qid=\"5\"} 900\n",
+        "keel_drive_queue_cq_doorbells_total{drive=\"00:02.0\",core=\"1\",qid=\"5\"} 1000\n",
+        "keel_drive_queue_full_total{drive=\"00:02.0\",core=\"0\",qid=\"1-4\"} 3\n",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }

@@ -182,8 +182,9 @@ pub struct Response {
 /// `qos_groups`, `qos_namespaces`, `qos_controllers` (empty lists, 1 byte each) and
 /// `resources` (18 integers at 0, 1 byte each), then `cores` (an empty list, 1 byte),
 /// `socket_buffer_bytes` (0, 1 byte), `function_slots` and `qos_domains` (empty lists, 1 byte
-/// each), then `nic` (2 integers at 0, 1 byte each).
-pub const APPENDED_FIELDS: usize = 4 + 18 + 1 + 1 + 1 + 1 + 2;
+/// each), then `nic` (2 integers at 0, 1 byte each), then `drives` and `remote_queues`
+/// (empty lists, 1 byte each).
+pub const APPENDED_FIELDS: usize = 4 + 18 + 1 + 1 + 1 + 1 + 2 + 2;
 
 /// Decodes a response frame's payload, also from a device older than this code: its
 /// snapshot lacks the fields appended since (see [`crate::Snapshot`]), so a payload that

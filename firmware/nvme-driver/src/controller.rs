@@ -213,6 +213,8 @@ pub struct DriveStats {
     pub sq_doorbells: u64,
     /// CQ head doorbell writes on I/O queues.
     pub cq_doorbells: u64,
+    /// Requests refused as busy because the I/O queues had no room.
+    pub queue_full: u64,
     /// The last error status a command completed with.
     pub last_error: Option<Status>,
 }
@@ -1317,6 +1319,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         s.errors = c.errors;
         s.failed_by_reset = c.failed_by_reset;
         s.spurious += c.spurious;
+        s.queue_full = c.queue_full;
         s.last_error = c.last_error;
         (s.sq_doorbells, s.cq_doorbells) = self.engine.doorbells();
         s

@@ -128,6 +128,34 @@ pub struct CoreQueueStats {
     pub failed_by_reset: u64,
     /// Resets this queue went through.
     pub resets: u64,
+    /// SQ tail doorbell writes.
+    pub sq_doorbells: u64,
+    /// CQ head doorbell writes.
+    pub cq_doorbells: u64,
+    /// Requests refused as busy because the queue had no room.
+    pub queue_full: u64,
+}
+
+/// Where a core queue is, as its core last saw it (status reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoreQueueState {
+    /// Created on the drive: commands flow.
+    Up,
+    /// Not created (yet, or again after a reset): requests are refused as busy.
+    Down,
+    /// The controller was given up on: requests fail.
+    Dead,
+}
+
+impl CoreQueueState {
+    /// `up`, `down` or `dead`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Dead => "dead",
+        }
+    }
 }
 
 /// One I/O queue pair of a drive, owned and polled by one core.
@@ -307,6 +335,7 @@ impl<R: Registers, D: Dma> CoreQueue<R, D> {
     /// Counters.
     pub fn stats(&self) -> CoreQueueStats {
         let c = self.engine.counters;
+        let (sq_doorbells, cq_doorbells) = self.engine.doorbells();
         CoreQueueStats {
             commands: c.commands,
             requests_done: c.requests_done,
@@ -314,6 +343,18 @@ impl<R: Registers, D: Dma> CoreQueue<R, D> {
             timeouts: self.timeouts,
             failed_by_reset: c.failed_by_reset,
             resets: self.resets,
+            sq_doorbells,
+            cq_doorbells,
+            queue_full: c.queue_full,
+        }
+    }
+
+    /// Where the queue is, as this core last saw it.
+    pub fn state(&self) -> CoreQueueState {
+        match self.seen {
+            Seen::Up => CoreQueueState::Up,
+            Seen::Down => CoreQueueState::Down,
+            Seen::Dead => CoreQueueState::Dead,
         }
     }
 

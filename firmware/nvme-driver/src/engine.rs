@@ -95,6 +95,9 @@ pub(crate) struct IoCounters {
     pub(crate) errors: u64,
     pub(crate) failed_by_reset: u64,
     pub(crate) spurious: u64,
+    /// Requests refused as busy because the queues had no room (no free slot or SQ entry,
+    /// or the namespace's completions waiting to be taken fill their queue).
+    pub(crate) queue_full: u64,
     pub(crate) last_error: Option<keel_nvme::Status>,
 }
 
@@ -171,6 +174,7 @@ impl IoEngine {
             Err(e) => return reject(req, RejectReason::Invalid(e)),
         };
         if self.stash[ns].len() + self.in_flight[ns] >= self.stash_cap {
+            self.counters.queue_full += 1;
             return reject(req, RejectReason::Busy);
         }
         let bs = n.geometry.block_size as u64;
@@ -245,9 +249,11 @@ impl IoEngine {
                 .find(|&i| room(&self.io[i])),
         };
         let Some(qi) = pick else {
+            self.counters.queue_full += 1;
             return reject(req, RejectReason::Busy);
         };
         let Some(pi) = self.parent_free.pop() else {
+            self.counters.queue_full += 1;
             return reject(req, RejectReason::Busy);
         };
         self.next_queue = (qi + 1) % nq;

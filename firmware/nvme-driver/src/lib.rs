@@ -51,7 +51,7 @@ pub use backend::DriveBackend;
 pub use controller::{
     Config, Controller, ControllerInfo, Drive, DriveStats, InitError, Namespace, State,
 };
-pub use corequeue::{CoreBackend, CoreQueue, CoreQueueStats, QueueLink};
+pub use corequeue::{CoreBackend, CoreQueue, CoreQueueState, CoreQueueStats, QueueLink};
 pub use dma::{Dma, DmaRegion};
 
 /// Access to the controller's registers (BAR0 of the PCI function, NVMe base 2.0 §3.1).

@@ -1175,7 +1175,19 @@ fn a_core_queue_serves_io_alone_and_follows_a_reset() {
     );
     assert!(f.borrow().log.iter().all(|l| l.sqid == 3), "queue 3 only");
     assert_eq!(d.stats().commands, 0, "nothing on the controller's queues");
-    assert_eq!(q.borrow().stats().commands, 2);
+    let s = q.borrow().stats();
+    assert_eq!((s.commands, s.requests_done), (2, 2));
+    // One SQ tail doorbell per command (each submitted alone), a CQ head doorbell per reap.
+    assert_eq!(s.sq_doorbells, 2, "{s:?}");
+    assert!(s.cq_doorbells >= 2, "{s:?}");
+    assert_eq!(s.queue_full, 0);
+    assert_eq!(q.borrow().state(), crate::CoreQueueState::Up);
+    let own = d.stats();
+    assert_eq!(
+        (own.sq_doorbells, own.cq_doorbells),
+        (0, 0),
+        "the controller's queues rang nothing"
+    );
 
     // A command that hangs: the core asks for a reset, the request fails as on the
     // controller's own queues, and the queue serves again once re-created.
@@ -1190,11 +1202,13 @@ fn a_core_queue_serves_io_alone_and_follows_a_reset() {
     d.poll(t);
     assert_eq!(d.state(), State::Resetting);
     f.borrow_mut().hold_io = false;
+    let mut saw_down = false;
     let mut failed = None;
     while d.state() != State::Online {
         t += 10;
         d.poll(t);
         q.borrow_mut().poll(t);
+        saw_down |= q.borrow().state() == crate::CoreQueueState::Down;
         be.poll(&mut |c| failed = Some(c));
         assert!(t < t0(&d) + 1_000_000, "recovery did not finish");
     }
@@ -1208,7 +1222,9 @@ fn a_core_queue_serves_io_alone_and_follows_a_reset() {
         vec![1, 2, 3, 1, 2, 3],
         "re-created after the reset"
     );
+    assert!(saw_down, "the queue was down while the controller reset");
     assert_eq!(q.borrow().stats().resets, 1);
+    assert_eq!(q.borrow().stats().failed_by_reset, 1);
     let mut b = iobuf(&f, 512, 0);
     b.as_mut_slice().fill(9);
     q.borrow_mut().poll(t);
@@ -1256,4 +1272,52 @@ fn a_core_queue_of_a_dead_controller_fails_requests() {
         .submit(req(1, BlockOp::Read, 0, 1, Some(iobuf(&f, 512, 0)), 0))
         .unwrap_err();
     assert_eq!(r.reason, RejectReason::Invalid(BlockError::Internal));
+    assert_eq!(q.borrow().state(), crate::CoreQueueState::Dead);
+}
+
+/// A core queue whose slots are all taken refuses more as busy and counts each refusal.
+#[test]
+fn a_full_core_queue_counts_its_refusals() {
+    use crate::CoreBackend;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let f = FakeCtrl::new(vec![ns(1, 9, 1 << 20)]);
+    let cfg = Config {
+        core_queues: 1,
+        ..test_config()
+    };
+    let d = init_with(&f, cfg).expect("init");
+    let q = d
+        .with(|c| c.take_core_queue(0, FakeRegs(f.clone())))
+        .flatten()
+        .unwrap();
+    let q = Rc::new(RefCell::new(q));
+    let mut be = CoreBackend::new(q.clone(), 0).unwrap();
+    let t = t0(&d);
+    q.borrow_mut().poll(t);
+    f.borrow_mut().hold_io = true;
+    let mut accepted = 0u64;
+    let mut refused = 0u64;
+    for tag in 0..40u64 {
+        match be.submit(req(tag, BlockOp::Read, tag, 1, Some(iobuf(&f, 512, 0)), 0)) {
+            Ok(()) => accepted += 1,
+            Err(r) => {
+                assert_eq!(r.reason, RejectReason::Busy);
+                refused += 1;
+            }
+        }
+        q.borrow_mut().poll(t);
+    }
+    assert!(
+        accepted > 0 && refused > 0,
+        "{accepted} accepted, {refused} refused"
+    );
+    let s = q.borrow().stats();
+    assert_eq!(s.queue_full, refused, "{s:?}");
+    assert_eq!(s.commands, accepted, "{s:?}");
+    assert_eq!(
+        d.stats().queue_full,
+        0,
+        "the controller's own queues refused nothing"
+    );
 }

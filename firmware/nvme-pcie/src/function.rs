@@ -828,7 +828,10 @@ impl PcieFunction {
                 c
             }
         };
-        if c != self.csts {
+        // CSTS is read-only to the host (NVMe base 2.0 §3.1.4.6), but the window is memory
+        // the host can write: a host's write is undone at the next pass, as a device ignores
+        // it (found by the pcie_function fuzz target: a scribbled CSTS.CFS).
+        if c != self.csts || ep.read_reg(offset::CSTS) != c.0 {
             self.csts = c;
             ep.write_reg(offset::CSTS, c.0);
         }

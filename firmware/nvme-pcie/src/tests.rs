@@ -484,6 +484,23 @@ fn enable_and_identify() {
     assert_eq!(r.w.refused_dma, 0);
 }
 
+/// CSTS is read-only to the host: a host's write to it (the window is memory it can write)
+/// is undone at the next pass, so the host reads the controller's state again (found by the
+/// pcie_function fuzz target: a scribbled CSTS.CFS made a ready controller look failed).
+#[test]
+fn a_host_write_to_csts_is_undone() {
+    let mut r = Rig::new();
+    r.enable();
+    assert!(r.csts().rdy() && !r.csts().cfs());
+    r.w.host_set_reg(offset::CSTS, 0xFF00_D77A);
+    r.step();
+    let c = r.csts();
+    assert!(c.rdy() && !c.cfs(), "{c:?}");
+    assert_eq!(c.shst(), 0);
+    let (c, _) = r.identify(0x01, 0);
+    assert_eq!(c.status, Status::SUCCESS);
+}
+
 #[test]
 fn admin_commands_through_the_core() {
     let mut r = Rig::new();

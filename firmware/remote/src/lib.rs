@@ -152,7 +152,8 @@ pub use config::{ConfigError, PathAddr, Policy, RemoteConfig};
 pub use lane::{Grant, LaneLoss, LaneSeed, LaneUpdate};
 pub use net::{Net, SockState};
 pub use stats::{
-    LossReason, PathCounters, PathSnapshot, PathState, Snapshot, VolumeCounters, VolumeState,
+    LossReason, PathCounters, PathSnapshot, PathState, QueueState, QueueView, Snapshot,
+    VolumeCounters, VolumeState,
 };
 
 /// A remote volume: what the poll loop keeps and polls.
@@ -268,6 +269,15 @@ impl<S: Copy + Eq + fmt::Debug> RemoteVolume<S> {
     /// What the namespace supports, once identified.
     pub fn capabilities(&self) -> Option<Capabilities> {
         self.inner.try_borrow().ok()?.ns().map(|n| n.caps)
+    }
+
+    /// Every I/O queue of every path, with its QID, state and counters (on an owner its own
+    /// queues, on a lane the lane's); queues an earlier association had and the current one
+    /// lacks are reported down. Allocates nothing: a core may publish them every pass.
+    pub fn for_each_queue(&self, f: &mut dyn FnMut(QueueView)) {
+        if let Ok(v) = self.inner.try_borrow() {
+            v.for_each_queue(f);
+        }
     }
 
     /// State and counters (allocates; management path).

@@ -4,7 +4,7 @@
 
 use crate::config::PathAddr;
 use crate::data::Data;
-use crate::stats::{LossReason, PathCounters, PathSnapshot, PathState};
+use crate::stats::{LossReason, PathCounters, PathSnapshot, PathState, QueueState, QueueView};
 use alloc::vec::Vec;
 use keel_nvme::Sqe;
 use keel_nvme::fabrics::{ConnectCommand, ConnectData};
@@ -281,6 +281,8 @@ pub(crate) struct Path<S> {
     pub qid_base: u16,
     /// I/O queues the remote granted beyond the owner's own, for lanes.
     pub lane_pool: u16,
+    /// I/O commands sent on each of its queues (by index), over every association.
+    pub queue_commands: Vec<u64>,
 }
 
 impl<S> Path<S> {
@@ -311,6 +313,7 @@ impl<S> Path<S> {
             epoch: 0,
             qid_base: 0,
             lane_pool: 0,
+            queue_commands: Vec::new(),
         }
     }
 
@@ -347,6 +350,25 @@ impl<S> Path<S> {
             Phase::Connecting => PathState::Connecting,
             Phase::Live => PathState::Live,
             Phase::Failed => PathState::Failed,
+        }
+    }
+
+    /// Its I/O queues, with those it had before (down now), without allocating: what
+    /// [`crate::RemoteVolume::for_each_queue`] reports.
+    pub fn for_each_queue(&self, path: u8, f: &mut dyn FnMut(QueueView)) {
+        for i in 0..self.ioqs.len().max(self.queue_commands.len()) {
+            let q = self.ioqs.get(i);
+            f(QueueView {
+                path,
+                qid: self.qid_base.saturating_add(i as u16 + 1),
+                state: match q {
+                    Some(q) if q.live => QueueState::Live,
+                    Some(_) => QueueState::Connecting,
+                    None => QueueState::Down,
+                },
+                commands: self.queue_commands.get(i).copied().unwrap_or(0),
+                in_flight: q.map_or(0, |q| q.inflight),
+            });
         }
     }
 

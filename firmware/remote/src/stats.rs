@@ -167,6 +167,43 @@ pub struct PathSnapshot {
     pub counters: PathCounters,
 }
 
+/// Where one I/O queue of a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// Connected (its Connect succeeded): commands may be sent on it.
+    Live,
+    /// Its connection or Connect is under way.
+    Connecting,
+    /// Not there: the path has no association, or this volume's queue of it is gone.
+    Down,
+}
+
+impl QueueState {
+    /// `live`, `connecting`, `down`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Connecting => "connecting",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// One I/O queue of one path, as the volume (owner or lane) that owns it sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueView {
+    /// Index of the path in the configuration.
+    pub path: u8,
+    /// Its QID on the remote controller.
+    pub qid: u16,
+    /// Where it is.
+    pub state: QueueState,
+    /// I/O commands sent on it, over every association (monotonic).
+    pub commands: u64,
+    /// I/O commands in flight on it now.
+    pub in_flight: u16,
+}
+
 /// Counters of the volume (monotonic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VolumeCounters {

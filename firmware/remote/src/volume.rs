@@ -212,6 +212,9 @@ fn io_late<S>(path: &Path<S>, now: u64, limit: u64) -> bool {
 /// connected. Allocates (association setup only).
 fn add_ioqs<S>(path: &mut Path<S>, digests: keel_nvmf_tcp::Digests) -> Result<(), LossReason> {
     let info = path.info;
+    if path.queue_commands.len() < usize::from(info.nr_queues) {
+        path.queue_commands.resize(usize::from(info.nr_queues), 0);
+    }
     for _ in 0..info.nr_queues {
         let conn = Conn::new(digests, info.depth, info.in_capsule)
             .ok_or(LossReason::Protocol("I/O queue configuration"))?;
@@ -1614,6 +1617,9 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
                 ioq.inflight += 1;
                 path.inflight += 1;
                 path.counters.commands += 1;
+                if let Some(c) = path.queue_commands.get_mut(q) {
+                    *c += 1;
+                }
                 r.part = n;
                 r.inflight = true;
                 if first_of_many {
@@ -1659,6 +1665,12 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
     }
 
     // ---- reporting ----------------------------------------------------------------------
+
+    pub fn for_each_queue(&self, f: &mut dyn FnMut(crate::stats::QueueView)) {
+        for (i, p) in self.paths.iter().enumerate() {
+            p.for_each_queue(i as u8, f);
+        }
+    }
 
     pub fn snapshot(&self) -> Snapshot {
         let n = self.paths.len();

@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use keel_remote::{PathState, VolumeState};
+use keel_remote::{PathState, QueueState, VolumeState};
 use keel_storage::{BlockBackend, BlockError, BlockOp};
 
 const BLOCKS: u64 = 4096;
@@ -96,6 +96,22 @@ fn lane_serves_io_on_its_own_queue_of_the_owners_controller() {
         "the owner's own commands"
     );
     assert_eq!(rig.owner.as_ref().unwrap().losses, 0);
+    // Per queue: the owner's QIDs 1 and 2, the lane's QID 3, each with its own commands.
+    let queues = |v: &keel_remote::RemoteVolume<_>| {
+        let mut out = Vec::new();
+        v.for_each_queue(&mut |q| out.push((q.path, q.qid, q.state, q.commands, q.in_flight)));
+        out
+    };
+    let owner_q = queues(&rig.owner.as_ref().unwrap().vol);
+    assert_eq!(owner_q.len(), 2, "{owner_q:?}");
+    assert_eq!((owner_q[0].1, owner_q[1].1), (1, 2));
+    assert!(owner_q.iter().all(|q| q.2 == QueueState::Live && q.4 == 0));
+    assert_eq!(owner_q.iter().map(|q| q.3).sum::<u64>(), 2, "{owner_q:?}");
+    assert_eq!(
+        queues(&rig.vol),
+        vec![(0, 3, QueueState::Live, 2, 0)],
+        "the lane's own queue"
+    );
 }
 
 #[test]

@@ -373,6 +373,7 @@ pub fn status(device: &str, s: &Snapshot, out: &mut dyn Write) -> Result<()> {
         }
         columns(out, &rows)?;
     }
+    drives(s, out)?;
     remotes(s, out)?;
     qos_table(s, out)?;
     if !s.function_slots.is_empty() {
@@ -515,6 +516,94 @@ fn remotes(s: &Snapshot, out: &mut dyn Write) -> Result<()> {
                 } else {
                     p.last_loss.clone()
                 },
+            ]);
+        }
+        columns(out, &rows)?;
+        let queues: Vec<&keel_mgmt::RemoteQueueInfo> = s
+            .remote_queues
+            .iter()
+            .filter(|q| q.subnqn == r.subnqn && q.nsid == r.nsid)
+            .collect();
+        if !queues.is_empty() {
+            writeln!(out, "  I/O queues, every core's:")?;
+            let mut rows = vec![
+                ["PATH", "CORE", "QID", "STATE", "IN-FLIGHT", "COMMANDS"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for q in queues {
+                rows.push(vec![
+                    q.path.clone(),
+                    q.core.to_string(),
+                    q.qid.to_string(),
+                    q.state.clone(),
+                    q.in_flight.to_string(),
+                    q.commands.to_string(),
+                ]);
+            }
+            columns(out, &rows)?;
+        }
+    }
+    Ok(())
+}
+
+/// Local drives with one row per core's I/O queue pairs.
+fn drives(s: &Snapshot, out: &mut dyn Write) -> Result<()> {
+    if s.drives.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "
+drives ({}):",
+        s.drives.len()
+    )?;
+    for d in &s.drives {
+        writeln!(
+            out,
+            "  {} {}: {}, {} controller reset(s), {} abort(s)",
+            d.bdf, d.model, d.state, d.resets, d.aborts
+        )?;
+        let mut rows = vec![
+            [
+                "CORE",
+                "QID",
+                "STATE",
+                "COMMANDS",
+                "COMPLETED",
+                "ERRORS",
+                "TIMEOUTS",
+                "RESETS",
+                "FAILED-BY-RESET",
+                "SQ-DOORBELLS",
+                "CQ-DOORBELLS",
+                "QUEUE-FULL",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for q in &d.queues {
+            rows.push(vec![
+                q.core.to_string(),
+                if q.queues > 1 {
+                    format!(
+                        "{}-{}",
+                        q.first_qid,
+                        u32::from(q.first_qid) + u32::from(q.queues) - 1
+                    )
+                } else {
+                    q.first_qid.to_string()
+                },
+                q.state.clone(),
+                q.commands.to_string(),
+                q.completed.to_string(),
+                q.errors.to_string(),
+                q.timeouts.to_string(),
+                q.resets.to_string(),
+                q.failed_by_reset.to_string(),
+                q.sq_doorbells.to_string(),
+                q.cq_doorbells.to_string(),
+                q.queue_full.to_string(),
             ]);
         }
         columns(out, &rows)?;
@@ -710,6 +799,38 @@ mod tests {
                 ],
                 ..Default::default()
             }],
+            remote_queues: vec![
+                keel_mgmt::RemoteQueueInfo {
+                    subnqn: "nqn.2026-11.dev.keel:pool".into(),
+                    nsid: 3,
+                    path: "10.0.2.2:4420".into(),
+                    core: 0,
+                    qid: 1,
+                    state: "live".into(),
+                    commands: 9,
+                    in_flight: 0,
+                },
+                keel_mgmt::RemoteQueueInfo {
+                    subnqn: "nqn.2026-11.dev.keel:pool".into(),
+                    nsid: 3,
+                    path: "10.0.2.2:4420".into(),
+                    core: 1,
+                    qid: 5,
+                    state: "live".into(),
+                    commands: 1170,
+                    in_flight: 2,
+                },
+                keel_mgmt::RemoteQueueInfo {
+                    subnqn: "nqn.2026-11.dev.keel:other".into(),
+                    nsid: 1,
+                    path: "10.0.2.9:4420".into(),
+                    core: 1,
+                    qid: 5,
+                    state: "live".into(),
+                    commands: 1,
+                    in_flight: 0,
+                },
+            ],
             ..Default::default()
         };
         let mut out = Vec::new();
@@ -729,6 +850,70 @@ mod tests {
         let down = t.lines().find(|l| l.contains("10.0.2.2:4421")).unwrap();
         assert!(
             down.contains(" reconnecting ") && down.ends_with("TCP connection closed"),
+            "{t}"
+        );
+        // Every core's queues of this volume, and only this volume's.
+        assert!(t.contains("I/O queues, every core's:"), "{t}");
+        let lane = t
+            .lines()
+            .find(|l| l.contains("10.0.2.2:4420") && l.ends_with(" 1170"))
+            .unwrap_or_else(|| panic!("core 1's queue:\n{t}"));
+        let cols: Vec<&str> = lane.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            ["10.0.2.2:4420", "1", "5", "live", "2", "1170"],
+            "{t}"
+        );
+        assert!(!t.contains("10.0.2.9"), "another volume's queue:\n{t}");
+    }
+
+    #[test]
+    fn table_lists_every_core_s_drive_queue_pairs() {
+        let q = |core: u16, first_qid: u16, queues: u16, commands: u64| keel_mgmt::DriveQueueInfo {
+            core,
+            first_qid,
+            queues,
+            state: "up".into(),
+            commands,
+            completed: commands,
+            sq_doorbells: commands / 2,
+            cq_doorbells: commands / 3,
+            ..Default::default()
+        };
+        let s = Snapshot {
+            drives: vec![keel_mgmt::DriveInfo {
+                bdf: "00:02.0".into(),
+                model: "QEMU NVMe Ctrl".into(),
+                state: "online".into(),
+                resets: 1,
+                aborts: 0,
+                queues: vec![q(0, 1, 4, 30), q(1, 5, 1, 1200)],
+            }],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        status("Keel", &s, &mut out).unwrap();
+        let t = String::from_utf8(out).unwrap();
+        assert!(t.contains("drives (1):"), "{t}");
+        assert!(
+            t.contains("00:02.0 QEMU NVMe Ctrl: online, 1 controller reset(s), 0 abort(s)"),
+            "{t}"
+        );
+        let rows: Vec<Vec<&str>> = t
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|c| c.len() == 12 && c[2] == "up")
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                [
+                    "0", "1-4", "up", "30", "30", "0", "0", "0", "0", "15", "10", "0"
+                ],
+                [
+                    "1", "5", "up", "1200", "1200", "0", "0", "0", "0", "600", "400", "0"
+                ],
+            ],
             "{t}"
         );
     }

@@ -1,0 +1,416 @@
+//! Per-core statistics of I/O queues that other cores own, published without a lock: each
+//! core's I/O queue pairs on the local drives (`keel_nvme_driver::CoreQueue`) and its I/O
+//! queues of remote volumes' associations (the lanes, `keel_remote::lane`).
+//!
+//! The same scheme as the namespace counters (`crate::cores::NS_SHARES`): a core owns a row
+//! of slots (one cache line each) and alone writes them; it *claims* a slot by storing which
+//! queue it counts (`key`, `Release`, before any counter and only when it changes), then
+//! stores its totals with `Relaxed` stores, at most once a millisecond while busy and on the
+//! first idle pass after work (the caller's cadence: nothing here runs per I/O). Core 0 reads
+//! every running core's row for status and `/metrics` (`key` with `Acquire`, then the
+//! counters): it may see totals a few commands apart from each other, never torn values,
+//! and never a key without its counters' claim. Nothing allocates on the publishing side.
+//!
+//! The statics live in `crate::cores` (the image only); the types and the merge are here so
+//! that host tests exercise them.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// A drive queue pair's counters as its core publishes them (the driver's totals).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// Commands submitted.
+    pub commands: u64,
+    /// Requests completed (successfully or not).
+    pub completed: u64,
+    /// Commands that completed with an error status.
+    pub errors: u64,
+    /// Commands that timed out.
+    pub timeouts: u64,
+    /// Resets the queues went through.
+    pub resets: u64,
+    /// Requests failed back by a reset or a controller given up on.
+    pub failed_by_reset: u64,
+    /// SQ tail doorbell writes.
+    pub sq_doorbells: u64,
+    /// CQ head doorbell writes.
+    pub cq_doorbells: u64,
+    /// Requests refused as busy for want of room.
+    pub queue_full: u64,
+}
+
+/// States of a drive queue pair, by the number its core publishes.
+pub const DRIVE_QUEUE_STATES: [&str; 3] = ["up", "down", "dead"];
+
+/// One core's I/O queue pair(s) on one drive.
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct DriveQueueShare {
+    /// (drive index + 1) << 32 | first QID << 16 | queues; 0 while unused.
+    key: AtomicU64,
+    /// Index into [`DRIVE_QUEUE_STATES`].
+    state: AtomicU64,
+    counters: [AtomicU64; 9],
+}
+
+impl Default for DriveQueueShare {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DriveQueueShare {
+    /// An unused slot.
+    pub const fn new() -> Self {
+        Self {
+            key: AtomicU64::new(0),
+            state: AtomicU64::new(0),
+            counters: [const { AtomicU64::new(0) }; 9],
+        }
+    }
+
+    /// Owner: this slot counts queue pairs `first_qid..first_qid + queues` of drive `drive`
+    /// (before [`DriveQueueShare::publish`]).
+    pub fn claim(&self, drive: usize, first_qid: u16, queues: u16) {
+        let key = (drive as u64 + 1) << 32 | u64::from(first_qid) << 16 | u64::from(queues);
+        if self.key.load(Ordering::Relaxed) != key {
+            self.key.store(key, Ordering::Release);
+        }
+    }
+
+    /// Owner: the queue pair's state (index into [`DRIVE_QUEUE_STATES`]) and totals.
+    pub fn publish(&self, state: usize, c: &QueueCounters) {
+        self.state.store(state as u64, Ordering::Relaxed);
+        let v = [
+            c.commands,
+            c.completed,
+            c.errors,
+            c.timeouts,
+            c.resets,
+            c.failed_by_reset,
+            c.sq_doorbells,
+            c.cq_doorbells,
+            c.queue_full,
+        ];
+        for (slot, v) in self.counters.iter().zip(v) {
+            slot.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Reader: the drive index and what the slot holds (`core` left 0), if claimed.
+    pub fn read(&self) -> Option<(usize, keel_mgmt::DriveQueueInfo)> {
+        let key = self.key.load(Ordering::Acquire);
+        if key == 0 {
+            return None;
+        }
+        let c = |i: usize| self.counters[i].load(Ordering::Relaxed);
+        let state = self.state.load(Ordering::Relaxed) as usize;
+        Some((
+            (key >> 32) as usize - 1,
+            keel_mgmt::DriveQueueInfo {
+                core: 0,
+                first_qid: (key >> 16) as u16,
+                queues: key as u16,
+                state: String::from(DRIVE_QUEUE_STATES.get(state).copied().unwrap_or("?")),
+                commands: c(0),
+                completed: c(1),
+                errors: c(2),
+                timeouts: c(3),
+                resets: c(4),
+                failed_by_reset: c(5),
+                sq_doorbells: c(6),
+                cq_doorbells: c(7),
+                queue_full: c(8),
+            },
+        ))
+    }
+}
+
+/// Whether core `core` is in the `running` mask.
+fn running_core(running: u64, core: usize) -> bool {
+    core < 64 && running & (1 << core) != 0
+}
+
+/// Every running core's rows for drive `drive`, core by core (core 0's row, read from the
+/// drive itself, is the caller's).
+pub fn drive_rows<const N: usize>(
+    shares: &[[DriveQueueShare; N]],
+    running: u64,
+    drive: usize,
+) -> Vec<keel_mgmt::DriveQueueInfo> {
+    let mut out = Vec::new();
+    for (core, row) in shares.iter().enumerate().skip(1) {
+        if !running_core(running, core) {
+            continue;
+        }
+        for s in row {
+            if let Some((d, mut info)) = s.read()
+                && d == drive
+            {
+                info.core = core as u16;
+                out.push(info);
+            }
+        }
+    }
+    out
+}
+
+/// One I/O queue of a remote volume on one core.
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct LaneQueueShare {
+    /// (volume id + 1) << 32 | path << 16 | QID; 0 while unused.
+    key: AtomicU64,
+    /// Index into [`REMOTE_QUEUE_STATES`].
+    state: AtomicU64,
+    commands: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// States of a remote volume's queue, by the number its core publishes.
+pub const REMOTE_QUEUE_STATES: [&str; 3] = ["live", "connecting", "down"];
+
+impl Default for LaneQueueShare {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a reader finds in a [`LaneQueueShare`]: the volume, then (path index, core, QID,
+/// state, commands, in flight).
+pub type LaneRow = (u8, u16, u16, &'static str, u64, u32);
+
+impl LaneQueueShare {
+    /// An unused slot.
+    pub const fn new() -> Self {
+        Self {
+            key: AtomicU64::new(0),
+            state: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+
+    /// Owner: the slot counts `q`, a queue of volume `volume` (claims it first when it
+    /// counted another).
+    pub fn publish(&self, volume: u32, q: &keel_remote::QueueView) {
+        let key = (u64::from(volume) + 1) << 32 | u64::from(q.path) << 16 | u64::from(q.qid);
+        if self.key.load(Ordering::Relaxed) != key {
+            self.key.store(key, Ordering::Release);
+        }
+        let state = match q.state {
+            keel_remote::QueueState::Live => 0,
+            keel_remote::QueueState::Connecting => 1,
+            keel_remote::QueueState::Down => 2,
+        };
+        self.state.store(state, Ordering::Relaxed);
+        self.commands.store(q.commands, Ordering::Relaxed);
+        self.in_flight
+            .store(u64::from(q.in_flight), Ordering::Relaxed);
+    }
+
+    /// Owner: the slot counts nothing any more.
+    pub fn release(&self) {
+        if self.key.load(Ordering::Relaxed) != 0 {
+            self.key.store(0, Ordering::Release);
+        }
+    }
+
+    /// Reader: the volume id and the row (`core` left 0), if claimed.
+    pub fn read(&self) -> Option<(u32, LaneRow)> {
+        let key = self.key.load(Ordering::Acquire);
+        if key == 0 {
+            return None;
+        }
+        let state = self.state.load(Ordering::Relaxed) as usize;
+        Some((
+            ((key >> 32) - 1) as u32,
+            (
+                (key >> 16) as u8,
+                0,
+                key as u16,
+                REMOTE_QUEUE_STATES.get(state).copied().unwrap_or("?"),
+                self.commands.load(Ordering::Relaxed),
+                self.in_flight.load(Ordering::Relaxed) as u32,
+            ),
+        ))
+    }
+}
+
+/// Owner: publishes every queue of its `lanes` (volume id, lane) into its `row`, in order,
+/// and releases the slots after the last (allocates nothing). Queues beyond the row are not
+/// published.
+pub fn publish_lanes<S: Copy + Eq + core::fmt::Debug>(
+    row: &[LaneQueueShare],
+    lanes: &[(u32, keel_remote::RemoteVolume<S>)],
+) {
+    let mut i = 0;
+    for (id, lane) in lanes {
+        lane.for_each_queue(&mut |q| {
+            if let Some(s) = row.get(i) {
+                s.publish(*id, &q);
+            }
+            i += 1;
+        });
+    }
+    for s in row.iter().skip(i) {
+        s.release();
+    }
+}
+
+/// Every running core's rows for remote volume `volume`, core by core (core 0's own queues
+/// are the caller's).
+pub fn lane_rows<const N: usize>(
+    shares: &[[LaneQueueShare; N]],
+    running: u64,
+    volume: u32,
+) -> Vec<LaneRow> {
+    let mut out = Vec::new();
+    for (core, row) in shares.iter().enumerate().skip(1) {
+        if !running_core(running, core) {
+            continue;
+        }
+        for s in row {
+            if let Some((v, mut r)) = s.read()
+                && v == volume
+            {
+                r.1 = core as u16;
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use keel_remote::{QueueState, QueueView};
+
+    #[test]
+    fn drive_rows_merge_every_running_core_s_claimed_slots() {
+        let shares: [[DriveQueueShare; 2]; 4] = Default::default();
+        // Core 0's slots are never read (its row comes from the drive itself).
+        shares[0][0].claim(0, 1, 4);
+        shares[0][0].publish(
+            0,
+            &QueueCounters {
+                commands: 9,
+                ..Default::default()
+            },
+        );
+        shares[1][0].claim(0, 5, 1);
+        let c = QueueCounters {
+            commands: 1200,
+            completed: 1199,
+            errors: 1,
+            timeouts: 2,
+            resets: 3,
+            failed_by_reset: 4,
+            sq_doorbells: 900,
+            cq_doorbells: 1000,
+            queue_full: 7,
+        };
+        shares[1][0].publish(0, &c);
+        shares[1][1].claim(1, 5, 1);
+        shares[1][1].publish(
+            1,
+            &QueueCounters {
+                commands: 5,
+                ..Default::default()
+            },
+        );
+        shares[2][0].claim(0, 6, 1);
+        shares[2][0].publish(
+            2,
+            &QueueCounters {
+                commands: 6,
+                ..Default::default()
+            },
+        );
+        // Core 3 is not running: its slot is ignored.
+        shares[3][0].claim(0, 7, 1);
+        shares[3][0].publish(
+            0,
+            &QueueCounters {
+                commands: 8,
+                ..Default::default()
+            },
+        );
+        let rows = drive_rows(&shares, 0b0111, 0);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(
+            rows[0],
+            keel_mgmt::DriveQueueInfo {
+                core: 1,
+                first_qid: 5,
+                queues: 1,
+                state: "up".to_string(),
+                commands: 1200,
+                completed: 1199,
+                errors: 1,
+                timeouts: 2,
+                resets: 3,
+                failed_by_reset: 4,
+                sq_doorbells: 900,
+                cq_doorbells: 1000,
+                queue_full: 7,
+            }
+        );
+        assert_eq!(
+            (rows[1].core, rows[1].first_qid, rows[1].commands),
+            (2, 6, 6)
+        );
+        assert_eq!(rows[1].state, "dead");
+        let other = drive_rows(&shares, 0b0111, 1);
+        assert_eq!(other.len(), 1);
+        assert_eq!((other[0].core, other[0].state.as_str()), (1, "down"));
+        assert!(drive_rows(&shares, 0b0111, 2).is_empty());
+        // A later publication is what the reader sees next (no merge of old values).
+        shares[1][0].publish(
+            0,
+            &QueueCounters {
+                commands: 1300,
+                ..c
+            },
+        );
+        assert_eq!(drive_rows(&shares, 0b0011, 0)[0].commands, 1300);
+        // Unclaimed slots read as nothing.
+        assert!(DriveQueueShare::new().read().is_none());
+    }
+
+    #[test]
+    fn lane_rows_follow_each_core_s_queues_and_release_what_is_gone() {
+        let shares: [[LaneQueueShare; 3]; 3] = Default::default();
+        let q = |path, qid, state, commands, in_flight| QueueView {
+            path,
+            qid,
+            state,
+            commands,
+            in_flight,
+        };
+        shares[1][0].publish(7, &q(0, 5, QueueState::Live, 1170, 3));
+        shares[1][1].publish(7, &q(1, 5, QueueState::Connecting, 0, 0));
+        shares[1][2].publish(8, &q(0, 5, QueueState::Down, 12, 0));
+        shares[2][0].publish(7, &q(0, 6, QueueState::Live, 40, 1));
+        assert_eq!(
+            lane_rows(&shares, 0b111, 7),
+            vec![
+                (0, 1, 5, "live", 1170, 3),
+                (1, 1, 5, "connecting", 0, 0),
+                (0, 2, 6, "live", 40, 1),
+            ]
+        );
+        assert_eq!(lane_rows(&shares, 0b011, 7).len(), 2, "core 2 not running");
+        assert_eq!(lane_rows(&shares, 0b111, 8), vec![(0, 1, 5, "down", 12, 0)]);
+        shares[1][2].release();
+        assert!(lane_rows(&shares, 0b111, 8).is_empty());
+        // The key is stored (Release) only when it changes; a new one replaces it.
+        shares[1][0].publish(9, &q(0, 5, QueueState::Live, 1, 0));
+        assert_eq!(lane_rows(&shares, 0b111, 9), vec![(0, 1, 5, "live", 1, 0)]);
+        assert_eq!(lane_rows(&shares, 0b111, 7).len(), 2);
+    }
+}
