@@ -1058,6 +1058,8 @@ impl Holder {
                     );
                 }
                 self.end_adoptions(links);
+                // Nothing is adopted any more: later changes need not wait for the cores.
+                services.replication.cores = 0;
             }
         }
         let target = &mut services.target;
@@ -1083,6 +1085,7 @@ impl Holder {
                                 core
                             );
                             self.end_adoptions(links);
+                            services.replication.cores = 0;
                         }
                     }
                     Msg::ReplicaAck { seq, core, ok } => {
