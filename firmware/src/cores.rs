@@ -606,6 +606,18 @@ pub enum Msg {
         /// Whether every namespace of the volume is in its replica.
         ok: bool,
     },
+    /// Core 0 → core k: a live namespace change of a subsystem its replica serves
+    /// ([`crate::replica`]); answer with [`Msg::ReplicaAck`].
+    Replica(alloc::boxed::Box<crate::replica::ReplicaChange>),
+    /// Core k → core 0: it applied change `seq` to its replica (`ok`), or could not.
+    ReplicaAck {
+        /// The change.
+        seq: u64,
+        /// The core.
+        core: u16,
+        /// Whether its replica has the change.
+        ok: bool,
+    },
     /// Core k → core 0: its lane of volume `id` lost an I/O queue.
     RemoteLost {
         /// The volume.
@@ -926,6 +938,16 @@ impl DataCore {
             } else if let Msg::Frame(f) = msg {
                 if let Some(p) = self.plane.as_mut() {
                     p.inject(f);
+                }
+            } else if let Msg::Replica(c) = msg {
+                let backlog = &mut self.backlog;
+                match self.plane.as_mut() {
+                    Some(p) => p.on_replica(&c, &mut |m| backlog.push_back(m)),
+                    None => backlog.push_back(Msg::ReplicaAck {
+                        seq: c.seq,
+                        core: self.info.index as u16,
+                        ok: false,
+                    }),
                 }
             } else if let Msg::Remote(m) = msg {
                 if let Some(p) = self.plane.as_mut() {

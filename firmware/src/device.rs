@@ -6,7 +6,10 @@ use crate::config::NsSpec;
 use crate::hw::{DriveCtl, Hw};
 use crate::klog;
 use crate::plan::{NsKey, NsPlan, Plan, Source, SubsystemPlan};
-use crate::services::{Services, build_namespace, start_function};
+use crate::replica::{Outcome, ReplicaOp};
+use crate::services::{
+    ReplicaNs, ReplicaSource, Services, build_namespace, shared_ram_namespace, start_function,
+};
 use alloc::{format, string::String, string::ToString, vec, vec::Vec};
 use keel_controller::SubsystemConfig;
 use keel_controller::{QosCounters, Target};
@@ -207,6 +210,12 @@ impl<H: Hw> Services<H> {
 
     /// Applies a verified push; on error nothing has changed.
     fn try_push(&mut self, bundle: &[u8]) -> Result<PushReport, String> {
+        if self.replication.pending() {
+            return Err(String::from(
+                "the namespace changes of the previous push are still being applied on every \
+                 core: push again in a moment",
+            ));
+        }
         let floor = self.plan.generation;
         let cfg = self
             .identity
@@ -273,6 +282,8 @@ impl<H: Hw> Services<H> {
 
         // Backends (a drive namespace shared with a running slice, a RAM disk...). One that
         // cannot be built now is reported, not fatal: the bundle is valid.
+        // A namespace the other cores' replicas can follow is made as at boot for them (a RAM
+        // namespace in a shared region) and staged below (`crate::replica`).
         let mut built = Vec::new();
         let mut remote = Vec::new();
         for n in additions {
@@ -282,8 +293,35 @@ impl<H: Hw> Services<H> {
                 continue;
             }
             let many = matches!(n.spec, NsSpec::Drive { slice: Some(_), .. });
-            match build_namespace(&new, &n, many, &mut self.drives, &mut self.shared) {
-                Some(c) => built.push((n, c)),
+            let follow = self.replicates(&new, &n);
+            let made = match n.spec {
+                NsSpec::Ram(bytes) if follow => {
+                    let mut regions = Vec::new();
+                    shared_ram_namespace::<H>(&new, &n, bytes, &mut regions).and_then(|c| {
+                        let region = regions.pop()?.2;
+                        Some((c, Some(ReplicaSource::Ram(region))))
+                    })
+                }
+                NsSpec::Drive { drive, nsid, slice } => {
+                    build_namespace(&new, &n, many, &mut self.drives, &mut self.shared).map(|c| {
+                        let source = follow.then_some(ReplicaSource::Drive { drive, nsid, slice });
+                        (c, source)
+                    })
+                }
+                _ => build_namespace(&new, &n, many, &mut self.drives, &mut self.shared)
+                    .map(|c| (c, None)),
+            };
+            match made {
+                Some((c, source)) => {
+                    let follow = source.map(|source| ReplicaNs {
+                        nsid: n.nsid,
+                        nguid: c.nguid,
+                        qos: new.namespace_qos(&n),
+                        source,
+                        key: n.key.clone(),
+                    });
+                    built.push((n, c, follow));
+                }
                 None => needs_reboot.push(format!(
                     "namespace {} of {}: not served, its backend could not be opened (see the \
                      device console)",
@@ -330,20 +368,59 @@ impl<H: Hw> Services<H> {
                 Err(e) => needs_reboot.push(format!("function {slot}: not removed: {e}")),
             }
         }
+        // Namespaces of subsystems the other cores serve are staged: every core first, then
+        // core 0 (`Services::finish_replicated`); the others change core 0 alone and stop
+        // the adoption of their subsystem (`Replication::note_only`).
         for (nqn, nsid) in removals {
-            if self.target.remove_namespace(&nqn, nsid).is_ok() {
+            let follow = self.replication.follows(&nqn)
+                && !self.function_subsystem(&nqn)
+                && self
+                    .find_plan_ns(&nqn, nsid)
+                    .is_some_and(|o| matches!(o.spec, NsSpec::Ram(_) | NsSpec::Drive { .. }));
+            let before = self.target.namespace_generation();
+            if follow {
+                klog::info!(
+                    "nvmf: namespace {} of {} removed on every core, then on core 0",
+                    nsid,
+                    nqn
+                );
+                self.replication.stage(&nqn, ReplicaOp::Remove(nsid), None);
+            } else if self.target.remove_namespace(&nqn, nsid).is_ok() {
                 klog::info!("nvmf: namespace {} of {} removed", nsid, nqn);
                 self.remotes.removed(&nqn, nsid);
-                self.plan
-                    .namespaces
-                    .retain(|n| !(n.subsystem == nqn && n.nsid == nsid));
-                self.served.retain(|(q, id)| !(*q == nqn && *id == nsid));
-                removed.push((nqn, nsid));
+                let after = self.target.namespace_generation();
+                self.replication.note_only(&nqn, before, after);
+            } else {
+                continue;
             }
+            self.plan
+                .namespaces
+                .retain(|n| !(n.subsystem == nqn && n.nsid == nsid));
+            self.served.retain(|(q, id)| !(*q == nqn && *id == nsid));
+            removed.push((nqn, nsid));
         }
         let mut added = Vec::new();
-        for (n, c) in built {
-            match self.target.add_namespace(&n.subsystem, c) {
+        for (n, c, follow) in built {
+            let before = self.target.namespace_generation();
+            let done = match follow {
+                Some(r) => {
+                    klog::info!(
+                        "nvmf: namespace {} of {} added on every core, then on core 0",
+                        n.nsid,
+                        n.subsystem
+                    );
+                    self.replication.stage(
+                        &n.subsystem,
+                        ReplicaOp::Add(alloc::boxed::Box::new(r)),
+                        Some(c),
+                    );
+                    Ok(())
+                }
+                None => self.target.add_namespace(&n.subsystem, c),
+            };
+            let after = self.target.namespace_generation();
+            self.replication.note_only(&n.subsystem, before, after);
+            match done {
                 Ok(()) => {
                     added.push((n.subsystem.clone(), n.nsid));
                     self.served.push((n.subsystem.clone(), n.nsid));
@@ -429,6 +506,7 @@ impl<H: Hw> Services<H> {
             self.plan.qos = new.qos.clone();
             self.plan.qos.functions.extend(created);
             self.apply_qos(&mut needs_reboot);
+            self.drop_limited();
         }
         self.plan.generation = cfg.generation;
         self.plan.source = Source::Push;
@@ -443,6 +521,130 @@ impl<H: Hw> Services<H> {
             needs_reboot,
             persisted,
         })
+    }
+}
+
+impl<H: Hw> Services<H> {
+    /// Whether subsystem `nqn` has an emulated function (its replicas on other cores,
+    /// `crate::fnq`, do not follow namespace changes).
+    fn function_subsystem(&self, nqn: &str) -> bool {
+        self.functions.iter().any(|e| e.nqn == nqn)
+            || self
+                .plan
+                .namespaces
+                .iter()
+                .any(|n| n.subsystem == nqn && n.function.is_some())
+    }
+
+    /// Whether namespace `n` of the pushed plan `new` can be added on every core first
+    /// (`crate::replica`): its subsystem is one the other cores serve, has no emulated
+    /// function, and `n` is a RAM namespace (in a shared region) or a namespace of a drive
+    /// every core has a queue pair on, with no QoS limit or group anywhere.
+    fn replicates(&self, new: &Plan, n: &NsPlan) -> bool {
+        let q = new.namespace_qos(n);
+        self.replication.follows(&n.subsystem)
+            && !self.function_subsystem(&n.subsystem)
+            && new.host_qos().is_empty()
+            && new.qos_groups().is_empty()
+            && q.limits == keel_controller::QosLimits::NONE
+            && q.group.is_none()
+            && match n.spec {
+                NsSpec::Ram(_) => self.replication.ram_shared,
+                NsSpec::Drive { drive, .. } => self.replication.drives.contains(&drive),
+                NsSpec::Remote { .. } => false,
+            }
+    }
+
+    /// After a QoS change: subsystems the other cores serve that now have limits (counted on
+    /// one core) are no longer adopted there (`Replication::drop_subsystem`).
+    fn drop_limited(&mut self) {
+        let everywhere = !self.plan.host_qos().is_empty() || !self.plan.qos_groups().is_empty();
+        let none = keel_controller::QosLimits::NONE;
+        let limited: Vec<String> = self
+            .replicable
+            .iter()
+            .map(|s| s.nqn.clone())
+            .filter(|nqn| {
+                everywhere
+                    || self
+                        .plan
+                        .namespaces
+                        .iter()
+                        .filter(|n| n.subsystem == *nqn)
+                        .any(|n| {
+                            let q = self.plan.namespace_qos(n);
+                            q.limits != none
+                                || q.group.is_some()
+                                || n.function
+                                    .is_some_and(|f| self.plan.function_limits(f) != none)
+                        })
+            })
+            .collect();
+        for nqn in limited {
+            if !self.replication.dropped.contains(&nqn) {
+                klog::warning!(
+                    "config: {}: QoS limits now apply: its I/O queues are served through core 0",
+                    nqn
+                );
+                self.replication.drop_subsystem(&nqn);
+            }
+        }
+    }
+
+    /// Applies to core 0's target the staged namespace changes every core has applied
+    /// (`crate::replica`), in order; one some core refused or did not ack in time is applied
+    /// too, and its subsystem is no longer adopted. Returns whether anything was done.
+    pub(crate) fn finish_replicated(&mut self, now_ns: u64) -> bool {
+        let mut busy = false;
+        while let Some((st, outcome)) = self.replication.take_done(now_ns) {
+            busy = true;
+            let nqn = st.change.subsystem;
+            let before = self.target.namespace_generation();
+            match st.change.op {
+                ReplicaOp::Remove(nsid) => {
+                    if let Err(e) = self.target.remove_namespace(&nqn, nsid) {
+                        klog::error!(
+                            "nvmf: namespace {} of {}: not removed on core 0 ({})",
+                            nsid,
+                            nqn,
+                            klog::Dbg(&e)
+                        );
+                    }
+                }
+                ReplicaOp::Add(ns) => {
+                    if let Some(c) = st.config
+                        && let Err(e) = self.target.add_namespace(&nqn, c)
+                    {
+                        klog::error!(
+                            "nvmf: namespace {} of {}: not added on core 0 ({})",
+                            ns.nsid,
+                            nqn,
+                            klog::Dbg(&e)
+                        );
+                        self.served.retain(|(q, id)| !(*q == nqn && *id == ns.nsid));
+                        self.plan
+                            .namespaces
+                            .retain(|n| !(n.subsystem == nqn && n.nsid == ns.nsid));
+                    }
+                }
+            }
+            let after = self.target.namespace_generation();
+            if outcome == Outcome::Replicated {
+                self.replication.note(before, after);
+            } else {
+                klog::warning!(
+                    "percore: a namespace change of {} was {}: applied on core 0 only; its I/O queues adopted by other cores end, new ones are served through core 0",
+                    nqn,
+                    if outcome == Outcome::TimedOut {
+                        "not acknowledged by every core within 1 s"
+                    } else {
+                        "refused by a core"
+                    }
+                );
+                self.replication.note_only(&nqn, before, after);
+            }
+        }
+        busy
     }
 }
 
@@ -786,6 +988,24 @@ impl<H: Hw> Services<H> {
         plan: Option<&Plan>,
         origin: &'static str,
     ) -> Result<(), String> {
+        // The change is confined to the function's subsystem: no other core adopts its
+        // queues from now on (`crate::replica`).
+        let nqn = sub.nqn.clone();
+        let before = self.target.namespace_generation();
+        let r = self.start_function_inner(slot, sub, namespaces, plan, origin);
+        let after = self.target.namespace_generation();
+        self.replication.note_only(&nqn, before, after);
+        r
+    }
+
+    fn start_function_inner(
+        &mut self,
+        slot: u16,
+        sub: SubsystemPlan,
+        namespaces: Vec<NsPlan>,
+        plan: Option<&Plan>,
+        origin: &'static str,
+    ) -> Result<(), String> {
         let Some(pos) = self.functions.iter().position(|e| e.index == slot) else {
             return Err(format!("slot {slot}: its window could not be opened"));
         };
@@ -918,6 +1138,27 @@ impl<H: Hw> Services<H> {
     /// Takes a live function off its slot; with `drop_subsystem`, its subsystem and
     /// namespaces leave the core too (else the subsystem stays, for its other exports).
     fn remove_function_now(
+        &mut self,
+        slot: u16,
+        drop_subsystem: bool,
+    ) -> Result<FunctionSlotInfo, String> {
+        // Confined to the function's subsystem, as for `start_function_now`.
+        let nqn = self
+            .functions
+            .iter()
+            .find(|e| e.index == slot)
+            .map(|e| e.nqn.clone())
+            .unwrap_or_default();
+        let before = self.target.namespace_generation();
+        let r = self.remove_function_inner(slot, drop_subsystem);
+        let after = self.target.namespace_generation();
+        if !nqn.is_empty() {
+            self.replication.note_only(&nqn, before, after);
+        }
+        r
+    }
+
+    fn remove_function_inner(
         &mut self,
         slot: u16,
         drop_subsystem: bool,

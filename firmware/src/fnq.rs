@@ -9,9 +9,10 @@
 //! controller or any host or group) and which exist at boot. Core `k` reaches a drive
 //! through an I/O queue pair of its own on it (`keel_nvme_driver::CoreQueue`, created by
 //! core 0 beside the NVMe/TCP planes' and handed over in [`ServeFunctions::drives`]; core `k`
-//! polls it). A function created live, remote namespaces, any live namespace or subsystem
-//! change (which also removes and creates functions), and `--smp 1` keep every queue on
-//! core 0, as before.
+//! polls it). A function created live, remote namespaces and `--smp 1` keep every queue on
+//! core 0, as before. A live change of a function's subsystem (its namespaces, its removal,
+//! QoS limits on it) sends every pair home for good; changes the other cores' NVMe/TCP
+//! replicas follow and changes confined to other subsystems do not ([`crate::replica`]).
 //!
 //! The handshake (the function's side is `keel_nvme_pcie::queue`):
 //! - **Handing a pair out.** After a successful Create I/O SQ, the function (on core 0)
@@ -402,6 +403,8 @@ pub struct Hub {
     /// The functions' subsystems the other cores serve (empty once namespaces changed).
     replicas: Vec<String>,
     generation: u64,
+    /// How many of [`crate::replica::Replication::dropped`] it has looked at.
+    dropped_seen: usize,
     /// Messages per link that found its ring full.
     outq: Outbox,
     /// Messages for it that core 0's NVMe/TCP side took off the rings (`percore::Holder`).
@@ -489,6 +492,7 @@ impl Hub {
         Some(Self {
             replicas,
             generation: services.target.namespace_generation(),
+            dropped_seen: services.replication.dropped.len(),
             outq,
             inbox: Vec::with_capacity(16),
         })
@@ -505,14 +509,20 @@ impl Hub {
         let Services {
             functions,
             target,
-            remotes,
+            replication,
             ..
         } = services;
         let generation = target.namespace_generation();
-        // Remote namespaces every core added first are no change (as for the NVMe/TCP
-        // holder: `RemoteService::explains`).
-        if generation != self.generation {
-            let benign = remotes.explains(self.generation, generation);
+        // Changes every core applied first, or confined to subsystems no longer adopted, are
+        // no change (as for the NVMe/TCP holder: `crate::replica`); a function's subsystem
+        // dropped sends every pair home, as before.
+        let mut dropped = false;
+        while let Some(nqn) = replication.dropped.get(self.dropped_seen) {
+            self.dropped_seen += 1;
+            dropped |= self.replicas.contains(nqn);
+        }
+        if generation != self.generation || dropped {
+            let benign = replication.explains(self.generation, generation) && !dropped;
             self.generation = generation;
             if !benign {
                 if !self.replicas.is_empty() {

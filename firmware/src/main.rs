@@ -40,6 +40,8 @@ mod provisioned;
 #[cfg(any(test, target_os = "none"))]
 mod remote;
 #[cfg(any(test, target_os = "none"))]
+mod replica;
+#[cfg(any(test, target_os = "none"))]
 mod services;
 #[cfg(any(test, target_os = "none"))]
 mod sharedram;

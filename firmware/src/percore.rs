@@ -32,10 +32,13 @@
 //! Teardown reaches every core: a queue core 0 ends (keep-alive expiry, controller reset,
 //! the admin queue lost, an abrupt I/O queue loss ending the association) becomes a
 //! [`FromHolder::Terminate`] for the core carrying its connection; a connection a core
-//! loses becomes a [`ToHolder::Closed`] there; when namespaces or subsystems change, every
-//! adopted queue is terminated and new I/O queues stay forwarded (the replicas were built
-//! from the configuration at boot). A core serving adopted queues reports their traffic
-//! once a second ([`ToHolder::Activity`]): traffic-based keep-alive counts it.
+//! loses becomes a [`ToHolder::Closed`] there. Live namespace changes of RAM and drive
+//! namespaces reach every core's replica before core 0's target ([`crate::replica`],
+//! [`Plane::on_replica`]), so adopted queues stay adopted; a change that cannot be followed
+//! ends the adopted queues of its subsystem only and forwards its later I/O queues
+//! ([`crate::replica::Replication::dropped`]); a change nobody logged ends every adopted
+//! queue and forwards every later I/O queue, as before. A core serving adopted queues
+//! reports their traffic once a second ([`ToHolder::Activity`]): traffic-based keep-alive counts it.
 //!
 //! Remote volumes (issue 17): a subsystem whose namespaces include namespaces of remote
 //! volumes (AES-XTS encrypted or not: core `k` wraps its lane in the same cipher; no QoS
@@ -65,7 +68,11 @@ use crate::net::{Addressing, NetStack};
 use crate::nvmf::{ConnRef, FORWARD_OWNER, FromHolder, NvmfService, ToHolder};
 use crate::poll::{DISCOVERY_PORT, NVMF_PORT};
 use crate::qemu::{Qemu, QemuNic};
-use crate::services::{ReplicaSource, ReplicaSubsystem, Services, cut, replica_target};
+use crate::replica::{ReplicaChange, ReplicaOp};
+use crate::services::{
+    ReplicaShares, ReplicaSource, ReplicaSubsystem, Services, apply_replica_change, cut,
+    replica_target_shares,
+};
 use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
 use core::cell::RefCell;
@@ -85,6 +92,8 @@ use smoltcp::iface::SocketHandle;
 const SECONDARY_BUFFERS: usize = 64;
 /// 4 KiB NVMe/TCP data buffers of a core other than core 0.
 const SECONDARY_SMALL_BUFFERS: usize = 512;
+/// Namespace counter slots a core claims beyond its replica's, for namespaces added live.
+const LIVE_NAMESPACE_SLOTS: usize = 8;
 /// How often a busy core publishes its namespace counters (an idle pass after work always
 /// does).
 const NS_PUBLISH_NS: u64 = 1_000_000;
@@ -239,8 +248,14 @@ pub struct Plane {
     ns_dirty: bool,
     /// When they were last published.
     ns_published: u64,
-    /// Its I/O queue pairs on the drives, polled every pass.
-    drive_queues: Vec<Rc<RefCell<CoreNvmeQueue>>>,
+    /// Its I/O queue pairs on the drives (drive index, queue), polled every pass.
+    drive_queues: Vec<(usize, Rc<RefCell<CoreNvmeQueue>>)>,
+    /// Drive namespaces its replica shares among slices (slices added live are cut from
+    /// them).
+    shares: ReplicaShares,
+    /// Removals core 0 waits for (change, subsystem, NSID): acked once the replica's last
+    /// command on the namespace completed.
+    draining: Vec<(u64, String, u32)>,
     /// Its subsystems as core 0 described them (remote namespaces are added from them).
     subsystems: Vec<ReplicaSubsystem>,
     /// Lanes of remote volumes (volume id, lane), polled every pass.
@@ -285,7 +300,7 @@ impl Plane {
                 slot.claim(d, qid, 1);
             }
         }
-        let target = replica_target(subsystems, limits, &mut |d, nsid| {
+        let (target, shares) = replica_target_shares(subsystems, limits, &mut |d, nsid| {
             open_on_core_queue(&queues, d, nsid)
         })?;
         let nvmf = match NvmfService::with_buffers(
@@ -328,19 +343,23 @@ impl Plane {
             target,
             ns_dirty: false,
             ns_published: now_ns,
-            drive_queues: queues.into_iter().map(|(_, q)| q).collect(),
+            drive_queues: queues,
+            shares,
+            draining: Vec::new(),
             subsystems: kept,
             lanes: Vec::new(),
             ns_slots: (0, 0),
         };
         // Slots for every namespace its subsystems will have: remote namespaces join the
-        // replica later (`on_remote`), and would otherwise find no slot.
+        // replica later (`on_remote`), and would otherwise find no slot; a few more for
+        // namespaces added live (`on_replica`).
         let n = plane
             .subsystems
             .iter()
             .map(|s| s.namespaces.len())
             .sum::<usize>()
-            .max(plane.target.namespace_views().count());
+            .max(plane.target.namespace_views().count())
+            + LIVE_NAMESPACE_SLOTS;
         plane.ns_slots = crate::cores::claim_namespace_slots(core, n);
         plane.publish_namespaces();
         Some(plane)
@@ -358,7 +377,7 @@ impl Plane {
     /// for status and `/metrics`, `crate::shares`).
     fn publish_queues(&self) {
         if let Some(row) = crate::cores::DRIVE_SHARES.get(self.core) {
-            for (slot, q) in row.iter().zip(&self.drive_queues) {
+            for (slot, (_, q)) in row.iter().zip(&self.drive_queues) {
                 publish_drive_queue(slot, q);
             }
         }
@@ -386,10 +405,26 @@ impl Plane {
                 out(Msg::RemoteLost { id: *id, loss });
             }
         }
-        for q in &self.drive_queues {
+        for (_, q) in &self.drive_queues {
             busy |= q.borrow_mut().poll(now_ns);
         }
         busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
+        // Removed namespaces whose last command completed (their blocks are no longer
+        // touched here): core 0 may now remove them.
+        if !self.draining.is_empty() {
+            let core = self.core as u16;
+            self.draining.retain(|(seq, nqn, nsid)| {
+                let drained = !target.namespace_draining(nqn, *nsid);
+                if drained {
+                    out(Msg::ReplicaAck {
+                        seq: *seq,
+                        core,
+                        ok: true,
+                    });
+                }
+                !drained
+            });
+        }
         nvmf.flush(net);
         busy |= net.poll_egress(now_ns);
         for m in nvmf.outbox.drain(..) {
@@ -418,7 +453,7 @@ impl Plane {
     pub fn may_sleep(&self) -> bool {
         self.drive_queues
             .iter()
-            .all(|q| q.try_borrow().is_ok_and(|q| q.outstanding() == 0))
+            .all(|(_, q)| q.try_borrow().is_ok_and(|q| q.outstanding() == 0))
     }
 
     /// A frame of one of this core's flows that landed on core 0's pair.
@@ -431,6 +466,52 @@ impl Plane {
     /// A message of the controller core.
     pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64) {
         self.nvmf.on_holder(msg, now_ns, &mut self.target);
+    }
+
+    /// A live namespace change of core 0 ([`crate::replica`]): applied to the replica
+    /// (a drive namespace through this core's own queue pair on the drive, as at boot) and
+    /// acked through `out` ([`Msg::ReplicaAck`]); a removal once the replica's commands on
+    /// the namespace have all completed ([`Plane::pass`]), so that core 0 removes it when
+    /// this core no longer reads or writes its blocks.
+    pub fn on_replica(&mut self, change: &ReplicaChange, out: &mut dyn FnMut(Msg)) {
+        let queues = &self.drive_queues;
+        let ok = apply_replica_change(&mut self.target, &mut self.shares, change, &mut |d, n| {
+            open_on_core_queue(queues, d, n)
+        });
+        let (core, nqn) = (self.core, &change.subsystem);
+        match (&change.op, ok) {
+            (ReplicaOp::Add(n), true) => {
+                println!(
+                    "percore: core {core} serves namespace {} of {nqn} added live",
+                    n.nsid
+                );
+                if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
+                    s.namespaces.push((**n).clone());
+                }
+            }
+            (ReplicaOp::Remove(nsid), true) => {
+                println!("percore: core {core} no longer serves namespace {nsid} of {nqn}");
+                if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
+                    s.namespaces.retain(|n| n.nsid != *nsid);
+                }
+                if self.target.namespace_draining(nqn, *nsid) {
+                    self.draining.push((change.seq, nqn.clone(), *nsid));
+                    self.ns_dirty = true;
+                    return;
+                }
+            }
+            (_, false) => klog::error!(
+                "percore: core {}: a live namespace change of {} could not be applied",
+                core,
+                nqn
+            ),
+        }
+        self.ns_dirty = true;
+        out(Msg::ReplicaAck {
+            seq: change.seq,
+            core: core as u16,
+            ok,
+        });
     }
 
     /// A remote volume's lane, or news of its associations, from the controller core;
@@ -628,6 +709,8 @@ struct Proxy {
     connected: bool,
     /// Its I/O queue is served by its core (adopted).
     adopted: bool,
+    /// The subsystem of its adopted queue.
+    subsystem: Option<String>,
 }
 
 /// Core 0's side: the queues it holds for connections on other cores, and what goes back.
@@ -647,6 +730,8 @@ pub struct Holder {
     served: u64,
     /// Remote volumes other cores serve through lanes.
     lanes: Vec<LaneTrack>,
+    /// How many of [`crate::replica::Replication::dropped`] it has acted on.
+    dropped_seen: usize,
 }
 
 /// A remote volume whose lanes core 0 looks after.
@@ -703,6 +788,15 @@ impl Holder {
             }
             drives.push(mine);
         }
+        // Drives every core has its own queue pair on (namespaces added live on them can be
+        // served on every core).
+        let mut every: Vec<usize> = used
+            .iter()
+            .copied()
+            .filter(|d| drives.iter().all(|m| m.iter().any(|(i, _)| i == d)))
+            .collect();
+        every.sort_unstable();
+        every.dedup();
         let replicable: Vec<ReplicaSubsystem> = services
             .replicable
             .iter()
@@ -760,6 +854,11 @@ impl Holder {
                 served |= 1 << link.info.index;
             }
         }
+        // What the replicas follow of live namespace changes (`crate::replica`).
+        let r = &mut services.replication;
+        r.cores = served;
+        r.subsystems = replicable.iter().map(|s| s.nqn.clone()).collect();
+        r.drives = every;
         let outq = Outbox::new(links.0.len());
         Some(Self {
             proxies: Vec::new(),
@@ -770,7 +869,62 @@ impl Holder {
             generation: services.target.namespace_generation(),
             served,
             lanes,
+            dropped_seen: services.replication.dropped.len(),
         })
+    }
+
+    /// Ends the adopted queues of subsystem `nqn` (their hosts reconnect) and serves its
+    /// later I/O queues through core 0.
+    fn end_adoptions_of(&mut self, links: &mut Links, nqn: &str) {
+        self.replicable.retain(|s| s != nqn);
+        let ends: Vec<(usize, ConnRef)> = self
+            .proxies
+            .iter()
+            .flatten()
+            .filter(|p| p.adopted && p.subsystem.as_deref() == Some(nqn))
+            .map(|p| (p.link, p.conn))
+            .collect();
+        for (li, conn) in ends {
+            self.send(links, li, Msg::FromHolder(FromHolder::Terminate { conn }));
+        }
+    }
+
+    /// Acts on the subsystems the services stopped adopting since it last looked
+    /// ([`crate::replica::Replication::dropped`]).
+    fn follow_drops(&mut self, links: &mut Links, services: &Services<Qemu>) {
+        while let Some(nqn) = services.replication.dropped.get(self.dropped_seen) {
+            self.dropped_seen += 1;
+            if self.replicable.iter().any(|s| s == nqn) {
+                klog::warning!(
+                    "percore: {}: I/O queues adopted by other cores end; new ones are served through core 0",
+                    nqn
+                );
+                self.end_adoptions_of(links, nqn);
+            }
+        }
+    }
+
+    /// Sends the staged namespace changes to every serving core, and applies on core 0 the
+    /// ones every core has applied (or that timed out): [`crate::replica`].
+    fn tend_replicas(
+        &mut self,
+        now_ns: u64,
+        links: &mut Links,
+        services: &mut Services<Qemu>,
+    ) -> bool {
+        if !services.replication.pending() {
+            return false;
+        }
+        let planes = crate::cores::planes() & self.served;
+        for change in services.replication.take_unsent(now_ns, planes) {
+            for li in 0..links.0.len() {
+                let core = links.0[li].info.index;
+                if core < 64 && planes & (1 << core) != 0 {
+                    self.send(links, li, Msg::Replica(Box::new(change.clone())));
+                }
+            }
+        }
+        services.finish_replicated(now_ns)
     }
 
     /// Ends every adopted queue (the host reconnects) and serves every later I/O queue
@@ -889,10 +1043,13 @@ impl Holder {
     ) -> bool {
         let now = Instant::from_nanos(now_ns);
         let mut busy = false;
+        self.follow_drops(links, services);
         let generation = services.target.namespace_generation();
         if generation != self.generation {
-            // Remote namespaces every core added first are no change for the replicas.
-            let benign = services.remotes.explains(self.generation, generation);
+            // Changes every core applied first (namespaces added or removed by a push, remote
+            // namespaces coming up) or confined to dropped subsystems are no change for the
+            // replicas of the others (`crate::replica`).
+            let benign = services.replication.explains(self.generation, generation);
             self.generation = generation;
             if !benign {
                 if !self.replicable.is_empty() {
@@ -901,6 +1058,8 @@ impl Holder {
                     );
                 }
                 self.end_adoptions(links);
+                // Nothing is adopted any more: later changes need not wait for the cores.
+                services.replication.cores = 0;
             }
         }
         let target = &mut services.target;
@@ -926,7 +1085,11 @@ impl Holder {
                                 core
                             );
                             self.end_adoptions(links);
+                            services.replication.cores = 0;
                         }
+                    }
+                    Msg::ReplicaAck { seq, core, ok } => {
+                        services.replication.ack(seq, core, ok);
                     }
                     Msg::RemoteLost { id, loss } => {
                         if let (Some(v), Some(n)) = (
@@ -944,6 +1107,10 @@ impl Holder {
             crate::cores::own_counters().received(taken);
         }
         busy |= self.tend_lanes(links, services);
+        if self.tend_replicas(now_ns, links, services) {
+            busy = true;
+            self.follow_drops(links, services);
+        }
         // Frames of other cores' outgoing connections that landed on pair 0.
         if let Some(pair) = net.and_then(|n| n.device.pair()) {
             while let Some(f) = pair.take_diverted() {
@@ -1052,6 +1219,7 @@ impl Holder {
                                 queue,
                                 connected: false,
                                 adopted: false,
+                                subsystem: None,
                             };
                             match self.proxies.iter().position(Option::is_none) {
                                 Some(i) => {
@@ -1125,6 +1293,7 @@ impl Holder {
                 .adoption(p.queue)
                 .filter(|a| self.replicable.contains(&a.subnqn));
             p.adopted = adopt.is_some();
+            p.subsystem = adopt.as_ref().map(|a| a.subnqn.clone());
         }
         let (li, conn) = (p.link, p.conn);
         let done = FromHolder::Done {

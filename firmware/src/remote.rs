@@ -133,9 +133,6 @@ pub(crate) struct RemoteService {
     pub(crate) hostnqn: String,
     hostid: [u8; 16],
     next_id: u32,
-    /// Namespace generation changes of the target made by adding namespaces of laned
-    /// volumes (before, after), for [`RemoteService::explains`].
-    pub(crate) lane_adds: Vec<(u64, u64)>,
 }
 
 impl core::fmt::Debug for RemoteService {
@@ -155,7 +152,6 @@ impl RemoteService {
             hostnqn,
             hostid,
             next_id: 1,
-            lane_adds: Vec::new(),
         }
     }
 
@@ -243,11 +239,10 @@ impl RemoteService {
         target: &mut Target,
         plan: &Plan,
         served: &mut Vec<(String, u32)>,
+        replication: &mut crate::replica::Replication,
     ) -> bool {
         let mut busy = false;
-        let Self {
-            volumes, lane_adds, ..
-        } = self;
+        let Self { volumes, .. } = self;
         for v in volumes.iter_mut() {
             if v.retired {
                 v.vol.shutdown(now_ns, net);
@@ -256,15 +251,20 @@ impl RemoteService {
             busy |= v.vol.poll(now_ns, net);
             if !v.waiting.is_empty() && v.vol.geometry().is_some() && v.gate_open {
                 busy = true;
+                let subsystems: Vec<String> =
+                    v.waiting.iter().map(|n| n.subsystem.clone()).collect();
                 let before = target.namespace_generation();
                 v.serve_waiting::<H>(target, plan, served);
                 let after = target.namespace_generation();
-                if v.laned && after != before {
-                    // The last 64 are enough: the poll loops ask every pass.
-                    if lane_adds.len() == 64 {
-                        lane_adds.remove(0);
+                if after != before {
+                    // Laned: every other core added them first. Else (a volume of a pushed
+                    // configuration) the other cores stop adopting these subsystems only.
+                    if !v.laned {
+                        for nqn in &subsystems {
+                            replication.drop_subsystem(nqn);
+                        }
                     }
-                    lane_adds.push((before, after));
+                    replication.note(before, after);
                 }
             }
         }
@@ -279,23 +279,6 @@ impl RemoteService {
             keep
         });
         busy
-    }
-
-    /// Whether the target's namespace generation went from `from` to `to` only by adding
-    /// namespaces of laned volumes, which every other core added to its replica first (so
-    /// the queues they adopted stay right). Every watcher of the generation (the NVMe/TCP
-    /// holder, the functions' hub) asks with its own `from`: nothing is forgotten by asking.
-    pub(crate) fn explains(&self, from: u64, to: u64) -> bool {
-        let mut cur = from;
-        let mut steps = 0;
-        while cur != to && steps <= self.lane_adds.len() {
-            match self.lane_adds.iter().find(|(b, _)| *b == cur) {
-                Some(&(_, a)) => cur = a,
-                None => break,
-            }
-            steps += 1;
-        }
-        cur == to
     }
 
     /// The configuration a lane of volume `v` is made with (the volume's own).

@@ -159,6 +159,9 @@ pub struct Services<H: Hw> {
     pub(crate) forwarded_events: Vec<Event>,
     /// Subsystems whose I/O queues other cores serve themselves (see [`ReplicaSubsystem`]).
     pub(crate) replicable: Vec<ReplicaSubsystem>,
+    /// What the other cores' replicas follow of live namespace changes
+    /// ([`crate::replica`]).
+    pub(crate) replication: crate::replica::Replication,
 }
 
 /// Which RAM namespaces are made in shared regions ([`crate::sharedram`]) other cores serve
@@ -754,6 +757,7 @@ impl<H: Hw> Services<H> {
             qos_rates: Default::default(),
             forwarded_events: Vec::with_capacity(64),
             replicable,
+            replication: crate::replica::Replication::new(share_ram == RamSharing::All),
         }
     }
 
@@ -813,6 +817,7 @@ impl<H: Hw> Services<H> {
             health,
             identity,
             qos_rates,
+            replication,
             ..
         } = self;
         health.tick(identity.flash.as_mut(), now_ns);
@@ -854,7 +859,7 @@ impl<H: Hw> Services<H> {
             busy |= d.poll(now_ns);
         }
         if let Some(n) = net.as_deref_mut() {
-            busy |= remotes.poll(now_ns, n, target, plan, served);
+            busy |= remotes.poll(now_ns, n, target, plan, served, replication);
         }
         let fwd = &mut self.forwarded_events;
         busy |= target.poll(now, &mut |ev| {
@@ -902,7 +907,7 @@ impl<H: Hw> Services<H> {
 
 /// A RAM namespace of the plan in a shared region ([`crate::sharedram`]), recorded in
 /// `regions` for the other cores.
-fn shared_ram_namespace<H: Hw>(
+pub(crate) fn shared_ram_namespace<H: Hw>(
     plan: &Plan,
     ns: &NsPlan,
     bytes: u64,
@@ -1041,14 +1046,31 @@ const REPLICA_SCRATCH_SIZE: usize = 128 * 1024;
 /// A drive namespace a replica cuts into slices.
 type ReplicaShared = SharedBackend<Box<dyn BlockBackend>>;
 
+/// The drive namespaces a replica shares among slices, by (drive, NSID); kept by the core so
+/// that a slice added live is cut from the same one.
+pub(crate) type ReplicaShares = Vec<((usize, u32), ReplicaShared)>;
+
+/// Opens a drive namespace for a replica (`drive`, NSID) through the core's own queue pair.
+pub(crate) type DriveOpener<'a> = dyn FnMut(usize, u32) -> Option<Box<dyn BlockBackend>> + 'a;
+
 /// A replica target over the subsystems every core can serve. `drive(d, nsid)` opens
 /// drive `d`'s namespace `nsid` whole through the calling core's own queue pair on it
 /// (`None`: the core has none, and the replica is not built).
 pub(crate) fn replica_target(
     subsystems: Vec<ReplicaSubsystem>,
     limits: Limits,
-    drive: &mut dyn FnMut(usize, u32) -> Option<Box<dyn BlockBackend>>,
+    drive: &mut DriveOpener<'_>,
 ) -> Option<Target> {
+    replica_target_shares(subsystems, limits, drive).map(|(t, _)| t)
+}
+
+/// [`replica_target`], with the drive namespaces it shares among slices (for namespaces
+/// added later, [`apply_replica_change`]).
+pub(crate) fn replica_target_shares(
+    subsystems: Vec<ReplicaSubsystem>,
+    limits: Limits,
+    drive: &mut DriveOpener<'_>,
+) -> Option<(Target, ReplicaShares)> {
     let region = dma_region(REPLICA_SCRATCH * REPLICA_SCRATCH_SIZE);
     let scratch = BufPool::lazy(region, region.as_ptr() as u64, REPLICA_SCRATCH_SIZE).ok();
     // Drive namespaces used by several namespaces or as slices are shared and cut, as on the
@@ -1060,51 +1082,20 @@ pub(crate) fn replica_target(
             .filter(|n| matches!(n.source, ReplicaSource::Drive { drive, nsid, .. } if drive == d && nsid == id))
             .count()
     };
-    let mut shared: Vec<((usize, u32), ReplicaShared)> = Vec::new();
+    let mut shared: ReplicaShares = Vec::new();
     let mut configs = Vec::new();
     for s in &subsystems {
         let mut namespaces = Vec::new();
         for n in &s.namespaces {
-            let backend: Box<dyn BlockBackend> = match n.source {
+            let whole = match n.source {
                 // Added when core 0 hands this core the remote volume's lane.
                 ReplicaSource::Remote { .. } => continue,
-                ReplicaSource::Ram(region) => Box::new(region.handle(REPLICA_DEPTH)),
-                ReplicaSource::Drive {
-                    drive: d,
-                    nsid,
-                    slice,
-                } if slice.is_none() && uses(d, nsid) == 1 => drive(d, nsid)?,
-                ReplicaSource::Drive {
-                    drive: d,
-                    nsid,
-                    slice,
-                } => {
-                    if !shared.iter().any(|(k, _)| *k == (d, nsid)) {
-                        shared.push((
-                            (d, nsid),
-                            SharedBackend::new(drive(d, nsid)?, BACKEND_DEPTH),
-                        ));
-                    }
-                    let sb = &shared.iter().find(|(k, _)| *k == (d, nsid))?.1;
-                    let spec = NsSpec::Drive {
-                        drive: d,
-                        nsid,
-                        slice,
-                    };
-                    cut(sb, slice, &spec)
-                        .map_err(|e| klog::error!("percore: {}", klog::D(&e)))
-                        .ok()?
+                ReplicaSource::Ram(_) => true,
+                ReplicaSource::Drive { drive, nsid, slice } => {
+                    slice.is_none() && uses(drive, nsid) == 1
                 }
             };
-            let backend = replica_cipher(n, backend)?;
-            namespaces.push(NamespaceConfig {
-                nsid: n.nsid,
-                backend,
-                nguid: n.nguid,
-                uuid: [0; 16],
-                eui64: [0; 8],
-                qos: n.qos.clone(),
-            });
+            namespaces.push(replica_namespace(n, whole, &mut shared, drive)?);
         }
         configs.push(SubsystemConfig {
             nqn: s.nqn.clone(),
@@ -1122,6 +1113,93 @@ pub(crate) fn replica_target(
     })
     .map_err(|e| klog::error!("percore: replica refused: {}", klog::D(&e)))
     .ok()
+    .map(|t| (t, shared))
+}
+
+/// A RAM or drive namespace of a replica (`whole`: a drive namespace used whole, else cut
+/// from its shared backend in `shared`), encrypted as on the controller core; `None` (said on
+/// the console) if it cannot be made.
+fn replica_namespace(
+    n: &ReplicaNs,
+    whole: bool,
+    shared: &mut ReplicaShares,
+    drive: &mut DriveOpener<'_>,
+) -> Option<NamespaceConfig> {
+    let backend: Box<dyn BlockBackend> = match n.source {
+        ReplicaSource::Remote { .. } => return None,
+        ReplicaSource::Ram(region) => Box::new(region.handle(REPLICA_DEPTH)),
+        ReplicaSource::Drive { drive: d, nsid, .. } if whole => drive(d, nsid)?,
+        ReplicaSource::Drive {
+            drive: d,
+            nsid,
+            slice,
+        } => {
+            if !shared.iter().any(|(k, _)| *k == (d, nsid)) {
+                shared.push((
+                    (d, nsid),
+                    SharedBackend::new(drive(d, nsid)?, BACKEND_DEPTH),
+                ));
+            }
+            let sb = &shared.iter().find(|(k, _)| *k == (d, nsid))?.1;
+            let spec = NsSpec::Drive {
+                drive: d,
+                nsid,
+                slice,
+            };
+            cut(sb, slice, &spec)
+                .map_err(|e| klog::error!("percore: {}", klog::D(&e)))
+                .ok()?
+        }
+    };
+    let backend = replica_cipher(n, backend)?;
+    Some(NamespaceConfig {
+        nsid: n.nsid,
+        backend,
+        nguid: n.nguid,
+        uuid: [0; 16],
+        eui64: [0; 8],
+        qos: n.qos.clone(),
+    })
+}
+
+/// Applies a live namespace change core 0 sent ([`crate::replica`]) to a replica target
+/// (`shared`: its drive namespaces shared among slices; `drive` opens one through the
+/// core's own queue pair). A drive namespace is used whole unless it is a slice or already
+/// shared, as core 0 decides (`make_backend`). Returns whether it was applied.
+pub(crate) fn apply_replica_change(
+    target: &mut Target,
+    shared: &mut ReplicaShares,
+    change: &crate::replica::ReplicaChange,
+    drive: &mut DriveOpener<'_>,
+) -> bool {
+    use crate::replica::ReplicaOp;
+    match &change.op {
+        ReplicaOp::Remove(nsid) => target.remove_namespace(&change.subsystem, *nsid).is_ok(),
+        ReplicaOp::Add(n) => {
+            let whole = match n.source {
+                ReplicaSource::Remote { .. } => return false,
+                ReplicaSource::Ram(_) => true,
+                ReplicaSource::Drive { drive, nsid, slice } => {
+                    slice.is_none() && !shared.iter().any(|(k, _)| *k == (drive, nsid))
+                }
+            };
+            let Some(cfg) = replica_namespace(n, whole, shared, drive) else {
+                return false;
+            };
+            match target.add_namespace(&change.subsystem, cfg) {
+                Ok(()) => true,
+                Err(e) => {
+                    klog::error!(
+                        "percore: namespace {} of {}: {}",
+                        n.nsid,
+                        change.subsystem,
+                        klog::Dbg(&e)
+                    );
+                    false
+                }
+            }
+        }
+    }
 }
 
 /// Hands an event of the core to the transport that owns its queue ([`Event::owner`]).

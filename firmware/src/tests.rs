@@ -890,7 +890,7 @@ fn dev_device() -> keel_provision::Device {
 }
 
 /// `device` as a bundle of `generation` signed with the development key.
-fn signed_bundle(device: &keel_provision::Device, generation: u64) -> Vec<u8> {
+pub(crate) fn signed_bundle(device: &keel_provision::Device, generation: u64) -> Vec<u8> {
     let mut counter = 0u8;
     keel_provision::bundle::build(
         device,

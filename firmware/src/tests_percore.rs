@@ -520,15 +520,17 @@ fn a_subsystem_with_a_remote_namespace_is_served_by_every_core() {
     let cfg = remotes.lane_config(v);
     assert_eq!(cfg.subnqn, "nqn.2026-11.dev.keel:pool");
     // Nothing recorded: any change is a change.
-    assert!(!remotes.explains(3, 4));
-    assert!(remotes.explains(4, 4));
+    let log = &mut h.s.replication;
+    assert!(!log.explains(3, 4));
+    assert!(log.explains(4, 4));
     // Two adds by laned volumes: both watchers of the generation (the NVMe/TCP holder and
     // the functions' hub) get the same answer; asking forgets nothing.
-    remotes.lane_adds.extend([(4, 5), (5, 7)]);
-    assert!(remotes.explains(4, 7));
-    assert!(remotes.explains(4, 7), "the second watcher");
-    assert!(remotes.explains(5, 7));
-    assert!(!remotes.explains(3, 7), "a change before the adds");
+    log.note(4, 5);
+    log.note(5, 7);
+    assert!(log.explains(4, 7));
+    assert!(log.explains(4, 7), "the second watcher");
+    assert!(log.explains(5, 7));
+    assert!(!log.explains(3, 7), "a change before the adds");
 
     // An encrypted remote namespace is served by every core too: the replica carries its
     // key (each core wraps its lane in the same cipher).
@@ -610,4 +612,228 @@ fn development_functions_are_served_by_every_core_over_shared_ram() {
         crate::services::RamSharing::None,
     );
     assert!(one.function_replicas().is_empty());
+}
+
+/// Issue 17, live changes: the controller core with RAM in shared regions and the subsystem
+/// `keel.ns=ram:4,ram:4` (NSIDs 1 and 2), as `percore::Holder::start` leaves it with one
+/// other core (core 1) serving a replica of it; that replica.
+fn replicated() -> (
+    Holder,
+    keel_controller::Target,
+    crate::services::ReplicaShares,
+) {
+    let h = Holder::new("keel.ns=ram:4,ram:4 keel.ip=127.0.0.1/8");
+    let mut h = h;
+    assert_eq!(h.s.replicable.len(), 1);
+    let r = &mut h.s.replication;
+    r.cores = 0b10;
+    r.subsystems = vec![crate::config::DEFAULT_NQN.to_string()];
+    let (t, shares) = crate::services::replica_target_shares(
+        h.s.replicable.clone(),
+        *h.s.target.limits(),
+        &mut |_, _| None,
+    )
+    .expect("replica");
+    (h, t, shares)
+}
+
+/// The pushed description: namespace 2 removed, namespace 3 (RAM, 1 MiB) added.
+fn push_add_3_remove_2(h: &mut Holder) -> keel_mgmt::PushReport {
+    use keel_mgmt::Device as _;
+    let mut desc = h.s.plan.to_device();
+    desc.namespaces.retain(|n| n.nsid != 2);
+    let mut three = desc.namespaces[0].clone();
+    three.nsid = 3;
+    three.backend = keel_provision::Backend::Ram {
+        size: 1 << 20,
+        block_size: 512,
+    };
+    desc.namespaces.push(three);
+    let generation = h.s.plan.generation + 1;
+    h.s.push(&crate::tests::signed_bundle(&desc, generation))
+        .expect("push")
+}
+
+fn nsids(t: &keel_controller::Target) -> Vec<u32> {
+    let mut v: Vec<u32> = t.namespace_views().map(|n| n.nsid).collect();
+    v.sort_unstable();
+    v
+}
+
+/// A push that adds and removes namespaces of a subsystem every core serves is staged: the
+/// other core's replica gets the change (the added namespace over the same shared RAM)
+/// before core 0's target, which changes only once every core acked; both watchers of the
+/// namespace generation (the NVMe/TCP holder, the functions' hub) find the change explained,
+/// so adopted queues stay adopted; a second push meanwhile is refused with nothing changed.
+#[test]
+fn a_pushed_namespace_change_reaches_every_core_before_core_0() {
+    use crate::replica::ReplicaOp;
+    use keel_mgmt::Device as _;
+    let nqn = crate::config::DEFAULT_NQN;
+    let (mut h, mut replica, mut shares) = replicated();
+    let g0 = h.s.target.namespace_generation();
+    let r = push_add_3_remove_2(&mut h);
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(r.added, [(nqn.to_string(), 3)]);
+    assert_eq!(r.removed, [(nqn.to_string(), 2)]);
+    // Staged: core 0 unchanged until every core applied it.
+    assert_eq!(nsids(&h.s.target), [1, 2]);
+    assert_eq!(h.s.target.namespace_generation(), g0);
+    assert!(h.s.replication.pending());
+    let t = now();
+    let changes = h.s.replication.take_unsent(t, 0b10);
+    assert_eq!(changes.len(), 2);
+    assert!(matches!(changes[0].op, ReplicaOp::Remove(2)));
+    assert!(matches!(&changes[1].op, ReplicaOp::Add(n) if n.nsid == 3));
+    assert!(!h.s.finish_replicated(t), "no ack yet");
+    assert_eq!(nsids(&h.s.target), [1, 2]);
+    // Another push while the change is in flight is refused and changes nothing.
+    let again = h.s.push(&crate::tests::signed_bundle(
+        &h.s.plan.to_device(),
+        h.s.plan.generation + 1,
+    ));
+    assert!(again.is_err());
+    assert_eq!(nsids(&h.s.target), [1, 2]);
+
+    // Core 1 applies both, in order, and acks.
+    for c in &changes {
+        assert!(crate::services::apply_replica_change(
+            &mut replica,
+            &mut shares,
+            c,
+            &mut |_, _| None
+        ));
+        h.s.replication.ack(c.seq, 1, true);
+    }
+    assert_eq!(nsids(&replica), [1, 3], "the replica first");
+    assert!(
+        !replica.namespace_draining(nqn, 2),
+        "no command was in flight: the removal is acked at once"
+    );
+    assert_eq!(nsids(&h.s.target), [1, 2], "core 0 after the acks are read");
+    assert!(h.s.finish_replicated(t));
+    assert_eq!(nsids(&h.s.target), [1, 3]);
+    assert!(!h.s.replication.pending());
+    let g1 = h.s.target.namespace_generation();
+    assert_ne!(g0, g1);
+    // Both watchers (each with its own last generation) find it explained; nothing dropped.
+    assert!(h.s.replication.explains(g0, g1), "the NVMe/TCP holder");
+    assert!(h.s.replication.explains(g0, g1), "the functions' hub");
+    assert!(h.s.replication.dropped.is_empty());
+    assert!(h.s.replication.follows(nqn));
+    // The added namespace: same size on both, and the change carried its shared region.
+    let size = |t: &keel_controller::Target| {
+        t.namespace_views()
+            .find(|n| n.nsid == 3)
+            .map(|n| n.geometry.blocks * u64::from(n.geometry.block_size))
+    };
+    assert_eq!(size(&replica), Some(1 << 20));
+    assert_eq!(size(&h.s.target), Some(1 << 20));
+    assert!(matches!(&changes[1].op, ReplicaOp::Add(n)
+        if matches!(n.source, crate::services::ReplicaSource::Ram(_))));
+    // An unlogged change still is one.
+    h.s.target.remove_namespace(nqn, 3).unwrap();
+    assert!(
+        !h.s.replication
+            .explains(g0, h.s.target.namespace_generation())
+    );
+}
+
+/// A core that does not ack a staged change within the bound (or refuses it): core 0
+/// applies the change alone, logs it, and stops adopting that subsystem only (its adopted
+/// queues end); the change is explained for the watchers (the subsystem is dropped), and
+/// later pushes of that subsystem are applied on core 0 at once.
+#[test]
+fn a_core_that_does_not_ack_makes_core_0_apply_alone_and_drop_the_subsystem() {
+    let nqn = crate::config::DEFAULT_NQN;
+    for refuse in [false, true] {
+        let (mut h, _replica, _shares) = replicated();
+        let g0 = h.s.target.namespace_generation();
+        push_add_3_remove_2(&mut h);
+        let t = now();
+        let changes = h.s.replication.take_unsent(t, 0b10);
+        assert_eq!(changes.len(), 2);
+        if refuse {
+            h.s.replication.ack(changes[0].seq, 1, false);
+            assert!(h.s.finish_replicated(t), "refused: applied at once");
+            assert_eq!(nsids(&h.s.target), [1], "the refused removal");
+            assert!(h.s.finish_replicated(t + crate::replica::ACK_TIMEOUT_NS));
+        } else {
+            assert!(!h.s.finish_replicated(t + crate::replica::ACK_TIMEOUT_NS - 1));
+            assert_eq!(nsids(&h.s.target), [1, 2], "still waiting");
+            assert!(h.s.finish_replicated(t + crate::replica::ACK_TIMEOUT_NS));
+        }
+        assert_eq!(nsids(&h.s.target), [1, 3]);
+        assert!(!h.s.replication.pending());
+        assert_eq!(h.s.replication.dropped, [nqn.to_string()]);
+        assert!(!h.s.replication.follows(nqn));
+        let g1 = h.s.target.namespace_generation();
+        assert!(h.s.replication.explains(g0, g1));
+        // The next push changes core 0 at once.
+        use keel_mgmt::Device as _;
+        let mut desc = h.s.plan.to_device();
+        desc.namespaces.retain(|n| n.nsid != 3);
+        h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+            .expect("push");
+        assert!(!h.s.replication.pending());
+        assert_eq!(nsids(&h.s.target), [1]);
+        assert!(
+            h.s.replication
+                .explains(g0, h.s.target.namespace_generation())
+        );
+    }
+}
+
+/// Changes the replicas cannot follow fall back for their subsystem only: QoS limits
+/// appearing on the subsystem's namespace drop it (its adopted queues end, later ones are
+/// forwarded) with nothing staged; a namespace added once it is dropped changes core 0 at
+/// once and is explained for the watchers; without other cores (no holder) nothing is ever
+/// staged.
+#[test]
+fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
+    use keel_mgmt::Device as _;
+    use keel_provision::{NamespaceQos, QosLimits, QosRate};
+    let nqn = crate::config::DEFAULT_NQN;
+    let (mut h, _replica, _shares) = replicated();
+    let g0 = h.s.target.namespace_generation();
+    let mut desc = h.s.plan.to_device();
+    desc.qos.namespaces.push(NamespaceQos {
+        subsystem: nqn.into(),
+        nsid: 1,
+        limits: QosLimits {
+            write_iops: Some(QosRate {
+                per_sec: 100,
+                burst: Some(1),
+            }),
+            ..Default::default()
+        },
+        weight: 1,
+        group: None,
+    });
+    let r =
+        h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+            .expect("push");
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(h.s.replication.dropped, [nqn.to_string()]);
+    assert!(!h.s.replication.follows(nqn));
+    assert!(!h.s.replication.pending());
+    assert_eq!(h.s.target.namespace_generation(), g0);
+    // A namespace added now changes core 0 at once (nothing staged), explained.
+    let mut four = desc.namespaces[0].clone();
+    four.nsid = 4;
+    desc.namespaces.push(four);
+    h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+        .expect("push");
+    assert!(!h.s.replication.pending());
+    assert_eq!(nsids(&h.s.target), [1, 2, 4]);
+    assert!(
+        h.s.replication
+            .explains(g0, h.s.target.namespace_generation())
+    );
+
+    // No other core serving replicas: applied at once, nothing staged.
+    let mut one = Holder::new("keel.ns=ram:4,ram:4 keel.ip=127.0.0.1/8");
+    push_add_3_remove_2(&mut one);
+    assert!(!one.s.replication.pending());
+    assert_eq!(nsids(&one.s.target), [1, 3]);
 }

@@ -2254,3 +2254,407 @@ qos = {{ iops = 1000000000 }}
     }
     kill_and_check_tap_removed(q, &tap);
 }
+
+/// A `keelctl nvme bench` running in the background (killed on drop if still running).
+struct Bench(Option<std::process::Child>);
+
+impl Bench {
+    /// `keelctl nvme bench --addr ADDR --nsid NSID`, one connection, verified mixed I/O for
+    /// `secs` seconds.
+    fn start(addr: &str, nsid: u32, secs: u32, seed: u32) -> Self {
+        let child = Command::new(keelctl())
+            .args([
+                "nvme",
+                "bench",
+                "--addr",
+                addr,
+                "--nsid",
+                &nsid.to_string(),
+                "--rw",
+                "mix",
+                "--connections",
+                "1",
+                "--qd",
+                "4",
+                "--duration",
+                &secs.to_string(),
+                "--range-mib",
+                "4",
+                "--seed",
+                &seed.to_string(),
+                "--verify",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("keelctl nvme bench");
+        Bench(Some(child))
+    }
+
+    /// Waits for it to end: (exit code, stdout + stderr).
+    fn finish(mut self) -> (i32, String) {
+        let out = self.0.take().unwrap().wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts benches on namespace `nsid` until one's I/O connection serves on core `k`:
+/// over 2 s while it runs, core `k` took at least 100 more commands than `busy_k` (what
+/// others already running there take in 2 s) and every other core fewer than 50.
+fn bench_on_core(mgmt: &str, addr: &str, nsid: u32, k: usize, secs: u32, busy: [u64; 2]) -> Bench {
+    for seed in 1..=16 {
+        let b = Bench::start(addr, nsid, secs, seed);
+        // Past its admin commands.
+        std::thread::sleep(Duration::from_secs(2));
+        let c0 = per_core(mgmt, "nvmf_commands_total", 2);
+        std::thread::sleep(Duration::from_secs(2));
+        let c1 = per_core(mgmt, "nvmf_commands_total", 2);
+        let d = [c1[0] - c0[0], c1[1] - c0[1]];
+        eprintln!("bench on namespace {nsid}, seed {seed}: commands per core in 2 s {d:?}");
+        if d[k] >= busy[k] + 100 && d[1 - k] < busy[1 - k] + 50 {
+            return b;
+        }
+    }
+    panic!("no bench of namespace {nsid} landed on core {k} in 16 tries");
+}
+
+/// Issue 17, live changes on every core: at `--smp 2 --net tap` (RAM namespaces 1 and 3, a
+/// drive slice 2), a signed push removes RAM namespace 3 and the drive slice 2 and adds
+/// another drive slice (4) and an 8 MiB RAM namespace (5) while connections adopted by core 1 run verified I/O: the replicas
+/// follow (each core first, then core 0), so the connection on namespace 1 keeps running on
+/// core 1 without a reconnect, the connection on namespace 3 on core 1 (and one on core 0)
+/// gets Invalid Namespace from its own core, and new connections on namespaces 4 and 5 are
+/// adopted by core 1 (core 0 takes a few messages, not one per command) and read back what
+/// they wrote.
+#[test]
+fn a_pushed_namespace_change_keeps_core_1_serving() {
+    require_tap();
+    keelctl();
+    let net = tap_net(14);
+    let disk = ScratchFile::new("live-disk.img", 64 << 20);
+    let mut q = boot_on_tap(
+        Build::Release,
+        2,
+        &net,
+        &[
+            "--disk",
+            disk.path().to_str().unwrap(),
+            "--append",
+            "keel.ns=ram:16,drive:0:1:0+16,ram:8",
+        ],
+    );
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1";
+    if !q.console().contains(serving) {
+        q.wait_for(serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+
+    // Verified I/O on namespace 1 on core 1, and on namespace 3 on core 1 and on core 0.
+    let keep = bench_on_core(&mgmt, &addr, 1, 1, 60, [0, 0]);
+    let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
+    let busy = [c1[0] - c0[0], c1[1] - c0[1]];
+    let gone1 = bench_on_core(&mgmt, &addr, 3, 1, 60, busy);
+    let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
+    let busy = [c1[0] - c0[0], c1[1] - c0[1]];
+    let gone0 = bench_on_core(&mgmt, &addr, 3, 0, 60, busy);
+
+    // The push: namespace 3 removed, 4 (a slice of the drive) and 5 (RAM) added.
+    let d = keel_tests::provision::Dir::new("live-push");
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let mut toml = format!("[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n");
+    for (nsid, backend) in [
+        (1, "{ ram = \"16MiB\", block_size = 512 }"),
+        (
+            4,
+            "{ drive = 0, nsid = 1, offset = \"16MiB\", length = \"16MiB\" }",
+        ),
+        (5, "{ ram = \"8MiB\", block_size = 512 }"),
+    ] {
+        toml.push_str(&format!(
+            "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = {nsid}\nbackend = {backend}\nencryption = \"none\"\n"
+        ));
+    }
+    std::fs::write(d.path("live.toml"), &toml).unwrap();
+    let bundle = keel_tests::provision::build_from(&d, &d.path("live.toml"), 2, "live.bundle");
+    let key = keel_tests::provision::dev_key().display().to_string();
+    let report = ok(&[
+        "provision",
+        "push",
+        bundle.to_str().unwrap(),
+        "--device",
+        &mgmt,
+        "--key",
+        &key,
+    ]);
+    eprintln!("push: {report}");
+    for want in [
+        "percore: core 1 serves namespace 4 of nqn.2026-11.dev.keel:default added live",
+        "percore: core 1 serves namespace 5 of nqn.2026-11.dev.keel:default added live",
+        "percore: core 1 no longer serves namespace 3 of nqn.2026-11.dev.keel:default",
+        "percore: core 1 no longer serves namespace 2 of nqn.2026-11.dev.keel:default",
+    ] {
+        if !q.console().contains(want) {
+            q.wait_for(want, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    // The connections on namespace 3 get Invalid Namespace (from core 1's replica, from
+    // core 0's target).
+    for (core, b) in [(1, gone1), (0, gone0)] {
+        let (code, out) = b.finish();
+        assert_ne!(code, 0, "namespace 3 on core {core} kept working:\n{out}");
+        assert!(
+            out.contains("Invalid Namespace"),
+            "namespace 3 on core {core}:\n{out}"
+        );
+    }
+    // Namespace 1's connection still runs on core 1 (its commands counted there) and ends
+    // its verified run without an error.
+    let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
+    assert!(
+        c1[1] - c0[1] >= 100 && c1[0] - c0[0] < 50,
+        "after the push, namespace 1's connection on core 1: {c0:?} -> {c1:?}"
+    );
+    let (code, out) = keep.finish();
+    assert_eq!(code, 0, "namespace 1's connection on core 1:\n{out}");
+    assert!(out.contains("IOPS"), "{out}");
+    // Core 0 lists the namespaces of the push, and only those.
+    let id = ok(&["nvme", "identify", "--addr", &addr, "--json"]);
+    let listed = &id[id.find("\"namespaces\"").expect("namespaces")..];
+    let mut nsids = Vec::new();
+    let mut rest = listed;
+    while let Some(at) = rest.find("\"nsid\":") {
+        rest = &rest[at + 7..];
+        let n: String = rest
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        nsids.push(n.parse::<u32>().unwrap());
+    }
+    assert_eq!(nsids, [1, 4, 5], "{id}");
+
+    // New connections on namespaces 4 and 5 are served on core 1 (adopted: core 0 takes
+    // a few messages, not one per command) and read back what they wrote.
+    for nsid in ["4", "5"] {
+        let data = ScratchFile::new(&format!("live-ns{nsid}.bin"), 0);
+        let bytes = noise(4 << 20, 40 + u64::from(nsid.as_bytes()[0]));
+        std::fs::write(data.path(), &bytes).unwrap();
+        let (cmds, msgs) = on_core(&mgmt, 2, 1, "write", 32, &mut || {
+            ok(&[
+                "nvme",
+                "write",
+                "--addr",
+                &addr,
+                "--nsid",
+                nsid,
+                "--lba",
+                "100",
+                "-i",
+                data.path().to_str().unwrap(),
+            ]);
+        });
+        eprintln!("namespace {nsid}: {cmds} commands on core 1, {msgs} messages to core 0");
+        assert!(
+            msgs < cmds,
+            "namespace {nsid}: core 0 took {msgs} messages for {cmds} commands on core 1: forwarded"
+        );
+        let back = ScratchFile::new(&format!("live-ns{nsid}-back.bin"), 0);
+        on_core(&mgmt, 2, 1, "read", 32, &mut || {
+            ok(&[
+                "nvme",
+                "read",
+                "--addr",
+                &addr,
+                "--nsid",
+                nsid,
+                "--lba",
+                "100",
+                "--count",
+                "8192",
+                "-o",
+                back.path().to_str().unwrap(),
+            ]);
+        });
+        assert!(
+            std::fs::read(back.path()).unwrap() == bytes,
+            "namespace {nsid} read back on core 1"
+        );
+    }
+    let console = q.console();
+    for bad in [
+        "*** keel",
+        "panic",
+        "exception",
+        "boot failed",
+        "adopted by other cores end",
+        "could not be applied",
+    ] {
+        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
+    }
+    kill_and_check_tap_removed(q, &tap);
+}
+
+/// Issue 17, both watchers of live changes: at `--smp 2 --net tap` with the development
+/// function on a window (its I/O queue 1 served on core 1), a push that adds a RAM namespace
+/// to the NVMe/TCP subsystem (followed by core 1's replica first) leaves the function's
+/// pairs where they are: a verified two-queue bench through the window runs across the push
+/// without an error, core 1 keeps counting its commands, and no pair goes home ("fnq:
+/// namespaces changed" is not logged); the new namespace verifies over NVMe/TCP.
+#[test]
+fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
+    require_tap();
+    keelctl();
+    let net = tap_net(15);
+    let window = ScratchFile::new("live-window.img", 64 << 20);
+    let w = window.path().to_str().unwrap().to_string();
+    let mut q = boot_on_tap(
+        Build::Release,
+        2,
+        &net,
+        &["--window", &w, "--append", "keel.ram=16 keel.fn.ram=16"],
+    );
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for want in [
+        "percore: core 1 serves NVMe/TCP on queue pair 1",
+        "I/O queue q served on core q % 2",
+    ] {
+        if !q.console().contains(want) {
+            q.wait_for(want, BOOT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    let fn_cmds = |core: u32| {
+        let m = ok(&["metrics", "--device", &mgmt]);
+        core_metric(&m, "function_commands_total", core)
+    };
+
+    let mut bench = Command::new(keelctl())
+        .args([
+            "host",
+            "--window",
+            &w,
+            "bench",
+            "--rw",
+            "mix",
+            "--qd",
+            "4",
+            "--queues",
+            "2",
+            "--duration",
+            "20",
+            "--range-mib",
+            "4",
+            "--verify",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("keelctl host bench");
+    q.wait_for(
+        "fnq: core 1 serves I/O queue 1 of function 0",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| {
+        let _ = bench.kill();
+        panic!("{e}")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The push: RAM namespace 2 added to the NVMe/TCP subsystem; the function's kept.
+    let d = keel_tests::provision::Dir::new("live-fn-push");
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let f0 = "nqn.2026-11.dev.keel:fn0";
+    let toml = format!(
+        "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n\n[[subsystem]]\nnqn = \"{f0}\"\n\n\
+         [[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\nencryption = \"none\"\n\n\
+         [[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 2\nbackend = {{ ram = \"4MiB\", block_size = 512 }}\nencryption = \"none\"\n\n\
+         [[namespace]]\nsubsystem = \"{f0}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\nencryption = \"none\"\nfunction = 0\n"
+    );
+    std::fs::write(d.path("live.toml"), &toml).unwrap();
+    let bundle = keel_tests::provision::build_from(&d, &d.path("live.toml"), 2, "live.bundle");
+    let key = keel_tests::provision::dev_key().display().to_string();
+    let report = ok(&[
+        "provision",
+        "push",
+        bundle.to_str().unwrap(),
+        "--device",
+        &mgmt,
+        "--key",
+        &key,
+    ]);
+    eprintln!("push: {report}");
+    assert!(
+        report.contains(&format!("added: {nqn} namespace 2")),
+        "{report}"
+    );
+    let live = format!("percore: core 1 serves namespace 2 of {nqn} added live");
+    if !q.console().contains(&live) {
+        q.wait_for(&live, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Core 1 keeps serving the function's queue 1.
+    let before = fn_cmds(1);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = fn_cmds(1);
+    assert!(
+        after > before + 100,
+        "core 1 served {} function commands in 2 s after the push",
+        after - before
+    );
+    let out = bench.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the function's bench:\n{text}");
+    let v = ok(&[
+        "nvme", "verify", "--addr", &addr, "--nsid", "2", "--lba", "0", "--count", "1024",
+    ]);
+    assert!(v.contains(": OK in"), "{v}");
+    let console = q.console();
+    for bad in [
+        "*** keel",
+        "panic",
+        "exception",
+        "boot failed",
+        "fnq: namespaces changed",
+        "adopted by other cores end",
+    ] {
+        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
+    }
+    kill_and_check_tap_removed(q, &tap);
+}

@@ -307,12 +307,15 @@ fn a_removed_namespace_drains_its_waiting_commands_first() {
     let io = h.io_queue(1, c);
     burst(&mut h, io, 1, 5);
     h.t.remove_namespace(SUB, 1).unwrap();
+    assert!(!h.t.has_namespace(SUB, 1));
+    assert!(h.t.namespace_draining(SUB, 1), "commands still wait for it");
     for _ in 0..10 {
         h.now = Instant::from_nanos(h.now.as_nanos() + 100_000_000);
         h.poll();
     }
     // The commands accepted before the removal all completed; then the namespace went.
     assert_eq!(successes(&h), 5);
+    assert!(!h.t.namespace_draining(SUB, 1), "drained");
     assert!(h.t.namespace_views().all(|v| v.subsystem != SUB));
     let si = h.t.subsys_index(SUB).unwrap();
     assert!(h.t.subsystems[si].namespaces[0].is_none(), "reaped");

@@ -170,6 +170,19 @@ impl Target {
         }
     }
 
+    /// Whether subsystem `nqn` still holds a removed namespace `nsid` whose commands have not
+    /// all completed (its backend is dropped once they have, at a later poll).
+    pub fn namespace_draining(&self, nqn: &str, nsid: u32) -> bool {
+        self.subsys_index(nqn)
+            .and_then(|si| self.subsystems.get(si))
+            .is_some_and(|s| {
+                s.namespaces
+                    .iter()
+                    .flatten()
+                    .any(|n| !n.active && n.nsid == nsid)
+            })
+    }
+
     /// Whether subsystem `nqn` has an active namespace `nsid`.
     pub fn has_namespace(&self, nqn: &str, nsid: u32) -> bool {
         self.subsys_index(nqn)

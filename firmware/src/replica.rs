@@ -1,0 +1,242 @@
+//! Live namespace changes on every core (issue 17): the replicas other cores serve adopted
+//! I/O queues from follow the namespaces a pushed configuration adds or removes.
+//!
+//! Core 0 (the controller core) owns one [`Replication`] in its services. A push that adds
+//! or removes a namespace of a subsystem the other cores serve ([`Replication::follows`]),
+//! of a kind they can serve (a RAM namespace in a shared region, a namespace of a drive every
+//! core has an I/O queue pair on, whole or a slice, AES-XTS encrypted or not, no QoS limit
+//! or group), is *staged* ([`Replication::stage`]): core 0's own target is left alone, the
+//! change ([`ReplicaChange`], carrying what `crate::percore::ServeSpec` carries for one
+//! namespace) goes to every serving core (`crate::cores::Msg::Replica`), each applies it to
+//! its replica and acks (`crate::cores::Msg::ReplicaAck`), and only when every core acked
+//! does core 0 apply it ([`crate::services::Services::finish_replicated`]): hosts learn of
+//! namespaces only through core 0's admin queues (so no core is ever asked for a namespace
+//! it lacks), and for a removal no core still has a command on the old blocks when core 0
+//! removes the namespace (a core acks a removal once its replica's last command on the
+//! namespace completed; a later namespace may reuse that drive range). A core that does
+//! not ack within [`ACK_TIMEOUT_NS`], or could not apply the change, makes core 0 apply it
+//! anyway and stop adopting that subsystem only ([`Replication::drop_subsystem`]): its
+//! adopted queues end (the hosts reconnect, through core 0).
+//!
+//! Every change of core 0's namespace generation that the replicas account for is logged
+//! ([`Replication::note`]): a replicated change, a remote namespace every core added first
+//! (`crate::remote`), or a change confined to subsystems that are dropped at the same time
+//! ([`Replication::note_only`]). Both watchers of the generation, the NVMe/TCP holder
+//! (`crate::percore::Holder`) and the functions' hub (`crate::fnq::Hub`), ask
+//! [`Replication::explains`] with their own last generation, and read the dropped subsystems
+//! from [`Replication::dropped`] with their own cursor; a change nobody logged keeps the old
+//! fallback (every adopted queue ends, every later one is forwarded to core 0).
+//!
+//! Per change only: the messages, the clones and the log entries are made once per change,
+//! never per I/O.
+
+use crate::services::ReplicaNs;
+use alloc::collections::VecDeque;
+use alloc::{string::String, vec::Vec};
+use keel_controller::NamespaceConfig;
+
+/// How long core 0 waits for every core to apply a staged change before it applies it alone
+/// and stops adopting that subsystem.
+pub const ACK_TIMEOUT_NS: u64 = 1_000_000_000;
+
+/// Log entries kept: the poll loops ask every pass, so a few are enough.
+const LOG_LEN: usize = 64;
+
+/// A namespace change of a subsystem every core serves, as core 0 sends it.
+#[derive(Debug, Clone)]
+pub struct ReplicaChange {
+    /// Sequence number (the acks name it).
+    pub seq: u64,
+    /// The subsystem.
+    pub subsystem: String,
+    /// What changes.
+    pub op: ReplicaOp,
+}
+
+/// What a [`ReplicaChange`] does.
+#[derive(Debug, Clone)]
+pub enum ReplicaOp {
+    /// Add this namespace (its blocks as `crate::percore::ServeSpec` describes them).
+    Add(alloc::boxed::Box<ReplicaNs>),
+    /// Remove namespace `nsid`.
+    Remove(u32),
+}
+
+/// A staged change on core 0.
+pub(crate) struct Staged {
+    pub(crate) change: ReplicaChange,
+    /// Core 0's namespace for an add (built and checked at the push).
+    pub(crate) config: Option<NamespaceConfig>,
+    /// When it was sent to the cores (`None`: not yet).
+    sent_at: Option<u64>,
+    /// Cores (a bit each) that have not acked yet.
+    acks: u64,
+    /// Some core could not apply it.
+    failed: bool,
+}
+
+impl core::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Staged")
+            .field("change", &self.change)
+            .field("acks", &self.acks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a staged change ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Every serving core applied it.
+    Replicated,
+    /// Some core said it could not.
+    Refused,
+    /// Some core did not answer in time.
+    TimedOut,
+}
+
+/// Core 0's record of what the replicas on other cores follow (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Replication {
+    /// Cores (a bit each) serving NVMe/TCP replicas (`crate::percore::Holder::start`); 0:
+    /// none, nothing is staged.
+    pub(crate) cores: u64,
+    /// The NVMe/TCP subsystems those replicas serve (as the holder started them).
+    pub(crate) subsystems: Vec<String>,
+    /// Drives every serving core has an I/O queue pair on.
+    pub(crate) drives: Vec<usize>,
+    /// RAM namespaces are made in shared regions (`RamSharing::All`).
+    pub(crate) ram_shared: bool,
+    /// Subsystems no longer adopted (only ever grows; every watcher keeps its own cursor).
+    pub(crate) dropped: Vec<String>,
+    /// Namespace generation changes the replicas account for (before, after).
+    log: Vec<(u64, u64)>,
+    staged: VecDeque<Staged>,
+    next_seq: u64,
+}
+
+impl Replication {
+    /// Nothing followed yet (the holder fills it in when other cores serve replicas);
+    /// `ram_shared`: RAM namespaces are made in shared regions.
+    pub(crate) fn new(ram_shared: bool) -> Self {
+        Self {
+            ram_shared,
+            ..Default::default()
+        }
+    }
+
+    /// Whether a namespace change of `nqn` can be staged (the other cores serve it and it
+    /// was not dropped).
+    pub(crate) fn follows(&self, nqn: &str) -> bool {
+        self.cores != 0
+            && self.subsystems.iter().any(|s| s == nqn)
+            && !self.dropped.iter().any(|s| s == nqn)
+    }
+
+    /// Whether changes are staged and not finished yet.
+    pub(crate) fn pending(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
+    /// Logs a namespace generation change the replicas account for.
+    pub(crate) fn note(&mut self, before: u64, after: u64) {
+        if before == after {
+            return;
+        }
+        if self.log.len() == LOG_LEN {
+            self.log.remove(0);
+        }
+        self.log.push((before, after));
+    }
+
+    /// Logs a change confined to `nqn`, which is dropped (no longer adopted).
+    pub(crate) fn note_only(&mut self, nqn: &str, before: u64, after: u64) {
+        if before == after {
+            return;
+        }
+        self.drop_subsystem(nqn);
+        self.note(before, after);
+    }
+
+    /// Stops adopting `nqn`: the watchers end its adopted queues and forward later ones.
+    pub(crate) fn drop_subsystem(&mut self, nqn: &str) {
+        if !self.dropped.iter().any(|s| s == nqn) {
+            self.dropped.push(String::from(nqn));
+        }
+    }
+
+    /// Whether the target's namespace generation went from `from` to `to` only by changes
+    /// the replicas account for (logged with [`Replication::note`]). Every watcher asks
+    /// with its own `from`: nothing is forgotten by asking.
+    pub(crate) fn explains(&self, from: u64, to: u64) -> bool {
+        let mut cur = from;
+        let mut steps = 0;
+        while cur != to && steps <= self.log.len() {
+            match self.log.iter().find(|(b, _)| *b == cur) {
+                Some(&(_, a)) => cur = a,
+                None => break,
+            }
+            steps += 1;
+        }
+        cur == to
+    }
+
+    /// Stages a change of `subsystem` (core 0 applies it once every core did).
+    pub(crate) fn stage(
+        &mut self,
+        subsystem: &str,
+        op: ReplicaOp,
+        config: Option<NamespaceConfig>,
+    ) {
+        self.next_seq += 1;
+        self.staged.push_back(Staged {
+            change: ReplicaChange {
+                seq: self.next_seq,
+                subsystem: String::from(subsystem),
+                op,
+            },
+            config,
+            sent_at: None,
+            acks: 0,
+            failed: false,
+        });
+    }
+
+    /// The staged changes not yet sent, to send now to every core of `cores` (a bit each);
+    /// each then waits for their acks.
+    pub(crate) fn take_unsent(&mut self, now_ns: u64, cores: u64) -> Vec<ReplicaChange> {
+        let mut out = Vec::new();
+        for s in self.staged.iter_mut().filter(|s| s.sent_at.is_none()) {
+            s.sent_at = Some(now_ns);
+            s.acks = cores;
+            out.push(s.change.clone());
+        }
+        out
+    }
+
+    /// Core `core`'s answer to change `seq`.
+    pub(crate) fn ack(&mut self, seq: u64, core: u16, ok: bool) {
+        if let Some(s) = self.staged.iter_mut().find(|s| s.change.seq == seq) {
+            s.acks &= !(1u64 << (core & 63));
+            s.failed |= !ok;
+        }
+    }
+
+    /// The oldest staged change if it is done (in order: a removal and the add of the same
+    /// NSID after it finish in that order): every core acked, one refused, or the wait
+    /// timed out.
+    pub(crate) fn take_done(&mut self, now_ns: u64) -> Option<(Staged, Outcome)> {
+        let s = self.staged.front()?;
+        let sent = s.sent_at?;
+        let outcome = if s.failed {
+            Outcome::Refused
+        } else if s.acks == 0 {
+            Outcome::Replicated
+        } else if now_ns.saturating_sub(sent) >= ACK_TIMEOUT_NS {
+            Outcome::TimedOut
+        } else {
+            return None;
+        };
+        self.staged.pop_front().map(|s| (s, outcome))
+    }
+}
