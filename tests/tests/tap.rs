@@ -85,6 +85,19 @@ fn link_exists(name: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// The firmware's console shows no crash, panic, exception or failed boot (nor any of
+/// `also`); then QEMU is killed and its tap must be gone.
+fn ends_clean(q: Qemu, tap: &str, also: &[&str]) {
+    let console = q.console();
+    for bad in ["*** keel", "panic", "exception", "boot failed"]
+        .iter()
+        .chain(also)
+    {
+        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
+    }
+    kill_and_check_tap_removed(q, tap);
+}
+
 /// Kills QEMU and waits for `qemu/run`'s watcher to remove the tap.
 fn kill_and_check_tap_removed(mut q: Qemu, tap: &str) {
     assert!(link_exists(tap), "{tap} should exist while QEMU runs");
@@ -332,11 +345,7 @@ fn four_cores_serve_nvme_tcp_the_drive_and_the_emulated_function() {
     ]);
     assert!(st.contains("cores (4):"), "{st}");
 
-    let console = q.console();
-    for bad in ["*** keel", "panic", "exception", "boot failed"] {
-        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
-    }
-    kill_and_check_tap_removed(q, &tap);
+    ends_clean(q, &tap, &[]);
     let mut on_disk = vec![0u8; bytes.len()];
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(disk.path()).unwrap();
@@ -501,11 +510,7 @@ fn nvme_over_a_multi_queue_tap_with_two_cores() {
         st.contains("NVMe/TCP I/O queues (admin through core 0)"),
         "{st}"
     );
-    let console = q.console();
-    for bad in ["*** keel", "panic", "exception", "boot failed"] {
-        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
-    }
-    kill_and_check_tap_removed(q, &tap);
+    ends_clean(q, &tap, &[]);
 }
 
 /// Checksum offload on the wire. One core, so that QEMU's `filter-dump` can watch the tap
@@ -1302,11 +1307,7 @@ fn namespace_counters_add_up_every_cores_commands() {
     // its doorbell when core 0 slept; no lost wake-up was rescued by core 0's timer.
     assert!(core_metric(&m, "doorbells_to_core0_total", 1) > 0, "{m}");
     assert_eq!(core_metric(&m, "wakeup_rescues_total", 0), 0, "{m}");
-    let console = q.console();
-    for bad in ["*** keel", "panic", "exception", "boot failed"] {
-        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
-    }
-    kill_and_check_tap_removed(q, &tap);
+    ends_clean(q, &tap, &[]);
 }
 
 /// A per-core counter of `/metrics` for every core.
@@ -1956,20 +1957,11 @@ fn remote_io_on_core_1(encrypted: bool, rtest: u32, dtest: u32) {
     } else {
         assert!(on_remote == bytes, "on the remote itself");
     }
-    let console = dpu.console();
-    for bad in [
-        "*** keel",
-        "panic",
-        "exception",
-        "lane 1: I/O queue lost",
-        "namespaces changed",
-    ] {
-        assert!(
-            !console.contains(bad),
-            "{bad:?} on the DPU's console:\n{console}"
-        );
-    }
-    kill_and_check_tap_removed(dpu, &dtap);
+    ends_clean(
+        dpu,
+        &dtap,
+        &["lane 1: I/O queue lost", "namespaces changed"],
+    );
     kill_and_check_tap_removed(remote, &rtap);
 }
 
@@ -2508,18 +2500,11 @@ fn a_pushed_namespace_change_keeps_core_1_serving() {
             "namespace {nsid} read back on core 1"
         );
     }
-    let console = q.console();
-    for bad in [
-        "*** keel",
-        "panic",
-        "exception",
-        "boot failed",
-        "adopted by other cores end",
-        "could not be applied",
-    ] {
-        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
-    }
-    kill_and_check_tap_removed(q, &tap);
+    ends_clean(
+        q,
+        &tap,
+        &["adopted by other cores end", "could not be applied"],
+    );
 }
 
 /// Issue 17, both watchers of live changes: at `--smp 2 --net tap` with the development
@@ -2645,16 +2630,9 @@ fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
         "nvme", "verify", "--addr", &addr, "--nsid", "2", "--lba", "0", "--count", "1024",
     ]);
     assert!(v.contains(": OK in"), "{v}");
-    let console = q.console();
-    for bad in [
-        "*** keel",
-        "panic",
-        "exception",
-        "boot failed",
-        "fnq: namespaces changed",
-        "adopted by other cores end",
-    ] {
-        assert!(!console.contains(bad), "{bad:?} on the console:\n{console}");
-    }
-    kill_and_check_tap_removed(q, &tap);
+    ends_clean(
+        q,
+        &tap,
+        &["fnq: namespaces changed", "adopted by other cores end"],
+    );
 }
