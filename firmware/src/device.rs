@@ -387,6 +387,7 @@ impl<H: Hw> Services<H> {
                 self.replication.stage(&nqn, ReplicaOp::Remove(nsid), None);
             } else if self.target.remove_namespace(&nqn, nsid).is_ok() {
                 klog::info!("nvmf: namespace {} of {} removed", nsid, nqn);
+                self.forget_replica_ns(&nqn, nsid);
                 self.remotes.removed(&nqn, nsid);
                 let after = self.target.namespace_generation();
                 self.replication.note_only(&nqn, before, after);
@@ -432,6 +433,17 @@ impl<H: Hw> Services<H> {
                 )),
             }
         }
+        // Remote volumes new in this push, when other cores serve NVMe/TCP: each core gets a
+        // lane of its own (`crate::percore`), as for the boot configuration's volumes.
+        let fresh: Vec<keel_provision::Remote> = remote
+            .iter()
+            .filter_map(|n| match &n.spec {
+                NsSpec::Remote { remote: r, .. } if !self.remotes.has_target(r) => {
+                    Some((**r).clone())
+                }
+                _ => None,
+            })
+            .collect();
         for n in remote {
             let shared = new.namespaces.iter().any(|o| {
                 (o.subsystem != n.subsystem || o.nsid != n.nsid)
@@ -440,6 +452,32 @@ impl<H: Hw> Services<H> {
             // Added once its remote namespace is identified (connected hosts then get the
             // Namespace Attribute Changed event).
             if self.remotes.add(&new, &n, shared) {
+                if let NsSpec::Remote { remote: r, slice } = &n.spec
+                    && self.replication.cores != 0
+                    && self.replication.lanes != 0
+                    && fresh.iter().any(|f| f.same_target(r))
+                    && self.remotes.lane_new(r, self.replication.lanes)
+                    && self.replicable_kind(&new, &n)
+                    && let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == n.subsystem)
+                {
+                    // Described for the lanes; served on core 0 once every core has it.
+                    klog::info!(
+                        "remote: namespace {} of {}: served on every core through lanes",
+                        n.nsid,
+                        n.subsystem
+                    );
+                    s.namespaces.push(ReplicaNs {
+                        nsid: n.nsid,
+                        nguid: new.nguid_of(&n),
+                        qos: new.namespace_qos(&n),
+                        source: ReplicaSource::Remote {
+                            remote: r.clone(),
+                            slice: *slice,
+                        },
+                        key: n.key.clone(),
+                    });
+                    self.remotes.lane_user(r, &n.subsystem, n.nsid);
+                }
                 added.push((n.subsystem.clone(), n.nsid));
                 self.plan.namespaces.push(n);
             } else {
@@ -541,6 +579,17 @@ impl<H: Hw> Services<H> {
     /// function, and `n` is a RAM namespace (in a shared region) or a namespace of a drive
     /// every core has a queue pair on, with no QoS limit or group anywhere.
     fn replicates(&self, new: &Plan, n: &NsPlan) -> bool {
+        self.replicable_kind(new, n)
+            && match n.spec {
+                NsSpec::Ram(_) => self.replication.ram_shared,
+                NsSpec::Drive { drive, .. } => self.replication.drives.contains(&drive),
+                NsSpec::Remote { .. } => false,
+            }
+    }
+
+    /// What [`Services::replicates`] asks of any namespace: its subsystem is one the other
+    /// cores serve, has no emulated function, and no QoS limit or group applies.
+    fn replicable_kind(&self, new: &Plan, n: &NsPlan) -> bool {
         let q = new.namespace_qos(n);
         self.replication.follows(&n.subsystem)
             && !self.function_subsystem(&n.subsystem)
@@ -548,11 +597,22 @@ impl<H: Hw> Services<H> {
             && new.qos_groups().is_empty()
             && q.limits == keel_controller::QosLimits::NONE
             && q.group.is_none()
-            && match n.spec {
-                NsSpec::Ram(_) => self.replication.ram_shared,
-                NsSpec::Drive { drive, .. } => self.replication.drives.contains(&drive),
-                NsSpec::Remote { .. } => false,
-            }
+    }
+
+    /// Drops namespace `nsid` of `nqn` from the description of what other cores serve (it
+    /// holds the namespace's shared RAM region, if any: the memory goes once core 0's
+    /// target and every replica dropped theirs too, `crate::sharedram`).
+    fn forget_replica_ns(&mut self, nqn: &str, nsid: u32) {
+        if let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == nqn) {
+            s.namespaces.retain(|n| n.nsid != nsid);
+        }
+    }
+
+    /// Forgets the description of dropped subsystem `nqn` (no other core adopts its queues
+    /// any more, `Replication::drop_subsystem`): with the replicas' retirement
+    /// (`ReplicaOp::Retire`), its shared RAM goes once core 0 no longer serves it either.
+    pub(crate) fn forget_dropped(&mut self, nqn: &str) {
+        self.replicable.retain(|s| s.nqn != nqn);
     }
 
     /// After a QoS change: subsystems the other cores serve that now have limits (counted on
@@ -601,7 +661,9 @@ impl<H: Hw> Services<H> {
             let nqn = st.change.subsystem;
             let before = self.target.namespace_generation();
             match st.change.op {
+                ReplicaOp::Retire => {}
                 ReplicaOp::Remove(nsid) => {
+                    self.forget_replica_ns(&nqn, nsid);
                     if let Err(e) = self.target.remove_namespace(&nqn, nsid) {
                         klog::error!(
                             "nvmf: namespace {} of {}: not removed on core 0 ({})",
@@ -612,9 +674,11 @@ impl<H: Hw> Services<H> {
                     }
                 }
                 ReplicaOp::Add(ns) => {
-                    if let Some(c) = st.config
-                        && let Err(e) = self.target.add_namespace(&nqn, c)
-                    {
+                    let added = match st.config {
+                        Some(c) => self.target.add_namespace(&nqn, c),
+                        None => Ok(()),
+                    };
+                    if let Err(e) = added {
                         klog::error!(
                             "nvmf: namespace {} of {}: not added on core 0 ({})",
                             ns.nsid,
@@ -625,6 +689,8 @@ impl<H: Hw> Services<H> {
                         self.plan
                             .namespaces
                             .retain(|n| !(n.subsystem == nqn && n.nsid == ns.nsid));
+                    } else if let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == nqn) {
+                        s.namespaces.push(*ns);
                     }
                 }
             }

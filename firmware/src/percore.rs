@@ -70,7 +70,7 @@ use crate::poll::{DISCOVERY_PORT, NVMF_PORT};
 use crate::qemu::{Qemu, QemuNic};
 use crate::replica::{ReplicaChange, ReplicaOp};
 use crate::services::{
-    ReplicaShares, ReplicaSource, ReplicaSubsystem, Services, apply_replica_change, cut,
+    ReplicaNs, ReplicaShares, ReplicaSource, ReplicaSubsystem, Services, apply_replica_change, cut,
     replica_target_shares,
 };
 use alloc::rc::Rc;
@@ -180,6 +180,10 @@ pub enum RemoteMsg {
         cfg: Box<RemoteConfig>,
         /// The namespace as core 0 identified it.
         seed: LaneSeed,
+        /// The namespaces it backs (subsystem NQN, description): those of the boot
+        /// configuration are in the core's replica description already, those of a push
+        /// join it here.
+        users: Vec<(String, ReplicaNs)>,
     },
     /// What core 0 says of one of the volume's paths.
     Update {
@@ -480,6 +484,14 @@ impl Plane {
         });
         let (core, nqn) = (self.core, &change.subsystem);
         match (&change.op, ok) {
+            (ReplicaOp::Retire, _) => {
+                if ok {
+                    println!("percore: core {core} no longer serves {nqn}");
+                }
+                self.subsystems.retain(|s| s.nqn != *nqn);
+                self.ns_dirty = true;
+                return;
+            }
             (ReplicaOp::Add(n), true) => {
                 println!(
                     "percore: core {core} serves namespace {} of {nqn} added live",
@@ -523,7 +535,15 @@ impl Plane {
                 remote,
                 cfg,
                 seed,
+                users,
             } => {
+                for (nqn, n) in users {
+                    if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == nqn)
+                        && !s.namespaces.iter().any(|o| o.nsid == n.nsid)
+                    {
+                        s.namespaces.push(n);
+                    }
+                }
                 let ok = self.add_lane(id, &remote, *cfg, seed);
                 out(Msg::RemoteReady {
                     id,
@@ -745,6 +765,9 @@ struct LaneTrack {
     acks: u64,
     /// The volume's lane version last sent.
     seen: u64,
+    /// A volume of a pushed configuration (a core that cannot serve it drops only the
+    /// subsystems using it; at boot, every adoption ends).
+    pushed: bool,
 }
 
 impl core::fmt::Debug for Holder {
@@ -828,11 +851,25 @@ impl Holder {
                 v.laned = true;
                 v.gate_open = false;
                 v.vol.set_lanes((cores - 1) as u16);
+                v.lane_users = replicable
+                    .iter()
+                    .flat_map(|s| {
+                        s.namespaces.iter().filter_map(|n| match &n.source {
+                            ReplicaSource::Remote { remote, .. }
+                                if remote.same_target(&v.remote) =>
+                            {
+                                Some((s.nqn.clone(), n.nsid))
+                            }
+                            _ => None,
+                        })
+                    })
+                    .collect();
                 lanes.push(LaneTrack {
                     id: v.id,
                     sent: false,
                     acks: 0,
                     seen: u64::MAX,
+                    pushed: false,
                 });
             }
         }
@@ -859,6 +896,7 @@ impl Holder {
         r.cores = served;
         r.subsystems = replicable.iter().map(|s| s.nqn.clone()).collect();
         r.drives = every;
+        r.lanes = (cores - 1) as u16;
         let outq = Outbox::new(links.0.len());
         Some(Self {
             proxies: Vec::new(),
@@ -891,15 +929,31 @@ impl Holder {
 
     /// Acts on the subsystems the services stopped adopting since it last looked
     /// ([`crate::replica::Replication::dropped`]).
-    fn follow_drops(&mut self, links: &mut Links, services: &Services<Qemu>) {
-        while let Some(nqn) = services.replication.dropped.get(self.dropped_seen) {
+    fn follow_drops(&mut self, links: &mut Links, services: &mut Services<Qemu>) {
+        while let Some(nqn) = services.replication.dropped.get(self.dropped_seen).cloned() {
             self.dropped_seen += 1;
-            if self.replicable.iter().any(|s| s == nqn) {
+            // Its description goes too (it holds its shared RAM regions).
+            services.forget_dropped(&nqn);
+            if self.replicable.contains(&nqn) {
                 klog::warning!(
                     "percore: {}: I/O queues adopted by other cores end; new ones are served through core 0",
                     nqn
                 );
-                self.end_adoptions_of(links, nqn);
+                self.end_adoptions_of(links, &nqn);
+                // The replicas forget it: its namespaces' backends (shared RAM regions
+                // among them) go once drained on every core.
+                let planes = crate::cores::planes() & self.served;
+                let retire = ReplicaChange {
+                    seq: 0,
+                    subsystem: nqn.clone(),
+                    op: ReplicaOp::Retire,
+                };
+                for li in 0..links.0.len() {
+                    let core = links.0[li].info.index;
+                    if core < 64 && planes & (1 << core) != 0 {
+                        self.send(links, li, Msg::Replica(Box::new(retire.clone())));
+                    }
+                }
             }
         }
     }
@@ -950,6 +1004,18 @@ impl Holder {
         let planes = crate::cores::planes();
         let mut tracks = core::mem::take(&mut self.lanes);
         tracks.retain(|t| services.remotes.volumes.iter().any(|v| v.id == t.id));
+        // Volumes a push made laned (`crate::remote::RemoteService::lane_new`).
+        for v in services.remotes.volumes.iter().filter(|v| v.laned) {
+            if !tracks.iter().any(|t| t.id == v.id) {
+                tracks.push(LaneTrack {
+                    id: v.id,
+                    sent: false,
+                    acks: 0,
+                    seen: u64::MAX,
+                    pushed: true,
+                });
+            }
+        }
         for t in tracks.iter_mut() {
             let Some(v) = services.remotes.volumes.iter().find(|v| v.id == t.id) else {
                 continue;
@@ -959,6 +1025,24 @@ impl Holder {
                     continue;
                 };
                 let cfg = services.remotes.lane_config(v);
+                // The namespaces the lanes serve, as described for the replicas.
+                let users: Vec<(String, ReplicaNs)> = services
+                    .replicable
+                    .iter()
+                    .flat_map(|s| {
+                        s.namespaces.iter().filter_map(|n| match &n.source {
+                            ReplicaSource::Remote { remote, .. }
+                                if remote.same_target(&v.remote)
+                                    && v.lane_users
+                                        .iter()
+                                        .any(|(q, id)| *q == s.nqn && *id == n.nsid) =>
+                            {
+                                Some((s.nqn.clone(), n.clone()))
+                            }
+                            _ => None,
+                        })
+                    })
+                    .collect();
                 for li in 0..links.0.len() {
                     let core = links.0[li].info.index;
                     if core >= 64 || planes & (1 << core) == 0 {
@@ -970,6 +1054,7 @@ impl Holder {
                         remote: Box::new(v.remote.clone()),
                         cfg: Box::new(cfg.clone()),
                         seed,
+                        users: users.clone(),
                     };
                     self.send(links, li, Msg::Remote(m));
                 }
@@ -1076,10 +1161,26 @@ impl Holder {
                         }
                     }
                     Msg::RemoteReady { id, core, ok } => {
+                        let mut pushed = false;
                         if let Some(t) = self.lanes.iter_mut().find(|t| t.id == id) {
                             t.acks &= !(1u64 << (core & 63));
+                            pushed = t.pushed;
                         }
-                        if !ok {
+                        let volume = services.remotes.volumes.iter_mut().find(|v| v.id == id);
+                        if !ok
+                            && pushed
+                            && let Some(v) = volume
+                        {
+                            // A pushed volume: only the subsystems using it fall back.
+                            klog::error!(
+                                "percore: core {} could not serve the namespaces of remote {}: their subsystems' I/O queues are served through core 0",
+                                core,
+                                klog::D(&v.remote)
+                            );
+                            for (nqn, _) in core::mem::take(&mut v.lane_users) {
+                                services.replication.drop_subsystem(&nqn);
+                            }
+                        } else if !ok {
                             klog::error!(
                                 "percore: core {} could not serve a remote volume's namespaces: I/O queues adopted by other cores end; new ones are served through core 0",
                                 core

@@ -334,6 +334,10 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
         let mut busy = pass(now, net.as_mut(), &mut services, mgmt.as_mut());
         if let Some(h) = holder.as_mut() {
             let inbox = hub.as_mut().map_or(&mut no_inbox, |h| &mut h.inbox);
+            // The time now, not at the start of the pass: a pass that applied a push (a
+            // large RAM namespace zeroed) may have taken a second, and staged changes sent
+            // now must not count it against the other cores' acks (`crate::replica`).
+            let now = timer::now_ns();
             busy |= percpu::with_local::<Links, _>(|links| {
                 h.poll(now, links, &mut services, net.as_mut(), inbox)
             })

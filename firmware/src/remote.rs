@@ -124,6 +124,10 @@ pub(crate) struct Volume {
     /// Its namespaces may be added to the controller core's target: false while the other
     /// cores have not yet added them to their replicas (`crate::percore::Holder`).
     pub(crate) gate_open: bool,
+    /// The namespaces its lanes serve on the other cores (subsystem NQN, NSID): any other
+    /// namespace served from it later (a slice a push adds) is one the replicas lack, so its
+    /// subsystem is no longer adopted.
+    pub(crate) lane_users: Vec<(String, u32)>,
 }
 
 /// Every remote volume of the device.
@@ -201,6 +205,7 @@ impl RemoteService {
                     id: self.next_id,
                     laned: false,
                     gate_open: true,
+                    lane_users: Vec::new(),
                 });
                 self.next_id += 1;
                 true
@@ -214,6 +219,50 @@ impl RemoteService {
                 false
             }
         }
+    }
+
+    /// Makes the volume of `remote`, new in this push (no association yet, nothing served
+    /// from it), one the other cores serve through lanes of their own: its association asks
+    /// for `lanes` more I/O queues and its namespaces wait for every core
+    /// (`crate::percore::Holder`). Returns false (nothing changed) for a volume that already
+    /// runs.
+    pub(crate) fn lane_new(&mut self, remote: &Remote, lanes: u16) -> bool {
+        let Some(v) = self
+            .volumes
+            .iter_mut()
+            .find(|v| !v.retired && v.remote.same_target(remote))
+        else {
+            return false;
+        };
+        if v.laned {
+            // Made laned by an earlier namespace of this push.
+            return !v.gate_open && v.exports.is_empty();
+        }
+        if !v.exports.is_empty() || v.vol.geometry().is_some() {
+            return false;
+        }
+        v.laned = true;
+        v.gate_open = false;
+        v.vol.set_lanes(lanes);
+        true
+    }
+
+    /// Namespace `nsid` of `nqn` is served through the lanes of `remote`'s volume.
+    pub(crate) fn lane_user(&mut self, remote: &Remote, nqn: &str, nsid: u32) {
+        if let Some(v) = self
+            .volumes
+            .iter_mut()
+            .find(|v| !v.retired && v.remote.same_target(remote))
+        {
+            v.lane_users.push((String::from(nqn), nsid));
+        }
+    }
+
+    /// Whether a volume (not retired) serves `remote`'s target already.
+    pub(crate) fn has_target(&self, remote: &Remote) -> bool {
+        self.volumes
+            .iter()
+            .any(|v| !v.retired && v.remote.same_target(remote))
     }
 
     /// A namespace served from a remote volume was removed from the target (a pushed
@@ -251,18 +300,27 @@ impl RemoteService {
             busy |= v.vol.poll(now_ns, net);
             if !v.waiting.is_empty() && v.vol.geometry().is_some() && v.gate_open {
                 busy = true;
-                let subsystems: Vec<String> =
-                    v.waiting.iter().map(|n| n.subsystem.clone()).collect();
+                // Namespaces the lanes serve: every other core added them first. Others (of
+                // a volume without lanes, or added to a laned one after its lanes were
+                // made) are not in the replicas: those subsystems are no longer adopted.
+                let unlaned: Vec<String> = v
+                    .waiting
+                    .iter()
+                    .filter(|n| {
+                        !v.laned
+                            || !v
+                                .lane_users
+                                .iter()
+                                .any(|(q, id)| *q == n.subsystem && *id == n.nsid)
+                    })
+                    .map(|n| n.subsystem.clone())
+                    .collect();
                 let before = target.namespace_generation();
                 v.serve_waiting::<H>(target, plan, served);
                 let after = target.namespace_generation();
                 if after != before {
-                    // Laned: every other core added them first. Else (a volume of a pushed
-                    // configuration) the other cores stop adopting these subsystems only.
-                    if !v.laned {
-                        for nqn in &subsystems {
-                            replication.drop_subsystem(nqn);
-                        }
+                    for nqn in &unlaned {
+                        replication.drop_subsystem(nqn);
                     }
                     replication.note(before, after);
                 }

@@ -60,6 +60,11 @@ pub enum ReplicaOp {
     Add(alloc::boxed::Box<ReplicaNs>),
     /// Remove namespace `nsid`.
     Remove(u32),
+    /// Core 0 no longer adopts queues of the subsystem ([`Replication::drop_subsystem`]):
+    /// the replica forgets it (its controllers there end, each namespace's backend is
+    /// dropped once drained, so the memory of its shared RAM regions can go). Never staged
+    /// and never acked: the holder sends it when it ends the subsystem's adoptions.
+    Retire,
 }
 
 /// A staged change on core 0.
@@ -105,6 +110,9 @@ pub(crate) struct Replication {
     pub(crate) subsystems: Vec<String>,
     /// Drives every serving core has an I/O queue pair on.
     pub(crate) drives: Vec<usize>,
+    /// I/O queues a laned remote volume's association asks for beyond core 0's (one per
+    /// other core, `crate::remote::RemoteService::lane_new`).
+    pub(crate) lanes: u16,
     /// RAM namespaces are made in shared regions (`RamSharing::All`).
     pub(crate) ram_shared: bool,
     /// Subsystems no longer adopted (only ever grows; every watcher keeps its own cursor).

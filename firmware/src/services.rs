@@ -976,7 +976,7 @@ fn replicable(
             NsSpec::Ram(_) => regions
                 .iter()
                 .find(|r| r.0 == n.subsystem && r.1 == n.nsid)
-                .map(|r| ReplicaSource::Ram(r.2)),
+                .map(|r| ReplicaSource::Ram(r.2.clone())),
             NsSpec::Drive { drive, nsid, slice } => core_queues
                 .get(drive)
                 .copied()
@@ -1127,7 +1127,7 @@ fn replica_namespace(
 ) -> Option<NamespaceConfig> {
     let backend: Box<dyn BlockBackend> = match n.source {
         ReplicaSource::Remote { .. } => return None,
-        ReplicaSource::Ram(region) => Box::new(region.handle(REPLICA_DEPTH)),
+        ReplicaSource::Ram(ref region) => Box::new(region.handle(REPLICA_DEPTH)),
         ReplicaSource::Drive { drive: d, nsid, .. } if whole => drive(d, nsid)?,
         ReplicaSource::Drive {
             drive: d,
@@ -1175,6 +1175,7 @@ pub(crate) fn apply_replica_change(
     use crate::replica::ReplicaOp;
     match &change.op {
         ReplicaOp::Remove(nsid) => target.remove_namespace(&change.subsystem, *nsid).is_ok(),
+        ReplicaOp::Retire => target.remove_subsystem(&change.subsystem).is_ok(),
         ReplicaOp::Add(n) => {
             let whole = match n.source {
                 ReplicaSource::Remote { .. } => return false,

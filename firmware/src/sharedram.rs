@@ -12,25 +12,48 @@
 //! value is invalid for `u8`. Ordering the two is the host's business.
 
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use keel_storage::memory::{self, Medium, RequestQueue};
 use keel_storage::{
     BlockBackend, BlockCompletion, BlockError, BlockRequest, Capabilities, Geometry, NowIo,
     Rejected,
 };
 
-/// The region of a shared RAM namespace: `len` zeroed bytes at `base`, leaked (it lives for
-/// the rest of the run).
-#[derive(Debug, Clone, Copy)]
-pub struct Region {
+/// The bytes of a region: a heap allocation reached only through raw-pointer copies, freed
+/// when the last [`Region`] (description or handle, on any core) referring to it is dropped.
+#[derive(Debug)]
+struct Mem {
     base: *mut u8,
     len: usize,
-    geometry: Geometry,
 }
 
-// SAFETY: the region is a leaked heap allocation that is never freed; every access goes
-// through raw-pointer copies (see the module documentation for the races they allow), so
-// handing the pointer to another core is sound.
-unsafe impl Send for Region {}
+// SAFETY: `Mem` owns its allocation (nothing else frees it) and every access to the bytes
+// goes through raw-pointer copies (see the module documentation for the races they allow);
+// the one heap is shared by every core (`keel_hal::heap`), so the last owner may free it on
+// any core.
+unsafe impl Send for Mem {}
+// SAFETY: as for `Send`: shared access never forms a reference to the bytes.
+unsafe impl Sync for Mem {}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        let slice = core::ptr::slice_from_raw_parts_mut(self.base, self.len);
+        // SAFETY: `base`/`len` are the leaked boxed slice of `Region::new`, and this is its
+        // last owner (the `Arc` count reached zero): no handle on any core can reach it any
+        // more.
+        drop(unsafe { Box::from_raw(slice) });
+    }
+}
+
+/// The region of a shared RAM namespace: `len` zeroed bytes, shared by every core's
+/// description and handles (reference-counted: the memory is freed when the last of them,
+/// on whichever core, is dropped, for instance once a namespace removed live is gone from
+/// core 0's target and from every other core's replica).
+#[derive(Debug, Clone)]
+pub struct Region {
+    mem: Arc<Mem>,
+    geometry: Geometry,
+}
 
 impl Region {
     /// Allocates `blocks` zeroed blocks of `block_size` bytes, or `None` if the size is
@@ -45,16 +68,24 @@ impl Region {
             .filter(|&l| l > 0 && l <= isize::MAX as usize)?;
         let mem: &'static mut [u8] = Box::leak(alloc::vec![0u8; len].into_boxed_slice());
         Some(Self {
-            base: mem.as_mut_ptr(),
-            len,
+            mem: Arc::new(Mem {
+                base: mem.as_mut_ptr(),
+                len,
+            }),
             geometry: Geometry { block_size, blocks },
         })
+    }
+
+    /// Whether the memory is still there (tests: a weak reference to it).
+    #[cfg(test)]
+    pub fn watch(&self) -> alloc::sync::Weak<impl Sized + use<>> {
+        Arc::downgrade(&self.mem)
     }
 
     /// A handle with its own queue of `depth` requests.
     pub fn handle(&self, depth: usize) -> SharedRam {
         SharedRam {
-            region: *self,
+            region: self.clone(),
             queue: RequestQueue::new(depth.max(1)),
         }
     }
@@ -65,27 +96,30 @@ impl Region {
         let start = lba.checked_mul(bs).ok_or(BlockError::OutOfRange)?;
         let len = blocks.checked_mul(bs).ok_or(BlockError::OutOfRange)?;
         let end = start.checked_add(len).ok_or(BlockError::OutOfRange)?;
-        if end > self.len as u64 {
+        if end > self.mem.len as u64 {
             return Err(BlockError::OutOfRange);
         }
         Ok((start as usize, len as usize))
     }
 
     fn read(&self, start: usize, dst: &mut [u8]) {
-        // SAFETY: `span` checked `start + dst.len()` lies inside the live, leaked region;
+        // SAFETY: `span` checked `start + dst.len()` lies inside the region, alive while `self`
+        // holds it;
         // `dst` is the caller's own memory, which cannot overlap the region (nobody holds a
         // reference into it). Concurrent writers: see the module documentation.
-        unsafe { core::ptr::copy_nonoverlapping(self.base.add(start), dst.as_mut_ptr(), dst.len()) }
+        unsafe {
+            core::ptr::copy_nonoverlapping(self.mem.base.add(start), dst.as_mut_ptr(), dst.len())
+        }
     }
 
     fn write(&self, start: usize, src: &[u8]) {
         // SAFETY: as in `read`, with `src` as the caller's memory.
-        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(start), src.len()) }
+        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), self.mem.base.add(start), src.len()) }
     }
 
     fn zero(&self, start: usize, len: usize) {
         // SAFETY: `span` checked the range lies inside the region.
-        unsafe { core::ptr::write_bytes(self.base.add(start), 0, len) }
+        unsafe { core::ptr::write_bytes(self.mem.base.add(start), 0, len) }
     }
 
     fn equals(&self, start: usize, data: &[u8]) -> bool {
@@ -100,7 +134,7 @@ impl Region {
 
 impl Medium for Region {
     fn len(&self) -> usize {
-        self.len
+        self.mem.len
     }
     fn read_into(&self, start: usize, dst: &mut [u8]) {
         self.read(start, dst)
@@ -244,6 +278,21 @@ mod tests {
                 .result
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_memory_goes_with_the_last_handle() {
+        let r = Region::new(512, 8).unwrap();
+        let w = r.watch();
+        let mut h = r.handle(1);
+        drop(r);
+        assert!(w.upgrade().is_some(), "a handle keeps it");
+        h.write_now(7, 1, &[3u8; 512]).unwrap();
+        let mut d = [0u8; 512];
+        h.read_now(7, 1, &mut d).unwrap();
+        assert_eq!(d, [3u8; 512]);
+        drop(h);
+        assert!(w.upgrade().is_none(), "freed with the last handle");
     }
 
     #[test]

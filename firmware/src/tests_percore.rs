@@ -309,7 +309,8 @@ fn a_secondary_forwards_admin_and_serves_adopted_io_over_shared_ram() {
     assert_eq!(h.seen.len(), sent, "no I/O command went to the holder");
     // The holder's target reads the same blocks (shared RAM).
     let mut direct = vec![0u8; 16_384];
-    let crate::services::ReplicaSource::Ram(region) = h.s.replicable[0].namespaces[0].source else {
+    let crate::services::ReplicaSource::Ram(region) = &h.s.replicable[0].namespaces[0].source
+    else {
         panic!("a RAM namespace")
     };
     let mut handle = region.handle(1);
@@ -654,6 +655,19 @@ fn push_add_3_remove_2(h: &mut Holder) -> keel_mgmt::PushReport {
         .expect("push")
 }
 
+/// A weak reference to the shared RAM of namespace `nsid` as core 0 describes it.
+fn ram_of(h: &Holder, nsid: u32) -> alloc::sync::Weak<impl Sized + use<>> {
+    let n = h.s.replicable[0]
+        .namespaces
+        .iter()
+        .find(|n| n.nsid == nsid)
+        .expect("described");
+    let crate::services::ReplicaSource::Ram(region) = &n.source else {
+        panic!("a RAM namespace")
+    };
+    region.watch()
+}
+
 fn nsids(t: &keel_controller::Target) -> Vec<u32> {
     let mut v: Vec<u32> = t.namespace_views().map(|n| n.nsid).collect();
     v.sort_unstable();
@@ -672,6 +686,7 @@ fn a_pushed_namespace_change_reaches_every_core_before_core_0() {
     let nqn = crate::config::DEFAULT_NQN;
     let (mut h, mut replica, mut shares) = replicated();
     let g0 = h.s.target.namespace_generation();
+    let ram2 = ram_of(&h, 2);
     let r = push_add_3_remove_2(&mut h);
     assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
     assert_eq!(r.added, [(nqn.to_string(), 3)]);
@@ -711,8 +726,14 @@ fn a_pushed_namespace_change_reaches_every_core_before_core_0() {
         "no command was in flight: the removal is acked at once"
     );
     assert_eq!(nsids(&h.s.target), [1, 2], "core 0 after the acks are read");
+    assert!(ram2.upgrade().is_some(), "core 0 still serves namespace 2");
     assert!(h.s.finish_replicated(t));
     assert_eq!(nsids(&h.s.target), [1, 3]);
+    // Namespace 2's memory is freed: neither core's target nor core 0's description of what
+    // the others serve holds it any more; namespace 3's is described for later replicas.
+    assert!(ram2.upgrade().is_none(), "namespace 2's shared RAM freed");
+    assert!(ram_of(&h, 3).upgrade().is_some());
+    assert!(ram_of(&h, 1).upgrade().is_some());
     assert!(!h.s.replication.pending());
     let g1 = h.s.target.namespace_generation();
     assert_ne!(g0, g1);
@@ -747,8 +768,9 @@ fn a_pushed_namespace_change_reaches_every_core_before_core_0() {
 fn a_core_that_does_not_ack_makes_core_0_apply_alone_and_drop_the_subsystem() {
     let nqn = crate::config::DEFAULT_NQN;
     for refuse in [false, true] {
-        let (mut h, _replica, _shares) = replicated();
+        let (mut h, mut replica, mut shares) = replicated();
         let g0 = h.s.target.namespace_generation();
+        let ram2 = ram_of(&h, 2);
         push_add_3_remove_2(&mut h);
         let t = now();
         let changes = h.s.replication.take_unsent(t, 0b10);
@@ -766,6 +788,32 @@ fn a_core_that_does_not_ack_makes_core_0_apply_alone_and_drop_the_subsystem() {
         assert_eq!(nsids(&h.s.target), [1, 3]);
         assert!(!h.s.replication.pending());
         assert_eq!(h.s.replication.dropped, [nqn.to_string()]);
+        // Core 1's replica still reaches namespace 2 (a dropped subsystem's replica is
+        // retired, not followed): its memory stays until the holder retires it there.
+        assert!(ram2.upgrade().is_some(), "core 1 still holds namespace 2");
+        let ram1 = ram_of(&h, 1);
+        h.s.forget_dropped(nqn);
+        assert!(
+            h.s.replicable.is_empty(),
+            "a dropped subsystem is not described"
+        );
+        let retire = crate::replica::ReplicaChange {
+            seq: 0,
+            subsystem: nqn.to_string(),
+            op: crate::replica::ReplicaOp::Retire,
+        };
+        assert!(crate::services::apply_replica_change(
+            &mut replica,
+            &mut shares,
+            &retire,
+            &mut |_, _| None
+        ));
+        assert!(
+            nsids(&replica).is_empty(),
+            "the replica forgot the subsystem"
+        );
+        assert!(ram2.upgrade().is_none(), "namespace 2's shared RAM freed");
+        assert!(ram1.upgrade().is_some(), "core 0 still serves namespace 1");
         assert!(!h.s.replication.follows(nqn));
         let g1 = h.s.target.namespace_generation();
         assert!(h.s.replication.explains(g0, g1));

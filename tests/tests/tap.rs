@@ -2636,3 +2636,341 @@ fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
         &["fnq: namespaces changed", "adopted by other cores end"],
     );
 }
+
+/// Issue 17, memory of namespaces removed live: at `--smp 2 --net tap`, every core's replica
+/// serves RAM namespaces from one shared region. Four rounds of a push adding a 512 MiB RAM
+/// namespace (written and read back) and one removing it: each removal gives the heap back
+/// once every core dropped it (four rounds are 2 GiB, more than the whole heap, so a region
+/// kept by any core would make a later round fail). Then the same for a subsystem core 0 no
+/// longer shares (a QoS limit in the push): its replica on core 1 is retired, and the
+/// namespace removed afterwards (on core 0 alone) gives its memory back too.
+#[test]
+fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
+    require_tap();
+    keelctl();
+    let net = tap_net(19);
+    let mut q = boot_on_tap(Build::Release, 2, &net, &["--append", "keel.ns=ram:16"]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1";
+    if !q.console().contains(serving) {
+        q.wait_for(serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let d = keel_tests::provision::Dir::new("free-push");
+    let key = keel_tests::provision::dev_key().display().to_string();
+    let mut generation = 1;
+    let mut push = |with_2: bool, limited: bool| {
+        generation += 1;
+        let mut toml = format!("[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n");
+        let limit = if limited {
+            "\nqos = { write_iops = 100000 }"
+        } else {
+            ""
+        };
+        toml.push_str(&format!(
+            "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", \
+             block_size = 512 }}\nencryption = \"none\"{limit}\n"
+        ));
+        if with_2 {
+            toml.push_str(&format!(
+                "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 2\nbackend = {{ ram = \"512MiB\", \
+                 block_size = 512 }}\nencryption = \"none\"\n"
+            ));
+        }
+        let name = format!("free{generation}");
+        std::fs::write(d.path(&format!("{name}.toml")), &toml).unwrap();
+        let bundle = keel_tests::provision::build_from(
+            &d,
+            &d.path(&format!("{name}.toml")),
+            generation,
+            &format!("{name}.bundle"),
+        );
+        let report = ok(&[
+            "provision",
+            "push",
+            bundle.to_str().unwrap(),
+            "--device",
+            &mgmt,
+            "--key",
+            &key,
+        ]);
+        assert!(
+            !report.contains("at next boot: namespace"),
+            "push {generation}: {report}"
+        );
+    };
+    let heap = || keel_tests::mgmt_status(&mgmt).resources.heap_free;
+    // The heap free (within 16 MiB of `want`: buffers and log rows come and go) within 20 s.
+    let settles_at = |want: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = heap();
+            if now + (16 << 20) >= want {
+                eprintln!("{what}: heap free {now} (was {want})");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: heap free {now}, was {want} before: the removed namespace's memory \
+                 was kept"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let data = ScratchFile::new("free-data.bin", 0);
+    let back = ScratchFile::new("free-back.bin", 0);
+    let rw = |round: u64| {
+        let bytes = noise(1 << 20, 90 + round);
+        std::fs::write(data.path(), &bytes).unwrap();
+        let lba = (round * 100_000).to_string();
+        ok(&[
+            "nvme",
+            "write",
+            "--addr",
+            &addr,
+            "--nsid",
+            "2",
+            "--lba",
+            &lba,
+            "-i",
+            data.path().to_str().unwrap(),
+        ]);
+        ok(&[
+            "nvme",
+            "read",
+            "--addr",
+            &addr,
+            "--nsid",
+            "2",
+            "--lba",
+            &lba,
+            "--count",
+            "2048",
+            "-o",
+            back.path().to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(back.path()).unwrap() == bytes,
+            "round {round}: namespace 2 read back"
+        );
+    };
+
+    let start = heap();
+    for round in 0..4u64 {
+        push(true, false);
+        let added = "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live";
+        q.wait_for(added, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        rw(round);
+        push(false, false);
+        let gone = "percore: core 1 no longer serves namespace 2 of nqn.2026-11.dev.keel:default";
+        q.wait_for(gone, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        settles_at(start, &format!("round {round}"));
+    }
+
+    // A subsystem no longer shared: namespace 2 added (every core), then a QoS limit drops
+    // the subsystem (core 1 retires its replica), then namespace 2 goes on core 0 alone.
+    push(true, false);
+    q.wait_for(
+        "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live",
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    push(true, true);
+    q.wait_for(
+        "percore: core 1 no longer serves nqn.2026-11.dev.keel:default",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    rw(5);
+    push(false, true);
+    settles_at(start, "after the retired subsystem's namespace went");
+    ends_clean(q, &tap, &["could not be applied"]);
+}
+
+/// Issue 17, remote volumes of a pushed configuration: the DPU (two cores, RAM namespace 1)
+/// gets a push adding namespace 2 on a remote Keel (through a relay, as above). Core 0's
+/// new association asks for one more I/O queue, core 1 connects it from its own stack and
+/// adds the namespace to its replica before core 0 serves it; the subsystem stays shared (no
+/// adopted queue ends): verified I/O on namespace 2 of a connection that landed on core 1
+/// goes through core 1's own queue to the remote (QID 5) with few ring messages, and data
+/// written there reads back through another connection.
+#[test]
+fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
+    require_tap();
+    keelctl();
+    let rnet = tap_net(20);
+    let dnet = tap_net(21);
+    let mut remote = boot_on_tap(Build::Release, 1, &rnet, &["--append", "keel.ns=ram:64"]);
+    remote
+        .wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("remote: {e}"));
+    let rtap = tap_name(&remote);
+    let relay_port = keel_tests::free_port();
+    let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
+    let mut dpu = boot_on_tap(Build::Release, 2, &dnet, &["--append", "keel.ns=ram:16"]);
+    dpu.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("dpu: {e}"));
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1";
+    if !dpu.console().contains(serving) {
+        dpu.wait_for(serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("dpu: {e}"));
+    }
+    let dtap = tap_name(&dpu);
+    let addr = format!("{dnet}.2:4420");
+    let mgmt = format!("{dnet}.2:7000");
+
+    // The push: namespace 2 on the remote's namespace 1.
+    let d = keel_tests::provision::Dir::new("lane-push");
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let toml = format!(
+        "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n\n[[namespace]]\n\
+         subsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\n\
+         encryption = \"none\"\n\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 2\n\
+         backend = {{ remote = {{ nqn = \"{nqn}\", paths = [\"{dnet}.1:{relay_port}\"], \
+         nsid = 1 }} }}\nencryption = \"none\"\n"
+    );
+    std::fs::write(d.path("lane.toml"), &toml).unwrap();
+    let bundle = keel_tests::provision::build_from(&d, &d.path("lane.toml"), 2, "lane.bundle");
+    let key = keel_tests::provision::dev_key().display().to_string();
+    let report = ok(&[
+        "provision",
+        "push",
+        bundle.to_str().unwrap(),
+        "--device",
+        &mgmt,
+        "--key",
+        &key,
+    ]);
+    eprintln!("push: {report}");
+    assert!(
+        report.contains("added: nqn.2026-11.dev.keel:default namespace 2"),
+        "{report}"
+    );
+    for line in [
+        "remote: namespace 2 of nqn.2026-11.dev.keel:default: served on every core through lanes",
+        &format!("remote {dnet}.1:{relay_port}: association up"),
+        &format!("remote {dnet}.1:{relay_port}: lane 1: 1 I/O queue(s) from QID 5 on controller"),
+        "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default through its own I/O queues to remote",
+        "remote: namespace 2",
+    ] {
+        if !dpu.console().contains(line) {
+            dpu.wait_for(line, BOOT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("dpu: {e}"));
+        }
+    }
+    // Core 1 had the namespace before core 0 served it.
+    let mut served = None;
+    for _ in 0..100 {
+        let c = dpu.console();
+        if let Some(at) = c
+            .find(" served: ")
+            .filter(|&at| c[..at].ends_with("namespace 2"))
+        {
+            served = Some((c.clone(), at));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (c, core0_at) =
+        served.unwrap_or_else(|| panic!("core 0 never served it:\n{}", dpu.console()));
+    let replica_at = c
+        .find("percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default")
+        .unwrap();
+    assert!(replica_at < core0_at, "core 1 first:\n{c}");
+
+    // Verified I/O on namespace 2 on core 1: through core 1's lane, not forwarded.
+    let (cmds, msgs, m0, m1) =
+        on_core_metrics(&mgmt, 2, 1, "verified mix on ns 2", 600, &mut || {
+            let out = ok(&[
+                "nvme",
+                "bench",
+                "--addr",
+                &addr,
+                "--nsid",
+                "2",
+                "--rw",
+                "mix",
+                "--connections",
+                "1",
+                "--qd",
+                "16",
+                "--ios",
+                "600",
+                "--range-mib",
+                "16",
+                "--verify",
+            ]);
+            assert!(out.contains("IOPS"), "{out}");
+        });
+    assert!(
+        cmds >= 600 && msgs < 200,
+        "core 1 took {cmds} commands while core 0 took {msgs} ring messages: I/O was forwarded"
+    );
+    let on1 = remote_queue_commands(&m1, 1, 5) - remote_queue_commands(&m0, 1, 5);
+    let on0: u64 = (1..=4)
+        .map(|q| remote_queue_commands(&m1, 0, q) - remote_queue_commands(&m0, 0, q))
+        .sum();
+    assert!(
+        on1 >= 600 && on0 * 10 < on1,
+        "remote commands during the run: core 1's queue {on1}, core 0's {on0}:\n{m1}"
+    );
+    eprintln!(
+        "tap: pushed remote namespace on core 1: {cmds} commands, {msgs} ring messages to \
+         core 0; remote queue commands core 1 +{on1}, core 0 +{on0}"
+    );
+
+    // Written on core 1, read back through whichever core serves another connection.
+    let data = ScratchFile::new("lanepush-data.bin", 0);
+    let back = ScratchFile::new("lanepush-back.bin", 0);
+    let bytes = noise(1 << 20, 2020);
+    std::fs::write(data.path(), &bytes).unwrap();
+    on_core_1(&mgmt, 2, "write", 8, &mut || {
+        ok(&[
+            "nvme",
+            "write",
+            "--addr",
+            &addr,
+            "--nsid",
+            "2",
+            "--lba",
+            "50000",
+            "-i",
+            data.path().to_str().unwrap(),
+        ]);
+    });
+    ok(&[
+        "nvme",
+        "read",
+        "--addr",
+        &addr,
+        "--nsid",
+        "2",
+        "--lba",
+        "50000",
+        "--count",
+        "2048",
+        "-o",
+        back.path().to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(back.path()).unwrap() == bytes,
+        "namespace 2 read back"
+    );
+    ends_clean(
+        dpu,
+        &dtap,
+        &[
+            "adopted by other cores end",
+            "could not be applied",
+            "could not serve",
+        ],
+    );
+    ends_clean(remote, &rtap, &[]);
+}
