@@ -2858,7 +2858,7 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
         &format!("remote {dnet}.1:{relay_port}: association up"),
         &format!("remote {dnet}.1:{relay_port}: lane 1: 1 I/O queue(s) from QID 5 on controller"),
         "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default through its own I/O queues to remote",
-        "remote: namespace 2",
+        "remote: namespace 2 of nqn.2026-11.dev.keel:default served: ",
     ] {
         if !dpu.console().contains(line) {
             dpu.wait_for(line, BOOT_TIMEOUT)
@@ -2866,20 +2866,10 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
         }
     }
     // Core 1 had the namespace before core 0 served it.
-    let mut served = None;
-    for _ in 0..100 {
-        let c = dpu.console();
-        if let Some(at) = c
-            .find(" served: ")
-            .filter(|&at| c[..at].ends_with("namespace 2"))
-        {
-            served = Some((c.clone(), at));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let (c, core0_at) =
-        served.unwrap_or_else(|| panic!("core 0 never served it:\n{}", dpu.console()));
+    let c = dpu.console();
+    let core0_at = c
+        .find("remote: namespace 2 of nqn.2026-11.dev.keel:default served: ")
+        .unwrap_or_else(|| panic!("core 0 never served it:\n{c}"));
     let replica_at = c
         .find("percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default")
         .unwrap();
