@@ -671,20 +671,7 @@ pub(crate) fn publish_drive_queue(
         keel_hal::nvme::driver::CoreQueueState::Down => 1,
         keel_hal::nvme::driver::CoreQueueState::Dead => 2,
     };
-    slot.publish(
-        state,
-        &crate::shares::QueueCounters {
-            commands: s.commands,
-            completed: s.requests_done,
-            errors: s.errors,
-            timeouts: s.timeouts,
-            resets: s.resets,
-            failed_by_reset: s.failed_by_reset,
-            sq_doorbells: s.sq_doorbells,
-            cq_doorbells: s.cq_doorbells,
-            queue_full: s.queue_full,
-        },
-    );
+    slot.publish(state, &crate::shares::queue_counters!(s));
 }
 
 /// Drive `d`'s namespace `nsid` through this core's own queue pair on that drive (of

@@ -191,17 +191,7 @@ impl DriveCtl for NvmeDrive {
             resets: s.resets,
             aborts: s.aborts,
             io_queues: info.map_or(0, |i| i.io_queues),
-            own: crate::shares::QueueCounters {
-                commands: s.commands,
-                completed: s.requests_done,
-                errors: s.errors,
-                timeouts: s.timeouts,
-                resets: s.resets,
-                failed_by_reset: s.failed_by_reset,
-                sq_doorbells: s.sq_doorbells,
-                cq_doorbells: s.cq_doorbells,
-                queue_full: s.queue_full,
-            },
+            own: crate::shares::queue_counters!(s),
         }
     }
 }

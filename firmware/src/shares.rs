@@ -41,6 +41,28 @@ pub struct QueueCounters {
     pub queue_full: u64,
 }
 
+/// The [`QueueCounters`] of a driver's statistics: a controller's own queues
+/// (`keel_nvme_driver::DriveStats`) and a core's queue pair (`CoreQueueStats`) count the
+/// same things under the same names, in two types.
+macro_rules! queue_counters {
+    ($stats:expr) => {{
+        let s = &$stats;
+        $crate::shares::QueueCounters {
+            commands: s.commands,
+            completed: s.requests_done,
+            errors: s.errors,
+            timeouts: s.timeouts,
+            resets: s.resets,
+            failed_by_reset: s.failed_by_reset,
+            sq_doorbells: s.sq_doorbells,
+            cq_doorbells: s.cq_doorbells,
+            queue_full: s.queue_full,
+        }
+    }};
+}
+#[allow(unused_imports)] // used by the firmware's own paths and the host tests
+pub(crate) use queue_counters;
+
 /// States of a drive queue pair, by the number its core publishes.
 pub const DRIVE_QUEUE_STATES: [&str; 3] = ["up", "down", "dead"];
 
@@ -286,6 +308,46 @@ pub fn lane_rows<const N: usize>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn both_driver_stats_types_map_field_by_field() {
+        let want = super::QueueCounters {
+            commands: 1,
+            completed: 2,
+            errors: 3,
+            timeouts: 4,
+            resets: 5,
+            failed_by_reset: 6,
+            sq_doorbells: 7,
+            cq_doorbells: 8,
+            queue_full: 9,
+        };
+        let d = keel_nvme_driver::DriveStats {
+            commands: 1,
+            requests_done: 2,
+            errors: 3,
+            timeouts: 4,
+            resets: 5,
+            failed_by_reset: 6,
+            sq_doorbells: 7,
+            cq_doorbells: 8,
+            queue_full: 9,
+            ..Default::default()
+        };
+        assert_eq!(queue_counters!(d), want);
+        let c = keel_nvme_driver::CoreQueueStats {
+            commands: 1,
+            requests_done: 2,
+            errors: 3,
+            timeouts: 4,
+            resets: 5,
+            failed_by_reset: 6,
+            sq_doorbells: 7,
+            cq_doorbells: 8,
+            queue_full: 9,
+        };
+        assert_eq!(queue_counters!(c), want);
+    }
+
     use super::*;
     use alloc::string::ToString;
     use keel_remote::{QueueState, QueueView};
