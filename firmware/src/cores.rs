@@ -489,6 +489,17 @@ pub static DRIVE_SHARES: [[crate::shares::DriveQueueShare; SHARED_DRIVES]; MAX_C
 pub static LANE_SHARES: [[crate::shares::LaneQueueShare; SHARED_LANE_QUEUES]; MAX_CORES] =
     [const { [const { crate::shares::LaneQueueShare::new() }; SHARED_LANE_QUEUES] }; MAX_CORES];
 
+/// Every core's lanes of remote volumes, one slot per lane with its requests' counts and
+/// counters, written by their own core with its namespace counters, read by core 0 (core
+/// 0's slots stay unused).
+pub static LANE_VOLUMES: [[crate::shares::LaneVolumeShare; SHARED_LANE_QUEUES]; MAX_CORES] =
+    [const { [const { crate::shares::LaneVolumeShare::new() }; SHARED_LANE_QUEUES] }; MAX_CORES];
+
+/// The cores running a poll loop (a bit each).
+pub fn running() -> u64 {
+    RUNNING.load(Ordering::Acquire)
+}
+
 /// The other running cores' I/O queue pairs on drive `drive` (index among the drives).
 pub fn drive_queues_elsewhere(drive: usize) -> Vec<keel_mgmt::DriveQueueInfo> {
     crate::shares::drive_rows(&DRIVE_SHARES, RUNNING.load(Ordering::Acquire), drive)

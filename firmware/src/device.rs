@@ -1502,7 +1502,13 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                 .remotes
                 .volumes
                 .iter()
-                .map(|v| v.info(&self.remotes.hostnqn))
+                .map(|v| {
+                    v.info(
+                        &self.remotes.hostnqn,
+                        H::remote_load_elsewhere(v.id),
+                        &H::remote_queues_elsewhere(v.id),
+                    )
+                })
                 .collect(),
             qos_groups: t
                 .group_views()

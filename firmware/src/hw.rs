@@ -65,6 +65,11 @@ pub trait Hw: 'static {
     fn remote_queues_elsewhere(_volume: u32) -> alloc::vec::Vec<crate::shares::LaneRow> {
         alloc::vec::Vec::new()
     }
+    /// The other cores' lanes of remote volume `volume` together: their requests' counts
+    /// and counters, as each core last published them (`crate::shares`). None by default.
+    fn remote_load_elsewhere(_volume: u32) -> keel_remote::VolumeLoad {
+        keel_remote::VolumeLoad::default()
+    }
 }
 
 /// What the status says of a drive (read on core 0).

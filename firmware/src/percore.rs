@@ -185,6 +185,12 @@ pub enum RemoteMsg {
         /// join it here.
         users: Vec<(String, ReplicaNs)>,
     },
+    /// Volume `id` is gone on core 0 (no namespace uses it any more): the lane closes its
+    /// connections (its requests still in flight fail with a path error) and goes.
+    Retire {
+        /// The volume.
+        id: u32,
+    },
     /// What core 0 says of one of the volume's paths.
     Update {
         /// The volume.
@@ -388,6 +394,9 @@ impl Plane {
         if let Some(row) = crate::cores::LANE_SHARES.get(self.core) {
             crate::shares::publish_lanes(row, &self.lanes);
         }
+        if let Some(row) = crate::cores::LANE_VOLUMES.get(self.core) {
+            crate::shares::publish_lane_volumes(row, &self.lanes);
+        }
     }
 
     /// One pass: frames in, connections, the replica's completions, frames out; returns
@@ -550,6 +559,16 @@ impl Plane {
                     core: self.core as u16,
                     ok,
                 });
+            }
+            RemoteMsg::Retire { id } => {
+                if let Some(at) = self.lanes.iter().position(|(i, _)| *i == id) {
+                    let (_, lane) = self.lanes.swap_remove(at);
+                    lane.shutdown(now_ns, &mut self.net);
+                    println!(
+                        "percore: core {} closed its lane of remote volume {id}",
+                        self.core
+                    );
+                }
             }
             RemoteMsg::Update { id, update } => {
                 if let Some((_, lane)) = self.lanes.iter().find(|(i, _)| *i == id) {
@@ -990,6 +1009,19 @@ impl Holder {
         let mut busy = false;
         let planes = crate::cores::planes();
         let mut tracks = core::mem::take(&mut self.lanes);
+        // Volumes gone on core 0: every core closes its lane of them.
+        for t in tracks.iter().filter(|t| t.sent) {
+            if services.remotes.volumes.iter().any(|v| v.id == t.id) {
+                continue;
+            }
+            for li in 0..links.0.len() {
+                let core = links.0[li].info.index;
+                if core < 64 && planes & (1 << core) != 0 {
+                    self.send(links, li, Msg::Remote(RemoteMsg::Retire { id: t.id }));
+                }
+            }
+            busy = true;
+        }
         tracks.retain(|t| services.remotes.volumes.iter().any(|v| v.id == t.id));
         // Volumes a push made laned (`crate::remote::RemoteService::lane_new`).
         for v in services.remotes.volumes.iter().filter(|v| v.laned) {

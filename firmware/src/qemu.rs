@@ -62,6 +62,13 @@ impl Hw for Qemu {
     fn remote_queues_elsewhere(volume: u32) -> alloc::vec::Vec<crate::shares::LaneRow> {
         crate::cores::remote_queues_elsewhere(volume)
     }
+    fn remote_load_elsewhere(volume: u32) -> keel_remote::VolumeLoad {
+        crate::shares::lane_volume_totals(
+            &crate::cores::LANE_VOLUMES,
+            crate::cores::running(),
+            volume,
+        )
+    }
 }
 
 /// The NIC of one core's network stack: the whole single-queue virtio-net (one core), or

@@ -355,7 +355,15 @@ impl RemoteService {
 
 impl Volume {
     /// State, paths and counters for `keelctl status` and `/metrics` (allocates).
-    pub(crate) fn info(&self, default_hostnqn: &str) -> keel_mgmt::RemoteInfo {
+    /// `elsewhere`: the other cores' lanes' requests together, `lane_queues` their queues
+    /// (`crate::shares`): the volume's counters and its paths' in-flight and command counts
+    /// are every core's.
+    pub(crate) fn info(
+        &self,
+        default_hostnqn: &str,
+        elsewhere: keel_remote::VolumeLoad,
+        lane_queues: &[crate::shares::LaneRow],
+    ) -> keel_mgmt::RemoteInfo {
         use keel_nvme::log::ana::AnaState;
         let snap = self.vol.snapshot();
         let mut info = keel_mgmt::RemoteInfo {
@@ -375,14 +383,20 @@ impl Volume {
             info.size_bytes = g.blocks * u64::from(g.block_size);
             info.block_size = g.block_size;
         }
-        info.queued = s.queued;
-        info.in_flight = s.in_flight;
-        info.submitted = s.counters.submitted;
-        info.completed = s.counters.completed;
-        info.failed = s.counters.failed;
-        info.path_errors = s.counters.path_errors;
-        info.retries = s.counters.retries;
-        info.failovers = s.counters.failovers;
+        let mut all = keel_remote::VolumeLoad {
+            queued: s.queued,
+            in_flight: s.in_flight,
+            counters: s.counters,
+        };
+        all += elsewhere;
+        info.queued = all.queued;
+        info.in_flight = all.in_flight;
+        info.submitted = all.counters.submitted;
+        info.completed = all.counters.completed;
+        info.failed = all.counters.failed;
+        info.path_errors = all.counters.path_errors;
+        info.retries = all.counters.retries;
+        info.failovers = all.counters.failovers;
         info.paths = s
             .paths
             .iter()
@@ -411,6 +425,12 @@ impl Volume {
                 keep_alives: p.counters.keep_alives,
             })
             .collect();
+        for &(path, _, _, _, commands, in_flight) in lane_queues {
+            if let Some(p) = info.paths.get_mut(usize::from(path)) {
+                p.commands += commands;
+                p.in_flight += in_flight;
+            }
+        }
         info
     }
 

@@ -282,6 +282,127 @@ pub fn publish_lanes<S: Copy + Eq + core::fmt::Debug>(
     }
 }
 
+/// One remote volume's lane on one core: its requests (counts and counters).
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct LaneVolumeShare {
+    /// Volume id + 1; 0 while unused.
+    key: AtomicU64,
+    /// queued, in flight, then the counters in [`keel_remote::VolumeCounters`]' order.
+    values: [AtomicU64; 9],
+}
+
+impl Default for LaneVolumeShare {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LaneVolumeShare {
+    /// An unused slot.
+    pub const fn new() -> Self {
+        Self {
+            key: AtomicU64::new(0),
+            values: [const { AtomicU64::new(0) }; 9],
+        }
+    }
+
+    /// Owner: the slot counts volume `volume`'s lane (claims it first when it counted
+    /// another; the values are stored before the key is published, `Release`).
+    pub fn publish(&self, volume: u32, l: &keel_remote::VolumeLoad) {
+        let key = u64::from(volume) + 1;
+        let c = &l.counters;
+        let v = [
+            u64::from(l.queued),
+            u64::from(l.in_flight),
+            c.submitted,
+            c.completed,
+            c.failed,
+            c.path_errors,
+            c.retries,
+            c.failovers,
+            c.split,
+        ];
+        for (slot, x) in self.values.iter().zip(v) {
+            slot.store(x, Ordering::Relaxed);
+        }
+        if self.key.load(Ordering::Relaxed) != key {
+            self.key.store(key, Ordering::Release);
+        }
+    }
+
+    /// Owner: the slot counts nothing any more.
+    pub fn release(&self) {
+        if self.key.load(Ordering::Relaxed) != 0 {
+            self.key.store(0, Ordering::Release);
+        }
+    }
+
+    /// Reader: the volume id and its lane's load, if claimed.
+    pub fn read(&self) -> Option<(u32, keel_remote::VolumeLoad)> {
+        let key = self.key.load(Ordering::Acquire);
+        if key == 0 {
+            return None;
+        }
+        let v = |i: usize| self.values[i].load(Ordering::Relaxed);
+        Some((
+            (key - 1) as u32,
+            keel_remote::VolumeLoad {
+                queued: v(0) as u32,
+                in_flight: v(1) as u32,
+                counters: keel_remote::VolumeCounters {
+                    submitted: v(2),
+                    completed: v(3),
+                    failed: v(4),
+                    path_errors: v(5),
+                    retries: v(6),
+                    failovers: v(7),
+                    split: v(8),
+                },
+            },
+        ))
+    }
+}
+
+/// Owner: publishes each of its `lanes`' load into its `row`, in order, and releases the
+/// slots after the last (allocates nothing). Lanes beyond the row are not published.
+pub fn publish_lane_volumes<S: Copy + Eq + core::fmt::Debug>(
+    row: &[LaneVolumeShare],
+    lanes: &[(u32, keel_remote::RemoteVolume<S>)],
+) {
+    let mut i = 0;
+    for (id, lane) in lanes {
+        if let (Some(s), Some(l)) = (row.get(i), lane.load()) {
+            s.publish(*id, &l);
+            i += 1;
+        }
+    }
+    for s in row.iter().skip(i) {
+        s.release();
+    }
+}
+
+/// The sum of every other running core's lane of remote volume `volume` (core 0's own
+/// requests are the caller's).
+pub fn lane_volume_totals<const N: usize>(
+    shares: &[[LaneVolumeShare; N]],
+    running: u64,
+    volume: u32,
+) -> keel_remote::VolumeLoad {
+    let mut t = keel_remote::VolumeLoad::default();
+    for (core, row) in shares.iter().enumerate().skip(1) {
+        if !running_core(running, core) {
+            continue;
+        }
+        for (v, l) in row.iter().filter_map(LaneVolumeShare::read) {
+            if v == volume {
+                t += l;
+            }
+        }
+    }
+    t
+}
+
 /// Every running core's rows for remote volume `volume`, core by core (core 0's own queues
 /// are the caller's).
 pub fn lane_rows<const N: usize>(
@@ -442,6 +563,53 @@ mod tests {
         assert_eq!(drive_rows(&shares, 0b0011, 0)[0].commands, 1300);
         // Unclaimed slots read as nothing.
         assert!(DriveQueueShare::new().read().is_none());
+    }
+
+    #[test]
+    fn lane_volume_totals_add_every_running_core_s_lanes() {
+        let shares: [[LaneVolumeShare; 2]; 3] = Default::default();
+        let load = |queued, in_flight, submitted, completed, retries| keel_remote::VolumeLoad {
+            queued,
+            in_flight,
+            counters: keel_remote::VolumeCounters {
+                submitted,
+                completed,
+                failed: 1,
+                path_errors: 0,
+                retries,
+                failovers: 2,
+                split: 0,
+            },
+        };
+        // Core 0's slots are never read (its own volume is the caller's).
+        shares[0][0].publish(7, &load(9, 9, 9, 9, 9));
+        shares[1][0].publish(7, &load(1, 3, 1170, 1167, 0));
+        shares[1][1].publish(8, &load(0, 0, 12, 12, 0));
+        shares[2][0].publish(7, &load(0, 1, 41, 40, 5));
+        let t = lane_volume_totals(&shares, 0b111, 7);
+        assert_eq!(t, {
+            let mut w = load(1, 4, 1211, 1207, 5);
+            w.counters.failed = 2;
+            w.counters.failovers = 4;
+            w
+        });
+        assert_eq!(
+            lane_volume_totals(&shares, 0b011, 7).counters.submitted,
+            1170
+        );
+        assert_eq!(lane_volume_totals(&shares, 0b111, 8).counters.completed, 12);
+        shares[1][1].release();
+        assert_eq!(
+            lane_volume_totals(&shares, 0b111, 8),
+            keel_remote::VolumeLoad::default()
+        );
+        // A slot re-claimed for another volume stops counting for the first.
+        shares[2][0].publish(9, &load(0, 0, 3, 3, 0));
+        assert_eq!(
+            lane_volume_totals(&shares, 0b111, 7).counters.submitted,
+            1170
+        );
+        assert_eq!(lane_volume_totals(&shares, 0b111, 9).counters.submitted, 3);
     }
 
     #[test]

@@ -1885,6 +1885,18 @@ fn remote_io_on_core_1(encrypted: bool, rtest: u32, dtest: u32) {
     };
     let r1 = row(1, 5);
     assert_eq!(r1["state"], "live", "{r1}");
+    // The volume's request counters and its path's command count are every core's.
+    let vol = &v["remotes"][0];
+    for (what, n) in [
+        ("completed", &vol["completed"]),
+        ("submitted", &vol["submitted"]),
+        ("path commands", &vol["paths"][0]["commands"]),
+    ] {
+        assert!(
+            n.as_u64().unwrap() >= on1,
+            "the volume's {what} leave out core 1's {on1} commands: {vol}"
+        );
+    }
     assert_eq!(r1["subnqn"], "nqn.2026-11.dev.keel:default", "{r1}");
     assert_eq!(r1["path"], format!("{dnet}.1:{relay_port}"), "{r1}");
     assert!(r1["commands"].as_u64().unwrap() >= on1, "{r1}");
@@ -2953,14 +2965,60 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
         std::fs::read(back.path()).unwrap() == bytes,
         "namespace 2 read back"
     );
-    ends_clean(
-        dpu,
-        &dtap,
-        &[
-            "adopted by other cores end",
-            "could not be applied",
-            "could not serve",
-        ],
+    let c = dpu.console();
+    for bad in [
+        "adopted by other cores end",
+        "could not be applied",
+        "could not serve",
+    ] {
+        assert!(!c.contains(bad), "{bad:?} on the console:\n{c}");
+    }
+
+    // A push without namespace 2: core 0 disconnects the volume and core 1 closes its lane
+    // (its queue's row leaves the status).
+    let toml = format!(
+        "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n\n[[namespace]]\n\
+         subsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\n\
+         encryption = \"none\"\n"
     );
+    std::fs::write(d.path("lane3.toml"), &toml).unwrap();
+    let bundle = keel_tests::provision::build_from(&d, &d.path("lane3.toml"), 3, "lane3.bundle");
+    let report = ok(&[
+        "provision",
+        "push",
+        bundle.to_str().unwrap(),
+        "--device",
+        &mgmt,
+        "--key",
+        &key,
+    ]);
+    assert!(
+        report.contains("removed: nqn.2026-11.dev.keel:default namespace 2"),
+        "{report}"
+    );
+    for line in [
+        "no longer used: disconnected",
+        "percore: core 1 closed its lane of remote volume",
+    ] {
+        if !dpu.console().contains(line) {
+            dpu.wait_for(line, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("dpu: {e}"));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = ok(&["status", "--device", &mgmt, "--key", &key, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+        let rows = v["remote_queues"].as_array().map_or(0, Vec::len);
+        if rows == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queues left after the volume went: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ends_clean(dpu, &dtap, &["could not be applied", "could not serve"]);
     ends_clean(remote, &rtap, &[]);
 }

@@ -153,7 +153,7 @@ pub use lane::{Grant, LaneLoss, LaneSeed, LaneUpdate};
 pub use net::{Net, SockState};
 pub use stats::{
     LossReason, PathCounters, PathSnapshot, PathState, QueueState, QueueView, Snapshot,
-    VolumeCounters, VolumeState,
+    VolumeCounters, VolumeLoad, VolumeState,
 };
 
 /// A remote volume: what the poll loop keeps and polls.
@@ -278,6 +278,12 @@ impl<S: Copy + Eq + fmt::Debug> RemoteVolume<S> {
         if let Ok(v) = self.inner.try_borrow() {
             v.for_each_queue(f);
         }
+    }
+
+    /// Its requests' counts and counters (on a lane, the lane's own): allocates nothing, so
+    /// a core may publish them every pass.
+    pub fn load(&self) -> Option<VolumeLoad> {
+        Some(self.inner.try_borrow().ok()?.load())
     }
 
     /// State and counters (allocates; management path).

@@ -223,6 +223,34 @@ pub struct VolumeCounters {
     pub split: u64,
 }
 
+/// The requests of a volume (or of a lane of it) now and since it was made: what
+/// [`Snapshot`] says of them, without allocating (a core publishes it every pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VolumeLoad {
+    /// Requests waiting for a path or a queue slot.
+    pub queued: u32,
+    /// Requests with a command in flight.
+    pub in_flight: u32,
+    /// Volume counters.
+    pub counters: VolumeCounters,
+}
+
+impl core::ops::AddAssign for VolumeLoad {
+    /// Two lanes' (or the owner's and its lanes') requests together.
+    fn add_assign(&mut self, o: Self) {
+        self.queued += o.queued;
+        self.in_flight += o.in_flight;
+        let (a, b) = (&mut self.counters, o.counters);
+        a.submitted += b.submitted;
+        a.completed += b.completed;
+        a.failed += b.failed;
+        a.path_errors += b.path_errors;
+        a.retries += b.retries;
+        a.failovers += b.failovers;
+        a.split += b.split;
+    }
+}
+
 /// Where the volume as a whole is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeState {

@@ -1672,6 +1672,14 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         }
     }
 
+    pub fn load(&self) -> crate::stats::VolumeLoad {
+        crate::stats::VolumeLoad {
+            queued: self.ready.len() as u32,
+            in_flight: self.reqs.iter().filter(|r| r.used && r.inflight).count() as u32,
+            counters: self.counters,
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let n = self.paths.len();
         let usable = self.paths.iter().filter(|p| p.usable()).count();
@@ -1686,12 +1694,13 @@ impl<S: Copy + Eq + fmt::Debug> Volume<S> {
         } else {
             VolumeState::Degraded
         };
+        let load = self.load();
         Snapshot {
             state,
             geometry: self.ns.map(|n| n.geometry),
-            queued: self.ready.len() as u32,
-            in_flight: self.reqs.iter().filter(|r| r.used && r.inflight).count() as u32,
-            counters: self.counters,
+            queued: load.queued,
+            in_flight: load.in_flight,
+            counters: load.counters,
             paths: self.paths.iter().map(Path::snapshot).collect(),
         }
     }
