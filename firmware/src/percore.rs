@@ -56,7 +56,10 @@
 //! Core 0 then tells every lane of each association's changes ([`RemoteMsg::Update`]), and
 //! a lane reports the loss of one of its queues ([`crate::cores::Msg::RemoteLost`]): core 0
 //! ends and re-creates the association, as for a loss of its own queues
-//! (`keel_remote::lane`).
+//! (`keel_remote::lane`). A volume new in a pushed configuration gets lanes the same way
+//! (`crate::remote::RemoteService::lane_new`; the lane message then carries the pushed
+//! namespaces' descriptions), and a volume core 0 retires makes every core close its lane
+//! ([`RemoteMsg::Retire`]).
 //!
 //! Frames of other flows that land on core `k` (management, DHCP, replies to core 0's
 //! outgoing connections) are handed to core 0, which receives them as if they came on its
