@@ -98,6 +98,33 @@ fn ends_clean(q: Qemu, tap: &str, also: &[&str]) {
     kill_and_check_tap_removed(q, tap);
 }
 
+/// Signs configuration `toml` as generation `generation` (in `d`, files named `name`) with
+/// the development key and pushes it to the device's management endpoint `mgmt`; the
+/// push's report.
+fn push_config(
+    d: &keel_tests::provision::Dir,
+    mgmt: &str,
+    name: &str,
+    generation: u64,
+    toml: &str,
+) -> String {
+    let path = d.path(&format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    let bundle = keel_tests::provision::build_from(d, &path, generation, &format!("{name}.bundle"));
+    let key = keel_tests::provision::dev_key().display().to_string();
+    let report = ok(&[
+        "provision",
+        "push",
+        bundle.to_str().unwrap(),
+        "--device",
+        mgmt,
+        "--key",
+        &key,
+    ]);
+    eprintln!("push of generation {generation}: {report}");
+    report
+}
+
 /// Kills QEMU and waits for `qemu/run`'s watcher to remove the tap.
 fn kill_and_check_tap_removed(mut q: Qemu, tap: &str) {
     assert!(link_exists(tap), "{tap} should exist while QEMU runs");
@@ -2402,19 +2429,7 @@ fn a_pushed_namespace_change_keeps_core_1_serving() {
             "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = {nsid}\nbackend = {backend}\nencryption = \"none\"\n"
         ));
     }
-    std::fs::write(d.path("live.toml"), &toml).unwrap();
-    let bundle = keel_tests::provision::build_from(&d, &d.path("live.toml"), 2, "live.bundle");
-    let key = keel_tests::provision::dev_key().display().to_string();
-    let report = ok(&[
-        "provision",
-        "push",
-        bundle.to_str().unwrap(),
-        "--device",
-        &mgmt,
-        "--key",
-        &key,
-    ]);
-    eprintln!("push: {report}");
+    push_config(&d, &mgmt, "live", 2, &toml);
     for want in [
         "percore: core 1 serves namespace 4 of nqn.2026-11.dev.keel:default added live",
         "percore: core 1 serves namespace 5 of nqn.2026-11.dev.keel:default added live",
@@ -2600,19 +2615,7 @@ fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
          [[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 2\nbackend = {{ ram = \"4MiB\", block_size = 512 }}\nencryption = \"none\"\n\n\
          [[namespace]]\nsubsystem = \"{f0}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\nencryption = \"none\"\nfunction = 0\n"
     );
-    std::fs::write(d.path("live.toml"), &toml).unwrap();
-    let bundle = keel_tests::provision::build_from(&d, &d.path("live.toml"), 2, "live.bundle");
-    let key = keel_tests::provision::dev_key().display().to_string();
-    let report = ok(&[
-        "provision",
-        "push",
-        bundle.to_str().unwrap(),
-        "--device",
-        &mgmt,
-        "--key",
-        &key,
-    ]);
-    eprintln!("push: {report}");
+    let report = push_config(&d, &mgmt, "live", 2, &toml);
     assert!(
         report.contains(&format!("added: {nqn} namespace 2")),
         "{report}"
@@ -2674,7 +2677,6 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
     let mgmt = format!("{net}.2:7000");
     let nqn = "nqn.2026-11.dev.keel:default";
     let d = keel_tests::provision::Dir::new("free-push");
-    let key = keel_tests::provision::dev_key().display().to_string();
     let mut generation = 1;
     let mut push = |with_2: bool, limited: bool| {
         generation += 1;
@@ -2694,23 +2696,7 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
                  block_size = 512 }}\nencryption = \"none\"\n"
             ));
         }
-        let name = format!("free{generation}");
-        std::fs::write(d.path(&format!("{name}.toml")), &toml).unwrap();
-        let bundle = keel_tests::provision::build_from(
-            &d,
-            &d.path(&format!("{name}.toml")),
-            generation,
-            &format!("{name}.bundle"),
-        );
-        let report = ok(&[
-            "provision",
-            "push",
-            bundle.to_str().unwrap(),
-            "--device",
-            &mgmt,
-            "--key",
-            &key,
-        ]);
+        let report = push_config(&d, &mgmt, &format!("free{generation}"), generation, &toml);
         assert!(
             !report.contains("at next boot: namespace"),
             "push {generation}: {report}"
@@ -2848,19 +2834,7 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
          backend = {{ remote = {{ nqn = \"{nqn}\", paths = [\"{dnet}.1:{relay_port}\"], \
          nsid = 1 }} }}\nencryption = \"none\"\n"
     );
-    std::fs::write(d.path("lane.toml"), &toml).unwrap();
-    let bundle = keel_tests::provision::build_from(&d, &d.path("lane.toml"), 2, "lane.bundle");
-    let key = keel_tests::provision::dev_key().display().to_string();
-    let report = ok(&[
-        "provision",
-        "push",
-        bundle.to_str().unwrap(),
-        "--device",
-        &mgmt,
-        "--key",
-        &key,
-    ]);
-    eprintln!("push: {report}");
+    let report = push_config(&d, &mgmt, "lane", 2, &toml);
     assert!(
         report.contains("added: nqn.2026-11.dev.keel:default namespace 2"),
         "{report}"
@@ -2981,17 +2955,7 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
          subsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\n\
          encryption = \"none\"\n"
     );
-    std::fs::write(d.path("lane3.toml"), &toml).unwrap();
-    let bundle = keel_tests::provision::build_from(&d, &d.path("lane3.toml"), 3, "lane3.bundle");
-    let report = ok(&[
-        "provision",
-        "push",
-        bundle.to_str().unwrap(),
-        "--device",
-        &mgmt,
-        "--key",
-        &key,
-    ]);
+    let report = push_config(&d, &mgmt, "lane3", 3, &toml);
     assert!(
         report.contains("removed: nqn.2026-11.dev.keel:default namespace 2"),
         "{report}"
@@ -3007,6 +2971,7 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        let key = keel_tests::provision::dev_key().display().to_string();
         let st = ok(&["status", "--device", &mgmt, "--key", &key, "--json"]);
         let v: serde_json::Value = serde_json::from_str(&st).unwrap();
         let rows = v["remote_queues"].as_array().map_or(0, Vec::len);
