@@ -90,6 +90,9 @@ pub enum FnMsg {
         /// The pair.
         pair: Box<IoPair>,
     },
+    /// Core k → core 0: its replica of a function's controller logged an error (for the
+    /// controller's Error Information log, `Target::log_replica_error`).
+    Error(keel_controller::ReplicaError),
     /// Core k → core 0: pair `qid` of function `slot` is broken.
     Fatal {
         /// Function slot.
@@ -235,7 +238,7 @@ impl FnCore {
                     s.pair.stop();
                 }
             }
-            FnMsg::Returned { .. } | FnMsg::Fatal { .. } => {}
+            FnMsg::Returned { .. } | FnMsg::Fatal { .. } | FnMsg::Error(_) => {}
         }
     }
 
@@ -336,6 +339,8 @@ impl FnCore {
             }
             Event::QueueTerminated(_) => {}
         }) > 0;
+        // Errors its replica controllers logged go to their controllers' logs on core 0.
+        target.take_replica_errors(&mut |e| out(FnMsg::Error(e)));
         let mut i = 0;
         while i < pairs.len() {
             let s = &mut pairs[i];
@@ -568,6 +573,9 @@ impl Hub {
                     {
                         f.core_fatal(qid, why);
                     }
+                }
+                FnMsg::Error(e) => {
+                    target.log_replica_error(&e);
                 }
                 FnMsg::Serve(_) | FnMsg::Adopt(_) | FnMsg::Recall { .. } => {}
             }

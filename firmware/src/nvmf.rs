@@ -94,6 +94,9 @@ pub enum ToHolder {
         /// The controller.
         cntlid: u16,
     },
+    /// A replica controller on the core logged an error: for the controller's own Error
+    /// Information log on core 0 (`Target::log_replica_error`).
+    Error(keel_controller::ReplicaError),
 }
 
 /// From the controller core back to a connection's core.
@@ -401,6 +404,11 @@ impl NvmfService {
             busy |= self.poll_conn(i, now, net, target);
         }
         busy |= self.start_waiting(now, target);
+        // Errors the replica controllers logged go to their controllers' logs on core 0
+        // (one flag test when there are none).
+        if self.forwarding {
+            target.take_replica_errors(&mut |e| self.outbox.push(ToHolder::Error(e)));
+        }
         busy
     }
 

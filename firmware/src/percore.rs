@@ -1312,6 +1312,9 @@ impl Holder {
     ) {
         match m {
             ToHolder::Activity { cntlid } => target.touch_controller(cntlid, now),
+            ToHolder::Error(e) => {
+                target.log_replica_error(&e);
+            }
             ToHolder::Closed { conn, how } => {
                 if let Some(pi) = self.find(li, conn)
                     && let Some(p) = self.proxies[pi].take()

@@ -69,6 +69,10 @@ impl Holder {
                     self.seen.push("activity");
                     self.s.target.touch_controller(cntlid, t);
                 }
+                ToHolder::Error(e) => {
+                    self.seen.push("error");
+                    self.s.target.log_replica_error(&e);
+                }
                 ToHolder::Closed { conn, how } => {
                     self.seen.push("closed");
                     if let Some(i) = self.queues.iter().position(|q| q.0 == conn) {

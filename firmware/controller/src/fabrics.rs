@@ -242,6 +242,7 @@ impl Target {
             busy_since: now,
             busy_ns: 0,
             errors: crate::errlog::ErrorLog::new(self.limits.error_log_entries as usize),
+            exported_errors: 0,
             aborts_pending: 0,
             limiter,
             flows: Vec::new(),

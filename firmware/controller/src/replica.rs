@@ -30,7 +30,80 @@ pub struct Adoption {
     pub sqflow_disabled: bool,
 }
 
+/// An entry a replica controller logged in its Error Information log, for the controller
+/// it replicates: the host reads the log through the holder's admin queue, so the holder's
+/// log must have every queue's errors (NVMe base 2.0 §5.16.1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaError {
+    /// The controller.
+    pub cntlid: u16,
+    /// Its subsystem ([`subsystem_key`] of the NQN): a CNTLID reused by a later controller
+    /// of another subsystem does not get the entry.
+    pub subsystem: u64,
+    /// The entry (its Error Count is the holder's to assign).
+    pub entry: keel_nvme::log::ErrorLogEntry,
+}
+
+/// A 64-bit key of a subsystem NQN (FNV-1a), the same on every core.
+pub fn subsystem_key(nqn: &str) -> u64 {
+    nqn.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 impl Target {
+    /// Hands `out` the Error Information log entries replica controllers logged since the
+    /// last call, oldest first (at most a log's worth per controller: older ones were
+    /// overwritten in the ring, as the holder's own log would have). Returns how many; costs
+    /// one flag test when there are none (call it every pass).
+    pub fn take_replica_errors(&mut self, out: &mut dyn FnMut(ReplicaError)) -> usize {
+        if !core::mem::take(&mut self.replica_errors) {
+            return 0;
+        }
+        let mut n = 0;
+        for c in self.ctrls.iter_mut().flatten().filter(|c| c.replica) {
+            let fresh = c.errors.count().wrapping_sub(c.exported_errors);
+            if fresh == 0 {
+                continue;
+            }
+            let subsystem = self
+                .subsystems
+                .get(c.subsys)
+                .map_or(0, |s| subsystem_key(&s.nqn));
+            let kept = (fresh as usize).min(c.errors.capacity());
+            for i in (0..kept).rev() {
+                if let Some(e) = c.errors.newest(i) {
+                    out(ReplicaError {
+                        cntlid: c.cntlid,
+                        subsystem,
+                        entry: *e,
+                    });
+                    n += 1;
+                }
+            }
+            c.exported_errors = c.errors.count();
+        }
+        n
+    }
+
+    /// Records an entry a replica of controller `e.cntlid` logged on another core in that
+    /// controller's Error Information log (a new Error Count); false if no such controller
+    /// of that subsystem lives here any more.
+    pub fn log_replica_error(&mut self, e: &ReplicaError) -> bool {
+        let subsystems = &self.subsystems;
+        let Some(c) = self.ctrls.iter_mut().flatten().find(|c| {
+            !c.replica
+                && c.cntlid == e.cntlid
+                && subsystems
+                    .get(c.subsys)
+                    .is_some_and(|s| subsystem_key(&s.nqn) == e.subsystem)
+        }) else {
+            return false;
+        };
+        c.errors.record(e.entry);
+        true
+    }
+
     /// The [`Adoption`] of a connected I/O queue of an NVM subsystem's controller (`None`
     /// for an admin queue, a discovery controller, or a queue not connected). A local
     /// controller's I/O queue (an emulated PCIe function's, [`Target::attach_local_io_queue`])

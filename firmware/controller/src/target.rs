@@ -120,6 +120,9 @@ pub(crate) struct Controller {
     pub busy_ns: u64,
     /// The Error Information log.
     pub errors: ErrorLog,
+    /// On a replica: the Error Count of the newest entry handed to the holder's log
+    /// ([`Target::take_replica_errors`]).
+    pub exported_errors: u64,
     /// Abort commands waiting for a backend's verdict.
     pub aborts_pending: u16,
     /// The controller's own limiter (its host's limits).
@@ -310,6 +313,9 @@ impl Queue {
 /// controller and queue the transports have created. See the crate documentation for the
 /// calling protocol.
 pub struct Target {
+    /// A replica controller logged an error not yet taken by
+    /// [`Target::take_replica_errors`].
+    pub(crate) replica_errors: bool,
     pub(crate) limits: Limits,
     pub(crate) transport: TransportParams,
     pub(crate) identity: Identity,
@@ -628,6 +634,7 @@ impl Target {
             health: DeviceHealth::default(),
             now: Instant::from_nanos(0),
             ns_generation: 0,
+            replica_errors: false,
         })
     }
 
@@ -1418,6 +1425,7 @@ impl Target {
                 && c.log_error(sqid, req.sqe.cid, req.sqe.nsid, status, at, trtype)
             {
                 cqe.status.more = true;
+                self.replica_errors |= c.replica;
             }
         }
         Response {
@@ -1504,6 +1512,7 @@ impl Target {
             sched,
             scratch,
             hstride,
+            replica_errors,
             ..
         } = self;
         let mut n = 0;
@@ -1528,6 +1537,7 @@ impl Target {
                         queues,
                         ctrls,
                         scratch,
+                        replica_errors,
                     };
                     n += complete_io(&mut p, sched, *hstride, stats, bs, now, c, f);
                 });
@@ -1692,6 +1702,7 @@ impl Target {
             ctrls,
             scratch,
             pending,
+            replica_errors,
             ..
         } = self;
         let stats = match subsystems
@@ -1705,6 +1716,7 @@ impl Target {
             queues,
             ctrls,
             scratch,
+            replica_errors,
         };
         let mut first = None;
         finalize(&mut p, stats, qi, si, status, buf, now, &mut |e| {
@@ -1730,6 +1742,8 @@ pub(crate) struct Parts<'a> {
     pub queues: &'a mut [Queue],
     pub ctrls: &'a mut [Option<Controller>],
     pub scratch: &'a mut Option<BufPool>,
+    /// Set when a replica controller logged an error ([`Target::take_replica_errors`]).
+    pub replica_errors: &'a mut bool,
 }
 
 /// The completion of an Abort that waited for command `waiter` of controller `ci`: DW0 bit 0
@@ -1831,6 +1845,7 @@ pub(crate) fn finalize(
         c.last_activity = now;
         if c.log_error(sqid, cid, nsid, status, ErrAt::block(lba), 0) {
             cqe.status.more = true;
+            *p.replica_errors |= c.replica;
         }
     }
     out(Event::Completion(

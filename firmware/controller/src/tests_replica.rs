@@ -147,3 +147,69 @@ fn namespace_generation_moves_on_changes() {
     h.t.remove_namespace(SUB, 9).unwrap();
     assert_ne!(h.t.namespace_generation(), g);
 }
+
+/// The holder's log has every queue's errors: an error a replica logs is taken from it
+/// (once, oldest first) and recorded in the holder's Error Information log with the
+/// holder's own Error Count; an entry for a controller that is gone, or whose CNTLID now
+/// belongs to another subsystem, is dropped.
+#[test]
+fn errors_on_a_replica_reach_the_holder_s_error_log() {
+    use keel_nvme::log::ErrorLogEntry;
+    let (mut h, mut r, admin, q, a) = split();
+    assert_eq!(r.t.take_replica_errors(&mut |_| panic!("nothing yet")), 0);
+    let rd = r.read(q, 10, 1, 1 << 40, 1);
+    assert_eq!(plain(rd.cqe.status), Status::LBA_OUT_OF_RANGE);
+    assert!(
+        rd.cqe.status.more,
+        "the More bit: the holder's log has details"
+    );
+    let rd = r.read(q, 11, 7, 0, 1);
+    assert_eq!(plain(rd.cqe.status), Status::INVALID_NAMESPACE_OR_FORMAT);
+    let mut taken = Vec::new();
+    assert_eq!(r.t.take_replica_errors(&mut |e| taken.push(e)), 2);
+    assert_eq!(r.t.take_replica_errors(&mut |_| panic!("taken once")), 0);
+    assert_eq!(
+        taken
+            .iter()
+            .map(|e| (e.cntlid, e.entry.cid, e.entry.sqid))
+            .collect::<Vec<_>>(),
+        [(a.cntlid, 10, 2), (a.cntlid, 11, 2)],
+        "oldest first"
+    );
+    assert_eq!(taken[0].entry.lba, 1 << 40);
+    for e in &taken {
+        assert!(h.t.log_replica_error(e));
+    }
+    let log = h.log(admin, 0x01, 0, 128);
+    assert_eq!(plain(log.cqe.status), Status::SUCCESS);
+    let b = log.buf.unwrap();
+    let entries: Vec<ErrorLogEntry> = b.as_slice()[..128]
+        .chunks_exact(64)
+        .map(|c| ErrorLogEntry::decode(c.try_into().unwrap()))
+        .collect();
+    // Newest first, with the holder's Error Counts.
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| (e.error_count, e.sqid, e.cid, e.nsid))
+            .collect::<Vec<_>>(),
+        [(2, 2, 11, 7), (1, 2, 10, 1)]
+    );
+    assert_eq!(entries[1].lba, 1 << 40);
+    assert_eq!(
+        entries[1].status,
+        Status::LBA_OUT_OF_RANGE.to_field(false),
+        "{entries:?}"
+    );
+    // Another subsystem's controller with that CNTLID, or none: dropped.
+    let other = ReplicaError {
+        subsystem: crate::replica::subsystem_key("nqn.2024-01.io.keel:other"),
+        ..taken[0]
+    };
+    assert!(!h.t.log_replica_error(&other));
+    let gone = ReplicaError {
+        cntlid: a.cntlid + 100,
+        ..taken[0]
+    };
+    assert!(!h.t.log_replica_error(&gone));
+}
