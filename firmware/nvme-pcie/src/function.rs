@@ -637,6 +637,10 @@ impl PcieFunction {
     fn set_fatal(&mut self, why: FatalReason) {
         self.state = FunctionState::Fatal;
         self.fatal = Some(why);
+        // A fatal controller processes nothing: the pairs abroad stop fetching now and come
+        // back with their commands dropped; CSTS.CFS shows once they are all home
+        // (`update_csts`), so nothing the host submits after seeing it runs on another core.
+        self.recall_all(true);
     }
 
     fn cc_changed<E: EndpointFunction + ?Sized>(
@@ -804,6 +808,8 @@ impl PcieFunction {
     fn update_csts<E: EndpointFunction + ?Sized>(&mut self, target: &Target, ep: &mut E) {
         let c = match self.state {
             FunctionState::Disabled => Csts(0),
+            // Pairs still abroad may fetch until they have stopped (`set_fatal`).
+            FunctionState::Fatal if !self.abroad.is_empty() => self.csts,
             FunctionState::Fatal => {
                 let mut c = self.csts;
                 c.set_cfs(true);

@@ -1374,6 +1374,49 @@ fn a_bad_doorbell_seen_on_core_1_is_fatal_for_the_function() {
     assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 1).status, Status::SUCCESS);
 }
 
+/// A fatal error seen on the function's own core (the admin SQ tail doorbell beyond the
+/// queue) with queue 1 on core 1: core 1 is told to stop and drop, CSTS.CFS shows only once
+/// the pair is home (before that, a command submitted on queue 1 could still run there), and
+/// a command the host submits on queue 1 after seeing CFS is never completed.
+#[test]
+fn a_fatal_error_on_core_0_stops_the_pairs_abroad_before_cfs_shows() {
+    let mut r = two_core_rig();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    let buf = r.alloc(4096);
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 1).status, Status::SUCCESS);
+    r.core1.as_mut().unwrap().paused = true;
+    r.w.host_doorbell(layout::sq_tail_doorbell(0), 1000);
+    r.steps(3);
+    assert!(r.f.fatal_reason().is_some());
+    assert!(
+        !r.csts().cfs(),
+        "CFS waits for the pair abroad (core 1 has not answered)"
+    );
+    assert_eq!(r.f.abroad(), 1);
+    r.core1.as_mut().unwrap().paused = false;
+    r.wait_csts(|c| c.cfs());
+    assert_eq!(r.f.abroad(), 0, "home before CFS showed");
+    assert!(core1(&r).pairs.is_empty());
+    let before = core1(&r).stats.commands + r.f.stats().commands;
+    let sqe = Sqe::new(0x01, 77)
+        .with_nsid(1)
+        .with_cdw(10, 8)
+        .with_prps(buf, 0);
+    r.push(&mut q1, &sqe);
+    r.steps(10);
+    assert!(
+        r.reap(&mut q1).is_none(),
+        "a fatal controller completed a command"
+    );
+    assert_eq!(core1(&r).stats.commands + r.f.stats().commands, before);
+    // A reset brings it back to work, queue 1 on core 1 again.
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    assert_eq!(r.f.abroad(), 1);
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 2).status, Status::SUCCESS);
+}
+
 /// Removal with a pair abroad: nothing more is posted by either core, the pair comes back
 /// dropped, and every buffer is home.
 #[test]
