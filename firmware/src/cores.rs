@@ -280,6 +280,7 @@ pub struct NsShare {
     read_bytes: AtomicU64,
     write_bytes: AtomicU64,
     errors: AtomicU64,
+    media_errors: AtomicU64,
 }
 
 impl NsShare {
@@ -292,6 +293,7 @@ impl NsShare {
             read_bytes: AtomicU64::new(0),
             write_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            media_errors: AtomicU64::new(0),
         }
     }
 
@@ -308,6 +310,7 @@ impl NsShare {
         self.read_bytes.store(s.read_bytes, Ordering::Relaxed);
         self.write_bytes.store(s.write_bytes, Ordering::Relaxed);
         self.errors.store(s.errors, Ordering::Relaxed);
+        self.media_errors.store(s.media_errors, Ordering::Relaxed);
     }
 }
 
@@ -468,6 +471,7 @@ pub fn namespace_elsewhere(subnqn: &str, nsid: u32) -> keel_storage::stats::NsSt
             t.read_bytes += s.read_bytes.load(Ordering::Relaxed);
             t.write_bytes += s.write_bytes.load(Ordering::Relaxed);
             t.errors += s.errors.load(Ordering::Relaxed);
+            t.media_errors += s.media_errors.load(Ordering::Relaxed);
         }
     }
     t

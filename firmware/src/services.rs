@@ -658,6 +658,8 @@ impl<H: Hw> Services<H> {
                 Target::new(TargetConfig::default()).expect("the empty configuration is valid")
             }
         };
+        // The SMART / Health log counts every core's commands (`crate::cores::NS_SHARES`).
+        target.set_stats_elsewhere(H::namespace_elsewhere);
 
         let mut functions = Vec::new();
         for (i, (bar, nqn)) in windows.into_iter().zip(fn_nqns).enumerate() {

@@ -557,15 +557,22 @@ impl Target {
             s.host_write_commands += st.writes as u128;
             s.media_errors += st.media_errors as u128;
         };
+        let elsewhere = self.elsewhere;
+        let mut add_ns = |n: &crate::target::Namespace, s: &mut log::SmartLog| {
+            add(&n.stats, s);
+            if let Some(f) = elsewhere {
+                add(&f(&sub.nqn, n.nsid), s);
+            }
+        };
         match ns {
             Some(ni) => {
                 if let Some(Some(n)) = sub.namespaces.get(ni) {
-                    add(&n.stats, &mut s);
+                    add_ns(n, &mut s);
                 }
             }
             None => {
                 for n in sub.namespaces.iter().flatten() {
-                    add(&n.stats, &mut s);
+                    add_ns(n, &mut s);
                 }
                 s.media_errors += sub.media_errors as u128;
             }

@@ -313,6 +313,9 @@ impl Queue {
 /// controller and queue the transports have created. See the crate documentation for the
 /// calling protocol.
 pub struct Target {
+    /// What other cores' replicas counted for a namespace (subsystem NQN, NSID), added to
+    /// this target's own counts in the SMART / Health log ([`Target::set_stats_elsewhere`]).
+    pub(crate) elsewhere: Option<fn(&str, u32) -> keel_storage::NsStats>,
     /// A replica controller logged an error not yet taken by
     /// [`Target::take_replica_errors`].
     pub(crate) replica_errors: bool,
@@ -635,7 +638,16 @@ impl Target {
             now: Instant::from_nanos(0),
             ns_generation: 0,
             replica_errors: false,
+            elsewhere: None,
         })
+    }
+
+    /// Counts of the namespaces' commands served by other cores (their replicas, `Target::
+    /// adopt_io_queue`), added to this target's own in the SMART / Health log: the host reads
+    /// it on the admin queue this target holds, and it covers every queue (NVMe base 2.0
+    /// §5.16.1.3). `f` is called per namespace, per Get Log Page only.
+    pub fn set_stats_elsewhere(&mut self, f: fn(&str, u32) -> keel_storage::NsStats) {
+        self.elsewhere = Some(f);
     }
 
     /// Replaces the advertised listen ports (e.g. once DHCP assigned an address). Bumps the

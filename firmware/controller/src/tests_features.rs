@@ -325,6 +325,41 @@ fn error_log_records_failures_newest_first() {
     );
 }
 
+/// What "other cores" counted in `smart_adds_what_other_cores_counted`: 5 reads of 4 KiB,
+/// 3 writes of 512 bytes and a media error on namespace 1 of `SUB`; nothing elsewhere.
+fn counted_elsewhere(nqn: &str, nsid: u32) -> keel_storage::NsStats {
+    let mut s = keel_storage::NsStats::default();
+    if nqn == SUB && nsid == 1 {
+        s.reads = 5;
+        s.read_bytes = 5 * 4096;
+        s.writes = 3;
+        s.write_bytes = 3 * 512;
+        s.media_errors = 1;
+    }
+    s
+}
+
+/// The SMART / Health log of the target holding the admin queue adds what other cores'
+/// replicas counted (`Target::set_stats_elsewhere`): per namespace and for the subsystem.
+#[test]
+fn smart_adds_what_other_cores_counted() {
+    let k = Rc::new(RefCell::new(Knobs::default()));
+    let (mut h, a, io) = setup(&k, 1);
+    assert_eq!(plain(h.read(io, 1, 1, 0, 8).cqe.status), Status::SUCCESS);
+    let before = smart(&mut h, a, 1).unwrap();
+    assert_eq!(before.host_read_commands, 1);
+    h.t.set_stats_elsewhere(counted_elsewhere);
+    let s = smart(&mut h, a, 1).unwrap();
+    assert_eq!(
+        (s.host_read_commands, s.host_write_commands, s.media_errors),
+        (6, 3, 1)
+    );
+    assert_eq!(s.data_units_read, SmartLog::data_units(8 * 512 + 5 * 4096));
+    let all = smart(&mut h, a, 0xFFFF_FFFF).unwrap();
+    assert_eq!((all.host_read_commands, all.host_write_commands), (6, 3));
+    assert_eq!(smart(&mut h, a, 2).unwrap().host_read_commands, 0);
+}
+
 #[test]
 fn smart_counts_io_time_and_power() {
     let k = Rc::new(RefCell::new(Knobs::default()));
