@@ -1012,6 +1012,10 @@ impl DataCore {
         {
             WAKES[self.info.index.min(MAX_CORES - 1)].rang();
         }
+        // Frames leave after the messages for core 0 are on the ring (`Plane::egress`).
+        if let Some(p) = self.plane.as_mut() {
+            busy |= p.egress(now);
+        }
         self.counters.pass(busy);
         self.counters.received(taken);
         busy

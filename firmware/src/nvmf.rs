@@ -97,6 +97,13 @@ pub enum ToHolder {
     /// A replica controller on the core logged an error: for the controller's own Error
     /// Information log on core 0 (`Target::log_replica_error`).
     Error(keel_controller::ReplicaError),
+    /// The verdict on core 0's Abort `token` ([`FromHolder::Abort`]).
+    AbortVerdict {
+        /// The Abort.
+        token: u32,
+        /// The command ended with Command Abort Requested.
+        aborted: bool,
+    },
 }
 
 /// From the controller core back to a connection's core.
@@ -128,6 +135,16 @@ pub enum FromHolder {
     Release {
         /// The buffer.
         buf: IoBuf,
+    },
+    /// The host's Abort of command `cid` of the connection's (adopted) I/O queue: answer
+    /// [`ToHolder::AbortVerdict`] with `token` (at once, or once the command completed).
+    Abort {
+        /// The connection.
+        conn: ConnRef,
+        /// The command.
+        cid: u16,
+        /// Core 0's name for the Abort.
+        token: u32,
     },
 }
 
@@ -404,12 +421,22 @@ impl NvmfService {
             busy |= self.poll_conn(i, now, net, target);
         }
         busy |= self.start_waiting(now, target);
-        // Errors the replica controllers logged go to their controllers' logs on core 0
-        // (one flag test when there are none).
-        if self.forwarding {
-            target.take_replica_errors(&mut |e| self.outbox.push(ToHolder::Error(e)));
-        }
         busy
+    }
+
+    /// What the replica controllers have for core 0: the errors they logged (for their
+    /// controllers' Error Information logs) and the verdicts of core 0's Aborts, into the
+    /// outbox (one flag test and one emptiness test when there is nothing). The poll loop
+    /// sends the outbox before the pass's frames leave, so core 0 has them before a host
+    /// that saw the completion can ask.
+    pub fn report_to_holder(&mut self, target: &mut Target) {
+        if !self.forwarding {
+            return;
+        }
+        target.take_replica_errors(&mut |e| self.outbox.push(ToHolder::Error(e)));
+        target.take_abort_verdicts(&mut |token, aborted| {
+            self.outbox.push(ToHolder::AbortVerdict { token, aborted })
+        });
     }
 
     /// Starts waiting work in arrival order across all connections while the pool has
@@ -505,7 +532,9 @@ impl NvmfService {
     /// gone since is ignored).
     pub fn on_holder(&mut self, msg: FromHolder, now_ns: u64, target: &mut Target) {
         let conn = match &msg {
-            FromHolder::Done { conn, .. } | FromHolder::Terminate { conn } => *conn,
+            FromHolder::Done { conn, .. }
+            | FromHolder::Terminate { conn }
+            | FromHolder::Abort { conn, .. } => *conn,
             FromHolder::Release { .. } => {
                 if let FromHolder::Release { buf } = msg {
                     self.pool.put(buf);
@@ -519,9 +548,14 @@ impl NvmfService {
             .and_then(Option::as_mut)
             .filter(|c| c.serial == conn.serial)
         else {
-            // Its buffer still comes home.
-            if let FromHolder::Done { buf, .. } = msg {
-                recycle(&mut self.pool, buf);
+            // Its buffer still comes home; an Abort finds nothing to abort.
+            match msg {
+                FromHolder::Done { buf, .. } => recycle(&mut self.pool, buf),
+                FromHolder::Abort { token, .. } => self.outbox.push(ToHolder::AbortVerdict {
+                    token,
+                    aborted: false,
+                }),
+                _ => {}
             }
             return;
         };
@@ -549,6 +583,18 @@ impl NvmfService {
             ),
             FromHolder::Release { .. } => {}
             FromHolder::Terminate { .. } => c.terminate = true,
+            FromHolder::Abort { cid, token, .. } => {
+                let now = Instant::from_nanos(now_ns);
+                // Not adopted here (its commands are core 0's): nothing to abort here.
+                let verdict = if c.forward {
+                    Some(false)
+                } else {
+                    target.abort_for_holder(now, c.queue, cid, token)
+                };
+                if let Some(aborted) = verdict {
+                    self.outbox.push(ToHolder::AbortVerdict { token, aborted });
+                }
+            }
         }
     }
 

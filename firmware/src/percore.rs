@@ -441,8 +441,7 @@ impl Plane {
                 !drained
             });
         }
-        nvmf.flush(net);
-        busy |= net.poll_egress(now_ns);
+        nvmf.report_to_holder(target);
         for m in nvmf.outbox.drain(..) {
             out(Msg::ToHolder(m));
         }
@@ -462,6 +461,13 @@ impl Plane {
             self.ns_published = now_ns;
         }
         busy
+    }
+
+    /// The pass's frames out (after its messages for core 0 went on the ring: an error a
+    /// completion reports, or an Abort's verdict, reaches core 0 before the host can ask).
+    pub fn egress(&mut self, now_ns: u64) -> bool {
+        self.nvmf.flush(&mut self.net);
+        self.net.poll_egress(now_ns)
     }
 
     /// Whether the core may sleep: no command is outstanding on its drive queues (drive
@@ -1261,7 +1267,7 @@ impl Holder {
                         .map(|p| p.queue)
                         == Some(q)
                     {
-                        self.reply(pi, resp, links, &services.target);
+                        self.reply(pi, resp, links, &mut services.target);
                     } else if let Some(b) = resp.buf {
                         self.release(links, b);
                     }
@@ -1276,6 +1282,27 @@ impl Holder {
             }
         }
         self.events = events;
+        // Hosts' Aborts of commands on adopted queues: asked of the core serving them.
+        let mut asks = Vec::new();
+        services
+            .target
+            .take_abort_requests(&mut |q, cid, token| asks.push((q, cid, token)));
+        for (q, cid, token) in asks {
+            busy = true;
+            let to = self
+                .proxies
+                .iter()
+                .flatten()
+                .find(|p| p.queue == q && p.adopted)
+                .map(|p| (p.link, p.conn));
+            match to {
+                Some((li, conn)) => {
+                    let m = FromHolder::Abort { conn, cid, token };
+                    self.send(links, li, Msg::FromHolder(m));
+                }
+                None => services.target.abort_verdict_from_elsewhere(token, false),
+            }
+        }
         self.outq.flush(links);
         busy
     }
@@ -1314,6 +1341,9 @@ impl Holder {
             ToHolder::Activity { cntlid } => target.touch_controller(cntlid, now),
             ToHolder::Error(e) => {
                 target.log_replica_error(&e);
+            }
+            ToHolder::AbortVerdict { token, aborted } => {
+                target.abort_verdict_from_elsewhere(token, aborted);
             }
             ToHolder::Closed { conn, how } => {
                 if let Some(pi) = self.find(li, conn)
@@ -1402,7 +1432,7 @@ impl Holder {
     }
 
     /// Sends a held queue's response to its connection's core.
-    fn reply(&mut self, pi: usize, resp: Response, links: &mut Links, target: &Target) {
+    fn reply(&mut self, pi: usize, resp: Response, links: &mut Links, target: &mut Target) {
         let Some(p) = self.proxies.get_mut(pi).and_then(Option::as_mut) else {
             if let Some(b) = resp.buf {
                 self.release(links, b);
@@ -1420,6 +1450,8 @@ impl Holder {
                 .filter(|a| self.replicable.contains(&a.subnqn));
             p.adopted = adopt.is_some();
             p.subsystem = adopt.as_ref().map(|a| a.subnqn.clone());
+            // Its commands run on the connection's core: an Abort of one is asked there.
+            target.served_elsewhere(p.queue, p.adopted);
         }
         let (li, conn) = (p.link, p.conn);
         let done = FromHolder::Done {

@@ -331,13 +331,15 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
     let wakes = &crate::cores::WAKES[0];
     loop {
         let now = timer::now_ns();
-        let mut busy = pass(now, net.as_mut(), &mut services, mgmt.as_mut());
+        // The other cores' messages first, then the network and the windows: what a core
+        // reported (an error for a controller's log, an Abort's verdict) before its frames
+        // left is in place before a host's next admin command is read. It also stamps the
+        // changes a push staged (`crate::replica`) with the time they leave, not with the
+        // start of a pass that may have spent a second applying the push (a large RAM
+        // namespace zeroed), which must not count against the other cores' acks.
+        let mut busy = false;
         if let Some(h) = holder.as_mut() {
             let inbox = hub.as_mut().map_or(&mut no_inbox, |h| &mut h.inbox);
-            // The time now, not at the start of the pass: a pass that applied a push (a
-            // large RAM namespace zeroed) may have taken a second, and staged changes sent
-            // now must not count it against the other cores' acks (`crate::replica`).
-            let now = timer::now_ns();
             busy |= percpu::with_local::<Links, _>(|links| {
                 h.poll(now, links, &mut services, net.as_mut(), inbox)
             })
@@ -348,6 +350,7 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
             busy |= percpu::with_local::<Links, _>(|links| h.poll(links, &mut services, own_rx))
                 .unwrap_or(false);
         }
+        busy |= pass(now, net.as_mut(), &mut services, mgmt.as_mut());
         if let Some(s) = services.nvmf.as_ref() {
             crate::cores::NVMF[0].publish(s.accepted, s.commands);
         }

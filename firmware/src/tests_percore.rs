@@ -73,6 +73,10 @@ impl Holder {
                     self.seen.push("error");
                     self.s.target.log_replica_error(&e);
                 }
+                ToHolder::AbortVerdict { token, aborted } => {
+                    self.seen.push("abort verdict");
+                    self.s.target.abort_verdict_from_elsewhere(token, aborted);
+                }
                 ToHolder::Closed { conn, how } => {
                     self.seen.push("closed");
                     if let Some(i) = self.queues.iter().position(|q| q.0 == conn) {

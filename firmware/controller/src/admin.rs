@@ -940,56 +940,51 @@ impl Target {
             .iter()
             .position(|s| s.state != SlotState::Free && s.cid == a.cid);
         let Some(si) = found else {
+            if self.queues[tqi].elsewhere {
+                // Served by another core: the verdict comes from there
+                // (`Target::take_abort_requests`).
+                if pending_aborts > ACL as u16 {
+                    return Some(self.respond(qi, req, Status::ABORT_COMMAND_LIMIT_EXCEEDED, 0));
+                }
+                let token = self.next_abort_token;
+                self.next_abort_token = self.next_abort_token.wrapping_add(1).max(1);
+                let queue = self.queues[tqi].id(tqi);
+                self.remote_aborts.push(crate::replica::RemoteAbort {
+                    token,
+                    ci,
+                    cntlid,
+                    waiter: (req.sqe.cid, req.cookie),
+                    queue,
+                    cid: a.cid,
+                    sent: false,
+                });
+                if let Some(Some(c)) = self.ctrls.get_mut(ci) {
+                    c.aborts_pending += 1;
+                }
+                if let Some(buf) = req.buf {
+                    let owner = self.queues[qi].owner;
+                    self.pending.push_back(Event::BufferReleased { owner, buf });
+                }
+                return None;
+            }
             return not_aborted(self, req);
         };
         let state = self.queues[tqi].slots[si].state;
         if matches!(state, SlotState::Queued | SlotState::Deferred) {
-            let h = handle(self.hstride, tqi, si);
-            if state == SlotState::Queued {
-                self.sched.remove(h);
-            } else {
-                // Admitted, waiting for a scratch buffer: its place in the domain frees.
-                if let Some(p) = self.scratch_wait.iter().position(|&x| x == h) {
-                    self.scratch_wait.remove(p);
-                }
-                if let Some(d) = self.queues[tqi].slots[si]
-                    .flow
-                    .and_then(|f| self.sched.domain_of(f))
-                {
-                    self.sched.completed(d);
-                }
-            }
-            let buf = self.queues[tqi].slots[si]
-                .deferred
-                .take()
-                .and_then(|r| r.buf);
-            if let Some(ev) = self.finish_slot(tqi, si, Status::ABORT_REQUESTED, buf, now) {
-                self.pending.push_back(ev);
-            }
+            self.abort_waiting_slot(now, tqi, si);
             return Some(self.respond(qi, req, Status::SUCCESS, 0));
         }
         // In flight at a backend.
-        if self.queues[tqi].slots[si].abort_waiter.is_some() {
+        if self.queues[tqi].slots[si].abort_waiter.is_some()
+            || self.queues[tqi].slots[si].holder_abort.is_some()
+        {
             // Already being aborted: the first Abort reports the outcome.
             return not_aborted(self, req);
         }
         if pending_aborts > ACL as u16 {
             return Some(self.respond(qi, req, Status::ABORT_COMMAND_LIMIT_EXCEEDED, 0));
         }
-        let (sub, ni) = {
-            let s = &self.queues[tqi].slots[si];
-            (s.ns.0 as usize, s.ns.1 as usize)
-        };
-        let t = self.queues[tqi].tag(tqi, si);
-        let started = match self
-            .subsystems
-            .get_mut(sub)
-            .and_then(|s| s.namespaces.get_mut(ni))
-        {
-            Some(Some(ns)) => ns.backend.abort(t),
-            _ => false,
-        };
-        if !started {
+        if !self.start_backend_abort(tqi, si) {
             return not_aborted(self, req);
         }
         self.queues[tqi].slots[si].abort_waiter = Some((req.sqe.cid, req.cookie));
@@ -1004,6 +999,54 @@ impl Target {
             self.pending.push_back(Event::BufferReleased { owner, buf });
         }
         None
+    }
+}
+
+impl Target {
+    /// Aborts command slot `si` of queue `tqi`, waiting in the scheduler or for a scratch
+    /// buffer (not yet at a backend): it completes with Command Abort Requested.
+    pub(crate) fn abort_waiting_slot(&mut self, now: Instant, tqi: usize, si: usize) {
+        let state = self.queues[tqi].slots[si].state;
+        let h = handle(self.hstride, tqi, si);
+        if state == SlotState::Queued {
+            self.sched.remove(h);
+        } else {
+            // Admitted, waiting for a scratch buffer: its place in the domain frees.
+            if let Some(p) = self.scratch_wait.iter().position(|&x| x == h) {
+                self.scratch_wait.remove(p);
+            }
+            if let Some(d) = self.queues[tqi].slots[si]
+                .flow
+                .and_then(|f| self.sched.domain_of(f))
+            {
+                self.sched.completed(d);
+            }
+        }
+        let buf = self.queues[tqi].slots[si]
+            .deferred
+            .take()
+            .and_then(|r| r.buf);
+        if let Some(ev) = self.finish_slot(tqi, si, Status::ABORT_REQUESTED, buf, now) {
+            self.pending.push_back(ev);
+        }
+    }
+
+    /// Asks the backend of command slot `si` of queue `tqi` (at the backend) to abort it;
+    /// whether it will try (the command's completion then tells).
+    pub(crate) fn start_backend_abort(&mut self, tqi: usize, si: usize) -> bool {
+        let (sub, ni) = {
+            let s = &self.queues[tqi].slots[si];
+            (s.ns.0 as usize, s.ns.1 as usize)
+        };
+        let t = self.queues[tqi].tag(tqi, si);
+        match self
+            .subsystems
+            .get_mut(sub)
+            .and_then(|s| s.namespaces.get_mut(ni))
+        {
+            Some(Some(ns)) => ns.backend.abort(t),
+            _ => false,
+        }
     }
 }
 

@@ -280,6 +280,7 @@ impl Target {
         slot.deferred = None;
         slot.chain = None;
         slot.abort_waiter = None;
+        slot.holder_abort = None;
         if let Some(Some(c)) = self.ctrls.get_mut(ci) {
             c.io_started(now);
         }

@@ -9,6 +9,7 @@
 //! with its last I/O queue; losing one without Disconnect ends only that queue here (the
 //! holder ends the association and tells every core).
 
+use crate::QueueId;
 use crate::config::*;
 use crate::target::*;
 use alloc::string::String;
@@ -44,6 +45,24 @@ pub struct ReplicaError {
     pub entry: keel_nvme::log::ErrorLogEntry,
 }
 
+/// An Abort of a command on a queue another core serves, parked on the holder until that
+/// core's verdict ([`Target::take_abort_requests`], [`Target::abort_verdict_from_elsewhere`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RemoteAbort {
+    /// Names it between the cores.
+    pub token: u32,
+    /// The controller and its CNTLID (the Abort completes on its admin queue).
+    pub ci: usize,
+    pub cntlid: u16,
+    /// The Abort's (CID, cookie) on the admin queue.
+    pub waiter: (u16, u32),
+    /// The holder's queue of the I/O queue concerned, and the command's CID there.
+    pub queue: QueueId,
+    pub cid: u16,
+    /// Handed to the transport already.
+    pub sent: bool,
+}
+
 /// A 64-bit key of a subsystem NQN (FNV-1a), the same on every core.
 pub fn subsystem_key(nqn: &str) -> u64 {
     nqn.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -52,6 +71,97 @@ pub fn subsystem_key(nqn: &str) -> u64 {
 }
 
 impl Target {
+    /// Marks I/O queue `q` as served by another core (`true`: its Connect's adoption was
+    /// handed over; `false`: it came back). An Abort of one of its commands is then asked
+    /// of that core ([`Target::take_abort_requests`]) instead of answered "not aborted".
+    pub fn served_elsewhere(&mut self, q: QueueId, elsewhere: bool) {
+        if let Some(qi) = self.queue_index(q) {
+            self.queues[qi].elsewhere = elsewhere;
+        }
+    }
+
+    /// The Aborts to ask other cores for, each once: (the holder's queue of the I/O queue,
+    /// the command's CID, the token to answer with). The transport finds the core serving
+    /// that queue and answers with [`Target::abort_verdict_from_elsewhere`]; the Abort's
+    /// completion waits until then (or until the queue closes: not aborted).
+    pub fn take_abort_requests(&mut self, out: &mut dyn FnMut(QueueId, u16, u32)) {
+        for a in self.remote_aborts.iter_mut().filter(|a| !a.sent) {
+            a.sent = true;
+            out(a.queue, a.cid, a.token);
+        }
+    }
+
+    /// The verdict of another core on the Abort `token` (`aborted`: the command ended with
+    /// Command Abort Requested): the Abort completes, DW0 bit 0 clear if aborted (NVMe
+    /// base 2.0 §5.1). An unknown token (answered already) is ignored.
+    pub fn abort_verdict_from_elsewhere(&mut self, token: u32, aborted: bool) {
+        let Some(pos) = self.remote_aborts.iter().position(|a| a.token == token) else {
+            return;
+        };
+        let a = self.remote_aborts.swap_remove(pos);
+        if let Some(ev) = crate::target::abort_verdict(
+            &self.queues,
+            &mut self.ctrls,
+            a.ci,
+            a.cntlid,
+            a.waiter,
+            aborted,
+        ) {
+            self.pending.push_back(ev);
+        }
+    }
+
+    /// Parked Aborts of queue `q` (closing): answered "not aborted".
+    pub(crate) fn resolve_remote_aborts_of(&mut self, q: QueueId) {
+        while let Some(a) = self.remote_aborts.iter().find(|a| a.queue == q).copied() {
+            self.abort_verdict_from_elsewhere(a.token, false);
+        }
+    }
+
+    /// On the core serving adopted queue `q`: the holder's Abort `token` of command `cid`.
+    /// `Some(aborted)` when decided at once (waiting here: aborted; not found, finished, or
+    /// its backend cannot: not aborted), `None` when the backend tries: the verdict follows
+    /// with the command's completion ([`Target::take_abort_verdicts`]).
+    pub fn abort_for_holder(
+        &mut self,
+        now: Instant,
+        q: QueueId,
+        cid: u16,
+        token: u32,
+    ) -> Option<bool> {
+        self.now = now;
+        let Some(qi) = self.queue_index(q) else {
+            return Some(false);
+        };
+        let Some(si) = self.queues[qi]
+            .slots
+            .iter()
+            .position(|s| s.state != SlotState::Free && s.cid == cid)
+        else {
+            return Some(false);
+        };
+        let slot = &self.queues[qi].slots[si];
+        if matches!(slot.state, SlotState::Queued | SlotState::Deferred) {
+            self.abort_waiting_slot(now, qi, si);
+            return Some(true);
+        }
+        if slot.abort_waiter.is_some() || slot.holder_abort.is_some() {
+            return Some(false);
+        }
+        if !self.start_backend_abort(qi, si) {
+            return Some(false);
+        }
+        self.queues[qi].slots[si].holder_abort = Some(token);
+        None
+    }
+
+    /// Verdicts of the holder's Aborts decided since the last call: (token, aborted).
+    pub fn take_abort_verdicts(&mut self, out: &mut dyn FnMut(u32, bool)) {
+        for (token, aborted) in self.holder_verdicts.drain(..) {
+            out(token, aborted);
+        }
+    }
+
     /// Hands `out` the Error Information log entries replica controllers logged since the
     /// last call, oldest first (at most a log's worth per controller: older ones were
     /// overwritten in the ring, as the holder's own log would have). Returns how many; costs

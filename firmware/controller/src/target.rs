@@ -235,6 +235,9 @@ pub(crate) struct Slot {
     pub chain: Option<Chain>,
     /// An Abort waiting for this command's outcome: its (CID, cookie) on the admin queue.
     pub abort_waiter: Option<(u16, u32)>,
+    /// On a replica: the holder's Abort waiting for this command's outcome (its token,
+    /// [`Target::abort_for_holder`]).
+    pub holder_abort: Option<u32>,
 }
 
 impl Slot {
@@ -258,6 +261,7 @@ impl Slot {
             deferred: None,
             chain: None,
             abort_waiter: None,
+            holder_abort: None,
         }
     }
 }
@@ -272,6 +276,8 @@ pub(crate) struct Queue {
     pub sqhd: u16,
     pub sqflow_disabled: bool,
     pub disconnected: bool,
+    /// Its I/O is served by another core ([`Target::served_elsewhere`]).
+    pub elsewhere: bool,
     /// The transport that opened the queue (see [`QueueId::owner`]).
     pub owner: u16,
     pub slots: Vec<Slot>,
@@ -313,6 +319,14 @@ impl Queue {
 /// controller and queue the transports have created. See the crate documentation for the
 /// calling protocol.
 pub struct Target {
+    /// Aborts of commands on queues served elsewhere, waiting for that core's verdict
+    /// ([`Target::take_abort_requests`]).
+    pub(crate) remote_aborts: Vec<crate::replica::RemoteAbort>,
+    /// The next [`RemoteAbort::token`].
+    pub(crate) next_abort_token: u32,
+    /// On a replica: verdicts of the holder's Aborts, (token, aborted), not yet taken
+    /// ([`Target::take_abort_verdicts`]).
+    pub(crate) holder_verdicts: Vec<(u32, bool)>,
     /// What other cores' replicas counted for a namespace (subsystem NQN, NSID), added to
     /// this target's own counts in the SMART / Health log ([`Target::set_stats_elsewhere`]).
     pub(crate) elsewhere: Option<fn(&str, u32) -> keel_storage::NsStats>,
@@ -639,6 +653,9 @@ impl Target {
             ns_generation: 0,
             replica_errors: false,
             elsewhere: None,
+            remote_aborts: Vec::with_capacity(8),
+            next_abort_token: 1,
+            holder_verdicts: Vec::with_capacity(8),
         })
     }
 
@@ -1074,6 +1091,7 @@ impl Target {
             let q = &mut self.queues[i];
             q.state = QState::Open;
             q.disconnected = false;
+            q.elsewhere = false;
             q.sqflow_disabled = false;
             q.sqhd = 0;
             q.owner = owner;
@@ -1092,6 +1110,7 @@ impl Target {
             sqhd: 0,
             sqflow_disabled: false,
             disconnected: false,
+            elsewhere: false,
             owner,
             slots: Vec::new(),
         });
@@ -1118,6 +1137,9 @@ impl Target {
     /// controller.
     pub fn close_queue_after(&mut self, q: QueueId, how: QueueLoss) -> Result<(), TargetError> {
         let qi = self.queue_index(q).ok_or(TargetError::UnknownQueue)?;
+        if !self.remote_aborts.is_empty() {
+            self.resolve_remote_aborts_of(q);
+        }
         if let Some(ci) = self.ctrl_of(qi) {
             let (is_admin, graceful, local, replica) = {
                 let queue = &self.queues[qi];
@@ -1212,6 +1234,9 @@ impl Target {
             let req_buf = slot.deferred.take().and_then(|r| r.buf);
             let chain = slot.chain.take();
             let waiter = slot.abort_waiter.take();
+            if let Some(token) = slot.holder_abort.take() {
+                self.holder_verdicts.push((token, false));
+            }
             slot.state = SlotState::Free;
             dropped += 1;
             let Target {
@@ -1525,6 +1550,7 @@ impl Target {
             scratch,
             hstride,
             replica_errors,
+            holder_verdicts,
             ..
         } = self;
         let mut n = 0;
@@ -1550,6 +1576,7 @@ impl Target {
                         ctrls,
                         scratch,
                         replica_errors,
+                        holder_verdicts,
                     };
                     n += complete_io(&mut p, sched, *hstride, stats, bs, now, c, f);
                 });
@@ -1715,6 +1742,7 @@ impl Target {
             scratch,
             pending,
             replica_errors,
+            holder_verdicts,
             ..
         } = self;
         let stats = match subsystems
@@ -1729,6 +1757,7 @@ impl Target {
             ctrls,
             scratch,
             replica_errors,
+            holder_verdicts,
         };
         let mut first = None;
         finalize(&mut p, stats, qi, si, status, buf, now, &mut |e| {
@@ -1756,6 +1785,8 @@ pub(crate) struct Parts<'a> {
     pub scratch: &'a mut Option<BufPool>,
     /// Set when a replica controller logged an error ([`Target::take_replica_errors`]).
     pub replica_errors: &'a mut bool,
+    /// Verdicts of the holder's Aborts ([`Target::take_abort_verdicts`]).
+    pub holder_verdicts: &'a mut Vec<(u32, bool)>,
 }
 
 /// The completion of an Abort that waited for command `waiter` of controller `ci`: DW0 bit 0
@@ -1846,6 +1877,7 @@ pub(crate) fn finalize(
     slot.state = SlotState::Free;
     slot.deferred = None;
     let waiter = slot.abort_waiter.take();
+    let holder_waiter = slot.holder_abort.take();
     let (cid, cookie, nsid, lba) = (slot.cid, slot.cookie, slot.nsid, slot.lba);
     let mut cqe = queue.cqe(cid, status, 0);
     let (sqid, ci, cntlid) = (queue.qid, queue.ctrl, queue.cntlid);
@@ -1870,13 +1902,16 @@ pub(crate) fn finalize(
         },
     ));
     n += 1;
-    if let Some(w) = waiter {
-        let aborted =
-            status.sct == Status::ABORT_REQUESTED.sct && status.sc == Status::ABORT_REQUESTED.sc;
-        if let Some(ev) = abort_verdict(p.queues, p.ctrls, ci, cntlid, w, aborted) {
-            out(ev);
-            n += 1;
-        }
+    let aborted =
+        status.sct == Status::ABORT_REQUESTED.sct && status.sc == Status::ABORT_REQUESTED.sc;
+    if let Some(w) = waiter
+        && let Some(ev) = abort_verdict(p.queues, p.ctrls, ci, cntlid, w, aborted)
+    {
+        out(ev);
+        n += 1;
+    }
+    if let Some(token) = holder_waiter {
+        p.holder_verdicts.push((token, aborted));
     }
     n
 }

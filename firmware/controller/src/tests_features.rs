@@ -536,6 +536,77 @@ fn abort_reaches_commands_at_a_backend() {
     assert_eq!(h.released(), 5);
 }
 
+/// An Abort of a command on an I/O queue another core serves (`Target::served_elsewhere`):
+/// the holder parks it and asks that core (`take_abort_requests`); the replica aborts the
+/// command at its backend (`abort_for_holder`) and reports the verdict with its completion
+/// (`take_abort_verdicts`); the holder then completes the Abort (DW0 bit 0 clear). A command
+/// the replica does not have: not aborted. The queue closing answers parked Aborts.
+#[test]
+fn abort_of_a_command_on_another_core() {
+    let k = Rc::new(RefCell::new(Knobs::default()));
+    k.borrow_mut().abortable = true;
+    let (mut h, a, io) = setup(&k, 1);
+    let adoption = h.t.adoption(io).unwrap();
+    h.t.served_elsewhere(io, true);
+    let mut r = H::with(features(&k, 1, 8192));
+    let rq = r.t.open_queue().unwrap();
+    r.t.adopt_io_queue(r.now, rq, &adoption).unwrap();
+    let abort = |cid: u16, target: u16| {
+        AbortCommand {
+            sqid: 1,
+            cid: target,
+        }
+        .to_sqe(cid)
+    };
+    let done = |h: &mut H| {
+        let v = h.completions();
+        h.events.clear();
+        v
+    };
+    let asked = |h: &mut H| {
+        let mut v = Vec::new();
+        h.t.take_abort_requests(&mut |q, cid, token| v.push((q, cid, token)));
+        v
+    };
+    // A read held at the replica's slow backend, and its Abort on the holder.
+    let rd = io_cmd(IoOpcode::Read, 50, 3, 0, 1);
+    assert!(r.send(rq, rd, Some(IoBuf::leak_zeroed(512)), 512).is_none());
+    assert!(h.send(a, abort(90, 50), None, 0).is_none(), "parked");
+    let reqs = asked(&mut h);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!((reqs[0].0, reqs[0].1), (io, 50));
+    assert!(asked(&mut h).is_empty(), "asked once");
+    let token = reqs[0].2;
+    assert_eq!(
+        r.t.abort_for_holder(r.now, rq, 50, token),
+        None,
+        "the backend tries"
+    );
+    k.borrow_mut().release = 1;
+    r.poll();
+    assert_eq!(done(&mut r), [(50, Status::ABORT_REQUESTED, 0)]);
+    let mut verdicts = Vec::new();
+    r.t.take_abort_verdicts(&mut |t, ab| verdicts.push((t, ab)));
+    assert_eq!(verdicts, [(token, true)]);
+    h.poll();
+    assert!(done(&mut h).is_empty(), "nothing until the verdict");
+    h.t.abort_verdict_from_elsewhere(token, true);
+    h.poll();
+    assert_eq!(done(&mut h), [(90, Status::SUCCESS, 0)]);
+    // A command the replica does not have (finished already): not aborted.
+    assert!(h.send(a, abort(91, 77), None, 0).is_none());
+    let t = asked(&mut h)[0].2;
+    assert_eq!(r.t.abort_for_holder(r.now, rq, 77, t), Some(false));
+    h.t.abort_verdict_from_elsewhere(t, false);
+    h.poll();
+    assert_eq!(done(&mut h), [(91, Status::SUCCESS, 1)]);
+    // The holder's queue closes with an Abort parked: answered, not aborted.
+    assert!(h.send(a, abort(92, 51), None, 0).is_none());
+    h.t.close_queue_after(io, QueueLoss::Orderly).unwrap();
+    h.poll();
+    assert_eq!(done(&mut h), [(92, Status::SUCCESS, 1)]);
+}
+
 #[test]
 fn verify_and_copy_on_ram_and_encrypted_namespaces() {
     let k = Rc::new(RefCell::new(Knobs::default()));

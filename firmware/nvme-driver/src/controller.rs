@@ -1167,6 +1167,42 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         sent
     }
 
+    /// Sends the drive the Aborts other cores asked for, on their queues (a host's Abort of
+    /// a command there: `corequeue::QueueLink`), within the drive's Abort Command Limit;
+    /// one load per handed-out queue when there are none.
+    fn abort_for_cores(&mut self) {
+        if self.phase != Phase::Online {
+            return;
+        }
+        let limit = self.info.as_ref().map_or(1, |i| i.abort_limit) as usize;
+        let mut sent = false;
+        for di in 0..self.detached.len() {
+            let outstanding = self
+                .admin_slots
+                .iter()
+                .filter(|a| a.used == AdminUse::Abort)
+                .count();
+            if outstanding >= limit {
+                break;
+            }
+            let Some(cid) = self.detached[di].link.take_abort_request() else {
+                continue;
+            };
+            let qid = self.detached[di].qid;
+            let sqe = AbortCommand { sqid: qid, cid }.to_sqe(0);
+            if self.admin_submit(sqe, AdminUse::Abort).is_some() {
+                self.stats.aborts += 1;
+                sent = true;
+                log::info!(
+                    "nvme: aborting command {cid} on queue {qid} (host request) of another core"
+                );
+            }
+        }
+        if sent {
+            self.admin.ring(&mut self.regs);
+        }
+    }
+
     /// Writes the SQ tail doorbell of every queue with new entries (once per batch).
     pub fn ring(&mut self) {
         self.engine.ring(&mut self.regs);
@@ -1249,6 +1285,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         self.ring();
         let n = self.reap_io();
         self.reap_admin();
+        self.abort_for_cores();
         if now >= self.next_scan {
             self.next_scan = now.saturating_add(self.config.timeout_scan_ns);
             self.check_timeouts(now);

@@ -10,7 +10,8 @@
 //! ([`QueueLink`]); the reset fails every outstanding request of every queue with the
 //! internal error a reset gives on the controller's own queues (a timed-out command there
 //! fails with the same error whether its Abort succeeds or the reset follows). A host's
-//! Abort of a command on a core queue is not passed to the drive (`abort` is false).
+//! Abort of a command on a core queue is asked of the controller ([`QueueLink`]'s abort
+//! mailbox), which sends the drive the Abort command for that queue's SQID and CID.
 //!
 //! ## Reset handshake and memory ordering
 //!
@@ -33,6 +34,12 @@
 //!   out; the controller swaps it back and starts a reset.
 //! - When the controller is given up on it stores `DEAD`: the core fails what it has
 //!   outstanding and refuses new requests with an internal error, as the controller does.
+//! - `abort`: 0, or the CID + 1 of one command of the core's queue the core wants aborted
+//!   (a host's Abort). The core stores it (compare-and-swap from 0, `Release`) after it rang
+//!   the SQ doorbell that gave the command to the drive and a full barrier; the controller
+//!   swaps it back to 0 (`Acquire`) and sends the drive Abort (SQID, CID). One at a time per
+//!   queue: a second one finds the mailbox full and is not passed on ("not aborted"). The
+//!   command's completion, aborted or not, comes back on the core's queue as usual.
 
 use crate::Registers;
 use crate::controller::Namespace;
@@ -60,6 +67,7 @@ pub struct QueueLink {
     state: AtomicU64,
     ack: AtomicU64,
     reset: AtomicBool,
+    abort: AtomicU64,
 }
 
 impl QueueLink {
@@ -70,6 +78,26 @@ impl QueueLink {
             state: AtomicU64::new(generation << 2 | DOWN),
             ack: AtomicU64::new(generation),
             reset: AtomicBool::new(false),
+            abort: AtomicU64::new(0),
+        }
+    }
+
+    /// Core: asks the controller to send the drive an Abort of command `cid` of this queue;
+    /// false if one is already waiting.
+    fn request_abort(&self, cid: u16) -> bool {
+        self.abort
+            .compare_exchange(0, u64::from(cid) + 1, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Controller: the CID of the command the core wants aborted, if any (clears it).
+    pub(crate) fn take_abort_request(&self) -> Option<u16> {
+        if self.abort.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        match self.abort.swap(0, Ordering::Acquire) {
+            0 => None,
+            v => Some((v - 1) as u16),
         }
     }
 
@@ -291,6 +319,40 @@ impl<R: Registers, D: Dma> CoreQueue<R, D> {
         self.engine.reap(&mut self.dma, &mut self.regs)
     }
 
+    /// Asks for an Abort of the request of namespace index `ns` tagged `tag` (its first
+    /// command still outstanding on the drive): true when the controller will send it (the
+    /// request then completes as usual, with [`BlockError::Aborted`] if the drive aborted
+    /// it).
+    pub fn abort(&mut self, ns: usize, tag: u64) -> bool {
+        if self.seen != Seen::Up {
+            return false;
+        }
+        let Some(pi) = self
+            .engine
+            .parents
+            .iter()
+            .position(|p| p.ns as usize == ns && p.req.as_ref().is_some_and(|r| r.tag == tag))
+        else {
+            return false;
+        };
+        let cid = self.engine.io.first().and_then(|q| {
+            q.slots
+                .iter()
+                .position(|s| s.busy && s.parent as usize == pi)
+        });
+        let Some(cid) = cid else {
+            return false;
+        };
+        // The command must have reached the drive before the controller's Abort does.
+        self.engine.ring(&mut self.regs);
+        core::sync::atomic::fence(Ordering::SeqCst);
+        if !self.link.request_abort(cid as u16) {
+            return false;
+        }
+        self.engine.parents[pi].abort_requested = true;
+        true
+    }
+
     /// Queues a request for namespace index `ns`; the doorbell is written by the next
     /// [`CoreQueue::service`] / [`CoreQueue::poll`].
     pub fn submit(&mut self, ns: usize, req: BlockRequest) -> Result<(), Rejected> {
@@ -407,10 +469,12 @@ impl<R: Registers, D: Dma> BlockBackend for CoreBackend<R, D> {
         }
     }
 
-    fn abort(&mut self, _tag: u64) -> bool {
-        // Abort is an admin command: the controller's. A command that hangs is failed by
-        // the reset its timeout asks for.
-        false
+    fn abort(&mut self, tag: u64) -> bool {
+        // Abort is an admin command: the controller sends it (see `QueueLink`).
+        match self.queue.try_borrow_mut() {
+            Ok(mut q) => q.abort(self.index, tag),
+            Err(_) => false,
+        }
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BlockCompletion)) -> usize {

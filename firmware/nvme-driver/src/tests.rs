@@ -1321,3 +1321,69 @@ fn a_full_core_queue_counts_its_refusals() {
         "the controller's own queues refused nothing"
     );
 }
+
+/// Issue 17: a host's Abort of a command on another core's queue. The core asks through
+/// its link; the controller sends the drive Abort with that queue's SQID and the command's
+/// CID; the drive aborts it and the request fails back on the core as Aborted. A second
+/// request while one waits in the mailbox is not passed on; a request not on the drive is not
+/// either.
+#[test]
+fn an_abort_on_a_core_queue_is_sent_by_the_controller() {
+    use crate::{CoreBackend, CoreQueue};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let f = FakeCtrl::new(vec![ns(1, 9, 1 << 20)]);
+    let cfg = Config {
+        core_queues: 1,
+        ..test_config()
+    };
+    let d = init_with(&f, cfg).expect("init");
+    let q: CoreQueue<FakeRegs, FakeDma> = d
+        .with(|c| c.take_core_queue(0, FakeRegs(f.clone())))
+        .flatten()
+        .expect("the core queue");
+    let q = Rc::new(RefCell::new(q));
+    let mut be = CoreBackend::new(q.clone(), 0).unwrap();
+    let t = t0(&d);
+    q.borrow_mut().poll(t);
+    f.borrow_mut().hold_io = true;
+    be.submit(req(7, BlockOp::Read, 0, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap();
+    be.submit(req(8, BlockOp::Read, 1, 1, Some(iobuf(&f, 512, 0)), 0))
+        .unwrap();
+    q.borrow_mut().poll(t + 10);
+    assert_eq!(f.borrow().held.len(), 2);
+    let aborts = |f: &Shared| {
+        f.borrow()
+            .admin_log
+            .iter()
+            .filter(|s| s.opcode == AdminOpcode::Abort as u8)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    assert!(!be.abort(99), "unknown tag");
+    assert!(be.abort(7));
+    assert!(!be.abort(8), "the mailbox holds one request");
+    assert!(
+        aborts(&f).is_empty(),
+        "sent by the controller, not the core"
+    );
+    let held_cid = f.borrow().held[0].1.cid;
+    d.poll(t + 20);
+    let sent = aborts(&f);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].cdw[0] & 0xFFFF, 3, "the core's queue (SQID 3)");
+    assert_eq!(sent[0].cdw[0] >> 16, u32::from(held_cid));
+    let mut out = Vec::new();
+    for _ in 0..10 {
+        q.borrow_mut().poll(t + 30);
+        be.poll(&mut |c| out.push(c));
+    }
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].tag, out[0].result), (7, Err(BlockError::Aborted)));
+    // The mailbox is free again: request 8 can be aborted now.
+    assert!(be.abort(8));
+    d.poll(t + 40);
+    assert_eq!(aborts(&f).len(), 2);
+    assert_eq!(d.stats().aborts, 2);
+}
