@@ -1174,27 +1174,33 @@ fn function_ok(mgmt: &str, args: &[&str]) -> String {
 /// queues, writes data and reads it back through the function and over NVMe/TCP (core 0's
 /// target, the same memory); core 1's command count grows. Then the function is removed
 /// (core 1 drops the subsystem once the pairs are home) and created again on the same slot
-/// with the same NQN: its pairs are spread again and everything works again.
+/// with the same NQN: its pairs are spread again and everything works again. A third time
+/// its namespace is a slice of QEMU's NVMe drive (core 1 reaches it through its own I/O
+/// queue pair on the drive), which then holds what the host wrote.
 #[test]
 fn a_function_created_live_has_its_io_queues_served_on_every_core() {
     let mport = free_port();
     let mp = mport.to_string();
+    let disk = ScratchFile::new("live-every-core-drive.img", 64 << 20);
+    let dp = disk.path().display().to_string();
     let rig = Rig::boot_live(
         "live-every-core",
         1,
         0,
-        Some("keel.fn.boot=0"),
-        &["--smp", "2", "--mgmt-port", &mp],
+        // The NVMe/TCP subsystem on RAM: the drive is free for the function's slice.
+        Some("keel.fn.boot=0 keel.ram=16"),
+        &["--smp", "2", "--mgmt-port", &mp, "--disk", &dp],
     );
     let mgmt = format!("127.0.0.1:{mport}");
     let nqn = "nqn.2026-12.test.live:every-core";
     let w = rig.window(0);
-    for round in 1..=2usize {
+    for (round, ns) in [
+        (1usize, "ram:32MiB"),
+        (2, "ram:32MiB"),
+        (3, "drive:0:1:8MiB:32MiB"),
+    ] {
         let core1_before = function_commands(&mgmt, 1);
-        let out = function_ok(
-            &mgmt,
-            &["create", "--slot", "0", "--nqn", nqn, "--ns", "ram:32MiB"],
-        );
+        let out = function_ok(&mgmt, &["create", "--slot", "0", "--nqn", nqn, "--ns", ns]);
         assert!(out.contains("slot 0 (pf): created"), "{out}");
         console_has_n(
             &rig,
@@ -1277,6 +1283,25 @@ fn a_function_created_live_has_its_io_queues_served_on_every_core() {
             std::fs::read(&over_tcp).unwrap() == data,
             "NVMe/TCP (core 0) reads what the function's queues wrote"
         );
+        if ns.starts_with("drive") {
+            // On the drive itself, 8 MiB into it (QEMU's NVMe device writes through to the
+            // file; 512-byte blocks), through core 1's own pair on the drive too.
+            let bytes = std::fs::read(disk.path()).unwrap();
+            let at = (8 << 20) + 4096 * 512;
+            assert!(
+                bytes[at..at + data.len()] == data[..],
+                "the drive holds what the host wrote"
+            );
+            let m = keel_tests::keelctl_ok(&["metrics", "--device", &mgmt]);
+            let core1: u64 = m
+                .lines()
+                .filter(|l| {
+                    l.starts_with("keel_drive_queue_commands_total{") && l.contains("core=\"1\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            assert!(core1 > 0, "core 1's drive pair took no command:\n{m}");
+        }
         // Core 1 served commands of this function in this round; core 0 the admin queue's.
         let core1 = function_commands(&mgmt, 1);
         assert!(
