@@ -22,6 +22,9 @@ use keel_mgmt::{
 use keel_nvme_pcie::FunctionState;
 use keel_storage::LatencyHistogram;
 
+/// Shared RAM regions made for namespaces: subsystem, NSID, region, NGUID.
+type Regions = Vec<(String, u32, crate::sharedram::Region, [u8; 16])>;
+
 /// Core 0's histogram with the other cores' samples added.
 fn merged(own: &LatencyHistogram, elsewhere: &LatencyHistogram) -> LatencyHistogram {
     let mut h = own.clone();
@@ -502,7 +505,7 @@ impl<H: Hw> Services<H> {
                 .collect();
             let ids: Vec<u32> = namespaces.iter().map(|n| n.nsid).collect();
             let fresh = !self.target.subsystem_views().any(|x| x.nqn == *nqn);
-            match self.start_function_now(*slot, sub, namespaces, Some(&new), "pushed") {
+            match self.start_function_now(*slot, sub, namespaces, Some(&new), "pushed", None) {
                 Ok(()) if fresh => added.extend(ids.into_iter().map(|id| (nqn.clone(), id))),
                 Ok(()) => {}
                 Err(e) => needs_reboot.push(format!(
@@ -620,26 +623,37 @@ impl<H: Hw> Services<H> {
     fn drop_limited(&mut self) {
         let everywhere = !self.plan.host_qos().is_empty() || !self.plan.qos_groups().is_empty();
         let none = keel_controller::QosLimits::NONE;
+        let plan = &self.plan;
+        let is_limited = |nqn: &str| {
+            everywhere
+                || plan
+                    .namespaces
+                    .iter()
+                    .filter(|n| n.subsystem == nqn)
+                    .any(|n| {
+                        let q = plan.namespace_qos(n);
+                        q.limits != none
+                            || q.group.is_some()
+                            || n.function.is_some_and(|f| plan.function_limits(f) != none)
+                    })
+        };
         let limited: Vec<String> = self
             .replicable
             .iter()
             .map(|s| s.nqn.clone())
-            .filter(|nqn| {
-                everywhere
-                    || self
-                        .plan
-                        .namespaces
-                        .iter()
-                        .filter(|n| n.subsystem == *nqn)
-                        .any(|n| {
-                            let q = self.plan.namespace_qos(n);
-                            q.limits != none
-                                || q.group.is_some()
-                                || n.function
-                                    .is_some_and(|f| self.plan.function_limits(f) != none)
-                        })
-            })
+            .filter(|nqn| is_limited(nqn))
             .collect();
+        // Functions created live whose pairs other cores serve: those come home
+        // (`crate::fnq::Hub`).
+        let live: Vec<String> = self
+            .functions
+            .iter()
+            .filter(|e| e.slot == SlotState::Live && !e.nqn.is_empty() && is_limited(&e.nqn))
+            .map(|e| e.nqn.clone())
+            .collect();
+        for nqn in live {
+            self.replication.fn_changed(&nqn);
+        }
         for nqn in limited {
             if !self.replication.dropped.contains(&nqn) {
                 klog::warning!(
@@ -1046,6 +1060,8 @@ impl<H: Hw> Services<H> {
     /// run yet, it is made with `namespaces` in the core first (remote ones join once their
     /// volume has identified them), built against `plan` (the plan that describes them);
     /// then the controller emulation on the slot's window. On error nothing has changed.
+    /// `regions`: RAM namespaces are made in shared regions, recorded there (the other cores
+    /// serve the function's pairs, `crate::fnq`).
     fn start_function_now(
         &mut self,
         slot: u16,
@@ -1053,12 +1069,13 @@ impl<H: Hw> Services<H> {
         namespaces: Vec<NsPlan>,
         plan: Option<&Plan>,
         origin: &'static str,
+        regions: Option<&mut Regions>,
     ) -> Result<(), String> {
         // The change is confined to the function's subsystem: no other core adopts its
-        // queues from now on (`crate::replica`).
+        // NVMe/TCP queues from now on (`crate::replica`).
         let nqn = sub.nqn.clone();
         let before = self.target.namespace_generation();
-        let r = self.start_function_inner(slot, sub, namespaces, plan, origin);
+        let r = self.start_function_inner(slot, sub, namespaces, plan, origin, regions);
         let after = self.target.namespace_generation();
         self.replication.note_only(&nqn, before, after);
         r
@@ -1071,6 +1088,7 @@ impl<H: Hw> Services<H> {
         namespaces: Vec<NsPlan>,
         plan: Option<&Plan>,
         origin: &'static str,
+        mut regions: Option<&mut Regions>,
     ) -> Result<(), String> {
         let Some(pos) = self.functions.iter().position(|e| e.index == slot) else {
             return Err(format!("slot {slot}: its window could not be opened"));
@@ -1097,7 +1115,11 @@ impl<H: Hw> Services<H> {
                 // Drive namespaces are always cut as slices: other functions may cut theirs.
                 let many = matches!(ns.spec, NsSpec::Drive { .. });
                 let p = plan.unwrap_or(&self.plan);
-                match build_namespace(p, ns, many, &mut self.drives, &mut self.shared) {
+                let made = match (&ns.spec, regions.as_deref_mut()) {
+                    (NsSpec::Ram(bytes), Some(r)) => shared_ram_namespace::<H>(p, ns, *bytes, r),
+                    _ => build_namespace(p, ns, many, &mut self.drives, &mut self.shared),
+                };
+                match made {
                     Some(c) => configs.push(c),
                     None => {
                         undo(self, &[]);
@@ -1158,6 +1180,67 @@ impl<H: Hw> Services<H> {
         Ok(())
     }
 
+    /// Whether a function about to be created can have its I/O queue pairs served on every
+    /// core (`crate::fnq`, as boot functions: [`crate::services::ReplicaSubsystem`]): other
+    /// cores serve functions' pairs, no QoS limit (on the function, its namespaces, any host
+    /// or group) and every namespace RAM or on a drive every such core has a queue pair on.
+    fn spreads(&self, spec: &FunctionSpec, namespaces: &[NsPlan]) -> bool {
+        let none = keel_controller::QosLimits::NONE;
+        self.replication.functions
+            && spec.limits.is_empty()
+            && self.plan.host_qos().is_empty()
+            && self.plan.qos_groups().is_empty()
+            && namespaces.iter().all(|n| {
+                let q = self.plan.namespace_qos(n);
+                q.limits == none
+                    && q.group.is_none()
+                    && match n.spec {
+                        NsSpec::Ram(_) => true,
+                        NsSpec::Drive { drive, .. } => self.replication.fn_drives.contains(&drive),
+                        NsSpec::Remote { .. } => false,
+                    }
+            })
+    }
+
+    /// The replica the other cores make of a function just created with RAM namespaces in
+    /// `regions` (`None` if some namespace is missing there).
+    fn created_replica(
+        &self,
+        nqn: &str,
+        mut regions: Regions,
+    ) -> Option<crate::services::ReplicaSubsystem> {
+        let sub = self.plan.subsystems.iter().find(|s| s.nqn == nqn)?;
+        let mut namespaces = Vec::new();
+        for n in self.plan.namespaces.iter().filter(|n| n.subsystem == nqn) {
+            let (source, nguid) = match n.spec {
+                NsSpec::Ram(_) => {
+                    let i = regions.iter().position(|r| r.1 == n.nsid)?;
+                    let r = regions.swap_remove(i);
+                    (ReplicaSource::Ram(r.2), r.3)
+                }
+                NsSpec::Drive { drive, nsid, slice } => (
+                    ReplicaSource::Drive { drive, nsid, slice },
+                    self.plan.nguid_of(n),
+                ),
+                NsSpec::Remote { .. } => return None,
+            };
+            namespaces.push(ReplicaNs {
+                nsid: n.nsid,
+                nguid,
+                qos: self.plan.namespace_qos(n),
+                source,
+                key: n.key.clone(),
+            });
+        }
+        Some(crate::services::ReplicaSubsystem {
+            nqn: sub.nqn.clone(),
+            serial: sub.serial.clone(),
+            model: sub.model.clone(),
+            allowed_hosts: sub.allowed_hosts.clone(),
+            namespaces,
+        })
+    }
+
     /// Creates a function on a free slot: its subsystem with its namespaces in the core, then
     /// the controller emulation on the slot's window. On error nothing has changed.
     fn try_create_function(&mut self, spec: &FunctionSpec) -> Result<FunctionSlotInfo, String> {
@@ -1174,13 +1257,32 @@ impl<H: Hw> Services<H> {
             ));
         }
         let (sub, namespaces) = self.created_plan(spec)?;
-        self.start_function_now(spec.slot, sub, namespaces, None, "created")?;
+        // Its pairs spread over the cores like a boot function's when the other cores can
+        // serve it (`crate::fnq`): RAM in shared regions, drives every core has a pair on.
+        let spread = self.spreads(spec, &namespaces);
+        let mut regions = Regions::new();
+        self.start_function_now(
+            spec.slot,
+            sub,
+            namespaces,
+            None,
+            "created",
+            spread.then_some(&mut regions),
+        )?;
         self.plan.qos.functions.retain(|f| f.function != spec.slot);
         if !spec.limits.is_empty() {
             self.plan.qos.functions.push(keel_provision::FunctionQos {
                 function: spec.slot,
                 limits: provision_limits(&spec.limits),
             });
+        }
+        if spread && let Some(r) = self.created_replica(&spec.nqn, regions) {
+            self.replication
+                .fn_events
+                .push(crate::replica::FnEvent::Created {
+                    slot: spec.slot,
+                    subsystem: alloc::boxed::Box::new(r),
+                });
         }
         self.refresh_device();
         let info = self

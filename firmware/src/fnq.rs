@@ -6,13 +6,24 @@
 //! Which functions: those whose subsystem is replicable ([`Services::function_replicas`]:
 //! every namespace RAM in a shared region or a local drive's namespace (whole or a slice),
 //! AES-XTS encrypted or not, no QoS limit on the subsystem's namespaces, the function's
-//! controller or any host or group) and which exist at boot. Core `k` reaches a drive
-//! through an I/O queue pair of its own on it (`keel_nvme_driver::CoreQueue`, created by
-//! core 0 beside the NVMe/TCP planes' and handed over in [`ServeFunctions::drives`]; core `k`
-//! polls it). A function created live, remote namespaces and `--smp 1` keep every queue on
-//! core 0, as before. A live change of a function's subsystem (its namespaces, its removal,
-//! QoS limits on it) sends every pair home for good; changes the other cores' NVMe/TCP
-//! replicas follow and changes confined to other subsystems do not ([`crate::replica`]).
+//! controller or any host or group), at boot or created live (`keelctl function create`,
+//! the same rule: its RAM is then made in a shared region and [`FnEvent::Created`] tells the
+//! hub). Core `k` reaches a drive through an I/O queue pair of its own on it
+//! (`keel_nvme_driver::CoreQueue`, created by core 0 beside the NVMe/TCP planes' and handed
+//! over in [`ServeFunctions::drives`], one on every drive; core `k` polls it). Functions a
+//! pushed description creates, remote namespaces and `--smp 1` keep every queue on core 0,
+//! as before. A live change of a boot function's subsystem (its namespaces, its removal, QoS
+//! limits on it) sends every pair home for good; changes the other cores' NVMe/TCP replicas
+//! follow and changes confined to other subsystems do not ([`crate::replica`]).
+//!
+//! A function created live: core 0 sends every core its subsystem ([`FnMsg::Add`]; no ack:
+//! the ring keeps the order, so the subsystem is in core `k`'s replica before the function's
+//! first [`FnMsg::Adopt`] arrives, and a core that could not add it refuses the pairs, which
+//! core 0 then serves), then the function spreads its I/O queues. When its subsystem changes
+//! or goes ([`FnEvent::Changed`]: namespaces, QoS limits, its removal) its pairs come home
+//! (drained, or discarded for a removal), and once every one is home core 0 has the cores
+//! drop the subsystem ([`FnMsg::Remove`]); a function created again with that NQN is spread
+//! again. Other functions' pairs stay where they are.
 //!
 //! The handshake (the function's side is `keel_nvme_pcie::queue`):
 //! - **Handing a pair out.** After a successful Create I/O SQ, the function (on core 0)
@@ -43,7 +54,10 @@
 use crate::cores::{FUNCTION_COMMANDS, Links, Msg, Outbox};
 use crate::klog;
 use crate::qemu::Qemu;
-use crate::services::{ReplicaSubsystem, Services, replica_target};
+use crate::replica::FnEvent;
+use crate::services::{
+    ReplicaShares, ReplicaSubsystem, Services, add_replica_subsystem, replica_target_shares,
+};
 use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
 use core::cell::RefCell;
@@ -51,6 +65,7 @@ use keel_controller::{Adoption, Event, Instant, Limits, QueueId, Target};
 use keel_hal::ivshmem::IvshmemWindow;
 use keel_hal::nvme::CoreNvmeQueue;
 use keel_hal::println;
+use keel_mgmt::SlotState;
 use keel_nvme_pcie::{FatalReason, Handover, IoPair, PairStats, QueuePort};
 use keel_storage::BufPool;
 
@@ -63,6 +78,8 @@ const FN_BUFFER_SIZE: usize = 128 * 1024;
 const FETCH_BURST: u16 = 32;
 /// How often a busy core publishes its namespace counters.
 const NS_PUBLISH_NS: u64 = 1_000_000;
+/// Namespace counter slots a core keeps for the namespaces of functions created live.
+const LIVE_NAMESPACE_SLOTS: usize = 8;
 
 /// A function's window as a core serving one of its pairs sees it.
 pub type Port = QueuePort<IvshmemWindow>;
@@ -72,6 +89,13 @@ pub type Port = QueuePort<IvshmemWindow>;
 pub enum FnMsg {
     /// Core 0 → core k: build a replica of these subsystems and serve the pairs handed out.
     Serve(Box<ServeFunctions>),
+    /// Core 0 → core k: add the subsystem of a function created live to the replica (its
+    /// pairs follow as [`FnMsg::Adopt`]s; if it cannot, it refuses them and core 0 serves
+    /// them).
+    Add(Box<ReplicaSubsystem>),
+    /// Core 0 → core k: remove subsystem `nqn` from the replica (its function was removed
+    /// or changed, and every pair of it is back on core 0).
+    Remove(String),
     /// Core 0 → core k: serve this pair.
     Adopt(Box<Adopt>),
     /// Core 0 → core k: send pair `qid` of function `slot` back (see [`Handover::Recall`]).
@@ -146,6 +170,9 @@ struct Served {
 pub struct FnCore {
     core: usize,
     target: Target,
+    /// The drive namespaces its replica shares among slices (functions created live cut
+    /// theirs from them too).
+    shares: ReplicaShares,
     /// Its own I/O queue pair on each drive its replica's namespaces use (polled here).
     drives: Vec<(usize, Rc<RefCell<CoreNvmeQueue>>)>,
     pool: BufPool,
@@ -183,14 +210,15 @@ impl FnCore {
         }
         // RAM namespaces over the shared regions, drive namespaces through this core's own
         // queue pairs.
-        let target = replica_target(spec.subsystems, spec.limits, &mut |d, nsid| {
-            crate::percore::open_on_core_queue(&drives, d, nsid)
-        })?;
+        let (target, shares) =
+            replica_target_shares(spec.subsystems, spec.limits, &mut |d, nsid| {
+                crate::percore::open_on_core_queue(&drives, d, nsid)
+            })?;
         let region = crate::hw::dma_region(FN_BUFFERS * FN_BUFFER_SIZE);
         let pool = BufPool::lazy(region, region.as_ptr() as u64, FN_BUFFER_SIZE)
             .map_err(|e| klog::error!("fnq: core {}: buffers: {}", core, klog::D(&e)))
             .ok()?;
-        let n = target.namespace_views().count();
+        let n = target.namespace_views().count() + LIVE_NAMESPACE_SLOTS;
         let ns_slots = crate::cores::claim_namespace_slots(core, n);
         println!(
             "fnq: core {core} serves I/O queue pairs of the emulated functions of {names:?} (drive, I/O queue: {qids:?})"
@@ -198,6 +226,7 @@ impl FnCore {
         Some(Self {
             core,
             target,
+            shares,
             drives,
             pool,
             pairs: Vec::with_capacity(16),
@@ -219,6 +248,19 @@ impl FnCore {
     ) {
         match m {
             FnMsg::Serve(spec) => *this = Self::new(core, *spec),
+            FnMsg::Add(sub) => match this {
+                Some(c) => c.add(&sub),
+                None => klog::warning!(
+                    "fnq: core {}: no replica: the I/O queues of {} are served on core 0",
+                    core,
+                    sub.nqn
+                ),
+            },
+            FnMsg::Remove(nqn) => {
+                if let Some(c) = this {
+                    c.remove(&nqn);
+                }
+            }
             FnMsg::Adopt(a) => match this {
                 Some(c) => c.adopt(*a, now_ns, out),
                 None => out(FnMsg::Returned {
@@ -240,6 +282,49 @@ impl FnCore {
             }
             FnMsg::Returned { .. } | FnMsg::Fatal { .. } | FnMsg::Error(_) => {}
         }
+    }
+
+    /// Adds the subsystem of a function created live to the replica.
+    fn add(&mut self, sub: &ReplicaSubsystem) {
+        let drives = &self.drives;
+        let added =
+            add_replica_subsystem(&mut self.target, &mut self.shares, sub, &mut |d, nsid| {
+                crate::percore::open_on_core_queue(drives, d, nsid)
+            });
+        if added {
+            println!(
+                "fnq: core {} serves I/O queue pairs of the emulated function of {} too (created live)",
+                self.core, sub.nqn
+            );
+        } else {
+            klog::warning!(
+                "fnq: core {}: {} not added to its replica: its I/O queues are served on core 0",
+                self.core,
+                sub.nqn
+            );
+        }
+        self.ns_dirty = true;
+    }
+
+    /// Removes subsystem `nqn` (none of its pairs is here any more) from the replica; its
+    /// namespaces go once their last command drained.
+    fn remove(&mut self, nqn: &str) {
+        if self.target.remove_subsystem(nqn).is_ok() {
+            println!(
+                "fnq: core {} no longer serves pairs of {} (its function was removed or changed)",
+                self.core, nqn
+            );
+        }
+        // Slots of namespaces that went count nothing from here on.
+        let (first, count) = self.ns_slots;
+        let live = self.target.namespace_views().count().min(count);
+        if let Some(row) = crate::cores::NS_SHARES.get(self.core) {
+            for slot in row.iter().skip(first + live).take(count - live) {
+                slot.claim(0);
+                slot.publish(&Default::default());
+            }
+        }
+        self.ns_dirty = true;
     }
 
     fn adopt(&mut self, a: Adopt, now_ns: u64, out: &mut dyn FnMut(FnMsg)) {
@@ -402,11 +487,27 @@ fn report(s: &mut Served, why: FatalReason, out: &mut dyn FnMut(FnMsg)) {
     }
 }
 
+/// A function created live whose pairs the other cores serve.
+#[derive(Debug)]
+struct LiveFn {
+    slot: u16,
+    nqn: String,
+    /// Its subsystem changed or went: its pairs come home, then the cores' replicas drop
+    /// it.
+    retiring: bool,
+}
+
 /// Core 0's side: hands the functions' pairs out and takes them back.
 #[derive(Debug)]
 pub struct Hub {
     /// The functions' subsystems the other cores serve (empty once namespaces changed).
     replicas: Vec<String>,
+    /// Functions created live whose subsystems the other cores' replicas have.
+    live: Vec<LiveFn>,
+    /// Every queue is core 0's for good (a namespace change nobody accounts for).
+    home: bool,
+    /// Cores the pairs are spread over.
+    cores: u16,
     generation: u64,
     /// How many of [`crate::replica::Replication::dropped`] it has looked at.
     dropped_seen: usize,
@@ -419,32 +520,28 @@ pub struct Hub {
 impl Hub {
     /// Asks every other core to serve the pairs of the functions whose subsystem every core
     /// can serve, and tells those functions to spread their I/O queues; `None` when there is
-    /// no other core or no such function. Each drive's core queue pairs `first_queue +
-    /// link` (those after the NVMe/TCP planes', see `crate::poll`) go to the cores.
+    /// no other core or no function slot. Each drive's core queue pairs `first_queue +
+    /// link` (those after the NVMe/TCP planes', see `crate::poll`) go to the cores, for the
+    /// functions of the boot and those created live.
     pub fn start(
         links: &mut Links,
         services: &mut Services<Qemu>,
         first_queue: usize,
     ) -> Option<Self> {
-        if links.0.is_empty() {
+        if links.0.is_empty() || services.functions.is_empty() {
             return None;
         }
         let mut subsystems = services.function_replicas();
-        if subsystems.is_empty() {
-            return None;
-        }
-        // Each core's own I/O queue pair on every drive the subsystems use; a subsystem on a
-        // drive some core got no pair of stays on core 0.
-        let used: Vec<usize> = subsystems.iter().flat_map(|s| s.drives()).collect();
+        // Each core's own I/O queue pair on every drive; a subsystem on a drive some core got
+        // no pair of stays on core 0.
         let mut drives: Vec<Vec<(usize, CoreNvmeQueue)>> = Vec::new();
         for li in 0..links.0.len() {
             let mut mine = Vec::new();
             for (d, drive) in services.drives.iter().enumerate() {
-                if used.contains(&d)
-                    && let Some(q) = drive
-                        .drive
-                        .with(|c| crate::percore::take_core_queue(c, first_queue + li))
-                        .flatten()
+                if let Some(q) = drive
+                    .drive
+                    .with(|c| crate::percore::take_core_queue(c, first_queue + li))
+                    .flatten()
                 {
                     mine.push((d, q));
                 }
@@ -463,9 +560,10 @@ impl Hub {
             }
             ok
         });
-        if subsystems.is_empty() {
-            return None;
-        }
+        let drives_every_core: Vec<Vec<usize>> = drives
+            .iter()
+            .map(|m| m.iter().map(|(d, _)| *d).collect())
+            .collect();
         let limits = *services.target.limits();
         let mut outq = Outbox::new(links.0.len());
         for (li, drives) in drives.into_iter().enumerate() {
@@ -491,11 +589,22 @@ impl Hub {
                 f.set_cores(cores);
             }
         }
-        println!(
-            "fnq: emulated functions of {replicas:?}: I/O queue q served on core q % {cores} (admin queue, queue management and resets on core 0)"
-        );
+        if !replicas.is_empty() {
+            println!(
+                "fnq: emulated functions of {replicas:?}: I/O queue q served on core q % {cores} (admin queue, queue management and resets on core 0)"
+            );
+        }
+        // Functions created live on drives every core has a pair on, or on RAM (made in
+        // shared regions from now on), are spread too.
+        services.replication.fn_drives = (0..services.drives.len())
+            .filter(|d| drives_every_core.iter().all(|m| m.contains(d)))
+            .collect();
+        services.replication.functions = true;
         Some(Self {
             replicas,
+            live: Vec::new(),
+            home: false,
+            cores,
             generation: services.target.namespace_generation(),
             dropped_seen: services.replication.dropped.len(),
             outq,
@@ -536,6 +645,10 @@ impl Hub {
                     );
                 }
                 self.replicas.clear();
+                self.home = true;
+                for l in self.live.iter_mut() {
+                    l.retiring = true;
+                }
                 for e in functions.iter_mut() {
                     if let Some(f) = e.f.as_mut() {
                         f.set_cores(1);
@@ -543,6 +656,59 @@ impl Hub {
                 }
             }
         }
+        // Functions created live: their subsystems join the other cores' replicas before
+        // their first pair goes there (the ring keeps the order), and leave once every pair
+        // of theirs is home.
+        for ev in replication.fn_events.drain(..) {
+            busy = true;
+            match ev {
+                FnEvent::Changed(nqn) => {
+                    if let Some(l) = self.live.iter_mut().find(|l| l.nqn == nqn && !l.retiring) {
+                        l.retiring = true;
+                        if let Some(e) = functions.get_mut(usize::from(l.slot))
+                            && e.slot == SlotState::Live
+                            && e.nqn == nqn
+                            && let Some(f) = e.f.as_mut()
+                        {
+                            f.set_cores(1);
+                        }
+                    }
+                }
+                FnEvent::Created { slot, subsystem } => {
+                    Self::retire(&mut self.live, &mut self.outq, links, functions);
+                    let Some(f) = functions
+                        .get_mut(usize::from(slot))
+                        .filter(|e| e.slot == SlotState::Live && e.nqn == subsystem.nqn)
+                        .and_then(|e| e.f.as_mut())
+                    else {
+                        continue;
+                    };
+                    if self.home || self.live.iter().any(|l| l.nqn == subsystem.nqn) {
+                        klog::warning!(
+                            "fnq: function {}: {} keeps its I/O queues on core 0 (its previous function's pairs are not home yet, or every queue is core 0's)",
+                            slot,
+                            subsystem.nqn
+                        );
+                        continue;
+                    }
+                    f.set_cores(self.cores);
+                    println!(
+                        "fnq: function {} created live ({}): I/O queue q served on core q % {}",
+                        slot, subsystem.nqn, self.cores
+                    );
+                    self.live.push(LiveFn {
+                        slot,
+                        nqn: subsystem.nqn.clone(),
+                        retiring: false,
+                    });
+                    for li in 0..links.0.len() {
+                        let m = Msg::Fn(FnMsg::Add(subsystem.clone()));
+                        self.outq.send(links, li, m);
+                    }
+                }
+            }
+        }
+        Self::retire(&mut self.live, &mut self.outq, links, functions);
         if own_rx {
             for link in links.0.iter_mut() {
                 let mut taken = 0;
@@ -577,7 +743,11 @@ impl Hub {
                 FnMsg::Error(e) => {
                     target.log_replica_error(&e);
                 }
-                FnMsg::Serve(_) | FnMsg::Adopt(_) | FnMsg::Recall { .. } => {}
+                FnMsg::Serve(_)
+                | FnMsg::Add(_)
+                | FnMsg::Remove(_)
+                | FnMsg::Adopt(_)
+                | FnMsg::Recall { .. } => {}
             }
         }
         let mut here = 0u64;
@@ -627,6 +797,29 @@ impl Hub {
         FUNCTION_COMMANDS[0].publish(here);
         self.outq.flush(links);
         busy
+    }
+
+    /// Drops from every core's replica the subsystems of retiring functions created live
+    /// whose pairs are all home (the function removed, or serving every queue here).
+    fn retire(
+        live: &mut Vec<LiveFn>,
+        outq: &mut Outbox,
+        links: &mut Links,
+        functions: &[crate::services::Emulated<IvshmemWindow>],
+    ) {
+        live.retain(|l| {
+            let home = functions
+                .get(usize::from(l.slot))
+                .and_then(|e| e.f.as_ref())
+                .is_none_or(|f| f.abroad() == 0);
+            if !(l.retiring && home) {
+                return true;
+            }
+            for li in 0..links.0.len() {
+                outq.send(links, li, Msg::Fn(FnMsg::Remove(l.nqn.clone())));
+            }
+            false
+        });
     }
 
     /// Whether core 0 may sleep as far as the pairs go: nothing waits for room on a ring.

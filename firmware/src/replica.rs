@@ -30,7 +30,7 @@
 //! Per change only: the messages, the clones and the log entries are made once per change,
 //! never per I/O.
 
-use crate::services::ReplicaNs;
+use crate::services::{ReplicaNs, ReplicaSubsystem};
 use alloc::collections::VecDeque;
 use alloc::{string::String, vec::Vec};
 use keel_controller::NamespaceConfig;
@@ -121,6 +121,29 @@ pub(crate) struct Replication {
     log: Vec<(u64, u64)>,
     staged: VecDeque<Staged>,
     next_seq: u64,
+    /// Other cores serve the I/O queue pairs of functions created live (`crate::fnq::Hub`
+    /// started): their RAM namespaces are made in shared regions.
+    pub(crate) functions: bool,
+    /// Drives every core serving functions' pairs has an I/O queue pair on.
+    pub(crate) fn_drives: Vec<usize>,
+    /// What the functions' hub must know, in order (it drains them; only kept while
+    /// `functions`).
+    pub(crate) fn_events: Vec<FnEvent>,
+}
+
+/// A change the functions' hub (`crate::fnq::Hub`) acts on.
+#[derive(Debug)]
+pub(crate) enum FnEvent {
+    /// A function was created live on `slot`, and the other cores can serve its subsystem.
+    Created {
+        /// Its slot.
+        slot: u16,
+        /// Its subsystem, as the other cores' replicas make it.
+        subsystem: alloc::boxed::Box<ReplicaSubsystem>,
+    },
+    /// Subsystem `nqn` changed (namespaces, QoS limits) or went (its function removed): no
+    /// core but core 0 may serve its function's pairs from now on.
+    Changed(String),
 }
 
 impl Replication {
@@ -168,8 +191,17 @@ impl Replication {
 
     /// Stops adopting `nqn`: the watchers end its adopted queues and forward later ones.
     pub(crate) fn drop_subsystem(&mut self, nqn: &str) {
+        self.fn_changed(nqn);
         if !self.dropped.iter().any(|s| s == nqn) {
             self.dropped.push(String::from(nqn));
+        }
+    }
+
+    /// Tells the functions' hub that subsystem `nqn` changed or went (every time: a
+    /// subsystem is dropped once, its functions may come and go).
+    pub(crate) fn fn_changed(&mut self, nqn: &str) {
+        if self.functions {
+            self.fn_events.push(FnEvent::Changed(String::from(nqn)));
         }
     }
 

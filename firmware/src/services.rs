@@ -1058,6 +1058,7 @@ pub(crate) type DriveOpener<'a> = dyn FnMut(usize, u32) -> Option<Box<dyn BlockB
 /// A replica target over the subsystems every core can serve. `drive(d, nsid)` opens
 /// drive `d`'s namespace `nsid` whole through the calling core's own queue pair on it
 /// (`None`: the core has none, and the replica is not built).
+#[cfg(test)]
 pub(crate) fn replica_target(
     subsystems: Vec<ReplicaSubsystem>,
     limits: Limits,
@@ -1201,6 +1202,44 @@ pub(crate) fn apply_replica_change(
                     false
                 }
             }
+        }
+    }
+}
+
+/// Adds subsystem `sub` (a function created live, `crate::fnq`) to a replica target with its
+/// namespaces (`shared`: the drive namespaces the replica shares among slices; `drive` opens
+/// one through the core's own queue pair). On error (said on the console) nothing changes.
+pub(crate) fn add_replica_subsystem(
+    target: &mut Target,
+    shared: &mut ReplicaShares,
+    sub: &ReplicaSubsystem,
+    drive: &mut DriveOpener<'_>,
+) -> bool {
+    let mut namespaces = Vec::with_capacity(sub.namespaces.len());
+    for n in &sub.namespaces {
+        let whole = match n.source {
+            ReplicaSource::Remote { .. } => return false,
+            ReplicaSource::Ram(_) => true,
+            ReplicaSource::Drive { drive, nsid, slice } => {
+                slice.is_none() && !shared.iter().any(|(k, _)| *k == (drive, nsid))
+            }
+        };
+        let Some(cfg) = replica_namespace(n, whole, shared, drive) else {
+            return false;
+        };
+        namespaces.push(cfg);
+    }
+    match target.add_subsystem(SubsystemConfig {
+        nqn: sub.nqn.clone(),
+        serial: sub.serial.clone(),
+        model: sub.model.clone(),
+        allowed_hosts: sub.allowed_hosts.clone(),
+        namespaces,
+    }) {
+        Ok(()) => true,
+        Err(e) => {
+            klog::error!("percore: subsystem {}: {}", sub.nqn, klog::D(&e));
+            false
         }
     }
 }

@@ -2495,3 +2495,160 @@ fn a_missing_slot_refuses_only_the_push_that_asks_for_it() {
     );
     assert_eq!(s.plan.generation, 2);
 }
+
+/// Issue 17, functions created live at `--smp N` (`crate::fnq`): once the functions' hub
+/// serves pairs on other cores (`Replication::functions`, set by `fnq::Hub::start`), a
+/// function created live whose subsystem qualifies has its RAM made in a shared region and is
+/// announced to the hub with the replica the other cores add (`FnEvent::Created`): the
+/// blocks its host writes through core 0 are in that region, and a replica target takes the
+/// subsystem (once). A function with limits, or one at one core (no hub), is not announced;
+/// a removal is (`FnEvent::Changed`: its pairs come home, the replicas drop the subsystem),
+/// and the function created again on the slot, encrypted this time, is announced again and
+/// the replica takes it again.
+#[test]
+fn a_function_created_live_is_made_for_every_core() {
+    use crate::replica::FnEvent;
+    use crate::services::{
+        RamSharing, ReplicaSource, ReplicaSubsystem, add_replica_subsystem, replica_target_shares,
+    };
+    use keel_mgmt::Device as _;
+    use keel_mgmt::{FunctionCipher, FunctionSpec, QosLimit};
+    let build = |share| {
+        let windows = (0..2u64)
+            .map(|i| WindowPort {
+                base: 0x1000_0000 * (i + 1),
+                size: 1 << 20,
+                ep: Ok(MemWindow::new(1 << 20)),
+            })
+            .collect();
+        Services::<TestHw>::build_with(
+            dev_plan("keel.fn.boot=0", 2),
+            Vec::new(),
+            windows,
+            true,
+            Identity::new(None, None),
+            share,
+        )
+    };
+    let created = |s: &mut Services<TestHw>, slot: u16| -> Option<ReplicaSubsystem> {
+        s.replication.fn_events.drain(..).find_map(|e| match e {
+            FnEvent::Created { slot: x, subsystem } if x == slot => Some(*subsystem),
+            _ => None,
+        })
+    };
+    let nqn = "nqn.2026-12.test:live";
+    let mut s = build(RamSharing::Functions);
+    s.replication.functions = true;
+    s.create_function(&one_mib_function(0, nqn, FunctionCipher::None))
+        .unwrap();
+    let sub = created(&mut s, 0).expect("the function is announced to the hub");
+    assert_eq!(sub.nqn, nqn);
+    assert_eq!(sub.namespaces.len(), 1);
+    let ReplicaSource::Ram(region) = &sub.namespaces[0].source else {
+        panic!("a RAM namespace in a shared region: {sub:?}")
+    };
+    assert!(sub.namespaces[0].key.is_none());
+
+    // What the host writes through core 0 lands in the shared region.
+    let mut h = FnHost::ready(&mut s, 0);
+    let buf = h.alloc();
+    h.window(&mut s).host_write(buf, &[0x5C; 4096]);
+    let w = RwCommand::simple(100, 8).to_sqe(IoOpcode::Write as u8, 11, 1);
+    h.submit(&mut s, 1, w.with_prps(buf, 0));
+    assert!(fn_wait(&mut s, &mut h, 1).status.is_success());
+    let mut direct = vec![0u8; 4096];
+    keel_storage::BlockBackend::read_now(&mut region.handle(1), 100, 8, &mut direct).unwrap();
+    assert!(direct.iter().all(|&b| b == 0x5C), "core 0 wrote elsewhere");
+
+    // A core's replica (built at boot with no function) takes the subsystem, once.
+    let (mut replica, mut shares) =
+        replica_target_shares(Vec::new(), *s.target.limits(), &mut |_, _| None)
+            .expect("an empty replica");
+    assert!(add_replica_subsystem(
+        &mut replica,
+        &mut shares,
+        &sub,
+        &mut |_, _| None
+    ));
+    let views: Vec<(String, u32, u64)> = replica
+        .namespace_views()
+        .map(|n| {
+            (
+                n.subsystem.to_string(),
+                n.nsid,
+                n.geometry.blocks * u64::from(n.geometry.block_size),
+            )
+        })
+        .collect();
+    assert_eq!(views, [(nqn.to_string(), 1, 1 << 20)]);
+    assert!(!add_replica_subsystem(
+        &mut replica,
+        &mut shares,
+        &sub,
+        &mut |_, _| None
+    ));
+
+    // Limits are counted on core 0: not announced.
+    s.create_function(&FunctionSpec {
+        limits: vec![QosLimit {
+            name: "write_iops".into(),
+            per_sec: 1000,
+            burst: 0,
+        }],
+        ..one_mib_function(1, "nqn.2026-12.test:limited", FunctionCipher::None)
+    })
+    .unwrap();
+    assert!(created(&mut s, 1).is_none());
+
+    // Removed: the hub hears of it; the replica drops the subsystem.
+    s.remove_function(0).unwrap();
+    assert!(
+        s.replication
+            .fn_events
+            .iter()
+            .any(|e| matches!(e, FnEvent::Changed(n) if n == nqn)),
+        "{:?}",
+        s.replication.fn_events
+    );
+    s.replication.fn_events.clear();
+    replica.remove_subsystem(nqn).unwrap();
+    for _ in 0..50 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    assert_eq!(s.functions[0].slot, keel_mgmt::SlotState::Free);
+    // Its shared RAM goes with the last holder (here: this test's copy of the description).
+    let ram = region.watch();
+    drop(sub);
+    assert!(
+        ram.upgrade().is_none(),
+        "the removed function's RAM is freed"
+    );
+
+    // Created again on the slot (encrypted): announced again, taken again.
+    s.create_function(&one_mib_function(0, nqn, FunctionCipher::Aes256Xts))
+        .unwrap();
+    let again = created(&mut s, 0).expect("announced again");
+    assert!(again.namespaces[0].key.is_some());
+    let ReplicaSource::Ram(region2) = &again.namespaces[0].source else {
+        panic!("a RAM namespace in a shared region: {again:?}")
+    };
+    keel_storage::BlockBackend::read_now(&mut region2.handle(1), 100, 8, &mut direct).unwrap();
+    assert!(
+        direct.iter().all(|&b| b == 0),
+        "a new function's storage starts zeroed"
+    );
+    assert!(add_replica_subsystem(
+        &mut replica,
+        &mut shares,
+        &again,
+        &mut |_, _| None
+    ));
+    assert_eq!(replica.namespace_views().count(), 1);
+
+    // One core: no hub, nothing announced.
+    let mut one = build(RamSharing::None);
+    one.create_function(&one_mib_function(0, nqn, FunctionCipher::None))
+        .unwrap();
+    assert!(one.replication.fn_events.is_empty());
+}

@@ -75,6 +75,12 @@ impl Rig {
 
     /// [`Rig::boot`] with more `qemu/run` options.
     fn boot_with(name: &str, n: usize, append: Option<&str>, extra: &[&str]) -> Rig {
+        Self::boot_live(name, n, n, append, extra)
+    }
+
+    /// [`Rig::boot_with`] where only the first `live` windows get a function at boot (the
+    /// others are free slots: `keel.fn.boot=LIVE` in `append`).
+    fn boot_live(name: &str, n: usize, live: usize, append: Option<&str>, extra: &[&str]) -> Rig {
         let turn = serial();
         keelctl();
         let windows: Vec<ScratchFile> = (0..n)
@@ -106,7 +112,7 @@ impl Rig {
             .unwrap_or_else(|e| panic!("{e}"));
         // The firmware publishes a window's header before the function's first poll writes
         // CAP; a host that starts right after `keel: ready` can see CAP = 0 (reported).
-        for w in &windows {
+        for w in windows.iter().take(live) {
             let win = Window::open(w.path()).expect("mapping a window");
             let t0 = Instant::now();
             while win.load64(CAP) & 0xFFFF == 0 {
@@ -1135,4 +1141,193 @@ fn a_function_s_io_queues_are_served_on_every_core() {
         rig.assert_healthy();
         drop(rig);
     }
+}
+
+/// Waits (10 s at most) until the console has `needle` at least `n` times.
+fn console_has_n(rig: &Rig, needle: &str, n: usize) {
+    let t0 = Instant::now();
+    while rig.qemu.console().matches(needle).count() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{needle:?} not {n} times on the console:\n{}",
+            rig.qemu.console()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `keelctl function ARGS --device MGMT --key DEV_KEY` (development key), which must succeed.
+fn function_ok(mgmt: &str, args: &[&str]) -> String {
+    let key = root()
+        .join("qemu/dev-keys/provision.key")
+        .display()
+        .to_string();
+    let mut all = vec!["function", args[0], "--device", mgmt, "--key", &key];
+    all.extend_from_slice(&args[1..]);
+    keel_tests::keelctl_ok(&all)
+}
+
+/// Issue 17, a function created live at `--smp 2` (a free slot, `keelctl function create`
+/// with a RAM namespace) gets its I/O queues spread like a boot function's: its RAM is made
+/// in a shared region, core 0 has core 1 add its subsystem to the functions' replica, and
+/// I/O queue 1 is served on core 1. A host writes, verifies and benches through it with 2
+/// queues, writes data and reads it back through the function and over NVMe/TCP (core 0's
+/// target, the same memory); core 1's command count grows. Then the function is removed
+/// (core 1 drops the subsystem once the pairs are home) and created again on the same slot
+/// with the same NQN: its pairs are spread again and everything works again. A third time
+/// its namespace is a slice of QEMU's NVMe drive (core 1 reaches it through its own I/O
+/// queue pair on the drive), which then holds what the host wrote.
+#[test]
+fn a_function_created_live_has_its_io_queues_served_on_every_core() {
+    let mport = free_port();
+    let mp = mport.to_string();
+    let disk = ScratchFile::new("live-every-core-drive.img", 64 << 20);
+    let dp = disk.path().display().to_string();
+    let rig = Rig::boot_live(
+        "live-every-core",
+        1,
+        0,
+        // The NVMe/TCP subsystem on RAM: the drive is free for the function's slice.
+        Some("keel.fn.boot=0 keel.ram=16"),
+        &["--smp", "2", "--mgmt-port", &mp, "--disk", &dp],
+    );
+    let mgmt = format!("127.0.0.1:{mport}");
+    let nqn = "nqn.2026-12.test.live:every-core";
+    let w = rig.window(0);
+    for (round, ns) in [
+        (1usize, "ram:32MiB"),
+        (2, "ram:32MiB"),
+        (3, "drive:0:1:8MiB:32MiB"),
+    ] {
+        let core1_before = function_commands(&mgmt, 1);
+        let out = function_ok(&mgmt, &["create", "--slot", "0", "--nqn", nqn, "--ns", ns]);
+        assert!(out.contains("slot 0 (pf): created"), "{out}");
+        console_has_n(
+            &rig,
+            &format!("fnq: function 0 created live ({nqn}): I/O queue q served on core q % 2"),
+            round,
+        );
+        console_has_n(
+            &rig,
+            &format!("fnq: core 1 serves I/O queue pairs of the emulated function of {nqn} too"),
+            round,
+        );
+        let r = ok(
+            w,
+            &[
+                "bench", "--ios", "3000", "--rw", "write", "--qd", "8", "--queues", "2", "--json",
+            ],
+        );
+        assert!(r.stdout.contains("\"ios\": 3000"), "{}", r.stdout);
+        console_has_n(
+            &rig,
+            &format!("fnq: core 1 serves I/O queue 1 of function 0 ({nqn}"),
+            round,
+        );
+        let r = ok(
+            w,
+            &["verify", "--lba", "0", "--count", "8000", "--qd", "16"],
+        );
+        assert!(r.stdout.contains(": OK in"), "{}", r.stdout);
+        let r = ok(
+            w,
+            &[
+                "bench", "--ios", "2000", "--rw", "mix", "--qd", "16", "--queues", "2", "--json",
+            ],
+        );
+        assert!(r.stdout.contains("\"ios\": 2000"), "{}", r.stdout);
+        // Data written and read back through the function, and read over NVMe/TCP.
+        let data = noise(1 << 20, 40 + round as u64);
+        let input = rig.file("live-in.bin");
+        std::fs::write(&input, &data).unwrap();
+        ok(
+            w,
+            &["write", "--lba", "4096", "-i", input.to_str().unwrap()],
+        );
+        let out = rig.file("live-out.bin");
+        ok(
+            w,
+            &[
+                "read",
+                "--lba",
+                "4096",
+                "--count",
+                "2048",
+                "-o",
+                out.to_str().unwrap(),
+                "--qd",
+                "4",
+            ],
+        );
+        assert!(std::fs::read(&out).unwrap() == data, "read back differs");
+        let over_tcp = rig.file("live-tcp.bin");
+        let r = run_bounded(
+            Command::new(keelctl()).args([
+                "nvme",
+                "read",
+                "--addr",
+                &rig.nvmf,
+                "--nqn",
+                nqn,
+                "--lba",
+                "4096",
+                "--count",
+                "2048",
+                "-o",
+                over_tcp.to_str().unwrap(),
+            ]),
+            RUN_TIMEOUT,
+        );
+        assert_eq!(r.code, 0, "NVMe/TCP read of {nqn}: {}", r.stderr);
+        assert!(
+            std::fs::read(&over_tcp).unwrap() == data,
+            "NVMe/TCP (core 0) reads what the function's queues wrote"
+        );
+        if ns.starts_with("drive") {
+            // On the drive itself, 8 MiB into it (QEMU's NVMe device writes through to the
+            // file; 512-byte blocks), through core 1's own pair on the drive too.
+            let bytes = std::fs::read(disk.path()).unwrap();
+            let at = (8 << 20) + 4096 * 512;
+            assert!(
+                bytes[at..at + data.len()] == data[..],
+                "the drive holds what the host wrote"
+            );
+            let m = keel_tests::keelctl_ok(&["metrics", "--device", &mgmt]);
+            let core1: u64 = m
+                .lines()
+                .filter(|l| {
+                    l.starts_with("keel_drive_queue_commands_total{") && l.contains("core=\"1\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            assert!(core1 > 0, "core 1's drive pair took no command:\n{m}");
+        }
+        // Core 1 served commands of this function in this round; core 0 the admin queue's.
+        let core1 = function_commands(&mgmt, 1);
+        assert!(
+            core1 > core1_before,
+            "core 1 served no command of the function created live (round {round}: {core1_before} -> {core1})"
+        );
+        assert!(function_commands(&mgmt, 0) > 0);
+        eprintln!(
+            "round {round}: core 1 served {} commands",
+            core1 - core1_before
+        );
+        // Removed: the slot frees, core 1 drops the subsystem.
+        let out = function_ok(&mgmt, &["remove", "--slot", "0"]);
+        assert!(out.contains("slot 0"), "{out}");
+        console_has_n(&rig, "pcie-fn0: slot free", round);
+        console_has_n(
+            &rig,
+            &format!("fnq: core 1 no longer serves pairs of {nqn}"),
+            round,
+        );
+    }
+    let console = rig.qemu.console();
+    assert!(!console.contains("fnq: namespaces changed"), "{console}");
+    assert!(
+        !console.contains("keeps its I/O queues on core 0"),
+        "{console}"
+    );
+    rig.assert_healthy();
 }
