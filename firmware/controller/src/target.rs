@@ -269,6 +269,8 @@ pub(crate) struct Queue {
     pub sqhd: u16,
     pub sqflow_disabled: bool,
     pub disconnected: bool,
+    /// Its I/O is served by another core ([`Target::served_elsewhere`]).
+    pub elsewhere: bool,
     /// The transport that opened the queue (see [`QueueId::owner`]).
     pub owner: u16,
     pub slots: Vec<Slot>,
@@ -1055,6 +1057,7 @@ impl Target {
             let q = &mut self.queues[i];
             q.state = QState::Open;
             q.disconnected = false;
+            q.elsewhere = false;
             q.sqflow_disabled = false;
             q.sqhd = 0;
             q.owner = owner;
@@ -1073,6 +1076,7 @@ impl Target {
             sqhd: 0,
             sqflow_disabled: false,
             disconnected: false,
+            elsewhere: false,
             owner,
             slots: Vec::new(),
         });
@@ -1182,12 +1186,18 @@ impl Target {
                     if let Some(p) = self.scratch_wait.iter().position(|&x| x == h) {
                         self.scratch_wait.remove(p);
                     }
-                    if let Some(d) = slot.flow.and_then(|f| self.sched.domain_of(f)) {
-                        self.sched.completed(d);
+                    if let Some(f) = slot.flow {
+                        self.sched.finished(f);
                     }
                 }
-                // At a backend: its completion frees the domain (see `poll_backends`).
-                _ => {}
+                // At a backend: its completion frees the domain (see `poll_backends`); its
+                // flow is no longer busy with it (the completion will not find the slot).
+                SlotState::InFlight => {
+                    if let Some(f) = slot.flow {
+                        self.sched.release(f);
+                    }
+                }
+                SlotState::Free => {}
             }
             let slot = &mut self.queues[qi].slots[si];
             let req_buf = slot.deferred.take().and_then(|r| r.buf);
@@ -1586,7 +1596,6 @@ impl Target {
             (slot.ns.0 as usize, slot.ns.1 as usize, slot.flow, slot.cost)
         };
         let h = handle(self.hstride, qi, si);
-        let domain = flow.and_then(|f| self.sched.domain_of(f));
         let req = match self.next_request(qi, si, sub, ni) {
             Next::Ready(r) => r,
             Next::Wait => {
@@ -1595,8 +1604,8 @@ impl Target {
                 return None;
             }
             Next::Done => {
-                if let Some(d) = domain {
-                    self.sched.completed(d);
+                if let Some(fl) = flow {
+                    self.sched.finished(fl);
                 }
                 return self.finish_slot(qi, si, Status::SUCCESS, None, now);
             }
@@ -1607,8 +1616,8 @@ impl Target {
             .and_then(|s| s.namespaces.get_mut(ni))
         else {
             // Namespace gone (cannot happen while commands wait for it): fail.
-            if let Some(d) = domain {
-                self.sched.completed(d);
+            if let Some(fl) = flow {
+                self.sched.finished(fl);
             }
             return self.finish_slot(qi, si, Status::INTERNAL_ERROR, req.buf, now);
         };
@@ -1629,8 +1638,8 @@ impl Target {
                     None
                 }
                 RejectReason::Invalid(e) => {
-                    if let Some(d) = domain {
-                        self.sched.completed(d);
+                    if let Some(fl) = flow {
+                        self.sched.finished(fl);
                     }
                     let buf = r.req.buf;
                     self.finish_slot(qi, si, block_status(e), buf, now)
@@ -1897,6 +1906,11 @@ fn complete_io(
     };
     let mut buf = c.buf;
     let slot = &mut p.queues[qi].slots[si];
+    // `poll_backends` freed its place in the domain; its flow is done with it too (a next
+    // step below waits in the flow again).
+    if let Some(fl) = slot.flow {
+        sched.release(fl);
+    }
     if status.is_success()
         && let Some(chain) = slot.chain.as_mut()
     {
