@@ -151,6 +151,8 @@ pub struct FnCore {
     ns_slots: (usize, usize),
     ns_dirty: bool,
     ns_published: u64,
+    /// Its part of each capped drive domain (`crate::shares::CrossCore`).
+    cross_core: crate::shares::CrossCore,
 }
 
 impl core::fmt::Debug for FnCore {
@@ -202,6 +204,11 @@ impl FnCore {
             ns_slots,
             ns_dirty: false,
             ns_published: 0,
+            cross_core: crate::shares::CrossCore::new(
+                crate::shares::demand_row(core, true),
+                &crate::cores::DEMANDS,
+                crate::cores::running_mask,
+            ),
         })
     }
 
@@ -304,6 +311,7 @@ impl FnCore {
             pool,
             pairs,
             stats,
+            cross_core,
             ..
         } = self;
         for s in pairs.iter_mut() {
@@ -318,6 +326,8 @@ impl FnCore {
         for (_, q) in self.drives.iter() {
             busy |= q.borrow_mut().poll(now_ns);
         }
+        // Commands taken in: this core's part of each capped drive domain, then start them.
+        let tended = cross_core.tend(target);
         busy |= target.poll(now, &mut |ev| match ev {
             Event::Completion(q, resp) => match pairs.iter_mut().find(|s| s.q == q) {
                 Some(s) => {
@@ -336,6 +346,8 @@ impl FnCore {
             }
             Event::QueueTerminated(_) => {}
         }) > 0;
+        // What it started is in flight for the other cores' next parts.
+        cross_core.publish(tended, target);
         let mut i = 0;
         while i < pairs.len() {
             let s = &mut pairs[i];
@@ -558,6 +570,9 @@ impl Hub {
                         .get_mut(usize::from(slot))
                         .and_then(|e| e.f.as_mut())
                     {
+                        if let Some(q) = f.core_queue(pair.qid()) {
+                            target.served_elsewhere(q, false);
+                        }
                         f.give_back(*pair);
                     }
                 }
@@ -587,6 +602,9 @@ impl Hub {
                         let adoption = f.core_queue(pair.qid()).and_then(|q| target.adoption(q));
                         match (li, adoption) {
                             (Some(li), Some(adoption)) => {
+                                if let Some(q) = f.core_queue(pair.qid()) {
+                                    target.served_elsewhere(q, true);
+                                }
                                 let port = e.ep.queue_port(pair.qid(), pair.cqid(), pair.vector());
                                 let adopt = Adopt {
                                     slot: slot as u16,

@@ -262,6 +262,8 @@ pub struct Plane {
     lanes: Vec<(u32, RemoteVolume<SocketHandle>)>,
     /// Its slots in this core's [`NS_SHARES`] (first, count).
     ns_slots: (usize, usize),
+    /// Its part of each capped drive domain (`crate::shares::CrossCore`).
+    cross_core: crate::shares::CrossCore,
 }
 
 impl core::fmt::Debug for Plane {
@@ -349,6 +351,11 @@ impl Plane {
             subsystems: kept,
             lanes: Vec::new(),
             ns_slots: (0, 0),
+            cross_core: crate::shares::CrossCore::new(
+                crate::shares::demand_row(core, false),
+                &crate::cores::DEMANDS,
+                crate::cores::running_mask,
+            ),
         };
         // Slots for every namespace its subsystems will have: remote namespaces join the
         // replica later (`on_remote`), and would otherwise find no slot; a few more for
@@ -394,6 +401,7 @@ impl Plane {
             nvmf,
             target,
             lanes,
+            cross_core,
             ..
         } = self;
         let mut busy = net.poll_ingress(now_ns);
@@ -408,7 +416,11 @@ impl Plane {
         for (_, q) in &self.drive_queues {
             busy |= q.borrow_mut().poll(now_ns);
         }
+        // Commands taken in: this core's part of each capped drive domain, then start them.
+        let tended = cross_core.tend(target);
         busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
+        // What it started is in flight for the other cores' next parts.
+        cross_core.publish(tended, target);
         // Removed namespaces whose last command completed (their blocks are no longer
         // touched here): core 0 may now remove them.
         if !self.draining.is_empty() {
@@ -1138,7 +1150,7 @@ impl Holder {
                         .map(|p| p.queue)
                         == Some(q)
                     {
-                        self.reply(pi, resp, links, &services.target);
+                        self.reply(pi, resp, links, &mut services.target);
                     } else if let Some(b) = resp.buf {
                         self.release(links, b);
                     }
@@ -1276,7 +1288,7 @@ impl Holder {
     }
 
     /// Sends a held queue's response to its connection's core.
-    fn reply(&mut self, pi: usize, resp: Response, links: &mut Links, target: &Target) {
+    fn reply(&mut self, pi: usize, resp: Response, links: &mut Links, target: &mut Target) {
         let Some(p) = self.proxies.get_mut(pi).and_then(Option::as_mut) else {
             if let Some(b) = resp.buf {
                 self.release(links, b);
@@ -1293,6 +1305,10 @@ impl Holder {
                 .adoption(p.queue)
                 .filter(|a| self.replicable.contains(&a.subnqn));
             p.adopted = adopt.is_some();
+            if p.adopted {
+                // Its share of the controller's flows is counted on its core from now on.
+                target.served_elsewhere(p.queue, true);
+            }
             p.subsystem = adopt.as_ref().map(|a| a.subnqn.clone());
         }
         let (li, conn) = (p.link, p.conn);
