@@ -327,7 +327,7 @@ impl FnCore {
             busy |= q.borrow_mut().poll(now_ns);
         }
         // Commands taken in: this core's part of each capped drive domain, then start them.
-        let tended = cross_core.tend(target);
+        let tended = cross_core.tend(now_ns, target);
         busy |= target.poll(now, &mut |ev| match ev {
             Event::Completion(q, resp) => match pairs.iter_mut().find(|s| s.q == q) {
                 Some(s) => {
@@ -347,7 +347,7 @@ impl FnCore {
             Event::QueueTerminated(_) => {}
         }) > 0;
         // What it started is in flight for the other cores' next parts.
-        cross_core.publish(tended, target);
+        cross_core.publish(tended, now_ns, target);
         let mut i = 0;
         while i < pairs.len() {
             let s = &mut pairs[i];

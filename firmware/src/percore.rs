@@ -417,10 +417,10 @@ impl Plane {
             busy |= q.borrow_mut().poll(now_ns);
         }
         // Commands taken in: this core's part of each capped drive domain, then start them.
-        let tended = cross_core.tend(target);
+        let tended = cross_core.tend(now_ns, target);
         busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
         // What it started is in flight for the other cores' next parts.
-        cross_core.publish(tended, target);
+        cross_core.publish(tended, now_ns, target);
         // Removed namespaces whose last command completed (their blocks are no longer
         // touched here): core 0 may now remove them.
         if !self.draining.is_empty() {

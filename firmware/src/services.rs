@@ -867,7 +867,7 @@ impl<H: Hw> Services<H> {
             busy |= remotes.poll(now_ns, n, target, plan, served, replication);
         }
         // Commands taken in: this core's part of each capped drive domain, then start them.
-        let tended = cross_core.as_mut().is_some_and(|x| x.tend(target));
+        let tended = cross_core.as_mut().is_some_and(|x| x.tend(now_ns, target));
         let fwd = &mut self.forwarded_events;
         busy |= target.poll(now, &mut |ev| {
             if ev.owner() == crate::nvmf::FORWARD_OWNER {
@@ -878,7 +878,7 @@ impl<H: Hw> Services<H> {
         }) > 0;
         // What it started is in flight for the other cores' next parts.
         if let Some(x) = cross_core.as_mut() {
-            x.publish(tended, target);
+            x.publish(tended, now_ns, target);
         }
         if let Some(n) = net {
             if let Some(s) = nvmf.as_mut() {

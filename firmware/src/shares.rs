@@ -419,24 +419,59 @@ pub struct DomainSharing {
     row: usize,
     /// Slots of its row in use.
     used: usize,
+    /// Per slot: the highest demand and want of the current window, and when it ends.
+    held: [(u32, u32, u64); SHARED_DOMAINS],
 }
+
+/// How long a target's figures hold their peak ([`DomainSharing`]): a deep queue whose
+/// commands arrive in bursts (TCP segments, a busy CPU) would otherwise drop to no demand
+/// between two bursts, the other targets take the whole cap, and it finds no room when its
+/// next burst comes. A millisecond is many passes and a few drive latencies.
+pub const HOLD_NS: u64 = 1_000_000;
 
 impl DomainSharing {
     /// The sharing of the target whose row is `row`.
     pub fn new(row: usize) -> Self {
-        Self { row, used: 0 }
+        Self {
+            row,
+            used: 0,
+            held: [(0, 0, 0); SHARED_DOMAINS],
+        }
+    }
+
+    /// Slot `i`'s figures as published: demand and want at their peak of the current
+    /// [`HOLD_NS`] window (a new window starts from the figures now).
+    fn held(&mut self, i: usize, load: keel_qos::Share, now_ns: u64) -> keel_qos::Share {
+        let h = &mut self.held[i];
+        if now_ns >= h.2 {
+            *h = (load.demand, load.want, now_ns.saturating_add(HOLD_NS));
+        } else {
+            h.0 = h.0.max(load.demand);
+            h.1 = h.1.max(load.want);
+        }
+        keel_qos::Share {
+            demand: h.0,
+            want: h.1,
+            inflight: load.inflight,
+        }
     }
 
     /// Publishes the target's capped domains in its row of `table` (call after the target
     /// started commands too, so that the others see them in flight at once). Returns how
     /// many it has.
-    pub fn publish(&mut self, table: &[DemandRow], target: &impl CappedDomains) -> usize {
+    pub fn publish(
+        &mut self,
+        table: &[DemandRow],
+        now_ns: u64,
+        target: &impl CappedDomains,
+    ) -> usize {
         let Some(mine) = table.get(self.row) else {
             return 0;
         };
         let mut n = 0;
         for c in target.capped().take(SHARED_DOMAINS) {
-            mine.publish(n, c.key, &c.load);
+            let load = self.held(n, c.load, now_ns);
+            mine.publish(n, c.key, &load);
             n += 1;
         }
         for i in n..self.used {
@@ -454,6 +489,7 @@ impl DomainSharing {
         &mut self,
         table: &[DemandRow],
         running: u64,
+        now_ns: u64,
         target: &mut impl CappedDomains,
     ) -> usize {
         if self.row >= table.len() {
@@ -464,12 +500,18 @@ impl DomainSharing {
         for (slot, c) in doms.iter_mut().zip(target.capped()) {
             *slot = Some(c);
         }
-        self.publish(table, target);
+        self.publish(table, now_ns, target);
         let mut shared = 0;
-        for c in doms.iter().flatten() {
-            // This target first, then every other running row with the key (at most 64).
+        for (i, c) in doms.iter().enumerate() {
+            let Some(c) = c else { break };
+            // This target first (its figures as published), then every other running row
+            // with the key (at most 64).
             let mut all = [keel_qos::Share::default(); 64];
-            all[0] = c.load;
+            all[0] = keel_qos::Share {
+                demand: self.held[i].0,
+                want: self.held[i].1,
+                inflight: c.load.inflight,
+            };
             let mut m = 1;
             for (r, row) in table.iter().enumerate() {
                 let core = r % DEMAND_CORES;
@@ -514,20 +556,20 @@ impl CrossCore {
 
     /// [`DomainSharing::tend`], while another core than core 0 runs (one core: nothing
     /// changes, every domain keeps its whole cap). Returns whether it did.
-    pub fn tend(&mut self, target: &mut keel_controller::Target) -> bool {
+    pub fn tend(&mut self, now_ns: u64, target: &mut keel_controller::Target) -> bool {
         let running = (self.running)();
         let on = running & !1 != 0;
         if on {
-            self.sharing.tend(self.table, running, target);
+            self.sharing.tend(self.table, running, now_ns, target);
         }
         on
     }
 
     /// [`DomainSharing::publish`] after the target started commands, when
     /// [`CrossCore::tend`] did this pass.
-    pub fn publish(&mut self, tended: bool, target: &keel_controller::Target) {
+    pub fn publish(&mut self, tended: bool, now_ns: u64, target: &keel_controller::Target) {
         if tended {
-            self.sharing.publish(self.table, target);
+            self.sharing.publish(self.table, now_ns, target);
         }
     }
 }
@@ -739,13 +781,13 @@ mod tests {
         // Idle: once every row is published, each takes one command (the others have the
         // domain too).
         assert_eq!(
-            sharing[0].tend(&table, 0b11, &mut cores[0]),
+            sharing[0].tend(&table, 0b11, 0, &mut cores[0]),
             0,
             "alone so far"
         );
-        assert_eq!(sharing[1].tend(&table, 0b11, &mut cores[1]), 1);
-        assert_eq!(idle_sharing.tend(&table, 0b11, &mut idle), 1);
-        assert_eq!(sharing[0].tend(&table, 0b11, &mut cores[0]), 1);
+        assert_eq!(sharing[1].tend(&table, 0b11, 0, &mut cores[1]), 1);
+        assert_eq!(idle_sharing.tend(&table, 0b11, 0, &mut idle), 1);
+        assert_eq!(sharing[0].tend(&table, 0b11, 0, &mut cores[0]), 1);
         for c in &cores {
             assert_eq!(c.s.cap_in_force(c.d), Some(1));
         }
@@ -753,6 +795,8 @@ mod tests {
         let mut most = 0;
         let steps = 40_000;
         for step in 0..steps {
+            // A step is a microsecond (a pass of each core, the drive's one completion).
+            let now = step as u64 * 1000;
             if let Some((c, fi, h)) = drive.pop_front() {
                 let core = &mut cores[c];
                 core.s.finished(core.flows[fi]);
@@ -771,15 +815,15 @@ mod tests {
                         drive.push_back((c, fi, h));
                     }
                 }
-                sharing[c].tend(&table, 0b11, core);
+                sharing[c].tend(&table, 0b11, now, core);
                 while let Some((h, f)) = core.s.next(0) {
                     let fi = core.flows.iter().position(|&x| x == f).unwrap();
                     drive.push_back((c, fi, h));
                 }
-                sharing[c].publish(&table, core);
+                sharing[c].publish(&table, now, core);
                 most = most.max(drive.len());
             }
-            idle_sharing.tend(&table, 0b11, &mut idle);
+            idle_sharing.tend(&table, 0b11, now, &mut idle);
         }
         let per_flow: Vec<u64> = cores.iter().flat_map(|c| c.done.clone()).collect();
         let (lo, hi) = (
@@ -813,14 +857,14 @@ mod tests {
         let mut b = Core::new(2, 64);
         let mut xa = DomainSharing::new(0);
         let mut xb = DomainSharing::new(1);
-        assert_eq!(xa.tend(&table, 0b11, &mut a), 0);
+        assert_eq!(xa.tend(&table, 0b11, 0, &mut a), 0);
         assert_eq!(a.s.cap_in_force(a.d), Some(64));
-        assert_eq!(xb.tend(&table, 0b11, &mut b), 1);
+        assert_eq!(xb.tend(&table, 0b11, 0, &mut b), 1);
         assert_eq!(b.s.cap_in_force(b.d), Some(1));
         // Core 1 stops running: core 0 is alone again.
-        assert_eq!(xa.tend(&table, 0b01, &mut a), 0);
+        assert_eq!(xa.tend(&table, 0b01, 0, &mut a), 0);
         assert_eq!(a.s.cap_in_force(a.d), Some(64));
-        assert_eq!(xa.tend(&table, 0b11, &mut a), 1);
+        assert_eq!(xa.tend(&table, 0b11, 0, &mut a), 1);
         // B's domain loses its cap: B publishes nothing, A is alone.
         b.cap = 0;
         b.s.set_max_inflight(b.d, 0).unwrap();
@@ -834,9 +878,34 @@ mod tests {
                 unreachable!()
             }
         }
-        assert_eq!(xb.tend(&table, 0b11, &mut Uncapped(&mut b)), 0);
+        assert_eq!(xb.tend(&table, 0b11, 0, &mut Uncapped(&mut b)), 0);
         assert_eq!(table[1].read(7), None, "cleared");
-        assert_eq!(xa.tend(&table, 0b11, &mut a), 0);
+        assert_eq!(xa.tend(&table, 0b11, 0, &mut a), 0);
         assert_eq!(a.s.cap_in_force(a.d), Some(64));
+    }
+
+    /// A target's figures hold their peak for [`HOLD_NS`]: a queue between two bursts keeps
+    /// its demand (and the others leave it its part), an idle one lets it go after that.
+    #[test]
+    fn demand_holds_its_peak_for_a_while() {
+        let table = table();
+        let mut a = Core::new(2, 64);
+        let mut x = DomainSharing::new(1);
+        let read = |t: &[DemandRow]| t[1].read(7).map(|l| (l.demand, l.want));
+        for h in [0, 1, DEPTH] {
+            a.s.enqueue(0, a.flows[(h / DEPTH) as usize], h, READ)
+                .unwrap();
+        }
+        x.tend(&table, 0b11, 0, &mut a);
+        assert_eq!(read(&table), Some((2, 3)));
+        for f in a.flows.clone() {
+            a.s.finished(f);
+        }
+        a.s.finished(a.flows[0]);
+        assert_eq!(a.s.domain_demand(a.d), 0);
+        x.tend(&table, 0b11, HOLD_NS - 1, &mut a);
+        assert_eq!(read(&table), Some((2, 3)), "held");
+        x.tend(&table, 0b11, HOLD_NS, &mut a);
+        assert_eq!(read(&table), Some((0, 0)), "let go");
     }
 }
