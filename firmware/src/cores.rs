@@ -499,8 +499,15 @@ pub static LANE_SHARES: [[crate::shares::LaneQueueShare; SHARED_LANE_QUEUES]; MA
 pub static LANE_VOLUMES: [[crate::shares::LaneVolumeShare; SHARED_LANE_QUEUES]; MAX_CORES] =
     [const { [const { crate::shares::LaneVolumeShare::new() }; SHARED_LANE_QUEUES] }; MAX_CORES];
 
-/// The cores running a poll loop (a bit each).
-pub fn running() -> u64 {
+/// Every target's capped drive domains (`crate::shares::DemandRow`, issue 17): core `k`'s
+/// NVMe/TCP target (core 0's own for core 0) in row `k`, its function replica in row
+/// `MAX_CORES + k`; each written by its own core once a pass, read by every other.
+pub static DEMANDS: [crate::shares::DemandRow; crate::shares::DEMAND_ROWS] =
+    [const { crate::shares::DemandRow::new() }; crate::shares::DEMAND_ROWS];
+const _: () = assert!(crate::shares::DEMAND_CORES == MAX_CORES);
+
+/// The mask of cores running a poll loop (bit `i`: core `i`).
+pub fn running_mask() -> u64 {
     RUNNING.load(Ordering::Acquire)
 }
 

@@ -181,6 +181,8 @@ pub struct FnCore {
     ns_slots: (usize, usize),
     ns_dirty: bool,
     ns_published: u64,
+    /// Its part of each capped drive domain (`crate::shares::CrossCore`).
+    cross_core: crate::shares::CrossCore,
 }
 
 impl core::fmt::Debug for FnCore {
@@ -234,6 +236,11 @@ impl FnCore {
             ns_slots,
             ns_dirty: false,
             ns_published: 0,
+            cross_core: crate::shares::CrossCore::new(
+                crate::shares::demand_row(core, true),
+                &crate::cores::DEMANDS,
+                crate::cores::running_mask,
+            ),
         })
     }
 
@@ -392,6 +399,7 @@ impl FnCore {
             pool,
             pairs,
             stats,
+            cross_core,
             ..
         } = self;
         for s in pairs.iter_mut() {
@@ -406,6 +414,8 @@ impl FnCore {
         for (_, q) in self.drives.iter() {
             busy |= q.borrow_mut().poll(now_ns);
         }
+        // Commands taken in: this core's part of each capped drive domain, then start them.
+        let tended = cross_core.tend(now_ns, target);
         busy |= target.poll(now, &mut |ev| match ev {
             Event::Completion(q, resp) => match pairs.iter_mut().find(|s| s.q == q) {
                 Some(s) => {
@@ -426,6 +436,8 @@ impl FnCore {
         }) > 0;
         // Errors its replica controllers logged go to their controllers' logs on core 0.
         target.take_replica_errors(&mut |e| out(FnMsg::Error(e)));
+        // What it started is in flight for the other cores' next parts.
+        cross_core.publish(tended, now_ns, target);
         let mut i = 0;
         while i < pairs.len() {
             let s = &mut pairs[i];
@@ -729,6 +741,9 @@ impl Hub {
                         .get_mut(usize::from(slot))
                         .and_then(|e| e.f.as_mut())
                     {
+                        if let Some(q) = f.core_queue(pair.qid()) {
+                            target.served_elsewhere(q, false);
+                        }
                         f.give_back(*pair);
                     }
                 }
@@ -765,6 +780,9 @@ impl Hub {
                         let adoption = f.core_queue(pair.qid()).and_then(|q| target.adoption(q));
                         match (li, adoption) {
                             (Some(li), Some(adoption)) => {
+                                if let Some(q) = f.core_queue(pair.qid()) {
+                                    target.served_elsewhere(q, true);
+                                }
                                 let port = e.ep.queue_port(pair.qid(), pair.cqid(), pair.vector());
                                 let adopt = Adopt {
                                     slot: slot as u16,

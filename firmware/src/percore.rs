@@ -275,6 +275,8 @@ pub struct Plane {
     lanes: Vec<(u32, RemoteVolume<SocketHandle>)>,
     /// Its slots in this core's [`NS_SHARES`] (first, count).
     ns_slots: (usize, usize),
+    /// Its part of each capped drive domain (`crate::shares::CrossCore`).
+    cross_core: crate::shares::CrossCore,
 }
 
 impl core::fmt::Debug for Plane {
@@ -362,6 +364,11 @@ impl Plane {
             subsystems: kept,
             lanes: Vec::new(),
             ns_slots: (0, 0),
+            cross_core: crate::shares::CrossCore::new(
+                crate::shares::demand_row(core, false),
+                &crate::cores::DEMANDS,
+                crate::cores::running_mask,
+            ),
         };
         // Slots for every namespace its subsystems will have: remote namespaces join the
         // replica later (`on_remote`), and would otherwise find no slot; a few more for
@@ -410,6 +417,7 @@ impl Plane {
             nvmf,
             target,
             lanes,
+            cross_core,
             ..
         } = self;
         let mut busy = net.poll_ingress(now_ns);
@@ -424,7 +432,11 @@ impl Plane {
         for (_, q) in &self.drive_queues {
             busy |= q.borrow_mut().poll(now_ns);
         }
+        // Commands taken in: this core's part of each capped drive domain, then start them.
+        let tended = cross_core.tend(now_ns, target);
         busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
+        // What it started is in flight for the other cores' next parts.
+        cross_core.publish(tended, now_ns, target);
         // Removed namespaces whose last command completed (their blocks are no longer
         // touched here): core 0 may now remove them.
         if !self.draining.is_empty() {
@@ -1450,7 +1462,8 @@ impl Holder {
                 .filter(|a| self.replicable.contains(&a.subnqn));
             p.adopted = adopt.is_some();
             p.subsystem = adopt.as_ref().map(|a| a.subnqn.clone());
-            // Its commands run on the connection's core: an Abort of one is asked there.
+            // Its commands run on the connection's core from now on: its share of the
+            // controller's flows is counted there, and an Abort of one is asked there.
             target.served_elsewhere(p.queue, p.adopted);
         }
         let (li, conn) = (p.link, p.conn);

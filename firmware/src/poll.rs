@@ -226,6 +226,14 @@ pub fn run(mut platform: Platform, cores: usize) -> ! {
             RamSharing::None
         },
     );
+    if cores > 1 {
+        // Core 0's target takes its part of each capped drive domain with the other cores'.
+        services.cross_core = Some(crate::shares::CrossCore::new(
+            crate::shares::demand_row(0, false),
+            &crate::cores::DEMANDS,
+            crate::cores::running_mask,
+        ));
+    }
     let mut mgmt: Option<MgmtService> = None;
     if let Some(net) = net.as_mut() {
         let plan = services.plan();

@@ -65,7 +65,7 @@ impl Hw for Qemu {
     fn remote_load_elsewhere(volume: u32) -> keel_remote::VolumeLoad {
         crate::shares::lane_volume_totals(
             &crate::cores::LANE_VOLUMES,
-            crate::cores::running(),
+            crate::cores::running_mask(),
             volume,
         )
     }

@@ -162,6 +162,9 @@ pub struct Services<H: Hw> {
     /// What the other cores' replicas follow of live namespace changes
     /// ([`crate::replica`]).
     pub(crate) replication: crate::replica::Replication,
+    /// The split of capped drive domains with the other cores' targets (issue 17), set by
+    /// the image when other cores run; `None`: each domain keeps its whole cap here.
+    pub(crate) cross_core: Option<crate::shares::CrossCore>,
 }
 
 /// Which RAM namespaces are made in shared regions ([`crate::sharedram`]) other cores serve
@@ -760,6 +763,7 @@ impl<H: Hw> Services<H> {
             forwarded_events: Vec::with_capacity(64),
             replicable,
             replication: crate::replica::Replication::new(share_ram == RamSharing::All),
+            cross_core: None,
         }
     }
 
@@ -820,6 +824,7 @@ impl<H: Hw> Services<H> {
             identity,
             qos_rates,
             replication,
+            cross_core,
             ..
         } = self;
         health.tick(identity.flash.as_mut(), now_ns);
@@ -863,6 +868,8 @@ impl<H: Hw> Services<H> {
         if let Some(n) = net.as_deref_mut() {
             busy |= remotes.poll(now_ns, n, target, plan, served, replication);
         }
+        // Commands taken in: this core's part of each capped drive domain, then start them.
+        let tended = cross_core.as_mut().is_some_and(|x| x.tend(now_ns, target));
         let fwd = &mut self.forwarded_events;
         busy |= target.poll(now, &mut |ev| {
             if ev.owner() == crate::nvmf::FORWARD_OWNER {
@@ -871,6 +878,10 @@ impl<H: Hw> Services<H> {
                 route(ev, functions, nvmf.as_mut())
             }
         }) > 0;
+        // What it started is in flight for the other cores' next parts.
+        if let Some(x) = cross_core.as_mut() {
+            x.publish(tended, now_ns, target);
+        }
         if let Some(n) = net {
             if let Some(s) = nvmf.as_mut() {
                 s.flush(n);

@@ -427,6 +427,296 @@ pub fn lane_rows<const N: usize>(
     out
 }
 
+/// Capped drive domains one target publishes (one row of [`DemandRow`]): its slices' domains
+/// on the local drives. A target with more keeps the whole cap on the others.
+pub const SHARED_DOMAINS: usize = 4;
+
+/// One capped domain of one target: its key and its demand in one word, its commands
+/// (waiting and in flight) and those in flight in the other.
+#[derive(Debug)]
+struct DemandSlot {
+    /// (domain key | 1 << 31) << 32 | demand; 0 while unused. Domain keys are below 2^31
+    /// (`crate::plan`), so a used slot is never 0.
+    head: AtomicU64,
+    /// want << 32 | in flight.
+    load: AtomicU64,
+}
+
+/// One target's capped drive domains, for the split of each domain's cap across the targets
+/// (cores) that reach the drive (issue 17): each target (core 0's, each other core's NVMe/TCP
+/// replica, each other core's function replica) owns a row and alone writes it; every target
+/// reads every running target's row once a pass to take its own part ([`DomainSharing`]).
+/// 64 bytes, one cache line: a row's writer shares its line with nobody else's writes.
+///
+/// Ordering: every value is a single word written with a `Relaxed` store, only when it
+/// changed, and read with `Relaxed` loads. The key travels with the demand in one word, so a
+/// reader never pairs one domain's key with another's demand; the second word (commands,
+/// in flight) may be one pass older or newer than the first. Nothing else is published
+/// through the table, so no acquire/release pairing is needed: a reader acts on figures at
+/// most one of the writer's passes old, and the split only has to converge, which it does
+/// once the figures stop changing. What stale figures can cost is bounded: a part is
+/// computed from demands and in-flight counts, and a target whose part shrank starts
+/// nothing until its commands in flight drain below it (see `keel_qos::cap_share`).
+#[derive(Debug)]
+#[repr(align(64))]
+pub struct DemandRow {
+    slots: [DemandSlot; SHARED_DOMAINS],
+}
+
+impl Default for DemandRow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DemandRow {
+    /// An unused row.
+    pub const fn new() -> Self {
+        Self {
+            slots: [const {
+                DemandSlot {
+                    head: AtomicU64::new(0),
+                    load: AtomicU64::new(0),
+                }
+            }; SHARED_DOMAINS],
+        }
+    }
+
+    /// Owner: slot `i` holds domain `key` with `load`.
+    fn publish(&self, i: usize, key: u32, load: &keel_qos::Share) {
+        let head = u64::from(key | 1 << 31) << 32 | u64::from(load.demand);
+        let tail = u64::from(load.want) << 32 | u64::from(load.inflight);
+        let s = &self.slots[i];
+        if s.load.load(Ordering::Relaxed) != tail {
+            s.load.store(tail, Ordering::Relaxed);
+        }
+        if s.head.load(Ordering::Relaxed) != head {
+            s.head.store(head, Ordering::Relaxed);
+        }
+    }
+
+    /// Owner: slot `i` holds nothing.
+    fn clear(&self, i: usize) {
+        let s = &self.slots[i];
+        if s.head.load(Ordering::Relaxed) != 0 {
+            s.head.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Reader: what the row holds for domain `key`, if it has it.
+    fn read(&self, key: u32) -> Option<keel_qos::Share> {
+        let want = u64::from(key | 1 << 31);
+        self.slots.iter().find_map(|s| {
+            let head = s.head.load(Ordering::Relaxed);
+            (head >> 32 == want).then(|| {
+                let load = s.load.load(Ordering::Relaxed);
+                keel_qos::Share {
+                    demand: head as u32,
+                    want: (load >> 32) as u32,
+                    inflight: load as u32,
+                }
+            })
+        })
+    }
+}
+
+/// Cores a [`DemandRow`] table has rows for (`keel_hal::MAX_CORES`, checked where the
+/// image's table is).
+pub const DEMAND_CORES: usize = 64;
+
+/// Rows of [`DemandRow`]: one per core for core 0's target and the NVMe/TCP replicas, one
+/// per core for the function replicas.
+pub const DEMAND_ROWS: usize = 2 * DEMAND_CORES;
+
+/// The row of core `core`'s NVMe/TCP target (core 0's own target for core 0) or of its
+/// function replica (`function`).
+pub const fn demand_row(core: usize, function: bool) -> usize {
+    core + if function { DEMAND_CORES } else { 0 }
+}
+
+/// What [`DomainSharing`] needs of a target: its capped domains and a way to set its part
+/// of each (`keel_controller::Target`; host tests use a bare scheduler).
+pub trait CappedDomains {
+    /// Its capped domains, as [`keel_controller::Target::capped_domains`].
+    fn capped(&self) -> impl Iterator<Item = keel_controller::CappedDomain>;
+    /// Sets its part of `domain`'s cap (0: the whole cap).
+    fn set_part(&mut self, domain: keel_qos::DomainId, part: u32);
+}
+
+impl CappedDomains for keel_controller::Target {
+    fn capped(&self) -> impl Iterator<Item = keel_controller::CappedDomain> {
+        self.capped_domains()
+    }
+
+    fn set_part(&mut self, domain: keel_qos::DomainId, part: u32) {
+        self.set_domain_share(domain, part);
+    }
+}
+
+/// One target's side of the split of capped drive domains across targets: publishes its
+/// row, reads the others' and sets its part of each cap. Call [`DomainSharing::tend`] once
+/// a pass, between taking in commands and starting them (`Target::poll`); nothing is done
+/// per command, nothing allocates.
+#[derive(Debug)]
+pub struct DomainSharing {
+    row: usize,
+    /// Slots of its row in use.
+    used: usize,
+    /// Per slot: the highest demand and want of the current window, and when it ends.
+    held: [(u32, u32, u64); SHARED_DOMAINS],
+}
+
+/// How long a target's figures hold their peak ([`DomainSharing`]): a deep queue whose
+/// commands arrive in bursts (TCP segments, a busy CPU) would otherwise drop to no demand
+/// between two bursts, the other targets take the whole cap, and it finds no room when its
+/// next burst comes. A millisecond is many passes and a few drive latencies.
+pub const HOLD_NS: u64 = 1_000_000;
+
+impl DomainSharing {
+    /// The sharing of the target whose row is `row`.
+    pub fn new(row: usize) -> Self {
+        Self {
+            row,
+            used: 0,
+            held: [(0, 0, 0); SHARED_DOMAINS],
+        }
+    }
+
+    /// Slot `i`'s figures as published: demand and want at their peak of the current
+    /// [`HOLD_NS`] window (a new window starts from the figures now).
+    fn held(&mut self, i: usize, load: keel_qos::Share, now_ns: u64) -> keel_qos::Share {
+        let h = &mut self.held[i];
+        if now_ns >= h.2 {
+            *h = (load.demand, load.want, now_ns.saturating_add(HOLD_NS));
+        } else {
+            h.0 = h.0.max(load.demand);
+            h.1 = h.1.max(load.want);
+        }
+        keel_qos::Share {
+            demand: h.0,
+            want: h.1,
+            inflight: load.inflight,
+        }
+    }
+
+    /// Publishes the target's capped domains in its row of `table` (call after the target
+    /// started commands too, so that the others see them in flight at once). Returns how
+    /// many it has.
+    pub fn publish(
+        &mut self,
+        table: &[DemandRow],
+        now_ns: u64,
+        target: &impl CappedDomains,
+    ) -> usize {
+        let Some(mine) = table.get(self.row) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in target.capped().take(SHARED_DOMAINS) {
+            let load = self.held(n, c.load, now_ns);
+            mine.publish(n, c.key, &load);
+            n += 1;
+        }
+        for i in n..self.used {
+            mine.clear(i);
+        }
+        self.used = n;
+        n
+    }
+
+    /// Publishes the target's capped domains in its row of `table`, then gives each domain
+    /// its part of the cap from every row in `running` (a mask of cores: their NVMe/TCP and
+    /// function rows) that has the domain's key. A domain no other row has keeps the whole
+    /// cap (share 0). Returns how many domains are shared with another row.
+    pub fn tend(
+        &mut self,
+        table: &[DemandRow],
+        running: u64,
+        now_ns: u64,
+        target: &mut impl CappedDomains,
+    ) -> usize {
+        if self.row >= table.len() {
+            return 0;
+        }
+        let mut doms: [Option<keel_controller::CappedDomain>; SHARED_DOMAINS] =
+            [None; SHARED_DOMAINS];
+        for (slot, c) in doms.iter_mut().zip(target.capped()) {
+            *slot = Some(c);
+        }
+        self.publish(table, now_ns, target);
+        let mut shared = 0;
+        for (i, c) in doms.iter().enumerate() {
+            let Some(c) = c else { break };
+            // This target first (its figures as published), then every other running row
+            // with the key (at most 64).
+            let mut all = [keel_qos::Share::default(); 64];
+            all[0] = keel_qos::Share {
+                demand: self.held[i].0,
+                want: self.held[i].1,
+                inflight: c.load.inflight,
+            };
+            let mut m = 1;
+            for (r, row) in table.iter().enumerate() {
+                let core = r % DEMAND_CORES;
+                if r == self.row || core >= 64 || running & (1 << core) == 0 || m == all.len() {
+                    continue;
+                }
+                if let Some(load) = row.read(c.key) {
+                    all[m] = load;
+                    m += 1;
+                }
+            }
+            let part = if m == 1 {
+                0
+            } else {
+                shared += 1;
+                keel_qos::cap_share(c.cap, 0, &all[..m])
+            };
+            target.set_part(c.domain, part);
+        }
+        shared
+    }
+}
+
+/// A target's [`DomainSharing`] with the table it shares and the mask of running cores
+/// (the image's statics, `crate::cores`): what a poll loop holds.
+#[derive(Debug)]
+pub struct CrossCore {
+    sharing: DomainSharing,
+    table: &'static [DemandRow],
+    running: fn() -> u64,
+}
+
+impl CrossCore {
+    /// The sharing of the target whose row of `table` is `row`.
+    pub fn new(row: usize, table: &'static [DemandRow], running: fn() -> u64) -> Self {
+        Self {
+            sharing: DomainSharing::new(row),
+            table,
+            running,
+        }
+    }
+
+    /// [`DomainSharing::tend`], while another core than core 0 runs (one core: nothing
+    /// changes, every domain keeps its whole cap). Returns whether it did.
+    pub fn tend(&mut self, now_ns: u64, target: &mut keel_controller::Target) -> bool {
+        let running = (self.running)();
+        let on = running & !1 != 0;
+        if on {
+            self.sharing.tend(self.table, running, now_ns, target);
+        }
+        on
+    }
+
+    /// [`DomainSharing::publish`] after the target started commands, when
+    /// [`CrossCore::tend`] did this pass.
+    pub fn publish(&mut self, tended: bool, now_ns: u64, target: &keel_controller::Target) {
+        if tended {
+            self.sharing.publish(self.table, now_ns, target);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -642,5 +932,210 @@ mod tests {
         shares[1][0].publish(9, &q(0, 5, QueueState::Live, 1, 0));
         assert_eq!(lane_rows(&shares, 0b111, 9), vec![(0, 1, 5, "live", 1, 0)]);
         assert_eq!(lane_rows(&shares, 0b111, 7).len(), 2);
+    }
+
+    /// A core's target reduced to its scheduler: one capped domain (key 7) and its flows.
+    struct Core {
+        s: keel_qos::Scheduler,
+        d: keel_qos::DomainId,
+        cap: u32,
+        flows: Vec<keel_qos::FlowId>,
+        free: Vec<u32>,
+        done: Vec<u64>,
+    }
+
+    const DEPTH: u32 = 128;
+    const READ: keel_qos::Cost = keel_qos::Cost {
+        dir: keel_qos::Dir::Read,
+        bytes: 4096,
+    };
+
+    impl Core {
+        fn new(flows: usize, cap: u32) -> Self {
+            let handles = flows as u32 * DEPTH;
+            let mut s = keel_qos::Scheduler::new(handles);
+            let d = s.add_domain(cap).unwrap();
+            let flows = (0..flows).map(|_| s.add_flow(d, 1, &[]).unwrap()).collect();
+            Self {
+                s,
+                d,
+                cap,
+                done: alloc::vec![0; handles as usize / DEPTH as usize],
+                flows,
+                free: (0..handles).rev().collect(),
+            }
+        }
+    }
+
+    impl CappedDomains for Core {
+        fn capped(&self) -> impl Iterator<Item = keel_controller::CappedDomain> {
+            core::iter::once(keel_controller::CappedDomain {
+                key: 7,
+                domain: self.d,
+                cap: self.cap,
+                load: keel_qos::Share {
+                    demand: self.s.domain_demand(self.d),
+                    want: self.s.domain_want(self.d),
+                    inflight: self.s.inflight(self.d),
+                },
+            })
+        }
+
+        fn set_part(&mut self, domain: keel_qos::DomainId, part: u32) {
+            self.s.set_share(domain, part).unwrap();
+        }
+    }
+
+    fn table() -> Vec<DemandRow> {
+        (0..DEMAND_ROWS).map(|_| DemandRow::new()).collect()
+    }
+
+    /// The QEMU test `eight_connections_share_a_saturated_drive_evenly` at `--smp 2` on the
+    /// host: five connections' flows on core 0, three on core 1, QD128 each, one drive capped
+    /// at 64 that completes its oldest command at every step. Each core publishes and takes
+    /// its part once a pass through the table, between taking commands in and starting them.
+    /// Every flow gets the same service, and the drive holds at most the cap plus the one
+    /// command a core's part cannot go below, also while the cores start (the figures a core
+    /// reads are one of the other's passes old).
+    #[test]
+    fn two_cores_split_a_capped_drive_by_their_flows() {
+        let table = table();
+        let mut cores = [Core::new(5, 64), Core::new(3, 64)];
+        let mut sharing = [
+            DomainSharing::new(demand_row(0, false)),
+            DomainSharing::new(demand_row(1, false)),
+        ];
+        // Core 1's function replica reaches the drive too, idle.
+        let mut idle = Core::new(1, 64);
+        let mut idle_sharing = DomainSharing::new(demand_row(1, true));
+        // Idle: once every row is published, each takes one command (the others have the
+        // domain too).
+        assert_eq!(
+            sharing[0].tend(&table, 0b11, 0, &mut cores[0]),
+            0,
+            "alone so far"
+        );
+        assert_eq!(sharing[1].tend(&table, 0b11, 0, &mut cores[1]), 1);
+        assert_eq!(idle_sharing.tend(&table, 0b11, 0, &mut idle), 1);
+        assert_eq!(sharing[0].tend(&table, 0b11, 0, &mut cores[0]), 1);
+        for c in &cores {
+            assert_eq!(c.s.cap_in_force(c.d), Some(1));
+        }
+        let mut drive: alloc::collections::VecDeque<(usize, usize, u32)> = Default::default();
+        let mut most = 0;
+        let steps = 40_000;
+        for step in 0..steps {
+            // A step is a microsecond (a pass of each core, the drive's one completion).
+            let now = step as u64 * 1000;
+            if let Some((c, fi, h)) = drive.pop_front() {
+                let core = &mut cores[c];
+                core.s.finished(core.flows[fi]);
+                if step >= steps / 4 {
+                    core.done[fi] += 1;
+                }
+                core.free.push(h);
+            }
+            for c in 0..2 {
+                let core = &mut cores[c];
+                let mut spare = core::mem::take(&mut core.free);
+                spare.sort_unstable();
+                for h in spare {
+                    let fi = (h / DEPTH) as usize;
+                    if core.s.enqueue(0, core.flows[fi], h, READ).unwrap() == keel_qos::Admit::Now {
+                        drive.push_back((c, fi, h));
+                    }
+                }
+                sharing[c].tend(&table, 0b11, now, core);
+                while let Some((h, f)) = core.s.next(0) {
+                    let fi = core.flows.iter().position(|&x| x == f).unwrap();
+                    drive.push_back((c, fi, h));
+                }
+                sharing[c].publish(&table, now, core);
+                most = most.max(drive.len());
+            }
+            idle_sharing.tend(&table, 0b11, now, &mut idle);
+        }
+        let per_flow: Vec<u64> = cores.iter().flat_map(|c| c.done.clone()).collect();
+        let (lo, hi) = (
+            per_flow.iter().min().unwrap(),
+            per_flow.iter().max().unwrap(),
+        );
+        assert!(*hi as f64 / *lo as f64 <= 1.05, "{per_flow:?}");
+        assert!(most <= 64 + 1, "the drive held {most}");
+        assert_eq!(
+            (
+                cores[0].s.cap_in_force(cores[0].d),
+                cores[1].s.cap_in_force(cores[1].d)
+            ),
+            (Some(40), Some(24))
+        );
+        // What the rows say: core 0's five flows, core 1's three, the idle replica's none.
+        let read = |r: usize| table[r].read(7).map(|l| (l.demand, l.inflight));
+        assert_eq!(read(0), Some((5, 40)));
+        assert_eq!(read(1), Some((3, 24)));
+        assert_eq!(read(demand_row(1, true)), Some((0, 0)));
+        assert_eq!(read(2), None);
+    }
+
+    /// Alone (another core runs but has no row with the domain, or is not running), a
+    /// target keeps the whole cap; a row whose target lost its domains is cleared; a domain
+    /// with no cap is not published.
+    #[test]
+    fn a_target_alone_on_its_drive_keeps_the_whole_cap() {
+        let table = table();
+        let mut a = Core::new(2, 64);
+        let mut b = Core::new(2, 64);
+        let mut xa = DomainSharing::new(0);
+        let mut xb = DomainSharing::new(1);
+        assert_eq!(xa.tend(&table, 0b11, 0, &mut a), 0);
+        assert_eq!(a.s.cap_in_force(a.d), Some(64));
+        assert_eq!(xb.tend(&table, 0b11, 0, &mut b), 1);
+        assert_eq!(b.s.cap_in_force(b.d), Some(1));
+        // Core 1 stops running: core 0 is alone again.
+        assert_eq!(xa.tend(&table, 0b01, 0, &mut a), 0);
+        assert_eq!(a.s.cap_in_force(a.d), Some(64));
+        assert_eq!(xa.tend(&table, 0b11, 0, &mut a), 1);
+        // B's domain loses its cap: B publishes nothing, A is alone.
+        b.cap = 0;
+        b.s.set_max_inflight(b.d, 0).unwrap();
+        assert_eq!(b.capped().count(), 1);
+        struct Uncapped<'a>(&'a mut Core);
+        impl CappedDomains for Uncapped<'_> {
+            fn capped(&self) -> impl Iterator<Item = keel_controller::CappedDomain> {
+                core::iter::empty()
+            }
+            fn set_part(&mut self, _: keel_qos::DomainId, _: u32) {
+                unreachable!()
+            }
+        }
+        assert_eq!(xb.tend(&table, 0b11, 0, &mut Uncapped(&mut b)), 0);
+        assert_eq!(table[1].read(7), None, "cleared");
+        assert_eq!(xa.tend(&table, 0b11, 0, &mut a), 0);
+        assert_eq!(a.s.cap_in_force(a.d), Some(64));
+    }
+
+    /// A target's figures hold their peak for [`HOLD_NS`]: a queue between two bursts keeps
+    /// its demand (and the others leave it its part), an idle one lets it go after that.
+    #[test]
+    fn demand_holds_its_peak_for_a_while() {
+        let table = table();
+        let mut a = Core::new(2, 64);
+        let mut x = DomainSharing::new(1);
+        let read = |t: &[DemandRow]| t[1].read(7).map(|l| (l.demand, l.want));
+        for h in [0, 1, DEPTH] {
+            a.s.enqueue(0, a.flows[(h / DEPTH) as usize], h, READ)
+                .unwrap();
+        }
+        x.tend(&table, 0b11, 0, &mut a);
+        assert_eq!(read(&table), Some((2, 3)));
+        for f in a.flows.clone() {
+            a.s.finished(f);
+        }
+        a.s.finished(a.flows[0]);
+        assert_eq!(a.s.domain_demand(a.d), 0);
+        x.tend(&table, 0b11, HOLD_NS - 1, &mut a);
+        assert_eq!(read(&table), Some((2, 3)), "held");
+        x.tend(&table, 0b11, HOLD_NS, &mut a);
+        assert_eq!(read(&table), Some((0, 0)), "let go");
     }
 }

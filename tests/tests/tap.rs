@@ -2446,10 +2446,12 @@ fn a_pushed_namespace_change_keeps_core_1_serving() {
     // core 0's target).
     for (core, b) in [(1, gone1), (0, gone0)] {
         let (code, out) = b.finish();
-        assert_ne!(code, 0, "namespace 3 on core {core} kept working:\n{out}");
+        let head: String = out.lines().take(12).collect::<Vec<_>>().join("\n");
+        assert_ne!(code, 0, "namespace 3 on core {core} kept working:\n{head}");
         assert!(
             out.contains("Invalid Namespace"),
-            "namespace 3 on core {core}:\n{out}"
+            "namespace 3 on core {core}:\n{head}\nconsole:\n{}",
+            q.console()
         );
     }
     // Namespace 1's connection still runs on core 1 (its commands counted there) and ends
@@ -2459,7 +2461,8 @@ fn a_pushed_namespace_change_keeps_core_1_serving() {
     let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
     assert!(
         c1[1] - c0[1] >= 100 && c1[0] - c0[0] < 50,
-        "after the push, namespace 1's connection on core 1: {c0:?} -> {c1:?}"
+        "after the push, namespace 1's connection on core 1: {c0:?} -> {c1:?}\nconsole:\n{}",
+        q.console()
     );
     let (code, out) = keep.finish();
     assert_eq!(code, 0, "namespace 1's connection on core 1:\n{out}");

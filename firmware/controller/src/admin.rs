@@ -1015,11 +1015,8 @@ impl Target {
             if let Some(p) = self.scratch_wait.iter().position(|&x| x == h) {
                 self.scratch_wait.remove(p);
             }
-            if let Some(d) = self.queues[tqi].slots[si]
-                .flow
-                .and_then(|f| self.sched.domain_of(f))
-            {
-                self.sched.completed(d);
+            if let Some(f) = self.queues[tqi].slots[si].flow {
+                self.sched.finished(f);
             }
         }
         let buf = self.queues[tqi].slots[si]

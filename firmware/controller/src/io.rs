@@ -371,8 +371,8 @@ impl Target {
             NowData::ReadSplit(a, b) => ns.backend.read_now_split(rw.slba, blocks, a, b),
             NowData::Write(d) => ns.backend.write_now(rw.slba, blocks, d),
         };
-        if let Some(d) = flow.and_then(|f| self.sched.domain_of(f)) {
-            self.sched.completed(d);
+        if let Some(f) = flow {
+            self.sched.finished(f);
         }
         let status = result.map_or_else(block_status, |()| Status::SUCCESS);
         self.finish_slot(qi, slot_i, status, None, now)

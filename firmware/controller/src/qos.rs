@@ -19,7 +19,24 @@ use crate::config::*;
 use crate::target::*;
 use alloc::string::String;
 use alloc::vec::Vec;
-use keel_qos::{FlowStats, LimiterId};
+use keel_qos::{DomainId, FlowStats, LimiterId, Share};
+
+/// Units of a weight in [`Target::split_demand`].
+pub const DEMAND_UNIT: u32 = 1024;
+
+/// A capped domain of a target ([`Target::capped_domains`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CappedDomain {
+    /// Its key ([`NamespaceQos::domain`]): the same in every target reaching the backend.
+    pub key: u32,
+    /// The domain in this target's scheduler.
+    pub domain: DomainId,
+    /// Its configured cap (`[qos] drive_max_inflight`).
+    pub cap: u32,
+    /// Its demand (the weights of its flows with commands waiting or in flight), its
+    /// commands waiting and in flight, and those in flight.
+    pub load: Share,
+}
 
 impl Target {
     /// The limits of a new controller of `hostnqn`: its own rule, else the `*` rule.
@@ -207,6 +224,83 @@ impl Target {
         self.sched
             .set_limits(id, limits, now)
             .map_err(|_| TargetError::UnknownQueue)
+    }
+
+    /// The capped domains its namespaces share by key (slices of one drive namespace, or a
+    /// whole one), with what the firmware publishes of each for other targets (other cores)
+    /// reaching the same backend: they have the same key, and each takes its part of the cap
+    /// ([`keel_qos::cap_share`], [`Target::set_domain_share`]). Uncapped domains are left
+    /// out: their sharing across targets rests on the backend's own arbitration. Nothing
+    /// allocates.
+    pub fn capped_domains(&self) -> impl Iterator<Item = CappedDomain> + '_ {
+        self.shared_domains.iter().filter_map(|&(key, domain, _)| {
+            let cap = self.sched.max_inflight(domain).filter(|&c| c > 0)?;
+            Some(CappedDomain {
+                key,
+                domain,
+                cap,
+                load: Share {
+                    demand: self.split_demand(domain),
+                    want: self.sched.domain_want(domain),
+                    inflight: self.sched.inflight(domain),
+                },
+            })
+        })
+    }
+
+    /// A domain's demand for its split across cores, in 1/[`DEMAND_UNIT`] of a weight: each
+    /// busy flow's weight times its controller's I/O queues served here out of all of them
+    /// (the controller's Number of Queues). A host whose connections landed on several cores
+    /// has one controller, hence a flow per core on each namespace (its replicas'): each core
+    /// counts the part of the flow its queues carry, so the host's connections get the same
+    /// service whichever core they landed on, as they do on one core (one flow, served in
+    /// arrival order). A controller all of whose queues are here counts its whole weight; one
+    /// split across cores whose host connected fewer I/O queues than its Number of Queues
+    /// counts less than its weight in all; a busy flow counts at least 1. Walks the
+    /// controllers (once a pass, not per command).
+    pub fn split_demand(&self, domain: DomainId) -> u32 {
+        let mut demand = 0u32;
+        for c in self.ctrls.iter().flatten() {
+            let (mut here, mut away) = (0u64, false);
+            for q in c.io_qs.iter().flatten() {
+                match self.queue_index(*q) {
+                    Some(qi) if self.queues[qi].elsewhere => away = true,
+                    Some(_) => here += 1,
+                    None => {}
+                }
+            }
+            // Split across cores: its queues here out of its Number of Queues (the same
+            // figure on every core); otherwise all of it is here.
+            let (here, all) = if c.replica || away {
+                (here, u64::from(c.nr_io_queues).max(here).max(1))
+            } else {
+                (1, 1)
+            };
+            for f in c.flows.iter().flatten() {
+                if self.sched.domain_of(*f) != Some(domain) {
+                    continue;
+                }
+                let w = u64::from(self.sched.flow_demand(*f));
+                if w > 0 {
+                    let part = (w * u64::from(DEMAND_UNIT) * here / all).max(1);
+                    demand = demand.saturating_add(part as u32);
+                }
+            }
+        }
+        demand
+    }
+
+    /// Sets this target's part of a shared domain's cap (0: the whole configured cap), live:
+    /// [`keel_qos::Scheduler::set_share`]. Commands waiting for room start at the next poll
+    /// if the part grew.
+    pub fn set_domain_share(&mut self, domain: DomainId, share: u32) {
+        let _ = self.sched.set_share(domain, share);
+    }
+
+    /// The cap in force on a domain here (its configured cap lowered to this target's
+    /// share; 0: no cap).
+    pub fn domain_cap_in_force(&self, domain: DomainId) -> u32 {
+        self.sched.cap_in_force(domain).unwrap_or(0)
     }
 
     /// When the poll loop should look again for commands held back only by their limits

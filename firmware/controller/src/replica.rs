@@ -29,6 +29,10 @@ pub struct Adoption {
     pub sqsize: u16,
     /// The host disabled SQ flow control at Connect.
     pub sqflow_disabled: bool,
+    /// The controller's I/O queues (its Number of Queues): a core's part of the controller's
+    /// flows in a capped domain shared across cores is its queues out of these
+    /// ([`Target::capped_domains`]).
+    pub nr_io_queues: u16,
 }
 
 /// An entry a replica controller logged in its Error Information log, for the controller
@@ -71,15 +75,6 @@ pub fn subsystem_key(nqn: &str) -> u64 {
 }
 
 impl Target {
-    /// Marks I/O queue `q` as served by another core (`true`: its Connect's adoption was
-    /// handed over; `false`: it came back). An Abort of one of its commands is then asked
-    /// of that core ([`Target::take_abort_requests`]) instead of answered "not aborted".
-    pub fn served_elsewhere(&mut self, q: QueueId, elsewhere: bool) {
-        if let Some(qi) = self.queue_index(q) {
-            self.queues[qi].elsewhere = elsewhere;
-        }
-    }
-
     /// The Aborts to ask other cores for, each once: (the holder's queue of the I/O queue,
     /// the command's CID, the token to answer with). The transport finds the core serving
     /// that queue and answers with [`Target::abort_verdict_from_elsewhere`]; the Abort's
@@ -232,7 +227,19 @@ impl Target {
             qid: queue.qid,
             sqsize: queue.sqsize,
             sqflow_disabled: queue.sqflow_disabled,
+            nr_io_queues: c.nr_io_queues,
         })
+    }
+
+    /// Queue `q`'s I/O is served by another core from now on (its [`Adoption`] was handed
+    /// over; `false`: it came back): it does not count among this target's queues of its
+    /// controller when the controller's flows' demand is split across cores
+    /// ([`Target::split_demand`]), and an Abort of one of its commands is asked of that core
+    /// ([`Target::take_abort_requests`]) instead of answered "not aborted".
+    pub fn served_elsewhere(&mut self, q: QueueId, elsewhere: bool) {
+        if let Some(qi) = self.queue_index(q) {
+            self.queues[qi].elsewhere = elsewhere;
+        }
     }
 
     /// Makes `q` (opened, not yet connected) I/O queue `a.qid` of a replica of controller
@@ -309,6 +316,9 @@ impl Target {
                 self.destroy_controller(ci, None);
             }
             return Err(TargetError::UnknownQueue);
+        }
+        if let Some(Some(c)) = self.ctrls.get_mut(ci) {
+            c.nr_io_queues = c.nr_io_queues.max(a.nr_io_queues);
         }
         self.install_io_queue(ci, qi, a.qid, a.sqsize, a.sqflow_disabled);
         self.queues[qi].sqhd = 1 % (a.sqsize + 1);

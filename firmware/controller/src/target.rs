@@ -1223,12 +1223,18 @@ impl Target {
                     if let Some(p) = self.scratch_wait.iter().position(|&x| x == h) {
                         self.scratch_wait.remove(p);
                     }
-                    if let Some(d) = slot.flow.and_then(|f| self.sched.domain_of(f)) {
-                        self.sched.completed(d);
+                    if let Some(f) = slot.flow {
+                        self.sched.finished(f);
                     }
                 }
-                // At a backend: its completion frees the domain (see `poll_backends`).
-                _ => {}
+                // At a backend: its completion frees the domain (see `poll_backends`); its
+                // flow is no longer busy with it (the completion will not find the slot).
+                SlotState::InFlight => {
+                    if let Some(f) = slot.flow {
+                        self.sched.release(f);
+                    }
+                }
+                SlotState::Free => {}
             }
             let slot = &mut self.queues[qi].slots[si];
             let req_buf = slot.deferred.take().and_then(|r| r.buf);
@@ -1635,7 +1641,6 @@ impl Target {
             (slot.ns.0 as usize, slot.ns.1 as usize, slot.flow, slot.cost)
         };
         let h = handle(self.hstride, qi, si);
-        let domain = flow.and_then(|f| self.sched.domain_of(f));
         let req = match self.next_request(qi, si, sub, ni) {
             Next::Ready(r) => r,
             Next::Wait => {
@@ -1644,8 +1649,8 @@ impl Target {
                 return None;
             }
             Next::Done => {
-                if let Some(d) = domain {
-                    self.sched.completed(d);
+                if let Some(fl) = flow {
+                    self.sched.finished(fl);
                 }
                 return self.finish_slot(qi, si, Status::SUCCESS, None, now);
             }
@@ -1656,8 +1661,8 @@ impl Target {
             .and_then(|s| s.namespaces.get_mut(ni))
         else {
             // Namespace gone (cannot happen while commands wait for it): fail.
-            if let Some(d) = domain {
-                self.sched.completed(d);
+            if let Some(fl) = flow {
+                self.sched.finished(fl);
             }
             return self.finish_slot(qi, si, Status::INTERNAL_ERROR, req.buf, now);
         };
@@ -1678,8 +1683,8 @@ impl Target {
                     None
                 }
                 RejectReason::Invalid(e) => {
-                    if let Some(d) = domain {
-                        self.sched.completed(d);
+                    if let Some(fl) = flow {
+                        self.sched.finished(fl);
                     }
                     let buf = r.req.buf;
                     self.finish_slot(qi, si, block_status(e), buf, now)
@@ -1959,6 +1964,11 @@ fn complete_io(
     };
     let mut buf = c.buf;
     let slot = &mut p.queues[qi].slots[si];
+    // `poll_backends` freed its place in the domain; its flow is done with it too (a next
+    // step below waits in the flow again).
+    if let Some(fl) = slot.flow {
+        sched.release(fl);
+    }
     if status.is_success()
         && let Some(chain) = slot.chain.as_mut()
     {

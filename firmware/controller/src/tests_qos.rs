@@ -357,3 +357,78 @@ fn a_changed_domain_cap_applies_live() {
     h.t.set_namespace_qos(SUB, 1, capped(0)).unwrap();
     assert_eq!(cap(&h), (d, 0, Some(0)));
 }
+
+/// Issue 17: a capped shared domain reports its demand (the weights of its flows with
+/// commands waiting or at the backend) for the firmware's split of the cap across cores,
+/// takes a part of the cap live, and its demand falls back to 0 when the commands complete
+/// or their queues go away with commands at the backend. Status keeps the configured cap.
+#[test]
+fn a_shared_domain_reports_demand_and_takes_its_part_of_the_cap() {
+    let mut cfg = config(64);
+    let shared = NamespaceQos {
+        domain: Some(7),
+        max_inflight: 4,
+        ..Default::default()
+    };
+    cfg.subsystems[0].namespaces[0].qos = NamespaceQos {
+        weight: 3,
+        ..shared.clone()
+    };
+    let mut two = crate::tests::ns(2, 64);
+    two.qos = NamespaceQos {
+        weight: 1,
+        ..shared
+    };
+    cfg.subsystems[0].namespaces.push(two);
+    let mut h = H::with(cfg);
+    let domains = |h: &H| {
+        h.t.capped_domains()
+            .map(|c| (c.key, c.domain, c.cap, c.load.demand / DEMAND_UNIT))
+            .collect::<Vec<_>>()
+    };
+    let [(7, d, 4, 0)] = domains(&h)[..] else {
+        panic!("{:?}", domains(&h));
+    };
+    let (a, c) = h.admin(SUB, HOST, 0);
+    let io = h.io_queue(1, c);
+    // Only namespace 2's flow is busy: demand 1.
+    for i in 0..10u16 {
+        h.send(io, read_sqe(i, 2, 0), Some(IoBuf::leak_zeroed(512)), 512);
+    }
+    assert_eq!(domains(&h), [(7, d, 4, 1)]);
+    for i in 10..30u16 {
+        h.send(io, read_sqe(i, 1, 0), Some(IoBuf::leak_zeroed(512)), 512);
+    }
+    assert_eq!(domains(&h), [(7, d, 4, 4)]);
+    let load = h.t.capped_domains().next().unwrap().load;
+    assert_eq!((load.want, load.inflight), (30, 4));
+    // Half the cap here: no more than 2 at the backend from now on.
+    h.t.set_domain_share(d, 2);
+    assert_eq!(h.t.domain_cap_in_force(d), 2);
+    let v = h.t.namespace_views().find(|v| v.nsid == 1).unwrap();
+    assert_eq!(v.domain_max_inflight, 4, "status shows the configured cap");
+    let mut most_after_first = 0;
+    for k in 0..40 {
+        h.poll();
+        if k > 0 {
+            most_after_first = most_after_first.max(h.t.sched.inflight(d));
+        }
+    }
+    assert_eq!(most_after_first, 2);
+    assert_eq!(successes(&h), 30);
+    assert_eq!(domains(&h), [(7, d, 4, 0)], "idle: no demand");
+    // Commands at the backend when the host goes: their flows leave the demand.
+    h.t.set_domain_share(d, 0);
+    assert_eq!(h.t.domain_cap_in_force(d), 4);
+    for i in 30..40u16 {
+        h.send(io, read_sqe(i, 1, 0), Some(IoBuf::leak_zeroed(512)), 512);
+    }
+    assert_eq!(domains(&h), [(7, d, 4, 3)]);
+    assert_eq!(h.t.sched.inflight(d), 4);
+    h.t.close_queue_after(a, QueueLoss::Abrupt).unwrap();
+    for _ in 0..4 {
+        h.poll();
+    }
+    assert_eq!(domains(&h), [(7, d, 4, 0)]);
+    assert_eq!(h.t.sched.inflight(d), 0);
+}

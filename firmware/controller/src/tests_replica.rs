@@ -213,3 +213,54 @@ fn errors_on_a_replica_reach_the_holder_s_error_log() {
     };
     assert!(!h.t.log_replica_error(&gone));
 }
+
+/// Issue 17: a controller split across cores counts, on each core, the part of its flows
+/// its queues there carry (its queues here out of its Number of Queues), so that one host's
+/// connections get the same share of a capped drive domain whichever core they landed on.
+#[test]
+fn a_split_controller_counts_its_queues_part_of_the_demand() {
+    let cfg = || {
+        let mut cfg = crate::tests::config(64);
+        cfg.subsystems[0].namespaces[0].qos = NamespaceQos {
+            domain: Some(7),
+            max_inflight: 8,
+            weight: 2,
+            ..Default::default()
+        };
+        cfg
+    };
+    let mut holder = H::with(cfg());
+    let (_admin, cntlid) = holder.admin(SUB, crate::tests::HOST, 0);
+    let io1 = holder.io_queue(1, cntlid);
+    let io2 = holder.io_queue(2, cntlid);
+    let read = |cid| {
+        keel_nvme::io::RwCommand::simple(0, 1).to_sqe(keel_nvme::IoOpcode::Read as u8, cid, 1)
+    };
+    let demand = |h: &H| h.t.capped_domains().next().unwrap().load.demand;
+    holder.send(io1, read(1), Some(IoBuf::leak_zeroed(512)), 512);
+    assert_eq!(
+        demand(&holder),
+        2 * DEMAND_UNIT,
+        "all its queues here: its weight"
+    );
+    // Queue 2 goes to another core.
+    let a = holder.t.adoption(io2).unwrap();
+    holder.t.served_elsewhere(io2, true);
+    let nq = u32::from(a.nr_io_queues);
+    assert!(nq >= 2, "{a:?}");
+    assert_eq!(demand(&holder), 2 * DEMAND_UNIT / nq);
+    let mut replica = H::with(cfg());
+    let q = replica.t.open_queue().unwrap();
+    replica.t.adopt_io_queue(replica.now, q, &a).unwrap();
+    assert_eq!(demand(&replica), 0, "idle");
+    replica.send(q, read(2), Some(IoBuf::leak_zeroed(512)), 512);
+    assert_eq!(
+        demand(&replica),
+        2 * DEMAND_UNIT / nq,
+        "one queue each: the same part"
+    );
+    // Idle again once the commands completed.
+    holder.poll();
+    replica.poll();
+    assert_eq!((demand(&holder), demand(&replica)), (0, 0));
+}

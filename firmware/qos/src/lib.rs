@@ -35,5 +35,6 @@ pub use bucket::{Bucket, Rate};
 pub use intake::Intake;
 pub use limiter::{Cost, Dir, Limiter, Limits};
 pub use sched::{
-    Admit, DomainId, FlowId, FlowStats, LimiterId, LimiterStats, SchedError, Scheduler,
+    Admit, DomainId, FlowId, FlowStats, LimiterId, LimiterStats, SchedError, Scheduler, Share,
+    cap_share,
 };

@@ -132,14 +132,34 @@ struct Flow {
     active: bool,
     /// Since when (ns) its head has been held back by a limit, and by which limiter.
     blocked: Option<(u64, u16)>,
+    /// Its commands started and not yet released ([`Scheduler::release`]).
+    inflight: u32,
     stats: FlowStats,
+}
+
+impl Flow {
+    /// Whether the flow counts in its domain's demand: commands waiting or in flight.
+    #[inline(always)]
+    fn busy(&self) -> bool {
+        self.head != NIL || self.inflight > 0
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Domain {
     live: bool,
     inflight: u32,
+    /// The configured cap (0: none).
     max_inflight: u32,
+    /// This scheduler's part of the cap when other schedulers share the backend (0: the
+    /// whole cap), [`Scheduler::set_share`].
+    share: u32,
+    /// The cap in force: `max_inflight` lowered to `share` (0: none).
+    cap: u32,
+    /// Sum of the weights of its busy flows ([`Scheduler::domain_demand`]).
+    demand: u32,
+    /// Its commands waiting.
+    queued: u32,
     saturated: bool,
     vclock: u64,
     /// Flows of this domain with commands waiting.
@@ -148,8 +168,97 @@ struct Domain {
 
 impl Domain {
     fn can_start(&self) -> bool {
-        !self.saturated && (self.max_inflight == 0 || self.inflight < self.max_inflight)
+        !self.saturated && (self.cap == 0 || self.inflight < self.cap)
     }
+
+    /// The cap in force from the configured cap and the share.
+    fn refresh_cap(&mut self) {
+        self.cap = match (self.max_inflight, self.share) {
+            (0, _) => 0,
+            (m, 0) => m,
+            (m, s) => m.min(s),
+        };
+    }
+}
+
+/// What one scheduler (one core) sharing a capped domain with others publishes about it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Share {
+    /// Its demand: the sum of the weights of its busy flows ([`Scheduler::domain_demand`]).
+    pub demand: u32,
+    /// Its commands on the domain, waiting and in flight ([`Scheduler::domain_want`]): more
+    /// than this it cannot use now.
+    pub want: u32,
+    /// Its commands at the backend ([`Scheduler::inflight`]).
+    pub inflight: u32,
+}
+
+/// Scheduler `mine`'s part of a capped domain that the schedulers `all` (one per core,
+/// `mine` among them) share, for [`Scheduler::set_share`].
+///
+/// The cap is split by weight among the schedulers with demand: `cap` × `demand` / (their
+/// total demand), rounded down, the whole cap to one alone. A scheduler that wants less than
+/// that gets what it wants and leaves the rest to the others, by weight again (water
+/// filling), so the split is work-conserving: a QD1 tenant on one core does not keep half
+/// of the drive from a deep one on another; when everyone wants less than the cap, what is
+/// left goes by weight as well. The part is then lowered to the room the others
+/// leave (`cap` − their commands in flight: while a core whose part shrank drains, the one
+/// whose part grew waits for it) and is at least 1: a scheduler with no demand of its own,
+/// or no room left, still starts one command (its demand counts from the next computation).
+/// Parts computed from the same figures add up to at most the cap, plus that one command of
+/// each scheduler whose part rounds to 0. A `cap` of 0 (no cap) stays 0 (uncapped). No
+/// allocation; at most 64 schedulers count (the others are ignored).
+pub fn cap_share(cap: u32, mine: usize, all: &[Share]) -> u32 {
+    if cap == 0 {
+        return 0;
+    }
+    let all = &all[..all.len().min(64)];
+    let Some(me) = all.get(mine).filter(|s| s.demand > 0) else {
+        return 1;
+    };
+    let others: u64 = all
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != mine)
+        .map(|(_, s)| u64::from(s.inflight))
+        .sum();
+    // Water filling: those that want less than their weighted part of what is left get what
+    // they want, until everyone left wants at least their part.
+    let mut settled = 0u64;
+    let mut left = u64::from(cap);
+    let mut weights;
+    loop {
+        weights = 0u64;
+        for (i, s) in all.iter().enumerate() {
+            if s.demand > 0 && settled & (1 << i) == 0 {
+                weights += u64::from(s.demand);
+            }
+        }
+        let mut changed = false;
+        for (i, s) in all.iter().enumerate() {
+            if s.demand > 0
+                && settled & (1 << i) == 0
+                && u64::from(s.want) * weights <= left * u64::from(s.demand)
+            {
+                settled |= 1 << i;
+                left -= u64::from(s.want);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let part = if weights == 0 {
+        // Everyone got what they want: the rest goes by weight too (alone: the whole cap).
+        let total: u64 = all.iter().map(|s| u64::from(s.demand)).sum();
+        u64::from(me.want) + left * u64::from(me.demand) / total
+    } else if settled & (1 << mine) != 0 {
+        u64::from(me.want)
+    } else {
+        left * u64::from(me.demand) / weights.max(1)
+    };
+    (part.min(u64::from(cap).saturating_sub(others)) as u32).max(1)
 }
 
 /// Flows, domains and limiters of one target (see the module documentation).
@@ -344,16 +453,64 @@ impl Scheduler {
     /// no command start until completions bring the domain below it; a higher one lets
     /// waiting commands start at the next [`Scheduler::next`].
     pub fn set_max_inflight(&mut self, id: DomainId, max_inflight: u32) -> Result<(), SchedError> {
-        self.live_domain(id)?.max_inflight = max_inflight;
+        let d = self.live_domain(id)?;
+        d.max_inflight = max_inflight;
+        d.refresh_cap();
         Ok(())
     }
 
-    /// A domain's cap on commands in flight (0: no cap).
+    /// A domain's configured cap on commands in flight (0: no cap).
     pub fn max_inflight(&self, id: DomainId) -> Option<u32> {
         self.domains
             .get(id.0 as usize)
             .filter(|d| d.live)
             .map(|d| d.max_inflight)
+    }
+
+    /// Sets this scheduler's part of a domain's cap when other schedulers (other cores)
+    /// send commands to the same backend: at most `min(share, max_inflight)` commands of
+    /// the domain start here (0: the whole configured cap; a domain with no cap stays
+    /// uncapped). Live, like [`Scheduler::set_max_inflight`]. See [`cap_share`].
+    pub fn set_share(&mut self, id: DomainId, share: u32) -> Result<(), SchedError> {
+        let d = self.live_domain(id)?;
+        d.share = share;
+        d.refresh_cap();
+        Ok(())
+    }
+
+    /// The cap in force on a domain: its configured cap lowered to its share (0: no cap).
+    pub fn cap_in_force(&self, id: DomainId) -> Option<u32> {
+        self.domains
+            .get(id.0 as usize)
+            .filter(|d| d.live)
+            .map(|d| d.cap)
+    }
+
+    /// A domain's demand: the sum of the weights of its flows that have commands waiting or
+    /// in flight (started and not yet [released](Scheduler::release)); 0 when idle. Kept up
+    /// to date as commands come and go (O(1)).
+    pub fn domain_demand(&self, id: DomainId) -> u32 {
+        self.domains
+            .get(id.0 as usize)
+            .filter(|d| d.live)
+            .map_or(0, |d| d.demand)
+    }
+
+    /// A flow's weight while it has commands waiting or in flight, 0 while idle (its part of
+    /// [`Scheduler::domain_demand`]).
+    pub fn flow_demand(&self, flow: FlowId) -> u32 {
+        self.flows
+            .get(flow.0 as usize)
+            .filter(|f| f.live && f.busy())
+            .map_or(0, |f| f.weight)
+    }
+
+    /// A domain's commands here now: waiting and in flight ([`Share::want`]).
+    pub fn domain_want(&self, id: DomainId) -> u32 {
+        self.domains
+            .get(id.0 as usize)
+            .filter(|d| d.live)
+            .map_or(0, |d| d.inflight + d.queued)
     }
 
     fn live_domain(&mut self, id: DomainId) -> Result<&mut Domain, SchedError> {
@@ -369,6 +526,10 @@ impl Scheduler {
             live: true,
             inflight: 0,
             max_inflight,
+            share: 0,
+            cap: max_inflight,
+            demand: 0,
+            queued: 0,
             saturated: false,
             vclock: 0,
             active: Vec::with_capacity(self.domain_room),
@@ -430,6 +591,7 @@ impl Scheduler {
             vtime: vclock,
             active: false,
             blocked: None,
+            inflight: 0,
             stats: FlowStats::default(),
         };
         let i = match free_index(&self.flows, |f| f.live) {
@@ -458,7 +620,12 @@ impl Scheduler {
     /// Changes a flow's weight.
     pub fn set_weight(&mut self, flow: FlowId, weight: u32) -> Result<(), SchedError> {
         let f = self.flow_mut(flow).ok_or(SchedError::Unknown)?;
-        f.weight = weight.clamp(1, MAX_WEIGHT);
+        let (old, new, busy, di) = (f.weight, weight.clamp(1, MAX_WEIGHT), f.busy(), f.domain);
+        f.weight = new;
+        if busy {
+            let d = &mut self.domains[di as usize];
+            d.demand = d.demand.saturating_sub(old) + new;
+        }
         Ok(())
     }
 
@@ -468,7 +635,14 @@ impl Scheduler {
         if f.head != NIL {
             return Err(SchedError::NotEmpty);
         }
+        // Its commands still at the backend leave its domain's demand with it.
+        let (busy, w, di) = (f.busy(), f.weight, f.domain as usize);
+        f.inflight = 0;
         f.live = false;
+        if busy {
+            let d = &mut self.domains[di];
+            d.demand = d.demand.saturating_sub(w);
+        }
         self.leave_limiters(flow.0 as usize);
         Ok(())
     }
@@ -593,6 +767,10 @@ impl Scheduler {
             f.stats.dispatched += 1;
             f.stats.bytes += cost.bytes;
         }
+        if !f.busy() {
+            d.demand += f.weight;
+        }
+        f.inflight += 1;
         d.inflight += 1;
     }
 
@@ -688,6 +866,11 @@ impl Scheduler {
 
     fn push_back(&mut self, fi: usize, h: u32) {
         let f = &mut self.flows[fi];
+        let d = &mut self.domains[f.domain as usize];
+        if !f.busy() {
+            d.demand += f.weight;
+        }
+        d.queued += 1;
         if f.tail == NIL {
             f.head = h;
         } else {
@@ -723,11 +906,15 @@ impl Scheduler {
         e.queued = false;
         f.stats.queued -= 1;
         self.waiting -= 1;
+        self.domains[f.domain as usize].queued -= 1;
         if f.head == NIL {
             f.active = false;
             let d = &mut self.domains[f.domain as usize];
             if let Some(p) = d.active.iter().position(|&x| x as usize == fi) {
                 d.active.swap_remove(p);
+            }
+            if f.inflight == 0 {
+                d.demand = d.demand.saturating_sub(f.weight);
             }
         }
         h
@@ -811,6 +998,9 @@ impl Scheduler {
         d.inflight = d.inflight.saturating_sub(1);
         d.saturated = true;
         self.push_front_charged(flow, h, cost);
+        // Waiting again rather than in flight (busy throughout: no demand change).
+        let f = &mut self.flows[flow.0 as usize];
+        f.inflight = f.inflight.saturating_sub(1);
         Ok(())
     }
 
@@ -833,7 +1023,13 @@ impl Scheduler {
 
     fn push_front_charged(&mut self, flow: FlowId, h: u32, cost: Cost) {
         let fi = flow.0 as usize;
-        let old_head = self.flows[fi].head;
+        let f = &self.flows[fi];
+        let d = &mut self.domains[f.domain as usize];
+        if !f.busy() {
+            d.demand += f.weight;
+        }
+        d.queued += 1;
+        let old_head = f.head;
         self.entries[h as usize] = Entry {
             next: old_head,
             flow: flow.0,
@@ -854,11 +1050,39 @@ impl Scheduler {
     }
 
     /// A command that was started in `domain` has finished (or left the backend for good):
-    /// the domain has room again.
+    /// the domain has room again. The command's flow stays busy (in the domain's demand)
+    /// until [`Scheduler::release`] of it; [`Scheduler::finished`] does both.
     pub fn completed(&mut self, domain: DomainId) {
         if let Some(d) = self.domains.get_mut(domain.0 as usize) {
             d.inflight = d.inflight.saturating_sub(1);
             d.saturated = false;
+        }
+    }
+
+    /// A started command of `flow` is no longer the flow's in flight (it completed, or its
+    /// queue went away and its completion will count for the domain only): the flow leaves
+    /// its domain's demand when it has nothing else waiting or in flight. Nothing happens
+    /// for a flow that was removed.
+    pub fn release(&mut self, flow: FlowId) {
+        let Some(f) = self.flows.get_mut(flow.0 as usize).filter(|f| f.live) else {
+            return;
+        };
+        if f.inflight == 0 {
+            return;
+        }
+        f.inflight -= 1;
+        if !f.busy() {
+            let d = &mut self.domains[f.domain as usize];
+            d.demand = d.demand.saturating_sub(f.weight);
+        }
+    }
+
+    /// A started command of `flow` has finished: [`Scheduler::completed`] of its domain and
+    /// [`Scheduler::release`] of the flow.
+    pub fn finished(&mut self, flow: FlowId) {
+        if let Some(d) = self.domain_of(flow) {
+            self.completed(d);
+            self.release(flow);
         }
     }
 
@@ -919,6 +1143,7 @@ impl Scheduler {
                 x.queued = false;
                 self.flows[fi].stats.queued -= 1;
                 self.waiting -= 1;
+                self.domains[self.flows[fi].domain as usize].queued -= 1;
                 return true;
             }
             p = next;
