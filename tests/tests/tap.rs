@@ -2346,7 +2346,8 @@ impl Drop for Bench {
 
 /// Starts benches on namespace `nsid` until one's I/O connection serves on core `k`:
 /// over 2 s while it runs, core `k` took at least 100 more commands than `busy_k` (what
-/// others already running there take in 2 s) and every other core fewer than 50.
+/// others already running there take in 2 s) and the other core not more than its own
+/// benches' noise (50, or a fifth of what they take).
 fn bench_on_core(mgmt: &str, addr: &str, nsid: u32, k: usize, secs: u32, busy: [u64; 2]) -> Bench {
     for seed in 1..=16 {
         let b = Bench::start(addr, nsid, secs, seed);
@@ -2357,7 +2358,10 @@ fn bench_on_core(mgmt: &str, addr: &str, nsid: u32, k: usize, secs: u32, busy: [
         let c1 = per_core(mgmt, "nvmf_commands_total", 2);
         let d = [c1[0] - c0[0], c1[1] - c0[1]];
         eprintln!("bench on namespace {nsid}, seed {seed}: commands per core in 2 s {d:?}");
-        if d[k] >= busy[k] + 100 && d[1 - k] < busy[1 - k] + 50 {
+        // The other core's own benches vary by more than 50 commands in 2 s when they run
+        // fast: a fifth of their rate is noise, a bench landing there adds thousands.
+        let noise = (busy[1 - k] / 5).max(50);
+        if d[k] >= busy[k] + 100 && d[1 - k] < busy[1 - k] + noise {
             return b;
         }
     }
@@ -2401,17 +2405,17 @@ fn a_pushed_namespace_change_keeps_core_1_serving() {
     let mgmt = format!("{net}.2:7000");
 
     // Verified I/O on namespace 1 on core 1, and on namespace 3 on core 1 and on core 0.
-    let keep = bench_on_core(&mgmt, &addr, 1, 1, 60, [0, 0]);
+    let keep = bench_on_core(&mgmt, &addr, 1, 1, 90, [0, 0]);
     let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
     std::thread::sleep(Duration::from_secs(2));
     let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
     let busy = [c1[0] - c0[0], c1[1] - c0[1]];
-    let gone1 = bench_on_core(&mgmt, &addr, 3, 1, 60, busy);
+    let gone1 = bench_on_core(&mgmt, &addr, 3, 1, 120, busy);
     let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
     std::thread::sleep(Duration::from_secs(2));
     let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
     let busy = [c1[0] - c0[0], c1[1] - c0[1]];
-    let gone0 = bench_on_core(&mgmt, &addr, 3, 0, 60, busy);
+    let gone0 = bench_on_core(&mgmt, &addr, 3, 0, 120, busy);
 
     // The push: namespace 3 removed, 4 (a slice of the drive) and 5 (RAM) added.
     let d = keel_tests::provision::Dir::new("live-push");
