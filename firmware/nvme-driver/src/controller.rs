@@ -1123,12 +1123,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         if self.phase != Phase::Online {
             return false;
         }
-        let Some(pi) = self
-            .engine
-            .parents
-            .iter()
-            .position(|p| p.ns as usize == ns && p.req.as_ref().is_some_and(|r| r.tag == tag))
-        else {
+        let Some(pi) = self.engine.parent_of(ns, tag) else {
             return false;
         };
         self.engine.parents[pi].abort_requested = true;
@@ -1141,11 +1136,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                 if !s.busy || s.parent as usize != pi {
                     continue;
                 }
-                let outstanding = self
-                    .admin_slots
-                    .iter()
-                    .filter(|a| a.used == AdminUse::Abort)
-                    .count();
+                let outstanding = self.aborts_outstanding();
                 if outstanding >= limit {
                     break;
                 }
@@ -1167,6 +1158,14 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         sent
     }
 
+    /// Abort commands at the drive now (against its Abort Command Limit).
+    fn aborts_outstanding(&self) -> usize {
+        self.admin_slots
+            .iter()
+            .filter(|a| a.used == AdminUse::Abort)
+            .count()
+    }
+
     /// Sends the drive the Aborts other cores asked for, on their queues (a host's Abort of
     /// a command there: `corequeue::QueueLink`), within the drive's Abort Command Limit;
     /// one load per handed-out queue when there are none.
@@ -1177,12 +1176,11 @@ impl<R: Registers, D: Dma> Controller<R, D> {
         let limit = self.info.as_ref().map_or(1, |i| i.abort_limit) as usize;
         let mut sent = false;
         for di in 0..self.detached.len() {
-            let outstanding = self
-                .admin_slots
-                .iter()
-                .filter(|a| a.used == AdminUse::Abort)
-                .count();
-            if outstanding >= limit {
+            // One load per queue when nothing is asked (every pass).
+            if !self.detached[di].link.abort_requested() {
+                continue;
+            }
+            if self.aborts_outstanding() >= limit {
                 break;
             }
             let Some(cid) = self.detached[di].link.take_abort_request() else {
@@ -1240,11 +1238,7 @@ impl<R: Registers, D: Dma> Controller<R, D> {
                             cid: cid as u16,
                         }
                         .to_sqe(0);
-                        let outstanding = self
-                            .admin_slots
-                            .iter()
-                            .filter(|a| a.used == AdminUse::Abort)
-                            .count();
+                        let outstanding = self.aborts_outstanding();
                         let limit = self.info.as_ref().map_or(1, |i| i.abort_limit) as usize;
                         if outstanding < limit
                             && self.admin_submit(abort, AdminUse::Abort).is_some()

@@ -90,11 +90,13 @@ impl QueueLink {
             .is_ok()
     }
 
+    /// Controller: whether the core wants a command aborted (one relaxed load).
+    pub(crate) fn abort_requested(&self) -> bool {
+        self.abort.load(Ordering::Relaxed) != 0
+    }
+
     /// Controller: the CID of the command the core wants aborted, if any (clears it).
     pub(crate) fn take_abort_request(&self) -> Option<u16> {
-        if self.abort.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
         match self.abort.swap(0, Ordering::Acquire) {
             0 => None,
             v => Some((v - 1) as u16),
@@ -327,12 +329,7 @@ impl<R: Registers, D: Dma> CoreQueue<R, D> {
         if self.seen != Seen::Up {
             return false;
         }
-        let Some(pi) = self
-            .engine
-            .parents
-            .iter()
-            .position(|p| p.ns as usize == ns && p.req.as_ref().is_some_and(|r| r.tag == tag))
-        else {
+        let Some(pi) = self.engine.parent_of(ns, tag) else {
             return false;
         };
         let cid = self.engine.io.first().and_then(|q| {

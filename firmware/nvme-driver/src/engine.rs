@@ -140,6 +140,13 @@ fn reject(req: BlockRequest, reason: RejectReason) -> Result<(), Rejected> {
 }
 
 impl IoEngine {
+    /// The request of namespace index `ns` tagged `tag` still outstanding (its index).
+    pub(crate) fn parent_of(&self, ns: usize, tag: u64) -> Option<usize> {
+        self.parents
+            .iter()
+            .position(|p| p.ns as usize == ns && p.req.as_ref().is_some_and(|r| r.tag == tag))
+    }
+
     /// Sizes the request table and the per-namespace completion queues for the queues in
     /// `io` and `namespaces` namespaces.
     pub(crate) fn size_tables(&mut self, namespaces: usize) {
