@@ -398,7 +398,19 @@ proptest! {
                 .zip(done.iter().flatten())
                 .map(|(&w, &n)| n as f64 / f64::from(w))
                 .collect();
-            prop_assert!(spread(&per_weight) <= 1.10, "{weights:?} cap {cap}: {done:?}");
+            // A core's part is rounded down to whole commands: it may lose up to one command
+            // of its exact part (1/9.9 for the smallest part allowed here), beyond 5% noise.
+            // (Found by CI: parts of 9.9 commands gave a spread of 1.104 against a flat 1.10.)
+            let smallest = weights
+                .iter()
+                .map(|c| f64::from(cap) * f64::from(c.iter().sum::<u32>()) / f64::from(total_w))
+                .fold(f64::MAX, f64::min);
+            let allowed = 1.05 + 1.0 / smallest;
+            prop_assert!(
+                spread(&per_weight) <= allowed,
+                "{weights:?} cap {cap}: {done:?} (spread {}, allowed {allowed})",
+                spread(&per_weight)
+            );
         }
     }
 }
