@@ -1191,14 +1191,7 @@ pub(crate) fn apply_replica_change(
         ReplicaOp::Remove(nsid) => target.remove_namespace(&change.subsystem, *nsid).is_ok(),
         ReplicaOp::Retire => target.remove_subsystem(&change.subsystem).is_ok(),
         ReplicaOp::Add(n) => {
-            let whole = match n.source {
-                ReplicaSource::Remote { .. } => return false,
-                ReplicaSource::Ram(_) => true,
-                ReplicaSource::Drive { drive, nsid, slice } => {
-                    slice.is_none() && !shared.iter().any(|(k, _)| *k == (drive, nsid))
-                }
-            };
-            let Some(cfg) = replica_namespace(n, whole, shared, drive) else {
+            let Some(cfg) = live_replica_namespace(n, shared, drive) else {
                 return false;
             };
             match target.add_namespace(&change.subsystem, cfg) {
@@ -1217,6 +1210,25 @@ pub(crate) fn apply_replica_change(
     }
 }
 
+/// A namespace added to a running replica: a RAM one over its region, a drive one through
+/// the core's own queue pair (whole unless it is a slice or the replica already shares that
+/// drive namespace among slices); `None` for a remote one (added with its lane) or when it
+/// cannot be opened.
+fn live_replica_namespace(
+    n: &ReplicaNs,
+    shared: &mut ReplicaShares,
+    drive: &mut DriveOpener<'_>,
+) -> Option<NamespaceConfig> {
+    let whole = match n.source {
+        ReplicaSource::Remote { .. } => return None,
+        ReplicaSource::Ram(_) => true,
+        ReplicaSource::Drive { drive, nsid, slice } => {
+            slice.is_none() && !shared.iter().any(|(k, _)| *k == (drive, nsid))
+        }
+    };
+    replica_namespace(n, whole, shared, drive)
+}
+
 /// Adds subsystem `sub` (a function created live, `crate::fnq`) to a replica target with its
 /// namespaces (`shared`: the drive namespaces the replica shares among slices; `drive` opens
 /// one through the core's own queue pair). On error (said on the console) nothing changes.
@@ -1228,14 +1240,7 @@ pub(crate) fn add_replica_subsystem(
 ) -> bool {
     let mut namespaces = Vec::with_capacity(sub.namespaces.len());
     for n in &sub.namespaces {
-        let whole = match n.source {
-            ReplicaSource::Remote { .. } => return false,
-            ReplicaSource::Ram(_) => true,
-            ReplicaSource::Drive { drive, nsid, slice } => {
-                slice.is_none() && !shared.iter().any(|(k, _)| *k == (drive, nsid))
-            }
-        };
-        let Some(cfg) = replica_namespace(n, whole, shared, drive) else {
+        let Some(cfg) = live_replica_namespace(n, shared, drive) else {
             return false;
         };
         namespaces.push(cfg);

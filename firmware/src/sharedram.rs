@@ -104,8 +104,7 @@ impl Region {
 
     fn read(&self, start: usize, dst: &mut [u8]) {
         // SAFETY: `span` checked `start + dst.len()` lies inside the region, alive while `self`
-        // holds it;
-        // `dst` is the caller's own memory, which cannot overlap the region (nobody holds a
+        // holds it; `dst` is the caller's own memory, which cannot overlap the region (nobody holds a
         // reference into it). Concurrent writers: see the module documentation.
         unsafe {
             core::ptr::copy_nonoverlapping(self.mem.base.add(start), dst.as_mut_ptr(), dst.len())
