@@ -974,7 +974,7 @@ impl DataCore {
             } else if let Msg::Remote(m) = msg {
                 if let Some(p) = self.plane.as_mut() {
                     let backlog = &mut self.backlog;
-                    p.on_remote(m, now, &mut |m| backlog.push_back(m));
+                    p.on_remote(m, now, self.fns.as_mut(), &mut |m| backlog.push_back(m));
                 }
             } else if let Msg::Fn(m) = msg {
                 let backlog = &mut self.backlog;

@@ -10,9 +10,13 @@
 //! the same rule: its RAM is then made in a shared region and [`FnEvent::Created`] tells the
 //! hub). Core `k` reaches a drive through an I/O queue pair of its own on it
 //! (`keel_nvme_driver::CoreQueue`, created by core 0 beside the NVMe/TCP planes' and handed
-//! over in [`ServeFunctions::drives`], one on every drive; core `k` polls it). Functions a
-//! pushed description creates, remote namespaces and `--smp 1` keep every queue on core 0,
-//! as before. A live change of a boot function's subsystem (its namespaces, its removal, QoS
+//! over in [`ServeFunctions::drives`], one on every drive; core `k` polls it). A namespace of
+//! a remote volume is in the replica when the NVMe/TCP planes serve the subsystem with lanes
+//! (`--net tap`, `crate::percore`): core `k`'s plane, given the volume's lane, adds it to
+//! this replica too (one backend shared with its own replica, [`FnCore::lane_users`],
+//! [`FnCore::add_lane_namespace`]) before it tells core 0, which serves the namespace only
+//! once every core has it. Functions a pushed description creates, remote namespaces
+//! without lanes and `--smp 1` keep every queue on core 0, as before. A live change of a boot function's subsystem (its namespaces, its removal, QoS
 //! limits on it) sends every pair home for good; changes the other cores' NVMe/TCP replicas
 //! follow and changes confined to other subsystems do not ([`crate::replica`]).
 //!
@@ -56,7 +60,8 @@ use crate::klog;
 use crate::qemu::Qemu;
 use crate::replica::FnEvent;
 use crate::services::{
-    ReplicaShares, ReplicaSubsystem, Services, add_replica_subsystem, replica_target_shares,
+    ReplicaNs, ReplicaShares, ReplicaSource, ReplicaSubsystem, Services, add_replica_subsystem,
+    replica_target_shares,
 };
 use alloc::rc::Rc;
 use alloc::{boxed::Box, string::String, vec::Vec};
@@ -183,6 +188,10 @@ pub struct FnCore {
     ns_published: u64,
     /// Its part of each capped drive domain (`crate::shares::CrossCore`).
     cross_core: crate::shares::CrossCore,
+    /// Namespaces of its subsystems on remote volumes: added to its replica when this core's
+    /// NVMe/TCP plane gets the volume's lane (`crate::percore::Plane::on_remote`), whose
+    /// I/O queues they share.
+    remote: Vec<(String, ReplicaNs)>,
 }
 
 impl core::fmt::Debug for FnCore {
@@ -197,6 +206,7 @@ impl core::fmt::Debug for FnCore {
 impl FnCore {
     fn new(core: usize, spec: ServeFunctions) -> Option<Self> {
         let names: Vec<String> = spec.subsystems.iter().map(|s| s.nqn.clone()).collect();
+        let remote = remote_namespaces(&spec.subsystems);
         let drives: Vec<(usize, Rc<RefCell<CoreNvmeQueue>>)> = spec
             .drives
             .into_iter()
@@ -241,7 +251,40 @@ impl FnCore {
                 &crate::cores::DEMANDS,
                 crate::cores::running_mask,
             ),
+            remote,
         })
+    }
+
+    /// The namespaces of its replica that remote volume `remote`'s lane backs: (subsystem,
+    /// namespace), not yet added.
+    pub fn lane_users<'a>(
+        &'a self,
+        remote: &'a keel_provision::Remote,
+    ) -> impl Iterator<Item = &'a (String, ReplicaNs)> + 'a {
+        self.remote.iter().filter(move |(nqn, n)| {
+            matches!(&n.source, ReplicaSource::Remote { remote: r, .. } if r.same_target(remote))
+                && !self
+                    .target
+                    .namespace_views()
+                    .any(|v| v.subsystem == nqn && v.nsid == n.nsid)
+        })
+    }
+
+    /// Adds a namespace of subsystem `nqn` served through this core's lane of a remote
+    /// volume (made by its NVMe/TCP plane, `crate::percore::Plane::on_remote`).
+    pub fn add_lane_namespace(
+        &mut self,
+        nqn: &str,
+        cfg: keel_controller::NamespaceConfig,
+    ) -> Result<(), keel_controller::TargetError> {
+        let nsid = cfg.nsid;
+        self.target.add_namespace(nqn, cfg)?;
+        self.ns_dirty = true;
+        println!(
+            "fnq: core {} serves namespace {} of {} through its own I/O queues to the remote volume",
+            self.core, nsid, nqn
+        );
+        Ok(())
     }
 
     /// A message of core 0 for `this` core's side (built by [`FnMsg::Serve`]); `out` takes
@@ -316,6 +359,7 @@ impl FnCore {
     /// Removes subsystem `nqn` (none of its pairs is here any more) from the replica; its
     /// namespaces go once their last command drained.
     fn remove(&mut self, nqn: &str) {
+        self.remote.retain(|(n, _)| n != nqn);
         if self.target.remove_subsystem(nqn).is_ok() {
             println!(
                 "fnq: core {} no longer serves pairs of {} (its function was removed or changed)",
@@ -486,6 +530,19 @@ impl FnCore {
                 .iter()
                 .all(|(_, q)| q.try_borrow().is_ok_and(|q| q.outstanding() == 0))
     }
+}
+
+/// The namespaces of `subsystems` on remote volumes (subsystem, namespace).
+fn remote_namespaces(subsystems: &[ReplicaSubsystem]) -> Vec<(String, ReplicaNs)> {
+    subsystems
+        .iter()
+        .flat_map(|s| {
+            s.namespaces
+                .iter()
+                .filter(|n| matches!(n.source, ReplicaSource::Remote { .. }))
+                .map(|n| (s.nqn.clone(), n.clone()))
+        })
+        .collect()
 }
 
 /// Reports a pair's fatal error to core 0, once.

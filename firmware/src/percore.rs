@@ -273,6 +273,8 @@ pub struct Plane {
     subsystems: Vec<ReplicaSubsystem>,
     /// Lanes of remote volumes (volume id, lane), polled every pass.
     lanes: Vec<(u32, RemoteVolume<SocketHandle>)>,
+    /// Some lane also backs namespaces of the emulated functions' replica (`crate::fnq`).
+    fn_lanes: bool,
     /// Its slots in this core's [`NS_SHARES`] (first, count).
     ns_slots: (usize, usize),
     /// Its part of each capped drive domain (`crate::shares::CrossCore`).
@@ -363,6 +365,7 @@ impl Plane {
             draining: Vec::new(),
             subsystems: kept,
             lanes: Vec::new(),
+            fn_lanes: false,
             ns_slots: (0, 0),
             cross_core: crate::shares::CrossCore::new(
                 crate::shares::demand_row(core, false),
@@ -479,7 +482,14 @@ impl Plane {
     /// completion reports, or an Abort's verdict, reaches core 0 before the host can ask).
     pub fn egress(&mut self, now_ns: u64) -> bool {
         self.nvmf.flush(&mut self.net);
-        self.net.poll_egress(now_ns)
+        // Capsules the functions' replica submitted on shared lanes this pass leave with it.
+        let mut busy = false;
+        if self.fn_lanes {
+            for (_, lane) in self.lanes.iter() {
+                busy |= lane.poll(now_ns, &mut self.net);
+            }
+        }
+        self.net.poll_egress(now_ns) | busy
     }
 
     /// Whether the core may sleep: no command is outstanding on its drive queues (drive
@@ -558,7 +568,15 @@ impl Plane {
 
     /// A remote volume's lane, or news of its associations, from the controller core;
     /// `out` takes the answer for core 0.
-    pub fn on_remote(&mut self, msg: RemoteMsg, now_ns: u64, out: &mut dyn FnMut(Msg)) {
+    /// `fns`: this core's side of the emulated functions, whose replica's namespaces on the
+    /// volume share the lane.
+    pub fn on_remote(
+        &mut self,
+        msg: RemoteMsg,
+        now_ns: u64,
+        fns: Option<&mut crate::fnq::FnCore>,
+        out: &mut dyn FnMut(Msg),
+    ) {
         match msg {
             RemoteMsg::Lane {
                 id,
@@ -574,7 +592,7 @@ impl Plane {
                         s.namespaces.push(n);
                     }
                 }
-                let ok = self.add_lane(id, &remote, *cfg, seed);
+                let ok = self.add_lane(id, &remote, *cfg, seed, fns);
                 out(Msg::RemoteReady {
                     id,
                     core: self.core as u16,
@@ -599,14 +617,15 @@ impl Plane {
         }
     }
 
-    /// Makes volume `id`'s lane and adds the replica's namespaces it backs; false (said on
-    /// the console) if any cannot be.
+    /// Makes volume `id`'s lane and adds the replica's namespaces it backs, and those of the
+    /// emulated functions' replica (`fns`); false (said on the console) if any cannot be.
     fn add_lane(
         &mut self,
         id: u32,
         remote: &keel_provision::Remote,
         cfg: RemoteConfig,
         seed: LaneSeed,
+        mut fns: Option<&mut crate::fnq::FnCore>,
     ) -> bool {
         let core = self.core;
         let lane = match RemoteVolume::lane(cfg, core as u16, seed) {
@@ -633,17 +652,28 @@ impl Plane {
                 })
             })
             .collect();
+        // The functions' replica's users: (subsystem, namespace, slice).
+        let fn_users: Vec<LaneUser<'_>> = fns.as_deref().map_or_else(Vec::new, |f| {
+            f.lane_users(remote)
+                .filter_map(|(nqn, n)| match &n.source {
+                    ReplicaSource::Remote { slice, .. } => Some((nqn.clone(), n, *slice)),
+                    _ => None,
+                })
+                .collect()
+        });
         let Some(backend) = lane.backend() else {
             return false;
         };
-        let many = users.len() > 1 || users.iter().any(|u| u.2.is_some());
+        let all = users.len() + fn_users.len();
+        let many = all > 1 || users.iter().chain(&fn_users).any(|u| u.2.is_some());
         let (mut whole, shared) = if many {
             (None, Some(SharedBackend::new(backend, LANE_SHARED_DEPTH)))
         } else {
             (Some(backend), None)
         };
         let mut configs = Vec::new();
-        for (nqn, n, slice) in &users {
+        let fn_at = users.len();
+        for (nqn, n, slice) in users.iter().chain(&fn_users) {
             let b: Box<dyn keel_storage::BlockBackend> = match (&shared, whole.take()) {
                 (Some(sb), _) => {
                     let spec = crate::config::NsSpec::Remote {
@@ -677,6 +707,21 @@ impl Plane {
                 },
             ));
         }
+        let fn_configs = configs.split_off(fn_at.min(configs.len()));
+        for (nqn, cfg) in fn_configs {
+            let nsid = cfg.nsid;
+            let added = fns.as_deref_mut().map(|f| f.add_lane_namespace(&nqn, cfg));
+            if let Some(Err(e)) = added {
+                klog::error!(
+                    "percore: core {}: namespace {} of {} (emulated function): {}",
+                    core,
+                    nsid,
+                    nqn,
+                    klog::Dbg(&e)
+                );
+                return false;
+            }
+        }
         for (nqn, cfg) in configs {
             let nsid = cfg.nsid;
             if let Err(e) = self.target.add_namespace(&nqn, cfg) {
@@ -693,6 +738,7 @@ impl Plane {
                 "percore: core {core} serves namespace {nsid} of {nqn} through its own I/O queues to remote {remote}"
             );
         }
+        self.fn_lanes |= fn_at < all;
         self.lanes.push((id, lane));
         true
     }

@@ -781,19 +781,22 @@ impl<H: Hw> Services<H> {
     /// serve (`crate::fnq`): replicable ones ([`Services::replicable`]) whose namespaces are
     /// all RAM in shared regions or namespaces of local drives (each core serving pairs
     /// gets a queue pair of its own on the drive; `fnq::Hub::start` keeps a subsystem on
-    /// core 0 if some core got none). Remote namespaces stay on core 0.
+    /// core 0 if some core got none) or namespaces of remote volumes when every other core
+    /// has a lane of them (its NVMe/TCP plane serves the subsystem, `crate::percore`: the
+    /// functions' replica there shares the plane's lane).
     pub fn function_replicas(&self) -> Vec<ReplicaSubsystem> {
+        let laned = |nqn: &str| {
+            self.replication.lanes > 0 && self.replication.subsystems.iter().any(|s| s == nqn)
+        };
         self.replicable
             .iter()
             .filter(|s| {
                 self.functions
                     .iter()
                     .any(|e| e.slot == SlotState::Live && e.nqn == s.nqn)
-                    && s.namespaces.iter().all(|n| {
-                        matches!(
-                            n.source,
-                            ReplicaSource::Ram(_) | ReplicaSource::Drive { .. }
-                        )
+                    && s.namespaces.iter().all(|n| match n.source {
+                        ReplicaSource::Ram(_) | ReplicaSource::Drive { .. } => true,
+                        ReplicaSource::Remote { .. } => laned(&s.nqn),
                     })
             })
             .cloned()

@@ -893,3 +893,57 @@ fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
     assert!(!one.s.replication.pending());
     assert_eq!(nsids(&one.s.target), [1, 3]);
 }
+
+/// Issue 17, an emulated function on a remote volume: its subsystem is listed for the
+/// functions' pairs on every core only once the NVMe/TCP planes serve it with lanes (core
+/// `k`'s functions' replica shares its plane's lane); without lanes (`--smp N` on user
+/// networking: no network stack on the other cores) its queues stay on core 0. The replica
+/// is built without the remote namespace (added with the lane).
+#[test]
+fn a_function_on_a_remote_volume_is_spread_only_with_lanes() {
+    let args = "keel.fn.ns=remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.ip=127.0.0.1/8";
+    let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> = (0..1)
+        .map(|i| crate::services::WindowPort {
+            base: 0x1000_0000 * (i + 1),
+            size: 1 << 20,
+            ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
+        })
+        .collect();
+    let mut s = Services::<TestHw>::build_with(
+        crate::tests::dev_plan(args, 1),
+        Vec::new(),
+        windows,
+        true,
+        Identity::new(None, None),
+        crate::services::RamSharing::All,
+    );
+    let fn0 = "nqn.2026-11.dev.keel:fn0";
+    assert!(
+        s.replicable.iter().any(|r| r.nqn == fn0),
+        "{:?}",
+        s.replicable
+    );
+    assert!(
+        s.function_replicas().is_empty(),
+        "no lanes: the function's queues stay on core 0"
+    );
+    // As `percore::Holder::start` leaves it with one other core serving NVMe/TCP.
+    s.replication.lanes = 1;
+    s.replication.subsystems = alloc::vec![String::from(fn0)];
+    let listed = s.function_replicas();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].nqn, fn0);
+    assert!(matches!(
+        listed[0].namespaces[0].source,
+        crate::services::ReplicaSource::Remote { .. }
+    ));
+    let replica = replica_target(listed, *s.target.limits(), &mut |_, _| None).expect("replica");
+    assert_eq!(
+        replica.namespace_views().count(),
+        0,
+        "the remote namespace comes with the lane"
+    );
+    // A subsystem the planes do not serve (dropped, or never replicable) stays on core 0.
+    s.replication.subsystems.clear();
+    assert!(s.function_replicas().is_empty());
+}

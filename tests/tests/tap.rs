@@ -2994,3 +2994,153 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
     ends_clean(dpu, &dtap, &["could not be applied", "could not serve"]);
     ends_clean(remote, &rtap, &[]);
 }
+
+/// Issue 17, an emulated function on a remote volume (the SNAP pattern) at `--smp 2 --net
+/// tap`: the function's I/O queue 1 is served on core 1, whose functions' replica reaches
+/// the remote through core 1's own lane (QID 5 on the remote's controller, shared with core
+/// 1's NVMe/TCP replica): core 1 had the namespace before core 0 served it, a verified
+/// two-queue bench through the window runs with core 1 counting function commands and its
+/// lane counting as many remote commands, and what the host writes on queue 1 is on the
+/// remote.
+#[test]
+fn a_function_on_a_remote_volume_is_served_on_core_1_through_its_lane() {
+    require_tap();
+    keelctl();
+    let rnet = tap_net(22);
+    let dnet = tap_net(23);
+    let mut remote = boot_on_tap(Build::Release, 1, &rnet, &["--append", "keel.ns=ram:64"]);
+    remote
+        .wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("remote: {e}"));
+    let rtap = tap_name(&remote);
+    let relay_port = keel_tests::free_port();
+    let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
+    let window = ScratchFile::new("remote-fn-window.img", 64 << 20);
+    let w = window.path().to_str().unwrap().to_string();
+    let spec = format!("keel.fn.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1");
+    let mut dpu = boot_on_tap(
+        Build::Release,
+        2,
+        &dnet,
+        &["--window", &w, "--append", &spec],
+    );
+    dpu.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("dpu: {e}"));
+    let f0 = "nqn.2026-11.dev.keel:fn0";
+    let fn_line = format!(
+        "fnq: core 1 serves namespace 1 of {f0} through its own I/O queues to the remote volume"
+    );
+    for line in [
+        "percore: core 1 serves NVMe/TCP on queue pair 1",
+        "I/O queue q served on core q % 2",
+        &format!("remote {dnet}.1:{relay_port}: lane 1: 1 I/O queue(s) from QID 5 on controller"),
+        &fn_line,
+        "remote: function 0 namespace 1 served",
+    ] {
+        if !dpu.console().contains(line) {
+            dpu.wait_for(line, BOOT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("dpu: {e}"));
+        }
+    }
+    let c = dpu.console();
+    assert!(
+        c.find(&fn_line).unwrap() < c.find("remote: function 0 namespace 1 served").unwrap(),
+        "core 1's functions' replica had the namespace before core 0 served it:\n{c}"
+    );
+    let dtap = tap_name(&dpu);
+    let mgmt = format!("{dnet}.2:7000");
+    let m0 = ok(&["metrics", "--device", &mgmt]);
+
+    // A verified two-queue mix through the window: queue 1 on core 1, queue 2 on core 0.
+    let out = Command::new(keelctl())
+        .args([
+            "host",
+            "--window",
+            &w,
+            "bench",
+            "--rw",
+            "mix",
+            "--qd",
+            "8",
+            "--queues",
+            "2",
+            "--duration",
+            "10",
+            "--range-mib",
+            "16",
+            "--verify",
+        ])
+        .output()
+        .expect("keelctl host bench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the function's bench:\n{text}");
+    assert!(
+        dpu.console()
+            .contains("fnq: core 1 serves I/O queue 1 of function 0"),
+        "core 1 did not take the function's queue 1:\n{}",
+        dpu.console()
+    );
+    let m1 = ok(&["metrics", "--device", &mgmt]);
+    let fn1 = core_metric(&m1, "function_commands_total", 1)
+        - core_metric(&m0, "function_commands_total", 1);
+    let lane1 = remote_queue_commands(&m1, 1, 5) - remote_queue_commands(&m0, 1, 5);
+    eprintln!(
+        "tap: function on a remote volume: core 1 served {fn1} function commands, its lane sent {lane1} remote commands"
+    );
+    assert!(fn1 >= 200, "core 1 served {fn1} function commands:\n{text}");
+    assert!(
+        lane1 >= fn1 * 9 / 10,
+        "core 1's lane sent {lane1} remote commands for its {fn1} function commands (forwarded to core 0?)"
+    );
+
+    // Written by the host on queue 1 (core 1), read on the remote itself.
+    let data = ScratchFile::new("remote-fn-data.bin", 0);
+    let direct = ScratchFile::new("remote-fn-direct.bin", 0);
+    let bytes = noise(1 << 20, 2217);
+    std::fs::write(data.path(), &bytes).unwrap();
+    let before = remote_queue_commands(&ok(&["metrics", "--device", &mgmt]), 1, 5);
+    let out = Command::new(keelctl())
+        .args([
+            "host",
+            "--window",
+            &w,
+            "write",
+            "--lba",
+            "50000",
+            "-i",
+            data.path().to_str().unwrap(),
+        ])
+        .output()
+        .expect("keelctl host write");
+    assert!(
+        out.status.success(),
+        "host write: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = remote_queue_commands(&ok(&["metrics", "--device", &mgmt]), 1, 5);
+    assert!(after > before, "the write did not go through core 1's lane");
+    ok(&[
+        "nvme",
+        "read",
+        "--addr",
+        &format!("{rnet}.2:4420"),
+        "--nsid",
+        "1",
+        "--lba",
+        "50000",
+        "--count",
+        "2048",
+        "-o",
+        direct.path().to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(direct.path()).unwrap() == bytes,
+        "on the remote itself"
+    );
+    ends_clean(dpu, &dtap, &["fnq: namespaces changed", "I/O queue lost"]);
+    kill_and_check_tap_removed(remote, &rtap);
+}
