@@ -375,11 +375,19 @@ impl<H: Hw> Services<H> {
         // core 0 (`Services::finish_replicated`); the others change core 0 alone and stop
         // the adoption of their subsystem (`Replication::note_only`).
         for (nqn, nsid) in removals {
+            // A remote namespace the other cores serve through their lanes too.
+            let laned = self.replicable.iter().any(|s| {
+                s.nqn == nqn
+                    && s.namespaces
+                        .iter()
+                        .any(|n| n.nsid == nsid && matches!(n.source, ReplicaSource::Remote { .. }))
+            });
             let follow = self.replication.follows(&nqn)
                 && !self.function_subsystem(&nqn)
-                && self
-                    .find_plan_ns(&nqn, nsid)
-                    .is_some_and(|o| matches!(o.spec, NsSpec::Ram(_) | NsSpec::Drive { .. }));
+                && self.find_plan_ns(&nqn, nsid).is_some_and(|o| match o.spec {
+                    NsSpec::Ram(_) | NsSpec::Drive { .. } => true,
+                    NsSpec::Remote { .. } => laned,
+                });
             let before = self.target.namespace_generation();
             if follow {
                 klog::info!(
@@ -455,11 +463,19 @@ impl<H: Hw> Services<H> {
             // Added once its remote namespace is identified (connected hosts then get the
             // Namespace Attribute Changed event).
             if self.remotes.add(&new, &n, shared) {
+                // A volume new in the push gets lanes; one whose lanes run already gets
+                // this namespace in them too (a further slice of it: every core adds it to
+                // its replica first, `percore::RemoteMsg::Users`).
                 if let NsSpec::Remote { remote: r, slice } = &n.spec
                     && self.replication.cores != 0
                     && self.replication.lanes != 0
-                    && fresh.iter().any(|f| f.same_target(r))
-                    && self.remotes.lane_new(r, self.replication.lanes)
+                    && if fresh.iter().any(|f| f.same_target(r)) {
+                        self.remotes.lane_new(r, self.replication.lanes)
+                    } else {
+                        self.replicable_kind(&new, &n)
+                            && self.replicable.iter().any(|s| s.nqn == n.subsystem)
+                            && self.remotes.lane_more(r)
+                    }
                     && self.replicable_kind(&new, &n)
                     && let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == n.subsystem)
                 {
@@ -678,6 +694,8 @@ impl<H: Hw> Services<H> {
                 ReplicaOp::Retire => {}
                 ReplicaOp::Remove(nsid) => {
                     self.forget_replica_ns(&nqn, nsid);
+                    // A remote volume no namespace uses any more goes (and its lanes).
+                    self.remotes.removed(&nqn, nsid);
                     if let Err(e) = self.target.remove_namespace(&nqn, nsid) {
                         klog::error!(
                             "nvmf: namespace {} of {}: not removed on core 0 ({})",

@@ -188,6 +188,14 @@ pub enum RemoteMsg {
         /// join it here.
         users: Vec<(String, ReplicaNs)>,
     },
+    /// More namespaces on volume `id`, whose lane runs (a push added further slices of it):
+    /// add them to the replica through the lane, then answer [`Msg::RemoteReady`].
+    Users {
+        /// The volume.
+        id: u32,
+        /// The namespaces (subsystem NQN, description).
+        users: Vec<(String, ReplicaNs)>,
+    },
     /// Volume `id` is gone on core 0 (no namespace uses it any more): the lane closes its
     /// connections (its requests still in flight fail with a path error) and goes.
     Retire {
@@ -275,6 +283,9 @@ pub struct Plane {
     lanes: Vec<(u32, RemoteVolume<SocketHandle>)>,
     /// Some lane also backs namespaces of the emulated functions' replica (`crate::fnq`).
     fn_lanes: bool,
+    /// The shared backends of lanes cut into several namespaces (volume id, backend): a
+    /// push's further slices are cut from them ([`RemoteMsg::Users`]).
+    lane_shares: Vec<(u32, SharedBackend<keel_remote::RemoteBackend<SocketHandle>>)>,
     /// Its slots in this core's [`NS_SHARES`] (first, count).
     ns_slots: (usize, usize),
     /// Its part of each capped drive domain (`crate::shares::CrossCore`).
@@ -366,6 +377,7 @@ impl Plane {
             subsystems: kept,
             lanes: Vec::new(),
             fn_lanes: false,
+            lane_shares: Vec::new(),
             ns_slots: (0, 0),
             cross_core: crate::shares::CrossCore::new(
                 crate::shares::demand_row(core, false),
@@ -599,7 +611,16 @@ impl Plane {
                     ok,
                 });
             }
+            RemoteMsg::Users { id, users } => {
+                let ok = self.add_lane_users(id, users);
+                out(Msg::RemoteReady {
+                    id,
+                    core: self.core as u16,
+                    ok,
+                });
+            }
             RemoteMsg::Retire { id } => {
+                self.lane_shares.retain(|(i, _)| *i != id);
                 if let Some(at) = self.lanes.iter().position(|(i, _)| *i == id) {
                     let (_, lane) = self.lanes.swap_remove(at);
                     lane.shutdown(now_ns, &mut self.net);
@@ -674,38 +695,11 @@ impl Plane {
         let mut configs = Vec::new();
         let fn_at = users.len();
         for (nqn, n, slice) in users.iter().chain(&fn_users) {
-            let b: Box<dyn keel_storage::BlockBackend> = match (&shared, whole.take()) {
-                (Some(sb), _) => {
-                    let spec = crate::config::NsSpec::Remote {
-                        remote: Box::new(remote.clone()),
-                        slice: *slice,
-                    };
-                    match cut(sb, *slice, &spec) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            klog::error!("percore: core {}: {}", core, klog::D(&e));
-                            return false;
-                        }
-                    }
-                }
-                (None, Some(b)) => Box::new(b),
-                (None, None) => return false,
-            };
-            // Encrypted: the same cipher over the lane as core 0's over its own queues.
-            let Some(b) = crate::services::replica_cipher(n, b) else {
+            let Some(cfg) = lane_namespace(core, remote, n, *slice, shared.as_ref(), &mut whole)
+            else {
                 return false;
             };
-            configs.push((
-                nqn.clone(),
-                keel_controller::NamespaceConfig {
-                    nsid: n.nsid,
-                    backend: b,
-                    nguid: n.nguid,
-                    uuid: [0; 16],
-                    eui64: [0; 8],
-                    qos: n.qos.clone(),
-                },
-            ));
+            configs.push((nqn.clone(), cfg));
         }
         let fn_configs = configs.split_off(fn_at.min(configs.len()));
         for (nqn, cfg) in fn_configs {
@@ -722,6 +716,25 @@ impl Plane {
                 return false;
             }
         }
+        if !self.add_lane_namespaces(remote, configs) {
+            return false;
+        }
+        self.fn_lanes |= fn_at < all;
+        self.lanes.push((id, lane));
+        if let Some(sb) = shared {
+            self.lane_shares.push((id, sb));
+        }
+        true
+    }
+
+    /// Adds namespaces served through a lane of `remote` to the replica; false (said on the
+    /// console) if any cannot be.
+    fn add_lane_namespaces(
+        &mut self,
+        remote: &keel_provision::Remote,
+        configs: Vec<(String, keel_controller::NamespaceConfig)>,
+    ) -> bool {
+        let core = self.core;
         for (nqn, cfg) in configs {
             let nsid = cfg.nsid;
             if let Err(e) = self.target.add_namespace(&nqn, cfg) {
@@ -738,8 +751,48 @@ impl Plane {
                 "percore: core {core} serves namespace {nsid} of {nqn} through its own I/O queues to remote {remote}"
             );
         }
-        self.fn_lanes |= fn_at < all;
-        self.lanes.push((id, lane));
+        self.ns_dirty = true;
+        true
+    }
+
+    /// More namespaces on volume `id`'s running lane (slices a push added): cut from the
+    /// lane's shared backend and added to the replica; false (said on the console) if the
+    /// lane is not shared (it backs one whole namespace) or any cannot be made.
+    fn add_lane_users(&mut self, id: u32, users: Vec<(String, ReplicaNs)>) -> bool {
+        let core = self.core;
+        let Some((_, sb)) = self.lane_shares.iter().find(|(i, _)| *i == id) else {
+            klog::error!(
+                "percore: core {}: remote volume {}: its lane backs one whole namespace; no more can be cut from it",
+                core,
+                id
+            );
+            return false;
+        };
+        let mut configs = Vec::new();
+        let mut remote = None;
+        for (nqn, n) in &users {
+            let ReplicaSource::Remote { remote: r, slice } = &n.source else {
+                return false;
+            };
+            let Some(cfg) = lane_namespace(core, r, n, *slice, Some(sb), &mut None) else {
+                return false;
+            };
+            remote = Some(r.clone());
+            configs.push((nqn.clone(), cfg));
+        }
+        let Some(remote) = remote else {
+            return true;
+        };
+        if !self.add_lane_namespaces(&remote, configs) {
+            return false;
+        }
+        for (nqn, n) in users {
+            if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == nqn)
+                && !s.namespaces.iter().any(|o| o.nsid == n.nsid)
+            {
+                s.namespaces.push(n);
+            }
+        }
         true
     }
 }
@@ -827,6 +880,69 @@ pub struct Holder {
     dropped_seen: usize,
 }
 
+/// Namespace `n` of a replica through a lane of `remote`: cut from the lane's `shared`
+/// backend, or the lane's `whole` backend (taken), encrypted as on core 0; `None` (said on
+/// the console) if it cannot be made.
+fn lane_namespace<B: keel_storage::BlockBackend + 'static>(
+    core: usize,
+    remote: &keel_provision::Remote,
+    n: &ReplicaNs,
+    slice: Option<(u64, Option<u64>)>,
+    shared: Option<&SharedBackend<B>>,
+    whole: &mut Option<B>,
+) -> Option<keel_controller::NamespaceConfig> {
+    let b: Box<dyn keel_storage::BlockBackend> = match (shared, whole.take()) {
+        (Some(sb), _) => {
+            let spec = crate::config::NsSpec::Remote {
+                remote: Box::new(remote.clone()),
+                slice,
+            };
+            match cut(sb, slice, &spec) {
+                Ok(b) => b,
+                Err(e) => {
+                    klog::error!("percore: core {}: {}", core, klog::D(&e));
+                    return None;
+                }
+            }
+        }
+        (None, Some(b)) => Box::new(b),
+        (None, None) => return None,
+    };
+    // Encrypted: the same cipher over the lane as core 0's over its own queues.
+    let b = crate::services::replica_cipher(n, b)?;
+    Some(keel_controller::NamespaceConfig {
+        nsid: n.nsid,
+        backend: b,
+        nguid: n.nguid,
+        uuid: [0; 16],
+        eui64: [0; 8],
+        qos: n.qos.clone(),
+    })
+}
+
+/// The namespaces of `replicable` on volume `v` among `which` (subsystem NQN, NSID), as
+/// described for the replicas.
+fn lane_users_described(
+    replicable: &[ReplicaSubsystem],
+    v: &crate::remote::Volume,
+    which: &[(String, u32)],
+) -> Vec<(String, ReplicaNs)> {
+    replicable
+        .iter()
+        .flat_map(|s| {
+            s.namespaces.iter().filter_map(move |n| match &n.source {
+                ReplicaSource::Remote { remote, .. }
+                    if remote.same_target(&v.remote)
+                        && which.iter().any(|(q, id)| *q == s.nqn && *id == n.nsid) =>
+                {
+                    Some((s.nqn.clone(), n.clone()))
+                }
+                _ => None,
+            })
+        })
+        .collect()
+}
+
 /// A remote volume whose lanes core 0 looks after.
 #[derive(Debug)]
 struct LaneTrack {
@@ -841,6 +957,11 @@ struct LaneTrack {
     /// A volume of a pushed configuration (a core that cannot serve it drops only the
     /// subsystems using it; at boot, every adoption ends).
     pushed: bool,
+    /// The namespaces its lanes were told of (subsystem NQN, NSID).
+    users_sent: Vec<(String, u32)>,
+    /// Those of the last [`RemoteMsg::Users`] (a core that cannot add them drops only
+    /// their subsystems).
+    round: Vec<(String, u32)>,
 }
 
 impl core::fmt::Debug for Holder {
@@ -943,6 +1064,8 @@ impl Holder {
                     acks: 0,
                     seen: u64::MAX,
                     pushed: false,
+                    users_sent: Vec::new(),
+                    round: Vec::new(),
                 });
             }
         }
@@ -1099,6 +1222,8 @@ impl Holder {
                     acks: 0,
                     seen: u64::MAX,
                     pushed: true,
+                    users_sent: Vec::new(),
+                    round: Vec::new(),
                 });
             }
         }
@@ -1106,29 +1231,15 @@ impl Holder {
             let Some(v) = services.remotes.volumes.iter().find(|v| v.id == t.id) else {
                 continue;
             };
+            // Namespaces removed since (a later push may add them again: a new round).
+            t.users_sent.retain(|u| v.lane_users.contains(u));
             if !t.sent {
                 let Some(seed) = v.vol.lane_seed() else {
                     continue;
                 };
                 let cfg = services.remotes.lane_config(v);
                 // The namespaces the lanes serve, as described for the replicas.
-                let users: Vec<(String, ReplicaNs)> = services
-                    .replicable
-                    .iter()
-                    .flat_map(|s| {
-                        s.namespaces.iter().filter_map(|n| match &n.source {
-                            ReplicaSource::Remote { remote, .. }
-                                if remote.same_target(&v.remote)
-                                    && v.lane_users
-                                        .iter()
-                                        .any(|(q, id)| *q == s.nqn && *id == n.nsid) =>
-                            {
-                                Some((s.nqn.clone(), n.clone()))
-                            }
-                            _ => None,
-                        })
-                    })
-                    .collect();
+                let users = lane_users_described(&services.replicable, v, &v.lane_users);
                 for li in 0..links.0.len() {
                     let core = links.0[li].info.index;
                     if core >= 64 || planes & (1 << core) == 0 {
@@ -1144,7 +1255,33 @@ impl Holder {
                     };
                     self.send(links, li, Msg::Remote(m));
                 }
+                t.users_sent = v.lane_users.clone();
                 t.sent = true;
+                busy = true;
+            } else if t.acks == 0 && v.lane_users.iter().any(|u| !t.users_sent.contains(u)) {
+                // Namespaces a push added on the running volume: every core adds them
+                // through its lane before core 0 serves them (the gate stays closed).
+                let round: Vec<(String, u32)> = v
+                    .lane_users
+                    .iter()
+                    .filter(|u| !t.users_sent.contains(u))
+                    .cloned()
+                    .collect();
+                let users = lane_users_described(&services.replicable, v, &round);
+                for li in 0..links.0.len() {
+                    let core = links.0[li].info.index;
+                    if core >= 64 || planes & (1 << core) == 0 {
+                        continue;
+                    }
+                    t.acks |= 1 << core;
+                    let m = RemoteMsg::Users {
+                        id: t.id,
+                        users: users.clone(),
+                    };
+                    self.send(links, li, Msg::Remote(m));
+                }
+                t.users_sent.extend(round.iter().cloned());
+                t.round = round;
                 busy = true;
             }
             let version = v.vol.lane_version();
@@ -1166,11 +1303,13 @@ impl Holder {
                 busy = true;
             }
         }
-        for t in tracks.iter().filter(|t| t.sent && t.acks == 0) {
+        for t in tracks.iter_mut().filter(|t| t.sent && t.acks == 0) {
             if let Some(v) = services.remotes.volumes.iter_mut().find(|v| v.id == t.id)
                 && !v.gate_open
+                && v.lane_users.iter().all(|u| t.users_sent.contains(u))
             {
                 v.gate_open = true;
+                t.round.clear();
                 busy = true;
             }
         }
@@ -1248,12 +1387,31 @@ impl Holder {
                     }
                     Msg::RemoteReady { id, core, ok } => {
                         let mut pushed = false;
+                        let mut round = Vec::new();
                         if let Some(t) = self.lanes.iter_mut().find(|t| t.id == id) {
                             t.acks &= !(1u64 << (core & 63));
                             pushed = t.pushed;
+                            if !ok {
+                                round = core::mem::take(&mut t.round);
+                            }
                         }
                         let volume = services.remotes.volumes.iter_mut().find(|v| v.id == id);
                         if !ok
+                            && !round.is_empty()
+                            && let Some(v) = volume
+                        {
+                            // Namespaces a push added on a running volume: only their
+                            // subsystems fall back.
+                            klog::error!(
+                                "percore: core {} could not add the new namespaces of remote {}: their subsystems' I/O queues are served through core 0",
+                                core,
+                                klog::D(&v.remote)
+                            );
+                            v.lane_users.retain(|u| !round.contains(u));
+                            for (nqn, _) in round {
+                                services.replication.drop_subsystem(&nqn);
+                            }
+                        } else if !ok
                             && pushed
                             && let Some(v) = volume
                         {

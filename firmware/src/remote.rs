@@ -247,6 +247,25 @@ impl RemoteService {
         true
     }
 
+    /// A namespace of a push on `remote`'s volume, which runs with lanes already: it waits
+    /// until every core added it to its replica through its lane (the holder sends them
+    /// the new users, `crate::percore::RemoteMsg::Users`, and opens the gate once all
+    /// answered). False (nothing changed) for a volume without lanes.
+    pub(crate) fn lane_more(&mut self, remote: &Remote) -> bool {
+        let Some(v) = self
+            .volumes
+            .iter_mut()
+            .find(|v| !v.retired && v.remote.same_target(remote))
+        else {
+            return false;
+        };
+        if !v.laned {
+            return false;
+        }
+        v.gate_open = false;
+        true
+    }
+
     /// Namespace `nsid` of `nqn` is served through the lanes of `remote`'s volume.
     pub(crate) fn lane_user(&mut self, remote: &Remote, nqn: &str, nsid: u32) {
         if let Some(v) = self
@@ -270,6 +289,7 @@ impl RemoteService {
     pub(crate) fn removed(&mut self, nqn: &str, nsid: u32) {
         for v in &mut self.volumes {
             v.exports.retain(|(q, id)| !(q == nqn && *id == nsid));
+            v.lane_users.retain(|(q, id)| !(q == nqn && *id == nsid));
             v.waiting
                 .retain(|n| !(n.subsystem == nqn && n.nsid == nsid));
             if v.exports.is_empty() && v.waiting.is_empty() {

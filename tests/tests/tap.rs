@@ -2805,7 +2805,11 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
 /// adds the namespace to its replica before core 0 serves it; the subsystem stays shared (no
 /// adopted queue ends): verified I/O on namespace 2 of a connection that landed on core 1
 /// goes through core 1's own queue to the remote (QID 5) with few ring messages, and data
-/// written there reads back through another connection.
+/// written there reads back through another connection. Namespace 2 is a slice: a second
+/// push adds namespace 3, a further slice of the running volume, which core 1 cuts from its
+/// lane before core 0 serves it (served on core 1 through the lane); a third removes
+/// namespace 2 on every core first (namespace 3 stays on core 1); the last removes both
+/// and the lane goes.
 #[test]
 fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
     require_tap();
@@ -2831,17 +2835,26 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
     let addr = format!("{dnet}.2:4420");
     let mgmt = format!("{dnet}.2:7000");
 
-    // The push: namespace 2 on the remote's namespace 1.
+    // The push: namespace 2 on the first 32 MiB of the remote's namespace 1.
     let d = keel_tests::provision::Dir::new("lane-push");
     let nqn = "nqn.2026-11.dev.keel:default";
-    let toml = format!(
-        "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n\n[[namespace]]\n\
-         subsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\n\
-         encryption = \"none\"\n\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 2\n\
-         backend = {{ remote = {{ nqn = \"{nqn}\", paths = [\"{dnet}.1:{relay_port}\"], \
-         nsid = 1 }} }}\nencryption = \"none\"\n"
-    );
-    let report = push_config(&d, &mgmt, "lane", 2, &toml);
+    // RAM namespace 1 and slices (NSID, offset, length) of the remote namespace.
+    let toml = |slices: &[(u32, &str, &str)]| {
+        let mut t = format!(
+            "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n\n[[namespace]]\n\
+             subsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\n\
+             encryption = \"none\"\n"
+        );
+        for (nsid, offset, length) in slices {
+            t.push_str(&format!(
+                "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = {nsid}\n\
+                 backend = {{ remote = {{ nqn = \"{nqn}\", paths = [\"{dnet}.1:{relay_port}\"], \
+                 nsid = 1 }}, offset = \"{offset}\", length = \"{length}\" }}\nencryption = \"none\"\n"
+            ));
+        }
+        t
+    };
+    let report = push_config(&d, &mgmt, "lane", 2, &toml(&[(2, "0", "32MiB")]));
     assert!(
         report.contains("added: nqn.2026-11.dev.keel:default namespace 2"),
         "{report}"
@@ -2955,16 +2968,99 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
         assert!(!c.contains(bad), "{bad:?} on the console:\n{c}");
     }
 
-    // A push without namespace 2: core 0 disconnects the volume and core 1 closes its lane
-    // (its queue's row leaves the status).
-    let toml = format!(
-        "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n\n[[namespace]]\n\
-         subsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\n\
-         encryption = \"none\"\n"
+    // A push adding namespace 3 on the next 16 MiB of the running volume: every core cuts
+    // it from its lane first (`RemoteMsg::Users`), then core 0 serves it; the subsystem
+    // stays shared and namespace 3's I/O on core 1 goes through core 1's lane.
+    let report = push_config(
+        &d,
+        &mgmt,
+        "lane3",
+        3,
+        &toml(&[(2, "0", "32MiB"), (3, "32MiB", "16MiB")]),
     );
-    let report = push_config(&d, &mgmt, "lane3", 3, &toml);
     assert!(
-        report.contains("removed: nqn.2026-11.dev.keel:default namespace 2"),
+        report.contains(&format!("added: {nqn} namespace 3")),
+        "{report}"
+    );
+    let ns3_core1 =
+        format!("percore: core 1 serves namespace 3 of {nqn} through its own I/O queues to remote");
+    let ns3_core0 = format!("remote: namespace 3 of {nqn} served: ");
+    for line in [&ns3_core1, &ns3_core0] {
+        if !dpu.console().contains(line.as_str()) {
+            dpu.wait_for(line, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("dpu: {e}"));
+        }
+    }
+    let c = dpu.console();
+    assert!(
+        c.find(&ns3_core1).unwrap() < c.find(&ns3_core0).unwrap(),
+        "core 1 had namespace 3 first:\n{c}"
+    );
+    let ns3_on_core_1 = |what: &str| {
+        let (cmds, msgs, m0, m1) = on_core_metrics(&mgmt, 2, 1, what, 600, &mut || {
+            let out = ok(&[
+                "nvme",
+                "bench",
+                "--addr",
+                &addr,
+                "--nsid",
+                "3",
+                "--rw",
+                "mix",
+                "--connections",
+                "1",
+                "--qd",
+                "16",
+                "--ios",
+                "600",
+                "--range-mib",
+                "16",
+                "--verify",
+            ]);
+            assert!(out.contains("IOPS"), "{out}");
+        });
+        let on1 = remote_queue_commands(&m1, 1, 5) - remote_queue_commands(&m0, 1, 5);
+        eprintln!(
+            "tap: {what}: {cmds} commands on core 1, {msgs} ring messages to core 0, core 1's lane +{on1}"
+        );
+        assert!(
+            cmds >= 600 && msgs < 200 && on1 >= 600,
+            "{what}: core 1 took {cmds} commands, {msgs} ring messages, its lane {on1}: forwarded"
+        );
+    };
+    ns3_on_core_1("namespace 3 added on the running volume");
+
+    // Namespace 2 removed: every core first (its lane's slice dropped once drained), then
+    // core 0; the volume stays (namespace 3) and so do the adoptions.
+    let report = push_config(&d, &mgmt, "lane4", 4, &toml(&[(3, "32MiB", "16MiB")]));
+    assert!(
+        report.contains(&format!("removed: {nqn} namespace 2")),
+        "{report}"
+    );
+    for line in [
+        format!("nvmf: namespace 2 of {nqn} removed on every core, then on core 0"),
+        format!("percore: core 1 no longer serves namespace 2 of {nqn}"),
+    ] {
+        if !dpu.console().contains(line.as_str()) {
+            dpu.wait_for(&line, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("dpu: {e}"));
+        }
+    }
+    ns3_on_core_1("namespace 3 after namespace 2 was removed");
+    let c = dpu.console();
+    for bad in [
+        "adopted by other cores end",
+        "are served through core 0",
+        "no longer used: disconnected",
+    ] {
+        assert!(!c.contains(bad), "{bad:?} on the console:\n{c}");
+    }
+
+    // A push without namespace 3: core 0 disconnects the volume and core 1 closes its lane
+    // (its queue's row leaves the status).
+    let report = push_config(&d, &mgmt, "lane5", 5, &toml(&[]));
+    assert!(
+        report.contains("removed: nqn.2026-11.dev.keel:default namespace 3"),
         "{report}"
     );
     for line in [
