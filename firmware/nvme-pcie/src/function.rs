@@ -389,7 +389,8 @@ impl PcieFunction {
         }
     }
 
-    /// The next pair to deliver to another core or to ask back from one.
+    /// The next pair to deliver to another core or to ask back from one, or Abort to ask of
+    /// the core serving a pair.
     pub fn take_handover(&mut self) -> Option<Handover> {
         self.handovers.pop_front()
     }
@@ -411,7 +412,9 @@ impl PcieFunction {
 
     /// A pair comes back from the core that served it (asked back, or refused there): it is
     /// served here again exactly where it stopped. A pair whose queues are gone meanwhile (a
-    /// reset or a removal dropped them) is dropped.
+    /// reset or a removal dropped them) is dropped. From the next poll its queue is no longer
+    /// served elsewhere: Aborts of its commands still waiting for the other core's verdict
+    /// are answered "not aborted" then (a verdict that comes later is ignored).
     pub fn give_back(&mut self, pair: IoPair) {
         let qid = pair.qid();
         self.abroad.retain(|&(q, _)| q != qid);
