@@ -1643,47 +1643,67 @@ fn an_abort_of_a_command_on_core_1_gets_core_1s_verdict() {
     assert_eq!(core1(&r).pool.available(), core1(&r).pool.count());
 }
 
-/// An Abort that reaches core 1 after its pair left (the host deleted SQ 1 meanwhile): the
-/// pair is home, so the function's core answers it "not aborted" once, and core 1's verdict
-/// arriving later is ignored; the Delete I/O SQ completes. A drained pair with the aborted
-/// command held at core 1's drive: the Abort wins there and the pair comes home after.
+/// An Abort that reaches core 1 after its pair left (one core from now on: the pair is
+/// asked home): the pair is home, so the function's core answers the Abort "not aborted"
+/// once, and core 1's verdict arriving later is ignored even if it says "aborted"; queue 1
+/// then works on core 0. The same crossing a Delete I/O SQ: the Abort once, the Delete. A
+/// drained pair with the aborted command held at core 1's drive: the Abort wins there and
+/// the pair comes home after.
 #[test]
 fn an_abort_parked_while_its_pair_comes_home_is_answered_once() {
     let (mut r, k) = two_core_rig_held();
     r.enable();
-    r.io_queue(1, 64);
+    let mut q1 = r.io_queue(1, 64);
     let buf = r.alloc(4096);
     r.core1.as_mut().unwrap().aborts_late = true;
+    // Core 1's late verdicts say "aborted" here: only an answer the function's core gave
+    // first (the pair home) makes the Abort "not aborted".
+    let run = |r: &mut Rig, admin: &mut Queue| {
+        let mut cqes = Vec::new();
+        for _ in 0..20 {
+            r.step();
+            for v in r.core1.as_mut().unwrap().ring.iter_mut() {
+                v.1 = true;
+            }
+            while let Some(c) = r.reap(admin) {
+                cqes.push(c);
+            }
+        }
+        let mut got: Vec<_> = cqes.iter().map(|c| (c.cid, c.status, c.dw0 & 1)).collect();
+        got.sort_by_key(|c| c.0);
+        got
+    };
     let mut admin = r.admin;
     r.push(&mut admin, &abort_sqe(40, 1, 9));
-    r.push(&mut admin, &Sqe::new(0x00, 41).with_cdw(10, 1));
-    let mut cqes = Vec::new();
-    for _ in 0..20 {
-        r.step();
-        while let Some(c) = r.reap(&mut admin) {
-            cqes.push(c);
-        }
-    }
+    r.f.set_cores(1);
+    let got = run(&mut r, &mut admin);
     r.admin = admin;
-    let mut got: Vec<_> = cqes.iter().map(|c| (c.cid, c.status, c.dw0 & 1)).collect();
-    got.sort_by_key(|c| c.0);
-    assert_eq!(
-        got,
-        [(40, Status::SUCCESS, 1), (41, Status::SUCCESS, 0)],
-        "the Abort once, not aborted; the Delete"
-    );
+    assert_eq!(got, [(40, Status::SUCCESS, 1)], "once, not aborted");
     assert_eq!(r.f.abroad(), 0);
     let c1 = core1(&r);
-    assert_eq!(
-        c1.verdicts.len(),
-        1,
-        "asked of core 1, which no longer had the pair"
-    );
-    assert!(!c1.verdicts[0].1);
+    assert_eq!(c1.verdicts, [(c1.verdicts[0].0, false)], "asked of core 1");
     assert!(
         c1.ring.is_empty(),
         "its verdict was delivered (and ignored)"
     );
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 1).status, Status::SUCCESS);
+    // Crossing a Delete I/O SQ.
+    assert_eq!(r.delete(0x00, 1), Status::SUCCESS);
+    assert_eq!(r.delete(0x04, 1), Status::SUCCESS);
+    r.f.set_cores(2);
+    r.io_queue(1, 64);
+    assert_eq!(r.f.abroad(), 1);
+    let mut admin = r.admin;
+    r.push(&mut admin, &abort_sqe(41, 1, 9));
+    r.push(&mut admin, &Sqe::new(0x00, 42).with_cdw(10, 1));
+    let got = run(&mut r, &mut admin);
+    assert_eq!(
+        got,
+        [(41, Status::SUCCESS, 1), (42, Status::SUCCESS, 0)],
+        "the Abort once, not aborted; the Delete"
+    );
+    assert_eq!(core1(&r).verdicts.len(), 2);
+    r.admin = admin;
     assert_eq!(r.delete(0x04, 1), Status::SUCCESS);
     // Again with the command held at core 1's drive and the Abort in time: aborted there,
     // then the drained pair comes home for the Delete.
@@ -1698,8 +1718,8 @@ fn an_abort_parked_while_its_pair_comes_home_is_answered_once() {
     r.steps(3);
     assert_eq!(k.borrow().held.len(), 1);
     let mut admin = r.admin;
-    r.push(&mut admin, &abort_sqe(42, 1, 9));
-    r.push(&mut admin, &Sqe::new(0x00, 43).with_cdw(10, 1));
+    r.push(&mut admin, &abort_sqe(43, 1, 9));
+    r.push(&mut admin, &Sqe::new(0x00, 44).with_cdw(10, 1));
     let mut cqes = Vec::new();
     for _ in 0..20 {
         r.step();
@@ -1710,7 +1730,7 @@ fn an_abort_parked_while_its_pair_comes_home_is_answered_once() {
     r.admin = admin;
     let mut got: Vec<_> = cqes.iter().map(|c| (c.cid, c.status, c.dw0 & 1)).collect();
     got.sort_by_key(|c| c.0);
-    assert_eq!(got, [(42, Status::SUCCESS, 0), (43, Status::SUCCESS, 0)]);
+    assert_eq!(got, [(43, Status::SUCCESS, 0), (44, Status::SUCCESS, 0)]);
     let c = r.reap(&mut q1b).expect("the read's completion");
     assert_eq!(
         (c.cid, without_more(c.status)),
