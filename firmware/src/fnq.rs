@@ -59,9 +59,9 @@
 //!   have on core 0, and the host's reset brings the pair home.
 //!
 //! The messages are the rings' ([`crate::cores::Link`]): one per pair handed out or taken
-//! back and two per host Abort, never per command. Core `k` publishes its replica's namespace counters beside its
-//! NVMe/TCP plane's (`crate::cores::NS_SHARES`, merged by core 0 for status and `/metrics`)
-//! and its command count (`keel_core_function_commands_total`).
+//! back and two per host Abort, never per command. Core `k` publishes its replica's
+//! namespace counters beside its NVMe/TCP plane's (`crate::cores::NS_SHARES`, merged by core
+//! 0 for status and `/metrics`) and its command count (`keel_core_function_commands_total`).
 
 use crate::cores::{FUNCTION_COMMANDS, Links, Msg, Outbox};
 use crate::klog;
