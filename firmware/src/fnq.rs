@@ -46,14 +46,26 @@
 //!   back ([`FnMsg::Returned`]), which core 0 puts back in place. The admin command waits in
 //!   its SQ, CSTS.RDY stays 1 and a removed function's slot stays `removing` until the pair
 //!   is home: from then on no other core touches the window.
+//! - **Aborts.** While a pair is abroad the function marks its queue served elsewhere in
+//!   its controller on core 0 (`keel_controller::Target::served_elsewhere`), so a host's
+//!   Abort (admin opcode 08h) of one of its commands is parked there instead of answered
+//!   "not aborted"; the function hands it out as a `keel_nvme_pcie::Handover::Abort` and
+//!   [`Hub`] sends core `k` an [`FnMsg::Abort`] (one message per Abort). Core `k`'s replica
+//!   decides (`Target::abort_for_holder`: a command still waiting is aborted at once, one at
+//!   a drive is aborted there through the drive queue's Abort, `keel_nvme_driver`) and
+//!   answers [`FnMsg::AbortVerdict`], at once or with the command's completion (a drained
+//!   pair's ahead of its [`FnMsg::Returned`]); core 0 completes the Abort with it. When the
+//!   pair comes home first (the Abort crossed it, or a discard dropped the command) or the
+//!   function is reset, the function's next poll answers the Abort "not aborted" and a
+//!   verdict arriving later is ignored: exactly one answer.
 //! - **Errors.** A pair that finds an invalid doorbell value or a queue entry host memory
 //!   refuses stops and reports it ([`FnMsg::Fatal`]); the function sets CSTS.CFS as it would
 //!   have on core 0, and the host's reset brings the pair home.
 //!
 //! The messages are the rings' ([`crate::cores::Link`]): one per pair handed out or taken
-//! back, never per command. Core `k` publishes its replica's namespace counters beside its
-//! NVMe/TCP plane's (`crate::cores::NS_SHARES`, merged by core 0 for status and `/metrics`)
-//! and its command count (`keel_core_function_commands_total`).
+//! back and two per host Abort, never per command. Core `k` publishes its replica's
+//! namespace counters beside its NVMe/TCP plane's (`crate::cores::NS_SHARES`, merged by core
+//! 0 for status and `/metrics`) and its command count (`keel_core_function_commands_total`).
 
 use crate::cores::{FUNCTION_COMMANDS, Links, Msg, Outbox};
 use crate::klog;
@@ -130,6 +142,26 @@ pub enum FnMsg {
         qid: u16,
         /// What it found.
         why: FatalReason,
+    },
+    /// Core 0 → core k: the host asked to abort command `cid` of pair `qid` of function
+    /// `slot` (see [`Handover::Abort`]); answered with [`FnMsg::AbortVerdict`].
+    Abort {
+        /// Function slot.
+        slot: u16,
+        /// The pair's SQ ID.
+        qid: u16,
+        /// The command's CID.
+        cid: u16,
+        /// Names the Abort in the verdict.
+        token: u32,
+    },
+    /// Core k → core 0: the verdict on Abort `token` (`aborted`: the command ended with
+    /// Command Abort Requested), at once or with the command's completion.
+    AbortVerdict {
+        /// The Abort's token.
+        token: u32,
+        /// Whether the command was aborted.
+        aborted: bool,
     },
 }
 
@@ -330,7 +362,36 @@ impl FnCore {
                     s.pair.stop();
                 }
             }
-            FnMsg::Returned { .. } | FnMsg::Fatal { .. } | FnMsg::Error(_) => {}
+            FnMsg::Abort {
+                slot,
+                qid,
+                cid,
+                token,
+            } => {
+                // Its replica decides now, or when the command completes (`pass`); a pair
+                // no longer here (on its way home): not aborted.
+                let verdict = match this.as_mut().and_then(|c| {
+                    let q = c
+                        .pairs
+                        .iter()
+                        .find(|s| s.slot == slot && s.pair.qid() == qid)?
+                        .q;
+                    Some((c, q))
+                }) {
+                    Some((c, q)) => {
+                        c.target
+                            .abort_for_holder(Instant::from_nanos(now_ns), q, cid, token)
+                    }
+                    None => Some(false),
+                };
+                if let Some(aborted) = verdict {
+                    out(FnMsg::AbortVerdict { token, aborted });
+                }
+            }
+            FnMsg::Returned { .. }
+            | FnMsg::Fatal { .. }
+            | FnMsg::Error(_)
+            | FnMsg::AbortVerdict { .. } => {}
         }
     }
 
@@ -480,6 +541,10 @@ impl FnCore {
         }) > 0;
         // Errors its replica controllers logged go to their controllers' logs on core 0.
         target.take_replica_errors(&mut |e| out(FnMsg::Error(e)));
+        // Verdicts on core 0's Aborts decided by completions, ahead of any pair going home
+        // below (the ring keeps the order: core 0 has the verdict before the pair).
+        target
+            .take_abort_verdicts(&mut |token, aborted| out(FnMsg::AbortVerdict { token, aborted }));
         // What it started is in flight for the other cores' next parts.
         cross_core.publish(tended, now_ns, target);
         let mut i = 0;
@@ -798,9 +863,8 @@ impl Hub {
                         .get_mut(usize::from(slot))
                         .and_then(|e| e.f.as_mut())
                     {
-                        if let Some(q) = f.core_queue(pair.qid()) {
-                            target.served_elsewhere(q, false);
-                        }
+                        // Served here again from the function's next poll (which answers
+                        // Aborts still parked for it "not aborted").
                         f.give_back(*pair);
                     }
                 }
@@ -815,11 +879,17 @@ impl Hub {
                 FnMsg::Error(e) => {
                     target.log_replica_error(&e);
                 }
+                FnMsg::AbortVerdict { token, aborted } => {
+                    // Unknown tokens (answered already: the pair came home, the function
+                    // was reset) are ignored.
+                    target.abort_verdict_from_elsewhere(token, aborted);
+                }
                 FnMsg::Serve(_)
                 | FnMsg::Add(_)
                 | FnMsg::Remove(_)
                 | FnMsg::Adopt(_)
-                | FnMsg::Recall { .. } => {}
+                | FnMsg::Recall { .. }
+                | FnMsg::Abort { .. } => {}
             }
         }
         let mut here = 0u64;
@@ -837,9 +907,6 @@ impl Hub {
                         let adoption = f.core_queue(pair.qid()).and_then(|q| target.adoption(q));
                         match (li, adoption) {
                             (Some(li), Some(adoption)) => {
-                                if let Some(q) = f.core_queue(pair.qid()) {
-                                    target.served_elsewhere(q, true);
-                                }
                                 let port = e.ep.queue_port(pair.qid(), pair.cqid(), pair.vector());
                                 let adopt = Adopt {
                                     slot: slot as u16,
@@ -864,6 +931,29 @@ impl Hub {
                                 discard,
                             });
                             self.send(links, li, msg);
+                        }
+                    }
+                    Handover::Abort {
+                        core,
+                        qid,
+                        cid,
+                        token,
+                    } => {
+                        match links
+                            .0
+                            .iter()
+                            .position(|l| l.info.index == usize::from(core))
+                        {
+                            Some(li) => {
+                                let msg = Msg::Fn(FnMsg::Abort {
+                                    slot: slot as u16,
+                                    qid,
+                                    cid,
+                                    token,
+                                });
+                                self.send(links, li, msg);
+                            }
+                            None => target.abort_verdict_from_elsewhere(token, false),
                         }
                     }
                 }

@@ -1498,11 +1498,14 @@ impl Holder {
             }
         }
         self.events = events;
-        // Hosts' Aborts of commands on adopted queues: asked of the core serving them.
+        // Hosts' Aborts of commands on adopted queues: asked of the core serving them (the
+        // emulated functions' pairs' are theirs: `crate::fnq`).
         let mut asks = Vec::new();
         services
             .target
-            .take_abort_requests(&mut |q, cid, token| asks.push((q, cid, token)));
+            .take_abort_requests_of(crate::nvmf::FORWARD_OWNER, &mut |q, cid, token| {
+                asks.push((q, cid, token))
+            });
         for (q, cid, token) in asks {
             busy = true;
             let to = self

@@ -8,7 +8,7 @@
 //! Every QEMU, `keelctl` and client run is bounded in time; the tests of this file take turns
 //! (one QEMU at a time) because the firmware polls a live function without sleeping.
 
-use keel_host_tools::blockdev::{self, BlockDevice, Request};
+use keel_host_tools::blockdev::{self, BlockDevice, IoError, Request};
 use keel_host_tools::host::{HostConfig, HostController, HostDevice, Window};
 use keel_storage::BlockOp;
 use keel_tests::{
@@ -79,7 +79,8 @@ impl Rig {
     }
 
     /// [`Rig::boot_with`] where only the first `live` windows get a function at boot (the
-    /// others are free slots: `keel.fn.boot=LIVE` in `append`).
+    /// others are free slots: `keel.fn.boot=LIVE` in `append`). What follows a `--` in
+    /// `extra` goes to QEMU.
     fn boot_live(name: &str, n: usize, live: usize, append: Option<&str>, extra: &[&str]) -> Rig {
         let turn = serial();
         keelctl();
@@ -96,6 +97,10 @@ impl Rig {
             args.push("--append".into());
             args.push(a.into());
         }
+        let (extra, to_qemu) = match extra.iter().position(|a| *a == "--") {
+            Some(i) => (&extra[..i], &extra[i + 1..]),
+            None => (extra, &[][..]),
+        };
         args.extend(extra.iter().map(|a| a.to_string()));
         let dir = root().join(format!(
             "target/qemu-tests/scratch/{}-{name}",
@@ -106,6 +111,7 @@ impl Rig {
         args.push("--".into());
         args.push("-monitor".into());
         args.push(format!("unix:{},server=on,wait=off", monitor.display()));
+        args.extend(to_qemu.iter().map(|a| a.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut qemu = Qemu::boot(Build::Release, &argv);
         qemu.wait_for("keel: ready", BOOT_TIMEOUT)
@@ -1141,6 +1147,117 @@ fn a_function_s_io_queues_are_served_on_every_core() {
         rig.assert_healthy();
         drop(rig);
     }
+}
+
+/// A host's Abort of a command outstanding on an I/O queue served by core 1 (`--smp 2`, the
+/// function's namespace a QEMU NVMe drive throttled to 32 KiB/s of reads): the Abort, on
+/// the admin queue (core 0), is asked of core 1, whose own I/O queue pair on the drive holds
+/// the read, and the drive receives an Abort for it (the firmware's "(host request) of
+/// another core" line, QEMU's `pci_nvme_admin_cmd` trace). The read then completes aborted
+/// or, since QEMU may not cancel a throttled read, with its data; either way once, and the
+/// queue works on. Before, such an Abort was answered "not aborted" on core 0 and never
+/// reached core 1 or the drive.
+#[test]
+fn an_abort_of_a_command_on_a_queue_served_by_core_1_reaches_the_drive() {
+    let disk = ScratchFile::new("fn-abort-slow.img", 8 << 20);
+    let drive = format!(
+        "if=none,id=slow,format=raw,file={},throttling.bps-read=32768",
+        disk.path().display()
+    );
+    let rig = Rig::boot_with(
+        "fn-abort",
+        1,
+        Some("keel.fn.ns=drive:0"),
+        &[
+            "--smp",
+            "2",
+            "--",
+            "-drive",
+            &drive,
+            "-device",
+            "nvme,serial=keel-slow,drive=slow",
+            "-trace",
+            "pci_nvme_admin_cmd",
+        ],
+    );
+    console_has(&rig, "I/O queue q served on core q % 2");
+    let win = Arc::new(Window::open(rig.window(0)).expect("mapping the window"));
+    // One I/O queue: queue 1, served on core 1.
+    let mut d = open_device(&win, 1, 4);
+    console_has(&rig, "fnq: core 1 serves I/O queue 1 of function 0");
+    let aborts_before = rig
+        .qemu
+        .console()
+        .lines()
+        .filter(|l| l.contains("NVME_ADM_CMD_ABORT"))
+        .count();
+    // Two 128 KiB reads: QEMU's throttle lets one through first, the other waits seconds.
+    for (tag, lba) in [(1u64, 0u64), (2, 256)] {
+        let buf = d.alloc().expect("a buffer");
+        d.submit(Request {
+            tag,
+            op: BlockOp::Read,
+            lba,
+            blocks: 256,
+            buf: Some(buf),
+        })
+        .expect("submitting");
+    }
+    let first = d.complete().expect("a first read completes");
+    assert!(first.result.is_ok(), "{:?}", first.result.err());
+    let slow = if first.tag == 1 { 2 } else { 1 };
+    if let Some(b) = first.buf {
+        d.free(b);
+    }
+    assert!(d.abort(slow), "the host driver sent no Abort");
+    let done = d.complete().expect("the slow read completes");
+    assert_eq!(done.tag, slow);
+    match &done.result {
+        Ok(()) => eprintln!("the slow read finished before the drive aborted it"),
+        Err(IoError::Status(st)) => assert_eq!((st.sct, st.sc), (0, 0x07), "{st:?}"),
+        Err(e) => panic!("the aborted read: {e}"),
+    }
+    if let Some(b) = done.buf {
+        d.free(b);
+    }
+    // Core 1 asked the drive through its own queue pair (core 0 sends the Abort).
+    console_has(&rig, "(host request) of another core");
+    let t0 = Instant::now();
+    loop {
+        let n = rig
+            .qemu
+            .console()
+            .lines()
+            .filter(|l| l.contains("NVME_ADM_CMD_ABORT"))
+            .count();
+        if n > aborts_before {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "QEMU's drive saw no Abort:\n{}",
+            rig.qemu.console()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Nothing more completes, and the queue (core 1) works on.
+    assert_eq!(d.in_flight(), 0);
+    let buf = d.alloc().expect("a buffer");
+    d.submit(Request {
+        tag: 3,
+        op: BlockOp::Read,
+        lba: 1024,
+        blocks: 8,
+        buf: Some(buf),
+    })
+    .expect("submitting");
+    let c = d.complete().expect("a read after the Abort");
+    assert_eq!(c.tag, 3);
+    assert!(c.result.is_ok(), "{:?}", c.result.err());
+    d.shutdown().expect("shutdown");
+    let console = rig.qemu.console();
+    assert!(!console.contains("fnq: namespaces changed"), "{console}");
+    rig.assert_healthy();
 }
 
 /// Waits (10 s at most) until the console has `needle` at least `n` times.

@@ -86,6 +86,20 @@ impl Target {
         }
     }
 
+    /// [`Target::take_abort_requests`] for the queues of one transport only (`owner`, as
+    /// given to [`Target::open_queue_for`]): the others' stay for their transports. Costs
+    /// one length test when none is parked (call it every pass).
+    pub fn take_abort_requests_of(&mut self, owner: u16, out: &mut dyn FnMut(QueueId, u16, u32)) {
+        for a in self
+            .remote_aborts
+            .iter_mut()
+            .filter(|a| !a.sent && a.queue.owner == owner)
+        {
+            a.sent = true;
+            out(a.queue, a.cid, a.token);
+        }
+    }
+
     /// The verdict of another core on the Abort `token` (`aborted`: the command ended with
     /// Command Abort Requested): the Abort completes, DW0 bit 0 clear if aborted (NVMe
     /// base 2.0 §5.1). An unknown token (answered already) is ignored.
@@ -235,10 +249,15 @@ impl Target {
     /// over; `false`: it came back): it does not count among this target's queues of its
     /// controller when the controller's flows' demand is split across cores
     /// ([`Target::split_demand`]), and an Abort of one of its commands is asked of that core
-    /// ([`Target::take_abort_requests`]) instead of answered "not aborted".
+    /// ([`Target::take_abort_requests`]) instead of answered "not aborted". When it comes
+    /// back, the Aborts of its commands still parked (asked of that core or not) are
+    /// answered "not aborted" at once; a verdict that core gives later is ignored.
     pub fn served_elsewhere(&mut self, q: QueueId, elsewhere: bool) {
         if let Some(qi) = self.queue_index(q) {
             self.queues[qi].elsewhere = elsewhere;
+            if !elsewhere && !self.remote_aborts.is_empty() {
+                self.resolve_remote_aborts_of(q);
+            }
         }
     }
 

@@ -607,6 +607,54 @@ fn abort_of_a_command_on_another_core() {
     assert_eq!(done(&mut h), [(92, Status::SUCCESS, 1)]);
 }
 
+/// An I/O queue served elsewhere coming back (`served_elsewhere(q, false)`: an emulated
+/// function's pair recalled, or its controller reset) with Aborts parked: each is answered
+/// "not aborted" at once and exactly once (the other core's late verdict, even "aborted",
+/// is ignored), whether it was asked of that core already or not. Parked Aborts are taken
+/// per transport (`take_abort_requests_of`): another owner's stay parked.
+#[test]
+fn aborts_parked_for_a_queue_that_comes_back_are_answered_once() {
+    let k = Rc::new(RefCell::new(Knobs::default()));
+    let (mut h, a, io) = setup(&k, 1);
+    h.t.served_elsewhere(io, true);
+    let abort = |cid: u16, target: u16| {
+        AbortCommand {
+            sqid: 1,
+            cid: target,
+        }
+        .to_sqe(cid)
+    };
+    let done = |h: &mut H| {
+        let v = h.completions();
+        h.events.clear();
+        v
+    };
+    let owner = io.owner;
+    assert!(h.send(a, abort(90, 50), None, 0).is_none(), "parked");
+    let mut asked = Vec::new();
+    h.t.take_abort_requests_of(owner + 1, &mut |q, cid, t| asked.push((q, cid, t)));
+    assert!(asked.is_empty(), "another transport's queue");
+    h.t.take_abort_requests_of(owner, &mut |q, cid, t| asked.push((q, cid, t)));
+    assert_eq!(asked.len(), 1);
+    assert_eq!((asked[0].0, asked[0].1), (io, 50));
+    let sent = asked[0].2;
+    // A second one, not yet asked of the other core.
+    assert!(h.send(a, abort(91, 51), None, 0).is_none(), "parked");
+    h.poll();
+    assert!(done(&mut h).is_empty(), "nothing until a verdict");
+    h.t.served_elsewhere(io, false);
+    h.poll();
+    let mut got = done(&mut h);
+    got.sort_by_key(|c| c.0);
+    assert_eq!(got, [(90, Status::SUCCESS, 1), (91, Status::SUCCESS, 1)]);
+    h.t.abort_verdict_from_elsewhere(sent, true);
+    h.poll();
+    assert!(done(&mut h).is_empty(), "answered once");
+    let mut again = Vec::new();
+    h.t.take_abort_requests(&mut |q, cid, t| again.push((q, cid, t)));
+    assert!(again.is_empty(), "nothing left parked");
+}
+
 #[test]
 fn verify_and_copy_on_ram_and_encrypted_namespaces() {
     let k = Rc::new(RefCell::new(Knobs::default()));

@@ -144,9 +144,9 @@ pub struct FunctionStats {
     pub enables: u64,
 }
 
-/// An I/O queue pair leaving the function's core or asked back (see [`crate::queue`]): the
-/// caller delivers it to the core named and, for an export it cannot deliver, gives the pair
-/// straight back ([`PcieFunction::give_back`]).
+/// An I/O queue pair leaving the function's core or asked back, or a host's Abort of one of
+/// its commands (see [`crate::queue`]): the caller delivers it to the core named and, for an
+/// export it cannot deliver, gives the pair straight back ([`PcieFunction::give_back`]).
 #[derive(Debug)]
 pub enum Handover {
     /// Serve this pair on core `core` (an index among [`PcieFunction::set_cores`]'s cores).
@@ -166,6 +166,23 @@ pub enum Handover {
         qid: u16,
         /// Drop its commands rather than finish them.
         discard: bool,
+    },
+    /// The host asked to abort command `cid` of pair `qid`, served on core `core`: that
+    /// core's replica decides ([`keel_controller::Target::abort_for_holder`]) and the caller
+    /// hands its verdict, now or once the command completed, to the function's target:
+    /// [`keel_controller::Target::abort_verdict_from_elsewhere`]`(token, aborted)`. Until
+    /// then the Abort waits; if the pair comes home first it is answered "not aborted" and a
+    /// verdict given later is ignored. An Abort the caller cannot deliver is answered "not
+    /// aborted" the same way.
+    Abort {
+        /// The core serving the pair.
+        core: u16,
+        /// Its SQ ID.
+        qid: u16,
+        /// The command's CID.
+        cid: u16,
+        /// Names the Abort in the verdict.
+        token: u32,
     },
 }
 
@@ -234,6 +251,11 @@ pub struct PcieFunction {
     abroad: Vec<(u16, u16)>,
     /// CC.EN went to 0 while pairs were abroad: the reset waits for them.
     pending_reset: bool,
+    /// Core queues of pairs given back since the last poll: served here again (no Abort of
+    /// theirs is asked of another core any more).
+    came_home: Vec<QueueId>,
+    /// Tokens of parked Aborts whose pair is not abroad: answered "not aborted".
+    stray_aborts: Vec<u32>,
 }
 
 impl fmt::Debug for PcieFunction {
@@ -296,6 +318,8 @@ impl PcieFunction {
             handovers: VecDeque::with_capacity(n),
             abroad: Vec::with_capacity(n),
             pending_reset: false,
+            came_home: Vec::with_capacity(n),
+            stray_aborts: Vec::new(),
         })
     }
 
@@ -365,7 +389,8 @@ impl PcieFunction {
         }
     }
 
-    /// The next pair to deliver to another core or to ask back from one.
+    /// The next pair to deliver to another core or to ask back from one, or Abort to ask of
+    /// the core serving a pair.
     pub fn take_handover(&mut self) -> Option<Handover> {
         self.handovers.pop_front()
     }
@@ -387,12 +412,17 @@ impl PcieFunction {
 
     /// A pair comes back from the core that served it (asked back, or refused there): it is
     /// served here again exactly where it stopped. A pair whose queues are gone meanwhile (a
-    /// reset or a removal dropped them) is dropped.
+    /// reset or a removal dropped them) is dropped. From the next poll its queue is no longer
+    /// served elsewhere: Aborts of its commands still waiting for the other core's verdict
+    /// are answered "not aborted" then (a verdict that comes later is ignored).
     pub fn give_back(&mut self, pair: IoPair) {
         let qid = pair.qid();
         self.abroad.retain(|&(q, _)| q != qid);
         let cqid = pair.cqid() as usize;
         let q = qid as usize;
+        if let Some(core) = self.sqs.get(q).and_then(|s| s.core) {
+            self.came_home.push(core);
+        }
         if q < self.sqs.len()
             && cqid < self.cqs.len()
             && self.sqs[q].away
@@ -440,7 +470,7 @@ impl PcieFunction {
 
     /// After a successful Create I/O SQ `qid`: sends the pair to its core if the placement
     /// says so and its CQ is its alone.
-    fn maybe_export(&mut self, qid: usize) {
+    fn maybe_export(&mut self, target: &mut Target, qid: usize) {
         let core = (qid % self.cores as usize) as u16;
         let cqid = self.sqs[qid].cqid as usize;
         if self.cores <= 1
@@ -450,6 +480,11 @@ impl PcieFunction {
             || self.cqs[cqid].away
         {
             return;
+        }
+        // Its commands run there from now on: an Abort of one is asked there, and its share
+        // of the controller's flows is counted there.
+        if let Some(q) = self.sqs[qid].core {
+            target.served_elsewhere(q, true);
         }
         let (sqs, cqs) = (&mut self.sqs, &mut self.cqs);
         let pair = IoPair::take(qid as u16, &mut sqs[qid], &mut cqs[cqid]);
@@ -502,6 +537,10 @@ impl PcieFunction {
             ep.write_reg(offset::CSTS, 0);
         }
         let mut busy = false;
+        // Pairs back home: served here again, their parked Aborts answered "not aborted".
+        for q in self.came_home.drain(..) {
+            target.served_elsewhere(q, false);
+        }
         let cc = Cc(ep.read_reg(offset::CC));
         if cc != self.cc {
             busy = true;
@@ -544,7 +583,40 @@ impl PcieFunction {
             }
             self.interrupts(ep);
         }
+        busy |= self.abort_requests(target);
         self.update_csts(target, ep);
+        busy
+    }
+
+    /// Hosts' Aborts of commands on pairs abroad, parked by the target: each goes to the
+    /// pair's core as a [`Handover::Abort`] (one length test when there are none).
+    fn abort_requests(&mut self, target: &mut Target) -> bool {
+        let mut busy = false;
+        let (sqs, abroad, handovers, stray) = (
+            &self.sqs,
+            &self.abroad,
+            &mut self.handovers,
+            &mut self.stray_aborts,
+        );
+        target.take_abort_requests_of(self.cfg.owner, &mut |q, cid, token| {
+            busy = true;
+            let pair = abroad.iter().find(|&&(qid, _)| {
+                sqs.get(qid as usize)
+                    .is_some_and(|s| s.away && s.core == Some(q))
+            });
+            match pair {
+                Some(&(qid, core)) => handovers.push_back(Handover::Abort {
+                    core,
+                    qid,
+                    cid,
+                    token,
+                }),
+                None => stray.push(token),
+            }
+        });
+        for token in self.stray_aborts.drain(..) {
+            target.abort_verdict_from_elsewhere(token, false);
+        }
         busy
     }
 
@@ -1094,7 +1166,7 @@ impl PcieFunction {
                 let st = self.create_sq(target, ep, &sqe);
                 self.finish(qid, slot, st, 0, 0);
                 if st.is_success() {
-                    self.maybe_export(sqe.cdw(10) as u16 as usize);
+                    self.maybe_export(target, sqe.cdw(10) as u16 as usize);
                 }
             }
             Plan::DeleteCq => {

@@ -31,6 +31,12 @@
 //! controller reset does not report CSTS.RDY = 0 and a removed function's slot is not reused
 //! until every pair it handed out is back ([`crate::PcieFunction::abroad`]): afterwards nothing
 //! on another core touches the window.
+//!
+//! A host's Abort of a command on a pair abroad is parked by the controller core (the
+//! function marks the pair's queue `served_elsewhere` while it is away) and handed out as
+//! [`crate::Handover::Abort`]; the serving core's replica decides and the caller gives the
+//! verdict to the function's target. A pair coming home answers its Aborts still parked "not
+//! aborted" (at the function's next poll).
 
 use crate::endpoint::EndpointFunction;
 use crate::function::FatalReason;

@@ -93,6 +93,34 @@ struct Core1 {
     adopted: u32,
     /// Hold its pairs (no pass) while true: a core that is slow to answer.
     paused: bool,
+    /// Aborts asked of it and not yet looked at (SQ ID, CID, token): looked at in its pass.
+    aborts: Vec<(u16, u16, u32)>,
+    /// Verdicts it gave (token, aborted).
+    verdicts: Vec<(u32, bool)>,
+    /// Verdicts on their way to the function's core: handed over in order with the pairs
+    /// given back, as the ring does, except those of `aborts_late`, which arrive at its next
+    /// pass (after the function's core saw its pair home).
+    ring: Vec<(u32, bool)>,
+    /// Looks at the Aborts after giving back the pairs asked back: an Abort that arrives
+    /// after its pair left.
+    aborts_late: bool,
+}
+
+impl Core1 {
+    /// The Aborts asked of it: its replica decides now, or once the command completed
+    /// (`take_abort_verdicts` in its pass), as `fnq::FnCore` does.
+    fn look_at_aborts(&mut self, now: Instant) {
+        for (qid, cid, token) in core::mem::take(&mut self.aborts) {
+            let verdict = match self.pairs.iter().find(|(p, _)| p.qid() == qid) {
+                Some(&(_, q)) => self.t.abort_for_holder(now, q, cid, token),
+                None => Some(false),
+            };
+            if let Some(aborted) = verdict {
+                self.verdicts.push((token, aborted));
+                self.ring.push((token, aborted));
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -151,6 +179,9 @@ impl Rig {
     fn core1_pass(&mut self) {
         let Some(c) = self.core1.as_mut() else { return };
         let now = Instant::from_nanos(self.now);
+        for (token, aborted) in c.ring.drain(..) {
+            self.t.abort_verdict_from_elsewhere(token, aborted);
+        }
         while let Some(h) = self.f.take_handover() {
             match h {
                 Handover::Export { core, pair } => {
@@ -174,10 +205,25 @@ impl Rig {
                     }
                     c.recalls.push((qid, discard));
                 }
+                Handover::Abort {
+                    core,
+                    qid,
+                    cid,
+                    token,
+                } => {
+                    assert_eq!(core, 1);
+                    c.aborts.push((qid, cid, token));
+                }
             }
         }
         if c.paused {
             return;
+        }
+        if !c.aborts_late {
+            c.look_at_aborts(now);
+            for (token, aborted) in c.ring.drain(..) {
+                self.t.abort_verdict_from_elsewhere(token, aborted);
+            }
         }
         for (pair, q) in c.pairs.iter_mut() {
             let (sq, cq, v) = (pair.qid(), pair.cqid(), pair.vector());
@@ -208,6 +254,11 @@ impl Rig {
             }
             keel_controller::Event::QueueTerminated(_) => {}
         });
+        let (verdicts, t) = (&mut c.verdicts, &mut self.t);
+        c.t.take_abort_verdicts(&mut |token, aborted| {
+            verdicts.push((token, aborted));
+            t.abort_verdict_from_elsewhere(token, aborted);
+        });
         // Recalls: a discard drops at once, a drain waits for the commands in flight.
         for (qid, discard) in core::mem::take(&mut c.recalls) {
             let Some(i) = c.pairs.iter().position(|(p, _)| p.qid() == qid) else {
@@ -227,6 +278,9 @@ impl Rig {
             c.t.close_queue(q).unwrap();
             self.f.give_back(pair);
         }
+        if c.aborts_late {
+            c.look_at_aborts(now);
+        }
     }
 
     /// Serves I/O queue pairs on a second core too (queue q on core q % 2), with a replica
@@ -242,6 +296,10 @@ impl Rig {
             stats: PairStats::default(),
             adopted: 0,
             paused: false,
+            aborts: Vec::new(),
+            verdicts: Vec::new(),
+            ring: Vec::new(),
+            aborts_late: false,
         });
         self.f.set_cores(2);
     }
@@ -1451,4 +1509,280 @@ fn a_shared_cq_and_one_core_keep_queues_home() {
     assert_eq!(r.f.abroad(), 0);
     assert_eq!(r.rw(&mut q5, false, 0, 8, buf, 2).status, Status::SUCCESS);
     assert_eq!(core1(&r).adopted, 1);
+}
+
+/// What the test does to [`Held`]: hold its requests, and see the aborts asked of it.
+#[derive(Default)]
+struct HoldKnobs {
+    hold: bool,
+    held: std::collections::VecDeque<(keel_storage::BlockRequest, bool)>,
+    abort_calls: Vec<u64>,
+}
+
+/// Core 1's way to the shared namespace, holding requests while told to (a slow drive) and
+/// aborting held ones (they complete with Aborted at its next poll).
+struct Held {
+    inner: Box<dyn keel_storage::BlockBackend>,
+    k: std::rc::Rc<std::cell::RefCell<HoldKnobs>>,
+}
+
+impl keel_storage::BlockBackend for Held {
+    fn geometry(&self) -> keel_storage::Geometry {
+        self.inner.geometry()
+    }
+    fn capabilities(&self) -> keel_storage::Capabilities {
+        self.inner.capabilities()
+    }
+    fn submit(&mut self, req: keel_storage::BlockRequest) -> Result<(), keel_storage::Rejected> {
+        let mut k = self.k.borrow_mut();
+        if k.hold {
+            k.held.push_back((req, false));
+            return Ok(());
+        }
+        drop(k);
+        self.inner.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(keel_storage::BlockCompletion)) -> usize {
+        let mut n = 0;
+        let go: Vec<_> = {
+            let mut k = self.k.borrow_mut();
+            let all = !k.hold;
+            let held = core::mem::take(&mut k.held);
+            let (go, stay): (Vec<_>, Vec<_>) = held.into_iter().partition(|(_, a)| all || *a);
+            k.held = stay.into_iter().collect();
+            go
+        };
+        for (mut req, aborted) in go {
+            if aborted {
+                done(keel_storage::BlockCompletion {
+                    tag: req.tag,
+                    result: Err(keel_storage::BlockError::Aborted),
+                    buf: req.buf.take(),
+                });
+                n += 1;
+            } else {
+                self.inner.submit(req).map_err(|_| ()).unwrap();
+            }
+        }
+        n + self.inner.poll(done)
+    }
+    fn abort(&mut self, tag: u64) -> bool {
+        let mut k = self.k.borrow_mut();
+        k.abort_calls.push(tag);
+        match k.held.iter_mut().find(|(r, a)| r.tag == tag && !*a) {
+            Some((_, a)) => {
+                *a = true;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// [`two_core_rig`] whose second core reaches the namespace through [`Held`].
+fn two_core_rig_held() -> (Rig, std::rc::Rc<std::cell::RefCell<HoldKnobs>>) {
+    let shared =
+        keel_storage::SharedBackend::new(RamBackend::new(512, BLOCKS, 1024).unwrap(), 1024);
+    let mut sub = subsystem(NQN_A);
+    sub.namespaces[0].backend = Box::new(shared.handle().unwrap());
+    let mut r = Rig::with(function(NQN_A, 64), target(vec![sub]));
+    let k = std::rc::Rc::new(std::cell::RefCell::new(HoldKnobs::default()));
+    r.with_core1(Box::new(Held {
+        inner: Box::new(shared.handle().unwrap()),
+        k: k.clone(),
+    }));
+    (r, k)
+}
+
+/// Abort (admin opcode 08h) of command `cid` of SQ `sqid`.
+fn abort_sqe(cid: u16, sqid: u16, target_cid: u16) -> Sqe {
+    Sqe::new(0x08, cid).with_cdw(10, sqid as u32 | (target_cid as u32) << 16)
+}
+
+/// A host's Abort of a command outstanding on queue 1, served on core 1: the function's
+/// core asks core 1 (one message), whose replica aborts the command at its backend; the
+/// command completes on queue 1 with Command Abort Requested and the Abort with DW0 bit 0
+/// clear (aborted). An Abort of a command core 1 does not have: asked there too, "not
+/// aborted" (DW0 bit 0 set). Queue 1 works on afterwards.
+#[test]
+fn an_abort_of_a_command_on_core_1_gets_core_1s_verdict() {
+    let (mut r, k) = two_core_rig_held();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    assert_eq!(r.f.abroad(), 1);
+    let buf = r.alloc(4096);
+    k.borrow_mut().hold = true;
+    let read = Sqe::new(0x02, 5)
+        .with_nsid(1)
+        .with_cdw(12, 7)
+        .with_prps(buf, 0);
+    r.push(&mut q1, &read);
+    r.steps(3);
+    assert_eq!(k.borrow().held.len(), 1, "the read waits at core 1's drive");
+    assert!(r.reap(&mut q1).is_none());
+    let c = r.admin(abort_sqe(40, 1, 5));
+    assert_eq!(c.status, Status::SUCCESS);
+    assert_eq!(c.dw0 & 1, 0, "aborted");
+    assert_eq!(k.borrow().abort_calls.len(), 1, "core 1's drive was asked");
+    assert_eq!(core1(&r).verdicts.len(), 1);
+    assert!(core1(&r).verdicts[0].1);
+    let c = r.wait(&mut q1);
+    assert_eq!(
+        (c.cid, without_more(c.status)),
+        (5, Status::ABORT_REQUESTED)
+    );
+    // A command core 1 does not have.
+    let c = r.admin(abort_sqe(41, 1, 77));
+    assert_eq!((c.status, c.dw0 & 1), (Status::SUCCESS, 1), "not aborted");
+    assert_eq!(core1(&r).verdicts.len(), 2, "asked of core 1 too");
+    assert!(!core1(&r).verdicts[1].1);
+    k.borrow_mut().hold = false;
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 6).status, Status::SUCCESS);
+    r.steps(3);
+    assert_eq!(r.f.buffers_available(), r.f.buffers_total());
+    assert_eq!(core1(&r).pool.available(), core1(&r).pool.count());
+}
+
+/// An Abort that reaches core 1 after its pair left (one core from now on: the pair is
+/// asked home): the pair is home, so the function's core answers the Abort "not aborted"
+/// once, and core 1's verdict arriving later is ignored even if it says "aborted"; queue 1
+/// then works on core 0. The same crossing a Delete I/O SQ: the Abort once, the Delete. A
+/// drained pair with the aborted command held at core 1's drive: the Abort wins there and
+/// the pair comes home after.
+#[test]
+fn an_abort_parked_while_its_pair_comes_home_is_answered_once() {
+    let (mut r, k) = two_core_rig_held();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    let buf = r.alloc(4096);
+    r.core1.as_mut().unwrap().aborts_late = true;
+    // Core 1's late verdicts say "aborted" here: only an answer the function's core gave
+    // first (the pair home) makes the Abort "not aborted".
+    let run = |r: &mut Rig, admin: &mut Queue| {
+        let mut cqes = Vec::new();
+        for _ in 0..20 {
+            r.step();
+            for v in r.core1.as_mut().unwrap().ring.iter_mut() {
+                v.1 = true;
+            }
+            while let Some(c) = r.reap(admin) {
+                cqes.push(c);
+            }
+        }
+        let mut got: Vec<_> = cqes.iter().map(|c| (c.cid, c.status, c.dw0 & 1)).collect();
+        got.sort_by_key(|c| c.0);
+        got
+    };
+    let mut admin = r.admin;
+    r.push(&mut admin, &abort_sqe(40, 1, 9));
+    r.f.set_cores(1);
+    let got = run(&mut r, &mut admin);
+    r.admin = admin;
+    assert_eq!(got, [(40, Status::SUCCESS, 1)], "once, not aborted");
+    assert_eq!(r.f.abroad(), 0);
+    let c1 = core1(&r);
+    assert_eq!(c1.verdicts, [(c1.verdicts[0].0, false)], "asked of core 1");
+    assert!(
+        c1.ring.is_empty(),
+        "its verdict was delivered (and ignored)"
+    );
+    assert_eq!(r.rw(&mut q1, true, 0, 8, buf, 1).status, Status::SUCCESS);
+    // Crossing a Delete I/O SQ.
+    assert_eq!(r.delete(0x00, 1), Status::SUCCESS);
+    assert_eq!(r.delete(0x04, 1), Status::SUCCESS);
+    r.f.set_cores(2);
+    r.io_queue(1, 64);
+    assert_eq!(r.f.abroad(), 1);
+    let mut admin = r.admin;
+    r.push(&mut admin, &abort_sqe(41, 1, 9));
+    r.push(&mut admin, &Sqe::new(0x00, 42).with_cdw(10, 1));
+    let got = run(&mut r, &mut admin);
+    assert_eq!(
+        got,
+        [(41, Status::SUCCESS, 1), (42, Status::SUCCESS, 0)],
+        "the Abort once, not aborted; the Delete"
+    );
+    assert_eq!(core1(&r).verdicts.len(), 2);
+    r.admin = admin;
+    assert_eq!(r.delete(0x04, 1), Status::SUCCESS);
+    // Again with the command held at core 1's drive and the Abort in time: aborted there,
+    // then the drained pair comes home for the Delete.
+    let mut q1b = r.io_queue(1, 64);
+    r.core1.as_mut().unwrap().aborts_late = false;
+    k.borrow_mut().hold = true;
+    let read = Sqe::new(0x02, 9)
+        .with_nsid(1)
+        .with_cdw(12, 7)
+        .with_prps(buf, 0);
+    r.push(&mut q1b, &read);
+    r.steps(3);
+    assert_eq!(k.borrow().held.len(), 1);
+    let mut admin = r.admin;
+    r.push(&mut admin, &abort_sqe(43, 1, 9));
+    r.push(&mut admin, &Sqe::new(0x00, 44).with_cdw(10, 1));
+    let mut cqes = Vec::new();
+    for _ in 0..20 {
+        r.step();
+        while let Some(c) = r.reap(&mut admin) {
+            cqes.push(c);
+        }
+    }
+    r.admin = admin;
+    let mut got: Vec<_> = cqes.iter().map(|c| (c.cid, c.status, c.dw0 & 1)).collect();
+    got.sort_by_key(|c| c.0);
+    assert_eq!(got, [(43, Status::SUCCESS, 0), (44, Status::SUCCESS, 0)]);
+    let c = r.reap(&mut q1b).expect("the read's completion");
+    assert_eq!(
+        (c.cid, without_more(c.status)),
+        (9, Status::ABORT_REQUESTED)
+    );
+}
+
+/// A controller reset while an Abort of a command on core 1 is asked there and not yet
+/// answered (core 1 slow): the reset waits for the pair, then completes; the Abort is never
+/// completed on the old admin queue (a reset drops it), core 1's late verdict is ignored,
+/// and the new controller's Aborts on a pair abroad work.
+#[test]
+fn a_reset_with_an_abort_asked_of_core_1_drops_it_and_aborts_work_after() {
+    let (mut r, k) = two_core_rig_held();
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    let buf = r.alloc(4096);
+    k.borrow_mut().hold = true;
+    let read = Sqe::new(0x02, 5)
+        .with_nsid(1)
+        .with_cdw(12, 7)
+        .with_prps(buf, 0);
+    r.push(&mut q1, &read);
+    r.steps(3);
+    r.core1.as_mut().unwrap().paused = true;
+    let mut admin = r.admin;
+    r.push(&mut admin, &abort_sqe(40, 1, 5));
+    r.steps(5);
+    assert!(r.reap(&mut admin).is_none(), "waits for core 1");
+    assert_eq!(core1(&r).aborts.len(), 1, "asked of core 1");
+    r.cc(0);
+    r.steps(5);
+    assert!(r.csts().rdy(), "the reset waits for the pair");
+    r.core1.as_mut().unwrap().paused = false;
+    r.wait_csts(|c| c.0 == 0);
+    r.steps(3);
+    assert!(r.reap(&mut admin).is_none(), "dropped by the reset");
+    assert_eq!(r.f.abroad(), 0);
+    assert_eq!(core1(&r).pool.available(), core1(&r).pool.count());
+    k.borrow_mut().hold = false;
+    r.steps(3);
+    assert_eq!(r.f.buffers_available(), r.f.buffers_total());
+    r.enable();
+    let mut q1 = r.io_queue(1, 64);
+    k.borrow_mut().hold = true;
+    r.push(&mut q1, &read);
+    r.steps(3);
+    let c = r.admin(abort_sqe(41, 1, 5));
+    assert_eq!((c.status, c.dw0 & 1), (Status::SUCCESS, 0), "aborted");
+    let c = r.wait(&mut q1);
+    assert_eq!(
+        (c.cid, without_more(c.status)),
+        (5, Status::ABORT_REQUESTED)
+    );
 }

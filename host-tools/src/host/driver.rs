@@ -547,6 +547,14 @@ impl HostDevice {
         }
     }
 
+    /// Sends the controller an Abort (admin opcode 08h, NVMe base 2.0 §5.1) of every command
+    /// of the request tagged `tag` still outstanding (true when one was sent). The request
+    /// then completes as usual: aborted (Command Abort Requested) or with its own result if
+    /// the controller did not abort it.
+    pub fn abort(&mut self, tag: u64) -> bool {
+        self.be.abort(tag)
+    }
+
     /// Shuts the controller down.
     pub fn shutdown(mut self) -> Result<()> {
         self.ctrl.shutdown()
