@@ -227,11 +227,7 @@ impl RemoteService {
     /// (`crate::percore::Holder`). Returns false (nothing changed) for a volume that already
     /// runs.
     pub(crate) fn lane_new(&mut self, remote: &Remote, lanes: u16) -> bool {
-        let Some(v) = self
-            .volumes
-            .iter_mut()
-            .find(|v| !v.retired && v.remote.same_target(remote))
-        else {
+        let Some(v) = self.running(remote) else {
             return false;
         };
         if v.laned {
@@ -252,11 +248,7 @@ impl RemoteService {
     /// the new users, `crate::percore::RemoteMsg::Users`, and opens the gate once all
     /// answered). False (nothing changed) for a volume without lanes.
     pub(crate) fn lane_more(&mut self, remote: &Remote) -> bool {
-        let Some(v) = self
-            .volumes
-            .iter_mut()
-            .find(|v| !v.retired && v.remote.same_target(remote))
-        else {
+        let Some(v) = self.running(remote) else {
             return false;
         };
         if !v.laned {
@@ -266,13 +258,16 @@ impl RemoteService {
         true
     }
 
-    /// Namespace `nsid` of `nqn` is served through the lanes of `remote`'s volume.
-    pub(crate) fn lane_user(&mut self, remote: &Remote, nqn: &str, nsid: u32) {
-        if let Some(v) = self
-            .volumes
+    /// The volume (not retired) serving `remote`'s target.
+    fn running(&mut self, remote: &Remote) -> Option<&mut Volume> {
+        self.volumes
             .iter_mut()
             .find(|v| !v.retired && v.remote.same_target(remote))
-        {
+    }
+
+    /// Namespace `nsid` of `nqn` is served through the lanes of `remote`'s volume.
+    pub(crate) fn lane_user(&mut self, remote: &Remote, nqn: &str, nsid: u32) {
+        if let Some(v) = self.running(remote) {
             v.lane_users.push((String::from(nqn), nsid));
         }
     }

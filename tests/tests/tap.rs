@@ -1754,6 +1754,21 @@ fn encrypted_drive_namespace_is_served_on_core_1() {
 
 /// A `socat` relay on this machine, in a process group of its own: dropping it kills the
 /// listener and the child it forked for each connection.
+/// A remote Keel (one core, a 64 MiB RAM namespace 1) booted on tap network `rnet`, and a
+/// relay to its NVMe/TCP port from a free port of this machine (the DPU's path to the remote:
+/// this machine's address on the DPU's tap, relayed): the remote, its tap, the relay's port
+/// and the relay.
+fn remote_keel_on_tap(rnet: &str) -> (Qemu, String, u16, Relay) {
+    let mut remote = boot_on_tap(Build::Release, 1, rnet, &["--append", "keel.ns=ram:64"]);
+    remote
+        .wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("remote: {e}"));
+    let rtap = tap_name(&remote);
+    let relay_port = keel_tests::free_port();
+    let relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
+    (remote, rtap, relay_port, relay)
+}
+
 struct Relay(std::process::Child);
 
 impl Relay {
@@ -1809,14 +1824,7 @@ fn remote_io_on_core_1(encrypted: bool, rtest: u32, dtest: u32) {
     keelctl();
     let rnet = tap_net(rtest);
     let dnet = tap_net(dtest);
-    let mut remote = boot_on_tap(Build::Release, 1, &rnet, &["--append", "keel.ns=ram:64"]);
-    remote
-        .wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("remote: {e}"));
-    let rtap = tap_name(&remote);
-    // The DPU's path to the remote: this machine's address on the DPU's tap, relayed.
-    let relay_port = keel_tests::free_port();
-    let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
+    let (remote, rtap, relay_port, _relay) = remote_keel_on_tap(&rnet);
     let mut spec = format!("keel.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1");
     if encrypted {
         spec.push_str(concat!(
@@ -2816,13 +2824,7 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
     keelctl();
     let rnet = tap_net(20);
     let dnet = tap_net(21);
-    let mut remote = boot_on_tap(Build::Release, 1, &rnet, &["--append", "keel.ns=ram:64"]);
-    remote
-        .wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("remote: {e}"));
-    let rtap = tap_name(&remote);
-    let relay_port = keel_tests::free_port();
-    let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
+    let (remote, rtap, relay_port, _relay) = remote_keel_on_tap(&rnet);
     let mut dpu = boot_on_tap(Build::Release, 2, &dnet, &["--append", "keel.ns=ram:16"]);
     dpu.wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("dpu: {e}"));
@@ -3104,13 +3106,7 @@ fn a_function_on_a_remote_volume_is_served_on_core_1_through_its_lane() {
     keelctl();
     let rnet = tap_net(22);
     let dnet = tap_net(23);
-    let mut remote = boot_on_tap(Build::Release, 1, &rnet, &["--append", "keel.ns=ram:64"]);
-    remote
-        .wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("remote: {e}"));
-    let rtap = tap_name(&remote);
-    let relay_port = keel_tests::free_port();
-    let _relay = Relay::start(relay_port, &format!("{rnet}.2:4420"));
+    let (remote, rtap, relay_port, _relay) = remote_keel_on_tap(&rnet);
     let window = ScratchFile::new("remote-fn-window.img", 64 << 20);
     let w = window.path().to_str().unwrap().to_string();
     let spec = format!("keel.fn.ns=remote:{dnet}.1:{relay_port}:nqn.2026-11.dev.keel:default:1");
