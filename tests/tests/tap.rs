@@ -3188,6 +3188,14 @@ fn a_function_on_a_remote_volume_is_served_on_core_1_through_its_lane() {
         lane1 >= fn1 * 9 / 10,
         "core 1's lane sent {lane1} remote commands for its {fn1} function commands (forwarded to core 0?)"
     );
+    // Nothing allocated per command on core 1 (the pair's adoption costs a few calls).
+    let allocs =
+        core_metric(&m1, "allocator_calls_total", 1) - core_metric(&m0, "allocator_calls_total", 1);
+    assert!(
+        allocs < 1000,
+        "core 1 made {allocs} allocator calls for {fn1} commands"
+    );
+    eprintln!("tap: core 1's allocator calls during the run: {allocs}");
 
     // Written by the host on queue 1 (core 1), read on the remote itself.
     let data = ScratchFile::new("remote-fn-data.bin", 0);
