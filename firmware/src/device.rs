@@ -508,7 +508,12 @@ impl<H: Hw> Services<H> {
             }
         }
         // New functions (a hot plug each): their subsystems made with their namespaces
-        // unless they run already.
+        // unless they run already. One whose new subsystem qualifies under the pushed plan's
+        // QoS (no limit on the function, its namespaces, any host or group; RAM or a drive
+        // every core has a pair on) spreads its I/O queues over the cores as one created
+        // live does (`crate::fnq`): its RAM is made in shared regions, and the hub hears of
+        // it once the pushed QoS is in force (below).
+        let mut spread_pushed: Vec<(u16, String, Regions)> = Vec::new();
         for (slot, nqn) in &fx.create {
             let Some(sub) = new.subsystems.iter().find(|x| x.nqn == *nqn).cloned() else {
                 continue;
@@ -521,8 +526,27 @@ impl<H: Hw> Services<H> {
                 .collect();
             let ids: Vec<u32> = namespaces.iter().map(|n| n.nsid).collect();
             let fresh = !self.target.subsystem_views().any(|x| x.nqn == *nqn);
-            match self.start_function_now(*slot, sub, namespaces, Some(&new), "pushed", None) {
-                Ok(()) if fresh => added.extend(ids.into_iter().map(|id| (nqn.clone(), id))),
+            // A subsystem that runs already (another function's) is not announced: the
+            // cores' replicas would drop it with this function.
+            let spread = fresh
+                && new.function_limits(*slot) == keel_controller::QosLimits::NONE
+                && self.spreads_under(&new, &namespaces);
+            let mut regions = Regions::new();
+            let r = self.start_function_now(
+                *slot,
+                sub,
+                namespaces,
+                Some(&new),
+                "pushed",
+                spread.then_some(&mut regions),
+            );
+            match r {
+                Ok(()) if fresh => {
+                    added.extend(ids.into_iter().map(|id| (nqn.clone(), id)));
+                    if spread {
+                        spread_pushed.push((*slot, nqn.clone(), regions));
+                    }
+                }
                 Ok(()) => {}
                 Err(e) => needs_reboot.push(format!(
                     "function {slot} (subsystem {nqn}): not created now ({e}): it is at the next boot"
@@ -564,6 +588,23 @@ impl<H: Hw> Services<H> {
             self.plan.qos.functions.extend(created);
             self.apply_qos(&mut needs_reboot);
             self.drop_limited();
+        }
+        // The pushed functions that spread, now that the plan's QoS is the pushed one (their
+        // replicas' drive shares are its): announced to the functions' hub after the
+        // `FnEvent::Changed` their creation logged (`start_function_now`), as for a function
+        // created live.
+        for (slot, nqn, regions) in spread_pushed {
+            if self.plan.function_limits(slot) != keel_controller::QosLimits::NONE {
+                continue;
+            }
+            if let Some(r) = self.created_replica(&nqn, regions) {
+                self.replication
+                    .fn_events
+                    .push(crate::replica::FnEvent::Created {
+                        slot,
+                        subsystem: alloc::boxed::Box::new(r),
+                    });
+            }
         }
         self.plan.generation = cfg.generation;
         self.plan.source = Source::Push;
@@ -1203,13 +1244,18 @@ impl<H: Hw> Services<H> {
     /// cores serve functions' pairs, no QoS limit (on the function, its namespaces, any host
     /// or group) and every namespace RAM or on a drive every such core has a queue pair on.
     fn spreads(&self, spec: &FunctionSpec, namespaces: &[NsPlan]) -> bool {
+        spec.limits.is_empty() && self.spreads_under(&self.plan, namespaces)
+    }
+
+    /// What [`Services::spreads`] asks beyond the function's own limits, with the host,
+    /// group and namespace QoS of `plan` (a pushed plan's, before it is in force).
+    fn spreads_under(&self, plan: &Plan, namespaces: &[NsPlan]) -> bool {
         let none = keel_controller::QosLimits::NONE;
         self.replication.functions
-            && spec.limits.is_empty()
-            && self.plan.host_qos().is_empty()
-            && self.plan.qos_groups().is_empty()
+            && plan.host_qos().is_empty()
+            && plan.qos_groups().is_empty()
             && namespaces.iter().all(|n| {
-                let q = self.plan.namespace_qos(n);
+                let q = plan.namespace_qos(n);
                 q.limits == none
                     && q.group.is_none()
                     && match n.spec {
@@ -1379,6 +1425,10 @@ impl<H: Hw> Services<H> {
             for nsid in &gone {
                 self.remotes.removed(&nqn, *nsid);
             }
+            // Core 0's description of what other cores serve lets go of its shared RAM
+            // regions too: the memory goes once the other cores' replicas dropped the
+            // subsystem (`crate::fnq`, `crate::percore`) and core 0's target its namespaces.
+            self.forget_dropped(&nqn);
             self.plan.subsystems.retain(|s| s.nqn != nqn);
             self.plan.namespaces.retain(|n| n.subsystem != nqn);
             self.served.retain(|(q, _)| *q != nqn);

@@ -7,27 +7,33 @@
 //! every namespace RAM in a shared region or a local drive's namespace (whole or a slice),
 //! AES-XTS encrypted or not, no QoS limit on the subsystem's namespaces, the function's
 //! controller or any host or group), at boot or created live (`keelctl function create`,
-//! the same rule: its RAM is then made in a shared region and [`FnEvent::Created`] tells the
-//! hub). Core `k` reaches a drive through an I/O queue pair of its own on it
-//! (`keel_nvme_driver::CoreQueue`, created by core 0 beside the NVMe/TCP planes' and handed
-//! over in [`ServeFunctions::drives`], one on every drive; core `k` polls it). A namespace of
-//! a remote volume is in the replica when the NVMe/TCP planes serve the subsystem with lanes
-//! (`--net tap`, `crate::percore`): core `k`'s plane, given the volume's lane, adds it to
-//! this replica too (one backend shared with its own replica, [`FnCore::lane_users`],
-//! [`FnCore::add_lane_namespace`]) before it tells core 0, which serves the namespace only
-//! once every core has it. Functions a pushed description creates, remote namespaces
-//! without lanes and `--smp 1` keep every queue on core 0, as before. A live change of a boot function's subsystem (its namespaces, its removal, QoS
-//! limits on it) sends every pair home for good; changes the other cores' NVMe/TCP replicas
-//! follow and changes confined to other subsystems do not ([`crate::replica`]).
+//! or a pushed description putting a function with a subsystem of its own on a free slot:
+//! the same rule, with the pushed plan's QoS; its RAM is then made in a shared region and
+//! [`FnEvent::Created`] tells the hub). Core `k` reaches a drive through an I/O queue pair of
+//! its own on it (`keel_nvme_driver::CoreQueue`, created by core 0 beside the NVMe/TCP
+//! planes' and handed over in [`ServeFunctions::drives`], one on every drive; core `k` polls
+//! it). A namespace of a remote volume is in the replica when the NVMe/TCP planes serve the
+//! subsystem with lanes (`--net tap`, `crate::percore`): core `k`'s plane, given the volume's
+//! lane, adds it to this replica too (one backend shared with its own replica,
+//! [`FnCore::lane_users`], [`FnCore::add_lane_namespace`]) before it tells core 0, which
+//! serves the namespace only once every core has it. Remote namespaces without lanes, a
+//! pushed function attached to a subsystem that runs already and `--smp 1` keep every queue
+//! on core 0, as before. A namespace change nobody accounts for
+//! sends every pair home for good; changes the other cores' NVMe/TCP replicas follow and
+//! changes confined to other subsystems do not ([`crate::replica`]).
 //!
-//! A function created live: core 0 sends every core its subsystem ([`FnMsg::Add`]; no ack:
-//! the ring keeps the order, so the subsystem is in core `k`'s replica before the function's
-//! first [`FnMsg::Adopt`] arrives, and a core that could not add it refuses the pairs, which
-//! core 0 then serves), then the function spreads its I/O queues. When its subsystem changes
-//! or goes ([`FnEvent::Changed`]: namespaces, QoS limits, its removal) its pairs come home
-//! (drained, or discarded for a removal), and once every one is home core 0 has the cores
-//! drop the subsystem ([`FnMsg::Remove`]); a function created again with that NQN is spread
-//! again. Other functions' pairs stay where they are.
+//! A function created live or pushed: core 0 sends every core its subsystem
+//! ([`FnMsg::Add`]; no ack: the ring keeps the order, so the subsystem is in core `k`'s
+//! replica before the function's first [`FnMsg::Adopt`] arrives, and a core that could not
+//! add it refuses the pairs, which core 0 then serves), then the function spreads its I/O
+//! queues. When its subsystem changes or goes ([`FnEvent::Changed`]: namespaces, QoS limits,
+//! its removal) its pairs come home (drained, or discarded for a removal), and once every
+//! one is home core 0 has the cores drop the subsystem ([`FnMsg::Remove`]); a function
+//! created again with that NQN is spread again. A boot function's subsystem is retired the
+//! same way (it is dropped, [`crate::replica::Replication::dropped`]), and core 0 forgets
+//! its description (`Services::replicable`): with its namespaces gone from core 0's target
+//! and every replica, its reference-counted RAM ([`crate::sharedram`]) is freed. Other
+//! functions' pairs stay where they are.
 //!
 //! The handshake (the function's side is `keel_nvme_pcie::queue`):
 //! - **Handing a pair out.** After a successful Create I/O SQ, the function (on core 0)
@@ -621,22 +627,45 @@ fn report(s: &mut Served, why: FatalReason, out: &mut dyn FnMut(FnMsg)) {
     }
 }
 
-/// A function created live whose pairs the other cores serve.
+/// A subsystem whose functions' pairs the other cores serve (a boot function's, or one
+/// created live or by a push).
 #[derive(Debug)]
 struct LiveFn {
-    slot: u16,
+    /// Its functions' slots (a boot subsystem may have several).
+    slots: Vec<u16>,
     nqn: String,
     /// Its subsystem changed or went: its pairs come home, then the cores' replicas drop
-    /// it.
+    /// it (and with them their references to its shared RAM regions).
     retiring: bool,
+}
+
+impl LiveFn {
+    /// Its subsystem changed or went: its functions keep every queue on core 0 from now on
+    /// (the pairs abroad come home first).
+    fn retire_soon(&mut self, functions: &mut [crate::services::Emulated<IvshmemWindow>]) {
+        if core::mem::replace(&mut self.retiring, true) {
+            return;
+        }
+        for &slot in &self.slots {
+            if let Some(e) = functions.get_mut(usize::from(slot))
+                && e.slot == SlotState::Live
+                && e.nqn == self.nqn
+                && let Some(f) = e.f.as_mut()
+            {
+                f.set_cores(1);
+            }
+        }
+    }
 }
 
 /// Core 0's side: hands the functions' pairs out and takes them back.
 #[derive(Debug)]
 pub struct Hub {
-    /// The functions' subsystems the other cores serve (empty once namespaces changed).
+    /// The boot functions' subsystems the other cores serve (one goes once it changed,
+    /// every one once namespaces changed unaccounted).
     replicas: Vec<String>,
-    /// Functions created live whose subsystems the other cores' replicas have.
+    /// Subsystems (of boot functions and of functions created since) the other cores'
+    /// replicas have.
     live: Vec<LiveFn>,
     /// Every queue is core 0's for good (a namespace change nobody accounts for).
     home: bool,
@@ -716,11 +745,20 @@ impl Hub {
             .unwrap_or(1)
             .min(u16::MAX as usize) as u16;
         let replicas: Vec<String> = subsystems.iter().map(|s| s.nqn.clone()).collect();
+        let mut live: Vec<LiveFn> = replicas
+            .iter()
+            .map(|nqn| LiveFn {
+                slots: Vec::new(),
+                nqn: nqn.clone(),
+                retiring: false,
+            })
+            .collect();
         for e in services.functions.iter_mut() {
-            if replicas.contains(&e.nqn)
+            if let Some(l) = live.iter_mut().find(|l| l.nqn == e.nqn)
                 && let Some(f) = e.f.as_mut()
             {
                 f.set_cores(cores);
+                l.slots.push(e.index);
             }
         }
         if !replicas.is_empty() {
@@ -736,7 +774,7 @@ impl Hub {
         services.replication.functions = true;
         Some(Self {
             replicas,
-            live: Vec::new(),
+            live,
             home: false,
             cores,
             generation: services.target.namespace_generation(),
@@ -758,19 +796,28 @@ impl Hub {
             functions,
             target,
             replication,
+            replicable,
             ..
         } = services;
         let generation = target.namespace_generation();
         // Changes every core applied first, or confined to subsystems no longer adopted, are
-        // no change (as for the NVMe/TCP holder: `crate::replica`); a function's subsystem
-        // dropped sends every pair home, as before.
-        let mut dropped = false;
+        // no change (as for the NVMe/TCP holder: `crate::replica`); a boot function's
+        // subsystem dropped (changed, limited or removed) brings that subsystem's pairs home,
+        // then the cores drop it (`retire`), as for a function created live.
         while let Some(nqn) = replication.dropped.get(self.dropped_seen) {
             self.dropped_seen += 1;
-            dropped |= self.replicas.contains(nqn);
+            if let Some(i) = self.replicas.iter().position(|r| r == nqn) {
+                self.replicas.swap_remove(i);
+                // Core 0's description of it goes too (it holds its shared RAM regions), as
+                // the NVMe/TCP holder's `follow_drops` does when it runs.
+                replicable.retain(|s| s.nqn != *nqn);
+                if let Some(l) = self.live.iter_mut().find(|l| l.nqn == *nqn && !l.retiring) {
+                    l.retire_soon(functions);
+                }
+            }
         }
-        if generation != self.generation || dropped {
-            let benign = replication.explains(self.generation, generation) && !dropped;
+        if generation != self.generation {
+            let benign = replication.explains(self.generation, generation);
             self.generation = generation;
             if !benign {
                 if !self.replicas.is_empty() {
@@ -798,25 +845,24 @@ impl Hub {
             match ev {
                 FnEvent::Changed(nqn) => {
                     if let Some(l) = self.live.iter_mut().find(|l| l.nqn == nqn && !l.retiring) {
-                        l.retiring = true;
-                        if let Some(e) = functions.get_mut(usize::from(l.slot))
-                            && e.slot == SlotState::Live
-                            && e.nqn == nqn
-                            && let Some(f) = e.f.as_mut()
-                        {
-                            f.set_cores(1);
-                        }
+                        l.retire_soon(functions);
                     }
                 }
                 FnEvent::Created { slot, subsystem } => {
                     Self::retire(&mut self.live, &mut self.outq, links, functions);
-                    let Some(f) = functions
+                    let Some(e) = functions
                         .get_mut(usize::from(slot))
                         .filter(|e| e.slot == SlotState::Live && e.nqn == subsystem.nqn)
-                        .and_then(|e| e.f.as_mut())
                     else {
                         continue;
                     };
+                    // `keelctl function create`'s or a pushed description's: the same.
+                    let how = if e.origin == "pushed" {
+                        "pushed"
+                    } else {
+                        "created live"
+                    };
+                    let Some(f) = e.f.as_mut() else { continue };
                     if self.home || self.live.iter().any(|l| l.nqn == subsystem.nqn) {
                         klog::warning!(
                             "fnq: function {}: {} keeps its I/O queues on core 0 (its previous function's pairs are not home yet, or every queue is core 0's)",
@@ -827,11 +873,11 @@ impl Hub {
                     }
                     f.set_cores(self.cores);
                     println!(
-                        "fnq: function {} created live ({}): I/O queue q served on core q % {}",
-                        slot, subsystem.nqn, self.cores
+                        "fnq: function {} {} ({}): I/O queue q served on core q % {}",
+                        slot, how, subsystem.nqn, self.cores
                     );
                     self.live.push(LiveFn {
-                        slot,
+                        slots: alloc::vec![slot],
                         nqn: subsystem.nqn.clone(),
                         retiring: false,
                     });
@@ -964,8 +1010,9 @@ impl Hub {
         busy
     }
 
-    /// Drops from every core's replica the subsystems of retiring functions created live
-    /// whose pairs are all home (the function removed, or serving every queue here).
+    /// Drops from every core's replica the retiring subsystems whose functions' pairs are
+    /// all home (the functions removed, or serving every queue here): their namespaces go
+    /// there once drained, and with them the cores' references to their shared RAM.
     fn retire(
         live: &mut Vec<LiveFn>,
         outq: &mut Outbox,
@@ -973,10 +1020,13 @@ impl Hub {
         functions: &[crate::services::Emulated<IvshmemWindow>],
     ) {
         live.retain(|l| {
-            let home = functions
-                .get(usize::from(l.slot))
-                .and_then(|e| e.f.as_ref())
-                .is_none_or(|f| f.abroad() == 0);
+            // A slot given to another subsystem since had every pair of this one home first.
+            let home = l.slots.iter().all(|&slot| {
+                functions.get(usize::from(slot)).is_none_or(|e| {
+                    (e.slot == SlotState::Live && e.nqn != l.nqn)
+                        || e.f.as_ref().is_none_or(|f| f.abroad() == 0)
+                })
+            });
             if !(l.retiring && home) {
                 return true;
             }

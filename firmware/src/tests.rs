@@ -2652,3 +2652,251 @@ fn a_function_created_live_is_made_for_every_core() {
         .unwrap();
     assert!(one.replication.fn_events.is_empty());
 }
+
+/// Issue 17, functions a pushed description creates at `--smp N` (`crate::fnq`): a function
+/// the push puts on a free slot, whose subsystem qualifies under the pushed plan's QoS, is
+/// made as one created live is: its RAM in a shared region (what its host writes through core
+/// 0 lands there) and announced to the functions' hub (`FnEvent::Created`) once the pushed
+/// QoS is in force; pushed out again, the hub hears of it and its RAM goes with the last
+/// holder. One the push gives limits (on the function, on its namespace, on a group) is not
+/// announced, and one on a subsystem that runs already is not either.
+#[test]
+fn a_function_a_push_creates_is_made_for_every_core() {
+    use crate::replica::FnEvent;
+    use crate::services::{RamSharing, ReplicaSource, ReplicaSubsystem};
+    use keel_mgmt::Device as _;
+    use keel_provision::{
+        Backend, Encryption, FunctionQos, Namespace, NamespaceQos, QosGroup, QosLimits, QosRate,
+    };
+    const PUSHED: &str = "nqn.2026-12.test:pushed";
+    let sub = |nqn: &str| keel_provision::Subsystem {
+        nqn: nqn.into(),
+        serial: None,
+        model: None,
+        allowed_hosts: vec![],
+    };
+    let ns = |nqn: &str, function| Namespace {
+        subsystem: nqn.into(),
+        nsid: 1,
+        backend: Backend::Ram {
+            size: 1 << 20,
+            block_size: 512,
+        },
+        encryption: Encryption::None,
+        function: Some(function),
+    };
+    let limits = QosLimits {
+        write_iops: Some(QosRate {
+            per_sec: 20_000,
+            burst: Some(200),
+        }),
+        ..Default::default()
+    };
+    let build = |share| {
+        let identity: Identity<RamFlash> = Identity::new(None, None);
+        let cfg = identity.open(&signed_bundle(&dev_device(), 1), 0).unwrap();
+        let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+        let windows = (0..2u64)
+            .map(|i| WindowPort {
+                base: 0x1000_0000 * (i + 1),
+                size: 1 << 20,
+                ep: Ok(MemWindow::new(1 << 20)),
+            })
+            .collect();
+        let mut s: Services<TestHw> =
+            Services::build_with(plan, Vec::new(), windows, true, identity, share);
+        // As `fnq::Hub::start` leaves it at `--smp 2`.
+        s.replication.functions = share != RamSharing::None;
+        s
+    };
+    let created = |s: &mut Services<TestHw>, slot: u16| -> Option<ReplicaSubsystem> {
+        s.replication.fn_events.drain(..).find_map(|e| match e {
+            FnEvent::Created { slot: x, subsystem } if x == slot => Some(*subsystem),
+            _ => None,
+        })
+    };
+    let with = |slot: u16, f: &dyn Fn(&mut keel_provision::Device)| {
+        let mut d = dev_device();
+        d.subsystems.push(sub(PUSHED));
+        d.namespaces.push(ns(PUSHED, slot));
+        f(&mut d);
+        d
+    };
+
+    let mut s = build(RamSharing::Functions);
+    let r = s.push(&signed_bundle(&with(0, &|_| {}), 2)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(s.functions[0].slot, keel_mgmt::SlotState::Live);
+    assert_eq!(s.functions[0].origin, "pushed");
+    let replica = created(&mut s, 0).expect("the pushed function is announced to the hub");
+    assert_eq!(replica.nqn, PUSHED);
+    assert_eq!(replica.namespaces.len(), 1);
+    let ReplicaSource::Ram(region) = &replica.namespaces[0].source else {
+        panic!("a RAM namespace in a shared region: {replica:?}")
+    };
+    let ram = region.watch();
+
+    // What the host writes through core 0 lands in the shared region.
+    let mut h = FnHost::ready(&mut s, 0);
+    let buf = h.alloc();
+    h.window(&mut s).host_write(buf, &[0xA7; 4096]);
+    let w = RwCommand::simple(100, 8).to_sqe(IoOpcode::Write as u8, 11, 1);
+    h.submit(&mut s, 1, w.with_prps(buf, 0));
+    assert!(fn_wait(&mut s, &mut h, 1).status.is_success());
+    let mut direct = vec![0u8; 4096];
+    keel_storage::BlockBackend::read_now(&mut region.handle(1), 100, 8, &mut direct).unwrap();
+    assert!(direct.iter().all(|&b| b == 0xA7), "core 0 wrote elsewhere");
+
+    // Pushed out: the hub hears of it; its RAM goes with the last holder (here: this test's
+    // copy of the replica, as a core's replica once it dropped the subsystem).
+    s.push(&signed_bundle(&dev_device(), 3)).unwrap();
+    assert!(
+        s.replication
+            .fn_events
+            .iter()
+            .any(|e| matches!(e, FnEvent::Changed(n) if n == PUSHED)),
+        "{:?}",
+        s.replication.fn_events
+    );
+    s.replication.fn_events.clear();
+    for _ in 0..50 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    assert_eq!(s.functions[0].slot, keel_mgmt::SlotState::Free);
+    drop(replica);
+    assert!(
+        ram.upgrade().is_none(),
+        "the pushed-out function's RAM is freed"
+    );
+
+    // The pushed plan's limits count, not the plan in force's (which has none): on the
+    // function, on its namespace, a group anywhere. Not announced, each time on core 0.
+    type Edit<'a> = &'a dyn Fn(&mut keel_provision::Device);
+    let limited: [(&str, Edit); 3] = [
+        ("function", &|d| {
+            d.qos.functions.push(FunctionQos {
+                function: 1,
+                limits,
+            })
+        }),
+        ("namespace", &|d| {
+            d.qos.namespaces.push(NamespaceQos {
+                subsystem: PUSHED.into(),
+                nsid: 1,
+                limits,
+                weight: 1,
+                group: None,
+            })
+        }),
+        ("group", &|d| {
+            d.qos.groups.push(QosGroup {
+                name: "g".into(),
+                limits,
+                weight: 2,
+            })
+        }),
+    ];
+    for (what, f) in limited {
+        let mut s = build(RamSharing::Functions);
+        let r = s.push(&signed_bundle(&with(1, f), 2)).unwrap();
+        assert!(r.needs_reboot.is_empty(), "{what}: {:?}", r.needs_reboot);
+        assert_eq!(s.functions[1].slot, keel_mgmt::SlotState::Live, "{what}");
+        assert!(created(&mut s, 1).is_none(), "{what}: announced");
+    }
+
+    // A second function of a subsystem that runs already: not announced (the cores'
+    // replicas would drop the subsystem with it).
+    let mut s = build(RamSharing::Functions);
+    s.push(&signed_bundle(&with(0, &|_| {}), 2)).unwrap();
+    assert!(created(&mut s, 0).is_some());
+    let second = with(0, &|d| {
+        d.namespaces.push(Namespace {
+            nsid: 2,
+            ..ns(PUSHED, 1)
+        })
+    });
+    let r = s.push(&signed_bundle(&second, 3)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(s.functions[1].slot, keel_mgmt::SlotState::Live);
+    assert_eq!(s.functions[1].nqn, PUSHED);
+    assert!(created(&mut s, 1).is_none());
+
+    // One core: no hub, nothing announced.
+    let mut one = build(RamSharing::None);
+    one.push(&signed_bundle(&with(0, &|_| {}), 2)).unwrap();
+    assert_eq!(one.functions[0].slot, keel_mgmt::SlotState::Live);
+    assert!(one.replication.fn_events.is_empty());
+}
+
+/// Issue 17, a boot function's RAM at `--smp N` (`crate::fnq`): its namespace is in a
+/// shared region every core's replica serves. Removed (a management request or a push),
+/// core 0 lets go of every reference of its own (its target's namespace, the description of
+/// what other cores serve): once the other cores' replicas dropped the subsystem
+/// (`FnMsg::Remove`, here a replica target made as core 1 makes it), the memory is freed.
+#[test]
+fn a_boot_functions_ram_is_freed_when_it_is_removed() {
+    use crate::replica::FnEvent;
+    use crate::services::{RamSharing, ReplicaSource, replica_target_shares};
+    use keel_mgmt::Device as _;
+    let windows = (0..2u64)
+        .map(|i| WindowPort {
+            base: 0x1000_0000 * (i + 1),
+            size: 1 << 20,
+            ep: Ok(MemWindow::new(1 << 20)),
+        })
+        .collect();
+    let mut s = Services::<TestHw>::build_with(
+        dev_plan("keel.fn.ram=4", 2),
+        Vec::new(),
+        windows,
+        true,
+        Identity::new(None, None),
+        RamSharing::Functions,
+    );
+    s.replication.functions = true;
+    let replicas = s.function_replicas();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    let nqn = replicas[0].nqn.clone();
+    assert_eq!(nqn, s.functions[0].nqn);
+    let ReplicaSource::Ram(region) = &replicas[0].namespaces[0].source else {
+        panic!("a RAM namespace in a shared region: {replicas:?}")
+    };
+    let ram = region.watch();
+    let ReplicaSource::Ram(other) = &replicas[1].namespaces[0].source else {
+        panic!("a RAM namespace in a shared region: {replicas:?}")
+    };
+    let other = other.watch();
+    // Core 1's replica of both functions' subsystems.
+    let (mut replica, _shares) =
+        replica_target_shares(replicas, *s.target.limits(), &mut |_, _| None).expect("a replica");
+    assert_eq!(replica.namespace_views().count(), 2);
+
+    s.remove_function(0).unwrap();
+    assert!(
+        s.replication
+            .fn_events
+            .iter()
+            .any(|e| matches!(e, FnEvent::Changed(n) if *n == nqn)),
+        "the hub hears of it: {:?}",
+        s.replication.fn_events
+    );
+    for _ in 0..50 {
+        advance(10_000);
+        s.poll(now(), None);
+    }
+    assert_eq!(s.functions[0].slot, keel_mgmt::SlotState::Free);
+    assert!(ram.upgrade().is_some(), "core 1's replica still serves it");
+    replica.remove_subsystem(&nqn).unwrap();
+    for _ in 0..10 {
+        advance(10_000);
+        let _ = replica.poll(keel_controller::Instant::from_nanos(now()), &mut |_| {});
+    }
+    assert!(
+        ram.upgrade().is_none(),
+        "the removed boot function's RAM is freed once core 1 dropped it"
+    );
+    // The other boot function's is not.
+    assert!(other.upgrade().is_some());
+    assert_eq!(replica.namespace_views().count(), 1);
+}

@@ -1448,3 +1448,136 @@ fn a_function_created_live_has_its_io_queues_served_on_every_core() {
     );
     rig.assert_healthy();
 }
+
+/// A description signed with the development key as generation `generation` and pushed to
+/// the device's management endpoint `mgmt` (`keelctl provision push`); the push's report.
+fn push_description(
+    d: &keel_tests::provision::Dir,
+    mgmt: &str,
+    generation: u64,
+    toml: &str,
+) -> String {
+    let path = d.path(&format!("g{generation}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    let bundle =
+        keel_tests::provision::build_from(d, &path, generation, &format!("g{generation}.bundle"));
+    let key = keel_tests::provision::dev_key().display().to_string();
+    keel_tests::keelctl_ok(&[
+        "provision",
+        "push",
+        bundle.to_str().unwrap(),
+        "--device",
+        mgmt,
+        "--key",
+        &key,
+    ])
+}
+
+/// Issue 17, functions a pushed description creates, and a boot function's RAM, at `--smp 2`:
+/// a push that adds a function on a free slot (a RAM namespace, no QoS limit) gets its I/O
+/// queues spread like one created by `keelctl function create`: its RAM in a shared region,
+/// its subsystem added to core 1's replica, I/O queue 1 served on core 1 (a host benches and
+/// verifies with 2 queues; core 1's function command count grows). Then a push without the
+/// boot function (slot 0, 128 MiB of RAM every core serves) removes it: core 1 drops its
+/// subsystem once its pairs are home, the heap gets its 128 MiB back, and the pushed
+/// function's queues stay on core 1.
+#[test]
+fn a_function_a_push_creates_is_served_on_every_core_and_a_removed_boot_function_frees_its_ram() {
+    let mport = free_port();
+    let mp = mport.to_string();
+    let rig = Rig::boot_live(
+        "push-every-core",
+        2,
+        1,
+        Some("keel.fn.boot=1 keel.fn.ram=128 keel.ns=ram:16"),
+        &["--smp", "2", "--mgmt-port", &mp],
+    );
+    let mgmt = format!("127.0.0.1:{mport}");
+    let nvmf = "nqn.2026-11.dev.keel:default";
+    let f0 = "nqn.2026-11.dev.keel:fn0";
+    let nqn = "nqn.2026-12.test.push:every-core";
+    console_has(
+        &rig,
+        &format!("fnq: emulated functions of [\"{f0}\"]: I/O queue q served on core q % 2"),
+    );
+    let base = format!(
+        "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nvmf}\"\n\n[[subsystem]]\nnqn = \"{nqn}\"\n\n\
+         [[namespace]]\nsubsystem = \"{nvmf}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", block_size = 512 }}\nencryption = \"none\"\n\n\
+         [[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"32MiB\", block_size = 512 }}\nencryption = \"none\"\nfunction = 1\n"
+    );
+    let with_f0 = format!(
+        "{base}\n[[subsystem]]\nnqn = \"{f0}\"\n\n\
+         [[namespace]]\nsubsystem = \"{f0}\"\nnsid = 1\nbackend = {{ ram = \"128MiB\", block_size = 512 }}\nencryption = \"none\"\nfunction = 0\n"
+    );
+    let d = keel_tests::provision::Dir::new("push-every-core");
+    let report = push_description(&d, &mgmt, 2, &with_f0);
+    assert!(report.contains(&format!("{nqn} namespace 1")), "{report}");
+    console_has(
+        &rig,
+        &format!("fnq: function 1 pushed ({nqn}): I/O queue q served on core q % 2"),
+    );
+    console_has(
+        &rig,
+        &format!("fnq: core 1 serves I/O queue pairs of the emulated function of {nqn} too"),
+    );
+    let w = rig.window(1);
+    let bench = |round: u32| {
+        let before = function_commands(&mgmt, 1);
+        let r = ok(
+            w,
+            &[
+                "bench", "--ios", "3000", "--rw", "write", "--qd", "8", "--queues", "2", "--json",
+            ],
+        );
+        assert!(r.stdout.contains("\"ios\": 3000"), "{}", r.stdout);
+        let r = ok(
+            w,
+            &["verify", "--lba", "0", "--count", "8000", "--qd", "16"],
+        );
+        assert!(r.stdout.contains(": OK in"), "{}", r.stdout);
+        let after = function_commands(&mgmt, 1);
+        assert!(
+            after > before + 1000,
+            "core 1 served {} commands of the pushed function (round {round})",
+            after - before
+        );
+        eprintln!("round {round}: core 1 served {} commands", after - before);
+    };
+    bench(1);
+    console_has(
+        &rig,
+        &format!("fnq: core 1 serves I/O queue 1 of function 1 ({nqn}"),
+    );
+
+    // The boot function goes: core 1 drops its subsystem, its 128 MiB come back.
+    let heap = || keel_tests::mgmt_status(&mgmt).resources.heap_free;
+    let before = heap();
+    let report = push_description(&d, &mgmt, 3, &base);
+    assert!(report.contains(f0), "{report}");
+    console_has(&rig, "pcie-fn0: slot free");
+    console_has(&rig, &format!("fnq: core 1 no longer serves pairs of {f0}"));
+    let t0 = Instant::now();
+    loop {
+        let now = heap();
+        if now >= before + (120 << 20) {
+            eprintln!("heap free: {} MiB -> {} MiB", before >> 20, now >> 20);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the removed boot function's RAM is not freed: heap free {} MiB -> {} MiB",
+            before >> 20,
+            now >> 20
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The pushed function's queues stay on core 1.
+    bench(2);
+    let console = rig.qemu.console();
+    assert!(!console.contains("fnq: namespaces changed"), "{console}");
+    assert!(
+        !console.contains(&format!("fnq: core 1 no longer serves pairs of {nqn}")),
+        "{console}"
+    );
+    rig.assert_healthy();
+}
