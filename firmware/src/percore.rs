@@ -59,7 +59,11 @@
 //! (`keel_remote::lane`). A volume new in a pushed configuration gets lanes the same way
 //! (`crate::remote::RemoteService::lane_new`; the lane message then carries the pushed
 //! namespaces' descriptions), and a volume core 0 retires makes every core close its lane
-//! ([`RemoteMsg::Retire`]).
+//! ([`RemoteMsg::Retire`]). A further slice a push adds on a running volume is cut from each
+//! core's lane first ([`RemoteMsg::Users`], answered with `RemoteReady`, core 0's gate on the
+//! volume closed meanwhile); one a push removes is a staged [`ReplicaOp::Remove`]. The
+//! emulated functions' replica on core `k` (`crate::fnq::FnCore`) shares the lane: its
+//! namespaces on the volume are cut from the same backend when the lane arrives.
 //!
 //! Frames of other flows that land on core `k` (management, DHCP, replies to core 0's
 //! outgoing connections) are handed to core 0, which receives them as if they came on its
