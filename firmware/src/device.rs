@@ -591,14 +591,13 @@ impl<H: Hw> Services<H> {
     }
 
     /// What [`Services::replicates`] asks of any namespace: its subsystem is one the other
-    /// cores serve, has no emulated function, and no QoS limit or group applies.
+    /// cores serve, has no emulated function, no host limit applies and it is in no group
+    /// (its own limits go with it to every core, which split them: `crate::shares::LimitSharing`).
     fn replicable_kind(&self, new: &Plan, n: &NsPlan) -> bool {
         let q = new.namespace_qos(n);
         self.replication.follows(&n.subsystem)
             && !self.function_subsystem(&n.subsystem)
             && new.host_qos().is_empty()
-            && new.qos_groups().is_empty()
-            && q.limits == keel_controller::QosLimits::NONE
             && q.group.is_none()
     }
 
@@ -618,12 +617,23 @@ impl<H: Hw> Services<H> {
         self.replicable.retain(|s| s.nqn != nqn);
     }
 
-    /// After a QoS change: subsystems the other cores serve that now have limits (counted on
-    /// one core) are no longer adopted there (`Replication::drop_subsystem`).
+    /// After a QoS change: subsystems the other cores serve that now have limits counted on
+    /// one core (host limits, a namespace in a group, function limits), or whose namespaces' limits changed
+    /// from those the other cores' replicas were made with (a live change does not reach
+    /// them), are no longer adopted there (`Replication::drop_subsystem`). A namespace's
+    /// limits the replicas have are split across the cores (`crate::shares::LimitSharing`).
     fn drop_limited(&mut self) {
-        let everywhere = !self.plan.host_qos().is_empty() || !self.plan.qos_groups().is_empty();
+        let everywhere = !self.plan.host_qos().is_empty();
         let none = keel_controller::QosLimits::NONE;
         let plan = &self.plan;
+        let replicable = &self.replicable;
+        let replica_limits = |nqn: &str, nsid: u32| {
+            replicable
+                .iter()
+                .find(|s| s.nqn == nqn)
+                .and_then(|s| s.namespaces.iter().find(|r| r.nsid == nsid))
+                .map_or(none, |r| r.qos.limits)
+        };
         let is_limited = |nqn: &str| {
             everywhere
                 || plan
@@ -632,7 +642,7 @@ impl<H: Hw> Services<H> {
                     .filter(|n| n.subsystem == nqn)
                     .any(|n| {
                         let q = plan.namespace_qos(n);
-                        q.limits != none
+                        q.limits != replica_limits(nqn, n.nsid)
                             || q.group.is_some()
                             || n.function.is_some_and(|f| plan.function_limits(f) != none)
                     })

@@ -950,24 +950,29 @@ pub(crate) fn shared_ram_namespace<H: Hw>(
 /// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
 /// of the plan in them is served and is a RAM namespace in a shared region or a namespace of
 /// a drive that has queue pairs for the other cores (`core_queues[drive]`), encrypted or not
-/// (each core gets the key), no emulated function of it has controller limits, and the plan
-/// sets no QoS limits.
+/// (each core gets the key), no emulated function of it has controller limits, none of its
+/// namespaces is in a group, and the plan sets no host limits. A namespace's own limits do not stop it: every core's
+/// replica has them, and each takes its part of them by demand once a pass
+/// (`crate::shares::LimitSharing`).
 fn replicable(
     plan: &Plan,
     regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
     served: &[(String, u32)],
     core_queues: &[bool],
 ) -> Vec<ReplicaSubsystem> {
-    if !plan.host_qos().is_empty() || !plan.qos_groups().is_empty() {
+    // Host limits apply to every subsystem's controllers (counted on one core); a group
+    // only to its namespaces (below).
+    if !plan.host_qos().is_empty() {
         return Vec::new();
     }
     let source = |n: &NsPlan| -> Option<ReplicaSource> {
-        // Limits and groups are counted on one core; a drive's fair sharing among its
-        // slices (weight, domain, drive_max_inflight) is not a limit and applies per core.
+        // Groups and function limits are counted on one core; a namespace's limits are
+        // split across the cores (`crate::shares::LimitSharing`); a drive's fair sharing
+        // among its slices (weight, domain, drive_max_inflight) is not a limit and applies
+        // per core.
         let qos = plan.namespace_qos(n);
         if n.function
             .is_some_and(|f| plan.function_limits(f) != keel_controller::QosLimits::NONE)
-            || qos.limits != keel_controller::QosLimits::NONE
             || qos.group.is_some()
         {
             return None;

@@ -2155,7 +2155,8 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
 
 /// Issue 17, the hot path: no core allocates per command, whether core 1 serves an I/O queue
 /// itself (adopted: a subsystem every core serves) or hands each command to core 0 (a
-/// QoS-limited subsystem: the command and its data buffer travel through the rings). Two
+/// subsystem whose namespace is in a QoS group, counted on core 0: the command and its data
+/// buffer travel through the rings). Two
 /// runs of the same workload on a connection of core 1 that differ only in their number of
 /// commands differ by almost no allocator call on either core
 /// (`keel_core_allocator_calls_total`): connections cost allocations, commands do not.
@@ -2181,7 +2182,7 @@ allowed_hosts = []
 [[subsystem]]
 nqn = "nqn.2026-11.dev.keel:forwarded"
 serial = "KEELA2"
-model = "QoS-limited: core 0"
+model = "QoS group: core 0"
 allowed_hosts = []
 
 [[namespace]]
@@ -2193,7 +2194,11 @@ backend = {{ ram = "64MiB" }}
 subsystem = "nqn.2026-11.dev.keel:forwarded"
 nsid = 1
 backend = {{ ram = "64MiB" }}
-qos = {{ iops = 1000000000 }}
+qos = {{ group = "g" }}
+
+[[qos.group]]
+name = "g"
+iops = 1000000000
 "#
         ),
     )
@@ -2664,7 +2669,7 @@ fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
 /// namespace (written and read back) and one removing it: each removal gives the heap back
 /// once every core dropped it (four rounds are 2 GiB, more than the whole heap, so a region
 /// kept by any core would make a later round fail). Then the same for a subsystem core 0 no
-/// longer shares (a QoS limit in the push): its replica on core 1 is retired, and the
+/// longer shares (a QoS limit changed live by the push): its replica on core 1 is retired, and the
 /// namespace removed afterwards (on core 0 alone) gives its memory back too.
 #[test]
 fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
@@ -2779,8 +2784,8 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
         settles_at(start, &format!("round {round}"));
     }
 
-    // A subsystem no longer shared: namespace 2 added (every core), then a QoS limit drops
-    // the subsystem (core 1 retires its replica), then namespace 2 goes on core 0 alone.
+    // A subsystem no longer shared: namespace 2 added (every core), then a QoS limit set live
+    // (the replicas were made without it) drops the subsystem (core 1 retires its replica), then namespace 2 goes on core 0 alone.
     push(true, false);
     q.wait_for(
         "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live",
