@@ -875,13 +875,26 @@ impl CrossCore {
 
     /// [`DomainSharing::tend`] and [`LimitSharing::tend`], while another core than core 0
     /// runs (one core: nothing changes, every domain keeps its whole cap and every limiter
-    /// its whole limits). Returns whether it did.
+    /// its whole limits; when the other cores stop, its limiters get their whole limits
+    /// back once). Returns whether it did.
     pub fn tend(&mut self, now_ns: u64, target: &mut keel_controller::Target) -> bool {
         let running = (self.running)();
         let on = running & !1 != 0;
         if on {
             self.sharing.tend(self.table, running, now_ns, target);
             self.limits.tend(self.table, running, now_ns, target);
+        } else if self.limits.used > 0 {
+            // The other cores stopped: once, the whole limits again (nobody else has them).
+            self.limits.tend(
+                self.table,
+                1 << (self.limits.row % DEMAND_CORES),
+                now_ns,
+                target,
+            );
+            for i in 0..self.limits.used {
+                self.table[self.limits.row].clear_limit(i);
+            }
+            self.limits.used = 0;
         }
         on
     }
