@@ -2999,3 +2999,121 @@ fn a_remote_volume_pushed_live_is_served_on_core_1_through_its_own_lane() {
     ends_clean(dpu, &dtap, &["could not be applied", "could not serve"]);
     ends_clean(remote, &rtap, &[]);
 }
+
+/// QoS limits split across cores: at `--smp 2 --net tap`, a subsystem whose RAM namespace
+/// has a 2000 IOPS limit (booted from a configuration) is served on every core like any
+/// other; each core's target takes its part of the limit by demand once a pass. One
+/// connection alone on core 1 is served there (core 0 takes few ring messages, not one per
+/// command) and gets nearly the whole limit; then two connections at once, one on each core,
+/// are each served by their own core, get about half each, and stay within the limit
+/// together (+10%: the bursts of the buckets and the pass in which parts move).
+#[test]
+fn a_namespace_iops_limit_is_split_across_the_cores_serving_it() {
+    require_tap();
+    keelctl();
+    let net = tap_net(30);
+    // keelctl nvme bench's default subsystem (`Bench` names none).
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let cfg = ScratchFile::new("qos-split.toml", 0);
+    std::fs::write(
+        cfg.path(),
+        format!(
+            r#"[network]
+address = "{net}.2/24"
+gateway = "{net}.1"
+
+[[subsystem]]
+nqn = "{nqn}"
+serial = "KEELQ1"
+model = "limited, every core"
+allowed_hosts = []
+
+[[namespace]]
+subsystem = "{nqn}"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+qos = {{ iops = 2000 }}
+"#
+        ),
+    )
+    .unwrap();
+    keel_tests::build_release_keelctl();
+    let elf = keel_tests::image(Build::Release).with_extension("");
+    let mut q = Qemu::start(&[
+        "--elf",
+        elf.to_str().unwrap(),
+        "--smp",
+        "2",
+        "--net",
+        "tap",
+        "--tap-net",
+        &net,
+        "--config",
+        cfg.path().to_str().unwrap(),
+    ]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serving =
+        format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
+    if !q.console().contains(&serving) {
+        q.wait_for(&serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    const LIMIT: u64 = 2000;
+    // (commands per core, ring messages core 0 took) over `secs` seconds.
+    let window = |secs: u64| -> ([u64; 2], u64) {
+        let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
+        let m0 = per_core(&mgmt, "messages_total", 2);
+        std::thread::sleep(Duration::from_secs(secs));
+        let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
+        let m1 = per_core(&mgmt, "messages_total", 2);
+        ([c1[0] - c0[0], c1[1] - c0[1]], m1[0] - m0[0])
+    };
+
+    // One connection alone, on core 1: nearly the whole limit, served there.
+    let alone = bench_on_core(&mgmt, &addr, 1, 1, 40, [0, 0]);
+    let (d, msgs) = window(8);
+    eprintln!(
+        "qos split: one connection on core 1: commands per core in 8 s {d:?}, {msgs} ring messages to core 0"
+    );
+    let iops = d[1] / 8;
+    assert!(
+        (LIMIT * 75 / 100..=LIMIT * 110 / 100).contains(&iops),
+        "alone on core 1: {iops} IOPS for a limit of {LIMIT}"
+    );
+    assert!(msgs * 10 < d[1], "{msgs} messages for {} commands", d[1]);
+    drop(alone);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Two connections at once, one on each core.
+    let on0 = bench_on_core(&mgmt, &addr, 1, 0, 90, [0, 0]);
+    let (busy, _) = window(2);
+    let on1 = bench_on_core(&mgmt, &addr, 1, 1, 60, busy);
+    let secs = 10;
+    let (d, msgs) = window(secs);
+    let total = (d[0] + d[1]) / secs;
+    eprintln!(
+        "qos split: one connection on each core: commands per core in {secs} s {d:?} ({total} IOPS together), {msgs} ring messages to core 0"
+    );
+    assert!(
+        total <= LIMIT * 110 / 100,
+        "{total} IOPS for a limit of {LIMIT}"
+    );
+    assert!(total >= LIMIT * 60 / 100, "{total} IOPS: the limit is used");
+    for (k, &n) in d.iter().enumerate() {
+        assert!(
+            n * 100 >= (d[0] + d[1]) * 30,
+            "core {k} served {n} of {d:?}: about half each"
+        );
+    }
+    assert!(
+        msgs * 10 < d[0] + d[1],
+        "{msgs} messages for {d:?} commands"
+    );
+    drop(on1);
+    drop(on0);
+    ends_clean(q, &tap, &[]);
+}
