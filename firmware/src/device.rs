@@ -618,21 +618,31 @@ impl<H: Hw> Services<H> {
     }
 
     /// After a QoS change: subsystems the other cores serve that now have limits counted on
-    /// one core (host limits, a namespace in a group, function limits), or whose namespaces' limits changed
-    /// from those the other cores' replicas were made with (a live change does not reach
-    /// them), are no longer adopted there (`Replication::drop_subsystem`). A namespace's
-    /// limits the replicas have are split across the cores (`crate::shares::LimitSharing`).
+    /// one core (host limits, function limits), or whose namespaces' limits or groups (or
+    /// their groups' limits) changed from those the other cores' replicas were made with (a
+    /// live change does not reach them), are no longer adopted there
+    /// (`Replication::drop_subsystem`). Namespace and group limits the replicas have are
+    /// split across the cores (`crate::shares::LimitSharing`).
     fn drop_limited(&mut self) {
         let everywhere = !self.plan.host_qos().is_empty();
         let none = keel_controller::QosLimits::NONE;
         let plan = &self.plan;
         let replicable = &self.replicable;
-        let replica_limits = |nqn: &str, nsid: u32| {
-            replicable
-                .iter()
-                .find(|s| s.nqn == nqn)
-                .and_then(|s| s.namespaces.iter().find(|r| r.nsid == nsid))
-                .map_or(none, |r| r.qos.limits)
+        let groups = plan.qos_groups();
+        // Whether namespace `n`'s limits and group (its name and definition) are those the
+        // replicas of its subsystem were made with.
+        let as_replicas = |n: &NsPlan, q: &keel_controller::NamespaceQos| {
+            let Some(s) = replicable.iter().find(|s| s.nqn == n.subsystem) else {
+                return q.limits == none && q.group.is_none();
+            };
+            let Some(r) = s.namespaces.iter().find(|r| r.nsid == n.nsid) else {
+                return q.limits == none && q.group.is_none();
+            };
+            r.qos.limits == q.limits
+                && r.qos.group == q.group
+                && q.group.as_ref().is_none_or(|g| {
+                    groups.iter().find(|x| x.name == *g) == s.groups.iter().find(|x| x.name == *g)
+                })
         };
         let is_limited = |nqn: &str| {
             everywhere
@@ -642,8 +652,7 @@ impl<H: Hw> Services<H> {
                     .filter(|n| n.subsystem == nqn)
                     .any(|n| {
                         let q = plan.namespace_qos(n);
-                        q.limits != replica_limits(nqn, n.nsid)
-                            || q.group.is_some()
+                        !as_replicas(n, &q)
                             || n.function.is_some_and(|f| plan.function_limits(f) != none)
                     })
         };
@@ -1248,6 +1257,7 @@ impl<H: Hw> Services<H> {
             model: sub.model.clone(),
             allowed_hosts: sub.allowed_hosts.clone(),
             namespaces,
+            groups: Vec::new(),
         })
     }
 

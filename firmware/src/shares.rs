@@ -459,7 +459,8 @@ struct DemandSlot {
 /// computed from demands and in-flight counts, and a target whose part shrank starts
 /// nothing until its commands in flight drain below it (see `keel_qos::cap_share`).
 ///
-/// The row also carries the target's limited namespaces ([`LimitSharing`]): one word each,
+/// The row also carries the target's limited namespaces and groups ([`LimitSharing`]): one
+/// word each,
 /// its key and its demand, written and read like the domains' first word (`Relaxed`, a key
 /// never paired with another's demand).
 #[derive(Debug)]
@@ -554,9 +555,9 @@ impl DemandRow {
     }
 }
 
-/// Limited namespaces one target publishes (in its [`DemandRow`]). A target with more
-/// publishes the first ones; each of the others gets an even part of its limits by the
-/// number of running cores (see [`LimitSharing::tend`]).
+/// Limited namespaces and groups one target publishes (in its [`DemandRow`]). A target with more
+/// publishes the first ones; each of the others gets an even part of its limits by the number of
+/// running cores (see [`LimitSharing::tend`]).
 pub const SHARED_LIMITS: usize = 16;
 
 /// Cores a [`DemandRow`] table has rows for (`keel_hal::MAX_CORES`, checked where the
@@ -717,7 +718,7 @@ impl DomainSharing {
     }
 }
 
-/// What [`LimitSharing`] needs of a target: its limited namespaces and a way to set its
+/// What [`LimitSharing`] needs of a target: its limited namespaces and groups and a way to set its
 /// part of each one's limits (`keel_controller::Target`; host tests use a bare scheduler).
 pub trait SharedLimits {
     /// Its limited namespaces, as [`keel_controller::Target::shared_limits`].
@@ -738,14 +739,15 @@ impl SharedLimits for keel_controller::Target {
 }
 
 /// One target's side of the split of QoS rate limits across targets (cores) serving the
-/// same limited namespace: each publishes its demand on the namespace's limiter (commands
-/// waiting and in flight) under the namespace's key in its row, reads every running row's,
+/// same limited namespace or group: each publishes its demand on the limiter (the commands
+/// of the flows it holds, waiting and in flight) under the namespace's (group's) key in its
+/// row, reads every running row's,
 /// and sets its limiter to its part of the limits ([`keel_qos::limits_share`]): alone, the
 /// whole limits; busy among busy ones, a part in proportion to its demand; idle among busy
 /// ones, one token a second (its demand counts from its next pass, before it starts
 /// anything). Call [`LimitSharing::tend`] once a pass between taking in commands and
 /// starting them; nothing is done per command, nothing allocates, one word written per
-/// limited namespace and pass at most.
+/// limited namespace or group and pass at most.
 ///
 /// What stale figures cost: a target reads the others' demands as of their last pass, so
 /// when demand moves the parts in force may sum above the limits for one pass of the others
@@ -783,8 +785,8 @@ impl LimitSharing {
         h.1
     }
 
-    /// Publishes the target's limited namespaces in its row of `table`, then sets its part
-    /// of each one's limits from every row of a core in `running` that has the key. Returns
+    /// Publishes the target's limited namespaces and groups in its row of `table`, then sets its
+    /// part of each one's limits from every row of a core in `running` that has the key. Returns
     /// how many are shared with another row.
     pub fn tend(
         &mut self,

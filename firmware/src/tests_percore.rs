@@ -894,15 +894,14 @@ fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
     assert_eq!(nsids(&one.s.target), [1, 3]);
 }
 
-/// A namespace's own QoS limits no longer keep its subsystem on core 0: with namespace 1 of
-/// `keel.ns=ram:4,ram:4` limited to 2000 IOPS, the subsystem is replicable, its replica
-/// carries the limits, and core 0's target and the replica (another core's) publish the
+/// A namespace's own QoS limits and its group's no longer keep its subsystem on core 0: with
+/// namespace 1 of `keel.ns=ram:4,ram:4` limited to 2000 IOPS, the subsystem is replicable, its
+/// replica carries the limits, and core 0's target and the replica (another core's) publish the
 /// namespace under the same key and split its limits through the demand table
-/// (`crate::shares::LimitSharing`): even parts while both are idle, the whole limits to core
-/// 0 alone. A namespace in a group still keeps its subsystem on core 0 (groups are counted
-/// there).
+/// (`crate::shares::LimitSharing`): even parts while both are idle, the whole limits to core 0
+/// alone. A namespace in a group too: each replica has the group's limiter, split the same way.
 #[test]
-fn a_subsystem_with_namespace_limits_is_served_by_every_core_which_split_them() {
+fn a_subsystem_with_namespace_and_group_limits_is_served_by_every_core_which_split_them() {
     use keel_provision::{NamespaceQos, QosGroup, QosLimits, QosRate};
     let args = "keel.ns=ram:4,ram:4 keel.ip=127.0.0.1/8";
     let build = |group: bool| {
@@ -930,7 +929,13 @@ fn a_subsystem_with_namespace_limits_is_served_by_every_core_which_split_them() 
         if group {
             plan.qos.groups.push(QosGroup {
                 name: "g".into(),
-                limits: QosLimits::default(),
+                limits: QosLimits {
+                    iops: Some(QosRate {
+                        per_sec: 5000,
+                        burst: None,
+                    }),
+                    ..Default::default()
+                },
                 weight: 0,
             });
         }
@@ -978,6 +983,29 @@ fn a_subsystem_with_namespace_limits_is_served_by_every_core_which_split_them() 
     let v = core0.namespace_views().find(|v| v.nsid == 1).unwrap();
     assert_eq!(v.qos.limits.iops, Some(keel_qos::Rate::new(2000)));
 
-    // In a group: served through core 0.
-    assert!(build(true).replicable.is_empty());
+    // In a group (5000 IOPS) too: the replica has the group's limiter, split the same way.
+    let s = build(true);
+    assert_eq!(s.replicable.len(), 1, "{:?}", s.replicable);
+    assert_eq!(s.replicable[0].groups.len(), 1);
+    let mut replica = replica_target(s.replicable.clone(), *s.target.limits(), &mut |_, _| None)
+        .expect("replica");
+    let mut core0 = s.target;
+    let gkey = keel_controller::group_key("g");
+    let on0: Vec<_> = core0.shared_limits().collect();
+    let on1: Vec<_> = replica.shared_limits().collect();
+    let keys = |v: &[keel_controller::SharedLimit]| v.iter().map(|l| l.key).collect::<Vec<_>>();
+    assert_eq!(keys(&on0), [key, gkey]);
+    assert_eq!(keys(&on1), [key, gkey]);
+    let table: Vec<crate::shares::DemandRow> = (0..crate::shares::DEMAND_ROWS)
+        .map(|_| crate::shares::DemandRow::new())
+        .collect();
+    let mut x0 = crate::shares::LimitSharing::new(crate::shares::demand_row(0, false));
+    let mut x1 = crate::shares::LimitSharing::new(crate::shares::demand_row(1, false));
+    x0.tend(&table, 0b11, 0, &mut core0);
+    assert_eq!(x1.tend(&table, 0b11, 0, &mut replica), 2);
+    assert_eq!(x0.tend(&table, 0b11, 0, &mut core0), 2);
+    assert_eq!(
+        (iops(&core0, on0[1].limiter), iops(&replica, on1[1].limiter)),
+        (2500, 2500)
+    );
 }

@@ -2155,19 +2155,28 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
 
 /// Issue 17, the hot path: no core allocates per command, whether core 1 serves an I/O queue
 /// itself (adopted: a subsystem every core serves) or hands each command to core 0 (a
-/// subsystem whose namespace is in a QoS group, counted on core 0: the command and its data
-/// buffer travel through the rings). Two
-/// runs of the same workload on a connection of core 1 that differ only in their number of
-/// commands differ by almost no allocator call on either core
-/// (`keel_core_allocator_calls_total`): connections cost allocations, commands do not.
+/// subsystem whose namespace got a QoS limit live, which the other core's replica lacks: the
+/// command and its data buffer travel through the rings). Two runs of the same workload on a
+/// connection of core 1 that differ only in their number of commands differ by almost no
+/// allocator call on either core (`keel_core_allocator_calls_total`): connections cost
+/// allocations, commands do not.
 #[test]
 fn no_core_allocates_per_command_adopted_or_forwarded() {
     require_tap();
     keelctl();
     let net = tap_net(18);
     let cfg = ScratchFile::new("no-alloc.toml", 0);
-    std::fs::write(
-        cfg.path(),
+    // The forwarded subsystem's namespace gets a QoS limit live (below): the other core's
+    // replica was made without it, so its I/O queues are served through core 0.
+    let key = std::fs::read_to_string(keel_tests::provision::dev_key().with_extension("key.pub"))
+        .unwrap();
+    let key = key.trim();
+    let toml = |limited: bool| {
+        let limit = if limited {
+            "qos = { iops = 1000000000 }\n"
+        } else {
+            ""
+        };
         format!(
             r#"[network]
 address = "{net}.2/24"
@@ -2182,7 +2191,7 @@ allowed_hosts = []
 [[subsystem]]
 nqn = "nqn.2026-11.dev.keel:forwarded"
 serial = "KEELA2"
-model = "QoS group: core 0"
+model = "QoS limit set live: core 0"
 allowed_hosts = []
 
 [[namespace]]
@@ -2194,15 +2203,14 @@ backend = {{ ram = "64MiB" }}
 subsystem = "nqn.2026-11.dev.keel:forwarded"
 nsid = 1
 backend = {{ ram = "64MiB" }}
-qos = {{ group = "g" }}
-
-[[qos.group]]
-name = "g"
-iops = 1000000000
+{limit}
+[management]
+port = 7000
+authorized_key = "{key}"
 "#
-        ),
-    )
-    .unwrap();
+        )
+    };
+    std::fs::write(cfg.path(), toml(false)).unwrap();
     // A configuration boots from flash: qemu/run packs the ELF with the bundle, with the
     // release keelctl (built first: building it inside the boot timeout is too slow).
     keel_tests::build_release_keelctl();
@@ -2221,7 +2229,7 @@ iops = 1000000000
     ]);
     q.wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
-    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:adopted\"] here";
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:adopted\", \"nqn.2026-11.dev.keel:forwarded\"] here";
     if !q.console().contains(serving) {
         q.wait_for(serving, BOOT_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -2229,6 +2237,19 @@ iops = 1000000000
     let tap = tap_name(&q);
     let addr = format!("{net}.2:4420");
     let mgmt = format!("{net}.2:7000");
+    // qemu/run signed the boot configuration with the time as its generation.
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1000;
+    let d = keel_tests::provision::Dir::new("no-alloc-push");
+    push_config(&d, &mgmt, "limited", generation, &toml(true));
+    q.wait_for(
+        "nqn.2026-11.dev.keel:forwarded: QoS limits now apply",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     for nqn in [
         "nqn.2026-11.dev.keel:adopted",
         "nqn.2026-11.dev.keel:forwarded",

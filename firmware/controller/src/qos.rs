@@ -39,10 +39,11 @@ pub struct CappedDomain {
 }
 
 /// A limited entity of a target whose limits other targets (other cores) enforce too
-/// ([`Target::shared_limits`]): a namespace with limits, served on every core.
+/// ([`Target::shared_limits`]): a namespace or a group with limits, served on every core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SharedLimit {
-    /// Its key, the same in every target that has it, below 2³¹ ([`limit_key`]).
+    /// Its key, the same in every target that has it, below 2³¹ ([`limit_key`],
+    /// [`group_key`]).
     pub key: u32,
     /// Its limiter in this target's scheduler.
     pub limiter: LimiterId,
@@ -63,23 +64,40 @@ pub fn limit_key(nqn: &str, nsid: u32) -> u32 {
     h & 0x7fff_ffff
 }
 
+/// The key of QoS group `name` ([`limit_key`] of the name with NSID `FFFFFFFFh`, which no
+/// namespace has).
+pub fn group_key(name: &str) -> u32 {
+    limit_key(name, u32::MAX)
+}
+
 impl Target {
-    /// Its namespaces with limits, for the split of each one's limits across the targets
-    /// (cores) serving it ([`Target::set_limit_split`]): each target publishes its demand
-    /// under the namespace's key and takes its part. Walks the namespaces and, for each
-    /// limited one, the flows (once a pass, not per command). Nothing allocates.
+    /// Its namespaces and groups with limits, for the split of each one's limits across the targets
+    /// (cores) serving it ([`Target::set_limit_split`]): each target publishes its demand under the
+    /// namespace's (group's) key and takes its part. Walks the namespaces and, for each limited
+    /// one, the flows (once a pass, not per command). Nothing allocates.
     pub fn shared_limits(&self) -> impl Iterator<Item = SharedLimit> + '_ {
-        self.subsystems.iter().flat_map(move |s| {
-            s.namespaces.iter().flatten().filter_map(move |ns| {
-                let limited =
-                    ns.active && self.sched.limiter_base(ns.limiter).is_some_and(|l| l.any());
-                limited.then(|| SharedLimit {
+        let limited = |l: LimiterId| self.sched.limiter_base(l).is_some_and(|l| l.any());
+        let namespaces = self.subsystems.iter().flat_map(move |s| {
+            s.namespaces
+                .iter()
+                .flatten()
+                .filter(move |ns| ns.active && limited(ns.limiter))
+                .map(move |ns| SharedLimit {
                     key: limit_key(&s.nqn, ns.nsid),
                     limiter: ns.limiter,
                     demand: self.sched.limiter_demand(ns.limiter),
                 })
-            })
-        })
+        });
+        let groups =
+            self.groups
+                .iter()
+                .filter(move |(_, l, _)| limited(*l))
+                .map(move |(name, l, _)| SharedLimit {
+                    key: group_key(name),
+                    limiter: *l,
+                    demand: self.sched.limiter_demand(*l),
+                });
+        namespaces.chain(groups)
     }
 
     /// Sets this target's part of a shared limiter's limits from the demands of every
