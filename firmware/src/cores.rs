@@ -499,7 +499,8 @@ pub static LANE_SHARES: [[crate::shares::LaneQueueShare; SHARED_LANE_QUEUES]; MA
 pub static LANE_VOLUMES: [[crate::shares::LaneVolumeShare; SHARED_LANE_QUEUES]; MAX_CORES] =
     [const { [const { crate::shares::LaneVolumeShare::new() }; SHARED_LANE_QUEUES] }; MAX_CORES];
 
-/// Every target's capped drive domains (`crate::shares::DemandRow`, issue 17): core `k`'s
+/// Every target's capped drive domains and limited namespaces (`crate::shares::DemandRow`,
+/// issue 17): core `k`'s
 /// NVMe/TCP target (core 0's own for core 0) in row `k`, its function replica in row
 /// `MAX_CORES + k`; each written by its own core once a pass, read by every other.
 pub static DEMANDS: [crate::shares::DemandRow; crate::shares::DEMAND_ROWS] =

@@ -648,14 +648,13 @@ impl<H: Hw> Services<H> {
     }
 
     /// What [`Services::replicates`] asks of any namespace: its subsystem is one the other
-    /// cores serve, has no emulated function, and no QoS limit or group applies.
+    /// cores serve, has no emulated function, no host limit applies and it is in no group
+    /// (its own limits go with it to every core, which split them: `crate::shares::LimitSharing`).
     fn replicable_kind(&self, new: &Plan, n: &NsPlan) -> bool {
         let q = new.namespace_qos(n);
         self.replication.follows(&n.subsystem)
             && !self.function_subsystem(&n.subsystem)
             && new.host_qos().is_empty()
-            && new.qos_groups().is_empty()
-            && q.limits == keel_controller::QosLimits::NONE
             && q.group.is_none()
     }
 
@@ -675,12 +674,33 @@ impl<H: Hw> Services<H> {
         self.replicable.retain(|s| s.nqn != nqn);
     }
 
-    /// After a QoS change: subsystems the other cores serve that now have limits (counted on
-    /// one core) are no longer adopted there (`Replication::drop_subsystem`).
+    /// After a QoS change: subsystems the other cores serve that now have limits counted on
+    /// one core (host limits, function limits), or whose namespaces' limits or groups (or
+    /// their groups' limits) changed from those the other cores' replicas were made with (a
+    /// live change does not reach them), are no longer adopted there
+    /// (`Replication::drop_subsystem`). Namespace and group limits the replicas have are
+    /// split across the cores (`crate::shares::LimitSharing`).
     fn drop_limited(&mut self) {
-        let everywhere = !self.plan.host_qos().is_empty() || !self.plan.qos_groups().is_empty();
+        let everywhere = !self.plan.host_qos().is_empty();
         let none = keel_controller::QosLimits::NONE;
         let plan = &self.plan;
+        let replicable = &self.replicable;
+        let groups = plan.qos_groups();
+        // Whether namespace `n`'s limits and group (its name and definition) are those the
+        // replicas of its subsystem were made with.
+        let as_replicas = |n: &NsPlan, q: &keel_controller::NamespaceQos| {
+            let Some(s) = replicable.iter().find(|s| s.nqn == n.subsystem) else {
+                return q.limits == none && q.group.is_none();
+            };
+            let Some(r) = s.namespaces.iter().find(|r| r.nsid == n.nsid) else {
+                return q.limits == none && q.group.is_none();
+            };
+            r.qos.limits == q.limits
+                && r.qos.group == q.group
+                && q.group.as_ref().is_none_or(|g| {
+                    groups.iter().find(|x| x.name == *g) == s.groups.iter().find(|x| x.name == *g)
+                })
+        };
         let is_limited = |nqn: &str| {
             everywhere
                 || plan
@@ -689,8 +709,7 @@ impl<H: Hw> Services<H> {
                     .filter(|n| n.subsystem == nqn)
                     .any(|n| {
                         let q = plan.namespace_qos(n);
-                        q.limits != none
-                            || q.group.is_some()
+                        !as_replicas(n, &q)
                             || n.function.is_some_and(|f| plan.function_limits(f) != none)
                     })
         };
@@ -1302,6 +1321,7 @@ impl<H: Hw> Services<H> {
             model: sub.model.clone(),
             allowed_hosts: sub.allowed_hosts.clone(),
             namespaces,
+            groups: Vec::new(),
         })
     }
 

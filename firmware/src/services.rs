@@ -199,6 +199,9 @@ pub struct ReplicaSubsystem {
     pub allowed_hosts: Vec<String>,
     /// Its namespaces.
     pub namespaces: Vec<ReplicaNs>,
+    /// The QoS groups its namespaces are in (each core's replica has their limiters, whose
+    /// limits the cores split: `crate::shares::LimitSharing`).
+    pub groups: Vec<keel_controller::QosGroup>,
 }
 
 /// A namespace of a [`ReplicaSubsystem`].
@@ -954,24 +957,27 @@ pub(crate) fn shared_ram_namespace<H: Hw>(
 /// of the plan in them is served and is a RAM namespace in a shared region or a namespace of
 /// a drive that has queue pairs for the other cores (`core_queues[drive]`), encrypted or not
 /// (each core gets the key), no emulated function of it has controller limits, and the plan
-/// sets no QoS limits.
+/// sets no host limits. A namespace's own limits and its group's do not stop it: every
+/// core's replica has them, and each takes its part of them by demand once a pass
+/// (`crate::shares::LimitSharing`).
 fn replicable(
     plan: &Plan,
     regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
     served: &[(String, u32)],
     core_queues: &[bool],
 ) -> Vec<ReplicaSubsystem> {
-    if !plan.host_qos().is_empty() || !plan.qos_groups().is_empty() {
+    // Host limits apply to every subsystem's controllers (counted on one core); a group
+    // only to its namespaces (below).
+    if !plan.host_qos().is_empty() {
         return Vec::new();
     }
     let source = |n: &NsPlan| -> Option<ReplicaSource> {
-        // Limits and groups are counted on one core; a drive's fair sharing among its
-        // slices (weight, domain, drive_max_inflight) is not a limit and applies per core.
-        let qos = plan.namespace_qos(n);
+        // Function limits are counted on one core; a namespace's and a group's limits are
+        // split across the cores (`crate::shares::LimitSharing`); a drive's fair sharing
+        // among its slices (weight, domain, drive_max_inflight) is not a limit and applies
+        // per core.
         if n.function
             .is_some_and(|f| plan.function_limits(f) != keel_controller::QosLimits::NONE)
-            || qos.limits != keel_controller::QosLimits::NONE
-            || qos.group.is_some()
         {
             return None;
         }
@@ -1018,12 +1024,22 @@ fn replicable(
                     })
                 })
                 .collect::<Option<Vec<_>>>()?;
+            let groups = plan
+                .qos_groups()
+                .into_iter()
+                .filter(|g| {
+                    namespaces
+                        .iter()
+                        .any(|n| n.qos.group.as_ref() == Some(&g.name))
+                })
+                .collect();
             Some(ReplicaSubsystem {
                 nqn: s.nqn.clone(),
                 serial: s.serial.clone(),
                 model: s.model.clone(),
                 allowed_hosts: s.allowed_hosts.clone(),
                 namespaces,
+                groups,
             })
         })
         .collect()
@@ -1101,6 +1117,12 @@ pub(crate) fn replica_target_shares(
     };
     let mut shared: ReplicaShares = Vec::new();
     let mut configs = Vec::new();
+    let mut qos_groups: Vec<keel_controller::QosGroup> = Vec::new();
+    for g in subsystems.iter().flat_map(|s| &s.groups) {
+        if !qos_groups.iter().any(|x| x.name == g.name) {
+            qos_groups.push(g.clone());
+        }
+    }
     for s in &subsystems {
         let mut namespaces = Vec::new();
         for n in &s.namespaces {
@@ -1126,6 +1148,7 @@ pub(crate) fn replica_target_shares(
         subsystems: configs,
         limits,
         scratch,
+        qos_groups,
         ..Default::default()
     })
     .map_err(|e| klog::error!("percore: replica refused: {}", klog::D(&e)))

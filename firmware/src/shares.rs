@@ -446,7 +446,8 @@ struct DemandSlot {
 /// (cores) that reach the drive (issue 17): each target (core 0's, each other core's NVMe/TCP
 /// replica, each other core's function replica) owns a row and alone writes it; every target
 /// reads every running target's row once a pass to take its own part ([`DomainSharing`]).
-/// 64 bytes, one cache line: a row's writer shares its line with nobody else's writes.
+/// Whole cache lines (aligned to 64 bytes): a row's writer shares its lines with nobody
+/// else's writes.
 ///
 /// Ordering: every value is a single word written with a `Relaxed` store, only when it
 /// changed, and read with `Relaxed` loads. The key travels with the demand in one word, so a
@@ -457,10 +458,17 @@ struct DemandSlot {
 /// once the figures stop changing. What stale figures can cost is bounded: a part is
 /// computed from demands and in-flight counts, and a target whose part shrank starts
 /// nothing until its commands in flight drain below it (see `keel_qos::cap_share`).
+///
+/// The row also carries the target's limited namespaces and groups ([`LimitSharing`]): one
+/// word each,
+/// its key and its demand, written and read like the domains' first word (`Relaxed`, a key
+/// never paired with another's demand).
 #[derive(Debug)]
 #[repr(align(64))]
 pub struct DemandRow {
     slots: [DemandSlot; SHARED_DOMAINS],
+    /// (limit key | 1 << 31) << 32 | demand; 0 while unused.
+    limits: [AtomicU64; SHARED_LIMITS],
 }
 
 impl Default for DemandRow {
@@ -479,7 +487,34 @@ impl DemandRow {
                     load: AtomicU64::new(0),
                 }
             }; SHARED_DOMAINS],
+            limits: [const { AtomicU64::new(0) }; SHARED_LIMITS],
         }
+    }
+
+    /// Owner: limit slot `i` holds limit `key` with `demand`.
+    fn publish_limit(&self, i: usize, key: u32, demand: u32) {
+        let v = u64::from(key | 1 << 31) << 32 | u64::from(demand);
+        let s = &self.limits[i];
+        if s.load(Ordering::Relaxed) != v {
+            s.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Owner: limit slot `i` holds nothing.
+    fn clear_limit(&self, i: usize) {
+        let s = &self.limits[i];
+        if s.load(Ordering::Relaxed) != 0 {
+            s.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Reader: the demand the row holds for limit `key`, if it has it.
+    fn read_limit(&self, key: u32) -> Option<u32> {
+        let want = u64::from(key | 1 << 31);
+        self.limits.iter().find_map(|s| {
+            let v = s.load(Ordering::Relaxed);
+            (v >> 32 == want).then_some(v as u32)
+        })
     }
 
     /// Owner: slot `i` holds domain `key` with `load`.
@@ -519,6 +554,11 @@ impl DemandRow {
         })
     }
 }
+
+/// Limited namespaces and groups one target publishes (in its [`DemandRow`]). A target with more
+/// publishes the first ones; each of the others gets an even part of its limits by the number of
+/// running cores (see [`LimitSharing::tend`]).
+pub const SHARED_LIMITS: usize = 16;
 
 /// Cores a [`DemandRow`] table has rows for (`keel_hal::MAX_CORES`, checked where the
 /// image's table is).
@@ -678,11 +718,148 @@ impl DomainSharing {
     }
 }
 
+/// What [`LimitSharing`] needs of a target: its limited namespaces and groups and a way to set its
+/// part of each one's limits (`keel_controller::Target`; host tests use a bare scheduler).
+pub trait SharedLimits {
+    /// Its limited namespaces, as [`keel_controller::Target::shared_limits`].
+    fn limited(&self) -> impl Iterator<Item = keel_controller::SharedLimit>;
+    /// Sets its part of `limiter`'s limits from the demands of every target that has it
+    /// (its own first).
+    fn set_split(&mut self, limiter: keel_qos::LimiterId, demands: &[u32]);
+}
+
+impl SharedLimits for keel_controller::Target {
+    fn limited(&self) -> impl Iterator<Item = keel_controller::SharedLimit> {
+        self.shared_limits()
+    }
+
+    fn set_split(&mut self, limiter: keel_qos::LimiterId, demands: &[u32]) {
+        self.set_limit_split(limiter, 0, demands);
+    }
+}
+
+/// One target's side of the split of QoS rate limits across targets (cores) serving the
+/// same limited namespace or group: each publishes its demand on the limiter (the commands
+/// of the flows it holds, waiting and in flight) under the namespace's (group's) key in its
+/// row, reads every running row's,
+/// and sets its limiter to its part of the limits ([`keel_qos::limits_share`]): alone, the
+/// whole limits; busy among busy ones, a part in proportion to its demand; idle among busy
+/// ones, one token a second (its demand counts from its next pass, before it starts
+/// anything). Call [`LimitSharing::tend`] once a pass between taking in commands and
+/// starting them; nothing is done per command, nothing allocates, one word written per
+/// limited namespace or group and pass at most.
+///
+/// What stale figures cost: a target reads the others' demands as of their last pass, so
+/// when demand moves the parts in force may sum above the limits for one pass of the others
+/// (by at most the part the moving target took; its bucket keeps its level, so no burst is
+/// created by a part growing). Over a window of `T` the targets together admit at most the
+/// limit × `T` plus the bursts their buckets held at its start and that bounded excess.
+#[derive(Debug)]
+pub struct LimitSharing {
+    row: usize,
+    /// Slots of its row in use.
+    used: usize,
+    /// Per slot: the limit key, the highest demand of the current window, and when it ends.
+    held: [(u32, u32, u64); SHARED_LIMITS],
+}
+
+impl LimitSharing {
+    /// The sharing of the target whose row is `row`.
+    pub fn new(row: usize) -> Self {
+        Self {
+            row,
+            used: 0,
+            held: [(0, 0, 0); SHARED_LIMITS],
+        }
+    }
+
+    /// Slot `i`'s demand as published: its peak over the current [`HOLD_NS`] window (a
+    /// deep queue between two bursts keeps its part).
+    fn held(&mut self, i: usize, key: u32, demand: u32, now_ns: u64) -> u32 {
+        let h = &mut self.held[i];
+        if h.0 != key || now_ns >= h.2 {
+            *h = (key, demand, now_ns.saturating_add(HOLD_NS));
+        } else {
+            h.1 = h.1.max(demand);
+        }
+        h.1
+    }
+
+    /// Publishes the target's limited namespaces and groups in its row of `table`, then sets its
+    /// part of each one's limits from every row of a core in `running` that has the key. Returns
+    /// how many are shared with another row.
+    pub fn tend(
+        &mut self,
+        table: &[DemandRow],
+        running: u64,
+        now_ns: u64,
+        target: &mut impl SharedLimits,
+    ) -> usize {
+        let Some(mine) = table.get(self.row) else {
+            return 0;
+        };
+        // First pass: publish (so that the figures read below are as fresh as possible for
+        // the others), keeping the limiters and demands.
+        let mut lims = [(0u32, keel_qos::LimiterId(u16::MAX), 0u32); SHARED_LIMITS];
+        let mut n = 0;
+        let mut overflow = false;
+        for l in target.limited() {
+            if n == SHARED_LIMITS {
+                overflow = true;
+                break;
+            }
+            let d = self.held(n, l.key, l.demand, now_ns);
+            mine.publish_limit(n, l.key, d);
+            lims[n] = (l.key, l.limiter, d);
+            n += 1;
+        }
+        for i in n..self.used {
+            mine.clear_limit(i);
+        }
+        self.used = n;
+        let mut shared = 0;
+        for &(key, limiter, d) in &lims[..n] {
+            let mut all = [0u32; keel_qos::split::MAX_SPLIT];
+            all[0] = d;
+            let mut m = 1;
+            for (r, row) in table.iter().enumerate() {
+                let core = r % DEMAND_CORES;
+                if r == self.row || core >= 64 || running & (1 << core) == 0 || m == all.len() {
+                    continue;
+                }
+                if let Some(other) = row.read_limit(key) {
+                    all[m] = other;
+                    m += 1;
+                }
+            }
+            if m > 1 {
+                shared += 1;
+            }
+            target.set_split(limiter, &all[..m]);
+        }
+        if overflow {
+            // Unpublished: an even part by the running cores (all idle in the split).
+            let cores = (running.count_ones() as usize).clamp(1, keel_qos::split::MAX_SPLIT);
+            let idle = [0u32; keel_qos::split::MAX_SPLIT];
+            let mut i = SHARED_LIMITS;
+            loop {
+                let Some(l) = target.limited().nth(i) else {
+                    break;
+                };
+                target.set_split(l.limiter, &idle[..cores]);
+                i += 1;
+            }
+        }
+        shared
+    }
+}
+
 /// A target's [`DomainSharing`] with the table it shares and the mask of running cores
 /// (the image's statics, `crate::cores`): what a poll loop holds.
 #[derive(Debug)]
 pub struct CrossCore {
     sharing: DomainSharing,
+    limits: LimitSharing,
     table: &'static [DemandRow],
     running: fn() -> u64,
 }
@@ -692,18 +869,34 @@ impl CrossCore {
     pub fn new(row: usize, table: &'static [DemandRow], running: fn() -> u64) -> Self {
         Self {
             sharing: DomainSharing::new(row),
+            limits: LimitSharing::new(row),
             table,
             running,
         }
     }
 
-    /// [`DomainSharing::tend`], while another core than core 0 runs (one core: nothing
-    /// changes, every domain keeps its whole cap). Returns whether it did.
+    /// [`DomainSharing::tend`] and [`LimitSharing::tend`], while another core than core 0
+    /// runs (one core: nothing changes, every domain keeps its whole cap and every limiter
+    /// its whole limits; when the other cores stop, its limiters get their whole limits
+    /// back once). Returns whether it did.
     pub fn tend(&mut self, now_ns: u64, target: &mut keel_controller::Target) -> bool {
         let running = (self.running)();
         let on = running & !1 != 0;
         if on {
             self.sharing.tend(self.table, running, now_ns, target);
+            self.limits.tend(self.table, running, now_ns, target);
+        } else if self.limits.used > 0 {
+            // The other cores stopped: once, the whole limits again (nobody else has them).
+            self.limits.tend(
+                self.table,
+                1 << (self.limits.row % DEMAND_CORES),
+                now_ns,
+                target,
+            );
+            for i in 0..self.limits.used {
+                self.table[self.limits.row].clear_limit(i);
+            }
+            self.limits.used = 0;
         }
         on
     }
@@ -1137,5 +1330,138 @@ mod tests {
         assert_eq!(read(&table), Some((2, 3)), "held");
         x.tend(&table, 0b11, HOLD_NS, &mut a);
         assert_eq!(read(&table), Some((0, 0)), "let go");
+    }
+
+    /// A core's target reduced to its scheduler for the limit split: one namespace limiter
+    /// (key 9) and its flows, QD `DEPTH` each, on a backend that completes every command at
+    /// the next pass.
+    struct Limited {
+        s: keel_qos::Scheduler,
+        l: keel_qos::LimiterId,
+        flows: Vec<keel_qos::FlowId>,
+        free: Vec<u32>,
+        inflight: Vec<(u32, keel_qos::FlowId)>,
+        done: u64,
+        sending: bool,
+        now: u64,
+    }
+
+    impl Limited {
+        fn new(flows: u32, limits: keel_qos::Limits) -> Self {
+            let mut s = keel_qos::Scheduler::new(flows * DEPTH);
+            let d = s.add_domain(0).unwrap();
+            let l = s.add_limiter(limits, 0).unwrap();
+            let flows: Vec<keel_qos::FlowId> = (0..flows)
+                .map(|_| s.add_flow(d, 1, &[l]).unwrap())
+                .collect();
+            Self {
+                s,
+                l,
+                free: (0..flows.len() as u32 * DEPTH).collect(),
+                flows,
+                inflight: Vec::new(),
+                done: 0,
+                sending: true,
+                now: 0,
+            }
+        }
+
+        /// A pass: completions, new commands, its part ([`LimitSharing::tend`] between
+        /// taking commands in and starting them, as the poll loops do), then the starts.
+        fn pass(&mut self, x: &mut LimitSharing, table: &[DemandRow], now: u64) {
+            for (h, f) in self.inflight.drain(..) {
+                self.s.finished(f);
+                if self.sending {
+                    self.free.push(h);
+                }
+            }
+            let mut taken = Vec::new();
+            for h in core::mem::take(&mut self.free) {
+                let f = self.flows[(h / DEPTH) as usize];
+                if self.s.enqueue(now, f, h, READ).unwrap() == keel_qos::Admit::Now {
+                    taken.push((h, f));
+                }
+            }
+            self.now = now;
+            x.tend(table, 0b11, now, self);
+            while let Some((h, f)) = self.s.next(now) {
+                taken.push((h, f));
+            }
+            self.done += taken.len() as u64;
+            self.inflight = taken;
+        }
+    }
+
+    impl SharedLimits for Limited {
+        fn limited(&self) -> impl Iterator<Item = keel_controller::SharedLimit> {
+            core::iter::once(keel_controller::SharedLimit {
+                key: 9,
+                limiter: self.l,
+                demand: self.s.limiter_demand(self.l),
+            })
+        }
+
+        fn set_split(&mut self, limiter: keel_qos::LimiterId, demands: &[u32]) {
+            self.s
+                .set_limiter_split(limiter, 0, demands, self.now)
+                .unwrap();
+        }
+    }
+
+    /// Two cores' targets share a namespace's 2000 IOPS limit through the table (three
+    /// QD128 flows on core 0, one on core 1; a pass every 10 µs; each reads the other's
+    /// demand as of its last pass). After the first 100 ms (which start with both buckets
+    /// full of the whole burst), over two seconds they admit together at most the limit, each
+    /// about its demand's share (3:1);
+    /// then core 0's host stops and core 1 alone gets nearly the whole limit (core 0 idle
+    /// keeps one token a second).
+    #[test]
+    fn two_cores_split_a_namespace_limit_by_demand_through_the_table() {
+        let table = table();
+        let limits = keel_qos::Limits {
+            iops: Some(keel_qos::Rate::new(2000)),
+            ..keel_qos::Limits::NONE
+        };
+        let mut cores = [Limited::new(3, limits), Limited::new(1, limits)];
+        let mut x = [LimitSharing::new(0), LimitSharing::new(1)];
+        let (pass, warm, steps) = (10_000u64, 10_000u64, 200_000u64);
+        for step in 0..warm + steps {
+            if step == warm {
+                // Counted from here: the first pass found both buckets full (a burst of
+                // the whole limits each, 200, before anything was published).
+                assert!(cores[0].done + cores[1].done <= 200 + 200 + 2 * 2000 / 10);
+                cores[0].done = 0;
+                cores[1].done = 0;
+            }
+            for (c, x) in cores.iter_mut().zip(&mut x) {
+                c.pass(x, &table, step * pass);
+            }
+        }
+        let (a, b) = (cores[0].done, cores[1].done);
+        // The limit over 2 s, plus one token of rounding per core and part.
+        assert!(a + b <= 4000 + 2, "{a} + {b}");
+        assert!(a + b >= 3950, "{a} + {b}");
+        let r = a as f64 / b as f64;
+        assert!((2.8..=3.2).contains(&r), "{a} : {b}");
+        let part = |c: &Limited| c.s.limiter(c.l).unwrap().limits().iops.unwrap().per_sec;
+        assert_eq!((part(&cores[0]), part(&cores[1])), (1500, 500));
+        assert_eq!(table[0].read_limit(9), Some(3 * DEPTH));
+        assert_eq!(table[1].read_limit(9), Some(DEPTH));
+
+        // Core 0's host stops; its waiting commands drain (384 at 1500 IOPS and more), then
+        // 2 s are counted.
+        cores[0].sending = false;
+        let drain = 50_000;
+        for step in warm + steps..warm + steps + drain + steps {
+            if step == warm + steps + drain {
+                cores[1].done = 0;
+            }
+            for (c, x) in cores.iter_mut().zip(&mut x) {
+                c.pass(x, &table, step * pass);
+            }
+        }
+        let b = cores[1].done;
+        assert!((3950..=3998 + 1).contains(&b), "{b}");
+        assert_eq!((part(&cores[0]), part(&cores[1])), (1, 1999));
     }
 }

@@ -947,3 +947,119 @@ fn a_function_on_a_remote_volume_is_spread_only_with_lanes() {
     s.replication.subsystems.clear();
     assert!(s.function_replicas().is_empty());
 }
+
+/// A namespace's own QoS limits and its group's no longer keep its subsystem on core 0: with
+/// namespace 1 of `keel.ns=ram:4,ram:4` limited to 2000 IOPS, the subsystem is replicable, its
+/// replica carries the limits, and core 0's target and the replica (another core's) publish the
+/// namespace under the same key and split its limits through the demand table
+/// (`crate::shares::LimitSharing`): even parts while both are idle, the whole limits to core 0
+/// alone. A namespace in a group too: each replica has the group's limiter, split the same way.
+#[test]
+fn a_subsystem_with_namespace_and_group_limits_is_served_by_every_core_which_split_them() {
+    use keel_provision::{NamespaceQos, QosGroup, QosLimits, QosRate};
+    let args = "keel.ns=ram:4,ram:4 keel.ip=127.0.0.1/8";
+    let build = |group: bool| {
+        let cfg = crate::config::DevConfig::from_bootargs(args, [2, 0, 0, 0, 0, 1]);
+        let mut plan = Plan::from_dev(
+            &cfg,
+            &[],
+            0,
+            Addressing::from_bootargs(args),
+            PROVISION_PUBKEY,
+        );
+        plan.qos.namespaces.push(NamespaceQos {
+            subsystem: crate::config::DEFAULT_NQN.into(),
+            nsid: 1,
+            limits: QosLimits {
+                iops: Some(QosRate {
+                    per_sec: 2000,
+                    burst: None,
+                }),
+                ..Default::default()
+            },
+            weight: 1,
+            group: group.then(|| "g".into()),
+        });
+        if group {
+            plan.qos.groups.push(QosGroup {
+                name: "g".into(),
+                limits: QosLimits {
+                    iops: Some(QosRate {
+                        per_sec: 5000,
+                        burst: None,
+                    }),
+                    ..Default::default()
+                },
+                weight: 0,
+            });
+        }
+        Services::<TestHw>::build_with(
+            plan,
+            Vec::new(),
+            Vec::new(),
+            true,
+            Identity::new(None, None),
+            crate::services::RamSharing::All,
+        )
+    };
+    let s = build(false);
+    assert_eq!(s.replicable.len(), 1, "{:?}", s.replicable);
+    let limits = s.replicable[0].namespaces[0].qos.limits;
+    assert_eq!(limits.iops, Some(keel_qos::Rate::new(2000)));
+    let mut replica = replica_target(s.replicable.clone(), *s.target.limits(), &mut |_, _| None)
+        .expect("replica");
+    let mut core0 = s.target;
+    let key = keel_controller::limit_key(crate::config::DEFAULT_NQN, 1);
+    let on0: Vec<_> = core0.shared_limits().collect();
+    let on1: Vec<_> = replica.shared_limits().collect();
+    assert_eq!((on0.len(), on1.len()), (1, 1), "namespace 1 only");
+    assert_eq!((on0[0].key, on1[0].key), (key, key));
+    let table: Vec<crate::shares::DemandRow> = (0..crate::shares::DEMAND_ROWS)
+        .map(|_| crate::shares::DemandRow::new())
+        .collect();
+    let mut x0 = crate::shares::LimitSharing::new(crate::shares::demand_row(0, false));
+    let mut x1 = crate::shares::LimitSharing::new(crate::shares::demand_row(1, false));
+    let iops = |t: &keel_controller::Target, l| t.limits_in_force(l).iops.unwrap().per_sec;
+    assert_eq!(x0.tend(&table, 0b11, 0, &mut core0), 0, "alone so far");
+    assert_eq!(x1.tend(&table, 0b11, 0, &mut replica), 1);
+    assert_eq!(x0.tend(&table, 0b11, 0, &mut core0), 1);
+    assert_eq!(
+        (iops(&core0, on0[0].limiter), iops(&replica, on1[0].limiter)),
+        (1000, 1000),
+        "both idle: even parts"
+    );
+    // Core 1 stops: core 0 takes the whole limits again.
+    x0.tend(&table, 0b01, 0, &mut core0);
+    assert_eq!(iops(&core0, on0[0].limiter), 2000);
+    // Reports show the configured limits, not the part.
+    x0.tend(&table, 0b11, 0, &mut core0);
+    assert_eq!(iops(&core0, on0[0].limiter), 1000);
+    let v = core0.namespace_views().find(|v| v.nsid == 1).unwrap();
+    assert_eq!(v.qos.limits.iops, Some(keel_qos::Rate::new(2000)));
+
+    // In a group (5000 IOPS) too: the replica has the group's limiter, split the same way.
+    let s = build(true);
+    assert_eq!(s.replicable.len(), 1, "{:?}", s.replicable);
+    assert_eq!(s.replicable[0].groups.len(), 1);
+    let mut replica = replica_target(s.replicable.clone(), *s.target.limits(), &mut |_, _| None)
+        .expect("replica");
+    let mut core0 = s.target;
+    let gkey = keel_controller::group_key("g");
+    let on0: Vec<_> = core0.shared_limits().collect();
+    let on1: Vec<_> = replica.shared_limits().collect();
+    let keys = |v: &[keel_controller::SharedLimit]| v.iter().map(|l| l.key).collect::<Vec<_>>();
+    assert_eq!(keys(&on0), [key, gkey]);
+    assert_eq!(keys(&on1), [key, gkey]);
+    let table: Vec<crate::shares::DemandRow> = (0..crate::shares::DEMAND_ROWS)
+        .map(|_| crate::shares::DemandRow::new())
+        .collect();
+    let mut x0 = crate::shares::LimitSharing::new(crate::shares::demand_row(0, false));
+    let mut x1 = crate::shares::LimitSharing::new(crate::shares::demand_row(1, false));
+    x0.tend(&table, 0b11, 0, &mut core0);
+    assert_eq!(x1.tend(&table, 0b11, 0, &mut replica), 2);
+    assert_eq!(x0.tend(&table, 0b11, 0, &mut core0), 2);
+    assert_eq!(
+        (iops(&core0, on0[1].limiter), iops(&replica, on1[1].limiter)),
+        (2500, 2500)
+    );
+}

@@ -2163,18 +2163,28 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
 
 /// Issue 17, the hot path: no core allocates per command, whether core 1 serves an I/O queue
 /// itself (adopted: a subsystem every core serves) or hands each command to core 0 (a
-/// QoS-limited subsystem: the command and its data buffer travel through the rings). Two
-/// runs of the same workload on a connection of core 1 that differ only in their number of
-/// commands differ by almost no allocator call on either core
-/// (`keel_core_allocator_calls_total`): connections cost allocations, commands do not.
+/// subsystem whose namespace got a QoS limit live, which the other core's replica lacks: the
+/// command and its data buffer travel through the rings). Two runs of the same workload on a
+/// connection of core 1 that differ only in their number of commands differ by almost no
+/// allocator call on either core (`keel_core_allocator_calls_total`): connections cost
+/// allocations, commands do not.
 #[test]
 fn no_core_allocates_per_command_adopted_or_forwarded() {
     require_tap();
     keelctl();
     let net = tap_net(18);
     let cfg = ScratchFile::new("no-alloc.toml", 0);
-    std::fs::write(
-        cfg.path(),
+    // The forwarded subsystem's namespace gets a QoS limit live (below): the other core's
+    // replica was made without it, so its I/O queues are served through core 0.
+    let key = std::fs::read_to_string(keel_tests::provision::dev_key().with_extension("key.pub"))
+        .unwrap();
+    let key = key.trim();
+    let toml = |limited: bool| {
+        let limit = if limited {
+            "qos = { iops = 1000000000 }\n"
+        } else {
+            ""
+        };
         format!(
             r#"[network]
 address = "{net}.2/24"
@@ -2189,7 +2199,7 @@ allowed_hosts = []
 [[subsystem]]
 nqn = "nqn.2026-11.dev.keel:forwarded"
 serial = "KEELA2"
-model = "QoS-limited: core 0"
+model = "QoS limit set live: core 0"
 allowed_hosts = []
 
 [[namespace]]
@@ -2201,11 +2211,14 @@ backend = {{ ram = "64MiB" }}
 subsystem = "nqn.2026-11.dev.keel:forwarded"
 nsid = 1
 backend = {{ ram = "64MiB" }}
-qos = {{ iops = 1000000000 }}
+{limit}
+[management]
+port = 7000
+authorized_key = "{key}"
 "#
-        ),
-    )
-    .unwrap();
+        )
+    };
+    std::fs::write(cfg.path(), toml(false)).unwrap();
     // A configuration boots from flash: qemu/run packs the ELF with the bundle, with the
     // release keelctl (built first: building it inside the boot timeout is too slow).
     keel_tests::build_release_keelctl();
@@ -2224,7 +2237,7 @@ qos = {{ iops = 1000000000 }}
     ]);
     q.wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
-    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:adopted\"] here";
+    let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:adopted\", \"nqn.2026-11.dev.keel:forwarded\"] here";
     if !q.console().contains(serving) {
         q.wait_for(serving, BOOT_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -2232,6 +2245,19 @@ qos = {{ iops = 1000000000 }}
     let tap = tap_name(&q);
     let addr = format!("{net}.2:4420");
     let mgmt = format!("{net}.2:7000");
+    // qemu/run signed the boot configuration with the time as its generation.
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1000;
+    let d = keel_tests::provision::Dir::new("no-alloc-push");
+    push_config(&d, &mgmt, "limited", generation, &toml(true));
+    q.wait_for(
+        "nqn.2026-11.dev.keel:forwarded: QoS limits now apply",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     for nqn in [
         "nqn.2026-11.dev.keel:adopted",
         "nqn.2026-11.dev.keel:forwarded",
@@ -2672,7 +2698,7 @@ fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
 /// namespace (written and read back) and one removing it: each removal gives the heap back
 /// once every core dropped it (four rounds are 2 GiB, more than the whole heap, so a region
 /// kept by any core would make a later round fail). Then the same for a subsystem core 0 no
-/// longer shares (a QoS limit in the push): its replica on core 1 is retired, and the
+/// longer shares (a QoS limit changed live by the push): its replica on core 1 is retired, and the
 /// namespace removed afterwards (on core 0 alone) gives its memory back too.
 #[test]
 fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
@@ -2787,8 +2813,8 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
         settles_at(start, &format!("round {round}"));
     }
 
-    // A subsystem no longer shared: namespace 2 added (every core), then a QoS limit drops
-    // the subsystem (core 1 retires its replica), then namespace 2 goes on core 0 alone.
+    // A subsystem no longer shared: namespace 2 added (every core), then a QoS limit set live
+    // (the replicas were made without it) drops the subsystem (core 1 retires its replica), then namespace 2 goes on core 0 alone.
     push(true, false);
     q.wait_for(
         "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live",
@@ -3243,4 +3269,122 @@ fn a_function_on_a_remote_volume_is_served_on_core_1_through_its_lane() {
     );
     ends_clean(dpu, &dtap, &["fnq: namespaces changed", "I/O queue lost"]);
     kill_and_check_tap_removed(remote, &rtap);
+}
+
+/// QoS limits split across cores: at `--smp 2 --net tap`, a subsystem whose RAM namespace
+/// has a 2000 IOPS limit (booted from a configuration) is served on every core like any
+/// other; each core's target takes its part of the limit by demand once a pass. One
+/// connection alone on core 1 is served there (core 0 takes few ring messages, not one per
+/// command) and gets nearly the whole limit; then two connections at once, one on each core,
+/// are each served by their own core, get about half each, and stay within the limit
+/// together (+10%: the bursts of the buckets and the pass in which parts move).
+#[test]
+fn a_namespace_iops_limit_is_split_across_the_cores_serving_it() {
+    require_tap();
+    keelctl();
+    let net = tap_net(30);
+    // keelctl nvme bench's default subsystem (`Bench` names none).
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let cfg = ScratchFile::new("qos-split.toml", 0);
+    std::fs::write(
+        cfg.path(),
+        format!(
+            r#"[network]
+address = "{net}.2/24"
+gateway = "{net}.1"
+
+[[subsystem]]
+nqn = "{nqn}"
+serial = "KEELQ1"
+model = "limited, every core"
+allowed_hosts = []
+
+[[namespace]]
+subsystem = "{nqn}"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+qos = {{ iops = 2000 }}
+"#
+        ),
+    )
+    .unwrap();
+    keel_tests::build_release_keelctl();
+    let elf = keel_tests::image(Build::Release).with_extension("");
+    let mut q = Qemu::start(&[
+        "--elf",
+        elf.to_str().unwrap(),
+        "--smp",
+        "2",
+        "--net",
+        "tap",
+        "--tap-net",
+        &net,
+        "--config",
+        cfg.path().to_str().unwrap(),
+    ]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serving =
+        format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
+    if !q.console().contains(&serving) {
+        q.wait_for(&serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    const LIMIT: u64 = 2000;
+    // (commands per core, ring messages core 0 took) over `secs` seconds.
+    let window = |secs: u64| -> ([u64; 2], u64) {
+        let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
+        let m0 = per_core(&mgmt, "messages_total", 2);
+        std::thread::sleep(Duration::from_secs(secs));
+        let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
+        let m1 = per_core(&mgmt, "messages_total", 2);
+        ([c1[0] - c0[0], c1[1] - c0[1]], m1[0] - m0[0])
+    };
+
+    // One connection alone, on core 1: nearly the whole limit, served there.
+    let alone = bench_on_core(&mgmt, &addr, 1, 1, 40, [0, 0]);
+    let (d, msgs) = window(8);
+    eprintln!(
+        "qos split: one connection on core 1: commands per core in 8 s {d:?}, {msgs} ring messages to core 0"
+    );
+    let iops = d[1] / 8;
+    assert!(
+        (LIMIT * 75 / 100..=LIMIT * 110 / 100).contains(&iops),
+        "alone on core 1: {iops} IOPS for a limit of {LIMIT}"
+    );
+    assert!(msgs * 10 < d[1], "{msgs} messages for {} commands", d[1]);
+    drop(alone);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Two connections at once, one on each core.
+    let on0 = bench_on_core(&mgmt, &addr, 1, 0, 90, [0, 0]);
+    let (busy, _) = window(2);
+    let on1 = bench_on_core(&mgmt, &addr, 1, 1, 60, busy);
+    let secs = 10;
+    let (d, msgs) = window(secs);
+    let total = (d[0] + d[1]) / secs;
+    eprintln!(
+        "qos split: one connection on each core: commands per core in {secs} s {d:?} ({total} IOPS together), {msgs} ring messages to core 0"
+    );
+    assert!(
+        total <= LIMIT * 110 / 100,
+        "{total} IOPS for a limit of {LIMIT}"
+    );
+    assert!(total >= LIMIT * 60 / 100, "{total} IOPS: the limit is used");
+    for (k, &n) in d.iter().enumerate() {
+        assert!(
+            n * 100 >= (d[0] + d[1]) * 30,
+            "core {k} served {n} of {d:?}: about half each"
+        );
+    }
+    assert!(
+        msgs * 10 < d[0] + d[1],
+        "{msgs} messages for {d:?} commands"
+    );
+    drop(on1);
+    drop(on0);
+    ends_clean(q, &tap, &[]);
 }

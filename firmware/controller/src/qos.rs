@@ -38,7 +38,85 @@ pub struct CappedDomain {
     pub load: Share,
 }
 
+/// A limited entity of a target whose limits other targets (other cores) enforce too
+/// ([`Target::shared_limits`]): a namespace or a group with limits, served on every core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedLimit {
+    /// Its key, the same in every target that has it, below 2³¹ ([`limit_key`],
+    /// [`group_key`]).
+    pub key: u32,
+    /// Its limiter in this target's scheduler.
+    pub limiter: LimiterId,
+    /// Its demand here: the commands of the flows it holds, waiting and in flight
+    /// ([`keel_qos::Scheduler::limiter_demand`]).
+    pub demand: u32,
+}
+
+/// The key of namespace `nsid` of subsystem `nqn` in the split of limits across targets: a
+/// 31-bit FNV-1a hash of both (two namespaces colliding would share one split; with the few
+/// limited namespaces of a device, 2⁻³¹ each pair).
+pub fn limit_key(nqn: &str, nsid: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in nqn.bytes().chain(nsid.to_le_bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h & 0x7fff_ffff
+}
+
+/// The key of QoS group `name` ([`limit_key`] of the name with NSID `FFFFFFFFh`, which no
+/// namespace has).
+pub fn group_key(name: &str) -> u32 {
+    limit_key(name, u32::MAX)
+}
+
 impl Target {
+    /// Its namespaces and groups with limits, for the split of each one's limits across the targets
+    /// (cores) serving it ([`Target::set_limit_split`]): each target publishes its demand under the
+    /// namespace's (group's) key and takes its part. Walks the namespaces and, for each limited
+    /// one, the flows (once a pass, not per command). Nothing allocates.
+    pub fn shared_limits(&self) -> impl Iterator<Item = SharedLimit> + '_ {
+        let limited = |l: LimiterId| self.sched.limiter_base(l).is_some_and(|l| l.any());
+        let namespaces = self.subsystems.iter().flat_map(move |s| {
+            s.namespaces
+                .iter()
+                .flatten()
+                .filter(move |ns| ns.active && limited(ns.limiter))
+                .map(move |ns| SharedLimit {
+                    key: limit_key(&s.nqn, ns.nsid),
+                    limiter: ns.limiter,
+                    demand: self.sched.limiter_demand(ns.limiter),
+                })
+        });
+        let groups =
+            self.groups
+                .iter()
+                .filter(move |(_, l, _)| limited(*l))
+                .map(move |(name, l, _)| SharedLimit {
+                    key: group_key(name),
+                    limiter: *l,
+                    demand: self.sched.limiter_demand(*l),
+                });
+        namespaces.chain(groups)
+    }
+
+    /// Sets this target's part of a shared limiter's limits from the demands of every
+    /// target that has it (its own at `mine`; alone: the whole limits), live:
+    /// [`keel_qos::Scheduler::set_limiter_split`]. Returns whether the part changed.
+    pub fn set_limit_split(&mut self, limiter: LimiterId, mine: usize, demands: &[u32]) -> bool {
+        let now = self.now.as_nanos();
+        self.sched
+            .set_limiter_split(limiter, mine, demands, now)
+            .unwrap_or(false)
+    }
+
+    /// The limits in force on a limiter here (its part while split; for tests and reports).
+    pub fn limits_in_force(&self, limiter: LimiterId) -> QosLimits {
+        self.sched
+            .limiter(limiter)
+            .map_or(QosLimits::NONE, |l| l.limits())
+    }
+
     /// The limits of a new controller of `hostnqn`: its own rule, else the `*` rule.
     pub(crate) fn host_limits(&self, hostnqn: &str) -> QosLimits {
         self.host_qos

@@ -159,10 +159,9 @@ impl Target {
     fn qos_counters(&self, id: keel_qos::LimiterId) -> QosCounters {
         let (admitted_ops, admitted_bytes, throttled_ns) = self.limiter_counters(id);
         QosCounters {
-            limits: self
-                .sched
-                .limiter(id)
-                .map_or(QosLimits::NONE, |l| l.limits()),
+            // The configured limits (this target's part of them while they are split
+            // across cores is `Target::limits_in_force`).
+            limits: self.sched.limiter_base(id).unwrap_or(QosLimits::NONE),
             admitted_ops,
             admitted_bytes,
             throttled_ns,

@@ -15,6 +15,8 @@
 //!   NVMe/TCP buffer pool): the oldest waiter of all connections goes first.
 //! - [`sched`]: FIFO intake per flow, limiters, and start-time fair queuing among the flows
 //!   sharing one backend, weighted and work-conserving.
+//! - [`split`]: a rate limit split across the schedulers (cores) that enforce it together,
+//!   by their demand.
 //!
 //! References: token bucket (RFC 2697's single-rate form, without colours); start-time fair
 //! queuing (Goyal, Vin, Cheng, SIGCOMM 1996) for the weighted sharing. SPDK's bdev QoS is the
@@ -30,6 +32,7 @@ pub mod bucket;
 pub mod intake;
 pub mod limiter;
 pub mod sched;
+pub mod split;
 
 pub use bucket::{Bucket, Rate};
 pub use intake::Intake;
@@ -38,3 +41,4 @@ pub use sched::{
     Admit, DomainId, FlowId, FlowStats, LimiterId, LimiterStats, SchedError, Scheduler, Share,
     cap_share,
 };
+pub use split::{limits_share, rate_share};

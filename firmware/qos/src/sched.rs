@@ -111,6 +111,9 @@ pub struct LimiterStats {
 #[derive(Debug, Clone)]
 struct Slot {
     lim: Limiter,
+    /// The limits configured ([`Scheduler::set_limits`]); `lim` holds this scheduler's
+    /// part of them while they are split across schedulers ([`Scheduler::set_limiter_split`]).
+    base: Limits,
     ops: u64,
     bytes: u64,
     throttled_ns: u64,
@@ -343,6 +346,7 @@ impl Scheduler {
     pub fn add_limiter(&mut self, limits: Limits, now_ns: u64) -> Result<LimiterId, SchedError> {
         let l = Some(Slot {
             lim: Limiter::new(limits, now_ns),
+            base: limits,
             ops: 0,
             bytes: 0,
             throttled_ns: 0,
@@ -368,10 +372,55 @@ impl Scheduler {
         limits: Limits,
         now_ns: u64,
     ) -> Result<(), SchedError> {
-        let l = self.limiter_mut(id).ok_or(SchedError::Unknown)?;
-        l.set(limits, now_ns);
+        let slot = self.slot_mut(id).ok_or(SchedError::Unknown)?;
+        slot.lim.set(limits, now_ns);
+        slot.base = limits;
         self.refresh_limited();
         Ok(())
+    }
+
+    /// A limiter's configured limits (what [`Scheduler::set_limits`] set; the limits in
+    /// force, [`Scheduler::limiter`], are its part of them while split).
+    pub fn limiter_base(&self, id: LimiterId) -> Option<Limits> {
+        self.limiters
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|s| s.base)
+    }
+
+    /// A limiter's demand, for the split of its limits across schedulers: the commands of
+    /// the flows it holds, waiting and in flight. Walks the flows (once a pass, not per
+    /// command).
+    pub fn limiter_demand(&self, id: LimiterId) -> u32 {
+        let mut d = 0u32;
+        for f in self.flows.iter().filter(|f| f.live) {
+            if f.limiters.contains(&id.0) {
+                d = d.saturating_add(f.stats.queued.saturating_add(f.inflight));
+            }
+        }
+        d
+    }
+
+    /// Sets a limiter's limits in force to this scheduler's part of its configured ones,
+    /// shared with schedulers whose demands are `demands` (its own at `mine`):
+    /// [`crate::limits_share`]. Alone (`demands` of one), the configured limits. The buckets
+    /// keep their levels (clamped to the new bursts, [`Limiter::set`]); nothing changes when
+    /// the part is the one in force. Returns whether it changed.
+    pub fn set_limiter_split(
+        &mut self,
+        id: LimiterId,
+        mine: usize,
+        demands: &[u32],
+        now_ns: u64,
+    ) -> Result<bool, SchedError> {
+        let slot = self.slot_mut(id).ok_or(SchedError::Unknown)?;
+        let part = crate::limits_share(slot.base, mine, demands);
+        if part == slot.lim.limits() {
+            return Ok(false);
+        }
+        // The same limits set or unset: each flow's mask of limited limiters stays.
+        slot.lim.set(part, now_ns);
+        Ok(true)
     }
 
     /// Removes a limiter; flows that name it stop being held by it.
@@ -431,11 +480,10 @@ impl Scheduler {
         Some(st)
     }
 
-    fn limiter_mut(&mut self, id: LimiterId) -> Option<&mut Limiter> {
+    fn slot_mut(&mut self, id: LimiterId) -> Option<&mut Slot> {
         self.limiters
             .get_mut(id.0 as usize)
             .and_then(Option::as_mut)
-            .map(|s| &mut s.lim)
     }
 
     /// `flow` leaves its limiters: what it admitted through them stays in their counters.
