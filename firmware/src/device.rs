@@ -97,22 +97,39 @@ fn group_key(name: &str) -> String {
     format!("group {name}")
 }
 
+/// A namespace's or group's QoS counters with what the other cores admitted through their
+/// part of its limits (`crate::shares`; limit key `key`). The limits shown are the
+/// configured ones, not core 0's part.
+fn every_core<H: Hw>(key: u32, mut q: QosCounters) -> QosCounters {
+    let e = H::limit_elsewhere(key);
+    q.admitted_ops += e.admitted_ops;
+    q.admitted_bytes += e.admitted_bytes;
+    q.throttled_ns += e.throttled_ns;
+    q
+}
+
 impl QosRates {
     /// Takes a sample when a second has passed since the last one.
-    pub(crate) fn tick(&mut self, now_ns: u64, target: &Target) {
+    pub(crate) fn tick<H: Hw>(&mut self, now_ns: u64, target: &Target) {
         if now_ns < self.next_ns {
             return;
         }
         let dt = now_ns.saturating_sub(self.last_ns).max(1);
         let counters = target
             .namespace_views()
-            .map(|n| (ns_key(n.subsystem, n.nsid), n.qos))
+            .map(|n| {
+                let k = keel_controller::limit_key(n.subsystem, n.nsid);
+                (ns_key(n.subsystem, n.nsid), every_core::<H>(k, n.qos))
+            })
             .chain(
                 target
                     .controller_views()
                     .map(|c| (ctrl_key(c.cntlid), c.qos)),
             )
-            .chain(target.group_views().map(|g| (group_key(g.name), g.qos)));
+            .chain(target.group_views().map(|g| {
+                let k = keel_controller::group_key(g.name);
+                (group_key(g.name), every_core::<H>(k, g.qos))
+            }));
         let first = self.last_ns == 0;
         let seen = counters
             .map(|(k, q)| {
@@ -1705,7 +1722,10 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                 .map(|g| GroupInfo {
                     name: g.name.into(),
                     weight: g.weight,
-                    qos: self.qos_rates.info(&group_key(g.name), &g.qos),
+                    qos: self.qos_rates.info(
+                        &group_key(g.name),
+                        &every_core::<H>(keel_controller::group_key(g.name), g.qos),
+                    ),
                 })
                 .collect(),
             qos_namespaces: t
@@ -1715,7 +1735,10 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     nsid: n.nsid,
                     weight: n.qos_config.weight,
                     group: n.qos_config.group.clone(),
-                    qos: self.qos_rates.info(&ns_key(n.subsystem, n.nsid), &n.qos),
+                    qos: self.qos_rates.info(
+                        &ns_key(n.subsystem, n.nsid),
+                        &every_core::<H>(keel_controller::limit_key(n.subsystem, n.nsid), n.qos),
+                    ),
                 })
                 .collect(),
             qos_controllers: t

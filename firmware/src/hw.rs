@@ -50,6 +50,12 @@ pub trait Hw: 'static {
     fn namespace_elsewhere(_subnqn: &str, _nsid: u32) -> keel_storage::stats::NsStats {
         keel_storage::stats::NsStats::default()
     }
+    /// What the other cores' targets admitted through a namespace's or group's QoS limits
+    /// (`keel_controller::limit_key` / `group_key`; their part of the limits, split across
+    /// the cores); core 0's own target's are not included. None by default.
+    fn limit_elsewhere(_key: u32) -> keel_qos::LimiterStats {
+        keel_qos::LimiterStats::default()
+    }
     /// The NIC's transmit counters, every core's queue pair together, as each core last
     /// published them. None by default.
     fn nic_counters() -> keel_mgmt::NicCounters {

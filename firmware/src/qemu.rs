@@ -53,6 +53,14 @@ impl Hw for Qemu {
     fn namespace_elsewhere(subnqn: &str, nsid: u32) -> keel_storage::stats::NsStats {
         crate::cores::namespace_elsewhere(subnqn, nsid)
     }
+    fn limit_elsewhere(key: u32) -> keel_qos::LimiterStats {
+        crate::shares::limit_counters_elsewhere(
+            &crate::cores::DEMANDS,
+            crate::cores::running_mask(),
+            crate::shares::demand_row(0, false),
+            key,
+        )
+    }
     fn nic_counters() -> keel_mgmt::NicCounters {
         crate::cores::nic_counters()
     }

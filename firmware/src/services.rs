@@ -834,7 +834,7 @@ impl<H: Hw> Services<H> {
             ..
         } = self;
         health.tick(identity.flash.as_mut(), now_ns);
-        qos_rates.tick(now_ns, target);
+        qos_rates.tick::<H>(now_ns, target);
         for e in functions.iter_mut() {
             let Some(f) = e.f.as_mut() else { continue };
             match e.slot {

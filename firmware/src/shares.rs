@@ -469,6 +469,12 @@ pub struct DemandRow {
     slots: [DemandSlot; SHARED_DOMAINS],
     /// (limit key | 1 << 31) << 32 | demand; 0 while unused.
     limits: [AtomicU64; SHARED_LIMITS],
+    /// What each limit slot's limiter admitted on this target (for status and `/metrics`,
+    /// [`limit_counters_elsewhere`]): the key (as in `limits`), admitted commands and bytes,
+    /// nanoseconds held back. Written at most once a millisecond (`Relaxed`; the key last,
+    /// with `Release`, and read first with `Acquire`, so counters are never read under
+    /// another limit's key once the key is seen; a count may be a millisecond old).
+    counters: [[AtomicU64; 4]; SHARED_LIMITS],
 }
 
 impl Default for DemandRow {
@@ -488,7 +494,42 @@ impl DemandRow {
                 }
             }; SHARED_DOMAINS],
             limits: [const { AtomicU64::new(0) }; SHARED_LIMITS],
+            counters: [const { [const { AtomicU64::new(0) }; 4] }; SHARED_LIMITS],
         }
+    }
+
+    /// Owner: limit slot `i` (key `key`) admitted `c` on this target.
+    fn publish_counters(&self, i: usize, key: u32, c: &keel_qos::LimiterStats) {
+        let s = &self.counters[i];
+        let tag = u64::from(key | 1 << 31);
+        if s[0].load(Ordering::Relaxed) != tag {
+            // Another limit now: unkeyed while its counters change.
+            s[0].store(0, Ordering::Release);
+        }
+        s[1].store(c.admitted_ops, Ordering::Relaxed);
+        s[2].store(c.admitted_bytes, Ordering::Relaxed);
+        s[3].store(c.throttled_ns, Ordering::Relaxed);
+        s[0].store(tag, Ordering::Release);
+    }
+
+    /// Owner: counter slot `i` holds nothing.
+    fn clear_counters(&self, i: usize) {
+        let s = &self.counters[i][0];
+        if s.load(Ordering::Relaxed) != 0 {
+            s.store(0, Ordering::Release);
+        }
+    }
+
+    /// Reader: the counters the row holds for limit `key`, if it has them.
+    fn read_counters(&self, key: u32) -> Option<keel_qos::LimiterStats> {
+        let tag = u64::from(key | 1 << 31);
+        self.counters.iter().find_map(|s| {
+            (s[0].load(Ordering::Acquire) == tag).then(|| keel_qos::LimiterStats {
+                admitted_ops: s[1].load(Ordering::Relaxed),
+                admitted_bytes: s[2].load(Ordering::Relaxed),
+                throttled_ns: s[3].load(Ordering::Relaxed),
+            })
+        })
     }
 
     /// Owner: limit slot `i` holds limit `key` with `demand`.
@@ -726,6 +767,8 @@ pub trait SharedLimits {
     /// Sets its part of `limiter`'s limits from the demands of every target that has it
     /// (its own first).
     fn set_split(&mut self, limiter: keel_qos::LimiterId, demands: &[u32]);
+    /// What `limiter` admitted here (for the merged counters).
+    fn counters(&self, limiter: keel_qos::LimiterId) -> keel_qos::LimiterStats;
 }
 
 impl SharedLimits for keel_controller::Target {
@@ -735,6 +778,10 @@ impl SharedLimits for keel_controller::Target {
 
     fn set_split(&mut self, limiter: keel_qos::LimiterId, demands: &[u32]) {
         self.set_limit_split(limiter, 0, demands);
+    }
+
+    fn counters(&self, limiter: keel_qos::LimiterId) -> keel_qos::LimiterStats {
+        self.shared_limit_counters(limiter)
     }
 }
 
@@ -761,6 +808,8 @@ pub struct LimitSharing {
     used: usize,
     /// Per slot: the limit key, the highest demand of the current window, and when it ends.
     held: [(u32, u32, u64); SHARED_LIMITS],
+    /// When its counters are next published.
+    counters_at: u64,
 }
 
 impl LimitSharing {
@@ -770,6 +819,7 @@ impl LimitSharing {
             row,
             used: 0,
             held: [(0, 0, 0); SHARED_LIMITS],
+            counters_at: 0,
         }
     }
 
@@ -815,8 +865,17 @@ impl LimitSharing {
         }
         for i in n..self.used {
             mine.clear_limit(i);
+            mine.clear_counters(i);
         }
         self.used = n;
+        // What each admitted, for status and `/metrics` (core 0 adds the others' to its own),
+        // once a millisecond: the counters walk the flows.
+        if now_ns >= self.counters_at {
+            self.counters_at = now_ns.saturating_add(COUNTERS_NS);
+            for (i, &(key, limiter, _)) in lims[..n].iter().enumerate() {
+                mine.publish_counters(i, key, &target.counters(limiter));
+            }
+        }
         let mut shared = 0;
         for &(key, limiter, d) in &lims[..n] {
             let mut all = [0u32; keel_qos::split::MAX_SPLIT];
@@ -852,6 +911,33 @@ impl LimitSharing {
         }
         shared
     }
+}
+
+/// How often a target publishes its shared limiters' counters.
+const COUNTERS_NS: u64 = 1_000_000;
+
+/// What the targets of the running cores in `running` other than row `own` (core 0's target)
+/// admitted through limit `key` (a namespace's or group's, `keel_controller::limit_key`,
+/// `group_key`), as last published: core 0 adds its own target's for status and `/metrics`.
+pub fn limit_counters_elsewhere(
+    table: &[DemandRow],
+    running: u64,
+    own: usize,
+    key: u32,
+) -> keel_qos::LimiterStats {
+    let mut t = keel_qos::LimiterStats::default();
+    for (r, row) in table.iter().enumerate() {
+        let core = r % DEMAND_CORES;
+        if r == own || core >= 64 || running & (1 << core) == 0 {
+            continue;
+        }
+        if let Some(c) = row.read_counters(key) {
+            t.admitted_ops += c.admitted_ops;
+            t.admitted_bytes += c.admitted_bytes;
+            t.throttled_ns += c.throttled_ns;
+        }
+    }
+    t
 }
 
 /// A target's [`DomainSharing`] with the table it shares and the mask of running cores
@@ -895,6 +981,7 @@ impl CrossCore {
             );
             for i in 0..self.limits.used {
                 self.table[self.limits.row].clear_limit(i);
+                self.table[self.limits.row].clear_counters(i);
             }
             self.limits.used = 0;
         }
@@ -1406,6 +1493,10 @@ mod tests {
                 .set_limiter_split(limiter, 0, demands, self.now)
                 .unwrap();
         }
+
+        fn counters(&self, limiter: keel_qos::LimiterId) -> keel_qos::LimiterStats {
+            self.s.limiter_stats(limiter).unwrap_or_default()
+        }
     }
 
     /// Two cores' targets share a namespace's 2000 IOPS limit through the table (three
@@ -1447,6 +1538,29 @@ mod tests {
         assert_eq!((part(&cores[0]), part(&cores[1])), (1500, 500));
         assert_eq!(table[0].read_limit(9), Some(3 * DEPTH));
         assert_eq!(table[1].read_limit(9), Some(DEPTH));
+        // Status and `/metrics` on core 0 (row 0) add what core 1 admitted, as published
+        // (at most a millisecond old: 2 commands at 2000 IOPS), and core 1's view of core
+        // 0's likewise; a key nobody has counts nothing.
+        let admitted = |c: &Limited| c.s.limiter_stats(c.l).unwrap().admitted_ops;
+        for (own, other) in [(0usize, 1usize), (1, 0)] {
+            let e = limit_counters_elsewhere(&table, 0b11, own, 9);
+            let real = admitted(&cores[other]);
+            assert!(
+                e.admitted_ops <= real && real - e.admitted_ops <= 2,
+                "row {own} sees {} of the other's {real}",
+                e.admitted_ops
+            );
+            assert_eq!(e.admitted_bytes, e.admitted_ops * 4096);
+        }
+        assert_eq!(
+            limit_counters_elsewhere(&table, 0b11, 0, 10),
+            Default::default()
+        );
+        assert_eq!(
+            limit_counters_elsewhere(&table, 0b01, 0, 9),
+            Default::default(),
+            "core 1 not running: not counted"
+        );
 
         // Core 0's host stops; its waiting commands drain (384 at 1500 IOPS and more), then
         // 2 s are counted.

@@ -3384,6 +3384,24 @@ qos = {{ iops = 2000 }}
         msgs * 10 < d[0] + d[1],
         "{msgs} messages for {d:?} commands"
     );
+    // `/metrics` counts what every core admitted through the limit (core 0 adds the
+    // others' published counters): about every I/O command both cores served since boot.
+    let m = ok(&["metrics", "--device", &mgmt]);
+    let admitted: u64 = m
+        .lines()
+        .find(|l| {
+            l.starts_with("keel_qos_admitted_commands_total{")
+                && l.contains("scope=\"namespace\"")
+                && l.contains("/1\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no admitted commands of namespace 1:\n{m}"));
+    let served: u64 = per_core(&mgmt, "nvmf_commands_total", 2).iter().sum();
+    eprintln!("qos split: admitted through the limit {admitted}, commands served {served}");
+    assert!(
+        admitted * 100 >= served * 90 && admitted <= served,
+        "the limit's admitted commands ({admitted}) leave out other cores' (served {served})"
+    );
     drop(on1);
     drop(on0);
     ends_clean(q, &tap, &[]);

@@ -110,6 +110,12 @@ impl Target {
             .unwrap_or(false)
     }
 
+    /// What a shared limiter admitted here and how long it held commands back (for the
+    /// merged counters of status and `/metrics`; walks the flows: not per command).
+    pub fn shared_limit_counters(&self, limiter: LimiterId) -> keel_qos::LimiterStats {
+        self.sched.limiter_stats(limiter).unwrap_or_default()
+    }
+
     /// The limits in force on a limiter here (its part while split; for tests and reports).
     pub fn limits_in_force(&self, limiter: LimiterId) -> QosLimits {
         self.sched
