@@ -68,6 +68,29 @@ fn bench_ns1(addr: &str, args: &[&str]) -> String {
     out
 }
 
+/// The release image booted at `--smp 2` on tap network `net` from the configuration bundle
+/// `cfg` (packed with the ELF by `qemu/run --config`, with the release keelctl, built first:
+/// building it inside the boot timeout is too slow), ready.
+fn boot_config_on_tap(net: &str, cfg: &std::path::Path) -> Qemu {
+    keel_tests::build_release_keelctl();
+    let elf = keel_tests::image(Build::Release).with_extension("");
+    let mut q = Qemu::start(&[
+        "--elf",
+        elf.to_str().unwrap(),
+        "--smp",
+        "2",
+        "--net",
+        "tap",
+        "--tap-net",
+        net,
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    q.wait_for("keel: ready", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    q
+}
+
 /// The tap device `qemu/run` reported.
 fn tap_name(q: &Qemu) -> String {
     let c = q.console();
@@ -2219,24 +2242,7 @@ authorized_key = "{key}"
         )
     };
     std::fs::write(cfg.path(), toml(false)).unwrap();
-    // A configuration boots from flash: qemu/run packs the ELF with the bundle, with the
-    // release keelctl (built first: building it inside the boot timeout is too slow).
-    keel_tests::build_release_keelctl();
-    let elf = keel_tests::image(Build::Release).with_extension("");
-    let mut q = Qemu::start(&[
-        "--elf",
-        elf.to_str().unwrap(),
-        "--smp",
-        "2",
-        "--net",
-        "tap",
-        "--tap-net",
-        &net,
-        "--config",
-        cfg.path().to_str().unwrap(),
-    ]);
-    q.wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut q = boot_config_on_tap(&net, cfg.path());
     let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:adopted\", \"nqn.2026-11.dev.keel:forwarded\"] here";
     if !q.console().contains(serving) {
         q.wait_for(serving, BOOT_TIMEOUT)
@@ -3308,22 +3314,7 @@ qos = {{ iops = 2000 }}
         ),
     )
     .unwrap();
-    keel_tests::build_release_keelctl();
-    let elf = keel_tests::image(Build::Release).with_extension("");
-    let mut q = Qemu::start(&[
-        "--elf",
-        elf.to_str().unwrap(),
-        "--smp",
-        "2",
-        "--net",
-        "tap",
-        "--tap-net",
-        &net,
-        "--config",
-        cfg.path().to_str().unwrap(),
-    ]);
-    q.wait_for("keel: ready", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut q = boot_config_on_tap(&net, cfg.path());
     let serving =
         format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
     if !q.console().contains(&serving) {
