@@ -62,8 +62,14 @@ pub(crate) struct QosRates {
 }
 
 /// The scheduling domains of the target's namespaces, in the order their first namespace
-/// comes: the namespaces sharing each, its cap, what is at its backend and what waits.
-fn qos_domains(t: &Target) -> Vec<QosDomainInfo> {
+/// comes: the namespaces sharing each, its cap, what is at its backend (every core's, for a
+/// capped domain split across the cores) and what waits.
+fn qos_domains<H: Hw>(t: &Target) -> Vec<QosDomainInfo> {
+    let elsewhere = |domain: keel_qos::DomainId| {
+        t.capped_domains()
+            .find(|c| c.domain == domain)
+            .map_or(0, |c| H::domain_inflight_elsewhere(c.key))
+    };
     let mut out: Vec<(u16, QosDomainInfo)> = Vec::new();
     for n in t.namespace_views() {
         let name = format!("{}/{}", n.subsystem, n.nsid);
@@ -77,7 +83,9 @@ fn qos_domains(t: &Target) -> Vec<QosDomainInfo> {
                 QosDomainInfo {
                     namespaces: vec![name],
                     max_inflight: n.domain_max_inflight,
-                    inflight: n.domain_inflight,
+                    inflight: n
+                        .domain_inflight
+                        .saturating_add(elsewhere(keel_qos::DomainId(n.domain))),
                     queued: n.qos.queued,
                 },
             )),
@@ -1751,7 +1759,7 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     qos: self.qos_rates.info(&ctrl_key(c.cntlid), &c.qos),
                 })
                 .collect(),
-            qos_domains: qos_domains(t),
+            qos_domains: qos_domains::<H>(t),
             drives: self.drive_infos(),
             remote_queues: self.remote_queue_infos(),
         }

@@ -56,6 +56,12 @@ pub trait Hw: 'static {
     fn limit_elsewhere(_key: u32) -> keel_qos::LimiterStats {
         keel_qos::LimiterStats::default()
     }
+    /// The other cores' commands at a capped drive domain's backend (`key`, as
+    /// `keel_controller::CappedDomain::key`), as each last published them; core 0's own
+    /// are not included. None by default.
+    fn domain_inflight_elsewhere(_key: u32) -> u32 {
+        0
+    }
     /// The NIC's transmit counters, every core's queue pair together, as each core last
     /// published them. None by default.
     fn nic_counters() -> keel_mgmt::NicCounters {

@@ -61,6 +61,14 @@ impl Hw for Qemu {
             key,
         )
     }
+    fn domain_inflight_elsewhere(key: u32) -> u32 {
+        crate::shares::domain_inflight_elsewhere(
+            &crate::cores::DEMANDS,
+            crate::cores::running_mask(),
+            crate::shares::demand_row(0, false),
+            key,
+        )
+    }
     fn nic_counters() -> keel_mgmt::NicCounters {
         crate::cores::nic_counters()
     }

@@ -940,6 +940,24 @@ pub fn limit_counters_elsewhere(
     t
 }
 
+/// The commands the targets of the running cores in `running` other than row `own` (core 0's
+/// target) have at capped domain `key`'s backend (a drive namespace every core reaches
+/// through its own queue pair), as last published (each its peak of the last
+/// millisecond): core 0 adds its own for status and `/metrics`.
+pub fn domain_inflight_elsewhere(table: &[DemandRow], running: u64, own: usize, key: u32) -> u32 {
+    let mut t = 0u32;
+    for (r, row) in table.iter().enumerate() {
+        let core = r % DEMAND_CORES;
+        if r == own || core >= 64 || running & (1 << core) == 0 {
+            continue;
+        }
+        if let Some(l) = row.read(key) {
+            t = t.saturating_add(l.inflight);
+        }
+    }
+    t
+}
+
 /// A target's [`DomainSharing`] with the table it shares and the mask of running cores
 /// (the image's statics, `crate::cores`): what a poll loop holds.
 #[derive(Debug)]
@@ -1355,6 +1373,14 @@ mod tests {
         assert_eq!(read(1), Some((3, 24)));
         assert_eq!(read(demand_row(1, true)), Some((0, 0)));
         assert_eq!(read(2), None);
+        // Status on core 0 adds the other rows' commands at the drive: core 1's 24.
+        assert_eq!(domain_inflight_elsewhere(&table, 0b11, 0, 7), 24);
+        assert_eq!(
+            domain_inflight_elsewhere(&table, 0b01, 0, 7),
+            0,
+            "core 1 stopped"
+        );
+        assert_eq!(domain_inflight_elsewhere(&table, 0b11, 1, 7), 40);
     }
 
     /// Alone (another core runs but has no row with the domain, or is not running), a
