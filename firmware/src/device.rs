@@ -534,7 +534,7 @@ impl<H: Hw> Services<H> {
         }
         // New functions (a hot plug each): their subsystems made with their namespaces
         // unless they run already. One whose new subsystem qualifies under the pushed plan's
-        // QoS (no limit on the function, its namespaces, any host or group; RAM or a drive
+        // QoS (no limit on the function, its namespaces or a group; RAM or a drive
         // every core has a pair on) spreads its I/O queues over the cores as one created
         // live does (`crate::fnq`): its RAM is made in shared regions, and the hub hears of
         // it once the pushed QoS is in force (below).
@@ -609,10 +609,11 @@ impl<H: Hw> Services<H> {
                 })
                 .cloned()
                 .collect();
+            let hosts_changed = self.plan.host_qos() != new.host_qos();
             self.plan.qos = new.qos.clone();
             self.plan.qos.functions.extend(created);
             self.apply_qos(&mut needs_reboot);
-            self.drop_limited();
+            self.drop_limited(hosts_changed);
         }
         // The pushed functions that spread, now that the plan's QoS is the pushed one (their
         // replicas' drive shares are its): announced to the functions' hub after the
@@ -673,13 +674,13 @@ impl<H: Hw> Services<H> {
     }
 
     /// What [`Services::replicates`] asks of any namespace: its subsystem is one the other
-    /// cores serve, has no emulated function, no host limit applies and it is in no group
-    /// (its own limits go with it to every core, which split them: `crate::shares::LimitSharing`).
+    /// cores serve, has no emulated function and it is in no group (its own limits go with it
+    /// to every core, which split them: `crate::shares::LimitSharing`; so do its hosts'
+    /// controller limits, with each adopted queue: `keel_controller::Adoption::limits`).
     fn replicable_kind(&self, new: &Plan, n: &NsPlan) -> bool {
         let q = new.namespace_qos(n);
         self.replication.follows(&n.subsystem)
             && !self.function_subsystem(&n.subsystem)
-            && new.host_qos().is_empty()
             && q.group.is_none()
     }
 
@@ -700,13 +701,15 @@ impl<H: Hw> Services<H> {
     }
 
     /// After a QoS change: subsystems the other cores serve that now have limits counted on
-    /// one core (host limits, function limits), or whose namespaces' limits or groups (or
-    /// their groups' limits) changed from those the other cores' replicas were made with (a
-    /// live change does not reach them), are no longer adopted there
-    /// (`Replication::drop_subsystem`). Namespace and group limits the replicas have are
-    /// split across the cores (`crate::shares::LimitSharing`).
-    fn drop_limited(&mut self) {
-        let everywhere = !self.plan.host_qos().is_empty();
+    /// one core (function limits), or whose namespaces' limits or groups (or their groups'
+    /// limits) changed from those the other cores' replicas were made with (a live change
+    /// does not reach them), are no longer adopted there (`Replication::drop_subsystem`);
+    /// when the host rules changed (`hosts_changed`), every one is: the replicas of the
+    /// controllers of queues adopted so far have their hosts' limits as they were at
+    /// adoption (`keel_controller::Adoption::limits`). Namespace, group and host (controller)
+    /// limits the replicas have are split across the cores (`crate::shares::LimitSharing`).
+    fn drop_limited(&mut self, hosts_changed: bool) {
+        let everywhere = hosts_changed;
         let none = keel_controller::QosLimits::NONE;
         let plan = &self.plan;
         let replicable = &self.replicable;
@@ -1285,18 +1288,20 @@ impl<H: Hw> Services<H> {
 
     /// Whether a function about to be created can have its I/O queue pairs served on every
     /// core (`crate::fnq`, as boot functions: [`crate::services::ReplicaSubsystem`]): other
-    /// cores serve functions' pairs, no QoS limit (on the function, its namespaces, any host
-    /// or group) and every namespace RAM or on a drive every such core has a queue pair on.
+    /// cores serve functions' pairs, no QoS limit (on the function, its namespaces or a
+    /// group) and every namespace RAM or on a drive every such core has a queue pair on.
+    /// Host rules do not apply to a function's controller (it has the function's limits,
+    /// none here: `Target::set_controller_limits`), and whatever limits it has go with each
+    /// pair adopted (`keel_controller::Adoption::limits`).
     fn spreads(&self, spec: &FunctionSpec, namespaces: &[NsPlan]) -> bool {
         spec.limits.is_empty() && self.spreads_under(&self.plan, namespaces)
     }
 
-    /// What [`Services::spreads`] asks beyond the function's own limits, with the host,
-    /// group and namespace QoS of `plan` (a pushed plan's, before it is in force).
+    /// What [`Services::spreads`] asks beyond the function's own limits, with the group
+    /// and namespace QoS of `plan` (a pushed plan's, before it is in force).
     fn spreads_under(&self, plan: &Plan, namespaces: &[NsPlan]) -> bool {
         let none = keel_controller::QosLimits::NONE;
         self.replication.functions
-            && plan.host_qos().is_empty()
             && plan.qos_groups().is_empty()
             && namespaces.iter().all(|n| {
                 let q = plan.namespace_qos(n);

@@ -26,7 +26,7 @@
 
 use crate::hw::Hw;
 use crate::net::{Accepted, NetStack};
-use alloc::{collections::VecDeque, format, string::String, vec::Vec};
+use alloc::{boxed::Box, collections::VecDeque, format, string::String, vec::Vec};
 use keel_controller::{
     Adoption, Event as CoreEvent, Instant, NowData, PortEntry, QueueId, QueueLoss, Request,
     Response, Target,
@@ -123,8 +123,9 @@ pub enum FromHolder {
         /// flow control.
         depth: Option<(u16, bool)>,
         /// After a successful I/O queue Connect of a subsystem the core has a replica of:
-        /// serve the queue there from now on.
-        adopt: Option<Adoption>,
+        /// serve the queue there from now on (boxed: once per queue, and the other
+        /// messages, one per forwarded command, stay small).
+        adopt: Option<Box<Adoption>>,
     },
     /// The controller ended the connection's queue: close it.
     Terminate {
@@ -910,7 +911,7 @@ impl Conn {
         now: Instant,
         resp: Response,
         depth: Option<(u16, bool)>,
-        adopt: Option<Adoption>,
+        adopt: Option<Box<Adoption>>,
     ) {
         if let Some((sqsize, fc)) = depth {
             self.set_depth(waiting, sqsize, fc);

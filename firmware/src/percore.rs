@@ -1670,7 +1670,8 @@ impl Holder {
             depth = Some((info.sqsize, info.sq_flow_control_disabled));
             adopt = target
                 .adoption(p.queue)
-                .filter(|a| self.replicable.contains(&a.subnqn));
+                .filter(|a| self.replicable.contains(&a.subnqn))
+                .map(Box::new);
             p.adopted = adopt.is_some();
             p.subsystem = adopt.as_ref().map(|a| a.subnqn.clone());
             // Its commands run on the connection's core from now on: its share of the

@@ -956,21 +956,17 @@ pub(crate) fn shared_ram_namespace<H: Hw>(
 /// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
 /// of the plan in them is served and is a RAM namespace in a shared region or a namespace of
 /// a drive that has queue pairs for the other cores (`core_queues[drive]`), encrypted or not
-/// (each core gets the key), no emulated function of it has controller limits, and the plan
-/// sets no host limits. A namespace's own limits and its group's do not stop it: every
-/// core's replica has them, and each takes its part of them by demand once a pass
-/// (`crate::shares::LimitSharing`).
+/// (each core gets the key) and no emulated function of it has controller limits. A
+/// namespace's own limits, its group's and its hosts' (`[[qos.host]]`, each controller's) do
+/// not stop it: every core's replica has them (a controller's come with each queue adopted,
+/// `keel_controller::Adoption::limits`), and each takes its part of them by demand once a
+/// pass (`crate::shares::LimitSharing`).
 fn replicable(
     plan: &Plan,
     regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
     served: &[(String, u32)],
     core_queues: &[bool],
 ) -> Vec<ReplicaSubsystem> {
-    // Host limits apply to every subsystem's controllers (counted on one core); a group
-    // only to its namespaces (below).
-    if !plan.host_qos().is_empty() {
-        return Vec::new();
-    }
     let source = |n: &NsPlan| -> Option<ReplicaSource> {
         // Function limits are counted on one core; a namespace's and a group's limits are
         // split across the cores (`crate::shares::LimitSharing`); a drive's fair sharing

@@ -29,14 +29,20 @@ struct Holder {
 
 impl Holder {
     fn new(args: &str) -> Self {
+        Self::with(args, |_| {})
+    }
+
+    /// As [`Holder::new`], with `edit` applied to the plan first (its QoS, for example).
+    fn with(args: &str, edit: impl FnOnce(&mut Plan)) -> Self {
         let cfg = crate::config::DevConfig::from_bootargs(args, [2, 0, 0, 0, 0, 1]);
-        let plan = Plan::from_dev(
+        let mut plan = Plan::from_dev(
             &cfg,
             &[],
             0,
             Addressing::from_bootargs(args),
             PROVISION_PUBKEY,
         );
+        edit(&mut plan);
         let s = Services::build_with(
             plan,
             Vec::new(),
@@ -133,7 +139,7 @@ impl Holder {
                     {
                         self.queues[i].2 = true;
                         depth = Some((info.sqsize, info.sq_flow_control_disabled));
-                        adopt = self.s.target.adoption(q);
+                        adopt = self.s.target.adoption(q).map(Box::new);
                     }
                     let done = FromHolder::Done {
                         conn,
@@ -1061,5 +1067,105 @@ fn a_subsystem_with_namespace_and_group_limits_is_served_by_every_core_which_spl
     assert_eq!(
         (iops(&core0, on0[1].limiter), iops(&replica, on1[1].limiter)),
         (2500, 2500)
+    );
+}
+
+#[test]
+fn a_subsystem_with_host_limits_is_served_by_every_core_and_each_controller_s_limits_split() {
+    use keel_provision::{HostQos, QosLimits, QosRate};
+    let mut h = Holder::with("keel.ram=16 keel.ip=127.0.0.1/8", |plan| {
+        plan.qos.hosts.push(HostQos {
+            hostnqn: "*".into(),
+            limits: QosLimits {
+                iops: Some(QosRate {
+                    per_sec: 2000,
+                    burst: None,
+                }),
+                ..Default::default()
+            },
+        });
+    });
+    assert_eq!(
+        h.s.replicable.len(),
+        1,
+        "host rules leave the RAM subsystem served by every core"
+    );
+    let mut dev = secondary(&h);
+    let nqn = crate::config::DEFAULT_NQN;
+    let connect = |qid: u16, cntlid: u16| {
+        let sqe = keel_nvme::fabrics::ConnectCommand {
+            recfmt: 0,
+            qid,
+            sqsize: 31,
+            cattr: 0,
+            kato: if qid == 0 { 30_000 } else { 0 },
+        }
+        .to_sqe(0);
+        let mut data = vec![0u8; keel_nvme::fabrics::ConnectData::SIZE];
+        keel_nvme::fabrics::ConnectData::new([7; 16], cntlid, nqn, "nqn.2026-12.test:host")
+            .write(&mut data);
+        (sqe, data)
+    };
+    let mut admin = Queue::open(&mut dev, 51_100);
+    let (sqe, data) = connect(0, CNTLID_DYNAMIC);
+    let (cqe, _) = run(&mut dev, &mut h, &mut admin, sqe, Some(data));
+    assert!(cqe.status.is_success(), "{:?}", cqe.status);
+    let cntlid = cqe.dw0 as u16;
+    let cc = keel_nvme::regs::Cc::new(true, 0, 0, 0, keel_nvme::regs::Cc::SHN_NONE, 6, 4);
+    let sqe = keel_nvme::fabrics::PropertyCommand::set_sqe(
+        0,
+        keel_nvme::regs::offset::CC,
+        keel_nvme::fabrics::PropertySize::Four,
+        cc.0 as u64,
+    );
+    assert!(
+        run(&mut dev, &mut h, &mut admin, sqe, None)
+            .0
+            .status
+            .is_success()
+    );
+    let mut io = Queue::open(&mut dev, 51_101);
+    let (sqe, data) = connect(1, cntlid);
+    assert!(
+        run(&mut dev, &mut h, &mut io, sqe, Some(data))
+            .0
+            .status
+            .is_success()
+    );
+    assert_eq!(dev.services.target.controller_count(), 1, "adopted");
+    // Core 0 is told the queue is served elsewhere (as `percore::Holder` does).
+    for &(_, q, _) in &h.queues {
+        if h.s.target.adoption(q).is_some() {
+            h.s.target.served_elsewhere(q, true);
+        }
+    }
+    let key = keel_controller::controller_key(nqn, cntlid);
+    let on0: Vec<_> = h.s.target.shared_limits().collect();
+    let on1: Vec<_> = dev.services.target.shared_limits().collect();
+    let keys = |v: &[keel_controller::SharedLimit]| v.iter().map(|l| l.key).collect::<Vec<_>>();
+    assert_eq!(keys(&on0), [key]);
+    assert_eq!(
+        keys(&on1),
+        [key],
+        "the replica's controller has the host's limits"
+    );
+    let iops = |t: &keel_controller::Target, l| t.limits_in_force(l).iops.unwrap().per_sec;
+    assert_eq!(iops(&dev.services.target, on1[0].limiter), 2000);
+    // Split by demand through the table, as the cores do.
+    let table: Vec<crate::shares::DemandRow> = (0..crate::shares::DEMAND_ROWS)
+        .map(|_| crate::shares::DemandRow::new())
+        .collect();
+    let mut x0 = crate::shares::LimitSharing::new(crate::shares::demand_row(0, false));
+    let mut x1 = crate::shares::LimitSharing::new(crate::shares::demand_row(1, false));
+    assert_eq!(x0.tend(&table, 0b11, 0, &mut h.s.target), 0, "alone so far");
+    assert_eq!(x1.tend(&table, 0b11, 0, &mut dev.services.target), 1);
+    assert_eq!(x0.tend(&table, 0b11, 0, &mut h.s.target), 1);
+    assert_eq!(
+        (
+            iops(&h.s.target, on0[0].limiter),
+            iops(&dev.services.target, on1[0].limiter)
+        ),
+        (1000, 1000),
+        "both idle: even parts"
     );
 }

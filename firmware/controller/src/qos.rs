@@ -39,11 +39,12 @@ pub struct CappedDomain {
 }
 
 /// A limited entity of a target whose limits other targets (other cores) enforce too
-/// ([`Target::shared_limits`]): a namespace or a group with limits, served on every core.
+/// ([`Target::shared_limits`]): a namespace or a group with limits, served on every core, or
+/// a controller with limits (its host's) whose I/O queues are served on several cores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SharedLimit {
     /// Its key, the same in every target that has it, below 2³¹ ([`limit_key`],
-    /// [`group_key`]).
+    /// [`group_key`], [`controller_key`]).
     pub key: u32,
     /// Its limiter in this target's scheduler.
     pub limiter: LimiterId,
@@ -68,6 +69,14 @@ pub fn limit_key(nqn: &str, nsid: u32) -> u32 {
 /// namespace has).
 pub fn group_key(name: &str) -> u32 {
     limit_key(name, u32::MAX)
+}
+
+/// The key of controller `cntlid` of subsystem `nqn` ([`limit_key`] of the NQN with NSID
+/// `FFFF0000h` + CNTLID, far above any NSID a configuration gives; CNTLID FFFFh, whose key
+/// would be a group's named as the subsystem, is reserved, NVMe base 2.0 §3.1.1). The holder of a controller and each core's replica of it
+/// ([`crate::Adoption`]) have the same CNTLID.
+pub fn controller_key(nqn: &str, cntlid: u16) -> u32 {
+    limit_key(nqn, 0xffff_0000 | u32::from(cntlid))
 }
 
 impl Target {
@@ -97,7 +106,31 @@ impl Target {
                     limiter: *l,
                     demand: self.sched.limiter_demand(*l),
                 });
-        namespaces.chain(groups)
+        // Controllers with limits (their host's) whose I/O queues are served on several
+        // cores: a replica (its queues are adopted here), or the holder of one with a queue
+        // served elsewhere. Listed last: past the slots a target publishes, a limiter gets
+        // an even part of its limits by core, which a controller served here only must not.
+        let ctrls = self
+            .ctrls
+            .iter()
+            .flatten()
+            .filter(move |c| {
+                c.subsys != DISCOVERY
+                    && limited(c.limiter)
+                    && (c.replica
+                        || c.io_qs.iter().flatten().any(|q| {
+                            self.queue_index(*q)
+                                .is_some_and(|qi| self.queues[qi].elsewhere)
+                        }))
+            })
+            .filter_map(move |c| {
+                Some(SharedLimit {
+                    key: controller_key(&self.subsystems.get(c.subsys)?.nqn, c.cntlid),
+                    limiter: c.limiter,
+                    demand: self.sched.limiter_demand(c.limiter),
+                })
+            });
+        namespaces.chain(groups).chain(ctrls)
     }
 
     /// Sets this target's part of a shared limiter's limits from the demands of every

@@ -33,6 +33,11 @@ pub struct Adoption {
     /// flows in a capped domain shared across cores is its queues out of these
     /// ([`Target::capped_domains`]).
     pub nr_io_queues: u16,
+    /// The controller's rate limits, whole (its host's `[[qos.host]]` rule, or those set with
+    /// [`Target::set_controller_limits`]): the replica's controller limiter has them, and the
+    /// holder and every replica split them by demand ([`Target::shared_limits`] lists the
+    /// limiter under [`crate::controller_key`]).
+    pub limits: QosLimits,
 }
 
 /// An entry a replica controller logged in its Error Information log, for the controller
@@ -242,6 +247,10 @@ impl Target {
             sqsize: queue.sqsize,
             sqflow_disabled: queue.sqflow_disabled,
             nr_io_queues: c.nr_io_queues,
+            limits: self
+                .sched
+                .limiter_base(c.limiter)
+                .unwrap_or(QosLimits::NONE),
         })
     }
 
@@ -338,6 +347,12 @@ impl Target {
         }
         if let Some(Some(c)) = self.ctrls.get_mut(ci) {
             c.nr_io_queues = c.nr_io_queues.max(a.nr_io_queues);
+            // The holder's limits for the controller (a later adoption carries them as they
+            // are then: a live change of the host's rule reaches the replica with it).
+            let l = c.limiter;
+            if self.sched.limiter_base(l).is_some_and(|b| b != a.limits) {
+                let _ = self.sched.set_limits(l, a.limits, now.as_nanos());
+            }
         }
         self.install_io_queue(ci, qi, a.qid, a.sqsize, a.sqflow_disabled);
         self.queues[qi].sqhd = 1 % (a.sqsize + 1);

@@ -264,3 +264,73 @@ fn a_split_controller_counts_its_queues_part_of_the_demand() {
     replica.poll();
     assert_eq!((demand(&holder), demand(&replica)), (0, 0));
 }
+
+#[test]
+fn a_replica_of_a_limited_host_s_controller_has_its_limits_and_splits_them_under_one_key() {
+    let limits = QosLimits {
+        iops: Some(keel_qos::Rate::new(2000).with_burst(20)),
+        ..QosLimits::NONE
+    };
+    let mut holder = H::new();
+    holder.t.set_host_qos(vec![HostQos {
+        hostnqn: "*".into(),
+        limits,
+    }]);
+    let (_admin, cntlid) = holder.admin(SUB, crate::tests::HOST, 0);
+    let io0 = holder.io_queue(2, cntlid);
+    assert_eq!(
+        holder.t.shared_limits().count(),
+        0,
+        "a controller whose queues are all served here is not split"
+    );
+    let a = holder.t.adoption(io0).unwrap();
+    assert_eq!(a.limits, limits, "the adoption carries the host's limits");
+    // The replica's target has no host rules (as another core's): the limits come with the
+    // adoption.
+    let mut replica = H::new();
+    let q = replica.t.open_queue().unwrap();
+    replica.t.adopt_io_queue(replica.now, q, &a).unwrap();
+    holder.t.served_elsewhere(io0, true);
+    let key = controller_key(SUB, cntlid);
+    assert_ne!(key, limit_key(SUB, 1));
+    let on0: Vec<_> = holder.t.shared_limits().collect();
+    let on1: Vec<_> = replica.t.shared_limits().collect();
+    assert_eq!(on0.iter().map(|l| l.key).collect::<Vec<_>>(), [key]);
+    assert_eq!(on1.iter().map(|l| l.key).collect::<Vec<_>>(), [key]);
+    assert_eq!(holder.t.limits_in_force(on0[0].limiter), limits);
+    assert_eq!(replica.t.limits_in_force(on1[0].limiter), limits);
+    // Each takes its part by demand: busy alone on the replica, it gets nearly all.
+    replica.t.set_limit_split(on1[0].limiter, 0, &[8, 0]);
+    holder.t.set_limit_split(on0[0].limiter, 0, &[0, 8]);
+    let r = replica.t.limits_in_force(on1[0].limiter).iops.unwrap();
+    let h = holder.t.limits_in_force(on0[0].limiter).iops.unwrap();
+    assert!(
+        r.per_sec + h.per_sec <= 2001 && r.per_sec > h.per_sec,
+        "{r:?} {h:?}"
+    );
+    // A later adoption carries a live change of the host's rule to the replica.
+    let lower = QosLimits {
+        iops: Some(keel_qos::Rate::new(500).with_burst(5)),
+        ..QosLimits::NONE
+    };
+    holder.t.set_host_qos(vec![HostQos {
+        hostnqn: "*".into(),
+        limits: lower,
+    }]);
+    let io1 = holder.io_queue(3, cntlid);
+    let b = holder.t.adoption(io1).unwrap();
+    assert_eq!(b.limits, lower);
+    let q2 = replica.t.open_queue().unwrap();
+    replica.t.adopt_io_queue(replica.now, q2, &b).unwrap();
+    let on1: Vec<_> = replica.t.shared_limits().collect();
+    assert_eq!(on1.len(), 1);
+    assert_eq!(replica.t.limits_in_force(on1[0].limiter), lower);
+}
+
+#[test]
+fn a_replica_of_an_unlimited_controller_publishes_nothing() {
+    let (holder, r, _admin, _q, a) = split();
+    assert_eq!(a.limits, QosLimits::NONE);
+    assert_eq!(r.t.shared_limits().count(), 0);
+    assert_eq!(holder.t.shared_limits().count(), 0);
+}
