@@ -105,8 +105,8 @@ fn group_key(name: &str) -> String {
     format!("group {name}")
 }
 
-/// A namespace's or group's QoS counters with what the other cores admitted through their
-/// part of its limits (`crate::shares`; limit key `key`). The limits shown are the
+/// A namespace's, group's or controller's QoS counters with what the other cores admitted
+/// through their part of its limits (`crate::shares`; limit key `key`). The limits shown are the
 /// configured ones, not core 0's part.
 fn every_core<H: Hw>(key: u32, mut q: QosCounters) -> QosCounters {
     let e = H::limit_elsewhere(key);
@@ -129,11 +129,10 @@ impl QosRates {
                 let k = keel_controller::limit_key(n.subsystem, n.nsid);
                 (ns_key(n.subsystem, n.nsid), every_core::<H>(k, n.qos))
             })
-            .chain(
-                target
-                    .controller_views()
-                    .map(|c| (ctrl_key(c.cntlid), c.qos)),
-            )
+            .chain(target.controller_views().map(|c| {
+                let k = keel_controller::controller_key(c.subsystem, c.cntlid);
+                (ctrl_key(c.cntlid), every_core::<H>(k, c.qos))
+            }))
             .chain(target.group_views().map(|g| {
                 let k = keel_controller::group_key(g.name);
                 (group_key(g.name), every_core::<H>(k, g.qos))
@@ -1761,7 +1760,13 @@ impl<H: Hw> keel_mgmt::Device for Services<H> {
                     cntlid: c.cntlid,
                     hostnqn: c.hostnqn.into(),
                     transport: String::from(if c.local { "pcie" } else { "tcp" }),
-                    qos: self.qos_rates.info(&ctrl_key(c.cntlid), &c.qos),
+                    qos: self.qos_rates.info(
+                        &ctrl_key(c.cntlid),
+                        &every_core::<H>(
+                            keel_controller::controller_key(c.subsystem, c.cntlid),
+                            c.qos,
+                        ),
+                    ),
                 })
                 .collect(),
             qos_domains: qos_domains::<H>(t),
