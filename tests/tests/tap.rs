@@ -3277,6 +3277,76 @@ fn a_function_on_a_remote_volume_is_served_on_core_1_through_its_lane() {
     kill_and_check_tap_removed(remote, &rtap);
 }
 
+/// Host limits split across cores: at `--smp 2 --net tap`, with a `[[qos.host]]` rule giving
+/// every host's controllers 2000 IOPS each (booted from a configuration), the subsystem is
+/// still served on every core (host rules used to put every subsystem on core 0). One
+/// connection (one controller: its admin queue on core 0, its I/O queue adopted by core 1
+/// with the controller's limits) alone on core 1 is served there (core 0 takes few ring
+/// messages, not one per command) and gets nearly the whole limit: core 0's controller and
+/// core 1's replica split it by demand under the controller's key.
+#[test]
+fn a_host_iops_limit_is_split_across_the_cores_serving_its_controller() {
+    require_tap();
+    keelctl();
+    let net = tap_net(32);
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let cfg = ScratchFile::new("qos-host-split.toml", 0);
+    std::fs::write(
+        cfg.path(),
+        format!(
+            r#"[network]
+address = "{net}.2/24"
+gateway = "{net}.1"
+
+[[subsystem]]
+nqn = "{nqn}"
+serial = "KEELQ2"
+model = "host limits, every core"
+allowed_hosts = []
+
+[[namespace]]
+subsystem = "{nqn}"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+
+[[qos.host]]
+hostnqn = "*"
+iops = 2000
+"#
+        ),
+    )
+    .unwrap();
+    let mut q = boot_config_on_tap(&net, cfg.path());
+    let serving =
+        format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
+    if !q.console().contains(&serving) {
+        q.wait_for(&serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    const LIMIT: u64 = 2000;
+    let alone = bench_on_core(&mgmt, &addr, 1, 1, 40, [0, 0]);
+    let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
+    let m0 = per_core(&mgmt, "messages_total", 2);
+    std::thread::sleep(Duration::from_secs(8));
+    let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
+    let m1 = per_core(&mgmt, "messages_total", 2);
+    let (d, msgs) = ([c1[0] - c0[0], c1[1] - c0[1]], m1[0] - m0[0]);
+    eprintln!(
+        "qos host split: one connection on core 1: commands per core in 8 s {d:?}, {msgs} ring messages to core 0"
+    );
+    let iops = d[1] / 8;
+    assert!(
+        (LIMIT * 75 / 100..=LIMIT * 110 / 100).contains(&iops),
+        "alone on core 1: {iops} IOPS for a host limit of {LIMIT}"
+    );
+    assert!(msgs * 10 < d[1], "{msgs} messages for {} commands", d[1]);
+    drop(alone);
+    ends_clean(q, &tap, &[]);
+}
+
 /// QoS limits split across cores: at `--smp 2 --net tap`, a subsystem whose RAM namespace
 /// has a 2000 IOPS limit (booted from a configuration) is served on every core like any
 /// other; each core's target takes its part of the limit by demand once a pass. One
