@@ -705,7 +705,13 @@ impl Plane {
             };
             configs.push((nqn.clone(), cfg));
         }
+        // The NVMe/TCP replica's first: if one of them cannot be added, no function namespace
+        // holds a handle on the lane dropped with the refusal (core 0 then brings the
+        // functions' pairs home: `Services::lane_refused`).
         let fn_configs = configs.split_off(fn_at.min(configs.len()));
+        if !self.add_lane_namespaces(remote, configs) {
+            return false;
+        }
         for (nqn, cfg) in fn_configs {
             let nsid = cfg.nsid;
             let added = fns.as_deref_mut().map(|f| f.add_lane_namespace(&nqn, cfg));
@@ -719,9 +725,6 @@ impl Plane {
                 );
                 return false;
             }
-        }
-        if !self.add_lane_namespaces(remote, configs) {
-            return false;
         }
         self.fn_lanes |= fn_at < all;
         self.lanes.push((id, lane));
@@ -1376,14 +1379,13 @@ impl Holder {
                 services.replication.cores = 0;
             }
         }
-        let target = &mut services.target;
         for li in 0..links.0.len() {
             let mut taken = 0u64;
             while let Some(msg) = links.0[li].rx.pop() {
                 taken += 1;
                 busy = true;
                 match msg {
-                    Msg::ToHolder(m) => self.take_message(li, m, now, links, target),
+                    Msg::ToHolder(m) => self.take_message(li, m, now, links, &mut services.target),
                     Msg::Frame(f) => {
                         if let Some(pair) = net.as_deref_mut().and_then(|n| n.device.pair()) {
                             pair.inject(f);
@@ -1399,40 +1401,7 @@ impl Holder {
                                 round = core::mem::take(&mut t.round);
                             }
                         }
-                        let volume = services.remotes.volumes.iter_mut().find(|v| v.id == id);
-                        if !ok
-                            && !round.is_empty()
-                            && let Some(v) = volume
-                        {
-                            // Namespaces a push added on a running volume: only their
-                            // subsystems fall back.
-                            klog::error!(
-                                "percore: core {} could not add the new namespaces of remote {}: their subsystems' I/O queues are served through core 0",
-                                core,
-                                klog::D(&v.remote)
-                            );
-                            v.lane_users.retain(|u| !round.contains(u));
-                            for (nqn, _) in round {
-                                services.replication.drop_subsystem(&nqn);
-                            }
-                        } else if !ok
-                            && pushed
-                            && let Some(v) = volume
-                        {
-                            // A pushed volume: only the subsystems using it fall back.
-                            klog::error!(
-                                "percore: core {} could not serve the namespaces of remote {}: their subsystems' I/O queues are served through core 0",
-                                core,
-                                klog::D(&v.remote)
-                            );
-                            for (nqn, _) in core::mem::take(&mut v.lane_users) {
-                                services.replication.drop_subsystem(&nqn);
-                            }
-                        } else if !ok {
-                            klog::error!(
-                                "percore: core {} could not serve a remote volume's namespaces: I/O queues adopted by other cores end; new ones are served through core 0",
-                                core
-                            );
+                        if !ok && services.lane_refused(id, core, pushed, round) {
                             self.end_adoptions(links);
                             services.replication.cores = 0;
                         }

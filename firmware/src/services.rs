@@ -537,6 +537,61 @@ pub(crate) fn start_function<H: Hw>(
 }
 
 impl<H: Hw> Services<H> {
+    /// Core `core` could not serve the namespaces of remote volume `id` through its lane
+    /// (`crate::percore::Msg::RemoteReady` with `ok: false`; `pushed`: the volume came with
+    /// a push; `round`: the namespaces a push added on it while it ran). Only the subsystems
+    /// concerned fall back to core 0 when the volume was pushed or grew; for a volume of the
+    /// boot configuration, returns true: the holder ends every adopted queue and serves the
+    /// later ones itself. Either way the emulated functions on the volume's namespaces bring
+    /// their I/O queue pairs home (`crate::fnq::Hub`): that core's functions' replica may
+    /// lack the namespaces, and the subsystems on it are no longer adopted.
+    pub(crate) fn lane_refused(
+        &mut self,
+        id: u32,
+        core: u16,
+        pushed: bool,
+        round: Vec<(String, u32)>,
+    ) -> bool {
+        let Some(v) = self.remotes.volumes.iter_mut().find(|v| v.id == id) else {
+            klog::error!(
+                "percore: core {} could not serve a remote volume's namespaces: I/O queues adopted by other cores end; new ones are served through core 0",
+                core
+            );
+            return true;
+        };
+        if !round.is_empty() {
+            // Namespaces a push added on a running volume: only their subsystems fall back.
+            klog::error!(
+                "percore: core {} could not add the new namespaces of remote {}: their subsystems' I/O queues are served through core 0",
+                core,
+                klog::D(&v.remote)
+            );
+            v.lane_users.retain(|u| !round.contains(u));
+            for (nqn, _) in round {
+                self.replication.drop_subsystem(&nqn);
+            }
+            false
+        } else {
+            if pushed {
+                // A pushed volume: only the subsystems using it fall back.
+                klog::error!(
+                    "percore: core {} could not serve the namespaces of remote {}: their subsystems' I/O queues are served through core 0",
+                    core,
+                    klog::D(&v.remote)
+                );
+            } else {
+                klog::error!(
+                    "percore: core {} could not serve a remote volume's namespaces: I/O queues adopted by other cores end; new ones are served through core 0",
+                    core
+                );
+            }
+            for (nqn, _) in core::mem::take(&mut v.lane_users) {
+                self.replication.drop_subsystem(&nqn);
+            }
+            !pushed
+        }
+    }
+
     /// Builds the target, the transports and the namespaces of `plan` on `drives`; one
     /// emulated function per window the plan attaches to a subsystem.
     #[cfg(test)]

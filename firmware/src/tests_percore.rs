@@ -954,6 +954,79 @@ fn a_function_on_a_remote_volume_is_spread_only_with_lanes() {
     assert!(s.function_replicas().is_empty());
 }
 
+/// A core that cannot serve a remote volume's namespaces through its lane
+/// (`Msg::RemoteReady` with `ok: false`): for a boot volume every adoption ends (the holder's
+/// answer) and the subsystems on it, an emulated function's among them, are dropped, so the
+/// function's pairs come home (its replica there may lack the namespace); for a pushed
+/// volume or a round a push added, only the subsystems concerned fall back.
+#[test]
+fn a_lane_a_core_refuses_brings_the_functions_on_the_volume_home() {
+    let args = "keel.fn.ns=remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.ip=127.0.0.1/8";
+    let build = || {
+        let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> =
+            alloc::vec![crate::services::WindowPort {
+                base: 0x1000_0000,
+                size: 1 << 20,
+                ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
+            }];
+        let mut s = Services::<TestHw>::build_with(
+            crate::tests::dev_plan(args, 1),
+            Vec::new(),
+            windows,
+            true,
+            Identity::new(None, None),
+            crate::services::RamSharing::All,
+        );
+        s.replication.functions = true;
+        s
+    };
+    let fn0 = "nqn.2026-11.dev.keel:fn0";
+    let changed = |s: &Services<TestHw>| {
+        s.replication
+            .fn_events
+            .iter()
+            .any(|e| matches!(e, crate::replica::FnEvent::Changed(n) if n == fn0))
+    };
+    // A boot volume.
+    let mut s = build();
+    let id = s
+        .remotes
+        .volumes
+        .first()
+        .expect("the function's remote volume")
+        .id;
+    s.remotes.volumes[0].lane_users = alloc::vec![(String::from(fn0), 1)];
+    assert!(!changed(&s));
+    assert!(
+        s.lane_refused(id, 1, false, Vec::new()),
+        "a boot volume: every adoption ends"
+    );
+    assert!(changed(&s), "the function's pairs come home");
+    assert!(s.replication.dropped.iter().any(|n| n == fn0));
+    assert!(s.remotes.volumes[0].lane_users.is_empty());
+    // A pushed volume: only its users fall back, the holder's adoptions go on.
+    let mut s = build();
+    s.remotes.volumes[0].lane_users = alloc::vec![(String::from(fn0), 1)];
+    assert!(!s.lane_refused(id, 1, true, Vec::new()));
+    assert!(changed(&s));
+    assert!(s.replication.dropped.iter().any(|n| n == fn0));
+    // A round a push added on a running volume: only that round's subsystems.
+    let mut s = build();
+    let other = "nqn.2026-11.dev.keel:other";
+    s.remotes.volumes[0].lane_users = alloc::vec![(String::from(fn0), 1), (String::from(other), 2)];
+    assert!(!s.lane_refused(id, 1, false, alloc::vec![(String::from(other), 2)]));
+    assert!(
+        !changed(&s),
+        "the function's namespace was not in the round"
+    );
+    assert!(s.replication.dropped.iter().any(|n| n == other));
+    assert!(!s.replication.dropped.iter().any(|n| n == fn0));
+    assert_eq!(
+        s.remotes.volumes[0].lane_users,
+        alloc::vec![(String::from(fn0), 1)]
+    );
+}
+
 /// A namespace's own QoS limits and its group's no longer keep its subsystem on core 0: with
 /// namespace 1 of `keel.ns=ram:4,ram:4` limited to 2000 IOPS, the subsystem is replicable, its
 /// replica carries the limits, and core 0's target and the replica (another core's) publish the

@@ -2408,6 +2408,72 @@ fn bench_on_core(mgmt: &str, addr: &str, nsid: u32, k: usize, secs: u32, busy: [
     panic!("no bench of namespace {nsid} landed on core {k} in 16 tries");
 }
 
+/// Boots `--smp 2 --net tap` on `net` with a configuration of one subsystem (keelctl nvme
+/// bench's default NQN) and one 64 MiB RAM namespace, with `ns_qos` (a TOML inline table's
+/// body, or empty) as the namespace's QoS and `more` appended; waits until core 1 serves the
+/// subsystem's I/O queues. Returns QEMU, its tap, the NVMe/TCP and management addresses.
+fn limited_on_tap(
+    net: &str,
+    serial: &str,
+    ns_qos: &str,
+    more: &str,
+) -> (Qemu, ScratchFile, String, String, String) {
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let cfg = ScratchFile::new(&format!("qos-{serial}.toml"), 0);
+    let qos = if ns_qos.is_empty() {
+        String::new()
+    } else {
+        format!("qos = {{ {ns_qos} }}\n")
+    };
+    std::fs::write(
+        cfg.path(),
+        format!(
+            r#"[network]
+address = "{net}.2/24"
+gateway = "{net}.1"
+
+[[subsystem]]
+nqn = "{nqn}"
+serial = "{serial}"
+model = "limited, every core"
+allowed_hosts = []
+
+[[namespace]]
+subsystem = "{nqn}"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+{qos}{more}"#
+        ),
+    )
+    .unwrap();
+    let mut q = boot_config_on_tap(net, cfg.path());
+    let serving =
+        format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
+    if !q.console().contains(&serving) {
+        q.wait_for(&serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    (
+        q,
+        cfg,
+        tap,
+        format!("{net}.2:4420"),
+        format!("{net}.2:7000"),
+    )
+}
+
+/// NVMe/TCP commands each of 2 cores served over `secs` seconds, and the ring messages
+/// core 0 took meanwhile.
+fn commands_window(mgmt: &str, secs: u64) -> ([u64; 2], u64) {
+    let c0 = per_core(mgmt, "nvmf_commands_total", 2);
+    let m0 = per_core(mgmt, "messages_total", 2);
+    std::thread::sleep(Duration::from_secs(secs));
+    let c1 = per_core(mgmt, "nvmf_commands_total", 2);
+    let m1 = per_core(mgmt, "messages_total", 2);
+    ([c1[0] - c0[0], c1[1] - c0[1]], m1[0] - m0[0])
+}
+
 /// Issue 17, live changes on every core: at `--smp 2 --net tap` (RAM namespaces 1 and 3, a
 /// drive slice 2), a signed push removes RAM namespace 3 and the drive slice 2 and adds
 /// another drive slice (4) and an 8 MiB RAM namespace (5) while connections adopted by core 1 run verified I/O: the replicas
@@ -3289,51 +3355,11 @@ fn a_host_iops_limit_is_split_across_the_cores_serving_its_controller() {
     require_tap();
     keelctl();
     let net = tap_net(32);
-    let nqn = "nqn.2026-11.dev.keel:default";
-    let cfg = ScratchFile::new("qos-host-split.toml", 0);
-    std::fs::write(
-        cfg.path(),
-        format!(
-            r#"[network]
-address = "{net}.2/24"
-gateway = "{net}.1"
-
-[[subsystem]]
-nqn = "{nqn}"
-serial = "KEELQ2"
-model = "host limits, every core"
-allowed_hosts = []
-
-[[namespace]]
-subsystem = "{nqn}"
-nsid = 1
-backend = {{ ram = "64MiB" }}
-
-[[qos.host]]
-hostnqn = "*"
-iops = 2000
-"#
-        ),
-    )
-    .unwrap();
-    let mut q = boot_config_on_tap(&net, cfg.path());
-    let serving =
-        format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
-    if !q.console().contains(&serving) {
-        q.wait_for(&serving, BOOT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let tap = tap_name(&q);
-    let addr = format!("{net}.2:4420");
-    let mgmt = format!("{net}.2:7000");
+    let more = "\n[[qos.host]]\nhostnqn = \"*\"\niops = 2000\n";
+    let (q, _cfg, tap, addr, mgmt) = limited_on_tap(&net, "KEELQ2", "", more);
     const LIMIT: u64 = 2000;
     let alone = bench_on_core(&mgmt, &addr, 1, 1, 40, [0, 0]);
-    let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
-    let m0 = per_core(&mgmt, "messages_total", 2);
-    std::thread::sleep(Duration::from_secs(8));
-    let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
-    let m1 = per_core(&mgmt, "messages_total", 2);
-    let (d, msgs) = ([c1[0] - c0[0], c1[1] - c0[1]], m1[0] - m0[0]);
+    let (d, msgs) = commands_window(&mgmt, 8);
     eprintln!(
         "qos host split: one connection on core 1: commands per core in 8 s {d:?}, {msgs} ring messages to core 0"
     );
@@ -3359,51 +3385,9 @@ fn a_namespace_iops_limit_is_split_across_the_cores_serving_it() {
     require_tap();
     keelctl();
     let net = tap_net(30);
-    // keelctl nvme bench's default subsystem (`Bench` names none).
-    let nqn = "nqn.2026-11.dev.keel:default";
-    let cfg = ScratchFile::new("qos-split.toml", 0);
-    std::fs::write(
-        cfg.path(),
-        format!(
-            r#"[network]
-address = "{net}.2/24"
-gateway = "{net}.1"
-
-[[subsystem]]
-nqn = "{nqn}"
-serial = "KEELQ1"
-model = "limited, every core"
-allowed_hosts = []
-
-[[namespace]]
-subsystem = "{nqn}"
-nsid = 1
-backend = {{ ram = "64MiB" }}
-qos = {{ iops = 2000 }}
-"#
-        ),
-    )
-    .unwrap();
-    let mut q = boot_config_on_tap(&net, cfg.path());
-    let serving =
-        format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
-    if !q.console().contains(&serving) {
-        q.wait_for(&serving, BOOT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let tap = tap_name(&q);
-    let addr = format!("{net}.2:4420");
-    let mgmt = format!("{net}.2:7000");
+    let (q, _cfg, tap, addr, mgmt) = limited_on_tap(&net, "KEELQ1", "iops = 2000", "");
     const LIMIT: u64 = 2000;
-    // (commands per core, ring messages core 0 took) over `secs` seconds.
-    let window = |secs: u64| -> ([u64; 2], u64) {
-        let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
-        let m0 = per_core(&mgmt, "messages_total", 2);
-        std::thread::sleep(Duration::from_secs(secs));
-        let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
-        let m1 = per_core(&mgmt, "messages_total", 2);
-        ([c1[0] - c0[0], c1[1] - c0[1]], m1[0] - m0[0])
-    };
+    let window = |secs: u64| commands_window(&mgmt, secs);
 
     // One connection alone, on core 1: nearly the whole limit, served there.
     let alone = bench_on_core(&mgmt, &addr, 1, 1, 40, [0, 0]);
