@@ -538,6 +538,10 @@ impl<H: Hw> Services<H> {
         // live does (`crate::fnq`): its RAM is made in shared regions, and the hub hears of
         // it once the pushed QoS is in force (below).
         let mut spread_pushed: Vec<(u16, String, Regions)> = Vec::new();
+        // Functions attached to a subsystem that runs already (another function's, or one
+        // NVMe/TCP serves): spread with it when the other cores' functions' replicas can
+        // serve it (`Services::attached_replica`), once the pushed QoS is in force.
+        let mut attached: Vec<(u16, String)> = Vec::new();
         for (slot, nqn) in &fx.create {
             let Some(sub) = new.subsystems.iter().find(|x| x.nqn == *nqn).cloned() else {
                 continue;
@@ -550,8 +554,8 @@ impl<H: Hw> Services<H> {
                 .collect();
             let ids: Vec<u32> = namespaces.iter().map(|n| n.nsid).collect();
             let fresh = !self.target.subsystem_views().any(|x| x.nqn == *nqn);
-            // A subsystem that runs already (another function's) is not announced: the
-            // cores' replicas would drop it with this function.
+            // A subsystem that runs already (another function's, or one NVMe/TCP serves) is
+            // not made again: the function is attached to it (`attached` below).
             let spread = fresh
                 && new.function_limits(*slot) == keel_controller::QosLimits::NONE
                 && self.spreads_under(&new, &namespaces);
@@ -571,7 +575,7 @@ impl<H: Hw> Services<H> {
                         spread_pushed.push((*slot, nqn.clone(), regions));
                     }
                 }
-                Ok(()) => {}
+                Ok(()) => attached.push((*slot, nqn.clone())),
                 Err(e) => needs_reboot.push(format!(
                     "function {slot} (subsystem {nqn}): not created now ({e}): it is at the next boot"
                 )),
@@ -630,6 +634,22 @@ impl<H: Hw> Services<H> {
                         subsystem: alloc::boxed::Box::new(r),
                     });
             }
+        }
+        for (slot, nqn) in attached {
+            if self.plan.function_limits(slot) != keel_controller::QosLimits::NONE {
+                continue;
+            }
+            let ev = match self.attached_replica(&nqn) {
+                Some(r) => crate::replica::FnEvent::Created {
+                    slot,
+                    subsystem: alloc::boxed::Box::new(r),
+                },
+                None if self.spreads_under(&self.plan, &self.plan_namespaces_of(&nqn)) => {
+                    crate::replica::FnEvent::Attached { slot, nqn }
+                }
+                None => continue,
+            };
+            self.replication.fn_events.push(ev);
         }
         self.plan.generation = cfg.generation;
         self.plan.source = Source::Push;
@@ -1312,6 +1332,39 @@ impl<H: Hw> Services<H> {
                         NsSpec::Remote { .. } => false,
                     }
             })
+    }
+
+    /// The replica the other cores' functions' replicas make of subsystem `nqn`, which runs
+    /// already, for a function a push attached to it (`None`: its pairs stay on core 0): a
+    /// subsystem core 0 describes for the other cores (`Services::replicable`: RAM in shared
+    /// regions, drives), not dropped, whose namespaces qualify as a new function's do
+    /// ([`Services::spreads_under`]: RAM, a drive every core has a functions' pair on, no
+    /// QoS limit or group). If the subsystem's other functions' pairs are spread already,
+    /// the hub adds this function's slot to them (`crate::fnq::Hub`); otherwise the other
+    /// cores add the subsystem first. A subsystem made for a function created live is not
+    /// described there: such a function's slot joins the pairs of the one(s) the other cores
+    /// serve (`FnEvent::Attached`).
+    fn attached_replica(&self, nqn: &str) -> Option<crate::services::ReplicaSubsystem> {
+        if self.replication.dropped.iter().any(|d| d == nqn) {
+            return None;
+        }
+        let r = self.replicable.iter().find(|s| s.nqn == nqn)?;
+        let namespaces = self.plan_namespaces_of(nqn);
+        let described = namespaces
+            .iter()
+            .all(|n| r.namespaces.iter().any(|x| x.nsid == n.nsid))
+            && r.namespaces.len() == namespaces.len();
+        (described && self.spreads_under(&self.plan, &namespaces)).then(|| r.clone())
+    }
+
+    /// The namespaces of subsystem `nqn` in the plan in force.
+    fn plan_namespaces_of(&self, nqn: &str) -> Vec<NsPlan> {
+        self.plan
+            .namespaces
+            .iter()
+            .filter(|n| n.subsystem == nqn)
+            .cloned()
+            .collect()
     }
 
     /// The replica the other cores make of a function just created with RAM namespaces in

@@ -848,6 +848,23 @@ impl Hub {
                         l.retire_soon(functions);
                     }
                 }
+                FnEvent::Attached { slot, nqn } => {
+                    let f = functions
+                        .get_mut(usize::from(slot))
+                        .filter(|e| e.slot == SlotState::Live && e.nqn == nqn)
+                        .and_then(|e| e.f.as_mut());
+                    let running = self.live.iter_mut().find(|l| l.nqn == nqn && !l.retiring);
+                    match (f, running) {
+                        (Some(f), Some(l)) if !self.home => {
+                            Self::join(l, slot, f, self.cores, "pushed")
+                        }
+                        _ => klog::warning!(
+                            "fnq: function {}: {} keeps its I/O queues on core 0 (the other cores do not serve its subsystem's functions)",
+                            slot,
+                            nqn
+                        ),
+                    }
+                }
                 FnEvent::Created { slot, subsystem } => {
                     Self::retire(&mut self.live, &mut self.outq, links, functions);
                     let Some(e) = functions
@@ -863,12 +880,17 @@ impl Hub {
                         "created live"
                     };
                     let Some(f) = e.f.as_mut() else { continue };
-                    if self.home || self.live.iter().any(|l| l.nqn == subsystem.nqn) {
+                    let running = self.live.iter_mut().find(|l| l.nqn == subsystem.nqn);
+                    if self.home || running.as_ref().is_some_and(|l| l.retiring) {
                         klog::warning!(
                             "fnq: function {}: {} keeps its I/O queues on core 0 (its previous function's pairs are not home yet, or every queue is core 0's)",
                             slot,
                             subsystem.nqn
                         );
+                        continue;
+                    }
+                    if let Some(l) = running {
+                        Self::join(l, slot, f, self.cores, how);
                         continue;
                     }
                     f.set_cores(self.cores);
@@ -1035,6 +1057,26 @@ impl Hub {
             }
             false
         });
+    }
+
+    /// Function `slot` (`f`), attached to subsystem `l` whose other functions' pairs the
+    /// other cores serve: its pairs join them (the other cores' replica of the subsystem
+    /// serves every function's controller).
+    fn join(
+        l: &mut LiveFn,
+        slot: u16,
+        f: &mut keel_nvme_pcie::PcieFunction,
+        cores: u16,
+        how: &str,
+    ) {
+        f.set_cores(cores);
+        if !l.slots.contains(&slot) {
+            l.slots.push(slot);
+        }
+        println!(
+            "fnq: function {} {} ({}, with its other functions): I/O queue q served on core q % {}",
+            slot, how, l.nqn, cores
+        );
     }
 
     /// Whether core 0 may sleep as far as the pairs go: nothing waits for room on a ring.

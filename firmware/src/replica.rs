@@ -134,12 +134,22 @@ pub(crate) struct Replication {
 /// A change the functions' hub (`crate::fnq::Hub`) acts on.
 #[derive(Debug)]
 pub(crate) enum FnEvent {
-    /// A function was created live on `slot`, and the other cores can serve its subsystem.
+    /// A function was created live on `slot` (or a push attached it to a subsystem that runs
+    /// already), and the other cores can serve its subsystem.
     Created {
         /// Its slot.
         slot: u16,
         /// Its subsystem, as the other cores' replicas make it.
         subsystem: alloc::boxed::Box<ReplicaSubsystem>,
+    },
+    /// A push attached the function on `slot` to subsystem `nqn`, which runs already with
+    /// another function whose pairs the other cores may serve: this one's join them (no
+    /// replica to make, the other cores have it).
+    Attached {
+        /// Its slot.
+        slot: u16,
+        /// The subsystem.
+        nqn: String,
     },
     /// Subsystem `nqn` changed (namespaces, QoS limits) or went (its function removed): no
     /// core but core 0 may serve its function's pairs from now on.

@@ -2829,6 +2829,111 @@ fn a_function_a_push_creates_is_made_for_every_core() {
     assert!(one.replication.fn_events.is_empty());
 }
 
+/// A function a push attaches to a subsystem that runs already (here the boot description's
+/// NVMe/TCP subsystem, whose RAM namespace every core serves: the push gives it `function =
+/// 1`) is announced to the functions' hub with the subsystem as core 0 describes it for the
+/// other cores, so its I/O queues spread (`crate::fnq::Hub` adds the subsystem to the other
+/// cores, or the slot to the subsystem's functions there). Not when the subsystem's RAM is
+/// not in shared regions, nor once the subsystem is dropped.
+#[test]
+fn a_function_a_push_attaches_to_a_running_subsystem_is_announced() {
+    use crate::replica::FnEvent;
+    use crate::services::{RamSharing, ReplicaSource};
+    use keel_mgmt::Device as _;
+    let build = |share| {
+        let identity: Identity<RamFlash> = Identity::new(None, None);
+        let cfg = identity.open(&signed_bundle(&dev_device(), 1), 0).unwrap();
+        let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+        let windows = (0..2u64)
+            .map(|i| WindowPort {
+                base: 0x1000_0000 * (i + 1),
+                size: 1 << 20,
+                ep: Ok(MemWindow::new(1 << 20)),
+            })
+            .collect();
+        let mut s: Services<TestHw> =
+            Services::build_with(plan, Vec::new(), windows, true, identity, share);
+        s.replication.functions = true;
+        s
+    };
+    let vol = "nqn.2026-12.test:vol";
+    let mut attached = dev_device();
+    attached.namespaces[0].function = Some(1);
+    let announced = |s: &mut Services<TestHw>| {
+        s.replication.fn_events.drain(..).find_map(|e| match e {
+            FnEvent::Created { slot: 1, subsystem } => Some(*subsystem),
+            _ => None,
+        })
+    };
+
+    let mut s = build(RamSharing::All);
+    let r = s.push(&signed_bundle(&attached, 2)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(s.functions[1].slot, keel_mgmt::SlotState::Live);
+    assert_eq!(s.functions[1].nqn, vol);
+    let replica = announced(&mut s).expect("the attached function is announced");
+    assert_eq!(replica.nqn, vol);
+    assert_eq!(replica.namespaces.len(), 1);
+    assert!(
+        matches!(replica.namespaces[0].source, ReplicaSource::Ram(_)),
+        "{replica:?}"
+    );
+
+    // Its RAM is core 0's alone: the function's queues stay there.
+    let mut s = build(RamSharing::Functions);
+    s.push(&signed_bundle(&attached, 2)).unwrap();
+    assert_eq!(s.functions[1].nqn, vol);
+    assert!(announced(&mut s).is_none());
+
+    // A subsystem no longer served on every core.
+    let mut s = build(RamSharing::All);
+    s.replication.drop_subsystem(vol);
+    s.replication.fn_events.clear();
+    s.push(&signed_bundle(&attached, 2)).unwrap();
+    assert_eq!(s.functions[1].nqn, vol);
+    assert!(announced(&mut s).is_none());
+
+    // A function moved to another slot on the subsystem a pushed function made (the other
+    // cores' functions' replicas have it, core 0 does not describe it): slot 1's goes, slot
+    // 0's is attached and joins its pairs (`FnEvent::Attached`).
+    const PUSHED: &str = "nqn.2026-12.test:moved";
+    let mut s = build(RamSharing::Functions);
+    let mut d = dev_device();
+    d.subsystems.push(keel_provision::Subsystem {
+        nqn: PUSHED.into(),
+        serial: None,
+        model: None,
+        allowed_hosts: vec![],
+    });
+    d.namespaces.push(keel_provision::Namespace {
+        subsystem: PUSHED.into(),
+        nsid: 1,
+        ..d.namespaces[0].clone()
+    });
+    d.namespaces[1].function = Some(1);
+    s.push(&signed_bundle(&d, 2)).unwrap();
+    assert!(
+        announced(&mut s).is_some_and(|r| r.nqn == PUSHED),
+        "slot 1's new subsystem"
+    );
+    d.namespaces[1].function = Some(0);
+    let r = s.push(&signed_bundle(&d, 3)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(s.functions[0].nqn, PUSHED);
+    assert_eq!(s.functions[1].slot, keel_mgmt::SlotState::Removing);
+    let events = core::mem::take(&mut s.replication.fn_events);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, FnEvent::Attached { slot: 0, nqn } if nqn == PUSHED)),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, FnEvent::Changed(_))),
+        "the subsystem stays where it is: {events:?}"
+    );
+}
+
 /// Issue 17, a boot function's RAM at `--smp N` (`crate::fnq`): its namespace is in a
 /// shared region every core's replica serves. Removed (a management request or a push),
 /// core 0 lets go of every reference of its own (its target's namespace, the description of

@@ -1520,8 +1520,8 @@ fn a_function_a_push_creates_is_served_on_every_core_and_a_removed_boot_function
         &rig,
         &format!("fnq: core 1 serves I/O queue pairs of the emulated function of {nqn} too"),
     );
-    let w = rig.window(1);
-    let bench = |round: u32| {
+    let bench = |slot: usize, round: u32| {
+        let w = rig.window(slot);
         let before = function_commands(&mgmt, 1);
         let r = ok(
             w,
@@ -1544,7 +1544,7 @@ fn a_function_a_push_creates_is_served_on_every_core_and_a_removed_boot_function
         );
         eprintln!("round {round}: core 1 served {} commands", after - before);
     };
-    bench(1);
+    bench(1, 1);
     console_has(
         &rig,
         &format!("fnq: core 1 serves I/O queue 1 of function 1 ({nqn}"),
@@ -1573,7 +1573,31 @@ fn a_function_a_push_creates_is_served_on_every_core_and_a_removed_boot_function
         std::thread::sleep(Duration::from_millis(200));
     }
     // The pushed function's queues stay on core 1.
-    bench(2);
+    bench(1, 2);
+    let console = rig.qemu.console();
+    assert!(!console.contains("fnq: namespaces changed"), "{console}");
+    assert!(
+        !console.contains(&format!("fnq: core 1 no longer serves pairs of {nqn}")),
+        "{console}"
+    );
+
+    // The function moves to slot 0 (free now): slot 1's goes, and the one the push puts on
+    // slot 0 is attached to a subsystem that runs already (core 1 serves it for slot 1's):
+    // its queues join core 1 too, and it reads what slot 1's wrote.
+    let moved = base.replace("function = 1", "function = 0");
+    let report = push_description(&d, &mgmt, 4, &moved);
+    assert!(!report.contains("not created"), "{report}");
+    console_has(
+        &rig,
+        &format!(
+            "fnq: function 0 pushed ({nqn}, with its other functions): I/O queue q served on core q % 2"
+        ),
+    );
+    bench(0, 3);
+    console_has(
+        &rig,
+        &format!("fnq: core 1 serves I/O queue 1 of function 0 ({nqn}"),
+    );
     let console = rig.qemu.console();
     assert!(!console.contains("fnq: namespaces changed"), "{console}");
     assert!(
