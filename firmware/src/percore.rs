@@ -557,6 +557,23 @@ impl Plane {
                     s.namespaces.push((**n).clone());
                 }
             }
+            (ReplicaOp::Qos(q), true) => {
+                println!("percore: core {core} applies the QoS of {nqn} changed live");
+                // Its description follows (a remote namespace added later takes it).
+                if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
+                    for n in &mut s.namespaces {
+                        if let Some((_, qos)) = q.namespaces.iter().find(|(id, _)| *id == n.nsid) {
+                            n.qos = qos.clone();
+                        }
+                    }
+                    let used = |g: &keel_controller::QosGroup| {
+                        s.namespaces
+                            .iter()
+                            .any(|n| n.qos.group.as_ref() == Some(&g.name))
+                    };
+                    s.groups = q.groups.iter().filter(|g| used(g)).cloned().collect();
+                }
+            }
             (ReplicaOp::Remove(nsid), true) => {
                 println!("percore: core {core} no longer serves namespace {nsid} of {nqn}");
                 if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {

@@ -2186,8 +2186,8 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
 
 /// Issue 17, the hot path: no core allocates per command, whether core 1 serves an I/O queue
 /// itself (adopted: a subsystem every core serves) or hands each command to core 0 (a
-/// subsystem whose namespace got a QoS limit live, which the other core's replica lacks: the
-/// command and its data buffer travel through the rings). Two runs of the same workload on a
+/// subsystem that got a namespace in a QoS group live, which the other cores' replicas do not
+/// follow: the command and its data buffer travel through the rings). Two runs of the same workload on a
 /// connection of core 1 that differ only in their number of commands differ by almost no
 /// allocator call on either core (`keel_core_allocator_calls_total`): connections cost
 /// allocations, commands do not.
@@ -2197,14 +2197,16 @@ fn no_core_allocates_per_command_adopted_or_forwarded() {
     keelctl();
     let net = tap_net(18);
     let cfg = ScratchFile::new("no-alloc.toml", 0);
-    // The forwarded subsystem's namespace gets a QoS limit live (below): the other core's
-    // replica was made without it, so its I/O queues are served through core 0.
+    // The forwarded subsystem gets a namespace in a QoS group live (below): the other cores'
+    // replicas do not follow that, so its I/O queues are served through core 0.
     let key = std::fs::read_to_string(keel_tests::provision::dev_key().with_extension("key.pub"))
         .unwrap();
     let key = key.trim();
-    let toml = |limited: bool| {
-        let limit = if limited {
-            "qos = { iops = 1000000000 }\n"
+    let toml = |grouped: bool| {
+        let grouped = if grouped {
+            "\n[[namespace]]\nsubsystem = \"nqn.2026-11.dev.keel:forwarded\"\nnsid = 2\n\
+             backend = { ram = \"16MiB\" }\nqos = { group = \"tenant\" }\n\n\
+             [[qos.group]]\nname = \"tenant\"\n"
         } else {
             ""
         };
@@ -2222,7 +2224,7 @@ allowed_hosts = []
 [[subsystem]]
 nqn = "nqn.2026-11.dev.keel:forwarded"
 serial = "KEELA2"
-model = "QoS limit set live: core 0"
+model = "QoS group added live: core 0"
 allowed_hosts = []
 
 [[namespace]]
@@ -2234,7 +2236,7 @@ backend = {{ ram = "64MiB" }}
 subsystem = "nqn.2026-11.dev.keel:forwarded"
 nsid = 1
 backend = {{ ram = "64MiB" }}
-{limit}
+{grouped}
 [management]
 port = 7000
 authorized_key = "{key}"
@@ -2258,9 +2260,9 @@ authorized_key = "{key}"
         .as_secs()
         + 1000;
     let d = keel_tests::provision::Dir::new("no-alloc-push");
-    push_config(&d, &mgmt, "limited", generation, &toml(true));
+    push_config(&d, &mgmt, "grouped", generation, &toml(true));
     q.wait_for(
-        "nqn.2026-11.dev.keel:forwarded: QoS limits now apply",
+        "nqn.2026-11.dev.keel:forwarded: I/O queues adopted by other cores end",
         Duration::from_secs(30),
     )
     .unwrap_or_else(|e| panic!("{e}"));

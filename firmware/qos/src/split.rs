@@ -70,6 +70,53 @@ pub fn limits_share(limits: Limits, mine: usize, demands: &[u32]) -> Limits {
     }
 }
 
+/// A scheduler's part of new limits `new` while its part of the old ones (`base`) was
+/// `part`, until its next split computes it from demands: every rate of `new` scaled by the
+/// fraction of its rate it had (`part / base`, of the same rate when `base` had it, else of
+/// the first rate both have; none: not split, the whole of `new`), rounded down, at least 1.
+/// The parts of schedulers that split `base` from the same demands then sum to at most `new`
+/// (as far as theirs summed to at most `base`): a live change of a split limit takes effect
+/// on every scheduler at once, in proportion, without a pass at the whole new limits.
+pub fn rescale_part(base: Limits, part: Limits, new: Limits) -> Limits {
+    let pairs = [
+        (base.iops, part.iops),
+        (base.read_iops, part.read_iops),
+        (base.write_iops, part.write_iops),
+        (base.bps, part.bps),
+        (base.read_bps, part.read_bps),
+        (base.write_bps, part.write_bps),
+    ];
+    let fraction = |i: usize| match pairs[i] {
+        (Some(b), Some(p)) if b.per_sec > 0 => Some((p.per_sec, b.per_sec)),
+        _ => None,
+    };
+    let any = (0..6).find_map(fraction);
+    let Some(any) = any else {
+        return new;
+    };
+    let scale = |i: usize, r: Option<Rate>| {
+        r.map(|r| {
+            let (num, den) = fraction(i).unwrap_or(any);
+            let f = |x: u64| {
+                (((u128::from(x) * u128::from(num)) / u128::from(den.max(1))) as u64)
+                    .clamp(1, x.max(1))
+            };
+            Rate {
+                per_sec: f(r.per_sec),
+                burst: f(r.burst),
+            }
+        })
+    };
+    Limits {
+        iops: scale(0, new.iops),
+        read_iops: scale(1, new.read_iops),
+        write_iops: scale(2, new.write_iops),
+        bps: scale(3, new.bps),
+        read_bps: scale(4, new.read_bps),
+        write_bps: scale(5, new.write_bps),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
