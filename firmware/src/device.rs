@@ -719,14 +719,91 @@ impl<H: Hw> Services<H> {
         self.replicable.retain(|s| s.nqn != nqn);
     }
 
-    /// After a QoS change: subsystems the other cores serve that now have limits counted on
-    /// one core (function limits), or whose namespaces' limits or groups (or their groups'
-    /// limits) changed from those the other cores' replicas were made with (a live change
-    /// does not reach them), are no longer adopted there (`Replication::drop_subsystem`);
-    /// when the host rules changed (`hosts_changed`), every one is: the replicas of the
-    /// controllers of queues adopted so far have their hosts' limits as they were at
-    /// adoption (`keel_controller::Adoption::limits`). Namespace, group and host (controller)
-    /// limits the replicas have are split across the cores (`crate::shares::LimitSharing`).
+    /// Whether the QoS the plan in force gives subsystem `s`'s namespaces (or their groups)
+    /// differs from its description's (what the other cores' replicas have).
+    fn replica_qos_differs(&self, s: &crate::services::ReplicaSubsystem) -> bool {
+        let groups = self.plan.qos_groups();
+        self.plan
+            .namespaces
+            .iter()
+            .filter(|n| n.subsystem == s.nqn)
+            .any(|n| {
+                let q = self.plan.namespace_qos(n);
+                let now = s.namespaces.iter().find(|r| r.nsid == n.nsid);
+                now.is_some_and(|r| r.qos != q)
+                    || now.is_none() && (q.limits.any() || q.group.is_some())
+                    || q.group.as_ref().is_some_and(|g| {
+                        groups.iter().find(|x| x.name == *g)
+                            != s.groups.iter().find(|x| x.name == *g)
+                    })
+            })
+    }
+
+    /// Sends the QoS the plan in force gives subsystem `nqn` to every core serving it
+    /// (`ReplicaOp::Qos`: its namespaces', its groups', and with `hosts_changed` the host
+    /// rules and core 0's controllers' new limits), and keeps its description in step (later
+    /// adds and adoptions use it). Core 0's own target has it already (`apply_qos`).
+    fn stage_qos(&mut self, nqn: &str, hosts_changed: bool) {
+        let plan_groups = self.plan.qos_groups();
+        let namespaces: Vec<(u32, keel_controller::NamespaceQos)> = self
+            .plan
+            .namespaces
+            .iter()
+            .filter(|n| n.subsystem == nqn)
+            .map(|n| (n.nsid, self.plan.namespace_qos(n)))
+            .collect();
+        if let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == nqn) {
+            for r in &mut s.namespaces {
+                if let Some((_, q)) = namespaces.iter().find(|(id, _)| *id == r.nsid) {
+                    r.qos = q.clone();
+                }
+            }
+            s.groups = plan_groups
+                .iter()
+                .filter(|g| {
+                    s.namespaces
+                        .iter()
+                        .any(|n| n.qos.group.as_ref() == Some(&g.name))
+                })
+                .cloned()
+                .collect();
+        }
+        // Every group of the replicas' subsystems (the replicas' own groups are those).
+        let mut groups: Vec<keel_controller::QosGroup> = Vec::new();
+        for g in self.replicable.iter().flat_map(|s| &s.groups) {
+            if !groups.iter().any(|x| x.name == g.name) {
+                groups.push(g.clone());
+            }
+        }
+        let qos = crate::replica::ReplicaQos {
+            namespaces,
+            groups,
+            hosts: hosts_changed.then(|| self.plan.host_qos()),
+            controllers: if hosts_changed {
+                self.target.controller_limits(nqn)
+            } else {
+                Vec::new()
+            },
+        };
+        klog::info!(
+            "config: {}: QoS changed live: applied on every core serving it ({} namespace(s), {} controller(s))",
+            nqn,
+            qos.namespaces.len(),
+            qos.controllers.len()
+        );
+        self.replication
+            .stage(nqn, ReplicaOp::Qos(alloc::boxed::Box::new(qos)), None);
+    }
+
+    /// After a QoS change: subsystems every core serves (their NVMe/TCP replicas) get it
+    /// on every core ([`Services::stage_qos`]) and stay spread; each core splits the new
+    /// namespace, group and host (controller) limits by demand
+    /// (`crate::shares::LimitSharing`). Subsystems with an emulated function keep the
+    /// fallback: those that now have limits counted on one core (function limits), or whose
+    /// namespaces' limits or groups (or their groups' limits) changed from those the other
+    /// cores' replicas were made with, are no longer adopted there
+    /// (`Replication::drop_subsystem`), and when the host rules changed
+    /// (`hosts_changed`), every one is.
     fn drop_limited(&mut self, hosts_changed: bool) {
         let everywhere = hosts_changed;
         let none = keel_controller::QosLimits::NONE;
@@ -777,6 +854,26 @@ impl<H: Hw> Services<H> {
         for nqn in live {
             self.replication.fn_changed(&nqn);
         }
+        // Subsystems every core serves, without an emulated function: the change goes to
+        // every core (`ReplicaOp::Qos`) and they stay spread; any whose QoS changed at all
+        // (weights and commands at the drive too) gets it.
+        let spread: Vec<String> = self
+            .replicable
+            .iter()
+            .filter(|s| {
+                self.replication.follows(&s.nqn)
+                    && !self.function_subsystem(&s.nqn)
+                    && (hosts_changed || self.replica_qos_differs(s))
+            })
+            .map(|s| s.nqn.clone())
+            .collect();
+        for nqn in &spread {
+            self.stage_qos(nqn, hosts_changed);
+        }
+        let limited: Vec<String> = limited
+            .into_iter()
+            .filter(|nqn| !spread.contains(nqn))
+            .collect();
         for nqn in limited {
             if !self.replication.dropped.contains(&nqn) {
                 klog::warning!(
@@ -799,6 +896,18 @@ impl<H: Hw> Services<H> {
             let before = self.target.namespace_generation();
             match st.change.op {
                 ReplicaOp::Retire => {}
+                ReplicaOp::Qos(_) => {
+                    // Core 0 applied it at the push: one core that could not makes the
+                    // subsystem come home.
+                    if outcome != Outcome::Replicated {
+                        klog::warning!(
+                            "percore: a QoS change of {} was not applied by every core: its I/O queues adopted by other cores end, new ones are served through core 0",
+                            nqn
+                        );
+                        self.replication.drop_subsystem(&nqn);
+                    }
+                    continue;
+                }
                 ReplicaOp::Remove(nsid) => {
                     self.forget_replica_ns(&nqn, nsid);
                     // A remote volume no namespace uses any more goes (and its lanes).

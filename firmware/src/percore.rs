@@ -11,14 +11,14 @@
 //! that connection ([`Holder`], owner [`FORWARD_OWNER`]) and sends the completion and data
 //! back ([`FromHolder`]). When the command was the Connect of an I/O queue of a subsystem
 //! every core can serve ([`ReplicaSubsystem`]: RAM namespaces in shared regions and drive
-//! namespaces, AES-XTS encrypted or not, no QoS limits), core 0 also sends its
+//! namespaces, AES-XTS encrypted or not, no function with controller limits), core 0 also sends its
 //! [`keel_controller::Adoption`]: core `k` then serves that queue entirely on its own, from a
 //! replica of the controller in its own target: RAM namespaces over the same memory, drive
 //! namespaces through core `k`'s own I/O queue pair on each drive (created by core 0, which
 //! keeps the drive's admin queue and resets, and handed over in [`ServeSpec::drives`]:
 //! `keel_nvme_driver::CoreQueue`, whose doorbells only core `k` writes). No lock, no message
 //! and no allocation per I/O. Every other queue (admin queues, discovery, I/O queues of
-//! subsystems with QoS-limited namespaces) stays forwarded: a message
+//! subsystems that fell back to core 0) stays forwarded: a message
 //! each way per command, whose data buffer (core `k`'s) travels with it and is the one core
 //! 0's target runs the command on: no copy, no allocation; the buffer comes back with the
 //! answer, or in a [`FromHolder::Release`] when the connection went away meanwhile.
@@ -34,7 +34,8 @@
 //! [`FromHolder::Terminate`] for the core carrying its connection; a connection a core
 //! loses becomes a [`ToHolder::Closed`] there. Live namespace changes of RAM and drive
 //! namespaces reach every core's replica before core 0's target ([`crate::replica`],
-//! [`Plane::on_replica`]), so adopted queues stay adopted; a change that cannot be followed
+//! [`Plane::on_replica`]), and so do live QoS changes ([`crate::replica::ReplicaOp::Qos`],
+//! applied to the replica's limiters in place), so adopted queues stay adopted; a change that cannot be followed
 //! ends the adopted queues of its subsystem only and forwards its later I/O queues
 //! ([`crate::replica::Replication::dropped`]); a change nobody logged ends every adopted
 //! queue and forwards every later I/O queue, as before. A core serving adopted queues
@@ -555,6 +556,23 @@ impl Plane {
                 );
                 if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
                     s.namespaces.push((**n).clone());
+                }
+            }
+            (ReplicaOp::Qos(q), true) => {
+                println!("percore: core {core} applies the QoS of {nqn} changed live");
+                // Its description follows (a remote namespace added later takes it).
+                if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
+                    for n in &mut s.namespaces {
+                        if let Some((_, qos)) = q.namespaces.iter().find(|(id, _)| *id == n.nsid) {
+                            n.qos = qos.clone();
+                        }
+                    }
+                    let used = |g: &keel_controller::QosGroup| {
+                        s.namespaces
+                            .iter()
+                            .any(|n| n.qos.group.as_ref() == Some(&g.name))
+                    };
+                    s.groups = q.groups.iter().filter(|g| used(g)).cloned().collect();
                 }
             }
             (ReplicaOp::Remove(nsid), true) => {

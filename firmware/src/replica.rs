@@ -27,6 +27,12 @@
 //! from [`Replication::dropped`] with their own cursor; a change nobody logged keeps the old
 //! fallback (every adopted queue ends, every later one is forwarded to core 0).
 //!
+//! A push that changes the QoS of such a subsystem (its namespaces' limits, weights or groups,
+//! its groups' limits, or the host rules) stages a [`ReplicaOp::Qos`] the same way: core 0
+//! applied the change to its own target already; every core applies it to its replica, so
+//! the subsystem stays served by every core, each splitting the new limits by demand. One a
+//! core cannot apply drops that subsystem only.
+//!
 //! Per change only: the messages, the clones and the log entries are made once per change,
 //! never per I/O.
 
@@ -60,11 +66,36 @@ pub enum ReplicaOp {
     Add(alloc::boxed::Box<ReplicaNs>),
     /// Remove namespace `nsid`.
     Remove(u32),
+    /// The subsystem's QoS changed live (a push): core 0 applied it already
+    /// (`Services::apply_qos`); each core applies it to its replica and acks, and a core
+    /// that cannot (it does not serve the subsystem) makes core 0 stop adopting that
+    /// subsystem only. Core 0 has nothing left to do when every core acked.
+    Qos(alloc::boxed::Box<ReplicaQos>),
     /// Core 0 no longer adopts queues of the subsystem ([`Replication::drop_subsystem`]):
     /// the replica forgets it (its controllers there end, each namespace's backend is
     /// dropped once drained, so the memory of its shared RAM regions can go). Never staged
     /// and never acked: the holder sends it when it ends the subsystem's adoptions.
     Retire,
+}
+
+/// A live QoS change of one subsystem ([`ReplicaOp::Qos`]), as core 0 has it after the push:
+/// what a replica needs to enforce the same limits (each core then takes its part of them by
+/// demand, `crate::shares::LimitSharing`, under the same keys as before).
+#[derive(Debug, Clone)]
+pub struct ReplicaQos {
+    /// Every namespace of the subsystem: its NSID and its new QoS (limits, weight, group,
+    /// commands at the drive; a replica keeps its own domain).
+    pub namespaces: Vec<(u32, keel_controller::NamespaceQos)>,
+    /// Every group the replicas' subsystems' namespaces are in, with its definition (a
+    /// replica's groups are those: `crate::services::replica_target_shares`).
+    pub groups: Vec<keel_controller::QosGroup>,
+    /// The new host rules, when they changed (the replica's target keeps them; its
+    /// controllers take their holders' limits, below).
+    pub hosts: Option<Vec<keel_controller::HostQos>>,
+    /// Core 0's controllers of the subsystem and their limits, when the host rules changed:
+    /// the replicas of those controllers (queues adopted by another core) take them
+    /// (`keel_controller::Target::set_replica_controller_limits`).
+    pub controllers: Vec<(u16, keel_controller::QosLimits)>,
 }
 
 /// A staged change on core 0.

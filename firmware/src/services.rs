@@ -1267,6 +1267,7 @@ pub(crate) fn apply_replica_change(
     match &change.op {
         ReplicaOp::Remove(nsid) => target.remove_namespace(&change.subsystem, *nsid).is_ok(),
         ReplicaOp::Retire => target.remove_subsystem(&change.subsystem).is_ok(),
+        ReplicaOp::Qos(q) => apply_replica_qos(target, &change.subsystem, q),
         ReplicaOp::Add(n) => {
             let Some(cfg) = live_replica_namespace(n, shared, drive) else {
                 return false;
@@ -1285,6 +1286,48 @@ pub(crate) fn apply_replica_change(
             }
         }
     }
+}
+
+/// Applies a live QoS change of subsystem `nqn` ([`crate::replica::ReplicaQos`]) to a replica
+/// target: the groups first (its namespaces may name new ones), the host rules (its replica
+/// controllers keep their holders' limits), each namespace's QoS, then each replica
+/// controller's new limits. The limiters stay (their keys in the split across cores too):
+/// each takes the new limits, its buckets keeping their levels. A namespace it does not have
+/// yet (a remote one, added with its lane from the description, which carries the new QoS)
+/// is skipped. Returns whether it was applied (false: the replica does not serve `nqn`, or
+/// refused a namespace's QoS).
+pub(crate) fn apply_replica_qos(
+    target: &mut Target,
+    nqn: &str,
+    q: &crate::replica::ReplicaQos,
+) -> bool {
+    use keel_controller::TargetError;
+    if !target.has_subsystem(nqn) {
+        return false;
+    }
+    target.set_qos_groups(q.groups.clone());
+    if let Some(h) = &q.hosts {
+        target.set_host_qos(h.clone());
+    }
+    let mut ok = true;
+    for (nsid, qos) in &q.namespaces {
+        match target.set_namespace_qos(nqn, *nsid, qos.clone()) {
+            Ok(()) | Err(TargetError::UnknownNamespace) => {}
+            Err(e) => {
+                klog::error!(
+                    "percore: namespace {} of {}: QoS not applied ({})",
+                    nsid,
+                    nqn,
+                    klog::Dbg(&e)
+                );
+                ok = false;
+            }
+        }
+    }
+    for &(cntlid, limits) in &q.controllers {
+        let _ = target.set_replica_controller_limits(nqn, cntlid, limits);
+    }
+    ok
 }
 
 /// A namespace added to a running replica: a RAM one over its region, a drive one through

@@ -846,22 +846,21 @@ fn a_core_that_does_not_ack_makes_core_0_apply_alone_and_drop_the_subsystem() {
     }
 }
 
-/// Changes the replicas cannot follow fall back for their subsystem only: QoS limits
-/// appearing on the subsystem's namespace drop it (its adopted queues end, later ones are
-/// forwarded) with nothing staged; a namespace added once it is dropped changes core 0 at
-/// once and is explained for the watchers; without other cores (no holder) nothing is ever
-/// staged.
+/// Changes the replicas cannot follow fall back for their subsystem only: a namespace added
+/// in a QoS group (the replicas take a namespace added live only outside groups) is added on
+/// core 0 alone and drops the subsystem (its adopted queues end, later ones are forwarded)
+/// with nothing staged; a namespace added once it is dropped changes core 0 at once and is
+/// explained for the watchers; without other cores (no holder) nothing is ever staged.
 #[test]
 fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
     use keel_mgmt::Device as _;
-    use keel_provision::{NamespaceQos, QosLimits, QosRate};
+    use keel_provision::{NamespaceQos, QosGroup, QosLimits, QosRate};
     let nqn = crate::config::DEFAULT_NQN;
     let (mut h, _replica, _shares) = replicated();
     let g0 = h.s.target.namespace_generation();
     let mut desc = h.s.plan.to_device();
-    desc.qos.namespaces.push(NamespaceQos {
-        subsystem: nqn.into(),
-        nsid: 1,
+    desc.qos.groups.push(QosGroup {
+        name: "g".into(),
         limits: QosLimits {
             write_iops: Some(QosRate {
                 per_sec: 100,
@@ -869,8 +868,17 @@ fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
             }),
             ..Default::default()
         },
+        weight: 0,
+    });
+    let mut three = desc.namespaces[0].clone();
+    three.nsid = 3;
+    desc.namespaces.push(three);
+    desc.qos.namespaces.push(NamespaceQos {
+        subsystem: nqn.into(),
+        nsid: 3,
+        limits: QosLimits::default(),
         weight: 1,
-        group: None,
+        group: Some("g".into()),
     });
     let r =
         h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
@@ -879,7 +887,11 @@ fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
     assert_eq!(h.s.replication.dropped, [nqn.to_string()]);
     assert!(!h.s.replication.follows(nqn));
     assert!(!h.s.replication.pending());
-    assert_eq!(h.s.target.namespace_generation(), g0);
+    assert_eq!(nsids(&h.s.target), [1, 2, 3]);
+    assert!(
+        h.s.replication
+            .explains(g0, h.s.target.namespace_generation())
+    );
     // A namespace added now changes core 0 at once (nothing staged), explained.
     let mut four = desc.namespaces[0].clone();
     four.nsid = 4;
@@ -887,7 +899,7 @@ fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
     h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
         .expect("push");
     assert!(!h.s.replication.pending());
-    assert_eq!(nsids(&h.s.target), [1, 2, 4]);
+    assert_eq!(nsids(&h.s.target), [1, 2, 3, 4]);
     assert!(
         h.s.replication
             .explains(g0, h.s.target.namespace_generation())
@@ -1241,4 +1253,236 @@ fn a_subsystem_with_host_limits_is_served_by_every_core_and_each_controller_s_li
         (1000, 1000),
         "both idle: even parts"
     );
+
+    // A push lowering the host rule to 1000 IOPS: the subsystem stays spread, and the
+    // replica's controller takes its controller's new limits (no new adoption).
+    {
+        use crate::replica::ReplicaOp;
+        use keel_mgmt::Device as _;
+        let r = &mut h.s.replication;
+        r.cores = 0b10;
+        r.subsystems = vec![nqn.to_string()];
+        let mut desc = h.s.plan.to_device();
+        desc.qos.hosts[0].limits.iops = Some(QosRate {
+            per_sec: 1000,
+            burst: None,
+        });
+        let r =
+            h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+                .expect("push");
+        assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+        assert!(
+            h.s.replication.dropped.is_empty(),
+            "the subsystem stays spread"
+        );
+        let t = now();
+        let changes = h.s.replication.take_unsent(t, 0b10);
+        assert_eq!(changes.len(), 1);
+        let ReplicaOp::Qos(q) = &changes[0].op else {
+            panic!("{:?}", changes[0].op)
+        };
+        assert_eq!(q.hosts.as_ref().map(Vec::len), Some(1));
+        assert_eq!(q.controllers.len(), 1);
+        assert_eq!(q.controllers[0].0, cntlid);
+        assert_eq!(q.controllers[0].1.iops.unwrap().per_sec, 1000);
+        let mut shares = Vec::new();
+        assert!(crate::services::apply_replica_change(
+            &mut dev.services.target,
+            &mut shares,
+            &changes[0],
+            &mut |_, _| None
+        ));
+        h.s.replication.ack(changes[0].seq, 1, true);
+        assert!(h.s.finish_replicated(t));
+        assert!(h.s.replication.dropped.is_empty());
+        assert!(h.s.replication.follows(nqn));
+        let on1b: Vec<_> = dev.services.target.shared_limits().collect();
+        assert_eq!(keys(&on1b), [key], "the same key");
+        assert_eq!(on1b[0].limiter, on1[0].limiter, "the same limiter");
+        assert_eq!(
+            iops(&dev.services.target, on1[0].limiter),
+            500,
+            "its part of the new limits at once"
+        );
+        assert_eq!(iops(&h.s.target, on0[0].limiter), 500);
+        x1.tend(&table, 0b11, 0, &mut dev.services.target);
+        x0.tend(&table, 0b11, 0, &mut h.s.target);
+        assert_eq!(
+            (
+                iops(&h.s.target, on0[0].limiter),
+                iops(&dev.services.target, on1[0].limiter)
+            ),
+            (500, 500)
+        );
+        // Alone, the replica's controller has the whole new limits.
+        x1.tend(&table, 0b10, 0, &mut dev.services.target);
+        assert_eq!(iops(&dev.services.target, on1[0].limiter), 1000);
+    }
+}
+
+/// Issue 17, a live QoS change of a subsystem every core serves: a push giving namespace 1 a
+/// 2000 IOPS limit and putting namespace 2 in a 5000 IOPS group does not drop the subsystem
+/// to core 0: it is staged (`ReplicaOp::Qos`), the other core's replica applies it (the
+/// namespace's and the group's limiters under the same keys as core 0's), core 0's
+/// description follows; a second push lowering the limit to 1000 reaches the replica's same
+/// limiter, whose part (half, split evenly while both idle) follows the new limit at once and
+/// is re-split from it. A core that cannot apply it (it does not serve the subsystem) drops
+/// that subsystem only.
+#[test]
+fn a_pushed_namespace_limit_reaches_every_core_and_its_subsystem_stays_spread() {
+    use crate::replica::ReplicaOp;
+    use keel_mgmt::Device as _;
+    use keel_provision::{NamespaceQos, QosGroup, QosLimits, QosRate};
+    let nqn = crate::config::DEFAULT_NQN;
+    let (mut h, mut replica, mut shares) = replicated();
+    let rate = |per_sec| QosLimits {
+        iops: Some(QosRate {
+            per_sec,
+            burst: None,
+        }),
+        ..Default::default()
+    };
+    let push = |h: &mut Holder, ns1: u64, group: u64| {
+        let mut desc = h.s.plan.to_device();
+        desc.qos.namespaces = vec![
+            NamespaceQos {
+                subsystem: nqn.into(),
+                nsid: 1,
+                limits: rate(ns1),
+                weight: 1,
+                group: None,
+            },
+            NamespaceQos {
+                subsystem: nqn.into(),
+                nsid: 2,
+                limits: QosLimits::default(),
+                weight: 1,
+                group: Some("g".into()),
+            },
+        ];
+        desc.qos.groups = vec![QosGroup {
+            name: "g".into(),
+            limits: rate(group),
+            weight: 0,
+        }];
+        let r =
+            h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+                .expect("push");
+        assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    };
+    // Applies the staged change on core 1's replica (`ok`: it serves the subsystem) and
+    // finishes it on core 0.
+    let replicate = |h: &mut Holder,
+                     replica: &mut keel_controller::Target,
+                     shares: &mut crate::services::ReplicaShares,
+                     ok: bool| {
+        let t = now();
+        let changes = h.s.replication.take_unsent(t, 0b10);
+        assert_eq!(changes.len(), 1);
+        let ReplicaOp::Qos(q) = &changes[0].op else {
+            panic!("{:?}", changes[0].op)
+        };
+        assert_eq!(q.namespaces.len(), 2);
+        assert_eq!(q.groups.len(), 1);
+        assert!(q.hosts.is_none() && q.controllers.is_empty());
+        let mut c = changes[0].clone();
+        if !ok {
+            c.subsystem = "nqn.2026-12.test:elsewhere".into();
+        }
+        assert_eq!(
+            crate::services::apply_replica_change(replica, shares, &c, &mut |_, _| None),
+            ok
+        );
+        h.s.replication.ack(c.seq, 1, ok);
+        assert!(h.s.finish_replicated(t));
+        assert!(!h.s.replication.pending());
+    };
+    push(&mut h, 2000, 5000);
+    assert!(
+        h.s.replication.dropped.is_empty(),
+        "the subsystem stays spread"
+    );
+    assert!(h.s.replication.follows(nqn));
+    assert!(h.s.replication.pending(), "staged for every core");
+    replicate(&mut h, &mut replica, &mut shares, true);
+    assert!(h.s.replication.dropped.is_empty());
+    assert!(h.s.replication.follows(nqn));
+    // Core 0's description follows (later replicas and added namespaces use it).
+    let d = &h.s.replicable[0];
+    assert_eq!(
+        d.namespaces[0].qos.limits.iops,
+        Some(keel_qos::Rate::new(2000))
+    );
+    assert_eq!(d.namespaces[1].qos.group.as_deref(), Some("g"));
+    assert_eq!(d.groups.len(), 1);
+    // The same limiters, under the same keys, on both.
+    let key = keel_controller::limit_key(nqn, 1);
+    let gkey = keel_controller::group_key("g");
+    let keys = |v: &[keel_controller::SharedLimit]| v.iter().map(|l| l.key).collect::<Vec<_>>();
+    let on0: Vec<_> = h.s.target.shared_limits().collect();
+    let on1: Vec<_> = replica.shared_limits().collect();
+    assert_eq!(keys(&on0), [key, gkey]);
+    assert_eq!(keys(&on1), [key, gkey], "the replica has the new limits");
+    let iops = |t: &keel_controller::Target, l| t.limits_in_force(l).iops.unwrap().per_sec;
+    assert_eq!(
+        (
+            iops(&replica, on1[0].limiter),
+            iops(&replica, on1[1].limiter)
+        ),
+        (2000, 5000)
+    );
+    // Split through the table as the cores do: even parts while both are idle.
+    let table: Vec<crate::shares::DemandRow> = (0..crate::shares::DEMAND_ROWS)
+        .map(|_| crate::shares::DemandRow::new())
+        .collect();
+    let mut x0 = crate::shares::LimitSharing::new(crate::shares::demand_row(0, false));
+    let mut x1 = crate::shares::LimitSharing::new(crate::shares::demand_row(1, false));
+    x0.tend(&table, 0b11, 0, &mut h.s.target);
+    assert_eq!(x1.tend(&table, 0b11, 0, &mut replica), 2);
+    assert_eq!(x0.tend(&table, 0b11, 0, &mut h.s.target), 2);
+    assert_eq!(
+        (
+            iops(&h.s.target, on0[0].limiter),
+            iops(&replica, on1[0].limiter)
+        ),
+        (1000, 1000)
+    );
+    // Lowered to 1000: the replica's part of the new limit at once, then re-split from it.
+    push(&mut h, 1000, 5000);
+    assert!(h.s.replication.dropped.is_empty());
+    replicate(&mut h, &mut replica, &mut shares, true);
+    let on1b: Vec<_> = replica.shared_limits().collect();
+    assert_eq!(
+        on1b,
+        on1.iter()
+            .map(|l| keel_controller::SharedLimit { demand: 0, ..*l })
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(iops(&replica, on1[0].limiter), 500);
+    assert_eq!(
+        replica
+            .namespace_views()
+            .find(|v| v.nsid == 1)
+            .unwrap()
+            .qos
+            .limits
+            .iops,
+        Some(keel_qos::Rate::new(1000)),
+        "the replica's namespace has the new limit"
+    );
+    x1.tend(&table, 0b11, 0, &mut replica);
+    x0.tend(&table, 0b11, 0, &mut h.s.target);
+    assert_eq!(
+        (
+            iops(&h.s.target, on0[0].limiter),
+            iops(&replica, on1[0].limiter)
+        ),
+        (500, 500)
+    );
+    assert!(h.s.replication.dropped.is_empty());
+    // A core that cannot apply it: that subsystem comes home.
+    push(&mut h, 3000, 5000);
+    replicate(&mut h, &mut replica, &mut shares, false);
+    assert_eq!(h.s.replication.dropped, [nqn.to_string()]);
+    assert!(!h.s.replication.follows(nqn));
 }

@@ -2186,8 +2186,8 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
 
 /// Issue 17, the hot path: no core allocates per command, whether core 1 serves an I/O queue
 /// itself (adopted: a subsystem every core serves) or hands each command to core 0 (a
-/// subsystem whose namespace got a QoS limit live, which the other core's replica lacks: the
-/// command and its data buffer travel through the rings). Two runs of the same workload on a
+/// subsystem that got a namespace in a QoS group live, which the other cores' replicas do not
+/// follow: the command and its data buffer travel through the rings). Two runs of the same workload on a
 /// connection of core 1 that differ only in their number of commands differ by almost no
 /// allocator call on either core (`keel_core_allocator_calls_total`): connections cost
 /// allocations, commands do not.
@@ -2197,14 +2197,16 @@ fn no_core_allocates_per_command_adopted_or_forwarded() {
     keelctl();
     let net = tap_net(18);
     let cfg = ScratchFile::new("no-alloc.toml", 0);
-    // The forwarded subsystem's namespace gets a QoS limit live (below): the other core's
-    // replica was made without it, so its I/O queues are served through core 0.
+    // The forwarded subsystem gets a namespace in a QoS group live (below): the other cores'
+    // replicas do not follow that, so its I/O queues are served through core 0.
     let key = std::fs::read_to_string(keel_tests::provision::dev_key().with_extension("key.pub"))
         .unwrap();
     let key = key.trim();
-    let toml = |limited: bool| {
-        let limit = if limited {
-            "qos = { iops = 1000000000 }\n"
+    let toml = |grouped: bool| {
+        let grouped = if grouped {
+            "\n[[namespace]]\nsubsystem = \"nqn.2026-11.dev.keel:forwarded\"\nnsid = 2\n\
+             backend = { ram = \"16MiB\" }\nqos = { group = \"tenant\" }\n\n\
+             [[qos.group]]\nname = \"tenant\"\n"
         } else {
             ""
         };
@@ -2222,7 +2224,7 @@ allowed_hosts = []
 [[subsystem]]
 nqn = "nqn.2026-11.dev.keel:forwarded"
 serial = "KEELA2"
-model = "QoS limit set live: core 0"
+model = "QoS group added live: core 0"
 allowed_hosts = []
 
 [[namespace]]
@@ -2234,7 +2236,7 @@ backend = {{ ram = "64MiB" }}
 subsystem = "nqn.2026-11.dev.keel:forwarded"
 nsid = 1
 backend = {{ ram = "64MiB" }}
-{limit}
+{grouped}
 [management]
 port = 7000
 authorized_key = "{key}"
@@ -2258,9 +2260,9 @@ authorized_key = "{key}"
         .as_secs()
         + 1000;
     let d = keel_tests::provision::Dir::new("no-alloc-push");
-    push_config(&d, &mgmt, "limited", generation, &toml(true));
+    push_config(&d, &mgmt, "grouped", generation, &toml(true));
     q.wait_for(
-        "nqn.2026-11.dev.keel:forwarded: QoS limits now apply",
+        "nqn.2026-11.dev.keel:forwarded: I/O queues adopted by other cores end",
         Duration::from_secs(30),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -3450,4 +3452,123 @@ fn a_namespace_iops_limit_is_split_across_the_cores_serving_it() {
     drop(on1);
     drop(on0);
     ends_clean(q, &tap, &[]);
+}
+
+/// A live QoS change reaches every core: at `--smp 2 --net tap`, a subsystem whose RAM
+/// namespace has a 2000 IOPS limit (booted from a configuration) is served on every core,
+/// one connection benching on each. A signed push lowers the limit to 1000 IOPS while they
+/// run: the change goes to core 1's replica (`ReplicaOp::Qos`), so the subsystem is not
+/// dropped to core 0 (no "served through core 0" line, core 1's connection is not ended and
+/// keeps being served there, few ring messages to core 0), and the two cores together stay
+/// within the new limit (+10%: the buckets' bursts and the pass in which parts move) and use
+/// most of it.
+#[test]
+fn a_pushed_namespace_limit_reaches_every_core_serving_it() {
+    require_tap();
+    keelctl();
+    let net = tap_net(34);
+    // keelctl nvme bench's default subsystem (`Bench` names none).
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let key = std::fs::read_to_string(keel_tests::provision::dev_key().with_extension("key.pub"))
+        .unwrap();
+    let key = key.trim();
+    let toml = |iops: u64| {
+        format!(
+            r#"[network]
+address = "{net}.2/24"
+gateway = "{net}.1"
+
+[[subsystem]]
+nqn = "{nqn}"
+serial = "KEELQ3"
+model = "limit changed live, every core"
+allowed_hosts = []
+
+[[namespace]]
+subsystem = "{nqn}"
+nsid = 1
+backend = {{ ram = "64MiB" }}
+qos = {{ iops = {iops} }}
+
+[management]
+port = 7000
+authorized_key = "{key}"
+"#
+        )
+    };
+    let cfg = ScratchFile::new("qos-live.toml", 0);
+    std::fs::write(cfg.path(), toml(2000)).unwrap();
+    let mut q = boot_config_on_tap(&net, cfg.path());
+    let serving =
+        format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
+    if !q.console().contains(&serving) {
+        q.wait_for(&serving, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tap = tap_name(&q);
+    let addr = format!("{net}.2:4420");
+    let mgmt = format!("{net}.2:7000");
+    // (commands per core, ring messages core 0 took) over `secs` seconds.
+    let window = |secs: u64| -> ([u64; 2], u64) {
+        let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
+        let m0 = per_core(&mgmt, "messages_total", 2);
+        std::thread::sleep(Duration::from_secs(secs));
+        let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
+        let m1 = per_core(&mgmt, "messages_total", 2);
+        ([c1[0] - c0[0], c1[1] - c0[1]], m1[0] - m0[0])
+    };
+
+    // One connection on each core, under the booted 2000 IOPS.
+    let on0 = bench_on_core(&mgmt, &addr, 1, 0, 120, [0, 0]);
+    let (busy, _) = window(2);
+    let on1 = bench_on_core(&mgmt, &addr, 1, 1, 100, busy);
+    let (d, msgs) = window(6);
+    eprintln!(
+        "qos live: before the push (2000 IOPS): commands per core in 6 s {d:?} ({} IOPS together), {msgs} ring messages to core 0",
+        (d[0] + d[1]) / 6
+    );
+
+    // The push: 1000 IOPS. qemu/run signed the boot configuration with the time as its
+    // generation.
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1000;
+    let dir = keel_tests::provision::Dir::new("qos-live-push");
+    push_config(&dir, &mgmt, "lowered", generation, &toml(1000));
+    q.wait_for(
+        &format!("percore: core 1 applies the QoS of {nqn} changed live"),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(1));
+    const LIMIT: u64 = 1000;
+    let secs = 10;
+    let (d, msgs) = window(secs);
+    let total = (d[0] + d[1]) / secs;
+    eprintln!(
+        "qos live: after the push ({LIMIT} IOPS): commands per core in {secs} s {d:?} ({total} IOPS together), {msgs} ring messages to core 0"
+    );
+    assert!(
+        total <= LIMIT * 110 / 100,
+        "{total} IOPS for a limit lowered to {LIMIT}"
+    );
+    assert!(total >= LIMIT * 70 / 100, "{total} IOPS: the limit is used");
+    assert!(
+        d[1] * 100 >= (d[0] + d[1]) * 25,
+        "core 1 served {} of {d:?}: it keeps its connection",
+        d[1]
+    );
+    assert!(
+        msgs * 10 < d[0] + d[1],
+        "{msgs} messages for {d:?} commands: core 1's are not forwarded"
+    );
+    let c = q.console();
+    for bad in ["served through core 0", "adopted by other cores end"] {
+        assert!(!c.contains(bad), "{bad:?} on the console:\n{c}");
+    }
+    drop(on1);
+    drop(on0);
+    ends_clean(q, &tap, &["served through core 0"]);
 }

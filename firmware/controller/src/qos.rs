@@ -311,7 +311,10 @@ impl Target {
     }
 
     /// Replaces the per-host rules live; every controller's limits follow (a local
-    /// controller's set with [`Target::set_controller_limits`] are replaced too).
+    /// controller's set with [`Target::set_controller_limits`] are replaced too). A replica's
+    /// controller (its queues adopted here, [`crate::Adoption`]) has no host NQN: its limits
+    /// are its holder's, which come with its adoptions and
+    /// [`Target::set_replica_controller_limits`], and stay.
     pub fn set_host_qos(&mut self, rules: Vec<HostQos>) {
         self.host_qos = rules;
         let now = self.now.as_nanos();
@@ -319,9 +322,67 @@ impl Target {
             let Some(Some(c)) = self.ctrls.get(ci) else {
                 continue;
             };
+            if c.replica {
+                continue;
+            }
             let (l, id) = (self.host_limits(&c.hostnqn), c.limiter);
             let _ = self.sched.set_limits(id, l, now);
         }
+    }
+
+    /// The configured limits of every controller of subsystem `subnqn` held here (not a
+    /// replica's), by CNTLID: what a live change of the host rules gave them, for the replicas
+    /// of those controllers on other cores ([`Target::set_replica_controller_limits`]).
+    pub fn controller_limits(&self, subnqn: &str) -> Vec<(u16, QosLimits)> {
+        let Some(si) = self.subsys_index(subnqn).filter(|&si| si != DISCOVERY) else {
+            return Vec::new();
+        };
+        self.ctrls
+            .iter()
+            .flatten()
+            .filter(|c| !c.replica && c.subsys == si)
+            .map(|c| {
+                let l = self
+                    .sched
+                    .limiter_base(c.limiter)
+                    .unwrap_or(QosLimits::NONE);
+                (c.cntlid, l)
+            })
+            .collect()
+    }
+
+    /// Sets the limits of the replica of controller `cntlid` of subsystem `subnqn` (its I/O
+    /// queues adopted here) to its holder's new ones, live: the limiter stays (so does its
+    /// key in the split across cores, [`controller_key`]), its buckets keep their level and
+    /// its part is that of the new limits until the next split ([`keel_qos::Scheduler::set_limits`]).
+    /// Returns whether such a replica is here (none: no queue of it was adopted here, and a
+    /// later adoption carries the limits).
+    pub fn set_replica_controller_limits(
+        &mut self,
+        subnqn: &str,
+        cntlid: u16,
+        limits: QosLimits,
+    ) -> Result<bool, TargetError> {
+        let si = self
+            .subsys_index(subnqn)
+            .filter(|&si| si != DISCOVERY)
+            .ok_or(TargetError::UnknownSubsystem)?;
+        let Some(l) = self
+            .ctrls
+            .iter()
+            .flatten()
+            .find(|c| c.replica && c.cntlid == cntlid && c.subsys == si)
+            .map(|c| c.limiter)
+        else {
+            return Ok(false);
+        };
+        if self.sched.limiter_base(l) != Some(limits) {
+            let now = self.now.as_nanos();
+            self.sched
+                .set_limits(l, limits, now)
+                .map_err(|_| TargetError::UnknownQueue)?;
+        }
+        Ok(true)
     }
 
     /// Sets the limits of the controller whose admin queue is `admin` (an emulated

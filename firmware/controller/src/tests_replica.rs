@@ -324,6 +324,18 @@ fn a_replica_of_a_limited_host_s_controller_has_its_limits_and_splits_them_under
     replica.t.adopt_io_queue(replica.now, q2, &b).unwrap();
     let on1: Vec<_> = replica.t.shared_limits().collect();
     assert_eq!(on1.len(), 1);
+    // Its part of the new limits at once (in the proportion of its part of the old ones,
+    // 1999 of 2000), the whole new limits once alone.
+    assert_eq!(
+        replica
+            .t
+            .limits_in_force(on1[0].limiter)
+            .iops
+            .unwrap()
+            .per_sec,
+        499
+    );
+    replica.t.set_limit_split(on1[0].limiter, 0, &[8]);
     assert_eq!(replica.t.limits_in_force(on1[0].limiter), lower);
 }
 
@@ -333,4 +345,115 @@ fn a_replica_of_an_unlimited_controller_publishes_nothing() {
     assert_eq!(a.limits, QosLimits::NONE);
     assert_eq!(r.t.shared_limits().count(), 0);
     assert_eq!(holder.t.shared_limits().count(), 0);
+}
+
+/// A live change of a host's rule reaches the replica of its controller on another core
+/// without a new adoption: the holder lists its controllers' new limits
+/// ([`Target::controller_limits`]), the replica's controller takes them
+/// ([`Target::set_replica_controller_limits`]) on the same limiter, under the same split key;
+/// the replica's own host rules (none here, or any) leave its controller's limits alone.
+#[test]
+fn a_replica_controller_takes_its_holder_s_new_limits_live_under_the_same_key() {
+    let limits = QosLimits {
+        iops: Some(keel_qos::Rate::new(2000).with_burst(20)),
+        ..QosLimits::NONE
+    };
+    let mut holder = H::new();
+    holder.t.set_host_qos(vec![HostQos {
+        hostnqn: "*".into(),
+        limits,
+    }]);
+    let (_admin, cntlid) = holder.admin(SUB, crate::tests::HOST, 0);
+    let io0 = holder.io_queue(2, cntlid);
+    let a = holder.t.adoption(io0).unwrap();
+    let mut replica = H::new();
+    let q = replica.t.open_queue().unwrap();
+    replica.t.adopt_io_queue(replica.now, q, &a).unwrap();
+    holder.t.served_elsewhere(io0, true);
+    let before: Vec<_> = replica.t.shared_limits().collect();
+    assert_eq!(before.len(), 1);
+    // Split evenly with the holder, then the rule is lowered on the holder.
+    replica.t.set_limit_split(before[0].limiter, 0, &[1, 1]);
+    assert_eq!(
+        replica
+            .t
+            .limits_in_force(before[0].limiter)
+            .iops
+            .unwrap()
+            .per_sec,
+        1000
+    );
+    let lower = QosLimits {
+        iops: Some(keel_qos::Rate::new(1000).with_burst(10)),
+        ..QosLimits::NONE
+    };
+    holder.t.set_host_qos(vec![HostQos {
+        hostnqn: "*".into(),
+        limits: lower,
+    }]);
+    assert_eq!(holder.t.controller_limits(SUB), [(cntlid, lower)]);
+    assert!(
+        holder
+            .t
+            .controller_limits("nqn.2026-01.test:none")
+            .is_empty()
+    );
+    // Host rules given to the replica's target do not touch its controller (it has no
+    // host NQN: the `*` rule would be a stranger's).
+    replica.t.set_host_qos(vec![HostQos {
+        hostnqn: "*".into(),
+        limits: QosLimits {
+            iops: Some(keel_qos::Rate::new(7)),
+            ..QosLimits::NONE
+        },
+    }]);
+    assert_eq!(
+        replica
+            .t
+            .limits_in_force(before[0].limiter)
+            .iops
+            .unwrap()
+            .per_sec,
+        1000,
+        "the replica's controller kept its holder's limits"
+    );
+    for (id, l) in holder.t.controller_limits(SUB) {
+        assert_eq!(
+            replica.t.set_replica_controller_limits(SUB, id, l),
+            Ok(true)
+        );
+    }
+    assert_eq!(
+        replica
+            .t
+            .set_replica_controller_limits(SUB, cntlid.wrapping_add(1), lower),
+        Ok(false),
+        "no replica of that controller here"
+    );
+    assert!(
+        replica
+            .t
+            .set_replica_controller_limits("nqn.2026-01.test:none", cntlid, lower)
+            .is_err()
+    );
+    let after: Vec<_> = replica.t.shared_limits().collect();
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        after[0].key,
+        controller_key(SUB, cntlid),
+        "the same split key"
+    );
+    assert_eq!(after[0].limiter, before[0].limiter, "the same limiter");
+    // In force: half of the new limits at once (the part it had), the whole alone.
+    assert_eq!(
+        replica
+            .t
+            .limits_in_force(after[0].limiter)
+            .iops
+            .unwrap()
+            .per_sec,
+        500
+    );
+    replica.t.set_limit_split(after[0].limiter, 0, &[1]);
+    assert_eq!(replica.t.limits_in_force(after[0].limiter), lower);
 }

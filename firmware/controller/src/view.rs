@@ -182,6 +182,11 @@ impl Target {
             })
     }
 
+    /// Whether the target serves NVM subsystem `nqn`.
+    pub fn has_subsystem(&self, nqn: &str) -> bool {
+        self.subsys_index(nqn).is_some_and(|si| si != DISCOVERY)
+    }
+
     /// Whether subsystem `nqn` has an active namespace `nsid`.
     pub fn has_namespace(&self, nqn: &str, nsid: u32) -> bool {
         self.subsys_index(nqn)

@@ -41,4 +41,4 @@ pub use sched::{
     Admit, DomainId, FlowId, FlowStats, LimiterId, LimiterStats, SchedError, Scheduler, Share,
     cap_share,
 };
-pub use split::{limits_share, rate_share};
+pub use split::{limits_share, rate_share, rescale_part};

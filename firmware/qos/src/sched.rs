@@ -365,7 +365,11 @@ impl Scheduler {
         Ok(LimiterId(i as u16))
     }
 
-    /// Changes a limiter's limits live (see [`Limiter::set`]).
+    /// Changes a limiter's limits live (see [`Limiter::set`]): its configured limits become
+    /// `limits`; while split ([`Scheduler::set_limiter_split`]), the limits in force are its
+    /// part of them in the proportion of its part of the old ones ([`crate::rescale_part`])
+    /// until the next split computes the part from the new ones. The buckets keep their
+    /// levels (clamped to the new bursts): no burst is created.
     pub fn set_limits(
         &mut self,
         id: LimiterId,
@@ -373,7 +377,13 @@ impl Scheduler {
         now_ns: u64,
     ) -> Result<(), SchedError> {
         let slot = self.slot_mut(id).ok_or(SchedError::Unknown)?;
-        slot.lim.set(limits, now_ns);
+        let part = slot.lim.limits();
+        let in_force = if part == slot.base {
+            limits
+        } else {
+            crate::rescale_part(slot.base, part, limits)
+        };
+        slot.lim.set(in_force, now_ns);
         slot.base = limits;
         self.refresh_limited();
         Ok(())

@@ -70,9 +70,81 @@ pub fn limits_share(limits: Limits, mine: usize, demands: &[u32]) -> Limits {
     }
 }
 
+/// A scheduler's part of new limits `new` while its part of the old ones (`base`) was
+/// `part`, until its next split computes it from demands: every rate and burst of `new`
+/// scaled by the fraction of it it had (`part / base`, of the same rate's rate or burst when
+/// `base` had it, else of the first rate both have; none: not split, the whole of `new`),
+/// rounded down, at least 1. Unchanged limits give the same part; the parts of schedulers
+/// that split `base` from the same demands sum to at most `new` (as far as theirs summed to
+/// at most `base`): a live change of a split limit takes effect on every scheduler at once,
+/// in proportion, without a pass at the whole new limits.
+pub fn rescale_part(base: Limits, part: Limits, new: Limits) -> Limits {
+    let pairs = [
+        (base.iops, part.iops),
+        (base.read_iops, part.read_iops),
+        (base.write_iops, part.write_iops),
+        (base.bps, part.bps),
+        (base.read_bps, part.read_bps),
+        (base.write_bps, part.write_bps),
+    ];
+    // (rate's fraction, burst's fraction) as (numerator, denominator).
+    let fraction = |i: usize| match pairs[i] {
+        (Some(b), Some(p)) => Some(((p.per_sec, b.per_sec.max(1)), (p.burst, b.burst.max(1)))),
+        _ => None,
+    };
+    let Some((any, _)) = (0..6).find_map(fraction) else {
+        return new;
+    };
+    let f = |x: u64, (num, den): (u64, u64)| {
+        (((u128::from(x) * u128::from(num)) / u128::from(den)) as u64).clamp(1, x.max(1))
+    };
+    let scale = |i: usize, r: Option<Rate>| {
+        r.map(|r| {
+            let (rate, burst) = fraction(i).unwrap_or((any, any));
+            Rate {
+                per_sec: f(r.per_sec, rate),
+                burst: f(r.burst, burst),
+            }
+        })
+    };
+    Limits {
+        iops: scale(0, new.iops),
+        read_iops: scale(1, new.read_iops),
+        write_iops: scale(2, new.write_iops),
+        bps: scale(3, new.bps),
+        read_bps: scale(4, new.read_bps),
+        write_bps: scale(5, new.write_bps),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_rescaled_to_new_limits_keeps_its_proportion() {
+        let l = |per_sec| Limits {
+            iops: Some(Rate::new(per_sec)),
+            ..Limits::NONE
+        };
+        let demands = [3, 1];
+        let parts = [0, 1].map(|i| limits_share(l(2000), i, &demands));
+        // Unchanged limits: the same part.
+        assert_eq!(rescale_part(l(2000), parts[0], l(2000)), parts[0]);
+        // Lowered: each in proportion, together within the new limits.
+        let new = [0, 1].map(|i| rescale_part(l(2000), parts[i], l(1000)).iops.unwrap());
+        assert_eq!(new.map(|r| r.per_sec), [750, 250]);
+        assert!(new.iter().map(|r| r.burst).sum::<u64>() <= 100);
+        // Not split: the whole new limits; a rate appearing takes the others' fraction.
+        assert_eq!(rescale_part(l(2000), l(2000), l(10)), l(10));
+        assert_eq!(rescale_part(Limits::NONE, Limits::NONE, l(10)), l(10));
+        let with_bw = Limits {
+            bps: Some(Rate::new(4000)),
+            ..l(1000)
+        };
+        let r = rescale_part(l(2000), parts[1], with_bw);
+        assert_eq!(r.bps.unwrap().per_sec, 1000);
+    }
 
     #[test]
     fn alone_gets_the_whole_rate() {

@@ -241,3 +241,56 @@ fn unsplit_limits_on_two_cores_would_double_the_rate() {
         cores[1].done
     );
 }
+
+/// A live change of a split limit (`Scheduler::set_limits`, a push lowering a namespace's
+/// 2000 IOPS to 1000 while two cores split it evenly): the part in force follows the new
+/// limit at once in proportion (500, not the whole 1000 until the next split), the next
+/// split computes it from the new limit, and the bucket keeps its level (clamped to the
+/// new, smaller burst): no command more than the new part's burst starts at once.
+#[test]
+fn a_split_limit_changed_live_is_split_from_its_new_value() {
+    let iops = |per_sec| Limits {
+        iops: Some(Rate::new(per_sec)),
+        ..Limits::NONE
+    };
+    let mut s = Scheduler::new(1024);
+    let d = s.add_domain(0).unwrap();
+    let l = s.add_limiter(iops(2000), 0).unwrap();
+    let f = s.add_flow(d, 1, &[l]).unwrap();
+    let in_force = |s: &Scheduler| s.limiter(l).unwrap().limits().iops.unwrap();
+    assert!(s.set_limiter_split(l, 0, &[1, 1], 0).unwrap());
+    assert_eq!(in_force(&s).per_sec, 1000);
+    s.set_limits(l, iops(1000), 0).unwrap();
+    assert_eq!(s.limiter_base(l), Some(iops(1000)));
+    assert_eq!(
+        in_force(&s),
+        Rate {
+            per_sec: 500,
+            burst: 50
+        },
+        "half of the new limit at once"
+    );
+    // The next split, from the same demands: the same part, from the new limit.
+    assert!(!s.set_limiter_split(l, 0, &[1, 1], 0).unwrap());
+    assert!(s.set_limiter_split(l, 0, &[3, 1], 0).unwrap());
+    assert_eq!(in_force(&s).per_sec, 750);
+    // Raised back: the part grows in proportion, and the bucket does not refill.
+    s.set_limits(l, iops(4000), 0).unwrap();
+    assert_eq!(in_force(&s).per_sec, 3000);
+    let mut started = 0;
+    for h in 0..1024 {
+        if s.enqueue(0, f, h, READ4K).unwrap() == Admit::Now {
+            started += 1;
+        }
+    }
+    while s.next(0).is_some() {
+        started += 1;
+    }
+    assert!(
+        started <= 50,
+        "{started} started at once: at most the level the bucket kept (50, clamped when lowered)"
+    );
+    // Alone again: the whole new limit.
+    assert!(s.set_limiter_split(l, 0, &[5], 0).unwrap());
+    assert_eq!(in_force(&s).per_sec, 4000);
+}
