@@ -532,11 +532,12 @@ impl<H: Hw> Services<H> {
             }
         }
         // New functions (a hot plug each): their subsystems made with their namespaces
-        // unless they run already. One whose new subsystem qualifies under the pushed plan's
-        // QoS (no limit on the function, its namespaces or a group; RAM or a drive
-        // every core has a pair on) spreads its I/O queues over the cores as one created
-        // live does (`crate::fnq`): its RAM is made in shared regions, and the hub hears of
-        // it once the pushed QoS is in force (below).
+        // unless they run already. One whose new subsystem qualifies (RAM or a drive every
+        // core has a pair on; QoS limits of the function, its namespaces or their groups
+        // go with it and are split across the cores) spreads its I/O queues over the cores
+        // as one created live does (`crate::fnq`): its RAM is made in shared regions, and
+        // the hub hears of it once the pushed QoS is in force (below), so that its
+        // controller has the pushed limits before any pair leaves core 0.
         let mut spread_pushed: Vec<(u16, String, Regions)> = Vec::new();
         for (slot, nqn) in &fx.create {
             let Some(sub) = new.subsystems.iter().find(|x| x.nqn == *nqn).cloned() else {
@@ -552,9 +553,7 @@ impl<H: Hw> Services<H> {
             let fresh = !self.target.subsystem_views().any(|x| x.nqn == *nqn);
             // A subsystem that runs already (another function's) is not announced: the
             // cores' replicas would drop it with this function.
-            let spread = fresh
-                && new.function_limits(*slot) == keel_controller::QosLimits::NONE
-                && self.spreads_under(&new, &namespaces);
+            let spread = fresh && self.spreads(&namespaces);
             let mut regions = Regions::new();
             let r = self.start_function_now(
                 *slot,
@@ -609,19 +608,24 @@ impl<H: Hw> Services<H> {
                 .cloned()
                 .collect();
             let hosts_changed = self.plan.host_qos() != new.host_qos();
+            // The limits in force on the functions that ran before the push (their
+            // replicas' controllers have them, `keel_controller::Adoption::limits`).
+            let fn_before: Vec<(u16, keel_controller::QosLimits)> = self
+                .functions
+                .iter()
+                .filter(|e| e.slot == SlotState::Live && !fx.create.iter().any(|c| c.0 == e.index))
+                .map(|e| (e.index, self.plan.function_limits(e.index)))
+                .collect();
             self.plan.qos = new.qos.clone();
             self.plan.qos.functions.extend(created);
             self.apply_qos(&mut needs_reboot);
-            self.drop_limited(hosts_changed);
+            self.drop_limited(hosts_changed, &fn_before);
         }
         // The pushed functions that spread, now that the plan's QoS is the pushed one (their
         // replicas' drive shares are its): announced to the functions' hub after the
         // `FnEvent::Changed` their creation logged (`start_function_now`), as for a function
         // created live.
         for (slot, nqn, regions) in spread_pushed {
-            if self.plan.function_limits(slot) != keel_controller::QosLimits::NONE {
-                continue;
-            }
             if let Some(r) = self.created_replica(&nqn, regions) {
                 self.replication
                     .fn_events
@@ -699,15 +703,21 @@ impl<H: Hw> Services<H> {
         self.replicable.retain(|s| s.nqn != nqn);
     }
 
-    /// After a QoS change: subsystems the other cores serve that now have limits counted on
-    /// one core (function limits), or whose namespaces' limits or groups (or their groups'
-    /// limits) changed from those the other cores' replicas were made with (a live change
-    /// does not reach them), are no longer adopted there (`Replication::drop_subsystem`);
-    /// when the host rules changed (`hosts_changed`), every one is: the replicas of the
-    /// controllers of queues adopted so far have their hosts' limits as they were at
-    /// adoption (`keel_controller::Adoption::limits`). Namespace, group and host (controller)
-    /// limits the replicas have are split across the cores (`crate::shares::LimitSharing`).
-    fn drop_limited(&mut self, hosts_changed: bool) {
+    /// After a QoS change: subsystems the other cores serve whose emulated function's limits
+    /// changed from those in force before the push (`fn_before`: the replicas' controllers
+    /// have those their queues were adopted with), or whose namespaces' limits or groups (or
+    /// their groups' limits) changed from those the other cores' replicas were made with (a
+    /// live change does not reach them), are no longer adopted there
+    /// (`Replication::drop_subsystem`); when the host rules changed (`hosts_changed`), every
+    /// one is: the replicas of the controllers of queues adopted so far have their hosts'
+    /// limits as they were at adoption (`keel_controller::Adoption::limits`). Namespace,
+    /// group, host and function (controller) limits the replicas have are split across the
+    /// cores (`crate::shares::LimitSharing`).
+    fn drop_limited(
+        &mut self,
+        hosts_changed: bool,
+        fn_before: &[(u16, keel_controller::QosLimits)],
+    ) {
         let everywhere = hosts_changed;
         let none = keel_controller::QosLimits::NONE;
         let plan = &self.plan;
@@ -737,7 +747,11 @@ impl<H: Hw> Services<H> {
                     .any(|n| {
                         let q = plan.namespace_qos(n);
                         !as_replicas(n, &q)
-                            || n.function.is_some_and(|f| plan.function_limits(f) != none)
+                            || n.function.is_some_and(|f| {
+                                fn_before
+                                    .iter()
+                                    .any(|&(s, l)| s == f && l != plan.function_limits(f))
+                            })
                     })
         };
         let limited: Vec<String> = self
@@ -1287,30 +1301,19 @@ impl<H: Hw> Services<H> {
 
     /// Whether a function about to be created can have its I/O queue pairs served on every
     /// core (`crate::fnq`, as boot functions: [`crate::services::ReplicaSubsystem`]): other
-    /// cores serve functions' pairs, no QoS limit (on the function, its namespaces or a
-    /// group) and every namespace RAM or on a drive every such core has a queue pair on.
-    /// Host rules do not apply to a function's controller (it has the function's limits,
-    /// none here: `Target::set_controller_limits`), and whatever limits it has go with each
-    /// pair adopted (`keel_controller::Adoption::limits`).
-    fn spreads(&self, spec: &FunctionSpec, namespaces: &[NsPlan]) -> bool {
-        spec.limits.is_empty() && self.spreads_under(&self.plan, namespaces)
-    }
-
-    /// What [`Services::spreads`] asks beyond the function's own limits, with the group
-    /// and namespace QoS of `plan` (a pushed plan's, before it is in force).
-    fn spreads_under(&self, plan: &Plan, namespaces: &[NsPlan]) -> bool {
-        let none = keel_controller::QosLimits::NONE;
+    /// cores serve functions' pairs and every namespace is RAM or on a drive every such core
+    /// has a queue pair on. QoS limits do not stop it: the function's controller limits
+    /// (host rules do not apply to a function's controller) are set on core 0 when its
+    /// admin queue appears (`Target::set_controller_limits`), before the host can create an
+    /// I/O queue, and go with each pair adopted (`keel_controller::Adoption::limits`); its
+    /// namespaces' and their groups' are in the replica ([`Services::created_replica`]);
+    /// every core takes its part of each by demand (`crate::shares::LimitSharing`).
+    fn spreads(&self, namespaces: &[NsPlan]) -> bool {
         self.replication.functions
-            && plan.qos_groups().is_empty()
-            && namespaces.iter().all(|n| {
-                let q = plan.namespace_qos(n);
-                q.limits == none
-                    && q.group.is_none()
-                    && match n.spec {
-                        NsSpec::Ram(_) => true,
-                        NsSpec::Drive { drive, .. } => self.replication.fn_drives.contains(&drive),
-                        NsSpec::Remote { .. } => false,
-                    }
+            && namespaces.iter().all(|n| match n.spec {
+                NsSpec::Ram(_) => true,
+                NsSpec::Drive { drive, .. } => self.replication.fn_drives.contains(&drive),
+                NsSpec::Remote { .. } => false,
             })
     }
 
@@ -1349,8 +1352,17 @@ impl<H: Hw> Services<H> {
             serial: sub.serial.clone(),
             model: sub.model.clone(),
             allowed_hosts: sub.allowed_hosts.clone(),
+            groups: self
+                .plan
+                .qos_groups()
+                .into_iter()
+                .filter(|g| {
+                    namespaces
+                        .iter()
+                        .any(|n| n.qos.group.as_ref() == Some(&g.name))
+                })
+                .collect(),
             namespaces,
-            groups: Vec::new(),
         })
     }
 
@@ -1372,7 +1384,7 @@ impl<H: Hw> Services<H> {
         let (sub, namespaces) = self.created_plan(spec)?;
         // Its pairs spread over the cores like a boot function's when the other cores can
         // serve it (`crate::fnq`): RAM in shared regions, drives every core has a pair on.
-        let spread = self.spreads(spec, &namespaces);
+        let spread = self.spreads(&namespaces);
         let mut regions = Regions::new();
         self.start_function_now(
             spec.slot,
