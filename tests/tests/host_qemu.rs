@@ -1627,9 +1627,6 @@ fn a_function_a_push_creates_is_served_on_every_core_and_a_removed_boot_function
 /// (core 1 served none).
 #[test]
 fn a_function_with_an_iops_limit_is_served_on_every_core_within_its_limit() {
-    const LIMIT: f64 = 2000.0;
-    const BURST: f64 = 200.0;
-    const SECONDS: &str = "6";
     let nvmf = "nqn.2026-11.dev.keel:default";
     let f0 = "nqn.2026-11.dev.keel:fn0";
     let cfg = ScratchFile::new("fn-qos-every-core.toml", 0);
@@ -1639,7 +1636,7 @@ fn a_function_with_an_iops_limit_is_served_on_every_core_within_its_limit() {
             "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nvmf}\"\n\n[[subsystem]]\nnqn = \"{f0}\"\n\n\
              [[namespace]]\nsubsystem = \"{nvmf}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\" }}\n\n\
              [[namespace]]\nsubsystem = \"{f0}\"\nnsid = 1\nbackend = {{ ram = \"64MiB\" }}\nfunction = 0\n\n\
-             [[qos.function]]\nfunction = 0\niops = {{ rate = {LIMIT}, burst = {BURST} }}\n"
+             [[qos.function]]\nfunction = 0\niops = {{ rate = 2000, burst = 200 }}\n"
         ),
     )
     .unwrap();
@@ -1656,8 +1653,22 @@ fn a_function_with_an_iops_limit_is_served_on_every_core_within_its_limit() {
         &rig,
         &format!("fnq: emulated functions of [\"{f0}\"]: I/O queue q served on core q % 2"),
     );
+    limited_bench(&rig, &mgmt, f0, "boot function");
+    let console = rig.qemu.console();
+    assert!(!console.contains("fnq: namespaces changed"), "{console}");
+    rig.assert_healthy();
+}
+
+/// Function 0 (subsystem `nqn`) has an iops limit of 2000 with a burst of 200: a 2-queue QD8
+/// read bench for 6 s through window 0; core 1 serves I/O queue 1 and some of the commands,
+/// and the host gets the limit (at most the rate times the time plus 5% and both buckets'
+/// bursts, at least 70%).
+fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str) {
+    const LIMIT: f64 = 2000.0;
+    const BURST: f64 = 200.0;
+    const SECONDS: &str = "6";
     let w = rig.window(0);
-    let before = [function_commands(&mgmt, 0), function_commands(&mgmt, 1)];
+    let before = [function_commands(mgmt, 0), function_commands(mgmt, 1)];
     let r = ok(
         w,
         &[
@@ -1673,7 +1684,7 @@ fn a_function_with_an_iops_limit_is_served_on_every_core_within_its_limit() {
             "--json",
         ],
     );
-    let after = [function_commands(&mgmt, 0), function_commands(&mgmt, 1)];
+    let after = [function_commands(mgmt, 0), function_commands(mgmt, 1)];
     let j: serde_json::Value =
         serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
     let ios = j["ios"].as_u64().expect("ios") as f64;
@@ -1681,16 +1692,16 @@ fn a_function_with_an_iops_limit_is_served_on_every_core_within_its_limit() {
     let on = [after[0] - before[0], after[1] - before[1]];
     let ceiling = LIMIT * elapsed * 1.05 + 2.0 * BURST;
     eprintln!(
-        "function QoS on every core: {ios} commands in {elapsed:.2} s ({:.0} IOPS, limit {LIMIT}, ceiling {ceiling:.0}); commands served per core (core 0 includes admin) {on:?}",
+        "function QoS on every core ({what}): {ios} commands in {elapsed:.2} s ({:.0} IOPS, limit {LIMIT}, ceiling {ceiling:.0}); commands served per core (core 0 includes admin) {on:?}",
         ios / elapsed
     );
     console_has(
-        &rig,
-        &format!("fnq: core 1 serves I/O queue 1 of function 0 ({f0}"),
+        rig,
+        &format!("fnq: core 1 serves I/O queue 1 of function 0 ({nqn}"),
     );
     assert!(
         on[1] > 0,
-        "core 1 served no command of the limited function"
+        "core 1 served no command of the limited function ({what})"
     );
     assert!(
         ios <= ceiling,
@@ -1700,6 +1711,57 @@ fn a_function_with_an_iops_limit_is_served_on_every_core_within_its_limit() {
         ios >= LIMIT * elapsed * 0.7,
         "{ios} commands in {elapsed:.2} s: far under the function's {LIMIT} IOPS"
     );
+}
+
+/// Issue 17, a function created live with an iops limit at `--smp 2` (`keelctl function
+/// create --limit iops=2000/200` on a free slot): spread like one without limits (core 1
+/// adds its subsystem and serves I/O queue 1), its controller's limit set before the first
+/// pair leaves core 0 and split between core 0 and core 1 ([`limited_bench`]). Before,
+/// a function created with limits kept every queue on core 0.
+#[test]
+fn a_function_created_live_with_an_iops_limit_is_served_on_every_core_within_it() {
+    let mport = free_port();
+    let mp = mport.to_string();
+    let rig = Rig::boot_live(
+        "live-limited-every-core",
+        1,
+        0,
+        Some("keel.fn.boot=0 keel.ram=16"),
+        &["--smp", "2", "--mgmt-port", &mp],
+    );
+    let mgmt = format!("127.0.0.1:{mport}");
+    let nqn = "nqn.2026-12.test.live:limited";
+    let out = function_ok(
+        &mgmt,
+        &[
+            "create",
+            "--slot",
+            "0",
+            "--nqn",
+            nqn,
+            "--ns",
+            "ram:32MiB",
+            "--limit",
+            "iops=2000/200",
+        ],
+    );
+    assert!(out.contains("slot 0 (pf): created"), "{out}");
+    console_has(
+        &rig,
+        &format!("fnq: function 0 created live ({nqn}): I/O queue q served on core q % 2"),
+    );
+    console_has(
+        &rig,
+        &format!("fnq: core 1 serves I/O queue pairs of the emulated function of {nqn} too"),
+    );
+    // The window's header is published with the function; its first poll writes CAP.
+    let win = Window::open(rig.window(0)).expect("mapping a window");
+    let t0 = Instant::now();
+    while win.load64(CAP) & 0xFFFF == 0 {
+        assert!(t0.elapsed() < WAIT, "CAP never set");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    limited_bench(&rig, &mgmt, nqn, "created live");
     let console = rig.qemu.console();
     assert!(!console.contains("fnq: namespaces changed"), "{console}");
     rig.assert_healthy();
