@@ -532,11 +532,12 @@ impl<H: Hw> Services<H> {
             }
         }
         // New functions (a hot plug each): their subsystems made with their namespaces
-        // unless they run already. One whose new subsystem qualifies under the pushed plan's
-        // QoS (no limit on the function, its namespaces or a group; RAM or a drive
-        // every core has a pair on) spreads its I/O queues over the cores as one created
-        // live does (`crate::fnq`): its RAM is made in shared regions, and the hub hears of
-        // it once the pushed QoS is in force (below).
+        // unless they run already. One whose new subsystem qualifies (RAM or a drive every
+        // core has a pair on; QoS limits of the function, its namespaces or their groups
+        // go with it and are split across the cores) spreads its I/O queues over the cores
+        // as one created live does (`crate::fnq`): its RAM is made in shared regions, and
+        // the hub hears of it once the pushed QoS is in force (below), so that its
+        // controller has the pushed limits before any pair leaves core 0.
         let mut spread_pushed: Vec<(u16, String, Regions)> = Vec::new();
         // Functions attached to a subsystem that runs already (another function's, or one
         // NVMe/TCP serves): spread with it when the other cores' functions' replicas can
@@ -556,9 +557,7 @@ impl<H: Hw> Services<H> {
             let fresh = !self.target.subsystem_views().any(|x| x.nqn == *nqn);
             // A subsystem that runs already (another function's, or one NVMe/TCP serves) is
             // not made again: the function is attached to it (`attached` below).
-            let spread = fresh
-                && new.function_limits(*slot) == keel_controller::QosLimits::NONE
-                && self.spreads_under(&new, &namespaces);
+            let spread = fresh && self.spreads(&namespaces);
             let mut regions = Regions::new();
             let r = self.start_function_now(
                 *slot,
@@ -613,19 +612,41 @@ impl<H: Hw> Services<H> {
                 .cloned()
                 .collect();
             let hosts_changed = self.plan.host_qos() != new.host_qos();
+            // The limits in force on the functions that ran before the push (their
+            // replicas' controllers have them, `keel_controller::Adoption::limits`).
+            let fn_before: Vec<(u16, keel_controller::QosLimits)> = self
+                .functions
+                .iter()
+                .filter(|e| e.slot == SlotState::Live && !fx.create.iter().any(|c| c.0 == e.index))
+                .map(|e| (e.index, self.plan.function_limits(e.index)))
+                .collect();
+            // Each namespace's QoS (and its group's definition) before the push: what the
+            // other cores' replicas of a subsystem core 0 does not describe (a function's
+            // created live) were made with.
+            let groups_before = self.plan.qos_groups();
+            let ns_before: Vec<NsQosBefore> = self
+                .plan
+                .namespaces
+                .iter()
+                .map(|n| {
+                    let q = self.plan.namespace_qos(n);
+                    let g = q
+                        .group
+                        .as_ref()
+                        .and_then(|g| groups_before.iter().find(|x| x.name == *g).cloned());
+                    (n.subsystem.clone(), n.nsid, q, g)
+                })
+                .collect();
             self.plan.qos = new.qos.clone();
             self.plan.qos.functions.extend(created);
             self.apply_qos(&mut needs_reboot);
-            self.drop_limited(hosts_changed);
+            self.drop_limited(hosts_changed, &fn_before, &ns_before);
         }
         // The pushed functions that spread, now that the plan's QoS is the pushed one (their
         // replicas' drive shares are its): announced to the functions' hub after the
         // `FnEvent::Changed` their creation logged (`start_function_now`), as for a function
         // created live.
         for (slot, nqn, regions) in spread_pushed {
-            if self.plan.function_limits(slot) != keel_controller::QosLimits::NONE {
-                continue;
-            }
             if let Some(r) = self.created_replica(&nqn, regions) {
                 self.replication
                     .fn_events
@@ -636,15 +657,12 @@ impl<H: Hw> Services<H> {
             }
         }
         for (slot, nqn) in attached {
-            if self.plan.function_limits(slot) != keel_controller::QosLimits::NONE {
-                continue;
-            }
             let ev = match self.attached_replica(&nqn) {
                 Some(r) => crate::replica::FnEvent::Created {
                     slot,
                     subsystem: alloc::boxed::Box::new(r),
                 },
-                None if self.spreads_under(&self.plan, &self.plan_namespaces_of(&nqn)) => {
+                None if self.spreads(&self.plan_namespaces_of(&nqn)) => {
                     crate::replica::FnEvent::Attached { slot, nqn }
                 }
                 None => continue,
@@ -799,12 +817,18 @@ impl<H: Hw> Services<H> {
     /// on every core ([`Services::stage_qos`]) and stay spread; each core splits the new
     /// namespace, group and host (controller) limits by demand
     /// (`crate::shares::LimitSharing`). Subsystems with an emulated function keep the
-    /// fallback: those that now have limits counted on one core (function limits), or whose
-    /// namespaces' limits or groups (or their groups' limits) changed from those the other
-    /// cores' replicas were made with, are no longer adopted there
+    /// fallback: those whose function's limits changed from those in force before the push
+    /// (`fn_before`: the replicas' controllers have those their queues were adopted with),
+    /// or whose namespaces' limits or groups (or their groups' limits) changed from those
+    /// the other cores' replicas were made with, are no longer adopted there
     /// (`Replication::drop_subsystem`), and when the host rules changed
     /// (`hosts_changed`), every one is.
-    fn drop_limited(&mut self, hosts_changed: bool) {
+    fn drop_limited(
+        &mut self,
+        hosts_changed: bool,
+        fn_before: &[(u16, keel_controller::QosLimits)],
+        ns_before: &[NsQosBefore],
+    ) {
         let everywhere = hosts_changed;
         let none = keel_controller::QosLimits::NONE;
         let plan = &self.plan;
@@ -814,7 +838,18 @@ impl<H: Hw> Services<H> {
         // replicas of its subsystem were made with.
         let as_replicas = |n: &NsPlan, q: &keel_controller::NamespaceQos| {
             let Some(s) = replicable.iter().find(|s| s.nqn == n.subsystem) else {
-                return q.limits == none && q.group.is_none();
+                // Not described (a function's created live): as before the push.
+                return ns_before
+                    .iter()
+                    .find(|b| b.0 == n.subsystem && b.1 == n.nsid)
+                    .map_or(q.limits == none && q.group.is_none(), |b| {
+                        b.2.limits == q.limits
+                            && b.2.group == q.group
+                            && b.3.as_ref()
+                                == q.group
+                                    .as_ref()
+                                    .and_then(|g| groups.iter().find(|x| x.name == *g))
+                    });
             };
             let Some(r) = s.namespaces.iter().find(|r| r.nsid == n.nsid) else {
                 return q.limits == none && q.group.is_none();
@@ -834,7 +869,11 @@ impl<H: Hw> Services<H> {
                     .any(|n| {
                         let q = plan.namespace_qos(n);
                         !as_replicas(n, &q)
-                            || n.function.is_some_and(|f| plan.function_limits(f) != none)
+                            || n.function.is_some_and(|f| {
+                                fn_before
+                                    .iter()
+                                    .any(|&(s, l)| s == f && l != plan.function_limits(f))
+                            })
                     })
         };
         let limited: Vec<String> = self
@@ -961,6 +1000,14 @@ impl<H: Hw> Services<H> {
         busy
     }
 }
+
+/// A namespace's QoS before a push: (subsystem, NSID, its QoS, its group's definition).
+type NsQosBefore = (
+    String,
+    u32,
+    keel_controller::NamespaceQos,
+    Option<keel_controller::QosGroup>,
+);
 
 /// What a pushed description changes in the emulated functions ([`Services::function_changes`]).
 #[derive(Debug, Default)]
@@ -1416,30 +1463,19 @@ impl<H: Hw> Services<H> {
 
     /// Whether a function about to be created can have its I/O queue pairs served on every
     /// core (`crate::fnq`, as boot functions: [`crate::services::ReplicaSubsystem`]): other
-    /// cores serve functions' pairs, no QoS limit (on the function, its namespaces or a
-    /// group) and every namespace RAM or on a drive every such core has a queue pair on.
-    /// Host rules do not apply to a function's controller (it has the function's limits,
-    /// none here: `Target::set_controller_limits`), and whatever limits it has go with each
-    /// pair adopted (`keel_controller::Adoption::limits`).
-    fn spreads(&self, spec: &FunctionSpec, namespaces: &[NsPlan]) -> bool {
-        spec.limits.is_empty() && self.spreads_under(&self.plan, namespaces)
-    }
-
-    /// What [`Services::spreads`] asks beyond the function's own limits, with the group
-    /// and namespace QoS of `plan` (a pushed plan's, before it is in force).
-    fn spreads_under(&self, plan: &Plan, namespaces: &[NsPlan]) -> bool {
-        let none = keel_controller::QosLimits::NONE;
+    /// cores serve functions' pairs and every namespace is RAM or on a drive every such core
+    /// has a queue pair on. QoS limits do not stop it: the function's controller limits
+    /// (host rules do not apply to a function's controller) are set on core 0 when its
+    /// admin queue appears (`Target::set_controller_limits`), before the host can create an
+    /// I/O queue, and go with each pair adopted (`keel_controller::Adoption::limits`); its
+    /// namespaces' and their groups' are in the replica ([`Services::created_replica`]);
+    /// every core takes its part of each by demand (`crate::shares::LimitSharing`).
+    fn spreads(&self, namespaces: &[NsPlan]) -> bool {
         self.replication.functions
-            && plan.qos_groups().is_empty()
-            && namespaces.iter().all(|n| {
-                let q = plan.namespace_qos(n);
-                q.limits == none
-                    && q.group.is_none()
-                    && match n.spec {
-                        NsSpec::Ram(_) => true,
-                        NsSpec::Drive { drive, .. } => self.replication.fn_drives.contains(&drive),
-                        NsSpec::Remote { .. } => false,
-                    }
+            && namespaces.iter().all(|n| match n.spec {
+                NsSpec::Ram(_) => true,
+                NsSpec::Drive { drive, .. } => self.replication.fn_drives.contains(&drive),
+                NsSpec::Remote { .. } => false,
             })
     }
 
@@ -1447,8 +1483,8 @@ impl<H: Hw> Services<H> {
     /// already, for a function a push attached to it (`None`: its pairs stay on core 0): a
     /// subsystem core 0 describes for the other cores (`Services::replicable`: RAM in shared
     /// regions, drives), not dropped, whose namespaces qualify as a new function's do
-    /// ([`Services::spreads_under`]: RAM, a drive every core has a functions' pair on, no
-    /// QoS limit or group). If the subsystem's other functions' pairs are spread already,
+    /// ([`Services::spreads`]: RAM, a drive every core has a functions' pair on; QoS limits
+    /// go with it). If the subsystem's other functions' pairs are spread already,
     /// the hub adds this function's slot to them (`crate::fnq::Hub`); otherwise the other
     /// cores add the subsystem first. A subsystem made for a function created live is not
     /// described there: such a function's slot joins the pairs of the one(s) the other cores
@@ -1463,7 +1499,7 @@ impl<H: Hw> Services<H> {
             .iter()
             .all(|n| r.namespaces.iter().any(|x| x.nsid == n.nsid))
             && r.namespaces.len() == namespaces.len();
-        (described && self.spreads_under(&self.plan, &namespaces)).then(|| r.clone())
+        (described && self.spreads(&namespaces)).then(|| r.clone())
     }
 
     /// The namespaces of subsystem `nqn` in the plan in force.
@@ -1511,8 +1547,17 @@ impl<H: Hw> Services<H> {
             serial: sub.serial.clone(),
             model: sub.model.clone(),
             allowed_hosts: sub.allowed_hosts.clone(),
+            groups: self
+                .plan
+                .qos_groups()
+                .into_iter()
+                .filter(|g| {
+                    namespaces
+                        .iter()
+                        .any(|n| n.qos.group.as_ref() == Some(&g.name))
+                })
+                .collect(),
             namespaces,
-            groups: Vec::new(),
         })
     }
 
@@ -1534,7 +1579,7 @@ impl<H: Hw> Services<H> {
         let (sub, namespaces) = self.created_plan(spec)?;
         // Its pairs spread over the cores like a boot function's when the other cores can
         // serve it (`crate::fnq`): RAM in shared regions, drives every core has a pair on.
-        let spread = self.spreads(spec, &namespaces);
+        let spread = self.spreads(&namespaces);
         let mut regions = Regions::new();
         self.start_function_now(
             spec.slot,

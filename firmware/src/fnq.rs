@@ -5,11 +5,16 @@
 //!
 //! Which functions: those whose subsystem is replicable ([`Services::function_replicas`]:
 //! every namespace RAM in a shared region or a local drive's namespace (whole or a slice),
-//! AES-XTS encrypted or not, no QoS limit on the subsystem's namespaces, the function's
-//! controller or any host or group), at boot or created live (`keelctl function create`,
-//! or a pushed description putting a function with a subsystem of its own on a free slot:
-//! the same rule, with the pushed plan's QoS; its RAM is then made in a shared region and
-//! [`FnEvent::Created`] tells the hub). Core `k` reaches a drive through an I/O queue pair of
+//! AES-XTS encrypted or not), at boot or created live (`keelctl function create`, or a
+//! pushed description putting a function with a subsystem of its own on a free slot: the
+//! same rule; its RAM is then made in a shared region and [`FnEvent::Created`] tells the
+//! hub once the pushed QoS is in force). QoS limits do not keep a function on core 0: its
+//! controller's (`[[qos.function]]`, set on core 0 when its admin queue appears, before
+//! the host can create an I/O queue) go with every pair in its
+//! [`keel_controller::Adoption`], its namespaces' and their groups' are in the replica, and
+//! every core serving them takes its part of each by demand once a pass
+//! ([`crate::shares::CrossCore`]; a push changing a function's limits brings its pairs home,
+//! `Services::drop_limited`). Core `k` reaches a drive through an I/O queue pair of
 //! its own on it (`keel_nvme_driver::CoreQueue`, created by core 0 beside the NVMe/TCP
 //! planes' and handed over in [`ServeFunctions::drives`], one on every drive; core `k` polls
 //! it). A namespace of a remote volume is in the replica when the NVMe/TCP planes serve the

@@ -1011,11 +1011,11 @@ pub(crate) fn shared_ram_namespace<H: Hw>(
 /// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
 /// of the plan in them is served and is a RAM namespace in a shared region or a namespace of
 /// a drive that has queue pairs for the other cores (`core_queues[drive]`), encrypted or not
-/// (each core gets the key) and no emulated function of it has controller limits. A
-/// namespace's own limits, its group's and its hosts' (`[[qos.host]]`, each controller's) do
-/// not stop it: every core's replica has them (a controller's come with each queue adopted,
-/// `keel_controller::Adoption::limits`), and each takes its part of them by demand once a
-/// pass (`crate::shares::LimitSharing`).
+/// (each core gets the key). QoS limits do not stop it: a namespace's own limits and its
+/// group's are in every core's replica, a controller's (its host's, `[[qos.host]]`, or its
+/// emulated function's, `[[qos.function]]`) come with each queue adopted
+/// (`keel_controller::Adoption::limits`), and each core takes its part of them by demand
+/// once a pass (`crate::shares::LimitSharing`).
 fn replicable(
     plan: &Plan,
     regions: &[(String, u32, crate::sharedram::Region, [u8; 16])],
@@ -1023,15 +1023,9 @@ fn replicable(
     core_queues: &[bool],
 ) -> Vec<ReplicaSubsystem> {
     let source = |n: &NsPlan| -> Option<ReplicaSource> {
-        // Function limits are counted on one core; a namespace's and a group's limits are
-        // split across the cores (`crate::shares::LimitSharing`); a drive's fair sharing
-        // among its slices (weight, domain, drive_max_inflight) is not a limit and applies
-        // per core.
-        if n.function
-            .is_some_and(|f| plan.function_limits(f) != keel_controller::QosLimits::NONE)
-        {
-            return None;
-        }
+        // A namespace's, a group's and a controller's limits (a function's too) are split
+        // across the cores (`crate::shares::LimitSharing`); a drive's fair sharing among its
+        // slices (weight, domain, drive_max_inflight) is not a limit and applies per core.
         if let NsSpec::Remote { remote, slice } = &n.spec {
             // Served later, once identified (by then on every core first: `crate::percore`).
             return Some(ReplicaSource::Remote {
@@ -1365,6 +1359,8 @@ pub(crate) fn add_replica_subsystem(
         };
         namespaces.push(cfg);
     }
+    // The groups its namespaces name (a function created live in a group).
+    target.add_qos_groups(&sub.groups);
     match target.add_subsystem(SubsystemConfig {
         nqn: sub.nqn.clone(),
         serial: sub.serial.clone(),

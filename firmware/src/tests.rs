@@ -2501,7 +2501,8 @@ fn a_missing_slot_refuses_only_the_push_that_asks_for_it() {
 /// function created live whose subsystem qualifies has its RAM made in a shared region and is
 /// announced to the hub with the replica the other cores add (`FnEvent::Created`): the
 /// blocks its host writes through core 0 are in that region, and a replica target takes the
-/// subsystem (once). A function with limits, or one at one core (no hub), is not announced;
+/// subsystem (once). A function with limits is announced too (its controller's limits go
+/// with each pair, `keel_controller::Adoption::limits`); one at one core (no hub) is not;
 /// a removal is (`FnEvent::Changed`: its pairs come home, the replicas drop the subsystem),
 /// and the function created again on the slot, encrypted this time, is announced again and
 /// the replica takes it again.
@@ -2588,7 +2589,8 @@ fn a_function_created_live_is_made_for_every_core() {
         &mut |_, _| None
     ));
 
-    // Limits are counted on core 0: not announced.
+    // With limits: announced too, and its controller has them before its first I/O queue
+    // exists (set when its admin queue appears), so the pair's adoption carries them.
     s.create_function(&FunctionSpec {
         limits: vec![QosLimit {
             name: "write_iops".into(),
@@ -2598,7 +2600,33 @@ fn a_function_created_live_is_made_for_every_core() {
         ..one_mib_function(1, "nqn.2026-12.test:limited", FunctionCipher::None)
     })
     .unwrap();
-    assert!(created(&mut s, 1).is_none());
+    let limited = created(&mut s, 1).expect("a function with limits is announced");
+    assert_eq!(limited.nqn, "nqn.2026-12.test:limited");
+    s.functions[1].f.as_mut().unwrap().set_cores(2);
+    let _h1 = FnHost::ready(&mut s, 1);
+    let f1 = s.functions[1].f.as_mut().unwrap();
+    assert!(matches!(
+        f1.take_handover(),
+        Some(keel_nvme_pcie::Handover::Export { core: 1, .. })
+    ));
+    let q1 = f1.core_queue(1).expect("the pair's core queue");
+    let a = s.target.adoption(q1).expect("an adoption");
+    assert_eq!(a.limits.write_iops.map(|r| r.per_sec), Some(1000));
+    assert!(add_replica_subsystem(
+        &mut replica,
+        &mut shares,
+        &limited,
+        &mut |_, _| None
+    ));
+    let rq = replica.open_queue_for(7).unwrap();
+    replica
+        .adopt_io_queue(keel_controller::Instant::from_nanos(now()), rq, &a)
+        .unwrap();
+    assert_eq!(
+        replica.shared_limits().map(|l| l.key).collect::<Vec<_>>(),
+        [keel_controller::controller_key(&a.subnqn, a.cntlid)],
+        "core 1's replica of the controller has the limits, under the controller's key"
+    );
 
     // Removed: the hub hears of it; the replica drops the subsystem.
     s.remove_function(0).unwrap();
@@ -2644,7 +2672,11 @@ fn a_function_created_live_is_made_for_every_core() {
         &again,
         &mut |_, _| None
     ));
-    assert_eq!(replica.namespace_views().count(), 1);
+    assert_eq!(
+        replica.namespace_views().count(),
+        2,
+        "the limited function's and this one's"
+    );
 
     // One core: no hub, nothing announced.
     let mut one = build(RamSharing::None);
@@ -2658,8 +2690,9 @@ fn a_function_created_live_is_made_for_every_core() {
 /// made as one created live is: its RAM in a shared region (what its host writes through core
 /// 0 lands there) and announced to the functions' hub (`FnEvent::Created`) once the pushed
 /// QoS is in force; pushed out again, the hub hears of it and its RAM goes with the last
-/// holder. One the push gives limits (on the function, on its namespace, on a group) is not
-/// announced, and one on a subsystem that runs already is not either.
+/// holder. One the push gives limits (on the function, on its namespace, its namespace in a
+/// group) is announced too, its replica with its namespace's limits and group (a core's
+/// replica target adds the group); one on a subsystem that runs already is not.
 #[test]
 fn a_function_a_push_creates_is_made_for_every_core() {
     use crate::replica::FnEvent;
@@ -2770,10 +2803,10 @@ fn a_function_a_push_creates_is_made_for_every_core() {
         "the pushed-out function's RAM is freed"
     );
 
-    // The pushed plan's limits count, not the plan in force's (which has none): on the
-    // function, on its namespace, a group anywhere. Not announced, each time on core 0.
+    // Limits in the pushed plan: on the function, on its namespace, its namespace in a
+    // group. Announced all the same, the replica with the pushed namespace QoS and group.
     type Edit<'a> = &'a dyn Fn(&mut keel_provision::Device);
-    let limited: [(&str, Edit); 3] = [
+    let limited: [(&str, Edit); 4] = [
         ("function", &|d| {
             d.qos.functions.push(FunctionQos {
                 function: 1,
@@ -2796,13 +2829,68 @@ fn a_function_a_push_creates_is_made_for_every_core() {
                 weight: 2,
             })
         }),
+        ("namespace in a group", &|d| {
+            d.qos.groups.push(QosGroup {
+                name: "g".into(),
+                limits,
+                weight: 2,
+            });
+            d.qos.namespaces.push(NamespaceQos {
+                subsystem: PUSHED.into(),
+                nsid: 1,
+                limits: Default::default(),
+                weight: 1,
+                group: Some("g".into()),
+            })
+        }),
     ];
     for (what, f) in limited {
         let mut s = build(RamSharing::Functions);
         let r = s.push(&signed_bundle(&with(1, f), 2)).unwrap();
         assert!(r.needs_reboot.is_empty(), "{what}: {:?}", r.needs_reboot);
         assert_eq!(s.functions[1].slot, keel_mgmt::SlotState::Live, "{what}");
-        assert!(created(&mut s, 1).is_none(), "{what}: announced");
+        let sub = created(&mut s, 1).unwrap_or_else(|| panic!("{what}: not announced"));
+        let want = s.plan.namespace_qos(
+            &s.plan
+                .namespaces
+                .iter()
+                .find(|n| n.subsystem == PUSHED)
+                .unwrap()
+                .clone(),
+        );
+        assert_eq!(sub.namespaces[0].qos, want, "{what}");
+        assert_eq!(
+            sub.groups
+                .iter()
+                .map(|g| g.name.as_str())
+                .collect::<Vec<_>>(),
+            if want.group.is_some() {
+                vec!["g"]
+            } else {
+                vec![]
+            },
+            "{what}"
+        );
+        // A core's replica target (made with no group) takes it, with its group.
+        let (mut replica, mut shares) =
+            crate::services::replica_target_shares(Vec::new(), *s.target.limits(), &mut |_, _| {
+                None
+            })
+            .unwrap();
+        assert!(
+            crate::services::add_replica_subsystem(&mut replica, &mut shares, &sub, &mut |_, _| {
+                None
+            }),
+            "{what}"
+        );
+        // Its namespace's limits or its group's: one limiter the cores split.
+        let split = usize::from(what == "namespace" || what == "namespace in a group");
+        assert_eq!(
+            replica.shared_limits().count(),
+            split,
+            "{what}: {:?}",
+            replica.shared_limits().collect::<Vec<_>>()
+        );
     }
 
     // A second function of a subsystem that runs already: not announced (the cores'
@@ -2934,6 +3022,153 @@ fn a_function_a_push_attaches_to_a_running_subsystem_is_announced() {
     );
 }
 
+/// Issue 17, a boot function with controller limits (`[[qos.function]]`) at `--smp N`: its
+/// subsystem is listed for the functions' pairs like any other, the function's controller has
+/// its limits before its first I/O queue leaves core 0 (the hub's `Target::adoption` of the
+/// exported pair carries them), core 0 and another core's replica of the controller list it
+/// under one `controller_key` and split its 2000 IOPS through the demand table. A push that
+/// leaves the functions' limits as they are (but changes QoS) drops nothing; one that changes
+/// a function's limits drops that function's subsystem only (its pairs come home: the
+/// replicas keep the limits their queues were adopted with).
+#[test]
+fn a_boot_function_with_limits_is_served_by_every_core_and_dropped_only_when_they_change() {
+    use crate::services::{RamSharing, replica_target_shares};
+    use keel_mgmt::Device as _;
+    use keel_nvme_pcie::Handover;
+    use keel_provision::{Backend, Encryption, FunctionQos, Namespace, QosLimits, QosRate};
+    const FA: &str = "nqn.2026-12.test:fa";
+    const FB: &str = "nqn.2026-12.test:fb";
+    let iops = |per_sec| QosLimits {
+        iops: Some(QosRate {
+            per_sec,
+            burst: None,
+        }),
+        ..Default::default()
+    };
+    let device = |fa_iops: u64, inflight: Option<u32>| {
+        let mut d = dev_device();
+        for (slot, nqn) in [(0u16, FA), (1, FB)] {
+            d.subsystems.push(keel_provision::Subsystem {
+                nqn: nqn.into(),
+                serial: None,
+                model: None,
+                allowed_hosts: vec![],
+            });
+            d.namespaces.push(Namespace {
+                subsystem: nqn.into(),
+                nsid: 1,
+                backend: Backend::Ram {
+                    size: 1 << 20,
+                    block_size: 512,
+                },
+                encryption: Encryption::None,
+                function: Some(slot),
+            });
+        }
+        d.qos.functions.push(FunctionQos {
+            function: 0,
+            limits: iops(fa_iops),
+        });
+        d.qos.drive_max_inflight = inflight;
+        d
+    };
+    let identity: Identity<RamFlash> = Identity::new(None, None);
+    let cfg = identity
+        .open(&signed_bundle(&device(2000, None), 1), 0)
+        .unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let windows = (0..2u64)
+        .map(|i| WindowPort {
+            base: 0x1000_0000 * (i + 1),
+            size: 1 << 20,
+            ep: Ok(MemWindow::new(1 << 20)),
+        })
+        .collect();
+    let mut s: Services<TestHw> = Services::build_with(
+        plan,
+        Vec::new(),
+        windows,
+        true,
+        identity,
+        RamSharing::Functions,
+    );
+    s.replication.functions = true;
+    let listed: Vec<String> = s
+        .function_replicas()
+        .iter()
+        .map(|r| r.nqn.clone())
+        .collect();
+    assert!(
+        listed.iter().any(|n| n == FA) && listed.iter().any(|n| n == FB),
+        "both functions are served by every core: {listed:?}"
+    );
+
+    // As `fnq::Hub` does at `--smp 2`: queue 1 goes to core 1 with the controller's
+    // adoption, taken after the function's poll that created it.
+    s.functions[0].f.as_mut().unwrap().set_cores(2);
+    let _h = FnHost::ready(&mut s, 0);
+    let f = s.functions[0].f.as_mut().unwrap();
+    let Some(Handover::Export { core, pair }) = f.take_handover() else {
+        panic!("queue 1 is handed to core 1")
+    };
+    assert_eq!((core, pair.qid()), (1, 1));
+    let q = f.core_queue(1).expect("the pair's core queue");
+    let adoption = s.target.adoption(q).expect("an adoption");
+    assert_eq!(
+        adoption.limits.iops.map(|r| r.per_sec),
+        Some(2000),
+        "the function's limits go with its pair"
+    );
+    let (mut replica, _shares) =
+        replica_target_shares(s.function_replicas(), *s.target.limits(), &mut |_, _| None)
+            .expect("a replica of the functions' subsystems");
+    let rq = replica.open_queue_for(7).unwrap();
+    replica
+        .adopt_io_queue(keel_controller::Instant::from_nanos(now()), rq, &adoption)
+        .unwrap();
+    let key = keel_controller::controller_key(FA, adoption.cntlid);
+    let on0: Vec<_> = s.target.shared_limits().collect();
+    let on1: Vec<_> = replica.shared_limits().collect();
+    assert_eq!(on0.iter().map(|l| l.key).collect::<Vec<_>>(), [key]);
+    assert_eq!(on1.iter().map(|l| l.key).collect::<Vec<_>>(), [key]);
+    let table: Vec<crate::shares::DemandRow> = (0..crate::shares::DEMAND_ROWS)
+        .map(|_| crate::shares::DemandRow::new())
+        .collect();
+    let mut x0 = crate::shares::LimitSharing::new(crate::shares::demand_row(0, false));
+    let mut x1 = crate::shares::LimitSharing::new(crate::shares::demand_row(1, true));
+    x0.tend(&table, 0b11, 0, &mut s.target);
+    x1.tend(&table, 0b11, 0, &mut replica);
+    x0.tend(&table, 0b11, 0, &mut s.target);
+    let per_sec = |t: &keel_controller::Target, l| t.limits_in_force(l).iops.unwrap().per_sec;
+    assert_eq!(
+        per_sec(&s.target, on0[0].limiter) + per_sec(&replica, on1[0].limiter),
+        2000,
+        "core 0 and core 1 split the function's limit"
+    );
+
+    // QoS changed, the functions' limits not: nothing is dropped.
+    s.replication.fn_events.clear();
+    let r = s.push(&signed_bundle(&device(2000, Some(32)), 2)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert!(
+        s.replication.dropped.is_empty(),
+        "{:?}",
+        s.replication.dropped
+    );
+    assert!(
+        s.replication.fn_events.is_empty(),
+        "{:?}",
+        s.replication.fn_events
+    );
+    // Function 0's limits changed: its subsystem only is dropped.
+    let r = s.push(&signed_bundle(&device(3000, Some(32)), 3)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(s.replication.dropped, [FA]);
+    // Core 0's controller has the new limits.
+    let adoption = s.target.adoption(q).expect("an adoption");
+    assert_eq!(adoption.limits.iops.map(|r| r.per_sec), Some(3000));
+}
+
 /// Issue 17, a boot function's RAM at `--smp N` (`crate::fnq`): its namespace is in a
 /// shared region every core's replica serves. Removed (a management request or a push),
 /// core 0 lets go of every reference of its own (its target's namespace, the description of
@@ -3004,4 +3239,93 @@ fn a_boot_functions_ram_is_freed_when_it_is_removed() {
     // The other boot function's is not.
     assert!(other.upgrade().is_some());
     assert_eq!(replica.namespace_views().count(), 1);
+}
+
+/// A pushed function on a namespace with a QoS limit spreads with its replica carrying the
+/// limit; core 0 does not describe its subsystem for the NVMe/TCP planes
+/// (`Services::replicable`), so a later QoS push compares its namespaces' QoS with what it
+/// was before the push: a push changing QoS elsewhere (another namespace's limit) leaves
+/// its pairs where they are, one changing its namespace's limit brings them home.
+#[test]
+fn a_later_qos_push_brings_a_pushed_function_home_only_when_its_namespaces_qos_changes() {
+    use crate::replica::FnEvent;
+    use crate::services::RamSharing;
+    use keel_mgmt::Device as _;
+    use keel_provision::{NamespaceQos, QosLimits, QosRate};
+    const PUSHED: &str = "nqn.2026-12.test:limited-fn";
+    let identity: Identity<RamFlash> = Identity::new(None, None);
+    let cfg = identity.open(&signed_bundle(&dev_device(), 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let windows = (0..2u64)
+        .map(|i| WindowPort {
+            base: 0x1000_0000 * (i + 1),
+            size: 1 << 20,
+            ep: Ok(MemWindow::new(1 << 20)),
+        })
+        .collect();
+    let mut s: Services<TestHw> = Services::build_with(
+        plan,
+        Vec::new(),
+        windows,
+        true,
+        identity,
+        RamSharing::Functions,
+    );
+    s.replication.functions = true;
+    let iops = |n: u64| QosLimits {
+        iops: Some(QosRate {
+            per_sec: n,
+            burst: None,
+        }),
+        ..Default::default()
+    };
+    let rule = |nqn: &str, n: u64| NamespaceQos {
+        subsystem: nqn.into(),
+        nsid: 1,
+        limits: iops(n),
+        weight: 1,
+        group: None,
+    };
+    let device = |own: u64, other: u64| {
+        let mut d = dev_device();
+        d.subsystems.push(keel_provision::Subsystem {
+            nqn: PUSHED.into(),
+            serial: None,
+            model: None,
+            allowed_hosts: vec![],
+        });
+        d.namespaces.push(keel_provision::Namespace {
+            subsystem: PUSHED.into(),
+            function: Some(0),
+            ..d.namespaces[0].clone()
+        });
+        d.qos.namespaces = vec![rule(PUSHED, own), rule("nqn.2026-12.test:vol", other)];
+        d
+    };
+    let changed = |s: &mut Services<TestHw>| {
+        core::mem::take(&mut s.replication.fn_events)
+            .into_iter()
+            .any(|e| matches!(e, FnEvent::Changed(n) if n == PUSHED))
+    };
+    let r = s.push(&signed_bundle(&device(2000, 5000), 2)).unwrap();
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    let events = core::mem::take(&mut s.replication.fn_events);
+    let replica = events
+        .iter()
+        .find_map(|e| match e {
+            FnEvent::Created { slot: 0, subsystem } => Some(subsystem),
+            _ => None,
+        })
+        .expect("the pushed function spreads");
+    assert_eq!(
+        replica.namespaces[0].qos.limits.iops.map(|r| r.per_sec),
+        Some(2000),
+        "its replica carries the namespace's limit"
+    );
+    // Another namespace's limit changes: the function's pairs stay.
+    s.push(&signed_bundle(&device(2000, 6000), 3)).unwrap();
+    assert!(!changed(&mut s), "a QoS change elsewhere brought them home");
+    // Its own namespace's limit changes: they come home (the replica has the old one).
+    s.push(&signed_bundle(&device(1000, 6000), 4)).unwrap();
+    assert!(changed(&mut s));
 }

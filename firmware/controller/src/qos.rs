@@ -310,6 +310,17 @@ impl Target {
         }
     }
 
+    /// Adds the groups of `groups` this target does not have yet (a subsystem added live
+    /// names them), with full buckets; those it has stay as they are.
+    pub fn add_qos_groups(&mut self, groups: &[QosGroup]) {
+        for g in groups {
+            if !self.groups.iter().any(|(n, _, _)| *n == g.name) {
+                let id = self.new_limiter(g.limits, self.now);
+                self.groups.push((g.name.clone(), id, g.weight));
+            }
+        }
+    }
+
     /// Replaces the per-host rules live; every controller's limits follow (a local
     /// controller's set with [`Target::set_controller_limits`] are replaced too). A replica's
     /// controller (its queues adopted here, [`crate::Adoption`]) has no host NQN: its limits
