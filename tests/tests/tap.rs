@@ -2772,8 +2772,8 @@ fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
 /// namespace (written and read back) and one removing it: each removal gives the heap back
 /// once every core dropped it (four rounds are 2 GiB, more than the whole heap, so a region
 /// kept by any core would make a later round fail). Then the same for a subsystem core 0 no
-/// longer shares (a QoS limit changed live by the push): its replica on core 1 is retired, and the
-/// namespace removed afterwards (on core 0 alone) gives its memory back too.
+/// longer shares (a namespace added live in a QoS group): its replica on core 1 is retired,
+/// and the namespace removed afterwards (on core 0 alone) gives its memory back too.
 #[test]
 fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
     require_tap();
@@ -2796,19 +2796,22 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
     let mut push = |with_2: bool, limited: bool| {
         generation += 1;
         let mut toml = format!("[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n");
-        let limit = if limited {
-            "\nqos = { write_iops = 100000 }"
-        } else {
-            ""
-        };
         toml.push_str(&format!(
             "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\", \
-             block_size = 512 }}\nencryption = \"none\"{limit}\n"
+             block_size = 512 }}\nencryption = \"none\"\n"
         ));
         if with_2 {
             toml.push_str(&format!(
                 "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 2\nbackend = {{ ram = \"512MiB\", \
                  block_size = 512 }}\nencryption = \"none\"\n"
+            ));
+        }
+        if limited {
+            // A namespace added live in a QoS group: the replicas do not follow that.
+            toml.push_str(&format!(
+                "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 3\nbackend = {{ ram = \"1MiB\", \
+                 block_size = 512 }}\nencryption = \"none\"\nqos = {{ group = \"tenant\" }}\n\n\
+                 [[qos.group]]\nname = \"tenant\"\n"
             ));
         }
         let report = push_config(&d, &mgmt, &format!("free{generation}"), generation, &toml);
@@ -2887,8 +2890,9 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
         settles_at(start, &format!("round {round}"));
     }
 
-    // A subsystem no longer shared: namespace 2 added (every core), then a QoS limit set live
-    // (the replicas were made without it) drops the subsystem (core 1 retires its replica), then namespace 2 goes on core 0 alone.
+    // A subsystem no longer shared: namespace 2 added (every core), then a namespace added
+    // live in a QoS group (the replicas do not follow that) drops the subsystem (core 1
+    // retires its replica), then namespace 2 goes on core 0 alone.
     push(true, false);
     q.wait_for(
         "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live",
