@@ -2410,27 +2410,18 @@ fn bench_on_core(mgmt: &str, addr: &str, nsid: u32, k: usize, secs: u32, busy: [
     panic!("no bench of namespace {nsid} landed on core {k} in 16 tries");
 }
 
-/// Boots `--smp 2 --net tap` on `net` with a configuration of one subsystem (keelctl nvme
-/// bench's default NQN) and one 64 MiB RAM namespace, with `ns_qos` (a TOML inline table's
-/// body, or empty) as the namespace's QoS and `more` appended; waits until core 1 serves the
-/// subsystem's I/O queues. Returns QEMU, its tap, the NVMe/TCP and management addresses.
-fn limited_on_tap(
-    net: &str,
-    serial: &str,
-    ns_qos: &str,
-    more: &str,
-) -> (Qemu, ScratchFile, String, String, String) {
+/// A configuration on `net` of one subsystem (keelctl nvme bench's default NQN) and one 64
+/// MiB RAM namespace, with `ns_qos` (a TOML inline table's body, or empty) as the
+/// namespace's QoS and `more` appended.
+fn limited_toml(net: &str, serial: &str, ns_qos: &str, more: &str) -> String {
     let nqn = "nqn.2026-11.dev.keel:default";
-    let cfg = ScratchFile::new(&format!("qos-{serial}.toml"), 0);
     let qos = if ns_qos.is_empty() {
         String::new()
     } else {
         format!("qos = {{ {ns_qos} }}\n")
     };
-    std::fs::write(
-        cfg.path(),
-        format!(
-            r#"[network]
+    format!(
+        r#"[network]
 address = "{net}.2/24"
 gateway = "{net}.1"
 
@@ -2445,9 +2436,21 @@ subsystem = "{nqn}"
 nsid = 1
 backend = {{ ram = "64MiB" }}
 {qos}{more}"#
-        ),
     )
-    .unwrap();
+}
+
+/// Boots `--smp 2 --net tap` on `net` with [`limited_toml`]'s configuration and waits until
+/// core 1 serves the subsystem's I/O queues. Returns QEMU, the configuration file, its tap,
+/// the NVMe/TCP and management addresses.
+fn limited_on_tap(
+    net: &str,
+    serial: &str,
+    ns_qos: &str,
+    more: &str,
+) -> (Qemu, ScratchFile, String, String, String) {
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let cfg = ScratchFile::new(&format!("qos-{serial}.toml"), 0);
+    std::fs::write(cfg.path(), limited_toml(net, serial, ns_qos, more)).unwrap();
     let mut q = boot_config_on_tap(net, cfg.path());
     let serving =
         format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
@@ -3471,56 +3474,15 @@ fn a_pushed_namespace_limit_reaches_every_core_serving_it() {
     require_tap();
     keelctl();
     let net = tap_net(34);
-    // keelctl nvme bench's default subsystem (`Bench` names none).
     let nqn = "nqn.2026-11.dev.keel:default";
     let key = std::fs::read_to_string(keel_tests::provision::dev_key().with_extension("key.pub"))
         .unwrap();
-    let key = key.trim();
-    let toml = |iops: u64| {
-        format!(
-            r#"[network]
-address = "{net}.2/24"
-gateway = "{net}.1"
-
-[[subsystem]]
-nqn = "{nqn}"
-serial = "KEELQ3"
-model = "limit changed live, every core"
-allowed_hosts = []
-
-[[namespace]]
-subsystem = "{nqn}"
-nsid = 1
-backend = {{ ram = "64MiB" }}
-qos = {{ iops = {iops} }}
-
-[management]
-port = 7000
-authorized_key = "{key}"
-"#
-        )
-    };
-    let cfg = ScratchFile::new("qos-live.toml", 0);
-    std::fs::write(cfg.path(), toml(2000)).unwrap();
-    let mut q = boot_config_on_tap(&net, cfg.path());
-    let serving =
-        format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
-    if !q.console().contains(&serving) {
-        q.wait_for(&serving, BOOT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let tap = tap_name(&q);
-    let addr = format!("{net}.2:4420");
-    let mgmt = format!("{net}.2:7000");
-    // (commands per core, ring messages core 0 took) over `secs` seconds.
-    let window = |secs: u64| -> ([u64; 2], u64) {
-        let c0 = per_core(&mgmt, "nvmf_commands_total", 2);
-        let m0 = per_core(&mgmt, "messages_total", 2);
-        std::thread::sleep(Duration::from_secs(secs));
-        let c1 = per_core(&mgmt, "nvmf_commands_total", 2);
-        let m1 = per_core(&mgmt, "messages_total", 2);
-        ([c1[0] - c0[0], c1[1] - c0[1]], m1[0] - m0[0])
-    };
+    let management = format!(
+        "\n[management]\nport = 7000\nauthorized_key = \"{}\"\n",
+        key.trim()
+    );
+    let (mut q, _cfg, tap, addr, mgmt) = limited_on_tap(&net, "KEELQ3", "iops = 2000", &management);
+    let window = |secs: u64| commands_window(&mgmt, secs);
 
     // One connection on each core, under the booted 2000 IOPS.
     let on0 = bench_on_core(&mgmt, &addr, 1, 0, 120, [0, 0]);
@@ -3540,7 +3502,8 @@ authorized_key = "{key}"
         .as_secs()
         + 1000;
     let dir = keel_tests::provision::Dir::new("qos-live-push");
-    push_config(&dir, &mgmt, "lowered", generation, &toml(1000));
+    let lowered = limited_toml(&net, "KEELQ3", "iops = 1000", &management);
+    push_config(&dir, &mgmt, "lowered", generation, &lowered);
     q.wait_for(
         &format!("percore: core 1 applies the QoS of {nqn} changed live"),
         Duration::from_secs(30),
