@@ -776,15 +776,7 @@ impl<H: Hw> Services<H> {
                     r.qos = q.clone();
                 }
             }
-            s.groups = plan_groups
-                .iter()
-                .filter(|g| {
-                    s.namespaces
-                        .iter()
-                        .any(|n| n.qos.group.as_ref() == Some(&g.name))
-                })
-                .cloned()
-                .collect();
+            s.groups = crate::services::groups_of(&plan_groups, &s.namespaces);
         }
         // Every group of the replicas' subsystems (the replicas' own groups are those).
         let mut groups: Vec<keel_controller::QosGroup> = Vec::new();
@@ -1547,16 +1539,7 @@ impl<H: Hw> Services<H> {
             serial: sub.serial.clone(),
             model: sub.model.clone(),
             allowed_hosts: sub.allowed_hosts.clone(),
-            groups: self
-                .plan
-                .qos_groups()
-                .into_iter()
-                .filter(|g| {
-                    namespaces
-                        .iter()
-                        .any(|n| n.qos.group.as_ref() == Some(&g.name))
-                })
-                .collect(),
+            groups: crate::services::groups_of(&self.plan.qos_groups(), &namespaces),
             namespaces,
         })
     }

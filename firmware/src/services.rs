@@ -1008,6 +1008,23 @@ pub(crate) fn shared_ram_namespace<H: Hw>(
     Some(cfg)
 }
 
+/// The groups of `groups` (a plan's) that some of `namespaces` is in: those a replica of
+/// their subsystem has.
+pub(crate) fn groups_of(
+    groups: &[keel_controller::QosGroup],
+    namespaces: &[ReplicaNs],
+) -> Vec<keel_controller::QosGroup> {
+    groups
+        .iter()
+        .filter(|g| {
+            namespaces
+                .iter()
+                .any(|n| n.qos.group.as_ref() == Some(&g.name))
+        })
+        .cloned()
+        .collect()
+}
+
 /// The subsystems of `plan` every core can serve (see [`ReplicaSubsystem`]): every namespace
 /// of the plan in them is served and is a RAM namespace in a shared region or a namespace of
 /// a drive that has queue pairs for the other cores (`core_queues[drive]`), encrypted or not
@@ -1069,15 +1086,7 @@ fn replicable(
                     })
                 })
                 .collect::<Option<Vec<_>>>()?;
-            let groups = plan
-                .qos_groups()
-                .into_iter()
-                .filter(|g| {
-                    namespaces
-                        .iter()
-                        .any(|n| n.qos.group.as_ref() == Some(&g.name))
-                })
-                .collect();
+            let groups = groups_of(&plan.qos_groups(), &namespaces);
             Some(ReplicaSubsystem {
                 nqn: s.nqn.clone(),
                 serial: s.serial.clone(),
