@@ -265,8 +265,9 @@ fn a_split_controller_counts_its_queues_part_of_the_demand() {
     assert_eq!((demand(&holder), demand(&replica)), (0, 0));
 }
 
-#[test]
-fn a_replica_of_a_limited_host_s_controller_has_its_limits_and_splits_them_under_one_key() {
+/// A holder whose host rule gives every controller 2000 IOPS (burst 20), with one
+/// controller and its I/O queue: (holder, CNTLID, the I/O queue, the limits).
+fn host_limited_holder() -> (H, u16, QueueId, QosLimits) {
     let limits = QosLimits {
         iops: Some(keel_qos::Rate::new(2000).with_burst(20)),
         ..QosLimits::NONE
@@ -278,6 +279,12 @@ fn a_replica_of_a_limited_host_s_controller_has_its_limits_and_splits_them_under
     }]);
     let (_admin, cntlid) = holder.admin(SUB, crate::tests::HOST, 0);
     let io0 = holder.io_queue(2, cntlid);
+    (holder, cntlid, io0, limits)
+}
+
+#[test]
+fn a_replica_of_a_limited_host_s_controller_has_its_limits_and_splits_them_under_one_key() {
+    let (mut holder, cntlid, io0, limits) = host_limited_holder();
     assert_eq!(
         holder.t.shared_limits().count(),
         0,
@@ -354,17 +361,7 @@ fn a_replica_of_an_unlimited_controller_publishes_nothing() {
 /// the replica's own host rules (none here, or any) leave its controller's limits alone.
 #[test]
 fn a_replica_controller_takes_its_holder_s_new_limits_live_under_the_same_key() {
-    let limits = QosLimits {
-        iops: Some(keel_qos::Rate::new(2000).with_burst(20)),
-        ..QosLimits::NONE
-    };
-    let mut holder = H::new();
-    holder.t.set_host_qos(vec![HostQos {
-        hostnqn: "*".into(),
-        limits,
-    }]);
-    let (_admin, cntlid) = holder.admin(SUB, crate::tests::HOST, 0);
-    let io0 = holder.io_queue(2, cntlid);
+    let (mut holder, cntlid, io0, limits) = host_limited_holder();
     let a = holder.t.adoption(io0).unwrap();
     let mut replica = H::new();
     let q = replica.t.open_queue().unwrap();
