@@ -361,7 +361,7 @@ fn a_replica_of_an_unlimited_controller_publishes_nothing() {
 /// the replica's own host rules (none here, or any) leave its controller's limits alone.
 #[test]
 fn a_replica_controller_takes_its_holder_s_new_limits_live_under_the_same_key() {
-    let (mut holder, cntlid, io0, limits) = host_limited_holder();
+    let (mut holder, cntlid, io0, _) = host_limited_holder();
     let a = holder.t.adoption(io0).unwrap();
     let mut replica = H::new();
     let q = replica.t.open_queue().unwrap();
