@@ -3358,28 +3358,62 @@ fn a_function_on_a_remote_volume_is_served_on_core_1_through_its_lane() {
 /// connection (one controller: its admin queue on core 0, its I/O queue adopted by core 1
 /// with the controller's limits) alone on core 1 is served there (core 0 takes few ring
 /// messages, not one per command) and gets nearly the whole limit: core 0's controller and
-/// core 1's replica split it by demand under the controller's key.
+/// core 1's replica split it by demand under the controller's key. Then a push lowers the
+/// host rule to 1000 IOPS while the connection runs: core 0 sends core 1 its controller's
+/// new limits (`ReplicaOp::Qos`), the connection stays on core 1 (not ended, not forwarded)
+/// and gets about the new limit.
 #[test]
 fn a_host_iops_limit_is_split_across_the_cores_serving_its_controller() {
     require_tap();
     keelctl();
     let net = tap_net(32);
-    let more = "\n[[qos.host]]\nhostnqn = \"*\"\niops = 2000\n";
-    let (q, _cfg, tap, addr, mgmt) = limited_on_tap(&net, "KEELQ2", "", more);
-    const LIMIT: u64 = 2000;
-    let alone = bench_on_core(&mgmt, &addr, 1, 1, 40, [0, 0]);
-    let (d, msgs) = commands_window(&mgmt, 8);
-    eprintln!(
-        "qos host split: one connection on core 1: commands per core in 8 s {d:?}, {msgs} ring messages to core 0"
-    );
-    let iops = d[1] / 8;
-    assert!(
-        (LIMIT * 75 / 100..=LIMIT * 110 / 100).contains(&iops),
-        "alone on core 1: {iops} IOPS for a host limit of {LIMIT}"
-    );
-    assert!(msgs * 10 < d[1], "{msgs} messages for {} commands", d[1]);
+    let nqn = "nqn.2026-11.dev.keel:default";
+    let key = std::fs::read_to_string(keel_tests::provision::dev_key().with_extension("key.pub"))
+        .unwrap();
+    let more = |iops: u64| {
+        format!(
+            "\n[[qos.host]]\nhostnqn = \"*\"\niops = {iops}\n\n[management]\nport = 7000\nauthorized_key = \"{}\"\n",
+            key.trim()
+        )
+    };
+    let (mut q, _cfg, tap, addr, mgmt) = limited_on_tap(&net, "KEELQ2", "", &more(2000));
+    // One connection on core 1 at `limit`: (its IOPS over 8 s, ring messages to core 0).
+    let on_core_1 = |limit: u64, what: &str| {
+        let (d, msgs) = commands_window(&mgmt, 8);
+        eprintln!(
+            "qos host split, {what}: one connection on core 1: commands per core in 8 s {d:?}, {msgs} ring messages to core 0"
+        );
+        let iops = d[1] / 8;
+        assert!(
+            (limit * 75 / 100..=limit * 110 / 100).contains(&iops),
+            "{what}: alone on core 1: {iops} IOPS for a host limit of {limit}"
+        );
+        assert!(msgs * 10 < d[1], "{msgs} messages for {} commands", d[1]);
+    };
+    let alone = bench_on_core(&mgmt, &addr, 1, 1, 50, [0, 0]);
+    on_core_1(2000, "booted");
+    // qemu/run signed the boot configuration with the time as its generation.
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1000;
+    let dir = keel_tests::provision::Dir::new("qos-host-live");
+    let lowered = limited_toml(&net, "KEELQ2", "", &more(1000));
+    push_config(&dir, &mgmt, "host-lowered", generation, &lowered);
+    q.wait_for(
+        &format!("percore: core 1 applies the QoS of {nqn} changed live"),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(1));
+    on_core_1(1000, "host rule lowered live");
+    let c = q.console();
+    for bad in ["served through core 0", "adopted by other cores end"] {
+        assert!(!c.contains(bad), "{bad:?} on the console:\n{c}");
+    }
     drop(alone);
-    ends_clean(q, &tap, &[]);
+    ends_clean(q, &tap, &["served through core 0"]);
 }
 
 /// QoS limits split across cores: at `--smp 2 --net tap`, a subsystem whose RAM namespace
