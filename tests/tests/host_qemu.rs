@@ -1784,6 +1784,11 @@ fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str, limit: f64) {
         "function QoS on every core ({what}): {ios} commands in {elapsed:.2} s ({:.0} IOPS, limit {limit}, ceiling {ceiling:.0}); commands served per core (core 0 includes admin) {on:?}",
         ios / elapsed
     );
+    for l in rig.qemu.console().lines().filter(|l| {
+        l.contains("fnq:") || l.contains("qos") || l.contains("QoS") || l.contains("config:")
+    }) {
+        eprintln!("console: {l}");
+    }
     console_has(
         rig,
         &format!("fnq: core 1 serves I/O queue 1 of function 0 ({nqn}"),
