@@ -3033,7 +3033,8 @@ fn a_function_a_push_attaches_to_a_running_subsystem_is_announced() {
 /// change (`FnEvent::Qos`) with the function's controller's new limits, and core 1's replica
 /// target (made as `fnq::FnCore` makes it) applying it as `FnCore::apply_qos` does
 /// (`FnMsg::Qos`) has them on its replica of the controller, still under the same key,
-/// split again with core 0 from the new 3000 IOPS.
+/// split again with core 0 from the new 3000 IOPS; NVMe/TCP planes serving the subsystem
+/// too get a `ReplicaOp::Qos` of it as well.
 #[test]
 fn a_boot_function_with_limits_is_served_by_every_core_and_its_new_limits_reach_every_core() {
     use crate::replica::FnEvent;
@@ -3166,8 +3167,26 @@ fn a_boot_function_with_limits_is_served_by_every_core_and_its_new_limits_reach_
         "{:?}",
         s.replication.fn_events
     );
-    // Function 0's limits changed: nothing is dropped, the hub gets the change.
+    // Function 0's limits changed: nothing is dropped, the hub gets the change. The
+    // NVMe/TCP planes serve fa too here (as `percore::Holder::start` leaves it with core 1
+    // serving it): they get it as well (`ReplicaOp::Qos`).
+    s.replication.cores = 0b10;
+    s.replication.subsystems = vec![String::from(FA)];
     let r = s.push(&signed_bundle(&device(3000, Some(32)), 3)).unwrap();
+    let staged = s.replication.take_unsent(now(), 0b10);
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let crate::replica::ReplicaOp::Qos(planes) = &staged[0].op else {
+        panic!("{staged:?}")
+    };
+    assert_eq!(staged[0].subsystem, FA);
+    assert_eq!(
+        planes
+            .controllers
+            .iter()
+            .map(|(c, _)| *c)
+            .collect::<Vec<_>>(),
+        [adoption.cntlid]
+    );
     assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
     assert!(
         s.replication.dropped.is_empty(),
