@@ -757,11 +757,10 @@ impl<H: Hw> Services<H> {
             })
     }
 
-    /// Sends the QoS the plan in force gives subsystem `nqn` to every core serving it
-    /// (`ReplicaOp::Qos`: its namespaces', its groups', and with `hosts_changed` the host
-    /// rules and core 0's controllers' new limits), and keeps its description in step (later
-    /// adds and adoptions use it). Core 0's own target has it already (`apply_qos`).
-    fn stage_qos(&mut self, nqn: &str, hosts_changed: bool) {
+    /// Keeps the description of subsystem `nqn` (what other cores' replicas were made with,
+    /// `Services::replicable`) in step with the QoS the plan in force gives its namespaces
+    /// and groups (later adds and adoptions use it); the namespaces' QoS.
+    fn follow_qos(&mut self, nqn: &str) -> Vec<(u32, keel_controller::NamespaceQos)> {
         let plan_groups = self.plan.qos_groups();
         let namespaces: Vec<(u32, keel_controller::NamespaceQos)> = self
             .plan
@@ -778,6 +777,16 @@ impl<H: Hw> Services<H> {
             }
             s.groups = crate::services::groups_of(&plan_groups, &s.namespaces);
         }
+        namespaces
+    }
+
+    /// Sends the QoS the plan in force gives subsystem `nqn` to every core serving it
+    /// (`ReplicaOp::Qos`: its namespaces', its groups', and with `hosts_changed` the host
+    /// rules, with `controllers` core 0's controllers' new limits), and keeps its description
+    /// in step (later adds and adoptions use it). Core 0's own target has it already
+    /// (`apply_qos`).
+    fn stage_qos(&mut self, nqn: &str, hosts_changed: bool, controllers: bool) {
+        let namespaces = self.follow_qos(nqn);
         // Every group of the replicas' subsystems (the replicas' own groups are those).
         let mut groups: Vec<keel_controller::QosGroup> = Vec::new();
         for g in self.replicable.iter().flat_map(|s| &s.groups) {
@@ -789,7 +798,7 @@ impl<H: Hw> Services<H> {
             namespaces,
             groups,
             hosts: hosts_changed.then(|| self.plan.host_qos()),
-            controllers: if hosts_changed {
+            controllers: if controllers {
                 self.target.controller_limits(nqn)
             } else {
                 Vec::new()
@@ -805,16 +814,69 @@ impl<H: Hw> Services<H> {
             .stage(nqn, ReplicaOp::Qos(alloc::boxed::Box::new(qos)), None);
     }
 
+    /// Hands the functions' hub the QoS the plan in force gives function subsystem `nqn`
+    /// (`FnEvent::Qos`, for every core serving its functions' pairs: `crate::fnq::FnMsg::Qos`):
+    /// its namespaces', the groups of every function subsystem's namespaces (a replica of the
+    /// functions' subsystems has those: `crate::services::replica_target_shares`), the host
+    /// rules with `hosts_changed`, and core 0's controllers of it with their new limits (its
+    /// functions' controllers, which `apply_qos` gave theirs).
+    fn fn_qos(&mut self, nqn: &str, hosts_changed: bool) {
+        let namespaces = self.follow_qos(nqn);
+        let fn_subsystem = |n: &NsPlan| {
+            n.function.is_some()
+                || self
+                    .functions
+                    .iter()
+                    .any(|e| e.slot == SlotState::Live && e.nqn == n.subsystem)
+        };
+        let used: Vec<String> = self
+            .plan
+            .namespaces
+            .iter()
+            .filter(|n| fn_subsystem(n))
+            .filter_map(|n| self.plan.namespace_qos(n).group)
+            .collect();
+        let groups = self
+            .plan
+            .qos_groups()
+            .into_iter()
+            .filter(|g| used.contains(&g.name))
+            .collect();
+        let qos = crate::replica::ReplicaQos {
+            namespaces,
+            groups,
+            hosts: hosts_changed.then(|| self.plan.host_qos()),
+            controllers: self.target.controller_limits(nqn),
+        };
+        klog::info!(
+            "config: {}: QoS changed live: sent to every core serving its function's I/O queues ({} namespace(s), {} controller(s))",
+            nqn,
+            qos.namespaces.len(),
+            qos.controllers.len()
+        );
+        self.replication
+            .fn_events
+            .push(crate::replica::FnEvent::Qos {
+                nqn: String::from(nqn),
+                qos: alloc::boxed::Box::new(qos),
+            });
+    }
+
     /// After a QoS change: subsystems every core serves (their NVMe/TCP replicas) get it
     /// on every core ([`Services::stage_qos`]) and stay spread; each core splits the new
     /// namespace, group and host (controller) limits by demand
-    /// (`crate::shares::LimitSharing`). Subsystems with an emulated function keep the
-    /// fallback: those whose function's limits changed from those in force before the push
+    /// (`crate::shares::LimitSharing`). So do subsystems with an emulated function whose
+    /// QoS changed: their functions' limits changed from those in force before the push
     /// (`fn_before`: the replicas' controllers have those their queues were adopted with),
-    /// or whose namespaces' limits or groups (or their groups' limits) changed from those
-    /// the other cores' replicas were made with, are no longer adopted there
-    /// (`Replication::drop_subsystem`), and when the host rules changed
-    /// (`hosts_changed`), every one is.
+    /// their namespaces' QoS or groups (or their groups' limits) changed from those the
+    /// other cores' replicas were made with (`ns_before` for a subsystem core 0 does not
+    /// describe), or the host rules changed (`hosts_changed`): the functions' hub sends the
+    /// change with the functions' controllers' new limits to every core serving their pairs
+    /// ([`Services::fn_qos`]), and the NVMe/TCP planes get it too when they serve the
+    /// subsystem. A core that has no replica of the subsystem has none of its pairs (it
+    /// refused them): nothing to apply there. Dropped (served through core 0 from now on,
+    /// `Replication::drop_subsystem`): only a plane that cannot apply it
+    /// ([`Services::finish_replicated`]).
     fn drop_limited(
         &mut self,
         hosts_changed: bool,
@@ -826,8 +888,8 @@ impl<H: Hw> Services<H> {
         let plan = &self.plan;
         let replicable = &self.replicable;
         let groups = plan.qos_groups();
-        // Whether namespace `n`'s limits and group (its name and definition) are those the
-        // replicas of its subsystem were made with.
+        // Whether namespace `n`'s QoS (limits, weight, group, commands at the drive) and its
+        // group's definition are those the replicas of its subsystem were made with.
         let as_replicas = |n: &NsPlan, q: &keel_controller::NamespaceQos| {
             let Some(s) = replicable.iter().find(|s| s.nqn == n.subsystem) else {
                 // Not described (a function's created live): as before the push.
@@ -835,8 +897,7 @@ impl<H: Hw> Services<H> {
                     .iter()
                     .find(|b| b.0 == n.subsystem && b.1 == n.nsid)
                     .map_or(q.limits == none && q.group.is_none(), |b| {
-                        b.2.limits == q.limits
-                            && b.2.group == q.group
+                        b.2 == *q
                             && b.3.as_ref()
                                 == q.group
                                     .as_ref()
@@ -846,13 +907,12 @@ impl<H: Hw> Services<H> {
             let Some(r) = s.namespaces.iter().find(|r| r.nsid == n.nsid) else {
                 return q.limits == none && q.group.is_none();
             };
-            r.qos.limits == q.limits
-                && r.qos.group == q.group
+            r.qos == *q
                 && q.group.as_ref().is_none_or(|g| {
                     groups.iter().find(|x| x.name == *g) == s.groups.iter().find(|x| x.name == *g)
                 })
         };
-        let is_limited = |nqn: &str| {
+        let changed = |nqn: &str| {
             everywhere
                 || plan
                     .namespaces
@@ -868,22 +928,24 @@ impl<H: Hw> Services<H> {
                             })
                     })
         };
-        let limited: Vec<String> = self
+        // Subsystems with an emulated function (at boot, created live or pushed) whose QoS
+        // changed: described ones (`replicable`) and those of the functions running.
+        let mut functions: Vec<String> = Vec::new();
+        let candidates = self
             .replicable
             .iter()
-            .map(|s| s.nqn.clone())
-            .filter(|nqn| is_limited(nqn))
-            .collect();
-        // Functions created live whose pairs other cores serve: those come home
-        // (`crate::fnq::Hub`).
-        let live: Vec<String> = self
-            .functions
-            .iter()
-            .filter(|e| e.slot == SlotState::Live && !e.nqn.is_empty() && is_limited(&e.nqn))
-            .map(|e| e.nqn.clone())
-            .collect();
-        for nqn in live {
-            self.replication.fn_changed(&nqn);
+            .map(|s| &s.nqn)
+            .filter(|nqn| self.function_subsystem(nqn))
+            .chain(
+                self.functions
+                    .iter()
+                    .filter(|e| e.slot == SlotState::Live && !e.nqn.is_empty())
+                    .map(|e| &e.nqn),
+            );
+        for nqn in candidates {
+            if !functions.contains(nqn) && changed(nqn) {
+                functions.push(nqn.clone());
+            }
         }
         // Subsystems every core serves, without an emulated function: the change goes to
         // every core (`ReplicaOp::Qos`) and they stay spread; any whose QoS changed at all
@@ -899,19 +961,19 @@ impl<H: Hw> Services<H> {
             .map(|s| s.nqn.clone())
             .collect();
         for nqn in &spread {
-            self.stage_qos(nqn, hosts_changed);
+            self.stage_qos(nqn, hosts_changed, hosts_changed);
         }
-        let limited: Vec<String> = limited
-            .into_iter()
-            .filter(|nqn| !spread.contains(nqn))
-            .collect();
-        for nqn in limited {
-            if !self.replication.dropped.contains(&nqn) {
-                klog::warning!(
-                    "config: {}: QoS limits now apply: its I/O queues are served through core 0",
-                    nqn
-                );
-                self.replication.drop_subsystem(&nqn);
+        for nqn in &functions {
+            // The planes too, when they serve it (its functions' controllers have no replica
+            // there: their limits are for the functions' cores).
+            if self.replication.follows(nqn) {
+                self.stage_qos(nqn, hosts_changed, true);
+            }
+            if self.replication.functions {
+                self.fn_qos(nqn, hosts_changed);
+            } else {
+                // No other core serves functions' pairs: the description follows.
+                self.follow_qos(nqn);
             }
         }
     }

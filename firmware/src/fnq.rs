@@ -13,8 +13,10 @@
 //! the host can create an I/O queue) go with every pair in its
 //! [`keel_controller::Adoption`], its namespaces' and their groups' are in the replica, and
 //! every core serving them takes its part of each by demand once a pass
-//! ([`crate::shares::CrossCore`]; a push changing a function's limits brings its pairs home,
-//! `Services::drop_limited`). Core `k` reaches a drive through an I/O queue pair of
+//! ([`crate::shares::CrossCore`]). A push changing a function's limits, or its namespaces'
+//! QoS or groups, leaves its pairs where they are: the hub sends every core the change
+//! ([`FnMsg::Qos`], with the functions' controllers' new limits, `Services::drop_limited`)
+//! and each core's replica takes it ([`FnCore::apply_qos`]). Core `k` reaches a drive through an I/O queue pair of
 //! its own on it (`keel_nvme_driver::CoreQueue`, created by core 0 beside the NVMe/TCP
 //! planes' and handed over in [`ServeFunctions::drives`], one on every drive; core `k` polls
 //! it). A namespace of a remote volume is in the replica when the NVMe/TCP planes serve the
@@ -31,8 +33,8 @@
 //! ([`FnMsg::Add`]; no ack: the ring keeps the order, so the subsystem is in core `k`'s
 //! replica before the function's first [`FnMsg::Adopt`] arrives, and a core that could not
 //! add it refuses the pairs, which core 0 then serves), then the function spreads its I/O
-//! queues. When its subsystem changes or goes ([`FnEvent::Changed`]: namespaces, QoS limits,
-//! its removal) its pairs come home (drained, or discarded for a removal), and once every
+//! queues. When its subsystem changes or goes ([`FnEvent::Changed`]: namespaces, a QoS change
+//! the NVMe/TCP planes serving it too could not apply, its removal) its pairs come home (drained, or discarded for a removal), and once every
 //! one is home core 0 has the cores drop the subsystem ([`FnMsg::Remove`]); a function
 //! created again with that NQN is spread again. A boot function's subsystem is retired the
 //! same way (it is dropped, [`crate::replica::Replication::dropped`]), and core 0 forgets
@@ -124,6 +126,17 @@ pub enum FnMsg {
     /// Core 0 → core k: remove subsystem `nqn` from the replica (its function was removed
     /// or changed, and every pair of it is back on core 0).
     Remove(String),
+    /// Core 0 → core k: a push changed the QoS of subsystem `nqn` (core 0 applied it
+    /// already): the replica takes it (`crate::services::apply_replica_qos`: its namespaces'
+    /// QoS, the groups, the host rules, the replicas of its functions' controllers' limits)
+    /// and the pairs it serves stay. No answer: a core without the subsystem in its replica
+    /// has none of its pairs (it refused them, core 0 serves them).
+    Qos {
+        /// The subsystem.
+        nqn: String,
+        /// Its new QoS.
+        qos: Box<crate::replica::ReplicaQos>,
+    },
     /// Core 0 → core k: serve this pair.
     Adopt(Box<Adopt>),
     /// Core 0 → core k: send pair `qid` of function `slot` back (see [`Handover::Recall`]).
@@ -354,6 +367,11 @@ impl FnCore {
                     c.remove(&nqn);
                 }
             }
+            FnMsg::Qos { nqn, qos } => {
+                if let Some(c) = this {
+                    c.apply_qos(&nqn, &qos);
+                }
+            }
             FnMsg::Adopt(a) => match this {
                 Some(c) => c.adopt(*a, now_ns, out),
                 None => out(FnMsg::Returned {
@@ -423,6 +441,44 @@ impl FnCore {
                 "fnq: core {}: {} not added to its replica: its I/O queues are served on core 0",
                 self.core,
                 sub.nqn
+            );
+        }
+        self.ns_dirty = true;
+    }
+
+    /// A live QoS change of subsystem `nqn` ([`FnMsg::Qos`]): the replica takes it (its
+    /// limiters stay, with their keys in the split across cores: each takes the new limits
+    /// and this core's part of them is re-split by demand), and so does the description of
+    /// its namespaces on remote volumes not added yet. Once per push, never per command.
+    pub fn apply_qos(&mut self, nqn: &str, q: &crate::replica::ReplicaQos) {
+        if !self.target.has_subsystem(nqn) {
+            // It could not be added here: its pairs were refused and core 0 serves them.
+            klog::warning!(
+                "fnq: core {}: a QoS change of {}, which its replica lacks: nothing to apply (core 0 serves its I/O queues)",
+                self.core,
+                nqn
+            );
+            return;
+        }
+        let ok = crate::services::apply_replica_qos(&mut self.target, nqn, q);
+        for (_, n) in self.remote.iter_mut().filter(|(s, _)| s == nqn) {
+            if let Some((_, qos)) = q.namespaces.iter().find(|(id, _)| *id == n.nsid) {
+                n.qos = qos.clone();
+            }
+        }
+        if ok {
+            println!(
+                "fnq: core {} applies the QoS of {} changed live ({} namespace(s), {} controller(s))",
+                self.core,
+                nqn,
+                q.namespaces.len(),
+                q.controllers.len()
+            );
+        } else {
+            klog::error!(
+                "fnq: core {}: the QoS of {} changed live was not wholly applied (its I/O queues here keep the limits it could not change)",
+                self.core,
+                nqn
             );
         }
         self.ns_dirty = true;
@@ -853,6 +909,21 @@ impl Hub {
                         l.retire_soon(functions);
                     }
                 }
+                FnEvent::Qos { nqn, qos } => {
+                    // Only where the other cores serve its pairs (a retiring subsystem's come
+                    // home, and are then served with core 0's limits); the ring keeps the
+                    // order with the adoptions.
+                    if self.home || !self.live.iter().any(|l| l.nqn == nqn && !l.retiring) {
+                        continue;
+                    }
+                    for li in 0..links.0.len() {
+                        let m = Msg::Fn(FnMsg::Qos {
+                            nqn: nqn.clone(),
+                            qos: qos.clone(),
+                        });
+                        self.outq.send(links, li, m);
+                    }
+                }
                 FnEvent::Attached { slot, nqn } => {
                     let f = functions
                         .get_mut(usize::from(slot))
@@ -960,6 +1031,7 @@ impl Hub {
                 FnMsg::Serve(_)
                 | FnMsg::Add(_)
                 | FnMsg::Remove(_)
+                | FnMsg::Qos { .. }
                 | FnMsg::Adopt(_)
                 | FnMsg::Recall { .. }
                 | FnMsg::Abort { .. } => {}

@@ -31,7 +31,10 @@
 //! its groups' limits, or the host rules) stages a [`ReplicaOp::Qos`] the same way: core 0
 //! applied the change to its own target already; every core applies it to its replica, so
 //! the subsystem stays served by every core, each splitting the new limits by demand. One a
-//! core cannot apply drops that subsystem only.
+//! core cannot apply drops that subsystem only. A subsystem with an emulated function whose
+//! pairs other cores serve gets the same change through the functions' hub
+//! ([`FnEvent::Qos`], `crate::fnq::FnMsg::Qos`), with its functions' controllers' new
+//! limits; when the planes serve it too, they get the [`ReplicaOp::Qos`] as well.
 //!
 //! Per change only: the messages, the clones and the log entries are made once per change,
 //! never per I/O.
@@ -92,9 +95,10 @@ pub struct ReplicaQos {
     /// The new host rules, when they changed (the replica's target keeps them; its
     /// controllers take their holders' limits, below).
     pub hosts: Option<Vec<keel_controller::HostQos>>,
-    /// Core 0's controllers of the subsystem and their limits, when the host rules changed:
-    /// the replicas of those controllers (queues adopted by another core) take them
-    /// (`keel_controller::Target::set_replica_controller_limits`).
+    /// Core 0's controllers of the subsystem and their limits, when the host rules changed,
+    /// and always for a subsystem with an emulated function (its functions' controllers'
+    /// `[[qos.function]]` limits): the replicas of those controllers (queues adopted by
+    /// another core) take them (`keel_controller::Target::set_replica_controller_limits`).
     pub controllers: Vec<(u16, keel_controller::QosLimits)>,
 }
 
@@ -182,9 +186,20 @@ pub(crate) enum FnEvent {
         /// The subsystem.
         nqn: String,
     },
-    /// Subsystem `nqn` changed (namespaces, QoS limits) or went (its function removed): no
-    /// core but core 0 may serve its function's pairs from now on.
+    /// Subsystem `nqn` changed (namespaces) or went (its function removed), or a core could
+    /// not apply its QoS: no core but core 0 may serve its function's pairs from now on.
     Changed(String),
+    /// A push changed the QoS of subsystem `nqn` (its functions' `[[qos.function]]` limits,
+    /// its namespaces' limits, weights or groups, its groups' limits, or the host rules):
+    /// core 0 applied it already; the hub sends it to every core serving the subsystem's
+    /// functions' pairs (`crate::fnq::FnMsg::Qos`), whose replicas take it, and the pairs
+    /// stay where they are. Nothing to do for a subsystem the other cores do not serve.
+    Qos {
+        /// The subsystem.
+        nqn: String,
+        /// Its new QoS (`controllers`: every function's controller and its new limits).
+        qos: alloc::boxed::Box<ReplicaQos>,
+    },
 }
 
 impl Replication {

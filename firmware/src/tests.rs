@@ -3027,12 +3027,18 @@ fn a_function_a_push_attaches_to_a_running_subsystem_is_announced() {
 /// its limits before its first I/O queue leaves core 0 (the hub's `Target::adoption` of the
 /// exported pair carries them), core 0 and another core's replica of the controller list it
 /// under one `controller_key` and split its 2000 IOPS through the demand table. A push that
-/// leaves the functions' limits as they are (but changes QoS) drops nothing; one that changes
-/// a function's limits drops that function's subsystem only (its pairs come home: the
-/// replicas keep the limits their queues were adopted with).
+/// leaves the functions' limits as they are (but changes QoS) drops nothing and sends
+/// nothing to the functions' cores; one that changes a function's limits drops nothing
+/// either (before, its subsystem was dropped and its pairs came home): the hub is handed the
+/// change (`FnEvent::Qos`) with the function's controller's new limits, and core 1's replica
+/// target (made as `fnq::FnCore` makes it) applying it as `FnCore::apply_qos` does
+/// (`FnMsg::Qos`) has them on its replica of the controller, still under the same key,
+/// split again with core 0 from the new 3000 IOPS; NVMe/TCP planes serving the subsystem
+/// too get a `ReplicaOp::Qos` of it as well.
 #[test]
-fn a_boot_function_with_limits_is_served_by_every_core_and_dropped_only_when_they_change() {
-    use crate::services::{RamSharing, replica_target_shares};
+fn a_boot_function_with_limits_is_served_by_every_core_and_its_new_limits_reach_every_core() {
+    use crate::replica::FnEvent;
+    use crate::services::{RamSharing, apply_replica_qos, replica_target_shares};
     use keel_mgmt::Device as _;
     use keel_nvme_pcie::Handover;
     use keel_provision::{Backend, Encryption, FunctionQos, Namespace, QosLimits, QosRate};
@@ -3145,6 +3151,7 @@ fn a_boot_function_with_limits_is_served_by_every_core_and_dropped_only_when_the
         2000,
         "core 0 and core 1 split the function's limit"
     );
+    let part_before = per_sec(&replica, on1[0].limiter);
 
     // QoS changed, the functions' limits not: nothing is dropped.
     s.replication.fn_events.clear();
@@ -3160,13 +3167,74 @@ fn a_boot_function_with_limits_is_served_by_every_core_and_dropped_only_when_the
         "{:?}",
         s.replication.fn_events
     );
-    // Function 0's limits changed: its subsystem only is dropped.
+    // Function 0's limits changed: nothing is dropped, the hub gets the change. The
+    // NVMe/TCP planes serve fa too here (as `percore::Holder::start` leaves it with core 1
+    // serving it): they get it as well (`ReplicaOp::Qos`).
+    s.replication.cores = 0b10;
+    s.replication.subsystems = vec![String::from(FA)];
     let r = s.push(&signed_bundle(&device(3000, Some(32)), 3)).unwrap();
+    let staged = s.replication.take_unsent(now(), 0b10);
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let crate::replica::ReplicaOp::Qos(planes) = &staged[0].op else {
+        panic!("{staged:?}")
+    };
+    assert_eq!(staged[0].subsystem, FA);
+    assert_eq!(
+        planes
+            .controllers
+            .iter()
+            .map(|(c, _)| *c)
+            .collect::<Vec<_>>(),
+        [adoption.cntlid]
+    );
     assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
-    assert_eq!(s.replication.dropped, [FA]);
+    assert!(
+        s.replication.dropped.is_empty(),
+        "{:?}",
+        s.replication.dropped
+    );
+    let events = core::mem::take(&mut s.replication.fn_events);
+    assert!(
+        !events.iter().any(|e| matches!(e, FnEvent::Changed(_))),
+        "its pairs stay: {events:?}"
+    );
+    let qos = events
+        .into_iter()
+        .find_map(|e| match e {
+            FnEvent::Qos { nqn, qos } if nqn == FA => Some(qos),
+            _ => None,
+        })
+        .expect("the hub is handed fa's new QoS");
+    assert_eq!(
+        qos.controllers
+            .iter()
+            .map(|(c, l)| (*c, l.iops.map(|r| r.per_sec)))
+            .collect::<Vec<_>>(),
+        [(adoption.cntlid, Some(3000))],
+        "the function's controller with its new limits"
+    );
     // Core 0's controller has the new limits.
-    let adoption = s.target.adoption(q).expect("an adoption");
-    assert_eq!(adoption.limits.iops.map(|r| r.per_sec), Some(3000));
+    let now_adopted = s.target.adoption(q).expect("an adoption");
+    assert_eq!(now_adopted.limits.iops.map(|r| r.per_sec), Some(3000));
+    // Core 1 applies it: its replica of the controller keeps its key and takes the new
+    // limits, split again with core 0 by demand.
+    assert!(apply_replica_qos(&mut replica, FA, &qos));
+    let on1: Vec<_> = replica.shared_limits().collect();
+    assert_eq!(on1.iter().map(|l| l.key).collect::<Vec<_>>(), [key]);
+    assert_eq!(
+        per_sec(&replica, on1[0].limiter),
+        part_before * 3000 / 2000,
+        "its part scales with the new limits until the next split"
+    );
+    x1.tend(&table, 0b11, 0, &mut replica);
+    x0.tend(&table, 0b11, 0, &mut s.target);
+    x1.tend(&table, 0b11, 0, &mut replica);
+    x0.tend(&table, 0b11, 0, &mut s.target);
+    assert_eq!(
+        per_sec(&s.target, on0[0].limiter) + per_sec(&replica, on1[0].limiter),
+        3000,
+        "core 0 and core 1 split the function's new limit"
+    );
 }
 
 /// Issue 17, a boot function's RAM at `--smp N` (`crate::fnq`): its namespace is in a
@@ -3244,12 +3312,16 @@ fn a_boot_functions_ram_is_freed_when_it_is_removed() {
 /// A pushed function on a namespace with a QoS limit spreads with its replica carrying the
 /// limit; core 0 does not describe its subsystem for the NVMe/TCP planes
 /// (`Services::replicable`), so a later QoS push compares its namespaces' QoS with what it
-/// was before the push: a push changing QoS elsewhere (another namespace's limit) leaves
-/// its pairs where they are, one changing its namespace's limit brings them home.
+/// was before the push: a push changing QoS elsewhere (another namespace's limit) sends the
+/// functions' cores nothing, one changing its namespace's limit leaves its pairs where they
+/// are too (before, they came home: `FnEvent::Changed`) and hands the hub the new limit
+/// (`FnEvent::Qos`), which core 1's replica target (the pushed function's subsystem added as
+/// `FnMsg::Add` adds it) applies to its namespace as `fnq::FnCore::apply_qos` does.
 #[test]
-fn a_later_qos_push_brings_a_pushed_function_home_only_when_its_namespaces_qos_changes() {
+fn a_later_qos_push_reaches_a_pushed_functions_cores_only_when_its_namespaces_qos_changes() {
     use crate::replica::FnEvent;
     use crate::services::RamSharing;
+    use crate::services::{add_replica_subsystem, apply_replica_qos, replica_target_shares};
     use keel_mgmt::Device as _;
     use keel_provision::{NamespaceQos, QosLimits, QosRate};
     const PUSHED: &str = "nqn.2026-12.test:limited-fn";
@@ -3303,9 +3375,17 @@ fn a_later_qos_push_brings_a_pushed_function_home_only_when_its_namespaces_qos_c
         d
     };
     let changed = |s: &mut Services<TestHw>| {
-        core::mem::take(&mut s.replication.fn_events)
-            .into_iter()
-            .any(|e| matches!(e, FnEvent::Changed(n) if n == PUSHED))
+        let events = core::mem::take(&mut s.replication.fn_events);
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, FnEvent::Changed(n) if n == PUSHED)),
+            "its pairs come home: {events:?}"
+        );
+        events.into_iter().find_map(|e| match e {
+            FnEvent::Qos { nqn, qos } if nqn == PUSHED => Some(qos),
+            _ => None,
+        })
     };
     let r = s.push(&signed_bundle(&device(2000, 5000), 2)).unwrap();
     assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
@@ -3322,10 +3402,42 @@ fn a_later_qos_push_brings_a_pushed_function_home_only_when_its_namespaces_qos_c
         Some(2000),
         "its replica carries the namespace's limit"
     );
-    // Another namespace's limit changes: the function's pairs stay.
+    // Core 1's replica with the pushed function's subsystem (as `FnMsg::Add` adds it).
+    let (mut fc, mut shares) =
+        replica_target_shares(Vec::new(), *s.target.limits(), &mut |_, _| None).unwrap();
+    assert!(add_replica_subsystem(
+        &mut fc,
+        &mut shares,
+        replica,
+        &mut |_, _| None
+    ));
+    let limit = |fc: &keel_controller::Target| {
+        fc.namespace_views()
+            .find(|v| v.subsystem == PUSHED && v.nsid == 1)
+            .and_then(|v| v.qos_config.limits.iops)
+            .map(|r| r.per_sec)
+    };
+    assert_eq!(limit(&fc), Some(2000));
+    // Another namespace's limit changes: nothing for the function's cores.
     s.push(&signed_bundle(&device(2000, 6000), 3)).unwrap();
-    assert!(!changed(&mut s), "a QoS change elsewhere brought them home");
-    // Its own namespace's limit changes: they come home (the replica has the old one).
+    assert!(
+        changed(&mut s).is_none(),
+        "a QoS change elsewhere reached them"
+    );
+    // Its own namespace's limit changes: the pairs stay, the cores get the new limit.
     s.push(&signed_bundle(&device(1000, 6000), 4)).unwrap();
-    assert!(changed(&mut s));
+    let qos = changed(&mut s).expect("the hub is handed the new QoS");
+    assert_eq!(
+        qos.namespaces
+            .iter()
+            .map(|(id, q)| (*id, q.limits.iops.map(|r| r.per_sec)))
+            .collect::<Vec<_>>(),
+        [(1, Some(1000))]
+    );
+    assert!(s.replication.dropped.is_empty());
+    assert!(apply_replica_qos(&mut fc, PUSHED, &qos));
+    assert_eq!(limit(&fc), Some(1000), "core 1's replica has the new limit");
+    // The next push compares with what the replicas have now: unchanged, nothing is sent.
+    s.push(&signed_bundle(&device(1000, 7000), 5)).unwrap();
+    assert!(changed(&mut s).is_none());
 }

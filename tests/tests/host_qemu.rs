@@ -1677,18 +1677,83 @@ fn a_function_with_an_iops_limit_is_served_on_every_core_within_its_limit() {
         &rig,
         &format!("fnq: emulated functions of [\"{f0}\"]: I/O queue q served on core q % 2"),
     );
-    limited_bench(&rig, &mgmt, f0, "boot function");
+    limited_bench(&rig, &mgmt, f0, "boot function", 2000.0);
     let console = rig.qemu.console();
     assert!(!console.contains("fnq: namespaces changed"), "{console}");
     rig.assert_healthy();
 }
 
-/// Function 0 (subsystem `nqn`) has an iops limit of 2000 with a burst of 200: a 2-queue QD8
-/// read bench for 6 s through window 0; core 1 serves I/O queue 1 and some of the commands,
-/// and the host gets the limit (at most the rate times the time plus 5% and both buckets'
-/// bursts, at least 70%).
-fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str) {
-    const LIMIT: f64 = 2000.0;
+/// Issue 17, a live QoS change of a function served on every core: the boot function of
+/// [`a_function_with_an_iops_limit_is_served_on_every_core_within_its_limit`] (2000 IOPS,
+/// burst 200, `--smp 2`) is benched, then a push lowers its `[[qos.function]]` limit to 1000
+/// IOPS: core 1 gets the change (`FnMsg::Qos`: its replica of the function's controller takes
+/// the new limits) and keeps serving I/O queue 1; benched again, the host gets the new limit
+/// split between core 0 and core 1 (at most 1000 IOPS times the time plus 5% and both
+/// buckets' bursts, at least 70%). Before, the push brought the function's pairs home
+/// ("QoS limits now apply", core 1 "no longer serves pairs").
+#[test]
+fn a_function_limit_changed_live_reaches_every_core_and_its_queues_stay_spread() {
+    let nvmf = "nqn.2026-11.dev.keel:default";
+    let f0 = "nqn.2026-11.dev.keel:fn0";
+    let description = |iops: u32| {
+        format!(
+            "[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nvmf}\"\n\n[[subsystem]]\nnqn = \"{f0}\"\n\n\
+             [[namespace]]\nsubsystem = \"{nvmf}\"\nnsid = 1\nbackend = {{ ram = \"16MiB\" }}\n\n\
+             [[namespace]]\nsubsystem = \"{f0}\"\nnsid = 1\nbackend = {{ ram = \"64MiB\" }}\nfunction = 0\n\n\
+             [[qos.function]]\nfunction = 0\niops = {{ rate = {iops}, burst = 200 }}\n"
+        )
+    };
+    let cfg = ScratchFile::new("fn-qos-live.toml", 0);
+    std::fs::write(cfg.path(), description(2000)).unwrap();
+    let mport = free_port();
+    let mp = mport.to_string();
+    let rig = Rig::boot_config(
+        "fn-qos-live",
+        1,
+        cfg.path(),
+        &["--smp", "2", "--mgmt-port", &mp],
+    );
+    let mgmt = format!("127.0.0.1:{mport}");
+    console_has(
+        &rig,
+        &format!("fnq: emulated functions of [\"{f0}\"]: I/O queue q served on core q % 2"),
+    );
+    limited_bench(&rig, &mgmt, f0, "boot function, 2000 IOPS", 2000.0);
+    // The boot description's generation is the time it was built (`qemu/run --config`).
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1000;
+    let d = keel_tests::provision::Dir::new("fn-qos-live");
+    let report = push_description(&d, &mgmt, generation, &description(1000));
+    assert!(report.contains("now in force"), "{report}");
+    console_has(
+        &rig,
+        &format!("fnq: core 1 applies the QoS of {f0} changed live ("),
+    );
+    limited_bench(
+        &rig,
+        &mgmt,
+        f0,
+        "boot function, lowered live to 1000 IOPS",
+        1000.0,
+    );
+    let console = rig.qemu.console();
+    assert!(
+        !console.contains(&format!("fnq: core 1 no longer serves pairs of {f0}")),
+        "{console}"
+    );
+    assert!(!console.contains("QoS limits now apply"), "{console}");
+    assert!(!console.contains("fnq: namespaces changed"), "{console}");
+    rig.assert_healthy();
+}
+
+/// Function 0 (subsystem `nqn`) has an iops limit of `limit` with a burst of 200: a 2-queue
+/// QD8 read bench for 6 s through window 0; core 1 serves I/O queue 1 and some of the
+/// commands, and the host gets the limit (at most the rate times the time plus 5% and both
+/// buckets' bursts, at least 70%).
+fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str, limit: f64) {
     const BURST: f64 = 200.0;
     const SECONDS: &str = "6";
     let w = rig.window(0);
@@ -1714,11 +1779,16 @@ fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str) {
     let ios = j["ios"].as_u64().expect("ios") as f64;
     let elapsed = j["elapsed_s"].as_f64().expect("elapsed_s");
     let on = [after[0] - before[0], after[1] - before[1]];
-    let ceiling = LIMIT * elapsed * 1.05 + 2.0 * BURST;
+    let ceiling = limit * elapsed * 1.05 + 2.0 * BURST;
     eprintln!(
-        "function QoS on every core ({what}): {ios} commands in {elapsed:.2} s ({:.0} IOPS, limit {LIMIT}, ceiling {ceiling:.0}); commands served per core (core 0 includes admin) {on:?}",
+        "function QoS on every core ({what}): {ios} commands in {elapsed:.2} s ({:.0} IOPS, limit {limit}, ceiling {ceiling:.0}); commands served per core (core 0 includes admin) {on:?}",
         ios / elapsed
     );
+    for l in rig.qemu.console().lines().filter(|l| {
+        l.contains("fnq:") || l.contains("qos") || l.contains("QoS") || l.contains("config:")
+    }) {
+        eprintln!("console: {l}");
+    }
     console_has(
         rig,
         &format!("fnq: core 1 serves I/O queue 1 of function 0 ({nqn}"),
@@ -1729,11 +1799,11 @@ fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str) {
     );
     assert!(
         ios <= ceiling,
-        "{ios} commands in {elapsed:.2} s: over the function's {LIMIT} IOPS"
+        "{ios} commands in {elapsed:.2} s: over the function's {limit} IOPS"
     );
     assert!(
-        ios >= LIMIT * elapsed * 0.7,
-        "{ios} commands in {elapsed:.2} s: far under the function's {LIMIT} IOPS"
+        ios >= limit * elapsed * 0.7,
+        "{ios} commands in {elapsed:.2} s: far under the function's {limit} IOPS"
     );
 }
 
@@ -1785,7 +1855,7 @@ fn a_function_created_live_with_an_iops_limit_is_served_on_every_core_within_it(
         assert!(t0.elapsed() < WAIT, "CAP never set");
         std::thread::sleep(Duration::from_millis(5));
     }
-    limited_bench(&rig, &mgmt, nqn, "created live");
+    limited_bench(&rig, &mgmt, nqn, "created live", 2000.0);
     let console = rig.qemu.console();
     assert!(!console.contains("fnq: namespaces changed"), "{console}");
     rig.assert_healthy();
