@@ -889,6 +889,34 @@ fn dev_device() -> keel_provision::Device {
     }
 }
 
+/// Services as a push-provisioned device with two emulated function slots boots them:
+/// `device` in force (generation 1), RAM shared per `share`, and the functions' pairs
+/// spread over the cores (as `fnq::Hub::start` leaves it at `--smp 2`) unless `share` is
+/// `RamSharing::None` (one core).
+fn pushed_services(
+    device: &keel_provision::Device,
+    share: crate::services::RamSharing,
+) -> Services<TestHw> {
+    let identity: Identity<RamFlash> = Identity::new(None, None);
+    let cfg = identity.open(&signed_bundle(device, 1), 0).unwrap();
+    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
+    let mut s: Services<TestHw> =
+        Services::build_with(plan, Vec::new(), two_windows(), true, identity, share);
+    s.replication.functions = share != crate::services::RamSharing::None;
+    s
+}
+
+/// Two 1 MiB emulated function windows.
+fn two_windows() -> Vec<WindowPort<MemWindow>> {
+    (0..2u64)
+        .map(|i| WindowPort {
+            base: 0x1000_0000 * (i + 1),
+            size: 1 << 20,
+            ep: Ok(MemWindow::new(1 << 20)),
+        })
+        .collect()
+}
+
 /// `device` as a bundle of `generation` signed with the development key.
 pub(crate) fn signed_bundle(device: &keel_provision::Device, generation: u64) -> Vec<u8> {
     let mut counter = 0u8;
@@ -2515,17 +2543,10 @@ fn a_function_created_live_is_made_for_every_core() {
     use keel_mgmt::Device as _;
     use keel_mgmt::{FunctionCipher, FunctionSpec, QosLimit};
     let build = |share| {
-        let windows = (0..2u64)
-            .map(|i| WindowPort {
-                base: 0x1000_0000 * (i + 1),
-                size: 1 << 20,
-                ep: Ok(MemWindow::new(1 << 20)),
-            })
-            .collect();
         Services::<TestHw>::build_with(
             dev_plan("keel.fn.boot=0", 2),
             Vec::new(),
-            windows,
+            two_windows(),
             true,
             Identity::new(None, None),
             share,
@@ -2725,23 +2746,7 @@ fn a_function_a_push_creates_is_made_for_every_core() {
         }),
         ..Default::default()
     };
-    let build = |share| {
-        let identity: Identity<RamFlash> = Identity::new(None, None);
-        let cfg = identity.open(&signed_bundle(&dev_device(), 1), 0).unwrap();
-        let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
-        let windows = (0..2u64)
-            .map(|i| WindowPort {
-                base: 0x1000_0000 * (i + 1),
-                size: 1 << 20,
-                ep: Ok(MemWindow::new(1 << 20)),
-            })
-            .collect();
-        let mut s: Services<TestHw> =
-            Services::build_with(plan, Vec::new(), windows, true, identity, share);
-        // As `fnq::Hub::start` leaves it at `--smp 2`.
-        s.replication.functions = share != RamSharing::None;
-        s
-    };
+    let build = |share| pushed_services(&dev_device(), share);
     let created = |s: &mut Services<TestHw>, slot: u16| -> Option<ReplicaSubsystem> {
         s.replication.fn_events.drain(..).find_map(|e| match e {
             FnEvent::Created { slot: x, subsystem } if x == slot => Some(*subsystem),
@@ -2928,22 +2933,7 @@ fn a_function_a_push_attaches_to_a_running_subsystem_is_announced() {
     use crate::replica::FnEvent;
     use crate::services::{RamSharing, ReplicaSource};
     use keel_mgmt::Device as _;
-    let build = |share| {
-        let identity: Identity<RamFlash> = Identity::new(None, None);
-        let cfg = identity.open(&signed_bundle(&dev_device(), 1), 0).unwrap();
-        let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
-        let windows = (0..2u64)
-            .map(|i| WindowPort {
-                base: 0x1000_0000 * (i + 1),
-                size: 1 << 20,
-                ep: Ok(MemWindow::new(1 << 20)),
-            })
-            .collect();
-        let mut s: Services<TestHw> =
-            Services::build_with(plan, Vec::new(), windows, true, identity, share);
-        s.replication.functions = true;
-        s
-    };
+    let build = |share| pushed_services(&dev_device(), share);
     let vol = "nqn.2026-12.test:vol";
     let mut attached = dev_device();
     attached.namespaces[0].function = Some(1);
@@ -3078,27 +3068,7 @@ fn a_boot_function_with_limits_is_served_by_every_core_and_its_new_limits_reach_
         d.qos.drive_max_inflight = inflight;
         d
     };
-    let identity: Identity<RamFlash> = Identity::new(None, None);
-    let cfg = identity
-        .open(&signed_bundle(&device(2000, None), 1), 0)
-        .unwrap();
-    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
-    let windows = (0..2u64)
-        .map(|i| WindowPort {
-            base: 0x1000_0000 * (i + 1),
-            size: 1 << 20,
-            ep: Ok(MemWindow::new(1 << 20)),
-        })
-        .collect();
-    let mut s: Services<TestHw> = Services::build_with(
-        plan,
-        Vec::new(),
-        windows,
-        true,
-        identity,
-        RamSharing::Functions,
-    );
-    s.replication.functions = true;
+    let mut s = pushed_services(&device(2000, None), RamSharing::Functions);
     let listed: Vec<String> = s
         .function_replicas()
         .iter()
@@ -3247,17 +3217,10 @@ fn a_boot_functions_ram_is_freed_when_it_is_removed() {
     use crate::replica::FnEvent;
     use crate::services::{RamSharing, ReplicaSource, replica_target_shares};
     use keel_mgmt::Device as _;
-    let windows = (0..2u64)
-        .map(|i| WindowPort {
-            base: 0x1000_0000 * (i + 1),
-            size: 1 << 20,
-            ep: Ok(MemWindow::new(1 << 20)),
-        })
-        .collect();
     let mut s = Services::<TestHw>::build_with(
         dev_plan("keel.fn.ram=4", 2),
         Vec::new(),
-        windows,
+        two_windows(),
         true,
         Identity::new(None, None),
         RamSharing::Functions,
@@ -3325,25 +3288,7 @@ fn a_later_qos_push_reaches_a_pushed_functions_cores_only_when_its_namespaces_qo
     use keel_mgmt::Device as _;
     use keel_provision::{NamespaceQos, QosLimits, QosRate};
     const PUSHED: &str = "nqn.2026-12.test:limited-fn";
-    let identity: Identity<RamFlash> = Identity::new(None, None);
-    let cfg = identity.open(&signed_bundle(&dev_device(), 1), 0).unwrap();
-    let plan = Plan::from_bundle(&cfg, Source::Push, MAC, PROVISION_PUBKEY);
-    let windows = (0..2u64)
-        .map(|i| WindowPort {
-            base: 0x1000_0000 * (i + 1),
-            size: 1 << 20,
-            ep: Ok(MemWindow::new(1 << 20)),
-        })
-        .collect();
-    let mut s: Services<TestHw> = Services::build_with(
-        plan,
-        Vec::new(),
-        windows,
-        true,
-        identity,
-        RamSharing::Functions,
-    );
-    s.replication.functions = true;
+    let mut s = pushed_services(&dev_device(), RamSharing::Functions);
     let iops = |n: u64| QosLimits {
         iops: Some(QosRate {
             per_sec: n,
