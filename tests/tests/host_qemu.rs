@@ -1757,22 +1757,42 @@ fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str, limit: f64) {
     const BURST: f64 = 200.0;
     const SECONDS: &str = "6";
     let w = rig.window(0);
+    let served = || function_commands(mgmt, 0) + function_commands(mgmt, 1);
     let before = [function_commands(mgmt, 0), function_commands(mgmt, 1)];
-    let r = ok(
-        w,
-        &[
-            "bench",
-            "--rw",
-            "read",
-            "--qd",
-            "8",
-            "--queues",
-            "2",
-            "--duration",
-            SECONDS,
-            "--json",
-        ],
-    );
+    let (r, (admitted, low, high)) = std::thread::scope(|sc| {
+        let bench = sc.spawn(|| {
+            ok(
+                w,
+                &[
+                    "bench",
+                    "--rw",
+                    "read",
+                    "--qd",
+                    "8",
+                    "--queues",
+                    "2",
+                    "--duration",
+                    SECONDS,
+                    "--json",
+                ],
+            )
+        });
+        // Mid-bench, status counts what every core admitted through the function
+        // controller's limits (core 1's replica publishes its counters, core 0 adds them
+        // under the controller's key): about the commands both cores served since the bench
+        // began (its controller is new), not core 0's part alone.
+        std::thread::sleep(Duration::from_secs(4));
+        let low = served() - before[0] - before[1];
+        let admitted = keel_tests::mgmt_status(mgmt)
+            .qos_controllers
+            .iter()
+            .filter(|c| c.transport == "pcie" && !c.qos.limits.is_empty())
+            .max_by_key(|c| c.cntlid)
+            .map(|c| c.qos.admitted_ops)
+            .unwrap_or_else(|| panic!("no limited function controller in status ({what})"));
+        let high = served() - before[0] - before[1];
+        (bench.join().unwrap(), (admitted, low, high))
+    });
     let after = [function_commands(mgmt, 0), function_commands(mgmt, 1)];
     let j: serde_json::Value =
         serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
@@ -1804,6 +1824,13 @@ fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str, limit: f64) {
     assert!(
         ios >= limit * elapsed * 0.7,
         "{ios} commands in {elapsed:.2} s: far under the function's {limit} IOPS"
+    );
+    eprintln!(
+        "function QoS on every core ({what}): mid-bench status: {admitted} commands admitted through the controller's limits; both cores served {low}..{high} function commands by then (with admin commands)"
+    );
+    assert!(
+        admitted * 10 >= low * 9 && admitted <= high + 64,
+        "mid-bench status: {admitted} commands admitted through the function's limits while both cores served {low}..{high} ({what})"
     );
 }
 
