@@ -158,6 +158,10 @@ pub enum FnMsg {
     /// Core k → core 0: its replica of a function's controller logged an error (for the
     /// controller's Error Information log, `Target::log_replica_error`).
     Error(keel_controller::ReplicaError),
+    /// Core k → core 0: its replica of a function's controller ended (its last pair went
+    /// home): what it admitted through its part of the controller's limits, for the
+    /// controller's counters (`Target::add_retired_counters`).
+    Counters(keel_controller::RetiredCounters),
     /// Core k → core 0: pair `qid` of function `slot` is broken.
     Fatal {
         /// Function slot.
@@ -420,6 +424,7 @@ impl FnCore {
             FnMsg::Returned { .. }
             | FnMsg::Fatal { .. }
             | FnMsg::Error(_)
+            | FnMsg::Counters(_)
             | FnMsg::AbortVerdict { .. } => {}
         }
     }
@@ -588,6 +593,10 @@ impl FnCore {
         }
         // Commands taken in: this core's part of each capped drive domain, then start them.
         let tended = cross_core.tend(now_ns, target);
+        // Replica controllers that ended (their last pair went home): what they admitted
+        // through their part of their holders' limits goes home too, now that this core's
+        // published counters no longer have it (core 0's merged count never has it twice).
+        target.take_retired_counters(&mut |r| out(FnMsg::Counters(r)));
         busy |= target.poll(now, &mut |ev| match ev {
             Event::Completion(q, resp) => match pairs.iter_mut().find(|s| s.q == q) {
                 Some(s) => {
@@ -1022,6 +1031,9 @@ impl Hub {
                 }
                 FnMsg::Error(e) => {
                     target.log_replica_error(&e);
+                }
+                FnMsg::Counters(r) => {
+                    target.add_retired_counters(&r);
                 }
                 FnMsg::AbortVerdict { token, aborted } => {
                     // Unknown tokens (answered already: the pair came home, the function

@@ -97,6 +97,10 @@ pub enum ToHolder {
     /// A replica controller on the core logged an error: for the controller's own Error
     /// Information log on core 0 (`Target::log_replica_error`).
     Error(keel_controller::ReplicaError),
+    /// A replica controller on the core ended: what it admitted through its part of its
+    /// controller's limits, for the controller's counters on core 0
+    /// (`Target::add_retired_counters`).
+    Counters(keel_controller::RetiredCounters),
     /// The verdict on core 0's Abort `token` ([`FromHolder::Abort`]).
     AbortVerdict {
         /// The Abort.

@@ -454,6 +454,10 @@ impl Plane {
         }
         // Commands taken in: this core's part of each capped drive domain, then start them.
         let tended = cross_core.tend(now_ns, target);
+        // Replica controllers that ended: what they admitted through their part of their
+        // holders' limits goes home now that this core's published counters no longer
+        // have it (so core 0's merged count never has it twice).
+        target.take_retired_counters(&mut |r| nvmf.outbox.push(ToHolder::Counters(r)));
         busy |= target.poll(Instant::from_nanos(now_ns), &mut |ev| nvmf.on_event(ev)) > 0;
         // What it started is in flight for the other cores' next parts.
         cross_core.publish(tended, now_ns, target);
@@ -1551,6 +1555,9 @@ impl Holder {
             ToHolder::Activity { cntlid } => target.touch_controller(cntlid, now),
             ToHolder::Error(e) => {
                 target.log_replica_error(&e);
+            }
+            ToHolder::Counters(r) => {
+                target.add_retired_counters(&r);
             }
             ToHolder::AbortVerdict { token, aborted } => {
                 target.abort_verdict_from_elsewhere(token, aborted);

@@ -600,6 +600,8 @@ impl DemandRow {
 /// publishes the first ones; each of the others gets an even part of its limits by the number of
 /// running cores (see [`LimitSharing::tend`]).
 pub const SHARED_LIMITS: usize = 16;
+// `LimitSharing::tend` keeps a bit per slot.
+const _: () = assert!(SHARED_LIMITS <= 32);
 
 /// Cores a [`DemandRow`] table has rows for (`keel_hal::MAX_CORES`, checked where the
 /// image's table is).
@@ -853,10 +855,18 @@ impl LimitSharing {
         let mut lims = [(0u32, keel_qos::LimiterId(u16::MAX), 0u32); SHARED_LIMITS];
         let mut n = 0;
         let mut overflow = false;
+        // A slot that holds another key than last pass (a limit came or went) gets its
+        // counters now: they must never show a key that is gone (an ended replica
+        // controller's go home, `keel_controller::Target::take_retired_counters`, and core
+        // 0 would count them twice) nor miss one that moved.
+        let mut moved = 0u32;
         for l in target.limited() {
             if n == SHARED_LIMITS {
                 overflow = true;
                 break;
+            }
+            if self.held[n].0 != l.key {
+                moved |= 1 << n;
             }
             let d = self.held(n, l.key, l.demand, now_ns);
             mine.publish_limit(n, l.key, d);
@@ -866,14 +876,20 @@ impl LimitSharing {
         for i in n..self.used {
             mine.clear_limit(i);
             mine.clear_counters(i);
+            self.held[i] = (0, 0, 0);
         }
         self.used = n;
         // What each admitted, for status and `/metrics` (core 0 adds the others' to its own),
         // once a millisecond: the counters walk the flows.
-        if now_ns >= self.counters_at {
+        let all = now_ns >= self.counters_at;
+        if all {
             self.counters_at = now_ns.saturating_add(COUNTERS_NS);
+        }
+        if all || moved != 0 {
             for (i, &(key, limiter, _)) in lims[..n].iter().enumerate() {
-                mine.publish_counters(i, key, &target.counters(limiter));
+                if all || moved & (1 << i) != 0 {
+                    mine.publish_counters(i, key, &target.counters(limiter));
+                }
             }
         }
         let mut shared = 0;
@@ -1523,6 +1539,56 @@ mod tests {
         fn counters(&self, limiter: keel_qos::LimiterId) -> keel_qos::LimiterStats {
             self.s.limiter_stats(limiter).unwrap_or_default()
         }
+    }
+
+    /// A target whose shared limits are listed as given, each with fixed counters.
+    struct Listed(Vec<(u32, keel_qos::LimiterStats)>);
+
+    impl SharedLimits for Listed {
+        fn limited(&self) -> impl Iterator<Item = keel_controller::SharedLimit> {
+            self.0
+                .iter()
+                .enumerate()
+                .map(|(i, &(key, _))| keel_controller::SharedLimit {
+                    key,
+                    limiter: keel_qos::LimiterId(i as u16),
+                    demand: 1,
+                })
+        }
+
+        fn set_split(&mut self, _: keel_qos::LimiterId, _: &[u32]) {}
+
+        fn counters(&self, limiter: keel_qos::LimiterId) -> keel_qos::LimiterStats {
+            self.0[usize::from(limiter.0)].1
+        }
+    }
+
+    /// Counters published by core 1 follow its limits at once when one comes or goes (not a
+    /// millisecond later): a limit that went (an ended replica controller, whose counters
+    /// then go home) is never shown, one that moved to another slot is never missing.
+    #[test]
+    fn counters_follow_the_limits_at_once_when_one_goes() {
+        let table = table();
+        let ops = |n| keel_qos::LimiterStats {
+            admitted_ops: n,
+            admitted_bytes: n * 4096,
+            throttled_ns: 0,
+        };
+        let seen = |key| limit_counters_elsewhere(&table, 0b11, 0, key).admitted_ops;
+        let mut x = LimitSharing::new(1);
+        let mut t = Listed(vec![(7, ops(100)), (8, ops(200))]);
+        x.tend(&table, 0b11, 0, &mut t);
+        assert_eq!((seen(7), seen(8)), (100, 200));
+        // Limit 7 goes; limit 8 moves to slot 0, with more counted (10 ns later).
+        t.0 = vec![(8, ops(210))];
+        x.tend(&table, 0b11, 10, &mut t);
+        assert_eq!((seen(7), seen(8)), (0, 210));
+        // Slot 1 taken again by a new limit; slot 0's counters wait for the millisecond.
+        t.0 = vec![(8, ops(220)), (9, ops(5))];
+        x.tend(&table, 0b11, 20, &mut t);
+        assert_eq!((seen(8), seen(9)), (210, 5));
+        x.tend(&table, 0b11, COUNTERS_NS, &mut t);
+        assert_eq!((seen(8), seen(9)), (220, 5));
     }
 
     /// Two cores' targets share a namespace's 2000 IOPS limit through the table (three

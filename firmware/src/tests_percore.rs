@@ -79,6 +79,10 @@ impl Holder {
                     self.seen.push("error");
                     self.s.target.log_replica_error(&e);
                 }
+                ToHolder::Counters(r) => {
+                    self.seen.push("counters");
+                    self.s.target.add_retired_counters(&r);
+                }
                 ToHolder::AbortVerdict { token, aborted } => {
                     self.seen.push("abort verdict");
                     self.s.target.abort_verdict_from_elsewhere(token, aborted);

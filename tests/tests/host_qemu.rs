@@ -1759,6 +1759,15 @@ fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str, limit: f64) {
     let w = rig.window(0);
     let served = || function_commands(mgmt, 0) + function_commands(mgmt, 1);
     let before = [function_commands(mgmt, 0), function_commands(mgmt, 1)];
+    let limited_admitted = || {
+        keel_tests::mgmt_status(mgmt)
+            .qos_controllers
+            .iter()
+            .filter(|c| c.transport == "pcie" && !c.qos.limits.is_empty())
+            .max_by_key(|c| c.cntlid)
+            .map(|c| c.qos.admitted_ops)
+            .unwrap_or_else(|| panic!("no limited function controller in status ({what})"))
+    };
     let (r, (admitted, low, high)) = std::thread::scope(|sc| {
         let bench = sc.spawn(|| {
             ok(
@@ -1783,17 +1792,14 @@ fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str, limit: f64) {
         // began (its controller is new), not core 0's part alone.
         std::thread::sleep(Duration::from_secs(4));
         let low = served() - before[0] - before[1];
-        let admitted = keel_tests::mgmt_status(mgmt)
-            .qos_controllers
-            .iter()
-            .filter(|c| c.transport == "pcie" && !c.qos.limits.is_empty())
-            .max_by_key(|c| c.cntlid)
-            .map(|c| c.qos.admitted_ops)
-            .unwrap_or_else(|| panic!("no limited function controller in status ({what})"));
+        let admitted = limited_admitted();
         let high = served() - before[0] - before[1];
         (bench.join().unwrap(), (admitted, low, high))
     });
     let after = [function_commands(mgmt, 0), function_commands(mgmt, 1)];
+    // After the bench its I/O queues are gone (core 1's replica of the controller ended):
+    // what core 1 admitted went home with its last pair and stays in the count.
+    let admitted_after = limited_admitted();
     let j: serde_json::Value =
         serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
     let ios = j["ios"].as_u64().expect("ios") as f64;
@@ -1831,6 +1837,14 @@ fn limited_bench(rig: &Rig, mgmt: &str, nqn: &str, what: &str, limit: f64) {
     assert!(
         admitted * 10 >= low * 9 && admitted <= high + 64,
         "mid-bench status: {admitted} commands admitted through the function's limits while both cores served {low}..{high} ({what})"
+    );
+    let served_all = on[0] + on[1];
+    eprintln!(
+        "function QoS on every core ({what}): after the bench, status: {admitted_after} commands admitted through the controller's limits; {ios} read, {served_all} function commands served by both cores since the bench began (with admin commands)"
+    );
+    assert!(
+        admitted_after as f64 >= ios * 0.97 && admitted_after <= served_all + 64,
+        "after the bench (core 1's replica of the controller ended), status counts {admitted_after} commands admitted through the function's limits for {ios} read ({served_all} served) ({what})"
     );
 }
 

@@ -109,6 +109,6 @@ pub use io::NowData;
 pub use keel_nvme::fabrics::PropertySize;
 pub use keel_storage::IoBuf;
 pub use qos::{CappedDomain, DEMAND_UNIT, SharedLimit, controller_key, group_key, limit_key};
-pub use replica::{Adoption, ReplicaError};
+pub use replica::{Adoption, ReplicaError, RetiredCounters};
 pub use target::Target;
 pub use view::{ControllerView, GroupView, NamespaceView, QosCounters, SubsystemView};

@@ -54,6 +54,19 @@ pub struct ReplicaError {
     pub entry: keel_nvme::log::ErrorLogEntry,
 }
 
+/// What a replica controller that ended (its last adopted queue closed or was taken back)
+/// admitted through its part of its holder's limits ([`Target::take_retired_counters`]): the
+/// holder adds it to its own limiter's counters ([`Target::add_retired_counters`]), so the
+/// merged QoS counters of status and `/metrics` keep it once the replica no longer
+/// publishes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetiredCounters {
+    /// The limiter's key in the split across cores ([`crate::controller_key`]).
+    pub key: u32,
+    /// What it admitted and how long it held commands back.
+    pub counts: keel_qos::LimiterStats,
+}
+
 /// An Abort of a command on a queue another core serves, parked on the holder until that
 /// core's verdict ([`Target::take_abort_requests`], [`Target::abort_verdict_from_elsewhere`]).
 #[derive(Debug, Clone, Copy)]
@@ -208,6 +221,55 @@ impl Target {
             c.exported_errors = c.errors.count();
         }
         n
+    }
+
+    /// Keeps the counters of replica controller `c`, which is ending, for its holder (none
+    /// when it admitted nothing). At most one entry per controller lifetime.
+    pub(crate) fn retire_replica_counters(&mut self, c: &crate::target::Controller) {
+        let Some(counts) = self.sched.limiter_stats(c.limiter) else {
+            return;
+        };
+        if counts == keel_qos::LimiterStats::default() {
+            return;
+        }
+        let Some(s) = self.subsystems.get(c.subsys) else {
+            return;
+        };
+        self.retired.push(RetiredCounters {
+            key: crate::controller_key(&s.nqn, c.cntlid),
+            counts,
+        });
+    }
+
+    /// Hands `out` the counters of the replica controllers that ended since the last call
+    /// (for their holders on core 0, [`Target::add_retired_counters`]). Costs one emptiness
+    /// test when there are none (call it every pass, after the pass's
+    /// `crate::SharedLimit` counters were published: the ended replica's are then gone
+    /// from its core's published ones, so the holder never counts them twice).
+    pub fn take_retired_counters(&mut self, out: &mut dyn FnMut(RetiredCounters)) {
+        if self.retired.is_empty() {
+            return;
+        }
+        for r in self.retired.drain(..) {
+            out(r);
+        }
+    }
+
+    /// Adds what an ended replica of a controller admitted through its part of the
+    /// controller's limits (`r.key`, [`crate::controller_key`]) to the counters of that
+    /// controller's limiter here (its queues may all be back here by now); false if this
+    /// target has no such controller (it ended meanwhile).
+    pub fn add_retired_counters(&mut self, r: &RetiredCounters) -> bool {
+        let subsystems = &self.subsystems;
+        let Some(c) = self.ctrls.iter().flatten().find(|c| {
+            !c.replica
+                && subsystems
+                    .get(c.subsys)
+                    .is_some_and(|s| crate::controller_key(&s.nqn, c.cntlid) == r.key)
+        }) else {
+            return false;
+        };
+        self.sched.add_limiter_counts(c.limiter, &r.counts).is_ok()
     }
 
     /// Records an entry a replica of controller `e.cntlid` logged on another core in that

@@ -333,6 +333,9 @@ pub struct Target {
     /// A replica controller logged an error not yet taken by
     /// [`Target::take_replica_errors`].
     pub(crate) replica_errors: bool,
+    /// On a replica: what replica controllers that ended admitted through their part of
+    /// their holders' limits, not yet taken ([`Target::take_retired_counters`]).
+    pub(crate) retired: Vec<crate::RetiredCounters>,
     pub(crate) limits: Limits,
     pub(crate) transport: TransportParams,
     pub(crate) identity: Identity,
@@ -652,6 +655,7 @@ impl Target {
             now: Instant::from_nanos(0),
             ns_generation: 0,
             replica_errors: false,
+            retired: Vec::new(),
             elsewhere: None,
             remote_aborts: Vec::with_capacity(8),
             next_abort_token: 1,
@@ -1296,6 +1300,9 @@ impl Target {
         if let Some(slot) = self.ctrls.get_mut(ci)
             && let Some(c) = slot.take()
         {
+            if c.replica {
+                self.retire_replica_counters(&c);
+            }
             for f in c.flows.into_iter().flatten() {
                 let _ = self.sched.remove_flow(f);
             }

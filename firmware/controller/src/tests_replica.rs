@@ -346,6 +346,66 @@ fn a_replica_of_a_limited_host_s_controller_has_its_limits_and_splits_them_under
     assert_eq!(replica.t.limits_in_force(on1[0].limiter), lower);
 }
 
+/// A replica controller that ends (its last queue closed) hands over what it admitted
+/// through its part of its holder's limits; the holder adds it to its controller's counters,
+/// so the merged count keeps it once the replica no longer publishes it.
+#[test]
+fn an_ended_replica_controller_s_counters_go_to_its_holder() {
+    let (mut holder, cntlid, io0, _limits) = host_limited_holder();
+    let a = holder.t.adoption(io0).unwrap();
+    let mut replica = H::new();
+    let q = replica.t.open_queue().unwrap();
+    replica.t.adopt_io_queue(replica.now, q, &a).unwrap();
+    holder.t.served_elsewhere(io0, true);
+    // The holder serves its other queue itself.
+    let io1 = holder.io_queue(3, cntlid);
+    for cid in 0..2 {
+        let w = holder.write(io1, cid, 1, 0, &[1u8; 512]);
+        assert_eq!(plain(w.cqe.status), Status::SUCCESS);
+    }
+    for cid in 0..3 {
+        let w = replica.write(q, cid, 1, 8, &[2u8; 1024]);
+        assert_eq!(plain(w.cqe.status), Status::SUCCESS);
+    }
+    let mut taken = Vec::new();
+    replica.t.take_retired_counters(&mut |r| taken.push(r));
+    assert!(taken.is_empty(), "nothing while the replica lives");
+    let admitted = |h: &H| {
+        h.t.controller_views()
+            .find(|c| c.cntlid == cntlid)
+            .map(|c| (c.qos.admitted_ops, c.qos.admitted_bytes))
+    };
+    assert_eq!(admitted(&holder), Some((2, 1024)));
+    replica.t.close_queue_after(q, QueueLoss::Orderly).unwrap();
+    assert_eq!(replica.t.controller_count(), 0);
+    replica.t.take_retired_counters(&mut |r| taken.push(r));
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].key, controller_key(SUB, cntlid));
+    assert_eq!(
+        (taken[0].counts.admitted_ops, taken[0].counts.admitted_bytes),
+        (3, 3072)
+    );
+    replica.t.take_retired_counters(&mut |r| taken.push(r));
+    assert_eq!(taken.len(), 1, "handed over once");
+    // Its queue is back: the holder's controller is no longer split, and still takes them.
+    holder.t.served_elsewhere(io0, false);
+    assert!(holder.t.add_retired_counters(&taken[0]));
+    assert_eq!(admitted(&holder), Some((5, 4096)));
+    // Another controller's key, or a holder that ended, takes nothing.
+    let other = RetiredCounters {
+        key: controller_key(SUB, cntlid.wrapping_add(1)),
+        ..taken[0]
+    };
+    assert!(!holder.t.add_retired_counters(&other));
+    assert_eq!(admitted(&holder), Some((5, 4096)));
+    // A replica that admitted nothing hands nothing over.
+    let q2 = replica.t.open_queue().unwrap();
+    replica.t.adopt_io_queue(replica.now, q2, &a).unwrap();
+    replica.t.close_queue_after(q2, QueueLoss::Orderly).unwrap();
+    replica.t.take_retired_counters(&mut |r| taken.push(r));
+    assert_eq!(taken.len(), 1);
+}
+
 #[test]
 fn a_replica_of_an_unlimited_controller_publishes_nothing() {
     let (holder, r, _admin, _q, a) = split();

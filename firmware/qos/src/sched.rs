@@ -433,6 +433,21 @@ impl Scheduler {
         Ok(true)
     }
 
+    /// Adds to a limiter's counters what another scheduler admitted through its part of the
+    /// same limits and will no longer report (a replica of the limiter on another core that
+    /// ended): [`Scheduler::limiter_stats`] then counts it too. Off the I/O path.
+    pub fn add_limiter_counts(
+        &mut self,
+        id: LimiterId,
+        counts: &LimiterStats,
+    ) -> Result<(), SchedError> {
+        let slot = self.slot_mut(id).ok_or(SchedError::Unknown)?;
+        slot.ops = slot.ops.saturating_add(counts.admitted_ops);
+        slot.bytes = slot.bytes.saturating_add(counts.admitted_bytes);
+        slot.throttled_ns = slot.throttled_ns.saturating_add(counts.throttled_ns);
+        Ok(())
+    }
+
     /// Removes a limiter; flows that name it stop being held by it.
     pub fn remove_limiter(&mut self, id: LimiterId) {
         if let Some(slot) = self.limiters.get_mut(id.0 as usize) {

@@ -7,7 +7,7 @@
 //! limited command may start, from `next_wakeup`), so runs of minutes of simulated time take
 //! milliseconds.
 
-use keel_qos::{Admit, Cost, Dir, FlowId, Limits, Rate, Scheduler};
+use keel_qos::{Admit, Cost, Dir, FlowId, LimiterStats, Limits, Rate, Scheduler};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -464,7 +464,8 @@ fn a_domain_cap_changes_live() {
 }
 
 /// A limiter's counters cover every flow it holds, and keep what a flow admitted through it
-/// after the flow leaves it (new limiters, or the flow removed).
+/// after the flow leaves it (new limiters, or the flow removed), and what another scheduler
+/// carried over to it.
 #[test]
 fn limiter_counters_follow_flows() {
     let mut s = Scheduler::new(64);
@@ -505,4 +506,19 @@ fn limiter_counters_follow_flows() {
     s.set_flow_limiters(a, &[ns, group]).unwrap();
     run(&mut s, a, 2);
     assert_eq!((ops(&s, ns), ops(&s, group)), (8, 5));
+    // What another scheduler's part of the group admitted (a replica that ended) adds to
+    // the group's counters, beside what its flows keep counting.
+    let carried = LimiterStats {
+        admitted_ops: 40,
+        admitted_bytes: 40 * 4096,
+        throttled_ns: 7,
+    };
+    s.add_limiter_counts(group, &carried).unwrap();
+    run(&mut s, a, 1);
+    assert_eq!((ops(&s, ns), ops(&s, group)), (9, 46));
+    let g = s.limiter_stats(group).unwrap();
+    assert_eq!(g.admitted_bytes, 46 * 4096);
+    assert!(g.throttled_ns >= 7);
+    s.remove_limiter(ns);
+    assert!(s.add_limiter_counts(ns, &carried).is_err());
 }
