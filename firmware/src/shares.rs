@@ -764,8 +764,9 @@ impl DomainSharing {
 /// What [`LimitSharing`] needs of a target: its limited namespaces and groups and a way to set its
 /// part of each one's limits (`keel_controller::Target`; host tests use a bare scheduler).
 pub trait SharedLimits {
-    /// Its limited namespaces, as [`keel_controller::Target::shared_limits`].
-    fn limited(&self) -> impl Iterator<Item = keel_controller::SharedLimit>;
+    /// Its limited namespaces, as [`keel_controller::Target::shared_limits`] (once a pass:
+    /// `Target::shared_limits_for_pass` takes every limiter's demand in one walk).
+    fn limited(&mut self) -> impl Iterator<Item = keel_controller::SharedLimit>;
     /// Sets its part of `limiter`'s limits from the demands of every target that has it
     /// (its own first).
     fn set_split(&mut self, limiter: keel_qos::LimiterId, demands: &[u32]);
@@ -774,8 +775,8 @@ pub trait SharedLimits {
 }
 
 impl SharedLimits for keel_controller::Target {
-    fn limited(&self) -> impl Iterator<Item = keel_controller::SharedLimit> {
-        self.shared_limits()
+    fn limited(&mut self) -> impl Iterator<Item = keel_controller::SharedLimit> {
+        self.shared_limits_for_pass()
     }
 
     fn set_split(&mut self, limiter: keel_qos::LimiterId, demands: &[u32]) {
@@ -1522,7 +1523,7 @@ mod tests {
     }
 
     impl SharedLimits for Limited {
-        fn limited(&self) -> impl Iterator<Item = keel_controller::SharedLimit> {
+        fn limited(&mut self) -> impl Iterator<Item = keel_controller::SharedLimit> {
             core::iter::once(keel_controller::SharedLimit {
                 key: 9,
                 limiter: self.l,
@@ -1545,7 +1546,7 @@ mod tests {
     struct Listed(Vec<(u32, keel_qos::LimiterStats)>);
 
     impl SharedLimits for Listed {
-        fn limited(&self) -> impl Iterator<Item = keel_controller::SharedLimit> {
+        fn limited(&mut self) -> impl Iterator<Item = keel_controller::SharedLimit> {
             self.0
                 .iter()
                 .enumerate()

@@ -85,6 +85,21 @@ impl Target {
     /// namespace's (group's) key and takes its part. Walks the namespaces and, for each limited
     /// one, the flows (once a pass, not per command). Nothing allocates.
     pub fn shared_limits(&self) -> impl Iterator<Item = SharedLimit> + '_ {
+        self.shared_limits_by(keel_qos::Scheduler::limiter_demand)
+    }
+
+    /// [`Target::shared_limits`] for a core's pass: the demands of every limiter taken in one
+    /// walk over the flows first (`keel_qos::Scheduler::tally_limiter_demands`), not one walk
+    /// per limited namespace, group or controller. The same items.
+    pub fn shared_limits_for_pass(&mut self) -> impl Iterator<Item = SharedLimit> + '_ {
+        self.sched.tally_limiter_demands();
+        self.shared_limits_by(keel_qos::Scheduler::tallied_demand)
+    }
+
+    fn shared_limits_by(
+        &self,
+        demand: fn(&keel_qos::Scheduler, LimiterId) -> u32,
+    ) -> impl Iterator<Item = SharedLimit> + '_ {
         let limited = |l: LimiterId| self.sched.limiter_base(l).is_some_and(|l| l.any());
         let namespaces = self.subsystems.iter().flat_map(move |s| {
             s.namespaces
@@ -94,7 +109,7 @@ impl Target {
                 .map(move |ns| SharedLimit {
                     key: limit_key(&s.nqn, ns.nsid),
                     limiter: ns.limiter,
-                    demand: self.sched.limiter_demand(ns.limiter),
+                    demand: demand(&self.sched, ns.limiter),
                 })
         });
         let groups =
@@ -104,7 +119,7 @@ impl Target {
                 .map(move |(name, l, _)| SharedLimit {
                     key: group_key(name),
                     limiter: *l,
-                    demand: self.sched.limiter_demand(*l),
+                    demand: demand(&self.sched, *l),
                 });
         // Controllers with limits (their host's) whose I/O queues are served on several
         // cores: a replica (its queues are adopted here), or the holder of one with a queue
@@ -127,7 +142,7 @@ impl Target {
                 Some(SharedLimit {
                     key: controller_key(&self.subsystems.get(c.subsys)?.nqn, c.cntlid),
                     limiter: c.limiter,
-                    demand: self.sched.limiter_demand(c.limiter),
+                    demand: demand(&self.sched, c.limiter),
                 })
             });
         namespaces.chain(groups).chain(ctrls)

@@ -117,6 +117,8 @@ struct Slot {
     ops: u64,
     bytes: u64,
     throttled_ns: u64,
+    /// Its demand as of the last [`Scheduler::tally_limiter_demands`].
+    tally: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -350,6 +352,7 @@ impl Scheduler {
             ops: 0,
             bytes: 0,
             throttled_ns: 0,
+            tally: 0,
         });
         let i = match free_index(&self.limiters, Option::is_some) {
             Some(i) => {
@@ -409,6 +412,36 @@ impl Scheduler {
             }
         }
         d
+    }
+
+    /// Takes every limiter's demand ([`Scheduler::limiter_demand`]) in one walk over the
+    /// flows, for [`Scheduler::tallied_demand`]: once a pass, the split of many limiters costs
+    /// one walk, not one per limiter (no allocation: the tallies live in the limiters'
+    /// slots).
+    pub fn tally_limiter_demands(&mut self) {
+        for slot in self.limiters.iter_mut().flatten() {
+            slot.tally = 0;
+        }
+        for f in self.flows.iter().filter(|f| f.live) {
+            let d = f.stats.queued.saturating_add(f.inflight);
+            if d == 0 {
+                continue;
+            }
+            for &li in &f.limiters {
+                if let Some(Some(slot)) = self.limiters.get_mut(usize::from(li)) {
+                    slot.tally = slot.tally.saturating_add(d);
+                }
+            }
+        }
+    }
+
+    /// A limiter's demand as of the last [`Scheduler::tally_limiter_demands`] (0 for an
+    /// unknown one, or one added since).
+    pub fn tallied_demand(&self, id: LimiterId) -> u32 {
+        self.limiters
+            .get(usize::from(id.0))
+            .and_then(Option::as_ref)
+            .map_or(0, |s| s.tally)
     }
 
     /// Sets a limiter's limits in force to this scheduler's part of its configured ones,

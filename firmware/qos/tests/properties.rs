@@ -522,3 +522,64 @@ fn limiter_counters_follow_flows() {
     s.remove_limiter(ns);
     assert!(s.add_limiter_counts(ns, &carried).is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The demands taken in one walk over the flows (`tally_limiter_demands`, once a pass for
+    /// the split across cores) are each limiter's own walk (`limiter_demand`), whatever the
+    /// flows hold, wait for and have in flight, after flows and a limiter went.
+    #[test]
+    fn tallied_demands_are_each_limiter_s_demand(
+        flows in proptest::collection::vec((0u8..16, 0u32..24, 0u32..24, any::<bool>()), 1..16),
+        drop_limiter in 0usize..5,
+    ) {
+        let mut s = Scheduler::new(4096);
+        let d = s.add_domain(8).unwrap();
+        let lims: Vec<_> = (0..4)
+            .map(|k| {
+                let l = if k % 2 == 0 {
+                    Limits { iops: Some(Rate::new(1_000_000)), ..Limits::NONE }
+                } else {
+                    Limits::NONE
+                };
+                s.add_limiter(l, 0).unwrap()
+            })
+            .collect();
+        let mut h = 0u32;
+        let mut made = Vec::new();
+        for &(mask, queued, done, remove) in &flows {
+            let held: Vec<_> = (0..4).filter(|k| mask & (1 << k) != 0).map(|k| lims[k]).take(3).collect();
+            let f = s.add_flow(d, 1, &held).unwrap();
+            for _ in 0..queued {
+                let _ = s.enqueue(0, f, h, READ4K).unwrap();
+                h += 1;
+            }
+            made.push((f, done, remove));
+        }
+        // Some start and some of those finish.
+        let mut started = Vec::new();
+        while let Some((_, f)) = s.next(0) {
+            started.push(f);
+        }
+        for (f, done, _) in &made {
+            for _ in 0..*done {
+                if let Some(i) = started.iter().position(|x| x == f) {
+                    s.finished(started.swap_remove(i));
+                }
+            }
+        }
+        for (f, _, remove) in &made {
+            if *remove {
+                let _ = s.remove_flow(*f);
+            }
+        }
+        if let Some(&l) = lims.get(drop_limiter) {
+            s.remove_limiter(l);
+        }
+        s.tally_limiter_demands();
+        for &l in &lims {
+            prop_assert_eq!(s.tallied_demand(l), s.limiter_demand(l), "{:?}", l);
+        }
+    }
+}
