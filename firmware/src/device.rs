@@ -320,7 +320,7 @@ impl<H: Hw> Services<H> {
                 continue;
             }
             let many = matches!(n.spec, NsSpec::Drive { slice: Some(_), .. });
-            let follow = self.replicates(&new, &n);
+            let follow = self.replicates(&n);
             let made = match n.spec {
                 NsSpec::Ram(bytes) if follow => {
                     let mut regions = Vec::new();
@@ -508,11 +508,11 @@ impl<H: Hw> Services<H> {
                     && if fresh.iter().any(|f| f.same_target(r)) {
                         self.remotes.lane_new(r, self.replication.lanes)
                     } else {
-                        self.replicable_kind(&new, &n)
+                        self.replicable_kind(&n)
                             && self.replicable.iter().any(|s| s.nqn == n.subsystem)
                             && self.remotes.lane_more(r)
                     }
-                    && self.replicable_kind(&new, &n)
+                    && self.replicable_kind(&n)
                     && let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == n.subsystem)
                 {
                     // Described for the lanes; served on core 0 once every core has it.
@@ -709,12 +709,12 @@ impl<H: Hw> Services<H> {
                 .any(|n| n.subsystem == nqn && n.function.is_some())
     }
 
-    /// Whether namespace `n` of the pushed plan `new` can be added on every core first
+    /// Whether namespace `n` of a pushed plan can be added on every core first
     /// (`crate::replica`): its subsystem is one the other cores serve, has no emulated
     /// function, and `n` is a RAM namespace (in a shared region) or a namespace of a drive
     /// every core has a queue pair on; its QoS limits and its group go with it.
-    fn replicates(&self, new: &Plan, n: &NsPlan) -> bool {
-        self.replicable_kind(new, n)
+    fn replicates(&self, n: &NsPlan) -> bool {
+        self.replicable_kind(n)
             && match n.spec {
                 NsSpec::Ram(_) => self.replication.ram_shared,
                 NsSpec::Drive { drive, .. } => self.replication.drives.contains(&drive),
@@ -728,7 +728,7 @@ impl<H: Hw> Services<H> {
     /// (`ReplicaOp::Add`'s `group`: a replica lacking the group adds it, under the same
     /// key, `keel_controller::group_key`, so its limits are split too), and its hosts'
     /// controller limits come with each adopted queue (`keel_controller::Adoption::limits`).
-    fn replicable_kind(&self, _new: &Plan, n: &NsPlan) -> bool {
+    fn replicable_kind(&self, n: &NsPlan) -> bool {
         self.replication.follows(&n.subsystem) && !self.function_subsystem(&n.subsystem)
     }
 
