@@ -759,9 +759,9 @@ impl<H: Hw> Services<H> {
 
     /// Drops namespace `nsid` of `nqn` from the description of what other cores serve (it
     /// holds the namespace's shared RAM region, if any: the memory goes once core 0's
-    /// target and every replica dropped theirs too, `crate::sharedram`).
-    /// Only the first with that NSID goes: a namespace removed and added again under the
-    /// same NSID in one push is described twice until the removal is done (the added one,
+    /// target and every replica dropped theirs too, `crate::sharedram`). Only the first with
+    /// that NSID goes: a namespace removed and added again under the same NSID in one push is
+    /// described twice until the removal is done (the added one,
     /// [`Services::describe_staged_add`], after the removed one). Its group stays described
     /// (the replicas keep its limiter).
     fn forget_replica_ns(&mut self, nqn: &str, nsid: u32) {

@@ -8,8 +8,8 @@
 //! limits and weight, in a QoS group or not), is *staged* ([`Replication::stage`]): core 0's
 //! own target is left alone, the change ([`ReplicaChange`], carrying what
 //! `crate::percore::ServeSpec` carries for one namespace, and the definition of its group:
-//! a replica has only the groups its namespaces use) goes to every serving core (`crate::cores::Msg::Replica`), each applies it to
-//! its replica and acks (`crate::cores::Msg::ReplicaAck`), and only when every core acked
+//! a replica has only the groups its namespaces use) goes to every serving core
+//! (`crate::cores::Msg::Replica`), each applies it to its replica and acks (`crate::cores::Msg::ReplicaAck`), and only when every core acked
 //! does core 0 apply it ([`crate::services::Services::finish_replicated`]): hosts learn of
 //! namespaces only through core 0's admin queues (so no core is ever asked for a namespace
 //! it lacks), and for a removal no core still has a command on the old blocks when core 0

@@ -1160,6 +1160,79 @@ fn a_namespace_added_live_in_a_qos_group_reaches_every_core() {
     };
     assert_eq!(base(&replica), Some(keel_qos::Rate::new(1000)));
     assert_eq!(base(&h.s.target), Some(keel_qos::Rate::new(1000)));
+
+    // A push adding namespace 5 to `old` and raising `old` to 6000 IOPS: the add carries the
+    // new definition, which the replica takes with the namespace (its same limiter), and the
+    // QoS change follows for the subsystem's other namespaces in `old`.
+    let mut five = desc.namespaces[0].clone();
+    five.nsid = 5;
+    five.backend = keel_provision::Backend::Ram {
+        size: 1 << 20,
+        block_size: 512,
+    };
+    desc.namespaces.push(five);
+    desc.qos.namespaces.push(in_group(5, "old"));
+    desc.qos
+        .groups
+        .iter_mut()
+        .find(|g| g.name == "old")
+        .unwrap()
+        .limits = rate(6000);
+    h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+        .expect("push");
+    assert!(h.s.replication.dropped.is_empty());
+    let t = now();
+    let changes = h.s.replication.take_unsent(t, 0b10);
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(
+        matches!(&changes[0].op, ReplicaOp::Add { ns, group: Some(g) }
+        if ns.nsid == 5 && g.name == "old" && g.limits.iops == Some(keel_qos::Rate::new(6000)))
+    );
+    assert!(matches!(&changes[1].op, ReplicaOp::Qos(_)));
+    let old_base = |t: &keel_controller::Target| {
+        t.group_views()
+            .find(|g| g.name == "old")
+            .and_then(|g| g.qos.limits.iops)
+    };
+    let old1 = limiter(&replica.shared_limits().collect::<Vec<_>>(), kold);
+    assert_eq!(old_base(&replica), Some(keel_qos::Rate::new(4000)));
+    assert!(crate::services::apply_replica_change(
+        &mut replica,
+        &mut shares,
+        &changes[0],
+        &mut |_, _| None
+    ));
+    assert_eq!(
+        old_base(&replica),
+        Some(keel_qos::Rate::new(6000)),
+        "the add brought the group's new limits"
+    );
+    assert_eq!(
+        limiter(&replica.shared_limits().collect::<Vec<_>>(), kold),
+        old1
+    );
+    assert!(crate::services::apply_replica_change(
+        &mut replica,
+        &mut shares,
+        &changes[1],
+        &mut |_, _| None
+    ));
+    for c in &changes {
+        h.s.replication.ack(c.seq, 1, true);
+    }
+    assert!(h.s.finish_replicated(t));
+    assert!(!h.s.replication.pending());
+    assert!(h.s.replication.dropped.is_empty());
+    assert_eq!(nsids(&h.s.target), [1, 2, 3, 4, 5]);
+    assert_eq!(nsids(&replica), [1, 2, 3, 4, 5]);
+    assert_eq!(grouped(&replica), grouped(&h.s.target));
+    assert_eq!(old_base(&h.s.target), Some(keel_qos::Rate::new(6000)));
+    assert_eq!(old_base(&replica), Some(keel_qos::Rate::new(6000)));
+    assert_eq!(
+        base(&replica),
+        Some(keel_qos::Rate::new(1000)),
+        "`new` as it was"
+    );
 }
 
 /// Issue 17, an emulated function on a remote volume: its subsystem is listed for the
