@@ -1019,18 +1019,13 @@ fn a_namespace_added_live_in_a_qos_group_reaches_every_core() {
     let t = now();
     let changes = h.s.replication.take_unsent(t, 0b10);
     assert_eq!(changes.len(), 2, "{changes:?}");
-    let staged: Vec<(u32, Option<(String, Option<keel_qos::Rate>)>)> = changes
+    // (NSID, its group's name and IOPS limit as the change carries them).
+    let staged: Vec<(u32, &str, Option<keel_qos::Rate>)> = changes
         .iter()
         .map(|c| match &c.op {
-            ReplicaOp::Add { ns, group } => {
-                assert_eq!(
-                    ns.qos.group.as_deref(),
-                    group.as_ref().map(|g| g.name.as_str())
-                );
-                (
-                    ns.nsid,
-                    group.as_ref().map(|g| (g.name.clone(), g.limits.iops)),
-                )
+            ReplicaOp::Add { ns, group: Some(g) } => {
+                assert_eq!(ns.qos.group.as_deref(), Some(g.name.as_str()));
+                (ns.nsid, g.name.as_str(), g.limits.iops)
             }
             op => panic!("{op:?}"),
         })
@@ -1038,8 +1033,8 @@ fn a_namespace_added_live_in_a_qos_group_reaches_every_core() {
     assert_eq!(
         staged,
         [
-            (3, Some(("old".into(), Some(keel_qos::Rate::new(4000))))),
-            (4, Some(("new".into(), Some(keel_qos::Rate::new(3000))))),
+            (3, "old", Some(keel_qos::Rate::new(4000))),
+            (4, "new", Some(keel_qos::Rate::new(3000))),
         ]
     );
     for c in &changes {
