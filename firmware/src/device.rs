@@ -320,7 +320,7 @@ impl<H: Hw> Services<H> {
                 continue;
             }
             let many = matches!(n.spec, NsSpec::Drive { slice: Some(_), .. });
-            let follow = self.replicates(&new, &n);
+            let follow = self.replicates(&n);
             let made = match n.spec {
                 NsSpec::Ram(bytes) if follow => {
                     let mut regions = Vec::new();
@@ -436,6 +436,7 @@ impl<H: Hw> Services<H> {
             removed.push((nqn, nsid));
         }
         let mut added = Vec::new();
+        let new_groups = new.qos_groups();
         for (n, c, follow) in built {
             let before = self.target.namespace_generation();
             let done = match follow {
@@ -445,9 +446,20 @@ impl<H: Hw> Services<H> {
                         n.nsid,
                         n.subsystem
                     );
+                    // Its group's definition goes with it (core 0 has the pushed groups
+                    // already, above).
+                    let group = r
+                        .qos
+                        .group
+                        .as_ref()
+                        .and_then(|g| new_groups.iter().find(|x| x.name == *g).cloned());
+                    self.describe_staged_add(&n.subsystem, &r, group.as_ref());
                     self.replication.stage(
                         &n.subsystem,
-                        ReplicaOp::Add(alloc::boxed::Box::new(r)),
+                        ReplicaOp::Add {
+                            ns: alloc::boxed::Box::new(r),
+                            group,
+                        },
                         Some(c),
                     );
                     Ok(())
@@ -496,11 +508,11 @@ impl<H: Hw> Services<H> {
                     && if fresh.iter().any(|f| f.same_target(r)) {
                         self.remotes.lane_new(r, self.replication.lanes)
                     } else {
-                        self.replicable_kind(&new, &n)
+                        self.replicable_kind(&n)
                             && self.replicable.iter().any(|s| s.nqn == n.subsystem)
                             && self.remotes.lane_more(r)
                     }
-                    && self.replicable_kind(&new, &n)
+                    && self.replicable_kind(&n)
                     && let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == n.subsystem)
                 {
                     // Described for the lanes; served on core 0 once every core has it.
@@ -697,12 +709,12 @@ impl<H: Hw> Services<H> {
                 .any(|n| n.subsystem == nqn && n.function.is_some())
     }
 
-    /// Whether namespace `n` of the pushed plan `new` can be added on every core first
+    /// Whether namespace `n` of a pushed plan can be added on every core first
     /// (`crate::replica`): its subsystem is one the other cores serve, has no emulated
     /// function, and `n` is a RAM namespace (in a shared region) or a namespace of a drive
-    /// every core has a queue pair on, with no QoS limit or group anywhere.
-    fn replicates(&self, new: &Plan, n: &NsPlan) -> bool {
-        self.replicable_kind(new, n)
+    /// every core has a queue pair on; its QoS limits and its group go with it.
+    fn replicates(&self, n: &NsPlan) -> bool {
+        self.replicable_kind(n)
             && match n.spec {
                 NsSpec::Ram(_) => self.replication.ram_shared,
                 NsSpec::Drive { drive, .. } => self.replication.drives.contains(&drive),
@@ -711,22 +723,52 @@ impl<H: Hw> Services<H> {
     }
 
     /// What [`Services::replicates`] asks of any namespace: its subsystem is one the other
-    /// cores serve, has no emulated function and it is in no group (its own limits go with it
-    /// to every core, which split them: `crate::shares::LimitSharing`; so do its hosts'
-    /// controller limits, with each adopted queue: `keel_controller::Adoption::limits`).
-    fn replicable_kind(&self, new: &Plan, n: &NsPlan) -> bool {
-        let q = new.namespace_qos(n);
-        self.replication.follows(&n.subsystem)
-            && !self.function_subsystem(&n.subsystem)
-            && q.group.is_none()
+    /// cores serve and has no emulated function. Its own limits go with it to every core,
+    /// which split them (`crate::shares::LimitSharing`); so does its group's definition
+    /// (`ReplicaOp::Add`'s `group`: a replica lacking the group adds it, under the same
+    /// key, `keel_controller::group_key`, so its limits are split too), and its hosts'
+    /// controller limits come with each adopted queue (`keel_controller::Adoption::limits`).
+    fn replicable_kind(&self, n: &NsPlan) -> bool {
+        self.replication.follows(&n.subsystem) && !self.function_subsystem(&n.subsystem)
+    }
+
+    /// Describes namespace `r` of `nqn`, staged to be added on every core
+    /// (`ReplicaOp::Add`), in what other cores serve (`Services::replicable`), with
+    /// `group`, the definition of the group it is in, in `nqn`'s groups when they lack it.
+    /// Described at once, not when every core acked: a QoS change staged after it in the
+    /// same push (`stage_qos`: its `ReplicaOp::Qos` sets the replicas' groups to the
+    /// described ones) keeps the namespace's group, and so do later adoptions. A group
+    /// described already keeps its definition there: if the push changed it,
+    /// `replica_qos_differs` sees it and the change follows as a `ReplicaOp::Qos`. Undone by
+    /// [`Services::forget_replica_ns`] if core 0 cannot add it.
+    fn describe_staged_add(
+        &mut self,
+        nqn: &str,
+        r: &ReplicaNs,
+        group: Option<&keel_controller::QosGroup>,
+    ) {
+        if let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == nqn) {
+            s.namespaces.push(r.clone());
+            if let Some(g) = group
+                && !s.groups.iter().any(|x| x.name == g.name)
+            {
+                s.groups.push(g.clone());
+            }
+        }
     }
 
     /// Drops namespace `nsid` of `nqn` from the description of what other cores serve (it
     /// holds the namespace's shared RAM region, if any: the memory goes once core 0's
-    /// target and every replica dropped theirs too, `crate::sharedram`).
+    /// target and every replica dropped theirs too, `crate::sharedram`). Only the first with
+    /// that NSID goes: a namespace removed and added again under the same NSID in one push is
+    /// described twice until the removal is done (the added one,
+    /// [`Services::describe_staged_add`], after the removed one). Its group stays described
+    /// (the replicas keep its limiter).
     fn forget_replica_ns(&mut self, nqn: &str, nsid: u32) {
-        if let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == nqn) {
-            s.namespaces.retain(|n| n.nsid != nsid);
+        if let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == nqn)
+            && let Some(i) = s.namespaces.iter().position(|n| n.nsid == nsid)
+        {
+            s.namespaces.remove(i);
         }
     }
 
@@ -1014,7 +1056,8 @@ impl<H: Hw> Services<H> {
                         );
                     }
                 }
-                ReplicaOp::Add(ns) => {
+                ReplicaOp::Add { ns, .. } => {
+                    // Described already (`describe_staged_add`).
                     let added = match st.config {
                         Some(c) => self.target.add_namespace(&nqn, c),
                         None => Ok(()),
@@ -1030,8 +1073,7 @@ impl<H: Hw> Services<H> {
                         self.plan
                             .namespaces
                             .retain(|n| !(n.subsystem == nqn && n.nsid == ns.nsid));
-                    } else if let Some(s) = self.replicable.iter_mut().find(|s| s.nqn == nqn) {
-                        s.namespaces.push(*ns);
+                        self.forget_replica_ns(&nqn, ns.nsid);
                     }
                 }
             }

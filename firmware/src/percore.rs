@@ -553,13 +553,25 @@ impl Plane {
                 self.ns_dirty = true;
                 return;
             }
-            (ReplicaOp::Add(n), true) => {
-                println!(
-                    "percore: core {core} serves namespace {} of {nqn} added live",
-                    n.nsid
-                );
+            (ReplicaOp::Add { ns: n, group }, true) => {
+                match group {
+                    Some(g) => println!(
+                        "percore: core {core} serves namespace {} of {nqn} added live in QoS group {}",
+                        n.nsid, g.name
+                    ),
+                    None => println!(
+                        "percore: core {core} serves namespace {} of {nqn} added live",
+                        n.nsid
+                    ),
+                }
+                // Its description follows: the namespace, and its group (the replica's).
                 if let Some(s) = self.subsystems.iter_mut().find(|s| s.nqn == *nqn) {
                     s.namespaces.push((**n).clone());
+                    if let Some(g) = group
+                        && !s.groups.iter().any(|x| x.name == g.name)
+                    {
+                        s.groups.push(g.clone());
+                    }
                 }
             }
             (ReplicaOp::Qos(q), true) => {

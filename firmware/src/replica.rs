@@ -4,11 +4,12 @@
 //! Core 0 (the controller core) owns one [`Replication`] in its services. A push that adds
 //! or removes a namespace of a subsystem the other cores serve ([`Replication::follows`]),
 //! of a kind they can serve (a RAM namespace in a shared region, a namespace of a drive every
-//! core has an I/O queue pair on, whole or a slice, AES-XTS encrypted or not, no QoS limit
-//! or group), is *staged* ([`Replication::stage`]): core 0's own target is left alone, the
-//! change ([`ReplicaChange`], carrying what `crate::percore::ServeSpec` carries for one
-//! namespace) goes to every serving core (`crate::cores::Msg::Replica`), each applies it to
-//! its replica and acks (`crate::cores::Msg::ReplicaAck`), and only when every core acked
+//! core has an I/O queue pair on, whole or a slice, AES-XTS encrypted or not, with its QoS
+//! limits and weight, in a QoS group or not), is *staged* ([`Replication::stage`]): core 0's
+//! own target is left alone, the change ([`ReplicaChange`], carrying what
+//! `crate::percore::ServeSpec` carries for one namespace, and the definition of its group:
+//! a replica has only the groups its namespaces use) goes to every serving core
+//! (`crate::cores::Msg::Replica`), each applies it to its replica and acks (`crate::cores::Msg::ReplicaAck`), and only when every core acked
 //! does core 0 apply it ([`crate::services::Services::finish_replicated`]): hosts learn of
 //! namespaces only through core 0's admin queues (so no core is ever asked for a namespace
 //! it lacks), and for a removal no core still has a command on the old blocks when core 0
@@ -66,7 +67,16 @@ pub struct ReplicaChange {
 #[derive(Debug, Clone)]
 pub enum ReplicaOp {
     /// Add this namespace (its blocks as `crate::percore::ServeSpec` describes them).
-    Add(alloc::boxed::Box<ReplicaNs>),
+    Add {
+        /// The namespace (its QoS names its group, if any).
+        ns: alloc::boxed::Box<ReplicaNs>,
+        /// The definition of the group it is in (as core 0 has it after the push: a group
+        /// new in the same push too), which the replica takes first: added when it lacks it
+        /// (a replica has only the groups its namespaces use), its limits set when they
+        /// differ. Its limiter's key is the group name's (`keel_controller::group_key`), as
+        /// on core 0, so every core takes its part of the group's limits.
+        group: Option<keel_controller::QosGroup>,
+    },
     /// Remove namespace `nsid`.
     Remove(u32),
     /// The subsystem's QoS changed live (a push): core 0 applied it already

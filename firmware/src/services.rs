@@ -1259,7 +1259,8 @@ fn replica_namespace(
 /// Applies a live namespace change core 0 sent ([`crate::replica`]) to a replica target
 /// (`shared`: its drive namespaces shared among slices; `drive` opens one through the
 /// core's own queue pair). A drive namespace is used whole unless it is a slice or already
-/// shared, as core 0 decides (`make_backend`). Returns whether it was applied.
+/// shared, as core 0 decides (`make_backend`); a namespace in a QoS group the replica lacks
+/// brings the group's definition, added first. Returns whether it was applied.
 pub(crate) fn apply_replica_change(
     target: &mut Target,
     shared: &mut ReplicaShares,
@@ -1271,10 +1272,15 @@ pub(crate) fn apply_replica_change(
         ReplicaOp::Remove(nsid) => target.remove_namespace(&change.subsystem, *nsid).is_ok(),
         ReplicaOp::Retire => target.remove_subsystem(&change.subsystem).is_ok(),
         ReplicaOp::Qos(q) => apply_replica_qos(target, &change.subsystem, q),
-        ReplicaOp::Add(n) => {
+        ReplicaOp::Add { ns: n, group } => {
             let Some(cfg) = live_replica_namespace(n, shared, drive) else {
                 return false;
             };
+            // Its group first (a group new in the push, or one none of its namespaces used
+            // yet), as core 0 has it: limited under the same key as on core 0.
+            if let Some(g) = group {
+                set_replica_group(target, g);
+            }
             match target.add_namespace(&change.subsystem, cfg) {
                 Ok(()) => true,
                 Err(e) => {
@@ -1287,6 +1293,37 @@ pub(crate) fn apply_replica_change(
                     false
                 }
             }
+        }
+    }
+}
+
+/// Gives a replica target QoS group `g` as core 0 has it after a push: added (full buckets)
+/// when it lacks it, its limits and weight set when it has it with others (its limiter stays,
+/// its buckets keeping their levels, under the same key: `keel_controller::group_key`).
+fn set_replica_group(target: &mut Target, g: &keel_controller::QosGroup) {
+    let has = target
+        .group_views()
+        .find(|v| v.name == g.name)
+        .map(|v| v.qos.limits == g.limits && v.weight == g.weight);
+    match has {
+        None => target.add_qos_groups(core::slice::from_ref(g)),
+        Some(true) => {}
+        Some(false) => {
+            let groups = target
+                .group_views()
+                .map(|v| {
+                    if v.name == g.name {
+                        g.clone()
+                    } else {
+                        keel_controller::QosGroup {
+                            name: String::from(v.name),
+                            limits: v.qos.limits,
+                            weight: v.weight,
+                        }
+                    }
+                })
+                .collect();
+            target.set_qos_groups(groups);
         }
     }
 }

@@ -641,8 +641,18 @@ fn replicated() -> (
     keel_controller::Target,
     crate::services::ReplicaShares,
 ) {
-    let h = Holder::new("keel.ns=ram:4,ram:4 keel.ip=127.0.0.1/8");
-    let mut h = h;
+    replicated_with(|_| {})
+}
+
+/// [`replicated`], with `edit` applied to the plan first (its QoS, for example).
+fn replicated_with(
+    edit: impl FnOnce(&mut Plan),
+) -> (
+    Holder,
+    keel_controller::Target,
+    crate::services::ReplicaShares,
+) {
+    let mut h = Holder::with("keel.ns=ram:4,ram:4 keel.ip=127.0.0.1/8", edit);
     assert_eq!(h.s.replicable.len(), 1);
     let r = &mut h.s.replication;
     r.cores = 0b10;
@@ -717,7 +727,7 @@ fn a_pushed_namespace_change_reaches_every_core_before_core_0() {
     let changes = h.s.replication.take_unsent(t, 0b10);
     assert_eq!(changes.len(), 2);
     assert!(matches!(changes[0].op, ReplicaOp::Remove(2)));
-    assert!(matches!(&changes[1].op, ReplicaOp::Add(n) if n.nsid == 3));
+    assert!(matches!(&changes[1].op, ReplicaOp::Add { ns, group: None } if ns.nsid == 3));
     assert!(!h.s.finish_replicated(t), "no ack yet");
     assert_eq!(nsids(&h.s.target), [1, 2]);
     // Another push while the change is in flight is refused and changes nothing.
@@ -768,8 +778,8 @@ fn a_pushed_namespace_change_reaches_every_core_before_core_0() {
     };
     assert_eq!(size(&replica), Some(1 << 20));
     assert_eq!(size(&h.s.target), Some(1 << 20));
-    assert!(matches!(&changes[1].op, ReplicaOp::Add(n)
-        if matches!(n.source, crate::services::ReplicaSource::Ram(_))));
+    assert!(matches!(&changes[1].op, ReplicaOp::Add { ns, .. }
+        if matches!(ns.source, crate::services::ReplicaSource::Ram(_))));
     // An unlogged change still is one.
     h.s.target.remove_namespace(nqn, 3).unwrap();
     assert!(
@@ -850,70 +860,378 @@ fn a_core_that_does_not_ack_makes_core_0_apply_alone_and_drop_the_subsystem() {
     }
 }
 
-/// Changes the replicas cannot follow fall back for their subsystem only: a namespace added
-/// in a QoS group (the replicas take a namespace added live only outside groups) is added on
-/// core 0 alone and drops the subsystem (its adopted queues end, later ones are forwarded)
-/// with nothing staged; a namespace added once it is dropped changes core 0 at once and is
-/// explained for the watchers; without other cores (no holder) nothing is ever staged.
+/// Changes the replicas cannot follow fall back for their subsystem only: with the NVMe/TCP
+/// subsystem and an emulated function's subsystem both served by the other cores' replicas
+/// (`percore::Holder::start` with one other core), a namespace added live to the function's
+/// subsystem (its replicas do not follow namespace changes) is added on core 0 alone and
+/// drops that subsystem (its adopted queues end, later ones are forwarded) with nothing
+/// staged, while the NVMe/TCP subsystem is still followed; a namespace added once it is
+/// dropped changes core 0 at once and is explained for the watchers; without other cores
+/// (no holder) nothing is ever staged.
 #[test]
 fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
     use keel_mgmt::Device as _;
-    use keel_provision::{NamespaceQos, QosGroup, QosLimits, QosRate};
     let nqn = crate::config::DEFAULT_NQN;
-    let (mut h, _replica, _shares) = replicated();
-    let g0 = h.s.target.namespace_generation();
-    let mut desc = h.s.plan.to_device();
-    desc.qos.groups.push(QosGroup {
-        name: "g".into(),
-        limits: QosLimits {
-            write_iops: Some(QosRate {
-                per_sec: 100,
-                burst: Some(1),
-            }),
-            ..Default::default()
-        },
-        weight: 0,
-    });
-    let mut three = desc.namespaces[0].clone();
+    let fn0 = "nqn.2026-11.dev.keel:fn0";
+    let args = "keel.ns=ram:4,ram:4 keel.fn.ram=4 keel.ip=127.0.0.1/8";
+    let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> =
+        alloc::vec![crate::services::WindowPort {
+            base: 0x1000_0000,
+            size: 1 << 20,
+            ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
+        }];
+    let mut s = Services::<TestHw>::build_with(
+        crate::tests::dev_plan(args, 1),
+        Vec::new(),
+        windows,
+        true,
+        Identity::new(None, None),
+        crate::services::RamSharing::All,
+    );
+    let described: Vec<&str> = s.replicable.iter().map(|r| r.nqn.as_str()).collect();
+    assert_eq!(described, [nqn, fn0]);
+    // As `percore::Holder::start` leaves it with one other core serving both.
+    s.replication.cores = 0b10;
+    s.replication.subsystems = alloc::vec![nqn.to_string(), fn0.to_string()];
+    let fn_nsids = |s: &Services<TestHw>| {
+        let mut v: Vec<u32> = s
+            .target
+            .namespace_views()
+            .filter(|n| n.subsystem == fn0)
+            .map(|n| n.nsid)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let g0 = s.target.namespace_generation();
+    let mut desc = s.plan.to_device();
+    let mut two = desc
+        .namespaces
+        .iter()
+        .find(|n| n.subsystem == fn0)
+        .expect("the function's namespace")
+        .clone();
+    two.nsid = 2;
+    desc.namespaces.push(two.clone());
+    let r = s
+        .push(&crate::tests::signed_bundle(&desc, s.plan.generation + 1))
+        .expect("push");
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(r.added, [(fn0.to_string(), 2)]);
+    assert_eq!(s.replication.dropped, [fn0.to_string()]);
+    assert!(!s.replication.follows(fn0));
+    assert!(
+        s.replication.follows(nqn),
+        "the other subsystem is still followed"
+    );
+    assert!(!s.replication.pending());
+    assert_eq!(fn_nsids(&s), [1, 2]);
+    assert!(s.replication.explains(g0, s.target.namespace_generation()));
+    // A namespace added now changes core 0 at once (nothing staged), explained.
+    let mut three = two;
     three.nsid = 3;
     desc.namespaces.push(three);
-    desc.qos.namespaces.push(NamespaceQos {
-        subsystem: nqn.into(),
-        nsid: 3,
-        limits: QosLimits::default(),
-        weight: 1,
-        group: Some("g".into()),
-    });
-    let r =
-        h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
-            .expect("push");
-    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
-    assert_eq!(h.s.replication.dropped, [nqn.to_string()]);
-    assert!(!h.s.replication.follows(nqn));
-    assert!(!h.s.replication.pending());
-    assert_eq!(nsids(&h.s.target), [1, 2, 3]);
-    assert!(
-        h.s.replication
-            .explains(g0, h.s.target.namespace_generation())
-    );
-    // A namespace added now changes core 0 at once (nothing staged), explained.
-    let mut four = desc.namespaces[0].clone();
-    four.nsid = 4;
-    desc.namespaces.push(four);
-    h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+    s.push(&crate::tests::signed_bundle(&desc, s.plan.generation + 1))
         .expect("push");
-    assert!(!h.s.replication.pending());
-    assert_eq!(nsids(&h.s.target), [1, 2, 3, 4]);
-    assert!(
-        h.s.replication
-            .explains(g0, h.s.target.namespace_generation())
-    );
+    assert!(!s.replication.pending());
+    assert_eq!(fn_nsids(&s), [1, 2, 3]);
+    assert!(s.replication.explains(g0, s.target.namespace_generation()));
+    assert_eq!(s.replication.dropped, [fn0.to_string()]);
 
     // No other core serving replicas: applied at once, nothing staged.
     let mut one = Holder::new("keel.ns=ram:4,ram:4 keel.ip=127.0.0.1/8");
     push_add_3_remove_2(&mut one);
     assert!(!one.s.replication.pending());
     assert_eq!(nsids(&one.s.target), [1, 3]);
+}
+
+/// A namespace added live in a QoS group is followed like any other: with namespace 1 in
+/// group `old` (4000 IOPS) at boot, a push adding namespace 3 in `old` and namespace 4 in
+/// `new` (a group new in the push, 3000 IOPS) stages both (`ReplicaOp::Add` with the group's
+/// definition) and drops nothing; core 1's replica applying them has both namespaces in their
+/// groups, the new group's limiter under the same key as core 0's (`keel_controller::group_key`),
+/// and the two split its limits through the demand table; core 0's description of what the
+/// other cores serve has both groups, so a later push changing `new`'s limits reaches the
+/// replica's limiter (`ReplicaOp::Qos`) and the subsystem stays spread.
+#[test]
+fn a_namespace_added_live_in_a_qos_group_reaches_every_core() {
+    use crate::replica::ReplicaOp;
+    use keel_mgmt::Device as _;
+    use keel_provision::{NamespaceQos, QosGroup, QosLimits, QosRate};
+    let nqn = crate::config::DEFAULT_NQN;
+    let rate = |per_sec| QosLimits {
+        iops: Some(QosRate {
+            per_sec,
+            burst: None,
+        }),
+        ..Default::default()
+    };
+    let in_group = |nsid: u32, g: &str| NamespaceQos {
+        subsystem: nqn.into(),
+        nsid,
+        limits: QosLimits::default(),
+        weight: 1,
+        group: Some(g.into()),
+    };
+    let old = QosGroup {
+        name: "old".into(),
+        limits: rate(4000),
+        weight: 0,
+    };
+    let (mut h, mut replica, mut shares) = replicated_with(|p| {
+        p.qos.groups.push(old.clone());
+        p.qos.namespaces.push(in_group(1, "old"));
+    });
+    assert_eq!(h.s.replicable[0].groups.len(), 1, "{:?}", h.s.replicable);
+    let g0 = h.s.target.namespace_generation();
+    let mut desc = h.s.plan.to_device();
+    for nsid in [3, 4] {
+        let mut n = desc.namespaces[0].clone();
+        n.nsid = nsid;
+        n.backend = keel_provision::Backend::Ram {
+            size: 1 << 20,
+            block_size: 512,
+        };
+        desc.namespaces.push(n);
+    }
+    desc.qos.namespaces.push(in_group(3, "old"));
+    desc.qos.namespaces.push(in_group(4, "new"));
+    desc.qos.groups.push(QosGroup {
+        name: "new".into(),
+        limits: rate(3000),
+        weight: 0,
+    });
+    let r =
+        h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+            .expect("push");
+    assert!(r.needs_reboot.is_empty(), "{:?}", r.needs_reboot);
+    assert_eq!(r.added, [(nqn.to_string(), 3), (nqn.to_string(), 4)]);
+    // Staged for every core, nothing dropped; core 0 unchanged until every core acked.
+    assert!(
+        h.s.replication.dropped.is_empty(),
+        "the subsystem stays spread"
+    );
+    assert!(h.s.replication.follows(nqn));
+    assert!(h.s.replication.pending());
+    assert_eq!(nsids(&h.s.target), [1, 2]);
+    // Core 0's description of what the others serve has them, and both groups.
+    let d = &h.s.replicable[0];
+    let described: Vec<u32> = d.namespaces.iter().map(|n| n.nsid).collect();
+    assert_eq!(described, [1, 2, 3, 4]);
+    let groups: Vec<&str> = d.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(groups, ["old", "new"]);
+    let t = now();
+    let changes = h.s.replication.take_unsent(t, 0b10);
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    // (NSID, its group's name and IOPS limit as the change carries them).
+    let staged: Vec<(u32, &str, Option<keel_qos::Rate>)> = changes
+        .iter()
+        .map(|c| match &c.op {
+            ReplicaOp::Add { ns, group: Some(g) } => {
+                assert_eq!(ns.qos.group.as_deref(), Some(g.name.as_str()));
+                (ns.nsid, g.name.as_str(), g.limits.iops)
+            }
+            op => panic!("{op:?}"),
+        })
+        .collect();
+    assert_eq!(
+        staged,
+        [
+            (3, "old", Some(keel_qos::Rate::new(4000))),
+            (4, "new", Some(keel_qos::Rate::new(3000))),
+        ]
+    );
+    for c in &changes {
+        assert!(crate::services::apply_replica_change(
+            &mut replica,
+            &mut shares,
+            c,
+            &mut |_, _| None
+        ));
+        h.s.replication.ack(c.seq, 1, true);
+    }
+    assert_eq!(nsids(&replica), [1, 2, 3, 4], "the replica first");
+    assert!(h.s.finish_replicated(t));
+    assert_eq!(nsids(&h.s.target), [1, 2, 3, 4]);
+    assert!(!h.s.replication.pending());
+    assert!(h.s.replication.dropped.is_empty());
+    assert!(h.s.replication.follows(nqn));
+    assert!(
+        h.s.replication
+            .explains(g0, h.s.target.namespace_generation())
+    );
+    // Both namespaces in their groups on both cores.
+    let grouped = |t: &keel_controller::Target| {
+        let mut v: Vec<(u32, Option<String>)> = t
+            .namespace_views()
+            .map(|n| (n.nsid, n.qos_config.group.clone()))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let want = [
+        (1, Some("old".to_string())),
+        (2, None),
+        (3, Some("old".to_string())),
+        (4, Some("new".to_string())),
+    ];
+    assert_eq!(grouped(&h.s.target), want);
+    assert_eq!(grouped(&replica), want);
+    // The groups' limiters under the same keys on both cores, split through the table.
+    let (kold, knew) = (
+        keel_controller::group_key("old"),
+        keel_controller::group_key("new"),
+    );
+    let keys = |v: &[keel_controller::SharedLimit]| {
+        let mut k: Vec<u32> = v.iter().map(|l| l.key).collect();
+        k.sort_unstable();
+        k
+    };
+    let mut both = [kold, knew];
+    both.sort_unstable();
+    let on0: Vec<_> = h.s.target.shared_limits().collect();
+    let on1: Vec<_> = replica.shared_limits().collect();
+    assert_eq!(keys(&on0), both);
+    assert_eq!(keys(&on1), both, "the replica has the new group's limiter");
+    let limiter = |v: &[keel_controller::SharedLimit], k| {
+        v.iter().find(|l| l.key == k).expect("limited").limiter
+    };
+    let (new0, new1) = (limiter(&on0, knew), limiter(&on1, knew));
+    let iops = |t: &keel_controller::Target, l| t.limits_in_force(l).iops.unwrap().per_sec;
+    assert_eq!(
+        (iops(&h.s.target, new0), iops(&replica, new1)),
+        (3000, 3000)
+    );
+    let table: Vec<crate::shares::DemandRow> = (0..crate::shares::DEMAND_ROWS)
+        .map(|_| crate::shares::DemandRow::new())
+        .collect();
+    let mut x0 = crate::shares::LimitSharing::new(crate::shares::demand_row(0, false));
+    let mut x1 = crate::shares::LimitSharing::new(crate::shares::demand_row(1, false));
+    x0.tend(&table, 0b11, 0, &mut h.s.target);
+    assert_eq!(x1.tend(&table, 0b11, 0, &mut replica), 2);
+    assert_eq!(x0.tend(&table, 0b11, 0, &mut h.s.target), 2);
+    assert_eq!(
+        (iops(&h.s.target, new0), iops(&replica, new1)),
+        (1500, 1500),
+        "both idle: even parts of the new group's limits"
+    );
+
+    // A later push lowering the new group's limits reaches the replica's same limiter.
+    desc.qos
+        .groups
+        .iter_mut()
+        .find(|g| g.name == "new")
+        .unwrap()
+        .limits = rate(1000);
+    h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+        .expect("push");
+    assert!(h.s.replication.dropped.is_empty());
+    let t = now();
+    let changes = h.s.replication.take_unsent(t, 0b10);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let ReplicaOp::Qos(q) = &changes[0].op else {
+        panic!("{:?}", changes[0].op)
+    };
+    let names: Vec<&str> = q.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["old", "new"]);
+    assert!(crate::services::apply_replica_change(
+        &mut replica,
+        &mut shares,
+        &changes[0],
+        &mut |_, _| None
+    ));
+    h.s.replication.ack(changes[0].seq, 1, true);
+    assert!(h.s.finish_replicated(t));
+    assert!(h.s.replication.dropped.is_empty());
+    assert_eq!(
+        limiter(&replica.shared_limits().collect::<Vec<_>>(), knew),
+        new1
+    );
+    assert_eq!(
+        grouped(&replica),
+        want,
+        "the namespaces stay in their groups"
+    );
+    let base = |t: &keel_controller::Target| {
+        t.group_views()
+            .find(|g| g.name == "new")
+            .and_then(|g| g.qos.limits.iops)
+    };
+    assert_eq!(base(&replica), Some(keel_qos::Rate::new(1000)));
+    assert_eq!(base(&h.s.target), Some(keel_qos::Rate::new(1000)));
+
+    // A push adding namespace 5 to `old` and raising `old` to 6000 IOPS: the add carries the
+    // new definition, which the replica takes with the namespace (its same limiter), and the
+    // QoS change follows for the subsystem's other namespaces in `old`.
+    let mut five = desc.namespaces[0].clone();
+    five.nsid = 5;
+    five.backend = keel_provision::Backend::Ram {
+        size: 1 << 20,
+        block_size: 512,
+    };
+    desc.namespaces.push(five);
+    desc.qos.namespaces.push(in_group(5, "old"));
+    desc.qos
+        .groups
+        .iter_mut()
+        .find(|g| g.name == "old")
+        .unwrap()
+        .limits = rate(6000);
+    h.s.push(&crate::tests::signed_bundle(&desc, h.s.plan.generation + 1))
+        .expect("push");
+    assert!(h.s.replication.dropped.is_empty());
+    let t = now();
+    let changes = h.s.replication.take_unsent(t, 0b10);
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(
+        matches!(&changes[0].op, ReplicaOp::Add { ns, group: Some(g) }
+        if ns.nsid == 5 && g.name == "old" && g.limits.iops == Some(keel_qos::Rate::new(6000)))
+    );
+    assert!(matches!(&changes[1].op, ReplicaOp::Qos(_)));
+    let old_base = |t: &keel_controller::Target| {
+        t.group_views()
+            .find(|g| g.name == "old")
+            .and_then(|g| g.qos.limits.iops)
+    };
+    let old1 = limiter(&replica.shared_limits().collect::<Vec<_>>(), kold);
+    assert_eq!(old_base(&replica), Some(keel_qos::Rate::new(4000)));
+    assert!(crate::services::apply_replica_change(
+        &mut replica,
+        &mut shares,
+        &changes[0],
+        &mut |_, _| None
+    ));
+    assert_eq!(
+        old_base(&replica),
+        Some(keel_qos::Rate::new(6000)),
+        "the add brought the group's new limits"
+    );
+    assert_eq!(
+        limiter(&replica.shared_limits().collect::<Vec<_>>(), kold),
+        old1
+    );
+    assert!(crate::services::apply_replica_change(
+        &mut replica,
+        &mut shares,
+        &changes[1],
+        &mut |_, _| None
+    ));
+    for c in &changes {
+        h.s.replication.ack(c.seq, 1, true);
+    }
+    assert!(h.s.finish_replicated(t));
+    assert!(!h.s.replication.pending());
+    assert!(h.s.replication.dropped.is_empty());
+    assert_eq!(nsids(&h.s.target), [1, 2, 3, 4, 5]);
+    assert_eq!(nsids(&replica), [1, 2, 3, 4, 5]);
+    assert_eq!(grouped(&replica), grouped(&h.s.target));
+    assert_eq!(old_base(&h.s.target), Some(keel_qos::Rate::new(6000)));
+    assert_eq!(old_base(&replica), Some(keel_qos::Rate::new(6000)));
+    assert_eq!(
+        base(&replica),
+        Some(keel_qos::Rate::new(1000)),
+        "`new` as it was"
+    );
 }
 
 /// Issue 17, an emulated function on a remote volume: its subsystem is listed for the

@@ -71,10 +71,11 @@ fn bench_ns1(addr: &str, args: &[&str]) -> String {
 /// The release image booted at `--smp 2` on tap network `net` from the configuration bundle
 /// `cfg` (packed with the ELF by `qemu/run --config`, with the release keelctl, built first:
 /// building it inside the boot timeout is too slow), ready.
-fn boot_config_on_tap(net: &str, cfg: &std::path::Path) -> Qemu {
+/// `more`: further `qemu/run` options (a drive, for example).
+fn boot_config_on_tap(net: &str, cfg: &std::path::Path, more: &[&str]) -> Qemu {
     keel_tests::build_release_keelctl();
     let elf = keel_tests::image(Build::Release).with_extension("");
-    let mut q = Qemu::start(&[
+    let mut args = vec![
         "--elf",
         elf.to_str().unwrap(),
         "--smp",
@@ -85,7 +86,9 @@ fn boot_config_on_tap(net: &str, cfg: &std::path::Path) -> Qemu {
         net,
         "--config",
         cfg.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(more);
+    let mut q = Qemu::start(&args);
     q.wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     q
@@ -2185,28 +2188,35 @@ fn remote_restart_under_io_on_core_1_loses_nothing() {
 }
 
 /// Issue 17, the hot path: no core allocates per command, whether core 1 serves an I/O queue
-/// itself (adopted: a subsystem every core serves) or hands each command to core 0 (a
-/// subsystem that got a namespace in a QoS group live, which the other cores' replicas do not
-/// follow: the command and its data buffer travel through the rings). Two runs of the same workload on a
-/// connection of core 1 that differ only in their number of commands differ by almost no
-/// allocator call on either core (`keel_core_allocator_calls_total`): connections cost
-/// allocations, commands do not.
+/// itself (adopted: a subsystem every core serves, here on a namespace added live in a QoS
+/// group with a limit, which every core follows) or hands each command to core 0 (a
+/// subsystem that got a namespace live on a drive no boot namespace uses, on which the other
+/// cores have no I/O queue pair, so their replicas do not follow it: the command and its
+/// data buffer travel through the rings). Two runs of the same workload on a connection of
+/// core 1 that differ only in their number of commands differ by almost no allocator call on
+/// either core (`keel_core_allocator_calls_total`): connections cost allocations, commands
+/// do not.
 #[test]
 fn no_core_allocates_per_command_adopted_or_forwarded() {
     require_tap();
     keelctl();
     let net = tap_net(18);
     let cfg = ScratchFile::new("no-alloc.toml", 0);
-    // The forwarded subsystem gets a namespace in a QoS group live (below): the other cores'
-    // replicas do not follow that, so its I/O queues are served through core 0.
+    // A drive no namespace of the boot configuration uses: core 0 alone reaches it.
+    let disk = ScratchFile::new("no-alloc-disk.img", 16 << 20);
+    // The push (below) adds namespace 2 of the adopted subsystem in a QoS group new in the
+    // push (followed by every core: it stays adopted) and namespace 2 of the forwarded
+    // subsystem on the drive (not followed: its I/O queues are served through core 0).
     let key = std::fs::read_to_string(keel_tests::provision::dev_key().with_extension("key.pub"))
         .unwrap();
     let key = key.trim();
-    let toml = |grouped: bool| {
-        let grouped = if grouped {
-            "\n[[namespace]]\nsubsystem = \"nqn.2026-11.dev.keel:forwarded\"\nnsid = 2\n\
+    let toml = |pushed: bool| {
+        let pushed = if pushed {
+            "\n[[namespace]]\nsubsystem = \"nqn.2026-11.dev.keel:adopted\"\nnsid = 2\n\
              backend = { ram = \"16MiB\" }\nqos = { group = \"tenant\" }\n\n\
-             [[qos.group]]\nname = \"tenant\"\n"
+             [[qos.group]]\nname = \"tenant\"\niops = 100000\n\n\
+             [[namespace]]\nsubsystem = \"nqn.2026-11.dev.keel:forwarded\"\nnsid = 2\n\
+             backend = { drive = 0, nsid = 1 }\n"
         } else {
             ""
         };
@@ -2224,7 +2234,7 @@ allowed_hosts = []
 [[subsystem]]
 nqn = "nqn.2026-11.dev.keel:forwarded"
 serial = "KEELA2"
-model = "QoS group added live: core 0"
+model = "drive namespace added live: core 0"
 allowed_hosts = []
 
 [[namespace]]
@@ -2236,7 +2246,7 @@ backend = {{ ram = "64MiB" }}
 subsystem = "nqn.2026-11.dev.keel:forwarded"
 nsid = 1
 backend = {{ ram = "64MiB" }}
-{grouped}
+{pushed}
 [management]
 port = 7000
 authorized_key = "{key}"
@@ -2244,7 +2254,7 @@ authorized_key = "{key}"
         )
     };
     std::fs::write(cfg.path(), toml(false)).unwrap();
-    let mut q = boot_config_on_tap(&net, cfg.path());
+    let mut q = boot_config_on_tap(&net, cfg.path(), &["--disk", disk.path().to_str().unwrap()]);
     let serving = "percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"nqn.2026-11.dev.keel:adopted\", \"nqn.2026-11.dev.keel:forwarded\"] here";
     if !q.console().contains(serving) {
         q.wait_for(serving, BOOT_TIMEOUT)
@@ -2260,15 +2270,21 @@ authorized_key = "{key}"
         .as_secs()
         + 1000;
     let d = keel_tests::provision::Dir::new("no-alloc-push");
-    push_config(&d, &mgmt, "grouped", generation, &toml(true));
-    q.wait_for(
+    push_config(&d, &mgmt, "pushed", generation, &toml(true));
+    for want in [
+        "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:adopted added live in QoS group tenant",
         "nqn.2026-11.dev.keel:forwarded: I/O queues adopted by other cores end",
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    for nqn in [
-        "nqn.2026-11.dev.keel:adopted",
-        "nqn.2026-11.dev.keel:forwarded",
+    ] {
+        if !q.console().contains(want) {
+            q.wait_for(want, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    // The adopted subsystem on its grouped namespace added live, the forwarded one on its
+    // boot namespace.
+    for (nqn, nsid) in [
+        ("nqn.2026-11.dev.keel:adopted", "2"),
+        ("nqn.2026-11.dev.keel:forwarded", "1"),
     ] {
         // (commands on core 1, ring messages core 0 took, allocator calls of core 0 and
         // core 1) for a run of `ios`.
@@ -2284,7 +2300,7 @@ authorized_key = "{key}"
                         "--nqn",
                         nqn,
                         "--nsid",
-                        "1",
+                        nsid,
                         "--rw",
                         "mix",
                         "--connections",
@@ -2308,7 +2324,7 @@ authorized_key = "{key}"
         let (c1, _, a1) = run(1000);
         let (c2, m2, a2) = run(9000);
         eprintln!(
-            "tap: {nqn}: {c1} commands on core 1: allocator calls {a1:?}; {c2} ({m2} ring messages to core 0): {a2:?}"
+            "tap: {nqn} namespace {nsid}: {c1} commands on core 1: allocator calls {a1:?}; {c2} ({m2} ring messages to core 0): {a2:?}"
         );
         // Adopted: core 1 serves the queue alone; forwarded: every command is a message.
         if nqn.ends_with("adopted") {
@@ -2451,7 +2467,7 @@ fn limited_on_tap(
     let nqn = "nqn.2026-11.dev.keel:default";
     let cfg = ScratchFile::new(&format!("qos-{serial}.toml"), 0);
     std::fs::write(cfg.path(), limited_toml(net, serial, ns_qos, more)).unwrap();
-    let mut q = boot_config_on_tap(net, cfg.path());
+    let mut q = boot_config_on_tap(net, cfg.path(), &[]);
     let serving =
         format!("percore: core 1 serves NVMe/TCP on queue pair 1; I/O queues of [\"{nqn}\"] here");
     if !q.console().contains(&serving) {
@@ -2774,15 +2790,29 @@ fn a_pushed_namespace_change_leaves_the_functions_pairs_on_their_cores() {
 /// serves RAM namespaces from one shared region. Four rounds of a push adding a 512 MiB RAM
 /// namespace (written and read back) and one removing it: each removal gives the heap back
 /// once every core dropped it (four rounds are 2 GiB, more than the whole heap, so a region
-/// kept by any core would make a later round fail). Then the same for a subsystem core 0 no
-/// longer shares (a namespace added live in a QoS group): its replica on core 1 is retired,
-/// and the namespace removed afterwards (on core 0 alone) gives its memory back too.
+/// kept by any core would make a later round fail; the last round's namespace is in a QoS
+/// group, which every core follows too). Then the same for a subsystem core 0 no longer
+/// shares (a namespace added live on a drive no boot namespace uses, on which the other
+/// cores have no I/O queue pair): its replica on core 1 is retired, and the namespace removed
+/// afterwards (on core 0 alone) gives its memory back too.
 #[test]
 fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
     require_tap();
     keelctl();
     let net = tap_net(19);
-    let mut q = boot_on_tap(Build::Release, 2, &net, &["--append", "keel.ns=ram:16"]);
+    // A drive the boot configuration does not use: core 0 alone reaches it.
+    let disk = ScratchFile::new("free-disk.img", 16 << 20);
+    let mut q = boot_on_tap(
+        Build::Release,
+        2,
+        &net,
+        &[
+            "--disk",
+            disk.path().to_str().unwrap(),
+            "--append",
+            "keel.ns=ram:16",
+        ],
+    );
     q.wait_for("keel: ready", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     let serving = "percore: core 1 serves NVMe/TCP on queue pair 1";
@@ -2796,7 +2826,8 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
     let nqn = "nqn.2026-11.dev.keel:default";
     let d = keel_tests::provision::Dir::new("free-push");
     let mut generation = 1;
-    let mut push = |with_2: bool, limited: bool| {
+    // `grouped`: namespace 2 in a QoS group (new in the push when namespace 2 is).
+    let mut push = |with_2: bool, on_drive: bool, grouped: bool| {
         generation += 1;
         let mut toml = format!("[network]\ndhcp = true\n\n[[subsystem]]\nnqn = \"{nqn}\"\n");
         toml.push_str(&format!(
@@ -2808,13 +2839,19 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
                 "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 2\nbackend = {{ ram = \"512MiB\", \
                  block_size = 512 }}\nencryption = \"none\"\n"
             ));
+            if grouped {
+                toml.push_str(
+                    "qos = { group = \"tenant\" }\n\n[[qos.group]]\nname = \"tenant\"\n\
+                     iops = 100000\n",
+                );
+            }
         }
-        if limited {
-            // A namespace added live in a QoS group: the replicas do not follow that.
+        if on_drive {
+            // A namespace added live on the drive no core but core 0 has a queue pair on:
+            // the replicas do not follow that.
             toml.push_str(&format!(
-                "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 3\nbackend = {{ ram = \"1MiB\", \
-                 block_size = 512 }}\nencryption = \"none\"\nqos = {{ group = \"tenant\" }}\n\n\
-                 [[qos.group]]\nname = \"tenant\"\n"
+                "\n[[namespace]]\nsubsystem = \"{nqn}\"\nnsid = 3\nbackend = {{ drive = 0, \
+                 nsid = 1 }}\nencryption = \"none\"\n"
             ));
         }
         let report = push_config(&d, &mgmt, &format!("free{generation}"), generation, &toml);
@@ -2881,12 +2918,18 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
 
     let start = heap();
     for round in 0..4u64 {
-        push(true, false);
-        let added = "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live";
+        // The last round's namespace 2 is in a QoS group (new in its push).
+        let grouped = round == 3;
+        push(true, false, grouped);
+        let added = if grouped {
+            "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live in QoS group tenant"
+        } else {
+            "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live"
+        };
         q.wait_for(added, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         rw(round);
-        push(false, false);
+        push(false, false, false);
         let gone = "percore: core 1 no longer serves namespace 2 of nqn.2026-11.dev.keel:default";
         q.wait_for(gone, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
@@ -2894,22 +2937,22 @@ fn ram_of_namespaces_removed_live_is_freed_on_every_core() {
     }
 
     // A subsystem no longer shared: namespace 2 added (every core), then a namespace added
-    // live in a QoS group (the replicas do not follow that) drops the subsystem (core 1
+    // live on the drive (the replicas do not follow that) drops the subsystem (core 1
     // retires its replica), then namespace 2 goes on core 0 alone.
-    push(true, false);
+    push(true, false, false);
     q.wait_for(
         "percore: core 1 serves namespace 2 of nqn.2026-11.dev.keel:default added live",
         Duration::from_secs(60),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    push(true, true);
+    push(true, true, false);
     q.wait_for(
         "percore: core 1 no longer serves nqn.2026-11.dev.keel:default",
         Duration::from_secs(30),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     rw(5);
-    push(false, true);
+    push(false, true, false);
     settles_at(start, "after the retired subsystem's namespace went");
     ends_clean(q, &tap, &["could not be applied"]);
 }
