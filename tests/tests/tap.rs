@@ -3545,7 +3545,8 @@ fn a_namespace_iops_limit_is_split_across_the_cores_serving_it() {
 /// dropped to core 0 (no "served through core 0" line, core 1's connection is not ended and
 /// keeps being served there, few ring messages to core 0), and the two cores together stay
 /// within the new limit (+10%: the buckets' bursts and the pass in which parts move) and use
-/// most of it.
+/// most of it. A second push puts the namespace in a QoS group of 600 IOPS defined in that
+/// push instead: the same holds for the group's limit.
 #[test]
 fn a_pushed_namespace_limit_reaches_every_core_serving_it() {
     require_tap();
@@ -3581,33 +3582,52 @@ fn a_pushed_namespace_limit_reaches_every_core_serving_it() {
     let dir = keel_tests::provision::Dir::new("qos-live-push");
     let lowered = limited_toml(&net, "KEELQ3", "iops = 1000", &management);
     push_config(&dir, &mgmt, "lowered", generation, &lowered);
-    q.wait_for(
-        &format!("percore: core 1 applies the QoS of {nqn} changed live"),
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    std::thread::sleep(Duration::from_secs(1));
-    const LIMIT: u64 = 1000;
-    let secs = 10;
-    let (d, msgs) = window(secs);
-    let total = (d[0] + d[1]) / secs;
-    eprintln!(
-        "qos live: after the push ({LIMIT} IOPS): commands per core in {secs} s {d:?} ({total} IOPS together), {msgs} ring messages to core 0"
+    // After each push: core 1 applied it, then 10 s in which both cores' connections get the
+    // new limit together (+10%, at least 70% of it), core 1 keeps its connection and its
+    // commands are not forwarded.
+    let after_push = |q: &mut Qemu, limit: u64, what: &str| {
+        q.wait_for(
+            &format!("percore: core 1 applies the QoS of {nqn} changed live"),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(Duration::from_secs(1));
+        let secs = 10;
+        let (d, msgs) = window(secs);
+        let total = (d[0] + d[1]) / secs;
+        eprintln!(
+            "qos live: after the push ({what}, {limit} IOPS): commands per core in {secs} s {d:?} ({total} IOPS together), {msgs} ring messages to core 0"
+        );
+        assert!(
+            total <= limit * 110 / 100,
+            "{total} IOPS for a limit lowered to {limit} ({what})"
+        );
+        assert!(
+            total >= limit * 70 / 100,
+            "{total} IOPS: the limit is used ({what})"
+        );
+        assert!(
+            d[1] * 100 >= (d[0] + d[1]) * 25,
+            "core 1 served {} of {d:?}: it keeps its connection ({what})",
+            d[1]
+        );
+        assert!(
+            msgs * 10 < d[0] + d[1],
+            "{msgs} messages for {d:?} commands: core 1's are not forwarded ({what})"
+        );
+    };
+    after_push(&mut q, 1000, "namespace limit");
+    // A second push moves the namespace's limit to a QoS group defined in the same push
+    // (600 IOPS for all its namespaces): core 1 takes the group with the change, and the
+    // group's limit is split between the cores like the namespace's was.
+    let grouped = limited_toml(
+        &net,
+        "KEELQ3",
+        "group = \"tenant\"",
+        &format!("{management}\n[[qos.group]]\nname = \"tenant\"\niops = 600\n"),
     );
-    assert!(
-        total <= LIMIT * 110 / 100,
-        "{total} IOPS for a limit lowered to {LIMIT}"
-    );
-    assert!(total >= LIMIT * 70 / 100, "{total} IOPS: the limit is used");
-    assert!(
-        d[1] * 100 >= (d[0] + d[1]) * 25,
-        "core 1 served {} of {d:?}: it keeps its connection",
-        d[1]
-    );
-    assert!(
-        msgs * 10 < d[0] + d[1],
-        "{msgs} messages for {d:?} commands: core 1's are not forwarded"
-    );
+    push_config(&dir, &mgmt, "grouped", generation + 1, &grouped);
+    after_push(&mut q, 600, "group limit");
     let c = q.console();
     for bad in ["served through core 0", "adopted by other cores end"] {
         assert!(!c.contains(bad), "{bad:?} on the console:\n{c}");
