@@ -101,21 +101,22 @@ pub fn flash_image(build: Build) -> PathBuf {
     artifact(build, true)
 }
 
-/// Builds `keelctl` once per test process, in the harness's own target directory (a
-/// `cargo test` of this crate does not build other crates' binaries).
+/// Builds `keelctl` (debug: its debug assertions on) once per test process (a `cargo test`
+/// of this crate does not build other crates' binaries), in the workspace's target directory:
+/// most of its dependencies are there already, built by the `cargo test` that runs this (a
+/// target directory of its own cost CI a second debug build of them, about 75 s).
 pub fn keelctl() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let dir = root().join("target/qemu-tests");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(root())
             .args(["build", "-q", "-p", "keel-host-tools", "--bin", "keelctl"])
-            .arg("--target-dir")
-            .arg(&dir)
             .status()
             .expect("running cargo to build keelctl");
         assert!(status.success(), "building keelctl failed");
-        dir.join("debug/keelctl")
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root().join("target"), PathBuf::from)
+            .join("debug/keelctl")
     })
     .clone()
 }
