@@ -564,6 +564,26 @@ fn a_subsystem_with_a_remote_namespace_is_served_by_every_core() {
     );
 }
 
+/// Core 0's services for development arguments `args` with `n` emulated-function windows of
+/// 1 MiB (the first at 0x1000_0000, each 0x1000_0000 further), sharing RAM as `sharing`.
+fn with_windows(args: &str, n: u64, sharing: crate::services::RamSharing) -> Services<TestHw> {
+    let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> = (0..n)
+        .map(|i| crate::services::WindowPort {
+            base: 0x1000_0000 * (i + 1),
+            size: 1 << 20,
+            ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
+        })
+        .collect();
+    Services::<TestHw>::build_with(
+        crate::tests::dev_plan(args, n as usize),
+        Vec::new(),
+        windows,
+        true,
+        Identity::new(None, None),
+        sharing,
+    )
+}
+
 /// The emulated functions every core serves (`crate::fnq`): with the functions' RAM shared
 /// between the cores (`--smp N` without a queue pair per core), the development functions'
 /// subsystems (one RAM namespace each) are replicable and listed for the functions' pairs,
@@ -571,21 +591,7 @@ fn a_subsystem_with_a_remote_namespace_is_served_by_every_core() {
 #[test]
 fn development_functions_are_served_by_every_core_over_shared_ram() {
     let args = "keel.ram=16 keel.fn.ram=8 keel.ip=127.0.0.1/8";
-    let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> = (0..2)
-        .map(|i| crate::services::WindowPort {
-            base: 0x1000_0000 * (i + 1),
-            size: 1 << 20,
-            ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
-        })
-        .collect();
-    let s = Services::<TestHw>::build_with(
-        crate::tests::dev_plan(args, 2),
-        Vec::new(),
-        windows,
-        true,
-        Identity::new(None, None),
-        crate::services::RamSharing::Functions,
-    );
+    let s = with_windows(args, 2, crate::services::RamSharing::Functions);
     let fns: Vec<String> = s
         .function_replicas()
         .iter()
@@ -874,20 +880,7 @@ fn changes_that_cannot_be_followed_drop_only_their_subsystem() {
     let nqn = crate::config::DEFAULT_NQN;
     let fn0 = "nqn.2026-11.dev.keel:fn0";
     let args = "keel.ns=ram:4,ram:4 keel.fn.ram=4 keel.ip=127.0.0.1/8";
-    let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> =
-        alloc::vec![crate::services::WindowPort {
-            base: 0x1000_0000,
-            size: 1 << 20,
-            ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
-        }];
-    let mut s = Services::<TestHw>::build_with(
-        crate::tests::dev_plan(args, 1),
-        Vec::new(),
-        windows,
-        true,
-        Identity::new(None, None),
-        crate::services::RamSharing::All,
-    );
+    let mut s = with_windows(args, 1, crate::services::RamSharing::All);
     let described: Vec<&str> = s.replicable.iter().map(|r| r.nqn.as_str()).collect();
     assert_eq!(described, [nqn, fn0]);
     // As `percore::Holder::start` leaves it with one other core serving both.
@@ -1242,21 +1235,7 @@ fn a_namespace_added_live_in_a_qos_group_reaches_every_core() {
 #[test]
 fn a_function_on_a_remote_volume_is_spread_only_with_lanes() {
     let args = "keel.fn.ns=remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.ip=127.0.0.1/8";
-    let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> = (0..1)
-        .map(|i| crate::services::WindowPort {
-            base: 0x1000_0000 * (i + 1),
-            size: 1 << 20,
-            ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
-        })
-        .collect();
-    let mut s = Services::<TestHw>::build_with(
-        crate::tests::dev_plan(args, 1),
-        Vec::new(),
-        windows,
-        true,
-        Identity::new(None, None),
-        crate::services::RamSharing::All,
-    );
+    let mut s = with_windows(args, 1, crate::services::RamSharing::All);
     let fn0 = "nqn.2026-11.dev.keel:fn0";
     assert!(
         s.replicable.iter().any(|r| r.nqn == fn0),
@@ -1297,20 +1276,7 @@ fn a_function_on_a_remote_volume_is_spread_only_with_lanes() {
 fn a_lane_a_core_refuses_brings_the_functions_on_the_volume_home() {
     let args = "keel.fn.ns=remote:10.0.0.9:4420:nqn.2026-11.dev.keel:pool:1 keel.ip=127.0.0.1/8";
     let build = || {
-        let windows: Vec<crate::services::WindowPort<keel_nvme_pcie::MemWindow>> =
-            alloc::vec![crate::services::WindowPort {
-                base: 0x1000_0000,
-                size: 1 << 20,
-                ep: Ok(keel_nvme_pcie::MemWindow::new(1 << 20)),
-            }];
-        let mut s = Services::<TestHw>::build_with(
-            crate::tests::dev_plan(args, 1),
-            Vec::new(),
-            windows,
-            true,
-            Identity::new(None, None),
-            crate::services::RamSharing::All,
-        );
+        let mut s = with_windows(args, 1, crate::services::RamSharing::All);
         s.replication.functions = true;
         s
     };
